@@ -1,0 +1,308 @@
+"""The ctc graph IR: SSA values with use-def chains, nodes with scopes, and modules.
+
+A :class:`Module` is one function: typed inputs, a topologically ordered list of
+:class:`Node`, outputs, and named parameters.  Parameters live in ``Module.params``
+and enter the graph through ``param`` nodes that name them, so several nodes may
+share one parameter.  Every node carries a ``scope`` (the module path it came from,
+e.g. ``encoder.layer.3.attention.self.query``) and a ``block`` index (the repeated
+layer it belongs to, or ``None`` outside the repeated stack).
+
+Rewrites go through the methods here (``create_node``, ``replace_all_uses_with``,
+``erase``) so use lists stay exact; the verifier (:mod:`ctc.ir.verify`) checks them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ctc.ir.types import TensorType
+
+_NAME_OK = re.compile(r"[^A-Za-z0-9_.]")
+
+
+class IRError(Exception):
+    """A malformed IR construction or rewrite."""
+
+
+class Value:
+    """An SSA value: produced once (by a node, or as a module input), used many times."""
+
+    __slots__ = ("name", "type", "producer", "index", "uses")
+
+    def __init__(self, name: str, type: TensorType, producer: Node | None = None, index: int = 0):
+        self.name = name
+        self.type = type
+        self.producer = producer
+        self.index = index
+        self.uses: list[tuple[Node, int]] = []
+
+    @property
+    def users(self) -> list[Node]:
+        """Distinct nodes that read this value, in use order."""
+        seen: dict[int, Node] = {}
+        for node, _ in self.uses:
+            seen.setdefault(id(node), node)
+        return list(seen.values())
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type}"
+
+
+class Node:
+    """One operation: ``outputs = op(inputs) {attrs}`` at a scope and block."""
+
+    __slots__ = ("op", "inputs", "outputs", "attrs", "scope", "block", "module")
+
+    def __init__(
+        self,
+        op: str,
+        inputs: Sequence[Value],
+        attrs: dict[str, Any],
+        scope: str = "",
+        block: int | None = None,
+    ):
+        self.op = op
+        self.inputs: list[Value] = list(inputs)
+        self.outputs: list[Value] = []
+        self.attrs = dict(attrs)
+        self.scope = scope
+        self.block = block
+        self.module: Module | None = None
+
+    @property
+    def output(self) -> Value:
+        """The single output (error for multi-output nodes)."""
+        if len(self.outputs) != 1:
+            raise IRError(f"node {self.op} has {len(self.outputs)} outputs; use .outputs")
+        return self.outputs[0]
+
+    @property
+    def opdef(self):  # -> OpDef (import cycle)
+        from ctc.ir.ops import get_op
+
+        return get_op(self.op)
+
+    def set_input(self, i: int, v: Value) -> None:
+        """Replace operand ``i`` keeping both values' use lists exact."""
+        old = self.inputs[i]
+        old.uses.remove((self, i))
+        self.inputs[i] = v
+        v.uses.append((self, i))
+
+    def __repr__(self) -> str:
+        ins = ", ".join("%" + v.name for v in self.inputs)
+        outs = ", ".join("%" + v.name for v in self.outputs)
+        return f"<{outs} = {self.op}({ins}) @{self.scope or '-'}>"
+
+
+class Module:
+    """A ctc program: one SSA function plus its named parameters and metadata."""
+
+    def __init__(self, name: str = "main"):
+        self.name = name
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.output_names: list[str] = []
+        self.nodes: list[Node] = []
+        self.params: dict[str, torch.Tensor] = {}
+        # Free-form, printable metadata: architecture, block prefix, task, tokenizer dir...
+        self.meta: dict[str, Any] = {}
+        self._names: set[str] = set()
+        self._counter = itertools.count()
+
+    # ----------------------------------------------------------------- names
+    def unique_name(self, base: str) -> str:
+        """A value name not yet used in this module, derived from ``base``."""
+        base = _NAME_OK.sub("_", base) or "v"
+        if base[0].isdigit():
+            base = "v" + base
+        name = base
+        while name in self._names:
+            name = f"{base}_{next(self._counter)}"
+        self._names.add(name)
+        return name
+
+    # ----------------------------------------------------------------- building
+    def add_input(self, name: str, type: TensorType) -> Value:
+        v = Value(self.unique_name(name), type)
+        self.inputs.append(v)
+        return v
+
+    def set_outputs(self, values: Sequence[Value], names: Sequence[str] | None = None) -> None:
+        self.outputs = list(values)
+        self.output_names = list(names) if names is not None else [f"out{i}" for i in range(len(values))]
+        if len(self.output_names) != len(self.outputs):
+            raise IRError("set_outputs: names and values differ in length")
+
+    def add_param(self, name: str, tensor: torch.Tensor) -> str:
+        """Register a parameter tensor under ``name`` (must be new)."""
+        if name in self.params:
+            raise IRError(f"parameter {name!r} already exists")
+        self.params[name] = tensor
+        return name
+
+    def fresh_param_name(self, base: str) -> str:
+        name = base
+        while name in self.params:
+            name = f"{base}_{next(self._counter)}"
+        return name
+
+    def param(self, name: str, *, scope: str = "", block: int | None = None, before: Node | None = None) -> Value:
+        """A ``param`` node reading parameter ``name``; returns its value."""
+        if name not in self.params:
+            raise IRError(f"parameter {name!r} does not exist")
+        t = self.params[name]
+        return self.create_node(
+            "param", [], {"name": name}, scope=scope, block=block, before=before,
+            types=[TensorType.of(t)], names=[name],
+        ).output
+
+    def create_node(
+        self,
+        op: str,
+        inputs: Sequence[Value],
+        attrs: dict[str, Any] | None = None,
+        *,
+        scope: str = "",
+        block: int | None = None,
+        before: Node | None = None,
+        after: Node | None = None,
+        types: Sequence[TensorType] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> Node:
+        """Create, type and insert a node (at the end, or before/after an anchor).
+
+        Attributes are validated and defaulted from the op's schema; output types are
+        inferred by the op unless ``types`` is given.
+        """
+        from ctc.ir.ops import get_op
+
+        opdef = get_op(op)
+        full_attrs = opdef.check_attrs(attrs or {}, where=f"{op} at {scope or '<root>'}")
+        node = Node(op, inputs, full_attrs, scope, block)
+        if types is None:
+            types = opdef.infer_types([v.type for v in inputs], full_attrs)
+        stem = (scope.rsplit(".", 1)[-1] if scope else op) or op
+        for i, t in enumerate(types):
+            base = names[i] if names is not None else (stem if stem == op else f"{stem}_{op}")
+            node.outputs.append(Value(self.unique_name(base), t, node, i))
+        for i, v in enumerate(node.inputs):
+            v.uses.append((node, i))
+        self._insert(node, before=before, after=after)
+        return node
+
+    def _insert(self, node: Node, *, before: Node | None, after: Node | None) -> None:
+        node.module = self
+        if before is not None and after is not None:
+            raise IRError("give at most one of before/after")
+        if before is not None:
+            self.nodes.insert(self.index_of(before), node)
+        elif after is not None:
+            self.nodes.insert(self.index_of(after) + 1, node)
+        else:
+            self.nodes.append(node)
+
+    def index_of(self, node: Node) -> int:
+        for i, n in enumerate(self.nodes):
+            if n is node:
+                return i
+        raise IRError(f"{node!r} is not in module {self.name}")
+
+    # ----------------------------------------------------------------- rewriting
+    def replace_all_uses_with(self, old: Value, new: Value) -> None:
+        """Make every reader of ``old`` (nodes and module outputs) read ``new``."""
+        if old is new:
+            return
+        for node, i in list(old.uses):
+            node.inputs[i] = new
+            new.uses.append((node, i))
+        old.uses.clear()
+        self.outputs = [new if o is old else o for o in self.outputs]
+
+    def erase(self, node: Node) -> None:
+        """Remove a node whose outputs are unused."""
+        for v in node.outputs:
+            if v.uses or any(o is v for o in self.outputs):
+                raise IRError(f"cannot erase {node!r}: output %{v.name} still used")
+        for i, v in enumerate(node.inputs):
+            v.uses.remove((node, i))
+        del self.nodes[self.index_of(node)]
+        node.module = None
+
+    def is_output(self, v: Value) -> bool:
+        return any(o is v for o in self.outputs)
+
+    def prune_params(self) -> list[str]:
+        """Drop parameters no ``param`` node reads; return their names."""
+        used = {n.attrs["name"] for n in self.nodes if n.op == "param"}
+        dead = [k for k in self.params if k not in used]
+        for k in dead:
+            del self.params[k]
+        return dead
+
+    # ----------------------------------------------------------------- queries
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self.nodes))
+
+    def values(self) -> Iterable[Value]:
+        yield from self.inputs
+        for n in self.nodes:
+            yield from n.outputs
+
+    def find(self, op: str | None = None, scope_prefix: str | None = None) -> list[Node]:
+        return [
+            n for n in self.nodes
+            if (op is None or n.op == op) and (scope_prefix is None or n.scope.startswith(scope_prefix))
+        ]
+
+    def op_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in self.nodes:
+            out[n.op] = out.get(n.op, 0) + 1
+        return dict(sorted(out.items()))
+
+    def param_count(self) -> int:
+        return sum(int(t.numel()) for t in self.params.values())
+
+    def param_bytes(self) -> int:
+        return sum(int(t.numel()) * t.element_size() for t in self.params.values())
+
+    def blocks(self) -> list[int]:
+        return sorted({n.block for n in self.nodes if n.block is not None})
+
+    # ----------------------------------------------------------------- copying
+    def clone(self, *, copy_params: bool = False) -> Module:
+        """A structurally independent copy.  Parameter tensors are shared unless
+        ``copy_params``: passes must replace parameters, never mutate them in place."""
+        m = Module(self.name)
+        m.meta = copy.deepcopy(self.meta)
+        m.params = {k: (t.clone() if copy_params else t) for k, t in self.params.items()}
+        vmap: dict[int, Value] = {}
+        for v in self.inputs:
+            nv = Value(v.name, v.type)
+            m.inputs.append(nv)
+            m._names.add(v.name)
+            vmap[id(v)] = nv
+        for n in self.nodes:
+            nn_ = Node(n.op, [vmap[id(v)] for v in n.inputs], copy.deepcopy(n.attrs), n.scope, n.block)
+            nn_.module = m
+            for i, v in enumerate(nn_.inputs):
+                v.uses.append((nn_, i))
+            for v in n.outputs:
+                nv = Value(v.name, v.type, nn_, v.index)
+                nn_.outputs.append(nv)
+                m._names.add(v.name)
+                vmap[id(v)] = nv
+            m.nodes.append(nn_)
+        m.outputs = [vmap[id(v)] for v in self.outputs]
+        m.output_names = list(self.output_names)
+        return m
+
+    def __repr__(self) -> str:
+        return f"<ctc Module {self.name}: {len(self.inputs)} inputs, {len(self.nodes)} nodes, {len(self.params)} params>"

@@ -1,0 +1,120 @@
+"""Reference interpreter: runs a ctc module with each op's torch reference implementation.
+
+This defines the semantics of the IR.  Symbolic dims are bound from the concrete
+input shapes; ``dims``-kind attributes are evaluated under that binding before the
+reference implementation sees them.  An optional ``observer`` sees every node's
+concrete outputs (calibration statistics use it) without keeping them alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from ctc.ir.graph import IRError, Module, Node
+from ctc.ir.ops import get_op
+from ctc.ir.symbolic import bind_symbols, eval_dim
+
+Observer = Callable[[Node, list[torch.Tensor], list[torch.Tensor]], None]
+
+
+class InterpretError(RuntimeError):
+    """A node failed while interpreting; names the node, its scope and input shapes."""
+
+
+def _resolve_dims(node: Node, env: dict[str, int]) -> dict:
+    opdef = get_op(node.op)
+    attrs = dict(node.attrs)
+    for k, spec in opdef.attrs.items():
+        if spec.kind == "dims" and attrs.get(k) is not None:
+            attrs[k] = tuple(eval_dim(d, env) for d in attrs[k])
+    return attrs
+
+
+def bind_inputs(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Order inputs like ``module.inputs`` and bind symbolic dims from their shapes."""
+    if isinstance(inputs, Mapping):
+        missing = [v.name for v in module.inputs if v.name not in inputs]
+        if missing:
+            raise IRError(f"missing inputs {missing} (module takes {[v.name for v in module.inputs]})")
+        extra = set(inputs) - {v.name for v in module.inputs}
+        if extra:
+            raise IRError(f"unknown inputs {sorted(extra)} (module takes {[v.name for v in module.inputs]})")
+        ordered = [inputs[v.name] for v in module.inputs]
+    else:
+        ordered = list(inputs)
+        if len(ordered) != len(module.inputs):
+            raise IRError(f"module takes {len(module.inputs)} inputs, got {len(ordered)}")
+    env: dict[str, int] = {}
+    for v, t in zip(module.inputs, ordered):
+        bind_symbols(v.type.shape, tuple(t.shape), env, where=f"input %{v.name}: ")
+    return ordered, env
+
+
+def interpret(
+    module: Module,
+    inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    *,
+    observer: Observer | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Run ``module`` on concrete inputs; returns the outputs in order.
+
+    Values are freed after their last use so memory stays bounded by the live set.
+    """
+    params = module.params if params is None else params
+    ordered, env = bind_inputs(module, inputs)
+    live: dict[int, torch.Tensor] = {id(v): t for v, t in zip(module.inputs, ordered)}
+    # Last position at which each value is read; outputs are kept to the end.
+    last_use: dict[int, int] = {}
+    for i, n in enumerate(module.nodes):
+        for v in n.inputs:
+            last_use[id(v)] = i
+    keep = {id(v) for v in module.outputs}
+
+    with torch.no_grad():
+        for i, node in enumerate(module.nodes):
+            try:
+                args = [live[id(v)] for v in node.inputs]
+            except KeyError:
+                raise InterpretError(f"{node!r} reads a value that is not defined before it") from None
+            if node.op == "param":
+                name = node.attrs["name"]
+                if name not in params:
+                    raise InterpretError(f"parameter {name!r} missing (read at {node.scope or '<root>'})")
+                outs = [params[name]]
+            else:
+                attrs = _resolve_dims(node, env)
+                try:
+                    res = get_op(node.op).ref(*args, **attrs)
+                except Exception as e:  # noqa: BLE001 - re-raised with the node's location
+                    shapes = [tuple(a.shape) for a in args]
+                    raise InterpretError(
+                        f"{node.op} at scope {node.scope or '<root>'} (block {node.block}) failed on "
+                        f"inputs {shapes}: {type(e).__name__}: {e}") from e
+                outs = list(res) if isinstance(res, (tuple, list)) else [res]
+            if observer is not None:
+                observer(node, args, outs)
+            for v, t in zip(node.outputs, outs):
+                live[id(v)] = t
+            for v in node.inputs:
+                if last_use.get(id(v)) == i and id(v) not in keep:
+                    live.pop(id(v), None)
+    return [live[id(v)] for v in module.outputs]
+
+
+def value_env(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run and return every value by name (for debugging and tests; keeps everything)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        for v, t in zip(node.outputs, outs):
+            out[v.name] = t
+
+    ordered, _ = bind_inputs(module, inputs)
+    for v, t in zip(module.inputs, ordered):
+        out[v.name] = t
+    interpret(module, inputs, observer=obs)
+    return out
+

@@ -1,0 +1,215 @@
+"""Symbolic dims: small integer expressions over named symbols, never ``eval``-ed.
+
+A symbolic dim is stored as a canonical string (``"s0"``, ``"s0 + 1"``, ``"2*s0*s1"``).
+Expressions are parsed with :mod:`ast` and walked by hand; only integer literals,
+names, ``+``, ``-``, ``*``, ``//`` and parentheses are accepted.  Sums of products
+are normalised to a polynomial so that ``"1 + s0"`` and ``"s0+1"`` compare equal.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from functools import lru_cache
+from typing import Union
+
+Dim = Union[int, str]
+
+# A polynomial: monomial (sorted tuple of atom names, with repeats) -> coefficient.
+Poly = dict[tuple[str, ...], int]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SymbolicError(ValueError):
+    """A symbolic dim expression that is malformed or cannot be evaluated."""
+
+
+def _poly_const(c: int) -> Poly:
+    return {(): c} if c else {}
+
+
+def _poly_add(a: Poly, b: Poly, sign: int = 1) -> Poly:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + sign * v
+        if out[k] == 0:
+            del out[k]
+    return out
+
+
+def _poly_mul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ka, va in a.items():
+        for kb, vb in b.items():
+            k = tuple(sorted(ka + kb))
+            out[k] = out.get(k, 0) + va * vb
+            if out[k] == 0:
+                del out[k]
+    return out
+
+
+def _poly_str(p: Poly) -> str:
+    if not p:
+        return "0"
+    terms = []
+    # Higher-degree monomials first, then by name, constant last.
+    for mono in sorted(p, key=lambda m: (-len(m), m)):
+        c = p[mono]
+        body = "*".join(mono)
+        if not mono:
+            terms.append((c, str(abs(c))))
+        elif abs(c) == 1:
+            terms.append((c, body))
+        else:
+            terms.append((c, f"{abs(c)}*{body}"))
+    out = ("-" if terms[0][0] < 0 else "") + terms[0][1]
+    for c, t in terms[1:]:
+        out += (" - " if c < 0 else " + ") + t
+    return out
+
+
+def _to_poly(node: ast.AST, src: str) -> Poly:
+    if isinstance(node, ast.Expression):
+        return _to_poly(node.body, src)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return _poly_const(node.value)
+    if isinstance(node, ast.Name):
+        return {(node.id,): 1}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return _poly_mul(_poly_const(-1), _to_poly(node.operand, src))
+    if isinstance(node, ast.BinOp):
+        a, b = _to_poly(node.left, src), _to_poly(node.right, src)
+        if isinstance(node.op, ast.Add):
+            return _poly_add(a, b)
+        if isinstance(node.op, ast.Sub):
+            return _poly_add(a, b, -1)
+        if isinstance(node.op, ast.Mult):
+            return _poly_mul(a, b)
+        if isinstance(node.op, ast.FloorDiv):
+            if set(b) <= {()} and set(a) <= {()}:
+                return _poly_const(a.get((), 0) // b.get((), 1))
+            # Keep the quotient as an opaque atom, e.g. "(s0 + 1)//2".
+            return {(f"({_poly_str(a)})//({_poly_str(b)})",): 1}
+    raise SymbolicError(f"unsupported symbolic dim expression {src!r}: only ints, names, + - * // are allowed")
+
+
+@lru_cache(maxsize=4096)
+def _parse(src: str) -> tuple[tuple[tuple[str, ...], int], ...]:
+    try:
+        tree = ast.parse(src.strip(), mode="eval")
+    except SyntaxError as e:
+        raise SymbolicError(f"malformed symbolic dim {src!r}: {e.msg}") from None
+    return tuple(sorted(_to_poly(tree, src).items()))
+
+
+def normalize_dim(d: Dim) -> Dim:
+    """Canonical form of a dim: ``int`` when constant, else the canonical expression string."""
+    if isinstance(d, bool):
+        raise SymbolicError(f"a dim cannot be a bool ({d!r})")
+    if isinstance(d, int):
+        return d
+    if not isinstance(d, str):
+        try:  # torch.SymInt / sympy expressions print as expressions
+            return normalize_dim(int(d))
+        except (TypeError, ValueError):
+            return normalize_dim(str(d))
+    poly = dict(_parse(d))
+    if set(poly) <= {()}:
+        return poly.get((), 0)
+    return _poly_str(poly)
+
+
+def free_symbols(d: Dim) -> set[str]:
+    """Names a dim depends on (atoms of opaque quotients are reported whole)."""
+    if isinstance(d, int):
+        return set()
+    out: set[str] = set()
+    for mono, _ in _parse(d):
+        for atom in mono:
+            if _NAME.match(atom):
+                out.add(atom)
+            else:
+                out |= {t for t in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", atom)}
+    return out
+
+
+def _eval_node(node: ast.AST, env: dict[str, int], src: str) -> int:
+    if isinstance(node, ast.Expression):
+        return _eval_node(node.body, env, src)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in env:
+            raise SymbolicError(f"symbol {node.id!r} of dim {src!r} is unbound (bound: {sorted(env)})")
+        return int(env[node.id])
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_eval_node(node.operand, env, src)
+    if isinstance(node, ast.BinOp):
+        a, b = _eval_node(node.left, env, src), _eval_node(node.right, env, src)
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+        if isinstance(node.op, ast.FloorDiv):
+            return a // b
+    raise SymbolicError(f"unsupported symbolic dim expression {src!r}")
+
+
+def eval_dim(d: Dim, env: dict[str, int]) -> int:
+    """Concrete value of a dim under a binding of its symbols."""
+    if isinstance(d, int):
+        return d
+    return _eval_node(ast.parse(d.strip(), mode="eval"), env, d)
+
+
+def dim_add(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    return normalize_dim(f"({a}) + ({b})")
+
+
+def dim_sub(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a - b
+    return normalize_dim(f"({a}) - ({b})")
+
+
+def dim_mul(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a * b
+    return normalize_dim(f"({a}) * ({b})")
+
+
+def dim_floordiv(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b
+    return normalize_dim(f"({a}) // ({b})")
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    return normalize_dim(a) == normalize_dim(b)
+
+
+def bind_symbols(dims: tuple[Dim, ...], shape: tuple[int, ...], env: dict[str, int], where: str = "") -> None:
+    """Bind bare-symbol dims of a declared shape to a concrete shape; check the rest.
+
+    Raises :class:`SymbolicError` on a rank mismatch or an inconsistent binding.
+    """
+    if len(dims) != len(shape):
+        raise SymbolicError(f"{where}rank mismatch: declared {list(dims)}, got {list(shape)}")
+    for d, n in zip(dims, shape):
+        if isinstance(d, str) and _NAME.match(d):
+            if d in env and env[d] != n:
+                raise SymbolicError(f"{where}symbol {d} bound to {env[d]} and {n}")
+            env[d] = n
+    for d, n in zip(dims, shape):
+        if isinstance(d, int) or not _NAME.match(d):
+            try:
+                want = eval_dim(d, env)
+            except SymbolicError:
+                continue
+            if want != n:
+                raise SymbolicError(f"{where}dim {d} should be {want}, got {n} (shape {list(shape)})")

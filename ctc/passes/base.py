@@ -1,0 +1,331 @@
+"""The pass contract: registered passes with typed, validated options; analyses; selectors.
+
+A pass is a class with a registered ``name`` (the name recipes use), an ``Options``
+frozen dataclass whose fields are its documented options, the analyses it
+``requires`` and those it ``preserves``, and ``run(module, ctx) -> module``.
+Passes keep no state between runs and never mutate parameter tensors in place
+(they register new ones), so a cloned module stays a valid reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ctc.ir.graph import Module, Node
+
+
+class PassError(Exception):
+    """A pass could not run: bad options, missing analysis data, unsupported IR."""
+
+
+# --------------------------------------------------------------------------- options
+def option(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+           choices: Sequence[Any] | None = None) -> Any:
+    """Declare a pass option: its default, a one-line doc, and optional bounds/choices."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": tuple(choices) if choices is not None else None}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except PassError as e:
+                errors.append(str(e))
+        raise PassError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise PassError(f"{where}: expected a list, got {value!r}")
+        elem = args[0] if args else Any
+        return [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PassError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PassError(f"{where}: expected an int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PassError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise PassError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise PassError(f"{where}: unsupported option type {tp}")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """Everything documented about one option (for `ctc passes` and the docs page)."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+    min: float | None
+    max: float | None
+    choices: tuple[Any, ...] | None
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """Base of every pass's options; subclasses add fields declared with :func:`option`."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f"option {f.name}"
+            val = _coerce(getattr(self, f.name), hints[f.name], where)
+            object.__setattr__(self, f.name, val)
+            lo, hi, ch = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+            items = val if isinstance(val, list) else [val]
+            for x in items:
+                if x is None or isinstance(x, (str, bool)):
+                    pass
+                elif lo is not None and x < lo:
+                    raise PassError(f"{where}={val!r} is below its minimum {lo}")
+                elif hi is not None and x > hi:
+                    raise PassError(f"{where}={val!r} is above its maximum {hi}")
+                if ch is not None and x not in ch:
+                    raise PassError(f"{where}={x!r} must be one of {list(ch)}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; raise :class:`PassError` naming the option."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, pass_name: str = "") -> PassOptions:
+        """Strict construction: unknown keys are errors with the nearest valid name."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in values:
+            if k not in known:
+                near = difflib.get_close_matches(k, known, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                opts = ", ".join(known) or "none"
+                raise PassError(f"pass {pass_name or cls.__name__} has no option {k!r}{hint} (options: {opts})")
+        return cls(**dict(values))
+
+    @classmethod
+    def specs(cls) -> list[OptionSpec]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            out.append(OptionSpec(f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", ""),
+                                  f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")))
+        return out
+
+
+@dataclass(frozen=True)
+class NoOptions(PassOptions):
+    """A pass without options."""
+
+
+# --------------------------------------------------------------------------- selectors
+@dataclass(frozen=True)
+class Selector:
+    """Restricts a pipeline step to parts of the model.
+
+    ``blocks`` holds half-open ranges of block indices, ``scopes`` glob patterns on node
+    scopes (``*.mlp.*``), ``ops`` op names.  Each given criterion must match; an empty
+    selector matches everything.
+    """
+
+    blocks: tuple[tuple[int, int], ...] = ()
+    scopes: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
+
+    @property
+    def is_all(self) -> bool:
+        return not (self.blocks or self.scopes or self.ops)
+
+    def matches_block(self, block: int | None) -> bool:
+        if not self.blocks:
+            return True
+        return block is not None and any(lo <= block < hi for lo, hi in self.blocks)
+
+    def matches_scope(self, scope: str) -> bool:
+        return not self.scopes or any(fnmatch.fnmatchcase(scope, p) for p in self.scopes)
+
+    def matches(self, node: Node) -> bool:
+        return (self.matches_block(node.block) and self.matches_scope(node.scope)
+                and (not self.ops or node.op in self.ops))
+
+    def describe(self) -> str:
+        parts = [f"blocks[{lo}:{hi}]" for lo, hi in self.blocks]
+        parts += [repr(s) for s in self.scopes]
+        parts += [f"op {o}" for o in self.ops]
+        return " & ".join(parts) or "all"
+
+
+# --------------------------------------------------------------------------- analyses
+class Analysis:
+    """A cached fact about a module.  Subclasses set ``name`` and implement ``compute``.
+
+    ``config`` holds the keyword arguments an analysis was asked with; results are cached
+    per (analysis, config) by the :class:`PassContext` until a pass that does not
+    preserve them runs.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **config: Any):
+        self.config = config
+
+    def compute(self, module: Module, ctx: PassContext) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.compute")
+
+    def key(self) -> tuple[Any, ...]:
+        return (type(self).__name__, tuple(sorted((k, _freeze(v)) for k, v in self.config.items())))
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    return v
+
+
+# --------------------------------------------------------------------------- context
+@dataclass
+class PassContext:
+    """What a running pass may use besides the module.
+
+    ``calibration`` is a list of model-input batches (dicts keyed by module input name);
+    ``selector`` restricts the current step; ``notes`` collects human-readable lines for
+    the report (what changed, what was left alone and why); ``progress`` reports
+    sub-progress of long passes.
+    """
+
+    calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    selector: Selector = field(default_factory=Selector)
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[str, int, int], None] | None = None
+    _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    _cache_module: int | None = field(default=None, repr=False)
+
+    def selected(self, node: Node) -> bool:
+        return self.selector.matches(node)
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+
+    def get(self, analysis: Analysis, module: Module) -> Any:
+        """Result of ``analysis`` on ``module``, computed once and cached."""
+        if self._cache_module != id(module):
+            self._cache.clear()
+            self._cache_module = id(module)
+        k = analysis.key()
+        if k not in self._cache:
+            self._cache[k] = analysis.compute(module, self)
+        return self._cache[k]
+
+    def invalidate(self, keep: Sequence[type[Analysis]] = ()) -> None:
+        """Drop cached analyses except those of the given types."""
+        names = {c.__name__ for c in keep}
+        self._cache = {k: v for k, v in self._cache.items() if k[0] in names}
+
+    def report_progress(self, what: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, done, total)
+
+
+# --------------------------------------------------------------------------- passes
+class Pass:
+    """Base class of every pass.  Subclasses set ``name`` and ``Options`` and implement ``run``.
+
+    The class docstring's first line is the pass's summary in `ctc passes` and the docs.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[PassOptions]] = NoOptions
+    requires: ClassVar[tuple[type[Analysis], ...]] = ()
+    preserves: ClassVar[tuple[type[Analysis], ...]] = ()
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, options: PassOptions | Mapping[str, Any] | None = None):
+        if options is None:
+            options = self.Options()
+        elif isinstance(options, Mapping):
+            options = self.Options.from_dict(options, pass_name=self.name)
+        elif not isinstance(options, self.Options):
+            raise PassError(f"pass {self.name}: options must be {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        raise NotImplementedError(f"pass {self.name} does not implement run()")
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    import ctc.passes.library  # noqa: F401 - registers every pass
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as ``name``; unknown names suggest the nearest one."""
+    _load_all()
+    try:
+        return _PASSES[name]
+    except KeyError:
+        near = difflib.get_close_matches(name, list(_PASSES), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise PassError(f"unknown pass {name!r}{hint} (see `ctc passes`)") from None
+
+
+def all_passes() -> dict[str, type[Pass]]:
+    _load_all()
+    return dict(sorted(_PASSES.items()))

@@ -1,0 +1,1 @@
+"""Imports every pass module so each registers itself (one line per pass module)."""
