@@ -1,0 +1,363 @@
+"""Semantic checks of a parsed Recipe: names, options, files, and (after capture) selectors.
+
+``check_recipe`` runs before any heavy work (no model is loaded): every pass name and
+option against the pass registry, targets, metrics, dataset sources and bundled model
+names with "did you mean" suggestions, wrong types, out-of-range values and missing files.
+``check_with_module`` runs once the model is captured: selectors that match nothing and
+metrics that do not apply to the model's task.  Both return a list of
+:class:`~ctc.dsl.diagnostics.Diagnostic` (empty = fine), each pointing at a span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctc.dsl.ast import Check, Dataset, ModelSource, Recipe, Span, Step, Target
+from ctc.dsl.diagnostics import Diagnostic, attach_source, did_you_mean
+from ctc.passes.base import PassError, PassOptions, option
+from ctc.targets import TARGETS, TRIALS_HELP
+
+# --------------------------------------------------------------------------- model sources
+MODEL_KINDS = {
+    "bundled": "a real model that ships with ctc's dependencies (see `ctc show --bundled`)",
+    "hf": "a Hugging Face model directory (config.json + weights), loaded offline",
+    "pt2": "a torch.export ExportedProgram saved with torch.export.save (.pt2)",
+}
+
+
+def bundled_model_names() -> list[str]:
+    """Names accepted by ``model bundled "..."`` (from ctc.frontends.bundled)."""
+    try:
+        from ctc.frontends import bundled
+    except ImportError:
+        return []
+    for attr in ("names", "bundled_names", "list_bundled"):
+        fn = getattr(bundled, attr, None)
+        if callable(fn):
+            return sorted(fn())
+    for attr in ("BUNDLED", "MODELS", "REGISTRY"):
+        table = getattr(bundled, attr, None)
+        if isinstance(table, dict):
+            return sorted(table)
+    return []
+
+
+# --------------------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class DatasetOptions(PassOptions):
+    """Options of `calibrate`/`evaluate` statements."""
+
+    samples: int = option(32, "number of text windows (calibration batches / evaluation windows)", min=1, max=100000)
+    seq_len: int = option(128, "tokens per window", min=8, max=32768)
+    seed: int = option(0, "seed for choosing windows (deterministic)", min=0)
+    stride: int | None = option(None, "evaluation stride in tokens (default: seq_len, non-overlapping)", min=1)
+    batch_size: int = option(1, "windows per batch", min=1, max=4096)
+    field: str | None = option(None, "jsonl only: the field holding the text")
+
+
+DATASET_SOURCES = {
+    "wiki": "English Wikipedia articles shipped with gensim (calibration/evaluation split by article)",
+    "lee": "Lee news corpus shipped with gensim (300 background + 50 test documents)",
+    "text": 'a UTF-8 text file: `text "file.txt"`',
+    "jsonl": 'a JSON-lines file, one object per line: `jsonl "file.jsonl" field="text"`',
+}
+_FILE_SOURCES = {"text", "jsonl"}
+
+
+# --------------------------------------------------------------------------- metrics
+@dataclass(frozen=True)
+class MetricSpec:
+    """A measurable quantity a `check` can bound."""
+
+    name: str
+    doc: str
+    units: tuple[str | None, ...]
+    tasks: tuple[str, ...] | None = None  # None = any model
+    needs_eval: bool = True
+
+
+METRICS: dict[str, MetricSpec] = {m.name: m for m in [
+    MetricSpec("ppl", "perplexity of the compressed model on the evaluation text (x: ratio to the original)",
+               (None, "x"), ("causal-lm",)),
+    MetricSpec("ppl_increase", "perplexity increase over the original (absolute, or % relative)",
+               (None, "%"), ("causal-lm",)),
+    MetricSpec("fidelity", "mean cosine similarity of outputs to the original model's (0..1, or %)", (None, "%")),
+    MetricSpec("kl", "mean KL divergence of next-token distributions from the original's", (None,), ("causal-lm",)),
+    MetricSpec("max_error", "largest absolute output difference from the original", (None,)),
+    MetricSpec("params", "parameter count (x: ratio to the original)", (None, "x"), needs_eval=False),
+    MetricSpec("param_bytes", "parameter bytes (x: ratio to the original)", (None, "x"), needs_eval=False),
+    MetricSpec("latency_ms", "median latency of one evaluation batch in ms (x: ratio to the original)",
+               (None, "x"), needs_eval=False),
+]}
+
+
+# --------------------------------------------------------------------------- helpers
+def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spans: dict[str, Span], whole: Span,
+                       what: str) -> list[Diagnostic]:
+    """Strictly validate ``options`` against ``opts_cls``, locating each error at its option."""
+    diags: list[Diagnostic] = []
+    known = [f.name for f in dataclasses.fields(opts_cls)]
+    good: dict[str, Any] = {}
+    for k, v in options.items():
+        span = spans.get(k, whole)
+        if k not in known:
+            diags.append(Diagnostic(f"{what} has no option {k!r}{did_you_mean(k, known)}", span,
+                                    hint=f"options: {', '.join(known) or 'none'}"))
+            continue
+        try:
+            opts_cls.from_dict({k: v}, pass_name=what)
+        except PassError as e:
+            spec = next(s for s in opts_cls.specs() if s.name == k)
+            diags.append(Diagnostic(f"{what}: {e}", span, hint=_spec_hint(spec)))
+            continue
+        good[k] = v
+    if not diags:
+        try:
+            opts_cls.from_dict(good, pass_name=what)
+        except PassError as e:
+            diags.append(Diagnostic(f"{what}: {e}", whole))
+    return diags
+
+
+def _spec_hint(spec: Any) -> str:
+    parts = [f"{spec.name}: {spec.type}"]
+    if spec.min is not None or spec.max is not None:
+        parts.append(f"range [{'' if spec.min is None else spec.min}, {'' if spec.max is None else spec.max}]")
+    if spec.choices:
+        parts.append("one of " + ", ".join(repr(c) for c in spec.choices))
+    parts.append(f"default {spec.default!r}")
+    return "; ".join(parts) + (f" — {spec.doc}" if spec.doc else "")
+
+
+def resolve_path(recipe: Recipe, p: str) -> Path:
+    """Paths in a recipe are relative to the recipe file's directory."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or recipe.file.startswith("<"):
+        return path
+    return Path(recipe.file).parent / path
+
+
+# --------------------------------------------------------------------------- static checks
+def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Diagnostic]:
+    if m is None:
+        return [Diagnostic("the recipe names no model", whole, hint='add a line like `model bundled "minilm"`')]
+    if m.kind not in MODEL_KINDS:
+        return [Diagnostic(f"unknown model source {m.kind!r}{did_you_mean(m.kind, MODEL_KINDS)}", m.kind_span,
+                           hint="model sources: " + ", ".join(MODEL_KINDS))]
+    diags = []
+    for k, s in m.option_spans.items():
+        diags.append(Diagnostic(f"model {m.kind} takes no option {k!r}", s))
+    if m.kind == "bundled":
+        names = bundled_model_names()
+        if not names:
+            diags.append(Diagnostic("no bundled models are available in this installation (ctc.frontends.bundled)",
+                                    m.ref_span))
+        elif m.ref not in names:
+            diags.append(Diagnostic(f"unknown bundled model {m.ref!r}{did_you_mean(m.ref, names)}", m.ref_span,
+                                    hint="bundled models: " + ", ".join(names)))
+    elif m.kind == "hf":
+        p = resolve_path(recipe, m.ref)
+        if not p.exists():
+            diags.append(Diagnostic(f"model directory not found: {p}", m.ref_span,
+                                    hint="paths are relative to the recipe file's directory"))
+        elif not p.is_dir() or not (p / "config.json").is_file():
+            diags.append(Diagnostic(f"{p} is not a Hugging Face model directory (no config.json)", m.ref_span))
+    elif m.kind == "pt2":
+        p = resolve_path(recipe, m.ref)
+        if not p.is_file():
+            diags.append(Diagnostic(f"exported program not found: {p}", m.ref_span,
+                                    hint="paths are relative to the recipe file's directory"))
+        elif p.suffix != ".pt2":
+            diags.append(Diagnostic(f"{p.name} is not a .pt2 file (save one with torch.export.save)", m.ref_span))
+    return diags
+
+
+def _check_dataset(recipe: Recipe, d: Dataset) -> list[Diagnostic]:
+    if d.source not in DATASET_SOURCES:
+        return [Diagnostic(f"unknown dataset {d.source!r}{did_you_mean(d.source, DATASET_SOURCES)}", d.source_span,
+                           hint="datasets: " + ", ".join(DATASET_SOURCES))]
+    diags = option_diagnostics(DatasetOptions, d.options, d.option_spans, d.span, d.role)
+    if d.source in _FILE_SOURCES:
+        if d.path is None:
+            diags.append(Diagnostic(f"dataset {d.source} needs a file: `{d.role} {d.source} \"path\"`", d.source_span))
+        else:
+            p = resolve_path(recipe, d.path)
+            if not p.is_file():
+                diags.append(Diagnostic(f"data file not found: {p}", d.path_span,
+                                        hint="paths are relative to the recipe file's directory"))
+        if d.source == "jsonl" and "field" not in d.options:
+            diags.append(Diagnostic("jsonl data needs field=\"...\" naming the text field", d.span))
+    else:
+        if d.path is not None:
+            diags.append(Diagnostic(f"dataset {d.source} is bundled and takes no file", d.path_span))
+    if d.source != "jsonl" and "field" in d.options:
+        diags.append(Diagnostic("field= only applies to jsonl data", d.option_spans["field"]))
+    if d.role == "calibrate" and "stride" in d.options:
+        diags.append(Diagnostic("stride= only applies to evaluation data", d.option_spans["stride"]))
+    return diags
+
+
+def _check_step(step: Step, has_calibration: bool) -> list[Diagnostic]:
+    from ctc.ir.ops import all_ops
+    from ctc.passes.base import all_passes
+
+    passes = all_passes()
+    if step.name not in passes:
+        return [Diagnostic(f"unknown pass {step.name!r}{did_you_mean(step.name, passes)}", step.name_span,
+                           hint="`ctc passes` lists every pass and its options")]
+    cls = passes[step.name]
+    diags = option_diagnostics(cls.Options, step.options, step.option_spans, step.span, f"pass {step.name}")
+    if cls.needs_calibration and not has_calibration:
+        diags.append(Diagnostic(f"pass {step.name} needs calibration data", step.name_span,
+                                hint="add e.g. `calibrate wiki samples=32 seq_len=128`"))
+    ops = all_ops()
+    seen: dict[Any, Span] = {}
+    for s in step.selectors:
+        key = (s.kind, s.value if not isinstance(s.value, list) else tuple(s.value))
+        if key in seen:
+            diags.append(Diagnostic("selector given twice", s.span))
+        seen[key] = s.span
+        if s.kind == "blocks":
+            lo, hi = s.value
+            if hi <= lo:
+                diags.append(Diagnostic(f"empty block range blocks[{lo}:{hi}]: the end must be above the start",
+                                        s.span, hint="ranges are half-open: blocks[4:8] is blocks 4, 5, 6, 7"))
+        elif s.kind == "op" and s.value not in ops:
+            diags.append(Diagnostic(f"unknown op {s.value!r}{did_you_mean(s.value, ops)}", s.span))
+        elif s.kind == "scope" and not s.value:
+            diags.append(Diagnostic("empty scope pattern", s.span))
+    return diags
+
+
+def target_config(t: Target) -> Any:
+    """The validated :class:`~ctc.targets.TargetConfig` of a checked target."""
+    from ctc.targets import TargetConfig
+
+    spec = TARGETS[t.kind]
+    return TargetConfig(t.kind, spec.Options.from_dict(t.options, pass_name=f"target {t.kind}"), int(t.trials or 0))
+
+
+def _check_target(t: Target, seen: dict[str, Span]) -> list[Diagnostic]:
+    if t.kind not in TARGETS:
+        return [Diagnostic(f"unknown target {t.kind!r}{did_you_mean(t.kind, TARGETS)}", t.kind_span,
+                           hint="targets: " + ", ".join(TARGETS) + " (see `ctc targets`)")]
+    diags = []
+    if t.kind in seen:
+        f = seen[t.kind]
+        diags.append(Diagnostic(f"target {t.kind} given twice", t.kind_span, hint=f"the first is at {f.line}:{f.col}"))
+    seen[t.kind] = t.kind_span
+    spec = TARGETS[t.kind]
+    diags += option_diagnostics(spec.Options, t.options, t.option_spans, t.span, f"target {t.kind}")
+    if t.trials is not None:
+        span = t.option_spans.get("trials", t.span)
+        if isinstance(t.trials, bool) or not isinstance(t.trials, int):
+            diags.append(Diagnostic(f"target {t.kind}: trials must be an int, got {t.trials!r}", span,
+                                    hint=TRIALS_HELP))
+        elif t.trials < 0:
+            diags.append(Diagnostic(f"target {t.kind}: trials={t.trials} is below its minimum 0", span,
+                                    hint=TRIALS_HELP))
+    if not spec.available():
+        diags.append(Diagnostic(f"target {t.kind} needs backend {spec.backend}, which this installation lacks",
+                                t.kind_span, hint="drop the target line to compile without it"))
+    return diags
+
+
+def _check_check(c: Check, recipe: Recipe) -> list[Diagnostic]:
+    if c.metric not in METRICS:
+        return [Diagnostic(f"unknown metric {c.metric!r}{did_you_mean(c.metric, METRICS)}", c.metric_span,
+                           hint="metrics: " + ", ".join(METRICS))]
+    m = METRICS[c.metric]
+    diags = []
+    if c.unit not in m.units:
+        allowed = " or ".join("a plain number" if u is None else f"'{u}'" for u in m.units)
+        diags.append(Diagnostic(f"metric {c.metric} cannot be given in {c.unit or 'plain numbers'}; use {allowed}",
+                                c.value_span))
+    elif c.unit == "%" and not 0 <= c.value <= 100 and c.metric == "fidelity":
+        diags.append(Diagnostic(f"{c.value}% is outside 0..100%", c.value_span))
+    elif c.metric == "fidelity" and c.unit is None and not -1 <= c.value <= 1:
+        diags.append(Diagnostic(f"fidelity is a cosine similarity in [-1, 1], got {c.value}", c.value_span,
+                                hint="write e.g. `fidelity >= 0.99` or `fidelity >= 99%`"))
+    elif c.value < 0 and c.metric not in ("ppl_increase",):
+        diags.append(Diagnostic(f"metric {c.metric} is never negative; {c.value} cannot be a threshold", c.value_span))
+    if m.needs_eval and recipe.evaluate is None:
+        diags.append(Diagnostic(f"check {c.metric} needs evaluation data", c.metric_span,
+                                hint="add e.g. `evaluate wiki samples=8 seq_len=256`"))
+    return diags
+
+
+def check_recipe(recipe: Recipe) -> list[Diagnostic]:
+    """Every check that needs no model: returns diagnostics (with source lines attached)."""
+    whole = Span(recipe.file, 1, 1, 1, 2)
+    diags = _check_model(recipe, recipe.model, whole)
+    for d in (recipe.calibrate, recipe.evaluate):
+        if d is not None:
+            diags += _check_dataset(recipe, d)
+    for step in recipe.pipeline:
+        diags += _check_step(step, recipe.calibrate is not None)
+    seen: dict[str, Span] = {}
+    for t in recipe.targets:
+        diags += _check_target(t, seen)
+    seen_checks: dict[str, Span] = {}
+    for c in recipe.checks:
+        diags += _check_check(c, recipe)
+        key = f"{c.metric} {c.op}"
+        if key in seen_checks:
+            f = seen_checks[key]
+            diags.append(Diagnostic(f"check {key} given twice", c.span, hint=f"the first is at {f.line}:{f.col}"))
+        seen_checks[key] = c.span
+    if recipe.emit is not None:
+        p = resolve_path(recipe, recipe.emit.path)
+        if p.exists() and not p.is_dir():
+            diags.append(Diagnostic(f"emit path {p} exists and is not a directory", recipe.emit.span))
+        elif not recipe.emit.path.strip():
+            diags.append(Diagnostic("emit needs a directory", recipe.emit.span))
+    return attach_source(diags, recipe.source)
+
+
+# --------------------------------------------------------------------------- after capture
+def _match_summary(module: Any, pred: Callable[[Any], bool]) -> int:
+    return sum(1 for n in module.nodes if pred(n))
+
+
+def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
+    """Checks that need the captured module: selectors matching nothing, metrics vs task."""
+    diags: list[Diagnostic] = []
+    blocks = module.blocks()
+    scopes = sorted({n.scope for n in module.nodes if n.scope})
+    ops = sorted({n.op for n in module.nodes})
+    for step in recipe.pipeline:
+        for s in step.selectors:
+            if s.kind == "blocks":
+                lo, hi = s.value
+                if not any(lo <= b < hi for b in blocks):
+                    have = f"blocks {blocks[0]}..{blocks[-1]}" if blocks else "no blocks"
+                    diags.append(Diagnostic(f"selector blocks[{lo}:{hi}] matches nothing: the model has {have}",
+                                            s.span))
+            elif s.kind == "scope":
+                if not any(fnmatch.fnmatchcase(sc, s.value) for sc in scopes):
+                    example = ", ".join(repr(x) for x in scopes[:3])
+                    near = did_you_mean(s.value, scopes)
+                    diags.append(Diagnostic(f"selector {s.value!r} matches no node scope{near}", s.span,
+                                            hint=f"scopes look like {example}" if scopes else None))
+            elif s.kind == "op":
+                if s.value not in ops:
+                    diags.append(Diagnostic(f"selector op {s.value} matches nothing: the model has no {s.value} nodes",
+                                            s.span, hint="ops in the model: " + ", ".join(ops)))
+        if step.selectors and not any(d.span.line == step.span.line for d in diags):
+            sel = step.selector()
+            if not any(sel.matches(n) for n in module.nodes):
+                diags.append(Diagnostic(f"the selectors of step {step.name} match nothing together "
+                                        f"({sel.describe()})", step.selectors[0].span,
+                                        hint="different kinds of selector must all hold"))
+    task = module.meta.get("task")
+    for c in recipe.checks:
+        m = METRICS.get(c.metric)
+        if m is not None and m.tasks is not None and task not in m.tasks:
+            diags.append(Diagnostic(f"metric {c.metric} needs a {' or '.join(m.tasks)} model; this model is "
+                                    f"{task or 'of unknown task'}", c.metric_span))
+    return attach_source(diags, recipe.source)

@@ -1,0 +1,368 @@
+"""Parse recipe text into :class:`~ctc.dsl.ast.Recipe` dataclasses (Lark LALR, grammar in recipe.lark).
+
+Syntax errors become :class:`~ctc.dsl.diagnostics.Diagnostic`s with file:line:col, the
+source line, a caret and a hint for the statement being written.  The parser only builds
+the tree; whether names, options and files are valid is :mod:`ctc.dsl.check`'s job.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from ctc.dsl.ast import Check, Dataset, Emit, ModelSource, Recipe, SelectorItem, Span, Step, Target
+from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source
+
+GRAMMAR = Path(__file__).with_name("recipe.lark")
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark(GRAMMAR.read_text(), parser="lalr", lexer="contextual", propagate_positions=True,
+                maybe_placeholders=False)
+
+
+# ------------------------------------------------------------------------- helpers
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"'}
+
+
+def unquote(tok: str) -> str:
+    """The value of a STRING token (``\\n \\t \\r \\\\ \\"`` escapes; other escapes keep the char)."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), tok[1:-1])
+
+
+def quote(s: str) -> str:
+    """A STRING token for ``s`` (inverse of :func:`unquote`)."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
+        "\t", "\\t").replace("\r", "\\r") + '"'
+
+
+class _Val:
+    """A parsed option value with its span (unwrapped when the AST is built)."""
+
+    __slots__ = ("value", "span")
+
+    def __init__(self, value: Any, span: Span):
+        self.value, self.span = value, span
+
+
+class _Builder(Transformer):
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    # spans ------------------------------------------------------------------
+    def tok_span(self, t: Token) -> Span:
+        return Span(self.file, t.line or 0, t.column or 0, t.end_line or 0, t.end_column or 0)
+
+    def meta_span(self, meta: Any) -> Span:
+        if getattr(meta, "empty", True):
+            return Span(self.file)
+        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    # values -----------------------------------------------------------------
+    @v_args(meta=True)
+    def int(self, meta: Any, c: list) -> _Val:
+        return _Val(int(c[0]), self.meta_span(meta))
+
+    @v_args(meta=True)
+    def float(self, meta: Any, c: list) -> _Val:
+        return _Val(float(c[0]), self.meta_span(meta))
+
+    @v_args(meta=True)
+    def string(self, meta: Any, c: list) -> _Val:
+        return _Val(unquote(c[0]), self.meta_span(meta))
+
+    @v_args(meta=True)
+    def word(self, meta: Any, c: list) -> _Val:
+        return _Val(str(c[0]), self.meta_span(meta))
+
+    @v_args(meta=True)
+    def true(self, meta: Any, c: list) -> _Val:
+        return _Val(True, self.meta_span(meta))
+
+    @v_args(meta=True)
+    def false(self, meta: Any, c: list) -> _Val:
+        return _Val(False, self.meta_span(meta))
+
+    @v_args(meta=True)
+    def none(self, meta: Any, c: list) -> _Val:
+        return _Val(None, self.meta_span(meta))
+
+    @v_args(meta=True)
+    def list(self, meta: Any, c: list) -> _Val:
+        return _Val([v.value for v in c if isinstance(v, _Val)], self.meta_span(meta))
+
+    @v_args(meta=True)
+    def option(self, meta: Any, c: list) -> tuple[str, _Val, Span]:
+        return (str(c[0]), c[1], self.meta_span(meta))
+
+    # selectors --------------------------------------------------------------
+    @v_args(meta=True)
+    def blocks(self, meta: Any, c: list) -> SelectorItem:
+        lo = int(c[0])
+        hi = int(c[1]) if len(c) > 1 else lo + 1
+        return SelectorItem("blocks", (lo, hi), self.meta_span(meta))
+
+    @v_args(meta=True)
+    def scope(self, meta: Any, c: list) -> SelectorItem:
+        return SelectorItem("scope", unquote(c[0]), self.meta_span(meta))
+
+    @v_args(meta=True)
+    def op(self, meta: Any, c: list) -> SelectorItem:
+        return SelectorItem("op", str(c[0]), self.meta_span(meta))
+
+    def selectors(self, c: list) -> list[SelectorItem]:
+        return list(c)
+
+    # statements -------------------------------------------------------------
+    def _options(self, items: list, what: str) -> tuple[dict, dict, list[Diagnostic]]:
+        opts: dict[str, Any] = {}
+        spans: dict[str, Span] = {}
+        errs = []
+        for name, val, span in items:
+            if name in opts:
+                errs.append(Diagnostic(f"option {name!r} given twice in this {what}", span,
+                                       hint=f"first given at {spans[name].line}:{spans[name].col}"))
+                continue
+            opts[name] = val.value
+            spans[name] = span
+        return opts, spans, errs
+
+    @v_args(meta=True)
+    def model(self, meta: Any, c: list) -> tuple:
+        kind, ref = c[0], c[1]
+        opts, spans, errs = self._options([x for x in c[2:] if isinstance(x, tuple)], "model")
+        return ("model", ModelSource(str(kind), unquote(ref), opts, self.meta_span(meta), self.tok_span(kind),
+                                     self.tok_span(ref), spans), errs)
+
+    @v_args(meta=True)
+    def dataset(self, meta: Any, c: list) -> tuple:
+        role, src = c[0], c[1]
+        rest = c[2:]
+        path = path_span = None
+        if rest and isinstance(rest[0], Token) and rest[0].type == "STRING":
+            path, path_span = unquote(rest[0]), self.tok_span(rest[0])
+            rest = rest[1:]
+        opts, spans, errs = self._options(rest, str(role))
+        ds = Dataset(str(role), str(src), path, opts, self.meta_span(meta), self.tok_span(src),
+                     path_span or Span(self.file), spans)
+        return (str(role), ds, errs)
+
+    @v_args(meta=True)
+    def step(self, meta: Any, c: list) -> tuple:
+        name = c[0]
+        opts_items = [x for x in c[1:] if isinstance(x, tuple)]
+        sels = next((x for x in c[1:] if isinstance(x, list)), [])
+        opts, spans, errs = self._options(opts_items, f"step {name}")
+        span = self.meta_span(meta)
+        # the step rule includes its newline; end the span at the last real token
+        last = sels[-1].span if sels else (opts_items[-1][2] if opts_items else self.tok_span(name))
+        span = Span(self.file, span.line, span.col, last.end_line, last.end_col)
+        return (Step(str(name), opts, sels, span, self.tok_span(name), spans), errs)
+
+    @v_args(meta=True)
+    def pipeline(self, meta: Any, c: list) -> tuple:
+        steps, errs = [], []
+        for s, e in c:
+            steps.append(s)
+            errs.extend(e)
+        return ("pipeline", (steps, self.meta_span(meta)), errs)
+
+    @v_args(meta=True)
+    def target(self, meta: Any, c: list) -> tuple:
+        kind = c[0]
+        opts, spans, errs = self._options(c[1:], f"target {kind}")
+        trials = opts.pop("trials", None)
+        return ("target", Target(str(kind), opts, trials, self.meta_span(meta), self.tok_span(kind), spans), errs)
+
+    @v_args(meta=True)
+    def check(self, meta: Any, c: list) -> tuple:
+        metric, cmp, num = c[0], c[1], c[2]
+        unit = str(c[3]) if len(c) > 3 else None
+        return ("check", Check(str(metric), str(cmp), num.value, unit, self.meta_span(meta), self.tok_span(metric),
+                               num.span), [])
+
+    @v_args(meta=True)
+    def emit(self, meta: Any, c: list) -> tuple:
+        return ("emit", Emit(unquote(c[0]), self.meta_span(meta)), [])
+
+    def start(self, c: list) -> list:
+        return list(c)
+
+
+def _assemble(items: list, file: str, source: str) -> Recipe:
+    recipe = Recipe(file=file, source=source)
+    errs: list[Diagnostic] = []
+    first: dict[str, Span] = {}
+    single = {"model": "model", "calibrate": "calibrate", "evaluate": "evaluate", "pipeline": "pipeline",
+              "emit": "emit"}
+    for kind, node, node_errs in items:
+        errs.extend(node_errs)
+        span = node[1] if kind == "pipeline" else node.span
+        if kind in single:
+            if kind in first:
+                f = first[kind]
+                extra = " (list every step in one pipeline block)" if kind == "pipeline" else ""
+                errs.append(Diagnostic(f"{kind!r} given twice", span,
+                                       hint=f"the first is at {f.line}:{f.col}; keep one{extra}"))
+                continue
+            first[kind] = span
+        if kind == "model":
+            recipe.model = node
+        elif kind == "calibrate":
+            recipe.calibrate = node
+        elif kind == "evaluate":
+            recipe.evaluate = node
+        elif kind == "pipeline":
+            recipe.pipeline, recipe.pipeline_span = node
+        elif kind == "target":
+            recipe.targets.append(node)
+        elif kind == "check":
+            recipe.checks.append(node)
+        elif kind == "emit":
+            recipe.emit = node
+    if errs:
+        raise RecipeError(attach_source(errs, source))
+    return recipe
+
+
+# ------------------------------------------------------------------------- errors
+_TOKEN_WORDS = {
+    "_NL": "end of line", "STRING": 'a quoted string ("...")', "NAME": "a name", "PASS_NAME": "a pass name",
+    "INT": "an integer", "SIGNED_INT": "a number", "SIGNED_FLOAT": "a number",
+    "COMPARE": "a comparison (<=, >=, <, >, ==)",
+    "UNIT": "a unit (x or %)", "EQUAL": "'='", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
+    "COMMA": "','", "COLON": "':'", "$END": "end of file", "DATASET_ROLE": "calibrate/evaluate",
+}
+
+_HINTS = {
+    "model": 'write `model bundled "minilm"`, `model hf "path/to/dir"` or `model pt2 "file.pt2"`',
+    "calibrate": 'write e.g. `calibrate wiki samples=64 seq_len=128 seed=0` or '
+                 '`calibrate jsonl "f.jsonl" field="text"`',
+    "evaluate": 'write e.g. `evaluate lee samples=50 seq_len=128` or `evaluate text "notes.txt"`',
+    "pipeline": ("write `pipeline {`, one step per line "
+                 "(`pass key=value ... on blocks[0:4], \"*.mlp.*\", op linear`), `}`"),
+    "target": "write e.g. `target cpu threads=2 trials=64`",
+    "check": "write e.g. `check fidelity >= 0.99`, `check ppl_increase <= 0.5` or `check params <= 0.7x`",
+    "emit": 'write `emit "out/dir"`',
+}
+_STATEMENTS = "model, calibrate, evaluate, pipeline, target, check, emit"
+
+
+def _describe(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of file"
+    if tok.type == "_NL":
+        return "end of line"
+    return repr(str(tok))
+
+
+def _expected(names: set[str]) -> str:
+    words = []
+    for n in sorted(names):
+        w = _TOKEN_WORDS.get(n)
+        if w is None:
+            w = repr(n.lower()) if n.isupper() and n.isalpha() else n
+        if w not in words:
+            words.append(w)
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    return ", ".join(words)
+
+
+def _statement_of(source: str, line: int) -> str | None:
+    """The statement keyword of the line an error is on (or of the enclosing pipeline)."""
+    lines = source.splitlines()
+    if not 0 < line <= len(lines):
+        return None
+    m = re.match(r"\s*([A-Za-z_]\w*)", lines[line - 1])
+    if m and m.group(1) in _HINTS:
+        return m.group(1)
+    # inside a pipeline block?
+    depth_open = None
+    for i in range(line - 1, -1, -1):
+        s = lines[i].split("#", 1)[0]
+        if "}" in s and i < line - 1:
+            break
+        if re.match(r"\s*pipeline\b", s):
+            depth_open = i
+            break
+    return "pipeline" if depth_open is not None else None
+
+
+def _syntax_error(e: UnexpectedInput, file: str, source: str) -> Diagnostic:
+    line, col = e.line, e.column
+    if isinstance(e, UnexpectedCharacters):
+        ch = source[e.pos_in_stream] if e.pos_in_stream is not None and e.pos_in_stream < len(source) else ""
+        if ch == '"':
+            msg, hint = "unterminated string", 'close it with " on the same line'
+        elif ch == "'":
+            msg, hint = "strings use double quotes", "write \"...\" instead of '...'"
+        else:
+            msg = f"unexpected character {ch!r}"
+            hint = _HINTS.get(_statement_of(source, line) or "", None)
+        return Diagnostic(msg, Span(file, line, col, line, col + 1), hint=hint)
+    if isinstance(e, UnexpectedToken):
+        tok = e.token
+        expected = set(e.expected)
+        stmt = _statement_of(source, line if tok.type != "$END" else len(source.splitlines()))
+        if tok.type == "$END":
+            lines = source.splitlines()
+            line = max(1, len(lines))
+            col = len(lines[-1]) + 1 if lines else 1
+            if "RBRACE" in expected or "PASS_NAME" in expected:
+                msg, hint = "unexpected end of file inside a pipeline block", "close the pipeline with '}'"
+            else:
+                msg, hint = f"unexpected end of file; expected {_expected(expected)}", _HINTS.get(stmt or "")
+            return Diagnostic(msg, Span(file, line, col, line, col + 1), hint=hint)
+        width = max(1, len(str(tok))) if tok.type != "_NL" else 1
+        span = Span(file, line, col, line, col + width)
+        if {"MODEL", "TARGET", "CHECK"} <= expected:
+            from ctc.dsl.diagnostics import did_you_mean
+
+            dym = did_you_mean(str(tok), _STATEMENTS.split(", "))
+            return Diagnostic(f"unknown statement {str(tok)!r}{dym}", span,
+                              hint=f"a recipe line starts with one of: {_STATEMENTS}")
+        msg = f"unexpected {_describe(tok)}; expected {_expected(expected)}"
+        if "EQUAL" in expected and tok.type in ("_NL", "SIGNED_INT", "SIGNED_FLOAT", "STRING"):
+            msg = f"unexpected {_describe(tok)}; options are written key=value"
+        if expected == {"COMPARE"}:
+            msg = f"unexpected {_describe(tok)}; a check needs a comparison (<=, >=, <, >, ==)"
+        return Diagnostic(msg, span, hint=_HINTS.get(stmt or ""))
+    if isinstance(e, UnexpectedEOF):
+        return Diagnostic("unexpected end of file", Span(file, line, col, line, col + 1))
+    return Diagnostic(str(e), Span(file, line, col))
+
+
+# ------------------------------------------------------------------------- API
+def parse(text: str, file: str = "<recipe>") -> Recipe:
+    """Parse recipe ``text`` (``file`` names it in spans and errors); raise :class:`RecipeError`."""
+    src = text if text.endswith("\n") else text + "\n"
+    try:
+        tree: Tree = _lark().parse(src)
+    except UnexpectedInput as e:
+        raise RecipeError(attach_source([_syntax_error(e, file, src)], src)) from None
+    try:
+        items = _Builder(file).transform(tree)
+    except VisitError as e:  # pragma: no cover - a bug in the builder, not in the recipe
+        raise e.orig_exc from None
+    return _assemble(items, file, src)
+
+
+def parse_file(path: str | Path) -> Recipe:
+    """Read and parse a recipe file; a missing file is a RecipeError naming it."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Diagnostic(f"recipe file not found: {p}", Span(str(p)))]) from None
+    except UnicodeDecodeError as e:
+        msg = f"recipe is not UTF-8 text ({e.reason} at byte {e.start})"
+        raise RecipeError([Diagnostic(msg, Span(str(p)))]) from None
+    return parse(text, str(path))

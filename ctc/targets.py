@@ -1,0 +1,107 @@
+"""Deployment targets a recipe can name (`target cpu|cuda|fpga`), their options, and the backend hook.
+
+Each target declares a typed options class (same strict validation as pass options) and
+the backend module that builds it.  A backend module exposes
+``build(module, target: TargetConfig, out_dir: Path) -> dict`` which writes the compiled
+library and whatever it needs into ``out_dir`` (the artifact's ``targets/<name>/``) and
+returns a small JSON-able summary for the report.  Backends are imported only when a
+target is built, so `ctc --help` and recipe checking never import TVM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctc.passes.base import PassOptions, option
+
+
+@dataclass(frozen=True)
+class CpuOptions(PassOptions):
+    """Options of the `cpu` target (TVM llvm)."""
+
+    threads: int = option(0, "worker threads at run time (0 = all cores)", min=0)
+    mcpu: str = option("native", "LLVM -mcpu (native = this machine)")
+    opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
+
+
+@dataclass(frozen=True)
+class CudaOptions(PassOptions):
+    """Options of the `cuda` target (TVM cuda)."""
+
+    arch: str = option("", "CUDA arch like sm_90 (empty = the visible GPU's)")
+    opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
+
+
+@dataclass(frozen=True)
+class FpgaOptions(PassOptions):
+    """Options of the `fpga` target (HLS C plus a performance model)."""
+
+    part: str = option("xc7z020clg400-1", "FPGA part the HLS project is set up for")
+    clock_mhz: float = option(200.0, "target clock frequency in MHz", min=1.0, max=1000.0)
+    dsp_budget: int = option(220, "DSP slices the design may use", min=1)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target kind: its summary, options class and the backend module that builds it."""
+
+    name: str
+    summary: str
+    Options: type[PassOptions]
+    backend: str
+
+    def available(self) -> bool:
+        """Whether the backend module is present in this installation."""
+        try:
+            return importlib.util.find_spec(self.backend) is not None
+        except ModuleNotFoundError:
+            return False
+
+    def build_function(self) -> Any:
+        """The backend's ``build(module, target, out_dir)``; raises if the backend lacks it."""
+        mod = importlib.import_module(self.backend)
+        fn = getattr(mod, "build", None)
+        if fn is None:
+            raise RuntimeError(f"backend {self.backend} has no build(module, target, out_dir) function")
+        return fn
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "cpu": TargetSpec(
+        "cpu", "x86/ARM CPU through TVM (llvm), tuned with meta-schedule", CpuOptions, "ctc.backends.tvm"),
+    "cuda": TargetSpec(
+        "cuda", "NVIDIA GPU through TVM (cuda), tuned with meta-schedule", CudaOptions, "ctc.backends.tvm"),
+    "fpga": TargetSpec(
+        "fpga", "FPGA-style target: HLS C and a cycle/resource model", FpgaOptions, "ctc.backends.hls"),
+}
+
+TRIALS_HELP = "tuning budget: meta-schedule trials (0 = no tuning, use default schedules)"
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """A validated target from a recipe (or the command line): kind, options, tuning trials."""
+
+    kind: str
+    options: PassOptions
+    trials: int = 0
+
+    @property
+    def spec(self) -> TargetSpec:
+        return TARGETS[self.kind]
+
+    def to_json(self) -> dict[str, Any]:
+        import dataclasses
+
+        return {"kind": self.kind, "options": dataclasses.asdict(self.options), "trials": self.trials}
+
+
+def build_target(module: Any, target: TargetConfig, out_dir: Path) -> dict[str, Any]:
+    """Build ``module`` for ``target`` into ``out_dir`` through the target's backend."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = target.spec.build_function()(module, target, out_dir)
+    return dict(summary or {})
