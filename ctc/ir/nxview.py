@@ -81,16 +81,19 @@ def consumers_closure(value: Value, *, stop: Callable[[Node], bool] | None = Non
     return nodes
 
 
-def dominators(module: Module) -> dict[Node, Node | None]:
+def dominators(module: Module, *, include_constants: bool = False) -> dict[Node, Node | None]:
     """Immediate dominator of every node over value flow from a virtual entry.
 
-    The entry feeds every module input's readers and every node without operands
-    (``param``, constants).  A node whose idom is the entry maps to ``None``.
+    The entry feeds the readers of the module inputs, so a node dominates another when
+    every path of activations from the inputs to it passes through it.  Nodes that depend
+    on no input (``param`` reads, constants and what is computed from them alone) are left
+    out, and edges from them ignored, unless ``include_constants``: then the entry also
+    feeds every node without operands.  A node whose idom is the entry maps to ``None``.
     """
     g = to_digraph(module)
     g.add_node(ENTRY)
     for n in module.nodes:
-        if not n.inputs or any(v.producer is None for v in n.inputs):
+        if any(v.producer is None for v in n.inputs) or (include_constants and not n.inputs):
             g.add_edge(ENTRY, n)
     idom = nx.immediate_dominators(g, ENTRY)
     return {n: (None if idom[n] == ENTRY else idom[n]) for n in module.nodes if n in idom}
