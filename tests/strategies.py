@@ -1,0 +1,336 @@
+"""Hypothesis strategies that generate random valid ctc modules and matching inputs.
+
+Use them for property tests of anything that must preserve meaning or structure
+(printer/parser round trip, DCE, CSE, constant folding, backends)::
+
+    from hypothesis import given
+    from strategies import module_and_inputs   # pytest puts tests/ on sys.path
+
+    @given(module_and_inputs())
+    def test_my_pass_preserves_outputs(mi):
+        m, inputs = mi
+        before = interpret(m, inputs)
+        ...
+
+What a generated module contains (each piece only when its op is registered and its
+schema accepts the arguments, so the strategy keeps working while the op library grows):
+
+* 1-2 float inputs ``f32[B, S, D]``, ``S`` a symbol ``s0`` about half of the time;
+* a random DAG of elementwise unary/binary ops, ``linear``, ``matmul``, ``softmax``,
+  ``reshape``/``permute`` round trips (rank 4 values), and the compression ops
+  ``channel_permute``, ``lowrank_linear``, ``quant_linear``;
+* parameters, some read by two ``param`` nodes and some values read by two nodes
+  (shared weights), ``full`` constants and parameter-only subexpressions (constant-folding
+  fodder), exact duplicates of earlier nodes (CSE fodder), and nodes no output depends on
+  (DCE fodder);
+* a scope and block on every node, and a module ``meta``.
+
+Every module passes :func:`ctc.ir.verify.verify`; inputs are finite ``randn`` tensors and the
+generated ops keep values finite.  Parameter data comes from a drawn seed, so examples shrink
+and replay deterministically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+from ctc.ir import Module, OpError, TensorType, Value, all_ops
+from ctc.ir import quant as Q
+from ctc.ir.symbolic import eval_dim
+
+__all__ = ["BUILDERS", "available_builders", "inputs_for", "module_and_inputs", "modules"]
+
+# Ops that keep randn-scale values finite and well-defined (no log/sqrt/div/exp chains).
+SAFE_UNARY = ("relu", "gelu", "silu", "tanh", "sigmoid", "neg", "abs", "sin", "cos", "erf")
+SAFE_BINARY = ("add", "sub", "mul", "maximum", "minimum")
+
+
+@dataclass
+class _Ctx:
+    """State of one module under construction."""
+
+    draw: Callable[[st.SearchStrategy[Any]], Any]
+    m: Module
+    gen: torch.Generator
+    pool: list[Value] = field(default_factory=list)
+    step: int = 0
+
+    def loc(self) -> dict[str, Any]:
+        block = self.draw(st.one_of(st.none(), st.integers(0, 2)))
+        prefix = f"layers.{block}" if block is not None else "head"
+        return {"scope": f"{prefix}.n{self.step}", "block": block}
+
+    def pick(self, pred: Callable[[Value], bool] = lambda v: True) -> Value | None:
+        cands = [v for v in self.pool if v.type.dtype == "f32" and pred(v)]
+        return self.draw(st.sampled_from(cands)) if cands else None
+
+    def param(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, share: bool = True,
+              data: torch.Tensor | None = None, loc: dict[str, Any] | None = None) -> Value:
+        """A param read; may reuse an existing parameter of that type (shared weights)."""
+        loc = loc or self.loc()
+        want = TensorType(shape, {torch.float32: "f32", torch.int64: "i64"}.get(dtype, "f32"))
+        if share and data is None:
+            read = [n.outputs[0] for n in self.m.nodes if n.op == "param" and n.outputs[0].type == want]
+            how = self.draw(st.sampled_from(["new", "same_param", "same_value"]))
+            if read and how == "same_param":  # a second param node naming the same parameter
+                return self.m.param(self.draw(st.sampled_from(read)).producer.attrs["name"], **loc)
+            if read and how == "same_value":  # one param value read by two nodes
+                return self.draw(st.sampled_from(read))
+        if data is None:
+            data = torch.randn(shape, generator=self.gen) * 0.5
+        name = self.m.fresh_param_name(f"{loc['scope']}.p")
+        self.m.add_param(name, data)
+        return self.m.param(name, **loc)
+
+    def node(self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
+             loc: dict[str, Any] | None = None) -> Value:
+        return self.m.create_node(op, inputs, attrs or {}, **(loc or self.loc())).outputs[0]
+
+
+def _has(op: str) -> bool:
+    return op in all_ops()
+
+
+def _attr_name(op: str, candidates: tuple[str, ...]) -> str | None:
+    attrs = all_ops()[op].attrs
+    return next((c for c in candidates if c in attrs), None)
+
+
+# --------------------------------------------------------------------------- builders
+def _unary(c: _Ctx) -> Value | None:
+    ops = [o for o in SAFE_UNARY if _has(o)]
+    v = c.pick()
+    if not ops or v is None:
+        return None
+    return c.node(c.draw(st.sampled_from(ops)), [v])
+
+
+def _binary(c: _Ctx) -> Value | None:
+    ops = [o for o in SAFE_BINARY if _has(o)]
+    a = c.pick()
+    if not ops or a is None:
+        return None
+    kind = c.draw(st.sampled_from(["same", "row", "const"]))
+    if kind == "same":
+        b = c.pick(lambda v: v.type == a.type) or a
+    elif kind == "row":
+        b = c.param((int(a.type.shape[-1]),)) if isinstance(a.type.shape[-1], int) else a
+    else:
+        b = c.node("full", [], {"shape": (1,), "value": c.draw(st.floats(-2, 2, width=32))})
+    return c.node(c.draw(st.sampled_from(ops)), [a, b] if c.draw(st.booleans()) else [b, a])
+
+
+def _last_static(v: Value) -> bool:
+    return v.type.rank >= 1 and isinstance(v.type.shape[-1], int)
+
+
+def _linear(c: _Ctx) -> Value | None:
+    if not _has("linear"):
+        return None
+    x = c.pick(_last_static)
+    if x is None:
+        return None
+    k = int(x.type.shape[-1])
+    n = c.draw(st.sampled_from([4, 8]))
+    loc = c.loc()
+    w = c.param((n, k), loc=loc)
+    ins = [x, w]
+    if c.draw(st.booleans()):
+        ins.append(c.param((n,), loc=loc))
+    return c.node("linear", ins, loc=loc)
+
+
+def _matmul(c: _Ctx) -> Value | None:
+    if not _has("matmul"):
+        return None
+    x = c.pick(_last_static)
+    if x is None:
+        return None
+    k = int(x.type.shape[-1])
+    return c.node("matmul", [x, c.param((k, c.draw(st.sampled_from([4, 8]))))])
+
+
+def _softmax(c: _Ctx) -> Value | None:
+    if not _has("softmax"):
+        return None
+    x = c.pick()
+    if x is None:
+        return None
+    name = _attr_name("softmax", ("dim", "axis"))
+    return c.node("softmax", [x], {name: -1} if name else {})
+
+
+def _split_heads(c: _Ctx) -> Value | None:
+    """reshape [B, S, D] -> [B, S, 2, D/2] -> permute to [B, 2, S, D/2]; sometimes back again."""
+    if not (_has("reshape") and _has("permute")):
+        return None
+    x = c.pick(lambda v: v.type.rank == 3 and isinstance(v.type.shape[-1], int) and v.type.shape[-1] % 2 == 0)
+    if x is None:
+        return None
+    shape_attr = _attr_name("reshape", ("shape", "new_shape"))
+    perm_attr = _attr_name("permute", ("dims", "perm", "order", "axes"))
+    if shape_attr is None or perm_attr is None:
+        return None
+    b, s, d = x.type.shape
+    loc = c.loc()
+    y = c.node("reshape", [x], {shape_attr: (b, s, 2, int(d) // 2)}, loc=loc)
+    y = c.node("permute", [y], {perm_attr: (0, 2, 1, 3)}, loc=loc)
+    if c.draw(st.booleans()):
+        y = c.node("permute", [y], {perm_attr: (0, 2, 1, 3)}, loc=loc)
+        y = c.node("reshape", [y], {shape_attr: (b, s, d)}, loc=loc)
+    return y
+
+
+def _channel_permute(c: _Ctx) -> Value | None:
+    x = c.pick(_last_static)
+    if x is None:
+        return None
+    loc = c.loc()
+    perm = c.param((int(x.type.shape[-1]),), dtype=torch.int64,
+                   data=torch.randperm(int(x.type.shape[-1]), generator=c.gen), loc=loc)
+    return c.node("channel_permute", [x, perm], loc=loc)
+
+
+def _lowrank(c: _Ctx) -> Value | None:
+    x = c.pick(_last_static)
+    if x is None:
+        return None
+    k = int(x.type.shape[-1])
+    r = c.draw(st.integers(1, 3))
+    n = c.draw(st.sampled_from([4, 8]))
+    loc = c.loc()
+    ins = [x, c.param((n, r), loc=loc), c.param((r, k), loc=loc)]
+    if c.draw(st.booleans()):
+        ins.append(c.param((n,), loc=loc))
+    return c.node("lowrank_linear", ins, {"rank": r}, loc=loc)
+
+
+def _quant_linear(c: _Ctx) -> Value | None:
+    x = c.pick(_last_static)
+    if x is None:
+        return None
+    k = int(x.type.shape[-1])
+    n = c.draw(st.sampled_from([4, 8]))
+    bits = c.draw(st.sampled_from([4, 8]))
+    gs = c.draw(st.sampled_from([-1, 2]))
+    sym = c.draw(st.booleans())
+    a_bits = c.draw(st.sampled_from([None, 8]))
+    qw = Q.quantize_weight(torch.randn(n, k, generator=c.gen), bits, gs, sym)
+    loc = c.loc()
+    ins = [x] + [c.param(tuple(t.shape), data=t, loc=loc) for t in (qw.qweight, qw.scale, qw.zero)]
+    has_bias = c.draw(st.booleans())
+    if has_bias:
+        ins.append(c.param((n,), loc=loc))
+    clusters: tuple[int, ...] = ()
+    if a_bits:
+        clusters = (k // 2, k) if k >= 2 and c.draw(st.booleans()) else ()
+        nc = len(clusters) or 1
+        sa, za = Q.act_qparams(torch.full((nc,), -4.0), torch.full((nc,), 4.0), a_bits)
+        ins += [c.param((nc,), data=sa, loc=loc), c.param((nc,), data=za, loc=loc)]
+    return c.node("quant_linear", ins, {"w_bits": bits, "group_size": gs, "w_symmetric": sym, "a_bits": a_bits,
+                                        "act_clusters": clusters, "has_bias": has_bias}, loc=loc)
+
+
+def _constant_subexpr(c: _Ctx) -> Value | None:
+    """full + param (+ a unary op): foldable to a constant, then mixed into an activation."""
+    ops = [o for o in SAFE_BINARY if _has(o)]
+    x = c.pick(_last_static)
+    if not ops or x is None:
+        return None
+    d = int(x.type.shape[-1])
+    loc = c.loc()
+    k = c.node("full", [], {"shape": (d,), "value": c.draw(st.floats(-1, 1, width=32))}, loc=loc)
+    k = c.node(c.draw(st.sampled_from(ops)), [k, c.param((d,), loc=loc)], loc=loc)
+    return c.node(c.draw(st.sampled_from(ops)), [x, k], loc=loc)
+
+
+def _duplicate(c: _Ctx) -> Value | None:
+    """An exact copy (op, operands, attributes) of an earlier non-param node."""
+    cands = [n for n in c.m.nodes if n.op != "param" and len(n.outputs) == 1]
+    if not cands:
+        return None
+    n = c.draw(st.sampled_from(cands))
+    return c.m.create_node(n.op, list(n.inputs), dict(n.attrs), scope=n.scope, block=n.block).outputs[0]
+
+
+BUILDERS: dict[str, Callable[[_Ctx], Value | None]] = {
+    "unary": _unary,
+    "binary": _binary,
+    "linear": _linear,
+    "matmul": _matmul,
+    "softmax": _softmax,
+    "split_heads": _split_heads,
+    "channel_permute": _channel_permute,
+    "lowrank_linear": _lowrank,
+    "quant_linear": _quant_linear,
+    "constant": _constant_subexpr,
+    "duplicate": _duplicate,
+}
+
+
+def available_builders() -> list[str]:
+    """Builders whose ops are registered now (compression ops are always there)."""
+    need = {"unary": any(_has(o) for o in SAFE_UNARY), "binary": any(_has(o) for o in SAFE_BINARY),
+            "linear": _has("linear"), "matmul": _has("matmul"), "softmax": _has("softmax"),
+            "split_heads": _has("reshape") and _has("permute"),
+            "constant": any(_has(o) for o in SAFE_BINARY)}
+    return [b for b in BUILDERS if need.get(b, True)]
+
+
+@st.composite
+def modules(draw: Callable[[st.SearchStrategy[Any]], Any], *, max_nodes: int = 10,
+            symbolic: bool | None = None, builders: list[str] | None = None) -> Module:
+    """A random valid module (see the module docstring)."""
+    names = builders if builders is not None else available_builders()
+    if not names:
+        raise ValueError("no builders available")
+    sym = draw(st.booleans()) if symbolic is None else symbolic
+    seq: int | str = "s0" if sym else draw(st.integers(1, 4))
+    batch = draw(st.integers(1, 2))
+    m = Module(draw(st.sampled_from(["random", "g", "net"])))
+    m.meta = {"generator": "tests/strategies.py", "seed_model": draw(st.integers(0, 9))}
+    c = _Ctx(draw, m, torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))))
+    for i in range(draw(st.integers(1, 2))):
+        d = draw(st.sampled_from([4, 8]))
+        c.pool.append(m.add_input(f"x{i}", TensorType((batch, seq, d), "f32")))
+    for step in range(draw(st.integers(1, max_nodes))):
+        c.step = step
+        b = draw(st.sampled_from(names))
+        try:
+            v = BUILDERS[b](c)
+        except OpError:
+            # An op whose schema differs from what the builder assumed: skip it.  The
+            # strategy's own tests check that enough ops stay reachable.
+            v = None
+        if v is not None:
+            c.pool.append(v)
+    produced = [v for v in c.pool if v.producer is not None] or c.pool
+    k = draw(st.integers(1, min(3, len(produced))))
+    outs = [produced[-1]] + draw(st.lists(st.sampled_from(produced), max_size=k - 1, unique_by=id))
+    outs = list({id(v): v for v in outs}.values())
+    m.set_outputs(outs, [f"out{i}" for i in range(len(outs))])
+    return m
+
+
+def inputs_for(module: Module, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
+    """Finite random inputs for ``module`` with every symbol bound to ``seq_len``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for v in module.inputs:
+        env = {s: seq_len for s in v.type.symbols}
+        shape = tuple(eval_dim(d, env) for d in v.type.shape)
+        out.append(torch.randn(shape, generator=g))
+    return out
+
+
+@st.composite
+def module_and_inputs(draw: Callable[[st.SearchStrategy[Any]], Any],
+                      **kwargs: Any) -> tuple[Module, list[torch.Tensor]]:
+    """``(module, inputs)``: a random module and matching random inputs (symbols bound to 1..5)."""
+    m = draw(modules(**kwargs))
+    return m, inputs_for(m, draw(st.integers(1, 5)), draw(st.integers(0, 2**16)))
