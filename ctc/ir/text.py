@@ -34,6 +34,7 @@ tokenizer and recursive-descent parser; errors give ``line:col``, the line and a
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -328,7 +329,8 @@ class _Parser:
             return self.dict_literal()
         raise self.error(f"expected a value, found {self.describe(t)}")
 
-    def dict_literal(self) -> dict[str, Any]:
+    def dict_literal(self, positions: dict[str, tuple[_Tok, _Tok]] | None = None) -> dict[str, Any]:
+        """``{key = literal, ...}``; records each key's (key token, value token) in ``positions``."""
         self.expect("{")
         out: dict[str, Any] = {}
         if not self.at("}"):
@@ -340,7 +342,10 @@ class _Parser:
                 if kt.value in out:
                     raise self.error(f"duplicate key {kt.value!r}", kt)
                 self.expect("=", f"after key {kt.value!r}")
+                vt = self.tok
                 out[kt.value] = self.literal()
+                if positions is not None:
+                    positions[kt.value] = (kt, vt)
                 if not self.accept(","):
                     break
         self.expect("}", "to close the dict")
@@ -442,11 +447,11 @@ class _Parser:
                 m.set_outputs(outs, names)
             else:
                 self.node(m, values)
+        if not seen_return:
+            raise self.error("module has no 'return' line")
         self.expect("}")
         if self.tok.kind != "eof":
             raise self.error(f"unexpected {self.describe(self.tok)} after the module")
-        if not seen_return:
-            raise self.error("module has no 'return' line")
         self.attach_params(m, declared, params)
         return m
 
@@ -483,12 +488,23 @@ class _Parser:
         self.expect(")", "to close the operand list")
         inputs = [self.use(values, t) for t in in_toks]
         attr_tok = self.tok
-        attrs = self.dict_literal() if self.at("{") else {}
+        positions: dict[str, tuple[_Tok, _Tok]] = {}
+        attrs = self.dict_literal(positions) if self.at("{") else {}
         where = f"{opt.text}"
         try:
             opdef.check_arity(len(inputs), where)
         except OpError as e:
             raise self.error(str(e), opt) from None
+        for key, (kt, vt) in positions.items():
+            if key not in opdef.attrs:
+                near = difflib.get_close_matches(key, list(opdef.attrs), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise self.error(f"op {opdef.name} has no attribute {key!r}{hint} "
+                                 f"(attributes: {', '.join(opdef.attrs) or 'none'})", kt)
+            try:
+                opdef.attrs[key].check(key, attrs[key], where)
+            except OpError as e:
+                raise self.error(str(e), vt) from None
         try:
             full = opdef.check_attrs(attrs, where=where)
         except OpError as e:
