@@ -14,6 +14,7 @@ import difflib
 import fnmatch
 import types
 import typing
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -236,8 +237,12 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
+    # Names of the analyses computed (cache misses) since the pass manager last reset it.
+    computed: list[str] = field(default_factory=list)
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
-    _cache_module: int | None = field(default=None, repr=False)
+    # The module the cache describes, held weakly: an ``id()`` could be reused by a new
+    # module after the old one is freed, and would then serve it stale results.
+    _cache_module: Any = field(default=None, repr=False)
 
     def selected(self, node: Node) -> bool:
         return self.selector.matches(node)
@@ -245,20 +250,41 @@ class PassContext:
     def note(self, line: str) -> None:
         self.notes.append(line)
 
-    def get(self, analysis: Analysis, module: Module) -> Any:
-        """Result of ``analysis`` on ``module``, computed once and cached."""
-        if self._cache_module != id(module):
+    def _bind(self, module: Module) -> None:
+        """Point the cache at ``module``, dropping results about any other module."""
+        if self._cache_module is None or self._cache_module() is not module:
             self._cache.clear()
-            self._cache_module = id(module)
+            self._cache_module = weakref.ref(module)
+
+    def get(self, analysis: Analysis, module: Module) -> Any:
+        """Result of ``analysis`` on ``module``, computed once and cached.
+
+        The cache holds results for one module; asking about another drops them.  Within
+        a pass, results describe the module as it was when first asked: a pass that
+        rewrites the module and asks again must call :meth:`invalidate` itself.
+        """
+        self._bind(module)
         k = analysis.key()
         if k not in self._cache:
             self._cache[k] = analysis.compute(module, self)
+            self.computed.append(analysis.name or type(analysis).__name__)
         return self._cache[k]
 
-    def invalidate(self, keep: Sequence[type[Analysis]] = ()) -> None:
-        """Drop cached analyses except those of the given types."""
+    def cached(self, analysis: Analysis, module: Module) -> bool:
+        """Whether ``analysis`` on ``module`` is in the cache (no computation)."""
+        return (self._cache_module is not None and self._cache_module() is module
+                and analysis.key() in self._cache)
+
+    def invalidate(self, keep: Sequence[type[Analysis]] = (), *, module: Module | None = None) -> None:
+        """Drop cached analyses except those of the given types.
+
+        ``module``: the module the kept results now describe (a pass may return a new
+        module object that it declares equivalent for the preserved analyses).
+        """
         names = {c.__name__ for c in keep}
         self._cache = {k: v for k, v in self._cache.items() if k[0] in names}
+        if module is not None:
+            self._cache_module = weakref.ref(module)
 
     def report_progress(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -1,0 +1,117 @@
+"""Constant folding: evaluate nodes whose operands are all constants into new parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ctc.ir.graph import Module, Node, Value
+from ctc.ir.ops import get_op
+from ctc.ir.symbolic import SymbolicError, eval_dim
+from ctc.ir.types import TensorType
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.dce import eliminate_dead
+
+
+def _static_attrs(node: Node) -> dict | None:
+    """The node's attributes with ``dims`` evaluated, or None when a dim is symbolic."""
+    opdef = get_op(node.op)
+    attrs = dict(node.attrs)
+    for k, spec in opdef.attrs.items():
+        if spec.kind == "dims" and attrs.get(k) is not None:
+            try:
+                attrs[k] = tuple(eval_dim(d, {}) for d in attrs[k])
+            except (SymbolicError, KeyError, ValueError):
+                return None
+    return attrs
+
+
+@register_pass
+class ConstantFoldPass(Pass):
+    """Constant folding: compute nodes whose operands are all parameters or constants, once.
+
+    A pure node whose operands are all constant (``param`` reads, or constant-only
+    subexpressions such as ``full`` with a static shape) and whose results are static and
+    hold at most ``max_elements`` elements each is evaluated with its op's reference
+    implementation and replaced by a ``param`` read of a new parameter.  With
+    ``fold_params`` the size limit is lifted (e.g. fold a transpose of a weight into the
+    weight).  The results are exactly what the interpreter would compute.  Nodes left
+    dead are removed, and parameters nothing reads any more are dropped.  With a
+    selector, only selected nodes are folded.
+    """
+
+    name = "constant-fold"
+
+    @dataclass(frozen=True)
+    class Options(PassOptions):
+        """Options of ``constant-fold``."""
+
+        max_elements: int = option(65536, "fold a node only when each result has at most this many elements",
+                                   min=0)
+        fold_params: bool = option(False, "fold regardless of result size (parameter-only subexpressions "
+                                          "become new parameters)")
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        consts: dict[int, torch.Tensor] = {}  # id(value) -> concrete tensor (computed lazily)
+        const_nodes: set[int] = set()
+        folded: list[Node] = []
+        added: list[str] = []
+        read_before = {n.attrs["name"] for n in module.nodes if n.op == "param"}
+
+        def value_of(v: Value) -> torch.Tensor:
+            if id(v) not in consts:
+                p = v.producer
+                assert p is not None and id(p) in const_nodes
+                if p.op == "param":
+                    consts[id(v)] = module.params[p.attrs["name"]]
+                else:
+                    res = get_op(p.op).ref(*[value_of(x) for x in p.inputs], **_static_attrs(p))
+                    outs = list(res) if isinstance(res, (tuple, list)) else [res]
+                    for o, t in zip(p.outputs, outs, strict=True):
+                        consts[id(o)] = t
+            return consts[id(v)]
+
+        for node in list(module.nodes):
+            opdef = get_op(node.op)
+            if node.op == "param":
+                const_nodes.add(id(node))
+                continue
+            if not opdef.pure or any(v.producer is None or id(v.producer) not in const_nodes for v in node.inputs):
+                continue
+            if not all(o.type.is_static for o in node.outputs) or _static_attrs(node) is None:
+                continue
+            const_nodes.add(id(node))
+            if not node.inputs:
+                continue  # already a constant (e.g. `full`): folding would only move it into params
+            if not ctx.selected(node):
+                continue
+            if not self.options.fold_params and any(o.type.numel() > self.options.max_elements
+                                                    for o in node.outputs):
+                continue
+            with torch.no_grad():
+                results = [value_of(o) for o in node.outputs]
+            for o, t in zip(node.outputs, results, strict=True):
+                if TensorType.of(t) != o.type:
+                    raise PassError(f"constant-fold: {node.op} at {node.scope or '<root>'} evaluated to "
+                                       f"{TensorType.of(t)} but its result is typed {o.type}")
+                pname = module.fresh_param_name(f"{node.scope or node.op}.{o.name}.const")
+                module.add_param(pname, t.detach().clone().contiguous())
+                added.append(pname)
+                new = module.param(pname, scope=node.scope, block=node.block, before=node)
+                module.replace_all_uses_with(o, new)
+                const_nodes.add(id(new.producer))
+                consts[id(new)] = module.params[pname]
+            folded.append(node)
+        # Only what folding made dead goes: constant subexpressions that fed folded nodes.
+        removed = eliminate_dead(module, [n for n in module.nodes if id(n) in const_nodes]) if folded else []
+        still = {n.attrs["name"] for n in module.nodes if n.op == "param"}
+        dropped = [k for k in sorted(read_before) if k not in still and k in module.params]
+        for k in dropped:
+            del module.params[k]
+        if folded:
+            ops = sorted({n.op for n in folded})
+            ctx.note(f"folded {len(folded)} node(s) ({', '.join(ops)}) into {len(added)} new parameter(s); "
+                     f"removed {len(removed)} dead node(s) and {len(dropped)} parameter(s)")
+        ctx.metrics.update(nodes_folded=len(folded), params_added=len(added), params_dropped=len(dropped))
+        return module

@@ -1,0 +1,113 @@
+"""Common-subexpression elimination: one node per (op, operands, attributes) among pure nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ctc.ir.graph import Module, Node
+from ctc.ir.ops import get_op
+from ctc.passes.base import Pass, PassContext, PassOptions, option, register_pass
+
+
+def freeze_attr(v: Any) -> Hashable:
+    """A hashable key for an attribute value that tells apart what ``==`` conflates.
+
+    ``True == 1`` and ``0.0 == -0.0`` in Python, but they are different attributes; NaN
+    never equals itself, yet two NaN fill values are the same constant.  Keys carry the
+    type name and ``repr`` of floats.
+    """
+    if isinstance(v, float):
+        return ("float", repr(v))
+    if isinstance(v, (list, tuple)):
+        return ("seq", tuple(freeze_attr(x) for x in v))
+    if isinstance(v, dict):
+        return ("map", tuple(sorted((str(k), freeze_attr(x)) for k, x in v.items())))
+    return (type(v).__name__, v)
+
+
+def node_key(node: Node) -> Hashable:
+    """Operands by identity, op name and attributes: equal keys compute equal results (pure ops)."""
+    return (node.op, tuple(id(v) for v in node.inputs),
+            tuple(sorted((k, freeze_attr(x)) for k, x in node.attrs.items())))
+
+
+def _tensor_key(t: torch.Tensor) -> Hashable:
+    return (str(t.dtype), tuple(t.shape))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``t`` (so -0.0 and 0.0 differ, and equal NaNs match)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+@register_pass
+class CsePass(Pass):
+    """Common-subexpression elimination: merge pure nodes with the same op, operands and attributes.
+
+    ``param`` nodes reading the same parameter merge, so later nodes see shared operands
+    and merge in turn (one forward sweep suffices in SSA order).  Impure ops never merge.
+    With ``dedupe_params``, parameters holding identical tensors become one parameter
+    first.  With a selector, only selected nodes are replaced (by an earlier equal node
+    anywhere).  The kept node is the first; its scope and block stay.
+    """
+
+    name = "cse"
+
+    @dataclass(frozen=True)
+    class Options(PassOptions):
+        """Options of ``cse``."""
+
+        dedupe_params: bool = option(False, "merge parameters whose tensors are identical (same dtype, "
+                                            "shape and values), then their param nodes")
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        renamed = self._dedupe_params(module, ctx) if self.options.dedupe_params else 0
+        seen: dict[Hashable, Node] = {}
+        merged: dict[str, int] = {}
+        for node in list(module.nodes):
+            if not get_op(node.op).pure:
+                continue
+            key = node_key(node)
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            if not ctx.selected(node):
+                continue
+            for old, new in zip(node.outputs, first.outputs, strict=True):
+                module.replace_all_uses_with(old, new)
+            module.erase(node)
+            merged[node.op] = merged.get(node.op, 0) + 1
+        pruned = module.prune_params() if renamed else []
+        total = sum(merged.values())
+        if total:
+            ctx.note(f"merged {total} duplicate node(s): " + ", ".join(f"{k} x{v}" for k, v in sorted(merged.items())))
+        if renamed:
+            ctx.note(f"{renamed} param read(s) now share an identical parameter; {len(pruned)} parameter(s) dropped")
+        ctx.metrics.update(nodes_merged=total, params_deduplicated=len(pruned))
+        return module
+
+    @staticmethod
+    def _dedupe_params(module: Module, ctx: PassContext) -> int:
+        """Point ``param`` nodes at the first parameter with identical data; returns how many changed."""
+        groups: dict[Hashable, list[str]] = {}
+        canon: dict[str, str] = {}
+        for name, t in module.params.items():
+            bucket = groups.setdefault(_tensor_key(t), [])
+            for other in bucket:
+                o = module.params[other]
+                if o is t or torch.equal(_bits(o), _bits(t)):
+                    canon[name] = other
+                    break
+            else:
+                bucket.append(name)
+        changed = 0
+        for n in module.nodes:
+            if n.op == "param" and n.attrs["name"] in canon and ctx.selected(n):
+                n.attrs["name"] = canon[n.attrs["name"]]
+                changed += 1
+        return changed
