@@ -57,5 +57,5 @@ def test_every_node_has_a_span(r: Recipe) -> None:
     for s in back.pipeline:
         for sel in s.selectors:
             assert sel.span.line == s.span.line and sel.span.col > s.span.col
-        for k, sp in s.option_spans.items():
+        for sp in s.option_spans.values():
             assert sp.line == s.span.line

@@ -330,6 +330,20 @@ def _syntax_error(e: UnexpectedInput, file: str, source: str) -> Diagnostic:
             return Diagnostic(f"unknown statement {str(tok)!r}{dym}", span,
                               hint=f"a recipe line starts with one of: {_STATEMENTS}")
         msg = f"unexpected {_describe(tok)}; expected {_expected(expected)}"
+        if expected == {"EQUAL"}:
+            # the word before the error was taken as an option name: say what it really is
+            text = source.splitlines()[line - 1][: col - 1] if 0 < line <= len(source.splitlines()) else ""
+            m = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", text)
+            if m:
+                wspan = Span(file, line, m.start(1) + 1, line, m.end(1) + 1)
+                word = m.group(1)
+                if word in _HINTS or word == "calibrate" or word == "evaluate":
+                    return Diagnostic(f"{word!r} starts a new statement; put it on its own line", wspan)
+                return Diagnostic(f"option {word!r} has no value; options are written key=value", wspan,
+                                  hint=_HINTS.get(stmt or ""))
+        if expected == {"COMMA", "_NL"} and tok.type == "NAME":
+            return Diagnostic(f"unexpected {_describe(tok)}: a step's options go before its `on` selectors", span,
+                              hint="write `pass key=value ... on blocks[0:4], \"*.mlp.*\"`")
         if "EQUAL" in expected and tok.type in ("_NL", "SIGNED_INT", "SIGNED_FLOAT", "STRING"):
             msg = f"unexpected {_describe(tok)}; options are written key=value"
         if expected == {"COMPARE"}:

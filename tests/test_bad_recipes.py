@@ -1,0 +1,64 @@
+"""The bad-recipe corpus: each tests/bad_recipes/*.ctc gets its located error, exit code != 0, no artifact.
+
+Each file starts with ``# expect: LINE:COL message-substring`` (and optionally ``# exit: N``,
+default 2).  Recipes are copied with their fixture files into a temporary directory and
+compiled in-process through the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ctc.cli import main
+
+CORPUS = Path(__file__).parent / "bad_recipes"
+RECIPES = sorted(CORPUS.glob("*.ctc"))
+
+
+def _expectation(path: Path) -> tuple[int, int, str, int]:
+    text = path.read_text()
+    m = re.search(r"^# expect: (\d+):(\d+) (.+)$", text, re.M)
+    assert m, f"{path.name} has no '# expect: L:C message' header"
+    e = re.search(r"^# exit: (\d+)$", text, re.M)
+    return int(m.group(1)), int(m.group(2)), m.group(3).strip(), int(e.group(1)) if e else 2
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(RECIPES) >= 40
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bad") / "recipes"
+    shutil.copytree(CORPUS, d)
+    return d
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_bad_recipe(recipe: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line, col, needle, code = _expectation(recipe)
+    path = workdir / recipe.name
+    out_root = workdir.parent / "out"
+    out = out_root / recipe.stem
+    rc = main(["compile", str(path), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == code, err
+    located = [ln for ln in err.splitlines() if ln.startswith(f"{path}:{line}:{col}: error: ")]
+    assert located, f"no error at {line}:{col} in:\n{err}"
+    assert any(needle in ln for ln in located), f"{needle!r} not in:\n{err}"
+    # the source line and a caret under the column
+    lines = err.splitlines()
+    i = lines.index(located[0])
+    src_line = path.read_text().splitlines()[line - 1] if line <= len(path.read_text().splitlines()) else ""
+    if src_line:
+        assert lines[i + 1].endswith(src_line.expandtabs(1)), err
+        caret = lines[i + 2]
+        gutter = lines[i + 1].index("| ") + 2
+        assert caret.index("^") - gutter == col - 1, err
+    assert not out.exists(), "an artifact directory was left behind"
+    leftovers = list(out_root.glob(".*")) if out_root.exists() else []
+    assert not leftovers, f"temporary files left behind: {leftovers}"
