@@ -107,7 +107,12 @@ def _unary(c: _Ctx) -> Value | None:
     v = c.pick()
     if not ops or v is None:
         return None
-    return c.node(c.draw(st.sampled_from(ops)), [v])
+    op = c.draw(st.sampled_from(ops))
+    attrs = {}
+    spec = all_ops()[op].attrs.get("approximate")
+    if spec is not None and spec.kind == "str":
+        attrs["approximate"] = c.draw(st.sampled_from(["none", "tanh"]))
+    return c.node(op, [v], attrs)
 
 
 def _binary(c: _Ctx) -> Value | None:
@@ -115,14 +120,23 @@ def _binary(c: _Ctx) -> Value | None:
     a = c.pick()
     if not ops or a is None:
         return None
-    kind = c.draw(st.sampled_from(["same", "row", "const"]))
+    op = c.draw(st.sampled_from(ops))
+    # a * a of a * a ... squares magnitudes: multiply only by bounded params/constants
+    kinds = (["same"] if op != "mul" else []) + ["row", "const"] + (
+        ["scalar"] if "scalar" in all_ops()[op].attrs else [])
+    kind = c.draw(st.sampled_from(kinds))
+    if kind == "scalar":  # op(x, scalar) or op(scalar, x) as attributes
+        attrs = {"scalar": c.draw(st.floats(-2, 2, width=32))}
+        if "reverse" in all_ops()[op].attrs:
+            attrs["reverse"] = c.draw(st.booleans())
+        return c.node(op, [a], attrs)
     if kind == "same":
         b = c.pick(lambda v: v.type == a.type) or a
     elif kind == "row":
         b = c.param((int(a.type.shape[-1]),)) if isinstance(a.type.shape[-1], int) else a
     else:
         b = c.node("full", [], {"shape": (1,), "value": c.draw(st.floats(-2, 2, width=32))})
-    return c.node(c.draw(st.sampled_from(ops)), [a, b] if c.draw(st.booleans()) else [b, a])
+    return c.node(op, [a, b] if c.draw(st.booleans()) else [b, a])
 
 
 def _last_static(v: Value) -> bool:
