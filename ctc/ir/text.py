@@ -118,7 +118,8 @@ def format_node(node: Node, *, show_defaults: bool = False) -> str:
     text = (head + " = " if head else "") + node.op + "(" + ", ".join(_fmt_value(v) for v in node.inputs) + ")"
     if attrs:
         text += " " + _fmt_literal(attrs, where)
-    text += " : " + ", ".join(_fmt_type(v.type) for v in node.outputs)
+    if node.outputs:
+        text += " : " + ", ".join(_fmt_type(v.type) for v in node.outputs)
     if node.scope or node.block is not None:
         loc = _fmt_str(node.scope)
         if node.block is not None:
@@ -509,10 +510,12 @@ class _Parser:
             full = opdef.check_attrs(attrs, where=where)
         except OpError as e:
             raise self.error(str(e), attr_tok) from None
-        self.expect(":", "before the result types")
-        types = [self.type_()]
-        while self.accept(","):
+        types: list[TensorType] = []
+        if out_toks or self.at(":"):
+            self.expect(":", "before the result types")
             types.append(self.type_())
+            while self.accept(","):
+                types.append(self.type_())
         if len(types) != len(out_toks):
             raise self.error(f"{len(out_toks)} outputs but {len(types)} result types", opt)
         if len(out_toks) != opdef.num_outputs:
