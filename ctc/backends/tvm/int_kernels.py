@@ -1,0 +1,741 @@
+"""Integer CPU kernels for ``quant_linear`` (RPTQ activations x int8/int4 weights) in TVM TIR.
+
+Why: the ``quant_linear`` op must run as real integer arithmetic (u8 x s8 -> i32, VNNI
+``vpdpbusd`` on x86), not as dequantize-then-fp32 matmul.  This module generates, schedules
+and tensorizes two PrimFuncs per layer shape and emits them into a Relax function:
+
+1. ``qact``: activations ``x [M, K]`` f32 -> ``xq [M, Kp]`` u8, quantized per activation
+   cluster exactly like :func:`ctc.ir.quant.quantize_act` (``round`` half to even of
+   ``x / s_c`` in fp32, ``+ z_c``, clamp to ``[0, 2^a_bits - 1]``), laid out in *segments*
+   (see below) each padded with zeros to a multiple of 4 (8 for int4 weights).  With
+   asymmetric weights it also writes ``xsum [M, S]``, the per-segment row sums of ``xq``.
+2. ``qmm``: for every tile of ``MT`` rows x ``16 * NB`` output channels, and every segment,
+   an int32 accumulation ``acc = sum_k xq * qw`` tensorized with the VNNI intrinsic
+   (:data:`VNNI_INTRIN`), then the exact integer zero-point correction and the segment's
+   scale: ``y += alpha_s[n] * f32(acc - corr_s[n] - wzero_s[n] * xsum_s[m])``, plus bias.
+
+A *segment* is a maximal K-range on which both the activation cluster and the weight group
+are constant, so each segment's int32 sum is scaled once (``alpha_s[n] = s_c * w_scale[n, g]``);
+``corr_s[n] = z_c * rowsum_s(qw)[n] - len_s * z_c * w_zero[n, g]`` comes from the precomputed
+per-segment weight row sums.  ``acc - corr - w_zero * xsum`` equals
+``sum_k (qa - z_c)(qw - w_zero)`` exactly (the ``quant_linear_int`` form of the op).
+
+Weights are pre-packed (:func:`prepack_weights`) as ``[Np/16, Kp/4, 16, 4]`` int8 (the
+``vpdpbusd`` B operand is one 64-byte row); int4 weights as ``[Np/16, Kp/8, 16, 4]`` bytes
+holding two's-complement nibbles (k-group ``2j`` low, ``2j+1`` high), sign-extended in
+registers by shifts inside the kernel before the same VNNI step.
+
+On a CPU without ``avx512vnni`` the same loop nest is built without tensorization (plain
+int32 multiply-add, still integer arithmetic).  The sequence length ``M`` is symbolic.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "VNNI_INTRIN",
+    "QLinearKernel",
+    "QLinearSpec",
+    "Segment",
+    "emit_quant_linear",
+    "emit_quant_linear_packed",
+    "host_target",
+    "plan_quant_linear",
+    "prepack_weights",
+    "register_vnni_intrinsics",
+    "run_quant_linear",
+    "target_has_vnni",
+]
+
+VNNI_INTRIN = "ctc_dot_16x4_u8i8i32_vnni"
+"""Base name of the re-registered VNNI intrinsic (one per buffer-scope variant, see below)."""
+
+PACKED_NAMES = ("act_scale", "act_zero", "wpack", "alpha", "corr", "wzero", "bias")
+
+
+# ----------------------------------------------------------------------------- layout plan
+@dataclass(frozen=True)
+class Segment:
+    """A K-range ``[k0, k0 + length)`` with constant activation cluster and weight group.
+
+    ``poff`` is its offset in the padded layout (a multiple of ``pad``), ``plen`` its padded
+    length.
+    """
+
+    k0: int
+    length: int
+    cluster: int
+    group: int
+    poff: int
+    plen: int
+
+
+@dataclass(frozen=True)
+class QLinearSpec:
+    """Everything static about one ``quant_linear``: sizes and the op's attributes."""
+
+    k: int
+    n: int
+    w_bits: int
+    group_size: int
+    w_symmetric: bool
+    a_bits: int
+    clusters: tuple[int, ...]
+
+    @staticmethod
+    def from_attrs(attrs: Mapping[str, Any], k: int, n: int) -> QLinearSpec:
+        """Build from the ``quant_linear`` attributes (see ``ctc/ir/ops/compress.py``)."""
+        a_bits = attrs.get("a_bits")
+        if a_bits is None or a_bits == 16:
+            raise ValueError("int_kernels: quant_linear with float activations (a_bits None/16) has no integer "
+                             "kernel here; lower it as a weight-only linear instead")
+        spec = QLinearSpec(k=int(k), n=int(n), w_bits=int(attrs["w_bits"]), group_size=int(attrs.get("group_size", -1)),
+                           w_symmetric=bool(attrs.get("w_symmetric", True)), a_bits=int(a_bits),
+                           clusters=tuple(int(c) for c in attrs.get("act_clusters", ())))
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix for unsupported values."""
+        if self.k <= 0 or self.n <= 0:
+            raise ValueError(f"int_kernels: K={self.k}, N={self.n} must be positive")
+        if not 2 <= self.w_bits <= 8:
+            raise ValueError(f"int_kernels: w_bits={self.w_bits} must be 2..8")
+        if not 1 <= self.a_bits <= 8:
+            raise ValueError(f"int_kernels: a_bits={self.a_bits} must be 1..8 for u8 activations")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"int_kernels: group_size={self.group_size} must be -1 or positive")
+        bounds = list(self.clusters) or [self.k]
+        if bounds[-1] != self.k or any(b <= a for a, b in zip([0, *bounds[:-1]], bounds, strict=True)):
+            raise ValueError(f"int_kernels: act_clusters {list(self.clusters)} must be strictly increasing end "
+                             f"boundaries ending at K={self.k}")
+
+    @property
+    def int4(self) -> bool:
+        """Whether weights are stored packed two per byte (``w_bits <= 4``)."""
+        return self.w_bits <= 4
+
+    @property
+    def pad(self) -> int:
+        """Segment padding granularity along K: 4 (one VNNI step), 8 for packed int4."""
+        return 8 if self.int4 else 4
+
+    @functools.cached_property
+    def segments(self) -> tuple[Segment, ...]:
+        """The K-segments with constant (cluster, group), in order, with padded offsets."""
+        cuts = {0, self.k, *self.clusters}
+        if self.group_size != -1:
+            cuts.update(range(0, self.k, self.group_size))
+        cuts_l = sorted(cuts)
+        bounds = list(self.clusters) or [self.k]
+        segs: list[Segment] = []
+        poff = 0
+        for a, b in zip(cuts_l[:-1], cuts_l[1:], strict=True):
+            cluster = next(i for i, e in enumerate(bounds) if a < e)
+            group = 0 if self.group_size == -1 else a // self.group_size
+            plen = -(-(b - a) // self.pad) * self.pad
+            segs.append(Segment(a, b - a, cluster, group, poff, plen))
+            poff += plen
+        return tuple(segs)
+
+    @property
+    def kp(self) -> int:
+        """Padded K (sum of padded segment lengths)."""
+        s = self.segments[-1]
+        return s.poff + s.plen
+
+    @property
+    def np_(self) -> int:
+        """N padded to a multiple of 16 (one VNNI output vector)."""
+        return -(-self.n // 16) * 16
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.clusters) or 1
+
+    @property
+    def num_groups(self) -> int:
+        return 1 if self.group_size == -1 else -(-self.k // self.group_size)
+
+    @property
+    def tag(self) -> str:
+        """A short stable name for the PrimFuncs of this spec."""
+        h = abs(hash((self.clusters, self.group_size))) % (1 << 32)
+        return (f"k{self.k}_n{self.n}_w{self.w_bits}{'s' if self.w_symmetric else 'a'}_a{self.a_bits}"
+                f"_g{self.group_size if self.group_size > 0 else 0}_c{self.num_clusters}_{h:08x}")
+
+
+# ----------------------------------------------------------------------------- target helpers
+def host_target() -> Any:
+    """The llvm target of this machine: its real ``-mcpu`` (LLVM's host detection) and core count."""
+    import tvm
+
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": len(os.sched_getaffinity(0))})
+
+
+def _as_target(target: Any) -> Any:
+    import tvm
+
+    if target is None:
+        return host_target()
+    if isinstance(target, tvm.target.Target):
+        return target
+    return tvm.target.Target(target)
+
+
+def target_has_vnni(target: Any = None) -> bool:
+    """Whether ``target`` (default: this host) has AVX512-VNNI (``vpdpbusd`` on zmm)."""
+    import tvm
+
+    t = _as_target(target)
+    if t.kind.name != "llvm":
+        return False
+    return bool(tvm.target.codegen.target_has_features(["avx512vnni", "avx512bw"], t))
+
+
+# ----------------------------------------------------------------------------- VNNI intrinsic
+def _vnni_intrin(a_scope: str, b_scope: str, c_scope: str) -> tuple[Any, Any]:
+    """Desc/impl PrimFuncs of ``C[16] += A[4] (u8) . B[16, 4] (s8)`` for the given buffer scopes.
+
+    The built-in ``dot_16x4_vnni`` passes ``int32x16`` operands to ``llvm.x86.avx512.vpdpbusd.512``,
+    which LLVM 22 declares with ``<64 x i8>`` operands (the module then fails verification).
+    Here A (broadcast) and B are reinterpreted as ``uint8x64`` / ``int8x64``.  Loop and index
+    types are int64 to match the kernels' int64 (Relax shape) arithmetic.
+    """
+    from tvm.script import tirx as T
+
+    i0, i4, i16 = T.int64(0), T.int64(4), T.int64(16)
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (i4,), "uint8", offset_factor=1, scope=a_scope)
+        B = T.match_buffer(b, (i16, i4), "int8", offset_factor=1, scope=b_scope)
+        C = T.match_buffer(c, (i16,), "int32", offset_factor=1, scope=c_scope)
+        with T.sblock("root"):
+            T.reads(C[i0:i16], A[i0:i4], B[i0:i16, i0:i4])
+            T.writes(C[i0:i16])
+            for i in T.serial(i16):
+                for k in T.serial(i4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (i4,), "uint8", offset_factor=1, scope=a_scope)
+        B = T.match_buffer(b, (i16, i4), "int8", offset_factor=1, scope=b_scope)
+        C = T.match_buffer(c, (i16,), "int32", offset_factor=1, scope=c_scope)
+        with T.sblock("root"):
+            T.reads(C[i0:i16], A[i0:i4], B[i0:i16, i0:i4])
+            T.writes(C[i0:i16])
+            a_i32 = T.reinterpret(A.vload([i0], "uint8x4"), dtype="int32")
+            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+            b_i8x64 = B.vload([i0, i0], dtype="int8x64")
+            C[T.ramp(i0, 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([i0], dtype="int32x16"), a_u8x64, b_i8x64, dtype="int32x16")
+
+    return desc, impl
+
+
+def _intrin_name(b_scope: str) -> str:
+    return f"{VNNI_INTRIN}_b{b_scope}"
+
+
+@functools.cache
+def register_vnni_intrinsics() -> tuple[str, ...]:
+    """Register the fixed VNNI intrinsic (B operand in global or local memory); returns the names.
+
+    Registration is per process (the tensor-intrin table is global); call it in any process
+    that schedules these kernels, including a meta-schedule builder's initializer.
+    """
+    from tvm import s_tir
+
+    names = []
+    for b_scope in ("global", "local"):
+        desc, impl = _vnni_intrin("global", b_scope, "local")
+        name = _intrin_name(b_scope)
+        s_tir.TensorIntrin.register(name, desc, impl, override=True)
+        names.append(name)
+    return tuple(names)
+
+
+# ----------------------------------------------------------------------------- kernel text
+def _i(v: int) -> str:
+    return f"T.int64({int(v)})"
+
+
+def _qact_source(spec: QLinearSpec) -> str:
+    """TVMScript of the activation-quantization PrimFunc (per segment, vectorizable loops)."""
+    S, K, KP, C = len(spec.segments), spec.k, spec.kp, spec.num_clusters
+    qmax = (1 << spec.a_bits) - 1
+    xsum = not spec.w_symmetric
+    L = [
+        "@T.prim_func(s_tir=True)",
+        f'def qact(var_x: T.handle, act_scale: T.Buffer(({_i(C)},), "float32"), '
+        f'act_zero: T.Buffer(({_i(C)},), "int32"), var_xq: T.handle{", var_xsum: T.handle" if xsum else ""}):',
+        '    T.func_attr({"tirx.noalias": True})',
+        "    m = T.int64()",
+        f'    x = T.match_buffer(var_x, (m, {_i(K)}), "float32")',
+        f'    xq = T.match_buffer(var_xq, (m, {_i(KP)}), "uint8")',
+    ]
+    if xsum:
+        L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    L.append("    for r in T.parallel(m):")
+
+    def qexpr(seg: Segment, j: str) -> str:
+        c = _i(seg.cluster)
+        return (f'T.Cast("uint8", T.max(T.min(T.nearbyint(x[vr, {_i(seg.k0)} + {j}] / act_scale[{c}])'
+                f' + T.Cast("float32", act_zero[{c}]), T.float32({qmax})), T.float32(0)))')
+
+    for si, seg in enumerate(spec.segments):
+        main, tail, npad = seg.length // 16 * 16, seg.length % 16, seg.plen - seg.length
+        if main:
+            L += [f"        for jo, ji in T.grid({_i(main // 16)}, {_i(16)}):",
+                  f'            with T.sblock("q{si}"):',
+                  "                vr = T.axis.spatial(m, r)",
+                  f"                vj = T.axis.spatial({_i(main)}, jo * {_i(16)} + ji)",
+                  f"                xq[vr, {_i(seg.poff)} + vj] = {qexpr(seg, 'vj')}"]
+        if tail:
+            L += [f"        for j in T.serial({_i(tail)}):",
+                  f'            with T.sblock("qt{si}"):',
+                  "                vr = T.axis.spatial(m, r)",
+                  f"                vj = T.axis.spatial({_i(tail)}, j)",
+                  f"                xq[vr, {_i(seg.poff + main)} + vj] = {qexpr(seg, f'{_i(main)} + vj')}"]
+        if npad:
+            L += [f"        for j in T.serial({_i(npad)}):",
+                  f'            with T.sblock("qp{si}"):',
+                  "                vr = T.axis.spatial(m, r)",
+                  f"                vj = T.axis.spatial({_i(npad)}, j)",
+                  f"                xq[vr, {_i(seg.poff + seg.length)} + vj] = T.uint8(0)"]
+        if xsum:
+            L += [f"        for j in T.serial({_i(seg.plen)}):",
+                  f'            with T.sblock("xs{si}"):',
+                  "                vr = T.axis.spatial(m, r)",
+                  f"                vj = T.axis.reduce({_i(seg.plen)}, j)",
+                  "                with T.init():",
+                  f"                    xsum[vr, {_i(si)}] = 0",
+                  f"                xsum[vr, {_i(si)}] = xsum[vr, {_i(si)}]"
+                  f' + T.Cast("int32", xq[vr, {_i(seg.poff)} + vj])']
+    return "\n".join(L) + "\n"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Register tile of the matmul: ``mt`` rows x ``nb`` 16-lane output vectors."""
+
+    mt: int
+    nb: int
+
+
+def default_tile(spec: QLinearSpec) -> TileConfig:
+    """A register tile that fits the 32 zmm registers and divides N: 8x32 when possible."""
+    nblk = spec.np_ // 16
+    if nblk % 2 == 0:
+        return TileConfig(8, 2)
+    return TileConfig(12, 1)
+
+
+def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
+    """TVMScript of the tiled integer matmul + per-segment epilogue (the loop nest is the schedule)."""
+    S, KP, N, NP = len(spec.segments), spec.kp, spec.n, spec.np_
+    MT, NB = tile.mt, tile.nb
+    NT = 16 * NB
+    asym = not spec.w_symmetric
+    nmt = f"((m + {_i(MT - 1)}) // {_i(MT)})"
+    wshape = (f"({_i(NP // 16)}, {_i(KP // 8)}, {_i(16)}, {_i(4)})" if spec.int4
+              else f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
+    params = ["var_xq: T.handle"]
+    if asym:
+        params.append("var_xsum: T.handle")
+    params += [f'wpack: T.Buffer({wshape}, "int8")',
+               f'alpha: T.Buffer(({_i(S)}, {_i(NP)}), "float32")',
+               f'corr: T.Buffer(({_i(S)}, {_i(NP)}), "int32")']
+    if asym:
+        params.append(f'wzero: T.Buffer(({_i(S)}, {_i(NP)}), "int32")')
+    params += [f'bias: T.Buffer(({_i(NP)},), "float32")', "var_y: T.handle"]
+    L = ["@T.prim_func(s_tir=True)",
+         f"def qmm({', '.join(params)}):",
+         '    T.func_attr({"tirx.noalias": True})',
+         "    m = T.int64()",
+         f'    xq = T.match_buffer(var_xq, (m, {_i(KP)}), "uint8")',
+         f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")']
+    if asym:
+        L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    for si in range(S):
+        L.append(f'    acc{si} = T.alloc_buffer(({nmt} * {_i(MT)}, {_i(NP)}), "int32", scope="local")')
+    for si in range(S - 1):  # one buffer per partial sum keeps every epilogue block complete (vectorizable)
+        L.append(f'    out{si} = T.alloc_buffer(({nmt} * {_i(MT)}, {_i(NP)}), "float32", scope="local")')
+    if spec.int4:
+        L.append(f'    wl = T.alloc_buffer(({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)}), "int8", scope="local")')
+    L += [f"    for no in T.parallel({_i(NP // NT)}):",
+          f"        for mo in T.serial({nmt}):"]
+    vm = f"T.axis.spatial({nmt} * {_i(MT)}, mo * {_i(MT)} + mi)"
+    row = "T.min(vm, m - T.int64(1))"
+    ind = "            "
+    for si, seg in enumerate(spec.segments):
+        acc = f"acc{si}"
+        L += [f"{ind}for mi, nt in T.grid({_i(MT)}, {_i(NT)}):",
+              f'{ind}    with T.sblock("init{si}"):',
+              f"{ind}        vm = {vm}",
+              f"{ind}        vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nt)",
+              f"{ind}        {acc}[vm, vn] = 0"]
+        if not spec.int4:
+            grid = f"{_i(seg.plen // 4)}, {_i(NB)}, {_i(MT)}, {_i(16)}, {_i(4)}"
+            L += [f"{ind}for ko, nb, mi, n16, k4 in T.grid({grid}):",
+                  f'{ind}    with T.sblock("C{si}"):',
+                  f"{ind}        vm = {vm}",
+                  f"{ind}        vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nb * {_i(16)} + n16)",
+                  f"{ind}        vko = T.axis.reduce({_i(seg.plen // 4)}, ko)",
+                  f"{ind}        vk4 = T.axis.reduce({_i(4)}, k4)",
+                  f'{ind}        {acc}[vm, vn] = {acc}[vm, vn]'
+                  f' + T.Cast("int32", xq[{row}, {_i(seg.poff)} + vko * {_i(4)} + vk4])'
+                  f' * T.Cast("int32", wpack[vn // {_i(16)}, {_i(seg.poff // 4)} + vko, vn % {_i(16)}, vk4])']
+        else:
+            L.append(f"{ind}for ko in T.serial({_i(seg.plen // 8)}):")
+            for h in (0, 1):
+                src = f"wpack[vb, {_i(seg.poff // 8)} + vko, vi, vj]"
+                val = (f"T.shift_right(T.shift_left({src}, T.int8(4)), T.int8(4))" if h == 0
+                       else f"T.shift_right({src}, T.int8(4))")
+                L += [f"{ind}    for nb, n16, k4 in T.grid({_i(NB)}, {_i(16)}, {_i(4)}):",
+                      f'{ind}        with T.sblock("U{si}_{h}"):',
+                      f"{ind}            vb = T.axis.spatial({_i(NP // 16)}, no * {_i(NB)} + nb)",
+                      f"{ind}            vko = T.axis.spatial({_i(seg.plen // 8)}, ko)",
+                      f"{ind}            vi = T.axis.spatial({_i(16)}, n16)",
+                      f"{ind}            vj = T.axis.spatial({_i(4)}, k4)",
+                      f"{ind}            wl[vb, {_i(seg.poff // 4 + h)} + vko * {_i(2)}, vi, vj] = {val}",
+                      f"{ind}    for nb, mi, n16, k4 in T.grid({_i(NB)}, {_i(MT)}, {_i(16)}, {_i(4)}):",
+                      f'{ind}        with T.sblock("C{si}_{h}"):',
+                      f"{ind}            vm = {vm}",
+                      f"{ind}            vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nb * {_i(16)} + n16)",
+                      f"{ind}            vko = T.axis.reduce({_i(seg.plen // 8)}, ko)",
+                      f"{ind}            vk4 = T.axis.reduce({_i(4)}, k4)",
+                      f'{ind}            {acc}[vm, vn] = {acc}[vm, vn] + T.Cast("int32", xq[{row}, '
+                      f"{_i(seg.poff + 4 * h)} + vko * {_i(8)} + vk4])"
+                      f' * T.Cast("int32", wl[vn // {_i(16)}, {_i(seg.poff // 4 + h)} + vko * {_i(2)}, '
+                      f"vn % {_i(16)}, vk4])"]
+        term = f'alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[vm, vn] - corr[{_i(si)}, vn]'
+        term += f" - wzero[{_i(si)}, vn] * xsum[{row}, {_i(si)}])" if asym else ")"
+        last = si == S - 1
+        lhs = "y[vm, vn]" if last else f"out{si}[vm, vn]"
+        rhs = f"bias[vn] + {term}" if si == 0 else f"out{si - 1}[vm, vn] + {term}"
+        L += [f"{ind}for mi, nt in T.grid({_i(MT)}, {_i(NT)}):",
+              f'{ind}    with T.sblock("E{si}"):',
+              f"{ind}        vm = {vm}",
+              f"{ind}        vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nt)"]
+        if last:
+            L.append(f"{ind}        T.where(mo * {_i(MT)} + mi < m and no * {_i(NT)} + nt < {_i(N)})")
+        L.append(f"{ind}        {lhs} = {rhs}")
+    return "\n".join(L) + "\n"
+
+
+# ----------------------------------------------------------------------------- scheduling
+def _schedule_qact(func: Any) -> Any:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for rv in _blocks(sch):
+        if sch.get(rv).name_hint.startswith("q"):  # q*, qt*, qp*: elementwise; xs*: reductions stay serial
+            sch.vectorize(sch.get_loops(rv)[-1])
+    return sch.mod["main"]
+
+
+def _blocks(sch: Any) -> list[Any]:
+    """All sblock RVs of the function (the generated kernels nest no blocks below the root)."""
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _schedule_qmm(func: Any, spec: QLinearSpec, vnni: bool) -> Any:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for rv in _blocks(sch):
+        name = sch.get(rv).name_hint
+        loops = sch.get_loops(rv)
+        if name.startswith("C"):
+            n16, k4 = loops[-2], loops[-1]
+            nb, mi = loops[-4], loops[-3]
+            if vnni:  # unroll before tensorize: the accumulators then live in zmm registers
+                sch.unroll(mi)
+                sch.unroll(nb)
+                sch.tensorize(n16, _intrin_name("local" if spec.int4 else "global"))
+            else:  # plain int32 multiply-add; LLVM's loop vectorizer handles the 16 lanes
+                sch.reorder(k4, n16)
+        elif name.startswith("U"):
+            nb, n16, k4 = loops[-3:]
+            sch.vectorize(sch.fuse(n16, k4))
+            sch.unroll(nb)
+        elif name.startswith(("init", "E")):
+            sch.unroll(loops[-2])
+            sch.vectorize(loops[-1])
+    return sch.mod["main"]
+
+
+@dataclass(frozen=True)
+class QLinearKernel:
+    """The scheduled PrimFuncs of one ``quant_linear`` shape/attribute set for one target."""
+
+    spec: QLinearSpec
+    tile: TileConfig
+    vnni: bool
+    qact: Any
+    qmm: Any
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """Global names the PrimFuncs get in a Relax module."""
+        suffix = f"{self.spec.tag}_{'vnni' if self.vnni else 'int'}_{self.tile.mt}x{self.tile.nb}"
+        return f"ctc_qact_{suffix}", f"ctc_qmm_{suffix}"
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig) -> QLinearKernel:
+    import tvm
+
+    if vnni:
+        register_vnni_intrinsics()
+    qact = _schedule_qact(tvm.script.from_source(_qact_source(spec)))
+    qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile)), spec, vnni)
+    qact = qact.with_attr("tirx.is_scheduled", True)
+    qmm = qmm.with_attr("tirx.is_scheduled", True)
+    return QLinearKernel(spec, tile, vnni, qact, qmm)
+
+
+def plan_quant_linear(spec: QLinearSpec, target: Any = None, *, use_vnni: bool | None = None,
+                      tile: TileConfig | None = None) -> QLinearKernel:
+    """Generate and schedule the kernels for ``spec`` on ``target`` (default: this host).
+
+    ``use_vnni=None`` picks VNNI when the target has it; ``False`` forces the plain integer
+    schedule; ``True`` on a target without VNNI is an error.
+    """
+    has = target_has_vnni(target)
+    if use_vnni is None:
+        use_vnni = has
+    elif use_vnni and not has:
+        raise ValueError(f"int_kernels: use_vnni=True but target {_as_target(target)} lacks avx512vnni; "
+                         "pass use_vnni=None to fall back to the plain integer schedule")
+    return _plan(spec, bool(use_vnni), tile or default_tile(spec))
+
+
+# ----------------------------------------------------------------------------- weight packing
+def _np(t: Any, dtype: Any = None) -> np.ndarray:
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().numpy()
+    a = np.asarray(t)
+    return a.astype(dtype) if dtype is not None else a
+
+
+def _unpack_qweight(spec: QLinearSpec, qweight: Any) -> np.ndarray:
+    """Signed integer weights ``[N, K]`` (int32) from the op's storage form (``ctc.ir.quant``)."""
+    q = _np(qweight)
+    if spec.int4:
+        want = (spec.n, (spec.k + 1) // 2)
+        if q.dtype != np.uint8 or q.shape != want:
+            raise ValueError(f"int_kernels.prepack_weights: {spec.w_bits}-bit qweight must be uint8 {list(want)} "
+                             f"(two offset-binary nibbles per byte), got {q.dtype} {list(q.shape)}")
+        lo = (q & 0x0F).astype(np.int32) - 8
+        hi = (q >> 4).astype(np.int32) - 8
+        return np.stack([lo, hi], axis=-1).reshape(spec.n, -1)[:, : spec.k]
+    if q.dtype != np.int8 or q.shape != (spec.n, spec.k):
+        raise ValueError(f"int_kernels.prepack_weights: {spec.w_bits}-bit qweight must be int8 [{spec.n}, {spec.k}], "
+                         f"got {q.dtype} {list(q.shape)}")
+    return q.astype(np.int32)
+
+
+def prepack_weights(spec: QLinearSpec, qweight: Any, w_scale: Any, w_zero: Any, bias: Any | None,
+                    act_scale: Any, act_zero: Any) -> dict[str, np.ndarray]:
+    """The kernel's constant operands from the ``quant_linear`` operand values (numpy or torch).
+
+    Returns ``act_scale f32 [C]``, ``act_zero i32 [C]``, ``wpack`` (VNNI layout, see module
+    doc), ``alpha f32 [S, Np]``, ``corr i32 [S, Np]``, ``wzero i32 [S, Np]`` (asymmetric
+    weights only) and ``bias f32 [Np]``; padded channels are zero.
+    """
+    q = _unpack_qweight(spec, qweight)  # [N, K] int32
+    G, C, S, N, NP, KP = spec.num_groups, spec.num_clusters, len(spec.segments), spec.n, spec.np_, spec.kp
+    ws = _np(w_scale, np.float32).reshape(N, -1)
+    wz = _np(w_zero, np.int32).reshape(N, -1)
+    if ws.shape != (N, G) or wz.shape != (N, G):
+        raise ValueError(f"int_kernels.prepack_weights: w_scale/w_zero must be [{N}, {G}], got "
+                         f"{list(ws.shape)} / {list(wz.shape)}")
+    if spec.w_symmetric and np.any(wz != 0):
+        raise ValueError("int_kernels.prepack_weights: w_symmetric=True but w_zero has non-zero entries")
+    a_s = _np(act_scale, np.float32).reshape(-1)
+    a_z = _np(act_zero, np.int64).reshape(-1)
+    if a_s.shape != (C,) or a_z.shape != (C,):
+        raise ValueError(f"int_kernels.prepack_weights: act_scale/act_zero must have {C} entries (one per cluster), "
+                         f"got {a_s.shape[0]} / {a_z.shape[0]}")
+    qp = np.zeros((NP, KP), np.int32)
+    for seg in spec.segments:
+        qp[:N, seg.poff: seg.poff + seg.length] = q[:, seg.k0: seg.k0 + seg.length]
+    if spec.int4:
+        nib = (qp & 0xF).astype(np.uint8).reshape(NP // 16, 16, KP // 8, 2, 4)  # [nb, n16, k8, half, k4]
+        byte = nib[:, :, :, 0, :] | (nib[:, :, :, 1, :] << 4)
+        wpack = byte.transpose(0, 2, 1, 3).astype(np.uint8).view(np.int8).copy()
+    else:
+        wpack = qp.astype(np.int8).reshape(NP // 16, 16, KP // 4, 4).transpose(0, 2, 1, 3).copy()
+    alpha = np.zeros((S, NP), np.float32)
+    corr = np.zeros((S, NP), np.int64)
+    wzero = np.zeros((S, NP), np.int32)
+    for si, seg in enumerate(spec.segments):
+        zc = int(a_z[seg.cluster])
+        rows = q[:, seg.k0: seg.k0 + seg.length].astype(np.int64).sum(axis=1)
+        zg = wz[:, seg.group].astype(np.int64)
+        alpha[si, :N] = (np.float32(a_s[seg.cluster]) * ws[:, seg.group]).astype(np.float32)
+        corr[si, :N] = zc * rows - seg.length * zc * zg
+        wzero[si, :N] = zg
+    if np.abs(corr).max(initial=0) >= 2**31:
+        raise ValueError("int_kernels.prepack_weights: zero-point correction overflows int32 (K too large)")
+    b = np.zeros((NP,), np.float32)
+    if bias is not None:
+        bb = _np(bias, np.float32).reshape(-1)
+        if bb.shape != (N,):
+            raise ValueError(f"int_kernels.prepack_weights: bias must be [{N}], got {list(bb.shape)}")
+        b[:N] = bb
+    out = {"act_scale": a_s, "act_zero": a_z.astype(np.int32), "wpack": wpack, "alpha": alpha,
+           "corr": corr.astype(np.int32), "bias": b}
+    if not spec.w_symmetric:
+        out["wzero"] = wzero
+    return out
+
+
+# ----------------------------------------------------------------------------- Relax emission
+def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel: QLinearKernel) -> Any:
+    """Emit ``qact`` + ``qmm`` calls for ``x [..., K]`` with already packed operands.
+
+    ``packed`` maps the names of :func:`prepack_weights` to Relax expressions (constants or
+    function parameters) or numpy arrays (bound as constants).  Leading dims of ``x`` may be
+    symbolic; the result has x's leading dims, N channels and x's dtype.
+    """
+    from tvm import relax
+
+    spec = kernel.spec
+    need = [n for n in PACKED_NAMES if n != "wzero" or not spec.w_symmetric]
+    missing = [n for n in need if n not in packed]
+    if missing:
+        raise ValueError(f"int_kernels.emit_quant_linear_packed: packed operands {missing} missing "
+                         "(make them with prepack_weights)")
+    ops = {n: (relax.const(packed[n]) if isinstance(packed[n], np.ndarray) else packed[n]) for n in need}
+    ty = x.ty if hasattr(x, "ty") else x.struct_info
+    shape = list(ty.shape)
+    if int(shape[-1]) != spec.k:
+        raise ValueError(f"int_kernels.emit_quant_linear_packed: x has {shape[-1]} input channels, kernel expects "
+                         f"{spec.k}")
+    lead = shape[:-1]
+    m = functools.reduce(lambda a, b: a * b, lead) if lead else 1
+    xin = x
+    if ty.dtype != "float32":
+        xin = bb.emit(relax.op.astype(xin, "float32"))
+    if len(lead) != 1:
+        xin = bb.emit(relax.op.reshape(xin, [m, spec.k]))
+    name_a, name_m = kernel.names
+    gv_a = _add_func(bb, kernel.qact, name_a)
+    gv_m = _add_func(bb, kernel.qmm, name_m)
+    S = len(spec.segments)
+    if spec.w_symmetric:
+        xq = bb.emit(relax.call_tir(gv_a, [xin, ops["act_scale"], ops["act_zero"]],
+                                    relax.TensorType([m, spec.kp], "uint8")))
+        args = [xq]
+    else:
+        qs = bb.emit(relax.call_tir(gv_a, [xin, ops["act_scale"], ops["act_zero"]],
+                                    [relax.TensorType([m, spec.kp], "uint8"), relax.TensorType([m, S], "int32")]))
+        args = [bb.emit(relax.TupleGetItem(qs, 0)), bb.emit(relax.TupleGetItem(qs, 1))]
+    args += [ops["wpack"], ops["alpha"], ops["corr"]]
+    if not spec.w_symmetric:
+        args.append(ops["wzero"])
+    args.append(ops["bias"])
+    y = bb.emit(relax.call_tir(gv_m, args, relax.TensorType([m, spec.n], "float32")))
+    if len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, [*lead, spec.n]))
+    if ty.dtype != "float32":
+        y = bb.emit(relax.op.astype(y, ty.dtype))
+    return y
+
+
+def _add_func(bb: Any, func: Any, name: str) -> Any:
+    mod = bb.get()
+    for gv in mod.get_global_vars():
+        if gv.name == name:
+            return gv
+    return bb.add_func(func, name)
+
+
+def emit_quant_linear(bb: Any, x: Any, operands: Mapping[str, Any], attrs: Mapping[str, Any],
+                      target: Any = None, *, use_vnni: bool | None = None) -> Any:
+    """Lower one ``quant_linear`` node: prepack its operand *values* and emit the integer kernels.
+
+    ``operands`` maps the op's operand names (``qweight``, ``w_scale``, ``w_zero``, ``bias``
+    (optional), ``act_scale``, ``act_zero``) to their values (torch/numpy); ``attrs`` is the
+    node's attribute dict.  The packed weights become Relax constants.  For parameters bound
+    at load time instead, call :func:`prepack_weights` on the values and
+    :func:`emit_quant_linear_packed` with Relax vars.
+    """
+    ty = x.ty if hasattr(x, "ty") else x.struct_info
+    k = int(ty.shape[-1])
+    qw = operands["qweight"]
+    spec = QLinearSpec.from_attrs(attrs, k, int(_np(qw).shape[0]))
+    kernel = plan_quant_linear(spec, target, use_vnni=use_vnni)
+    packed = prepack_weights(spec, qw, operands["w_scale"], operands["w_zero"], operands.get("bias"),
+                             operands["act_scale"], operands["act_zero"])
+    return emit_quant_linear_packed(bb, x, packed, kernel)
+
+
+# ----------------------------------------------------------------------------- direct execution
+_BUILT: dict[tuple[QLinearKernel, str], tuple[Any, Any]] = {}
+
+
+def build_kernel(kernel: QLinearKernel, target: Any = None) -> tuple[Any, Any]:
+    """Compile ``kernel``'s two PrimFuncs for ``target`` (cached per process)."""
+    import tvm
+
+    tgt = _as_target(target)
+    key = (kernel, str(tgt))
+    if key not in _BUILT:
+        fa = tvm.compile(tvm.IRModule({"main": kernel.qact}), target=tgt)
+        fm = tvm.compile(tvm.IRModule({"main": kernel.qmm}), target=tgt)
+        _BUILT[key] = (fa, fm)
+    return _BUILT[key]
+
+
+def run_quant_linear(kernel: QLinearKernel, x: Any, packed: Mapping[str, np.ndarray], target: Any = None,
+                     *, return_intermediates: bool = False) -> Any:
+    """Compile (cached) and run the two kernels on ``x [M, K]`` f32 (tests, benchmarks)."""
+    import tvm
+
+    fa, fm = build_kernel(kernel, target)
+    spec = kernel.spec
+    xa = np.ascontiguousarray(_np(x, np.float32))
+    if xa.ndim != 2 or xa.shape[1] != spec.k:
+        raise ValueError(f"int_kernels.run_quant_linear: x must be [M, {spec.k}], got {list(xa.shape)}")
+    m = xa.shape[0]
+    dev = tvm.cpu()
+    t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
+    xq = t(np.zeros((m, spec.kp), np.uint8))
+    qargs: list[Any] = [t(xa), t(packed["act_scale"]), t(packed["act_zero"]), xq]
+    xs = None
+    if not spec.w_symmetric:
+        xs = t(np.zeros((m, len(spec.segments)), np.int32))
+        qargs.append(xs)
+    fa["main"](*qargs)
+    y = t(np.zeros((m, spec.n), np.float32))
+    margs: list[Any] = [xq] + ([xs] if xs is not None else [])
+    margs += [t(packed["wpack"]), t(packed["alpha"]), t(packed["corr"])]
+    if not spec.w_symmetric:
+        margs.append(t(packed["wzero"]))
+    margs += [t(packed["bias"]), y]
+    fm["main"](*margs)
+    if return_intermediates:
+        return y.numpy(), xq.numpy(), (xs.numpy() if xs is not None else None)
+    return y.numpy()
+
+
+def segment_bounds(spec: QLinearSpec) -> Sequence[tuple[int, int]]:
+    """``(k0, k1)`` of every segment (for tests and reports)."""
+    return [(s.k0, s.k0 + s.length) for s in spec.segments]
