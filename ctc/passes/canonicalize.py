@@ -53,28 +53,34 @@ def _identity_if(node: Node) -> Value | None:
 
 
 def _permute(node: Node, module: Module) -> Value | None:
-    perm = next((v for k, v in node.attrs.items() if k in ("perm", "dims", "axes", "order")), None)
+    perm = node.attrs.get("perm")
     if perm is None or tuple(perm) != tuple(range(node.inputs[0].type.rank)):
         return None
     return _same_type_input(node)
 
 
 def _transpose(node: Node, module: Module) -> Value | None:
-    a = [v for k, v in sorted(node.attrs.items()) if isinstance(v, int) and not isinstance(v, bool)]
-    if len(a) != 2:
-        return None
-    r = node.inputs[0].type.rank
-    if (a[0] % max(r, 1)) != (a[1] % max(r, 1)):
+    d0, d1 = node.attrs.get("dim0"), node.attrs.get("dim1")
+    r = max(node.inputs[0].type.rank, 1)
+    if not isinstance(d0, int) or not isinstance(d1, int) or d0 % r != d1 % r:
         return None
     return _same_type_input(node)
 
 
 def _binary_unit(unit: float, *, left_ok: bool) -> Rule:
-    """``x op c`` (or ``c op x`` when ``left_ok``) where c is filled with ``unit`` -> ``x``."""
+    """``x op c`` (or ``c op x`` when ``left_ok``) where c is ``unit`` -> ``x``.
+
+    ``c`` is a constant operand filled with ``unit`` or the op's ``scalar`` attribute
+    (``reverse`` puts the scalar on the left).
+    """
 
     def rule(node: Node, module: Module) -> Value | None:
-        # Attributes other than a scale of the constant (alpha) may change the result (rounding modes).
-        if len(node.inputs) != 2 or any(v is not None and k != "alpha" for k, v in node.attrs.items()):
+        scalar = node.attrs.get("scalar")
+        if scalar is not None:
+            if len(node.inputs) != 1 or float(scalar) != unit or (node.attrs.get("reverse") and not left_ok):
+                return None
+            return _same_type_input(node, 0)
+        if len(node.inputs) != 2 or node.attrs.get("reverse"):
             return None
         for x, c in ((0, 1), (1, 0)) if left_ok else ((0, 1),):
             fill = _const_fill(node.inputs[c], module)

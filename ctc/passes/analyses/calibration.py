@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ctc.ir.graph import Module, Node, Value
-from ctc.ir.interpreter import interpret
+from ctc.ir.interpreter import bind_inputs, interpret
 from ctc.passes.base import Analysis, PassContext, PassError
 
 __all__ = ["CalibrationResult", "CalibrationStats", "ChannelStats"]
@@ -224,8 +224,11 @@ class CalibrationStats(Analysis):
         super().__init__(**config)
 
     # ----------------------------------------------------------------- planning
-    def plan(self, module: Module) -> tuple[dict[int, list[tuple[str, int, Value]]], CalibrationResult]:
-        """Where each point is observed: id(node) -> [("in"|"out", index, value)], once per value."""
+    def plan(self, module: Module) -> tuple[dict[int, list[tuple[int, Value]]], list[tuple[int, Value]],
+                                            CalibrationResult]:
+        """Where each point is observed, once per value: ``id(node) -> [(output index, value)]``
+        for node results, ``[(input position, value)]`` for module inputs (read from each batch),
+        and the empty result with its node -> value maps filled in."""
         cfg = self.config
         wanted: dict[int, Value] = {}  # id(value) -> value, insertion-ordered
         inputs: dict[tuple[str, int], str] = {}
@@ -256,19 +259,15 @@ class CalibrationStats(Analysis):
             if not want(by_name[name]):
                 raise PassError(f"CalibrationStats: %{name} is {by_name[name].type}; only float values have "
                                 "activation statistics")
-        # Observe a node's result when the node runs; a module input when its first reader runs.
-        sites: dict[int, list[tuple[str, int, Value]]] = {}
-        pending_inputs = {id(v): v for v in module.inputs if id(v) in wanted}
+        # Observe a node's results when it runs; module inputs come straight from the batch.
+        sites: dict[int, list[tuple[int, Value]]] = {}
         for n in module.nodes:
-            for i, v in enumerate(n.inputs):
-                if id(v) in pending_inputs:
-                    sites.setdefault(id(n), []).append(("in", i, v))
-                    del pending_inputs[id(v)]
             for j, v in enumerate(n.outputs):
                 if id(v) in wanted:
-                    sites.setdefault(id(n), []).append(("out", j, v))
+                    sites.setdefault(id(n), []).append((j, v))
+        module_inputs = [(k, v) for k, v in enumerate(module.inputs) if id(v) in wanted]
         result = CalibrationResult({}, inputs, outputs, 0)
-        return sites, result
+        return sites, module_inputs, result
 
     # ----------------------------------------------------------------- running
     def compute(self, module: Module, ctx: PassContext) -> CalibrationResult:
@@ -279,7 +278,7 @@ class CalibrationStats(Analysis):
         if not batches:
             raise PassError("CalibrationStats needs calibration batches, and the pipeline has none "
                             "(add a `calibrate` line to the recipe)")
-        sites, result = self.plan(module)
+        sites, module_inputs, result = self.plan(module)
         seed = int(cfg.get("seed", ctx.seed))
         stats = result.stats
 
@@ -294,10 +293,13 @@ class CalibrationStats(Analysis):
             s.update(t)
 
         def observer(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-            for kind, i, v in sites.get(id(node), ()):
-                observe(v, args[i] if kind == "in" else outs[i])
+            for i, v in sites.get(id(node), ()):
+                observe(v, outs[i])
 
         for b, batch in enumerate(batches):
+            ordered, _ = bind_inputs(module, batch)
+            for k, v in module_inputs:
+                observe(v, ordered[k])
             interpret(module, batch, observer=observer)
             ctx.report_progress("calibration", b + 1, len(batches))
         result.batches = len(batches)
