@@ -31,20 +31,12 @@ MODEL_KINDS = {
 
 
 def bundled_model_names() -> list[str]:
-    """Names accepted by ``model bundled "..."`` (from ctc.frontends.bundled)."""
+    """Names accepted by ``model bundled "..."`` (the bundled-model table of ctc.eval.models)."""
     try:
-        from ctc.frontends import bundled
+        from ctc.eval.models import bundled_names
     except ImportError:
         return []
-    for attr in ("names", "bundled_names", "list_bundled"):
-        fn = getattr(bundled, attr, None)
-        if callable(fn):
-            return sorted(fn())
-    for attr in ("BUNDLED", "MODELS", "REGISTRY"):
-        table = getattr(bundled, attr, None)
-        if isinstance(table, dict):
-            return sorted(table)
-    return []
+    return list(bundled_names())
 
 
 # --------------------------------------------------------------------------- datasets
@@ -155,7 +147,7 @@ def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Dia
     if m.kind == "bundled":
         names = bundled_model_names()
         if not names:
-            diags.append(Diagnostic("no bundled models are available in this installation (ctc.frontends.bundled)",
+            diags.append(Diagnostic("no bundled models are available in this installation (ctc.eval.models)",
                                     m.ref_span))
         elif m.ref not in names:
             diags.append(Diagnostic(f"unknown bundled model {m.ref!r}{did_you_mean(m.ref, names)}", m.ref_span,
