@@ -38,7 +38,7 @@ def test_golden_full_recipe() -> None:
         model=ModelSource("hf", "models/tiny"),
         calibrate=Dataset("calibrate", "jsonl", "data/calib.jsonl",
                           {"field": "text", "samples": 16, "seq_len": 64, "seed": 3}),
-        evaluate=Dataset("evaluate", "wiki", None, {"samples": 4, "seq_len": 256, "stride": 128}),
+        evaluate=Dataset("evaluate", "wiki", None, {"samples": 4, "seq_len": 256, "batch_size": 2}),
         pipeline=[
             Step("constant-fold", {"max_elements": 1024, "fold_params": False}),
             Step("cse", {}, [SelectorItem("blocks", (0, 2)), SelectorItem("blocks", (5, 6)),

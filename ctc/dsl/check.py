@@ -47,7 +47,6 @@ class DatasetOptions(PassOptions):
     samples: int = option(32, "number of text windows (calibration batches / evaluation windows)", min=1, max=100000)
     seq_len: int = option(128, "tokens per window", min=8, max=32768)
     seed: int = option(0, "seed for choosing windows (deterministic)", min=0)
-    stride: int | None = option(None, "evaluation stride in tokens (default: seq_len, non-overlapping)", min=1)
     batch_size: int = option(1, "windows per batch", min=1, max=4096)
     field: str | None = option(None, "jsonl only: the field holding the text")
 
@@ -189,8 +188,6 @@ def _check_dataset(recipe: Recipe, d: Dataset) -> list[Diagnostic]:
             diags.append(Diagnostic(f"dataset {d.source} is bundled and takes no file", d.path_span))
     if d.source != "jsonl" and "field" in d.options:
         diags.append(Diagnostic("field= only applies to jsonl data", d.option_spans["field"]))
-    if d.role == "calibrate" and "stride" in d.options:
-        diags.append(Diagnostic("stride= only applies to evaluation data", d.option_spans["stride"]))
     return diags
 
 
