@@ -120,7 +120,9 @@ class _Agree:
         self.nb += float(b64 @ b64)
         self.nd += float(d @ d)
         if d.numel():
-            self.max_abs = max(self.max_abs, float(d.abs().max()))
+            m = float(d.abs().max())  # NaN if any element is NaN
+            if math.isnan(m) or m > self.max_abs:
+                self.max_abs = m
 
     def result(self) -> dict[str, float | None]:
         if self.na == 0.0 and self.nb == 0.0:
@@ -403,6 +405,20 @@ def _verify(module: Module) -> list[str]:
     return verify(module)
 
 
+def _fingerprint(module: Module) -> tuple[Any, ...]:
+    """Everything a rewrite can change, by identity: equal fingerprints mean an unchanged module.
+
+    Nodes, operands and results by object identity, attributes by value, result types,
+    locations, outputs, and parameters by name, tensor identity and version counter.
+    O(nodes); far cheaper than re-running an analysis.
+    """
+    nodes = tuple((id(n), n.op, tuple(map(id, n.inputs)), tuple((id(v), v.type) for v in n.outputs),
+                   repr(n.attrs), n.scope, n.block) for n in module.nodes)
+    params = tuple((k, id(t), t._version) for k, t in module.params.items())
+    return (nodes, params, tuple(map(id, module.inputs)), tuple(map(id, module.outputs)),
+            tuple(module.output_names), repr(module.meta))
+
+
 def _normalise_batches(batch: Any, what: str) -> list[Batch]:
     if batch is None:
         return []
@@ -474,6 +490,7 @@ class PassManager:
             inst.enter_pipeline(current)
         try:
             for i, step in enumerate(self.steps):
+                bar.start(step.name)
                 current = self._run_step(i, step, current, ctx, report, names, reference_out)
                 self._check_params_untouched(module, ref_versions, step, i, names, report)
                 bar.step()
@@ -511,6 +528,7 @@ class PassManager:
         ctx.metrics = {}
         ctx.computed = []
         params0, bytes0, ops0 = module.param_count(), module.param_bytes(), module.op_counts()
+        fp0 = _fingerprint(module)
 
         def record(status: str, seconds: float, out: Module | None, error: str | None) -> PassRecord:
             m = out if out is not None else module
@@ -520,7 +538,7 @@ class PassManager:
                 span=str(step.span) if step.span is not None else None, status=status, seconds=seconds,
                 params_before=params0, params_after=m.param_count(), bytes_before=bytes0,
                 bytes_after=m.param_bytes(), ops_before=ops0, ops_after=ops1, ops_diff=_diff(ops0, ops1),
-                notes=list(ctx.notes), metrics=dict(ctx.metrics), analyses_computed=list(ctx.computed),
+                notes=list(ctx.notes), metrics=_jsonable(dict(ctx.metrics)), analyses_computed=list(ctx.computed),
                 error=error)
 
         for inst in self.instruments:
@@ -547,8 +565,10 @@ class PassManager:
                 for inst in self.instruments:
                     inst.run_on_failure(out, step, i, e)
                 raise self._fail(f"produced invalid IR: {e}", step, i, names, report, e) from e
-        # Analyses: everything computed on the old IR is stale unless the pass preserves it.
-        ctx.invalidate(keep=p.preserves, module=out)
+        # Analyses: everything computed on the old IR is stale unless the pass preserves it,
+        # or did not change the module at all (an analysis-only pass, or nothing to do).
+        if out is not module or _fingerprint(out) != fp0:
+            ctx.invalidate(keep=p.preserves, module=out)
         rec = record("ok", seconds, out, None)
         rec.warnings = warnings
         if self.fidelity_batches:
