@@ -662,9 +662,9 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
 def _add_func(bb: Any, func: Any, name: str) -> Any:
     mod = bb.get()
     for gv in mod.get_global_vars():
-        if gv.name == name:
+        if getattr(gv, "name_hint", None) == name:
             return gv
-    return bb.add_func(func, name)
+    return bb.add_func(func.with_attr("global_symbol", name), name)
 
 
 def emit_quant_linear(bb: Any, x: Any, operands: Mapping[str, Any], attrs: Mapping[str, Any],
