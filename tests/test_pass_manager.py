@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from strategies import module_and_inputs
 
 from ctc.dsl.ast import Span
 from ctc.ir import Module, TensorType, interpret
@@ -429,3 +431,19 @@ def test_option_validation_errors() -> None:
         get_pass("csee")
     with pytest.raises(PassError, match="options must be"):
         fold(get_pass("cse").Options())
+
+
+# =========================================================================== property
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mi=module_and_inputs(max_nodes=10))
+def test_basic_pipeline_on_random_modules_is_exact(mi: tuple[Module, list[torch.Tensor]]) -> None:
+    m, inputs = mi
+    text = print_module(m)
+    out, rep = _pm(["canonicalize", "constant-fold", "cse", "dce"], fidelity_batch=inputs).run(m)
+    assert print_module(m) == text
+    for r in rep.records:
+        assert r.status == "ok" and r.fidelity is not None and r.fidelity.error is None
+        assert r.fidelity.max_abs_error is not None and r.fidelity.max_abs_error <= 1e-6
+        assert r.ops_after == {k: v for k, v in r.ops_after.items() if v > 0}
+    assert rep.ops_after == out.op_counts() and rep.params_after == out.param_count()
+    assert PipelineReport.from_dict(json.loads(rep.to_json())) == rep
