@@ -191,6 +191,7 @@ def test_invalid_ir_names_the_pass_position_and_history() -> None:
     assert "recorded as f32[3]" in msg
     assert e.index == 2 and e.ran_before == ["cse", "dce"] and e.step is steps[2]
     assert [r.status for r in e.report.records] == ["ok", "ok", "failed"]
+    assert e.report.ops_after == e.report.records[1].ops_after and e.report.seconds > 0
 
 
 def test_raising_pass_is_reported_the_same_way() -> None:
@@ -241,6 +242,9 @@ def test_bad_steps_are_rejected() -> None:
         PassManager(["cse"])
     with pytest.raises(PassError, match="fidelity_batch"):
         PassManager([], fidelity_batch=3)
+    with pytest.raises(PipelineError, match=r"fidelity batch does not run on the input module 'mlp' \(give batches "
+                                            r"keyed by its inputs \['x'\]\): missing inputs \['x'\]"):
+        _pm(["cse"], fidelity_batch={"input_ids": torch.ones(2, 3)}).run(_model())
 
 
 def test_selector_restricts_the_pass() -> None:

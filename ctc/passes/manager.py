@@ -480,7 +480,12 @@ class PassManager:
             except Exception as e:
                 raise PipelineError(f"the input module {module.name!r} fails verification before any pass ran: {e}",
                                     step=None, index=-1, ran_before=[], report=report, cause=e) from e
-        reference_out = [interpret(module, b) for b in self.fidelity_batches]
+        try:
+            reference_out = [interpret(module, b) for b in self.fidelity_batches]
+        except Exception as e:
+            raise PipelineError(f"the fidelity batch does not run on the input module {module.name!r} "
+                                f"(give batches keyed by its inputs {[v.name for v in module.inputs]}): {e}",
+                                step=None, index=-1, ran_before=[], report=report, cause=e) from e
         current = module.clone()
         ref_versions = {k: t._version for k, t in module.params.items()}
         ctx = PassContext(calibration=self.calibration, seed=self.seed)
@@ -494,15 +499,22 @@ class PassManager:
                 current = self._run_step(i, step, current, ctx, report, names, reference_out)
                 self._check_params_untouched(module, ref_versions, step, i, names, report)
                 bar.step()
+        except PipelineError:
+            self._totals(report, current, t_start)  # the report of a failed run is still complete
+            raise
         finally:
             bar.close()
-        report.seconds = time.perf_counter() - t_start
-        report.params_after, report.bytes_after = current.param_count(), current.param_bytes()
-        report.ops_after = current.op_counts()
-        report.fidelity = next((r.fidelity for r in reversed(report.records)), None)
+        self._totals(report, current, t_start)
         for inst in self.instruments:
             inst.exit_pipeline(current, report)
         return current, report
+
+    @staticmethod
+    def _totals(report: PipelineReport, last_good: Module, t_start: float) -> None:
+        report.seconds = time.perf_counter() - t_start
+        report.params_after, report.bytes_after = last_good.param_count(), last_good.param_bytes()
+        report.ops_after = last_good.op_counts()
+        report.fidelity = next((r.fidelity for r in reversed(report.records) if r.status == "ok"), None)
 
     # ----------------------------------------------------------------- one step
     def _fail(self, msg: str, step: Step, i: int, names: list[str], report: PipelineReport,
