@@ -1,0 +1,272 @@
+"""``quantize``: min-max round-to-nearest quantization baselines (per-tensor / per-channel / per-group).
+
+Every selected ``linear`` becomes a ``quant_linear`` with real packed integer weights
+(int8, or int4 two per byte), weight scales per tensor, per output channel or per group of
+input channels, and activation quantization (asymmetric unsigned, min-max over the
+calibration set) per tensor or per input channel.  Optionally the ``k`` and ``v`` operands
+of every attention get a ``quantize``/``dequantize`` pair (``kv_bits``), the IR form of a
+quantized KV cache.
+
+Why a separate baseline pass: RPTQ (``rptq``) is only worth its reordering if it beats
+these, and one recipe can compare them.  The helpers here (weight quantizers, the
+``linear`` -> ``quant_linear`` rewrite, KV fake-quant insertion) are shared with ``rptq``.
+
+Choices (documented because they change numbers):
+
+* Only linears inside the repeated blocks (``node.block is not None``) are quantized by
+  default (``blocks_only``): embeddings, pooler/classifier heads and a tied LM head stay
+  float, as in the RPTQ/GPTQ/SmoothQuant evaluations.
+* Per-channel activation scales are an accuracy reference: an integer GEMM cannot
+  accumulate across input channels that have different scales, so it has no fast kernel.
+* Activation ranges are the min/max over all calibration tokens (no clipping search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ctc.ir import quant as Q
+from ctc.ir.graph import Module, Node, Value
+from ctc.passes.analyses.calibration import CalibrationResult, CalibrationStats, ChannelStats
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+
+__all__ = ["QuantizeOptions", "QuantizePass", "build_quant_linear", "insert_kv_quant", "quantize_weight_rtn",
+           "selected_linears", "segment_qparams"]
+
+ATTN_OPS = ("scaled_dot_product_attention",)
+
+
+# --------------------------------------------------------------------------- weight quantizers
+def quantize_weight_rtn(w: torch.Tensor, bits: int, granularity: str, group_size: int,
+                        symmetric: bool) -> Q.QuantizedWeight:
+    """Round-to-nearest min-max weight quantization in the :mod:`ctc.ir.quant` storage form.
+
+    ``granularity``: ``tensor`` (one scale for the matrix, replicated per row so the
+    ``quant_linear`` operand shapes stay ``[N, 1]``), ``channel`` (per output row) or
+    ``group`` (per ``group_size`` input channels of each row).
+    """
+    if granularity == "channel":
+        return Q.quantize_weight(w, bits, -1, symmetric)
+    if granularity == "group":
+        return Q.quantize_weight(w, bits, group_size, symmetric)
+    if granularity != "tensor":
+        raise PassError(f"weight granularity {granularity!r} must be tensor, channel or group")
+    wf = w.detach().to(torch.float32)
+    n, k = wf.shape
+    lo_q, hi_q = Q.qrange(bits, True)
+    if symmetric:
+        s = wf.abs().max() / hi_q
+        s = s if s > 0 else torch.tensor(1.0)
+        z = torch.zeros((), dtype=torch.float32)
+    else:
+        lo, hi = wf.min().clamp(max=0), wf.max().clamp(min=0)
+        s = (hi - lo) / ((1 << bits) - 1)
+        s = s if s > 0 else torch.tensor(1.0)
+        z = torch.round(-lo / s).clamp(0, (1 << bits) - 1) - (1 << (bits - 1))
+    q = torch.clamp(torch.round(wf / s) + z, lo_q, hi_q).to(torch.int8)
+    qweight = Q.pack_int4(q) if bits <= 4 else q
+    scale = torch.full((n, 1), float(s), dtype=torch.float32)
+    zero = torch.full((n, 1), int(z), dtype=torch.int8)
+    return Q.QuantizedWeight(qweight, scale, zero, bits, -1, symmetric, k)
+
+
+# --------------------------------------------------------------------------- activation qparams
+def segment_qparams(lo: torch.Tensor, hi: torch.Tensor, bounds: Sequence[int], bits: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One asymmetric (scale, zero) per contiguous channel segment from per-channel min/max.
+
+    ``bounds`` are cumulative end boundaries (``()`` = one segment over all channels).
+    """
+    k = int(lo.numel())
+    ends = list(bounds) or [k]
+    starts = [0, *ends[:-1]]
+    seg_lo = torch.stack([lo[a:b].min() for a, b in zip(starts, ends, strict=True)])
+    seg_hi = torch.stack([hi[a:b].max() for a, b in zip(starts, ends, strict=True)])
+    return Q.act_qparams(seg_lo.to(torch.float32), seg_hi.to(torch.float32), bits)
+
+
+# --------------------------------------------------------------------------- graph helpers
+def param_tensor(v: Value) -> torch.Tensor | None:
+    """The parameter tensor behind ``v`` when ``v`` is read by a ``param`` node, else None."""
+    p = v.producer
+    if p is None or p.op != "param" or p.module is None:
+        return None
+    return p.module.params[p.attrs["name"]]
+
+
+def selected_linears(module: Module, ctx: PassContext, blocks_only: bool) -> list[Node]:
+    """``linear`` nodes to quantize: selected, with parameter weights (and bias), static in-features."""
+    out = []
+    for n in module.nodes:
+        if n.op != "linear" or not ctx.selected(n) or (blocks_only and n.block is None):
+            continue
+        if param_tensor(n.inputs[1]) is None or (len(n.inputs) > 2 and param_tensor(n.inputs[2]) is None):
+            ctx.note(f"{n.scope}: linear kept float (weight or bias is computed, not a parameter)")
+            continue
+        if not isinstance(n.inputs[0].type.shape[-1], int):
+            ctx.note(f"{n.scope}: linear kept float (dynamic input-channel count)")
+            continue
+        out.append(n)
+    return out
+
+
+def new_param(module: Module, base: str, t: torch.Tensor, *, node: Node) -> Value:
+    """Register ``t`` under a fresh name derived from ``base`` and read it just before ``node``."""
+    name = module.add_param(module.fresh_param_name(base), t)
+    return module.param(name, scope=node.scope, block=node.block, before=node)
+
+
+def drop_dead_params(module: Module, nodes: Sequence[Node]) -> None:
+    """Erase ``param`` nodes among ``nodes`` that nothing reads any more, then unused parameters."""
+    for n in nodes:
+        if n.module is module and n.op == "param" and not n.output.uses and not module.is_output(n.output):
+            module.erase(n)
+    module.prune_params()
+
+
+def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.Tensor | None,
+                       qw: Q.QuantizedWeight, a_bits: int | None, act_scale: torch.Tensor | None,
+                       act_zero: torch.Tensor | None, clusters: Sequence[int] = ()) -> Node:
+    """Replace ``lin`` (x, weight[, bias]) by a ``quant_linear`` reading its activation operand.
+
+    ``w`` is only used for the shape check; ``bias`` is the (possibly permuted) float bias.
+    """
+    n, k = w.shape
+    if qw.k != k:
+        raise PassError(f"{lin.scope}: quantized weight has K={qw.k}, linear has {k}")
+    base = lin.scope or "linear"
+    ops = [new_param(module, f"{base}.qweight", qw.qweight, node=lin),
+           new_param(module, f"{base}.w_scale", qw.scale.to(torch.float32), node=lin),
+           new_param(module, f"{base}.w_zero", qw.zero.to(torch.int8), node=lin)]
+    if bias is not None:
+        ops.append(new_param(module, f"{base}.qbias", bias.to(torch.float32), node=lin))
+    a_q = a_bits is not None and a_bits != 16
+    if a_q:
+        assert act_scale is not None and act_zero is not None
+        ops.append(new_param(module, f"{base}.act_scale", act_scale.to(torch.float32), node=lin))
+        ops.append(new_param(module, f"{base}.act_zero", act_zero.to(torch.int32), node=lin))
+    attrs = {"w_bits": qw.bits, "group_size": qw.group_size, "w_symmetric": qw.symmetric,
+             "a_bits": a_bits if a_q else None, "act_clusters": tuple(int(c) for c in clusters) if a_q else (),
+             "has_bias": bias is not None}
+    old_ins = [v.producer for v in lin.inputs[1:] if v.producer is not None]
+    q = module.create_node("quant_linear", [lin.inputs[0], *ops], attrs, scope=lin.scope, block=lin.block,
+                           before=lin, names=[lin.output.name + "_q"])
+    module.replace_all_uses_with(lin.output, q.output)
+    module.erase(lin)
+    drop_dead_params(module, old_ins)
+    return q
+
+
+def kv_operands(module: Module) -> list[tuple[Node, int]]:
+    """(attention node, operand index) of every ``k`` and ``v`` operand."""
+    return [(n, i) for n in module.nodes if n.op in ATTN_OPS for i in (1, 2)]
+
+
+def kv_stats(module: Module, ctx: PassContext) -> CalibrationResult:
+    """Per-head-dim-channel statistics of attention k/v operands."""
+    return ctx.get(CalibrationStats(input_ops=ATTN_OPS, operands=(1, 2)), module)
+
+
+def insert_kv_quant(module: Module, ctx: PassContext, stats: dict[str, ChannelStats], bits: int,
+                    per_tensor: frozenset[int] = frozenset()) -> int:
+    """Fake-quantize every attention k/v operand (``quantize`` -> ``dequantize``) to ``bits``.
+
+    Asymmetric unsigned, one (scale, zero) per head-dim channel (shared across heads and
+    tokens), or per tensor for operands whose ``id(value)`` is in ``per_tensor`` (values
+    whose channel order differs per head after a reorder).  Returns the count inserted.
+    """
+    count = 0
+    done: dict[int, Value] = {}
+    for node, i in kv_operands(module):
+        v = node.inputs[i]
+        if id(v) in done:
+            node.set_input(i, done[id(v)])
+            continue
+        if v.name not in stats or not ctx.selected(node):
+            continue
+        s = stats[v.name]
+        assert s.min is not None and s.max is not None
+        lo, hi = s.min.to(torch.float32), s.max.to(torch.float32)
+        axis: int | None = -1
+        if id(v) in per_tensor:
+            lo, hi, axis = lo.min(), hi.max(), None
+        scale, zero = Q.act_qparams(lo, hi, bits)
+        if axis is None:
+            scale, zero = scale.reshape(1), zero.reshape(1)
+        sp = new_param(module, f"{node.scope or 'attn'}.kv{i}_scale", scale, node=node)
+        zp = new_param(module, f"{node.scope or 'attn'}.kv{i}_zero", zero.to(torch.int32), node=node)
+        qa = {"bits": bits, "signed": False, "dtype": "u8" if bits <= 8 else "i32", "axis": axis, "group_size": -1}
+        q = module.create_node("quantize", [v, sp, zp], qa, scope=node.scope, block=node.block, before=node)
+        d = module.create_node("dequantize", [q.output, sp, zp],
+                               {"dtype": v.type.dtype, "axis": axis, "group_size": -1},
+                               scope=node.scope, block=node.block, before=node)
+        node.set_input(i, d.output)
+        done[id(v)] = d.output
+        count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- the pass
+@dataclass(frozen=True)
+class QuantizeOptions(PassOptions):
+    """Options of the ``quantize`` pass."""
+
+    w_bits: int = option(8, "weight bits (2..8); <= 4 packs two per byte", min=2, max=8)
+    a_bits: int = option(8, "activation bits (4..8), or 16 for float activations (weight-only)",
+                         choices=(4, 5, 6, 7, 8, 16))
+    kv_bits: int = option(16, "bits of attention k/v operands (quantize/dequantize pair); 16 = float",
+                          choices=(2, 3, 4, 5, 6, 7, 8, 16))
+    w_granularity: str = option("channel", "weight scales per tensor, per output channel or per group",
+                                choices=("tensor", "channel", "group"))
+    group_size: int = option(128, "input channels per weight group (w_granularity=group)", min=1)
+    a_granularity: str = option("tensor", "activation scales per tensor or per input channel",
+                                choices=("tensor", "channel"))
+    sym: bool = option(True, "symmetric weights (zero point 0); false = asymmetric min-max")
+    blocks_only: bool = option(True, "quantize only linears inside repeated blocks (heads, embeddings stay float)")
+
+
+@register_pass
+class QuantizePass(Pass):
+    """Min-max RTN quantization of linears (per-tensor/channel/group weights, per-tensor/channel activations).
+
+    Rewrites each selected ``linear`` into a ``quant_linear`` with packed integer weights
+    and calibrated activation scale/zero points (see the module doc for the choices), and
+    with ``kv_bits < 16`` fake-quantizes attention k/v.
+    """
+
+    name = "quantize"
+    Options = QuantizeOptions
+    requires = (CalibrationStats,)
+    needs_calibration = True
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        o: QuantizeOptions = self.options  # type: ignore[assignment]
+        lins = selected_linears(module, ctx, o.blocks_only)
+        a_q = o.a_bits != 16
+        calib = ctx.get(CalibrationStats(), module) if (a_q and lins) else None
+        kv = kv_stats(module, ctx) if o.kv_bits != 16 and kv_operands(module) else None
+        kv_st = dict(kv.stats) if kv is not None else {}
+        for lin in lins:
+            w = param_tensor(lin.inputs[1])
+            b = param_tensor(lin.inputs[2]) if len(lin.inputs) > 2 else None
+            assert w is not None
+            qw = quantize_weight_rtn(w, o.w_bits, o.w_granularity, o.group_size, o.sym)
+            scale = zero = None
+            clusters: tuple[int, ...] = ()
+            if a_q:
+                assert calib is not None
+                st = calib.input_of(lin)
+                assert st.min is not None and st.max is not None
+                k = st.channels
+                clusters = tuple(range(1, k + 1)) if o.a_granularity == "channel" else ()
+                scale, zero = segment_qparams(st.min, st.max, clusters, o.a_bits)
+            build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters)
+        n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits) if kv is not None else 0
+        ctx.note(f"quantize: {len(lins)} linears -> quant_linear W{o.w_bits}A{o.a_bits} "
+                 f"(weights per {o.w_granularity}, activations per {o.a_granularity})"
+                 + (f"; {n_kv} k/v operands fake-quantized to {o.kv_bits} bits" if n_kv else ""))
+        ctx.metrics.update({"quantized_linears": len(lins), "kv_quantized": n_kv})
+        return module

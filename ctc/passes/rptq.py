@@ -1,0 +1,566 @@
+"""``rptq``: reorder-based post-training quantization (Yuan et al. 2023, "RPTQ").
+
+Method, per quantized activation (the operand 0 value ``X`` read by one or more linears):
+
+1. From the calibration statistics, take each channel's (min, max) over all calibration
+   tokens and cluster those 2-D points with k-means (k-means++ initialisation from a seeded
+   ``torch.Generator``, Lloyd iterations, clusters ordered by centroid so results are
+   deterministic) into ``clusters`` groups.
+2. Reorder the channels so each cluster is contiguous (a stable sort by cluster), and give
+   every contiguous segment one asymmetric (scale, zero point) from the min/max of its
+   channels: the ``act_clusters`` / ``act_scale`` / ``act_zero`` of ``quant_linear``.
+3. Fold the reorder into the graph as IR rewrites, chosen per activation (first that applies):
+
+   * **producer rows** — ``X`` is computed from linears through channel-wise elementwise
+     ops only (MLP hidden: ``fc1 -> gelu``; SwiGLU ``silu(gate) * up``): permute those
+     linears' output rows and biases.  Zero run-time cost.
+   * **attention heads** — ``X`` is the attention output (heads merged back by shape ops)
+     feeding the out-projection: attention never mixes head-dim channels, so permuting the
+     ``v`` projection's output rows *within each kv head* permutes ``X`` the same way in every
+     query head of its group (q and k are untouched).  The reorder is therefore per kv head:
+     channels are clustered on the per-(kv head, channel) range (merged over the query heads
+     that share it), sorted within each head, and every run of equal cluster inside a head is
+     one activation segment (up to ``heads x clusters`` segments).  Zero run-time cost.
+   * **norm** — ``X`` is a ``layer_norm``/``rms_norm`` output read only by linears: the norm is
+     permutation-equivariant, so its weight and bias are permuted and a ``channel_permute`` is
+     put on the norm's *input* (a gather a backend fuses into the norm's load, as RPTQ's fused
+     LayerNorm kernel writes reordered outputs).  Permuting weight and bias alone would *not*
+     reorder the normalised values.
+   * **explicit** — otherwise (e.g. BERT's post-LN output, which is also the residual stream
+     read by an ``add``): a ``channel_permute`` of ``X`` feeds only the linears; other readers
+     keep reading ``X`` unpermuted.  Reported in the notes; one gather per token row.
+
+   Every consumer of a permuted value must absorb it; the linears reading ``X`` absorb it by
+   permuting their input columns.  :func:`check_fold_complete` proves this on the networkx
+   view of the rewritten module and raises if any reader of a permuted value was missed.
+   ``check_fold`` also compares the folded float module with the original on one
+   calibration batch before quantizing.
+4. Weights per output channel (``group_size=-1``) or per group, in the permuted column
+   order, by round-to-nearest or (``gptq=true``) GPTQ (Frantar et al. 2022): Cholesky of
+   the damped inverse Hessian ``H = X^T X / n`` (in the permuted order), columns quantized
+   left to right in blocks of 128 with the error fed back to the remaining columns.
+
+``kv_bits < 16`` fake-quantizes attention k/v (per head-dim channel; per tensor for ``v``
+values whose channel order was changed per head).  Linears outside the repeated blocks
+stay float (``blocks_only``), as in the paper's evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+
+from ctc.ir import quant as Q
+from ctc.ir.graph import Module, Node, Value
+from ctc.ir.interpreter import interpret
+from ctc.ir.nxview import to_digraph
+from ctc.passes.analyses.calibration import CalibrationStats, ChannelStats
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.quantize import (
+    build_quant_linear,
+    drop_dead_params,
+    insert_kv_quant,
+    kv_operands,
+    kv_stats,
+    new_param,
+    param_tensor,
+    segment_qparams,
+    selected_linears,
+)
+
+__all__ = ["FoldPlan", "RptqOptions", "RptqPass", "check_fold_complete", "gptq_quantize", "kmeans_1d_labels",
+           "kmeans"]
+
+# Ops that act on each channel independently (same channel in, same channel out).
+UNARY_CHANNELWISE = frozenset({"gelu", "silu", "relu", "tanh", "sigmoid", "erf", "neg", "abs", "exp", "cast"})
+BINARY_CHANNELWISE = frozenset({"add", "sub", "mul", "div", "maximum", "minimum"})
+SHAPE_OPS = frozenset({"reshape", "transpose", "permute"})
+REPEAT_OPS = frozenset({"reshape", "transpose", "permute", "expand", "unsqueeze"})
+NORM_OPS = frozenset({"layer_norm", "rms_norm"})
+ATTN_OPS = frozenset({"scaled_dot_product_attention"})
+
+
+# --------------------------------------------------------------------------- k-means
+def kmeans(points: torch.Tensor, k: int, *, seed: int = 0, iters: int = 100) -> torch.Tensor:
+    """Deterministic k-means on ``points [n, d]``: k-means++ init (seeded), Lloyd iterations.
+
+    Returns integer labels ``[n]`` in ``0..k'-1`` (``k' <= k``: empty clusters are dropped),
+    clusters numbered by ascending centroid (lexicographic on the coordinates).
+    """
+    n = points.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    k = max(1, min(k, n))
+    x = points.to(torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    centers = [x[int(torch.randint(n, (1,), generator=g))]]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centers)).amin(1) ** 2
+        total = float(d2.sum())
+        if total <= 0:
+            break
+        idx = int(torch.multinomial(d2 / total, 1, generator=g))
+        centers.append(x[idx])
+    c = torch.stack(centers)
+    labels = torch.cdist(x, c).argmin(1)
+    for _ in range(iters):
+        new_c = torch.stack([x[labels == j].mean(0) if bool((labels == j).any()) else c[j] for j in range(len(c))])
+        new_labels = torch.cdist(x, new_c).argmin(1)
+        c = new_c
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    used = sorted(set(labels.tolist()), key=lambda j: tuple(c[j].tolist()))
+    remap = {j: i for i, j in enumerate(used)}
+    return torch.tensor([remap[int(v)] for v in labels], dtype=torch.int64)
+
+
+def kmeans_1d_labels(lo: torch.Tensor, hi: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Cluster labels of channels from their (min, max) points (the RPTQ clustering)."""
+    return kmeans(torch.stack([lo.to(torch.float64), hi.to(torch.float64)], 1), k, seed=seed)
+
+
+def runs(labels: torch.Tensor) -> list[int]:
+    """Cumulative end boundaries of the runs of equal consecutive labels."""
+    ends = [i for i in range(1, len(labels)) if int(labels[i]) != int(labels[i - 1])]
+    return [*ends, len(labels)]
+
+
+# --------------------------------------------------------------------------- GPTQ
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  *, percdamp: float = 0.01, blocksize: int = 128) -> Q.QuantizedWeight:
+    """GPTQ (Frantar et al. 2022) of ``w [N, K]`` given ``H = X^T X / n [K, K]`` in w's column order.
+
+    Dead input channels (zero Hessian diagonal) get weight 0; the Hessian is damped by
+    ``percdamp`` of its mean diagonal; the upper Cholesky factor of ``H^-1`` drives the
+    column-by-column error feedback.  Scales are per output row (``group_size=-1``, from the
+    whole row) or per group (from the error-updated weights when the group starts).
+    """
+    wf = w.detach().to(torch.float64).clone()
+    n, k = wf.shape
+    h = hessian.to(torch.float64).clone()
+    if h.shape != (k, k):
+        raise PassError(f"gptq: Hessian {tuple(h.shape)} does not match weight {tuple(w.shape)}")
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    wf[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(h))
+    h += damp * torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    lo_q, hi_q = Q.qrange(bits, True)
+    g = Q.num_groups(k, group_size)
+    scales = torch.ones(n, g, dtype=torch.float64)
+    zeros = torch.zeros(n, g, dtype=torch.float64)
+
+    def params(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = Q.quantize_weight(block.to(torch.float32), bits, -1, symmetric)
+        return ref.scale[:, 0].to(torch.float64), ref.zero[:, 0].to(torch.float64)
+
+    if group_size == -1:
+        scales[:, 0], zeros[:, 0] = params(wf)
+    q_int = torch.zeros(n, k, dtype=torch.float64)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1 = wf[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size != -1 and col % group_size == 0:
+                gi = col // group_size
+                blk = torch.cat([w1[:, i:], wf[:, i2:]], 1)[:, :group_size]
+                scales[:, gi], zeros[:, gi] = params(blk)
+            gi = 0 if group_size == -1 else col // group_size
+            s, z = scales[:, gi], zeros[:, gi]
+            wc = w1[:, i]
+            q = torch.clamp(torch.round(wc / s) + z, lo_q, hi_q)
+            q_int[:, col] = q
+            dq = (q - z) * s
+            e = (wc - dq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        wf[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    qi = q_int.to(torch.int8)
+    qweight = Q.pack_int4(qi) if bits <= 4 else qi
+    return Q.QuantizedWeight(qweight, scales.to(torch.float32), zeros.to(torch.int8), bits, group_size,
+                             symmetric, k)
+
+
+# --------------------------------------------------------------------------- fold planning
+@dataclass
+class FoldPlan:
+    """How one activation value is reordered and which nodes absorb the reorder.
+
+    ``perm[i]`` is the original channel now at position ``i``; ``bounds`` the activation
+    segment end boundaries in the permuted order; ``route`` one of producer / attention /
+    norm / explicit; ``row_perms`` maps producer linears (by id) to their output-row
+    permutation; ``region`` the nodes whose outputs carry the permutation (through which it
+    flows to the absorbers); ``absorbers`` the linears reading ``x`` as operand 0.
+    """
+
+    x: Value
+    perm: torch.Tensor
+    bounds: list[int]
+    route: str
+    absorbers: list[Node]
+    row_perms: dict[int, tuple[Node, torch.Tensor]] = field(default_factory=dict)
+    region: list[Node] = field(default_factory=list)
+    per_head_v: Value | None = None
+    reason: str = ""
+
+
+def _static_last(v: Value) -> int | None:
+    d = v.type.shape[-1] if v.type.rank else None
+    return d if isinstance(d, int) else None
+
+
+def _is_param_linear(n: Node) -> bool:
+    return (n.op == "linear" and param_tensor(n.inputs[1]) is not None
+            and (len(n.inputs) < 3 or param_tensor(n.inputs[2]) is not None))
+
+
+def _producer_region(x: Value, absorbers: list[Node]) -> tuple[list[Node], list[Node]] | None:
+    """(source linears, region nodes) when ``x`` comes from linears through channel-wise ops only,
+    and every value on the way is read only inside the region (or by the absorbers, for ``x``)."""
+    c = _static_last(x)
+    sources: list[Node] = []
+    region: dict[int, Node] = {}
+    work = [x]
+    seen: set[int] = set()
+    while work:
+        v = work.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        p = v.producer
+        if p is None or _static_last(v) != c or tuple(v.type.shape) != tuple(x.type.shape):
+            return None
+        region[id(p)] = p
+        if _is_param_linear(p):
+            sources.append(p)
+        elif p.op in UNARY_CHANNELWISE or (p.op in BINARY_CHANNELWISE and len(p.inputs) == 1):
+            work.append(p.inputs[0])
+        elif p.op in BINARY_CHANNELWISE and len(p.inputs) == 2:
+            if any(tuple(a.type.shape) != tuple(x.type.shape) for a in p.inputs):
+                return None  # broadcasting operand (a bias vector, a scalar tensor): not channel-wise here
+            work.extend(p.inputs)
+        else:
+            return None
+    absorb = {id(a) for a in absorbers}
+    for node in region.values():
+        for v in node.outputs:
+            if node.module is not None and node.module.is_output(v):
+                return None
+            for u in v.users:
+                if id(u) not in region and not (v is x and id(u) in absorb):
+                    return None
+    return sources, list(region.values())
+
+
+def _attention_chain(x: Value, absorbers: list[Node]) -> tuple[Node, Node, list[Node], int, int, int] | None:
+    """(attention node, v-projection linear, region nodes, heads, kv heads, head dim) when ``x`` is an
+    attention output merged back by shape ops and ``v`` comes from a linear through shape/repeat ops."""
+    region: list[Node] = []
+    v = x
+    while v.producer is not None and v.producer.op in SHAPE_OPS:
+        region.append(v.producer)
+        v = v.producer.inputs[0]
+    attn = v.producer
+    if attn is None or attn.op not in ATTN_OPS or v.type.rank != 4:
+        return None
+    region.append(attn)
+    q_t, v_t = attn.inputs[0].type, attn.inputs[2].type
+    heads, dim = q_t.shape[-3], v_t.shape[-1]
+    if not isinstance(heads, int) or not isinstance(dim, int) or heads * dim != _static_last(x):
+        return None
+    u = attn.inputs[2]
+    chain: list[Node] = []
+    while u.producer is not None and u.producer.op in REPEAT_OPS:
+        chain.append(u.producer)
+        u = u.producer.inputs[0]
+    vproj = u.producer
+    if vproj is None or not _is_param_linear(vproj):
+        return None
+    n_out = _static_last(u)
+    if n_out is None or n_out % dim:
+        return None
+    kv_heads = n_out // dim
+    if heads % kv_heads:
+        return None
+    region += chain + [vproj]
+    # Every value on the way must flow only along the chain (the v operand into attention).
+    ids = {id(n) for n in region}
+    absorb = {id(a) for a in absorbers}
+    for node in region:
+        if node is attn:
+            continue
+        for o in node.outputs:
+            if node.module is not None and node.module.is_output(o):
+                return None
+            for user in o.users:
+                if id(user) not in ids and not (o is x and id(user) in absorb):
+                    return None
+                if user is attn and [i for i, w in enumerate(attn.inputs) if w is o] != [2]:
+                    return None  # the permuted value also feeds q or k
+    for o in attn.outputs:
+        for user in o.users:
+            if id(user) not in ids and not (o is x and id(user) in absorb):
+                return None
+    return attn, vproj, region, heads, kv_heads, dim
+
+
+def check_fold_complete(module: Module, permuted: Sequence[Value], handled: Sequence[Node]) -> None:
+    """Prove on the networkx view that every reader of a permuted value is handled.
+
+    ``permuted``: values whose channel order changed; ``handled``: the nodes allowed to read
+    them (absorbing linears, the permuted region's own nodes).  Any other reader, or a
+    permuted value that is a module output, raises :class:`PassError` naming it.
+    """
+    g = to_digraph(module, include_io=True)
+    ok = {id(n) for n in handled}
+    for v in permuted:
+        src = v.producer if v.producer is not None else ("input", v.name)
+        if src not in g:
+            raise PassError(f"rptq fold check: %{v.name} is not in module {module.name}")
+        for _, dst, data in g.out_edges(src, data=True):
+            if not any(o == v.index for o, _ in data["ports"]):
+                continue
+            if isinstance(dst, tuple):
+                raise PassError(f"rptq fold check: permuted %{v.name} is module output {dst[1]!r}; "
+                                "its channel order would change (fold incomplete)")
+            if id(dst) not in ok:
+                raise PassError(f"rptq fold check: %{v.name} (channels reordered) is read by {dst.op} at "
+                                f"{dst.scope or '<root>'}, which does not absorb the permutation; "
+                                "rewrite it or un-permute before it")
+    _ = nx  # the view above is a networkx DiGraph
+
+
+# --------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class RptqOptions(PassOptions):
+    """Options of the ``rptq`` pass."""
+
+    w_bits: int = option(8, "weight bits (2..8); <= 4 packs two per byte", min=2, max=8)
+    a_bits: int = option(8, "activation bits (4..8); 16 = float activations (weights only, reorder still folded)",
+                         choices=(4, 5, 6, 7, 8, 16))
+    kv_bits: int = option(16, "bits of attention k/v operands; 16 = float", choices=(2, 3, 4, 5, 6, 7, 8, 16))
+    clusters: int = option(8, "k-means clusters of activation channels (1 = per-tensor)", min=1, max=1024)
+    group_size: int = option(-1, "input channels per weight scale group; -1 = per output channel", min=-1)
+    gptq: bool = option(False, "GPTQ error compensation instead of round-to-nearest (needs X^T X)")
+    sym: bool = option(True, "symmetric weights (zero point 0)")
+    fold_only: bool = option(False, "only reorder and fold (no quantization): for checking exactness")
+    check_fold: bool = option(True, "compare the folded float module with the original on one calibration batch")
+    blocks_only: bool = option(True, "quantize only linears inside repeated blocks")
+    damp: float = option(0.01, "GPTQ dampening, fraction of the mean Hessian diagonal", min=0.0, max=1.0)
+
+    def validate(self) -> None:
+        if self.group_size == 0:
+            raise PassError("option group_size=0: use -1 (per output channel) or a positive size")
+
+
+# --------------------------------------------------------------------------- the pass
+@register_pass
+class RptqPass(Pass):
+    """RPTQ: cluster activation channels by range, reorder (folded into neighbours), quantize per cluster.
+
+    See the module docstring for the method, the four fold routes and the choices made.
+    """
+
+    name = "rptq"
+    Options = RptqOptions
+    requires = (CalibrationStats,)
+    needs_calibration = True
+
+    # ----------------------------------------------------------------- planning
+    def _plan(self, module: Module, ctx: PassContext, lins: list[Node], stats: dict[str, ChannelStats]
+              ) -> list[FoldPlan]:
+        o: RptqOptions = self.options  # type: ignore[assignment]
+        by_x: dict[int, list[Node]] = {}
+        xs: dict[int, Value] = {}
+        for lin in lins:
+            by_x.setdefault(id(lin.inputs[0]), []).append(lin)
+            xs[id(lin.inputs[0])] = lin.inputs[0]
+        plans = []
+        for key, group in by_x.items():
+            x = xs[key]
+            # Every linear reading x as its activation absorbs the reorder (even unselected ones).
+            absorbers = [u for u in x.users if u.op == "linear" and u.inputs[0] is x
+                         and param_tensor(u.inputs[1]) is not None and all(w is not x for w in u.inputs[1:])]
+            st = stats[x.name]
+            assert st.min is not None and st.max is not None
+            lo, hi = st.min, st.max
+            seed = ctx.seed
+            attn = _attention_chain(x, absorbers)
+            if attn is not None:
+                a_node, vproj, region, heads, kvh, dim = attn
+                grp = heads // kvh
+                lo_h = lo.reshape(kvh, grp, dim).amin(1)
+                hi_h = hi.reshape(kvh, grp, dim).amax(1)
+                labels = kmeans_1d_labels(lo_h.reshape(-1), hi_h.reshape(-1), o.clusters, seed).reshape(kvh, dim)
+                sig = [torch.sort(labels[j], stable=True).indices for j in range(kvh)]
+                row = torch.cat([j * dim + sig[j] for j in range(kvh)])
+                perm = torch.cat([h * dim + sig[h // grp] for h in range(heads)])
+                plab = torch.cat([labels[h // grp][sig[h // grp]] for h in range(heads)])
+                plan = FoldPlan(x, perm, runs(plab), "attention", absorbers, {id(vproj): (vproj, row)}, region,
+                                per_head_v=a_node.inputs[2])
+                plans.append(plan)
+                continue
+            labels = kmeans_1d_labels(lo, hi, o.clusters, seed)
+            perm = torch.sort(labels, stable=True).indices
+            bounds = runs(labels[perm])
+            prod = _producer_region(x, absorbers)
+            if prod is not None:
+                sources, region = prod
+                plans.append(FoldPlan(x, perm, bounds, "producer", absorbers,
+                                      {id(s): (s, perm) for s in sources}, region))
+                continue
+            p = x.producer
+            if (p is not None and p.op in NORM_OPS and len(absorbers) == len(x.users)
+                    and not module.is_output(x) and all(param_tensor(w) is not None for w in p.inputs[1:])
+                    and (p.op == "rms_norm" or p.attrs.get("normalized_ndim", 1) == 1)):
+                plans.append(FoldPlan(x, perm, bounds, "norm", absorbers, region=[p]))
+                continue
+            others = sorted({u.op for u in x.users if all(u is not a for a in absorbers)})
+            plans.append(FoldPlan(x, perm, bounds, "explicit", absorbers,
+                                  reason=f"%{x.name} is also read by {', '.join(others) or 'the module output'}"
+                                  if others or module.is_output(x) else f"%{x.name} has no foldable producer "
+                                  f"({p.op if p is not None else 'module input'})"))
+        return plans
+
+    # ----------------------------------------------------------------- folding
+    def _fold(self, module: Module, ctx: PassContext, plans: list[FoldPlan]) -> list[Value]:
+        """Apply the reorders as IR rewrites; returns the values whose channel order changed."""
+        row: dict[int, tuple[Node, torch.Tensor]] = {}
+        col: dict[int, tuple[Node, torch.Tensor]] = {}
+        permuted: list[Value] = []
+        checks: list[tuple[list[Value], list[Node]]] = []
+        for pl in plans:
+            for k, (n, r) in pl.row_perms.items():
+                if k in row:
+                    raise PassError(f"rptq: {n.scope} would get two output-row permutations")
+                row[k] = (n, r)
+            for a in pl.absorbers:
+                col[id(a)] = (a, pl.perm)
+            if pl.route in ("producer", "attention"):
+                vals = [v for n in pl.region for v in n.outputs]
+                permuted += vals
+                checks.append((vals, pl.absorbers + pl.region))
+        # Linears: new float weights W[row][:, col], bias[row].
+        for key in set(row) | set(col):
+            n = (row.get(key) or col[key])[0]
+            w = param_tensor(n.inputs[1])
+            assert w is not None
+            if key in row:
+                w = w[row[key][1]]
+            if key in col:
+                w = w[:, col[key][1]]
+            old = [n.inputs[1].producer]
+            n.set_input(1, new_param(module, f"{n.scope or 'linear'}.weight_rptq", w.contiguous(), node=n))
+            if len(n.inputs) > 2 and key in row:
+                b = param_tensor(n.inputs[2])
+                assert b is not None
+                old.append(n.inputs[2].producer)
+                n.set_input(2, new_param(module, f"{n.scope or 'linear'}.bias_rptq", b[row[key][1]].contiguous(),
+                                         node=n))
+            drop_dead_params(module, [p for p in old if p is not None])
+        for pl in plans:
+            if pl.route == "norm":
+                norm = pl.x.producer
+                assert norm is not None
+                old = [v.producer for v in norm.inputs[1:] if v.producer is not None]
+                for i in range(1, len(norm.inputs)):
+                    t = param_tensor(norm.inputs[i])
+                    assert t is not None
+                    norm.set_input(i, new_param(module, f"{norm.scope or 'norm'}.p{i}_rptq",
+                                                t[pl.perm].contiguous(), node=norm))
+                drop_dead_params(module, old)
+                pv = new_param(module, f"{norm.scope or 'norm'}.rptq_perm", pl.perm.to(torch.int64), node=norm)
+                g = module.create_node("channel_permute", [norm.inputs[0], pv], {"axis": -1}, scope=norm.scope,
+                                       block=norm.block, before=norm)
+                norm.set_input(0, g.output)
+                permuted.append(pl.x)
+                checks.append(([pl.x], list(pl.absorbers)))
+                ctx.note(f"rptq: %{pl.x.name} reorder folded into {norm.op} {norm.scope} (weight/bias permuted, "
+                         "input gather fused into the norm's load)")
+            elif pl.route == "explicit":
+                first = min(pl.absorbers, key=module.index_of)
+                pv = new_param(module, f"{first.scope or 'x'}.rptq_perm", pl.perm.to(torch.int64), node=first)
+                g = module.create_node("channel_permute", [pl.x, pv], {"axis": -1}, scope=first.scope,
+                                       block=first.block, before=first)
+                for a in pl.absorbers:
+                    a.set_input(0, g.output)
+                permuted.append(g.output)
+                checks.append(([g.output], list(pl.absorbers)))
+                ctx.note(f"rptq: explicit channel_permute before {', '.join(a.scope for a in pl.absorbers)} "
+                         f"({pl.reason})")
+            else:
+                srcs = ", ".join(n.scope for n, _ in pl.row_perms.values())
+                ctx.note(f"rptq: %{pl.x.name} reorder folded into output rows of {srcs} ({pl.route})")
+        for vals, handled in checks:
+            check_fold_complete(module, vals, handled)
+        return permuted
+
+    # ----------------------------------------------------------------- run
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        o: RptqOptions = self.options  # type: ignore[assignment]
+        lins = selected_linears(module, ctx, o.blocks_only)
+        if not lins:
+            ctx.note("rptq: no linear selected")
+            return module
+        calib = ctx.get(CalibrationStats(hessian=o.gptq and not o.fold_only), module)
+        stats = dict(calib.stats)
+        kv = kv_stats(module, ctx) if o.kv_bits != 16 and not o.fold_only and kv_operands(module) else None
+        kv_st = dict(kv.stats) if kv is not None else {}
+        reference = None
+        if o.check_fold and ctx.calibration:
+            reference = (ctx.calibration[0], interpret(module, ctx.calibration[0]))
+        plans = self._plan(module, ctx, lins, stats)
+        self._fold(module, ctx, plans)
+        if reference is not None:
+            got = interpret(module, reference[0])
+            for a, b in zip(got, reference[1], strict=True):
+                if a.is_floating_point():
+                    err = float((a.double() - b.double()).abs().max())
+                    tol = 1e-4 * max(1.0, float(b.double().abs().max()))
+                    if err > tol:
+                        raise PassError(f"rptq: folding the reorder changed the float outputs (max error {err:.3g} "
+                                        f"> {tol:.3g}); a fold route mis-handled a layout")
+        routes: dict[str, int] = {}
+        for pl in plans:
+            routes[pl.route] = routes.get(pl.route, 0) + 1
+        ctx.metrics.update({"rptq_routes": routes, "explicit_permutes": routes.get("explicit", 0)})
+        if o.fold_only:
+            ctx.note(f"rptq: fold only; {len(plans)} activations reordered ({routes})")
+            return module
+        a_q = o.a_bits != 16
+        per_tensor_v: set[int] = set()
+        for done, pl in enumerate(plans):
+            if pl.per_head_v is not None:
+                per_tensor_v.add(id(pl.per_head_v))
+            st = stats[pl.x.name]
+            assert st.min is not None and st.max is not None
+            lo, hi = st.min[pl.perm], st.max[pl.perm]
+            scale, zero = segment_qparams(lo, hi, pl.bounds, o.a_bits) if a_q else (None, None)
+            h = stats[pl.x.name].hessian[pl.perm][:, pl.perm] if o.gptq else None
+            for lin in pl.absorbers:
+                if lin not in lins:
+                    continue
+                w = param_tensor(lin.inputs[1])
+                b = param_tensor(lin.inputs[2]) if len(lin.inputs) > 2 else None
+                assert w is not None
+                if h is not None:
+                    qw = gptq_quantize(w, h, o.w_bits, o.group_size, o.sym, percdamp=o.damp)
+                else:
+                    qw = Q.quantize_weight(w, o.w_bits, o.group_size, o.sym)
+                bounds = pl.bounds if len(pl.bounds) > 1 else []
+                build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, bounds)
+            ctx.report_progress("rptq", done + 1, len(plans))
+        n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits, frozenset(per_tensor_v)) if kv is not None else 0
+        segs = [len(pl.bounds) for pl in plans]
+        ctx.note(f"rptq: W{o.w_bits}A{o.a_bits} clusters={o.clusters} {'GPTQ' if o.gptq else 'RTN'}; "
+                 f"{sum(len(p.absorbers) for p in plans)} linears; routes {routes}; activation segments "
+                 f"{min(segs)}..{max(segs)}" + (f"; {n_kv} k/v operands at {o.kv_bits} bits" if n_kv else ""))
+        return module
