@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
@@ -236,6 +237,19 @@ def test_selector_matching_nothing_and_missing_calibration() -> None:
     with pytest.raises(PipelineError, match="needs calibration data"):
         PassManager([NeedsCalib()], progress=False).run(_model())
 
+    class RequiresCalib(Pass):
+        """Test-only pass requiring an analysis that runs the calibration batches."""
+
+        name = "test-requires-calib"
+        requires = (CalibrationStats,)
+
+        def run(self, module: Module, ctx: PassContext) -> Module:
+            return module
+
+    assert RequiresCalib.uses_calibration() and not get_pass("cse").uses_calibration()
+    with pytest.raises(PipelineError, match="'test-requires-calib' \\(step 1 of 1\\) needs calibration data"):
+        PassManager([RequiresCalib()], progress=False).run(_model())
+
 
 def test_bad_steps_are_rejected() -> None:
     with pytest.raises(PassError, match="pipeline step 0: expected a Step"):
@@ -323,9 +337,20 @@ def test_context_cache_is_per_module_object() -> None:
     m1, m2 = _model(), _model()
     CountingAnalysis.computations = 0
     ctx.get(CountingAnalysis(), m1)
-    ctx.get(CountingAnalysis(), m2)  # another module: recomputed, m1's entry dropped
-    assert ctx.cached(CountingAnalysis(), m2) and not ctx.cached(CountingAnalysis(), m1)
+    ctx.get(CountingAnalysis(), m2)  # another module (e.g. a trial clone): its own entry
+    ctx.get(CountingAnalysis(), m1)  # m1's result was not evicted
+    assert ctx.cached(CountingAnalysis(), m1) and ctx.cached(CountingAnalysis(), m2)
     assert CountingAnalysis.computations == 2
+    # Results die with their module (no id() reuse can serve them to another one).
+    del m2
+    gc.collect()
+    assert len(ctx._cache) == 1
+    # invalidate keeps the listed analyses and can move them to a successor module.
+    m3 = m1.clone()
+    ctx.invalidate(keep=(CountingAnalysis,), source=m1, module=m3)
+    assert ctx.cached(CountingAnalysis(), m3) and not ctx.cached(CountingAnalysis(), m1)
+    ctx.invalidate()
+    assert not ctx.cached(CountingAnalysis(), m3)
 
 
 # =========================================================================== instruments

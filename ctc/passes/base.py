@@ -201,6 +201,8 @@ class Analysis:
     """
 
     name: ClassVar[str] = ""
+    # True when computing it runs the calibration batches (a pass requiring it then needs them).
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, **config: Any):
         self.config = config
@@ -239,10 +241,9 @@ class PassContext:
     progress: Callable[[str, int, int], None] | None = None
     # Names of the analyses computed (cache misses) since the pass manager last reset it.
     computed: list[str] = field(default_factory=list)
-    _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
-    # The module the cache describes, held weakly: an ``id()`` could be reused by a new
-    # module after the old one is freed, and would then serve it stale results.
-    _cache_module: Any = field(default=None, repr=False)
+    # Results per module object, held weakly: a module that is freed takes its results with
+    # it, and an ``id()`` reused by a new module can never serve stale results.
+    _cache: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def selected(self, node: Node) -> bool:
         return self.selector.matches(node)
@@ -250,41 +251,41 @@ class PassContext:
     def note(self, line: str) -> None:
         self.notes.append(line)
 
-    def _bind(self, module: Module) -> None:
-        """Point the cache at ``module``, dropping results about any other module."""
-        if self._cache_module is None or self._cache_module() is not module:
-            self._cache.clear()
-            self._cache_module = weakref.ref(module)
-
     def get(self, analysis: Analysis, module: Module) -> Any:
         """Result of ``analysis`` on ``module``, computed once and cached.
 
-        The cache holds results for one module; asking about another drops them.  Within
-        a pass, results describe the module as it was when first asked: a pass that
-        rewrites the module and asks again must call :meth:`invalidate` itself.
+        Results are cached per module object, so asking about a trial clone does not evict
+        the results of the module being compiled.  Within a pass, results describe the
+        module as it was when first asked: a pass that rewrites the module and asks again
+        must call :meth:`invalidate` itself.  Between passes the pass manager invalidates.
         """
-        self._bind(module)
+        per = self._cache.setdefault(module, {})
         k = analysis.key()
-        if k not in self._cache:
-            self._cache[k] = analysis.compute(module, self)
+        if k not in per:
+            per[k] = analysis.compute(module, self)
             self.computed.append(analysis.name or type(analysis).__name__)
-        return self._cache[k]
+        return per[k]
 
     def cached(self, analysis: Analysis, module: Module) -> bool:
         """Whether ``analysis`` on ``module`` is in the cache (no computation)."""
-        return (self._cache_module is not None and self._cache_module() is module
-                and analysis.key() in self._cache)
+        return analysis.key() in self._cache.get(module, {})
 
-    def invalidate(self, keep: Sequence[type[Analysis]] = (), *, module: Module | None = None) -> None:
-        """Drop cached analyses except those of the given types.
+    def invalidate(self, keep: Sequence[type[Analysis]] = (), *, source: Module | None = None,
+                   module: Module | None = None) -> None:
+        """Drop cached analyses, of every module, except those of the given types.
 
-        ``module``: the module the kept results now describe (a pass may return a new
-        module object that it declares equivalent for the preserved analyses).
+        A pass may return a new module object that it declares equivalent to the one it was
+        given for the analyses it preserves: pass that one as ``source`` and the result as
+        ``module``, and the kept results of ``source`` move to ``module``.
         """
         names = {c.__name__ for c in keep}
-        self._cache = {k: v for k, v in self._cache.items() if k[0] in names}
-        if module is not None:
-            self._cache_module = weakref.ref(module)
+        for m in list(self._cache.keys()):
+            per = self._cache[m]
+            for k in [k for k in per if k[0] not in names]:
+                del per[k]
+        if source is not None and module is not None and source is not module and source in self._cache:
+            kept = self._cache.pop(source)
+            self._cache.setdefault(module, {}).update(kept)
 
     def report_progress(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -315,6 +316,11 @@ class Pass:
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         raise NotImplementedError(f"pass {self.name} does not implement run()")
+
+    @classmethod
+    def uses_calibration(cls) -> bool:
+        """Whether the pass needs calibration data, itself or through an analysis it requires."""
+        return cls.needs_calibration or any(a.needs_calibration for a in cls.requires)
 
     @classmethod
     def summary(cls) -> str:

@@ -532,7 +532,7 @@ class PassManager:
                                                                           for n in module.nodes):
             raise self._fail(f"has selector {step.selector.describe()} which matches no node of the module "
                              f"(blocks present: {module.blocks()})", step, i, names, report, None)
-        if p.needs_calibration and not ctx.calibration:
+        if p.uses_calibration() and not ctx.calibration:
             raise self._fail("needs calibration data, but the pipeline has none (add a `calibrate` line)",
                              step, i, names, report, None)
         ctx.selector = step.selector
@@ -580,7 +580,7 @@ class PassManager:
         # Analyses: everything computed on the old IR is stale unless the pass preserves it,
         # or did not change the module at all (an analysis-only pass, or nothing to do).
         if out is not module or _fingerprint(out) != fp0:
-            ctx.invalidate(keep=p.preserves, module=out)
+            ctx.invalidate(keep=p.preserves, source=module, module=out)
         rec = record("ok", seconds, out, None)
         rec.warnings = warnings
         if self.fidelity_batches:

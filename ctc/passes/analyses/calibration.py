@@ -196,6 +196,7 @@ class CalibrationStats(Analysis):
     """
 
     name = "calibration-stats"
+    needs_calibration = True
 
     _KNOWN = ("input_ops", "operands", "output_ops", "values", "reservoir", "hessian", "max_batches", "seed")
 
