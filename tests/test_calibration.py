@@ -92,6 +92,14 @@ def test_hessian_and_reservoir() -> None:
     assert torch.equal(again["x"].reservoir, s.reservoir)
     other = PassContext(calibration=batches, seed=4).get(CalibrationStats(hessian=True, reservoir=7), m)
     assert not torch.equal(other["x"].reservoir, s.reservoir)
+    # A point's sample does not depend on which other points are collected.
+    lr = next(n for n in m.nodes if n.op == "lowrank_linear").output.name
+    more = PassContext(calibration=batches, seed=3).get(
+        CalibrationStats(values=(lr,), input_ops=(), reservoir=7), m)
+    alone = PassContext(calibration=batches, seed=3).get(
+        CalibrationStats(values=("x", lr), input_ops=(), reservoir=7), m)
+    assert torch.equal(more[lr].reservoir, alone[lr].reservoir)
+    assert torch.equal(alone["x"].reservoir, s.reservoir)
 
 
 def test_reservoir_is_uniform() -> None:

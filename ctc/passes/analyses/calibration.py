@@ -15,6 +15,7 @@ any other, and dropped after a pass unless the pass lists :class:`CalibrationSta
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,7 +288,9 @@ class CalibrationStats(Analysis):
             s = stats.get(v.name)
             if s is None:
                 c = int(t.shape[-1]) if t.dim() else 1
-                gen = torch.Generator().manual_seed(seed + len(stats))
+                # Each point's sample depends on the seed and its name only, not on which
+                # other points are collected (str hash() is salted per process: use crc32).
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(v.name.encode())) % 2**63)
                 s = stats[v.name] = ChannelStats(v.name, c, reservoir_size=int(cfg["reservoir"]), _gen=gen)
                 if cfg["hessian"]:
                     s.xtx = torch.zeros((c, c), dtype=torch.float64)
