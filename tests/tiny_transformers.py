@@ -47,7 +47,7 @@ def tiny_transformer(kind: str = "llama", *, d: int = 32, heads: int = 4, kv_hea
     for i in range(layers):
         s = f"layers.{i}"
 
-        def split(v: Value, nh: int, sc: str) -> Value:
+        def split(v: Value, nh: int, sc: str, i: int = i) -> Value:
             r = node("reshape", [v], {"shape": (batch, seq, nh, dh)}, sc, i)
             return node("transpose", [r], {"dim0": 1, "dim1": 2}, sc, i)
 

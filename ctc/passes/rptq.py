@@ -384,7 +384,7 @@ class RptqPass(Pass):
             by_x.setdefault(id(lin.inputs[0]), []).append(lin)
             xs[id(lin.inputs[0])] = lin.inputs[0]
         plans = []
-        for key, group in by_x.items():
+        for key in by_x:
             x = xs[key]
             # Every linear reading x as its activation absorbs the reorder (even unselected ones).
             absorbers = [u for u in x.users if u.op == "linear" and u.inputs[0] is x

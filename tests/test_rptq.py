@@ -1,0 +1,198 @@
+"""rptq pass: folding the reorder is exact, the fold check catches a missed consumer, clusters=1 is
+per-tensor, k-means is deterministic, GPTQ reduces the layer output error, quantized graphs are integer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_transformers import outlier_inputs, tiny_transformer
+
+from ctc.ir import quant as Q
+from ctc.ir.interpreter import interpret
+from ctc.ir.verify import verify
+from ctc.passes.base import PassContext, PassError, get_pass
+from ctc.passes.quantize import segment_qparams
+from ctc.passes.rptq import check_fold_complete, gptq_quantize, kmeans, runs
+
+FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _run(kind: str, opts: dict, seed: int = 0, **kw: int):
+    m = tiny_transformer(kind, seed=seed, **kw)
+    cal = outlier_inputs(m, 3, seed=seed + 1)
+    ref = m.clone()
+    ctx = PassContext(calibration=cal, seed=seed)
+    out = get_pass("rptq")(opts).run(m, ctx)
+    verify(out)
+    return ref, out, cal, ctx
+
+
+@FAST
+@given(kind=st.sampled_from(["bert", "llama"]), seed=st.integers(0, 10_000), clusters=st.integers(1, 6),
+       heads=st.sampled_from([2, 4]))
+def test_fold_only_is_exact(kind: str, seed: int, clusters: int, heads: int) -> None:
+    ref, out, cal, ctx = _run(kind, {"fold_only": True, "clusters": clusters, "check_fold": False},
+                              seed=seed, heads=heads, kv_heads=heads // 2)
+    assert out.op_counts().get("quant_linear", 0) == 0
+    for b in cal:
+        a, e = interpret(out, b)[0], interpret(ref, b)[0]
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+    routes = ctx.metrics["rptq_routes"]
+    if kind == "llama":  # pre-norm: every reorder folds with no standalone permute besides the norm gathers
+        assert routes == {"norm": 4, "attention": 2, "producer": 2}
+    else:  # post-LN: the LN output is also the residual stream -> explicit permute on the linear branch
+        assert routes == {"explicit": 4, "attention": 2, "producer": 2}
+
+
+def test_a16_w16_like_fold_with_weights_changes_nothing_in_float() -> None:
+    """a_bits=16 keeps activations float; with the reorder folded the graph still computes the same
+    function as RTN weight-only quantization of the un-reordered weights (same per-row scales)."""
+    ref, out, cal, _ = _run("llama", {"a_bits": 16, "w_bits": 8})
+    base = ref.clone()
+    base = get_pass("quantize")({"a_bits": 16, "w_bits": 8}).run(base, PassContext(calibration=cal))
+    a, e = interpret(out, cal[0])[0], interpret(base, cal[0])[0]
+    torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
+def test_fold_check_fails_loudly_on_missed_consumer() -> None:
+    """Permute a LayerNorm-produced value but declare only the q/k/v linears handled: the residual
+    add that also reads it (BERT post-LN) must be reported."""
+    m = tiny_transformer("bert", layers=1)
+    ln = next(n for n in m.nodes if n.op == "layer_norm")
+    x = ln.output
+    lins = [u for u in x.users if u.op == "linear"]
+    assert any(u.op == "add" for u in x.users)
+    with pytest.raises(PassError, match=r"read by add .* does not absorb"):
+        check_fold_complete(m, [x], lins)
+    check_fold_complete(m, [x], x.users)  # all readers handled: passes
+    last = m.outputs[0]
+    with pytest.raises(PassError, match="module output"):
+        check_fold_complete(m, [last], [])
+
+
+def test_fold_numeric_check_catches_wrong_layout() -> None:
+    """check_fold compares the folded float graph with the original: break the head layout the
+    attention route relies on (heads merged in the wrong order) and the pass must refuse."""
+    m = tiny_transformer("bert", layers=1, heads=4)
+    # Reverse the merge: transpose(1,2) of the attention output replaced by permute (0,2,1,3) is the
+    # same; instead corrupt it into (batch, heads*seq) order with permute (0,1,2,3) + reshape.
+    attn = next(n for n in m.nodes if n.op == "scaled_dot_product_attention")
+    t = attn.output.users[0]
+    assert t.op == "transpose"
+    t.attrs["dim0"], t.attrs["dim1"] = 1, 1  # identity transpose: the reshape now mixes positions and heads
+    for v in t.outputs:
+        v.type = attn.output.type
+    cal = outlier_inputs(m, 2)
+    ctx = PassContext(calibration=cal)
+    try:
+        out = get_pass("rptq")({"fold_only": True}).run(m.clone(), ctx)
+    except PassError as e:
+        assert "changed the float outputs" in str(e)
+    else:  # if the route was not taken, the fold must still be exact
+        ref = interpret(m, cal[0])[0]
+        torch.testing.assert_close(interpret(out, cal[0])[0], ref, rtol=1e-5, atol=1e-4)
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([4, 8]))
+def test_clusters_one_equals_per_tensor(seed: int, bits: int) -> None:
+    """RPTQ with one cluster is per-tensor activation quantization (same weights: per channel)."""
+    ref, out, cal, _ = _run("llama", {"clusters": 1, "w_bits": 8, "a_bits": bits, "check_fold": False}, seed=seed)
+    base = get_pass("quantize")({"w_bits": 8, "a_bits": bits, "a_granularity": "tensor",
+                                 "w_granularity": "channel"}).run(ref, PassContext(calibration=cal, seed=seed))
+    for n in out.nodes:
+        if n.op == "quant_linear":
+            assert n.attrs["act_clusters"] == ()
+    a, e = interpret(out, cal[0])[0], interpret(base, cal[0])[0]
+    torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
+def test_rptq_beats_per_tensor_on_outlier_channels() -> None:
+    ref, out, cal, _ = _run("llama", {"clusters": 8, "w_bits": 8, "a_bits": 4})
+    base = get_pass("quantize")({"w_bits": 8, "a_bits": 4}).run(ref.clone(), PassContext(calibration=cal))
+    e_r = e_t = 0.0
+    for b in cal:
+        y = interpret(ref, b)[0]
+        e_r += float((interpret(out, b)[0] - y).pow(2).mean())
+        e_t += float((interpret(base, b)[0] - y).pow(2).mean())
+    assert e_r < 0.5 * e_t
+
+
+def test_quantized_graph_is_integer_and_segments_contiguous() -> None:
+    _, out, _, _ = _run("llama", {"clusters": 3, "w_bits": 4, "a_bits": 8})
+    qls = [n for n in out.nodes if n.op == "quant_linear"]
+    assert len(qls) == 14  # 7 linears x 2 blocks; lm_head (outside the blocks) stays float
+    assert not [n for n in out.nodes if n.op == "linear" and n.block is not None]
+    for n in qls:
+        qw = out.params[n.inputs[1].producer.attrs["name"]]
+        assert qw.dtype == torch.uint8  # int4 packed two per byte
+        k = n.inputs[0].type.shape[-1]
+        assert qw.shape[1] == (k + 1) // 2
+        b = n.attrs["act_clusters"]
+        assert list(b) == sorted(set(b)) and (not b or b[-1] == k)
+    # standalone gathers: only the norm-input ones (pre-norm model)
+    assert out.op_counts().get("channel_permute", 0) == 4
+
+
+def test_kmeans_deterministic_and_separates() -> None:
+    g = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.randn(20, 2, generator=g) * 0.05 + c for c in (0.0, 5.0, -7.0)])
+    l1, l2 = kmeans(pts, 3, seed=3), kmeans(pts, 3, seed=3)
+    assert torch.equal(l1, l2)
+    assert len(set(l1[:20].tolist())) == len(set(l1[20:40].tolist())) == len(set(l1[40:].tolist())) == 1
+    assert len(set(l1.tolist())) == 3
+    assert kmeans(pts[:2], 5).tolist() in ([0, 1], [1, 0])  # k capped by the point count
+    assert runs(torch.tensor([0, 0, 1, 1, 1, 2])) == [2, 5, 6]
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([4, 8]), k=st.integers(2, 40), nseg=st.integers(1, 4))
+def test_act_quant_dequant_error_within_half_step(seed: int, bits: int, k: int, nseg: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, k, generator=g) * torch.rand(k, generator=g) * 10
+    nseg = min(nseg, k)
+    bounds = sorted(set(torch.randperm(k - 1, generator=g)[: nseg - 1].add(1).tolist())) + [k]
+    s, z = segment_qparams(x.amin(0), x.amax(0), bounds, bits)
+    y = Q.fake_quant_act(x, s, z, bits, bounds)
+    step = s[Q.cluster_index(bounds, k)]
+    assert bool(((y - x).abs() <= step / 2 + 1e-6 * (1 + x.abs())).all())
+
+
+@pytest.mark.parametrize("group_size", [-1, 8])
+def test_gptq_reduces_output_error(group_size: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    k, n = 32, 24
+    mix = torch.randn(k, k, generator=g)
+    x = torch.randn(512, k, generator=g) @ mix  # correlated inputs: where GPTQ helps
+    w = torch.randn(n, k, generator=g)
+    h = x.double().T @ x.double() / x.shape[0]
+    q_g = gptq_quantize(w, h, 4, group_size, True)
+    q_r = Q.quantize_weight(w, 4, group_size, True)
+
+    def err(q: Q.QuantizedWeight) -> float:
+        wd = Q.dequantize_weight(q.qweight, q.scale, q.zero, q.bits, q.group_size, k)
+        return float((x @ (wd - w).T).pow(2).mean())
+
+    assert err(q_g) < 0.8 * err(q_r)
+    codes = Q.unpack_weight(q_g.qweight, 4, k)
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+
+
+def test_gptq_pass_runs_with_hessian() -> None:
+    ref, out, cal, ctx = _run("bert", {"gptq": True, "w_bits": 4, "a_bits": 8, "kv_bits": 8, "clusters": 4})
+    assert out.op_counts()["quant_linear"] == 12
+    assert out.op_counts()["quantize"] == 4  # k and v of two attention layers
+    y = interpret(out, cal[0])[0]
+    e = interpret(ref, cal[0])[0]
+    assert float((y - e).abs().max()) < 0.5 * float(e.abs().max())
+
+
+def test_bad_options_are_errors() -> None:
+    with pytest.raises(PassError, match="group_size"):
+        get_pass("rptq")({"group_size": 0})
+    with pytest.raises(PassError, match="did you mean 'clusters'"):
+        get_pass("rptq")({"cluster": 4})
+    with pytest.raises(PassError, match="a_bits"):
+        get_pass("rptq")({"a_bits": 3})
