@@ -96,21 +96,23 @@ class ChannelStats:
         n = rows.shape[0]
         if n == 0:
             return
+        lo, hi = torch.aminmax(rows, dim=0)  # exact in the value's own dtype
+        lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+        amax = torch.maximum(-lo, hi)  # max |x| per channel, without materialising |x|
         r64 = rows.to(torch.float64)
-        a = r64.abs()
-        lo, hi, amax = r64.amin(0), r64.amax(0), a.amax(0)
+        s1, sa, s2 = r64.sum(0), r64.abs().sum(0), r64.square().sum(0)
         if self.rows == 0:
             self.min, self.max, self.abs_max = lo, hi, amax
-            self.abs_sum, self.sum, self.sq_sum = a.sum(0), r64.sum(0), (r64 * r64).sum(0)
+            self.abs_sum, self.sum, self.sq_sum = sa, s1, s2
         else:
             assert self.min is not None and self.max is not None and self.abs_max is not None
             assert self.abs_sum is not None and self.sum is not None and self.sq_sum is not None
             torch.minimum(self.min, lo, out=self.min)
             torch.maximum(self.max, hi, out=self.max)
             torch.maximum(self.abs_max, amax, out=self.abs_max)
-            self.abs_sum += a.sum(0)
-            self.sum += r64.sum(0)
-            self.sq_sum += (r64 * r64).sum(0)
+            self.abs_sum += sa
+            self.sum += s1
+            self.sq_sum += s2
         if self.xtx is not None:
             self.xtx += r64.T @ r64
         if self.reservoir_size > 0:
