@@ -16,9 +16,11 @@ What a generated module contains (each piece only when its op is registered and 
 schema accepts the arguments, so the strategy keeps working while the op library grows):
 
 * 1-2 float inputs ``f32[B, S, D]``, ``S`` a symbol ``s0`` about half of the time;
-* a random DAG of elementwise unary/binary ops, ``linear``, ``matmul``, ``softmax``,
-  ``reshape``/``permute`` round trips (rank 4 values), and the compression ops
-  ``channel_permute``, ``lowrank_linear``, ``quant_linear``;
+* a random DAG of elementwise unary/binary ops (tensor or scalar operands), ``linear``,
+  ``matmul``, ``softmax``, ``layer_norm``/``rms_norm``, ``transpose``, ``reshape``/``permute``
+  head splits (rank 4 values) feeding ``scaled_dot_product_attention``, ``sparse_attention``
+  or ``calibrated_attention``, and the compression ops ``channel_permute``,
+  ``lowrank_linear``, ``quant_linear``;
 * parameters, some read by two ``param`` nodes and some values read by two nodes
   (shared weights), ``full`` constants and parameter-only subexpressions (constant-folding
   fodder), exact duplicates of earlier nodes (CSE fodder), and nodes no output depends on
@@ -175,11 +177,59 @@ def _softmax(c: _Ctx) -> Value | None:
     x = c.pick()
     if x is None:
         return None
-    name = _attr_name("softmax", ("dim", "axis"))
-    return c.node("softmax", [x], {name: -1} if name else {})
+    name = _attr_name("softmax", ("axis", "dim"))
+    return c.node("softmax", [x], {name: c.draw(st.integers(0, x.type.rank - 1))} if name else {})
 
 
-def _split_heads(c: _Ctx) -> Value | None:
+def _norm(c: _Ctx) -> Value | None:
+    """layer_norm(x, w, b) or rms_norm(x, w) over the last axis."""
+    ops = [o for o in ("layer_norm", "rms_norm") if _has(o)]
+    x = c.pick(_last_static)
+    if not ops or x is None:
+        return None
+    op = c.draw(st.sampled_from(ops))
+    d = int(x.type.shape[-1])
+    loc = c.loc()
+    ins = [x, c.param((d,), loc=loc)]
+    if op == "layer_norm" and c.draw(st.booleans()):
+        ins.append(c.param((d,), loc=loc))
+    return c.node(op, ins, loc=loc)
+
+
+def _transpose(c: _Ctx) -> Value | None:
+    if not _has("transpose"):
+        return None
+    x = c.pick(lambda v: v.type.rank >= 2)
+    if x is None:
+        return None
+    r = x.type.rank
+    return c.node("transpose", [x], {"dim0": r - 2, "dim1": r - 1})
+
+
+def _attention(c: _Ctx) -> Value | None:
+    """An attention op over rank-4 values (from split_heads): SDPA or a compression variant."""
+    ops = [o for o in ("scaled_dot_product_attention", "sparse_attention", "calibrated_attention") if _has(o)]
+    if not ops:
+        return None
+    q = c.pick(lambda v: v.type.rank == 4) or _split_heads(c, back=False)
+    if q is None:
+        return None
+    k = c.pick(lambda v: v.type == q.type) or q
+    v = c.pick(lambda v: v.type == q.type) or q
+    op = c.draw(st.sampled_from(ops))
+    attrs: dict[str, Any] = {"is_causal": c.draw(st.booleans())}
+    if op == "sparse_attention":
+        n = c.draw(st.integers(0, 2))
+        attrs["rounds"] = tuple(c.draw(st.sampled_from([2, 4, 8])) for _ in range(n))
+        attrs["keep_ratios"] = tuple(c.draw(st.sampled_from([0.25, 0.5, 1.0])) for _ in range(n))
+    elif op == "calibrated_attention":
+        h = q.type.shape[1]
+        attrs["heads"] = (c.draw(st.integers(0, h - 1)),) if isinstance(h, int) else ()
+        attrs["factor"] = c.draw(st.sampled_from([0.0, 0.5, 1.0]))
+    return c.node(op, [q, k, v], attrs)
+
+
+def _split_heads(c: _Ctx, back: bool | None = None) -> Value | None:
     """reshape [B, S, D] -> [B, S, 2, D/2] -> permute to [B, 2, S, D/2]; sometimes back again."""
     if not (_has("reshape") and _has("permute")):
         return None
@@ -194,7 +244,7 @@ def _split_heads(c: _Ctx) -> Value | None:
     loc = c.loc()
     y = c.node("reshape", [x], {shape_attr: (b, s, 2, int(d) // 2)}, loc=loc)
     y = c.node("permute", [y], {perm_attr: (0, 2, 1, 3)}, loc=loc)
-    if c.draw(st.booleans()):
+    if c.draw(st.booleans()) if back is None else back:
         y = c.node("permute", [y], {perm_attr: (0, 2, 1, 3)}, loc=loc)
         y = c.node("reshape", [y], {shape_attr: (b, s, d)}, loc=loc)
     return y
@@ -278,6 +328,9 @@ BUILDERS: dict[str, Callable[[_Ctx], Value | None]] = {
     "linear": _linear,
     "matmul": _matmul,
     "softmax": _softmax,
+    "norm": _norm,
+    "transpose": _transpose,
+    "attention": _attention,
     "split_heads": _split_heads,
     "channel_permute": _channel_permute,
     "lowrank_linear": _lowrank,
@@ -292,6 +345,8 @@ def available_builders() -> list[str]:
     need = {"unary": any(_has(o) for o in SAFE_UNARY), "binary": any(_has(o) for o in SAFE_BINARY),
             "linear": _has("linear"), "matmul": _has("matmul"), "softmax": _has("softmax"),
             "split_heads": _has("reshape") and _has("permute"),
+            "norm": _has("layer_norm") or _has("rms_norm"), "transpose": _has("transpose"),
+            "attention": _has("reshape") and _has("permute"),
             "constant": any(_has(o) for o in SAFE_BINARY)}
     return [b for b in BUILDERS if need.get(b, True)]
 

@@ -294,18 +294,18 @@ def test_sparse_attention_keeps_top_keys_and_handles_gqa():
     q, k, v = _qkv(h=4, hk=2, lk=10, seed=7)
     kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     # 16-bit filtering is near exact: keeping one key returns the value of the argmax key
-    y = _ref("sparse_attention", q, k, v, rounds=(16,), keep_ratios=(0.1,))
+    y = _ref("sparse_attention", q, k, v, rounds=(16,), keep_ratios=(0.1,), enable_gqa=True)
     best = (q @ kk.transpose(-1, -2)).argmax(-1)
     expect = torch.gather(vv, 2, best[..., None].expand(-1, -1, -1, vv.shape[-1]))
     assert torch.allclose(y, expect, atol=1e-5)
     # keep 50%: equals SDPA restricted to the top-5 exact logits
-    y5 = _ref("sparse_attention", q, k, v, rounds=(16,), keep_ratios=(0.5,))
+    y5 = _ref("sparse_attention", q, k, v, rounds=(16,), keep_ratios=(0.5,), enable_gqa=True)
     logits = q @ kk.transpose(-1, -2)
     top = logits.topk(5, dim=-1).indices
     allowed = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
     assert torch.allclose(y5, F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed), atol=1e-5)
     # low-bit rounds are an approximation that differs from exact attention
-    y2 = _ref("sparse_attention", q, k, v, rounds=(2,), keep_ratios=(0.3,))
+    y2 = _ref("sparse_attention", q, k, v, rounds=(2,), keep_ratios=(0.3,), enable_gqa=True)
     assert not torch.allclose(y2, F.scaled_dot_product_attention(q, kk, vv), atol=1e-3)
 
 
@@ -317,7 +317,28 @@ def test_sparse_attention_infer_errors():
     with pytest.raises(OpError, match=r"\(0, 1\]"):
         _infer("sparse_attention", [t, t, t], rounds=(4,), keep_ratios=(1.5,))
     with pytest.raises(OpError, match="multiple"):
-        _infer("sparse_attention", [TensorType((1, 3, 4, 8), "f32"), t, t])
+        _infer("sparse_attention", [TensorType((1, 3, 4, 8), "f32"), t, t], enable_gqa=True)
+    with pytest.raises(OpError, match="needs enable_gqa"):
+        _infer("sparse_attention", [TensorType((1, 4, "s0", 8), "f32"), t, t])
+    assert _infer("sparse_attention", [TensorType((1, 4, "s0", 8), "f32"), t, t], enable_gqa=True) == [
+        TensorType((1, 4, "s0", 8), "f32")]
+
+
+@pytest.mark.parametrize("op", ["sparse_attention", "calibrated_attention"])
+@pytest.mark.parametrize("attrs", [{}, {"is_causal": True}, {"scale": 0.3}, {"enable_gqa": True}])
+def test_attention_ops_accept_sdpa_attributes_and_match_it_unfiltered(op, attrs):
+    """A pass swaps scaled_dot_product_attention for these ops keeping its operands and attributes."""
+    sdpa = get_op("scaled_dot_product_attention")
+    q, k, v = _qkv(h=4, hk=2 if attrs.get("enable_gqa") else 4, seed=11)
+    full = sdpa.check_attrs(attrs)
+    expect = sdpa.ref(q, k, v, **full)
+    got = _ref(op, q, k, v, **full)
+    assert torch.allclose(got, expect, atol=1e-5)
+    types = [TensorType.of(t) for t in (q, k, v)]
+    assert _infer(op, types, **full) == sdpa.infer_types(types, full)
+    if not attrs.get("is_causal"):
+        mask = torch.randn(1, 1, 6, 6)
+        assert torch.allclose(_ref(op, q, k, v, mask, **full), sdpa.ref(q, k, v, mask, **full), atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -59,5 +59,7 @@ def test_strategy_reaches_shared_params_duplicates_dead_code_and_symbols_and_eve
     assert {"channel_permute", "lowrank_linear", "quant_linear"} <= set(seen_ops)
     if "linear" in available_builders():
         assert "linear" in seen_ops
+    if "attention" in available_builders():
+        assert {"sparse_attention", "calibrated_attention"} <= set(seen_ops)
     if "unary" in available_builders() or "binary" in available_builders():
         assert len(seen_ops) >= 8

@@ -318,7 +318,7 @@ def channel_permute(x: torch.Tensor, perm: torch.Tensor, *, axis: int) -> torch.
 
 
 # =========================================================================== attention helpers
-def _infer_attention(name: str, ins: list[TensorType]) -> TensorType:
+def _infer_attention(name: str, ins: list[TensorType], attrs: dict) -> TensorType:
     q, k, v = ins[:3]
     for t, w in ((q, "q"), (k, "k"), (v, "v")):
         _float(t, f"{name} {w}")
@@ -328,8 +328,11 @@ def _infer_attention(name: str, ins: list[TensorType]) -> TensorType:
     expect_dim(q.shape[3], k.shape[3], f"{name} head dim of q vs k")
     expect_dim(k.shape[1], v.shape[1], f"{name} heads of k vs v")
     hq, hk = q.shape[1], k.shape[1]
-    if not dims_equal(hq, hk) and not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
-        raise OpError(f"{name}: query heads {hq} must equal or be a multiple of key/value heads {hk}")
+    if not dims_equal(hq, hk):
+        if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+            raise OpError(f"{name}: query heads {hq} must equal or be a multiple of key/value heads {hk}")
+        if not attrs["enable_gqa"]:
+            raise OpError(f"{name}: {hq} query heads but {hk} key/value heads needs enable_gqa=true")
     if len(ins) > 3:
         m = ins[3]
         if m.rank > 4:
@@ -369,12 +372,13 @@ def _heads_v(v: torch.Tensor, hq: int) -> torch.Tensor:
 _ATTN_ATTRS = {
     "is_causal": Attr("bool", False, doc="query i sees keys j <= i (top-left aligned, as torch SDPA)"),
     "scale": Attr("opt_float", None, doc="logit scale; None = 1/sqrt(head_dim)"),
+    "enable_gqa": Attr("bool", False, doc="k/v have fewer heads that groups of consecutive query heads share"),
 }
 
 
 # =========================================================================== sparse_attention
 def _infer_sparse(ins: list[TensorType], attrs: dict) -> list[TensorType]:
-    out = _infer_attention("sparse_attention", ins)
+    out = _infer_attention("sparse_attention", ins, attrs)
     rounds, ratios = attrs["rounds"], attrs["keep_ratios"]
     if len(rounds) != len(ratios):
         raise OpError(f"sparse_attention: {len(rounds)} rounds but {len(ratios)} keep_ratios")
@@ -408,13 +412,15 @@ def _lowbit(t: torch.Tensor, bits: int) -> torch.Tensor:
     },
 )
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
-                     is_causal: bool, scale: float | None, rounds: tuple[int, ...],
+                     is_causal: bool, scale: float | None, enable_gqa: bool, rounds: tuple[int, ...],
                      keep_ratios: tuple[float, ...], min_keep: int) -> torch.Tensor:
     """Energon-style multi-round filtered attention; ``q [B, H, Lq, D]``, ``k, v [B, Hkv, Lk, *]``.
 
     Allowed keys: all, restricted by ``is_causal`` (``j <= i``) and ``mask`` (bool: True =
-    allowed; float: added to the logits, ``-inf`` = not allowed), as in torch SDPA; grouped
-    key/value heads are repeated to the query heads.  Let ``n_i`` be the number of keys query
+    allowed; float: added to the logits, ``-inf`` = not allowed), as in
+    ``scaled_dot_product_attention`` (whose attributes carry over unchanged; here a mask and
+    ``is_causal`` may also be combined); with ``enable_gqa`` each key/value head serves
+    ``Hq / Hkv`` consecutive query heads.  Let ``n_i`` be the number of keys query
     ``i`` may see.  The candidate set starts as the allowed keys.  Round ``r`` quantizes q
     and k symmetrically per vector to ``rounds[r]`` bits, computes approximate logits
     ``q̂ k̂^T * scale (+ float mask)`` and keeps, among the current candidates, the
@@ -443,7 +449,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 # =========================================================================== calibrated_attention
 def _infer_calibrated(ins: list[TensorType], attrs: dict) -> list[TensorType]:
-    out = _infer_attention("calibrated_attention", ins)
+    out = _infer_attention("calibrated_attention", ins, attrs)
     if not 0.0 <= attrs["factor"] <= 1.0:
         raise OpError(f"calibrated_attention factor must lie in [0, 1], got {attrs['factor']}")
     hq = ins[0].shape[1]
@@ -472,7 +478,8 @@ def _infer_calibrated(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     },
 )
 def calibrated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
-                         is_causal: bool, scale: float | None, heads: tuple[int, ...], sinks: tuple[int, ...],
+                         is_causal: bool, scale: float | None, enable_gqa: bool, heads: tuple[int, ...],
+                         sinks: tuple[int, ...],
                          factor: float) -> torch.Tensor:
     """Attention with ACT-style sink calibration (Yu et al. 2024, training-free attention calibration).
 
