@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["QuantizedWeight", "act_qparams", "cluster_index", "dequantize_weight", "fake_quant_act",
-           "pack_int4", "packed_k", "qrange", "quant_linear_int", "quantize_weight", "unpack_int4",
-           "unpack_weight"]
+           "num_groups", "pack_int4", "packed_k", "qrange", "quant_linear_int", "quantize_act", "quantize_weight",
+           "unpack_int4", "unpack_weight"]
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
