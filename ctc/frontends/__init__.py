@@ -1,5 +1,14 @@
-"""Frontends: capture PyTorch / Hugging Face models into the ctc IR."""
+"""Frontends: capture PyTorch / Hugging Face models into the ctc IR.
 
-from ctc.frontends.aten_capture import CaptureError, capture
+``capture(model, example_inputs)`` for any ``nn.Module``; ``load_hf(dir)`` / ``load_bundled(name)``
+then ``capture_loaded(loaded)`` for Hugging Face models; ``load_pt2(path)`` for a saved
+``torch.export`` program.
+"""
 
-__all__ = ["CaptureError", "capture"]
+from ctc.frontends.aten_capture import CaptureError, capture, capture_exported
+from ctc.frontends.bundled import BUNDLED, bundled_dir, load_bundled
+from ctc.frontends.hf import HFModel, ModelLoadError, capture_hf_model, capture_loaded, example_inputs, load_hf
+from ctc.frontends.pt2 import load_pt2
+
+__all__ = ["BUNDLED", "CaptureError", "HFModel", "ModelLoadError", "bundled_dir", "capture", "capture_exported",
+           "capture_hf_model", "capture_loaded", "example_inputs", "load_bundled", "load_hf", "load_pt2"]

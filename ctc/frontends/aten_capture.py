@@ -60,6 +60,25 @@ def find_block_list(model: nn.Module) -> tuple[str, int] | None:
     return (best[2], best[0]) if best else None
 
 
+def blocks_from_scopes(nodes: list[fx.Node]) -> tuple[str, int] | None:
+    """Repeated stack inferred from module paths alone (``X.0``, ``X.1``, ...): the longest run."""
+    import re
+
+    seen: dict[str, set[int]] = {}
+    for n in nodes:
+        s = scope_of(n)
+        for mo in re.finditer(r"(?:^|\.)(\d+)(?=\.|$)", s):
+            seen.setdefault(s[:mo.start(1)].rstrip("."), set()).add(int(mo.group(1)))
+    best = None
+    for prefix, idx in seen.items():
+        k = 0
+        while k in idx:
+            k += 1
+        if prefix and k and (best is None or k > best[1]):
+            best = (prefix, k)
+    return best
+
+
 def scope_of(node: fx.Node, strip: str = "") -> str:
     """Innermost module path from ``nn_module_stack`` (``encoder.layer.3.attention.self.query``)."""
     stack = node.meta.get("nn_module_stack")
@@ -531,6 +550,21 @@ def capture(
     return m
 
 
+def capture_exported(ep: Any, *, name: str | None = None, output: str | int | None = None,
+                     meta: Mapping[str, Any] | None = None) -> Module:
+    """Capture an already exported program (e.g. from :func:`ctc.frontends.load_pt2`)."""
+    if _needs_functionalization(ep.graph_module):
+        ep = ep.run_decompositions({})
+    m = _from_exported(ep, None, {}, output=output, name=name)
+    m.meta["capture_path"] = "export"
+    if meta:
+        m.meta.update(meta)
+    from ctc.frontends.patterns import fuse_patterns
+
+    fuse_patterns(m)
+    return m
+
+
 def _select_outputs(out_nodes: list[Any], spec: Any, output: str | int | None) -> tuple[list[fx.Node], list[str]]:
     import torch.utils._pytree as pytree
 
@@ -556,7 +590,7 @@ def _select_outputs(out_nodes: list[Any], spec: Any, output: str | int | None) -
     raise CaptureError(f"the model has no output {output!r} (outputs: {[p[1] for p in pairs]})")
 
 
-def _from_exported(ep: Any, model: nn.Module, dyn: Mapping[str, Mapping[int, str]], *, output: str | int | None,
+def _from_exported(ep: Any, model: nn.Module | None, dyn: Mapping[str, Mapping[int, str]], *, output: str | int | None,
                    name: str | None, strip: str = "") -> Module:
     gm = ep.graph_module
     sig = ep.graph_signature
@@ -587,7 +621,7 @@ def _from_exported(ep: Any, model: nn.Module, dyn: Mapping[str, Mapping[int, str
                       output=output, name=name, strip=strip, dyn=dyn)
 
 
-def _translate(gm: fx.GraphModule, model: nn.Module, *, params: dict[str, torch.Tensor],
+def _translate(gm: fx.GraphModule, model: nn.Module | None, *, params: dict[str, torch.Tensor],
                param_nodes: dict[fx.Node, str], input_nodes: dict[fx.Node, str], out_spec: Any,
                output: str | int | None, name: str | None, strip: str = "",
                dyn: Mapping[str, Mapping[int, str]] | None = None) -> Module:
@@ -608,12 +642,13 @@ def _translate(gm: fx.GraphModule, model: nn.Module, *, params: dict[str, torch.
         for axis, d in enumerate(ph.meta["val"].shape):
             if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol) and d.node.expr not in sym_names:
                 want = (dyn or {}).get(in_name, {}).get(axis)
-                sym_names[d.node.expr] = want if want and want not in sym_names.values() else f"d{len(sym_names)}"
-    blocks = find_block_list(model)
+                # Dims given the same name (input_ids and attention_mask "seq") are one symbol.
+                sym_names[d.node.expr] = want if want else f"d{len(sym_names)}"
+    blocks = find_block_list(model) if model is not None else blocks_from_scopes(live)
     prefix = blocks[0] if blocks else None
     if prefix and strip and prefix.startswith(strip):
         prefix = prefix[len(strip):]
-    m = Module(name or type(model).__name__)
+    m = Module(name or (type(model).__name__ if model is not None else "main"))
     tr = Translator(gm, m, params=params, param_nodes=param_nodes, input_nodes=input_nodes, sym_names=sym_names,
                     block_prefix=prefix, strip=strip)
     tr.run(live)
