@@ -8,9 +8,10 @@ evaluated as Python: option values are ints, floats, strings, bools, None or lis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ctc.passes.base import Selector
+if TYPE_CHECKING:  # parsing stays torch-free; the selector is built on demand
+    from ctc.passes.base import Selector
 
 OptionValue = Any  # int | float | str | bool | None | list[OptionValue]
 
@@ -89,6 +90,8 @@ class Step:
 
     def selector(self) -> Selector:
         """The pass-manager selector: items of one kind are alternatives, different kinds must all hold."""
+        from ctc.passes.base import Selector
+
         return Selector(
             blocks=tuple(tuple(s.value) for s in self.selectors if s.kind == "blocks"),  # type: ignore[misc]
             scopes=tuple(s.value for s in self.selectors if s.kind == "scope"),

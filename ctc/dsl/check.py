@@ -77,7 +77,8 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
                (None, "x"), ("causal-lm",)),
     MetricSpec("ppl_increase", "perplexity increase over the original (absolute, or % relative)",
                (None, "%"), ("causal-lm",)),
-    MetricSpec("fidelity", "mean cosine similarity of outputs to the original model's (0..1, or %)", (None, "%")),
+    MetricSpec("fidelity", "cosine similarity of the outputs to the original model's over the evaluation "
+               "windows (0..1, or %)", (None, "%")),
     MetricSpec("kl", "mean KL divergence of next-token distributions from the original's", (None,), ("causal-lm",)),
     MetricSpec("max_error", "largest absolute output difference from the original", (None,)),
     MetricSpec("params", "parameter count (x: ratio to the original)", (None, "x"), needs_eval=False),

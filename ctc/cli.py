@@ -1,0 +1,424 @@
+"""The `ctc` command line: compile recipes, run/eval/bench artifacts, list passes and targets.
+
+Heavy modules (torch, transformers, TVM) are imported inside the commands that need them,
+so `ctc --help`, `ctc passes` and recipe errors stay fast.
+
+Exit codes: 0 ok; 1 checks failed (the artifact is still written and its report says which);
+2 usage or recipe errors; 3 model loading/capture errors; 4 internal errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_CHECKS, EXIT_USAGE, EXIT_MODEL, EXIT_INTERNAL = 0, 1, 2, 3, 4
+
+_DESCRIPTION = """\
+ctc — compress, then compile.
+
+A recipe (.ctc file) names a model, calibration/evaluation text, a pipeline of
+compression passes, targets and accuracy checks. `ctc compile` captures the model
+into ctc's graph IR, runs the passes, measures the result against the original,
+builds the targets and writes an artifact directory with a report.
+
+A small recipe:
+
+    model bundled "minilm"
+    calibrate wiki samples=16 seq_len=128
+    evaluate lee samples=16 seq_len=128
+    pipeline {
+        cse
+        dce
+    }
+    check fidelity >= 0.999
+    check params <= 1.0x
+    emit "out/minilm"
+
+exit codes: 0 ok, 1 checks failed (artifact written), 2 usage/recipe error,
+            3 model or capture error, 4 internal error
+"""
+
+_EPILOG = """\
+examples:
+  ctc compile examples/minilm_w8a8.ctc --out out/minilm_w8a8
+  ctc show out/minilm_w8a8              # report summary (--ir for the final IR)
+  ctc run out/minilm_w8a8 --text "A sentence to embed."
+  ctc bench out/minilm_w8a8 --seq-len 128
+  ctc passes                            # every pass, its options and defaults
+"""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand (kept import-light)."""
+    p = argparse.ArgumentParser(prog="ctc", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=_formatter)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a recipe into an artifact directory", formatter_class=_formatter,
+                       description="Parse and check RECIPE, capture its model, run its pipeline, evaluate its checks, "
+                                   "build its targets and write the artifact atomically (nothing is left behind on "
+                                   "failure). Exit 1 when a check fails: the artifact is still written.")
+    c.add_argument("recipe", metavar="RECIPE", help="recipe file (.ctc)")
+    c.add_argument("--out", "-o", metavar="DIR", help="artifact directory (default: the recipe's `emit`, "
+                                                       "else out/<recipe name>)")
+    c.add_argument("--target", "-t", action="append", metavar="KIND", dest="targets",
+                   help="build only these targets (repeatable; options come from the recipe's target line if any); "
+                        "`--target none` builds none")
+    tune = c.add_mutually_exclusive_group()
+    tune.add_argument("--tune", dest="tune", action="store_true", default=None,
+                      help="tune targets (recipe trials, or 64 when the recipe gives none)")
+    tune.add_argument("--no-tune", dest="tune", action="store_false", help="skip tuning (default schedules)")
+    c.add_argument("--check-only", action="store_true", help="parse and check the recipe, then stop (no model load)")
+    _common(c)
+
+    r = sub.add_parser("run", help="run an artifact on text or input tensors", formatter_class=_formatter,
+                       description="Run an artifact through the torch backend (or a compiled target with --target).")
+    r.add_argument("artifact", metavar="ARTIFACT", help="artifact directory written by `ctc compile`")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="text, tokenized with the artifact's tokenizer")
+    src.add_argument("--input", metavar="FILE", help="input tensors: .safetensors (keys = input names) or .pt "
+                                                     "(a dict or list of tensors, loaded with weights_only=True)")
+    r.add_argument("--target", metavar="KIND", help="run the compiled library of this target instead")
+    r.add_argument("--save", metavar="FILE", help="write the outputs to this .safetensors file")
+    r.add_argument("--top", type=int, default=5, help="LMs: how many next-token candidates to print (default 5)")
+    _common(r)
+
+    e = sub.add_parser("eval", help="measure an artifact's accuracy", formatter_class=_formatter,
+                       description="Measure accuracy on real text: perplexity for causal LMs, output fidelity to the "
+                                   "original model for any model. Data defaults to the recipe's `evaluate` line.")
+    e.add_argument("artifact", metavar="ARTIFACT")
+    e.add_argument("--data", metavar="SOURCE", help="wiki | lee | text:FILE | jsonl:FILE:FIELD (default: recipe's)")
+    e.add_argument("--samples", type=int, help="windows to score")
+    e.add_argument("--seq-len", type=int, help="tokens per window")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    _common(e)
+
+    b = sub.add_parser("bench", help="measure an artifact's latency and memory", formatter_class=_formatter,
+                       description="Median latency (after warm-up) and peak memory of one batch.")
+    b.add_argument("artifact", metavar="ARTIFACT")
+    b.add_argument("--target", metavar="KIND", help="bench the compiled library of this target (default: torch)")
+    b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
+    b.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    _common(b)
+
+    ps = sub.add_parser("passes", help="list every pass with its options and defaults", formatter_class=_formatter)
+    ps.add_argument("--markdown", action="store_true", help="print the docs/passes.md page")
+    ps.add_argument("name", nargs="?", help="show one pass")
+
+    sub.add_parser("targets", help="list targets, their options and whether their backend is installed",
+                   formatter_class=_formatter)
+
+    s = sub.add_parser("show", help="show a recipe (checked, canonical) or an artifact (report / IR)",
+                       formatter_class=_formatter,
+                       description="RECIPE: print it canonically after checking it; with --ir, capture its model "
+                                   "and print the IR. ARTIFACT (a directory): print its report summary; with --ir, "
+                                   "its final IR; with --json, report.json.")
+    s.add_argument("path", metavar="RECIPE|ARTIFACT")
+    s.add_argument("--ir", action="store_true", help="print IR text")
+    s.add_argument("--json", action="store_true", help="artifact: print report.json")
+    _common(s)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info lines")
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_compile(args: argparse.Namespace) -> int:
+    from ctc.dsl.parser import parse_file
+
+    parse_file(args.recipe)  # syntax errors before torch is even imported
+    from ctc.driver import CompileOptions, compile_recipe
+
+    opts = CompileOptions(out=args.out, targets=args.targets, tune=args.tune, progress=not args.quiet,
+                          check_only=args.check_only)
+    result = compile_recipe(args.recipe, opts)
+    if args.check_only:
+        print(f"{args.recipe}: ok", file=sys.stderr)
+        return EXIT_OK
+    print(result.summary())
+    return EXIT_OK if result.passed else EXIT_CHECKS
+
+
+def _load_artifact(path: str) -> Any:
+    from ctc.artifact import ArtifactError, load
+    from ctc.errors import UsageError
+
+    try:
+        return load(path)
+    except ArtifactError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    art = _load_artifact(args.artifact)
+    if args.text is not None:
+        from ctc.driver import text_inputs
+
+        tok = art.tokenizer()
+        inputs = text_inputs(art.module, tok, [args.text])
+    else:
+        inputs = _read_tensors(Path(args.input))
+    outs = art.run(inputs, target=args.target)
+    names = art.module.output_names
+    for name, t in zip(names, outs, strict=False):
+        print(f"{name}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}  "
+              f"mean {t.float().mean().item():.5g}  std {t.float().std().item() if t.numel() > 1 else 0:.5g}")
+    task = art.module.meta.get("task")
+    if args.text is not None and task == "causal-lm" and outs:
+        logits = outs[0][0, -1].float()
+        top = torch.topk(torch.softmax(logits, -1), k=min(args.top, logits.numel()))
+        tok = art.tokenizer()
+        print("next token:", ", ".join(f"{tok.decode([int(i)])!r} {p:.3f}" for p, i in
+                                       zip(top.values.tolist(), top.indices.tolist(), strict=True)))
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous() for n, t in zip(names, outs, strict=False)}, args.save)
+        print(f"wrote {args.save}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _read_tensors(path: Path) -> Any:
+    import torch
+
+    from ctc.errors import UsageError
+
+    if not path.is_file():
+        raise UsageError(f"input file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix == ".pt":
+        obj = torch.load(str(path), weights_only=True)
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, (dict, list, tuple)):
+            return obj
+        raise UsageError(f"{path}: expected a tensor, a list or a dict of tensors, got {type(obj).__name__}")
+    raise UsageError(f"{path}: --input takes a .safetensors or .pt file (for text use --text)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ctc.driver import evaluate_artifact
+
+    art = _load_artifact(args.artifact)
+    res = evaluate_artifact(art, data=args.data, samples=args.samples, seq_len=args.seq_len,
+                            progress=not args.quiet)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(f"{k:>14}: {v}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ctc.driver import bench_artifact
+
+    art = _load_artifact(args.artifact)
+    res = bench_artifact(art, target=args.target, batch=args.batch, seq_len=args.seq_len, repeat=args.repeat,
+                         threads=args.threads)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(f"{k:>18}: {v}")
+    return EXIT_OK
+
+
+def _fmt_default(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt_default(x) for x in v) + "]"
+    return repr(v)
+
+
+def _range(s: Any) -> str:
+    bits = []
+    if s.min is not None or s.max is not None:
+        lo = "" if s.min is None else _fmt_default(s.min)
+        hi = "" if s.max is None else _fmt_default(s.max)
+        bits.append(f"[{lo}, {hi}]")
+    if s.choices:
+        bits.append("one of " + ", ".join(_fmt_default(c) for c in s.choices))
+    return "; ".join(bits)
+
+
+def passes_text(markdown: bool = False, only: str | None = None) -> str:
+    """The pass reference, from the registry: plain text for `ctc passes`, markdown for docs/passes.md."""
+    from ctc.passes.base import all_passes, get_pass
+
+    passes = {only: get_pass(only)} if only else all_passes()
+    out: list[str] = []
+    if markdown:
+        out += ["# Pass reference", "",
+                "Generated by `ctc passes --markdown` from the pass registry; do not edit by hand",
+                "(tests/test_cli.py checks that this page is up to date).", "",
+                "A recipe step is `NAME key=value ... [on SELECTOR, ...]`; selectors are `blocks[lo:hi]`",
+                '(half-open), scope globs like `"*.mlp.*"` and `op NAME`. Items of one kind are alternatives;',
+                "different kinds must all hold.", ""]
+    for name, cls in passes.items():
+        specs = cls.Options.specs()
+        flags = []
+        if cls.needs_calibration:
+            flags.append("needs calibration data")
+        if cls.requires:
+            flags.append("uses " + ", ".join(a.name or a.__name__ for a in cls.requires))
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        if markdown:
+            out += [f"## `{name}`", "", doc or "(undocumented)", ""]
+            if flags:
+                out += ["*" + "; ".join(flags) + "*", ""]
+            if specs:
+                out += ["| option | type | default | range | description |", "|---|---|---|---|---|"]
+                for s in specs:
+                    out.append(f"| `{s.name}` | `{s.type}` | `{_fmt_default(s.default)}` | {_range(s)} | "
+                               f"{s.doc.replace('|', '/')} |")
+            else:
+                out.append("No options.")
+            out.append("")
+        else:
+            out.append(f"{name}  —  {cls.summary()}" + (f"  [{'; '.join(flags)}]" if flags else ""))
+            for s in specs:
+                rng = _range(s)
+                out.append(f"    {s.name}={_fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
+    if not passes:
+        out.append("(no passes are registered)")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from ctc.errors import UsageError
+    from ctc.passes.base import PassError
+
+    try:
+        sys.stdout.write(passes_text(args.markdown, args.name))
+    except PassError as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
+def targets_text() -> str:
+    """`ctc targets`: every target kind, its backend's availability and its options."""
+    from ctc.targets import TARGETS, TRIALS_HELP
+
+    out = []
+    for name, spec in TARGETS.items():
+        avail = "installed" if spec.available() else f"not installed ({spec.backend} missing)"
+        out.append(f"{name}  —  {spec.summary}  [{avail}]")
+        for s in spec.Options.specs():
+            rng = _range(s)
+            out.append(f"    {s.name}={_fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
+        out.append(f"    trials=0  (int, [0, ])  {TRIALS_HELP}")
+    return "\n".join(out) + "\n"
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    sys.stdout.write(targets_text())
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    p = Path(args.path)
+    if p.is_dir():
+        art = _load_artifact(str(p))
+        if args.ir:
+            from ctc.ir.text import print_module
+
+            sys.stdout.write(print_module(art.module))
+        elif args.json:
+            print(json.dumps(art.report, indent=2))
+        else:
+            from ctc.driver import report_summary
+
+            print(report_summary(art.report))
+        return EXIT_OK
+    from ctc.errors import UsageError
+
+    if not p.exists():
+        raise UsageError(f"{p}: no such recipe file or artifact directory")
+    from ctc.driver import CompileOptions, compile_recipe, load_checked_recipe
+
+    if args.ir:
+        result = compile_recipe(str(p), CompileOptions(progress=not args.quiet, capture_only=True))
+        from ctc.ir.text import print_module
+
+        sys.stdout.write(print_module(result.module))
+        return EXIT_OK
+    from ctc.dsl.printer import print_recipe
+
+    sys.stdout.write(print_recipe(load_checked_recipe(str(p))))
+    return EXIT_OK
+
+
+_COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "passes": cmd_passes,
+             "targets": cmd_targets, "show": cmd_show}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ctc` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    if args.version:
+        from ctc import __version__
+
+        print(f"ctc {__version__}")
+        return EXIT_OK
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    from ctc.dsl.diagnostics import RecipeError
+    from ctc.errors import ModelError, UsageError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except RecipeError as e:
+        print(str(e), file=sys.stderr)
+        n = sum(1 for d in e.diagnostics if d.severity == "error")
+        print(f"{n} error{'s' if n != 1 else ''}; nothing was written", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as e:
+        print(f"ctc {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except ModelError as e:
+        print(str(e) if e.diagnostic is not None else f"ctc {args.command}: model error: {e}", file=sys.stderr)
+        print("model error; nothing was written", file=sys.stderr)
+        return EXIT_MODEL
+    except Exception as e:
+        print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,597 @@
+"""The compile driver: recipe -> capture -> calibration data -> passes -> measured checks -> targets -> artifact.
+
+Order matters for the user: everything that can be checked without the model (syntax,
+names, options, files, output directory) is checked first, then the model is captured and
+the selectors are checked against it, and only then does heavy work start.  Nothing is
+written until the end, and the artifact appears atomically (see :mod:`ctc.artifact`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctc.dsl.ast import Check, Dataset, Recipe, Span
+from ctc.dsl.check import METRICS, check_recipe, check_with_module, resolve_path, target_config
+from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, did_you_mean
+from ctc.dsl.parser import parse_file
+from ctc.errors import ModelError, UsageError
+from ctc.ir.graph import Module
+
+DEFAULT_TRIALS = 64
+
+
+@dataclass
+class CompileOptions:
+    """Command-line overrides of a compile."""
+
+    out: str | None = None
+    targets: Sequence[str] | None = None  # None: the recipe's; ["none"]: no targets
+    tune: bool | None = None  # None: the recipe's trials; False: none; True: recipe's or DEFAULT_TRIALS
+    progress: bool = True
+    check_only: bool = False
+    capture_only: bool = False
+
+
+@dataclass
+class CompileResult:
+    """What a compile produced: the artifact path, its report, and whether every check passed."""
+
+    recipe: Recipe
+    artifact: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    module: Any = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("passed", True))
+
+    def summary(self) -> str:
+        return report_summary(self.report) + (f"\nartifact: {self.artifact}" if self.artifact else "")
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """Stage lines and tqdm bars on stderr (silent when disabled)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._bar: Any = None
+        self._bar_what = ""
+
+    def info(self, line: str) -> None:
+        if self.enabled:
+            self.close_bar()
+            print(line, file=sys.stderr, flush=True)
+
+    @contextmanager
+    def stage(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self.info(f"[ctc] {what} ...")
+        yield
+        self.close_bar()
+        if self.enabled:
+            print(f"[ctc] {what}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    def update(self, what: str, done: int, total: int) -> None:
+        if not self.enabled or not sys.stderr.isatty():  # bars only on a terminal; logs get stage lines
+            return
+        from tqdm import tqdm
+
+        if self._bar is None or self._bar_what != what:
+            self.close_bar()
+            self._bar = tqdm(total=total, desc=f"  {what}", file=sys.stderr, leave=False, dynamic_ncols=True)
+            self._bar_what = what
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+        if done >= total:
+            self.close_bar()
+
+    def close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# --------------------------------------------------------------------------- recipe
+def load_checked_recipe(path: str | Path) -> Recipe:
+    """Parse and statically check a recipe file; raise RecipeError with every located error."""
+    recipe = parse_file(path)
+    errors = [d for d in check_recipe(recipe) if d.severity == "error"]
+    if errors:
+        raise RecipeError(errors)
+    return recipe
+
+
+def output_dir(recipe: Recipe, opts: CompileOptions) -> Path:
+    """--out, else the recipe's emit (relative to the recipe), else out/<recipe stem>."""
+    if opts.out:
+        return Path(opts.out)
+    if recipe.emit is not None:
+        return resolve_path(recipe, recipe.emit.path)
+    return Path("out") / Path(recipe.file).stem
+
+
+def _check_output_dir(dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"output {dest} exists and is not a directory")
+    parent = dest.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"cannot write the artifact under {probe} (permission denied)")
+
+
+def selected_targets(recipe: Recipe, opts: CompileOptions) -> list[Any]:
+    """The TargetConfigs to build: the recipe's, filtered/extended by --target, trials set by --tune."""
+    from ctc.targets import TARGETS, TargetConfig
+
+    by_kind = {t.kind: target_config(t) for t in recipe.targets}
+    if opts.targets is None:
+        chosen = list(by_kind.values())
+    elif list(opts.targets) == ["none"]:
+        chosen = []
+    else:
+        chosen = []
+        for k in opts.targets:
+            if k not in TARGETS:
+                raise UsageError(f"--target {k}: unknown target{did_you_mean(k, TARGETS)} "
+                                 f"(targets: {', '.join(TARGETS)})")
+            if not TARGETS[k].available():
+                raise UsageError(f"--target {k}: backend {TARGETS[k].backend} is not installed")
+            chosen.append(by_kind.get(k) or TargetConfig(k, TARGETS[k].Options(), 0))
+    out = []
+    for t in chosen:
+        trials = t.trials
+        if opts.tune is False:
+            trials = 0
+        elif opts.tune is True and not trials:
+            trials = DEFAULT_TRIALS
+        out.append(dataclasses.replace(t, trials=trials))
+    return out
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class LoadedModel:
+    """A captured model plus what evaluation needs: the eager model, tokenizer and task."""
+
+    module: Any
+    task: str
+    tokenizer: Any = None
+    tokenizer_dir: Path | None = None
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+_EXAMPLE_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away."
+
+
+def _load_source(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | None]:
+    """(torch model, tokenizer, description, tokenizer dir) of the recipe's model source."""
+    m = recipe.model
+    assert m is not None
+    if m.kind == "bundled":
+        from ctc.eval.models import load_bundled
+
+        model, tok, info = load_bundled(m.ref)
+        desc = {"kind": "bundled", "ref": m.ref, "title": info.title, "arch": info.arch, "task": info.task,
+                "pip": info.pip, "load_seconds": round(info.load_seconds, 2)}
+        return model, tok, desc, Path(info.loaded_from)
+    from ctc import frontends
+
+    if m.kind == "hf":
+        load_hf = getattr(frontends, "load_hf", None)
+        if load_hf is None:
+            raise RuntimeError("loading Hugging Face directories needs ctc.frontends.load_hf, which this "
+                               "installation lacks")
+        loaded = load_hf(resolve_path(recipe, m.ref))
+        model, tok = loaded[0], loaded[1]
+        task = getattr(model.config, "ctc_task", None) or (
+            "causal-lm" if any(a.endswith("ForCausalLM") for a in getattr(model.config, "architectures", []) or [])
+            else "encoder")
+        desc = {"kind": "hf", "ref": m.ref, "arch": getattr(model.config, "model_type", ""), "task": task}
+        return model, tok, desc, resolve_path(recipe, m.ref)
+    load_pt2 = getattr(frontends, "load_pt2", None)
+    if load_pt2 is None:
+        raise RuntimeError("loading .pt2 exported programs needs ctc.frontends.load_pt2, which this "
+                           "installation lacks")
+    model = load_pt2(resolve_path(recipe, m.ref))
+    return model, None, {"kind": "pt2", "ref": m.ref, "arch": "exported program", "task": "unknown"}, None
+
+
+def load_model(recipe: Recipe, progress: Progress, seq_len: int) -> LoadedModel:
+    """Load and capture the recipe's model; failures become ModelError located at the model line."""
+    m = recipe.model
+    assert m is not None
+    try:
+        model, tok, desc, tok_dir = _load_source(recipe)
+        if isinstance(model, Module):
+            module = model
+        else:
+            from ctc.frontends import capture
+
+            enc = tok([_EXAMPLE_TEXT], return_tensors="pt")
+            example = {k: v for k, v in enc.items()}
+            output = "logits" if desc["task"] == "causal-lm" else "last_hidden_state"
+            if desc["task"] == "causal-lm":
+                example.pop("token_type_ids", None)
+                example["use_cache"] = False
+            module = capture(model, example, output=output, meta={"task": desc["task"]})
+            del model
+    except (RecipeError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        msg = f"could not load/capture model {m.kind} {m.ref!r}: {type(e).__name__}: {e}"
+        diag = attach_source([Diagnostic(msg, m.span)], recipe.source)[0]
+        raise ModelError(msg, diag) from e
+    module.meta.setdefault("task", desc["task"])
+    return LoadedModel(module, str(module.meta["task"]), tok, tok_dir, desc)
+
+
+def text_inputs(module: Any, tokenizer: Any, texts: Sequence[str], seq_len: int | None = None) -> dict[str, Any]:
+    """Tokenize ``texts`` into the module's named inputs (input_ids, attention_mask, ...)."""
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=seq_len is not None,
+                    max_length=seq_len)
+    names = [v.name for v in module.inputs]
+    missing = [n for n in names if n not in enc]
+    if missing:
+        raise UsageError(f"the model takes inputs {names}; the tokenizer gives {sorted(enc)}")
+    return {n: enc[n] for n in names}
+
+
+# --------------------------------------------------------------------------- data
+def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Model-input batches for a calibrate/evaluate statement, and the protocol that made them."""
+    from ctc.dsl.check import DatasetOptions
+    from ctc.eval import data as eval_data
+
+    opts = DatasetOptions.from_dict(ds.options)
+    path = resolve_path(recipe, ds.path) if ds.path is not None else None
+    split = "calibration" if ds.role == "calibrate" else "evaluation"
+    try:
+        batches, protocol = eval_data.model_batches(
+            source=ds.source, path=path, field=opts.field, split=split, tokenizer=loaded.tokenizer,
+            input_names=[v.name for v in loaded.module.inputs], samples=opts.samples, seq_len=opts.seq_len,
+            seed=opts.seed, batch_size=opts.batch_size)
+    except (OSError, ValueError) as e:
+        span = ds.path_span if ds.path is not None else ds.source_span
+        raise RecipeError(attach_source([Diagnostic(f"cannot read {ds.role} data: {e}", span)], recipe.source)) from e
+    return batches, protocol
+
+
+# --------------------------------------------------------------------------- passes
+def run_pipeline(module: Any, recipe: Recipe, calibration: list[dict[str, Any]], seed: int,
+                 progress: Progress) -> tuple[Any, Any]:
+    """Run the recipe's steps through the PassManager; return the module and its PipelineReport."""
+    from ctc.passes.base import get_pass
+    from ctc.passes.manager import PassManager
+    from ctc.passes.manager import Step as PMStep
+
+    steps = [PMStep(get_pass(s.name)(s.options), s.selector(), s.span) for s in recipe.pipeline]
+    pm = PassManager(steps, calibration=calibration, progress=progress.enabled, seed=seed)
+    return pm.run(module)
+
+
+def pass_rows(report: Any) -> list[dict[str, Any]]:
+    """Per-pass report rows (the PassManager's records plus a one-line summary)."""
+    rows = []
+    for r in report.records:
+        d = r.to_dict()
+        changed = ", ".join(f"{k} {v:+d}" for k, v in r.ops_diff.items()) or "no op changes"
+        fid = f", cosine {r.fidelity.cosine:.6f}" if r.fidelity is not None and r.fidelity.cosine is not None else ""
+        d["summary"] = (f"{changed}; params {r.params_before:,} -> {r.params_after:,}; "
+                        f"bytes {r.bytes_before:,} -> {r.bytes_after:,}{fid}; {r.seconds:.2f}s")
+        rows.append(d)
+    return rows
+
+
+# --------------------------------------------------------------------------- measuring
+def _count(module: Any) -> dict[str, Any]:
+    return {"params": module.param_count(), "bytes": module.param_bytes(), "nodes": len(module.nodes)}
+
+
+def per_block_bytes(module: Any) -> dict[int, int]:
+    """Parameter bytes read by each block's nodes (a parameter counts once, in its first block)."""
+    seen: set[str] = set()
+    out: dict[int, int] = {}
+    for n in module.nodes:
+        if n.op == "param" and n.block is not None and n.attrs["name"] not in seen:
+            seen.add(n.attrs["name"])
+            t = module.params[n.attrs["name"]]
+            out[n.block] = out.get(n.block, 0) + int(t.numel()) * t.element_size()
+    return out
+
+
+def _outputs(module: Any, batches: list[dict[str, Any]], what: str, progress: Progress) -> list[list[Any]]:
+    """Every batch's outputs of ``module`` (reference interpreter: the IR's semantics)."""
+    from ctc.ir.interpreter import interpret
+
+    outs = []
+    for k, b in enumerate(batches):
+        outs.append(interpret(module, b))
+        progress.update(what, k + 1, len(batches))
+    return outs
+
+
+def _perplexity(batches: list[dict[str, Any]], outs: list[list[Any]], description: str) -> Any:
+    """Perplexity of already-computed logits (first output) over the evaluation windows."""
+    from ctc.eval.perplexity import batches_perplexity
+
+    served = {id(b["input_ids"]): o[0] for b, o in zip(batches, outs, strict=True)}
+    return batches_perplexity(lambda ids, mask: served[id(ids)], batches, description=description)
+
+
+def measure(original: Any, compressed: Any, loaded: LoadedModel, eval_batches: list[dict[str, Any]],
+            metrics: set[str], progress: Progress, description: str = "") -> dict[str, dict[str, Any]]:
+    """Measure ``metrics`` (plus sizes) of the compressed module against the original on the evaluation batches."""
+    from ctc.passes.manager import fidelity
+
+    out: dict[str, dict[str, Any]] = {}
+    a, b = _count(original), _count(compressed)
+    out["params"] = {"original": a["params"], "compressed": b["params"], "ratio": b["params"] / max(1, a["params"])}
+    out["param_bytes"] = {"original": a["bytes"], "compressed": b["bytes"], "ratio": b["bytes"] / max(1, a["bytes"])}
+    if eval_batches and metrics & {"fidelity", "max_error", "ppl", "ppl_increase", "kl"}:
+        ref = _outputs(original, eval_batches, "run original", progress)
+        got = _outputs(compressed, eval_batches, "run compressed", progress)
+        fid = fidelity(ref, got)
+        if fid.error:
+            raise RuntimeError(f"cannot compare the compressed model's outputs with the original's: {fid.error}")
+        out["fidelity"] = {"original": 1.0, "compressed": fid.cosine, "relative": fid.cosine,
+                           "rel_error": fid.rel_error}
+        out["max_error"] = {"original": 0.0, "compressed": fid.max_abs_error}
+        if loaded.task == "causal-lm":
+            p0 = _perplexity(eval_batches, ref, description)
+            p1 = _perplexity(eval_batches, got, description)
+            out["ppl"] = {"original": p0.ppl, "compressed": p1.ppl, "ratio": p1.ppl / p0.ppl,
+                          "protocol": p0.protocol}
+            out["ppl_increase"] = {"original": 0.0, "compressed": p1.ppl - p0.ppl,
+                                   "relative": (p1.ppl - p0.ppl) / p0.ppl}
+            out["kl"] = {"original": 0.0, "compressed": _mean_kl(eval_batches, ref, got)}
+    if "latency_ms" in metrics and eval_batches:
+        from ctc.eval import latency
+
+        l0 = latency.module_latency_ms(original, eval_batches[0])
+        l1 = latency.module_latency_ms(compressed, eval_batches[0])
+        out["latency_ms"] = {"original": l0, "compressed": l1, "ratio": l1 / l0}
+    for k, v in out.items():
+        v["doc"] = METRICS[k].doc if k in METRICS else ""
+    return out
+
+
+def _mean_kl(batches: list[dict[str, Any]], ref: list[list[Any]], got: list[list[Any]]) -> float:
+    """Mean KL(original || compressed) of next-token distributions over unmasked positions."""
+    import torch
+
+    total, count = 0.0, 0
+    for b, r, g in zip(batches, ref, got, strict=True):
+        lp = torch.log_softmax(r[0].double(), -1)
+        lq = torch.log_softmax(g[0].double(), -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        mask = b.get("attention_mask")
+        keep = mask.bool() if mask is not None else torch.ones_like(kl, dtype=torch.bool)
+        total += float(kl[keep].sum())
+        count += int(keep.sum())
+    return total / max(1, count)
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b,
+    "==": lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12),
+}
+
+
+def evaluate_check(c: Check, measured: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One check's result: measured value (in the check's unit), threshold, pass/fail."""
+    row: dict[str, Any] = {"check": str(c), "metric": c.metric, "op": c.op, "unit": c.unit, "line": c.span.line}
+    m = measured.get(c.metric)
+    if m is None:
+        row.update(measured=None, threshold=c.value, passed=False, note=f"{c.metric} was not measured")
+        return row
+    threshold = float(c.value)
+    if c.unit == "x":
+        value = m["ratio"]
+    elif c.unit == "%":
+        value = 100.0 * (m["relative"] if c.metric == "ppl_increase" else m["compressed"])
+    else:
+        value = m["compressed"]
+    row.update(measured=value, threshold=threshold, passed=bool(_OPS[c.op](float(value), threshold)))
+    return row
+
+
+# --------------------------------------------------------------------------- driver
+def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> CompileResult:
+    """Compile the recipe at ``path``; raise RecipeError (2), UsageError (2) or ModelError (3) on failure."""
+    opts = opts or CompileOptions()
+    progress = Progress(opts.progress)
+    recipe = load_checked_recipe(path)
+    dest = output_dir(recipe, opts)
+    targets = selected_targets(recipe, opts)
+    _check_output_dir(dest)
+    if opts.check_only:
+        return CompileResult(recipe)
+
+    seq_len = max([d.options.get("seq_len", 128) for d in (recipe.calibrate, recipe.evaluate) if d] + [8])
+    t_start = time.perf_counter()
+    with progress.stage(f"capture {recipe.model.kind} {recipe.model.ref!r}"):  # type: ignore[union-attr]
+        loaded = load_model(recipe, progress, seq_len)
+    post = [d for d in check_with_module(recipe, loaded.module) if d.severity == "error"]
+    if post:
+        raise RecipeError(post)
+    if opts.capture_only:
+        return CompileResult(recipe, module=loaded.module)
+
+    original = loaded.module
+    calib: list[dict[str, Any]] = []
+    protocol: dict[str, Any] = {}
+    if recipe.calibrate is not None:
+        with progress.stage("calibration data"):
+            calib, protocol["calibrate"] = dataset_batches(recipe, recipe.calibrate, loaded)
+    evalb: list[dict[str, Any]] = []
+    if recipe.evaluate is not None:
+        with progress.stage("evaluation data"):
+            evalb, protocol["evaluate"] = dataset_batches(recipe, recipe.evaluate, loaded)
+
+    seed = int(recipe.calibrate.options.get("seed", 0)) if recipe.calibrate else 0
+    with progress.stage(f"pipeline ({len(recipe.pipeline)} steps)"):
+        module, pipeline_report = run_pipeline(original, recipe, calib, seed, progress)
+
+    wanted = {c.metric for c in recipe.checks} | ({"fidelity"} if evalb else set())
+    if loaded.task == "causal-lm" and evalb:
+        wanted |= {"ppl"}
+    with progress.stage("measure"):
+        desc = str(protocol.get("evaluate", {}).get("text", ""))
+        measured = measure(original, module, loaded, evalb, wanted, progress, desc)
+    checks = [evaluate_check(c, measured) for c in recipe.checks]
+    passed = all(c["passed"] for c in checks)
+
+    before, after = per_block_bytes(original), per_block_bytes(module)
+    blocks = sorted(set(before) | set(after))
+    report: dict[str, Any] = {
+        "name": dest.name,
+        "ctc_version": _version(),
+        "recipe_file": str(recipe.file),
+        "recipe_text": recipe.source,
+        "model": {**loaded.description, "params_before": original.param_count(), "params_after": module.param_count(),
+                  "bytes_before": original.param_bytes(), "bytes_after": module.param_bytes(),
+                  "nodes_before": len(original.nodes), "nodes_after": len(module.nodes),
+                  "op_counts_before": original.op_counts(), "op_counts_after": module.op_counts()},
+        "protocol": protocol,
+        "passes": pass_rows(pipeline_report),
+        "pipeline": {"seconds": pipeline_report.seconds,
+                     "fidelity": pipeline_report.fidelity.to_dict() if pipeline_report.fidelity else None},
+        "metrics": measured,
+        "checks": checks,
+        "failed_checks": [c["check"] for c in checks if not c["passed"]],
+        "passed": passed,
+        "per_block": {"blocks": blocks, "original": [before.get(b, 0) for b in blocks],
+                      "compressed": [after.get(b, 0) for b in blocks]},
+    }
+
+    from ctc.artifact import write_artifact
+    from ctc.targets import build_target
+
+    builds = [(t.kind, lambda d, t=t: {**t.to_json(), **build_target(module, t, d)}) for t in targets]
+    with progress.stage(f"write artifact {dest}"):
+        report["compile_time_s"] = round(time.perf_counter() - t_start, 2)
+        write_artifact(dest, module=module, report=report, recipe_text=recipe.source,
+                       tokenizer_dir=loaded.tokenizer_dir, build_targets=builds)
+    return CompileResult(recipe, dest, report, module)
+
+
+def _version() -> str:
+    from ctc import __version__
+
+    return __version__
+
+
+def report_summary(report: Mapping[str, Any]) -> str:
+    """A few human lines: model sizes, measured metrics, each check's verdict, targets."""
+    lines = []
+    m = report.get("model", {})
+    if m:
+        lines.append(f"model {m.get('kind', '')} {m.get('ref', '')!r} ({m.get('arch', '')}, {m.get('task', '')}): "
+                     f"params {m.get('params_before', 0):,} -> {m.get('params_after', 0):,}, "
+                     f"bytes {m.get('bytes_before', 0):,} -> {m.get('bytes_after', 0):,}, "
+                     f"nodes {m.get('nodes_before')} -> {m.get('nodes_after')}")
+    for p in report.get("passes", []):
+        lines.append(f"  pass {p.get('name')}: {p.get('summary') or ''}".rstrip())
+    for k, v in report.get("metrics", {}).items():
+        if k in ("params", "param_bytes"):
+            continue
+        lines.append(f"  {k}: original {_short(v.get('original'))}, compressed {_short(v.get('compressed'))}")
+    for c in report.get("checks", []):
+        verdict = "ok  " if c["passed"] else "FAIL"
+        lines.append(f"  [{verdict}] {c['check']}  (measured {_short(c.get('measured'))})"
+                     + (f" {c['note']}" if c.get("note") else ""))
+    for t in report.get("targets", []):
+        lines.append(f"  target {t.get('kind')}: {t.get('dir')}")
+    if report.get("passed") is False:
+        lines.append("checks failed: " + ", ".join(report.get("failed_checks", [])))
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+# --------------------------------------------------------------------------- ctc eval / ctc bench
+def _parse_data_flag(data: str) -> tuple[str, str | None, str | None]:
+    """``wiki`` | ``lee`` | ``text:FILE`` | ``jsonl:FILE:FIELD`` -> (source, path, field)."""
+    kind, _, rest = data.partition(":")
+    if kind in ("wiki", "lee") and not rest:
+        return kind, None, None
+    if kind == "text" and rest:
+        return "text", rest, None
+    if kind == "jsonl" and rest:
+        path, _, fld = rest.rpartition(":") if rest.count(":") else (rest, "", "text")
+        return "jsonl", path or rest, fld or "text"
+    raise UsageError(f"--data {data!r}: expected wiki, lee, text:FILE or jsonl:FILE:FIELD")
+
+
+def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
+                      progress: bool = True) -> dict[str, Any]:
+    """Accuracy of an artifact on real text: perplexity for causal LMs, plus the fidelity its report recorded."""
+    from ctc.dsl.parser import parse
+    from ctc.eval.data import model_batches
+
+    ev = None
+    recipe_file = art.path / "recipe.ctc"
+    if recipe_file.is_file():
+        ev = parse(recipe_file.read_text(), str(recipe_file)).evaluate
+    task = str(art.module.meta.get("task", "unknown"))
+    if data is not None:
+        source, path, fld = _parse_data_flag(data)
+    elif ev is not None:
+        source, path, fld = ev.source, ev.path, ev.options.get("field")
+        if path is not None:
+            path = str(Path(recipe_file).parent / path) if not Path(path).is_absolute() else path
+    else:
+        source, path, fld = ("wiki" if task == "causal-lm" else "lee"), None, None
+    opts = ev.options if ev is not None and data is None else {}
+    n = samples or int(opts.get("samples", 8))
+    length = seq_len or int(opts.get("seq_len", 256 if task == "causal-lm" else 128))
+    try:
+        batches, proto = model_batches(source=source, path=path, field=fld, split="evaluation",
+                                       tokenizer=art.tokenizer(), input_names=[v.name for v in art.module.inputs],
+                                       samples=n, seq_len=length, seed=0)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read evaluation data: {e}") from e
+    bar = Progress(progress)
+    outs = _outputs(art.module, batches, "evaluate", bar)
+    bar.close_bar()
+    res: dict[str, Any] = {"task": task, "data": proto["text"], "windows": proto["windows"], "seq_len": length}
+    if task == "causal-lm":
+        p = _perplexity(batches, outs, proto["text"])
+        res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
+    fid = art.report.get("metrics", {}).get("fidelity")
+    if fid is not None:
+        res["fidelity_vs_original_at_compile"] = fid.get("compressed")
+    return res
+
+
+def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, repeat: int,
+                   threads: int | None) -> dict[str, Any]:
+    """Latency/memory of an artifact (torch backend or a compiled target), through ctc.eval.latency."""
+    try:
+        from ctc.eval import latency
+    except ImportError as e:
+        raise UsageError("`ctc bench` needs ctc.eval.latency, which this installation lacks") from e
+    return dict(latency.bench_artifact(art, target=target, batch=batch, seq_len=seq_len, repeat=repeat,
+                                       threads=threads))
+
+
+__all__ = ["CompileOptions", "CompileResult", "ModelError", "UsageError", "compile_recipe", "load_checked_recipe",
+           "report_summary", "json", "Span"]

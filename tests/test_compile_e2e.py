@@ -1,0 +1,89 @@
+"""End to end on the real bundled MiniLM: compile a recipe, check the artifact, load and run it.
+
+One compile with a check that must fail (exit 1, artifact still written, report names the
+failed check) and one that passes; kept small (few short windows) to stay well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ctc
+from ctc.cli import EXIT_CHECKS, EXIT_OK, main
+
+RECIPE = """\
+# small MiniLM compile for CI
+model bundled "minilm"
+calibrate wiki samples=2 seq_len=32
+evaluate lee samples=2 seq_len=32
+pipeline {
+    canonicalize
+    constant-fold
+    cse on blocks[0:6]
+    dce
+}
+check fidelity >= 0.999
+check params <= 1.001x
+check param_bytes <= 0.5x     # cannot hold: no pass here removes half the bytes
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
+    d = tmp_path_factory.mktemp("e2e")
+    (d / "small.ctc").write_text(RECIPE)
+    out = d / "out" / "small"
+    rc = main(["compile", str(d / "small.ctc"), "--out", str(out), "--quiet"])
+    return rc, out, RECIPE
+
+
+def test_failed_check_exit_1_with_artifact(compiled: tuple[int, Path, str]) -> None:
+    rc, out, _ = compiled
+    assert rc == EXIT_CHECKS
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False
+    assert report["failed_checks"] == ["param_bytes <= 0.5x"]
+    by = {c["check"]: c for c in report["checks"]}
+    assert by["params <= 1.001x"]["passed"] and by["params <= 1.001x"]["measured"] == pytest.approx(
+        report["model"]["params_after"] / report["model"]["params_before"])
+    assert by["fidelity >= 0.999"]["passed"] and by["fidelity >= 0.999"]["measured"] > 0.999
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "constant-fold", "cse", "dce"]
+    assert report["passes"][2]["selector"] == "blocks[0:6]"
+    assert report["protocol"]["evaluate"]["windows"] == 2
+
+
+def test_artifact_files_and_report(compiled: tuple[int, Path, str]) -> None:
+    _, out, recipe = compiled
+    for f in ("ir.txt", "params.safetensors", "recipe.ctc", "report.json", "report.html",
+              "tokenizer/tokenizer.json"):
+        assert (out / f).is_file(), f
+    assert (out / "recipe.ctc").read_text() == recipe
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "param_bytes &lt;= 0.5x" in html
+    assert not list(out.parent.glob(".*"))
+
+
+def test_load_and_run_matches_reported_fidelity(compiled: tuple[int, Path, str]) -> None:
+    _, out, _ = compiled
+    art = ctc.load(out)
+    tok = art.tokenizer()
+    from ctc.driver import text_inputs
+
+    inputs = text_inputs(art.module, tok, ["The quick brown fox jumps over the lazy dog."])
+    y = art.run(inputs)
+    assert y[0].shape[:2] == inputs["input_ids"].shape and torch.isfinite(y[0]).all()
+
+
+def test_cli_show_and_run(compiled: tuple[int, Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = compiled
+    assert main(["show", str(out)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "[FAIL] param_bytes <= 0.5x" in text and "[ok  ] fidelity >= 0.999" in text
+    assert main(["show", str(out), "--ir"]) == EXIT_OK
+    assert capsys.readouterr().out.startswith("module ")
+    assert main(["run", str(out), "--text", "Hello world."]) == EXIT_OK
+    assert ": (1, " in capsys.readouterr().out
