@@ -1,0 +1,274 @@
+"""Compile a ctc module for a CPU through TVM Relax, export it, and load it back with the runtime only.
+
+Why: this is the flow that turns a (compressed) ctc module into a deployable library:
+
+1. :func:`ctc.backends.tvm.lower.lower` -- ctc nodes -> Relax (params as constants or inputs).
+2. Legalize + ``FoldConstant`` + ``FuseOps``/``FuseTIR`` (bias, activation, residual and
+   layer-norm epilogues fuse into their producers).
+3. Tuned schedules from the tuning database when a trial budget is given
+   (:mod:`ctc.backends.tvm.tuning`; a second compile reuses the records, no tuning time).
+4. Default schedules for every PrimFunc still unscheduled (:mod:`.schedules`: register-tiled
+   matmul rule, dlight CPU reduction/GEMV rules, vectorized elementwise rule).
+5. ``tvm.compile`` and ``export_library`` into ``<out>/model.so`` plus ``model.json`` (input,
+   output and parameter signature) and, with ``params="input"``, ``params.npz``.
+
+:func:`load_compiled` needs only ``tvm.runtime`` (no Relax import) and takes/returns torch
+tensors or numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctc.ir.graph import Module
+
+__all__ = ["BuildOptions", "CompiledModel", "build", "compile_module", "load", "load_compiled", "relax_passes"]
+
+LIB_NAME = "model.so"
+META_NAME = "model.json"
+PARAMS_NAME = "params.npz"
+
+
+@dataclass
+class BuildOptions:
+    """How to compile: parameter binding, shape specialisation, math mode and tuning budget."""
+
+    params: str = "const"
+    static_dims: dict[str, int] | None = None
+    fast_math: bool = True
+    trials: int = 0
+    tuning_dir: str | Path | None = None
+    use_int_kernels: bool = True
+    default_schedules: bool = True
+    trials_per_task: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def relax_passes(target: Any) -> Any:
+    """Legalization and fusion passes (before scheduling)."""
+    import tvm
+    from tvm import relax
+
+    return tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ])
+
+
+def _finalize(target: Any) -> Any:
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cp
+
+    return tvm.transform.Sequential(cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
+
+
+def schedule_defaults(mod: Any, target: Any) -> Any:
+    """Give every unscheduled PrimFunc the default CPU schedule (:mod:`.schedules`)."""
+    from tvm.s_tir import dlight as dl
+
+    from ctc.backends.tvm.schedules import default_rules
+
+    with target:
+        return dl.ApplyDefaultSchedule(*default_rules())(mod)
+
+
+@dataclass
+class Compiled:
+    """An in-memory compiled model (before export) and its signature."""
+
+    executable: Any
+    meta: dict[str, Any]
+    param_arrays: list[np.ndarray]
+    timings: dict[str, float]
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write ``model.so``, ``model.json`` (and ``params.npz``) into ``out_dir``; returns the library path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        lib = out / LIB_NAME
+        self.executable.export_library(str(lib))
+        (out / META_NAME).write_text(json.dumps(self.meta, indent=1))
+        if self.param_arrays:
+            np.savez(out / PARAMS_NAME, **{f"p{i}": a for i, a in enumerate(self.param_arrays)})
+        return lib
+
+
+def compile_module(module: Module, *, target: Any = None, options: BuildOptions | None = None,
+                   kind: str = "cpu", target_options: Any = None) -> Compiled:
+    """Lower, schedule (tuned and/or default) and compile ``module`` for ``target``.
+
+    ``target`` is a :class:`~ctc.backends.tvm.targets.TargetInfo` (default: this host's cpu).
+    """
+    import tvm
+
+    from ctc.backends.tvm import targets as T
+    from ctc.backends.tvm.lower import lower
+
+    opts = options or BuildOptions()
+    info = target if isinstance(target, T.TargetInfo) else T.resolve(kind, target_options)
+    tgt = info.target()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    low = lower(module, params=opts.params, fast_math=opts.fast_math, static_dims=opts.static_dims, target=tgt,
+                use_int_kernels=opts.use_int_kernels)
+    timings["lower_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with tgt:
+        mod = relax_passes(tgt)(low.mod)
+    timings["fuse_s"] = time.perf_counter() - t0
+    tune_summary: dict[str, Any] = {}
+    if opts.trials > 0:
+        from ctc.backends.tvm import tuning
+
+        t0 = time.perf_counter()
+        mod, tune_summary = tuning.tune_and_apply(mod, info, trials=opts.trials, cache_dir=opts.tuning_dir,
+                                                  trials_per_task=opts.trials_per_task)
+        timings["tune_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if opts.default_schedules:
+        mod = schedule_defaults(mod, tgt)
+    timings["schedule_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ex = tvm.compile(mod, tgt, relax_pipeline=_finalize(tgt))
+    timings["codegen_s"] = time.perf_counter() - t0
+    meta = {
+        "format": "ctc-tvm-1",
+        "target": info.tvm,
+        "threads": info.threads,
+        "inputs": [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in module.inputs],
+        "outputs": [{"name": n, "shape": list(v.type.shape), "dtype": v.type.dtype}
+                    for n, v in zip(module.output_names, module.outputs, strict=True)],
+        "params": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in low.param_inputs],
+        "static_dims": dict(opts.static_dims or {}),
+        "fast_math": opts.fast_math,
+        "int_kernels": low.int_kernels,
+        "notes": low.notes,
+        "tuning": tune_summary,
+    }
+    return Compiled(ex, meta, [a for _, a in low.param_inputs], timings)
+
+
+# ----------------------------------------------------------------------------- runtime side
+class CompiledModel:
+    """A compiled ctc model loaded with the TVM runtime only: ``model(*inputs) -> list of outputs``.
+
+    Inputs may be torch tensors or numpy arrays (copied into aligned TVM tensors); outputs are
+    torch tensors (zero-copy through dlpack) unless ``numpy=True``.
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        import tvm.runtime as rt
+        from tvm.runtime.vm import VirtualMachine
+
+        p = Path(path)
+        lib = p / LIB_NAME if p.is_dir() else p
+        d = lib.parent
+        if not lib.exists():
+            raise FileNotFoundError(f"load_compiled: no compiled library at {lib} (build it with `ctc compile "
+                                    "--target cpu` or ctc.backends.tvm.build)")
+        self.meta: dict[str, Any] = json.loads((d / META_NAME).read_text()) if (d / META_NAME).exists() else {}
+        self.threads = threads if threads is not None else int(self.meta.get("threads") or 0)
+        if self.threads:
+            _set_threads(self.threads)
+        self._rt = rt
+        self.device = rt.cpu()
+        self.vm = VirtualMachine(rt.load_module(str(lib)), self.device)
+        self._params: list[Any] = []
+        if self.meta.get("params"):
+            z = np.load(d / PARAMS_NAME)
+            self._params = [rt.tensor(z[f"p{i}"], self.device) for i in range(len(self.meta["params"]))]
+        self._main = self.vm["main"]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.meta.get("inputs", [])]
+
+    def _to_tvm(self, x: Any) -> Any:
+        if hasattr(x, "detach"):
+            x = x.detach().cpu().contiguous().numpy()
+        return self._rt.tensor(np.ascontiguousarray(x), self.device)
+
+    def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+            inputs = tuple(inputs[0][n] for n in self.input_names)
+        elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+            inputs = tuple(inputs[0])
+        args = [self._to_tvm(x) for x in inputs] + self._params
+        out = self._main(*args)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        if numpy:
+            return [o.numpy() for o in outs]
+        import torch
+
+        return [torch.from_dlpack(o) for o in outs]
+
+    def prepare(self, *inputs: Any) -> list[Any]:
+        """TVM tensors for ``inputs`` (to time the model without conversion cost)."""
+        return [self._to_tvm(x) for x in inputs] + self._params
+
+    def run_prepared(self, args: Sequence[Any]) -> Any:
+        return self._main(*args)
+
+
+def _set_threads(n: int) -> None:
+    import tvm.runtime as rt
+
+    try:
+        rt._ffi_api  # noqa: B018 - ensure runtime api loaded
+        import tvm_ffi
+
+        f = tvm_ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+        if f is not None:
+            f(-1, n)
+    except Exception:  # noqa: BLE001 - thread pool config is best effort
+        pass
+
+
+def load_compiled(path: str | Path, *, threads: int | None = None) -> CompiledModel:
+    """Load ``model.so`` (a file or the directory holding it) with the TVM runtime only."""
+    return CompiledModel(path, threads=threads)
+
+
+# ----------------------------------------------------------------------------- ctc backend hooks
+def _options_from_target(target: Any) -> BuildOptions:
+    extra = dict(getattr(target, "extra", {}) or {})
+    return BuildOptions(trials=int(getattr(target, "trials", 0) or 0), tuning_dir=extra.get("tuning_dir"))
+
+
+def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
+    """The ctc target hook (:mod:`ctc.targets`): compile ``module`` for ``target`` into ``out_dir``."""
+    from ctc.backends.tvm import targets as T
+
+    info = T.resolve(target.kind, target.options)
+    opts = _options_from_target(target)
+    t0 = time.perf_counter()
+    comp = compile_module(module, target=info, options=opts)
+    lib = comp.export(out_dir)
+    return {"library": lib.name, "tvm_target": info.tvm, "compile_s": round(time.perf_counter() - t0, 3),
+            "timings": {k: round(v, 3) for k, v in comp.timings.items()}, "int_kernels": comp.meta["int_kernels"],
+            "notes": comp.meta["notes"], "tuning": comp.meta["tuning"]}
+
+
+def load(target_dir: str | Path, module: Module | None = None) -> Any:
+    """The ctc artifact hook: a runner ``inputs -> outputs`` over the compiled library in ``target_dir``."""
+    model = load_compiled(target_dir)
+
+    def run(inputs: Any) -> list[Any]:
+        if isinstance(inputs, Mapping):
+            return model(inputs)
+        return model(*inputs)
+
+    return run

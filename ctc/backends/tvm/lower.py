@@ -1,0 +1,940 @@
+"""Lower a ctc :class:`~ctc.ir.graph.Module` to a Relax ``IRModule`` by walking its nodes.
+
+Why: the backend compiles what the passes produced (compressed ops included), not a
+re-export of the original torch model.  Each ctc op has one lowering rule in :data:`RULES`
+(``relax.op.*``, or a TE expression through ``emit_te`` where TVM's own op would be slow or
+would differ from the reference semantics).  The rules read the reference implementations in
+``ctc/ir/ops/*.py`` as the spec; tests compare every rule with the interpreter.
+
+Choices made here:
+
+* Parameters are bound as constants (default) or passed as function inputs
+  (``params="input"``; :class:`Lowered` then lists the arrays to pass, in order).  Linear
+  weights enter pre-transposed to ``[K, N]`` (vectorizable along N by the matmul schedule);
+  ``quant_linear`` weights enter pre-packed for the integer kernels.
+* Symbolic dims become ``tirx.Var`` shape variables (dynamic sequence length), or are
+  specialised to integers (``static_dims``) when the caller wants static-shape code.
+* ``fast_math`` (default on) computes ``exp``/``erf``/``tanh`` of f32 with TVM's vectorizable
+  approximations (``topi.fast_*``, relative error <= 5e-6) instead of scalar libm calls,
+  which otherwise dominate GELU and softmax time.  ``pow`` by 2 or 3 is rewritten to
+  multiplications (a scalar ``powf`` per element otherwise).
+* ``quant_linear`` with quantized activations lowers to the integer kernels of
+  :mod:`ctc.backends.tvm.int_kernels` (u8 x s8 -> i32, VNNI where available) when its weight
+  operands are parameters; otherwise (computed weights) to a fake-quant float expression
+  with identical semantics, and :attr:`Lowered.notes` says so.
+* Ops without a rule are collected and reported together in one :class:`LoweringError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctc.ir.graph import Module, Node, Value
+from ctc.ir.types import TensorType
+
+__all__ = ["DTYPE_MAP", "LoweringError", "Lowered", "RULES", "lower", "supported_ops"]
+
+DTYPE_MAP = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "i64": "int64",
+             "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
+
+
+class LoweringError(Exception):
+    """The module cannot be lowered (unsupported ops, bad options); the message lists every problem."""
+
+
+@dataclass
+class Lowered:
+    """Result of :func:`lower`: the Relax module and how to call its ``main``."""
+
+    mod: Any
+    input_names: list[str]
+    output_names: list[str]
+    param_inputs: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    symbols: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    int_kernels: int = 0
+
+
+# ----------------------------------------------------------------------------- helpers
+def _np_of(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        raise LoweringError("bf16 parameters are not supported by the TVM CPU backend yet; cast the model to f32")
+    return np.ascontiguousarray(t.numpy())
+
+
+class _DimParser:
+    """Symbolic dim strings -> TIR expressions over one ``tirx.Var`` per symbol (no eval)."""
+
+    def __init__(self, static: Mapping[str, int]):
+        from tvm import tirx
+
+        self._tirx = tirx
+        self.static = dict(static)
+        self.vars: dict[str, Any] = {}
+
+    def var(self, name: str) -> Any:
+        if name not in self.vars:
+            self.vars[name] = self._tirx.Var(name, "int64")
+        return self.vars[name]
+
+    def __call__(self, d: int | str) -> Any:
+        if isinstance(d, int):
+            return d
+        return self._expr(ast.parse(d.strip(), mode="eval").body, d)
+
+    def _expr(self, n: ast.AST, src: str) -> Any:
+        tirx = self._tirx
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return tirx.IntImm("int64", n.value)
+        if isinstance(n, ast.Name):
+            if n.id in self.static:
+                return tirx.IntImm("int64", int(self.static[n.id]))
+            return self.var(n.id)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -self._expr(n.operand, src)
+        if isinstance(n, ast.BinOp):
+            a, b = self._expr(n.left, src), self._expr(n.right, src)
+            if isinstance(n.op, ast.Add):
+                return a + b
+            if isinstance(n.op, ast.Sub):
+                return a - b
+            if isinstance(n.op, ast.Mult):
+                return a * b
+            if isinstance(n.op, ast.FloorDiv):
+                return tirx.floordiv(a, b)
+        raise LoweringError(f"symbolic dim {src!r}: unsupported expression")
+
+    def shape(self, t: TensorType) -> list[Any]:
+        return [self(d) for d in t.shape]
+
+
+@dataclass
+class _ParamRef:
+    """A ``param`` node's value, materialised lazily so rules can ask for transformed layouts."""
+
+    name: str
+
+
+class Ctx:
+    """What a lowering rule sees: the block builder, operand access and option flags."""
+
+    def __init__(self, module: Module, *, params: str, fast_math: bool, static_dims: Mapping[str, int],
+                 target: Any, use_int_kernels: bool):
+        from tvm import relax
+
+        self.relax = relax
+        self.module = module
+        self.bb = relax.BlockBuilder()
+        self.params_mode = params
+        self.fast_math = fast_math
+        self.dims = _DimParser(static_dims)
+        self.target = target
+        self.use_int_kernels = use_int_kernels
+        self.env: dict[int, Any] = {}
+        self._pcache: dict[str, Any] = {}
+        self.param_inputs: list[tuple[str, Any, np.ndarray]] = []
+        self.notes: list[str] = []
+        self.int_kernels = 0
+
+    # ------------------------------------------------------------------ values
+    def emit(self, expr: Any) -> Any:
+        return self.bb.emit(expr)
+
+    def val(self, v: Value) -> Any:
+        x = self.env[id(v)]
+        if isinstance(x, _ParamRef):
+            return self.param(x.name)
+        return x
+
+    def param_name(self, v: Value) -> str | None:
+        x = self.env.get(id(v))
+        return x.name if isinstance(x, _ParamRef) else None
+
+    def param_array(self, name: str) -> np.ndarray:
+        return _np_of(self.module.params[name])
+
+    def param(self, name: str, key: str = "", fn: Callable[[np.ndarray], np.ndarray] | None = None,
+              array: np.ndarray | None = None) -> Any:
+        """The parameter ``name`` (optionally transformed by ``fn``, cached under ``key``) as a
+        Relax constant or function input."""
+        ck = f"{name}::{key}" if key else name
+        if ck in self._pcache:
+            return self._pcache[ck]
+        arr = array if array is not None else self.param_array(name)
+        if fn is not None:
+            arr = np.ascontiguousarray(fn(arr))
+        if self.params_mode == "const":
+            expr = self.relax.const(arr, str(arr.dtype) if arr.dtype != np.bool_ else "bool")
+        else:
+            vname = "p_" + "".join(c if c.isalnum() else "_" for c in ck)
+            expr = self.relax.Var(vname, self.relax.TensorType(list(arr.shape), str(arr.dtype)))
+            self.param_inputs.append((ck, expr, arr))
+        self._pcache[ck] = expr
+        return expr
+
+    def const(self, value: float | int | bool, dtype: str) -> Any:
+        return self.relax.const(value, DTYPE_MAP.get(dtype, dtype))
+
+    def te(self, fn: Callable[..., Any], *args: Any, name: str = "te_op", **kw: Any) -> Any:
+        return self.bb.emit_te(fn, *args, primfunc_name_hint=name, **kw)
+
+    def shape_of(self, v: Value) -> list[Any]:
+        return self.dims.shape(v.type)
+
+
+def _dt(t: TensorType | str) -> str:
+    return DTYPE_MAP[t if isinstance(t, str) else t.dtype]
+
+
+def _axis(a: int, rank: int) -> int:
+    return a % rank if rank else 0
+
+
+# ----------------------------------------------------------------------------- rules
+Rule = Callable[[Ctx, Node, list[Any]], Any]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def supported_ops() -> list[str]:
+    """Ops this backend lowers (``param`` included)."""
+    return sorted([*RULES, "param"])
+
+
+# --- elementwise unary -------------------------------------------------------
+def _fast_ok(ctx: Ctx, node: Node) -> bool:
+    return ctx.fast_math and node.inputs[0].type.dtype == "f32"
+
+
+@rule("neg", "abs", "log", "sqrt", "rsqrt", "sin", "cos", "relu", "reciprocal", "logical_not")
+def _simple_unary(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    x = a[0]
+    dt = node.inputs[0].type.dtype
+    f = {"neg": op.negative, "abs": op.abs, "log": op.log, "sqrt": op.sqrt, "rsqrt": op.rsqrt, "sin": op.sin,
+         "cos": op.cos, "relu": op.nn.relu}.get(node.op)
+    if f is not None:
+        return f(x)
+    if node.op == "reciprocal":
+        return op.divide(ctx.const(1.0, dt), x)
+    # logical_not: non-zero is true
+    if dt != "bool":
+        x = ctx.emit(op.not_equal(x, ctx.const(0, dt)))
+    return op.logical_not(x)
+
+
+@rule("exp", "erf", "tanh", "sigmoid", "silu", "gelu")
+def _transcendental(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    from tvm import topi
+
+    op = ctx.relax.op
+    x = a[0]
+    if not _fast_ok(ctx, node):
+        if node.op == "gelu":
+            return op.nn.gelu_tanh(x) if node.attrs["approximate"] == "tanh" else op.nn.gelu(x)
+        return {"exp": op.exp, "erf": op.erf, "tanh": op.tanh, "sigmoid": op.sigmoid, "silu": op.nn.silu}[node.op](x)
+
+    name = node.op
+    if name == "exp":
+        return ctx.te(topi.fast_exp, x, name="fast_exp")
+    if name == "erf":
+        return ctx.te(topi.fast_erf, x, name="fast_erf")
+    if name == "tanh":
+        return ctx.te(topi.fast_tanh, x, name="fast_tanh")
+    if name in ("sigmoid", "silu"):
+        def f(t: Any, silu: bool = name == "silu") -> Any:
+            e = topi.fast_exp(topi.negative(t))
+            s = topi.divide(topi.full_like(t, 1.0), topi.add(e, 1.0))
+            return topi.multiply(t, s) if silu else s
+
+        return ctx.te(f, x, name=name)
+    if node.attrs["approximate"] == "tanh":
+        def g(t: Any) -> Any:
+            inner = topi.multiply(topi.add(t, topi.multiply(topi.multiply(topi.multiply(t, t), t), 0.044715)),
+                                  math.sqrt(2.0 / math.pi))
+            return topi.multiply(topi.multiply(t, 0.5), topi.add(topi.fast_tanh(inner), 1.0))
+
+        return ctx.te(g, x, name="gelu_tanh")
+
+    def h(t: Any) -> Any:
+        e = topi.fast_erf(topi.multiply(t, 1.0 / math.sqrt(2.0)))
+        return topi.multiply(topi.multiply(t, 0.5), topi.add(e, 1.0))
+
+    return ctx.te(h, x, name="gelu")
+
+
+@rule("cast")
+def _cast(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    src, dst = node.inputs[0].type.dtype, node.attrs["dtype"]
+    if dst == "bool" and src != "bool":
+        return op.not_equal(a[0], ctx.const(0, src))
+    return op.astype(a[0], _dt(dst))
+
+
+# --- elementwise binary ------------------------------------------------------
+_BIN = {"add": "add", "sub": "subtract", "mul": "multiply", "div": "divide", "pow": "power",
+        "maximum": "maximum", "minimum": "minimum", "eq": "equal", "ne": "not_equal", "lt": "less",
+        "le": "less_equal", "gt": "greater", "ge": "greater_equal", "logical_and": "logical_and",
+        "logical_or": "logical_or"}
+
+
+def _scalar_value(dtype: str, s: float) -> float | int | bool:
+    if dtype == "bool":
+        return bool(s)
+    if dtype in ("f32", "f16", "bf16", "f64"):
+        return float(s)
+    return int(s)
+
+
+@rule(*_BIN)
+def _binary(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    name = node.op
+    dt = node.inputs[0].type.dtype
+    x = a[0]
+    s = node.attrs["scalar"]
+    if s is not None:
+        if name == "pow" and not node.attrs["reverse"] and s in (1.0, 2.0, 3.0, 0.5, -1.0):
+            if s == 1.0:
+                return x
+            if s == 0.5:
+                return op.sqrt(x)
+            if s == -1.0:
+                return op.divide(ctx.const(1.0, dt), x)
+            sq = ctx.emit(op.multiply(x, x))
+            return sq if s == 2.0 else op.multiply(sq, x)
+        y = ctx.const(_scalar_value(dt, s), dt)
+        lhs, rhs = (y, x) if node.attrs["reverse"] else (x, y)
+    else:
+        lhs, rhs = x, a[1]
+    if name in ("logical_and", "logical_or"):
+        ins = [node.inputs[0].type.dtype, node.inputs[1].type.dtype if s is None else dt]
+        lhs = lhs if ins[0] == "bool" else ctx.emit(op.not_equal(lhs, ctx.const(0, ins[0])))
+        if s is None:
+            rhs = rhs if ins[1] == "bool" else ctx.emit(op.not_equal(rhs, ctx.const(0, ins[1])))
+        else:
+            rhs = ctx.const(bool(s), "bool")
+    return getattr(op, _BIN[name])(lhs, rhs)
+
+
+@rule("where")
+def _where(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    cond, *vals = a
+    sa, sb = node.attrs["a_scalar"], node.attrs["b_scalar"]
+    dt = node.outputs[0].type.dtype
+    it = iter(vals)
+    x = next(it) if sa is None else ctx.const(_scalar_value(dt, sa), dt)
+    y = next(it) if sb is None else ctx.const(_scalar_value(dt, sb), dt)
+    return ctx.relax.op.where(cond, x, y)
+
+
+@rule("masked_fill")
+def _masked_fill(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    dt = node.inputs[0].type.dtype
+    return ctx.relax.op.where(a[1], ctx.const(_scalar_value(dt, node.attrs["value"]), dt), a[0])
+
+
+# --- reductions --------------------------------------------------------------
+@rule("sum", "mean", "amax", "amin", "argmax")
+def _reduce(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    x = a[0]
+    t = node.inputs[0].type
+    axes = [_axis(i, t.rank) for i in node.attrs["axes"]]
+    keep = node.attrs["keepdim"]
+    if node.op == "argmax":
+        return op.argmax(x, axis=axes[0], keepdims=keep)
+    if node.op == "sum" and t.dtype in ("i32", "i16", "i8", "u8", "bool"):
+        x = ctx.emit(op.astype(x, "int64"))
+    f = {"sum": op.sum, "mean": op.mean, "amax": op.max, "amin": op.min}[node.op]
+    return f(x, axis=axes, keepdims=keep)
+
+
+def _softmax_te(log: bool, fast: bool) -> Callable[..., Any]:
+    from tvm import topi
+
+    def f(x: Any, axis: int) -> Any:
+        m = topi.max(x, axis=axis, keepdims=True)
+        d = topi.subtract(x, m)
+        e = topi.fast_exp(d) if fast else topi.exp(d)
+        s = topi.sum(e, axis=axis, keepdims=True)
+        if log:
+            return topi.subtract(d, topi.log(s))
+        return topi.divide(e, s)
+
+    return f
+
+
+@rule("softmax", "log_softmax")
+def _softmax(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    t = node.inputs[0].type
+    ax = _axis(node.attrs["axis"], t.rank)
+    return ctx.te(_softmax_te(node.op == "log_softmax", _fast_ok(ctx, node)), a[0], ax, name=node.op)
+
+
+@rule("cumsum")
+def _cumsum(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    dt = node.outputs[0].type.dtype
+    x = a[0]
+    if node.inputs[0].type.dtype != dt:
+        x = ctx.emit(ctx.relax.op.astype(x, _dt(dt)))
+    return ctx.relax.op.cumsum(x, axis=node.attrs["axis"], dtype=_dt(dt))
+
+
+# --- shape ---------------------------------------------------------------------
+@rule("reshape")
+def _reshape(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.reshape(a[0], ctx.dims.shape(node.outputs[0].type))
+
+
+@rule("permute")
+def _permute(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.permute_dims(a[0], list(node.attrs["perm"]))
+
+
+@rule("transpose")
+def _transpose(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    r = node.inputs[0].type.rank
+    perm = list(range(r))
+    i, j = _axis(node.attrs["dim0"], r), _axis(node.attrs["dim1"], r)
+    perm[i], perm[j] = perm[j], perm[i]
+    return ctx.relax.op.permute_dims(a[0], perm)
+
+
+@rule("expand")
+def _expand(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.broadcast_to(a[0], ctx.dims.shape(node.outputs[0].type))
+
+
+@rule("unsqueeze")
+def _unsqueeze(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.expand_dims(a[0], _axis(node.attrs["axis"], node.inputs[0].type.rank + 1))
+
+
+@rule("squeeze")
+def _squeeze(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    r = node.inputs[0].type.rank
+    axes = [_axis(i, r) for i in node.attrs["axes"]]
+    if not axes:
+        return a[0]
+    return ctx.relax.op.squeeze(a[0], axis=axes)
+
+
+@rule("slice")
+def _slice(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    r = node.inputs[0].type.rank
+    ax = _axis(node.attrs["axis"], r)
+    st, en = ctx.dims(node.attrs["start"][0]), ctx.dims(node.attrs["end"][0])
+    return ctx.relax.op.strided_slice(a[0], axes=[ax], begin=[st], end=[en], strides=[node.attrs["step"]],
+                                      assume_inbound=True)
+
+
+@rule("concat")
+def _concat(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    r = node.inputs[0].type.rank
+    return ctx.relax.op.concat(a, axis=_axis(node.attrs["axis"], r))
+
+
+@rule("gather")
+def _gather(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.gather_elements(a[0], a[1], axis=_axis(node.attrs["axis"], node.inputs[0].type.rank))
+
+
+@rule("index_select", "channel_permute")
+def _index_select(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.take(a[0], a[1], axis=_axis(node.attrs["axis"], node.inputs[0].type.rank))
+
+
+@rule("index")
+def _index(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    from tvm import topi
+
+    def f(x: Any, *idx: Any) -> Any:
+        return topi.adv_index(x, list(idx))
+
+    return ctx.te(f, *a, name="adv_index")
+
+
+@rule("embedding")
+def _embedding(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.take(a[1], a[0], axis=0)
+
+
+@rule("arange")
+def _arange(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    st, en = ctx.dims(node.attrs["start"][0]), ctx.dims(node.attrs["end"][0])
+    return ctx.relax.op.arange(st, en, node.attrs["step"], dtype=_dt(node.attrs["dtype"]))
+
+
+@rule("triu", "tril")
+def _tri(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    f = ctx.relax.op.triu if node.op == "triu" else ctx.relax.op.tril
+    return f(a[0], node.attrs["diagonal"])
+
+
+@rule("full")
+def _full(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    t = node.outputs[0].type
+    return ctx.relax.op.full(ctx.dims.shape(t), ctx.const(_scalar_value(t.dtype, node.attrs["value"]), t.dtype),
+                             _dt(t.dtype))
+
+
+# --- nn --------------------------------------------------------------------------
+def _weight_t(ctx: Ctx, v: Value, a: Any) -> Any:
+    """``weight^T`` ([K, N]) of a ``[N, K]`` weight: transposed at lowering time for parameters."""
+    name = ctx.param_name(v)
+    if name is not None:
+        return ctx.param(name, "T", lambda w: w.T)
+    return ctx.emit(ctx.relax.op.permute_dims(a, [1, 0]))
+
+
+def _bias(ctx: Ctx, y: Any, bias: Any | None) -> Any:
+    return y if bias is None else ctx.relax.op.add(ctx.emit(y), bias)
+
+
+@rule("linear")
+def _linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    wt = _weight_t(ctx, node.inputs[1], a[1])
+    y = ctx.relax.op.matmul(a[0], wt)
+    return _bias(ctx, y, a[2] if len(a) > 2 else None)
+
+
+@rule("matmul")
+def _matmul(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    return ctx.relax.op.matmul(a[0], a[1])
+
+
+@rule("lowrank_linear")
+def _lowrank(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    vt = _weight_t(ctx, node.inputs[2], a[2])
+    ut = _weight_t(ctx, node.inputs[1], a[1])
+    h = ctx.emit(ctx.relax.op.matmul(a[0], vt))
+    return _bias(ctx, ctx.relax.op.matmul(h, ut), a[3] if len(a) > 3 else None)
+
+
+@rule("layer_norm")
+def _layer_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    t = node.inputs[0].type
+    nd = node.attrs["normalized_ndim"]
+    axes = list(range(t.rank - nd, t.rank))
+    nshape = ctx.dims.shape(t)[t.rank - nd:]
+    dt = _dt(t)
+    w = a[1] if len(a) > 1 else ctx.relax.op.ones(nshape, dt)
+    b = a[2] if len(a) > 2 else ctx.relax.op.zeros(nshape, dt)
+    return ctx.relax.op.nn.layer_norm(a[0], w, b, axes=axes, epsilon=node.attrs["eps"])
+
+
+@rule("rms_norm")
+def _rms_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    xt, wt, ot = node.inputs[0].type, node.inputs[1].type, node.outputs[0].type
+    if xt.dtype == wt.dtype == "f32":
+        return op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=node.attrs["eps"])
+    h = ctx.emit(op.astype(a[0], "float32"))
+    ms = ctx.emit(op.mean(ctx.emit(op.multiply(h, h)), axis=[-1], keepdims=True))
+    h = ctx.emit(op.multiply(h, ctx.emit(op.rsqrt(ctx.emit(op.add(ms, ctx.const(node.attrs["eps"], "f32")))))))
+    h = ctx.emit(op.astype(ctx.emit(op.astype(h, _dt(xt))), _dt(ot)))
+    w = a[1] if wt.dtype == ot.dtype else ctx.emit(op.astype(a[1], _dt(ot)))
+    return op.multiply(w, h)
+
+
+@rule("rotary_embedding")
+def _rotary(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    x, cos, sin = a
+    t = node.inputs[0].type
+    d = t.shape[-1]
+    if not isinstance(d, int) or d % 2:
+        raise LoweringError(f"rotary_embedding at {node.scope}: last dim must be a static even size, got {t}")
+    h = d // 2
+    r = t.rank
+    x1 = ctx.emit(op.strided_slice(x, axes=[r - 1], begin=[0], end=[h]))
+    x2 = ctx.emit(op.strided_slice(x, axes=[r - 1], begin=[h], end=[d]))
+    rot = ctx.emit(op.concat([ctx.emit(op.negative(x2)), x1], axis=r - 1))
+    return op.add(ctx.emit(op.multiply(x, cos)), ctx.emit(op.multiply(rot, sin)))
+
+
+# --- attention -------------------------------------------------------------------
+def _repeat_kv(ctx: Ctx, k: Any, hq: Any, hk: Any, axis: int) -> Any:
+    if isinstance(hq, int) and isinstance(hk, int) and hq != hk:
+        return ctx.emit(ctx.relax.op.repeat(k, hq // hk, axis=axis))
+    return k
+
+
+def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, scale: float | None,
+                      mask: Any | None, mt: TensorType | None, is_causal: bool) -> Any:
+    """fp32 logits ``q k^T * scale`` with causal (top-left) / bool / additive masks applied (-inf)."""
+    from tvm import te, tirx
+
+    op = ctx.relax.op
+    r = qt.rank
+    d = qt.shape[-1]
+    sc = scale if scale is not None else 1.0 / math.sqrt(int(d))
+    kT = ctx.emit(op.permute_dims(k, [*range(r - 2), r - 1, r - 2]))
+    logits = ctx.emit(op.matmul(q, kT))
+    logits = ctx.emit(op.multiply(logits, ctx.const(sc, qt.dtype)))
+    if qt.dtype != "f32":
+        logits = ctx.emit(op.astype(logits, "float32"))
+    ninf = ctx.const(-math.inf, "f32")
+    if is_causal:
+        def causal(lg: Any) -> Any:
+            return te.compute(lg.shape, lambda *i: tirx.Select(i[-1] > i[-2], tirx.const(-math.inf, "float32"),
+                                                                 lg(*i)), name="causal")
+
+        logits = ctx.te(causal, logits, name="causal_mask")
+    if mask is not None:
+        assert mt is not None
+        if mt.dtype == "bool":
+            logits = ctx.emit(op.where(mask, logits, ninf))
+        else:
+            mf = mask if mt.dtype == "f32" else ctx.emit(op.astype(mask, "float32"))
+            logits = ctx.emit(op.add(logits, mf))
+    return logits
+
+
+@rule("scaled_dot_product_attention")
+def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    q, k, v = a[:3]
+    qt, kt, vt = (i.type for i in node.inputs[:3])
+    mask = a[3] if len(a) > 3 else None
+    mt = node.inputs[3].type if len(a) > 3 else None
+    if node.attrs["enable_gqa"] and qt.rank >= 3:
+        k = _repeat_kv(ctx, k, qt.shape[-3], kt.shape[-3], kt.rank - 3)
+        v = _repeat_kv(ctx, v, qt.shape[-3], vt.shape[-3], vt.rank - 3)
+    logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"])
+    p = ctx.te(_softmax_te(False, ctx.fast_math), logits, qt.rank - 1, name="softmax")
+    if qt.dtype != "f32":
+        p = ctx.emit(op.astype(p, _dt(qt)))
+    return op.matmul(p, v)
+
+
+def _heads_rep(ctx: Ctx, node: Node, a: list[Any]) -> tuple[Any, Any, TensorType, TensorType]:
+    q, k, v = a[:3]
+    qt, kt, vt = (i.type for i in node.inputs[:3])
+    k = _repeat_kv(ctx, k, qt.shape[1], kt.shape[1], 1)
+    v = _repeat_kv(ctx, v, qt.shape[1], vt.shape[1], 1)
+    return k, v, qt, kt
+
+
+@rule("calibrated_attention")
+def _calibrated(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    from tvm import te, tirx
+
+    op = ctx.relax.op
+    q = a[0]
+    k, v, qt, kt = _heads_rep(ctx, node, a)
+    mask = a[3] if len(a) > 3 else None
+    mt = node.inputs[3].type if len(a) > 3 else None
+    logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"])
+    p = ctx.te(_softmax_te(False, ctx.fast_math), logits, 3, name="softmax")
+    heads, sinks, factor = tuple(node.attrs["heads"]), tuple(node.attrs["sinks"]), float(node.attrs["factor"])
+    if heads and factor != 1.0:
+        def calib(pa: Any) -> Any:
+            def is_sink(j: Any) -> Any:
+                c = tirx.const(False, "bool")
+                for s_ in sinks:
+                    c = tirx.Or(c, j == s_)
+                return c
+
+            def is_head(h: Any) -> Any:
+                c = tirx.const(False, "bool")
+                for h_ in heads:
+                    c = tirx.Or(c, h == h_)
+                return c
+
+            lk = pa.shape[3]
+            j = te.reduce_axis((0, lk), "j")
+            smass = te.compute(pa.shape[:3], lambda b, h, i: te.sum(
+                tirx.Select(is_sink(j), pa[b, h, i, j], tirx.const(0.0, "float32")), axis=j), name="sink_mass")
+
+            def out(b: Any, h: Any, i: Any, jj: Any) -> Any:
+                s = smass[b, h, i]
+                rest = 1.0 - s
+                ok = rest >= 1e-12
+                gain = tirx.Select(ok, (1.0 - factor * s) / tirx.Select(ok, rest, tirx.const(1.0, "float32")),
+                                   tirx.const(1.0, "float32"))
+                sinkw = tirx.Select(ok, pa[b, h, i, jj] * factor, pa[b, h, i, jj])
+                new = tirx.Select(is_sink(jj), sinkw, pa[b, h, i, jj] * gain)
+                return tirx.Select(is_head(h), new, pa[b, h, i, jj])
+
+            return te.compute(pa.shape, out, name="calibrated")
+
+        p = ctx.te(calib, p, name="attn_calibrate")
+    if qt.dtype != "f32":
+        p = ctx.emit(op.astype(p, _dt(qt)))
+    return op.matmul(p, v)
+
+
+def _lowbit_te(bits: int) -> Callable[[Any], Any]:
+    from tvm import te, tirx, topi
+
+    hi = float(max((1 << (bits - 1)) - 1, 1))
+    lo = -hi - (1.0 if bits > 1 else 0.0)
+
+    def f(t: Any) -> Any:
+        amax = topi.max(topi.abs(t), axis=-1, keepdims=True)
+        nd = len(t.shape)
+
+        def g(*i: Any) -> Any:
+            s = amax(*i[:-1], 0) / hi
+            s = tirx.Select(s > 0, s, tirx.const(1.0, "float32"))
+            qv = tirx.max(tirx.min(tirx.round(t(*i) / s), hi), lo)
+            return qv * s
+
+        del nd
+        return te.compute(t.shape, g, name="lowbit")
+
+    return f
+
+
+@rule("sparse_attention")
+def _sparse(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    """Multi-round filtering as the reference: rank of each candidate key by approximate logit
+    (ties: lower index first) computed by pairwise comparison, kept if rank < keep count."""
+    from tvm import te, tirx
+
+    op = ctx.relax.op
+    q = a[0]
+    k, v, qt, kt = _heads_rep(ctx, node, a)
+    mask = a[3] if len(a) > 3 else None
+    mt = node.inputs[3].type if len(a) > 3 else None
+    is_causal, scale = node.attrs["is_causal"], node.attrs["scale"]
+    logits = _attention_logits(ctx, q, k, qt, kt, scale, mask, mt, is_causal)
+    # allowed = logits > -inf (before any filtering); alive starts as allowed.
+    ninf = ctx.const(-math.inf, "f32")
+    alive = ctx.emit(op.greater(logits, ninf))
+    n_allowed = ctx.emit(op.sum(ctx.emit(op.astype(alive, "float64")), axis=[-1], keepdims=True))
+    sc = scale if scale is not None else 1.0 / math.sqrt(int(qt.shape[-1]))
+    q32 = q if qt.dtype == "f32" else ctx.emit(op.astype(q, "float32"))
+    k32 = k if kt.dtype == "f32" else ctx.emit(op.astype(k, "float32"))
+    additive = None
+    if mask is not None and mt is not None and mt.dtype != "bool":
+        additive = mask if mt.dtype == "f32" else ctx.emit(op.astype(mask, "float32"))
+    for bits, ratio in zip(node.attrs["rounds"], node.attrs["keep_ratios"], strict=True):
+        qh = ctx.te(_lowbit_te(bits), q32, name="lowbit_q")
+        kh = ctx.te(_lowbit_te(bits), k32, name="lowbit_k")
+        approx = ctx.emit(op.matmul(qh, ctx.emit(op.permute_dims(kh, [0, 1, 3, 2]))))
+        approx = ctx.emit(op.multiply(approx, ctx.const(sc, "f32")))
+        if additive is not None:
+            approx = ctx.emit(op.add(approx, additive))
+        approx = ctx.emit(op.where(alive, approx, ninf))
+        min_keep = float(node.attrs["min_keep"])
+
+        def filt(ap: Any, al: Any, na: Any, ratio: float = ratio, min_keep: float = min_keep) -> Any:
+            lk = ap.shape[3]
+            l_ = te.reduce_axis((0, lk), "l")
+            rank = te.compute(ap.shape, lambda b, h, i, j: te.sum(
+                tirx.Select(tirx.Or(ap[b, h, i, l_] > ap[b, h, i, j],
+                                    tirx.And(ap[b, h, i, l_] == ap[b, h, i, j], l_ < j)),
+                            tirx.const(1.0, "float64"), tirx.const(0.0, "float64")), axis=l_), name="rank")
+
+            def keepf(b: Any, h: Any, i: Any, j: Any) -> Any:
+                n = na[b, h, i, 0]
+                kk = tirx.max(tirx.ceil(n * ratio - 1e-9), tirx.const(min_keep, "float64"))
+                kk = tirx.min(kk, n)
+                return tirx.And(al[b, h, i, j], rank[b, h, i, j] < kk)
+
+            return te.compute(ap.shape, keepf, name="alive")
+
+        alive = ctx.te(filt, approx, alive, n_allowed, name="sparse_filter")
+    masked = ctx.emit(op.where(alive, logits, ninf))
+    p = ctx.te(_softmax_te(False, ctx.fast_math), masked, 3, name="softmax")
+    if qt.dtype != "f32":
+        p = ctx.emit(op.astype(p, _dt(qt)))
+    return op.matmul(p, v)
+
+
+# --- quantization ------------------------------------------------------------------
+def _expand_qparam(ctx: Ctx, p: Any, pt: TensorType, xt: TensorType, axis: int | None, group_size: int) -> Any:
+    op = ctx.relax.op
+    if axis is None:
+        return ctx.emit(op.reshape(p, []))
+    ax = axis % xt.rank
+    if group_size == -1:
+        view = [1] * xt.rank
+        view[ax] = ctx.dims(xt.shape[ax])
+        return ctx.emit(op.reshape(p, view))
+    rep = ctx.emit(op.repeat(p, group_size, axis=ax))
+    return ctx.emit(op.strided_slice(rep, axes=[ax], begin=[0], end=[ctx.dims(xt.shape[ax])]))
+
+
+@rule("quantize")
+def _quantize(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    from ctc.ir import quant as Q
+
+    op = ctx.relax.op
+    x, s, z = a
+    xt = node.inputs[0].type
+    ax, gs = node.attrs["axis"], node.attrs["group_size"]
+    lo, hi = Q.qrange(node.attrs["bits"], node.attrs["signed"])
+    s = _expand_qparam(ctx, ctx.emit(op.astype(s, "float32")), node.inputs[1].type, xt, ax, gs)
+    z = _expand_qparam(ctx, ctx.emit(op.astype(z, "float32")), node.inputs[2].type, xt, ax, gs)
+    xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
+    y = ctx.emit(op.add(ctx.emit(op.round(ctx.emit(op.divide(xf, s)))), z))
+    y = ctx.emit(op.clip(y, lo, hi))
+    return op.astype(y, _dt(node.attrs["dtype"]))
+
+
+@rule("dequantize")
+def _dequantize(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    q, s, z = a
+    qt = node.inputs[0].type
+    ax, gs = node.attrs["axis"], node.attrs["group_size"]
+    s = _expand_qparam(ctx, ctx.emit(op.astype(s, "float32")), node.inputs[1].type, qt, ax, gs)
+    z = _expand_qparam(ctx, ctx.emit(op.astype(z, "float32")), node.inputs[2].type, qt, ax, gs)
+    y = ctx.emit(op.multiply(ctx.emit(op.subtract(ctx.emit(op.astype(q, "float32")), z)), s))
+    return op.astype(y, _dt(node.attrs["dtype"]))
+
+
+def _ql_operands(node: Node, a: list[Any]) -> dict[str, Any]:
+    names = ["x", "qweight", "w_scale", "w_zero"]
+    if node.attrs["has_bias"]:
+        names.append("bias")
+    if node.attrs["a_bits"] is not None and node.attrs["a_bits"] != 16:
+        names += ["act_scale", "act_zero"]
+    return dict(zip(names, a, strict=True))
+
+
+def _dequant_weight_np(qweight: np.ndarray, w_scale: np.ndarray, w_zero: np.ndarray, attrs: Mapping[str, Any],
+                       k: int) -> np.ndarray:
+    from ctc.ir import quant as Q
+
+    w = Q.dequantize_weight(torch.from_numpy(qweight), torch.from_numpy(w_scale), torch.from_numpy(w_zero),
+                            attrs["w_bits"], attrs["group_size"], k)
+    return w.to(torch.float32).numpy()
+
+
+@rule("quant_linear")
+def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    op = ctx.relax.op
+    attrs = node.attrs
+    ops_ = _ql_operands(node, a)
+    xt = node.inputs[0].type
+    k = int(xt.shape[-1])
+    a_q = attrs["a_bits"] is not None and attrs["a_bits"] != 16
+    pnames = {n: ctx.param_name(v) for n, v in zip(_ql_operands(node, list(node.inputs)), node.inputs, strict=True)}
+    consts = all(pnames[n] is not None for n in pnames if n != "x")
+    if a_q and consts and ctx.use_int_kernels:
+        try:
+            from ctc.backends.tvm import int_kernels as IK
+        except ImportError:  # pragma: no cover - colleague's module absent
+            IK = None  # type: ignore[assignment]
+        if IK is not None:
+            vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
+            spec = IK.QLinearSpec.from_attrs(attrs, k, vals["qweight"].shape[0])
+            kernel = IK.plan_quant_linear(spec, ctx.target)
+            packed = IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
+                                        vals["act_scale"], vals["act_zero"])
+            base = pnames["qweight"] or "ql"
+            rel = {nm: ctx.param(base, f"pack_{nm}", array=arr) for nm, arr in packed.items()}
+            ctx.int_kernels += 1
+            return IK.emit_quant_linear_packed(ctx.bb, ops_["x"], rel, kernel)
+    # Fallback: the same semantics in float (dequantised weights; fake-quantised activations).
+    if a_q:
+        ctx.notes.append(f"quant_linear at {node.scope or '<root>'}: float fallback (integer kernels need parameter "
+                         "weights/scales" + ("" if ctx.use_int_kernels else "; int kernels disabled") + ")")
+    if all(pnames[n] is not None for n in ("qweight", "w_scale", "w_zero")):
+        wq = ctx.param_array(pnames["qweight"])  # type: ignore[arg-type]
+        ws = ctx.param_array(pnames["w_scale"])  # type: ignore[arg-type]
+        wz = ctx.param_array(pnames["w_zero"])  # type: ignore[arg-type]
+        wt = ctx.param(pnames["qweight"], "dqT", array=_dequant_weight_np(wq, ws, wz, attrs, k).T)  # type: ignore[arg-type]
+    else:
+        raise LoweringError(f"quant_linear at {node.scope or '<root>'}: weights must be parameters for the TVM backend")
+    x = ops_["x"]
+    xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
+    if a_q:
+        xf = _fake_quant_act(ctx, xf, ops_["act_scale"], ops_["act_zero"], int(attrs["a_bits"]),
+                             tuple(attrs["act_clusters"]), k)
+    y = ctx.emit(op.matmul(xf, wt))
+    if "bias" in ops_:
+        y = ctx.emit(op.add(y, ctx.emit(op.astype(ops_["bias"], "float32"))))
+    return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
+
+
+def _fake_quant_act(ctx: Ctx, x: Any, s: Any, z: Any, bits: int, clusters: tuple[int, ...], k: int) -> Any:
+    from ctc.ir import quant as Q
+
+    op = ctx.relax.op
+    idx = Q.cluster_index(clusters, k).numpy().astype("int64")
+    ci = ctx.relax.const(idx, "int64")
+    sv = ctx.emit(op.take(ctx.emit(op.astype(s, "float32")), ci, axis=0))
+    zv = ctx.emit(op.take(ctx.emit(op.astype(z, "float32")), ci, axis=0))
+    qa = ctx.emit(op.clip(ctx.emit(op.add(ctx.emit(op.round(ctx.emit(op.divide(x, sv)))), zv)), 0, (1 << bits) - 1))
+    return ctx.emit(op.multiply(ctx.emit(op.subtract(qa, zv)), sv))
+
+
+# ----------------------------------------------------------------------------- driver
+def lower(module: Module, *, params: str = "const", fast_math: bool = True,
+          static_dims: Mapping[str, int] | None = None, target: Any = None,
+          use_int_kernels: bool = True, func_name: str = "main") -> Lowered:
+    """Lower ``module`` to a Relax IRModule with one function ``func_name``.
+
+    ``params``: ``"const"`` binds parameters as constants; ``"input"`` makes them trailing
+    function inputs (listed in :attr:`Lowered.param_inputs`, in order).  ``static_dims``
+    specialises symbolic dims to integers.  ``target`` (a TVM target) selects the integer
+    kernel variant (VNNI or not) for ``quant_linear``.
+    """
+    if params not in ("const", "input"):
+        raise LoweringError(f"lower: params must be 'const' or 'input', got {params!r}")
+    missing = sorted({n.op for n in module.nodes if n.op != "param" and n.op not in RULES})
+    if missing:
+        where = {op: sorted({n.scope or "<root>" for n in module.nodes if n.op == op})[:3] for op in missing}
+        lines = "\n".join(f"  - {op} (at {', '.join(where[op])})" for op in missing)
+        raise LoweringError(f"the TVM backend cannot lower {len(missing)} op(s) of module {module.name}:\n{lines}\n"
+                            f"supported: {', '.join(supported_ops())}")
+    ctx = Ctx(module, params=params, fast_math=fast_math, static_dims=static_dims or {}, target=target,
+              use_int_kernels=use_int_kernels)
+    relax = ctx.relax
+    inputs = [relax.Var(v.name, relax.TensorType(ctx.dims.shape(v.type), _dt(v.type))) for v in module.inputs]
+    for v, rv in zip(module.inputs, inputs, strict=True):
+        ctx.env[id(v)] = rv
+    bb = ctx.bb
+    with bb.function(func_name):
+        with bb.dataflow():
+            for node in module.nodes:
+                if node.op == "param":
+                    if node.attrs["name"] not in module.params:
+                        raise LoweringError(f"parameter {node.attrs['name']!r} read at {node.scope} is missing")
+                    ctx.env[id(node.outputs[0])] = _ParamRef(node.attrs["name"])
+                    continue
+                args = [ctx.val(v) for v in node.inputs]
+                try:
+                    res = RULES[node.op](ctx, node, args)
+                except LoweringError:
+                    raise
+                except Exception as e:
+                    raise LoweringError(f"lowering {node.op} at scope {node.scope or '<root>'} (inputs "
+                                        f"{[str(v.type) for v in node.inputs]}) failed: {type(e).__name__}: {e}") from e
+                outs = res if isinstance(res, (list, tuple)) else [res]
+                for v, r in zip(node.outputs, outs, strict=True):
+                    if not isinstance(r, relax.Var):
+                        r = bb.emit(r)
+                    ctx.env[id(v)] = r
+            outs = [ctx.val(v) for v in module.outputs]
+            outs = [o if isinstance(o, relax.Var) else bb.emit(o) for o in outs]
+            result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        bb.emit_func_output(result, params=inputs + [e for _, e, _ in ctx.param_inputs])
+    mod = bb.get()
+    syms = sorted(ctx.dims.vars)
+    return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
+                   param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], symbols=syms, notes=ctx.notes,
+                   int_kernels=ctx.int_kernels)

@@ -1,0 +1,211 @@
+"""Default (untuned) CPU schedules for the PrimFuncs a lowered ctc module produces.
+
+Why: TVM 0.27's dlight has no CPU matmul rule, and an unscheduled matmul runs ~85x slower
+than ONNX Runtime.  These rules give every fused PrimFunc a reasonable schedule without
+tuning:
+
+* :class:`MatmulRule` -- a fused PrimFunc with one matmul-like reduction block
+  (``C[..., m, n] += A[..., m, k] * B[..., k, n]``, optionally followed by elementwise
+  epilogue blocks such as bias add, GELU, residual add): register-tiled ``MT x (NB*V)``
+  micro-kernel (V = SIMD lanes), vectorized over ``n``, ``k`` innermost-but-three, the
+  accumulator tile in a local buffer, the epilogue computed per tile, outer tiles in parallel.
+  Works with a symbolic ``m`` (dynamic sequence length).
+* dlight's CPU ``Reduction`` and ``GEMV`` rules (softmax, layer norm, matrix-vector).
+* :class:`ElementwiseRule` -- the remaining spatial-only PrimFuncs: parallel outer loop,
+  vectorized inner loop.
+
+They are applied with ``dlight.ApplyDefaultSchedule`` after legalization and fusion; functions
+already scheduled (meta-schedule database hits, the integer kernels) are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+from tvm.target import Target
+
+__all__ = ["ElementwiseRule", "MatmulRule", "default_rules", "vector_lanes"]
+
+
+def vector_lanes(target: Target, bits: int = 32) -> int:
+    """SIMD lanes of ``bits``-wide elements on ``target`` (16 f32 lanes with AVX-512)."""
+    from tvm.target.codegen import llvm_get_vector_width
+
+    try:
+        width = int(llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 - non-llvm targets
+        width = 128
+    if width <= 0:
+        width = 128
+    return max(width // bits, 1)
+
+
+def _extent(sch: s_tir.Schedule, loop: Any) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _buffer_var_set(region: Any) -> list[set[Any]]:
+    """For each index of a buffer region, the set of block iter vars it uses."""
+    out = []
+    for r in region.region:
+        out.append(set(collect_vars_used_in_prim_expr(r.min)))
+    return out
+
+
+class MatmulRule(dl.ScheduleRule):
+    """Register-tiled, vectorized, parallel schedule for (batched) matmul PrimFuncs + epilogue."""
+
+    def __init__(self, mt: int = 8, nb: int = 2, k_unroll: int = 4):
+        self.mt = mt
+        self.nb = nb
+        self.k_unroll = k_unroll
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name in ("llvm", "c")
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:  # noqa: C901
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reds) != 1:
+            return None
+        ri = reds[0]
+        red = infos[ri]
+        kinds = red.dom_kind()
+        if kinds.count("R") != 1 or not kinds.endswith("R") or kinds.count("S") < 2:
+            return None
+        block = sch.get(red.block_rv)
+        if len(block.reads) < 2 or len(block.writes) != 1:
+            return None
+        iters = [iv.var for iv in block.iter_vars]
+        m_var, n_var, k_var = iters[-3], iters[-2], iters[-1]
+        # Matmul shape check: one read uses (m, k) but not n, one uses (k, n) but not m; write uses m, n.
+        reads = [(_buffer_var_set(r), r) for r in block.reads]
+        a_ok = any(any(m_var in s for s in v) and any(k_var in s for s in v) and not any(n_var in s for s in v)
+                   for v, _ in reads)
+        b_ok = False
+        for v, _r in reads:
+            if any(k_var in s for s in v) and not any(m_var in s for s in v) and v and n_var in v[-1]:
+                b_ok = True
+        if not (a_ok and b_ok):
+            return None
+        # Producers (injective blocks before the reduction) stay as separate materialised stages;
+        # epilogue blocks after it are inlined into the last one, which is computed per tile.
+        epis = [b for b in infos[ri + 1:]]
+        if any(not e.is_injective() for e in epis):
+            return None
+        for e in epis[:-1]:
+            try:
+                sch.compute_inline(e.block_rv)
+            except Exception:  # noqa: BLE001 - keep it as a separate stage
+                return None
+        lanes = vector_lanes(target, 32)
+        rb = red.block_rv
+        loops = sch.get_loops(rb)
+        if len(loops) != len(iters):
+            return None
+        *batch, lm, ln, lk = loops
+        n_ext = _extent(sch, ln)
+        nb = self.nb
+        if n_ext is not None:
+            if n_ext % lanes != 0:
+                return None
+            while nb > 1 and n_ext % (lanes * nb) != 0:
+                nb -= 1
+        mt = self.mt
+        m_ext = _extent(sch, lm)
+        if m_ext is not None and m_ext < mt:
+            mt = max(m_ext, 1)
+        mo, mi = sch.split(lm, [None, mt])
+        no, nj, nv = sch.split(ln, [None, nb, lanes])
+        sch.reorder(*batch, mo, no, lk, mi, nj, nv)
+        outer = sch.fuse(*batch, mo, no) if batch else sch.fuse(mo, no)
+        sch.parallel(outer)
+        sch.unroll(mi)
+        sch.unroll(nj)
+        sch.vectorize(nv)
+        if self.k_unroll > 1:
+            sch.annotate(lk, "pragma_auto_unroll_max_step", self.k_unroll)
+            sch.annotate(lk, "pragma_unroll_explicit", 1)
+        if epis:
+            last = epis[-1].block_rv
+            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
+            sch.set_scope(rb, 0, "local")
+            _vectorize_last(sch, last, lanes)
+        else:
+            cw = sch.cache_write(rb, 0, "local")
+            sch.reverse_compute_at(cw, outer, preserve_unit_loops=True)
+            _vectorize_last(sch, cw, lanes)
+        init = sch.decompose_reduction(rb, lk)
+        iloops = sch.get_loops(init)
+        sch.vectorize(iloops[-1])
+        # Producer stages: parallel + vectorize like plain elementwise blocks.
+        for p in infos[:ri]:
+            _schedule_spatial(sch, p.block_rv, lanes)
+        return sch
+
+
+def _vectorize_last(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    ext = _extent(sch, loops[-1])
+    if ext is not None and ext % lanes == 0:
+        _, v = sch.split(loops[-1], [None, lanes])
+        sch.vectorize(v)
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if len(loops) > 1:
+        outer = sch.fuse(*loops[:-1])
+        sch.parallel(outer)
+        inner = loops[-1]
+    else:
+        inner = loops[0]
+    ext = _extent(sch, inner)
+    if ext is None or ext > lanes:
+        o, v = sch.split(inner, [None, lanes])
+        sch.vectorize(v)
+        if len(loops) == 1:
+            sch.parallel(o)
+    elif ext >= 2:
+        sch.vectorize(inner)
+
+
+class ElementwiseRule(dl.ScheduleRule):
+    """Spatial-only PrimFuncs: inline chains, then parallel outer loops, vectorized inner loop."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name in ("llvm", "c")
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not infos or any(not b.is_injective() for b in infos):
+            return None
+        lanes = vector_lanes(target, 32)
+        blocks = [b.block_rv for b in infos]
+        for b in blocks[:-1]:
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - stays a separate stage
+                _schedule_spatial(sch, b, lanes)
+        _schedule_spatial(sch, blocks[-1], lanes)
+        return sch
+
+
+def default_rules() -> list[dl.ScheduleRule]:
+    """The rule list applied by ``build(..., tuning off)``: most specific first."""
+    return [MatmulRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), ElementwiseRule()]
