@@ -1,0 +1,437 @@
+"""Real text for calibration and evaluation, from files that ship in installed packages (nothing downloaded).
+
+Sources:
+
+* ``wiki``: English Wikipedia articles from gensim's test data (a shortened 2017 dump), cleaned
+  with gensim's ``extract_pages`` + ``filter_wiki``; redirects and pages under 500 characters are
+  dropped; articles are split deterministically into a calibration part and an evaluation part
+  that never overlap.  The cleaned articles are cached as JSON (extraction takes seconds).
+* ``lee``: the Lee news corpus (300 background documents for calibration, the 50 test documents
+  for evaluation) and its 50x50 matrix of human similarity judgements.
+* ``pang_lee``: 200 labelled movie-review sentences.
+* a user's own ``text`` file or ``.jsonl`` file (one JSON object per line, text in a named field).
+
+:func:`calibration_batches` turns any of them into tokenised model inputs, deterministic in the seed.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctc.eval.models import default_cache_dir
+
+__all__ = [
+    "WIKI_FILE",
+    "SPLITS",
+    "WikiArticle",
+    "gensim_test_data_dir",
+    "wiki_articles",
+    "split_articles",
+    "wiki_split",
+    "wiki_text",
+    "lee_background",
+    "lee_test",
+    "lee_similarities",
+    "lee_similarity_pairs",
+    "pang_lee_polarity",
+    "read_text_file",
+    "read_jsonl",
+    "load_texts",
+    "token_stream",
+    "calibration_batches",
+    "evaluation_windows",
+    "model_batches",
+    "describe_source",
+]
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+SPLITS = ("calibration", "evaluation")
+WIKI_MIN_CHARS = 500
+WIKI_EVAL_FRACTION = 0.3
+_WIKI_CACHE_FORMAT = 1
+_SPLIT_SALT = "ctc-wiki-split-v1"
+
+
+# --------------------------------------------------------------------------- package files
+def gensim_test_data_dir() -> Path:
+    """gensim's ``test/test_data`` folder (located without importing gensim)."""
+    spec = importlib.util.find_spec("gensim")
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locs:
+        raise FileNotFoundError("the bundled texts ship in the gensim wheel, which is not installed; "
+                                "install it with `pip install gensim==4.4.0`")
+    d = Path(locs[0]) / "test" / "test_data"
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} is missing: this gensim install has no test data; "
+                                "reinstall it with `pip install --force-reinstall gensim==4.4.0`")
+    return d
+
+
+def _data_file(name: str) -> Path:
+    p = gensim_test_data_dir() / name
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing from the gensim install; reinstall gensim==4.4.0")
+    return p
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling + rename (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- wikipedia
+@dataclass(frozen=True)
+class WikiArticle:
+    """One cleaned Wikipedia article."""
+
+    title: str
+    page_id: str
+    text: str
+
+
+def _extract_wiki(path: Path, min_chars: int) -> list[WikiArticle]:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    out: list[WikiArticle] = []
+    with bz2.open(path, "rb") as f:
+        for title, text, page_id in extract_pages(f):
+            if not text or text.lstrip()[:9].lower() == "#redirect":
+                continue
+            clean = filter_wiki(text).strip()
+            if len(clean) >= min_chars:
+                out.append(WikiArticle(title, str(page_id), clean))
+    return out
+
+
+def wiki_articles(cache_dir: str | Path | None = None, *, refresh: bool = False) -> list[WikiArticle]:
+    """All cleaned Wikipedia articles (>= 500 characters, no redirects), in dump order.
+
+    The first call extracts them from the gensim dump (~4 s) and caches them as JSON under
+    ``cache_dir`` (default: ctc's cache folder); later calls read the cache (keyed on the dump's
+    size and mtime, so a changed gensim install re-extracts).
+    """
+    src = _data_file(WIKI_FILE)
+    st = src.stat()
+    key = {"format": _WIKI_CACHE_FORMAT, "file": WIKI_FILE, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+           "min_chars": WIKI_MIN_CHARS}
+    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "wiki-articles.json"
+    if not refresh and cache.is_file():
+        try:
+            blob = json.loads(cache.read_text(encoding="utf-8"))
+            if blob.get("key") == key:
+                return [WikiArticle(**a) for a in blob["articles"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # unreadable or stale cache entry: rebuild it below
+    t0 = time.perf_counter()
+    arts = _extract_wiki(src, WIKI_MIN_CHARS)
+    secs = time.perf_counter() - t0
+    _write_atomic(cache, json.dumps({"key": key, "extract_seconds": secs, "articles": [asdict(a) for a in arts]}))
+    return arts
+
+
+def _split_rank(title: str) -> str:
+    return hashlib.sha256(f"{_SPLIT_SALT}:{title}".encode()).hexdigest()
+
+
+def split_articles(articles: Sequence[WikiArticle], eval_fraction: float = WIKI_EVAL_FRACTION
+                   ) -> dict[str, list[WikiArticle]]:
+    """Split articles into ``calibration`` and ``evaluation`` parts by article, deterministically.
+
+    Articles are ranked by a salted SHA-256 of their title (independent of order, seed and
+    machine); the first ``ceil(n * eval_fraction)`` form the evaluation part.  Each part keeps
+    dump order.  The parts never share an article.
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"split_articles: eval_fraction must be in (0, 1), got {eval_fraction}")
+    titles = [a.title for a in articles]
+    if len(set(titles)) != len(titles):
+        raise ValueError("split_articles: duplicate article titles; the split is keyed on titles")
+    n_eval = math.ceil(len(articles) * eval_fraction)
+    eval_titles = set(sorted(titles, key=_split_rank)[:n_eval])
+    return {"calibration": [a for a in articles if a.title not in eval_titles],
+            "evaluation": [a for a in articles if a.title in eval_titles]}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def wiki_split(split: str, cache_dir: str | Path | None = None) -> list[WikiArticle]:
+    """The ``calibration`` or ``evaluation`` articles of the bundled Wikipedia text."""
+    _check_split(split)
+    return split_articles(wiki_articles(cache_dir))[split]
+
+
+def wiki_text(split: str, cache_dir: str | Path | None = None) -> str:
+    """One split's articles joined with blank lines (the text perplexity is measured on)."""
+    return "\n\n".join(a.text for a in wiki_split(split, cache_dir))
+
+
+# --------------------------------------------------------------------------- lee / pang-lee
+def _lines(name: str, encoding: str) -> list[str]:
+    with open(_data_file(name), encoding=encoding) as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def lee_background() -> list[str]:
+    """The 300 background documents of the Lee news corpus (``lee_background.cor``)."""
+    return _lines("lee_background.cor", "latin-1")
+
+
+def lee_test() -> list[str]:
+    """The 50 Lee corpus documents that the human similarity judgements refer to (``lee.cor``)."""
+    return _lines("lee.cor", "latin-1")
+
+
+def lee_similarities() -> list[list[float]]:
+    """The 50x50 human similarity matrix (``similarities0-1.txt``), as stored: upper triangle + diagonal."""
+    rows = [[float(x) for x in ln.split()] for ln in _lines("similarities0-1.txt", "ascii")]
+    if len(rows) != 50 or any(len(r) != 50 for r in rows):
+        raise ValueError(f"{_data_file('similarities0-1.txt')}: expected a 50x50 matrix")
+    return rows
+
+
+def lee_similarity_pairs() -> list[tuple[int, int, float]]:
+    """Every document pair ``(i, j, human_score)`` with ``i < j`` (1225 pairs)."""
+    m = lee_similarities()
+    return [(i, j, m[i][j]) for i in range(50) for j in range(i + 1, 50)]
+
+
+def pang_lee_polarity() -> list[tuple[str, str]]:
+    """200 movie-review sentences as ``(text, label)`` with label ``"pos"`` or ``"neg"`` (latin-1 file)."""
+    out = []
+    for i, ln in enumerate(_lines("pang_lee_polarity.cor", "latin-1"), 1):
+        label, _, text = ln.partition(" ")
+        if label not in ("__label__pos", "__label__neg"):
+            raise ValueError(f"pang_lee_polarity.cor:{i}: unexpected label {label!r}")
+        out.append((text, label.removeprefix("__label__")))
+    return out
+
+
+# --------------------------------------------------------------------------- user files
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's contents (clear errors for a missing, empty or non-UTF-8 file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {str(p)!r} not found" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text at byte {e.start}; convert it with `iconv -t utf-8`") from None
+    if not text.strip():
+        raise ValueError(f"{p}: the file holds no text")
+    return text
+
+
+def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
+    """The ``field`` strings of a JSON-lines file (one object per line; blank lines are skipped).
+
+    Errors name the file and line: a line that is not JSON, not an object, lacks ``field``, or
+    holds a non-string there.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"jsonl file {str(p)!r} not found" + (" (it is a folder)" if p.is_dir() else ""))
+    out: list[str] = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if field not in obj:
+                have = ", ".join(sorted(map(str, obj))) or "none"
+                raise ValueError(f"{p}:{lineno}: no field {field!r} (fields: {have}); choose it with field=\"...\"")
+            v = obj[field]
+            if not isinstance(v, str):
+                raise ValueError(f"{p}:{lineno}: field {field!r} holds {type(v).__name__}, expected a string")
+            out.append(v)
+    if not out:
+        raise ValueError(f"{p}: no JSON lines in the file")
+    return out
+
+
+# --------------------------------------------------------------------------- sources -> texts
+def load_texts(source: str, split: str = "calibration", *, path: str | Path | None = None,
+               field: str | None = None, cache_dir: str | Path | None = None) -> list[str]:
+    """Documents of a named source: ``wiki`` | ``lee`` (bundled, split-aware) or ``text`` | ``jsonl`` (``path``).
+
+    ``lee``: calibration = the 300 background documents, evaluation = the 50 test documents.
+    A user's file is used whole for either split.
+    """
+    _check_split(split)
+    if source in ("text", "jsonl"):
+        if path is None:
+            raise ValueError(f"data source {source!r} needs a file path")
+        if source == "text":
+            return [read_text_file(path)]
+        return read_jsonl(path, field or "text")
+    if path is not None:
+        raise ValueError(f"data source {source!r} is bundled and takes no file path")
+    if source == "wiki":
+        return [a.text for a in wiki_split(split, cache_dir)]
+    if source == "lee":
+        return lee_background() if split == "calibration" else lee_test()
+    raise ValueError(f"unknown data source {source!r}; expected wiki, lee, text or jsonl")
+
+
+def describe_source(source: str, split: str, path: str | Path | None = None) -> str:
+    """One line naming the text a protocol used."""
+    if source == "wiki":
+        return (f"gensim {WIKI_FILE} ({split} split: articles >= {WIKI_MIN_CHARS} chars, by salted title hash, "
+                f"{int(WIKI_EVAL_FRACTION * 100)}% evaluation)")
+    if source == "lee":
+        return "gensim lee_background.cor (300 docs)" if split == "calibration" else "gensim lee.cor (50 docs)"
+    return f"{source} file {path}"
+
+
+# --------------------------------------------------------------------------- tokenising
+def _specials(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids the tokenizer puts before and after content (e.g. [CLS] ... [SEP]); empty for most LMs."""
+    probe = [1000, 1001]
+    try:
+        full = list(tokenizer.build_inputs_with_special_tokens(probe))
+    except (AttributeError, NotImplementedError, TypeError):
+        return [], []
+    i = next((k for k in range(len(full) - 1) if full[k:k + 2] == probe), None)
+    if i is None:
+        return [], []
+    return full[:i], full[i + 2:]
+
+
+def token_stream(tokenizer: Any, texts: Sequence[str], separator: str = "\n\n") -> torch.Tensor:
+    """Token ids of ``texts`` joined by ``separator`` (no special tokens), as a 1-D int64 tensor."""
+    if isinstance(texts, str):
+        raise TypeError("token_stream: pass a list of texts, not a single string")
+    enc = tokenizer(separator.join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(enc, dtype=torch.long)
+
+
+def _wrap(tokenizer: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    pre, post = _specials(tokenizer)
+    row = torch.cat([torch.tensor(pre, dtype=torch.long), ids, torch.tensor(post, dtype=torch.long)])
+    return {"input_ids": row.unsqueeze(0), "attention_mask": torch.ones(1, row.numel(), dtype=torch.long)}
+
+
+def calibration_batches(tokenizer: Any, source: str | Sequence[str], n_samples: int, seq_len: int, seed: int = 0,
+                        *, split: str = "calibration", path: str | Path | None = None, field: str | None = None,
+                        cache_dir: str | Path | None = None) -> list[dict[str, torch.Tensor]]:
+    """``n_samples`` windows of ``seq_len`` tokens drawn at random (by ``seed``) from a text source.
+
+    ``source`` is a source name (see :func:`load_texts`) or a list of texts.  The source's
+    documents are tokenised as one stream; each sample is a contiguous window starting at a
+    position drawn with ``random.Random(seed)`` (the GPTQ calibration protocol).  Tokenizers that
+    frame inputs with special tokens (BERT's [CLS] ... [SEP]) get them added, inside
+    ``seq_len``.  Returns dicts of ``input_ids`` / ``attention_mask``, each ``[1, seq_len]`` int64.
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise ValueError(f"calibration_batches: need n_samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}")
+    texts = load_texts(source, split, path=path, field=field, cache_dir=cache_dir) if isinstance(source, str) \
+        else list(source)
+    pre, post = _specials(tokenizer)
+    body = seq_len - len(pre) - len(post)
+    if body < 1:
+        raise ValueError(f"calibration_batches: seq_len {seq_len} leaves no room beside the special tokens")
+    stream = token_stream(tokenizer, texts)
+    if stream.numel() < body:
+        raise ValueError(f"calibration_batches: the text has {stream.numel()} tokens, fewer than one window "
+                         f"of {body}; use more text or a smaller seq_len")
+    rng = random.Random(seed)
+    starts = [rng.randrange(stream.numel() - body + 1) for _ in range(n_samples)]
+    return [_wrap(tokenizer, stream[s:s + body]) for s in starts]
+
+
+def evaluation_windows(tokenizer: Any, source: str | Sequence[str], n_windows: int | None, seq_len: int,
+                       *, split: str = "evaluation", path: str | Path | None = None, field: str | None = None,
+                       cache_dir: str | Path | None = None) -> list[dict[str, torch.Tensor]]:
+    """The first ``n_windows`` consecutive, non-overlapping ``seq_len``-token windows of a source (all if None)."""
+    texts = load_texts(source, split, path=path, field=field, cache_dir=cache_dir) if isinstance(source, str) \
+        else list(source)
+    pre, post = _specials(tokenizer)
+    body = seq_len - len(pre) - len(post)
+    if body < 1:
+        raise ValueError(f"evaluation_windows: seq_len {seq_len} leaves no room beside the special tokens")
+    stream = token_stream(tokenizer, texts)
+    total = stream.numel() // body
+    if total == 0:
+        raise ValueError(f"evaluation_windows: the text has {stream.numel()} tokens, fewer than one window of {body}")
+    n = total if n_windows is None else min(n_windows, total)
+    return [_wrap(tokenizer, stream[k * body:(k + 1) * body]) for k in range(n)]
+
+
+def _to_inputs(window: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    ids = window["input_ids"]
+    for n in names:
+        if n in window:
+            out[n] = window[n]
+        elif n == "token_type_ids":
+            out[n] = torch.zeros_like(ids)
+        elif n == "position_ids":
+            out[n] = torch.arange(ids.shape[1], dtype=torch.long).expand_as(ids).contiguous()
+        else:
+            raise ValueError(f"the model takes an input {n!r} that text data cannot provide "
+                             "(text gives input_ids, attention_mask, token_type_ids, position_ids)")
+    return out
+
+
+def model_batches(*, source: str, path: str | Path | None, field: str | None, split: str, tokenizer: Any,
+                  input_names: Sequence[str], samples: int, seq_len: int, seed: int, batch_size: int = 1,
+                  cache_dir: str | Path | None = None) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Model-input batches for a recipe's ``calibrate``/``evaluate`` statement, and the protocol that made them.
+
+    Calibration: ``samples`` random windows (:func:`calibration_batches`).  Evaluation: the first
+    ``samples`` consecutive windows of the evaluation split (:func:`evaluation_windows`).
+    Windows are stacked ``batch_size`` at a time and given exactly the inputs in ``input_names``.
+    """
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so text data cannot be turned into its inputs")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_split(split)
+    t0 = time.perf_counter()
+    if split == "calibration":
+        wins = calibration_batches(tokenizer, source, samples, seq_len, seed, split=split, path=path, field=field,
+                                   cache_dir=cache_dir)
+    else:
+        wins = evaluation_windows(tokenizer, source, samples, seq_len, split=split, path=path, field=field,
+                                  cache_dir=cache_dir)
+    batches = []
+    for k in range(0, len(wins), batch_size):
+        group = [_to_inputs(w, input_names) for w in wins[k:k + batch_size]]
+        batches.append({n: torch.cat([g[n] for g in group]) for n in input_names})
+    protocol = {
+        "source": source, "text": describe_source(source, split, path), "split": split,
+        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "windows": len(wins), "seq_len": seq_len, "batch_size": batch_size,
+        "selection": f"random windows, seed {seed}" if split == "calibration" else "first consecutive windows",
+        "tokens": len(wins) * seq_len, "seconds": time.perf_counter() - t0,
+    }
+    return batches, protocol

