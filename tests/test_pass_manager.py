@@ -445,7 +445,7 @@ def test_progress_bar_only_on_a_tty(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_option_validation_errors() -> None:
     fold = get_pass("constant-fold")
     with pytest.raises(PassError, match=r"pass constant-fold has no option 'max_element'; did you mean "
-                                        r"'max_elements'\? \(options: max_elements, fold_params\)"):
+                                        r"'max_elements'\? \(options: max_elements, grow_params, fold_params\)"):
         fold({"max_element": 3})
     with pytest.raises(PassError, match=r"option max_elements=-1 is below its minimum 0"):
         fold({"max_elements": -1})

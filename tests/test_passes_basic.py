@@ -256,6 +256,44 @@ def test_constant_fold_params_lifts_the_size_limit() -> None:
     assert torch.equal(out.params["neg.bt.const"], -params["big"])
 
 
+GROWTH_BEFORE = """
+    module m {
+      param "w" : f32[4]
+      param "pos" : i64[8]
+      input %x : f32[2, 4]
+      %w = param() {name = "w"} : f32[4]
+      %wu = unsqueeze(%w) {axis = 0} : f32[1, 4]
+      %a = add(%x, %wu) : f32[2, 4]
+      %b = add(%a, %w) : f32[2, 4]
+      %p = param() {name = "pos"} : i64[8]
+      %ps = slice(%p) {axis = 0, start = [0], end = [4]} : i64[4]
+      %r = arange() {end = [4]} : i64[4]
+      %i = add(%r, %ps) : i64[4]
+      %ci = cast(%i) {dtype = "f32"} : f32[4]
+      %y = mul(%b, %ci) : f32[2, 4]
+      return %y as "y"
+    }"""
+
+
+def test_constant_fold_does_not_grow_params_by_default() -> None:
+    params = {"w": torch.randn(4), "pos": torch.arange(8) * 3}
+    m = parse(_ir(GROWTH_BEFORE), params=params)
+    # %wu would duplicate w (still read by %b); %ps..%ci would store 4 elements but free all 8 of
+    # pos: that chain folds (into %ci's constant), the unsqueeze does not.
+    out, ctx = _run("constant-fold", m)
+    assert [n.op for n in out.nodes] == ["param", "unsqueeze", "add", "add", "param", "mul"]
+    assert sorted(out.params) == ["cast.ci.const", "w"]
+    assert out.param_count() == 4 + 4 and ctx.metrics == {"nodes_folded": 3, "params_added": 1, "params_dropped": 1}
+    assert any("left 1 constant node(s) computed" in n for n in ctx.notes)
+    x = torch.randn(2, 4)
+    ref = parse(_ir(GROWTH_BEFORE), params=params)
+    assert torch.equal(interpret(out, [x])[0], interpret(ref, [x])[0])
+    # grow_params folds the unsqueeze too (a second copy of w, as [1, 4]).
+    grown, _ = _run("constant-fold", parse(_ir(GROWTH_BEFORE), params=params), grow_params=True)
+    assert "unsqueeze" not in [n.op for n in grown.nodes] and grown.param_count() == 12
+    assert torch.equal(interpret(grown, [x])[0], interpret(ref, [x])[0])
+
+
 def test_constant_fold_leaves_symbolic_and_input_dependent_nodes() -> None:
     m = parse(_ir("""
         module m {
@@ -314,9 +352,11 @@ def _same_outputs(ref: list[torch.Tensor], got: list[torch.Tensor]) -> None:
 def test_pass_preserves_interpreter_outputs(name: str, options: dict, mi: tuple[Module, list[torch.Tensor]]) -> None:
     m, inputs = mi
     ref = interpret(m, inputs)
-    before_nodes = len(m.nodes)
+    before_nodes, before_params = len(m.nodes), m.param_count()
     out, _ = _run(name, m, **options)
     _same_outputs(ref, interpret(out, inputs))
+    if not options.get("fold_params"):
+        assert out.param_count() <= before_params  # only an explicit request may grow the model
     assert len(out.nodes) <= before_nodes + (before_nodes if name == "constant-fold" else 0)
 
 

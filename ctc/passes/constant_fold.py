@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,35 @@ def _static_attrs(node: Node) -> dict | None:
     return attrs
 
 
+def _dying_cone(module: Module, node: Node, const_nodes: set[int]) -> list[Node]:
+    """``node`` and the constant nodes that would become dead if its results were replaced."""
+    cone: dict[int, Node] = {}
+    stack = [v.producer for v in node.inputs if v.producer is not None]
+    while stack:
+        a = stack.pop()
+        if id(a) in cone or id(a) not in const_nodes:
+            continue
+        cone[id(a)] = a
+        stack.extend(v.producer for v in a.inputs if v.producer is not None)
+    dying = {id(node): node}
+    changed = True
+    while changed:  # the cone is small: iterate to a fixpoint
+        changed = False
+        for a in cone.values():
+            if id(a) in dying or not get_op(a.op).pure:
+                continue
+            if all(not module.is_output(v) and all(id(u) in dying for u, _ in v.uses) for v in a.outputs):
+                dying[id(a)] = a
+                changed = True
+    return list(dying.values())
+
+
+def _freed_elements(module: Module, dying: list[Node], readers: Counter[str]) -> int:
+    """Parameter elements released when ``dying`` nodes go: parameters all of whose readers die."""
+    gone = Counter(n.attrs["name"] for n in dying if n.op == "param")
+    return sum(int(module.params[k].numel()) for k, c in gone.items() if c >= readers[k])
+
+
 @register_pass
 class ConstantFoldPass(Pass):
     """Constant folding: compute nodes whose operands are all parameters or constants, once.
@@ -34,11 +64,17 @@ class ConstantFoldPass(Pass):
     A pure node whose operands are all constant (``param`` reads, or constant-only
     subexpressions such as ``full`` with a static shape) and whose results are static and
     hold at most ``max_elements`` elements each is evaluated with its op's reference
-    implementation and replaced by a ``param`` read of a new parameter.  With
-    ``fold_params`` the size limit is lifted (e.g. fold a transpose of a weight into the
-    weight).  The results are exactly what the interpreter would compute.  Nodes left
-    dead are removed, and parameters nothing reads any more are dropped.  With a
-    selector, only selected nodes are folded.
+    implementation and replaced by a ``param`` read of a new parameter.  The results are
+    exactly what the interpreter would compute.  Nodes left dead are removed, and
+    parameters nothing reads any more are dropped.  With a selector, only selected nodes
+    are folded.
+
+    A compression pipeline must not grow the model behind the user's back: by default a
+    fold happens only when the new parameter is no larger than the parameters it frees
+    (``full(2) * w`` with ``w`` read nowhere else folds; ``unsqueeze(w)`` with ``w`` still
+    read elsewhere, or constants computed from ``arange``, stay computed).  ``grow_params``
+    lifts that rule; ``fold_params`` lifts it and the size limit (e.g. fold a transpose of
+    a weight into the weight).
     """
 
     name = "constant-fold"
@@ -49,8 +85,10 @@ class ConstantFoldPass(Pass):
 
         max_elements: int = option(65536, "fold a node only when each result has at most this many elements",
                                    min=0)
-        fold_params: bool = option(False, "fold regardless of result size (parameter-only subexpressions "
-                                          "become new parameters)")
+        grow_params: bool = option(False, "also fold when the new parameter is larger than the parameters "
+                                          "the fold frees (stores computed constants such as index tensors)")
+        fold_params: bool = option(False, "fold every constant subexpression regardless of result size and "
+                                          "growth (parameter-only subexpressions become new parameters)")
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         consts: dict[int, torch.Tensor] = {}  # id(value) -> concrete tensor (computed lazily)
@@ -58,6 +96,9 @@ class ConstantFoldPass(Pass):
         folded: list[Node] = []
         added: list[str] = []
         read_before = {n.attrs["name"] for n in module.nodes if n.op == "param"}
+        readers = Counter(n.attrs["name"] for n in module.nodes if n.op == "param")
+        may_grow = self.options.grow_params or self.options.fold_params
+        skipped_growth = 0
 
         def value_of(v: Value) -> torch.Tensor:
             if id(v) not in consts:
@@ -89,6 +130,12 @@ class ConstantFoldPass(Pass):
             if not self.options.fold_params and any(o.type.numel() > self.options.max_elements
                                                     for o in node.outputs):
                 continue
+            if not may_grow:
+                dying = _dying_cone(module, node, const_nodes)
+                freed = _freed_elements(module, dying, readers)
+                if sum(o.type.numel() for o in node.outputs) > freed:
+                    skipped_growth += 1
+                    continue
             with torch.no_grad():
                 results = [value_of(o) for o in node.outputs]
             for o, t in zip(node.outputs, results, strict=True):
@@ -99,19 +146,27 @@ class ConstantFoldPass(Pass):
                 module.add_param(pname, t.detach().clone().contiguous())
                 added.append(pname)
                 new = module.param(pname, scope=node.scope, block=node.block, before=node)
+                readers[pname] += 1
                 module.replace_all_uses_with(o, new)
                 const_nodes.add(id(new.producer))
                 consts[id(new)] = module.params[pname]
             folded.append(node)
         # Only what folding made dead goes: constant subexpressions that fed folded nodes.
         removed = eliminate_dead(module, [n for n in module.nodes if id(n) in const_nodes]) if folded else []
+        for n in removed:
+            if n.op == "param":
+                readers[n.attrs["name"]] -= 1
         still = {n.attrs["name"] for n in module.nodes if n.op == "param"}
         dropped = [k for k in sorted(read_before) if k not in still and k in module.params]
-        for k in dropped:
+        for k in dropped + [k for k in added if k not in still]:  # incl. intermediates of folded chains
             del module.params[k]
+        added = [k for k in added if k in still]
         if folded:
             ops = sorted({n.op for n in folded})
             ctx.note(f"folded {len(folded)} node(s) ({', '.join(ops)}) into {len(added)} new parameter(s); "
                      f"removed {len(removed)} dead node(s) and {len(dropped)} parameter(s)")
+        if skipped_growth:
+            ctx.note(f"left {skipped_growth} constant node(s) computed: folding them would store more parameter "
+                     "elements than it frees (grow_params=true folds them)")
         ctx.metrics.update(nodes_folded=len(folded), params_added=len(added), params_dropped=len(dropped))
         return module
