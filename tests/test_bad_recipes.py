@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ctc.cli import main
 
@@ -31,10 +32,39 @@ def test_corpus_is_large_enough() -> None:
     assert len(RECIPES) >= 40
 
 
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class _Tiny(torch.nn.Module):
+    """Two blocks and a head: enough for selectors to match (or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Block(), _Block()])
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus plus its fixtures: a tiny exported program, a broken one, a model dir with a bad config."""
     d = tmp_path_factory.mktemp("bad") / "recipes"
     shutil.copytree(CORPUS, d)
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(_Tiny().eval(), (torch.randn(1, 8),)), str(d / "tiny.pt2"))
+    (d / "broken.pt2").write_bytes(b"not a zip archive")
+    (d / "badmodel").mkdir()
+    (d / "badmodel" / "config.json").write_text('{"model_type": "no-such-architecture"}')
     return d
 
 
