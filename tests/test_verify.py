@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from strategies import modules
 
 from ctc.ir import Module, TensorType, Value
 from ctc.ir.graph import Node
@@ -179,3 +182,50 @@ def test_warnings_unused_params_and_unbound_symbols():
     warns = verify(m)
     assert any("parameter 'dead' is never read" in w for w in warns)
     assert any("symbol t9" in w and "bound by no input" in w for w in warns)
+
+
+# --------------------------------------------------------------------------- random corruptions
+def _corrupt(m: Module, kind: str, pick: int) -> bool:
+    """Apply one corruption; False when the module has nothing to corrupt that way."""
+    nodes = [n for n in m.nodes if n.inputs and any(v.producer is not None for v in n.inputs)]
+    if kind == "reorder":
+        if not nodes:
+            return False
+        n = nodes[pick % len(nodes)]
+        producer = next(v.producer for v in n.inputs if v.producer is not None)
+        m.nodes.remove(n)
+        m.nodes.insert(m.index_of(producer), n)
+    elif kind == "drop_use":
+        used = [v for v in m.values() if v.uses]
+        if not used:
+            return False
+        used[pick % len(used)].uses.pop()
+    elif kind == "stale_use":
+        m.inputs[0].uses.append((m.nodes[pick % len(m.nodes)], 99))
+    elif kind == "retype":
+        n = [n for n in m.nodes if n.op != "param"]
+        if not n:
+            return False
+        out = n[pick % len(n)].outputs[0]
+        out.type = out.type.with_shape((*out.type.shape, 7))
+    elif kind == "dup_name":
+        vals = list(m.values())
+        if len(vals) < 2:
+            return False
+        vals[-1 - pick % (len(vals) - 1)].name = vals[0].name
+    elif kind == "lost_param":
+        ps = [n for n in m.nodes if n.op == "param"]
+        if not ps:
+            return False
+        m.params.pop(ps[pick % len(ps)].attrs["name"], None)
+    return True
+
+
+@settings(max_examples=80, deadline=None)
+@given(m=modules(), kind=st.sampled_from(["reorder", "drop_use", "stale_use", "retype", "dup_name", "lost_param"]),
+       pick=st.integers(0, 1000))
+def test_random_corruptions_are_detected(m, kind, pick):
+    verify(m)
+    assume(_corrupt(m, kind, pick))
+    with pytest.raises(VerifyError):
+        verify(m)
