@@ -11,6 +11,7 @@ from ctc.ir.nxview import (
     dominates,
     dominators,
     isomorphic_blocks,
+    live_ranges,
     post_dominators,
     to_digraph,
 )
@@ -112,3 +113,14 @@ def test_isomorphic_blocks_sees_operand_order():
     p1.set_input(0, perm)
     p1.set_input(1, y)
     assert isomorphic_blocks(m, types=False) == [[0], [1]]
+
+
+def test_live_ranges():
+    m = _stack([2])
+    lr = live_ranges(m)
+    x = m.inputs[0]
+    lin = m.find("lowrank_linear")[0]
+    assert lr[x] == (-1, m.index_of(lin))
+    assert lr[lin.output] == (m.index_of(lin), m.index_of(m.find("channel_permute")[0]))
+    assert lr[m.outputs[0]][1] == len(m.nodes)
+    assert set(lr) == set(m.values())

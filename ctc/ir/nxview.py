@@ -18,7 +18,7 @@ import networkx as nx
 
 from ctc.ir.graph import Module, Node, Value
 
-__all__ = ["block_subgraph", "consumers_closure", "dominates", "dominators", "isomorphic_blocks",
+__all__ = ["block_subgraph", "consumers_closure", "dominates", "dominators", "isomorphic_blocks", "live_ranges",
            "post_dominators", "to_digraph"]
 
 ENTRY = "<entry>"
@@ -176,3 +176,23 @@ def isomorphic_blocks(module: Module, *, types: bool = True, blocks: Iterable[in
                 classes.append([b])
         groups.extend(classes)
     return sorted((sorted(c) for c in groups), key=lambda c: c[0])
+
+
+def live_ranges(module: Module) -> dict[Value, tuple[int, int]]:
+    """For every value, ``(defined at, last read at)`` as node positions (memory planning).
+
+    Module inputs are defined at ``-1``; module outputs stay live to ``len(module.nodes)``;
+    a value nobody reads dies where it is defined.
+    """
+    out: dict[Value, tuple[int, int]] = {v: (-1, -1) for v in module.inputs}
+    for i, n in enumerate(module.nodes):
+        for v in n.inputs:
+            if v in out:
+                out[v] = (out[v][0], i)
+        for v in n.outputs:
+            out[v] = (i, i)
+    end = len(module.nodes)
+    for v in module.outputs:
+        if v in out:
+            out[v] = (out[v][0], end)
+    return out
