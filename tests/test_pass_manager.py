@@ -128,7 +128,8 @@ def test_records_describe_each_pass() -> None:
     assert [r.name for r in rep.records] == ["cse", "dce"]
     cse, dce = rep.records
     assert cse.status == dce.status == "ok" and cse.index == 0 and dce.index == 1
-    assert cse.options == {"dedupe_params": False} and cse.selector == "all" and cse.span is None
+    assert cse.options == {"dedupe_params": False, "across_blocks": False}
+    assert cse.selector == "all" and cse.span is None
     assert cse.ops_diff == {"relu": -2}
     assert cse.ops_before["relu"] == 4 and cse.ops_after["relu"] == 2
     assert dce.ops_diff == {"linear": -1, "param": -1}

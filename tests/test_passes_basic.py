@@ -141,7 +141,43 @@ def test_cse_golden() -> None:
           %s = add(%g1, %g2) : f32[2, 4]
           %m = mul(%r1, %r1) : f32[2, 4]
           return %s as "s", %m as "m"
-        }""", inputs=[torch.randn(2, 4)])
+        }""", inputs=[torch.randn(2, 4)], across_blocks=True)
+
+
+def test_cse_keeps_blocks_apart_by_default() -> None:
+    m = parse(_ir("""
+        module m {
+          param "w" : f32[4]
+          input %x : f32[4]
+          %w0 = param() {name = "w"} : f32[4]
+          %w1 = param() {name = "w"} : f32[4]  loc("l1", block=1)
+          %w2 = param() {name = "w"} : f32[4]  loc("l2", block=2)
+          %w3 = param() {name = "w"} : f32[4]  loc("l2", block=2)
+          %a = add(%x, %w1) : f32[4]  loc("l1", block=1)
+          %b = add(%a, %w2) : f32[4]  loc("l2", block=2)
+          %c = add(%b, %w3) : f32[4]  loc("l2", block=2)
+          return %c as "y", %w0 as "w"
+        }"""))
+    out, _ = _run("cse", m)
+    # Reads in blocks 1 and 2 may reuse the read outside the blocks.
+    assert [n.outputs[0].name for n in out.nodes] == ["w0", "a", "b", "c"]
+    m = parse(_ir("""
+        module m {
+          param "w" : f32[4]
+          input %x : f32[4]
+          %w1 = param() {name = "w"} : f32[4]  loc("l1", block=1)
+          %w2 = param() {name = "w"} : f32[4]  loc("l2", block=2)
+          %w3 = param() {name = "w"} : f32[4]  loc("l2", block=2)
+          %a = add(%x, %w1) : f32[4]  loc("l1", block=1)
+          %b = add(%a, %w2) : f32[4]  loc("l2", block=2)
+          %c = add(%b, %w3) : f32[4]  loc("l2", block=2)
+          return %c as "y"
+        }"""))
+    out, _ = _run("cse", m)
+    assert [n.outputs[0].name for n in out.nodes] == ["w1", "w2", "a", "b", "c"]  # w3 -> w2, never -> w1
+    assert out.nodes[3].inputs[1] is out.nodes[1].outputs[0]
+    out, _ = _run("cse", out, across_blocks=True)
+    assert [n.outputs[0].name for n in out.nodes] == ["w1", "a", "b", "c"]
 
 
 def test_cse_attribute_keys_tell_apart_signed_zero_and_bool() -> None:
@@ -203,6 +239,7 @@ def test_cse_dedupe_params() -> None:
     assert sorted(out.params) == ["negzero", "other", "poszero", "w"]
     assert [n.op for n in out.nodes].count("param") == 4
     assert ctx.metrics["params_deduplicated"] == 1
+    assert ctx.notes[-1] == "1 parameter(s) are identical to earlier ones; 1 dropped"
 
 
 # =========================================================================== constant-fold

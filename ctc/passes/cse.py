@@ -52,7 +52,10 @@ class CsePass(Pass):
     and merge in turn (one forward sweep suffices in SSA order).  Impure ops never merge.
     With ``dedupe_params``, parameters holding identical tensors become one parameter
     first.  With a selector, only selected nodes are replaced (by an earlier equal node
-    anywhere).  The kept node is the first; its scope and block stay.
+    anywhere).  The kept node is the first; its scope and block stay.  A node is only
+    replaced by one in its own block or outside the repeated blocks, unless
+    ``across_blocks``: block-level passes (removal, reordering) rely on blocks not reading
+    each other's nodes.
     """
 
     name = "cse"
@@ -63,37 +66,42 @@ class CsePass(Pass):
 
         dedupe_params: bool = option(False, "merge parameters whose tensors are identical (same dtype, "
                                             "shape and values), then their param nodes")
+        across_blocks: bool = option(False, "also replace a node by an equal one inside another block "
+                                            "(removing or reordering that block later would then break)")
 
     def run(self, module: Module, ctx: PassContext) -> Module:
-        renamed = self._dedupe_params(module, ctx) if self.options.dedupe_params else 0
-        seen: dict[Hashable, Node] = {}
+        redirected = self._dedupe_params(module, ctx) if self.options.dedupe_params else set()
+        seen: dict[Hashable, list[Node]] = {}
         merged: dict[str, int] = {}
+        across = self.options.across_blocks
         for node in list(module.nodes):
             if not get_op(node.op).pure:
                 continue
             key = node_key(node)
-            first = seen.get(key)
-            if first is None:
-                seen[key] = node
-                continue
-            if not ctx.selected(node):
+            cands = seen.setdefault(key, [])
+            first = next((c for c in cands if across or c.block is None or c.block == node.block), None)
+            if first is None or not ctx.selected(node):
+                cands.append(node)
                 continue
             for old, new in zip(node.outputs, first.outputs, strict=True):
                 module.replace_all_uses_with(old, new)
             module.erase(node)
             merged[node.op] = merged.get(node.op, 0) + 1
-        pruned = module.prune_params() if renamed else []
+        still = {n.attrs["name"] for n in module.nodes if n.op == "param"}
+        pruned = sorted(k for k in redirected if k not in still)
+        for k in pruned:
+            del module.params[k]
         total = sum(merged.values())
         if total:
             ctx.note(f"merged {total} duplicate node(s): " + ", ".join(f"{k} x{v}" for k, v in sorted(merged.items())))
-        if renamed:
-            ctx.note(f"{renamed} param read(s) now share an identical parameter; {len(pruned)} parameter(s) dropped")
+        if redirected:
+            ctx.note(f"{len(redirected)} parameter(s) are identical to earlier ones; {len(pruned)} dropped")
         ctx.metrics.update(nodes_merged=total, params_deduplicated=len(pruned))
         return module
 
     @staticmethod
-    def _dedupe_params(module: Module, ctx: PassContext) -> int:
-        """Point ``param`` nodes at the first parameter with identical data; returns how many changed."""
+    def _dedupe_params(module: Module, ctx: PassContext) -> set[str]:
+        """Point ``param`` nodes at the first parameter with identical data; returns the names redirected."""
         groups: dict[Hashable, list[str]] = {}
         canon: dict[str, str] = {}
         for name, t in module.params.items():
@@ -105,9 +113,9 @@ class CsePass(Pass):
                     break
             else:
                 bucket.append(name)
-        changed = 0
+        redirected: set[str] = set()
         for n in module.nodes:
             if n.op == "param" and n.attrs["name"] in canon and ctx.selected(n):
+                redirected.add(n.attrs["name"])
                 n.attrs["name"] = canon[n.attrs["name"]]
-                changed += 1
-        return changed
+        return redirected
