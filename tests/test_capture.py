@@ -1,0 +1,252 @@
+"""Capture: every architecture's captured module, run by the interpreter, equals the eager model
+(max abs error <= 1e-5 fp32) at shapes other than the capture shapes, with padding; scopes,
+blocks, shared/transposed parameters and metadata are right; bad inputs give clear errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hf_configs import ARCHS, captured, hf_inputs, reference, tiny_hf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ctc.frontends import BUNDLED, CaptureError, ModelLoadError, capture, capture_hf_model, load_bundled, load_hf
+from ctc.ir import interpret
+from ctc.ir.verify import verify
+
+TOL = 1e-5
+
+
+def _err(model: nn.Module, m, inputs: dict[str, torch.Tensor]) -> float:
+    ref = reference(model, inputs)
+    out = interpret(m, inputs)[0]
+    assert out.shape == ref.shape
+    return (out - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_matches_torch(arch: str) -> None:
+    model, m = captured(arch)
+    verify(m)
+    for batch, seq, pad in ((1, 5, 0), (3, 12, 4)):
+        assert _err(model, m, hf_inputs(batch, seq, pad=pad)) <= TOL, (arch, batch, seq)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_meta_and_blocks(arch: str) -> None:
+    model, m = captured(arch)
+    prefix = {"bert": "encoder.layer", "gpt2": "transformer.h", "llama": "model.layers", "qwen2": "model.layers",
+              "opt": "model.decoder.layers"}[arch]
+    assert m.meta["block_prefix"] == prefix and m.meta["num_blocks"] == 2
+    assert m.meta["arch"] == arch
+    assert m.meta["task"] == ("encoder" if arch == "bert" else "causal_lm")
+    assert m.meta["output"] == ("last_hidden_state" if arch == "bert" else "logits")
+    assert m.meta["inputs"] == ["input_ids", "attention_mask"] == [v.name for v in m.inputs]
+    assert [v.type.shape for v in m.inputs] == [("batch", "seq")] * 2
+    assert m.blocks() == [0, 1]
+    for n in m.nodes:
+        if n.scope.startswith(prefix + "."):
+            assert n.block == int(n.scope[len(prefix) + 1:].split(".")[0]), n
+        else:
+            assert n.block is None, n
+    # one attention per layer, kept whole; no dropout or training-only op survived
+    assert m.op_counts()["scaled_dot_product_attention"] == 2
+    sdpa_scopes = {n.scope for n in m.find("scaled_dot_product_attention")}
+    assert all(s.startswith(prefix) for s in sdpa_scopes)
+    # parameters keep their state-dict names and are the model's own tensors (shared, not copied)
+    sd = dict(model.named_parameters()) | dict(model.named_buffers())
+    transposed = set(m.meta["transposed_params"])
+    for name, t in m.params.items():
+        assert name in sd, name
+        if name not in transposed:
+            assert t.data_ptr() == sd[name].data_ptr(), name
+
+
+def test_linear_scopes_bert() -> None:
+    _, m = captured("bert")
+    scopes = {n.scope for n in m.find("linear")}
+    assert "encoder.layer.1.attention.self.query" in scopes
+    assert "encoder.layer.0.intermediate.dense" in scopes
+    q = next(n for n in m.find("linear") if n.scope == "encoder.layer.0.attention.self.query")
+    assert q.inputs[1].producer.attrs["name"] == "encoder.layer.0.attention.self.query.weight"
+
+
+def test_gpt2_tied_and_transposed_params() -> None:
+    model, m = captured("gpt2")
+    assert "lm_head.weight" not in m.params
+    reads = [n for n in m.find("param") if n.attrs["name"] == "transformer.wte.weight"]
+    assert {n.scope for n in reads} == {"transformer.wte", "lm_head"}
+    # Conv1D [in, out] weights become linear [out, in] weights
+    w = m.params["transformer.h.0.attn.c_attn.weight"]
+    assert torch.equal(w, model.transformer.h[0].attn.c_attn.weight.t())
+    assert "transformer.h.0.attn.c_attn.weight" in m.meta["transposed_params"]
+    assert m.op_counts()["linear"] == 2 * 4 + 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_style_fusions(arch: str) -> None:
+    _, m = captured(arch)
+    counts = m.op_counts()
+    assert counts["rms_norm"] == 2 * 2 + 1
+    assert counts["rotary_embedding"] == 2 * 2
+    assert "rsqrt" not in counts and "neg" not in counts
+    assert {n.scope for n in m.find("rms_norm")} >= {"model.layers.0.input_layernorm", "model.norm"}
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(ARCHS), layers=st.integers(1, 3), heads=st.sampled_from([2, 4]),
+       head_dim=st.sampled_from([4, 8]), seq=st.integers(2, 20), batch=st.integers(1, 3), seed=st.integers(0, 99))
+def test_random_configs_match_torch(arch: str, layers: int, heads: int, head_dim: int, seq: int, batch: int,
+                                    seed: int) -> None:
+    model = tiny_hf(arch, layers=layers, heads=heads, kv_heads=heads // 2, head_dim=head_dim, seed=seed)
+    m = capture_hf_model(model, seq_len=5)
+    assert m.meta["num_blocks"] == layers
+    assert _err(model, m, hf_inputs(batch, seq, pad=min(seq - 1, seed % 3), seed=seed)) <= TOL
+
+
+# --------------------------------------------------------------------------- plain nn.Modules
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(torch.nn.functional.gelu(self.fc(self.norm(x)), approximate="tanh"))
+
+
+class _Net(nn.Module):
+    def __init__(self, d: int = 8, n: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return torch.softmax(self.head(x), dim=-1)
+
+
+def test_plain_module_capture() -> None:
+    torch.manual_seed(0)
+    net = _Net()
+    m = capture(net, {"x": torch.randn(2, 5, 8)}, name="net")
+    assert m.meta["block_prefix"] == "blocks" and m.meta["num_blocks"] == 3
+    assert m.inputs[0].type.shape == (2, "seq", 8)
+    assert "dropout" not in str(m.op_counts())
+    x = torch.randn(2, 9, 8)
+    assert (interpret(m, {"x": x})[0] - net(x)).abs().max().item() <= TOL
+    assert {n.block for n in m.find("linear")} == {0, 1, 2, None}
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent Python branch: torch.export cannot trace it
+            return self.fc(x) * 2
+        return self.fc(x) - 1
+
+
+def test_fx_fallback_when_export_fails() -> None:
+    torch.manual_seed(0)
+    net = _DataDependent().eval()
+    x = torch.rand(2, 4) + 0.1
+    m = capture(net, {"x": x}, dynamic=False)
+    assert m.meta["capture_path"] == "fx"
+    assert "torch.export failed" in m.meta["capture_warning"]
+    assert m.inputs[0].type.shape == (2, 4)
+    assert m.params.keys() == {"fc.weight", "fc.bias"}
+    assert torch.allclose(interpret(m, {"x": x})[0], net(x), atol=TOL)
+
+
+class _Unsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).transpose(1, 2)
+        return torch.cumprod(self.fc(y), dim=1) + torch.fft.fft(y).real
+
+
+def test_unsupported_ops_listed_together() -> None:
+    with pytest.raises(CaptureError) as ei:
+        capture(_Unsupported(), {"x": torch.randn(1, 4, 6)}, dynamic=False)
+    msg = str(ei.value)
+    assert msg.startswith("3 unsupported ATen op(s)") or msg.count("  - ") >= 3, msg
+    assert re.search(r"aten\.conv(olution)?1?d?\.default.* at conv", msg), msg
+    assert "aten.cumprod.default (1x) at <root>" in msg
+    assert "fft" in msg
+    assert "Traceback" not in msg
+
+
+def test_pt2_roundtrip(tmp_path) -> None:
+    from ctc.frontends import capture_loaded, load_pt2
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = torch.randn(2, 5, 8)
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(path))
+    m = capture_loaded(load_pt2(path))
+    assert m.meta["block_prefix"] == "blocks" and m.meta["num_blocks"] == 3
+    assert (interpret(m, [x])[0] - net(x)).abs().max().item() <= TOL
+
+
+# --------------------------------------------------------------------------- loading errors
+@pytest.mark.parametrize("bad", ["/nonexistent/model/dir", "./no-such-model", "not-an-org/not-a-model"])
+def test_bad_model_path_is_one_paragraph(bad: str) -> None:
+    with pytest.raises(ModelLoadError) as ei:
+        load_hf(bad)
+    msg = str(ei.value)
+    assert bad in msg and "\n" not in msg and "Traceback" not in msg
+    assert "download" in msg or "offline" in msg
+    assert ei.value.__cause__ is None
+
+
+def test_file_instead_of_dir(tmp_path) -> None:
+    f = tmp_path / "config.json"
+    f.write_text("{}")
+    with pytest.raises(ModelLoadError, match="a file, not a directory"):
+        load_hf(f)
+
+
+def test_unknown_bundled_name_suggests() -> None:
+    with pytest.raises(ModelLoadError, match="did you mean minilm"):
+        load_bundled("minilmm")
+    assert set(BUNDLED) == {"minilm", "smollm2"}
+
+
+def test_real_minilm_matches_torch() -> None:
+    """The bundled, pretrained all-MiniLM-L6-v2 (6 layers): capture + interpret equals eager."""
+    from ctc.frontends import capture_loaded
+
+    loaded = load_bundled("minilm")
+    m = capture_loaded(loaded, seq_len=8)
+    assert m.meta["num_blocks"] == 6 and m.meta["task"] == "encoder" and m.meta["arch"] == "bert"
+    enc = loaded.tokenizer(["The quick brown fox jumps over the lazy dog.", "Hello"], return_tensors="pt",
+                           padding=True)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    assert _err(loaded.model, m, inputs) <= TOL
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches_torch() -> None:
+    """SmolLM2-135M (30 Llama layers, GQA, tied embeddings), de-quantized from GGUF (~1-2 min)."""
+    from ctc.frontends import capture_loaded
+
+    loaded = load_bundled("smollm2")
+    m = capture_loaded(loaded, seq_len=8)
+    assert m.meta["num_blocks"] == 30 and m.meta["task"] == "causal_lm"
+    assert m.op_counts()["rms_norm"] == 61 and m.op_counts()["rotary_embedding"] == 60
+    enc = loaded.tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    assert _err(loaded.model, m, inputs) <= TOL
