@@ -6,7 +6,7 @@ size once per test session (capture costs a few seconds, so tests share it).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -60,7 +60,7 @@ def reference(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-@lru_cache(maxsize=None)
+@cache
 def captured(arch: str) -> tuple[torch.nn.Module, Any]:
     """(eager model, captured ctc Module) for the default tiny size, cached per session."""
     from ctc.frontends import capture_hf_model
