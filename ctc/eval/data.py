@@ -315,15 +315,16 @@ def describe_source(source: str, split: str, path: str | Path | None = None) -> 
 # --------------------------------------------------------------------------- tokenising
 def _specials(tokenizer: Any) -> tuple[list[int], list[int]]:
     """Token ids the tokenizer puts before and after content (e.g. [CLS] ... [SEP]); empty for most LMs."""
-    probe = [1000, 1001]
     try:
-        full = list(tokenizer.build_inputs_with_special_tokens(probe))
-    except (AttributeError, NotImplementedError, TypeError):
+        plain = list(tokenizer("hello world", add_special_tokens=False, verbose=False)["input_ids"])
+        full = list(tokenizer("hello world", add_special_tokens=True, verbose=False)["input_ids"])
+    except TypeError:
         return [], []
-    i = next((k for k in range(len(full) - 1) if full[k:k + 2] == probe), None)
+    n = len(plain)
+    i = next((k for k in range(len(full) - n + 1) if full[k:k + n] == plain), None) if n else None
     if i is None:
         return [], []
-    return full[:i], full[i + 2:]
+    return full[:i], full[i + n:]
 
 
 def token_stream(tokenizer: Any, texts: Sequence[str], separator: str = "\n\n") -> torch.Tensor:

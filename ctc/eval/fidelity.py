@@ -59,7 +59,7 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def cosine_rows(ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Mean over rows (last dim = features) of cosine(ref_row, cand_row); two zero rows count as 1, one zero row as 0."""
+    """Mean over rows (last dim = features) of row cosine; two zero rows count as 1, one zero row as 0."""
     a, b = _pair(ref, cand, "cosine")
     a, b = _rows(a, mask), _rows(b, mask)
     if a.shape[0] == 0:
@@ -120,7 +120,7 @@ def compare_outputs(ref: torch.Tensor, cand: torch.Tensor, *, logits: bool = Fal
 
 # --------------------------------------------------------------------------- sentence embeddings
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Sentence embeddings: mean of token states over the attention mask (``[B, L, D]`` -> ``[B, D]``), L2-normalised."""
+    """Sentence embeddings: token states averaged over the attention mask (``[B, L, D]`` -> ``[B, D]``), L2-normed."""
     if hidden.dim() != 3 or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"mean_pool: hidden {tuple(hidden.shape)} and mask {tuple(attention_mask.shape)} "
                          "must be [B, L, D] and [B, L]")

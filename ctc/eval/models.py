@@ -225,7 +225,8 @@ def _load_gguf_cached(s: BundledSpec, d: Path, cache_dir: Path, refresh: bool) -
     return model, tok, entry, False
 
 
-def load_bundled(name: str, *, cache_dir: str | Path | None = None, refresh_cache: bool = False) -> tuple[Any, Any, BundledInfo]:
+def load_bundled(name: str, *, cache_dir: str | Path | None = None,
+                 refresh_cache: bool = False) -> tuple[Any, Any, BundledInfo]:
     """Load bundled model ``name`` ("minilm" | "smollm2") with its tokenizer, offline, in fp32 eval mode.
 
     Returns ``(model, tokenizer, info)``.  GGUF models are cached de-quantised under

@@ -7,7 +7,9 @@ models" one, with exact token counts): windows of ``max_length`` tokens start ev
 tokens; each window scores only the tokens not scored by an earlier window, each one predicted
 from all the window's tokens before it.  With ``stride == max_length`` windows are disjoint;
 with a smaller stride every scored token has at least ``max_length - stride`` tokens of context.
-The very first token of the text is never scored (nothing predicts it).
+The first token of a window that starts where the previous one ended (always the text's first
+token; with ``stride == max_length`` every window's first token) is not scored, since nothing in
+its window predicts it; the result's ``n_tokens`` counts exactly what was scored.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ class PerplexityResult:
 
 def window_plan(n_tokens: int, max_length: int, stride: int, max_windows: int | None = None
                 ) -> list[tuple[int, int, int]]:
-    """The windows as ``(begin, end, first_scored)``: the window is ``[begin, end)``, tokens ``[first_scored, end)`` are scored.
+    """Windows as ``(begin, end, first_scored)``: window ``[begin, end)`` scores tokens ``[first_scored, end)``.
 
-    Each token except the first is scored in exactly one window (when all windows are taken).
+    No token is scored twice; with ``stride < max_length`` every token but the text's first is
+    scored (when all windows are taken); with ``stride == max_length`` each window's first is not.
     """
     if max_length < 2:
         raise ValueError(f"perplexity: max_length must be >= 2, got {max_length}")
@@ -132,7 +135,7 @@ def sliding_window_perplexity(logits_fn: LogitsFn, input_ids: torch.Tensor | Seq
     covered = plan[-1][1]
     proto = (f"{description + '; ' if description else ''}sliding window: length {max_length}, stride {stride}, "
              f"{len(plan)} windows over the first {covered} of {ids.numel()} tokens, {count} tokens scored "
-             f"(each once, given up to {max_length - 1} tokens of context in its window)")
+             f"(each once, from the tokens before it in its window)")
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, windows=len(plan), max_length=max_length,
                             stride=stride, text_tokens=covered, seconds=time.perf_counter() - t0, protocol=proto)
 
