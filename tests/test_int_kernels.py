@@ -133,6 +133,24 @@ def test_int32_accumulation_is_exact(w_bits: int, sym: bool, vnni: bool) -> None
     np.testing.assert_array_equal(y, exact.numpy().astype(np.float32))
 
 
+def test_activation_rounding_is_half_to_even_and_clamps() -> None:
+    """Exact ties (x / s = j + 0.5) and huge values quantize exactly like torch.round + clamp."""
+    k, n = 48, 16
+    spec = ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8, act_clusters=(20, 48)), k, n)
+    kern = ik.plan_quant_linear(spec)
+    s = torch.tensor([0.25, 0.1])
+    z = torch.tensor([7, 128], dtype=torch.int32)
+    x = (torch.arange(-40.0, 40.0, 0.5)[:, None] * s[Q.cluster_index((20, 48), k)][None, :]).float()
+    x[:4] = torch.tensor([1e10, -1e10, 3e6, -3e6])[:, None]
+    packed = ik.prepack_weights(spec, torch.zeros(n, k, dtype=torch.int8), torch.ones(n, 1),
+                                torch.zeros(n, 1, dtype=torch.int8), None, s, z)
+    _, xq, _ = ik.run_quant_linear(kern, x, packed, return_intermediates=True)
+    qa = Q.quantize_act(x, s, z, 8, (20, 48)).numpy()
+    assert ((x[:, :20] / 0.25) % 1 == 0.5).sum() > 100  # ties really occur
+    got = np.concatenate([xq[:, seg.poff: seg.poff + seg.length] for seg in spec.segments], axis=1)
+    np.testing.assert_array_equal(got, qa)
+
+
 def test_segments_cut_at_clusters_and_groups() -> None:
     spec = ik.QLinearSpec.from_attrs(dict(w_bits=4, group_size=64, a_bits=8, act_clusters=(37, 100, 201)), 201, 40)
     assert [(s.k0, s.k0 + s.length) for s in spec.segments] == [(0, 37), (37, 64), (64, 100), (100, 128),

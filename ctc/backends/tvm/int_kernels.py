@@ -292,9 +292,12 @@ def _qact_source(spec: QLinearSpec) -> str:
     L.append("    for r in T.parallel(m):")
 
     def qexpr(seg: Segment, j: str) -> str:
+        # llvm.roundeven: round half to even like torch.round (TVM does not vectorize T.nearbyint)
         c = _i(seg.cluster)
-        return (f'T.Cast("uint8", T.max(T.min(T.nearbyint(x[vr, {_i(seg.k0)} + {j}] / act_scale[{c}])'
-                f' + T.Cast("float32", act_zero[{c}]), T.float32({qmax})), T.float32(0)))')
+        v = f"x[vr, {_i(seg.k0)} + {j}] / act_scale[{c}]"
+        rne = f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {v}, dtype="float32")'
+        return (f'T.Cast("uint8", T.max(T.min({rne} + T.Cast("float32", act_zero[{c}]), T.float32({qmax})),'
+                f" T.float32(0)))")
 
     for si, seg in enumerate(spec.segments):
         main, tail, npad = seg.length // 16 * 16, seg.length % 16, seg.plen - seg.length
@@ -370,35 +373,46 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
          f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")']
     if asym:
         L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    # Tile buffers are allocated once (outside the parallel loop) with one [MT, NT] slice per
+    # output-column block `no`, the parallel axis: threads never share a slice, and each tile's
+    # working set stays a few KB.  (Blocks nested under a per-tile block lose the outer loop
+    # offsets in blockize, so the buffers cannot simply be declared inside the loop.)
+    NO = NP // NT
     for si in range(S):
-        L.append(f'    acc{si} = T.alloc_buffer(({nmt} * {_i(MT)}, {_i(NP)}), "int32", scope="local")')
+        L.append(f'    acc{si} = T.alloc_buffer(({_i(NO)}, {_i(MT)}, {_i(NT)}), "int32", scope="local")')
     for si in range(S - 1):  # one buffer per partial sum keeps every epilogue block complete (vectorizable)
-        L.append(f'    out{si} = T.alloc_buffer(({nmt} * {_i(MT)}, {_i(NP)}), "float32", scope="local")')
-    if spec.int4:
-        L.append(f'    wl = T.alloc_buffer(({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)}), "int8", scope="local")')
-    L += [f"    for no in T.parallel({_i(NP // NT)}):",
+        L.append(f'    out{si} = T.alloc_buffer(({_i(NO)}, {_i(MT)}, {_i(NT)}), "float32", scope="local")')
+    if spec.int4:  # unpacked int8 weights of one 8-wide K step: [N/16, 2 halves, 16, 4]
+        for si in range(S):
+            wshape_l = f"{_i(NP // 16)}, {_i(2)}, {_i(16)}, {_i(4)}"
+            L.append(f'    wl{si} = T.alloc_buffer(({wshape_l}), "int8", scope="local")')
+    L += [f"    for no in T.parallel({_i(NO)}):",
           f"        for mo in T.serial({nmt}):"]
+    ind = "            "
     vm = f"T.axis.spatial({nmt} * {_i(MT)}, mo * {_i(MT)} + mi)"
     row = "T.min(vm, m - T.int64(1))"
-    ind = "            "
+    loc = f"vn // {_i(NT)}, vm % {_i(MT)}, vn % {_i(NT)}"
+    # the tensorized blocks keep the 16 lanes in their own iter var (blockize needs it free of outer loops)
+    cloc = f"vnb // {_i(NB)}, vm % {_i(MT)}, vnb % {_i(NB)} * {_i(16)} + vn16"
     for si, seg in enumerate(spec.segments):
         acc = f"acc{si}"
         L += [f"{ind}for mi, nt in T.grid({_i(MT)}, {_i(NT)}):",
               f'{ind}    with T.sblock("init{si}"):',
               f"{ind}        vm = {vm}",
               f"{ind}        vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nt)",
-              f"{ind}        {acc}[vm, vn] = 0"]
+              f"{ind}        {acc}[{loc}] = 0"]
         if not spec.int4:
             grid = f"{_i(seg.plen // 4)}, {_i(NB)}, {_i(MT)}, {_i(16)}, {_i(4)}"
             L += [f"{ind}for ko, nb, mi, n16, k4 in T.grid({grid}):",
                   f'{ind}    with T.sblock("C{si}"):',
                   f"{ind}        vm = {vm}",
-                  f"{ind}        vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nb * {_i(16)} + n16)",
+                  f"{ind}        vnb = T.axis.spatial({_i(NP // 16)}, no * {_i(NB)} + nb)",
+                  f"{ind}        vn16 = T.axis.spatial({_i(16)}, n16)",
                   f"{ind}        vko = T.axis.reduce({_i(seg.plen // 4)}, ko)",
                   f"{ind}        vk4 = T.axis.reduce({_i(4)}, k4)",
-                  f'{ind}        {acc}[vm, vn] = {acc}[vm, vn]'
+                  f'{ind}        {acc}[{cloc}] = {acc}[{cloc}]'
                   f' + T.Cast("int32", xq[{row}, {_i(seg.poff)} + vko * {_i(4)} + vk4])'
-                  f' * T.Cast("int32", wpack[vn // {_i(16)}, {_i(seg.poff // 4)} + vko, vn % {_i(16)}, vk4])']
+                  f' * T.Cast("int32", wpack[vnb, {_i(seg.poff // 4)} + vko, vn16, vk4])']
         else:
             L.append(f"{ind}for ko in T.serial({_i(seg.plen // 8)}):")
             for h in (0, 1):
@@ -411,22 +425,22 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
                       f"{ind}            vko = T.axis.spatial({_i(seg.plen // 8)}, ko)",
                       f"{ind}            vi = T.axis.spatial({_i(16)}, n16)",
                       f"{ind}            vj = T.axis.spatial({_i(4)}, k4)",
-                      f"{ind}            wl[vb, {_i(seg.poff // 4 + h)} + vko * {_i(2)}, vi, vj] = {val}",
+                      f"{ind}            wl{si}[vb, {_i(h)}, vi, vj] = {val}",
                       f"{ind}    for nb, mi, n16, k4 in T.grid({_i(NB)}, {_i(MT)}, {_i(16)}, {_i(4)}):",
                       f'{ind}        with T.sblock("C{si}_{h}"):',
                       f"{ind}            vm = {vm}",
-                      f"{ind}            vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nb * {_i(16)} + n16)",
+                      f"{ind}            vnb = T.axis.spatial({_i(NP // 16)}, no * {_i(NB)} + nb)",
+                      f"{ind}            vn16 = T.axis.spatial({_i(16)}, n16)",
                       f"{ind}            vko = T.axis.reduce({_i(seg.plen // 8)}, ko)",
                       f"{ind}            vk4 = T.axis.reduce({_i(4)}, k4)",
-                      f'{ind}            {acc}[vm, vn] = {acc}[vm, vn] + T.Cast("int32", xq[{row}, '
+                      f'{ind}            {acc}[{cloc}] = {acc}[{cloc}] + T.Cast("int32", xq[{row}, '
                       f"{_i(seg.poff + 4 * h)} + vko * {_i(8)} + vk4])"
-                      f' * T.Cast("int32", wl[vn // {_i(16)}, {_i(seg.poff // 4 + h)} + vko * {_i(2)}, '
-                      f"vn % {_i(16)}, vk4])"]
-        term = f'alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[vm, vn] - corr[{_i(si)}, vn]'
+                      f' * T.Cast("int32", wl{si}[vnb, {_i(h)}, vn16, vk4])']
+        term = f'alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - corr[{_i(si)}, vn]'
         term += f" - wzero[{_i(si)}, vn] * xsum[{row}, {_i(si)}])" if asym else ")"
         last = si == S - 1
-        lhs = "y[vm, vn]" if last else f"out{si}[vm, vn]"
-        rhs = f"bias[vn] + {term}" if si == 0 else f"out{si - 1}[vm, vn] + {term}"
+        lhs = "y[vm, vn]" if last else f"out{si}[{loc}]"
+        rhs = f"bias[vn] + {term}" if si == 0 else f"out{si - 1}[{loc}] + {term}"
         L += [f"{ind}for mi, nt in T.grid({_i(MT)}, {_i(NT)}):",
               f'{ind}    with T.sblock("E{si}"):',
               f"{ind}        vm = {vm}",
@@ -449,8 +463,14 @@ def _schedule_qact(func: Any) -> Any:
 
 
 def _blocks(sch: Any) -> list[Any]:
-    """All sblock RVs of the function (the generated kernels nest no blocks below the root)."""
-    return list(sch.get_child_blocks(sch.get_sblock("root")))
+    """All sblock RVs of the function below the root, in pre-order."""
+    out: list[Any] = []
+    todo = list(sch.get_child_blocks(sch.get_sblock("root")))
+    while todo:
+        rv = todo.pop(0)
+        out.append(rv)
+        todo[:0] = list(sch.get_child_blocks(rv))
+    return out
 
 
 def _schedule_qmm(func: Any, spec: QLinearSpec, vnni: bool) -> Any:
