@@ -24,7 +24,7 @@ from typing import Any
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
-from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.analysis import get_sblock_info, normalize_prim_func
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 from tvm.target import Target
 
@@ -125,10 +125,24 @@ class MatmulRule(dl.ScheduleRule):
         m_ext = _extent(sch, lm)
         if m_ext is not None and m_ext < mt:
             mt = max(m_ext, 1)
+        writer = None
+        if m_ext is None:
+            # Symbolic rows: pad the row extent to a multiple of the tile (padded copy of A, result
+            # copied back) so the register tile carries no bounds predicate.
+            sch.pad_einsum(rb, [1] * len(batch) + [mt, 1, 1])
+            copy = sch.get_consumers(rb)[0]
+            if epis:
+                sch.compute_inline(copy)
+            else:
+                writer = copy
+            *batch, lm, ln, lk = sch.get_loops(rb)
+        producers = list(sch.get_producers(rb))
         mo, mi = sch.split(lm, [None, mt])
         no, nj, nv = sch.split(ln, [None, nb, lanes])
-        sch.reorder(*batch, mo, no, lk, mi, nj, nv)
-        outer = sch.fuse(*batch, mo, no) if batch else sch.fuse(mo, no)
+        # N-panels outermost: one B panel (K x NB*V) stays in cache while all row tiles use it.
+        sch.reorder(*batch, no, mo, lk, mi, nj, nv)
+        outer = sch.fuse(*batch, no, mo)
+        tile = outer
         sch.parallel(outer)
         sch.unroll(mi)
         sch.unroll(nj)
@@ -138,19 +152,24 @@ class MatmulRule(dl.ScheduleRule):
             sch.annotate(lk, "pragma_unroll_explicit", 1)
         if epis:
             last = epis[-1].block_rv
-            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
+            sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
             sch.set_scope(rb, 0, "local")
             _vectorize_last(sch, last, lanes)
+        elif writer is not None:
+            sch.reverse_compute_at(writer, tile, preserve_unit_loops=True)
+            sch.set_scope(rb, 0, "local")
+            _vectorize_last(sch, writer, lanes)
         else:
             cw = sch.cache_write(rb, 0, "local")
-            sch.reverse_compute_at(cw, outer, preserve_unit_loops=True)
+            sch.reverse_compute_at(cw, tile, preserve_unit_loops=True)
             _vectorize_last(sch, cw, lanes)
         init = sch.decompose_reduction(rb, lk)
         iloops = sch.get_loops(init)
         sch.vectorize(iloops[-1])
-        # Producer stages: parallel + vectorize like plain elementwise blocks.
-        for p in infos[:ri]:
-            _schedule_spatial(sch, p.block_rv, lanes)
+        # Producer stages (and the padded copy of A): parallel + vectorize like elementwise blocks.
+        for p in producers:
+            if "R" not in get_sblock_info(sch, p).dom_kind():
+                _schedule_spatial(sch, p, lanes)
         return sch
 
 
