@@ -14,7 +14,7 @@ from ctc.ir.types import dtype_name
 
 S = 5  # the dim made symbolic in the symbolic variant of each case
 
-F, I, B = torch.float32, torch.int64, torch.bool
+F, I, B = torch.float32, torch.int64, torch.bool  # noqa: E741
 
 
 def spec(shape: tuple[int, ...], dtype: torch.dtype = F, kind: str = "randn") -> tuple:
