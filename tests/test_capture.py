@@ -94,6 +94,11 @@ def test_llama_style_fusions(arch: str) -> None:
     assert counts["rotary_embedding"] == 2 * 2
     assert "rsqrt" not in counts and "neg" not in counts
     assert {n.scope for n in m.find("rms_norm")} >= {"model.layers.0.input_layernorm", "model.norm"}
+    # HF repeat_kv folded into the attention: k/v keep their 2 kv heads, q has 4
+    for att in m.find("scaled_dot_product_attention"):
+        assert att.attrs["enable_gqa"]
+        assert att.inputs[0].type.shape[1] == 4 and att.inputs[1].type.shape[1] == att.inputs[2].type.shape[1] == 2
+    assert "expand" not in counts or counts["expand"] < 4
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])

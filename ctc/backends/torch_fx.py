@@ -22,7 +22,7 @@ from ctc.ir.graph import Module, Value
 from ctc.ir.ops import get_op
 from ctc.ir.symbolic import eval_dim, free_symbols
 
-__all__ = ["TorchBackendError", "resolve_dims", "to_fx"]
+__all__ = ["CtcGraphModule", "TorchBackendError", "resolve_dims", "to_fx", "to_graph_module"]
 
 
 class TorchBackendError(Exception):
@@ -129,6 +129,9 @@ def _check_inputs(types: tuple[str, ...], shapes: tuple[tuple[Any, ...], ...], x
             bind_symbols(shape, tuple(x.shape), env, where=f"input {name} ({t}): ")
         except Exception as e:  # noqa: BLE001 - re-raised as a clear input error
             raise TorchBackendError(str(e)) from None
+
+
+to_graph_module = to_fx  # the name ctc.artifact looks for
 
 
 class CtcGraphModule(fx.GraphModule):

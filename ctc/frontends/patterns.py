@@ -1,7 +1,9 @@
 """Capture-time fusions: recognise decomposed Hugging Face idioms and rebuild them as whole ops.
 
 * ``rms_norm``: ``w * (x * rsqrt(mean(x^2, -1, keepdim) + eps))`` (Llama/Qwen ``RMSNorm`` in fp32);
-* ``rotary_embedding``: ``x * cos + cat(-x[..., h:], x[..., :h]) * sin`` (HF ``apply_rotary_pos_emb``).
+* ``rotary_embedding``: ``x * cos + cat(-x[..., h:], x[..., :h]) * sin`` (HF ``apply_rotary_pos_emb``);
+* grouped-query attention: ``sdpa(q, repeat_kv(k), repeat_kv(v))`` becomes ``sdpa(q, k, v, enable_gqa)``
+  (torch repeats each kv head for consecutive query heads, exactly as HF ``repeat_kv`` does).
 
 Each rewrite computes the same torch operations in the same order as the op's reference, so
 outputs stay bitwise equal; compression passes then see one norm / one rotary op per site.
@@ -112,6 +114,40 @@ def _fuse_rotary(m: Module) -> int:
     return count
 
 
+def _repeat_kv_source(v: Value) -> tuple[Value, int] | None:
+    """(kv, n_rep) when v = reshape(expand(unsqueeze(kv, 2), [B, H, n, S, D]), [B, H*n, S, D]) (HF repeat_kv)."""
+    r = _prod(v, "reshape")
+    e = _prod(r.inputs[0], "expand") if r is not None else None
+    u = _prod(e.inputs[0], "unsqueeze") if e is not None else None
+    if u is None or u.attrs["axis"] != 2 or u.inputs[0].type.rank != 4:
+        return None
+    kv = u.inputs[0]
+    b, h, s, d = kv.type.shape
+    n = e.output.type.shape[2]
+    if not isinstance(n, int) or not isinstance(h, int):
+        return None
+    if tuple(e.output.type.shape) != (b, h, n, s, d) or tuple(v.type.shape) != (b, h * n, s, d):
+        return None
+    return kv, n
+
+
+def _fuse_gqa(m: Module) -> int:
+    """sdpa(q, repeat_kv(k), repeat_kv(v)) -> sdpa(q, k, v, enable_gqa=True): kv heads stay unrepeated."""
+    count = 0
+    for att in list(m.nodes):
+        if att.op != "scaled_dot_product_attention" or att.attrs["enable_gqa"]:
+            continue
+        ks, vs = _repeat_kv_source(att.inputs[1]), _repeat_kv_source(att.inputs[2])
+        if ks is None or vs is None or ks[1] != vs[1] or ks[1] == 1:
+            continue
+        new = m.create_node("scaled_dot_product_attention", [att.inputs[0], ks[0], vs[0], *att.inputs[3:]],
+                            {**att.attrs, "enable_gqa": True}, scope=att.scope, block=att.block, before=att).output
+        m.replace_all_uses_with(att.output, new)
+        m.erase(att)
+        count += 1
+    return count
+
+
 def dce(m: Module) -> int:
     """Erase nodes whose outputs nobody reads (then parameters nobody reads)."""
     removed = 0
@@ -125,7 +161,7 @@ def dce(m: Module) -> int:
 
 def fuse_patterns(m: Module) -> dict[str, int]:
     """Apply every capture-time fusion; returns how many sites each one rewrote."""
-    counts = {"rms_norm": _fuse_rms_norm(m), "rotary_embedding": _fuse_rotary(m)}
+    counts = {"rms_norm": _fuse_rms_norm(m), "rotary_embedding": _fuse_rotary(m), "gqa_attention": _fuse_gqa(m)}
     dce(m)
     m.meta["fused"] = {k: v for k, v in counts.items() if v}
     return counts
