@@ -179,6 +179,8 @@ def test_target_without_vnni_falls_back_and_refuses_forced_vnni() -> None:
     assert not ik.plan_quant_linear(spec, plain).vnni
     with pytest.raises(ValueError, match="lacks avx512vnni"):
         ik.plan_quant_linear(spec, plain, use_vnni=True)
+    with pytest.raises(ValueError, match="need an llvm target"):
+        ik.plan_quant_linear(spec, {"kind": "c"})
 
 
 def test_bad_inputs_are_named() -> None:

@@ -27,6 +27,19 @@ registers by shifts inside the kernel before the same VNNI step.
 
 On a CPU without ``avx512vnni`` the same loop nest is built without tensorization (plain
 int32 multiply-add, still integer arithmetic).  The sequence length ``M`` is symbolic.
+
+Use from the Relax lowering (inside ``bb.function``/``bb.dataflow``)::
+
+    y = emit_quant_linear(bb, x, {"qweight": qw, "w_scale": ws, "w_zero": wz, "bias": b,
+                                  "act_scale": s, "act_zero": z}, node.attrs, target)
+
+(operand *values*; the packed weights become constants), or, with parameters bound at load
+time: ``spec = QLinearSpec.from_attrs(attrs, K, N)``, ``kernel = plan_quant_linear(spec,
+target)``, ``packed = prepack_weights(spec, ...)`` when loading the params, and
+``emit_quant_linear_packed(bb, x, {name: relax_var}, kernel)``.  The PrimFuncs are named
+``ctc_qact_*`` / ``ctc_qmm_*`` and carry ``tirx.is_scheduled`` (leave them out of tuning and
+default scheduling).  Note TVM's CPU thread pool defaults to half the logical CPUs on x86
+(one thread on a 2-vCPU machine): set ``TVM_NUM_THREADS`` before the runtime starts.
 """
 
 from __future__ import annotations
@@ -536,6 +549,9 @@ def plan_quant_linear(spec: QLinearSpec, target: Any = None, *, use_vnni: bool |
     ``use_vnni=None`` picks VNNI when the target has it; ``False`` forces the plain integer
     schedule; ``True`` on a target without VNNI is an error.
     """
+    kind = _as_target(target).kind.name
+    if kind != "llvm":
+        raise ValueError(f"int_kernels.plan_quant_linear: these are CPU kernels and need an llvm target, got {kind!r}")
     has = target_has_vnni(target)
     if use_vnni is None:
         use_vnni = has
