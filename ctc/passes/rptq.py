@@ -149,19 +149,21 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     wf[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(h))
     h += damp * torch.eye(k, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    eye = torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_solve(eye, torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    wf = wf.to(torch.float32)  # the error-feedback loop runs in fp32, as in the reference GPTQ
     lo_q, hi_q = Q.qrange(bits, True)
     g = Q.num_groups(k, group_size)
-    scales = torch.ones(n, g, dtype=torch.float64)
-    zeros = torch.zeros(n, g, dtype=torch.float64)
+    scales = torch.ones(n, g, dtype=torch.float32)
+    zeros = torch.zeros(n, g, dtype=torch.float32)
 
     def params(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ref = Q.quantize_weight(block.to(torch.float32), bits, -1, symmetric)
-        return ref.scale[:, 0].to(torch.float64), ref.zero[:, 0].to(torch.float64)
+        return ref.scale[:, 0], ref.zero[:, 0].to(torch.float32)
 
     if group_size == -1:
         scales[:, 0], zeros[:, 0] = params(wf)
-    q_int = torch.zeros(n, k, dtype=torch.float64)
+    q_int = torch.zeros(n, k, dtype=torch.float32)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         w1 = wf[:, i1:i2].clone()
