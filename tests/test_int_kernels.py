@@ -198,8 +198,9 @@ def test_bad_inputs_are_named() -> None:
                            None, torch.ones(1), torch.zeros(1, dtype=torch.int32))
 
 
-def test_relax_function_with_symbolic_m() -> None:
-    """Two layers through emit_quant_linear in one Relax function; x is [2, m, K] with symbolic m."""
+def test_relax_function_with_symbolic_m(tmp_path) -> None:
+    """Two layers through emit_quant_linear in one Relax function; x is [2, m, K] with symbolic m;
+    the library is exported and reloaded (as an artifact would be)."""
     from tvm import relax
 
     k, n = 96, 48
@@ -219,7 +220,8 @@ def test_relax_function_with_symbolic_m() -> None:
         bb.emit_func_output(out)
     mod = bb.get()
     assert sum(1 for gv in mod.get_global_vars() if gv.name_hint.startswith("ctc_")) == 4
-    vm = relax.VirtualMachine(tvm.compile(mod, ik.host_target()), tvm.cpu())
+    tvm.compile(mod, ik.host_target()).export_library(str(tmp_path / "qlinear.so"))
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "qlinear.so")), tvm.cpu())
     for mm in (1, 7, 33):
         xv = torch.randn(2, mm, k)
         got = vm["main"](tvm.runtime.tensor(xv.numpy())).numpy()
