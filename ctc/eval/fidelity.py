@@ -243,13 +243,14 @@ def compare_modules(original: Any, compressed: Any, batches: Sequence[Mapping[st
     """Fidelity of a compressed ctc module against the original, both run by the reference interpreter.
 
     Compares the first output over ``batches``: ``fidelity`` = mean row cosine over real tokens
-    (attention mask), ``max_error``, ``rel_error``; for ``task == "causal-lm"`` also ``kl`` of the
-    next-token distributions.
+    (attention mask), ``max_error``, ``rel_error``; for a causal LM (task ``causal-lm`` or
+    ``causal_lm``) also ``kl`` of the next-token distributions.
     """
     from ctc.ir.interpreter import interpret
 
     if not batches:
         raise ValueError("compare_modules: no batches")
+    is_lm = task.replace("_", "-") == "causal-lm"  # frontends spell it causal_lm, recipes causal-lm
     refs, cands, masks = [], [], []
     for k, b in enumerate(batches):
         r = interpret(original, dict(b))[0]
@@ -267,16 +268,16 @@ def compare_modules(original: Any, compressed: Any, batches: Sequence[Mapping[st
     widths = {t.shape[-1] for t in refs}
     if len(widths) == 1:
         ref, cand, mask = torch.cat(refs), torch.cat(cands), torch.cat(masks)
-        res = compare_outputs(ref, cand, logits=task == "causal-lm", mask=mask)
+        res = compare_outputs(ref, cand, logits=is_lm, mask=mask)
         out = {"fidelity": res.cosine, "max_error": res.max_abs_error, "rel_error": res.rel_error}
         if res.kl is not None:
             out["kl"] = res.kl
         return out
     # outputs of different widths per batch: average the per-batch numbers
-    per = [compare_outputs(r, c, logits=task == "causal-lm", mask=m) for r, c, m in zip(refs, cands, masks,
+    per = [compare_outputs(r, c, logits=is_lm, mask=m) for r, c, m in zip(refs, cands, masks,
                                                                                         strict=True)]
     out = {"fidelity": sum(p.cosine for p in per) / len(per), "max_error": max(p.max_abs_error for p in per),
            "rel_error": max(p.rel_error for p in per)}
-    if task == "causal-lm":
+    if is_lm:
         out["kl"] = sum(p.kl or 0.0 for p in per) / len(per)
     return out

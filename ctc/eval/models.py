@@ -30,6 +30,7 @@ __all__ = [
     "BundledInfo",
     "BundledSpec",
     "bundled_model_dir",
+    "bundled_hf_dir",
     "bundled_names",
     "default_cache_dir",
     "load_bundled",
@@ -199,6 +200,13 @@ def _save_fp32(model: Any, folder: Path) -> None:
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _cache_valid(entry: Path, key: dict[str, Any]) -> bool:
+    try:
+        return json.loads((entry / "ctc-cache.json").read_text()) == key
+    except (OSError, ValueError):
+        return False
+
+
 def _load_gguf_cached(s: BundledSpec, d: Path, cache_dir: Path, refresh: bool) -> tuple[Any, Any, Path, bool]:
     """Load a GGUF model de-quantised to fp32, through (and filling) the safetensors cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,16 +214,10 @@ def _load_gguf_cached(s: BundledSpec, d: Path, cache_dir: Path, refresh: bool) -
     assert s.gguf_file is not None
     key = _source_key(d / s.gguf_file)
     entry = cache_dir / f"{s.name}-fp32"
-    stamp = entry / "ctc-cache.json"
-    if not refresh and stamp.is_file():
-        try:
-            ok = json.loads(stamp.read_text()) == key
-        except (OSError, ValueError):
-            ok = False
-        if ok:
-            model = AutoModelForCausalLM.from_pretrained(entry, dtype="float32", local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(entry, local_files_only=True)
-            return model, tok, entry, True
+    if not refresh and _cache_valid(entry, key):
+        model = AutoModelForCausalLM.from_pretrained(entry, dtype="float32", local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(entry, local_files_only=True)
+        return model, tok, entry, True
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=s.gguf_file, dtype="float32", local_files_only=True)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=s.gguf_file, local_files_only=True)
     with atomic_dir(entry) as tmp:
@@ -223,6 +225,26 @@ def _load_gguf_cached(s: BundledSpec, d: Path, cache_dir: Path, refresh: bool) -
         tok.save_pretrained(tmp)
         (tmp / "ctc-cache.json").write_text(json.dumps(key))
     return model, tok, entry, False
+
+
+def bundled_hf_dir(name: str, *, cache_dir: str | Path | None = None) -> Path:
+    """A folder that ``AutoModel*.from_pretrained`` / ``AutoTokenizer`` load ``name`` from directly, in fp32.
+
+    For safetensors models this is the package folder; for GGUF models it is the de-quantised
+    cache entry, built on first use (~20-30 s), so frontends can load any bundled model the
+    same way without repeating the de-quantisation.
+    """
+    s = _spec(name)
+    d = bundled_model_dir(name)
+    if s.gguf_file is None:
+        return d
+    cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = cdir / f"{s.name}-fp32"
+    if _cache_valid(entry, _source_key(d / s.gguf_file)):
+        return entry
+    with _offline():
+        _load_gguf_cached(s, d, cdir, refresh=True)
+    return entry
 
 
 def load_bundled(name: str, *, cache_dir: str | Path | None = None,
