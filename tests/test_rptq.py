@@ -76,23 +76,14 @@ def test_fold_numeric_check_catches_wrong_layout() -> None:
     """check_fold compares the folded float graph with the original: break the head layout the
     attention route relies on (heads merged in the wrong order) and the pass must refuse."""
     m = tiny_transformer("bert", layers=1, heads=4)
-    # Reverse the merge: transpose(1,2) of the attention output replaced by permute (0,2,1,3) is the
-    # same; instead corrupt it into (batch, heads*seq) order with permute (0,1,2,3) + reshape.
     attn = next(n for n in m.nodes if n.op == "scaled_dot_product_attention")
     t = attn.output.users[0]
     assert t.op == "transpose"
     t.attrs["dim0"], t.attrs["dim1"] = 1, 1  # identity transpose: the reshape now mixes positions and heads
     for v in t.outputs:
         v.type = attn.output.type
-    cal = outlier_inputs(m, 2)
-    ctx = PassContext(calibration=cal)
-    try:
-        out = get_pass("rptq")({"fold_only": True}).run(m.clone(), ctx)
-    except PassError as e:
-        assert "changed the float outputs" in str(e)
-    else:  # if the route was not taken, the fold must still be exact
-        ref = interpret(m, cal[0])[0]
-        torch.testing.assert_close(interpret(out, cal[0])[0], ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(PassError, match="changed the float outputs"):
+        get_pass("rptq")({"fold_only": True}).run(m, PassContext(calibration=outlier_inputs(m, 2)))
 
 
 @FAST
