@@ -255,3 +255,54 @@ def test_real_smollm2_matches_torch() -> None:
     enc = loaded.tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     assert _err(loaded.model, m, inputs) <= TOL
+
+
+class _KitchenSink(nn.Module):
+    """Exercises many ATen mappings (promotion, scalars on either side, indexing, reductions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 6))
+        self.emb = nn.Embedding(10, 6)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h = x + self.emb(ids)
+        a, c = h.chunk(2, dim=-1)
+        h = torch.cat([c, a], dim=-1) * 0.5
+        scores = torch.bmm(h, h.transpose(1, 2)) / d ** 0.5
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = torch.where(mask[:, None, :].bool(), scores, -1e4)
+        p = torch.softmax(scores, dim=-1) + torch.log_softmax(scores, dim=2).exp()
+        h = p @ h
+        pos = mask.cumsum(-1) - 1  # integer cumsum (OPT-style positions)
+        h = h + pos.unsqueeze(-1) / 7  # int / int -> float promotion
+        h = torch.clamp(h, min=-3.0, max=3.0) + (2.0 ** h.clamp(max=1.0))
+        first = h.select(1, 0)
+        g = torch.gather(h, 1, ids.clamp(max=s - 1).unsqueeze(-1).expand(b, s, d))
+        cols = torch.index_select(h, 2, torch.tensor([0, 2, 4]))
+        red = h.amax(dim=1) - h.mean(dim=(1, 2), keepdim=False).unsqueeze(-1) + h.argmax(-1).sum(-1, keepdim=True)
+        flat = (1 - torch.sigmoid(h)).flatten(1).reshape(b, s, d)
+        out = flat @ self.w + g + cols.sum(-1, keepdim=True) + red.unsqueeze(1) + first.unsqueeze(1)
+        tri = torch.triu(out[:, :, :s] if d >= s else out, diagonal=1)
+        keep = (ids > 3) & ~(ids == 7) | (ids.float() < 1.5)
+        return tri.sum(-1) * keep + torch.zeros_like(keep, dtype=torch.float32).new_ones(b, s)
+
+
+def test_kitchen_sink_module() -> None:
+    torch.manual_seed(0)
+    net = _KitchenSink().eval()
+
+    def inputs(s: int) -> dict[str, torch.Tensor]:
+        mask = torch.ones(2, s, dtype=torch.long)
+        mask[0, :2] = 0
+        return {"x": torch.randn(2, s, 6), "ids": torch.randint(0, 10, (2, s)), "mask": mask}
+
+    m = capture(net, inputs(5))
+    assert m.meta["capture_path"] == "export"
+    for s in (3, 5):
+        x = inputs(s)
+        with torch.no_grad():
+            want = net(**x)
+        assert (interpret(m, x)[0] - want).abs().max().item() <= TOL

@@ -256,7 +256,7 @@ class Translator:
         if isinstance(b, tuple) and b and b[0] == "scaled":
             _, b0, alpha = b
             b = self.emit("mul", [self.t(b0)], {"scalar": float(alpha)}) if isinstance(b0, fx.Node) else b0 * alpha
-        ta = isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+        ta = isinstance(a, Value) or (isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor))
         tb = isinstance(b, Value) or (isinstance(b, fx.Node) and isinstance(b.meta.get("val"), torch.Tensor))
 
         def val(x: Any) -> Value:
@@ -321,7 +321,7 @@ class Translator:
                 self.scope = outer_scope
             self.block = block_of(self.scope, self.block_prefix)
             name = aten_map.target_name(node)
-            if name in aten_map.IGNORED:
+            if name in aten_map.IGNORED or is_size_arith(node):
                 continue
             if name in aten_map.REGION_OPS:
                 self.env[node] = self._inline_region(node)
@@ -366,6 +366,13 @@ class Translator:
                                    f"{res.type}, torch gives shape {tuple(val.shape)}")
             return self.cast_to(res, want)
         return res
+
+
+def is_size_arith(node: fx.Node) -> bool:
+    """Arithmetic on symbolic sizes (``s - 1``): no tensor; users read its value from metadata."""
+    val = node.meta.get("val")
+    return isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)) and \
+        aten_map.target_name(node) not in aten_map.TABLE
 
 
 def _td(name: str) -> torch.dtype:
@@ -415,7 +422,7 @@ def check_supported(live: list[fx.Node], strip: str = "", gm: fx.GraphModule | N
             nodes.extend(_all_call_nodes(getattr(gm, str(region_parts(n)[0].target))))
     for n in nodes:
         name = aten_map.target_name(n)
-        if not aten_map.supported(name):
+        if not aten_map.supported(name) and not is_size_arith(n):
             bad.setdefault(name, []).append(scope_of(n, strip) or "<root>")
     if not bad:
         return

@@ -499,3 +499,17 @@ def _cumsum(tr: Translator, node: fx.Node) -> Value:
     x = tr.t(node.args[0])
     return tr.emit("cumsum", [x], {"axis": tr.axis(node.args[1], x.type.rank),
                                    "dtype": dtype_name(node.meta["val"].dtype)})
+
+
+@aten("clamp.default", "clamp_min.default", "clamp_max.default")
+def _clamp(tr: Translator, node: fx.Node) -> Value:
+    name = str(node.target)
+    lo = node.args[1] if name != "aten.clamp_max.default" and len(node.args) > 1 else node.kwargs.get("min")
+    hi = (node.args[1] if name == "aten.clamp_max.default" else
+          (node.args[2] if len(node.args) > 2 else node.kwargs.get("max")))
+    x: Any = node.args[0]
+    if lo is not None:
+        x = tr.binary("maximum", x, lo, node)
+    if hi is not None:
+        x = tr.binary("minimum", x, hi, node)
+    return x if isinstance(x, Value) else tr.t(x)
