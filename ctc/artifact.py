@@ -93,8 +93,7 @@ def write_artifact(
             (tmp / RECIPE_FILE).write_text(recipe_text)
         if tokenizer_dir is not None:
             copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_DIR)
-        report = dict(report)
-        report.setdefault("targets", [])
+        report.setdefault("targets", [])  # filled in place: the caller's report gains targets and files
         for name, build in build_targets:
             tdir = tmp / TARGETS_DIR / name
             tdir.mkdir(parents=True, exist_ok=True)

@@ -316,57 +316,62 @@ def _perplexity(batches: list[dict[str, Any]], outs: list[list[Any]], descriptio
     return batches_perplexity(lambda ids, mask: served[id(ids)], batches, description=description)
 
 
+def _compare(batches: list[dict[str, Any]], ref: list[list[Any]], got: list[list[Any]], logits: bool) -> Any:
+    """ctc.eval.fidelity metrics of the first output over all windows (real tokens only)."""
+    import torch
+
+    from ctc.eval.fidelity import compare_outputs
+
+    rs, cs, ms = [], [], []
+    for b, r, c in zip(batches, ref, got, strict=True):
+        r0, c0 = r[0], c[0]
+        if tuple(r0.shape) != tuple(c0.shape):
+            raise RuntimeError(f"the compressed model's output has shape {tuple(c0.shape)}, the original's "
+                               f"{tuple(r0.shape)}")
+        m = b.get("attention_mask")
+        rs.append(r0.reshape(-1, r0.shape[-1]))
+        cs.append(c0.reshape(-1, c0.shape[-1]))
+        use = m is not None and r0.dim() >= 3 and tuple(m.shape) == tuple(r0.shape[:-1])
+        ms.append(m.reshape(-1) if use else torch.ones(rs[-1].shape[0], dtype=torch.long))
+    return compare_outputs(torch.cat(rs), torch.cat(cs), logits=logits, mask=torch.cat(ms))
+
+
 def measure(original: Any, compressed: Any, loaded: LoadedModel, eval_batches: list[dict[str, Any]],
             metrics: set[str], progress: Progress, description: str = "") -> dict[str, dict[str, Any]]:
-    """Measure ``metrics`` (plus sizes) of the compressed module against the original on the evaluation batches."""
-    from ctc.passes.manager import fidelity
+    """Measure ``metrics`` (plus sizes) of the compressed module against the original on the evaluation batches.
 
+    Both modules run once per window (reference interpreter); perplexity and fidelity are computed
+    from those outputs with ctc.eval's definitions.
+    """
     out: dict[str, dict[str, Any]] = {}
     a, b = _count(original), _count(compressed)
     out["params"] = {"original": a["params"], "compressed": b["params"], "ratio": b["params"] / max(1, a["params"])}
     out["param_bytes"] = {"original": a["bytes"], "compressed": b["bytes"], "ratio": b["bytes"] / max(1, a["bytes"])}
+    lm = loaded.task == "causal-lm"
     if eval_batches and metrics & {"fidelity", "max_error", "ppl", "ppl_increase", "kl"}:
         ref = _outputs(original, eval_batches, "run original", progress)
         got = _outputs(compressed, eval_batches, "run compressed", progress)
-        fid = fidelity(ref, got)
-        if fid.error:
-            raise RuntimeError(f"cannot compare the compressed model's outputs with the original's: {fid.error}")
-        out["fidelity"] = {"original": 1.0, "compressed": fid.cosine, "relative": fid.cosine,
-                           "rel_error": fid.rel_error}
+        fid = _compare(eval_batches, ref, got, logits=lm)
+        out["fidelity"] = {"original": 1.0, "compressed": fid.cosine, "rel_error": fid.rel_error, "rows": fid.rows}
         out["max_error"] = {"original": 0.0, "compressed": fid.max_abs_error}
-        if loaded.task == "causal-lm":
+        if lm:
             p0 = _perplexity(eval_batches, ref, description)
             p1 = _perplexity(eval_batches, got, description)
             out["ppl"] = {"original": p0.ppl, "compressed": p1.ppl, "ratio": p1.ppl / p0.ppl,
                           "protocol": p0.protocol}
             out["ppl_increase"] = {"original": 0.0, "compressed": p1.ppl - p0.ppl,
                                    "relative": (p1.ppl - p0.ppl) / p0.ppl}
-            out["kl"] = {"original": 0.0, "compressed": _mean_kl(eval_batches, ref, got)}
+            out["kl"] = {"original": 0.0, "compressed": fid.kl}
     if "latency_ms" in metrics and eval_batches:
-        from ctc.eval import latency
+        from ctc.eval.latency import module_latency_ms
 
-        l0 = latency.module_latency_ms(original, eval_batches[0])
-        l1 = latency.module_latency_ms(compressed, eval_batches[0])
-        out["latency_ms"] = {"original": l0, "compressed": l1, "ratio": l1 / l0}
+        l0 = module_latency_ms(original, eval_batches[0])
+        l1 = module_latency_ms(compressed, eval_batches[0])
+        out["latency_ms"] = {"original": l0, "compressed": l1, "ratio": l1 / l0,
+                             "protocol": "reference interpreter, first evaluation batch, median"}
     for k, v in out.items():
         v["doc"] = METRICS[k].doc if k in METRICS else ""
     return out
-
-
-def _mean_kl(batches: list[dict[str, Any]], ref: list[list[Any]], got: list[list[Any]]) -> float:
-    """Mean KL(original || compressed) of next-token distributions over unmasked positions."""
-    import torch
-
-    total, count = 0.0, 0
-    for b, r, g in zip(batches, ref, got, strict=True):
-        lp = torch.log_softmax(r[0].double(), -1)
-        lq = torch.log_softmax(g[0].double(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
-        mask = b.get("attention_mask")
-        keep = mask.bool() if mask is not None else torch.ones_like(kl, dtype=torch.bool)
-        total += float(kl[keep].sum())
-        count += int(keep.sum())
-    return total / max(1, count)
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -567,13 +572,39 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
 
 def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, repeat: int,
                    threads: int | None) -> dict[str, Any]:
-    """Latency/memory of an artifact (torch backend or a compiled target), through ctc.eval.latency."""
-    try:
-        from ctc.eval import latency
-    except ImportError as e:
-        raise UsageError("`ctc bench` needs ctc.eval.latency, which this installation lacks") from e
-    return dict(latency.bench_artifact(art, target=target, batch=batch, seq_len=seq_len, repeat=repeat,
-                                       threads=threads))
+    """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target."""
+    import resource
+
+    import torch
+
+    from ctc.eval.latency import MIN_RUNS, machine_info, measure_latency
+
+    if batch < 1 or seq_len < 2:
+        raise UsageError("--batch must be >= 1 and --seq-len >= 2")
+    names = [v.name for v in art.module.inputs]
+    if art.tokenizer_dir is not None:
+        from ctc.eval.data import lee_test
+
+        tok = art.tokenizer()
+        ids = tok(" ".join(lee_test()), add_special_tokens=False)["input_ids"][:seq_len]
+        window = torch.tensor(ids, dtype=torch.long).unsqueeze(0).repeat(batch, 1)
+        feed_all = {"input_ids": window, "attention_mask": torch.ones_like(window),
+                    "token_type_ids": torch.zeros_like(window),
+                    "position_ids": torch.arange(seq_len).expand_as(window).contiguous()}
+        missing = [n for n in names if n not in feed_all]
+        if missing:
+            raise UsageError(f"cannot make inputs {missing} from text; use `ctc run --input` style tensors")
+        feed = {n: feed_all[n] for n in names}
+    else:
+        raise UsageError("this artifact has no tokenizer, so `ctc bench` cannot build its inputs")
+    art.run(feed, target=target)  # load/compile outside the timed region
+    res = measure_latency(lambda: art.run(feed, target=target), runs=max(repeat, MIN_RUNS), warmup=3,
+                          threads=threads, label=target or "torch")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {"backend": target or "torch (reference)", "batch": batch, "seq_len": seq_len,
+            "median_ms": round(res.median_ms, 3), "p90_ms": round(res.p90_ms, 3), "min_ms": round(res.min_ms, 3),
+            "protocol": res.protocol, "peak_rss_mb": round(peak_mb, 1),
+            "param_mb": round(art.module.param_bytes() / 2**20, 2), "cpu": machine_info().get("cpu", "")}
 
 
 __all__ = ["CompileOptions", "CompileResult", "ModelError", "UsageError", "compile_recipe", "load_checked_recipe",

@@ -87,3 +87,34 @@ def test_cli_show_and_run(compiled: tuple[int, Path, str], capsys: pytest.Captur
     assert capsys.readouterr().out.startswith("module ")
     assert main(["run", str(out), "--text", "Hello world."]) == EXIT_OK
     assert ": (1, " in capsys.readouterr().out
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def test_pt2_with_cpu_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A .pt2 program compiled for the cpu target: targets/cpu holds the library, which runs like the IR."""
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(_Tiny().eval(), (torch.randn(1, 8),)), str(tmp_path / "tiny.pt2"))
+    (tmp_path / "t.ctc").write_text('model pt2 "tiny.pt2"\npipeline {\n    cse\n    dce on blocks[0:2]\n}\n'
+                                    "target cpu threads=1\ncheck params <= 1.0x\n")
+    out = tmp_path / "out"
+    assert main(["compile", str(tmp_path / "t.ctc"), "--out", str(out), "--quiet"]) == EXIT_OK
+    assert "target cpu: targets/cpu" in capsys.readouterr().out
+    art = ctc.load(out)
+    assert art.targets == ["cpu"] and art.report["targets"][0]["kind"] == "cpu"
+    x = torch.randn(1, 8)  # the program was exported with a static batch of 1
+    torch.testing.assert_close(art.run({"x": x}, target="cpu")[0], art.run({"x": x})[0], rtol=1e-5, atol=1e-5)
+    # --target none skips the build
+    out2 = tmp_path / "out2"
+    assert main(["compile", str(tmp_path / "t.ctc"), "--out", str(out2), "--quiet", "--target", "none"]) == EXIT_OK
+    assert ctc.load(out2).targets == []
