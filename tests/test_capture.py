@@ -306,3 +306,19 @@ def test_kitchen_sink_module() -> None:
         with torch.no_grad():
             want = net(**x)
         assert (interpret(m, x)[0] - want).abs().max().item() <= TOL
+
+
+class _InPlace(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        y.add_(1)
+        y.relu_()
+        return y.mul_(x)
+
+
+def test_inplace_ops_are_functionalized() -> None:
+    m = capture(_InPlace(), {"x": torch.randn(2, 4)})
+    assert {"add", "relu", "mul"} <= set(m.op_counts())
+    assert m.inputs[0].type.shape == (2, "seq")
+    x = torch.randn(2, 7)
+    assert torch.equal(interpret(m, {"x": x})[0], _InPlace()(x))
