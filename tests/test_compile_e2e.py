@@ -78,6 +78,16 @@ def test_load_and_run_matches_reported_fidelity(compiled: tuple[int, Path, str])
     assert y[0].shape[:2] == inputs["input_ids"].shape and torch.isfinite(y[0]).all()
 
 
+def test_cli_eval_and_bench(compiled: tuple[int, Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = compiled
+    assert main(["eval", str(out), "--samples", "2", "--seq-len", "16", "--json", "--quiet"]) == EXIT_OK
+    res = json.loads(capsys.readouterr().out)
+    assert res["task"] == "encoder" and res["windows"] == 2 and res["fidelity_vs_original_at_compile"] > 0.999
+    assert main(["bench", str(out), "--seq-len", "8", "--repeat", "20", "--json"]) == EXIT_OK
+    res = json.loads(capsys.readouterr().out)
+    assert res["median_ms"] > 0 and res["seq_len"] == 8 and "20 runs" in res["protocol"]
+
+
 def test_cli_show_and_run(compiled: tuple[int, Path, str], capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = compiled
     assert main(["show", str(out)]) == EXIT_OK
@@ -114,6 +124,21 @@ def test_pt2_with_cpu_target(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert art.targets == ["cpu"] and art.report["targets"][0]["kind"] == "cpu"
     x = torch.randn(1, 8)  # the program was exported with a static batch of 1
     torch.testing.assert_close(art.run({"x": x}, target="cpu")[0], art.run({"x": x})[0], rtol=1e-5, atol=1e-5)
+    # ctc run on a tensor file, through the compiled library
+    from safetensors.torch import save_file
+
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    assert main(["run", str(out), "--input", str(tmp_path / "x.safetensors"), "--target", "cpu",
+                 "--save", str(tmp_path / "y.safetensors")]) == EXIT_OK
+    from safetensors.torch import load_file
+
+    y = load_file(str(tmp_path / "y.safetensors"))
+    torch.testing.assert_close(next(iter(y.values())), art.run({"x": x})[0], rtol=1e-5, atol=1e-5)
+    assert main(["run", str(out), "--input", str(tmp_path / "t.ctc")]) == 2  # not a tensor file
+    assert "--input takes a .safetensors or .pt file" in capsys.readouterr().err
+    # ctc show RECIPE --ir captures and prints the IR
+    assert main(["show", str(tmp_path / "t.ctc"), "--ir", "--quiet"]) == EXIT_OK
+    assert 'loc("layers.0"' in capsys.readouterr().out
     # --target none skips the build
     out2 = tmp_path / "out2"
     assert main(["compile", str(tmp_path / "t.ctc"), "--out", str(out2), "--quiet", "--target", "none"]) == EXIT_OK
