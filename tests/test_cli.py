@@ -96,3 +96,13 @@ def test_unknown_target_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     r.write_text('model bundled "minilm"\n')
     assert main(["compile", str(r), "--target", "gpu", "--out", str(tmp_path / "o")]) == EXIT_USAGE
     assert "unknown target" in capsys.readouterr().err
+
+
+def test_recipe_reference_names_every_kind() -> None:
+    """docs/recipes.md documents every metric, data source, target and model source the checker accepts."""
+    from ctc.dsl.check import DATASET_SOURCES, METRICS, MODEL_KINDS
+    from ctc.targets import TARGETS
+
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    for name in [*METRICS, *DATASET_SOURCES, *TARGETS, *MODEL_KINDS]:
+        assert f"`{name}" in doc or f"{name} \"" in doc, f"docs/recipes.md does not mention {name}"
