@@ -30,16 +30,20 @@ builds the targets and writes an artifact directory with a report.
 
 A small recipe:
 
-    model bundled "minilm"
-    calibrate wiki samples=16 seq_len=128
-    evaluate lee samples=16 seq_len=128
+    model bundled "minilm"                     # or: model hf "dir" / model pt2 "f.pt2"
+    calibrate wiki samples=8 seq_len=128       # real text shipped with gensim
+    evaluate lee samples=8 seq_len=128
     pipeline {
         cse
+        rptq w_bits=8 a_bits=8 on blocks[0:6]  # selectors: blocks[a:b], "*.glob.*", op NAME
         dce
     }
-    check fidelity >= 0.999
-    check params <= 1.0x
+    target cpu trials=64                       # built with TVM into targets/cpu/
+    check fidelity >= 0.99
+    check param_bytes <= 0.7x
     emit "out/minilm"
+
+The language is described in docs/recipes.md; `ctc passes` lists every pass.
 
 exit codes: 0 ok, 1 checks failed (artifact written), 2 usage/recipe error,
             3 model or capture error, 4 internal error
@@ -415,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("model error; nothing was written", file=sys.stderr)
         return EXIT_MODEL
     except Exception as e:
+        if type(e).__name__ == "PipelineError":  # a pass failed: its message names the pass and recipe line
+            print(f"ctc {args.command}: {e}\nnothing was written", file=sys.stderr)
+            return EXIT_INTERNAL
         print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         traceback.print_exc(file=sys.stderr)
         return EXIT_INTERNAL
