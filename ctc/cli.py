@@ -419,7 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("model error; nothing was written", file=sys.stderr)
         return EXIT_MODEL
     except Exception as e:
-        if type(e).__name__ == "PipelineError":  # a pass failed: its message names the pass and recipe line
+        from ctc.passes.manager import PipelineError
+
+        if isinstance(e, PipelineError):  # a pass failed: its message names the pass and recipe line
             print(f"ctc {args.command}: {e}\nnothing was written", file=sys.stderr)
             return EXIT_INTERNAL
         print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
