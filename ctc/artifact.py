@@ -357,26 +357,21 @@ class Artifact:
 
 
 def _torch_runner(module: Module) -> Callable[[Any], Any]:
-    """A callable running ``module`` through ctc.backends.torch_fx when present, else the interpreter."""
+    """A callable running ``module`` through the torch backend (an fx GraphModule), else the interpreter."""
     try:
-        from ctc.backends import torch_fx
+        from ctc.backends.torch_fx import to_graph_module
     except ImportError:
-        torch_fx = None  # type: ignore[assignment]
-    if torch_fx is not None:
-        for name in ("to_graph_module", "lower", "compile_module", "build"):
-            fn = getattr(torch_fx, name, None)
-            if callable(fn):
-                gm = fn(module)
+        from ctc.ir.interpreter import interpret
 
-                def run_gm(inputs: Any, gm: Any = gm) -> Any:
-                    if isinstance(inputs, Mapping):
-                        inputs = [inputs[v.name] for v in module.inputs]
-                    return gm(*inputs)
+        return lambda inputs: interpret(module, inputs)
+    gm = to_graph_module(module)
 
-                return run_gm
-    from ctc.ir.interpreter import interpret
+    def run_gm(inputs: Any) -> Any:
+        if isinstance(inputs, Mapping):
+            inputs = [inputs[v.name] for v in module.inputs]
+        return gm(*inputs)
 
-    return lambda inputs: interpret(module, inputs)
+    return run_gm
 
 
 def load(path: str | Path) -> Artifact:

@@ -9,7 +9,6 @@ written until the end, and the artifact appears atomically (see :mod:`ctc.artifa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctc.dsl.ast import Check, Dataset, Recipe, Span
+from ctc.dsl.ast import Check, Dataset, Recipe
 from ctc.dsl.check import METRICS, check_recipe, check_with_module, resolve_path, target_config
 from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, did_you_mean
 from ctc.dsl.parser import parse_file
@@ -607,5 +606,5 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
             "param_mb": round(art.module.param_bytes() / 2**20, 2), "cpu": machine_info().get("cpu", "")}
 
 
-__all__ = ["CompileOptions", "CompileResult", "ModelError", "UsageError", "compile_recipe", "load_checked_recipe",
-           "report_summary", "json", "Span"]
+__all__ = ["CompileOptions", "CompileResult", "ModelError", "UsageError", "bench_artifact", "compile_recipe",
+           "evaluate_artifact", "load_checked_recipe", "report_summary"]

@@ -4,7 +4,10 @@ Each target declares a typed options class (same strict validation as pass optio
 the backend module that builds it.  A backend module exposes
 ``build(module, target: TargetConfig, out_dir: Path) -> dict`` which writes the compiled
 library and whatever it needs into ``out_dir`` (the artifact's ``targets/<name>/``) and
-returns a small JSON-able summary for the report.  Backends are imported only when a
+returns a small JSON-able summary for the report; ``load(out_dir, module) -> runner`` to run
+it from ``ctc.load(dir).run(inputs, target=...)``; and optionally
+``supports(kind) -> str | None`` (None, or why the kind cannot be built) so that recipes
+fail at check time, not after compressing.  Backends are imported only when a
 target is built, so `ctc --help` and recipe checking never import TVM.
 """
 
@@ -60,6 +63,15 @@ class TargetSpec:
             return importlib.util.find_spec(self.backend) is not None
         except ModuleNotFoundError:
             return False
+
+    def unsupported_reason(self) -> str | None:
+        """Why the backend cannot build this kind, if it says so (optional backend hook
+        ``supports(kind) -> str | None``: None = supported, else the reason); None when unknown."""
+        if not self.available():
+            return f"backend {self.backend} is not installed"
+        mod = importlib.import_module(self.backend)
+        probe = getattr(mod, "supports", None)
+        return probe(self.name) if callable(probe) else None
 
     def build_function(self) -> Any:
         """The backend's ``build(module, target, out_dir)``; raises if the backend lacks it."""

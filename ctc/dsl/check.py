@@ -202,7 +202,7 @@ def _check_step(step: Step, has_calibration: bool) -> list[Diagnostic]:
                            hint="`ctc passes` lists every pass and its options")]
     cls = passes[step.name]
     diags = option_diagnostics(cls.Options, step.options, step.option_spans, step.span, f"pass {step.name}")
-    if cls.needs_calibration and not has_calibration:
+    if cls.uses_calibration() and not has_calibration:
         diags.append(Diagnostic(f"pass {step.name} needs calibration data", step.name_span,
                                 hint="add e.g. `calibrate wiki samples=32 seq_len=128`"))
     ops = all_ops()
@@ -254,6 +254,11 @@ def _check_target(t: Target, seen: dict[str, Span]) -> list[Diagnostic]:
     if not spec.available():
         diags.append(Diagnostic(f"target {t.kind} needs backend {spec.backend}, which this installation lacks",
                                 t.kind_span, hint="drop the target line to compile without it"))
+    else:
+        why = spec.unsupported_reason()
+        if why:
+            diags.append(Diagnostic(f"target {t.kind} cannot be built: {why}", t.kind_span,
+                                    hint="drop the target line to compile without it"))
     return diags
 
 

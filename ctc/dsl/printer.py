@@ -7,15 +7,10 @@ and by the hypothesis round-trip test.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from ctc.dsl.ast import Check, Dataset, ModelSource, Recipe, SelectorItem, Step, Target
 from ctc.dsl.parser import quote
-
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_KEYWORDS = {"true", "false", "none", "on", "op", "blocks", "model", "calibrate", "evaluate", "pipeline",
-             "target", "check", "emit"}
 
 
 def format_value(v: Any) -> str:
