@@ -322,3 +322,28 @@ def test_inplace_ops_are_functionalized() -> None:
     assert m.inputs[0].type.shape == (2, "seq")
     x = torch.randn(2, 7)
     assert torch.equal(interpret(m, {"x": x})[0], _InPlace()(x))
+
+
+def _extra(arch: str) -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    if arch == "distilbert":
+        return T.DistilBertModel(T.DistilBertConfig(n_layers=2, n_heads=2, dim=16, hidden_dim=32, vocab_size=97,
+                                                    max_position_embeddings=64))
+    if arch == "gpt_neox":  # partial rotary (rotary_pct 0.25), parallel residual
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                                    intermediate_size=64, vocab_size=97, max_position_embeddings=64))
+    # phi3: fused qkv / gate_up projections; its config names no architecture (task comes from the class)
+    return T.Phi3ForCausalLM(T.Phi3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          hidden_size=32, intermediate_size=64, vocab_size=97,
+                                          max_position_embeddings=64, pad_token_id=0))
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "gpt_neox", "phi3"])
+def test_more_hf_architectures(arch: str) -> None:
+    model = _extra(arch).eval()
+    m = capture_hf_model(model, seq_len=7)
+    assert m.meta["task"] == ("encoder" if arch == "distilbert" else "causal_lm")
+    assert m.meta["num_blocks"] == 2
+    assert _err(model, m, hf_inputs(2, 9, pad=3)) <= TOL

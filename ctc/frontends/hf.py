@@ -45,8 +45,10 @@ class HFModel:
         return int(self.model.config.vocab_size)
 
 
-def _task_of(config: Any) -> str:
+def _task_of(config: Any, model: nn.Module | None = None) -> str:
     archs = [a for a in (getattr(config, "architectures", None) or [])]
+    if model is not None:
+        archs.append(type(model).__name__)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return TASK_CAUSAL_LM
     if getattr(config, "is_decoder", False) or config.model_type in (
@@ -132,7 +134,7 @@ def capture_hf_model(model: nn.Module, *, task: str | None = None, batch: int = 
     The output is ``logits`` for causal LMs and ``last_hidden_state`` for encoders (recorded
     in ``meta["output"]``); KV caches are off (``use_cache=False``).
     """
-    task = task or _task_of(model.config)
+    task = task or _task_of(model.config, model)
     inputs: dict[str, Any] = example_inputs(model, batch=batch, seq_len=seq_len)
     if task == TASK_CAUSAL_LM:
         inputs["use_cache"] = False
