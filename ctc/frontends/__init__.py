@@ -7,8 +7,17 @@ then ``capture_loaded(loaded)`` for Hugging Face models; ``load_pt2(path)`` for 
 
 from ctc.frontends.aten_capture import CaptureError, capture, capture_exported
 from ctc.frontends.bundled import BUNDLED, bundled_dir, load_bundled
-from ctc.frontends.hf import HFModel, ModelLoadError, capture_hf_model, capture_loaded, example_inputs, load_hf
+from ctc.frontends.hf import (
+    TASK_CAUSAL_LM,
+    TASK_ENCODER,
+    HFModel,
+    ModelLoadError,
+    capture_hf_model,
+    capture_loaded,
+    example_inputs,
+    load_hf,
+)
 from ctc.frontends.pt2 import load_pt2
 
-__all__ = ["BUNDLED", "CaptureError", "HFModel", "ModelLoadError", "bundled_dir", "capture", "capture_exported",
+__all__ = ["BUNDLED", "TASK_CAUSAL_LM", "TASK_ENCODER", "CaptureError", "HFModel", "ModelLoadError", "bundled_dir", "capture", "capture_exported",
            "capture_hf_model", "capture_loaded", "example_inputs", "load_bundled", "load_hf", "load_pt2"]
