@@ -19,5 +19,8 @@ from ctc.frontends.hf import (
 )
 from ctc.frontends.pt2 import load_pt2
 
-__all__ = ["BUNDLED", "TASK_CAUSAL_LM", "TASK_ENCODER", "CaptureError", "HFModel", "ModelLoadError", "bundled_dir", "capture", "capture_exported",
-           "capture_hf_model", "capture_loaded", "example_inputs", "load_bundled", "load_hf", "load_pt2"]
+__all__ = [
+    "BUNDLED", "TASK_CAUSAL_LM", "TASK_ENCODER", "CaptureError", "HFModel", "ModelLoadError", "bundled_dir",
+    "capture", "capture_exported", "capture_hf_model", "capture_loaded", "example_inputs", "load_bundled",
+    "load_hf", "load_pt2",
+]
