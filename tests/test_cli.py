@@ -106,3 +106,19 @@ def test_recipe_reference_names_every_kind() -> None:
     doc = (ROOT / "docs" / "recipes.md").read_text()
     for name in [*METRICS, *DATASET_SOURCES, *TARGETS, *MODEL_KINDS]:
         assert f"`{name}" in doc or f"{name} \"" in doc, f"docs/recipes.md does not mention {name}"
+
+
+def test_target_selection_and_tuning_flags(tmp_path: Path) -> None:
+    """--target filters/extends the recipe's targets; --tune/--no-tune set the trials."""
+    from ctc.driver import CompileOptions, selected_targets
+    from ctc.dsl import parse
+
+    r = parse('model bundled "minilm"\ntarget cpu threads=2 trials=16\n', "r.ctc")
+    base = selected_targets(r, CompileOptions())
+    assert [(t.kind, t.options.threads, t.trials) for t in base] == [("cpu", 2, 16)]
+    assert [t.trials for t in selected_targets(r, CompileOptions(tune=False))] == [0]
+    assert [t.trials for t in selected_targets(r, CompileOptions(tune=True))] == [16]
+    assert selected_targets(r, CompileOptions(targets=["none"])) == []
+    r2 = parse('model bundled "minilm"\ntarget cpu threads=2\n', "r.ctc")
+    assert [t.trials for t in selected_targets(r2, CompileOptions(tune=True))] == [64]
+    assert [t.trials for t in selected_targets(r2, CompileOptions())] == [0]
