@@ -215,9 +215,10 @@ def smollm2(n_windows: int, seq_len: int, n_calib: int, calib_len: int) -> dict[
     model, tok, _ = load_bundled("smollm2")
     calib = D.calibration_batches(tok, "wiki", n_calib, calib_len, seed=0)
     windows = D.evaluation_windows(tok, "wiki", n_windows, seq_len)
-    ex = {"input_ids": calib[0]["input_ids"]}
+    from ctc.frontends.hf import capture_hf_model
+
     t0 = time.perf_counter()
-    m = capture(model, ex, output="logits", name="smollm2")
+    m = capture_hf_model(model, batch=1, seq_len=16, name="smollm2")
     log(f"smollm2 captured in {time.perf_counter() - t0:.1f}s ({m.op_counts().get('linear')} linears)")
     names = [v.name for v in m.inputs]
 
