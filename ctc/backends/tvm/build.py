@@ -57,6 +57,8 @@ def relax_passes(target: Any) -> Any:
     from tvm import relax
 
     return tvm.transform.Sequential([
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.LegalizeOps(),
@@ -77,9 +79,8 @@ def _finalize(target: Any) -> Any:
 
 def schedule_defaults(mod: Any, target: Any) -> Any:
     """Give every unscheduled PrimFunc the default CPU schedule (:mod:`.schedules`)."""
-    from tvm.s_tir import dlight as dl
-
     from ctc.backends.tvm.schedules import default_rules
+    from tvm.s_tir import dlight as dl
 
     with target:
         return dl.ApplyDefaultSchedule(*default_rules())(mod)
@@ -113,7 +114,6 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
     ``target`` is a :class:`~ctc.backends.tvm.targets.TargetInfo` (default: this host's cpu).
     """
     import tvm
-
     from ctc.backends.tvm import targets as T
     from ctc.backends.tvm.lower import lower
 
@@ -162,79 +162,127 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
 
 
 # ----------------------------------------------------------------------------- runtime side
+_RUNTIME_LOADED = False
+
+
+def _load_runtime() -> Any:
+    """``tvm_ffi`` with TVM's runtime libraries loaded (no ``tvm``/``tvm.relax`` Python import)."""
+    global _RUNTIME_LOADED
+    import ctypes
+    import importlib.util
+    import os
+
+    import tvm_ffi
+
+    if not _RUNTIME_LOADED:
+        spec = importlib.util.find_spec("tvm")
+        if spec is None or spec.origin is None:
+            raise RuntimeError("load_compiled: the TVM runtime libraries (package apache-tvm) are not installed")
+        libdir = os.path.join(os.path.dirname(spec.origin), "lib")
+        for name in ("libtvm_runtime.so", "libtvm_runtime_extra.so"):
+            path = os.path.join(libdir, name)
+            if os.path.exists(path):
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _RUNTIME_LOADED = True
+    return tvm_ffi
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A 64-byte aligned C-contiguous copy (TVM kernels assume aligned buffers)."""
+    a = np.asarray(a)
+    if a.ctypes.data % 64 == 0 and a.flags.c_contiguous:
+        return a
+    buf = np.empty(a.nbytes + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    out = buf[off: off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 class CompiledModel:
     """A compiled ctc model loaded with the TVM runtime only: ``model(*inputs) -> list of outputs``.
 
-    Inputs may be torch tensors or numpy arrays (copied into aligned TVM tensors); outputs are
-    torch tensors (zero-copy through dlpack) unless ``numpy=True``.
+    Only ``tvm_ffi`` and TVM's runtime shared libraries are loaded (no ``tvm``/Relax import).
+    Inputs may be torch tensors or numpy arrays (copied into 64-byte aligned buffers); outputs
+    are torch tensors (zero-copy through dlpack) unless ``numpy=True``.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None):
-        import tvm.runtime as rt
-        from tvm.runtime.vm import VirtualMachine
+        import os
 
         p = Path(path)
         lib = p / LIB_NAME if p.is_dir() else p
         d = lib.parent
         if not lib.exists():
             raise FileNotFoundError(f"load_compiled: no compiled library at {lib} (build it with `ctc compile "
-                                    "--target cpu` or ctc.backends.tvm.build)")
+                                    "--target cpu` or ctc.backends.tvm.build.compile_module(...).export(dir))")
         self.meta: dict[str, Any] = json.loads((d / META_NAME).read_text()) if (d / META_NAME).exists() else {}
         self.threads = threads if threads is not None else int(self.meta.get("threads") or 0)
         if self.threads:
-            _set_threads(self.threads)
-        self._rt = rt
-        self.device = rt.cpu()
-        self.vm = VirtualMachine(rt.load_module(str(lib)), self.device)
+            os.environ["TVM_NUM_THREADS"] = str(self.threads)
+        ffi = _load_runtime()
+        self._ffi = ffi
+        if self.threads:
+            cfg = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+            if cfg is not None:
+                cfg(-1, self.threads)
+        self._lib = ffi.load_module(str(lib))
+        self.vm = self._lib["vm_load_executable"]()
+        # (device type, id, allocator) for the device and the host: kDLCPU=1, pooled allocator=2
+        self.vm["vm_initialization"](1, 0, 2, 1, 0, 2)
+        self._main = self.vm["main"]
+        self._keep: list[np.ndarray] = []
         self._params: list[Any] = []
         if self.meta.get("params"):
             z = np.load(d / PARAMS_NAME)
-            self._params = [rt.tensor(z[f"p{i}"], self.device) for i in range(len(self.meta["params"]))]
-        self._main = self.vm["main"]
+            arrs = [_aligned(z[f"p{i}"]) for i in range(len(self.meta["params"]))]
+            self._keep += arrs
+            self._params = [ffi.from_dlpack(a) for a in arrs]
 
     @property
     def input_names(self) -> list[str]:
         return [i["name"] for i in self.meta.get("inputs", [])]
 
-    def _to_tvm(self, x: Any) -> Any:
+    def _to_ffi(self, x: Any, keep: list[np.ndarray]) -> Any:
         if hasattr(x, "detach"):
             x = x.detach().cpu().contiguous().numpy()
-        return self._rt.tensor(np.ascontiguousarray(x), self.device)
+        a = _aligned(np.ascontiguousarray(x))
+        keep.append(a)
+        return self._ffi.from_dlpack(a)
 
-    def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
+    def _args(self, inputs: tuple[Any, ...], keep: list[np.ndarray]) -> list[Any]:
         if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-            inputs = tuple(inputs[0][n] for n in self.input_names)
+            names = self.input_names
+            missing = [n for n in names if n not in inputs[0]]
+            if missing:
+                raise KeyError(f"compiled model: missing inputs {missing} (takes {names})")
+            inputs = tuple(inputs[0][n] for n in names)
         elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
-        args = [self._to_tvm(x) for x in inputs] + self._params
-        out = self._main(*args)
-        outs = list(out) if not hasattr(out, "numpy") else [out]
+        want = len(self.meta.get("inputs", inputs))
+        if len(inputs) != want:
+            raise TypeError(f"compiled model takes {want} inputs ({self.input_names}), got {len(inputs)}")
+        return [self._to_ffi(x, keep) for x in inputs] + self._params
+
+    def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
+        keep: list[np.ndarray] = []
+        out = self._main(*self._args(inputs, keep))
+        outs = [out] if hasattr(out, "__dlpack__") else list(out)
         if numpy:
-            return [o.numpy() for o in outs]
+            return [np.from_dlpack(o).copy() for o in outs]
         import torch
 
         return [torch.from_dlpack(o) for o in outs]
 
     def prepare(self, *inputs: Any) -> list[Any]:
-        """TVM tensors for ``inputs`` (to time the model without conversion cost)."""
-        return [self._to_tvm(x) for x in inputs] + self._params
+        """Runtime tensors for ``inputs`` (to time the model without conversion cost)."""
+        keep: list[np.ndarray] = []
+        args = self._args(inputs, keep)
+        self._keep += keep
+        return args
 
     def run_prepared(self, args: Sequence[Any]) -> Any:
         return self._main(*args)
-
-
-def _set_threads(n: int) -> None:
-    import tvm.runtime as rt
-
-    try:
-        rt._ffi_api  # noqa: B018 - ensure runtime api loaded
-        import tvm_ffi
-
-        f = tvm_ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
-        if f is not None:
-            f(-1, n)
-    except Exception:  # noqa: BLE001 - thread pool config is best effort
-        pass
 
 
 def load_compiled(path: str | Path, *, threads: int | None = None) -> CompiledModel:

@@ -68,9 +68,15 @@ class MatmulRule(dl.ScheduleRule):
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name in ("llvm", "c")
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:  # noqa: C901
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
+        try:
+            return self._apply(func, target)
+        except s_tir.ScheduleError:
+            return None  # a shape this rule cannot tile; later rules (or no schedule) take it
+
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None:

@@ -1,0 +1,212 @@
+"""CPU latency of one model and input on PyTorch eager, torch.compile, ONNX Runtime and ctc (TVM).
+
+Why: issue 4's yardstick.  In one process and one run, the same model and the same input go
+through every runtime; each is timed as the median of ``--runs`` (>= 20) calls after
+``--warmup`` calls, with ``--threads`` intra-op threads everywhere.  The table gives the ratio
+to ONNX Runtime, plus compile and tuning wall time.  ctc is measured with its default
+(untuned) schedules and, with ``--trials N``, tuned within N meta-schedule trials (the tuning
+database is reused across runs: a second run spends no tuning time; delete it or pass
+``--tuning-dir`` to measure tuning itself).
+
+Models: ``minilm128``/``minilm384`` (all-MiniLM-L6-v2, real weights, batch 1, seq 128/384,
+``last_hidden_state``) and ``gpt2`` (a GPT-2-small-shaped decoder: 12 layers, d=768, 12 heads,
+random weights, prefill of 128 tokens, hidden states without the LM head).
+
+Usage::
+
+    python benchmarks/cpu_latency.py --models minilm128 --trials 0
+    python benchmarks/cpu_latency.py --models minilm128,minilm384,gpt2 --trials 192
+
+The machine is shared: the load average before and after each model is printed; numbers
+taken under load are slower for every runtime, ratios less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[float, float]:
+    """(median, min) wall time in ms of ``fn`` over ``runs`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3, min(ts) * 1e3
+
+
+def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str, str]:
+    """(model, inputs, output key, description)."""
+    if name.startswith("minilm"):
+        from ctc.eval.models import load_bundled
+
+        seq = int(name[len("minilm"):] or 128)
+        model, tok, _ = load_bundled("minilm")
+        text = ("The quick brown fox jumps over the lazy dog while the committee discusses the budget "
+                "for next year's research programme in compilers and machine learning. ") * 40
+        enc = tok(text, return_tensors="pt", truncation=True, max_length=seq, padding="max_length")
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return model.eval(), inputs, "last_hidden_state", f"all-MiniLM-L6-v2, batch 1, seq {seq}"
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2Model
+
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
+        model = GPT2Model(cfg).eval()
+        ids = torch.randint(0, 50257, (1, 128))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(1, 128, dtype=torch.long)}
+        return model, inputs, "last_hidden_state", "GPT-2-small-shaped decoder (random weights), prefill seq 128"
+    raise SystemExit(f"unknown model {name!r} (minilm128, minilm384, gpt2)")
+
+
+class Wrapped(torch.nn.Module):
+    """Positional-input wrapper returning one tensor (for ONNX export and torch.compile)."""
+
+    def __init__(self, model: torch.nn.Module, key: str):
+        super().__init__()
+        self.model = model
+        self.key = key
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.key)
+
+
+def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    model, inputs, key, desc = load_model(name)
+    wrapped = Wrapped(model, key).eval()
+    ins = (inputs["input_ids"], inputs["attention_mask"])
+    seq = int(ins[0].shape[1])
+    rows: list[dict[str, Any]] = []
+    print(f"\n## {name}: {desc}   (load average before: {os.getloadavg()[0]:.2f})", flush=True)
+    with torch.no_grad():
+        ref = wrapped(*ins)
+        r = timeit(lambda: wrapped(*ins), args.runs, args.warmup)
+        rows.append({"runtime": "PyTorch eager", "ms": r[0], "min": r[1], "err": 0.0})
+        if "compile" in args.runtimes:
+            t0 = time.perf_counter()
+            cm = torch.compile(wrapped)
+            out = cm(*ins)
+            ct = time.perf_counter() - t0
+            r = timeit(lambda: cm(*ins), args.runs, args.warmup)
+            rows.append({"runtime": "torch.compile", "ms": r[0], "min": r[1], "compile_s": ct,
+                         "err": float((out - ref).abs().max())})
+    if "ort" in args.runtimes:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as d:
+            path = str(Path(d) / "model.onnx")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                torch.onnx.export(wrapped, ins, path, input_names=["input_ids", "attention_mask"],
+                                  output_names=["out"], opset_version=17, dynamo=False)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = args.threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            ct = time.perf_counter() - t0
+            feed = {"input_ids": ins[0].numpy(), "attention_mask": ins[1].numpy()}
+            out = sess.run(None, feed)[0]
+            r = timeit(lambda: sess.run(None, feed), args.runs, args.warmup)
+            rows.append({"runtime": "ONNX Runtime", "ms": r[0], "min": r[1], "compile_s": ct,
+                         "err": float(np.abs(out - ref.numpy()).max())})
+    from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
+    from ctc.frontends import capture
+
+    t0 = time.perf_counter()
+    m = capture(model, inputs, output=key)
+    cap_s = time.perf_counter() - t0
+    variants = [("ctc default", 0)] + ([("ctc tuned", args.trials)] if args.trials > 0 else [])
+    for label, trials in variants:
+        t0 = time.perf_counter()
+        comp = compile_module(m, options=BuildOptions(static_dims={s: seq for s in _symbols(m)}, trials=trials,
+                                                      tuning_dir=args.tuning_dir, trials_per_task=args.per_task))
+        ct = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as d:
+            comp.export(d)
+            cm = load_compiled(d, threads=args.threads)
+            out = cm(*ins)[0]
+            prep = cm.prepare(*ins)
+            r = timeit(lambda cm=cm, prep=prep: cm.run_prepared(prep), args.runs, args.warmup)
+        tun = comp.meta.get("tuning") or {}
+        rows.append({"runtime": f"{label}" + (f" ({trials} trials)" if trials else ""), "ms": r[0], "min": r[1],
+                     "compile_s": ct, "tune_s": comp.timings.get("tune_s"), "capture_s": cap_s,
+                     "err": float((out - ref).abs().max()), "tuning": tun})
+    print(f"(load average after: {os.getloadavg()[0]:.2f})")
+    _table(rows)
+    return rows
+
+
+def _symbols(m: Any) -> set[str]:
+    out: set[str] = set()
+    for v in m.inputs:
+        out |= v.type.symbols
+    return out
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    ort_ms = next((r["ms"] for r in rows if r["runtime"] == "ONNX Runtime"), None)
+    print(f"| {'runtime':32s} | median ms | min ms | x ORT | compile s | tune s | max abs err |")
+    print(f"|{'-' * 34}|-----------|--------|-------|-----------|--------|-------------|")
+    for r in rows:
+        ratio = f"{r['ms'] / ort_ms:5.2f}" if ort_ms else "  -  "
+        cs = f"{r['compile_s']:9.1f}" if r.get("compile_s") is not None else "        -"
+        ts = f"{r['tune_s']:6.1f}" if r.get("tune_s") is not None else "     -"
+        print(f"| {r['runtime']:32s} | {r['ms']:9.2f} | {r['min']:6.2f} | {ratio} | {cs} | {ts} | {r['err']:11.2e} |")
+    for r in rows:
+        if r.get("tuning"):
+            print(f"  {r['runtime']}: {r['tuning']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="minilm128,minilm384,gpt2")
+    ap.add_argument("--runtimes", default="eager,compile,ort,ctc")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--trials", type=int, default=0, help="meta-schedule trial budget for 'ctc tuned' (0: skip)")
+    ap.add_argument("--per-task", type=int, default=None, help="trials per tuned task (default: budget / tasks)")
+    ap.add_argument("--tuning-dir", default=None, help="tuning database root (default ~/.cache/ctc/tuning)")
+    args = ap.parse_args()
+    if args.runs < 20:
+        raise SystemExit("--runs must be >= 20 (median of at least 20 runs)")
+    torch.set_num_threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    import onnxruntime
+    import tvm
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print("# ctc CPU latency benchmark")
+    print(f"machine: {cpu}, {os.cpu_count()} cpus ({len(os.sched_getaffinity(0))} usable), {platform.platform()}")
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
+          f"{onnxruntime.__version__}, tvm {tvm.__version__}; LLVM mcpu {tvm.target.codegen.llvm_get_system_cpu()}")
+    print(f"protocol: batch 1, {args.threads} threads for every runtime, median (and min) of {args.runs} runs after "
+          f"{args.warmup} warm-up runs; ctc compiled for the static sequence length; fp32 everywhere")
+    for name in args.models.split(","):
+        bench_model(name.strip(), args)
+
+
+if __name__ == "__main__":
+    main()
