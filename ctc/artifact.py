@@ -84,8 +84,13 @@ def write_artifact(
     dest = Path(dest).resolve()
     if dest.exists() and not dest.is_dir():
         raise ArtifactError(f"{dest} exists and is not a directory")
+    created = [p for p in reversed(dest.parents) if not p.exists()]  # parents this call makes, outermost first
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         (tmp / IR_FILE).write_text(module_ir_text(module))
         save_params(module.params, tmp / PARAMS_FILE)
@@ -106,8 +111,18 @@ def write_artifact(
         _swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     return dest
+
+
+def _remove_empty(dirs: Sequence[Path]) -> None:
+    """Remove directories this write created (innermost first) if they are empty."""
+    for d in reversed(list(dirs)):
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:

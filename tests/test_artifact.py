@@ -71,8 +71,8 @@ def test_failure_leaves_nothing_and_keeps_old_artifact(tmp_path: Path) -> None:
     assert (dest / "report.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     with pytest.raises(RuntimeError):
-        write_artifact(tmp_path / "b", module=_module(), report=REPORT, build_targets=[("cpu", boom)])
-    assert not (tmp_path / "b").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+        write_artifact(tmp_path / "new" / "deep" / "b", module=_module(), report=REPORT, build_targets=[("cpu", boom)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "directories created for the artifact were left"
 
 
 def test_replacing_an_artifact(tmp_path: Path) -> None:
