@@ -75,8 +75,10 @@ class Progress:
     def stage(self, what: str) -> Iterator[None]:
         t0 = time.perf_counter()
         self.info(f"[ctc] {what} ...")
-        yield
-        self.close_bar()
+        try:
+            yield
+        finally:
+            self.close_bar()
         if self.enabled:
             print(f"[ctc] {what}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
