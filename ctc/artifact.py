@@ -108,12 +108,24 @@ def write_artifact(
             REPORT_JSON, REPORT_HTML]
         (tmp / REPORT_JSON).write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
         (tmp / REPORT_HTML).write_text(render_html(report))
+        _normal_permissions(tmp)
         _swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
     return dest
+
+
+def _normal_permissions(root: Path) -> None:
+    """Give the artifact the permissions of ordinary files (mkdtemp makes it private to the user)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o777 & ~mask)
+        elif p.is_file():
+            p.chmod((p.stat().st_mode | 0o666) & ~mask & 0o7777)
 
 
 def _remove_empty(dirs: Sequence[Path]) -> None:

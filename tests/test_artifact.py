@@ -48,6 +48,7 @@ def test_write_and_load_round_trip(tmp_path: Path) -> None:
     files = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
     assert files == {"ir.txt", "params.safetensors", "recipe.ctc", "report.json", "report.html",
                      "tokenizer/tokenizer.json", "targets/cpu/lib.so"}
+    assert dest.stat().st_mode & 0o055 == 0o055 & ~_umask(), "artifact directory is private"
     art = ctc.load(dest)
     assert art.report["failed_checks"] == ["params <= 0.5x"]
     assert art.report["targets"][0]["kind"] == "cpu" and art.targets == ["cpu"]
@@ -55,6 +56,14 @@ def test_write_and_load_round_trip(tmp_path: Path) -> None:
     out = art.run({"x": torch.zeros(2, 3)})
     assert torch.equal(out[0], _module().params["w"]) and out[1].dtype == torch.int8
     assert not list((tmp_path / "out").glob(".*")), "temporary directory left behind"
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def test_failure_leaves_nothing_and_keeps_old_artifact(tmp_path: Path) -> None:
