@@ -33,7 +33,7 @@ TABLE: dict[str, Handler] = {}
 # Results equal to their first operand at inference time.
 IDENTITY = frozenset({
     "aten.clone.default", "aten.alias.default", "aten.contiguous.default", "aten.detach.default",
-    "aten.dropout.default", "aten.lift_fresh_copy.default", "aten.feature_dropout.default",
+    "aten.dropout.default", "aten.lift_fresh_copy.default", "aten.to.device", "aten.feature_dropout.default",
     "aten.alpha_dropout.default",
 })
 # Nodes that produce no tensor (checks and symbolic-size arithmetic).
@@ -189,7 +189,7 @@ def _masked_fill(tr: Translator, node: fx.Node) -> Value:
     return tr.emit("masked_fill", [tr.t(x), tr.t(mask)], {"value": float(tr.scalar(value, node))})
 
 
-@aten("_to_copy.default", "to.dtype", "to.dtype_layout", "to.device", "type_as.default")
+@aten("_to_copy.default", "to.dtype", "to.dtype_layout", "type_as.default")
 def _to(tr: Translator, node: fx.Node) -> Value:
     return tr.cast_to(tr.t(node.args[0]), tr.out_dtype(node))
 
