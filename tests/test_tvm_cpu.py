@@ -415,7 +415,9 @@ def test_captured_tiny_transformer_end_to_end(kind: str, tmp_path: Any) -> None:
     model, key = _hf(kind)
     ids = torch.randint(0, 64, (1, 7), generator=_g(50))
     am = torch.ones(1, 7, dtype=torch.long)
-    m = capture(model, {"input_ids": ids, "attention_mask": am}, output=key)
+    extra = {} if kind == "bert" else {"use_cache": False}
+    m = capture(model, {"input_ids": ids, "attention_mask": am, **extra}, output=key)
+    assert [v.name for v in m.inputs] == ["input_ids", "attention_mask"]
     comp = compile_module(m)
     comp.export(tmp_path)
     run = load_compiled(tmp_path)
@@ -424,7 +426,7 @@ def test_captured_tiny_transformer_end_to_end(kind: str, tmp_path: Any) -> None:
         am = torch.ones(1, seq, dtype=torch.long)
         ref = interpret(m, [ids, am])
         with torch.no_grad():
-            eager = getattr(model(input_ids=ids, attention_mask=am), key)
+            eager = getattr(model(input_ids=ids, attention_mask=am, **extra), key)
         got = run(ids, am)
         _close(f"{kind} seq {seq}", got[0], ref[0])
         torch.testing.assert_close(got[0], eager, rtol=1e-3, atol=1e-4)

@@ -292,8 +292,10 @@ def load_compiled(path: str | Path, *, threads: int | None = None) -> CompiledMo
 
 # ----------------------------------------------------------------------------- ctc backend hooks
 def _options_from_target(target: Any) -> BuildOptions:
-    extra = dict(getattr(target, "extra", {}) or {})
-    return BuildOptions(trials=int(getattr(target, "trials", 0) or 0), tuning_dir=extra.get("tuning_dir"))
+    """Build options from a ``TargetConfig``: its trial budget and, when the target's options carry
+    one, ``tuning_dir`` (default: ~/.cache/ctc/tuning)."""
+    return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
+                        tuning_dir=getattr(target.options, "tuning_dir", None) or None)
 
 
 def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
