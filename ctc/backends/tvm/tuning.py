@@ -140,11 +140,15 @@ def tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | 
     if max_tasks is not None:
         scored = scored[:max_tasks]
     todo = [t for t in scored if _task_key(t) not in ledger]
-    per_task = trials_per_task or max(16, min(256, trials // max(1, len(todo)) if todo else trials))
-    n_fit = max(1, trials // per_task) if todo else 0
-    chosen = todo[:n_fit]
+    # The budget covers this module's tasks, trials spent in earlier runs included: a second
+    # compile with the same budget tunes nothing; a larger budget tunes the next-heaviest tasks.
+    spent = sum(int(ledger[_task_key(t)].get("trials", 0)) for t in scored if _task_key(t) in ledger)
+    left = max(0, trials - spent)
+    per_task = trials_per_task or max(16, min(256, trials // max(1, len(scored))))
+    chosen = todo[: left // per_task] if left >= per_task else []
     summary: dict[str, Any] = {"dir": str(wdir), "tasks": len(tasks), "already_tuned": len(scored) - len(todo),
-                               "tuned_now": len(chosen), "trials_per_task": per_task, "trials": trials}
+                               "tuned_now": len(chosen), "trials_per_task": per_task, "trials": trials,
+                               "trials_spent_before": spent}
     t0 = time.perf_counter()
     if chosen:
         say(f"tuning {len(chosen)} of {len(tasks)} tasks, {per_task} trials each, database {wdir}")
