@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -431,3 +432,41 @@ def test_captured_tiny_transformer_end_to_end(kind: str, tmp_path: Any) -> None:
         _close(f"{kind} seq {seq}", got[0], ref[0])
         torch.testing.assert_close(got[0], eager, rtol=1e-3, atol=1e-4)
     assert not math.isnan(float(got[0].abs().max()))
+
+
+# ----------------------------------------------------------------------------- tuning database
+def test_fast_inspect_stack_keeps_frames() -> None:
+    import inspect
+
+    from ctc.backends.tvm import tuning
+
+    def inner() -> list[inspect.FrameInfo]:
+        return tuning._fast_stack()
+
+    st = inner()
+    assert st[0].function == "inner" and st[1].function == "test_fast_inspect_stack_keeps_frames"
+    assert st[0].code_context and "_fast_stack" in st[0].code_context[0]
+    assert st[1].frame.f_locals["inner"] is inner
+
+
+@pytest.mark.slow
+def test_tuning_database_is_reused_and_resumable(tmp_path: Any) -> None:
+    """Tiny real tuning run (8 trials): records persist; a second compile tunes nothing."""
+    m = Module("tune")
+    x = m.add_input("x", TensorType((1, 16, 32), "f32"))
+    m.set_outputs([_n(m, "gelu", [_n(m, "linear", [x, _w(m, "tw", 32, 32, seed=60), _w(m, "tb", 32, seed=61)])])])
+    xs = torch.randn(1, 16, 32, generator=_g(62))
+    ref = interpret(m, [xs])[0]
+    opts = BuildOptions(trials=8, trials_per_task=8, tuning_dir=tmp_path)
+    first = compile_module(m, options=opts)
+    assert first.meta["tuning"]["tuned_now"] == 1
+    db = Path(first.meta["tuning"]["dir"])
+    assert db.parent == tmp_path and (db / "database_tuning_record.json").stat().st_size > 0
+    assert (db / "ledger.json").exists()
+    second = compile_module(m, options=opts)
+    assert second.meta["tuning"]["tuned_now"] == 0 and second.meta["tuning"]["already_tuned"] == 1
+    assert second.meta["tuning"]["scheduled_after_apply"] >= 1
+    assert second.timings["tune_s"] < 30
+    for comp in (first, second):
+        comp.export(tmp_path / "lib")
+        _close("tuned", load_compiled(tmp_path / "lib")(xs)[0], ref)
