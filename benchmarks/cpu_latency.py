@@ -139,7 +139,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     extra = {"use_cache": False} if name == "gpt2" else {}
     m = capture(model, {**inputs, **extra}, output=key)
     cap_s = time.perf_counter() - t0
-    variants = [("ctc default", 0)] + ([("ctc tuned", args.trials)] if args.trials > 0 else [])
+    tune_here = args.trials > 0 and (args.tune_models == "all" or name in args.tune_models.split(","))
+    variants = [("ctc default", 0)] + ([("ctc tuned", args.trials)] if tune_here else [])
     for label, trials in variants:
         t0 = time.perf_counter()
         comp = compile_module(m, options=BuildOptions(static_dims={s: seq for s in _symbols(m)}, trials=trials,
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--trials", type=int, default=0, help="meta-schedule trial budget for 'ctc tuned' (0: skip)")
+    ap.add_argument("--tune-models", default="all", help="comma list of models to tune (default: all)")
     ap.add_argument("--per-task", type=int, default=None, help="trials per tuned task (default: budget / tasks)")
     ap.add_argument("--tuning-dir", default=None, help="tuning database root (default ~/.cache/ctc/tuning)")
     args = ap.parse_args()
