@@ -149,8 +149,14 @@ def tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | 
     summary: dict[str, Any] = {"dir": str(wdir), "tasks": len(tasks), "already_tuned": len(scored) - len(todo),
                                "tuned_now": len(chosen), "trials_per_task": per_task, "trials": trials,
                                "trials_spent_before": spent}
+    import importlib.util
+
+    cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
+    summary["cost_model"] = cost_model
     t0 = time.perf_counter()
     if chosen:
+        if cost_model == "random":
+            say("xgboost is not installed: tuning with a random cost model (pip install xgboost for a better search)")
         say(f"tuning {len(chosen)} of {len(tasks)} tasks, {per_task} trials each, database {wdir}")
         ctxs = [ms.TuneContext(mod=t.dispatched[0], target=tgt, space_generator="post-order-apply",
                                search_strategy="evolutionary", task_name=t.task_name, num_threads="physical")
@@ -161,7 +167,7 @@ def tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | 
         ms.tune.tune_tasks(tasks=ctxs, task_weights=[float(t.weight) for t in chosen], work_dir=str(wdir / "logs"),
                            max_trials_global=per_task * len(chosen), max_trials_per_task=per_task,
                            num_trials_per_iter=min(32, per_task), builder=builder, runner=runner, database=db,
-                           task_scheduler="round-robin")
+                           task_scheduler="round-robin", cost_model=cost_model)
         for t in chosen:
             ledger[_task_key(t)] = {"name": t.task_name, "trials": per_task, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         ledger_path.write_text(json.dumps(ledger, indent=1))
