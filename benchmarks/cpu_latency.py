@@ -2,7 +2,9 @@
 
 Why: issue 4's yardstick.  In one process and one run, the same model and the same input go
 through every runtime; each is timed as the median of ``--runs`` (>= 20) calls after
-``--warmup`` calls, with ``--threads`` intra-op threads everywhere.  The table gives the ratio
+``--warmup`` calls, with ``--threads`` intra-op threads everywhere.  Timed calls are interleaved
+across runtimes in ``--rounds`` rounds, so load from other users of a shared machine falls on
+every runtime alike.  The table gives the ratio
 to ONNX Runtime, plus compile and tuning wall time.  ctc is measured with its default
 (untuned) schedules and, with ``--trials N``, tuned within N meta-schedule trials (the tuning
 database is reused across runs: a second run spends no tuning time; delete it or pass
@@ -44,16 +46,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[float, float]:
-    """(median, min) wall time in ms of ``fn`` over ``runs`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3, min(ts) * 1e3
+def timeit(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """(median, min) wall ms of each callable: ``warmup`` calls each, then ``rounds`` rounds that
+    run every callable ``ceil(runs / rounds)`` times in turn, so a load spike from other users of
+    the machine hits every runtime alike.  At least ``runs`` timed calls per callable."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per = -(-runs // rounds)
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            fn()  # one untimed call after switching runtimes (caches, thread pools)
+            for _ in range(per):
+                t0 = time.perf_counter()
+                fn()
+                ts[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in ts.items()}
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str, str]:
@@ -99,39 +108,39 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     ins = (inputs["input_ids"], inputs["attention_mask"])
     seq = int(ins[0].shape[1])
     rows: list[dict[str, Any]] = []
+    fns: dict[str, Callable[[], Any]] = {}
+    keep: list[Any] = []
     print(f"\n## {name}: {desc}   (load average before: {os.getloadavg()[0]:.2f})", flush=True)
-    with torch.no_grad():
-        ref = wrapped(*ins)
-        r = timeit(lambda: wrapped(*ins), args.runs, args.warmup)
-        rows.append({"runtime": "PyTorch eager", "ms": r[0], "min": r[1], "err": 0.0})
-        if "compile" in args.runtimes:
-            t0 = time.perf_counter()
-            cm = torch.compile(wrapped)
-            out = cm(*ins)
-            ct = time.perf_counter() - t0
-            r = timeit(lambda: cm(*ins), args.runs, args.warmup)
-            rows.append({"runtime": "torch.compile", "ms": r[0], "min": r[1], "compile_s": ct,
-                         "err": float((out - ref).abs().max())})
+    torch.set_grad_enabled(False)
+    ref = wrapped(*ins)
+    fns["PyTorch eager"] = lambda: wrapped(*ins)
+    rows.append({"runtime": "PyTorch eager", "err": 0.0})
+    if "compile" in args.runtimes:
+        t0 = time.perf_counter()
+        cm = torch.compile(wrapped)
+        out = cm(*ins)
+        fns["torch.compile"] = lambda: cm(*ins)
+        rows.append({"runtime": "torch.compile", "compile_s": time.perf_counter() - t0,
+                     "err": float((out - ref).abs().max())})
+    tmp = tempfile.TemporaryDirectory()
+    keep.append(tmp)
     if "ort" in args.runtimes:
         import onnxruntime as ort
 
-        with tempfile.TemporaryDirectory() as d:
-            path = str(Path(d) / "model.onnx")
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                torch.onnx.export(wrapped, ins, path, input_names=["input_ids", "attention_mask"],
-                                  output_names=["out"], opset_version=17, dynamo=False)
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = args.threads
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            ct = time.perf_counter() - t0
-            feed = {"input_ids": ins[0].numpy(), "attention_mask": ins[1].numpy()}
-            out = sess.run(None, feed)[0]
-            r = timeit(lambda: sess.run(None, feed), args.runs, args.warmup)
-            rows.append({"runtime": "ONNX Runtime", "ms": r[0], "min": r[1], "compile_s": ct,
-                         "err": float(np.abs(out - ref.numpy()).max())})
+        path = str(Path(tmp.name) / "model.onnx")
+        t0 = time.perf_counter()
+        torch.onnx.export(wrapped, ins, path, input_names=["input_ids", "attention_mask"], output_names=["out"],
+                          opset_version=17, dynamo=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        feed = {"input_ids": ins[0].numpy(), "attention_mask": ins[1].numpy()}
+        out = sess.run(None, feed)[0]
+        fns["ONNX Runtime"] = lambda: sess.run(None, feed)
+        rows.append({"runtime": "ONNX Runtime", "compile_s": time.perf_counter() - t0,
+                     "err": float(np.abs(out - ref.numpy()).max())})
     from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
     from ctc.frontends import capture
 
@@ -146,17 +155,19 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         comp = compile_module(m, options=BuildOptions(static_dims={s: seq for s in _symbols(m)}, trials=trials,
                                                       tuning_dir=args.tuning_dir, trials_per_task=args.per_task))
         ct = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as d:
-            comp.export(d)
-            cm = load_compiled(d, threads=args.threads)
-            out = cm(*ins)[0]
-            prep = cm.prepare(*ins)
-            r = timeit(lambda cm=cm, prep=prep: cm.run_prepared(prep), args.runs, args.warmup)
-        tun = comp.meta.get("tuning") or {}
-        rows.append({"runtime": f"{label}" + (f" ({trials} trials)" if trials else ""), "ms": r[0], "min": r[1],
-                     "compile_s": ct, "tune_s": comp.timings.get("tune_s"), "capture_s": cap_s,
-                     "err": float((out - ref).abs().max()), "tuning": tun})
-    print(f"(load average after: {os.getloadavg()[0]:.2f})")
+        d = Path(tmp.name) / label.replace(" ", "_")
+        comp.export(d)
+        cm2 = load_compiled(d, threads=args.threads)
+        out = cm2(*ins)[0]
+        prep = cm2.prepare(*ins)
+        rname = f"{label}" + (f" ({trials} trials)" if trials else "")
+        fns[rname] = lambda cm2=cm2, prep=prep: cm2.run_prepared(prep)
+        rows.append({"runtime": rname, "compile_s": ct, "tune_s": comp.timings.get("tune_s"), "capture_s": cap_s,
+                     "err": float((out - ref).abs().max()), "tuning": comp.meta.get("tuning") or {}})
+    times = timeit(fns, args.runs, args.warmup, args.rounds)
+    for r in rows:
+        r["ms"], r["min"] = times[r["runtime"]]
+    print(f"(load average after: {os.getloadavg()[0]:.2f}; ctc capture {cap_s:.1f} s)")
     _table(rows)
     return rows
 
@@ -188,6 +199,7 @@ def main() -> None:
     ap.add_argument("--runtimes", default="eager,compile,ort,ctc")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (runtimes alternate between rounds)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--trials", type=int, default=0, help="meta-schedule trial budget for 'ctc tuned' (0: skip)")
     ap.add_argument("--tune-models", default="all", help="comma list of models to tune (default: all)")
@@ -206,8 +218,9 @@ def main() -> None:
     print(f"machine: {cpu}, {os.cpu_count()} cpus ({len(os.sched_getaffinity(0))} usable), {platform.platform()}")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
           f"{onnxruntime.__version__}, tvm {tvm.__version__}; LLVM mcpu {tvm.target.codegen.llvm_get_system_cpu()}")
-    print(f"protocol: batch 1, {args.threads} threads for every runtime, median (and min) of {args.runs} runs after "
-          f"{args.warmup} warm-up runs; ctc compiled for the static sequence length; fp32 everywhere")
+    print(f"protocol: batch 1, {args.threads} threads for every runtime, median (and min) of >= {args.runs} runs after "
+          f"{args.warmup} warm-up runs, interleaved in {args.rounds} rounds across runtimes; ctc compiled for the "
+          "static sequence length; fp32 everywhere")
     for name in args.models.split(","):
         bench_model(name.strip(), args)
 
