@@ -15,7 +15,9 @@ Choices (documented because they change numbers):
 
 * Only linears inside the repeated blocks (``node.block is not None``) are quantized by
   default (``blocks_only``): embeddings, pooler/classifier heads and a tied LM head stay
-  float, as in the RPTQ/GPTQ/SmoothQuant evaluations.
+  float, as in the RPTQ/GPTQ/SmoothQuant evaluations.  A module without block information
+  (captured on the fx fallback path) quantizes every linear except those whose result is a
+  module output (the head), and says so in the notes.
 * Per-channel activation scales are an accuracy reference: an integer GEMM cannot
   accumulate across input channels that have different scales, so it has no fast kernel.
 * Activation ranges are the min/max over all calibration tokens (no clipping search).
@@ -100,8 +102,17 @@ def param_tensor(v: Value) -> torch.Tensor | None:
 def selected_linears(module: Module, ctx: PassContext, blocks_only: bool) -> list[Node]:
     """``linear`` nodes to quantize: selected, with parameter weights (and bias), static in-features."""
     out = []
+    no_blocks = blocks_only and not module.blocks()
+    if no_blocks:
+        ctx.note("module has no block information (e.g. captured on the fx fallback path): quantizing every "
+                 "linear except those whose result is a module output (LM/classifier heads)")
     for n in module.nodes:
-        if n.op != "linear" or not ctx.selected(n) or (blocks_only and n.block is None):
+        if n.op != "linear" or not ctx.selected(n):
+            continue
+        if no_blocks:
+            if any(module.is_output(v) for v in n.outputs):
+                continue
+        elif blocks_only and n.block is None:
             continue
         if param_tensor(n.inputs[1]) is None or (len(n.inputs) > 2 and param_tensor(n.inputs[2]) is None):
             ctx.note(f"{n.scope}: linear kept float (weight or bias is computed, not a parameter)")
@@ -225,7 +236,8 @@ class QuantizeOptions(PassOptions):
     a_granularity: str = option("tensor", "activation scales per tensor or per input channel",
                                 choices=("tensor", "channel"))
     sym: bool = option(True, "symmetric weights (zero point 0); false = asymmetric min-max")
-    blocks_only: bool = option(True, "quantize only linears inside repeated blocks (heads, embeddings stay float)")
+    blocks_only: bool = option(True, "quantize only linears inside repeated blocks (heads, embeddings stay float); "
+                                     "without block info, all but the linears producing module outputs")
 
 
 @register_pass

@@ -355,7 +355,8 @@ class RptqOptions(PassOptions):
     sym: bool = option(True, "symmetric weights (zero point 0)")
     fold_only: bool = option(False, "only reorder and fold (no quantization): for checking exactness")
     check_fold: bool = option(True, "compare the folded float module with the original on one calibration batch")
-    blocks_only: bool = option(True, "quantize only linears inside repeated blocks")
+    blocks_only: bool = option(True, "quantize only linears inside repeated blocks (without block info: all "
+                                     "but the linears producing module outputs)")
     damp: float = option(0.01, "GPTQ dampening, fraction of the mean Hessian diagonal", min=0.0, max=1.0)
 
     def validate(self) -> None:
