@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", metavar="SOURCE", help="wiki | lee | text:FILE | jsonl:FILE:FIELD (default: recipe's)")
     e.add_argument("--samples", type=int, help="windows to score")
     e.add_argument("--seq-len", type=int, help="tokens per window")
+    e.add_argument("--human-similarity", action="store_true",
+                   help="encoders: correlate embedding cosine with human similarity judgements (Lee corpus)")
+    e.add_argument("--docs", type=int, help="with --human-similarity: use the first N of the 50 documents")
+    e.add_argument("--target", metavar="KIND", help="with --human-similarity: run a compiled target's library")
     e.add_argument("--json", action="store_true", help="print JSON")
     _common(e)
 
@@ -226,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     art = _load_artifact(args.artifact)
     res = evaluate_artifact(art, data=args.data, samples=args.samples, seq_len=args.seq_len,
-                            progress=not args.quiet)
+                            progress=not args.quiet, human=args.human_similarity, docs=args.docs, target=args.target)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -530,9 +530,35 @@ def _parse_data_flag(data: str) -> tuple[str, str | None, str | None]:
     raise UsageError(f"--data {data!r}: expected wiki, lee, text:FILE or jsonl:FILE:FIELD")
 
 
+def human_similarity(art: Any, *, docs: int | None = None, target: str | None = None) -> dict[str, Any]:
+    """Encoders: Pearson/Spearman of the artifact's embedding cosine against human similarity judgements
+    on the Lee corpus (50 documents; ``docs`` takes the first N), mean-pooled and truncated at 256 tokens."""
+    from ctc.eval.data import lee_similarities, lee_test
+    from ctc.eval.fidelity import human_correlation, sentence_embeddings
+
+    texts = lee_test()
+    human = lee_similarities()
+    n = len(texts) if docs is None else max(3, min(docs, len(texts)))
+    names = [v.name for v in art.module.inputs]
+
+    def hidden(ids: Any, mask: Any) -> Any:
+        import torch
+
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        return art.run({k: feed[k] for k in names}, target=target)[0]
+
+    emb = sentence_embeddings(hidden, art.tokenizer(), texts[:n], max_length=256, batch_size=1)
+    agree = human_correlation(emb, [row[:n] for row in human[:n]])
+    return {"human_pearson": round(agree.pearson, 4), "human_spearman": round(agree.spearman, 4),
+            "pairs": agree.pairs, "protocol": f"gensim lee.cor, first {n} of 50 documents, mean pooling, "
+                                              "256-token truncation, cosine vs human similarity (upper triangle)"}
+
+
 def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
-                      progress: bool = True) -> dict[str, Any]:
-    """Accuracy of an artifact on real text: perplexity for causal LMs, plus the fidelity its report recorded."""
+                      progress: bool = True, human: bool = False, docs: int | None = None,
+                      target: str | None = None) -> dict[str, Any]:
+    """Accuracy of an artifact on real text: perplexity for causal LMs, the Lee human-similarity correlation
+    for encoders (``human``), plus the fidelity its report recorded."""
     from ctc.dsl.parser import parse
     from ctc.eval.data import model_batches
 
@@ -565,6 +591,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     if task == "causal-lm":
         p = _perplexity(batches, outs, proto["text"])
         res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
+    if human:
+        if task != "encoder":
+            raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
+        res.update(human_similarity(art, docs=docs, target=target))
     fid = art.report.get("metrics", {}).get("fidelity")
     if fid is not None:
         res["fidelity_vs_original_at_compile"] = fid.get("compressed")

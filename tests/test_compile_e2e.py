@@ -83,6 +83,10 @@ def test_cli_eval_and_bench(compiled: tuple[int, Path, str], capsys: pytest.Capt
     assert main(["eval", str(out), "--samples", "2", "--seq-len", "16", "--json", "--quiet"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
     assert res["task"] == "encoder" and res["windows"] == 2 and res["fidelity_vs_original_at_compile"] > 0.999
+    assert main(["eval", str(out), "--samples", "1", "--seq-len", "16", "--json", "--quiet", "--human-similarity",
+                 "--docs", "6"]) == EXIT_OK
+    res = json.loads(capsys.readouterr().out)
+    assert res["pairs"] == 15 and -1 <= res["human_spearman"] <= 1 and res["human_pearson"] > 0
     assert main(["bench", str(out), "--seq-len", "8", "--repeat", "20", "--json"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
     assert res["median_ms"] > 0 and res["seq_len"] == 8 and "20 runs" in res["protocol"]
