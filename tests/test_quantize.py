@@ -84,3 +84,16 @@ def test_selector_and_options() -> None:
         get_pass("quantize")({"w_granularity": "row"})
     with pytest.raises(PassError, match="no option"):
         get_pass("quantize")({"bits": 4})
+
+
+def test_module_without_blocks_quantizes_all_but_heads() -> None:
+    """fx-path captures carry no block info: every linear but the one producing the output is quantized."""
+    m = tiny_transformer("llama")
+    for n in m.nodes:
+        n.block = None
+    ctx = PassContext(calibration=outlier_inputs(m, 1))
+    out = get_pass("rptq")({"w_bits": 8, "a_bits": 8}).run(m, ctx)
+    assert out.op_counts()["quant_linear"] == 14
+    head = out.outputs[0].producer
+    assert head is not None and head.op == "linear"
+    assert any("no block information" in s for s in ctx.notes)
