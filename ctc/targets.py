@@ -29,6 +29,7 @@ class CpuOptions(PassOptions):
     threads: int = option(0, "worker threads at run time (0 = all cores)", min=0)
     mcpu: str = option("native", "LLVM -mcpu (native = this machine)")
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
+    tuning_dir: str | None = option(None, "meta-schedule tuning database directory (default ~/.cache/ctc/tuning)")
 
 
 @dataclass(frozen=True)
