@@ -64,16 +64,23 @@ def timed(fn: Callable[[], object], runs: int, warmup: int = 5) -> list[float]:
     return ts
 
 
-def fp32_matmul_mod(m: int, k: int, n: int):
+def fp32_matmul_mod(m: int, k: int, n: int, transposed_weight: bool = True):
     """``y = x @ wT`` as a TE PrimFunc, with the weight pre-transposed to ``[K, N]`` as the
-    backend lowers a float linear (so the default CPU matmul rule applies)."""
+    backend lowers a float linear (the default CPU matmul rule needs this form), or
+    ``y = x @ w.T`` with ``w [N, K]`` (``transposed_weight=False``; meta-schedule in this TVM
+    build samples no valid candidate for the ``[K, N]`` form: every one fails its
+    RewriteParallelVectorizeUnroll postprocessor)."""
     import tvm
     from tvm import te
 
     x = te.placeholder((m, k), "float32", name="x")
-    w = te.placeholder((k, n), "float32", name="wT")
     r = te.reduce_axis((0, k), name="r")
-    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="y")
+    if transposed_weight:
+        w = te.placeholder((k, n), "float32", name="wT")
+        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="y")
+    else:
+        w = te.placeholder((n, k), "float32", name="w")
+        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="y")
     return tvm.IRModule({"main": te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")})
 
 
@@ -160,9 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         base = res["torch fp32"][0]
         gop = 2 * m * k * n / 1e9
         print(f"M={m} K={k} N={n}  ({gop * 1e3:.0f} MOP)")
-        print(f"  {'implementation':<46} {'median ms':>9} {'best-round':>10} {'GOP/s':>7} {'vs torch fp32':>13}")
+        print(f"  {'implementation':<54} {'median ms':>9} {'best-round':>10} {'GOP/s':>7} {'vs torch fp32':>13}")
         for name, (med, best) in res.items():
-            print(f"  {name:<46} {med:9.3f} {best:10.3f} {gop / med * 1e3:7.0f} {base / med:12.2f}x")
+            print(f"  {name:<54} {med:9.3f} {best:10.3f} {gop / med * 1e3:7.0f} {base / med:12.2f}x")
         print()
     print("median ms: median of all timed calls; best-round: the lowest of the per-round medians "
           f"({args.rounds} interleaved rounds of {args.runs} calls); ratios use the median.")
@@ -224,11 +231,15 @@ def bench_shape(args: argparse.Namespace, target, m: int, k: int, n: int) -> dic
         dfn = tvm.compile(dmod, target=target)["main"]
         fns["tvm fp32 default schedule (ctc schedules.py)"] = lambda: dfn(*fargs)
     if args.trials > 0:
-        tmod, tsec = tune_fp32(mod, target, args.trials, args.work_dir / f"fp32_{m}x{k}x{n}", args.threads)
+        nt_mod = fp32_matmul_mod(m, k, n, transposed_weight=False)
+        tmod, tsec = tune_fp32(nt_mod, target, args.trials, args.work_dir / f"fp32_{m}x{k}x{n}", args.threads)
         if tmod is not None:
             tfn = tvm.compile(tmod, target=target)["main"]
+            nt_args = (fargs[0], t(wf), fargs[2])
             how = f"{tsec:.0f} s" if tsec else "records reused"
-            fns[f"tvm fp32 tuned ({args.trials} trials, {how})"] = lambda: tfn(*fargs)
+            fns[f"tvm fp32 tuned, w [N,K] ({args.trials} trials, {how})"] = lambda: tfn(*nt_args)
+        else:
+            print(f"note: meta-schedule found no valid schedule for {m}x{k}x{n} in {args.trials} trials")
 
     # ---- torch
     tx, tw = torch.from_numpy(xf), torch.from_numpy(wf)
