@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ctc.tasks import TASK_CAUSAL_LM
+
 EXIT_OK, EXIT_CHECKS, EXIT_USAGE, EXIT_MODEL, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 _DESCRIPTION = """\
@@ -190,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{name}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}  "
               f"mean {t.float().mean().item():.5g}  std {t.float().std().item() if t.numel() > 1 else 0:.5g}")
     task = art.module.meta.get("task")
-    if args.text is not None and task == "causal-lm" and outs:
+    if args.text is not None and task == TASK_CAUSAL_LM and outs:
         logits = outs[0][0, -1].float()
         top = torch.topk(torch.softmax(logits, -1), k=min(args.top, logits.numel()))
         tok = art.tokenizer()

@@ -24,6 +24,7 @@ from ctc.dsl.check import METRICS, check_recipe, check_with_module, resolve_path
 from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, did_you_mean
 from ctc.dsl.parser import parse_file
 from ctc.errors import ModelError, UsageError
+from ctc.tasks import TASK_CAUSAL_LM
 
 DEFAULT_TRIALS = 64
 
@@ -174,12 +175,6 @@ class LoadedModel:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def normalize_task(task: str | None) -> str:
-    """One spelling for model tasks: ``causal-lm``, ``encoder`` (sentence embedding included) or ``unknown``."""
-    t = (task or "unknown").replace("_", "-")
-    return "encoder" if t in ("sentence-embedding", "encoder") else t
-
-
 def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | None]:
     """(captured module, tokenizer, description, tokenizer dir) of the recipe's model source."""
     from ctc import frontends
@@ -191,8 +186,7 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
         from ctc.eval.models import load_bundled
 
         model, tok, info = load_bundled(m.ref)
-        task = "causal_lm" if normalize_task(info.task) == "causal-lm" else "encoder"
-        module = frontends.capture_hf_model(model, task=task, name=m.ref, source=info.loaded_from)
+        module = frontends.capture_hf_model(model, task=info.task, name=m.ref, source=info.loaded_from)
         desc = {"kind": "bundled", "ref": m.ref, "title": info.title, "arch": info.arch, "pip": info.pip,
                 "load_seconds": round(info.load_seconds, 2)}
         return module, tok, desc, Path(info.loaded_from)
@@ -218,7 +212,7 @@ def load_model(recipe: Recipe, progress: Progress) -> LoadedModel:
         msg = f"could not load/capture model {m.kind} {m.ref!r}: {type(e).__name__}: {e}"
         diag = attach_source([Diagnostic(msg, m.span)], recipe.source)[0]
         raise ModelError(msg, diag) from e
-    task = normalize_task(module.meta.get("task"))
+    task = str(module.meta.get("task", "unknown"))
     desc["task"] = task
     desc.setdefault("arch", module.meta.get("arch", ""))
     return LoadedModel(module, task, tok, tok_dir, desc)
@@ -348,7 +342,7 @@ def measure(original: Any, compressed: Any, loaded: LoadedModel, eval_batches: l
     a, b = _count(original), _count(compressed)
     out["params"] = {"original": a["params"], "compressed": b["params"], "ratio": b["params"] / max(1, a["params"])}
     out["param_bytes"] = {"original": a["bytes"], "compressed": b["bytes"], "ratio": b["bytes"] / max(1, a["bytes"])}
-    lm = loaded.task == "causal-lm"
+    lm = loaded.task == TASK_CAUSAL_LM
     if eval_batches and metrics & {"fidelity", "max_error", "ppl", "ppl_increase", "kl"}:
         ref = _outputs(original, eval_batches, "run original", progress)
         got = _outputs(compressed, eval_batches, "run compressed", progress)
@@ -436,7 +430,7 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
         module, pipeline_report = run_pipeline(original, recipe, calib, seed, progress)
 
     wanted = {c.metric for c in recipe.checks} | ({"fidelity"} if evalb else set())
-    if loaded.task == "causal-lm" and evalb:
+    if loaded.task == TASK_CAUSAL_LM and evalb:
         wanted |= {"ppl"}
     with progress.stage("measure"):
         desc = str(protocol.get("evaluate", {}).get("text", ""))
@@ -574,10 +568,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
         if path is not None:
             path = str(Path(recipe_file).parent / path) if not Path(path).is_absolute() else path
     else:
-        source, path, fld = ("wiki" if task == "causal-lm" else "lee"), None, None
+        source, path, fld = ("wiki" if task == TASK_CAUSAL_LM else "lee"), None, None
     opts = ev.options if ev is not None and data is None else {}
     n = samples or int(opts.get("samples", 8))
-    length = seq_len or int(opts.get("seq_len", 256 if task == "causal-lm" else 128))
+    length = seq_len or int(opts.get("seq_len", 256 if task == TASK_CAUSAL_LM else 128))
     try:
         batches, proto = model_batches(source=source, path=path, field=fld, split="evaluation",
                                        tokenizer=art.tokenizer(), input_names=[v.name for v in art.module.inputs],
@@ -588,7 +582,7 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     outs = _outputs(art.module, batches, "evaluate", bar)
     bar.close_bar()
     res: dict[str, Any] = {"task": task, "data": proto["text"], "windows": proto["windows"], "seq_len": length}
-    if task == "causal-lm":
+    if task == TASK_CAUSAL_LM:
         p = _perplexity(batches, outs, proto["text"])
         res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
     if human:

@@ -225,7 +225,7 @@ def test_file_instead_of_dir(tmp_path) -> None:
 
 
 def test_unknown_bundled_name_suggests() -> None:
-    with pytest.raises(ModelLoadError, match="did you mean minilm"):
+    with pytest.raises(ModelLoadError, match="did you mean 'minilm'"):
         load_bundled("minilmm")
     assert set(BUNDLED) == {"minilm", "smollm2"}
 

@@ -137,7 +137,7 @@ def test_selectors_checked_against_the_module() -> None:
     assert any(line == 6 and col == 12 and "matches no node scope" in msg for line, col, msg in got)
     assert any(line == 7 and col == 12 and "no quantize nodes" in msg for line, col, msg in got)
     assert any(line == 8 and "match nothing together" in msg for line, col, msg in got)
-    assert any(line == 10 and "metric ppl needs a causal-lm model" in msg for line, col, msg in got)
+    assert any(line == 10 and "metric ppl needs a causal_lm model" in msg for line, col, msg in got)
     assert not any(line == 4 for line, col, msg in got)
 
 

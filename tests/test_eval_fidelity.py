@@ -140,12 +140,12 @@ def _ir(scale: float) -> Module:
 def test_compare_modules_with_interpreter():
     batches = [{"input_ids": torch.tensor([[1, 2, 3]])}, {"input_ids": torch.tensor([[4, 5, 6, 7]])}]
     a = _ir(1.0)
-    same = F.compare_modules(a, _ir(1.0), batches, task="causal-lm")
+    same = F.compare_modules(a, _ir(1.0), batches, task="causal_lm")
     assert same["fidelity"] == pytest.approx(1.0) and same["max_error"] == 0.0 and same["kl"] == pytest.approx(0.0)
     b = a.clone(copy_params=True)
     b.params["u"] = b.params["u"] + 0.3 * torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
-    diff = F.compare_modules(a, b, batches, task="causal-lm")
+    diff = F.compare_modules(a, b, batches, task="causal_lm")
     assert diff["fidelity"] < 1.0 and diff["max_error"] > 0 and diff["kl"] > 0
     assert F.compare_modules(a, b, batches, task="causal_lm")["kl"] == pytest.approx(diff["kl"])
-    enc = F.compare_modules(a, b, batches, task="sentence-embedding")
+    enc = F.compare_modules(a, b, batches, task="encoder")
     assert "kl" not in enc and enc["fidelity"] == pytest.approx(diff["fidelity"])

@@ -48,7 +48,7 @@ def test_bundled_hf_dir_is_loadable_folder():
 
 def test_load_minilm_offline():
     model, tok, info = models.load_bundled("minilm")
-    assert info.task == "sentence-embedding" and info.params == 22_713_216 and info.cache_hit is None
+    assert info.task == "encoder" and info.params == 22_713_216 and info.cache_hit is None
     enc = tok(["The capital of France is Paris."], return_tensors="pt")
     with torch.no_grad():
         out = model(**enc).last_hidden_state

@@ -21,6 +21,7 @@ from ctc.dsl.ast import Check, Dataset, ModelSource, Recipe, Span, Step, Target
 from ctc.dsl.diagnostics import Diagnostic, attach_source, did_you_mean
 from ctc.passes.base import PassError, PassOptions, option
 from ctc.targets import TARGETS, TRIALS_HELP
+from ctc.tasks import TASK_CAUSAL_LM
 
 # --------------------------------------------------------------------------- model sources
 MODEL_KINDS = {
@@ -74,12 +75,12 @@ class MetricSpec:
 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("ppl", "perplexity of the compressed model on the evaluation text (x: ratio to the original)",
-               (None, "x"), ("causal-lm",)),
+               (None, "x"), (TASK_CAUSAL_LM,)),
     MetricSpec("ppl_increase", "perplexity increase over the original (absolute, or % relative)",
-               (None, "%"), ("causal-lm",)),
+               (None, "%"), (TASK_CAUSAL_LM,)),
     MetricSpec("fidelity", "cosine similarity of the outputs to the original model's over the evaluation "
                "windows (0..1, or %)", (None, "%")),
-    MetricSpec("kl", "mean KL divergence of next-token distributions from the original's", (None,), ("causal-lm",)),
+    MetricSpec("kl", "mean KL divergence of next-token distributions from the original's", (None,), (TASK_CAUSAL_LM,)),
     MetricSpec("max_error", "largest absolute output difference from the original", (None,)),
     MetricSpec("params", "parameter count (x: ratio to the original)", (None, "x"), needs_eval=False),
     MetricSpec("param_bytes", "parameter bytes (x: ratio to the original)", (None, "x"), needs_eval=False),

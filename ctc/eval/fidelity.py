@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ctc.tasks import TASK_CAUSAL_LM
+
 __all__ = [
     "FidelityResult",
     "SimilarityAgreement",
@@ -243,14 +245,14 @@ def compare_modules(original: Any, compressed: Any, batches: Sequence[Mapping[st
     """Fidelity of a compressed ctc module against the original, both run by the reference interpreter.
 
     Compares the first output over ``batches``: ``fidelity`` = mean row cosine over real tokens
-    (attention mask), ``max_error``, ``rel_error``; for a causal LM (task ``causal-lm`` or
-    ``causal_lm``) also ``kl`` of the next-token distributions.
+    (attention mask), ``max_error``, ``rel_error``; for a causal LM
+    (task ``causal_lm``) also ``kl`` of the next-token distributions.
     """
     from ctc.ir.interpreter import interpret
 
     if not batches:
         raise ValueError("compare_modules: no batches")
-    is_lm = task.replace("_", "-") == "causal-lm"  # frontends spell it causal_lm, recipes causal-lm
+    is_lm = task == TASK_CAUSAL_LM
     refs, cands, masks = [], [], []
     for k, b in enumerate(batches):
         r = interpret(original, dict(b))[0]

