@@ -122,20 +122,23 @@ class MatmulRule(dl.ScheduleRule):
         *batch, lm, ln, lk = loops
         n_ext = _extent(sch, ln)
         nb = self.nb
+        pad_n = n_ext is None or n_ext % lanes != 0
         if n_ext is not None:
-            if n_ext % lanes != 0:
-                return None
-            while nb > 1 and n_ext % (lanes * nb) != 0:
+            if n_ext <= lanes:
+                nb = 1
+            while nb > 1 and n_ext % (lanes * nb) != 0 and not pad_n:
                 nb -= 1
         mt = self.mt
         m_ext = _extent(sch, lm)
         if m_ext is not None and m_ext < mt:
             mt = max(m_ext, 1)
+        pad_m = m_ext is None or m_ext % mt != 0
         writer = None
-        if m_ext is None:
-            # Symbolic rows: pad the row extent to a multiple of the tile (padded copy of A, result
-            # copied back) so the register tile carries no bounds predicate.
-            sch.pad_einsum(rb, [1] * len(batch) + [mt, 1, 1])
+        if pad_m or pad_n:
+            # Symbolic or ragged extents: pad rows to the tile and columns to whole vectors (padded
+            # copies of the operands, result copied back) so the register tile carries no bounds
+            # predicate (a predicate there keeps the accumulators out of registers).
+            sch.pad_einsum(rb, [1] * len(batch) + [mt if pad_m else 1, nb * lanes if pad_n else 1, 1])
             copy = sch.get_consumers(rb)[0]
             if epis:
                 sch.compute_inline(copy)
