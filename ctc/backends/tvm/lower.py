@@ -844,8 +844,10 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
             kernel = IK.plan_quant_linear(spec, ctx.target)
             packed = IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
                                         vals["act_scale"], vals["act_zero"])
-            base = pnames["qweight"] or "ql"
-            rel = {nm: ctx.param(base, f"pack_{nm}", array=arr) for nm, arr in packed.items()}
+            # cache key: every operand parameter and the spec (shared weights with other act scales differ)
+            key = "pack_" + "_".join(str(pnames[n]) for n in sorted(pnames) if n != "x") + "_" + spec.tag
+            rel = {nm: ctx.param(pnames["qweight"], f"{key}_{nm}", array=arr)  # type: ignore[arg-type]
+                   for nm, arr in packed.items()}
             ctx.int_kernels += 1
             return IK.emit_quant_linear_packed(ctx.bb, ops_["x"], rel, kernel)
     # Fallback: the same semantics in float (dequantised weights; fake-quantised activations).
