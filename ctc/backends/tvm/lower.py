@@ -459,7 +459,8 @@ def _gather(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 @rule("index_select", "channel_permute")
 def _index_select(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.take(a[0], a[1], axis=_axis(node.attrs["axis"], node.inputs[0].type.rank))
+    # "clip": an out-of-range index must not read outside the buffer (TVM's "fast" mode segfaults)
+    return ctx.relax.op.take(a[0], a[1], axis=_axis(node.attrs["axis"], node.inputs[0].type.rank), mode="clip")
 
 
 @rule("index")
@@ -474,7 +475,7 @@ def _index(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 @rule("embedding")
 def _embedding(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.take(a[1], a[0], axis=0)
+    return ctx.relax.op.take(a[1], a[0], axis=0, mode="clip")
 
 
 @rule("arange")
@@ -878,8 +879,8 @@ def _fake_quant_act(ctx: Ctx, x: Any, s: Any, z: Any, bits: int, clusters: tuple
     op = ctx.relax.op
     idx = Q.cluster_index(clusters, k).numpy().astype("int64")
     ci = ctx.relax.const(idx, "int64")
-    sv = ctx.emit(op.take(ctx.emit(op.astype(s, "float32")), ci, axis=0))
-    zv = ctx.emit(op.take(ctx.emit(op.astype(z, "float32")), ci, axis=0))
+    sv = ctx.emit(op.take(ctx.emit(op.astype(s, "float32")), ci, axis=0, mode="clip"))
+    zv = ctx.emit(op.take(ctx.emit(op.astype(z, "float32")), ci, axis=0, mode="clip"))
     qa = ctx.emit(op.clip(ctx.emit(op.add(ctx.emit(op.round(ctx.emit(op.divide(x, sv)))), zv)), 0, (1 << bits) - 1))
     return ctx.emit(op.multiply(ctx.emit(op.subtract(qa, zv)), sv))
 
