@@ -2,7 +2,7 @@
 
 Each target declares a typed options class (same strict validation as pass options) and
 the backend module that builds it.  A backend module exposes
-``build(module, target: TargetConfig, out_dir: Path) -> dict`` which writes the compiled
+``build_target(module, target: TargetConfig, out_dir: Path) -> dict`` which writes the compiled
 library and whatever it needs into ``out_dir`` (the artifact's ``targets/<name>/``) and
 returns a small JSON-able summary for the report; ``load(out_dir, module) -> runner`` to run
 it from ``ctc.load(dir).run(inputs, target=...)``; and optionally
@@ -75,11 +75,14 @@ class TargetSpec:
         return probe(self.name) if callable(probe) else None
 
     def build_function(self) -> Any:
-        """The backend's ``build(module, target, out_dir)``; raises if the backend lacks it."""
+        """The backend's ``build_target(module, target, out_dir)``; raises if the backend lacks it.
+
+        (Not ``build``: a backend package with a ``build`` submodule would see that name
+        rebound to the submodule as soon as it is imported.)"""
         mod = importlib.import_module(self.backend)
-        fn = getattr(mod, "build", None)
-        if fn is None:
-            raise RuntimeError(f"backend {self.backend} has no build(module, target, out_dir) function")
+        fn = getattr(mod, "build_target", None)
+        if not callable(fn):
+            raise RuntimeError(f"backend {self.backend} has no build_target(module, target, out_dir) function")
         return fn
 
 

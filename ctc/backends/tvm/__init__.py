@@ -16,11 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build", "load", "load_compiled"]
+__all__ = ["build_target", "load", "load_compiled"]
 
 
-def build(module: Any, target: Any, out_dir: Path) -> dict[str, Any]:
-    """Compile ``module`` for ``target`` (a ``ctc.targets.TargetConfig``) into ``out_dir``."""
+def build_target(module: Any, target: Any, out_dir: Path) -> dict[str, Any]:
+    """Compile ``module`` for ``target`` (a ``ctc.targets.TargetConfig``) into ``out_dir``.
+
+    Named ``build_target`` because importing the ``build`` submodule rebinds ``build`` here."""
     from ctc.backends.tvm.build import build as _build
 
     return _build(module, target, out_dir)
