@@ -13,7 +13,10 @@ per-kernel schedules.  Tuning is slow (minutes), so:
   interrupted run keeps its records and the next run resumes: tasks without a ledger entry are
   tuned again, starting from the records already in the database;
 * the trial budget is spent on the heaviest tasks first (estimated FLOPs x call count); the
-  rest keep their default schedules.
+  rest keep their default schedules;
+* a tuned kernel is used only where it beats the default schedule (both timed in-process
+  once; the choice is cached in the ledger): with a small budget meta-schedule's best can be
+  slower than the hand-written matmul schedule.
 
 TVM 0.27 facts applied (see ``docs``/tvm-notes): ``inspect.stack`` is replaced by a cheap
 version in this process and in every builder worker (``import tvm.s_tir.tensor_intrin`` takes
@@ -172,9 +175,73 @@ def tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | 
             ledger[_task_key(t)] = {"name": t.task_name, "trials": per_task, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         ledger_path.write_text(json.dumps(ledger, indent=1))
     summary["tune_s"] = round(time.perf_counter() - t0, 2)
+    before = mod
     with tgt, db:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     applied = sum(1 for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and _scheduled(
         tvm.IRModule({"main": f})))
     summary["scheduled_after_apply"] = applied
+    mod, kept = _keep_faster(before, mod, tgt, ledger)
+    ledger_path.write_text(json.dumps(ledger, indent=1))
+    summary["kept_default"] = kept
     return mod, summary
+
+
+def _time_func(func: Any, tgt: Any, number: int = 5, repeat: int = 3) -> float | None:
+    """Min seconds of one call of a static-shape PrimFunc on random data (None: cannot time it)."""
+    import numpy as np
+
+    import tvm
+
+    try:
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt).jit()
+        args = []
+        rng = np.random.default_rng(0)
+        for p in func.params:
+            shape = [int(d) for d in p.shape]
+            if "float" in str(p.dtype):
+                a = rng.standard_normal(shape).astype(str(p.dtype))
+            else:
+                a = np.zeros(shape, str(p.dtype))
+            args.append(tvm.runtime.tensor(a))
+        ev = lib.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        return float(min(ev(*args).results))
+    except Exception:  # noqa: BLE001 - symbolic shapes or opaque params: keep the tuned version
+        return None
+
+
+def _keep_faster(before: Any, after: Any, tgt: Any, ledger: dict[str, Any]) -> tuple[Any, list[str]]:
+    """For every PrimFunc the database scheduled, time it against the default schedule
+    (:mod:`.schedules`) and keep the faster one.  Decisions are cached in the ledger (by
+    workload hash), so later compiles do not re-measure."""
+    import tvm_ffi
+
+    import tvm
+    from ctc.backends.tvm.schedules import default_rules
+    from tvm.s_tir import dlight as dl
+
+    kept: list[str] = []
+    for gv, f in list(after.functions_items()):
+        if not isinstance(f, tvm.tirx.PrimFunc) or gv not in before.functions:
+            continue
+        orig = before[gv]
+        if not _scheduled(tvm.IRModule({"main": f})) or _scheduled(tvm.IRModule({"main": orig})):
+            continue
+        key = "choice_" + hashlib.sha1(str(tvm_ffi.structural_hash(orig)).encode()).hexdigest()[:16]
+        choice = ledger.get(key, {}).get("choice")
+        with tgt:
+            dmod = dl.ApplyDefaultSchedule(*default_rules())(tvm.IRModule({"main": orig}))
+        dflt = dmod["main"]
+        if not _scheduled(dmod):
+            continue
+        if choice is None:
+            t_tuned, t_dflt = _time_func(f, tgt), _time_func(dflt, tgt)
+            if t_tuned is None or t_dflt is None:
+                continue
+            choice = "default" if t_dflt < t_tuned else "tuned"
+            ledger[key] = {"name": gv.name_hint if hasattr(gv, "name_hint") else str(gv), "choice": choice,
+                           "tuned_ms": round(t_tuned * 1e3, 4), "default_ms": round(t_dflt * 1e3, 4)}
+        if choice == "default":
+            after[gv] = dflt.with_attr("tirx.is_scheduled", True)
+            kept.append(ledger[key]["name"])
+    return after, kept
