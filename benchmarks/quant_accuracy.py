@@ -218,7 +218,7 @@ def smollm2(n_windows: int, seq_len: int, n_calib: int, calib_len: int) -> dict[
     from ctc.frontends.hf import capture_hf_model
 
     t0 = time.perf_counter()
-    m = capture_hf_model(model, batch=1, seq_len=16, name="smollm2")
+    m = capture_hf_model(model, batch=1, seq_len=seq_len, name="smollm2")  # static dims on the fx path
     log(f"smollm2 captured in {time.perf_counter() - t0:.1f}s ({m.op_counts().get('linear')} linears)")
     names = [v.name for v in m.inputs]
 
