@@ -357,7 +357,7 @@ class Artifact:
             return self._run_target(target, inputs)
         runner = self._runners.get("torch")
         if runner is None:
-            runner = _torch_runner(self.module)
+            runner = torch_runner(self.module)
             self._runners["torch"] = runner
         with torch.no_grad():
             out = runner(inputs)
@@ -383,7 +383,7 @@ class Artifact:
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def _torch_runner(module: Module) -> Callable[[Any], Any]:
+def torch_runner(module: Module) -> Callable[[Any], Any]:
     """A callable running ``module`` through the torch backend (an fx GraphModule), else the interpreter."""
     try:
         from ctc.backends.torch_fx import to_graph_module

@@ -369,6 +369,46 @@ def measure(original: Any, compressed: Any, loaded: LoadedModel, eval_batches: l
     return out
 
 
+def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The compiled library's latency on one evaluation batch (median of >= 20 runs after warm-up)
+    next to the torch backend's on the same batch, and its output agreement with the IR's semantics."""
+    import importlib
+
+    from ctc.artifact import torch_runner
+    from ctc.eval.fidelity import compare_outputs
+    from ctc.eval.latency import MIN_RUNS, measure_latency
+    from ctc.ir.interpreter import interpret
+    from ctc.targets import TARGETS
+
+    run = importlib.import_module(TARGETS[kind].backend).load(target_dir, module)
+    feed = dict(batch)
+    got = run(feed)[0]
+    ref = interpret(module, feed)[0]
+    agree = compare_outputs(ref.reshape(-1, ref.shape[-1]).float(),
+                            torch_tensor(got).reshape(-1, ref.shape[-1]).float(), logits=False)
+    lat = measure_latency(lambda: run(feed), runs=MIN_RUNS, warmup=3, label=kind)
+    torch_run = torch_runner(module)
+    base = measure_latency(lambda: torch_run(feed), runs=MIN_RUNS, warmup=3, label="torch")
+    shape = {k: list(v.shape) for k, v in feed.items()}
+    return {"latency_ms": round(lat.median_ms, 3), "p90_ms": round(lat.p90_ms, 3),
+            "torch_backend_latency_ms": round(base.median_ms, 3), "speedup_vs_torch_backend":
+            round(base.median_ms / lat.median_ms, 3), "vs_ir": {"cosine": agree.cosine,
+                                                              "max_abs_error": agree.max_abs_error},
+            "protocol": f"first evaluation batch {shape}; {lat.protocol}"}
+
+
+def torch_tensor(x: Any) -> Any:
+    """A torch tensor from a backend output (torch, numpy, or anything with __dlpack__)."""
+    import numpy as np
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    return torch.from_dlpack(x)
+
+
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b,
     "==": lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12),
@@ -464,7 +504,16 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
     from ctc.artifact import write_artifact
     from ctc.targets import build_target
 
-    builds = [(t.kind, lambda d, t=t: {**t.to_json(), **build_target(module, t, d)}) for t in targets]
+    probe = evalb[0] if evalb else (calib[0] if calib else None)
+
+    def build_and_measure(t: Any, d: Path) -> dict[str, Any]:
+        summary = {**t.to_json(), **build_target(module, t, d)}
+        if probe is not None:
+            with progress.stage(f"measure target {t.kind}"):
+                summary["measured"] = measure_target(module, t.kind, d, probe)
+        return summary
+
+    builds = [(t.kind, lambda d, t=t: build_and_measure(t, d)) for t in targets]
     with progress.stage(f"write artifact {dest}"):
         report["compile_time_s"] = round(time.perf_counter() - t_start, 2)
         write_artifact(dest, module=module, report=report, recipe_text=recipe.source,
@@ -498,7 +547,10 @@ def report_summary(report: Mapping[str, Any]) -> str:
         lines.append(f"  [{verdict}] {c['check']}  (measured {_short(c.get('measured'))})"
                      + (f" {c['note']}" if c.get("note") else ""))
     for t in report.get("targets", []):
-        lines.append(f"  target {t.get('kind')}: {t.get('dir')}")
+        m = t.get("measured") or {}
+        extra = (f"  {m['latency_ms']} ms (torch backend {m['torch_backend_latency_ms']} ms), "
+                 f"cosine vs IR {m['vs_ir']['cosine']:.6f}" if m else "")
+        lines.append(f"  target {t.get('kind')}: {t.get('dir')}{extra}")
     if report.get("passed") is False:
         lines.append("checks failed: " + ", ".join(report.get("failed_checks", [])))
     return "\n".join(lines)
