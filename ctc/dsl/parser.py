@@ -182,9 +182,14 @@ class _Builder(Transformer):
         return ("target", Target(str(kind), opts, trials, self.meta_span(meta), self.tok_span(kind), spans), errs)
 
     @v_args(meta=True)
+    def threshold(self, meta: Any, c: list) -> tuple[_Val, str | None]:
+        tok = c[0]
+        value = int(tok) if tok.type == "SIGNED_INT" else float(tok)
+        return _Val(value, self.tok_span(tok)), (str(c[1]) if len(c) > 1 else None)
+
+    @v_args(meta=True)
     def check(self, meta: Any, c: list) -> tuple:
-        metric, cmp, num = c[0], c[1], c[2]
-        unit = str(c[3]) if len(c) > 3 else None
+        metric, cmp, (num, unit) = c[0], c[1], c[2]
         return ("check", Check(str(metric), str(cmp), num.value, unit, self.meta_span(meta), self.tok_span(metric),
                                num.span), [])
 
