@@ -18,6 +18,11 @@ Usage::
 
     python benchmarks/cpu_latency.py --models minilm128 --trials 0
     python benchmarks/cpu_latency.py --models minilm128,minilm384,gpt2 --trials 192
+    python benchmarks/cpu_latency.py --models minilm128 --runtimes eager,ort,ort-int8,ctc,ctc-int8 --threads 2
+
+Runtimes (``--runtimes``): eager (always), compile, ort, ort-int8 (ONNX Runtime's dynamic int8
+quantization, QInt8 weights), ctc (default schedules), ctc-int8 (MiniLM after the rptq W8A8
+pipeline of examples/minilm_w8a8.ctc, built with the TVM integer kernels).
 
 The machine is shared: the load average before and after each model is printed; numbers
 taken under load are slower for every runtime, ratios less so.
@@ -102,11 +107,34 @@ class Wrapped(torch.nn.Module):
         return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **extra), self.key)
 
 
+def _cosine(a: Any, b: torch.Tensor) -> float:
+    """Cosine similarity of two outputs, flattened (agreement with PyTorch fp32 eager)."""
+    x = torch.as_tensor(np.asarray(a), dtype=torch.float64).flatten()
+    y = b.detach().to(torch.float64).flatten()
+    return float(torch.dot(x, y) / (x.norm() * y.norm()))
+
+
+def rptq_w8a8_module(name: str) -> Any:
+    """The MiniLM module after examples/minilm_w8a8.ctc's pipeline (rptq W8A8, 4 clusters), with the
+    recipe's calibration data; captured and transformed by the compile driver's own functions."""
+    from ctc import driver
+
+    if not name.startswith("minilm"):
+        raise SystemExit(f"ctc-int8: only the MiniLM models have an int8 recipe (got {name!r})")
+    recipe = driver.load_checked_recipe(ROOT / "examples" / "minilm_w8a8.ctc")
+    quiet = driver.Progress(False)
+    loaded = driver.load_model(recipe, quiet)
+    assert recipe.calibrate is not None
+    calib, _ = driver.dataset_batches(recipe, recipe.calibrate, loaded)
+    seed = int(recipe.calibrate.options.get("seed", 0))
+    module, _ = driver.run_pipeline(loaded.module, recipe, calib, seed, quiet)
+    return module
+
+
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     model, inputs, key, desc = load_model(name)
     wrapped = Wrapped(model, key).eval()
     ins = (inputs["input_ids"], inputs["attention_mask"])
-    seq = int(ins[0].shape[1])
     rows: list[dict[str, Any]] = []
     fns: dict[str, Callable[[], Any]] = {}
     keep: list[Any] = []
@@ -114,33 +142,47 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_grad_enabled(False)
     ref = wrapped(*ins)
     fns["PyTorch eager"] = lambda: wrapped(*ins)
-    rows.append({"runtime": "PyTorch eager", "err": 0.0})
+    rows.append({"runtime": "PyTorch eager", "err": 0.0, "cos": 1.0})
     if "compile" in args.runtimes:
         t0 = time.perf_counter()
         cm = torch.compile(wrapped)
         out = cm(*ins)
         fns["torch.compile"] = lambda: cm(*ins)
         rows.append({"runtime": "torch.compile", "compile_s": time.perf_counter() - t0,
-                     "err": float((out - ref).abs().max())})
+                     "err": float((out - ref).abs().max()), "cos": _cosine(out, ref)})
+    runtimes = {r.strip() for r in args.runtimes.split(",")}
     tmp = tempfile.TemporaryDirectory()
     keep.append(tmp)
-    if "ort" in args.runtimes:
+    if {"ort", "ort-int8"} & runtimes:
         import onnxruntime as ort
 
         path = str(Path(tmp.name) / "model.onnx")
         t0 = time.perf_counter()
         torch.onnx.export(wrapped, ins, path, input_names=["input_ids", "attention_mask"], output_names=["out"],
                           opset_version=17, dynamo=False)
+        export_s = time.perf_counter() - t0
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         feed = {"input_ids": ins[0].numpy(), "attention_mask": ins[1].numpy()}
-        out = sess.run(None, feed)[0]
-        fns["ONNX Runtime"] = lambda: sess.run(None, feed)
-        rows.append({"runtime": "ONNX Runtime", "compile_s": time.perf_counter() - t0,
-                     "err": float(np.abs(out - ref.numpy()).max())})
+        ort_models = [("ONNX Runtime", path)] if "ort" in runtimes else []
+        if "ort-int8" in runtimes:
+            # ORT's standard int8 path: dynamic quantization, int8 weights (per tensor), uint8 activations
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            t1 = time.perf_counter()
+            qpath = str(Path(tmp.name) / "model_int8.onnx")
+            quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+            export_s += time.perf_counter() - t1
+            ort_models.append(("ONNX Runtime int8", qpath))
+        for label, mpath in ort_models:
+            t0 = time.perf_counter()
+            sess = ort.InferenceSession(mpath, so, providers=["CPUExecutionProvider"])
+            out = sess.run(None, feed)[0]
+            fns[label] = lambda sess=sess: sess.run(None, feed)
+            rows.append({"runtime": label, "compile_s": export_s + time.perf_counter() - t0,
+                         "err": float(np.abs(out - ref.numpy()).max()), "cos": _cosine(out, ref)})
     from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
     from ctc.frontends import capture
 
@@ -149,21 +191,32 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     m = capture(model, {**inputs, **extra}, output=key)
     cap_s = time.perf_counter() - t0
     tune_here = args.trials > 0 and (args.tune_models == "all" or name in args.tune_models.split(","))
-    variants = [("ctc default", 0)] + ([("ctc tuned", args.trials)] if tune_here else [])
-    for label, trials in variants:
+    variants = ([("ctc default", 0, m)] if "ctc" in runtimes else []) \
+        + ([("ctc tuned", args.trials, m)] if tune_here else [])
+    if "ctc-int8" in runtimes:
         t0 = time.perf_counter()
-        comp = compile_module(m, options=BuildOptions(static_dims={s: seq for s in _symbols(m)}, trials=trials,
+        q = rptq_w8a8_module(name)
+        print(f"(ctc int8: capture + rptq W8A8 pipeline {time.perf_counter() - t0:.1f} s; "
+              f"inputs {[v.name for v in q.inputs]})", flush=True)
+        variants.append(("ctc int8 rptq W8A8", 0, q))
+    for label, trials, mod in variants:
+        t0 = time.perf_counter()
+        comp = compile_module(mod, options=BuildOptions(static_dims=_static_dims(mod, inputs), trials=trials,
                                                       tuning_dir=args.tuning_dir, trials_per_task=args.per_task))
         ct = time.perf_counter() - t0
         d = Path(tmp.name) / label.replace(" ", "_")
         comp.export(d)
         cm2 = load_compiled(d, threads=args.threads)
-        out = cm2(*ins)[0]
-        prep = cm2.prepare(*ins)
+        mins = tuple(inputs[v.name] for v in mod.inputs)
+        out = cm2(*mins)[0]
+        prep = cm2.prepare(*mins)
         rname = f"{label}" + (f" ({trials} trials)" if trials else "")
         fns[rname] = lambda cm2=cm2, prep=prep: cm2.run_prepared(prep)
         rows.append({"runtime": rname, "compile_s": ct, "tune_s": comp.timings.get("tune_s"), "capture_s": cap_s,
-                     "err": float((out - ref).abs().max()), "tuning": comp.meta.get("tuning") or {}})
+                     "err": float((torch.as_tensor(np.asarray(out)) - ref).abs().max()), "cos": _cosine(out, ref),
+                     "tuning": comp.meta.get("tuning") or {}, "int_kernels": comp.meta.get("int_kernels")})
+        if comp.meta.get("int_kernels"):
+            print(f"  {label}: int kernels {comp.meta['int_kernels']}", flush=True)
     times = timeit(fns, args.runs, args.warmup, args.rounds)
     for r in rows:
         r["ms"], r["min"] = times[r["runtime"]]
@@ -172,22 +225,36 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _symbols(m: Any) -> set[str]:
-    out: set[str] = set()
+def _static_dims(m: Any, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each symbolic input dim bound to the benchmark input's size (a fixed-shape build)."""
+    out: dict[str, int] = {}
     for v in m.inputs:
-        out |= v.type.symbols
+        for d, n in zip(v.type.shape, inputs[v.name].shape, strict=True):
+            if isinstance(d, str):
+                if d not in v.type.symbols:
+                    raise SystemExit(f"input {v.name}: dim {d!r} is an expression; bind its symbols by hand")
+                out[d] = int(n)
     return out
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
-    ort_ms = next((r["ms"] for r in rows if r["runtime"] == "ONNX Runtime"), None)
-    print(f"| {'runtime':32s} | median ms | min ms | x ORT | compile s | tune s | max abs err |")
-    print(f"|{'-' * 34}|-----------|--------|-------|-----------|--------|-------------|")
+    """Markdown table: latency, ratios (runtime / reference: < 1 is faster) and output agreement."""
+    def ref_ms(name: str) -> float | None:
+        return next((r["ms"] for r in rows if r["runtime"] == name), None)
+
+    refs = [("x ORT", ref_ms("ONNX Runtime")), ("x ctc fp32", ref_ms("ctc default")),
+            ("x ORT int8", ref_ms("ONNX Runtime int8"))]
+    refs = [(h, v) for h, v in refs if v]
+    print(f"| {'runtime':32s} | median ms | min ms | " + " | ".join(h for h, _ in refs)
+          + " | cosine vs eager | max abs err | compile s | tune s |")
+    print(f"|{'-' * 34}|----------:|-------:|" + "|".join("-" * (len(h) + 1) + ":" for h, _ in refs)
+          + "|----------------:|------------:|----------:|-------:|")
     for r in rows:
-        ratio = f"{r['ms'] / ort_ms:5.2f}" if ort_ms else "  -  "
+        ratios = " | ".join(f"{r['ms'] / v:{len(h)}.2f}" for h, v in refs)
         cs = f"{r['compile_s']:9.1f}" if r.get("compile_s") is not None else "        -"
         ts = f"{r['tune_s']:6.1f}" if r.get("tune_s") is not None else "     -"
-        print(f"| {r['runtime']:32s} | {r['ms']:9.2f} | {r['min']:6.2f} | {ratio} | {cs} | {ts} | {r['err']:11.2e} |")
+        print(f"| {r['runtime']:32s} | {r['ms']:9.2f} | {r['min']:6.2f} | {ratios} | {r['cos']:15.6f} "
+              f"| {r['err']:11.2e} | {cs} | {ts} |")
     for r in rows:
         if r.get("tuning"):
             print(f"  {r['runtime']}: {r['tuning']}")
@@ -220,7 +287,9 @@ def main() -> None:
           f"{onnxruntime.__version__}, tvm {tvm.__version__}; LLVM mcpu {tvm.target.codegen.llvm_get_system_cpu()}")
     print(f"protocol: batch 1, {args.threads} threads for every runtime, median (and min) of >= {args.runs} runs after "
           f"{args.warmup} warm-up runs, interleaved in {args.rounds} rounds across runtimes; ctc compiled for the "
-          "static sequence length; fp32 everywhere")
+          "static sequence length; fp32 unless the row says int8 (ORT int8: quantize_dynamic, QInt8 weights; "
+          "ctc int8: examples/minilm_w8a8.ctc's pipeline, rptq W8A8 4 clusters, TVM int8 kernels); ratios are "
+          "runtime / reference (< 1: faster); cosine of the output against PyTorch fp32 eager")
     for name in args.models.split(","):
         bench_model(name.strip(), args)
 
