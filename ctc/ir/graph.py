@@ -305,4 +305,5 @@ class Module:
         return m
 
     def __repr__(self) -> str:
-        return f"<ctc Module {self.name}: {len(self.inputs)} inputs, {len(self.nodes)} nodes, {len(self.params)} params>"
+        return (f"<ctc Module {self.name}: {len(self.inputs)} inputs, {len(self.nodes)} nodes, "
+                f"{len(self.params)} params>")

@@ -32,7 +32,8 @@ def _resolve_dims(node: Node, env: dict[str, int]) -> dict:
     return attrs
 
 
-def bind_inputs(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, int]]:
+def bind_inputs(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+                ) -> tuple[list[torch.Tensor], dict[str, int]]:
     """Order inputs like ``module.inputs`` and bind symbolic dims from their shapes."""
     if isinstance(inputs, Mapping):
         missing = [v.name for v in module.inputs if v.name not in inputs]
@@ -47,7 +48,7 @@ def bind_inputs(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, to
         if len(ordered) != len(module.inputs):
             raise IRError(f"module takes {len(module.inputs)} inputs, got {len(ordered)}")
     env: dict[str, int] = {}
-    for v, t in zip(module.inputs, ordered):
+    for v, t in zip(module.inputs, ordered, strict=True):
         bind_symbols(v.type.shape, tuple(t.shape), env, where=f"input %{v.name}: ")
     return ordered, env
 
@@ -65,7 +66,7 @@ def interpret(
     """
     params = module.params if params is None else params
     ordered, env = bind_inputs(module, inputs)
-    live: dict[int, torch.Tensor] = {id(v): t for v, t in zip(module.inputs, ordered)}
+    live: dict[int, torch.Tensor] = {id(v): t for v, t in zip(module.inputs, ordered, strict=True)}
     # Last position at which each value is read; outputs are kept to the end.
     last_use: dict[int, int] = {}
     for i, n in enumerate(module.nodes):
@@ -96,7 +97,7 @@ def interpret(
                 outs = list(res) if isinstance(res, (tuple, list)) else [res]
             if observer is not None:
                 observer(node, args, outs)
-            for v, t in zip(node.outputs, outs):
+            for v, t in zip(node.outputs, outs, strict=True):
                 live[id(v)] = t
             for v in node.inputs:
                 if last_use.get(id(v)) == i and id(v) not in keep:
@@ -109,11 +110,11 @@ def value_env(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torc
     out: dict[str, torch.Tensor] = {}
 
     def obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-        for v, t in zip(node.outputs, outs):
+        for v, t in zip(node.outputs, outs, strict=True):
             out[v.name] = t
 
     ordered, _ = bind_inputs(module, inputs)
-    for v, t in zip(module.inputs, ordered):
+    for v, t in zip(module.inputs, ordered, strict=True):
         out[v.name] = t
     interpret(module, inputs, observer=obs)
     return out

@@ -200,12 +200,12 @@ def bind_symbols(dims: tuple[Dim, ...], shape: tuple[int, ...], env: dict[str, i
     """
     if len(dims) != len(shape):
         raise SymbolicError(f"{where}rank mismatch: declared {list(dims)}, got {list(shape)}")
-    for d, n in zip(dims, shape):
+    for d, n in zip(dims, shape, strict=True):
         if isinstance(d, str) and _NAME.match(d):
             if d in env and env[d] != n:
                 raise SymbolicError(f"{where}symbol {d} bound to {env[d]} and {n}")
             env[d] = n
-    for d, n in zip(dims, shape):
+    for d, n in zip(dims, shape, strict=True):
         if isinstance(d, int) or not _NAME.match(d):
             try:
                 want = eval_dim(d, env)

@@ -1,7 +1,18 @@
 """Passes over the ctc IR: the pass contract, the pass manager, and every registered pass."""
 
-from ctc.passes.base import (Analysis, NoOptions, Pass, PassContext, PassError, PassOptions, Selector,
-                             all_passes, get_pass, option, register_pass)
+from ctc.passes.base import (
+                             Analysis,
+                             NoOptions,
+                             Pass,
+                             PassContext,
+                             PassError,
+                             PassOptions,
+                             Selector,
+                             all_passes,
+                             get_pass,
+                             option,
+                             register_pass,
+)
 
 __all__ = ["Analysis", "NoOptions", "Pass", "PassContext", "PassError", "PassOptions", "Selector",
            "all_passes", "get_pass", "option", "register_pass"]

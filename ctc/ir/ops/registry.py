@@ -17,7 +17,8 @@ from ctc.ir.types import TensorType
 REQUIRED = object()
 
 # Attribute kinds and the Python values they admit.
-ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "strs", "dims", "dtype", "opt_int", "opt_float", "opt_str", "opt_ints")
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "strs", "dims", "dtype",
+              "opt_int", "opt_float", "opt_str", "opt_ints")
 
 
 class OpError(Exception):
