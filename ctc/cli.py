@@ -338,7 +338,8 @@ def targets_text() -> str:
 
     out = []
     for name, spec in TARGETS.items():
-        avail = "installed" if spec.available() else f"not installed ({spec.backend} missing)"
+        why = spec.unsupported_reason()
+        avail = "available" if why is None else ("not installed" if not spec.available() else "not supported yet")
         out.append(f"{name}  —  {spec.summary}  [{avail}]")
         for s in spec.Options.specs():
             rng = _range(s)

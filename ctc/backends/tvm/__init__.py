@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_target", "load", "load_compiled"]
+__all__ = ["build_target", "load", "load_compiled", "supports"]
 
 
 def build_target(module: Any, target: Any, out_dir: Path) -> dict[str, Any]:
@@ -40,3 +40,15 @@ def load_compiled(path: str | Path, *, threads: int | None = None) -> Any:
     from ctc.backends.tvm.build import load_compiled as _lc
 
     return _lc(path, threads=threads)
+
+
+# Kinds this backend builds today; the others are described (ctc.backends.tvm.targets) but refused.
+BUILT_KINDS = ("cpu",)
+
+
+def supports(kind: str) -> str | None:
+    """None when this backend builds ``kind``; else why not (shown at recipe check, before any work)."""
+    if kind in BUILT_KINDS:
+        return None
+    return (f"the TVM backend builds only {', '.join(BUILT_KINDS)} so far; `target {kind}` is not supported yet "
+            "(use `target cpu`)")
