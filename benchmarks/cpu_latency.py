@@ -12,7 +12,10 @@ database is reused across runs: a second run spends no tuning time; delete it or
 
 Models: ``minilm128``/``minilm384`` (all-MiniLM-L6-v2, real weights, batch 1, seq 128/384,
 ``last_hidden_state``) and ``gpt2`` (a GPT-2-small-shaped decoder: 12 layers, d=768, 12 heads,
-random weights, prefill of 128 tokens, hidden states without the LM head).
+random weights, prefill of 128 tokens, hidden states without the LM head) and ``gpt2-decode``
+(the same shape with the LM head, one decode step: 1 new token on a KV cache of 128 past
+positions passed as 24 explicit [1, 12, 128, 64] tensors; outputs logits and the 24 grown k/v
+tensors; max abs err is over all outputs, cosine over the logits).
 
 Usage::
 
@@ -91,7 +94,63 @@ def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str
         ids = torch.randint(0, 50257, (1, 128))
         inputs = {"input_ids": ids, "attention_mask": torch.ones(1, 128, dtype=torch.long)}
         return model, inputs, "last_hidden_state", "GPT-2-small-shaped decoder (random weights), prefill seq 128"
-    raise SystemExit(f"unknown model {name!r} (minilm128, minilm384, gpt2)")
+    if name == "gpt2-decode":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
+        step = decode_step_wrapper(GPT2LMHeadModel(cfg).eval())
+        return step, decode_inputs(cfg, past=128), "", ("GPT-2-small-shaped decoder with LM head (random weights), "
+                                                        "one decode step: 1 new token, KV cache of 128 positions")
+    raise SystemExit(f"unknown model {name!r} (minilm128, minilm384, gpt2, gpt2-decode)")
+
+
+class DecodeStepBase(torch.nn.Module):
+    """One GPT-2 decode step on an explicit KV cache: the past k/v arrive as plain tensors, are put
+    into HF's DynamicCache, and the step returns (logits, k_0, v_0, ..., k_{L-1}, v_{L-1}) with the
+    caches grown by the new token, so every runtime sees the same plain-tensor inputs and outputs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layer = int(model.config.n_layer)
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)],
+                             config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        res = [out.logits]
+        for layer in out.past_key_values.layers:
+            res += [layer.keys, layer.values]
+        return tuple(res)
+
+
+def decode_step_wrapper(model: torch.nn.Module) -> torch.nn.Module:
+    """A :class:`DecodeStepBase` whose forward names every cache tensor (input_ids, attention_mask,
+    past_k_0, past_v_0, ...): torch.export and ctc capture bind inputs by parameter name."""
+    names = [f"past_{t}_{i}" for i in range(int(model.config.n_layer)) for t in "kv"]
+    src = (f"def forward(self, input_ids, attention_mask, {', '.join(names)}):\n"
+           f"    return self.step(input_ids, attention_mask, ({', '.join(names)},))\n")
+    ns: dict[str, Any] = {}
+    exec(src, ns)  # noqa: S102 - generated from integers only
+    cls = type("GPT2DecodeStep", (DecodeStepBase,), {"forward": ns["forward"], "__doc__": DecodeStepBase.__doc__})
+    return cls(model).eval()
+
+
+def decode_inputs(cfg: Any, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs of one decode step: one token, an all-ones mask over past + 1 positions, and random
+    past k/v of shape [1, heads, past, head_dim] per layer (fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    hd = cfg.n_embd // cfg.n_head
+    ins = {"input_ids": torch.randint(0, cfg.vocab_size, (1, 1), generator=g),
+           "attention_mask": torch.ones(1, past + 1, dtype=torch.long)}
+    for i in range(cfg.n_layer):
+        for t in "kv":
+            ins[f"past_{t}_{i}"] = torch.randn(1, cfg.n_head, past, hd, generator=g)
+    return ins
 
 
 class Wrapped(torch.nn.Module):
@@ -105,6 +164,21 @@ class Wrapped(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         extra = {"use_cache": False} if "GPT2" in type(self.model).__name__ else {}
         return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **extra), self.key)
+
+
+def _outs(o: Any) -> list[np.ndarray]:
+    """A runtime's outputs as a list of arrays (one tensor, or a tuple/list of them)."""
+    items = o if isinstance(o, (list, tuple)) else [o]
+    return [x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in items]
+
+
+def _agree(out: Any, ref: Any) -> tuple[float, float]:
+    """(max abs error over every output, cosine of the first output) against PyTorch eager."""
+    a, b = _outs(out), _outs(ref)
+    if len(a) != len(b):
+        raise SystemExit(f"runtime returned {len(a)} outputs, eager {len(b)}")
+    err = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    return err, _cosine(a[0], torch.as_tensor(b[0]))
 
 
 def _cosine(a: Any, b: torch.Tensor) -> float:
@@ -133,8 +207,9 @@ def rptq_w8a8_module(name: str) -> Any:
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     model, inputs, key, desc = load_model(name)
-    wrapped = Wrapped(model, key).eval()
-    ins = (inputs["input_ids"], inputs["attention_mask"])
+    decode = isinstance(model, DecodeStepBase)  # takes and returns plain tensors already
+    wrapped = model if decode else Wrapped(model, key).eval()
+    ins = tuple(inputs.values())
     rows: list[dict[str, Any]] = []
     fns: dict[str, Callable[[], Any]] = {}
     keep: list[Any] = []
@@ -148,8 +223,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         cm = torch.compile(wrapped)
         out = cm(*ins)
         fns["torch.compile"] = lambda: cm(*ins)
-        rows.append({"runtime": "torch.compile", "compile_s": time.perf_counter() - t0,
-                     "err": float((out - ref).abs().max()), "cos": _cosine(out, ref)})
+        err, cos = _agree(out, ref)
+        rows.append({"runtime": "torch.compile", "compile_s": time.perf_counter() - t0, "err": err, "cos": cos})
     runtimes = {r.strip() for r in args.runtimes.split(",")}
     tmp = tempfile.TemporaryDirectory()
     keep.append(tmp)
@@ -158,14 +233,15 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
         path = str(Path(tmp.name) / "model.onnx")
         t0 = time.perf_counter()
-        torch.onnx.export(wrapped, ins, path, input_names=["input_ids", "attention_mask"], output_names=["out"],
+        onames = ["logits"] + [f"present_{t}_{i}" for i in range(wrapped.n_layer) for t in "kv"] if decode else ["out"]
+        torch.onnx.export(wrapped, ins, path, input_names=list(inputs), output_names=onames,
                           opset_version=17, dynamo=False)
         export_s = time.perf_counter() - t0
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        feed = {"input_ids": ins[0].numpy(), "attention_mask": ins[1].numpy()}
+        feed = {k: v.numpy() for k, v in inputs.items()}
         ort_models = [("ONNX Runtime", path)] if "ort" in runtimes else []
         if "ort-int8" in runtimes:
             # ORT's standard int8 path: dynamic quantization, int8 weights (per tensor), uint8 activations
@@ -179,16 +255,16 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         for label, mpath in ort_models:
             t0 = time.perf_counter()
             sess = ort.InferenceSession(mpath, so, providers=["CPUExecutionProvider"])
-            out = sess.run(None, feed)[0]
+            out = sess.run(None, feed)
             fns[label] = lambda sess=sess: sess.run(None, feed)
-            rows.append({"runtime": label, "compile_s": export_s + time.perf_counter() - t0,
-                         "err": float(np.abs(out - ref.numpy()).max()), "cos": _cosine(out, ref)})
+            err, cos = _agree(out, ref)
+            rows.append({"runtime": label, "compile_s": export_s + time.perf_counter() - t0, "err": err, "cos": cos})
     from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
     from ctc.frontends import capture
 
     t0 = time.perf_counter()
     extra = {"use_cache": False} if name == "gpt2" else {}
-    m = capture(model, {**inputs, **extra}, output=key)
+    m = capture(model, inputs, dynamic=False) if decode else capture(model, {**inputs, **extra}, output=key)
     cap_s = time.perf_counter() - t0
     tune_here = args.trials > 0 and (args.tune_models == "all" or name in args.tune_models.split(","))
     variants = ([("ctc default", 0, m)] if "ctc" in runtimes else []) \
@@ -208,12 +284,13 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         comp.export(d)
         cm2 = load_compiled(d, threads=args.threads)
         mins = tuple(inputs[v.name] for v in mod.inputs)
-        out = cm2(*mins)[0]
+        out = cm2(*mins)
         prep = cm2.prepare(*mins)
+        err, cos = _agree(out if decode else out[0], ref)
         rname = f"{label}" + (f" ({trials} trials)" if trials else "")
         fns[rname] = lambda cm2=cm2, prep=prep: cm2.run_prepared(prep)
         rows.append({"runtime": rname, "compile_s": ct, "tune_s": comp.timings.get("tune_s"), "capture_s": cap_s,
-                     "err": float((torch.as_tensor(np.asarray(out)) - ref).abs().max()), "cos": _cosine(out, ref),
+                     "err": err, "cos": cos,
                      "tuning": comp.meta.get("tuning") or {}, "int_kernels": comp.meta.get("int_kernels")})
         if comp.meta.get("int_kernels"):
             print(f"  {label}: int kernels {comp.meta['int_kernels']}", flush=True)
