@@ -9,11 +9,14 @@ are normalised to a polynomial so that ``"1 + s0"`` and ``"s0+1"`` compare equal
 from __future__ import annotations
 
 import ast
+import operator
 import re
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Union
+from typing import TypeVar, Union
 
 Dim = Union[int, str]
+T = TypeVar("T")
 
 # A polynomial: monomial (sorted tuple of atom names, with repeats) -> coefficient.
 Poly = dict[tuple[str, ...], int]
@@ -134,35 +137,54 @@ def free_symbols(d: Dim) -> set[str]:
     return out
 
 
-def _eval_node(node: ast.AST, env: dict[str, int], src: str) -> int:
-    if isinstance(node, ast.Expression):
-        return _eval_node(node.body, env, src)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return node.value
-    if isinstance(node, ast.Name):
-        if node.id not in env:
-            raise SymbolicError(f"symbol {node.id!r} of dim {src!r} is unbound (bound: {sorted(env)})")
-        return int(env[node.id])
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_eval_node(node.operand, env, src)
-    if isinstance(node, ast.BinOp):
-        a, b = _eval_node(node.left, env, src), _eval_node(node.right, env, src)
-        if isinstance(node.op, ast.Add):
-            return a + b
-        if isinstance(node.op, ast.Sub):
-            return a - b
-        if isinstance(node.op, ast.Mult):
-            return a * b
-        if isinstance(node.op, ast.FloorDiv):
-            return a // b
-    raise SymbolicError(f"unsupported symbolic dim expression {src!r}")
+def fold_dim(d: str, leaf: Callable[[int | str], T], floordiv: Callable[[T, T], T] = operator.floordiv) -> T:
+    """Fold a symbolic dim expression bottom-up: ``leaf`` maps integer literals and symbol names to
+    values of the caller's domain (ints, TIR expressions...), combined with ``+ - *`` and ``floordiv``.
+
+    The one walker over the dim grammar; raises :class:`SymbolicError` on anything else.
+    """
+
+    def walk(node: ast.AST) -> T:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return leaf(node.value)
+        if isinstance(node, ast.Name):
+            return leaf(node.id)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)  # type: ignore[operator]
+        if isinstance(node, ast.BinOp):
+            x, y = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Add):
+                return x + y  # type: ignore[operator]
+            if isinstance(node.op, ast.Sub):
+                return x - y  # type: ignore[operator]
+            if isinstance(node.op, ast.Mult):
+                return x * y  # type: ignore[operator]
+            if isinstance(node.op, ast.FloorDiv):
+                return floordiv(x, y)
+        raise SymbolicError(f"unsupported symbolic dim expression {d!r}: only ints, names, + - * // are allowed")
+
+    try:
+        tree = ast.parse(d.strip(), mode="eval")
+    except SyntaxError as e:
+        raise SymbolicError(f"malformed symbolic dim {d!r}: {e.msg}") from None
+    return walk(tree)
 
 
 def eval_dim(d: Dim, env: dict[str, int]) -> int:
     """Concrete value of a dim under a binding of its symbols."""
     if isinstance(d, int):
         return d
-    return _eval_node(ast.parse(d.strip(), mode="eval"), env, d)
+
+    def leaf(x: int | str) -> int:
+        if isinstance(x, int):
+            return x
+        if x not in env:
+            raise SymbolicError(f"symbol {x!r} of dim {d!r} is unbound (bound: {sorted(env)})")
+        return int(env[x])
+
+    return fold_dim(d, leaf)
 
 
 def dim_add(a: Dim, b: Dim) -> Dim:

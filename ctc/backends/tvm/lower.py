@@ -27,7 +27,6 @@ Choices made here:
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from ctc.ir.graph import Module, Node, Value
+from ctc.ir.symbolic import SymbolicError, fold_dim
 from ctc.ir.types import TensorType
 
 __all__ = ["DTYPE_MAP", "LoweringError", "Lowered", "RULES", "lower", "supported_ops"]
@@ -88,29 +88,19 @@ class _DimParser:
     def __call__(self, d: int | str) -> Any:
         if isinstance(d, int):
             return d
-        return self._expr(ast.parse(d.strip(), mode="eval").body, d)
-
-    def _expr(self, n: ast.AST, src: str) -> Any:
         tirx = self._tirx
-        if isinstance(n, ast.Constant) and isinstance(n.value, int):
-            return tirx.IntImm("int64", n.value)
-        if isinstance(n, ast.Name):
-            if n.id in self.static:
-                return tirx.IntImm("int64", int(self.static[n.id]))
-            return self.var(n.id)
-        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
-            return -self._expr(n.operand, src)
-        if isinstance(n, ast.BinOp):
-            a, b = self._expr(n.left, src), self._expr(n.right, src)
-            if isinstance(n.op, ast.Add):
-                return a + b
-            if isinstance(n.op, ast.Sub):
-                return a - b
-            if isinstance(n.op, ast.Mult):
-                return a * b
-            if isinstance(n.op, ast.FloorDiv):
-                return tirx.floordiv(a, b)
-        raise LoweringError(f"symbolic dim {src!r}: unsupported expression")
+
+        def leaf(x: int | str) -> Any:
+            if isinstance(x, int):
+                return tirx.IntImm("int64", x)
+            if x in self.static:
+                return tirx.IntImm("int64", int(self.static[x]))
+            return self.var(x)
+
+        try:
+            return fold_dim(d, leaf, tirx.floordiv)
+        except SymbolicError as e:
+            raise LoweringError(str(e)) from None
 
     def shape(self, t: TensorType) -> list[Any]:
         return [self(d) for d in t.shape]
