@@ -284,6 +284,51 @@ class CompiledModel:
     def run_prepared(self, args: Sequence[Any]) -> Any:
         return self._main(*args)
 
+    def profile(self, *inputs: Any, runs: int = 3) -> list[KernelTime]:
+        """Wall time per compiled kernel over ``runs`` calls, slowest first.
+
+        Each packed call the Relax VM makes (a fused PrimFunc, or a builtin such as an
+        allocation) is timed through the VM's instrument hook; ``ms_per_call`` includes the
+        hook's own few microseconds.  For finding the kernel that holds a model back.
+        """
+        import time
+
+        if runs < 1:
+            raise ValueError(f"profile: runs must be >= 1, got {runs}")
+        args = self.prepare(*inputs)
+        self._main(*args)  # warm-up, not recorded
+        totals: dict[str, list[float]] = {}
+        started: dict[str, float] = {}
+
+        def hook(_func: Any, name: Any, before: bool, _ret: Any, *_args: Any) -> int:
+            key = str(name)
+            if before:
+                started[key] = time.perf_counter()
+            else:
+                t = totals.setdefault(key, [0, 0.0])
+                t[0] += 1
+                t[1] += time.perf_counter() - started.pop(key, time.perf_counter())
+            return 0  # run the call normally
+
+        self.vm["set_instrument"](self._ffi.convert(hook))
+        try:
+            for _ in range(runs):
+                self._main(*args)
+        finally:
+            self.vm["set_instrument"](self._ffi.convert(lambda *_a: 0))
+        rows = [KernelTime(k, int(c / runs), 1e3 * s / runs, 1e3 * s / c) for k, (c, s) in totals.items()]
+        return sorted(rows, key=lambda r: -r.ms_per_run)
+
+
+@dataclass
+class KernelTime:
+    """One kernel's share of a run (:meth:`CompiledModel.profile`)."""
+
+    name: str
+    calls_per_run: int
+    ms_per_run: float
+    ms_per_call: float
+
 
 def load_compiled(path: str | Path, *, threads: int | None = None) -> CompiledModel:
     """Load ``model.so`` (a file or the directory holding it) with the TVM runtime only."""

@@ -28,7 +28,7 @@ Choices made here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +178,29 @@ class Ctx:
 
     def shape_of(self, v: Value) -> list[Any]:
         return self.dims.shape(v.type)
+
+
+class _Operands(Sequence[Any]):
+    """A rule's operands, materialised on first access: a rule that reads a parameter in another
+    layout (``ctx.param(name, key, fn)``) never binds the raw array too."""
+
+    def __init__(self, ctx: Ctx, values: list[Value]):
+        self._ctx = ctx
+        self._values = values
+        self._cache: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def _get(self, i: int) -> Any:
+        if i not in self._cache:
+            self._cache[i] = self._ctx.val(self._values[i])
+        return self._cache[i]
+
+    def __getitem__(self, i: Any) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(len(self)))]
+        return self._get(range(len(self))[i])
 
 
 def _dt(t: TensorType | str) -> str:
@@ -439,7 +462,7 @@ def _slice(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 @rule("concat")
 def _concat(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     r = node.inputs[0].type.rank
-    return ctx.relax.op.concat(a, axis=_axis(node.attrs["axis"], r))
+    return ctx.relax.op.concat(list(a), axis=_axis(node.attrs["axis"], r))
 
 
 @rule("gather")
@@ -500,10 +523,41 @@ def _bias(ctx: Ctx, y: Any, bias: Any | None) -> Any:
     return y if bias is None else ctx.relax.op.add(ctx.emit(y), bias)
 
 
+def _one_row(ctx: Ctx, x: Value) -> bool:
+    """True when every leading dim of ``x`` is statically 1 (a decode step's ``[1, 1, K]``)."""
+    for d in x.type.shape[:-1]:
+        v = ctx.dims(d)
+        if not (isinstance(v, int) and v == 1) and not (hasattr(v, "value") and int(v.value) == 1):
+            return False
+    return True
+
+
+def _matvec_nk(x: Any, w: Any) -> Any:
+    """``y[..., n] = sum_k x[..., k] * w[n, k]`` reading the ``[N, K]`` weight as stored."""
+    from tvm import te
+
+    k = te.reduce_axis((0, w.shape[1]), "k")
+    return te.compute([*x.shape[:-1], w.shape[0]],
+                      lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k), name="matvec")
+
+
+def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Any) -> Any:
+    """``x @ w.T`` for a ``[N, K]`` weight ``w``, in the layout that suits the row count.
+
+    Several rows: ``matmul`` with the weight transposed to ``[K, N]`` (vectorized along N by
+    :class:`~ctc.backends.tvm.schedules.MatmulRule`).  One row (a decode step): a dot product per
+    output over the ``[N, K]`` weight as stored, so each core streams contiguous weight rows
+    (:class:`~ctc.backends.tvm.schedules.GemvRule`); a matrix-vector product is bound by memory
+    bandwidth, and the ``[K, N]`` layout reads it in strided panels.
+    """
+    if _one_row(ctx, x_value) and x_value.type.dtype == w_value.type.dtype == "f32":
+        return ctx.te(_matvec_nk, x, w, name="matvec")
+    return ctx.emit(ctx.relax.op.matmul(x, _weight_t(ctx, w_value, w)))
+
+
 @rule("linear")
 def _linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    wt = _weight_t(ctx, node.inputs[1], a[1])
-    y = ctx.relax.op.matmul(a[0], wt)
+    y = _linear_product(ctx, node.inputs[0], node.inputs[1], a[0], a[1])
     return _bias(ctx, y, a[2] if len(a) > 2 else None)
 
 
@@ -514,10 +568,9 @@ def _matmul(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 @rule("lowrank_linear")
 def _lowrank(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    vt = _weight_t(ctx, node.inputs[2], a[2])
-    ut = _weight_t(ctx, node.inputs[1], a[1])
-    h = ctx.emit(ctx.relax.op.matmul(a[0], vt))
-    return _bias(ctx, ctx.relax.op.matmul(h, ut), a[3] if len(a) > 3 else None)
+    h = _linear_product(ctx, node.inputs[0], node.inputs[2], a[0], a[2])
+    y = _linear_product(ctx, node.inputs[0], node.inputs[1], h, a[1])
+    return _bias(ctx, y, a[3] if len(a) > 3 else None)
 
 
 @rule("layer_norm")
@@ -909,7 +962,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                         raise LoweringError(f"parameter {node.attrs['name']!r} read at {node.scope} is missing")
                     ctx.env[id(node.outputs[0])] = _ParamRef(node.attrs["name"])
                     continue
-                args = [ctx.val(v) for v in node.inputs]
+                args = _Operands(ctx, node.inputs)
                 try:
                     res = RULES[node.op](ctx, node, args)
                 except LoweringError:

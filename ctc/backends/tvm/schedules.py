@@ -10,7 +10,10 @@ tuning:
   micro-kernel (V = SIMD lanes), vectorized over ``n``, ``k`` innermost-but-three, the
   accumulator tile in a local buffer, the epilogue computed per tile, outer tiles in parallel.
   Works with a symbolic ``m`` (dynamic sequence length).
-* dlight's CPU ``Reduction`` and ``GEMV`` rules (softmax, layer norm, matrix-vector).
+* :class:`GemvRule` -- one-row products over an ``[N, K]`` weight (decode steps): weight rows
+  streamed contiguously, vector partial sums per row, parallel over output chunks.
+* :class:`RowReductionRule` -- dlight's CPU ``Reduction`` rule (softmax, layer norm) with the
+  one-row case fixed; dlight's ``GEMV`` for the remaining matrix-vector shapes.
 * :class:`ElementwiseRule` -- the remaining spatial-only PrimFuncs: parallel outer loop,
   vectorized inner loop.
 
@@ -28,7 +31,7 @@ from tvm.s_tir.dlight.analysis import get_sblock_info, normalize_prim_func
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 from tvm.target import Target
 
-__all__ = ["ElementwiseRule", "MatmulRule", "default_rules", "vector_lanes"]
+__all__ = ["ElementwiseRule", "GemvRule", "MatmulRule", "RowReductionRule", "default_rules", "vector_lanes"]
 
 
 def vector_lanes(target: Target, bits: int = 32) -> int:
@@ -57,13 +60,9 @@ def _buffer_var_set(region: Any) -> list[set[Any]]:
     return out
 
 
-class MatmulRule(dl.ScheduleRule):
-    """Register-tiled, vectorized, parallel schedule for (batched) matmul PrimFuncs + epilogue."""
-
-    def __init__(self, mt: int = 8, nb: int = 2, k_unroll: int = 4):
-        self.mt = mt
-        self.nb = nb
-        self.k_unroll = k_unroll
+class _CpuRule(dl.ScheduleRule):
+    """A rule for llvm/c targets whose ``_apply`` builds one schedule, or gives the function up
+    (``None``, or a ``ScheduleError`` for a shape it cannot handle) to the rules after it."""
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name in ("llvm", "c")
@@ -74,7 +73,19 @@ class MatmulRule(dl.ScheduleRule):
         try:
             return self._apply(func, target)
         except s_tir.ScheduleError:
-            return None  # a shape this rule cannot tile; later rules (or no schedule) take it
+            return None
+
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class MatmulRule(_CpuRule):
+    """Register-tiled, vectorized, parallel schedule for (batched) matmul PrimFuncs + epilogue."""
+
+    def __init__(self, mt: int = 8, nb: int = 2, k_unroll: int = 4):
+        self.mt = mt
+        self.nb = nb
+        self.k_unroll = k_unroll
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
         sch = s_tir.Schedule(func)
@@ -182,6 +193,126 @@ class MatmulRule(dl.ScheduleRule):
         return sch
 
 
+class GemvRule(_CpuRule):
+    """Matrix-vector product over an ``[N, K]`` weight (one-row linears of a decode step).
+
+    ``y[..., n] = sum_k x[..., k] * w[n, k]`` with every leading extent 1: outputs in chunks of
+    ``rows`` per parallel task; for each chunk the weight rows stream contiguously, ``lanes``
+    partial sums per row in vector registers (``rfactor`` over the vector lane of ``k``), then a
+    horizontal sum and the epilogue (bias, activation) per chunk.  Bound by memory bandwidth,
+    which is the point: the weight is read once, in order.
+    """
+
+    def __init__(self, rows: int = 4):
+        self.rows = rows
+
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reds) != 1 or reds[0] != 0:
+            return None
+        red = infos[0]
+        kinds = red.dom_kind()
+        if not kinds.endswith("SR") or kinds.count("R") != 1:
+            return None
+        block = sch.get(red.block_rv)
+        if len(block.reads) != 2 or len(block.writes) != 1:
+            return None
+        iters = [iv.var for iv in block.iter_vars]
+        n_var, k_var = iters[-2], iters[-1]
+        lead = [sch.get(lp).extent for lp in sch.get_loops(red.block_rv)[:-2]]
+        if any(not isinstance(e, tirx.IntImm) or int(e) != 1 for e in lead):
+            return None
+        # One read is the vector (uses k, not n); the other is the weight, indexed [.., n, k].
+        weight = vector = False
+        for r in block.reads:
+            v = _buffer_var_set(r)
+            uses_n = any(n_var in x for x in v)
+            if len(v) >= 2 and n_var in v[-2] and k_var in v[-1] and not any(n_var in x for x in v[-1:]) \
+                    and not any(k_var in x for x in v[:-1]):
+                weight = True
+            elif not uses_n and v and k_var in v[-1]:
+                vector = True
+        if not (weight and vector):
+            return None
+        lanes = vector_lanes(target, 32)
+        *lead_loops, ln, lk = sch.get_loops(red.block_rv)
+        k_ext, n_ext = _extent(sch, lk), _extent(sch, ln)
+        if k_ext is None or k_ext % lanes != 0:
+            return None
+        rows = next((r for r in (self.rows, 2, 1) if n_ext is not None and n_ext % r == 0), 1)
+        epis = infos[1:]
+        if any(not e.is_injective() for e in epis):
+            return None
+        for e in epis[:-1]:
+            sch.compute_inline(e.block_rv)
+        rb = red.block_rv
+        _ko, kv = sch.split(lk, [None, lanes])
+        rf = sch.rfactor(kv, 0)
+        *rlead, rn, rko, rkv = sch.get_loops(rf)
+        no, ni = sch.split(rn, [None, rows])
+        sch.reorder(no, rko, ni, rkv)
+        outer = sch.fuse(*rlead, no) if rlead else no
+        sch.parallel(outer)
+        sch.unroll(ni)
+        sch.vectorize(rkv)
+        sch.set_scope(rf, 0, "local")
+        sch.reverse_compute_at(rb, outer)
+        floops = list(sch.get_loops(rb))
+        depth = next(i for i, lp in enumerate(floops) if sch.get(lp).same_as(sch.get(outer)))
+        inner = floops[depth + 1:]
+        f_lane = inner[0]
+        if len(inner) == 2:
+            sch.reorder(inner[1], f_lane)  # per output row: sum its partial-sum lanes
+        sch.decompose_reduction(rf, rko)
+        sch.decompose_reduction(rb, f_lane)
+        if epis:
+            last = epis[-1].block_rv
+            sch.reverse_compute_at(last, outer)
+        return sch
+
+
+class RowReductionRule(dl.cpu.Reduction):
+    """dlight's CPU ``Reduction`` rule (softmax, layer norm: parallel over rows), plus the one-row case.
+
+    With a single row (a decode step's ``[1, 1, 768]`` layer norm) the rows disappear when the
+    PrimFunc is normalized, and dlight then parallelizes over the *output elements*, recomputing
+    the row's mean and variance for each of them (768x the work).  A single row is a few hundred
+    elements: it is scheduled serially here, reductions unrolled by vector-width chunks and the
+    elementwise blocks vectorized.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or all(b.is_injective() for b in infos):
+            return None
+        if not infos[-1].is_injective():
+            return None
+        one_row = True
+        for b in infos:
+            if b.is_injective():
+                continue
+            for iv in sch.get(b.block_rv).iter_vars:
+                ext = iv.dom.extent
+                if iv.iter_type == tirx.IterVar.DataPar and not (isinstance(ext, tirx.IntImm) and int(ext) == 1):
+                    one_row = False
+        if not one_row:
+            return super().apply(func, target, tunable)
+        lanes = vector_lanes(target, 32)
+        for b in infos:
+            if b.is_injective():
+                self._vectorize_inner(sch, b.block_rv, lanes)
+            else:
+                self._unroll_reduction_inner(sch, b.block_rv, lanes)
+        return sch
+
+
 def _vectorize_last(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
     loops = sch.get_loops(block)
     ext = _extent(sch, loops[-1])
@@ -210,15 +341,10 @@ def _schedule_spatial(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
         sch.vectorize(inner)
 
 
-class ElementwiseRule(dl.ScheduleRule):
+class ElementwiseRule(_CpuRule):
     """Spatial-only PrimFuncs: inline chains, then parallel outer loops, vectorized inner loop."""
 
-    def is_target_available(self, target: Target) -> bool:
-        return target.kind.name in ("llvm", "c")
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None or not infos or any(not b.is_injective() for b in infos):
@@ -236,4 +362,4 @@ class ElementwiseRule(dl.ScheduleRule):
 
 def default_rules() -> list[dl.ScheduleRule]:
     """The rule list applied by ``build(..., tuning off)``: most specific first."""
-    return [MatmulRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), ElementwiseRule()]
+    return [GemvRule(), MatmulRule(), dl.cpu.GEMV(), RowReductionRule(), ElementwiseRule()]

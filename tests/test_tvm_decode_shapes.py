@@ -1,0 +1,156 @@
+"""One-row (decode-step) shapes on the TVM CPU backend: the right schedule is chosen and the
+numbers match the reference interpreter.
+
+A decode step multiplies one row by every weight matrix; those products must stream the
+``[N, K]`` weight contiguously (:class:`GemvRule`), and one-row layer norms must not be
+parallelized over their elements (:class:`RowReductionRule`).  Each test checks both the
+schedule that was picked (from the scheduled TIR) and the result against ``interpret``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from ctc.backends.tvm.build import BuildOptions, compile_module, relax_passes, schedule_defaults  # noqa: E402
+from ctc.backends.tvm.lower import lower  # noqa: E402
+from ctc.backends.tvm.targets import resolve  # noqa: E402
+from ctc.ir import Module, TensorType  # noqa: E402
+from ctc.ir.interpreter import interpret  # noqa: E402
+
+TOL = {"rtol": 1e-4, "atol": 2e-5}
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _scheduled(m: Module, static_dims: dict[str, int] | None = None) -> dict[str, str]:
+    """PrimFunc name -> scheduled TIR text, after the default schedules."""
+    tgt = resolve("cpu").target()
+    low = lower(m, params="const", fast_math=True, static_dims=static_dims or {}, target=tgt, use_int_kernels=True)
+    with tgt:
+        mod = relax_passes(tgt)(low.mod)
+    mod = schedule_defaults(mod, tgt)
+    return {gv.name_hint: f.script() for gv, f in mod.functions.items() if hasattr(f, "body")
+            and not hasattr(f, "ret_struct_info") and gv.name_hint != "main"}
+
+
+def _run(m: Module, inputs: list[torch.Tensor], **opts: Any) -> list[torch.Tensor]:
+    import tvm
+    from tvm import relax
+
+    comp = compile_module(m, options=BuildOptions(**opts))
+    vm = relax.VirtualMachine(comp.executable, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x.numpy())) for x in inputs])
+    outs = [out] if hasattr(out, "numpy") else list(out)
+    return [torch.from_numpy(o.numpy()) for o in outs]
+
+
+def _one_row_linear(n: int, k: int, *, bias: bool, act: str | None, rows: int | str = 1) -> Module:
+    m = Module("one_row_linear")
+    x = m.add_input("x", TensorType([1, rows, k], "f32"))
+    m.add_param("w", torch.randn(n, k, generator=_g(n * 7 + k)) / k ** 0.5)
+    ins = [x, m.param("w")]
+    if bias:
+        m.add_param("b", torch.randn(n, generator=_g(n)))
+        ins.append(m.param("b"))
+    y = m.create_node("linear", ins, {}).output
+    if act:
+        y = m.create_node(act, [y], {}).output
+    m.set_outputs([y])
+    return m
+
+
+@pytest.mark.parametrize(("n", "k", "bias", "act"), [
+    (48, 64, True, "gelu"),    # MLP-up shaped: bias + activation epilogue fused per output chunk
+    (37, 64, False, None),     # ragged N (like a 50257-word LM head): one output row per task
+    (64, 128, True, None),
+    (24, 40, True, "relu"),    # K not a multiple of the vector width: GemvRule declines, still correct
+])
+def test_one_row_linear_streams_nk_weight(n: int, k: int, bias: bool, act: str | None) -> None:
+    m = _one_row_linear(n, k, bias=bias, act=act)
+    funcs = _scheduled(m)
+    matvec = [s for name, s in funcs.items() if "matvec" in name]
+    assert len(matvec) == 1, sorted(funcs)
+    # the weight enters as stored ([N, K]), not transposed to [K, N]
+    assert f"T.Buffer((T.int64({n}), T.int64({k})), \"float32\")" in matvec[0], matvec[0]
+    from ctc.backends.tvm.schedules import vector_lanes
+
+    if k % vector_lanes(resolve("cpu").target()) == 0:
+        assert "_rf_local" in matvec[0] and "T.parallel" in matvec[0], matvec[0]
+    x = torch.randn(1, 1, k, generator=_g(3))
+    got = _run(m, [x])
+    torch.testing.assert_close(got[0], interpret(m, [x])[0], **TOL)
+
+
+def test_many_rows_keep_the_matmul_layout() -> None:
+    m = _one_row_linear(48, 64, bias=True, act=None, rows="s")
+    funcs = _scheduled(m)
+    assert not any("matvec" in name for name in funcs), sorted(funcs)
+    x = torch.randn(1, 5, 64, generator=_g(4))
+    torch.testing.assert_close(_run(m, [x])[0], interpret(m, [x])[0], **TOL)
+
+
+def test_symbolic_rows_bound_to_one_use_the_gemv_path() -> None:
+    m = _one_row_linear(48, 64, bias=True, act=None, rows="s")
+    funcs = _scheduled(m, {"s": 1})
+    assert any("matvec" in name and "_rf_local" in s for name, s in funcs.items()), sorted(funcs)
+
+
+def test_one_row_lowrank_linear() -> None:
+    m = Module("one_row_lowrank")
+    x = m.add_input("x", TensorType([1, 1, 64], "f32"))
+    m.add_param("u", torch.randn(32, 16, generator=_g(5)))
+    m.add_param("v", torch.randn(16, 64, generator=_g(6)))
+    m.add_param("b", torch.randn(32, generator=_g(7)))
+    y = m.create_node("lowrank_linear", [x, m.param("u"), m.param("v"), m.param("b")], {"rank": 16}).output
+    m.set_outputs([y])
+    assert sum("matvec" in name for name in _scheduled(m)) == 2
+    xin = torch.randn(1, 1, 64, generator=_g(8))
+    torch.testing.assert_close(_run(m, [xin])[0], interpret(m, [xin])[0], **TOL)
+
+
+def test_one_row_layer_norm_is_not_parallel_over_elements() -> None:
+    m = Module("one_row_ln")
+    x = m.add_input("x", TensorType([1, 1, 96], "f32"))
+    m.add_param("g", torch.randn(96, generator=_g(9)))
+    m.add_param("b", torch.randn(96, generator=_g(10)))
+    y = m.create_node("layer_norm", [x, m.param("g"), m.param("b")], {"normalized_ndim": 1, "eps": 1e-5}).output
+    m.set_outputs([y])
+    funcs = _scheduled(m)
+    ln = [s for name, s in funcs.items() if "layer_norm" in name]
+    assert len(ln) == 1 and "T.parallel" not in ln[0], ln
+    xin = torch.randn(1, 1, 96, generator=_g(11))
+    torch.testing.assert_close(_run(m, [xin])[0], interpret(m, [xin])[0], **TOL)
+
+
+def test_many_row_layer_norm_is_parallel_over_rows() -> None:
+    m = Module("rows_ln")
+    x = m.add_input("x", TensorType([1, 8, 96], "f32"))
+    y = m.create_node("layer_norm", [x], {"normalized_ndim": 1, "eps": 1e-5}).output
+    m.set_outputs([y])
+    ln = [s for name, s in _scheduled(m).items() if "layer_norm" in name]
+    assert len(ln) == 1 and "T.parallel(T.int64(8))" in ln[0], ln
+    xin = torch.randn(1, 8, 96, generator=_g(12))
+    torch.testing.assert_close(_run(m, [xin])[0], interpret(m, [xin])[0], **TOL)
+
+
+def test_profile_lists_kernels(tmp_path: Any) -> None:
+    from ctc.backends.tvm.build import load_compiled
+
+    m = _one_row_linear(48, 64, bias=True, act="gelu")
+    compile_module(m).export(tmp_path)
+    rows = load_compiled(tmp_path).profile(torch.randn(1, 1, 64, generator=_g(13)), runs=2)
+    names = [r.name for r in rows]
+    assert any("matvec" in n for n in names), names
+    mv = next(r for r in rows if "matvec" in r.name)
+    assert mv.calls_per_run == 1 and mv.ms_per_run > 0
+    assert rows == sorted(rows, key=lambda r: -r.ms_per_run)
+    with pytest.raises(ValueError, match="runs must be >= 1"):
+        load_compiled(tmp_path).profile(torch.randn(1, 1, 64), runs=0)
