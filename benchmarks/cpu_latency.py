@@ -97,60 +97,14 @@ def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str
     if name == "gpt2-decode":
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        from ctc.frontends.decode import decode_inputs, decode_step
+
         torch.manual_seed(0)
         cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
-        step = decode_step_wrapper(GPT2LMHeadModel(cfg).eval())
+        step = decode_step(GPT2LMHeadModel(cfg).eval())
         return step, decode_inputs(cfg, past=128), "", ("GPT-2-small-shaped decoder with LM head (random weights), "
                                                         "one decode step: 1 new token, KV cache of 128 positions")
     raise SystemExit(f"unknown model {name!r} (minilm128, minilm384, gpt2, gpt2-decode)")
-
-
-class DecodeStepBase(torch.nn.Module):
-    """One GPT-2 decode step on an explicit KV cache: the past k/v arrive as plain tensors, are put
-    into HF's DynamicCache, and the step returns (logits, k_0, v_0, ..., k_{L-1}, v_{L-1}) with the
-    caches grown by the new token, so every runtime sees the same plain-tensor inputs and outputs."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.n_layer = int(model.config.n_layer)
-
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)],
-                             config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        res = [out.logits]
-        for layer in out.past_key_values.layers:
-            res += [layer.keys, layer.values]
-        return tuple(res)
-
-
-def decode_step_wrapper(model: torch.nn.Module) -> torch.nn.Module:
-    """A :class:`DecodeStepBase` whose forward names every cache tensor (input_ids, attention_mask,
-    past_k_0, past_v_0, ...): torch.export and ctc capture bind inputs by parameter name."""
-    names = [f"past_{t}_{i}" for i in range(int(model.config.n_layer)) for t in "kv"]
-    src = (f"def forward(self, input_ids, attention_mask, {', '.join(names)}):\n"
-           f"    return self.step(input_ids, attention_mask, ({', '.join(names)},))\n")
-    ns: dict[str, Any] = {}
-    exec(src, ns)  # noqa: S102 - generated from integers only
-    cls = type("GPT2DecodeStep", (DecodeStepBase,), {"forward": ns["forward"], "__doc__": DecodeStepBase.__doc__})
-    return cls(model).eval()
-
-
-def decode_inputs(cfg: Any, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Inputs of one decode step: one token, an all-ones mask over past + 1 positions, and random
-    past k/v of shape [1, heads, past, head_dim] per layer (fixed seed)."""
-    g = torch.Generator().manual_seed(seed)
-    hd = cfg.n_embd // cfg.n_head
-    ins = {"input_ids": torch.randint(0, cfg.vocab_size, (1, 1), generator=g),
-           "attention_mask": torch.ones(1, past + 1, dtype=torch.long)}
-    for i in range(cfg.n_layer):
-        for t in "kv":
-            ins[f"past_{t}_{i}"] = torch.randn(1, cfg.n_head, past, hd, generator=g)
-    return ins
 
 
 class Wrapped(torch.nn.Module):
@@ -207,7 +161,9 @@ def rptq_w8a8_module(name: str) -> Any:
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     model, inputs, key, desc = load_model(name)
-    decode = isinstance(model, DecodeStepBase)  # takes and returns plain tensors already
+    from ctc.frontends.decode import DecodeStep
+
+    decode = isinstance(model, DecodeStep)  # takes and returns plain tensors already
     wrapped = model if decode else Wrapped(model, key).eval()
     ins = tuple(inputs.values())
     rows: list[dict[str, Any]] = []

@@ -364,6 +364,11 @@ class Artifact:
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def _run_target(self, target: str, inputs: Any) -> list[torch.Tensor]:
+        out = self.runner(target)(inputs)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def runner(self, target: str) -> Any:
+        """The loaded compiled library of ``target`` (cached): callable on the model's inputs."""
         from ctc.targets import TARGETS
 
         if target not in self.targets:
@@ -379,8 +384,7 @@ class Artifact:
                 raise ArtifactError(f"backend {TARGETS[target].backend} cannot load compiled libraries (no load())")
             runner = load(self.path / TARGETS_DIR / target, self.module)
             self._runners[target] = runner
-        out = runner(inputs)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        return runner
 
 
 def torch_runner(module: Module) -> Callable[[Any], Any]:

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    b.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="N",
+                   help="with --target: also list the N slowest kernels (default N 15)")
     b.add_argument("--json", action="store_true", help="print JSON")
     _common(b)
 
@@ -246,12 +248,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     art = _load_artifact(args.artifact)
     res = bench_artifact(art, target=args.target, batch=args.batch, seq_len=args.seq_len, repeat=args.repeat,
-                         threads=args.threads)
+                         threads=args.threads, profile=args.profile)
     if args.json:
         print(json.dumps(res, indent=2))
-    else:
-        for k, v in res.items():
-            print(f"{k:>18}: {v}")
+        return EXIT_OK
+    kernels = res.pop("kernels", None)
+    for k, v in res.items():
+        print(f"{k:>18}: {v}")
+    if kernels:
+        print(f"\n{'share':>6}  {'calls':>5}  {'ms/call':>9}  kernel")
+        for r in kernels:
+            print(f"{100 * r['share']:5.1f}%  {r['calls']:5d}  {r['ms_per_call']:9.4f}  {r['kernel']}")
     return EXIT_OK
 
 

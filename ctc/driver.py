@@ -648,8 +648,9 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
 
 
 def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, repeat: int,
-                   threads: int | None) -> dict[str, Any]:
-    """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target."""
+                   threads: int | None, profile: int = 0) -> dict[str, Any]:
+    """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target;
+    ``profile`` > 0 adds the that many slowest kernels of a compiled target (per-kernel wall time)."""
     import resource
 
     import torch
@@ -658,6 +659,8 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
 
     if batch < 1 or seq_len < 2:
         raise UsageError("--batch must be >= 1 and --seq-len >= 2")
+    if profile and target is None:
+        raise UsageError("--profile times the kernels of a compiled library: add --target KIND")
     names = [v.name for v in art.module.inputs]
     if art.tokenizer_dir is not None:
         from ctc.eval.data import lee_test
@@ -678,10 +681,20 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
     res = measure_latency(lambda: art.run(feed, target=target), runs=max(repeat, MIN_RUNS), warmup=3,
                           threads=threads, label=target or "torch")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return {"backend": target or "torch (reference)", "batch": batch, "seq_len": seq_len,
-            "median_ms": round(res.median_ms, 3), "p90_ms": round(res.p90_ms, 3), "min_ms": round(res.min_ms, 3),
-            "protocol": res.protocol, "peak_rss_mb": round(peak_mb, 1),
-            "param_mb": round(art.module.param_bytes() / 2**20, 2), "cpu": machine_info().get("cpu", "")}
+    out = {"backend": target or "torch (reference)", "batch": batch, "seq_len": seq_len,
+           "median_ms": round(res.median_ms, 3), "p90_ms": round(res.p90_ms, 3), "min_ms": round(res.min_ms, 3),
+           "protocol": res.protocol, "peak_rss_mb": round(peak_mb, 1),
+           "param_mb": round(art.module.param_bytes() / 2**20, 2), "cpu": machine_info().get("cpu", "")}
+    if profile:
+        runner = art.runner(target)
+        if not hasattr(runner, "profile"):
+            raise UsageError(f"the {target} backend's runtime cannot time its kernels (no profile())")
+        rows = runner.profile(feed, runs=5)
+        total = sum(r.ms_per_run for r in rows) or 1.0
+        out["kernels"] = [{"kernel": r.name, "calls": r.calls_per_run, "ms_per_call": round(r.ms_per_call, 4),
+                           "ms_per_run": round(r.ms_per_run, 4), "share": round(r.ms_per_run / total, 4)}
+                          for r in rows[:profile]]
+    return out
 
 
 __all__ = ["CompileOptions", "CompileResult", "ModelError", "UsageError", "bench_artifact", "compile_recipe",

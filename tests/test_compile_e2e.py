@@ -90,6 +90,8 @@ def test_cli_eval_and_bench(compiled: tuple[int, Path, str], capsys: pytest.Capt
     assert main(["bench", str(out), "--seq-len", "8", "--repeat", "20", "--json"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
     assert res["median_ms"] > 0 and res["seq_len"] == 8 and "20 runs" in res["protocol"]
+    assert main(["bench", str(out), "--seq-len", "8", "--profile"]) == 2  # kernels exist only for a target
+    assert "--profile times the kernels of a compiled library: add --target" in capsys.readouterr().err
 
 
 def test_cli_show_and_run(compiled: tuple[int, Path, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,6 +130,9 @@ def test_pt2_with_cpu_target(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert art.targets == ["cpu"] and art.report["targets"][0]["kind"] == "cpu"
     x = torch.randn(1, 8)  # the program was exported with a static batch of 1
     torch.testing.assert_close(art.run({"x": x}, target="cpu")[0], art.run({"x": x})[0], rtol=1e-5, atol=1e-5)
+    kernels = art.runner("cpu").profile({"x": x}, runs=2)  # what `ctc bench --profile` prints
+    assert kernels and all(k.calls_per_run >= 1 and k.ms_per_call >= 0 for k in kernels)
+    assert any("matvec" in k.name for k in kernels), [k.name for k in kernels]  # batch 1: the GEMV path
     # ctc run on a tensor file, through the compiled library
     from safetensors.torch import save_file
 

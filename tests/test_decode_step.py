@@ -1,58 +1,77 @@
-"""The benchmark's GPT-2 decode-step wrapper (explicit KV-cache tensors) is real decoding and ctc
-captures it faithfully: checked on a tiny GPT-2 through the reference interpreter."""
+"""``ctc.frontends.decode``: one decode step of an HF causal LM over explicit KV-cache tensors is
+real decoding (it continues a prefill exactly), and ctc captures it faithfully (GPT-2 and a
+GQA Llama, checked through the reference interpreter)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
+import inspect
 
+import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ctc.frontends import capture
+from ctc.frontends.decode import cache_names, decode_inputs, decode_step, kv_cache_shape
 from ctc.ir.interpreter import interpret
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cpu_latency", ROOT / "benchmarks" / "cpu_latency.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _tiny() -> tuple[GPT2LMHeadModel, GPT2Config]:
+def _gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=50, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval(), cfg
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
 
 
 @torch.no_grad()
-def test_decode_step_continues_a_prefill() -> None:
-    cl = _bench()
-    model, cfg = _tiny()
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_decode_step_continues_a_prefill(make) -> None:  # noqa: ANN001
+    model = make()
     ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(1))
     full = model(ids, use_cache=False).logits[:, -1:]
     pre = model(ids[:, :6], use_cache=True).past_key_values
     past = {f"past_{t}_{i}": (lay.keys if t == "k" else lay.values) for i, lay in enumerate(pre.layers) for t in "kv"}
-    step = cl.decode_step_wrapper(model)
+    step = decode_step(model)
     out = step(ids[:, 6:], torch.ones(1, 7, dtype=torch.long), *past.values())
-    assert len(out) == 1 + 2 * cfg.n_layer
+    assert len(out) == 1 + 2 * model.config.num_hidden_layers
     torch.testing.assert_close(out[0], full, rtol=1e-4, atol=1e-5)
-    assert out[1].shape == (1, 4, 7, 8)  # the cache grew by the new token
+    assert tuple(out[1].shape) == kv_cache_shape(model.config, 7)  # the cache grew by the new token
     torch.testing.assert_close(out[1][:, :, :6], past["past_k_0"])
+    # keyword call binds by name, as torch.export does
+    kw = step(input_ids=ids[:, 6:], attention_mask=torch.ones(1, 7, dtype=torch.long), **past)
+    torch.testing.assert_close(kw[0], out[0])
+
+
+def test_signature_names_every_cache_tensor() -> None:
+    model = _llama()
+    names = list(inspect.signature(decode_step(model).forward).parameters)
+    assert names == ["input_ids", "attention_mask", *cache_names(model.config)]
+    assert cache_names(model.config)[:3] == ["past_k_0", "past_v_0", "past_k_1"]
+    assert kv_cache_shape(model.config, 9) == (1, 2, 9, 8)  # GQA: 2 kv heads of dim 32/4
+
+
+def test_bad_uses_are_named() -> None:
+    with pytest.raises(TypeError, match="Hugging Face causal LM"):
+        decode_step(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        decode_inputs(_gpt2(), past=0)
+    step = decode_step(_gpt2())
+    with pytest.raises(TypeError, match="takes 4 cache tensors"):
+        type(step).__mro__[1].forward(step, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
 
 
 @torch.no_grad()
-def test_captured_decode_step_matches_eager() -> None:
-    cl = _bench()
-    model, cfg = _tiny()
-    step = cl.decode_step_wrapper(model)
-    ins = cl.decode_inputs(cfg, past=5, seed=3)
-    ref = step(*ins.values())
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_captured_decode_step_matches_eager(make) -> None:  # noqa: ANN001
+    model = make()
+    step = decode_step(model)
+    ins = decode_inputs(model, past=5, seed=3)
+    ref = step(**ins)
     m = capture(step, ins, dynamic=False)
     assert m.meta["capture_path"] == "export"
     assert [v.name for v in m.inputs] == list(ins)

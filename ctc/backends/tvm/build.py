@@ -358,12 +358,6 @@ def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
 
 
 def load(target_dir: str | Path, module: Module | None = None) -> Any:
-    """The ctc artifact hook: a runner ``inputs -> outputs`` over the compiled library in ``target_dir``."""
-    model = load_compiled(target_dir)
-
-    def run(inputs: Any) -> list[Any]:
-        if isinstance(inputs, Mapping):
-            return model(inputs)
-        return model(*inputs)
-
-    return run
+    """The ctc artifact hook: the compiled library in ``target_dir``, callable on a mapping or a list of
+    inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``)."""
+    return load_compiled(target_dir)

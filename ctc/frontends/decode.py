@@ -1,0 +1,105 @@
+"""One decode step of a Hugging Face causal LM as a module over plain tensors.
+
+Why: generation runs one token at a time against a KV cache, and that step is what a deployed
+decoder executes thousands of times.  HF models keep the cache in a ``Cache`` object, which a
+graph cannot take as an input; :func:`decode_step` wraps the model so the step's inputs are
+``input_ids [B, T]``, ``attention_mask [B, P + T]`` and one ``past_k_i`` / ``past_v_i``
+tensor ``[B, kv_heads, P, head_dim]`` per layer, and its outputs are the logits followed by the
+grown caches (``[B, kv_heads, P + T, head_dim]``, same order).  ``capture(decode_step(model),
+decode_inputs(model, past=P))`` then gives a ctc module of that step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DecodeStep", "cache_names", "decode_inputs", "decode_step", "kv_cache_shape"]
+
+
+def _layers(config: Any) -> int:
+    return int(config.num_hidden_layers)
+
+
+def kv_cache_shape(config: Any, past: int, batch: int = 1) -> tuple[int, int, int, int]:
+    """``[batch, kv_heads, past, head_dim]`` of one layer's cached keys (and values)."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return (batch, kv_heads, past, head_dim)
+
+
+def cache_names(config: Any) -> list[str]:
+    """Input names of the cache tensors, in order: past_k_0, past_v_0, past_k_1, ..."""
+    return [f"past_{t}_{i}" for i in range(_layers(config)) for t in "kv"]
+
+
+class DecodeStep(nn.Module):
+    """``forward(input_ids, attention_mask, past_k_0, past_v_0, ...) -> (logits, k_0, v_0, ...)``.
+
+    The past tensors are put into an HF ``DynamicCache``; the outputs are the logits of the new
+    tokens and every layer's keys and values with the new tokens appended.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
+            raise TypeError(f"decode_step needs a Hugging Face causal LM (got {type(model).__name__} with no "
+                            "config.num_hidden_layers)")
+        self.model = model
+        self.n_layers = _layers(model.config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        if len(past) != 2 * self.n_layers:
+            raise TypeError(f"decode step takes {2 * self.n_layers} cache tensors (k and v for "
+                            f"{self.n_layers} layers), got {len(past)}")
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)],
+                             config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        res = [out.logits]
+        for layer in out.past_key_values.layers:
+            res += [layer.keys, layer.values]
+        return tuple(res)
+
+
+def decode_step(model: nn.Module) -> DecodeStep:
+    """``model`` wrapped as a :class:`DecodeStep` whose ``forward`` signature names every cache tensor
+    (``torch.export`` and :func:`ctc.frontends.capture` bind inputs by parameter name)."""
+    step = DecodeStep(model).eval()
+    names = ["input_ids", "attention_mask", *cache_names(model.config)]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
+    base = DecodeStep.forward
+
+    def forward(self: DecodeStep, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bound = sig.bind(self, *args, **kwargs)
+        vals = [bound.arguments[n] for n in names]
+        return base(self, vals[0], vals[1], *vals[2:])
+
+    sig = inspect.Signature(params)
+    forward.__signature__ = sig  # type: ignore[attr-defined]
+    cls = type(f"{type(model).__name__}DecodeStep", (DecodeStep,), {"forward": forward})
+    step.__class__ = cls
+    return step
+
+
+def decode_inputs(model_or_config: Any, past: int, *, batch: int = 1, new_tokens: int = 1,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """Example inputs of one step: random token ids, an all-ones mask over ``past + new_tokens``
+    positions and random caches of ``past`` positions (fixed ``seed``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if past < 1 or new_tokens < 1 or batch < 1:
+        raise ValueError(f"decode_inputs: past, new_tokens and batch must be >= 1 (got {past}, {new_tokens}, "
+                         f"{batch})")
+    g = torch.Generator().manual_seed(seed)
+    ins = {"input_ids": torch.randint(0, int(config.vocab_size), (batch, new_tokens), generator=g),
+           "attention_mask": torch.ones(batch, past + new_tokens, dtype=torch.long)}
+    shape = kv_cache_shape(config, past, batch)
+    for name in cache_names(config):
+        ins[name] = torch.randn(*shape, generator=g)
+    return ins
