@@ -15,7 +15,8 @@ Models: ``minilm128``/``minilm384`` (all-MiniLM-L6-v2, real weights, batch 1, se
 random weights, prefill of 128 tokens, hidden states without the LM head) and ``gpt2-decode``
 (the same shape with the LM head, one decode step: 1 new token on a KV cache of 128 past
 positions passed as 24 explicit [1, 12, 128, 64] tensors; outputs logits and the 24 grown k/v
-tensors; max abs err is over all outputs, cosine over the logits).
+tensors; max abs err is over all outputs, cosine over the logits) and ``smollm2-decode`` (the
+bundled SmolLM2-135M, real weights, one decode step on a random KV cache of 128 positions).
 
 Usage::
 
@@ -104,7 +105,15 @@ def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str
         step = decode_step(GPT2LMHeadModel(cfg).eval())
         return step, decode_inputs(cfg, past=128), "", ("GPT-2-small-shaped decoder with LM head (random weights), "
                                                         "one decode step: 1 new token, KV cache of 128 positions")
-    raise SystemExit(f"unknown model {name!r} (minilm128, minilm384, gpt2, gpt2-decode)")
+    if name == "smollm2-decode":
+        from ctc.eval.models import load_bundled
+        from ctc.frontends.decode import decode_inputs, decode_step
+
+        model, _tok, _ = load_bundled("smollm2")
+        step = decode_step(model.eval())
+        return step, decode_inputs(model, past=128), "", ("SmolLM2-135M (real weights, 30 layers, GQA 9/3 heads), "
+                                                          "one decode step: 1 new token, KV cache of 128 positions")
+    raise SystemExit(f"unknown model {name!r} (minilm128, minilm384, gpt2, gpt2-decode, smollm2-decode)")
 
 
 class Wrapped(torch.nn.Module):
@@ -189,7 +198,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
         path = str(Path(tmp.name) / "model.onnx")
         t0 = time.perf_counter()
-        onames = ["logits"] + [f"present_{t}_{i}" for i in range(wrapped.n_layer) for t in "kv"] if decode else ["out"]
+        onames = ["logits"] + [f"present_{t}_{i}" for i in range(wrapped.n_layers) for t in "kv"] if decode else ["out"]
         torch.onnx.export(wrapped, ins, path, input_names=list(inputs), output_names=onames,
                           opset_version=17, dynamo=False)
         export_s = time.perf_counter() - t0
