@@ -26,7 +26,8 @@ Usage::
 
 Runtimes (``--runtimes``): eager (always), compile, ort, ort-int8 (ONNX Runtime's dynamic int8
 quantization, QInt8 weights), ctc (default schedules), ctc-int8 (MiniLM after the rptq W8A8
-pipeline of examples/minilm_w8a8.ctc, built with the TVM integer kernels).
+pipeline of examples/minilm_w8a8.ctc, built with the TVM integer kernels), ctc-dyn (default
+schedules, built for any sequence length as ``ctc compile`` does, instead of the benchmark's length).
 
 The machine is shared: the load average before and after each model is printed; numbers
 taken under load are slower for every runtime, ratios less so.
@@ -233,7 +234,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     cap_s = time.perf_counter() - t0
     tune_here = args.trials > 0 and (args.tune_models == "all" or name in args.tune_models.split(","))
     variants = ([("ctc default", 0, m)] if "ctc" in runtimes else []) \
-        + ([("ctc tuned", args.trials, m)] if tune_here else [])
+        + ([("ctc tuned", args.trials, m)] if tune_here else []) \
+        + ([("ctc default, any length", 0, m)] if "ctc-dyn" in runtimes and not decode else [])
     if "ctc-int8" in runtimes:
         t0 = time.perf_counter()
         q = rptq_w8a8_module(name)
@@ -242,7 +244,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         variants.append(("ctc int8 rptq W8A8", 0, q))
     for label, trials, mod in variants:
         t0 = time.perf_counter()
-        comp = compile_module(mod, options=BuildOptions(static_dims=_static_dims(mod, inputs), trials=trials,
+        static = {} if "any length" in label else _static_dims(mod, inputs)
+        comp = compile_module(mod, options=BuildOptions(static_dims=static, trials=trials,
                                                       tuning_dir=args.tuning_dir, trials_per_task=args.per_task))
         ct = time.perf_counter() - t0
         d = Path(tmp.name) / label.replace(" ", "_")

@@ -30,6 +30,8 @@ class CpuOptions(PassOptions):
     mcpu: str = option("native", "LLVM -mcpu (native = this machine)")
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
     tuning_dir: str | None = option(None, "meta-schedule tuning database directory (default ~/.cache/ctc/tuning)")
+    seq_len: int = option(0, "build for this sequence length only (0 = any length); fixed-length code is faster "
+                             "(MiniLM seq 128: 1.4x)", min=0)
 
 
 @dataclass(frozen=True)

@@ -328,6 +328,28 @@ def test_static_dims_specialise_and_reject_other_lengths() -> None:
     assert low_dyn.symbols == ["seq"]
 
 
+def test_target_seq_len_and_opt_level_reach_the_build() -> None:
+    """`target cpu seq_len=N opt_level=K` in a recipe: a fixed-length build of the sequence symbol."""
+    from ctc.backends.tvm.build import _options_from_target
+    from ctc.errors import UsageError
+    from ctc.targets import CpuOptions, TargetConfig
+
+    m = _mlp()
+    opts = _options_from_target(TargetConfig("cpu", CpuOptions(seq_len=16, opt_level=2)), m)
+    assert opts.static_dims == {"seq": 16} and opts.opt_level == 2
+    assert _options_from_target(TargetConfig("cpu", CpuOptions()), m).static_dims == {}
+    comp = compile_module(m, options=opts)
+    assert comp.meta["static_dims"] == {"seq": 16} and comp.meta["opt_level"] == 2
+    fixed = Module("fixed")
+    fixed.set_outputs([fixed.create_node("relu", [fixed.add_input("x", TensorType([2, 3], "f32"))], {}).output])
+    with pytest.raises(UsageError, match="fixed shapes already; remove seq_len"):
+        _options_from_target(TargetConfig("cpu", CpuOptions(seq_len=8)), fixed)
+    two = Module("two")
+    two.set_outputs([two.create_node("relu", [two.add_input("x", TensorType(["a", "b"], "f32"))], {}).output])
+    with pytest.raises(UsageError, match=r"use \['a', 'b'\]"):
+        _options_from_target(TargetConfig("cpu", CpuOptions(seq_len=8)), two)
+
+
 def test_pow3_becomes_multiplications() -> None:
     m = Module("p")
     x = m.add_input("x", TensorType((4,), "f32"))

@@ -48,6 +48,7 @@ class BuildOptions:
     use_int_kernels: bool = True
     default_schedules: bool = True
     trials_per_task: int | None = None
+    opt_level: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,7 +127,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
                 use_int_kernels=opts.use_int_kernels)
     timings["lower_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with tgt:
+    with tgt, tvm.transform.PassContext(opt_level=opts.opt_level):
         mod = relax_passes(tgt)(low.mod)
     timings["fuse_s"] = time.perf_counter() - t0
     tune_summary: dict[str, Any] = {}
@@ -142,7 +143,8 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         mod = schedule_defaults(mod, tgt)
     timings["schedule_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, tgt, relax_pipeline=_finalize(tgt))
+    with tvm.transform.PassContext(opt_level=opts.opt_level):
+        ex = tvm.compile(mod, tgt, relax_pipeline=_finalize(tgt))
     timings["codegen_s"] = time.perf_counter() - t0
     meta = {
         "format": "ctc-tvm-1",
@@ -153,6 +155,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
                     for n, v in zip(module.output_names, module.outputs, strict=True)],
         "params": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in low.param_inputs],
         "static_dims": dict(opts.static_dims or {}),
+        "opt_level": opts.opt_level,
         "fast_math": opts.fast_math,
         "int_kernels": low.int_kernels,
         "notes": low.notes,
@@ -336,11 +339,27 @@ def load_compiled(path: str | Path, *, threads: int | None = None) -> CompiledMo
 
 
 # ----------------------------------------------------------------------------- ctc backend hooks
-def _options_from_target(target: Any) -> BuildOptions:
-    """Build options from a ``TargetConfig``: its trial budget and, when the target's options carry
-    one, ``tuning_dir`` (default: ~/.cache/ctc/tuning)."""
+def _options_from_target(target: Any, module: Module) -> BuildOptions:
+    """Build options from a ``TargetConfig``: its trial budget, ``opt_level``, ``tuning_dir``
+    (default: ~/.cache/ctc/tuning) and ``seq_len`` (a fixed-length build binds the module's
+    sequence symbol)."""
+    from ctc.errors import UsageError
+
+    opts = target.options
+    static: dict[str, int] = {}
+    seq_len = int(getattr(opts, "seq_len", 0) or 0)
+    if seq_len:
+        symbols = sorted(set().union(*(v.type.symbols for v in module.inputs)))
+        if not symbols:
+            raise UsageError(f"target {target.kind}: seq_len={seq_len} given, but the model's inputs have fixed "
+                             "shapes already; remove seq_len")
+        if len(symbols) > 1 and "seq" not in symbols:
+            raise UsageError(f"target {target.kind}: seq_len binds the symbol 'seq', but the model's input dims "
+                             f"use {symbols}; capture with one sequence symbol named 'seq'")
+        static = {"seq" if "seq" in symbols else symbols[0]: seq_len}
     return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
-                        tuning_dir=getattr(target.options, "tuning_dir", None) or None)
+                        tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
+                        opt_level=int(getattr(opts, "opt_level", 3)))
 
 
 def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
@@ -348,7 +367,7 @@ def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
     from ctc.backends.tvm import targets as T
 
     info = T.resolve(target.kind, target.options)
-    opts = _options_from_target(target)
+    opts = _options_from_target(target, module)
     t0 = time.perf_counter()
     comp = compile_module(module, target=info, options=opts)
     lib = comp.export(out_dir)
