@@ -186,3 +186,49 @@ def test_captured_decode_step_end_to_end(kind: str, tmp_path: Any) -> None:
     assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize(("hq", "hk", "mask"), [(4, 4, "bool"), (6, 2, "add"), (4, 2, None)])
+def test_one_query_attention_reads_kv_as_stored(hq: int, hk: int, mask: str | None) -> None:
+    """sdpa with one query (a decode step): q k^T by the batched GEMV schedule and p v by
+    VecMatRule, the KV cache neither transposed nor repeated for GQA; same numbers as interpret."""
+    m = Module("one_query_sdpa")
+    q = m.add_input("q", TensorType([1, hq, 1, 16], "f32"))
+    k = m.add_input("k", TensorType([1, hk, 11, 16], "f32"))
+    v = m.add_input("v", TensorType([1, hk, 11, 16], "f32"))
+    ins = [q, k, v]
+    if mask == "bool":
+        ins.append(m.add_input("mask", TensorType([1, 1, 1, 11], "bool")))
+    elif mask == "add":
+        ins.append(m.add_input("mask", TensorType([1, hq, 1, 11], "f32")))
+    y = m.create_node("scaled_dot_product_attention", ins, {"enable_gqa": hq != hk}).output
+    m.set_outputs([y])
+    funcs = _scheduled(m)
+    assert not any("repeat" in n or "transpose" in n for n in funcs), sorted(funcs)
+    scores = [s for n, s in funcs.items() if "scores" in n]
+    values = [s for n, s in funcs.items() if "attn_values" in n]
+    assert len(scores) == 1 and "_rf_local" in scores[0], sorted(funcs)
+    assert len(values) == 1 and "T.parallel" in values[0] and "T.vectorized" in values[0], values
+    g = _g(20 + hq)
+    feed = [torch.randn(1, hq, 1, 16, generator=g), torch.randn(1, hk, 11, 16, generator=g),
+            torch.randn(1, hk, 11, 16, generator=g)]
+    if mask == "bool":
+        feed.append(torch.rand(1, 1, 1, 11, generator=g) > 0.3)
+    elif mask == "add":
+        feed.append(torch.randn(1, hq, 1, 11, generator=g))
+    torch.testing.assert_close(_run(m, feed)[0], interpret(m, feed)[0], **TOL)
+
+
+def test_many_queries_keep_the_matmul_attention() -> None:
+    m = Module("prefill_sdpa")
+    q = m.add_input("q", TensorType([1, 4, "s", 16], "f32"))
+    k = m.add_input("k", TensorType([1, 2, "s", 16], "f32"))
+    v = m.add_input("v", TensorType([1, 2, "s", 16], "f32"))
+    m.set_outputs([m.create_node("scaled_dot_product_attention", [q, k, v],
+                                 {"enable_gqa": True, "is_causal": True}).output])
+    funcs = _scheduled(m)
+    assert not any("scores" in n or "attn_values" in n for n in funcs), sorted(funcs)
+    g = _g(30)
+    feed = [torch.randn(1, 4, 7, 16, generator=g), torch.randn(1, 2, 7, 16, generator=g),
+            torch.randn(1, 2, 7, 16, generator=g)]
+    torch.testing.assert_close(_run(m, feed)[0], interpret(m, feed)[0], **TOL)

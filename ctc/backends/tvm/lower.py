@@ -523,13 +523,17 @@ def _bias(ctx: Ctx, y: Any, bias: Any | None) -> Any:
     return y if bias is None else ctx.relax.op.add(ctx.emit(y), bias)
 
 
+def _static_int(ctx: Ctx, d: int | str) -> int | None:
+    """The value of dim ``d`` when it is static (or bound by ``static_dims``), else None."""
+    v = ctx.dims(d)
+    if isinstance(v, int):
+        return v
+    return int(v.value) if hasattr(v, "value") else None
+
+
 def _one_row(ctx: Ctx, x: Value) -> bool:
     """True when every leading dim of ``x`` is statically 1 (a decode step's ``[1, 1, K]``)."""
-    for d in x.type.shape[:-1]:
-        v = ctx.dims(d)
-        if not (isinstance(v, int) and v == 1) and not (hasattr(v, "value") and int(v.value) == 1):
-            return False
-    return True
+    return all(_static_int(ctx, d) == 1 for d in x.type.shape[:-1])
 
 
 def _matvec_nk(x: Any, w: Any) -> Any:
@@ -622,17 +626,62 @@ def _repeat_kv(ctx: Ctx, k: Any, hq: Any, hk: Any, axis: int) -> Any:
     return k
 
 
+def _one_query_group(ctx: Ctx, node: Node) -> int | None:
+    """For ``q [B, H, 1, D]`` against ``k``/``v`` ``[B, Hk, S, D]`` (one decode step, f32): the number
+    of query heads per kv head (1 without GQA); None for any other shape."""
+    qt, kt, vt = (i.type for i in node.inputs[:3])
+    if not (qt.rank == kt.rank == vt.rank == 4 and qt.dtype == kt.dtype == vt.dtype == "f32"):
+        return None
+    if _static_int(ctx, qt.shape[2]) != 1 or qt.shape[0] != kt.shape[0] or kt.shape[0] != vt.shape[0]:
+        return None
+    hq, hk = _static_int(ctx, qt.shape[1]), _static_int(ctx, kt.shape[1])
+    if hq is None or hk is None or hk != _static_int(ctx, vt.shape[1]) or hq % hk:
+        return None
+    if hq != hk and not node.attrs.get("enable_gqa", False):
+        return None
+    return hq // hk
+
+
+def _scores_by_group(group: int) -> Callable[[Any, Any], Any]:
+    """``s[b, h, i, j] = sum_d q[b, h, i, d] * k[b, h // group, j, d]``: ``q k^T`` reading the keys
+    as stored ([S, D] per kv head), no transpose or GQA repeat materialized."""
+    def f(q: Any, k: Any) -> Any:
+        from tvm import te
+
+        d = te.reduce_axis((0, q.shape[3]), "d")
+        return te.compute([q.shape[0], q.shape[1], q.shape[2], k.shape[2]],
+                          lambda b, h, i, j: te.sum(q[b, h, i, d] * k[b, h // group, j, d], axis=d), name="scores")
+    return f
+
+
+def _weighted_values_by_group(group: int) -> Callable[[Any, Any], Any]:
+    """``o[b, h, i, d] = sum_j p[b, h, i, j] * v[b, h // group, j, d]`` (values as stored)."""
+    def f(p: Any, v: Any) -> Any:
+        from tvm import te
+
+        j = te.reduce_axis((0, v.shape[2]), "j")
+        return te.compute([p.shape[0], p.shape[1], p.shape[2], v.shape[3]],
+                          lambda b, h, i, d: te.sum(p[b, h, i, j] * v[b, h // group, j, d], axis=j), name="pv")
+    return f
+
+
 def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, scale: float | None,
-                      mask: Any | None, mt: TensorType | None, is_causal: bool) -> Any:
-    """fp32 logits ``q k^T * scale`` with causal (top-left) / bool / additive masks applied (-inf)."""
+                      mask: Any | None, mt: TensorType | None, is_causal: bool, group: int | None = None) -> Any:
+    """fp32 logits ``q k^T * scale`` with causal (top-left) / bool / additive masks applied (-inf).
+
+    ``group`` (one-query attention, see :func:`_one_query_group`): the keys are read as stored by
+    a matrix-vector kernel per head, ``k`` not repeated for GQA."""
     from tvm import te, tirx
 
     op = ctx.relax.op
     r = qt.rank
     d = qt.shape[-1]
     sc = scale if scale is not None else 1.0 / math.sqrt(int(d))
-    kT = ctx.emit(op.permute_dims(k, [*range(r - 2), r - 1, r - 2]))
-    logits = ctx.emit(op.matmul(q, kT))
+    if group is not None:
+        logits = ctx.te(_scores_by_group(group), q, k, name="scores")
+    else:
+        kT = ctx.emit(op.permute_dims(k, [*range(r - 2), r - 1, r - 2]))
+        logits = ctx.emit(op.matmul(q, kT))
     logits = ctx.emit(op.multiply(logits, ctx.const(sc, qt.dtype)))
     if qt.dtype != "f32":
         logits = ctx.emit(op.astype(logits, "float32"))
@@ -660,11 +709,14 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     qt, kt, vt = (i.type for i in node.inputs[:3])
     mask = a[3] if len(a) > 3 else None
     mt = node.inputs[3].type if len(a) > 3 else None
-    if node.attrs["enable_gqa"] and qt.rank >= 3:
+    group = _one_query_group(ctx, node)
+    if group is None and node.attrs["enable_gqa"] and qt.rank >= 3:
         k = _repeat_kv(ctx, k, qt.shape[-3], kt.shape[-3], kt.rank - 3)
         v = _repeat_kv(ctx, v, qt.shape[-3], vt.shape[-3], vt.rank - 3)
-    logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"])
+    logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"], group)
     p = ctx.te(_softmax_te(False, ctx.fast_math), logits, qt.rank - 1, name="softmax")
+    if group is not None:  # one query (a decode step): values read as stored, per kv head
+        return ctx.te(_weighted_values_by_group(group), p, v, name="attn_values")
     if qt.dtype != "f32":
         p = ctx.emit(op.astype(p, _dt(qt)))
     return op.matmul(p, v)

@@ -10,8 +10,11 @@ tuning:
   micro-kernel (V = SIMD lanes), vectorized over ``n``, ``k`` innermost-but-three, the
   accumulator tile in a local buffer, the epilogue computed per tile, outer tiles in parallel.
   Works with a symbolic ``m`` (dynamic sequence length).
-* :class:`GemvRule` -- one-row products over an ``[N, K]`` weight (decode steps): weight rows
-  streamed contiguously, vector partial sums per row, parallel over output chunks.
+* :class:`GemvRule` -- one-row products over an ``[N, K]`` weight (decode steps), also batched
+  (one query's heads against their keys): weight rows streamed contiguously, vector partial
+  sums per row, parallel over outputs.
+* :class:`VecMatRule` -- a batched vector times a ``[K, N]`` matrix with no row axis (one
+  query's attention weights times its values).
 * :class:`RowReductionRule` -- dlight's CPU ``Reduction`` rule (softmax, layer norm) with the
   one-row case fixed; dlight's ``GEMV`` for the remaining matrix-vector shapes.
 * :class:`ElementwiseRule` -- the remaining spatial-only PrimFuncs: parallel outer loop,
@@ -31,7 +34,8 @@ from tvm.s_tir.dlight.analysis import get_sblock_info, normalize_prim_func
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 from tvm.target import Target
 
-__all__ = ["ElementwiseRule", "GemvRule", "MatmulRule", "RowReductionRule", "default_rules", "vector_lanes"]
+__all__ = ["ElementwiseRule", "GemvRule", "MatmulRule", "RowReductionRule", "VecMatRule", "default_rules",
+           "vector_lanes"]
 
 
 def vector_lanes(target: Target, bits: int = 32) -> int:
@@ -225,21 +229,25 @@ class GemvRule(_CpuRule):
             return None
         iters = [iv.var for iv in block.iter_vars]
         n_var, k_var = iters[-2], iters[-1]
-        lead = [sch.get(lp).extent for lp in sch.get_loops(red.block_rv)[:-2]]
-        if any(not isinstance(e, tirx.IntImm) or int(e) != 1 for e in lead):
-            return None
         # One read is the vector (uses k, not n); the other is the weight, indexed [.., n, k].
-        weight = vector = False
+        weight_vars: set[Any] | None = None
+        vector = False
         for r in block.reads:
             v = _buffer_var_set(r)
             uses_n = any(n_var in x for x in v)
             if len(v) >= 2 and n_var in v[-2] and k_var in v[-1] and not any(n_var in x for x in v[-1:]) \
                     and not any(k_var in x for x in v[:-1]):
-                weight = True
+                weight_vars = set().union(*v)
             elif not uses_n and v and k_var in v[-1]:
                 vector = True
-        if not (weight and vector):
+        if weight_vars is None or not vector:
             return None
+        # Leading axes: extent 1, or a batch with its own weight matrix (one query's heads against
+        # their KV cache).  A leading axis the weight does not depend on is a row axis: a matmul.
+        for iv in block.iter_vars[:-2]:
+            ext = iv.dom.extent
+            if not (isinstance(ext, tirx.IntImm) and int(ext) == 1) and iv.var not in weight_vars:
+                return None
         lanes = vector_lanes(target, 32)
         *lead_loops, ln, lk = sch.get_loops(red.block_rv)
         k_ext, n_ext = _extent(sch, lk), _extent(sch, ln)
@@ -274,6 +282,71 @@ class GemvRule(_CpuRule):
         if epis:
             last = epis[-1].block_rv
             sch.reverse_compute_at(last, outer)
+        return sch
+
+
+class VecMatRule(_CpuRule):
+    """Batched vector x ``[K, N]`` matrix with no row axis: ``o[b.., n] = sum_k a[b.., k] * m[b.., k, n]``
+    (a single query's attention weights times its values ``[S, head_dim]``).
+
+    Per batch (parallel): accumulate the matrix rows scaled by ``a[k]`` into ``N`` accumulators in
+    vector registers (``N`` static, a multiple of the vector width, at most ``max_n``), then the
+    epilogue.  dlight has no rule for this outer-reduction shape and ``MatmulRule`` needs a row axis.
+    """
+
+    def __init__(self, max_n: int = 256):
+        self.max_n = max_n
+
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if reds != [0] or not infos[0].dom_kind().endswith("SR") or infos[0].dom_kind().count("R") != 1:
+            return None
+        rb = infos[0].block_rv
+        block = sch.get(rb)
+        if len(block.reads) != 2 or len(block.writes) != 1:
+            return None
+        iters = [iv.var for iv in block.iter_vars]
+        if len(iters) < 3:
+            return None
+        n_var, k_var = iters[-2], iters[-1]
+        vector = matrix = False
+        for r in block.reads:
+            v = _buffer_var_set(r)
+            if len(v) >= 2 and n_var in v[-1] and k_var in v[-2] and not any(n_var in x for x in v[:-1]):
+                matrix = True
+            elif v and k_var in v[-1] and not any(n_var in x for x in v):
+                vector = True
+        lanes = vector_lanes(target, 32)
+        *lead, ln, lk = sch.get_loops(rb)
+        n_ext = _extent(sch, ln)
+        if not (matrix and vector) or n_ext is None or n_ext % lanes or n_ext > self.max_n or not lead:
+            return None
+        epis = infos[1:]
+        if any(not e.is_injective() for e in epis):
+            return None
+        for e in epis[:-1]:
+            sch.compute_inline(e.block_rv)
+        sch.reorder(*lead, lk, ln)
+        outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        sch.parallel(outer)
+        chunks, vec = sch.split(ln, [None, lanes])
+        sch.unroll(chunks)
+        sch.vectorize(vec)
+        if epis:
+            sch.set_scope(rb, 0, "local")
+            last = epis[-1].block_rv
+            sch.reverse_compute_at(last, outer)
+            _vectorize_last(sch, last, lanes)
+        else:
+            cw = sch.cache_write(rb, 0, "local")
+            sch.reverse_compute_at(cw, outer)
+            _vectorize_last(sch, cw, lanes)
+        init = sch.decompose_reduction(rb, lk)
+        sch.vectorize(sch.get_loops(init)[-1])
         return sch
 
 
@@ -364,4 +437,4 @@ class ElementwiseRule(_CpuRule):
 
 def default_rules() -> list[dl.ScheduleRule]:
     """The rule list applied by ``build(..., tuning off)``: most specific first."""
-    return [GemvRule(), MatmulRule(), dl.cpu.GEMV(), RowReductionRule(), ElementwiseRule()]
+    return [GemvRule(), MatmulRule(), VecMatRule(), dl.cpu.GEMV(), RowReductionRule(), ElementwiseRule()]
