@@ -197,6 +197,22 @@ class MatmulRule(_CpuRule):
         return sch
 
 
+def _product_then_epilogue(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[Any], Any] | None:
+    """(schedule, block infos, reduction block) when ``func`` is one two-operand product reduced over
+    its innermost axis (``..SR``), followed only by elementwise blocks; else None."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None or [i for i, b in enumerate(infos) if not b.is_injective()] != [0]:
+        return None
+    kinds = infos[0].dom_kind()
+    if not kinds.endswith("SR") or kinds.count("R") != 1:
+        return None
+    block = sch.get(infos[0].block_rv)
+    if len(block.reads) != 2 or len(block.writes) != 1:
+        return None
+    return sch, infos, block
+
+
 class GemvRule(_CpuRule):
     """Matrix-vector product over an ``[N, K]`` weight (one-row linears of a decode step).
 
@@ -213,20 +229,11 @@ class GemvRule(_CpuRule):
         self.rows = rows
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        found = _product_then_epilogue(func)
+        if found is None:
             return None
-        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reds) != 1 or reds[0] != 0:
-            return None
+        sch, infos, block = found
         red = infos[0]
-        kinds = red.dom_kind()
-        if not kinds.endswith("SR") or kinds.count("R") != 1:
-            return None
-        block = sch.get(red.block_rv)
-        if len(block.reads) != 2 or len(block.writes) != 1:
-            return None
         iters = [iv.var for iv in block.iter_vars]
         n_var, k_var = iters[-2], iters[-1]
         # One read is the vector (uses k, not n); the other is the weight, indexed [.., n, k].
@@ -254,9 +261,7 @@ class GemvRule(_CpuRule):
         if k_ext is None or k_ext % lanes != 0:
             return None
         rows = next((r for r in (self.rows, 2, 1) if n_ext is not None and n_ext % r == 0), 1)
-        epis = infos[1:]
-        if any(not e.is_injective() for e in epis):
-            return None
+        epis = infos[1:]  # elementwise (checked by _product_then_epilogue)
         for e in epis[:-1]:
             sch.compute_inline(e.block_rv)
         rb = red.block_rv
@@ -298,17 +303,11 @@ class VecMatRule(_CpuRule):
         self.max_n = max_n
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        found = _product_then_epilogue(func)
+        if found is None:
             return None
-        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if reds != [0] or not infos[0].dom_kind().endswith("SR") or infos[0].dom_kind().count("R") != 1:
-            return None
+        sch, infos, block = found
         rb = infos[0].block_rv
-        block = sch.get(rb)
-        if len(block.reads) != 2 or len(block.writes) != 1:
-            return None
         iters = [iv.var for iv in block.iter_vars]
         if len(iters) < 3:
             return None
@@ -325,9 +324,7 @@ class VecMatRule(_CpuRule):
         n_ext = _extent(sch, ln)
         if not (matrix and vector) or n_ext is None or n_ext % lanes or n_ext > self.max_n or not lead:
             return None
-        epis = infos[1:]
-        if any(not e.is_injective() for e in epis):
-            return None
+        epis = infos[1:]  # elementwise (checked by _product_then_epilogue)
         for e in epis[:-1]:
             sch.compute_inline(e.block_rv)
         sch.reorder(*lead, lk, ln)
