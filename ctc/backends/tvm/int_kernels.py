@@ -672,8 +672,8 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     if len(lead) != 1:
         xin = bb.emit(relax.op.reshape(xin, [m, spec.k]))
     name_a, name_m = kernel.names
-    gv_a = _add_func(bb, kernel.qact, name_a)
-    gv_m = _add_func(bb, kernel.qmm, name_m)
+    gv_a = add_prim_func(bb, kernel.qact, name_a)
+    gv_m = add_prim_func(bb, kernel.qmm, name_m)
     S = len(spec.segments)
     if spec.w_symmetric:
         xq = bb.emit(relax.call_tir(gv_a, [xin, ops["act_scale"], ops["act_zero"]],
@@ -695,7 +695,8 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     return y
 
 
-def _add_func(bb: Any, func: Any, name: str) -> Any:
+def add_prim_func(bb: Any, func: Any, name: str) -> Any:
+    """Add a hand-written PrimFunc to the block builder's module once (by name); its GlobalVar."""
     mod = bb.get()
     for gv in mod.get_global_vars():
         if getattr(gv, "name_hint", None) == name:

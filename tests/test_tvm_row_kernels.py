@@ -1,0 +1,91 @@
+"""The hand-written row softmax kernel (ctc/backends/tvm/row_kernels.py) against the interpreter:
+symbolic and fixed row lengths, lengths that are not a multiple of the vector width (scalar
+tail), masked (-inf) entries, log-softmax, and the choice between it and the TE softmax."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from ctc.backends.tvm.build import BuildOptions, compile_module, relax_passes  # noqa: E402
+from ctc.backends.tvm.lower import ROW_KERNEL_MIN_LEN, lower  # noqa: E402
+from ctc.backends.tvm.targets import resolve  # noqa: E402
+from ctc.ir import Module, TensorType  # noqa: E402
+from ctc.ir.interpreter import interpret  # noqa: E402
+
+TOL = {"rtol": 1e-4, "atol": 2e-6}
+
+
+def _module(op: str, shape: list[int | str]) -> Module:
+    m = Module(op)
+    x = m.add_input("x", TensorType(shape, "f32"))
+    m.set_outputs([m.create_node(op, [x], {"axis": len(shape) - 1}).output])
+    return m
+
+
+def _run(m: Module, x: torch.Tensor, **opts: object) -> torch.Tensor:
+    import tvm
+    from tvm import relax
+
+    comp = compile_module(m, options=BuildOptions(**opts))
+    vm = relax.VirtualMachine(comp.executable, tvm.cpu())
+    return torch.from_numpy(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x.numpy()))).numpy())
+
+
+def _uses_row_kernel(m: Module, static_dims: dict[str, int] | None = None) -> bool:
+    tgt = resolve("cpu").target()
+    low = lower(m, params="const", fast_math=True, static_dims=static_dims or {}, target=tgt, use_int_kernels=True)
+    with tgt:
+        mod = relax_passes(tgt)(low.mod)
+    return any(gv.name_hint.startswith("row_") for gv in mod.get_global_vars())
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("length", [5, 16, 37, 300])
+def test_symbolic_rows_match_interpreter(op: str, length: int) -> None:
+    m = _module(op, [2, 3, "s"])
+    assert _uses_row_kernel(m)
+    x = torch.randn(2, 3, length, generator=torch.Generator().manual_seed(length)) * 4
+    torch.testing.assert_close(_run(m, x), interpret(m, [x])[0], **TOL)
+
+
+@pytest.mark.parametrize("fast_math", [True, False])
+def test_masked_entries_get_zero_weight(fast_math: bool) -> None:
+    m = _module("softmax", [4, "s"])
+    x = torch.randn(4, 41, generator=torch.Generator().manual_seed(1))
+    x[:, 3::5] = -math.inf  # masked keys, as attention masks make them
+    y = _run(m, x, fast_math=fast_math)
+    torch.testing.assert_close(y, interpret(m, [x])[0], **TOL)
+    assert float(y[:, 3::5].abs().max()) < 1e-30
+    torch.testing.assert_close(y.sum(-1), torch.ones(4), rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_rows_pick_the_kernel_by_length() -> None:
+    short = _module("softmax", [3, ROW_KERNEL_MIN_LEN - 1])
+    long = _module("softmax", [3, ROW_KERNEL_MIN_LEN])
+    assert not _uses_row_kernel(short) and _uses_row_kernel(long)
+    assert not _uses_row_kernel(_module("softmax", [3, "s"]), {"s": 128})  # bound short by static_dims
+    x = torch.randn(3, ROW_KERNEL_MIN_LEN, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_run(long, x), interpret(long, [x])[0], **TOL)
+
+
+def test_fast_exp_expression_accuracy() -> None:
+    """fast_exp_expr vs float64 exp over the clamped range: relative error < 1e-6."""
+    import tvm
+    from tvm import te
+
+    from ctc.backends.tvm.row_kernels import fast_exp_expr
+
+    xs = np.linspace(-86.0, 87.0, 4001, dtype=np.float32)
+    a = te.placeholder((xs.size,), "float32", name="a")
+    b = te.compute(a.shape, lambda i: fast_exp_expr(a[i]), name="b")
+    f = tvm.compile(te.create_prim_func([a, b]), target=resolve("cpu").target())
+    out = tvm.runtime.tensor(np.zeros_like(xs))
+    f(tvm.runtime.tensor(xs), out)
+    rel = np.abs(out.numpy().astype(np.float64) / np.exp(xs.astype(np.float64)) - 1.0)
+    assert rel.max() < 1e-6, rel.max()
