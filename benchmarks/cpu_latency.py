@@ -56,10 +56,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+SETTLE_S = 0.5
+
+
 def timeit(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: int) -> dict[str, tuple[float, float]]:
     """(median, min) wall ms of each callable: ``warmup`` calls each, then ``rounds`` rounds that
     run every callable ``ceil(runs / rounds)`` times in turn, so a load spike from other users of
-    the machine hits every runtime alike.  At least ``runs`` timed calls per callable."""
+    the machine hits every runtime alike.  At least ``runs`` timed calls per callable.
+
+    Between runtimes the process sleeps ``SETTLE_S``: the previous runtime's worker threads spin
+    for a while after its last call (OpenMP, ONNX Runtime, TVM all do), and on a 2-core machine a
+    spinning thread takes a core from the runtime timed next (measured: ctc's decode step ran
+    1.15x ORT right after ORT's spinning pool, 0.96x with ORT and ctc alone)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -67,6 +75,7 @@ def timeit(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: in
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            time.sleep(SETTLE_S)  # let the previous runtime's spinning threads go to sleep
             fn()  # one untimed call after switching runtimes (caches, thread pools)
             for _ in range(per):
                 t0 = time.perf_counter()
