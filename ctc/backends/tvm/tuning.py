@@ -161,19 +161,24 @@ def tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | 
         if cost_model == "random":
             say("xgboost is not installed: tuning with a random cost model (pip install xgboost for a better search)")
         say(f"tuning {len(chosen)} of {len(tasks)} tasks, {per_task} trials each, database {wdir}")
-        ctxs = [ms.TuneContext(mod=t.dispatched[0], target=tgt, space_generator="post-order-apply",
-                               search_strategy="evolutionary", task_name=t.task_name, num_threads="physical")
-                for t in chosen]
         builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=300.0, initializer=_builder_init)
         runner = ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=ms.runner.EvaluatorConfig(
             number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False))
-        ms.tune.tune_tasks(tasks=ctxs, task_weights=[float(t.weight) for t in chosen], work_dir=str(wdir / "logs"),
-                           max_trials_global=per_task * len(chosen), max_trials_per_task=per_task,
-                           num_trials_per_iter=min(32, per_task), builder=builder, runner=runner, database=db,
-                           task_scheduler="round-robin", cost_model=cost_model)
-        for t in chosen:
+        # One task at a time, heaviest first: a progress line per task, and the ledger is written
+        # after each, so an interrupted run resumes at the first unfinished task.
+        for i, t in enumerate(chosen, 1):
+            t1 = time.perf_counter()
+            ctx = ms.TuneContext(mod=t.dispatched[0], target=tgt, space_generator="post-order-apply",
+                                 search_strategy="evolutionary", task_name=t.task_name, num_threads="physical")
+            ms.tune.tune_tasks(tasks=[ctx], task_weights=[float(t.weight)], work_dir=str(wdir / "logs"),
+                               max_trials_global=per_task, max_trials_per_task=per_task,
+                               num_trials_per_iter=min(32, per_task), builder=builder, runner=runner, database=db,
+                               task_scheduler="round-robin", cost_model=cost_model)
             ledger[_task_key(t)] = {"name": t.task_name, "trials": per_task, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        ledger_path.write_text(json.dumps(ledger, indent=1))
+            ledger_path.write_text(json.dumps(ledger, indent=1))
+            done = time.perf_counter() - t0
+            say(f"task {i}/{len(chosen)} {t.task_name}: {per_task} trials in {time.perf_counter() - t1:.0f} s "
+                f"(elapsed {done:.0f} s, about {done / i * (len(chosen) - i):.0f} s left)")
     summary["tune_s"] = round(time.perf_counter() - t0, 2)
     before = mod
     with tgt, db:
