@@ -232,3 +232,20 @@ def test_many_queries_keep_the_matmul_attention() -> None:
     feed = [torch.randn(1, 4, 7, 16, generator=g), torch.randn(1, 2, 7, 16, generator=g),
             torch.randn(1, 2, 7, 16, generator=g)]
     torch.testing.assert_close(_run(m, feed)[0], interpret(m, feed)[0], **TOL)
+
+
+def test_symbolic_rows_narrow_matmul_uses_vecmat() -> None:
+    """Attention's p v in an any-length build ([h, s, s] x [h, s, 32]): MatmulRule would pad and copy
+    the whole probability matrix, so VecMatRule takes it (no padded copy); a fixed length keeps
+    MatmulRule's register tile."""
+    m = Module("pv")
+    p = m.add_input("p", TensorType([3, "s", "s"], "f32"))
+    v = m.add_input("v", TensorType([3, "s", 32], "f32"))
+    m.set_outputs([m.create_node("matmul", [p, v], {}).output])
+    dyn = [s for n, s in _scheduled(m).items() if "matmul" in n]
+    assert len(dyn) == 1 and "_pad" not in dyn[0] and "T.vectorized" in dyn[0], dyn
+    fixed = [s for n, s in _scheduled(m, {"s": 16}).items() if "matmul" in n]
+    assert len(fixed) == 1 and "local" in fixed[0]
+    g = _g(40)
+    feed = [torch.rand(3, 13, 13, generator=g), torch.randn(3, 13, 32, generator=g)]
+    torch.testing.assert_close(_run(m, feed)[0], interpret(m, feed)[0], **TOL)

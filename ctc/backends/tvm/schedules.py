@@ -86,10 +86,11 @@ class _CpuRule(dl.ScheduleRule):
 class MatmulRule(_CpuRule):
     """Register-tiled, vectorized, parallel schedule for (batched) matmul PrimFuncs + epilogue."""
 
-    def __init__(self, mt: int = 8, nb: int = 2, k_unroll: int = 4):
+    def __init__(self, mt: int = 8, nb: int = 2, k_unroll: int = 4, vecmat_max_n: int = 128):
         self.mt = mt
         self.nb = nb
         self.k_unroll = k_unroll
+        self.vecmat_max_n = vecmat_max_n
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
         sch = s_tir.Schedule(func)
@@ -148,6 +149,11 @@ class MatmulRule(_CpuRule):
         if m_ext is not None and m_ext < mt:
             mt = max(m_ext, 1)
         pad_m = m_ext is None or m_ext % mt != 0
+        if m_ext is None and not pad_n and n_ext is not None and n_ext <= self.vecmat_max_n \
+                and len(sch.get(rb).reads) == 2:
+            # Symbolic rows and a narrow output (attention's p v, head_dim columns): padding would copy
+            # the whole [rows, K] operand; VecMatRule streams it in place, row by row.
+            return None
         writer = None
         if pad_m or pad_n:
             # Symbolic or ragged extents: pad rows to the tile and columns to whole vectors (padded
