@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    b.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="N",
-                   help="with --target: also list the N slowest kernels (default N 15)")
+    b.add_argument("--profile", action="store_true", help="with --target: also time each compiled kernel")
+    b.add_argument("--kernels", type=int, default=15, metavar="N",
+                   help="with --profile: how many of the slowest kernels to list (default 15)")
     b.add_argument("--json", action="store_true", help="print JSON")
     _common(b)
 
@@ -245,10 +246,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ctc.driver import bench_artifact
+    from ctc.errors import UsageError
 
+    if args.profile and args.kernels < 1:
+        raise UsageError(f"--kernels must be >= 1, got {args.kernels}")
     art = _load_artifact(args.artifact)
     res = bench_artifact(art, target=args.target, batch=args.batch, seq_len=args.seq_len, repeat=args.repeat,
-                         threads=args.threads, profile=args.profile)
+                         threads=args.threads, profile=args.kernels if args.profile else 0)
     if args.json:
         print(json.dumps(res, indent=2))
         return EXIT_OK

@@ -650,7 +650,7 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
 def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, repeat: int,
                    threads: int | None, profile: int = 0) -> dict[str, Any]:
     """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target;
-    ``profile`` > 0 adds the that many slowest kernels of a compiled target (per-kernel wall time)."""
+    ``profile`` > 0 adds that many of the slowest kernels of a compiled target (per-kernel wall time)."""
     import resource
 
     import torch

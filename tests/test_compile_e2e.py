@@ -92,6 +92,8 @@ def test_cli_eval_and_bench(compiled: tuple[int, Path, str], capsys: pytest.Capt
     assert res["median_ms"] > 0 and res["seq_len"] == 8 and "20 runs" in res["protocol"]
     assert main(["bench", str(out), "--seq-len", "8", "--profile"]) == 2  # kernels exist only for a target
     assert "--profile times the kernels of a compiled library: add --target" in capsys.readouterr().err
+    assert main(["bench", str(out), "--profile", "--kernels", "0", "--target", "cpu"]) == 2
+    assert "--kernels must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_show_and_run(compiled: tuple[int, Path, str], capsys: pytest.CaptureFixture[str]) -> None:

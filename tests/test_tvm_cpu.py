@@ -348,6 +348,24 @@ def test_target_seq_len_and_opt_level_reach_the_build() -> None:
     two.set_outputs([two.create_node("relu", [two.add_input("x", TensorType(["a", "b"], "f32"))], {}).output])
     with pytest.raises(UsageError, match=r"use \['a', 'b'\]"):
         _options_from_target(TargetConfig("cpu", CpuOptions(seq_len=8)), two)
+    batch_only = Module("batch_only")  # a lone symbol that is not the sequence is never bound by seq_len
+    batch_only.set_outputs([batch_only.create_node(
+        "relu", [batch_only.add_input("x", TensorType(["batch", 4], "f32"))], {}).output])
+    with pytest.raises(UsageError, match=r"sequence symbol 'seq'.*\['batch'\]"):
+        _options_from_target(TargetConfig("cpu", CpuOptions(seq_len=8)), batch_only)
+
+
+def test_runtime_uses_every_core_by_default(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """threads=0 (the cpu target's default) means every usable core at run time, not TVM's own default
+    (one thread on this kind of machine); an explicit TVM_NUM_THREADS or threads= wins."""
+    from ctc.backends.tvm.targets import host_cores
+
+    compile_module(_mlp()).export(tmp_path)
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    assert load_compiled(tmp_path).threads == host_cores()
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert load_compiled(tmp_path).threads == 1
+    assert load_compiled(tmp_path, threads=2).threads == 2
 
 
 def test_pow3_becomes_multiplications() -> None:

@@ -89,3 +89,26 @@ def test_fast_exp_expression_accuracy() -> None:
     f(tvm.runtime.tensor(xs), out)
     rel = np.abs(out.numpy().astype(np.float64) / np.exp(xs.astype(np.float64)) - 1.0)
     assert rel.max() < 1e-6, rel.max()
+
+
+def test_attention_softmax_takes_the_broadcast_batch() -> None:
+    """sdpa with q's batch broadcast against k/v ([1, H, L, D] vs [2, H, S, D]): the logits are
+    [2, H, L, S], and the row kernel must see all of them (its row count comes from the output)."""
+    m = Module("bcast_sdpa")
+    q = m.add_input("q", TensorType([1, 2, "s", 8], "f32"))
+    k = m.add_input("k", TensorType([2, 2, "s", 8], "f32"))
+    v = m.add_input("v", TensorType([2, 2, "s", 8], "f32"))
+    m.set_outputs([m.create_node("scaled_dot_product_attention", [q, k, v], {}).output])
+    assert _uses_row_kernel(m)
+    g = torch.Generator().manual_seed(5)
+    feed = [torch.randn(1, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g),
+            torch.randn(2, 2, 6, 8, generator=g)]
+    import tvm
+    from tvm import relax
+
+    comp = compile_module(m)
+    vm = relax.VirtualMachine(comp.executable, tvm.cpu())
+    got = torch.from_numpy(vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in feed]).numpy())
+    ref = interpret(m, feed)[0]
+    assert got.shape == ref.shape == (2, 2, 6, 8)
+    torch.testing.assert_close(got, ref, **TOL)

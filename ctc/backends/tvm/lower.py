@@ -540,12 +540,13 @@ def _full(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 # --- nn --------------------------------------------------------------------------
-def _weight_t(ctx: Ctx, v: Value, a: Any) -> Any:
-    """``weight^T`` ([K, N]) of a ``[N, K]`` weight: transposed at lowering time for parameters."""
+def _weight_t(ctx: Ctx, v: Value, value: Callable[[], Any]) -> Any:
+    """``weight^T`` ([K, N]) of a ``[N, K]`` weight: transposed at lowering time for parameters (whose
+    ``[N, K]`` array is then never bound), a ``permute_dims`` of ``value()`` otherwise."""
     name = ctx.param_name(v)
     if name is not None:
         return ctx.param(name, "T", lambda w: w.T)
-    return ctx.emit(ctx.relax.op.permute_dims(a, [1, 0]))
+    return ctx.emit(ctx.relax.op.permute_dims(value(), [1, 0]))
 
 
 def _bias(ctx: Ctx, y: Any, bias: Any | None) -> Any:
@@ -574,7 +575,7 @@ def _matvec_nk(x: Any, w: Any) -> Any:
                       lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k), name="matvec")
 
 
-def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Any) -> Any:
+def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callable[[], Any]) -> Any:
     """``x @ w.T`` for a ``[N, K]`` weight ``w``, in the layout that suits the row count.
 
     Several rows: ``matmul`` with the weight transposed to ``[K, N]`` (vectorized along N by
@@ -584,13 +585,13 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Any) ->
     bandwidth, and the ``[K, N]`` layout reads it in strided panels.
     """
     if _one_row(ctx, x_value) and x_value.type.dtype == w_value.type.dtype == "f32":
-        return ctx.te(_matvec_nk, x, w, name="matvec")
+        return ctx.te(_matvec_nk, x, w(), name="matvec")
     return ctx.emit(ctx.relax.op.matmul(x, _weight_t(ctx, w_value, w)))
 
 
 @rule("linear")
 def _linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    y = _linear_product(ctx, node.inputs[0], node.inputs[1], a[0], a[1])
+    y = _linear_product(ctx, node.inputs[0], node.inputs[1], a[0], lambda: a[1])
     return _bias(ctx, y, a[2] if len(a) > 2 else None)
 
 
@@ -601,8 +602,8 @@ def _matmul(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 @rule("lowrank_linear")
 def _lowrank(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    h = _linear_product(ctx, node.inputs[0], node.inputs[2], a[0], a[2])
-    y = _linear_product(ctx, node.inputs[0], node.inputs[1], h, a[1])
+    h = _linear_product(ctx, node.inputs[0], node.inputs[2], a[0], lambda: a[2])
+    y = _linear_product(ctx, node.inputs[0], node.inputs[1], h, lambda: a[1])
     return _bias(ctx, y, a[3] if len(a) > 3 else None)
 
 
@@ -694,6 +695,12 @@ def _weighted_values_by_group(group: int) -> Callable[[Any, Any], Any]:
     return f
 
 
+def _logits_shape(node: Node) -> list[int | str]:
+    """Shape of an attention node's logits: its output's (the broadcast batch of q and k) with the
+    key length in place of the value dim."""
+    return [*node.outputs[0].type.shape[:-1], node.inputs[1].type.shape[-2]]
+
+
 def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, scale: float | None,
                       mask: Any | None, mt: TensorType | None, is_causal: bool, group: int | None = None) -> Any:
     """fp32 logits ``q k^T * scale`` with causal (top-left) / bool / additive masks applied (-inf).
@@ -743,7 +750,7 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         k = _repeat_kv(ctx, k, qt.shape[-3], kt.shape[-3], kt.rank - 3)
         v = _repeat_kv(ctx, v, qt.shape[-3], vt.shape[-3], vt.rank - 3)
     logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"], group)
-    p = _softmax_rows(ctx, logits, [*qt.shape[:-1], kt.shape[-2]], "f32", False, ctx.fast_math)
+    p = _softmax_rows(ctx, logits, _logits_shape(node), "f32", False, ctx.fast_math)
     if group is not None:  # one query (a decode step): values read as stored, per kv head
         return ctx.te(_weighted_values_by_group(group), p, v, name="attn_values")
     if qt.dtype != "f32":
@@ -769,7 +776,7 @@ def _calibrated(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     mask = a[3] if len(a) > 3 else None
     mt = node.inputs[3].type if len(a) > 3 else None
     logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"])
-    p = _softmax_rows(ctx, logits, [*qt.shape[:-1], kt.shape[-2]], "f32", False, ctx.fast_math)
+    p = _softmax_rows(ctx, logits, _logits_shape(node), "f32", False, ctx.fast_math)
     heads, sinks, factor = tuple(node.attrs["heads"]), tuple(node.attrs["sinks"]), float(node.attrs["factor"])
     if heads and factor != 1.0:
         def calib(pa: Any) -> Any:
@@ -881,7 +888,7 @@ def _sparse(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
         alive = ctx.te(filt, approx, alive, n_allowed, name="sparse_filter")
     masked = ctx.emit(op.where(alive, logits, ninf))
-    p = _softmax_rows(ctx, masked, [*qt.shape[:-1], kt.shape[-2]], "f32", False, ctx.fast_math)
+    p = _softmax_rows(ctx, masked, _logits_shape(node), "f32", False, ctx.fast_math)
     if qt.dtype != "f32":
         p = ctx.emit(op.astype(p, _dt(qt)))
     return op.matmul(p, v)

@@ -150,7 +150,7 @@ class MatmulRule(_CpuRule):
             mt = max(m_ext, 1)
         pad_m = m_ext is None or m_ext % mt != 0
         if m_ext is None and not pad_n and n_ext is not None and n_ext <= self.vecmat_max_n \
-                and len(sch.get(rb).reads) == 2:
+                and len(sch.get(rb).reads) == 2 and ri == 0:
             # Symbolic rows and a narrow output (attention's p v, head_dim columns): padding would copy
             # the whole [rows, K] operand; VecMatRule streams it in place, row by row.
             return None
@@ -381,7 +381,10 @@ class RowReductionRule(dl.cpu.Reduction):
                 if iv.iter_type == tirx.IterVar.DataPar and not (isinstance(ext, tirx.IntImm) and int(ext) == 1):
                     one_row = False
         if not one_row:
-            return super().apply(func, target, tunable)
+            try:
+                return super().apply(func, target, tunable)
+            except s_tir.ScheduleError:
+                return None
         lanes = vector_lanes(target, 32)
         for b in infos:
             if b.is_injective():

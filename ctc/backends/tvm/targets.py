@@ -34,7 +34,7 @@ def host_cpu() -> str:
     name = str(tvm.target.codegen.llvm_get_system_cpu())
     if not name or name == "generic":
         raise RuntimeError("LLVM could not detect this host's CPU (-mcpu); give the cpu target an explicit mcpu "
-                           "option, e.g. `target cpu(mcpu=\"x86-64-v3\")`")
+                           "option, e.g. `target cpu mcpu=\"x86-64-v3\"`")
     return name
 
 
