@@ -25,7 +25,7 @@ Usage::
     python benchmarks/cpu_latency.py --models minilm128 --runtimes eager,ort,ort-int8,ctc,ctc-int8 --threads 2
 
 Runtimes (``--runtimes``): eager (always), compile, ort, ort-int8 (ONNX Runtime's dynamic int8
-quantization, QInt8 weights), ctc (default schedules), ctc-int8 (MiniLM after the rptq W8A8
+quantization, QInt8 weights), ctc (default schedules), ctc-int8 (MiniLM or the SmolLM2 decode step after the rptq W8A8
 pipeline of examples/minilm_w8a8.ctc, built with the TVM integer kernels), ctc-dyn (default
 schedules, built for any sequence length as ``ctc compile`` does, instead of the benchmark's length).
 
@@ -116,14 +116,28 @@ def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str
         return step, decode_inputs(cfg, past=128), "", ("GPT-2-small-shaped decoder with LM head (random weights), "
                                                         "one decode step: 1 new token, KV cache of 128 positions")
     if name == "smollm2-decode":
-        from ctc.eval.models import load_bundled
-        from ctc.frontends.decode import decode_inputs, decode_step
+        from ctc.frontends.decode import decode_step
 
-        model, _tok, _ = load_bundled("smollm2")
-        step = decode_step(model.eval())
-        return step, decode_inputs(model, past=128), "", ("SmolLM2-135M (real weights, 30 layers, GQA 9/3 heads), "
-                                                          "one decode step: 1 new token, KV cache of 128 positions")
+        model, windows = smollm2_decode_windows("evaluation", 1)
+        return decode_step(model), windows[0], "", (
+            "SmolLM2-135M (real weights, 30 layers, GQA 9/3 heads), one decode step: 1 new token on the "
+            "KV cache of 128 prefilled tokens of wiki evaluation text")
     raise SystemExit(f"unknown model {name!r} (minilm128, minilm384, gpt2, gpt2-decode, smollm2-decode)")
+
+
+def smollm2_decode_windows(split: str, n: int, past: int = 128) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """The bundled SmolLM2 and ``n`` real decode-step inputs: windows of ``past + 1`` tokens of the
+    wiki ``split`` text, the first ``past`` prefilled into the KV cache (ctc.frontends.decode)."""
+    from ctc.eval.data import wiki_text
+    from ctc.eval.models import load_bundled
+    from ctc.frontends.decode import prefilled_inputs
+
+    model, tok, _ = load_bundled("smollm2")
+    model.eval()
+    ids = tok(wiki_text(split)[: 8000 * n], return_tensors="pt")["input_ids"]
+    if ids.shape[1] < n * (past + 1):
+        raise SystemExit(f"not enough {split} text for {n} windows of {past + 1} tokens")
+    return model, [prefilled_inputs(model, ids[:, i * (past + 1):(i + 1) * (past + 1)], past) for i in range(n)]
 
 
 class Wrapped(torch.nn.Module):
@@ -162,14 +176,22 @@ def _cosine(a: Any, b: torch.Tensor) -> float:
 
 
 def rptq_w8a8_module(name: str) -> Any:
-    """The MiniLM module after examples/minilm_w8a8.ctc's pipeline (rptq W8A8, 4 clusters), with the
-    recipe's calibration data; captured and transformed by the compile driver's own functions."""
+    """The model after examples/minilm_w8a8.ctc's pipeline (rptq W8A8, 4 clusters), run by the compile
+    driver's own functions: MiniLM with the recipe's calibration data, or SmolLM2's decode step
+    calibrated on real decode steps."""
     from ctc import driver
 
-    if not name.startswith("minilm"):
-        raise SystemExit(f"ctc-int8: only the MiniLM models have an int8 recipe (got {name!r})")
     recipe = driver.load_checked_recipe(ROOT / "examples" / "minilm_w8a8.ctc")
     quiet = driver.Progress(False)
+    if name == "smollm2-decode":  # the same pipeline, calibrated on 32 real decode steps of wiki calibration text
+        from ctc.frontends import capture
+        from ctc.frontends.decode import decode_step
+
+        model, calib = smollm2_decode_windows("calibration", 32)
+        module, _ = driver.run_pipeline(capture(decode_step(model), calib[0], dynamic=False), recipe, calib, 0, quiet)
+        return module
+    if not name.startswith("minilm"):
+        raise SystemExit(f"ctc-int8: only minilm* and smollm2-decode have an int8 pipeline here (got {name!r})")
     loaded = driver.load_model(recipe, quiet)
     assert recipe.calibrate is not None
     calib, _ = driver.dataset_batches(recipe, recipe.calibrate, loaded)

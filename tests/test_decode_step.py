@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ctc.frontends import capture
-from ctc.frontends.decode import cache_names, decode_inputs, decode_step, kv_cache_shape
+from ctc.frontends.decode import cache_names, decode_inputs, decode_step, kv_cache_shape, prefilled_inputs
 from ctc.ir.interpreter import interpret
 
 
@@ -79,3 +79,17 @@ def test_captured_decode_step_matches_eager(make) -> None:  # noqa: ANN001
     assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(torch.as_tensor(g), r, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_prefilled_inputs_are_a_real_step() -> None:
+    """prefilled_inputs(model, ids, P): the step on them gives the full forward's logits at P."""
+    model = _llama()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    ins = prefilled_inputs(model, ids, 8)
+    assert list(ins)[:2] == ["input_ids", "attention_mask"] and list(ins)[2:] == cache_names(model.config)
+    assert tuple(ins["past_k_1"].shape) == kv_cache_shape(model.config, 8, batch=2)
+    full = model(ids, use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(decode_step(model)(**ins)[0], full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="past >= 1"):
+        prefilled_inputs(model, ids, 9)

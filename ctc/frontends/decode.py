@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DecodeStep", "cache_names", "decode_inputs", "decode_step", "kv_cache_shape"]
+__all__ = ["DecodeStep", "cache_names", "decode_inputs", "decode_step", "kv_cache_shape", "prefilled_inputs"]
 
 
 def _layers(config: Any) -> int:
@@ -102,4 +102,22 @@ def decode_inputs(model_or_config: Any, past: int, *, batch: int = 1, new_tokens
     shape = kv_cache_shape(config, past, batch)
     for name in cache_names(config):
         ins[name] = torch.randn(*shape, generator=g)
+    return ins
+
+
+@torch.no_grad()
+def prefilled_inputs(model: nn.Module, token_ids: torch.Tensor, past: int) -> dict[str, torch.Tensor]:
+    """Real inputs of one step: the model prefills ``token_ids[:, :past]`` and the step decodes
+    ``token_ids[:, past]`` on that cache.  For calibrating and evaluating a captured step on
+    text (random caches, as :func:`decode_inputs` makes, have the wrong activation ranges)."""
+    if token_ids.dim() != 2 or token_ids.shape[1] < past + 1 or past < 1:
+        raise ValueError(f"prefilled_inputs: need token ids [B, >= past + 1] with past >= 1, got "
+                         f"{tuple(token_ids.shape)} and past={past}")
+    cache = model(token_ids[:, :past], use_cache=True).past_key_values
+    b = token_ids.shape[0]
+    ins = {"input_ids": token_ids[:, past:past + 1],
+           "attention_mask": torch.ones(b, past + 1, dtype=torch.long)}
+    for i, layer in enumerate(cache.layers):
+        ins[f"past_k_{i}"] = layer.keys
+        ins[f"past_v_{i}"] = layer.values
     return ins
