@@ -112,3 +112,41 @@ def test_attention_softmax_takes_the_broadcast_batch() -> None:
     ref = interpret(m, feed)[0]
     assert got.shape == ref.shape == (2, 2, 6, 8)
     torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "add"])
+@pytest.mark.parametrize(("lq", "lk"), [(5, 3), (3, 37), (33, 33)])
+def test_any_length_attention_pads_keys(mask: str | None, lq: int, lk: int) -> None:
+    """With a symbolic key length, keys/values (and the mask) are padded to whole 32-column panels,
+    the padded logits masked to -inf: same result as the interpreter for query lengths above and
+    below the key length, causal or masked."""
+    from ctc.backends.tvm.lower import KEY_TILE
+
+    m = Module("any_len_sdpa")
+    q = m.add_input("q", TensorType([1, 2, "l", 8], "f32"))
+    k = m.add_input("k", TensorType([1, 2, "s", 8], "f32"))
+    v = m.add_input("v", TensorType([1, 2, "s", 8], "f32"))
+    ins = [q, k, v]
+    g = torch.Generator().manual_seed(lq * 100 + lk)
+    feed = [torch.randn(1, 2, lq, 8, generator=g), torch.randn(1, 2, lk, 8, generator=g),
+            torch.randn(1, 2, lk, 8, generator=g)]
+    if mask == "bool":
+        ins.append(m.add_input("mask", TensorType([1, 1, "l", "s"], "bool")))
+        bm = torch.rand(1, 1, lq, lk, generator=g) > 0.3
+        bm[..., 0] = True  # every query keeps one key
+        feed.append(bm)
+    elif mask == "add":
+        ins.append(m.add_input("mask", TensorType([1, 2, "l", "s"], "f32")))
+        feed.append(torch.randn(1, 2, lq, lk, generator=g))
+    m.set_outputs([m.create_node("scaled_dot_product_attention", ins, {"is_causal": mask is None}).output])
+    tgt = resolve("cpu").target()
+    low = lower(m, params="const", fast_math=True, static_dims={}, target=tgt, use_int_kernels=True)
+    names = [gv.name_hint for gv in low.mod.get_global_vars()]
+    assert "key_pad" in names and "key_valid" in names and KEY_TILE == 32, names
+    import tvm
+    from tvm import relax
+
+    comp = compile_module(m)
+    vm = relax.VirtualMachine(comp.executable, tvm.cpu())
+    got = torch.from_numpy(vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in feed]).numpy())
+    torch.testing.assert_close(got, interpret(m, feed)[0], **TOL)

@@ -133,6 +133,7 @@ class Ctx:
         self.param_inputs: list[tuple[str, Any, np.ndarray]] = []
         self.notes: list[str] = []
         self.int_kernels = 0
+        self.memo: dict[Any, Any] = {}  # lowered values shared between rules (keyed by rule and ctc Value)
 
     # ------------------------------------------------------------------ values
     def emit(self, expr: Any) -> Any:
@@ -401,16 +402,16 @@ def _softmax_te(log: bool, fast: bool) -> Callable[..., Any]:
 ROW_KERNEL_MIN_LEN = 256
 
 
-def _softmax_rows(ctx: Ctx, x: Any, shape: list[int | str], dtype: str, log: bool, fast: bool) -> Any:
-    """Softmax (or log-softmax) over the last axis of ``x`` (ctc dims ``shape``)."""
+def _softmax_rows(ctx: Ctx, x: Any, shape: list[Any], dtype: str, log: bool, fast: bool) -> Any:
+    """Softmax (or log-softmax) over the last axis of ``x`` (ctc dims ``shape``; TIR expressions allowed)."""
     from ctc.backends.tvm.int_kernels import add_prim_func
     from ctc.backends.tvm.row_kernels import row_softmax
 
-    n = _static_int(ctx, shape[-1])
+    n = _static_int(ctx, shape[-1]) if isinstance(shape[-1], (int, str)) else None
     if dtype != "f32" or (n is not None and n < ROW_KERNEL_MIN_LEN):
         return ctx.te(_softmax_te(log, fast), x, len(shape) - 1, name="log_softmax" if log else "softmax")
     relax = ctx.relax
-    dims = [ctx.dims(d) for d in shape]
+    dims = [ctx.dims(d) if isinstance(d, (int, str)) else d for d in shape]
     rows: Any = 1
     for d in dims[:-1]:
         rows = rows * d
@@ -701,6 +702,58 @@ def _logits_shape(node: Node) -> list[int | str]:
     return [*node.outputs[0].type.shape[:-1], node.inputs[1].type.shape[-2]]
 
 
+KEY_TILE = 32  # MatmulRule's column panel (2 x 16 f32 lanes): padded key lengths are whole panels
+
+
+def _padded_key_length(ctx: Ctx, node: Node) -> Any | None:
+    """For f32 attention whose key length is symbolic (an any-length build): that length rounded up
+    to whole ``KEY_TILE`` panels, as a TIR expression; None otherwise.
+
+    Why: with a symbolic key length the ``q k^T`` tile writes its scale/mask epilogue through a
+    bounds predicate, which scalarizes it (2.3 vs 1.3 ms per call at seq 384).  Padded keys
+    (zeros, masked to -inf) make the columns whole panels; only the row edge stays predicated."""
+    qt, kt = node.inputs[0].type, node.inputs[1].type
+    if qt.rank != 4 or qt.dtype != "f32" or kt.dtype != "f32" or _static_int(ctx, kt.shape[-2]) is not None:
+        return None
+    from tvm import tirx
+
+    s = ctx.dims(kt.shape[-2])
+    return tirx.floordiv(s + (KEY_TILE - 1), KEY_TILE) * KEY_TILE
+
+
+def _pad_keys(total: Any, fill: float) -> Callable[[Any], Any]:
+    """Pad axis -2 (the key axis of ``[B, H, S, D]``) to ``total`` with ``fill``."""
+    def f(x: Any) -> Any:
+        from tvm import te, tirx
+
+        ax = len(x.shape) - 2
+        return te.compute([*x.shape[:ax], total, x.shape[-1]],
+                          lambda *i: tirx.if_then_else(i[ax] < x.shape[ax], x(*i), tirx.const(fill, x.dtype)),
+                          name="key_pad")
+    return f
+
+
+def _pad_last(total: Any, fill: bool | float) -> Callable[[Any], Any]:
+    """Pad the last axis to ``total`` with ``fill`` (a mask's key axis)."""
+    def f(x: Any) -> Any:
+        from tvm import te, tirx
+
+        return te.compute([*x.shape[:-1], total],
+                          lambda *i: tirx.if_then_else(i[-1] < x.shape[-1], x(*i), tirx.const(fill, x.dtype)),
+                          name="mask_pad")
+    return f
+
+
+def _mask_padded_keys(lg: Any, keys: Any) -> Any:
+    """Logits of padded key columns (``j >=`` the unpadded key length) to -inf.  ``keys`` (the
+    unpadded keys) is passed only so the kernel's signature binds the symbolic key length."""
+    from tvm import te, tirx
+
+    length = keys.shape[-2]
+    return te.compute(lg.shape, lambda *i: tirx.Select(i[-1] < length, lg(*i), tirx.const(-math.inf, "float32")),
+                      name="key_valid")
+
+
 def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, scale: float | None,
                       mask: Any | None, mt: TensorType | None, is_causal: bool, group: int | None = None) -> Any:
     """fp32 logits ``q k^T * scale`` with causal (top-left) / bool / additive masks applied (-inf).
@@ -749,8 +802,23 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     if group is None and node.attrs["enable_gqa"] and qt.rank >= 3:
         k = _repeat_kv(ctx, k, qt.shape[-3], kt.shape[-3], kt.rank - 3)
         v = _repeat_kv(ctx, v, qt.shape[-3], vt.shape[-3], vt.rank - 3)
+    padded = _padded_key_length(ctx, node) if group is None else None
+    lshape: list[Any] = _logits_shape(node)
+    k_unpadded = k
+    if padded is not None:  # any key length: pad keys/values (and the mask) to whole vector tiles
+        k = ctx.te(_pad_keys(padded, 0.0), k, name="key_pad")
+        v = ctx.te(_pad_keys(padded, 0.0), v, name="value_pad")
+        if mask is not None and mt is not None and _static_int(ctx, mt.shape[-1]) != 1:
+            key = ("mask_pad", node.inputs[3], str(kt.shape[-2]))  # every layer shares the model's mask: pad it once
+            if key not in ctx.memo:
+                ctx.memo[key] = ctx.te(_pad_last(padded, False if mt.dtype == "bool" else -math.inf), mask,
+                                       name="mask_pad")
+            mask = ctx.memo[key]
+        lshape = [*lshape[:-1], padded]
     logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"], group)
-    p = _softmax_rows(ctx, logits, _logits_shape(node), "f32", False, ctx.fast_math)
+    if padded is not None:
+        logits = ctx.te(_mask_padded_keys, logits, k_unpadded, name="key_valid")
+    p = _softmax_rows(ctx, logits, lshape, "f32", False, ctx.fast_math)
     if group is not None:  # one query (a decode step): values read as stored, per kv head
         return ctx.te(_weighted_values_by_group(group), p, v, name="attn_values")
     if qt.dtype != "f32":

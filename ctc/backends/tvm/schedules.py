@@ -56,6 +56,13 @@ def _extent(sch: s_tir.Schedule, loop: Any) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
+def _divisible(expr: Any, factor: int) -> bool:
+    """Whether TVM's analyzer proves ``expr % factor == 0`` (for symbolic extents)."""
+    from tvm.sym.analyzer import Analyzer
+
+    return bool(Analyzer().can_prove(tirx.floormod(expr, factor) == 0))
+
+
 def _buffer_var_set(region: Any) -> list[set[Any]]:
     """For each index of a buffer region, the set of block iter vars it uses."""
     out = []
@@ -138,7 +145,9 @@ class MatmulRule(_CpuRule):
         *batch, lm, ln, lk = loops
         n_ext = _extent(sch, ln)
         nb = self.nb
-        pad_n = n_ext is None or n_ext % lanes != 0
+        # a symbolic N that is provably whole panels (attention's padded key length) needs no padding
+        whole_n = n_ext is None and _divisible(sch.get(ln).extent, lanes * nb)
+        pad_n = (n_ext is None and not whole_n) or (n_ext is not None and n_ext % lanes != 0)
         if n_ext is not None:
             if n_ext <= lanes:
                 nb = 1
