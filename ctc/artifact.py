@@ -10,10 +10,15 @@ Layout::
       report.html          the same, self-contained (inline CSS and SVG, no external assets)
       tokenizer/           tokenizer files of the source model, when it has one
       targets/<kind>/      per-target compiled library, written by the backend's build()
+      manifest.json        size and SHA-256 of every file above, written last (:mod:`ctc.manifest`)
 
-Everything is first written to a temporary directory next to the destination and renamed
-into place at the end; on any failure the temporary directory is removed and an existing
-destination is left untouched.
+Everything is first written to a marked temporary directory next to the destination and
+swapped into place at the end; on any failure (SIGTERM and Ctrl-C included) the temporary
+directory is removed and an existing destination is left untouched.  Which destinations may
+be replaced, and the clean-up after runs killed outright, are :mod:`ctc.output_dir`'s rules.
+
+Loading verifies what it reads against the manifest, parses and verifies the IR, and turns
+every failure into an :class:`~ctc.errors.ArtifactError` naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ctc.errors import ArtifactError
 from ctc.ir.graph import Module
+from ctc.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
+from ctc.output_dir import PARTIAL_MARKER, check_destination, make_temp_dir, remove_stale_temps, swap_into_place
 
 IR_FILE = "ir.txt"
 PARAMS_FILE = "params.safetensors"
@@ -41,9 +49,7 @@ RECIPE_FILE = "recipe.ctc"
 TOKENIZER_DIR = "tokenizer"
 TARGETS_DIR = "targets"
 
-
-class ArtifactError(Exception):
-    """An artifact directory is missing files or cannot be read."""
+__all__ = ["Artifact", "ArtifactError", "load", "read_report", "write_artifact"]
 
 
 # --------------------------------------------------------------------------- writing
@@ -67,6 +73,10 @@ def module_ir_text(module: Module) -> str:
     return print_module(module)
 
 
+def _note(line: str) -> None:
+    print(f"[ctc] note: {line}", file=sys.stderr, flush=True)
+
+
 def write_artifact(
     dest: str | Path,
     *,
@@ -75,19 +85,27 @@ def write_artifact(
     recipe_text: str | None = None,
     tokenizer_dir: str | Path | None = None,
     build_targets: Sequence[tuple[str, Callable[[Path], dict[str, Any]]]] = (),
+    force: bool = False,
+    protected: Iterable[tuple[str, str | Path]] = (),
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the artifact for ``module`` to ``dest`` atomically; return ``dest``.
+    """Write the artifact for ``module`` to ``dest`` atomically; return ``dest`` (resolved).
 
     ``build_targets`` are ``(name, build(out_dir) -> summary)`` pairs; each writes its
     compiled library into ``targets/<name>/`` and its summary lands in the report.
+    ``dest`` must be replaceable (:func:`ctc.output_dir.check_destination`: missing, empty or an
+    artifact ctc wrote; with ``force`` anything but a directory holding ``protected`` paths or the
+    working directory); else :class:`~ctc.errors.OutputDirError` is raised before anything is written.
     """
-    dest = Path(dest).resolve()
-    if dest.exists() and not dest.is_dir():
-        raise ArtifactError(f"{dest} exists and is not a directory")
+    say = log or _note
+    protected = list(protected)
+    dest = check_destination(dest, force=force, protected=protected)
     created = [p for p in reversed(dest.parents) if not p.exists()]  # parents this call makes, outermost first
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for line in remove_stale_temps(dest):
+            say(line)
+        tmp = make_temp_dir(dest)
     except BaseException:
         _remove_empty(created)
         raise
@@ -104,12 +122,16 @@ def write_artifact(
             tdir.mkdir(parents=True, exist_ok=True)
             summary = build(tdir)
             report["targets"].append({"kind": name, "dir": f"{TARGETS_DIR}/{name}", **(summary or {})})
+        (tmp / PARTIAL_MARKER).unlink()
         report["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [
-            REPORT_JSON, REPORT_HTML]
+            REPORT_JSON, REPORT_HTML, MANIFEST_FILE]
         (tmp / REPORT_JSON).write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
         (tmp / REPORT_HTML).write_text(render_html(report))
+        write_manifest(tmp, str(report.get("ctc_version", "")))
         _normal_permissions(tmp)
-        _swap_into_place(tmp, dest)
+        # the build may have taken minutes: check the destination again just before replacing it
+        check_destination(dest, force=force, protected=protected)
+        swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
@@ -122,6 +144,8 @@ def _normal_permissions(root: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
         if p.is_dir():
             p.chmod(0o777 & ~mask)
         elif p.is_file():
@@ -135,21 +159,6 @@ def _remove_empty(dirs: Sequence[Path]) -> None:
             d.rmdir()
         except OSError:
             break
-
-
-def _swap_into_place(tmp: Path, dest: Path) -> None:
-    """Rename ``tmp`` to ``dest``; an existing ``dest`` is replaced only once ``tmp`` is complete."""
-    if not dest.exists():
-        os.rename(tmp, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -324,30 +333,45 @@ def render_html(report: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- loading
 @dataclass
 class Artifact:
-    """A loaded artifact: the final module, its report, and ways to run it."""
+    """A loaded artifact: the final module, its report, and ways to run it.
+
+    Every file it reads is checked against the artifact's manifest first (the tokenizer and a
+    target's library when they are first used)."""
 
     path: Path
     module: Module
     report: dict[str, Any]
+    manifest: Manifest | None = field(default=None, repr=False)
     _runners: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _listed_dir(self, name: str) -> bool:
+        if self.manifest is not None:
+            return bool(self.manifest.names(name + "/"))
+        return (self.path / name).is_dir()
 
     @property
     def tokenizer_dir(self) -> Path | None:
-        d = self.path / TOKENIZER_DIR
-        return d if d.is_dir() else None
+        return self.path / TOKENIZER_DIR if self._listed_dir(TOKENIZER_DIR) else None
 
     @property
     def targets(self) -> list[str]:
+        if self.manifest is not None:
+            return sorted({n.split("/")[1] for n in self.manifest.names(TARGETS_DIR + "/") if n.count("/") >= 2})
         d = self.path / TARGETS_DIR
         return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
     def tokenizer(self) -> Any:
-        """The source model's tokenizer (transformers, loaded offline from the artifact)."""
+        """The source model's tokenizer (transformers, loaded offline from the verified artifact files)."""
         if self.tokenizer_dir is None:
-            raise ArtifactError(f"{self.path} has no tokenizer (the model was not captured from a tokenized model)")
+            raise ArtifactError(self.path, "has no tokenizer (the model was not captured from a tokenized model)")
+        tdir = self.manifest.verify_dir(TOKENIZER_DIR) if self.manifest is not None else self.tokenizer_dir
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one error type for the caller
+            raise ArtifactError(tdir, f"cannot be loaded as a tokenizer ({type(e).__name__}: {_first_line(e)})"
+                                ) from None
 
     def run(self, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *, target: str | None = None
             ) -> list[torch.Tensor]:
@@ -368,21 +392,36 @@ class Artifact:
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def runner(self, target: str) -> Any:
-        """The loaded compiled library of ``target`` (cached): callable on the model's inputs."""
+        """The loaded compiled library of ``target`` (cached, verified against the manifest before it is
+        loaded): callable on the model's inputs."""
         from ctc.targets import TARGETS
 
         if target not in self.targets:
-            raise ArtifactError(f"artifact {self.path} has no compiled target {target!r} "
-                                f"(has: {', '.join(self.targets) or 'none'})")
+            raise ArtifactError(self.path, f"has no compiled target {target!r} "
+                                           f"(has: {', '.join(self.targets) or 'none'})")
         runner = self._runners.get(target)
         if runner is None:
             import importlib
 
-            backend = importlib.import_module(TARGETS[target].backend)
-            load = getattr(backend, "load", None)
-            if load is None:
-                raise ArtifactError(f"backend {TARGETS[target].backend} cannot load compiled libraries (no load())")
-            runner = load(self.path / TARGETS_DIR / target, self.module)
+            if target not in TARGETS:
+                raise ArtifactError(self.path / TARGETS_DIR / target, "is a target kind this ctc does not know")
+            tdir = self.path / TARGETS_DIR / target
+            if self.manifest is not None:
+                tdir = self.manifest.verify_dir(f"{TARGETS_DIR}/{target}")
+            try:
+                backend = importlib.import_module(TARGETS[target].backend)
+            except ImportError as e:
+                raise ArtifactError(tdir, f"needs backend {TARGETS[target].backend}, which cannot be imported "
+                                          f"({_first_line(e)})") from None
+            load_fn = getattr(backend, "load", None)
+            if load_fn is None:
+                raise ArtifactError(tdir, f"backend {TARGETS[target].backend} cannot load compiled libraries "
+                                          "(no load())")
+            try:
+                runner = load_fn(tdir, self.module)
+            except Exception as e:  # noqa: BLE001 - a backend's loader fails in its own ways; name the file
+                raise ArtifactError(tdir, f"the compiled library cannot be loaded ({type(e).__name__}: "
+                                          f"{_first_line(e)})") from None
             self._runners[target] = runner
         return runner
 
@@ -405,19 +444,73 @@ def torch_runner(module: Module) -> Callable[[Any], Any]:
     return run_gm
 
 
-def load(path: str | Path) -> Artifact:
-    """Load an artifact directory written by `ctc compile`: ``ctc.load("out/minilm").run(...)``."""
-    from safetensors.torch import load_file
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
-    from ctc.ir.text import parse as parse_ir
 
+def open_artifact(path: str | Path) -> Manifest:
+    """The manifest of the artifact directory ``path`` (checked: a directory ctc wrote)."""
     p = Path(path)
+    if not p.exists():
+        raise ArtifactError(p, "no such artifact directory")
     if not p.is_dir():
-        raise ArtifactError(f"artifact directory not found: {p}")
-    for f in (IR_FILE, PARAMS_FILE, REPORT_JSON):
-        if not (p / f).is_file():
-            raise ArtifactError(f"{p} is not a ctc artifact: {f} is missing")
-    params = load_file(str(p / PARAMS_FILE))
-    module = parse_ir((p / IR_FILE).read_text(), params, filename=str(p / IR_FILE))
-    report = json.loads((p / REPORT_JSON).read_text())
-    return Artifact(p, module, report)
+        raise ArtifactError(p, "is not a directory (an artifact is the directory `ctc compile` writes)")
+    return read_manifest(p)
+
+
+def _report(man: Manifest) -> dict[str, Any]:
+    path = man.root / REPORT_JSON
+    try:
+        doc = json.loads(man.read_text(REPORT_JSON))
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(path, f"is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(path, f"holds a JSON {type(doc).__name__}, not the report object")
+    return doc
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """Only the verified report of an artifact (what `ctc show` prints; no parameters are read)."""
+    return _report(open_artifact(path))
+
+
+def _module(man: Manifest) -> Module:
+    from safetensors.torch import load as load_safetensors
+
+    from ctc.ir.text import TextParseError
+    from ctc.ir.text import parse as parse_ir
+    from ctc.ir.verify import VerifyError, verify
+
+    ppath, ipath = man.root / PARAMS_FILE, man.root / IR_FILE
+    data = man.read_bytes(PARAMS_FILE)
+    try:
+        params = load_safetensors(data)
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise several kinds for a bad file
+        raise ArtifactError(ppath, f"is not a readable safetensors file ({_first_line(e)})") from None
+    text = man.read_text(IR_FILE)
+    try:
+        module = parse_ir(text, params, filename=str(ipath))
+    except TextParseError as e:
+        raise ArtifactError(ipath, f"does not parse as ctc IR: {e}") from None
+    except RecursionError:
+        raise ArtifactError(ipath, "nests too deeply to parse as ctc IR") from None
+    except Exception as e:  # noqa: BLE001 - attribute/shape inference of a tampered file fails in many ways
+        raise ArtifactError(ipath, f"cannot be read as ctc IR ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        verify(module)
+    except VerifyError as e:
+        raise ArtifactError(ipath, f"fails IR verification: {e}") from None
+    except RecursionError:
+        raise ArtifactError(ipath, "nests too deeply to verify") from None
+    return module
+
+
+def load(path: str | Path) -> Artifact:
+    """Load an artifact directory written by `ctc compile`: ``ctc.load("out/minilm").run(...)``.
+
+    The report, IR and parameters are checked against the manifest's hashes, the IR is parsed
+    with the parameters and verified; any failure is an :class:`ArtifactError` naming the file."""
+    man = open_artifact(path)
+    report = _report(man)
+    return Artifact(Path(path), _module(man), report, man)

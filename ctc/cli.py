@@ -10,11 +10,13 @@ Exit codes: 0 ok; 1 checks failed (the artifact is still written and its report 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tune targets (recipe trials, or 64 when the recipe gives none)")
     tune.add_argument("--no-tune", dest="tune", action="store_false", help="skip tuning (default schedules)")
     c.add_argument("--check-only", action="store_true", help="parse and check the recipe, then stop (no model load)")
+    c.add_argument("--force", action="store_true",
+                   help="replace the output directory even when it is not a ctc artifact (never one holding the "
+                        "recipe, its inputs or the working directory)")
     _common(c)
 
     r = sub.add_parser("run", help="run an artifact on text or input tensors", formatter_class=_formatter,
@@ -159,7 +164,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from ctc.driver import CompileOptions, compile_recipe
 
     opts = CompileOptions(out=args.out, targets=args.targets, tune=args.tune, progress=not args.quiet,
-                          check_only=args.check_only)
+                          check_only=args.check_only, force=args.force)
     result = compile_recipe(args.recipe, opts)
     if args.check_only:
         print(f"{args.recipe}: ok", file=sys.stderr)
@@ -169,13 +174,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _load_artifact(path: str) -> Any:
-    from ctc.artifact import ArtifactError, load
-    from ctc.errors import UsageError
+    from ctc.artifact import load
 
-    try:
-        return load(path)
-    except ArtifactError as e:
-        raise UsageError(str(e)) from None
+    return load(path)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -367,17 +368,20 @@ def cmd_targets(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     p = Path(args.path)
     if p.is_dir():
-        art = _load_artifact(str(p))
-        if args.ir:
+        if args.ir:  # the IR is printed as loaded (and verified) with its parameters
             from ctc.ir.text import print_module
 
-            sys.stdout.write(print_module(art.module))
-        elif args.json:
-            print(json.dumps(art.report, indent=2))
+            sys.stdout.write(print_module(_load_artifact(str(p)).module))
+            return EXIT_OK
+        from ctc.artifact import read_report
+
+        report = read_report(p)  # reads (and verifies) only what it prints
+        if args.json:
+            print(json.dumps(report, indent=2))
         else:
             from ctc.driver import report_summary
 
-            print(report_summary(art.report))
+            print(report_summary(report))
         return EXIT_OK
     from ctc.errors import UsageError
 
@@ -417,34 +421,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from ctc.dsl.diagnostics import RecipeError
-    from ctc.errors import ModelError, UsageError
+    from ctc.errors import ArtifactError, ModelError, Terminated, UsageError
 
-    try:
-        return _COMMANDS[args.command](args)
-    except RecipeError as e:
-        print(str(e), file=sys.stderr)
-        n = sum(1 for d in e.diagnostics if d.severity == "error")
-        print(f"{n} error{'s' if n != 1 else ''}; nothing was written", file=sys.stderr)
-        return EXIT_USAGE
-    except UsageError as e:
-        print(f"ctc {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except ModelError as e:
-        print(str(e) if e.diagnostic is not None else f"ctc {args.command}: model error: {e}", file=sys.stderr)
-        print("model error; nothing was written", file=sys.stderr)
-        return EXIT_MODEL
-    except Exception as e:
-        from ctc.passes.manager import PipelineError
+    with _sigterm_as_interrupt():
+        try:
+            return _COMMANDS[args.command](args)
+        except RecipeError as e:
+            print(str(e), file=sys.stderr)
+            n = sum(1 for d in e.diagnostics if d.severity == "error")
+            print(f"{n} error{'s' if n != 1 else ''}; nothing was written", file=sys.stderr)
+            return EXIT_USAGE
+        except UsageError as e:
+            print(f"ctc {args.command}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except ArtifactError as e:
+            print(f"ctc {args.command}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except Terminated:
+            print("terminated (SIGTERM); nothing was written", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        except KeyboardInterrupt:
+            print("interrupted; nothing was written", file=sys.stderr)
+            return 130
+        except ModelError as e:
+            print(str(e) if e.diagnostic is not None else f"ctc {args.command}: model error: {e}", file=sys.stderr)
+            print("model error; nothing was written", file=sys.stderr)
+            return EXIT_MODEL
+        except Exception as e:
+            from ctc.passes.manager import PipelineError
 
-        if isinstance(e, PipelineError):  # a pass failed: its message names the pass and recipe line
-            print(f"ctc {args.command}: {e}\nnothing was written", file=sys.stderr)
+            if isinstance(e, PipelineError):  # a pass failed: its message names the pass and recipe line
+                print(f"ctc {args.command}: {e}\nnothing was written", file=sys.stderr)
+                return EXIT_INTERNAL
+            print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
             return EXIT_INTERNAL
-        print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
-        return EXIT_INTERNAL
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`~ctc.errors.Terminated` (a KeyboardInterrupt) so
+    that temporary files are removed and worker processes stopped exactly as on Ctrl-C."""
+    import threading
+
+    from ctc.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ class CompileOptions:
     progress: bool = True
     check_only: bool = False
     capture_only: bool = False
+    force: bool = False  # replace an existing --out directory that is not a ctc artifact
 
 
 @dataclass
@@ -66,6 +66,11 @@ class Progress:
         self.enabled = enabled
         self._bar: Any = None
         self._bar_what = ""
+
+    def note(self, line: str) -> None:
+        """A note the user should see even with --quiet (e.g. files ctc removed)."""
+        self.close_bar()
+        print(f"[ctc] note: {line}", file=sys.stderr, flush=True)
 
     def info(self, line: str) -> None:
         if self.enabled:
@@ -123,15 +128,23 @@ def output_dir(recipe: Recipe, opts: CompileOptions) -> Path:
     return Path("out") / Path(recipe.file).stem
 
 
-def _check_output_dir(dest: Path) -> None:
-    if dest.exists() and not dest.is_dir():
-        raise UsageError(f"output {dest} exists and is not a directory")
-    parent = dest.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UsageError(f"cannot write the artifact under {probe} (permission denied)")
+def protected_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
+    """The files a compile reads or keeps (recipe, model, data, tuning database): an output directory
+    containing one of them is never replaced (:func:`ctc.output_dir.check_destination`)."""
+    out: list[tuple[str, Path]] = []
+    if not recipe.file.startswith("<"):
+        out.append(("the recipe", Path(recipe.file)))
+    m = recipe.model
+    if m is not None and m.kind in ("hf", "pt2"):
+        out.append(("the model", resolve_path(recipe, m.ref)))
+    for ds in (recipe.calibrate, recipe.evaluate):
+        if ds is not None and ds.path is not None:
+            out.append((f"the {ds.role} data", resolve_path(recipe, ds.path)))
+    for t in recipe.targets:
+        tdir = t.options.get("tuning_dir")
+        if isinstance(tdir, str) and tdir:
+            out.append(("the tuning database", resolve_path(recipe, tdir)))
+    return out
 
 
 def selected_targets(recipe: Recipe, opts: CompileOptions) -> list[Any]:
@@ -441,7 +454,15 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
     recipe = load_checked_recipe(path)
     dest = output_dir(recipe, opts)
     targets = selected_targets(recipe, opts)
-    _check_output_dir(dest)
+    from ctc.errors import OutputDirError
+    from ctc.output_dir import check_destination
+
+    try:
+        check_destination(dest, force=opts.force, protected=protected_inputs(recipe))
+    except OutputDirError as e:
+        if opts.out or recipe.emit is None:
+            raise
+        raise RecipeError(attach_source([Diagnostic(str(e), recipe.emit.span)], recipe.source)) from None
     if opts.check_only:
         return CompileResult(recipe)
 
@@ -516,8 +537,9 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
     builds = [(t.kind, lambda d, t=t: build_and_measure(t, d)) for t in targets]
     with progress.stage(f"write artifact {dest}"):
         report["compile_time_s"] = round(time.perf_counter() - t_start, 2)
-        write_artifact(dest, module=module, report=report, recipe_text=recipe.source,
-                       tokenizer_dir=loaded.tokenizer_dir, build_targets=builds)
+        dest = write_artifact(dest, module=module, report=report, recipe_text=recipe.source,
+                              tokenizer_dir=loaded.tokenizer_dir, build_targets=builds, force=opts.force,
+                              protected=protected_inputs(recipe), log=progress.note)
     return CompileResult(recipe, dest, report, module)
 
 

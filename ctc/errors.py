@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,3 +19,23 @@ class ModelError(Exception):
 
 class UsageError(Exception):
     """Bad command-line use (exit code 2)."""
+
+
+class OutputDirError(UsageError):
+    """An output directory that ctc will not write or replace (exit code 2): it holds files ctc did
+    not write, it contains the recipe or the working directory, or it cannot be written."""
+
+
+class ArtifactError(Exception):
+    """An artifact directory cannot be used: a file is missing, unreadable, changed since it was
+    written, or does not hold what it should.  ``path`` names the file (or directory), ``reason``
+    says what is wrong with it; ``str()`` is ``"PATH: REASON"``."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (the CLI turns it into this so that clean-up runs as it does for Ctrl-C)."""

@@ -47,7 +47,7 @@ def test_write_and_load_round_trip(tmp_path: Path) -> None:
                                                              and {"library": "lib.so"})])
     files = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
     assert files == {"ir.txt", "params.safetensors", "recipe.ctc", "report.json", "report.html",
-                     "tokenizer/tokenizer.json", "targets/cpu/lib.so"}
+                     "tokenizer/tokenizer.json", "targets/cpu/lib.so", "manifest.json"}
     assert dest.stat().st_mode & 0o055 == 0o055 & ~_umask(), "artifact directory is private"
     art = ctc.load(dest)
     assert art.report["failed_checks"] == ["params <= 0.5x"]
@@ -107,8 +107,8 @@ def test_bar_chart_svg_scales_bars() -> None:
 
 
 def test_load_errors(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="not found"):
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
         ctc.load(tmp_path / "nope")
     (tmp_path / "x").mkdir()
-    with pytest.raises(ArtifactError, match="ir.txt is missing"):
+    with pytest.raises(ArtifactError, match="manifest.json: is missing: this is not a ctc artifact"):
         ctc.load(tmp_path / "x")

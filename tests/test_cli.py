@@ -35,7 +35,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == EXIT_USAGE
     assert main(["compile"]) == EXIT_USAGE
     assert main(["run", "no/such/artifact", "--text", "hi"]) == EXIT_USAGE
-    assert "artifact directory not found" in capsys.readouterr().err
+    assert "no/such/artifact: no such artifact directory" in capsys.readouterr().err
 
 
 def test_missing_recipe_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,8 @@
 """Hugging Face models, offline only: load a local directory (or an already-cached hub name)
 and capture it with ``input_ids`` and ``attention_mask`` as inputs.
 
-Nothing is downloaded: every ``from_pretrained`` call passes ``local_files_only=True``.
+Nothing is downloaded: every ``from_pretrained`` call passes ``local_files_only=True``; nothing in
+the directory runs as code (``trust_remote_code=False``, pickled weights read ``weights_only``).
 A path that does not hold a model gives one paragraph naming the path and the fix.
 """
 
@@ -74,7 +75,8 @@ def load_hf(name_or_dir: str | Path, *, task: str | None = None, gguf_file: str 
             f"{'it is a file, not a directory' if p.exists() else 'no such directory'}. "
             "Give a directory holding config.json and weights (model.safetensors or a .gguf via gguf_file), "
             "or a bundled model name (`minilm`, `smollm2`); ctc never downloads models.")
-    kw: dict[str, Any] = {"local_files_only": True}
+    # offline, and no code from the model directory: remote code refused, .bin weights read weights_only
+    kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if gguf_file:
         kw["gguf_file"] = gguf_file
     try:
@@ -89,7 +91,8 @@ def load_hf(name_or_dir: str | Path, *, task: str | None = None, gguf_file: str 
         raise ModelLoadError(f"unknown task {task!r} for {src!r} (choose from {sorted(OUTPUT_OF_TASK)})")
     cls = T.AutoModelForCausalLM if task == TASK_CAUSAL_LM else T.AutoModel
     try:
-        model = cls.from_pretrained(str(p) if looks_like_path else src, dtype=dtype, attn_implementation="sdpa", **kw)
+        model = cls.from_pretrained(str(p) if looks_like_path else src, dtype=dtype, attn_implementation="sdpa",
+                                     weights_only=True, **kw)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(
             f"cannot load the weights of {src!r} as a {task} model ({type(e).__name__}: "
