@@ -45,7 +45,7 @@ from ctc.ir import Module, OpError, TensorType, Value, all_ops
 from ctc.ir import quant as Q
 from ctc.ir.symbolic import eval_dim
 
-__all__ = ["BUILDERS", "available_builders", "inputs_for", "module_and_inputs", "modules"]
+__all__ = ["BUILDERS", "available_builders", "changed_share", "inputs_for", "module_and_inputs", "modules"]
 
 # Ops that keep randn-scale values finite and well-defined (no log/sqrt/div/exp chains).
 SAFE_UNARY = ("relu", "gelu", "silu", "tanh", "sigmoid", "neg", "abs", "sin", "cos", "erf")
@@ -313,6 +313,39 @@ def _constant_subexpr(c: _Ctx) -> Value | None:
     return c.node(c.draw(st.sampled_from(ops)), [x, k], loc=loc)
 
 
+def _noop(c: _Ctx) -> Value | None:
+    """A node that computes its operand unchanged (canonicalization fodder): ``x * 1``, ``1 * x``,
+    ``x + 0``, ``x - 0``, ``x / 1`` with the constant as a ``full``, a uniform parameter or a scalar
+    attribute; an identity reshape, permute, transpose, expand or cast."""
+    x = c.pick()
+    if x is None:
+        return None
+    kind = c.draw(st.sampled_from(["mul", "add", "sub", "div", "reshape", "permute", "transpose", "expand",
+                                   "cast"]))
+    loc = c.loc()
+    if kind in ("reshape", "expand"):
+        return c.node(kind, [x], {"shape": tuple(x.type.shape)}, loc=loc)
+    if kind == "permute":
+        return c.node("permute", [x], {"perm": tuple(range(x.type.rank))}, loc=loc)
+    if kind == "transpose":
+        d = c.draw(st.integers(0, max(x.type.rank - 1, 0)))
+        return c.node("transpose", [x], {"dim0": d, "dim1": d}, loc=loc)
+    if kind == "cast":
+        return c.node("cast", [x], {"dtype": x.type.dtype}, loc=loc)
+    unit = 1.0 if kind in ("mul", "div") else c.draw(st.sampled_from([0.0, -0.0]))
+    form = c.draw(st.sampled_from(["scalar", "full", "param"]))
+    left = kind in ("mul", "add") and c.draw(st.booleans())
+    if form == "scalar":
+        return c.node(kind, [x], {"scalar": unit, "reverse": left}, loc=loc)
+    last = x.type.shape[-1] if x.type.rank else 1
+    shape = c.draw(st.sampled_from([(1,), (last,)] if isinstance(last, int) else [(1,)]))
+    if form == "full":
+        k = c.node("full", [], {"shape": shape, "value": unit}, loc=loc)
+    else:
+        k = c.param(shape, data=torch.full(shape, unit), loc=loc)
+    return c.node(kind, [k, x] if left else [x, k], loc=loc)
+
+
 def _duplicate(c: _Ctx) -> Value | None:
     """An exact copy (op, operands, attributes) of an earlier non-param node."""
     cands = [n for n in c.m.nodes if n.op != "param" and len(n.outputs) == 1]
@@ -337,7 +370,12 @@ BUILDERS: dict[str, Callable[[_Ctx], Value | None]] = {
     "quant_linear": _quant_linear,
     "constant": _constant_subexpr,
     "duplicate": _duplicate,
+    "noop": _noop,
 }
+
+
+# Builders whose nodes exist to give passes work (no-ops, duplicates, constant subexpressions).
+FODDER = ("noop", "duplicate", "constant")
 
 
 def available_builders() -> list[str]:
@@ -367,9 +405,13 @@ def modules(draw: Callable[[st.SearchStrategy[Any]], Any], *, max_nodes: int = 1
     for i in range(draw(st.integers(1, 2))):
         d = draw(st.sampled_from([4, 8]))
         c.pool.append(m.add_input(f"x{i}", TensorType((batch, seq, d), "f32")))
+    fodder = [b for b in FODDER if b in names]
+    pick = st.sampled_from(names)
+    if fodder:  # about a third of the nodes give some pass something to do
+        pick = st.one_of(pick, pick, st.sampled_from(fodder))
     for step in range(draw(st.integers(1, max_nodes))):
         c.step = step
-        b = draw(st.sampled_from(names))
+        b = draw(pick)
         try:
             v = BUILDERS[b](c)
         except OpError:
@@ -403,3 +445,25 @@ def module_and_inputs(draw: Callable[[st.SearchStrategy[Any]], Any],
     """``(module, inputs)``: a random module and matching random inputs (symbols bound to 1..5)."""
     m = draw(modules(**kwargs))
     return m, inputs_for(m, draw(st.integers(1, 5)), draw(st.integers(0, 2**16)))
+
+
+def changed_share(transform: Callable[[Module], Module], n: int = 60, **kwargs: Any) -> float:
+    """The share of ``n`` generated modules (fixed seed) whose printed IR ``transform`` changes.
+
+    ``transform`` gets a clone and returns the result (e.g. a pass run through the pass
+    manager).  Derandomized, so a pass whose share drops fails the same way every run.
+    """
+    from hypothesis import HealthCheck, given, settings
+
+    from ctc.ir.text import print_module
+
+    seen: list[bool] = []
+
+    @settings(max_examples=n, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(modules(**kwargs))
+    def probe(m: Module) -> None:
+        seen.append(print_module(transform(m.clone())) != print_module(m))
+
+    probe()
+    return sum(seen) / max(len(seen), 1)

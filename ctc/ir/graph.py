@@ -7,16 +7,20 @@ share one parameter.  Every node carries a ``scope`` (the module path it came fr
 e.g. ``encoder.layer.3.attention.self.query``) and a ``block`` index (the repeated
 layer it belongs to, or ``None`` outside the repeated stack).
 
-Rewrites go through the methods here (``create_node``, ``replace_all_uses_with``,
-``erase``) so use lists stay exact; the verifier (:mod:`ctc.ir.verify`) checks them.
+Operands are read by name (``node.operand("bias")``), through the one layout decoder of
+the op registry (:meth:`ctc.ir.ops.OpDef.slots`).  Passes change a module through a
+:class:`ctc.ir.rewrite.Rewriter`, which is built on the primitives here
+(``create_node``, ``replace_all_uses_with``, ``erase``) that keep use lists exact; the
+verifier (:mod:`ctc.ir.verify`) checks them.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +28,11 @@ import torch
 from ctc.ir.types import TensorType
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.]")
+# Gap between the order keys of consecutive nodes (see Module.index_of).
+_ORDER_GAP = 1 << 16
+
+# Named operands given to create_node: a value, a list (variadic), or None (absent).
+NamedOperands = Mapping[str, "Value | Sequence[Value] | None"]
 
 
 class IRError(Exception):
@@ -57,7 +66,7 @@ class Value:
 class Node:
     """One operation: ``outputs = op(inputs) {attrs}`` at a scope and block."""
 
-    __slots__ = ("op", "inputs", "outputs", "attrs", "scope", "block", "module")
+    __slots__ = ("op", "inputs", "outputs", "attrs", "scope", "block", "module", "_order")
 
     def __init__(
         self,
@@ -74,6 +83,7 @@ class Node:
         self.scope = scope
         self.block = block
         self.module: Module | None = None
+        self._order = -1
 
     @property
     def output(self) -> Value:
@@ -89,16 +99,100 @@ class Node:
         return get_op(self.op)
 
     def set_input(self, i: int, v: Value) -> None:
-        """Replace operand ``i`` keeping both values' use lists exact."""
+        """Replace operand ``i`` keeping both values' use lists exact (passes: ``Rewriter.set_operand``)."""
         old = self.inputs[i]
         old.uses.remove((self, i))
         self.inputs[i] = v
         v.uses.append((self, i))
 
+    # ----------------------------------------------------------------- named operands and attributes
+    def slots(self) -> dict[str, Any]:
+        """Where each declared operand is: an index into ``inputs``, a slice (variadic),
+        a :class:`~ctc.ir.ops.Scalar` (given by an attribute), or None (absent)."""
+        return self.opdef.slots(len(self.inputs), self.attrs, where=self._where())
+
+    def _slot(self, name: str) -> Any:
+        opdef = self.opdef
+        if name not in opdef.operand_names:
+            from ctc.ir.ops.registry import did_you_mean
+
+            raise IRError(f"{self._where()}: op {self.op} has no operand {name!r}"
+                          f"{did_you_mean(name, opdef.operand_names)} (operands: {', '.join(opdef.inputs) or 'none'})")
+        return opdef.slots(len(self.inputs), self.attrs, where=self._where())[name]
+
+    def operand(self, name: str) -> Value | None:
+        """The operand called ``name`` in the op's declaration; None when it is absent or given
+        by a scalar attribute (see :meth:`scalar`).  Unknown names raise, suggesting the nearest."""
+        s = self._slot(name)
+        if isinstance(s, slice):
+            raise IRError(f"{self._where()}: operand {name!r} of {self.op} is variadic; use node.operands({name!r})")
+        return self.inputs[s] if isinstance(s, int) else None
+
+    def operands(self, name: str) -> list[Value]:
+        """The values of operand ``name``: all of a variadic operand, ``[v]`` or ``[]`` otherwise."""
+        s = self._slot(name)
+        if isinstance(s, slice):
+            return self.inputs[s]
+        return [self.inputs[s]] if isinstance(s, int) else []
+
+    def has_operand(self, name: str) -> bool:
+        """Whether operand ``name`` is present as a tensor."""
+        s = self._slot(name)
+        return isinstance(s, (int, slice))
+
+    def operand_index(self, name: str) -> int | None:
+        """Position of operand ``name`` in ``inputs`` (None when absent or a scalar attribute)."""
+        s = self._slot(name)
+        if isinstance(s, slice):
+            raise IRError(f"{self._where()}: operand {name!r} of {self.op} is variadic; it has no single index")
+        return s if isinstance(s, int) else None
+
+    def scalar(self, name: str) -> float | None:
+        """The value of operand ``name`` when a scalar attribute gives it (``mul(x) {scalar=2}``)."""
+        from ctc.ir.ops import Scalar
+
+        s = self._slot(name)
+        return s.value if isinstance(s, Scalar) else None
+
+    def named_operands(self) -> dict[str, Value | list[Value]]:
+        """Present tensor operands by name (a list for a variadic operand), in declared order."""
+        out: dict[str, Value | list[Value]] = {}
+        for k, s in self.slots().items():
+            if isinstance(s, slice):
+                out[k] = self.inputs[s]
+            elif isinstance(s, int):
+                out[k] = self.inputs[s]
+        return out
+
+    def operand_name(self, i: int) -> str:
+        """The declared name of ``inputs[i]`` (``xs`` for every value of a variadic ``*xs``)."""
+        for k, s in self.slots().items():
+            if s == i or (isinstance(s, slice) and s.start <= i < s.stop):
+                return k
+        raise IRError(f"{self._where()}: {self.op} has no operand {i}")
+
+    def attr(self, name: str) -> Any:
+        """Attribute ``name``; an unknown name raises, suggesting the nearest."""
+        try:
+            return self.attrs[name]
+        except KeyError:
+            from ctc.ir.ops.registry import did_you_mean
+
+            known = sorted(self.opdef.attrs)
+            raise IRError(f"{self._where()}: op {self.op} has no attribute {name!r}{did_you_mean(name, known)} "
+                          f"(attributes: {', '.join(known) or 'none'})") from None
+
+    def _where(self) -> str:
+        return f"{self.op} at {self.scope or '<root>'}"
+
     def __repr__(self) -> str:
         ins = ", ".join("%" + v.name for v in self.inputs)
         outs = ", ".join("%" + v.name for v in self.outputs)
         return f"<{outs} = {self.op}({ins}) @{self.scope or '-'}>"
+
+
+def _order_key(n: Node) -> int:
+    return n._order
 
 
 class Module:
@@ -166,7 +260,7 @@ class Module:
     def create_node(
         self,
         op: str,
-        inputs: Sequence[Value],
+        inputs: Sequence[Value] | NamedOperands,
         attrs: dict[str, Any] | None = None,
         *,
         scope: str = "",
@@ -178,13 +272,19 @@ class Module:
     ) -> Node:
         """Create, type and insert a node (at the end, or before/after an anchor).
 
+        ``inputs`` are positional, or named by the op's declaration (``{"x": x, "weight": w,
+        "bias": None}``; a list for a variadic operand; None or a missing key = absent), which
+        are laid out by the op's layout decoder and checked against the attributes.
         Attributes are validated and defaulted from the op's schema; output types are
         inferred by the op unless ``types`` is given.
         """
         from ctc.ir.ops import get_op
 
         opdef = get_op(op)
-        full_attrs = opdef.check_attrs(attrs or {}, where=f"{op} at {scope or '<root>'}")
+        where = f"{op} at {scope or '<root>'}"
+        full_attrs = opdef.check_attrs(attrs or {}, where=where)
+        if isinstance(inputs, Mapping):
+            inputs = opdef.pack(inputs, full_attrs, where=where)
         node = Node(op, inputs, full_attrs, scope, block)
         if types is None:
             types = opdef.infer_types([v.type for v in inputs], full_attrs)
@@ -202,17 +302,45 @@ class Module:
         if before is not None and after is not None:
             raise IRError("give at most one of before/after")
         if before is not None:
-            self.nodes.insert(self.index_of(before), node)
+            i = self.index_of(before)
         elif after is not None:
-            self.nodes.insert(self.index_of(after) + 1, node)
+            i = self.index_of(after) + 1
         else:
-            self.nodes.append(node)
+            i = len(self.nodes)
+        lo = self.nodes[i - 1]._order if i > 0 else -_ORDER_GAP
+        hi = self.nodes[i]._order if i < len(self.nodes) else lo + 2 * _ORDER_GAP
+        self.nodes.insert(i, node)
+        if hi - lo >= 2:
+            node._order = (lo + hi) // 2
+        else:
+            self._renumber()
+
+    def _renumber(self) -> None:
+        for k, n in enumerate(self.nodes):
+            n._order = k * _ORDER_GAP
 
     def index_of(self, node: Node) -> int:
-        for i, n in enumerate(self.nodes):
+        """Position of ``node`` in ``nodes``.
+
+        Nodes carry order keys (spaced integers, renumbered when an insertion finds no room),
+        so this is a binary search, not a scan; a node list edited behind the module's back
+        (tests building broken IR) is renumbered on first use.
+        """
+        nodes = self.nodes
+        if node.module is self:
+            for _ in range(2):
+                i = bisect.bisect_left(nodes, node._order, key=_order_key)
+                if i < len(nodes) and nodes[i] is node:
+                    return i
+                self._renumber()
+        for i, n in enumerate(nodes):
             if n is node:
                 return i
         raise IRError(f"{node!r} is not in module {self.name}")
+
+    def precedes(self, a: Node, b: Node) -> bool:
+        """Whether node ``a`` comes before node ``b`` (both in this module)."""
+        return self.index_of(a) < self.index_of(b)
 
     # ----------------------------------------------------------------- rewriting
     def replace_all_uses_with(self, old: Value, new: Value) -> None:
@@ -234,6 +362,7 @@ class Module:
             v.uses.remove((node, i))
         del self.nodes[self.index_of(node)]
         node.module = None
+        node._order = -1
 
     def is_output(self, v: Value) -> bool:
         return any(o is v for o in self.outputs)
@@ -292,6 +421,7 @@ class Module:
         for n in self.nodes:
             nn_ = Node(n.op, [vmap[id(v)] for v in n.inputs], copy.deepcopy(n.attrs), n.scope, n.block)
             nn_.module = m
+            nn_._order = len(m.nodes) * _ORDER_GAP
             for i, v in enumerate(nn_.inputs):
                 v.uses.append((nn_, i))
             for v in n.outputs:

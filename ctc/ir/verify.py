@@ -3,7 +3,8 @@
 The pass manager runs it after each pass, so a broken rewrite is caught where it
 happened.  Checked: SSA (each value defined once, before its uses, nodes in
 topological order), exact use lists, producer/index back-links, defined outputs with
-unique names, attributes valid per the op schema, recorded types equal re-inferred ones
+unique names, attributes valid per the op schema, operand counts that fit the layout the
+attributes describe (``quant_linear``'s bias iff ``has_bias``, ...), recorded types equal re-inferred ones
 (symbolic-aware), ``param`` nodes naming existing parameters of the recorded type, and
 unique value names.  Unused parameters and symbols no input binds are warnings.
 """
@@ -133,6 +134,11 @@ def verify(module: Module, *, check_types: bool = True) -> list[str]:
             errors.append(f"{where}: attributes {missing} are missing (create nodes with Module.create_node)")
         try:
             checked = opdef.check_attrs({k: v for k, v in n.attrs.items()}, where=where)
+        except OpError as e:
+            errors.append(str(e))
+            continue
+        try:
+            opdef.slots(len(n.inputs), checked, where=where)  # the operand layout its attributes describe
         except OpError as e:
             errors.append(str(e))
             continue

@@ -7,6 +7,7 @@ from ctc.passes.base import (
                              PassContext,
                              PassError,
                              PassOptions,
+                             PatternPass,
                              Selector,
                              all_passes,
                              get_pass,
@@ -14,5 +15,5 @@ from ctc.passes.base import (
                              register_pass,
 )
 
-__all__ = ["Analysis", "NoOptions", "Pass", "PassContext", "PassError", "PassOptions", "Selector",
+__all__ = ["Analysis", "NoOptions", "Pass", "PassContext", "PassError", "PassOptions", "PatternPass", "Selector",
            "all_passes", "get_pass", "option", "register_pass"]

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ctc.ir.graph import Module, Node
+from ctc.ir.rewrite import RewriteLog, RewritePattern, Rewriter, apply_once, apply_patterns
 
 
 class PassError(Exception):
@@ -241,6 +242,8 @@ class PassContext:
     progress: Callable[[str, int, int], None] | None = None
     # Names of the analyses computed (cache misses) since the pass manager last reset it.
     computed: list[str] = field(default_factory=list)
+    # Rewriters handed out by rewriter() during the current pass (the manager finishes them).
+    rewriters: list[Rewriter] = field(default_factory=list)
     # Results per module object, held weakly: a module that is freed takes its results with
     # it, and an ``id()`` reused by a new module can never serve stale results.
     _cache: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
@@ -250,6 +253,23 @@ class PassContext:
 
     def note(self, line: str) -> None:
         self.notes.append(line)
+
+    def rewriter(self, module: Module, *, prune_params: bool = True) -> Rewriter:
+        """The :class:`~ctc.ir.rewrite.Rewriter` a pass changes ``module`` through.
+
+        It carries the step's selector and writes its notes to the report; the pass manager
+        finishes it after the pass (cleanup) and records its log in the step's record.
+        """
+        rw = Rewriter(module, selector=self.selected, prune_params=prune_params, notes=self.notes)
+        self.rewriters.append(rw)
+        return rw
+
+    def rewrite_log(self) -> RewriteLog:
+        """The merged logs of every rewriter handed out during the current pass."""
+        log = RewriteLog()
+        for rw in self.rewriters:
+            log.merge(rw.log)
+        return log
 
     def get(self, analysis: Analysis, module: Module) -> Any:
         """Result of ``analysis`` on ``module``, computed once and cached.
@@ -328,6 +348,31 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+class PatternPass(Pass):
+    """A pass that is a set of rewrite patterns, applied greedily to a fixpoint on selected roots.
+
+    Subclasses list ``patterns`` (or override :meth:`rewrite_patterns` when options choose
+    them); ``greedy = False`` applies them in one sweep instead (no revisits).  The report
+    gets one note with what fired and the op-count change.
+    """
+
+    patterns: ClassVar[Sequence[RewritePattern]] = ()
+    greedy: ClassVar[bool] = True
+
+    def rewrite_patterns(self) -> Sequence[RewritePattern]:
+        return self.patterns
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        rw = ctx.rewriter(module)
+        pats = self.rewrite_patterns()
+        log = apply_patterns(rw, pats) if self.greedy else apply_once(rw, pats)
+        rw.cleanup()
+        if log.fired:
+            ctx.note(log.summary())
+        ctx.metrics["rewrites"] = sum(log.fired.values())
+        return module
 
 
 _PASSES: dict[str, type[Pass]] = {}

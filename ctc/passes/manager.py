@@ -210,6 +210,8 @@ class PassRecord:
     warnings: list[str] = field(default_factory=list)
     fidelity: Fidelity | None = None
     error: str | None = None
+    # What the pass's rewriters did (RewriteLog.to_dict): ops created/erased, patterns fired, params.
+    rewrites: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -539,6 +541,7 @@ class PassManager:
         ctx.notes = []
         ctx.metrics = {}
         ctx.computed = []
+        ctx.rewriters = []
         params0, bytes0, ops0 = module.param_count(), module.param_bytes(), module.op_counts()
         fp0 = _fingerprint(module)
 
@@ -551,13 +554,15 @@ class PassManager:
                 params_before=params0, params_after=m.param_count(), bytes_before=bytes0,
                 bytes_after=m.param_bytes(), ops_before=ops0, ops_after=ops1, ops_diff=_diff(ops0, ops1),
                 notes=list(ctx.notes), metrics=_jsonable(dict(ctx.metrics)), analyses_computed=list(ctx.computed),
-                error=error)
+                error=error, rewrites=ctx.rewrite_log().to_dict() if ctx.rewriters else {})
 
         for inst in self.instruments:
             inst.run_before_pass(module, step, i)
         t0 = time.perf_counter()
         try:
             out = p.run(module, ctx)
+            for rw in ctx.rewriters:  # a pass that forgot to clean up still leaves no orphans
+                rw.cleanup()
         except Exception as e:
             report.records.append(record("failed", time.perf_counter() - t0, None, f"{type(e).__name__}: {e}"))
             for inst in self.instruments:

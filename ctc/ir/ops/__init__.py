@@ -9,6 +9,15 @@ from ctc.ir.ops import (
     nn,  # noqa: F401,E402
     shape,  # noqa: F401,E402
 )
-from ctc.ir.ops.registry import REQUIRED, Attr, OpDef, OpError, all_ops, get_op, register_op  # noqa: E402
+from ctc.ir.ops.registry import (  # noqa: E402
+    REQUIRED,
+    Attr,
+    OpDef,
+    OpError,
+    Scalar,
+    all_ops,
+    get_op,
+    register_op,
+)
 
-__all__ = ["REQUIRED", "Attr", "OpDef", "OpError", "all_ops", "get_op", "register_op"]
+__all__ = ["REQUIRED", "Attr", "OpDef", "OpError", "Scalar", "all_ops", "get_op", "register_op"]

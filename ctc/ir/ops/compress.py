@@ -10,12 +10,14 @@ conventions (signed weights, offset-binary int4 nibbles, unsigned activations) a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ctc.ir import quant as Q
 from ctc.ir.ops.infer import expect_dim, expect_rank, norm_axis
-from ctc.ir.ops.registry import Attr, OpError, register_op
+from ctc.ir.ops.registry import Attr, OpError, Presence, register_op
 from ctc.ir.symbolic import dims_equal
 from ctc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
 
@@ -94,11 +96,18 @@ def _infer_quant_linear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     return [x.with_shape((*x.shape[:-1], n))]
 
 
+def _quant_linear_layout(attrs: Mapping[str, Any]) -> dict[str, Presence]:
+    """``bias`` iff ``has_bias``; ``act_scale``/``act_zero`` iff activations are quantized (``a_bits`` 4..8)."""
+    aq = _a_quantized(attrs.get("a_bits"))
+    return {"bias": bool(attrs.get("has_bias")), "act_scale": aq, "act_zero": aq}
+
+
 @register_op(
     "quant_linear",
     inputs=("x", "qweight", "w_scale", "w_zero", "bias?", "act_scale?", "act_zero?"),
     infer=_infer_quant_linear,
     category=CAT,
+    layout=_quant_linear_layout,
     attrs={
         "w_bits": Attr("int", doc="weight bits (2..8); <= 4 packs two per byte", choices=tuple(range(2, 9))),
         "group_size": Attr("int", -1, doc="input channels per weight scale group; -1 = one per output channel"),

@@ -8,13 +8,14 @@ the left (``2 - x``, ``1 / x``).  Shapes broadcast numpy-style, symbolic dims in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ctc.ir.ops.infer import broadcast
-from ctc.ir.ops.registry import Attr, OpError, register_op
+from ctc.ir.ops.registry import Attr, OpError, Presence, Scalar, register_op
 from ctc.ir.types import FLOAT_DTYPES, TensorType, torch_dtype
 
 CAT = "elementwise"
@@ -145,6 +146,15 @@ def _scalar_for(x: torch.Tensor, s: float) -> float | int | bool:
     return s
 
 
+def _binary_layout(attrs: Mapping[str, Any]) -> dict[str, Presence]:
+    """``a``/``b`` from the ``scalar``/``reverse`` attributes: the scalar is ``b``, or ``a`` when reversed."""
+    s = attrs.get("scalar")
+    if s is None:
+        return {"a": True, "b": True}
+    sc = Scalar(float(s), "scalar")
+    return {"a": sc, "b": True} if attrs.get("reverse") else {"a": True, "b": sc}
+
+
 def _binary(name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], doc: str) -> None:
     def ref(a: torch.Tensor, b: torch.Tensor | None = None, *, scalar: float | None, reverse: bool) -> torch.Tensor:
         if scalar is not None:
@@ -156,7 +166,8 @@ def _binary(name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ref.__doc__ = doc + (" Shapes broadcast; with the ``scalar`` attribute the second operand is that "
                          "scalar in the tensor's dtype (first operand when ``reverse``).")
     ref.__name__ = name
-    register_op(name, inputs=("a", "b?"), infer=_binary_infer(name), attrs=dict(_SCALAR_ATTRS), category=CAT)(ref)
+    register_op(name, inputs=("a", "b?"), infer=_binary_infer(name), attrs=dict(_SCALAR_ATTRS), category=CAT,
+                layout=_binary_layout)(ref)
 
 
 _binary("add", torch.add, "Elementwise ``a + b``.")
@@ -193,7 +204,14 @@ def _infer_where(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     return [TensorType(broadcast(cond.shape, *(v.shape for v in vals)), vals[0].dtype)]
 
 
-@register_op("where", inputs=("cond", "a?", "b?"), infer=_infer_where, category=CAT, attrs={
+def _where_layout(attrs: Mapping[str, Any]) -> dict[str, Presence]:
+    """``a``/``b`` are tensors unless ``a_scalar``/``b_scalar`` give them."""
+    sa, sb = attrs.get("a_scalar"), attrs.get("b_scalar")
+    return {"a": True if sa is None else Scalar(float(sa), "a_scalar"),
+            "b": True if sb is None else Scalar(float(sb), "b_scalar")}
+
+
+@register_op("where", inputs=("cond", "a?", "b?"), infer=_infer_where, category=CAT, layout=_where_layout, attrs={
     "a_scalar": Attr("opt_float", None, doc="scalar used where cond is true (then a is not an operand)"),
     "b_scalar": Attr("opt_float", None, doc="scalar used where cond is false (then b is not an operand)"),
 })
