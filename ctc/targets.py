@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctc.passes.base import PassOptions, option
+from ctc.passes.base import PassError, PassOptions, option
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,31 @@ class CudaOptions(PassOptions):
 
 @dataclass(frozen=True)
 class FpgaOptions(PassOptions):
-    """Options of the `fpga` target (HLS C plus a performance model)."""
+    """Options of the `fpga` target (HLS C, a resource/latency model, C simulation); see docs/fpga-backend.md."""
 
-    part: str = option("xc7z020clg400-1", "FPGA part the HLS project is set up for")
-    clock_mhz: float = option(200.0, "target clock frequency in MHz", min=1.0, max=1000.0)
-    dsp_budget: int = option(220, "DSP slices the design may use", min=1)
+    board: str = option("zc706", "board preset: zc706 (Zynq XC7Z045) or u280 (Alveo XCU280)", choices=("zc706", "u280"))
+    clock_mhz: float | None = option(None, "kernel clock in MHz (default: the board's)")
+    bandwidth_gbps: float | None = option(None, "off-chip bandwidth in GB/s (default: the board's peak)")
+    dsps: int | None = option(None, "DSP slices available (default: the board's)", min=1)
+    widths: list[int] = option([], "integer widths the design may use (default: every width the board supports)")
+    utilization: float = option(0.8, "fraction of the board's DSPs and on-chip memory one layer may use",
+                                min=0.05, max=1.0)
+    seq_len: int = option(0, "sequence length the design is built for (0 = the evaluation window, else 128)", min=0)
+    csim: bool = option(True, "compile the emitted C with gcc and check it bit-exactly against the integer model")
+    tuning_dir: str | None = option(None, "tuning database directory (default ~/.cache/ctc/tuning)")
+
+    def validate(self) -> None:
+        from ctc.backends.hls.boards import BOARDS
+
+        for name in ("clock_mhz", "bandwidth_gbps"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise PassError(f"option {name}={v} must be > 0")
+        board = BOARDS[self.board]
+        bad = [w for w in self.widths if w not in board.widths]
+        if bad:
+            raise PassError(f"option widths={list(self.widths)}: board {self.board} has no {bad[0]}-bit integer "
+                            f"datapath (it supports {', '.join(map(str, board.widths))})")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,9 @@ def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spa
     diags: list[Diagnostic] = []
     known = [f.name for f in dataclasses.fields(opts_cls)]
     good: dict[str, Any] = {}
+    # Each option is checked next to the other options that are valid on their own, so a
+    # cross-field check (a width the chosen board lacks) is reported at the option it concerns.
+    alone = {k: v for k, v in options.items() if k in known and _valid(opts_cls, {k: v}, what)}
     for k, v in options.items():
         span = spans.get(k, whole)
         if k not in known:
@@ -103,7 +106,7 @@ def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spa
                                     hint=f"options: {', '.join(known) or 'none'}"))
             continue
         try:
-            opts_cls.from_dict({k: v}, pass_name=what)
+            opts_cls.from_dict({**{o: w for o, w in alone.items() if o != k}, k: v}, pass_name=what)
         except PassError as e:
             spec = next(s for s in opts_cls.specs() if s.name == k)
             diags.append(Diagnostic(f"{what}: {e}", span, hint=_spec_hint(spec)))
@@ -115,6 +118,14 @@ def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spa
         except PassError as e:
             diags.append(Diagnostic(f"{what}: {e}", whole))
     return diags
+
+
+def _valid(opts_cls: type[PassOptions], values: dict[str, Any], what: str) -> bool:
+    try:
+        opts_cls.from_dict(values, pass_name=what)
+    except PassError:
+        return False
+    return True
 
 
 def _spec_hint(spec: Any) -> str:
