@@ -59,8 +59,13 @@ def interpret(
     *,
     observer: Observer | None = None,
     params: Mapping[str, torch.Tensor] | None = None,
+    refs: Mapping[str, Callable[..., object]] | None = None,
 ) -> list[torch.Tensor]:
     """Run ``module`` on concrete inputs; returns the outputs in order.
+
+    ``refs`` replaces the reference implementation of the ops it names (same signature): a
+    backend's stricter semantics, e.g. the fpga target's integer model
+    (:mod:`ctc.backends.hls.exact`), run by the same interpreter.
 
     Values are freed after their last use so memory stays bounded by the live set.
     """
@@ -88,7 +93,8 @@ def interpret(
             else:
                 attrs = _resolve_dims(node, env)
                 try:
-                    res = get_op(node.op).ref(*args, **attrs)
+                    ref = refs[node.op] if refs is not None and node.op in refs else get_op(node.op).ref
+                    res = ref(*args, **attrs)
                 except Exception as e:  # noqa: BLE001 - re-raised with the node's location
                     shapes = [tuple(a.shape) for a in args]
                     raise InterpretError(

@@ -1087,17 +1087,21 @@ def _fake_quant_act(ctx: Ctx, x: Any, s: Any, z: Any, bits: int, clusters: tuple
 # ----------------------------------------------------------------------------- driver
 def lower(module: Module, *, params: str = "const", fast_math: bool = True,
           static_dims: Mapping[str, int] | None = None, target: Any = None,
-          use_int_kernels: bool = True, func_name: str = "main") -> Lowered:
+          use_int_kernels: bool = True, func_name: str = "main",
+          kernels: Mapping[str, Rule] | None = None) -> Lowered:
     """Lower ``module`` to a Relax IRModule with one function ``func_name``.
 
     ``params``: ``"const"`` binds parameters as constants; ``"input"`` makes them trailing
     function inputs (listed in :attr:`Lowered.param_inputs`, in order).  ``static_dims``
     specialises symbolic dims to integers.  ``target`` (a TVM target) selects the integer
-    kernel variant (VNNI or not) for ``quant_linear``.
+    kernel variant (VNNI or not) for ``quant_linear``.  ``kernels`` replaces the rules of the
+    ops it names with a target's own kernels (same rule signature): the fpga target's exact,
+    tiled kernels (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.
     """
     if params not in ("const", "input"):
         raise LoweringError(f"lower: params must be 'const' or 'input', got {params!r}")
-    missing = sorted({n.op for n in module.nodes if n.op != "param" and n.op not in RULES})
+    rules = {**RULES, **(kernels or {})}
+    missing = sorted({n.op for n in module.nodes if n.op != "param" and n.op not in rules})
     if missing:
         where = {op: sorted({n.scope or "<root>" for n in module.nodes if n.op == op})[:3] for op in missing}
         lines = "\n".join(f"  - {op} (at {', '.join(where[op])})" for op in missing)
@@ -1120,7 +1124,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                     continue
                 args = _Operands(ctx, node.inputs)
                 try:
-                    res = RULES[node.op](ctx, node, args)
+                    res = rules[node.op](ctx, node, args)
                 except LoweringError:
                     raise
                 except Exception as e:
