@@ -54,6 +54,7 @@ class FpgaOptions(PassOptions):
     utilization: float = option(0.8, "fraction of the board's DSPs and on-chip memory one layer may use",
                                 min=0.05, max=1.0)
     seq_len: int = option(0, "sequence length the design is built for (0 = the evaluation window, else 128)", min=0)
+    tune: bool = option(True, "search each integer GEMM's tiling against the model (seconds); false = default tiling")
     csim: bool = option(True, "compile the emitted C with gcc and check it bit-exactly against the integer model")
     tuning_dir: str | None = option(None, "tuning database directory (default ~/.cache/ctc/tuning)")
 
@@ -138,8 +139,15 @@ class TargetConfig:
         return {"kind": self.kind, "options": dataclasses.asdict(self.options), "trials": self.trials}
 
 
-def build_target(module: Any, target: TargetConfig, out_dir: Path) -> dict[str, Any]:
-    """Build ``module`` for ``target`` into ``out_dir`` through the target's backend."""
+def build_target(module: Any, target: TargetConfig, out_dir: Path, example_inputs: Any = None) -> dict[str, Any]:
+    """Build ``module`` for ``target`` into ``out_dir`` through the target's backend.
+
+    ``example_inputs`` (one batch of the module's inputs, e.g. the first evaluation batch) reach backends
+    whose ``build_target`` takes them (the fpga target's test bench data)."""
+    import inspect
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = target.spec.build_function()(module, target, out_dir)
+    fn = target.spec.build_function()
+    takes = "example_inputs" in inspect.signature(fn).parameters
+    summary = fn(module, target, out_dir, example_inputs=example_inputs) if takes else fn(module, target, out_dir)
     return dict(summary or {})

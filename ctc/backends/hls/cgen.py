@@ -328,6 +328,11 @@ def c_kernel(name: str, func: Any) -> tuple[str, str]:
     return sig + ";", f"{sig} {{\n{body}\n}}\n"
 
 
+def c_name(kernel: str) -> str:
+    """The C function of a kernel: ``k_<name>`` (kernel names such as ``exp`` would clash with libm)."""
+    return f"k_{kernel}"
+
+
 PRELUDE = """#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -373,7 +378,7 @@ def write_program(mod: Any, out_dir: Path, input_names: list[str], output_names:
         f = mod[gv]
         if isinstance(f, relax.Function):
             continue
-        proto, text = c_kernel(gv.name_hint, f)
+        proto, text = c_kernel(c_name(gv.name_hint), f)
         protos[gv.name_hint] = proto
         (kdir / f"{gv.name_hint}.c").write_text(f"// ctc fpga kernel {gv.name_hint} (generated)\n"
                                                  f'#include "../ctc_top.h"\n\n{text}')
@@ -389,7 +394,7 @@ def write_program(mod: Any, out_dir: Path, input_names: list[str], output_names:
     for i, p in enumerate(main.params):
         dt, n = _tensor_ty(p.ty)
         env[p] = f"x{i}"
-        ins.append((input_names[i] if i < len(input_names) else p.name_hint, dt, n))
+        ins.append((input_names[i] if i < len(input_names) else p.name, dt, n))
     counter = [0]
 
     def buf(dt: str, n: int) -> str:
@@ -402,7 +407,7 @@ def write_program(mod: Any, out_dir: Path, input_names: list[str], output_names:
         nonlocal offset
         if isinstance(e, relax.Var):
             if e not in env:
-                raise CGenError(f"top function: {e.name_hint} used before it is defined")
+                raise CGenError(f"top function: {e.name} used before it is defined")
             return env[e]
         if isinstance(e, GenericConst):
             key = int(e.__chandle__())
@@ -419,6 +424,7 @@ def write_program(mod: Any, out_dir: Path, input_names: list[str], output_names:
         raise CGenError(f"top function: argument {type(e).__name__} is not supported")
 
     seq = main.body
+    tuples: dict[Any, list[Any]] = {}
     for block in seq.blocks:
         for b in block.bindings:
             v = b.var
@@ -429,20 +435,22 @@ def write_program(mod: Any, out_dir: Path, input_names: list[str], output_names:
                 out = buf(dt, n)
                 env[v] = out
                 names_ = [arg(a) for a in args] + [out]
-                body.append(f"  {gv.name_hint}({', '.join(names_)});")
+                body.append(f"  {c_name(gv.name_hint)}({', '.join(names_)});")
                 if debug:
                     body.append(f'  ctc_dump("{out}", {out}, {n} * sizeof({ctype(dt)}));')
                 calls.append((gv.name_hint, names_))
             elif isinstance(val, relax.Call) and val.op.name == "relax.reshape":
                 env[v] = arg(val.args[0])
-            elif isinstance(val, relax.Var):
+            elif isinstance(val, (relax.Var, GenericConst)):
                 env[v] = arg(val)
-            elif isinstance(val, GenericConst):
-                env[v] = arg(val)
+            elif isinstance(val, relax.Tuple):
+                tuples[v] = list(val.fields)
             else:
-                raise CGenError(f"top function: binding {v.name_hint} = {type(val).__name__} "
+                raise CGenError(f"top function: binding {v.name} = {type(val).__name__} "
                                 f"{getattr(getattr(val, 'op', None), 'name', '')} is not supported")
     result = seq.body
+    while isinstance(result, relax.Var) and result in tuples:
+        result = relax.Tuple(tuples[result])
     res = list(result.fields) if isinstance(result, relax.Tuple) else [result]
     outs = []
     for i, r in enumerate(res):
@@ -493,8 +501,10 @@ def _write_testbench(out_dir: Path, ins: list[tuple[str, str, int]], outs: list[
     for i, (_, dt, n) in enumerate(ins):
         L.append(f"  const {ctype(dt)}* in{i} = ({ctype(dt)}*)load(dir, \"input_{i}.bin\", {n} * sizeof({ctype(dt)}));")
     for i, (_, dt, n) in enumerate(outs):
-        L.append(f"  {ctype(dt)}* out{i} = ({ctype(dt)}*)aligned_alloc(64, ({n} * sizeof({ctype(dt)}) + 63) / 64 * 64);")
-    L.append(f"  ctc_top(w{''.join(f', in{i}' for i in range(len(ins)))}{''.join(f', out{i}' for i in range(len(outs)))});")
+        c = ctype(dt)
+        L.append(f"  {c}* out{i} = ({c}*)aligned_alloc(64, ({n} * sizeof({c}) + 63) / 64 * 64);")
+    args = "".join(f", in{i}" for i in range(len(ins))) + "".join(f", out{i}" for i in range(len(outs)))
+    L.append(f"  ctc_top(w{args});")
     L.append("  int failed = 0;")
     for i, (_, dt, n) in enumerate(outs):
         L += [f"  {{ char op[4096]; snprintf(op, sizeof op, \"%s/output_{i}.bin\", dir); FILE* f = fopen(op, \"wb\");",

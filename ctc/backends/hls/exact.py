@@ -23,7 +23,9 @@ The integer model of a module:
   softmax denominators) is accumulated left to right from 0; ``exp``/``erf``/``tanh`` are the
   polynomial approximations :func:`exp_poly` / :func:`erf_poly` (``|error| < 2e-7``
   relative for exp, ``< 1e-6`` absolute for erf), built from +, -, *, /, floor and an
-  exponent-field write only; ``sqrt`` is IEEE's (correctly rounded).
+  exponent-field write only; ``sqrt`` and ``/`` are IEEE's, correctly rounded (the reference computes
+  them in fp64 and rounds once: torch's fp32 ``sqrt`` is not always correctly rounded, and its ``/``
+  by a scalar multiplies by the reciprocal).
   Formulas: ``layer_norm = ((x - mean) * (1 / sqrt(var + eps))) * w + b`` with
   ``mean = sum(x) / K``, ``var = sum((x - mean)^2) / K``; ``rms_norm = w * (x * (1 / sqrt(sum(x^2) / K
   + eps)))``; ``softmax = exp(x - max) / sum(exp(x - max))``; ``gelu = (x * 0.5) * (1 + erf(x *
@@ -55,6 +57,18 @@ F32 = torch.float32
 def f32(v: float) -> torch.Tensor:
     """A 0-dim fp32 constant (so torch rounds the constant to fp32 once, as C's float literal)."""
     return torch.tensor(v, dtype=F32)
+
+
+def fdiv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IEEE fp32 division, correctly rounded: computed in fp64 and rounded once (exact for fp32 operands).
+    torch's own fp32 ``/`` multiplies by the reciprocal when the divisor is a scalar tensor."""
+    return (a.to(torch.float64) / b.to(torch.float64)).to(F32)
+
+
+def fsqrt(a: torch.Tensor) -> torch.Tensor:
+    """IEEE fp32 square root, correctly rounded (fp64 then one rounding); torch's vectorized fp32 sqrt is
+    not always correctly rounded (seen 1 ulp off on AVX-512)."""
+    return torch.sqrt(a.to(torch.float64)).to(F32)
 
 
 # --------------------------------------------------------------------------- ordered reductions
@@ -128,7 +142,7 @@ def erf_poly(x: torch.Tensor) -> torch.Tensor:
     q = x2 * f32(ERF_BETA[0]) + f32(ERF_BETA[1])
     for c in ERF_BETA[2:]:
         q = x2 * q + f32(c)
-    return p / q
+    return fdiv(p, q)
 
 
 # --------------------------------------------------------------------------- op implementations
@@ -141,15 +155,15 @@ def _erf(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tanh(x: torch.Tensor) -> torch.Tensor:
-    return f32(1.0) - f32(2.0) / (exp_poly(x * f32(2.0)) + f32(1.0))
+    return f32(1.0) - fdiv(f32(2.0), exp_poly(x * f32(2.0)) + f32(1.0))
 
 
 def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return f32(1.0) / (f32(1.0) + exp_poly(-x))
+    return fdiv(f32(1.0), f32(1.0) + exp_poly(-x))
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
-    return x / (f32(1.0) + exp_poly(-x))
+    return fdiv(x, f32(1.0) + exp_poly(-x))
 
 
 def _gelu(x: torch.Tensor, *, approximate: str) -> torch.Tensor:
@@ -161,7 +175,7 @@ def _gelu(x: torch.Tensor, *, approximate: str) -> torch.Tensor:
 
 def _softmax_rows(x: torch.Tensor) -> torch.Tensor:
     e = exp_poly(x - seq_max(x))
-    return e / seq_sum(e)
+    return fdiv(e, seq_sum(e))
 
 
 def _softmax(x: torch.Tensor, *, axis: int) -> torch.Tensor:
@@ -173,10 +187,10 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch
     if normalized_ndim != 1:
         raise NotImplementedError("the integer model normalizes over the last axis only (normalized_ndim=1)")
     k = f32(float(x.shape[-1]))
-    mean = seq_sum(x) / k
+    mean = fdiv(seq_sum(x), k)
     d = x - mean
-    var = seq_sum(d * d) / k
-    y = d * (f32(1.0) / torch.sqrt(var + f32(eps)))
+    var = fdiv(seq_sum(d * d), k)
+    y = d * fdiv(f32(1.0), fsqrt(var + f32(eps)))
     if weight is not None:
         y = y * weight.to(F32)
     if bias is not None:
@@ -185,8 +199,8 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float) -> torch.Tensor:
-    ms = seq_sum(x * x) / f32(float(x.shape[-1]))
-    return weight.to(F32) * (x * (f32(1.0) / torch.sqrt(ms + f32(eps))))
+    ms = fdiv(seq_sum(x * x), f32(float(x.shape[-1])))
+    return weight.to(F32) * (x * fdiv(f32(1.0), fsqrt(ms + f32(eps))))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,7 +281,21 @@ def _quant_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
     return y.reshape(*lead, n).to(x.dtype)
 
 
+def _div(a: torch.Tensor, b: torch.Tensor | None = None, *, scalar: float | None, reverse: bool) -> torch.Tensor:
+    if scalar is not None:
+        s = f32(float(scalar))
+        return fdiv(s, a) if reverse else fdiv(a, s)
+    assert b is not None
+    return fdiv(a, b)
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    return fsqrt(x)
+
+
 EXACT_OPS: dict[str, Callable[..., Any]] = {
+    "div": _div,
+    "sqrt": _sqrt,
     "quant_linear": _quant_linear,
     "linear": _linear,
     "matmul": _matmul,
@@ -286,9 +314,9 @@ EXACT_OPS: dict[str, Callable[..., Any]] = {
 
 DATA_OPS = frozenset({
     "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "concat", "gather", "index",
-    "index_select", "channel_permute", "embedding", "arange", "full", "cast", "add", "sub", "mul", "div", "neg",
+    "index_select", "channel_permute", "embedding", "arange", "full", "cast", "add", "sub", "mul", "neg",
     "abs", "relu", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
-    "logical_not", "where", "masked_fill", "rotary_embedding", "triu", "tril", "sqrt",
+    "logical_not", "where", "masked_fill", "rotary_embedding", "triu", "tril",
 })
 """Ops whose IR reference is already exact (data movement, one IEEE rounding per element)."""
 

@@ -1,0 +1,205 @@
+"""fpga target: integer model, HLS C emission, gcc C simulation (bit-exact), resource/latency model, tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_transformers import outlier_inputs, tiny_transformer
+
+from ctc.backends.hls import exact as E
+from ctc.backends.hls.boards import BOARDS
+from ctc.backends.hls.perf import DRAM_LATENCY, LATENCY, LOOP_OVERHEAD, kernel_cost
+from ctc.backends.hls.qlinear import QLinearShape, Tiling, qlinear_cost, qlinear_primfunc
+from ctc.ir import Module, TensorType
+from ctc.ir.interpreter import interpret
+from ctc.passes.base import PassContext, get_pass
+from ctc.targets import FpgaOptions, TargetConfig, build_target
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="C simulation needs gcc")
+
+
+def _lowered(shape: QLinearShape, t: Tiling):
+    import tvm
+
+    from ctc.backends.hls.cgen import lower_tir
+
+    return lower_tir(tvm.IRModule({"q": qlinear_primfunc(shape, t, "q")}))["q"]
+
+
+# ----------------------------------------------------------------------------- model
+def test_gemm_cycles_equal_the_closed_form() -> None:
+    """A 64x256x128 int8 GEMM, tiles 32x64x64, 16 MAC lanes, 4 epilogue lanes: count it by hand."""
+    L, OV = LATENCY, LOOP_OVERHEAD
+    M, K, N, TM, TN, TK, PN, PE = 64, 256, 128, 32, 64, 64, 16, 4
+    d_mac = L["iadd"] + L["imul"] + L["load"] + L["store"]  # acc += xq * wt
+    d_epi = L["fadd"] + L["fmul"] + max(L["fmul"] + L["load"], L["fcvt"] + L["iadd"] + L["imul"] + L["load"]) \
+        + L["store"]  # yt += (s_a * s_w) * f32(acc - z_a * wsum)
+    acc_init = TM * ((TN // PN - 1) + L["store"] + OV)
+    mac = (K // TK) * (TK * ((TN // PN) * ((TM - 1) + d_mac + OV) + OV) + OV)
+    epilogue = TM * ((TN // PE - 1) + d_epi + OV)
+    cycles = (M // TM) * ((N // TN) * (acc_init + mac + epilogue + OV) + OV)
+    assert cycles == 165782
+    # off-chip: x with its scale and zero point per element once per row block; per column block the bias,
+    # the weights, per output element the epilogue's four scalars, and y
+    nbytes = (M // TM) * (TM * K * 12 + (N // TN) * (TM * TN * 4 + TN * K + TM * TN * 16 + TM * TN * 4))
+    shape, t = QLinearShape(M, K, N, 8, 8, -1, True, ()), Tiling(TM, TN, TK, PN, PE)
+    board = BOARDS["u280"]
+    got = kernel_cost("q", _lowered(shape, t), board)
+    assert (got.compute_cycles, got.offchip_bytes) == (cycles, nbytes)
+    assert got.latency_cycles == max(cycles, math.ceil(nbytes / board.bytes_per_cycle)) + DRAM_LATENCY
+    assert got.bound == "compute"
+    assert got.dsps == math.ceil(PN / 2 + PE * (3 + 3 + 2 + 0.5))  # WP486 packing halves the int8 multipliers
+
+
+@pytest.mark.parametrize("shape,t", [
+    (QLinearShape(16, 40, 32, 8, 8, -1, True, (7, 40)), Tiling(8, 16, 16, 8, 2)),
+    (QLinearShape(16, 40, 32, 4, 8, 16, False, (7, 40)), Tiling(16, 32, 8, 16, 1)),
+    (QLinearShape(16, 40, 32, 8, 8, -1, False, ()), Tiling(4, 8, 64, 8, 8)),
+])
+@pytest.mark.parametrize("board", ["zc706", "u280"])
+def test_tuner_closed_form_equals_the_tir_walk(shape: QLinearShape, t: Tiling, board: str) -> None:
+    walk = kernel_cost("q", _lowered(shape, t), BOARDS[board]).to_json()
+    closed = qlinear_cost(shape, t, BOARDS[board], "q").to_json()
+    walk.pop("ops")
+    closed.pop("ops")
+    assert walk == closed
+
+
+def test_float_accumulation_pipelines_at_the_adder_latency() -> None:
+    """A row sum in the integer model's fixed order cannot start a new addition every cycle."""
+    m = Module("rowsum")
+    x = m.add_input("x", TensorType((4, 64), "f32"))
+    m.set_outputs([m.create_node("softmax", [x], {"axis": 1}).output])
+    from ctc.backends.hls.design import lower_design
+
+    d = lower_design(m, {}, {})
+    c = kernel_cost("softmax", d.kernels()["softmax"], BOARDS["zc706"])
+    assert c.compute_cycles > 3 * 4 * 64  # three passes over 4 rows of 64, each at II >= 4 for the sums
+    assert c.ops_by_kind["fadd"] > 0
+
+
+# ----------------------------------------------------------------------------- integer model
+def test_polynomial_exp_and_erf_are_accurate() -> None:
+    x = torch.linspace(-86, 88, 100001)
+    rel = ((E.exp_poly(x).double() - torch.exp(x.double())).abs() / torch.exp(x.double())).max()
+    assert float(rel) < 2e-7
+    assert float(E.exp_poly(torch.tensor([-math.inf, -100.0])).abs().max()) == 0.0
+    x = torch.linspace(-6, 6, 100001)
+    assert float((E.erf_poly(x).double() - torch.erf(x.double())).abs().max()) < 1e-6
+
+
+def _quantized(kind: str, w_bits: int, seed: int = 1):
+    m = tiny_transformer(kind, batch=1, seq=8, layers=2, seed=seed)
+    cal = outlier_inputs(m, 2, seed=seed)
+    q = get_pass("rptq")({"w_bits": w_bits, "a_bits": 8, "clusters": 3}).run(m, PassContext(calibration=cal))
+    return q, cal
+
+
+def test_integer_model_is_close_to_the_ir_semantics() -> None:
+    q, cal = _quantized("bert", 8)
+    for b in cal:
+        got, ref = E.interpret_exact(q, b)[0], interpret(q, b)[0]
+        assert float((got - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+# ----------------------------------------------------------------------------- C simulation
+def _all_ops_module() -> tuple[Module, list[dict[str, torch.Tensor]]]:
+    """Every float-island kernel and both integer engines side by side (one gcc build)."""
+    g = torch.Generator().manual_seed(3)
+    m = Module("ops")
+    x = m.add_input("x", TensorType((8, 64), "f32"))
+    q = m.add_input("q", TensorType((1, 4, 8, 16), "f32"))
+    k = m.add_input("k", TensorType((1, 2, 8, 16), "f32"))
+    v = m.add_input("v", TensorType((1, 2, 8, 16), "f32"))
+    for name, shape in (("w", (64,)), ("b", (64,)), ("fc", (32, 64)), ("fc_b", (32,))):
+        m.add_param(name, torch.randn(*shape, generator=g))
+    outs = [m.create_node(op, [x], attrs).output for op, attrs in
+            (("gelu", {}), ("silu", {}), ("exp", {}), ("sigmoid", {}), ("softmax", {"axis": 1}),
+             ("div", {"scalar": 3.0, "reverse": False}))]
+    outs.append(m.create_node("layer_norm", [x, m.param("w"), m.param("b")], {"eps": 1e-12}).output)
+    outs.append(m.create_node("rms_norm", [x, m.param("w")], {"eps": 1e-6}).output)
+    outs.append(m.create_node("scaled_dot_product_attention", [q, k, v],
+                              {"is_causal": True, "enable_gqa": True}).output)
+    lin = m.create_node("linear", [x, m.param("fc"), m.param("fc_b")], {}).output
+    outs.append(m.create_node("relu", [lin], {}).output)
+    m.set_outputs(outs)
+
+    def batch(s: float) -> dict[str, torch.Tensor]:
+        return {"x": torch.randn(8, 64, generator=g) * s, "q": torch.randn(1, 4, 8, 16, generator=g) * s,
+                "k": torch.randn(1, 2, 8, 16, generator=g) * s, "v": torch.randn(1, 2, 8, 16, generator=g)}
+
+    cal = [batch(3.0), batch(3.0)]
+    mq = get_pass("quantize")({"w_bits": 4, "a_bits": 8, "sym": False, "w_granularity": "group", "group_size": 16,
+                               "blocks_only": False}).run(m, PassContext(calibration=cal))
+    assert mq.op_counts()["quant_linear"] == 1
+    return mq, [batch(s) for s in (0.5, 4.0, 30.0)]
+
+
+def test_every_kernel_c_simulates_bit_exactly(tmp_path: Path) -> None:
+    from ctc.backends.hls import csim
+    from ctc.backends.hls.design import lower_design, write_design
+
+    m, batches = _all_ops_module()
+    prog = write_design(lower_design(m, {}, {}), m, tmp_path / "hls")
+    csim.compile_csim(tmp_path / "hls")
+    for i, b in enumerate(batches):
+        ordered = [b[v.name] for v in m.inputs]
+        expected = E.interpret_exact(m, ordered)
+        d = csim.write_inputs(tmp_path / "hls", [t.numpy() for t in ordered], [e.numpy() for e in expected],
+                              tag=str(i))
+        res = csim.run_csim(tmp_path / "hls", d, prog.outputs)
+        assert res.passed, res.stdout
+    src = (tmp_path / "hls" / "ctc_top.c").read_text()
+    assert "k_qlinear_" in src and "#pragma HLS" in next((tmp_path / "hls" / "kernels").glob("qlinear_*.c")).read_text()
+
+
+@pytest.mark.parametrize("kind,w_bits,board", [("bert", 8, "zc706"), ("llama", 4, "u280")])
+def test_tiny_model_end_to_end(kind: str, w_bits: int, board: str, tmp_path: Path) -> None:
+    """rptq -> fpga target: tuned tilings, per-layer resources within the board, C-sim bit-exact, report."""
+    q, cal = _quantized(kind, w_bits)
+    t = TargetConfig("fpga", FpgaOptions.from_dict({"board": board, "tuning_dir": str(tmp_path / "db")}))
+    s = build_target(q, t, tmp_path / "fpga", example_inputs=cal[0])
+    assert s["csim"]["bit_exact"] is True
+    rep = json.loads((tmp_path / "fpga" / "report.json").read_text())
+    b = BOARDS[board]
+    assert all(row["dsps"] <= 0.8 * b.dsps and row["onchip_bytes"] <= 0.8 * b.onchip_bytes for row in rep["layers"])
+    assert {r["bound"] for r in rep["layers"]} <= {"compute", "memory"}
+    assert rep["tuned_vs_default"]["gemm_speedup"] > 1.0
+    assert (tmp_path / "fpga" / "roofline.png").exists() and (tmp_path / "fpga" / "roofline.svg").exists()
+    qrows = [r for r in rep["layers"] if r["kernel"].startswith("qlinear")]
+    assert len(qrows) == q.op_counts()["quant_linear"] and all("tiling" in r for r in qrows)
+    from ctc.backends.hls import load
+
+    runner = load(tmp_path / "fpga", q)
+    y = runner(cal[1])[0]
+    assert runner.last_bit_exact is True and y.shape == E.interpret_exact(q, cal[1])[0].shape
+    # the database answers the second build: nothing searched
+    again = build_target(q, TargetConfig("fpga", FpgaOptions.from_dict(
+        {"board": board, "tuning_dir": str(tmp_path / "db"), "csim": False})), tmp_path / "fpga2",
+        example_inputs=cal[0])
+    assert again["latency_ms"] == s["latency_ms"]
+    assert json.loads((tmp_path / "fpga2" / "report.json").read_text())["tuning"]["searched"] == 0
+
+
+def test_a_width_the_design_lacks_is_an_error(tmp_path: Path) -> None:
+    from ctc.backends.tvm.lower import LoweringError
+
+    q, cal = _quantized("llama", 4)
+    t = TargetConfig("fpga", FpgaOptions.from_dict({"board": "zc706", "widths": [8, 16], "csim": False}))
+    with pytest.raises(LoweringError, match="w_bits=4.*widths are 8, 16"):
+        build_target(q, t, tmp_path / "x", example_inputs=cal[0])
+
+
+def test_ops_without_an_integer_model_are_listed(tmp_path: Path) -> None:
+    from ctc.backends.tvm.lower import LoweringError
+
+    m = Module("trig")
+    x = m.add_input("x", TensorType((2, 4), "f32"))
+    m.set_outputs([m.create_node("sin", [x], {}).output])
+    with pytest.raises(LoweringError, match=r"(?s)no integer-model kernel.*sin"):
+        build_target(m, TargetConfig("fpga", FpgaOptions()), tmp_path / "x")
