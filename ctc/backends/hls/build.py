@@ -48,8 +48,8 @@ def example_inputs(module: Module, static_dims: Mapping[str, int], seed: int = 0
         if v.type.dtype in ("f32",):
             out[v.name] = torch.randn(*shape, generator=g)
             continue
-        vocab = next((int(u.inputs[1].type.shape[0]) for u in v.users if u.op == "embedding" and u.inputs[0] is v),
-                     None)
+        vocab = next((int(u.operand("weight").type.shape[0]) for u in v.users  # type: ignore[union-attr]
+                      if u.op == "embedding" and u.operand("ids") is v), None)
         if vocab is not None:
             out[v.name] = torch.randint(0, vocab, shape, generator=g, dtype=torch.int64)
         else:

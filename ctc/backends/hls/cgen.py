@@ -186,22 +186,18 @@ class _Printer:
             return f"({self.expr(e.a)} {binop[t]} {self.expr(e.b)})"
         if t == "Div":
             return f"({self.expr(e.a)} / {self.expr(e.b)})"
-        if t in ("FloorDiv", "FloorMod"):
+        if t in ("FloorDiv", "FloorMod", "Mod"):
             if "float" in dt:
                 raise CGenError(f"{t} on {dt}")
+            if t == "Mod":
+                return f"({self.expr(e.a)} % {self.expr(e.b)})"
             return f"ctc_{'floordiv' if t == 'FloorDiv' else 'floormod'}({self.expr(e.a)}, {self.expr(e.b)})"
         if t in ("Min", "Max"):
             a, b = self.expr(e.a), self.expr(e.b)
             op = "<" if t == "Min" else ">"
             return f"(({a}) {op} ({b}) ? ({a}) : ({b}))"
-        if t == "Not":
-            return f"(!{self.expr(e.a)})"
-        if t == "BitwiseNot":
-            return f"(~{self.expr(e.a)})"
-        if t == "Mod":
-            if "float" in dt:
-                raise CGenError("Mod on floats")
-            return f"({self.expr(e.a)} % {self.expr(e.b)})"
+        if t in ("Not", "BitwiseNot"):
+            return f"({'!' if t == 'Not' else '~'}{self.expr(e.a)})"
         if t == "Select":
             return f"({self.expr(e.condition)} ? {self.expr(e.true_value)} : {self.expr(e.false_value)})"
         if t == "Cast":
@@ -223,12 +219,10 @@ class _Printer:
             return f"{math1[op]}{'f' if f32 else ''}({a[0]})"
         if op == "tirx.if_then_else":
             return f"({a[0]} ? {a[1]} : {a[2]})"
-        if op == "tirx.shift_left":
-            return f"({a[0]} << {a[1]})"
-        if op == "tirx.shift_right":
-            return f"({a[0]} >> {a[1]})"
-        if op in ("tirx.bitwise_and", "tirx.bitwise_or", "tirx.bitwise_xor"):
-            return f"({a[0]} {'&' if op.endswith('and') else '|' if op.endswith('or') else '^'} {a[1]})"
+        infix = {"tirx.shift_left": "<<", "tirx.shift_right": ">>", "tirx.bitwise_and": "&", "tirx.bitwise_or": "|",
+                 "tirx.bitwise_xor": "^"}
+        if op in infix:
+            return f"({a[0]} {infix[op]} {a[1]})"
         if op == "tirx.bitwise_not":
             return f"(~{a[0]})"
         if op == "tirx.reinterpret":

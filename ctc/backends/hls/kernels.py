@@ -126,7 +126,8 @@ def _softmax(ctx: Any, node: Node, a: Any) -> Any:
     from ctc.backends.tvm.lower import LoweringError
 
     _f32_only(node)
-    if node.attrs["axis"] % node.inputs[0].type.rank != node.inputs[0].type.rank - 1:
+    rank = node.operand("x").type.rank  # type: ignore[union-attr]
+    if node.attrs["axis"] % rank != rank - 1:
         raise LoweringError(f"softmax at {node.scope or '<root>'}: the fpga target normalizes the last axis only")
     return ctx.te(softmax_te, a[0], name="softmax")
 
@@ -202,7 +203,7 @@ def _matmul(ctx: Any, node: Node, a: Any) -> Any:
     from ctc.backends.tvm.lower import LoweringError
 
     _f32_only(node)
-    at, bt = node.inputs[0].type, node.inputs[1].type
+    at, bt = node.operand("a").type, node.operand("b").type  # type: ignore[union-attr]
     if at.rank < 2 or bt.rank < 2 or (bt.rank > 2 and tuple(at.shape[:-2]) != tuple(bt.shape[:-2])):
         raise LoweringError(f"matmul at {node.scope or '<root>'}: the fpga target multiplies [..., M, K] by "
                             f"[K, N] or by the same batch of [K, N]; got {at} x {bt}")
@@ -231,14 +232,15 @@ def _sdpa(ctx: Any, node: Node, a: Any) -> Any:
     from ctc.backends.tvm.lower import LoweringError
 
     _f32_only(node)
-    qt, kt = node.inputs[0].type, node.inputs[1].type
+    qt, kt = node.operand("q").type, node.operand("k").type  # type: ignore[union-attr]
     if qt.rank != 4:
         raise LoweringError(f"attention at {node.scope or '<root>'}: the fpga target takes [batch, heads, seq, dim]")
     hq, hk = int(qt.shape[1]), int(kt.shape[1])
     group = hq // hk
     sc = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(int(qt.shape[-1]))
     causal = bool(node.attrs["is_causal"])
-    mt = node.inputs[3].type if len(a) > 3 else None
+    mask = node.operand("mask")
+    mt = mask.type if mask is not None else None
 
     def scores(q: Any, k: Any, *m: Any) -> Any:
         d = te.reduce_axis((0, q.shape[3]), "d")
@@ -301,9 +303,8 @@ def _quant_linear_rule(plan: Mapping[str, Tiling], static_dims: Mapping[str, int
         relax = ctx.relax
         shape = qlinear_layers_for(node, static_dims)
         tiling = plan.get(node.outputs[0].name) or default_tiling(shape)
-        names = ["x", "qweight", "w_scale", "w_zero"] + (["bias"] if node.attrs["has_bias"] else []) + \
-            ["act_scale", "act_zero"]
-        ops = dict(zip(names, node.inputs, strict=True))
+        names = ["x", "qweight", "w_scale", "w_zero", "bias", "act_scale", "act_zero"]
+        ops = {n: node.operand(n) for n in names if node.has_operand(n)}
         pname = {k: ctx.param_name(v) for k, v in ops.items() if k != "x"}
         if any(v is None for v in pname.values()):
             raise LoweringError(f"quant_linear at {node.scope or '<root>'}: weights, scales and zero points must be "
@@ -329,7 +330,9 @@ def qlinear_layers_for(node: Node, static_dims: Mapping[str, int]) -> QLinearSha
     """The static shape of one ``quant_linear`` (located errors for dynamic shapes, float activations)."""
     from ctc.backends.tvm.lower import LoweringError
 
-    xt = node.inputs[0].type
+    x, qweight = node.operand("x"), node.operand("qweight")
+    assert x is not None and qweight is not None
+    xt = x.type
     try:
         m = int(np.prod([_static(d, static_dims) for d in xt.shape[:-1]])) if xt.rank > 1 else 1
     except ValueError as e:
@@ -339,7 +342,7 @@ def qlinear_layers_for(node: Node, static_dims: Mapping[str, int]) -> QLinearSha
     if a["a_bits"] is None or a["a_bits"] == 16:
         raise LoweringError(f"quant_linear at {node.scope or '<root>'} has float activations (weight-only); the "
                             "fpga target's integer engine needs quantized activations (a_bits 4..8)")
-    return QLinearShape(m, int(xt.shape[-1]), int(node.inputs[1].type.shape[0]), int(a["w_bits"]), int(a["a_bits"]),
+    return QLinearShape(m, int(xt.shape[-1]), int(qweight.type.shape[0]), int(a["w_bits"]), int(a["a_bits"]),
                         int(a["group_size"]), bool(a["w_symmetric"]), tuple(int(c) for c in a["act_clusters"]))
 
 
