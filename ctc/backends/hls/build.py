@@ -160,7 +160,7 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
     if opts.tune and layers:
         plan, tune_info = tune_plan(layers, board, opts.utilization, cache_dir=opts.tuning_dir, log=_log)
         tune_info["tuned"] = True
-    design = lower_design(module, static, plan)
+    design = lower_design(module, static, plan, board=board, utilization=opts.utilization)
     calls, per_kernel = design_costs(design, board)
     refused = {n: c.fits(board, opts.utilization) for n, c in per_kernel.items()}
     refused = {n: why for n, why in refused.items() if why}

@@ -116,15 +116,26 @@ def is_pipelined(loop: Any, inside_pipeline: bool) -> bool:
     return not _has_loop(loop.body)
 
 
-def storage(buffer_or_data: Any) -> str:
-    """Identity of a buffer's storage: the name of the Var behind ``buffer.data`` (``tirx.buffer_data(v)``).
-
-    Names, not object identity: TVM 0.27's flattening re-creates the handle Vars (same names) of the
-    parameters it views; names of storage are unique within one PrimFunc (checked on allocation)."""
-    d = getattr(buffer_or_data, "data", buffer_or_data)
+def _root(x: Any) -> Any:
+    d = getattr(x, "data", x)
     while type(d).__name__ == "Call" and str(getattr(d.op, "name", "")) == "tirx.buffer_data":
         d = d.args[0]
-    return str(d.name) if hasattr(d, "name") else f"@{int(d.__chandle__())}"
+    return d
+
+
+def root_name(x: Any) -> str:
+    """Name of the Var behind a buffer's storage (``tirx.buffer_data(v)``), or of a plain Var.
+
+    Kernel parameters are matched by this name: TVM 0.27's flattening re-creates the handle Vars of
+    the parameters it views (same names, new objects)."""
+    d = _root(x)
+    return str(d.name) if hasattr(d, "name") else "@"
+
+
+def storage(x: Any) -> str:
+    """Identity of a buffer's storage or of a Var: its name and object handle."""
+    d = _root(x)
+    return f"{root_name(x)}#{int(d.__chandle__())}"
 
 
 class _Printer:
@@ -137,8 +148,10 @@ class _Printer:
     # ------------------------------------------------------------------ names
     def var(self, v: Any) -> str:
         k = storage(v)
-        if k in self.names:
-            return self.names[k]
+        if k in self.vars:
+            return self.vars[k]
+        if root_name(v) in self.names:  # a kernel parameter (by name, see root_name)
+            return self.names[root_name(v)]
         if k not in self.vars:
             base = "".join(c if c.isalnum() else "_" for c in str(getattr(v, "name", "v"))) or "v"
             name, i = base, 1
@@ -275,15 +288,13 @@ class _Printer:
         elif t == "AllocBuffer":
             b = s.buffer
             n = int(np.prod([int(x) for x in b.shape]))
-            if storage(b) in self.vars or storage(b) in self.names:
-                raise CGenError(f"two buffers named {storage(b)} in one kernel")
             name = self.alloc(b)
             self.emit(f"static {ctype(b.dtype)} {name}[{n}];", depth)
             part = self.partition.get(b.name)
             if part:
                 self.emit(f"#pragma HLS ARRAY_PARTITION variable={name} cyclic factor={part} dim=1", depth)
         elif t == "DeclBuffer":
-            if storage(s.buffer) not in self.names and storage(s.buffer) not in self.vars:
+            if root_name(s.buffer) not in self.names and storage(s.buffer) not in self.vars:
                 raise CGenError(f"declared buffer {s.buffer.name} aliases unknown storage")
         elif t == "AttrStmt":
             self.stmt(s.body, depth, in_pipe)
@@ -307,7 +318,7 @@ def c_kernel(name: str, func: Any) -> tuple[str, str]:
         cname = "".join(c if c.isalnum() else "_" for c in str(p.name))
         while cname in names.values():
             cname += "_"
-        names[storage(p)] = cname
+        names[root_name(p)] = cname
         params.append((ctype(ty.dtype), cname))
     pr = _Printer(names)
     part = dict(func.attrs["hls.partition"]) if func.attrs is not None and "hls.partition" in func.attrs else {}

@@ -52,8 +52,12 @@ def static_dims_for(module: Module, seq_len: int, batch: int = 1) -> dict[str, i
     return {s: (batch if s == "batch" else seq_len) for s in syms}
 
 
-def lower_design(module: Module, static_dims: Mapping[str, int], plan: Mapping[str, Tiling]) -> Design:
-    """Lower ``module`` for the fpga target: shared lowering + HLS kernels, legalize, fold, lower TIR."""
+def lower_design(module: Module, static_dims: Mapping[str, int], plan: Mapping[str, Tiling], *,
+                 board: Any = None, utilization: float = 1.0) -> Design:
+    """Lower ``module`` for the fpga target: shared lowering + HLS kernels, legalize, fold, lower TIR.
+
+    With a ``board``, each float-island kernel gets the most reduction lanes (of 16, 8, 4, 2, 1) with
+    which it fits ``utilization`` of the board (:func:`fitting_lanes`); without, 16."""
     import tvm
     from tvm import relax
 
@@ -78,10 +82,69 @@ def lower_design(module: Module, static_dims: Mapping[str, int], plan: Mapping[s
     with tvm.target.Target({"kind": "c"}):
         mod = seq(low.mod)
     prim = tvm.IRModule({gv: mod[gv] for gv in mod.get_global_vars() if not isinstance(mod[gv], relax.Function)})
-    lowered = lower_tir(prim)
+    lowered = lower_tir(interleave_reductions(prim, None if board is None else fitting_lanes(prim, board, utilization)))
     for gv in lowered.get_global_vars():
         mod[gv.name_hint] = lowered[gv]
     return Design(mod, record, list(low.notes))
+
+
+REDUCTION_LANES = 16
+"""Output lanes of the float-island reductions (attention products, norm statistics): one fp32
+multiply-add (5 DSPs) per lane."""
+
+
+def interleave_reductions(mod: Any, lanes: Mapping[str, int] | None = None) -> Any:
+    """The TE kernels' schedule: in every reduction, the innermost output loop moves inside the reduction
+    loops (``for k: for j: acc[j] += ...``) and is split into :data:`REDUCTION_LANES` unrolled lanes under
+    a pipelined loop.  Each output still sums in its fixed order, but consecutive pipeline iterations
+    update different accumulators, so a float sum does not wait for the adder (II 1 instead of its
+    latency).  Hand-written engines (``hls.kernel``) keep their own nests; elementwise kernels keep
+    the default (innermost loop pipelined)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(mod)
+    for gv in mod.get_global_vars():
+        f = mod[gv]
+        if f.attrs is not None and "hls.kernel" in f.attrs:
+            continue
+        sch.work_on(gv.name_hint)
+        root = sch.get_sblock("root")
+        for block in sch.get_child_blocks(root):
+            iters = sch.get(block).iter_vars
+            n_sp = sum(1 for it in iters if int(it.iter_type) == 0)
+            loops = sch.get_loops(block)
+            if n_sp == 0 or n_sp == len(iters) or len(loops) != len(iters):
+                continue
+            sch.reorder(*loops[n_sp:], loops[n_sp - 1])
+            ext = int(sch.get(loops[n_sp - 1]).extent)
+            cap = REDUCTION_LANES if lanes is None else lanes.get(gv.name_hint, REDUCTION_LANES)
+            u = max(v for v in (1, 2, 4, 8, 16, 32) if v <= cap and ext % v == 0)
+            if u > 1:
+                outer, inner = sch.split(loops[n_sp - 1], [None, u])
+                sch.annotate(outer, "hls.pipeline", 1)
+                sch.annotate(inner, "hls.unroll", u)
+    return sch.mod
+
+
+def fitting_lanes(prim: Any, board: Any, utilization: float) -> dict[str, int]:
+    """Per TE kernel: the most reduction lanes whose modelled DSPs and on-chip bytes fit the board share."""
+    import tvm
+
+    from ctc.backends.hls.cgen import lower_tir
+    from ctc.backends.hls.perf import kernel_cost
+
+    out: dict[str, int] = {}
+    for gv in prim.get_global_vars():
+        f = prim[gv]
+        if f.attrs is not None and "hls.kernel" in f.attrs:
+            continue
+        one = tvm.IRModule({gv.name_hint: f})
+        for u in (REDUCTION_LANES, 8, 4, 2, 1):
+            low = lower_tir(interleave_reductions(one, {gv.name_hint: u}))
+            if kernel_cost(gv.name_hint, low[gv.name_hint], board).fits(board, utilization) is None or u == 1:
+                out[gv.name_hint] = u
+                break
+    return out
 
 
 def write_design(design: Design, module: Module, out_dir: Path) -> Any:

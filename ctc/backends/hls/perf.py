@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctc.backends.hls.boards import BRAM36_BYTES, Board
-from ctc.backends.hls.cgen import _annot, is_pipelined, storage
+from ctc.backends.hls.cgen import _annot, is_pipelined, root_name, storage
 
 __all__ = ["DRAM_LATENCY", "DSP_COST", "KernelCost", "LATENCY", "LOOP_OVERHEAD", "kernel_cost"]
 
@@ -96,7 +96,7 @@ def _dtype(e: Any) -> str:
 class _Walker:
     def __init__(self, func: Any, board: Board):
         self.board = board
-        self.params = {storage(p) for p in func.params}
+        self.params = {root_name(p) for p in func.params}
         self.local_bytes: dict[str, int] = {}
         self.local_bram = 0
         self.offchip = 0
@@ -159,7 +159,7 @@ class _Walker:
         off = on = 0
         if t in ("BufferLoad", "TensorLoad"):
             src = e.buffer if t == "BufferLoad" else e.source
-            if storage(src) in self.params:
+            if root_name(src) in self.params:
                 off += 1
                 self.offchip += times * DT_BYTES.get(_dtype(e), 4)
             else:
@@ -220,7 +220,7 @@ class _Walker:
         if t == "AllocBuffer":
             b = s.buffer
             n = int(math.prod(int(x) for x in b.shape)) * DT_BYTES.get(str(b.dtype), 4)
-            self.local_bytes[str(b.name)] = n
+            self.local_bytes[storage(b)] = n
             banks = max(1, self.partition.get(str(b.name), 1))
             per = n / banks
             self.local_bram += 0 if per <= LUTRAM_BYTES else banks * math.ceil(per / BRAM36_BYTES)
@@ -232,7 +232,7 @@ class _Walker:
         raise ValueError(f"perf model: TIR statement {t} not modelled")
 
     def _store(self, s: Any, times: int) -> None:
-        if storage(s.buffer) in self.params:
+        if root_name(s.buffer) in self.params:
             self.offchip += times * DT_BYTES.get(str(s.buffer.dtype), 4)
 
     def _dma(self, body: Any, times: int) -> int:
@@ -338,8 +338,8 @@ def _is_dma(loop: Any, params: set[str]) -> bool:
     if not stores:
         return False
     for st in stores:
-        dst_off = storage(st.buffer) in params
-        srcs = {storage(ld.buffer if type(ld).__name__ == "BufferLoad" else ld.source) in params
+        dst_off = root_name(st.buffer) in params
+        srcs = {root_name(ld.buffer if type(ld).__name__ == "BufferLoad" else ld.source) in params
                 for ld in _loads(st.value)}
         if not srcs or srcs != {not dst_off}:
             return False

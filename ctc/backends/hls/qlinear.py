@@ -123,7 +123,7 @@ def candidate_tilings(s: QLinearShape) -> list[Tiling]:
     for tm in [v for v in pick(s.m, 512) if v >= min(8, s.m)]:
         for tn in [v for v in pick(s.n, 1024) if v >= min(16, s.n)]:
             for tk in sorted({t for t in (16, 32, 64, 128, 256, 512) if t <= max(16, s.k)} | {min(s.k, 16)}):
-                for pn in [p for p in (8, 16, 32, 64, 128, 256, 512, 1024) if p <= tn and tn % p == 0] or [tn]:
+                for pn in sorted({p for p in (8, 16, 32, 64, 128, 256, 512, 1024) if p <= tn and tn % p == 0} | {tn}):
                     for pe in [p for p in (1, 2, 4, 8, 16) if p <= tn and tn % p == 0]:
                         out.append(Tiling(tm, tn, tk, pn, pe))
     return out
