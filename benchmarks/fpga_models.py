@@ -101,7 +101,8 @@ def run(name: str, q: Any, probe: dict[str, torch.Tensor], board: str, work: Pat
             "max_layer_dsps": rep["max_layer_dsps"], "board_dsps": b["dsps"],
             "max_layer_onchip_bytes": rep["max_layer_onchip_bytes"], "board_onchip_bytes": b["onchip_bytes"],
             "latency_ms": rep["totals"]["latency_ms"], "inferences_per_s": rep["totals"]["inferences_per_s"],
-            "compute_bound": rep["totals"]["compute_bound_layers"], "memory_bound": rep["totals"]["memory_bound_layers"],
+            "compute_bound": rep["totals"]["compute_bound_layers"],
+            "memory_bound": rep["totals"]["memory_bound_layers"],
             "gemm_speedup": rep["tuned_vs_default"].get("gemm_speedup"),
             "model_speedup": rep["tuned_vs_default"].get("model_speedup"),
             "csim_bit_exact": s["csim"].get("bit_exact"), "int_model_cosine_vs_ir": round(cos, 6),
@@ -129,7 +130,8 @@ def main() -> None:
             rows.append(run(name, q, probe, board, work))
             r = rows[-1]
             print(f"{r['model']:8s} {r['board']:6s} kernels {r['kernels']:3d}  max layer {r['max_layer_dsps']:5d}/"
-                  f"{r['board_dsps']} DSP, {r['max_layer_onchip_bytes'] / 1e6:.2f}/{r['board_onchip_bytes'] / 1e6:.1f} MB"
+                  f"{r['board_dsps']} DSP, {r['max_layer_onchip_bytes'] / 1e6:.2f}/"
+                  f"{r['board_onchip_bytes'] / 1e6:.1f} MB"
                   f"  latency {r['latency_ms']:.3f} ms ({r['inferences_per_s']:.1f}/s)  bound c/m "
                   f"{r['compute_bound']}/{r['memory_bound']}  tuned vs default x{r['gemm_speedup']} GEMMs, "
                   f"x{r['model_speedup']} model  C-sim bit-exact {r['csim_bit_exact']}  cos(int model, IR) "

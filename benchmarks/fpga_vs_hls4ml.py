@@ -3,8 +3,8 @@
 Same models and weights (seeded), same input batch, 8-bit weights and activations on both sides:
 ctc quantizes with ``quantize w_bits=8 a_bits=8`` (per-output-channel weight scales, per-tensor
 activation scales, int32 accumulators); hls4ml uses its fixed-point types: weights ``ap_fixed<8,1>``,
-layer results ``ap_fixed<8,4>``, accumulators ``ap_fixed<32,16>`` (power-of-two scales only). For each tool: what it emits, whether its C simulation builds and runs, how it agrees with its
-own reference (ctc: bit-exact against its integer model; hls4ml: against the float PyTorch model,
+layer results ``ap_fixed<8,4>``, accumulators ``ap_fixed<32,16>`` (power-of-two scales only).
+For each tool: what it emits, whether its C simulation builds and runs, how it agrees with its own reference (ctc: bit-exact against its integer model; hls4ml: against the float PyTorch model,
 since it has no bit-exact reference), and the latency it estimates for the Alveo U280.
 
 hls4ml runs in its own venv (it is not a ctc dependency): ``python -m venv .venv-hls4ml &&
@@ -31,7 +31,6 @@ from hls4ml_side import build  # noqa: E402
 
 from ctc.backends.hls.exact import interpret_exact  # noqa: E402
 from ctc.frontends import capture  # noqa: E402
-from ctc.ir.interpreter import interpret  # noqa: E402
 from ctc.passes.base import PassContext, get_pass  # noqa: E402
 from ctc.targets import FpgaOptions, TargetConfig, build_target  # noqa: E402
 
