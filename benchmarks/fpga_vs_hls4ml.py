@@ -4,8 +4,9 @@ Same models and weights (seeded), same input batch, 8-bit weights and activation
 ctc quantizes with ``quantize w_bits=8 a_bits=8`` (per-output-channel weight scales, per-tensor
 activation scales, int32 accumulators); hls4ml uses its fixed-point types: weights ``ap_fixed<8,1>``,
 layer results ``ap_fixed<8,4>``, accumulators ``ap_fixed<32,16>`` (power-of-two scales only).
-For each tool: what it emits, whether its C simulation builds and runs, how it agrees with its own reference (ctc: bit-exact against its integer model; hls4ml: against the float PyTorch model,
-since it has no bit-exact reference), and the latency it estimates for the Alveo U280.
+For each tool: what it emits, whether its C simulation builds and runs, how it agrees with its own
+reference (ctc: bit-exact against its integer model; hls4ml: against the float PyTorch model, since
+it has no bit-exact reference), and the latency it estimates for the Alveo U280.
 
 hls4ml runs in its own venv (it is not a ctc dependency): ``python -m venv .venv-hls4ml &&
 .venv-hls4ml/bin/pip install torch==2.13.0 hls4ml==1.3.0``; ``--hls4ml-python`` points at it.
