@@ -203,3 +203,22 @@ def test_ops_without_an_integer_model_are_listed(tmp_path: Path) -> None:
     m.set_outputs([m.create_node("sin", [x], {}).output])
     with pytest.raises(LoweringError, match=r"(?s)no integer-model kernel.*sin"):
         build_target(m, TargetConfig("fpga", FpgaOptions()), tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------- real model (slow)
+@pytest.mark.slow
+def test_minilm_w8a8_recipe_compiles_for_the_fpga(tmp_path: Path) -> None:
+    """examples/minilm_w8a8_fpga.ctc: real MiniLM, RPTQ W8A8, U280; C-sim bit-exact on the evaluation batch."""
+    from ctc.cli import main
+
+    recipe = Path(__file__).parents[1] / "examples" / "minilm_w8a8_fpga.ctc"
+    out = tmp_path / "art"
+    assert main(["compile", str(recipe), "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    t = next(t for t in rep["targets"] if t["kind"] == "fpga")
+    assert t["csim"]["bit_exact"] is True and t["measured"]["bit_exact_vs_integer_model"] is True
+    assert t["measured"]["vs_ir"]["cosine"] > 0.999
+    fr = json.loads((out / "targets" / "fpga" / "report.json").read_text())
+    b = fr["board"]
+    assert all(r["dsps"] <= b["dsps"] and r["onchip_bytes"] <= b["onchip_bytes"] for r in fr["layers"])
+    assert fr["tuned_vs_default"]["model_speedup"] > 1.0
