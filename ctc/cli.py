@@ -453,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(e, PipelineError):  # a pass failed: its message names the pass and recipe line
                 print(f"ctc {args.command}: {e}\nnothing was written", file=sys.stderr)
                 return EXIT_INTERNAL
+            if type(e).__name__ == "TuningError":  # the tuning worker failed: its message says where to look
+                print(f"ctc {args.command}: tuning failed: {e}\nnothing was written", file=sys.stderr)
+                return EXIT_INTERNAL
             print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             return EXIT_INTERNAL

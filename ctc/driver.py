@@ -172,8 +172,36 @@ def selected_targets(recipe: Recipe, opts: CompileOptions) -> list[Any]:
             trials = 0
         elif opts.tune is True and not trials:
             trials = DEFAULT_TRIALS
-        out.append(dataclasses.replace(t, trials=trials))
+        out.append(_settle_target(recipe, dataclasses.replace(t, trials=trials)))
     return out
+
+
+def _settle_target(recipe: Recipe, t: Any) -> Any:
+    """Recipe-relative paths and the fixed shapes a tuned build needs, with a note for each default.
+
+    A ``tuning_dir`` is relative to the recipe, like every path in it.  Meta-schedule tunes only
+    fixed shapes (see :mod:`ctc.backends.tvm.tuning`), so a tuned cpu build binds ``seq_len`` (the
+    recipe's evaluation, else calibration, window length, else 128) and ``batch`` (1) unless given."""
+    options = t.options
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+    tdir = getattr(options, "tuning_dir", None)
+    if tdir and not Path(tdir).expanduser().is_absolute():
+        changes["tuning_dir"] = str(resolve_path(recipe, tdir).absolute())
+    if t.trials > 0 and hasattr(options, "seq_len") and hasattr(options, "batch"):
+        if not options.seq_len:
+            ds = recipe.evaluate or recipe.calibrate
+            seq = int(ds.options.get("seq_len", 128)) if ds is not None else 128
+            where = f"the {ds.role} line's" if ds is not None and "seq_len" in ds.options else "the default"
+            changes["seq_len"] = seq
+            notes.append(f"tuning needs fixed shapes: built for seq_len={seq} ({where}; set seq_len on the target "
+                         "line to choose, or trials=0 for an any-length build)")
+        if not options.batch:
+            changes["batch"] = 1
+            notes.append("tuning needs fixed shapes: built for batch=1 (set batch on the target line to choose)")
+    if not changes:
+        return t
+    return dataclasses.replace(t, options=dataclasses.replace(options, **changes), notes=t.notes + tuple(notes))
 
 
 # --------------------------------------------------------------------------- model
@@ -382,6 +410,23 @@ def measure(original: Any, compressed: Any, loaded: LoadedModel, eval_batches: l
     return out
 
 
+def fit_batch(batch: Mapping[str, Any], options: Any) -> dict[str, Any]:
+    """``batch`` reshaped to a fixed-shape build's ``batch``/``seq_len`` (rows and tokens repeated or cut);
+    unchanged for an any-shape build."""
+    rows, seq = int(getattr(options, "batch", 0) or 0), int(getattr(options, "seq_len", 0) or 0)
+    out = {}
+    for k, v in batch.items():
+        if getattr(v, "dim", lambda: 0)() == 2:
+            if seq:
+                reps = -(-seq // v.shape[1])
+                v = v.repeat(1, reps)[:, :seq]
+            if rows:
+                reps = -(-rows // v.shape[0])
+                v = v.repeat(reps, 1)[:rows]
+        out[k] = v
+    return out
+
+
 def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str, Any]) -> dict[str, Any]:
     """The compiled library's latency on one evaluation batch (median of >= 20 runs after warm-up)
     next to the torch backend's on the same batch, and its output agreement with the IR's semantics."""
@@ -531,11 +576,15 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
 
     probe = evalb[0] if evalb else (calib[0] if calib else None)
 
+    for t in targets:
+        for line in t.notes:
+            progress.note(f"target {t.kind}: {line}")
+
     def build_and_measure(t: Any, d: Path) -> dict[str, Any]:
         summary = {**t.to_json(), **build_target(module, t, d, example_inputs=probe)}
         if probe is not None:
             with progress.stage(f"measure target {t.kind}"):
-                summary["measured"] = measure_target(module, t.kind, d, probe)
+                summary["measured"] = measure_target(module, t.kind, d, fit_batch(probe, t.options))
         return summary
 
     builds = [(t.kind, lambda d, t=t: build_and_measure(t, d)) for t in targets]
@@ -577,9 +626,29 @@ def report_summary(report: Mapping[str, Any]) -> str:
         extra = (f"  {m['latency_ms']} ms (torch backend {m['torch_backend_latency_ms']} ms), "
                  f"cosine vs IR {m['vs_ir']['cosine']:.6f}" if m else "")
         lines.append(f"  target {t.get('kind')}: {t.get('dir')}{extra}")
+        tuning = t.get("tuning") or {}
+        if tuning:
+            lines.append("    " + tuning_line(tuning))
+        for note in t.get("target_notes", []):
+            lines.append(f"    note: {note}")
     if report.get("passed") is False:
         lines.append("checks failed: " + ", ".join(report.get("failed_checks", [])))
     return "\n".join(lines)
+
+
+def tuning_line(t: Mapping[str, Any]) -> str:
+    """One line saying what tuning did, with the database's own counts."""
+    used, kept = t.get("tuned_kernels_used", []), t.get("kept_default", [])
+    parts = [f"tuning ({t.get('trials')} trials): {t.get('tasks_with_records', 0)} of {t.get('tunable', 0)} tunable "
+             f"tasks have records ({t.get('trials_measured_now', 0)} measured now, "
+             f"{t.get('records_in_database', 0)} in the database)"]
+    if t.get("symbolic"):
+        parts.append(f"{len(t['symbolic'])} tasks with symbolic dims not tunable")
+    parts.append(f"tuned kernels used: {len(used)}" + (f", {len(kept)} slower than the default schedule" if kept
+                                                          else ""))
+    if t.get("failed"):
+        parts.append("FAILED: " + ", ".join(t["failed"]))
+    return "; ".join(parts)
 
 
 def _short(v: Any) -> str:

@@ -31,7 +31,10 @@ class CpuOptions(PassOptions):
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
     tuning_dir: str | None = option(None, "meta-schedule tuning database directory (default ~/.cache/ctc/tuning)")
     seq_len: int = option(0, "build for this sequence length only (0 = any length); fixed-length code is faster "
-                             "(MiniLM seq 128: 1.4x)", min=0)
+                             "(MiniLM seq 128: 1.4x). A tuned build (trials > 0) needs fixed shapes: it defaults to "
+                             "the recipe's evaluation (else calibration) seq_len, else 128", min=0)
+    batch: int = option(0, "build for this batch size only (0 = any); a tuned build (trials > 0) defaults to 1",
+                        min=0)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class TargetConfig:
     kind: str
     options: PassOptions
     trials: int = 0
+    notes: tuple[str, ...] = ()  # what ctc decided for this build that the recipe did not say
 
     @property
     def spec(self) -> TargetSpec:
@@ -136,7 +140,8 @@ class TargetConfig:
     def to_json(self) -> dict[str, Any]:
         import dataclasses
 
-        return {"kind": self.kind, "options": dataclasses.asdict(self.options), "trials": self.trials}
+        out = {"kind": self.kind, "options": dataclasses.asdict(self.options), "trials": self.trials}
+        return {**out, "target_notes": list(self.notes)} if self.notes else out
 
 
 def build_target(module: Any, target: TargetConfig, out_dir: Path, example_inputs: Any = None) -> dict[str, Any]:

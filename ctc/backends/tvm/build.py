@@ -269,7 +269,23 @@ class CompiledModel:
         want = len(self.meta.get("inputs", inputs))
         if len(inputs) != want:
             raise TypeError(f"compiled model takes {want} inputs ({self.input_names}), got {len(inputs)}")
+        self._check_fixed_dims(inputs)
         return [self._to_ffi(x, keep) for x in inputs] + self._params
+
+    def _check_fixed_dims(self, inputs: Sequence[Any]) -> None:
+        """A fixed-shape build (``seq_len``/``batch`` on the target) takes only those sizes: say so
+        instead of letting the kernels read out of bounds."""
+        from ctc.errors import UsageError
+
+        fixed = self.meta.get("static_dims") or {}
+        for spec, x in zip(self.meta.get("inputs", []), inputs, strict=False):
+            shape = tuple(getattr(x, "shape", ()))
+            for axis, dim in enumerate(spec.get("shape", [])):
+                want = fixed.get(dim) if isinstance(dim, str) else dim
+                if isinstance(want, int) and axis < len(shape) and int(shape[axis]) != want:
+                    sizes = ", ".join(f"{k}={v}" for k, v in fixed.items())
+                    raise UsageError(f"this library was built for fixed shapes ({sizes or 'as captured'}): input "
+                                     f"{spec.get('name')!r} axis {axis} must be {want}, got {int(shape[axis])}")
 
     def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
         keep: list[np.ndarray] = []
@@ -346,22 +362,24 @@ def load_compiled(path: str | Path, *, threads: int | None = None) -> CompiledMo
 # ----------------------------------------------------------------------------- ctc backend hooks
 def _options_from_target(target: Any, module: Module) -> BuildOptions:
     """Build options from a ``TargetConfig``: its trial budget, ``opt_level``, ``tuning_dir``
-    (default: ~/.cache/ctc/tuning) and ``seq_len`` (a fixed-length build binds the module's
-    sequence symbol)."""
+    (default: ~/.cache/ctc/tuning) and ``seq_len``/``batch`` (a fixed-shape build binds the
+    module's ``seq``/``batch`` symbols)."""
     from ctc.errors import UsageError
 
     opts = target.options
+    symbols = sorted(set().union(*(v.type.symbols for v in module.inputs))) if module.inputs else []
     static: dict[str, int] = {}
-    seq_len = int(getattr(opts, "seq_len", 0) or 0)
-    if seq_len:
-        symbols = sorted(set().union(*(v.type.symbols for v in module.inputs)))
+    for option_name, symbol, what in (("seq_len", "seq", "sequence"), ("batch", "batch", "batch")):
+        value = int(getattr(opts, option_name, 0) or 0)
+        if not value:
+            continue
         if not symbols:
-            raise UsageError(f"target {target.kind}: seq_len={seq_len} given, but the model's inputs have fixed "
-                             "shapes already; remove seq_len")
-        if "seq" not in symbols:
-            raise UsageError(f"target {target.kind}: seq_len binds the sequence symbol 'seq', but the model's "
-                             f"input dims use {symbols}; capture with the sequence axis named 'seq'")
-        static = {"seq": seq_len}
+            raise UsageError(f"target {target.kind}: {option_name}={value} given, but the model's inputs have fixed "
+                             f"shapes already; remove {option_name}")
+        if symbol not in symbols:
+            raise UsageError(f"target {target.kind}: {option_name} binds the {what} symbol {symbol!r}, but the "
+                             f"model's input dims use {symbols}; capture with the {what} axis named {symbol!r}")
+        static[symbol] = value
     return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
                         tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
                         opt_level=int(getattr(opts, "opt_level", 3)))

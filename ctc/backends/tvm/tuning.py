@@ -4,22 +4,28 @@ Why: the default schedules (:mod:`.schedules`) are good but fixed; meta-schedule
 per-kernel schedules.  Tuning is slow (minutes), so:
 
 * records live in a JSON database under ``<cache>/<target-key>/`` (default cache
-  ``~/.cache/ctc/tuning``; override with ``cache_dir``/``--tuning-dir``); the target key names
+  ``~/.cache/ctc/tuning``; override with ``cache_dir``/``tuning_dir``); the target key names
   the LLVM CPU, core count and feature flags (:func:`ctc.backends.tvm.targets.target_key`);
-* a task (one fused PrimFunc, identified by its structural hash) whose trials were completed
-  earlier is not tuned again (``ledger.json``): a second compile of the same model spends no
-  tuning time;
-* meta-schedule commits every measured record to the JSON files as it comes, so an
-  interrupted run keeps its records and the next run resumes: tasks without a ledger entry are
-  tuned again, starting from the records already in the database;
-* the trial budget is spent on the heaviest tasks first (estimated FLOPs x call count); the
-  rest keep their default schedules;
+* the database is the truth: the trials a task has had are the records it holds
+  (:mod:`.tuning_db`), so a compile killed mid-tuning resumes from what was measured, a second
+  compile of the same model with the same budget tunes nothing, and the report's counts are
+  the database's;
+* the trial budget is the total for this module's tasks, spent on the heaviest first
+  (estimated FLOPs x call count), at least ``min(trials, 16)`` trials per task; with a budget
+  below the task count only the heaviest tasks are tuned and the report says which;
+* only fixed-shape tasks are tuned: TVM 0.27's meta-schedule samples no tiling for a loop of
+  symbolic length (``SamplePerfectTile`` gives a null factor) and its trace machinery then
+  fails ("The random variable has been produced once" when a trace holds two such factors, a
+  null-RV check failure when one is replayed), so tasks with symbolic dims are listed as not
+  tunable and keep their default schedules (the cpu target binds batch and seq_len when it tunes);
+* meta-schedule runs in a worker process of its own session (:mod:`.tune_worker`): Ctrl-C,
+  SIGTERM or a failure stop the whole worker process group, never leaving a process behind;
 * a tuned kernel is used only where it beats the default schedule (both timed in-process
   once; the choice is cached in the ledger): with a small budget meta-schedule's best can be
   slower than the hand-written matmul schedule.
 
 TVM 0.27 facts applied (see ``docs``/tvm-notes): ``inspect.stack`` is replaced by a cheap
-version in this process and in every builder worker (``import tvm.s_tir.tensor_intrin`` takes
+version in the worker and in every builder process (``import tvm.s_tir.tensor_intrin`` takes
 ~39 s otherwise and the builder times out), the builder timeout is raised, and the fixed VNNI
 intrinsic of :mod:`.int_kernels` is registered in the workers.
 """
@@ -31,12 +37,29 @@ import inspect
 import json
 import linecache
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_cache_dir", "install_fast_inspect_stack", "tune_and_apply", "tuning_dir"]
+from ctc.backends.tvm.tuning_db import TaskRecords, count_records
+
+__all__ = ["TuningError", "default_cache_dir", "install_fast_inspect_stack", "plan_budget", "tune_and_apply",
+           "tuning_dir"]
+
+LEDGER_VERSION = 2
+MIN_TRIALS_PER_TASK = 16
+MAX_TRIALS_PER_TASK = 256
+XGB_MIN_TRIALS = 32  # smaller searches use the random cost model (XGBoost training on a few samples is noise)
+
+
+class TuningError(RuntimeError):
+    """The tuning worker failed as a whole (it crashed or could not start); records so far are kept."""
 
 
 def default_cache_dir() -> Path:
@@ -80,7 +103,8 @@ def install_fast_inspect_stack() -> None:
     inspect.stack = _fast_stack  # type: ignore[assignment]
 
 
-def _builder_init() -> None:
+def builder_init() -> None:
+    """Set up a process that builds tuning candidates: cheap ``inspect.stack``, the fixed VNNI intrinsic."""
     install_fast_inspect_stack()
     try:
         from ctc.backends.tvm.int_kernels import register_vnni_intrinsics
@@ -90,7 +114,7 @@ def _builder_init() -> None:
         pass
 
 
-# ----------------------------------------------------------------------------- task selection
+# ----------------------------------------------------------------------------- tasks and budget
 def _flops(mod: Any) -> float:
     try:
         from tvm.s_tir.analysis import estimate_tir_flops
@@ -98,13 +122,6 @@ def _flops(mod: Any) -> float:
         return float(estimate_tir_flops(mod))
     except Exception:  # noqa: BLE001 - dynamic shapes etc.
         return 0.0
-
-
-def _task_key(task: Any) -> str:
-    import tvm_ffi
-
-    return hashlib.sha1(str(tvm_ffi.structural_hash(task.dispatched[0])).encode()
-                        + task.task_name.encode()).hexdigest()[:16]
 
 
 def _scheduled(mod: Any) -> bool:
@@ -115,80 +132,278 @@ def _scheduled(mod: Any) -> bool:
     return False
 
 
+def _symbolic_dims(mod: Any) -> list[str]:
+    """The symbolic dims in the buffers of ``mod``'s PrimFuncs (empty: fixed shapes)."""
+    import tvm
+
+    dims: set[str] = set()
+    for _, f in mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            dims.update(str(d) for buf in f.params for d in getattr(buf, "shape", ())
+                        if not isinstance(d, tvm.tirx.IntImm))
+    return sorted(dims)
+
+
+def _name(gv: Any) -> str:
+    return str(getattr(gv, "name_hint", None) or gv)
+
+
+@dataclass
+class Task:
+    """One tuning task: a fused PrimFunc, how much it weighs, and its records in the database."""
+
+    name: str
+    mod: Any
+    shash: str
+    weight: float
+    flops: float
+    symbolic: list[str]
+    allotted: int = 0
+    records: TaskRecords | None = None
+
+    @property
+    def measured(self) -> int:
+        return self.records.measured if self.records else 0
+
+
+def plan_budget(n_tasks: int, trials: int, per_task: int | None = None) -> list[int]:
+    """Trials for each of ``n_tasks`` tasks (heaviest first) out of a total of ``trials``.
+
+    Each tuned task gets ``per_task`` trials (default: an even share, at least
+    ``min(trials, 16)`` and at most 256); the remainder goes to the heaviest task.  The sum is
+    exactly ``trials`` whenever a task exists, so ``trials=1`` tunes the heaviest task once."""
+    if n_tasks <= 0 or trials <= 0:
+        return [0] * max(0, n_tasks)
+    share = per_task or max(min(trials, MIN_TRIALS_PER_TASK), min(MAX_TRIALS_PER_TASK, trials // n_tasks))
+    share = max(1, min(share, trials))
+    k = min(n_tasks, trials // share)
+    out = [share] * k + [0] * (n_tasks - k)
+    out[0] += trials - share * k if per_task is None else 0
+    return out
+
+
+# ----------------------------------------------------------------------------- the worker
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """Stop the worker and every process it started (its session's process group)."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # pool processes the worker left (already exited worker: its group may still hold them)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _run_worker(spec: dict[str, Any], log_file: Path, on_event: Callable[[dict[str, Any]], None]) -> None:
+    """Run :mod:`.tune_worker` on ``spec``; ``on_event`` gets each event line.  Ctrl-C, SIGTERM
+    (Terminated) and errors stop the worker's whole process group before propagating."""
+    import ctc
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ctc-tune-", delete=False) as f:
+        json.dump(spec, f)
+        spec_path = Path(f.name)
+    root = str(Path(ctc.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ctc.backends.tvm.tune_worker", str(spec_path)],
+                                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
+                                start_new_session=True, env=env)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.strip()
+                if line.startswith("{"):
+                    on_event(json.loads(line))
+            rc = proc.wait()
+        finally:
+            _stop_group(proc)
+            spec_path.unlink(missing_ok=True)
+    if rc != 0:
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-5:] if log_file.exists() else []
+        how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+        raise TuningError(f"the tuning worker stopped with {how}; the records it measured are kept in the "
+                          f"database and the next compile resumes from them. Log {log_file}:\n  "
+                          + "\n  ".join(tail))
+
+
+# ----------------------------------------------------------------------------- the driver
+def _load_ledger(path: Path) -> dict[str, Any]:
+    try:
+        ledger = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        ledger = {}
+    if not isinstance(ledger, dict) or ledger.get("version") != LEDGER_VERSION:
+        ledger = {}  # an older layout: the database stays the truth, only caches are lost
+    ledger.setdefault("version", LEDGER_VERSION)
+    ledger.setdefault("tasks", {})
+    ledger.setdefault("choices", {})
+    return ledger
+
+
+def _write_ledger(path: Path, ledger: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(ledger, indent=1))
+    os.replace(tmp, path)
+
+
+def _say_default(msg: str) -> None:
+    print(f"[ctc tune] {msg}", file=sys.stderr, flush=True)
+
+
 def tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | None = None,
                    trials_per_task: int | None = None, max_tasks: int | None = None,
-                   log: Any = None) -> tuple[Any, dict[str, Any]]:
+                   log: Callable[[str], None] | None = None, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Tune the fused Relax ``mod`` for target ``info`` within ``trials`` measured candidates
     (reusing and extending the persistent database) and apply the best records.
 
-    Returns the module with tuned PrimFuncs (marked scheduled) and a JSON-able summary.
+    Returns the module with tuned PrimFuncs (marked scheduled) and a JSON-able summary whose
+    counts are read back from the database.  Raises :class:`TuningError` when the worker fails
+    as a whole; a task that fails alone is reported and keeps its default schedule.
     """
+    import tvm_ffi
+
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
     install_fast_inspect_stack()
-    _builder_init()
     tgt = info.target()
     wdir = tuning_dir(info, cache_dir)
     wdir.mkdir(parents=True, exist_ok=True)
+    workload_file, record_file = wdir / "database_workload.json", wdir / "database_tuning_record.json"
     ledger_path = wdir / "ledger.json"
-    ledger: dict[str, Any] = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
-    db = ms.database.JSONDatabase(str(wdir / "database_workload.json"), str(wdir / "database_tuning_record.json"),
-                                  module_equality="structural")
-    say = log or (lambda msg: print(f"[ctc tune] {msg}", file=sys.stderr, flush=True))
+    ledger = _load_ledger(ledger_path)
+    say = log or _say_default
 
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, tgt) if not _scheduled(t.dispatched[0])]
-    scored = sorted(tasks, key=lambda t: -_flops(t.dispatched[0]) * float(t.weight))
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, tgt) if not _scheduled(t.dispatched[0])]
+    tasks = [Task(t.task_name, t.dispatched[0], str(tvm_ffi.structural_hash(t.dispatched[0])), float(t.weight),
+                  _flops(t.dispatched[0]), _symbolic_dims(t.dispatched[0])) for t in extracted]
+    symbolic = [t for t in tasks if t.symbolic]
+    tunable = sorted((t for t in tasks if not t.symbolic), key=lambda t: -t.flops * t.weight)
     if max_tasks is not None:
-        scored = scored[:max_tasks]
-    todo = [t for t in scored if _task_key(t) not in ledger]
-    # The budget covers this module's tasks, trials spent in earlier runs included: a second
-    # compile with the same budget tunes nothing; a larger budget tunes the next-heaviest tasks.
-    spent = sum(int(ledger[_task_key(t)].get("trials", 0)) for t in scored if _task_key(t) in ledger)
-    left = max(0, trials - spent)
-    per_task = trials_per_task or max(16, min(256, trials // max(1, len(scored))))
-    chosen = todo[: left // per_task] if left >= per_task else []
-    summary: dict[str, Any] = {"dir": str(wdir), "tasks": len(tasks), "already_tuned": len(scored) - len(todo),
-                               "tuned_now": len(chosen), "trials_per_task": per_task, "trials": trials,
-                               "trials_spent_before": spent}
+        tunable = tunable[:max_tasks]
+    for t, n in zip(tunable, plan_budget(len(tunable), trials, trials_per_task), strict=True):
+        t.allotted = n
+    counts = count_records(workload_file, record_file)
+    for t in tunable:
+        t.records = counts.get(t.shash)
+    measured_before = {t.shash: t.measured for t in tunable}
+
+    # a task whose search ended below its allotment (meta-schedule found no more candidates) is
+    # not searched again for the same allotment; a killed run left no ledger entry, so it resumes
+    todo = []
+    for t in tunable:
+        left = t.allotted - t.measured
+        done_for = int(ledger["tasks"].get(t.shash, {}).get("searched_for", 0))
+        if left > 0 and done_for < t.allotted:
+            todo.append((t, left))
     import importlib.util
 
-    cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
-    summary["cost_model"] = cost_model
+    has_xgb = importlib.util.find_spec("xgboost") is not None
+    cost_model = "xgb" if has_xgb else "random"
+    summary: dict[str, Any] = {"dir": str(wdir), "trials": trials, "cost_model": cost_model, "tasks": len(tasks),
+                               "tunable": len(tunable), "symbolic": sorted(t.name for t in symbolic)}
+    if symbolic:
+        dims = sorted({d for t in symbolic for d in t.symbolic})
+        say(f"{len(symbolic)} of {len(tasks)} tasks have symbolic dims ({', '.join(dims)}) and keep their default "
+            "schedules: meta-schedule tunes only fixed shapes (bind them, e.g. the cpu target's seq_len and batch)")
+    n_alloc = sum(1 for t in tunable if t.allotted)
+    if tunable and n_alloc < len(tunable):
+        say(f"trials={trials} covers the {n_alloc} heaviest of {len(tunable)} tunable tasks; the other "
+            f"{len(tunable) - n_alloc} keep their default schedules")
     t0 = time.perf_counter()
-    if chosen:
-        if cost_model == "random":
+    failures: dict[str, str] = {}
+    if todo:
+        if not has_xgb and any(n >= XGB_MIN_TRIALS for _, n in todo):
             say("xgboost is not installed: tuning with a random cost model (pip install xgboost for a better search)")
-        say(f"tuning {len(chosen)} of {len(tasks)} tasks, {per_task} trials each, database {wdir}")
-        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=300.0, initializer=_builder_init)
-        runner = ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=ms.runner.EvaluatorConfig(
-            number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False))
-        # One task at a time, heaviest first: a progress line per task, and the ledger is written
-        # after each, so an interrupted run resumes at the first unfinished task.
-        for i, t in enumerate(chosen, 1):
-            t1 = time.perf_counter()
-            ctx = ms.TuneContext(mod=t.dispatched[0], target=tgt, space_generator="post-order-apply",
-                                 search_strategy="evolutionary", task_name=t.task_name, num_threads="physical")
-            ms.tune.tune_tasks(tasks=[ctx], task_weights=[float(t.weight)], work_dir=str(wdir / "logs"),
-                               max_trials_global=per_task, max_trials_per_task=per_task,
-                               num_trials_per_iter=min(32, per_task), builder=builder, runner=runner, database=db,
-                               task_scheduler="round-robin", cost_model=cost_model)
-            ledger[_task_key(t)] = {"name": t.task_name, "trials": per_task, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            ledger_path.write_text(json.dumps(ledger, indent=1))
-            done = time.perf_counter() - t0
-            say(f"task {i}/{len(chosen)} {t.task_name}: {per_task} trials in {time.perf_counter() - t1:.0f} s "
-                f"(elapsed {done:.0f} s, about {done / i * (len(chosen) - i):.0f} s left)")
+        say(f"tuning {len(todo)} task{'s' if len(todo) != 1 else ''} ({sum(n for _, n in todo)} trials), "
+            f"database {wdir}")
+        with tempfile.TemporaryDirectory(prefix="ctc-tune-") as td:
+            specs = []
+            for i, (t, n) in enumerate(todo):
+                f = Path(td) / f"task{i}.json"
+                f.write_text(tvm.ir.save_json(t.mod))
+                # the XGBoost model needs samples to learn from: below XGB_MIN_TRIALS it costs more than it helps
+                model = cost_model if n >= XGB_MIN_TRIALS else "random"
+                specs.append({"name": t.name, "module_file": str(f), "weight": t.weight, "trials": n,
+                              "cost_model": model})
+            spec = {"target": info.tvm, "workload_file": str(workload_file), "record_file": str(record_file),
+                    "log_dir": str(wdir / "logs"), "seed": seed, "tasks": specs}
+            started: dict[int, float] = {}
+
+            def on_event(ev: dict[str, Any]) -> None:
+                i = int(ev["task"])
+                t, n = todo[i]
+                if ev["event"] == "start":
+                    started[i] = time.perf_counter()
+                    say(f"task {i + 1}/{len(todo)} {t.name}: {n} trials ({t.measured} already in the database) ...")
+                    return
+                after = count_records(workload_file, record_file).get(t.shash)
+                new = (after.measured if after else 0) - t.measured
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / (i + 1) * (len(todo) - i - 1)
+                if ev["event"] == "error":
+                    failures[t.shash] = ev.get("error", "")
+                    say(f"task {i + 1}/{len(todo)} {t.name}: FAILED after {new} measured trials: {ev.get('error')} "
+                        "(it keeps its default schedule)")
+                else:
+                    valid = after.valid if after else 0
+                    say(f"task {i + 1}/{len(todo)} {t.name}: {new} trials measured, {valid} valid records in the "
+                        f"database, best {after.best_ms if after and after.best_ms else '-'} ms "
+                        f"({time.perf_counter() - started.get(i, t0):.0f} s; about {eta:.0f} s left)")
+                    if new == 0:
+                        failures[t.shash] = "meta-schedule measured no candidate (none could be generated or built)"
+                ledger["tasks"][t.shash] = {"name": t.name, "searched_for": t.allotted,
+                                            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                            **({"error": failures[t.shash]} if t.shash in failures else {})}
+                _write_ledger(ledger_path, ledger)
+
+            try:
+                _run_worker(spec, wdir / "logs" / "worker.log", on_event)
+            except KeyboardInterrupt:
+                now = count_records(workload_file, record_file)
+                kept = sum((now[t.shash].measured if t.shash in now else 0) - t.measured for t, _ in todo)
+                say(f"tuning interrupted: the {kept} trials measured in this run are kept in {wdir}; the next "
+                    "compile resumes from them")
+                raise
     summary["tune_s"] = round(time.perf_counter() - t0, 2)
+
+    counts = count_records(workload_file, record_file)
+    rows = []
+    for t in tunable:
+        rec = counts.get(t.shash)
+        rows.append({"name": t.name, "allotted": t.allotted, "measured_now": (rec.measured if rec else 0)
+                     - measured_before[t.shash], "records": rec.measured if rec else 0,
+                     "valid_records": rec.valid if rec else 0, "best_ms": rec.best_ms if rec else None,
+                     **({"error": failures[t.shash]} if t.shash in failures else {})})
+    summary["per_task"] = [r for r in rows if r["allotted"] or r["records"]]
+    summary["trials_measured_now"] = sum(r["measured_now"] for r in rows)
+    summary["records_in_database"] = sum(r["records"] for r in rows)
+    summary["tasks_with_records"] = sum(1 for r in rows if r["valid_records"] > 0)
+    summary["failed"] = sorted(r["name"] for r in rows if "error" in r)
+
     before = mod
-    with tgt, db:
-        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    applied = sum(1 for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and _scheduled(
-        tvm.IRModule({"main": f})))
-    summary["scheduled_after_apply"] = applied
-    mod, kept = _keep_faster(before, mod, tgt, ledger)
-    ledger_path.write_text(json.dumps(ledger, indent=1))
+    if summary["tasks_with_records"]:
+        db = ms.database.JSONDatabase(str(workload_file), str(record_file), module_equality="structural")
+        with tgt, db:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    tuned_names = []
+    for gv, f in mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc) and _scheduled(tvm.IRModule({"main": f})) and gv in before.functions \
+                and not _scheduled(tvm.IRModule({"main": before[gv]})):
+            tuned_names.append(_name(gv))
+    mod, kept = _keep_faster(before, mod, tgt, ledger["choices"])
+    _write_ledger(ledger_path, ledger)
+    summary["scheduled_from_database"] = len(tuned_names)
     summary["kept_default"] = kept
+    summary["tuned_kernels_used"] = sorted(n for n in tuned_names if n not in kept)
     return mod, summary
 
 
@@ -217,8 +432,8 @@ def _time_func(func: Any, tgt: Any, number: int = 5, repeat: int = 3) -> float |
 
 def _keep_faster(before: Any, after: Any, tgt: Any, ledger: dict[str, Any]) -> tuple[Any, list[str]]:
     """For every PrimFunc the database scheduled, time it against the default schedule
-    (:mod:`.schedules`) and keep the faster one.  Decisions are cached in the ledger (by
-    workload hash), so later compiles do not re-measure."""
+    (:mod:`.schedules`) and keep the faster one.  Decisions are cached in ``ledger`` (the
+    ledger's ``choices``, by workload hash), so later compiles do not re-measure."""
     import tvm_ffi
 
     import tvm
@@ -244,7 +459,7 @@ def _keep_faster(before: Any, after: Any, tgt: Any, ledger: dict[str, Any]) -> t
             if t_tuned is None or t_dflt is None:
                 continue
             choice = "default" if t_dflt < t_tuned else "tuned"
-            ledger[key] = {"name": gv.name_hint if hasattr(gv, "name_hint") else str(gv), "choice": choice,
+            ledger[key] = {"name": _name(gv), "choice": choice,
                            "tuned_ms": round(t_tuned * 1e3, 4), "default_ms": round(t_dflt * 1e3, 4)}
         if choice == "default":
             after[gv] = dflt.with_attr("tirx.is_scheduled", True)
