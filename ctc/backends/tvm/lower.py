@@ -387,7 +387,8 @@ def _softmax_te(log: bool, fast: bool) -> Callable[..., Any]:
     def f(x: Any, axis: int) -> Any:
         m = topi.max(x, axis=axis, keepdims=True)
         d = topi.subtract(x, m)
-        e = topi.fast_exp(d) if fast else topi.exp(d)
+        # fast_exp gives ~1e-38 for masked (-inf) logits; exact zeros keep p v off denormals
+        e = topi.where(topi.less(d, -87.0), 0.0, topi.fast_exp(d)) if fast else topi.exp(d)
         s = topi.sum(e, axis=axis, keepdims=True)
         if log:
             return topi.subtract(d, topi.log(s))
