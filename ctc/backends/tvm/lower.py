@@ -382,13 +382,18 @@ def _reduce(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 def _softmax_te(log: bool, fast: bool) -> Callable[..., Any]:
-    from tvm import topi
+    from tvm import te, tirx, topi
 
     def f(x: Any, axis: int) -> Any:
         m = topi.max(x, axis=axis, keepdims=True)
         d = topi.subtract(x, m)
         # fast_exp gives ~1e-38 for masked (-inf) logits; exact zeros keep p v off denormals
-        e = topi.where(topi.less(d, -87.0), 0.0, topi.fast_exp(d)) if fast else topi.exp(d)
+        if fast:
+            fe = topi.fast_exp(d)
+            zero, lim = tirx.const(0.0, d.dtype), tirx.const(-87.0, d.dtype)
+            e = te.compute(d.shape, lambda *i: tirx.Select(d(*i) < lim, zero, fe(*i)), name="fast_exp_flush")
+        else:
+            e = topi.exp(d)
         s = topi.sum(e, axis=axis, keepdims=True)
         if log:
             return topi.subtract(d, topi.log(s))
