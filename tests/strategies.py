@@ -220,12 +220,14 @@ def _attention(c: _Ctx) -> Value | None:
     attrs: dict[str, Any] = {"is_causal": c.draw(st.booleans())}
     if op == "sparse_attention":
         n = c.draw(st.integers(0, 2))
-        attrs["rounds"] = tuple(c.draw(st.sampled_from([2, 4, 8])) for _ in range(n))
-        attrs["keep_ratios"] = tuple(c.draw(st.sampled_from([0.25, 0.5, 1.0])) for _ in range(n))
+        attrs["round_bits"] = tuple(c.draw(st.sampled_from([2, 4, 8])) for _ in range(n))
+        attrs["keep_ratios"] = tuple(sorted((c.draw(st.sampled_from([0.25, 0.5, 1.0])) for _ in range(n)),
+                                            reverse=True))
     elif op == "calibrated_attention":
         h = q.type.shape[1]
         attrs["heads"] = (c.draw(st.integers(0, h - 1)),) if isinstance(h, int) else ()
-        attrs["factor"] = c.draw(st.sampled_from([0.0, 0.5, 1.0]))
+        attrs["beta"] = c.draw(st.sampled_from([0.0, 0.4, 1.0]))
+        attrs["threshold"] = c.draw(st.sampled_from([1.0, 2.0]))
     return c.node(op, [q, k, v], attrs)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,124 +259,6 @@ def test_channel_permute_gathers_and_inverts():
     assert torch.equal(_ref("channel_permute", x, torch.randperm(3), axis=1).sort(1).values, x.sort(1).values)
     with pytest.raises(OpError, match="one index per channel"):
         _infer("channel_permute", [TensorType((2, 6), "f32"), TensorType((5,), "i64")])
-
-
-# =========================================================================== attention
-def _qkv(b=1, h=2, lq=6, lk=6, d=8, hk=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, lq, d, generator=g), torch.randn(b, hk or h, lk, d, generator=g),
-            torch.randn(b, hk or h, lk, d, generator=g))
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
-def test_sparse_attention_without_filtering_is_sdpa(causal, mask_kind):
-    q, k, v = _qkv(seed=5)
-    mask = None
-    if mask_kind == "bool":
-        mask = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(6)) > 0.3
-        mask[..., 0] = True
-    elif mask_kind == "float":
-        mask = torch.randn(1, 1, 6, 6)
-    expect = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal) if not (
-        causal and mask is not None) else F.scaled_dot_product_attention(
-        q, k, v, attn_mask=(mask & torch.ones(6, 6, dtype=torch.bool).tril()) if mask.dtype == torch.bool
-        else mask.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf))
-    args = (q, k, v) if mask is None else (q, k, v, mask)
-    assert torch.allclose(_ref("sparse_attention", *args, is_causal=causal), expect, atol=1e-5)
-    full = _ref("sparse_attention", *args, is_causal=causal, rounds=(2, 4), keep_ratios=(1.0, 1.0))
-    assert torch.allclose(full, expect, atol=1e-5)
-
-
-def test_sparse_attention_keeps_top_keys_and_handles_gqa():
-    q, k, v = _qkv(h=4, hk=2, lk=10, seed=7)
-    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    # 16-bit filtering is near exact: keeping one key returns the value of the argmax key
-    y = _ref("sparse_attention", q, k, v, rounds=(16,), keep_ratios=(0.1,), enable_gqa=True)
-    best = (q @ kk.transpose(-1, -2)).argmax(-1)
-    expect = torch.gather(vv, 2, best[..., None].expand(-1, -1, -1, vv.shape[-1]))
-    assert torch.allclose(y, expect, atol=1e-5)
-    # keep 50%: equals SDPA restricted to the top-5 exact logits
-    y5 = _ref("sparse_attention", q, k, v, rounds=(16,), keep_ratios=(0.5,), enable_gqa=True)
-    logits = q @ kk.transpose(-1, -2)
-    top = logits.topk(5, dim=-1).indices
-    allowed = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
-    assert torch.allclose(y5, F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed), atol=1e-5)
-    # low-bit rounds are an approximation that differs from exact attention
-    y2 = _ref("sparse_attention", q, k, v, rounds=(2,), keep_ratios=(0.3,), enable_gqa=True)
-    assert not torch.allclose(y2, F.scaled_dot_product_attention(q, kk, vv), atol=1e-3)
-
-
-def test_sparse_attention_infer_errors():
-    t = TensorType((1, 2, "s0", 8), "f32")
-    assert _infer("sparse_attention", [t, t, t], rounds=(4,), keep_ratios=(0.5,)) == [t]
-    with pytest.raises(OpError, match="keep_ratios"):
-        _infer("sparse_attention", [t, t, t], rounds=(4,), keep_ratios=())
-    with pytest.raises(OpError, match=r"\(0, 1\]"):
-        _infer("sparse_attention", [t, t, t], rounds=(4,), keep_ratios=(1.5,))
-    with pytest.raises(OpError, match="multiple"):
-        _infer("sparse_attention", [TensorType((1, 3, 4, 8), "f32"), t, t], enable_gqa=True)
-    with pytest.raises(OpError, match="needs enable_gqa"):
-        _infer("sparse_attention", [TensorType((1, 4, "s0", 8), "f32"), t, t])
-    assert _infer("sparse_attention", [TensorType((1, 4, "s0", 8), "f32"), t, t], enable_gqa=True) == [
-        TensorType((1, 4, "s0", 8), "f32")]
-
-
-@pytest.mark.parametrize("op", ["sparse_attention", "calibrated_attention"])
-@pytest.mark.parametrize("attrs", [{}, {"is_causal": True}, {"scale": 0.3}, {"enable_gqa": True}])
-def test_attention_ops_accept_sdpa_attributes_and_match_it_unfiltered(op, attrs):
-    """A pass swaps scaled_dot_product_attention for these ops keeping its operands and attributes."""
-    sdpa = get_op("scaled_dot_product_attention")
-    q, k, v = _qkv(h=4, hk=2 if attrs.get("enable_gqa") else 4, seed=11)
-    full = sdpa.check_attrs(attrs)
-    expect = sdpa.ref(q, k, v, **full)
-    got = _ref(op, q, k, v, **full)
-    assert torch.allclose(got, expect, atol=1e-5)
-    types = [TensorType.of(t) for t in (q, k, v)]
-    assert _infer(op, types, **full) == sdpa.infer_types(types, full)
-    if not attrs.get("is_causal"):
-        mask = torch.randn(1, 1, 6, 6)
-        assert torch.allclose(_ref(op, q, k, v, mask, **full), sdpa.ref(q, k, v, mask, **full), atol=1e-5)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_calibrated_attention_semantics(causal):
-    b, h, lk = 1, 3, 7
-    q, k, _ = _qkv(b=b, h=h, lq=lk, lk=lk, seed=8)
-    k[:, :, 0] *= 0.0
-    q = q * 3
-    eye = torch.eye(lk).expand(b, h, lk, lk).contiguous()  # v = I: the output is the attention map
-    a = _ref("calibrated_attention", q, k, eye, is_causal=causal)
-    expect = F.scaled_dot_product_attention(q, k, eye, is_causal=causal)
-    assert torch.allclose(a, expect, atol=1e-6)  # no heads: plain attention
-    p = 0.25
-    a2 = _ref("calibrated_attention", q, k, eye, is_causal=causal, heads=(0, 2), sinks=(0, 3), factor=p)
-    assert torch.allclose(a2.sum(-1), torch.ones(b, h, lk), atol=1e-5)
-    assert torch.equal(a2[:, 1], a[:, 1])  # other heads untouched
-    if causal:
-        assert bool((a2.triu(1) == 0).all())  # masked keys keep weight 0
-    for hh in (0, 2):
-        sink = a[:, hh][..., [0, 3]]
-        s = sink.sum(-1, keepdim=True)
-        ok = (1 - s) > 1e-6
-        assert torch.allclose(torch.where(ok, a2[:, hh][..., [0, 3]], 0), torch.where(ok, p * sink, 0), atol=1e-6)
-        # rows with nothing but sinks (the first row under a causal mask) stay unchanged
-        assert torch.equal(torch.where(ok, 0, a2[:, hh]), torch.where(ok, 0, a[:, hh]))
-        assert bool(ok.all()) != causal
-        rest = [j for j in range(lk) if j not in (0, 3)]
-        gain = (1 - p * s) / (1 - s)
-        assert torch.allclose(torch.where(ok, a2[:, hh][..., rest], 0), torch.where(ok, a[:, hh][..., rest] * gain, 0),
-                              atol=1e-5)
-
-
-def test_calibrated_attention_infer_errors():
-    t = TensorType((1, 2, 5, 8), "f32")
-    with pytest.raises(OpError, match="head 2"):
-        _infer("calibrated_attention", [t, t, t], heads=(2,))
-    with pytest.raises(OpError, match="sink position 5"):
-        _infer("calibrated_attention", [t, t, t], heads=(0,), sinks=(5,))
-    with pytest.raises(OpError, match=r"\[0, 1\]"):
-        _infer("calibrated_attention", [t, t, t], heads=(0,), factor=1.5)
 
 
 def test_compress_ops_are_categorised_and_documented():

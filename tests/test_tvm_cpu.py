@@ -184,14 +184,22 @@ case("sdpa_gqa", "attention")(lambda m, x, y, ids: _n(
 case("rotary_embedding", "attention")(lambda m, x, y, ids: _n(
     m, "rotary_embedding", [_heads(m, x), _n(m, "cos", [_heads(m, y)]), _n(m, "sin", [_heads(m, y)])]))
 case("calibrated_attention", "attention")(lambda m, x, y, ids: _n(
-    m, "calibrated_attention", [_heads(m, x), _heads(m, y), _heads(m, x)], heads=(1,), sinks=(0, 2), factor=0.4,
+    m, "calibrated_attention", [_heads(m, x), _heads(m, y), _heads(m, x)], heads=(1,), beta=0.4, threshold=1.5,
     is_causal=True))
+case("calibrated_attention_mask", "attention")(lambda m, x, y, ids: _n(
+    m, "calibrated_attention", [_heads(m, x), _heads(m, y), _heads(m, x),
+                                _n(m, "unsqueeze", [_n(m, "unsqueeze", [_n(m, "ge", [ids], scalar=1.0)], axis=1)],
+                                   axis=1)], heads=(0, 1), beta=0.0, threshold=1.2, keep_first=False))
 case("sparse_attention", "attention")(lambda m, x, y, ids: _n(
-    m, "sparse_attention", [_heads(m, x), _heads(m, y), _heads(m, x)], rounds=(2, 4), keep_ratios=(0.7, 0.5),
+    m, "sparse_attention", [_heads(m, x), _heads(m, y), _heads(m, x)], round_bits=(2, 4), keep_ratios=(0.7, 0.5),
     min_keep=1))
 case("sparse_attention_causal", "attention")(lambda m, x, y, ids: _n(
-    m, "sparse_attention", [_heads(m, x), _heads(m, y), _heads(m, y)], rounds=(3,), keep_ratios=(0.5,),
+    m, "sparse_attention", [_heads(m, x), _heads(m, y), _heads(m, y)], round_bits=(3,), keep_ratios=(0.5,),
     is_causal=True, min_keep=2))
+case("sparse_attention_threshold_mask", "attention")(lambda m, x, y, ids: _n(
+    m, "sparse_attention", [_heads(m, x), _heads(m, y), _heads(m, x),
+                            _n(m, "unsqueeze", [_n(m, "unsqueeze", [_n(m, "ge", [ids], scalar=1.0)], axis=1)], axis=1)],
+    round_bits=(8,), select="threshold", alphas=(0.2,), dense_heads=(1,)))
 
 
 def _qparams(m: Module, name: str, n: int, k: int, bits: int, gs: int, sym: bool, seed: int) -> list[Value]:

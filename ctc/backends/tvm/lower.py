@@ -832,33 +832,34 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     return op.matmul(p, v)
 
 
-def _heads_rep(ctx: Ctx, node: Node, a: list[Any]) -> tuple[Any, Any, TensorType, TensorType]:
-    q, k, v = a[:3]
-    qt, kt, vt = (i.type for i in node.inputs[:3])
-    k = _repeat_kv(ctx, k, qt.shape[1], kt.shape[1], 1)
-    v = _repeat_kv(ctx, v, qt.shape[1], vt.shape[1], 1)
+def _heads_rep(ctx: Ctx, node: Node) -> tuple[Any, Any, TensorType, TensorType]:
+    """k and v of an attention node, repeated to q's heads (grouped-query attention)."""
+    qv, kv, vv = (node.operand(n) for n in ("q", "k", "v"))
+    qt, kt, vt = qv.type, kv.type, vv.type
+    k = _repeat_kv(ctx, ctx.val(kv), qt.shape[1], kt.shape[1], 1)
+    v = _repeat_kv(ctx, ctx.val(vv), qt.shape[1], vt.shape[1], 1)
     return k, v, qt, kt
 
 
 @rule("calibrated_attention")
 def _calibrated(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    """Attention, then ACT's calibration of the selected heads' rows (sinks found per row, after
+    softmax), as the op's reference."""
     from tvm import te, tirx
 
     op = ctx.relax.op
-    q = a[0]
-    k, v, qt, kt = _heads_rep(ctx, node, a)
-    mask = a[3] if len(a) > 3 else None
-    mt = node.inputs[3].type if len(a) > 3 else None
+    q = ctx.val(node.operand("q"))
+    k, v, qt, kt = _heads_rep(ctx, node)
+    mv = node.operand("mask")
+    mask, mt = (ctx.val(mv), mv.type) if mv is not None else (None, None)
     logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"])
     p = _softmax_rows(ctx, logits, _logits_shape(node), "f32", False, ctx.fast_math)
-    heads, sinks, factor = tuple(node.attrs["heads"]), tuple(node.attrs["sinks"]), float(node.attrs["factor"])
-    if heads and factor != 1.0:
-        def calib(pa: Any) -> Any:
-            def is_sink(j: Any) -> Any:
-                c = tirx.const(False, "bool")
-                for s_ in sinks:
-                    c = tirx.Or(c, j == s_)
-                return c
+    heads, beta = tuple(node.attrs["heads"]), float(node.attrs["beta"])
+    thr, keep_first = float(node.attrs["threshold"]), bool(node.attrs["keep_first"])
+    if heads and beta != 1.0:
+        def calib(pa: Any, lg: Any) -> Any:
+            f32, lk = "float32", pa.shape[3]
+            ninf = tirx.const(-math.inf, f32)
 
             def is_head(h: Any) -> Any:
                 c = tirx.const(False, "bool")
@@ -866,106 +867,48 @@ def _calibrated(ctx: Ctx, node: Node, a: list[Any]) -> Any:
                     c = tirx.Or(c, h == h_)
                 return c
 
-            lk = pa.shape[3]
             j = te.reduce_axis((0, lk), "j")
+            one, zero = tirx.const(1.0, f32), tirx.const(0.0, f32)
+            nal = te.compute(pa.shape[:3], lambda b, h, i: te.sum(
+                tirx.Select(lg[b, h, i, j] > ninf, one, zero), axis=j), name="n_allowed")
+            j1 = te.reduce_axis((0, lk), "j1")
+            first = te.compute(pa.shape[:3], lambda b, h, i: te.min(
+                tirx.Select(lg[b, h, i, j1] > ninf, tirx.Cast("int64", j1), tirx.Cast("int64", lk)), axis=j1),
+                name="first_allowed")
+
+            def sink(b: Any, h: Any, i: Any, jj: Any) -> Any:
+                c = tirx.And(lg[b, h, i, jj] > ninf, pa[b, h, i, jj] * nal[b, h, i] > tirx.const(thr, f32))
+                return tirx.And(c, tirx.Cast("int64", jj) != first[b, h, i]) if keep_first else c
+
+            j2 = te.reduce_axis((0, lk), "j2")
             smass = te.compute(pa.shape[:3], lambda b, h, i: te.sum(
-                tirx.Select(is_sink(j), pa[b, h, i, j], tirx.const(0.0, "float32")), axis=j), name="sink_mass")
+                tirx.Select(sink(b, h, i, j2), pa[b, h, i, j2], tirx.const(0.0, f32)), axis=j2), name="sink_mass")
+
+            j3 = te.reduce_axis((0, lk), "j3")
+            rmass = te.compute(pa.shape[:3], lambda b, h, i: te.sum(
+                tirx.Select(sink(b, h, i, j3), zero, pa[b, h, i, j3]), axis=j3), name="rest_mass")
 
             def out(b: Any, h: Any, i: Any, jj: Any) -> Any:
-                s = smass[b, h, i]
-                rest = 1.0 - s
-                ok = rest >= 1e-12
-                gain = tirx.Select(ok, (1.0 - factor * s) / tirx.Select(ok, rest, tirx.const(1.0, "float32")),
-                                   tirx.const(1.0, "float32"))
-                sinkw = tirx.Select(ok, pa[b, h, i, jj] * factor, pa[b, h, i, jj])
-                new = tirx.Select(is_sink(jj), sinkw, pa[b, h, i, jj] * gain)
-                return tirx.Select(is_head(h), new, pa[b, h, i, jj])
+                s, rest, x = smass[b, h, i], rmass[b, h, i], pa[b, h, i, jj]
+                ok = tirx.And(tirx.And(is_head(h), s > zero), rest > tirx.const(1e-12, f32))
+                gain = (s + rest - tirx.const(beta, f32) * s) / tirx.Select(ok, rest, one)
+                return tirx.Select(ok, tirx.Select(sink(b, h, i, jj), x * tirx.const(beta, f32), x * gain), x)
 
             return te.compute(pa.shape, out, name="calibrated")
 
-        p = ctx.te(calib, p, name="attn_calibrate")
+        p = ctx.te(calib, p, logits, name="attn_calibrate")
     if qt.dtype != "f32":
         p = ctx.emit(op.astype(p, _dt(qt)))
     return op.matmul(p, v)
-
-
-def _lowbit_te(bits: int) -> Callable[[Any], Any]:
-    from tvm import te, tirx, topi
-
-    hi = float(max((1 << (bits - 1)) - 1, 1))
-    lo = -hi - (1.0 if bits > 1 else 0.0)
-
-    def f(t: Any) -> Any:
-        amax = topi.max(topi.abs(t), axis=-1, keepdims=True)
-        nd = len(t.shape)
-
-        def g(*i: Any) -> Any:
-            s = amax(*i[:-1], 0) / hi
-            s = tirx.Select(s > 0, s, tirx.const(1.0, "float32"))
-            qv = tirx.max(tirx.min(tirx.round(t(*i) / s), hi), lo)
-            return qv * s
-
-        del nd
-        return te.compute(t.shape, g, name="lowbit")
-
-    return f
 
 
 @rule("sparse_attention")
 def _sparse(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    """Multi-round filtering as the reference: rank of each candidate key by approximate logit
-    (ties: lower index first) computed by pairwise comparison, kept if rank < keep count."""
-    from tvm import te, tirx
+    """Energon's filtered attention: the CPU kernels of :mod:`ctc.backends.tvm.sparse_attention`
+    (low-bit VNNI scoring, per-row selection, exact attention over the kept keys only)."""
+    from ctc.backends.tvm.sparse_attention import lower_sparse_attention
 
-    op = ctx.relax.op
-    q = a[0]
-    k, v, qt, kt = _heads_rep(ctx, node, a)
-    mask = a[3] if len(a) > 3 else None
-    mt = node.inputs[3].type if len(a) > 3 else None
-    is_causal, scale = node.attrs["is_causal"], node.attrs["scale"]
-    logits = _attention_logits(ctx, q, k, qt, kt, scale, mask, mt, is_causal)
-    # allowed = logits > -inf (before any filtering); alive starts as allowed.
-    ninf = ctx.const(-math.inf, "f32")
-    alive = ctx.emit(op.greater(logits, ninf))
-    n_allowed = ctx.emit(op.sum(ctx.emit(op.astype(alive, "float64")), axis=[-1], keepdims=True))
-    sc = scale if scale is not None else 1.0 / math.sqrt(int(qt.shape[-1]))
-    q32 = q if qt.dtype == "f32" else ctx.emit(op.astype(q, "float32"))
-    k32 = k if kt.dtype == "f32" else ctx.emit(op.astype(k, "float32"))
-    additive = None
-    if mask is not None and mt is not None and mt.dtype != "bool":
-        additive = mask if mt.dtype == "f32" else ctx.emit(op.astype(mask, "float32"))
-    for bits, ratio in zip(node.attrs["rounds"], node.attrs["keep_ratios"], strict=True):
-        qh = ctx.te(_lowbit_te(bits), q32, name="lowbit_q")
-        kh = ctx.te(_lowbit_te(bits), k32, name="lowbit_k")
-        approx = ctx.emit(op.matmul(qh, ctx.emit(op.permute_dims(kh, [0, 1, 3, 2]))))
-        approx = ctx.emit(op.multiply(approx, ctx.const(sc, "f32")))
-        if additive is not None:
-            approx = ctx.emit(op.add(approx, additive))
-        approx = ctx.emit(op.where(alive, approx, ninf))
-        min_keep = float(node.attrs["min_keep"])
-
-        def filt(ap: Any, al: Any, na: Any, ratio: float = ratio, min_keep: float = min_keep) -> Any:
-            lk = ap.shape[3]
-            l_ = te.reduce_axis((0, lk), "l")
-            rank = te.compute(ap.shape, lambda b, h, i, j: te.sum(
-                tirx.Select(tirx.Or(ap[b, h, i, l_] > ap[b, h, i, j],
-                                    tirx.And(ap[b, h, i, l_] == ap[b, h, i, j], l_ < j)),
-                            tirx.const(1.0, "float64"), tirx.const(0.0, "float64")), axis=l_), name="rank")
-
-            def keepf(b: Any, h: Any, i: Any, j: Any) -> Any:
-                n = na[b, h, i, 0]
-                kk = tirx.max(tirx.ceil(n * ratio - 1e-9), tirx.const(min_keep, "float64"))
-                kk = tirx.min(kk, n)
-                return tirx.And(al[b, h, i, j], rank[b, h, i, j] < kk)
-
-            return te.compute(ap.shape, keepf, name="alive")
-
-        alive = ctx.te(filt, approx, alive, n_allowed, name="sparse_filter")
-    masked = ctx.emit(op.where(alive, logits, ninf))
-    p = _softmax_rows(ctx, masked, _logits_shape(node), "f32", False, ctx.fast_math)
-    if qt.dtype != "f32":
-        p = ctx.emit(op.astype(p, _dt(qt)))
-    return op.matmul(p, v)
+    return lower_sparse_attention(ctx, node)
 
 
 # --- quantization ------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from ctc.ir.ops import (
     attention,  # noqa: F401,E402
     compress,  # noqa: F401,E402
+    compress_attention,  # noqa: F401,E402
     core,  # noqa: F401,E402
     elementwise,  # noqa: F401,E402
     nn,  # noqa: F401,E402
