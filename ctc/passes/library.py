@@ -5,3 +5,4 @@ import ctc.passes.cse  # noqa: F401
 import ctc.passes.dce  # noqa: F401
 import ctc.passes.quantize  # noqa: F401
 import ctc.passes.rptq  # noqa: F401
+import ctc.passes.sparse_attention  # noqa: F401

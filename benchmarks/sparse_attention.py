@@ -1,0 +1,246 @@
+"""Energon sparse attention on SmolLM2-135M, real weights and real long text: accuracy and kernel latency.
+
+Why: issue 13's yardstick.  For each sequence length and keep ratio, in one run:
+
+* accuracy: perplexity of the whole model with ``sparse-attention`` applied to every layer
+  (reference interpreter, the op's semantics) against the dense model, on consecutive windows of
+  the bundled Wikipedia evaluation text (never the calibration part); and the cosine between the
+  sparse and the dense attention output, per layer, on the real q/k/v of one window;
+* latency: one attention call of a middle layer (real q/k/v) through ctc's compiled dense
+  attention (the TVM build of ``scaled_dot_product_attention`` as the model capture gives it:
+  a [1, 1, L, L] bool causal mask), ctc's sparse attention kernels (the TVM build of
+  ``sparse_attention`` as the pass leaves it: ``is_causal`` plus the key-padding mask), and
+  PyTorch SDPA with the same bool mask and with ``is_causal=True`` (torch's flash kernel);
+  interleaved rounds, min and median wall time.  The crossover is the shortest length where
+  the sparse kernel beats ctc's dense attention (and torch SDPA).
+
+Usage (the table in benchmarks/results/sparse_attention.md)::
+
+    python benchmarks/sparse_attention.py                       # lengths 256..2048, keep 0.5/0.25/0.125
+    python benchmarks/sparse_attention.py --lengths 1024 --keeps 0.25 --runs 20 --threads 1
+    python benchmarks/sparse_attention.py --rounds 8             # one 8-bit round instead of [4, 8]
+
+The machine is shared: timings taken under load are noisy for every runtime alike (the load
+average is printed); ratios from one interleaved run are the numbers to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="256,512,1024,2048", help="sequence lengths (comma separated)")
+    ap.add_argument("--keeps", default="0.5,0.25,0.125", help="final keep ratios (comma separated)")
+    ap.add_argument("--rounds", default="4,8", help="bit width of each filtering round; earlier rounds keep "
+                                                    "twice the next round's share")
+    ap.add_argument("--min-keep", type=int, default=16, help="keys always kept per query (the pass default)")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens scored for perplexity at every length")
+    ap.add_argument("--layer", type=int, default=15, help="layer whose attention call is timed")
+    ap.add_argument("--runs", type=int, default=12, help="timed calls per runtime and length")
+    ap.add_argument("--rounds-timing", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--threads", type=int, default=0, help="threads for TVM and torch (0 = every usable core)")
+    ap.add_argument("--skip-ppl", action="store_true", help="latency and cosine only")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_attention.json"),
+                    help="where to write the raw results (JSON)")
+    return ap.parse_args()
+
+
+def keep_schedule(final: float, rounds: int) -> list[float]:
+    return [min(1.0, final * 2 ** (rounds - 1 - r)) for r in range(rounds)]
+
+
+def capture_qkv(module: Any, feed: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """(q, k, v, mask) of every attention node, in order, from one interpreter run."""
+    from ctc.ir.interpreter import interpret
+
+    got: list[tuple[torch.Tensor, ...]] = []
+
+    def obs(node: Any, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        if node.op == "scaled_dot_product_attention":
+            got.append(tuple(a.clone() for a in args))
+
+    interpret(module, feed, observer=obs)
+    return got
+
+
+def attention_module(op: str, h: int, hk: int, d: int, seq: int, attrs: dict[str, Any]) -> Any:
+    """A one-node module: ``op`` on q, k, v and the mask the model gives it."""
+    from ctc.ir import Module, TensorType
+
+    m = Module(op)
+    q = m.add_input("q", TensorType((1, h, seq, d), "f32"))
+    k = m.add_input("k", TensorType((1, hk, seq, d), "f32"))
+    v = m.add_input("v", TensorType((1, hk, seq, d), "f32"))
+    if op == "scaled_dot_product_attention":
+        mask = m.add_input("mask", TensorType((1, 1, seq, seq), "bool"))
+    else:
+        mask = m.add_input("mask", TensorType((1, 1, 1, seq), "bool"))
+    m.set_outputs([m.create_node(op, [q, k, v, mask], attrs).output], ["out"])
+    return m
+
+
+def build(module: Any, threads: int) -> Any:
+    from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
+
+    d = tempfile.mkdtemp(prefix="ctc-sa-bench-")
+    compile_module(module, options=BuildOptions()).export(d)
+    return load_compiled(d, threads=threads)
+
+
+def compiled_runner(model: Any, *inputs: torch.Tensor) -> Any:
+    """A no-argument call of a compiled model on prepared inputs."""
+    prepared = model.prepare(*inputs)
+    return lambda: model.run_prepared(prepared)
+
+
+def runners(dense_m: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, d: int
+            ) -> dict[str, Any]:
+    """ctc's compiled dense attention and torch SDPA (bool mask; is_causal) on one layer's q, k, v."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return {"ctc dense": compiled_runner(dense_m, q, k, v, mask),
+            "torch sdpa (mask)": lambda: sdpa(q, k, v, attn_mask=mask, scale=1 / math.sqrt(d), enable_gqa=True),
+            "torch sdpa (is_causal)": lambda: sdpa(q, k, v, is_causal=True, scale=1 / math.sqrt(d), enable_gqa=True)}
+
+
+def main() -> None:
+    args = parse_args()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    from cpu_latency import timeit
+
+    from ctc import frontends
+    from ctc.eval.data import describe_source, evaluation_windows
+    from ctc.eval.latency import machine_info
+    from ctc.eval.models import load_bundled
+    from ctc.eval.perplexity import batches_perplexity, module_logits_fn
+    from ctc.ir.ops import get_op
+    from ctc.passes import get_pass
+    from ctc.passes.manager import PassManager, Step
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    keeps = [float(x) for x in args.keeps.split(",")]
+    rounds = [int(x) for x in args.rounds.split(",")]
+    t0 = time.time()
+    model, tok, info = load_bundled("smollm2")
+    module = frontends.capture_hf_model(model, task=info.task, name="smollm2")
+    print(f"# sparse attention on SmolLM2-135M ({info.title}); capture {time.time() - t0:.0f} s", flush=True)
+    print(f"machine: {platform.node()}, {machine_info()['cpu']}, threads {threads}, load average "
+          f"{os.getloadavg()[0]:.2f}; torch {torch.__version__}", flush=True)
+    cfg = model.config
+    h, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    sparse_op = get_op("sparse_attention")
+    results: dict[str, Any] = {"machine": machine_info(), "threads": threads, "rounds": rounds,
+                               "min_keep": args.min_keep, "text": describe_source("wiki", "evaluation"),
+                               "lengths": {}}
+    for L in lengths:
+        n_win = max(1, args.tokens // L)
+        wins = evaluation_windows(tok, "wiki", n_win, L)
+        res: dict[str, Any] = {"windows": len(wins), "keeps": {}}
+        print(f"\n## length {L}: {len(wins)} window(s) of the evaluation text", flush=True)
+        qkv = capture_qkv(module, wins[0])
+        dense_out = [torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mk, scale=1 / math.sqrt(d),
+                                                                      enable_gqa=True) for q, k, v, mk in qkv]
+        if not args.skip_ppl:
+            t1 = time.time()
+            base = batches_perplexity(module_logits_fn(module), wins)
+            res["ppl_dense"] = base.ppl
+            res["protocol"] = base.protocol
+            print(f"dense perplexity {base.ppl:.3f} ({base.n_tokens} tokens, {time.time() - t1:.0f} s)", flush=True)
+        # latency: one layer's attention, every runtime interleaved
+        q, k, v, mk = qkv[args.layer]
+        pad = torch.ones(1, 1, 1, L, dtype=torch.bool)
+        dense_m = build(attention_module("scaled_dot_product_attention", h, hk, d, L,
+                                         {"scale": 1 / math.sqrt(d), "enable_gqa": True}), threads)
+        fns = runners(dense_m, q, k, v, mk, d)
+        for keep in keeps:
+            attrs = {"is_causal": True, "scale": 1 / math.sqrt(d), "enable_gqa": True, "round_bits": tuple(rounds),
+                     "keep_ratios": tuple(keep_schedule(keep, len(rounds))), "min_keep": args.min_keep}
+            sm = build(attention_module("sparse_attention", h, hk, d, L, attrs), threads)
+            fns[f"ctc sparse {keep}"] = compiled_runner(sm, q, k, v, pad)
+            # accuracy of the op on every layer's real q/k/v (reference semantics) and of the kernel
+            full = sparse_op.check_attrs(attrs)
+            cos = []
+            for (ql, kl, vl, _), ref in zip(qkv, dense_out, strict=True):
+                y = sparse_op.ref(ql, kl, vl, pad, **full)
+                cos.append(float(torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)))
+            kern = sm(q, k, v, pad)[0]
+            kcos = float(torch.nn.functional.cosine_similarity(kern.flatten(), dense_out[args.layer].flatten(), dim=0))
+            entry: dict[str, Any] = {"cosine_mean": statistics.fmean(cos), "cosine_min": min(cos),
+                                     "kernel_cosine_layer": kcos}
+            if not args.skip_ppl:
+                t1 = time.time()
+                pm = PassManager([Step(get_pass("sparse-attention")({"rounds": rounds,
+                                                                      "keep": keep_schedule(keep, len(rounds)),
+                                                                      "min_keep": args.min_keep}))],
+                                 progress=False, fidelity=False)
+                sparse_module, _ = pm.run(module)
+                p = batches_perplexity(module_logits_fn(sparse_module), wins)
+                entry["ppl"] = p.ppl
+                print(f"keep {keep}: perplexity {p.ppl:.3f} ({time.time() - t1:.0f} s)", flush=True)
+            print(f"keep {keep}: attention-output cosine mean {entry['cosine_mean']:.5f} min {entry['cosine_min']:.5f}"
+                  f" (kernel, layer {args.layer}: {kcos:.5f})", flush=True)
+            res["keeps"][str(keep)] = entry
+        print(f"timing ({args.runs} runs, {args.rounds_timing} interleaved rounds, load average "
+              f"{os.getloadavg()[0]:.2f})", flush=True)
+        times = timeit(fns, runs=args.runs, warmup=2, rounds=args.rounds_timing)
+        res["latency_ms"] = {k: {"median": med, "min": mn} for k, (med, mn) in times.items()}
+        dense_med = times["ctc dense"][0]
+        for k, (med, mn) in times.items():
+            print(f"  {k:24s} median {med:9.2f} ms  min {mn:9.2f} ms  ctc dense / this {dense_med / med:5.2f}x",
+                  flush=True)
+        res["load_average_after"] = os.getloadavg()[0]
+        results["lengths"][str(L)] = res
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print_table(results, keeps)
+
+
+def print_table(results: dict[str, Any], keeps: list[float]) -> None:
+    """The markdown table of benchmarks/results/sparse_attention.md."""
+    print("\n| length | keep | ppl dense | ppl sparse | change | attn cosine mean / min | ctc dense ms | "
+          "sparse ms | torch mask ms | torch causal ms | dense/sparse | torch causal/sparse |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    cross: dict[tuple[str, float], int | None] = {(b, k): None for b in ("ctc dense", "torch sdpa (is_causal)")
+                                                   for k in keeps}
+    for L, res in results["lengths"].items():
+        lat = res["latency_ms"]
+        for keep in keeps:
+            e = res["keeps"][str(keep)]
+            sp = lat[f"ctc sparse {keep}"]["median"]
+            ppl_d, ppl_s = res.get("ppl_dense"), e.get("ppl")
+            ch = f"{(ppl_s - ppl_d) / ppl_d * 100:+.2f}%" if ppl_d and ppl_s else "-"
+            print(f"| {L} | {keep} | {ppl_d or float('nan'):.3f} | {ppl_s or float('nan'):.3f} | {ch} | "
+                  f"{e['cosine_mean']:.4f} / {e['cosine_min']:.4f} | {lat['ctc dense']['median']:.2f} | {sp:.2f} | "
+                  f"{lat['torch sdpa (mask)']['median']:.2f} | {lat['torch sdpa (is_causal)']['median']:.2f} | "
+                  f"{lat['ctc dense']['median'] / sp:.2f}x | {lat['torch sdpa (is_causal)']['median'] / sp:.2f}x |")
+            for base in ("ctc dense", "torch sdpa (is_causal)"):
+                if cross[(base, keep)] is None and lat[base]["median"] > sp:
+                    cross[(base, keep)] = int(L)
+    for (base, keep), L in cross.items():
+        print(f"crossover vs {base}, keep {keep}: "
+              + (f"sparse is faster from length {L}" if L else "sparse not faster at any measured length"))
+
+if __name__ == "__main__":
+    main()
