@@ -4,5 +4,7 @@ import ctc.passes.constant_fold  # noqa: F401
 import ctc.passes.cse  # noqa: F401
 import ctc.passes.dce  # noqa: F401
 import ctc.passes.quantize  # noqa: F401
+import ctc.passes.recursive  # noqa: F401
 import ctc.passes.rptq  # noqa: F401
+import ctc.passes.share_blocks  # noqa: F401
 import ctc.passes.sparse_attention  # noqa: F401

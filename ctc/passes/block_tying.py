@@ -1,0 +1,617 @@
+"""Tying the weights of repeated blocks: what ``share-blocks`` and ``recursive`` have in common.
+
+* :func:`tie_stack` lines up the parameters of the selected blocks (blocks must be identical
+  in structure) and decides which are tied: matrices read only inside their block (``Slot.tie``);
+  vectors (norm weights, biases) stay per block unless asked, since they cost almost nothing
+  and carry much of what makes a layer itself (FoldGPT keeps and re-fits the norms).
+* :class:`BlockActivations` (an analysis) runs the calibration batches once and keeps each
+  selected block's residual input and the values blocks share (rotary tables, masks): enough
+  to re-run any single block alone, with other weights, as often as planning needs.
+* :func:`substitution_error` measures how well block ``i`` does with other weights on its own
+  calibration inputs: the similarity that grouping and initialisation choices rest on.
+* :func:`apply_ties` rewrites the graph for a plan: every member of a group reads one set of
+  shared tensors (stored once), plus per-member channel coefficients (``mul``/``add`` after
+  the linear) or a low-rank delta (``lowrank_linear`` added to the shared ``linear``).
+* :func:`fit_coefficients` fits those coefficients in closed form, block after block and
+  stage after stage inside a block, on the compressed model's own activations against the
+  original's linear outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ctc.ir.blocks import BlockInfo, BlockLayout, BlockLayoutError, block_layout
+from ctc.ir.graph import Module, Node, Value
+from ctc.ir.interpreter import bind_inputs, interpret
+from ctc.passes.base import Analysis, PassContext, PassError
+from ctc.passes.weight_sharing import ChannelFit, lora_from_residual
+
+__all__ = ["BlockActivations", "Group", "Slot", "Stack", "TieResult", "apply_ties", "block_module",
+           "fit_coefficients", "param_reads", "substitution_error", "tie_stack", "unique_counts"]
+
+FLOAT = ("f32", "f16", "bf16", "f64")
+
+
+# --------------------------------------------------------------------------- the aligned stack
+@dataclass
+class Slot:
+    """One parameter position of a block, the same in every selected block.
+
+    ``index`` is the position among the block's ``param`` nodes (in module order); ``key`` the
+    block-relative name (``self_attn.q_proj.weight``); ``tie`` whether it is shared;
+    ``linear_weight`` whether every reader uses it as a ``linear``'s weight (then it can take
+    coefficients or a low-rank delta).
+    """
+
+    index: int
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    tie: bool
+    linear_weight: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+@dataclass
+class Stack:
+    """The selected blocks of a module with their parameters lined up slot by slot."""
+
+    module: Module
+    layout: BlockLayout
+    blocks: list[int]
+    param_nodes: dict[int, list[Node]]
+    slots: list[Slot]
+
+    def name(self, block: int, slot: Slot) -> str:
+        return str(self.param_nodes[block][slot.index].attrs["name"])
+
+    def tensor(self, block: int, slot: Slot) -> torch.Tensor:
+        return self.module.params[self.name(block, slot)]
+
+    @property
+    def tied(self) -> list[Slot]:
+        return [s for s in self.slots if s.tie]
+
+    def info(self, block: int) -> BlockInfo:
+        return self.layout.by_index(block)
+
+    def runs(self) -> list[list[int]]:
+        """The selected blocks as runs of consecutive block numbers."""
+        out: list[list[int]] = []
+        for b in self.blocks:
+            if out and out[-1][-1] == b - 1:
+                out[-1].append(b)
+            else:
+                out.append([b])
+        return out
+
+
+def _signature(n: Node) -> tuple[Any, ...]:
+    attrs = tuple(sorted((k, repr(v)) for k, v in n.attrs.items() if not (n.op == "param" and k == "name")))
+    return (n.op, attrs, tuple(str(v.type) for v in n.outputs))
+
+
+def _block_key(name: str, prefix: str | None, block: int, index: int) -> str:
+    if prefix:
+        head = f"{prefix}.{block}."
+        if name.startswith(head):
+            return name[len(head):]
+    return f"param{index}"
+
+
+def tie_stack(module: Module, ctx: PassContext, *, share_vectors: bool, what: str) -> Stack:
+    """Line up the parameters of the blocks the step's selector picks; errors name the mismatch.
+
+    A slot is tied when its tensor is float, a matrix (or any rank with ``share_vectors``), and
+    read only inside its own block; a scope or op selector further restricts tying to the
+    ``param`` nodes it selects.
+    """
+    try:
+        layout = block_layout(module)
+    except BlockLayoutError as e:
+        raise PassError(f"{what}: {e}") from None
+    blocks = [b.index for b in layout.blocks if ctx.selector.matches_block(b.index)]
+    if len(blocks) < 2:
+        raise PassError(f"{what}: the selection holds {len(blocks)} block(s) of {len(layout)}; tying needs at "
+                        "least two (widen the blocks[...] selector)")
+    prefix = module.meta.get("block_prefix")
+    param_nodes = {b: [n for n in layout.by_index(b).nodes if n.op == "param"] for b in blocks}
+    first = blocks[0]
+    sig0 = [_signature(n) for n in layout.by_index(first).nodes]
+    for b in blocks[1:]:
+        sig = [_signature(n) for n in layout.by_index(b).nodes]
+        if sig != sig0:
+            k = next((i for i, (a, c) in enumerate(zip(sig0, sig, strict=False)) if a != c), min(len(sig), len(sig0)))
+            a = sig0[k][0] if k < len(sig0) else "end of block"
+            c = sig[k][0] if k < len(sig) else "end of block"
+            raise PassError(f"{what}: blocks {first} and {b} differ in structure (node {k}: {a} vs {c}); "
+                            "only identical blocks can share weights (run tying before passes that change "
+                            "blocks differently, or select identical blocks)")
+    selective = bool(ctx.selector.scopes or ctx.selector.ops)
+    slots: list[Slot] = []
+    for i, pn in enumerate(param_nodes[first]):
+        t = module.params[pn.attrs["name"]]
+        readers = [(u, j) for b in blocks for u, j in param_nodes[b][i].output.uses]
+        inside = all(u.block == param_nodes[b][i].block for b in blocks for u in param_nodes[b][i].output.users)
+        outputs = any(module.is_output(param_nodes[b][i].output) for b in blocks)
+        dtype = pn.output.type.dtype
+        lin = bool(readers) and all(u.op == "linear" and j == 1 for u, j in readers)
+        tie = (dtype in FLOAT and (t.dim() >= 2 or share_vectors) and inside and not outputs
+               and (not selective or all(ctx.selected(param_nodes[b][i]) for b in blocks)))
+        slots.append(Slot(i, _block_key(pn.attrs["name"], prefix, first, i), tuple(int(d) for d in t.shape), dtype,
+                          tie, lin))
+    if not any(s.tie for s in slots):
+        raise PassError(f"{what}: no parameter of the selected blocks can be tied (tied: float matrices read only "
+                        "inside their block" + (", selected by the step's scope/op selector" if selective else "")
+                        + ")")
+    return Stack(module, layout, blocks, param_nodes, slots)
+
+
+# --------------------------------------------------------------------------- block sub-modules
+def block_module(module: Module, info: BlockInfo) -> Module:
+    """Block ``info`` alone as a module: inputs ``[residual_in, *shared]`` (their names kept), output
+    its residual output; parameters are the module's own tensors (not copied)."""
+    m = Module(f"{module.name}_block{info.index}")
+    vmap: dict[int, Value] = {}
+    for v in [info.residual_in, *info.shared]:
+        if v.producer is not None and v.producer.op == "param":
+            name = v.producer.attrs["name"]
+            m.params.setdefault(name, module.params[name])
+            vmap[id(v)] = m.param(name, scope=v.producer.scope, block=v.producer.block)
+        else:
+            nv = m.add_input(v.name, v.type)
+            if nv.name != v.name:
+                raise PassError(f"block {info.index}: input %{v.name} cannot keep its name")
+            vmap[id(v)] = nv
+    for n in info.nodes:
+        if n.op == "param":
+            name = n.attrs["name"]
+            m.params.setdefault(name, module.params[name])
+        new = m.create_node(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), scope=n.scope, block=n.block,
+                            types=[v.type for v in n.outputs], names=[v.name for v in n.outputs])
+        for a, b in zip(n.outputs, new.outputs, strict=True):
+            vmap[id(a)] = b
+    m.set_outputs([vmap[id(info.residual_out)]], ["residual_out"])
+    return m
+
+
+# --------------------------------------------------------------------------- calibration activations
+@dataclass
+class ActivationsResult:
+    """Per calibration batch: each block's residual input, the last block's output, and the shared values."""
+
+    inputs: dict[int, list[torch.Tensor]]
+    last_output: list[torch.Tensor]
+    shared: list[dict[str, torch.Tensor]]
+    blocks: list[int]
+
+    def output_of(self, block: int) -> list[torch.Tensor]:
+        """The residual output of ``block`` (the next block's input)."""
+        i = self.blocks.index(block)
+        return self.last_output if i + 1 == len(self.blocks) else self.inputs[self.blocks[i + 1]]
+
+    def feeds(self, info: BlockInfo, hidden: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Inputs of :func:`block_module` for ``info`` with residual inputs ``hidden`` (one per batch)."""
+        out = []
+        for k, h in enumerate(hidden):
+            d = {info.residual_in.name: h}
+            for v in info.shared:
+                if not (v.producer is not None and v.producer.op == "param"):
+                    d[v.name] = self.shared[k][v.name]
+            out.append(d)
+        return out
+
+
+class BlockActivations(Analysis):
+    """Residual inputs of every block (and the values blocks share) on the calibration batches.
+
+    Config: ``max_batches`` (default all).  Memory: one hidden state per block per batch.
+    """
+
+    name = "block-activations"
+    needs_calibration = True
+
+    def __init__(self, max_batches: int | None = None):
+        super().__init__(max_batches=max_batches)
+
+    def compute(self, module: Module, ctx: PassContext) -> ActivationsResult:
+        batches = list(ctx.calibration)
+        if self.config["max_batches"] is not None:
+            batches = batches[: int(self.config["max_batches"])]
+        if not batches:
+            raise PassError("block activations need calibration batches, and the pipeline has none "
+                            "(add a `calibrate` line to the recipe)")
+        try:
+            layout = block_layout(module)
+        except BlockLayoutError as e:
+            raise PassError(str(e)) from None
+        blocks = layout.indices()
+        want: dict[int, Value] = {}
+        for info in layout.blocks:
+            want[id(info.residual_in)] = info.residual_in
+            for v in info.shared:
+                if not (v.producer is not None and v.producer.op == "param"):
+                    want[id(v)] = v
+        last = layout.blocks[-1].residual_out
+        want[id(last)] = last
+        by_producer: dict[int, list[Value]] = {}
+        for v in want.values():
+            if v.producer is not None:
+                by_producer.setdefault(id(v.producer), []).append(v)
+        res = ActivationsResult({b: [] for b in blocks}, [], [], blocks)
+        for k, batch in enumerate(batches):
+            seen: dict[str, torch.Tensor] = {}
+            ordered, _ = bind_inputs(module, batch)
+            for v, t in zip(module.inputs, ordered, strict=True):
+                if id(v) in want:
+                    seen[v.name] = t
+
+            def observer(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor],
+                         seen: dict[str, torch.Tensor] = seen) -> None:
+                for v in by_producer.get(id(node), ()):
+                    seen[v.name] = outs[v.index]
+
+            interpret(module, batch, observer=observer)
+            for info in layout.blocks:
+                res.inputs[info.index].append(seen[info.residual_in.name])
+            res.last_output.append(seen[last.name])
+            res.shared.append({v.name: seen[v.name] for v in want.values()})
+            ctx.report_progress("block activations", k + 1, len(batches))
+        return res
+
+
+def run_block(sub: Module, feeds: Sequence[Mapping[str, torch.Tensor]], *,
+              params: Mapping[str, torch.Tensor] | None = None, observer: Any = None) -> list[torch.Tensor]:
+    """The block sub-module's output on each feed (``params`` overrides tensors by name)."""
+    p = dict(sub.params)
+    if params:
+        p.update({k: v for k, v in params.items() if k in p})
+    return [interpret(sub, f, params=p, observer=observer)[0] for f in feeds]
+
+
+def substitution_error(stack: Stack, acts: ActivationsResult, block: int, tensors: Mapping[int, torch.Tensor],
+                       *, batches: int | None = None, sub: Module | None = None) -> float:
+    """Relative error of ``block``'s contribution when its tied slots hold ``tensors`` (slot index -> tensor).
+
+    ``sum ||f'(h) - f(h)||^2 / sum ||f(h) - h||^2`` over the calibration batches, with ``h`` the
+    block's original input: 0 for its own weights, about 1 when the weights say nothing useful.
+    """
+    info = stack.info(block)
+    sub = sub or block_module(stack.module, info)
+    hs = acts.inputs[block][:batches]
+    ref = acts.output_of(block)[:batches]
+    override = {stack.name(block, s): tensors[s.index] for s in stack.tied if s.index in tensors}
+    outs = run_block(sub, acts.feeds(info, hs), params=override)
+    num = sum(float(((o - r).double() ** 2).sum()) for o, r in zip(outs, ref, strict=True))
+    den = sum(float(((r - h).double() ** 2).sum()) for r, h in zip(ref, hs, strict=True))
+    return num / max(den, 1e-30)
+
+
+# --------------------------------------------------------------------------- the plan and its rewrite
+@dataclass
+class Group:
+    """Blocks that read one set of tied tensors: ``members`` (consecutive), and where the shared
+    tensors come from (``source`` block, or ``None`` = the members' mean)."""
+
+    members: list[int]
+    source: int | None
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)  # slot index -> shared tensor
+    cost: float | None = None
+
+    def describe(self) -> str:
+        src = "mean" if self.source is None else f"block {self.source}"
+        lo, hi = self.members[0], self.members[-1]
+        return f"{lo}..{hi} <- {src}" if lo != hi else f"{lo} (alone)"
+
+
+@dataclass
+class Coefficient:
+    """Where a member block's coefficients live: ``a`` is the shared linear's output (before the
+    coefficients), ``target`` the original linear output's value name in the teacher module."""
+
+    block: int
+    linear: Node
+    a: Value
+    scale: str
+    shift: str | None
+    target: str
+
+
+@dataclass
+class TieResult:
+    """What :func:`apply_ties` did: shared parameter names, coefficients to fit, LoRA pairs, notes."""
+
+    shared: dict[str, list[int]] = field(default_factory=dict)  # shared param -> member blocks
+    coefficients: list[Coefficient] = field(default_factory=list)
+    lora: list[tuple[int, str, int]] = field(default_factory=list)  # (block, linear scope, rank)
+    adapters: list[str] = field(default_factory=list)  # per-block parameters healing may train
+
+
+def _group_name(stack: Stack, g: Group, kind: str) -> str:
+    prefix = stack.module.meta.get("block_prefix") or "blocks"
+    lo, hi = g.members[0], g.members[-1]
+    return f"{prefix}.{kind}_{lo}_{hi}"
+
+
+def apply_ties(stack: Stack, groups: Sequence[Group], *, coefficients: str, lora_rank: int = 0,
+               kind: str = "shared", originals: Mapping[tuple[int, int], torch.Tensor] | None = None) -> TieResult:
+    """Rewrite ``stack.module`` so each group's members read the group's tensors.
+
+    ``coefficients``: ``"none"`` (plain tying), ``"channel"`` (per output channel scale after each
+    tied linear; plus a per-channel shift where the linear has a bias, which it replaces).
+    ``lora_rank > 0`` adds ``lowrank_linear(x, B, A)`` to each tied linear, initialised from the
+    truncated SVD of (original weight - shared weight); members whose residual is zero get none.
+    ``originals[(block, slot)]`` are the weights the residual is taken against (default: current).
+    Groups of one block are left alone.
+    """
+    m = stack.module
+    res = TieResult()
+    old_param_nodes: list[Node] = []
+    for g in groups:
+        if len(g.members) < 2:
+            continue
+        base = _group_name(stack, g, kind)
+        names: dict[int, str] = {}
+        for s in stack.tied:
+            name = m.fresh_param_name(f"{base}.{s.key}")
+            m.add_param(name, g.tensors[s.index])
+            names[s.index] = name
+            res.shared[name] = list(g.members)
+        for b in g.members:
+            for s in stack.tied:
+                pn = stack.param_nodes[b][s.index]
+                orig = originals[(b, s.index)] if originals is not None else m.params[pn.attrs["name"]]
+                new = m.param(names[s.index], scope=pn.scope, block=pn.block, before=pn)
+                readers = list(pn.output.users)
+                m.replace_all_uses_with(pn.output, new)
+                old_param_nodes.append(pn)
+                if not s.linear_weight:
+                    continue
+                for lin in readers:
+                    if coefficients == "channel":
+                        res.coefficients.append(_add_coefficients(m, lin, b))
+                        res.adapters += [c for c in (res.coefficients[-1].scale, res.coefficients[-1].shift) if c]
+                    if lora_rank > 0:
+                        shared_t = g.tensors[s.index]
+                        if torch.equal(orig, shared_t):
+                            continue
+                        r = _add_lora(m, lin, b, orig, shared_t, lora_rank)
+                        res.lora.append((b, lin.scope, r))
+    for pn in old_param_nodes:
+        if pn.module is m and not pn.output.uses and not m.is_output(pn.output):
+            m.erase(pn)
+    m.prune_params()
+    # Adapters healing may train: coefficients, LoRA factors, and the members' own vectors (norms, biases).
+    lora_names = [n.attrs["name"] for n in m.nodes if n.op == "param" and n.block is not None
+                  and n.attrs["name"].endswith((".lora_u", ".lora_v"))]
+    vectors = [stack.name(b, s) for g in groups if len(g.members) > 1 for b in g.members for s in stack.slots
+               if not s.tie and s.dtype in FLOAT and stack.name(b, s) in m.params]
+    res.adapters = sorted(set(res.adapters) | set(lora_names) | set(vectors))
+    return res
+
+
+def _add_coefficients(m: Module, lin: Node, block: int) -> Coefficient:
+    """``linear(x, W[, b])`` -> ``linear(x, W) * c [+ beta]`` (c = 1, beta = b: unchanged until fitted)."""
+    x, w = lin.inputs[0], lin.inputs[1]
+    bias = lin.inputs[2] if len(lin.inputs) > 2 else None
+    n_out = int(w.type.shape[0])
+    scope = lin.scope or "linear"
+    core = m.create_node("linear", [x, w], {}, scope=lin.scope, block=lin.block, before=lin)
+    scale = m.add_param(m.fresh_param_name(f"{scope}.coef"), torch.ones(n_out, dtype=torch.float32))
+    sv = m.param(scale, scope=lin.scope, block=lin.block, before=lin)
+    y = m.create_node("mul", [core.output, sv], {}, scope=lin.scope, block=lin.block, before=lin).output
+    shift = None
+    if bias is not None:
+        bt = bias.producer.module.params[bias.producer.attrs["name"]] if (
+            bias.producer is not None and bias.producer.op == "param") else None
+        if bt is None:
+            raise PassError(f"{lin.scope}: the bias is computed, not a parameter; coefficients need a parameter bias")
+        shift = m.add_param(m.fresh_param_name(f"{scope}.coef_shift"), bt.detach().clone().to(torch.float32))
+        bv = m.param(shift, scope=lin.scope, block=lin.block, before=lin)
+        y = m.create_node("add", [y, bv], {}, scope=lin.scope, block=lin.block, before=lin).output
+    target = lin.output.name
+    m.replace_all_uses_with(lin.output, y)
+    m.erase(lin)
+    if bias is not None and bias.producer is not None and not bias.uses:
+        m.erase(bias.producer)
+    return Coefficient(block, core, core.output, scale, shift, target)
+
+
+def _add_lora(m: Module, lin: Node, block: int, orig: torch.Tensor, shared: torch.Tensor, rank: int) -> int:
+    """``linear(x, W_shared[, b])`` -> that ``+ lowrank_linear(x, B, A)`` with ``B A`` = truncated SVD of the residual."""
+    b, a = lora_from_residual(orig.to(torch.float32), shared.to(torch.float32), rank)
+    r = int(b.shape[1])
+    scope = lin.scope or "linear"
+    after = lin
+    u = m.add_param(m.fresh_param_name(f"{scope}.lora_u"), b)
+    v = m.add_param(m.fresh_param_name(f"{scope}.lora_v"), a)
+    uv = m.param(u, scope=lin.scope, block=lin.block, before=after)
+    vv = m.param(v, scope=lin.scope, block=lin.block, before=after)
+    delta = m.create_node("lowrank_linear", [lin.inputs[0], uv, vv], {"rank": r}, scope=lin.scope, block=lin.block,
+                          after=after)
+    out = lin.output
+    users = list(out.uses)
+    total = m.create_node("add", [out, delta.output], {}, scope=lin.scope, block=lin.block, after=delta)
+    for node, i in users:
+        node.set_input(i, total.output)
+    m.outputs = [total.output if o is out else o for o in m.outputs]
+    return r
+
+
+# --------------------------------------------------------------------------- fitting the coefficients
+def _stages(sub: Module, linears: Iterable[str]) -> dict[str, int]:
+    """Stage of each named linear output inside a block: how many coefficient-carrying linears lie on the
+    longest path from the block input to it (those of one stage can be fitted together)."""
+    wanted = set(linears)
+    level: dict[int, int] = {}
+    stage: dict[str, int] = {}
+    for n in sub.nodes:
+        lv = max((level.get(id(v), 0) for v in n.inputs), default=0)
+        if n.op == "linear" and n.outputs[0].name in wanted:
+            stage[n.outputs[0].name] = lv
+            lv += 1
+        for v in n.outputs:
+            level[id(v)] = lv
+    return stage
+
+
+def fit_coefficients(stack: Stack, teacher: Module, acts: ActivationsResult, coefs: Sequence[Coefficient],
+                     ctx: PassContext, *, batches: int | None = None) -> dict[str, float]:
+    """Fit every coefficient in closed form, blocks in order, stages in order within a block.
+
+    The student (the rewritten module) runs on its own residual stream, starting from the
+    original stream at the first changed block; the target of each tied linear is the original
+    linear's output on the original stream.  Fitted tensors replace the placeholders (new tensor
+    objects).  Returns ``{"error_before", "error_after"}``: the relative error of the last changed
+    block's output before and after fitting.
+    """
+    m = stack.module
+    t_layout = block_layout(teacher)
+    by_block: dict[int, list[Coefficient]] = {}
+    for c in coefs:
+        by_block.setdefault(c.block, []).append(c)
+    if not by_block:
+        return {}
+    lo, hi = min(by_block), max(by_block)
+    layout = block_layout(m)
+    student_h = list(acts.inputs[lo][:batches])
+    plain_h = list(student_h)  # the same stream without coefficients, for the before/after numbers
+    done = 0
+    total = hi - lo + 1
+    for b in range(lo, hi + 1):
+        info = layout.by_index(b)
+        sub = block_module(m, info)
+        here = by_block.get(b, [])
+        if here:
+            t_info = t_layout.by_index(b)
+            t_sub = block_module(teacher, t_info)
+            targets: dict[str, list[torch.Tensor]] = {c.target: [] for c in here}
+            t_names = set(targets)
+
+            def t_obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+                for v, t in zip(node.outputs, outs, strict=True):
+                    if v.name in t_names:
+                        targets[v.name].append(t)
+
+            run_block(t_sub, acts.feeds(t_info, acts.inputs[b][:batches]), observer=t_obs)
+            stages = _stages(sub, [c.a.name for c in here])
+            fitted: dict[str, torch.Tensor] = {}
+            for s in sorted(set(stages.values())):
+                todo = [c for c in here if stages[c.a.name] == s]
+                fits = {c.a.name: ChannelFit(int(c.a.type.shape[-1]), intercept=c.shift is not None) for c in todo}
+                k_box = [0]
+
+                def s_obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor],
+                          fits: dict[str, ChannelFit] = fits, k_box: list[int] = k_box) -> None:
+                    for v, t in zip(node.outputs, outs, strict=True):
+                        f = fits.get(v.name)
+                        if f is not None:
+                            f.update(t, targets[_target_of(here, v.name)][k_box[0]])
+
+                for k, feed in enumerate(acts.feeds(info, student_h)):
+                    k_box[0] = k
+                    run_block(sub, [feed], params=fitted, observer=s_obs)
+                for c in todo:
+                    scale, shift = fits[c.a.name].solve()
+                    fitted[c.scale] = scale
+                    if c.shift is not None:
+                        assert shift is not None
+                        fitted[c.shift] = shift
+            for name, t in fitted.items():
+                m.params[name] = t  # a new tensor object: nothing is written in place
+        plain_h = run_block(sub, acts.feeds(info, plain_h))  # ``sub`` still holds the placeholders
+        student_h = run_block(block_module(m, info), acts.feeds(info, student_h))
+        done += 1
+        ctx.report_progress("fitting coefficients", done, total)
+    ref = acts.output_of(hi)[:batches]
+    return {"error_before": _rel_error(plain_h, ref), "error_after": _rel_error(student_h, ref)}
+
+
+def _rel_error(outs: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    num = sum(float(((o - r).double() ** 2).sum()) for o, r in zip(outs, ref, strict=True))
+    den = sum(float((r.double() ** 2).sum()) for r in ref)
+    return num / max(den, 1e-30)
+
+
+def _target_of(coefs: Sequence[Coefficient], a_name: str) -> str:
+    for c in coefs:
+        if c.a.name == a_name:
+            return c.target
+    raise KeyError(a_name)
+
+
+# --------------------------------------------------------------------------- accounting
+def param_reads(module: Module, blocks: Iterable[int] | None = None) -> dict[str, int]:
+    """How many ``param`` nodes read each parameter (only nodes in ``blocks`` when given)."""
+    want = None if blocks is None else set(blocks)
+    out: dict[str, int] = {}
+    for n in module.nodes:
+        if n.op == "param" and (want is None or n.block in want):
+            out[n.attrs["name"]] = out.get(n.attrs["name"], 0) + 1
+    return out
+
+
+def unique_counts(module: Module, blocks: Iterable[int]) -> tuple[int, int]:
+    """(unique parameter count read by ``blocks``, parameter count if every block owned its tensors)."""
+    reads: dict[str, set[int]] = {}
+    for n in module.nodes:
+        if n.op == "param" and n.block is not None and n.block in set(blocks):
+            reads.setdefault(n.attrs["name"], set()).add(n.block)
+    unique = sum(int(module.params[k].numel()) for k in reads)
+    total = sum(int(module.params[k].numel()) * len(bs) for k, bs in reads.items())
+    return unique, total
+
+
+def per_member_overhead(stack: Stack, *, coefficients: str, rank: int) -> int:
+    """Parameters each tied member adds: channel coefficients (a scale per output channel, plus a shift
+    where the linear has a bias, which replaces it) and/or a rank-``rank`` LoRA pair per tied linear."""
+    total = 0
+    b0 = stack.blocks[0]
+    for s in stack.tied:
+        if not s.linear_weight:
+            continue
+        n_out, k_in = s.shape[0], s.shape[1]
+        for lin in stack.param_nodes[b0][s.index].output.users:
+            if coefficients == "channel":
+                total += n_out  # the shift replaces the bias, so only the scale is new
+            if rank > 0:
+                total += min(rank, n_out, k_in) * (n_out + k_in)
+            _ = lin
+    return total
+
+
+def report_ties(module: Module, ctx: PassContext, stack: Stack, groups: Sequence[Group], unique_before: int,
+                what: str, extra: Mapping[str, Any] | None = None) -> None:
+    """Notes and metrics every tying pass reports: groups, sources, unique vs total parameters."""
+    unique_after, total_after = unique_counts(module, stack.blocks)
+    all_unique = module.param_count()
+    all_total = sum(int(module.params[k].numel()) * c for k, c in param_reads(module).items())
+    tied = [g for g in groups if len(g.members) > 1]
+    ctx.metrics.update({
+        "groups": [g.members for g in groups],
+        "sources": ["mean" if g.source is None else g.source for g in groups],
+        "group_costs": [g.cost for g in groups],
+        "blocks_unique_params": unique_after,
+        "blocks_total_params": total_after,
+        "blocks_ratio": unique_after / max(unique_before, 1),
+        "unique_params": all_unique,
+        "total_params": all_total,
+        "unique_param_bytes": module.param_bytes(),
+        "total_param_bytes": sum(int(module.params[k].numel()) * module.params[k].element_size() * c
+                                 for k, c in param_reads(module).items()),
+        **dict(extra or {}),
+    })
+    ctx.note(f"{what}: {len(tied)} group(s) tied: " + ", ".join(g.describe() for g in tied)
+             + f"; selected blocks keep {unique_after / max(unique_before, 1):.3f} of their parameters "
+             f"({unique_after:,} unique of {total_after:,} read)")
