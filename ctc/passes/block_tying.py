@@ -32,7 +32,7 @@ from ctc.passes.base import Analysis, PassContext, PassError
 from ctc.passes.weight_sharing import ChannelFit, lora_from_residual
 
 __all__ = ["BlockActivations", "Group", "Slot", "Stack", "TieResult", "apply_ties", "block_module",
-           "fit_coefficients", "param_reads", "substitution_error", "tie_stack", "unique_counts"]
+           "fit_coefficients", "lora_factors", "param_reads", "substitution_error", "tie_stack", "unique_counts"]
 
 FLOAT = ("f32", "f16", "bf16", "f64")
 
@@ -344,16 +344,29 @@ def _group_name(stack: Stack, g: Group, kind: str) -> str:
     return f"{prefix}.{kind}_{lo}_{hi}"
 
 
+def lora_factors(stack: Stack, g: Group, rank: int) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """``(B, A)`` per (member block, tied linear slot) of group ``g``: the truncated SVD of the member's own
+    weight minus the shared one; members that already hold the shared weight get none."""
+    out = {}
+    for b in g.members:
+        for s in stack.tied:
+            w = stack.tensor(b, s)
+            if s.linear_weight and not torch.equal(w, g.tensors[s.index]):
+                out[(b, s.index)] = lora_from_residual(w.to(torch.float32), g.tensors[s.index].to(torch.float32), rank)
+    return out
+
+
 def apply_ties(stack: Stack, groups: Sequence[Group], *, coefficients: str, lora_rank: int = 0,
-               kind: str = "shared", originals: Mapping[tuple[int, int], torch.Tensor] | None = None) -> TieResult:
+               kind: str = "shared",
+               lora: Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> TieResult:
     """Rewrite ``stack.module`` so each group's members read the group's tensors.
 
     ``coefficients``: ``"none"`` (plain tying), ``"channel"`` (per output channel scale after each
     tied linear; plus a per-channel shift where the linear has a bias, which it replaces).
     ``lora_rank > 0`` adds ``lowrank_linear(x, B, A)`` to each tied linear, initialised from the
-    truncated SVD of (original weight - shared weight); members whose residual is zero get none.
-    ``originals[(block, slot)]`` are the weights the residual is taken against (default: current).
-    Groups of one block are left alone.
+    truncated SVD of (original weight - shared weight) (:func:`lora_factors`; pass ``lora`` to reuse
+    factors already computed); members whose residual is zero get none.  Groups of one block are
+    left alone.
     """
     m = stack.module
     res = TieResult()
@@ -363,6 +376,7 @@ def apply_ties(stack: Stack, groups: Sequence[Group], *, coefficients: str, lora
             continue
         base = _group_name(stack, g, kind)
         names: dict[int, str] = {}
+        factors = {} if lora_rank <= 0 else (lora if lora is not None else lora_factors(stack, g, lora_rank))
         for s in stack.tied:
             name = m.fresh_param_name(f"{base}.{s.key}")
             m.add_param(name, g.tensors[s.index])
@@ -371,7 +385,6 @@ def apply_ties(stack: Stack, groups: Sequence[Group], *, coefficients: str, lora
         for b in g.members:
             for s in stack.tied:
                 pn = stack.param_nodes[b][s.index]
-                orig = originals[(b, s.index)] if originals is not None else m.params[pn.attrs["name"]]
                 new = m.param(names[s.index], scope=pn.scope, block=pn.block, before=pn)
                 readers = list(pn.output.users)
                 m.replace_all_uses_with(pn.output, new)
@@ -382,11 +395,8 @@ def apply_ties(stack: Stack, groups: Sequence[Group], *, coefficients: str, lora
                     if coefficients == "channel":
                         res.coefficients.append(_add_coefficients(m, lin, b))
                         res.adapters += [c for c in (res.coefficients[-1].scale, res.coefficients[-1].shift) if c]
-                    if lora_rank > 0:
-                        shared_t = g.tensors[s.index]
-                        if torch.equal(orig, shared_t):
-                            continue
-                        r = _add_lora(m, lin, b, orig, shared_t, lora_rank)
+                    if (b, s.index) in factors:
+                        r = _add_lora(m, lin, *factors[(b, s.index)])
                         res.lora.append((b, lin.scope, r))
     for pn in old_param_nodes:
         if pn.module is m and not pn.output.uses and not m.is_output(pn.output):
@@ -428,9 +438,8 @@ def _add_coefficients(m: Module, lin: Node, block: int) -> Coefficient:
     return Coefficient(block, core, core.output, scale, shift, target)
 
 
-def _add_lora(m: Module, lin: Node, block: int, orig: torch.Tensor, shared: torch.Tensor, rank: int) -> int:
-    """``linear(x, W_shared[, b])`` -> that ``+ lowrank_linear(x, B, A)`` with ``B A`` = truncated SVD of the residual."""
-    b, a = lora_from_residual(orig.to(torch.float32), shared.to(torch.float32), rank)
+def _add_lora(m: Module, lin: Node, b: torch.Tensor, a: torch.Tensor) -> int:
+    """``linear(x, W_shared[, bias])`` -> that ``+ lowrank_linear(x, B, A)``; returns the rank."""
     r = int(b.shape[1])
     scope = lin.scope or "linear"
     after = lin
@@ -466,15 +475,50 @@ def _stages(sub: Module, linears: Iterable[str]) -> dict[str, int]:
     return stage
 
 
+def _observe(sub: Module, feeds: Sequence[Mapping[str, torch.Tensor]], names: Iterable[str], *,
+             params: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
+    """The values ``names`` of a block sub-module on each feed (one list entry per feed)."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        for v, t in zip(node.outputs, outs, strict=True):
+            if v.name in seen:
+                seen[v.name].append(t)
+
+    run_block(sub, feeds, params=params, observer=obs)
+    return seen
+
+
+def _fit_block(sub: Module, feeds: Sequence[Mapping[str, torch.Tensor]], coefs: Sequence[Coefficient],
+               targets: Mapping[str, list[torch.Tensor]], ridge: float) -> dict[str, torch.Tensor]:
+    """Closed-form coefficients of one block, stage by stage (later stages see earlier fits applied)."""
+    stages = _stages(sub, [c.a.name for c in coefs])
+    fitted: dict[str, torch.Tensor] = {}
+    for s in sorted(set(stages.values())):
+        todo = [c for c in coefs if stages[c.a.name] == s]
+        seen = _observe(sub, feeds, [c.a.name for c in todo], params=fitted)
+        for c in todo:
+            fit = ChannelFit(int(c.a.type.shape[-1]), intercept=c.shift is not None)
+            for a, t in zip(seen[c.a.name], targets[c.target], strict=True):
+                fit.update(a, t)
+            scale, shift = fit.solve(ridge)
+            fitted[c.scale] = scale
+            if c.shift is not None:
+                assert shift is not None
+                fitted[c.shift] = shift
+    return fitted
+
+
 def fit_coefficients(stack: Stack, teacher: Module, acts: ActivationsResult, coefs: Sequence[Coefficient],
-                     ctx: PassContext, *, batches: int | None = None) -> dict[str, float]:
+                     ctx: PassContext, *, ridge: float = 0.1, batches: int | None = None) -> dict[str, float]:
     """Fit every coefficient in closed form, blocks in order, stages in order within a block.
 
     The student (the rewritten module) runs on its own residual stream, starting from the
     original stream at the first changed block; the target of each tied linear is the original
     linear's output on the original stream.  Fitted tensors replace the placeholders (new tensor
     objects).  Returns ``{"error_before", "error_after"}``: the relative error of the last changed
-    block's output before and after fitting.
+    block's output on the calibration batches with the placeholders (plain tying) and with the fit.
+    ``ridge`` pulls each coefficient towards 1 (see :meth:`ChannelFit.solve`).
     """
     m = stack.module
     t_layout = block_layout(teacher)
@@ -486,54 +530,20 @@ def fit_coefficients(stack: Stack, teacher: Module, acts: ActivationsResult, coe
     lo, hi = min(by_block), max(by_block)
     layout = block_layout(m)
     student_h = list(acts.inputs[lo][:batches])
-    plain_h = list(student_h)  # the same stream without coefficients, for the before/after numbers
-    done = 0
-    total = hi - lo + 1
-    for b in range(lo, hi + 1):
+    plain_h = list(student_h)  # the same stream with the placeholders (plain tying), for the report
+    for done, b in enumerate(range(lo, hi + 1)):
         info = layout.by_index(b)
         sub = block_module(m, info)
         here = by_block.get(b, [])
         if here:
             t_info = t_layout.by_index(b)
-            t_sub = block_module(teacher, t_info)
-            targets: dict[str, list[torch.Tensor]] = {c.target: [] for c in here}
-            t_names = set(targets)
-
-            def t_obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-                for v, t in zip(node.outputs, outs, strict=True):
-                    if v.name in t_names:
-                        targets[v.name].append(t)
-
-            run_block(t_sub, acts.feeds(t_info, acts.inputs[b][:batches]), observer=t_obs)
-            stages = _stages(sub, [c.a.name for c in here])
-            fitted: dict[str, torch.Tensor] = {}
-            for s in sorted(set(stages.values())):
-                todo = [c for c in here if stages[c.a.name] == s]
-                fits = {c.a.name: ChannelFit(int(c.a.type.shape[-1]), intercept=c.shift is not None) for c in todo}
-                k_box = [0]
-
-                def s_obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor],
-                          fits: dict[str, ChannelFit] = fits, k_box: list[int] = k_box) -> None:
-                    for v, t in zip(node.outputs, outs, strict=True):
-                        f = fits.get(v.name)
-                        if f is not None:
-                            f.update(t, targets[_target_of(here, v.name)][k_box[0]])
-
-                for k, feed in enumerate(acts.feeds(info, student_h)):
-                    k_box[0] = k
-                    run_block(sub, [feed], params=fitted, observer=s_obs)
-                for c in todo:
-                    scale, shift = fits[c.a.name].solve()
-                    fitted[c.scale] = scale
-                    if c.shift is not None:
-                        assert shift is not None
-                        fitted[c.shift] = shift
-            for name, t in fitted.items():
+            targets = _observe(block_module(teacher, t_info), acts.feeds(t_info, acts.inputs[b][:batches]),
+                               [c.target for c in here])
+            for name, t in _fit_block(sub, acts.feeds(info, student_h), here, targets, ridge).items():
                 m.params[name] = t  # a new tensor object: nothing is written in place
         plain_h = run_block(sub, acts.feeds(info, plain_h))  # ``sub`` still holds the placeholders
         student_h = run_block(block_module(m, info), acts.feeds(info, student_h))
-        done += 1
-        ctx.report_progress("fitting coefficients", done, total)
+        ctx.report_progress("fitting coefficients", done + 1, hi - lo + 1)
     ref = acts.output_of(hi)[:batches]
     return {"error_before": _rel_error(plain_h, ref), "error_after": _rel_error(student_h, ref)}
 
@@ -542,13 +552,6 @@ def _rel_error(outs: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> flo
     num = sum(float(((o - r).double() ** 2).sum()) for o, r in zip(outs, ref, strict=True))
     den = sum(float((r.double() ** 2).sum()) for r in ref)
     return num / max(den, 1e-30)
-
-
-def _target_of(coefs: Sequence[Coefficient], a_name: str) -> str:
-    for c in coefs:
-        if c.a.name == a_name:
-            return c.target
-    raise KeyError(a_name)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -582,12 +585,11 @@ def per_member_overhead(stack: Stack, *, coefficients: str, rank: int) -> int:
         if not s.linear_weight:
             continue
         n_out, k_in = s.shape[0], s.shape[1]
-        for lin in stack.param_nodes[b0][s.index].output.users:
-            if coefficients == "channel":
-                total += n_out  # the shift replaces the bias, so only the scale is new
-            if rank > 0:
-                total += min(rank, n_out, k_in) * (n_out + k_in)
-            _ = lin
+        readers = len(stack.param_nodes[b0][s.index].output.users)
+        if coefficients == "channel":
+            total += readers * n_out  # the shift replaces the bias, so only the scale is new
+        if rank > 0:
+            total += readers * min(rank, n_out, k_in) * (n_out + k_in)
     return total
 
 

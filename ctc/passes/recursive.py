@@ -37,6 +37,7 @@ from ctc.passes.block_tying import (
     Stack,
     apply_ties,
     block_module,
+    lora_factors,
     per_member_overhead,
     report_ties,
     substitution_error,
@@ -44,7 +45,7 @@ from ctc.passes.block_tying import (
     unique_counts,
 )
 from ctc.passes.healing import HealOptions, heal_after_tying
-from ctc.passes.weight_sharing import average, lora_from_residual, stepwise_sources
+from ctc.passes.weight_sharing import average, stepwise_sources
 
 __all__ = ["RecursiveOptions", "RecursivePass"]
 
@@ -88,11 +89,15 @@ class RecursivePass(Pass):
                             f"{stack.blocks}); lower loops or select more blocks")
         groups = [self._group(stack, t, s, init) for t, s in zip(tiles, self._sources(stack, tiles, init),
                                                                   strict=True)]
+        factors = {}
+        if o.rank > 0:
+            for g in groups:
+                factors.update(lora_factors(stack, g, o.rank))
         if o.ratio is not None:
-            groups = self._cheapest(stack, groups, o, ctx)
+            groups = self._cheapest(stack, groups, o, ctx, factors)
         teacher = module.clone()
         unique0, _ = unique_counts(module, stack.blocks)
-        res = apply_ties(stack, groups, coefficients="none", lora_rank=o.rank, kind="loop")
+        res = apply_ties(stack, groups, coefficients="none", lora_rank=o.rank, kind="loop", lora=factors)
         if left:
             ctx.note(f"recursive: blocks {left} do not fill a tile of {o.loops} and keep their weights")
         lora = f"LoRA rank {o.rank} on {len(res.lora)} linear(s)" if o.rank else "no LoRA"
@@ -132,7 +137,8 @@ class RecursivePass(Pass):
             tensors = {s.index: stack.tensor(source, s) for s in stack.tied}
         return Group(list(tile), source, tensors)
 
-    def _cheapest(self, stack: Stack, groups: list[Group], o: RecursiveOptions, ctx: PassContext) -> list[Group]:
+    def _cheapest(self, stack: Stack, groups: list[Group], o: RecursiveOptions, ctx: PassContext,
+                  factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> list[Group]:
         """Tie only the fewest tiles that meet ``ratio``, the cheapest on calibration data."""
         n = len(stack.blocks)
         matrix = sum(s.numel for s in stack.tied)
@@ -160,8 +166,8 @@ class RecursivePass(Pass):
                 dense = {}
                 for s in stack.tied:
                     w = g.tensors[s.index]
-                    if o.rank > 0 and s.linear_weight and not torch.equal(stack.tensor(b, s), w):
-                        u, v = lora_from_residual(stack.tensor(b, s).float(), w.float(), o.rank)
+                    if (b, s.index) in factors:  # score the relaxed weight (shared + B A) as one dense matrix
+                        u, v = factors[(b, s.index)]
                         w = w + (u @ v).to(w.dtype)
                     dense[s.index] = w
                 c += substitution_error(stack, acts, b, dense, batches=nb, sub=block_module(stack.module,

@@ -31,12 +31,14 @@ reads its own weights gets coefficients of exactly one (and its own bias as the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ctc.ir.graph import Module
-from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.base import Analysis, Pass, PassContext, PassError, option, register_pass
 from ctc.passes.block_tying import (
+    ActivationsResult,
     BlockActivations,
     Group,
     Stack,
@@ -70,6 +72,8 @@ class ShareBlocksOptions(HealOptions):
     coefficients: str = option("channel", "per-block coefficients: one scale per output channel of each tied "
                                           "linear (plus a shift where it has a bias), or none (plain tying)",
                                choices=("channel", "none"))
+    ridge: float = option(0.1, "ridge pull of the fitted coefficients towards 1, in units of the mean channel "
+                               "variance (0 = plain least squares; larger = closer to plain tying)", min=0.0)
     share_vectors: bool = option(False, "also tie vectors (norm weights, biases); by default they stay per block")
     score_batches: int = option(4, "calibration batches used to score block similarity", min=1)
 
@@ -106,7 +110,7 @@ class ShareBlocksPass(Pass):
         stack = tie_stack(module, ctx, share_vectors=o.share_vectors, what="share-blocks")
         acts = ctx.get(BlockActivations(), module)
         nb = min(o.score_batches, len(acts.last_output))
-        cost = _CostTable(stack, acts, nb)
+        cost = _CostTable(stack, ctx, acts, nb)
         groups = self._explicit(stack, o) if o.groups else self._chosen(stack, o, cost, ctx)
         for g in groups:
             self._choose_source(g, stack, o, cost)
@@ -115,7 +119,7 @@ class ShareBlocksPass(Pass):
         res = apply_ties(stack, groups, coefficients=o.coefficients, kind="shared")
         fit: dict[str, float] = {}
         if res.coefficients:
-            fit = fit_coefficients(stack, teacher, acts, res.coefficients, ctx)
+            fit = fit_coefficients(stack, teacher, acts, res.coefficients, ctx, ridge=o.ridge)
         report_ties(module, ctx, stack, groups, unique0, "share-blocks",
                     extra={"coefficients": o.coefficients, "coefficient_fit": fit})
         if fit:
@@ -204,7 +208,7 @@ class ShareBlocksPass(Pass):
         rep_cost, rep = cost.group(g.members)
         if o.shared in ("mean", "auto"):
             mean = {s.index: average([stack.tensor(b, s) for b in g.members]) for s in stack.tied}
-            mean_cost = sum(cost.error(b, None, mean) for b in g.members)
+            mean_cost = sum(cost.mean_error(b, g.members, mean) for b in g.members)
             if o.shared == "mean" or mean_cost < rep_cost:
                 g.source, g.tensors, g.cost = None, mean, mean_cost
                 return
@@ -212,14 +216,32 @@ class ShareBlocksPass(Pass):
         g.tensors = {s.index: stack.tensor(rep, s) for s in stack.tied}
 
 
-class _CostTable:
-    """Substitution errors ``e(i, r)`` (block ``i`` reading block ``r``'s matrices), computed on demand."""
+class SubstitutionCosts(Analysis):
+    """A memo of substitution errors for one stack and scoring size, filled on demand by ``share-blocks``.
 
-    def __init__(self, stack: Stack, acts: object, batches: int):
+    Cached like any analysis (config: the blocks, the tied slots and the scoring batches), so
+    trial runs on clones of one module (benchmarks, ratio sweeps) re-run no block twice.
+    """
+
+    name = "substitution-costs"
+    needs_calibration = True
+
+    def __init__(self, blocks: tuple[int, ...], tied: tuple[int, ...], batches: int):
+        super().__init__(blocks=blocks, tied=tied, batches=batches)
+
+    def compute(self, module: Module, ctx: PassContext) -> dict[tuple[Any, ...], float]:
+        return {}
+
+
+class _CostTable:
+    """Substitution errors ``e(i, r)`` (block ``i`` reading block ``r``'s matrices, or a group's mean)."""
+
+    def __init__(self, stack: Stack, ctx: PassContext, acts: ActivationsResult, batches: int):
         self.stack = stack
         self.acts = acts
         self.batches = batches
-        self._e: dict[tuple[int, int], float] = {}
+        key = SubstitutionCosts(tuple(stack.blocks), tuple(s.index for s in stack.tied), batches)
+        self._e: dict[tuple[Any, ...], float] = ctx.get(key, stack.module)
         self._subs: dict[int, Module] = {}
 
     def sub(self, b: int) -> Module:
@@ -227,22 +249,24 @@ class _CostTable:
             self._subs[b] = block_module(self.stack.module, self.stack.info(b))
         return self._subs[b]
 
-    def error(self, i: int, r: int | None, tensors: dict[int, torch.Tensor] | None = None) -> float:
-        if r is not None and r == i:
+    def _run(self, i: int, tensors: dict[int, torch.Tensor]) -> float:
+        return substitution_error(self.stack, self.acts, i, tensors, batches=self.batches, sub=self.sub(i))
+
+    def error(self, i: int, r: int) -> float:
+        """Block ``i`` with block ``r``'s tied tensors."""
+        if r == i:
             return 0.0
-        if r is not None and (i, r) in self._e:
-            return self._e[(i, r)]
-        if tensors is None:
-            assert r is not None
-            tensors = {s.index: self.stack.tensor(r, s) for s in self.stack.tied}
-        e = substitution_error(self.stack, self.acts, i, tensors, batches=self.batches,  # type: ignore[arg-type]
-                               sub=self.sub(i))
-        if r is not None:
-            self._e[(i, r)] = e
-        return e
+        if (i, r) not in self._e:
+            self._e[(i, r)] = self._run(i, {s.index: self.stack.tensor(r, s) for s in self.stack.tied})
+        return self._e[(i, r)]
+
+    def mean_error(self, i: int, members: list[int], tensors: dict[int, torch.Tensor]) -> float:
+        """Block ``i`` with the mean of ``members``' tied tensors (given)."""
+        k = ("mean", i, tuple(members))
+        if k not in self._e:
+            self._e[k] = self._run(i, tensors)
+        return self._e[k]
 
     def group(self, members: list[int]) -> tuple[float, int]:
         """(cost, representative): the member whose weights cost the group least."""
-        best = min(((sum(self.error(i, r) for i in members), r) for r in members), key=lambda t: t[0])
-        return best
-
+        return min(((sum(self.error(i, r) for i in members), r) for r in members), key=lambda t: t[0])

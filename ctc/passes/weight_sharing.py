@@ -60,11 +60,12 @@ class ChannelFit:
         self.s_aa += (a * a).sum(0)
         self.s_at += (a * t).sum(0)
 
-    def solve(self, damping: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def solve(self, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(c, beta)`` in float32 (``beta`` None without an intercept).
 
-        ``damping`` is a ridge pull of ``c`` towards 1, relative to each channel's energy: it
-        only matters for channels that (almost) never fire on the calibration data.
+        ``damping`` is a ridge pull of ``c`` towards 1 of strength ``damping`` times the mean
+        channel variance: channels whose shared output barely varies (where ``cov / var`` is
+        noise divided by almost nothing) stay near 1 instead of taking extreme values.
         """
         if self.rows == 0:
             raise ValueError("ChannelFit.solve: no rows were observed")
@@ -74,7 +75,7 @@ class ChannelFit:
             cov = self.s_at - self.s_a * self.s_t / n
         else:
             var, cov = self.s_aa, self.s_at
-        lam = damping * (var.abs().mean() + 1e-30)
+        lam = damping * var.abs().mean() + 1e-30
         c = (cov + lam) / (var + lam)
         dead = var <= 1e-12 * (var.abs().max() + 1e-30)
         c = torch.where(dead, torch.ones_like(c), c)
@@ -87,9 +88,9 @@ def lora_from_residual(original: torch.Tensor, shared: torch.Tensor, rank: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B [N, r], A [r, K])`` with ``B A`` the best rank-``r`` approximation of ``original - shared``.
 
-    Truncated SVD in float64 (RRT's layer-wise LoRA initialisation: ``B = U_r Sigma_r``,
-    ``A = V_r^T``); ``rank`` is clipped to ``min(N, K)``, where the pair reproduces the
-    residual up to float32 rounding.
+    Truncated SVD (RRT's layer-wise LoRA initialisation: ``B = U_r Sigma_r``, ``A = V_r^T``),
+    computed in the weights' precision but at least float32; ``rank`` is clipped to ``min(N, K)``,
+    where the pair reproduces the residual up to that precision's rounding.
     """
     if original.shape != shared.shape or original.dim() != 2:
         raise ValueError(f"lora_from_residual: weights must be equal-shaped matrices, got {tuple(original.shape)} "
@@ -97,7 +98,8 @@ def lora_from_residual(original: torch.Tensor, shared: torch.Tensor, rank: int
     if rank < 1:
         raise ValueError(f"lora_from_residual: rank must be >= 1, got {rank}")
     r = min(rank, *original.shape)
-    res = original.to(torch.float64) - shared.to(torch.float64)
+    work = torch.promote_types(original.dtype, torch.float32)
+    res = original.to(work) - shared.to(work)
     u, s, vh = torch.linalg.svd(res, full_matrices=False)
     b = (u[:, :r] * s[:r]).to(original.dtype).contiguous()
     a = vh[:r].to(original.dtype).contiguous()

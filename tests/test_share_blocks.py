@@ -1,0 +1,150 @@
+"""``share-blocks`` (FoldGPT group sharing): identity properties, groups, ratio, coefficients, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_transformers import outlier_inputs, tiny_transformer
+
+from ctc.ir.graph import Module
+from ctc.ir.interpreter import interpret
+from ctc.ir.text import print_module
+from ctc.passes.base import PassContext, PassError, Selector, get_pass
+from ctc.passes.block_tying import param_reads
+from ctc.passes.manager import PassManager, PipelineError
+
+
+def tiny(kind: str = "llama", layers: int = 4, seed: int = 0, **kw: int) -> Module:
+    m = tiny_transformer(kind, layers=layers, seq=8, seed=seed, **kw)
+    m.meta["block_prefix"] = "layers"
+    return m
+
+
+def with_identical_blocks(m: Module, src: int, dsts: list[int]) -> Module:
+    """A copy of ``m`` whose blocks ``dsts`` hold block ``src``'s matrices (same values, own tensors)."""
+    m = m.clone()
+    for k in list(m.params):
+        parts = k.split(".")
+        if parts[0] == "layers" and int(parts[1]) in dsts and m.params[k].dim() >= 2:
+            m.params[k] = m.params[".".join(["layers", str(src), *parts[2:]])].clone()
+    return m
+
+
+def run(m: Module, opts: dict, calib: list[dict[str, torch.Tensor]], selector: Selector | None = None
+        ) -> tuple[Module, PassContext]:
+    ctx = PassContext(calibration=calib, selector=selector or Selector())
+    out = get_pass("share-blocks")(opts).run(m.clone(), ctx)
+    return out, ctx
+
+
+def test_singleton_groups_are_the_identity() -> None:
+    m = tiny()
+    out, ctx = run(m, {"groups": [[0], [1], [2], [3]]}, outlier_inputs(m, 2))
+    assert print_module(out) == print_module(m)
+    assert ctx.metrics["blocks_ratio"] == 1.0
+
+
+@settings(max_examples=6, deadline=None)
+@given(kind=st.sampled_from(["llama", "bert"]), seed=st.integers(0, 1000), lo=st.integers(0, 2),
+       size=st.integers(2, 3), coefficients=st.sampled_from(["channel", "none"]))
+def test_sharing_identical_blocks_changes_nothing(kind: str, seed: int, lo: int, size: int, coefficients: str) -> None:
+    """Blocks that already hold the same weights share them exactly: outputs equal, coefficients fit to one."""
+    hi = min(lo + size, 4)
+    base = with_identical_blocks(tiny(kind, seed=seed), lo, list(range(lo + 1, hi)))
+    calib = outlier_inputs(base, 3, seed=seed)
+    out, ctx = run(base, {"groups": [list(range(lo, hi))], "coefficients": coefficients}, calib)
+    for b in calib:
+        assert torch.allclose(interpret(out, b)[0], interpret(base, b)[0], atol=1e-4, rtol=1e-4)
+    coefs = [k for k in out.params if k.endswith(".coef")]
+    assert len(coefs) == (7 if kind == "llama" else 6) * (hi - lo) * (coefficients == "channel")
+    for k in coefs:
+        assert torch.allclose(out.params[k], torch.ones_like(out.params[k]), atol=1e-3)
+
+
+def test_shared_tensors_are_stored_once_and_read_by_every_member() -> None:
+    m = tiny()
+    out, ctx = run(m, {"groups": [[0, 1, 2]], "shared": "mean"}, outlier_inputs(m, 3))
+    shared = [k for k in out.params if ".shared_0_2." in k]
+    assert len(shared) == 7  # q, k, v, o, gate, up, down: one tensor each
+    reads = param_reads(out)
+    for k in shared:
+        assert reads[k] == 3
+        assert {n.block for n in out.nodes if n.op == "param" and n.attrs["name"] == k} == {0, 1, 2}
+    # the members' own matrices are gone; their norms stay
+    assert not any(k.startswith("layers.1.") and out.params[k].dim() >= 2 for k in out.params)
+    assert "layers.1.ln1.weight" in out.params
+    assert ctx.metrics["unique_params"] == out.param_count() < ctx.metrics["total_params"]
+
+
+def test_ratio_is_met_and_groups_are_contiguous() -> None:
+    m = tiny(layers=6, d=64, ff=128)
+    calib = outlier_inputs(m, 3)
+    for ratio in (0.85, 0.6, 0.45):
+        out, ctx = run(m, {"ratio": ratio, "max_group": 3}, calib)
+        assert ctx.metrics["blocks_ratio"] <= ratio
+        groups = ctx.metrics["groups"]
+        assert [b for g in groups for b in g] == list(range(6))
+        assert all(g == list(range(g[0], g[-1] + 1)) and len(g) <= 3 for g in groups)
+
+
+def test_coefficients_beat_plain_tying_on_calibration_data() -> None:
+    m = tiny(layers=4, d=64, ff=128, seed=3)
+    calib = outlier_inputs(m, 4)
+    _, ctx = run(m, {"groups": [[0, 1], [2, 3]]}, calib)
+    fit = ctx.metrics["coefficient_fit"]
+    assert fit["error_after"] < fit["error_before"]
+
+
+def test_mean_or_representative_is_chosen_by_calibration_cost() -> None:
+    m = with_identical_blocks(tiny(seed=5), 1, [2])  # 1 and 2 identical: block 1 (or 2) is a perfect source for both
+    calib = outlier_inputs(m, 3)
+    _, ctx = run(m, {"groups": [[1, 2]], "shared": "auto"}, calib)
+    assert ctx.metrics["sources"] in ([1], [2])  # the mean equals them but is not cheaper: a block is kept
+    _, ctx = run(m, {"groups": [[1, 2]], "shared": "mean"}, calib)
+    assert ctx.metrics["sources"] == ["mean"]
+
+
+def test_scope_selector_ties_only_selected_weights() -> None:
+    m = tiny()
+    out, _ = run(m, {"groups": [[0, 1]]}, outlier_inputs(m, 2), Selector(scopes=("*.mlp.*",)))
+    assert "layers.1.attn.q.weight" in out.params and "layers.1.mlp.up.weight" not in out.params
+
+
+def test_healing_reports_a_loss_curve_and_does_not_hurt_calibration_loss() -> None:
+    m = tiny(layers=4, d=64, ff=128, seed=2)
+    calib = outlier_inputs(m, 3)
+    _, ctx = run(m, {"groups": [[0, 1, 2, 3]], "heal_steps": 12, "heal_lr": 3e-3}, calib)
+    h = ctx.metrics["healing"]
+    assert h["steps"] == 12 and len(h["loss_curve"]) == 12
+    assert h["loss_after"] <= h["loss_before"]
+
+
+def test_bad_groups_are_option_errors() -> None:
+    with pytest.raises(PassError, match="consecutive"):
+        get_pass("share-blocks")({"groups": [[0, 2]]})
+    with pytest.raises(PassError, match="overlaps"):
+        get_pass("share-blocks")({"groups": [[0, 1], [1, 2]]})
+    with pytest.raises(PassError, match="ratio"):
+        get_pass("share-blocks")({"ratio": 1.5})
+
+
+def test_unreachable_ratio_and_unknown_blocks_fail_clearly() -> None:
+    m = tiny(layers=2)
+    calib = outlier_inputs(m, 2)
+    pm = PassManager([get_pass("share-blocks")({"ratio": 0.05})], calibration=calib)
+    with pytest.raises(PipelineError, match="cannot be reached"):
+        pm.run(m)
+    with pytest.raises(PassError, match="not among the selected blocks"):
+        run(m, {"groups": [[4, 5]]}, calib)
+    with pytest.raises(PassError, match="at least two"):
+        run(m, {"ratio": 0.5}, calib, Selector(blocks=((0, 1),)))
+
+
+def test_needs_block_structure() -> None:
+    m = tiny()
+    for n in m.nodes:
+        n.block = None
+    with pytest.raises(PassError, match="no repeated blocks"):
+        run(m, {"ratio": 0.5}, outlier_inputs(m, 2))
