@@ -28,6 +28,7 @@ import torch
 from ctc.ir.blocks import BlockInfo, BlockLayout, BlockLayoutError, block_layout
 from ctc.ir.graph import Module, Node, Value
 from ctc.ir.interpreter import bind_inputs, interpret
+from ctc.ir.rewrite import Rewriter
 from ctc.passes.base import Analysis, PassContext, PassError
 from ctc.passes.weight_sharing import ChannelFit, lora_from_residual
 
@@ -142,11 +143,11 @@ def tie_stack(module: Module, ctx: PassContext, *, share_vectors: bool, what: st
     slots: list[Slot] = []
     for i, pn in enumerate(param_nodes[first]):
         t = module.params[pn.attrs["name"]]
-        readers = [(u, j) for b in blocks for u, j in param_nodes[b][i].output.uses]
+        readers = [(u, u.operand_name(j)) for b in blocks for u, j in param_nodes[b][i].output.uses]
         inside = all(u.block == param_nodes[b][i].block for b in blocks for u in param_nodes[b][i].output.users)
         outputs = any(module.is_output(param_nodes[b][i].output) for b in blocks)
         dtype = pn.output.type.dtype
-        lin = bool(readers) and all(u.op == "linear" and j == 1 for u, j in readers)
+        lin = bool(readers) and all(u.op == "linear" and j == "weight" for u, j in readers)
         tie = (dtype in FLOAT and (t.dim() >= 2 or share_vectors) and inside and not outputs
                and (not selective or all(ctx.selected(param_nodes[b][i]) for b in blocks)))
         slots.append(Slot(i, _block_key(pn.attrs["name"], prefix, first, i), tuple(int(d) for d in t.shape), dtype,
@@ -356,52 +357,45 @@ def lora_factors(stack: Stack, g: Group, rank: int) -> dict[tuple[int, int], tup
     return out
 
 
-def apply_ties(stack: Stack, groups: Sequence[Group], *, coefficients: str, lora_rank: int = 0,
+def apply_ties(stack: Stack, groups: Sequence[Group], rw: Rewriter, *, coefficients: str, lora_rank: int = 0,
                kind: str = "shared",
                lora: Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> TieResult:
-    """Rewrite ``stack.module`` so each group's members read the group's tensors.
+    """Rewrite ``stack.module`` through ``rw`` so each group's members read the group's tensors.
 
-    ``coefficients``: ``"none"`` (plain tying), ``"channel"`` (per output channel scale after each
-    tied linear; plus a per-channel shift where the linear has a bias, which it replaces).
+    The plan (groups, shared tensors, LoRA factors) is made on the unmodified module; this applies
+    it.  ``coefficients``: ``"none"`` (plain tying), ``"channel"`` (per output channel scale after
+    each tied linear; plus a per-channel shift where the linear has a bias, which it replaces).
     ``lora_rank > 0`` adds ``lowrank_linear(x, B, A)`` to each tied linear, initialised from the
     truncated SVD of (original weight - shared weight) (:func:`lora_factors`; pass ``lora`` to reuse
     factors already computed); members whose residual is zero get none.  Groups of one block are
-    left alone.
+    left alone.  The members' own matrices, now unread, go at the rewriter's cleanup (run here).
     """
-    m = stack.module
     res = TieResult()
-    old_param_nodes: list[Node] = []
     for g in groups:
         if len(g.members) < 2:
             continue
         base = _group_name(stack, g, kind)
-        names: dict[int, str] = {}
-        factors = {} if lora_rank <= 0 else (lora if lora is not None else lora_factors(stack, g, lora_rank))
+        names = {s.index: rw.add_param(f"{base}.{s.key}", g.tensors[s.index]) for s in stack.tied}
         for s in stack.tied:
-            name = m.fresh_param_name(f"{base}.{s.key}")
-            m.add_param(name, g.tensors[s.index])
-            names[s.index] = name
-            res.shared[name] = list(g.members)
+            res.shared[names[s.index]] = list(g.members)
+        factors = {} if lora_rank <= 0 else (lora if lora is not None else lora_factors(stack, g, lora_rank))
         for b in g.members:
             for s in stack.tied:
                 pn = stack.param_nodes[b][s.index]
-                new = m.param(names[s.index], scope=pn.scope, block=pn.block, before=pn)
                 readers = list(pn.output.users)
-                m.replace_all_uses_with(pn.output, new)
-                old_param_nodes.append(pn)
+                new = rw.read_param(names[s.index], before=pn, scope=pn.scope, block=pn.block)
+                rw.replace(pn, new)
                 if not s.linear_weight:
                     continue
                 for lin in readers:
-                    if coefficients == "channel":
-                        res.coefficients.append(_add_coefficients(m, lin, b))
-                        res.adapters += [c for c in (res.coefficients[-1].scale, res.coefficients[-1].shift) if c]
+                    coef = _relax_linear(rw, lin, b, coefficients == "channel", factors.get((b, s.index)))
+                    if coef is not None:
+                        res.coefficients.append(coef)
+                        res.adapters += [c for c in (coef.scale, coef.shift) if c]
                     if (b, s.index) in factors:
-                        r = _add_lora(m, lin, *factors[(b, s.index)])
-                        res.lora.append((b, lin.scope, r))
-    for pn in old_param_nodes:
-        if pn.module is m and not pn.output.uses and not m.is_output(pn.output):
-            m.erase(pn)
-    m.prune_params()
+                        res.lora.append((b, lin.scope, int(factors[(b, s.index)][0].shape[1])))
+    rw.cleanup()
+    m = stack.module
     # Adapters healing may train: coefficients, LoRA factors, and the members' own vectors (norms, biases).
     lora_names = [n.attrs["name"] for n in m.nodes if n.op == "param" and n.block is not None
                   and n.attrs["name"].endswith((".lora_u", ".lora_v"))]
@@ -411,51 +405,42 @@ def apply_ties(stack: Stack, groups: Sequence[Group], *, coefficients: str, lora
     return res
 
 
-def _add_coefficients(m: Module, lin: Node, block: int) -> Coefficient:
-    """``linear(x, W[, b])`` -> ``linear(x, W) * c [+ beta]`` (c = 1, beta = b: unchanged until fitted)."""
-    x, w = lin.inputs[0], lin.inputs[1]
-    bias = lin.inputs[2] if len(lin.inputs) > 2 else None
-    n_out = int(w.type.shape[0])
-    scope = lin.scope or "linear"
-    core = m.create_node("linear", [x, w], {}, scope=lin.scope, block=lin.block, before=lin)
-    scale = m.add_param(m.fresh_param_name(f"{scope}.coef"), torch.ones(n_out, dtype=torch.float32))
-    sv = m.param(scale, scope=lin.scope, block=lin.block, before=lin)
-    y = m.create_node("mul", [core.output, sv], {}, scope=lin.scope, block=lin.block, before=lin).output
-    shift = None
-    if bias is not None:
-        bt = bias.producer.module.params[bias.producer.attrs["name"]] if (
-            bias.producer is not None and bias.producer.op == "param") else None
-        if bt is None:
-            raise PassError(f"{lin.scope}: the bias is computed, not a parameter; coefficients need a parameter bias")
-        shift = m.add_param(m.fresh_param_name(f"{scope}.coef_shift"), bt.detach().clone().to(torch.float32))
-        bv = m.param(shift, scope=lin.scope, block=lin.block, before=lin)
-        y = m.create_node("add", [y, bv], {}, scope=lin.scope, block=lin.block, before=lin).output
-    target = lin.output.name
-    m.replace_all_uses_with(lin.output, y)
-    m.erase(lin)
-    if bias is not None and bias.producer is not None and not bias.uses:
-        m.erase(bias.producer)
-    return Coefficient(block, core, core.output, scale, shift, target)
+def _relax_linear(rw: Rewriter, lin: Node, block: int, coefficients: bool,
+                  lora: tuple[torch.Tensor, torch.Tensor] | None) -> Coefficient | None:
+    """Replace a tied ``linear(x, W_shared[, b])`` by its relaxed form, as separate ops:
 
-
-def _add_lora(m: Module, lin: Node, b: torch.Tensor, a: torch.Tensor) -> int:
-    """``linear(x, W_shared[, bias])`` -> that ``+ lowrank_linear(x, B, A)``; returns the rank."""
-    r = int(b.shape[1])
+    * coefficients: ``linear(x, W_shared) * c [+ beta]`` (c = 1, beta = b until fitted);
+    * LoRA: ``... + lowrank_linear(x, B, A)`` (the delta is never merged into a dense copy).
+    """
+    if not coefficients and lora is None:
+        return None
+    x, w, bias = lin.operand("x"), lin.operand("weight"), lin.operand("bias")
+    assert x is not None and w is not None
     scope = lin.scope or "linear"
-    after = lin
-    u = m.add_param(m.fresh_param_name(f"{scope}.lora_u"), b)
-    v = m.add_param(m.fresh_param_name(f"{scope}.lora_v"), a)
-    uv = m.param(u, scope=lin.scope, block=lin.block, before=after)
-    vv = m.param(v, scope=lin.scope, block=lin.block, before=after)
-    delta = m.create_node("lowrank_linear", [lin.inputs[0], uv, vv], {"rank": r}, scope=lin.scope, block=lin.block,
-                          after=after)
-    out = lin.output
-    users = list(out.uses)
-    total = m.create_node("add", [out, delta.output], {}, scope=lin.scope, block=lin.block, after=delta)
-    for node, i in users:
-        node.set_input(i, total.output)
-    m.outputs = [total.output if o is out else o for o in m.outputs]
-    return r
+    with rw.at(lin):
+        core = rw.create("linear", {"x": x, "weight": w, "bias": None if coefficients else bias})
+        y = core.output
+        coef = None
+        if coefficients:
+            n_out = int(w.type.shape[0])
+            scale = rw.add_param(f"{scope}.coef", torch.ones(n_out, dtype=torch.float32))
+            y = rw.create("mul", {"a": y, "b": rw.read_param(scale)}).output
+            shift = None
+            if bias is not None:
+                bt = rw.param_tensor(bias)
+                if bt is None:
+                    raise PassError(f"{lin.scope}: the bias is computed, not a parameter; coefficients need a "
+                                    "parameter bias")
+                shift = rw.add_param(f"{scope}.coef_shift", bt.detach().clone().to(torch.float32))
+                y = rw.create("add", {"a": y, "b": rw.read_param(shift)}).output
+            coef = Coefficient(block, core, core.output, scale, shift, lin.output.name)
+        if lora is not None:
+            b, a = lora
+            u, v = rw.new_param(f"{scope}.lora_u", b), rw.new_param(f"{scope}.lora_v", a)
+            delta = rw.create("lowrank_linear", {"x": x, "u": u, "v": v}, {"rank": int(b.shape[1])})
+            y = rw.create("add", {"a": y, "b": delta.output}).output
+    rw.replace(lin, y)
+    return coef
 
 
 # --------------------------------------------------------------------------- fitting the coefficients

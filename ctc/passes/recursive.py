@@ -97,7 +97,8 @@ class RecursivePass(Pass):
             groups = self._cheapest(stack, groups, o, ctx, factors)
         teacher = module.clone()
         unique0, _ = unique_counts(module, stack.blocks)
-        res = apply_ties(stack, groups, coefficients="none", lora_rank=o.rank, kind="loop", lora=factors)
+        res = apply_ties(stack, groups, ctx.rewriter(module), coefficients="none", lora_rank=o.rank, kind="loop",
+                         lora=factors)
         if left:
             ctx.note(f"recursive: blocks {left} do not fill a tile of {o.loops} and keep their weights")
         lora = f"LoRA rank {o.rank} on {len(res.lora)} linear(s)" if o.rank else "no LoRA"

@@ -116,7 +116,7 @@ class ShareBlocksPass(Pass):
             self._choose_source(g, stack, o, cost)
         teacher = module.clone()
         unique0, _ = unique_counts(module, stack.blocks)
-        res = apply_ties(stack, groups, coefficients=o.coefficients, kind="shared")
+        res = apply_ties(stack, groups, ctx.rewriter(module), coefficients=o.coefficients, kind="shared")
         fit: dict[str, float] = {}
         if res.coefficients:
             fit = fit_coefficients(stack, teacher, acts, res.coefficients, ctx, ridge=o.ridge)
