@@ -134,6 +134,7 @@ class Ctx:
         self.notes: list[str] = []
         self.int_kernels = 0
         self.memo: dict[Any, Any] = {}  # lowered values shared between rules (keyed by rule and ctc Value)
+        self._transposed: set[str] | None = None
 
     # ------------------------------------------------------------------ values
     def emit(self, expr: Any) -> Any:
@@ -170,6 +171,20 @@ class Ctx:
             self.param_inputs.append((ck, expr, arr))
         self._pcache[ck] = expr
         return expr
+
+    def transposed_params(self) -> set[str]:
+        """Parameters some linear-like product reads in the ``[K, N]`` layout (bound as ``"T"``)."""
+        if self._transposed is None:
+            self._transposed = set()
+            for n in self.module.nodes:
+                x = n.operand("x") if n.op in ("linear", "lowrank_linear") else None
+                if x is None:
+                    continue
+                for w in (n.operands("weight") if n.op == "linear" else n.operands("u") + n.operands("v")):
+                    p = w.producer
+                    if p is not None and p.op == "param" and _reads_transposed(self, x, w):
+                        self._transposed.add(p.attrs["name"])
+        return self._transposed
 
     def const(self, value: float | int | bool, dtype: str) -> Any:
         return self.relax.const(value, DTYPE_MAP.get(dtype, dtype))
@@ -524,7 +539,15 @@ def _index(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 @rule("embedding")
 def _embedding(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.take(a[1], a[0], axis=0, mode="clip")
+    """Rows of the ``[V, D]`` table; a table that a multi-row linear also reads (a tied LM head) is bound
+    once, in the ``[D, V]`` layout that linear needs, and gathered by columns (seq x D reads: cheap)."""
+    op = ctx.relax.op
+    name = ctx.param_name(node.operand("weight"))  # type: ignore[arg-type]
+    if name is not None and name in ctx.transposed_params():
+        ids_rank = node.operand("ids").type.rank  # type: ignore[union-attr]
+        cols = ctx.emit(op.take(ctx.param(name, "T", _transpose), a[0], axis=1, mode="clip"))  # [D, *ids]
+        return op.permute_dims(cols, [*range(1, ids_rank + 1), 0])
+    return op.take(a[1], a[0], axis=0, mode="clip")
 
 
 @rule("arange")
@@ -552,8 +575,13 @@ def _weight_t(ctx: Ctx, v: Value, value: Callable[[], Any]) -> Any:
     ``[N, K]`` array is then never bound), a ``permute_dims`` of ``value()`` otherwise."""
     name = ctx.param_name(v)
     if name is not None:
-        return ctx.param(name, "T", lambda w: w.T)
+        return ctx.param(name, "T", _transpose)
     return ctx.emit(ctx.relax.op.permute_dims(value(), [1, 0]))
+
+
+def _transpose(w: np.ndarray) -> np.ndarray:
+    """The ``"T"`` layout of a ``[N, K]`` weight (one function, so every reader binds the same array)."""
+    return w.T
 
 
 def _bias(ctx: Ctx, y: Any, bias: Any | None) -> Any:
@@ -591,9 +619,14 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callabl
     (:class:`~ctc.backends.tvm.schedules.GemvRule`); a matrix-vector product is bound by memory
     bandwidth, and the ``[K, N]`` layout reads it in strided panels.
     """
-    if _one_row(ctx, x_value) and x_value.type.dtype == w_value.type.dtype == "f32":
+    if not _reads_transposed(ctx, x_value, w_value):
         return ctx.te(_matvec_nk, x, w(), name="matvec")
     return ctx.emit(ctx.relax.op.matmul(x, _weight_t(ctx, w_value, w)))
+
+
+def _reads_transposed(ctx: Ctx, x_value: Value, w_value: Value) -> bool:
+    """Whether :func:`_linear_product` reads the weight in the ``[K, N]`` (``"T"``) layout."""
+    return not (_one_row(ctx, x_value) and x_value.type.dtype == w_value.type.dtype == "f32")
 
 
 @rule("linear")
@@ -993,9 +1026,11 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
             kernel = IK.plan_quant_linear(spec, ctx.target)
             packed = IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
                                         vals["act_scale"], vals["act_zero"])
-            # cache key: every operand parameter and the spec (shared weights with other act scales differ)
+            # cache keys: the packed weight depends on the integer weight and the spec only, so a shared
+            # weight is bound once; scales, corrections and bias depend on every operand (per reader)
             key = "pack_" + "_".join(str(pnames[n]) for n in sorted(pnames) if n != "x") + "_" + spec.tag
-            rel = {nm: ctx.param(pnames["qweight"], f"{key}_{nm}", array=arr)  # type: ignore[arg-type]
+            rel = {nm: ctx.param(pnames["qweight"], f"pack_{spec.tag}_wpack" if nm == "wpack" else f"{key}_{nm}",
+                                 array=arr)  # type: ignore[arg-type]
                    for nm, arr in packed.items()}
             ctx.int_kernels += 1
             return IK.emit_quant_linear_packed(ctx.bb, ops_["x"], rel, kernel)
