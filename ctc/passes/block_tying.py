@@ -283,10 +283,13 @@ def run_block(sub: Module, feeds: Sequence[Mapping[str, torch.Tensor]], *,
 
 def substitution_error(stack: Stack, acts: ActivationsResult, block: int, tensors: Mapping[int, torch.Tensor],
                        *, batches: int | None = None, sub: Module | None = None) -> float:
-    """Relative error of ``block``'s contribution when its tied slots hold ``tensors`` (slot index -> tensor).
+    """Relative error of ``block``'s output when its tied slots hold ``tensors`` (slot index -> tensor).
 
-    ``sum ||f'(h) - f(h)||^2 / sum ||f(h) - h||^2`` over the calibration batches, with ``h`` the
-    block's original input: 0 for its own weights, about 1 when the weights say nothing useful.
+    ``sum ||f'(h) - f(h)||^2 / sum ||f(h)||^2`` over the calibration batches, with ``h`` the block's
+    original input: how far the residual stream moves, relative to its size (0 for its own weights).
+    Relative to the stream, not to the block's own contribution: a block that adds little to the
+    stream is cheap to share even when its weights are replaced badly (measured on SmolLM2: groups
+    chosen this way keep perplexity 71 at ratio 0.8 where contribution-relative costs gave millions).
     """
     info = stack.info(block)
     sub = sub or block_module(stack.module, info)
@@ -294,9 +297,7 @@ def substitution_error(stack: Stack, acts: ActivationsResult, block: int, tensor
     ref = acts.output_of(block)[:batches]
     override = {stack.name(block, s): tensors[s.index] for s in stack.tied if s.index in tensors}
     outs = run_block(sub, acts.feeds(info, hs), params=override)
-    num = sum(float(((o - r).double() ** 2).sum()) for o, r in zip(outs, ref, strict=True))
-    den = sum(float(((r - h).double() ** 2).sum()) for r, h in zip(ref, hs, strict=True))
-    return num / max(den, 1e-30)
+    return _rel_error(outs, ref)
 
 
 # --------------------------------------------------------------------------- the plan and its rewrite
