@@ -262,6 +262,33 @@ def bar_chart_svg(labels: Sequence[str], series: Mapping[str, Sequence[float]], 
     return "".join(parts)
 
 
+def line_chart_svg(xs: Sequence[float], ys: Sequence[float], *, title: str, xlabel: str = "",
+                   width: int = 720, height: int = 200) -> str:
+    """One series as an inline SVG polyline with its range on the axes (e.g. a training loss curve)."""
+    pts = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True) if math.isfinite(float(y))]
+    left, bottom, top, right = 56, 30, 26, 12
+    pw, ph = width - left - right, height - bottom - top
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(title)}">',
+             f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>']
+    if pts:
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        sx = pw / (x1 - x0) if x1 > x0 else 0.0
+        sy = ph / (y1 - y0) if y1 > y0 else 0.0
+        poly = " ".join(f"{left + (x - x0) * sx:.1f},{top + ph - (y - y0) * sy:.1f}" for x, y in pts)
+        parts += [f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
+                  f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#999"/>',
+                  f'<polyline fill="none" stroke="#fc8d62" stroke-width="1.5" points="{poly}"/>',
+                  f'<text x="4" y="{top + 10}" font-size="10">{html.escape(_fmt(y1))}</text>',
+                  f'<text x="4" y="{top + ph}" font-size="10">{html.escape(_fmt(y0))}</text>',
+                  f'<text x="{left}" y="{height - 8}" font-size="10">{html.escape(_fmt(x0))}</text>',
+                  f'<text x="{left + pw}" y="{height - 8}" font-size="10" text-anchor="end">'
+                  f'{html.escape(_fmt(x1))} {html.escape(xlabel)}</text>']
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """A self-contained HTML page for a compile report (no scripts, no external assets)."""
     r = report
@@ -278,7 +305,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             ["source", f"{model.get('kind', '')} {model.get('ref', '')}", ""],
             ["architecture / task", f"{model.get('arch', '')} / {model.get('task', '')}", ""],
             ["parameters", model.get("params_before"), model.get("params_after")],
-            ["parameter bytes", model.get("bytes_before"), model.get("bytes_after")],
+            ["parameter bytes (unique: stored)", model.get("bytes_before"), model.get("bytes_after")],
+            ["parameter bytes (total: once per reader)", model.get("read_bytes_before"), model.get("read_bytes_after")],
             ["nodes", model.get("nodes_before"), model.get("nodes_after")],
         ]))
     checks = r.get("checks", [])
@@ -310,6 +338,15 @@ def render_html(report: Mapping[str, Any]) -> str:
                          html.escape(dtext), fid, p.get("seconds"), notes])
         body.append(_table(["pass", "on", "params before", "params after", "bytes after", "ops changed",
                             "cosine vs original", "time (s)", "notes"], rows, raw=(0, 1, 5, 8)))
+        for i, p in enumerate(passes):
+            heal = (p.get("metrics") or {}).get("healing") or {}
+            curve = [v for v in heal.get("loss_curve") or [] if isinstance(v, (int, float))]
+            if len(curve) >= 2:
+                stride = int(heal.get("curve_stride") or 1)
+                body.append(line_chart_svg([k * stride + 1 for k in range(len(curve))], curve,
+                                           title=f"healing loss, pass {i + 1} ({p.get('name', '')}): "
+                                                 f"{heal.get('steps')} steps in {heal.get('seconds')} s",
+                                           xlabel="step"))
     per_block = r.get("per_block")
     if per_block and per_block.get("blocks"):
         body.append("<h2>Per block</h2>")

@@ -557,6 +557,7 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
         "recipe_text": recipe.source,
         "model": {**loaded.description, "params_before": original.param_count(), "params_after": module.param_count(),
                   "bytes_before": original.param_bytes(), "bytes_after": module.param_bytes(),
+                  "read_bytes_before": original.read_param_bytes(), "read_bytes_after": module.read_param_bytes(),
                   "nodes_before": len(original.nodes), "nodes_after": len(module.nodes),
                   "op_counts_before": original.op_counts(), "op_counts_after": module.op_counts()},
         "protocol": protocol,

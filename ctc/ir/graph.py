@@ -400,7 +400,14 @@ class Module:
         return sum(int(t.numel()) for t in self.params.values())
 
     def param_bytes(self) -> int:
+        """Bytes of the parameters, each stored tensor once (what an artifact holds)."""
         return sum(int(t.numel()) * t.element_size() for t in self.params.values())
+
+    def read_param_bytes(self) -> int:
+        """Parameter bytes counted once per ``param`` node that reads them: what the module would hold
+        if no tensor were shared (equal to :meth:`param_bytes` when nothing is read twice)."""
+        return sum(int(self.params[n.attrs["name"]].numel()) * self.params[n.attrs["name"]].element_size()
+                   for n in self.nodes if n.op == "param" and n.attrs["name"] in self.params)
 
     def blocks(self) -> list[int]:
         return sorted({n.block for n in self.nodes if n.block is not None})
