@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,12 @@ from ctc.eval import data as D  # noqa: E402
 from ctc.eval.fidelity import human_correlation  # noqa: E402
 from ctc.eval.latency import machine_info  # noqa: E402
 from ctc.eval.models import load_bundled  # noqa: E402
+from ctc.eval.perplexity import module_perplexity  # noqa: E402
 from ctc.frontends.hf import capture_hf_model  # noqa: E402
 from ctc.ir.graph import Module  # noqa: E402
 from ctc.ir.interpreter import interpret  # noqa: E402
 from ctc.passes.base import PassContext, get_pass  # noqa: E402
-from ctc.passes.block_tying import BlockActivations, param_reads  # noqa: E402
+from ctc.passes.block_tying import BlockActivations  # noqa: E402
 from ctc.passes.share_blocks import SubstitutionCosts  # noqa: E402
 
 KEEP = (BlockActivations, SubstitutionCosts)
@@ -86,12 +87,11 @@ class Runner:
         return out, dict(self.ctx.metrics), self.ctx.notes[n0:], time.perf_counter() - t0
 
 
-def model_ratio(m: Module, base: Module) -> float:
-    return m.param_count() / base.param_count()
-
-
 # --------------------------------------------------------------------------- rows
-def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], score: Any) -> list[dict[str, Any]]:
+Score = Callable[[Module, str, dict[str, Any], float], dict[str, Any]]
+
+
+def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], score: Score) -> list[dict[str, Any]]:
     """The eight rows of one ratio: FoldGPT / plain tying / recursive+LoRA / recursive, each healed or not."""
     rows = []
     for healed in (False, True):
@@ -120,14 +120,21 @@ def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], s
     return rows
 
 
-def common(row: dict[str, Any], m: Module, base: Module, met: dict[str, Any], secs: float) -> dict[str, Any]:
-    row.update({"block_ratio": met.get("blocks_ratio", 1.0), "model_ratio": model_ratio(m, base),
-                "unique_bytes": m.param_bytes(),
-                "total_bytes": sum(int(m.params[k].numel()) * m.params[k].element_size() * c
-                                   for k, c in param_reads(m).items()),
-                "pass_s": secs, "groups": met.get("groups"),
-                "heal": {k: v for k, v in (met.get("healing") or {}).items() if k != "loss_curve"} or None})
-    return row
+def scorer(model: str, base: Module, measure: Callable[[Module], dict[str, Any]],
+           describe: Callable[[dict[str, Any]], str], a: argparse.Namespace) -> Score:
+    """A row maker: accuracy (``measure``), sizes and ratios, pass and healing numbers, TVM numbers."""
+    def score(m: Module, method: str, met: dict[str, Any], secs: float) -> dict[str, Any]:
+        t = time.perf_counter()
+        row = {"model": model, "method": method, **measure(m), "block_ratio": met.get("blocks_ratio", 1.0),
+               "model_ratio": m.param_count() / base.param_count(), "unique_bytes": m.param_bytes(),
+               "total_bytes": m.read_param_bytes(), "pass_s": secs, "groups": met.get("groups"),
+               "heal": {k: v for k, v in (met.get("healing") or {}).items() if k != "loss_curve"} or None}
+        log(f"{model} {method}: {describe(row)}, block ratio {row['block_ratio']:.3f} (pass {secs:.0f}s, "
+            f"eval {time.perf_counter() - t:.0f}s)")
+        if a.tvm:
+            row.update(tvm_numbers(m, {"batch": 1, "seq": 128}, a))
+        return row
+    return score
 
 
 # --------------------------------------------------------------------------- SmolLM2
@@ -142,29 +149,11 @@ def smollm2(a: argparse.Namespace) -> dict[str, Any]:
     evals, proto = D.model_batches(source="wiki", path=None, field=None, split="evaluation", tokenizer=tok,
                                    input_names=names, samples=a.windows, seq_len=a.seq_len, seed=0)
 
-    def ppl(m: Module) -> float:
-        nll, cnt = 0.0, 0
-        for b in evals:
-            logits = interpret(m, b)[0][0]
-            ids = b["input_ids"][0]
-            nll += float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum"))
-            cnt += ids.numel() - 1
-        return math.exp(nll / cnt)
+    def measure(m: Module) -> dict[str, Any]:
+        return {"ppl": module_perplexity(m, evals)}
 
-    def score(m: Module, method: str, met: dict[str, Any], secs: float) -> dict[str, Any]:
-        t = time.perf_counter()
-        row = common({"model": "smollm2", "method": method, "ppl": ppl(m)}, m, base, met, secs)
-        log(f"smollm2 {method}: ppl {row['ppl']:.2f} block ratio {row['block_ratio']:.3f} "
-            f"(pass {secs:.0f}s, eval {time.perf_counter() - t:.0f}s)")
-        if a.tvm:
-            row.update(tvm_numbers(m, {"batch": 1, "seq": 128}, a))
-        return row
-
-    runner = Runner(base, calib)
-    rows = [score(base, "original", {}, 0.0)]
-    for r in a.ratios:
-        rows += method_rows(runner, r, a.rank, heal_opts(a), score)
-    return {"rows": rows, "protocol": (
+    score = scorer("smollm2", base, measure, lambda r: f"ppl {r['ppl']:.2f}", a)
+    return {"rows": all_rows(base, calib, score, a), "protocol": (
         f"perplexity on the first {len(evals)} consecutive {a.seq_len}-token windows of the Wikipedia evaluation "
         f"split (gensim enwiki test file split by article; {proto['tokens']} tokens, SmolLM2 tokenizer), each window "
         f"scored alone; calibration: {a.calib} random {a.calib_len}-token windows of the calibration split (seed 0)")}
@@ -194,23 +183,15 @@ def minilm(a: argparse.Namespace) -> dict[str, Any]:
 
     ref = embed(base)
 
-    def score(m: Module, method: str, met: dict[str, Any], secs: float) -> dict[str, Any]:
+    def measure(m: Module) -> dict[str, Any]:
         e = embed(m)
         cos = (e * ref).sum(-1)
         hc = human_correlation(e, human)
-        row = common({"model": "minilm", "method": method, "cos_mean": float(cos.mean()),
-                      "cos_min": float(cos.min()), "pearson": hc.pearson, "spearman": hc.spearman}, m, base, met, secs)
-        log(f"minilm {method}: cos {row['cos_mean']:.4f} pearson {hc.pearson:.3f} block ratio "
-            f"{row['block_ratio']:.3f} (pass {secs:.0f}s)")
-        if a.tvm:
-            row.update(tvm_numbers(m, {"batch": 1, "seq": 128}, a))
-        return row
+        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "pearson": hc.pearson,
+                "spearman": hc.spearman}
 
-    runner = Runner(base, calib)
-    rows = [score(base, "original", {}, 0.0)]
-    for r in a.ratios:
-        rows += method_rows(runner, r, a.rank, heal_opts(a), score)
-    return {"rows": rows, "protocol": (
+    score = scorer("minilm", base, measure, lambda r: f"cos {r['cos_mean']:.4f} pearson {r['pearson']:.3f}", a)
+    return {"rows": all_rows(base, calib, score, a), "protocol": (
         f"Lee corpus lee.cor: first {len(docs)} documents truncated to {a.max_len} tokens, run one at a time; "
         "embedding = mean pooling + L2 norm; cosine vs the original ctc IR; agreement = Pearson/Spearman of "
         f"embedding cosine vs the human similarity judgements ({len(docs) * (len(docs) - 1) // 2} pairs); "
@@ -246,8 +227,15 @@ def tvm_numbers(m: Module, dims: dict[str, int], a: argparse.Namespace) -> dict[
             "latency_ms_median": statistics.median(ts), "latency_ms_min": min(ts)}
 
 
-def heal_opts(a: argparse.Namespace) -> dict[str, Any]:
-    return {"heal_seconds": a.heal_seconds, "heal_steps": a.heal_steps, "heal_lr": a.heal_lr}
+def all_rows(base: Module, calib: list[dict[str, torch.Tensor]], score: Score, a: argparse.Namespace
+             ) -> list[dict[str, Any]]:
+    """The original's row, then every method at every ratio, with and without healing."""
+    runner = Runner(base, calib)
+    heal = {"heal_seconds": a.heal_seconds, "heal_steps": a.heal_steps, "heal_lr": a.heal_lr}
+    rows = [score(base, "original", {}, 0.0)]
+    for r in a.ratios:
+        rows += method_rows(runner, r, a.rank, heal, score)
+    return rows
 
 
 # --------------------------------------------------------------------------- table
