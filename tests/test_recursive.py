@@ -32,11 +32,11 @@ def run(m: Module, opts: dict, calib: list[dict[str, torch.Tensor]], selector: S
 
 @settings(max_examples=6, deadline=None)
 @given(kind=st.sampled_from(["llama", "bert"]), seed=st.integers(0, 1000), loops=st.integers(2, 4),
-       init=st.sampled_from(["average", "stepwise"]))
-def test_full_rank_lora_reproduces_every_block(kind: str, seed: int, loops: int, init: str) -> None:
+       init=st.sampled_from(["average", "stepwise"]), lora_init=st.sampled_from(["svd", "activation"]))
+def test_full_rank_lora_reproduces_every_block(kind: str, seed: int, loops: int, init: str, lora_init: str) -> None:
     m = tiny(kind, seed=seed)
     calib = outlier_inputs(m, 2, seed=seed)
-    out, _ = run(m, {"loops": loops, "rank": 64, "init": init}, calib)
+    out, _ = run(m, {"loops": loops, "rank": 64, "init": init, "lora_init": lora_init}, calib)
     for b in calib:
         ref = interpret(m, b)[0]
         got = interpret(out, b)[0]
@@ -102,7 +102,8 @@ def test_lora_beats_plain_tying_at_the_same_tiles() -> None:
 
     plain, _ = run(m, {"loops": 2, "rank": 0, "init": "average"}, calib)
     relaxed, _ = run(m, {"loops": 2, "rank": 8, "init": "average"}, calib)
-    assert err(relaxed) < err(plain)
+    weighted, _ = run(m, {"loops": 2, "rank": 8, "init": "average", "lora_init": "activation"}, calib)
+    assert err(weighted) < err(relaxed) < err(plain)
 
 
 def test_selection_and_errors() -> None:

@@ -83,6 +83,24 @@ def test_lora_is_the_best_rank_r_approximation(n: int, k: int, r: int, seed: int
     assert err == pytest.approx(float((sv[r_eff:] ** 2).sum()), rel=1e-6, abs=1e-9)  # Eckart-Young
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 10), k=st.integers(2, 10), r=st.integers(1, 9), seed=st.integers(0, 10_000))
+def test_activation_weighted_lora_is_better_for_the_outputs(n: int, k: int, r: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w, s = torch.randn(n, k, generator=g, dtype=torch.float64), torch.randn(n, k, generator=g, dtype=torch.float64)
+    x = torch.randn(200, k, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, k, dtype=torch.float64)
+    gram = x.T @ x / 200
+
+    def out_err(b: torch.Tensor, a: torch.Tensor) -> float:
+        return float(((x @ (w - s - b @ a).T) ** 2).mean())
+
+    plain = lora_from_residual(w, s, r)
+    weighted = lora_from_residual(w, s, r, input_gram=gram, damp=0.0)
+    assert out_err(*weighted) <= out_err(*plain) * (1 + 1e-9) + 1e-12
+    full = lora_from_residual(w, s, max(n, k), input_gram=gram)
+    assert torch.allclose(s + full[0] @ full[1], w, atol=1e-8)
+
+
 def test_lora_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="equal-shaped"):
         lora_from_residual(torch.zeros(2, 3), torch.zeros(3, 2), 1)

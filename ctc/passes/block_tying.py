@@ -33,7 +33,8 @@ from ctc.passes.base import Analysis, PassContext, PassError
 from ctc.passes.weight_sharing import ChannelFit, lora_from_residual
 
 __all__ = ["BlockActivations", "Group", "Slot", "Stack", "TieResult", "apply_ties", "block_module",
-           "fit_coefficients", "lora_factors", "param_reads", "substitution_error", "tie_stack", "unique_counts"]
+           "fit_coefficients", "input_grams", "lora_factors", "param_reads", "substitution_error", "tie_stack",
+           "unique_counts"]
 
 FLOAT = ("f32", "f16", "bf16", "f64")
 
@@ -346,15 +347,47 @@ def _group_name(stack: Stack, g: Group, kind: str) -> str:
     return f"{prefix}.{kind}_{lo}_{hi}"
 
 
-def lora_factors(stack: Stack, g: Group, rank: int) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+def lora_factors(stack: Stack, g: Group, rank: int,
+                 grams: Mapping[tuple[int, int], torch.Tensor] | None = None
+                 ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
     """``(B, A)`` per (member block, tied linear slot) of group ``g``: the truncated SVD of the member's own
-    weight minus the shared one; members that already hold the shared weight get none."""
+    weight minus the shared one (output-weighted by the slot's input Gram matrix when ``grams`` has it,
+    see :func:`lora_from_residual`); members that already hold the shared weight get none."""
     out = {}
     for b in g.members:
         for s in stack.tied:
             w = stack.tensor(b, s)
             if s.linear_weight and not torch.equal(w, g.tensors[s.index]):
-                out[(b, s.index)] = lora_from_residual(w.to(torch.float32), g.tensors[s.index].to(torch.float32), rank)
+                gram = grams.get((b, s.index)) if grams is not None else None
+                out[(b, s.index)] = lora_from_residual(w.to(torch.float32), g.tensors[s.index].to(torch.float32),
+                                                       rank, input_gram=gram)
+    return out
+
+
+def input_grams(stack: Stack, acts: ActivationsResult, blocks: Iterable[int], *, batches: int | None = None
+                ) -> dict[tuple[int, int], torch.Tensor]:
+    """``E[x x^T]`` (float64) of the input of every tied linear of ``blocks`` on the original calibration stream,
+    keyed like :func:`lora_factors`' result; linears reading one input share one matrix."""
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    for b in blocks:
+        info = stack.info(b)
+        sub = block_module(stack.module, info)
+        slot_of = {stack.name(b, s): s.index for s in stack.tied if s.linear_weight}
+        x_of: dict[int, str] = {}
+        for n in sub.nodes:
+            w = n.operand("weight") if n.op == "linear" else None
+            if w is not None and w.producer is not None and w.producer.op == "param" \
+                    and w.producer.attrs["name"] in slot_of:
+                x = n.operand("x")
+                assert x is not None
+                x_of[slot_of[w.producer.attrs["name"]]] = x.name
+        seen = _observe(sub, acts.feeds(info, acts.inputs[b][:batches]), set(x_of.values()))
+        grams: dict[str, torch.Tensor] = {}
+        for name, ts in seen.items():
+            rows = [t.reshape(-1, t.shape[-1]).to(torch.float64) for t in ts]
+            grams[name] = sum(r.T @ r for r in rows) / max(sum(r.shape[0] for r in rows), 1)  # type: ignore[assignment]
+        for slot, name in x_of.items():
+            out[(b, slot)] = grams[name]
     return out
 
 
@@ -463,15 +496,19 @@ def _stages(sub: Module, linears: Iterable[str]) -> dict[str, int]:
 
 def _observe(sub: Module, feeds: Sequence[Mapping[str, torch.Tensor]], names: Iterable[str], *,
              params: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
-    """The values ``names`` of a block sub-module on each feed (one list entry per feed)."""
+    """The values ``names`` (node results or the sub-module's inputs) on each feed, one list entry per feed."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    inputs = [v.name for v in sub.inputs if v.name in seen]
 
     def obs(node: Node, args: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         for v, t in zip(node.outputs, outs, strict=True):
             if v.name in seen:
                 seen[v.name].append(t)
 
-    run_block(sub, feeds, params=params, observer=obs)
+    for feed in feeds:
+        for n in inputs:
+            seen[n].append(feed[n])
+        run_block(sub, [feed], params=params, observer=obs)
     return seen
 
 

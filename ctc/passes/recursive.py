@@ -37,6 +37,7 @@ from ctc.passes.block_tying import (
     Stack,
     apply_ties,
     block_module,
+    input_grams,
     lora_factors,
     per_member_overhead,
     report_ties,
@@ -57,6 +58,10 @@ class RecursiveOptions(HealOptions):
     loops: int = option(2, "K: consecutive blocks tied into one block looped K times", min=2)
     rank: int = option(16, "rank of each looped position's LoRA delta per tied linear (SVD-initialised); "
                            "0 = no LoRA (plain recursive)", min=0)
+    lora_init: str = option("svd", "LoRA initialisation: truncated SVD of (original - shared) weights as the paper "
+                                   "does (svd), or of the residual weighted by each layer's calibration inputs, "
+                                   "best for its outputs rather than its weights (activation)",
+                            choices=("svd", "activation"))
     init: str = option("auto", "initial shared block: mean of the tile (average), one evenly spread block "
                                "per tile (stepwise), or auto (average with LoRA, stepwise without)",
                        choices=("auto", "average", "stepwise"))
@@ -91,8 +96,12 @@ class RecursivePass(Pass):
                                                                   strict=True)]
         factors = {}
         if o.rank > 0:
+            grams = None
+            if o.lora_init == "activation":
+                acts = ctx.get(BlockActivations(), module)
+                grams = input_grams(stack, acts, [b for g in groups for b in g.members])
             for g in groups:
-                factors.update(lora_factors(stack, g, o.rank))
+                factors.update(lora_factors(stack, g, o.rank, grams))
         if o.ratio is not None:
             groups = self._cheapest(stack, groups, o, ctx, factors)
         teacher = module.clone()

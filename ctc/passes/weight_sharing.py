@@ -84,13 +84,19 @@ class ChannelFit:
 
 
 # --------------------------------------------------------------------------- LoRA from the residual
-def lora_from_residual(original: torch.Tensor, shared: torch.Tensor, rank: int
+def lora_from_residual(original: torch.Tensor, shared: torch.Tensor, rank: int, *,
+                       input_gram: torch.Tensor | None = None, damp: float = 0.01
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B [N, r], A [r, K])`` with ``B A`` the best rank-``r`` approximation of ``original - shared``.
+    """``(B [N, r], A [r, K])`` with ``B A`` the best rank-``r`` approximation of ``R = original - shared``.
 
-    Truncated SVD (RRT's layer-wise LoRA initialisation: ``B = U_r Sigma_r``, ``A = V_r^T``),
-    computed in the weights' precision but at least float32; ``rank`` is clipped to ``min(N, K)``,
-    where the pair reproduces the residual up to that precision's rounding.
+    Plain (RRT's layer-wise LoRA initialisation): the truncated SVD of ``R``, ``B = U_r Sigma_r``,
+    ``A = V_r^T``, best in the Frobenius norm of the weights.  With ``input_gram`` (``E[x x^T]`` of
+    the layer's calibration inputs, ``[K, K]``): best for the *outputs* instead, minimising
+    ``E ||(R - B A) x||^2``: with ``H = L L^T`` (Cholesky, damped by ``damp`` times its mean
+    diagonal), the truncated SVD of ``R L`` gives ``B = U_r Sigma_r`` and ``A = V_r^T L^{-1}``
+    (the whitening ASVD/SVD-LLM use).  Computed in the weights' precision but at least float32
+    (float64 with a Gram matrix); ``rank`` is clipped to ``min(N, K)``, where either form
+    reproduces ``R`` up to rounding.
     """
     if original.shape != shared.shape or original.dim() != 2:
         raise ValueError(f"lora_from_residual: weights must be equal-shaped matrices, got {tuple(original.shape)} "
@@ -98,12 +104,22 @@ def lora_from_residual(original: torch.Tensor, shared: torch.Tensor, rank: int
     if rank < 1:
         raise ValueError(f"lora_from_residual: rank must be >= 1, got {rank}")
     r = min(rank, *original.shape)
-    work = torch.promote_types(original.dtype, torch.float32)
+    k = original.shape[1]
+    work = torch.promote_types(original.dtype, torch.float32) if input_gram is None else torch.float64
     res = original.to(work) - shared.to(work)
-    u, s, vh = torch.linalg.svd(res, full_matrices=False)
-    b = (u[:, :r] * s[:r]).to(original.dtype).contiguous()
-    a = vh[:r].to(original.dtype).contiguous()
-    return b, a
+    if input_gram is None:
+        u, s, vh = torch.linalg.svd(res, full_matrices=False)
+        b, a = u[:, :r] * s[:r], vh[:r]
+    else:
+        if input_gram.shape != (k, k):
+            raise ValueError(f"lora_from_residual: input_gram must be [{k}, {k}], got {tuple(input_gram.shape)}")
+        h = input_gram.to(torch.float64)
+        h = h + (damp * float(torch.diagonal(h).mean().clamp_min(1e-12))) * torch.eye(k, dtype=torch.float64)
+        chol = torch.linalg.cholesky(h)
+        u, s, vh = torch.linalg.svd(res @ chol, full_matrices=False)
+        b = u[:, :r] * s[:r]
+        a = torch.linalg.solve_triangular(chol, vh[:r], upper=False, left=False)  # V_r^T L^{-1}
+    return b.to(original.dtype).contiguous(), a.to(original.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- initialising a tied block
