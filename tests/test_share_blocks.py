@@ -148,3 +148,11 @@ def test_needs_block_structure() -> None:
         n.block = None
     with pytest.raises(PassError, match="no repeated blocks"):
         run(m, {"ratio": 0.5}, outlier_inputs(m, 2))
+
+
+def test_quantized_blocks_are_refused_with_the_order_to_use() -> None:
+    m = tiny()
+    calib = outlier_inputs(m, 2)
+    q = get_pass("quantize")({"w_bits": 8, "a_bits": 16}).run(m.clone(), PassContext(calibration=calib))
+    with pytest.raises(PassError, match="tie before quantizing"):
+        run(q, {"ratio": 0.5}, calib)

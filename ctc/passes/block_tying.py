@@ -37,6 +37,8 @@ __all__ = ["BlockActivations", "Group", "Slot", "Stack", "TieResult", "apply_tie
            "unique_counts"]
 
 FLOAT = ("f32", "f16", "bf16", "f64")
+# Ops whose float operands (scales, zero points) only mean something next to their integer weights.
+QUANTIZED_OPS = frozenset({"quant_linear", "quantize", "dequantize"})
 
 
 # --------------------------------------------------------------------------- the aligned stack
@@ -104,11 +106,15 @@ def _signature(n: Node) -> tuple[Any, ...]:
     return (n.op, attrs, tuple(str(v.type) for v in n.outputs))
 
 
-def _block_key(name: str, prefix: str | None, block: int, index: int) -> str:
-    if prefix:
-        head = f"{prefix}.{block}."
-        if name.startswith(head):
-            return name[len(head):]
+def _block_key(pn: Node, prefix: str | None, index: int) -> str:
+    """A block-relative name for a slot: ``self_attn.q_proj.weight`` from ``model.layers.3.self_attn.q_proj.weight``
+    (or from the reader's scope and the name's last part when an earlier pass renamed the parameter)."""
+    name = str(pn.attrs["name"])
+    head = f"{prefix}.{pn.block}." if prefix else None
+    if head and name.startswith(head):
+        return name[len(head):]
+    if head and pn.scope.startswith(head):
+        return f"{pn.scope[len(head):]}.{name.rsplit('.', 1)[-1]}"
     return f"param{index}"
 
 
@@ -149,14 +155,16 @@ def tie_stack(module: Module, ctx: PassContext, *, share_vectors: bool, what: st
         outputs = any(module.is_output(param_nodes[b][i].output) for b in blocks)
         dtype = pn.output.type.dtype
         lin = bool(readers) and all(u.op == "linear" and j == "weight" for u, j in readers)
-        tie = (dtype in FLOAT and (t.dim() >= 2 or share_vectors) and inside and not outputs
+        quantized = any(u.op in QUANTIZED_OPS for u, _ in readers)
+        tie = (dtype in FLOAT and (t.dim() >= 2 or share_vectors) and inside and not outputs and not quantized
                and (not selective or all(ctx.selected(param_nodes[b][i]) for b in blocks)))
-        slots.append(Slot(i, _block_key(pn.attrs["name"], prefix, first, i), tuple(int(d) for d in t.shape), dtype,
-                          tie, lin))
+        slots.append(Slot(i, _block_key(pn, prefix, i), tuple(int(d) for d in t.shape), dtype, tie, lin))
     if not any(s.tie for s in slots):
+        hint = ("; the blocks are quantized already: tie before quantizing (rptq/quantize then quantize each "
+                "shared tensor once)" if any(n.op in QUANTIZED_OPS for n in layout.by_index(first).nodes) else "")
         raise PassError(f"{what}: no parameter of the selected blocks can be tied (tied: float matrices read only "
                         "inside their block" + (", selected by the step's scope/op selector" if selective else "")
-                        + ")")
+                        + f"){hint}")
     return Stack(module, layout, blocks, param_nodes, slots)
 
 
