@@ -134,7 +134,6 @@ def distill(student: Module, teacher: Module, student_points: Sequence[Value | s
         return result
     opt = torch.optim.Adam(list(leaves.values()), lr=budget.lr)
     t0 = time.perf_counter()
-    total = budget.steps if budget.steps > 0 else 0
     step = 0
     while True:
         if budget.steps > 0 and step >= budget.steps:
@@ -150,8 +149,12 @@ def distill(student: Module, teacher: Module, student_points: Sequence[Value | s
         opt.step()
         result.losses.append(float(loss.detach()))
         step += 1
-        if progress is not None:
-            progress("healing", step, total or max(step, 1))
+        if progress is not None:  # steps when they bound the run, else seconds of the time budget
+            if budget.steps > 0:
+                progress("healing (steps)", step, budget.steps)
+            else:
+                progress("healing (seconds)", min(int(time.perf_counter() - t0), int(budget.seconds)),
+                         int(budget.seconds))
     result.steps = step
     result.seconds = time.perf_counter() - t0
     result.loss_after = calib_loss()
