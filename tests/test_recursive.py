@@ -65,7 +65,8 @@ def test_stepwise_without_lora_is_plain_layer_tying() -> None:
     m = tiny(layers=6)
     out, ctx = run(m, {"loops": 2, "rank": 0}, outlier_inputs(m, 2))
     assert "lowrank_linear" not in out.op_counts()
-    assert ctx.metrics["init"] == "stepwise" and ctx.metrics["sources"] == [0, 2, 5]  # round(linspace(0, 5, 3)), half to even
+    # round(linspace(0, 5, 3)), half to even
+    assert ctx.metrics["init"] == "stepwise" and ctx.metrics["sources"] == [0, 2, 5]
     assert torch.equal(out.params["layers.loop_2_3.attn.q.weight"], m.params["layers.2.attn.q.weight"])
     # the source block reads its own weight, so it needs no LoRA even when one is asked for
     out, ctx = run(m, {"loops": 2, "rank": 4, "init": "stepwise"}, outlier_inputs(m, 2))

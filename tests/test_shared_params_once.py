@@ -125,17 +125,25 @@ def test_tvm_build_of_a_tied_model_runs_and_holds_the_table_once(tmp_path: Path)
 
 
 @settings(max_examples=5, deadline=None)
-@given(seed=st.integers(0, 100), lo=st.integers(0, 2))
-def test_sharing_passes_never_duplicate_a_tensor(seed: int, lo: int) -> None:
-    """Property: after tying, no two parameters hold equal tensors, and every tied tensor is read by each member."""
+@given(seed=st.integers(0, 100), lo=st.integers(0, 2), recursive=st.booleans())
+def test_tied_models_hold_each_tensor_once_everywhere(seed: int, lo: int, recursive: bool) -> None:
+    """Property: after tying, no two parameters hold equal tensors, every member reads the tied tensor, and the
+    TVM lowering binds each tied tensor in one layout."""
+    pytest.importorskip("tvm")
+    from ctc.backends.tvm.lower import lower
+
     base = tiny_transformer("llama", layers=4, seq=8, seed=seed)
     base.meta["block_prefix"] = "layers"
     calib = outlier_inputs(base, 2, seed=seed)
-    m = get_pass("share-blocks")({"groups": [[lo, lo + 1]], "coefficients": "none"}).run(
-        base.clone(), PassContext(calibration=calib))
+    name, opts = (("recursive", {"loops": 2, "rank": 2}) if recursive
+                  else ("share-blocks", {"groups": [[lo, lo + 1]], "coefficients": "none"}))
+    m = get_pass(name)(opts).run(base.clone(), PassContext(calibration=calib))
     mats = [(k, t) for k, t in m.params.items() if t.dim() == 2]
     for i, (a, ta) in enumerate(mats):
         for b, tb in mats[i + 1:]:
             assert not (ta.shape == tb.shape and torch.equal(ta, tb)), (a, b)
+    members = [[0, 1], [2, 3]] if recursive else [[lo, lo + 1]]
     for k in shared_names(m):
-        assert {n.block for n in m.nodes if n.op == "param" and n.attrs["name"] == k} == {lo, lo + 1}
+        assert sorted({n.block for n in m.nodes if n.op == "param" and n.attrs["name"] == k}) in members
+    copies = full_size_copies(m, lower(m, params="input").param_inputs)
+    assert all(c == 1 for c in copies.values()) and set(shared_names(m)) <= set(copies)
