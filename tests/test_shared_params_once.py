@@ -1,8 +1,9 @@
 """Stored once, loaded once: a tensor several nodes read is one tensor in every output.
 
 Checked on every backend that holds parameters: the artifact's safetensors, the torch (fx)
-backend's buffers, and the TVM CPU build (the arrays its lowering binds, and the built library
-run against the interpreter), on a tied-embedding LM and on the outputs of the sharing passes.
+backend's buffers, the TVM CPU build (the arrays its lowering binds, and the built library run
+against the interpreter) and the fpga design's weight blob, on a tied-embedding LM and on the
+outputs of the sharing passes.
 """
 
 from __future__ import annotations
@@ -107,6 +108,20 @@ def test_tvm_lowering_binds_each_shared_tensor_once(name: str, m: Module, _: obj
         copies = full_size_copies(m, low.param_inputs)
         assert all(c == 1 for c in copies.values()), copies
         assert set(shared_names(m)) <= set(copies)
+
+
+@pytest.mark.parametrize(("name", "m", "_"), MODELS, ids=[x[0] for x in MODELS])
+def test_fpga_design_writes_each_shared_tensor_once(tmp_path: Path, name: str, m: Module, _: object) -> None:
+    pytest.importorskip("tvm")
+    from ctc.backends.hls.design import lower_design, write_design
+    from ctc.backends.hls.exact import unsupported_ops
+
+    if unsupported_ops(m):
+        pytest.skip(f"the fpga target does not lower {sorted(unsupported_ops(m))}")
+    write_design(lower_design(m, {}, {}), m, tmp_path)
+    blob = (tmp_path / "weights.bin").stat().st_size
+    align = 64 * len(m.params)  # each tensor starts aligned
+    assert blob <= m.param_bytes() + align < m.read_param_bytes()
 
 
 def test_tvm_build_of_a_tied_model_runs_and_holds_the_table_once(tmp_path: Path) -> None:

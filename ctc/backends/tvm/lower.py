@@ -135,6 +135,7 @@ class Ctx:
         self.int_kernels = 0
         self.memo: dict[Any, Any] = {}  # lowered values shared between rules (keyed by rule and ctc Value)
         self._transposed: set[str] | None = None
+        self.rules: Mapping[str, Rule] = RULES  # the rules this lowering uses (a target may replace some)
 
     # ------------------------------------------------------------------ values
     def emit(self, expr: Any) -> Any:
@@ -173,17 +174,26 @@ class Ctx:
         return expr
 
     def transposed_params(self) -> set[str]:
-        """Parameters some linear-like product reads in the ``[K, N]`` layout (bound as ``"T"``)."""
+        """Parameters this lowering's own linear rules read in the ``[K, N]`` layout (bound as ``"T"``).
+
+        A parameter also read by a linear lowered by a target's replacement kernel (whose layout
+        this module does not know) is left out, so a reader of the raw layout never adds a copy."""
         if self._transposed is None:
-            self._transposed = set()
+            wants: set[str] = set()
+            foreign: set[str] = set()
             for n in self.module.nodes:
-                x = n.operand("x") if n.op in ("linear", "lowrank_linear") else None
-                if x is None:
+                if n.op not in ("linear", "lowrank_linear"):
                     continue
+                x = n.operand("x")
                 for w in (n.operands("weight") if n.op == "linear" else n.operands("u") + n.operands("v")):
                     p = w.producer
-                    if p is not None and p.op == "param" and _reads_transposed(self, x, w):
-                        self._transposed.add(p.attrs["name"])
+                    if p is None or p.op != "param" or x is None:
+                        continue
+                    if self.rules.get(n.op) is not RULES.get(n.op):
+                        foreign.add(p.attrs["name"])
+                    elif _reads_transposed(self, x, w):
+                        wants.add(p.attrs["name"])
+            self._transposed = wants - foreign
         return self._transposed
 
     def const(self, value: float | int | bool, dtype: str) -> Any:
@@ -1093,6 +1103,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                             f"supported: {', '.join(supported_ops())}")
     ctx = Ctx(module, params=params, fast_math=fast_math, static_dims=static_dims or {}, target=target,
               use_int_kernels=use_int_kernels)
+    ctx.rules = rules
     relax = ctx.relax
     inputs = [relax.Var(v.name, relax.TensorType(ctx.dims.shape(v.type), _dt(v.type))) for v in module.inputs]
     for v, rv in zip(module.inputs, inputs, strict=True):
