@@ -30,10 +30,12 @@ def points(m: Module) -> list[str]:
 def test_distillation_lowers_the_loss_and_returns_new_tensors() -> None:
     teacher, student, names = pair()
     before = {k: student.params[k].clone() for k in names}
-    calib = outlier_inputs(teacher, 3)
+    calib = outlier_inputs(teacher, 4)
     res = distill(student, teacher, points(student), points(teacher), calib, names, HealBudget(steps=30, lr=1e-2))
     assert res.steps == 30 and len(res.losses) == 30 and res.stopped_by == "steps"
-    assert res.kept and res.loss_after < 0.5 * res.loss_before
+    assert res.validation_batches == 1  # a quarter held out: what is kept is decided there
+    assert res.kept and res.loss_after < 0.5 * res.loss_before and 0 < res.best_step <= 30
+    assert res.loss_after == min(v for _, v in res.val_losses)
     for k in names:
         assert torch.equal(student.params[k], before[k])  # the module is untouched
         assert res.tensors[k] is not student.params[k] and not torch.equal(res.tensors[k], before[k])

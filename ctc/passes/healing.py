@@ -9,8 +9,10 @@ references as the interpreter) whose trainable parameters are replaced by leaf t
 autograd reaches them; everything else stays frozen.  The loss is the mean over the cut
 points of ``||student - teacher||^2 / ||teacher||^2`` (a relative MSE, so points of different
 scale weigh alike).  Adam runs one calibration batch per step, cycling, until the step or
-time budget is spent.  The calibration loss is measured on every batch before and after; if
-training made it worse, the original tensors are kept (and the result says so).
+time budget is spent.  A quarter of the calibration batches (with at least four) is held out:
+its loss is measured before training and twice per pass over the rest, and the tensors of the
+best held-out step are the result (early stopping; with fewer batches all of them serve both).
+If no step beat the starting point, the original tensors are kept (and the result says so).
 
 Nothing here mutates a parameter tensor: the trained values come back as new tensors.
 """
@@ -52,19 +54,24 @@ class HealResult:
 
     tensors: dict[str, torch.Tensor]
     losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
     loss_before: float = float("nan")
     loss_after: float = float("nan")
+    best_step: int = 0
+    validation_batches: int = 0
     steps: int = 0
     seconds: float = 0.0
     stopped_by: str = "steps"
     kept: bool = True
 
     def summary(self) -> dict[str, object]:
-        """JSON-able digest for a pass's metrics (the curve thinned to at most 200 points)."""
+        """JSON-able digest for a pass's metrics (the training curve thinned to at most 200 points)."""
         stride = max(1, len(self.losses) // 200)
         return {"steps": self.steps, "seconds": round(self.seconds, 2), "stopped_by": self.stopped_by,
-                "loss_before": self.loss_before, "loss_after": self.loss_after, "kept": self.kept,
-                "loss_curve": self.losses[::stride], "curve_stride": stride}
+                "loss_before": self.loss_before, "loss_after": self.loss_after, "best_step": self.best_step,
+                "validation_batches": self.validation_batches, "kept": self.kept,
+                "loss_curve": self.losses[::stride], "curve_stride": stride,
+                "validation_curve": [list(v) for v in self.val_losses]}
 
 
 def cut_at(module: Module, values: Sequence[str], name: str | None = None) -> Module:
@@ -119,20 +126,24 @@ def distill(student: Module, teacher: Module, student_points: Sequence[Value | s
         setattr(gm, gm.param_names[p], leaf)
         leaves[p] = leaf
     inputs = [[b[v.name] for v in s_cut.inputs] for b in batches]
+    n_val = len(inputs) // 4  # a held-out quarter of the calibration batches decides what is kept
+    train = list(range(len(inputs) - n_val))
+    val = list(range(len(inputs) - n_val, len(inputs))) if n_val else train
 
-    def calib_loss() -> float:
+    def loss_on(idx: Sequence[int]) -> float:
         with torch.no_grad():
-            return float(sum(float(_relative_mse(gm(*x), y)) for x, y in zip(inputs, targets, strict=True))
-                         / len(inputs))
+            return float(sum(float(_relative_mse(gm(*inputs[i]), targets[i])) for i in idx) / len(idx))
 
     original = {p: s_cut.params[p] for p in trainable}
-    result = HealResult(tensors=dict(original))
-    result.loss_before = calib_loss()
+    result = HealResult(tensors=dict(original), validation_batches=n_val)
+    result.loss_before = loss_on(val)
     if not leaves:
         result.loss_after, result.kept = result.loss_before, False
         result.stopped_by = "nothing to train" + (f" ({len(unused)} parameter(s) after the cut)" if unused else "")
         return result
     opt = torch.optim.Adam(list(leaves.values()), lr=budget.lr)
+    best = (result.loss_before, 0, {p: t.detach().clone() for p, t in leaves.items()})
+    every = max(1, len(train) // 2)
     t0 = time.perf_counter()
     step = 0
     while True:
@@ -142,27 +153,40 @@ def distill(student: Module, teacher: Module, student_points: Sequence[Value | s
         if budget.seconds > 0 and time.perf_counter() - t0 >= budget.seconds:
             result.stopped_by = "time"
             break
-        k = step % len(inputs)
+        k = train[step % len(train)]
         opt.zero_grad(set_to_none=True)
         loss = _relative_mse(gm(*inputs[k]), targets[k])
         loss.backward()
         opt.step()
         result.losses.append(float(loss.detach()))
         step += 1
+        if step % every == 0:
+            best = _checkpoint(best, loss_on(val), step, leaves, result)
         if progress is not None:  # steps when they bound the run, else seconds of the time budget
             if budget.steps > 0:
                 progress("healing (steps)", step, budget.steps)
             else:
                 progress("healing (seconds)", min(int(time.perf_counter() - t0), int(budget.seconds)),
                          int(budget.seconds))
+    if step % every:
+        best = _checkpoint(best, loss_on(val), step, leaves, result)
     result.steps = step
     result.seconds = time.perf_counter() - t0
-    result.loss_after = calib_loss()
-    if result.loss_after < result.loss_before:
-        result.tensors = {p: leaf.detach().clone().to(original[p].dtype) for p, leaf in leaves.items()}
+    result.loss_after, result.best_step = best[0], best[1]
+    if best[0] < result.loss_before:
+        result.tensors = {p: t.to(original[p].dtype) for p, t in best[2].items()}
     else:
         result.kept = False
     return result
+
+
+def _checkpoint(best: tuple[float, int, dict[str, torch.Tensor]], val_loss: float, step: int,
+                leaves: Mapping[str, torch.Tensor], result: HealResult) -> tuple[float, int, dict[str, torch.Tensor]]:
+    """Record the validation loss at ``step``; keep a copy of the trained tensors when it is the best so far."""
+    result.val_losses.append((step, val_loss))
+    if val_loss < best[0]:
+        return val_loss, step, {p: t.detach().clone() for p, t in leaves.items()}
+    return best
 
 
 # --------------------------------------------------------------------------- pass options and the pass-side step
@@ -203,8 +227,10 @@ def heal_after_tying(module: Module, teacher: Module, adapters: Sequence[str], s
     if res.kept:
         for name, t in res.tensors.items():
             module.params[name] = t  # new tensor objects; the originals are untouched
-    verdict = "kept" if res.kept else "discarded (no improvement)"
+    verdict = f"kept step {res.best_step}" if res.kept else "discarded (no step improved on the start)"
+    where = (f"{res.validation_batches} held-out calibration batch(es)" if res.validation_batches
+             else "the calibration batches (too few to hold some out)")
     ctx.note(f"{what}: healing {res.steps} step(s) in {res.seconds:.1f}s (stopped by {res.stopped_by}) on "
-             f"{len(trainable)} tensor(s); distillation loss on calibration {res.loss_before:.4g} -> "
+             f"{len(trainable)} tensor(s); distillation loss on {where} {res.loss_before:.4g} -> "
              f"{res.loss_after:.4g}, {verdict}")
     return res
