@@ -70,7 +70,8 @@ def lower_design(module: Module, static_dims: Mapping[str, int], plan: Mapping[s
     if missing:
         lines = "\n".join(f"  - {op} (at {', '.join(sorted(set(w))[:3])})" for op, w in sorted(missing.items()))
         raise LoweringError(f"the fpga target has no integer-model kernel for {len(missing)} op(s) of module "
-                            f"{module.name}:\n{lines}\n(see docs/fpga-backend.md for what it compiles)")
+                            f"{module.name}:\n{lines}\n(ops computed only from constants, such as rotary tables, "
+                            "disappear with the `constant-fold` pass; docs/fpga-backend.md lists what compiles)")
     record: dict[str, tuple[str, QLinearShape, Tiling]] = {}
     low = lower(module, params="const", static_dims=static_dims, kernels=hls_kernels(plan, static_dims, record),
                 fast_math=False, use_int_kernels=False)
@@ -94,11 +95,11 @@ multiply-add (5 DSPs) per lane."""
 
 
 def interleave_reductions(mod: Any, lanes: Mapping[str, int] | None = None) -> Any:
-    """The TE kernels' schedule: in every reduction, the innermost output loop moves inside the reduction
-    loops (``for k: for j: acc[j] += ...``) and is split into :data:`REDUCTION_LANES` unrolled lanes under
-    a pipelined loop.  Each output still sums in its fixed order, but consecutive pipeline iterations
-    update different accumulators, so a float sum does not wait for the adder (II 1 instead of its
-    latency).  Hand-written engines (``hls.kernel``) keep their own nests; elementwise kernels keep
+    """The TE kernels' schedule: every reduction runs its reduction loops outermost and all its outputs,
+    fused into one loop, inside them (``for k: for o: acc[o] += ...``), in :data:`REDUCTION_LANES`
+    unrolled lanes under a pipelined loop.  Each output still sums in its fixed order, but consecutive
+    pipeline iterations update different accumulators, so a float sum does not wait for the adder
+    (II 1 instead of its latency), and the pipeline runs long.  Hand-written engines (``hls.kernel``) keep their own nests; elementwise kernels keep
     the default (innermost loop pipelined)."""
     from tvm import s_tir
 
@@ -115,13 +116,14 @@ def interleave_reductions(mod: Any, lanes: Mapping[str, int] | None = None) -> A
             loops = sch.get_loops(block)
             if n_sp == 0 or n_sp == len(iters) or len(loops) != len(iters):
                 continue
-            sch.reorder(*loops[n_sp:], loops[n_sp - 1])
-            ext = int(sch.get(loops[n_sp - 1]).extent)
+            sch.reorder(*loops[n_sp:], *loops[:n_sp])
+            outputs = sch.fuse(*loops[:n_sp]) if n_sp > 1 else loops[0]
+            ext = int(sch.get(outputs).extent)
             cap = REDUCTION_LANES if lanes is None else lanes.get(gv.name_hint, REDUCTION_LANES)
             u = max(v for v in (1, 2, 4, 8, 16, 32) if v <= cap and ext % v == 0)
+            outer, inner = sch.split(outputs, [None, u])
+            sch.annotate(outer, "hls.pipeline", 1)
             if u > 1:
-                outer, inner = sch.split(loops[n_sp - 1], [None, u])
-                sch.annotate(outer, "hls.pipeline", 1)
                 sch.annotate(inner, "hls.unroll", u)
     return sch.mod
 
