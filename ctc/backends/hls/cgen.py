@@ -10,7 +10,8 @@ loops carrying the schedule's annotations (``hls.pipeline``, ``hls.unroll``) and
   ``#pragma HLS PIPELINE II=1`` / ``UNROLL factor=F`` / ``ARRAY_PARTITION`` / ``INTERFACE m_axi``;
 * ``ctc_top.c`` / ``ctc_top.h`` -- ``ctc_top(weights, inputs..., outputs...)`` calls the kernels in
   the Relax program's order on static off-chip buffers; constants live in one ``weights.bin`` blob;
-* ``tb.c`` -- the test bench: reads ``weights.bin`` and ``input_*.bin``, runs ``ctc_top``, compares
+* ``tb.c`` -- the test bench (``./csim DATA_DIR weights.bin``; ``make run``): reads the weights and
+  ``DATA_DIR/input_*.bin``, runs ``ctc_top``, compares
   the outputs with ``expected_*.bin`` bit for bit and prints ``PASS``/``FAIL``;
 * ``Makefile`` -- ``gcc -O2 -ffp-contract=off`` (no fused multiply-add: the integer model rounds
   every float operation once).
@@ -484,6 +485,7 @@ def write_program(mod: Any, out_dir: Path, input_names: list[str], output_names:
         "CC ?= gcc\nCFLAGS ?= -O2 -std=c11 -ffp-contract=off -fno-fast-math -Wall -Wno-unknown-pragmas "
         "-Wno-unused-variable -Wno-unused-function\n\n"
         "csim: ctc_top.c tb.c $(wildcard kernels/*.c)\n\t$(CC) $(CFLAGS) -o $@ $^ -lm\n\n"
+        "run: csim\n\t./csim data weights.bin\n\n"
         "clean:\n\trm -f csim output_*.bin\n")
     return CProgram(out_dir, kernels, calls, ins, outs, int(data.nbytes))
 
@@ -491,18 +493,20 @@ def write_program(mod: Any, out_dir: Path, input_names: list[str], output_names:
 def _write_testbench(out_dir: Path, ins: list[tuple[str, str, int]], outs: list[tuple[str, str, int]]) -> None:
     L = ['// ctc fpga test bench (generated): run ctc_top on input_*.bin, compare with expected_*.bin bit for bit',
          '#include <stdio.h>', '#include <stdlib.h>', '#include "ctc_top.h"', "",
-         "static void* load(const char* dir, const char* name, size_t bytes) {",
-         "  char path[4096]; snprintf(path, sizeof path, \"%s/%s\", dir, name);",
+         "static void* load_file(const char* path, size_t bytes) {",
          "  FILE* f = fopen(path, \"rb\"); if (!f) { fprintf(stderr, \"cannot open %s\\n\", path); exit(2); }",
          "  void* p = aligned_alloc(64, bytes ? (bytes + 63) / 64 * 64 : 64);",
          "  if (bytes && fread(p, 1, bytes, f) != bytes) { fprintf(stderr, \"short read %s\\n\", path); exit(2); }",
          "  fclose(f); return p;", "}", "",
+         "static void* load(const char* dir, const char* name, size_t bytes) {",
+         "  char path[4096]; snprintf(path, sizeof path, \"%s/%s\", dir, name); return load_file(path, bytes);", "}",
+         "",
          "int main(int argc, char** argv) {",
-         "  const char* dir = argc > 1 ? argv[1] : \".\";",
-         "  FILE* wf; char wp[4096]; snprintf(wp, sizeof wp, \"%s/weights.bin\", dir);",
-         "  wf = fopen(wp, \"rb\"); if (!wf) { fprintf(stderr, \"cannot open %s\\n\", wp); return 2; }",
+         "  const char* dir = argc > 1 ? argv[1] : \"data\";",
+         "  const char* wp = argc > 2 ? argv[2] : \"weights.bin\";",
+         "  FILE* wf = fopen(wp, \"rb\"); if (!wf) { fprintf(stderr, \"cannot open %s\\n\", wp); return 2; }",
          "  fseek(wf, 0, SEEK_END); long wn = ftell(wf); fclose(wf);",
-         "  const uint8_t* w = (const uint8_t*)load(dir, \"weights.bin\", (size_t)wn);"]
+         "  const uint8_t* w = (const uint8_t*)load_file(wp, (size_t)wn);"]
     for i, (_, dt, n) in enumerate(ins):
         L.append(f"  const {ctype(dt)}* in{i} = ({ctype(dt)}*)load(dir, \"input_{i}.bin\", {n} * sizeof({ctype(dt)}));")
     for i, (_, dt, n) in enumerate(outs):

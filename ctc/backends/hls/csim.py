@@ -60,8 +60,6 @@ def write_inputs(design_dir: Path, inputs: list[np.ndarray], expected: list[np.n
     """Input (and expected output) files for the test bench in ``design_dir/data{tag}``."""
     d = design_dir / f"data{tag}"
     d.mkdir(exist_ok=True)
-    (d / "weights.bin").unlink(missing_ok=True)
-    (d / "weights.bin").symlink_to(design_dir.resolve() / "weights.bin")
     for i, a in enumerate(inputs):
         np.ascontiguousarray(a).tofile(d / f"input_{i}.bin")
     for i, a in enumerate(expected or []):
@@ -76,7 +74,8 @@ def run_csim(design_dir: Path, data_dir: Path, outputs: list[tuple[str, str, int
     if not exe.exists():
         raise CSimError(f"no C simulation binary in {design_dir} (compile_csim first)")
     t0 = time.perf_counter()
-    p = subprocess.run([str(exe.resolve()), str(data_dir.resolve())], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([str(exe.resolve()), str(data_dir.resolve()), str((design_dir / "weights.bin").resolve())],
+                       capture_output=True, text=True, timeout=timeout)
     run_s = time.perf_counter() - t0
     if p.returncode not in (0, 1):
         raise CSimError(f"the C simulation crashed (exit {p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
