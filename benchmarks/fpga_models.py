@@ -83,7 +83,8 @@ def smollm2_block(seq: int, calib: int) -> tuple[Any, list[dict[str, torch.Tenso
     m = capture(block, {"hidden": torch.zeros(1, seq, model.config.hidden_size)}, dynamic=False, name="smollm2_block0")
     cal = [hidden(w) for w in _windows(tok, D.wiki_text("calibration"), calib, seq)]
     probe = hidden(_windows(tok, D.wiki_text("evaluation"), 1, seq)[0])
-    m = get_pass("constant-fold")({"grow_params": True}).run(m, PassContext())  # rotary cos/sin of fixed positions -> constants
+    # the rotary cos/sin tables of fixed positions become constants
+    m = get_pass("constant-fold")({"grow_params": True}).run(m, PassContext())
     q = get_pass("rptq")({"w_bits": 4, "a_bits": 8, "clusters": 4}).run(m, PassContext(calibration=cal))
     return q, cal, probe, "constant-fold, RPTQ W4A8 clusters=4 (weights already on a 4-bit grid: Q4_1 GGUF)"
 

@@ -99,8 +99,8 @@ def interleave_reductions(mod: Any, lanes: Mapping[str, int] | None = None) -> A
     fused into one loop, inside them (``for k: for o: acc[o] += ...``), in :data:`REDUCTION_LANES`
     unrolled lanes under a pipelined loop.  Each output still sums in its fixed order, but consecutive
     pipeline iterations update different accumulators, so a float sum does not wait for the adder
-    (II 1 instead of its latency), and the pipeline runs long.  Hand-written engines (``hls.kernel``) keep their own nests; elementwise kernels keep
-    the default (innermost loop pipelined)."""
+    (II 1 instead of its latency), and the pipeline runs long.  Hand-written engines (``hls.kernel``)
+    keep their own nests; elementwise kernels keep the default (innermost loop pipelined)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(mod)
