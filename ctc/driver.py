@@ -624,8 +624,12 @@ def report_summary(report: Mapping[str, Any]) -> str:
                      + (f" {c['note']}" if c.get("note") else ""))
     for t in report.get("targets", []):
         m = t.get("measured") or {}
-        extra = (f"  {m['latency_ms']} ms (torch backend {m['torch_backend_latency_ms']} ms), "
-                 f"cosine vs IR {m['vs_ir']['cosine']:.6f}" if m else "")
+        if "estimated_latency_ms" in m:  # a simulated target (fpga): the model's latency, the C-sim verdict
+            extra = (f"  {m['estimated_latency_ms']} ms estimated, C simulation bit-exact "
+                     f"{m['bit_exact_vs_integer_model']}, cosine vs IR {m['vs_ir']['cosine']:.6f}")
+        else:
+            extra = (f"  {m['latency_ms']} ms (torch backend {m['torch_backend_latency_ms']} ms), "
+                     f"cosine vs IR {m['vs_ir']['cosine']:.6f}" if m else "")
         lines.append(f"  target {t.get('kind')}: {t.get('dir')}{extra}")
         tuning = t.get("tuning") or {}
         if tuning:

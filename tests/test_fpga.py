@@ -222,3 +222,19 @@ def test_minilm_w8a8_recipe_compiles_for_the_fpga(tmp_path: Path) -> None:
     b = fr["board"]
     assert all(r["dsps"] <= b["dsps"] and r["onchip_bytes"] <= b["onchip_bytes"] for r in fr["layers"])
     assert fr["tuned_vs_default"]["model_speedup"] > 1.0
+
+
+def test_tuning_database_reuses_current_records_and_searches_stale_ones(tmp_path: Path) -> None:
+    from ctc.backends.hls.tune import SEARCH_VERSION, tune_plan, tuning_db_path
+
+    layers = {"y": QLinearShape(16, 64, 32, 8, 8, -1, True, (20, 64))}
+    board = BOARDS["zc706"]
+    plan, info = tune_plan(layers, board, 0.8, cache_dir=tmp_path)
+    assert info["searched"] == 1 and isinstance(plan["y"], Tiling)
+    assert qlinear_cost(layers["y"], plan["y"], board).fits(board, 0.8) is None
+    assert tune_plan(layers, board, 0.8, cache_dir=tmp_path)[1]["searched"] == 0
+    path = tuning_db_path(board, 0.8, tmp_path)
+    db = json.loads(path.read_text())
+    db[layers["y"].key]["version"] = SEARCH_VERSION - 1
+    path.write_text(json.dumps(db))
+    assert tune_plan(layers, board, 0.8, cache_dir=tmp_path)[1]["searched"] == 1

@@ -9,8 +9,9 @@ lanes): every tiling whose DSPs or on-chip bytes exceed the layer's share of the
 Database: ``<tuning dir>/<board key>/hls_tilings.json`` next to the CPU target's meta-schedule
 records (:mod:`ctc.backends.tvm.tuning`: same root, ``~/.cache/ctc/tuning``, one directory per target
 key).  Each record is keyed by the workload (:attr:`.qlinear.QLinearShape.key`) and holds the tiling,
-its modelled cycles and resources, the default tiling's cycles and how many candidates were tried
-and refused; a second build finds every layer there and searches nothing.  The board key names the
+its modelled cycles and resources, the default tiling's cycles, how many candidates were tried
+and refused and the search version (records of an older engine or model are searched again); a
+second build finds every layer there and searches nothing.  The board key names the
 board and every number of it that changes the answer (clock, bandwidth, DSPs, widths, utilization).
 """
 
@@ -28,6 +29,11 @@ from ctc.backends.hls.boards import Board
 from ctc.backends.hls.qlinear import QLinearShape, Tiling, candidate_tilings, default_tiling, qlinear_cost
 
 __all__ = ["TuneError", "board_key", "search_layer", "tune_plan", "tuning_db_path"]
+
+
+SEARCH_VERSION = 2
+"""Bumped whenever the engine, its cost model or the candidate space change: older records are searched
+again instead of being reused."""
 
 
 class TuneError(Exception):
@@ -74,7 +80,7 @@ def search_layer(shape: QLinearShape, board: Board, utilization: float) -> dict[
     return {"tiling": list(t.as_tuple()), "latency_cycles": c.latency_cycles, "dsps": c.dsps,
             "onchip_bytes": c.onchip_bytes, "bound": c.bound, "default": list(d.as_tuple()),
             "default_latency_cycles": dc.latency_cycles, "candidates": tried, "refused": refused,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "version": SEARCH_VERSION, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def tune_plan(layers: Mapping[str, QLinearShape], board: Board, utilization: float, *,
@@ -87,7 +93,7 @@ def tune_plan(layers: Mapping[str, QLinearShape], board: Board, utilization: flo
     t0 = time.perf_counter()
     shapes = {s.key: s for s in layers.values()}
     for i, (key, shape) in enumerate(sorted(shapes.items())):
-        if key in db:
+        if key in db and db[key].get("version") == SEARCH_VERSION:
             reused += 1
             continue
         db[key] = search_layer(shape, board, utilization)
