@@ -583,7 +583,10 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
 
     def build_and_measure(t: Any, d: Path) -> dict[str, Any]:
         summary = {**t.to_json(), **build_target(module, t, d, example_inputs=probe)}
-        if probe is not None:
+        not_here = t.spec.cannot_run_here()
+        if not_here is not None:  # e.g. a CUDA library built on a machine without a GPU
+            summary["measured"] = {"skipped": not_here}
+        elif probe is not None:
             with progress.stage(f"measure target {t.kind}"):
                 summary["measured"] = measure_target(module, t.kind, d, fit_batch(probe, t.options))
         return summary
@@ -624,7 +627,9 @@ def report_summary(report: Mapping[str, Any]) -> str:
                      + (f" {c['note']}" if c.get("note") else ""))
     for t in report.get("targets", []):
         m = t.get("measured") or {}
-        if "estimated_latency_ms" in m:  # a simulated target (fpga): the model's latency, the C-sim verdict
+        if "skipped" in m:
+            extra = f"  (not measured: {m['skipped']})"
+        elif "estimated_latency_ms" in m:  # a simulated target (fpga): the model's latency, the C-sim verdict
             extra = (f"  {m['estimated_latency_ms']} ms estimated, C simulation bit-exact "
                      f"{m['bit_exact_vs_integer_model']}, cosine vs IR {m['vs_ir']['cosine']:.6f}")
         else:

@@ -7,8 +7,9 @@ library and whatever it needs into ``out_dir`` (the artifact's ``targets/<name>/
 returns a small JSON-able summary for the report; ``load(out_dir, module) -> runner`` to run
 it from ``ctc.load(dir).run(inputs, target=...)``; and optionally
 ``supports(kind) -> str | None`` (None, or why the kind cannot be built) so that recipes
-fail at check time, not after compressing.  Backends are imported only when a
-target is built, so `ctc --help` and recipe checking never import TVM.
+fail at check time, not after compressing, and ``runs_here(kind) -> str | None`` (None, or why
+this machine cannot run the library: a CUDA build without a GPU is built but not measured).
+Backends are imported only when a target is built, so `ctc --help` and recipe checking never import TVM.
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ class TargetSpec:
             return f"backend {self.backend} is not installed"
         mod = importlib.import_module(self.backend)
         probe = getattr(mod, "supports", None)
+        return probe(self.name) if callable(probe) else None
+
+    def cannot_run_here(self) -> str | None:
+        """Why this machine cannot run what the backend builds for this kind (optional backend hook
+        ``runs_here(kind) -> str | None``), or None."""
+        mod = importlib.import_module(self.backend)
+        probe = getattr(mod, "runs_here", None)
         return probe(self.name) if callable(probe) else None
 
     def build_function(self) -> Any:

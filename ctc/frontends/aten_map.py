@@ -61,7 +61,7 @@ def aten(*names: str) -> Callable[[Handler], Handler]:
 
     def deco(fn: Handler) -> Handler:
         for n in names:
-            key = n if n.startswith(("aten.", "<")) else f"aten.{n}"
+            key = n if n.startswith(("aten.", "<", "ctc.")) else f"aten.{n}"
             if key in TABLE:
                 raise ValueError(f"ATen op {key} mapped twice")
             TABLE[key] = fn
@@ -513,3 +513,9 @@ def _clamp(tr: Translator, node: fx.Node) -> Value:
     if hi is not None:
         x = tr.binary("minimum", x, hi, node)
     return x if isinstance(x, Value) else tr.t(x)
+
+
+@aten("ctc.cache_write.default")
+def _cache_write(tr: Translator, node: fx.Node) -> Value:
+    cache, update, position = (tr.t(a) for a in node.args[:3])
+    return tr.emit("cache_write", [cache, update, position], {"axis": int(_arg(node, 3, "axis", 2))})

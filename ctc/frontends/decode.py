@@ -7,6 +7,14 @@ graph cannot take as an input; :func:`decode_step` wraps the model so the step's
 tensor ``[B, kv_heads, P, head_dim]`` per layer, and its outputs are the logits followed by the
 grown caches (``[B, kv_heads, P + T, head_dim]``, same order).  ``capture(decode_step(model),
 decode_inputs(model, past=P))`` then gives a ctc module of that step.
+
+:func:`static_decode_step` is the form a deployed decoder runs: the caches are preallocated
+``[B, kv_heads, max_len, head_dim]`` buffers and a ``position [T]`` input says where the new
+tokens go.  Each layer's cache update is one ``cache_write`` op (torch op ``ctc::cache_write``
+while tracing), attention reads the whole buffer under a mask ``key <= position``, and the
+outputs are the logits and the written caches.  Shapes never change from step to step, so a
+backend can update the buffers in place and replay a step (a CUDA graph, say);
+:mod:`ctc.generate` runs the generation loop over such a step.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DecodeStep", "cache_names", "decode_inputs", "decode_step", "kv_cache_shape", "prefilled_inputs"]
+__all__ = ["DecodeStep", "StaticDecodeStep", "cache_names", "decode_inputs", "decode_step", "kv_cache_shape",
+           "prefilled_inputs", "static_cache_names", "static_decode_inputs", "static_decode_step"]
 
 
 def _layers(config: Any) -> int:
@@ -120,4 +129,106 @@ def prefilled_inputs(model: nn.Module, token_ids: torch.Tensor, past: int) -> di
     for i, layer in enumerate(cache.layers):
         ins[f"past_k_{i}"] = layer.keys
         ins[f"past_v_{i}"] = layer.values
+    return ins
+
+
+# ----------------------------------------------------------------------------- preallocated caches
+@torch.library.custom_op("ctc::cache_write", mutates_args=())
+def _cache_write(cache: torch.Tensor, update: torch.Tensor, position: torch.Tensor, axis: int) -> torch.Tensor:
+    """Traced stand-in of the ctc ``cache_write`` op (functional: returns the written cache)."""
+    return cache.index_copy(axis, position, update)
+
+
+@_cache_write.register_fake
+def _cache_write_fake(cache: torch.Tensor, update: torch.Tensor, position: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.empty_like(cache)
+
+
+def static_cache_names(config: Any) -> list[str]:
+    """Input names of the preallocated cache buffers: cache_k_0, cache_v_0, cache_k_1, ..."""
+    return [f"cache_{t}_{i}" for i in range(_layers(config)) for t in "kv"]
+
+
+def _position_cache(tensors: list[torch.Tensor], position: torch.Tensor, config: Any) -> Any:
+    """An HF cache whose ``update`` writes the new keys/values into the given buffers at ``position``."""
+    from transformers import DynamicCache
+
+    class PositionCache(DynamicCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            k = torch.ops.ctc.cache_write(tensors[2 * layer_idx], key_states, position, 2)
+            v = torch.ops.ctc.cache_write(tensors[2 * layer_idx + 1], value_states, position, 2)
+            tensors[2 * layer_idx], tensors[2 * layer_idx + 1] = k, v
+            return k, v
+
+    return PositionCache(config=config)
+
+
+class StaticDecodeStep(nn.Module):
+    """``forward(input_ids [B, T], position i64 [T], cache_k_0, cache_v_0, ...) -> (logits, cache_k_0', ...)``.
+
+    The caches are ``[B, kv_heads, max_len, head_dim]``; the new tokens' keys and values are
+    written at ``position`` and attention sees the keys at positions ``<= position[t]`` (rows
+    beyond hold stale or zero values and are masked).  Sequences of a batch share positions.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
+            raise TypeError(f"static_decode_step needs a Hugging Face causal LM (got {type(model).__name__} with no "
+                            "config.num_hidden_layers)")
+        self.model = model
+        self.n_layers = _layers(model.config)
+
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor, *caches: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        if len(caches) != 2 * self.n_layers:
+            raise TypeError(f"static decode step takes {2 * self.n_layers} cache buffers (k and v for "
+                            f"{self.n_layers} layers), got {len(caches)}")
+        max_len = caches[0].shape[2]
+        keys = torch.arange(max_len, device=position.device)
+        mask = (keys.unsqueeze(0) <= position.unsqueeze(1)).unsqueeze(0).unsqueeze(0)  # [1, 1, T, max_len]
+        tensors = list(caches)
+        cache = _position_cache(tensors, position, self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position.unsqueeze(0),
+                         past_key_values=cache, use_cache=True)
+        return (out.logits, *tensors)
+
+
+def static_decode_step(model: nn.Module) -> StaticDecodeStep:
+    """``model`` wrapped as a :class:`StaticDecodeStep` whose ``forward`` names every input (input_ids,
+    position, cache_k_0, cache_v_0, ...), as ``torch.export`` binds them."""
+    step = StaticDecodeStep(model).eval()
+    names = ["input_ids", "position", *static_cache_names(model.config)]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
+    base = StaticDecodeStep.forward
+
+    def forward(self: StaticDecodeStep, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bound = sig.bind(self, *args, **kwargs)
+        vals = [bound.arguments[n] for n in names]
+        return base(self, vals[0], vals[1], *vals[2:])
+
+    sig = inspect.Signature(params)
+    forward.__signature__ = sig  # type: ignore[attr-defined]
+    cls = type(f"{type(model).__name__}StaticDecodeStep", (StaticDecodeStep,), {"forward": forward})
+    step.__class__ = cls
+    return step
+
+
+def static_decode_inputs(model_or_config: Any, max_len: int, *, position: int = 0, batch: int = 1,
+                         new_tokens: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
+                         random_cache: bool = True) -> dict[str, torch.Tensor]:
+    """Example inputs of one static step: random token ids, ``position = [position, ...]`` for
+    ``new_tokens`` tokens, and ``max_len``-long cache buffers (random, or zeros)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if max_len < 1 or batch < 1 or new_tokens < 1 or not 0 <= position <= max_len - new_tokens:
+        raise ValueError(f"static_decode_inputs: need max_len, batch, new_tokens >= 1 and 0 <= position <= "
+                         f"max_len - new_tokens (got max_len={max_len}, batch={batch}, new_tokens={new_tokens}, "
+                         f"position={position})")
+    g = torch.Generator().manual_seed(seed)
+    ins = {"input_ids": torch.randint(0, int(config.vocab_size), (batch, new_tokens), generator=g),
+           "position": torch.arange(position, position + new_tokens, dtype=torch.long)}
+    shape = kv_cache_shape(config, max_len, batch)
+    for name in static_cache_names(config):
+        ins[name] = (torch.randn(*shape, generator=g) if random_cache else torch.zeros(*shape)).to(dtype)
     return ins

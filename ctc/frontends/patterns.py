@@ -1,6 +1,7 @@
 """Capture-time fusions: recognise decomposed Hugging Face idioms and rebuild them as whole ops.
 
-* ``rms_norm``: ``w * (x * rsqrt(mean(x^2, -1, keepdim) + eps))`` (Llama/Qwen ``RMSNorm`` in fp32);
+* ``rms_norm``: ``w * (x * rsqrt(mean(x^2, -1, keepdim) + eps))`` (Llama/Qwen ``RMSNorm`` in fp32;
+  in half precision the same between ``cast(x16, f32)`` and a cast back to x16's dtype);
 * ``rotary_embedding``: ``x * cos + cat(-x[..., h:], x[..., :h]) * sin`` (HF ``apply_rotary_pos_emb``);
 * grouped-query attention: ``sdpa(q, repeat_kv(k), repeat_kv(v))`` becomes ``sdpa(q, k, v, enable_gqa)``
   (torch repeats each kv head for consecutive query heads, exactly as HF ``repeat_kv`` does).
@@ -50,19 +51,30 @@ def _fuse_rms_norm(m: Module) -> int:
             continue
         if h.inputs[0] is not x or not _single_use(h.output, m):
             continue
-        y = h.output.users[0]
+        src, down = x, None  # half precision: x = cast(src, f32) ... cast(h, src dtype)
+        up = _prod(x, "cast")
+        if up is not None and up.inputs[0].type.dtype in ("f16", "bf16") and len(x.users) == 2 \
+                and not m.is_output(x):
+            down = h.output.users[0]
+            if down.op != "cast" or down.attrs["dtype"] != up.inputs[0].type.dtype \
+                    or not _single_use(down.output, m):
+                continue
+            src = up.inputs[0]
+        last = down.output if down is not None else h.output
+        y = last.users[0]
         if y.op != "mul" or len(y.inputs) != 2:
             continue
-        w = y.inputs[0] if y.inputs[1] is h.output else y.inputs[1]
-        if w.producer is None or w.producer.op != "param" or w.type.rank != 1 or w.type.dtype != "f32":
+        w = y.inputs[0] if y.inputs[1] is last else y.inputs[1]
+        if w.producer is None or w.producer.op != "param" or w.type.rank != 1 or w.type.dtype != src.type.dtype:
             continue
         if y.inputs[0] is not w:  # reference computes weight * h
             continue
-        new = m.create_node("rms_norm", [x, w], {"eps": float(_scalar(a))}, scope=y.scope, block=y.block,
+        new = m.create_node("rms_norm", [src, w], {"eps": float(_scalar(a))}, scope=y.scope, block=y.block,
                             before=y).output
         m.replace_all_uses_with(y.output, new)
-        for n in (y, h, r, a, mean, p):
-            m.erase(n)
+        for n in (y, down, h, r, a, mean, p, up if down is not None else None):
+            if n is not None:
+                m.erase(n)
         count += 1
     return count
 

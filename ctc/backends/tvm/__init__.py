@@ -1,4 +1,4 @@
-"""TVM backend of ctc: the ``cpu`` target (llvm), with ``cuda``/``fpga`` descriptions beside it.
+"""TVM backend of ctc: the ``cpu`` (llvm) and ``cuda`` targets, one lowering for both.
 
 Why this module is thin: ``ctc.targets`` imports it to find ``build``/``load``; TVM itself is
 imported only when a build or load actually happens (``import tvm`` costs seconds).
@@ -6,6 +6,9 @@ imported only when a build or load actually happens (``import tvm`` costs second
 * :mod:`.targets`   -- ctc target descriptions -> TVM targets, tuning-database keys.
 * :mod:`.lower`     -- ctc IR -> Relax, one rule per op.
 * :mod:`.schedules` -- default (untuned) CPU schedules.
+* :mod:`.cuda_schedules`, :mod:`.cuda_kernels`, :mod:`.cuda_toolchain` -- GPU schedules, hand-scheduled
+  CUDA kernels (decode attention), and the build-without-a-GPU toolchain (nvcc, stub libcuda).
+* :mod:`.cache_kernels` -- the in-place KV-cache write of decode steps.
 * :mod:`.tuning`    -- meta-schedule tuning with a persistent, resumable database.
 * :mod:`.build`     -- the compile pipeline, ``export_library``, runtime-only loader.
 * :mod:`.int_kernels` -- integer kernels for ``quant_linear``.
@@ -16,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_target", "load", "load_compiled", "supports"]
+__all__ = ["build_target", "load", "load_compiled", "runs_here", "supports"]
 
 
 def build_target(module: Any, target: Any, out_dir: Path) -> dict[str, Any]:
@@ -43,7 +46,19 @@ def load_compiled(path: str | Path, *, threads: int | None = None) -> Any:
 
 
 # Kinds this backend builds today; the others are described (ctc.backends.tvm.targets) but refused.
-BUILT_KINDS = ("cpu",)
+BUILT_KINDS = ("cpu", "cuda")
+
+
+def runs_here(kind: str) -> str | None:
+    """None when this machine can run libraries built for ``kind``; else why not (the library is still
+    built: a GPU library is made on any machine with nvcc and run where the GPU is)."""
+    if kind != "cuda":
+        return None
+    from ctc.backends.tvm.targets import detect_cuda_arch
+
+    if detect_cuda_arch() is None:
+        return "no CUDA GPU on this machine: the library is built, run it where the GPU is (`ctc bench --target cuda`)"
+    return None
 
 
 def supports(kind: str) -> str | None:
@@ -51,4 +66,4 @@ def supports(kind: str) -> str | None:
     if kind in BUILT_KINDS:
         return None
     return (f"the TVM backend builds only {', '.join(BUILT_KINDS)} so far; `target {kind}` is not supported yet "
-            "(use `target cpu`)")
+            "(use `target cpu` or `target cuda`)")

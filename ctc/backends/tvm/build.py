@@ -1,4 +1,5 @@
-"""Compile a ctc module for a CPU through TVM Relax, export it, and load it back with the runtime only.
+"""Compile a ctc module for a CPU or a CUDA GPU through TVM Relax, export it, and load it back with the
+runtime only.
 
 Why: this is the flow that turns a (compressed) ctc module into a deployable library:
 
@@ -7,13 +8,18 @@ Why: this is the flow that turns a (compressed) ctc module into a deployable lib
    layer-norm epilogues fuse into their producers).
 3. Tuned schedules from the tuning database when a trial budget is given
    (:mod:`ctc.backends.tvm.tuning`; a second compile reuses the records, no tuning time).
-4. Default schedules for every PrimFunc still unscheduled (:mod:`.schedules`: register-tiled
-   matmul rule, dlight CPU reduction/GEMV rules, vectorized elementwise rule).
+4. Default schedules for every PrimFunc still unscheduled (:mod:`.schedules` on a CPU:
+   register-tiled matmul rule, dlight CPU reduction/GEMV rules, vectorized elementwise rule;
+   :mod:`.cuda_schedules` on a GPU: dlight's GPU rules).
 5. ``tvm.compile`` and ``export_library`` into ``<out>/model.so`` plus ``model.json`` (input,
-   output and parameter signature) and, with ``params="input"``, ``params.npz``.
+   output and parameter signature) and, with ``params="input"``, ``params.npz``.  For CUDA the
+   kernels are compiled here by nvcc into a fatbin inside the library
+   (:mod:`.cuda_toolchain`: works on a machine without a GPU).
 
-:func:`load_compiled` needs only ``tvm.runtime`` (no Relax import) and takes/returns torch
-tensors or numpy arrays.
+Only the target-specific steps differ (schedules, finalizing passes, packaging); the lowering
+and fusion are the same for every target.  :func:`load_compiled` needs only ``tvm_ffi`` and
+TVM's runtime libraries (no Relax import) and takes/returns torch tensors or numpy arrays; on
+a CUDA library it also loads TVM's CUDA runtime and runs on the GPU.
 """
 
 from __future__ import annotations
@@ -74,13 +80,21 @@ def relax_passes(target: Any) -> Any:
 
 def _finalize(target: Any) -> Any:
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cp
 
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as cp
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as cp  # type: ignore[no-redef]
     return tvm.transform.Sequential(cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
 
 
 def schedule_defaults(mod: Any, target: Any) -> Any:
-    """Give every unscheduled PrimFunc the default CPU schedule (:mod:`.schedules`)."""
+    """Give every unscheduled PrimFunc the target's default schedule (:mod:`.schedules` for CPUs,
+    :mod:`.cuda_schedules` for CUDA)."""
+    if target.kind.name == "cuda":
+        from ctc.backends.tvm.cuda_schedules import schedule_gpu_defaults
+
+        return schedule_gpu_defaults(mod, target)
     from ctc.backends.tvm.schedules import default_rules
     from tvm.s_tir import dlight as dl
 
@@ -121,6 +135,12 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
 
     opts = options or BuildOptions()
     info = target if isinstance(target, T.TargetInfo) else T.resolve(kind, target_options)
+    gpu = info.kind == "cuda"
+    toolchain: dict[str, str] = {}
+    if gpu:
+        from ctc.backends.tvm.cuda_toolchain import prepare_cuda_build
+
+        toolchain = prepare_cuda_build()  # before TVM builds anything for CUDA (stub libcuda, nvcc)
     tgt = info.target()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -132,6 +152,9 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         mod = relax_passes(tgt)(low.mod)
     timings["fuse_s"] = time.perf_counter() - t0
     tune_summary: dict[str, Any] = {}
+    if opts.trials > 0 and gpu:
+        raise ValueError("tuning for target cuda runs on the GPU machine (benchmarks/cuda_tune.py); "
+                         "build with trials=0 here")
     if opts.trials > 0:
         from ctc.backends.tvm import tuning
 
@@ -143,12 +166,18 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
     if opts.default_schedules:
         mod = schedule_defaults(mod, tgt)
     timings["schedule_s"] = time.perf_counter() - t0
+    kernels: dict[str, int] = {}
+    if gpu:
+        from ctc.backends.tvm.cuda_schedules import kernel_count
+
+        kernels = kernel_count(mod)
     t0 = time.perf_counter()
-    with tvm.transform.PassContext(opt_level=opts.opt_level):
+    with _codegen_scope(tgt), tvm.transform.PassContext(opt_level=opts.opt_level):
         ex = tvm.compile(mod, tgt, relax_pipeline=_finalize(tgt))
     timings["codegen_s"] = time.perf_counter() - t0
     meta = {
         "format": "ctc-tvm-1",
+        "device": "cuda" if gpu else "cpu",
         "target": info.tvm,
         "threads": info.threads,
         "inputs": [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in module.inputs],
@@ -161,33 +190,101 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "int_kernels": low.int_kernels,
         "notes": low.notes,
         "tuning": tune_summary,
+        "inplace_inputs": low.inplace_inputs,
     }
+    if gpu:
+        meta["kernels_per_call"] = kernels.get("total", 0)
+        meta["kernels"] = {k: v for k, v in kernels.items() if k != "total"}
+        meta["toolchain"] = toolchain
     return Compiled(ex, meta, [a for _, a in low.param_inputs], timings)
 
 
+def _codegen_scope(target: Any) -> Any:
+    """CUDA: compile kernels with nvcc to fatbins, inside the target's scope (TVM reads the arch from it)."""
+    import contextlib
+
+    if target.kind.name != "cuda":
+        return contextlib.nullcontext()
+    from ctc.backends.tvm.cuda_toolchain import nvcc_compile_mode
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(nvcc_compile_mode())
+    stack.enter_context(target)
+    return stack
+
+
 # ----------------------------------------------------------------------------- runtime side
-_RUNTIME_LOADED = False
+_RUNTIME_LOADED: set[str] = set()
+RUNTIME_DIR_ENV = "CTC_TVM_LIBDIR"  # a folder holding TVM's runtime libraries, where the tvm package is absent
 
 
-def _load_runtime() -> Any:
-    """``tvm_ffi`` with TVM's runtime libraries loaded (no ``tvm``/``tvm.relax`` Python import)."""
-    global _RUNTIME_LOADED
-    import ctypes
+def runtime_lib_dir() -> str:
+    """The folder of TVM's runtime libraries: the installed ``tvm`` package's ``lib/``, else
+    ``$CTC_TVM_LIBDIR`` (a GPU machine that carries only ``libtvm_runtime*.so``)."""
     import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("tvm")
+    if spec is not None and spec.origin is not None:
+        return os.path.join(os.path.dirname(spec.origin), "lib")
+    env = os.environ.get(RUNTIME_DIR_ENV, "")
+    if env and os.path.isfile(os.path.join(env, "libtvm_runtime.so")):
+        return env
+    raise RuntimeError("load_compiled: TVM's runtime libraries were not found: install apache-tvm, or set "
+                       f"{RUNTIME_DIR_ENV} to a folder holding libtvm_runtime.so (and libtvm_runtime_cuda.so for "
+                       "CUDA libraries)")
+
+
+def _load_cudart() -> None:
+    """libcudart.so.13 (TVM's CUDA runtime needs it): the system's, else the one PyTorch's CUDA wheels ship."""
+    import ctypes
+    import glob
+    import os
+
+    try:
+        ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
+    import torch
+
+    root = os.path.dirname(os.path.dirname(torch.__file__))
+    for path in sorted(glob.glob(os.path.join(root, "nvidia", "**", "libcudart.so.13*"), recursive=True)):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError:
+            continue
+    raise RuntimeError("load_compiled: libcudart.so.13 (CUDA 13 runtime) was not found; install the CUDA 13 "
+                       "runtime or a CUDA 13 build of PyTorch")
+
+
+def _load_runtime(device: str = "cpu") -> Any:
+    """``tvm_ffi`` with TVM's runtime libraries loaded (no ``tvm``/``tvm.relax`` Python import);
+    ``device="cuda"`` adds TVM's CUDA runtime."""
+    import ctypes
     import os
 
     import tvm_ffi
 
-    if not _RUNTIME_LOADED:
-        spec = importlib.util.find_spec("tvm")
-        if spec is None or spec.origin is None:
-            raise RuntimeError("load_compiled: the TVM runtime libraries (package apache-tvm) are not installed")
-        libdir = os.path.join(os.path.dirname(spec.origin), "lib")
+    if "cpu" not in _RUNTIME_LOADED:
+        libdir = runtime_lib_dir()
         for name in ("libtvm_runtime.so", "libtvm_runtime_extra.so"):
             path = os.path.join(libdir, name)
             if os.path.exists(path):
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        _RUNTIME_LOADED = True
+        _RUNTIME_LOADED.add("cpu")
+    if device == "cuda" and "cuda" not in _RUNTIME_LOADED:
+        _load_cudart()
+        path = os.path.join(runtime_lib_dir(), "libtvm_runtime_cuda.so")
+        if not os.path.exists(path):
+            raise RuntimeError(f"load_compiled: {path} is missing (TVM's CUDA runtime; apache-tvm ships it)")
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise RuntimeError(f"load_compiled: TVM's CUDA runtime does not load ({e}); is the NVIDIA driver "
+                               "(libcuda.so.1) installed?") from None
+        _RUNTIME_LOADED.add("cuda")
     return tvm_ffi
 
 
@@ -228,36 +325,71 @@ class CompiledModel:
             env = os.environ.get("TVM_NUM_THREADS", "")
             self.threads = int(env) if env.isdigit() and int(env) > 0 else host_cores()
         os.environ["TVM_NUM_THREADS"] = str(self.threads)
-        ffi = _load_runtime()
+        self.device = str(self.meta.get("device", "cpu"))
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                arch = self.meta.get("target", {}).get("arch")
+                raise RuntimeError(f"load_compiled: {lib} was built for CUDA ({arch}); load it on a machine with an "
+                                   "NVIDIA GPU and driver")
+        ffi = _load_runtime(self.device)
         self._ffi = ffi
         cfg = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
         if cfg is not None:
             cfg(-1, self.threads)
         self._lib = ffi.load_module(str(lib))
         self.vm = self._lib["vm_load_executable"]()
-        # (device type, id, allocator) for the device and the host: kDLCPU=1, pooled allocator=2
-        self.vm["vm_initialization"](1, 0, 2, 1, 0, 2)
+        # (device type, id, allocator) for the device and the host: kDLCPU=1, kDLCUDA=2, pooled allocator=2
+        self.vm["vm_initialization"](2 if self.device == "cuda" else 1, 0, 2, 1, 0, 2)
         self._main = self.vm["main"]
-        self._keep: list[np.ndarray] = []
+        self._inplace = set(self.meta.get("inplace_inputs", []))
+        self._keep: list[Any] = []
         self._params: list[Any] = []
         if self.meta.get("params"):
             z = np.load(d / PARAMS_NAME)
-            arrs = [_aligned(z[f"p{i}"]) for i in range(len(self.meta["params"]))]
-            self._keep += arrs
-            self._params = [ffi.from_dlpack(a) for a in arrs]
+            self.bind_params([z[f"p{i}"] for i in range(len(self.meta["params"]))])
+
+    def bind_params(self, arrays: Sequence[Any]) -> None:
+        """Use ``arrays`` (numpy arrays or torch tensors, in ``meta["params"]`` order) as the weights: moved to
+        the model's device once and kept there (the benchmark binds seeded random weights this way)."""
+        want = self.meta.get("params", [])
+        if len(arrays) != len(want):
+            raise ValueError(f"bind_params: the library takes {len(want)} parameter arrays, got {len(arrays)}")
+        keep: list[Any] = []
+        ffi_params = []
+        for spec, a in zip(want, arrays, strict=True):
+            if tuple(a.shape) != tuple(spec["shape"]):
+                raise ValueError(f"bind_params: {spec['name']} must have shape {spec['shape']}, got {tuple(a.shape)}")
+            ffi_params.append(self._to_ffi(a, keep))
+        self._param_keep = keep
+        self._params = ffi_params
 
     @property
     def input_names(self) -> list[str]:
         return [i["name"] for i in self.meta.get("inputs", [])]
 
-    def _to_ffi(self, x: Any, keep: list[np.ndarray]) -> Any:
+    def _to_ffi(self, x: Any, keep: list[Any], *, copy: bool = False) -> Any:
+        """A runtime tensor on the model's device holding ``x`` (a torch tensor or numpy array); ``copy``
+        forces a private buffer (for inputs the library writes in place)."""
+        if self.device == "cuda":
+            import torch
+
+            t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+            on_gpu = t.is_cuda
+            t = t.to("cuda").contiguous()
+            if (copy and on_gpu) or t.data_ptr() % 64:
+                t = t.clone()
+            keep.append(t)
+            return self._ffi.from_dlpack(t)
         if hasattr(x, "detach"):
             x = x.detach().cpu().contiguous().numpy()
-        a = _aligned(np.ascontiguousarray(x))
+        a = np.ascontiguousarray(x)
+        a = _aligned(a.copy() if copy else a)
         keep.append(a)
         return self._ffi.from_dlpack(a)
 
-    def _args(self, inputs: tuple[Any, ...], keep: list[np.ndarray]) -> list[Any]:
+    def _args(self, inputs: tuple[Any, ...], keep: list[Any]) -> list[Any]:
         if len(inputs) == 1 and isinstance(inputs[0], Mapping):
             names = self.input_names
             missing = [n for n in names if n not in inputs[0]]
@@ -270,7 +402,9 @@ class CompiledModel:
         if len(inputs) != want:
             raise TypeError(f"compiled model takes {want} inputs ({self.input_names}), got {len(inputs)}")
         self._check_fixed_dims(inputs)
-        return [self._to_ffi(x, keep) for x in inputs] + self._params
+        names = self.input_names or [""] * len(inputs)
+        return [self._to_ffi(x, keep, copy=n in self._inplace) for n, x in zip(names, inputs, strict=True)] \
+            + self._params
 
     def _check_fixed_dims(self, inputs: Sequence[Any]) -> None:
         """A fixed-shape build (``seq_len``/``batch`` on the target) takes only those sizes: say so
@@ -288,18 +422,48 @@ class CompiledModel:
                                      f"{spec.get('name')!r} axis {axis} must be {want}, got {int(shape[axis])}")
 
     def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
-        keep: list[np.ndarray] = []
+        """Run on ``inputs`` (a mapping by name, a list, or positional); outputs as CPU torch tensors (numpy
+        arrays with ``numpy=True``).  Inputs the library writes in place are copied first, so the
+        caller's tensors never change."""
+        keep: list[Any] = []
         out = self._main(*self._args(inputs, keep))
         outs = [out] if hasattr(out, "__dlpack__") else list(out)
-        if numpy:
-            return [np.from_dlpack(o).copy() for o in outs]
         import torch
 
+        res = [torch.from_dlpack(o) for o in outs]
+        if self.device == "cuda":
+            res = [r.cpu() for r in res]
+        if numpy:
+            return [r.numpy().copy() for r in res]
+        return res
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def call_device(self, args: Sequence[Any]) -> list[Any]:
+        """Run on runtime tensors already on the device (from :meth:`device_tensor`) plus the bound
+        weights; outputs as torch tensors on the device, in place where the library writes in place."""
+        import torch
+
+        out = self._main(*args, *self._params)
+        outs = [out] if hasattr(out, "__dlpack__") else list(out)
         return [torch.from_dlpack(o) for o in outs]
+
+    def device_tensor(self, x: Any) -> tuple[Any, Any]:
+        """``(runtime tensor, torch tensor)`` sharing one buffer on the model's device, holding ``x``."""
+        import torch
+
+        keep: list[Any] = []
+        r = self._to_ffi(x, keep, copy=True)
+        held = keep[0]
+        return r, (held if isinstance(held, torch.Tensor) else torch.from_numpy(held))
 
     def prepare(self, *inputs: Any) -> list[Any]:
         """Runtime tensors for ``inputs`` (to time the model without conversion cost)."""
-        keep: list[np.ndarray] = []
+        keep: list[Any] = []
         args = self._args(inputs, keep)
         self._keep += keep
         return args
@@ -318,14 +482,17 @@ class CompiledModel:
 
         if runs < 1:
             raise ValueError(f"profile: runs must be >= 1, got {runs}")
-        keep: list[np.ndarray] = []
+        keep: list[Any] = []
         args = self._args(inputs, keep)
         self._main(*args)  # warm-up, not recorded
         totals: dict[str, list[float]] = {}
         started: dict[str, float] = {}
 
+        sync = self._sync
+
         def hook(_func: Any, name: Any, before: bool, _ret: Any, *_args: Any) -> int:
             key = str(name)
+            sync()  # a GPU kernel's time is only known once it has finished
             if before:
                 started[key] = time.perf_counter()
             else:
@@ -380,9 +547,11 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
             raise UsageError(f"target {target.kind}: {option_name} binds the {what} symbol {symbol!r}, but the "
                              f"model's input dims use {symbols}; capture with the {what} axis named {symbol!r}")
         static[symbol] = value
+    # GPU weights are not constants inside the library: bound at load from the module's parameters
     return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
                         tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
-                        opt_level=int(getattr(opts, "opt_level", 3)))
+                        opt_level=int(getattr(opts, "opt_level", 3)),
+                        params="input" if target.kind == "cuda" else "const")
 
 
 def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
@@ -394,9 +563,12 @@ def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     comp = compile_module(module, target=info, options=opts)
     lib = comp.export(out_dir)
-    return {"library": lib.name, "tvm_target": info.tvm, "compile_s": round(time.perf_counter() - t0, 3),
-            "timings": {k: round(v, 3) for k, v in comp.timings.items()}, "int_kernels": comp.meta["int_kernels"],
-            "notes": comp.meta["notes"], "tuning": comp.meta["tuning"]}
+    summary = {"library": lib.name, "tvm_target": info.tvm, "compile_s": round(time.perf_counter() - t0, 3),
+               "timings": {k: round(v, 3) for k, v in comp.timings.items()}, "int_kernels": comp.meta["int_kernels"],
+               "notes": comp.meta["notes"], "tuning": comp.meta["tuning"]}
+    if "kernels_per_call" in comp.meta:
+        summary["kernels_per_call"] = comp.meta["kernels_per_call"]
+    return summary
 
 
 def load(target_dir: str | Path, module: Module | None = None) -> Any:

@@ -60,6 +60,7 @@ class Lowered:
     symbols: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     int_kernels: int = 0
+    inplace_inputs: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -127,12 +128,14 @@ class Ctx:
         self.fast_math = fast_math
         self.dims = _DimParser(static_dims)
         self.target = target
+        self.gpu = target is not None and getattr(getattr(target, "kind", None), "name", "") == "cuda"
         self.use_int_kernels = use_int_kernels
         self.env: dict[int, Any] = {}
         self._pcache: dict[str, Any] = {}
         self.param_inputs: list[tuple[str, Any, np.ndarray]] = []
         self.notes: list[str] = []
         self.int_kernels = 0
+        self.inplace_inputs: set[str] = set()  # module inputs whose buffers the compiled code writes
         self.memo: dict[Any, Any] = {}  # lowered values shared between rules (keyed by rule and ctc Value)
         self._transposed: set[str] | None = None
         self.rules: Mapping[str, Rule] = RULES  # the rules this lowering uses (a target may replace some)
@@ -478,9 +481,23 @@ def _reshape(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     return ctx.relax.op.reshape(a[0], ctx.dims.shape(node.outputs[0].type))
 
 
+def _is_view_permutation(ctx: Ctx, shape: Sequence[int | str], perm: Sequence[int]) -> bool:
+    """True when permuting ``shape`` by ``perm`` keeps the memory order: only size-1 dims move
+    (``[B, 1, H, D] -> [B, H, 1, D]`` in a decode step).  Such a permutation is a reshape, which the
+    VM does without a kernel."""
+    moved = [i for i in range(len(perm)) if _static_int(ctx, shape[i]) != 1]
+    return [p for p in perm if p in moved] == moved
+
+
+def _permute_or_view(ctx: Ctx, node: Node, x: Any, perm: list[int]) -> Any:
+    if _is_view_permutation(ctx, node.inputs[0].type.shape, perm):
+        return ctx.relax.op.reshape(x, ctx.dims.shape(node.outputs[0].type))
+    return ctx.relax.op.permute_dims(x, perm)
+
+
 @rule("permute")
 def _permute(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.permute_dims(a[0], list(node.attrs["perm"]))
+    return _permute_or_view(ctx, node, a[0], list(node.attrs["perm"]))
 
 
 @rule("transpose")
@@ -489,7 +506,7 @@ def _transpose(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     perm = list(range(r))
     i, j = _axis(node.attrs["dim0"], r), _axis(node.attrs["dim1"], r)
     perm[i], perm[j] = perm[j], perm[i]
-    return ctx.relax.op.permute_dims(a[0], perm)
+    return _permute_or_view(ctx, node, a[0], perm)
 
 
 @rule("expand")
@@ -612,12 +629,19 @@ def _one_row(ctx: Ctx, x: Value) -> bool:
 
 
 def _matvec_nk(x: Any, w: Any) -> Any:
-    """``y[..., n] = sum_k x[..., k] * w[n, k]`` reading the ``[N, K]`` weight as stored."""
+    """``y[..., n] = sum_k x[..., k] * w[n, k]`` reading the ``[N, K]`` weight as stored.
+
+    Half-precision operands are accumulated in f32 and the sum rounded once to x's dtype
+    (summing 576 f16 products in f16 doubled the decode step's error)."""
     from tvm import te
 
     k = te.reduce_axis((0, w.shape[1]), "k")
-    return te.compute([*x.shape[:-1], w.shape[0]],
-                      lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k), name="matvec")
+    shape = [*x.shape[:-1], w.shape[0]]
+    if x.dtype == "float32" and w.dtype == "float32":
+        return te.compute(shape, lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k), name="matvec")
+    acc = te.compute(shape, lambda *i: te.sum(x[(*i[:-1], k)].astype("float32") * w[i[-1], k].astype("float32"),
+                                               axis=k), name="matvec")
+    return te.compute(shape, lambda *i: acc(*i).astype(x.dtype), name="matvec_round")
 
 
 def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callable[[], Any]) -> Any:
@@ -635,8 +659,11 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callabl
 
 
 def _reads_transposed(ctx: Ctx, x_value: Value, w_value: Value) -> bool:
-    """Whether :func:`_linear_product` reads the weight in the ``[K, N]`` (``"T"``) layout."""
-    return not (_one_row(ctx, x_value) and x_value.type.dtype == w_value.type.dtype == "f32")
+    """Whether :func:`_linear_product` reads the weight in the ``[K, N]`` (``"T"``) layout.  A one-row product
+    reads it as stored (any float dtype, f32 sums); so does every product on a GPU (dlight's GEMV and
+    tensor-core matmul rules take either layout), so a GPU binds each weight once, in one layout."""
+    same = x_value.type.dtype == w_value.type.dtype
+    return not (same and (_one_row(ctx, x_value) or ctx.gpu))
 
 
 @rule("linear")
@@ -669,18 +696,35 @@ def _layer_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     return ctx.relax.op.nn.layer_norm(a[0], w, b, axes=axes, epsilon=node.attrs["eps"])
 
 
+def _rms_norm_te(eps: float, x_dtype: str, out_dtype: str) -> Callable[[Any, Any], Any]:
+    """The reference's RMSNorm (``weight * (x.f32 * rsqrt(mean(x.f32^2) + eps)).to(x.dtype)``) in TE,
+    the mean of squares accumulated in f32."""
+    def f(x: Any, w: Any) -> Any:
+        from tvm import te, tirx
+
+        n = x.shape[-1]
+        k = te.reduce_axis((0, n), "k")
+        ss = te.compute(x.shape[:-1], lambda *i: te.sum(x[(*i, k)].astype("float32") * x[(*i, k)].astype("float32"),
+                                                        axis=k), name="sum_sq")
+
+        def out(*i: Any) -> Any:
+            r = tirx.rsqrt(ss(*i[:-1]) / tirx.Cast("float32", n) + tirx.const(eps, "float32"))
+            h = (x(*i).astype("float32") * r).astype(x_dtype).astype(out_dtype)
+            return w[i[-1]].astype(out_dtype) * h
+
+        return te.compute(x.shape, out, name="rms_norm")
+    return f
+
+
 @rule("rms_norm")
 def _rms_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     op = ctx.relax.op
     xt, wt, ot = node.inputs[0].type, node.inputs[1].type, node.outputs[0].type
-    if xt.dtype == wt.dtype == "f32":
+    if xt.dtype == wt.dtype == "f32" and not ctx.gpu:
         return op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=node.attrs["eps"])
-    h = ctx.emit(op.astype(a[0], "float32"))
-    ms = ctx.emit(op.mean(ctx.emit(op.multiply(h, h)), axis=[-1], keepdims=True))
-    h = ctx.emit(op.multiply(h, ctx.emit(op.rsqrt(ctx.emit(op.add(ms, ctx.const(node.attrs["eps"], "f32")))))))
-    h = ctx.emit(op.astype(ctx.emit(op.astype(h, _dt(xt))), _dt(ot)))
-    w = a[1] if wt.dtype == ot.dtype else ctx.emit(op.astype(a[1], _dt(ot)))
-    return op.multiply(w, h)
+    # one reduction + one elementwise stage: fuses into a single kernel (a row reduction with its
+    # epilogue), where the op-by-op form made three
+    return ctx.te(_rms_norm_te(float(node.attrs["eps"]), _dt(xt), _dt(ot)), a[0], a[1], name="rms_norm")
 
 
 @rule("rotary_embedding")
@@ -707,10 +751,10 @@ def _repeat_kv(ctx: Ctx, k: Any, hq: Any, hk: Any, axis: int) -> Any:
 
 
 def _one_query_group(ctx: Ctx, node: Node) -> int | None:
-    """For ``q [B, H, 1, D]`` against ``k``/``v`` ``[B, Hk, S, D]`` (one decode step, f32): the number
-    of query heads per kv head (1 without GQA); None for any other shape."""
+    """For ``q [B, H, 1, D]`` against ``k``/``v`` ``[B, Hk, S, D]`` (one decode step, any float dtype):
+    the number of query heads per kv head (1 without GQA); None for any other shape."""
     qt, kt, vt = (i.type for i in node.inputs[:3])
-    if not (qt.rank == kt.rank == vt.rank == 4 and qt.dtype == kt.dtype == vt.dtype == "f32"):
+    if not (qt.rank == kt.rank == vt.rank == 4 and qt.dtype == kt.dtype == vt.dtype):
         return None
     if _static_int(ctx, qt.shape[2]) != 1 or qt.shape[0] != kt.shape[0] or kt.shape[0] != vt.shape[0]:
         return None
@@ -723,25 +767,32 @@ def _one_query_group(ctx: Ctx, node: Node) -> int | None:
 
 
 def _scores_by_group(group: int) -> Callable[[Any, Any], Any]:
-    """``s[b, h, i, j] = sum_d q[b, h, i, d] * k[b, h // group, j, d]``: ``q k^T`` reading the keys
+    """``s[b, h, i, j] = sum_d q[b, h, i, d] * k[b, h // group, j, d]`` in f32: ``q k^T`` reading the keys
     as stored ([S, D] per kv head), no transpose or GQA repeat materialized."""
     def f(q: Any, k: Any) -> Any:
         from tvm import te
 
         d = te.reduce_axis((0, q.shape[3]), "d")
         return te.compute([q.shape[0], q.shape[1], q.shape[2], k.shape[2]],
-                          lambda b, h, i, j: te.sum(q[b, h, i, d] * k[b, h // group, j, d], axis=d), name="scores")
+                          lambda b, h, i, j: te.sum(q[b, h, i, d].astype("float32")
+                                                    * k[b, h // group, j, d].astype("float32"), axis=d),
+                          name="scores")
     return f
 
 
 def _weighted_values_by_group(group: int) -> Callable[[Any, Any], Any]:
-    """``o[b, h, i, d] = sum_j p[b, h, i, j] * v[b, h // group, j, d]`` (values as stored)."""
+    """``o[b, h, i, d] = sum_j p[b, h, i, j] * v[b, h // group, j, d]`` (values as stored, f32 sums,
+    the result in v's dtype)."""
     def f(p: Any, v: Any) -> Any:
         from tvm import te
 
         j = te.reduce_axis((0, v.shape[2]), "j")
-        return te.compute([p.shape[0], p.shape[1], p.shape[2], v.shape[3]],
-                          lambda b, h, i, d: te.sum(p[b, h, i, j] * v[b, h // group, j, d], axis=j), name="pv")
+        shape = [p.shape[0], p.shape[1], p.shape[2], v.shape[3]]
+        acc = te.compute(shape, lambda b, h, i, d: te.sum(p[b, h, i, j] * v[b, h // group, j, d].astype("float32"),
+                                                          axis=j), name="pv")
+        if v.dtype == "float32":
+            return acc
+        return te.compute(shape, lambda *i: acc(*i).astype(v.dtype), name="pv_round")
     return f
 
 
@@ -815,14 +866,15 @@ def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, 
     r = qt.rank
     d = qt.shape[-1]
     sc = scale if scale is not None else 1.0 / math.sqrt(int(d))
-    if group is not None:
+    if group is not None:  # f32 scores
         logits = ctx.te(_scores_by_group(group), q, k, name="scores")
+        logits = ctx.emit(op.multiply(logits, ctx.const(sc, "f32")))
     else:
         kT = ctx.emit(op.permute_dims(k, [*range(r - 2), r - 1, r - 2]))
         logits = ctx.emit(op.matmul(q, kT))
-    logits = ctx.emit(op.multiply(logits, ctx.const(sc, qt.dtype)))
-    if qt.dtype != "f32":
-        logits = ctx.emit(op.astype(logits, "float32"))
+        logits = ctx.emit(op.multiply(logits, ctx.const(sc, qt.dtype)))
+        if qt.dtype != "f32":
+            logits = ctx.emit(op.astype(logits, "float32"))
     ninf = ctx.const(-math.inf, "f32")
     if is_causal:
         def causal(lg: Any) -> Any:
@@ -848,6 +900,10 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     mask = a[3] if len(a) > 3 else None
     mt = node.inputs[3].type if len(a) > 3 else None
     group = _one_query_group(ctx, node)
+    if group is not None and ctx.gpu:
+        fused = _gpu_decode_attention(ctx, node, a)
+        if fused is not None:
+            return fused
     if group is None and node.attrs["enable_gqa"] and qt.rank >= 3:
         k = _repeat_kv(ctx, k, qt.shape[-3], kt.shape[-3], kt.rank - 3)
         v = _repeat_kv(ctx, v, qt.shape[-3], vt.shape[-3], vt.rank - 3)
@@ -873,6 +929,68 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     if qt.dtype != "f32":
         p = ctx.emit(op.astype(p, _dt(qt)))
     return op.matmul(p, v)
+
+
+def _gpu_decode_attention(ctx: Ctx, node: Node, a: list[Any]) -> Any | None:
+    """One-query attention as one CUDA kernel (:mod:`.cuda_kernels`), or None when the shape is not
+    static or the kernel does not cover it (the op-by-op lowering then runs)."""
+    from ctc.backends.tvm import cuda_kernels as CK
+    from ctc.backends.tvm.int_kernels import add_prim_func
+
+    qt, kt = node.inputs[0].type, node.inputs[1].type
+    dims = [_static_int(ctx, d) for d in (*qt.shape, kt.shape[1], kt.shape[2])]
+    if any(d is None for d in dims):
+        return None
+    b, hq, _, d, hk, s = (int(x) for x in dims)  # type: ignore[arg-type]
+    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    mask = "none"
+    mb = mh = 1
+    mdt = "bool"
+    args = list(a[:3])
+    if len(a) > 3:
+        mt = node.inputs[3].type
+        full = [1] * (4 - mt.rank) + [_static_int(ctx, x) for x in mt.shape]
+        if None in full or full[2] != 1 or full[3] != s or full[0] not in (1, b) or full[1] not in (1, hq):
+            return None
+        mb, mh = int(full[0]), int(full[1])  # type: ignore[arg-type]
+        mask, mdt = ("bool", "bool") if mt.dtype == "bool" else ("add", _dt(mt))
+        args.append(ctx.emit(ctx.relax.op.reshape(a[3], [mb, mh, s])))
+    spec = CK.AttentionSpec(b, hq, hk, s, d, _dt(qt), float(scale), mask, mb, mh, mdt)
+    if CK.decode_attention_supported(spec) is not None:
+        return None
+    gv = add_prim_func(ctx.bb, CK.decode_attention_func(spec), f"decode_attention_{spec.tag}")
+    return ctx.relax.call_tir(gv, args, ctx.relax.TensorType([b, hq, 1, d], _dt(qt)))
+
+
+@rule("cache_write")
+def _cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    """Write the new rows into the cache buffer in place (:mod:`.cache_kernels`) when the cache is a
+    module input read by nothing else; otherwise into a copy (the reference's semantics either way)."""
+    from ctc.backends.tvm.cache_kernels import cache_write_func
+    from ctc.backends.tvm.int_kernels import add_prim_func
+
+    cache_v = node.inputs[0]
+    t = cache_v.type
+    ax = node.attrs["axis"] % t.rank
+    dt = _dt(t)
+    cache = a[0]
+    owned = cache_v.producer is None and len(cache_v.users) == 1 and not ctx.module.is_output(cache_v) \
+        and ctx.param_name(cache_v) is None
+    if not owned:
+        cache = ctx.te(_copy_te, cache, name="cache_copy")
+        ctx.notes.append(f"cache_write at {node.scope or '<root>'}: the cache is read elsewhere or not a module input; "
+                         "written into a copy")
+    else:
+        ctx.inplace_inputs.add(cache_v.name)
+    gv = add_prim_func(ctx.bb, cache_write_func(t.rank, ax, dt), f"cache_write_r{t.rank}_a{ax}_{dt}")
+    return ctx.relax.call_tir_inplace(gv, [cache, a[1], a[2]], [0],
+                                      ctx.relax.TensorType(ctx.shape_of(node.outputs[0]), dt))
+
+
+def _copy_te(c: Any) -> Any:
+    from tvm import te
+
+    return te.compute(c.shape, lambda *i: c(*i), name="copy")
 
 
 def _heads_rep(ctx: Ctx, node: Node) -> tuple[Any, Any, TensorType, TensorType]:
@@ -1138,4 +1256,5 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     syms = sorted(ctx.dims.vars)
     return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
                    param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], symbols=syms, notes=ctx.notes,
-                   int_kernels=ctx.int_kernels)
+                   int_kernels=ctx.int_kernels,
+                   inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])

@@ -3,12 +3,13 @@
 Why: the recipe names a target kind and options (:mod:`ctc.targets`); TVM wants a
 ``tvm.target.Target``.  ``cpu`` becomes ``llvm`` with this host's real ``-mcpu`` (LLVM's own
 host detection, e.g. ``znver4``) and its usable core count, never a hard-coded CPU.  ``cuda``
-and ``fpga`` have their descriptions written beside it but are not built by this backend yet
-(issue 4 tracks the CPU path; GPU/FPGA builds are separate work): asking for them raises
-:class:`UnsupportedTarget` naming that.
+becomes TVM's ``cuda`` kind for the given ``arch`` (or the visible GPU's), with the
+architecture's real per-block limits filled in (:data:`CUDA_ARCH_LIMITS`; left out, TVM assumes
+48 KB of shared memory, a quarter of what a Hopper block may use).  ``fpga`` is described
+but not built by this backend.
 
 ``target_key`` is the stable string the tuning database is keyed by: kind, mcpu, cores, and
-the CPU feature flags that change code generation.
+the CPU feature flags that change code generation; for cuda, the GPU architecture.
 """
 
 from __future__ import annotations
@@ -18,9 +19,23 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TargetInfo", "UnsupportedTarget", "host_cpu", "host_cores", "resolve", "target_key"]
+__all__ = ["CUDA_ARCH_LIMITS", "TargetInfo", "UnsupportedTarget", "cuda_target", "detect_cuda_arch", "host_cpu",
+           "host_cores", "resolve", "target_key"]
 
-ISSUE = "issue 4 (TVM backend: only the cpu target is built so far)"
+ISSUE = "issue 17 (FPGA-style target)"
+
+# Per-block limits by CUDA architecture (NVIDIA's CUDA C Programming Guide, "Technical Specifications
+# per Compute Capability"): shared memory a block may opt into, threads, 32-bit registers.
+CUDA_ARCH_LIMITS: dict[str, dict[str, int]] = {
+    "sm_70": {"max_shared_memory_per_block": 98304, "registers_per_block": 65536},
+    "sm_75": {"max_shared_memory_per_block": 65536, "registers_per_block": 65536},
+    "sm_80": {"max_shared_memory_per_block": 166912, "registers_per_block": 65536},
+    "sm_86": {"max_shared_memory_per_block": 101376, "registers_per_block": 65536},
+    "sm_87": {"max_shared_memory_per_block": 166912, "registers_per_block": 65536},
+    "sm_89": {"max_shared_memory_per_block": 101376, "registers_per_block": 65536},
+    "sm_90": {"max_shared_memory_per_block": 232448, "registers_per_block": 65536},
+    "sm_90a": {"max_shared_memory_per_block": 232448, "registers_per_block": 65536},
+}
 
 
 class UnsupportedTarget(NotImplementedError):
@@ -70,16 +85,46 @@ def _cpu(options: Any) -> TargetInfo:
     return TargetInfo("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, threads)
 
 
+def detect_cuda_arch() -> str | None:
+    """``sm_XY`` of the first visible GPU (through torch's CUDA runtime); None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+    except Exception:  # noqa: BLE001 - a broken driver counts as no GPU
+        return None
+    return f"sm_{major}{minor}"
+
+
+def cuda_target(arch: str) -> dict[str, Any]:
+    """The TVM target dict for ``arch`` (``sm_90``...), with that architecture's block limits."""
+    if not arch.startswith("sm_") or not arch[3:5].isdigit():
+        raise UnsupportedTarget(f"target cuda: arch must look like sm_90 (compute capability 9.0), got {arch!r}")
+    limits = CUDA_ARCH_LIMITS.get(arch)
+    if limits is None:
+        known = ", ".join(CUDA_ARCH_LIMITS)
+        raise UnsupportedTarget(f"target cuda: no block limits known for {arch} (known: {known}); add its row to "
+                                "ctc.backends.tvm.targets.CUDA_ARCH_LIMITS")
+    return {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024, "thread_warp_size": 32, **limits,
+            "host": {"kind": "llvm"}}
+
+
 def _cuda(options: Any) -> TargetInfo:
     arch = getattr(options, "arch", "") or ""
-    desc = {"kind": "cuda", "arch": arch or "sm_90", "host": {"kind": "llvm"}}
-    raise UnsupportedTarget(f"target cuda ({desc}) is not yet supported by this backend; see {ISSUE}. "
-                            "Build for `target cpu` instead.")
+    if not arch:
+        arch = detect_cuda_arch() or ""
+        if not arch:
+            raise UnsupportedTarget("target cuda: no GPU is visible here to detect the architecture from; name it, "
+                                    'e.g. `target cuda arch="sm_90"` (H100/H200) -- libraries for a GPU are built '
+                                    "on any machine with nvcc")
+    return TargetInfo("cuda", cuda_target(arch), 0)
 
 
 def _fpga(options: Any) -> TargetInfo:
     raise UnsupportedTarget(f"target fpga (HLS C, part {getattr(options, 'part', '?')}) is not yet supported by the "
-                            f"TVM backend; see {ISSUE}. Build for `target cpu` instead.")
+                            f"TVM backend; see {ISSUE}. Build for `target cpu` or `target cuda` instead.")
 
 
 _RESOLVERS = {"cpu": _cpu, "cuda": _cuda, "fpga": _fpga}
@@ -107,5 +152,7 @@ def target_key(info: TargetInfo) -> str:
         except Exception:  # noqa: BLE001 - feature query unsupported for this target
             feats = ""
     h = hashlib.sha1(f"{sorted(info.tvm.items())}|{feats}".encode()).hexdigest()[:8]
+    if t.kind.name == "cuda":
+        return f"cuda-{info.tvm['arch']}-{h}"
     mcpu = info.tvm.get("mcpu", "generic")
     return f"{t.kind.name}-{mcpu}-{info.tvm.get('num-cores', 0)}c-{h}"

@@ -84,3 +84,31 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Rotary position embedding, Hugging Face ``rotate_half`` convention:
     ``x * cos + rotate_half(x) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` (cos/sin broadcast)."""
     return x * cos + rotate_half(x) * sin
+
+
+def _infer_cache_write(ins: list[TensorType], attrs: dict) -> list[TensorType]:
+    cache, update, position = ins
+    if cache.dtype not in FLOAT_DTYPES or update.dtype != cache.dtype:
+        raise OpError(f"cache_write: cache and update must share a float dtype, got {cache}, {update}")
+    if cache.rank < 2 or update.rank != cache.rank:
+        raise OpError(f"cache_write: update must have the cache's rank (>= 2), got {cache} and {update}")
+    if position.dtype != "i64" or position.rank != 1:
+        raise OpError(f"cache_write: position must be i64 [T] (one index per updated row), got {position}")
+    ax = attrs["axis"] % cache.rank
+    for i, (c, u) in enumerate(zip(cache.shape, update.shape, strict=True)):
+        if i == ax:
+            expect_dim(u, position.shape[0], "cache_write: update rows vs positions")
+        else:
+            expect_dim(u, c, f"cache_write: update vs cache dim {i}")
+    return [cache]
+
+
+@register_op("cache_write", inputs=("cache", "update", "position"), infer=_infer_cache_write, category=CAT,
+             attrs={"axis": Attr("int", -2, doc="the cache's sequence axis")})
+def cache_write(cache: torch.Tensor, update: torch.Tensor, position: torch.Tensor, *, axis: int) -> torch.Tensor:
+    """A preallocated KV cache with ``update``'s rows written at ``position`` along ``axis``:
+    ``out = cache; out[..., position[t], :] = update[..., t, :]`` (positions distinct and in range).
+
+    The result replaces the cache: backends that own the cache buffer update it in place
+    (a decode step then moves no cache bytes besides the new rows), the reference copies."""
+    return cache.index_copy(axis % cache.dim(), position, update)
