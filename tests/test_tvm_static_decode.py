@@ -175,3 +175,34 @@ def test_cuda_step_matches_interpreter_on_the_gpu(cuda_half_step, tmp_path) -> N
     err = (got[0].float() - ref[0].float()).abs().max().item()
     assert err <= 2e-3 * ref[0].float().abs().max().item() + 2e-3
     torch.testing.assert_close(got[1], ref[1])
+
+
+# ----------------------------------------------------------------------------- generation loop
+@torch.no_grad()
+def test_generation_loop_matches_hf_greedy_on_cpu(llama_step, tmp_path) -> None:
+    from ctc.backends.tvm.build import load_compiled
+    from ctc.generate import greedy_generate
+
+    model, _, _, m = llama_step
+    prompt = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(7))
+    want = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0)[:, 4:]
+    compile_module(m, options=BuildOptions(params="input")).export(tmp_path)
+    gen = greedy_generate(load_compiled(tmp_path), prompt, 8)
+    assert torch.equal(gen.tokens, want)
+    assert gen.tokens_per_s > 0 and gen.step_ms > 0
+    # the same loop over the reference semantics (functional caches)
+    ref = greedy_generate(lambda feed: interpret(m, feed), prompt, 8,
+                          input_specs=[{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
+                                       for v in m.inputs])
+    assert torch.equal(ref.tokens, want)
+
+
+def test_generation_rejects_what_does_not_fit(llama_step, tmp_path) -> None:
+    from ctc.generate import greedy_generate
+
+    _, _, _, m = llama_step
+    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in m.inputs]
+    with pytest.raises(ValueError, match="cache positions"):
+        greedy_generate(lambda f: None, torch.zeros(1, 10, dtype=torch.long), 10, input_specs=specs)
+    with pytest.raises(ValueError, match="not a static decode step"):
+        greedy_generate(lambda f: None, torch.zeros(1, 2, dtype=torch.long), 1, input_specs=specs[2:])

@@ -111,15 +111,24 @@ class Compiled:
     param_arrays: list[np.ndarray]
     timings: dict[str, float]
 
-    def export(self, out_dir: str | Path) -> Path:
-        """Write ``model.so``, ``model.json`` (and ``params.npz``) into ``out_dir``; returns the library path."""
+    def export(self, out_dir: str | Path, *, weights: str = "all") -> Path:
+        """Write ``model.so``, ``model.json`` (and ``params.npz``) into ``out_dir``; returns the library path.
+
+        ``weights="all"`` stores every bound array (the library runs alone); ``"derived"`` stores
+        only arrays that cannot be rebuilt from the module's parameters (their ``source``), and
+        the loader derives the rest from the module it is given (an artifact keeps one copy)."""
+        if weights not in ("all", "derived"):
+            raise ValueError(f"export: weights must be 'all' or 'derived', got {weights!r}")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         lib = out / LIB_NAME
         self.executable.export_library(str(lib))
-        (out / META_NAME).write_text(json.dumps(self.meta, indent=1))
-        if self.param_arrays:
-            np.savez(out / PARAMS_NAME, **{f"p{i}": a for i, a in enumerate(self.param_arrays)})
+        specs = self.meta.get("params", [])
+        stored = [i for i, spec in enumerate(specs) if weights == "all" or not spec.get("source")]
+        meta = {**self.meta, "params_stored": stored}
+        (out / META_NAME).write_text(json.dumps(meta, indent=1))
+        if stored:
+            np.savez(out / PARAMS_NAME, **{f"p{i}": self.param_arrays[i] for i in stored})
         return lib
 
 
@@ -183,7 +192,8 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "inputs": [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in module.inputs],
         "outputs": [{"name": n, "shape": list(v.type.shape), "dtype": v.type.dtype}
                     for n, v in zip(module.output_names, module.outputs, strict=True)],
-        "params": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in low.param_inputs],
+        "params": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "source": src}
+                   for (n, a), src in zip(low.param_inputs, low.param_sources, strict=True)],
         "static_dims": dict(opts.static_dims or {}),
         "opt_level": opts.opt_level,
         "fast_math": opts.fast_math,
@@ -308,7 +318,8 @@ class CompiledModel:
     are torch tensors (zero-copy through dlpack) unless ``numpy=True``.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None):
+    def __init__(self, path: str | Path, *, threads: int | None = None,
+                 module_params: Mapping[str, Any] | None = None, bind_weights: bool = True):
         import os
 
         p = Path(path)
@@ -346,9 +357,39 @@ class CompiledModel:
         self._inplace = set(self.meta.get("inplace_inputs", []))
         self._keep: list[Any] = []
         self._params: list[Any] = []
-        if self.meta.get("params"):
-            z = np.load(d / PARAMS_NAME)
-            self.bind_params([z[f"p{i}"] for i in range(len(self.meta["params"]))])
+        self._param_keep: list[Any] = []
+        if self.meta.get("params") and bind_weights:
+            self.bind_params(self._weights(d, module_params))
+
+    def _weights(self, d: Path, module_params: Mapping[str, Any] | None) -> list[Any]:
+        """The bound arrays: stored ones from ``params.npz``, the others derived from ``module_params``."""
+        from ctc.backends.tvm.lower import derive_param
+
+        specs = self.meta["params"]
+        stored = set(self.meta.get("params_stored", range(len(specs))))
+        z = np.load(d / PARAMS_NAME) if stored else {}
+        out = []
+        for i, spec in enumerate(specs):
+            if i in stored:
+                out.append(z[f"p{i}"])
+            elif module_params is None:
+                raise ValueError(f"load_compiled: weight {spec['name']} is not stored beside the library; load it "
+                                 "through its artifact (ctc.load(dir).runner(...)) or give module_params")
+            else:
+                out.append(derive_param(spec["source"], module_params))
+        return out
+
+    def bind_module_params(self, module_params: Mapping[str, Any]) -> None:
+        """Bind every weight derived from module parameters (e.g. seeded random weights made on the GPU
+        machine); weights stored beside the library stay as loaded."""
+        from ctc.backends.tvm.lower import derive_param
+
+        arrays = []
+        for spec in self.meta["params"]:
+            if not spec.get("source"):
+                raise ValueError(f"bind_module_params: weight {spec['name']} has no recorded source")
+            arrays.append(derive_param(spec["source"], module_params))
+        self.bind_params(arrays)
 
     def bind_params(self, arrays: Sequence[Any]) -> None:
         """Use ``arrays`` (numpy arrays or torch tensors, in ``meta["params"]`` order) as the weights: moved to
@@ -364,6 +405,11 @@ class CompiledModel:
             ffi_params.append(self._to_ffi(a, keep))
         self._param_keep = keep
         self._params = ffi_params
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the bound weights (each array once: a tied parameter is bound once)."""
+        return sum(int(t.nbytes) for t in self._param_keep)
 
     @property
     def input_names(self) -> list[str]:
@@ -521,9 +567,12 @@ class KernelTime:
     ms_per_call: float
 
 
-def load_compiled(path: str | Path, *, threads: int | None = None) -> CompiledModel:
-    """Load ``model.so`` (a file or the directory holding it) with the TVM runtime only."""
-    return CompiledModel(path, threads=threads)
+def load_compiled(path: str | Path, *, threads: int | None = None,
+                  module_params: Mapping[str, Any] | None = None, bind_weights: bool = True) -> CompiledModel:
+    """Load ``model.so`` (a file or the directory holding it) with the TVM runtime only; weights not stored
+    beside it are derived from ``module_params`` (``bind_weights=False``: bind them later with
+    :meth:`CompiledModel.bind_module_params` or :meth:`CompiledModel.bind_params`)."""
+    return CompiledModel(path, threads=threads, module_params=module_params, bind_weights=bind_weights)
 
 
 # ----------------------------------------------------------------------------- ctc backend hooks
@@ -562,7 +611,8 @@ def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
     opts = _options_from_target(target, module)
     t0 = time.perf_counter()
     comp = compile_module(module, target=info, options=opts)
-    lib = comp.export(out_dir)
+    # GPU libraries keep no second copy of the weights: the artifact's parameters are bound at load
+    lib = comp.export(out_dir, weights="derived" if info.kind == "cuda" else "all")
     summary = {"library": lib.name, "tvm_target": info.tvm, "compile_s": round(time.perf_counter() - t0, 3),
                "timings": {k: round(v, 3) for k, v in comp.timings.items()}, "int_kernels": comp.meta["int_kernels"],
                "notes": comp.meta["notes"], "tuning": comp.meta["tuning"]}
@@ -573,5 +623,6 @@ def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
 
 def load(target_dir: str | Path, module: Module | None = None) -> Any:
     """The ctc artifact hook: the compiled library in ``target_dir``, callable on a mapping or a list of
-    inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``)."""
-    return load_compiled(target_dir)
+    inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``); weights not stored beside
+    it come from ``module``'s parameters."""
+    return load_compiled(target_dir, module_params=module.params if module is not None else None)

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttentionSpec", "decode_attention_func", "decode_attention_supported"]
+__all__ = ["AttentionSpec", "RopeWriteSpec", "decode_attention_func", "decode_attention_supported", "rope_write_func"]
 
 SHARED_SCORE_LIMIT = 8192  # keys whose scores fit the block's shared memory (32 KB of f32)
 
@@ -51,7 +51,11 @@ class AttentionSpec:
 
     @property
     def threads(self) -> int:
-        return max(128, self.head_dim)
+        """Block size: enough threads for one key each in a pass (at most 512, at least 128)."""
+        n = 128
+        while n < min(self.keys, 512):
+            n *= 2
+        return max(n, self.head_dim)
 
     @property
     def tag(self) -> str:
@@ -66,8 +70,8 @@ def decode_attention_supported(spec: AttentionSpec) -> str | None:
         return f"dtype {spec.dtype}"
     if spec.q_heads % spec.kv_heads:
         return "query heads not a multiple of kv heads"
-    if spec.head_dim % 8 or spec.threads % spec.head_dim or spec.head_dim > 256:
-        return f"head dim {spec.head_dim} (needs a multiple of 8 dividing the block, at most 256)"
+    if spec.head_dim % 8 or spec.head_dim > 256 or spec.threads % (spec.head_dim // 8):
+        return f"head dim {spec.head_dim} (needs a multiple of 8, at most 256)"
     if spec.keys > SHARED_SCORE_LIMIT:
         return f"{spec.keys} keys (the scores of at most {SHARED_SCORE_LIMIT} fit shared memory)"
     if spec.mask not in ("none", "bool", "add"):
@@ -78,10 +82,13 @@ def decode_attention_supported(spec: AttentionSpec) -> str | None:
 def decode_attention_func(spec: AttentionSpec) -> Any:
     """The PrimFunc ``(q [B, H, 1, D], k [B, Hk, S, D], v [B, Hk, S, D][, mask [MB, MH, S]], o [B, H, 1, D])``.
 
-    One thread block per (batch, query head), ``max(128, D)`` threads.  Scores: one key per thread,
-    the key row read in 16-byte vectors, f32 dot products; masked keys are not read.  Softmax:
-    block max and sum through shared memory.  Output: thread ``t`` accumulates dim ``t % D`` over
-    every ``NT / D``-th key, in f32, partial sums combined in shared memory.
+    One thread block per (batch, query head), :attr:`AttentionSpec.threads` threads (up to 512:
+    a block is one query's whole softmax, so it must keep many loads in flight by itself).
+    Scores: one key per thread at a time, the whole key row loaded as 16-byte vectors before use,
+    f32 dot products with q (kept in shared memory); keys the mask excludes are not read.
+    Softmax: warp shuffles, then one shared-memory step across warps.  Output: each thread owns 8
+    dims of a strided subset of the keys (16-byte value loads, four in flight, up to the last
+    unmasked key), then the partial sums are added in shared memory.
     """
     import tvm
 
@@ -94,13 +101,18 @@ def decode_attention_func(spec: AttentionSpec) -> Any:
 def _source(spec: AttentionSpec) -> str:
     B, H, HK, S, D, dt = spec.batch, spec.q_heads, spec.kv_heads, spec.keys, spec.head_dim, spec.dtype
     NT, G = spec.threads, spec.group
-    parts = NT // D
     vec = 8 if dt != "float32" else 4
-    nvec = D // vec
-    steps = int(math.log2(NT))
+    nvec = D // vec              # vectors per key row
+    KG = NT // nvec              # key groups in the output phase
+    W = NT // 32                 # warps
+    NB = (S + NT - 1) // NT      # score passes
+    SP = NB * NT                 # scores padded to whole passes: every shared store is unconditional
+    JB = (S + KG - 1) // KG      # output iterations per thread (at most)
+    UN = 4                       # output loads in flight per thread
     has_mask = spec.mask != "none"
     mb = "b" if spec.mask_batch > 1 else "0"
     mh = "h" if spec.mask_heads > 1 else "0"
+    ninf = "T.float32(-3.4028234663852886e38)"
     sig = "q_h: T.handle, k_h: T.handle, v_h: T.handle, " + ("m_h: T.handle, " if has_mask else "") + "o_h: T.handle"
     L = [
         "@T.prim_func(private=True)",
@@ -113,87 +125,165 @@ def _source(spec: AttentionSpec) -> str:
     ]
     if has_mask:
         L.append(f'    M = T.match_buffer(m_h, ({spec.mask_batch}, {spec.mask_heads}, {S}), "{spec.mask_dtype}")')
-    SP = ((S + NT - 1) // NT) * NT  # scores padded to whole blocks: every shared store is unconditional
-    NB = (S + NT - 1) // NT
     L += [
         f'    bx = T.launch_thread("blockIdx.x", {B * H})',
         f'    tx = T.launch_thread("threadIdx.x", {NT})',
         f'    sc = T.decl_buffer(({SP},), "float32", scope="shared")',
-        f'    red = T.decl_buffer(({2 * NT},), "float32", scope="shared")',
-        f'    ql = T.decl_buffer(({D},), "float32", scope="local")',
-        f'    kl = T.decl_buffer(({vec},), "{dt}", scope="local")',
-        '    acc = T.decl_buffer((1,), "float32", scope="local")',
+        f'    qs = T.decl_buffer(({D},), "float32", scope="shared")',
+        f'    wred = T.decl_buffer(({W},), "float32", scope="shared")',
+        f'    part = T.decl_buffer(({NT * vec},), "float32", scope="shared")',
+        f'    kl = T.decl_buffer(({D},), "{dt}", scope="local")',
+        f'    vl = T.decl_buffer(({UN * vec},), "{dt}", scope="local")',
+        f'    acc = T.decl_buffer(({vec},), "float32", scope="local")',
+        '    dot = T.decl_buffer((1,), "float32", scope="local")',
         '    mx = T.decl_buffer((1,), "float32", scope="local")',
         '    tot = T.decl_buffer((1,), "float32", scope="local")',
+        '    last = T.decl_buffer((1,), "float32", scope="local")',
         '    pj = T.decl_buffer((1,), "float32", scope="local")',
         f"    b = bx // {H}",
         f"    h = bx % {H}",
         f"    g = h // {G}",
-        f"    for d in T.unroll({D}):",
-        '        ql[d] = T.Cast("float32", Q[b, h, 0, d])',
-        "    mx[0] = T.float32(-3.4028234663852886e38)",
+        f"    if tx < {D}:",
+        '        qs[tx] = T.Cast("float32", Q[b, h, 0, tx])',
+        '    T.tvm_storage_sync("shared")',
+        f"    mx[0] = {ninf}",
+        "    last[0] = T.float32(0)",
         f"    for j0 in range({NB}):",
         f"        j = j0 * {NT} + tx",
-        "        pj[0] = T.float32(-3.4028234663852886e38)",
+        f"        pj[0] = {ninf}",
         f"        if j < {S}:",
     ]
     keep = {"none": "True", "bool": f"M[{mb}, {mh}, j]", "add": "True"}[spec.mask]
     L += [
         f"            if {keep}:",
-        "                acc[0] = T.float32(0)",
-        f"                for c in range({nvec}):",
+        f"                for c in T.unroll({nvec}):",  # the whole row first: every load in flight at once
         f"                    for e in T.vectorized({vec}):",
-        f"                        kl[e] = K[b, g, j, c * {vec} + e]",
-        f"                    for e in T.unroll({vec}):",
-        f'                        acc[0] = acc[0] + ql[c * {vec} + e] * T.Cast("float32", kl[e])',
-        f"                pj[0] = acc[0] * T.float32({spec.scale!r})",
+        f"                        kl[c * {vec} + e] = K[b, g, j, c * {vec} + e]",
+        "                dot[0] = T.float32(0)",
+        f"                for e in T.unroll({D}):",
+        '                    dot[0] = dot[0] + qs[e] * T.Cast("float32", kl[e])',
+        f"                pj[0] = dot[0] * T.float32({spec.scale!r})",
     ]
     if spec.mask == "add":
         L.append(f'                pj[0] = pj[0] + T.Cast("float32", M[{mb}, {mh}, j])')
     L += [
+        '                last[0] = T.Cast("float32", j + 1)',
         "        sc[j] = pj[0]",
         "        mx[0] = T.max(mx[0], pj[0])",
     ]
-    L += _block_reduce("mx", "T.max", NT, steps)
+    L += _block_reduce_lines("mx", "max", W)
+    L += _block_reduce_lines("last", "max", W)
     L += [
-        # exponentials and their sum (masked and padding keys: 0)
         "    tot[0] = T.float32(0)",
         f"    for j0 in range({NB}):",
         f"        j = j0 * {NT} + tx",
         "        pj[0] = sc[j]",
-        "        pj[0] = T.Select(pj[0] > T.float32(-3.0e38), T.exp(pj[0] - mx[0]), T.float32(0))",
+        f"        pj[0] = T.Select(pj[0] > T.float32(-3.0e38), T.exp(pj[0] - mx[0]), T.float32(0))",
         "        sc[j] = pj[0]",
         "        tot[0] = tot[0] + pj[0]",
     ]
-    L += _block_reduce("tot", "T.add", NT, steps)
+    L += _block_reduce_lines("tot", "sum", W)
     L += [
-        # weighted values: thread tx -> dim tx % D, keys tx // D, + parts, ...
-        "    acc[0] = T.float32(0)",
-        f"    for j0 in range({(S + parts - 1) // parts}):",
-        f"        j = j0 * {parts} + tx // {D}",
-        "        pj[0] = sc[j]",
-        "        if pj[0] > T.float32(0):",
-        f'            acc[0] = acc[0] + pj[0] * T.Cast("float32", V[b, g, j, tx % {D}])',
-        "    red[tx] = acc[0]",
+        f"    for e in T.unroll({vec}):",
+        "        acc[e] = T.float32(0)",
+        f"    for j0 in range({(JB + UN - 1) // UN}):",
+        f"        for u in T.unroll({UN}):",
+        f"            if T.Cast(\"float32\", (j0 * {UN} + u) * {KG} + tx // {nvec}) < last[0]:",
+        f"                for e in T.vectorized({vec}):",
+        f"                    vl[u * {vec} + e] = V[b, g, (j0 * {UN} + u) * {KG} + tx // {nvec}, "
+        f"(tx % {nvec}) * {vec} + e]",
+        f"        for u in T.unroll({UN}):",
+        f"            if T.Cast(\"float32\", (j0 * {UN} + u) * {KG} + tx // {nvec}) < last[0]:",
+        f"                pj[0] = sc[(j0 * {UN} + u) * {KG} + tx // {nvec}]",
+        f"                for e in T.unroll({vec}):",
+        f'                    acc[e] = acc[e] + pj[0] * T.Cast("float32", vl[u * {vec} + e])',
+        # partial sums of the key groups: part[kg, dim]; then dims summed over groups
+        f"    for e in T.unroll({vec}):",
+        f"        part[(tx // {nvec}) * {D} + (tx % {nvec}) * {vec} + e] = acc[e]",
         '    T.tvm_storage_sync("shared")',
         f"    if tx < {D}:",
-        "        acc[0] = T.float32(0)",
-        f"        for p in T.unroll({parts}):",
-        f"            acc[0] = acc[0] + red[p * {D} + tx]",
-        f'        O[b, h, 0, tx] = T.Cast("{dt}", acc[0] / tot[0])',
+        "        dot[0] = T.float32(0)",
+        f"        for p in range({KG}):",
+        f"            dot[0] = dot[0] + part[p * {D} + tx]",
+        f'        O[b, h, 0, tx] = T.Cast("{dt}", dot[0] / tot[0])',
     ]
     return "\n".join(L)
 
 
-def _block_reduce(var: str, op: str, nt: int, steps: int) -> list[str]:
-    """Lines that reduce each thread's ``var[0]`` over the block with ``op`` (a tree in shared memory:
-    read the partner, sync, combine, sync; the upper half of ``red`` only pads the reads) and leave
-    the result in every thread's ``var[0]``."""
-    lines = [f"    red[tx] = {var}[0]", '    T.tvm_storage_sync("shared")']
-    for s in range(steps - 1, -1, -1):
-        w = 1 << s
-        lines += [f"    pj[0] = red[tx + {w}]", '    T.tvm_storage_sync("shared")',
-                  f"    red[tx] = {op}(red[tx], pj[0])" if op != "T.add" else "    red[tx] = red[tx] + pj[0]",
-                  '    T.tvm_storage_sync("shared")']
-    lines += [f"    {var}[0] = red[0]", '    T.tvm_storage_sync("shared")']
+def _block_reduce_lines(var: str, op: str, warps: int) -> list[str]:
+    """Reduce each thread's ``var[0]`` over the block (``op`` max or sum): shuffles within each warp, the
+    warp results through shared memory, read back by every thread (``var[0]`` holds the result)."""
+    comb = (lambda a, b: f"T.max({a}, {b})") if op == "max" else (lambda a, b: f"{a} + {b}")
+    lines = []
+    for off in (16, 8, 4, 2, 1):
+        lines.append(f"    {var}[0] = {comb(f'{var}[0]', f'T.tvm_warp_shuffle_down(T.uint32(4294967295), {var}[0], {off}, 32, 32)')}")
+    lines += ["    if tx % 32 == 0:", f"        wred[tx // 32] = {var}[0]", '    T.tvm_storage_sync("shared")',
+              f"    {var}[0] = wred[0]", f"    for w in range(1, {warps}):",
+              f"        {var}[0] = {comb(f'{var}[0]', 'wred[w]')}", '    T.tvm_storage_sync("shared")']
     return lines
+
+
+@dataclass(frozen=True)
+class RopeWriteSpec:
+    """Split a decode step's merged ``q|k|v`` projection row, rotate q and k (HF ``rotate_half``) and write
+    k and v into the caches at ``position``: ``y [B, (Hq + 2 Hk) D]``, ``cos``/``sin [CB, D]``
+    (``CB`` 1 or B), caches ``[B, Hk, S, D]``, result ``q [B, Hq, 1, D]``."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    keys: int
+    head_dim: int
+    dtype: str
+    cos_batch: int = 1
+
+    @property
+    def tag(self) -> str:
+        return f"b{self.batch}_h{self.q_heads}x{self.kv_heads}_s{self.keys}_d{self.head_dim}_{self.dtype}_c{self.cos_batch}"
+
+
+def rope_write_func(spec: RopeWriteSpec) -> Any:
+    """The PrimFunc ``(y, cos, sin, position, k_cache, v_cache, q)``: one block per (batch, head) of
+    q, k and v, one thread per element of the head.  Rotation rounds like the reference (each
+    product to the dtype, then the sum); the caches are written in place."""
+    import tvm
+
+    B, HQ, HK, S, D, dt = spec.batch, spec.q_heads, spec.kv_heads, spec.keys, spec.head_dim, spec.dtype
+    if D % 2 or D > 1024:
+        raise ValueError(f"rope_write_func: head dim {D} must be even and at most 1024")
+    HT, N, h2 = HQ + 2 * HK, (HQ + 2 * HK) * D, D // 2
+    cb = "b" if spec.cos_batch > 1 else "0"
+
+    def rnd(e: str) -> str:  # round a float32 expression to the dtype and back (the reference's rounding)
+        return e if dt == "float32" else f'T.Cast("float32", T.Cast("{dt}", {e}))'
+
+    x = 'T.Cast("float32", Y[b, h * {D} + tx])'.format(D=D)
+    r = (f'T.Select(tx < {h2}, T.float32(0) - T.Cast("float32", Y[b, h * {D} + tx + {h2}]), '
+         f'T.Cast("float32", Y[b, h * {D} + tx - {h2}]))')
+    c = f'T.Cast("float32", COS[{cb}, tx])'
+    s = f'T.Cast("float32", SIN[{cb}, tx])'
+    rot = f'T.Cast("{dt}", {rnd(f"{x} * {c}")} + {rnd(f"({r}) * {s}")})'
+    src = [
+        "@T.prim_func(private=True)",
+        "def rope_write(y_h: T.handle, cos_h: T.handle, sin_h: T.handle, p_h: T.handle, kc_h: T.handle, "
+        "vc_h: T.handle, q_h: T.handle):",
+        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
+        f'    Y = T.match_buffer(y_h, ({B}, {N}), "{dt}")',
+        f'    COS = T.match_buffer(cos_h, ({spec.cos_batch}, {D}), "{dt}")',
+        f'    SIN = T.match_buffer(sin_h, ({spec.cos_batch}, {D}), "{dt}")',
+        '    P = T.match_buffer(p_h, (1,), "int64")',
+        f'    KC = T.match_buffer(kc_h, ({B}, {HK}, {S}, {D}), "{dt}")',
+        f'    VC = T.match_buffer(vc_h, ({B}, {HK}, {S}, {D}), "{dt}")',
+        f'    Q = T.match_buffer(q_h, ({B}, {HQ}, 1, {D}), "{dt}")',
+        f'    bx = T.launch_thread("blockIdx.x", {B * HT})',
+        f'    tx = T.launch_thread("threadIdx.x", {D})',
+        f"    b = bx // {HT}",
+        f"    h = bx % {HT}",
+        f"    if h < {HQ}:",
+        f"        Q[b, h, 0, tx] = {rot}",
+        f"    elif h < {HQ + HK}:",
+        f"        KC[b, h - {HQ}, P[0], tx] = {rot}",
+        "    else:",
+        f"        VC[b, h - {HQ + HK}, P[0], tx] = Y[b, h * {D} + tx]",
+    ]
+    return tvm.script.from_source("\n".join(src))

@@ -39,7 +39,8 @@ from ctc.ir.graph import Module, Node, Value
 from ctc.ir.symbolic import SymbolicError, fold_dim
 from ctc.ir.types import TensorType
 
-__all__ = ["DTYPE_MAP", "LoweringError", "Lowered", "RULES", "lower", "supported_ops"]
+__all__ = ["DTYPE_MAP", "PARAM_DERIVATIONS", "LoweringError", "Lowered", "RULES", "derive_param", "lower",
+           "supported_ops"]
 
 DTYPE_MAP = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "i64": "int64",
              "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
@@ -57,10 +58,39 @@ class Lowered:
     input_names: list[str]
     output_names: list[str]
     param_inputs: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    # how each bound array derives from the module's parameters (replayable without TVM,
+    # :func:`derive_param`), or None where only the array itself can say (stored beside the library)
+    param_sources: list[dict[str, Any] | None] = field(default_factory=list)
     symbols: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     int_kernels: int = 0
     inplace_inputs: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- parameter layouts
+def _concat0(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+# Layout changes the lowering applies to parameters, replayable on any machine with torch alone:
+# a library's weights can then be bound from the module's parameters (one copy on disk), or
+# from weights made elsewhere (the GPU benchmark binds seeded random weights this way).
+PARAM_DERIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "identity": lambda t: t,
+    "transpose": lambda t: t.T,
+    "concat0": _concat0,
+}
+
+
+def derive_param(source: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The array described by ``source`` (a :attr:`Lowered.param_sources` entry) from module ``params``."""
+    op = PARAM_DERIVATIONS.get(str(source.get("op")))
+    if op is None:
+        raise LoweringError(f"unknown parameter derivation {source.get('op')!r} (known: {sorted(PARAM_DERIVATIONS)})")
+    missing = [n for n in source["from"] if n not in params]
+    if missing:
+        raise LoweringError(f"parameters {missing} needed to derive a bound weight are missing")
+    return op(*(params[n] for n in source["from"])).contiguous()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -133,6 +163,7 @@ class Ctx:
         self.env: dict[int, Any] = {}
         self._pcache: dict[str, Any] = {}
         self.param_inputs: list[tuple[str, Any, np.ndarray]] = []
+        self.param_sources: list[dict[str, Any] | None] = []
         self.notes: list[str] = []
         self.int_kernels = 0
         self.inplace_inputs: set[str] = set()  # module inputs whose buffers the compiled code writes
@@ -158,10 +189,14 @@ class Ctx:
         return _np_of(self.module.params[name])
 
     def param(self, name: str, key: str = "", fn: Callable[[np.ndarray], np.ndarray] | None = None,
-              array: np.ndarray | None = None) -> Any:
+              array: np.ndarray | None = None, source: dict[str, Any] | None = None) -> Any:
         """The parameter ``name`` (optionally transformed by ``fn``, cached under ``key``) as a
-        Relax constant or function input."""
+        Relax constant or function input.  ``source`` says how the array derives from module
+        parameters (``{"op": "transpose", "from": [name]}``, see :data:`PARAM_DERIVATIONS`); the
+        untransformed parameter is its own source."""
         ck = f"{name}::{key}" if key else name
+        if source is None and fn is None and array is None:
+            source = {"op": "identity", "from": [name]}
         if ck in self._pcache:
             return self._pcache[ck]
         arr = array if array is not None else self.param_array(name)
@@ -173,6 +208,7 @@ class Ctx:
             vname = "p_" + "".join(c if c.isalnum() else "_" for c in ck)
             expr = self.relax.Var(vname, self.relax.TensorType(list(arr.shape), str(arr.dtype)))
             self.param_inputs.append((ck, expr, arr))
+            self.param_sources.append(source)
         self._pcache[ck] = expr
         return expr
 
@@ -602,7 +638,7 @@ def _weight_t(ctx: Ctx, v: Value, value: Callable[[], Any]) -> Any:
     ``[N, K]`` array is then never bound), a ``permute_dims`` of ``value()`` otherwise."""
     name = ctx.param_name(v)
     if name is not None:
-        return ctx.param(name, "T", _transpose)
+        return ctx.param(name, "T", _transpose, source={"op": "transpose", "from": [name]})
     return ctx.emit(ctx.relax.op.permute_dims(value(), [1, 0]))
 
 
@@ -1143,6 +1179,8 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     a_q = attrs["a_bits"] is not None and attrs["a_bits"] != 16
     pnames = {n: ctx.param_name(v) for n, v in zip(_ql_operands(node, list(node.inputs)), node.inputs, strict=True)}
     consts = all(pnames[n] is not None for n in pnames if n != "x")
+    if ctx.gpu and consts:
+        return _quant_linear_gpu(ctx, node, ops_, pnames)
     if a_q and consts and ctx.use_int_kernels:
         try:
             from ctc.backends.tvm import int_kernels as IK
@@ -1184,6 +1222,68 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
 
 
+def _dequant_te(bits: int, group_size: int, k: int) -> Callable[[Any, Any, Any], Any]:
+    """``w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]`` in f32 from the storage form of :mod:`ctc.ir.quant`
+    (int4: two offset-binary nibbles per byte, low first; int8 as is)."""
+    def f(q: Any, s: Any, z: Any) -> Any:
+        from tvm import te, tirx
+
+        def value(n: Any, kk: Any) -> Any:
+            if bits <= 4:
+                byte = q[n, kk // 2]
+                nib = (byte >> (tirx.Cast("uint8", kk % 2) * tirx.const(4, "uint8"))) & tirx.const(15, "uint8")
+                qv = tirx.Cast("float32", nib) - tirx.const(8.0, "float32")
+            else:
+                qv = tirx.Cast("float32", q[n, kk])
+            g = kk // group_size if group_size != -1 else 0
+            return (qv - tirx.Cast("float32", z[n, g])) * s[n, g].astype("float32")
+
+        return te.compute([q.shape[0], k], value, name="dequant")
+    return f
+
+
+def _quant_matvec_te(bits: int, group_size: int, k: int) -> Callable[..., Any]:
+    """``y = x W^T`` with W dequantized on the fly (a spatial stage the GEMV/matmul schedules inline),
+    f32 sums, the result in x's dtype: the weights stream as stored (4 or 8 bits)."""
+    deq = _dequant_te(bits, group_size, k)
+
+    def f(x: Any, q: Any, s: Any, z: Any) -> Any:
+        from tvm import te
+
+        w = deq(q, s, z)
+        r = te.reduce_axis((0, k), "k")
+        shape = [*x.shape[:-1], w.shape[0]]
+        acc = te.compute(shape, lambda *i: te.sum(x[(*i[:-1], r)].astype("float32") * w[i[-1], r], axis=r),
+                         name="quant_matvec")
+        if x.dtype == "float32":
+            return acc
+        return te.compute(shape, lambda *i: acc(*i).astype(x.dtype), name="quant_matvec_round")
+    return f
+
+
+def _quant_linear_gpu(ctx: Ctx, node: Node, ops_: dict[str, Any], pnames: dict[str, str | None]) -> Any:
+    """GPU ``quant_linear``: the packed integer weights, scales and zero points are bound as stored and
+    dequantized inside the GEMV/GEMM kernel (int4 streams half a byte per weight); quantized activations
+    are applied in float (fake-quant with the op's scales, the reference's semantics)."""
+    op = ctx.relax.op
+    attrs = node.attrs
+    xt = node.inputs[0].type
+    k = int(xt.shape[-1])
+    x = ops_["x"]
+    a_q = attrs["a_bits"] is not None and attrs["a_bits"] != 16
+    if a_q:
+        xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
+        xf = _fake_quant_act(ctx, xf, ops_["act_scale"], ops_["act_zero"], int(attrs["a_bits"]),
+                             tuple(attrs["act_clusters"]), k)
+        x = xf if xt.dtype == "f32" else ctx.emit(op.astype(xf, _dt(xt)))
+    q, s, z = (ctx.param(pnames[n]) for n in ("qweight", "w_scale", "w_zero"))  # type: ignore[arg-type]
+    y = ctx.te(_quant_matvec_te(int(attrs["w_bits"]), int(attrs["group_size"]), k), x, q, s, z,
+               name="quant_matvec")
+    if "bias" in ops_:
+        y = ctx.emit(op.add(y, ctx.emit(op.astype(ops_["bias"], _dt(xt)))))
+    return y
+
+
 def _fake_quant_act(ctx: Ctx, x: Any, s: Any, z: Any, bits: int, clusters: tuple[int, ...], k: int) -> Any:
     from ctc.ir import quant as Q
 
@@ -1197,6 +1297,24 @@ def _fake_quant_act(ctx: Ctx, x: Any, s: Any, z: Any, bits: int, clusters: tuple
 
 
 # ----------------------------------------------------------------------------- driver
+def _lower_node(ctx: Ctx, node: Node, rules: Mapping[str, Rule]) -> None:
+    """Lower one node through its rule and bind its outputs."""
+    relax = ctx.relax
+    args = _Operands(ctx, node.inputs)
+    try:
+        res = rules[node.op](ctx, node, args)
+    except LoweringError:
+        raise
+    except Exception as e:
+        raise LoweringError(f"lowering {node.op} at scope {node.scope or '<root>'} (inputs "
+                            f"{[str(v.type) for v in node.inputs]}) failed: {type(e).__name__}: {e}") from e
+    outs = res if isinstance(res, (list, tuple)) else [res]
+    for v, r in zip(node.outputs, outs, strict=True):
+        if not isinstance(r, relax.Var):
+            r = ctx.bb.emit(r)
+        ctx.env[id(v)] = r
+
+
 def lower(module: Module, *, params: str = "const", fast_math: bool = True,
           static_dims: Mapping[str, int] | None = None, target: Any = None,
           use_int_kernels: bool = True, func_name: str = "main",
@@ -1227,6 +1345,12 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     for v, rv in zip(module.inputs, inputs, strict=True):
         ctx.env[id(v)] = rv
     bb = ctx.bb
+    fusion = None
+    if ctx.gpu:  # multi-node GPU kernels (decode attention inputs), see cuda_fusion
+        from ctc.backends.tvm import cuda_fusion
+
+        fusion = cuda_fusion.plan(module)
+    order = {id(n): i for i, n in enumerate(module.nodes)}
     with bb.function(func_name):
         with bb.dataflow():
             for node in module.nodes:
@@ -1235,19 +1359,13 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                         raise LoweringError(f"parameter {node.attrs['name']!r} read at {node.scope} is missing")
                     ctx.env[id(node.outputs[0])] = _ParamRef(node.attrs["name"])
                     continue
-                args = _Operands(ctx, node.inputs)
-                try:
-                    res = rules[node.op](ctx, node, args)
-                except LoweringError:
-                    raise
-                except Exception as e:
-                    raise LoweringError(f"lowering {node.op} at scope {node.scope or '<root>'} (inputs "
-                                        f"{[str(v.type) for v in node.inputs]}) failed: {type(e).__name__}: {e}") from e
-                outs = res if isinstance(res, (list, tuple)) else [res]
-                for v, r in zip(node.outputs, outs, strict=True):
-                    if not isinstance(r, relax.Var):
-                        r = bb.emit(r)
-                    ctx.env[id(v)] = r
+                if fusion is not None and id(node) in fusion.groups:
+                    group = fusion.last.get(id(node))
+                    if group is not None and not cuda_fusion.emit(ctx, group):
+                        for member in sorted(group.members, key=lambda n: order[id(n)]):
+                            _lower_node(ctx, member, rules)  # shapes the fused kernels do not cover: op by op
+                    continue
+                _lower_node(ctx, node, rules)
             outs = [ctx.val(v) for v in module.outputs]
             outs = [o if isinstance(o, relax.Var) else bb.emit(o) for o in outs]
             result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
@@ -1255,6 +1373,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     mod = bb.get()
     syms = sorted(ctx.dims.vars)
     return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
-                   param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], symbols=syms, notes=ctx.notes,
+                   param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], param_sources=ctx.param_sources,
+                   symbols=syms, notes=ctx.notes,
                    int_kernels=ctx.int_kernels,
                    inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])

@@ -1,0 +1,183 @@
+"""Greedy generation over a static decode step (preallocated KV caches), for any backend.
+
+Why: a decoder artifact captured with :func:`ctc.frontends.decode.static_decode_step` runs one token
+per call with fixed shapes: ``(input_ids [B, 1], position [1], cache_k_0, cache_v_0, ...) ->
+(logits, cache_k_0', ...)``.  The loop here owns the cache buffers and feeds each step's argmax
+back as the next token.  It is target-neutral:
+
+* a compiled TVM library (:class:`ctc.backends.tvm.build.CompiledModel`, CPU or CUDA) keeps every
+  input in a device buffer that the library updates in place; token id and position are written
+  into their buffers between steps, so on CUDA the whole step can be captured once as a CUDA graph
+  and replayed (``cuda_graph=True``);
+* any other runner is a function ``inputs dict -> outputs`` with the reference's functional
+  semantics (the torch backend, the interpreter): the returned caches replace the old ones.
+
+The prompt goes through the same step one token at a time (prefill as decode: simple and exact;
+a chunked prefill library is the faster path for long prompts).  Sequences of a batch share
+positions (no padding).  Integer (int8/int4) decode on a CPU plugs in as another library with
+this signature.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Generation", "greedy_generate", "static_step_signature"]
+
+
+@dataclass
+class Generation:
+    """Generated token ids ``[B, new]`` and how long the decode steps after the prompt took."""
+
+    tokens: torch.Tensor
+    prompt_s: float
+    decode_s: float
+
+    @property
+    def step_ms(self) -> float:
+        n = self.tokens.shape[1]
+        return 1e3 * self.decode_s / max(n - 1, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens (all sequences) per second of decoding after the prompt."""
+        n = self.tokens.shape[1]
+        return self.tokens.shape[0] * max(n - 1, 1) / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def static_step_signature(inputs: Sequence[Mapping[str, Any]]) -> tuple[int, int, list[tuple[str, list[int], str]]]:
+    """``(batch, max_len, caches)`` of a static decode step from its input specs (``{"name", "shape",
+    "dtype"}``); raises ValueError naming what is missing when it is not one."""
+    names = [i["name"] for i in inputs]
+    if names[:2] != ["input_ids", "position"] or len(names) < 4 or not all(n.startswith("cache_") for n in names[2:]):
+        raise ValueError(f"not a static decode step (inputs input_ids, position, cache_k_0, ...): got {names[:5]}"
+                         " -- capture the model with ctc.frontends.decode.static_decode_step")
+    shape = list(inputs[0]["shape"])
+    if len(shape) != 2 or shape[1] != 1 or not all(isinstance(d, int) for d in shape):
+        raise ValueError(f"a decode step takes input_ids [B, 1] with static B, got {shape}")
+    caches = [(i["name"], list(i["shape"]), i["dtype"]) for i in inputs[2:]]
+    return int(shape[0]), int(caches[0][1][2]), caches
+
+
+def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool = False,
+                    input_specs: Sequence[Mapping[str, Any]] | None = None) -> Generation:
+    """Greedy decoding of ``max_new_tokens`` after ``prompt_ids [B, P]`` through a static decode ``step``.
+
+    ``step`` is a compiled library (``CompiledModel``: buffers kept on its device, updated in place)
+    or a functional ``inputs -> outputs`` callable, then with ``input_specs`` (the module's inputs).
+    """
+    specs = input_specs if input_specs is not None else getattr(step, "meta", {}).get("inputs")
+    if specs is None:
+        raise ValueError("greedy_generate: give input_specs for a functional step")
+    batch, max_len, caches = static_step_signature(specs)
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != batch or prompt_ids.shape[1] < 1:
+        raise ValueError(f"greedy_generate: prompt must be [{batch}, P>=1] token ids, got {tuple(prompt_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"greedy_generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = prompt_ids.shape[1] + max_new_tokens - 1
+    if total > max_len:
+        raise ValueError(f"greedy_generate: prompt ({prompt_ids.shape[1]}) + {max_new_tokens} new tokens need "
+                         f"{total + 1} cache positions; this step holds {max_len}")
+    if hasattr(step, "call_device"):
+        return _loop_compiled(step, prompt_ids, max_new_tokens, caches, cuda_graph)
+    if cuda_graph:
+        raise ValueError("greedy_generate: cuda_graph needs a compiled CUDA library")
+    return _loop_functional(step, prompt_ids, max_new_tokens, caches)
+
+
+def _run_loop(prompt: torch.Tensor, new: int, write: Callable[[torch.Tensor, int], None],
+              run: Callable[[], torch.Tensor], sync: Callable[[], None]) -> Generation:
+    p = prompt.shape[1]
+    out = []
+    t0 = time.perf_counter()
+    tok = prompt[:, :1]
+    t_prompt = 0.0
+    for t in range(p + new - 1):
+        write(tok, t)
+        logits = run()
+        if t + 1 < p:
+            tok = prompt[:, t + 1:t + 2]
+            continue
+        if t + 1 == p:
+            sync()
+            t_prompt = time.perf_counter()
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+    sync()
+    t_end = time.perf_counter()
+    if t_prompt == 0.0:  # one new token: the prompt's last step produced it
+        t_prompt = t_end
+    tokens = torch.cat(out, dim=1).cpu()
+    return Generation(tokens, t_prompt - t0, t_end - t_prompt)
+
+
+def _loop_compiled(model: Any, prompt: torch.Tensor, new: int, caches: list[tuple[str, list[int], str]],
+                   cuda_graph: bool) -> Generation:
+    cuda = getattr(model, "device", "cpu") == "cuda"
+    dev = "cuda" if cuda else "cpu"
+    bufs = [model.device_tensor(torch.zeros(prompt.shape[0], 1, dtype=torch.long)),
+            model.device_tensor(torch.zeros(1, dtype=torch.long))]
+    bufs += [model.device_tensor(torch.zeros(shape, dtype=_DTYPES[dt])) for _, shape, dt in caches]
+    args = [b[0] for b in bufs]
+    ids_buf, pos_buf = bufs[0][1], bufs[1][1]
+    prompt = prompt.to(dev)
+
+    def write(tok: torch.Tensor, t: int) -> None:
+        ids_buf.copy_(tok)
+        pos_buf.fill_(t)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda_graph:
+        if not cuda:
+            raise ValueError("greedy_generate: cuda_graph needs a CUDA library")
+        import tvm_ffi
+
+        write(prompt[:, :1], 0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), tvm_ffi.use_torch_stream():
+            for _ in range(2):  # warm-up: the VM's pooled allocations settle before capture
+                model.call_device(args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), tvm_ffi.use_torch_stream():
+            outs = model.call_device(args)
+        logits = outs[0]
+
+        def run() -> torch.Tensor:
+            graph.replay()
+            return logits
+    else:
+        def run() -> torch.Tensor:
+            return model.call_device(args)[0]
+
+    return _run_loop(prompt, new, write, run, sync)
+
+
+def _loop_functional(fn: Callable[[dict[str, Any]], Sequence[torch.Tensor]], prompt: torch.Tensor, new: int,
+                     caches: list[tuple[str, list[int], str]]) -> Generation:
+    state = {name: torch.zeros(shape, dtype=_DTYPES[dt]) for name, shape, dt in caches}
+    feed: dict[str, Any] = {}
+
+    def write(tok: torch.Tensor, t: int) -> None:
+        feed["input_ids"] = tok.cpu()
+        feed["position"] = torch.tensor([t])
+
+    def run() -> torch.Tensor:
+        outs = list(fn({**feed, **state}))
+        for (name, _, _), v in zip(caches, outs[1:], strict=True):
+            state[name] = v
+        return outs[0]
+
+    return _run_loop(prompt, new, write, run, lambda: None)
