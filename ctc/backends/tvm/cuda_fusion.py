@@ -15,6 +15,17 @@ whose ``source`` records the concatenation, so weights still come from the modul
 and :func:`~.cuda_kernels.rope_write_func`, which splits the row, rotates q and k and writes k and
 v into the caches in place.  The attention itself is then one kernel too (``decode_attention``).
 
+Every other one-row linear of a decode step becomes a :class:`GemvGroup`: one hand-scheduled GEMV
+kernel (:func:`~.cuda_kernels.gemv_func`) that also absorbs
+
+* the RMSNorm in front of it, when every reader of the norm is such a GEMV (the norm of a few
+  hundred values is recomputed by each block: cheaper than a launch),
+* a residual ``add`` after it, or
+* a SwiGLU: ``silu(x W_gate^T) * (x W_up^T)`` is one GEMV over both weights.
+
+A Llama decoder layer is then six kernels (norm+qkv, rope+cache write, attention, o+residual,
+norm+gate/up+SwiGLU, down+residual) instead of the op-by-op lowering's fourteen.
+
 The lowering is unchanged otherwise: every op keeps its rule, and any subgraph that does not match
 exactly (a value read elsewhere, a bias on one linear only, another layout) is lowered op by op.
 """
@@ -26,7 +37,9 @@ from typing import Any
 
 from ctc.ir.graph import Module, Node, Value
 
-__all__ = ["AttentionInput", "FusionPlan", "plan"]
+__all__ = ["AttentionInput", "FusionPlan", "GemvGroup", "plan"]
+
+MAX_GEMV_ROWS = 16
 
 _VIEW_OPS = ("reshape", "transpose", "permute")
 
@@ -42,6 +55,26 @@ class AttentionInput:
     v_write: Node
     views: list[Node]
     members: list[Node] = field(default_factory=list)
+    norm: Node | None = None  # an RMSNorm whose readers are all fused GEMVs: computed inside the GEMV
+
+    def last(self, order: dict[int, int]) -> Node:
+        return max(self.members, key=lambda n: order[id(n)])
+
+
+@dataclass
+class GemvGroup:
+    """One GEMV kernel: ``linears`` (one, or gate and up of a SwiGLU), and what it absorbs."""
+
+    linears: list[Node]
+    epilogue: str = "none"            # none | residual | silu_mul
+    tail: list[Node] = field(default_factory=list)  # the absorbed add, or silu and mul
+    residual: Value | None = None
+    norm: Node | None = None
+    members: list[Node] = field(default_factory=list)
+
+    @property
+    def result(self) -> Value:
+        return (self.tail[-1] if self.tail else self.linears[0]).outputs[0]
 
     def last(self, order: dict[int, int]) -> Node:
         return max(self.members, key=lambda n: order[id(n)])
@@ -49,10 +82,12 @@ class AttentionInput:
 
 @dataclass
 class FusionPlan:
-    """Groups by member node id; a group is emitted when the walk reaches its last member."""
+    """Groups by member node id; a group is emitted when the walk reaches its last member; absorbed
+    norms are never lowered on their own."""
 
-    groups: dict[int, AttentionInput] = field(default_factory=dict)
-    last: dict[int, AttentionInput] = field(default_factory=dict)
+    groups: dict[int, Any] = field(default_factory=dict)
+    last: dict[int, Any] = field(default_factory=dict)
+    absorbed: set[int] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.last)
@@ -122,25 +157,113 @@ def _match(sdpa: Node, m: Module) -> AttentionInput | None:
     return g
 
 
+def _gemv_rows(n: Node) -> int | None:
+    """Rows of a linear's input when it is a small static batch of rows (a decode step); else None."""
+    shape = n.inputs[0].type.shape
+    if not all(isinstance(d, int) for d in shape):
+        return None
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows if rows <= MAX_GEMV_ROWS else None
+
+
+def _gemv_candidate(n: Node, m: Module) -> bool:
+    if n.op not in ("linear", "quant_linear") or _gemv_rows(n) is None:
+        return False
+    if n.op == "linear" and len(n.inputs) > 2:
+        return False  # bias: the op-by-op path
+    if n.op == "quant_linear" and (n.attrs["a_bits"] not in (None, 16) or n.attrs["has_bias"]):
+        return False
+    return all(p.producer is not None and p.producer.op == "param" for p in n.inputs[1:])
+
+
+def _swiglu(gate: Node, m: Module, taken: dict[int, Any]) -> GemvGroup | None:
+    """gate -> silu -> mul(silu, up) with up a linear of the same input and kind."""
+    out = gate.outputs[0]
+    if not _single_use(out, m):
+        return None
+    silu = out.users[0]
+    if silu.op != "silu" or not _single_use(silu.outputs[0], m):
+        return None
+    mul = silu.outputs[0].users[0]
+    if mul.op != "mul" or len(mul.inputs) != 2 or mul.inputs[0] is not silu.outputs[0]:
+        return None  # the reference computes silu(gate) * up in that order
+    up = mul.inputs[1].producer
+    if up is None or id(up) in taken or not _gemv_candidate(up, m) or not _single_use(up.outputs[0], m):
+        return None
+    if up.inputs[0] is not gate.inputs[0] or not _same_kind([gate, up]):
+        return None
+    if up.outputs[0].type != gate.outputs[0].type:
+        return None
+    return GemvGroup([gate, up], "silu_mul", [silu, mul])
+
+
+def _residual(lin: Node, m: Module) -> GemvGroup | None:
+    out = lin.outputs[0]
+    if not _single_use(out, m):
+        return None
+    add = out.users[0]
+    if add.op != "add" or len(add.inputs) != 2 or add.outputs[0].type != out.type:
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if other is out or other.type != out.type:
+        return None
+    return GemvGroup([lin], "residual", [add], residual=other)
+
+
 def plan(m: Module) -> FusionPlan:
-    """Every attention input of ``m`` that :func:`emit` can lower as two kernels."""
+    """Every attention input and one-row GEMV of ``m`` that :func:`emit` can lower as fused kernels."""
     order = {id(n): i for i, n in enumerate(m.nodes)}
     out = FusionPlan()
+
+    def add(g: Any) -> None:
+        for x in g.members:
+            out.groups[id(x)] = g
+        out.last[id(g.last(order))] = g
+
     for n in m.nodes:
         if n.op != "scaled_dot_product_attention":
             continue
         g = _match(n, m)
         if g is None or any(id(x) in out.groups for x in g.members):
             continue
-        for x in g.members:
-            out.groups[id(x)] = g
-        out.last[id(g.last(order))] = g
+        add(g)
+    for n in m.nodes:
+        if id(n) in out.groups or not _gemv_candidate(n, m):
+            continue
+        g = _swiglu(n, m, out.groups) or _residual(n, m) or GemvGroup([n])
+        g.members = [*g.linears, *g.tail]
+        if any(id(x) in out.groups for x in g.members):
+            continue
+        add(g)
+    # RMSNorms every reader of which is a fused GEMV (or the fused q|k|v): computed inside those kernels
+    for n in m.nodes:
+        if n.op != "rms_norm" or m.is_output(n.outputs[0]) or not n.outputs[0].uses:
+            continue
+        if n.inputs[1].producer is None or n.inputs[1].producer.op != "param":
+            continue
+        readers = n.outputs[0].users
+        groups = [out.groups.get(id(r)) for r in readers]
+        if all(g is not None and any(r is x for x in g.linears) and r.inputs[0] is n.outputs[0]
+               for g, r in zip(groups, readers, strict=True)):
+            if len(n.inputs[0].type.shape) and n.outputs[0].type.dtype == n.inputs[0].type.dtype:
+                out.absorbed.add(id(n))
+                for g in groups:
+                    g.norm = n
     return out
 
 
-def emit(ctx: Any, g: AttentionInput) -> bool:
-    """Lower group ``g`` (binding the values the rest of the graph reads: q', k_cache', v_cache');
-    False when its shapes turn out unsupported (the caller then lowers the members op by op)."""
+def emit(ctx: Any, g: Any) -> bool:
+    """Lower group ``g`` (binding the values the rest of the graph reads); False when its shapes turn out
+    unsupported (the caller then lowers the members op by op: an absorbed norm is then lowered first)."""
+    if isinstance(g, GemvGroup):
+        return _emit_gemv(ctx, g)
+    return _emit_attention(ctx, g)
+
+
+def _emit_attention(ctx: Any, g: AttentionInput) -> bool:
+    """The q|k|v GEMV and the rope/cache-write kernel; binds q', k_cache', v_cache'."""
     from ctc.backends.tvm import cuda_kernels as CK
     from ctc.backends.tvm import lower as L
     from ctc.backends.tvm.int_kernels import add_prim_func
@@ -163,7 +286,9 @@ def emit(ctx: Any, g: AttentionInput) -> bool:
     if cos_n % d or cos_b not in (1, b) or cos_t.dtype != q_t.dtype or g.linears[0].outputs[0].type.dtype != q_t.dtype:
         return False
     relax, op, dt = ctx.relax, ctx.relax.op, L._dt(q_t)
-    y = _merged_linear(ctx, g.linears)
+    y = _merged_linear(ctx, g.linears, g.norm)
+    if y is None:
+        return False
     y2 = ctx.emit(op.reshape(y, [b, sum(outs)]))
     cos = ctx.emit(op.reshape(ctx.val(g.q_rot.inputs[1]), [cos_b, d]))
     sin = ctx.emit(op.reshape(ctx.val(g.q_rot.inputs[2]), [cos_b, d]))
@@ -180,7 +305,92 @@ def emit(ctx: Any, g: AttentionInput) -> bool:
     return True
 
 
-def _merged_linear(ctx: Any, lins: list[Node]) -> Any:
+def _weights(ctx: Any, lins: list[Node], key: str) -> list[Any]:
+    """The linears' weight operands (and integer scales/zeros), concatenated along the output axis when
+    there are several; each bound array records its derivation from the module parameters."""
+    import numpy as np
+
+    names = [[ctx.param_name(v) for v in n.inputs[1:]] for n in lins]
+    if len(lins) == 1:
+        return [ctx.param(str(nm)) for nm in names[0]]
+    out = []
+    for i in range(len(names[0])):
+        srcs = [str(ns[i]) for ns in names]
+        arr = np.concatenate([ctx.param_array(nm) for nm in srcs], axis=0)
+        out.append(ctx.param(srcs[0], f"{key}{i}:" + "+".join(srcs[1:]), array=arr,
+                             source={"op": "concat0", "from": srcs}))
+    return out
+
+
+def _gemv_spec(ctx: Any, lins: list[Node], epilogue: str, norm: Node | None) -> Any | None:
+    from ctc.backends.tvm import cuda_kernels as CK
+    from ctc.backends.tvm import lower as L
+
+    first = lins[0]
+    rows = _gemv_rows(first)
+    k = first.inputs[0].type.shape[-1]
+    n = sum(int(x.outputs[0].type.shape[-1]) for x in lins) if epilogue != "silu_mul" \
+        else int(first.outputs[0].type.shape[-1])
+    dt = L._dt(first.outputs[0].type)
+    if rows is None or not isinstance(k, int) or L._dt(first.inputs[0].type) != dt:
+        return None
+    if first.op == "linear":
+        if L._dt(first.inputs[1].type) != dt or len(first.inputs) > 2:
+            return None
+        weight, group = "dense", -1
+    else:
+        weight, group = ("int4" if first.attrs["w_bits"] <= 4 else "int8"), int(first.attrs["group_size"])
+        if first.attrs["w_bits"] not in (4, 8) or first.attrs["has_bias"]:
+            return None
+    spec = CK.GemvSpec(rows, int(k), n, dt, weight, group, "rms" if norm is not None else "none",
+                       float(norm.attrs["eps"]) if norm is not None else 1e-6, epilogue)
+    return spec if CK.gemv_supported(spec) is None else None
+
+
+def _gemv_call(ctx: Any, lins: list[Node], epilogue: str, norm: Node | None, residual: Any = None) -> Any | None:
+    """Emit the fused GEMV over ``lins``; its result ``[..., N]`` shaped like the linears' output."""
+    from ctc.backends.tvm import cuda_kernels as CK
+    from ctc.backends.tvm.int_kernels import add_prim_func
+
+    spec = _gemv_spec(ctx, lins, epilogue, norm)
+    if spec is None:
+        return None
+    op = ctx.relax.op
+    src = norm.inputs[0] if norm is not None else lins[0].inputs[0]
+    x = ctx.emit(op.reshape(ctx.val(src), [spec.rows, spec.k]))
+    args = [x]
+    if norm is not None:
+        args.append(ctx.val(norm.inputs[1]))
+    args += _weights(ctx, lins, "gemv" if epilogue != "silu_mul" else "swiglu")
+    if residual is not None:
+        args.append(ctx.emit(op.reshape(residual, [spec.rows, spec.n])))
+    gv = add_prim_func(ctx.bb, CK.gemv_func(spec), f"gemv_{spec.tag}")
+    y = ctx.emit(ctx.relax.call_tir(gv, args, ctx.relax.TensorType([spec.rows, spec.n], spec.dtype)))
+    shape = [*ctx.dims.shape(lins[0].outputs[0].type)[:-1], spec.n]
+    return ctx.emit(op.reshape(y, shape))
+
+
+def _emit_gemv(ctx: Any, g: GemvGroup) -> bool:
+    residual = ctx.val(g.residual) if g.residual is not None else None
+    y = _gemv_call(ctx, g.linears, g.epilogue, g.norm, residual)
+    if y is None:
+        return False
+    ctx.env[id(g.result)] = y
+    return True
+
+
+def _merged_linear(ctx: Any, lins: list[Node], norm: Node | None = None) -> Any:
+    """One GEMV over the linears' weights concatenated along the output axis: the fused kernel when it
+    covers the shape (with the RMSNorm in front when absorbed), else a TE GEMV (bias added after)."""
+    fused = _gemv_call(ctx, lins, "none", norm)
+    if fused is not None:
+        return fused
+    if norm is not None:
+        return None  # the norm was planned away: lower the group op by op
+    return _merged_linear_te(ctx, lins)
+
+
+def _merged_linear_te(ctx: Any, lins: list[Node]) -> Any:
     """One GEMV over the linears' weights concatenated along the output axis (bias too)."""
     from ctc.backends.tvm import lower as L
 

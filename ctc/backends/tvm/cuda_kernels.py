@@ -287,3 +287,210 @@ def rope_write_func(spec: RopeWriteSpec) -> Any:
         f"        VC[b, h - {HQ + HK}, P[0], tx] = Y[b, h * {D} + tx]",
     ]
     return tvm.script.from_source("\n".join(src))
+
+
+@dataclass(frozen=True)
+class GemvSpec:
+    """``out[m, :] = epilogue(prologue(x[m]) @ W^T)`` for a few rows ``m`` (a decode step's batch).
+
+    ``weight``: ``"dense"`` (W ``[NW, K]`` in the activation dtype), ``"int4"`` (``[NW, K/2]`` packed
+    nibbles, :mod:`ctc.ir.quant`) or ``"int8"`` (``[NW, K]``), the integer forms with f32 ``scale`` and
+    i8 ``zero`` ``[NW, G]`` per ``group`` input channels.  ``prologue``: ``"none"`` or ``"rms"``
+    (RMSNorm of x with ``gamma [K]`` and ``eps``, rounded as the reference rounds).  ``epilogue``:
+    ``"none"``, ``"residual"`` (``+ r [M, N]``) or ``"silu_mul"`` (W holds gate rows then up rows,
+    ``NW = 2N``; ``out = silu(gate) * up``).  Sums are f32; each stage rounds to the dtype where the
+    reference does."""
+
+    rows: int
+    k: int
+    n: int
+    dtype: str
+    weight: str = "dense"
+    group: int = -1
+    prologue: str = "none"
+    eps: float = 1e-6
+    epilogue: str = "none"
+
+    @property
+    def weight_rows(self) -> int:
+        return 2 * self.n if self.epilogue == "silu_mul" else self.n
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.group == -1 else -(-self.k // self.group)
+
+    @property
+    def per_load(self) -> int:
+        """Input channels one lane reads per 16-byte weight load."""
+        return {"dense": 16 // _BYTES[self.dtype], "int8": 16, "int4": 32}[self.weight]
+
+    @property
+    def tag(self) -> str:
+        w = self.weight if self.weight == "dense" else f"{self.weight}g{self.group}"
+        return (f"m{self.rows}_k{self.k}_n{self.n}_{self.dtype}_{w}_{self.prologue}_{self.epilogue}"
+                f"{'_e' + format(self.eps, '.0e') if self.prologue == 'rms' else ''}").replace("-", "m")
+
+
+_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+GEMV_WARPS = 4
+
+
+def gemv_supported(spec: GemvSpec) -> str | None:
+    """None when :func:`gemv_func` covers ``spec``; else why not."""
+    if spec.dtype not in _BYTES:
+        return f"dtype {spec.dtype}"
+    if spec.weight not in ("dense", "int4", "int8") or spec.prologue not in ("none", "rms") \
+            or spec.epilogue not in ("none", "residual", "silu_mul"):
+        return "unknown weight/prologue/epilogue kind"
+    if spec.k % spec.per_load:
+        return f"K={spec.k} not a multiple of {spec.per_load}"
+    if spec.weight != "dense" and spec.group != -1 and spec.group % spec.per_load:
+        return f"group size {spec.group} not a multiple of {spec.per_load}"
+    if spec.rows * spec.k * _BYTES[spec.dtype] > 40 * 1024 or spec.rows > 16:
+        return f"{spec.rows} rows of {spec.k} channels do not fit shared memory"
+    return None
+
+
+def gemv_func(spec: GemvSpec) -> Any:
+    """The PrimFunc ``(x [M, K][, gamma [K]], W...[, r [M, N]], out [M, N])``.
+
+    x (normalized when asked) is staged in shared memory in the dtype; each warp then computes whole
+    output rows: every lane reads 16 bytes of the weight row per step (all steps issued before the
+    sums), the lanes' partial sums meet through warp shuffles, and lane 0 applies the epilogue.
+    ``GEMV_WARPS`` warps per block, one output row (two for ``silu_mul``) per warp."""
+    import tvm
+
+    why = gemv_supported(spec)
+    if why is not None:
+        raise ValueError(f"gemv_func: unsupported ({why})")
+    return tvm.script.from_source(_gemv_source(spec))
+
+
+def _gemv_source(spec: GemvSpec) -> str:
+    M, K, N, dt = spec.rows, spec.k, spec.n, spec.dtype
+    NW, G, PL = spec.weight_rows, spec.groups, spec.per_load
+    NT = 32 * GEMV_WARPS
+    steps = -(-K // (32 * PL))                     # weight loads per lane
+    kb = K // 2 if spec.weight == "int4" else K     # weight row length in storage elements
+    wdt = {"dense": dt, "int8": "int8", "int4": "uint8"}[spec.weight]
+    ve = 16 // _BYTES[dt] if spec.weight == "dense" else 16  # storage elements per 16-byte load
+    pair = spec.epilogue == "silu_mul"
+
+    def rnd(e: str) -> str:
+        return e if dt == "float32" else f'T.Cast("float32", T.Cast("{dt}", {e}))'
+
+    args = ["x_h: T.handle"]
+    if spec.prologue == "rms":
+        args.append("g_h: T.handle")
+    args.append("w_h: T.handle")
+    if spec.weight != "dense":
+        args += ["s_h: T.handle", "z_h: T.handle"]
+    if spec.epilogue == "residual":
+        args.append("r_h: T.handle")
+    args.append("o_h: T.handle")
+    L = [
+        "@T.prim_func(private=True)",
+        f"def gemv({', '.join(args)}):",
+        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
+        f'    X = T.match_buffer(x_h, ({M}, {K}), "{dt}")',
+        f'    Wt = T.match_buffer(w_h, ({NW}, {kb}), "{wdt}")',
+        f'    O = T.match_buffer(o_h, ({M}, {N}), "{dt}")',
+    ]
+    if spec.prologue == "rms":
+        L.append(f'    GAM = T.match_buffer(g_h, ({K},), "{dt}")')
+    if spec.weight != "dense":
+        L += [f'    SC = T.match_buffer(s_h, ({NW}, {G}), "float32")', f'    ZP = T.match_buffer(z_h, ({NW}, {G}), "int8")']
+    if spec.epilogue == "residual":
+        L.append(f'    R = T.match_buffer(r_h, ({M}, {N}), "{dt}")')
+    L += [
+        f'    bx = T.launch_thread("blockIdx.x", {-(-N // GEMV_WARPS)})',
+        f'    tx = T.launch_thread("threadIdx.x", {NT})',
+        f'    xs = T.decl_buffer(({M * K},), "{dt}", scope="shared")',
+        f'    wred = T.decl_buffer(({GEMV_WARPS * M},), "float32", scope="shared")',
+        f'    wl = T.decl_buffer(({steps * ve * (2 if pair else 1)},), "{wdt}", scope="local")',
+        f'    acc = T.decl_buffer(({M * (2 if pair else 1)},), "float32", scope="local")',
+        '    ss = T.decl_buffer((1,), "float32", scope="local")',
+        '    wv = T.decl_buffer((1,), "float32", scope="local")',
+        '    tmp = T.decl_buffer((1,), "float32", scope="local")',
+    ]
+    # ---- stage x (normalized) in shared memory
+    if spec.prologue == "rms":
+        xk = f'T.Cast("float32", X[m, k0 * {NT} + tx]) * ss[0]'
+        L += [f"    for m in range({M}):",
+              "        ss[0] = T.float32(0)",
+              f"        for k0 in range({-(-K // NT)}):",
+              f"            if k0 * {NT} + tx < {K}:",
+              f'                tmp[0] = T.Cast("float32", X[m, k0 * {NT} + tx])',
+              "                ss[0] = ss[0] + tmp[0] * tmp[0]"]
+        L += ["        " + ln for ln in _reduce_sum_lines("ss", GEMV_WARPS)]
+        L += [f"        ss[0] = T.rsqrt(ss[0] / T.float32({K}.0) + T.float32({spec.eps!r}))",
+              f"        for k0 in range({-(-K // NT)}):",
+              f"            if k0 * {NT} + tx < {K}:",
+              f"                tmp[0] = {rnd(xk)}",
+              f'                xs[m * {K} + k0 * {NT} + tx] = T.Cast("{dt}", T.Cast("float32", GAM[k0 * {NT} + tx]) * tmp[0])']
+    else:
+        L += [f"    for i0 in range({-(-(M * K) // NT)}):",
+              f"        if i0 * {NT} + tx < {M * K}:",
+              f"            xs[i0 * {NT} + tx] = X[(i0 * {NT} + tx) // {K}, (i0 * {NT} + tx) % {K}]"]
+    L += ['    T.tvm_storage_sync("shared")',
+          "    lane = tx % 32",
+          f"    n = bx * {GEMV_WARPS} + tx // 32"]
+    # ---- weight loads (all issued first), then the dot products
+    L += [f"    if n < {N}:"]
+    rows = [("0", "n")] + ([("1", f"n + {N}")] if pair else [])
+    for ri, row in rows:
+        base = f"{ri} * {steps * ve}"
+        L += [f"        for s in T.unroll({steps}):",
+              f"            if (s * 32 + lane) * {PL} < {K}:",
+              f"                for e in T.vectorized({ve}):",
+              f"                    wl[{base} + s * {ve} + e] = Wt[{row}, (s * 32 + lane) * {ve} + e]"]
+    L += [f"        for a in T.unroll({M * len(rows)}):", "            acc[a] = T.float32(0)"]
+    for ri, row in rows:
+        base = f"{ri} * {steps * ve}"
+        L += [f"        for s in T.unroll({steps}):",
+              f"            if (s * 32 + lane) * {PL} < {K}:"]
+        if spec.weight == "dense":
+            L += [f"                for e in T.unroll({ve}):",
+                  f'                    wv[0] = T.Cast("float32", wl[{base} + s * {ve} + e])',
+                  f"                    for m in T.unroll({M}):",
+                  f"                        acc[{ri} * {M} + m] = acc[{ri} * {M} + m] + wv[0] * "
+                  f'T.Cast("float32", xs[m * {K} + (s * 32 + lane) * {PL} + e])']
+        else:
+            gi = "0" if spec.group == -1 else f"((s * 32 + lane) * {PL}) // {spec.group}"
+            L += [f'                tmp[0] = T.Cast("float32", ZP[{row}, {gi}])',
+                  f"                ss[0] = SC[{row}, {gi}]",
+                  f"                for e in T.unroll({PL}):"]
+            if spec.weight == "int4":
+                q = (f'T.Cast("float32", T.bitwise_and(T.shift_right(wl[{base} + s * {ve} + e // 2], '
+                     f'T.Cast("uint8", (e % 2) * 4)), T.uint8(15))) - T.float32(8)')
+            else:
+                q = f'T.Cast("float32", wl[{base} + s * {ve} + e])'
+            L += [f"                    wv[0] = ({q} - tmp[0]) * ss[0]",
+                  f"                    for m in T.unroll({M}):",
+                  f"                        acc[{ri} * {M} + m] = acc[{ri} * {M} + m] + wv[0] * "
+                  f'T.Cast("float32", xs[m * {K} + (s * 32 + lane) * {PL} + e])']
+    # ---- warp sums and the epilogue (lane 0 writes)
+    L += [f"        for a in T.unroll({M * len(rows)}):"]
+    for off in (16, 8, 4, 2, 1):
+        L.append(f"            acc[a] = acc[a] + T.tvm_warp_shuffle_down(T.uint32(4294967295), acc[a], {off}, 32, 32)")
+    L += ["        if lane == 0:", f"            for m in T.unroll({M}):"]
+    y = rnd("acc[m]")
+    if spec.epilogue == "none":
+        L.append(f'                O[m, n] = T.Cast("{dt}", acc[m])')
+    elif spec.epilogue == "residual":
+        L.append(f'                O[m, n] = T.Cast("{dt}", {y} + T.Cast("float32", R[m, n]))')
+    else:
+        up = rnd(f"acc[{M} + m]")
+        silu = rnd(f"{y} / (T.float32(1) + T.exp(T.float32(0) - {y}))")
+        L.append(f'                O[m, n] = T.Cast("{dt}", {silu} * {up})')
+    return "\n".join(L)
+
+
+def _reduce_sum_lines(var: str, warps: int) -> list[str]:
+    """Block sum of ``var[0]`` (shuffles, then the warps' sums through shared ``wred``), every thread gets it."""
+    lines = [f"{var}[0] = {var}[0] + T.tvm_warp_shuffle_down(T.uint32(4294967295), {var}[0], {off}, 32, 32)"
+             for off in (16, 8, 4, 2, 1)]
+    lines += ['T.tvm_storage_sync("shared")', "if tx % 32 == 0:", f"    wred[tx // 32] = {var}[0]",
+              'T.tvm_storage_sync("shared")', f"{var}[0] = wred[0]", f"for w in range(1, {warps}):",
+              f"    {var}[0] = {var}[0] + wred[w]"]
+    return lines

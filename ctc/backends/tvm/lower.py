@@ -478,7 +478,7 @@ def _softmax_rows(ctx: Ctx, x: Any, shape: list[Any], dtype: str, log: bool, fas
     from ctc.backends.tvm.row_kernels import row_softmax
 
     n = _static_int(ctx, shape[-1]) if isinstance(shape[-1], (int, str)) else None
-    if dtype != "f32" or (n is not None and n < ROW_KERNEL_MIN_LEN):
+    if dtype != "f32" or (n is not None and n < ROW_KERNEL_MIN_LEN) or ctx.gpu:  # the row kernel is CPU code
         return ctx.te(_softmax_te(log, fast), x, len(shape) - 1, name="log_softmax" if log else "softmax")
     relax = ctx.relax
     dims = [ctx.dims(d) if isinstance(d, (int, str)) else d for d in shape]
@@ -1359,11 +1359,16 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                         raise LoweringError(f"parameter {node.attrs['name']!r} read at {node.scope} is missing")
                     ctx.env[id(node.outputs[0])] = _ParamRef(node.attrs["name"])
                     continue
+                if fusion is not None and id(node) in fusion.absorbed:
+                    continue  # an RMSNorm computed inside the GEMVs that read it
                 if fusion is not None and id(node) in fusion.groups:
                     group = fusion.last.get(id(node))
                     if group is not None and not cuda_fusion.emit(ctx, group):
+                        # shapes the fused kernels do not cover: op by op (an absorbed norm first)
+                        if group.norm is not None and id(group.norm.outputs[0]) not in ctx.env:
+                            _lower_node(ctx, group.norm, rules)
                         for member in sorted(group.members, key=lambda n: order[id(n)]):
-                            _lower_node(ctx, member, rules)  # shapes the fused kernels do not cover: op by op
+                            _lower_node(ctx, member, rules)
                     continue
                 _lower_node(ctx, node, rules)
             outs = [ctx.val(v) for v in module.outputs]

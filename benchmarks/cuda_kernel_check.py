@@ -1,0 +1,184 @@
+"""Check ctc's hand-scheduled CUDA kernels one by one against PyTorch, on the GPU machine.
+
+``build OUT`` (here, nvcc, no GPU) compiles each kernel of :mod:`ctc.backends.tvm.cuda_kernels` for a
+list of shapes into ``OUT/<name>.so`` (plain TIR modules, no Relax) with ``OUT/kernels.json``;
+``run OUT`` (the GPU machine: torch, tvm_ffi, ``$CTC_TVM_LIBDIR``) calls each on random inputs and
+compares with a float32 PyTorch computation of the same function, poisoning outputs first so an
+unwritten element fails.  A model-level check (``cuda_decode.py``) says *whether* the kernels are
+right together; this says *which* one is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+GEMVS = [  # rows, K, N, dtype, weight, group, prologue, eps, epilogue
+    (1, 576, 960, "float16", "dense", -1, "rms", 1e-5, "none"),
+    (1, 576, 1536, "float16", "dense", -1, "rms", 1e-5, "silu_mul"),
+    (1, 1536, 576, "float16", "dense", -1, "none", 1e-5, "residual"),
+    (8, 2048, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
+    (1, 576, 1536, "float16", "int4", 128, "rms", 1e-5, "silu_mul"),
+    (2, 256, 64, "float16", "int8", -1, "none", 1e-5, "none"),
+]
+ATTENTION = [  # batch, q heads, kv heads, keys, head dim, mask kind
+    (1, 9, 3, 1088, 64, "bool"),
+    (8, 32, 8, 1088, 64, "bool"),
+    (1, 4, 4, 100, 64, "none"),
+]
+ROPE = [(1, 9, 3, 1088, 64), (8, 32, 8, 1088, 64)]
+
+
+def build(out: Path) -> None:
+    from ctc.backends.tvm import cuda_kernels as CK
+    from ctc.backends.tvm.cuda_toolchain import nvcc_compile_mode, prepare_cuda_build
+    from ctc.backends.tvm.targets import cuda_target
+
+    prepare_cuda_build()
+    import tvm
+
+    tgt = tvm.target.Target(cuda_target("sm_90"))
+    out.mkdir(parents=True, exist_ok=True)
+    cases: list[dict[str, Any]] = []
+
+    def add(kind: str, spec: Any, func: Any) -> None:
+        name = f"{kind}_{len(cases)}"
+        with nvcc_compile_mode(), tgt:
+            tvm.compile(tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel")}), tgt).export_library(
+                str(out / f"{name}.so"))
+        cases.append({"name": name, "kind": kind, "spec": spec.__dict__})
+        print("built", name, spec, flush=True)
+
+    for g in GEMVS:
+        spec = CK.GemvSpec(*g)
+        add("gemv", spec, CK.gemv_func(spec))
+    for b, h, hk, s, d, mask in ATTENTION:
+        spec = CK.AttentionSpec(b, h, hk, s, d, "float16", 1.0 / d ** 0.5, mask)
+        add("attention", spec, CK.decode_attention_func(spec))
+    for b, h, hk, s, d in ROPE:
+        spec = CK.RopeWriteSpec(b, h, hk, s, d, "float16", 1)
+        add("rope", spec, CK.rope_write_func(spec))
+    (out / "kernels.json").write_text(json.dumps(cases, indent=1))
+
+
+# ---------------------------------------------------------------------------- references (torch, f32)
+def _gemv_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
+    import torch
+
+    from ctc.ir import quant as Q
+
+    m, k, n = spec["rows"], spec["k"], spec["n"]
+    nw = 2 * n if spec["epilogue"] == "silu_mul" else n
+    x = torch.randn(m, k, device=dev).half()
+    w = (torch.randn(nw, k, device=dev) * 0.05)
+    args: list[Any] = [x]
+    h = x.float()
+    if spec["prologue"] == "rms":
+        gam = (1 + 0.1 * torch.randn(k, device=dev)).half()
+        args.append(gam)
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + spec["eps"])
+        h = (gam.float() * (h * r).half().float()).half().float()
+    if spec["weight"] == "dense":
+        w = w.half()
+        args.append(w)
+        wf = w.float()
+    else:
+        qw = Q.quantize_weight(w.cpu(), 4 if spec["weight"] == "int4" else 8, spec["group"], True)
+        args += [qw.qweight.to(dev), qw.scale.to(dev), qw.zero.to(dev)]
+        wf = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, qw.bits, qw.group_size, k).to(dev)
+    y = (h @ wf.T).half().float()
+    if spec["epilogue"] == "residual":
+        res = torch.randn(m, n, device=dev).half()
+        args.append(res)
+        y = y + res.float()
+    elif spec["epilogue"] == "silu_mul":
+        y = torch.nn.functional.silu(y[:, :n].half()).float() * y[:, n:]
+    out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
+    return args, out, y
+
+
+def _attention_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
+    import torch
+
+    b, h, hk, s, d = spec["batch"], spec["q_heads"], spec["kv_heads"], spec["keys"], spec["head_dim"]
+    q = torch.randn(b, h, 1, d, device=dev).half()
+    k = torch.randn(b, hk, s, d, device=dev).half()
+    v = torch.randn(b, hk, s, d, device=dev).half()
+    args = [q, k, v]
+    mask = None
+    if spec["mask"] == "bool":
+        valid = min(s, 129)
+        mask = torch.arange(s, device=dev) < valid
+        args.append(mask.reshape(1, 1, s))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(h // hk, 1), v.float().repeat_interleave(h // hk, 1),
+        attn_mask=mask.reshape(1, 1, 1, s) if mask is not None else None, scale=spec["scale"])
+    out = torch.full((b, h, 1, d), float("nan"), device=dev, dtype=torch.float16)
+    return args, out, ref
+
+
+def _rope_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
+    import torch
+
+    from ctc.ir.ops.attention import rotary_embedding
+
+    b, h, hk, s, d = spec["batch"], spec["q_heads"], spec["kv_heads"], spec["keys"], spec["head_dim"]
+    y = torch.randn(b, (h + 2 * hk) * d, device=dev).half()
+    ang = torch.rand(1, d // 2, device=dev) * 6
+    cos, sin = torch.cat([ang, ang], -1).cos().half(), torch.cat([ang, ang], -1).sin().half()
+    pos = torch.tensor([77], device=dev)
+    kc, vc = torch.randn(b, hk, s, d, device=dev).half(), torch.randn(b, hk, s, d, device=dev).half()
+    q_ref = rotary_embedding(y[:, :h * d].reshape(b, h, 1, d), cos, sin)
+    k_ref = rotary_embedding(y[:, h * d:(h + hk) * d].reshape(b, hk, 1, d), cos, sin)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref[:, :, 77] = k_ref[:, :, 0]
+    vc_ref[:, :, 77] = y[:, (h + hk) * d:].reshape(b, hk, d)
+    out = torch.full((b, h, 1, d), float("nan"), device=dev, dtype=torch.float16)
+    return [y, cos, sin, pos, kc, vc], out, (q_ref.float(), kc_ref, vc_ref)
+
+
+def run(out: Path) -> int:
+    import torch
+    import tvm_ffi
+
+    from ctc.backends.tvm.build import _load_runtime
+
+    _load_runtime("cuda")
+    torch.manual_seed(0)
+    bad = 0
+    for case in json.loads((out / "kernels.json").read_text()):
+        mod = tvm_ffi.load_module(str(out / f"{case['name']}.so"))
+        make = {"gemv": _gemv_case, "attention": _attention_case, "rope": _rope_case}[case["kind"]]
+        args, dst, ref = make(case["spec"], "cuda")
+        mod["kernel"](*[tvm_ffi.from_dlpack(a) for a in (*args, dst)])
+        torch.cuda.synchronize()
+        if case["kind"] == "rope":
+            q_ref, kc_ref, vc_ref = ref
+            errs = [float((dst.float() - q_ref).abs().max()), float((args[4].float() - kc_ref.float()).abs().max()),
+                    float((args[5].float() - vc_ref.float()).abs().max())]
+            err, scale = max(errs), 1.0
+        else:
+            err, scale = float((dst.float() - ref).abs().max()), float(ref.abs().max())
+        ok = bool(err == err) and err <= 2e-2 * scale + 2e-3  # NaN (an unwritten output) fails
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} {case['name']:<14} max err {err:.3g} (scale {scale:.3g})  {case['spec']}",
+              flush=True)
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cmd", choices=["build", "run"])
+    p.add_argument("out", type=Path)
+    a = p.parse_args(argv)
+    if a.cmd == "build":
+        build(a.out)
+        return 0
+    return run(a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
