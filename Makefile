@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench clean cuda-stub
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check ctc tests benchmarks
+
+# stand-in libcuda for building CUDA libraries on a machine without an NVIDIA driver (see docs/tvm-cuda-backend.md)
+cuda-stub: setup
+	$(BIN)/python -m ctc.backends.tvm.cuda_toolchain
 
 bench: setup
 	$(BIN)/python benchmarks/cpu_latency.py

@@ -101,56 +101,60 @@ def _view_source(v: Value, m: Module, views: list[Node]) -> Value:
     """Walk back through single-use view ops; the first value that is not a view's result."""
     while v.producer is not None and v.producer.op in _VIEW_OPS and _single_use(v, m):
         views.append(v.producer)
-        v = v.producer.inputs[0]
+        v = v.producer.operand("x")
     return v
 
 
 def _linear_ok(n: Node | None, m: Module) -> bool:
     if n is None or n.op not in ("linear", "quant_linear") or not _single_use(n.outputs[0], m):
         return False
-    if n.op == "quant_linear" and n.attrs["a_bits"] not in (None, 16):
+    if n.op == "quant_linear" and n.attr("a_bits") not in (None, 16):
         return False
-    params = n.inputs[1:]
-    return all(p.producer is not None and p.producer.op == "param" for p in params)
+    return all(p.producer is not None and p.producer.op == "param" for p in _weight_operands(n))
+
+
+def _weight_operands(n: Node) -> list[Value]:
+    """A linear's parameter operands by name: weight[, bias], or qweight, w_scale, w_zero[, bias]."""
+    names = ("weight", "bias") if n.op == "linear" else ("qweight", "w_scale", "w_zero", "bias")
+    return [v for k in names for v in n.operands(k)]
 
 
 def _same_kind(ls: list[Node]) -> bool:
     a = ls[0]
-    if any(x.op != a.op or len(x.inputs) != len(a.inputs) for x in ls):
+    if any(x.op != a.op or len(_weight_operands(x)) != len(_weight_operands(a)) for x in ls):
         return False
     if a.op == "quant_linear":
         keys = ("w_bits", "group_size", "w_symmetric", "has_bias")
-        return all(all(x.attrs[k] == a.attrs[k] for k in keys) for x in ls)
-    return all(x.inputs[1].type.dtype == a.inputs[1].type.dtype for x in ls)
+        return all(all(x.attr(k) == a.attr(k) for k in keys) for x in ls)
+    return all(x.operand("weight").type.dtype == a.operand("weight").type.dtype for x in ls)
 
 
 def _match(sdpa: Node, m: Module) -> AttentionInput | None:
-    if len(sdpa.inputs) < 3:
-        return None
-    q_rot, kw, vw = (v.producer for v in sdpa.inputs[:3])
+    q_rot, kw, vw = (sdpa.operand(k).producer for k in ("q", "k", "v"))
     if q_rot is None or kw is None or vw is None or q_rot.op != "rotary_embedding":
         return None
-    if kw.op != "cache_write" or vw.op != "cache_write" or kw.inputs[2] is not vw.inputs[2]:
+    if kw.op != "cache_write" or vw.op != "cache_write" or kw.operand("position") is not vw.operand("position"):
         return None
-    k_rot = kw.inputs[1].producer
+    k_rot = kw.operand("update").producer
     if k_rot is None or k_rot.op != "rotary_embedding":
         return None
-    if q_rot.inputs[1] is not k_rot.inputs[1] or q_rot.inputs[2] is not k_rot.inputs[2]:
+    if q_rot.operand("cos") is not k_rot.operand("cos") or q_rot.operand("sin") is not k_rot.operand("sin"):
         return None
-    if not all(_single_use(v, m) for v in (q_rot.outputs[0], k_rot.outputs[0], kw.inputs[1], vw.inputs[1])):
+    if not all(_single_use(v, m) for v in (q_rot.outputs[0], k_rot.outputs[0], kw.operand("update"),
+                                           vw.operand("update"))):
         return None
     for w in (kw, vw):  # caches: module inputs written once, so the kernel may write them in place
-        c = w.inputs[0]
-        if c.producer is not None or len(c.users) != 1 or m.is_output(c) or w.attrs["axis"] % 4 != 2:
+        c = w.operand("cache")
+        if c.producer is not None or len(c.users) != 1 or m.is_output(c) or w.attr("axis") % 4 != 2:
             return None
     views: list[Node] = []
-    srcs = [_view_source(q_rot.inputs[0], m, views), _view_source(k_rot.inputs[0], m, views),
-            _view_source(vw.inputs[1], m, views)]
+    srcs = [_view_source(q_rot.operand("x"), m, views), _view_source(k_rot.operand("x"), m, views),
+            _view_source(vw.operand("update"), m, views)]
     linears = [s.producer for s in srcs]
     if not all(_linear_ok(n, m) for n in linears):
         return None
     lin: list[Node] = linears  # type: ignore[assignment]
-    if len({id(n.inputs[0]) for n in lin}) != 1 or not _same_kind(lin):
+    if len({id(n.operand("x")) for n in lin}) != 1 or not _same_kind(lin):
         return None
     g = AttentionInput(lin, q_rot, k_rot, kw, vw, views)
     g.members = [*lin, q_rot, k_rot, kw, vw, *views]
@@ -159,7 +163,7 @@ def _match(sdpa: Node, m: Module) -> AttentionInput | None:
 
 def _gemv_rows(n: Node) -> int | None:
     """Rows of a linear's input when it is a small static batch of rows (a decode step); else None."""
-    shape = n.inputs[0].type.shape
+    shape = n.operand("x").type.shape
     if not all(isinstance(d, int) for d in shape):
         return None
     rows = 1
@@ -171,11 +175,11 @@ def _gemv_rows(n: Node) -> int | None:
 def _gemv_candidate(n: Node, m: Module) -> bool:
     if n.op not in ("linear", "quant_linear") or _gemv_rows(n) is None:
         return False
-    if n.op == "linear" and len(n.inputs) > 2:
+    if n.has_operand("bias"):
         return False  # bias: the op-by-op path
-    if n.op == "quant_linear" and (n.attrs["a_bits"] not in (None, 16) or n.attrs["has_bias"]):
+    if n.op == "quant_linear" and n.attr("a_bits") not in (None, 16):
         return False
-    return all(p.producer is not None and p.producer.op == "param" for p in n.inputs[1:])
+    return all(p.producer is not None and p.producer.op == "param" for p in _weight_operands(n))
 
 
 def _swiglu(gate: Node, m: Module, taken: dict[int, Any]) -> GemvGroup | None:
@@ -187,12 +191,12 @@ def _swiglu(gate: Node, m: Module, taken: dict[int, Any]) -> GemvGroup | None:
     if silu.op != "silu" or not _single_use(silu.outputs[0], m):
         return None
     mul = silu.outputs[0].users[0]
-    if mul.op != "mul" or len(mul.inputs) != 2 or mul.inputs[0] is not silu.outputs[0]:
+    if mul.op != "mul" or mul.operand("a") is not silu.outputs[0] or mul.operand("b") is None:
         return None  # the reference computes silu(gate) * up in that order
-    up = mul.inputs[1].producer
+    up = mul.operand("b").producer
     if up is None or id(up) in taken or not _gemv_candidate(up, m) or not _single_use(up.outputs[0], m):
         return None
-    if up.inputs[0] is not gate.inputs[0] or not _same_kind([gate, up]):
+    if up.operand("x") is not gate.operand("x") or not _same_kind([gate, up]):
         return None
     if up.outputs[0].type != gate.outputs[0].type:
         return None
@@ -204,9 +208,12 @@ def _residual(lin: Node, m: Module) -> GemvGroup | None:
     if not _single_use(out, m):
         return None
     add = out.users[0]
-    if add.op != "add" or len(add.inputs) != 2 or add.outputs[0].type != out.type:
+    if add.op != "add":
         return None
-    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    a, b = add.operand("a"), add.operand("b")
+    if b is None or add.outputs[0].type != out.type:
+        return None
+    other = b if a is out else a
     if other is out or other.type != out.type:
         return None
     return GemvGroup([lin], "residual", [add], residual=other)
@@ -241,13 +248,14 @@ def plan(m: Module) -> FusionPlan:
     for n in m.nodes:
         if n.op != "rms_norm" or m.is_output(n.outputs[0]) or not n.outputs[0].uses:
             continue
-        if n.inputs[1].producer is None or n.inputs[1].producer.op != "param":
+        gamma, x = n.operand("weight"), n.operand("x")
+        if gamma.producer is None or gamma.producer.op != "param":
             continue
         readers = n.outputs[0].users
         groups = [out.groups.get(id(r)) for r in readers]
-        if all(g is not None and any(r is x for x in g.linears) and r.inputs[0] is n.outputs[0]
+        if all(g is not None and any(r is y for y in g.linears) and r.operand("x") is n.outputs[0]
                for g, r in zip(groups, readers, strict=True)):
-            if len(n.inputs[0].type.shape) and n.outputs[0].type.dtype == n.inputs[0].type.dtype:
+            if len(x.type.shape) and n.outputs[0].type.dtype == x.type.dtype:
                 out.absorbed.add(id(n))
                 for g in groups:
                     g.norm = n
@@ -268,8 +276,8 @@ def _emit_attention(ctx: Any, g: AttentionInput) -> bool:
     from ctc.backends.tvm import lower as L
     from ctc.backends.tvm.int_kernels import add_prim_func
 
-    q_t, kc_t = g.q_rot.outputs[0].type, g.k_write.inputs[0].type
-    x_v = g.linears[0].inputs[0]
+    q_t, kc_t = g.q_rot.outputs[0].type, g.k_write.operand("cache").type
+    x_v = g.linears[0].operand("x")
     dims = [L._static_int(ctx, d) for d in (*q_t.shape, *kc_t.shape, *x_v.type.shape)]
     if None in dims or len(q_t.shape) != 4 or len(kc_t.shape) != 4:
         return False
@@ -278,7 +286,7 @@ def _emit_attention(ctx: Any, g: AttentionInput) -> bool:
     outs = [n.outputs[0].type.shape[-1] for n in g.linears]
     if one != 1 or outs != [hq * d, hk * d, hk * d] or x_v.type.shape[:-1] != (b, 1):
         return False
-    cos_t = g.q_rot.inputs[1].type
+    cos_t = g.q_rot.operand("cos").type
     cos_n = 1
     for dim in cos_t.shape:
         cos_n *= int(dim)  # type: ignore[arg-type]
@@ -290,18 +298,18 @@ def _emit_attention(ctx: Any, g: AttentionInput) -> bool:
     if y is None:
         return False
     y2 = ctx.emit(op.reshape(y, [b, sum(outs)]))
-    cos = ctx.emit(op.reshape(ctx.val(g.q_rot.inputs[1]), [cos_b, d]))
-    sin = ctx.emit(op.reshape(ctx.val(g.q_rot.inputs[2]), [cos_b, d]))
+    cos = ctx.emit(op.reshape(ctx.val(g.q_rot.operand("cos")), [cos_b, d]))
+    sin = ctx.emit(op.reshape(ctx.val(g.q_rot.operand("sin")), [cos_b, d]))
     spec = CK.RopeWriteSpec(b, hq, hk, s, d, dt, cos_b)
     gv = add_prim_func(ctx.bb, CK.rope_write_func(spec), f"rope_write_{spec.tag}")
-    kc, vc = ctx.val(g.k_write.inputs[0]), ctx.val(g.v_write.inputs[0])
+    kc, vc = ctx.val(g.k_write.operand("cache")), ctx.val(g.v_write.operand("cache"))
     cache_ty = relax.TensorType([b, hk, s, d], dt)
-    res = ctx.emit(relax.call_tir_inplace(gv, [y2, cos, sin, ctx.val(g.k_write.inputs[2]), kc, vc],
+    res = ctx.emit(relax.call_tir_inplace(gv, [y2, cos, sin, ctx.val(g.k_write.operand("position")), kc, vc],
                                           [4, 5, -1], [cache_ty, cache_ty, relax.TensorType([b, hq, 1, d], dt)]))
     ctx.env[id(g.k_write.outputs[0])] = ctx.emit(relax.TupleGetItem(res, 0))
     ctx.env[id(g.v_write.outputs[0])] = ctx.emit(relax.TupleGetItem(res, 1))
     ctx.env[id(g.q_rot.outputs[0])] = ctx.emit(relax.TupleGetItem(res, 2))
-    ctx.inplace_inputs.update({g.k_write.inputs[0].name, g.v_write.inputs[0].name})
+    ctx.inplace_inputs.update({g.k_write.operand("cache").name, g.v_write.operand("cache").name})
     return True
 
 
@@ -310,7 +318,7 @@ def _weights(ctx: Any, lins: list[Node], key: str) -> list[Any]:
     there are several; each bound array records its derivation from the module parameters."""
     import numpy as np
 
-    names = [[ctx.param_name(v) for v in n.inputs[1:]] for n in lins]
+    names = [[ctx.param_name(v) for v in _weight_operands(n)] for n in lins]
     if len(lins) == 1:
         return [ctx.param(str(nm)) for nm in names[0]]
     out = []
@@ -328,22 +336,22 @@ def _gemv_spec(ctx: Any, lins: list[Node], epilogue: str, norm: Node | None) -> 
 
     first = lins[0]
     rows = _gemv_rows(first)
-    k = first.inputs[0].type.shape[-1]
+    k = first.operand("x").type.shape[-1]
     n = sum(int(x.outputs[0].type.shape[-1]) for x in lins) if epilogue != "silu_mul" \
         else int(first.outputs[0].type.shape[-1])
     dt = L._dt(first.outputs[0].type)
-    if rows is None or not isinstance(k, int) or L._dt(first.inputs[0].type) != dt:
+    if rows is None or not isinstance(k, int) or L._dt(first.operand("x").type) != dt or first.has_operand("bias"):
         return None
     if first.op == "linear":
-        if L._dt(first.inputs[1].type) != dt or len(first.inputs) > 2:
+        if L._dt(first.operand("weight").type) != dt:
             return None
         weight, group = "dense", -1
     else:
-        weight, group = ("int4" if first.attrs["w_bits"] <= 4 else "int8"), int(first.attrs["group_size"])
-        if first.attrs["w_bits"] not in (4, 8) or first.attrs["has_bias"]:
+        weight, group = ("int4" if first.attr("w_bits") <= 4 else "int8"), int(first.attr("group_size"))
+        if first.attr("w_bits") not in (4, 8):
             return None
     spec = CK.GemvSpec(rows, int(k), n, dt, weight, group, "rms" if norm is not None else "none",
-                       float(norm.attrs["eps"]) if norm is not None else 1e-6, epilogue)
+                       float(norm.attr("eps")) if norm is not None else 1e-6, epilogue)
     return spec if CK.gemv_supported(spec) is None else None
 
 
@@ -356,11 +364,11 @@ def _gemv_call(ctx: Any, lins: list[Node], epilogue: str, norm: Node | None, res
     if spec is None:
         return None
     op = ctx.relax.op
-    src = norm.inputs[0] if norm is not None else lins[0].inputs[0]
+    src = norm.operand("x") if norm is not None else lins[0].operand("x")
     x = ctx.emit(op.reshape(ctx.val(src), [spec.rows, spec.k]))
     args = [x]
     if norm is not None:
-        args.append(ctx.val(norm.inputs[1]))
+        args.append(ctx.val(norm.operand("weight")))
     args += _weights(ctx, lins, "gemv" if epilogue != "silu_mul" else "swiglu")
     if residual is not None:
         args.append(ctx.emit(op.reshape(residual, [spec.rows, spec.n])))
@@ -391,32 +399,18 @@ def _merged_linear(ctx: Any, lins: list[Node], norm: Node | None = None) -> Any:
 
 
 def _merged_linear_te(ctx: Any, lins: list[Node]) -> Any:
-    """One GEMV over the linears' weights concatenated along the output axis (bias too)."""
+    """One TE GEMV over the linears' weights concatenated along the output axis (bias added after)."""
     from ctc.backends.tvm import lower as L
 
     first = lins[0]
-    x = ctx.val(first.inputs[0])
-    names = [[ctx.param_name(v) for v in n.inputs[1:]] for n in lins]
-    key = "qkv"
-
-    def cat(i: int) -> Any:
-        srcs = [str(ns[i]) for ns in names]
-        arrs = [ctx.param_array(n) for n in srcs]
-        import numpy as np
-
-        return ctx.param(srcs[0], f"{key}{i}:" + "+".join(srcs[1:]), array=np.concatenate(arrs, axis=0),
-                         source={"op": "concat0", "from": srcs})
-
+    x = ctx.val(first.operand("x"))
+    w = _weights(ctx, lins, "qkv")
     if first.op == "linear":
-        y = ctx.te(L._matvec_nk, x, cat(0), name="matvec")
-        bias_i = 1 if len(first.inputs) > 2 else None
+        y = ctx.te(L._matvec_nk, x, w[0], name="matvec")
     else:
-        a = first.attrs
-        k = int(first.inputs[0].type.shape[-1])
-        y = ctx.te(L._quant_matvec_te(int(a["w_bits"]), int(a["group_size"]), k), x, cat(0), cat(1), cat(2),
+        k = int(first.operand("x").type.shape[-1])
+        y = ctx.te(L._quant_matvec_te(int(first.attr("w_bits")), int(first.attr("group_size")), k), x, *w[:3],
                    name="quant_matvec")
-        bias_i = 3 if a["has_bias"] else None
-    if bias_i is not None:
-        bias = cat(bias_i)
-        y = ctx.emit(ctx.relax.op.add(y, ctx.emit(ctx.relax.op.astype(bias, L._dt(first.outputs[0].type)))))
+    if first.has_operand("bias"):
+        y = ctx.emit(ctx.relax.op.add(y, ctx.emit(ctx.relax.op.astype(w[-1], L._dt(first.outputs[0].type)))))
     return y

@@ -17,7 +17,6 @@ are checked against the reference interpreter on the GPU machine (``gpu``-marked
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +177,7 @@ def _source(spec: AttentionSpec) -> str:
         f"    for j0 in range({NB}):",
         f"        j = j0 * {NT} + tx",
         "        pj[0] = sc[j]",
-        f"        pj[0] = T.Select(pj[0] > T.float32(-3.0e38), T.exp(pj[0] - mx[0]), T.float32(0))",
+        "        pj[0] = T.Select(pj[0] > T.float32(-3.0e38), T.exp(pj[0] - mx[0]), T.float32(0))",
         "        sc[j] = pj[0]",
         "        tot[0] = tot[0] + pj[0]",
     ]
@@ -216,7 +215,8 @@ def _block_reduce_lines(var: str, op: str, warps: int) -> list[str]:
     comb = (lambda a, b: f"T.max({a}, {b})") if op == "max" else (lambda a, b: f"{a} + {b}")
     lines = []
     for off in (16, 8, 4, 2, 1):
-        lines.append(f"    {var}[0] = {comb(f'{var}[0]', f'T.tvm_warp_shuffle_down(T.uint32(4294967295), {var}[0], {off}, 32, 32)')}")
+        shfl = f"T.tvm_warp_shuffle_down(T.uint32(4294967295), {var}[0], {off}, 32, 32)"
+        lines.append(f"    {var}[0] = {comb(f'{var}[0]', shfl)}")
     lines += ["    if tx % 32 == 0:", f"        wred[tx // 32] = {var}[0]", '    T.tvm_storage_sync("shared")',
               f"    {var}[0] = wred[0]", f"    for w in range(1, {warps}):",
               f"        {var}[0] = {comb(f'{var}[0]', 'wred[w]')}", '    T.tvm_storage_sync("shared")']
@@ -239,7 +239,8 @@ class RopeWriteSpec:
 
     @property
     def tag(self) -> str:
-        return f"b{self.batch}_h{self.q_heads}x{self.kv_heads}_s{self.keys}_d{self.head_dim}_{self.dtype}_c{self.cos_batch}"
+        return (f"b{self.batch}_h{self.q_heads}x{self.kv_heads}_s{self.keys}_d{self.head_dim}_{self.dtype}"
+                f"_c{self.cos_batch}")
 
 
 def rope_write_func(spec: RopeWriteSpec) -> Any:
@@ -257,7 +258,7 @@ def rope_write_func(spec: RopeWriteSpec) -> Any:
     def rnd(e: str) -> str:  # round a float32 expression to the dtype and back (the reference's rounding)
         return e if dt == "float32" else f'T.Cast("float32", T.Cast("{dt}", {e}))'
 
-    x = 'T.Cast("float32", Y[b, h * {D} + tx])'.format(D=D)
+    x = f'T.Cast("float32", Y[b, h * {D} + tx])'
     r = (f'T.Select(tx < {h2}, T.float32(0) - T.Cast("float32", Y[b, h * {D} + tx + {h2}]), '
          f'T.Cast("float32", Y[b, h * {D} + tx - {h2}]))')
     c = f'T.Cast("float32", COS[{cb}, tx])'
@@ -399,7 +400,8 @@ def _gemv_source(spec: GemvSpec) -> str:
     if spec.prologue == "rms":
         L.append(f'    GAM = T.match_buffer(g_h, ({K},), "{dt}")')
     if spec.weight != "dense":
-        L += [f'    SC = T.match_buffer(s_h, ({NW}, {G}), "float32")', f'    ZP = T.match_buffer(z_h, ({NW}, {G}), "int8")']
+        L += [f'    SC = T.match_buffer(s_h, ({NW}, {G}), "float32")',
+              f'    ZP = T.match_buffer(z_h, ({NW}, {G}), "int8")']
     if spec.epilogue == "residual":
         L.append(f'    R = T.match_buffer(r_h, ({M}, {N}), "{dt}")')
     L += [
@@ -427,7 +429,8 @@ def _gemv_source(spec: GemvSpec) -> str:
               f"        for k0 in range({-(-K // NT)}):",
               f"            if k0 * {NT} + tx < {K}:",
               f"                tmp[0] = {rnd(xk)}",
-              f'                xs[m * {K} + k0 * {NT} + tx] = T.Cast("{dt}", T.Cast("float32", GAM[k0 * {NT} + tx]) * tmp[0])']
+              f'                xs[m * {K} + k0 * {NT} + tx] = '
+              f'T.Cast("{dt}", T.Cast("float32", GAM[k0 * {NT} + tx]) * tmp[0])']
     else:
         L += [f"    for i0 in range({-(-(M * K) // NT)}):",
               f"        if i0 * {NT} + tx < {M * K}:",

@@ -973,7 +973,7 @@ def _gpu_decode_attention(ctx: Ctx, node: Node, a: list[Any]) -> Any | None:
     from ctc.backends.tvm import cuda_kernels as CK
     from ctc.backends.tvm.int_kernels import add_prim_func
 
-    qt, kt = node.inputs[0].type, node.inputs[1].type
+    qt, kt = node.operand("q").type, node.operand("k").type
     dims = [_static_int(ctx, d) for d in (*qt.shape, kt.shape[1], kt.shape[2])]
     if any(d is None for d in dims):
         return None
@@ -982,15 +982,16 @@ def _gpu_decode_attention(ctx: Ctx, node: Node, a: list[Any]) -> Any | None:
     mask = "none"
     mb = mh = 1
     mdt = "bool"
-    args = list(a[:3])
-    if len(a) > 3:
-        mt = node.inputs[3].type
+    args = [ctx.val(node.operand(n)) for n in ("q", "k", "v")]
+    mask_v = node.operand("mask")
+    if mask_v is not None:
+        mt = mask_v.type
         full = [1] * (4 - mt.rank) + [_static_int(ctx, x) for x in mt.shape]
         if None in full or full[2] != 1 or full[3] != s or full[0] not in (1, b) or full[1] not in (1, hq):
             return None
         mb, mh = int(full[0]), int(full[1])  # type: ignore[arg-type]
         mask, mdt = ("bool", "bool") if mt.dtype == "bool" else ("add", _dt(mt))
-        args.append(ctx.emit(ctx.relax.op.reshape(a[3], [mb, mh, s])))
+        args.append(ctx.emit(ctx.relax.op.reshape(ctx.val(mask_v), [mb, mh, s])))
     spec = CK.AttentionSpec(b, hq, hk, s, d, _dt(qt), float(scale), mask, mb, mh, mdt)
     if CK.decode_attention_supported(spec) is not None:
         return None
@@ -1005,11 +1006,11 @@ def _cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     from ctc.backends.tvm.cache_kernels import cache_write_func
     from ctc.backends.tvm.int_kernels import add_prim_func
 
-    cache_v = node.inputs[0]
+    cache_v = node.operand("cache")
     t = cache_v.type
-    ax = node.attrs["axis"] % t.rank
+    ax = node.attr("axis") % t.rank
     dt = _dt(t)
-    cache = a[0]
+    cache = ctx.val(cache_v)
     owned = cache_v.producer is None and len(cache_v.users) == 1 and not ctx.module.is_output(cache_v) \
         and ctx.param_name(cache_v) is None
     if not owned:
@@ -1019,7 +1020,8 @@ def _cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     else:
         ctx.inplace_inputs.add(cache_v.name)
     gv = add_prim_func(ctx.bb, cache_write_func(t.rank, ax, dt), f"cache_write_r{t.rank}_a{ax}_{dt}")
-    return ctx.relax.call_tir_inplace(gv, [cache, a[1], a[2]], [0],
+    return ctx.relax.call_tir_inplace(gv, [cache, ctx.val(node.operand("update")), ctx.val(node.operand("position"))],
+                                      [0],
                                       ctx.relax.TensorType(ctx.shape_of(node.outputs[0]), dt))
 
 
