@@ -7,7 +7,8 @@ for `target cuda`.  The artifact then goes to the GPU machine with TVM's runtime
 
     python benchmarks/cuda_cli_demo.py DIR            # DIR/model (HF dir) + DIR/tiny_cuda.ctc
     ctc compile DIR/tiny_cuda.ctc --out DIR/art       # here: nvcc, no GPU
-    python -m ctc bench DIR/art --target cuda         # there
+    python -m ctc bench DIR/art --target cuda         # there: one decode step
+    python -m ctc run DIR/art --target cuda --text "Hello" --generate 32
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / f, out / "model" / f)
     (out / "tiny_cuda.ctc").write_text(
-        "# a 2-layer SmolLM2-family decoder (random weights) compiled for the GPU\n"
-        'model hf "model"\n'
+        "# a 2-layer SmolLM2-family decoder (random weights): one fp16 decode step over a 256-position cache\n"
+        'model hf "model" decode=256 dtype="f16"\n'
         "calibrate wiki samples=2 seq_len=64\n"
         "pipeline {\n    cse\n    dce\n}\n"
         'target cuda arch="sm_90"\n')

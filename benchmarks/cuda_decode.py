@@ -115,8 +115,11 @@ def build(out: Path, names: list[str], arch: str) -> None:
             m = capture(step, ins, dynamic=False)
             prefix = "model."
         else:
-            ins = {"input_ids": torch.zeros(batch, PREFILL, dtype=torch.long)}
-            m = capture(model, ins, dynamic=False)
+            from ctc.frontends.hf import capture_hf_model
+
+            m = capture_hf_model(model, task="causal_lm", batch=batch, seq_len=PREFILL, dynamic=False)
+            ins = {"input_ids": torch.zeros(batch, PREFILL, dtype=torch.long),
+                   "attention_mask": torch.ones(batch, PREFILL, dtype=torch.long)}
             prefix = ""
         if weights == "i4":
             m, _ = PassManager([QuantizePass(QuantizeOptions(**INT4))], calibration=[ins], fidelity=False,
@@ -210,6 +213,9 @@ def _ir_params(entry: dict[str, Any], model: Any, specs: list[dict[str, Any]]) -
 
     prefix = entry["prefix"]
     hf = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    head = model.get_output_embeddings()
+    if head is not None:  # a tied head is not always listed under its own name
+        hf.setdefault("lm_head.weight", head.weight)
     wanted = sorted({n for s in specs for n in s["source"]["from"]})
     out: dict[str, Any] = {}
     quant: dict[str, Any] = {}
@@ -399,7 +405,7 @@ def _run_artifact(path: Path, name: str, entry: dict[str, Any], manifest: dict[s
     else:
         ids = torch.randint(0, cfg.vocab_size, (batch, manifest["prefill"]),
                             generator=torch.Generator().manual_seed(SEED + 2)).cuda()
-        dec.bind_inputs({"input_ids": ids})
+        dec.bind_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         logits = dec.step()[0]
         model32 = _seeded_model(shape, torch.float32)
         ref32 = _dequantized(model32, dec.quant) if dec.quant else model32

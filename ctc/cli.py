@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target", metavar="KIND", help="run the compiled library of this target instead")
     r.add_argument("--save", metavar="FILE", help="write the outputs to this .safetensors file")
     r.add_argument("--top", type=int, default=5, help="LMs: how many next-token candidates to print (default 5)")
+    r.add_argument("--generate", type=int, metavar="N", help="decoder artifacts (`model ... decode=LEN`): greedy "
+                                                             "generation of N tokens after --text")
     _common(r)
 
     e = sub.add_parser("eval", help="measure an artifact's accuracy", formatter_class=_formatter,
@@ -183,6 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     art = _load_artifact(args.artifact)
+    if args.generate is not None:
+        return _generate(art, args)
     if args.text is not None:
         from ctc.driver import text_inputs
 
@@ -207,6 +211,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         save_file({n: t.contiguous() for n, t in zip(names, outs, strict=False)}, args.save)
         print(f"wrote {args.save}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _generate(art: Any, args: argparse.Namespace) -> int:
+    """`ctc run ART --generate N --text PROMPT`: greedy generation through a static decode step."""
+    from ctc.errors import UsageError
+    from ctc.generate import greedy_generate
+    from ctc.tasks import TASK_DECODE_STEP
+
+    if art.module.meta.get("task") != TASK_DECODE_STEP:
+        raise UsageError("--generate needs a decoder artifact: compile the model with `model ... decode=LEN` "
+                         "(one generation step over preallocated KV caches)")
+    if args.text is None or args.generate < 1:
+        raise UsageError("--generate N needs N >= 1 and a prompt (--text)")
+    tok = art.tokenizer()
+    prompt = tok(args.text, return_tensors="pt")["input_ids"]
+    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
+    if args.target is not None:
+        step = art.runner(args.target)
+        cuda_graph = getattr(step, "device", "cpu") == "cuda"
+    else:
+        step, cuda_graph = (lambda feed: art.run(feed)), False
+    try:
+        gen = greedy_generate(step, prompt, args.generate, cuda_graph=cuda_graph, input_specs=specs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(args.text + tok.decode(gen.tokens[0].tolist()))
+    print(f"{gen.tokens.shape[1]} tokens, {gen.tokens_per_s:.1f} tokens/s after the prompt "
+          f"({gen.step_ms:.3f} ms per step; prompt {len(prompt[0])} tokens in {gen.prompt_s:.3f} s; "
+          f"backend {args.target or 'torch (reference)'})", file=sys.stderr)
     return EXIT_OK
 
 

@@ -23,7 +23,7 @@ from ctc.dsl.check import METRICS, check_recipe, check_with_module, resolve_path
 from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, did_you_mean
 from ctc.dsl.parser import parse_file
 from ctc.errors import ModelError, UsageError
-from ctc.tasks import TASK_CAUSAL_LM
+from ctc.tasks import TASK_CAUSAL_LM, TASK_DECODE_STEP
 
 DEFAULT_TRIALS = 64
 
@@ -214,31 +214,70 @@ class LoadedModel:
     tokenizer: Any = None
     tokenizer_dir: Path | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    eager: Any = None  # the loaded PyTorch model (decode steps are calibrated on its prefilled caches)
 
 
-def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | None]:
-    """(captured module, tokenizer, description, tokenizer dir) of the recipe's model source."""
+def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | None, Any]:
+    """(captured module, tokenizer, description, tokenizer dir, eager model) of the recipe's model source.
+
+    ``model ... dtype=f16`` casts the weights before capture; ``decode=N`` captures one generation
+    step over N-position KV caches (:func:`ctc.frontends.decode.static_decode_step`) instead of the
+    full-sequence forward."""
     from ctc import frontends
 
     m = recipe.model
     assert m is not None
+    decode = m.options.get("decode")
+    dtype = m.options.get("dtype")
     if m.kind == "bundled":
         # ctc.eval.models caches SmolLM2's de-quantised GGUF weights (saves ~20 s per compile)
         from ctc.eval.models import load_bundled
 
         model, tok, info = load_bundled(m.ref)
-        module = frontends.capture_hf_model(model, task=info.task, name=m.ref, source=info.loaded_from)
+        model = _cast(model, dtype)
         desc = {"kind": "bundled", "ref": m.ref, "title": info.title, "arch": info.arch, "pip": info.pip,
                 "load_seconds": round(info.load_seconds, 2)}
-        return module, tok, desc, Path(info.loaded_from)
+        if decode:
+            return _capture_decode(model, info.task, int(decode)), tok, desc, Path(info.loaded_from), model
+        module = frontends.capture_hf_model(model, task=info.task, name=m.ref, source=info.loaded_from)
+        return module, tok, desc, Path(info.loaded_from), model
     if m.kind == "hf":
         loaded = frontends.load_hf(resolve_path(recipe, m.ref))
-        module = frontends.capture_loaded(loaded)
+        loaded.model = _cast(loaded.model, dtype)
         desc = {"kind": "hf", "ref": m.ref, "arch": loaded.arch}
-        return module, loaded.tokenizer, desc, Path(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
+        tok_dir = Path(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
+        if decode:
+            module = _capture_decode(loaded.model, loaded.task, int(decode))
+            return module, loaded.tokenizer, desc, tok_dir, loaded.model
+        module = frontends.capture_loaded(loaded)
+        return module, loaded.tokenizer, desc, tok_dir, loaded.model
     ep = frontends.load_pt2(resolve_path(recipe, m.ref))
     module = frontends.capture_loaded(ep)
-    return module, None, {"kind": "pt2", "ref": m.ref, "arch": "exported program"}, None
+    return module, None, {"kind": "pt2", "ref": m.ref, "arch": "exported program"}, None, None
+
+
+def _cast(model: Any, dtype: str | None) -> Any:
+    import torch
+
+    if dtype is None:
+        return model
+    return model.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype])
+
+
+def _capture_decode(model: Any, task: str, max_len: int) -> Any:
+    """The static decode step of a causal LM over ``max_len``-position caches, as a ctc module."""
+    from ctc.frontends import capture
+    from ctc.frontends.decode import static_decode_inputs, static_decode_step
+
+    if task != TASK_CAUSAL_LM:
+        raise ValueError(f"decode={max_len} captures a generation step of a causal LM; this model is a {task} model")
+    dtype = next(model.parameters()).dtype
+    step = static_decode_step(model)
+    module = capture(step, static_decode_inputs(model, max_len, position=max_len // 2, dtype=dtype,
+                                                random_cache=False), dynamic=False)
+    module.meta["task"] = TASK_DECODE_STEP
+    module.meta["decode"] = {"max_len": max_len}
+    return module
 
 
 def load_model(recipe: Recipe, progress: Progress) -> LoadedModel:
@@ -246,7 +285,7 @@ def load_model(recipe: Recipe, progress: Progress) -> LoadedModel:
     m = recipe.model
     assert m is not None
     try:
-        module, tok, desc, tok_dir = _load_and_capture(recipe)
+        module, tok, desc, tok_dir, eager = _load_and_capture(recipe)
     except (RecipeError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -256,7 +295,7 @@ def load_model(recipe: Recipe, progress: Progress) -> LoadedModel:
     task = str(module.meta.get("task", "unknown"))
     desc["task"] = task
     desc.setdefault("arch", module.meta.get("arch", ""))
-    return LoadedModel(module, task, tok, tok_dir, desc)
+    return LoadedModel(module, task, tok, tok_dir, desc, eager)
 
 
 def text_inputs(module: Any, tokenizer: Any, texts: Sequence[str], seq_len: int | None = None) -> dict[str, Any]:
@@ -279,11 +318,18 @@ def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel) -> tuple[l
     opts = DatasetOptions.from_dict(ds.options)
     path = resolve_path(recipe, ds.path) if ds.path is not None else None
     split = "calibration" if ds.role == "calibrate" else "evaluation"
+    decode = loaded.task == TASK_DECODE_STEP
     try:
         batches, protocol = eval_data.model_batches(
             source=ds.source, path=path, field=opts.field, split=split, tokenizer=loaded.tokenizer,
-            input_names=[v.name for v in loaded.module.inputs], samples=opts.samples, seq_len=opts.seq_len,
-            seed=opts.seed, batch_size=opts.batch_size)
+            input_names=["input_ids"] if decode else [v.name for v in loaded.module.inputs], samples=opts.samples,
+            seq_len=opts.seq_len, seed=opts.seed, batch_size=opts.batch_size)
+        if decode:  # one decode step after each window's prefix, on caches the eager model filled
+            from ctc.frontends.decode import static_prefilled_inputs
+
+            max_len = int(loaded.module.meta["decode"]["max_len"])
+            batches = [static_prefilled_inputs(loaded.eager, b["input_ids"], max_len) for b in batches]
+            protocol = {**protocol, "decode_step": "prefill all but the last token of each window, decode the last"}
     except (OSError, ValueError) as e:
         span = ds.path_span if ds.path is not None else ds.source_span
         raise RecipeError(attach_source([Diagnostic(f"cannot read {ds.role} data: {e}", span)], recipe.source)) from e
@@ -767,7 +813,14 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
     if profile and target is None:
         raise UsageError("--profile times the kernels of a compiled library: add --target KIND")
     names = [v.name for v in art.module.inputs]
-    if art.tokenizer_dir is not None:
+    if art.module.meta.get("task") == TASK_DECODE_STEP:  # one step at position seq_len of zeroed caches
+        from ctc.ir.types import torch_dtype
+
+        max_len = int(art.module.meta["decode"]["max_len"])
+        feed = {v.name: torch.zeros([int(d) for d in v.type.shape], dtype=torch_dtype(v.type.dtype))
+                for v in art.module.inputs}
+        feed["position"] = torch.tensor([min(seq_len, max_len - 1)])
+    elif art.tokenizer_dir is not None:
         from ctc.eval.data import lee_test
 
         tok = art.tokenizer()

@@ -111,6 +111,7 @@ CASES: list[tuple[str, list[tuple], dict[str, Any]]] = [
     ("scaled_dot_product_attention", [spec((2, 4, S, 8)), spec((2, 4, 3, 8)), spec((2, 4, 3, 8)),
                                       spec((1, 1, S, 3))], {}),
     ("rotary_embedding", [spec((2, 4, S, 8)), spec((1, 1, S, 8)), spec((1, 1, S, 8))], {}),
+    ("cache_write", [spec((2, 3, S, 4)), spec((2, 3, 1, 4)), spec((1,), torch.int64, "idx:5")], {"axis": 2}),
 ]
 
 MY_CATEGORIES = ("elementwise", "shape", "nn", "attention")

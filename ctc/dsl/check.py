@@ -147,6 +147,22 @@ def resolve_path(recipe: Recipe, p: str) -> Path:
 
 
 # --------------------------------------------------------------------------- static checks
+def _decode_len(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 1 << 20:
+        return "must be an integer cache length in [2, 1048576] (decode=N captures one generation step over " \
+               "an N-position KV cache)"
+    return None
+
+
+def _model_dtype(v: Any) -> str | None:
+    return None if v in ("f32", "f16", "bf16") else "must be one of \"f32\", \"f16\", \"bf16\""
+
+
+# Options of `model bundled|hf`: decode=N captures the static decode step (ctc.frontends.decode) of a
+# causal LM instead of its full-sequence forward; dtype casts the weights before capture.
+MODEL_OPTIONS: dict[str, Any] = {"decode": _decode_len, "dtype": _model_dtype}
+
+
 def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Diagnostic]:
     if m is None:
         return [Diagnostic("the recipe names no model", whole, hint='add a line like `model bundled "minilm"`')]
@@ -154,8 +170,15 @@ def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Dia
         return [Diagnostic(f"unknown model source {m.kind!r}{did_you_mean(m.kind, MODEL_KINDS)}", m.kind_span,
                            hint="model sources: " + ", ".join(MODEL_KINDS))]
     diags = []
+    allowed = MODEL_OPTIONS if m.kind in ("bundled", "hf") else {}
     for k, s in m.option_spans.items():
-        diags.append(Diagnostic(f"model {m.kind} takes no option {k!r}", s))
+        if k not in allowed:
+            known = f" (options: {', '.join(allowed)})" if allowed else ""
+            diags.append(Diagnostic(f"model {m.kind} takes no option {k!r}{did_you_mean(k, list(allowed))}{known}", s))
+            continue
+        why = allowed[k](m.options[k])
+        if why:
+            diags.append(Diagnostic(f"model option {k}={m.options[k]!r}: {why}", s))
     if m.kind == "bundled":
         names = bundled_model_names()
         if not names:

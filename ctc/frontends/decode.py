@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 __all__ = ["DecodeStep", "StaticDecodeStep", "cache_names", "decode_inputs", "decode_step", "kv_cache_shape",
-           "prefilled_inputs", "static_cache_names", "static_decode_inputs", "static_decode_step"]
+           "prefilled_inputs", "static_cache_names", "static_decode_inputs", "static_decode_step",
+           "static_prefilled_inputs"]
 
 
 def _layers(config: Any) -> int:
@@ -232,3 +233,26 @@ def static_decode_inputs(model_or_config: Any, max_len: int, *, position: int = 
     for name in static_cache_names(config):
         ins[name] = (torch.randn(*shape, generator=g) if random_cache else torch.zeros(*shape)).to(dtype)
     return ins
+
+
+@torch.no_grad()
+def static_prefilled_inputs(model: nn.Module, token_ids: torch.Tensor, max_len: int) -> dict[str, torch.Tensor]:
+    """Real inputs of one static step: the model prefills ``token_ids[:, :-1]`` into ``max_len``-long
+    cache buffers (zeros beyond) and the step decodes the last token at its position.  For
+    calibrating and evaluating a captured static step on text."""
+    if token_ids.dim() != 2 or token_ids.shape[1] < 2:
+        raise ValueError(f"static_prefilled_inputs: need token ids [B, >= 2], got {tuple(token_ids.shape)}")
+    past = token_ids.shape[1] - 1
+    if past >= max_len:
+        raise ValueError(f"static_prefilled_inputs: {token_ids.shape[1]} tokens need {past + 1} cache positions; "
+                         f"the step holds {max_len} (use a shorter seq_len or a longer decode cache)")
+    ins = prefilled_inputs(model, token_ids, past)
+    dtype = next(model.parameters()).dtype
+    out = {"input_ids": ins["input_ids"], "position": torch.tensor([past], dtype=torch.long)}
+    for i in range(_layers(model.config)):
+        for t in "kv":
+            c = ins[f"past_{t}_{i}"]
+            buf = torch.zeros(*c.shape[:2], max_len, c.shape[3], dtype=dtype)
+            buf[:, :, :past] = c.to(dtype)
+            out[f"cache_{t}_{i}"] = buf
+    return out

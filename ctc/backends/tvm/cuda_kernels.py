@@ -347,9 +347,16 @@ def gemv_supported(spec: GemvSpec) -> str | None:
         return f"K={spec.k} not a multiple of {spec.per_load}"
     if spec.weight != "dense" and spec.group != -1 and spec.group % spec.per_load:
         return f"group size {spec.group} not a multiple of {spec.per_load}"
-    if spec.rows * spec.k * _BYTES[spec.dtype] > 40 * 1024 or spec.rows > 16:
-        return f"{spec.rows} rows of {spec.k} channels do not fit shared memory"
+    if spec.rows > 16:
+        return f"{spec.rows} rows (at most 16)"
+    if spec.prologue == "rms" and not _gemv_stages_x(spec):
+        return f"the normalized {spec.rows} x {spec.k} input does not fit shared memory"
     return None
+
+
+def _gemv_stages_x(spec: GemvSpec) -> bool:
+    """Whether the input rows are staged in shared memory (else read through L1 from global memory)."""
+    return spec.rows * spec.k * _BYTES[spec.dtype] <= 32 * 1024
 
 
 def gemv_func(spec: GemvSpec) -> Any:
@@ -404,17 +411,39 @@ def _gemv_source(spec: GemvSpec) -> str:
               f'    ZP = T.match_buffer(z_h, ({NW}, {G}), "int8")']
     if spec.epilogue == "residual":
         L.append(f'    R = T.match_buffer(r_h, ({M}, {N}), "{dt}")')
+    rows = [("0", "n")] + ([("1", f"n + {N}")] if pair else [])
+    stage = _gemv_stages_x(spec)
+    prefetch = steps * len(rows) <= 8  # the whole weight slice fits registers: load it before the prologue
+    xv = 16 // _BYTES[dt]                 # x values per 16-byte load
     L += [
         f'    bx = T.launch_thread("blockIdx.x", {-(-N // GEMV_WARPS)})',
         f'    tx = T.launch_thread("threadIdx.x", {NT})',
-        f'    xs = T.decl_buffer(({M * K},), "{dt}", scope="shared")',
         f'    wred = T.decl_buffer(({GEMV_WARPS * M},), "float32", scope="shared")',
-        f'    wl = T.decl_buffer(({steps * ve * (2 if pair else 1)},), "{wdt}", scope="local")',
-        f'    acc = T.decl_buffer(({M * (2 if pair else 1)},), "float32", scope="local")',
+        f'    wl = T.decl_buffer(({steps * ve * len(rows)},), "{wdt}", scope="local")',
+        f'    wf = T.decl_buffer(({PL},), "float32", scope="local")',
+        f'    xl = T.decl_buffer(({PL},), "{dt}", scope="local")',
+        f'    acc = T.decl_buffer(({M * len(rows)},), "float32", scope="local")',
         '    ss = T.decl_buffer((1,), "float32", scope="local")',
-        '    wv = T.decl_buffer((1,), "float32", scope="local")',
         '    tmp = T.decl_buffer((1,), "float32", scope="local")',
+        "    lane = tx % 32",
+        f"    n = bx * {GEMV_WARPS} + tx // 32",
     ]
+    if stage:
+        L.insert(L.index(f'    wred = T.decl_buffer(({GEMV_WARPS * M},), "float32", scope="shared")'),
+                 f'    xs = T.decl_buffer(({M * K},), "{dt}", scope="shared")')
+
+    def weight_loads(indent: str) -> list[str]:
+        out = [f"{indent}if n < {N}:"]
+        for ri, row in rows:
+            base = f"{ri} * {steps * ve}"
+            out += [f"{indent}    for s in T.unroll({steps}):",
+                    f"{indent}        if (s * 32 + lane) * {PL} < {K}:",
+                    f"{indent}            for e in T.vectorized({ve}):",
+                    f"{indent}                wl[{base} + s * {ve} + e] = Wt[{row}, (s * 32 + lane) * {ve} + e]"]
+        return out
+
+    if prefetch:  # weights first: their latency overlaps the norm and the staging of x
+        L += weight_loads("    ")
     # ---- stage x (normalized) in shared memory
     if spec.prologue == "rms":
         xk = f'T.Cast("float32", X[m, k0 * {NT} + tx]) * ss[0]'
@@ -431,47 +460,42 @@ def _gemv_source(spec: GemvSpec) -> str:
               f"                tmp[0] = {rnd(xk)}",
               f'                xs[m * {K} + k0 * {NT} + tx] = '
               f'T.Cast("{dt}", T.Cast("float32", GAM[k0 * {NT} + tx]) * tmp[0])']
-    else:
+    elif stage:
         L += [f"    for i0 in range({-(-(M * K) // NT)}):",
               f"        if i0 * {NT} + tx < {M * K}:",
               f"            xs[i0 * {NT} + tx] = X[(i0 * {NT} + tx) // {K}, (i0 * {NT} + tx) % {K}]"]
-    L += ['    T.tvm_storage_sync("shared")',
-          "    lane = tx % 32",
-          f"    n = bx * {GEMV_WARPS} + tx // 32"]
-    # ---- weight loads (all issued first), then the dot products
-    L += [f"    if n < {N}:"]
-    rows = [("0", "n")] + ([("1", f"n + {N}")] if pair else [])
-    for ri, row in rows:
-        base = f"{ri} * {steps * ve}"
-        L += [f"        for s in T.unroll({steps}):",
-              f"            if (s * 32 + lane) * {PL} < {K}:",
-              f"                for e in T.vectorized({ve}):",
-              f"                    wl[{base} + s * {ve} + e] = Wt[{row}, (s * 32 + lane) * {ve} + e]"]
-    L += [f"        for a in T.unroll({M * len(rows)}):", "            acc[a] = T.float32(0)"]
+    if stage:
+        L.append('    T.tvm_storage_sync("shared")')
+    if not prefetch:
+        L += weight_loads("    ")
+    # ---- dot products: per step, the lane's weights as f32, then each row's x slice (16-byte loads)
+    L += [f"    if n < {N}:", f"        for a in T.unroll({M * len(rows)}):", "            acc[a] = T.float32(0)"]
     for ri, row in rows:
         base = f"{ri} * {steps * ve}"
         L += [f"        for s in T.unroll({steps}):",
               f"            if (s * 32 + lane) * {PL} < {K}:"]
         if spec.weight == "dense":
-            L += [f"                for e in T.unroll({ve}):",
-                  f'                    wv[0] = T.Cast("float32", wl[{base} + s * {ve} + e])',
-                  f"                    for m in T.unroll({M}):",
-                  f"                        acc[{ri} * {M} + m] = acc[{ri} * {M} + m] + wv[0] * "
-                  f'T.Cast("float32", xs[m * {K} + (s * 32 + lane) * {PL} + e])']
+            L += [f"                for e in T.unroll({PL}):",
+                  f'                    wf[e] = T.Cast("float32", wl[{base} + s * {ve} + e])']
         else:
             gi = "0" if spec.group == -1 else f"((s * 32 + lane) * {PL}) // {spec.group}"
-            L += [f'                tmp[0] = T.Cast("float32", ZP[{row}, {gi}])',
-                  f"                ss[0] = SC[{row}, {gi}]",
-                  f"                for e in T.unroll({PL}):"]
             if spec.weight == "int4":
                 q = (f'T.Cast("float32", T.bitwise_and(T.shift_right(wl[{base} + s * {ve} + e // 2], '
                      f'T.Cast("uint8", (e % 2) * 4)), T.uint8(15))) - T.float32(8)')
             else:
                 q = f'T.Cast("float32", wl[{base} + s * {ve} + e])'
-            L += [f"                    wv[0] = ({q} - tmp[0]) * ss[0]",
-                  f"                    for m in T.unroll({M}):",
-                  f"                        acc[{ri} * {M} + m] = acc[{ri} * {M} + m] + wv[0] * "
-                  f'T.Cast("float32", xs[m * {K} + (s * 32 + lane) * {PL} + e])']
+            L += [f'                tmp[0] = T.Cast("float32", ZP[{row}, {gi}])',
+                  f"                ss[0] = SC[{row}, {gi}]",
+                  f"                for e in T.unroll({PL}):",
+                  f"                    wf[e] = ({q} - tmp[0]) * ss[0]"]
+        src = (lambda i: f"xs[m * {K} + {i}]") if stage else (lambda i: f"X[m, {i}]")
+        L += [f"                for m in T.unroll({M}):",
+              f"                    for c in T.unroll({PL // xv}):",
+              f"                        for e in T.vectorized({xv}):",
+              f"                            xl[c * {xv} + e] = {src(f'(s * 32 + lane) * {PL} + c * {xv} + e')}",
+              f"                    for e in T.unroll({PL}):",
+              f"                        acc[{ri} * {M} + m] = acc[{ri} * {M} + m] + wf[e] * "
+              f'T.Cast("float32", xl[e])']
     # ---- warp sums and the epilogue (lane 0 writes)
     L += [f"        for a in T.unroll({M * len(rows)}):"]
     for off in (16, 8, 4, 2, 1):
