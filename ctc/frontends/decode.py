@@ -78,24 +78,27 @@ class DecodeStep(nn.Module):
         return tuple(res)
 
 
-def decode_step(model: nn.Module) -> DecodeStep:
-    """``model`` wrapped as a :class:`DecodeStep` whose ``forward`` signature names every cache tensor
-    (``torch.export`` and :func:`ctc.frontends.capture` bind inputs by parameter name)."""
-    step = DecodeStep(model).eval()
-    names = ["input_ids", "attention_mask", *cache_names(model.config)]
+def _with_named_forward(step: nn.Module, names: list[str], label: str) -> Any:
+    """``step`` with a ``forward`` whose signature names every input (``torch.export`` and
+    :func:`ctc.frontends.capture` bind inputs by parameter name); calls the class's positional forward."""
+    base = type(step).forward
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
-    base = DecodeStep.forward
+    sig = inspect.Signature(params)
 
-    def forward(self: DecodeStep, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         bound = sig.bind(self, *args, **kwargs)
         vals = [bound.arguments[n] for n in names]
         return base(self, vals[0], vals[1], *vals[2:])
 
-    sig = inspect.Signature(params)
     forward.__signature__ = sig  # type: ignore[attr-defined]
-    cls = type(f"{type(model).__name__}DecodeStep", (DecodeStep,), {"forward": forward})
-    step.__class__ = cls
+    step.__class__ = type(f"{type(step.model).__name__}{label}", (type(step),), {"forward": forward})
     return step
+
+
+def decode_step(model: nn.Module) -> DecodeStep:
+    """``model`` wrapped as a :class:`DecodeStep` whose ``forward`` signature names every cache tensor."""
+    return _with_named_forward(DecodeStep(model).eval(), ["input_ids", "attention_mask", *cache_names(model.config)],
+                               "DecodeStep")
 
 
 def decode_inputs(model_or_config: Any, past: int, *, batch: int = 1, new_tokens: int = 1,
@@ -199,21 +202,8 @@ class StaticDecodeStep(nn.Module):
 def static_decode_step(model: nn.Module) -> StaticDecodeStep:
     """``model`` wrapped as a :class:`StaticDecodeStep` whose ``forward`` names every input (input_ids,
     position, cache_k_0, cache_v_0, ...), as ``torch.export`` binds them."""
-    step = StaticDecodeStep(model).eval()
-    names = ["input_ids", "position", *static_cache_names(model.config)]
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
-    base = StaticDecodeStep.forward
-
-    def forward(self: StaticDecodeStep, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        bound = sig.bind(self, *args, **kwargs)
-        vals = [bound.arguments[n] for n in names]
-        return base(self, vals[0], vals[1], *vals[2:])
-
-    sig = inspect.Signature(params)
-    forward.__signature__ = sig  # type: ignore[attr-defined]
-    cls = type(f"{type(model).__name__}StaticDecodeStep", (StaticDecodeStep,), {"forward": forward})
-    step.__class__ = cls
-    return step
+    return _with_named_forward(StaticDecodeStep(model).eval(),
+                               ["input_ids", "position", *static_cache_names(model.config)], "StaticDecodeStep")
 
 
 def static_decode_inputs(model_or_config: Any, max_len: int, *, position: int = 0, batch: int = 1,

@@ -26,11 +26,8 @@ SHARED_SCORE_LIMIT = 8192  # keys whose scores fit the block's shared memory (32
 
 
 @dataclass(frozen=True)
-class AttentionSpec:
-    """One-query attention ``o[b, h] = softmax(q[b, h] k[b, h // group]^T * scale + mask) v[b, h // group]``.
-
-    ``mask``: ``"none"``, ``"bool"`` (keep where true) or ``"add"`` (added to the logits), stored
-    ``[MB, MH, S]`` with ``MB`` in ``(1, batch)`` and ``MH`` in ``(1, q_heads)`` (broadcast)."""
+class _HeadsSpec:
+    """The attention shape a decode kernel is built for: batch, query and kv heads, cache length, head dim."""
 
     batch: int
     q_heads: int
@@ -38,6 +35,15 @@ class AttentionSpec:
     keys: int
     head_dim: int
     dtype: str
+
+
+@dataclass(frozen=True)
+class AttentionSpec(_HeadsSpec):
+    """One-query attention ``o[b, h] = softmax(q[b, h] k[b, h // group]^T * scale + mask) v[b, h // group]``.
+
+    ``mask``: ``"none"``, ``"bool"`` (keep where true) or ``"add"`` (added to the logits), stored
+    ``[MB, MH, S]`` with ``MB`` in ``(1, batch)`` and ``MH`` in ``(1, q_heads)`` (broadcast)."""
+
     scale: float
     mask: str = "none"
     mask_batch: int = 1
@@ -224,17 +230,11 @@ def _block_reduce_lines(var: str, op: str, warps: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class RopeWriteSpec:
+class RopeWriteSpec(_HeadsSpec):
     """Split a decode step's merged ``q|k|v`` projection row, rotate q and k (HF ``rotate_half``) and write
     k and v into the caches at ``position``: ``y [B, (Hq + 2 Hk) D]``, ``cos``/``sin [CB, D]``
     (``CB`` 1 or B), caches ``[B, Hk, S, D]``, result ``q [B, Hq, 1, D]``."""
 
-    batch: int
-    q_heads: int
-    kv_heads: int
-    keys: int
-    head_dim: int
-    dtype: str
     cos_batch: int = 1
 
     @property
