@@ -243,11 +243,11 @@ def _dequantized(model32: Any, quant: dict[str, Any]) -> Any:
     from ctc.ir import quant as Q
 
     m = copy.deepcopy(model32)
-    params = dict(m.named_parameters())
-    with torch.no_grad():
-        for name, qw in quant.items():
-            w = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, qw.bits, qw.group_size, qw.k)
-            params[name].copy_(w.to(params[name].device, torch.float32))
+    device = next(m.parameters()).device
+    for name, qw in quant.items():  # a new Parameter: a quantized tied head no longer changes the embedding
+        w = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, qw.bits, qw.group_size, qw.k)
+        owner, _, attr = name.rpartition(".")
+        setattr(m.get_submodule(owner), attr, torch.nn.Parameter(w.to(device, torch.float32), requires_grad=False))
     return m
 
 
