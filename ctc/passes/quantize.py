@@ -34,6 +34,7 @@ from ctc.ir import quant as Q
 from ctc.ir.graph import Module, Node, Value
 from ctc.passes.analyses.calibration import CalibrationResult, CalibrationStats, ChannelStats
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.shared_weights import OncePerKey
 
 __all__ = ["QuantizeOptions", "QuantizePass", "build_quant_linear", "insert_kv_quant", "quantize_weight_rtn",
            "selected_linears", "segment_qparams"]
@@ -124,6 +125,12 @@ def selected_linears(module: Module, ctx: PassContext, blocks_only: bool) -> lis
     return out
 
 
+def _weight_name(lin: Node) -> str | None:
+    """The parameter name of a linear's weight (None when it is computed)."""
+    p = lin.inputs[1].producer
+    return str(p.attrs["name"]) if p is not None and p.op == "param" else None
+
+
 def new_param(module: Module, base: str, t: torch.Tensor, *, node: Node) -> Value:
     """Register ``t`` under a fresh name derived from ``base`` and read it just before ``node``."""
     name = module.add_param(module.fresh_param_name(base), t)
@@ -140,18 +147,28 @@ def drop_dead_params(module: Module, nodes: Sequence[Node]) -> None:
 
 def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.Tensor | None,
                        qw: Q.QuantizedWeight, a_bits: int | None, act_scale: torch.Tensor | None,
-                       act_zero: torch.Tensor | None, clusters: Sequence[int] = ()) -> Node:
+                       act_zero: torch.Tensor | None, clusters: Sequence[int] = (), *,
+                       once: OncePerKey[tuple[str, str, str]] | None = None) -> Node:
     """Replace ``lin`` (x, weight[, bias]) by a ``quant_linear`` reading its activation operand.
 
     ``w`` is only used for the shape check; ``bias`` is the (possibly permuted) float bias.
+    With ``once``, linears reading one float weight parameter (tied blocks) read one set of
+    integer weight, scale and zero-point parameters, registered by the first of them.
     """
     n, k = w.shape
     if qw.k != k:
         raise PassError(f"{lin.scope}: quantized weight has K={qw.k}, linear has {k}")
     base = lin.scope or "linear"
-    ops = [new_param(module, f"{base}.qweight", qw.qweight, node=lin),
-           new_param(module, f"{base}.w_scale", qw.scale.to(torch.float32), node=lin),
-           new_param(module, f"{base}.w_zero", qw.zero.to(torch.int8), node=lin)]
+
+    def register() -> tuple[str, str, str]:
+        return (module.add_param(module.fresh_param_name(f"{base}.qweight"), qw.qweight),
+                module.add_param(module.fresh_param_name(f"{base}.w_scale"), qw.scale.to(torch.float32)),
+                module.add_param(module.fresh_param_name(f"{base}.w_zero"), qw.zero.to(torch.int8)))
+
+    wp = lin.inputs[1].producer
+    key = (wp.attrs["name"], qw.bits, qw.group_size, qw.symmetric) if wp is not None and wp.op == "param" else None
+    names = once.get(key, register) if once is not None and key is not None else register()
+    ops = [module.param(nm, scope=lin.scope, block=lin.block, before=lin) for nm in names]
     if bias is not None:
         ops.append(new_param(module, f"{base}.qbias", bias.to(torch.float32), node=lin))
     a_q = a_bits is not None and a_bits != 16
@@ -261,11 +278,18 @@ class QuantizePass(Pass):
         calib = ctx.get(CalibrationStats(), module) if (a_q and lins) else None
         kv = kv_stats(module, ctx) if o.kv_bits != 16 and kv_operands(module) else None
         kv_st = dict(kv.stats) if kv is not None else {}
+        qws: OncePerKey[Q.QuantizedWeight] = OncePerKey()
+        once: OncePerKey[tuple[str, str, str]] = OncePerKey()  # a tied weight is quantized and stored once
         for lin in lins:
             w = param_tensor(lin.inputs[1])
             b = param_tensor(lin.inputs[2]) if len(lin.inputs) > 2 else None
             assert w is not None
-            qw = quantize_weight_rtn(w, o.w_bits, o.w_granularity, o.group_size, o.sym)
+            name = _weight_name(lin)
+
+            def rtn(w: torch.Tensor = w) -> Q.QuantizedWeight:
+                return quantize_weight_rtn(w, o.w_bits, o.w_granularity, o.group_size, o.sym)
+
+            qw = qws.get(name, rtn) if name is not None else rtn()
             scale = zero = None
             clusters: tuple[int, ...] = ()
             if a_q:
@@ -275,8 +299,10 @@ class QuantizePass(Pass):
                 k = st.channels
                 clusters = tuple(range(1, k + 1)) if o.a_granularity == "channel" else ()
                 scale, zero = segment_qparams(st.min, st.max, clusters, o.a_bits)
-            build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters)
+            build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters, once=once)
         n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits) if kv is not None else 0
+        if once.hits:
+            ctx.note(f"quantize: {len(once)} weight(s) read by several linears (tied) quantized once each")
         ctx.note(f"quantize: {len(lins)} linears -> quant_linear W{o.w_bits}A{o.a_bits} "
                  f"(weights per {o.w_granularity}, activations per {o.a_granularity})"
                  + (f"; {n_kv} k/v operands fake-quantized to {o.kv_bits} bits" if n_kv else ""))

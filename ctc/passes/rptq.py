@@ -74,6 +74,7 @@ from ctc.passes.quantize import (
     segment_qparams,
     selected_linears,
 )
+from ctc.passes.shared_weights import OncePerKey, linked_groups, merged_range, perm_key
 
 __all__ = ["FoldPlan", "RptqOptions", "RptqPass", "check_fold_complete", "gptq_quantize", "kmeans_1d_labels",
            "kmeans"]
@@ -318,6 +319,66 @@ def _attention_chain(x: Value, absorbers: list[Node]) -> tuple[Node, Node, list[
     return attn, vproj, region, heads, kv_heads, dim
 
 
+def _absorbers(x: Value) -> list[Node]:
+    """The linears reading ``x`` as their activation with a parameter weight (they absorb its reorder)."""
+    return [u for u in x.users if u.op == "linear" and u.inputs[0] is x
+            and param_tensor(u.inputs[1]) is not None and all(w is not x for w in u.inputs[1:])]
+
+
+def _param_name(v: Value) -> str | None:
+    return str(v.producer.attrs["name"]) if v.producer is not None and v.producer.op == "param" else None
+
+
+def _tied_ranges(xs: dict[int, Value], stats: dict[str, ChannelStats]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per activation, the (min, max) per channel its reorder is planned on: its own, or, when the linears
+    around it read weights other activations' linears read too (tied blocks), the merged range of all of
+    them, so they get one channel order and the tied weights stay one tensor."""
+    touched: dict[int, list[str]] = {}
+    for key, x in xs.items():
+        # A weight whose input columns x's reorder permutes (an absorber), or whose output rows do (the
+        # producer linears, the v projection): the same side of one weight must get the same order.
+        absorbers = _absorbers(x)
+        names = [f"columns of {_param_name(a.inputs[1])}" for a in absorbers]
+        attn = _attention_chain(x, absorbers)
+        if attn is not None:
+            names.append(f"rows of {_param_name(attn[1].inputs[1])}")
+        prod = _producer_region(x, absorbers)
+        if prod is not None:
+            names += [f"rows of {_param_name(s.inputs[1])}" for s in prod[0]]
+        touched[key] = [n for n in names if not n.endswith(" of None")]
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for group in linked_groups(touched):
+        los, his = [], []
+        for key in group:
+            st = stats[xs[key].name]
+            assert st.min is not None and st.max is not None
+            los.append(st.min)
+            his.append(st.max)
+        lo, hi = merged_range(los, his)
+        out.update({key: (lo, hi) for key in group})
+    return out
+
+
+def _weight_hessians(plans: Sequence[FoldPlan], lins: Sequence[Node], stats: dict[str, ChannelStats]
+                     ) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` per (reordered) weight parameter over every activation its selected linears read, in the
+    reordered channel order: a weight tied across blocks is quantized once, for all of its inputs."""
+    acc: dict[str, tuple[torch.Tensor, int]] = {}
+    chosen = {id(n) for n in lins}
+    for pl in plans:
+        st = stats[pl.x.name]
+        if st.xtx is None:
+            raise PassError(f"rptq: no X^T X for %{pl.x.name} (GPTQ needs the calibration Hessians)")
+        xtx = st.xtx[pl.perm][:, pl.perm]
+        for lin in pl.absorbers:
+            name = _param_name(lin.inputs[1]) if id(lin) in chosen else None
+            if name is None:
+                continue
+            s, n = acc.get(name, (torch.zeros_like(xtx), 0))
+            acc[name] = (s + xtx, n + st.rows)
+    return {k: s / max(n, 1) for k, (s, n) in acc.items()}
+
+
 def check_fold_complete(module: Module, permuted: Sequence[Value], handled: Sequence[Node]) -> None:
     """Prove on the networkx view that every reader of a permuted value is handled.
 
@@ -394,14 +455,12 @@ class RptqPass(Pass):
             by_x.setdefault(id(lin.inputs[0]), []).append(lin)
             xs[id(lin.inputs[0])] = lin.inputs[0]
         plans = []
+        ranges = _tied_ranges(xs, stats)
         for key in by_x:
             x = xs[key]
             # Every linear reading x as its activation absorbs the reorder (even unselected ones).
-            absorbers = [u for u in x.users if u.op == "linear" and u.inputs[0] is x
-                         and param_tensor(u.inputs[1]) is not None and all(w is not x for w in u.inputs[1:])]
-            st = stats[x.name]
-            assert st.min is not None and st.max is not None
-            lo, hi = st.min, st.max
+            absorbers = _absorbers(x)
+            lo, hi = ranges[key]  # shared by every activation whose linears read a tied weight: one order
             seed = ctx.seed
             attn = _attention_chain(x, absorbers)
             if attn is not None:
@@ -461,23 +520,31 @@ class RptqPass(Pass):
                 vals = [v for n in pl.region for v in n.outputs]
                 permuted += vals
                 checks.append((vals, pl.absorbers + pl.region))
-        # Linears: new float weights W[row][:, col], bias[row].
+        # Linears: new float weights W[row][:, col], bias[row]; a weight several linears read (tied blocks),
+        # reordered alike, becomes one new parameter they all read.
+        once: OncePerKey[str] = OncePerKey()
+
+        def reordered(v: Value, what: str, n: Node, r: torch.Tensor | None, c: torch.Tensor | None) -> Value:
+            t = param_tensor(v)
+            assert t is not None and v.producer is not None
+
+            def register() -> str:
+                u = t if r is None else t[r]
+                u = u if c is None else u[:, c]
+                return module.add_param(module.fresh_param_name(f"{n.scope or 'linear'}.{what}_rptq"), u.contiguous())
+
+            name = once.get((v.producer.attrs["name"], perm_key(r), perm_key(c)), register)
+            return module.param(name, scope=n.scope, block=n.block, before=n)
+
         for key in set(row) | set(col):
             n = (row.get(key) or col[key])[0]
-            w = param_tensor(n.inputs[1])
-            assert w is not None
-            if key in row:
-                w = w[row[key][1]]
-            if key in col:
-                w = w[:, col[key][1]]
+            r = row[key][1] if key in row else None
+            c = col[key][1] if key in col else None
             old = [n.inputs[1].producer]
-            n.set_input(1, new_param(module, f"{n.scope or 'linear'}.weight_rptq", w.contiguous(), node=n))
-            if len(n.inputs) > 2 and key in row:
-                b = param_tensor(n.inputs[2])
-                assert b is not None
+            n.set_input(1, reordered(n.inputs[1], "weight", n, r, c))
+            if len(n.inputs) > 2 and r is not None:
                 old.append(n.inputs[2].producer)
-                n.set_input(2, new_param(module, f"{n.scope or 'linear'}.bias_rptq", b[row[key][1]].contiguous(),
-                                         node=n))
+                n.set_input(2, reordered(n.inputs[2], "bias", n, r, None))
             drop_dead_params(module, [p for p in old if p is not None])
         for pl in plans:
             if pl.route == "norm":
@@ -550,6 +617,9 @@ class RptqPass(Pass):
             return module
         a_q = o.a_bits != 16
         per_tensor_v: set[int] = set()
+        hessians = _weight_hessians(plans, lins, stats) if o.gptq else {}
+        qws: OncePerKey[Q.QuantizedWeight] = OncePerKey()
+        once: OncePerKey[tuple[str, str, str]] = OncePerKey()  # a tied weight is quantized and stored once
         for done, pl in enumerate(plans):
             if pl.per_head_v is not None:
                 per_tensor_v.add(id(pl.per_head_v))
@@ -557,21 +627,27 @@ class RptqPass(Pass):
             assert st.min is not None and st.max is not None
             lo, hi = st.min[pl.perm], st.max[pl.perm]
             scale, zero = segment_qparams(lo, hi, pl.bounds, o.a_bits) if a_q else (None, None)
-            h = stats[pl.x.name].hessian[pl.perm][:, pl.perm] if o.gptq else None
             for lin in pl.absorbers:
                 if lin not in lins:
                     continue
                 w = param_tensor(lin.inputs[1])
                 b = param_tensor(lin.inputs[2]) if len(lin.inputs) > 2 else None
-                assert w is not None
-                if h is not None:
-                    qw = gptq_quantize(w, h, o.w_bits, o.group_size, o.sym, percdamp=o.damp)
-                else:
-                    qw = Q.quantize_weight(w, o.w_bits, o.group_size, o.sym)
+                assert w is not None and lin.inputs[1].producer is not None
+                name = lin.inputs[1].producer.attrs["name"]
+
+                def quantized(w: torch.Tensor = w, name: str = name) -> Q.QuantizedWeight:
+                    if o.gptq:  # the Hessian of every activation the (maybe tied) weight reads, in its order
+                        return gptq_quantize(w, hessians[name], o.w_bits, o.group_size, o.sym, percdamp=o.damp)
+                    return Q.quantize_weight(w, o.w_bits, o.group_size, o.sym)
+
+                qw = qws.get(name, quantized)
                 bounds = pl.bounds if len(pl.bounds) > 1 else []
-                build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, bounds)
+                build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, bounds, once=once)
             ctx.report_progress("rptq", done + 1, len(plans))
         n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits, frozenset(per_tensor_v)) if kv is not None else 0
+        if once.hits:
+            ctx.note(f"rptq: {len(once)} weight(s) read by several linears (tied blocks) reordered, quantized and "
+                     "stored once each")
         segs = [len(pl.bounds) for pl in plans]
         ctx.note(f"rptq: W{o.w_bits}A{o.a_bits} clusters={o.clusters} {'GPTQ' if o.gptq else 'RTN'}; "
                  f"{sum(len(p.absorbers) for p in plans)} linears; routes {routes}; activation segments "
