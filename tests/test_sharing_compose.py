@@ -69,25 +69,16 @@ def test_each_shared_weight_is_quantized_once(kind: str, tying: str, name: str, 
         assert cos > (0.98 if opts["w_bits"] == 8 else 0.9)
 
 
-def test_rptq_on_tied_blocks_binds_each_packed_weight_once() -> None:
-    pytest.importorskip("tvm")
-    from ctc.backends.tvm.lower import lower
-
-    m, calib = tied("llama", "share-blocks")
-    q = quantized(m, calib, "rptq", {"w_bits": 8, "a_bits": 8, "clusters": 4})
-    low = lower(q, params="input")
-    packed = Counter(k.split("::")[0] for k, _ in low.param_inputs if k.endswith("_wpack"))
-    assert packed and all(c == 1 for c in packed.values())
-    assert set(packed) == {k for k, c in qweight_readers(q).items()}
-
-
-def test_tied_and_quantized_model_compiles_for_the_cpu(tmp_path: Path) -> None:
+def test_tied_and_quantized_model_compiles_for_the_cpu_with_each_packed_weight_once(tmp_path: Path) -> None:
     pytest.importorskip("tvm")
     from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
 
     m, calib = tied("llama", "share-blocks")
     q = quantized(m, calib, "rptq", {"w_bits": 8, "a_bits": 8, "clusters": 4})
-    comp = compile_module(q, options=BuildOptions())
+    comp = compile_module(q, options=BuildOptions(params="input"))
+    packed = Counter(p["name"].split("::")[0] for p in comp.meta["params"] if p["name"].endswith("_wpack"))
+    assert packed and all(c == 1 for c in packed.values())
+    assert set(packed) == set(qweight_readers(q))
     comp.export(tmp_path)
     run = load_compiled(tmp_path, threads=1)
     for b in calib[:2]:
