@@ -99,7 +99,7 @@ def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], s
     SVD init) / recursive without LoRA, each without and with healing."""
     rows = []
     runner.ratio = ratio
-    for healed in (False, True):
+    for healed in (False, True) if any(heal.values()) else (False,):
         h = heal if healed else {}
         tag = " + healing" if healed else ""
         fold, met, notes, secs = runner.run("share-blocks", {"ratio": ratio, **h})
@@ -239,7 +239,8 @@ def all_rows(base: Module, calib: list[dict[str, torch.Tensor]], score: Score, a
              ) -> list[dict[str, Any]]:
     """The original's row, then every method at every ratio, with and without healing."""
     runner = Runner(base, calib)
-    heal = {"heal_seconds": a.heal_seconds, "heal_steps": a.heal_steps, "heal_lr": a.heal_lr}
+    heal = {"heal_seconds": a.heal_seconds, "heal_steps": a.heal_steps}
+    heal = {**heal, "heal_lr": a.heal_lr} if any(heal.values()) else {}
     rows = [score(base, "original", {}, 0.0)]
     for r in a.ratios:
         rows += method_rows(runner, r, a.rank, heal, score)
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="smollm2,minilm")
     ap.add_argument("--ratios", default="0.8,0.6,0.5", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank of the recursive rows")
-    ap.add_argument("--heal-seconds", type=float, default=120.0, help="healing wall-time budget per row")
+    ap.add_argument("--heal-seconds", type=float, default=90.0,
+                    help="healing wall-time budget per row (with --heal-steps 0 too: no healed rows)")
     ap.add_argument("--heal-steps", type=int, default=0, help="healing step budget (0 = time only)")
     ap.add_argument("--heal-lr", type=float, default=1e-3)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows")

@@ -65,3 +65,22 @@ def test_artifact_loads_back_with_each_shared_tensor_once(artifact: Path) -> Non
     from ctc.ir.interpreter import interpret
 
     torch.testing.assert_close(art.run(feed)[0], interpret(art.module, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tying_and_rptq_recipe_builds_for_the_cpu(tmp_path: Path) -> None:
+    """examples/minilm_tied_w8a8_cpu.ctc: both tying passes, RPTQ and a TVM CPU build in one recipe."""
+    recipe = Path(__file__).parents[1] / "examples" / "minilm_tied_w8a8_cpu.ctc"
+    out = tmp_path / "tied"
+    assert main(["compile", str(recipe), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (cpu,) = report["targets"]
+    assert cpu["measured"]["vs_ir"]["cosine"] > 0.999 and cpu["int_kernels"] > 0
+    art = ctc.load(out)
+    readers: dict[str, set[int]] = {}
+    for n in art.module.nodes:
+        if n.op == "quant_linear":
+            q = n.operand("qweight")
+            assert q is not None and q.producer is not None
+            readers.setdefault(q.producer.attrs["name"], set()).add(n.block)
+    assert sorted(len(b) for b in readers.values() if len(b) > 1) == [2] * 6 + [3] * 6  # tied weights, once each
