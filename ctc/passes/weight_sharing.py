@@ -94,7 +94,8 @@ def lora_from_residual(original: torch.Tensor, shared: torch.Tensor, rank: int, 
     the layer's calibration inputs, ``[K, K]``): best for the *outputs* instead, minimising
     ``E ||(R - B A) x||^2``: with ``H = L L^T`` (Cholesky, damped by ``damp`` times its mean
     diagonal), the truncated SVD of ``R L`` gives ``B = U_r Sigma_r`` and ``A = V_r^T L^{-1}``
-    (the whitening ASVD/SVD-LLM use).  Computed in the weights' precision but at least float32
+    (the whitening ASVD/SVD-LLM use), each rank-one component then rescaled so ``b_i`` and ``a_i``
+    have equal norms.  Computed in the weights' precision but at least float32
     (float64 with a Gram matrix); ``rank`` is clipped to ``min(N, K)``, where either form
     reproduces ``R`` up to rounding.
     """
@@ -119,6 +120,11 @@ def lora_from_residual(original: torch.Tensor, shared: torch.Tensor, rank: int, 
         u, s, vh = torch.linalg.svd(res @ chol, full_matrices=False)
         b = u[:, :r] * s[:r]
         a = torch.linalg.solve_triangular(chol, vh[:r], upper=False, left=False)  # V_r^T L^{-1}
+        # Balance each component (b_i * g, a_i / g, the product unchanged): L^{-1} scales A by the inverse
+        # activation magnitudes, and factors of very different sizes train badly (healing's Adam steps
+        # are the same size for both).
+        g = (a.norm(dim=1) / b.norm(dim=0).clamp_min(1e-30)).clamp_min(1e-30).sqrt()
+        b, a = b * g, a / g.unsqueeze(1)
     return b.to(original.dtype).contiguous(), a.to(original.dtype).contiguous()
 
 
