@@ -2,8 +2,8 @@
 
 Checked on every backend that holds parameters: the artifact's safetensors, the torch (fx)
 backend's buffers, the TVM CPU build (the arrays its lowering binds, and the built library run
-against the interpreter) and the fpga design's weight blob, on a tied-embedding LM and on the
-outputs of the sharing passes.
+against the interpreter), the TVM CUDA lowering (no GPU needed) and the fpga design's weight
+blob, on a tied-embedding LM and on the outputs of the sharing passes.
 """
 
 from __future__ import annotations
@@ -108,6 +108,18 @@ def test_tvm_lowering_binds_each_shared_tensor_once(name: str, m: Module, _: obj
         copies = full_size_copies(m, low.param_inputs)
         assert all(c == 1 for c in copies.values()), copies
         assert set(shared_names(m)) <= set(copies)
+
+
+@pytest.mark.parametrize(("name", "m", "_"), MODELS, ids=[x[0] for x in MODELS])
+def test_cuda_lowering_binds_each_shared_tensor_once(name: str, m: Module, _: object) -> None:
+    tvm = pytest.importorskip("tvm")
+    from ctc.backends.tvm.lower import lower
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
+    low = lower(m, params="input", static_dims={"seq": 8} if name == "tied" else {}, target=target)
+    copies = full_size_copies(m, low.param_inputs)
+    assert all(c == 1 for c in copies.values()), copies
+    assert set(shared_names(m)) <= set(copies)
 
 
 @pytest.mark.parametrize(("name", "m", "_"), MODELS, ids=[x[0] for x in MODELS])
