@@ -114,7 +114,83 @@ CASES: list[tuple[str, list[tuple], dict[str, Any]]] = [
     ("cache_write", [spec((2, 3, S, 4)), spec((2, 3, 1, 4)), spec((1,), torch.int64, "idx:5")], {"axis": 2}),
 ]
 
-MY_CATEGORIES = ("elementwise", "shape", "nn", "attention")
+# Core ATen breadth (issue 16): more math, activations, reductions, ordering, scatter, vision, ssm.
+CASES += [
+    *[(op, [spec((2, S, 3))], {}) for op in ("atan", "asinh", "cosh", "sinh", "tan", "expm1", "floor", "ceil", "round",
+                                             "trunc", "sign", "isnan", "isinf", "hardswish", "hardsigmoid", "mish")],
+    *[(op, [spec((2, S, 3), kind="pos")], {}) for op in ("log1p", "log2", "log10")],
+    *[(op, [spec((2, S))], {}) for op in ("asin", "acos", "atanh")],
+    ("acosh", [spec((2, S), kind="pos")], {}),
+    ("sign", [spec((2, S), I)], {}),
+    ("softplus", [spec((2, S, 3))], {"beta": 2.0, "threshold": 1.0}),
+    ("elu", [spec((2, S, 3))], {"alpha": 0.5, "scale": 1.5, "input_scale": 2.0}),
+    ("leaky_relu", [spec((2, S, 3))], {"negative_slope": 0.2}),
+    ("atan2", [spec((2, S)), spec((1, S))], {}),
+    *[(op, [spec((2, S), kind="pos"), spec((2, S), kind="pos")], {}) for op in ("fmod", "remainder", "floor_divide",
+                                                                               "trunc_divide")],
+    ("remainder", [spec((2, S), I)], {"scalar": 3.0}),
+    ("floor_divide", [spec((2, S), I)], {"scalar": 4.0}),
+    *[(op, [spec((2, S), I), spec((1, S), I)], {}) for op in ("bitwise_and", "bitwise_or", "bitwise_xor")],
+    ("bitwise_not", [spec((2, S), I)], {}),
+    ("logical_xor", [spec((2, S), B), spec((2, S), B)], {}),
+    ("prod", [spec((2, S, 3))], {"axes": (1,), "keepdim": True}),
+    ("prod", [spec((2, S), I)], {"axes": (0, 1)}),
+    ("any", [spec((2, S), B)], {"axes": (1,)}),
+    ("all", [spec((2, S, 3), B)], {"axes": (0, 2), "keepdim": True}),
+    ("argmin", [spec((2, S, 3))], {"axes": (1,)}),
+    ("topk", [spec((2, S, 6))], {"k": 3, "axis": 2}),
+    ("topk", [spec((2, S))], {"k": 2, "axis": 1, "largest": False}),
+    ("sort", [spec((2, S, 3))], {"axis": 1, "descending": True}),
+    ("index", [spec((3, S, 4)), spec((2,), I, "idx:4")], {"axes": (2,)}),
+    ("index", [spec((3, S, 4, 2)), spec((2, 1), I, "idx:3"), spec((5,), I, "idx:4")], {"axes": (0, 2)}),
+    ("scatter", [spec((3, S)), spec((2, S), I, "idx:3"), spec((2, S))], {"axis": 0}),
+    ("scatter", [spec((3, S)), spec((3, 2), I, "idx:5")], {"axis": 1, "value": 7.0}),
+    ("scatter", [spec((3, S)), spec((2, S), I, "idx:3"), spec((2, S))], {"axis": 0, "reduce": "sum"}),
+    ("scatter", [spec((3, S)), spec((4, S), I, "idx:3"), spec((4, S))],
+     {"axis": 0, "reduce": "amax", "include_self": False}),
+    ("index_put", [spec((4, S, 3)), spec((2, S, 3)), spec((2,), I, "idx:4")], {}),
+    ("index_put", [spec((4, S, 3)), spec((1,)), spec((2,), I, "idx:4")], {"accumulate": True}),
+    ("index_put", [spec((4, S, 3)), spec((4, S, 2)), spec((2,), I, "idx:3")], {"axes": (2,)}),
+    ("slice_scatter", [spec((2, S, 8)), spec((2, S, 3))], {"axis": 2, "start": (1,), "end": (7,), "step": 2}),
+    ("slice_scatter", [spec((2, 8)), spec((2, 2))], {"axis": 1, "start": (4,), "end": (6,)}),
+    ("flip", [spec((2, S, 3))], {"axes": (1, 2)}),
+    ("conv", [spec((2, 4, S)), spec((6, 2, 3)), spec((6,))], {"stride": (1,), "padding": (1,), "dilation": (1,),
+                                                              "groups": 2}),
+    ("conv", [spec((1, 3, S, 7)), spec((4, 3, 3, 2))], {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)}),
+    ("conv", [spec((1, 4, S, 6)), spec((4, 1, 3, 3))], {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1),
+                                                        "groups": 4}),
+    ("conv", [spec((1, 4, S)), spec((4, 3, 4)), spec((3,))], {"stride": (2,), "padding": (1,), "dilation": (1,),
+                                                              "transposed": True, "output_padding": (1,)}),
+    ("batch_norm", [spec((2, 3, S, 4)), spec((3,)), spec((3,), kind="pos"), spec((3,)), spec((3,))], {"eps": 1e-3}),
+    ("batch_norm", [spec((2, 3, S)), spec((3,)), spec((3,), kind="pos")], {}),
+    ("group_norm", [spec((2, 6, S, 3)), spec((6,)), spec((6,))], {"groups": 3}),
+    ("group_norm", [spec((2, 4, S))], {"groups": 2, "eps": 1e-6}),
+    ("max_pool", [spec((1, 3, S, 6))], {"kernel": (3, 2), "stride": (2, 2), "padding": (1, 0), "dilation": (1, 1)}),
+    ("max_pool", [spec((1, 3, 7, 6))], {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1), "dilation": (1, 1),
+                                        "ceil_mode": True}),
+    ("max_pool", [spec((2, S, 9))], {"kernel": (2,), "stride": (2,), "padding": (0,), "dilation": (2,)}),
+    ("avg_pool", [spec((1, 3, S, 6))], {"kernel": (2, 3), "stride": (1, 2), "padding": (1, 1)}),
+    ("avg_pool", [spec((1, 3, 7, 6))], {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1), "ceil_mode": True,
+                                        "count_include_pad": False}),
+    ("avg_pool", [spec((2, 3, S))], {"kernel": (2,), "stride": (2,), "padding": (0,), "divisor_override": 3}),
+    ("adaptive_avg_pool", [spec((2, 3, S, 7))], {"output_size": (1, 1)}),
+    ("adaptive_avg_pool", [spec((2, 3, 7, 5))], {"output_size": (3, 2)}),
+    ("adaptive_max_pool", [spec((2, 3, 7, 5))], {"output_size": (3, 2)}),
+    ("adaptive_max_pool", [spec((2, 3, 10))], {"output_size": (4,)}),
+    ("pad", [spec((2, 3, S, 4))], {"pads": (1, 2, 0, 1), "value": -1.0}),
+    ("pad", [spec((2, 3, S, 4))], {"pads": (1, 2, 2, 1), "mode": "reflect"}),
+    ("pad", [spec((2, 3, S))], {"pads": (3, 1), "mode": "replicate"}),
+    ("pad", [spec((2, 3, S, 4))], {"pads": (1, 2, 2, 3), "mode": "circular"}),
+    ("resize", [spec((1, 2, S, 3))], {"size": (2 * S, 6)}),
+    ("resize", [spec((1, 2, 4, 3))], {"size": (8, 6), "mode": "linear", "scales": (2.0, 2.0)}),
+    ("resize", [spec((1, 2, 4, 3))], {"size": (7, 6), "mode": "linear", "align_corners": True}),
+    ("resize", [spec((1, 2, 4, 3))], {"size": (6, 7), "mode": "cubic"}),
+    ("resize", [spec((1, 2, S))], {"size": (9,), "mode": "nearest-exact"}),
+    ("selective_scan", [spec((2, 4, S)), spec((2, 4, S), kind="pos"), spec((4, 3)), spec((2, 3, S)),
+                        spec((2, 3, S))], {}),
+]
+
+MY_CATEGORIES = ("elementwise", "shape", "nn", "attention", "vision", "ssm")
 
 
 def _symbolize(d: Any) -> Any:
@@ -139,11 +215,13 @@ def _run_case(op: str, ins: list[tuple], attrs: dict[str, Any], symbolic: bool, 
     if not tensors and symbolic:  # no input binds s: bind it by adding one
         m.add_input("bind", TensorType(("s",), "f32"))
         tensors.append(torch.zeros(S))
-    out = interpret(m, tensors)[0]
-    t = node.output.type
-    want = tuple(eval_dim(d, {"s": S}) for d in t.shape)
-    assert tuple(out.shape) == want, (op, t, tuple(out.shape))
-    assert dtype_name(out.dtype) == t.dtype, (op, t, out.dtype)
+    outs = interpret(m, tensors)
+    for out, v in zip(outs, node.outputs, strict=True):
+        t = v.type
+        want = tuple(eval_dim(d, {"s": S}) for d in t.shape)
+        assert tuple(out.shape) == want, (op, t, tuple(out.shape))
+        assert dtype_name(out.dtype) == t.dtype, (op, t, out.dtype)
+    t = node.outputs[0].type
     if symbolic and ins:
         assert t.is_static == all(S not in shape for shape, _, _ in ins) or S not in want, (op, t)
 

@@ -125,3 +125,32 @@ def test_normal_form_preserves_value(expr, s0, s1, n):
     assert eval_dim(norm, env) == _py_eval(expr, env)
     assert normalize_dim(norm) == norm  # idempotent
     assert free_symbols(norm) <= {"s0", "s1", "n"}
+
+
+def test_quotients_cancel_shared_factors():
+    # Falcon's alibi: (4*batch)//batch is 4, so a reshape to [batch*heads, ...] type-checks
+    assert normalize_dim("(4*batch)//(batch)") == 4
+    assert normalize_dim("(4*batch)//(2*batch)") == 2
+    assert normalize_dim("(2*s + 4)//2") == "s + 2"
+    assert normalize_dim("(6*s*t + 3*s)//(3*s)") == "2*t + 1"
+    assert normalize_dim("(s*t)//s") == "t"
+    assert dims_equal("(8*b*s)//(4*s)", "2*b")
+    # what does not divide stays an opaque quotient and still evaluates
+    d = normalize_dim("(2*s + 3)//2")
+    assert isinstance(d, str) and eval_dim(d, {"s": 4}) == 5
+    assert normalize_dim("(4*s)%2") == 0 and normalize_dim("(s*b)%s") == 0
+    assert eval_dim("(s + 1)%3", {"s": 7}) == 2
+
+
+def test_max_min_sizes():
+    # transformers' masks produce sizes like Max(0, 1 - s)
+    d = normalize_dim("max(0, 1 - s)")
+    assert free_symbols(d) == {"s"}
+    assert eval_dim(d, {"s": 5}) == 0 and eval_dim(d, {"s": 0}) == 1
+    assert normalize_dim("max(s, s)") == "s" and normalize_dim("min(3, 5)") == 3
+    assert dims_equal("max(s, 1)", "max(1, s)")
+    assert eval_dim("2*max(1, s) + min(t, 2)", {"s": 3, "t": 7}) == 8
+    with pytest.raises(SymbolicError):
+        normalize_dim("max(s)")
+    with pytest.raises(SymbolicError):
+        normalize_dim("abs(s)")

@@ -2,8 +2,11 @@
 
 A symbolic dim is stored as a canonical string (``"s0"``, ``"s0 + 1"``, ``"2*s0*s1"``).
 Expressions are parsed with :mod:`ast` and walked by hand; only integer literals,
-names, ``+``, ``-``, ``*``, ``//`` and parentheses are accepted.  Sums of products
-are normalised to a polynomial so that ``"1 + s0"`` and ``"s0+1"`` compare equal.
+names, ``+``, ``-``, ``*``, ``//``, ``%``, ``max(a, b)``, ``min(a, b)`` and parentheses are
+accepted.  Sums of products are normalised to a polynomial so that ``"1 + s0"`` and ``"s0+1"``
+compare equal.  Symbols stand for sizes (positive integers), so a quotient cancels the factors
+its numerator and denominator share (``(4*batch)//batch`` is ``4``, ``(2*s + 4)//2`` is ``s + 2``);
+what does not cancel stays an opaque atom (``(s0 + 1)//2``, ``max(0, 1 - s)``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ T = TypeVar("T")
 Poly = dict[tuple[str, ...], int]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EXTREMA = ("max", "min")
+_IDENT = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")  # names, not the max/min of a call
 
 
 class SymbolicError(ValueError):
@@ -72,6 +77,85 @@ def _poly_str(p: Poly) -> str:
     return out
 
 
+def _mono_common(monos: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The multiset intersection of monomials (the symbol factor every term shares)."""
+    from collections import Counter
+
+    common = Counter(monos[0])
+    for m in monos[1:]:
+        common &= Counter(m)
+    return tuple(sorted(common.elements()))
+
+
+def _mono_div(m: tuple[str, ...], d: tuple[str, ...]) -> tuple[str, ...]:
+    rest = list(m)
+    for a in d:
+        rest.remove(a)
+    return tuple(rest)
+
+
+def _poly_floordiv(a: Poly, b: Poly) -> Poly:
+    """``a // b`` with shared factors cancelled: integer gcd of all coefficients and the symbols every
+    term of both shares (sizes are positive, so ``(x*A)//(x*B) == A//B``); exact when ``b`` then divides
+    every coefficient of ``a``; otherwise an opaque atom."""
+    import math
+
+    if not b:
+        raise SymbolicError("symbolic dim divides by zero")
+    if set(a) <= {()} and set(b) <= {()}:
+        return _poly_const(a.get((), 0) // b[()])
+    if not a:
+        return {}
+    terms = list(a.items()) + list(b.items())
+    g = 0
+    for _, c in terms:
+        g = math.gcd(g, abs(c))
+    common = _mono_common([m for m, _ in terms])
+    if g > 1 or common:
+        a = {_mono_div(m, common): c // g for m, c in a.items()}
+        b = {_mono_div(m, common): c // g for m, c in b.items()}
+    if set(b) == {()}:
+        c = b[()]
+        if c == 1:
+            return a
+        if all(v % c == 0 for v in a.values()):
+            return {m: v // c for m, v in a.items()}
+    if len(a) == len(b) and set(a) == set(b):  # a == k * b exactly
+        m0 = next(iter(b))
+        if a[m0] % b[m0] == 0:
+            k = a[m0] // b[m0]
+            if all(a[m] == k * b[m] for m in b):
+                return _poly_const(k)
+    return {(f"({_poly_str(a)})//({_poly_str(b)})",): 1}
+
+
+def _poly_mod(a: Poly, b: Poly) -> Poly:
+    """``a % b`` (Python floor semantics): folded for constants and exact multiples, else an atom."""
+    if not b:
+        raise SymbolicError("symbolic dim modulo zero")
+    if set(a) <= {()} and set(b) <= {()}:
+        return _poly_const(a.get((), 0) % b[()])
+    if not a:
+        return {}
+    if set(b) == {()} and all(v % b[()] == 0 for v in a.values()):
+        return {}
+    if not _poly_add(a, _poly_mul(_poly_floordiv(a, b), b), -1):  # exact quotient (an opaque one never is)
+        return {}
+    return {(f"({_poly_str(a)})%({_poly_str(b)})",): 1}
+
+
+def _poly_extremum(name: str, args: list[Poly]) -> Poly:
+    """``max``/``min`` of several polynomials: folded when all are constant or equal, else an atom
+    with its arguments in canonical (sorted) order."""
+    if all(set(p) <= {()} for p in args):
+        vals = [p.get((), 0) for p in args]
+        return _poly_const(max(vals) if name == "max" else min(vals))
+    strs = sorted({_poly_str(p) for p in args})
+    if len(strs) == 1:
+        return args[0]
+    return {(f"{name}({', '.join(strs)})",): 1}
+
+
 def _to_poly(node: ast.AST, src: str) -> Poly:
     if isinstance(node, ast.Expression):
         return _to_poly(node.body, src)
@@ -90,11 +174,14 @@ def _to_poly(node: ast.AST, src: str) -> Poly:
         if isinstance(node.op, ast.Mult):
             return _poly_mul(a, b)
         if isinstance(node.op, ast.FloorDiv):
-            if set(b) <= {()} and set(a) <= {()}:
-                return _poly_const(a.get((), 0) // b.get((), 1))
-            # Keep the quotient as an opaque atom, e.g. "(s0 + 1)//2".
-            return {(f"({_poly_str(a)})//({_poly_str(b)})",): 1}
-    raise SymbolicError(f"unsupported symbolic dim expression {src!r}: only ints, names, + - * // are allowed")
+            return _poly_floordiv(a, b)
+        if isinstance(node.op, ast.Mod):
+            return _poly_mod(a, b)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _EXTREMA
+            and len(node.args) >= 2 and not node.keywords):
+        return _poly_extremum(node.func.id, [_to_poly(x, src) for x in node.args])
+    raise SymbolicError(f"unsupported symbolic dim expression {src!r}: only ints, names, + - * // %, max(), min() "
+                        "are allowed")
 
 
 @lru_cache(maxsize=4096)
@@ -133,13 +220,16 @@ def free_symbols(d: Dim) -> set[str]:
             if _NAME.match(atom):
                 out.add(atom)
             else:
-                out |= {t for t in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", atom)}
+                out |= {t for t in _IDENT.findall(atom) if t not in _EXTREMA}
     return out
 
 
-def fold_dim(d: str, leaf: Callable[[int | str], T], floordiv: Callable[[T, T], T] = operator.floordiv) -> T:
+def fold_dim(d: str, leaf: Callable[[int | str], T], floordiv: Callable[[T, T], T] = operator.floordiv,
+             mod: Callable[[T, T], T] = operator.mod, maximum: Callable[[T, T], T] = max,
+             minimum: Callable[[T, T], T] = min) -> T:
     """Fold a symbolic dim expression bottom-up: ``leaf`` maps integer literals and symbol names to
-    values of the caller's domain (ints, TIR expressions...), combined with ``+ - *`` and ``floordiv``.
+    values of the caller's domain (ints, TIR expressions...), combined with ``+ - *``, ``floordiv``,
+    ``mod`` (floor semantics) and ``maximum``/``minimum``.
 
     The one walker over the dim grammar; raises :class:`SymbolicError` on anything else.
     """
@@ -163,7 +253,18 @@ def fold_dim(d: str, leaf: Callable[[int | str], T], floordiv: Callable[[T, T], 
                 return x * y  # type: ignore[operator]
             if isinstance(node.op, ast.FloorDiv):
                 return floordiv(x, y)
-        raise SymbolicError(f"unsupported symbolic dim expression {d!r}: only ints, names, + - * // are allowed")
+            if isinstance(node.op, ast.Mod):
+                return mod(x, y)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _EXTREMA
+                and len(node.args) >= 2 and not node.keywords):
+            f = maximum if node.func.id == "max" else minimum
+            vals = [walk(a) for a in node.args]
+            out = vals[0]
+            for v in vals[1:]:
+                out = f(out, v)
+            return out
+        raise SymbolicError(f"unsupported symbolic dim expression {d!r}: only ints, names, + - * // %, max(), min() "
+                            "are allowed")
 
     try:
         tree = ast.parse(d.strip(), mode="eval")
@@ -209,6 +310,18 @@ def dim_floordiv(a: Dim, b: Dim) -> Dim:
     if isinstance(a, int) and isinstance(b, int):
         return a // b
     return normalize_dim(f"({a}) // ({b})")
+
+
+def dim_max(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return normalize_dim(f"max({a}, {b})")
+
+
+def dim_min(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return normalize_dim(f"min({a}, {b})")
 
 
 def dims_equal(a: Dim, b: Dim) -> bool:

@@ -129,7 +129,7 @@ class _DimParser:
             return self.var(x)
 
         try:
-            return fold_dim(d, leaf, tirx.floordiv)
+            return fold_dim(d, leaf, tirx.floordiv, tirx.floormod, tirx.max, tirx.min)
         except SymbolicError as e:
             raise LoweringError(str(e)) from None
 
@@ -243,6 +243,9 @@ class Ctx:
 
     def shape_of(self, v: Value) -> list[Any]:
         return self.dims.shape(v.type)
+
+    def shape_of_type(self, t: TensorType) -> list[Any]:
+        return self.dims.shape(t)
 
 
 class _Operands(Sequence[Any]):
@@ -1384,3 +1387,9 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                    symbols=syms, notes=ctx.notes,
                    int_kernels=ctx.int_kernels,
                    inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])
+
+
+# Rules of the Core ATen breadth and vision ops live in their own modules; importing them
+# registers them in RULES.
+from ctc.backends.tvm import lower_math as _lower_math  # noqa: E402,F401
+from ctc.backends.tvm import lower_vision as _lower_vision  # noqa: E402,F401

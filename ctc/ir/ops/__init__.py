@@ -7,8 +7,13 @@ from ctc.ir.ops import (
     compress_attention,  # noqa: F401,E402
     core,  # noqa: F401,E402
     elementwise,  # noqa: F401,E402
+    math,  # noqa: F401,E402
     nn,  # noqa: F401,E402
+    reductions,  # noqa: F401,E402
+    scatter,  # noqa: F401,E402
     shape,  # noqa: F401,E402
+    ssm,  # noqa: F401,E402
+    vision,  # noqa: F401,E402
 )
 from ctc.ir.ops.registry import (  # noqa: E402
     REQUIRED,

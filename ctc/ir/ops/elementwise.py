@@ -108,7 +108,11 @@ LOGICAL = ("logical_and", "logical_or")
 ARITH = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
 
 
-def _binary_infer(name: str) -> Callable[[list[TensorType], dict], list[TensorType]]:
+def _binary_infer(name: str, *, floats: bool = False, ints: bool = False, no_bool: bool = False,
+                  result: str | None = None) -> Callable[[list[TensorType], dict], list[TensorType]]:
+    """Type rule of a binary op: operand dtypes equal (or one tensor and the ``scalar`` attribute),
+    shapes broadcast.  ``floats``/``ints``/``no_bool`` restrict the operand kind; ``result`` fixes
+    the result dtype (``bool`` for comparisons)."""
     def infer(ins: list[TensorType], attrs: dict) -> list[TensorType]:
         scalar = attrs["scalar"]
         if scalar is None:
@@ -125,11 +129,13 @@ def _binary_infer(name: str) -> Callable[[list[TensorType], dict], list[TensorTy
             shape = a.shape
         if attrs["reverse"] and scalar is None:
             raise OpError(f"{name}: reverse=true needs the 'scalar' attribute")
-        if name in ("div", "pow") and a.dtype not in FLOAT_DTYPES:
+        if (floats or name in ("div", "pow")) and a.dtype not in FLOAT_DTYPES:
             raise OpError(f"{name} needs float operands, got {a} (cast first)")
-        if name in ARITH and a.dtype == "bool":
+        if ints and a.dtype in FLOAT_DTYPES:
+            raise OpError(f"{name} needs integer or bool operands, got {a}")
+        if (name in ARITH or no_bool) and a.dtype == "bool":
             raise OpError(f"{name} is not defined on bool tensors")
-        dtype = "bool" if name in COMPARISONS or name in LOGICAL else a.dtype
+        dtype = result or ("bool" if name in COMPARISONS or name in LOGICAL else a.dtype)
         return [TensorType(shape, dtype)]
 
     return infer
@@ -155,7 +161,8 @@ def _binary_layout(attrs: Mapping[str, Any]) -> dict[str, Presence]:
     return {"a": sc, "b": True} if attrs.get("reverse") else {"a": True, "b": sc}
 
 
-def _binary(name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], doc: str) -> None:
+def _binary(name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], doc: str,
+            infer: Callable[[list[TensorType], dict], list[TensorType]] | None = None) -> None:
     def ref(a: torch.Tensor, b: torch.Tensor | None = None, *, scalar: float | None, reverse: bool) -> torch.Tensor:
         if scalar is not None:
             s = torch.tensor(_scalar_for(a, scalar), dtype=a.dtype)
@@ -166,8 +173,8 @@ def _binary(name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ref.__doc__ = doc + (" Shapes broadcast; with the ``scalar`` attribute the second operand is that "
                          "scalar in the tensor's dtype (first operand when ``reverse``).")
     ref.__name__ = name
-    register_op(name, inputs=("a", "b?"), infer=_binary_infer(name), attrs=dict(_SCALAR_ATTRS), category=CAT,
-                layout=_binary_layout)(ref)
+    register_op(name, inputs=("a", "b?"), infer=infer or _binary_infer(name), attrs=dict(_SCALAR_ATTRS),
+                category=CAT, layout=_binary_layout)(ref)
 
 
 _binary("add", torch.add, "Elementwise ``a + b``.")

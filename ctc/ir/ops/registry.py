@@ -19,7 +19,7 @@ REQUIRED = object()
 
 # Attribute kinds and the Python values they admit.
 ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "strs", "dims", "dtype",
-              "opt_int", "opt_float", "opt_str", "opt_ints")
+              "opt_int", "opt_float", "opt_str", "opt_ints", "opt_floats")
 
 
 class OpError(Exception):

@@ -239,6 +239,25 @@ def index_select(x: torch.Tensor, index: torch.Tensor, *, axis: int) -> torch.Te
     return torch.index_select(x, axis, index)
 
 
+def index_axes(rank: int, count: int, axes: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The axes an ``index`` node's index tensors apply to (default: the leading ``count`` axes)."""
+    out = tuple(range(count)) if axes is None else tuple(axes)
+    if len(out) != count:
+        raise OpError(f"index: {count} index tensors but axes={list(out)}")
+    if list(out) != sorted(set(out)) or any(not 0 <= a < rank for a in out):
+        raise OpError(f"index: axes {list(out)} must be increasing and in 0..{rank - 1}")
+    return out
+
+
+def index_result_shape(x: tuple[Dim, ...], axes: tuple[int, ...], bshape: tuple[Dim, ...]) -> tuple[Dim, ...]:
+    """torch's advanced-indexing result shape: the broadcast index shape replaces the indexed axes
+    where they are adjacent, and goes first when they are not."""
+    rest = [d for i, d in enumerate(x) if i not in axes]
+    if axes[-1] - axes[0] + 1 == len(axes):
+        return tuple(x[:axes[0]]) + tuple(bshape) + tuple(x[axes[-1] + 1:])
+    return tuple(bshape) + tuple(rest)
+
+
 def _infer_index(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     x, *idx = ins
     if not idx:
@@ -247,14 +266,23 @@ def _infer_index(ins: list[TensorType], attrs: dict) -> list[TensorType]:
         raise OpError(f"index: {len(idx)} index tensors for {x}")
     for t in idx:
         _int_index(t, "index operand")
-    return [x.with_shape(broadcast(*(t.shape for t in idx)) + tuple(x.shape[len(idx):]))]
+    axes = index_axes(x.rank, len(idx), attrs["axes"])
+    return [x.with_shape(index_result_shape(x.shape, axes, broadcast(*(t.shape for t in idx))))]
 
 
-@register_op("index", inputs=("x", "*indices"), infer=_infer_index, category=CAT)
-def index(x: torch.Tensor, *indices: torch.Tensor) -> torch.Tensor:
-    """Advanced indexing of the leading ``k`` axes: ``x[i0, i1, ..., i_{k-1}]`` where the index
-    tensors broadcast together; the result has the broadcast shape followed by ``x``'s remaining dims."""
-    return x[tuple(indices)]
+@register_op("index", inputs=("x", "*indices"), infer=_infer_index, category=CAT, attrs={
+    "axes": Attr("opt_ints", None, doc="axis of x each index tensor selects on (increasing); none = the leading axes"),
+})
+def index(x: torch.Tensor, *indices: torch.Tensor, axes: tuple[int, ...] | None) -> torch.Tensor:
+    """Advanced (fancy) indexing, torch semantics: index tensor ``i`` picks along ``axes[i]`` (default
+    the leading axes); the index tensors broadcast together; negative indices count from the end.
+    The broadcast shape replaces the indexed axes where they are adjacent and comes first when they
+    are not (``x[:, i, :, j]``)."""
+    ax = index_axes(x.dim(), len(indices), axes)
+    key: list[object] = [slice(None)] * (ax[-1] + 1)
+    for a, t in zip(ax, indices, strict=True):
+        key[a] = t
+    return x[tuple(key)]
 
 
 def _infer_embedding(ins: list[TensorType], attrs: dict) -> list[TensorType]:
