@@ -171,25 +171,33 @@ def test_fx_fallback_when_export_fails() -> None:
     assert torch.allclose(interpret(m, {"x": x})[0], net(x), atol=TOL)
 
 
+class _Sampler(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.grid_sample(x, torch.zeros(1, 2, 3, 2), align_corners=False)
+
+
 class _Unsupported(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 4)
+        self.fc = nn.Linear(6, 6)
+        self.sampler = _Sampler()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x).transpose(1, 2)
-        return torch.cumprod(self.fc(y), dim=1) + torch.fft.fft(y).real
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.fc(x)
+        return self.sampler(y.view(1, 1, 4, 6)), torch.fft.fft(y).real, y[y > 0]
 
 
 def test_unsupported_ops_listed_together() -> None:
+    """Every unsupported construct in one error: op, count, module scope, the model's source line, a hint."""
     with pytest.raises(CaptureError) as ei:
-        capture(_Unsupported(), {"x": torch.randn(1, 4, 6)}, dynamic=False)
+        capture(_Unsupported(), {"x": torch.randn(4, 6)}, dynamic=False)
     msg = str(ei.value)
-    assert msg.startswith("3 unsupported ATen op(s)") or msg.count("  - ") >= 3, msg
-    assert re.search(r"aten\.conv(olution)?1?d?\.default.* at conv", msg), msg
-    assert "aten.cumprod.default (1x) at <root>" in msg
-    assert "fft" in msg
+    assert msg.startswith("4 unsupported ATen op(s) / construct(s) in _Unsupported"), msg
+    assert re.search(r"aten\.grid_sampler_2d\.default \(1x\) at sampler \[test_capture\.py:\d+ `return nn\.functional"
+                     r"\.grid_sample", msg), msg
+    assert re.search(r"aten\._fft_r2c\.default \(1x\) at <root> \[test_capture\.py:\d+ .*\]: FFTs produce complex", msg)
+    assert re.search(r"aten\.index\.Tensor \(1x\) at <root> \[test_capture\.py:\d+ `.*y\[y > 0\]`\]: boolean-mask", msg)
+    assert "view_as_real" in msg and "complex" in msg
     assert "Traceback" not in msg
 
 

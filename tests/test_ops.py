@@ -138,6 +138,8 @@ CASES += [
     ("any", [spec((2, S), B)], {"axes": (1,)}),
     ("all", [spec((2, S, 3), B)], {"axes": (0, 2), "keepdim": True}),
     ("argmin", [spec((2, S, 3))], {"axes": (1,)}),
+    ("cumprod", [spec((2, S, 3))], {"axis": 1}),
+    ("cumprod", [spec((2, S), B)], {"axis": 1}),
     ("topk", [spec((2, S, 6))], {"k": 3, "axis": 2}),
     ("topk", [spec((2, S))], {"k": 2, "axis": 1, "largest": False}),
     ("sort", [spec((2, S, 3))], {"axis": 1, "descending": True}),

@@ -17,7 +17,10 @@ used through ``addmm``) are stored transposed so they become ordinary ``linear``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +38,49 @@ BIG = 1 << 62  # slice ends at or beyond this mean "to the end"
 
 class CaptureError(Exception):
     """The model could not be captured; the message lists every problem with its module scope."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One node capture could not translate: the op, why, where (module scope) and the model's source line."""
+
+    op: str
+    why: str
+    scope: str
+    source: str
+
+
+class _Poisoned(Exception):
+    """An operand comes from a node that already failed (reported there, not again)."""
+
+
+_FAILED = object()  # env value of a node that could not be translated
+
+
+def source_of(node: fx.Node) -> str:
+    """``file.py:123 `code``` of the model line that produced ``node`` (from export's stack trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', trace)
+    if not frames:
+        return ""
+    f, line, code = frames[-1]
+    return f"{Path(f).name}:{line} `{code.strip()}`"
+
+
+def format_problems(problems: Sequence[Problem], what: str) -> str:
+    """One message listing every problem, grouped by op and reason, with counts, scopes and a source line."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.op, p.why), []).append(p)
+    lines = []
+    for (op, why), ps in sorted(groups.items()):
+        scopes = sorted({p.scope or "<root>" for p in ps})
+        where = ", ".join(scopes[:4]) + (f" (+{len(scopes) - 4} more)" if len(scopes) > 4 else "")
+        src = next((p.source for p in ps if p.source), "")
+        lines.append(f"  - {op} ({len(ps)}x) at {where}{f' [{src}]' if src else ''}: {why}")
+    ops = len({op for op, _ in groups})
+    return (f"{ops} unsupported ATen op(s) / construct(s) in {what} ({len(problems)} node(s)); nothing was "
+            "captured:\n" + "\n".join(lines))
 
 
 # --------------------------------------------------------------------------- block detection
@@ -125,6 +171,8 @@ class Translator:
         self.block: int | None = None
         self.node: fx.Node | None = None
         self.transposed: set[str] = set()
+        self.problems: list[Problem] = []
+        self._views: set[str] = set()
         self._param_cache: dict[tuple[int, str], Value] = {}
         for ph, name in input_nodes.items():
             val = ph.meta["val"]
@@ -132,8 +180,12 @@ class Translator:
             self.env[ph] = m.add_input(name, t)
 
     # ------------------------------------------------------------------ errors
-    def unsupported(self, node: fx.Node, why: str) -> CaptureError:
-        return CaptureError(f"{aten_map.target_name(node)} at {self.scope or '<root>'}: {why}")
+    def unsupported(self, node: fx.Node, why: str) -> Exception:
+        """The error a handler raises for a node it cannot translate (collected, reported together)."""
+        return aten_map.CaptureUnsupported(why)
+
+    def problem(self, node: fx.Node, op: str, why: str) -> None:
+        self.problems.append(Problem(op, why, self.scope, source_of(node)))
 
     # ------------------------------------------------------------------ values
     def emit(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None) -> Value:
@@ -148,6 +200,8 @@ class Translator:
         v = self.env.get(arg)
         if isinstance(v, Value):
             return v
+        if v is _FAILED:
+            raise _Poisoned()
         raise CaptureError(f"value {arg.name} used at {self.scope or '<root>'} was not translated to a tensor")
 
     def _read_param(self, name: str) -> Value:
@@ -157,6 +211,24 @@ class Translator:
                 self.m.add_param(name, self.params[name])
             self._param_cache[key] = self.m.param(name, scope=self.scope, block=self.block)
         return self._param_cache[key]
+
+    def param_view(self, arg: Any, dim: Any, index: Any) -> Value | None:
+        """``w.select(dim, index)`` of a parameter as a parameter of its own (``name.index``), so that a
+        stacked weight (mixture-of-experts ``gate_up_proj[e]``) reaches passes as ordinary weights."""
+        if not isinstance(arg, fx.Node) or arg not in self.param_nodes or not isinstance(index, int) \
+                or not isinstance(dim, int):
+            return None
+        name = self.param_nodes[arg]
+        t = self.params[name]
+        ax = dim % t.dim()
+        i = index % t.shape[ax]
+        vname = f"{name}.{i}" if ax == 0 else f"{name}.{ax}.{i}"
+        if vname in self.params and vname not in self._views:
+            vname = f"{name}[{ax}:{i}]"
+        if vname not in self.params:
+            self.params[vname] = t.select(ax, i).clone()  # its own storage (safetensors refuses shared views)
+            self._views.add(vname)
+        return self._read_param(vname)
 
     def transposed_param(self, arg: Any) -> Value | None:
         """For a parameter used only as the right operand of addmm/mm: read it stored transposed."""
@@ -212,7 +284,7 @@ class Translator:
 
     def _expr(self, e: Any) -> str:
         import sympy
-        from torch.utils._sympy.functions import FloorDiv
+        from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
 
         if isinstance(e, sympy.Integer):
             return str(int(e))
@@ -227,10 +299,19 @@ class Translator:
             return " * ".join(f"({self._expr(a)})" for a in e.args)
         if isinstance(e, FloorDiv):
             return f"({self._expr(e.args[0])}) // ({self._expr(e.args[1])})"
+        if isinstance(e, (PythonMod, Mod, sympy.Mod)):
+            return f"({self._expr(e.args[0])}) % ({self._expr(e.args[1])})"
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            f = "max" if isinstance(e, sympy.Max) else "min"
+            args = [self._expr(a) for a in e.args]
+            out = args[0]
+            for a in args[1:]:
+                out = f"{f}({out}, {a})"
+            return out
         if isinstance(e, sympy.Pow) and e.args[1].is_Integer and int(e.args[1]) >= 1:
             return " * ".join([f"({self._expr(e.args[0])})"] * int(e.args[1]))
         raise CaptureError(f"symbolic size expression {e} at {self.scope or '<root>'} is not supported "
-                           "(only + - * // of input dims)")
+                           "(only + - * // %, max and min of input dims)")
 
     def axis(self, a: Any, rank: int) -> int:
         a = int(a)
@@ -326,14 +407,22 @@ class Translator:
             if name in aten_map.REGION_OPS:
                 self.env[node] = self._inline_region(node)
                 continue
-            if name in aten_map.IDENTITY:
-                self.env[node] = self.t(node.args[0])
+            handler = aten_map.TABLE.get(name)
+            if handler is None and name not in aten_map.IDENTITY:
+                self.problem(node, name, hint_for(name))
+                self.env[node] = _FAILED
                 continue
             try:
-                res = aten_map.TABLE[name](self, node)
-            except OpError as e:
-                raise CaptureError(f"{name} at {self.scope or '<root>'}: {e}") from e
-            self.env[node] = self._fix_types(node, res)
+                res = self.t(node.args[0]) if handler is None else handler(self, node)
+                self.env[node] = self._fix_types(node, res)
+            except _Poisoned:
+                self.env[node] = _FAILED
+            except aten_map.CaptureUnsupported as e:
+                self.problem(node, e.op or name, str(e))
+                self.env[node] = _FAILED
+            except (CaptureError, OpError) as e:
+                self.problem(node, name, str(e))
+                self.env[node] = _FAILED
 
     def _inline_region(self, node: fx.Node) -> list[Value]:
         """Inline a higher-order region (``with torch.no_grad()`` / autocast block): its ops run as usual."""
@@ -345,7 +434,7 @@ class Translator:
         for ph, a in zip(phs, operands, strict=True):
             if isinstance(a, fx.Node) and a in self.param_nodes:
                 self.param_nodes[ph] = self.param_nodes[a]
-            elif isinstance(a, fx.Node) and isinstance(self.env.get(a), Value):
+            elif isinstance(a, fx.Node) and (isinstance(self.env.get(a), Value) or self.env.get(a) is _FAILED):
                 self.env[ph] = self.env[a]
         scope = self.scope
         outer_gm, self.gm = self.gm, sub
@@ -355,7 +444,13 @@ class Translator:
             self.gm = outer_gm
         out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
         out = list(out) if isinstance(out, (list, tuple)) else [out]
-        return [self.t(o) if isinstance(o, fx.Node) else o for o in out]
+        vals: list[Any] = []
+        for o in out:
+            try:
+                vals.append(self.t(o) if isinstance(o, fx.Node) else o)
+            except (_Poisoned, CaptureError):
+                vals.append(_FAILED)
+        return vals
 
     def _fix_types(self, node: fx.Node, res: Any) -> Any:
         val = node.meta.get("val")
@@ -413,25 +508,30 @@ def live_nodes(graph: fx.Graph, outputs: list[fx.Node]) -> list[fx.Node]:
     return [n for n in graph.nodes if n in live and n.op == "call_function"]
 
 
-def check_supported(live: list[fx.Node], strip: str = "", gm: fx.GraphModule | None = None) -> None:
-    """Raise one CaptureError listing every unsupported ATen op with its scope and a hint."""
-    bad: dict[str, list[str]] = {}
-    nodes = list(live)
-    for n in live:
-        if gm is not None and aten_map.target_name(n) in aten_map.REGION_OPS:
-            nodes.extend(_all_call_nodes(getattr(gm, str(region_parts(n)[0].target))))
-    for n in nodes:
-        name = aten_map.target_name(n)
-        if not aten_map.supported(name) and not is_size_arith(n):
-            bad.setdefault(name, []).append(scope_of(n, strip) or "<root>")
-    if not bad:
-        return
-    lines = []
-    for name, scopes in sorted(bad.items()):
-        where = ", ".join(sorted(set(scopes))[:4]) + (" ..." if len(set(scopes)) > 4 else "")
-        hint = aten_map.HINTS.get(name, "no ctc mapping yet; add one to ctc/frontends/aten_map.py")
-        lines.append(f"  - {name} ({len(scopes)}x) at {where}: {hint}")
-    raise CaptureError(f"{len(bad)} unsupported ATen op(s) in the captured graph:\n" + "\n".join(lines))
+def hint_for(name: str) -> str:
+    """Why ``name`` has no mapping and what to do (keyed on the ops export really produces)."""
+    from ctc.frontends.core_aten import NOT_SUPPORTED
+
+    return aten_map.HINTS.get(name) or NOT_SUPPORTED.get(name) or (
+        "no ctc mapping (and no Core ATen decomposition); add a handler to ctc/frontends/core_aten.py")
+
+
+def unmapped_ops(gm: fx.GraphModule) -> set[str]:
+    """Ops in ``gm`` (regions included) that no handler maps."""
+    return {aten_map.target_name(n) for n in _all_call_nodes(gm)
+            if not aten_map.supported(aten_map.target_name(n)) and not is_size_arith(n)}
+
+
+def to_core_aten(ep: Any) -> Any:
+    """Decompose an exported program to Core ATen where it holds ops no handler maps (ctc's own ops,
+    sdpa, linear, convolutions... stay whole), and functionalize in-place ops."""
+    if unmapped_ops(ep.graph_module):
+        from ctc.frontends.core_aten import decomposition_table
+
+        return ep.run_decompositions(decomposition_table())
+    if _needs_functionalization(ep.graph_module):
+        return ep.run_decompositions({})  # in-place ops present: functionalize them (slower)
+    return ep
 
 
 def _dedupe_params(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -461,9 +561,7 @@ def _export(model: nn.Module, inputs: dict[str, torch.Tensor], dyn: dict[str, di
             d[axis] = dims[sym]
         shapes[k] = d
     ep = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes=shapes, strict=False)
-    if _needs_functionalization(ep.graph_module):
-        ep = ep.run_decompositions({})  # in-place ops present: functionalize them (slower)
-    return ep
+    return to_core_aten(ep)
 
 
 def region_parts(node: fx.Node) -> tuple[fx.Node, list[Any]]:
@@ -560,8 +658,7 @@ def capture(
 def capture_exported(ep: Any, *, name: str | None = None, output: str | int | None = None,
                      meta: Mapping[str, Any] | None = None) -> Module:
     """Capture an already exported program (e.g. from :func:`ctc.frontends.load_pt2`)."""
-    if _needs_functionalization(ep.graph_module):
-        ep = ep.run_decompositions({})
+    ep = to_core_aten(ep)
     m = _from_exported(ep, None, {}, output=output, name=name)
     m.meta["capture_path"] = "export"
     if meta:
@@ -639,7 +736,6 @@ def _translate(gm: fx.GraphModule, model: nn.Module | None, *, params: dict[str,
     if not sel:
         raise CaptureError("the model returns no tensor output")
     live = live_nodes(gm.graph, sel)
-    check_supported(live, strip, gm)
 
     # Symbols: name input dims after the user's spec (seq, batch, ...), else d0, d1, ...
     import sympy
@@ -659,6 +755,8 @@ def _translate(gm: fx.GraphModule, model: nn.Module | None, *, params: dict[str,
     tr = Translator(gm, m, params=params, param_nodes=param_nodes, input_nodes=input_nodes, sym_names=sym_names,
                     block_prefix=prefix, strip=strip)
     tr.run(live)
+    if tr.problems:
+        raise CaptureError(format_problems(tr.problems, m.name))
     m.set_outputs([tr.t(n) for n in sel], out_names)
     m.meta.update({
         "block_prefix": prefix or "",
@@ -670,4 +768,5 @@ def _translate(gm: fx.GraphModule, model: nn.Module | None, *, params: dict[str,
     return m
 
 
-__all__ = ["CaptureError", "Translator", "block_of", "capture", "find_block_list", "live_nodes", "scope_of"]
+__all__ = ["CaptureError", "Problem", "Translator", "block_of", "capture", "find_block_list", "format_problems",
+           "live_nodes", "scope_of", "source_of", "to_core_aten"]

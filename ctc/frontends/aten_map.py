@@ -40,20 +40,45 @@ IDENTITY = frozenset({
 IGNORED = frozenset({
     "aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_size.int",
     "aten.sym_constrain_range_for_size.default", "aten._assert_async.msg", "aten.sym_numel.default",
+    "aten.sym_storage_offset.default", "aten.sym_stride.int", "aten.sym_constrain_range.default",
 })
 
 # Higher-order regions inlined by the translator (their bodies are mapped op by op).
 REGION_OPS = frozenset({"wrap_with_set_grad_enabled", "wrap_with_autocast"})
 
-# Advice for ops users commonly hit; shown next to each unsupported op.
+# Advice for ops users commonly hit, keyed on what torch.export really produces (after the Core
+# ATen decomposition); shown next to each unsupported op.  core_aten.NOT_SUPPORTED adds the
+# Core ATen ops that have no inference meaning.
 HINTS: dict[str, str] = {
-    "aten.convolution.default": "convolutional models are out of scope; ctc targets transformer blocks",
-    "aten._native_batch_norm_legit_no_training.default": "batch norm is not supported; fold it into the "
-                                                           "preceding linear before capture",
-    "aten.nonzero.default": "data-dependent shapes cannot be captured; mask instead of selecting",
-    "aten.index_put.default": "in-place indexed writes are not supported; build the tensor with where/masked_fill",
     "aten.copy_.default": "in-place copies (e.g. KV-cache updates) are not supported; capture with use_cache=False",
+    "aten.unique_consecutive.default": "the result's size depends on the data; not capturable",
+    "aten._unique2.default": "the result's size depends on the data; not capturable",
+    "aten.bincount.default": "the result's size depends on the data; use one_hot + sum",
+    "aten.histc.default": "histograms of data-dependent range are not supported; count with one_hot + sum",
+    "aten.masked_select.default": "the result's size depends on the data; use torch.where",
+    "aten.item.default": "`.item()` turns a tensor into a Python number; keep it a tensor",
+    "aten.view_as_real.default": "complex tensors are not in the ctc IR (real and imaginary parts as two tensors are)",
+    "aten.view_as_complex.default": "complex tensors are not in the ctc IR (real and imaginary parts as two tensors "
+                                    "are); rotary embeddings in complex form: use the rotate_half form",
+    "aten.polar.default": "complex tensors are not in the ctc IR",
 }
+
+
+class CaptureUnsupported(Exception):
+    """A handler cannot translate its node; capture reports it with the node's scope and source line
+    (``op`` names the op to report when it is not the node's own, e.g. the producer of a tuple)."""
+
+    def __init__(self, why: str, op: str | None = None):
+        super().__init__(why)
+        self.op = op
+
+
+class Unavailable:
+    """A result slot of a multi-output op that ctc does not compute (max-pool indices, a norm's saved
+    statistics); reading it through ``getitem`` is reported with ``reason``."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 def aten(*names: str) -> Callable[[Handler], Handler]:
@@ -122,7 +147,7 @@ def _gelu(tr: Translator, node: fx.Node) -> Value:
 def _not(tr: Translator, node: fx.Node) -> Value:
     x = tr.t(node.args[0])
     if str(node.target).startswith("aten.bitwise") and x.type.dtype != "bool":
-        raise tr.unsupported(node, "bitwise_not on integers is not supported (only bool)")
+        return tr.emit("bitwise_not", [x])
     return tr.emit("logical_not", [x])
 
 
@@ -156,8 +181,9 @@ for _n in ("eq", "ne", "lt", "le", "gt", "ge"):
 def _logical_handler(op: str, bitwise: bool) -> Handler:
     def h(tr: Translator, node: fx.Node) -> Value:
         a, b = tr.t(node.args[0]), tr.t(node.args[1])
-        if bitwise and (a.type.dtype != "bool" or b.type.dtype != "bool"):
-            raise tr.unsupported(node, "bitwise and/or on integers is not supported (only bool)")
+        if bitwise and (a.type.dtype != "bool" or b.type.dtype != "bool"):  # integer bits
+            dt = tr.out_dtype(node)
+            return tr.emit(op.replace("logical", "bitwise"), [tr.cast_to(a, dt), tr.cast_to(b, dt)])
         return tr.emit(op, [a, b])
 
     return h
@@ -300,6 +326,9 @@ def _slice(tr: Translator, node: fx.Node) -> Value:
 
 @aten("select.int")
 def _select(tr: Translator, node: fx.Node) -> Value:
+    view = tr.param_view(node.args[0], node.args[1], node.args[2])
+    if view is not None:  # w[e] of a stacked parameter (a mixture-of-experts weight): a parameter of its own
+        return view
     x = tr.t(node.args[0])
     axis = tr.axis(node.args[1], x.type.rank)
     idx = node.args[2]
@@ -330,7 +359,10 @@ def _getitem(tr: Translator, node: fx.Node) -> Value:
     seq = tr.env[node.args[0]]
     if not isinstance(seq, list):
         raise tr.unsupported(node, "getitem on a single tensor")
-    return seq[node.args[1]]
+    v = seq[node.args[1]]
+    if isinstance(v, Unavailable):
+        raise CaptureUnsupported(v.reason, op=target_name(node.args[0]))
+    return v
 
 
 @aten("cat.default", "concat.default")
@@ -357,16 +389,17 @@ def _index_select(tr: Translator, node: fx.Node) -> Value:
 
 @aten("index.Tensor")
 def _index(tr: Translator, node: fx.Node) -> Value:
+    """Advanced indexing with index tensors on any axes (``None`` skips an axis: ``x[..., [-2], :]``)."""
     x = tr.t(node.args[0])
     idx = list(node.args[1])
     while idx and idx[-1] is None:
         idx.pop()
-    if any(i is None for i in idx):
-        raise tr.unsupported(node, "advanced indexing with a skipped (None) leading axis is not supported")
-    ins = [tr.t(i) for i in idx]
+    axes = tuple(i for i, t in enumerate(idx) if t is not None)
+    ins = [tr.t(idx[a]) for a in axes]
     if any(i.type.dtype == "bool" for i in ins):
-        raise tr.unsupported(node, "boolean-mask indexing gives data-dependent shapes; use where/masked_fill")
-    return tr.emit("index", [x, *ins])
+        raise tr.unsupported(node, "boolean-mask indexing (x[mask]) gives a data-dependent shape; use torch.where "
+                                   "or masked_fill")
+    return tr.emit("index", [x, *ins], {"axes": None if axes == tuple(range(len(axes))) else axes})
 
 
 @aten("embedding.default")
@@ -479,7 +512,19 @@ aten("mean.dim", "mean.default")(_reduction_handler("mean"))
 aten("sum.dim_IntList", "sum.default")(_reduction_handler("sum"))
 aten("amax.default")(_reduction_handler("amax"))
 aten("amin.default")(_reduction_handler("amin"))
-aten("argmax.default")(_reduction_handler("argmax"))
+@aten("argmax.default")
+def _argmax(tr: Translator, node: fx.Node) -> Value:
+    x = tr.t(node.args[0])
+    dim, keep = _arg(node, 1, "dim", None), bool(_arg(node, 2, "keepdim", False))
+    if dim is None:  # torch flattens first
+        n: Any = 1
+        for d in x.type.shape:
+            n = f"({n}) * ({d})"
+        from ctc.ir.symbolic import normalize_dim
+
+        r = tr.emit("argmax", [tr.emit("reshape", [x], {"shape": (normalize_dim(n),)})], {"axes": (0,)})
+        return r if not keep else tr.emit("reshape", [r], {"shape": tr.out_shape(node)})
+    return tr.emit("argmax", [x], {"axes": (tr.axis(dim, x.type.rank),), "keepdim": keep})
 
 
 def _softmax_handler(op: str) -> Handler:
@@ -519,3 +564,8 @@ def _clamp(tr: Translator, node: fx.Node) -> Value:
 def _cache_write(tr: Translator, node: fx.Node) -> Value:
     cache, update, position = (tr.t(a) for a in node.args[:3])
     return tr.emit("cache_write", [cache, update, position], {"axis": int(_arg(node, 3, "axis", 2))})
+
+
+# The rest of Core ATen, and the ops kept above it on purpose (convolution, pooling, activations):
+# importing the module registers its handlers in TABLE.
+from ctc.frontends import core_aten as _core_aten  # noqa: E402,F401

@@ -268,6 +268,13 @@ def _reduce_more(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     return op.astype(r, "bool")
 
 
+@rule("cumprod")
+def _cumprod(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    dt = node.outputs[0].type.dtype
+    x = a[0] if node.inputs[0].type.dtype == dt else ctx.emit(ctx.relax.op.astype(a[0], _dt(dt)))
+    return ctx.relax.op.cumprod(x, axis=node.attrs["axis"], dtype=_dt(dt))
+
+
 @rule("topk")
 def _topk(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     op = ctx.relax.op

@@ -103,3 +103,17 @@ def sort(x: torch.Tensor, *, axis: int, descending: bool, stable: bool) -> tuple
 
 
 __all__: list[str] = []
+
+
+def _infer_cumprod(ins: list[TensorType], attrs: dict) -> list[TensorType]:
+    (x,) = ins
+    if not 0 <= attrs["axis"] < x.rank:
+        raise OpError(f"cumprod: axis {attrs['axis']} out of range for {x} (stored non-negative)")
+    return [x.with_dtype("i64" if x.dtype in INT_DTYPES or x.dtype == "bool" else x.dtype)]
+
+
+@register_op("cumprod", inputs=("x",), infer=_infer_cumprod, category=CAT,
+             attrs={"axis": Attr("int", doc="scanned axis (non-negative)")})
+def cumprod(x: torch.Tensor, *, axis: int) -> torch.Tensor:
+    """Inclusive prefix product along ``axis`` (integers and bools accumulate in i64)."""
+    return torch.cumprod(x, dim=axis)
