@@ -68,7 +68,8 @@ class Breadth(nn.Module):
             x.max(1).indices, F.adaptive_max_pool2d(x, 3), F.normalize(x, dim=1), self.refl(x), self.up(x),
             x.diagonal(1, 2, 3), torch.fmod(x, 0.7), torch.remainder(x, 0.7), x // 0.3,
             torch.div(x, 0.3, rounding_mode="trunc"), x.sign(), x.round(), torch.atan2(x, x.flip(0)),
-            torch.where(x > 0, x, 0.5), x[..., [-2], :], x[:, [0, 1], :, [2, 3]], F.embedding(torch.tensor([[1, 2]]), q[0]),
+            torch.where(x > 0, x, 0.5), x[..., [-2], :], x[:, [0, 1], :, [2, 3]],
+            F.embedding(torch.tensor([[1, 2]]), q[0]),
             z, z2, torch.zeros(2, 5).scatter_add(1, torch.tensor([[0, 1, 0], [4, 4, 2]]), q[0, :2, :3]),
         ]
 
