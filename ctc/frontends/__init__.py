@@ -18,6 +18,7 @@ from ctc.frontends.hf import (
     capture_loaded,
     example_inputs,
     load_hf,
+    task_of,
 )
 from ctc.frontends.pt2 import load_pt2
 
@@ -25,5 +26,5 @@ __all__ = [
     "BUNDLED", "TASK_CAUSAL_LM", "TASK_ENCODER", "CaptureError", "HFModel", "ModelLoadError", "bundled_dir",
     "capture", "capture_exported", "capture_hf_model", "capture_loaded", "decode_inputs", "decode_step",
     "example_inputs", "load_bundled",
-    "load_hf", "load_pt2",
+    "load_hf", "load_pt2", "task_of",
 ]

@@ -633,19 +633,21 @@ def capture(
     model = model.eval()
     dyn = normalize_dynamic(dynamic, example_inputs)
     path = "export"
-    with torch.no_grad():
+    from ctc.frontends.adapters import capture_forms
+
+    with torch.no_grad(), capture_forms(model):  # MoE layers dispatch densely, SSM scans are one op
         try:
             ep = _export(model, dict(example_inputs), dyn)
         except Exception as e:  # noqa: BLE001 - any export failure selects the fallback
             export_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ep = None
             path = "fx"
+        if ep is None:
+            from ctc.frontends.fx_trace import capture_fx
+
+            m = capture_fx(model, example_inputs, output=output, name=name, why=export_error)
     if ep is not None:
         m = _from_exported(ep, model, dyn, output=output, name=name)
-    else:
-        from ctc.frontends.fx_trace import capture_fx
-
-        m = capture_fx(model, example_inputs, output=output, name=name, why=export_error)
     m.meta["capture_path"] = path
     if meta:
         m.meta.update(meta)

@@ -172,8 +172,8 @@ for _n in ("add", "sub", "mul", "div"):
 aten("rsub.Scalar", "rsub.Tensor")(_binary_handler("sub", reverse=True))
 aten("pow.Tensor_Scalar", "pow.Tensor_Tensor")(_binary_handler("pow"))
 aten("pow.Scalar")(_binary_handler("pow"))
-aten("maximum.default")(_binary_handler("maximum"))
-aten("minimum.default")(_binary_handler("minimum"))
+aten("maximum.default", "max.other", "fmax.default")(_binary_handler("maximum"))
+aten("minimum.default", "min.other", "fmin.default")(_binary_handler("minimum"))
 for _n in ("eq", "ne", "lt", "le", "gt", "ge"):
     aten(f"{_n}.Tensor", f"{_n}.Scalar")(_binary_handler(_n, compare=True))
 

@@ -44,6 +44,8 @@ NOT_SUPPORTED: dict[str, str] = {
     "aten.randn.default": "random numbers at inference: call model.eval() (dropout) or pass the noise as an input",
     "aten.randperm.default": "random permutations at inference: pass the permutation as an input",
     "aten.atan2.out": "an out= variant; functional graphs use aten.atan2.default",
+    "aten.resize_.default": "an in-place resize; functionalized graphs do not contain it (allocate the tensor at "
+                            "its final size instead)",
 }
 _TRAINING = "a training-only op (gradients); capture the model in eval mode without autograd"
 for _n in ("aten._adaptive_avg_pool2d_backward.default", "aten.avg_pool2d_backward.default",
@@ -908,3 +910,10 @@ def _ints_or_floats(v: Any, n: int) -> tuple[float, ...]:
 
 
 __all__ = ["NOT_SUPPORTED", "core_aten_ops", "decomposition_table"]
+
+
+# --------------------------------------------------------------------------- ctc custom ops
+@aten("ctc.selective_scan.default")
+def _selective_scan(tr: Translator, node: fx.Node) -> Value:
+    """``torch.ops.ctc.selective_scan`` (see :mod:`ctc.frontends.adapters`) -> the ``selective_scan`` op."""
+    return tr.emit("selective_scan", [tr.t(a) for a in node.args[:5]])

@@ -118,8 +118,17 @@ def _poly_floordiv(a: Poly, b: Poly) -> Poly:
         c = b[()]
         if c == 1:
             return a
-        if all(v % c == 0 for v in a.values()):
-            return {m: v // c for m, v in a.items()}
+        if c > 0:  # floor((c*A + R) / c) = A + floor(R / c) for integer A: pull out what c divides
+            exact = {m: v // c for m, v in a.items() if m and v % c == 0}
+            rest = {m: v for m, v in a.items() if m and v % c != 0}
+            k0 = a.get((), 0)
+            exact = _poly_add(exact, _poly_const(k0 // c))
+            if k0 % c:
+                rest[()] = k0 % c
+            if not rest:
+                return exact
+            if exact:
+                return _poly_add(exact, _poly_floordiv(rest, b))
     if len(a) == len(b) and set(a) == set(b):  # a == k * b exactly
         m0 = next(iter(b))
         if a[m0] % b[m0] == 0:
