@@ -158,6 +158,16 @@ case("conv2d_pointwise", "conv", "image")(lambda m, v: n(
 case("conv2d_transposed", "conv", "image")(lambda m, v: n(
     m, "conv", [v["img"], _w(m, "tw", 4, 3, 3, 3, seed=7), _w(m, "tb", 3, seed=8)], stride=(2, 2), padding=(1, 1),
     dilation=(1, 1), transposed=True, output_padding=(1, 0)))
+case("conv_epilogue_relu6_residual", "conv", "image")(lambda m, v: n(m, "hardswish", [n(
+    m, "add", [v["img"], n(m, "minimum", [n(m, "maximum", [n(
+        m, "conv", [v["img"], _w(m, "ew", 4, 4, 3, 3, seed=30), _w(m, "eb", 4, seed=31)], stride=(1, 1),
+        padding=(1, 1), dilation=(1, 1))], scalar=0.0)], scalar=6.0)])]))
+case("conv_pointwise_epilogue", "conv", "image")(lambda m, v: n(m, "sub", [n(m, "relu", [n(
+    m, "conv", [v["img"], _w(m, "pe", 4, 4, 1, 1, seed=32), _w(m, "pb", 4, seed=33)], stride=(1, 1),
+    padding=(0, 0), dilation=(1, 1))]), n(m, "mul", [v["img"]], scalar=0.5)]))
+case("conv_depthwise_epilogue", "conv", "image")(lambda m, v: n(m, "div", [n(m, "hardsigmoid", [n(
+    m, "conv", [n(m, "pad", [v["img"]], pads=(0, 1, 0, 1)), _w(m, "de", 4, 1, 3, 3, seed=34)], stride=(2, 2),
+    padding=(0, 0), dilation=(1, 1), groups=4)])], scalar=2.0, reverse=True))
 case("batch_norm", "batch_norm", "image")(lambda m, v: n(
     m, "batch_norm", [v["img"], _w(m, "bm", 4, seed=9), p(m, "bv", torch.rand(4, generator=g(10)) + 0.5),
                       _w(m, "bw", 4, seed=11), _w(m, "bb", 4, seed=12)], eps=1e-3))

@@ -1,7 +1,21 @@
-"""Convolution lowering for the TVM CPU backend.
+"""Convolution lowering and schedules for the TVM CPU backend (torch's channels-first layout).
 
-``lower_conv`` emits Relax's own ``nn.conv{1,2,3}d`` (and ``_transpose``) in torch's
-channels-first layout, bias added per channel.
+Why not Relax's ``nn.conv2d``: its legalized TE has no fast default CPU schedule (dlight has no
+convolution rule, and a direct NCHW convolution does not map onto the register-tiled matmul).
+So each convolution is lowered to a form the default schedules already run fast:
+
+* **pointwise** (1x1, stride 1): ``Y[n, co, p] = sum_ci W[co, ci] * X[n, ci, p]`` over the
+  flattened spatial axis ``p`` -- exactly :class:`~ctc.backends.tvm.schedules.MatmulRule`'s
+  product (rows = output channels, vectorized along ``p``), bias and activation fused in;
+* **general** (``k x k``, strides, dilation, channel groups): the input patches are gathered
+  once (im2col, a producer stage of the same kernel), then the same per-group matmul;
+* **depthwise** (one input channel per group): a padded copy of each channel plane, then a
+  stencil vectorized along the output width, parallel over (batch, channel)
+  (:class:`DepthwiseConvRule`).
+
+A zero ``pad`` feeding the convolution (TensorFlow-style "same" padding, EfficientNet) is read
+through, not materialized: its amounts join the convolution's own (possibly asymmetric)
+padding.  Transposed and 3-d convolutions, and non-f32 ones, use Relax's ops.
 """
 
 from __future__ import annotations
@@ -9,13 +23,318 @@ from __future__ import annotations
 from typing import Any
 
 from ctc.backends.tvm.lower import Ctx, LoweringError, _dt
-from ctc.ir.graph import Node
+from ctc.backends.tvm.schedules import _CpuRule, _extent, _vectorize_last, vector_lanes
+from ctc.ir.graph import Node, Value
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
 
-__all__ = ["lower_conv"]
+__all__ = ["DepthwiseConvRule", "lower_conv"]
+
+
+# --------------------------------------------------------------------------- lowering
+def _absorbed_pad(ctx: Ctx, node: Node) -> tuple[Value, list[tuple[int, int]]]:
+    """The convolution's input, reading through a zero ``pad`` of the spatial axes that only this
+    convolution reads; and the (before, after) padding per spatial axis."""
+    x = node.inputs[0]
+    nd = x.type.rank - 2
+    pads = [(int(p), int(p)) for p in node.attrs["padding"]]
+    prod = x.producer
+    if prod is None or prod.op != "pad" or len(x.uses) != 1 or prod.module.is_output(x):
+        return x, pads
+    if prod.attrs["mode"] != "constant" or prod.attrs["value"] != 0.0 or len(prod.attrs["pads"]) > 2 * nd:
+        return x, pads
+    p = list(prod.attrs["pads"]) + [0] * (2 * nd - len(prod.attrs["pads"]))
+    for i in range(nd):  # F.pad order: last axis first
+        ax = nd - 1 - i
+        pads[ax] = (pads[ax][0] + p[2 * i], pads[ax][1] + p[2 * i + 1])
+    return prod.inputs[0], pads
 
 
 def lower_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    """``conv`` node -> Relax (any dimensionality, groups, dilation, transposed)."""
+    """``conv`` node -> the pointwise / im2col+matmul / depthwise TE forms above, or Relax's ops.
+
+    The elementwise chain that only consumes the convolution (bias, ReLU/ReLU6/hard-swish,
+    scalar arithmetic, a residual add) is computed in the same kernel, per output tile."""
+    at = node.attrs
+    xt = node.inputs[0].type
+    nd = xt.rank - 2
+    if at["transposed"] or nd not in (1, 2) or xt.dtype != "f32" or node.inputs[1].type.dtype != "f32":
+        return _relax_conv(ctx, node, a)
+    x_val, pads = _absorbed_pad(ctx, node)
+    x = ctx.val(x_val)
+    op = ctx.relax.op
+    w = a[1]
+    wt = node.inputs[1].type
+    cout, cin_g = int(wt.shape[0]), int(wt.shape[1])
+    ks = [int(k) for k in wt.shape[2:]]
+    g = int(at["groups"])
+    out_shape = ctx.shape_of(node.outputs[0])
+    spec = _ConvSpec(nd, ks, list(at["stride"]), pads, list(at["dilation"]), g, cout, cin_g)
+    flat = _flat_spatial(out_shape)
+    chain = epilogue_chain(ctx, node)
+    if g > 1 and cin_g == 1 and cout == g:
+        kind, shape, bshape, name = "depthwise", out_shape, [cout], "depthwise_conv"
+        args = [x, w]
+    elif all(k == 1 for k in ks) and all(s == 1 for s in spec.stride) and not any(p != (0, 0) for p in pads) \
+            and g == 1:
+        # [n, c, *sp] -> [n, c, p] and back are views in Relax, not copies inside the kernel
+        kind, shape, bshape, name = "pointwise", [out_shape[0], cout, flat], [cout], "conv_pointwise"
+        args = [ctx.emit(op.reshape(x, [out_shape[0], cin_g, flat])), ctx.emit(op.reshape(w, [cout, cin_g]))]
+    else:
+        kk = 1
+        for k in ks:
+            kk *= k
+        kind, shape, bshape, name = "im2col", [out_shape[0], g, cout // g, flat], [g, cout // g], "conv_im2col"
+        cols = ctx.te(spec.patches, x, *_prims(out_shape[2:]), name="conv_patches")
+        cols = ctx.emit(op.reshape(cols, [out_shape[0], g, cin_g * kk, flat]))
+        args = [cols, ctx.emit(op.reshape(w, [g, cout // g, cin_g * kk]))]
+    bias = [ctx.emit(op.reshape(a[2], bshape))] if len(a) > 2 else []
+    others = [ctx.emit(op.reshape(ctx.val(o), shape)) for _, o, _ in chain if o is not None]
+    n_other = len(others)
+
+    def fn(*ts: Any) -> Any:
+        xs, ws = ts[0], ts[1]
+        rest = list(ts[2:])
+        b = rest.pop(0) if bias else None
+        oth = rest[:n_other]
+        sp = rest[n_other:]
+        y = spec.depthwise(xs, ws, *sp) if kind == "depthwise" else \
+            spec.pointwise(xs, ws) if kind == "pointwise" else spec.grouped_matmul(xs, ws)
+        if b is None and not chain:
+            return y
+        return _epilogue(y, b, chain, oth, kind)
+
+    y = ctx.te(fn, *args, *bias, *others, *(_prims(out_shape[2:]) if kind == "depthwise" else []), name=name)
+    if kind != "depthwise":
+        y = ctx.emit(op.reshape(y, out_shape))
+    for u, _, _ in chain[:-1]:
+        ctx.absorbed[id(u.outputs[0])] = None  # read only by the next link of the chain
+    if chain:
+        ctx.absorbed[id(chain[-1][0].outputs[0])] = y
+    return y
+
+
+_EPI_UNARY = ("relu", "hardswish", "hardsigmoid")
+_EPI_SCALAR = ("add", "sub", "mul", "div", "maximum", "minimum")
+_EPI_TENSOR = ("add", "sub", "mul")
+
+
+def epilogue_chain(ctx: Ctx, node: Node) -> list[tuple[Node, Value | None, bool]]:
+    """The elementwise nodes that only consume ``node``'s result, in order: ``(node, other operand or
+    None, whether the chain value is the first operand)``.  A tensor operand must have the chain
+    value's type and already be lowered (a residual computed before the convolution)."""
+    v = node.outputs[0]
+    m = node.module
+    out: list[tuple[Node, Value | None, bool]] = []
+    while len(v.uses) == 1 and not m.is_output(v):
+        u = v.users[0]
+        if u.outputs[0].type != v.type:
+            break
+        if u.op in _EPI_UNARY:
+            out.append((u, None, True))
+        elif u.op in _EPI_SCALAR and u.attrs.get("scalar") is not None:
+            out.append((u, None, True))
+        elif u.op in _EPI_TENSOR and u.attrs.get("scalar") is None and len(u.inputs) == 2:
+            first = u.inputs[0] is v
+            other = u.inputs[1] if first else u.inputs[0]
+            if other is v or other.type != v.type or id(other) not in ctx.env:
+                break
+            out.append((u, other, first))
+        else:
+            break
+        v = u.outputs[0]
+    return out
+
+
+def _epilogue(y: Any, bias: Any | None, chain: list[tuple[Node, Value | None, bool]], others: list[Any],
+              kind: str) -> Any:
+    """One elementwise stage after the convolution: bias (per channel), then the absorbed chain."""
+    from tvm import te
+
+    def elem(*i: Any) -> Any:
+        e = y(*i)
+        if bias is not None:
+            e = e + (bias(i[1], i[2]) if kind == "im2col" else bias(i[1]))
+        k = 0
+        for u, other, first in chain:
+            attrs = u.attrs
+            if other is not None:
+                o = others[k](*i)
+                k += 1
+                e = {"add": lambda p, q: p + q, "mul": lambda p, q: p * q,
+                     "sub": lambda p, q: p - q}[u.op](e, o) if first else \
+                    {"add": lambda p, q: q + p, "mul": lambda p, q: q * p, "sub": lambda p, q: q - p}[u.op](e, o)
+                continue
+            zero, three, six = (tirx.const(c, "float32") for c in (0.0, 3.0, 6.0))
+            if u.op == "relu":
+                e = tirx.max(e, zero)
+            elif u.op in ("hardswish", "hardsigmoid"):
+                r6 = tirx.min(tirx.max(e + three, zero), six)
+                e = (e * r6 if u.op == "hardswish" else r6) / six
+            else:
+                c = tirx.const(float(attrs["scalar"]), "float32")
+                rev = bool(attrs.get("reverse"))
+                if u.op == "add":
+                    e = c + e if rev else e + c
+                elif u.op == "mul":
+                    e = c * e if rev else e * c
+                elif u.op == "sub":
+                    e = c - e if rev else e - c
+                elif u.op == "div":
+                    e = c / e if rev else e / c
+                elif u.op == "maximum":
+                    e = tirx.max(e, c)
+                else:
+                    e = tirx.min(e, c)
+        return e
+
+    return te.compute(y.shape, elem, name="conv_epilogue")
+
+
+def _flat_spatial(shape: list[Any]) -> Any:
+    p: Any = 1
+    for d in shape[2:]:
+        p = p * d
+    return p
+
+
+def _prims(dims: list[Any]) -> list[Any]:
+    """Output sizes as TIR expressions passed to emit_te (it remaps the symbols of its operands only)."""
+    return [tirx.IntImm("int64", d) if isinstance(d, int) else d for d in dims]
+
+
+class _ConvSpec:
+    """The geometry of one convolution and its three TE forms."""
+
+    def __init__(self, nd: int, ks: list[int], stride: list[int], pads: list[tuple[int, int]], dil: list[int],
+                 groups: int, cout: int, cin_g: int):
+        self.nd, self.ks, self.stride, self.pads, self.dil = nd, ks, stride, pads, dil
+        self.groups, self.cout, self.cin_g = groups, cout, cin_g
+
+    def _padded(self, x: Any) -> Any:
+        """``x`` with zero borders (only where padding is nonzero; a separate producer stage)."""
+        from tvm import te
+
+        if not any(lo or hi for lo, hi in self.pads):
+            return x
+        nd = self.nd
+        shape = list(x.shape[:2]) + [x.shape[2 + i] + lo + hi for i, (lo, hi) in enumerate(self.pads)]
+
+        def f(*i: Any) -> Any:
+            ok = tirx.const(True, "bool")
+            src = list(i[:2])
+            for d in range(nd):
+                lo = self.pads[d][0]
+                j = i[2 + d] - lo
+                ok = tirx.And(ok, tirx.And(j >= 0, j < x.shape[2 + d]))
+                src.append(tirx.max(tirx.min(j, x.shape[2 + d] - 1), 0))
+            return tirx.Select(ok, x(*src), tirx.const(0.0, x.dtype))
+
+        return te.compute(shape, f, name="conv_pad")
+
+    def pointwise(self, x: Any, w: Any) -> Any:
+        """1x1: ``Y[n, co, p] = sum_ci W[co, ci] * X[n, ci, p]`` (spatial axes flattened to ``p``)."""
+        from tvm import te
+
+        k = te.reduce_axis((0, x.shape[1]), "ci")
+        return te.compute([x.shape[0], w.shape[0], x.shape[2]],
+                          lambda b, co, q: te.sum(w[co, k] * x[b, k, q], axis=k), name="conv_mm")
+
+    def patches(self, x: Any, *out_sp: Any) -> Any:
+        """im2col: ``P[n, g, (ci, k...), o...] = Xpad[n, g*cin_g + ci, o*s + k*d]`` (a kernel of its own,
+        vectorized along the output width; strided reads come from column phases, see :meth:`_phases`)."""
+        from tvm import te
+
+        nd, g = self.nd, self.groups
+        kk = 1
+        for k in self.ks:
+            kk *= k
+        sw, dw = self.stride[-1], self.dil[-1]
+        phased = sw > 1 and dw == 1
+        src_t = self._phases(x, sw) if phased else self._padded(x)
+
+        def patch(b: Any, gi: Any, r: Any, *o: Any) -> Any:
+            src = [b, gi * self.cin_g + tirx.floordiv(r, kk)]
+            ks = tirx.floormod(r, kk)
+            kpos = []
+            for d in range(nd - 1, -1, -1):
+                kpos.append(tirx.floormod(ks, self.ks[d]))
+                ks = tirx.floordiv(ks, self.ks[d])
+            kpos.reverse()
+            last = nd - 1 if phased else nd
+            for d in range(last):
+                src.append(o[d] * self.stride[d] + kpos[d] * self.dil[d])
+            if phased:
+                src += [tirx.floormod(kpos[-1], sw), o[-1] + tirx.floordiv(kpos[-1], sw)]
+            return src_t(*src)
+
+        return te.compute([x.shape[0], g, self.cin_g * kk, *out_sp], patch, name="im2col")
+
+    def grouped_matmul(self, cols: Any, w: Any) -> Any:
+        """``Y[n, g, co, p] = sum_r W[g, co, r] * P[n, g, r, p]`` (``P`` the flattened patches)."""
+        from tvm import te
+
+        r = te.reduce_axis((0, cols.shape[2]), "r")
+        return te.compute([cols.shape[0], cols.shape[1], w.shape[1], cols.shape[3]],
+                          lambda b, gi, co, q: te.sum(w[gi, co, r] * cols[b, gi, r, q], axis=r), name="conv_mm")
+
+    def depthwise(self, x: Any, w: Any, *out_sp: Any) -> Any:
+        """``Y[n, c, o...] = sum_k Xpad[n, c, o*s + k*d] * W[c, 0, k]`` (one channel per group).
+
+        With a stride ``s > 1`` along the last axis (and no dilation there), the padded plane is
+        stored as ``s`` column phases (``P[.., h, q, j] = Xpad[.., h, j*s + q]``), so each tap reads
+        consecutive elements: a vector load instead of a strided gather."""
+        from tvm import te
+
+        nd = self.nd
+        rs = [te.reduce_axis((0, k), f"k{i}") for i, k in enumerate(self.ks)]
+        sw, dw = self.stride[-1], self.dil[-1]
+        if sw == 1 or dw != 1:
+            xp = self._padded(x)
+
+            def f(b: Any, c: Any, *o: Any) -> Any:
+                src = [b, c] + [o[d] * self.stride[d] + rs[d] * self.dil[d] for d in range(nd)]
+                return te.sum(xp(*src) * w(c, 0, *rs), axis=rs)
+
+            return te.compute([x.shape[0], x.shape[1], *out_sp], f, name="depthwise")
+        ph = self._phases(x, sw)
+
+        def g(b: Any, c: Any, *o: Any) -> Any:
+            src = [b, c] + [o[d] * self.stride[d] + rs[d] * self.dil[d] for d in range(nd - 1)]
+            src += [tirx.floormod(rs[-1], sw), o[-1] + tirx.floordiv(rs[-1], sw)]
+            return te.sum(ph(*src) * w(c, 0, *rs), axis=rs)
+
+        return te.compute([x.shape[0], x.shape[1], *out_sp], g, name="depthwise")
+
+    def _phases(self, x: Any, s: int) -> Any:
+        """The zero-padded input with its last axis split into ``s`` phases: ``[.., h, s, ceil(W'/s)]``."""
+        from tvm import te
+
+        nd = self.nd
+        lo_w, hi_w = self.pads[-1]
+        wp = x.shape[-1] + lo_w + hi_w
+        cols = tirx.floordiv(wp + (s - 1), s)
+        shape = list(x.shape[:2]) + [x.shape[2 + d] + self.pads[d][0] + self.pads[d][1] for d in range(nd - 1)]
+        shape += [s, cols]
+
+        def f(*i: Any) -> Any:
+            ok = tirx.const(True, "bool")
+            src = list(i[:2])
+            for d in range(nd - 1):
+                j = i[2 + d] - self.pads[d][0]
+                ok = tirx.And(ok, tirx.And(j >= 0, j < x.shape[2 + d]))
+                src.append(tirx.max(tirx.min(j, x.shape[2 + d] - 1), 0))
+            j = i[-1] * s + i[-2] - lo_w
+            ok = tirx.And(ok, tirx.And(j >= 0, j < x.shape[-1]))
+            src.append(tirx.max(tirx.min(j, x.shape[-1] - 1), 0))
+            return tirx.Select(ok, x(*src), tirx.const(0.0, x.dtype))
+
+        return te.compute(shape, f, name="conv_pad")
+
+
+def _relax_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    """Relax's own convolution ops (transposed, 3-d, non-f32), bias added per channel."""
     op = ctx.relax.op
     at = node.attrs
     nd = node.inputs[0].type.rank - 2
@@ -36,6 +355,85 @@ def lower_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         y = ctx.emit(f(x, w, strides=list(at["stride"]), padding=pads, dilation=list(at["dilation"]),
                        groups=at["groups"], data_layout=dl, kernel_layout=kl, out_dtype=out_dt))
     if len(a) > 2:
-        b = ctx.emit(op.reshape(a[2], [1, -1] + [1] * nd))
-        y = ctx.emit(op.add(y, b))
+        y = ctx.emit(op.add(y, ctx.emit(op.reshape(a[2], [1, -1] + [1] * nd))))
     return y
+
+
+# --------------------------------------------------------------------------- schedule
+class DepthwiseConvRule(_CpuRule):
+    """Depthwise convolution PrimFuncs: (padded-plane stage) -> stencil reduction -> epilogue.
+
+    Parallel over (batch, channel); the padded plane of a channel is computed right before its
+    stencil (it stays in cache); each output row is computed in vectors along the width, the
+    taps accumulated in registers; the epilogue (bias, activation) applied per row chunk.
+    """
+
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reds) != 1:
+            return None
+        ri = reds[0]
+        red = infos[ri]
+        kinds = red.dom_kind()
+        nr, ns = kinds.count("R"), kinds.count("S")
+        # (batch,) channel, spatial...: normalization drops a unit batch axis
+        if nr not in (1, 2) or kinds != "S" * ns + "R" * nr or ns not in (nr + 1, nr + 2):
+            return None
+        block = sch.get(red.block_rv)
+        if len(block.reads) != 2 or sch.get(red.block_rv).name_hint != "depthwise":
+            return None
+        producers = infos[:ri]
+        epis = infos[ri + 1:]
+        if any(not b.is_injective() for b in producers + epis) or len(producers) > 1:
+            return None
+        for e in epis[:-1]:
+            sch.compute_inline(e.block_rv)
+        rb = red.block_rv
+        loops = sch.get_loops(rb)
+        lead, sp, rks = loops[:ns - nr], loops[ns - nr:ns], loops[ns:]
+        ow = sp[-1]
+        ow_ext = _extent(sch, ow)
+        lanes = vector_lanes(target, 32)
+        nc = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        sch.parallel(nc)
+        if ow_ext is not None and ow_ext <= lanes:
+            v = next((x for x in (lanes, 8, 4) if ow_ext % x == 0 and x <= ow_ext), ow_ext)
+        elif ow_ext is not None:
+            v = next((x for x in (lanes, 8, 4, 2) if ow_ext % x == 0), 1)
+        else:
+            v = 1
+        owo, owi = sch.split(ow, [None, v])
+        sch.reorder(nc, *sp[:-1], owo, *rks, owi)
+        if v > 1:
+            sch.vectorize(owi)
+        for rk in rks:
+            sch.unroll(rk)
+        anchor = owo
+        if epis:
+            last = epis[-1].block_rv
+            sch.reverse_compute_at(last, anchor, preserve_unit_loops=True)
+            sch.set_scope(rb, 0, "local")
+            if v > 1:
+                _vectorize_last(sch, last, v)
+        else:
+            cw = sch.cache_write(rb, 0, "local")
+            sch.reverse_compute_at(cw, anchor, preserve_unit_loops=True)
+            if v > 1:
+                _vectorize_last(sch, cw, v)
+        init = sch.decompose_reduction(rb, rks[0])
+        if v > 1:
+            sch.vectorize(sch.get_loops(init)[-1])
+        if producers:
+            pb = producers[0].block_rv
+            sch.compute_at(pb, nc, preserve_unit_loops=True)
+            ploops = sch.get_loops(pb)
+            inner = ploops[-1]
+            pe = _extent(sch, inner)
+            if pe is not None and pe >= lanes:
+                _o, pv = sch.split(inner, [None, lanes])
+                sch.vectorize(pv)
+        return sch

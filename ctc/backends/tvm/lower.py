@@ -170,6 +170,9 @@ class Ctx:
         self.memo: dict[Any, Any] = {}  # lowered values shared between rules (keyed by rule and ctc Value)
         self._transposed: set[str] | None = None
         self.rules: Mapping[str, Rule] = RULES  # the rules this lowering uses (a target may replace some)
+        # results a rule computed on behalf of later nodes (an epilogue fused into a convolution):
+        # id(ctc Value) -> Relax value; those nodes are not lowered again
+        self.absorbed: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ values
     def emit(self, expr: Any) -> Any:
@@ -1363,6 +1366,10 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                     if node.attrs["name"] not in module.params:
                         raise LoweringError(f"parameter {node.attrs['name']!r} read at {node.scope} is missing")
                     ctx.env[id(node.outputs[0])] = _ParamRef(node.attrs["name"])
+                    continue
+                if id(node.outputs[0]) in ctx.absorbed:  # computed by an earlier rule (a conv's fused epilogue)
+                    for v in node.outputs:
+                        ctx.env[id(v)] = ctx.absorbed.pop(id(v))
                     continue
                 if fusion is not None and id(node) in fusion.absorbed:
                     continue  # an RMSNorm computed inside the GEMVs that read it

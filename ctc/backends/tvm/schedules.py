@@ -176,11 +176,18 @@ class MatmulRule(_CpuRule):
                 writer = copy
             *batch, lm, ln, lk = sch.get_loops(rb)
         producers = list(sch.get_producers(rb))
+        k_ext = _extent(sch, lk)
         mo, mi = sch.split(lm, [None, mt])
         no, nj, nv = sch.split(ln, [None, nb, lanes])
-        # N-panels outermost: one B panel (K x NB*V) stays in cache while all row tiles use it.
-        sch.reorder(*batch, no, mo, lk, mi, nj, nv)
-        outer = sch.fuse(*batch, no, mo)
+        if m_ext is not None and n_ext is not None and k_ext is not None and m_ext > n_ext:
+            # A (M x K) is the larger operand (a convolution's weight against a small feature map):
+            # row tiles outermost, so each A tile streams once and B (K x N) stays in cache.
+            sch.reorder(*batch, mo, no, lk, mi, nj, nv)
+            outer = sch.fuse(*batch, mo, no)
+        else:
+            # N-panels outermost: one B panel (K x NB*V) stays in cache while all row tiles use it.
+            sch.reorder(*batch, no, mo, lk, mi, nj, nv)
+            outer = sch.fuse(*batch, no, mo)
         tile = outer
         sch.parallel(outer)
         sch.unroll(mi)
@@ -452,4 +459,7 @@ class ElementwiseRule(_CpuRule):
 
 def default_rules() -> list[dl.ScheduleRule]:
     """The rule list applied by ``build(..., tuning off)``: most specific first."""
-    return [GemvRule(), MatmulRule(), VecMatRule(), dl.cpu.GEMV(), RowReductionRule(), ElementwiseRule()]
+    from ctc.backends.tvm.conv_kernels import DepthwiseConvRule
+
+    return [GemvRule(), MatmulRule(), VecMatRule(), DepthwiseConvRule(), dl.cpu.GEMV(), RowReductionRule(),
+            ElementwiseRule()]
