@@ -242,8 +242,9 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
         module = frontends.capture_hf_model(model, task=info.task, name=m.ref, source=info.loaded_from)
         return module, tok, desc, Path(info.loaded_from), model
     if m.kind == "hf":
-        loaded = frontends.load_hf(resolve_path(recipe, m.ref))
-        loaded.model = _cast(loaded.model, dtype)
+        o = m.options
+        loaded = frontends.load_hf(resolve_path(recipe, m.ref), task=o.get("task"), attn=o.get("attn"),
+                                   dtype=o.get("dtype") or "f32", gguf_file=o.get("gguf"))
         desc = {"kind": "hf", "ref": m.ref, "arch": loaded.arch}
         tok_dir = Path(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
         if decode:

@@ -20,7 +20,7 @@ import torch
 
 V = 97  # vocabulary of the text models
 D, H, KV, HD, FF = 32, 4, 2, 8, 48  # hidden, heads, kv heads, head dim, MLP width
-TEXT = {"vocab_size": V, "max_position_embeddings": 64}
+TEXT = {"vocab_size": V, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _t() -> Any:
 def _dec(cfg_cls: str, model_cls: str, **kw: Any) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         T = _t()
-        base = {"num_hidden_layers": 2, "hidden_size": D, "num_attention_heads": H, "intermediate_size": FF, **TEXT}
+        base = {"num_hidden_layers": 1, "hidden_size": D, "num_attention_heads": H, "intermediate_size": FF, **TEXT}
         base.update(kw)
         return getattr(T, model_cls)(getattr(T, cfg_cls)(**base)).eval()
 
@@ -60,10 +60,10 @@ def _any(cfg_cls: str, model_cls: str, **kw: Any) -> Callable[[], torch.nn.Modul
 
 
 GQA = {"num_key_value_heads": KV}
-ENC = {"num_hidden_layers": 2, "hidden_size": D, "num_attention_heads": H, "intermediate_size": FF, **TEXT}
-VIT = {"image_size": 32, "patch_size": 8, "hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": H,
+ENC = {"num_hidden_layers": 1, "hidden_size": D, "num_attention_heads": H, "intermediate_size": FF, **TEXT}
+VIT = {"image_size": 32, "patch_size": 8, "hidden_size": D, "num_hidden_layers": 1, "num_attention_heads": H,
        "intermediate_size": FF}
-W2V = {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": H, "intermediate_size": FF,
+W2V = {"hidden_size": D, "num_hidden_layers": 1, "num_attention_heads": H, "intermediate_size": FF,
        "conv_dim": (16, 16), "conv_stride": (4, 2), "conv_kernel": (8, 4), "num_feat_extract_layers": 2,
        "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 4}
 MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
@@ -71,7 +71,7 @@ MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
 ROWS: list[Row] = [
     # ---------------------------------------------------------------- decoders
     Row("gpt2", "decoder", "dense, learned positions, Conv1D weights",
-        _any("GPT2Config", "GPT2LMHeadModel", n_layer=2, n_embd=D, n_head=H, vocab_size=V, n_positions=64), True),
+        _any("GPT2Config", "GPT2LMHeadModel", n_layer=1, n_embd=D, n_head=H, vocab_size=V, n_positions=64), True),
     Row("llama", "decoder", "RMSNorm, rotary, SwiGLU, GQA", _dec("LlamaConfig", "LlamaForCausalLM", **GQA), True),
     Row("mistral", "decoder", "GQA, sliding window",
         _dec("MistralConfig", "MistralForCausalLM", sliding_window=4, **GQA)),
@@ -80,24 +80,25 @@ ROWS: list[Row] = [
     Row("gemma", "decoder", "GeGLU, scaled embeddings, (1+w) RMSNorm",
         _dec("GemmaConfig", "GemmaForCausalLM", head_dim=HD, **GQA)),
     Row("gemma2", "decoder", "logit soft-capping (eager attention), sliding window",
-        _dec("Gemma2Config", "Gemma2ForCausalLM", head_dim=HD, sliding_window=4, **GQA), True),
+        _dec("Gemma2Config", "Gemma2ForCausalLM", head_dim=HD, sliding_window=4, num_hidden_layers=2, **GQA), True),
     Row("gemma3_text", "decoder", "q/k norm, local/global layers, sliding window",
-        _dec("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=HD, sliding_window=4, **GQA)),
+        _dec("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=HD, sliding_window=4, num_hidden_layers=2,
+             sliding_window_pattern=2, **GQA)),
     Row("phi", "decoder", "parallel attention/MLP, partial rotary",
         _dec("PhiConfig", "PhiForCausalLM", partial_rotary_factor=0.5)),
     Row("phi3", "decoder", "fused qkv and gate/up", _dec("Phi3Config", "Phi3ForCausalLM", **GQA)),
     Row("gpt_neox", "decoder", "parallel residual, partial rotary",
         _dec("GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.5)),
     Row("gptj", "decoder", "parallel residual, interleaved rotary",
-        _any("GPTJConfig", "GPTJForCausalLM", n_layer=2, n_embd=D, n_head=H, rotary_dim=4, vocab_size=V,
+        _any("GPTJConfig", "GPTJForCausalLM", n_layer=1, n_embd=D, n_head=H, rotary_dim=4, vocab_size=V,
              n_positions=64)),
     Row("falcon", "decoder", "alibi, fused qkv with multi-query ([..., [-2], :] indexing), parallel attention",
-        _any("FalconConfig", "FalconForCausalLM", num_hidden_layers=2, hidden_size=D, num_attention_heads=H,
+        _any("FalconConfig", "FalconForCausalLM", num_hidden_layers=1, hidden_size=D, num_attention_heads=H,
              vocab_size=V, alibi=True, multi_query=True, parallel_attn=True), True),
     Row("bloom", "decoder", "alibi (baddbmm), embedding layer norm",
-        _any("BloomConfig", "BloomForCausalLM", n_layer=2, hidden_size=D, n_head=H, vocab_size=V)),
+        _any("BloomConfig", "BloomForCausalLM", n_layer=1, hidden_size=D, n_head=H, vocab_size=V)),
     Row("mpt", "decoder", "alibi, no biases",
-        _any("MptConfig", "MptForCausalLM", n_layers=2, d_model=D, n_heads=H, vocab_size=V, max_seq_len=64,
+        _any("MptConfig", "MptForCausalLM", n_layers=1, d_model=D, n_heads=H, vocab_size=V, max_seq_len=64,
              expansion_ratio=2)),
     Row("opt", "decoder", "learned offset positions, pre-LN",
         _dec("OPTConfig", "OPTForCausalLM", ffn_dim=FF, word_embed_proj_dim=D)),
@@ -111,7 +112,7 @@ ROWS: list[Row] = [
     Row("granite", "decoder", "multipliers on embeddings, residuals, logits",
         _dec("GraniteConfig", "GraniteForCausalLM", **GQA)),
     Row("gpt_bigcode", "decoder", "multi-query attention",
-        _any("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_layer=2, n_embd=D, n_head=H, vocab_size=V,
+        _any("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_layer=1, n_embd=D, n_head=H, vocab_size=V,
              n_positions=64, multi_query=True)),
     Row("mixtral", "decoder", "mixture of experts (top-2 of 4), dense dispatch",
         _dec("MixtralConfig", "MixtralForCausalLM", **GQA, **MOE), True),
@@ -121,13 +122,13 @@ ROWS: list[Row] = [
     Row("olmoe", "decoder", "mixture of experts, q/k norm",
         _dec("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2)),
     Row("mamba", "decoder", "state space: causal depthwise conv1d + selective scan",
-        _any("MambaConfig", "MambaForCausalLM", vocab_size=V, hidden_size=D, state_size=8, num_hidden_layers=2,
+        _any("MambaConfig", "MambaForCausalLM", vocab_size=V, hidden_size=D, state_size=8, num_hidden_layers=1,
              expand=2, conv_kernel=4), True),
     # ---------------------------------------------------------------- encoders
     Row("bert", "encoder", "post-LN, absolute positions", _any("BertConfig", "BertModel", **ENC)),
     Row("roberta", "encoder", "padding-offset positions (cumsum)", _any("RobertaConfig", "RobertaModel", **ENC)),
     Row("distilbert", "encoder", "no token types",
-        _any("DistilBertConfig", "DistilBertModel", n_layers=2, dim=D, n_heads=H, hidden_dim=FF, vocab_size=V,
+        _any("DistilBertConfig", "DistilBertModel", n_layers=1, dim=D, n_heads=H, hidden_dim=FF, vocab_size=V,
              max_position_embeddings=64)),
     Row("albert", "encoder", "shared layers, factorized embeddings",
         _any("AlbertConfig", "AlbertModel", embedding_size=16, **ENC)),
@@ -135,18 +136,19 @@ ROWS: list[Row] = [
     Row("deberta-v2", "encoder", "disentangled relative attention",
         _any("DebertaV2Config", "DebertaV2Model", **ENC)),
     Row("modernbert", "encoder", "local/global attention, GeGLU, rotary",
-        _any("ModernBertConfig", "ModernBertModel", num_hidden_layers=2, hidden_size=D, num_attention_heads=H,
-             intermediate_size=FF, vocab_size=V, max_position_embeddings=64, local_attention=4)),
+        _any("ModernBertConfig", "ModernBertModel", num_hidden_layers=3, global_attn_every_n_layers=3, hidden_size=D,
+             num_attention_heads=H, intermediate_size=FF, vocab_size=V, max_position_embeddings=64, local_attention=4,
+             pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0)),
     # ---------------------------------------------------------------- encoder-decoders
     Row("t5", "encoder-decoder", "relative position buckets, RMS layer norm",
-        _any("T5Config", "T5ForConditionalGeneration", vocab_size=V, d_model=D, d_ff=FF, num_layers=2, num_heads=H,
+        _any("T5Config", "T5ForConditionalGeneration", vocab_size=V, d_model=D, d_ff=FF, num_layers=1, num_heads=H,
              d_kv=HD)),
     Row("bart", "encoder-decoder", "learned positions, cross-attention",
-        _any("BartConfig", "BartForConditionalGeneration", vocab_size=V, d_model=D, encoder_layers=2,
-             decoder_layers=2, encoder_attention_heads=H, decoder_attention_heads=H, encoder_ffn_dim=FF,
+        _any("BartConfig", "BartForConditionalGeneration", vocab_size=V, d_model=D, encoder_layers=1,
+             decoder_layers=1, encoder_attention_heads=H, decoder_attention_heads=H, encoder_ffn_dim=FF,
              decoder_ffn_dim=FF, max_position_embeddings=64), True),
     Row("marian", "encoder-decoder", "sinusoidal positions",
-        _any("MarianConfig", "MarianMTModel", vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
+        _any("MarianConfig", "MarianMTModel", vocab_size=V, d_model=D, encoder_layers=1, decoder_layers=1,
              encoder_attention_heads=H, decoder_attention_heads=H, encoder_ffn_dim=FF, decoder_ffn_dim=FF,
              max_position_embeddings=64, pad_token_id=0, decoder_start_token_id=0)),
     # ---------------------------------------------------------------- vision
@@ -159,7 +161,8 @@ ROWS: list[Row] = [
         _any("SwinConfig", "SwinModel", image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
              window_size=4)),
     Row("convnext", "vision", "depthwise 7x7 conv, channels-last layer norm",
-        _any("ConvNextConfig", "ConvNextModel", image_size=32, hidden_sizes=[8, 16], depths=[1, 1]), True),
+        _any("ConvNextConfig", "ConvNextModel", image_size=32, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
+        True),
     Row("resnet", "vision", "conv + batch norm, max pool, residual",
         _any("ResNetConfig", "ResNetForImageClassification", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
              layer_type="basic", num_labels=5, image_size=32), True),
@@ -169,7 +172,7 @@ ROWS: list[Row] = [
         _any("MobileNetV2Config", "MobileNetV2Model", image_size=32, depth_multiplier=0.25), True),
     Row("efficientnet", "vision", "squeeze-excite, swish, depthwise conv",
         _any("EfficientNetConfig", "EfficientNetModel", image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
-             hidden_dim=64)),
+             hidden_dim=320)),
     Row("regnet", "vision", "grouped conv, squeeze-excite",
         _any("RegNetConfig", "RegNetModel", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4)),
     # ---------------------------------------------------------------- audio
@@ -181,8 +184,8 @@ ROWS: list[Row] = [
     Row("data2vec-audio", "audio", "layer-norm conv stack",
         _any("Data2VecAudioConfig", "Data2VecAudioModel", **W2V)),
     Row("whisper", "audio", "log-mel encoder-decoder, conv1d front end",
-        _any("WhisperConfig", "WhisperForConditionalGeneration", vocab_size=V, d_model=D, encoder_layers=2,
-             decoder_layers=2, encoder_attention_heads=H, decoder_attention_heads=H, encoder_ffn_dim=FF,
+        _any("WhisperConfig", "WhisperForConditionalGeneration", vocab_size=V, d_model=D, encoder_layers=1,
+             decoder_layers=1, encoder_attention_heads=H, decoder_attention_heads=H, encoder_ffn_dim=FF,
              decoder_ffn_dim=FF, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
              decoder_start_token_id=0, pad_token_id=0, bos_token_id=0, eos_token_id=0)),
 ]
@@ -232,36 +235,43 @@ def eager_output(model: torch.nn.Module, module: Any, inputs: dict[str, torch.Te
     return getattr(out, module.meta["output"])
 
 
-def check_row(r: Row, *, tvm: bool) -> tuple[Result, Any]:
-    """Capture, compare with eager through the interpreter, and (``tvm``) build and compare through TVM."""
+def tvm_error(module: Any, model: torch.nn.Module) -> float:
+    """Build ``module`` with TVM for this CPU (default schedules), run it on :func:`second_inputs`, and
+    return its relative error against eager."""
+    import tempfile
+
+    from ctc.backends.tvm.build import compile_module, load_compiled
+
+    ins = second_inputs(module, model, module.meta["task"])
+    ref = eager_output(model, module, ins)
+    with tempfile.TemporaryDirectory() as d:
+        compile_module(module).export(d)
+        got = load_compiled(d)(*[ins[v.name] for v in module.inputs])[0]
+    return relative_error(got, ref)
+
+
+def check_row(r: Row, *, tvm: bool) -> tuple[Result, Any, Any]:
+    """Capture, compare with eager through the interpreter, and (``tvm``) through TVM.
+    Returns (result, captured module or None, eager model or None)."""
     from ctc.frontends import capture_hf_model
     from ctc.ir.interpreter import interpret
 
     res = Result(r.model_type)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model = r.build()
+    module = model = None
     try:
+        model = r.build()
         module = capture_hf_model(model, seq_len=7, batch=2)
         res.captured = True
         ins = second_inputs(module, model, module.meta["task"])
-        ref = eager_output(model, module, ins)
-        res.rel_err = relative_error(interpret(module, ins)[0], ref)
+        res.rel_err = relative_error(interpret(module, ins)[0], eager_output(model, module, ins))
         if tvm:
-            from ctc.backends.tvm.build import compile_module, load_compiled
-
-            comp = compile_module(module)
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as d:
-                comp.export(d)
-                got = load_compiled(d)(*[ins[v.name] for v in module.inputs])[0]
-            res.tvm_rel_err = relative_error(got, ref)
+            res.tvm_rel_err = tvm_error(module, model)
     except Exception as e:  # noqa: BLE001 - the matrix records the user-visible error
         res.error = f"{type(e).__name__}: {e}"
-        module = None
     res.seconds = time.perf_counter() - t0
-    return res, module
+    return res, module, model
 
 
 # --------------------------------------------------------------------------- the docs table
@@ -287,7 +297,7 @@ def main(argv: list[str]) -> int:
     for r in ROWS:
         if names and r.model_type not in names:
             continue
-        res, _ = check_row(r, tvm=tvm)
+        res, _, _ = check_row(r, tvm=tvm)
         results.append(res)
         print(f"{r.model_type:16s} captured={res.captured} rel={res.rel_err} tvm={res.tvm_rel_err} "
               f"{res.seconds:.1f}s {res.error[:200]}", flush=True)

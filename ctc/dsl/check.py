@@ -163,6 +163,28 @@ def _model_dtype(v: Any) -> str | None:
 MODEL_OPTIONS: dict[str, Any] = {"decode": _decode_len, "dtype": _model_dtype}
 
 
+def _model_task(v: Any) -> str | None:
+    from ctc.tasks import MODEL_TASKS, normalize_task
+
+    if isinstance(v, str) and normalize_task(v) in MODEL_TASKS:
+        return None
+    return "must be one of " + ", ".join(repr(t.replace("_", "-")) for t in MODEL_TASKS) + \
+        " (default: read from the model through transformers' auto-model mappings)"
+
+
+def _model_attn(v: Any) -> str | None:
+    return None if v in ("sdpa", "eager") else \
+        "must be \"sdpa\" or \"eager\" (default: sdpa where the model supports it, else eager)"
+
+
+def _model_gguf(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.endswith(".gguf") else "must name a .gguf file in the model directory"
+
+
+# `model hf` also takes the task, the attention implementation and a GGUF checkpoint in the directory.
+HF_MODEL_OPTIONS: dict[str, Any] = {**MODEL_OPTIONS, "task": _model_task, "attn": _model_attn, "gguf": _model_gguf}
+
+
 def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Diagnostic]:
     if m is None:
         return [Diagnostic("the recipe names no model", whole, hint='add a line like `model bundled "minilm"`')]
@@ -170,7 +192,7 @@ def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Dia
         return [Diagnostic(f"unknown model source {m.kind!r}{did_you_mean(m.kind, MODEL_KINDS)}", m.kind_span,
                            hint="model sources: " + ", ".join(MODEL_KINDS))]
     diags = []
-    allowed = MODEL_OPTIONS if m.kind in ("bundled", "hf") else {}
+    allowed = HF_MODEL_OPTIONS if m.kind == "hf" else MODEL_OPTIONS if m.kind == "bundled" else {}
     for k, s in m.option_spans.items():
         if k not in allowed:
             known = f" (options: {', '.join(allowed)})" if allowed else ""
@@ -194,6 +216,9 @@ def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Dia
                                     hint="paths are relative to the recipe file's directory"))
         elif not p.is_dir() or not (p / "config.json").is_file():
             diags.append(Diagnostic(f"{p} is not a Hugging Face model directory (no config.json)", m.ref_span))
+        elif isinstance(m.options.get("gguf"), str) and not (p / str(m.options["gguf"])).is_file():
+            diags.append(Diagnostic(f"no file {m.options['gguf']!r} in {p}", m.option_spans.get("gguf", m.span),
+                                    hint="gguf= names a .gguf file inside the model directory"))
     elif m.kind == "pt2":
         p = resolve_path(recipe, m.ref)
         if not p.is_file():

@@ -276,7 +276,7 @@ class Translator:
         if isinstance(d, int):
             return d
         if isinstance(d, torch.SymInt):
-            expr = d.node.expr
+            expr = _resolve_extrema(d.node.expr, getattr(d.node, "shape_env", None))
             if expr.is_number:
                 return int(expr)
             return normalize_dim(self._expr(expr))
@@ -301,8 +301,8 @@ class Translator:
             return f"({self._expr(e.args[0])}) // ({self._expr(e.args[1])})"
         if isinstance(e, (PythonMod, Mod, sympy.Mod)):
             return f"({self._expr(e.args[0])}) % ({self._expr(e.args[1])})"
-        if isinstance(e, (sympy.Max, sympy.Min)):
-            f = "max" if isinstance(e, sympy.Max) else "min"
+        if type(e).__name__ in ("Max", "Min"):  # sympy's or torch's own (torch.utils._sympy.functions)
+            f = type(e).__name__.lower()
             args = [self._expr(a) for a in e.args]
             out = args[0]
             for a in args[1:]:
@@ -423,6 +423,10 @@ class Translator:
             except (CaptureError, OpError) as e:
                 self.problem(node, name, str(e))
                 self.env[node] = _FAILED
+            except Exception as e:  # noqa: BLE001 - a handler bug: reported with the others, not a traceback
+                self.problem(node, name, f"internal error translating it ({type(e).__name__}: {e}); please report "
+                                         "this with the model")
+                self.env[node] = _FAILED
 
     def _inline_region(self, node: fx.Node) -> list[Value]:
         """Inline a higher-order region (``with torch.no_grad()`` / autocast block): its ops run as usual."""
@@ -461,6 +465,35 @@ class Translator:
                                    f"{res.type}, torch gives shape {tuple(val.shape)}")
             return self.cast_to(res, want)
         return res
+
+
+def _resolve_extrema(expr: Any, shape_env: Any) -> Any:
+    """``Max``/``Min`` of a size expression decided by the value ranges export recorded for its
+    symbols (MPT's ``64 - Max(0, 64 - seq)`` is ``seq`` where ``seq <= 64``); undecided ones stay."""
+    if shape_env is None or not hasattr(expr, "atoms"):
+        return expr
+    import sympy
+
+    def decide(e: Any) -> Any:
+        name = type(e).__name__
+        if name not in ("Max", "Min"):
+            return e
+        args = list(e.args)
+        for a in args:
+            others = [b for b in args if b is not a]
+            rel = sympy.Ge if name == "Max" else sympy.Le
+            try:
+                ok = all(shape_env._maybe_evaluate_static(rel(a, b)) is sympy.true for b in others)
+            except Exception:  # noqa: BLE001 - undecidable here: keep the extremum
+                ok = False
+            if ok:
+                return a
+        return e
+
+    try:
+        return expr.replace(lambda e: type(e).__name__ in ("Max", "Min"), decide)
+    except Exception:  # noqa: BLE001
+        return expr
 
 
 def is_size_arith(node: fx.Node) -> bool:
@@ -630,6 +663,7 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
+    _check_input_names(model, example_inputs)
     model = model.eval()
     dyn = normalize_dynamic(dynamic, example_inputs)
     path = "export"
@@ -655,6 +689,22 @@ def capture(
 
     fuse_patterns(m)
     return m
+
+
+def _check_input_names(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+    """Example inputs go to ``forward`` by name: say what it takes when a name does not fit."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    bad = [k for k in inputs if k not in params]
+    if bad:
+        raise CaptureError(f"{type(model).__name__}.forward takes ({', '.join(params)}); got {', '.join(bad)}. "
+                           "Name the example inputs after the forward's parameters.")
 
 
 def capture_exported(ep: Any, *, name: str | None = None, output: str | int | None = None,

@@ -212,7 +212,11 @@ def _where(tr: Translator, node: fx.Node) -> Value:
 @aten("masked_fill.Scalar")
 def _masked_fill(tr: Translator, node: fx.Node) -> Value:
     x, mask, value = node.args[:3]
-    return tr.emit("masked_fill", [tr.t(x), tr.t(mask)], {"value": float(tr.scalar(value, node))})
+    xv = tr.t(x)
+    shape = tr.out_shape(node)
+    if tuple(xv.type.shape) != tuple(shape):  # torch.masked_fill broadcasts x against the mask too
+        xv = tr.emit("expand", [xv], {"shape": shape})
+    return tr.emit("masked_fill", [xv, tr.t(mask)], {"value": float(tr.scalar(value, node))})
 
 
 @aten("_to_copy.default", "to.dtype", "to.dtype_layout", "type_as.default")

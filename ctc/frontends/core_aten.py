@@ -394,7 +394,7 @@ def _flip(tr: Translator, node: fx.Node) -> Value:
 def _repeat(tr: Translator, node: fx.Node) -> Value:
     """``x.repeat(r)``: view as ``[1, d0, 1, d1, ...]``, expand to ``[r0, d0, r1, d1, ...]``, merge pairs."""
     x = tr.t(node.args[0])
-    reps = [int(r) for r in node.args[1]]
+    reps = [tr.dim(r) for r in node.args[1]]  # may be symbolic (x.repeat(batch, 1))
     shape = [1] * (len(reps) - x.type.rank) + list(x.type.shape)
     if all(r == 1 for r in reps):
         return tr.emit("reshape", [x], {"shape": tuple(shape)}) if len(shape) != x.type.rank else x

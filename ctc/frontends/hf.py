@@ -32,9 +32,9 @@ from ctc.tasks import (  # re-exported by ctc.frontends
     TASK_IMAGE_CLASSIFICATION,
     TASK_SEQ2SEQ,
     TASK_VISION,
-    TASKS,
     normalize_task,
 )
+from ctc.tasks import MODEL_TASKS as TASKS
 
 
 class ModelLoadError(CaptureError):

@@ -23,9 +23,19 @@ def broadcast(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
             if dim == 1:
                 dim = d
             elif not dims_equal(dim, d):
+                if _opaque(dim) or _opaque(d):
+                    # a max/min or an inexact quotient that symbolic algebra cannot compare (MPT's
+                    # 64 - max(0, 64 - seq) against seq): torch.export takes them as equal, and so does
+                    # ctc; keep the plainer form (the run time broadcast still checks)
+                    dim = d if _opaque(dim) and not _opaque(d) else dim
+                    continue
                 raise OpError(f"shapes {[list(s) for s in shapes]} do not broadcast (dim {dim} vs {d})")
         out.append(dim)
     return tuple(out)
+
+
+def _opaque(d: Dim) -> bool:
+    return isinstance(d, str) and any(t in d for t in ("max(", "min(", "//", "%"))
 
 
 def norm_axis(axis: int, rank: int) -> int:
