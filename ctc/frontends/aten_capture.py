@@ -367,9 +367,9 @@ class Translator:
             tensor = self.cast_to(tensor, out)
         return self.emit(op, [tensor], {"scalar": float(s), "reverse": reverse})
 
-    def slice(self, x: Value, axis: int, start: Any, end: Any, step: Any, node: fx.Node) -> Value:
+    def slice_bounds(self, x: Value, axis: int, start: Any, end: Any) -> tuple[Dim, Dim]:
+        """torch's slice bounds (negative, past the end, symbolic) as canonical ``0 <= start <= end <= dim``."""
         dim = x.type.shape[axis]
-        step = int(step or 1)
 
         def canon(v: Any, default: Dim) -> Dim:
             if v is None:
@@ -389,7 +389,12 @@ class Translator:
         s, e = canon(start, 0), canon(end, dim)
         if isinstance(s, int) and isinstance(e, int) and e < s:
             e = s
-        if s == 0 and normalize_dim(e) == dim and step == 1:
+        return s, e
+
+    def slice(self, x: Value, axis: int, start: Any, end: Any, step: Any, node: fx.Node) -> Value:
+        step = int(step or 1)
+        s, e = self.slice_bounds(x, axis, start, end)
+        if s == 0 and normalize_dim(e) == x.type.shape[axis] and step == 1:
             return x
         return self.emit("slice", [x], {"axis": axis, "start": (s,), "end": (e,), "step": step})
 

@@ -515,30 +515,11 @@ def _index_put(tr: Translator, node: fx.Node) -> Value:
                                                   "accumulate": acc})
 
 
-def _slice_bounds(tr: Translator, x: Value, axis: int, start: Any, end: Any) -> tuple[Dim, Dim]:
-    from ctc.frontends.aten_capture import BIG
-
-    dim = x.type.shape[axis]
-
-    def canon(v: Any, default: Dim) -> Dim:
-        if v is None:
-            return default
-        if isinstance(v, int):
-            if v >= BIG:
-                return dim
-            if v < 0:
-                return max(dim + v, 0) if isinstance(dim, int) else normalize_dim(f"({dim}) - {-v}")
-            return min(v, dim) if isinstance(dim, int) else v
-        return tr.dim(v)
-
-    return canon(start, 0), canon(end, dim)
-
-
 @aten("slice_scatter.default")
 def _slice_scatter(tr: Translator, node: fx.Node) -> Value:
     x, src = tr.t(node.args[0]), tr.t(node.args[1])
     ax = tr.axis(_arg(node, 2, "dim", 0), x.type.rank)
-    s, e = _slice_bounds(tr, x, ax, _arg(node, 3, "start", None), _arg(node, 4, "end", None))
+    s, e = tr.slice_bounds(x, ax, _arg(node, 3, "start", None), _arg(node, 4, "end", None))
     step = int(_arg(node, 5, "step", 1) or 1)
     if isinstance(s, int) and isinstance(e, int) and e < s:
         return x

@@ -23,10 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 from ctc.backends.tvm.lower import Ctx, LoweringError, _dt
-from ctc.backends.tvm.schedules import _CpuRule, _extent, _vectorize_last, vector_lanes
+from ctc.backends.tvm.schedules import _CpuRule, _extent, _vectorize_last, single_reduction, vector_lanes
 from ctc.ir.graph import Node, Value
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 
 __all__ = ["DepthwiseConvRule", "lower_conv"]
@@ -369,14 +368,10 @@ class DepthwiseConvRule(_CpuRule):
     """
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        found = single_reduction(func)
+        if found is None:
             return None
-        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reds) != 1:
-            return None
-        ri = reds[0]
+        sch, infos, ri = found
         red = infos[ri]
         kinds = red.dom_kind()
         nr, ns = kinds.count("R"), kinds.count("S")

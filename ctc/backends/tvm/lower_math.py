@@ -316,6 +316,27 @@ def _wrap_index(i: Any, dim: Any) -> Any:
     return tirx.max(tirx.min(i, dim - tirx.const(1, "int64")), tirx.const(0, "int64"))
 
 
+def advanced_index_coords(o: tuple[Any, ...], x: Any, idx: tuple[Any, ...], axes: tuple[int, ...], brank: int
+                          ) -> list[Any]:
+    """For output position ``o`` of ``x[..idx on axes..]`` (torch's placement rule), the position in
+    ``x`` it reads: index tensors (broadcast, negative wrapped) on ``axes``, the rest of ``o`` elsewhere."""
+    pre = axes[0] if axes[-1] - axes[0] + 1 == len(axes) else 0
+    b = o[pre:pre + brank]
+    rest = list(o[:pre]) + list(o[pre + brank:])
+    src: list[Any] = []
+    k = 0
+    for d in range(len(x.shape)):
+        if d in axes:
+            t = idx[axes.index(d)]
+            tb = b[len(b) - len(t.shape):]
+            pos = [0 if _is_one(s) else j for s, j in zip(t.shape, tb, strict=True)]
+            src.append(_wrap_index(t(*pos), x.shape[d]))
+        else:
+            src.append(rest[k])
+            k += 1
+    return src
+
+
 @rule("index")
 def _index_general(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     """``x[..., i0, ..., i1, ...]`` with torch's placement rule (see :func:`ctc.ir.ops.shape.index`)."""
@@ -324,27 +345,12 @@ def _index_general(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
     xt = node.inputs[0].type
     axes = index_axes(xt.rank, len(node.inputs) - 1, node.attrs["axes"])
-    adjacent = axes[-1] - axes[0] + 1 == len(axes)
     out_shape = ctx.dims.shape(node.outputs[0].type)
     brank = len(out_shape) - (xt.rank - len(axes))
 
     def f(x: Any, *idx: Any) -> Any:
         def elem(*o: Any) -> Any:
-            pre = axes[0] if adjacent else 0
-            b = o[pre:pre + brank]
-            rest = list(o[:pre]) + list(o[pre + brank:])
-            src: list[Any] = []
-            k = 0
-            for d in range(xt.rank):
-                if d in axes:
-                    t = idx[axes.index(d)]
-                    tb = b[len(b) - len(t.shape):]
-                    pos = [0 if _is_one(s) else j for s, j in zip(t.shape, tb, strict=True)]
-                    src.append(_wrap_index(t(*pos), x.shape[d]))
-                else:
-                    src.append(rest[k])
-                    k += 1
-            return x(*src)
+            return x(*advanced_index_coords(o, x, idx, axes, brank))
 
         return te.compute(out_shape, elem, name="adv_index")
 
@@ -488,7 +494,6 @@ def _index_put(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     xt, vt = node.inputs[0].type, node.inputs[1].type
     its = [v.type for v in node.inputs[2:]]
     axes = index_axes(xt.rank, len(its), node.attrs["axes"])
-    adjacent = axes[-1] - axes[0] + 1 == len(axes)
     bshape = broadcast(*(t.shape for t in its))
     target = xt.with_shape(index_result_shape(xt.shape, axes, bshape))
     tshape = ctx.shape_of_type(target)
@@ -496,20 +501,7 @@ def _index_put(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
     def offs(x: Any, *idx: Any) -> Any:
         def elem(*o: Any) -> Any:
-            pre = axes[0] if adjacent else 0
-            b = o[pre:pre + brank]
-            rest = list(o[:pre]) + list(o[pre + brank:])
-            coords: list[Any] = []
-            k = 0
-            for d in range(xt.rank):
-                if d in axes:
-                    t = idx[axes.index(d)]
-                    tb = b[len(b) - len(t.shape):]
-                    pos = [0 if _is_one(s_) else j for s_, j in zip(t.shape, tb, strict=True)]
-                    coords.append(_wrap_index(t(*pos), x.shape[d]))
-                else:
-                    coords.append(tirx.Cast("int64", rest[k]))
-                    k += 1
+            coords = [tirx.Cast("int64", c) for c in advanced_index_coords(o, x, idx, axes, brank)]
             return _row_major_offset(coords, list(x.shape))
 
         return te.compute(tshape, elem, name="index_put_offsets")

@@ -100,14 +100,10 @@ class MatmulRule(_CpuRule):
         self.vecmat_max_n = vecmat_max_n
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        found = single_reduction(func)
+        if found is None:
             return None
-        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reds) != 1:
-            return None
-        ri = reds[0]
+        sch, infos, ri = found
         red = infos[ri]
         kinds = red.dom_kind()
         if kinds.count("R") != 1 or not kinds.endswith("R") or kinds.count("S") < 2:
@@ -217,6 +213,19 @@ class MatmulRule(_CpuRule):
             if "R" not in get_sblock_info(sch, p).dom_kind():
                 _schedule_spatial(sch, p, lanes)
         return sch
+
+
+def single_reduction(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[Any], int] | None:
+    """(schedule, normalized block infos, index of the reduction block) when ``func`` has exactly one
+    reduction block among injective ones; else None."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+    if len(reds) != 1:
+        return None
+    return sch, infos, reds[0]
 
 
 def _product_then_epilogue(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[Any], Any] | None:

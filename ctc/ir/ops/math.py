@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ctc.ir.ops.elementwise import _binary, _binary_infer, _unary
+from ctc.ir.ops.elementwise import _binary, _binary_infer, _infer_unary_float, _unary
 from ctc.ir.ops.registry import Attr, OpError, register_op
 from ctc.ir.types import FLOAT_DTYPES, TensorType
 
@@ -62,29 +62,19 @@ def isinf(x: torch.Tensor) -> torch.Tensor:
 
 
 # =========================================================================== activations
-def _infer_float(name: str) -> Callable[[list[TensorType], dict], list[TensorType]]:
-    def infer(ins: list[TensorType], attrs: dict) -> list[TensorType]:
-        (x,) = ins
-        if x.dtype not in FLOAT_DTYPES:
-            raise OpError(f"{name} needs a float tensor, got {x} (cast it first)")
-        return [x]
-
-    return infer
-
-
-@register_op("hardswish", inputs=("x",), infer=_infer_float("hardswish"), category=CAT)
+@register_op("hardswish", inputs=("x",), infer=_infer_unary_float("hardswish"), category=CAT)
 def hardswish(x: torch.Tensor) -> torch.Tensor:
     """``x * relu6(x + 3) / 6`` (MobileNetV3, EfficientNet-Lite)."""
     return F.hardswish(x)
 
 
-@register_op("hardsigmoid", inputs=("x",), infer=_infer_float("hardsigmoid"), category=CAT)
+@register_op("hardsigmoid", inputs=("x",), infer=_infer_unary_float("hardsigmoid"), category=CAT)
 def hardsigmoid(x: torch.Tensor) -> torch.Tensor:
     """``relu6(x + 3) / 6``: a piecewise-linear sigmoid."""
     return F.hardsigmoid(x)
 
 
-@register_op("softplus", inputs=("x",), infer=_infer_float("softplus"), category=CAT, attrs={
+@register_op("softplus", inputs=("x",), infer=_infer_unary_float("softplus"), category=CAT, attrs={
     "beta": Attr("float", 1.0, doc="sharpness"),
     "threshold": Attr("float", 20.0, doc="above beta*x > threshold the result is x (linear regime)"),
 })
@@ -93,13 +83,13 @@ def softplus(x: torch.Tensor, *, beta: float, threshold: float) -> torch.Tensor:
     return F.softplus(x, beta=beta, threshold=threshold)
 
 
-@register_op("mish", inputs=("x",), infer=_infer_float("mish"), category=CAT)
+@register_op("mish", inputs=("x",), infer=_infer_unary_float("mish"), category=CAT)
 def mish(x: torch.Tensor) -> torch.Tensor:
     """``x * tanh(softplus(x))``."""
     return F.mish(x)
 
 
-@register_op("elu", inputs=("x",), infer=_infer_float("elu"), category=CAT, attrs={
+@register_op("elu", inputs=("x",), infer=_infer_unary_float("elu"), category=CAT, attrs={
     "alpha": Attr("float", 1.0, doc="negative-side scale"),
     "scale": Attr("float", 1.0, doc="output scale (SELU: 1.0507...)"),
     "input_scale": Attr("float", 1.0, doc="scale of x inside the exponential (CELU: 1/alpha)"),
@@ -110,7 +100,7 @@ def elu(x: torch.Tensor, *, alpha: float, scale: float, input_scale: float) -> t
     return torch.ops.aten.elu(x, alpha, scale, input_scale)
 
 
-@register_op("leaky_relu", inputs=("x",), infer=_infer_float("leaky_relu"), category=CAT,
+@register_op("leaky_relu", inputs=("x",), infer=_infer_unary_float("leaky_relu"), category=CAT,
              attrs={"negative_slope": Attr("float", 0.01, doc="slope for x < 0")})
 def leaky_relu(x: torch.Tensor, *, negative_slope: float) -> torch.Tensor:
     """``x`` for ``x > 0``, else ``negative_slope * x``."""
