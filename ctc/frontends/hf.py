@@ -25,6 +25,7 @@ from torch import nn
 
 from ctc.frontends.aten_capture import CaptureError, capture
 from ctc.ir.graph import Module
+from ctc.tasks import MODEL_TASKS as TASKS
 from ctc.tasks import (  # re-exported by ctc.frontends
     TASK_AUDIO,
     TASK_CAUSAL_LM,
@@ -34,7 +35,6 @@ from ctc.tasks import (  # re-exported by ctc.frontends
     TASK_VISION,
     normalize_task,
 )
-from ctc.tasks import MODEL_TASKS as TASKS
 
 
 class ModelLoadError(CaptureError):
