@@ -182,6 +182,7 @@ _TUNE = textwrap.dedent("""
 
 
 def _session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (exited ones awaiting their reaper are not counted)."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -189,7 +190,7 @@ def _session_members(sid: int) -> list[int]:
                 fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[3]) == sid:
+            if int(fields[3]) == sid and fields[0] != "Z":  # a zombie has exited (pid 1 reaps it when it will)
                 out.append(int(d.name))
     return out
 

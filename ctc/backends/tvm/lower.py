@@ -958,8 +958,10 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         if mask is not None and mt is not None and _static_int(ctx, mt.shape[-1]) != 1:
             key = ("mask_pad", node.inputs[3], str(kt.shape[-2]))  # every layer shares the model's mask: pad it once
             if key not in ctx.memo:
+                # opaque (op_pattern 8): fused into the only attention reading it (a model with one dense
+                # layer, e.g. the others made sparse), FuseTIR fails on its symbolic padded length
                 ctx.memo[key] = ctx.te(_pad_last(padded, False if mt.dtype == "bool" else -math.inf), mask,
-                                       name="mask_pad")
+                                       name="mask_pad", primfunc_attrs={"op_pattern": 8})
             mask = ctx.memo[key]
         lshape = [*lshape[:-1], padded]
     logits = _attention_logits(ctx, q, k, qt, kt, node.attrs["scale"], mask, mt, node.attrs["is_causal"], group)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from tvm import s_tir, tirx
+from tvm.error import InternalError
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_sblock_info, normalize_prim_func
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
@@ -427,12 +428,12 @@ def _vectorize_last(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
         sch.vectorize(v)
 
 
-def _schedule_spatial(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+def _schedule_spatial(sch: s_tir.Schedule, block: Any, lanes: int, *, fuse: bool = True) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
     if len(loops) > 1:
-        outer = sch.fuse(*loops[:-1])
+        outer = sch.fuse(*loops[:-1]) if fuse else loops[0]
         sch.parallel(outer)
         inner = loops[-1]
     else:
@@ -451,6 +452,15 @@ class ElementwiseRule(_CpuRule):
     """Spatial-only PrimFuncs: inline chains, then parallel outer loops, vectorized inner loop."""
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        try:
+            return self._schedule(func, target, fuse=True)
+        except InternalError:
+            # TVM's iter-map check cannot always fuse loops whose symbolic extents are equal but written
+            # differently (wav2vec2's ((samples // 4 + 1) // 2) against (samples + 4) // 8): parallel
+            # over the outermost loop alone then
+            return self._schedule(func, target, fuse=False)
+
+    def _schedule(self, func: tirx.PrimFunc, target: Target, *, fuse: bool) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None or not infos or any(not b.is_injective() for b in infos):
@@ -461,8 +471,8 @@ class ElementwiseRule(_CpuRule):
             try:
                 sch.compute_inline(b)
             except Exception:  # noqa: BLE001 - stays a separate stage
-                _schedule_spatial(sch, b, lanes)
-        _schedule_spatial(sch, blocks[-1], lanes)
+                _schedule_spatial(sch, b, lanes, fuse=fuse)
+        _schedule_spatial(sch, blocks[-1], lanes, fuse=fuse)
         return sch
 
 

@@ -144,7 +144,7 @@ def _quant_k_source(spec: SparseSpec, bits: int) -> str:
         "@T.prim_func(s_tir=True)",
         "def quant_k(var_k: T.handle, var_kp: T.handle, var_ks: T.handle, var_ksum: T.handle, var_kn: T.handle,"
         " var_ke: T.handle):",
-        '    T.func_attr({"tirx.noalias": True})',
+        '    T.func_attr({"tirx.noalias": True, "op_pattern": 8})',  # 8: opaque, never fused
         "    B = T.int64()",
         "    LK = T.int64()",
         f'    k = T.match_buffer(var_k, (B, {_i(HK)}, LK, {_i(D)}), "float32")',
@@ -282,7 +282,8 @@ def _attend_source(spec: SparseSpec) -> str:
     s = _Src()
     s("@T.prim_func(s_tir=True)", f"def attend({', '.join(params)}):")
     s.ind += 1
-    s('T.func_attr({"tirx.noalias": True})', "B = T.int64()", "LQ = T.int64()", "LK = T.int64()")
+    s('T.func_attr({"tirx.noalias": True, "op_pattern": 8})',  # 8: opaque, never fused with neighbours
+      "B = T.int64()", "LQ = T.int64()", "LK = T.int64()")
     s(f'q = T.match_buffer(var_q, (B, {_i(H)}, LQ, {_i(D)}), "float32")',
       f'k = T.match_buffer(var_k, (B, {_i(HK)}, LK, {_i(D)}), "float32")',
       f'v = T.match_buffer(var_v, (B, {_i(HK)}, LK, {_i(DV)}), "float32")')
