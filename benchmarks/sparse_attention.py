@@ -84,14 +84,19 @@ def capture_qkv(module: Any, feed: dict[str, torch.Tensor]) -> list[tuple[torch.
     return got
 
 
-def attention_module(op: str, h: int, hk: int, d: int, seq: int, attrs: dict[str, Any]) -> Any:
-    """A one-node module: ``op`` on q, k, v and the mask the model gives it."""
+def attention_module(op: str, h: int, hk: int, d: int, seq: int, attrs: dict[str, Any], rows: int | None = None
+                     ) -> Any:
+    """A one-node module: ``op`` on q, k, v and the mask the model gives it (``rows`` queries: a
+    decode step is one query against ``seq`` cached keys, with no mask)."""
     from ctc.ir import Module, TensorType
 
     m = Module(op)
-    q = m.add_input("q", TensorType((1, h, seq, d), "f32"))
+    q = m.add_input("q", TensorType((1, h, rows or seq, d), "f32"))
     k = m.add_input("k", TensorType((1, hk, seq, d), "f32"))
     v = m.add_input("v", TensorType((1, hk, seq, d), "f32"))
+    if rows is not None:
+        m.set_outputs([m.create_node(op, [q, k, v], attrs).output], ["out"])
+        return m
     if op == "scaled_dot_product_attention":
         mask = m.add_input("mask", TensorType((1, 1, seq, seq), "bool"))
     else:
@@ -204,6 +209,18 @@ def main() -> None:
             res["keeps"][str(keep)] = entry
         print(f"timing ({args.runs} runs, {args.rounds_timing} interleaved rounds, load average "
               f"{os.getloadavg()[0]:.2f})", flush=True)
+        # the decode step at this cache length: the last query against every key, no mask
+        qd = q[:, :, -1:].contiguous()
+        dec = build(attention_module("scaled_dot_product_attention", h, hk, d, L,
+                                     {"scale": 1 / math.sqrt(d), "enable_gqa": True}, rows=1), threads)
+        fns["decode: ctc dense"] = compiled_runner(dec, qd, k, v)
+        fns["decode: torch sdpa"] = (lambda qd=qd, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+            qd, k, v, scale=1 / math.sqrt(d), enable_gqa=True))
+        for keep in keeps:
+            attrs = {"scale": 1 / math.sqrt(d), "enable_gqa": True, "round_bits": tuple(rounds),
+                     "keep_ratios": tuple(keep_schedule(keep, len(rounds))), "min_keep": args.min_keep}
+            sd = build(attention_module("sparse_attention", h, hk, d, L, attrs, rows=1), threads)
+            fns[f"decode: ctc sparse {keep}"] = compiled_runner(sd, qd, k, v)
         times = timeit(fns, runs=args.runs, warmup=2, rounds=args.rounds_timing)
         res["latency_ms"] = {k: {"median": med, "min": mn} for k, (med, mn) in times.items()}
         dense_med = times["ctc dense"][0]
@@ -238,6 +255,13 @@ def print_table(results: dict[str, Any], keeps: list[float]) -> None:
             for base in ("ctc dense", "torch sdpa (is_causal)"):
                 if cross[(base, keep)] is None and lat[base]["median"] > sp:
                     cross[(base, keep)] = int(L)
+    print("\n| cache length | ctc dense decode ms | torch sdpa decode ms | " + " | ".join(
+        f"sparse {k} ms" for k in keeps) + " |")
+    print("|---|---|---|" + "---|" * len(keeps))
+    for L, res in results["lengths"].items():
+        lat = res["latency_ms"]
+        print(f"| {L} | {lat['decode: ctc dense']['median']:.3f} | {lat['decode: torch sdpa']['median']:.3f} | "
+              + " | ".join(f"{lat[f'decode: ctc sparse {k}']['median']:.3f}" for k in keeps) + " |")
     for (base, keep), L in cross.items():
         print(f"crossover vs {base}, keep {keep}: "
               + (f"sparse is faster from length {L}" if L else "sparse not faster at any measured length"))

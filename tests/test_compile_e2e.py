@@ -154,3 +154,44 @@ def test_pt2_with_cpu_target(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out2 = tmp_path / "out2"
     assert main(["compile", str(tmp_path / "t.ctc"), "--out", str(out2), "--quiet", "--target", "none"]) == EXIT_OK
     assert ctc.load(out2).targets == []
+
+
+ATTENTION_RECIPE = """\
+# ACT, sparse attention and W8A8 in one recipe, built for the CPU (small for CI)
+model bundled "minilm"
+calibrate wiki samples=2 seq_len=32
+evaluate lee samples=2 seq_len=32
+pipeline {
+    canonicalize
+    cse
+    calibrate-attention task="similarity" samples=4 budget=2 threshold=3.0 on blocks[0:2]
+    sparse-attention rounds=[4, 8] keep=[0.75, 0.5] min_keep=4 on blocks[2:6]
+    rptq w_bits=8 a_bits=8 clusters=2
+    dce
+}
+target cpu
+check fidelity >= 0.9
+"""
+
+
+@pytest.mark.slow  # minutes (16 under load); CI runs the tiny-model version: test_attention_pipeline.py
+def test_attention_passes_compose_with_quantization_and_compile(tmp_path: Path) -> None:
+    (tmp_path / "attn.ctc").write_text(ATTENTION_RECIPE)
+    out = tmp_path / "out"
+    rc = main(["compile", str(tmp_path / "attn.ctc"), "--out", str(out), "--quiet"])
+    assert rc == EXIT_OK
+    report = json.loads((out / "report.json").read_text())
+    names = [p["name"] for p in report["passes"]]
+    assert names == ["canonicalize", "cse", "calibrate-attention", "sparse-attention", "rptq", "dce"]
+    act = report["passes"][2]
+    assert act["metrics"]["task"] == "similarity" and act["metrics"]["heads_evaluated"] == 2
+    ops = report["passes"][3]["ops_diff"]
+    assert ops["sparse_attention"] == 4
+    # the compiled library (sparse kernels, calibrated heads, int8 linears) runs like the IR
+    art = ctc.load(out)
+    assert art.targets == ["cpu"]
+    tok = art.tokenizer()
+    enc = tok(["Attention sinks are tokens that draw attention.", "A second, somewhat longer sentence about it."],
+              return_tensors="pt", padding=True)
+    feed = {v.name: enc[v.name] if v.name in enc else torch.zeros_like(enc["input_ids"]) for v in art.module.inputs}
+    torch.testing.assert_close(art.run(feed, target="cpu")[0], art.run(feed)[0], rtol=2e-3, atol=2e-3)

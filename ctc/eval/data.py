@@ -25,7 +25,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ __all__ = [
     "calibration_batches",
     "evaluation_windows",
     "model_batches",
+    "model_inputs",
     "describe_source",
 ]
 
@@ -387,7 +388,8 @@ def evaluation_windows(tokenizer: Any, source: str | Sequence[str], n_windows: i
     return [_wrap(tokenizer, stream[k * body:(k + 1) * body]) for k in range(n)]
 
 
-def _to_inputs(window: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+def model_inputs(window: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Exactly the model inputs ``names`` for a tokenised window (token types and positions filled in)."""
     out: dict[str, torch.Tensor] = {}
     ids = window["input_ids"]
     for n in names:
@@ -426,7 +428,7 @@ def model_batches(*, source: str, path: str | Path | None, field: str | None, sp
                                   cache_dir=cache_dir)
     batches = []
     for k in range(0, len(wins), batch_size):
-        group = [_to_inputs(w, input_names) for w in wins[k:k + batch_size]]
+        group = [model_inputs(w, input_names) for w in wins[k:k + batch_size]]
         batches.append({n: torch.cat([g[n] for g in group]) for n in input_names})
     protocol = {
         "source": source, "text": describe_source(source, split, path), "split": split,

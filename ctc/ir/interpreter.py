@@ -3,7 +3,9 @@
 This defines the semantics of the IR.  Symbolic dims are bound from the concrete
 input shapes; ``dims``-kind attributes are evaluated under that binding before the
 reference implementation sees them.  An optional ``observer`` sees every node's
-concrete outputs (calibration statistics use it) without keeping them alive.
+concrete outputs (calibration statistics use it) without keeping them alive.  An
+:class:`Execution` can stop between nodes, fork, and finish with nodes computed differently
+(searches that try variants of one node resume there).
 """
 
 from __future__ import annotations
@@ -53,6 +55,92 @@ def bind_inputs(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, to
     return ordered, env
 
 
+class Execution:
+    """A run of a module that can stop between nodes, be forked, and finish with some nodes
+    computed differently.
+
+    ``run_to(i)`` executes the nodes before position ``i``; ``fork()`` copies the run's state
+    (the live values are shared, never written in place); ``finish(overrides)`` executes the rest
+    and returns the outputs, computing each node in ``overrides`` as ``fn(args) -> outputs``
+    instead of its reference.  A search that tries variants of one node resumes from there
+    instead of re-running the module from the start.  ``interpret`` is ``Execution(...).finish()``.
+    """
+
+    def __init__(self, module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
+                 observer: Observer | None = None, params: Mapping[str, torch.Tensor] | None = None,
+                 refs: Mapping[str, Callable[..., object]] | None = None):
+        self.module = module
+        self.params = module.params if params is None else params
+        self.refs = refs
+        self.observer = observer
+        ordered, self.env = bind_inputs(module, inputs)
+        self.live: dict[int, torch.Tensor] = {id(v): t for v, t in zip(module.inputs, ordered, strict=True)}
+        # Last position at which each value is read; outputs are kept to the end.
+        self.last_use: dict[int, int] = {}
+        for i, n in enumerate(module.nodes):
+            for v in n.inputs:
+                self.last_use[id(v)] = i
+        self.keep = {id(v) for v in module.outputs}
+        self.position = 0
+
+    def fork(self) -> Execution:
+        """An independent copy of this run at the same position (tensors shared)."""
+        other = object.__new__(Execution)
+        other.__dict__.update(self.__dict__)
+        other.live = dict(self.live)
+        return other
+
+    def run_to(self, stop: int, overrides: Mapping[Node, Callable[[list[torch.Tensor]], list[torch.Tensor]]]
+               | None = None) -> None:
+        """Execute the nodes at positions ``[position, stop)``."""
+        if stop < self.position:
+            raise IRError(f"run_to({stop}): this run is already at node {self.position}")
+        with torch.no_grad():
+            for i in range(self.position, stop):
+                self._step(i, self.module.nodes[i], overrides)
+        self.position = stop
+
+    def finish(self, overrides: Mapping[Node, Callable[[list[torch.Tensor]], list[torch.Tensor]]] | None = None
+               ) -> list[torch.Tensor]:
+        """Execute the remaining nodes; the module's outputs in order."""
+        self.run_to(len(self.module.nodes), overrides)
+        return [self.live[id(v)] for v in self.module.outputs]
+
+    def _step(self, i: int, node: Node, overrides: Mapping[Node, Callable[..., list[torch.Tensor]]] | None) -> None:
+        live = self.live
+        try:
+            args = [live[id(v)] for v in node.inputs]
+        except KeyError:
+            raise InterpretError(f"{node!r} reads a value that is not defined before it") from None
+        if node.op == "param":
+            name = node.attrs["name"]
+            if name not in self.params:
+                raise InterpretError(f"parameter {name!r} missing (read at {node.scope or '<root>'})")
+            outs = [self.params[name]]
+        else:
+            attrs = _resolve_dims(node, self.env)
+            try:
+                if overrides is not None and node in overrides:
+                    res = overrides[node](args)
+                else:
+                    refs = self.refs
+                    ref = refs[node.op] if refs is not None and node.op in refs else get_op(node.op).ref
+                    res = ref(*args, **attrs)
+            except Exception as e:  # noqa: BLE001 - re-raised with the node's location
+                shapes = [tuple(a.shape) for a in args]
+                raise InterpretError(
+                    f"{node.op} at scope {node.scope or '<root>'} (block {node.block}) failed on "
+                    f"inputs {shapes}: {type(e).__name__}: {e}") from e
+            outs = list(res) if isinstance(res, (tuple, list)) else [res]
+        if self.observer is not None:
+            self.observer(node, args, outs)
+        for v, t in zip(node.outputs, outs, strict=True):
+            live[id(v)] = t
+        for v in node.inputs:
+            if self.last_use.get(id(v)) == i and id(v) not in self.keep:
+                live.pop(id(v), None)
+
+
 def interpret(
     module: Module,
     inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
@@ -69,46 +157,7 @@ def interpret(
 
     Values are freed after their last use so memory stays bounded by the live set.
     """
-    params = module.params if params is None else params
-    ordered, env = bind_inputs(module, inputs)
-    live: dict[int, torch.Tensor] = {id(v): t for v, t in zip(module.inputs, ordered, strict=True)}
-    # Last position at which each value is read; outputs are kept to the end.
-    last_use: dict[int, int] = {}
-    for i, n in enumerate(module.nodes):
-        for v in n.inputs:
-            last_use[id(v)] = i
-    keep = {id(v) for v in module.outputs}
-
-    with torch.no_grad():
-        for i, node in enumerate(module.nodes):
-            try:
-                args = [live[id(v)] for v in node.inputs]
-            except KeyError:
-                raise InterpretError(f"{node!r} reads a value that is not defined before it") from None
-            if node.op == "param":
-                name = node.attrs["name"]
-                if name not in params:
-                    raise InterpretError(f"parameter {name!r} missing (read at {node.scope or '<root>'})")
-                outs = [params[name]]
-            else:
-                attrs = _resolve_dims(node, env)
-                try:
-                    ref = refs[node.op] if refs is not None and node.op in refs else get_op(node.op).ref
-                    res = ref(*args, **attrs)
-                except Exception as e:  # noqa: BLE001 - re-raised with the node's location
-                    shapes = [tuple(a.shape) for a in args]
-                    raise InterpretError(
-                        f"{node.op} at scope {node.scope or '<root>'} (block {node.block}) failed on "
-                        f"inputs {shapes}: {type(e).__name__}: {e}") from e
-                outs = list(res) if isinstance(res, (tuple, list)) else [res]
-            if observer is not None:
-                observer(node, args, outs)
-            for v, t in zip(node.outputs, outs, strict=True):
-                live[id(v)] = t
-            for v in node.inputs:
-                if last_use.get(id(v)) == i and id(v) not in keep:
-                    live.pop(id(v), None)
-    return [live[id(v)] for v in module.outputs]
+    return Execution(module, inputs, observer=observer, params=params, refs=refs).finish()
 
 
 def value_env(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

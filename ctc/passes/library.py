@@ -1,4 +1,5 @@
 """Imports every pass module so each registers itself (one line per pass module)."""
+import ctc.passes.calibrate_attention  # noqa: F401
 import ctc.passes.canonicalize  # noqa: F401
 import ctc.passes.constant_fold  # noqa: F401
 import ctc.passes.cse  # noqa: F401

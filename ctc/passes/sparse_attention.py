@@ -37,7 +37,15 @@ def default_keep(rounds: int) -> list[float]:
 
 @register_pass
 class SparseAttentionPass(PatternPass):
-    """Energon dynamic sparse attention: low-bit multi-round key filtering, exact attention over the kept keys."""
+    """Energon dynamic sparse attention: low-bit multi-round key filtering, exact attention over the kept keys.
+
+    Each selected attention becomes ``sparse_attention``: per query, rounds of low-bit q/k
+    scoring keep a top-k share (``keep``) or the keys above Energon's mean/max threshold
+    (``alpha``), never fewer than ``min_keep`` and never the row's exact top-1 key; softmax and
+    ``p v`` run at full precision over the kept keys.  A captured causal mask becomes
+    ``is_causal`` plus the padding mask.  No calibration data needed.  On the CPU target the
+    kernels of ``ctc/backends/tvm/sparse_attention.py`` run it.
+    """
 
     name = "sparse-attention"
 

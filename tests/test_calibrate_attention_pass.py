@@ -1,0 +1,112 @@
+"""The ``calibrate-attention`` pass (ACT): head search on a tiny captured Llama, its report, the
+module it leaves, options and errors; and the interpreter's resumable ``Execution`` it runs on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_configs import captured, hf_inputs
+
+from ctc.eval.objectives import lm_objective
+from ctc.ir import interpret
+from ctc.ir.graph import IRError
+from ctc.ir.interpreter import Execution
+from ctc.passes import PassError, get_pass
+from ctc.passes.manager import PassManager, Step
+
+
+def _run(module, options, calibration=None):
+    pm = PassManager([Step(get_pass("calibrate-attention")(options))], calibration=calibration or [],
+                     progress=False, fidelity=False)
+    out, report = pm.run(module)
+    return out, report.records[0]
+
+
+def _calibration():
+    return [hf_inputs(2, 12, seed=s) for s in (1, 2)]
+
+
+def test_execution_resumes_forks_and_overrides():
+    _, m = captured("llama")
+    feed = hf_inputs(1, 7, seed=3)
+    ref = interpret(m, feed)[0]
+    attn = [n for n in m.nodes if n.op == "scaled_dot_product_attention"]
+    idx = m.nodes.index(attn[1])
+    run = Execution(m, feed)
+    run.run_to(idx)
+    a, b = run.fork(), run.fork()
+    torch.testing.assert_close(a.finish()[0], ref, rtol=0, atol=0)
+    zeroed = b.finish({attn[1]: lambda args: [torch.zeros_like(args[0])]})[0]
+    assert not torch.allclose(zeroed, ref)
+    torch.testing.assert_close(run.finish()[0], ref, rtol=0, atol=0)  # forks leave the original untouched
+    late = Execution(m, feed)
+    late.run_to(5)
+    with pytest.raises(IRError, match="already at node 5"):
+        late.run_to(3)
+
+
+def test_head_search_chooses_heads_that_lower_the_loss():
+    _, m = captured("llama")
+    calib = _calibration()
+    out, rec = _run(m, {"task": "lm", "threshold": 1.0, "budget": 6}, calib)
+    met = rec.metrics
+    assert met["task"] == "lm" and met["heads_evaluated"] == 6
+    assert len({c["loss_alone"] for c in met["candidates"]}) > 1  # the trials really change the model
+    assert met["heads"], "the search should find a head that helps on its own calibration data"
+    base, after = met["loss_before"], met["loss_after"]
+    assert after <= base
+    obj = lm_objective(calib)
+    # the reported losses are the module's: before on the input module, after on the output module
+    assert obj.loss([interpret(m, b)[0] for b in calib]) == pytest.approx(base, rel=1e-9)
+    assert obj.loss([interpret(out, b)[0] for b in calib]) == pytest.approx(after, rel=1e-5)
+    cal = [n for n in out.nodes if n.op == "calibrated_attention"]
+    chosen = {(h["scope"], h["head"]) for h in met["heads"]}
+    assert {(n.scope, h) for n in cal for h in n.attrs["heads"]} == chosen
+    for h in met["heads"]:
+        assert h["loss_alone"] < base and h["loss_added"] < base
+    for n in cal:
+        assert n.attrs["beta"] == 0.4 and n.attrs["threshold"] == 1.0 and n.attrs["keep_first"]
+    # candidates are ranked by the sink mass calibration moves, most first
+    masses = [c["sink_mass"] for c in met["candidates"]]
+    assert masses == sorted(masses, reverse=True) and all(x > 0 for x in masses)
+    assert any("chose" in line for line in rec.notes)
+
+
+def test_search_without_confirm_and_with_a_high_bar():
+    _, m = captured("llama")
+    out, rec = _run(m, {"task": "lm", "threshold": 1.0, "budget": 4, "confirm": False}, _calibration())
+    assert rec.metrics["heads"] and all(h["loss_added"] is None for h in rec.metrics["heads"])
+    out2, rec2 = _run(m, {"task": "lm", "threshold": 1.0, "budget": 4, "min_gain": 0.5}, _calibration())
+    assert rec2.metrics["heads"] == [] and not any(n.op == "calibrated_attention" for n in out2.nodes)
+
+
+def test_a_threshold_no_row_reaches_changes_nothing():
+    _, m = captured("llama")
+    out, rec = _run(m, {"task": "lm", "threshold": 1000.0}, _calibration())
+    assert rec.metrics["heads_evaluated"] == 0 and rec.metrics["heads"] == []
+    assert not any(n.op == "calibrated_attention" for n in out.nodes)
+
+
+@pytest.mark.parametrize("options,calibration,msg", [
+    ({"task": "lm"}, None, "add a `calibrate wiki"),
+    ({"task": "polarity"}, None, "names no tokenizer folder"),
+])
+def test_missing_data_is_a_clear_error(options, calibration, msg):
+    _, m = captured("llama")
+    m = m.clone()
+    m.meta.pop("tokenizer_dir", None)
+    m.meta.pop("source", None)
+    with pytest.raises(Exception, match=msg):
+        _run(m, options, calibration)
+
+
+@pytest.mark.parametrize("options,msg", [
+    ({"beta": 1.5}, "above its maximum"),
+    ({"threshold": 0.5}, "below its minimum"),
+    ({"task": "sst2"}, "must be one of"),
+    ({"budget": 0}, "below its minimum"),
+    ({"betta": 0.4}, "did you mean 'beta'"),
+])
+def test_bad_options(options, msg):
+    with pytest.raises(PassError, match=msg):
+        get_pass("calibrate-attention")(options)
