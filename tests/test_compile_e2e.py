@@ -164,6 +164,7 @@ evaluate lee samples=2 seq_len=32
 pipeline {
     canonicalize
     cse
+    share-blocks groups=[[4, 5]]
     calibrate-attention task="similarity" samples=4 budget=2 threshold=3.0 on blocks[0:2]
     sparse-attention rounds=[4, 8] keep=[0.75, 0.5] min_keep=4 on blocks[2:6]
     rptq w_bits=8 a_bits=8 clusters=2
@@ -182,10 +183,10 @@ def test_attention_passes_compose_with_quantization_and_compile(tmp_path: Path) 
     assert rc == EXIT_OK
     report = json.loads((out / "report.json").read_text())
     names = [p["name"] for p in report["passes"]]
-    assert names == ["canonicalize", "cse", "calibrate-attention", "sparse-attention", "rptq", "dce"]
-    act = report["passes"][2]
+    assert names == ["canonicalize", "cse", "share-blocks", "calibrate-attention", "sparse-attention", "rptq", "dce"]
+    act = report["passes"][3]
     assert act["metrics"]["task"] == "similarity" and act["metrics"]["heads_evaluated"] == 2
-    ops = report["passes"][3]["ops_diff"]
+    ops = report["passes"][4]["ops_diff"]
     assert ops["sparse_attention"] == 4
     # the compiled library (sparse kernels, calibrated heads, int8 linears) runs like the IR
     art = ctc.load(out)
