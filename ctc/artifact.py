@@ -10,6 +10,7 @@ Layout::
       report.html          the same, self-contained (inline CSS and SVG, no external assets)
       tokenizer/           tokenizer files of the source model, when it has one
       targets/<kind>/      per-target compiled library, written by the backend's build()
+      exports/<format>/    the model in a format other tools load (`emit mlir`, ...: ctc.exports)
       manifest.json        size and SHA-256 of every file above, written last (:mod:`ctc.manifest`)
 
 Everything is first written to a marked temporary directory next to the destination and
@@ -48,6 +49,7 @@ REPORT_HTML = "report.html"
 RECIPE_FILE = "recipe.ctc"
 TOKENIZER_DIR = "tokenizer"
 TARGETS_DIR = "targets"
+EXPORTS_DIR = "exports"
 
 __all__ = ["Artifact", "ArtifactError", "load", "read_report", "write_artifact"]
 
@@ -85,6 +87,7 @@ def write_artifact(
     recipe_text: str | None = None,
     tokenizer_dir: str | Path | None = None,
     build_targets: Sequence[tuple[str, Callable[[Path], dict[str, Any]]]] = (),
+    build_exports: Sequence[tuple[str, Callable[[Path], dict[str, Any]]]] = (),
     force: bool = False,
     protected: Iterable[tuple[str, str | Path]] = (),
     log: Callable[[str], None] | None = None,
@@ -92,7 +95,8 @@ def write_artifact(
     """Write the artifact for ``module`` to ``dest`` atomically; return ``dest`` (resolved).
 
     ``build_targets`` are ``(name, build(out_dir) -> summary)`` pairs; each writes its
-    compiled library into ``targets/<name>/`` and its summary lands in the report.
+    compiled library into ``targets/<name>/`` and its summary lands in the report; ``build_exports``
+    likewise write ``exports/<format>/`` (after the parameters, which an export may refer to).
     ``dest`` must be replaceable (:func:`ctc.output_dir.check_destination`: missing, empty or an
     artifact ctc wrote; with ``force`` anything but a directory holding ``protected`` paths or the
     working directory); else :class:`~ctc.errors.OutputDirError` is raised before anything is written.
@@ -122,13 +126,19 @@ def write_artifact(
             tdir.mkdir(parents=True, exist_ok=True)
             summary = build(tdir)
             report["targets"].append({"kind": name, "dir": f"{TARGETS_DIR}/{name}", **(summary or {})})
+        if build_exports:
+            report.setdefault("exports", [])
+        for name, build in build_exports:
+            edir = tmp / EXPORTS_DIR / name
+            edir.mkdir(parents=True, exist_ok=True)
+            report["exports"].append({"format": name, "dir": f"{EXPORTS_DIR}/{name}", **(build(edir) or {})})
         (tmp / PARTIAL_MARKER).unlink()
         report["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [
             REPORT_JSON, REPORT_HTML, MANIFEST_FILE]
         (tmp / REPORT_JSON).write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
         (tmp / REPORT_HTML).write_text(render_html(report))
         write_manifest(tmp, str(report.get("ctc_version", "")))
-        _normal_permissions(tmp)
+        normal_permissions(tmp)
         # the build may have taken minutes: check the destination again just before replacing it
         check_destination(dest, force=force, protected=protected)
         swap_into_place(tmp, dest)
@@ -139,7 +149,7 @@ def write_artifact(
     return dest
 
 
-def _normal_permissions(root: Path) -> None:
+def normal_permissions(root: Path) -> None:
     """Give the artifact the permissions of ordinary files (mkdtemp makes it private to the user)."""
     mask = os.umask(0)
     os.umask(mask)

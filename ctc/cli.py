@@ -59,6 +59,7 @@ examples:
   ctc show out/minilm_w8a8              # report summary (--ir for the final IR)
   ctc run out/minilm_w8a8 --text "A sentence to embed."
   ctc bench out/minilm_w8a8 --seq-len 128
+  ctc export out/minilm_w8a8 --to mlir  # MLIR through torch-mlir, checked with IREE
   ctc passes                            # every pass, its options and defaults
 """
 
@@ -134,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --profile: how many of the slowest kernels to list (default 15)")
     b.add_argument("--json", action="store_true", help="print JSON")
     _common(b)
+
+    x = sub.add_parser("export", help="write an artifact in a format other tools load", formatter_class=_formatter,
+                       description="Write ARTIFACT's model as MLIR (torch-mlir), a plain Hugging Face directory, "
+                                   "compressed-tensors or GGUF. Options are the recipe's `emit FORMAT key=value` "
+                                   "options. Each writer loads its output back with that ecosystem's reader and "
+                                   "compares it with the artifact on an example batch; a mismatch writes nothing.")
+    x.add_argument("artifact", metavar="ARTIFACT")
+    x.add_argument("--to", required=True, metavar="FORMAT", help="mlir | hf | compressed-tensors | gguf")
+    x.add_argument("--out", "-o", metavar="DIR", help="output directory (default: ARTIFACT-FORMAT next to it)")
+    x.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="a format option, as in the recipe (repeatable), e.g. -s dialect=linalg")
+    x.add_argument("--seq-len", type=int, default=32, help="tokens of the example batch the check runs (default 32)")
+    x.add_argument("--force", action="store_true", help="replace DIR even when ctc did not write it")
+    _common(x)
 
     ps = sub.add_parser("passes", help="list every pass with its options and defaults", formatter_class=_formatter)
     ps.add_argument("--markdown", action="store_true", help="print the docs/passes.md page")
@@ -301,6 +316,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ctc.dsl.check import option_diagnostics
+    from ctc.dsl.diagnostics import RecipeError, did_you_mean
+    from ctc.dsl.parser import parse
+    from ctc.errors import UsageError
+    from ctc.exports import EXPORTS, export_config
+
+    if args.to not in EXPORTS:
+        raise UsageError(f"--to {args.to}: unknown format{did_you_mean(args.to, EXPORTS)} "
+                         f"(formats: {', '.join(EXPORTS)})")
+    line = f"emit {args.to} " + " ".join(args.options)
+    try:  # the options are read exactly as a recipe's `emit FORMAT key=value` line
+        emit = parse(line + "\n", "<--set>").exports[0]
+    except RecipeError as e:
+        raise UsageError(f"--set {' '.join(args.options)}: {e.diagnostics[0].message}") from None
+    diags = option_diagnostics(EXPORTS[args.to].Options, emit.options, {}, emit.span, f"--to {args.to}")
+    if diags:
+        raise UsageError("; ".join(d.message for d in diags))
+    options = export_config(args.to, emit.options)
+    art = _load_artifact(args.artifact)
+    from ctc.exports.source import from_artifact, write_export
+
+    out = Path(args.out) if args.out else Path(str(Path(args.artifact)).rstrip("/") + f"-{args.to}")
+    source = from_artifact(art, seq_len=args.seq_len)
+    dest, summary = write_export(args.to, source, out, options, force=args.force,
+                                 protected=[("the artifact", Path(args.artifact))])
+    from ctc.driver import export_line
+
+    print(f"wrote {args.to} export of {args.artifact} to {dest}" + export_line(summary))
+    return EXIT_OK
+
+
 def _fmt_default(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -435,8 +482,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "passes": cmd_passes,
-             "targets": cmd_targets, "show": cmd_show}
+_COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export,
+             "passes": cmd_passes, "targets": cmd_targets, "show": cmd_show}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

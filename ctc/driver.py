@@ -639,12 +639,35 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
         return summary
 
     builds = [(t.kind, lambda d, t=t: build_and_measure(t, d)) for t in targets]
+    exports = export_builders(recipe, module, dest.name, probe, loaded, progress)
     with progress.stage(f"write artifact {dest}"):
         report["compile_time_s"] = round(time.perf_counter() - t_start, 2)
         dest = write_artifact(dest, module=module, report=report, recipe_text=recipe.source,
-                              tokenizer_dir=loaded.tokenizer_dir, build_targets=builds, force=opts.force,
-                              protected=protected_inputs(recipe), log=progress.note)
+                              tokenizer_dir=loaded.tokenizer_dir, build_targets=builds, build_exports=exports,
+                              force=opts.force, protected=protected_inputs(recipe), log=progress.note)
     return CompileResult(recipe, dest, report, module)
+
+
+def export_builders(recipe: Recipe, module: Any, name: str, probe: Mapping[str, Any] | None, loaded: LoadedModel,
+                    progress: Progress) -> list[tuple[str, Callable[[Path], dict[str, Any]]]]:
+    """``(format, build(dir) -> summary)`` for each ``emit FORMAT`` line: the writer of :mod:`ctc.exports`
+    on the compressed module, the first evaluation batch as its example, the artifact's parameters at hand."""
+    from ctc.exports import EXPORTS, export_config
+    from ctc.exports.source import ExportSource, example_feed
+
+    out = []
+    for e in recipe.exports:
+        opts = export_config(e.format, e.options)
+
+        def build(d: Path, fmt: str = e.format, opts: Any = opts) -> dict[str, Any]:
+            from ctc.artifact import PARAMS_FILE
+
+            example = dict(probe) if probe is not None else example_feed(module, loaded.tokenizer)
+            src = ExportSource(module, name, example, loaded.tokenizer_dir, params_file=d.parent.parent / PARAMS_FILE)
+            with progress.stage(f"emit {fmt}"):
+                return {"options": dataclasses.asdict(opts), **EXPORTS[fmt].write_function()(src, d, opts)}
+        out.append((e.format, build))
+    return out
 
 
 def _version() -> str:
@@ -688,9 +711,23 @@ def report_summary(report: Mapping[str, Any]) -> str:
             lines.append("    " + tuning_line(tuning))
         for note in t.get("target_notes", []):
             lines.append(f"    note: {note}")
+    for e in report.get("exports", []):
+        lines.append(f"  export {e.get('format')}: {e.get('dir')}" + export_line(e))
     if report.get("passed") is False:
         lines.append("checks failed: " + ", ".join(report.get("failed_checks", [])))
     return "\n".join(lines)
+
+
+def export_line(e: Mapping[str, Any]) -> str:
+    """How an export was checked against the module (its writer's load-back comparison)."""
+    check = e.get("verified") or e.get("load_back") or {}
+    rows = check.get("outputs") or []
+    if not rows:
+        return ""
+    worst = max(rows, key=lambda r: r.get("relative", 0))
+    by = check.get("reader") or check.get("compiler") or "load-back"
+    return (f"  ({by}: max |diff| {worst['max_abs_error']:.3g}, relative {worst['relative']:.3g}, "
+            f"cosine {worst['cosine']:.6f})")
 
 
 def tuning_line(t: Mapping[str, Any]) -> str:

@@ -7,7 +7,8 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctc.dsl import Check, Dataset, Emit, ModelSource, Recipe, SelectorItem, Step, Target, parse, print_recipe
+from ctc.dsl import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, SelectorItem, Step, Target, parse
+from ctc.dsl.printer import print_recipe
 
 _KEYWORDS = {"true", "false", "none", "on", "op", "blocks", "model", "calibrate", "evaluate", "pipeline", "target",
              "check", "emit", "trials"}
@@ -34,7 +35,8 @@ checks = st.builds(Check, metric=names, op=st.sampled_from(["<=", ">=", "<", ">"
 recipes = st.builds(Recipe, model=st.none() | models, calibrate=st.none() | datasets("calibrate"),
                     evaluate=st.none() | datasets("evaluate"), pipeline=st.lists(steps, max_size=5),
                     targets=st.lists(targets, max_size=3), checks=st.lists(checks, max_size=4),
-                    emit=st.none() | text.map(lambda s: Emit(s)))
+                    emit=st.none() | text.map(lambda s: Emit(s)),
+                    exports=st.lists(st.builds(EmitFormat, format=pass_names, options=options), max_size=2))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,7 +53,8 @@ def test_print_parse_roundtrip(r: Recipe) -> None:
 @given(recipes)
 def test_every_node_has_a_span(r: Recipe) -> None:
     back = parse(print_recipe(r), "gen.ctc")
-    for node in [back.model, back.calibrate, back.evaluate, back.emit, *back.pipeline, *back.targets, *back.checks]:
+    for node in [back.model, back.calibrate, back.evaluate, back.emit, *back.pipeline, *back.targets, *back.checks,
+                     *back.exports]:
         if node is not None:
             assert node.span.file == "gen.ctc" and node.span.line >= 1 and node.span.col >= 1
     for s in back.pipeline:

@@ -12,6 +12,7 @@ from the inputs' shapes at run time and dims-kind attributes are evaluated from 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -42,12 +43,16 @@ def _safe(name: str) -> str:
     return name.replace(".", "__")
 
 
-def to_fx(module: Module, *, check_shapes: bool = True) -> fx.GraphModule:
+def to_fx(module: Module, *, check_shapes: bool = True, impls: Mapping[str, Callable[..., Any]] | None = None,
+          params_as_inputs: bool = False) -> fx.GraphModule:
     """Build a GraphModule computing ``module``; call it with the inputs positionally or by name.
 
     It returns a tuple of the outputs (in ``module.outputs`` order).  With ``check_shapes``,
     each call checks the inputs against the declared types (rank, static dims, consistent
-    symbols) and fails with the input's name.
+    symbols) and fails with the input's name.  ``impls`` replaces the implementation of named
+    ops (same signature and semantics as the op's reference: an exporter's friendlier form).
+    With ``params_as_inputs`` the parameters the graph reads are placeholders after the inputs
+    (safe names, in first-read order: :attr:`CtcGraphModule.param_inputs`) instead of buffers.
     """
     root = nn.Module()
     names: dict[str, str] = {}
@@ -55,7 +60,8 @@ def to_fx(module: Module, *, check_shapes: bool = True) -> fx.GraphModule:
         safe = _safe(name)
         if safe in names.values():
             raise TorchBackendError(f"parameter names {name!r} and another collide after replacing '.' by '__'")
-        root.register_buffer(safe, t, persistent=True)
+        if not params_as_inputs:
+            root.register_buffer(safe, t, persistent=True)
         names[name] = safe
 
     g = fx.Graph()
@@ -65,6 +71,12 @@ def to_fx(module: Module, *, check_shapes: bool = True) -> fx.GraphModule:
         ph = g.placeholder(v.name)
         ph.meta["ctc_type"] = v.type
         env[id(v)] = ph
+    param_nodes: dict[str, fx.Node] = {}
+    if params_as_inputs:
+        for n in module.nodes:
+            pname = n.attrs["name"] if n.op == "param" else None
+            if pname is not None and pname not in param_nodes:
+                param_nodes[pname] = g.placeholder(names[pname])
     # Bind every symbol from the first input dim that is exactly that symbol.
     for v in module.inputs:
         for i, d in enumerate(v.type.shape):
@@ -85,8 +97,8 @@ def to_fx(module: Module, *, check_shapes: bool = True) -> fx.GraphModule:
 
     for n in module.nodes:
         if n.op == "param":
-            node = g.get_attr(names[n.attrs["name"]])
-            env[id(n.output)] = node
+            pname = n.attrs["name"]
+            env[id(n.output)] = param_nodes[pname] if params_as_inputs else g.get_attr(names[pname])
             continue
         opdef = get_op(n.op)
         kwargs: dict[str, Any] = {}
@@ -104,8 +116,9 @@ def to_fx(module: Module, *, check_shapes: bool = True) -> fx.GraphModule:
             args = tuple(env[id(v)] for v in n.inputs)
         except KeyError:
             raise TorchBackendError(f"{n!r} reads a value defined after it (run the verifier)") from None
-        call = g.call_function(opdef.ref, args, kwargs)
+        call = g.call_function((impls or {}).get(n.op, opdef.ref), args, kwargs)
         call.meta["ctc_scope"] = n.scope
+        call.meta["ctc_op"] = n.op
         if len(n.outputs) == 1:
             env[id(n.output)] = call
         else:
@@ -115,6 +128,7 @@ def to_fx(module: Module, *, check_shapes: bool = True) -> fx.GraphModule:
     g.output(tuple(env[id(v)] for v in outs))
     gm = CtcGraphModule(root, g, module)
     gm.param_names = dict(names)
+    gm.param_inputs = list(param_nodes)
     return gm
 
 
@@ -138,6 +152,7 @@ class CtcGraphModule(fx.GraphModule):
     """A GraphModule built from a ctc Module; accepts inputs by position or by name."""
 
     param_names: dict[str, str]
+    param_inputs: list[str]  # with params_as_inputs: the ctc names of the parameter placeholders, in order
 
     def __init__(self, root: nn.Module, graph: fx.Graph, module: Module):
         super().__init__(root, graph, class_name="CtcGraphModule")

@@ -140,6 +140,17 @@ class Emit:
 
 
 @dataclass
+class EmitFormat:
+    """``emit FORMAT [key=value ...]``: also write the model in a format other tools load (``ctc/exports``)."""
+
+    format: str
+    options: dict[str, OptionValue] = field(default_factory=dict)
+    span: Span = _span()
+    format_span: Span = _span()
+    option_spans: dict[str, Span] = _spans()
+
+
+@dataclass
 class Recipe:
     """A whole recipe file."""
 
@@ -150,6 +161,7 @@ class Recipe:
     targets: list[Target] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     emit: Emit | None = None
+    exports: list[EmitFormat] = field(default_factory=list)
     file: str = field(default="<recipe>", compare=False)
     source: str = field(default="", compare=False, repr=False)
     pipeline_span: Span = _span()

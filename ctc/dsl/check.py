@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctc.dsl.ast import Check, Dataset, ModelSource, Recipe, Span, Step, Target
+from ctc.dsl.ast import Check, Dataset, EmitFormat, ModelSource, Recipe, Span, Step, Target
 from ctc.dsl.diagnostics import Diagnostic, attach_source, did_you_mean
 from ctc.passes.base import PassError, PassOptions, option
 from ctc.targets import TARGETS, TRIALS_HELP
@@ -322,6 +322,28 @@ def _check_target(t: Target, seen: dict[str, Span]) -> list[Diagnostic]:
     return diags
 
 
+def _check_export(e: EmitFormat, seen: dict[str, Span]) -> list[Diagnostic]:
+    from ctc.exports import EXPORTS
+
+    if e.format not in EXPORTS:
+        return [Diagnostic(f"unknown export format {e.format!r}{did_you_mean(e.format, EXPORTS)}", e.format_span,
+                           hint="formats: " + ", ".join(EXPORTS) + '; `emit "DIR"` (quoted) sets the artifact '
+                                                                   "directory")]
+    diags = []
+    if e.format in seen:
+        f = seen[e.format]
+        diags.append(Diagnostic(f"emit {e.format} given twice", e.format_span,
+                                hint=f"the first is at {f.line}:{f.col}"))
+    seen[e.format] = e.format_span
+    spec = EXPORTS[e.format]
+    diags += option_diagnostics(spec.Options, e.options, e.option_spans, e.span, f"emit {e.format}")
+    missing = spec.missing()
+    if missing:
+        diags.append(Diagnostic(f"emit {e.format} needs {', '.join(missing)}, which this installation lacks",
+                                e.format_span, hint=f"`pip install {' '.join(missing)}`, or drop the line"))
+    return diags
+
+
 def _check_check(c: Check, recipe: Recipe) -> list[Diagnostic]:
     if c.metric not in METRICS:
         return [Diagnostic(f"unknown metric {c.metric!r}{did_you_mean(c.metric, METRICS)}", c.metric_span,
@@ -365,6 +387,9 @@ def check_recipe(recipe: Recipe) -> list[Diagnostic]:
             f = seen_checks[key]
             diags.append(Diagnostic(f"check {key} given twice", c.span, hint=f"the first is at {f.line}:{f.col}"))
         seen_checks[key] = c.span
+    seen_exports: dict[str, Span] = {}
+    for e in recipe.exports:
+        diags += _check_export(e, seen_exports)
     if recipe.emit is not None:
         p = resolve_path(recipe, recipe.emit.path)
         if p.exists() and not p.is_dir():

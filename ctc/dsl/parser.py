@@ -15,7 +15,7 @@ from typing import Any
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from ctc.dsl.ast import Check, Dataset, Emit, ModelSource, Recipe, SelectorItem, Span, Step, Target
+from ctc.dsl.ast import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, SelectorItem, Span, Step, Target
 from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source
 
 GRAMMAR = Path(__file__).with_name("recipe.lark")
@@ -197,6 +197,12 @@ class _Builder(Transformer):
     def emit(self, meta: Any, c: list) -> tuple:
         return ("emit", Emit(unquote(c[0]), self.meta_span(meta)), [])
 
+    @v_args(meta=True)
+    def emit_format(self, meta: Any, c: list) -> tuple:
+        fmt = c[0]
+        opts, spans, errs = self._options(c[1:], f"emit {fmt}")
+        return ("emit_format", EmitFormat(str(fmt), opts, self.meta_span(meta), self.tok_span(fmt), spans), errs)
+
     def start(self, c: list) -> list:
         return list(c)
 
@@ -232,6 +238,8 @@ def _assemble(items: list, file: str, source: str) -> Recipe:
             recipe.checks.append(node)
         elif kind == "emit":
             recipe.emit = node
+        elif kind == "emit_format":
+            recipe.exports.append(node)
     if errs:
         raise RecipeError(attach_source(errs, source))
     return recipe
@@ -255,7 +263,8 @@ _HINTS = {
                  "(`pass key=value ... on blocks[0:4], \"*.mlp.*\", op linear`), `}`"),
     "target": "write e.g. `target cpu threads=2 trials=64`",
     "check": "write e.g. `check fidelity >= 0.99`, `check ppl_increase <= 0.5` or `check params <= 0.7x`",
-    "emit": 'write `emit "out/dir"`',
+    "emit": 'write `emit "out/dir"` (where the artifact goes) or `emit FORMAT` (mlir, hf, compressed-tensors, '
+            'gguf: the model in a format other tools load)',
 }
 _STATEMENTS = "model, calibrate, evaluate, pipeline, target, check, emit"
 

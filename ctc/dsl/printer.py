@@ -90,4 +90,5 @@ def print_recipe(r: Recipe) -> str:
     lines += [format_check(c) for c in r.checks]
     if r.emit is not None:
         lines.append(f"emit {quote(r.emit.path)}")
+    lines += [f"emit {e.format}{_options(e.options)}" for e in r.exports]
     return "\n".join(lines) + "\n"
