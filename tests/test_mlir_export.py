@@ -141,3 +141,44 @@ def test_options_are_checked() -> None:
     with pytest.raises(PassError, match="dialect"):
         export_config("mlir", {"dialect": "tosa"})
     assert EXPORTS["mlir"].Options().dialect == "both"
+
+
+def _token_module() -> Module:
+    """input_ids -> embedding -> int8 weight-only linear: what `ctc export` makes an example batch for."""
+    m = Module("tok")
+    ids = m.add_input("input_ids", TensorType((1, 8), "i64"))
+    g = torch.Generator().manual_seed(3)
+    m.add_param("emb", torch.randn(50, 16, generator=g))
+    qw = Q.quantize_weight(torch.randn(8, 16, generator=g), 8, -1, True)
+    for name, t in (("qw", qw.qweight), ("s", qw.scale), ("z", qw.zero)):
+        m.add_param(name, t)
+    h = m.create_node("embedding", [ids, m.param("emb", scope="embed")], {}, scope="embed").output
+    out = m.create_node("quant_linear", [h, m.param("qw"), m.param("s"), m.param("z")],
+                        {"w_bits": 8, "group_size": -1, "w_symmetric": True, "a_bits": None, "act_clusters": (),
+                         "has_bias": False}, scope="layers.0.fc", block=0).output
+    m.set_outputs([out], ["logits"])
+    return m
+
+
+def test_cli_export_checks_options_and_writes_next_to_the_artifact(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("iree.compiler")
+    from ctc.artifact import write_artifact
+    from ctc.cli import EXIT_OK, EXIT_USAGE, main
+
+    art = write_artifact(tmp_path / "art", module=_token_module(), report={"name": "tok"})
+    assert main(["export", str(art), "--to", "mlri"]) == EXIT_USAGE
+    assert "did you mean 'mlir'" in capsys.readouterr().err
+    assert main(["export", str(art), "--to", "mlir", "-s", "dialekt=torch"]) == EXIT_USAGE
+    assert "dialect" in capsys.readouterr().err
+    assert not (tmp_path / "art-mlir").exists()
+    assert main(["export", str(art), "--to", "mlir", "-s", "dialect=linalg", "--seq-len", "8"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "wrote mlir export" in out and "relative" in out
+    dest = tmp_path / "art-mlir"
+    assert sorted(p.name for p in dest.iterdir()) == ["export.json", "manifest.json", "model.linalg.mlir",
+                                                      "params.safetensors", "signature.json"]
+    assert json.loads((dest / "export.json").read_text())["summary"]["verified"]["outputs"][0]["relative"] <= 1e-4
+    # the artifact itself is never an export destination
+    assert main(["export", str(art), "--to", "mlir", "--out", str(art), "--force"]) == EXIT_USAGE
+    assert (art / "report.json").is_file()

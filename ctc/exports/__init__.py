@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ctc.errors import UsageError
@@ -43,34 +42,6 @@ class MlirOptions(PassOptions):
     min_cosine: float = option(0.999, "verify, modules with quantized activations: smallest output cosine accepted "
                                       "(float noise of a few ulps moves some activations across a rounding "
                                       "boundary, so element-wise tolerances do not apply)", min=0.0, max=1.0)
-
-
-@dataclass(frozen=True)
-class HfOptions(PassOptions):
-    """Options of `emit hf` (a plain Hugging Face directory: config.json + model.safetensors)."""
-
-    dtype: str = option("f32", "dtype of the written float weights", choices=("f32", "f16", "bf16"))
-    tolerance: float = option(1e-4, "largest output difference the load-back check accepts, relative to the "
-                                    "output's largest magnitude", min=0.0)
-
-
-@dataclass(frozen=True)
-class CompressedTensorsOptions(PassOptions):
-    """Options of `emit compressed-tensors` (the format llm-compressor writes and transformers/vLLM read)."""
-
-    tolerance: float = option(1e-3, "largest output difference the load-back check accepts, relative to the "
-                                    "output's largest magnitude (float noise plus the rare activation rounding "
-                                    "flip it causes)", min=0.0)
-
-
-@dataclass(frozen=True)
-class GgufOptions(PassOptions):
-    """Options of `emit gguf` (llama.cpp's file format)."""
-
-    float_type: str = option("f16", "type of float tensors and of weights no GGUF quant type holds exactly",
-                             choices=("f32", "f16"))
-    tolerance: float = option(2e-3, "largest output difference the load-back check accepts, relative to the "
-                                    "output's largest magnitude (GGUF stores scales as f16)", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -106,13 +77,6 @@ EXPORTS: dict[str, ExportSpec] = {s.name: s for s in [
     ExportSpec("mlir", "MLIR through torch-mlir's FX importer (torch dialect and linalg-on-tensors); weights are "
                "function arguments read from params.safetensors", MlirOptions, "ctc.backends.mlir",
                (("torch_mlir", "torch-mlir"),)),
-    ExportSpec("hf", "plain Hugging Face directory (config.json + model.safetensors) for AutoModel.from_pretrained; "
-               "float and structurally compressed models", HfOptions, "ctc.exports.hf_dir"),
-    ExportSpec("compressed-tensors", "Hugging Face directory in the compressed-tensors format (int8, packed int4 with "
-               "group scales, static activation scales) that transformers and vLLM load", CompressedTensorsOptions,
-               "ctc.exports.compressed_tensors", (("compressed_tensors", "compressed-tensors"),)),
-    ExportSpec("gguf", "GGUF file for llama.cpp (Q8_0 / Q4_0 / Q4_1 where the quantization maps, else f16/f32)",
-               GgufOptions, "ctc.exports.gguf", (("gguf", "gguf"),)),
 ]}
 
 
@@ -125,10 +89,3 @@ def export_dir_name(name: str) -> str:
     """Where format ``name`` goes inside an artifact."""
     return f"exports/{name}"
 
-
-def ensure_new_dir(path: Path) -> Path:
-    """``path`` as an empty directory a writer may fill (created)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if any(path.iterdir()):
-        raise ExportError(f"{path} is not empty")
-    return path

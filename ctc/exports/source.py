@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,10 +104,6 @@ def compare_outputs(what: str, got: Sequence[Any], ref: Sequence[torch.Tensor], 
                           f"{worst['max_abs_error']:.3g} ({worst['relative']:.3g} of its largest magnitude, "
                           f"tolerance {tolerance:g}; cosine {worst['cosine']:.6f}); nothing was written")
     return {"outputs": rows, "tolerance": tolerance}
-
-
-def as_feed(example: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[torch.Tensor]:
-    return [example[n] for n in names]
 
 
 def write_export(fmt: str, source: ExportSource, dest: str | Path, options: Any, *, force: bool = False,
