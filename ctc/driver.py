@@ -238,8 +238,11 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
         desc = {"kind": "bundled", "ref": m.ref, "title": info.title, "arch": info.arch, "pip": info.pip,
                 "load_seconds": round(info.load_seconds, 2)}
         if decode:
-            return _capture_decode(model, info.task, int(decode)), tok, desc, Path(info.loaded_from), model
-        module = frontends.capture_hf_model(model, task=info.task, name=m.ref, source=info.loaded_from)
+            module = _capture_decode(model, info.task, int(decode))
+        else:
+            module = frontends.capture_hf_model(model, task=info.task, name=m.ref, source=info.loaded_from)
+        if "gguf" in info.extra:  # where the `gguf-weights` pass finds the quantized original
+            module.meta["gguf"] = info.extra["gguf"]
         return module, tok, desc, Path(info.loaded_from), model
     if m.kind == "hf":
         o = m.options

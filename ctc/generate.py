@@ -50,7 +50,7 @@ class Generation:
         return self.tokens.shape[0] * max(n - 1, 1) / self.decode_s if self.decode_s > 0 else float("inf")
 
 
-_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8, "u8": torch.uint8}
 
 
 def static_step_signature(inputs: Sequence[Mapping[str, Any]]) -> tuple[int, int, list[tuple[str, list[int], str]]]:

@@ -263,7 +263,7 @@ def test_channel_permute_gathers_and_inverts():
 
 def test_compress_ops_are_categorised_and_documented():
     names = ["quant_linear", "quantize", "dequantize", "lowrank_linear", "channel_permute", "sparse_attention",
-             "calibrated_attention"]
+             "calibrated_attention", "quant_cache_write", "quant_kv_attention"]
     for n in names:
         d = get_op(n)
         assert d.category == "compress", n

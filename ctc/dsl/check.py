@@ -262,7 +262,13 @@ def _check_step(step: Step, has_calibration: bool) -> list[Diagnostic]:
                            hint="`ctc passes` lists every pass and its options")]
     cls = passes[step.name]
     diags = option_diagnostics(cls.Options, step.options, step.option_spans, step.span, f"pass {step.name}")
-    if cls.uses_calibration() and not has_calibration:
+    needs = cls.uses_calibration()
+    if needs and not diags:
+        try:
+            needs = cls(step.options).calibration_needed()
+        except Exception:  # noqa: BLE001 - option errors are reported above
+            pass
+    if needs and not has_calibration:
         diags.append(Diagnostic(f"pass {step.name} needs calibration data", step.name_span,
                                 hint="add e.g. `calibrate wiki samples=32 seq_len=128`"))
     ops = all_ops()

@@ -275,4 +275,6 @@ def load_bundled(name: str, *, cache_dir: str | Path | None = None,
                        loaded_from=str(src), params=sum(p.numel() for p in model.parameters()),
                        max_seq_len=s.max_seq_len, load_seconds=secs, cache_hit=hit, notes=s.notes,
                        extra={"tokenizer_dir": str(src)})
+    if s.gguf_file is not None:
+        info.extra["gguf"] = str(d / s.gguf_file)  # the quantized original (ctc.frontends.gguf reads it)
     return model, tok, info

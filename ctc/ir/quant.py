@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantizedWeight", "act_qparams", "cluster_index", "dequantize_weight", "fake_quant_act",
+__all__ = ["QuantizedWeight", "act_qparams", "cluster_index", "dequantize_kv", "dequantize_weight",
+           "dynamic_act_qparams", "fake_quant_act", "fake_quant_act_dynamic", "kv_groups", "kv_storage_dim",
+           "quantize_kv",
            "num_groups", "pack_int4", "packed_k", "qrange", "quant_linear_int", "quantize_act", "quantize_weight",
            "unpack_int4", "unpack_weight"]
 
@@ -177,6 +179,29 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return (qa - zero.to(torch.float32)[idx]) * scale.to(torch.float32)[idx]
 
 
+def dynamic_act_qparams(x: torch.Tensor, bits: int, clusters: tuple[int, ...] | list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (every leading index of ``x``) and per-cluster ``(scale [..., C], zero [..., C])`` from
+    each row's min/max over the cluster's channels: what a dynamic-activation kernel computes."""
+    k = x.shape[-1]
+    bounds = list(clusters) or [k]
+    starts = [0, *bounds[:-1]]
+    xf = x.to(torch.float32)
+    lo = torch.stack([xf[..., a:b].amin(-1) for a, b in zip(starts, bounds, strict=True)], -1)
+    hi = torch.stack([xf[..., a:b].amax(-1) for a, b in zip(starts, bounds, strict=True)], -1)
+    return act_qparams(lo, hi, bits)
+
+
+def fake_quant_act_dynamic(x: torch.Tensor, bits: int, clusters: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Quantize then dequantize activations with per-token, per-cluster ranges (fp32 result)."""
+    idx = cluster_index(clusters, x.shape[-1])
+    scale, zero = dynamic_act_qparams(x, bits, clusters)
+    s = scale[..., idx]
+    z = zero.to(torch.float32)[..., idx]
+    qa = torch.clamp(torch.round(x.to(torch.float32) / s) + z, 0, (1 << bits) - 1)
+    return (qa - z) * s
+
+
 def quant_linear_int(x: torch.Tensor, qw: QuantizedWeight, act_scale: torch.Tensor, act_zero: torch.Tensor,
                      a_bits: int, clusters: tuple[int, ...] | list[int],
                      bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,3 +233,50 @@ def quant_linear_int(x: torch.Tensor, qw: QuantizedWeight, act_scale: torch.Tens
     if bias is not None:
         out += bias.to(torch.float64)
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV caches
+def kv_groups(d: int, group_size: int) -> int:
+    """Scale groups per cached vector of ``d`` channels (``group_size=-1``: one per head and token)."""
+    if group_size == -1:
+        return 1
+    if group_size <= 0 or d % group_size:
+        raise ValueError(f"kv group_size={group_size} must be -1 or divide the head dim {d}")
+    return d // group_size
+
+
+def kv_storage_dim(d: int, bits: int) -> int:
+    """Last dim of a quantized cache: ``d`` int8 values, or ``d / 2`` bytes of two int4 values."""
+    return d if bits > 4 else d // 2
+
+
+def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of cached vectors ``x [..., D]``: ``(storage, scale [..., G])``.
+
+    Per group of ``group_size`` channels of each vector (one head's key or value at one position),
+    ``s = max|x| / (2^(bits-1) - 1)`` (1 for an all-zero group) and ``q = clamp(round(x / s), -qmax, qmax)``
+    (round half to even).  Storage: int8 ``[..., D]`` for 8 bits; for 4 bits uint8 ``[..., D/2]`` with
+    two offset-binary nibbles per byte (``q + 8``, element ``2j`` in the low nibble), as weights."""
+    if bits not in (4, 8):
+        raise ValueError(f"KV cache bits must be 4 or 8, got {bits}")
+    d = x.shape[-1]
+    g = kv_groups(d, group_size)
+    qmax = (1 << (bits - 1)) - 1
+    xf = x.to(torch.float32).reshape(*x.shape[:-1], g, d // g)
+    s = xf.abs().amax(-1) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.clamp(torch.round(xf / s.unsqueeze(-1)), -qmax, qmax).to(torch.int8).reshape(x.shape)
+    return (pack_int4(q) if bits == 4 else q), s
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """fp32 vectors from :func:`quantize_kv`'s storage and scales."""
+    g = scale.shape[-1]
+    if bits == 4:
+        d = q.shape[-1] * 2
+        v = unpack_int4(q, d).to(torch.float32)
+    else:
+        v = q.to(torch.float32)
+        d = v.shape[-1]
+    v = v.reshape(*v.shape[:-1], g, d // g) * scale.to(torch.float32).unsqueeze(-1)
+    return v.reshape(*v.shape[:-2], d)

@@ -342,6 +342,11 @@ class Pass:
         """Whether the pass needs calibration data, itself or through an analysis it requires."""
         return cls.needs_calibration or any(a.needs_calibration for a in cls.requires)
 
+    def calibration_needed(self) -> bool:
+        """Whether this pass, with its options, needs calibration data (default: :meth:`uses_calibration`;
+        a pass whose options can make calibration unnecessary overrides it)."""
+        return self.uses_calibration()
+
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

@@ -5,6 +5,8 @@ import ctc.passes.constant_fold  # noqa: F401
 import ctc.passes.cse  # noqa: F401
 import ctc.passes.dce  # noqa: F401
 import ctc.passes.fold_batch_norm  # noqa: F401
+import ctc.passes.gguf_weights  # noqa: F401
+import ctc.passes.kv_cache_quant  # noqa: F401
 import ctc.passes.quantize  # noqa: F401
 import ctc.passes.recursive  # noqa: F401
 import ctc.passes.rptq  # noqa: F401

@@ -534,7 +534,7 @@ class PassManager:
                                                                           for n in module.nodes):
             raise self._fail(f"has selector {step.selector.describe()} which matches no node of the module "
                              f"(blocks present: {module.blocks()})", step, i, names, report, None)
-        if p.uses_calibration() and not ctx.calibration:
+        if p.calibration_needed() and not ctx.calibration:
             raise self._fail("needs calibration data, but the pipeline has none (add a `calibrate` line)",
                              step, i, names, report, None)
         ctx.selector = step.selector

@@ -100,8 +100,9 @@ def param_tensor(v: Value) -> torch.Tensor | None:
     return p.module.params[p.attrs["name"]]
 
 
-def selected_linears(module: Module, ctx: PassContext, blocks_only: bool) -> list[Node]:
-    """``linear`` nodes to quantize: selected, with parameter weights (and bias), static in-features."""
+def selected_linears(module: Module, ctx: PassContext, blocks_only: bool, lm_head: bool = False) -> list[Node]:
+    """``linear`` nodes to quantize: selected, with parameter weights (and bias), static in-features.
+    ``lm_head`` adds the head (a linear whose result is a module output) to the blocks' linears."""
     out = []
     no_blocks = blocks_only and not module.blocks()
     if no_blocks:
@@ -110,10 +111,11 @@ def selected_linears(module: Module, ctx: PassContext, blocks_only: bool) -> lis
     for n in module.nodes:
         if n.op != "linear" or not ctx.selected(n):
             continue
+        head = any(module.is_output(v) for v in n.outputs)
         if no_blocks:
-            if any(module.is_output(v) for v in n.outputs):
+            if head and not lm_head:
                 continue
-        elif blocks_only and n.block is None:
+        elif blocks_only and n.block is None and not (lm_head and head):
             continue
         if param_tensor(n.inputs[1]) is None or (len(n.inputs) > 2 and param_tensor(n.inputs[2]) is None):
             ctx.note(f"{n.scope}: linear kept float (weight or bias is computed, not a parameter)")
@@ -148,7 +150,7 @@ def drop_dead_params(module: Module, nodes: Sequence[Node]) -> None:
 def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.Tensor | None,
                        qw: Q.QuantizedWeight, a_bits: int | None, act_scale: torch.Tensor | None,
                        act_zero: torch.Tensor | None, clusters: Sequence[int] = (), *,
-                       once: OncePerKey[tuple[str, str, str]] | None = None) -> Node:
+                       once: OncePerKey[tuple[str, str, str]] | None = None, dynamic: bool = False) -> Node:
     """Replace ``lin`` (x, weight[, bias]) by a ``quant_linear`` reading its activation operand.
 
     ``w`` is only used for the shape check; ``bias`` is the (possibly permuted) float bias.
@@ -172,13 +174,13 @@ def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.T
     if bias is not None:
         ops.append(new_param(module, f"{base}.qbias", bias.to(torch.float32), node=lin))
     a_q = a_bits is not None and a_bits != 16
-    if a_q:
+    if a_q and not dynamic:
         assert act_scale is not None and act_zero is not None
         ops.append(new_param(module, f"{base}.act_scale", act_scale.to(torch.float32), node=lin))
         ops.append(new_param(module, f"{base}.act_zero", act_zero.to(torch.int32), node=lin))
     attrs = {"w_bits": qw.bits, "group_size": qw.group_size, "w_symmetric": qw.symmetric,
              "a_bits": a_bits if a_q else None, "act_clusters": tuple(int(c) for c in clusters) if a_q else (),
-             "has_bias": bias is not None}
+             "has_bias": bias is not None, "act_dynamic": bool(dynamic and a_q)}
     old_ins = [v.producer for v in lin.inputs[1:] if v.producer is not None]
     q = module.create_node("quant_linear", [lin.inputs[0], *ops], attrs, scope=lin.scope, block=lin.block,
                            before=lin, names=[lin.output.name + "_q"])
@@ -252,9 +254,19 @@ class QuantizeOptions(PassOptions):
     group_size: int = option(128, "input channels per weight group (w_granularity=group)", min=1)
     a_granularity: str = option("tensor", "activation scales per tensor or per input channel",
                                 choices=("tensor", "channel"))
+    a_mode: str = option("static", "activation ranges: static (calibrated) or dynamic (per token, computed in the "
+                                   "kernel at run time; a_granularity=tensor only)", choices=("static", "dynamic"))
     sym: bool = option(True, "symmetric weights (zero point 0); false = asymmetric min-max")
     blocks_only: bool = option(True, "quantize only linears inside repeated blocks (heads, embeddings stay float); "
                                      "without block info, all but the linears producing module outputs")
+    lm_head: bool = option(False, "also quantize the head (the linear producing the logits: a tied LM head gets "
+                                  "its own integer copy, the embedding stays float); its accuracy cost is the "
+                                  "difference of the pass's fidelity with and without it")
+
+    def validate(self) -> None:
+        if self.a_mode == "dynamic" and self.a_granularity == "channel":
+            raise PassError("option a_mode=\"dynamic\" computes one range per token; it does not combine with "
+                            "a_granularity=\"channel\" (use a_granularity=\"tensor\", or rptq's clusters)")
 
 
 @register_pass
@@ -271,11 +283,16 @@ class QuantizePass(Pass):
     requires = (CalibrationStats,)
     needs_calibration = True
 
+    def calibration_needed(self) -> bool:
+        """Static activation ranges and k/v ranges are calibrated; weight-only and dynamic modes need no data."""
+        o: QuantizeOptions = self.options  # type: ignore[assignment]
+        return (o.a_bits != 16 and o.a_mode == "static") or o.kv_bits != 16
+
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: QuantizeOptions = self.options  # type: ignore[assignment]
-        lins = selected_linears(module, ctx, o.blocks_only)
+        lins = selected_linears(module, ctx, o.blocks_only, o.lm_head)
         a_q = o.a_bits != 16
-        calib = ctx.get(CalibrationStats(), module) if (a_q and lins) else None
+        calib = ctx.get(CalibrationStats(), module) if (a_q and lins and o.a_mode == "static") else None
         kv = kv_stats(module, ctx) if o.kv_bits != 16 and kv_operands(module) else None
         kv_st = dict(kv.stats) if kv is not None else {}
         qws: OncePerKey[Q.QuantizedWeight] = OncePerKey()
@@ -292,14 +309,17 @@ class QuantizePass(Pass):
             qw = qws.get(name, rtn) if name is not None else rtn()
             scale = zero = None
             clusters: tuple[int, ...] = ()
-            if a_q:
+            if a_q and o.a_mode == "dynamic":
+                pass  # per-token ranges at run time: nothing to calibrate
+            elif a_q:
                 assert calib is not None
                 st = calib.input_of(lin)
                 assert st.min is not None and st.max is not None
                 k = st.channels
                 clusters = tuple(range(1, k + 1)) if o.a_granularity == "channel" else ()
                 scale, zero = segment_qparams(st.min, st.max, clusters, o.a_bits)
-            build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters, once=once)
+            build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters, once=once,
+                               dynamic=o.a_mode == "dynamic")
         n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits) if kv is not None else 0
         if once.hits:
             ctx.note(f"quantize: {len(once)} weight(s) read by several linears (tied) quantized once each")

@@ -414,6 +414,9 @@ class RptqOptions(PassOptions):
     a_bits: int = option(8, "activation bits (4..8); 16 = float activations (weights only, reorder still folded)",
                          choices=(4, 5, 6, 7, 8, 16))
     kv_bits: int = option(16, "bits of attention k/v operands; 16 = float", choices=(2, 3, 4, 5, 6, 7, 8, 16))
+    a_mode: str = option("static", "activation ranges per cluster: static (calibrated) or dynamic (per token and "
+                                   "cluster, computed in the kernel at run time; the reorder is still calibrated)",
+                         choices=("static", "dynamic"))
     clusters: int = option(8, "k-means clusters of activation channels (1 = per-tensor)", min=1, max=1024)
     group_size: int = option(-1, "input channels per weight scale group; -1 = per output channel", min=-1)
     gptq: bool = option(False, "GPTQ error compensation instead of round-to-nearest (needs X^T X)")
@@ -422,6 +425,8 @@ class RptqOptions(PassOptions):
     check_fold: bool = option(True, "compare the folded float module with the original on one calibration batch")
     blocks_only: bool = option(True, "quantize only linears inside repeated blocks (without block info: all "
                                      "but the linears producing module outputs)")
+    lm_head: bool = option(False, "also quantize the head (the linear producing the logits; a tied LM head gets its "
+                                  "own integer copy, the embedding stays float)")
     damp: float = option(0.01, "GPTQ dampening, fraction of the mean Hessian diagonal", min=0.0, max=1.0)
     max_segments: int = option(16, "most activation segments the head-wise attention fold may produce; above "
                                    "it the attention output is reordered by an explicit gather with global "
@@ -586,7 +591,7 @@ class RptqPass(Pass):
     # ----------------------------------------------------------------- run
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: RptqOptions = self.options  # type: ignore[assignment]
-        lins = selected_linears(module, ctx, o.blocks_only)
+        lins = selected_linears(module, ctx, o.blocks_only, o.lm_head)
         if not lins:
             ctx.note("rptq: no linear selected")
             return module
@@ -626,7 +631,8 @@ class RptqPass(Pass):
             st = stats[pl.x.name]
             assert st.min is not None and st.max is not None
             lo, hi = st.min[pl.perm], st.max[pl.perm]
-            scale, zero = segment_qparams(lo, hi, pl.bounds, o.a_bits) if a_q else (None, None)
+            dyn = a_q and o.a_mode == "dynamic"
+            scale, zero = segment_qparams(lo, hi, pl.bounds, o.a_bits) if a_q and not dyn else (None, None)
             for lin in pl.absorbers:
                 if lin not in lins:
                     continue
@@ -642,7 +648,8 @@ class RptqPass(Pass):
 
                 qw = qws.get(name, quantized)
                 bounds = pl.bounds if len(pl.bounds) > 1 else []
-                build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, bounds, once=once)
+                build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, bounds, once=once,
+                                   dynamic=dyn)
             ctx.report_progress("rptq", done + 1, len(plans))
         n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits, frozenset(per_tensor_v)) if kv is not None else 0
         if once.hits:

@@ -63,6 +63,10 @@ def _check_widths(module: Module, board: Board) -> None:
     for n in module.nodes:
         if n.op != "quant_linear":
             continue
+        if n.attrs.get("act_dynamic"):
+            raise LoweringError(f"quant_linear at {n.scope or '<root>'}: dynamic (per-token) activation ranges are "
+                                "not supported by the fpga target; quantize with static ranges (rptq/quantize "
+                                "a_mode=\"static\")")
         for what in ("w_bits", "a_bits"):
             b = n.attrs[what]
             if b is not None and b != 16 and min((w for w in board.widths if w >= b), default=None) is None:

@@ -59,6 +59,7 @@ __all__ = [
     "Segment",
     "emit_quant_linear",
     "emit_quant_linear_packed",
+    "gemv_tile",
     "host_target",
     "plan_quant_linear",
     "prepack_weights",
@@ -101,6 +102,7 @@ class QLinearSpec:
     w_symmetric: bool
     a_bits: int
     clusters: tuple[int, ...]
+    dynamic: bool = False  # activation (scale, zero) per row and cluster, computed by qact at run time
 
     @staticmethod
     def from_attrs(attrs: Mapping[str, Any], k: int, n: int) -> QLinearSpec:
@@ -111,7 +113,8 @@ class QLinearSpec:
                              "kernel here; lower it as a weight-only linear instead")
         spec = QLinearSpec(k=int(k), n=int(n), w_bits=int(attrs["w_bits"]), group_size=int(attrs.get("group_size", -1)),
                            w_symmetric=bool(attrs.get("w_symmetric", True)), a_bits=int(a_bits),
-                           clusters=tuple(int(c) for c in attrs.get("act_clusters", ())))
+                           clusters=tuple(int(c) for c in attrs.get("act_clusters", ())),
+                           dynamic=bool(attrs.get("act_dynamic", False)))
         spec.validate()
         return spec
 
@@ -182,7 +185,8 @@ class QLinearSpec:
         """A short stable name for the PrimFuncs of this spec."""
         h = abs(hash((self.clusters, self.group_size))) % (1 << 32)
         return (f"k{self.k}_n{self.n}_w{self.w_bits}{'s' if self.w_symmetric else 'a'}_a{self.a_bits}"
-                f"_g{self.group_size if self.group_size > 0 else 0}_c{self.num_clusters}_{h:08x}")
+                f"{'d' if self.dynamic else ''}_g{self.group_size if self.group_size > 0 else 0}"
+                f"_c{self.num_clusters}_{h:08x}")
 
 
 # ----------------------------------------------------------------------------- target helpers
@@ -344,6 +348,77 @@ def _qact_source(spec: QLinearSpec) -> str:
     return "\n".join(L) + "\n"
 
 
+def _qact_dynamic_source(spec: QLinearSpec) -> str:
+    """TVMScript of the dynamic activation quantizer: per row, each cluster's min/max (16-lane vector
+    accumulators, range always holding 0), its (scale, zero) exactly as ``ctc.ir.quant.act_qparams``,
+    then the row quantized like the static kernel (padded segments, optional segment sums)."""
+    S, K, KP, C = len(spec.segments), spec.k, spec.kp, spec.num_clusters
+    qmax = (1 << spec.a_bits) - 1
+    xsum = not spec.w_symmetric
+    rne = 'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {v}, dtype="float32")'
+    L = ["@T.prim_func(s_tir=True)",
+         "def qact(var_x: T.handle, var_xq: T.handle, var_as: T.handle, var_az: T.handle"
+         + (", var_xsum: T.handle" if xsum else "") + "):",
+         '    T.func_attr({"tirx.noalias": True})',
+         "    m = T.int64()",
+         f'    x = T.match_buffer(var_x, (m, {_i(K)}), "float32")',
+         f'    xq = T.match_buffer(var_xq, (m, {_i(KP)}), "uint8")',
+         f'    ascale = T.match_buffer(var_as, (m, {_i(C)}), "float32")',
+         f'    azero = T.match_buffer(var_az, (m, {_i(C)}), "int32")']
+    if xsum:
+        L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    L += ['    with T.sblock("root"):',
+          "        for r in T.parallel(m):",
+          f'            lo = T.decl_buffer(({_i(C)},), "float32", scope="local")',
+          f'            hi = T.decl_buffer(({_i(C)},), "float32", scope="local")',
+          '            vlo = T.decl_buffer((T.int64(16),), "float32", scope="local")',
+          '            vhi = T.decl_buffer((T.int64(16),), "float32", scope="local")',
+          '            sz = T.decl_buffer((T.int64(2),), "float32", scope="local")',
+          f"            for c in range({_i(C)}):",
+          "                lo[c] = T.float32(0)",
+          "                hi[c] = T.float32(0)"]
+    ind = "            "
+    for seg in spec.segments:
+        c = _i(seg.cluster)
+        main, k0 = seg.length // 16 * 16, seg.k0
+        if main:
+            L += [f"{ind}for l in T.vectorized(T.int64(16)):",
+                  f"{ind}    vlo[l] = T.float32(0)",
+                  f"{ind}    vhi[l] = T.float32(0)",
+                  f"{ind}for j in range({_i(main // 16)}):",
+                  f"{ind}    for l in T.vectorized(T.int64(16)):",
+                  f"{ind}        vlo[l] = T.min(vlo[l], x[r, {_i(k0)} + j * T.int64(16) + l])",
+                  f"{ind}        vhi[l] = T.max(vhi[l], x[r, {_i(k0)} + j * T.int64(16) + l])",
+                  f"{ind}for l in range(T.int64(16)):",
+                  f"{ind}    lo[{c}] = T.min(lo[{c}], vlo[l])",
+                  f"{ind}    hi[{c}] = T.max(hi[{c}], vhi[l])"]
+        if seg.length > main:
+            L += [f"{ind}for j in range({_i(k0 + main)}, {_i(k0 + seg.length)}):",
+                  f"{ind}    lo[{c}] = T.min(lo[{c}], x[r, j])",
+                  f"{ind}    hi[{c}] = T.max(hi[{c}], x[r, j])"]
+    L += [f"{ind}for c in range({_i(C)}):",
+          f"{ind}    sz[0] = (hi[c] - lo[c]) / T.float32({qmax})",
+          f"{ind}    sz[0] = T.Select(sz[0] > T.float32(0), sz[0], T.float32(1))",
+          f"{ind}    sz[1] = T.max(T.min({rne.format(v='(T.float32(0) - lo[c]) / sz[0]')}, T.float32({qmax})), "
+          "T.float32(0))",
+          f"{ind}    ascale[r, c] = sz[0]",
+          f'{ind}    azero[r, c] = T.Cast("int32", sz[1])']
+    for si, seg in enumerate(spec.segments):
+        c = _i(seg.cluster)
+        q = (f'T.Cast("uint8", T.max(T.min({rne.format(v=f"x[r, {_i(seg.k0)} + j] / ascale[r, {c}]")} + '
+             f'T.Cast("float32", azero[r, {c}]), T.float32({qmax})), T.float32(0)))')
+        L += [f"{ind}for j in T.vectorized({_i(seg.length)}):",
+              f"{ind}    xq[r, {_i(seg.poff)} + j] = {q}"]
+        if seg.plen > seg.length:
+            L += [f"{ind}for j in range({_i(seg.plen - seg.length)}):",
+                  f"{ind}    xq[r, {_i(seg.poff + seg.length)} + j] = T.uint8(0)"]
+        if xsum:
+            L += [f"{ind}xsum[r, {_i(si)}] = 0",
+                  f"{ind}for j in range({_i(seg.plen)}):",
+                  f'{ind}    xsum[r, {_i(si)}] = xsum[r, {_i(si)}] + T.Cast("int32", xq[r, {_i(seg.poff)} + j])']
+    return "\n".join(L) + "\n"
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Register tile of the matmul: ``mt`` rows x ``nb`` 16-lane output vectors."""
@@ -360,6 +435,13 @@ def default_tile(spec: QLinearSpec) -> TileConfig:
     return TileConfig(12, 1)
 
 
+def gemv_tile(spec: QLinearSpec) -> TileConfig:
+    """The register tile for one activation row (a decode step): 1 x 64 output channels when N allows
+    (measured fastest on SmolLM2's shapes), else 1 x 32 or 1 x 16."""
+    nblk = spec.np_ // 16
+    return TileConfig(1, next(nb for nb in (4, 2, 1) if nblk % nb == 0))
+
+
 def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
     """TVMScript of the tiled integer matmul + per-segment epilogue (the loop nest is the schedule)."""
     S, KP, N, NP = len(spec.segments), spec.kp, spec.n, spec.np_
@@ -369,9 +451,13 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
     nmt = f"((m + {_i(MT - 1)}) // {_i(MT)})"
     wshape = (f"({_i(NP // 16)}, {_i(KP // 8)}, {_i(16)}, {_i(4)})" if spec.int4
               else f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
+    dyn = spec.dynamic
+    C = spec.num_clusters
     params = ["var_xq: T.handle"]
     if asym:
         params.append("var_xsum: T.handle")
+    if dyn:
+        params += ["var_ascale: T.handle", "var_azero: T.handle"]
     params += [f'wpack: T.Buffer({wshape}, "int8")',
                f'alpha: T.Buffer(({_i(S)}, {_i(NP)}), "float32")',
                f'corr: T.Buffer(({_i(S)}, {_i(NP)}), "int32")']
@@ -386,6 +472,9 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
          f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")']
     if asym:
         L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    if dyn:
+        L += [f'    ascale = T.match_buffer(var_ascale, (m, {_i(C)}), "float32")',
+              f'    azero = T.match_buffer(var_azero, (m, {_i(C)}), "int32")']
     # Tile buffers are allocated once (outside the parallel loop) with one [MT, NT] slice per
     # output-column block `no`, the parallel axis: threads never share a slice, and each tile's
     # working set stays a few KB.  (Blocks nested under a per-tile block lose the outer loop
@@ -449,7 +538,12 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
                       f'{ind}            {acc}[{cloc}] = {acc}[{cloc}] + T.Cast("int32", xq[{row}, '
                       f"{_i(seg.poff + 4 * h)} + vko * {_i(8)} + vk4])"
                       f' * T.Cast("int32", wl{si}[vnb, {_i(h)}, vn16, vk4])']
-        term = f'alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - corr[{_i(si)}, vn]'
+        if dyn:  # alpha = the weight scale, corr = rowsum - len * w_zero; the row's (scale, zero) applied here
+            c = _i(seg.cluster)
+            term = (f'ascale[{row}, {c}] * alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - azero[{row}, {c}]'
+                    f' * corr[{_i(si)}, vn]')
+        else:
+            term = f'alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - corr[{_i(si)}, vn]'
         term += f" - wzero[{_i(si)}, vn] * xsum[{row}, {_i(si)}])" if asym else ")"
         last = si == S - 1
         lhs = "y[vm, vn]" if last else f"out{si}[{loc}]"
@@ -535,7 +629,10 @@ def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig) -> QLinearKernel:
 
     if vnni:
         register_vnni_intrinsics()
-    qact = _schedule_qact(tvm.script.from_source(_qact_source(spec)))
+    if spec.dynamic:  # hand-scheduled already (vector min/max, vectorized quantization)
+        qact = tvm.script.from_source(_qact_dynamic_source(spec))
+    else:
+        qact = _schedule_qact(tvm.script.from_source(_qact_source(spec)))
     qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile)), spec, vnni)
     qact = qact.with_attr("tirx.is_scheduled", True)
     qmm = qmm.with_attr("tirx.is_scheduled", True)
@@ -587,7 +684,7 @@ def _unpack_qweight(spec: QLinearSpec, qweight: Any) -> np.ndarray:
 
 
 def prepack_weights(spec: QLinearSpec, qweight: Any, w_scale: Any, w_zero: Any, bias: Any | None,
-                    act_scale: Any, act_zero: Any) -> dict[str, np.ndarray]:
+                    act_scale: Any | None, act_zero: Any | None) -> dict[str, np.ndarray]:
     """The kernel's constant operands from the ``quant_linear`` operand values (numpy or torch).
 
     Returns ``act_scale f32 [C]``, ``act_zero i32 [C]``, ``wpack`` (VNNI layout, see module
@@ -603,8 +700,11 @@ def prepack_weights(spec: QLinearSpec, qweight: Any, w_scale: Any, w_zero: Any, 
                          f"{list(ws.shape)} / {list(wz.shape)}")
     if spec.w_symmetric and np.any(wz != 0):
         raise ValueError("int_kernels.prepack_weights: w_symmetric=True but w_zero has non-zero entries")
-    a_s = _np(act_scale, np.float32).reshape(-1)
-    a_z = _np(act_zero, np.int64).reshape(-1)
+    if spec.dynamic:  # no calibrated ranges: the kernel's epilogue applies each row's (scale, zero)
+        a_s, a_z = np.ones((C,), np.float32), np.zeros((C,), np.int64)
+    else:
+        a_s = _np(act_scale, np.float32).reshape(-1)
+        a_z = _np(act_zero, np.int64).reshape(-1)
     if a_s.shape != (C,) or a_z.shape != (C,):
         raise ValueError(f"int_kernels.prepack_weights: act_scale/act_zero must have {C} entries (one per cluster), "
                          f"got {a_s.shape[0]} / {a_z.shape[0]}")
@@ -624,8 +724,12 @@ def prepack_weights(spec: QLinearSpec, qweight: Any, w_scale: Any, w_zero: Any, 
         zc = int(a_z[seg.cluster])
         rows = q[:, seg.k0: seg.k0 + seg.length].astype(np.int64).sum(axis=1)
         zg = wz[:, seg.group].astype(np.int64)
-        alpha[si, :N] = (np.float32(a_s[seg.cluster]) * ws[:, seg.group]).astype(np.float32)
-        corr[si, :N] = zc * rows - seg.length * zc * zg
+        if spec.dynamic:
+            alpha[si, :N] = ws[:, seg.group]
+            corr[si, :N] = rows - seg.length * zg
+        else:
+            alpha[si, :N] = (np.float32(a_s[seg.cluster]) * ws[:, seg.group]).astype(np.float32)
+            corr[si, :N] = zc * rows - seg.length * zc * zg
         wzero[si, :N] = zg
     if np.abs(corr).max(initial=0) >= 2**31:
         raise ValueError("int_kernels.prepack_weights: zero-point correction overflows int32 (K too large)")
@@ -653,7 +757,8 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     from tvm import relax
 
     spec = kernel.spec
-    need = [n for n in PACKED_NAMES if n != "wzero" or not spec.w_symmetric]
+    need = [n for n in PACKED_NAMES if (n != "wzero" or not spec.w_symmetric)
+            and (n not in ("act_scale", "act_zero") or not spec.dynamic)]
     missing = [n for n in need if n not in packed]
     if missing:
         raise ValueError(f"int_kernels.emit_quant_linear_packed: packed operands {missing} missing "
@@ -675,14 +780,20 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     gv_a = add_prim_func(bb, kernel.qact, name_a)
     gv_m = add_prim_func(bb, kernel.qmm, name_m)
     S = len(spec.segments)
-    if spec.w_symmetric:
-        xq = bb.emit(relax.call_tir(gv_a, [xin, ops["act_scale"], ops["act_zero"]],
-                                    relax.TensorType([m, spec.kp], "uint8")))
-        args = [xq]
+    C = spec.num_clusters
+    outs = [relax.TensorType([m, spec.kp], "uint8")]
+    if spec.dynamic:
+        outs += [relax.TensorType([m, C], "float32"), relax.TensorType([m, C], "int32")]
+    if not spec.w_symmetric:
+        outs.append(relax.TensorType([m, S], "int32"))
+    qin = [xin] if spec.dynamic else [xin, ops["act_scale"], ops["act_zero"]]
+    if len(outs) == 1:
+        args = [bb.emit(relax.call_tir(gv_a, qin, outs[0]))]
     else:
-        qs = bb.emit(relax.call_tir(gv_a, [xin, ops["act_scale"], ops["act_zero"]],
-                                    [relax.TensorType([m, spec.kp], "uint8"), relax.TensorType([m, S], "int32")]))
-        args = [bb.emit(relax.TupleGetItem(qs, 0)), bb.emit(relax.TupleGetItem(qs, 1))]
+        qs = bb.emit(relax.call_tir(gv_a, qin, outs))
+        got = [bb.emit(relax.TupleGetItem(qs, i)) for i in range(len(outs))]
+        # qmm's order: xq, xsum (asymmetric weights), ascale, azero (dynamic)
+        args = [got[0]] + ([got[-1]] if not spec.w_symmetric else []) + (got[1:3] if spec.dynamic else [])
     args += [ops["wpack"], ops["alpha"], ops["corr"]]
     if not spec.w_symmetric:
         args.append(ops["wzero"])
@@ -720,7 +831,7 @@ def emit_quant_linear(bb: Any, x: Any, operands: Mapping[str, Any], attrs: Mappi
     spec = QLinearSpec.from_attrs(attrs, k, int(_np(qw).shape[0]))
     kernel = plan_quant_linear(spec, target, use_vnni=use_vnni)
     packed = prepack_weights(spec, qw, operands["w_scale"], operands["w_zero"], operands.get("bias"),
-                             operands["act_scale"], operands["act_zero"])
+                             operands.get("act_scale"), operands.get("act_zero"))
     return emit_quant_linear_packed(bb, x, packed, kernel)
 
 
@@ -755,14 +866,19 @@ def run_quant_linear(kernel: QLinearKernel, x: Any, packed: Mapping[str, np.ndar
     dev = tvm.cpu()
     t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
     xq = t(np.zeros((m, spec.kp), np.uint8))
-    qargs: list[Any] = [t(xa), t(packed["act_scale"]), t(packed["act_zero"]), xq]
     xs = None
+    dyn: list[Any] = []
+    if spec.dynamic:
+        dyn = [t(np.zeros((m, spec.num_clusters), np.float32)), t(np.zeros((m, spec.num_clusters), np.int32))]
+        qargs: list[Any] = [t(xa), xq, *dyn]
+    else:
+        qargs = [t(xa), t(packed["act_scale"]), t(packed["act_zero"]), xq]
     if not spec.w_symmetric:
         xs = t(np.zeros((m, len(spec.segments)), np.int32))
         qargs.append(xs)
     fa["main"](*qargs)
     y = t(np.zeros((m, spec.n), np.float32))
-    margs: list[Any] = [xq] + ([xs] if xs is not None else [])
+    margs: list[Any] = [xq] + ([xs] if xs is not None else []) + dyn
     margs += [t(packed["wpack"]), t(packed["alpha"]), t(packed["corr"])]
     if not spec.w_symmetric:
         margs.append(t(packed["wzero"]))

@@ -1033,6 +1033,22 @@ def _cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
                                       ctx.relax.TensorType(ctx.shape_of(node.outputs[0]), dt))
 
 
+@rule("quant_cache_write")
+def _quant_cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    """Quantize the new KV rows and write them, with their scales, into the cache buffers in place."""
+    from ctc.backends.tvm.kv_cache import lower_quant_cache_write
+
+    return lower_quant_cache_write(ctx, node)
+
+
+@rule("quant_kv_attention")
+def _quant_kv_attention(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+    """Decode attention reading the int8 KV cache (:mod:`.kv_cache`)."""
+    from ctc.backends.tvm.kv_cache import lower_quant_kv_attention
+
+    return lower_quant_kv_attention(ctx, node)
+
+
 def _copy_te(c: Any) -> Any:
     from tvm import te
 
@@ -1165,7 +1181,7 @@ def _ql_operands(node: Node, a: list[Any]) -> dict[str, Any]:
     names = ["x", "qweight", "w_scale", "w_zero"]
     if node.attrs["has_bias"]:
         names.append("bias")
-    if node.attrs["a_bits"] is not None and node.attrs["a_bits"] != 16:
+    if node.attrs["a_bits"] is not None and node.attrs["a_bits"] != 16 and not node.attrs.get("act_dynamic"):
         names += ["act_scale", "act_zero"]
     return dict(zip(names, a, strict=True))
 
@@ -1199,9 +1215,11 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         if IK is not None:
             vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
             spec = IK.QLinearSpec.from_attrs(attrs, k, vals["qweight"].shape[0])
-            kernel = IK.plan_quant_linear(spec, ctx.target)
+            # one row (a decode step): a 1-row tile streams each weight once (the 8-row tile wastes 7/8)
+            tile = IK.gemv_tile(spec) if _one_row(ctx, node.operand("x")) else None
+            kernel = IK.plan_quant_linear(spec, ctx.target, tile=tile)
             packed = IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
-                                        vals["act_scale"], vals["act_zero"])
+                                        vals.get("act_scale"), vals.get("act_zero"))
             # cache keys: the packed weight depends on the integer weight and the spec only, so a shared
             # weight is bound once; scales, corrections and bias depend on every operand (per reader)
             key = "pack_" + "_".join(str(pnames[n]) for n in sorted(pnames) if n != "x") + "_" + spec.tag
@@ -1210,6 +1228,12 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
                    for nm, arr in packed.items()}
             ctx.int_kernels += 1
             return IK.emit_quant_linear_packed(ctx.bb, ops_["x"], rel, kernel)
+    if not a_q and consts and not ctx.gpu:
+        from ctc.backends.tvm.weight_only import lower_weight_only
+
+        y = lower_weight_only(ctx, node, ops_, pnames)
+        if y is not None:
+            return y
     # Fallback: the same semantics in float (dequantised weights; fake-quantised activations).
     if a_q:
         ctx.notes.append(f"quant_linear at {node.scope or '<root>'}: float fallback (integer kernels need parameter "
@@ -1224,8 +1248,7 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     x = ops_["x"]
     xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
     if a_q:
-        xf = _fake_quant_act(ctx, xf, ops_["act_scale"], ops_["act_zero"], int(attrs["a_bits"]),
-                             tuple(attrs["act_clusters"]), k)
+        xf = _fake_quant_act_node(ctx, node, xf, ops_, k)
     y = ctx.emit(op.matmul(xf, wt))
     if "bias" in ops_:
         y = ctx.emit(op.add(y, ctx.emit(op.astype(ops_["bias"], "float32"))))
@@ -1283,8 +1306,7 @@ def _quant_linear_gpu(ctx: Ctx, node: Node, ops_: dict[str, Any], pnames: dict[s
     a_q = attrs["a_bits"] is not None and attrs["a_bits"] != 16
     if a_q:
         xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
-        xf = _fake_quant_act(ctx, xf, ops_["act_scale"], ops_["act_zero"], int(attrs["a_bits"]),
-                             tuple(attrs["act_clusters"]), k)
+        xf = _fake_quant_act_node(ctx, node, xf, ops_, k)
         x = xf if xt.dtype == "f32" else ctx.emit(op.astype(xf, _dt(xt)))
     q, s, z = (ctx.param(pnames[n]) for n in ("qweight", "w_scale", "w_zero"))  # type: ignore[arg-type]
     y = ctx.te(_quant_matvec_te(int(attrs["w_bits"]), int(attrs["group_size"]), k), x, q, s, z,
@@ -1292,6 +1314,34 @@ def _quant_linear_gpu(ctx: Ctx, node: Node, ops_: dict[str, Any], pnames: dict[s
     if "bias" in ops_:
         y = ctx.emit(op.add(y, ctx.emit(op.astype(ops_["bias"], _dt(xt)))))
     return y
+
+
+def _fake_quant_act_node(ctx: Ctx, node: Node, x: Any, ops_: Mapping[str, Any], k: int) -> Any:
+    """The activation fake-quant of a ``quant_linear`` in float: calibrated (scale, zero) per cluster, or
+    (``act_dynamic``) each row's own per cluster, as the reference computes them."""
+    attrs = node.attrs
+    bits, clusters = int(attrs["a_bits"]), tuple(attrs["act_clusters"])
+    if attrs.get("act_dynamic"):
+        return _fake_quant_act_dynamic(ctx, x, bits, clusters, k)
+    return _fake_quant_act(ctx, x, ops_["act_scale"], ops_["act_zero"], bits, clusters, k)
+
+
+def _fake_quant_act_dynamic(ctx: Ctx, x: Any, bits: int, clusters: tuple[int, ...], k: int) -> Any:
+    """Per-row, per-cluster min/max fake-quant (``ctc.ir.quant.fake_quant_act_dynamic``) with Relax ops."""
+    op = ctx.relax.op
+    qmax = float((1 << bits) - 1)
+    bounds = list(clusters) or [k]
+    parts = []
+    for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
+        xc = ctx.emit(op.strided_slice(x, axes=[-1], begin=[a], end=[b])) if (a, b) != (0, k) else x
+        lo = ctx.emit(op.minimum(ctx.emit(op.min(xc, axis=[-1], keepdims=True)), ctx.const(0.0, "f32")))
+        hi = ctx.emit(op.maximum(ctx.emit(op.max(xc, axis=[-1], keepdims=True)), ctx.const(0.0, "f32")))
+        sc = ctx.emit(op.divide(ctx.emit(op.subtract(hi, lo)), ctx.const(qmax, "f32")))
+        sc = ctx.emit(op.where(ctx.emit(op.greater(sc, ctx.const(0.0, "f32"))), sc, ctx.const(1.0, "f32")))
+        zr = ctx.emit(op.clip(ctx.emit(op.round(ctx.emit(op.divide(ctx.emit(op.negative(lo)), sc)))), 0, qmax))
+        qa = ctx.emit(op.clip(ctx.emit(op.add(ctx.emit(op.round(ctx.emit(op.divide(xc, sc)))), zr)), 0, qmax))
+        parts.append(ctx.emit(op.multiply(ctx.emit(op.subtract(qa, zr)), sc)))
+    return parts[0] if len(parts) == 1 else ctx.emit(op.concat(parts, axis=-1))
 
 
 def _fake_quant_act(ctx: Ctx, x: Any, s: Any, z: Any, bits: int, clusters: tuple[int, ...], k: int) -> Any:

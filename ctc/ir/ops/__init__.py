@@ -7,6 +7,7 @@ from ctc.ir.ops import (
     compress_attention,  # noqa: F401,E402
     core,  # noqa: F401,E402
     elementwise,  # noqa: F401,E402
+    kv_cache,  # noqa: F401,E402
     math,  # noqa: F401,E402
     nn,  # noqa: F401,E402
     reductions,  # noqa: F401,E402

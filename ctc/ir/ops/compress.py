@@ -46,10 +46,14 @@ def _a_quantized(a_bits: int | None) -> bool:
 def _infer_quant_linear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     x, qw, ws, wz, *rest = ins
     bits, gs, a_bits, clusters = attrs["w_bits"], attrs["group_size"], attrs["a_bits"], attrs["act_clusters"]
-    want = 4 + int(attrs["has_bias"]) + (2 if _a_quantized(a_bits) else 0)
+    dynamic = bool(attrs.get("act_dynamic"))
+    if dynamic and not _a_quantized(a_bits):
+        raise OpError("quant_linear act_dynamic=true needs quantized activations (a_bits 4..8)")
+    want = 4 + int(attrs["has_bias"]) + (2 if _a_quantized(a_bits) and not dynamic else 0)
     if len(ins) != want:
-        raise OpError(f"quant_linear with has_bias={attrs['has_bias']} and a_bits={a_bits} takes {want} operands "
-                      "(x, qweight, w_scale, w_zero[, bias][, act_scale, act_zero]), got " + str(len(ins)))
+        raise OpError(f"quant_linear with has_bias={attrs['has_bias']}, a_bits={a_bits} and act_dynamic={dynamic} "
+                      f"takes {want} operands (x, qweight, w_scale, w_zero[, bias][, act_scale, act_zero]), got "
+                      + str(len(ins)))
     _float(x, "quant_linear x")
     if x.rank < 1:
         raise OpError(f"quant_linear x must have rank >= 1, got {x}")
@@ -71,20 +75,23 @@ def _infer_quant_linear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     g = Q.num_groups(k, gs)
     _float(ws, "quant_linear w_scale")
     _shape(ws, (n, g), "quant_linear w_scale")
-    if wz.dtype != "i8":
-        raise OpError(f"quant_linear w_zero must be i8 (signed zero points), got {wz}")
+    if wz.dtype != "i8" and not (wz.dtype == "f32" and not _a_quantized(a_bits)):
+        raise OpError(f"quant_linear w_zero must be i8 (signed zero points), or f32 for weight-only nodes "
+                      f"(float zero points, e.g. GGUF Q4_1 minima), got {wz}")
     _shape(wz, (n, g), "quant_linear w_zero")
     if attrs["has_bias"]:
         b = rest.pop(0)
         _float(b, "quant_linear bias")
         _shape(b, (n,), "quant_linear bias")
     if _a_quantized(a_bits):
-        s, z = rest
         c = len(clusters) or 1
         try:
             Q.cluster_index(clusters, k)
         except ValueError as e:
             raise OpError(f"quant_linear: {e}") from None
+        if dynamic:
+            return [x.with_shape((*x.shape[:-1], n))]
+        s, z = rest
         _float(s, "quant_linear act_scale")
         _shape(s, (c,), "quant_linear act_scale (one per cluster)")
         if z.dtype != "i32":
@@ -97,7 +104,7 @@ def _infer_quant_linear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
 
 def _quant_linear_layout(attrs: Mapping[str, Any]) -> dict[str, Presence]:
     """``bias`` iff ``has_bias``; ``act_scale``/``act_zero`` iff activations are quantized (``a_bits`` 4..8)."""
-    aq = _a_quantized(attrs.get("a_bits"))
+    aq = _a_quantized(attrs.get("a_bits")) and not attrs.get("act_dynamic")
     return {"bias": bool(attrs.get("has_bias")), "act_scale": aq, "act_zero": aq}
 
 
@@ -116,11 +123,13 @@ def _quant_linear_layout(attrs: Mapping[str, Any]) -> dict[str, Presence]:
         "act_clusters": Attr("ints", (), doc="cumulative end boundaries of contiguous input-channel clusters, "
                                              "each with its own act scale/zero; () = one cluster"),
         "has_bias": Attr("bool", False, doc="whether the bias operand is present"),
+        "act_dynamic": Attr("bool", False, doc="activation scale/zero computed per token (row) and cluster at run "
+                                               "time from the row's min/max; no act_scale/act_zero operands"),
     },
 )
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                  *rest: torch.Tensor, w_bits: int, group_size: int, w_symmetric: bool, a_bits: int | None,
-                 act_clusters: tuple[int, ...], has_bias: bool) -> torch.Tensor:
+                 act_clusters: tuple[int, ...], has_bias: bool, act_dynamic: bool = False) -> torch.Tensor:
     """Linear layer with integer weights and optionally integer activations: ``y = x W^T + b``.
 
     Operands: ``x [..., K]`` float; ``qweight`` signed integer weights in storage form
@@ -139,13 +148,20 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
     up to fp32 summation rounding, the integer kernel that accumulates
     ``Σ (qa - z_c)(q - w_zero)`` in int32 over each K-segment of constant cluster and
     group and applies ``s_c * w_scale`` to each segment sum (``ctc.ir.quant.quant_linear_int``).
+
+    ``act_dynamic``: ``(s_c, z_c)`` are computed per token (every leading index of ``x``) and
+    cluster from that row's min/max (``ctc.ir.quant.dynamic_act_qparams``), as a kernel does at
+    run time; the op then has no ``act_scale``/``act_zero`` operands.  Weight-only nodes may carry
+    f32 ``w_zero`` (float zero points: ``W = (q - z) * s`` with ``z`` not an integer).
     """
     rest_l = list(rest)
     bias = rest_l.pop(0) if has_bias else None
     k = x.shape[-1]
     w = Q.dequantize_weight(qweight, w_scale, w_zero, w_bits, group_size, k)
     xf = x.to(torch.float32)
-    if _a_quantized(a_bits):
+    if _a_quantized(a_bits) and act_dynamic:
+        xf = Q.fake_quant_act_dynamic(xf, int(a_bits), act_clusters)  # type: ignore[arg-type]
+    elif _a_quantized(a_bits):
         act_scale, act_zero = rest_l
         xf = Q.fake_quant_act(xf, act_scale, act_zero, int(a_bits), act_clusters)  # type: ignore[arg-type]
     y = xf @ w.T

@@ -1,0 +1,230 @@
+"""Integer decode on the CPU: one SmolLM2-135M decode step through ctc's int8 / int4 kernels, against
+ONNX Runtime fp32 and dynamic int8, in one process and one run.
+
+Why: issue 15's yardsticks.  Every row decodes the same token on the same KV cache (``--past``
+tokens of held-out wiki text, prefilled by the model) with ``--threads`` threads, and is timed
+like benchmarks/cpu_latency.py (median and min of ``--runs`` calls after warm-up, interleaved in
+``--rounds`` rounds, a settle pause between runtimes).  The logits of each row are compared with
+PyTorch fp32 eager (cosine and max abs error).  Rows (``--rows``, comma list):
+
+* ``ort``, ``ort-int8``: ONNX Runtime on the Hugging Face decode step (explicit past tensors in,
+  grown caches out), fp32 and ``quantize_dynamic`` (QInt8 weights per tensor, u8 activations
+  per tensor, every MatMul including the LM head);
+* ``ctc``: ctc fp32 on the static decode step (preallocated caches written in place,
+  ``ctc.frontends.decode.static_decode_step``), default schedules;
+* ``ctc-w8a8``: ``quantize w_bits=8 a_bits=8 a_mode="dynamic" lm_head=true`` (int8 weights per
+  output channel, activations quantized per token in the kernel: VNNI one-row GEMV);
+  ``ctc-w8a8-body``: the same with the LM head left fp32;
+* ``ctc-w4``: weight-only int4, asymmetric, groups of 32 (``quantize w_bits=4 a_bits=16
+  w_granularity="group" group_size=32 sym=false lm_head=true``), packed in memory;
+  ``ctc-w8``: weight-only int8 per output channel, LM head included;
+* ``ctc-kv8``: ``ctc-w8a8`` plus the int8 KV cache (``kv-cache-quant bits=8``) when that pass exists.
+
+Usage (the tables of benchmarks/results/cpu_int_decode.md)::
+
+    python benchmarks/cpu_decode.py --past 128 --rows ort,ort-int8,ctc,ctc-w8a8,ctc-w8a8-body,ctc-w4,ctc-w8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cpu_latency import _cosine, smollm2_decode_windows, timeit  # noqa: E402
+
+PIPELINES: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
+    "ctc": ("ctc fp32", []),
+    "ctc-w8a8": ("ctc W8A8 per-token, head int8", [("quantize", {"w_bits": 8, "a_bits": 8, "a_mode": "dynamic",
+                                                                  "lm_head": True})]),
+    "ctc-w8a8-body": ("ctc W8A8 per-token, head fp32", [("quantize", {"w_bits": 8, "a_bits": 8,
+                                                                      "a_mode": "dynamic"})]),
+    "ctc-w4": ("ctc int4 weight-only g32", [("quantize", {"w_bits": 4, "a_bits": 16, "w_granularity": "group",
+                                                          "group_size": 32, "sym": False, "lm_head": True})]),
+    "ctc-w8": ("ctc int8 weight-only", [("quantize", {"w_bits": 8, "a_bits": 16, "lm_head": True})]),
+    "ctc-kv8": ("ctc W8A8 per-token + int8 KV", [("quantize", {"w_bits": 8, "a_bits": 8, "a_mode": "dynamic",
+                                                               "lm_head": True}),
+                                                 ("kv-cache-quant", {"bits": 8})]),
+}
+
+
+def static_inputs(model: torch.nn.Module, window: dict[str, torch.Tensor], max_len: int) -> dict[str, torch.Tensor]:
+    """The static-step inputs decoding the same token on the same cache as the HF step's ``window``."""
+    from ctc.frontends.decode import static_cache_names
+
+    past = int(window["past_k_0"].shape[2])
+    out = {"input_ids": window["input_ids"], "position": torch.tensor([past], dtype=torch.long)}
+    for name, (i, t) in zip(static_cache_names(model.config),
+                            [(i, t) for i in range(model.config.num_hidden_layers) for t in "kv"], strict=True):
+        c = window[f"past_{t}_{i}"]
+        buf = torch.zeros(*c.shape[:2], max_len, c.shape[3])
+        buf[:, :, :past] = c
+        out[name] = buf
+    return out
+
+
+def module_inputs(m: Any, static: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``m``'s inputs from the fp32 static-step inputs: a quantized cache (``kv-cache-quant``) gets the
+    prefilled rows quantized as its write kernel would, and their scales."""
+    from ctc.ir import quant as Q
+
+    out: dict[str, torch.Tensor] = {}
+    for v in m.inputs:
+        if v.name in out:
+            continue
+        if v.type.dtype in ("i8", "u8"):
+            f = static[v.name]
+            groups = int(next(u for u in m.inputs if u.name == v.name + "_scale").type.shape[-1])
+            bits = 8 if v.type.dtype == "i8" else 4
+            q, s = Q.quantize_kv(f, bits, -1 if groups == 1 else f.shape[-1] // groups)
+            past = int(static["position"][0])
+            q[:, :, past:] = 0
+            s[:, :, past:] = 0
+            out[v.name], out[v.name + "_scale"] = q, s
+        else:
+            out[v.name] = static[v.name]
+    return tuple(out[v.name] for v in m.inputs)
+
+
+def ctc_module(model: torch.nn.Module, max_len: int, steps: list[tuple[str, dict[str, Any]]]) -> Any:
+    """The captured static decode step after ``steps`` (pass name, options)."""
+    from ctc.frontends import capture
+    from ctc.frontends.decode import static_decode_inputs, static_decode_step
+    from ctc.passes.base import get_pass
+    from ctc.passes.manager import PassManager
+
+    m = capture(static_decode_step(model), static_decode_inputs(model, max_len, position=max_len - 1,
+                                                                random_cache=False), dynamic=False)
+    if steps:
+        pm = PassManager([get_pass(n)(o) for n, o in steps], progress=False, fidelity=False)
+        m, _ = pm.run(m)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--past", type=int, default=128, help="KV-cache positions before the decoded token")
+    ap.add_argument("--rows", default="ort,ort-int8,ctc,ctc-w8a8,ctc-w8a8-body,ctc-w4,ctc-w8")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows_wanted if r not in PIPELINES and r not in ("ort", "ort-int8")]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from ort, ort-int8, {', '.join(PIPELINES)}")
+    torch.set_num_threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    import onnxruntime
+    import tvm
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print("# ctc integer decode benchmark (SmolLM2-135M, one decode step)")
+    print(f"machine: {cpu}, {os.cpu_count()} cpus ({len(os.sched_getaffinity(0))} usable), {platform.platform()}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
+          f"{onnxruntime.__version__}, tvm {tvm.__version__}")
+    print(f"protocol: batch 1, one new token after {args.past} cached tokens of wiki evaluation text, {args.threads} "
+          f"threads everywhere, median and min of >= {args.runs} calls after {args.warmup} warm-ups, "
+          f"{args.rounds} interleaved rounds; cosine / max abs err of the logits vs PyTorch fp32 eager")
+    torch.set_grad_enabled(False)
+    from ctc.frontends.decode import decode_step
+
+    model, windows = smollm2_decode_windows("evaluation", 1, past=args.past)
+    step = decode_step(model)
+    window = windows[0]
+    ref = step(*window.values())[0]
+    fns: dict[str, Callable[[], Any]] = {"PyTorch eager": lambda: step(*window.values())}
+    rows: list[dict[str, Any]] = [{"runtime": "PyTorch eager", "cos": 1.0, "err": 0.0, "build_s": None}]
+    tmp = tempfile.TemporaryDirectory()
+    if {"ort", "ort-int8"} & set(rows_wanted):
+        import onnxruntime as ort
+
+        path = str(Path(tmp.name) / "step.onnx")
+        t0 = time.perf_counter()
+        onames = ["logits"] + [f"present_{t}_{i}" for i in range(step.n_layers) for t in "kv"]
+        torch.onnx.export(step, tuple(window.values()), path, input_names=list(window), output_names=onames,
+                          opset_version=17, dynamo=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        feed = {k: v.numpy() for k, v in window.items()}
+        models = []
+        if "ort" in rows_wanted:
+            models.append(("ONNX Runtime fp32", path))
+        if "ort-int8" in rows_wanted:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            qpath = str(Path(tmp.name) / "step_int8.onnx")
+            quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+            models.append(("ONNX Runtime int8 (dynamic)", qpath))
+        for label, p in models:
+            sess = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+            out = sess.run(None, feed)[0]
+            fns[label] = lambda sess=sess: sess.run(None, feed)
+            rows.append({"runtime": label, "cos": _cosine(out, ref), "err": float(np.abs(out - ref.numpy()).max()),
+                         "build_s": time.perf_counter() - t0})
+    from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
+    from ctc.passes.base import get_pass
+
+    max_len = args.past + 1
+    sin = static_inputs(model, window, max_len)
+    for key in rows_wanted:
+        if key not in PIPELINES:
+            continue
+        label, steps = PIPELINES[key]
+        try:
+            for n, _ in steps:
+                get_pass(n)
+        except Exception as e:  # noqa: BLE001 - a pass this checkout lacks
+            print(f"(skipping {key}: {e})")
+            continue
+        t0 = time.perf_counter()
+        m = ctc_module(model, max_len, steps)
+        comp = compile_module(m, options=BuildOptions(static_dims={}))
+        d = Path(tmp.name) / key
+        comp.export(d)
+        lib = load_compiled(d, threads=args.threads)
+        mins = module_inputs(m, sin)
+        out = lib(*mins)[0]
+        prep = lib.prepare(*mins)
+        fns[label] = lambda lib=lib, prep=prep: lib.run_prepared(prep)
+        wbytes = m.param_bytes()
+        rows.append({"runtime": label, "cos": _cosine(out, ref), "err": float((out - ref).abs().max()),
+                     "build_s": time.perf_counter() - t0, "int_kernels": comp.meta.get("int_kernels"),
+                     "weight_mb": wbytes / 1e6 if wbytes else None})
+        print(f"  built {label}: {time.perf_counter() - t0:.1f} s, int kernels {comp.meta.get('int_kernels')}, "
+              f"weights {wbytes / 1e6 if wbytes else float('nan'):.1f} MB", flush=True)
+    times = timeit(fns, args.runs, args.warmup, args.rounds)
+    ort_int8 = times.get("ONNX Runtime int8 (dynamic)", (None,))[0]
+    print(f"\n(load average after: {os.getloadavg()[0]:.2f})\n")
+    print("| runtime | median ms | min ms | tok/s (median) | x ORT int8 (median) | logits cosine | max abs err "
+          "| params MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        med, mn = times[r["runtime"]]
+        ratio = f"{med / ort_int8:.2f}" if ort_int8 else "-"
+        wmb = f"{r['weight_mb']:.1f}" if r.get("weight_mb") else "-"
+        print(f"| {r['runtime']} | {med:.2f} | {mn:.2f} | {1e3 / med:.1f} | {ratio} | {r['cos']:.6f} "
+              f"| {r['err']:.3g} | {wmb} |")
+
+
+if __name__ == "__main__":
+    main()

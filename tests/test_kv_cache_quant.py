@@ -1,0 +1,120 @@
+"""``kv-cache-quant`` and its ops: an int8/int4 KV cache of a static decode step, written at the step and
+read by attention; the CPU kernels match the reference interpreter and update the buffers in place."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ctc.frontends import capture
+from ctc.frontends.decode import static_decode_inputs, static_decode_step
+from ctc.generate import greedy_generate
+from ctc.ir import quant as Q
+from ctc.ir.interpreter import interpret
+from ctc.passes.base import get_pass
+from ctc.passes.manager import PassManager, PipelineError
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def step_module():
+    m = _llama()
+    return m, capture(static_decode_step(m), static_decode_inputs(m, 32, position=8, random_cache=False),
+                      dynamic=False)
+
+
+def _run(module, options):  # noqa: ANN001, ANN202
+    return PassManager([get_pass("kv-cache-quant")(options)], progress=False, fidelity=False).run(module)[0]
+
+
+def _specs(m):  # noqa: ANN001, ANN202
+    return [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in m.inputs]
+
+
+def test_quantize_kv_round_trip_error_is_half_a_step() -> None:
+    x = torch.randn(2, 3, 5, 64) * torch.linspace(0.1, 3, 64)
+    for bits, gs in ((8, -1), (8, 16), (4, 32)):
+        q, s = Q.quantize_kv(x, bits, gs)
+        assert q.dtype == (torch.int8 if bits == 8 else torch.uint8) and s.shape[-1] == Q.kv_groups(64, gs)
+        err = (Q.dequantize_kv(q, s, bits, gs) - x).abs().reshape(2, 3, 5, s.shape[-1], -1)
+        assert bool((err <= s.unsqueeze(-1) / 2 + 1e-6).all())
+
+
+def test_pass_rewrites_inputs_outputs_and_ops(step_module) -> None:
+    _, mod = step_module
+    q = _run(mod, {"bits": 8})
+    names = [(v.name, v.type.dtype) for v in q.inputs]
+    assert names[:6] == [("input_ids", "i64"), ("position", "i64"), ("cache_k_0", "i8"), ("cache_k_0_scale", "f32"),
+                         ("cache_v_0", "i8"), ("cache_v_0_scale", "f32")]
+    ops = q.op_counts()
+    assert ops.get("quant_cache_write") == 4 and ops.get("quant_kv_attention") == 2
+    assert "cache_write" not in ops and "scaled_dot_product_attention" not in ops
+    assert len(q.outputs) == 1 + 8 and q.output_names[1:3] == ["1", "1_scale"]
+
+
+def test_generation_with_an_int8_cache_follows_fp32(step_module) -> None:
+    model, mod = step_module
+    q = _run(mod, {"bits": 8})
+    prompt = torch.tensor([[3, 5, 7, 9, 11]])
+    g0 = greedy_generate(lambda ins: interpret(mod, ins), prompt, 6, input_specs=_specs(mod))
+    g1 = greedy_generate(lambda ins: interpret(q, ins), prompt, 6, input_specs=_specs(q))
+    assert torch.equal(g0.tokens, g1.tokens)
+
+
+def test_non_decode_modules_are_refused() -> None:
+    from ctc.ir import Module, TensorType
+
+    m = Module("plain")
+    x = m.add_input("x", TensorType((1, 2, 4, 16), "f32"))
+    y = m.create_node("scaled_dot_product_attention", [x, x, x], {"is_causal": True})
+    m.set_outputs([y.output])
+    with pytest.raises(PipelineError, match="static decode step"):
+        _run(m, {"bits": 8})
+
+
+@pytest.mark.parametrize("bits,gs", [(8, -1), (8, 16), (4, -1)])
+def test_cpu_kernels_match_interpreter_in_place(step_module, bits: int, gs: int) -> None:
+    pytest.importorskip("tvm")
+    from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
+
+    _, mod = step_module
+    q = _run(mod, {"bits": bits, "group_size": gs})
+    comp = compile_module(q, options=BuildOptions())
+    assert (comp.meta["notes"] == []) == (bits == 8)
+    d = tempfile.mkdtemp()
+    comp.export(d)
+    lib = load_compiled(d)
+    g = torch.Generator().manual_seed(0)
+    ins = {}
+    for v in q.inputs:
+        shape = tuple(v.type.shape)
+        if v.name == "input_ids":
+            ins[v.name] = torch.tensor([[5]])
+        elif v.name == "position":
+            ins[v.name] = torch.tensor([20])
+        elif v.type.dtype == "i8":
+            ins[v.name] = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        elif v.type.dtype == "u8":
+            ins[v.name] = torch.randint(0, 256, shape, generator=g).to(torch.uint8)
+        else:
+            ins[v.name] = torch.rand(shape, generator=g) * 0.05
+    ref = interpret(q, ins)
+    got = lib(*[ins[v.name] for v in q.inputs])
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(got[1:], ref[1:], strict=True):
+        assert torch.equal(a, b) if not a.dtype.is_floating_point else torch.allclose(a, b, rtol=1e-6, atol=0)
+    # through device buffers the library writes the new rows into the caches themselves
+    if bits == 8:
+        args = [lib.device_tensor(ins[v.name]) for v in q.inputs]
+        lib.call_device([a[0] for a in args])
+        after = args[2][1]
+        assert torch.equal(after, ref[1]) and not torch.equal(after, ins["cache_k_0"])

@@ -1,0 +1,144 @@
+"""Weight-only ``quant_linear`` on the TVM CPU backend: int4/int8 weights stay packed in the library and
+the GEMV (one row) / dequantize + GEMM (several rows) kernels match the reference interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from ctc.backends.tvm import lower as L  # noqa: E402
+from ctc.backends.tvm import weight_only as WO  # noqa: E402
+from ctc.backends.tvm.build import BuildOptions, compile_module  # noqa: E402
+from ctc.ir import Module, TensorType  # noqa: E402
+from ctc.ir import quant as Q  # noqa: E402
+from ctc.ir.interpreter import interpret  # noqa: E402
+
+
+def _module(k: int, n: int, bits: int, gs: int, sym: bool, rows: int | str, bias: bool, float_zero: bool = False,
+            seed: int = 0) -> Module:
+    g = torch.Generator().manual_seed(seed)
+    m = Module("wo")
+    x = m.add_input("x", TensorType((1, rows, k), "f32"))
+    qw = Q.quantize_weight(torch.randn(n, k, generator=g), bits, gs, sym)
+    zero = qw.zero
+    if float_zero:  # a float zero point (GGUF Q4_1 style minima)
+        zero = qw.zero.to(torch.float32) + torch.rand(qw.zero.shape, generator=g) - 0.5
+    names = {"qweight": qw.qweight, "w_scale": qw.scale, "w_zero": zero}
+    if bias:
+        names["bias"] = torch.randn(n, generator=g)
+    ops = {"x": x}
+    for nm, t in names.items():
+        m.add_param(nm, t)
+        ops[nm] = m.param(nm)
+    y = m.create_node("quant_linear", ops, {"w_bits": bits, "group_size": gs, "w_symmetric": sym, "a_bits": None,
+                                            "has_bias": bias})
+    m.set_outputs([y.output])
+    return m
+
+
+def _run(m: Module, xs: torch.Tensor, **opts: object) -> torch.Tensor:
+    import tvm
+    from tvm import relax
+
+    comp = compile_module(m, options=BuildOptions(**opts))
+    vm = relax.VirtualMachine(comp.executable, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(xs.numpy()))] + [tvm.runtime.tensor(a) for a in comp.param_arrays]
+    return torch.from_numpy(vm["main"](*args).numpy())
+
+
+@pytest.mark.parametrize("bits,gs,sym,bias,float_zero", [
+    (4, 32, False, True, False), (4, 64, True, False, False), (4, 128, False, False, True), (4, -1, True, True, False),
+    (8, 64, True, False, False), (8, -1, False, True, False), (8, 128, True, False, True)])
+def test_gemv_and_gemm_match_interpreter(bits: int, gs: int, sym: bool, bias: bool, float_zero: bool) -> None:
+    k, n = 320, 48  # 320 = 2.5 groups of 128: a short last group
+    for rows in (1, 5):
+        m = _module(k, n, bits, gs, sym, rows, bias, float_zero, seed=bits + gs)
+        low = L.lower(m, static_dims={})
+        assert low.int_kernels == 1 and not low.notes
+        script = low.mod.script()
+        assert ("ctc_wo_gemv" in script) == (rows == 1)
+        xs = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(3))
+        ref = interpret(m, [xs])[0]
+        got = _run(m, xs)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_bytes_are_what_is_bound() -> None:
+    m = _module(256, 64, 4, 32, False, 1, False)
+    low = L.lower(m, params="input")
+    arrays = {n: a for n, a in low.param_inputs}
+    wp = [a for n, a in arrays.items() if "wo_pack" in n]
+    assert len(wp) == 1 and wp[0].dtype == np.uint8 and wp[0].shape == (64, 128)
+    assert not any(a.dtype == np.float32 and a.size >= 256 * 64 for a in arrays.values())
+
+
+def test_pack_layout_is_gguf_like_blocks() -> None:
+    spec = WO.spec_of(64, 2, 4, 32, False)
+    q = (np.arange(128).reshape(2, 64) % 16 - 8).astype(np.int8)
+    wp, s, o = WO.pack(spec, q, np.ones((2, 2), np.float32), np.zeros((2, 2), np.int8))
+    # byte j of a block: element j (low nibble) and element j + 16 (high nibble), offset binary
+    assert wp[0, 0] == (q[0, 0] + 8) | ((q[0, 16] + 8) << 4)
+    assert wp[0, 16] == (q[0, 32] + 8) | ((q[0, 48] + 8) << 4)
+    np.testing.assert_array_equal(o, -8.0 * np.ones((2, 2), np.float32))
+
+
+def test_unsupported_shapes_fall_back_with_a_note() -> None:
+    m = _module(40, 16, 4, -1, True, 1, False)  # K not a multiple of 32
+    low = L.lower(m)
+    assert any("dequantized at build time" in n for n in low.notes)
+    xs = torch.randn(1, 1, 40)
+    torch.testing.assert_close(_run(m, xs), interpret(m, [xs])[0], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- W8A8, dynamic activations
+def _w8a8(k: int, n: int, clusters: tuple[int, ...], sym: bool, rows: int, dynamic: bool) -> Module:
+    g = torch.Generator().manual_seed(7)
+    m = Module("w8a8")
+    x = m.add_input("x", TensorType((1, rows, k), "f32"))
+    qw = Q.quantize_weight(torch.randn(n, k, generator=g), 8, -1, sym)
+    ops = {"x": x}
+    for nm, t in {"qweight": qw.qweight, "w_scale": qw.scale, "w_zero": qw.zero}.items():
+        m.add_param(nm, t)
+        ops[nm] = m.param(nm)
+    if not dynamic:
+        s, z = Q.act_qparams(torch.full((len(clusters) or 1,), -3.0), torch.full((len(clusters) or 1,), 3.0), 8)
+        for nm, t in {"act_scale": s, "act_zero": z}.items():
+            m.add_param(nm, t)
+            ops[nm] = m.param(nm)
+    y = m.create_node("quant_linear", ops, {"w_bits": 8, "group_size": -1, "w_symmetric": sym, "a_bits": 8,
+                                            "act_clusters": clusters, "act_dynamic": dynamic})
+    m.set_outputs([y.output])
+    return m
+
+
+@pytest.mark.parametrize("rows,clusters,sym", [(1, (), True), (1, (40, 64, 128), False), (6, (20, 128), True)])
+def test_dynamic_activation_kernels_match_interpreter(rows: int, clusters: tuple[int, ...], sym: bool) -> None:
+    m = _w8a8(128, 48, clusters, sym, rows, dynamic=True)
+    low = L.lower(m)
+    assert low.int_kernels == 1 and not low.notes and "ctc_qmm" in low.mod.script()
+    xs = torch.randn(1, rows, 128, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 4, 128)
+    ref = interpret(m, [xs])[0]
+    got = _run(m, xs)
+    # same integer arithmetic; a value on a rounding boundary may land one activation step away
+    step = float((xs.abs().amax() * 2 / 255) * m.params["w_scale"].abs().max()) * 128
+    assert float((got - ref).abs().max()) <= step
+    assert float((got - ref).abs().mean()) < 1e-4 * float(ref.abs().mean()) + 1e-5
+
+
+def test_one_row_uses_a_one_row_tile() -> None:
+    low = L.lower(_w8a8(128, 64, (), True, 1, dynamic=False))
+    assert "_1x4" in low.mod.script()
+    low = L.lower(_w8a8(128, 64, (), True, 3, dynamic=False))
+    assert "_8x2" in low.mod.script()
+
+
+def test_dynamic_reference_uses_each_rows_range() -> None:
+    x = torch.tensor([[[0.0, 1.0, -2.0, 4.0]], [[100.0, -50.0, 25.0, 0.5]]])
+    y = Q.fake_quant_act_dynamic(x, 8, (2, 4))
+    for r in range(2):
+        for a, b in ((0, 2), (2, 4)):
+            s, z = Q.act_qparams(x[r, 0, a:b].min(), x[r, 0, a:b].max(), 8)
+            torch.testing.assert_close(y[r, 0, a:b], Q.fake_quant_act(x[r, 0, a:b], s.reshape(1), z.reshape(1), 8, ()))
