@@ -257,10 +257,13 @@ def qlinear_segments(k: int, group_size: int, clusters: Sequence[int]) -> list[t
 
 def _quant_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                   *rest: torch.Tensor, w_bits: int, group_size: int, w_symmetric: bool, a_bits: int | None,
-                  act_clusters: tuple[int, ...], has_bias: bool) -> torch.Tensor:
+                  act_clusters: tuple[int, ...], has_bias: bool, act_dynamic: bool = False) -> torch.Tensor:
     if a_bits is None or a_bits == 16:
         raise NotImplementedError("the integer model has no weight-only quant_linear (float activations); "
                                   "quantize activations too (a_bits 4..8)")
+    if act_dynamic:
+        raise NotImplementedError("the integer model has no dynamic (per-token) activation ranges; quantize with "
+                                  "static ranges")
     rest_l = list(rest)
     bias = rest_l.pop(0) if has_bias else None
     act_scale, act_zero = rest_l
