@@ -142,3 +142,23 @@ def test_dynamic_reference_uses_each_rows_range() -> None:
         for a, b in ((0, 2), (2, 4)):
             s, z = Q.act_qparams(x[r, 0, a:b].min(), x[r, 0, a:b].max(), 8)
             torch.testing.assert_close(y[r, 0, a:b], Q.fake_quant_act(x[r, 0, a:b], s.reshape(1), z.reshape(1), 8, ()))
+
+
+@pytest.mark.parametrize("bits,gs,k", [(4, 32, 64), (4, -1, 33), (8, 16, 48)])
+def test_stored_int_decoder_matches_dequantize_weight(bits: int, gs: int, k: int) -> None:
+    """The TE decoder of ctc.ir.quant's storage form (used by the GPU quant_linear and the KV cache
+    expansion) reproduces ``dequantize_weight``, odd K (a padding nibble) included."""
+    import tvm
+    from tvm import te
+
+    from ctc.backends.tvm.targets import resolve
+
+    qw = Q.quantize_weight(torch.randn(5, k, generator=torch.Generator().manual_seed(1)), bits, gs, symmetric=False)
+    arrays = [qw.qweight.numpy(), qw.scale.numpy(), qw.zero.numpy()]
+    ph = [te.placeholder(a.shape, str(a.dtype), name=f"p{i}") for i, a in enumerate(arrays)]
+    w = L._dequant_te(bits, gs, k)(*ph)
+    f = tvm.compile(te.create_prim_func([*ph, w]), target=resolve("cpu").target())
+    out = tvm.runtime.tensor(np.zeros((5, k), np.float32))
+    f(*(tvm.runtime.tensor(a) for a in arrays), out)
+    ref = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, bits, gs, k).numpy()
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6, atol=1e-6)

@@ -258,20 +258,16 @@ def lower_quant_cache_write(ctx: Any, node: Any) -> Any:
 
 
 def _dequant_te(bits: int, group: int, d: int) -> Any:
+    from ctc.backends.tvm.lower import stored_int_te
+
     def f(c: Any, s: Any) -> Any:
-        from tvm import te, tirx
+        from tvm import te
 
         gn = 1 if group == -1 else d // group
         dg = d // gn
 
         def value(bi: Any, hi: Any, j: Any, k: Any) -> Any:
-            if bits == 8:
-                v = tirx.Cast("float32", c[bi, hi, j, k])
-            else:
-                byte = c[bi, hi, j, k // 2]
-                nib = tirx.Select(k % 2 == 0, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
-                v = tirx.Cast("float32", nib) - tirx.const(8.0, "float32")
-            return v * s[bi, hi, j, k // dg]
+            return stored_int_te(c, (bi, hi, j), k, bits) * s[bi, hi, j, k // dg]
 
         return te.compute([c.shape[0], c.shape[1], c.shape[2], d], value, name="kv_dequant")
     return f

@@ -1255,6 +1255,19 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
 
 
+def stored_int_te(buf: Any, lead: tuple[Any, ...], kk: Any, bits: int) -> Any:
+    """The signed integer at ``buf[*lead, kk]`` as f32, read from the storage form of :mod:`ctc.ir.quant`
+    (bits <= 4: two offset-binary nibbles per byte along the last axis, low first; else int8 as is).
+    The one place the TE kernels decode that form (weights here, the KV cache in :mod:`.kv_cache`)."""
+    from tvm import tirx
+
+    if bits > 4:
+        return tirx.Cast("float32", buf[(*lead, kk)])
+    byte = buf[(*lead, kk // 2)]
+    nib = (byte >> (tirx.Cast("uint8", kk % 2) * tirx.const(4, "uint8"))) & tirx.const(15, "uint8")
+    return tirx.Cast("float32", nib) - tirx.const(8.0, "float32")
+
+
 def _dequant_te(bits: int, group_size: int, k: int) -> Callable[[Any, Any, Any], Any]:
     """``w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]`` in f32 from the storage form of :mod:`ctc.ir.quant`
     (int4: two offset-binary nibbles per byte, low first; int8 as is)."""
@@ -1262,12 +1275,7 @@ def _dequant_te(bits: int, group_size: int, k: int) -> Callable[[Any, Any, Any],
         from tvm import te, tirx
 
         def value(n: Any, kk: Any) -> Any:
-            if bits <= 4:
-                byte = q[n, kk // 2]
-                nib = (byte >> (tirx.Cast("uint8", kk % 2) * tirx.const(4, "uint8"))) & tirx.const(15, "uint8")
-                qv = tirx.Cast("float32", nib) - tirx.const(8.0, "float32")
-            else:
-                qv = tirx.Cast("float32", q[n, kk])
+            qv = stored_int_te(q, (n,), kk, bits)
             g = kk // group_size if group_size != -1 else 0
             return (qv - tirx.Cast("float32", z[n, g])) * s[n, g].astype("float32")
 
