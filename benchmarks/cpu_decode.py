@@ -18,7 +18,9 @@ PyTorch fp32 eager (cosine and max abs error).  Rows (``--rows``, comma list):
 * ``ctc-w4``: weight-only int4, asymmetric, groups of 32 (``quantize w_bits=4 a_bits=16
   w_granularity="group" group_size=32 sym=false lm_head=true``), packed in memory;
   ``ctc-w8``: weight-only int8 per output channel, LM head included;
-* ``ctc-kv8``: ``ctc-w8a8`` plus the int8 KV cache (``kv-cache-quant bits=8``) when that pass exists.
+* ``ctc-gguf``: the bundled GGUF's own Q4_1 tensors as weight-only int4 (``gguf-weights``);
+* ``ctc-kv8`` / ``ctc-kv4``: fp32 weights with the int8 (int4, groups of 32) KV cache
+  (``kv-cache-quant``); ``ctc-w8a8-kv8``: ``ctc-w8a8`` plus the int8 KV cache.
 
 Usage (the tables of benchmarks/results/cpu_int_decode.md)::
 
@@ -58,9 +60,12 @@ PIPELINES: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "ctc-w4": ("ctc int4 weight-only g32", [("quantize", {"w_bits": 4, "a_bits": 16, "w_granularity": "group",
                                                           "group_size": 32, "sym": False, "lm_head": True})]),
     "ctc-w8": ("ctc int8 weight-only", [("quantize", {"w_bits": 8, "a_bits": 16, "lm_head": True})]),
-    "ctc-kv8": ("ctc W8A8 per-token + int8 KV", [("quantize", {"w_bits": 8, "a_bits": 8, "a_mode": "dynamic",
-                                                               "lm_head": True}),
-                                                 ("kv-cache-quant", {"bits": 8})]),
+    "ctc-gguf": ("ctc GGUF Q4_1 weights", [("gguf-weights", {})]),
+    "ctc-kv8": ("ctc fp32 + int8 KV", [("kv-cache-quant", {"bits": 8})]),
+    "ctc-kv4": ("ctc fp32 + int4 KV g32", [("kv-cache-quant", {"bits": 4, "group_size": 32})]),
+    "ctc-w8a8-kv8": ("ctc W8A8 per-token + int8 KV", [("quantize", {"w_bits": 8, "a_bits": 8, "a_mode": "dynamic",
+                                                                    "lm_head": True}),
+                                                      ("kv-cache-quant", {"bits": 8})]),
 }
 
 
@@ -102,8 +107,10 @@ def module_inputs(m: Any, static: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return tuple(out[v.name] for v in m.inputs)
 
 
-def ctc_module(model: torch.nn.Module, max_len: int, steps: list[tuple[str, dict[str, Any]]]) -> Any:
-    """The captured static decode step after ``steps`` (pass name, options)."""
+def ctc_module(model: torch.nn.Module, max_len: int, steps: list[tuple[str, dict[str, Any]]],
+               gguf: str | None = None) -> Any:
+    """The captured static decode step after ``steps`` (pass name, options); ``gguf``: the file the
+    model was loaded from (where ``gguf-weights`` reads the quantized tensors)."""
     from ctc.frontends import capture
     from ctc.frontends.decode import static_decode_inputs, static_decode_step
     from ctc.passes.base import get_pass
@@ -111,6 +118,8 @@ def ctc_module(model: torch.nn.Module, max_len: int, steps: list[tuple[str, dict
 
     m = capture(static_decode_step(model), static_decode_inputs(model, max_len, position=max_len - 1,
                                                                 random_cache=False), dynamic=False)
+    if gguf:
+        m.meta["gguf"] = gguf
     if steps:
         pm = PassManager([get_pass(n)(o) for n, o in steps], progress=False, fidelity=False)
         m, _ = pm.run(m)
@@ -182,6 +191,7 @@ def main() -> None:
             rows.append({"runtime": label, "cos": _cosine(out, ref), "err": float(np.abs(out - ref.numpy()).max()),
                          "build_s": time.perf_counter() - t0})
     from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
+    from ctc.eval.models import bundled_gguf_file
     from ctc.passes.base import get_pass
 
     max_len = args.past + 1
@@ -197,7 +207,7 @@ def main() -> None:
             print(f"(skipping {key}: {e})")
             continue
         t0 = time.perf_counter()
-        m = ctc_module(model, max_len, steps)
+        m = ctc_module(model, max_len, steps, str(bundled_gguf_file("smollm2")))
         comp = compile_module(m, options=BuildOptions(static_dims={}))
         d = Path(tmp.name) / key
         comp.export(d)

