@@ -28,9 +28,10 @@ FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChe
 @FAST
 @given(seed=st.integers(0, 10_000), bits=st.sampled_from([3, 4, 8]), k=st.integers(1, 40), n=st.integers(1, 9),
        gs=st.sampled_from([-1, 4, 16]), sym=st.booleans(), a_bits=st.sampled_from([None, 8, 6]),
-       clusters=st.integers(1, 4), bias=st.booleans())
+       clusters=st.integers(1, 4), bias=st.booleans(), dynamic=st.booleans())
 def test_quant_linear_form_is_bit_identical_to_reference(seed: int, bits: int, k: int, n: int, gs: int, sym: bool,
-                                                         a_bits: int | None, clusters: int, bias: bool) -> None:
+                                                         a_bits: int | None, clusters: int, bias: bool,
+                                                         dynamic: bool) -> None:
     g = torch.Generator().manual_seed(seed)
     qw = Q.quantize_weight(torch.randn(n, k, generator=g), bits, gs, sym)
     x = torch.randn(2, 3, k, generator=g) * 4
@@ -41,8 +42,10 @@ def test_quant_linear_form_is_bit_identical_to_reference(seed: int, bits: int, k
         bounds = tuple(sorted({*(int(b) for b in torch.linspace(0, k, c + 1)[1:-1].round()), k} - {0}))
         s, z = Q.act_qparams(-torch.rand(len(bounds), generator=g) * 5, torch.rand(len(bounds), generator=g) * 5,
                              a_bits)
-        rest += [s, z]
-    kw = dict(w_bits=bits, group_size=gs, w_symmetric=sym, a_bits=a_bits, act_clusters=bounds, has_bias=bias)
+        if not dynamic:  # per-token ranges (act_dynamic) are computed from x, not passed
+            rest += [s, z]
+    kw = dict(w_bits=bits, group_size=gs, w_symmetric=sym, a_bits=a_bits, act_clusters=bounds, has_bias=bias,
+              act_dynamic=dynamic and a_bits is not None)
     ref = quant_linear(x, qw.qweight, qw.scale, qw.zero, *rest, **kw)
     got = quant_linear_form(x, qw.qweight, qw.scale, qw.zero, *rest, **kw)
     assert torch.equal(ref, got)

@@ -56,16 +56,35 @@ def dequantized_weight(qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: tor
     return w.reshape(n, g * group_size)[:, :k]
 
 
+def _fake_quant_dynamic(xf: torch.Tensor, bits: int, clusters: Sequence[int], k: int) -> torch.Tensor:
+    """Per-token, per-cluster activation fake-quant (``ctc.ir.quant.fake_quant_act_dynamic``) on static
+    slices: each cluster's row min/max gives its (scale, zero), in the reference's float operations."""
+    qmax = (1 << bits) - 1
+    bounds = list(clusters) or [k]
+    parts = []
+    for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
+        xc = xf[..., a:b]
+        lo = xc.amin(-1, keepdim=True).clamp(max=0)
+        hi = xc.amax(-1, keepdim=True).clamp(min=0)
+        s = (hi - lo) / qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        z = torch.round(-lo / s).clamp(0, qmax)
+        parts.append((torch.clamp(torch.round(xc / s) + z, 0, qmax) - z) * s)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 def quant_linear_form(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                       *rest: torch.Tensor, w_bits: int, group_size: int, w_symmetric: bool, a_bits: int | None,
-                      act_clusters: tuple[int, ...], has_bias: bool) -> torch.Tensor:
+                      act_clusters: tuple[int, ...], has_bias: bool, act_dynamic: bool = False) -> torch.Tensor:
     """``quant_linear`` (see :func:`ctc.ir.ops.compress.quant_linear`) with static slices instead of gathers."""
     rest_l = list(rest)
     bias = rest_l.pop(0) if has_bias else None
     k = x.shape[-1]
     w = dequantized_weight(qweight, w_scale, w_zero, w_bits, group_size, k)
     xf = x.to(torch.float32)
-    if a_bits is not None and a_bits != 16:
+    if a_bits is not None and a_bits != 16 and act_dynamic:
+        xf = _fake_quant_dynamic(xf, int(a_bits), act_clusters, k)
+    elif a_bits is not None and a_bits != 16:
         act_scale, act_zero = rest_l
         s = per_channel(act_scale.to(torch.float32), act_clusters, k)
         z = per_channel(act_zero.to(torch.float32), act_clusters, k)
