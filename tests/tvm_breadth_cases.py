@@ -25,8 +25,9 @@ FAMILY_INPUTS: dict[str, list[tuple[str, TensorType, Callable[[torch.Generator],
              ("ids", TensorType((2, "s"), "i64"), lambda g: torch.randint(-9, 10, (2, SEQ), generator=g))],
     "image": [("img", TensorType((2, 4, 9, 10), "f32"), lambda g: torch.randn(2, 4, 9, 10, generator=g))],
     "signal": [("sig", TensorType((2, 4, "s"), "f32"), lambda g: torch.randn(2, 4, SEQ + 6, generator=g))],
+    "signal_static": [("wave", TensorType((2, 4, 300), "f32"), lambda g: torch.randn(2, 4, 300, generator=g))],
 }
-FAMILY_SEQ = {"math": SEQ, "image": SEQ, "signal": SEQ + 6}
+FAMILY_SEQ = {"math": SEQ, "image": SEQ, "signal": SEQ + 6, "signal_static": SEQ}
 
 
 def case(name: str, op: str, family: str) -> Callable[[Builder], Builder]:
@@ -168,6 +169,17 @@ case("conv_pointwise_epilogue", "conv", "image")(lambda m, v: n(m, "sub", [n(m, 
 case("conv_depthwise_epilogue", "conv", "image")(lambda m, v: n(m, "div", [n(m, "hardsigmoid", [n(
     m, "conv", [n(m, "pad", [v["img"]], pads=(0, 1, 0, 1)), _w(m, "de", 4, 1, 3, 3, seed=34)], stride=(2, 2),
     padding=(0, 0), dilation=(1, 1), groups=4)])], scalar=2.0, reverse=True))
+# 5x5 depthwise kernels take the flat-plane stencil (ConvSpec.depthwise_flat): strides, dilation, an
+# absorbed asymmetric pad, an epilogue; the 3x3 ones above take the direct stencil
+case("conv2d_depthwise_flat", "conv", "image")(lambda m, v: n(
+    m, "conv", [v["img"], _w(m, "df", 4, 1, 5, 5, seed=35), _w(m, "dfb", 4, seed=36)], stride=(1, 1),
+    padding=(2, 2), dilation=(1, 1), groups=4))
+case("conv2d_depthwise_flat_strided_dilated", "conv", "image")(lambda m, v: n(m, "relu", [n(
+    m, "conv", [n(m, "pad", [v["img"]], pads=(1, 3, 0, 2)), _w(m, "dg", 4, 1, 5, 5, seed=37)], stride=(2, 1),
+    padding=(1, 0), dilation=(1, 2), groups=4)]))
+case("conv2d_depthwise_flat_s2", "conv", "image")(lambda m, v: n(
+    m, "conv", [v["img"], _w(m, "dh", 4, 1, 5, 5, seed=38)], stride=(2, 2), padding=(4, 4), dilation=(2, 2),
+    groups=4))
 case("batch_norm", "batch_norm", "image")(lambda m, v: n(
     m, "batch_norm", [v["img"], _w(m, "bm", 4, seed=9), p(m, "bv", torch.rand(4, generator=g(10)) + 0.5),
                       _w(m, "bw", 4, seed=11), _w(m, "bb", 4, seed=12)], eps=1e-3))
@@ -209,6 +221,9 @@ case("conv1d", "conv", "signal")(lambda m, v: n(
     dilation=(2,), groups=2))
 case("conv1d_strided", "conv", "signal")(lambda m, v: n(
     m, "conv", [v["sig"], _w(m, "c2", 3, 4, 4, seed=22)], stride=(2,), padding=(1,), dilation=(1,)))
+case("conv1d_depthwise_flat", "conv", "signal_static")(lambda m, v: n(
+    m, "conv", [v["wave"], _w(m, "c3", 4, 1, 15, seed=23), _w(m, "c3b", 4, seed=24)], stride=(2,), padding=(7,),
+    dilation=(1,), groups=4))
 case("max_pool1d", "max_pool", "signal")(lambda m, v: n(
     m, "max_pool", [v["sig"]], kernel=(3,), stride=(2,), padding=(1,), dilation=(1,)))
 case("pad1d_reflect", "pad", "signal")(lambda m, v: n(m, "pad", [v["sig"]], pads=(2, 3), mode="reflect"))

@@ -11,7 +11,9 @@ So each convolution is lowered to a form the default schedules already run fast:
   once (im2col, a producer stage of the same kernel), then the same per-group matmul;
 * **depthwise** (one input channel per group): a padded copy of each channel plane, then a
   stencil vectorized along the output width, parallel over (batch, channel)
-  (:class:`DepthwiseConvRule`).
+  (:class:`DepthwiseConvRule`); on small static planes with many taps (5x5 kernels, 14x14-28x28
+  planes) the plane is stored flat and the stencil runs over it in full-width vectors with
+  unrolled accumulators (:meth:`_ConvSpec.depthwise_flat`).
 
 A zero ``pad`` feeding the convolution (TensorFlow-style "same" padding, EfficientNet) is read
 through, not materialized: its amounts join the convolution's own (possibly asymmetric)
@@ -29,6 +31,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 __all__ = ["DepthwiseConvRule", "lower_conv"]
+
 
 
 # --------------------------------------------------------------------------- lowering
@@ -72,6 +75,7 @@ def lower_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     spec = _ConvSpec(nd, ks, list(at["stride"]), pads, list(at["dilation"]), g, cout, cin_g)
     flat = _flat_spatial(out_shape)
     chain = epilogue_chain(ctx, node)
+    flat_dw = spec.flat_depthwise_pays(ctx.shape_of(x_val)[2:], out_shape[2:])
     if g > 1 and cin_g == 1 and cout == g:
         kind, shape, bshape, name = "depthwise", out_shape, [cout], "depthwise_conv"
         args = [x, w]
@@ -98,7 +102,8 @@ def lower_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         b = rest.pop(0) if bias else None
         oth = rest[:n_other]
         sp = rest[n_other:]
-        y = spec.depthwise(xs, ws, *sp) if kind == "depthwise" else \
+        y = spec.depthwise_flat(xs, ws, *sp) if kind == "depthwise" and flat_dw else \
+            spec.depthwise(xs, ws, *sp) if kind == "depthwise" else \
             spec.pointwise(xs, ws) if kind == "pointwise" else spec.grouped_matmul(xs, ws)
         if b is None and not chain:
             return y
@@ -196,6 +201,12 @@ def _flat_spatial(shape: list[Any]) -> Any:
     for d in shape[2:]:
         p = p * d
     return p
+
+
+def _flat_grid(ho: int, wq: int, vec: int = 16) -> tuple[int, int]:
+    """``(Hr, Wr)``, ``Hr >= ho`` rows of ``Wr >= wq`` columns, ``Hr * Wr`` a multiple of ``vec``, as few
+    elements as possible (fewer rows on ties): the flat depthwise stencil's accumulator grid."""
+    return min((h * w, h, w) for h in range(ho, ho + vec) for w in range(wq, wq + vec) if h * w % vec == 0)[1:]
 
 
 def _prims(dims: list[Any]) -> list[Any]:
@@ -306,6 +317,74 @@ class _ConvSpec:
 
         return te.compute([x.shape[0], x.shape[1], *out_sp], g, name="depthwise")
 
+    def flat_depthwise_pays(self, in_sp: list[Any], out_sp: list[Any]) -> bool:
+        """Whether :meth:`depthwise_flat` beats :meth:`depthwise` here (static sizes only).
+
+        The flat form pays a per-channel plane fill and copy and computes the padding columns;
+        it wins where its full-width vectors and unrolled accumulators matter: planes up to
+        ~1024 outputs (plane, accumulators and output stay in L1) with enough taps to amortize
+        the copy.  Measured on EfficientNet-Lite0's depthwise layers (AVX-512, one thread):
+        1.3-2.9x faster on 5x5 kernels and 14x14-28x28 planes, slower on 56x56 and larger planes
+        and on 3x3 kernels over 7x7 planes (benchmarks/cnn_latency.py)."""
+        if not all(isinstance(d, int) for d in [*in_sp, *out_sp]):
+            return False
+        ks = [1, *self.ks] if self.nd == 1 else self.ks
+        st = [1, *self.stride] if self.nd == 1 else self.stride
+        pads = [(0, 0), *self.pads] if self.nd == 1 else self.pads
+        ho = 1 if self.nd == 1 else int(out_sp[0])
+        hr, wr = _flat_grid(ho, -(-(int(in_sp[-1]) + pads[-1][0] + pads[-1][1]) // st[-1]))
+        return hr * wr <= 1024 and ks[0] * ks[1] * hr * wr >= 1500
+
+    def depthwise_flat(self, x: Any, w: Any, *out_sp: Any) -> Any:
+        """Depthwise convolution over each channel's padded plane stored flat (static sizes only).
+
+        The plane is kept as ``sh * sw`` stride phases (one when the stride is 1) of ``Wr`` columns,
+        flattened: ``S[n, c, ph, r * Wr + j]``.  Output ``(h, w)`` is computed at ``q = h * Wr + w``,
+        and each tap reads ``S[.., ph(tap), q + off(tap)]``: one contiguous run per tap over the
+        whole plane, so the stencil runs in full-width vectors whatever the plane's width (7, 14,
+        28, ...), at the price of the padding columns between rows, computed and dropped.
+        ``Wr >= ceil(Wp / sw)`` and the accumulator's rows ``Hr >= Ho`` are picked so that
+        ``Hr * Wr`` is whole 16-element vectors (:func:`_flat_grid`)."""
+        from tvm import te
+
+        if self.nd == 1:
+            ks, st, dl, pads = [1, *self.ks], [1, *self.stride], [1, *self.dil], [(0, 0), *self.pads]
+            hin, win = 1, int(x.shape[2])
+            ho, wo = 1, int(out_sp[0])
+        else:
+            ks, st, dl, pads = self.ks, self.stride, self.dil, self.pads
+            hin, win = int(x.shape[2]), int(x.shape[3])
+            ho, wo = int(out_sp[0]), int(out_sp[1])
+        (kh, kw), (sh, sw), (dh, dw) = ks, st, dl
+        (pt, _pb), (pl, pr) = pads
+        hr, wr = _flat_grid(ho, -(-(win + pl + pr) // sw))
+        max_off = ((kh - 1) * dh // sh) * wr + ((kw - 1) * dw) // sw
+        rows = -(-(hr * wr + max_off) // wr)
+
+        def plane(b: Any, c: Any, ph: Any, r: Any, j: Any) -> Any:
+            # unclamped, so that the schedule can split it into a zero fill and an in-bounds copy
+            src_r = r * sh + tirx.floordiv(ph, sw) - pt
+            src_j = j * sw + tirx.floormod(ph, sw) - pl
+            ok = tirx.And(tirx.And(src_r >= 0, src_r < hin), tirx.And(src_j >= 0, src_j < win))
+            src = [b, c, src_j] if self.nd == 1 else [b, c, src_r, src_j]
+            return tirx.if_then_else(ok, x(*src), tirx.const(0.0, x.dtype))
+
+        s_plane = te.compute([x.shape[0], x.shape[1], sh * sw, rows, wr], plane, name="dw_plane")
+        ri = te.reduce_axis((0, kh), "kh")
+        rj = te.reduce_axis((0, kw), "kw")
+
+        def tap(b: Any, c: Any, h: Any, o: Any) -> Any:
+            ph = tirx.floormod(ri * dh, sh) * sw + tirx.floormod(rj * dw, sw)
+            col = o + tirx.floordiv(rj * dw, sw)  # may run into the next row: the plane is read flat
+            wt = w[c, 0, ri, rj] if self.nd == 2 else w[c, 0, rj]
+            return te.sum(s_plane[b, c, ph, h + tirx.floordiv(ri * dh, sh) + tirx.floordiv(col, wr),
+                                  tirx.floormod(col, wr)] * wt, axis=[ri, rj])
+
+        acc = te.compute([x.shape[0], x.shape[1], hr, wr], tap, name="depthwise_flat")
+        if self.nd == 1:
+            return te.compute([x.shape[0], x.shape[1], wo], lambda b, c, o: acc[b, c, 0, o], name="dw_rows")
+        return te.compute([x.shape[0], x.shape[1], ho, wo], lambda b, c, h, o: acc[b, c, h, o], name="dw_rows")
+
     def _phases(self, x: Any, s: int) -> Any:
         """The zero-padded input with its last axis split into ``s`` phases: ``[.., h, s, ceil(W'/s)]``."""
         from tvm import te
@@ -375,11 +454,13 @@ class DepthwiseConvRule(_CpuRule):
         red = infos[ri]
         kinds = red.dom_kind()
         nr, ns = kinds.count("R"), kinds.count("S")
+        block = sch.get(red.block_rv)
+        if len(block.reads) == 2 and block.name_hint == "depthwise_flat":
+            return self._flat(sch, infos, ri, target)
         # (batch,) channel, spatial...: normalization drops a unit batch axis
         if nr not in (1, 2) or kinds != "S" * ns + "R" * nr or ns not in (nr + 1, nr + 2):
             return None
-        block = sch.get(red.block_rv)
-        if len(block.reads) != 2 or sch.get(red.block_rv).name_hint != "depthwise":
+        if len(block.reads) != 2 or block.name_hint != "depthwise":
             return None
         producers = infos[:ri]
         epis = infos[ri + 1:]
@@ -431,4 +512,66 @@ class DepthwiseConvRule(_CpuRule):
             if pe is not None and pe >= lanes:
                 _o, pv = sch.split(inner, [None, lanes])
                 sch.vectorize(pv)
+        return sch
+
+    def _flat(self, sch: s_tir.Schedule, infos: list[Any], ri: int, target: Target) -> s_tir.Schedule | None:
+        """The flat stencil (:meth:`_ConvSpec.depthwise_flat`): per channel (in parallel) the phased
+        plane is written row by row, then the accumulator grid, its rows fused into one run, ``U``
+        vectors at a time with every tap's ``U`` loads and FMAs unrolled (``U`` independent
+        accumulators), then the epilogue picks the real columns (bias, activation fused)."""
+        red = infos[ri]
+        kinds = red.dom_kind()
+        nr = kinds.count("R")
+        ns = len(kinds) - nr
+        if kinds != "S" * ns + "R" * nr or ri != 1 or len(infos) < 3:
+            return None
+        plane, epis = infos[0], infos[ri + 1:]
+        if not plane.is_injective() or any(not e.is_injective() for e in epis):
+            return None
+        acc_shape = [int(d) for d in sch.get(red.block_rv).writes[0].source.shape]
+        n_grid = 1 if acc_shape[-2] == 1 else 2  # a one-row grid's unit loop is normalized away
+        if ns < n_grid + 1:
+            return None
+        for e in epis[:-1]:
+            sch.compute_inline(e.block_rv)
+        rb = red.block_rv
+        loops = sch.get_loops(rb)
+        lead, grid, rks = loops[:ns - n_grid], loops[ns - n_grid:ns], loops[ns:]
+        q = sch.fuse(*grid) if len(grid) > 1 else grid[0]
+        q_ext = _extent(sch, q)
+        lanes = vector_lanes(target, 32)
+        if q_ext is None or q_ext % lanes:
+            return None
+        nvec = q_ext // lanes
+        u = next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if nvec % d == 0)
+        nc = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        sch.parallel(nc)
+        qo, qu, qv = sch.split(q, [None, u, lanes])
+        sch.reorder(qo, *rks, qu, qv)
+        for rk in rks:
+            sch.unroll(rk)
+        sch.unroll(qu)
+        sch.vectorize(qv)
+        init = sch.decompose_reduction(rb, rks[0])
+        iq, iv = sch.get_loops(init)[-2:]
+        sch.unroll(iq)
+        sch.vectorize(iv)
+        last = epis[-1].block_rv
+        sch.reverse_compute_at(last, nc, preserve_unit_loops=True)
+        # a stack array: LLVM then knows no other buffer aliases it and keeps the accumulators in registers
+        sch.set_scope(rb, 0, "local")
+        el = sch.get_loops(last)[-1]
+        ext = _extent(sch, el)
+        if ext is not None and 2 <= ext <= 4 * lanes:
+            sch.vectorize(el)
+        pb = plane.block_rv
+        sch.compute_at(pb, nc, preserve_unit_loops=True)
+        # zero fill of the whole plane, then a copy of the in-bounds rows without conditions
+        ploops = sch.get_loops(pb)
+        fill = sch.decompose_padding(pb, ploops[-3] if len(ploops) >= 3 else ploops[0])
+        for blk in (fill, pb):
+            inner = sch.get_loops(blk)[-1]
+            ext = _extent(sch, inner)
+            if ext is not None and 2 <= ext <= 4 * lanes:
+                sch.vectorize(inner)
         return sch
