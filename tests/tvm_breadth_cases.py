@@ -25,7 +25,7 @@ FAMILY_INPUTS: dict[str, list[tuple[str, TensorType, Callable[[torch.Generator],
              ("ids", TensorType((2, "s"), "i64"), lambda g: torch.randint(-9, 10, (2, SEQ), generator=g))],
     "image": [("img", TensorType((2, 4, 9, 10), "f32"), lambda g: torch.randn(2, 4, 9, 10, generator=g))],
     "signal": [("sig", TensorType((2, 4, "s"), "f32"), lambda g: torch.randn(2, 4, SEQ + 6, generator=g))],
-    "signal_static": [("wave", TensorType((2, 4, 300), "f32"), lambda g: torch.randn(2, 4, 300, generator=g))],
+    "signal_static": [("wave", TensorType(("b", 4, 300), "f32"), lambda g: torch.randn(2, 4, 300, generator=g))],
 }
 FAMILY_SEQ = {"math": SEQ, "image": SEQ, "signal": SEQ + 6, "signal_static": SEQ}
 

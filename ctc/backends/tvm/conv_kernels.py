@@ -528,8 +528,8 @@ class DepthwiseConvRule(_CpuRule):
         plane, epis = infos[0], infos[ri + 1:]
         if not plane.is_injective() or any(not e.is_injective() for e in epis):
             return None
-        acc_shape = [int(d) for d in sch.get(red.block_rv).writes[0].source.shape]
-        n_grid = 1 if acc_shape[-2] == 1 else 2  # a one-row grid's unit loop is normalized away
+        grid_rows = int(sch.get(red.block_rv).writes[0].source.shape[-2])  # static; the batch may not be
+        n_grid = 1 if grid_rows == 1 else 2  # a one-row grid's unit loop is normalized away
         if ns < n_grid + 1:
             return None
         for e in epis[:-1]:
