@@ -438,6 +438,15 @@ def _relax_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 # --------------------------------------------------------------------------- schedule
+def _stencil_loops(sch: s_tir.Schedule, rb: Any, epis: list[Any], ns: int, n_plane: int) -> tuple[Any, Any, Any]:
+    """Inline all epilogue blocks but the last; the stencil block's loops as (leading (batch, channel),
+    the ``n_plane`` plane loops, the tap loops)."""
+    for e in epis[:-1]:
+        sch.compute_inline(e.block_rv)
+    loops = sch.get_loops(rb)
+    return loops[:ns - n_plane], loops[ns - n_plane:ns], loops[ns:]
+
+
 class DepthwiseConvRule(_CpuRule):
     """Depthwise convolution PrimFuncs: (padded-plane stage) -> stencil reduction -> epilogue.
 
@@ -466,11 +475,8 @@ class DepthwiseConvRule(_CpuRule):
         epis = infos[ri + 1:]
         if any(not b.is_injective() for b in producers + epis) or len(producers) > 1:
             return None
-        for e in epis[:-1]:
-            sch.compute_inline(e.block_rv)
         rb = red.block_rv
-        loops = sch.get_loops(rb)
-        lead, sp, rks = loops[:ns - nr], loops[ns - nr:ns], loops[ns:]
+        lead, sp, rks = _stencil_loops(sch, rb, epis, ns, nr)
         ow = sp[-1]
         ow_ext = _extent(sch, ow)
         lanes = vector_lanes(target, 32)
@@ -532,11 +538,8 @@ class DepthwiseConvRule(_CpuRule):
         n_grid = 1 if grid_rows == 1 else 2  # a one-row grid's unit loop is normalized away
         if ns < n_grid + 1:
             return None
-        for e in epis[:-1]:
-            sch.compute_inline(e.block_rv)
         rb = red.block_rv
-        loops = sch.get_loops(rb)
-        lead, grid, rks = loops[:ns - n_grid], loops[ns - n_grid:ns], loops[ns:]
+        lead, grid, rks = _stencil_loops(sch, rb, epis, ns, n_grid)
         q = sch.fuse(*grid) if len(grid) > 1 else grid[0]
         q_ext = _extent(sch, q)
         lanes = vector_lanes(target, 32)
