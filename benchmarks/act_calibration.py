@@ -12,7 +12,7 @@ measured before and after on data the search never saw:
   human judgements over the pairs of the evaluation half of the documents (the search uses the
   pairs of the other half); the all-50-documents score is printed too, marked as overlapping.
 
-Usage (the table in benchmarks/results/act_calibration.md)::
+Usage (the table in benchmarks/results/attention.md)::
 
     python benchmarks/act_calibration.py
     python benchmarks/act_calibration.py --runs smollm2:lm --budget 32 --cal-windows 4 --cal-len 256

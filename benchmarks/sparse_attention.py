@@ -14,7 +14,7 @@ Why: issue 13's yardstick.  For each sequence length and keep ratio, in one run:
   interleaved rounds, min and median wall time.  The crossover is the shortest length where
   the sparse kernel beats ctc's dense attention (and torch SDPA).
 
-Usage (the table in benchmarks/results/sparse_attention.md)::
+Usage (the table in benchmarks/results/attention.md)::
 
     python benchmarks/sparse_attention.py                       # lengths 256..2048, keep 0.5/0.25/0.125
     python benchmarks/sparse_attention.py --lengths 1024 --keeps 0.25 --runs 20 --threads 1
@@ -61,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds-timing", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--threads", type=int, default=0, help="threads for TVM and torch (0 = every usable core)")
     ap.add_argument("--skip-ppl", action="store_true", help="latency and cosine only")
+    ap.add_argument("--skip-latency", action="store_true", help="perplexity and cosine only (no builds)")
+    ap.add_argument("--model", choices=("smollm2", "minilm"), default="smollm2",
+                    help="minilm: Lee-document fidelity and human agreement (accuracy only)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_attention.json"),
                     help="where to write the raw results (JSON)")
     return ap.parse_args()
@@ -128,11 +131,58 @@ def runners(dense_m: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
             "torch sdpa (is_causal)": lambda: sdpa(q, k, v, is_causal=True, scale=1 / math.sqrt(d), enable_gqa=True)}
 
 
+def minilm_main(args: argparse.Namespace, keeps: list[float], rounds: list[int]) -> None:
+    """all-MiniLM-L6-v2 with ``sparse-attention`` on every layer (reference interpreter): output
+    fidelity (row cosine of the last hidden states over real tokens) and sentence-embedding cosine
+    against the dense model, and the Lee human-similarity agreement of both, on the evaluation half
+    of the Lee documents (one document per batch, up to 256 tokens: no padding)."""
+    from ctc import frontends
+    from ctc.eval import objectives as OBJ
+    from ctc.eval.fidelity import cosine_rows
+    from ctc.eval.models import load_bundled
+    from ctc.ir.interpreter import interpret
+    from ctc.passes import get_pass
+    from ctc.passes.manager import PassManager, Step
+
+    model, tok, info = load_bundled("minilm")
+    module = frontends.capture_hf_model(model, task=info.task, name="minilm")
+    obj = OBJ.similarity_objective(tok, "evaluation", [v.name for v in module.inputs])
+    lens = [int(f["input_ids"].shape[1]) for f in obj.inputs]
+    print(f"# sparse attention on all-MiniLM-L6-v2: {obj.description}; tokens per document "
+          f"{min(lens)}..{max(lens)} (mean {statistics.fmean(lens):.0f}); rounds {rounds}, min_keep {args.min_keep}",
+          flush=True)
+    dense = [interpret(module, f)[0] for f in obj.inputs]
+    base = obj.metric(dense)
+    rows: dict[str, Any] = {"dense": base, "rounds": rounds, "min_keep": args.min_keep, "keeps": {}}
+    print("\n| keep | hidden-state cosine | embedding cosine mean / min | Lee Pearson | Lee Spearman |")
+    print("|---|---|---|---|---|")
+    print(f"| dense | 1 | 1 | {base['pearson']:.4f} | {base['spearman']:.4f} |", flush=True)
+    for keep in keeps:
+        pm = PassManager([Step(get_pass("sparse-attention")({"rounds": rounds, "keep": keep_schedule(keep, len(rounds)),
+                                                              "min_keep": args.min_keep}))],
+                         progress=False, fidelity=False)
+        sparse_module, _ = pm.run(module)
+        outs = [interpret(sparse_module, f)[0] for f in obj.inputs]
+        m = obj.metric(outs)
+        hid = statistics.fmean(cosine_rows(d[0], o[0]) for d, o in zip(dense, outs, strict=True))
+        ecos = [float(OBJ.sentence_embedding(f, o) @ OBJ.sentence_embedding(f, d))
+                for f, d, o in zip(obj.inputs, dense, outs, strict=True)]
+        rows["keeps"][str(keep)] = {**m, "hidden_cosine": hid, "embedding_cosine_mean": statistics.fmean(ecos),
+                                    "embedding_cosine_min": min(ecos)}
+        print(f"| {keep} | {hid:.5f} | {statistics.fmean(ecos):.5f} / {min(ecos):.5f} | {m['pearson']:.4f} | "
+              f"{m['spearman']:.4f} |", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     args = parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
     os.environ["TVM_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    if args.model == "minilm":
+        minilm_main(args, [float(x) for x in args.keeps.split(",")], [int(x) for x in args.rounds.split(",")])
+        return
     from cpu_latency import timeit
 
     from ctc import frontends
@@ -176,24 +226,34 @@ def main() -> None:
         # latency: one layer's attention, every runtime interleaved
         q, k, v, mk = qkv[args.layer]
         pad = torch.ones(1, 1, 1, L, dtype=torch.bool)
-        dense_m = build(attention_module("scaled_dot_product_attention", h, hk, d, L,
-                                         {"scale": 1 / math.sqrt(d), "enable_gqa": True}), threads)
-        fns = runners(dense_m, q, k, v, mk, d)
+        fns: dict[str, Any] = {}
+        if not args.skip_latency:
+            dense_m = build(attention_module("scaled_dot_product_attention", h, hk, d, L,
+                                             {"scale": 1 / math.sqrt(d), "enable_gqa": True}), threads)
+            fns = runners(dense_m, q, k, v, mk, d)
+            # the sparse kernel with no filtering round: causal attention over every key, gathered
+            # (what the kernel costs before selection pays anything back)
+            um = build(attention_module("sparse_attention", h, hk, d, L, {
+                "is_causal": True, "scale": 1 / math.sqrt(d), "enable_gqa": True}), threads)
+            fns["ctc kernel unfiltered"] = compiled_runner(um, q, k, v, pad)
         for keep in keeps:
             attrs = {"is_causal": True, "scale": 1 / math.sqrt(d), "enable_gqa": True, "round_bits": tuple(rounds),
                      "keep_ratios": tuple(keep_schedule(keep, len(rounds))), "min_keep": args.min_keep}
-            sm = build(attention_module("sparse_attention", h, hk, d, L, attrs), threads)
-            fns[f"ctc sparse {keep}"] = compiled_runner(sm, q, k, v, pad)
             # accuracy of the op on every layer's real q/k/v (reference semantics) and of the kernel
             full = sparse_op.check_attrs(attrs)
             cos = []
             for (ql, kl, vl, _), ref in zip(qkv, dense_out, strict=True):
                 y = sparse_op.ref(ql, kl, vl, pad, **full)
                 cos.append(float(torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)))
-            kern = sm(q, k, v, pad)[0]
-            kcos = float(torch.nn.functional.cosine_similarity(kern.flatten(), dense_out[args.layer].flatten(), dim=0))
-            entry: dict[str, Any] = {"cosine_mean": statistics.fmean(cos), "cosine_min": min(cos),
-                                     "kernel_cosine_layer": kcos}
+            entry: dict[str, Any] = {"cosine_mean": statistics.fmean(cos), "cosine_min": min(cos)}
+            kcos = float("nan")
+            if not args.skip_latency:
+                sm = build(attention_module("sparse_attention", h, hk, d, L, attrs), threads)
+                fns[f"ctc sparse {keep}"] = compiled_runner(sm, q, k, v, pad)
+                kern = sm(q, k, v, pad)[0]
+                kcos = float(torch.nn.functional.cosine_similarity(kern.flatten(), dense_out[args.layer].flatten(),
+                                                                   dim=0))
+                entry["kernel_cosine_layer"] = kcos
             if not args.skip_ppl:
                 t1 = time.time()
                 pm = PassManager([Step(get_pass("sparse-attention")({"rounds": rounds,
@@ -207,6 +267,9 @@ def main() -> None:
             print(f"keep {keep}: attention-output cosine mean {entry['cosine_mean']:.5f} min {entry['cosine_min']:.5f}"
                   f" (kernel, layer {args.layer}: {kcos:.5f})", flush=True)
             res["keeps"][str(keep)] = entry
+        results["lengths"][str(L)] = res
+        if args.skip_latency:
+            continue
         print(f"timing ({args.runs} runs, {args.rounds_timing} interleaved rounds, load average "
               f"{os.getloadavg()[0]:.2f})", flush=True)
         # the decode step at this cache length: the last query against every key, no mask
@@ -228,43 +291,59 @@ def main() -> None:
             print(f"  {k:24s} median {med:9.2f} ms  min {mn:9.2f} ms  ctc dense / this {dense_med / med:5.2f}x",
                   flush=True)
         res["load_average_after"] = os.getloadavg()[0]
-        results["lengths"][str(L)] = res
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results, keeps)
 
 
+def _ms(lat: dict[str, Any], key: str) -> str:
+    return f"{lat[key]['min']:.2f} / {lat[key]['median']:.2f}"
+
+
 def print_table(results: dict[str, Any], keeps: list[float]) -> None:
-    """The markdown table of benchmarks/results/sparse_attention.md."""
-    print("\n| length | keep | ppl dense | ppl sparse | change | attn cosine mean / min | ctc dense ms | "
-          "sparse ms | torch mask ms | torch causal ms | dense/sparse | torch causal/sparse |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    cross: dict[tuple[str, float], int | None] = {(b, k): None for b in ("ctc dense", "torch sdpa (is_causal)")
-                                                   for k in keeps}
+    """The markdown tables of benchmarks/results/attention.md (latency as min / median ms)."""
+    print(f"\nrounds {results['rounds']}, min_keep {results['min_keep']}\n")
+    print("| length | keep | ppl dense | ppl sparse | change | attn cosine mean / min | kernel cosine (layer) |")
+    print("|---|---|---|---|---|---|---|")
     for L, res in results["lengths"].items():
-        lat = res["latency_ms"]
         for keep in keeps:
             e = res["keeps"][str(keep)]
-            sp = lat[f"ctc sparse {keep}"]["median"]
             ppl_d, ppl_s = res.get("ppl_dense"), e.get("ppl")
             ch = f"{(ppl_s - ppl_d) / ppl_d * 100:+.2f}%" if ppl_d and ppl_s else "-"
+            kc = f"{e['kernel_cosine_layer']:.4f}" if "kernel_cosine_layer" in e else "-"
             print(f"| {L} | {keep} | {ppl_d or float('nan'):.3f} | {ppl_s or float('nan'):.3f} | {ch} | "
-                  f"{e['cosine_mean']:.4f} / {e['cosine_min']:.4f} | {lat['ctc dense']['median']:.2f} | {sp:.2f} | "
-                  f"{lat['torch sdpa (mask)']['median']:.2f} | {lat['torch sdpa (is_causal)']['median']:.2f} | "
-                  f"{lat['ctc dense']['median'] / sp:.2f}x | {lat['torch sdpa (is_causal)']['median'] / sp:.2f}x |")
-            for base in ("ctc dense", "torch sdpa (is_causal)"):
+                  f"{e['cosine_mean']:.4f} / {e['cosine_min']:.4f} | {kc} |")
+    timed = {L: r for L, r in results["lengths"].items() if "latency_ms" in r}
+    if not timed:
+        return
+    bases = ("ctc dense", "ctc kernel unfiltered", "torch sdpa (is_causal)")
+    print("\n| length | keep | ctc dense ms | ctc kernel unfiltered ms | sparse ms | torch mask ms | torch causal ms "
+          "| ctc dense / sparse | unfiltered / sparse | torch causal / sparse |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cross: dict[tuple[str, float], int | None] = {(b, k): None for b in bases for k in keeps}
+    for L, res in timed.items():
+        lat = res["latency_ms"]
+        for keep in keeps:
+            sp = lat[f"ctc sparse {keep}"]["median"]
+            print(f"| {L} | {keep} | {_ms(lat, 'ctc dense')} | {_ms(lat, 'ctc kernel unfiltered')} | "
+                  f"{_ms(lat, f'ctc sparse {keep}')} | {_ms(lat, 'torch sdpa (mask)')} | "
+                  f"{_ms(lat, 'torch sdpa (is_causal)')} | "
+                  + " | ".join(f"{lat[b]['median'] / sp:.2f}x" for b in bases) + " |")
+            for base in bases:
                 if cross[(base, keep)] is None and lat[base]["median"] > sp:
                     cross[(base, keep)] = int(L)
     print("\n| cache length | ctc dense decode ms | torch sdpa decode ms | " + " | ".join(
         f"sparse {k} ms" for k in keeps) + " |")
     print("|---|---|---|" + "---|" * len(keeps))
-    for L, res in results["lengths"].items():
+    for L, res in timed.items():
         lat = res["latency_ms"]
-        print(f"| {L} | {lat['decode: ctc dense']['median']:.3f} | {lat['decode: torch sdpa']['median']:.3f} | "
-              + " | ".join(f"{lat[f'decode: ctc sparse {k}']['median']:.3f}" for k in keeps) + " |")
+        print(f"| {L} | {_ms(lat, 'decode: ctc dense')} | {_ms(lat, 'decode: torch sdpa')} | "
+              + " | ".join(_ms(lat, f"decode: ctc sparse {k}") for k in keeps) + " |")
+    print()
     for (base, keep), L in cross.items():
         print(f"crossover vs {base}, keep {keep}: "
               + (f"sparse is faster from length {L}" if L else "sparse not faster at any measured length"))
+
 
 if __name__ == "__main__":
     main()

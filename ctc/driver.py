@@ -632,7 +632,11 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
             progress.note(f"target {t.kind}: {line}")
 
     def build_and_measure(t: Any, d: Path) -> dict[str, Any]:
-        summary = {**t.to_json(), **build_target(module, t, d, example_inputs=probe)}
+        try:
+            built = build_target(module, t, d, example_inputs=probe)
+        except Exception as e:
+            raise _unbuildable(recipe, t.kind, e) from None
+        summary = {**t.to_json(), **built}
         not_here = t.spec.cannot_run_here()
         if not_here is not None:  # e.g. a CUDA library built on a machine without a GPU
             summary["measured"] = {"skipped": not_here}
@@ -671,6 +675,20 @@ def export_builders(recipe: Recipe, module: Any, name: str, probe: Mapping[str, 
                 return {"options": dataclasses.asdict(opts), **EXPORTS[fmt].write_function()(src, d, opts)}
         out.append((e.format, build))
     return out
+
+
+def _unbuildable(recipe: Recipe, kind: str, e: Exception) -> Exception:
+    """A lowering failure (an op the target has no kernel for, with the node's scope) as an error
+    located at the recipe's ``target`` line, or at ``--target`` when the recipe has none; any other
+    exception unchanged."""
+    lower = sys.modules.get("ctc.backends.tvm.lower")  # imported by every backend that lowers
+    if lower is None or not isinstance(e, lower.LoweringError):
+        return e
+    span = next((t.span for t in recipe.targets if t.kind == kind), None)
+    if span is None:
+        return UsageError(f"--target {kind}: the compressed model cannot be built for it: {e}")
+    return RecipeError(attach_source([Diagnostic(f"target {kind}: the compressed model cannot be built for it: {e}",
+                                                 span)], recipe.source))
 
 
 def _version() -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ctc
-from ctc.cli import EXIT_CHECKS, EXIT_OK, main
+from ctc.cli import EXIT_CHECKS, EXIT_OK, EXIT_USAGE, main
 
 RECIPE = """\
 # small MiniLM compile for CI
@@ -196,3 +196,18 @@ def test_attention_passes_compose_with_quantization_and_compile(tmp_path: Path) 
               return_tensors="pt", padding=True)
     feed = {v.name: enc[v.name] if v.name in enc else torch.zeros_like(enc["input_ids"]) for v in art.module.inputs}
     torch.testing.assert_close(art.run(feed, target="cpu")[0], art.run(feed)[0], rtol=2e-3, atol=2e-3)
+
+
+def test_sparse_attention_on_cuda_is_a_located_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sparse kernels are CPU kernels: a cuda target says so at its recipe line, naming the
+    node, writes nothing and prints no traceback."""
+    (tmp_path / "r.ctc").write_text('model bundled "minilm"\npipeline {\n'
+                                    "    sparse-attention rounds=[8] keep=[0.5] on blocks[0:1]\n}\n"
+                                    'target cuda arch="sm_90"\n')
+    out = tmp_path / "out"
+    assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(out), "--quiet"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "r.ctc:5:1: error: target cuda: the compressed model cannot be built for it: sparse_attention at " \
+           "encoder.layer.0.attention.self: the sparse attention kernels are CPU (llvm) kernels" in err
+    assert "nothing was written" in err and "Traceback" not in err
+    assert not out.exists()

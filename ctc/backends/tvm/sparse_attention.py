@@ -12,10 +12,13 @@ product for a dropped key.  Per call (all batches and heads) two kinds of PrimFu
    the tile's query rows are quantized the same way (offset to unsigned bytes), and
    ``vpdpbusd`` (u8 x s8 -> i32, 64 MACs per instruction) scores them against every key
    the tile may see (a causal tile stops at its last row: the upper triangle is never
-   touched).  Each row then selects: the ``m``-th largest score by bisection over
-   order-preserving integer keys of the fp32 scores (<= 32 vectorized counting passes, exits
-   as soon as exactly ``m`` keys pass), or Energon's mean/max threshold, plus the keys that
-   may still be the row's exact top-1 (score error bounds, see the op).  The survivors are
+   touched).  A bit width several rounds need (the 8-bit guard of a 4-bit round, then the
+   8-bit round itself) is scored once per tile: later rounds read the kept scores back with
+   their dropped keys masked.  Each row then selects: the ``m``-th largest score by a bracketed
+   search over order-preserving integer keys of the fp32 scores (vectorized counting passes,
+   first guess the previous row's threshold, then interpolation; exits as soon as exactly
+   ``m`` keys pass), or Energon's mean/max threshold, plus the keys that may still be the
+   row's exact top-1 (score error bounds, see the op).  The survivors are
    compacted into an index list, and the row's exact fp32 scores, softmax and ``p v`` are
    computed over that list only.
 
@@ -323,6 +326,11 @@ def _attend_source(spec: SparseSpec) -> str:
               'vc = T.decl_buffer((T.int64(16),), "int32", scope="local")',
               *[f'v{x} = T.decl_buffer((T.int64(16),), "float32", scope="local")' for x in range(4)],
               f'nal = T.decl_buffer(({_i(MT)},), "int64", scope="local")')
+            for b, uses in _score_uses(spec).items():
+                if uses > 1:
+                    x = spec.bits_set.index(b)
+                    s(f'ssave{x} = T.decl_buffer(({LP} * {_i(MT)},), "float32")',
+                      f'qsave{x} = T.decl_buffer(({_i(MT * 4)},), "float32", scope="local")')
             dense = " or ".join(f"{n.h} == {_i(x)}" for x in spec.dense_heads)
             if not spec.round_bits:
                 _dense_alive(s, spec, n)
@@ -330,11 +338,13 @@ def _attend_source(spec: SparseSpec) -> str:
                 with s.block(f"if {dense}:"):
                     _dense_alive(s, spec, n)
                 with s.block("else:"):
+                    done: set[int] = set()
                     for r in range(len(spec.round_bits)):
-                        _round(s, spec, n, r)
+                        _round(s, spec, n, r, done)
             else:
+                done = set()
                 for r in range(len(spec.round_bits)):
-                    _round(s, spec, n, r)
+                    _round(s, spec, n, r, done)
             _exact_rows(s, spec, n)
     return "\n".join(s.lines) + "\n"
 
@@ -346,24 +356,32 @@ def _dense_alive(s: _Src, spec: SparseSpec, n: _Names) -> None:
 
 
 def _quant_q_rows(s: _Src, spec: SparseSpec, n: _Names, bits: int) -> None:
-    """The tile's query rows to unsigned bytes (int + 128) and their per-row factors."""
+    """The tile's query rows to unsigned bytes (int + 128) and their per-row factors, vectorized
+    over the head dim (partial sums per lane, then a tree)."""
     D, MT, sc = spec.dim, spec.rows_tile, spec.scale
     h = (1 << (bits - 1)) - 1
-    qv = f"q[{n.b}, {n.h}, T.min({n.i}, LQ - T.int64(1)), d]"
+    w = LANES if D % LANES == 0 else (8 if D % 8 == 0 else 4)
+    qv = f"q[{n.b}, {n.h}, T.min({n.i}, LQ - T.int64(1)), d0 * {_i(w)} + l]"
+    rq = f"T.max(T.min({_roundeven(f'{qv} / fs[0]')}, T.float32({h})), T.float32({-h}))"
     with s.block(f"for mm in range({_i(MT)}):"):
-        s("fs[0] = T.float32(0)")
-        with s.block(f"for d in range({_i(D)}):"):
-            s(f"fs[0] = T.max(fs[0], T.fabs({qv}))")
+        with s.block("for l in T.vectorized(T.int64(16)):"):
+            s("v0[l] = T.float32(0)", "v1[l] = T.float32(0)", "v2[l] = T.float32(0)", "v3[l] = T.float32(0)")
+        with s.block(f"for d0 in range({_i(D // w)}):"):
+            with s.block(f"for l in T.vectorized({_i(w)}):"):
+                s(f"v0[l] = T.max(v0[l], T.fabs({qv}))")
+        _lanes_reduce(s, "fs[0]", "v0", "max")
         s(f"fs[0] = fs[0] / T.float32({float(h)!r})")
         with s.block("if fs[0] <= T.float32(0):"):
             s("fs[0] = T.float32(1)")
-        s("fs[1] = T.float32(0)", "fs[2] = T.float32(0)", "fs[3] = T.float32(0)")
-        with s.block(f"for d in range({_i(D)}):"):
-            s(f"fs[4] = T.max(T.min({_roundeven(f'{qv} / fs[0]')}, T.float32({h})), T.float32({-h}))",
-              f'qu[mm * {_i(D)} + d] = T.Cast("uint8", T.Cast("int32", fs[4]) + 128)',
-              f"fs[1] = fs[1] + {qv} * {qv}",
-              f"fs[2] = fs[2] + ({qv} - fs[4] * fs[0]) * ({qv} - fs[4] * fs[0])",
-              "fs[3] = fs[3] + (fs[4] * fs[0]) * (fs[4] * fs[0])")
+        with s.block(f"for d0 in range({_i(D // w)}):"):
+            with s.block(f"for l in T.vectorized({_i(w)}):"):
+                s(f'qu[mm * {_i(D)} + d0 * {_i(w)} + l] = T.Cast("uint8", T.Cast("int32", {rq}) + 128)',
+                  f"v1[l] = v1[l] + {qv} * {qv}",
+                  f"v2[l] = v2[l] + ({qv} - {rq} * fs[0]) * ({qv} - {rq} * fs[0])",
+                  f"v3[l] = v3[l] + ({rq} * fs[0]) * ({rq} * fs[0])")
+        _lanes_reduce(s, "fs[1]", "v1", "+")
+        _lanes_reduce(s, "fs[2]", "v2", "+")
+        _lanes_reduce(s, "fs[3]", "v3", "+")
         # qs = sq * scale; qa multiplies |k|, qc multiplies |k - k̂| in the error bound
         s(f"qrow[mm * T.int64(4)] = fs[0] * {_f(sc)}",
           f"qrow[mm * T.int64(4) + T.int64(1)] = {_f(sc)} * (T.sqrt(fs[2]) + {_f(SLACK)} * T.sqrt(fs[1]))",
@@ -396,8 +414,11 @@ def _score_tile(s: _Src, spec: SparseSpec, n: _Names, r: int, k: int) -> None:
         with s.block(f"for mm in T.unroll({_i(MT)}):"):
             with s.block("for l in T.vectorized(T.int64(16)):"):
                 s("acc[mm * T.int64(16) + l] = 0")
-        with s.block(f"for d4 in range({_i(spec.dim // 4)}):"):
-            s(*_vnni_step(spec, n, k))
+        # unrolled: the tile's accumulators then stay in registers across the d4 steps
+        loop = "T.unroll" if spec.dim <= 128 else "range"
+        if "no_vnni" not in _DEBUG:
+            with s.block(f"for d4 in {loop}({_i(spec.dim // 4)}):"):
+                s(*_vnni_step(spec, n, k))
         with s.block(f"for mm in range({_i(MT)}):"):
             with s.block("for l in T.vectorized(T.int64(16)):"):
                 val = (f'(T.Cast("float32", acc[mm * T.int64(16) + l] - 128 * ksum{k}[{n.b}, {n.hk}, {j}]) * '
@@ -430,21 +451,64 @@ def _guard_rows(s: _Src, spec: SparseSpec, n: _Names, k: int) -> None:
                     s(f'prot[mm * {LP} + {j}] = T.Cast("int8", {ok} and {sv} + ({_bound(spec, n, k, j)}) >= fs[3])')
 
 
-def _round(s: _Src, spec: SparseSpec, n: _Names, r: int) -> None:
+def _score_uses(spec: SparseSpec) -> dict[int, int]:
+    """How many rounds need the scores at each bit width (a round's own, and the 8-bit guard of a
+    round with fewer bits).  A width needed more than once is scored once: the scores of every
+    allowed key are kept, and a later round reads them back with its dead keys dropped (the key
+    and query quantizations are the same, so the scores are too)."""
+    uses: dict[int, int] = {}
+    for bits in spec.round_bits:
+        for b in ([GUARD_BITS] if bits != GUARD_BITS else []) + [bits]:
+            uses[b] = uses.get(b, 0) + 1
+    return uses
+
+
+def _scores(s: _Src, spec: SparseSpec, n: _Names, r: int, bits: int, done: set[int]) -> None:
+    """``sbuf`` (and ``qrow``) for round ``r`` at ``bits``: scored, or read back from the first
+    round's scores at that width (see :func:`_score_uses`)."""
+    k = {b: x for x, b in enumerate(spec.bits_set)}[bits]
+    kept = _score_uses(spec)[bits] > 1
+    if bits in done:
+        j = "(jt * T.int64(16) + l)"
+        with s.block(f"for mm in range({_i(spec.rows_tile * 4)}):"):
+            s(f"qrow[mm] = qsave{k}[mm]")
+        with s.block(f"for jt in range({n.njt}):"):
+            with s.block(f"for mm in range({_i(spec.rows_tile)}):"):
+                with s.block("for l in T.vectorized(T.int64(16)):"):
+                    s(f"sbuf[mm * {LP} + {j}] = T.Select(alive[mm * {LP} + {j}] != T.int8(0), "
+                      f"ssave{k}[mm * {LP} + {j}], {NINF})")
+        return
+    _quant_q_rows(s, spec, n, bits)
+    _score_tile(s, spec, n, r, k)
+    if kept:
+        done.add(bits)
+        j = "(jt * T.int64(16) + l)"
+        with s.block(f"for mm in range({_i(spec.rows_tile * 4)}):"):
+            s(f"qsave{k}[mm] = qrow[mm]")
+        with s.block(f"for jt in range({n.njt}):"):
+            with s.block(f"for mm in range({_i(spec.rows_tile)}):"):
+                with s.block("for l in T.vectorized(T.int64(16)):"):
+                    s(f"ssave{k}[mm * {LP} + {j}] = sbuf[mm * {LP} + {j}]")
+
+
+def _round(s: _Src, spec: SparseSpec, n: _Names, r: int, done: set[int]) -> None:
     """Round r: the 8-bit guard (when the round has fewer bits), then the round's own scores and
-    the selection of every row of the tile."""
+    the selection of every row of the tile.  ``done``: the widths already scored (and kept)."""
     bits = spec.round_bits[r]
     idx = {b: x for x, b in enumerate(spec.bits_set)}
     guarded = bits != GUARD_BITS
     if guarded:
-        _quant_q_rows(s, spec, n, GUARD_BITS)
-        _score_tile(s, spec, n, r, idx[GUARD_BITS])
+        _scores(s, spec, n, r, GUARD_BITS, done)
         _guard_rows(s, spec, n, idx[GUARD_BITS])
-    _quant_q_rows(s, spec, n, bits)
-    _score_tile(s, spec, n, r, idx[bits])
+    _scores(s, spec, n, r, bits, done)
+    s(f"fs[10] = {NINF}")  # no previous row's threshold yet (see _kth_search)
     with s.block(f"for mm in range({_i(spec.rows_tile)}):"):
         with s.block(f"if {n.i} < LQ:"):
-            _row_select(s, spec, n, r, idx[bits], guarded)
+            if "no_select" in _DEBUG:
+                with s.block(f"for j in range({n.nc}):"):
+                    s(f'alive[mm * {LP} + j] = T.Cast("int8", sbuf[mm * {LP} + j] > {NINF})')
+            else:
+                _row_select(s, spec, n, r, idx[bits], guarded)
 
 
 def _bound(spec: SparseSpec, n: _Names, k: int, j: str) -> str:
@@ -478,27 +542,35 @@ def _kth_search(s: _Src, n: _Names, sv: str, j: str) -> None:
     """``fs[6]`` = the ``ist[1]``-th largest of the row's ``ist[0]`` candidate scores (ties count).
 
     Invariant: ``count(s >= lo) >= m > count(s >= hi)`` over order keys ``lo = ist[2]``,
-    ``hi = ist[3]``.  A step guesses by linear interpolation of the count between the bracket's
-    ends, or halves the bracket in key space when the previous guess shrank it less than half: at
-    most 64 counting passes, usually a handful.  It stops when a guess counts exactly ``m`` or
-    no float lies strictly between the ends (then the ``m``-th largest is ``lo`` itself)."""
+    ``hi = ist[3]``.  The first guess is the previous row's threshold (``fs[10]``: neighbouring
+    query rows score alike); then each step guesses by linear interpolation of the count between
+    the bracket's ends, except that after two steps in a row that did not halve the count
+    between the ends, one step halves the bracket in key space (so at most ~3 x 32 counting
+    passes in the worst case; about 6 on SmolLM2's real scores against 7 with interpolation and
+    halving alternated).  It stops when a guess counts exactly ``m`` or no float lies strictly
+    between the ends (then the ``m``-th largest is ``lo`` itself)."""
     chunks = f"(({n.nc} + T.int64(15)) // T.int64(16))"
-    # ist: 2 lo, 3 hi, 4 count, 5 done, 6 guess, 7 count(lo), 8 count(hi), 9 interpolate next, 10 width
+    # ist: 2 lo, 3 hi, 4 count, 5 done, 6 guess, 7 count(lo), 8 count(hi), 9 poor steps in a row,
+    # 10 count(lo) - count(hi) before the step
     s(f'ist[2] = T.Cast("int64", {_okey("fs[1]")})', f'ist[3] = T.Cast("int64", {_okey("fs[0]")}) + T.int64(1)',
-      "ist[5] = T.int64(0)", "ist[7] = ist[0]", "ist[8] = T.int64(0)", "ist[9] = T.int64(1)")
+      "ist[5] = T.int64(0)", "ist[7] = ist[0]", "ist[8] = T.int64(0)", "ist[9] = T.int64(0)")
     # the two ends need no search: every candidate (m = count) or the maximum (m = 1)
     with s.block("if ist[1] == ist[0]:"):
         s("ist[5] = T.int64(1)")
     with s.block("if ist[1] == T.int64(1):"):
         s("ist[2] = ist[3] - T.int64(1)", "ist[5] = T.int64(1)")
-    with s.block("for it in range(T.int64(66)):"):
+    with s.block("for it in range(T.int64(100)):"):
         with s.block("if ist[3] - ist[2] > T.int64(1) and ist[5] == T.int64(0):"):
-            s("ist[10] = ist[3] - ist[2]", "ist[6] = ist[2] + (ist[3] - ist[2]) // T.int64(2)")
-            with s.block("if ist[9] == T.int64(1):"):
+            s("ist[10] = ist[7] - ist[8]", "ist[6] = ist[2] + (ist[3] - ist[2]) // T.int64(2)")
+            with s.block("if ist[9] < T.int64(2):"):
                 s(f"fs[7] = {_fkey('ist[2]')}", f"fs[8] = {_fkey('ist[3]')}",
                   'fs[9] = fs[7] + T.Cast("float32", ist[7] - ist[1]) / T.Cast("float32", ist[7] - ist[8]) '
                   "* (fs[8] - fs[7])",
                   f'ist[11] = T.Cast("int64", {_okey("fs[9]")})')
+                with s.block("if ist[11] > ist[2] and ist[11] < ist[3]:"):
+                    s("ist[6] = ist[11]")
+            with s.block("if it == T.int64(0):"):
+                s(f'ist[11] = T.Cast("int64", {_okey("fs[10]")})')
                 with s.block("if ist[11] > ist[2] and ist[11] < ist[3]:"):
                     s("ist[6] = ist[11]")
             s(f"fs[9] = {_fkey('ist[6]')}")
@@ -514,10 +586,11 @@ def _kth_search(s: _Src, n: _Names, sv: str, j: str) -> None:
                     s("ist[5] = T.int64(1)")
             with s.block("else:"):
                 s("ist[3] = ist[6]", "ist[8] = ist[4]")
-            # interpolate again only after a step that at least halved the bracket
-            s("ist[9] = T.Select((ist[3] - ist[2]) * T.int64(2) <= ist[10] and ist[9] == T.int64(1), "
-              "T.int64(1), 1 - ist[9])")
-    s(f"fs[6] = {_fkey('ist[2]')}")
+            # a poor step: the count between the ends did not halve (the first guess never is;
+            # after a halving step the count starts again)
+            s("ist[9] = T.Select(it == T.int64(0) or ist[9] >= T.int64(2) or "
+              "(ist[7] - ist[8]) * T.int64(2) <= ist[10], T.int64(0), ist[9] + T.int64(1))")
+    s(f"fs[6] = {_fkey('ist[2]')}", "fs[10] = fs[6]")
 
 
 def _row_select(s: _Src, spec: SparseSpec, n: _Names, r: int, k: int, guarded: bool) -> None:
@@ -555,7 +628,10 @@ def _row_select(s: _Src, spec: SparseSpec, n: _Names, r: int, k: int, guarded: b
               f'T.Cast("float64", nal[mm]) * T.float64({p!r}) - T.float64(1e-9)))))')
         else:
             s(f"ist[1] = T.min(ist[0], T.int64({spec.min_keep}))")
-        _kth_search(s, n, sv, j)
+        if "no_kth" in _DEBUG:
+            s(f"fs[6] = {PINF}")
+        else:
+            _kth_search(s, n, sv, j)
         keep = f"{sv} >= fs[6]"
         if spec.select == "threshold":
             s('fs[4] = fs[2] / T.Cast("float32", ist[0])', f"fs[5] = fs[4] + T.float32({p!r}) * (fs[0] - fs[4])")
@@ -571,6 +647,10 @@ def _row_select(s: _Src, spec: SparseSpec, n: _Names, r: int, k: int, guarded: b
                 s(f"alive[mm * {LP} + {j}] = T.int8(0)")
 
 
+# profiling cuts (benchmarks/sparse_attention_profile.py): kernels planned while a name is in the
+# set skip a phase and compute wrong outputs on purpose; plan_sparse_attention's cache must be
+# cleared around them.  "stop_after_compact": no exact attention; "no_kth": no threshold search;
+# "no_select": no selection at all; "no_vnni": no integer dot products.
 _DEBUG: set[str] = set()
 
 
