@@ -467,28 +467,26 @@ def _scores(s: _Src, spec: SparseSpec, n: _Names, r: int, bits: int, done: set[i
     """``sbuf`` (and ``qrow``) for round ``r`` at ``bits``: scored, or read back from the first
     round's scores at that width (see :func:`_score_uses`)."""
     k = {b: x for x, b in enumerate(spec.bits_set)}[bits]
-    kept = _score_uses(spec)[bits] > 1
     if bits in done:
-        j = "(jt * T.int64(16) + l)"
-        with s.block(f"for mm in range({_i(spec.rows_tile * 4)}):"):
-            s(f"qrow[mm] = qsave{k}[mm]")
-        with s.block(f"for jt in range({n.njt}):"):
-            with s.block(f"for mm in range({_i(spec.rows_tile)}):"):
-                with s.block("for l in T.vectorized(T.int64(16)):"):
-                    s(f"sbuf[mm * {LP} + {j}] = T.Select(alive[mm * {LP} + {j}] != T.int8(0), "
-                      f"ssave{k}[mm * {LP} + {j}], {NINF})")
+        _copy_scores(s, spec, n, "qrow", f"qsave{k}", "sbuf",
+                     f"T.Select(alive[mm * {LP} + {{j}}] != T.int8(0), ssave{k}[mm * {LP} + {{j}}], {NINF})")
         return
     _quant_q_rows(s, spec, n, bits)
     _score_tile(s, spec, n, r, k)
-    if kept:
+    if _score_uses(spec)[bits] > 1:
         done.add(bits)
-        j = "(jt * T.int64(16) + l)"
-        with s.block(f"for mm in range({_i(spec.rows_tile * 4)}):"):
-            s(f"qsave{k}[mm] = qrow[mm]")
-        with s.block(f"for jt in range({n.njt}):"):
-            with s.block(f"for mm in range({_i(spec.rows_tile)}):"):
-                with s.block("for l in T.vectorized(T.int64(16)):"):
-                    s(f"ssave{k}[mm * {LP} + {j}] = sbuf[mm * {LP} + {j}]")
+        _copy_scores(s, spec, n, f"qsave{k}", "qrow", f"ssave{k}", f"sbuf[mm * {LP} + {{j}}]")
+
+
+def _copy_scores(s: _Src, spec: SparseSpec, n: _Names, qdst: str, qsrc: str, dst: str, value: str) -> None:
+    """``qdst = qsrc`` (the rows' query factors) and ``dst[mm, j] = value`` over the tile's keys."""
+    j = "(jt * T.int64(16) + l)"
+    with s.block(f"for mm in range({_i(spec.rows_tile * 4)}):"):
+        s(f"{qdst}[mm] = {qsrc}[mm]")
+    with s.block(f"for jt in range({n.njt}):"):
+        with s.block(f"for mm in range({_i(spec.rows_tile)}):"):
+            with s.block("for l in T.vectorized(T.int64(16)):"):
+                s(f"{dst}[mm * {LP} + {j}] = {value.format(j=j)}")
 
 
 def _round(s: _Src, spec: SparseSpec, n: _Names, r: int, done: set[int]) -> None:
