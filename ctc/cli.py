@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tune targets (recipe trials, or 64 when the recipe gives none)")
     tune.add_argument("--no-tune", dest="tune", action="store_false", help="skip tuning (default schedules)")
     c.add_argument("--check-only", action="store_true", help="parse and check the recipe, then stop (no model load)")
+    c.add_argument("--max-samples", type=int, metavar="N",
+                   help="use at most N calibration and evaluation windows (a quick trial compile; the report "
+                        "records the cap)")
     c.add_argument("--force", action="store_true",
                    help="replace the output directory even when it is not a ctc artifact (never one holding the "
                         "recipe, its inputs or the working directory)")
@@ -180,8 +183,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     parse_file(args.recipe)  # syntax errors before torch is even imported
     from ctc.driver import CompileOptions, compile_recipe
 
+    if args.max_samples is not None and args.max_samples < 1:
+        from ctc.errors import UsageError
+
+        raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     opts = CompileOptions(out=args.out, targets=args.targets, tune=args.tune, progress=not args.quiet,
-                          check_only=args.check_only, force=args.force)
+                          check_only=args.check_only, force=args.force, max_samples=args.max_samples)
     result = compile_recipe(args.recipe, opts)
     if args.check_only:
         print(f"{args.recipe}: ok", file=sys.stderr)

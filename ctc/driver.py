@@ -39,6 +39,7 @@ class CompileOptions:
     check_only: bool = False
     capture_only: bool = False
     force: bool = False  # replace an existing --out directory that is not a ctc artifact
+    max_samples: int | None = None  # cap the calibration and evaluation windows (quick trial compiles, CI)
 
 
 @dataclass
@@ -314,12 +315,17 @@ def text_inputs(module: Any, tokenizer: Any, texts: Sequence[str], seq_len: int 
 
 
 # --------------------------------------------------------------------------- data
-def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Model-input batches for a calibrate/evaluate statement, and the protocol that made them."""
+def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel, max_samples: int | None = None
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Model-input batches for a calibrate/evaluate statement (at most ``max_samples`` windows), and the
+    protocol that made them."""
     from ctc.dsl.check import DatasetOptions
     from ctc.eval import data as eval_data
 
     opts = DatasetOptions.from_dict(ds.options)
+    capped = max_samples is not None and opts.samples > max_samples
+    if capped:
+        opts = dataclasses.replace(opts, samples=max_samples)
     path = resolve_path(recipe, ds.path) if ds.path is not None else None
     split = "calibration" if ds.role == "calibrate" else "evaluation"
     decode = loaded.task == TASK_DECODE_STEP
@@ -337,6 +343,8 @@ def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel) -> tuple[l
     except (OSError, ValueError) as e:
         span = ds.path_span if ds.path is not None else ds.source_span
         raise RecipeError(attach_source([Diagnostic(f"cannot read {ds.role} data: {e}", span)], recipe.source)) from e
+    if capped:
+        protocol["samples_capped_from"] = int(ds.options.get("samples", DatasetOptions().samples))
     return batches, protocol
 
 
@@ -579,11 +587,11 @@ def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> Comp
     protocol: dict[str, Any] = {}
     if recipe.calibrate is not None:
         with progress.stage("calibration data"):
-            calib, protocol["calibrate"] = dataset_batches(recipe, recipe.calibrate, loaded)
+            calib, protocol["calibrate"] = dataset_batches(recipe, recipe.calibrate, loaded, opts.max_samples)
     evalb: list[dict[str, Any]] = []
     if recipe.evaluate is not None:
         with progress.stage("evaluation data"):
-            evalb, protocol["evaluate"] = dataset_batches(recipe, recipe.evaluate, loaded)
+            evalb, protocol["evaluate"] = dataset_batches(recipe, recipe.evaluate, loaded, opts.max_samples)
 
     seed = int(recipe.calibrate.options.get("seed", 0)) if recipe.calibrate else 0
     with progress.stage(f"pipeline ({len(recipe.pipeline)} steps)"):

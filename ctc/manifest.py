@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -61,8 +62,31 @@ def _walk_files(root: Path) -> list[str]:
     return sorted(names)
 
 
+def _materialize_links(root: Path) -> None:
+    """Replace each symbolic link under ``root`` that points at a file inside ``root`` with a hard link
+    to it (a copy where hard links fail): an artifact holds only plain files, which stay valid when it
+    moves.  A link that leaves ``root`` or points at nothing is an error naming it."""
+    real_root = Path(os.path.realpath(root))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*filenames, *dirnames]:
+            link = Path(dirpath) / name
+            if not link.is_symlink():
+                continue
+            target = Path(os.path.realpath(link))
+            if real_root not in target.parents or not target.is_file():
+                raise ArtifactError(link, f"is a symbolic link to {os.readlink(link)}, outside the artifact or not "
+                                          "a file; an artifact holds only plain files")
+            link.unlink()
+            try:
+                os.link(target, link)
+            except OSError:
+                shutil.copy2(target, link)
+
+
 def write_manifest(root: Path, ctc_version: str) -> dict[str, Any]:
-    """Hash every file under ``root`` into ``root/manifest.json`` (call it after the last other file)."""
+    """Hash every file under ``root`` into ``root/manifest.json`` (call it after the last other file).
+    Links to files inside ``root`` (a backend's shortcut) become plain files first."""
+    _materialize_links(root)
     files = {name: {"size": (root / name).stat().st_size, "sha256": _sha256_file(root / name)}
              for name in _walk_files(root) if name != MANIFEST_FILE}
     doc = {"format": FORMAT, "version": VERSION, "ctc_version": ctc_version, "files": files}

@@ -231,3 +231,29 @@ def test_kill_during_write_keeps_the_old_artifact(tmp_path: Path, sig: int) -> N
         write_artifact(dest, module=_module(), report={"name": "next"}, log=notes.append)
         assert [q for q in tmp_path.iterdir() if q.name.startswith(".a.")] == []
         assert len(notes) == 1 and "left by an interrupted run" in notes[0]
+
+
+def test_links_a_backend_writes_become_plain_files(tmp_path: Path) -> None:
+    """A backend that links one artifact file to another (the fpga test bench's data) gets plain files,
+    so the artifact stays valid when it moves; a link out of the artifact is refused."""
+    import ctc
+    from ctc.errors import ArtifactError
+
+    def linking(d: Path) -> dict:
+        (d / "weights.bin").write_bytes(b"w" * 64)
+        (d / "data").mkdir()
+        (d / "data" / "weights.bin").symlink_to((d / "weights.bin").resolve())  # absolute, into the temp dir
+        return {}
+
+    dest = write_artifact(tmp_path / "a", module=_module(), report={}, build_targets=[("cpu", linking)])
+    linked = dest / "targets" / "cpu" / "data" / "weights.bin"
+    assert not linked.is_symlink() and linked.read_bytes() == b"w" * 64
+    assert ctc.load(dest).manifest.verify_dir("targets/cpu")
+
+    def leaking(d: Path) -> dict:
+        (d / "secret").symlink_to("/etc/hostname")
+        return {}
+
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        write_artifact(tmp_path / "b", module=_module(), report={}, build_targets=[("cpu", leaking)])
+    assert not (tmp_path / "b").exists()

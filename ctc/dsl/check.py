@@ -440,7 +440,7 @@ def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
                 diags.append(Diagnostic(f"the selectors of step {step.name} match nothing together "
                                         f"({sel.describe()})", step.selectors[0].span,
                                         hint="different kinds of selector must all hold"))
-    task = (module.meta.get("task") or "unknown").replace("_", "-")
+    task = str(module.meta.get("task") or "unknown")  # the one spelling of ctc.tasks, on both sides
     for c in recipe.checks:
         m = METRICS.get(c.metric)
         if m is not None and m.tasks is not None and task not in m.tasks:
