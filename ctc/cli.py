@@ -180,7 +180,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def cmd_compile(args: argparse.Namespace) -> int:
     from ctc.dsl.parser import parse_file
 
-    parse_file(args.recipe)  # syntax errors before torch is even imported
+    recipe = parse_file(args.recipe)  # read once (a pipe works); syntax errors before torch is even imported
     from ctc.driver import CompileOptions, compile_recipe
 
     if args.max_samples is not None and args.max_samples < 1:
@@ -189,7 +189,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     opts = CompileOptions(out=args.out, targets=args.targets, tune=args.tune, progress=not args.quiet,
                           check_only=args.check_only, force=args.force, max_samples=args.max_samples)
-    result = compile_recipe(args.recipe, opts)
+    result = compile_recipe(recipe, opts)
     if args.check_only:
         print(f"{args.recipe}: ok", file=sys.stderr)
         return EXIT_OK

@@ -111,9 +111,10 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- recipe
-def load_checked_recipe(path: str | Path) -> Recipe:
-    """Parse and statically check a recipe file; raise RecipeError with every located error."""
-    recipe = parse_file(path)
+def load_checked_recipe(path: str | Path | Recipe) -> Recipe:
+    """Parse (unless given a parsed Recipe) and statically check a recipe; raise RecipeError with every
+    located error.  A file is read once, so a recipe from a pipe works."""
+    recipe = path if isinstance(path, Recipe) else parse_file(path)
     errors = [d for d in check_recipe(recipe) if d.severity == "error"]
     if errors:
         raise RecipeError(errors)
@@ -133,7 +134,7 @@ def protected_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     """The files a compile reads or keeps (recipe, model, data, tuning database): an output directory
     containing one of them is never replaced (:func:`ctc.output_dir.check_destination`)."""
     out: list[tuple[str, Path]] = []
-    if not recipe.file.startswith("<"):
+    if not recipe.file.startswith("<") and Path(recipe.file).is_file():
         out.append(("the recipe", Path(recipe.file)))
     m = recipe.model
     if m is not None and m.kind in ("hf", "pt2"):
@@ -289,6 +290,13 @@ def load_model(recipe: Recipe, progress: Progress) -> LoadedModel:
     """Load and capture the recipe's model; failures become ModelError located at the model line."""
     m = recipe.model
     assert m is not None
+    if not progress.enabled:  # --quiet: no "Loading weights" bars from transformers either
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
         module, tok, desc, tok_dir, eager = _load_and_capture(recipe)
     except (RecipeError, KeyboardInterrupt):
@@ -554,8 +562,9 @@ def evaluate_check(c: Check, measured: Mapping[str, Mapping[str, Any]]) -> dict[
 
 
 # --------------------------------------------------------------------------- driver
-def compile_recipe(path: str | Path, opts: CompileOptions | None = None) -> CompileResult:
-    """Compile the recipe at ``path``; raise RecipeError (2), UsageError (2) or ModelError (3) on failure."""
+def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None) -> CompileResult:
+    """Compile the recipe at ``path`` (or an already parsed Recipe); raise RecipeError (2), UsageError (2)
+    or ModelError (3) on failure."""
     opts = opts or CompileOptions()
     progress = Progress(opts.progress)
     recipe = load_checked_recipe(path)

@@ -37,6 +37,16 @@ class CpuOptions(PassOptions):
     batch: int = option(0, "build for this batch size only (0 = any); a tuned build (trials > 0) defaults to 1",
                         min=0)
 
+    def validate(self) -> None:
+        if self.mcpu not in ("", "native"):
+            try:
+                from ctc.backends.tvm.targets import check_mcpu
+            except ImportError:  # no TVM: the target check reports the missing backend
+                return
+            why = check_mcpu(self.mcpu)
+            if why:
+                raise PassError(f"option mcpu={self.mcpu!r}: {why}")
+
 
 @dataclass(frozen=True)
 class CudaOptions(PassOptions):

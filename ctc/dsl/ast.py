@@ -164,4 +164,7 @@ class Recipe:
     exports: list[EmitFormat] = field(default_factory=list)
     file: str = field(default="<recipe>", compare=False)
     source: str = field(default="", compare=False, repr=False)
+    # the directory relative paths in the recipe start from (None: the recipe file's; a recipe read
+    # from a pipe or terminal uses the working directory)
+    base_dir: str | None = field(default=None, compare=False)
     pipeline_span: Span = _span()

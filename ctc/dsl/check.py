@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,10 @@ class DatasetOptions(PassOptions):
     seed: int = option(0, "seed for choosing windows (deterministic)", min=0)
     batch_size: int = option(1, "windows per batch", min=1, max=4096)
     field: str | None = option(None, "jsonl only: the field holding the text")
+
+    def validate(self) -> None:
+        if self.field is not None and not self.field.strip():
+            raise PassError('option field="" is empty: name the JSON field that holds the text, e.g. field="text"')
 
 
 DATASET_SOURCES = {
@@ -92,7 +97,13 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
 # --------------------------------------------------------------------------- helpers
 def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spans: dict[str, Span], whole: Span,
                        what: str) -> list[Diagnostic]:
-    """Strictly validate ``options`` against ``opts_cls``, locating each error at its option."""
+    """Strictly validate ``options`` against ``opts_cls``, locating each error at its option (a
+    contradiction between options, found only by the whole set, at the statement)."""
+    try:
+        opts_cls.from_dict(options, pass_name=what)
+        return []
+    except PassError:
+        pass
     diags: list[Diagnostic] = []
     known = [f.name for f in dataclasses.fields(opts_cls)]
     good: dict[str, Any] = {}
@@ -109,7 +120,8 @@ def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spa
             opts_cls.from_dict({**{o: w for o, w in alone.items() if o != k}, k: v}, pass_name=what)
         except PassError as e:
             spec = next(s for s in opts_cls.specs() if s.name == k)
-            diags.append(Diagnostic(f"{what}: {e}", span, hint=_spec_hint(spec)))
+            if not any(d.message == f"{what}: {e}" for d in diags):  # a contradiction: blamed once, first option
+                diags.append(Diagnostic(f"{what}: {e}", span, hint=_spec_hint(spec)))
             continue
         good[k] = v
     if not diags:
@@ -139,9 +151,14 @@ def _spec_hint(spec: Any) -> str:
 
 
 def resolve_path(recipe: Recipe, p: str) -> Path:
-    """Paths in a recipe are relative to the recipe file's directory."""
+    """Paths in a recipe are relative to the recipe file's directory (the working directory for a
+    recipe read from a pipe)."""
     path = Path(p).expanduser()
-    if path.is_absolute() or recipe.file.startswith("<"):
+    if path.is_absolute():
+        return path
+    if recipe.base_dir is not None:
+        return Path(recipe.base_dir) / path
+    if recipe.file.startswith("<"):
         return path
     return Path(recipe.file).parent / path
 
@@ -252,7 +269,9 @@ def _check_dataset(recipe: Recipe, d: Dataset) -> list[Diagnostic]:
     return diags
 
 
-def _check_step(step: Step, has_calibration: bool) -> list[Diagnostic]:
+def _check_step(step: Step, has_calibration: bool, valid: set[str] | None = None) -> list[Diagnostic]:
+    """Diagnostics of one pipeline step; ``valid`` remembers option sets already found valid in this
+    recipe (a recipe repeating a step is checked in linear time with a small constant)."""
     from ctc.ir.ops import all_ops
     from ctc.passes.base import all_passes
 
@@ -261,7 +280,13 @@ def _check_step(step: Step, has_calibration: bool) -> list[Diagnostic]:
         return [Diagnostic(f"unknown pass {step.name!r}{did_you_mean(step.name, passes)}", step.name_span,
                            hint="`ctc passes` lists every pass and its options")]
     cls = passes[step.name]
-    diags = option_diagnostics(cls.Options, step.options, step.option_spans, step.span, f"pass {step.name}")
+    key = f"{step.name} {sorted(step.options.items())!r}"
+    if valid is not None and key in valid:
+        diags: list[Diagnostic] = []
+    else:
+        diags = option_diagnostics(cls.Options, step.options, step.option_spans, step.span, f"pass {step.name}")
+        if not diags and valid is not None:
+            valid.add(key)
     needs = cls.uses_calibration()
     if needs and not diags:
         try:
@@ -356,6 +381,9 @@ def _check_check(c: Check, recipe: Recipe) -> list[Diagnostic]:
                            hint="metrics: " + ", ".join(METRICS))]
     m = METRICS[c.metric]
     diags = []
+    if not math.isfinite(float(c.value)):
+        return [Diagnostic(f"threshold {c.value} is not a finite number", c.value_span,
+                           hint="write a number such as 0.99, 1.5x or 2%")]
     if c.unit not in m.units:
         allowed = " or ".join("a plain number" if u is None else f"'{u}'" for u in m.units)
         diags.append(Diagnostic(f"metric {c.metric} cannot be given in {c.unit or 'plain numbers'}; use {allowed}",
@@ -373,6 +401,61 @@ def _check_check(c: Check, recipe: Recipe) -> list[Diagnostic]:
     return diags
 
 
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def model_positions(recipe: Recipe) -> tuple[int, str] | None:
+    """How many token positions the recipe's model has, read from its config before anything is loaded:
+    ``(n, where it was read)``, or None when unknown (a .pt2 program, no config)."""
+    import json
+
+    m = recipe.model
+    if m is None:
+        return None
+    config: Path | None = None
+    if m.kind == "hf":
+        config = resolve_path(recipe, m.ref) / "config.json"
+    elif m.kind == "bundled":
+        try:
+            from ctc.eval.models import BUNDLED, bundled_model_dir
+
+            config = bundled_model_dir(m.ref) / "config.json"
+            if not config.is_file():  # a GGUF checkpoint: the catalogue states its context length
+                return BUNDLED[m.ref].max_seq_len, f"the context length of bundled model {m.ref!r}"
+        except (ImportError, LookupError):
+            return None
+    if config is None or not config.is_file():
+        return None
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in _POSITION_KEYS:
+        v = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, f"{key} in {config}"
+    return None
+
+
+def _check_positions(recipe: Recipe) -> list[Diagnostic]:
+    """A seq_len longer than the model's positions fails only deep inside capture or evaluation: say so now."""
+    uses: list[tuple[str, Any, Span]] = []
+    for ds in (recipe.calibrate, recipe.evaluate):
+        if ds is not None and isinstance(ds.options.get("seq_len"), int):
+            uses.append((ds.role, ds.options["seq_len"], ds.option_spans.get("seq_len", ds.span)))
+    for t in recipe.targets:
+        if isinstance(t.options.get("seq_len"), int):
+            uses.append((f"target {t.kind}", t.options["seq_len"], t.option_spans.get("seq_len", t.span)))
+    if not uses:
+        return []
+    known = model_positions(recipe)
+    if known is None:
+        return []
+    n, where = known
+    return [Diagnostic(f"{what}: seq_len={v} is longer than the model's {n} positions ({where})", span,
+                       hint=f"use seq_len <= {n}") for what, v, span in uses if v > n]
+
+
 def check_recipe(recipe: Recipe) -> list[Diagnostic]:
     """Every check that needs no model: returns diagnostics (with source lines attached)."""
     whole = Span(recipe.file, 1, 1, 1, 2)
@@ -380,11 +463,14 @@ def check_recipe(recipe: Recipe) -> list[Diagnostic]:
     for d in (recipe.calibrate, recipe.evaluate):
         if d is not None:
             diags += _check_dataset(recipe, d)
+    valid: set[str] = set()
     for step in recipe.pipeline:
-        diags += _check_step(step, recipe.calibrate is not None)
+        diags += _check_step(step, recipe.calibrate is not None, valid)
     seen: dict[str, Span] = {}
     for t in recipe.targets:
         diags += _check_target(t, seen)
+    if not any(d.severity == "error" for d in diags):
+        diags += _check_positions(recipe)
     seen_checks: dict[str, Span] = {}
     for c in recipe.checks:
         diags += _check_check(c, recipe)
@@ -420,10 +506,14 @@ def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
         for s in step.selectors:
             if s.kind == "blocks":
                 lo, hi = s.value
+                have = f"blocks {blocks[0]}..{blocks[-1]}" if blocks else "no blocks"
                 if not any(lo <= b < hi for b in blocks):
-                    have = f"blocks {blocks[0]}..{blocks[-1]}" if blocks else "no blocks"
                     diags.append(Diagnostic(f"selector blocks[{lo}:{hi}] matches nothing: the model has {have}",
                                             s.span))
+                elif hi > blocks[-1] + 1 or lo < blocks[0]:
+                    fit = f"blocks[{max(lo, blocks[0])}:{min(hi, blocks[-1] + 1)}]"
+                    diags.append(Diagnostic(f"selector blocks[{lo}:{hi}] reaches past the model's blocks (it has "
+                                            f"{have})", s.span, hint=f"write {fit} for the blocks that exist"))
             elif s.kind == "scope":
                 if not any(fnmatch.fnmatchcase(sc, s.value) for sc in scopes):
                     example = ", ".join(repr(x) for x in scopes[:3])

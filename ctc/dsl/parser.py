@@ -16,7 +16,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ctc.dsl.ast import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, SelectorItem, Span, Step, Target
-from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source
+from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, source_lines
 
 GRAMMAR = Path(__file__).with_name("recipe.lark")
 
@@ -292,7 +292,7 @@ def _expected(names: set[str]) -> str:
 
 def _statement_of(source: str, line: int) -> str | None:
     """The statement keyword of the line an error is on (or of the enclosing pipeline)."""
-    lines = source.splitlines()
+    lines = source_lines(source)
     if not 0 < line <= len(lines):
         return None
     m = re.match(r"\s*([A-Za-z_]\w*)", lines[line - 1])
@@ -310,6 +310,20 @@ def _statement_of(source: str, line: int) -> str | None:
     return "pipeline" if depth_open is not None else None
 
 
+def _open_pipeline(lines: list[str], before: int) -> tuple[int, int] | None:
+    """Where a ``pipeline {`` block that is still open at line ``before`` was opened (line, col), if any."""
+    opened: tuple[int, int] | None = None
+    for i, text in enumerate(lines[: before - 1], 1):
+        code = re.sub(r'"([^"\\\n]|\\.)*"', '""', text).split("#", 1)[0]
+        m = re.match(r"\s*pipeline\s*\{", code)
+        if m:
+            opened = (i, code.index("pipeline") + 1)
+            code = code[m.end():]
+        if opened is not None and "}" in code:
+            opened = None
+    return opened
+
+
 def _syntax_error(e: UnexpectedInput, file: str, source: str) -> Diagnostic:
     line, col = e.line, e.column
     if isinstance(e, UnexpectedCharacters):
@@ -325,13 +339,22 @@ def _syntax_error(e: UnexpectedInput, file: str, source: str) -> Diagnostic:
     if isinstance(e, UnexpectedToken):
         tok = e.token
         expected = set(e.expected)
-        stmt = _statement_of(source, line if tok.type != "$END" else len(source.splitlines()))
+        lines = source_lines(source)
+        stmt = _statement_of(source, line if tok.type != "$END" else len(lines))
+        opened = _open_pipeline(lines, line if tok.type != "$END" else len(lines) + 1)
+        if opened is not None and tok.type != "$END" and 0 < line <= len(lines):
+            first = re.match(r"\s*([A-Za-z_]\w*)", lines[line - 1])
+            if first and first.group(1) in _HINTS and first.start(1) + 1 <= col:
+                kw = first.group(1)
+                return Diagnostic(f"the pipeline block opened at {opened[0]}:{opened[1]} is not closed before this "
+                                  f"`{kw}` statement", Span(file, line, first.start(1) + 1, line, first.end(1) + 1),
+                                  hint="close the pipeline with '}' on the line after its last step")
         if tok.type == "$END":
-            lines = source.splitlines()
             line = max(1, len(lines))
             col = len(lines[-1]) + 1 if lines else 1
             if "RBRACE" in expected or "PASS_NAME" in expected:
-                msg, hint = "unexpected end of file inside a pipeline block", "close the pipeline with '}'"
+                where = f" (opened at {opened[0]}:{opened[1]})" if opened else ""
+                msg, hint = f"unexpected end of file inside a pipeline block{where}", "close the pipeline with '}'"
             else:
                 msg, hint = f"unexpected end of file; expected {_expected(expected)}", _HINTS.get(stmt or "")
             return Diagnostic(msg, Span(file, line, col, line, col + 1), hint=hint)
@@ -346,11 +369,17 @@ def _syntax_error(e: UnexpectedInput, file: str, source: str) -> Diagnostic:
         msg = f"unexpected {_describe(tok)}; expected {_expected(expected)}"
         if expected == {"EQUAL"}:
             # the word before the error was taken as an option name: say what it really is
-            text = source.splitlines()[line - 1][: col - 1] if 0 < line <= len(source.splitlines()) else ""
+            text = lines[line - 1][: col - 1] if 0 < line <= len(lines) else ""
             m = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", text)
             if m:
                 wspan = Span(file, line, m.start(1) + 1, line, m.end(1) + 1)
                 word = m.group(1)
+                num = re.search(r"[+-]?[0-9][0-9.]*$", text[: m.start(1)])
+                if num:  # `0x10`, `1_000`, `3px`: digits the lexer ended, then a name
+                    nspan = Span(file, line, num.start() + 1, line, m.end(1) + 1)
+                    bad = num.group() + word
+                    return Diagnostic(f"{bad!r} is not a number: write numbers in decimal, like 16, 0.5 or 1e-3",
+                                      nspan, hint=_HINTS.get(stmt or ""))
                 if word in _HINTS or word == "calibrate" or word == "evaluate":
                     return Diagnostic(f"{word!r} starts a new statement; put it on its own line", wspan)
                 return Diagnostic(f"option {word!r} has no value; options are written key=value", wspan,
@@ -369,9 +398,46 @@ def _syntax_error(e: UnexpectedInput, file: str, source: str) -> Diagnostic:
 
 
 # ------------------------------------------------------------------------- API
+MAX_NESTING = 32  # list values nested deeper than this are refused before parsing
+
+
+def _too_deep(source: str, file: str) -> Diagnostic | None:
+    """A located error for list values nested deeper than :data:`MAX_NESTING` (one linear scan; the
+    tree builder would otherwise recurse that deep)."""
+    depth, line, col, in_str, esc, comment = 0, 1, 0, False, False, False
+    for ch in source:
+        col += 1
+        if ch == "\n":
+            line, col, in_str, comment, depth = line + 1, 0, False, False, 0
+        elif comment:
+            continue
+        elif in_str:
+            esc = not esc and ch == "\\"
+            if ch == '"' and not esc:
+                in_str = False
+        elif ch == '"':
+            in_str, esc = True, False
+        elif ch == "#":
+            comment = True
+        elif ch == "[":
+            depth += 1
+            if depth > MAX_NESTING:
+                return Diagnostic(f"a value nested more than {MAX_NESTING} lists deep", Span(file, line, col, line,
+                                                                                               col + 1),
+                                  hint="option values are numbers, strings, names or shallow lists")
+        elif ch == "]":
+            depth = max(0, depth - 1)
+    return None
+
+
 def parse(text: str, file: str = "<recipe>") -> Recipe:
-    """Parse recipe ``text`` (``file`` names it in spans and errors); raise :class:`RecipeError`."""
+    """Parse recipe ``text`` (``file`` names it in spans and errors); raise :class:`RecipeError`.
+    A leading UTF-8 byte-order mark is ignored."""
+    text = text.removeprefix("\ufeff")
     src = text if text.endswith("\n") else text + "\n"
+    deep = _too_deep(src, file)
+    if deep is not None:
+        raise RecipeError(attach_source([deep], src))
     try:
         tree: Tree = _lark().parse(src)
     except UnexpectedInput as e:
@@ -383,14 +449,33 @@ def parse(text: str, file: str = "<recipe>") -> Recipe:
     return _assemble(items, file, src)
 
 
-def parse_file(path: str | Path) -> Recipe:
-    """Read and parse a recipe file; a missing file is a RecipeError naming it."""
+def read_recipe(path: str | Path) -> tuple[str, str]:
+    """The text of a recipe file, read once (a pipe such as ``/dev/stdin`` or ``<(...)`` can be read only
+    once), and the directory its relative paths start from.  Problems are located RecipeErrors."""
     p = Path(path)
+    where = Span(str(p))
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.is_dir():
+            raise RecipeError([Diagnostic(f"{p} is a directory, not a recipe file", where,
+                                          hint="give the .ctc file itself")])
+        with open(p, "rb") as f:
+            data = f.read()
+        regular = p.is_file()
     except FileNotFoundError:
-        raise RecipeError([Diagnostic(f"recipe file not found: {p}", Span(str(p)))]) from None
+        raise RecipeError([Diagnostic(f"recipe file not found: {p}", where)]) from None
+    except OSError as e:
+        raise RecipeError([Diagnostic(f"cannot read recipe {p}: {e.strerror}", where)]) from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        msg = f"recipe is not UTF-8 text ({e.reason} at byte {e.start})"
-        raise RecipeError([Diagnostic(msg, Span(str(p)))]) from None
-    return parse(text, str(path))
+        raise RecipeError([Diagnostic(f"recipe is not UTF-8 text ({e.reason} at byte {e.start})", where,
+                                      hint="convert it with `iconv -t utf-8`")]) from None
+    return text, str(p.parent) if regular else "."
+
+
+def parse_file(path: str | Path) -> Recipe:
+    """Read (once) and parse a recipe file; a missing or unreadable file is a RecipeError naming it."""
+    text, base = read_recipe(path)
+    recipe = parse(text, str(path))
+    recipe.base_dir = base
+    return recipe

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import math
 import types
 import typing
 import weakref
@@ -113,6 +114,8 @@ class PassOptions:
             lo, hi, ch = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
             items = val if isinstance(val, list) else [val]
             for x in items:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise PassError(f"{where}={val!r} is not a finite number")
                 if x is None or isinstance(x, (str, bool)):
                     pass
                 elif lo is not None and x < lo:

@@ -435,6 +435,9 @@ class RptqOptions(PassOptions):
     def validate(self) -> None:
         if self.group_size == 0:
             raise PassError("option group_size=0: use -1 (per output channel) or a positive size")
+        if self.fold_only and self.gptq:
+            raise PassError("options fold_only=true and gptq=true contradict each other: fold_only quantizes "
+                            "nothing, so there is no rounding for GPTQ to compensate; drop one of them")
 
 
 # --------------------------------------------------------------------------- the pass

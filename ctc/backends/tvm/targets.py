@@ -14,13 +14,14 @@ the CPU feature flags that change code generation; for cuda, the GPU architectur
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CUDA_ARCH_LIMITS", "TargetInfo", "UnsupportedTarget", "cuda_target", "detect_cuda_arch", "host_cpu",
-           "host_cores", "resolve", "target_key"]
+__all__ = ["CUDA_ARCH_LIMITS", "TargetInfo", "UnsupportedTarget", "check_mcpu", "cuda_target", "detect_cuda_arch",
+           "host_cpu", "host_cores", "llvm_cpus", "resolve", "target_key"]
 
 ISSUE = "issue 17 (FPGA-style target)"
 
@@ -51,6 +52,36 @@ def host_cpu() -> str:
         raise RuntimeError("LLVM could not detect this host's CPU (-mcpu); give the cpu target an explicit mcpu "
                            "option, e.g. `target cpu mcpu=\"x86-64-v3\"`")
     return name
+
+
+@functools.lru_cache(maxsize=1)
+def llvm_cpus() -> tuple[str, ...]:
+    """The CPU names LLVM (inside TVM) accepts as ``-mcpu`` for this host's target triple."""
+    import tvm
+
+    return tuple(sorted(str(c) for c in tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"}))))
+
+
+def check_mcpu(mcpu: str) -> str | None:
+    """None when LLVM knows ``mcpu`` (or it is ``native``), else why not, with the nearest names."""
+    if mcpu in ("", "native"):
+        return None
+    cpus = llvm_cpus()
+    if not cpus or mcpu in cpus:
+        return None
+    import difflib
+
+    near = difflib.get_close_matches(mcpu, cpus, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+    return (f"LLVM does not know the CPU {mcpu!r}{hint} (mcpu=\"native\" builds for this machine, "
+            f"{host_cpu_or_none() or 'unknown here'}; LLVM knows {len(cpus)} CPU names for this host)")
+
+
+def host_cpu_or_none() -> str | None:
+    try:
+        return host_cpu()
+    except RuntimeError:
+        return None
 
 
 def host_cores() -> int:
