@@ -112,12 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
 
     e = sub.add_parser("eval", help="measure an artifact's accuracy", formatter_class=_formatter,
-                       description="Measure accuracy on real text: perplexity for causal LMs, output fidelity to the "
-                                   "original model for any model. Data defaults to the recipe's `evaluate` line.")
+                       description="Measure accuracy on real text, next to the original model (re-loaded from the "
+                                   "artifact's recipe) on the same windows: perplexity for causal LMs, output fidelity "
+                                   "to the original for any model. Data defaults to the recipe's `evaluate` line.")
     e.add_argument("artifact", metavar="ARTIFACT")
     e.add_argument("--data", metavar="SOURCE", help="wiki | lee | text:FILE | jsonl:FILE:FIELD (default: recipe's)")
     e.add_argument("--samples", type=int, help="windows to score")
     e.add_argument("--seq-len", type=int, help="tokens per window")
+    e.add_argument("--skip", type=int, help="tokens of the text to skip before the first window (default: recipe's)")
+    e.add_argument("--limit", type=int, help="use at most this many tokens after --skip (default: recipe's; 0 = all)")
+    e.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="do not load the original model (measure the artifact alone)")
     e.add_argument("--human-similarity", action="store_true",
                    help="encoders: correlate embedding cosine with human similarity judgements (Lee corpus)")
     e.add_argument("--docs", type=int, help="with --human-similarity: use the first N of the 50 documents")
@@ -288,16 +293,13 @@ def _read_tensors(path: Path) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ctc.driver import evaluate_artifact
+    from ctc.evaluate import evaluate_artifact, format_result
 
     art = _load_artifact(args.artifact)
-    res = evaluate_artifact(art, data=args.data, samples=args.samples, seq_len=args.seq_len,
-                            progress=not args.quiet, human=args.human_similarity, docs=args.docs, target=args.target)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        for k, v in res.items():
-            print(f"{k:>14}: {v}")
+    res = evaluate_artifact(art, data=args.data, samples=args.samples, seq_len=args.seq_len, skip=args.skip,
+                            limit=args.limit, progress=not args.quiet, human=args.human_similarity, docs=args.docs,
+                            target=args.target, baseline=args.baseline)
+    print(json.dumps(res, indent=2) if args.json else format_result(res))
     return EXIT_OK
 
 

@@ -111,14 +111,20 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- recipe
-def load_checked_recipe(path: str | Path | Recipe) -> Recipe:
-    """Parse (unless given a parsed Recipe) and statically check a recipe; raise RecipeError with every
-    located error.  A file is read once, so a recipe from a pipe works."""
+def checked_recipe(path: str | Path | Recipe) -> tuple[Recipe, list[Diagnostic]]:
+    """Parse (unless given a parsed Recipe) and statically check a recipe: the recipe and its warnings;
+    raise RecipeError with every located error.  A file is read once, so a recipe from a pipe works."""
     recipe = path if isinstance(path, Recipe) else parse_file(path)
-    errors = [d for d in check_recipe(recipe) if d.severity == "error"]
+    diags = check_recipe(recipe)
+    errors = [d for d in diags if d.severity == "error"]
     if errors:
         raise RecipeError(errors)
-    return recipe
+    return recipe, [d for d in diags if d.severity != "error"]
+
+
+def load_checked_recipe(path: str | Path | Recipe) -> Recipe:
+    """:func:`checked_recipe` without the warnings."""
+    return checked_recipe(path)[0]
 
 
 def output_dir(recipe: Recipe, opts: CompileOptions) -> Path:
@@ -341,7 +347,8 @@ def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel, max_sample
         batches, protocol = eval_data.model_batches(
             source=ds.source, path=path, field=opts.field, split=split, tokenizer=loaded.tokenizer,
             input_names=["input_ids"] if decode else [v.name for v in loaded.module.inputs], samples=opts.samples,
-            seq_len=opts.seq_len, seed=opts.seed, batch_size=opts.batch_size)
+            seq_len=opts.seq_len, seed=opts.seed, batch_size=opts.batch_size, skip=opts.skip,
+            limit=opts.limit or None)
         if decode:  # one decode step after each window's prefix, on caches the eager model filled
             from ctc.frontends.decode import static_prefilled_inputs
 
@@ -567,7 +574,10 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
     or ModelError (3) on failure."""
     opts = opts or CompileOptions()
     progress = Progress(opts.progress)
-    recipe = load_checked_recipe(path)
+    recipe, warnings = checked_recipe(path)
+    for w in warnings:  # shown even with --quiet, and kept in the report
+        progress.close_bar()
+        print(w.format(), file=sys.stderr, flush=True)
     dest = output_dir(recipe, opts)
     targets = selected_targets(recipe, opts)
     from ctc.errors import OutputDirError
@@ -621,6 +631,7 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
         "name": dest.name,
         "ctc_version": _version(),
         "recipe_file": str(recipe.file),
+        "recipe_dir": str(Path(recipe.base_dir or Path(recipe.file).parent).absolute()),
         "recipe_text": recipe.source,
         "model": {**loaded.description, "params_before": original.param_count(), "params_after": module.param_count(),
                   "bytes_before": original.param_bytes(), "bytes_after": module.param_bytes(),
@@ -633,6 +644,7 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
                      "fidelity": pipeline_report.fidelity.to_dict() if pipeline_report.fidelity else None},
         "metrics": measured,
         "checks": checks,
+        "warnings": [f"{w.span.line}:{w.span.col}: {w.message}" for w in warnings],
         "failed_checks": [c["check"] for c in checks if not c["passed"]],
         "passed": passed,
         "per_block": {"blocks": blocks, "original": [before.get(b, 0) for b in blocks],
@@ -790,90 +802,6 @@ def _short(v: Any) -> str:
 
 
 # --------------------------------------------------------------------------- ctc eval / ctc bench
-def _parse_data_flag(data: str) -> tuple[str, str | None, str | None]:
-    """``wiki`` | ``lee`` | ``text:FILE`` | ``jsonl:FILE:FIELD`` -> (source, path, field)."""
-    kind, _, rest = data.partition(":")
-    if kind in ("wiki", "lee") and not rest:
-        return kind, None, None
-    if kind == "text" and rest:
-        return "text", rest, None
-    if kind == "jsonl" and rest:
-        path, _, fld = rest.rpartition(":") if rest.count(":") else (rest, "", "text")
-        return "jsonl", path or rest, fld or "text"
-    raise UsageError(f"--data {data!r}: expected wiki, lee, text:FILE or jsonl:FILE:FIELD")
-
-
-def human_similarity(art: Any, *, docs: int | None = None, target: str | None = None) -> dict[str, Any]:
-    """Encoders: Pearson/Spearman of the artifact's embedding cosine against human similarity judgements
-    on the Lee corpus (50 documents; ``docs`` takes the first N), mean-pooled and truncated at 256 tokens."""
-    from ctc.eval.data import lee_similarities, lee_test
-    from ctc.eval.fidelity import human_correlation, sentence_embeddings
-
-    texts = lee_test()
-    human = lee_similarities()
-    n = len(texts) if docs is None else max(3, min(docs, len(texts)))
-    names = [v.name for v in art.module.inputs]
-
-    def hidden(ids: Any, mask: Any) -> Any:
-        import torch
-
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        return art.run({k: feed[k] for k in names}, target=target)[0]
-
-    emb = sentence_embeddings(hidden, art.tokenizer(), texts[:n], max_length=256, batch_size=1)
-    agree = human_correlation(emb, [row[:n] for row in human[:n]])
-    return {"human_pearson": round(agree.pearson, 4), "human_spearman": round(agree.spearman, 4),
-            "pairs": agree.pairs, "protocol": f"gensim lee.cor, first {n} of 50 documents, mean pooling, "
-                                              "256-token truncation, cosine vs human similarity (upper triangle)"}
-
-
-def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
-                      progress: bool = True, human: bool = False, docs: int | None = None,
-                      target: str | None = None) -> dict[str, Any]:
-    """Accuracy of an artifact on real text: perplexity for causal LMs, the Lee human-similarity correlation
-    for encoders (``human``), plus the fidelity its report recorded."""
-    from ctc.dsl.parser import parse
-    from ctc.eval.data import model_batches
-
-    ev = None
-    recipe_file = art.path / "recipe.ctc"
-    if recipe_file.is_file():
-        ev = parse(recipe_file.read_text(), str(recipe_file)).evaluate
-    task = str(art.module.meta.get("task", "unknown"))
-    if data is not None:
-        source, path, fld = _parse_data_flag(data)
-    elif ev is not None:
-        source, path, fld = ev.source, ev.path, ev.options.get("field")
-        if path is not None:
-            path = str(Path(recipe_file).parent / path) if not Path(path).is_absolute() else path
-    else:
-        source, path, fld = ("wiki" if task == TASK_CAUSAL_LM else "lee"), None, None
-    opts = ev.options if ev is not None and data is None else {}
-    n = samples or int(opts.get("samples", 8))
-    length = seq_len or int(opts.get("seq_len", 256 if task == TASK_CAUSAL_LM else 128))
-    try:
-        batches, proto = model_batches(source=source, path=path, field=fld, split="evaluation",
-                                       tokenizer=art.tokenizer(), input_names=[v.name for v in art.module.inputs],
-                                       samples=n, seq_len=length, seed=0)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read evaluation data: {e}") from e
-    bar = Progress(progress)
-    outs = _outputs(art.module, batches, "evaluate", bar)
-    bar.close_bar()
-    res: dict[str, Any] = {"task": task, "data": proto["text"], "windows": proto["windows"], "seq_len": length}
-    if task == TASK_CAUSAL_LM:
-        p = _perplexity(batches, outs, proto["text"])
-        res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
-    if human:
-        if task != "encoder":
-            raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
-        res.update(human_similarity(art, docs=docs, target=target))
-    fid = art.report.get("metrics", {}).get("fidelity")
-    if fid is not None:
-        res["fidelity_vs_original_at_compile"] = fid.get("compressed")
-    return res
-
-
 def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, repeat: int,
                    threads: int | None, profile: int = 0) -> dict[str, Any]:
     """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target;
@@ -932,4 +860,4 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
 
 
 __all__ = ["CompileOptions", "CompileResult", "ModelError", "UsageError", "bench_artifact", "compile_recipe",
-           "evaluate_artifact", "load_checked_recipe", "report_summary"]
+           "load_checked_recipe", "report_summary"]

@@ -80,13 +80,24 @@ def test_load_and_run_matches_reported_fidelity(compiled: tuple[int, Path, str])
 
 def test_cli_eval_and_bench(compiled: tuple[int, Path, str], capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = compiled
+    # `ctc eval` measures, next to the original model re-loaded from the artifact's recipe (same windows)
     assert main(["eval", str(out), "--samples", "2", "--seq-len", "16", "--json", "--quiet"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
-    assert res["task"] == "encoder" and res["windows"] == 2 and res["fidelity_vs_original_at_compile"] > 0.999
+    assert res["task"] == "encoder" and res["windows"] == 2 and res["seq_len"] == 16
+    assert res["baseline"] == "original model bundled 'minilm', same windows" and res["fidelity"] > 0.999
+    assert "fidelity_vs_original_at_compile" not in res
     assert main(["eval", str(out), "--samples", "1", "--seq-len", "16", "--json", "--quiet", "--human-similarity",
                  "--docs", "6"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
-    assert res["pairs"] == 15 and -1 <= res["human_spearman"] <= 1 and res["human_pearson"] > 0
+    h, o = res["human"], res["human_original"]
+    assert h["pairs"] == 15 and -1 <= h["spearman"] <= 1 and h["pearson"] > 0
+    assert abs(h["pearson"] - o["pearson"]) < 0.05, "the clean-up passes barely change the embedding"
+    # no baseline: an encoder then has nothing to measure without --human-similarity
+    assert main(["eval", str(out), "--samples", "1", "--no-baseline", "--quiet"]) == 2
+    assert "nothing to measure" in capsys.readouterr().err
+    assert main(["eval", str(out), "--samples", "1", "--seq-len", "16", "--quiet"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "baseline: original model bundled 'minilm', same windows" in text and "cosine vs original" in text
     assert main(["bench", str(out), "--seq-len", "8", "--repeat", "20", "--json"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
     assert res["median_ms"] > 0 and res["seq_len"] == 8 and "20 runs" in res["protocol"]

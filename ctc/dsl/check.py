@@ -51,6 +51,9 @@ class DatasetOptions(PassOptions):
     seed: int = option(0, "seed for choosing windows (deterministic)", min=0)
     batch_size: int = option(1, "windows per batch", min=1, max=4096)
     field: str | None = option(None, "jsonl only: the field holding the text")
+    skip: int = option(0, "tokens of the text to skip before the first window (keeps evaluation text apart "
+                          "from calibration text in one file)", min=0)
+    limit: int = option(0, "use at most this many tokens after skip (0 = all)", min=0)
 
     def validate(self) -> None:
         if self.field is not None and not self.field.strip():
@@ -456,6 +459,35 @@ def _check_positions(recipe: Recipe) -> list[Diagnostic]:
                        hint=f"use seq_len <= {n}") for what, v, span in uses if v > n]
 
 
+def _data_overlap(recipe: Recipe) -> list[Diagnostic]:
+    """A warning when calibration and evaluation read the same tokens of the same file: accuracy measured
+    on calibration text is optimistic.  Bundled sources are split into disjoint parts already."""
+    c, e = recipe.calibrate, recipe.evaluate
+    if c is None or e is None or c.source != e.source or c.source not in _FILE_SOURCES or not (c.path and e.path):
+        return []
+    pc, pe = resolve_path(recipe, c.path), resolve_path(recipe, e.path)
+    try:
+        same = pc.samefile(pe)
+    except OSError:
+        same = pc.resolve() == pe.resolve()
+    if not same or (c.source == "jsonl" and c.options.get("field") != e.options.get("field")):
+        return []
+    try:
+        co, eo = DatasetOptions.from_dict(c.options), DatasetOptions.from_dict(e.options)
+    except PassError:
+        return []
+    c_end = co.skip + co.limit if co.limit else math.inf
+    e_end = min(eo.skip + eo.limit if eo.limit else math.inf, eo.skip + eo.samples * eo.seq_len)
+    lo, hi = max(co.skip, eo.skip), min(c_end, e_end)
+    if lo >= hi:
+        return []
+    what = f"tokens {lo}..{'end' if math.isinf(hi) else int(hi)}"
+    return [Diagnostic(f"evaluation reads the same text as calibration ({pe}, {what}): accuracy measured on "
+                       "calibration text is optimistic", e.path_span, severity="warning",
+                       hint="calibrate on the first N tokens and evaluate after them (`limit=N` on the calibrate "
+                            "line, `skip=N` on the evaluate line), or use another file")]
+
+
 def check_recipe(recipe: Recipe) -> list[Diagnostic]:
     """Every check that needs no model: returns diagnostics (with source lines attached)."""
     whole = Span(recipe.file, 1, 1, 1, 2)
@@ -463,6 +495,7 @@ def check_recipe(recipe: Recipe) -> list[Diagnostic]:
     for d in (recipe.calibrate, recipe.evaluate):
         if d is not None:
             diags += _check_dataset(recipe, d)
+    diags += _data_overlap(recipe)
     valid: set[str] = set()
     for step in recipe.pipeline:
         diags += _check_step(step, recipe.calibrate is not None, valid)

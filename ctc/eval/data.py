@@ -342,16 +342,27 @@ def _wrap(tokenizer: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": row.unsqueeze(0), "attention_mask": torch.ones(1, row.numel(), dtype=torch.long)}
 
 
+def _token_range(stream: torch.Tensor, skip: int, limit: int | None, what: str) -> torch.Tensor:
+    """``stream[skip : skip + limit]`` with a clear error when ``skip`` leaves nothing."""
+    if skip < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"{what}: skip and limit must be >= 0, got {skip}, {limit}")
+    if skip >= stream.numel():
+        raise ValueError(f"{what}: skip={skip} skips the whole text ({stream.numel()} tokens)")
+    return stream[skip: skip + limit] if limit else stream[skip:]
+
+
 def calibration_batches(tokenizer: Any, source: str | Sequence[str], n_samples: int, seq_len: int, seed: int = 0,
                         *, split: str = "calibration", path: str | Path | None = None, field: str | None = None,
-                        cache_dir: str | Path | None = None) -> list[dict[str, torch.Tensor]]:
+                        cache_dir: str | Path | None = None, skip: int = 0, limit: int | None = None
+                        ) -> list[dict[str, torch.Tensor]]:
     """``n_samples`` windows of ``seq_len`` tokens drawn at random (by ``seed``) from a text source.
 
     ``source`` is a source name (see :func:`load_texts`) or a list of texts.  The source's
     documents are tokenised as one stream; each sample is a contiguous window starting at a
     position drawn with ``random.Random(seed)`` (the GPTQ calibration protocol).  Tokenizers that
     frame inputs with special tokens (BERT's [CLS] ... [SEP]) get them added, inside
-    ``seq_len``.  Returns dicts of ``input_ids`` / ``attention_mask``, each ``[1, seq_len]`` int64.
+    ``seq_len``.  ``skip``/``limit`` restrict the draw to tokens ``[skip, skip + limit)`` of the stream.
+    Returns dicts of ``input_ids`` / ``attention_mask``, each ``[1, seq_len]`` int64.
     """
     if n_samples < 1 or seq_len < 2:
         raise ValueError(f"calibration_batches: need n_samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}")
@@ -361,7 +372,7 @@ def calibration_batches(tokenizer: Any, source: str | Sequence[str], n_samples: 
     body = seq_len - len(pre) - len(post)
     if body < 1:
         raise ValueError(f"calibration_batches: seq_len {seq_len} leaves no room beside the special tokens")
-    stream = token_stream(tokenizer, texts)
+    stream = _token_range(token_stream(tokenizer, texts), skip, limit, "calibration_batches")
     if stream.numel() < body:
         raise ValueError(f"calibration_batches: the text has {stream.numel()} tokens, fewer than one window "
                          f"of {body}; use more text or a smaller seq_len")
@@ -372,15 +383,17 @@ def calibration_batches(tokenizer: Any, source: str | Sequence[str], n_samples: 
 
 def evaluation_windows(tokenizer: Any, source: str | Sequence[str], n_windows: int | None, seq_len: int,
                        *, split: str = "evaluation", path: str | Path | None = None, field: str | None = None,
-                       cache_dir: str | Path | None = None) -> list[dict[str, torch.Tensor]]:
-    """The first ``n_windows`` consecutive, non-overlapping ``seq_len``-token windows of a source (all if None)."""
+                       cache_dir: str | Path | None = None, skip: int = 0, limit: int | None = None
+                       ) -> list[dict[str, torch.Tensor]]:
+    """The first ``n_windows`` consecutive, non-overlapping ``seq_len``-token windows of a source (all if None),
+    starting ``skip`` tokens in and using at most ``limit`` tokens."""
     texts = load_texts(source, split, path=path, field=field, cache_dir=cache_dir) if isinstance(source, str) \
         else list(source)
     pre, post = _specials(tokenizer)
     body = seq_len - len(pre) - len(post)
     if body < 1:
         raise ValueError(f"evaluation_windows: seq_len {seq_len} leaves no room beside the special tokens")
-    stream = token_stream(tokenizer, texts)
+    stream = _token_range(token_stream(tokenizer, texts), skip, limit, "evaluation_windows")
     total = stream.numel() // body
     if total == 0:
         raise ValueError(f"evaluation_windows: the text has {stream.numel()} tokens, fewer than one window of {body}")
@@ -407,7 +420,8 @@ def model_inputs(window: Mapping[str, torch.Tensor], names: Sequence[str]) -> di
 
 def model_batches(*, source: str, path: str | Path | None, field: str | None, split: str, tokenizer: Any,
                   input_names: Sequence[str], samples: int, seq_len: int, seed: int, batch_size: int = 1,
-                  cache_dir: str | Path | None = None) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+                  cache_dir: str | Path | None = None, skip: int = 0, limit: int | None = None
+                  ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """Model-input batches for a recipe's ``calibrate``/``evaluate`` statement, and the protocol that made them.
 
     Calibration: ``samples`` random windows (:func:`calibration_batches`).  Evaluation: the first
@@ -422,10 +436,10 @@ def model_batches(*, source: str, path: str | Path | None, field: str | None, sp
     t0 = time.perf_counter()
     if split == "calibration":
         wins = calibration_batches(tokenizer, source, samples, seq_len, seed, split=split, path=path, field=field,
-                                   cache_dir=cache_dir)
+                                   cache_dir=cache_dir, skip=skip, limit=limit)
     else:
         wins = evaluation_windows(tokenizer, source, samples, seq_len, split=split, path=path, field=field,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir, skip=skip, limit=limit)
     batches = []
     for k in range(0, len(wins), batch_size):
         group = [model_inputs(w, input_names) for w in wins[k:k + batch_size]]
@@ -437,4 +451,6 @@ def model_batches(*, source: str, path: str | Path | None, field: str | None, sp
         "selection": f"random windows, seed {seed}" if split == "calibration" else "first consecutive windows",
         "tokens": len(wins) * seq_len, "seconds": time.perf_counter() - t0,
     }
+    if skip or limit:
+        protocol["token_range"] = f"tokens {skip}..{skip + limit if limit else 'end'} of the text"
     return batches, protocol

@@ -1,0 +1,200 @@
+"""`ctc eval`: measure an artifact on real text, next to its original model on the same windows.
+
+Why: a number alone (perplexity 23.8, cosine 0.995) says little; the original model's number on
+the very same windows does.  `ctc eval` always measures (it never repeats what the compile-time
+report recorded): it re-loads the original model named by the artifact's own recipe (bundled, a
+Hugging Face directory or a .pt2 file, paths as the recipe gave them), runs both through the
+reference interpreter on the evaluation windows and reports, with the compile's definitions
+(:func:`ctc.driver.measure`):
+
+* causal LMs: perplexity of both, the increase, next-token KL, output fidelity;
+* encoders: output fidelity (cosine per token) and the largest output difference; with
+  ``--human-similarity`` the Lee human-similarity correlation of both.
+
+When the original cannot be loaded (moved files), the artifact is still measured alone and the
+result says why there is no baseline; an encoder then needs ``--human-similarity``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ctc.errors import UsageError
+from ctc.tasks import TASK_CAUSAL_LM, TASK_ENCODER
+
+__all__ = ["evaluate_artifact", "human_similarity", "parse_data_flag"]
+
+
+def parse_data_flag(data: str) -> tuple[str, str | None, str | None]:
+    """``wiki`` | ``lee`` | ``text:FILE`` | ``jsonl:FILE:FIELD`` -> (source, path, field)."""
+    kind, _, rest = data.partition(":")
+    if kind in ("wiki", "lee") and not rest:
+        return kind, None, None
+    if kind == "text" and rest:
+        return "text", rest, None
+    if kind == "jsonl" and rest:
+        path, _, fld = rest.rpartition(":") if rest.count(":") else (rest, "", "text")
+        return "jsonl", path or rest, fld or "text"
+    raise UsageError(f"--data {data!r}: expected wiki, lee, text:FILE or jsonl:FILE:FIELD")
+
+
+def human_similarity(run: Callable[[dict[str, Any]], Any], tokenizer: Any, input_names: list[str], *,
+                     docs: int | None = None) -> dict[str, Any]:
+    """Encoders: Pearson/Spearman of embedding cosine (``run`` gives the hidden states) against human
+    similarity judgements on the Lee corpus (50 documents; ``docs`` takes the first N), mean-pooled,
+    truncated at 256 tokens."""
+    import torch
+
+    from ctc.eval.data import lee_similarities, lee_test
+    from ctc.eval.fidelity import human_correlation, sentence_embeddings
+
+    texts = lee_test()
+    human = lee_similarities()
+    n = len(texts) if docs is None else max(3, min(docs, len(texts)))
+
+    def hidden(ids: Any, mask: Any) -> Any:
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        return run({k: feed[k] for k in input_names})[0]
+
+    emb = sentence_embeddings(hidden, tokenizer, texts[:n], max_length=256, batch_size=1)
+    agree = human_correlation(emb, [row[:n] for row in human[:n]])
+    return {"pearson": round(agree.pearson, 4), "spearman": round(agree.spearman, 4), "pairs": agree.pairs,
+            "protocol": f"gensim lee.cor, first {n} of 50 documents, mean pooling, 256-token truncation, "
+                        "cosine vs human similarity (upper triangle)"}
+
+
+def _artifact_recipe(art: Any) -> Any:
+    """The artifact's own recipe (verified), its relative paths starting where the original recipe was."""
+    from ctc.dsl.parser import parse
+
+    if art.manifest is not None and "recipe.ctc" in art.manifest:
+        text = art.manifest.read_text("recipe.ctc")
+    else:
+        f = art.path / "recipe.ctc"
+        text = f.read_text() if f.is_file() else None
+    if text is None:
+        return None
+    recipe = parse(text, str(art.path / "recipe.ctc"))
+    base = art.report.get("recipe_dir")
+    if base is None and art.report.get("recipe_file"):
+        base = str(Path(str(art.report["recipe_file"])).parent)
+    recipe.base_dir = base
+    return recipe
+
+
+def _original(recipe: Any, progress: Any) -> tuple[Any, str]:
+    """The original model (a LoadedModel) of ``recipe``, or None and why it is not available."""
+    from ctc.driver import load_model
+    from ctc.errors import ModelError
+
+    if recipe is None or recipe.model is None:
+        return None, "the artifact holds no recipe naming its model"
+    m = recipe.model
+    try:
+        with progress.stage(f"load the original model {m.kind} {m.ref!r}"):
+            return load_model(recipe, progress), f"original model {m.kind} {m.ref!r}, same windows"
+    except ModelError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"unavailable: {first}"
+
+
+def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
+                      skip: int | None = None, limit: int | None = None, progress: bool = True, human: bool = False,
+                      docs: int | None = None, target: str | None = None, baseline: bool = True) -> dict[str, Any]:
+    """Measure ``art`` (a loaded artifact) on evaluation text, next to its original model (``baseline``)."""
+    from ctc.driver import Progress, _outputs, _perplexity, measure
+    from ctc.eval.data import model_batches
+
+    bar = Progress(progress)
+    recipe = _artifact_recipe(art)
+    ev = recipe.evaluate if recipe is not None else None
+    task = str(art.module.meta.get("task", "unknown"))
+    if human and task != TASK_ENCODER:
+        raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
+    if data is not None:
+        source, path, fld = parse_data_flag(data)
+    elif ev is not None:
+        from ctc.dsl.check import resolve_path
+
+        source, path, fld = ev.source, ev.path, ev.options.get("field")
+        path = str(resolve_path(recipe, path)) if path is not None else None
+    else:
+        source, path, fld = ("wiki" if task == TASK_CAUSAL_LM else "lee"), None, None
+    opts = ev.options if ev is not None and data is None else {}
+    n = samples or int(opts.get("samples", 8))
+    length = seq_len or int(opts.get("seq_len", 256 if task == TASK_CAUSAL_LM else 128))
+    skip = int(opts.get("skip", 0)) if skip is None else skip
+    limit = int(opts.get("limit", 0)) if limit is None else limit
+    if min(n, length) < 1 or skip < 0 or limit < 0:
+        raise UsageError("--samples and --seq-len must be >= 1, --skip and --limit >= 0")
+    try:
+        batches, proto = model_batches(source=source, path=path, field=fld, split="evaluation",
+                                       tokenizer=art.tokenizer(), input_names=[v.name for v in art.module.inputs],
+                                       samples=n, seq_len=length, seed=0, skip=skip, limit=limit or None)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read evaluation data: {e}") from e
+
+    res: dict[str, Any] = {"task": task, "data": proto["text"], "windows": proto["windows"], "seq_len": length}
+    if proto.get("token_range"):
+        res["token_range"] = proto["token_range"]
+    original, why = _original(recipe, bar) if baseline else (None, "not requested (--no-baseline)")
+    res["baseline"] = why
+    if original is not None:
+        metrics = {"fidelity", "max_error"} | ({"ppl"} if task == TASK_CAUSAL_LM else set())
+        with bar.stage("measure (original and artifact)"):
+            m = measure(original.module, art.module, original, batches, metrics, bar, proto["text"])
+        res["fidelity"] = round(m["fidelity"]["compressed"], 6)
+        res["max_abs_error"] = m["max_error"]["compressed"]
+        if task == TASK_CAUSAL_LM:
+            res.update(ppl=round(m["ppl"]["compressed"], 4), ppl_original=round(m["ppl"]["original"], 4),
+                       ppl_increase=round(m["ppl_increase"]["compressed"], 4), kl=m["kl"]["compressed"],
+                       protocol=m["ppl"]["protocol"])
+    elif task == TASK_CAUSAL_LM:
+        with bar.stage("measure (artifact)"):
+            outs = _outputs(art.module, batches, "evaluate", bar)
+        p = _perplexity(batches, outs, proto["text"])
+        res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
+    elif not human:
+        raise UsageError(f"nothing to measure: the original model is {why.removeprefix('unavailable: ')}, so "
+                         "output fidelity cannot be computed; pass --human-similarity to measure the encoder "
+                         "against human judgements")
+    bar.close_bar()
+    if human:
+        names = [v.name for v in art.module.inputs]
+        res["human"] = human_similarity(lambda feed: art.run(feed, target=target), art.tokenizer(), names, docs=docs)
+        if original is not None:
+            from ctc.artifact import torch_runner
+
+            run = torch_runner(original.module)
+            res["human_original"] = human_similarity(lambda feed: list(_as_list(run(feed))), original.tokenizer,
+                                                     [v.name for v in original.module.inputs], docs=docs)
+    return res
+
+
+def _as_list(out: Any) -> list[Any]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def format_result(res: dict[str, Any]) -> str:
+    """`ctc eval`'s lines: the artifact's numbers beside the original's."""
+    lines = [f"{'task':>16}: {res['task']}", f"{'data':>16}: {res['data']}",
+             f"{'windows':>16}: {res['windows']} x {res['seq_len']} tokens"
+             + (f" ({res['token_range']})" if res.get("token_range") else ""),
+             f"{'baseline':>16}: {res['baseline']}"]
+    if "ppl" in res:
+        orig = f"   (original {res['ppl_original']}, +{res['ppl_increase']})" if "ppl_original" in res else ""
+        lines.append(f"{'perplexity':>16}: {res['ppl']}{orig}")
+    if "kl" in res:
+        lines.append(f"{'KL vs original':>16}: {res['kl']:.6g}")
+    if "fidelity" in res:
+        lines.append(f"{'fidelity':>16}: {res['fidelity']} cosine vs original (max abs error "
+                     f"{res['max_abs_error']:.4g})")
+    if "human" in res:
+        h, o = res["human"], res.get("human_original")
+        extra = f"   (original {o['pearson']} / {o['spearman']})" if o else ""
+        lines.append(f"{'human sim.':>16}: Pearson {h['pearson']} / Spearman {h['spearman']}{extra}")
+    if res.get("protocol"):
+        lines.append(f"{'protocol':>16}: {res['protocol']}")
+    return "\n".join(lines)
