@@ -231,7 +231,8 @@ def test_parse_errors_name_line_and_column(old, new, line, col, msg):
     text_line = BASE.replace(old, new, 1).splitlines()[line - 1]
     lines = str(e).splitlines()
     assert lines[0].startswith(f"<ir>:{line}:{col}: ")
-    assert lines[1] == "  " + text_line and lines[2] == "  " + " " * (col - 1) + "^"
+    shown = text_line.replace("\x01", "\\x01")  # control characters are printed escaped
+    assert lines[1] == "  " + shown and lines[2] == "  " + " " * (col - 1) + "^"
 
 
 def test_params_dict_must_match_declarations():

@@ -59,7 +59,7 @@ def elide(text: str, limit: int = WORD_LIMIT) -> str:
     return " ".join(out)
 
 
-def _display(line: str, col: int, end_col: int) -> tuple[str, int, int]:
+def display_line(line: str, col: int, end_col: int) -> tuple[str, int, int]:
     """The shown form of source ``line`` (escaped, windowed around columns ``col``..``end_col``) and the
     caret's start and width in it (columns are 1-based, ``end_col`` exclusive)."""
     if len(line) <= 2 * LINE_WINDOW:
@@ -119,7 +119,7 @@ class Diagnostic:
                 end = len(self.source_line) + 1
             else:
                 end = start + 1
-            text, caret, width = _display(self.source_line.rstrip("\n"), start, end)
+            text, caret, width = display_line(self.source_line.rstrip("\n"), start, end)
             gutter = f"{self.span.line:>4} | "
             out.append(gutter + text)
             out.append(" " * (len(gutter) - 2) + "| " + " " * caret + "^" * width)

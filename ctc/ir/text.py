@@ -158,8 +158,10 @@ class TextParseError(ValueError):
         end = len(src) if end < 0 else end
         self.col = pos - start + 1
         self.msg = msg
-        text = src[start:end]
-        super().__init__(f"{filename}:{self.line}:{self.col}: {msg}\n  {text}\n  {' ' * (self.col - 1)}^")
+        from ctc.dsl.diagnostics import display_line, elide  # printable and short, whatever the text holds
+
+        text, caret, _ = display_line(src[start:end], self.col, self.col + 1)
+        super().__init__(f"{elide(filename)}:{self.line}:{self.col}: {elide(msg)}\n  {text}\n  {' ' * caret}^")
 
 
 @dataclass(frozen=True)
