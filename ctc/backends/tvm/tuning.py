@@ -183,21 +183,70 @@ def plan_budget(n_tasks: int, trials: int, per_task: int | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------- the worker
-def _stop_group(proc: subprocess.Popen[str]) -> None:
-    """Stop the worker and every process it started (its session's process group)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+def _live_group_members(pgid: int) -> list[int] | None:
+    """Processes of process group ``pgid`` that still run (zombies, which have exited and only wait
+    for their reaper, are not counted); None where ``/proc`` cannot tell."""
+    try:
+        entries = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return None
+    out = []
+    for d in entries:
         try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+        except (OSError, IndexError):
             continue
-    try:  # pool processes the worker left (already exited worker: its group may still hold them)
-        os.killpg(proc.pid, signal.SIGKILL)
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            out.append(int(d))
+    return out
+
+
+def _group_gone(pgid: int) -> bool:
+    members = _live_group_members(pgid)
+    if members is not None:
+        return not members
+    try:  # no /proc: a group with any member left (zombies included) still answers signal 0
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _stop_group(proc: subprocess.Popen[str], *, grace_s: float = 5.0, bound_s: float = 10.0) -> None:
+    """Stop the worker and every process it started (its session's process group), and return only
+    once none of them runs any more (at most ``grace_s`` + ``bound_s`` seconds): SIGTERM, then SIGKILL
+    for whatever is left, then wait until the group is gone, so nothing outlives the compile."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + bound_s
+    while True:
+        try:  # the worker's pool processes outlive it unless killed: SIGKILL the group until it is empty
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.returncode is not None and _group_gone(pgid):
+            return
+        if time.monotonic() > deadline:
+            left = _live_group_members(pgid) or []
+            print(f"[ctc tune] warning: tuning processes {left or pgid} still run {bound_s:.0f} s after SIGKILL",
+                  file=sys.stderr, flush=True)
+            return
+        time.sleep(0.02)
 
 
 def _run_worker(spec: dict[str, Any], log_file: Path, on_event: Callable[[dict[str, Any]], None]) -> None:
