@@ -102,7 +102,8 @@ def replace_refusal(d: Path) -> str | None:
         return None
     if not has_manifest(d):
         shown = ", ".join(sorted(p.name for p in entries)[:4]) + (", ..." if len(entries) > 4 else "")
-        return f"is not a ctc artifact (no {MANIFEST_FILE}) and holds {len(entries)} entries ({shown})"
+        return (f"is not a ctc artifact (no {MANIFEST_FILE}) and holds {len(entries)} "
+                f"{'entry' if len(entries) == 1 else 'entries'} ({shown})")
     extra = read_manifest(d).unlisted()
     if extra:
         shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")

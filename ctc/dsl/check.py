@@ -326,7 +326,27 @@ def target_config(t: Target) -> Any:
     return TargetConfig(t.kind, spec.Options.from_dict(t.options, pass_name=f"target {t.kind}"), int(t.trials or 0))
 
 
-def _check_target(t: Target, seen: dict[str, Span]) -> list[Diagnostic]:
+def _check_tuning_dir(recipe: Recipe, t: Target) -> list[Diagnostic]:
+    """An empty ``tuning_dir`` would silently mean the default cache, a file there fails only after capture."""
+    tdir = t.options.get("tuning_dir")
+    if not isinstance(tdir, str):
+        return []
+    span = t.option_spans.get("tuning_dir", t.span)
+    if not tdir.strip():
+        return [Diagnostic(f"target {t.kind}: tuning_dir is empty", span,
+                           hint="name a directory (relative to the recipe), or leave the option out for the "
+                                "default ~/.cache/ctc/tuning")]
+    p = resolve_path(recipe, tdir).expanduser()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return [Diagnostic(f"target {t.kind}: tuning_dir {p} cannot be a directory: {probe} is a file", span,
+                           hint="name a directory for the tuning database")]
+    return []
+
+
+def _check_target(t: Target, seen: dict[str, Span], recipe: Recipe) -> list[Diagnostic]:
     if t.kind not in TARGETS:
         return [Diagnostic(f"unknown target {t.kind!r}{did_you_mean(t.kind, TARGETS)}", t.kind_span,
                            hint="targets: " + ", ".join(TARGETS) + " (see `ctc targets`)")]
@@ -337,6 +357,7 @@ def _check_target(t: Target, seen: dict[str, Span]) -> list[Diagnostic]:
     seen[t.kind] = t.kind_span
     spec = TARGETS[t.kind]
     diags += option_diagnostics(spec.Options, t.options, t.option_spans, t.span, f"target {t.kind}")
+    diags += _check_tuning_dir(recipe, t)
     if t.trials is not None:
         span = t.option_spans.get("trials", t.span)
         if isinstance(t.trials, bool) or not isinstance(t.trials, int):
@@ -501,7 +522,7 @@ def check_recipe(recipe: Recipe) -> list[Diagnostic]:
         diags += _check_step(step, recipe.calibrate is not None, valid)
     seen: dict[str, Span] = {}
     for t in recipe.targets:
-        diags += _check_target(t, seen)
+        diags += _check_target(t, seen, recipe)
     if not any(d.severity == "error" for d in diags):
         diags += _check_positions(recipe)
     seen_checks: dict[str, Span] = {}
