@@ -267,8 +267,6 @@ class QuantizeOptions(PassOptions):
         if self.a_mode == "dynamic" and self.a_granularity == "channel":
             raise PassError("option a_mode=\"dynamic\" computes one range per token; it does not combine with "
                             "a_granularity=\"channel\" (use a_granularity=\"tensor\", or rptq's clusters)")
-
-    def validate(self) -> None:
         default = QuantizeOptions.__dataclass_fields__["group_size"].default
         if self.w_granularity != "group" and self.group_size != default:
             raise PassError(f"option group_size={self.group_size} applies only with w_granularity=\"group\"; "
