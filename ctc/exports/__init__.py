@@ -45,6 +45,30 @@ class MlirOptions(PassOptions):
 
 
 @dataclass(frozen=True)
+class HfOptions(PassOptions):
+    """Options of `emit hf` (a plain Hugging Face directory: config.json + model.safetensors)."""
+
+    dtype: str = option("f32", "dtype of the written float weights", choices=("f32", "f16", "bf16"))
+    tolerance: float = option(1e-4, "largest output difference the load-back check accepts, relative to the "
+                                    "output's largest magnitude", min=0.0)
+
+
+@dataclass(frozen=True)
+class CompressedTensorsOptions(PassOptions):
+    """Options of `emit compressed-tensors` (the format llm-compressor writes and transformers/vLLM read)."""
+
+    tolerance: float = option(1e-4, "weight-only models: largest output difference the load-back check accepts, "
+                                    "relative to the output's largest magnitude", min=0.0)
+    max_mismatch: float = option(0.05, "largest fraction of tokens whose outputs of one layer may differ when the "
+                                       "reloaded layer runs on the module's own input (compressed-tensors rounds "
+                                       "round(x/s + z), ctc and vLLM round(x/s) + z: they part at float ties)",
+                                 min=0.0, max=1.0)
+    min_cosine: float = option(0.98, "models with quantized activations: smallest output cosine accepted end to "
+                                     "end (one tie rounded the other way early in a network moves later "
+                                     "activations across rounding boundaries too)", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     """An export format: summary, options class, the module with its ``write`` and the packages it needs."""
 
@@ -77,6 +101,11 @@ EXPORTS: dict[str, ExportSpec] = {s.name: s for s in [
     ExportSpec("mlir", "MLIR through torch-mlir's FX importer (torch dialect and linalg-on-tensors); weights are "
                "function arguments read from params.safetensors", MlirOptions, "ctc.backends.mlir",
                (("torch_mlir", "torch-mlir"),)),
+    ExportSpec("hf", "plain Hugging Face directory (config.json + model.safetensors) for AutoModel.from_pretrained; "
+               "float and structurally compressed models", HfOptions, "ctc.exports.hf_dir"),
+    ExportSpec("compressed-tensors", "Hugging Face directory in the compressed-tensors format (int8, packed int4 with "
+               "group scales, static activation scales) that transformers and vLLM load", CompressedTensorsOptions,
+               "ctc.exports.compressed_tensors", (("compressed_tensors", "compressed-tensors"),)),
 ]}
 
 

@@ -29,6 +29,15 @@ class ExportSource:
     tokenizer_dir: Path | None = None
     params_file: Path | None = None
     notes: list[str] = field(default_factory=list)
+    checkpoint_dir: Path | None = None  # the source model's own weights (tensors the module never reads)
+
+    def source_checkpoint_dir(self) -> Path | None:
+        """Where the source model's safetensors are: ``checkpoint_dir``, else the tokenizer folder when it has them."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        if self.tokenizer_dir is not None and any(Path(self.tokenizer_dir).glob("*.safetensors")):
+            return self.tokenizer_dir
+        return None
 
     def reference_outputs(self) -> list[torch.Tensor]:
         """The module's outputs on the example batch (reference interpreter: the IR's semantics)."""
@@ -79,7 +88,25 @@ def from_artifact(art: Any, *, batch: int = 1, seq_len: int = 32) -> ExportSourc
     """The export source of a loaded artifact (example batch from its tokenizer on real text)."""
     tok = art.tokenizer() if art.tokenizer_dir is not None else None
     example = example_feed(art.module, tok, batch=batch, seq_len=seq_len)
-    return ExportSource(art.module, art.path.name, example, art.tokenizer_dir)
+    return ExportSource(art.module, art.path.name, example, art.tokenizer_dir,
+                        checkpoint_dir=_model_dir(art.report.get("model") or {}, art.path))
+
+
+def _model_dir(model: Any, artifact: Path) -> Path | None:
+    """The source model's folder named by an artifact's report (bundled name or Hugging Face directory), if here."""
+    kind, ref = model.get("kind"), model.get("ref")
+    if kind == "bundled" and ref:
+        from ctc.eval.models import BundledModelError, bundled_hf_dir
+
+        try:
+            return bundled_hf_dir(str(ref))
+        except BundledModelError:
+            return None
+    if kind == "hf" and ref:
+        for base in (Path(str(ref)), artifact.parent / str(ref)):
+            if base.is_dir():
+                return base.resolve()
+    return None
 
 
 def compare_outputs(what: str, got: Sequence[Any], ref: Sequence[torch.Tensor], tolerance: float,
