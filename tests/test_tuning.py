@@ -208,10 +208,10 @@ def test_stopping_the_worker_returns_only_when_its_whole_group_is_gone() -> None
     proc = subprocess.Popen([sys.executable, "-c", _STUBBORN_POOL], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    assert len(tuning._live_group_members(proc.pid) or []) == 2
+    assert len(tuning.live_group_members(proc.pid) or []) == 2
     t0 = time.monotonic()
     tuning._stop_group(proc)
-    assert tuning._live_group_members(proc.pid) == [] and proc.returncode is not None
+    assert tuning.live_group_members(proc.pid) == [] and proc.returncode is not None
     assert time.monotonic() - t0 < 10
     proc.stdout.close()
 

@@ -49,8 +49,8 @@ from typing import Any
 
 from ctc.backends.tvm.tuning_db import TaskRecords, count_records
 
-__all__ = ["TuningError", "default_cache_dir", "install_fast_inspect_stack", "plan_budget", "tune_and_apply",
-           "tuning_dir"]
+__all__ = ["TuningError", "default_cache_dir", "install_fast_inspect_stack", "live_group_members", "plan_budget",
+           "tune_and_apply", "tuning_dir"]
 
 LEDGER_VERSION = 2
 MIN_TRIALS_PER_TASK = 16
@@ -183,7 +183,7 @@ def plan_budget(n_tasks: int, trials: int, per_task: int | None = None) -> list[
 
 
 # ----------------------------------------------------------------------------- the worker
-def _live_group_members(pgid: int) -> list[int] | None:
+def live_group_members(pgid: int) -> list[int] | None:
     """Processes of process group ``pgid`` that still run (zombies, which have exited and only wait
     for their reaper, are not counted); None where ``/proc`` cannot tell."""
     try:
@@ -203,7 +203,7 @@ def _live_group_members(pgid: int) -> list[int] | None:
 
 
 def _group_gone(pgid: int) -> bool:
-    members = _live_group_members(pgid)
+    members = live_group_members(pgid)
     if members is not None:
         return not members
     try:  # no /proc: a group with any member left (zombies included) still answers signal 0
@@ -242,7 +242,7 @@ def _stop_group(proc: subprocess.Popen[str], *, grace_s: float = 5.0, bound_s: f
         if proc.returncode is not None and _group_gone(pgid):
             return
         if time.monotonic() > deadline:
-            left = _live_group_members(pgid) or []
+            left = live_group_members(pgid) or []
             print(f"[ctc tune] warning: tuning processes {left or pgid} still run {bound_s:.0f} s after SIGKILL",
                   file=sys.stderr, flush=True)
             return
