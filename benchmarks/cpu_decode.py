@@ -18,6 +18,12 @@ PyTorch fp32 eager (cosine and max abs error).  Rows (``--rows``, comma list):
 * ``ctc-w4``: weight-only int4, asymmetric, groups of 32 (``quantize w_bits=4 a_bits=16
   w_granularity="group" group_size=32 sym=false lm_head=true``), packed in memory;
   ``ctc-w8``: weight-only int8 per output channel, LM head included;
+* ``ctc-w4f``: int4 groups of 32 with float zero points (``w_zero="float"``: each group's own
+  min..max, Q4_1's grid) for the blocks, then the LM head int8 per channel (a second
+  ``quantize``): ctc's own quantization in the shape of the GGUF (Q4_1 body, Q8_0 head);
+* ``--llama``: llama.cpp's ``llama-bench`` on the bundled Q4_1 GGUF and a Q8_0 re-quantization,
+  ``--llama-gen`` tokens generated after ``--past`` cached ones (``-d``), ``--rounds`` repetitions
+  (tokens/s of each repetition; its own timer, not interleaved with the rows above, no logits);
 * ``ctc-gguf``: the bundled GGUF's own Q4_1 tensors as weight-only int4 (``gguf-weights``);
 * ``ctc-kv8`` / ``ctc-kv4``: fp32 weights with the int8 (int4, groups of 32) KV cache
   (``kv-cache-quant``); ``ctc-w8a8-kv8``: ``ctc-w8a8`` plus the int8 KV cache.
@@ -60,6 +66,10 @@ PIPELINES: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "ctc-w4": ("ctc int4 weight-only g32", [("quantize", {"w_bits": 4, "a_bits": 16, "w_granularity": "group",
                                                           "group_size": 32, "sym": False, "lm_head": True})]),
     "ctc-w8": ("ctc int8 weight-only", [("quantize", {"w_bits": 8, "a_bits": 16, "lm_head": True})]),
+    "ctc-w4f": ("ctc int4 g32 float-zero, head int8", [
+        ("quantize", {"w_bits": 4, "a_bits": 16, "w_granularity": "group", "group_size": 32, "sym": False,
+                      "w_zero": "float"}),
+        ("quantize", {"w_bits": 8, "a_bits": 16, "lm_head": True})]),
     "ctc-gguf": ("ctc GGUF Q4_1 weights", [("gguf-weights", {})]),
     "ctc-kv8": ("ctc fp32 + int8 KV", [("kv-cache-quant", {"bits": 8})]),
     "ctc-kv4": ("ctc fp32 + int4 KV g32", [("kv-cache-quant", {"bits": 4, "group_size": 32})]),
@@ -134,6 +144,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama", action="store_true", help="add llama.cpp rows (llama-bench on the bundled Q4_1 GGUF "
+                    "and its Q8_0 re-quantization, decode after --past cached tokens; built by benchmarks/llamacpp.py)")
+    ap.add_argument("--llama-gen", type=int, default=32, help="tokens llama-bench generates per repetition")
     args = ap.parse_args()
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows_wanted if r not in PIPELINES and r not in ("ort", "ort-int8")]
@@ -223,6 +236,20 @@ def main() -> None:
         print(f"  built {label}: {time.perf_counter() - t0:.1f} s, int kernels {comp.meta.get('int_kernels')}, "
               f"weights {wbytes / 1e6 if wbytes else float('nan'):.1f} MB", flush=True)
     times = timeit(fns, args.runs, args.warmup, args.rounds)
+    if args.llama:  # its own process and timer: tokens/s over --llama-gen tokens, per repetition
+        import llamacpp
+
+        bin_dir = llamacpp.ensure_built()
+        gguf = Path(str(bundled_gguf_file("smollm2")))
+        q8 = llamacpp.quantize(bin_dir, gguf, llamacpp.DEFAULT_CACHE / "smollm2-q8_0.gguf", "Q8_0", args.threads)
+        for label, path in (("llama.cpp Q4_1", gguf), ("llama.cpp Q8_0", q8)):
+            time.sleep(0.5)
+            b = llamacpp.bench(bin_dir, path, args.threads, args.past, args.llama_gen, 0, args.rounds)["decode"]
+            times[label] = (1e3 / b["median"], 1e3 / b["max"])
+            rows.append({"runtime": label, "cos": float("nan"), "err": float("nan"),
+                         "weight_mb": path.stat().st_size / 1e6})
+            print(f"  {label}: decode {b['median']:.1f} tok/s median of {args.rounds} (min {b['min']:.1f}, "
+                  f"max {b['max']:.1f})", flush=True)
     ort_int8 = times.get("ONNX Runtime int8 (dynamic)", (None,))[0]
     print(f"\n(load average after: {os.getloadavg()[0]:.2f})\n")
     print("| runtime | median ms | min ms | tok/s (median) | x ORT int8 (median) | logits cosine | max abs err "

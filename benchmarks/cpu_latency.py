@@ -134,7 +134,7 @@ def smollm2_decode_windows(split: str, n: int, past: int = 128) -> tuple[torch.n
 
     model, tok, _ = load_bundled("smollm2")
     model.eval()
-    ids = tok(wiki_text(split)[: 8000 * n], return_tensors="pt")["input_ids"]
+    ids = tok(wiki_text(split)[: max(8000, 8 * (past + 1)) * n], return_tensors="pt")["input_ids"]
     if ids.shape[1] < n * (past + 1):
         raise SystemExit(f"not enough {split} text for {n} windows of {past + 1} tokens")
     return model, [prefilled_inputs(model, ids[:, i * (past + 1):(i + 1) * (past + 1)], past) for i in range(n)]

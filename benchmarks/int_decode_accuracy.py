@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"ctc rows, from {', '.join(PIPELINES)}")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here, row by row; rows already "
+                    "there (same --ctx/--chunks) are not measured again")
     a = ap.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in PIPELINES]
@@ -130,19 +131,33 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tmp.name)
     text_path, windows = held_out_text(tok, a.ctx, a.chunks, folder)
     results: list[dict[str, Any]] = []
+    if a.out and a.out.is_file():  # resume: rows measured by an earlier run with the same protocol
+        results = [r for r in json.loads(a.out.read_text()) if r.get("ctx") == a.ctx and r.get("chunks") == a.chunks]
+        log(f"resuming: {', '.join(r['key'] for r in results) or 'nothing'} already in {a.out}")
+
+    def save(r: dict[str, Any]) -> None:
+        results.append({**r, "ctx": a.ctx, "chunks": a.chunks})
+        if a.out:
+            a.out.write_text(json.dumps(results, indent=1))
+
+    done = {r["key"] for r in results}
     for key in rows:
+        if key in done:
+            continue
         log(f"{key}: build + {a.chunks} x {a.ctx} decode steps")
         r = ctc_perplexity(model, key, windows, gguf, a.threads, folder)
         log(f"  ppl {r['ppl']:.4f} (build {r['build_s']:.0f} s, eval {r['eval_s']:.0f} s)")
-        results.append(r)
+        save(r)
     if not a.no_llama:
         bin_dir = llamacpp.ensure_built()
         q8 = llamacpp.quantize(bin_dir, Path(gguf), llamacpp.DEFAULT_CACHE / "smollm2-q8_0.gguf", "Q8_0", a.threads)
         for label, path in (("llama.cpp Q4_1 (bundled GGUF)", Path(gguf)), ("llama.cpp Q8_0 (requantized)", q8)):
+            if label in done:
+                continue
             log(f"{label}: llama-perplexity")
             p = llamacpp.perplexity(bin_dir, path, text_path, a.ctx, a.chunks, a.threads)
-            results.append({"row": label, "key": label, "ppl": p["ppl"], "tokens": a.chunks * (a.ctx // 2 - 1),
-                            "eval_s": p["seconds"], "param_mb": path.stat().st_size / 1e6})
+            save({"row": label, "key": label, "ppl": p["ppl"], "tokens": a.chunks * (a.ctx // 2 - 1),
+                  "eval_s": p["seconds"], "param_mb": path.stat().st_size / 1e6})
     base = next((r["ppl"] for r in results if r["key"] == "ctc"), None)
     print(f"\n(load average after: {os.getloadavg()[0]:.2f})\n")
     print("| row | perplexity | vs ctc fp32 | tokens scored | file / params MB | build s | eval s |")
@@ -152,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         build = f"{r['build_s']:.0f}" if r.get("build_s") is not None else "-"
         print(f"| {r['row']} | {r['ppl']:.4f} | {rel} | {r['tokens']} | {r['param_mb']:.1f} | {build} "
               f"| {r['eval_s']:.0f} |")
-    if a.out:
-        a.out.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -97,3 +97,39 @@ def test_module_without_blocks_quantizes_all_but_heads() -> None:
     head = out.outputs[0].producer
     assert head is not None and head.op == "linear"
     assert any("no block information" in s for s in ctx.notes)
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([3, 4, 8]), gs=st.sampled_from([-1, 8, 32]),
+       n=st.integers(1, 6), k=st.integers(1, 40))
+def test_float_zero_points_span_each_groups_own_range(seed: int, bits: int, gs: int, n: int, k: int) -> None:
+    """``float_zero``: half-step error over the group's own min..max; weights already on such a grid
+    (a GGUF Q4_1 tensor de-quantized) come back exactly, where integer zero points cannot."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) + 0.7  # mostly positive rows: an integer zero point wastes range
+    qw = Q.quantize_weight(w, bits, gs, symmetric=False, float_zero=True)
+    assert qw.zero.dtype == torch.float32 and not qw.symmetric
+    wd = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, bits, gs, k)
+    step = Q._expand_groups(qw.scale, gs, k)
+    assert bool(((wd - w).abs() <= step / 2 + 1e-5 * (1 + w.abs())).all())
+    on_grid = wd  # re-quantizing de-quantized weights is exact (to fp32 rounding)
+    again = Q.quantize_weight(on_grid, bits, gs, symmetric=False, float_zero=True)
+    back = Q.dequantize_weight(again.qweight, again.scale, again.zero, bits, gs, k)
+    assert torch.allclose(back, on_grid, atol=1e-5 * float(on_grid.abs().max()) + 1e-6)
+
+
+def test_float_zero_option_is_weight_only_and_keeps_f32_zero_points() -> None:
+    m = tiny_transformer("llama")
+    ref = m.clone()
+    out = get_pass("quantize")({"w_bits": 4, "a_bits": 16, "sym": False, "w_zero": "float",
+                                "w_granularity": "group", "group_size": 16}).run(m, PassContext())
+    verify(out)
+    zeros = [out.params[p.attrs["name"]] for p in out.nodes
+             if p.op == "param" and str(p.attrs["name"]).endswith("w_zero")]
+    assert zeros and all(z.dtype == torch.float32 for z in zeros)
+    x = outlier_inputs(ref, 1)[0]
+    assert float((interpret(out, x)[0] - interpret(ref, x)[0]).abs().max()) < 0.5
+    for bad in ({"w_zero": "float", "a_bits": 16}, {"w_zero": "float", "sym": False},
+                {"w_zero": "float", "sym": False, "a_bits": 16, "w_granularity": "tensor"}):
+        with pytest.raises(PassError, match="w_zero"):
+            get_pass("quantize")(bad)

@@ -100,8 +100,14 @@ class QuantizedWeight:
     k: int
 
 
-def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True) -> QuantizedWeight:
-    """Round-to-nearest min-max quantization of a ``[N, K]`` weight (per channel or per group)."""
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True,
+                    float_zero: bool = False) -> QuantizedWeight:
+    """Round-to-nearest min-max quantization of a ``[N, K]`` weight (per channel or per group).
+
+    ``float_zero`` (asymmetric only): the grid spans each group's own ``[min, max]`` with an f32 zero
+    point (``w = min + s * (q + 2^(b-1))``, GGUF Q4_1's form) instead of a range stretched to hold 0
+    with an integer zero point; such weights suit weight-only kernels (an integer kernel needs
+    integer zero points)."""
     if w.dim() != 2:
         raise ValueError(f"quantize_weight takes a [N, K] matrix, got shape {tuple(w.shape)}")
     if not 2 <= bits <= 8:
@@ -115,6 +121,17 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, symmetric:
     pad = g * gs - k
     wg = torch.cat([wf, wf.new_zeros(n, pad)], dim=1).reshape(n, g, gs) if pad else wf.reshape(n, g, gs)
     lo_q, hi_q = qrange(bits, True)
+    if float_zero:
+        if symmetric:
+            raise ValueError("quantize_weight: float_zero needs symmetric=False (a symmetric grid's zero point is 0)")
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        scale = (hi - lo) / ((1 << bits) - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        s_full = _expand_groups(scale, group_size, k)
+        q = torch.clamp(torch.round((wf - _expand_groups(lo, group_size, k)) / s_full) + lo_q, lo_q, hi_q)
+        zero_f = (lo_q - lo / scale).to(torch.float32)
+        q = q.to(torch.int8)
+        return QuantizedWeight(pack_int4(q) if bits <= 4 else q, scale, zero_f, bits, group_size, False, k)
     if symmetric:
         scale = wg.abs().amax(dim=-1) / hi_q
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -44,17 +44,18 @@ ATTN_OPS = ("scaled_dot_product_attention",)
 
 # --------------------------------------------------------------------------- weight quantizers
 def quantize_weight_rtn(w: torch.Tensor, bits: int, granularity: str, group_size: int,
-                        symmetric: bool) -> Q.QuantizedWeight:
+                        symmetric: bool, float_zero: bool = False) -> Q.QuantizedWeight:
     """Round-to-nearest min-max weight quantization in the :mod:`ctc.ir.quant` storage form.
 
     ``granularity``: ``tensor`` (one scale for the matrix, replicated per row so the
     ``quant_linear`` operand shapes stay ``[N, 1]``), ``channel`` (per output row) or
-    ``group`` (per ``group_size`` input channels of each row).
+    ``group`` (per ``group_size`` input channels of each row).  ``float_zero``: f32 zero points
+    over each row's/group's own min..max (``Q.quantize_weight``; channel or group only).
     """
     if granularity == "channel":
-        return Q.quantize_weight(w, bits, -1, symmetric)
+        return Q.quantize_weight(w, bits, -1, symmetric, float_zero)
     if granularity == "group":
-        return Q.quantize_weight(w, bits, group_size, symmetric)
+        return Q.quantize_weight(w, bits, group_size, symmetric, float_zero)
     if granularity != "tensor":
         raise PassError(f"weight granularity {granularity!r} must be tensor, channel or group")
     wf = w.detach().to(torch.float32)
@@ -165,7 +166,8 @@ def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.T
     def register() -> tuple[str, str, str]:
         return (module.add_param(module.fresh_param_name(f"{base}.qweight"), qw.qweight),
                 module.add_param(module.fresh_param_name(f"{base}.w_scale"), qw.scale.to(torch.float32)),
-                module.add_param(module.fresh_param_name(f"{base}.w_zero"), qw.zero.to(torch.int8)))
+                module.add_param(module.fresh_param_name(f"{base}.w_zero"),
+                                 qw.zero if qw.zero.is_floating_point() else qw.zero.to(torch.int8)))
 
     wp = lin.inputs[1].producer
     key = (wp.attrs["name"], qw.bits, qw.group_size, qw.symmetric) if wp is not None and wp.op == "param" else None
@@ -257,6 +259,9 @@ class QuantizeOptions(PassOptions):
     a_mode: str = option("static", "activation ranges: static (calibrated) or dynamic (per token, computed in the "
                                    "kernel at run time; a_granularity=tensor only)", choices=("static", "dynamic"))
     sym: bool = option(True, "symmetric weights (zero point 0); false = asymmetric min-max")
+    w_zero: str = option("int", "zero points of asymmetric weights: int (range stretched to hold 0; what integer "
+                                "kernels take) or float (each group's own min..max, GGUF Q4_1's grid; weight-only)",
+                         choices=("int", "float"))
     blocks_only: bool = option(True, "quantize only linears inside repeated blocks (heads, embeddings stay float); "
                                      "without block info, all but the linears producing module outputs")
     lm_head: bool = option(False, "also quantize the head (the linear producing the logits: a tied LM head gets "
@@ -264,6 +269,9 @@ class QuantizeOptions(PassOptions):
                                   "difference of the pass's fidelity with and without it")
 
     def validate(self) -> None:
+        if self.w_zero == "float" and (self.sym or self.a_bits != 16 or self.w_granularity == "tensor"):
+            raise PassError("option w_zero=\"float\" is for asymmetric weight-only quantization per channel or "
+                            "group: set sym=false, a_bits=16 and w_granularity=\"channel\" or \"group\"")
         if self.a_mode == "dynamic" and self.a_granularity == "channel":
             raise PassError("option a_mode=\"dynamic\" computes one range per token; it does not combine with "
                             "a_granularity=\"channel\" (use a_granularity=\"tensor\", or rptq's clusters)")
@@ -308,7 +316,7 @@ class QuantizePass(Pass):
             name = _weight_name(lin)
 
             def rtn(w: torch.Tensor = w) -> Q.QuantizedWeight:
-                return quantize_weight_rtn(w, o.w_bits, o.w_granularity, o.group_size, o.sym)
+                return quantize_weight_rtn(w, o.w_bits, o.w_granularity, o.group_size, o.sym, o.w_zero == "float")
 
             qw = qws.get(name, rtn) if name is not None else rtn()
             scale = zero = None
