@@ -8,9 +8,9 @@ starts and again just before the swap:
 * an existing destination is replaced only when it is empty or a complete ctc artifact (its
   ``manifest.json``, :mod:`ctc.manifest`) holding nothing the manifest does not list;
   anything else is refused unless the caller passes ``force`` (``ctc compile --force``);
-* a directory that contains the recipe, the working directory or another input of the compile
-  (or an ancestor of any of them) is never replaced, with or without ``force``; paths are
-  compared after resolving symbolic links;
+* a directory that contains the recipe, the working directory, the user's home directory or
+  another input of the compile (or an ancestor of any of them) is never replaced, with or without
+  ``force``; paths are compared after resolving symbolic links;
 * a destination that is itself a symbolic link is refused (replacing it would replace the
   link's target, somewhere else);
 * the nearest existing parent must be a writable directory (``--out`` under a file fails
@@ -50,6 +50,14 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _home() -> list[tuple[str, Path]]:
+    """The user's home directory: never replaced (``--out ~ --force`` from elsewhere would delete it)."""
+    try:
+        return [("your home directory", Path.home())]
+    except (RuntimeError, KeyError):  # no HOME and no password entry
+        return []
+
+
 def check_destination(dest: str | Path, *, force: bool = False,
                       protected: Iterable[tuple[str, str | Path]] = ()) -> Path:
     """Check that an artifact may be written to ``dest``; return its resolved path.
@@ -65,7 +73,7 @@ def check_destination(dest: str | Path, *, force: bool = False,
         raise OutputDirError(f"output {given} is a symbolic link (to {os.readlink(given)}); ctc does not replace "
                              "what a link points to: give the directory itself")
     real = _real(given)
-    guards = [*protected, ("the working directory", Path.cwd())]
+    guards = [*protected, ("the working directory", Path.cwd()), *_home()]
     for what, p in guards:
         rp = _real(Path(p))
         if _contains(real, rp):

@@ -161,6 +161,18 @@ def test_protected_inputs_of_the_recipe(tmp_path: Path) -> None:
         check_destination(data, force=True, protected=[("the evaluation data", data / "notes.txt")])
 
 
+def test_home_directory_is_never_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home" / "me"
+    files = _user_dir(home)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    for out in (home, home.parent):
+        with pytest.raises(OutputDirError, match="your home directory"):
+            check_destination(out, force=True)
+    assert check_destination(home / "out") == (home / "out").resolve()  # under it is fine
+    assert _intact(home, files)
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
