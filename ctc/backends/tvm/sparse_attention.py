@@ -502,9 +502,11 @@ def _round(s: _Src, spec: SparseSpec, n: _Names, r: int, done: set[int]) -> None
     s(f"fs[10] = {NINF}")  # no previous row's threshold yet (see _kth_search)
     with s.block(f"for mm in range({_i(spec.rows_tile)}):"):
         with s.block(f"if {n.i} < LQ:"):
-            if "no_select" in _DEBUG:
-                with s.block(f"for j in range({n.nc}):"):
-                    s(f'alive[mm * {LP} + j] = T.Cast("int8", sbuf[mm * {LP} + j] > {NINF})')
+            if "no_select" in _DEBUG:  # every candidate survives, written as the selection writes it
+                with s.block(f"for c in range((({n.nc} + T.int64(15)) // T.int64(16))):"):
+                    with s.block("for l in T.vectorized(T.int64(16)):"):
+                        s(f'alive[mm * {LP} + c * T.int64(16) + l] = T.Cast("int8", '
+                          f'sbuf[mm * {LP} + c * T.int64(16) + l] > {NINF})')
             else:
                 _row_select(s, spec, n, r, idx[bits], guarded)
 
