@@ -1,8 +1,8 @@
 """The architecture matrix (``arch_matrix.py``): every row captures and matches eager within 1e-5
 relative (fp32) through the interpreter, at a different batch and length than it was captured
 with, and builds with TVM for this CPU and matches eager there.  CI runs a representative part
-(``Row.in_ci``: one row per kind of construct; ``tvm_in_ci``: the TVM builds), about 90 s on 2
-cores; the rest runs under ``-m slow``.
+(``Row.in_ci``: one row per kind of construct; ``tvm_in_ci``: the TVM builds), about 90 CPU s on 2
+cores; the rest runs under ``-m slow`` (benchmarks/results/arch_matrix.md: CPU time per row).
 
 The docs table (docs/arch-matrix.md) comes from ``python tests/arch_matrix.py``.
 """
