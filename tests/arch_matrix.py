@@ -318,6 +318,9 @@ def table(results: list[Result]) -> str:
         ie = f"{res.rel_err:.1e}" if res.rel_err is not None else "-"
         te = f"{res.tvm_rel_err:.1e}" if res.tvm_rel_err is not None else "-"
         note = _cell(res.error)[:400] if res.error else ""
+        why = r.xfail or r.tvm_xfail
+        if why:
+            note = f"{note} (why: {_cell(why)})" if note else f"known failure: {_cell(why)}"
         lines.append(f"| {r.model_type} | {r.family} | {r.features} | {cap} | {ie} | {te} | {note} |")
     return "\n".join(lines)
 
