@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ctc.backends.tvm.inputs import bind_input, check_shape, input_specs
 from ctc.backends.tvm.targets import host_cores
 from ctc.ir.graph import Module
 
@@ -314,8 +315,10 @@ class CompiledModel:
     """A compiled ctc model loaded with the TVM runtime only: ``model(*inputs) -> list of outputs``.
 
     Only ``tvm_ffi`` and TVM's runtime shared libraries are loaded (no ``tvm``/Relax import).
-    Inputs may be torch tensors or numpy arrays (copied into 64-byte aligned buffers); outputs
-    are torch tensors (zero-copy through dlpack) unless ``numpy=True``.
+    Inputs may be torch tensors or numpy arrays: bound without a copy when they already have the
+    declared dtype and are contiguous and 64-byte aligned, else checked and converted
+    (:mod:`.inputs`); outputs are torch tensors (numpy arrays with ``numpy=True``) over the
+    runtime's own buffers, zero-copy through DLPack.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None,
@@ -355,6 +358,7 @@ class CompiledModel:
         self.vm["vm_initialization"](2 if self.device == "cuda" else 1, 0, 2, 1, 0, 2)
         self._main = self.vm["main"]
         self._inplace = set(self.meta.get("inplace_inputs", []))
+        self._specs = input_specs(self.meta, self._inplace)
         self._keep: list[Any] = []
         self._params: list[Any] = []
         self._param_keep: list[Any] = []
@@ -436,36 +440,29 @@ class CompiledModel:
         return self._ffi.from_dlpack(a)
 
     def _args(self, inputs: tuple[Any, ...], keep: list[Any]) -> list[Any]:
+        """The VM's arguments for one call: the inputs bound (zero-copy where they already fit), then the
+        bound weights."""
         if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-            names = self.input_names
-            missing = [n for n in names if n not in inputs[0]]
+            given = inputs[0]
+            missing = [s.name for s in self._specs if s.name not in given]
             if missing:
-                raise KeyError(f"compiled model: missing inputs {missing} (takes {names})")
-            inputs = tuple(inputs[0][n] for n in names)
+                raise KeyError(f"compiled model: missing inputs {missing} (takes {self.input_names})")
+            inputs = tuple(given[s.name] for s in self._specs)
         elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
-        want = len(self.meta.get("inputs", inputs))
+        want = len(self._specs) if self._specs else len(inputs)
         if len(inputs) != want:
             raise TypeError(f"compiled model takes {want} inputs ({self.input_names}), got {len(inputs)}")
-        self._check_fixed_dims(inputs)
-        names = self.input_names or [""] * len(inputs)
-        return [self._to_ffi(x, keep, copy=n in self._inplace) for n, x in zip(names, inputs, strict=True)] \
-            + self._params
-
-    def _check_fixed_dims(self, inputs: Sequence[Any]) -> None:
-        """A fixed-shape build (``seq_len``/``batch`` on the target) takes only those sizes: say so
-        instead of letting the kernels read out of bounds."""
-        from ctc.errors import UsageError
-
-        fixed = self.meta.get("static_dims") or {}
-        for spec, x in zip(self.meta.get("inputs", []), inputs, strict=False):
-            shape = tuple(getattr(x, "shape", ()))
-            for axis, dim in enumerate(spec.get("shape", [])):
-                want = fixed.get(dim) if isinstance(dim, str) else dim
-                if isinstance(want, int) and axis < len(shape) and int(shape[axis]) != want:
-                    sizes = ", ".join(f"{k}={v}" for k, v in fixed.items())
-                    raise UsageError(f"this library was built for fixed shapes ({sizes or 'as captured'}): input "
-                                     f"{spec.get('name')!r} axis {axis} must be {want}, got {int(shape[axis])}")
+        sizes: dict[str, tuple[int, str]] = {}
+        if not self._specs:  # a library without an input signature: bound as given
+            return [self._to_ffi(x, keep) for x in inputs] + self._params
+        if self.device == "cuda":
+            for spec, x in zip(self._specs, inputs, strict=True):
+                check_shape(spec, tuple(int(n) for n in np.shape(x)), sizes)
+            return [self._to_ffi(x, keep, copy=s.inplace) for s, x in zip(self._specs, inputs, strict=True)] \
+                + self._params
+        args = [bind_input(self._ffi, spec, x, sizes, keep) for spec, x in zip(self._specs, inputs, strict=True)]
+        return args + self._params if self._params else args
 
     def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
         """Run on ``inputs`` (a mapping by name, a list, or positional); outputs as CPU torch tensors (numpy
@@ -479,8 +476,8 @@ class CompiledModel:
         res = [torch.from_dlpack(o) for o in outs]
         if self.device == "cuda":
             res = [r.cpu() for r in res]
-        if numpy:
-            return [r.numpy().copy() for r in res]
+        if numpy:  # views of the same buffers: the outputs are the caller's, no copy needed
+            return [r.numpy() for r in res]
         return res
 
     def _sync(self) -> None:
