@@ -1,0 +1,77 @@
+"""CPU linears read parameter weights packed in column panels (``[N / W, K, W]``, W = the matmul
+tile's width): same results as the reference interpreter, one bound copy per weight, derivable from
+the module's parameters, and the ``[K, N]`` layout kept where packing does not apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled  # noqa: E402
+from ctc.backends.tvm.lower import derive_param  # noqa: E402
+from ctc.ir import Module, TensorType  # noqa: E402
+from ctc.ir.interpreter import interpret  # noqa: E402
+
+
+def _ffn(n_hidden: int, *, tied: bool = False) -> Module:
+    """x -> linear(+bias) -> GELU -> linear(+bias) + x (a transformer FFN with its residual); ``tied``: the
+    first weight is also read by an embedding of token ids (a tied embedding / LM head)."""
+    g = torch.Generator().manual_seed(1)
+    m = Module("ffn")
+    x = m.add_input("x", TensorType((1, "seq", 32), "f32"))
+    m.add_param("w1", torch.randn(n_hidden, 32, generator=g) * 0.2)
+    m.add_param("b1", torch.randn(n_hidden, generator=g))
+    m.add_param("w2", torch.randn(32, n_hidden, generator=g) * 0.2)
+    m.add_param("b2", torch.randn(32, generator=g))
+
+    def n(op: str, ins: list[Any], **attrs: Any) -> Any:
+        return m.create_node(op, ins, attrs).output
+
+    h = n("gelu", [n("linear", [x, m.param("w1"), m.param("b1")])])
+    y = n("add", [n("linear", [h, m.param("w2"), m.param("b2")]), x])
+    outs = [y]
+    if tied:
+        ids = m.add_input("ids", TensorType((1, "seq"), "i64"))
+        outs.append(n("embedding", [ids, m.param("w1")]))
+    m.set_outputs(outs)
+    return m
+
+
+def _bound(comp: Any) -> dict[str, list[int]]:
+    return {p["name"]: p["shape"] for p in comp.meta["params"]}
+
+
+@pytest.mark.parametrize("seq", [5, 16])
+def test_packed_linears_match_the_interpreter(seq: int, tmp_path: Path) -> None:
+    m = _ffn(64)
+    comp = compile_module(m, options=BuildOptions(params="input"))
+    bound = _bound(comp)
+    panel = [k for k in bound if k.startswith("w1::P")]
+    assert panel, f"the 64-wide linear weight is bound in panels: {bound}"
+    width = int(panel[0].split("::P")[1])
+    assert bound[panel[0]] == [64 // width, 32, width]
+    comp.export(tmp_path, weights="derived")  # rebuilt from the module's parameters at load: the derivation
+    lib = load_compiled(tmp_path, module_params=m.params, threads=1)
+    x = torch.randn(1, seq, 32, generator=torch.Generator().manual_seed(seq))
+    torch.testing.assert_close(lib(x)[0], interpret(m, [x])[0], rtol=1e-4, atol=2e-5)
+
+
+def test_panel_derivation_is_the_layout_the_kernel_reads() -> None:
+    w = torch.arange(64 * 3, dtype=torch.float32).reshape(64, 3)  # [N, K]
+    p = derive_param({"op": "panels32", "from": ["w"]}, {"w": w})
+    assert p.shape == (2, 3, 32)
+    for n in (0, 31, 32, 63):
+        for k in range(3):
+            assert p[n // 32, k, n % 32] == w[n, k]
+
+
+def test_weights_read_elsewhere_or_narrow_keep_the_plain_layout() -> None:
+    tied = compile_module(_ffn(64, tied=True), options=BuildOptions(params="input"))
+    assert not any("::P" in k for k in _bound(tied) if k.startswith("w1")), "a tied weight is bound once, as [K, N]"
+    narrow = compile_module(_ffn(24), options=BuildOptions(params="input"))  # 24 columns: no whole panel
+    assert "w1::T" in _bound(narrow)
