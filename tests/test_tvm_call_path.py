@@ -154,3 +154,16 @@ def test_fixed_shape_build_names_its_sizes(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"built for fixed shapes \(batch=1, seq=8\): input 'input_ids' axis 1 "
                                          r"must be 8, got 7"):
         model(_inputs(7))
+
+
+def test_profile_on_the_cpu_clock(lib: tuple[Module, Any], tmp_path: Path) -> None:
+    """Per-kernel CPU time (for decisions on a shared machine) needs the library on one thread."""
+    m, model = lib
+    rows = model.profile(_inputs(), runs=2, clock="cpu")
+    assert rows and all(r.ms_per_run >= 0 for r in rows)
+    assert any("matmul" in r.name or "embedding" in r.name or "take" in r.name for r in rows), [r.name for r in rows]
+    compile_module(m).export(tmp_path)
+    with pytest.raises(ValueError, match="must run on one CPU thread"):
+        load_compiled(tmp_path, threads=2).profile(_inputs(), clock="cpu")
+    with pytest.raises(ValueError, match="clock must be 'wall' or 'cpu'"):
+        model.profile(_inputs(), clock="gpu")

@@ -514,17 +514,27 @@ class CompiledModel:
     def run_prepared(self, args: Sequence[Any]) -> Any:
         return self._main(*args)
 
-    def profile(self, *inputs: Any, runs: int = 3) -> list[KernelTime]:
+    def profile(self, *inputs: Any, runs: int = 3, clock: str = "wall") -> list[KernelTime]:
         """Wall time per compiled kernel over ``runs`` calls, slowest first.
 
         Each packed call the Relax VM makes (a fused PrimFunc, or a builtin such as an
         allocation) is timed through the VM's instrument hook; ``ms_per_call`` includes the
         hook's own few microseconds.  For finding the kernel that holds a model back.
+
+        ``clock="cpu"`` times the calling thread's CPU time instead: on a machine shared with
+        other work, wall time includes waiting for a core, CPU time hardly does.  It needs a
+        library loaded with one thread (the kernels then run on the calling thread).
         """
         import time
 
         if runs < 1:
             raise ValueError(f"profile: runs must be >= 1, got {runs}")
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f"profile: clock must be 'wall' or 'cpu', got {clock!r}")
+        if clock == "cpu" and (self.threads != 1 or self.device != "cpu"):
+            raise ValueError("profile: clock='cpu' times the calling thread, so the library must run on one CPU "
+                             f"thread (load it with threads=1; it has {self.threads} on {self.device})")
+        now = time.perf_counter if clock == "wall" else time.thread_time
         keep: list[Any] = []
         args = self._args(inputs, keep)
         self._main(*args)  # warm-up, not recorded
@@ -537,11 +547,11 @@ class CompiledModel:
             key = str(name)
             sync()  # a GPU kernel's time is only known once it has finished
             if before:
-                started[key] = time.perf_counter()
+                started[key] = now()
             else:
                 t = totals.setdefault(key, [0, 0.0])
                 t[0] += 1
-                t[1] += time.perf_counter() - started.pop(key, time.perf_counter())
+                t[1] += now() - started.pop(key, now())
             return 0  # run the call normally
 
         self.vm["set_instrument"](self._ffi.convert(hook))

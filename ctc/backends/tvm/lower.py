@@ -760,7 +760,7 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callabl
         wp = ctx.param(name, f"P{width}", lambda a: a.T.reshape(a.shape[1], a.shape[0] // width, width)
                        .transpose(1, 0, 2), source={"op": f"panels{width}", "from": [name]})
         # a matmul to FuseOps (op_pattern 4, out-elementwise fusable): bias, GELU and the residual fuse after it
-        return ctx.te(_linear_panels(width), x, wp, name="matmul_panels", primfunc_attrs={"op_pattern": 4})
+        return ctx.te(_linear_panels(width), x, wp, name="matmul", primfunc_attrs={"op_pattern": 4})
     return ctx.emit(ctx.relax.op.matmul(x, _weight_t(ctx, w_value, w)))
 
 
