@@ -207,11 +207,16 @@ class Child:
         return self._line()
 
     def close(self) -> None:
+        """Ask the child to quit; one that has not exited after a minute (a loaded machine) is killed."""
         if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
         self.log.close()
 
 
@@ -342,7 +347,9 @@ def bench_seq(seq: int, runtimes: list[str], paths: dict[tuple[str, int], str], 
                 foreign_ns += max(0, (busy1 - busy0) - ours)
                 times[rt] += json.loads(reply)
                 own_cpu[rt] += after[pids[rt]] - before[pids[rt]]
-        ref = None
+        # the raw timings, kept even if a later step fails
+        (work / f"times_{seq}.json").write_text(json.dumps({"times": times, "cpu_ns": own_cpu, "idle_ns": idle_ns,
+                                                            "timed_ns": timed_ns, "foreign_ns": foreign_ns}))
         rows = []
         outs = {}
         for rt, c in children.items():
