@@ -63,6 +63,19 @@ sys.path.insert(0, str(ROOT))
 SETTLE_S = 0.5
 
 
+def shown_command(argv: list[str]) -> str:
+    """A benchmark's arguments as a report shows them: those that decide the numbers, not where output goes."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--json", "--out", "--render"):
+            skip = True
+        elif not x.startswith(("--json=", "--out=", "--render=")):
+            out.append(x)
+    return " ".join(out)
+
+
 def timeit(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: int) -> dict[str, tuple[float, float]]:
     """(median, min) wall ms of each callable: ``warmup`` calls each, then ``rounds`` rounds that
     run every callable ``ceil(runs / rounds)`` times in turn, so a load spike from other users of

@@ -46,13 +46,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctc.eval import data as D  # noqa: E402
-from ctc.eval.fidelity import human_correlation  # noqa: E402
+from ctc.eval.fidelity import human_correlation, module_embeddings  # noqa: E402
 from ctc.eval.latency import machine_info  # noqa: E402
 from ctc.eval.models import load_bundled  # noqa: E402
 from ctc.eval.perplexity import module_perplexity  # noqa: E402
 from ctc.frontends.hf import capture_hf_model  # noqa: E402
 from ctc.ir.graph import Module  # noqa: E402
-from ctc.ir.interpreter import interpret  # noqa: E402
 from ctc.passes.base import PassContext, get_pass  # noqa: E402
 from ctc.passes.block_tying import BlockActivations  # noqa: E402
 from ctc.passes.share_blocks import SubstitutionCosts  # noqa: E402
@@ -181,18 +180,10 @@ def minilm(a: argparse.Namespace) -> dict[str, Any]:
         enc = tok(d, truncation=True, max_length=a.max_len, return_tensors="pt")
         feeds.append({n: enc[n] if n in enc else torch.zeros_like(enc["input_ids"]) for n in names})
 
-    def embed(m: Module) -> torch.Tensor:
-        out = []
-        for f in feeds:
-            h = interpret(m, f)[0]
-            mask = f["attention_mask"].unsqueeze(-1).to(h.dtype)
-            out.append(torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)[0])
-        return torch.stack(out)
-
-    ref = embed(base)
+    ref = module_embeddings(base, feeds)
 
     def measure(m: Module) -> dict[str, Any]:
-        e = embed(m)
+        e = module_embeddings(m, feeds)
         cos = (e * ref).sum(-1)
         hc = human_correlation(e, human)
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "pearson": hc.pearson,

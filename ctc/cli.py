@@ -408,7 +408,8 @@ def passes_text(markdown: bool = False, only: str | None = None) -> str:
             if specs:
                 out += ["| option | type | default | range | description |", "|---|---|---|---|---|"]
                 for s in specs:
-                    out.append(f"| `{s.name}` | `{s.type}` | `{_fmt_default(s.default)}` | {_range(s)} | "
+                    typ = s.type.replace(" | ", " or ")  # a pipe would end the table cell
+                    out.append(f"| `{s.name}` | `{typ}` | `{_fmt_default(s.default)}` | {_range(s)} | "
                                f"{s.doc.replace('|', '/')} |")
             else:
                 out.append("No options.")

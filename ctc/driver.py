@@ -50,13 +50,18 @@ class CompileResult:
     artifact: Path | None = None
     report: dict[str, Any] = field(default_factory=dict)
     module: Any = None
+    # One more artifact per variant a pipeline step emitted (e.g. remove-blocks also_keep=[...]).
+    variants: list[CompileResult] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.report.get("passed", True))
+        return bool(self.report.get("passed", True)) and all(v.passed for v in self.variants)
 
     def summary(self) -> str:
-        return report_summary(self.report) + (f"\nartifact: {self.artifact}" if self.artifact else "")
+        text = report_summary(self.report) + (f"\nartifact: {self.artifact}" if self.artifact else "")
+        for v in self.variants:
+            text += "\n\n" + v.summary()
+        return text
 
 
 # --------------------------------------------------------------------------- progress
@@ -367,13 +372,21 @@ def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel, max_sample
 def run_pipeline(module: Any, recipe: Recipe, calibration: list[dict[str, Any]], seed: int,
                  progress: Progress) -> tuple[Any, Any]:
     """Run the recipe's steps through the PassManager; return the module and its PipelineReport."""
+    _, out, report = run_pipeline_all(module, recipe, calibration, seed, progress)[0]
+    return out, report
+
+
+def run_pipeline_all(module: Any, recipe: Recipe, calibration: list[dict[str, Any]], seed: int,
+                     progress: Progress) -> list[tuple[str, Any, Any]]:
+    """Run the recipe's steps through the PassManager: ``[(label, module, PipelineReport)]``, the main
+    result first (label ""), then every variant a step emitted (e.g. one per depth of ``remove-blocks``)."""
     from ctc.passes.base import get_pass
     from ctc.passes.manager import PassManager
     from ctc.passes.manager import Step as PMStep
 
     steps = [PMStep(get_pass(s.name)(s.options), s.selector(), s.span) for s in recipe.pipeline]
     pm = PassManager(steps, calibration=calibration, progress=progress.enabled, seed=seed)
-    return pm.run(module)
+    return pm.run_all(module)
 
 
 def pass_rows(report: Any) -> list[dict[str, Any]]:
@@ -614,8 +627,25 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
 
     seed = int(recipe.calibrate.options.get("seed", 0)) if recipe.calibrate else 0
     with progress.stage(f"pipeline ({len(recipe.pipeline)} steps)"):
-        module, pipeline_report = run_pipeline(original, recipe, calib, seed, progress)
+        results = run_pipeline_all(original, recipe, calib, seed, progress)
 
+    out: list[CompileResult] = []
+    for label, module, pipeline_report in results:
+        where = dest if not label else dest.with_name(f"{dest.name}-{label}")
+        if label:
+            progress.info(f"[ctc] variant {label}: {where}")
+        out.append(_emit_artifact(recipe, opts, loaded, original, module, pipeline_report, where, targets, calib,
+                                  evalb, protocol, progress, t_start, warnings))
+    main = out[0]
+    main.variants = out[1:]
+    return main
+
+
+def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, original: Any, module: Any,
+                   pipeline_report: Any, dest: Path, targets: list[Any], calib: list[dict[str, Any]],
+                   evalb: list[dict[str, Any]], protocol: dict[str, Any], progress: Progress,
+                   t_start: float, warnings: Sequence[Any] = ()) -> CompileResult:
+    """Measure one pipeline result, check it, build its targets and write its artifact at ``dest``."""
     wanted = {c.metric for c in recipe.checks} | ({"fidelity"} if evalb else set())
     if loaded.task == TASK_CAUSAL_LM and evalb:
         wanted |= {"ppl"}
@@ -650,6 +680,8 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
         "per_block": {"blocks": blocks, "original": [before.get(b, 0) for b in blocks],
                       "compressed": [after.get(b, 0) for b in blocks]},
     }
+    if pipeline_report.variants:
+        report["variants"] = {k: f"{dest.name}-{k}" for k in pipeline_report.variants}
 
     from ctc.artifact import write_artifact
     from ctc.targets import build_target

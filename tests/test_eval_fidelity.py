@@ -59,6 +59,17 @@ def test_mean_pool_by_hand():
         F.mean_pool(h, torch.ones(1, 2))
 
 
+def test_module_embeddings_pool_each_feed_over_its_mask():
+    m = Module("enc")
+    h = m.add_input("h", TensorType((1, 3, 2), "f32"))
+    m.add_input("attention_mask", TensorType((1, 3), "i64"))
+    m.set_outputs([m.create_node("relu", [h]).output], ["y"])
+    feeds = [{"h": torch.tensor([[[1.0, 3.0], [3.0, 1.0], [-5.0, 9.0]]]), "attention_mask": torch.tensor([[1, 1, 0]])},
+             {"h": torch.tensor([[[0.0, 2.0], [0.0, 4.0], [0.0, 6.0]]]), "attention_mask": torch.tensor([[1, 1, 1]])}]
+    e = F.module_embeddings(m, feeds)
+    assert torch.allclose(e, torch.tensor([[2 ** -0.5, 2 ** -0.5], [0.0, 1.0]]))
+
+
 def test_correlations():
     x = [1.0, 2.0, 3.0, 4.0]
     assert F.pearson(x, [2.0, 4.0, 6.0, 8.0]) == pytest.approx(1.0)

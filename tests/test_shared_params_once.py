@@ -49,6 +49,9 @@ def shared_models() -> list[tuple[str, Module, list[dict[str, torch.Tensor]]]]:
     for name, opts in (("share-blocks", {"groups": [[0, 1, 2]]}), ("recursive", {"loops": 2, "rank": 3})):
         m = get_pass(name)(opts).run(base.clone(), PassContext(calibration=calib))
         out.append((name, m, calib))
+    asvd = get_pass("asvd")({"ratio": 0.7, "allocation": "uniform"})
+    low = asvd.run(out[1][1].clone(), PassContext(calibration=calib))
+    out.append(("share-blocks+asvd", low, calib))  # each shared weight one low-rank pair read by every member
     return out
 
 

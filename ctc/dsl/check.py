@@ -550,6 +550,27 @@ def _match_summary(module: Any, pred: Callable[[Any], bool]) -> int:
     return sum(1 for n in module.nodes if pred(n))
 
 
+def _pass_module_diagnostics(step: Step, module: Any) -> list[Diagnostic]:
+    """What the step's pass says about its options on this module (``Pass.check_module``), located."""
+    from ctc.passes.base import all_passes
+
+    cls = all_passes().get(step.name)
+    if cls is None:
+        return []
+    try:
+        opts = cls.Options.from_dict(step.options, pass_name=step.name)
+    except PassError:
+        return []  # reported by the static checks
+    out = []
+    for where, msg in cls.check_module(opts, module, step.selector()):
+        if where == "selector" and step.selectors:
+            span = step.selectors[0].span
+        else:
+            span = step.option_spans.get(where or "", step.name_span)
+        out.append(Diagnostic(msg, span))
+    return out
+
+
 def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
     """Checks that need the captured module: selectors matching nothing, metrics vs task."""
     diags: list[Diagnostic] = []
@@ -584,6 +605,8 @@ def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
                 diags.append(Diagnostic(f"the selectors of step {step.name} match nothing together "
                                         f"({sel.describe()})", step.selectors[0].span,
                                         hint="different kinds of selector must all hold"))
+        if not any(d.span.line == step.span.line for d in diags):
+            diags += _pass_module_diagnostics(step, module)
     task = str(module.meta.get("task") or "unknown")  # the one spelling of ctc.tasks, on both sides
     for c in recipe.checks:
         m = METRICS.get(c.metric)

@@ -131,6 +131,14 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: boo
     return torch.nn.functional.normalize(emb, p=2, dim=-1) if normalize else emb
 
 
+def module_embeddings(module: Any, feeds: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Sentence embeddings of a ctc encoder module (first output ``[1, L, D]``), one feed per text, run by the
+    reference interpreter and mean-pooled over each feed's ``attention_mask`` (``[N, D]``, L2-normed)."""
+    from ctc.ir.interpreter import interpret
+
+    return torch.cat([mean_pool(interpret(module, dict(f))[0], f["attention_mask"]) for f in feeds])
+
+
 def torch_hidden_fn(model: torch.nn.Module) -> HiddenFn:
     """A ``hidden_fn`` returning a Hugging Face encoder's ``last_hidden_state``."""
     def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ __all__ = [
     "sliding_window_perplexity",
     "text_perplexity",
     "batches_perplexity",
+    "scored_nll",
     "torch_logits_fn",
     "module_logits_fn",
     "module_perplexity",
@@ -86,6 +87,22 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position NLL of ``targets`` under ``logits`` (``[T, V]``, ``[T]``), computed in float64."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def scored_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               float64: bool = True) -> tuple[float, int]:
+    """(sum of NLL, tokens scored) of one window batch: position ``p >= 1`` is scored from the logits at
+    ``p - 1`` when it and its predecessor are unmasked (the rule of :func:`batches_perplexity`).
+
+    ``float64=False`` takes the log-softmax in float32 (several times cheaper over a large
+    vocabulary; for comparing many variants of one model, where 1e-6 relative does not matter).
+    """
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    lg, tg = logits[:, :-1][keep], input_ids[:, 1:][keep]
+    if float64:
+        return float(_token_nll(lg, tg).sum()), int(keep.sum())
+    return float(torch.nn.functional.cross_entropy(lg.float(), tg, reduction="sum")), int(keep.sum())
 
 
 def _as_logits(out: Any, what: str) -> torch.Tensor:
@@ -171,10 +188,9 @@ def batches_perplexity(logits_fn: LogitsFn, batches: Sequence[Mapping[str, torch
             if tuple(logits.shape[:2]) != tuple(ids.shape):
                 raise ValueError(f"perplexity: logits shape {tuple(logits.shape)} does not match inputs "
                                  f"{tuple(ids.shape)}")
-            keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
-            nll = _token_nll(logits[:, :-1][keep], ids[:, 1:][keep])
-            nll_sum += float(nll.sum())
-            count += int(keep.sum())
+            total, n = scored_nll(logits, ids, mask)
+            nll_sum += total
+            count += n
             rows += ids.shape[0]
             width = max(width, ids.shape[1])
             if progress is not None:

@@ -6,15 +6,18 @@ reference implementation sees them.  An optional ``observer`` sees every node's
 concrete outputs (calibration statistics use it) without keeping them alive.  An
 :class:`Execution` can stop between nodes, fork, and finish with nodes computed differently
 (searches that try variants of one node resume there).
+A run can also leave :class:`Checkpoint` s behind and be resumed from one with other parameters,
+skipped nodes and rewired values (:func:`resume`; the structural passes' calibration replay).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from ctc.ir.graph import IRError, Module, Node
+from ctc.ir.graph import IRError, Module, Node, Value
 from ctc.ir.ops import get_op
 from ctc.ir.symbolic import bind_symbols, eval_dim
 
@@ -158,6 +161,129 @@ def interpret(
     Values are freed after their last use so memory stays bounded by the live set.
     """
     return Execution(module, inputs, observer=observer, params=params, refs=refs).finish()
+
+
+@dataclass
+class Checkpoint:
+    """A run paused just before node ``index``: the values live there (by value id) and the dim binding.
+
+    :func:`resume` continues from it, so a caller that re-runs the tail of a module many
+    times (with other parameters, or with some nodes skipped) pays only for the tail.
+    The tensors are shared with the run that made it (ops never write their inputs).
+    """
+
+    index: int
+    values: dict[int, torch.Tensor]
+    env: dict[str, int]
+
+
+def interpret_with_checkpoints(
+    module: Module,
+    inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    at: Sequence[int],
+    *,
+    observer: Observer | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], list[Checkpoint]]:
+    """Run ``module`` like :func:`interpret` and also return a :class:`Checkpoint` before each node index in ``at``."""
+    bad = [i for i in at if not 0 <= i <= len(module.nodes)]
+    if bad:
+        raise IRError(f"checkpoint index {bad[0]} is outside 0..{len(module.nodes)}")
+    ordered, env = bind_inputs(module, inputs)
+    live: dict[int, torch.Tensor] = {id(v): t for v, t in zip(module.inputs, ordered, strict=True)}
+    cps: list[Checkpoint] = []
+    outs = _execute(module, 0, live, env, params=params, observer=observer, checkpoints=sorted(set(at)),
+                    saved=cps)
+    return outs, cps
+
+
+def resume(
+    module: Module,
+    checkpoint: Checkpoint,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    skip: Collection[Node] = (),
+    alias: Mapping[Value, Value] | None = None,
+    observer: Observer | None = None,
+) -> list[torch.Tensor]:
+    """Continue a run from ``checkpoint`` to the module outputs.
+
+    ``params`` replaces the parameters (a mapping with the same names); ``skip`` lists nodes
+    not to run, and ``alias`` makes every read of a key value (by later nodes and the outputs)
+    read the mapped value instead.  Together they run the module as if an edit had removed
+    those nodes and rewired their results, without copying the graph; a read of a value that
+    is neither computed nor aliased is an :class:`InterpretError`.
+    """
+    live = dict(checkpoint.values)
+    amap = {id(k): v for k, v in (alias or {}).items()}
+    return _execute(module, checkpoint.index, live, dict(checkpoint.env), params=params, observer=observer,
+                    skip={id(n) for n in skip}, alias=amap)
+
+
+def _execute(module: Module, start: int, live: dict[int, torch.Tensor], env: dict[str, int], *,
+             params: Mapping[str, torch.Tensor] | None, observer: Observer | None,
+             refs: Mapping[str, Callable[..., object]] | None = None,
+             skip: Collection[int] = (), alias: Mapping[int, Value] | None = None,
+             checkpoints: Sequence[int] = (), saved: list[Checkpoint] | None = None) -> list[torch.Tensor]:
+    """Run nodes ``start..`` over ``live`` (value id -> tensor), freeing each value after its last read."""
+    params = module.params if params is None else params
+    amap = alias or {}
+
+    def src(v: Value) -> int:
+        w = amap.get(id(v))
+        return id(v) if w is None else id(w)
+
+    nodes = module.nodes
+    order = [(i, n) for i, n in enumerate(nodes) if i >= start and id(n) not in skip]
+    # Last position at which each value is read; outputs are kept to the end.
+    last_use: dict[int, int] = {}
+    for i, n in order:
+        for v in n.inputs:
+            last_use[src(v)] = i
+    keep = {src(v) for v in module.outputs}
+    pending = list(checkpoints)
+    k = 0
+
+    with torch.no_grad():
+        for i, node in order:
+            while saved is not None and k < len(pending) and pending[k] <= i:
+                saved.append(Checkpoint(pending[k], dict(live), dict(env)))
+                k += 1
+            try:
+                args = [live[src(v)] for v in node.inputs]
+            except KeyError:
+                raise InterpretError(f"{node!r} reads a value that is not defined before it") from None
+            if node.op == "param":
+                name = node.attrs["name"]
+                if name not in params:
+                    raise InterpretError(f"parameter {name!r} missing (read at {node.scope or '<root>'})")
+                outs = [params[name]]
+            else:
+                attrs = _resolve_dims(node, env)
+                try:
+                    ref = refs[node.op] if refs is not None and node.op in refs else get_op(node.op).ref
+                    res = ref(*args, **attrs)
+                except Exception as e:  # noqa: BLE001 - re-raised with the node's location
+                    shapes = [tuple(a.shape) for a in args]
+                    raise InterpretError(
+                        f"{node.op} at scope {node.scope or '<root>'} (block {node.block}) failed on "
+                        f"inputs {shapes}: {type(e).__name__}: {e}") from e
+                outs = list(res) if isinstance(res, (tuple, list)) else [res]
+            if observer is not None:
+                observer(node, args, outs)
+            for v, t in zip(node.outputs, outs, strict=True):
+                live[id(v)] = t
+            for v in node.inputs:
+                s = src(v)
+                if last_use.get(s) == i and s not in keep:
+                    live.pop(s, None)
+        while saved is not None and k < len(pending):
+            saved.append(Checkpoint(pending[k], dict(live), dict(env)))
+            k += 1
+    try:
+        return [live[src(v)] for v in module.outputs]
+    except KeyError:
+        raise InterpretError("a module output is neither computed nor aliased in this run") from None
 
 
 def value_env(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

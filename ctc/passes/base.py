@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import fnmatch
 import math
+import re
 import types
 import typing
 import weakref
@@ -24,6 +25,8 @@ import torch
 
 from ctc.ir.graph import Module, Node
 from ctc.ir.rewrite import RewriteLog, RewritePattern, Rewriter, apply_once, apply_patterns
+
+_LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class PassError(Exception):
@@ -247,6 +250,8 @@ class PassContext:
     computed: list[str] = field(default_factory=list)
     # Rewriters handed out by rewriter() during the current pass (the manager finishes them).
     rewriters: list[Rewriter] = field(default_factory=list)
+    # Further results of the current step (label, module), see emit_variant.
+    variants: list[tuple[str, Module]] = field(default_factory=list)
     # Results per module object, held weakly: a module that is freed takes its results with
     # it, and an ``id()`` reused by a new module can never serve stale results.
     _cache: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
@@ -266,6 +271,21 @@ class PassContext:
         rw = Rewriter(module, selector=self.selected, prune_params=prune_params, notes=self.notes)
         self.rewriters.append(rw)
         return rw
+
+    def emit_variant(self, label: str, module: Module) -> None:
+        """Hand the pass manager another result of the current step, besides the module ``run`` returns.
+
+        For passes that make several models from one calibration (one per target depth): the
+        rest of the pipeline runs on each variant too, the report gets one sub-report per
+        ``label`` (``PipelineReport.variants``), and ``ctc compile`` writes one artifact per
+        variant next to the main one (``<out>-<label>``).  Labels are short names of letters,
+        digits, ``.``, ``_`` and ``-``, unique within the step.
+        """
+        if not _LABEL_OK.fullmatch(label):
+            raise PassError(f"variant label {label!r} must be letters, digits, '.', '_' or '-' (it names a directory)")
+        if any(lab == label for lab, _ in self.variants):
+            raise PassError(f"variant label {label!r} emitted twice")
+        self.variants.append((label, module))
 
     def rewrite_log(self) -> RewriteLog:
         """The merged logs of every rewriter handed out during the current pass."""
@@ -339,6 +359,16 @@ class Pass:
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         raise NotImplementedError(f"pass {self.name} does not implement run()")
+
+    @classmethod
+    def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
+        """Problems these options have on this module, found right after capture (before heavy work).
+
+        Returns ``(where, message)`` pairs; ``where`` names the option at fault, or is
+        ``"selector"`` or None (the step).  The recipe checker reports each one at that place
+        in the recipe; a pass's ``run`` should still raise :class:`PassError` for the same cases.
+        """
+        return []
 
     @classmethod
     def uses_calibration(cls) -> bool:

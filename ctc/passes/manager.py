@@ -241,12 +241,16 @@ class PipelineReport:
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
     fidelity: Fidelity | None = None
+    # Reports of the variants a step emitted (PassContext.emit_variant), by label: the records up
+    # to and including that step describe the variant, then the rest of the pipeline run on it.
+    variants: dict[str, PipelineReport] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``json.dumps`` works on it; :meth:`from_dict` inverts it)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["records"] = [r.to_dict() for r in self.records]
         d["fidelity"] = self.fidelity.to_dict() if self.fidelity is not None else None
+        d["variants"] = {k: v.to_dict() for k, v in self.variants.items()}
         return d
 
     def to_json(self, **kw: Any) -> str:
@@ -257,7 +261,9 @@ class PipelineReport:
         d = dict(d)
         recs = [PassRecord.from_dict(r) for r in d.pop("records", [])]
         fid = d.pop("fidelity", None)
-        return cls(**d, records=recs, fidelity=Fidelity.from_dict(fid) if fid is not None else None)
+        variants = {k: cls.from_dict(v) for k, v in d.pop("variants", {}).items()}
+        return cls(**d, records=recs, fidelity=Fidelity.from_dict(fid) if fid is not None else None,
+                   variants=variants)
 
     def table(self) -> str:
         """A fixed-width text table: one row per pass, then the totals."""
@@ -470,8 +476,17 @@ class PassManager:
         """Run every step; returns the transformed module and the report.
 
         Raises :class:`PipelineError` when the input fails verification, a pass raises, a
-        pass's output fails verification, or a pass writes a parameter in place.
+        pass's output fails verification, or a pass writes a parameter in place.  Variants a
+        step emitted are run to the end too and reported in ``report.variants``; use
+        :meth:`run_all` to get their modules.
         """
+        results = self.run_all(module)
+        return results[0][1], results[0][2]
+
+    def run_all(self, module: Module) -> list[tuple[str, Module, PipelineReport]]:
+        """Like :meth:`run`, and every variant a step emitted (:meth:`PassContext.emit_variant`)
+        with the rest of the pipeline run on it: ``[("", main module, report), (label, module,
+        variant report), ...]``.  One step of a pipeline may emit variants."""
         t_start = time.perf_counter()
         report = PipelineReport(module=module.name, params_before=module.param_count(),
                                 bytes_before=module.param_bytes(), ops_before=module.op_counts())
@@ -495,11 +510,18 @@ class PassManager:
         ctx.progress = bar.sub
         for inst in self.instruments:
             inst.enter_pipeline(current)
+        forks: list[tuple[str, Module, int]] = []
         try:
             for i, step in enumerate(self.steps):
                 bar.start(step.name)
+                ctx.variants = []
                 current = self._run_step(i, step, current, ctx, report, names, reference_out)
                 self._check_params_untouched(module, ref_versions, step, i, names, report)
+                if ctx.variants:
+                    if forks:
+                        raise self._fail("emitted variants, but an earlier step already did; one step of a "
+                                         "pipeline may", step, i, names, report, None)
+                    forks = [(label, m, i) for label, m in ctx.variants]
                 bar.step()
         except PipelineError:
             self._totals(report, current, t_start)  # the report of a failed run is still complete
@@ -509,7 +531,53 @@ class PassManager:
         self._totals(report, current, t_start)
         for inst in self.instruments:
             inst.exit_pipeline(current, report)
-        return current, report
+        results = [("", current, report)]
+        for label, m, i in forks:
+            vm, vrep = self._run_variant(label, m, i, module, ctx, report, names, reference_out, ref_versions)
+            report.variants[label] = vrep
+            results.append((label, vm, vrep))
+        return results
+
+    def _run_variant(self, label: str, m: Module, i: int, module: Module, ctx: PassContext, main: PipelineReport,
+                     names: list[str], reference_out: list[list[torch.Tensor]], ref_versions: dict[str, int]
+                     ) -> tuple[Module, PipelineReport]:
+        """Check variant ``label`` of step ``i``, then run steps ``i+1..`` on it (instruments are not called)."""
+        t_start = time.perf_counter()
+        step = self.steps[i]
+        vrep = PipelineReport(module=main.module, params_before=main.params_before, bytes_before=main.bytes_before,
+                              ops_before=main.ops_before, records=[dataclasses.replace(r) for r in main.records[:i]])
+        head = main.records[i]
+        rec = dataclasses.replace(head, params_after=m.param_count(), bytes_after=m.param_bytes(),
+                                  ops_after=m.op_counts(), ops_diff=_diff(head.ops_before, m.op_counts()),
+                                  notes=[*head.notes, f"variant {label}"], fidelity=None)
+        vrep.records.append(rec)
+        what = f"variant {label!r}"
+        try:
+            if self.verify:
+                try:
+                    rec.warnings = _verify(m)
+                except Exception as e:
+                    raise self._fail(f"produced an invalid {what}: {e}", step, i, names, vrep, e) from e
+            if self.fidelity_batches:
+                try:
+                    rec.fidelity = fidelity(reference_out, [interpret(m, b) for b in self.fidelity_batches])
+                except Exception as e:  # noqa: BLE001 - a variant that verifies but cannot run is a pass bug
+                    raise self._fail(f"produced a {what} the interpreter cannot run: {e}", step, i, names,
+                                     vrep, e) from e
+            current = m
+            for j in range(i + 1, len(self.steps)):
+                ctx.variants = []
+                current = self._run_step(j, self.steps[j], current, ctx, vrep, names, reference_out)
+                self._check_params_untouched(module, ref_versions, self.steps[j], j, names, vrep)
+                if ctx.variants:
+                    raise self._fail("emitted variants while running on a variant of an earlier step; one step "
+                                     "of a pipeline may", self.steps[j], j, names, vrep, None)
+        except PipelineError as e:
+            self._totals(vrep, m, t_start)
+            e.args = (f"[{what} of step {i + 1}] {e.args[0]}",)
+            raise
+        self._totals(vrep, current, t_start)
+        return current, vrep
 
     @staticmethod
     def _totals(report: PipelineReport, last_good: Module, t_start: float) -> None:
