@@ -114,7 +114,7 @@ def test_gptq_int4_groups_pack_and_load_exactly(llama: Any, tmp_path: Path) -> N
 
     module = _run("rptq", {"w_bits": 4, "a_bits": 16, "clusters": 1, "group_size": 16, "gptq": True}, llama)
     summary = _export("compressed-tensors", module, llama, tmp_path / "ct")
-    assert summary["format"] == "pack-quantized" and summary["load_back"]["outputs"][0]["relative"] == 0.0
+    assert summary["scheme_format"] == "pack-quantized" and summary["load_back"]["outputs"][0]["relative"] == 0.0
     assert summary["groups"] == [{"linears": 28, "w_bits": 4, "group_size": 16, "symmetric": True, "a_bits": None}]
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
@@ -137,7 +137,7 @@ def test_w8a8_static_activation_scales_load_exactly(bert: Any, tmp_path: Path) -
 
     module = _run("rptq", {"w_bits": 8, "a_bits": 8, "clusters": 1}, bert)
     summary = _export("compressed-tensors", module, bert, tmp_path / "ct")
-    assert summary["format"] == "int-quantized" and summary["load_back"]["outputs"][0]["relative"] == 0.0
+    assert summary["scheme_format"] == "int-quantized" and summary["load_back"]["outputs"][0]["relative"] == 0.0
     assert any("pooler" in n for n in summary["notes"])  # the pooler the module never reads: copied as is
     scheme = next(iter(json.loads((tmp_path / "ct" / "config.json").read_text())
                        ["quantization_config"]["config_groups"].values()))
@@ -150,7 +150,7 @@ def test_w8a8_static_activation_scales_load_exactly(bert: Any, tmp_path: Path) -
 def test_asymmetric_int4_is_written_unpacked(llama: Any, tmp_path: Path) -> None:
     module = _run("rptq", {"w_bits": 4, "a_bits": 16, "clusters": 1, "group_size": 32, "sym": False}, llama)
     summary = _export("compressed-tensors", module, llama, tmp_path / "ct")
-    assert summary["format"] == "int-quantized" and summary["load_back"]["outputs"][0]["relative"] == 0.0
+    assert summary["scheme_format"] == "int-quantized" and summary["load_back"]["outputs"][0]["relative"] == 0.0
 
 
 def test_unrepresentable_quantization_is_named(bert: Any, tmp_path: Path) -> None:
@@ -177,3 +177,23 @@ def test_layer_check_tells_a_wrong_layer_from_rounding_ties(bert: Any, tmp_path:
         target.input_scale.mul_(1.5)
     with pytest.raises(ExportError, match="encoder.layer.1.intermediate.dense does not compute the module's layer"):
         layer_check(module, layout, model, bert[1], 0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, reader_class", [("minilm_w8a8_compressed_tensors.ctc", "BertModel"),
+                                                  ("smollm2_gptq4_compressed_tensors.ctc", "LlamaForCausalLM")])
+def test_real_models_round_trip_through_compressed_tensors(tmp_path: Path, recipe: str, reader_class: str) -> None:
+    """benchmarks/recipes on the bundled real weights: the export is written, reloaded by transformers and checked."""
+    from ctc.cli import EXIT_OK, main
+
+    recipes = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
+    assert main(["compile", str(recipes / recipe), "--out", str(tmp_path / "art"), "--quiet"]) == EXIT_OK
+    report = json.loads((tmp_path / "art" / "report.json").read_text())
+    (export,) = report["exports"]
+    assert export["format"] == "compressed-tensors" and export["class"] == reader_class
+    check = export["load_back"]
+    if "layers" in check:  # quantized activations: ties may round apart, layers must agree
+        assert check["layers"]["worst_mismatch"] <= 0.05 and check["outputs"][0]["cosine"] >= 0.98
+    else:
+        assert check["outputs"][0]["relative"] <= 1e-4
+    assert (tmp_path / "art" / "exports" / "compressed-tensors" / "config.json").is_file()

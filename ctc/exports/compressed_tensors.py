@@ -167,7 +167,7 @@ def write(source: Any, out_dir: Path, options: Any) -> dict[str, Any]:
     check["layers"] = layers
     import compressed_tensors
 
-    return {"files": files, "class": layout.cls.__name__, "format": fmt,
+    return {"files": files, "class": layout.cls.__name__, "scheme_format": fmt,
             "groups": [{"linears": len(v), "w_bits": k[0], "group_size": k[1], "symmetric": k[2], "a_bits": k[3]}
                        for k, v in groups.items()],
             "float_linears": sorted(float_linears),
