@@ -313,7 +313,7 @@ def print_table(results: dict[str, Any], keeps: list[float]) -> None:
             kc = f"{e['kernel_cosine_layer']:.4f}" if "kernel_cosine_layer" in e else "-"
             print(f"| {L} | {keep} | {ppl_d or float('nan'):.3f} | {ppl_s or float('nan'):.3f} | {ch} | "
                   f"{e['cosine_mean']:.4f} / {e['cosine_min']:.4f} | {kc} |")
-    timed = {L: r for L, r in results["lengths"].items() if "latency_ms" in r}
+    timed = {L: r for L, r in sorted(results["lengths"].items(), key=lambda x: int(x[0])) if "latency_ms" in r}
     if not timed:
         return
     bases = ("ctc dense", "ctc kernel unfiltered", "torch sdpa (is_causal)")
