@@ -672,14 +672,18 @@ def _transpose(w: np.ndarray) -> np.ndarray:
 
 def _panel_width(ctx: Ctx, x_value: Value, w_value: Value) -> int | None:
     """Column-panel width for a CPU linear's parameter weight (see :func:`_linear_panels`), or None to
-    keep the ``[K, N]`` layout: not a CPU (llvm) build, not an f32 parameter, N not whole panels, or
-    the parameter also read by something other than a linear (a tied embedding reads ``"T"``: one
-    copy is bound, not two)."""
+    keep the ``[K, N]`` layout: not a CPU (llvm) build, not an f32 parameter, symbolic rows (an
+    any-length build), N not whole panels, or the parameter also read by something other than a linear
+    (a tied embedding reads ``"T"``: one copy is bound, not two)."""
     target = ctx.target
     if target is None or ctx.gpu or getattr(getattr(target, "kind", None), "name", "") != "llvm":
         return None
     name = ctx.param_name(w_value)
     if name is None or w_value.type.dtype != "f32" or x_value.type.dtype != "f32" or w_value.type.rank != 2:
+        return None
+    if any(_static_int(ctx, d) is None for d in x_value.type.shape[:-1]):
+        # symbolic rows: MatmulRule pads them with pad_einsum, which the panel indexing defeats (the
+        # any-length MiniLM ran 50x slower); those builds keep [K, N]
         return None
     from ctc.backends.tvm.schedules import MatmulRule, vector_lanes
 
