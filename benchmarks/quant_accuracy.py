@@ -65,7 +65,7 @@ class StatsCache:
         self.cur = base
         self.ctx = PassContext(calibration=calib)
         self.ctx.get(CalibrationStats(), base)
-        self.ctx.get(CalibrationStats(input_ops=("scaled_dot_product_attention",), operands=(1, 2)), base)
+        self.ctx.get(CalibrationStats(input_ops=("scaled_dot_product_attention",), operands=("k", "v")), base)
         if hessian:
             self.ctx.get(CalibrationStats(hessian=True), base)
 

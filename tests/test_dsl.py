@@ -141,6 +141,14 @@ def test_selectors_checked_against_the_module() -> None:
     assert not any(line == 4 for line, col, msg in got)
 
 
+def test_language_model_metrics_accepted_on_a_causal_lm() -> None:
+    m = _tiny_module()
+    m.meta["task"] = "causal_lm"
+    r = parse('model bundled "smollm2"\nevaluate wiki samples=2\ncheck ppl_increase <= 0.01\ncheck kl <= 0.1\n',
+              "r.ctc")
+    assert [str(d) for d in check_with_module(r, m)] == []
+
+
 def test_option_types_checked_from_the_registry() -> None:
     r = parse('model bundled "minilm"\npipeline {\n    constant-fold max_elements=1.5 fold_params="yes"\n}\n', "r.ctc")
     diags = [d for d in check_recipe(r) if d.line == 3]

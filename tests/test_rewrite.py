@@ -203,3 +203,46 @@ def test_context_rewriter_honours_the_step_selector():
     rw = ctx.rewriter(m)
     apply_patterns(rw, [mul_one])
     assert [n.block for n in m.nodes if n.op == "mul"] == [1, 1] and ctx.rewrite_log().fired == {"mul-one": 2}
+
+
+def _residual_stack(blocks: int = 3) -> Module:
+    """h_{b+1} = h_b + linear_b(gelu(linear_b'(h_b))): one residual block per index, own parameters."""
+    m = Module("stack")
+    h = m.add_input("h", TensorType((2, 4), "f32"))
+    g = torch.Generator().manual_seed(0)
+    for b in range(blocks):
+        for k, shape in (("up", (8, 4)), ("down", (4, 8))):
+            m.add_param(f"l{b}.{k}", torch.randn(shape, generator=g) * 0.3)
+        up = m.create_node("linear", [h, m.param(f"l{b}.up", scope=f"l{b}", block=b)], scope=f"l{b}.up", block=b)
+        act = m.create_node("gelu", [up.output], scope=f"l{b}.act", block=b)
+        down = m.create_node("linear", [act.output, m.param(f"l{b}.down", scope=f"l{b}", block=b)],
+                             scope=f"l{b}.down", block=b)
+        h = m.create_node("add", [h, down.output], scope=f"l{b}.res", block=b).output
+    m.set_outputs([h], ["h"])
+    return m
+
+
+def test_block_removal_is_one_replacement_and_the_cleanup():
+    """A global transform: plan (which block, its input and output), then replace its output by its input."""
+    m = _residual_stack()
+    out = next(n for n in m.nodes if n.block == 1 and n.op == "add")
+    rw = Rewriter(m)
+    rw.replace(out, out.operand("a"))        # the residual stream skips block 1
+    log = rw.finish()
+    assert {n.block for n in m.nodes} == {0, 2}
+    assert sorted(log.params_removed) == ["l1.down", "l1.up"] and "l0.up" in m.params
+    assert log.erased == {"add": 1, "linear": 2, "gelu": 1, "param": 2}
+
+
+def test_block_sharing_retargets_param_reads_and_prunes_the_copies():
+    """Sharing (FoldGPT-style): block 2 reads block 1's weights; block 2's own weights go."""
+    m = _residual_stack()
+    rw = Rewriter(m)
+    for n in [n for n in m.nodes if n.op == "param" and n.block == 2]:
+        rw.set_attrs(n, name=n.attrs["name"].replace("l2.", "l1."))
+    log = rw.finish()
+    assert sorted(log.params_removed) == ["l2.down", "l2.up"] and len(m.params) == 4
+    x = torch.randn(2, 4)
+    shared = _residual_stack()
+    shared.params["l2.up"], shared.params["l2.down"] = shared.params["l1.up"], shared.params["l1.down"]
+    torch.testing.assert_close(interpret(m, [x])[0], interpret(shared, [x])[0], rtol=0, atol=0)

@@ -6,174 +6,156 @@
 * grouped-query attention: ``sdpa(q, repeat_kv(k), repeat_kv(v))`` becomes ``sdpa(q, k, v, enable_gqa)``
   (torch repeats each kv head for consecutive query heads, exactly as HF ``repeat_kv`` does).
 
-Each rewrite computes the same torch operations in the same order as the op's reference, so
-outputs stay bitwise equal; compression passes then see one norm / one rotary op per site.
-Unmatched code is left decomposed (it is still correct, just less recognisable).
+Each fusion is a pattern of :mod:`ctc.ir.patterns` and a rule applied by the rewrite driver.
+Each computes the same torch operations in the same order as the op's reference, so outputs
+stay bitwise equal; compression passes then see one norm / one rotary op per site.  Unmatched
+code is left decomposed (it is still correct, just less recognisable).
 """
 
 from __future__ import annotations
 
-from ctc.ir.graph import Module, Node, Value
+from ctc.ir.graph import Module, Value
+from ctc.ir.ops import OpError, get_op
+from ctc.ir.patterns import Const, Match, has_type, op, splat, var
+from ctc.ir.rewrite import Rewriter, apply_patterns, rule
+from ctc.ir.verify import types_equal
 
 
-def _single_use(v: Value, m: Module) -> bool:
-    return len(v.uses) == 1 and not m.is_output(v)
+def _scalar_attr(c: Const) -> bool:
+    return c.is_scalar_attr
 
 
-def _prod(v: Value, op: str) -> Node | None:
-    n = v.producer
-    return n if n is not None and n.op == op else None
+def _f32_weight(v: Value) -> bool:
+    return v.producer is not None and v.producer.op == "param" and v.type.rank == 1 and v.type.dtype == "f32"
 
 
-def _scalar(n: Node) -> float | None:
-    return n.attrs.get("scalar") if not n.attrs.get("reverse") else None
+def _last_axis_mean(n) -> bool:  # noqa: ANN001 - a Node predicate
+    return n.attrs["axes"] == (n.operand("x").type.rank - 1,)
 
 
-def _fuse_rms_norm(m: Module) -> int:
-    count = 0
-    for r in list(m.nodes):
-        if r.op != "rsqrt" or r.module is None:
-            continue
-        a = _prod(r.inputs[0], "add")
-        if a is None or len(a.inputs) != 1 or _scalar(a) is None:
-            continue
-        mean = _prod(a.inputs[0], "mean")
-        if mean is None or not mean.attrs["keepdim"] or mean.attrs["axes"] != (mean.inputs[0].type.rank - 1,):
-            continue
-        p = _prod(mean.inputs[0], "pow")
-        if p is None or len(p.inputs) != 1 or _scalar(p) != 2.0:
-            continue
-        x = p.inputs[0]
-        if x.type.dtype != "f32" or not all(_single_use(v.output, m) for v in (p, mean, a, r)):
-            continue
-        h = r.output.users[0]
-        if h.op != "mul" or len(h.inputs) != 2 or {id(v) for v in h.inputs} != {id(x), id(r.output)}:
-            continue
-        if h.inputs[0] is not x or not _single_use(h.output, m):
-            continue
-        src, down = x, None  # half precision: x = cast(src, f32) ... cast(h, src dtype)
-        up = _prod(x, "cast")
-        if up is not None and up.inputs[0].type.dtype in ("f16", "bf16") and len(x.users) == 2 \
-                and not m.is_output(x):
-            down = h.output.users[0]
-            if down.op != "cast" or down.attrs["dtype"] != up.inputs[0].type.dtype \
-                    or not _single_use(down.output, m):
-                continue
-            src = up.inputs[0]
-        last = down.output if down is not None else h.output
-        y = last.users[0]
-        if y.op != "mul" or len(y.inputs) != 2:
-            continue
-        w = y.inputs[0] if y.inputs[1] is last else y.inputs[1]
-        if w.producer is None or w.producer.op != "param" or w.type.rank != 1 or w.type.dtype != src.type.dtype:
-            continue
-        if y.inputs[0] is not w:  # reference computes weight * h
-            continue
-        new = m.create_node("rms_norm", [src, w], {"eps": float(_scalar(a))}, scope=y.scope, block=y.block,
-                            before=y).output
-        m.replace_all_uses_with(y.output, new)
-        for n in (y, down, h, r, a, mean, p, up if down is not None else None):
-            if n is not None:
-                m.erase(n)
-        count += 1
-    return count
+def _normalized(x):  # noqa: ANN001, ANN202 - a pattern
+    """x * rsqrt(mean(pow(x, 2), -1, keepdim) + eps), every intermediate read once."""
+    return op("mul", x, op(
+        "rsqrt", op(
+            "add", op(
+                "mean", op("pow", var("x"), splat(2.0).where(_scalar_attr), single_use=True),
+                attrs={"keepdim": True}, where=_last_axis_mean, single_use=True),
+            splat(name="eps").where(_scalar_attr), single_use=True),
+        single_use=True), single_use=True)
 
 
-def _rotate_half_source(c: Value, m: Module) -> Value | None:
-    """x when c = concat(neg(x[..., h:]), x[..., :h]) along the last axis, else None."""
-    cat = _prod(c, "concat")
-    if cat is None or len(cat.inputs) != 2 or cat.attrs["axis"] != c.type.rank - 1:
+# weight * normalized(x) in fp32
+RMS_NORM = op("mul", var("w").where(_f32_weight), _normalized(var("x").where(has_type(dtype="f32"))))
+# half precision: weight16 * cast(normalized(cast(x16, f32)), x16's dtype)
+RMS_NORM_HALF = op("mul", var("w"), op("cast", _normalized(var("x").where(has_type(dtype="f32"))),
+                                       name="down", single_use=True))
+
+
+@rule(RMS_NORM)
+def fuse_rms_norm(rw: Rewriter, m: Match) -> Value:
+    return rw.create("rms_norm", {"x": m["x"], "weight": m["w"]}, {"eps": float(m["eps"].splat)}).output
+
+
+@rule(RMS_NORM_HALF)
+def fuse_rms_norm_half(rw: Rewriter, m: Match) -> Value | None:
+    """The half-precision RMSNorm: x = cast(x16, f32) read only by the norm, the result cast back."""
+    x, w = m["x"], m["w"]
+    up = x.producer
+    if up is None or up.op != "cast" or len(x.users) != 2 or rw.module.is_output(x):
         return None
-    neg = _prod(cat.inputs[0], "neg")
-    lo = _prod(cat.inputs[1], "slice")
-    hi = _prod(neg.inputs[0], "slice") if neg is not None else None
-    if hi is None or lo is None:
+    src = up.operand("x")
+    dtype = src.type.dtype
+    if dtype not in ("f16", "bf16") or m["down"].attrs["dtype"] != dtype:
         return None
-    x = lo.inputs[0]
-    if hi.inputs[0] is not x:
+    if w.producer is None or w.producer.op != "param" or w.type.rank != 1 or w.type.dtype != dtype:
         return None
+    return rw.create("rms_norm", {"x": src, "weight": w}, {"eps": float(m["eps"].splat)}).output
+
+
+def _halves(x: Value, lo_node, hi_node) -> bool:  # noqa: ANN001 - slice nodes
     d = x.type.shape[-1]
     if not isinstance(d, int) or d % 2:
-        return None
+        return False
     last = x.type.rank - 1
-    if (lo.attrs["axis"], lo.attrs["start"], lo.attrs["end"], lo.attrs["step"]) != (last, (0,), (d // 2,), 1):
+
+    def spec(n):  # noqa: ANN001, ANN202
+        return (n.attrs["axis"], n.attrs["start"], n.attrs["end"], n.attrs["step"])
+
+    return spec(lo_node) == (last, (0,), (d // 2,), 1) and spec(hi_node) == (last, (d // 2,), (d,), 1)
+
+
+def _last_axis_concat(n) -> bool:  # noqa: ANN001 - a Node predicate
+    return n.attrs["axis"] == n.outputs[0].type.rank - 1
+
+
+# x * cos + concat(-x[..., h:], x[..., :h]) * sin
+ROTARY = op("add", op("mul", var("x"), var("cos")), op(
+    "mul", op("concat", op("neg", op("slice", var("x"), name="hi")), op("slice", var("x"), name="lo"),
+              where=_last_axis_concat),
+    var("sin")))
+
+
+@rule(ROTARY)
+def fuse_rotary(rw: Rewriter, m: Match) -> Value | None:
+    x, cos, sin = m["x"], m["cos"], m["sin"]
+    if not _halves(x, m["lo"], m["hi"]) or x.type.dtype != cos.type.dtype:
         return None
-    if (hi.attrs["axis"], hi.attrs["start"], hi.attrs["end"], hi.attrs["step"]) != (last, (d // 2,), (d,), 1):
+    try:  # shapes that do not fit the op stay decomposed
+        (t,) = get_op("rotary_embedding").infer_types([x.type, cos.type, sin.type], {})
+    except OpError:
         return None
-    return x
-
-
-def _fuse_rotary(m: Module) -> int:
-    count = 0
-    for add in list(m.nodes):
-        if add.op != "add" or add.module is None or len(add.inputs) != 2:
-            continue
-        m1, m2 = (_prod(v, "mul") for v in add.inputs)
-        if m1 is None or m2 is None or len(m1.inputs) != 2 or len(m2.inputs) != 2:
-            continue
-        x = m1.inputs[0]
-        cos = m1.inputs[1]
-        rot = m2.inputs[0]
-        sin = m2.inputs[1]
-        if _rotate_half_source(rot, m) is not x or x.type.dtype != cos.type.dtype:
-            continue
-        try:
-            new = m.create_node("rotary_embedding", [x, cos, sin], scope=add.scope, block=add.block, before=add).output
-        except Exception:  # noqa: BLE001 - shapes that do not fit the op stay decomposed
-            continue
-        m.replace_all_uses_with(add.output, new)
-        count += 1
-    return count
-
-
-def _repeat_kv_source(v: Value) -> tuple[Value, int] | None:
-    """(kv, n_rep) when v = reshape(expand(unsqueeze(kv, 2), [B, H, n, S, D]), [B, H*n, S, D]) (HF repeat_kv)."""
-    r = _prod(v, "reshape")
-    e = _prod(r.inputs[0], "expand") if r is not None else None
-    u = _prod(e.inputs[0], "unsqueeze") if e is not None else None
-    if u is None or u.attrs["axis"] != 2 or u.inputs[0].type.rank != 4:
+    if not types_equal(t, m.root.output.type):
         return None
-    kv = u.inputs[0]
+    return rw.create("rotary_embedding", {"x": x, "cos": cos, "sin": sin}).output
+
+
+def _repeat_kv(name: str):  # noqa: ANN202 - a pattern
+    """HF ``repeat_kv``: reshape(expand(unsqueeze(kv, 2), [B, H, n, S, D]), [B, H*n, S, D])."""
+    return op("reshape", op("expand", op("unsqueeze", var(name), attrs={"axis": 2}, name=f"{name}_u"),
+                            name=f"{name}_e"))
+
+
+GQA = op("scaled_dot_product_attention", attrs={"enable_gqa": False}, k=_repeat_kv("k"), v=_repeat_kv("v"))
+
+
+def _repeats(m: Match, name: str) -> int | None:
+    kv: Value = m[name]
+    if kv.type.rank != 4:
+        return None
     b, h, s, d = kv.type.shape
-    n = e.output.type.shape[2]
+    e = m[f"{name}_e"].output.type.shape
+    n = e[2]
     if not isinstance(n, int) or not isinstance(h, int):
         return None
-    if tuple(e.output.type.shape) != (b, h, n, s, d) or tuple(v.type.shape) != (b, h * n, s, d):
+    rep = m.root.operand(name)
+    if tuple(e) != (b, h, n, s, d) or tuple(rep.type.shape) != (b, h * n, s, d):
         return None
-    return kv, n
+    return n
 
 
-def _fuse_gqa(m: Module) -> int:
+@rule(GQA)
+def fuse_gqa(rw: Rewriter, m: Match) -> Value | None:
     """sdpa(q, repeat_kv(k), repeat_kv(v)) -> sdpa(q, k, v, enable_gqa=True): kv heads stay unrepeated."""
-    count = 0
-    for att in list(m.nodes):
-        if att.op != "scaled_dot_product_attention" or att.attrs["enable_gqa"]:
-            continue
-        ks, vs = _repeat_kv_source(att.inputs[1]), _repeat_kv_source(att.inputs[2])
-        if ks is None or vs is None or ks[1] != vs[1] or ks[1] == 1:
-            continue
-        new = m.create_node("scaled_dot_product_attention", [att.inputs[0], ks[0], vs[0], *att.inputs[3:]],
-                            {**att.attrs, "enable_gqa": True}, scope=att.scope, block=att.block, before=att).output
-        m.replace_all_uses_with(att.output, new)
-        m.erase(att)
-        count += 1
-    return count
+    nk, nv = _repeats(m, "k"), _repeats(m, "v")
+    if nk is None or nk != nv or nk == 1:
+        return None
+    att = m.root
+    return rw.create("scaled_dot_product_attention",
+                     {"q": att.operand("q"), "k": m["k"], "v": m["v"], "mask": att.operand("mask")},
+                     {**att.attrs, "enable_gqa": True}).output
 
 
-def dce(m: Module) -> int:
-    """Erase nodes whose outputs nobody reads (then parameters nobody reads)."""
-    removed = 0
-    for n in reversed(list(m.nodes)):
-        if n.opdef.pure and all(not v.uses and not m.is_output(v) for v in n.outputs):
-            m.erase(n)
-            removed += 1
-    m.prune_params()
-    return removed
+# fusion name -> its rules
+FUSIONS = {"rms_norm": (fuse_rms_norm, fuse_rms_norm_half), "rotary_embedding": (fuse_rotary,),
+           "gqa_attention": (fuse_gqa,)}
 
 
 def fuse_patterns(m: Module) -> dict[str, int]:
-    """Apply every capture-time fusion; returns how many sites each one rewrote."""
-    counts = {"rms_norm": _fuse_rms_norm(m), "rotary_embedding": _fuse_rotary(m), "gqa_attention": _fuse_gqa(m)}
-    dce(m)
+    """Apply every capture-time fusion, then remove dead code; returns how many sites each fusion rewrote."""
+    rw = Rewriter(m)
+    apply_patterns(rw, [r for rules in FUSIONS.values() for r in rules])
+    rw.erase_dead()  # capture leaves dead nodes (unused exports); a fresh capture is cleaned whole
+    rw.prune_unread_params()
+    counts = {k: sum(rw.log.fired[r.name] for r in rules) for k, rules in FUSIONS.items()}
     m.meta["fused"] = {k: v for k, v in counts.items() if v}
     return counts

@@ -191,6 +191,20 @@ class Node:
         return f"<{outs} = {self.op}({ins}) @{self.scope or '-'}>"
 
 
+def param_tensor(v: Value) -> torch.Tensor | None:
+    """The parameter tensor ``v`` reads when ``v`` is a ``param`` node's result, else None."""
+    p = v.producer
+    if p is None or p.op != "param" or p.module is None:
+        return None
+    return p.module.params.get(p.attrs["name"])
+
+
+def param_name(v: Value) -> str | None:
+    """The name of the parameter ``v`` reads when ``v`` is a ``param`` node's result, else None."""
+    p = v.producer
+    return str(p.attrs["name"]) if p is not None and p.op == "param" else None
+
+
 def _order_key(n: Node) -> int:
     return n._order
 
@@ -366,14 +380,6 @@ class Module:
 
     def is_output(self, v: Value) -> bool:
         return any(o is v for o in self.outputs)
-
-    def prune_params(self) -> list[str]:
-        """Drop parameters no ``param`` node reads; return their names."""
-        used = {n.attrs["name"] for n in self.nodes if n.op == "param"}
-        dead = [k for k in self.params if k not in used]
-        for k in dead:
-            del self.params[k]
-        return dead
 
     # ----------------------------------------------------------------- queries
     def __iter__(self) -> Iterator[Node]:

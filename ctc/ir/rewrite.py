@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ctc.ir.graph import IRError, Module, NamedOperands, Node, Value
+from ctc.ir.graph import IRError, Module, NamedOperands, Node, Value, param_tensor
 from ctc.ir.ops import OpError, get_op
 from ctc.ir.patterns import Match, Pattern
 from ctc.ir.types import TensorType
@@ -148,11 +148,10 @@ class Rewriter:
         return self.selector is None or self.selector(node)
 
     def param_tensor(self, v: Value) -> torch.Tensor | None:
-        """The parameter tensor ``v`` reads, when ``v`` is a ``param`` node's result."""
-        p = v.producer
-        if p is None or p.op != "param" or p.module is not self.module:
+        """The parameter tensor ``v`` reads, when ``v`` is a ``param`` node's result (of this module)."""
+        if v.producer is None or v.producer.module is not self.module:
             return None
-        return self.module.params.get(p.attrs["name"])
+        return param_tensor(v)
 
     def readers_of_param(self, name: str) -> int:
         """How many ``param`` nodes read parameter ``name``."""
@@ -353,6 +352,27 @@ class Rewriter:
                     else:
                         self.log.params_removed.append(name)
             self._param_candidates.clear()
+
+    def erase_dead(self, where: Callable[[Node], bool] | None = None) -> int:
+        """Erase every pure node whose results nothing reads (among those ``where`` admits), then
+        what that orphans (the cleanup rule).  This is dead-code elimination; returns the count erased."""
+        n0 = sum(self.log.erased.values())
+        module = self.module
+        for node in reversed(list(module.nodes)):  # readers come after what they read
+            if node.module is not module or not get_op(node.op).pure or (where is not None and not where(node)):
+                continue
+            if any(v.uses or module.is_output(v) for v in node.outputs):
+                continue
+            self._erase(node)
+        self.cleanup()
+        return sum(self.log.erased.values()) - n0
+
+    def prune_unread_params(self) -> list[str]:
+        """Drop every parameter no ``param`` node reads (not only those a rewrite orphaned)."""
+        dead = self.unread_params()
+        for k in dead:
+            self.remove_param(k)
+        return dead
 
     def remove_param(self, name: str) -> None:
         """Drop parameter ``name``, which no ``param`` node may read."""

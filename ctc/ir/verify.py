@@ -167,7 +167,7 @@ def verify(module: Module, *, check_types: bool = True) -> list[str]:
     # ---- warnings
     for name in module.params:
         if name not in read_params:
-            warnings.append(f"parameter {name!r} is never read (Module.prune_params drops it)")
+            warnings.append(f"parameter {name!r} is never read (the dce pass drops it)")
     bound: set[str] = set()
     for v in module.inputs:
         bound |= {d for d in v.type.shape if isinstance(d, str)}

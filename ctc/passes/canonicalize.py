@@ -1,120 +1,54 @@
 """Canonicalization: remove no-op nodes (identity reshapes/permutes/casts, x*1, x+0, x-0, x/1).
 
-Rewrites are a flat table of ``op -> rule``; a rule looks at one node and returns the
-value that can replace its result, or None.  A rule fires only when the replacement has
-exactly the result's type (no broadcast or dtype change hides behind the no-op).  Rules
-for ops the registry does not declare are skipped, so the table can name ops that the
-op library may not (yet) have.
+Each rewrite is a pattern over the registry's ops (an unknown op name fails when this module
+is imported) and a rule that replaces the node by its operand.  A rule fires only when the
+operand has exactly the result's type, so no broadcast or dtype change hides behind the
+no-op.  The table is flat and read top to bottom, in the manner of tinygrad's rewrite lists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from ctc.ir.graph import Module, Node, Value
-from ctc.ir.ops import all_ops
-from ctc.ir.verify import types_equal
-from ctc.passes.base import Pass, PassContext, PassOptions, option, register_pass
-from ctc.passes.dce import eliminate_dead
-
-Rule = Callable[[Node, Module], "Value | None"]
+from ctc.ir.patterns import Match, op, same_type, unit, var, zero
+from ctc.ir.rewrite import RewritePattern, Rewriter, Rule
+from ctc.passes.base import PassOptions, PatternPass, option, register_pass
 
 
-def _same_type_input(node: Node, i: int = 0) -> Value | None:
-    """Operand ``i`` if it has the node's result type (for ops that are identities then)."""
-    if len(node.outputs) != 1 or len(node.inputs) <= i:
-        return None
-    v = node.inputs[i]
-    return v if types_equal(v.type, node.outputs[0].type) else None
+def _operand_x(rw: Rewriter, m: Match):  # noqa: ANN202 - a rule: Value | None
+    """The matched ``x`` when it has the node's result type (the node is then the identity)."""
+    return m["x"] if same_type(m["x"], m.root.output) else None
 
 
-def _const_fill(v: Value, module: Module) -> float | None:
-    """The single value a constant operand is filled with (``full``, or a uniform parameter)."""
-    p = v.producer
-    if p is None:
-        return None
-    if p.op == "full":
-        return float(p.attrs["value"])
-    if p.op == "param":
-        t = module.params.get(p.attrs["name"])
-        if t is None or t.numel() == 0 or t.numel() > 1 << 20 or not t.is_floating_point():
-            return None
-        first = t.reshape(-1)[0]
-        if bool((t == first).all()) and torch.isfinite(first):
-            return float(first)
-    return None
+def _identity_perm(perm: Sequence[int]) -> bool:
+    return tuple(perm) == tuple(range(len(perm)))
 
 
-def _identity_if(node: Node) -> Value | None:
-    return _same_type_input(node)
+def _same_axis(node) -> bool:  # noqa: ANN001 - a Node predicate
+    r = max(node.operand("x").type.rank, 1)
+    return node.attrs["dim0"] % r == node.attrs["dim1"] % r
 
 
-def _permute(node: Node, module: Module) -> Value | None:
-    perm = node.attrs.get("perm")
-    if perm is None or tuple(perm) != tuple(range(node.inputs[0].type.rank)):
-        return None
-    return _same_type_input(node)
+# Shape and cast ops that are the identity exactly when their result type equals the operand's.
+IDENTITY_OPS = ("reshape", "expand", "squeeze", "unsqueeze", "cast")
 
+SHAPE_RULES: tuple[RewritePattern, ...] = (
+    Rule(op(IDENTITY_OPS, var("x")), _operand_x, name="identity-shape"),
+    Rule(op("permute", var("x"), attrs={"perm": _identity_perm}), _operand_x, name="identity-permute"),
+    Rule(op("transpose", var("x"), where=_same_axis), _operand_x, name="identity-transpose"),
+)
 
-def _transpose(node: Node, module: Module) -> Value | None:
-    d0, d1 = node.attrs.get("dim0"), node.attrs.get("dim1")
-    r = max(node.inputs[0].type.rank, 1)
-    if not isinstance(d0, int) or not isinstance(d1, int) or d0 % r != d1 % r:
-        return None
-    return _same_type_input(node)
-
-
-def _binary_unit(unit: float, *, left_ok: bool) -> Rule:
-    """``x op c`` (or ``c op x`` when ``left_ok``) where c is ``unit`` -> ``x``.
-
-    ``c`` is a constant operand filled with ``unit`` or the op's ``scalar`` attribute
-    (``reverse`` puts the scalar on the left).
-    """
-
-    def rule(node: Node, module: Module) -> Value | None:
-        scalar = node.attrs.get("scalar")
-        if scalar is not None:
-            if len(node.inputs) != 1 or float(scalar) != unit or (node.attrs.get("reverse") and not left_ok):
-                return None
-            return _same_type_input(node, 0)
-        if len(node.inputs) != 2 or node.attrs.get("reverse"):
-            return None
-        for x, c in ((0, 1), (1, 0)) if left_ok else ((0, 1),):
-            fill = _const_fill(node.inputs[c], module)
-            if fill is not None and fill == unit:
-                v = _same_type_input(node, x)
-                if v is not None:
-                    return v
-        return None
-
-    return rule
-
-
-RULES: dict[str, Rule] = {
-    "reshape": lambda n, m: _identity_if(n),
-    "view": lambda n, m: _identity_if(n),
-    "expand": lambda n, m: _identity_if(n),
-    "broadcast_to": lambda n, m: _identity_if(n),
-    "flatten": lambda n, m: _identity_if(n),
-    "squeeze": lambda n, m: _identity_if(n),
-    "unsqueeze": lambda n, m: _identity_if(n),
-    "contiguous": lambda n, m: _identity_if(n),
-    "cast": lambda n, m: _identity_if(n),
-    "to": lambda n, m: _identity_if(n),
-    "permute": _permute,
-    "transpose": _transpose,
-    "mul": _binary_unit(1.0, left_ok=True),
-    "add": _binary_unit(0.0, left_ok=True),
-    "sub": _binary_unit(0.0, left_ok=False),
-    "div": _binary_unit(1.0, left_ok=False),
-}
+ARITHMETIC_RULES: tuple[RewritePattern, ...] = (
+    Rule(op("mul", var("x"), unit(), commutative=True), _operand_x, name="mul-one"),
+    Rule(op("add", var("x"), zero(), commutative=True), _operand_x, name="add-zero"),
+    Rule(op("sub", var("x"), zero()), _operand_x, name="sub-zero"),
+    Rule(op("div", var("x"), unit()), _operand_x, name="div-one"),
+)
 
 
 @register_pass
-class CanonicalizePass(Pass):
+class CanonicalizePass(PatternPass):
     """Canonicalization: replace no-op nodes by their operand (identity reshape/permute/cast, x*1, x+0, ...).
 
     Replaced nodes, and constants left unused, are removed.  Outputs are bit-identical,
@@ -130,29 +64,5 @@ class CanonicalizePass(Pass):
 
         arithmetic: bool = option(True, "also remove x*1, 1*x, x/1, x+0, 0+x and x-0")
 
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        known = all_ops()
-        rules = {op: r for op, r in RULES.items() if op in known
-                 and (self.options.arithmetic or op not in ("mul", "add", "sub", "div"))}
-        removed: dict[str, int] = {}
-        touched: list[Node] = []
-        for node in list(module.nodes):
-            rule = rules.get(node.op)
-            if rule is None or not ctx.selected(node):
-                continue
-            new = rule(node, module)
-            if new is None:
-                continue
-            module.replace_all_uses_with(node.outputs[0], new)
-            touched.append(node)
-            touched.extend(v.producer for v in node.inputs if v.producer is not None)
-            removed[node.op] = removed.get(node.op, 0) + 1
-        if touched:
-            read_before = {n.attrs["name"] for n in module.nodes if n.op == "param"}
-            eliminate_dead(module, touched)
-            still = {n.attrs["name"] for n in module.nodes if n.op == "param"}
-            for k in sorted(read_before - still):
-                del module.params[k]
-            ctx.note("removed no-ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(removed.items())))
-        ctx.metrics.update(nodes_removed=sum(removed.values()))
-        return module
+    def rewrite_patterns(self) -> Sequence[RewritePattern]:
+        return SHAPE_RULES + (ARITHMETIC_RULES if self.options.arithmetic else ())

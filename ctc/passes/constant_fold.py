@@ -9,10 +9,10 @@ import torch
 
 from ctc.ir.graph import Module, Node, Value
 from ctc.ir.ops import get_op
+from ctc.ir.rewrite import Rewriter
 from ctc.ir.symbolic import SymbolicError, eval_dim
 from ctc.ir.types import TensorType
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
-from ctc.passes.dce import eliminate_dead
 
 
 def _static_attrs(node: Node) -> dict | None:
@@ -51,10 +51,10 @@ def _dying_cone(module: Module, node: Node, const_nodes: set[int]) -> list[Node]
     return list(dying.values())
 
 
-def _freed_elements(module: Module, dying: list[Node], readers: Counter[str]) -> int:
+def _freed_elements(rw: Rewriter, dying: list[Node]) -> int:
     """Parameter elements released when ``dying`` nodes go: parameters all of whose readers die."""
     gone = Counter(n.attrs["name"] for n in dying if n.op == "param")
-    return sum(int(module.params[k].numel()) for k, c in gone.items() if c >= readers[k])
+    return sum(int(rw.module.params[k].numel()) for k, c in gone.items() if c >= rw.readers_of_param(k))
 
 
 @register_pass
@@ -91,12 +91,10 @@ class ConstantFoldPass(Pass):
                                           "growth (parameter-only subexpressions become new parameters)")
 
     def run(self, module: Module, ctx: PassContext) -> Module:
+        rw = ctx.rewriter(module)
         consts: dict[int, torch.Tensor] = {}  # id(value) -> concrete tensor (computed lazily)
         const_nodes: set[int] = set()
         folded: list[Node] = []
-        added: list[str] = []
-        read_before = {n.attrs["name"] for n in module.nodes if n.op == "param"}
-        readers = Counter(n.attrs["name"] for n in module.nodes if n.op == "param")
         may_grow = self.options.grow_params or self.options.fold_params
         skipped_growth = 0
 
@@ -114,6 +112,8 @@ class ConstantFoldPass(Pass):
             return consts[id(v)]
 
         for node in list(module.nodes):
+            if node.module is not module:
+                continue  # erased by an earlier fold's cleanup
             opdef = get_op(node.op)
             if node.op == "param":
                 const_nodes.add(id(node))
@@ -131,42 +131,34 @@ class ConstantFoldPass(Pass):
                                                     for o in node.outputs):
                 continue
             if not may_grow:
-                dying = _dying_cone(module, node, const_nodes)
-                freed = _freed_elements(module, dying, readers)
+                freed = _freed_elements(rw, _dying_cone(module, node, const_nodes))
                 if sum(o.type.numel() for o in node.outputs) > freed:
                     skipped_growth += 1
                     continue
             with torch.no_grad():
                 results = [value_of(o) for o in node.outputs]
+            new: list[Value] = []
             for o, t in zip(node.outputs, results, strict=True):
                 if TensorType.of(t) != o.type:
                     raise PassError(f"constant-fold: {node.op} at {node.scope or '<root>'} evaluated to "
-                                       f"{TensorType.of(t)} but its result is typed {o.type}")
-                pname = module.fresh_param_name(f"{node.scope or node.op}.{o.name}.const")
-                module.add_param(pname, t.detach().clone().contiguous())
-                added.append(pname)
-                new = module.param(pname, scope=node.scope, block=node.block, before=node)
-                readers[pname] += 1
-                module.replace_all_uses_with(o, new)
-                const_nodes.add(id(new.producer))
-                consts[id(new)] = module.params[pname]
+                                    f"{TensorType.of(t)} but its result is typed {o.type}")
+                v = rw.new_param(f"{node.scope or node.op}.{o.name}.const", t.detach().clone().contiguous(),
+                                 before=node)
+                const_nodes.add(id(v.producer))
+                consts[id(v)] = module.params[v.producer.attrs["name"]]
+                new.append(v)
+            rw.replace(node, new)
+            rw.cleanup()  # what only fed the folded node goes now: the next growth check sees it
             folded.append(node)
-        # Only what folding made dead goes: constant subexpressions that fed folded nodes.
-        removed = eliminate_dead(module, [n for n in module.nodes if id(n) in const_nodes]) if folded else []
-        for n in removed:
-            if n.op == "param":
-                readers[n.attrs["name"]] -= 1
-        still = {n.attrs["name"] for n in module.nodes if n.op == "param"}
-        dropped = [k for k in sorted(read_before) if k not in still and k in module.params]
-        for k in dropped + [k for k in added if k not in still]:  # incl. intermediates of folded chains
-            del module.params[k]
-        added = [k for k in added if k in still]
+        log = rw.log
         if folded:
             ops = sorted({n.op for n in folded})
-            ctx.note(f"folded {len(folded)} node(s) ({', '.join(ops)}) into {len(added)} new parameter(s); "
-                     f"removed {len(removed)} dead node(s) and {len(dropped)} parameter(s)")
+            removed = sum(log.erased.values())
+            rw.note(f"folded {len(folded)} node(s) ({', '.join(ops)}) into {len(log.params_added)} new parameter(s); "
+                    f"removed {removed} dead node(s) and {len(log.params_removed)} parameter(s)")
         if skipped_growth:
-            ctx.note(f"left {skipped_growth} constant node(s) computed: folding them would store more parameter "
-                     "elements than it frees (grow_params=true folds them)")
-        ctx.metrics.update(nodes_folded=len(folded), params_added=len(added), params_dropped=len(dropped))
+            rw.note(f"left {skipped_growth} constant node(s) computed: folding them would store more parameter "
+                    "elements than it frees (grow_params=true folds them)")
+        ctx.metrics.update(nodes_folded=len(folded), params_added=len(log.params_added),
+                           params_dropped=len(log.params_removed))
         return module

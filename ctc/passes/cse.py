@@ -10,6 +10,7 @@ import torch
 
 from ctc.ir.graph import Module, Node
 from ctc.ir.ops import get_op
+from ctc.ir.rewrite import Rewriter
 from ctc.passes.base import Pass, PassContext, PassOptions, option, register_pass
 
 
@@ -70,11 +71,12 @@ class CsePass(Pass):
                                             "(removing or reordering that block later would then break)")
 
     def run(self, module: Module, ctx: PassContext) -> Module:
-        redirected = self._dedupe_params(module, ctx) if self.options.dedupe_params else set()
+        rw = ctx.rewriter(module)
+        redirected = self._dedupe_params(rw) if self.options.dedupe_params else set()
         seen: dict[Hashable, list[Node]] = {}
         merged: dict[str, int] = {}
         across = self.options.across_blocks
-        for node in list(module.nodes):
+        for node in list(module.nodes):  # one forward sweep: merged operands make later keys equal
             if not get_op(node.op).pure:
                 continue
             key = node_key(node)
@@ -83,25 +85,23 @@ class CsePass(Pass):
             if first is None or not ctx.selected(node):
                 cands.append(node)
                 continue
-            for old, new in zip(node.outputs, first.outputs, strict=True):
-                module.replace_all_uses_with(old, new)
-            module.erase(node)
+            rw.replace(node, first.outputs)
             merged[node.op] = merged.get(node.op, 0) + 1
-        still = {n.attrs["name"] for n in module.nodes if n.op == "param"}
-        pruned = sorted(k for k in redirected if k not in still)
-        for k in pruned:
-            del module.params[k]
+        rw.cleanup()
+        pruned = [k for k in rw.log.params_removed if k in redirected]
         total = sum(merged.values())
         if total:
-            ctx.note(f"merged {total} duplicate node(s): " + ", ".join(f"{k} x{v}" for k, v in sorted(merged.items())))
+            rw.note(f"merged {total} duplicate node(s): " + ", ".join(f"{k} x{v}" for k, v in sorted(merged.items())))
         if redirected:
-            ctx.note(f"{len(redirected)} parameter(s) are identical to earlier ones; {len(pruned)} dropped")
+            rw.note(f"{len(redirected)} parameter(s) are identical to earlier ones; {len(pruned)} dropped")
         ctx.metrics.update(nodes_merged=total, params_deduplicated=len(pruned))
         return module
 
     @staticmethod
-    def _dedupe_params(module: Module, ctx: PassContext) -> set[str]:
-        """Point ``param`` nodes at the first parameter with identical data; returns the names redirected."""
+    def _dedupe_params(rw: Rewriter) -> set[str]:
+        """Point selected ``param`` nodes at the first parameter with identical data; returns the names
+        redirected (the rewriter drops those nothing reads any more)."""
+        module = rw.module
         groups: dict[Hashable, list[str]] = {}
         canon: dict[str, str] = {}
         for name, t in module.params.items():
@@ -114,8 +114,8 @@ class CsePass(Pass):
             else:
                 bucket.append(name)
         redirected: set[str] = set()
-        for n in module.nodes:
-            if n.op == "param" and n.attrs["name"] in canon and ctx.selected(n):
+        for n in list(module.nodes):
+            if n.op == "param" and n.attrs["name"] in canon and rw.selected(n):
                 redirected.add(n.attrs["name"])
-                n.attrs["name"] = canon[n.attrs["name"]]
+                rw.set_attrs(n, name=canon[n.attrs["name"]])
         return redirected

@@ -27,6 +27,7 @@ import torch
 
 from ctc.ir.graph import Module, Value
 from ctc.ir.interpreter import interpret
+from ctc.ir.rewrite import Rewriter
 from ctc.passes.base import PassContext, PassError, PassOptions, option
 
 __all__ = ["HealBudget", "HealOptions", "HealResult", "cut_at", "distill", "heal_after_tying"]
@@ -76,16 +77,15 @@ class HealResult:
 
 def cut_at(module: Module, values: Sequence[str], name: str | None = None) -> Module:
     """A copy of ``module`` whose outputs are the values named ``values`` and nothing else is computed."""
-    from ctc.passes.dce import eliminate_dead
-
     m = module.clone()
     by_name = {v.name: v for v in m.values()}
     missing = [v for v in values if v not in by_name]
     if missing:
         raise PassError(f"cannot cut module {module.name} at %{missing[0]}: no such value")
     m.set_outputs([by_name[v] for v in values], [f"cut{i}" for i in range(len(values))])
-    eliminate_dead(m)
-    m.prune_params()
+    rw = Rewriter(m)
+    rw.erase_dead()
+    rw.prune_unread_params()
     if name:
         m.name = name
     return m

@@ -31,13 +31,14 @@ from dataclasses import dataclass
 import torch
 
 from ctc.ir import quant as Q
-from ctc.ir.graph import Module, Node, Value
+from ctc.ir.graph import Module, Node, Value, param_name, param_tensor
+from ctc.ir.rewrite import Rewriter
 from ctc.passes.analyses.calibration import CalibrationResult, CalibrationStats, ChannelStats
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
 from ctc.passes.shared_weights import OncePerKey
 
-__all__ = ["QuantizeOptions", "QuantizePass", "build_quant_linear", "insert_kv_quant", "quantize_weight_rtn",
-           "selected_linears", "segment_qparams"]
+__all__ = ["QuantizeOptions", "QuantizePass", "build_quant_linear", "insert_kv_quant", "kv_operands",
+           "quantize_weight_rtn", "selected_linears", "segment_qparams"]
 
 ATTN_OPS = ("scaled_dot_product_attention",)
 
@@ -93,14 +94,6 @@ def segment_qparams(lo: torch.Tensor, hi: torch.Tensor, bounds: Sequence[int], b
 
 
 # --------------------------------------------------------------------------- graph helpers
-def param_tensor(v: Value) -> torch.Tensor | None:
-    """The parameter tensor behind ``v`` when ``v`` is read by a ``param`` node, else None."""
-    p = v.producer
-    if p is None or p.op != "param" or p.module is None:
-        return None
-    return p.module.params[p.attrs["name"]]
-
-
 def selected_linears(module: Module, ctx: PassContext, blocks_only: bool, lm_head: bool = False) -> list[Node]:
     """``linear`` nodes to quantize: selected, with parameter weights (and bias), static in-features.
     ``lm_head`` adds the head (a linear whose result is a module output) to the blocks' linears."""
@@ -118,37 +111,18 @@ def selected_linears(module: Module, ctx: PassContext, blocks_only: bool, lm_hea
                 continue
         elif blocks_only and n.block is None and not (lm_head and head):
             continue
-        if param_tensor(n.inputs[1]) is None or (len(n.inputs) > 2 and param_tensor(n.inputs[2]) is None):
+        bias = n.operand("bias")
+        if param_tensor(n.operand("weight")) is None or (bias is not None and param_tensor(bias) is None):
             ctx.note(f"{n.scope}: linear kept float (weight or bias is computed, not a parameter)")
             continue
-        if not isinstance(n.inputs[0].type.shape[-1], int):
+        if not isinstance(n.operand("x").type.shape[-1], int):
             ctx.note(f"{n.scope}: linear kept float (dynamic input-channel count)")
             continue
         out.append(n)
     return out
 
 
-def _weight_name(lin: Node) -> str | None:
-    """The parameter name of a linear's weight (None when it is computed)."""
-    p = lin.inputs[1].producer
-    return str(p.attrs["name"]) if p is not None and p.op == "param" else None
-
-
-def new_param(module: Module, base: str, t: torch.Tensor, *, node: Node) -> Value:
-    """Register ``t`` under a fresh name derived from ``base`` and read it just before ``node``."""
-    name = module.add_param(module.fresh_param_name(base), t)
-    return module.param(name, scope=node.scope, block=node.block, before=node)
-
-
-def drop_dead_params(module: Module, nodes: Sequence[Node]) -> None:
-    """Erase ``param`` nodes among ``nodes`` that nothing reads any more, then unused parameters."""
-    for n in nodes:
-        if n.module is module and n.op == "param" and not n.output.uses and not module.is_output(n.output):
-            module.erase(n)
-    module.prune_params()
-
-
-def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.Tensor | None,
+def build_quant_linear(rw: Rewriter, lin: Node, w: torch.Tensor, bias: torch.Tensor | None,
                        qw: Q.QuantizedWeight, a_bits: int | None, act_scale: torch.Tensor | None,
                        act_zero: torch.Tensor | None, clusters: Sequence[int] = (), *,
                        once: OncePerKey[tuple[str, str, str]] | None = None, dynamic: bool = False) -> Node:
@@ -157,6 +131,7 @@ def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.T
     ``w`` is only used for the shape check; ``bias`` is the (possibly permuted) float bias.
     With ``once``, linears reading one float weight parameter (tied blocks) read one set of
     integer weight, scale and zero-point parameters, registered by the first of them.
+    The float weight and bias go at the rewriter's cleanup when nothing else reads them.
     """
     n, k = w.shape
     if qw.k != k:
@@ -164,60 +139,62 @@ def build_quant_linear(module: Module, lin: Node, w: torch.Tensor, bias: torch.T
     base = lin.scope or "linear"
 
     def register() -> tuple[str, str, str]:
-        return (module.add_param(module.fresh_param_name(f"{base}.qweight"), qw.qweight),
-                module.add_param(module.fresh_param_name(f"{base}.w_scale"), qw.scale.to(torch.float32)),
-                module.add_param(module.fresh_param_name(f"{base}.w_zero"),
-                                 qw.zero if qw.zero.is_floating_point() else qw.zero.to(torch.int8)))
+        return (rw.add_param(f"{base}.qweight", qw.qweight),
+                rw.add_param(f"{base}.w_scale", qw.scale.to(torch.float32)),
+                rw.add_param(f"{base}.w_zero", qw.zero if qw.zero.is_floating_point() else qw.zero.to(torch.int8)))
 
-    wp = lin.inputs[1].producer
-    key = (wp.attrs["name"], qw.bits, qw.group_size, qw.symmetric) if wp is not None and wp.op == "param" else None
+    wname = param_name(lin.operand("weight"))
+    key = (wname, qw.bits, qw.group_size, qw.symmetric) if wname is not None else None
     names = once.get(key, register) if once is not None and key is not None else register()
-    ops = [module.param(nm, scope=lin.scope, block=lin.block, before=lin) for nm in names]
-    if bias is not None:
-        ops.append(new_param(module, f"{base}.qbias", bias.to(torch.float32), node=lin))
     a_q = a_bits is not None and a_bits != 16
-    if a_q and not dynamic:
-        assert act_scale is not None and act_zero is not None
-        ops.append(new_param(module, f"{base}.act_scale", act_scale.to(torch.float32), node=lin))
-        ops.append(new_param(module, f"{base}.act_zero", act_zero.to(torch.int32), node=lin))
-    attrs = {"w_bits": qw.bits, "group_size": qw.group_size, "w_symmetric": qw.symmetric,
-             "a_bits": a_bits if a_q else None, "act_clusters": tuple(int(c) for c in clusters) if a_q else (),
-             "has_bias": bias is not None, "act_dynamic": bool(dynamic and a_q)}
-    old_ins = [v.producer for v in lin.inputs[1:] if v.producer is not None]
-    q = module.create_node("quant_linear", [lin.inputs[0], *ops], attrs, scope=lin.scope, block=lin.block,
-                           before=lin, names=[lin.output.name + "_q"])
-    module.replace_all_uses_with(lin.output, q.output)
-    module.erase(lin)
-    drop_dead_params(module, old_ins)
+    with rw.at(lin):
+        ops: dict[str, Value | None] = {
+            "x": lin.operand("x"),
+            "qweight": rw.read_param(names[0]),
+            "w_scale": rw.read_param(names[1]),
+            "w_zero": rw.read_param(names[2]),
+            "bias": rw.new_param(f"{base}.qbias", bias.to(torch.float32)) if bias is not None else None,
+        }
+        if a_q and not dynamic:
+            assert act_scale is not None and act_zero is not None
+            ops["act_scale"] = rw.new_param(f"{base}.act_scale", act_scale.to(torch.float32))
+            ops["act_zero"] = rw.new_param(f"{base}.act_zero", act_zero.to(torch.int32))
+        attrs = {"w_bits": qw.bits, "group_size": qw.group_size, "w_symmetric": qw.symmetric,
+                 "a_bits": a_bits if a_q else None, "act_clusters": tuple(int(c) for c in clusters) if a_q else (),
+                 "has_bias": bias is not None, "act_dynamic": bool(dynamic and a_q)}
+        q = rw.create("quant_linear", ops, attrs, names=[lin.output.name + "_q"])
+    rw.replace(lin, q.output)
     return q
 
 
-def kv_operands(module: Module) -> list[tuple[Node, int]]:
-    """(attention node, operand index) of every ``k`` and ``v`` operand."""
-    return [(n, i) for n in module.nodes if n.op in ATTN_OPS for i in (1, 2)]
+def kv_operands(module: Module) -> list[tuple[Node, str]]:
+    """(attention node, operand name) of every ``k`` and ``v`` operand."""
+    return [(n, name) for n in module.nodes if n.op in ATTN_OPS for name in ("k", "v")]
 
 
 def kv_stats(module: Module, ctx: PassContext) -> CalibrationResult:
     """Per-head-dim-channel statistics of attention k/v operands."""
-    return ctx.get(CalibrationStats(input_ops=ATTN_OPS, operands=(1, 2)), module)
+    return ctx.get(CalibrationStats(input_ops=ATTN_OPS, operands=("k", "v")), module)
 
 
-def insert_kv_quant(module: Module, ctx: PassContext, stats: dict[str, ChannelStats], bits: int,
+def insert_kv_quant(rw: Rewriter, stats: dict[str, ChannelStats], bits: int,
                     per_tensor: frozenset[int] = frozenset()) -> int:
-    """Fake-quantize every attention k/v operand (``quantize`` -> ``dequantize``) to ``bits``.
+    """Fake-quantize every selected attention k/v operand (``quantize`` -> ``dequantize``) to ``bits``.
 
     Asymmetric unsigned, one (scale, zero) per head-dim channel (shared across heads and
     tokens), or per tensor for operands whose ``id(value)`` is in ``per_tensor`` (values
-    whose channel order differs per head after a reorder).  Returns the count inserted.
+    whose channel order differs per head after a reorder).  A value read by several
+    attentions is quantized once.  Returns the count inserted.
     """
     count = 0
     done: dict[int, Value] = {}
-    for node, i in kv_operands(module):
-        v = node.inputs[i]
+    for node, name in kv_operands(rw.module):
+        v = node.operand(name)
+        assert v is not None
         if id(v) in done:
-            node.set_input(i, done[id(v)])
+            rw.set_operand(node, name, done[id(v)])
             continue
-        if v.name not in stats or not ctx.selected(node):
+        if v.name not in stats or not rw.selected(node):
             continue
         s = stats[v.name]
         assert s.min is not None and s.max is not None
@@ -228,14 +205,15 @@ def insert_kv_quant(module: Module, ctx: PassContext, stats: dict[str, ChannelSt
         scale, zero = Q.act_qparams(lo, hi, bits)
         if axis is None:
             scale, zero = scale.reshape(1), zero.reshape(1)
-        sp = new_param(module, f"{node.scope or 'attn'}.kv{i}_scale", scale, node=node)
-        zp = new_param(module, f"{node.scope or 'attn'}.kv{i}_zero", zero.to(torch.int32), node=node)
-        qa = {"bits": bits, "signed": False, "dtype": "u8" if bits <= 8 else "i32", "axis": axis, "group_size": -1}
-        q = module.create_node("quantize", [v, sp, zp], qa, scope=node.scope, block=node.block, before=node)
-        d = module.create_node("dequantize", [q.output, sp, zp],
-                               {"dtype": v.type.dtype, "axis": axis, "group_size": -1},
-                               scope=node.scope, block=node.block, before=node)
-        node.set_input(i, d.output)
+        with rw.at(node):
+            sp = rw.new_param(f"{node.scope or 'attn'}.{name}_scale", scale)
+            zp = rw.new_param(f"{node.scope or 'attn'}.{name}_zero", zero.to(torch.int32))
+            qa = {"bits": bits, "signed": False, "dtype": "u8" if bits <= 8 else "i32", "axis": axis,
+                  "group_size": -1}
+            q = rw.create("quantize", {"x": v, "scale": sp, "zero": zp}, qa)
+            d = rw.create("dequantize", {"q": q.output, "scale": sp, "zero": zp},
+                          {"dtype": v.type.dtype, "axis": axis, "group_size": -1})
+        rw.set_operand(node, name, d.output)
         done[id(v)] = d.output
         count += 1
     return count
@@ -302,6 +280,7 @@ class QuantizePass(Pass):
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: QuantizeOptions = self.options  # type: ignore[assignment]
+        rw = ctx.rewriter(module)
         lins = selected_linears(module, ctx, o.blocks_only, o.lm_head)
         a_q = o.a_bits != 16
         calib = ctx.get(CalibrationStats(), module) if (a_q and lins and o.a_mode == "static") else None
@@ -310,10 +289,11 @@ class QuantizePass(Pass):
         qws: OncePerKey[Q.QuantizedWeight] = OncePerKey()
         once: OncePerKey[tuple[str, str, str]] = OncePerKey()  # a tied weight is quantized and stored once
         for lin in lins:
-            w = param_tensor(lin.inputs[1])
-            b = param_tensor(lin.inputs[2]) if len(lin.inputs) > 2 else None
+            w = param_tensor(lin.operand("weight"))
+            bias = lin.operand("bias")
+            b = param_tensor(bias) if bias is not None else None
             assert w is not None
-            name = _weight_name(lin)
+            name = param_name(lin.operand("weight"))
 
             def rtn(w: torch.Tensor = w) -> Q.QuantizedWeight:
                 return quantize_weight_rtn(w, o.w_bits, o.w_granularity, o.group_size, o.sym, o.w_zero == "float")
@@ -330,13 +310,14 @@ class QuantizePass(Pass):
                 k = st.channels
                 clusters = tuple(range(1, k + 1)) if o.a_granularity == "channel" else ()
                 scale, zero = segment_qparams(st.min, st.max, clusters, o.a_bits)
-            build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters, once=once,
+            build_quant_linear(rw, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters, once=once,
                                dynamic=o.a_mode == "dynamic")
-        n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits) if kv is not None else 0
+        n_kv = insert_kv_quant(rw, kv_st, o.kv_bits) if kv is not None else 0
+        rw.cleanup()
         if once.hits:
-            ctx.note(f"quantize: {len(once)} weight(s) read by several linears (tied) quantized once each")
-        ctx.note(f"quantize: {len(lins)} linears -> quant_linear W{o.w_bits}A{o.a_bits} "
-                 f"(weights per {o.w_granularity}, activations per {o.a_granularity})"
-                 + (f"; {n_kv} k/v operands fake-quantized to {o.kv_bits} bits" if n_kv else ""))
+            rw.note(f"quantize: {len(once)} weight(s) read by several linears (tied) quantized once each")
+        rw.note(f"quantize: {len(lins)} linears -> quant_linear W{o.w_bits}A{o.a_bits} "
+                f"(weights per {o.w_granularity}, activations per {o.a_granularity})"
+                + (f"; {n_kv} k/v operands fake-quantized to {o.kv_bits} bits" if n_kv else ""))
         ctx.metrics.update({"quantized_linears": len(lins), "kv_quantized": n_kv})
         return module

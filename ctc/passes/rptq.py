@@ -58,19 +58,17 @@ import networkx as nx
 import torch
 
 from ctc.ir import quant as Q
-from ctc.ir.graph import Module, Node, Value
+from ctc.ir.graph import Module, Node, Value, param_name, param_tensor
 from ctc.ir.interpreter import interpret
 from ctc.ir.nxview import to_digraph
+from ctc.ir.rewrite import Rewriter
 from ctc.passes.analyses.calibration import CalibrationStats, ChannelStats
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
 from ctc.passes.quantize import (
     build_quant_linear,
-    drop_dead_params,
     insert_kv_quant,
     kv_operands,
     kv_stats,
-    new_param,
-    param_tensor,
     segment_qparams,
     selected_linears,
 )
@@ -225,8 +223,10 @@ def _static_last(v: Value) -> int | None:
 
 
 def _is_param_linear(n: Node) -> bool:
-    return (n.op == "linear" and param_tensor(n.inputs[1]) is not None
-            and (len(n.inputs) < 3 or param_tensor(n.inputs[2]) is not None))
+    if n.op != "linear" or param_tensor(n.operand("weight")) is None:
+        return False
+    bias = n.operand("bias")
+    return bias is None or param_tensor(bias) is not None
 
 
 def _producer_region(x: Value, absorbers: list[Node]) -> tuple[list[Node], list[Node]] | None:
@@ -248,12 +248,11 @@ def _producer_region(x: Value, absorbers: list[Node]) -> tuple[list[Node], list[
         region[id(p)] = p
         if _is_param_linear(p):
             sources.append(p)
-        elif p.op in UNARY_CHANNELWISE or (p.op in BINARY_CHANNELWISE and len(p.inputs) == 1):
-            work.append(p.inputs[0])
-        elif p.op in BINARY_CHANNELWISE and len(p.inputs) == 2:
-            if any(tuple(a.type.shape) != tuple(x.type.shape) for a in p.inputs):
+        elif p.op in UNARY_CHANNELWISE or p.op in BINARY_CHANNELWISE:
+            tensors = list(p.inputs)  # every tensor operand (a scalar-attribute operand is not one)
+            if len(tensors) > 1 and any(tuple(a.type.shape) != tuple(x.type.shape) for a in tensors):
                 return None  # broadcasting operand (a bias vector, a scalar tensor): not channel-wise here
-            work.extend(p.inputs)
+            work.extend(tensors)
         else:
             return None
     absorb = {id(a) for a in absorbers}
@@ -274,20 +273,20 @@ def _attention_chain(x: Value, absorbers: list[Node]) -> tuple[Node, Node, list[
     v = x
     while v.producer is not None and v.producer.op in SHAPE_OPS:
         region.append(v.producer)
-        v = v.producer.inputs[0]
+        v = v.producer.operand("x")
     attn = v.producer
     if attn is None or attn.op not in ATTN_OPS or v.type.rank != 4:
         return None
     region.append(attn)
-    q_t, v_t = attn.inputs[0].type, attn.inputs[2].type
+    q_t, v_t = attn.operand("q").type, attn.operand("v").type
     heads, dim = q_t.shape[-3], v_t.shape[-1]
     if not isinstance(heads, int) or not isinstance(dim, int) or heads * dim != _static_last(x):
         return None
-    u = attn.inputs[2]
+    u = attn.operand("v")
     chain: list[Node] = []
     while u.producer is not None and u.producer.op in REPEAT_OPS:
         chain.append(u.producer)
-        u = u.producer.inputs[0]
+        u = u.producer.operand("x")
     vproj = u.producer
     if vproj is None or not _is_param_linear(vproj):
         return None
@@ -310,7 +309,7 @@ def _attention_chain(x: Value, absorbers: list[Node]) -> tuple[Node, Node, list[
             for user in o.users:
                 if id(user) not in ids and not (o is x and id(user) in absorb):
                     return None
-                if user is attn and [i for i, w in enumerate(attn.inputs) if w is o] != [2]:
+                if user is attn and [k for k, w in attn.named_operands().items() if w is o] != ["v"]:
                     return None  # the permuted value also feeds q or k
     for o in attn.outputs:
         for user in o.users:
@@ -321,12 +320,9 @@ def _attention_chain(x: Value, absorbers: list[Node]) -> tuple[Node, Node, list[
 
 def _absorbers(x: Value) -> list[Node]:
     """The linears reading ``x`` as their activation with a parameter weight (they absorb its reorder)."""
-    return [u for u in x.users if u.op == "linear" and u.inputs[0] is x
-            and param_tensor(u.inputs[1]) is not None and all(w is not x for w in u.inputs[1:])]
-
-
-def _param_name(v: Value) -> str | None:
-    return str(v.producer.attrs["name"]) if v.producer is not None and v.producer.op == "param" else None
+    return [u for u in x.users if u.op == "linear" and u.operand("x") is x
+            and param_tensor(u.operand("weight")) is not None
+            and all(w is not x for k, w in u.named_operands().items() if k != "x")]
 
 
 def _tied_ranges(xs: dict[int, Value], stats: dict[str, ChannelStats]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -338,13 +334,13 @@ def _tied_ranges(xs: dict[int, Value], stats: dict[str, ChannelStats]) -> dict[i
         # A weight whose input columns x's reorder permutes (an absorber), or whose output rows do (the
         # producer linears, the v projection): the same side of one weight must get the same order.
         absorbers = _absorbers(x)
-        names = [f"columns of {_param_name(a.inputs[1])}" for a in absorbers]
+        names = [f"columns of {param_name(a.operand('weight'))}" for a in absorbers]
         attn = _attention_chain(x, absorbers)
         if attn is not None:
-            names.append(f"rows of {_param_name(attn[1].inputs[1])}")
+            names.append(f"rows of {param_name(attn[1].operand('weight'))}")
         prod = _producer_region(x, absorbers)
         if prod is not None:
-            names += [f"rows of {_param_name(s.inputs[1])}" for s in prod[0]]
+            names += [f"rows of {param_name(s.operand('weight'))}" for s in prod[0]]
         touched[key] = [n for n in names if not n.endswith(" of None")]
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for group in linked_groups(touched):
@@ -371,7 +367,7 @@ def _weight_hessians(plans: Sequence[FoldPlan], lins: Sequence[Node], stats: dic
             raise PassError(f"rptq: no X^T X for %{pl.x.name} (GPTQ needs the calibration Hessians)")
         xtx = st.xtx[pl.perm][:, pl.perm]
         for lin in pl.absorbers:
-            name = _param_name(lin.inputs[1]) if id(lin) in chosen else None
+            name = param_name(lin.operand("weight")) if id(lin) in chosen else None
             if name is None:
                 continue
             s, n = acc.get(name, (torch.zeros_like(xtx), 0))
@@ -460,8 +456,9 @@ class RptqPass(Pass):
         by_x: dict[int, list[Node]] = {}
         xs: dict[int, Value] = {}
         for lin in lins:
-            by_x.setdefault(id(lin.inputs[0]), []).append(lin)
-            xs[id(lin.inputs[0])] = lin.inputs[0]
+            x = lin.operand("x")
+            by_x.setdefault(id(x), []).append(lin)
+            xs[id(x)] = x
         plans = []
         ranges = _tied_ranges(xs, stats)
         for key in by_x:
@@ -484,7 +481,7 @@ class RptqPass(Pass):
                 head_bounds = runs(plab)
                 if len(head_bounds) <= o.max_segments:
                     plans.append(FoldPlan(x, perm, head_bounds, "attention", absorbers, {id(vproj): (vproj, row)},
-                                          region, per_head_v=a_node.inputs[2]))
+                                          region, per_head_v=a_node.operand("v")))
                     continue
                 ctx.note(f"rptq: %{x.name}: the head-wise fold would give {len(head_bounds)} activation segments "
                          f"(> max_segments={o.max_segments}); reordered by an explicit gather instead")
@@ -499,7 +496,8 @@ class RptqPass(Pass):
                 continue
             p = x.producer
             if (p is not None and p.op in NORM_OPS and len(absorbers) == len(x.users)
-                    and not module.is_output(x) and all(param_tensor(w) is not None for w in p.inputs[1:])
+                    and not module.is_output(x)
+                    and all(param_tensor(w) is not None for k, w in p.named_operands().items() if k != "x")
                     and (p.op == "rms_norm" or p.attrs.get("normalized_ndim", 1) == 1)):
                 plans.append(FoldPlan(x, perm, bounds, "norm", absorbers, region=[p]))
                 continue
@@ -511,8 +509,9 @@ class RptqPass(Pass):
         return plans
 
     # ----------------------------------------------------------------- folding
-    def _fold(self, module: Module, ctx: PassContext, plans: list[FoldPlan]) -> list[Value]:
-        """Apply the reorders as IR rewrites; returns the values whose channel order changed."""
+    def _fold(self, rw: Rewriter, plans: list[FoldPlan]) -> list[Value]:
+        """Apply the reorders as IR rewrites through ``rw``; returns the values whose channel order changed."""
+        module = rw.module
         row: dict[int, tuple[Node, torch.Tensor]] = {}
         col: dict[int, tuple[Node, torch.Tensor]] = {}
         permuted: list[Value] = []
@@ -539,54 +538,53 @@ class RptqPass(Pass):
             def register() -> str:
                 u = t if r is None else t[r]
                 u = u if c is None else u[:, c]
-                return module.add_param(module.fresh_param_name(f"{n.scope or 'linear'}.{what}_rptq"), u.contiguous())
+                return rw.add_param(f"{n.scope or 'linear'}.{what}_rptq", u.contiguous())
 
             name = once.get((v.producer.attrs["name"], perm_key(r), perm_key(c)), register)
-            return module.param(name, scope=n.scope, block=n.block, before=n)
+            return rw.read_param(name, before=n)
 
         for key in set(row) | set(col):
             n = (row.get(key) or col[key])[0]
             r = row[key][1] if key in row else None
             c = col[key][1] if key in col else None
-            old = [n.inputs[1].producer]
-            n.set_input(1, reordered(n.inputs[1], "weight", n, r, c))
-            if len(n.inputs) > 2 and r is not None:
-                old.append(n.inputs[2].producer)
-                n.set_input(2, reordered(n.inputs[2], "bias", n, r, None))
-            drop_dead_params(module, [p for p in old if p is not None])
+            rw.set_operand(n, "weight", reordered(n.operand("weight"), "weight", n, r, c))
+            bias = n.operand("bias")
+            if bias is not None and r is not None:
+                rw.set_operand(n, "bias", reordered(bias, "bias", n, r, None))
         for pl in plans:
             if pl.route == "norm":
                 norm = pl.x.producer
                 assert norm is not None
-                old = [v.producer for v in norm.inputs[1:] if v.producer is not None]
-                for i in range(1, len(norm.inputs)):
-                    t = param_tensor(norm.inputs[i])
-                    assert t is not None
-                    norm.set_input(i, new_param(module, f"{norm.scope or 'norm'}.p{i}_rptq",
-                                                t[pl.perm].contiguous(), node=norm))
-                drop_dead_params(module, old)
-                pv = new_param(module, f"{norm.scope or 'norm'}.rptq_perm", pl.perm.to(torch.int64), node=norm)
-                g = module.create_node("channel_permute", [norm.inputs[0], pv], {"axis": -1}, scope=norm.scope,
-                                       block=norm.block, before=norm)
-                norm.set_input(0, g.output)
+                with rw.at(norm):
+                    for k, v in list(norm.named_operands().items()):
+                        if k == "x":
+                            continue
+                        t = param_tensor(v)  # type: ignore[arg-type]
+                        assert t is not None
+                        permuted_t = t[pl.perm].contiguous()
+                        rw.set_operand(norm, k, rw.new_param(f"{norm.scope or 'norm'}.{k}_rptq", permuted_t))
+                    pv = rw.new_param(f"{norm.scope or 'norm'}.rptq_perm", pl.perm.to(torch.int64))
+                    g = rw.create("channel_permute", {"x": norm.operand("x"), "perm": pv}, {"axis": -1})
+                rw.set_operand(norm, "x", g.output)
                 permuted.append(pl.x)
                 checks.append(([pl.x], list(pl.absorbers)))
-                ctx.note(f"rptq: %{pl.x.name} reorder folded into {norm.op} {norm.scope} (weight/bias permuted, "
-                         "input gather fused into the norm's load)")
+                rw.note(f"rptq: %{pl.x.name} reorder folded into {norm.op} {norm.scope} (weight/bias permuted, "
+                        "input gather fused into the norm's load)")
             elif pl.route == "explicit":
                 first = min(pl.absorbers, key=module.index_of)
-                pv = new_param(module, f"{first.scope or 'x'}.rptq_perm", pl.perm.to(torch.int64), node=first)
-                g = module.create_node("channel_permute", [pl.x, pv], {"axis": -1}, scope=first.scope,
-                                       block=first.block, before=first)
+                with rw.at(first):
+                    pv = rw.new_param(f"{first.scope or 'x'}.rptq_perm", pl.perm.to(torch.int64))
+                    g = rw.create("channel_permute", {"x": pl.x, "perm": pv}, {"axis": -1})
                 for a in pl.absorbers:
-                    a.set_input(0, g.output)
+                    rw.set_operand(a, "x", g.output)
                 permuted.append(g.output)
                 checks.append(([g.output], list(pl.absorbers)))
-                ctx.note(f"rptq: explicit channel_permute before {', '.join(a.scope for a in pl.absorbers)} "
-                         f"({pl.reason})")
+                rw.note(f"rptq: explicit channel_permute before {', '.join(a.scope for a in pl.absorbers)} "
+                        f"({pl.reason})")
             else:
                 srcs = ", ".join(n.scope for n, _ in pl.row_perms.values())
-                ctx.note(f"rptq: %{pl.x.name} reorder folded into output rows of {srcs} ({pl.route})")
+                rw.note(f"rptq: %{pl.x.name} reorder folded into output rows of {srcs} ({pl.route})")
+        rw.finish()  # clean up and verify: the fold must leave a valid graph before it is checked
         for vals, handled in checks:
             check_fold_complete(module, vals, handled)
         return permuted
@@ -605,8 +603,9 @@ class RptqPass(Pass):
         reference = None
         if o.check_fold and ctx.calibration:
             reference = (ctx.calibration[0], interpret(module, ctx.calibration[0]))
+        rw = ctx.rewriter(module)
         plans = self._plan(module, ctx, lins, stats)
-        self._fold(module, ctx, plans)
+        self._fold(rw, plans)
         if reference is not None:
             got = interpret(module, reference[0])
             for a, b in zip(got, reference[1], strict=True):
@@ -639,10 +638,11 @@ class RptqPass(Pass):
             for lin in pl.absorbers:
                 if lin not in lins:
                     continue
-                w = param_tensor(lin.inputs[1])
-                b = param_tensor(lin.inputs[2]) if len(lin.inputs) > 2 else None
-                assert w is not None and lin.inputs[1].producer is not None
-                name = lin.inputs[1].producer.attrs["name"]
+                w = param_tensor(lin.operand("weight"))
+                bias = lin.operand("bias")
+                b = param_tensor(bias) if bias is not None else None
+                name = param_name(lin.operand("weight"))
+                assert w is not None and name is not None
 
                 def quantized(w: torch.Tensor = w, name: str = name) -> Q.QuantizedWeight:
                     if o.gptq:  # the Hessian of every activation the (maybe tied) weight reads, in its order
@@ -651,13 +651,14 @@ class RptqPass(Pass):
 
                 qw = qws.get(name, quantized)
                 bounds = pl.bounds if len(pl.bounds) > 1 else []
-                build_quant_linear(module, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, bounds, once=once,
+                build_quant_linear(rw, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, bounds, once=once,
                                    dynamic=dyn)
             ctx.report_progress("rptq", done + 1, len(plans))
-        n_kv = insert_kv_quant(module, ctx, kv_st, o.kv_bits, frozenset(per_tensor_v)) if kv is not None else 0
+        n_kv = insert_kv_quant(rw, kv_st, o.kv_bits, frozenset(per_tensor_v)) if kv is not None else 0
+        rw.cleanup()
         if once.hits:
-            ctx.note(f"rptq: {len(once)} weight(s) read by several linears (tied blocks) reordered, quantized and "
-                     "stored once each")
+            rw.note(f"rptq: {len(once)} weight(s) read by several linears (tied blocks) reordered, quantized and "
+                    "stored once each")
         segs = [len(pl.bounds) for pl in plans]
         ctx.note(f"rptq: W{o.w_bits}A{o.a_bits} clusters={o.clusters} {'GPTQ' if o.gptq else 'RTN'}; "
                  f"{sum(len(p.absorbers) for p in plans)} linears; routes {routes}; activation segments "

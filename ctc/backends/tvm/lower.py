@@ -265,27 +265,80 @@ class Ctx:
         return self.dims.shape(t)
 
 
-class _Operands(Sequence[Any]):
-    """A rule's operands, materialised on first access: a rule that reads a parameter in another
-    layout (``ctx.param(name, key, fn)``) never binds the raw array too."""
+class Operands:
+    """A rule's operands by their declared names, lowered on first access.
 
-    def __init__(self, ctx: Ctx, values: list[Value]):
+    ``a["x"]`` is the lowered operand (an error when absent), ``a.get("bias")`` the same or
+    None, ``a.all("xs")`` every value of a variadic operand; ``a.value(name)`` and
+    ``a.type(name)`` give the ctc value and type.  Lowering on first access means a rule
+    that reads a parameter in another layout (``ctx.param(name, key, fn)``) never binds the
+    raw array too.
+    """
+
+    def __init__(self, ctx: Ctx, node: Node):
         self._ctx = ctx
-        self._values = values
+        self._node = node
+        self._slots = node.slots()
         self._cache: dict[int, Any] = {}
 
-    def __len__(self) -> int:
-        return len(self._values)
+    def _slot(self, name: str) -> Any:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise LoweringError(f"{self._node.op} has no operand {name!r} (operands: "
+                                f"{', '.join(self._node.opdef.inputs)})") from None
 
-    def _get(self, i: int) -> Any:
+    def _lowered(self, i: int) -> Any:
         if i not in self._cache:
-            self._cache[i] = self._ctx.val(self._values[i])
+            self._cache[i] = self._ctx.val(self._node.inputs[i])
         return self._cache[i]
 
-    def __getitem__(self, i: Any) -> Any:  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self._get(j) for j in range(*i.indices(len(self)))]
-        return self._get(range(len(self))[i])
+    def __contains__(self, name: object) -> bool:
+        """Whether operand ``name`` is present as a tensor (``"bias" in a``)."""
+        return isinstance(name, str) and self.value(name) is not None
+
+    def value(self, name: str) -> Value | None:
+        """The ctc value of operand ``name`` (None when absent or a scalar attribute)."""
+        s = self._slot(name)
+        return self._node.inputs[s] if isinstance(s, int) else None
+
+    def type(self, name: str) -> TensorType:
+        v = self.value(name)
+        if v is None:
+            raise LoweringError(f"{self._node.op} at {self._node.scope or '<root>'}: operand {name!r} is absent")
+        return v.type
+
+    def get(self, name: str) -> Any | None:
+        """The lowered operand ``name``, or None when it is absent (or given by a scalar attribute)."""
+        s = self._slot(name)
+        return self._lowered(s) if isinstance(s, int) else None
+
+    def __len__(self) -> int:
+        return len(self._node.inputs)
+
+    def __getitem__(self, name: str | int | slice) -> Any:
+        if isinstance(name, slice):  # positional: rules of ops without named operands only
+            return [self._lowered(i) for i in range(*name.indices(len(self)))]
+        if isinstance(name, int):
+            return self._lowered(range(len(self))[name])
+        x = self.get(name)
+        if x is None:
+            raise LoweringError(f"{self._node.op} at {self._node.scope or '<root>'}: operand {name!r} is absent")
+        return x
+
+    def all(self, name: str) -> list[Any]:
+        """Every lowered value of a variadic operand (``concat``'s ``xs``)."""
+        s = self._slot(name)
+        if isinstance(s, slice):
+            return [self._lowered(i) for i in range(s.start, s.stop)]
+        return [self._lowered(s)] if isinstance(s, int) else []
+
+
+def _operand_type(node: Node, name: str) -> TensorType:
+    v = node.operand(name)
+    if v is None:
+        raise LoweringError(f"{node.op} at {node.scope or '<root>'}: operand {name!r} is absent")
+    return v.type
 
 
 def _dt(t: TensorType | str) -> str:
@@ -297,7 +350,7 @@ def _axis(a: int, rank: int) -> int:
 
 
 # ----------------------------------------------------------------------------- rules
-Rule = Callable[[Ctx, Node, list[Any]], Any]
+Rule = Callable[[Ctx, Node, Operands], Any]
 RULES: dict[str, Rule] = {}
 
 
@@ -317,14 +370,14 @@ def supported_ops() -> list[str]:
 
 # --- elementwise unary -------------------------------------------------------
 def _fast_ok(ctx: Ctx, node: Node) -> bool:
-    return ctx.fast_math and node.inputs[0].type.dtype == "f32"
+    return ctx.fast_math and node.operand("x").type.dtype == "f32"
 
 
 @rule("neg", "abs", "log", "sqrt", "rsqrt", "sin", "cos", "relu", "reciprocal", "logical_not")
-def _simple_unary(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _simple_unary(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    x = a[0]
-    dt = node.inputs[0].type.dtype
+    x = a["x"]
+    dt = a.type("x").dtype
     f = {"neg": op.negative, "abs": op.abs, "log": op.log, "sqrt": op.sqrt, "rsqrt": op.rsqrt, "sin": op.sin,
          "cos": op.cos, "relu": op.nn.relu}.get(node.op)
     if f is not None:
@@ -338,11 +391,11 @@ def _simple_unary(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("exp", "erf", "tanh", "sigmoid", "silu", "gelu")
-def _transcendental(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _transcendental(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import topi
 
     op = ctx.relax.op
-    x = a[0]
+    x = a["x"]
     if not _fast_ok(ctx, node):
         if node.op == "gelu":
             return op.nn.gelu_tanh(x) if node.attrs["approximate"] == "tanh" else op.nn.gelu(x)
@@ -378,12 +431,12 @@ def _transcendental(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("cast")
-def _cast(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _cast(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    src, dst = node.inputs[0].type.dtype, node.attrs["dtype"]
+    src, dst = a.type("x").dtype, node.attrs["dtype"]
     if dst == "bool" and src != "bool":
-        return op.not_equal(a[0], ctx.const(0, src))
-    return op.astype(a[0], _dt(dst))
+        return op.not_equal(a["x"], ctx.const(0, src))
+    return op.astype(a["x"], _dt(dst))
 
 
 # --- elementwise binary ------------------------------------------------------
@@ -402,59 +455,59 @@ def _scalar_value(dtype: str, s: float) -> float | int | bool:
 
 
 @rule(*_BIN)
-def _binary(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _binary(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
     name = node.op
-    dt = node.inputs[0].type.dtype
-    x = a[0]
-    s = node.attrs["scalar"]
-    if s is not None:
-        if name == "pow" and not node.attrs["reverse"] and s in (1.0, 2.0, 3.0, 0.5, -1.0):
-            if s == 1.0:
-                return x
-            if s == 0.5:
-                return op.sqrt(x)
-            if s == -1.0:
-                return op.divide(ctx.const(1.0, dt), x)
-            sq = ctx.emit(op.multiply(x, x))
-            return sq if s == 2.0 else op.multiply(sq, x)
-        y = ctx.const(_scalar_value(dt, s), dt)
-        lhs, rhs = (y, x) if node.attrs["reverse"] else (x, y)
-    else:
-        lhs, rhs = x, a[1]
-    if name in ("logical_and", "logical_or"):
-        ins = [node.inputs[0].type.dtype, node.inputs[1].type.dtype if s is None else dt]
-        lhs = lhs if ins[0] == "bool" else ctx.emit(op.not_equal(lhs, ctx.const(0, ins[0])))
-        if s is None:
-            rhs = rhs if ins[1] == "bool" else ctx.emit(op.not_equal(rhs, ctx.const(0, ins[1])))
+    tensor = a.value("a") or a.value("b")  # the tensor side (the other may be the scalar attribute)
+    assert tensor is not None
+    dt = tensor.type.dtype
+    s = node.scalar("b")
+    if name == "pow" and s in (1.0, 2.0, 3.0, 0.5, -1.0):
+        x = a["a"]
+        if s == 1.0:
+            return x
+        if s == 0.5:
+            return op.sqrt(x)
+        if s == -1.0:
+            return op.divide(ctx.const(1.0, dt), x)
+        sq = ctx.emit(op.multiply(x, x))
+        return sq if s == 2.0 else op.multiply(sq, x)
+    sides = []
+    for k in ("a", "b"):
+        v = a.value(k)
+        sc = node.scalar(k)
+        if name in ("logical_and", "logical_or"):  # non-zero is true
+            if v is None:
+                sides.append(ctx.const(bool(sc), "bool"))
+            elif v.type.dtype == "bool":
+                sides.append(a[k])
+            else:
+                sides.append(ctx.emit(op.not_equal(a[k], ctx.const(0, v.type.dtype))))
         else:
-            rhs = ctx.const(bool(s), "bool")
-    return getattr(op, _BIN[name])(lhs, rhs)
+            sides.append(a[k] if v is not None else ctx.const(_scalar_value(dt, sc), dt))  # type: ignore[arg-type]
+    return getattr(op, _BIN[name])(*sides)
 
 
 @rule("where")
-def _where(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    cond, *vals = a
-    sa, sb = node.attrs["a_scalar"], node.attrs["b_scalar"]
+def _where(ctx: Ctx, node: Node, a: Operands) -> Any:
     dt = node.outputs[0].type.dtype
-    it = iter(vals)
-    x = next(it) if sa is None else ctx.const(_scalar_value(dt, sa), dt)
-    y = next(it) if sb is None else ctx.const(_scalar_value(dt, sb), dt)
-    return ctx.relax.op.where(cond, x, y)
+    x, y = (a[k] if a.value(k) is not None else ctx.const(_scalar_value(dt, node.scalar(k)), dt)  # type: ignore[arg-type]
+            for k in ("a", "b"))
+    return ctx.relax.op.where(a["cond"], x, y)
 
 
 @rule("masked_fill")
-def _masked_fill(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    dt = node.inputs[0].type.dtype
-    return ctx.relax.op.where(a[1], ctx.const(_scalar_value(dt, node.attrs["value"]), dt), a[0])
+def _masked_fill(ctx: Ctx, node: Node, a: Operands) -> Any:
+    dt = a.type("x").dtype
+    return ctx.relax.op.where(a["mask"], ctx.const(_scalar_value(dt, node.attrs["value"]), dt), a["x"])
 
 
 # --- reductions --------------------------------------------------------------
 @rule("sum", "mean", "amax", "amin", "argmax")
-def _reduce(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _reduce(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    x = a[0]
-    t = node.inputs[0].type
+    x = a["x"]
+    t = a.type("x")
     axes = [_axis(i, t.rank) for i in node.attrs["axes"]]
     keep = node.attrs["keepdim"]
     if node.op == "argmax":
@@ -513,28 +566,28 @@ def _softmax_rows(ctx: Ctx, x: Any, shape: list[Any], dtype: str, log: bool, fas
 
 
 @rule("softmax", "log_softmax")
-def _softmax(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    t = node.inputs[0].type
+def _softmax(ctx: Ctx, node: Node, a: Operands) -> Any:
+    t = a.type("x")
     ax = _axis(node.attrs["axis"], t.rank)
     log, fast = node.op == "log_softmax", _fast_ok(ctx, node)
     if ax == t.rank - 1:
-        return _softmax_rows(ctx, a[0], list(t.shape), t.dtype, log, fast)
-    return ctx.te(_softmax_te(log, fast), a[0], ax, name=node.op)
+        return _softmax_rows(ctx, a["x"], list(t.shape), t.dtype, log, fast)
+    return ctx.te(_softmax_te(log, fast), a["x"], ax, name=node.op)
 
 
 @rule("cumsum")
-def _cumsum(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _cumsum(ctx: Ctx, node: Node, a: Operands) -> Any:
     dt = node.outputs[0].type.dtype
-    x = a[0]
-    if node.inputs[0].type.dtype != dt:
+    x = a["x"]
+    if a.type("x").dtype != dt:
         x = ctx.emit(ctx.relax.op.astype(x, _dt(dt)))
     return ctx.relax.op.cumsum(x, axis=node.attrs["axis"], dtype=_dt(dt))
 
 
 # --- shape ---------------------------------------------------------------------
 @rule("reshape")
-def _reshape(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.reshape(a[0], ctx.dims.shape(node.outputs[0].type))
+def _reshape(ctx: Ctx, node: Node, a: Operands) -> Any:
+    return ctx.relax.op.reshape(a["x"], ctx.dims.shape(node.outputs[0].type))
 
 
 def _is_view_permutation(ctx: Ctx, shape: Sequence[int | str], perm: Sequence[int]) -> bool:
@@ -546,107 +599,108 @@ def _is_view_permutation(ctx: Ctx, shape: Sequence[int | str], perm: Sequence[in
 
 
 def _permute_or_view(ctx: Ctx, node: Node, x: Any, perm: list[int]) -> Any:
-    if _is_view_permutation(ctx, node.inputs[0].type.shape, perm):
+    if _is_view_permutation(ctx, _operand_type(node, "x").shape, perm):
         return ctx.relax.op.reshape(x, ctx.dims.shape(node.outputs[0].type))
     return ctx.relax.op.permute_dims(x, perm)
 
 
 @rule("permute")
-def _permute(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return _permute_or_view(ctx, node, a[0], list(node.attrs["perm"]))
+def _permute(ctx: Ctx, node: Node, a: Operands) -> Any:
+    return _permute_or_view(ctx, node, a["x"], list(node.attrs["perm"]))
 
 
 @rule("transpose")
-def _transpose(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    r = node.inputs[0].type.rank
+def _transpose(ctx: Ctx, node: Node, a: Operands) -> Any:
+    r = a.type("x").rank
     perm = list(range(r))
     i, j = _axis(node.attrs["dim0"], r), _axis(node.attrs["dim1"], r)
     perm[i], perm[j] = perm[j], perm[i]
-    return _permute_or_view(ctx, node, a[0], perm)
+    return _permute_or_view(ctx, node, a["x"], perm)
 
 
 @rule("expand")
-def _expand(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.broadcast_to(a[0], ctx.dims.shape(node.outputs[0].type))
+def _expand(ctx: Ctx, node: Node, a: Operands) -> Any:
+    return ctx.relax.op.broadcast_to(a["x"], ctx.dims.shape(node.outputs[0].type))
 
 
 @rule("unsqueeze")
-def _unsqueeze(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.expand_dims(a[0], _axis(node.attrs["axis"], node.inputs[0].type.rank + 1))
+def _unsqueeze(ctx: Ctx, node: Node, a: Operands) -> Any:
+    return ctx.relax.op.expand_dims(a["x"], _axis(node.attrs["axis"], a.type("x").rank + 1))
 
 
 @rule("squeeze")
-def _squeeze(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    r = node.inputs[0].type.rank
+def _squeeze(ctx: Ctx, node: Node, a: Operands) -> Any:
+    r = a.type("x").rank
     axes = [_axis(i, r) for i in node.attrs["axes"]]
     if not axes:
-        return a[0]
-    return ctx.relax.op.squeeze(a[0], axis=axes)
+        return a["x"]
+    return ctx.relax.op.squeeze(a["x"], axis=axes)
 
 
 @rule("slice")
-def _slice(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    r = node.inputs[0].type.rank
+def _slice(ctx: Ctx, node: Node, a: Operands) -> Any:
+    r = a.type("x").rank
     ax = _axis(node.attrs["axis"], r)
     st, en = ctx.dims(node.attrs["start"][0]), ctx.dims(node.attrs["end"][0])
-    return ctx.relax.op.strided_slice(a[0], axes=[ax], begin=[st], end=[en], strides=[node.attrs["step"]],
+    return ctx.relax.op.strided_slice(a["x"], axes=[ax], begin=[st], end=[en], strides=[node.attrs["step"]],
                                       assume_inbound=True)
 
 
 @rule("concat")
-def _concat(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    r = node.inputs[0].type.rank
-    return ctx.relax.op.concat(list(a), axis=_axis(node.attrs["axis"], r))
+def _concat(ctx: Ctx, node: Node, a: Operands) -> Any:
+    r = node.outputs[0].type.rank
+    return ctx.relax.op.concat(a.all("xs"), axis=_axis(node.attrs["axis"], r))
 
 
 @rule("gather")
-def _gather(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.gather_elements(a[0], a[1], axis=_axis(node.attrs["axis"], node.inputs[0].type.rank))
+def _gather(ctx: Ctx, node: Node, a: Operands) -> Any:
+    return ctx.relax.op.gather_elements(a["x"], a["index"], axis=_axis(node.attrs["axis"], a.type("x").rank))
 
 
 @rule("index_select", "channel_permute")
-def _index_select(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _index_select(ctx: Ctx, node: Node, a: Operands) -> Any:
     # "clip": an out-of-range index must not read outside the buffer (TVM's "fast" mode segfaults)
-    return ctx.relax.op.take(a[0], a[1], axis=_axis(node.attrs["axis"], node.inputs[0].type.rank), mode="clip")
+    idx = a["index"] if node.op == "index_select" else a["perm"]
+    return ctx.relax.op.take(a["x"], idx, axis=_axis(node.attrs["axis"], a.type("x").rank), mode="clip")
 
 
 @rule("index")
-def _index(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _index(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import topi
 
     def f(x: Any, *idx: Any) -> Any:
         return topi.adv_index(x, list(idx))
 
-    return ctx.te(f, *a, name="adv_index")
+    return ctx.te(f, a["x"], *a.all("indices"), name="adv_index")
 
 
 @rule("embedding")
-def _embedding(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _embedding(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Rows of the ``[V, D]`` table; a table that a multi-row linear also reads (a tied LM head) is bound
     once, in the ``[D, V]`` layout that linear needs, and gathered by columns (seq x D reads: cheap)."""
     op = ctx.relax.op
     name = ctx.param_name(node.operand("weight"))  # type: ignore[arg-type]
     if name is not None and name in ctx.transposed_params():
         ids_rank = node.operand("ids").type.rank  # type: ignore[union-attr]
-        cols = ctx.emit(op.take(ctx.param(name, "T", _transpose), a[0], axis=1, mode="clip"))  # [D, *ids]
+        cols = ctx.emit(op.take(ctx.param(name, "T", _transpose), a["ids"], axis=1, mode="clip"))  # [D, *ids]
         return op.permute_dims(cols, [*range(1, ids_rank + 1), 0])
-    return op.take(a[1], a[0], axis=0, mode="clip")
+    return op.take(a["weight"], a["ids"], axis=0, mode="clip")
 
 
 @rule("arange")
-def _arange(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _arange(ctx: Ctx, node: Node, a: Operands) -> Any:
     st, en = ctx.dims(node.attrs["start"][0]), ctx.dims(node.attrs["end"][0])
     return ctx.relax.op.arange(st, en, node.attrs["step"], dtype=_dt(node.attrs["dtype"]))
 
 
 @rule("triu", "tril")
-def _tri(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _tri(ctx: Ctx, node: Node, a: Operands) -> Any:
     f = ctx.relax.op.triu if node.op == "triu" else ctx.relax.op.tril
-    return f(a[0], node.attrs["diagonal"])
+    return f(a["x"], node.attrs["diagonal"])
 
 
 @rule("full")
-def _full(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _full(ctx: Ctx, node: Node, a: Operands) -> Any:
     t = node.outputs[0].type
     return ctx.relax.op.full(ctx.dims.shape(t), ctx.const(_scalar_value(t.dtype, node.attrs["value"]), t.dtype),
                              _dt(t.dtype))
@@ -791,14 +845,14 @@ def _reads_transposed(ctx: Ctx, x_value: Value, w_value: Value) -> bool:
 
 
 @rule("linear")
-def _linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    y = _linear_product(ctx, node.inputs[0], node.inputs[1], a[0], lambda: a[1])
-    return _bias(ctx, y, a[2] if len(a) > 2 else None)
+def _linear(ctx: Ctx, node: Node, a: Operands) -> Any:
+    y = _linear_product(ctx, a.value("x"), a.value("weight"), a["x"], lambda: a["weight"])  # type: ignore[arg-type]
+    return _bias(ctx, y, a.get("bias"))
 
 
 @rule("matmul")
-def _matmul(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return ctx.relax.op.matmul(a[0], a[1])
+def _matmul(ctx: Ctx, node: Node, a: Operands) -> Any:
+    return ctx.relax.op.matmul(a["a"], a["b"])
 
 
 def _lanes(ctx: Ctx) -> int:
@@ -834,7 +888,7 @@ def _padded(ctx: Ctx, name: str, pad: tuple[int, int], transpose: bool = False) 
 
 
 @rule("lowrank_linear")
-def _lowrank(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _lowrank(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Two products, ``(x @ v^T) @ u^T``, never the dense ``u @ v``.
 
     When both factors are parameters, the rank is padded with zero columns of ``u`` and zero rows
@@ -842,31 +896,33 @@ def _lowrank(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     vectors only, and an odd rank fell off their fast path (measured on SmolLM2 shapes: a rank-230
     pair of a 576x576 weight ran as slowly as the dense weight, rank 224 25% faster).
     """
-    x, u, v = node.operand("x"), node.operand("u"), node.operand("v")
+    x, u, v = a.value("x"), a.value("u"), a.value("v")
     assert x is not None and u is not None and v is not None
     r = int(node.attrs["rank"])
     lanes = _lanes(ctx)
     extra = -(-r // lanes) * lanes - r
     un, vn = ctx.param_name(u), ctx.param_name(v)
     if extra and un is not None and vn is not None:
-        h = _linear_product(ctx, x, v, a[0], lambda: _padded(ctx, vn, (extra, 0)), (extra, 0))
+        h = _linear_product(ctx, x, v, a["x"], lambda: _padded(ctx, vn, (extra, 0)), (extra, 0))
         y = _linear_product(ctx, x, u, h, lambda: _padded(ctx, un, (0, extra)), (0, extra))
     else:
-        h = _linear_product(ctx, x, v, a[0], lambda: a[2])
-        y = _linear_product(ctx, x, u, h, lambda: a[1])
-    return _bias(ctx, y, a[3] if len(a) > 3 else None)
+        h = _linear_product(ctx, x, v, a["x"], lambda: a["v"])
+        y = _linear_product(ctx, x, u, h, lambda: a["u"])
+    return _bias(ctx, y, a.get("bias"))
 
 
 @rule("layer_norm")
-def _layer_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    t = node.inputs[0].type
+def _layer_norm(ctx: Ctx, node: Node, a: Operands) -> Any:
+    t = a.type("x")
     nd = node.attrs["normalized_ndim"]
     axes = list(range(t.rank - nd, t.rank))
     nshape = ctx.dims.shape(t)[t.rank - nd:]
     dt = _dt(t)
-    w = a[1] if len(a) > 1 else ctx.relax.op.ones(nshape, dt)
-    b = a[2] if len(a) > 2 else ctx.relax.op.zeros(nshape, dt)
-    return ctx.relax.op.nn.layer_norm(a[0], w, b, axes=axes, epsilon=node.attrs["eps"])
+    w = a.get("weight")
+    b = a.get("bias")
+    w = w if w is not None else ctx.relax.op.ones(nshape, dt)
+    b = b if b is not None else ctx.relax.op.zeros(nshape, dt)
+    return ctx.relax.op.nn.layer_norm(a["x"], w, b, axes=axes, epsilon=node.attrs["eps"])
 
 
 def _rms_norm_te(eps: float, x_dtype: str, out_dtype: str) -> Callable[[Any, Any], Any]:
@@ -890,21 +946,21 @@ def _rms_norm_te(eps: float, x_dtype: str, out_dtype: str) -> Callable[[Any, Any
 
 
 @rule("rms_norm")
-def _rms_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _rms_norm(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    xt, wt, ot = node.inputs[0].type, node.inputs[1].type, node.outputs[0].type
+    xt, wt, ot = a.type("x"), a.type("weight"), node.outputs[0].type
     if xt.dtype == wt.dtype == "f32" and not ctx.gpu:
-        return op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=node.attrs["eps"])
+        return op.nn.rms_norm(a["x"], a["weight"], axes=[-1], epsilon=node.attrs["eps"])
     # one reduction + one elementwise stage: fuses into a single kernel (a row reduction with its
     # epilogue), where the op-by-op form made three
-    return ctx.te(_rms_norm_te(float(node.attrs["eps"]), _dt(xt), _dt(ot)), a[0], a[1], name="rms_norm")
+    return ctx.te(_rms_norm_te(float(node.attrs["eps"]), _dt(xt), _dt(ot)), a["x"], a["weight"], name="rms_norm")
 
 
 @rule("rotary_embedding")
-def _rotary(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _rotary(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    x, cos, sin = a
-    t = node.inputs[0].type
+    x, cos, sin = a["x"], a["cos"], a["sin"]
+    t = a.type("x")
     d = t.shape[-1]
     if not isinstance(d, int) or d % 2:
         raise LoweringError(f"rotary_embedding at {node.scope}: last dim must be a static even size, got {t}")
@@ -926,7 +982,7 @@ def _repeat_kv(ctx: Ctx, k: Any, hq: Any, hk: Any, axis: int) -> Any:
 def _one_query_group(ctx: Ctx, node: Node) -> int | None:
     """For ``q [B, H, 1, D]`` against ``k``/``v`` ``[B, Hk, S, D]`` (one decode step, any float dtype):
     the number of query heads per kv head (1 without GQA); None for any other shape."""
-    qt, kt, vt = (i.type for i in node.inputs[:3])
+    qt, kt, vt = (_operand_type(node, k) for k in ("q", "k", "v"))
     if not (qt.rank == kt.rank == vt.rank == 4 and qt.dtype == kt.dtype == vt.dtype):
         return None
     if _static_int(ctx, qt.shape[2]) != 1 or qt.shape[0] != kt.shape[0] or kt.shape[0] != vt.shape[0]:
@@ -972,7 +1028,7 @@ def _weighted_values_by_group(group: int) -> Callable[[Any, Any], Any]:
 def _logits_shape(node: Node) -> list[int | str]:
     """Shape of an attention node's logits: its output's (the broadcast batch of q and k) with the
     key length in place of the value dim."""
-    return [*node.outputs[0].type.shape[:-1], node.inputs[1].type.shape[-2]]
+    return [*node.outputs[0].type.shape[:-1], _operand_type(node, "k").shape[-2]]
 
 
 KEY_TILE = 32  # MatmulRule's column panel (2 x 16 f32 lanes): padded key lengths are whole panels
@@ -985,7 +1041,7 @@ def _padded_key_length(ctx: Ctx, node: Node) -> Any | None:
     Why: with a symbolic key length the ``q k^T`` tile writes its scale/mask epilogue through a
     bounds predicate, which scalarizes it (2.3 vs 1.3 ms per call at seq 384).  Padded keys
     (zeros, masked to -inf) make the columns whole panels; only the row edge stays predicated."""
-    qt, kt = node.inputs[0].type, node.inputs[1].type
+    qt, kt = _operand_type(node, "q"), _operand_type(node, "k")
     if qt.rank != 4 or qt.dtype != "f32" or kt.dtype != "f32" or _static_int(ctx, kt.shape[-2]) is not None:
         return None
     from tvm import tirx
@@ -1066,12 +1122,12 @@ def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, 
 
 
 @rule("scaled_dot_product_attention")
-def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    q, k, v = a[:3]
-    qt, kt, vt = (i.type for i in node.inputs[:3])
-    mask = a[3] if len(a) > 3 else None
-    mt = node.inputs[3].type if len(a) > 3 else None
+    q, k, v = a["q"], a["k"], a["v"]
+    qt, kt, vt = a.type("q"), a.type("k"), a.type("v")
+    mask = a.get("mask")
+    mt = a.type("mask") if mask is not None else None
     group = _one_query_group(ctx, node)
     if group is not None and ctx.gpu:
         fused = _gpu_decode_attention(ctx, node, a)
@@ -1087,7 +1143,7 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         k = ctx.te(_pad_keys(padded, 0.0), k, name="key_pad")
         v = ctx.te(_pad_keys(padded, 0.0), v, name="value_pad")
         if mask is not None and mt is not None and _static_int(ctx, mt.shape[-1]) != 1:
-            key = ("mask_pad", node.inputs[3], str(kt.shape[-2]))  # every layer shares the model's mask: pad it once
+            key = ("mask_pad", a.value("mask"), str(kt.shape[-2]))  # every layer shares the model's mask: pad it once
             if key not in ctx.memo:
                 # opaque (op_pattern 8): fused into the only attention reading it (a model with one dense
                 # layer, e.g. the others made sparse), FuseTIR fails on its symbolic padded length
@@ -1106,7 +1162,7 @@ def _sdpa(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     return op.matmul(p, v)
 
 
-def _gpu_decode_attention(ctx: Ctx, node: Node, a: list[Any]) -> Any | None:
+def _gpu_decode_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     """One-query attention as one CUDA kernel (:mod:`.cuda_kernels`), or None when the shape is not
     static or the kernel does not cover it (the op-by-op lowering then runs)."""
     from ctc.backends.tvm import cuda_kernels as CK
@@ -1139,7 +1195,7 @@ def _gpu_decode_attention(ctx: Ctx, node: Node, a: list[Any]) -> Any | None:
 
 
 @rule("cache_write")
-def _cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _cache_write(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Write the new rows into the cache buffer in place (:mod:`.cache_kernels`) when the cache is a
     module input read by nothing else; otherwise into a copy (the reference's semantics either way)."""
     from ctc.backends.tvm.cache_kernels import cache_write_func
@@ -1165,7 +1221,7 @@ def _cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("quant_cache_write")
-def _quant_cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _quant_cache_write(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Quantize the new KV rows and write them, with their scales, into the cache buffers in place."""
     from ctc.backends.tvm.kv_cache import lower_quant_cache_write
 
@@ -1173,7 +1229,7 @@ def _quant_cache_write(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("quant_kv_attention")
-def _quant_kv_attention(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _quant_kv_attention(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Decode attention reading the int8 KV cache (:mod:`.kv_cache`)."""
     from ctc.backends.tvm.kv_cache import lower_quant_kv_attention
 
@@ -1196,7 +1252,7 @@ def _heads_rep(ctx: Ctx, node: Node) -> tuple[Any, Any, TensorType, TensorType]:
 
 
 @rule("calibrated_attention")
-def _calibrated(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _calibrated(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Attention, then ACT's calibration of the selected heads' rows (sinks found per row, after
     softmax), as the op's reference."""
     from tvm import te, tirx
@@ -1257,7 +1313,7 @@ def _calibrated(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("sparse_attention")
-def _sparse(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _sparse(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Energon's filtered attention: the CPU kernels of :mod:`ctc.backends.tvm.sparse_attention`
     (low-bit VNNI scoring, per-row selection, exact attention over the kept keys only)."""
     from ctc.backends.tvm.sparse_attention import lower_sparse_attention
@@ -1280,16 +1336,16 @@ def _expand_qparam(ctx: Ctx, p: Any, pt: TensorType, xt: TensorType, axis: int |
 
 
 @rule("quantize")
-def _quantize(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _quantize(ctx: Ctx, node: Node, a: Operands) -> Any:
     from ctc.ir import quant as Q
 
     op = ctx.relax.op
-    x, s, z = a
-    xt = node.inputs[0].type
+    x, s, z = a["x"], a["scale"], a["zero"]
+    xt = a.type("x")
     ax, gs = node.attrs["axis"], node.attrs["group_size"]
     lo, hi = Q.qrange(node.attrs["bits"], node.attrs["signed"])
-    s = _expand_qparam(ctx, ctx.emit(op.astype(s, "float32")), node.inputs[1].type, xt, ax, gs)
-    z = _expand_qparam(ctx, ctx.emit(op.astype(z, "float32")), node.inputs[2].type, xt, ax, gs)
+    s = _expand_qparam(ctx, ctx.emit(op.astype(s, "float32")), a.type("scale"), xt, ax, gs)
+    z = _expand_qparam(ctx, ctx.emit(op.astype(z, "float32")), a.type("zero"), xt, ax, gs)
     xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
     y = ctx.emit(op.add(ctx.emit(op.round(ctx.emit(op.divide(xf, s)))), z))
     y = ctx.emit(op.clip(y, lo, hi))
@@ -1297,24 +1353,15 @@ def _quantize(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("dequantize")
-def _dequantize(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _dequantize(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    q, s, z = a
-    qt = node.inputs[0].type
+    q, s, z = a["q"], a["scale"], a["zero"]
+    qt = a.type("q")
     ax, gs = node.attrs["axis"], node.attrs["group_size"]
-    s = _expand_qparam(ctx, ctx.emit(op.astype(s, "float32")), node.inputs[1].type, qt, ax, gs)
-    z = _expand_qparam(ctx, ctx.emit(op.astype(z, "float32")), node.inputs[2].type, qt, ax, gs)
+    s = _expand_qparam(ctx, ctx.emit(op.astype(s, "float32")), a.type("scale"), qt, ax, gs)
+    z = _expand_qparam(ctx, ctx.emit(op.astype(z, "float32")), a.type("zero"), qt, ax, gs)
     y = ctx.emit(op.multiply(ctx.emit(op.subtract(ctx.emit(op.astype(q, "float32")), z)), s))
     return op.astype(y, _dt(node.attrs["dtype"]))
-
-
-def _ql_operands(node: Node, a: list[Any]) -> dict[str, Any]:
-    names = ["x", "qweight", "w_scale", "w_zero"]
-    if node.attrs["has_bias"]:
-        names.append("bias")
-    if node.attrs["a_bits"] is not None and node.attrs["a_bits"] != 16 and not node.attrs.get("act_dynamic"):
-        names += ["act_scale", "act_zero"]
-    return dict(zip(names, a, strict=True))
 
 
 def _dequant_weight_np(qweight: np.ndarray, w_scale: np.ndarray, w_zero: np.ndarray, attrs: Mapping[str, Any],
@@ -1327,17 +1374,16 @@ def _dequant_weight_np(qweight: np.ndarray, w_scale: np.ndarray, w_zero: np.ndar
 
 
 @rule("quant_linear")
-def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
     attrs = node.attrs
-    ops_ = _ql_operands(node, a)
-    xt = node.inputs[0].type
+    xt = a.type("x")
     k = int(xt.shape[-1])
     a_q = attrs["a_bits"] is not None and attrs["a_bits"] != 16
-    pnames = {n: ctx.param_name(v) for n, v in zip(_ql_operands(node, list(node.inputs)), node.inputs, strict=True)}
+    pnames = {n: ctx.param_name(v) for n, v in node.named_operands().items()}  # type: ignore[arg-type]
     consts = all(pnames[n] is not None for n in pnames if n != "x")
     if ctx.gpu and consts:
-        return _quant_linear_gpu(ctx, node, ops_, pnames)
+        return _quant_linear_gpu(ctx, node, a, pnames)
     if a_q and consts and ctx.use_int_kernels:
         try:
             from ctc.backends.tvm import int_kernels as IK
@@ -1358,11 +1404,11 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
                                  array=arr)  # type: ignore[arg-type]
                    for nm, arr in packed.items()}
             ctx.int_kernels += 1
-            return IK.emit_quant_linear_packed(ctx.bb, ops_["x"], rel, kernel)
+            return IK.emit_quant_linear_packed(ctx.bb, a["x"], rel, kernel)
     if not a_q and consts and not ctx.gpu:
         from ctc.backends.tvm.weight_only import lower_weight_only
 
-        y = lower_weight_only(ctx, node, ops_, pnames)
+        y = lower_weight_only(ctx, node, a, pnames)
         if y is not None:
             return y
     # Fallback: the same semantics in float (dequantised weights; fake-quantised activations).
@@ -1376,13 +1422,13 @@ def _quant_linear(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         wt = ctx.param(pnames["qweight"], "dqT", array=_dequant_weight_np(wq, ws, wz, attrs, k).T)  # type: ignore[arg-type]
     else:
         raise LoweringError(f"quant_linear at {node.scope or '<root>'}: weights must be parameters for the TVM backend")
-    x = ops_["x"]
+    x = a["x"]
     xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
     if a_q:
-        xf = _fake_quant_act_node(ctx, node, xf, ops_, k)
+        xf = _fake_quant_act_node(ctx, node, xf, a, k)
     y = ctx.emit(op.matmul(xf, wt))
-    if "bias" in ops_:
-        y = ctx.emit(op.add(y, ctx.emit(op.astype(ops_["bias"], "float32"))))
+    if a.value("bias") is not None:
+        y = ctx.emit(op.add(y, ctx.emit(op.astype(a["bias"], "float32"))))
     return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
 
 
@@ -1433,13 +1479,13 @@ def _quant_matvec_te(bits: int, group_size: int, k: int) -> Callable[..., Any]:
     return f
 
 
-def _quant_linear_gpu(ctx: Ctx, node: Node, ops_: dict[str, Any], pnames: dict[str, str | None]) -> Any:
+def _quant_linear_gpu(ctx: Ctx, node: Node, ops_: Operands, pnames: dict[str, str | None]) -> Any:
     """GPU ``quant_linear``: the packed integer weights, scales and zero points are bound as stored and
     dequantized inside the GEMV/GEMM kernel (int4 streams half a byte per weight); quantized activations
     are applied in float (fake-quant with the op's scales, the reference's semantics)."""
     op = ctx.relax.op
     attrs = node.attrs
-    xt = node.inputs[0].type
+    xt = _operand_type(node, "x")
     k = int(xt.shape[-1])
     x = ops_["x"]
     a_q = attrs["a_bits"] is not None and attrs["a_bits"] != 16
@@ -1455,7 +1501,7 @@ def _quant_linear_gpu(ctx: Ctx, node: Node, ops_: dict[str, Any], pnames: dict[s
     return y
 
 
-def _fake_quant_act_node(ctx: Ctx, node: Node, x: Any, ops_: Mapping[str, Any], k: int) -> Any:
+def _fake_quant_act_node(ctx: Ctx, node: Node, x: Any, ops_: Operands, k: int) -> Any:
     """The activation fake-quant of a ``quant_linear`` in float: calibrated (scale, zero) per cluster, or
     (``act_dynamic``) each row's own per cluster, as the reference computes them."""
     attrs = node.attrs
@@ -1499,7 +1545,7 @@ def _fake_quant_act(ctx: Ctx, x: Any, s: Any, z: Any, bits: int, clusters: tuple
 def _lower_node(ctx: Ctx, node: Node, rules: Mapping[str, Rule]) -> None:
     """Lower one node through its rule and bind its outputs."""
     relax = ctx.relax
-    args = _Operands(ctx, node.inputs)
+    args = Operands(ctx, node)
     try:
         res = rules[node.op](ctx, node, args)
     except LoweringError:

@@ -24,6 +24,8 @@ import torch
 
 from ctc.ir.graph import Module, Node, Value
 from ctc.ir.interpreter import bind_inputs, interpret
+from ctc.ir.ops import OpError, get_op
+from ctc.ir.ops.registry import did_you_mean
 from ctc.passes.base import Analysis, PassContext, PassError
 
 __all__ = ["CalibrationResult", "CalibrationStats", "ChannelStats"]
@@ -145,13 +147,13 @@ class ChannelStats:
 class CalibrationResult:
     """Statistics of every chosen point, keyed by value name.
 
-    ``inputs[(node_key, i)]`` names the value that is operand ``i`` of a chosen node
+    ``inputs[(node_key, operand)]`` names the value that is operand ``operand`` of a chosen node
     (``node_key`` is the node's first output name); ``outputs[node_key]`` names its
     outputs.  ``batches`` counts the calibration batches run.
     """
 
     stats: dict[str, ChannelStats]
-    inputs: dict[tuple[str, int], str]
+    inputs: dict[tuple[str, str], str]
     outputs: dict[str, list[str]]
     batches: int
 
@@ -166,9 +168,12 @@ class CalibrationResult:
     def __contains__(self, value: str | Value) -> bool:
         return (value.name if isinstance(value, Value) else value) in self.stats
 
-    def input_of(self, node: Node, i: int = 0) -> ChannelStats:
-        """Statistics of operand ``i`` of ``node`` (which must have been a chosen point)."""
-        return self[node.inputs[i]]
+    def input_of(self, node: Node, operand: str = "x") -> ChannelStats:
+        """Statistics of the operand called ``operand`` of ``node`` (which must have been a chosen point)."""
+        v = node.operand(operand)
+        if v is None:
+            raise PassError(f"{node.op} at {node.scope or '<root>'} has no {operand!r} operand")
+        return self[v]
 
     def output_of(self, node: Node, i: int = 0) -> ChannelStats:
         return self[node.outputs[i]]
@@ -187,7 +192,7 @@ class CalibrationStats(Analysis):
     Config (all optional, keyword):
 
     * ``input_ops``: op names whose operands are observed (default ``("linear", "quant_linear")``);
-    * ``operands``: which operand indices of those ops (default ``(0,)``, the activation);
+    * ``operands``: which operands of those ops, by name (default ``("x",)``, the activation);
     * ``output_ops``: op names whose results are observed (default none);
     * ``values``: value names observed wherever they are (module inputs included);
     * ``reservoir``: rows to keep per point in a uniform sample (default 0: none);
@@ -195,7 +200,7 @@ class CalibrationStats(Analysis):
     * ``max_batches``: use at most this many calibration batches (default all);
     * ``seed``: reservoir sampling seed (default: the context's seed).
 
-    Only float values are observed; integer operands at an op's chosen index are skipped.
+    Only float values are observed; integer operands among the chosen ones are skipped.
     """
 
     name = "calibration-stats"
@@ -213,7 +218,7 @@ class CalibrationStats(Analysis):
             raise PassError(f"CalibrationStats has no setting {unknown[0]!r}{hint} "
                             f"(settings: {', '.join(self._KNOWN)})")
         config.setdefault("input_ops", ("linear", "quant_linear"))
-        config.setdefault("operands", (0,))
+        config.setdefault("operands", ("x",))
         config.setdefault("output_ops", ())
         config.setdefault("values", ())
         config.setdefault("reservoir", 0)
@@ -223,6 +228,19 @@ class CalibrationStats(Analysis):
             if isinstance(config[k], str) or not isinstance(config[k], Sequence):
                 raise PassError(f"CalibrationStats: {k} must be a list, got {config[k]!r}")
             config[k] = tuple(config[k])
+        bad = [o for o in config["operands"] if not isinstance(o, str)]
+        if bad:
+            raise PassError(f"CalibrationStats: operands are named as the op declares them (e.g. ('k', 'v') of "
+                            f"scaled_dot_product_attention), got {bad[0]!r}")
+        for op_name in config["input_ops"]:
+            try:
+                opdef = get_op(op_name)
+            except OpError as e:
+                raise PassError(f"CalibrationStats: input_ops: {e}") from None
+            for o in config["operands"]:
+                if o not in opdef.operand_names:
+                    raise PassError(f"CalibrationStats: op {op_name} has no operand {o!r}"
+                                    f"{did_you_mean(o, opdef.operand_names)} (operands: {', '.join(opdef.inputs)})")
         if not isinstance(config["reservoir"], int) or config["reservoir"] < 0:
             raise PassError(f"CalibrationStats: reservoir must be an int >= 0, got {config['reservoir']!r}")
         super().__init__(**config)
@@ -235,7 +253,7 @@ class CalibrationStats(Analysis):
         and the empty result with its node -> value maps filled in."""
         cfg = self.config
         wanted: dict[int, Value] = {}  # id(value) -> value, insertion-ordered
-        inputs: dict[tuple[str, int], str] = {}
+        inputs: dict[tuple[str, str], str] = {}
         outputs: dict[str, list[str]] = {}
 
         def want(v: Value) -> bool:
@@ -246,9 +264,10 @@ class CalibrationStats(Analysis):
 
         for n in module.nodes:
             if n.op in cfg["input_ops"]:
-                for i in cfg["operands"]:
-                    if i < len(n.inputs) and want(n.inputs[i]):
-                        inputs[(_node_key(n), i)] = n.inputs[i].name
+                for name in cfg["operands"]:
+                    v = n.operand(name)
+                    if v is not None and want(v):
+                        inputs[(_node_key(n), name)] = v.name
             if n.op in cfg["output_ops"]:
                 outputs[_node_key(n)] = [v.name for v in n.outputs if want(v)]
         by_name = {v.name: v for v in module.values()}
