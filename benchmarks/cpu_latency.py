@@ -104,10 +104,11 @@ def timeit(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: in
 def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str, str]:
     """(model, inputs, output key, description)."""
     if name.startswith("minilm"):
-        from ctc.eval.models import load_bundled
+        from ctc.frontends import load_bundled
 
         seq = int(name[len("minilm"):] or 128)
-        model, tok, _ = load_bundled("minilm")
+        hf = load_bundled("minilm")
+        model, tok = hf.model, hf.tokenizer
         text = ("The quick brown fox jumps over the lazy dog while the committee discusses the budget "
                 "for next year's research programme in compilers and machine learning. ") * 40
         enc = tok(text, return_tensors="pt", truncation=True, max_length=seq, padding="max_length")
@@ -146,10 +147,11 @@ def smollm2_decode_windows(split: str, n: int, past: int = 128) -> tuple[torch.n
     """The bundled SmolLM2 and ``n`` real decode-step inputs: windows of ``past + 1`` tokens of the
     wiki ``split`` text, the first ``past`` prefilled into the KV cache (ctc.frontends.decode)."""
     from ctc.eval.data import wiki_text
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
     from ctc.frontends.decode import prefilled_inputs
 
-    model, tok, _ = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok = hf.model, hf.tokenizer
     model.eval()
     ids = tok(wiki_text(split)[: max(8000, 8 * (past + 1)) * n], return_tensors="pt")["input_ids"]
     if ids.shape[1] < n * (past + 1):

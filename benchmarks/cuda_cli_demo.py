@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ctc.eval.models import bundled_hf_dir
+    from ctc.bundled import bundled_hf_dir
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

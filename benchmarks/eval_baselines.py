@@ -24,7 +24,7 @@ from ctc.eval import data
 from ctc.eval import fidelity as F
 from ctc.eval import perplexity as P
 from ctc.eval.latency import machine_info, measure_latency
-from ctc.eval.models import load_bundled
+from ctc.frontends import load_bundled
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             row("wiki extraction (cold)", f"{time.perf_counter() - t:.1f} s",
                 f"extract_pages + filter_wiki of {data.WIKI_FILE}: {len(arts)} articles kept")
             t = time.perf_counter()
-            _, _, info = load_bundled("smollm2", cache_dir=tmp)
+            hf = load_bundled("smollm2", cache_dir=tmp)
+            info = hf.info
             row("SmolLM2 load from GGUF (cold)", f"{info.load_seconds:.1f} s",
                 "Q4_1 GGUF de-quantised to fp32 + safetensors cache written")
     t = time.perf_counter()
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(arts)} articles: {len(split['calibration'])} calibration / {len(split['evaluation'])} evaluation, "
         f"{sum(len(a.text) for a in split['evaluation']):,} evaluation chars")
 
-    lm, lm_tok, lm_info = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    lm, lm_tok, lm_info = hf.model, hf.tokenizer, hf.info
     row("SmolLM2 load", f"{lm_info.load_seconds:.1f} s", f"cache hit: {lm_info.cache_hit}, {lm_info.params:,} params")
     fn = P.torch_logits_fn(lm)
     r = P.text_perplexity(fn, lm_tok, GPL3.read_text(encoding="utf-8"), 512, max_windows=1, source=str(GPL3))
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     row(f"SmolLM2 ppl, wiki eval, {r.windows}x512 s{args.stride}", f"{r.ppl:.3f}", r.protocol, result=r.to_dict())
     row("  (time for that)", f"{r.seconds:.1f} s", f"{r.seconds / r.windows:.2f} s per window")
 
-    enc, enc_tok, enc_info = load_bundled("minilm")
+    hf = load_bundled("minilm")
+    enc, enc_tok, enc_info = hf.model, hf.tokenizer, hf.info
     hfn = F.torch_hidden_fn(enc)
     t = time.perf_counter()
     emb = F.sentence_embeddings(hfn, enc_tok, data.lee_test(), max_length=enc_info.max_seq_len)

@@ -34,8 +34,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ctc.eval import data as D  # noqa: E402
-from ctc.eval.models import load_bundled  # noqa: E402
-from ctc.frontends import capture  # noqa: E402
+from ctc.frontends import (
+    capture,  # noqa: E402
+    load_bundled,  # noqa: E402
+)
 from ctc.ir.graph import Module  # noqa: E402
 from ctc.ir.interpreter import interpret  # noqa: E402
 from ctc.passes.analyses.calibration import CalibrationStats  # noqa: E402
@@ -84,7 +86,8 @@ class StatsCache:
 
 # --------------------------------------------------------------------------- MiniLM
 def minilm(n_docs: int, max_len: int, n_calib: int, calib_len: int, gptq: bool) -> dict[str, Any]:
-    model, tok, _ = load_bundled("minilm")
+    hf = load_bundled("minilm")
+    model, tok = hf.model, hf.tokenizer
     docs = D.lee_test()[:n_docs]
     enc = [tok(d, truncation=True, max_length=max_len, return_tensors="pt") for d in docs]
     ex = {k: enc[0][k] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -212,7 +215,8 @@ def ort_latency(sess: Any, tok: Any, names: list[str], seq: int = 128, reps: int
 
 # --------------------------------------------------------------------------- SmolLM2
 def smollm2(n_windows: int, seq_len: int, n_calib: int, calib_len: int) -> dict[str, Any]:
-    model, tok, _ = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok = hf.model, hf.tokenizer
     calib = D.calibration_batches(tok, "wiki", n_calib, calib_len, seed=0)
     windows = D.evaluation_windows(tok, "wiki", n_windows, seq_len)
     from ctc.frontends.hf import capture_hf_model

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctc.eval import data as D  # noqa: E402
 from ctc.eval.fidelity import human_correlation, module_embeddings  # noqa: E402
 from ctc.eval.latency import machine_info  # noqa: E402
-from ctc.eval.models import load_bundled  # noqa: E402
+from ctc.frontends import load_bundled  # noqa: E402
 from ctc.eval.perplexity import module_perplexity  # noqa: E402
 from ctc.frontends.hf import capture_hf_model  # noqa: E402
 from ctc.ir.graph import Module  # noqa: E402
@@ -146,7 +146,8 @@ def scorer(model: str, base: Module, measure: Callable[[Module], dict[str, Any]]
 
 # --------------------------------------------------------------------------- SmolLM2
 def smollm2(a: argparse.Namespace) -> dict[str, Any]:
-    model, tok, _ = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok = hf.model, hf.tokenizer
     t0 = time.perf_counter()
     base = capture_hf_model(model, name="smollm2")
     log(f"smollm2 captured in {time.perf_counter() - t0:.0f}s")
@@ -168,7 +169,8 @@ def smollm2(a: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- MiniLM
 def minilm(a: argparse.Namespace) -> dict[str, Any]:
-    model, tok, _ = load_bundled("minilm")
+    hf = load_bundled("minilm")
+    model, tok = hf.model, hf.tokenizer
     base = capture_hf_model(model, name="minilm")
     names = [v.name for v in base.inputs]
     calib, _ = D.model_batches(source="wiki", path=None, field=None, split="calibration", tokenizer=tok,

@@ -188,7 +188,7 @@ def main() -> None:
     from ctc import frontends
     from ctc.eval.data import describe_source, evaluation_windows
     from ctc.eval.latency import machine_info
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
     from ctc.eval.perplexity import batches_perplexity, module_logits_fn
     from ctc.ir.ops import get_op
     from ctc.passes import get_pass
@@ -198,7 +198,8 @@ def main() -> None:
     keeps = [float(x) for x in args.keeps.split(",")]
     rounds = [int(x) for x in args.rounds.split(",")]
     t0 = time.time()
-    model, tok, info = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok, info = hf.model, hf.tokenizer, hf.info
     module = frontends.capture_hf_model(model, task=info.task, name="smollm2")
     print(f"# sparse attention on SmolLM2-135M ({info.title}); capture {time.time() - t0:.0f} s", flush=True)
     print(f"machine: {platform.node()}, {machine_info()['cpu']}, threads {threads}, load average "

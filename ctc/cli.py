@@ -442,7 +442,7 @@ def targets_text() -> str:
     out = []
     for name, spec in TARGETS.items():
         why = spec.unsupported_reason()
-        avail = "available" if why is None else ("not installed" if not spec.available() else "not supported yet")
+        avail = "available" if why is None else "not built yet"
         out.append(f"{name}  —  {spec.summary}  [{avail}]")
         for s in spec.Options.specs():
             rng = _range(s)

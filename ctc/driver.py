@@ -175,8 +175,9 @@ def selected_targets(recipe: Recipe, opts: CompileOptions) -> list[Any]:
             if k not in TARGETS:
                 raise UsageError(f"--target {k}: unknown target{did_you_mean(k, TARGETS)} "
                                  f"(targets: {', '.join(TARGETS)})")
-            if not TARGETS[k].available():
-                raise UsageError(f"--target {k}: backend {TARGETS[k].backend} is not installed")
+            why = TARGETS[k].unsupported_reason()
+            if why:
+                raise UsageError(f"--target {k}: {why}")
             chosen.append(by_kind.get(k) or TargetConfig(k, TARGETS[k].Options(), 0))
     out = []
     for t in chosen:
@@ -243,11 +244,10 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
     decode = m.options.get("decode")
     dtype = m.options.get("dtype")
     if m.kind == "bundled":
-        # ctc.eval.models caches SmolLM2's de-quantised GGUF weights (saves ~20 s per compile)
-        from ctc.eval.models import load_bundled
-
-        model, tok, info = load_bundled(m.ref)
-        model = _cast(model, dtype)
+        # SmolLM2's de-quantised GGUF weights are cached (ctc.bundled; saves ~20 s per compile)
+        hf = frontends.load_bundled(m.ref)
+        info = hf.info
+        model = _cast(hf.model, dtype)
         desc = {"kind": "bundled", "ref": m.ref, "title": info.title, "arch": info.arch, "pip": info.pip,
                 "load_seconds": round(info.load_seconds, 2)}
         if decode:
@@ -256,7 +256,7 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
             module = frontends.capture_hf_model(model, task=info.task, name=m.ref, source=info.loaded_from)
         if "gguf" in info.extra:  # where the `gguf-weights` pass finds the quantized original
             module.meta["gguf"] = info.extra["gguf"]
-        return module, tok, desc, Path(info.loaded_from), model
+        return module, hf.tokenizer, desc, Path(info.loaded_from), model
     if m.kind == "hf":
         o = m.options
         loaded = frontends.load_hf(resolve_path(recipe, m.ref), task=o.get("task"), attn=o.get("attn"),
@@ -381,10 +381,9 @@ def run_pipeline_all(module: Any, recipe: Recipe, calibration: list[dict[str, An
     """Run the recipe's steps through the PassManager: ``[(label, module, PipelineReport)]``, the main
     result first (label ""), then every variant a step emitted (e.g. one per depth of ``remove-blocks``)."""
     from ctc.passes.base import get_pass
-    from ctc.passes.manager import PassManager
-    from ctc.passes.manager import Step as PMStep
+    from ctc.passes.manager import PassManager, Step
 
-    steps = [PMStep(get_pass(s.name)(s.options), s.selector(), s.span) for s in recipe.pipeline]
+    steps = [Step(get_pass(s.name)(s.options), s.selector(), s.span) for s in recipe.pipeline]
     pm = PassManager(steps, calibration=calibration, progress=progress.enabled, seed=seed)
     return pm.run_all(module)
 

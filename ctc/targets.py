@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctc.passes.base import PassError, PassOptions, option
+from ctc.options import OptionError, Options, option
 
 
 @dataclass(frozen=True)
-class CpuOptions(PassOptions):
+class TargetOptions(Options):
+    """Base of every target's options (see :mod:`ctc.options`)."""
+
+
+@dataclass(frozen=True)
+class CpuOptions(TargetOptions):
     """Options of the `cpu` target (TVM llvm)."""
 
     threads: int = option(0, "worker threads at run time (0 = all cores)", min=0)
@@ -49,7 +54,7 @@ class CpuOptions(PassOptions):
 
 
 @dataclass(frozen=True)
-class CudaOptions(PassOptions):
+class CudaOptions(TargetOptions):
     """Options of the `cuda` target (TVM cuda)."""
 
     arch: str = option("", "CUDA arch like sm_90 (empty = the visible GPU's)")
@@ -57,7 +62,7 @@ class CudaOptions(PassOptions):
 
 
 @dataclass(frozen=True)
-class FpgaOptions(PassOptions):
+class FpgaOptions(TargetOptions):
     """Options of the `fpga` target (HLS C, a resource/latency model, C simulation); see docs/fpga-backend.md."""
 
     board: str = option("zc706", "board preset: zc706 (Zynq XC7Z045) or u280 (Alveo XCU280)", choices=("zc706", "u280"))
@@ -78,11 +83,11 @@ class FpgaOptions(PassOptions):
         for name in ("clock_mhz", "bandwidth_gbps"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise PassError(f"option {name}={v} must be > 0")
+                raise OptionError(f"option {name}={v} must be > 0")
         board = BOARDS[self.board]
         bad = [w for w in self.widths if w not in board.widths]
         if bad:
-            raise PassError(f"option widths={list(self.widths)}: board {self.board} has no {bad[0]}-bit integer "
+            raise OptionError(f"option widths={list(self.widths)}: board {self.board} has no {bad[0]}-bit integer "
                             f"datapath (it supports {', '.join(map(str, board.widths))})")
 
 
@@ -92,24 +97,25 @@ class TargetSpec:
 
     name: str
     summary: str
-    Options: type[PassOptions]
+    Options: type[TargetOptions]
     backend: str
 
     def available(self) -> bool:
-        """Whether the backend module is present in this installation."""
+        """Whether the backend module exists in this ctc (backends ship in-tree: a missing one is not built yet)."""
         try:
             return importlib.util.find_spec(self.backend) is not None
         except ModuleNotFoundError:
             return False
 
     def unsupported_reason(self) -> str | None:
-        """Why the backend cannot build this kind, if it says so (optional backend hook
-        ``supports(kind) -> str | None``: None = supported, else the reason); None when unknown."""
+        """None when this kind can be built; else why not, starting with "not built yet" (the backend
+        does not exist in ctc yet, or its optional hook ``supports(kind) -> str | None`` refuses the kind)."""
         if not self.available():
-            return f"backend {self.backend} is not installed"
+            return f"not built yet: ctc has no {self.backend} backend so far"
         mod = importlib.import_module(self.backend)
         probe = getattr(mod, "supports", None)
-        return probe(self.name) if callable(probe) else None
+        why = probe(self.name) if callable(probe) else None
+        return None if why is None else f"not built yet: {why}"
 
     def cannot_run_here(self) -> str | None:
         """Why this machine cannot run what the backend builds for this kind (optional backend hook
@@ -147,7 +153,7 @@ class TargetConfig:
     """A validated target from a recipe (or the command line): kind, options, tuning trials."""
 
     kind: str
-    options: PassOptions
+    options: TargetOptions
     trials: int = 0
     notes: tuple[str, ...] = ()  # what ctc decided for this build that the recipe did not say
 

@@ -12,24 +12,32 @@ Use them for property tests of anything that must preserve meaning or structure
         before = interpret(m, inputs)
         ...
 
-What a generated module contains (each piece only when its op is registered and its
-schema accepts the arguments, so the strategy keeps working while the op library grows):
+What a generated module contains (each piece only when its op is registered, so the strategy
+keeps working while the op library grows; a builder that builds an invalid node fails the test):
 
-* 1-2 float inputs ``f32[B, S, D]``, ``S`` a symbol ``s0`` about half of the time;
+* 1-2 float inputs ``f32[B, S, D]`` (``D`` from ``dims``, default 4 or 8; larger for backend
+  tests), ``S`` a symbol ``s0`` about half of the time, and sometimes token ids ``i64[B, S]``;
 * a random DAG of elementwise unary/binary ops (tensor or scalar operands), ``linear``,
   ``matmul``, ``softmax``, ``layer_norm``/``rms_norm``, ``transpose``, ``reshape``/``permute``
   head splits (rank 4 values) feeding ``scaled_dot_product_attention``, ``sparse_attention``
   or ``calibrated_attention``, and the compression ops ``channel_permute``,
   ``lowrank_linear``, ``quant_linear``;
+* integer and bool data flow: casts to ``i32``/``i64`` and integer arithmetic, comparisons,
+  logical ops, ``where`` and ``masked_fill``, ``embedding`` of the token ids;
 * parameters, some read by two ``param`` nodes and some values read by two nodes
   (shared weights), ``full`` constants and parameter-only subexpressions (constant-folding
-  fodder), exact duplicates of earlier nodes (CSE fodder), and nodes no output depends on
-  (DCE fodder);
+  fodder), no-op nodes (``x * 1`` in all its forms, ``x + 0``, identity reshapes, permutes,
+  transposes, expands and casts: canonicalization fodder), exact duplicates of earlier nodes
+  (CSE fodder), and nodes no output depends on (DCE fodder).  Each kind of fodder (and a
+  ``linear`` for the quantizers) is in about three modules of four, so every pass has work in
+  most modules (``changed_share`` measures it);
 * a scope and block on every node, and a module ``meta``.
 
-Every module passes :func:`ctc.ir.verify.verify`; inputs are finite ``randn`` tensors and the
-generated ops keep values finite.  Parameter data comes from a drawn seed, so examples shrink
-and replay deterministically.
+Every module passes :func:`ctc.ir.verify.verify`; inputs are finite ``randn`` tensors (ids in
+range), and the generated ops keep values finite.  ``module_and_inputs(special=True)`` puts
+NaN, +-inf and -0.0 into the float inputs, for properties that hold for them too (every
+op's reference defines them; compare with ``equal_nan``).  Parameter data comes from a drawn
+seed, so examples shrink and replay deterministically.
 """
 
 from __future__ import annotations
@@ -41,15 +49,21 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from ctc.ir import Module, OpError, TensorType, Value, all_ops
+from ctc.ir import Module, TensorType, Value, all_ops
 from ctc.ir import quant as Q
 from ctc.ir.symbolic import eval_dim
+from ctc.ir.types import torch_dtype
 
-__all__ = ["BUILDERS", "available_builders", "changed_share", "inputs_for", "module_and_inputs", "modules"]
+__all__ = ["BUILDERS", "FODDER", "available_builders", "changed_share", "inputs_for", "module_and_inputs", "modules"]
 
 # Ops that keep randn-scale values finite and well-defined (no log/sqrt/div/exp chains).
 SAFE_UNARY = ("relu", "gelu", "silu", "tanh", "sigmoid", "neg", "abs", "sin", "cos", "erf")
 SAFE_BINARY = ("add", "sub", "mul", "maximum", "minimum")
+INT_UNARY = ("neg", "abs")
+INT_BINARY = ("add", "sub", "mul", "maximum", "minimum")
+COMPARE = ("gt", "lt", "ge", "le", "eq", "ne")
+# Token ids of the optional integer input lie in [0, VOCAB).
+VOCAB = 8
 
 
 @dataclass
@@ -61,14 +75,17 @@ class _Ctx:
     gen: torch.Generator
     pool: list[Value] = field(default_factory=list)
     step: int = 0
+    dims: tuple[int, ...] = (4, 8)
+    private: set[str] = field(default_factory=set)  # parameters later nodes must not share
 
     def loc(self) -> dict[str, Any]:
         block = self.draw(st.one_of(st.none(), st.integers(0, 2)))
         prefix = f"layers.{block}" if block is not None else "head"
         return {"scope": f"{prefix}.n{self.step}", "block": block}
 
-    def pick(self, pred: Callable[[Value], bool] = lambda v: True) -> Value | None:
-        cands = [v for v in self.pool if v.type.dtype == "f32" and pred(v)]
+    def pick(self, pred: Callable[[Value], bool] = lambda v: True, dtypes: tuple[str, ...] = ("f32",)
+             ) -> Value | None:
+        cands = [v for v in self.pool if v.type.dtype in dtypes and pred(v)]
         return self.draw(st.sampled_from(cands)) if cands else None
 
     def param(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, share: bool = True,
@@ -77,7 +94,8 @@ class _Ctx:
         loc = loc or self.loc()
         want = TensorType(shape, {torch.float32: "f32", torch.int64: "i64"}.get(dtype, "f32"))
         if share and data is None:
-            read = [n.outputs[0] for n in self.m.nodes if n.op == "param" and n.outputs[0].type == want]
+            read = [n.outputs[0] for n in self.m.nodes if n.op == "param" and n.outputs[0].type == want
+                    and n.attrs["name"] not in self.private]
             how = self.draw(st.sampled_from(["new", "same_param", "same_value"]))
             if read and how == "same_param":  # a second param node naming the same parameter
                 return self.m.param(self.draw(st.sampled_from(read)).producer.attrs["name"], **loc)
@@ -87,6 +105,8 @@ class _Ctx:
             data = torch.randn(shape, generator=self.gen) * 0.5
         name = self.m.fresh_param_name(f"{loc['scope']}.p")
         self.m.add_param(name, data)
+        if not share:
+            self.private.add(name)
         return self.m.param(name, **loc)
 
     def node(self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
@@ -311,19 +331,81 @@ def _constant_subexpr(c: _Ctx) -> Value | None:
     d = int(x.type.shape[-1])
     loc = c.loc()
     k = c.node("full", [], {"shape": (d,), "value": c.draw(st.floats(-1, 1, width=32))}, loc=loc)
-    k = c.node(c.draw(st.sampled_from(ops)), [k, c.param((d,), loc=loc)], loc=loc)
+    k = c.node(c.draw(st.sampled_from(ops)), [k, c.param((d,), share=False, loc=loc)], loc=loc)
     return c.node(c.draw(st.sampled_from(ops)), [x, k], loc=loc)
+
+
+def _int_flow(c: _Ctx) -> Value | None:
+    """Integer data flow: a float value or the token ids, cast to ``i32``/``i64``, through integer
+    arithmetic (small scalars and same-type tensors), sometimes cast back to ``f32``."""
+    x = c.pick(dtypes=("f32", "i64", "i32"))
+    if x is None:
+        return None
+    loc = c.loc()
+    if x.type.dtype == "f32":
+        x = c.node("cast", [x], {"dtype": c.draw(st.sampled_from(["i32", "i64"]))}, loc=loc)
+    op = c.draw(st.sampled_from(INT_UNARY + INT_BINARY))
+    if op in INT_UNARY:
+        y = c.node(op, [x], loc=loc)
+    elif c.draw(st.booleans()):
+        y = c.node(op, [x], {"scalar": float(c.draw(st.integers(-2, 2))), "reverse": c.draw(st.booleans())}, loc=loc)
+    else:
+        other = c.pick(lambda v: v.type == x.type, dtypes=(x.type.dtype,)) or x
+        y = c.node(op, [x, other], loc=loc)
+    if c.draw(st.booleans()):
+        y = c.node("cast", [y], {"dtype": "f32"}, loc=loc)
+    return y
+
+
+def _bool_flow(c: _Ctx) -> Value | None:
+    """Bool data flow: a comparison (tensor or scalar), logical ops, then ``where`` or ``masked_fill``."""
+    x = c.pick()
+    if x is None:
+        return None
+    loc = c.loc()
+    cmp = c.draw(st.sampled_from(COMPARE))
+    other = c.pick(lambda v: v.type == x.type)
+    if other is not None and c.draw(st.booleans()):
+        cond = c.node(cmp, [x, other], loc=loc)
+    else:
+        cond = c.node(cmp, [x], {"scalar": c.draw(st.floats(-1, 1, width=32))}, loc=loc)
+    extra = c.pick(lambda v: v.type == cond.type, dtypes=("bool",))
+    how = c.draw(st.sampled_from(["and", "or", "not", "none"]))
+    if how == "not":
+        cond = c.node("logical_not", [cond], loc=loc)
+    elif how != "none" and extra is not None:
+        cond = c.node("logical_and" if how == "and" else "logical_or", [cond, extra], loc=loc)
+    if c.draw(st.booleans()):
+        return c.node("masked_fill", [x, cond], {"value": c.draw(st.floats(-2, 2, width=32))}, loc=loc)
+    y = c.pick(lambda v: v.type == x.type) or x
+    form = c.draw(st.sampled_from(["tensors", "a_scalar", "b_scalar"]))
+    if form == "tensors":
+        return c.node("where", [cond, x, y], loc=loc)
+    s = c.draw(st.floats(-1, 1, width=32))
+    return c.node("where", [cond, x], {"b_scalar" if form == "b_scalar" else "a_scalar": s}, loc=loc)
+
+
+def _embedding(c: _Ctx) -> Value | None:
+    """Rows of a parameter table indexed by the token ids (an integer input)."""
+    ids = c.pick(lambda v: v.producer is None, dtypes=("i64",))
+    if ids is None:
+        return None
+    loc = c.loc()
+    w = c.param((VOCAB, c.draw(st.sampled_from(c.dims))), share=False, loc=loc)
+    return c.node("embedding", [ids, w], loc=loc)
 
 
 def _noop(c: _Ctx) -> Value | None:
     """A node that computes its operand unchanged (canonicalization fodder): ``x * 1``, ``1 * x``,
     ``x + 0``, ``x - 0``, ``x / 1`` with the constant as a ``full``, a uniform parameter or a scalar
-    attribute; an identity reshape, permute, transpose, expand or cast."""
-    x = c.pick()
+    attribute; an identity reshape, permute, transpose, expand or cast.  Integer values too."""
+    x = c.pick(dtypes=("f32", "i32", "i64"))
     if x is None:
         return None
     kind = c.draw(st.sampled_from(["mul", "add", "sub", "div", "reshape", "permute", "transpose", "expand",
                                    "cast"]))
+    if kind == "div" and x.type.dtype != "f32":
+        kind = "mul"  # div is defined on floats only
     loc = c.loc()
     if kind in ("reshape", "expand"):
         return c.node(kind, [x], {"shape": tuple(x.type.shape)}, loc=loc)
@@ -342,9 +424,9 @@ def _noop(c: _Ctx) -> Value | None:
     last = x.type.shape[-1] if x.type.rank else 1
     shape = c.draw(st.sampled_from([(1,), (last,)] if isinstance(last, int) else [(1,)]))
     if form == "full":
-        k = c.node("full", [], {"shape": shape, "value": unit}, loc=loc)
+        k = c.node("full", [], {"shape": shape, "value": unit, "dtype": x.type.dtype}, loc=loc)
     else:
-        k = c.param(shape, data=torch.full(shape, unit), loc=loc)
+        k = c.param(shape, data=torch.full(shape, unit, dtype=torch_dtype(x.type.dtype)), loc=loc)
     return c.node(kind, [k, x] if left else [x, k], loc=loc)
 
 
@@ -373,11 +455,15 @@ BUILDERS: dict[str, Callable[[_Ctx], Value | None]] = {
     "constant": _constant_subexpr,
     "duplicate": _duplicate,
     "noop": _noop,
+    "int_flow": _int_flow,
+    "bool_flow": _bool_flow,
+    "embedding": _embedding,
 }
 
 
-# Builders whose nodes exist to give passes work (no-ops, duplicates, constant subexpressions).
-FODDER = ("noop", "duplicate", "constant")
+# Builders whose nodes exist to give passes work (no-ops, duplicates, constant subexpressions,
+# linears for the quantizers).
+FODDER = ("noop", "duplicate", "constant", "linear")
 
 
 def available_builders() -> list[str]:
@@ -387,14 +473,19 @@ def available_builders() -> list[str]:
             "split_heads": _has("reshape") and _has("permute"),
             "norm": _has("layer_norm") or _has("rms_norm"), "transpose": _has("transpose"),
             "attention": _has("reshape") and _has("permute"),
-            "constant": any(_has(o) for o in SAFE_BINARY)}
+            "constant": any(_has(o) for o in SAFE_BINARY),
+            "int_flow": _has("cast") and all(_has(o) for o in INT_UNARY + INT_BINARY),
+            "bool_flow": all(_has(o) for o in (*COMPARE, "logical_and", "logical_or", "logical_not", "where",
+                                                "masked_fill")),
+            "embedding": _has("embedding")}
     return [b for b in BUILDERS if need.get(b, True)]
 
 
 @st.composite
 def modules(draw: Callable[[st.SearchStrategy[Any]], Any], *, max_nodes: int = 10,
-            symbolic: bool | None = None, builders: list[str] | None = None) -> Module:
-    """A random valid module (see the module docstring)."""
+            symbolic: bool | None = None, builders: list[str] | None = None,
+            dims: tuple[int, ...] = (4, 8)) -> Module:
+    """A random valid module (see the module docstring); ``dims`` are the feature sizes drawn from."""
     names = builders if builders is not None else available_builders()
     if not names:
         raise ValueError("no builders available")
@@ -403,23 +494,19 @@ def modules(draw: Callable[[st.SearchStrategy[Any]], Any], *, max_nodes: int = 1
     batch = draw(st.integers(1, 2))
     m = Module(draw(st.sampled_from(["random", "g", "net"])))
     m.meta = {"generator": "tests/strategies.py", "seed_model": draw(st.integers(0, 9))}
-    c = _Ctx(draw, m, torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))))
+    c = _Ctx(draw, m, torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))), dims=tuple(dims))
     for i in range(draw(st.integers(1, 2))):
-        d = draw(st.sampled_from([4, 8]))
+        d = draw(st.sampled_from(list(dims)))
         c.pool.append(m.add_input(f"x{i}", TensorType((batch, seq, d), "f32")))
-    fodder = [b for b in FODDER if b in names]
-    pick = st.sampled_from(names)
-    if fodder:  # about a third of the nodes give some pass something to do
-        pick = st.one_of(pick, pick, st.sampled_from(fodder))
-    for step in range(draw(st.integers(1, max_nodes))):
+    if "embedding" in names and draw(st.integers(0, 2)) == 0:
+        c.pool.append(m.add_input("ids", TensorType((batch, seq), "i64")))
+    steps = [draw(st.sampled_from(names)) for _ in range(draw(st.integers(1, max_nodes)))]
+    # Each kind of fodder is in about three modules of four, at a random place in the graph,
+    # so that every pass has work in most modules.
+    steps += [b for b in FODDER if b in names and draw(st.sampled_from([True, True, True, False]))]
+    for step, b in enumerate(draw(st.permutations(steps))):
         c.step = step
-        b = draw(pick)
-        try:
-            v = BUILDERS[b](c)
-        except OpError:
-            # An op whose schema differs from what the builder assumed: skip it.  The
-            # strategy's own tests check that enough ops stay reachable.
-            v = None
+        v = BUILDERS[b](c)  # an invalid node raises: a builder out of step with the op library
         if v is not None:
             c.pool.append(v)
     produced = [v for v in c.pool if v.producer is not None] or c.pool
@@ -430,23 +517,36 @@ def modules(draw: Callable[[st.SearchStrategy[Any]], Any], *, max_nodes: int = 1
     return m
 
 
-def inputs_for(module: Module, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
-    """Finite random inputs for ``module`` with every symbol bound to ``seq_len``."""
+SPECIAL_FLOATS = (float("nan"), float("inf"), float("-inf"), -0.0)
+
+
+def inputs_for(module: Module, seq_len: int, seed: int = 0, *, special: bool = False) -> list[torch.Tensor]:
+    """Random inputs for ``module`` with every symbol bound to ``seq_len``: ``randn`` floats (with
+    ``special``, about one element in eight is NaN, +-inf or -0.0), integer ids in ``[0, VOCAB)``."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for v in module.inputs:
         env = {s: seq_len for s in v.type.symbols}
         shape = tuple(eval_dim(d, env) for d in v.type.shape)
-        out.append(torch.randn(shape, generator=g))
+        if v.type.dtype in ("i64", "i32"):
+            out.append(torch.randint(0, VOCAB, shape, generator=g, dtype=torch.int64).to(torch_dtype(v.type.dtype)))
+            continue
+        t = torch.randn(shape, generator=g)
+        if special and t.numel():
+            where = torch.rand(shape, generator=g) < 0.125
+            pick = torch.randint(0, len(SPECIAL_FLOATS), shape, generator=g)
+            t = torch.where(where, torch.tensor(SPECIAL_FLOATS)[pick], t)
+        out.append(t)
     return out
 
 
 @st.composite
-def module_and_inputs(draw: Callable[[st.SearchStrategy[Any]], Any],
+def module_and_inputs(draw: Callable[[st.SearchStrategy[Any]], Any], *, special: bool = False,
                       **kwargs: Any) -> tuple[Module, list[torch.Tensor]]:
-    """``(module, inputs)``: a random module and matching random inputs (symbols bound to 1..5)."""
+    """``(module, inputs)``: a random module and matching random inputs (symbols bound to 1..5);
+    ``special`` puts NaN, +-inf and -0.0 into the float inputs."""
     m = draw(modules(**kwargs))
-    return m, inputs_for(m, draw(st.integers(1, 5)), draw(st.integers(0, 2**16)))
+    return m, inputs_for(m, draw(st.integers(1, 5)), draw(st.integers(0, 2**16)), special=special)
 
 
 def changed_share(transform: Callable[[Module], Module], n: int = 60, **kwargs: Any) -> float:

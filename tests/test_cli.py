@@ -74,6 +74,12 @@ def test_targets(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for t in ("cpu", "cuda", "fpga", "trials", "threads"):
         assert t in out
+    from ctc.targets import TARGETS
+
+    for name, spec in TARGETS.items():  # a target without a backend yet is "not built yet", never "not installed"
+        line = next(x for x in out.splitlines() if x.startswith(name + " "))
+        assert line.endswith("[available]" if spec.unsupported_reason() is None else "[not built yet]"), line
+    assert "not installed" not in out
 
 
 def test_check_only_good_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

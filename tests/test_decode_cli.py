@@ -17,7 +17,7 @@ import torch
 def tiny_decoder(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ctc.eval.models import bundled_hf_dir
+    from ctc.bundled import bundled_hf_dir
 
     src = bundled_hf_dir("smollm2")
     root = tmp_path_factory.mktemp("decoder")

@@ -15,9 +15,9 @@ from ctc.dsl import (
     ModelSource,
     Recipe,
     RecipeError,
+    RecipeStep,
     SelectorItem,
     Span,
-    Step,
     Target,
     check_recipe,
     check_with_module,
@@ -40,10 +40,10 @@ def test_golden_full_recipe() -> None:
                           {"field": "text", "samples": 16, "seq_len": 64, "seed": 3}),
         evaluate=Dataset("evaluate", "wiki", None, {"samples": 4, "seq_len": 256, "batch_size": 2}),
         pipeline=[
-            Step("constant-fold", {"max_elements": 1024, "fold_params": False}),
-            Step("cse", {}, [SelectorItem("blocks", (0, 2)), SelectorItem("blocks", (5, 6)),
+            RecipeStep("constant-fold", {"max_elements": 1024, "fold_params": False}),
+            RecipeStep("cse", {}, [SelectorItem("blocks", (0, 2)), SelectorItem("blocks", (5, 6)),
                              SelectorItem("scope", "*.mlp.*"), SelectorItem("op", "linear")]),
-            Step("demo-pass", {"ratio": 0.5, "names": ["a", "b"], "nested": [[1, 2], []], "mode": "fast",
+            RecipeStep("demo-pass", {"ratio": 0.5, "names": ["a", "b"], "nested": [[1, 2], []], "mode": "fast",
                                "off": None, "neg": -3, "sci": 1e-3}),
         ],
         targets=[Target("cpu", {"threads": 2}, 64), Target("fpga", {"clock_mhz": 150.0})],
@@ -144,8 +144,8 @@ def test_selectors_checked_against_the_module() -> None:
 def test_language_model_metrics_accepted_on_a_causal_lm() -> None:
     m = _tiny_module()
     m.meta["task"] = "causal_lm"
-    r = parse('model bundled "smollm2"\nevaluate wiki samples=2\ncheck ppl_increase <= 0.01\ncheck kl <= 0.1\n',
-              "r.ctc")
+    src = 'model bundled "smollm2"\nevaluate wiki samples=2\ncheck ppl_increase <= 0.01\ncheck kl <= 0.1\n'
+    r = parse(src, "r.ctc")
     assert [str(d) for d in check_with_module(r, m)] == []
 
 

@@ -7,8 +7,7 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctc.dsl import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, SelectorItem, Step, Target, parse
-from ctc.dsl.printer import print_recipe
+from ctc.dsl import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, RecipeStep, SelectorItem, Target, parse, print_recipe
 
 _KEYWORDS = {"true", "false", "none", "on", "op", "blocks", "model", "calibrate", "evaluate", "pipeline", "target",
              "check", "emit", "trials"}
@@ -24,7 +23,7 @@ selectors = st.one_of(
     text.map(lambda s: SelectorItem("scope", s)),
     names.map(lambda s: SelectorItem("op", s)),
 )
-steps = st.builds(Step, name=pass_names, options=options, selectors=st.lists(selectors, max_size=3))
+steps = st.builds(RecipeStep, name=pass_names, options=options, selectors=st.lists(selectors, max_size=3))
 models = st.builds(ModelSource, kind=names, ref=text, options=options)
 datasets = lambda role: st.builds(Dataset, role=st.just(role), source=names, path=st.none() | text,  # noqa: E731
                                   options=options)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctc.bundled import bundled_model_dir
 from ctc.eval import data
-from ctc.eval.models import bundled_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 
 from ctc.eval import data
 from ctc.eval import fidelity as F
-from ctc.eval.models import load_bundled
+from ctc.frontends import load_bundled
 from ctc.ir import Module, TensorType
 
 
@@ -97,7 +97,8 @@ def test_similarity_agreement_identical_is_one_and_noise_lowers_it():
 
 @pytest.fixture(scope="module")
 def minilm():
-    return load_bundled("minilm")
+    hf = load_bundled("minilm")
+    return hf.model, hf.tokenizer, hf.info
 
 
 def test_sentence_embeddings_match_sentence_transformers(minilm):
@@ -128,7 +129,8 @@ def test_human_correlation_on_lee_subset(minilm):
 @pytest.mark.slow
 def test_minilm_human_correlation_full_lee():
     """all-MiniLM-L6-v2 vs the 50x50 Lee human judgements: Pearson 0.656, Spearman 0.508 (1225 pairs)."""
-    model, tok, info = load_bundled("minilm")
+    hf = load_bundled("minilm")
+    model, tok, info = hf.model, hf.tokenizer, hf.info
     e = F.sentence_embeddings(F.torch_hidden_fn(model), tok, data.lee_test(), max_length=info.max_seq_len)
     r = F.human_correlation(e, data.lee_similarities())
     assert r.pairs == 1225

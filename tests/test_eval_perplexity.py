@@ -152,9 +152,10 @@ def test_module_perplexity_runs_the_interpreter():
 @pytest.mark.slow
 def test_smollm2_gpl3_first_512_tokens():
     """Real SmolLM2-135M on the GPL-3 text Debian ships: 18.83 (first 512 tokens, one window)."""
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
 
-    model, tok, _ = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok = hf.model, hf.tokenizer
     with open("/usr/share/common-licenses/GPL-3", encoding="utf-8") as f:
         text = f.read()
     r = P.text_perplexity(P.torch_logits_fn(model), tok, text, 512, max_windows=1, source="GPL-3")

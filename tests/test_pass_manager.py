@@ -18,8 +18,9 @@ from strategies import module_and_inputs
 from ctc.dsl.ast import Span
 from ctc.ir import Module, TensorType, interpret
 from ctc.ir.text import parse, print_module, structural_diff
+from ctc.options import option
 from ctc.passes.analyses import CalibrationStats
-from ctc.passes.base import Analysis, Pass, PassContext, PassError, PassOptions, Selector, get_pass, option
+from ctc.passes.base import Analysis, Pass, PassContext, PassError, PassOptions, Selector, get_pass
 from ctc.passes.manager import (
     DumpIR,
     Fidelity,

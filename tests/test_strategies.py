@@ -41,6 +41,10 @@ FEATURES = {
     "static input": lambda m: all(not v.type.symbols for v in m.inputs),
     "two outputs": lambda m: len(m.outputs) >= 2,
     "block-less node": lambda m: any(n.block is None for n in m.nodes),
+    "integer value": lambda m: any(v.type.dtype in ("i32", "i64") for n in m.nodes for v in n.outputs),
+    "bool value": lambda m: any(v.type.dtype == "bool" for n in m.nodes for v in n.outputs),
+    "integer input": lambda m: any(v.type.dtype == "i64" for v in m.inputs),
+    "scalar-attribute operand": lambda m: any(n.attrs.get("scalar") is not None for n in m.nodes),
 }
 
 
@@ -73,3 +77,18 @@ def test_strategy_reaches_shared_params_duplicates_dead_code_and_symbols_and_eve
         assert {"scaled_dot_product_attention", "sparse_attention", "calibrated_attention"} <= set(attn)
     if "unary" in available_builders() or "binary" in available_builders():
         assert len(seen_ops) >= 8
+    if "bool_flow" in available_builders():
+        assert {"where", "masked_fill", "logical_not"} <= set(seen_ops)
+    if "embedding" in available_builders():
+        assert "embedding" in seen_ops
+
+
+@settings(max_examples=40, deadline=None)
+@given(module_and_inputs(special=True, dims=(16, 32)))
+def test_special_inputs_and_larger_dims(mi):
+    m, inputs = mi
+    assert all(v.type.shape[-1] in (16, 32) for v in m.inputs if v.type.dtype == "f32")
+    floats = [t for t in inputs if t.is_floating_point()]
+    verify(m)
+    interpret(m, inputs)  # every op's reference defines NaN, inf and -0.0
+    assert floats

@@ -201,6 +201,8 @@ def _corrupt(m: Module, kind: str, pick: int) -> bool:
             return False
         used[pick % len(used)].uses.pop()
     elif kind == "stale_use":
+        if not m.nodes:
+            return False
         m.inputs[0].uses.append((m.nodes[pick % len(m.nodes)], 99))
     elif kind == "retype":
         n = [n for n in m.nodes if n.op != "param"]

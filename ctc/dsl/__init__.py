@@ -1,6 +1,6 @@
 """The recipe language: grammar (recipe.lark), AST, parser, printer, checker and diagnostics."""
 
-from ctc.dsl.ast import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, SelectorItem, Span, Step, Target
+from ctc.dsl.ast import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, RecipeStep, SelectorItem, Span, Target
 from ctc.dsl.diagnostics import Diagnostic, RecipeError
 from ctc.dsl.parser import parse, parse_file
 from ctc.dsl.printer import print_recipe
@@ -16,5 +16,5 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = ["Check", "Dataset", "Diagnostic", "Emit", "EmitFormat", "ModelSource", "Recipe", "RecipeError",
-           "SelectorItem", "Span", "Step", "Target", "check_recipe", "check_with_module", "parse", "parse_file",
+           "RecipeStep", "SelectorItem", "Span", "Target", "check_recipe", "check_with_module", "parse", "parse_file",
            "print_recipe"]

@@ -78,8 +78,11 @@ class SelectorItem:
 
 
 @dataclass
-class Step:
-    """One pipeline step: a registered pass name, its keyword options and optional selectors."""
+class RecipeStep:
+    """One pipeline step as written in a recipe: a pass name, its keyword options and selectors, with spans.
+
+    (The pass manager's runnable step, a configured pass and a selector, is
+    :class:`ctc.passes.manager.Step`; the recipe compiler builds one from each of these.)"""
 
     name: str
     options: dict[str, OptionValue] = field(default_factory=dict)
@@ -157,7 +160,7 @@ class Recipe:
     model: ModelSource | None = None
     calibrate: Dataset | None = None
     evaluate: Dataset | None = None
-    pipeline: list[Step] = field(default_factory=list)
+    pipeline: list[RecipeStep] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     emit: Emit | None = None

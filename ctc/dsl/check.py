@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctc.dsl.ast import Check, Dataset, EmitFormat, ModelSource, Recipe, Span, Step, Target
+from ctc.dsl.ast import Check, Dataset, EmitFormat, ModelSource, Recipe, RecipeStep, Span, Target
 from ctc.dsl.diagnostics import Diagnostic, attach_source, did_you_mean
-from ctc.passes.base import PassError, PassOptions, option
+from ctc.options import OptionError, Options, option
+from ctc.passes.base import PassError
 from ctc.targets import TARGETS, TRIALS_HELP
 from ctc.tasks import TASK_CAUSAL_LM
+
+# What option construction raises: the option machinery, and a pass's own validate (PassError).
+_OPTION_ERRORS = (OptionError, PassError)
 
 # --------------------------------------------------------------------------- model sources
 MODEL_KINDS = {
@@ -33,17 +37,15 @@ MODEL_KINDS = {
 
 
 def bundled_model_names() -> list[str]:
-    """Names accepted by ``model bundled "..."`` (the bundled-model table of ctc.eval.models)."""
-    try:
-        from ctc.eval.models import bundled_names
-    except ImportError:
-        return []
+    """Names accepted by ``model bundled "..."`` (the catalogue of ctc.bundled)."""
+    from ctc.bundled import bundled_names
+
     return list(bundled_names())
 
 
 # --------------------------------------------------------------------------- datasets
 @dataclass(frozen=True)
-class DatasetOptions(PassOptions):
+class DatasetOptions(Options):
     """Options of `calibrate`/`evaluate` statements."""
 
     samples: int = option(32, "number of text windows (calibration batches / evaluation windows)", min=1, max=100000)
@@ -57,7 +59,7 @@ class DatasetOptions(PassOptions):
 
     def validate(self) -> None:
         if self.field is not None and not self.field.strip():
-            raise PassError('option field="" is empty: name the JSON field that holds the text, e.g. field="text"')
+            raise OptionError('option field="" is empty: name the JSON field that holds the text, e.g. field="text"')
 
 
 DATASET_SOURCES = {
@@ -98,14 +100,14 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
 
 
 # --------------------------------------------------------------------------- helpers
-def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spans: dict[str, Span], whole: Span,
+def option_diagnostics(opts_cls: type[Options], options: dict[str, Any], spans: dict[str, Span], whole: Span,
                        what: str) -> list[Diagnostic]:
     """Strictly validate ``options`` against ``opts_cls``, locating each error at its option (a
     contradiction between options, found only by the whole set, at the statement)."""
     try:
-        opts_cls.from_dict(options, pass_name=what)
+        opts_cls.from_dict(options, owner=what)
         return []
-    except PassError:
+    except _OPTION_ERRORS:
         pass
     diags: list[Diagnostic] = []
     known = [f.name for f in dataclasses.fields(opts_cls)]
@@ -120,8 +122,8 @@ def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spa
                                     hint=f"options: {', '.join(known) or 'none'}"))
             continue
         try:
-            opts_cls.from_dict({**{o: w for o, w in alone.items() if o != k}, k: v}, pass_name=what)
-        except PassError as e:
+            opts_cls.from_dict({**{o: w for o, w in alone.items() if o != k}, k: v}, owner=what)
+        except _OPTION_ERRORS as e:
             spec = next(s for s in opts_cls.specs() if s.name == k)
             if not any(d.message == f"{what}: {e}" for d in diags):  # a contradiction: blamed once, first option
                 diags.append(Diagnostic(f"{what}: {e}", span, hint=_spec_hint(spec)))
@@ -129,16 +131,16 @@ def option_diagnostics(opts_cls: type[PassOptions], options: dict[str, Any], spa
         good[k] = v
     if not diags:
         try:
-            opts_cls.from_dict(good, pass_name=what)
-        except PassError as e:
+            opts_cls.from_dict(good, owner=what)
+        except _OPTION_ERRORS as e:
             diags.append(Diagnostic(f"{what}: {e}", whole))
     return diags
 
 
-def _valid(opts_cls: type[PassOptions], values: dict[str, Any], what: str) -> bool:
+def _valid(opts_cls: type[Options], values: dict[str, Any], what: str) -> bool:
     try:
-        opts_cls.from_dict(values, pass_name=what)
-    except PassError:
+        opts_cls.from_dict(values, owner=what)
+    except _OPTION_ERRORS:
         return False
     return True
 
@@ -224,7 +226,7 @@ def _check_model(recipe: Recipe, m: ModelSource | None, whole: Span) -> list[Dia
     if m.kind == "bundled":
         names = bundled_model_names()
         if not names:
-            diags.append(Diagnostic("no bundled models are available in this installation (ctc.eval.models)",
+            diags.append(Diagnostic("no bundled models are available in this installation (ctc.bundled)",
                                     m.ref_span))
         elif m.ref not in names:
             diags.append(Diagnostic(f"unknown bundled model {m.ref!r}{did_you_mean(m.ref, names)}", m.ref_span,
@@ -272,7 +274,7 @@ def _check_dataset(recipe: Recipe, d: Dataset) -> list[Diagnostic]:
     return diags
 
 
-def _check_step(step: Step, has_calibration: bool, valid: set[str] | None = None) -> list[Diagnostic]:
+def _check_step(step: RecipeStep, has_calibration: bool, valid: set[str] | None = None) -> list[Diagnostic]:
     """Diagnostics of one pipeline step; ``valid`` remembers option sets already found valid in this
     recipe (a recipe repeating a step is checked in linear time with a small constant)."""
     from ctc.ir.ops import all_ops
@@ -323,7 +325,7 @@ def target_config(t: Target) -> Any:
     from ctc.targets import TargetConfig
 
     spec = TARGETS[t.kind]
-    return TargetConfig(t.kind, spec.Options.from_dict(t.options, pass_name=f"target {t.kind}"), int(t.trials or 0))
+    return TargetConfig(t.kind, spec.Options.from_dict(t.options, owner=f"target {t.kind}"), int(t.trials or 0))
 
 
 def _check_tuning_dir(recipe: Recipe, t: Target) -> list[Diagnostic]:
@@ -366,14 +368,10 @@ def _check_target(t: Target, seen: dict[str, Span], recipe: Recipe) -> list[Diag
         elif t.trials < 0:
             diags.append(Diagnostic(f"target {t.kind}: trials={t.trials} is below its minimum 0", span,
                                     hint=TRIALS_HELP))
-    if not spec.available():
-        diags.append(Diagnostic(f"target {t.kind} needs backend {spec.backend}, which this installation lacks",
-                                t.kind_span, hint="drop the target line to compile without it"))
-    else:
-        why = spec.unsupported_reason()
-        if why:
-            diags.append(Diagnostic(f"target {t.kind} cannot be built: {why}", t.kind_span,
-                                    hint="drop the target line to compile without it"))
+    why = spec.unsupported_reason()
+    if why:
+        diags.append(Diagnostic(f"target {t.kind} cannot be built: {why}", t.kind_span,
+                                hint="drop the target line to compile without it"))
     return diags
 
 
@@ -495,7 +493,7 @@ def _data_overlap(recipe: Recipe) -> list[Diagnostic]:
         return []
     try:
         co, eo = DatasetOptions.from_dict(c.options), DatasetOptions.from_dict(e.options)
-    except PassError:
+    except _OPTION_ERRORS:
         return []
     c_end = co.skip + co.limit if co.limit else math.inf
     e_end = min(eo.skip + eo.limit if eo.limit else math.inf, eo.skip + eo.samples * eo.seq_len)
@@ -550,7 +548,7 @@ def _match_summary(module: Any, pred: Callable[[Any], bool]) -> int:
     return sum(1 for n in module.nodes if pred(n))
 
 
-def _pass_module_diagnostics(step: Step, module: Any) -> list[Diagnostic]:
+def _pass_module_diagnostics(step: RecipeStep, module: Any) -> list[Diagnostic]:
     """What the step's pass says about its options on this module (``Pass.check_module``), located."""
     from ctc.passes.base import all_passes
 
@@ -558,8 +556,8 @@ def _pass_module_diagnostics(step: Step, module: Any) -> list[Diagnostic]:
     if cls is None:
         return []
     try:
-        opts = cls.Options.from_dict(step.options, pass_name=step.name)
-    except PassError:
+        opts = cls.Options.from_dict(step.options, owner=f"pass {step.name}")
+    except _OPTION_ERRORS:
         return []  # reported by the static checks
     out = []
     for where, msg in cls.check_module(opts, module, step.selector()):

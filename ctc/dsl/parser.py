@@ -15,7 +15,7 @@ from typing import Any
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from ctc.dsl.ast import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, SelectorItem, Span, Step, Target
+from ctc.dsl.ast import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, RecipeStep, SelectorItem, Span, Target
 from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, source_lines
 
 GRAMMAR = Path(__file__).with_name("recipe.lark")
@@ -164,7 +164,7 @@ class _Builder(Transformer):
         # the step rule includes its newline; end the span at the last real token
         last = sels[-1].span if sels else (opts_items[-1][2] if opts_items else self.tok_span(name))
         span = Span(self.file, span.line, span.col, last.end_line, last.end_col)
-        return (Step(str(name), opts, sels, span, self.tok_span(name), spans), errs)
+        return (RecipeStep(str(name), opts, sels, span, self.tok_span(name), spans), errs)
 
     @v_args(meta=True)
     def pipeline(self, meta: Any, c: list) -> tuple:

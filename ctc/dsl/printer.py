@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ctc.dsl.ast import Check, Dataset, ModelSource, Recipe, SelectorItem, Step, Target
+from ctc.dsl.ast import Check, Dataset, ModelSource, Recipe, RecipeStep, SelectorItem, Target
 from ctc.dsl.parser import quote
 
 
@@ -49,7 +49,7 @@ def format_selector(s: SelectorItem) -> str:
     raise ValueError(f"unknown selector kind {s.kind!r}")
 
 
-def format_step(s: Step) -> str:
+def format_step(s: RecipeStep) -> str:
     out = s.name + _options(s.options)
     if s.selectors:
         out += " on " + ", ".join(format_selector(x) for x in s.selectors)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ctc.eval.models import default_cache_dir
+from ctc.cache import default_cache_dir
 
 __all__ = [
     "WIKI_FILE",

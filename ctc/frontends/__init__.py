@@ -7,7 +7,7 @@ generation step of a causal LM over explicit KV-cache tensors.
 """
 
 from ctc.frontends.aten_capture import CaptureError, capture, capture_exported
-from ctc.frontends.bundled import BUNDLED, bundled_dir, load_bundled
+from ctc.frontends.bundled import BUNDLED, load_bundled
 from ctc.frontends.decode import decode_inputs, decode_step
 from ctc.frontends.hf import (
     TASK_CAUSAL_LM,
@@ -23,7 +23,7 @@ from ctc.frontends.hf import (
 from ctc.frontends.pt2 import load_pt2
 
 __all__ = [
-    "BUNDLED", "TASK_CAUSAL_LM", "TASK_ENCODER", "CaptureError", "HFModel", "ModelLoadError", "bundled_dir",
+    "BUNDLED", "TASK_CAUSAL_LM", "TASK_ENCODER", "CaptureError", "HFModel", "ModelLoadError",
     "capture", "capture_exported", "capture_hf_model", "capture_loaded", "decode_inputs", "decode_step",
     "example_inputs", "load_bundled",
     "load_hf", "load_pt2", "task_of",

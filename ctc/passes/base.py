@@ -9,13 +9,9 @@ Passes keep no state between runs and never mutate parameter tensors in place
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
-import math
 import re
-import types
-import typing
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +21,7 @@ import torch
 
 from ctc.ir.graph import Module, Node
 from ctc.ir.rewrite import RewriteLog, RewritePattern, Rewriter, apply_once, apply_patterns
+from ctc.options import OptionError, Options, option  # noqa: F401 - option: re-exported for pass modules
 
 _LABEL_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -34,126 +31,9 @@ class PassError(Exception):
 
 
 # --------------------------------------------------------------------------- options
-def option(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-           choices: Sequence[Any] | None = None) -> Any:
-    """Declare a pass option: its default, a one-line doc, and optional bounds/choices."""
-    meta = {"doc": doc, "min": min, "max": max, "choices": tuple(choices) if choices is not None else None}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against annotation ``tp``; ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except PassError as e:
-                errors.append(str(e))
-        raise PassError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise PassError(f"{where}: expected a list, got {value!r}")
-        elem = args[0] if args else Any
-        return [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PassError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PassError(f"{where}: expected an int, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise PassError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise PassError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise PassError(f"{where}: unsupported option type {tp}")
-
-
 @dataclass(frozen=True)
-class OptionSpec:
-    """Everything documented about one option (for `ctc passes` and the docs page)."""
-
-    name: str
-    type: str
-    default: Any
-    doc: str
-    min: float | None
-    max: float | None
-    choices: tuple[Any, ...] | None
-
-
-@dataclass(frozen=True)
-class PassOptions:
-    """Base of every pass's options; subclasses add fields declared with :func:`option`."""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            where = f"option {f.name}"
-            val = _coerce(getattr(self, f.name), hints[f.name], where)
-            object.__setattr__(self, f.name, val)
-            lo, hi, ch = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
-            items = val if isinstance(val, list) else [val]
-            for x in items:
-                if isinstance(x, float) and not math.isfinite(x):
-                    raise PassError(f"{where}={val!r} is not a finite number")
-                if x is None or isinstance(x, (str, bool)):
-                    pass
-                elif lo is not None and x < lo:
-                    raise PassError(f"{where}={val!r} is below its minimum {lo}")
-                elif hi is not None and x > hi:
-                    raise PassError(f"{where}={val!r} is above its maximum {hi}")
-                if ch is not None and x not in ch:
-                    raise PassError(f"{where}={x!r} must be one of {list(ch)}")
-        self.validate()
-
-    def validate(self) -> None:
-        """Cross-field checks; raise :class:`PassError` naming the option."""
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, pass_name: str = "") -> PassOptions:
-        """Strict construction: unknown keys are errors with the nearest valid name."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for k in values:
-            if k not in known:
-                near = difflib.get_close_matches(k, known, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                opts = ", ".join(known) or "none"
-                raise PassError(f"pass {pass_name or cls.__name__} has no option {k!r}{hint} (options: {opts})")
-        return cls(**dict(values))
-
-    @classmethod
-    def specs(cls) -> list[OptionSpec]:
-        hints = typing.get_type_hints(cls)
-        out = []
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-            out.append(OptionSpec(f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", ""),
-                                  f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")))
-        return out
+class PassOptions(Options):
+    """Base of every pass's options (see :mod:`ctc.options`); fields are declared with :func:`option`."""
 
 
 @dataclass(frozen=True)
@@ -349,11 +229,14 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
 
     def __init__(self, options: PassOptions | Mapping[str, Any] | None = None):
-        if options is None:
-            options = self.Options()
-        elif isinstance(options, Mapping):
-            options = self.Options.from_dict(options, pass_name=self.name)
-        elif not isinstance(options, self.Options):
+        try:
+            if options is None:
+                options = self.Options()
+            elif isinstance(options, Mapping):
+                options = self.Options.from_dict(options, owner=f"pass {self.name}")
+        except OptionError as e:
+            raise PassError(str(e)) from None
+        if not isinstance(options, self.Options):
             raise PassError(f"pass {self.name}: options must be {self.Options.__name__}, got {type(options).__name__}")
         self.options = options
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from ctc.ir.patterns import Match, op, same_type, unit, var, zero
 from ctc.ir.rewrite import RewritePattern, Rewriter, Rule
-from ctc.passes.base import PassOptions, PatternPass, option, register_pass
+from ctc.options import option
+from ctc.passes.base import PassOptions, PatternPass, register_pass
 
 
 def _operand_x(rw: Rewriter, m: Match):  # noqa: ANN202 - a rule: Value | None

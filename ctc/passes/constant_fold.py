@@ -12,7 +12,8 @@ from ctc.ir.ops import get_op
 from ctc.ir.rewrite import Rewriter
 from ctc.ir.symbolic import SymbolicError, eval_dim
 from ctc.ir.types import TensorType
-from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.options import option
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, register_pass
 
 
 def _static_attrs(node: Node) -> dict | None:

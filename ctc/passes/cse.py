@@ -11,7 +11,8 @@ import torch
 from ctc.ir.graph import Module, Node
 from ctc.ir.ops import get_op
 from ctc.ir.rewrite import Rewriter
-from ctc.passes.base import Pass, PassContext, PassOptions, option, register_pass
+from ctc.options import option
+from ctc.passes.base import Pass, PassContext, PassOptions, register_pass
 
 
 def freeze_attr(v: Any) -> Hashable:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from ctc.ir.graph import Module, Node
 from ctc.ir.ops import get_op
-from ctc.passes.base import Pass, PassContext, PassOptions, option, register_pass
+from ctc.options import option
+from ctc.passes.base import Pass, PassContext, PassOptions, register_pass
 
 
 def is_dead(module: Module, node: Node) -> bool:

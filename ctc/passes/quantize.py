@@ -33,8 +33,9 @@ import torch
 from ctc.ir import quant as Q
 from ctc.ir.graph import Module, Node, Value, param_name, param_tensor
 from ctc.ir.rewrite import Rewriter
+from ctc.options import option
 from ctc.passes.analyses.calibration import CalibrationResult, CalibrationStats, ChannelStats
-from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, register_pass
 from ctc.passes.shared_weights import OncePerKey
 
 __all__ = ["QuantizeOptions", "QuantizePass", "build_quant_linear", "insert_kv_quant", "kv_operands",
@@ -288,6 +289,9 @@ class QuantizePass(Pass):
         kv_st = dict(kv.stats) if kv is not None else {}
         qws: OncePerKey[Q.QuantizedWeight] = OncePerKey()
         once: OncePerKey[tuple[str, str, str]] = OncePerKey()  # a tied weight is quantized and stored once
+        # Plan on the unmodified module (statistics are keyed by its value names; a linear reading
+        # another linear's result would otherwise look up the replaced value), then rewrite.
+        plans = []
         for lin in lins:
             w = param_tensor(lin.operand("weight"))
             bias = lin.operand("bias")
@@ -310,6 +314,8 @@ class QuantizePass(Pass):
                 k = st.channels
                 clusters = tuple(range(1, k + 1)) if o.a_granularity == "channel" else ()
                 scale, zero = segment_qparams(st.min, st.max, clusters, o.a_bits)
+            plans.append((lin, w, b, qw, scale, zero, clusters))
+        for lin, w, b, qw, scale, zero, clusters in plans:
             build_quant_linear(rw, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters, once=once,
                                dynamic=o.a_mode == "dynamic")
         n_kv = insert_kv_quant(rw, kv_st, o.kv_bits) if kv is not None else 0

@@ -62,8 +62,9 @@ from ctc.ir.graph import Module, Node, Value, param_name, param_tensor
 from ctc.ir.interpreter import interpret
 from ctc.ir.nxview import to_digraph
 from ctc.ir.rewrite import Rewriter
+from ctc.options import option
 from ctc.passes.analyses.calibration import CalibrationStats, ChannelStats
-from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, register_pass
 from ctc.passes.quantize import (
     build_quant_linear,
     insert_kv_quant,

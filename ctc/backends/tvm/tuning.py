@@ -26,12 +26,14 @@ per-kernel schedules.  Tuning is slow (minutes), so:
 
 TVM 0.27 facts applied (see ``docs``/tvm-notes): ``inspect.stack`` is replaced by a cheap
 version in the worker and in every builder process (``import tvm.s_tir.tensor_intrin`` takes
-~39 s otherwise and the builder times out), the builder timeout is raised, and the fixed VNNI
+~39 s otherwise and the builder times out) and, in this process, only while
+:func:`tune_and_apply` runs (:func:`fast_inspect_stack` restores it), the builder timeout is raised, and the fixed VNNI
 intrinsic of :mod:`.int_kernels` is registered in the workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -42,14 +44,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ctc.backends.tvm.tuning_db import TaskRecords, count_records
+from ctc.cache import default_cache_dir
 
-__all__ = ["TuningError", "default_cache_dir", "install_fast_inspect_stack", "live_group_members", "plan_budget",
+__all__ = ["TuningError", "builder_init", "fast_inspect_stack", "live_group_members", "plan_budget",
            "tune_and_apply", "tuning_dir"]
 
 LEDGER_VERSION = 2
@@ -62,24 +65,16 @@ class TuningError(RuntimeError):
     """The tuning worker failed as a whole (it crashed or could not start); records so far are kept."""
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/ctc/tuning`` (``~/.cache/ctc/tuning``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ctc" / "tuning"
-
-
 def tuning_dir(info: Any, cache_dir: str | Path | None = None) -> Path:
-    """The database directory for target ``info`` (a :class:`~.targets.TargetInfo`)."""
+    """The database directory for target ``info`` (a :class:`~.targets.TargetInfo`); the root defaults to
+    ``<ctc cache>/tuning`` (``~/.cache/ctc/tuning``)."""
     from ctc.backends.tvm.targets import target_key
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tuning"
     return root / target_key(info)
 
 
 # ----------------------------------------------------------------------------- inspect.stack workaround
-_ORIG_STACK = inspect.stack
-
-
 def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
     """``inspect.stack`` without reading source files for every frame (only the first three get
     their line, which TVMScript's class-scope check reads)."""
@@ -98,14 +93,22 @@ def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
     return out
 
 
-def install_fast_inspect_stack() -> None:
-    """Replace ``inspect.stack`` process-wide (idempotent); also used as the builder initializer."""
+@contextlib.contextmanager
+def fast_inspect_stack() -> Iterator[None]:
+    """``inspect.stack`` replaced by :func:`_fast_stack` inside the block, the previous one restored after
+    (also on errors), so the rest of the process never sees the patch."""
+    saved = inspect.stack
     inspect.stack = _fast_stack  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        inspect.stack = saved  # type: ignore[assignment]
 
 
 def builder_init() -> None:
-    """Set up a process that builds tuning candidates: cheap ``inspect.stack``, the fixed VNNI intrinsic."""
-    install_fast_inspect_stack()
+    """Set up a process that only builds tuning candidates (the tuning worker, a builder worker):
+    cheap ``inspect.stack`` for that process's lifetime, the fixed VNNI intrinsic."""
+    inspect.stack = _fast_stack  # type: ignore[assignment]
     try:
         from ctc.backends.tvm.int_kernels import register_vnni_intrinsics
 
@@ -316,13 +319,19 @@ def tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | 
     counts are read back from the database.  Raises :class:`TuningError` when the worker fails
     as a whole; a task that fails alone is reported and keeps its default schedule.
     """
+    with fast_inspect_stack():
+        return _tune_and_apply(mod, info, trials=trials, cache_dir=cache_dir, trials_per_task=trials_per_task,
+                               max_tasks=max_tasks, log=log, seed=seed)
+
+
+def _tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path | None, trials_per_task: int | None,
+                    max_tasks: int | None, log: Callable[[str], None] | None, seed: int) -> tuple[Any, dict[str, Any]]:
     import tvm_ffi
 
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    install_fast_inspect_stack()
     tgt = info.target()
     wdir = tuning_dir(info, cache_dir)
     wdir.mkdir(parents=True, exist_ok=True)

