@@ -32,8 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ctc.backends.hls.exact import interpret_exact  # noqa: E402
 from ctc.eval import data as D  # noqa: E402
-from ctc.eval.models import load_bundled  # noqa: E402
-from ctc.frontends import capture  # noqa: E402
+from ctc.frontends import (
+    capture,  # noqa: E402
+    load_bundled,  # noqa: E402
+)
 from ctc.ir.interpreter import interpret  # noqa: E402
 from ctc.passes.base import PassContext, get_pass  # noqa: E402
 from ctc.targets import FpgaOptions, TargetConfig, build_target  # noqa: E402
@@ -60,7 +62,8 @@ def _windows(tok: Any, text: str, n: int, seq: int) -> list[torch.Tensor]:
 
 
 def minilm(seq: int, calib: int) -> tuple[Any, list[dict[str, torch.Tensor]], dict[str, torch.Tensor], str]:
-    model, tok, _ = load_bundled("minilm")
+    hf = load_bundled("minilm")
+    model, tok = hf.model, hf.tokenizer
     m = capture(model, {"input_ids": torch.ones(1, seq, dtype=torch.int64),
                         "attention_mask": torch.ones(1, seq, dtype=torch.int64)}, output="last_hidden_state")
     cal = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in
@@ -72,7 +75,8 @@ def minilm(seq: int, calib: int) -> tuple[Any, list[dict[str, torch.Tensor]], di
 
 
 def smollm2_block(seq: int, calib: int) -> tuple[Any, list[dict[str, torch.Tensor]], dict[str, torch.Tensor], str]:
-    model, tok, _ = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok = hf.model, hf.tokenizer
     block = SmolBlock(model, 0).eval()
     emb = model.model.embed_tokens
 
