@@ -28,6 +28,7 @@ pipeline {
 }
 check fidelity >= 0.999
 check params <= 1.001x
+check latency_ms <= 10x       # no target: both models through the torch backend
 check param_bytes <= 0.5x     # cannot hold: no pass here removes half the bytes
 """
 
@@ -51,6 +52,9 @@ def test_failed_check_exit_1_with_artifact(compiled: tuple[int, Path, str]) -> N
     assert by["params <= 1.001x"]["passed"] and by["params <= 1.001x"]["measured"] == pytest.approx(
         report["model"]["params_after"] / report["model"]["params_before"])
     assert by["fidelity >= 0.999"]["passed"] and by["fidelity >= 0.999"]["measured"] > 0.999
+    lat = report["metrics"]["latency_ms"]
+    assert lat["backend"] == "torch" and "torch backend" in lat["protocol"] and lat["original"] > 0
+    assert by["latency_ms <= 10x"]["measured"] == pytest.approx(lat["ratio"]) and lat["ratio"] > 0
     assert [p["name"] for p in report["passes"]] == ["canonicalize", "constant-fold", "cse", "dce"]
     assert report["passes"][2]["selector"] == "blocks[0:6]"
     assert report["protocol"]["evaluate"]["windows"] == 2
@@ -68,12 +72,29 @@ def test_artifact_files_and_report(compiled: tuple[int, Path, str]) -> None:
 
 
 def test_load_and_run_matches_reported_fidelity(compiled: tuple[int, Path, str]) -> None:
-    _, out, _ = compiled
-    art = ctc.load(out)
-    tok = art.tokenizer()
-    from ctc.driver import text_inputs
+    """The loaded artifact, run on the recipe's evaluation windows, agrees with the original model as
+    report.json says (the saved IR and parameters reproduce the measured numbers)."""
+    _, out, recipe_text = compiled
+    from ctc.driver import Progress, _compare, dataset_batches, load_model, text_inputs
+    from ctc.dsl import parse
+    from ctc.ir import interpret
 
-    inputs = text_inputs(art.module, tok, ["The quick brown fox jumps over the lazy dog."])
+    art = ctc.load(out)
+    report = json.loads((out / "report.json").read_text())
+    recipe = parse(recipe_text, str(out / "recipe.ctc"))
+    loaded = load_model(recipe, Progress(False))  # the original, captured again from the bundled model
+    assert recipe.evaluate is not None
+    batches, protocol = dataset_batches(recipe, recipe.evaluate, loaded)
+    assert protocol["windows"] == report["protocol"]["evaluate"]["windows"] == len(batches)
+    ref = [interpret(loaded.module, b) for b in batches]
+    got = [art.run(b) for b in batches]
+    fid = _compare(batches, ref, got, logits=False)
+    measured = report["metrics"]
+    assert fid.cosine == pytest.approx(measured["fidelity"]["compressed"], abs=1e-6)
+    assert fid.max_abs_error == pytest.approx(measured["max_error"]["compressed"], rel=1e-3, abs=1e-6)
+    assert fid.rel_error == pytest.approx(measured["fidelity"]["rel_error"], rel=1e-3, abs=1e-7)
+    # and on new text, through the artifact's tokenizer
+    inputs = text_inputs(art.module, art.tokenizer(), ["The quick brown fox jumps over the lazy dog."])
     y = art.run(inputs)
     assert y[0].shape[:2] == inputs["input_ids"].shape and torch.isfinite(y[0]).all()
 
@@ -222,3 +243,39 @@ def test_sparse_attention_on_cuda_is_a_located_error(tmp_path: Path, capsys: pyt
            "encoder.layer.0.attention.self: the sparse attention kernels are CPU (llvm) kernels" in err
     assert "nothing was written" in err and "Traceback" not in err
     assert not out.exists()
+
+
+REAL_TVM = """\
+# the real MiniLM through TVM at CI size: fixed 16-token build, default schedules
+model bundled "minilm"
+evaluate lee samples=1 seq_len=16
+pipeline {
+    canonicalize
+    cse
+    dce
+}
+target cpu seq_len=16
+check fidelity >= 0.9999
+check latency_ms <= 5000      # the compiled library's, measured after the build
+"""
+
+
+def test_real_minilm_compiles_through_tvm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A CI-sized TVM build of the real bundled MiniLM: the library agrees with the IR, and latency_ms is
+    measured on it (the report says so)."""
+    (tmp_path / "r.ctc").write_text(REAL_TVM)
+    out = tmp_path / "out"
+    assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(out), "--quiet"]) == EXIT_OK
+    report = json.loads((out / "report.json").read_text())
+    (target,) = report["targets"]
+    m = target["measured"]
+    assert m["vs_ir"]["cosine"] > 0.9999 and m["vs_ir"]["max_abs_error"] < 1e-3
+    lat = report["metrics"]["latency_ms"]
+    assert lat["backend"] == "cpu" and lat["compressed"] == m["latency_ms"] and "compiled target cpu" in lat["protocol"]
+    assert report["passed"] and "latency_ms <= 5000" in [c["check"] for c in report["checks"]]
+    art = ctc.load(out)
+    from ctc.driver import text_inputs
+
+    x = text_inputs(art.module, art.tokenizer(), ["a short sentence"], seq_len=16)
+    x = {k: v.repeat(1, -(-16 // v.shape[1]))[:, :16] for k, v in x.items()}  # the library is built for 16 tokens
+    torch.testing.assert_close(art.run(x, target="cpu")[0], art.run(x)[0], rtol=1e-3, atol=1e-3)

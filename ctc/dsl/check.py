@@ -94,8 +94,9 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("max_error", "largest absolute output difference from the original", (None,)),
     MetricSpec("params", "parameter count (x: ratio to the original)", (None, "x"), needs_eval=False),
     MetricSpec("param_bytes", "parameter bytes (x: ratio to the original)", (None, "x"), needs_eval=False),
-    MetricSpec("latency_ms", "median latency of one evaluation batch in ms (x: ratio to the original)",
-               (None, "x"), needs_eval=False),
+    MetricSpec("latency_ms", "median latency of one evaluation batch in ms on the recipe's first target (the "
+               "compiled library), or the torch backend when it builds none (x: ratio to the original on the same "
+               "backend; with a target the original is built for it too)", (None, "x")),
 ]}
 
 

@@ -11,13 +11,13 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["MIN_RUNS", "LatencyResult", "measure_latency", "percentile", "machine_info", "module_latency_ms"]
+__all__ = ["MIN_RUNS", "LatencyResult", "measure_latency", "percentile", "machine_info"]
 
 MIN_RUNS = 20
 
@@ -153,12 +153,3 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": _version("onnxruntime"),
         "numpy": _version("numpy"),
     }
-
-
-def module_latency_ms(module: Any, batch: Mapping[str, torch.Tensor], *, runs: int = MIN_RUNS,
-                      warmup: int = 2, threads: int | None = None) -> float:
-    """Median latency (ms) of running a ctc IR module on ``batch`` with the reference interpreter."""
-    from ctc.ir.interpreter import interpret
-
-    feed = dict(batch)
-    return measure_latency(lambda: interpret(module, feed), runs=runs, warmup=warmup, threads=threads).median_ms
