@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctc.eval import data as D  # noqa: E402
 from ctc.eval.fidelity import human_correlation, module_embeddings  # noqa: E402
 from ctc.eval.latency import machine_info  # noqa: E402
-from ctc.frontends import load_bundled  # noqa: E402
 from ctc.eval.perplexity import module_perplexity  # noqa: E402
+from ctc.frontends import load_bundled  # noqa: E402
 from ctc.frontends.hf import capture_hf_model  # noqa: E402
 from ctc.ir.graph import Module  # noqa: E402
 from ctc.passes.base import PassContext, get_pass  # noqa: E402

@@ -188,8 +188,8 @@ def main() -> None:
     from ctc import frontends
     from ctc.eval.data import describe_source, evaluation_windows
     from ctc.eval.latency import machine_info
-    from ctc.frontends import load_bundled
     from ctc.eval.perplexity import batches_perplexity, module_logits_fn
+    from ctc.frontends import load_bundled
     from ctc.ir.ops import get_op
     from ctc.passes import get_pass
     from ctc.passes.manager import PassManager, Step
