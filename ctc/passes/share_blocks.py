@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ctc.ir.graph import Module
+from ctc.options import OptionError
 from ctc.passes.base import Analysis, Pass, PassContext, PassError, option, register_pass
 from ctc.passes.block_tying import (
     ActivationsResult,
@@ -82,13 +83,13 @@ class ShareBlocksOptions(HealOptions):
         seen: set[int] = set()
         for i, g in enumerate(self.groups):
             if not g:
-                raise PassError(f"option groups[{i}] is empty")
+                raise OptionError(f"option groups[{i}] is empty")
             if sorted(g) != list(range(min(g), max(g) + 1)) or sorted(g) != g:
-                raise PassError(f"option groups[{i}]={g} must list consecutive block numbers in order")
+                raise OptionError(f"option groups[{i}]={g} must list consecutive block numbers in order")
             if seen & set(g):
-                raise PassError(f"option groups[{i}]={g} overlaps an earlier group (block {min(seen & set(g))})")
+                raise OptionError(f"option groups[{i}]={g} overlaps an earlier group (block {min(seen & set(g))})")
             if min(g) < 0:
-                raise PassError(f"option groups[{i}]={g}: block numbers are >= 0")
+                raise OptionError(f"option groups[{i}]={g}: block numbers are >= 0")
             seen |= set(g)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from ctc.ir.patterns import op
 from ctc.ir.rewrite import RewritePattern, Rule
+from ctc.options import OptionError
 from ctc.passes.attention_masks import split_causal_mask
 from ctc.passes.base import PassError, PassOptions, PatternPass, option, register_pass
 
@@ -70,25 +71,25 @@ class SparseAttentionPass(PatternPass):
         def validate(self) -> None:
             n = len(self.rounds)
             if n == 0:
-                raise PassError("option rounds must name at least one round, e.g. rounds=[4, 8]")
+                raise OptionError("option rounds must name at least one round, e.g. rounds=[4, 8]")
             if self.select == "topk":
                 if self.alpha is not None:
-                    raise PassError("option alpha is for select=\"threshold\"; with select=\"topk\" give keep")
+                    raise OptionError("option alpha is for select=\"threshold\"; with select=\"topk\" give keep")
                 keep = self.keep if self.keep is not None else default_keep(n)
                 if len(keep) != n:
-                    raise PassError(f"option keep has {len(keep)} entries but rounds has {n}: one share per round")
+                    raise OptionError(f"option keep has {len(keep)} entries but rounds has {n}: one share per round")
                 if any(x <= 0.0 for x in keep):
-                    raise PassError(f"option keep={keep} must be > 0 (a round keeping nothing drops every key)")
+                    raise OptionError(f"option keep={keep} must be > 0 (a round keeping nothing drops every key)")
                 if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
-                    raise PassError(f"option keep={keep} must not grow from round to round")
+                    raise OptionError(f"option keep={keep} must not grow from round to round")
             else:
                 if self.keep is not None:
-                    raise PassError("option keep is for select=\"topk\"; with select=\"threshold\" give alpha")
+                    raise OptionError("option keep is for select=\"topk\"; with select=\"threshold\" give alpha")
                 alpha = self.alpha if self.alpha is not None else [0.5] * n
                 if len(alpha) != n:
-                    raise PassError(f"option alpha has {len(alpha)} entries but rounds has {n}: one per round")
+                    raise OptionError(f"option alpha has {len(alpha)} entries but rounds has {n}: one per round")
             if len(set(self.heads)) != len(self.heads):
-                raise PassError(f"option heads={self.heads} repeats a head")
+                raise OptionError(f"option heads={self.heads} repeats a head")
 
     def filter_attrs(self, num_heads: Any) -> dict[str, Any]:
         """The ``sparse_attention`` attributes these options give, for a node with ``num_heads`` query heads."""
