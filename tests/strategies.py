@@ -54,7 +54,8 @@ from ctc.ir import quant as Q
 from ctc.ir.symbolic import eval_dim
 from ctc.ir.types import torch_dtype
 
-__all__ = ["BUILDERS", "FODDER", "available_builders", "changed_share", "inputs_for", "module_and_inputs", "modules"]
+__all__ = ["BUILDERS", "FODDER", "OPT_IN", "available_builders", "changed_share", "inputs_for", "module_and_inputs",
+           "modules"]
 
 # Ops that keep randn-scale values finite and well-defined (no log/sqrt/div/exp chains).
 SAFE_UNARY = ("relu", "gelu", "silu", "tanh", "sigmoid", "neg", "abs", "sin", "cos", "erf")
@@ -439,6 +440,28 @@ def _duplicate(c: _Ctx) -> Value | None:
     return c.m.create_node(n.op, list(n.inputs), dict(n.attrs), scope=n.scope, block=n.block).outputs[0]
 
 
+def _conv_bn(c: _Ctx) -> Value | None:
+    """``transpose -> conv1d -> batch_norm -> transpose`` over the feature axis (fold-batch-norm's work);
+    opt-in (see ``OPT_IN``), so the other tests' module distribution does not change."""
+    if not all(_has(o) for o in ("conv", "batch_norm", "transpose")):
+        return None
+    x = c.pick(lambda v: v.type.rank == 3 and isinstance(v.type.shape[-1], int))
+    if x is None:
+        return None
+    d, o, k = int(x.type.shape[-1]), c.draw(st.sampled_from(list(c.dims))), c.draw(st.sampled_from([1, 3]))
+    loc = c.loc()
+    t = c.node("transpose", [x], {"dim0": 1, "dim1": 2}, loc=loc)
+    ins = [t, c.param((o, d, k), share=False, loc=loc)]
+    if c.draw(st.booleans()):
+        ins.append(c.param((o,), share=False, loc=loc))
+    y = c.node("conv", ins, {"stride": (1,), "padding": (k // 2,), "dilation": (1,), "groups": 1}, loc=loc)
+    stats = [c.param((o,), share=False, loc=loc),
+             c.param((o,), share=False, data=torch.rand(o, generator=c.gen) + 0.5, loc=loc)]
+    affine = [c.param((o,), share=False, loc=loc) for _ in range(c.draw(st.integers(0, 2)))]
+    y = c.node("batch_norm", [y, *stats, *affine], {"eps": 1e-5}, loc=loc)
+    return c.node("transpose", [y], {"dim0": 1, "dim1": 2}, loc=loc)
+
+
 BUILDERS: dict[str, Callable[[_Ctx], Value | None]] = {
     "unary": _unary,
     "binary": _binary,
@@ -458,7 +481,11 @@ BUILDERS: dict[str, Callable[[_Ctx], Value | None]] = {
     "int_flow": _int_flow,
     "bool_flow": _bool_flow,
     "embedding": _embedding,
+    "conv_bn": _conv_bn,
 }
+
+# Builders used only when asked for by name (``modules(builders=[...])``).
+OPT_IN = ("conv_bn",)
 
 
 # Builders whose nodes exist to give passes work (no-ops, duplicates, constant subexpressions,
@@ -478,7 +505,7 @@ def available_builders() -> list[str]:
             "bool_flow": all(_has(o) for o in (*COMPARE, "logical_and", "logical_or", "logical_not", "where",
                                                 "masked_fill")),
             "embedding": _has("embedding")}
-    return [b for b in BUILDERS if need.get(b, True)]
+    return [b for b in BUILDERS if need.get(b, True) and b not in OPT_IN]
 
 
 @st.composite

@@ -13,17 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ctc.ir.graph import param_tensor
 from ctc.ir.patterns import Match, op, var
 from ctc.ir.rewrite import Rewriter, rule
 from ctc.passes import PassOptions, PatternPass, register_pass
-
-
-def _param_tensor(v: object) -> torch.Tensor | None:
-    """The tensor of a ``param`` read (None for anything computed)."""
-    p = getattr(v, "producer", None)
-    if p is None or p.op != "param" or p.module is None:
-        return None
-    return p.module.params.get(p.attrs["name"])
 
 
 def _channel_scale_shift(bn: object) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -34,7 +27,7 @@ def _channel_scale_shift(bn: object) -> tuple[torch.Tensor, torch.Tensor] | None
         if v is None:
             ts[name] = None
             continue
-        t = _param_tensor(v)
+        t = param_tensor(v)
         if t is None:
             return None
         ts[name] = t.double()
@@ -65,9 +58,9 @@ def _fold(rw: Rewriter, m: Match) -> object:
     if prod.op == "linear" and prod.output.type.rank != 2:
         return None  # batch norm normalizes axis 1; a linear's features are its last axis
     ss = _channel_scale_shift(bn)
-    w = _param_tensor(prod.operand("weight"))
+    w = param_tensor(prod.operand("weight"))
     b_in = prod.operand("bias")
-    b = _param_tensor(b_in) if b_in is not None else None
+    b = param_tensor(b_in) if b_in is not None else None
     if ss is None or w is None or (b_in is not None and b is None):
         return None
     scale, shift = ss
