@@ -98,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     from ctc import frontends
     from ctc.eval.data import calibration_batches
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
     from ctc.passes import get_pass
     from ctc.passes.manager import PassManager, Step
 
@@ -109,7 +109,8 @@ def main() -> None:
     for run in args.runs.split(","):
         model_name, task = run.split(":")
         if model_name not in loaded:
-            model, tok, info = load_bundled(model_name)
+            hf = load_bundled(model_name)
+            model, tok, info = hf.model, hf.tokenizer, hf.info
             loaded[model_name] = (frontends.capture_hf_model(model, task=info.task, name=model_name,
                                                              source=info.loaded_from), tok)
         module, tok = loaded[model_name]

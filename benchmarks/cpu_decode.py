@@ -204,7 +204,7 @@ def main() -> None:
             rows.append({"runtime": label, "cos": _cosine(out, ref), "err": float(np.abs(out - ref.numpy()).max()),
                          "build_s": time.perf_counter() - t0})
     from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
-    from ctc.eval.models import bundled_gguf_file
+    from ctc.bundled import bundled_gguf_file
     from ctc.passes.base import get_pass
 
     max_len = args.past + 1

@@ -12,7 +12,7 @@ as context); SmolLM2 adds no BOS.  The llama.cpp rows run the same text file thr
 ``llama-perplexity`` (built by benchmarks/llamacpp.py) on the bundled Q4_1 GGUF and on a Q8_0
 re-quantization made by its ``llama-quantize``.
 
-The bundled SmolLM2 weights *are* the Q4_1 file de-quantized (ctc.eval.models), so "fp32" here is
+The bundled SmolLM2 weights *are* the Q4_1 file de-quantized (ctc.bundled), so "fp32" here is
 Q4_1's weights in fp32 arithmetic: llama.cpp's Q4_1 row differs from it by llama.cpp's own
 arithmetic (activations rounded to 8-bit blocks in its dot products), ctc's ``gguf`` row should
 match it to rounding.
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     import tvm
 
-    from ctc.eval.models import bundled_gguf_file, load_bundled
+    from ctc.bundled import bundled_gguf_file
+    from ctc.frontends import load_bundled
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print("# ctc integer decode accuracy (SmolLM2-135M-Instruct, perplexity on held-out wiki text)")
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
           f"tokens, each scoring positions {a.ctx // 2}..{a.ctx - 1} ({a.chunks * (a.ctx // 2 - 1)} tokens in all; "
           f"llama.cpp scores {a.ctx // 2 - 1} per window too), no BOS; ctc rows: the compiled static decode step, one "
           f"token per call, {a.threads} threads")
-    model, tok, _ = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok = hf.model, hf.tokenizer
     gguf = str(bundled_gguf_file("smollm2"))
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)

@@ -139,12 +139,13 @@ def minilm_main(args: argparse.Namespace, keeps: list[float], rounds: list[int])
     from ctc import frontends
     from ctc.eval import objectives as OBJ
     from ctc.eval.fidelity import cosine_rows
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
     from ctc.ir.interpreter import interpret
     from ctc.passes import get_pass
     from ctc.passes.manager import PassManager, Step
 
-    model, tok, info = load_bundled("minilm")
+    hf = load_bundled("minilm")
+    model, tok, info = hf.model, hf.tokenizer, hf.info
     module = frontends.capture_hf_model(model, task=info.task, name="minilm")
     obj = OBJ.similarity_objective(tok, "evaluation", [v.name for v in module.inputs])
     lens = [int(f["input_ids"].shape[1]) for f in obj.inputs]

@@ -86,10 +86,11 @@ def main() -> None:
     from ctc.backends.tvm.int_kernels import target_has_vnni
     from ctc.eval.data import evaluation_windows
     from ctc.eval.latency import machine_info
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
 
     L, rounds = args.length, tuple(int(x) for x in args.rounds.split(","))
-    model, tok, info = load_bundled("smollm2")
+    hf = load_bundled("smollm2")
+    model, tok, info = hf.model, hf.tokenizer, hf.info
     module = frontends.capture_hf_model(model, task=info.task, name="smollm2")
     q, k, v, mask = capture_qkv(module, evaluation_windows(tok, "wiki", 1, L)[0])[args.layer]
     h, hk, d = q.shape[1], k.shape[1], q.shape[3]

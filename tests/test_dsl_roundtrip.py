@@ -7,7 +7,19 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctc.dsl import Check, Dataset, Emit, EmitFormat, ModelSource, Recipe, RecipeStep, SelectorItem, Target, parse, print_recipe
+from ctc.dsl import (
+    Check,
+    Dataset,
+    Emit,
+    EmitFormat,
+    ModelSource,
+    Recipe,
+    RecipeStep,
+    SelectorItem,
+    Target,
+    parse,
+    print_recipe,
+)
 
 _KEYWORDS = {"true", "false", "none", "on", "op", "blocks", "model", "calibrate", "evaluate", "pipeline", "target",
              "check", "emit", "trials"}

@@ -18,7 +18,7 @@ from ctc.eval.perplexity import batches_perplexity
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from ctc.eval.models import bundled_model_dir
+    from ctc.bundled import bundled_model_dir
 
     return AutoTokenizer.from_pretrained(bundled_model_dir("minilm"), local_files_only=True)
 
