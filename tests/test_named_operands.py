@@ -150,3 +150,19 @@ def test_index_of_matches_the_list_after_inserts_and_erases(ops):
             assert m.index_of(n) == i
     if len(m.nodes) >= 2:
         assert m.precedes(m.nodes[0], m.nodes[-1]) and not m.precedes(m.nodes[-1], m.nodes[0])
+
+
+def test_lowering_rules_read_operands_by_name_only() -> None:
+    """A TVM lowering rule's operands are named; a positional read is an error, not a silent misread."""
+    pytest.importorskip("tvm")
+    from ctc.backends.tvm.lower import RULES, LoweringError, Operands
+
+    m, n = _ql_module(has_bias=False, a_bits=8)
+    a = Operands(None, n)  # type: ignore[arg-type] - nothing is lowered before a read
+    assert a.value("bias") is None and a.get("bias") is None
+    assert a.type("act_scale").dtype == "f32"
+    with pytest.raises(TypeError, match="by name"):
+        a[0]  # noqa: B018
+    with pytest.raises(LoweringError, match="no operand 'weight'"):
+        a.get("weight")
+    assert "quant_linear" in RULES

@@ -100,7 +100,7 @@ def _unary(ctx: Any, node: Node, a: Any) -> Any:
 
     _f32_only(node)
     f = _unary_expr(node.op, node.attrs)
-    return ctx.te(lambda x: te.compute(x.shape, lambda *i: f(x(*i)), name=node.op), a[0], name=node.op)
+    return ctx.te(lambda x: te.compute(x.shape, lambda *i: f(x(*i)), name=node.op), a["x"], name=node.op)
 
 
 def _argmax_reducer() -> Any:
@@ -129,7 +129,7 @@ def _softmax(ctx: Any, node: Node, a: Any) -> Any:
     rank = node.operand("x").type.rank  # type: ignore[union-attr]
     if node.attrs["axis"] % rank != rank - 1:
         raise LoweringError(f"softmax at {node.scope or '<root>'}: the fpga target normalizes the last axis only")
-    return ctx.te(softmax_te, a[0], name="softmax")
+    return ctx.te(softmax_te, a["x"], name="softmax")
 
 
 def _layer_norm(ctx: Any, node: Node, a: Any) -> Any:
@@ -141,7 +141,8 @@ def _layer_norm(ctx: Any, node: Node, a: Any) -> Any:
     if node.attrs["normalized_ndim"] != 1:
         raise LoweringError(f"layer_norm at {node.scope or '<root>'}: the fpga target normalizes the last axis only")
     eps = float(node.attrs["eps"])
-    has_w, has_b = len(a) > 1, len(a) > 2
+    w, b = a.get("weight"), a.get("bias")
+    has_w, has_b = w is not None, b is not None
 
     def f(x: Any, *wb: Any) -> Any:
         lead, n = list(x.shape[:-1]), x.shape[-1]
@@ -159,12 +160,12 @@ def _layer_norm(ctx: Any, node: Node, a: Any) -> Any:
             if has_w:
                 y = y * wb[0][i[-1]]
             if has_b:
-                y = y + wb[1][i[-1]]
+                y = y + wb[-1][i[-1]]
             return y
 
         return te.compute(x.shape, out, name="layer_norm")
 
-    return ctx.te(f, *a, name="layer_norm")
+    return ctx.te(f, a["x"], *(t for t in (w, b) if t is not None), name="layer_norm")
 
 
 def _rms_norm(ctx: Any, node: Node, a: Any) -> Any:
@@ -180,7 +181,7 @@ def _rms_norm(ctx: Any, node: Node, a: Any) -> Any:
         r = te.compute(lead, lambda *i: _c(1.0) / tirx.sqrt(ms(*i) / _c(float(int(n))) + _c(eps)), name="rrms")
         return te.compute(x.shape, lambda *i: w[i[-1]] * (x(*i) * r[i[:-1]]), name="rms_norm")
 
-    return ctx.te(f, a[0], a[1], name="rms_norm")
+    return ctx.te(f, a["x"], a["weight"], name="rms_norm")
 
 
 def _dot_nk(x: Any, w: Any) -> Any:
@@ -193,8 +194,9 @@ def _dot_nk(x: Any, w: Any) -> Any:
 
 def _linear(ctx: Any, node: Node, a: Any) -> Any:
     _f32_only(node)
-    y = ctx.te(_dot_nk, a[0], a[1], name="linear")
-    return ctx.relax.op.add(y, a[2]) if len(a) > 2 else y
+    y = ctx.te(_dot_nk, a["x"], a["weight"], name="linear")
+    bias = a.get("bias")
+    return ctx.relax.op.add(y, bias) if bias is not None else y
 
 
 def _matmul(ctx: Any, node: Node, a: Any) -> Any:
@@ -216,7 +218,7 @@ def _matmul(ctx: Any, node: Node, a: Any) -> Any:
         return te.compute([*x.shape[:-1], y.shape[-1]],
                           lambda *i: te.sum(x[(*i[:-1], k)] * y[(*i[:-2], k, i[-1])], axis=k), name="matmul")
 
-    return ctx.te(f, a[0], a[1], name="matmul")
+    return ctx.te(f, a["a"], a["b"], name="matmul")
 
 
 def _bcast(t: Any, idx: tuple[Any, ...]) -> Any:
@@ -259,7 +261,7 @@ def _sdpa(ctx: Any, node: Node, a: Any) -> Any:
 
         return te.compute(dot.shape, out, name="scores")
 
-    lg = ctx.te(scores, *a[:2], *a[3:4], name="attn_scores")
+    lg = ctx.te(scores, a["q"], a["k"], *([a["mask"]] if mask is not None else []), name="attn_scores")
     p = ctx.te(softmax_te, lg, name="softmax")
 
     def values(pp: Any, v: Any) -> Any:
@@ -267,7 +269,7 @@ def _sdpa(ctx: Any, node: Node, a: Any) -> Any:
         return te.compute([pp.shape[0], pp.shape[1], pp.shape[2], v.shape[3]],
                           lambda b, h, i, e: te.sum(pp[b, h, i, j] * v[b, h // group, j, e], axis=j), name="pv")
 
-    return ctx.te(values, p, a[2], name="attn_values")
+    return ctx.te(values, p, a["v"], name="attn_values")
 
 
 # --------------------------------------------------------------------------- quant_linear

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctc.backends.tvm.lower import Ctx, LoweringError, _dt
+from ctc.backends.tvm.lower import Ctx, LoweringError, Operands, _dt
 from ctc.backends.tvm.schedules import _CpuRule, _extent, _vectorize_last, single_reduction, vector_lanes
 from ctc.ir.graph import Node, Value
 from tvm import s_tir, tirx
@@ -38,7 +38,8 @@ __all__ = ["DepthwiseConvRule", "lower_conv"]
 def _absorbed_pad(ctx: Ctx, node: Node) -> tuple[Value, list[tuple[int, int]]]:
     """The convolution's input, reading through a zero ``pad`` of the spatial axes that only this
     convolution reads; and the (before, after) padding per spatial axis."""
-    x = node.inputs[0]
+    x = node.operand("x")
+    assert x is not None
     nd = x.type.rank - 2
     pads = [(int(p), int(p)) for p in node.attrs["padding"]]
     prod = x.producer
@@ -50,24 +51,26 @@ def _absorbed_pad(ctx: Ctx, node: Node) -> tuple[Value, list[tuple[int, int]]]:
     for i in range(nd):  # F.pad order: last axis first
         ax = nd - 1 - i
         pads[ax] = (pads[ax][0] + p[2 * i], pads[ax][1] + p[2 * i + 1])
-    return prod.inputs[0], pads
+    src = prod.operand("x")
+    assert src is not None
+    return src, pads
 
 
-def lower_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def lower_conv(ctx: Ctx, node: Node, a: Operands) -> Any:
     """``conv`` node -> the pointwise / im2col+matmul / depthwise TE forms above, or Relax's ops.
 
     The elementwise chain that only consumes the convolution (bias, ReLU/ReLU6/hard-swish,
     scalar arithmetic, a residual add) is computed in the same kernel, per output tile."""
     at = node.attrs
-    xt = node.inputs[0].type
+    xt = a.type("x")
     nd = xt.rank - 2
-    if at["transposed"] or nd not in (1, 2) or xt.dtype != "f32" or node.inputs[1].type.dtype != "f32":
+    if at["transposed"] or nd not in (1, 2) or xt.dtype != "f32" or a.type("weight").dtype != "f32":
         return _relax_conv(ctx, node, a)
     x_val, pads = _absorbed_pad(ctx, node)
     x = ctx.val(x_val)
     op = ctx.relax.op
-    w = a[1]
-    wt = node.inputs[1].type
+    w = a["weight"]
+    wt = a.type("weight")
     cout, cin_g = int(wt.shape[0]), int(wt.shape[1])
     ks = [int(k) for k in wt.shape[2:]]
     g = int(at["groups"])
@@ -92,7 +95,7 @@ def lower_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         cols = ctx.te(spec.patches, x, *_prims(out_shape[2:]), name="conv_patches")
         cols = ctx.emit(op.reshape(cols, [out_shape[0], g, cin_g * kk, flat]))
         args = [cols, ctx.emit(op.reshape(w, [g, cout // g, cin_g * kk]))]
-    bias = [ctx.emit(op.reshape(a[2], bshape))] if len(a) > 2 else []
+    bias = [ctx.emit(op.reshape(a["bias"], bshape))] if a.value("bias") is not None else []
     others = [ctx.emit(op.reshape(ctx.val(o), shape)) for _, o, _ in chain if o is not None]
     n_other = len(others)
 
@@ -139,9 +142,10 @@ def epilogue_chain(ctx: Ctx, node: Node) -> list[tuple[Node, Value | None, bool]
             out.append((u, None, True))
         elif u.op in _EPI_SCALAR and u.attrs.get("scalar") is not None:
             out.append((u, None, True))
-        elif u.op in _EPI_TENSOR and u.attrs.get("scalar") is None and len(u.inputs) == 2:
-            first = u.inputs[0] is v
-            other = u.inputs[1] if first else u.inputs[0]
+        elif u.op in _EPI_TENSOR and u.attrs.get("scalar") is None and u.has_operand("b"):
+            first = u.operand("a") is v
+            other = u.operand("b") if first else u.operand("a")
+            assert other is not None
             if other is v or other.type != v.type or id(other) not in ctx.env:
                 break
             out.append((u, other, first))
@@ -411,17 +415,17 @@ class _ConvSpec:
         return te.compute(shape, f, name="conv_pad")
 
 
-def _relax_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _relax_conv(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Relax's own convolution ops (transposed, 3-d, non-f32), bias added per channel."""
     op = ctx.relax.op
     at = node.attrs
-    nd = node.inputs[0].type.rank - 2
+    nd = a.type("x").rank - 2
     layouts = {1: ("NCW", "OIW", "IOW"), 2: ("NCHW", "OIHW", "IOHW"), 3: ("NCDHW", "OIDHW", "IODHW")}
     if nd not in layouts:
         raise LoweringError(f"conv at {node.scope or '<root>'}: {nd} spatial axes are not supported")
     dl, kl, tkl = layouts[nd]
     pads = list(at["padding"]) * 2
-    x, w = a[0], a[1]
+    x, w = a["x"], a["weight"]
     out_dt = _dt(node.outputs[0].type)
     if at["transposed"]:
         f = getattr(op.nn, f"conv{nd}d_transpose")
@@ -432,8 +436,8 @@ def _relax_conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         f = getattr(op.nn, f"conv{nd}d")
         y = ctx.emit(f(x, w, strides=list(at["stride"]), padding=pads, dilation=list(at["dilation"]),
                        groups=at["groups"], data_layout=dl, kernel_layout=kl, out_dtype=out_dt))
-    if len(a) > 2:
-        y = ctx.emit(op.add(y, ctx.emit(op.reshape(a[2], [1, -1] + [1] * nd))))
+    if a.value("bias") is not None:
+        y = ctx.emit(op.add(y, ctx.emit(op.reshape(a["bias"], [1, -1] + [1] * nd))))
     return y
 
 

@@ -313,14 +313,9 @@ class Operands:
         s = self._slot(name)
         return self._lowered(s) if isinstance(s, int) else None
 
-    def __len__(self) -> int:
-        return len(self._node.inputs)
-
-    def __getitem__(self, name: str | int | slice) -> Any:
-        if isinstance(name, slice):  # positional: rules of ops without named operands only
-            return [self._lowered(i) for i in range(*name.indices(len(self)))]
-        if isinstance(name, int):
-            return self._lowered(range(len(self))[name])
+    def __getitem__(self, name: str) -> Any:
+        if not isinstance(name, str):
+            raise TypeError(f"rule for {self._node.op}: read operands by name (a['x']), not by position {name!r}")
         x = self.get(name)
         if x is None:
             raise LoweringError(f"{self._node.op} at {self._node.scope or '<root>'}: operand {name!r} is absent")

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ctc.backends.tvm.lower import Ctx, _axis, _dt, _scalar_value, rule
+from ctc.backends.tvm.lower import Ctx, Operands, _axis, _dt, _scalar_value, rule
 from ctc.ir.graph import Node
 
 FLOATS = ("f32", "f16", "bf16", "f64")
@@ -43,19 +43,19 @@ _RELAX_UNARY = {"acos": "acos", "acosh": "acosh", "asin": "asin", "asinh": "asin
 
 
 @rule(*_RELAX_UNARY)
-def _unary_relax(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    return getattr(ctx.relax.op, _RELAX_UNARY[node.op])(a[0])
+def _unary_relax(ctx: Ctx, node: Node, a: Operands) -> Any:
+    return getattr(ctx.relax.op, _RELAX_UNARY[node.op])(a["x"])
 
 
 @rule("floor", "ceil", "trunc", "round")
-def _rounding(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _rounding(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import tirx
 
-    if node.inputs[0].type.dtype not in FLOATS:
-        return a[0]  # integers are already whole
+    if a.type("x").dtype not in FLOATS:
+        return a["x"]  # integers are already whole
     if node.op == "round":  # torch rounds half to even (tirx.round is half away from zero)
-        return _ew(ctx, node, tirx.nearbyint, a[0])
-    return getattr(ctx.relax.op, node.op)(a[0])
+        return _ew(ctx, node, tirx.nearbyint, a["x"])
+    return getattr(ctx.relax.op, node.op)(a["x"])
 
 
 def _wide(x: Any) -> tuple[Any, str]:
@@ -66,7 +66,7 @@ def _wide(x: Any) -> tuple[Any, str]:
 
 
 @rule("expm1", "log1p", "log2", "log10", "cosh", "sinh")
-def _log_exp(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _log_exp(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import tirx
 
     def f(x: Any) -> Any:
@@ -84,19 +84,19 @@ def _log_exp(ctx: Ctx, node: Node, a: list[Any]) -> Any:
             y = tirx.log10(w)
         return tirx.Cast(dt, y)
 
-    return _ew(ctx, node, f, a[0])
+    return _ew(ctx, node, f, a["x"])
 
 
 @rule("isnan", "isinf")
-def _predicate(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    if node.inputs[0].type.dtype not in FLOATS:
-        return ctx.relax.op.zeros(ctx.shape_of(node.inputs[0]), "bool")
-    return getattr(ctx.relax.op, node.op)(a[0])
+def _predicate(ctx: Ctx, node: Node, a: Operands) -> Any:
+    if a.type("x").dtype not in FLOATS:
+        return ctx.relax.op.zeros(ctx.shape_of_type(a.type("x")), "bool")
+    return getattr(ctx.relax.op, node.op)(a["x"])
 
 
 # --- activations -------------------------------------------------------------------
 @rule("hardswish", "hardsigmoid", "softplus", "mish", "elu", "leaky_relu")
-def _activation(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _activation(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import tirx
 
     at = node.attrs
@@ -123,7 +123,7 @@ def _activation(ctx: Ctx, node: Node, a: list[Any]) -> Any:
             return tirx.Select(x > c(0.0, x), x * c(at["scale"], x), neg)
         return tirx.Select(x > c(0.0, x), x, x * c(at["negative_slope"], x))
 
-    return _ew(ctx, node, f, a[0])
+    return _ew(ctx, node, f, a["x"])
 
 
 # --- binary math ---------------------------------------------------------------------
@@ -168,11 +168,12 @@ def _float_floor_divide(x: Any, y: Any) -> Any:
     return tirx.Select(y == zero, x / y, res)
 
 
-def _binary_te(ctx: Ctx, node: Node, a: list[Any], elem: Callable[[Any, Any], Any]) -> Any:
+def _binary_te(ctx: Ctx, node: Node, a: Operands, elem: Callable[[Any, Any], Any]) -> Any:
     """A binary op as one TE compute (numpy broadcasting, or the ``scalar``/``reverse`` attributes)."""
     from tvm import te, tirx
 
-    dt = node.inputs[0].type.dtype
+    tensor = "a" if a.value("a") is not None else "b"  # the other side may be the scalar attribute
+    dt = a.type(tensor).dtype
     s = node.attrs["scalar"]
     if s is not None:
         rev = node.attrs["reverse"]
@@ -181,7 +182,7 @@ def _binary_te(ctx: Ctx, node: Node, a: list[Any], elem: Callable[[Any, Any], An
             c = tirx.const(_scalar_value(dt, s), x.dtype)
             return te.compute(x.shape, lambda *i: elem(c, x(*i)) if rev else elem(x(*i), c), name=node.op)
 
-        return ctx.te(f1, a[0], name=node.op)
+        return ctx.te(f1, a[tensor], name=node.op)
 
     def at(t: Any, idx: tuple[Any, ...]) -> Any:
         sub = idx[len(idx) - len(t.shape):]
@@ -190,14 +191,14 @@ def _binary_te(ctx: Ctx, node: Node, a: list[Any], elem: Callable[[Any, Any], An
     def f2(p: Any, q: Any) -> Any:
         return te.compute(ctx.dims.shape(node.outputs[0].type), lambda *i: elem(at(p, i), at(q, i)), name=node.op)
 
-    return ctx.te(f2, a[0], a[1], name=node.op)
+    return ctx.te(f2, a["a"], a["b"], name=node.op)
 
 
 @rule("atan2", "fmod", "remainder", "floor_divide", "trunc_divide")
-def _div_like(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _div_like(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import tirx
 
-    is_float = node.inputs[0].type.dtype in FLOATS
+    is_float = (a.value("a") or a.value("b")).type.dtype in FLOATS  # type: ignore[union-attr]
 
     def elem(p: Any, q: Any) -> Any:
         if node.op == "atan2":
@@ -218,7 +219,7 @@ def _is_one(d: Any) -> bool:
 
 
 @rule("bitwise_and", "bitwise_or", "bitwise_xor", "logical_xor")
-def _bitwise(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _bitwise(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import tirx
 
     def truth(v: Any) -> Any:
@@ -242,20 +243,20 @@ def _bitwise(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("bitwise_not")
-def _bitwise_not(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    if node.inputs[0].type.dtype == "bool":
-        return ctx.relax.op.logical_not(a[0])
-    return ctx.relax.op.bitwise_not(a[0])
+def _bitwise_not(ctx: Ctx, node: Node, a: Operands) -> Any:
+    if a.type("x").dtype == "bool":
+        return ctx.relax.op.logical_not(a["x"])
+    return ctx.relax.op.bitwise_not(a["x"])
 
 
 # --- reductions ------------------------------------------------------------------------
 @rule("prod", "any", "all", "argmin")
-def _reduce_more(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _reduce_more(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    t = node.inputs[0].type
+    t = a.type("x")
     axes = [_axis(i, t.rank) for i in node.attrs["axes"]]
     keep = node.attrs["keepdim"]
-    x = a[0]
+    x = a["x"]
     if node.op == "argmin":
         return op.argmin(x, axis=axes[0], keepdims=keep)
     if node.op == "prod":
@@ -269,31 +270,31 @@ def _reduce_more(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("cumprod")
-def _cumprod(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _cumprod(ctx: Ctx, node: Node, a: Operands) -> Any:
     dt = node.outputs[0].type.dtype
-    x = a[0] if node.inputs[0].type.dtype == dt else ctx.emit(ctx.relax.op.astype(a[0], _dt(dt)))
+    x = a["x"] if a.type("x").dtype == dt else ctx.emit(ctx.relax.op.astype(a["x"], _dt(dt)))
     return ctx.relax.op.cumprod(x, axis=node.attrs["axis"], dtype=_dt(dt))
 
 
 @rule("topk")
-def _topk(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _topk(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
     at = node.attrs
-    res = ctx.emit(op.topk(a[0], k=at["k"], axis=at["axis"], ret_type="both", largest=at["largest"], dtype="int64"))
+    res = ctx.emit(op.topk(a["x"], k=at["k"], axis=at["axis"], ret_type="both", largest=at["largest"], dtype="int64"))
     return [ctx.emit(ctx.relax.TupleGetItem(res, 0)), ctx.emit(ctx.relax.TupleGetItem(res, 1))]
 
 
 @rule("sort")
-def _sort(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _sort(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
     ax = node.attrs["axis"]
-    idx = ctx.emit(op.argsort(a[0], axis=ax, descending=node.attrs["descending"], dtype="int64"))
-    return [ctx.emit(op.gather_elements(a[0], idx, axis=ax)), idx]
+    idx = ctx.emit(op.argsort(a["x"], axis=ax, descending=node.attrs["descending"], dtype="int64"))
+    return [ctx.emit(op.gather_elements(a["x"], idx, axis=ax)), idx]
 
 
 @rule("flip")
-def _flip(ctx: Ctx, node: Node, a: list[Any]) -> Any:
-    x = a[0]
+def _flip(ctx: Ctx, node: Node, a: Operands) -> Any:
+    x = a["x"]
     for ax in node.attrs["axes"]:
         x = ctx.emit(ctx.relax.op.flip(x, axis=ax))
     return x
@@ -338,13 +339,13 @@ def advanced_index_coords(o: tuple[Any, ...], x: Any, idx: tuple[Any, ...], axes
 
 
 @rule("index")
-def _index_general(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _index_general(ctx: Ctx, node: Node, a: Operands) -> Any:
     """``x[..., i0, ..., i1, ...]`` with torch's placement rule (see :func:`ctc.ir.ops.shape.index`)."""
     from ctc.ir.ops.shape import index_axes
     from tvm import te
 
-    xt = node.inputs[0].type
-    axes = index_axes(xt.rank, len(node.inputs) - 1, node.attrs["axes"])
+    xt = a.type("x")
+    axes = index_axes(xt.rank, len(node.operands("indices")), node.attrs["axes"])
     out_shape = ctx.dims.shape(node.outputs[0].type)
     brank = len(out_shape) - (xt.rank - len(axes))
 
@@ -354,7 +355,7 @@ def _index_general(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
         return te.compute(out_shape, elem, name="adv_index")
 
-    return ctx.te(f, *a, name="adv_index")
+    return ctx.te(f, a["x"], *a.all("indices"), name="adv_index")
 
 
 def scatter_flat_kernel(reduce: str, dtype: str) -> Any:
@@ -419,14 +420,13 @@ def _row_major_offset(coords: list[Any], shape: list[Any]) -> Any:
     return off
 
 
-def _scatter_operands(ctx: Ctx, node: Node, a: list[Any], src: Any) -> tuple[Any, Any]:
+def _scatter_operands(ctx: Ctx, node: Node, a: Operands, src: Any) -> tuple[Any, Any]:
     """Flat offsets into x and the matching src values, one per index element (``[M]`` each)."""
     from tvm import te, tirx
 
     ax = node.attrs["axis"]
-    it = node.inputs[1].type
     m_total: Any = 1
-    for d in ctx.shape_of(node.inputs[1]):
+    for d in ctx.shape_of_type(a.type("index")):
         m_total = m_total * d
     op = ctx.relax.op
 
@@ -441,32 +441,31 @@ def _scatter_operands(ctx: Ctx, node: Node, a: list[Any], src: Any) -> tuple[Any
     def vals(s: Any, idx: Any) -> Any:
         return te.compute(idx.shape, lambda *i: s(*i), name="scatter_values")
 
-    o = ctx.te(offs, a[0], a[1], name="scatter_offsets")
-    v = ctx.te(vals, src, a[1], name="scatter_values")
-    del it
+    o = ctx.te(offs, a["x"], a["index"], name="scatter_offsets")
+    v = ctx.te(vals, src, a["index"], name="scatter_values")
     return ctx.emit(op.reshape(o, [m_total])), ctx.emit(op.reshape(v, [m_total]))
 
 
 @rule("scatter")
-def _scatter(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _scatter(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Flat offsets of every index element, then a sequential scatter kernel (TVM's
     ``scatter_elements`` misplaces writes when the index is smaller than the data)."""
     op = ctx.relax.op
     at = node.attrs
     red = at["reduce"]
-    xt = node.inputs[0].type
+    xt = a.type("x")
     dt = xt.dtype
-    if len(a) > 2:
-        src = a[2]
-    else:
-        src = ctx.emit(op.full(ctx.shape_of(node.inputs[1]), ctx.const(_scalar_value(dt, at["value"]), dt), _dt(dt)))
+    src = a.get("src")
+    if src is None:
+        src = ctx.emit(op.full(ctx.shape_of_type(a.type("index")), ctx.const(_scalar_value(dt, at["value"]), dt),
+                               _dt(dt)))
     off, vals = _scatter_operands(ctx, node, a, src)
     if red == "none":
-        return _flat_scatter(ctx, a[0], xt, off, vals, "update")
+        return _flat_scatter(ctx, a["x"], xt, off, vals, "update")
     is_float = dt in FLOATS
     big = math.inf if is_float else float(2 ** 31 - 1)
     ident = {"sum": 0.0, "mean": 0.0, "prod": 1.0, "amax": -big, "amin": big}[red]
-    base = a[0]
+    base = a["x"]
     if not at["include_self"]:
         # zeros + identity: legalizing ``full`` with an infinite value fails in TVM 0.27
         fill = ctx.emit(op.add(ctx.emit(op.zeros_like(vals)), ctx.const(_scalar_value(dt, ident), dt)))
@@ -475,7 +474,7 @@ def _scatter(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     out = _flat_scatter(ctx, base, xt, off, vals, kind)
     if red != "mean":
         return out
-    ones = ctx.emit(op.ones(ctx.shape_of(node.inputs[0]), _dt(dt)))
+    ones = ctx.emit(op.ones(ctx.shape_of_type(xt), _dt(dt)))
     if not at["include_self"]:
         ones = _flat_scatter(ctx, ones, xt, off, ctx.emit(op.zeros_like(vals)), "update")
     cnt = _flat_scatter(ctx, ones, xt, off, ctx.emit(op.ones_like(vals)), "add")
@@ -483,7 +482,7 @@ def _scatter(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
 
 @rule("index_put")
-def _index_put(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _index_put(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Flat offsets of every position of the indexed shape (see :func:`ctc.ir.ops.shape.index`),
     values broadcast to it, then the sequential scatter kernel (``add`` when accumulating)."""
     from ctc.ir.ops.infer import broadcast
@@ -491,8 +490,8 @@ def _index_put(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     from tvm import te, tirx
 
     op = ctx.relax.op
-    xt, vt = node.inputs[0].type, node.inputs[1].type
-    its = [v.type for v in node.inputs[2:]]
+    xt, vt = a.type("x"), a.type("values")
+    its = [v.type for v in node.operands("indices")]
     axes = index_axes(xt.rank, len(its), node.attrs["axes"])
     bshape = broadcast(*(t.shape for t in its))
     target = xt.with_shape(index_result_shape(xt.shape, axes, bshape))
@@ -506,19 +505,19 @@ def _index_put(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
         return te.compute(tshape, elem, name="index_put_offsets")
 
-    o = ctx.te(offs, a[0], *a[2:], name="index_put_offsets")
-    vals = a[1] if vt.dtype == xt.dtype else ctx.emit(op.astype(a[1], _dt(xt)))
+    o = ctx.te(offs, a["x"], *a.all("indices"), name="index_put_offsets")
+    vals = a["values"] if vt.dtype == xt.dtype else ctx.emit(op.astype(a["values"], _dt(xt)))
     vals = ctx.emit(op.broadcast_to(vals, tshape))
     m_total: Any = 1
     for d in tshape:
         m_total = m_total * d
     off = ctx.emit(op.reshape(o, [m_total]))
     vals = ctx.emit(op.reshape(vals, [m_total]))
-    return _flat_scatter(ctx, a[0], xt, off, vals, "add" if node.attrs["accumulate"] else "update")
+    return _flat_scatter(ctx, a["x"], xt, off, vals, "add" if node.attrs["accumulate"] else "update")
 
 
 @rule("slice_scatter")
-def _slice_scatter(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _slice_scatter(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import te, tirx
 
     at = node.attrs
@@ -536,7 +535,7 @@ def _slice_scatter(ctx: Ctx, node: Node, a: list[Any]) -> Any:
         return te.compute(x.shape, elem, name="slice_scatter")
 
     # the bounds travel as arguments: emit_te remaps the symbols of its operands, not free ones
-    return ctx.te(f, a[0], a[1], _prim(st), _prim(en), name="slice_scatter")
+    return ctx.te(f, a["x"], a["src"], _prim(st), _prim(en), name="slice_scatter")
 
 
 # --- state space -----------------------------------------------------------------------
@@ -577,19 +576,19 @@ def selective_scan_kernel(n_state: int) -> Any:
 
 
 @rule("selective_scan")
-def _selective_scan(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _selective_scan(ctx: Ctx, node: Node, a: Operands) -> Any:
     from ctc.backends.tvm.int_kernels import add_prim_func
     from ctc.backends.tvm.lower import LoweringError, _static_int
 
     op = ctx.relax.op
-    n = _static_int(ctx, node.inputs[2].type.shape[1])
+    n = _static_int(ctx, a.type("A").shape[1])
     if n is None:
         raise LoweringError(f"selective_scan at {node.scope or '<root>'}: the state size (A's columns) must be static")
-    args = [x if v.type.dtype == "f32" else ctx.emit(op.astype(x, "float32")) for x, v in zip(a, node.inputs,
-                                                                                              strict=True)]
+    names = ("u", "delta", "A", "B", "C")  # the kernel's argument order
+    args = [a[k] if a.type(k).dtype == "f32" else ctx.emit(op.astype(a[k], "float32")) for k in names]
     gv = add_prim_func(ctx.bb, selective_scan_kernel(n), f"selective_scan_n{n}")
-    ut = node.inputs[0].type
-    y = ctx.emit(ctx.relax.call_tir(gv, args, ctx.relax.TensorType(ctx.shape_of(node.inputs[0]), "float32")))
+    ut = a.type("u")
+    y = ctx.emit(ctx.relax.call_tir(gv, args, ctx.relax.TensorType(ctx.shape_of_type(ut), "float32")))
     return y if ut.dtype == "f32" else op.astype(y, _dt(ut))
 
 

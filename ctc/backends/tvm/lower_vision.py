@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctc.backends.tvm.lower import Ctx, _dt, rule
+from ctc.backends.tvm.lower import Ctx, Operands, _dt, rule
 from ctc.ir.graph import Node
 
 
 def _spatial(node: Node) -> int:
-    return node.inputs[0].type.rank - 2
+    x = node.operand("x")
+    assert x is not None
+    return x.type.rank - 2
 
 
 def _channel_view(ctx: Ctx, v: Any, rank: int) -> Any:
@@ -25,42 +27,43 @@ def _channel_view(ctx: Ctx, v: Any, rank: int) -> Any:
 
 
 @rule("conv")
-def _conv(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _conv(ctx: Ctx, node: Node, a: Operands) -> Any:
     from ctc.backends.tvm.conv_kernels import lower_conv
 
     return lower_conv(ctx, node, a)
 
 
 @rule("batch_norm")
-def _batch_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _batch_norm(ctx: Ctx, node: Node, a: Operands) -> Any:
     """``(x - mean) * rsqrt(var + eps) * weight + bias``, per channel (axis 1)."""
     op = ctx.relax.op
-    xt = node.inputs[0].type
+    xt = a.type("x")
     dt = _dt(xt)
-    x, mean, var = a[0], a[1], a[2]
+    x = a["x"]
     rank = xt.rank
 
-    def f32(v: Any, t: Any) -> Any:
-        return v if t.type.dtype == xt.dtype else ctx.emit(op.astype(v, dt))
+    def f32(name: str) -> Any:
+        return a[name] if a.type(name).dtype == xt.dtype else ctx.emit(op.astype(a[name], dt))
 
-    mean, var = f32(mean, node.inputs[1]), f32(var, node.inputs[2])
+    mean, var = f32("mean"), f32("var")
     inv = ctx.emit(op.rsqrt(ctx.emit(op.add(var, ctx.const(node.attrs["eps"], xt.dtype)))))
-    scale = inv if len(a) < 4 else ctx.emit(op.multiply(inv, f32(a[3], node.inputs[3])))
+    scale = inv if a.value("weight") is None else ctx.emit(op.multiply(inv, f32("weight")))
     shift = ctx.emit(op.negative(ctx.emit(op.multiply(mean, scale))))
-    if len(a) > 4:
-        shift = ctx.emit(op.add(shift, f32(a[4], node.inputs[4])))
+    if a.value("bias") is not None:
+        shift = ctx.emit(op.add(shift, f32("bias")))
     y = ctx.emit(op.multiply(x, _channel_view(ctx, scale, rank)))
     return op.add(y, _channel_view(ctx, shift, rank))
 
 
 @rule("group_norm")
-def _group_norm(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _group_norm(ctx: Ctx, node: Node, a: Operands) -> Any:
     op = ctx.relax.op
-    xt = node.inputs[0].type
+    xt = a.type("x")
     c = ctx.dims(xt.shape[1])
-    w = a[1] if len(a) > 1 else op.ones([c], _dt(xt))
-    b = a[2] if len(a) > 2 else op.zeros([c], _dt(xt))
-    return op.nn.group_norm(a[0], w, b, num_groups=node.attrs["groups"], channel_axis=1,
+    w, b = a.get("weight"), a.get("bias")
+    w = w if w is not None else op.ones([c], _dt(xt))
+    b = b if b is not None else op.zeros([c], _dt(xt))
+    return op.nn.group_norm(a["x"], w, b, num_groups=node.attrs["groups"], channel_axis=1,
                             axes=list(range(2, xt.rank)), epsilon=node.attrs["eps"])
 
 
@@ -77,7 +80,7 @@ def _window_bounds(o: Any, k: int, s: int, p: int, size: Any) -> tuple[Any, Any,
 
 
 @rule("max_pool")
-def _max_pool(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _max_pool(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import te, tirx
 
     at = node.attrs
@@ -101,18 +104,18 @@ def _max_pool(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
         return te.compute(out_shape, elem, name="max_pool")
 
-    return ctx.te(f, a[0], name="max_pool")
+    return ctx.te(f, a["x"], name="max_pool")
 
 
 @rule("avg_pool")
-def _avg_pool(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _avg_pool(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import te, tirx
 
     at = node.attrs
     k, st, pd = at["kernel"], at["stride"], at["padding"]
     nd = len(k)
     out_shape = ctx.dims.shape(node.outputs[0].type)
-    dt = _dt(node.inputs[0].type)
+    dt = _dt(a.type("x"))
 
     def f(x: Any) -> Any:
         lead = len(x.shape) - nd
@@ -143,21 +146,21 @@ def _avg_pool(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
         return te.compute(out_shape, avg, name="avg_pool")
 
-    return ctx.te(f, a[0], name="avg_pool")
+    return ctx.te(f, a["x"], name="avg_pool")
 
 
 @rule("adaptive_avg_pool", "adaptive_max_pool")
-def _adaptive_pool(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _adaptive_pool(ctx: Ctx, node: Node, a: Operands) -> Any:
     """Windows ``[floor(i*L/O), ceil((i+1)*L/O))``: reduced over the largest window length with the
     positions beyond each window masked out."""
     from tvm import te, tirx
 
     out = node.attrs["output_size"]
     nd = len(out)
-    xt = node.inputs[0].type
+    xt = a.type("x")
     sizes = [ctx.dims(d) for d in xt.shape[xt.rank - nd:]]
     if node.op == "adaptive_avg_pool" and all(o == 1 for o in out):  # global average
-        return ctx.relax.op.mean(a[0], axis=list(range(xt.rank - nd, xt.rank)), keepdims=True)
+        return ctx.relax.op.mean(a["x"], axis=list(range(xt.rank - nd, xt.rank)), keepdims=True)
     for s in sizes:
         if not isinstance(s, int) and not hasattr(s, "value"):
             from ctc.backends.tvm.lower import LoweringError
@@ -202,17 +205,17 @@ def _adaptive_pool(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
         return te.compute(out_shape, mean, name="adaptive_avg")
 
-    return ctx.te(f, a[0], name=node.op)
+    return ctx.te(f, a["x"], name=node.op)
 
 
 # --- pad ----------------------------------------------------------------------------------
 @rule("pad")
-def _pad(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _pad(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import te, tirx
 
     at = node.attrs
     pads, mode = at["pads"], at["mode"]
-    xt = node.inputs[0].type
+    xt = a.type("x")
     out_shape = ctx.dims.shape(node.outputs[0].type)
     n = len(pads) // 2
     value = at["value"]
@@ -245,7 +248,7 @@ def _pad(ctx: Ctx, node: Node, a: list[Any]) -> Any:
 
         return te.compute(out_shape, elem, name=f"pad_{mode}")
 
-    return ctx.te(f, a[0], name=f"pad_{mode}")
+    return ctx.te(f, a["x"], name=f"pad_{mode}")
 
 
 # --- resize -------------------------------------------------------------------------------
@@ -279,14 +282,14 @@ def _cubic_coeffs(t: Any) -> list[Any]:
 
 
 @rule("resize")
-def _resize(ctx: Ctx, node: Node, a: list[Any]) -> Any:
+def _resize(ctx: Ctx, node: Node, a: Operands) -> Any:
     from tvm import te, tirx
 
     at = node.attrs
     mode, ac, scales = at["mode"], at["align_corners"], at["scales"]
     nd = len(at["size"])
     out_shape = ctx.dims.shape(node.outputs[0].type)
-    xt = node.inputs[0].type
+    xt = a.type("x")
     f32 = "float32"
 
     def f(x: Any, *outs: Any) -> Any:
@@ -340,7 +343,7 @@ def _resize(ctx: Ctx, node: Node, a: list[Any]) -> Any:
     del xt
     # output sizes travel as arguments: emit_te remaps the symbols of its operands, not free ones
     sizes = [tirx.IntImm("int64", d) if isinstance(d, int) else d for d in out_shape[2:]]
-    return ctx.te(f, a[0], *sizes, name=f"resize_{mode.replace('-', '_')}")
+    return ctx.te(f, a["x"], *sizes, name=f"resize_{mode.replace('-', '_')}")
 
 
 __all__: list[str] = []
