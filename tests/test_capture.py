@@ -86,6 +86,16 @@ def test_gpt2_tied_and_transposed_params() -> None:
     assert m.op_counts()["linear"] == 2 * 4 + 1
 
 
+def test_half_precision_rms_norm_is_fused_and_exact() -> None:
+    """An fp16 Llama's RMSNorm (``cast(x, f32) ... cast back``) is captured as one rms_norm, bitwise exact."""
+    model = tiny_hf("llama").to(torch.float16)
+    m = capture_hf_model(model, seq_len=7)
+    counts = m.op_counts()
+    assert counts["rms_norm"] == 2 * 2 + 1 and "rsqrt" not in counts
+    inputs = hf_inputs(2, 6)
+    assert torch.equal(interpret(m, inputs)[0], reference(model, inputs))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_llama_style_fusions(arch: str) -> None:
     _, m = captured(arch)
