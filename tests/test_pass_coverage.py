@@ -33,7 +33,7 @@ SHARES: dict[str, tuple[dict, float, dict]] = {
     "quantize": ({"blocks_only": False}, 0.55, {}),
     "rptq": ({"blocks_only": False, "clusters": 2}, 0.55, {}),
     # passes with one kind of work: modules built from the builders that make it (and some others)
-    "sparse-attention": ({}, 0.5, {"builders": ["attention", "split_heads", "unary", "binary", "linear"]}),
+    "sparse-attention": ({}, 0.2, {"builders": ["attention", "split_heads", "unary", "binary", "linear"]}),
     "fold-batch-norm": ({}, 0.6, {"builders": ["conv_bn", "unary", "binary", "linear"]}),
 }
 # Passes that need a stack of repeated blocks: random tiny transformers (tests/tiny_transformers.py),

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctc.errors import UsageError
-from ctc.passes.base import PassOptions, option
+from ctc.options import OptionError
+from ctc.passes.base import PassError, PassOptions, option
 
 __all__ = ["EXPORTS", "ExportError", "ExportSpec", "export_config"]
 
@@ -111,7 +112,10 @@ EXPORTS: dict[str, ExportSpec] = {s.name: s for s in [
 
 def export_config(name: str, options: dict[str, Any]) -> PassOptions:
     """The validated options of format ``name`` (raises PassError naming the bad option)."""
-    return EXPORTS[name].Options.from_dict(options, pass_name=f"emit {name}")
+    try:
+        return EXPORTS[name].Options.from_dict(options, owner=f"emit {name}")  # type: ignore[return-value]
+    except OptionError as e:
+        raise PassError(str(e)) from None
 
 
 def export_dir_name(name: str) -> str:
