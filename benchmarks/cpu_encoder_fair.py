@@ -108,9 +108,10 @@ def child_runner(spec: dict[str, Any]) -> Any:
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     if rt == "eager":
-        from ctc.eval.models import load_bundled
+        from ctc.frontends import load_bundled
 
-        model, tok, _ = load_bundled("minilm")
+        _hf = load_bundled("minilm")
+        model, tok = _hf.model, _hf.tokenizer
         enc = encode(tok, seq, "pt")
         return lambda: model(**enc).last_hidden_state
     import ctc
@@ -270,9 +271,10 @@ def export_onnx(path: str, qpath: str) -> None:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
 
-    model, tok, _ = load_bundled("minilm")
+    _hf = load_bundled("minilm")
+    model, tok = _hf.model, _hf.tokenizer
     enc = encode(tok, 128, "pt")
     names = list(enc.keys())
 
@@ -296,9 +298,10 @@ def reference(seq: int, work: Path) -> Any:
     import numpy as np
     import torch
 
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
 
-    model, tok, _ = load_bundled("minilm")
+    _hf = load_bundled("minilm")
+    model, tok = _hf.model, _hf.tokenizer
     with torch.no_grad():
         out = model(**encode(tok, seq, "pt")).last_hidden_state.numpy()
     np.save(work / f"ref_{seq}.npy", out)

@@ -123,11 +123,12 @@ def kernels(a: argparse.Namespace, tmp: Path) -> list[str]:
 
 def model(a: argparse.Namespace, tmp: Path) -> list[str]:
     from ctc.eval import data as D
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
     from ctc.frontends.hf import capture_hf_model
     from ctc.passes.base import PassContext, get_pass
 
-    hf, tok, _ = load_bundled("smollm2")
+    _loaded = load_bundled("smollm2")
+    hf, tok = _loaded.model, _loaded.tokenizer
     t0 = time.perf_counter()
     dense = capture_hf_model(hf, name="smollm2")
     log(f"captured SmolLM2 in {time.perf_counter() - t0:.0f}s")

@@ -102,10 +102,11 @@ def _feed(module: Module, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _capture(name: str) -> tuple[Any, Module]:
-    from ctc.eval.models import load_bundled
+    from ctc.frontends import load_bundled
     from ctc.frontends.hf import capture_hf_model
 
-    model, tok, _ = load_bundled(name)
+    _hf = load_bundled(name)
+    model, tok = _hf.model, _hf.tokenizer
     t0 = time.perf_counter()
     m = capture_hf_model(model, name=name)  # dynamic batch/seq: the export path, with block scopes
     log(f"{name}: captured in {time.perf_counter() - t0:.1f}s, {len(m.blocks())} blocks, "

@@ -50,7 +50,7 @@ class CpuOptions(TargetOptions):
                 return
             why = check_mcpu(self.mcpu)
             if why:
-                raise PassError(f"option mcpu={self.mcpu!r}: {why}")
+                raise OptionError(f"option mcpu={self.mcpu!r}: {why}")
 
 
 @dataclass(frozen=True)

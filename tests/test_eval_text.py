@@ -21,7 +21,7 @@ TEXT = " ".join(f"The {w} sat on the mat number {i}." for i, w in enumerate(["ca
 
 
 def _tokenizer_dir() -> Path:
-    from ctc.eval.models import bundled_model_dir
+    from ctc.bundled import bundled_model_dir
 
     return bundled_model_dir("minilm")
 

@@ -49,6 +49,8 @@ ELSEWHERE: dict[str, str] = {
     "kv-cache-quant": "test_kv_cache_quant.py",
     "gguf-weights": "test_gguf.py",
     "calibrate-attention": "test_calibrate_attention_pass.py",
+    "asvd": "test_asvd.py",
+    "remove-blocks": "test_remove_blocks.py",
 }
 N = 60
 

@@ -440,7 +440,7 @@ def model_positions(recipe: Recipe) -> tuple[int, str] | None:
         config = resolve_path(recipe, m.ref) / "config.json"
     elif m.kind == "bundled":
         try:
-            from ctc.eval.models import BUNDLED, bundled_model_dir
+            from ctc.bundled import BUNDLED, bundled_model_dir
 
             config = bundled_model_dir(m.ref) / "config.json"
             if not config.is_file():  # a GGUF checkpoint: the catalogue states its context length

@@ -96,7 +96,7 @@ def _model_dir(model: Any, artifact: Path) -> Path | None:
     """The source model's folder named by an artifact's report (bundled name or Hugging Face directory), if here."""
     kind, ref = model.get("kind"), model.get("ref")
     if kind == "bundled" and ref:
-        from ctc.eval.models import BundledModelError, bundled_hf_dir
+        from ctc.bundled import BundledModelError, bundled_hf_dir
 
         try:
             return bundled_hf_dir(str(ref))
