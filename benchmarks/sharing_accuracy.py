@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                          "target: artifact/library bytes, latency")
     ap.add_argument("--runs", type=int, default=20, help="timed TVM calls per row")
     ap.add_argument("--lora-inits", default="svd,activation", type=lambda s: s.split(","),
-                    help="LoRA initialisations of the recursive rows (svd: the paper's; activation: activation-weighted)")
+                    help="LoRA initialisations of the recursive rows (svd: the paper's; activation: "
+                         "activation-weighted)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)
