@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 import ctc
+from ctc.artifact import PARAMS_FILE
 from ctc.cli import EXIT_OK, main
+from ctc.ir.graph import Module
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.ctc"))
 CI_SAMPLES = 4
@@ -42,3 +44,23 @@ def test_example_compiles(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFi
         assert proto["windows"] <= CI_SAMPLES, role
     for t in report.get("targets", []):
         assert art.manifest is not None and art.manifest.verify_dir(t["dir"])
+    assert_each_tensor_stored_once(out, art.module, report)
+
+
+# what a compiled output may hold beyond its weights (code, headers, alignment, padded ranks)
+OVERHEAD_BYTES = 4 << 20
+
+
+def assert_each_tensor_stored_once(out: Path, module: Module, report: dict) -> None:
+    """Stored once: a tensor several nodes read (a tied embedding, a shared block's weights) is one copy in the
+    artifact's parameters and in every built library or weight blob, never one per reader."""
+    unique, read = module.param_bytes(), module.read_param_bytes()
+    assert unique <= (out / PARAMS_FILE).stat().st_size < unique + OVERHEAD_BYTES
+    if read == unique:
+        return  # nothing is read twice
+    copies = read - unique  # what one copy per reader would add
+    for t in report.get("targets", []):
+        for name in ("model.so", "weights.bin"):  # TVM library (weights as constants), fpga weight blob
+            f = out / t["dir"] / name
+            if f.exists():
+                assert f.stat().st_size < unique + min(copies / 2, OVERHEAD_BYTES), (t["dir"], name, unique, read)
