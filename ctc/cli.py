@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--docs", type=int, help="with --human-similarity: use the first N of the 50 documents")
     e.add_argument("--target", metavar="KIND", help="with --human-similarity: run a compiled target's library")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--write-lm-eval-task", metavar="DIR",
+                   help="instead of measuring, write an lm-eval task over the same windows into DIR (run it with "
+                        "`python -m ctc.eval.lm_eval_adapter run --model ctc --model_args artifact=ARTIFACT "
+                        "--tasks ctc_windows --include_path DIR`; docs/lm-eval.md)")
     _common(e)
 
     b = sub.add_parser("bench", help="measure an artifact's latency and memory", formatter_class=_formatter,
@@ -296,6 +300,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ctc.evaluate import evaluate_artifact, format_result
 
     art = _load_artifact(args.artifact)
+    if args.write_lm_eval_task:
+        from ctc.eval.lm_eval_adapter import write_window_task
+
+        proto = write_window_task(art, args.write_lm_eval_task, data=args.data, samples=args.samples,
+                                  seq_len=args.seq_len, skip=args.skip, limit=args.limit)
+        print(json.dumps(proto, indent=2) if args.json else
+              f"wrote lm-eval task ctc_windows ({proto['windows']} windows x {proto['seq_len']} tokens, "
+              f"{proto['tokens_scored']} tokens scored) to {args.write_lm_eval_task}")
+        return EXIT_OK
     res = evaluate_artifact(art, data=args.data, samples=args.samples, seq_len=args.seq_len, skip=args.skip,
                             limit=args.limit, progress=not args.quiet, human=args.human_similarity, docs=args.docs,
                             target=args.target, baseline=args.baseline)

@@ -650,7 +650,9 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
     if loaded.task == TASK_CAUSAL_LM and evalb:
         wanted |= {"ppl"}
     with progress.stage("measure"):
-        desc = str(protocol.get("evaluate", {}).get("text", ""))
+        from ctc.eval.data import protocol_line
+
+        desc = protocol_line(protocol.get("evaluate", {}))
         measured = measure(original, module, loaded, evalb, wanted, progress, desc)
     checks = [evaluate_check(c, measured) for c in recipe.checks]
     passed = all(c["passed"] for c in checks)
