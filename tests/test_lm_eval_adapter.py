@@ -10,7 +10,6 @@ benchmarks/lm_eval_windows.py.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,10 @@ lm_eval = pytest.importorskip("lm_eval")
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama HF directory (SmolLM2's tokenizer), compiled twice: W8 weights, and unchanged (float)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ctc.bundled import bundled_hf_dir
+    from hf_configs import tiny_llama_with_smollm2_tokenizer
 
     root = tmp_path_factory.mktemp("lmeval")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).eval().save_pretrained(root / "model")
-    src = bundled_hf_dir("smollm2")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, root / "model" / f)
+    tiny_llama_with_smollm2_tokenizer(root / "model")
     for name, body in (("w8", "evaluate wiki samples=3 seq_len=32\npipeline {\n    quantize w_bits=8 a_bits=16\n}\n"),
                        ("float", "pipeline {\n    dce\n}\n")):  # nothing measured: only the weights matter
         (root / f"{name}.ctc").write_text(f'model hf "model"\n{body}')
