@@ -148,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print JSON")
     _common(b)
 
+    a = sub.add_parser("analyze", help="roofline: per-op FLOPs, bytes and bound on a target, prefill and decode",
+                       formatter_class=_formatter,
+                       description="Per-op FLOPs, bytes moved, arithmetic intensity and the roofline bound at the "
+                                   "target's peaks (cpu: measured here and cached; cuda: data sheet; fpga: board "
+                                   "preset), prefill and decode separately (docs/analyze.md).")
+    a.add_argument("artifact", metavar="ARTIFACT")
+    a.add_argument("--target", default="cpu", metavar="KIND", help="cpu | cuda | fpga (default cpu)")
+    a.add_argument("--seq-len", type=int, help="prompt / sequence length (default: the artifact's evaluation window)")
+    a.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    a.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="size of another symbolic input dim (repeatable)")
+    a.add_argument("--gpu", metavar="NAME", help="cuda: data-sheet GPU (h100, h200, a100, l4; default: visible, "
+                                                 "else h100)")
+    a.add_argument("--board", metavar="NAME", help="fpga: board preset (default: the artifact's, else zc706)")
+    a.add_argument("--remeasure", action="store_true", help="cpu: measure the peaks again (cached otherwise)")
+    a.add_argument("--profile", action="store_true",
+                   help="run the artifact's compiled library for --target here and place measured kernel times")
+    a.add_argument("--top", type=int, default=15, help="op groups listed per phase (default 15)")
+    a.add_argument("--html", metavar="FILE", help="also write a page with the roofline plot")
+    a.add_argument("--json", action="store_true", help="print JSON (every op with --per-op)")
+    a.add_argument("--per-op", action="store_true", help="with --json: every op, not only the groups")
+    _common(a)
+
     x = sub.add_parser("export", help="write an artifact in a format other tools load", formatter_class=_formatter,
                        description="Write ARTIFACT's model in a format other tools load (docs/exporting.md). "
                                    "Options are the recipe's `emit FORMAT key=value` "
@@ -338,6 +361,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ctc.analysis.artifact import analysis_page, analyze_artifact, parse_dims
+    from ctc.analysis.roofline import format_analysis
+    from ctc.errors import UsageError
+
+    if args.top < 1:
+        raise UsageError("--top must be >= 1")
+    dims = parse_dims(args.dim)
+    art = _load_artifact(args.artifact)
+    analysis, points, measured = analyze_artifact(art, args.target, seq_len=args.seq_len, batch=args.batch,
+                                                  dims=dims, gpu=args.gpu, board=args.board,
+                                                  remeasure=args.remeasure, profile=args.profile)
+    if args.html:
+        Path(args.html).write_text(analysis_page(analysis, points, measured))
+        if not args.quiet:
+            print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**analysis.to_json(per_op=args.per_op), "measured": points, "measured_how": measured},
+                         indent=1, default=str))
+    else:
+        print(format_analysis(analysis, top=args.top, points=points))
+        if measured:
+            print(measured)
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ctc.dsl.check import option_diagnostics
     from ctc.dsl.diagnostics import RecipeError, did_you_mean
@@ -505,7 +554,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export,
+_COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze,
+             "export": cmd_export,
              "passes": cmd_passes, "targets": cmd_targets, "show": cmd_show}
 
 
