@@ -407,18 +407,6 @@ def _count(module: Any) -> dict[str, Any]:
     return {"params": module.param_count(), "bytes": module.param_bytes(), "nodes": len(module.nodes)}
 
 
-def per_block_bytes(module: Any) -> dict[int, int]:
-    """Parameter bytes read by each block's nodes (a parameter counts once, in its first block)."""
-    seen: set[str] = set()
-    out: dict[int, int] = {}
-    for n in module.nodes:
-        if n.op == "param" and n.block is not None and n.attrs["name"] not in seen:
-            seen.add(n.attrs["name"])
-            t = module.params[n.attrs["name"]]
-            out[n.block] = out.get(n.block, 0) + int(t.numel()) * t.element_size()
-    return out
-
-
 def _outputs(module: Any, batches: list[dict[str, Any]], what: str, progress: Progress) -> list[list[Any]]:
     """Every batch's outputs of ``module`` (reference interpreter: the IR's semantics)."""
     from ctc.ir.interpreter import interpret
@@ -657,6 +645,8 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
     checks = [evaluate_check(c, measured) for c in recipe.checks]
     passed = all(c["passed"] for c in checks)
 
+    from ctc.analysis.blocks import block_view, per_block_bytes
+
     before, after = per_block_bytes(original), per_block_bytes(module)
     blocks = sorted(set(before) | set(after))
     report: dict[str, Any] = {
@@ -682,6 +672,7 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
         "per_block": {"blocks": blocks, "original": [before.get(b, 0) for b in blocks],
                       "compressed": [after.get(b, 0) for b in blocks]},
     }
+    report["blocks"] = block_view(original, module, report["passes"])
     if pipeline_report.variants:
         report["variants"] = {k: f"{dest.name}-{k}" for k in pipeline_report.variants}
 
@@ -701,11 +692,18 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
             raise _unbuildable(recipe, t.kind, e) from None
         summary = {**t.to_json(), **built}
         not_here = t.spec.cannot_run_here()
+        batch = fit_batch(probe, t.options) if probe is not None else None
         if not_here is not None:  # e.g. a CUDA library built on a machine without a GPU
             summary["measured"] = {"skipped": not_here}
-        elif probe is not None:
+        elif batch is not None:
             with progress.stage(f"measure target {t.kind}"):
-                summary["measured"] = measure_target(module, t.kind, d, fit_batch(probe, t.options))
+                summary["measured"] = measure_target(module, t.kind, d, batch)
+        if t is targets[0] and batch is not None:
+            from ctc.analysis.report import report_roofline
+
+            with progress.stage(f"roofline on target {t.kind}"):
+                report["roofline"] = report_roofline(module, t, d, batch, summary.get("measured") or {},
+                                                     profile=not_here is None)
         return summary
 
     builds = [(t.kind, lambda d, t=t: build_and_measure(t, d)) for t in targets]

@@ -66,6 +66,10 @@ def test_window_task_reproduces_ctc_eval(project: Path, capsys: pytest.CaptureFi
     assert ev["stride"].startswith("32 text tokens (disjoint")
     assert "/model (TokenizersBackend, vocab 49152)" in report["metrics"]["ppl"]["protocol"]
     assert "tokenizer w8/tokenizer (TokenizersBackend" in ours["protocol"]
+    page = (art / "report.html").read_text()  # the same protocol as a table, and what quantize did per block
+    assert "<h2>Evaluation protocol</h2>" in page and "<td>stride</td>" in page and str(project) not in page
+    assert [b["quantized"] for b in report["blocks"]] == ["W8A16 ×7", "W8A16 ×7"]
+    assert [b["passes"] for b in report["blocks"]] == [["quantize"], ["quantize"]]
 
 
 def test_rolling_and_generation_agree_with_lm_eval_hf_model(project: Path, tmp_path: Path) -> None:

@@ -81,14 +81,14 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
 
 def analysis_page(a: Analysis, points: Sequence[Mapping[str, Any]] = (), measured: str = "") -> str:
     """A self-contained HTML page: the roofs and their source, the roofline plot, and per phase the op groups."""
-    from ctc.artifact import _CSS, _table
+    from ctc.report_html import _CSS, _table
 
     p = a.peaks
     body = [f"<h1>{html.escape(a.model)} on {html.escape(p.target)}</h1>",
             _table(["", ""], [["device", p.device], ["fp32 roof", f"{p.flops['f32'] / 1e9:.1f} GFLOP/s"],
                               ["int8 roof", f"{p.flops['int8'] / 1e9:.1f} GOP/s"],
                               ["memory roof", f"{p.bandwidth / 1e9:.2f} GB/s"], ["source", p.source]]),
-            roofline_svg(a, points=points)]
+            roofline_svg({**a.to_json(), "measured": list(points)})]
     if measured:
         body.append(f'<p class="small">{html.escape(measured)}</p>')
     for ph in a.phases:

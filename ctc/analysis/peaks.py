@@ -167,13 +167,13 @@ def cuda_peaks(gpu: str | None = None) -> Peaks:
                  f"data sheet: {g['source']} (dense, no sparsity); not measured", False)
 
 
-def fpga_peaks(board: str = "zc706") -> Peaks:
-    """Roofs of an fpga target board preset."""
+def fpga_peaks(board: Any = "zc706") -> Peaks:
+    """Roofs of an fpga target board: a preset's name, or a ``Board`` (a recipe's overrides applied)."""
     from ctc.backends.hls.boards import BOARDS
 
-    if board not in BOARDS:
+    if isinstance(board, str) and board not in BOARDS:
         raise UsageError(f"unknown board {board!r} for the fpga roofline (known: {', '.join(BOARDS)})")
-    b = BOARDS[board]
+    b = BOARDS[board] if isinstance(board, str) else board
     clock = b.clock_mhz * 1e6
     int8 = b.dsps * b.products_per_dsp(8, 8) * 2 * clock
     f32 = b.dsps / 5 * 2 * clock

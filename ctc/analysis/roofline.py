@@ -271,8 +271,10 @@ def format_analysis(a: Analysis, *, top: int = 15, points: Sequence[Mapping[str,
     return "\n".join(lines)
 
 
-def roofline_svg(a: Analysis, *, points: Sequence[Mapping[str, Any]] = (), title: str = "") -> str:
-    """The roofline plot (roofs, one marker per op group and phase, measured points) as an inline SVG string."""
+def roofline_svg(data: Mapping[str, Any], *, title: str = "") -> str:
+    """The roofline plot as an inline SVG string, from :meth:`Analysis.to_json` (plus ``measured``: the points of
+    :func:`measured_points`): roofs, one marker per op group and phase (at its bound, sized by its time), and
+    the measured points."""
     import io
 
     import matplotlib
@@ -280,35 +282,41 @@ def roofline_svg(a: Analysis, *, points: Sequence[Mapping[str, Any]] = (), title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p = a.peaks
+    t = data["target"]
+    flops, bw = t["flops"], float(t["bandwidth"])
+    points = list(data.get("measured") or [])
+
+    def roof(compute: str) -> float:
+        return float(flops.get(compute) or flops["f32"])
+
     plt.rcParams["svg.fonttype"] = "none"
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
-    groups = [(ph.name, r) for ph in a.phases for r in ph.groups(p) if r["flops"] > 0 and r["bytes"] > 0]
+    groups = [(ph["name"], r) for ph in data["phases"] for r in ph["groups"] if r["flops"] > 0 and r["bytes"] > 0]
     xs_all = [r["intensity"] for _, r in groups] + [pt["intensity"] for pt in points]
     lo = min([0.01] + [x / 3 for x in xs_all if x > 0])
-    hi = max([p.ridge("int8") * 10] + [x * 3 for x in xs_all])
+    hi = max([roof("int8") / bw * 10] + [x * 3 for x in xs_all])
     xs = [lo * (hi / lo) ** (i / 199) for i in range(200)]
     for compute, style in (("f32", "-"), ("int8", "--")):
-        if compute == "int8" and p.flops["int8"] == p.flops["f32"]:
+        if compute == "int8" and roof("int8") == roof("f32"):
             continue
-        ax.loglog(xs, [min(p.peak(compute), x * p.bandwidth) for x in xs], "k" + style, lw=1.3,
-                  label=f"roof {compute}: {_si(p.peak(compute), 'OP/s')}, {_si(p.bandwidth, 'B/s')}")
+        ax.loglog(xs, [min(roof(compute), x * bw) for x in xs], "k" + style, lw=1.3,
+                  label=f"roof {compute}: {_si(roof(compute), 'OP/s')}, {_si(bw, 'B/s')}")
     markers = {"prefill": ("o", "tab:blue"), "forward": ("o", "tab:blue"), "decode": ("s", "tab:orange")}
-    for ph in a.phases:
-        rows = [r for name, r in groups if name == ph.name]
+    for ph in data["phases"]:
+        rows = [r for name, r in groups if name == ph["name"]]
         if not rows:
             continue
-        m, col = markers.get(ph.name, ("o", "tab:green"))
-        ys = [min(p.peak(r["compute"]), r["intensity"] * p.bandwidth) for r in rows]
-        sizes = [12 + 60 * r["bound_ms"] / max(x["bound_ms"] for x in rows) for r in rows]
-        ax.scatter([r["intensity"] for r in rows], ys, s=sizes, marker=m, c=col, alpha=0.6,
-                   label=f"{ph.name} op groups (bound)")
+        m, col = markers.get(ph["name"], ("o", "tab:green"))
+        longest = max(r["bound_ms"] for r in rows) or 1.0
+        ax.scatter([r["intensity"] for r in rows], [min(roof(r["compute"]), r["intensity"] * bw) for r in rows],
+                   s=[12 + 60 * r["bound_ms"] / longest for r in rows], marker=m, c=col, alpha=0.6,
+                   label=f"{ph['name']} op groups (bound)")
     for i, pt in enumerate(points):
         ax.scatter([pt["intensity"]], [pt["flops_per_s"]], marker="*", s=140, c=f"C{(i + 3) % 10}",
                    edgecolors="k", linewidths=0.5, label=pt["label"])
     ax.set_xlabel("arithmetic intensity (FLOP / byte moved)")
     ax.set_ylabel("FLOP/s")
-    ax.set_title(title or f"{a.model} on {p.target} ({p.device})", fontsize=10)
+    ax.set_title(title or f"{data.get('model', '')} on {t['target']} ({t['device']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
