@@ -3,7 +3,7 @@ log-likelihoods and greedy generation agree with lm-eval's own ``hf`` model on t
 fed token by token gives the full-sequence logits.
 
 The causal LM is a tiny random Llama with SmolLM2's real tokenizer (byte-level BPE, so windows survive lm-eval's
-text requests) on the bundled Wikipedia text: the mechanics are under test; real-weight numbers are in
+text requests) on one article of the bundled Wikipedia text: the mechanics are under test; real-weight numbers are in
 benchmarks/lm_eval_windows.py.
 """
 
@@ -23,15 +23,19 @@ lm_eval = pytest.importorskip("lm_eval")
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama HF directory (SmolLM2's tokenizer), compiled twice: W8 weights, and unchanged (float)."""
+    """A tiny Llama HF directory (SmolLM2's tokenizer) compiled with W8 weights, also written as a plain HF directory
+    (`emit hf`: the artifact's weights, de-quantized) for lm-eval's own ``hf`` model."""
     from hf_configs import tiny_llama_with_smollm2_tokenizer
+
+    from ctc.eval.data import wiki_split
 
     root = tmp_path_factory.mktemp("lmeval")
     tiny_llama_with_smollm2_tokenizer(root / "model")
-    for name, body in (("w8", "evaluate wiki samples=3 seq_len=32\npipeline {\n    quantize w_bits=8 a_bits=16\n}\n"),
-                       ("float", "pipeline {\n    dce\n}\n")):  # nothing measured: only the weights matter
-        (root / f"{name}.ctc").write_text(f'model hf "model"\n{body}')
-        assert main(["compile", str(root / f"{name}.ctc"), "--out", str(root / name), "--quiet"]) == EXIT_OK
+    # one article of the bundled Wikipedia text's evaluation split (tokenizing the whole split takes seconds)
+    (root / "article.txt").write_text(wiki_split("evaluation")[0].text[:4000])
+    (root / "w8.ctc").write_text('model hf "model"\nevaluate text "article.txt" samples=3 seq_len=32\n'
+                                 "pipeline {\n    quantize w_bits=8 a_bits=16\n}\nemit hf\n")
+    assert main(["compile", str(root / "w8.ctc"), "--out", str(root / "w8"), "--quiet"]) == EXIT_OK
     return root
 
 
@@ -72,8 +76,9 @@ def test_window_task_reproduces_ctc_eval(project: Path, capsys: pytest.CaptureFi
     assert [b["passes"] for b in report["blocks"]] == [["quantize"], ["quantize"]]
 
 
-def test_rolling_and_generation_agree_with_lm_eval_hf_model(project: Path, tmp_path: Path) -> None:
-    """Same weights (the float artifact vs the HF directory it came from), lm-eval's rolling windows of 16 tokens."""
+def test_rolling_and_generation_agree_with_lm_eval_hf_model(project: Path) -> None:
+    """Same weights (the W8 artifact through ctc, its `emit hf` export through lm-eval's ``hf`` model), lm-eval's
+    rolling windows of 16 tokens."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,10 +87,11 @@ def test_rolling_and_generation_agree_with_lm_eval_hf_model(project: Path, tmp_p
 
     text = ("The quick brown fox jumps over the lazy dog. Perplexity is measured over windows of text, "
             "and lm-eval rolls them so that every token is predicted exactly once.")
-    tok = AutoTokenizer.from_pretrained(str(project / "model"), local_files_only=True)
-    hf = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(str(project / "model"), local_files_only=True),
+    exported = project / "w8" / "exports" / "hf"
+    tok = AutoTokenizer.from_pretrained(str(exported), local_files_only=True)
+    hf = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True),
               tokenizer=tok, max_length=16, batch_size=1)
-    ours = CtcLM(artifact=str(project / "float"), max_length="16")
+    ours = CtcLM(artifact=str(project / "w8"), max_length="16")
     assert len(ours.tok_encode(text)) > 32, "several rolling windows"
     rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
     want, got = hf.loglikelihood_rolling(rolling, disable_tqdm=True), ours.loglikelihood_rolling(rolling, True)

@@ -304,13 +304,21 @@ def load_texts(source: str, split: str = "calibration", *, path: str | Path | No
 
 
 def describe_source(source: str, split: str, path: str | Path | None = None) -> str:
-    """One line naming the text a protocol used."""
+    """One line naming the text a protocol used (a user's file by its name, size and content hash: comparable across
+    machines, unlike its absolute path)."""
     if source == "wiki":
         return (f"gensim {WIKI_FILE} ({split} split: articles >= {WIKI_MIN_CHARS} chars, by salted title hash, "
                 f"{int(WIKI_EVAL_FRACTION * 100)}% evaluation)")
     if source == "lee":
         return "gensim lee_background.cor (300 docs)" if split == "calibration" else "gensim lee.cor (50 docs)"
-    return f"{source} file {path}"
+    if path is None:
+        return f"{source} file"
+    p = Path(path)
+    try:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        return f"{source} file {p.name} ({p.stat().st_size:,} bytes, sha256 {digest})"
+    except OSError:
+        return f"{source} file {p.name}"
 
 
 # --------------------------------------------------------------------------- tokenising
