@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("targets", help="list targets, their options and whether their backend is installed",
                    formatter_class=_formatter)
+    sub.add_parser("reference", help="print the recipe reference (docs/recipe-reference.md)",
+                   formatter_class=_formatter)
 
     s = sub.add_parser("show", help="show a recipe (checked, canonical) or an artifact (report / IR)",
                        formatter_class=_formatter,
@@ -419,32 +421,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fmt_default(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt_default(x) for x in v) + "]"
-    return repr(v)
-
-
-def _range(s: Any) -> str:
-    bits = []
-    if s.min is not None or s.max is not None:
-        lo = "" if s.min is None else _fmt_default(s.min)
-        hi = "" if s.max is None else _fmt_default(s.max)
-        bits.append(f"[{lo}, {hi}]")
-    if s.choices:
-        bits.append("one of " + ", ".join(_fmt_default(c) for c in s.choices))
-    return "; ".join(bits)
-
-
 def passes_text(markdown: bool = False, only: str | None = None) -> str:
     """The pass reference, from the registry: plain text for `ctc passes`, markdown for docs/passes.md."""
     from ctc.passes.base import all_passes, get_pass
+    from ctc.reference import fmt_default, option_range, options_table
 
     passes = {only: get_pass(only)} if only else all_passes()
     out: list[str] = []
@@ -467,20 +447,12 @@ def passes_text(markdown: bool = False, only: str | None = None) -> str:
             out += [f"## `{name}`", "", doc or "(undocumented)", ""]
             if flags:
                 out += ["*" + "; ".join(flags) + "*", ""]
-            if specs:
-                out += ["| option | type | default | range | description |", "|---|---|---|---|---|"]
-                for s in specs:
-                    typ = s.type.replace(" | ", " or ")  # a pipe would end the table cell
-                    out.append(f"| `{s.name}` | `{typ}` | `{_fmt_default(s.default)}` | {_range(s)} | "
-                               f"{s.doc.replace('|', '/')} |")
-            else:
-                out.append("No options.")
-            out.append("")
+            out += [*options_table(specs), ""]
         else:
             out.append(f"{name}  —  {cls.summary()}" + (f"  [{'; '.join(flags)}]" if flags else ""))
             for s in specs:
-                rng = _range(s)
-                out.append(f"    {s.name}={_fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
+                rng = option_range(s)
+                out.append(f"    {s.name}={fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
     if not passes:
         out.append("(no passes are registered)")
     return "\n".join(out).rstrip() + "\n"
@@ -499,6 +471,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def targets_text() -> str:
     """`ctc targets`: every target kind, its backend's availability and its options."""
+    from ctc.reference import fmt_default, option_range
     from ctc.targets import TARGETS, TRIALS_HELP
 
     out = []
@@ -507,10 +480,17 @@ def targets_text() -> str:
         avail = "available" if why is None else ("not installed" if not spec.available() else "not supported yet")
         out.append(f"{name}  —  {spec.summary}  [{avail}]")
         for s in spec.Options.specs():
-            rng = _range(s)
-            out.append(f"    {s.name}={_fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
+            rng = option_range(s)
+            out.append(f"    {s.name}={fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
         out.append(f"    trials=0  (int, [0, ])  {TRIALS_HELP}")
     return "\n".join(out) + "\n"
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from ctc.reference import recipe_reference
+
+    sys.stdout.write(recipe_reference())
+    return EXIT_OK
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -556,7 +536,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze,
              "export": cmd_export,
-             "passes": cmd_passes, "targets": cmd_targets, "show": cmd_show}
+             "passes": cmd_passes, "targets": cmd_targets, "reference": cmd_reference, "show": cmd_show}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
