@@ -107,6 +107,18 @@ def test_rolling_and_generation_agree_with_lm_eval_hf_model(project: Path) -> No
         ours.generate_until([Instance("generate_until", {}, ("x", {"do_sample": True}), 0)], True)
 
 
+def test_a_window_starting_with_a_newline_round_trips(project: Path) -> None:
+    """lm-eval moves a context's trailing whitespace into the continuation; a window whose first token is a newline
+    would be left with no context, so the ctc model keeps an all-blank context (what the window task relies on)."""
+    from ctc.eval.lm_eval_adapter import CtcLM, _round_trips
+
+    lm = CtcLM(artifact=str(project / "w8"))
+    ids = lm.tok_encode("\nThe cat sat on the mat.")
+    assert lm.tok_decode(ids[:1]) == "\n"
+    pair = _round_trips(lm.tokenizer, ids)
+    assert pair == ("\n", "The cat sat on the mat.") and lm._encode_pair(*pair) == (ids[:1], ids[1:])
+
+
 def test_bad_arguments_are_named(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ctc.errors import ArtifactError, UsageError
     from ctc.eval.lm_eval_adapter import CtcLM

@@ -170,11 +170,23 @@ class CtcLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            flag = False  # the text carries its BOS already (as lm-eval's hf model decides)
         kw = {} if flag is None else {"add_special_tokens": flag}
         return list(self.tokenizer.encode(string, **kw))
 
     def tok_decode(self, tokens: Iterable[int]) -> str:
         return str(self.tokenizer.decode(list(tokens)))
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split (encode the whole, cut at the context's length), except that a context of only
+        whitespace stays the context: lm-eval would move it into the continuation and be left with none
+        (a window of text that starts with a newline token)."""
+        if context and not context.strip():
+            whole, head = self.tok_encode(context + continuation), self.tok_encode(context)
+            return head, whole[len(head):]
+        return super()._encode_pair(context, continuation)
 
     # ------------------------------------------------------------------ scoring
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
@@ -267,12 +279,11 @@ if __name__ != "__main__":  # under `python -m`, the import in the main block be
 
 # ---------------------------------------------------------------------- the window task
 def _round_trips(tokenizer: Any, ids: list[int]) -> tuple[str, str] | None:
-    """(context, continuation) texts that lm-eval's request encoding (``TemplateLM._encode_pair``, no special
-    tokens) turns back into exactly ``ids[:1]`` and ``ids[1:]``; None when the tokenizer cannot."""
+    """(context, continuation) texts that the request encoding (:meth:`CtcLM._encode_pair`, no special tokens)
+    turns back into exactly ``ids[:1]`` and ``ids[1:]``; None when the tokenizer cannot."""
     ctx, cont = tokenizer.decode(ids[:1]), tokenizer.decode(ids[1:])
-    if not ctx.strip():
-        return None  # lm-eval moves a context's trailing spaces to the continuation; a blank one becomes empty
-    moved = len(ctx) - len(ctx.rstrip())
+    # lm-eval moves a context's trailing whitespace into the continuation; CtcLM keeps an all-blank one
+    moved = len(ctx) - len(ctx.rstrip()) if ctx.strip() else 0
     c, k = (ctx[:-moved], ctx[-moved:] + cont) if moved else (ctx, cont)
     whole = tokenizer.encode(c + k, add_special_tokens=False)
     head = tokenizer.encode(c, add_special_tokens=False)
