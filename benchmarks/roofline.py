@@ -63,6 +63,7 @@ def main() -> int:
     from ctc.eval.latency import machine_info
 
     work = Path(args.work or tempfile.mkdtemp(prefix="roofline-"))
+    work.mkdir(parents=True, exist_ok=True)
     recipe = work / "minilm_w8a8_cpu.ctc"
     text = (ROOT / "examples" / "minilm_w8a8_cpu.ctc").read_text()
     recipe.write_text(text.replace("target cpu ", f"target cpu seq_len={args.seq_len} ", 1))

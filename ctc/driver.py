@@ -265,8 +265,10 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
         tok_dir = Path(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
         if decode:
             module = _capture_decode(loaded.model, loaded.task, int(decode))
-            return module, loaded.tokenizer, desc, tok_dir, loaded.model
-        module = frontends.capture_loaded(loaded)
+        else:
+            module = frontends.capture_loaded(loaded)
+        if o.get("gguf"):  # where `gguf-weights` and `emit gguf` find the quantized original
+            module.meta["gguf"] = str(resolve_path(recipe, m.ref) / str(o["gguf"]))
         return module, loaded.tokenizer, desc, tok_dir, loaded.model
     ep = frontends.load_pt2(resolve_path(recipe, m.ref))
     module = frontends.capture_loaded(ep)
