@@ -139,7 +139,8 @@ def _attention_flops(node: Node, s: _Shapes, context: int | None) -> tuple[float
     k, v = s.shape(node.operand(kname)), s.shape(node.operand(vname))  # type: ignore[arg-type]
     sk = context if context is not None else k[-2]
     rows = math.prod(q[:-1])  # B * H * Sq
-    return float(rows * sk * (2 * q[-1] + ATTN_SCORE_FLOPS + 2 * v[-1])), sk
+    dv = q[-1] if node.op == "quant_kv_attention" else v[-1]  # an int4 cache packs two values a byte
+    return float(rows * sk * (2 * q[-1] + ATTN_SCORE_FLOPS + 2 * dv)), sk
 
 
 def _gemm_flops(node: Node, s: _Shapes) -> float:
