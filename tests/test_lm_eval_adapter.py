@@ -163,3 +163,11 @@ def test_step_logits_of_a_decode_step_equal_full_sequence_logits() -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="cache positions"):
         step_logits(run, torch.zeros(1, 17, dtype=torch.long), input_specs=specs)
+    # the same step under `ctc analyze`: one decode phase reading the whole preallocated cache
+    from ctc.analysis.peaks import fpga_peaks
+    from ctc.analysis.roofline import analyze_module
+
+    m.meta.update(task="decode_step", decode={"max_len": 16})
+    (phase,) = analyze_module(m, fpga_peaks()).phases
+    attn = [c for c in phase.costs if c.op == "scaled_dot_product_attention"]
+    assert phase.name == "decode" and len(attn) == 2 and "16 positions" in phase.description
