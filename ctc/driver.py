@@ -775,6 +775,12 @@ def report_summary(report: Mapping[str, Any]) -> str:
         if k in ("params", "param_bytes"):
             continue
         lines.append(f"  {k}: original {_short(v.get('original'))}, compressed {_short(v.get('compressed'))}")
+    ev = (report.get("protocol") or {}).get("evaluate")
+    if isinstance(ev, Mapping) and report.get("metrics"):
+        from ctc.eval.data import protocol_line
+
+        lines.append(f"  measured on: {protocol_line(ev)}; {ev.get('split')} split, {ev.get('windows')} windows of "
+                     f"{ev.get('seq_len')} tokens, stride {ev.get('stride', ev.get('seq_len'))}")
     for c in report.get("checks", []):
         verdict = "ok  " if c["passed"] else "FAIL"
         lines.append(f"  [{verdict}] {c['check']}  (measured {_short(c.get('measured'))})"
