@@ -60,6 +60,7 @@ examples:
   ctc run out/minilm_w8a8 --text "A sentence to embed."
   ctc bench out/minilm_w8a8 --seq-len 128
   ctc export out/minilm_w8a8 --to mlir  # MLIR through torch-mlir, checked with IREE
+  ctc analyze out/minilm_w8a8 --target cpu   # roofline: per-op FLOPs, bytes, bound
   ctc passes                            # every pass, its options and defaults
 """
 
