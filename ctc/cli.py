@@ -327,7 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     art = _load_artifact(args.artifact)
     if args.write_lm_eval_task:
-        from ctc.eval.lm_eval_adapter import write_window_task
+        from ctc.eval.lm_eval_task import write_window_task
 
         proto = write_window_task(art, args.write_lm_eval_task, data=args.data, samples=args.samples,
                                   seq_len=args.seq_len, skip=args.skip, limit=args.limit)

@@ -110,7 +110,8 @@ def test_rolling_and_generation_agree_with_lm_eval_hf_model(project: Path) -> No
 def test_a_window_starting_with_a_newline_round_trips(project: Path) -> None:
     """lm-eval moves a context's trailing whitespace into the continuation; a window whose first token is a newline
     would be left with no context, so the ctc model keeps an all-blank context (what the window task relies on)."""
-    from ctc.eval.lm_eval_adapter import CtcLM, _round_trips
+    from ctc.eval.lm_eval_adapter import CtcLM
+    from ctc.eval.lm_eval_task import _round_trips
 
     lm = CtcLM(artifact=str(project / "w8"))
     ids = lm.tok_encode("\nThe cat sat on the mat.")
