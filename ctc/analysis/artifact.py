@@ -85,7 +85,7 @@ def analysis_page(a: Analysis, points: Sequence[Mapping[str, Any]] = (), measure
 
     p = a.peaks
     body = [f"<h1>{html.escape(a.model)} on {html.escape(p.target)}</h1>",
-            _table(["", ""], [["device", p.device], ["fp32 roof", f"{p.flops['f32'] / 1e9:.1f} GFLOP/s"],
+            _table(["", "roof"], [["device", p.device], ["fp32 roof", f"{p.flops['f32'] / 1e9:.1f} GFLOP/s"],
                               ["int8 roof", f"{p.flops['int8'] / 1e9:.1f} GOP/s"],
                               ["memory roof", f"{p.bandwidth / 1e9:.2f} GB/s"], ["source", p.source]]),
             roofline_svg({**a.to_json(), "measured": list(points)})]
