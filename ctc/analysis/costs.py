@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from ctc.ir.graph import Module, Node, Value
 from ctc.ir.symbolic import eval_dim
@@ -219,15 +218,9 @@ def module_costs(module: Module, env: Mapping[str, int], *, context: int | None 
         try:
             c = node_cost(node, s, context=context)
         except CostError:
-            raise
+            raise  # a shape that cannot be made concrete names its value already
         except Exception as e:  # noqa: BLE001 - an op whose operands do not fit the formulas: name it
             raise CostError(f"{node.op} at {node.scope or 'top level'}: cannot count its cost ({e})") from None
         if c is not None:
             out.append(c)
     return out
-
-
-def summary(costs: list[OpCost]) -> dict[str, Any]:
-    """Totals of a list of op costs."""
-    return {"ops": len(costs), "flops": sum(c.flops for c in costs), "bytes": sum(c.bytes for c in costs),
-            "weight_bytes": sum(c.weight_bytes for c in costs)}
