@@ -53,7 +53,7 @@ def _roofline(module: Any, target: Any, target_dir: Path, batch: Mapping[str, An
         if hasattr(runner, "profile"):
             rows = runner.profile(dict(batch), runs=2)
             kernels = [{"kernel": r.name, "ms_per_run": r.ms_per_run} for r in rows]
-            how.append("kernel groups: the library's profiler (2 runs after a warm-up, wall time), kernels grouped by name")
+            how.append("kernel groups: the library's profiler (2 runs after a warm-up, wall time), grouped by name")
     out = a.to_json()
     for ph in out["phases"]:
         ph["groups"] = ph["groups"][:MAX_GROUPS]
