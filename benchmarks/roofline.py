@@ -100,7 +100,8 @@ def main() -> int:
            "and the latencies were measured while other work shared the machine (noisy: re-run on a quiet one).",
            "", "| model | phase | GFLOP | MB moved | FLOP/byte | roofline bound ms | of it memory-bound ms |",
            "|---|---|---:|---:|---:|---:|---:|", *rows, "",
-           f"Plot with the measured points: `{html.name}` (written beside this file).", "",
+           f"The script also writes the plot with the measured points as `{html.name}` beside its `--out` file (not "
+           "kept in the repository; `ctc analyze ART --html FILE` writes the same page).", "",
            "## MiniLM W8A8, cpu target, with measured kernel groups", "", "```text", minilm_text.strip(), "```", "",
            f"## SmolLM2 W8: prefill of {args.prompt} tokens against one decode step", "", "```text",
            smol_text.strip(), "```", ""]
