@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,9 @@ def cpu_peaks(*, remeasure: bool = False, cache: Path | None = None) -> Peaks:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(stored, indent=1))
             tmp.replace(path)
-        except OSError:
-            pass  # an unwritable cache only costs a re-measurement next time
+        except OSError as e:  # an unwritable cache only costs a re-measurement next time: say so, go on
+            warnings.warn(f"ctc analyze: could not cache the measured CPU peaks at {path} ({e}); "
+                          "they are measured again next time", stacklevel=2)
     src = (f"measured on this machine {entry['when']} (fp32 GEMM torch.mm 1024³, int8 GEMM "
            f"{entry.get('int8_note', 'torch._int_mm')}, STREAM-style triad over 3×64 MiB; best of 5; "
            f"{entry.get('threads', '?')} threads); re-measure with --remeasure on a quiet machine")
