@@ -2,10 +2,17 @@
 
 Why: llama.cpp is what a CPU user runs small LLMs with, so ctc's integer decode is measured against
 it on the same GGUF, text and threads.  The sdist on PyPI carries llama.cpp's whole source tree;
-:func:`ensure_built` downloads it with pip (no wheel), configures it with CMake (Release, native
+:func:`ensure_built` downloads it with pip (no wheel), configures it with CMake (Release, explicit
 CPU flags, no network features) and builds only ``llama-bench``, ``llama-perplexity`` and
 ``llama-quantize`` -- a benchmark set-up step, a few minutes on 2 cores, done once per cache
 directory.  :func:`perplexity` and :func:`bench` run the tools and parse what they print.
+
+The build names the x86 instruction sets it compiles for explicitly (``GGML_NATIVE=OFF``, one
+``GGML_<ISA>=ON`` per extension ``/proc/cpuinfo`` lists) and leaves **AMX out** unless asked
+(``--amx``): a ``-march=native`` build on a VM whose CPUID reports AMX but whose kernel/hypervisor
+does not grant the AMX tile state dies with SIGILL at the first ``tilezero`` of ggml's AMX
+matmul (``tinygemm_kernel_amx<block_q8_1, block_q4_1>``), i.e. in every batched path (prefill,
+perplexity) -- seen under gdb on the Xeon VMs these benchmarks ran on.
 
 Used by benchmarks/int_decode_accuracy.py; ``python benchmarks/llamacpp.py`` only builds.
 """
@@ -65,19 +72,42 @@ def cpu_key() -> str:
     return hashlib.sha256(f"{model}|{flags}".encode()).hexdigest()[:10]
 
 
-def ensure_built(cache: Path = DEFAULT_CACHE, jobs: int = 2) -> Path:
-    """The directory holding the built tools (built on first use, once per CPU kind)."""
+# ggml's CMake switch per /proc/cpuinfo flag (x86); AMX ones only with amx=True.
+ISA_FLAGS = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI",
+             "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
+             "avx512_bf16": "AVX512_BF16"}
+AMX_FLAGS = {"amx_tile": "AMX_TILE", "amx_int8": "AMX_INT8", "amx_bf16": "AMX_BF16"}
+
+
+def cpu_flags() -> set[str]:
+    for ln in Path("/proc/cpuinfo").read_text().splitlines():
+        if ln.startswith("flags"):
+            return set(ln.split(":", 1)[1].split())
+    return set()
+
+
+def isa_options(amx: bool = False) -> list[str]:
+    """``-DGGML_<ISA>=ON/OFF`` for every instruction-set switch ggml has, from this CPU's flags."""
+    have = cpu_flags()
+    table = {**ISA_FLAGS, **AMX_FLAGS}
+    return [f"-DGGML_{opt}={'ON' if f in have and (amx or f not in AMX_FLAGS) else 'OFF'}"
+            for f, opt in table.items()]
+
+
+def ensure_built(cache: Path = DEFAULT_CACHE, jobs: int = 2, amx: bool = False) -> Path:
+    """The directory holding the built tools (built on first use, once per CPU kind and AMX choice)."""
     src = _source_dir(cache)
-    build = src / f"build-{cpu_key()}"
+    build = src / f"build-{cpu_key()}-isa{'-amx' if amx else ''}"
     bin_dir = build / "bin"
     if all((bin_dir / t).is_file() for t in TOOLS):
         return bin_dir
     if shutil.which("cmake") is None:
         raise SystemExit("building llama.cpp needs cmake (apt-get install cmake, or pip install cmake)")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    log(f"configuring {src} (Release, GGML_NATIVE=ON)")
+    isa = isa_options(amx)
+    log(f"configuring {src} (Release, GGML_NATIVE=OFF, {' '.join(o[7:] for o in isa if o.endswith('ON'))})")
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                    "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DGGML_NATIVE=OFF", *isa, "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True)
     log(f"building {', '.join(TOOLS)} with {jobs} jobs (minutes)")
     subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
@@ -137,5 +167,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--amx", action="store_true", help="also compile ggml's AMX kernels (SIGILL where the VM does "
+                    "not enable the AMX tile state)")
     a = ap.parse_args()
-    print(ensure_built(a.cache, a.jobs))
+    print(ensure_built(a.cache, a.jobs, a.amx))

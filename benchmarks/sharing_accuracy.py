@@ -93,9 +93,10 @@ class Runner:
 Score = Callable[[Module, str, dict[str, Any], float], dict[str, Any]]
 
 
-def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], score: Score) -> list[dict[str, Any]]:
+def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], score: Score,
+                lora_inits: tuple[str, ...] = ("svd", "activation")) -> list[dict[str, Any]]:
     """The rows of one ratio: FoldGPT / plain tying / recursive + LoRA (paper's SVD init, activation-weighted
-    SVD init) / recursive without LoRA, each without and with healing."""
+    SVD init; ``lora_inits`` picks which) / recursive without LoRA, each without and with healing."""
     rows = []
     runner.ratio = ratio
     for healed in (False, True) if any(heal.values()) else (False,):
@@ -106,9 +107,10 @@ def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], s
         groups = [g for g in met["groups"] if len(g) > 1]
         plain, met2, _, secs2 = runner.run("share-blocks", {"groups": groups, "coefficients": "none", **h})
         rows.append(score(plain, "plain tying (same groups, no coefficients)" + tag, met2, secs2))
-        for r, init, label in ((rank, "svd", f"recursive + SVD LoRA r{rank}"),
-                               (rank, "activation", f"recursive + activation-weighted SVD LoRA r{rank}"),
-                               (0, "svd", "recursive, no LoRA")):
+        loras = [(rank, init, label) for init, label in (("svd", f"recursive + SVD LoRA r{rank}"),
+                                                          ("activation", f"recursive + activation-weighted SVD "
+                                                                         f"LoRA r{rank}")) if init in lora_inits]
+        for r, init, label in [*loras, (0, "svd", "recursive, no LoRA")]:
             out = None
             for loops in (2, 3, 4, 5, 6):
                 try:
@@ -122,7 +124,7 @@ def method_rows(runner: Runner, ratio: float, rank: int, heal: dict[str, Any], s
                 rows.append({"method": label + tag, "ratio": ratio, "note": "ratio out of reach"})
                 continue
             rows.append(score(out, f"{label} K={loops}" + tag, met3, secs3))
-        for row in rows[-5:]:
+        for row in rows[-(3 + len(loras)):]:
             row["target"] = ratio
     return rows
 
@@ -236,7 +238,7 @@ def all_rows(base: Module, calib: list[dict[str, torch.Tensor]], score: Score, a
     heal = {**heal, "heal_lr": a.heal_lr} if any(heal.values()) else {}
     rows = [score(base, "original", {}, 0.0)]
     for r in a.ratios:
-        rows += method_rows(runner, r, a.rank, heal, score)
+        rows += method_rows(runner, r, a.rank, heal, score, tuple(a.lora_inits))
     return rows
 
 
@@ -287,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also build the original and the unhealed rows at the smallest ratio for the TVM CPU "
                          "target: artifact/library bytes, latency")
     ap.add_argument("--runs", type=int, default=20, help="timed TVM calls per row")
+    ap.add_argument("--lora-inits", default="svd,activation", type=lambda s: s.split(","),
+                    help="LoRA initialisations of the recursive rows (svd: the paper's; activation: "
+                         "activation-weighted)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)

@@ -24,7 +24,6 @@ every failure into an :class:`~ctc.errors.ArtifactError` naming the file and the
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from ctc.errors import ArtifactError
 from ctc.ir.graph import Module
 from ctc.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from ctc.output_dir import PARTIAL_MARKER, check_destination, make_temp_dir, remove_stale_temps, swap_into_place
+from ctc.report_html import bar_chart_svg, line_chart_svg, render_html  # noqa: F401 - the report page, re-exported
 
 IR_FILE = "ir.txt"
 PARAMS_FILE = "params.safetensors"
@@ -197,184 +197,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, torch.Tensor) and x.numel() == 1:
         return x.item()
     return str(x)
-
-
-# --------------------------------------------------------------------------- report.html
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;
-vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#11772d;font-weight:600}.fail{color:#b00020;font-weight:600}code,pre{background:#f6f6f6}
-pre{padding:.6em;overflow:auto}.small{color:#666;font-size:.9em}
-"""
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
-            return f"{v:.4g}"
-        return f"{v:.4f}".rstrip("0").rstrip(".") if "." in f"{v:.4f}" else str(v)
-    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10000:
-        return f"{v:,}"
-    if v is None:
-        return "–"
-    return str(v)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], raw: Sequence[int] = ()) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"]
-    for r in rows:
-        cells = []
-        for i, c in enumerate(r):
-            num = isinstance(c, (int, float)) and not isinstance(c, bool)
-            text = str(c) if i in raw else html.escape(_fmt(c))
-            cells.append(f"<td class=num>{text}</td>" if num else f"<td>{text}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def bar_chart_svg(labels: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str, unit: str = "",
-                  width: int = 720, height: int = 220) -> str:
-    """A grouped bar chart as inline SVG (one group per label, one bar per series)."""
-    colors = ["#8da0cb", "#fc8d62", "#66c2a5", "#e78ac3"]
-    names = list(series)
-    vmax = max([v for s in series.values() for v in s if v is not None and math.isfinite(v)] + [1e-12])
-    left, bottom, top = 56, 34, 26
-    plot_w, plot_h = width - left - 10, height - bottom - top
-    n = max(1, len(labels))
-    gw = plot_w / n
-    bw = max(1.0, gw * 0.8 / max(1, len(names)))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="{html.escape(title)}">',
-             f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#999"/>',
-             f'<text x="4" y="{top + 10}" font-size="10">{html.escape(_fmt(vmax))}{html.escape(unit)}</text>']
-    for i, lab in enumerate(labels):
-        for j, name in enumerate(names):
-            v = series[name][i]
-            if v is None or not math.isfinite(v):
-                continue
-            h = plot_h * max(0.0, v) / vmax
-            x = left + i * gw + gw * 0.1 + j * bw
-            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bw:.1f}" height="{h:.1f}" '
-                         f'fill="{colors[j % len(colors)]}"><title>{html.escape(name)} {html.escape(lab)}: '
-                         f'{html.escape(_fmt(v))}{html.escape(unit)}</title></rect>')
-        if n <= 40 or i % max(1, n // 20) == 0:
-            parts.append(f'<text x="{left + i * gw + gw / 2:.1f}" y="{top + plot_h + 14}" font-size="10" '
-                         f'text-anchor="middle">{html.escape(lab)}</text>')
-    for j, name in enumerate(names):
-        x = left + plot_w - 150 + j * 75
-        parts.append(f'<rect x="{x}" y="6" width="10" height="10" fill="{colors[j % len(colors)]}"/>'
-                     f'<text x="{x + 14}" y="15" font-size="11">{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def line_chart_svg(xs: Sequence[float], ys: Sequence[float], *, title: str, xlabel: str = "",
-                   width: int = 720, height: int = 200) -> str:
-    """One series as an inline SVG polyline with its range on the axes (e.g. a training loss curve)."""
-    pts = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True) if math.isfinite(float(y))]
-    left, bottom, top, right = 56, 30, 26, 12
-    pw, ph = width - left - right, height - bottom - top
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="{html.escape(title)}">',
-             f'<text x="{left}" y="16" font-size="13">{html.escape(title)}</text>']
-    if pts:
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        sx = pw / (x1 - x0) if x1 > x0 else 0.0
-        sy = ph / (y1 - y0) if y1 > y0 else 0.0
-        poly = " ".join(f"{left + (x - x0) * sx:.1f},{top + ph - (y - y0) * sy:.1f}" for x, y in pts)
-        parts += [f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
-                  f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#999"/>',
-                  f'<polyline fill="none" stroke="#fc8d62" stroke-width="1.5" points="{poly}"/>',
-                  f'<text x="4" y="{top + 10}" font-size="10">{html.escape(_fmt(y1))}</text>',
-                  f'<text x="4" y="{top + ph}" font-size="10">{html.escape(_fmt(y0))}</text>',
-                  f'<text x="{left}" y="{height - 8}" font-size="10">{html.escape(_fmt(x0))}</text>',
-                  f'<text x="{left + pw}" y="{height - 8}" font-size="10" text-anchor="end">'
-                  f'{html.escape(_fmt(x1))} {html.escape(xlabel)}</text>']
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def render_html(report: Mapping[str, Any]) -> str:
-    """A self-contained HTML page for a compile report (no scripts, no external assets)."""
-    r = report
-    title = f"ctc report: {r.get('name', 'artifact')}"
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    status = r.get("passed")
-    if status is not None:
-        cls, word = ("pass", "all checks passed") if status else ("fail", "some checks FAILED")
-        body.append(f'<p class="{cls}">{word}</p>')
-    model = r.get("model", {})
-    if model:
-        body.append("<h2>Model</h2>")
-        body.append(_table(["", "original", "compressed"], [
-            ["source", f"{model.get('kind', '')} {model.get('ref', '')}", ""],
-            ["architecture / task", f"{model.get('arch', '')} / {model.get('task', '')}", ""],
-            ["parameters", model.get("params_before"), model.get("params_after")],
-            ["parameter bytes (unique: stored)", model.get("bytes_before"), model.get("bytes_after")],
-            ["parameter bytes (total: once per reader)", model.get("read_bytes_before"), model.get("read_bytes_after")],
-            ["nodes", model.get("nodes_before"), model.get("nodes_after")],
-        ]))
-    checks = r.get("checks", [])
-    if checks:
-        body.append("<h2>Checks</h2>")
-        rows = [[c["check"], c.get("measured"), c.get("threshold"),
-                 f'<span class="{"pass" if c["passed"] else "fail"}">{"pass" if c["passed"] else "FAIL"}</span>',
-                 html.escape(c.get("note", ""))] for c in checks]
-        body.append(_table(["check", "measured", "threshold", "result", "note"], rows, raw=(3, 4)))
-    metrics = r.get("metrics", {})
-    if metrics:
-        body.append("<h2>Measurements</h2>")
-        rows = [[k, v.get("original"), v.get("compressed"), v.get("doc", "")] for k, v in metrics.items()]
-        body.append(_table(["metric", "original", "compressed", "what"], rows))
-    proto = r.get("protocol")
-    if proto:
-        body.append('<p class="small">protocol: ' + html.escape(json.dumps(proto)) + "</p>")
-    passes = r.get("passes", [])
-    if passes:
-        body.append("<h2>Passes</h2>")
-        rows = []
-        for p in passes:
-            delta = p.get("ops_diff") or {}
-            fid = (p.get("fidelity") or {}).get("cosine")
-            dtext = ", ".join(f"{k} {'+' if v > 0 else ''}{v}" for k, v in delta.items() if v) or "no op changes"
-            notes = "<br>".join(html.escape(str(n)) for n in p.get("notes", []))
-            rows.append([html.escape(p.get("name", "")), html.escape(str(p.get("selector", "all"))),
-                         p.get("params_before"), p.get("params_after"), p.get("bytes_after"),
-                         html.escape(dtext), fid, p.get("seconds"), notes])
-        body.append(_table(["pass", "on", "params before", "params after", "bytes after", "ops changed",
-                            "cosine vs original", "time (s)", "notes"], rows, raw=(0, 1, 5, 8)))
-        for i, p in enumerate(passes):
-            heal = (p.get("metrics") or {}).get("healing") or {}
-            curve = [v for v in heal.get("loss_curve") or [] if isinstance(v, (int, float))]
-            if len(curve) >= 2:
-                stride = int(heal.get("curve_stride") or 1)
-                body.append(line_chart_svg([k * stride + 1 for k in range(len(curve))], curve,
-                                           title=f"healing loss, pass {i + 1} ({p.get('name', '')}): "
-                                                 f"{heal.get('steps')} steps in {heal.get('seconds')} s",
-                                           xlabel="step"))
-    per_block = r.get("per_block")
-    if per_block and per_block.get("blocks"):
-        body.append("<h2>Per block</h2>")
-        labels = [str(b) for b in per_block["blocks"]]
-        series = {k: v for k, v in per_block.items() if k != "blocks" and isinstance(v, list)}
-        body.append(bar_chart_svg(labels, series, title="parameter bytes per block", unit=" B"))
-    targets = r.get("targets", [])
-    if targets:
-        body.append("<h2>Targets</h2>")
-        rows = [[t.get("kind"), t.get("dir"), html.escape(json.dumps({k: v for k, v in t.items()
-                                                                      if k not in ("kind", "dir")}))] for t in targets]
-        body.append(_table(["target", "directory", "summary"], rows, raw=(2,)))
-    if r.get("recipe_text"):
-        body.append("<h2>Recipe</h2><pre>" + html.escape(r["recipe_text"]) + "</pre>")
-    if r.get("files"):
-        body.append('<p class="small">files: ' + html.escape(", ".join(r["files"])) + "</p>")
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 # --------------------------------------------------------------------------- loading

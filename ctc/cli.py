@@ -60,6 +60,7 @@ examples:
   ctc run out/minilm_w8a8 --text "A sentence to embed."
   ctc bench out/minilm_w8a8 --seq-len 128
   ctc export out/minilm_w8a8 --to mlir  # MLIR through torch-mlir, checked with IREE
+  ctc analyze out/minilm_w8a8 --target cpu   # roofline: per-op FLOPs, bytes, bound
   ctc passes                            # every pass, its options and defaults
 """
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--docs", type=int, help="with --human-similarity: use the first N of the 50 documents")
     e.add_argument("--target", metavar="KIND", help="with --human-similarity: run a compiled target's library")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--write-lm-eval-task", metavar="DIR",
+                   help="instead of measuring, write an lm-eval task over the same windows into DIR (run it with "
+                        "`python -m ctc.eval.lm_eval_adapter run --model ctc --model_args artifact=ARTIFACT "
+                        "--tasks ctc_windows --include_path DIR`; docs/lm-eval.md)")
     _common(e)
 
     b = sub.add_parser("bench", help="measure an artifact's latency and memory", formatter_class=_formatter,
@@ -143,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --profile: how many of the slowest kernels to list (default 15)")
     b.add_argument("--json", action="store_true", help="print JSON")
     _common(b)
+
+    a = sub.add_parser("analyze", help="roofline: per-op FLOPs, bytes and bound on a target, prefill and decode",
+                       formatter_class=_formatter,
+                       description="Per-op FLOPs, bytes moved, arithmetic intensity and the roofline bound at the "
+                                   "target's peaks (cpu: measured here and cached; cuda: data sheet; fpga: board "
+                                   "preset), prefill and decode separately (docs/analyze.md).")
+    a.add_argument("artifact", metavar="ARTIFACT")
+    a.add_argument("--target", default="cpu", metavar="KIND", help="cpu | cuda | fpga (default cpu)")
+    a.add_argument("--seq-len", type=int, help="prompt / sequence length (default: the artifact's evaluation window)")
+    a.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    a.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="size of another symbolic input dim (repeatable)")
+    a.add_argument("--gpu", metavar="NAME", help="cuda: data-sheet GPU (h100, h200, a100, l4; default: visible, "
+                                                 "else h100)")
+    a.add_argument("--board", metavar="NAME", help="fpga: board preset (default: the artifact's, else zc706)")
+    a.add_argument("--remeasure", action="store_true", help="cpu: measure the peaks again (cached otherwise)")
+    a.add_argument("--profile", action="store_true",
+                   help="run the artifact's compiled library for --target here and place measured kernel times")
+    a.add_argument("--top", type=int, default=15, help="op groups listed per phase (default 15)")
+    a.add_argument("--html", metavar="FILE", help="also write a page with the roofline plot")
+    a.add_argument("--json", action="store_true", help="print JSON (every op with --per-op)")
+    a.add_argument("--per-op", action="store_true", help="with --json: every op, not only the groups")
+    _common(a)
 
     x = sub.add_parser("export", help="write an artifact in a format other tools load", formatter_class=_formatter,
                        description="Write ARTIFACT's model in a format other tools load (docs/exporting.md). "
@@ -163,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("name", nargs="?", help="show one pass")
 
     sub.add_parser("targets", help="list targets, their options and whether their backend is installed",
+                   formatter_class=_formatter)
+    sub.add_parser("reference", help="print the recipe reference (docs/recipe-reference.md)",
                    formatter_class=_formatter)
 
     s = sub.add_parser("show", help="show a recipe (checked, canonical) or an artifact (report / IR)",
@@ -296,6 +326,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ctc.evaluate import evaluate_artifact, format_result
 
     art = _load_artifact(args.artifact)
+    if args.write_lm_eval_task:
+        from ctc.eval.lm_eval_task import write_window_task
+
+        proto = write_window_task(art, args.write_lm_eval_task, data=args.data, samples=args.samples,
+                                  seq_len=args.seq_len, skip=args.skip, limit=args.limit)
+        print(json.dumps(proto, indent=2) if args.json else
+              f"wrote lm-eval task ctc_windows ({proto['windows']} windows x {proto['seq_len']} tokens, "
+              f"{proto['tokens_scored']} tokens scored) to {args.write_lm_eval_task}")
+        return EXIT_OK
     res = evaluate_artifact(art, data=args.data, samples=args.samples, seq_len=args.seq_len, skip=args.skip,
                             limit=args.limit, progress=not args.quiet, human=args.human_similarity, docs=args.docs,
                             target=args.target, baseline=args.baseline)
@@ -322,6 +361,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\n{'share':>6}  {'calls':>5}  {'ms/call':>9}  kernel")
         for r in kernels:
             print(f"{100 * r['share']:5.1f}%  {r['calls']:5d}  {r['ms_per_call']:9.4f}  {r['kernel']}")
+    return EXIT_OK
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ctc.analysis.artifact import analysis_page, analyze_artifact, parse_dims
+    from ctc.analysis.roofline import format_analysis
+    from ctc.errors import UsageError
+
+    if args.top < 1:
+        raise UsageError("--top must be >= 1")
+    dims = parse_dims(args.dim)
+    art = _load_artifact(args.artifact)
+    analysis, points, measured = analyze_artifact(art, args.target, seq_len=args.seq_len, batch=args.batch,
+                                                  dims=dims, gpu=args.gpu, board=args.board,
+                                                  remeasure=args.remeasure, profile=args.profile)
+    if args.html:
+        Path(args.html).write_text(analysis_page(analysis, points, measured))
+        if not args.quiet:
+            print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**analysis.to_json(per_op=args.per_op), "measured": points, "measured_how": measured},
+                         indent=1, default=str))
+    else:
+        print(format_analysis(analysis, top=args.top, points=points))
+        if measured:
+            print(measured)
     return EXIT_OK
 
 
@@ -357,32 +422,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fmt_default(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt_default(x) for x in v) + "]"
-    return repr(v)
-
-
-def _range(s: Any) -> str:
-    bits = []
-    if s.min is not None or s.max is not None:
-        lo = "" if s.min is None else _fmt_default(s.min)
-        hi = "" if s.max is None else _fmt_default(s.max)
-        bits.append(f"[{lo}, {hi}]")
-    if s.choices:
-        bits.append("one of " + ", ".join(_fmt_default(c) for c in s.choices))
-    return "; ".join(bits)
-
-
 def passes_text(markdown: bool = False, only: str | None = None) -> str:
     """The pass reference, from the registry: plain text for `ctc passes`, markdown for docs/passes.md."""
     from ctc.passes.base import all_passes, get_pass
+    from ctc.reference import fmt_default, option_range, options_table
 
     passes = {only: get_pass(only)} if only else all_passes()
     out: list[str] = []
@@ -405,20 +448,12 @@ def passes_text(markdown: bool = False, only: str | None = None) -> str:
             out += [f"## `{name}`", "", doc or "(undocumented)", ""]
             if flags:
                 out += ["*" + "; ".join(flags) + "*", ""]
-            if specs:
-                out += ["| option | type | default | range | description |", "|---|---|---|---|---|"]
-                for s in specs:
-                    typ = s.type.replace(" | ", " or ")  # a pipe would end the table cell
-                    out.append(f"| `{s.name}` | `{typ}` | `{_fmt_default(s.default)}` | {_range(s)} | "
-                               f"{s.doc.replace('|', '/')} |")
-            else:
-                out.append("No options.")
-            out.append("")
+            out += [*options_table(specs), ""]
         else:
             out.append(f"{name}  —  {cls.summary()}" + (f"  [{'; '.join(flags)}]" if flags else ""))
             for s in specs:
-                rng = _range(s)
-                out.append(f"    {s.name}={_fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
+                rng = option_range(s)
+                out.append(f"    {s.name}={fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
     if not passes:
         out.append("(no passes are registered)")
     return "\n".join(out).rstrip() + "\n"
@@ -437,6 +472,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def targets_text() -> str:
     """`ctc targets`: every target kind, its backend's availability and its options."""
+    from ctc.reference import fmt_default, option_range
     from ctc.targets import TARGETS, TRIALS_HELP
 
     out = []
@@ -445,10 +481,17 @@ def targets_text() -> str:
         avail = "available" if why is None else "not built yet"
         out.append(f"{name}  —  {spec.summary}  [{avail}]")
         for s in spec.Options.specs():
-            rng = _range(s)
-            out.append(f"    {s.name}={_fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
+            rng = option_range(s)
+            out.append(f"    {s.name}={fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
         out.append(f"    trials=0  (int, [0, ])  {TRIALS_HELP}")
     return "\n".join(out) + "\n"
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from ctc.reference import recipe_reference
+
+    sys.stdout.write(recipe_reference())
+    return EXIT_OK
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -492,8 +535,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export,
-             "passes": cmd_passes, "targets": cmd_targets, "show": cmd_show}
+_COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze,
+             "export": cmd_export,
+             "passes": cmd_passes, "targets": cmd_targets, "reference": cmd_reference, "show": cmd_show}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

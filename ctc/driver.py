@@ -265,8 +265,10 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
         tok_dir = Path(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
         if decode:
             module = _capture_decode(loaded.model, loaded.task, int(decode))
-            return module, loaded.tokenizer, desc, tok_dir, loaded.model
-        module = frontends.capture_loaded(loaded)
+        else:
+            module = frontends.capture_loaded(loaded)
+        if o.get("gguf"):  # where `gguf-weights` and `emit gguf` find the quantized original
+            module.meta["gguf"] = str(resolve_path(recipe, m.ref) / str(o["gguf"]))
         return module, loaded.tokenizer, desc, tok_dir, loaded.model
     ep = frontends.load_pt2(resolve_path(recipe, m.ref))
     module = frontends.capture_loaded(ep)
@@ -404,18 +406,6 @@ def pass_rows(report: Any) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- measuring
 def _count(module: Any) -> dict[str, Any]:
     return {"params": module.param_count(), "bytes": module.param_bytes(), "nodes": len(module.nodes)}
-
-
-def per_block_bytes(module: Any) -> dict[int, int]:
-    """Parameter bytes read by each block's nodes (a parameter counts once, in its first block)."""
-    seen: set[str] = set()
-    out: dict[int, int] = {}
-    for n in module.nodes:
-        if n.op == "param" and n.block is not None and n.attrs["name"] not in seen:
-            seen.add(n.attrs["name"])
-            t = module.params[n.attrs["name"]]
-            out[n.block] = out.get(n.block, 0) + int(t.numel()) * t.element_size()
-    return out
 
 
 def _outputs(module: Any, batches: list[dict[str, Any]], what: str, progress: Progress) -> list[list[Any]]:
@@ -697,9 +687,13 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
     # the torch backend's; the checker made sure there is evaluation data to time.
     latency_on = targets[0] if targets and "latency_ms" in wanted and evalb else None
     with progress.stage("measure"):
-        desc = str(protocol.get("evaluate", {}).get("text", ""))
+        from ctc.eval.data import protocol_line
+
+        desc = protocol_line(protocol.get("evaluate", {}))
         measured = measure(original, module, loaded, evalb, wanted - ({"latency_ms"} if latency_on else set()),
                            progress, desc)
+
+    from ctc.analysis.blocks import block_view, per_block_bytes
 
     before, after = per_block_bytes(original), per_block_bytes(module)
     blocks = sorted(set(before) | set(after))
@@ -723,6 +717,7 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
         "per_block": {"blocks": blocks, "original": [before.get(b, 0) for b in blocks],
                       "compressed": [after.get(b, 0) for b in blocks]},
     }
+    report["blocks"] = block_view(original, module, report["passes"])
     if pipeline_report.variants:
         report["variants"] = {k: f"{dest.name}-{k}" for k in pipeline_report.variants}
 
@@ -744,11 +739,11 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
             raise _unbuildable(recipe, t.kind, e) from None
         summary = {**t.to_json(), **built}
         not_here = t.spec.cannot_run_here()
+        batch = fit_batch(probe, t.options) if probe is not None else None
         if not_here is not None:  # e.g. a CUDA library built on a machine without a GPU
             summary["measured"] = {"skipped": not_here}
-        elif probe is not None:
+        elif batch is not None:
             with progress.stage(f"measure target {t.kind}"):
-                batch = fit_batch(probe, t.options)
                 summary["measured"] = measure_target(module, t.kind, d, batch)
             if t is latency_on:
                 relative = any(c.metric == "latency_ms" and c.unit == "x" for c in recipe.checks)
@@ -758,6 +753,12 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
                 lat["doc"] = METRICS["latency_ms"].doc
                 report["metrics"]["latency_ms"] = lat
                 set_checks(report, recipe.checks)
+        if t is targets[0] and batch is not None:
+            from ctc.analysis.report import report_roofline
+
+            with progress.stage(f"roofline on target {t.kind}"):
+                report["roofline"] = report_roofline(module, t, d, batch, summary.get("measured") or {},
+                                                     profile=not_here is None)
         return summary
 
     builds = [(t.kind, lambda d, t=t: build_and_measure(t, d)) for t in targets]
@@ -827,6 +828,12 @@ def report_summary(report: Mapping[str, Any]) -> str:
         if k in ("params", "param_bytes"):
             continue
         lines.append(f"  {k}: original {_short(v.get('original'))}, compressed {_short(v.get('compressed'))}")
+    ev = (report.get("protocol") or {}).get("evaluate")
+    if isinstance(ev, Mapping) and report.get("metrics"):
+        from ctc.eval.data import protocol_line
+
+        lines.append(f"  measured on: {protocol_line(ev)}; {ev.get('split')} split, {ev.get('windows')} windows of "
+                     f"{ev.get('seq_len')} tokens, stride {ev.get('stride', ev.get('seq_len'))}")
     for c in report.get("checks", []):
         verdict = "ok  " if c["passed"] else "FAIL"
         lines.append(f"  [{verdict}] {c['check']}  (measured {_short(c.get('measured'))})"

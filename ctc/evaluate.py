@@ -24,7 +24,7 @@ from typing import Any
 from ctc.errors import UsageError
 from ctc.tasks import TASK_CAUSAL_LM, TASK_ENCODER
 
-__all__ = ["evaluate_artifact", "human_similarity", "parse_data_flag"]
+__all__ = ["evaluate_artifact", "evaluation_windows_of", "human_similarity", "parse_data_flag"]
 
 
 def parse_data_flag(data: str) -> tuple[str, str | None, str | None]:
@@ -100,19 +100,20 @@ def _original(recipe: Any, progress: Any) -> tuple[Any, str]:
         return None, f"unavailable: {first}"
 
 
-def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
-                      skip: int | None = None, limit: int | None = None, progress: bool = True, human: bool = False,
-                      docs: int | None = None, target: str | None = None, baseline: bool = True) -> dict[str, Any]:
-    """Measure ``art`` (a loaded artifact) on evaluation text, next to its original model (``baseline``)."""
-    from ctc.driver import Progress, _outputs, _perplexity, measure
+def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | None = None,
+                          seq_len: int | None = None, skip: int | None = None, limit: int | None = None
+                          ) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """``(batches, protocol, recipe)``: the evaluation windows `ctc eval` measures ``art`` on.
+
+    Defaults come from the artifact's own ``evaluate`` statement (else the bundled Wikipedia text
+    for causal LMs, Lee for encoders); the flags override them.  The lm-eval window task
+    (:mod:`ctc.eval.lm_eval_adapter`) is made from exactly these windows.
+    """
     from ctc.eval.data import model_batches
 
-    bar = Progress(progress)
     recipe = _artifact_recipe(art)
     ev = recipe.evaluate if recipe is not None else None
     task = str(art.module.meta.get("task", "unknown"))
-    if human and task != TASK_ENCODER:
-        raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
     if data is not None:
         source, path, fld = parse_data_flag(data)
     elif ev is not None:
@@ -135,6 +136,23 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
                                        samples=n, seq_len=length, seed=0, skip=skip, limit=limit or None)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read evaluation data: {e}") from e
+    return batches, proto, recipe
+
+
+def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
+                      skip: int | None = None, limit: int | None = None, progress: bool = True, human: bool = False,
+                      docs: int | None = None, target: str | None = None, baseline: bool = True) -> dict[str, Any]:
+    """Measure ``art`` (a loaded artifact) on evaluation text, next to its original model (``baseline``)."""
+    from ctc.driver import Progress, _outputs, _perplexity, measure
+    from ctc.eval.data import protocol_line
+
+    bar = Progress(progress)
+    task = str(art.module.meta.get("task", "unknown"))
+    if human and task != TASK_ENCODER:
+        raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
+    batches, proto, recipe = evaluation_windows_of(art, data=data, samples=samples, seq_len=seq_len, skip=skip,
+                                                   limit=limit)
+    length = int(proto["seq_len"])
 
     res: dict[str, Any] = {"task": task, "data": proto["text"], "windows": proto["windows"], "seq_len": length}
     if proto.get("token_range"):
@@ -144,7 +162,7 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     if original is not None:
         metrics = {"fidelity", "max_error"} | ({"ppl"} if task == TASK_CAUSAL_LM else set())
         with bar.stage("measure (original and artifact)"):
-            m = measure(original.module, art.module, original, batches, metrics, bar, proto["text"])
+            m = measure(original.module, art.module, original, batches, metrics, bar, protocol_line(proto))
         res["fidelity"] = round(m["fidelity"]["compressed"], 6)
         res["max_abs_error"] = m["max_error"]["compressed"]
         if task == TASK_CAUSAL_LM:
@@ -154,7 +172,7 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     elif task == TASK_CAUSAL_LM:
         with bar.stage("measure (artifact)"):
             outs = _outputs(art.module, batches, "evaluate", bar)
-        p = _perplexity(batches, outs, proto["text"])
+        p = _perplexity(batches, outs, protocol_line(proto))
         res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
     elif not human:
         raise UsageError(f"nothing to measure: the original model is {why.removeprefix('unavailable: ')}, so "

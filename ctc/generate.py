@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Generation", "greedy_generate", "static_step_signature", "teacher_forced_nll"]
+__all__ = ["Generation", "greedy_generate", "static_step_signature", "step_logits", "teacher_forced_nll"]
 
 
 @dataclass
@@ -126,6 +126,24 @@ def teacher_forced_nll(step: Any, ids: torch.Tensor, first: int, *,
             count += batch
     sync()
     return nll, count
+
+
+def step_logits(step: Any, ids: torch.Tensor, *, input_specs: Sequence[Mapping[str, Any]] | None = None
+                ) -> torch.Tensor:
+    """Float logits ``[B, L, V]`` at every position of ``ids [B, L]``, fed one token per call through a static
+    decode ``step`` from position 0 with fresh caches (what the deployed step computes for each prefix)."""
+    batch, max_len, caches = _signature(step, input_specs, "step_logits")
+    if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < 1:
+        raise ValueError(f"step_logits: ids must be [{batch}, L>=1] token ids, got {tuple(ids.shape)}")
+    if ids.shape[1] > max_len:
+        raise ValueError(f"step_logits: {ids.shape[1]} tokens need as many cache positions; this step holds {max_len}")
+    write, run, sync = _stepper(step, ids, caches, False)
+    rows = []
+    for t in range(ids.shape[1]):
+        write(ids[:, t:t + 1], t)
+        rows.append(run()[:, -1].float().cpu().clone())
+    sync()
+    return torch.stack(rows, dim=1)
 
 
 _Stepper = tuple[Callable[[torch.Tensor, int], None], Callable[[], torch.Tensor], Callable[[], None]]

@@ -67,3 +67,25 @@ def captured(arch: str) -> tuple[torch.nn.Module, Any]:
 
     model = tiny_hf(arch)
     return model, capture_hf_model(model, seq_len=7)
+
+
+def tiny_llama_with_smollm2_tokenizer(dest: Any) -> Any:
+    """A random 2-layer Llama (hidden 32, tied head) saved at ``dest`` with SmolLM2's real tokenizer beside it
+    (vocabulary 49152, byte-level BPE): a decoder that tokenizes real text like the bundled one, in seconds."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctc.eval.models import bundled_hf_dir
+
+    dest = Path(dest)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).eval().save_pretrained(dest)
+    src = bundled_hf_dir("smollm2")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, dest / f)
+    return dest

@@ -4,30 +4,19 @@ gives the same greedy tokens through the torch reference and through the compile
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")
 def tiny_decoder(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_configs import tiny_llama_with_smollm2_tokenizer
 
-    from ctc.bundled import bundled_hf_dir
-
-    src = bundled_hf_dir("smollm2")
     root = tmp_path_factory.mktemp("decoder")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).eval().save_pretrained(root / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, root / "model" / f)
+    tiny_llama_with_smollm2_tokenizer(root / "model")
     (root / "dec.ctc").write_text('model hf "model" decode=48\n'
                                   "calibrate wiki samples=2 seq_len=16\n"
                                   "evaluate wiki samples=2 seq_len=16\n"

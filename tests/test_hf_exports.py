@@ -112,7 +112,8 @@ def test_hf_refuses_quantized_activations_and_writes_nothing(bert: Any, tmp_path
 def test_gptq_int4_groups_pack_and_load_exactly(llama: Any, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    module = _run("rptq", {"w_bits": 4, "a_bits": 16, "clusters": 1, "group_size": 16, "gptq": True}, llama)
+    module = _run("rptq", {"w_bits": 4, "a_bits": 16, "clusters": 1, "group_size": 16, "gptq": True, "sym": True},
+                  llama)  # symmetric: the packed format (asymmetric int4, the 4-bit default, is written unpacked)
     summary = _export("compressed-tensors", module, llama, tmp_path / "ct")
     assert summary["scheme_format"] == "pack-quantized" and summary["load_back"]["outputs"][0]["relative"] == 0.0
     assert summary["groups"] == [{"linears": 28, "w_bits": 4, "group_size": 16, "symmetric": True, "a_bits": None}]

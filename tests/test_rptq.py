@@ -13,7 +13,7 @@ from ctc.ir import quant as Q
 from ctc.ir.interpreter import interpret
 from ctc.ir.verify import verify
 from ctc.passes.base import PassContext, PassError, get_pass
-from ctc.passes.quantize import segment_qparams
+from ctc.passes.quantize import mse_clipped_range, segment_qparams
 from ctc.passes.rptq import check_fold_complete, gptq_quantize, kmeans, runs
 
 FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -194,3 +194,75 @@ def test_bad_options_are_errors() -> None:
         get_pass("rptq")({"cluster": 4})
     with pytest.raises(PassError, match="a_bits"):
         get_pass("rptq")({"a_bits": 3})
+
+
+def test_gptq_is_the_default_rounding_at_four_bits_or_fewer() -> None:
+    """Unset ``gptq`` means GPTQ for w_bits <= 4 and RTN above; an explicit value wins; fold_only rounds nothing."""
+    opts = get_pass("rptq").Options
+    assert opts(w_bits=4).use_gptq and opts(w_bits=3).use_gptq and not opts(w_bits=8).use_gptq
+    assert not opts(w_bits=4, gptq=False).use_gptq and opts(w_bits=8, gptq=True).use_gptq
+    assert not opts(w_bits=4, fold_only=True).use_gptq  # and no contradiction error
+    assert (opts(w_bits=4).groups, opts(w_bits=4).symmetric) == (32, False)
+    assert (opts(w_bits=8).groups, opts(w_bits=8).symmetric) == (-1, True)
+    assert (opts(w_bits=4, group_size=-1, sym=True).groups, opts(w_bits=4, sym=True).symmetric) == (-1, True)
+    _, out, _, ctx = _run("llama", {"w_bits": 4, "a_bits": 8, "clusters": 2, "check_fold": False})
+    assert any("GPTQ" in n for n in ctx.notes)
+    _, rtn, _, ctx = _run("llama", {"w_bits": 4, "a_bits": 8, "clusters": 2, "check_fold": False, "gptq": False})
+    assert any("RTN" in n for n in ctx.notes)
+    w_gptq = [out.params[n.operand("qweight").producer.attrs["name"]] for n in out.nodes if n.op == "quant_linear"]
+    w_rtn = [rtn.params[n.operand("qweight").producer.attrs["name"]] for n in rtn.nodes if n.op == "quant_linear"]
+    assert any(not torch.equal(a, b) for a, b in zip(w_gptq, w_rtn, strict=True))
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([4, 8]), spike=st.floats(5.0, 200.0))
+def test_mse_clipping_never_worse_than_minmax_and_clips_rare_spikes(seed: int, bits: int, spike: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2000, generator=g)
+    x[0] = spike  # one rare large value sets the min-max range
+    lo, hi = x.min(), x.max()
+    a, b = mse_clipped_range(x, lo, hi, bits)
+
+    def err(lo_: torch.Tensor, hi_: torch.Tensor) -> float:
+        s, z = Q.act_qparams(lo_, hi_, bits)
+        return float(((torch.clamp(torch.round(x / s) + z, 0, (1 << bits) - 1) - z) * s - x).square().sum())
+
+    assert err(a, b) <= err(lo, hi)
+    assert float(a) <= 0 <= float(b) and float(b) <= float(hi) and float(a) >= float(lo)
+    if bits == 4 and spike >= 150:
+        assert float(b) < float(hi)  # a far spike is not worth 4 bits of everyone's resolution
+
+
+def test_rptq_mse_clipping_shrinks_static_ranges() -> None:
+    """a_clip="mse" samples calibration rows and never widens a segment's range over min-max."""
+    _, mm, _, _ = _run("llama", {"w_bits": 8, "a_bits": 4, "clusters": 2, "check_fold": False})
+    _, cl, _, ctx = _run("llama", {"w_bits": 8, "a_bits": 4, "clusters": 2, "check_fold": False, "a_clip": "mse",
+                                   "clip_rows": 64})
+    assert "calibration-stats" in ctx.computed
+
+    def scales(m: object) -> list[torch.Tensor]:
+        return [m.params[n.operand("act_scale").producer.attrs["name"]] for n in m.nodes  # type: ignore[attr-defined]
+                if n.op == "quant_linear"]
+
+    pairs = list(zip(scales(cl), scales(mm), strict=True))
+    assert all(bool((c <= m * (1 + 1e-6)).all()) for c, m in pairs)
+    assert any(bool((c < m).any()) for c, m in pairs)
+    with pytest.raises(PassError, match="a_clip"):
+        get_pass("rptq")({"a_clip": "percentile"})
+
+
+def test_activation_ranges_default_to_per_token_for_decoder_lms_only() -> None:
+    """a_mode="auto": dynamic (no calibrated act scales) on a module marked as a causal LM, static on any other;
+    an explicit a_mode wins."""
+    def act_modes(task: str | None, a_mode: str | None) -> set[bool]:
+        m = tiny_transformer("llama", seed=0)
+        if task is not None:
+            m.meta["task"] = task
+        cal = outlier_inputs(m, 2, seed=1)
+        opts = {"clusters": 2, "check_fold": False, **({"a_mode": a_mode} if a_mode else {})}
+        out = get_pass("rptq")(opts).run(m, PassContext(calibration=cal))
+        return {bool(n.attrs["act_dynamic"]) for n in out.nodes if n.op == "quant_linear"}
+
+    assert act_modes("causal_lm", None) == {True} and act_modes("decode_step", None) == {True}
+    assert act_modes("encoder", None) == {False} and act_modes(None, None) == {False}
+    assert act_modes("causal_lm", "static") == {False} and act_modes("encoder", "dynamic") == {True}

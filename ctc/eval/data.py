@@ -304,13 +304,21 @@ def load_texts(source: str, split: str = "calibration", *, path: str | Path | No
 
 
 def describe_source(source: str, split: str, path: str | Path | None = None) -> str:
-    """One line naming the text a protocol used."""
+    """One line naming the text a protocol used (a user's file by its name, size and content hash: comparable across
+    machines, unlike its absolute path)."""
     if source == "wiki":
         return (f"gensim {WIKI_FILE} ({split} split: articles >= {WIKI_MIN_CHARS} chars, by salted title hash, "
                 f"{int(WIKI_EVAL_FRACTION * 100)}% evaluation)")
     if source == "lee":
         return "gensim lee_background.cor (300 docs)" if split == "calibration" else "gensim lee.cor (50 docs)"
-    return f"{source} file {path}"
+    if path is None:
+        return f"{source} file"
+    p = Path(path)
+    try:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        return f"{source} file {p.name} ({p.stat().st_size:,} bytes, sha256 {digest})"
+    except OSError:
+        return f"{source} file {p.name}"
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -418,6 +426,32 @@ def model_inputs(window: Mapping[str, torch.Tensor], names: Sequence[str]) -> di
     return out
 
 
+def tokenizer_label(tokenizer: Any) -> str:
+    """A tokenizer named so that two reports can be compared: its folder or hub name (never an absolute install
+    path), class and vocabulary size."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    if name and (Path(name).is_absolute() or Path(name).exists()):
+        parts = Path(name).parts
+        name = "/".join(parts[-2:]) if parts and parts[-1] in ("tokenizer", "model") and len(parts) > 1 \
+            else Path(name).name
+    try:
+        vocab = len(tokenizer)
+    except TypeError:
+        vocab = None
+    extra = ", ".join(x for x in (type(tokenizer).__name__, f"vocab {vocab}" if vocab else "") if x)
+    return f"{name or 'unnamed'} ({extra})"
+
+
+def protocol_line(protocol: Mapping[str, Any]) -> str:
+    """The text and tokenizer of a :func:`model_batches` protocol in one line (prefixes metric protocols)."""
+    parts = [str(protocol.get("text", ""))]
+    if protocol.get("tokenizer"):
+        parts.append(f"tokenizer {protocol['tokenizer']}")
+    if protocol.get("token_range"):
+        parts.append(str(protocol["token_range"]))
+    return "; ".join(p for p in parts if p)
+
+
 def model_batches(*, source: str, path: str | Path | None, field: str | None, split: str, tokenizer: Any,
                   input_names: Sequence[str], samples: int, seq_len: int, seed: int, batch_size: int = 1,
                   cache_dir: str | Path | None = None, skip: int = 0, limit: int | None = None
@@ -446,9 +480,11 @@ def model_batches(*, source: str, path: str | Path | None, field: str | None, sp
         batches.append({n: torch.cat([g[n] for g in group]) for n in input_names})
     protocol = {
         "source": source, "text": describe_source(source, split, path), "split": split,
-        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "tokenizer": tokenizer_label(tokenizer),
         "windows": len(wins), "seq_len": seq_len, "batch_size": batch_size,
         "selection": f"random windows, seed {seed}" if split == "calibration" else "first consecutive windows",
+        "stride": "random starts" if split == "calibration" else
+                  f"{seq_len - sum(map(len, _specials(tokenizer)))} text tokens (disjoint windows, no context carried)",
         "tokens": len(wins) * seq_len, "seconds": time.perf_counter() - t0,
     }
     if skip or limit:

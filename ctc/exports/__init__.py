@@ -70,6 +70,16 @@ class CompressedTensorsOptions(PassOptions):
 
 
 @dataclass(frozen=True)
+class GgufOptions(PassOptions):
+    """Options of `emit gguf` (llama.cpp's format; Q8_0 / Q4_0 / Q4_1 where the quantization maps)."""
+
+    tolerance: float = option(5e-3, "largest output difference transformers' run of the written file may show, "
+                                    "relative to the output's largest magnitude (scales are stored as f16)", min=0.0)
+    weight_tolerance: float = option(1e-3, "largest difference between a tensor gguf's reader de-quantizes and the "
+                                           "module's weight, relative to the weight's largest magnitude", min=0.0)
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     """An export format: summary, options class, the module with its ``write`` and the packages it needs."""
 
@@ -107,6 +117,9 @@ EXPORTS: dict[str, ExportSpec] = {s.name: s for s in [
     ExportSpec("compressed-tensors", "Hugging Face directory in the compressed-tensors format (int8, packed int4 with "
                "group scales, static activation scales) that transformers and vLLM load", CompressedTensorsOptions,
                "ctc.exports.compressed_tensors", (("compressed_tensors", "compressed-tensors"),)),
+    ExportSpec("gguf", "GGUF file for llama.cpp (Llama-family models loaded from a GGUF file; Q8_0 / Q4_0 / Q4_1 "
+               "blocks where the quantization maps, F32 otherwise), read back with gguf's reader and transformers",
+               GgufOptions, "ctc.exports.gguf", (("gguf", "gguf"),)),
 ]}
 
 

@@ -295,7 +295,8 @@ def allocate_knapsack(specs: Sequence[LayerSpec], target: float, ratios: Sequenc
     damage = its measured loss minus ``base_loss``.  Solved exactly by dynamic programming over
     a budget discretised into ``resolution`` units, costs rounded *up* to whole units (so the
     result always meets the target; the rounding only forgoes solutions within one unit per
-    layer of the budget).  Damage is taken as additive over layers (each was measured alone).
+    layer of the budget).  Damage is taken as additive over layers (each was measured alone) and
+    never negative, so a layer is cut only where the budget needs it (ties keep it dense).
     """
     budget = _budget(specs, target)
     ratios = sorted({float(r) for r in ratios if 0 < r < 1})
@@ -314,7 +315,9 @@ def allocate_knapsack(specs: Sequence[LayerSpec], target: float, ratios: Sequenc
                 c = _choice(s, r, align)
                 if not c.dense:
                     opts.append(c)
-                    dmg.append(float(s.losses[r]) - base_loss)
+                    # A cut measured *below* the base loss is calibration noise, not a gain: taken at face
+                    # value it would be chosen whatever the budget (overshooting the target).
+                    dmg.append(max(0.0, float(s.losses[r]) - base_loss))
         new = torch.full((cap + 1,), inf, dtype=torch.float64)
         pick = torch.zeros(cap + 1, dtype=torch.int16)
         for j, (c, d) in enumerate(zip(opts, dmg, strict=True)):

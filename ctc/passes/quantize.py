@@ -38,8 +38,9 @@ from ctc.passes.analyses.calibration import CalibrationResult, CalibrationStats,
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, register_pass
 from ctc.passes.shared_weights import OncePerKey
 
-__all__ = ["QuantizeOptions", "QuantizePass", "build_quant_linear", "insert_kv_quant", "kv_operands",
-           "quantize_weight_rtn", "selected_linears", "segment_qparams"]
+__all__ = ["QuantizeOptions", "QuantizePass", "build_quant_linear", "clipped_segment_qparams", "insert_kv_quant",
+           "kv_operands", "mse_clipped_range", "quantize_weight_rtn", "segment_qparams", "segment_ranges",
+           "selected_linears"]
 
 ATTN_OPS = ("scaled_dot_product_attention",)
 
@@ -86,12 +87,51 @@ def segment_qparams(lo: torch.Tensor, hi: torch.Tensor, bounds: Sequence[int], b
 
     ``bounds`` are cumulative end boundaries (``()`` = one segment over all channels).
     """
+    return Q.act_qparams(*segment_ranges(lo, hi, bounds), bits)
+
+
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(29))  # range shrink factors searched by mse clipping: 1.0 .. 0.3
+
+
+def mse_clipped_range(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[a * lo, a * hi]`` (``a`` in :data:`CLIP_GRID`) whose ``bits``-bit asymmetric fake quantization of
+    ``sample`` (calibration values of one segment) has the least squared error: range estimation by MSE
+    (as in Banner et al. 2019 / the MSE observers of PTQ toolkits) instead of the outermost min/max, which
+    spends the grid on values a handful of tokens reach.  Shrinking both ends keeps 0 representable."""
+    x = sample.reshape(-1).to(torch.float32)
+    if x.numel() == 0:
+        return lo, hi
+    best, best_err = 1.0, float("inf")
+    for a in CLIP_GRID:
+        s, z = Q.act_qparams(lo * a, hi * a, bits)
+        q = torch.clamp(torch.round(x / s) + z, 0, (1 << bits) - 1)
+        err = float(((q - z) * s - x).square().sum())
+        if err < best_err:
+            best, best_err = a, err
+    return lo * best, hi * best
+
+
+def segment_ranges(lo: torch.Tensor, hi: torch.Tensor, bounds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per contiguous channel segment (cumulative end ``bounds``; ``()`` = one), the min of ``lo`` / max of ``hi``."""
     k = int(lo.numel())
     ends = list(bounds) or [k]
     starts = [0, *ends[:-1]]
     seg_lo = torch.stack([lo[a:b].min() for a, b in zip(starts, ends, strict=True)])
     seg_hi = torch.stack([hi[a:b].max() for a, b in zip(starts, ends, strict=True)])
-    return Q.act_qparams(seg_lo.to(torch.float32), seg_hi.to(torch.float32), bits)
+    return seg_lo.to(torch.float32), seg_hi.to(torch.float32)
+
+
+def clipped_segment_qparams(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bounds: Sequence[int],
+                            bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segment_qparams` with each segment's range chosen by :func:`mse_clipped_range` on ``sample``
+    (``[rows, K]``, channels in the same order as ``lo``/``hi``)."""
+    seg_lo, seg_hi = segment_ranges(lo, hi, bounds)
+    ends = list(bounds) or [int(lo.numel())]
+    starts = [0, *ends[:-1]]
+    clipped = [mse_clipped_range(sample[:, a:b], seg_lo[i], seg_hi[i], bits)
+               for i, (a, b) in enumerate(zip(starts, ends, strict=True))]
+    return Q.act_qparams(torch.stack([c[0] for c in clipped]), torch.stack([c[1] for c in clipped]), bits)
 
 
 # --------------------------------------------------------------------------- graph helpers

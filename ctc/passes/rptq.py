@@ -40,9 +40,24 @@ Method, per quantized activation (the operand 0 value ``X`` read by one or more 
    ``check_fold`` also compares the folded float module with the original on one
    calibration batch before quantizing.
 4. Weights per output channel (``group_size=-1``) or per group, in the permuted column
-   order, by round-to-nearest or (``gptq=true``) GPTQ (Frantar et al. 2022): Cholesky of
-   the damped inverse Hessian ``H = X^T X / n`` (in the permuted order), columns quantized
-   left to right in blocks of 128 with the error fed back to the remaining columns.
+   order, by round-to-nearest or GPTQ (Frantar et al. 2022): Cholesky of the damped inverse
+   Hessian ``H = X^T X / n`` (in the permuted order), columns quantized left to right in
+   blocks of 128 with the error fed back to the remaining columns.
+
+Defaults (what a recipe gets without naming the option; measured on held-out text in
+benchmarks/results/quant_defaults.md):
+
+* ``gptq``, ``group_size``, ``sym`` unset: at ``w_bits <= 4`` GPTQ, asymmetric, groups of 32
+  input channels (llama.cpp's block size; SmolLM2-135M W4A8: per-channel RTN +98% perplexity,
+  per-channel GPTQ +84%, GPTQ groups of 128 +40%, GPTQ asymmetric groups of 32 +17%); above 4
+  bits RTN, symmetric, per output channel (8-bit weights cost ~0.2%).
+* ``a_mode="auto"``: per-token dynamic ranges (per cluster, in the kernel) for causal LMs and
+  their decode steps, static calibrated ranges for everything else.  A decoder's attention-sink
+  tokens reach activations thousands of times the others in a few channels (SmolLM2-135M,
+  block 11's down_proj input at position 0: 3315 against a median token maximum of 1.4), so one static
+  range per cluster spends most of the 8-bit grid on them; an encoder has no such tokens.
+* ``a_clip="minmax"``: the ``mse`` clipping search is an option, not the default, because on
+  SmolLM2 it clips exactly those rare sink-token values and measured worse (+5.0% vs +3.5%).
 
 ``kv_bits < 16`` fake-quantizes attention k/v (per head-dim channel; per tensor for ``v``
 values whose channel order was changed per head).  Linears outside the repeated blocks
@@ -61,12 +76,14 @@ from ctc.ir import quant as Q
 from ctc.ir.graph import Module, Node, Value, param_name, param_tensor
 from ctc.ir.interpreter import interpret
 from ctc.ir.nxview import to_digraph
+from ctc.ir.ops.compress_attention import sparse_attention
 from ctc.ir.rewrite import Rewriter
 from ctc.options import option
 from ctc.passes.analyses.calibration import CalibrationStats, ChannelStats
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, register_pass
 from ctc.passes.quantize import (
     build_quant_linear,
+    clipped_segment_qparams,
     insert_kv_quant,
     kv_operands,
     kv_stats,
@@ -74,6 +91,7 @@ from ctc.passes.quantize import (
     selected_linears,
 )
 from ctc.passes.shared_weights import OncePerKey, linked_groups, merged_range, perm_key
+from ctc.tasks import TASK_CAUSAL_LM, TASK_DECODE_STEP
 
 __all__ = ["FoldPlan", "RptqOptions", "RptqPass", "check_fold_complete", "gptq_quantize", "kmeans_1d_labels",
            "kmeans"]
@@ -85,6 +103,20 @@ SHAPE_OPS = frozenset({"reshape", "transpose", "permute"})
 REPEAT_OPS = frozenset({"reshape", "transpose", "permute", "expand", "unsqueeze"})
 NORM_OPS = frozenset({"layer_norm", "rms_norm"})
 ATTN_OPS = frozenset({"scaled_dot_product_attention"})
+
+
+
+def _dense_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                            **attrs: object) -> torch.Tensor:
+    """``sparse_attention`` with its filtering rounds removed: the dense attention it approximates."""
+    return sparse_attention(q, k, v, mask, **{**attrs, "round_bits": (), "keep_ratios": (), "alphas": ()})
+
+
+# The fold check compares float outputs before and after the reorder.  A reorder changes float summation
+# order in the absorbing linears (last-bit differences), and an op whose output jumps on such differences
+# (sparse attention's low-bit key selection) would turn them into large, meaningless errors: the check runs
+# such ops as the continuous computation they filter, which a correct fold leaves unchanged to rounding.
+FOLD_CHECK_REFS = {"sparse_attention": _dense_sparse_attention}
 
 
 # --------------------------------------------------------------------------- k-means
@@ -411,13 +443,21 @@ class RptqOptions(PassOptions):
     a_bits: int = option(8, "activation bits (4..8); 16 = float activations (weights only, reorder still folded)",
                          choices=(4, 5, 6, 7, 8, 16))
     kv_bits: int = option(16, "bits of attention k/v operands; 16 = float", choices=(2, 3, 4, 5, 6, 7, 8, 16))
-    a_mode: str = option("static", "activation ranges per cluster: static (calibrated) or dynamic (per token and "
-                                   "cluster, computed in the kernel at run time; the reorder is still calibrated)",
-                         choices=("static", "dynamic"))
+    a_mode: str = option("auto", "activation ranges per cluster: static (calibrated), dynamic (per token and "
+                                 "cluster, computed in the kernel at run time; the reorder is still calibrated) or "
+                                 "auto (dynamic for causal LMs and their decode steps, static otherwise)",
+                         choices=("auto", "static", "dynamic"))
+    a_clip: str = option("minmax", "static activation range per cluster: minmax (calibration min..max) or mse (the "
+                                   "shrunk range with the least quantization error on sampled calibration rows)",
+                         choices=("minmax", "mse"))
+    clip_rows: int = option(512, "calibration rows sampled per activation for a_clip=\"mse\"", min=16)
     clusters: int = option(8, "k-means clusters of activation channels (1 = per-tensor)", min=1, max=1024)
-    group_size: int = option(-1, "input channels per weight scale group; -1 = per output channel", min=-1)
-    gptq: bool = option(False, "GPTQ error compensation instead of round-to-nearest (needs X^T X)")
-    sym: bool = option(True, "symmetric weights (zero point 0)")
+    group_size: int | None = option(None, "input channels per weight scale group; -1 = per output channel; unset: "
+                                          "32 for w_bits <= 4 (llama.cpp's block), -1 above", min=-1)
+    gptq: bool | None = option(None, "GPTQ error compensation instead of round-to-nearest (needs X^T X); unset: on "
+                                     "for w_bits <= 4 (where round-to-nearest loses most), off above")
+    sym: bool | None = option(None, "symmetric weights (zero point 0); unset: asymmetric (an integer zero point per "
+                                    "group) for w_bits <= 4, symmetric above")
     fold_only: bool = option(False, "only reorder and fold (no quantization): for checking exactness")
     check_fold: bool = option(True, "compare the folded float module with the original on one calibration batch")
     blocks_only: bool = option(True, "quantize only linears inside repeated blocks (without block info: all "
@@ -429,10 +469,38 @@ class RptqOptions(PassOptions):
                                    "it the attention output is reordered by an explicit gather with global "
                                    "clusters (fewer segments: faster integer kernels)", min=1)
 
+    @property
+    def groups(self) -> int:
+        """Input channels per weight scale group (-1: per output channel): as set, else 32 at 4 bits or fewer."""
+        if self.group_size is not None:
+            return self.group_size
+        return 32 if self.w_bits <= 4 else -1
+
+    @property
+    def symmetric(self) -> bool:
+        """Symmetric weights: as set, else above 4 bits only."""
+        return self.w_bits > 4 if self.sym is None else self.sym
+
+    @property
+    def use_gptq(self) -> bool:
+        """Whether weights are rounded by GPTQ: as set, else for 4 bits or fewer (never when only folding)."""
+        if self.fold_only:
+            return False
+        return self.w_bits <= 4 if self.gptq is None else self.gptq
+
+    def dynamic_for(self, module: Module) -> bool:
+        """Whether activation ranges are per token at run time: as set, else (``auto``) for decoder LMs, whose
+        attention-sink tokens reach activations thousands of times the rest (one static range per cluster
+        then spends the 8-bit grid on them: +3.55% perplexity on SmolLM2-135M, against +0.49% per token;
+        benchmarks/results/quant_defaults.md), static for encoders (no such tokens; no run-time range pass)."""
+        if self.a_mode != "auto":
+            return self.a_mode == "dynamic"
+        return module.meta.get("task") in (TASK_CAUSAL_LM, TASK_DECODE_STEP)
+
     def validate(self) -> None:
         if self.group_size == 0:
             raise PassError("option group_size=0: use -1 (per output channel) or a positive size")
-        if self.fold_only and self.gptq:
+        if self.fold_only and self.gptq is True:
             raise PassError("options fold_only=true and gptq=true contradict each other: fold_only quantizes "
                             "nothing, so there is no rounding for GPTQ to compensate; drop one of them")
 
@@ -597,18 +665,20 @@ class RptqPass(Pass):
         if not lins:
             ctx.note("rptq: no linear selected")
             return module
-        calib = ctx.get(CalibrationStats(hessian=o.gptq and not o.fold_only), module)
+        dyn = o.a_bits != 16 and o.dynamic_for(module)
+        clip = o.a_clip == "mse" and o.a_bits != 16 and not dyn and not o.fold_only
+        calib = ctx.get(CalibrationStats(hessian=o.use_gptq, **({"reservoir": o.clip_rows} if clip else {})), module)
         stats = dict(calib.stats)
         kv = kv_stats(module, ctx) if o.kv_bits != 16 and not o.fold_only and kv_operands(module) else None
         kv_st = dict(kv.stats) if kv is not None else {}
         reference = None
         if o.check_fold and ctx.calibration:
-            reference = (ctx.calibration[0], interpret(module, ctx.calibration[0]))
+            reference = (ctx.calibration[0], interpret(module, ctx.calibration[0], refs=FOLD_CHECK_REFS))
         rw = ctx.rewriter(module)
         plans = self._plan(module, ctx, lins, stats)
         self._fold(rw, plans)
         if reference is not None:
-            got = interpret(module, reference[0])
+            got = interpret(module, reference[0], refs=FOLD_CHECK_REFS)
             for a, b in zip(got, reference[1], strict=True):
                 if a.is_floating_point():
                     err = float((a.double() - b.double()).abs().max())
@@ -625,7 +695,7 @@ class RptqPass(Pass):
             return module
         a_q = o.a_bits != 16
         per_tensor_v: set[int] = set()
-        hessians = _weight_hessians(plans, lins, stats) if o.gptq else {}
+        hessians = _weight_hessians(plans, lins, stats) if o.use_gptq else {}
         qws: OncePerKey[Q.QuantizedWeight] = OncePerKey()
         once: OncePerKey[tuple[str, str, str]] = OncePerKey()  # a tied weight is quantized and stored once
         for done, pl in enumerate(plans):
@@ -634,8 +704,12 @@ class RptqPass(Pass):
             st = stats[pl.x.name]
             assert st.min is not None and st.max is not None
             lo, hi = st.min[pl.perm], st.max[pl.perm]
-            dyn = a_q and o.a_mode == "dynamic"
-            scale, zero = segment_qparams(lo, hi, pl.bounds, o.a_bits) if a_q and not dyn else (None, None)
+            scale = zero = None
+            if a_q and not dyn and clip:
+                assert st.reservoir is not None
+                scale, zero = clipped_segment_qparams(st.reservoir[:, pl.perm], lo, hi, pl.bounds, o.a_bits)
+            elif a_q and not dyn:
+                scale, zero = segment_qparams(lo, hi, pl.bounds, o.a_bits)
             for lin in pl.absorbers:
                 if lin not in lins:
                     continue
@@ -646,9 +720,9 @@ class RptqPass(Pass):
                 assert w is not None and name is not None
 
                 def quantized(w: torch.Tensor = w, name: str = name) -> Q.QuantizedWeight:
-                    if o.gptq:  # the Hessian of every activation the (maybe tied) weight reads, in its order
-                        return gptq_quantize(w, hessians[name], o.w_bits, o.group_size, o.sym, percdamp=o.damp)
-                    return Q.quantize_weight(w, o.w_bits, o.group_size, o.sym)
+                    if o.use_gptq:  # the Hessian of every activation the (maybe tied) weight reads, in its order
+                        return gptq_quantize(w, hessians[name], o.w_bits, o.groups, o.symmetric, percdamp=o.damp)
+                    return Q.quantize_weight(w, o.w_bits, o.groups, o.symmetric)
 
                 qw = qws.get(name, quantized)
                 bounds = pl.bounds if len(pl.bounds) > 1 else []
@@ -661,7 +735,10 @@ class RptqPass(Pass):
             rw.note(f"rptq: {len(once)} weight(s) read by several linears (tied blocks) reordered, quantized and "
                     "stored once each")
         segs = [len(pl.bounds) for pl in plans]
-        ctx.note(f"rptq: W{o.w_bits}A{o.a_bits} clusters={o.clusters} {'GPTQ' if o.gptq else 'RTN'}; "
+        ranges = "" if not a_q else " dynamic" if dyn else f" static ({o.a_clip})"
+        wq = f"{'GPTQ' if o.use_gptq else 'RTN'} {'sym' if o.symmetric else 'asym'} " + (
+            "per channel" if o.groups == -1 else f"groups of {o.groups}")
+        ctx.note(f"rptq: W{o.w_bits}A{o.a_bits}{ranges} clusters={o.clusters} {wq}; "
                  f"{sum(len(p.absorbers) for p in plans)} linears; routes {routes}; activation segments "
                  f"{min(segs)}..{max(segs)}" + (f"; {n_kv} k/v operands at {o.kv_bits} bits" if n_kv else ""))
         return module
