@@ -377,7 +377,7 @@ def bench_seq(seq: int, runtimes: list[str], paths: dict[tuple[str, int], str], 
 
 
 def _tokenizer_dir() -> Path:
-    from ctc.eval.models import bundled_model_dir
+    from ctc.bundled import bundled_model_dir
 
     return Path(bundled_model_dir("minilm"))
 

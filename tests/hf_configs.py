@@ -77,7 +77,7 @@ def tiny_llama_with_smollm2_tokenizer(dest: Any) -> Any:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ctc.eval.models import bundled_hf_dir
+    from ctc.bundled import bundled_hf_dir
 
     dest = Path(dest)
     torch.manual_seed(0)

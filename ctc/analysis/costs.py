@@ -132,7 +132,7 @@ def _compute_dtype(node: Node) -> str:
 
 
 def _attention_flops(node: Node, s: _Shapes, context: int | None) -> tuple[float, int]:
-    q = s.shape(node.inputs[0])
+    q = s.shape(node.operand("q"))  # type: ignore[arg-type]
     kname = "k_cache" if node.op == "quant_kv_attention" else "k"
     vname = "v_cache" if node.op == "quant_kv_attention" else "v"
     k, v = s.shape(node.operand(kname)), s.shape(node.operand(vname))  # type: ignore[arg-type]

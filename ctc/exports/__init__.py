@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctc.errors import UsageError
-from ctc.options import OptionError
-from ctc.passes.base import PassError, PassOptions, option
+from ctc.options import OptionError, option
+from ctc.passes.base import PassError, PassOptions
 
 __all__ = ["EXPORTS", "ExportError", "ExportSpec", "export_config"]
 
