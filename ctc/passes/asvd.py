@@ -190,8 +190,8 @@ def factorization_of(module: Module, cand: Candidate, ctx: PassContext, scaling:
     seen: set[str] = set()
     inputs = []  # the distinct activations the weight reads (one per reader of a shared weight)
     for r in cand.readers:
-        if r.inputs[0].name not in seen:
-            seen.add(r.inputs[0].name)
+        if r.operand("x").name not in seen:
+            seen.add(r.operand("x").name)
             inputs.append(stats.input_of(r))
     rows = sum(st.rows for st in inputs)
     if scaling == "whiten":
