@@ -52,7 +52,8 @@ def test_strategy_reaches_shared_params_duplicates_dead_code_and_symbols_and_eve
     seen_features: set[str] = set()
     seen_ops: Counter = Counter()
 
-    @settings(max_examples=200, deadline=None, database=None)
+    # derandomized: whether 200 random draws reach every rare op is luck, and a test must not fail on luck
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
     @given(modules())
     def collect(m):
         seen_ops.update(m.op_counts())
@@ -68,7 +69,7 @@ def test_strategy_reaches_shared_params_duplicates_dead_code_and_symbols_and_eve
         # depends on how earlier draws went, so check the builder's reach on its own
         attn: Counter = Counter()
 
-        @settings(max_examples=60, deadline=None, database=None)
+        @settings(max_examples=60, deadline=None, database=None, derandomize=True)
         @given(modules(builders=["attention"]))
         def collect_attention(m):
             attn.update(m.op_counts())
