@@ -24,10 +24,12 @@ FAMILY_INPUTS: dict[str, list[tuple[str, TensorType, Callable[[torch.Generator],
              ("y", TensorType((2, "s", 8), "f32"), lambda g: torch.randn(2, SEQ, 8, generator=g) * 2),
              ("ids", TensorType((2, "s"), "i64"), lambda g: torch.randint(-9, 10, (2, SEQ), generator=g))],
     "image": [("img", TensorType((2, 4, 9, 10), "f32"), lambda g: torch.randn(2, 4, 9, 10, generator=g))],
+    # whole vectors of channels on a small plane: the channels-last convolutions (conv_kernels.py)
+    "image_cl": [("fmap", TensorType((2, 32, 9, 10), "f32"), lambda g: torch.randn(2, 32, 9, 10, generator=g))],
     "signal": [("sig", TensorType((2, 4, "s"), "f32"), lambda g: torch.randn(2, 4, SEQ + 6, generator=g))],
     "signal_static": [("wave", TensorType(("b", 4, 300), "f32"), lambda g: torch.randn(2, 4, 300, generator=g))],
 }
-FAMILY_SEQ = {"math": SEQ, "image": SEQ, "signal": SEQ + 6, "signal_static": SEQ}
+FAMILY_SEQ = {"math": SEQ, "image": SEQ, "image_cl": SEQ, "signal": SEQ + 6, "signal_static": SEQ}
 
 
 def case(name: str, op: str, family: str) -> Callable[[Builder], Builder]:
@@ -180,6 +182,33 @@ case("conv2d_depthwise_flat_strided_dilated", "conv", "image")(lambda m, v: n(m,
 case("conv2d_depthwise_flat_s2", "conv", "image")(lambda m, v: n(
     m, "conv", [v["img"], _w(m, "dh", 4, 1, 5, 5, seed=38)], stride=(2, 2), padding=(4, 4), dilation=(2, 2),
     groups=4))
+
+
+def _relu6(m: Module, v: Value) -> Value:
+    return n(m, "minimum", [n(m, "maximum", [v], scalar=0.0)], scalar=6.0)
+
+
+def _cl_block(m: Module, v: dict[str, Value]) -> list[Value]:
+    """Inverted residual in channels-last: expand (input read channels-first), depthwise 5x5 behind an
+    absorbed asymmetric pad, project with a residual from the expansion (a channels-last value),
+    then a global average pool (a non-convolution reader of a channels-last result)."""
+    x = v["fmap"]
+    e = _relu6(m, n(m, "conv", [x, _w(m, "cle", 64, 32, 1, 1, seed=40), _w(m, "cleb", 64, seed=41)],
+                    stride=(1, 1), padding=(0, 0), dilation=(1, 1)))
+    d = n(m, "relu", [n(m, "conv", [n(m, "pad", [e], pads=(1, 1, 2, 0)), _w(m, "cld", 64, 1, 5, 5, seed=42),
+                                    _w(m, "cldb", 64, seed=43)], stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                        groups=64)])
+    pr = n(m, "add", [n(m, "conv", [e, _w(m, "clp", 64, 64, 1, 1, seed=44)], stride=(1, 1), padding=(0, 0),
+                        dilation=(1, 1)), n(m, "add", [d, e])])
+    pooled = n(m, "adaptive_avg_pool", [n(m, "hardswish", [pr])], output_size=(1, 1))
+    return [pr, pooled]
+
+
+case("conv_channels_last_block", "conv", "image_cl")(_cl_block)
+# a strided depthwise convolution reading a channels-first input (its padded plane transposes), no bias
+case("conv_channels_last_dw_s2", "conv", "image_cl")(lambda m, v: n(
+    m, "conv", [v["fmap"], _w(m, "cls", 32, 1, 3, 3, seed=45)], stride=(2, 2), padding=(1, 1), dilation=(2, 1),
+    groups=32))
 case("batch_norm", "batch_norm", "image")(lambda m, v: n(
     m, "batch_norm", [v["img"], _w(m, "bm", 4, seed=9), p(m, "bv", torch.rand(4, generator=g(10)) + 0.5),
                       _w(m, "bw", 4, seed=11), _w(m, "bb", 4, seed=12)], eps=1e-3))

@@ -13,7 +13,10 @@ So each convolution is lowered to a form the default schedules already run fast:
   stencil vectorized along the output width, parallel over (batch, channel)
   (:class:`DepthwiseConvRule`); on small static planes with many taps (5x5 kernels, 14x14-28x28
   planes) the plane is stored flat and the stencil runs over it in full-width vectors with
-  unrolled accumulators (:meth:`_ConvSpec.depthwise_flat`).
+  unrolled accumulators (:meth:`_ConvSpec.depthwise_flat`);
+* **channels-last** (small static planes, whole vectors of channels): pointwise and depthwise
+  convolutions computed in ``[N, H, W, C]``, vectorized along the channels
+  (:func:`channels_last_pays`, :func:`_lower_channels_last`); the layout carries on between them.
 
 A zero ``pad`` feeding the convolution (TensorFlow-style "same" padding, EfficientNet) is read
 through, not materialized: its amounts join the convolution's own (possibly asymmetric)
@@ -25,7 +28,13 @@ from __future__ import annotations
 from typing import Any
 
 from ctc.backends.tvm.lower import Ctx, LoweringError, Operands, _dt
-from ctc.backends.tvm.schedules import _CpuRule, _extent, _vectorize_last, single_reduction, vector_lanes
+from ctc.backends.tvm.schedules import (
+    _CpuRule,
+    _extent,
+    _vectorize_last,
+    single_reduction,
+    vector_lanes,
+)
 from ctc.ir.graph import Node, Value
 from tvm import s_tir, tirx
 from tvm.target import Target
@@ -67,9 +76,7 @@ def lower_conv(ctx: Ctx, node: Node, a: Operands) -> Any:
     if at["transposed"] or nd not in (1, 2) or xt.dtype != "f32" or a.type("weight").dtype != "f32":
         return _relax_conv(ctx, node, a)
     x_val, pads = _absorbed_pad(ctx, node)
-    x = ctx.val(x_val)
     op = ctx.relax.op
-    w = a["weight"]
     wt = a.type("weight")
     cout, cin_g = int(wt.shape[0]), int(wt.shape[1])
     ks = [int(k) for k in wt.shape[2:]]
@@ -80,18 +87,28 @@ def lower_conv(ctx: Ctx, node: Node, a: Operands) -> Any:
     chain = epilogue_chain(ctx, node)
     flat_dw = spec.flat_depthwise_pays(ctx.shape_of(x_val)[2:], out_shape[2:])
     if g > 1 and cin_g == 1 and cout == g:
-        kind, shape, bshape, name = "depthwise", out_shape, [cout], "depthwise_conv"
-        args = [x, w]
+        kind = "depthwise"
     elif all(k == 1 for k in ks) and all(s == 1 for s in spec.stride) and not any(p != (0, 0) for p in pads) \
             and g == 1:
+        kind = "pointwise"
+    else:
+        kind = "im2col"
+    if kind != "im2col" and channels_last_pays(ctx, node, spec, x_val, out_shape):
+        return _lower_channels_last(ctx, node, a, spec, kind, x_val, chain, out_shape)
+    x = ctx.val(x_val)
+    w = a["weight"]
+    if kind == "depthwise":
+        shape, bshape, name = out_shape, [cout], "depthwise_conv"
+        args = [x, w]
+    elif kind == "pointwise":
         # [n, c, *sp] -> [n, c, p] and back are views in Relax, not copies inside the kernel
-        kind, shape, bshape, name = "pointwise", [out_shape[0], cout, flat], [cout], "conv_pointwise"
+        shape, bshape, name = [out_shape[0], cout, flat], [cout], "conv_pointwise"
         args = [ctx.emit(op.reshape(x, [out_shape[0], cin_g, flat])), ctx.emit(op.reshape(w, [cout, cin_g]))]
     else:
         kk = 1
         for k in ks:
             kk *= k
-        kind, shape, bshape, name = "im2col", [out_shape[0], g, cout // g, flat], [g, cout // g], "conv_im2col"
+        shape, bshape, name = [out_shape[0], g, cout // g, flat], [g, cout // g], "conv_im2col"
         cols = ctx.te(spec.patches, x, *_prims(out_shape[2:]), name="conv_patches")
         cols = ctx.emit(op.reshape(cols, [out_shape[0], g, cin_g * kk, flat]))
         args = [cols, ctx.emit(op.reshape(w, [g, cout // g, cin_g * kk]))]
@@ -120,6 +137,104 @@ def lower_conv(ctx: Ctx, node: Node, a: Operands) -> Any:
     if chain:
         ctx.absorbed[id(chain[-1][0].outputs[0])] = y
     return y
+
+
+# Channels-last (NHWC) convolutions for small planes: at 14x14 and 7x7 the flattened spatial axis
+# (196, 49 outputs) is a poor vector axis -- padded to whole vectors, rows computed and dropped --
+# while the channels (80-1280 in EfficientNet, MobileNet) are whole vectors.  A convolution whose
+# output plane has at most this many positions, or whose input is already channels-last, runs
+# channels-last when its channels are whole vectors; the layout then carries on to the next one.
+CHANNELS_LAST_MAX_PLANE = 196
+_CL_KEY = "channels_last"
+
+
+def channels_last_value(ctx: Ctx, v: Value) -> Any | None:
+    """The ``[N, H, W, C]`` form of ``v`` when a channels-last convolution computed it, else None."""
+    return ctx.memo.get((_CL_KEY, id(v)))
+
+
+def channels_last_pays(ctx: Ctx, node: Node, spec: _ConvSpec, x_val: Value, out_shape: list[Any]) -> bool:
+    """Whether this (pointwise or depthwise, 2-d, static, parameter-weight) convolution runs
+    channels-last on a CPU."""
+    from ctc.backends.tvm.schedules import vector_lanes
+
+    target = ctx.target
+    if spec.nd != 2 or target is None or getattr(target.kind, "name", "") != "llvm":
+        return False
+    w = node.operand("weight")
+    if w is None or ctx.param_name(w) is None:  # its layouts are made at compile time
+        return False
+    if not all(isinstance(d, int) for d in [*out_shape[1:], *ctx.shape_of(x_val)[1:]]):
+        return False
+    if spec.cout % vector_lanes(target, 32):
+        return False
+    return channels_last_value(ctx, x_val) is not None or out_shape[2] * out_shape[3] <= CHANNELS_LAST_MAX_PLANE
+
+
+def _weight_in_layout(ctx: Ctx, a: Operands, key: str, fn: Any) -> Any:
+    """The convolution's parameter weight rearranged by ``fn`` at compile time (cached under ``key``)."""
+    wv = a.value("weight")
+    name = ctx.param_name(wv) if wv is not None else None
+    assert name is not None, "channels_last_pays admits parameter weights only"
+    return ctx.param(name, key, fn)
+
+
+def _lower_channels_last(ctx: Ctx, node: Node, a: Operands, spec: _ConvSpec, kind: str, x_val: Value,
+                         chain: list[tuple[Node, Value | None, bool]], out_shape: list[Any]) -> Any:
+    """A pointwise or depthwise convolution computed in ``[N, H, W, C]`` (input read in whichever
+    layout it has); the result is recorded channels-last for the next convolution, and its
+    channels-first form is a transpose that only a reader other than a channels-last convolution
+    keeps (dead code otherwise)."""
+    from ctc.backends.tvm.schedules import vector_lanes
+
+    op = ctx.relax.op
+    lanes = vector_lanes(ctx.target, 32)
+    n, cout, ho, wo = out_shape
+    xl = channels_last_value(ctx, x_val)
+    nhwc_in = xl is not None
+    x = xl if nhwc_in else ctx.val(x_val)
+    cin, (kh, kw) = spec.cin_g, spec.ks
+    if kind == "pointwise":
+        p = ho * wo
+        x = ctx.emit(op.reshape(x, [n, p, cin] if nhwc_in else [n, cin, p]))
+        # [K, N] in column panels [N / W, K, W] (W = the matmul tile's width): a tile's panel is contiguous
+        width = next(t for t in (2 * lanes, lanes) if cout % t == 0)
+        w = _weight_in_layout(ctx, a, f"nhwc_panels{width}", lambda t: t.reshape(cout, cin).T.reshape(
+            cin, cout // width, width).transpose(1, 0, 2))
+        shape = [n, p, cout]
+    else:
+        w = _weight_in_layout(ctx, a, "nhwc", lambda t: t.reshape(cout, kh * kw).T.reshape(kh, kw, cout))
+        shape = [n, ho, wo, cout]
+    bias = [a["bias"]] if a.value("bias") is not None else []
+    others = []
+    for _, o, _ in chain:
+        if o is None:
+            continue
+        ol = channels_last_value(ctx, o)
+        ol = ol if ol is not None else ctx.emit(op.permute_dims(ctx.val(o), [0, 2, 3, 1]))
+        others.append(ctx.emit(op.reshape(ol, shape)))
+    n_other = len(others)
+
+    def fn(*ts: Any) -> Any:
+        xs, ws, rest = ts[0], ts[1], list(ts[2:])
+        b = rest.pop(0) if bias else None
+        y = spec.pointwise_nhwc(xs, ws, nhwc_in, width) if kind == "pointwise" else \
+            spec.depthwise_nhwc(xs, ws, nhwc_in, ho, wo)
+        if b is None and not chain:
+            return y
+        return _epilogue(y, b, chain, rest[:n_other], "channels_last")
+
+    y = ctx.te(fn, x, w, *bias, *others, name="conv_pointwise_nhwc" if kind == "pointwise" else "depthwise_conv_nhwc")
+    if kind == "pointwise":
+        y = ctx.emit(op.reshape(y, [n, ho, wo, cout]))
+    nchw = ctx.emit(op.permute_dims(y, [0, 3, 1, 2]))
+    for u, _, _ in chain[:-1]:
+        ctx.absorbed[id(u.outputs[0])] = None  # read only by the next link of the chain
+    last = chain[-1][0].outputs[0] if chain else node.outputs[0]
+    if chain:
+        ctx.absorbed[id(last)] = nchw
+    ctx.memo[(_CL_KEY, id(last))] = y
+    return nchw
 
 
 _EPI_UNARY = ("relu", "hardswish", "hardsigmoid")
@@ -163,7 +278,7 @@ def _epilogue(y: Any, bias: Any | None, chain: list[tuple[Node, Value | None, bo
     def elem(*i: Any) -> Any:
         e = y(*i)
         if bias is not None:
-            e = e + (bias(i[1], i[2]) if kind == "im2col" else bias(i[1]))
+            e = e + (bias(i[1], i[2]) if kind == "im2col" else bias(i[-1]) if kind == "channels_last" else bias(i[1]))
         k = 0
         for u, other, first in chain:
             attrs = u.attrs
@@ -254,6 +369,51 @@ class _ConvSpec:
         k = te.reduce_axis((0, x.shape[1]), "ci")
         return te.compute([x.shape[0], w.shape[0], x.shape[2]],
                           lambda b, co, q: te.sum(w[co, k] * x[b, k, q], axis=k), name="conv_mm")
+
+    def pointwise_nhwc(self, x: Any, w: Any, nhwc_in: bool, width: int) -> Any:
+        """1x1 channels-last: ``Y[n, p, co] = sum_ci X[n, p, ci] * W[co // width, ci, co % width]`` (the
+        weight in column panels; ``X`` given as ``[n, p, ci]``, or channels-first ``[n, ci, p]`` and
+        read transposed)."""
+        from tvm import te
+
+        cin = x.shape[2] if nhwc_in else x.shape[1]
+        p = x.shape[1] if nhwc_in else x.shape[2]
+        k = te.reduce_axis((0, cin), "ci")
+
+        def xv(b: Any, q: Any) -> Any:
+            return x[b, q, k] if nhwc_in else x[b, k, q]
+
+        return te.compute([x.shape[0], p, w.shape[0] * width],
+                          lambda b, q, co: te.sum(xv(b, q) * w[co // width, k, co % width], axis=k),
+                          name="conv_mm_nhwc")
+
+    def depthwise_nhwc(self, x: Any, w: Any, nhwc_in: bool, ho: int, wo: int) -> Any:
+        """Depthwise channels-last: ``Y[n, h, j, c] = sum_k Xpad[n, h*s + k*d, j*s + k*d, c] * W[k, c]``,
+        vectorized along the channels (whole vectors whatever the plane's size).  The padded plane
+        is a producer stage, which also transposes a channels-first input."""
+        from tvm import te
+
+        (pt, pb), (pl, pr) = self.pads
+        (sh, sw), (dh, dw) = self.stride, self.dil
+        if nhwc_in:
+            n, hin, win, c = x.shape
+        else:
+            n, c, hin, win = x.shape
+        if nhwc_in and not (pt or pb or pl or pr):
+            xp = x
+        else:
+            def pad(b: Any, r: Any, j: Any, ch: Any) -> Any:
+                sr, sj = r - pt, j - pl
+                ok = tirx.And(tirx.And(sr >= 0, sr < hin), tirx.And(sj >= 0, sj < win))
+                sr, sj = tirx.max(tirx.min(sr, hin - 1), 0), tirx.max(tirx.min(sj, win - 1), 0)
+                v = x[b, sr, sj, ch] if nhwc_in else x[b, ch, sr, sj]
+                return tirx.Select(ok, v, tirx.const(0.0, x.dtype))
+
+            xp = te.compute([n, hin + pt + pb, win + pl + pr, c], pad, name="dw_pad_nhwc")
+        rh = te.reduce_axis((0, self.ks[0]), "kh")
+        rw = te.reduce_axis((0, self.ks[1]), "kw")
+        return te.compute([n, ho, wo, c], lambda b, h, j, ch: te.sum(
+            xp[b, h * sh + rh * dh, j * sw + rw * dw, ch] * w[rh, rw, ch], axis=[rh, rw]), name="depthwise_nhwc")
 
     def patches(self, x: Any, *out_sp: Any) -> Any:
         """im2col: ``P[n, g, (ci, k...), o...] = Xpad[n, g*cin_g + ci, o*s + k*d]`` (a kernel of its own,
@@ -470,6 +630,8 @@ class DepthwiseConvRule(_CpuRule):
         block = sch.get(red.block_rv)
         if len(block.reads) == 2 and block.name_hint == "depthwise_flat":
             return self._flat(sch, infos, ri, target)
+        if len(block.reads) == 2 and block.name_hint == "depthwise_nhwc":
+            return self._channels_last(sch, infos, ri, target)
         # (batch,) channel, spatial...: normalization drops a unit batch axis
         if nr not in (1, 2) or kinds != "S" * ns + "R" * nr or ns not in (nr + 1, nr + 2):
             return None
@@ -581,4 +743,58 @@ class DepthwiseConvRule(_CpuRule):
             ext = _extent(sch, inner)
             if ext is not None and 2 <= ext <= 4 * lanes:
                 sch.vectorize(inner)
+        return sch
+
+    def _channels_last(self, sch: s_tir.Schedule, infos: list[Any], ri: int, target: Target
+                       ) -> s_tir.Schedule | None:
+        """The channels-last stencil (:meth:`_ConvSpec.depthwise_nhwc`): parallel over (batch, vector of
+        channels); a task writes its channels' padded plane (a producer stage, in L1), then for each
+        output row a tile of up to 8 columns accumulates in registers, every tap one weight vector
+        and one input vector per column (taps and columns unrolled), then the epilogue on the tile.
+        One parallel region per convolution, no plane written to memory and read back."""
+        red = infos[ri]
+        kinds = red.dom_kind()
+        nr = kinds.count("R")
+        ns = len(kinds) - nr
+        if kinds != "S" * ns + "R" * nr or nr != 2 or ns < 2:
+            return None
+        producers, epis = infos[:ri], infos[ri + 1:]
+        if len(producers) > 1 or any(not b.is_injective() for b in producers + epis):
+            return None
+        lanes = vector_lanes(target, 32)
+        rb = red.block_rv
+        lead, sp, rks = _stencil_loops(sch, rb, epis, ns, 2)  # lead: (batch,) row; sp: column, channel
+        col, ch = sp
+        c_ext, w_ext = _extent(sch, ch), _extent(sch, col)
+        if c_ext is None or w_ext is None or c_ext % lanes:
+            return None
+        wt = next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if w_ext % d == 0)
+        co, ci = sch.split(ch, [None, lanes])
+        wo, wi = sch.split(col, [None, wt])
+        rows = lead[-1:]  # (batch,) row: the rows of one channel vector run in one task
+        sch.reorder(*lead[:-1], co, *rows, wo, *rks, wi, ci)
+        outer = sch.fuse(*lead[:-1], co) if len(lead) > 1 else co
+        sch.parallel(outer)
+        for rk in rks:
+            sch.unroll(rk)
+        sch.unroll(wi)
+        sch.vectorize(ci)
+        if epis:
+            last = epis[-1].block_rv
+            sch.reverse_compute_at(last, wo, preserve_unit_loops=True)
+            sch.set_scope(rb, 0, "local")
+        else:
+            last = sch.cache_write(rb, 0, "local")
+            sch.reverse_compute_at(last, wo, preserve_unit_loops=True)
+        eloops = sch.get_loops(last)
+        sch.vectorize(eloops[-1])
+        init = sch.decompose_reduction(rb, rks[0])
+        iloops = sch.get_loops(init)
+        sch.unroll(iloops[-2])
+        sch.vectorize(iloops[-1])
+        if producers:
+            # the padded plane of this task's channel vector, right before its stencil (it stays in L1)
+            pb = producers[0].block_rv
+            sch.compute_at(pb, outer, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(pb)[-1])
         return sch

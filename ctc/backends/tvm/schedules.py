@@ -154,6 +154,10 @@ class MatmulRule(_CpuRule):
         m_ext = _extent(sch, lm)
         if m_ext is not None and m_ext < mt:
             mt = max(m_ext, 1)
+        elif m_ext is not None and m_ext % mt:
+            # a row count of 7s or 6s (a 7x7 or 14x14 plane, channels-last): a tile that divides it
+            # rather than rows padded and computed for nothing
+            mt = next((t for t in (7, 6) if t < mt and m_ext % t == 0), mt)
         pad_m = m_ext is None or m_ext % mt != 0
         if m_ext is None and not pad_n and n_ext is not None and n_ext <= self.vecmat_max_n \
                 and len(sch.get(rb).reads) == 2 and ri == 0:
