@@ -180,7 +180,9 @@ class MatmulRule(_CpuRule):
         k_ext = _extent(sch, lk)
         mo, mi = sch.split(lm, [None, mt])
         no, nj, nv = sch.split(ln, [None, nb, lanes])
-        if m_ext is not None and n_ext is not None and k_ext is not None and m_ext > n_ext:
+        short_conv = block.name_hint == "conv_mm" and k_ext is not None and n_ext is not None \
+            and k_ext <= 64 and k_ext * n_ext * 4 <= 1 << 20 and m_ext is not None and m_ext >= 2 * mt
+        if m_ext is not None and n_ext is not None and k_ext is not None and (m_ext > n_ext or short_conv):
             # A (M x K) is the larger operand (a convolution's weight against a small feature map):
             # row tiles outermost, so each A tile streams once and B (K x N) stays in cache.
             sch.reorder(*batch, mo, no, lk, mi, nj, nv)
