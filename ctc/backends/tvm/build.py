@@ -70,9 +70,6 @@ def relax_passes(target: Any) -> Any:
         relax.backend.DispatchSortScan(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        # before fusion: a value no one reads (a convolution's channels-first copy that only
-        # channels-last convolutions follow, a pad read through) must not join a fused kernel
-        relax.transform.DeadCodeElimination(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

@@ -1,0 +1,64 @@
+"""Convolutions on small planes run channels-last, and the layout carries between them.
+
+``conv_kernels.channels_last_pays``: a pointwise or depthwise 2-d convolution with at most
+``CHANNELS_LAST_MAX_PLANE`` output positions and whole vectors of channels computes ``[N, H, W, C]``;
+the next such convolution reads that form directly, and the channels-first transpose of a value
+that only channels-last convolutions read is dead code that no compiled kernel computes.  The
+numerics of these kernels are checked against the interpreter in ``test_tvm_breadth_ops``
+(family ``image_cl``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from ctc.ir import Module, TensorType, Value  # noqa: E402
+
+
+def _conv(m: Module, x: Value, name: str, cout: int, cin_g: int, k: int, groups: int = 1, seed: int = 0) -> Value:
+    g = torch.Generator().manual_seed(seed)
+    m.add_param(name, torch.randn(cout, cin_g, k, k, generator=g) * 0.2)
+    m.add_param(name + ".b", torch.randn(cout, generator=g) * 0.1)
+    y = m.create_node("conv", [x, m.param(name), m.param(name + ".b")],
+                      {"stride": (1, 1), "padding": (k // 2, k // 2), "dilation": (1, 1), "groups": groups}).output
+    return m.create_node("relu", [y], {}).output
+
+
+def _block(plane: int) -> Module:
+    """expand 1x1 -> depthwise 3x3 -> project 1x1 on a ``plane x plane`` map of 32 channels."""
+    m = Module("cl_block")
+    x = m.add_input("x", TensorType((1, 32, plane, plane), "f32"))
+    e = _conv(m, x, "e", 64, 32, 1, seed=1)
+    d = _conv(m, e, "d", 64, 1, 3, groups=64, seed=2)
+    m.set_outputs([_conv(m, d, "p", 32, 64, 1, seed=3)], ["y"])
+    return m
+
+
+def _callees(m: Module) -> list[str]:
+    import tvm
+    from tvm import relax
+
+    from ctc.backends.tvm import targets as T
+    from ctc.backends.tvm.build import relax_passes
+    from ctc.backends.tvm.lower import lower
+
+    tgt = T.resolve("cpu", None).target()
+    with tgt, tvm.transform.PassContext(opt_level=3):
+        mod = relax_passes(tgt)(lower(m, target=tgt).mod)
+    return [b.value.args[0].name_hint for blk in mod["main"].body.blocks for b in blk.bindings
+            if isinstance(b.value, relax.Call) and b.value.op.name == "relax.call_tir"]
+
+
+def test_small_plane_block_runs_channels_last_with_one_transpose() -> None:
+    calls = _callees(_block(7))
+    assert sum("nhwc" in c for c in calls) == 3, calls
+    # only the module output is turned back to channels-first; the two intermediate transposes are dead
+    assert sum("transpose" in c for c in calls) == 1, calls
+
+
+def test_large_plane_block_stays_channels_first() -> None:
+    calls = _callees(_block(16))  # 256 positions > CHANNELS_LAST_MAX_PLANE
+    assert not any("nhwc" in c or "transpose" in c for c in calls), calls
