@@ -41,6 +41,8 @@ class CpuOptions(TargetOptions):
                              "the recipe's evaluation (else calibration) seq_len, else 128", min=0)
     batch: int = option(0, "build for this batch size only (0 = any); a tuned build (trials > 0) defaults to 1",
                         min=0)
+    amx: bool = option(True, "run W8A8 matmuls of several rows on AMX tiles where the CPU has them (Sapphire "
+                             "Rapids and later); false = AVX-512 VNNI only")
 
     def validate(self) -> None:
         if self.mcpu not in ("", "native"):

@@ -34,6 +34,8 @@ HOST_VNNI = _host_vnni()
 needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512_vnni: only the plain integer "
                                                       "fallback schedule can run here")
 SCHEDULES = [pytest.param(True, id="vnni", marks=needs_vnni), pytest.param(False, id="int-fallback")]
+HOST_AMX = HOST_VNNI and ik.target_has_amx()
+needs_amx = pytest.mark.skipif(not HOST_AMX, reason="host CPU (or OS) gives no AMX int8 tiles")
 
 
 def _case(m: int, k: int, n: int, clusters: tuple[int, ...], w_bits: int, gs: int, sym: bool,
@@ -56,8 +58,11 @@ def _reference(c: dict) -> torch.Tensor:
     return quant_linear(c["x"], c["qw"].qweight, c["qw"].scale, c["qw"].zero, *rest, **c["attrs"])
 
 
-def _run(c: dict, vnni: bool):
+def _run(c: dict, vnni: bool, amx: bool = False):
     spec = ik.QLinearSpec.from_attrs(c["attrs"], c["k"], c["n"])
+    if amx:
+        spec = ik.with_amx(spec)
+        assert spec.amx
     kern = ik.plan_quant_linear(spec, use_vnni=vnni)
     qw = c["qw"]
     packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"])
@@ -75,14 +80,20 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("vnni", SCHEDULES)
+KERNELS = [*SCHEDULES, pytest.param("amx", id="amx", marks=needs_amx)]
+
+
+@pytest.mark.parametrize("vnni", KERNELS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_reference(name: str, vnni: bool) -> None:
+def test_kernel_matches_reference(name: str, vnni: bool | str) -> None:
     m, k, n, clusters, w_bits, gs, sym = CASES[name]
+    if vnni == "amx" and w_bits <= 4:
+        pytest.skip("int4 storage has no AMX kernel (with_amx keeps VNNI for it)")
     c = _case(m, k, n, clusters, w_bits, gs, sym, a_bits=4 if name.startswith("a4") else 8,
               bias=not name.endswith("nobias"))
-    spec, kern, y, xq, xs = _run(c, vnni)
-    assert kern.vnni == vnni
+    spec, kern, y, xq, xs = _run(c, vnni is not False, amx=vnni == "amx")
+    assert kern.vnni == (vnni is not False) and spec.amx == (vnni == "amx")
+    xq = xq[:m]  # the AMX kernel's xq has whole blocks of 32 rows; qact writes the first m
     # activation codes are bit-exact, pads are zero
     qa = Q.quantize_act(c["x"], c["s"], c["z"], c["attrs"]["a_bits"], clusters).numpy()
     for si, seg in enumerate(spec.segments):
@@ -98,9 +109,9 @@ def test_kernel_matches_reference(name: str, vnni: bool) -> None:
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("vnni", SCHEDULES)
+@pytest.mark.parametrize("vnni", KERNELS)
 @pytest.mark.parametrize("w_bits,sym", [(8, True), (8, False), (4, False)])
-def test_int32_accumulation_is_exact(w_bits: int, sym: bool, vnni: bool) -> None:
+def test_int32_accumulation_is_exact(w_bits: int, sym: bool, vnni: bool | str) -> None:
     """Power-of-two scales and integer inputs: every step is exact, so y must equal the int64 sum."""
     g = torch.Generator().manual_seed(1)
     m, k, n, clusters = 13, 136, 32, (20, 72, 136)
@@ -116,8 +127,11 @@ def test_int32_accumulation_is_exact(w_bits: int, sym: bool, vnni: bool) -> None
     x[:, 20:72] *= 0.25  # representable on cluster 1's grid
     x[0, :] = 1e6  # clamps to 255 everywhere
     attrs = dict(w_bits=w_bits, group_size=64, w_symmetric=sym, a_bits=8, act_clusters=clusters)
+    if vnni == "amx" and w_bits <= 4:
+        pytest.skip("int4 storage has no AMX kernel")
     spec = ik.QLinearSpec.from_attrs(attrs, k, n)
-    kern = ik.plan_quant_linear(spec, use_vnni=vnni)
+    spec = ik.with_amx(spec) if vnni == "amx" else spec
+    kern = ik.plan_quant_linear(spec, use_vnni=vnni is not False)
     packed = ik.prepack_weights(spec, qweight, ws, wz, None, a_s, a_z)
     y = ik.run_quant_linear(kern, x, packed)
     cid = Q.cluster_index(clusters, k)
@@ -172,6 +186,54 @@ def test_vnni_instruction_is_emitted() -> None:
     assert "vdivps" not in asm  # activation quantization lives in qact, not here
 
 
+@pytest.mark.parametrize("vnni", KERNELS)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gathering_quantizer_equals_permuting_first(vnni: bool | str, dynamic: bool) -> None:
+    """``gather=True`` (RPTQ's explicit reorder folded into qact): the kernel on ``x`` with ``perm``
+    gives exactly what the plain kernel gives on ``x[:, perm]``."""
+    import dataclasses
+
+    c = _case(19, 136, 64, (30, 100, 136), 8, -1, False, seed=4)
+    attrs = {**c["attrs"], "act_dynamic": dynamic}
+    perm = torch.randperm(136, generator=torch.Generator().manual_seed(2))
+    spec = ik.QLinearSpec.from_attrs(attrs, 136, 64)
+    spec = ik.with_amx(spec) if vnni == "amx" else spec
+    got_spec = dataclasses.replace(spec, gather=True)
+    qw = c["qw"]
+    packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"])
+    want = ik.run_quant_linear(ik.plan_quant_linear(spec, use_vnni=vnni is not False), c["x"][:, perm], packed)
+    got = ik.run_quant_linear(ik.plan_quant_linear(got_spec, use_vnni=vnni is not False), c["x"],
+                              {**packed, "perm": perm.numpy()})
+    assert got_spec.tag != spec.tag
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_amx
+def test_amx_instructions_are_emitted_and_layout_is_whole_tiles() -> None:
+    spec = ik.with_amx(ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8, act_clusters=(16, 100)), 100, 40))
+    assert spec.amx and spec.np_ == 64 and spec.kp == 64 + 128
+    assert all(s.plen % 64 == 0 and s.poff % 64 == 0 for s in spec.segments)
+    _, fm = ik.build_kernel(ik.plan_quant_linear(spec))
+    asm = fm.mod.inspect_source("asm")
+    assert asm.count("tdpbusd") >= 8 and "ldtilecfg" in asm and "tilerelease" in asm  # 2 segments x 2 x 2 tiles
+    # one row (a decode step) and int4 storage keep the VNNI kernels
+    assert not ik.with_amx(ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8), 64, 32), rows=1).amx
+    assert not ik.with_amx(ik.QLinearSpec.from_attrs(dict(w_bits=4, a_bits=8), 64, 32)).amx
+
+
+def test_amx_needs_a_target_with_amx() -> None:
+    import dataclasses
+
+    plain = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    spec = ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8), 64, 32)
+    assert not ik.target_has_amx(plain) and not ik.with_amx(spec, plain).amx
+    with pytest.raises(ValueError, match="lacks amx-int8"):
+        ik.plan_quant_linear(dataclasses.replace(spec, amx=True), plain)
+    with pytest.raises(ValueError, match="8-bit weight storage"):
+        ik.QLinearSpec(k=64, n=32, w_bits=4, group_size=-1, w_symmetric=True, a_bits=8, clusters=(),
+                       amx=True).validate()
+
+
 def test_target_without_vnni_falls_back_and_refuses_forced_vnni() -> None:
     plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
     assert not ik.target_has_vnni(plain)
@@ -198,9 +260,11 @@ def test_bad_inputs_are_named() -> None:
                            None, torch.ones(1), torch.zeros(1, dtype=torch.int32))
 
 
-def test_relax_function_with_symbolic_m(tmp_path) -> None:
+@pytest.mark.parametrize("amx", [pytest.param(False, id="vnni"), pytest.param(True, id="amx", marks=needs_amx)])
+def test_relax_function_with_symbolic_m(tmp_path, amx: bool) -> None:
     """Two layers through emit_quant_linear in one Relax function; x is [2, m, K] with symbolic m;
-    the library is exported and reloaded (as an artifact would be)."""
+    the library is exported and reloaded (as an artifact would be).  With ``amx`` the 8-bit layer
+    runs on AMX tiles (its xq rows rounded up to whole blocks of a symbolic m)."""
     from tvm import relax
 
     k, n = 96, 48
@@ -215,11 +279,12 @@ def test_relax_function_with_symbolic_m(tmp_path) -> None:
         with bb.dataflow():
             h = ik.emit_quant_linear(bb, x, ops(c1), c1["attrs"])
             h2 = ik.emit_quant_linear(bb, x, ops(c1), c1["attrs"])  # same kernel: PrimFuncs shared
-            y = ik.emit_quant_linear(bb, bb.emit(relax.op.add(h, h2)), ops(c2), c2["attrs"])
+            y = ik.emit_quant_linear(bb, bb.emit(relax.op.add(h, h2)), ops(c2), c2["attrs"], amx=amx)
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
     assert sum(1 for gv in mod.get_global_vars() if gv.name_hint.startswith("ctc_")) == 4
+    assert sum(1 for gv in mod.get_global_vars() if gv.name_hint.endswith("_amx")) == (2 if amx else 0)
     tvm.compile(mod, ik.host_target()).export_library(str(tmp_path / "qlinear.so"))
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "qlinear.so")), tvm.cpu())
     for mm in (1, 7, 33):

@@ -150,3 +150,37 @@ def test_any_length_attention_pads_keys(mask: str | None, lq: int, lk: int) -> N
     vm = relax.VirtualMachine(comp.executable, tvm.cpu())
     got = torch.from_numpy(vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in feed]).numpy())
     torch.testing.assert_close(got, interpret(m, feed)[0], **TOL)
+
+
+@pytest.mark.parametrize("width,residual,affine", [(40, False, True), (48, True, True), (7, True, False)])
+def test_layer_norm_row_kernel_matches_interpreter(width: int, residual: bool, affine: bool) -> None:
+    """The layer-norm row kernel (vectors plus a scalar tail), reading a residual add before it (whose
+    own kernel is then left out), with and without weight and bias; a large common offset (the
+    mean is subtracted before the squares are summed)."""
+    g = torch.Generator().manual_seed(width)
+    m = Module("ln")
+    x = m.add_input("x", TensorType([2, "s", width], "f32"))
+    ins = [x]
+    if residual:
+        ins = [m.create_node("add", [x, m.add_input("z", TensorType([2, "s", width], "f32"))]).output]
+    if affine:
+        for nm in ("w", "b"):
+            m.add_param(nm, torch.randn(width, generator=g))
+            ins.append(m.param(nm))
+    m.set_outputs([m.create_node("layer_norm", ins, {"eps": 1e-5}).output])
+    tgt = resolve("cpu").target()
+    low = lower(m, target=tgt)
+    import tvm
+    from tvm import relax
+
+    with tgt, tvm.transform.PassContext(opt_level=3):
+        names = [gv.name_hint for gv in relax_passes(tgt)(low.mod).get_global_vars()]
+    assert sum(nm.startswith("row_layer_norm") for nm in names) == 1 and not any("add" in nm for nm in names), names
+    comp = compile_module(m)
+    vm = relax.VirtualMachine(comp.executable, tvm.cpu())
+    for s in (1, 9):
+        feed = [torch.randn(2, s, width, generator=g) * 3 + 100.0] + ([torch.randn(2, s, width, generator=g)]
+                                                                       if residual else [])
+        args = [tvm.runtime.tensor(f.numpy()) for f in feed] + [tvm.runtime.tensor(p) for p in comp.param_arrays]
+        got = torch.from_numpy(vm["main"](*args).numpy())
+        torch.testing.assert_close(got, interpret(m, feed)[0], rtol=1e-4, atol=2e-5)

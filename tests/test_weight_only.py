@@ -129,10 +129,60 @@ def test_dynamic_activation_kernels_match_interpreter(rows: int, clusters: tuple
 
 
 def test_one_row_uses_a_one_row_tile() -> None:
+    from ctc.backends.tvm.int_kernels import target_has_amx
+
     low = L.lower(_w8a8(128, 64, (), True, 1, dynamic=False))
-    assert "_1x4" in low.mod.script()
+    assert "_1x4" in low.mod.script() and low.amx_kernels == 0
     low = L.lower(_w8a8(128, 64, (), True, 3, dynamic=False))
-    assert "_8x2" in low.mod.script()
+    # several rows: AMX tiles where the host has them (W8A8), else the 8 x 32 VNNI register tile
+    assert ("_amx" if target_has_amx() else "_8x2") in low.mod.script()
+    assert low.amx_kernels == int(target_has_amx())
+    low = L.lower(_w8a8(128, 64, (), True, 3, dynamic=False), use_amx=False)
+    assert "_8x2" in low.mod.script() and low.amx_kernels == 0
+
+
+@pytest.mark.parametrize("rows,use_amx", [(5, True), (5, False), (1, True)])
+def test_reorder_gather_is_read_by_the_quantizer(rows: int, use_amx: bool) -> None:
+    """RPTQ's explicit reorder (a channel_permute read by quant_linears) runs inside their activation
+    quantizer: no gather kernel is left in the library, and the output equals the interpreter's."""
+    import tvm
+
+    g = torch.Generator().manual_seed(3)
+    k, n = 128, 64
+    m = Module("w8a8_perm")
+    x = m.add_input("x", TensorType((1, rows, k), "f32"))
+    m.add_param("perm", torch.randperm(k, generator=g))
+    xp = m.create_node("channel_permute", {"x": x, "perm": m.param("perm")}, {"axis": -1}).output
+    outs = []
+    for i in range(2):  # two readers, as q/k/v read one reordered activation
+        qw = Q.quantize_weight(torch.randn(n, k, generator=g), 8, -1, True)
+        s, z = Q.act_qparams(torch.tensor([-3.0, -1.0]), torch.tensor([3.0, 2.0]), 8)
+        ops = {"x": xp}
+        for nm, t in {"qweight": qw.qweight, "w_scale": qw.scale, "w_zero": qw.zero, "act_scale": s,
+                      "act_zero": z}.items():
+            m.add_param(f"{nm}{i}", t)
+            ops[nm] = m.param(f"{nm}{i}")
+        outs.append(m.create_node("quant_linear", ops, {"w_bits": 8, "group_size": -1, "w_symmetric": True,
+                                                        "a_bits": 8, "act_clusters": (40, 128)}).output)
+    m.set_outputs([m.create_node("add", {"a": outs[0], "b": outs[1]}).output])
+    from ctc.backends.tvm.build import relax_passes
+    from ctc.backends.tvm.int_kernels import host_target
+
+    low = L.lower(m, use_amx=use_amx)
+    with host_target(), tvm.transform.PassContext(opt_level=3):
+        fused = relax_passes(host_target())(low.mod)
+    names = [gv.name_hint for gv in fused.get_global_vars()]
+    assert low.int_kernels == 2 and sum("qact" in nm and "p_g" in nm for nm in names) == 1, names
+    assert not any("take" in nm for nm in names), names
+    comp = compile_module(m, options=BuildOptions(use_amx=use_amx))
+    xs = torch.randn(1, rows, k, generator=g) * torch.linspace(0.1, 3, k)
+    ref = interpret(m, [xs])[0]
+    vm = tvm.relax.VirtualMachine(comp.executable, tvm.cpu())
+    got = torch.from_numpy(vm["main"](tvm.runtime.tensor(xs.numpy()), *[tvm.runtime.tensor(a) for a in
+                                                                         comp.param_arrays]).numpy())
+    step = float(3 * 2 / 255 * max(float(m.params[f"w_scale{i}"].abs().max()) for i in range(2))) * 128
+    assert float((got - ref).abs().max()) <= step  # a code on a rounding boundary may move one step
+    assert float((got - ref).abs().mean()) < 1e-4 * float(ref.abs().mean()) + 1e-5
 
 
 def test_dynamic_reference_uses_each_rows_range() -> None:

@@ -54,6 +54,7 @@ class BuildOptions:
     trials: int = 0
     tuning_dir: str | Path | None = None
     use_int_kernels: bool = True
+    use_amx: bool = True  # integer matmuls of several rows on AMX tiles where the target has them
     default_schedules: bool = True
     trials_per_task: int | None = None
     opt_level: int = 3
@@ -155,7 +156,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     low = lower(module, params=opts.params, fast_math=opts.fast_math, static_dims=opts.static_dims, target=tgt,
-                use_int_kernels=opts.use_int_kernels)
+                use_int_kernels=opts.use_int_kernels, use_amx=opts.use_amx)
     timings["lower_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tgt, tvm.transform.PassContext(opt_level=opts.opt_level):
@@ -199,6 +200,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "opt_level": opts.opt_level,
         "fast_math": opts.fast_math,
         "int_kernels": low.int_kernels,
+        "amx_kernels": low.amx_kernels,
         "notes": low.notes,
         "tuning": tune_summary,
         "inplace_inputs": low.inplace_inputs,
@@ -347,6 +349,13 @@ class CompiledModel:
                 arch = self.meta.get("target", {}).get("arch")
                 raise RuntimeError(f"load_compiled: {lib} was built for CUDA ({arch}); load it on a machine with an "
                                    "NVIDIA GPU and driver")
+        if self.meta.get("amx_kernels"):
+            from ctc.backends.tvm.int_kernels import amx_permission
+
+            if not amx_permission():  # the first tile instruction would kill the process (SIGILL)
+                raise RuntimeError(f"load_compiled: {lib} runs {self.meta['amx_kernels']} matmul(s) on AMX tiles, "
+                                   "and this CPU or operating system does not allow them; rebuild it here, or with "
+                                   "`target cpu amx=false`")
         ffi = _load_runtime(self.device)
         self._ffi = ffi
         cfg = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
@@ -606,7 +615,7 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
     # GPU weights are not constants inside the library: bound at load from the module's parameters
     return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
                         tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
-                        opt_level=int(getattr(opts, "opt_level", 3)),
+                        opt_level=int(getattr(opts, "opt_level", 3)), use_amx=bool(getattr(opts, "amx", True)),
                         params="input" if target.kind == "cuda" else "const")
 
 

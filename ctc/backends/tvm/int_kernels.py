@@ -60,16 +60,22 @@ __all__ = [
     "emit_quant_linear",
     "emit_quant_linear_packed",
     "gemv_tile",
+    "amx_permission",
     "host_target",
     "plan_quant_linear",
     "prepack_weights",
     "register_vnni_intrinsics",
     "run_quant_linear",
+    "target_has_amx",
     "target_has_vnni",
+    "with_amx",
 ]
 
 VNNI_INTRIN = "ctc_dot_16x4_u8i8i32_vnni"
 """Base name of the re-registered VNNI intrinsic (one per buffer-scope variant, see below)."""
+
+AMX_K = 64  # bytes of K one AMX tile row holds (64 u8 activations / 16 x 4 s8 weights)
+AMX_BLOCK = 32  # rows and output channels of the AMX micro-kernel: 2 x 2 tiles of 16 x 16 int32
 
 PACKED_NAMES = ("act_scale", "act_zero", "wpack", "alpha", "corr", "wzero", "bias")
 
@@ -103,6 +109,8 @@ class QLinearSpec:
     a_bits: int
     clusters: tuple[int, ...]
     dynamic: bool = False  # activation (scale, zero) per row and cluster, computed by qact at run time
+    amx: bool = False  # AMX tile layout: segments padded to 64 bytes, N to 32, rows to 32 (see _qmm_amx_source)
+    gather: bool = False  # qact reads x through a channel permutation (RPTQ's reorder): x[:, perm[k]]
 
     @staticmethod
     def from_attrs(attrs: Mapping[str, Any], k: int, n: int) -> QLinearSpec:
@@ -132,6 +140,9 @@ class QLinearSpec:
         if bounds[-1] != self.k or any(b <= a for a, b in zip([0, *bounds[:-1]], bounds, strict=True)):
             raise ValueError(f"int_kernels: act_clusters {list(self.clusters)} must be strictly increasing end "
                              f"boundaries ending at K={self.k}")
+        if self.amx and self.int4:
+            raise ValueError(f"int_kernels: the AMX kernel takes 8-bit weight storage, not w_bits={self.w_bits} "
+                             "(packed nibbles); leave amx=False for int4 weights")
 
     @property
     def int4(self) -> bool:
@@ -140,8 +151,8 @@ class QLinearSpec:
 
     @property
     def pad(self) -> int:
-        """Segment padding granularity along K: 4 (one VNNI step), 8 for packed int4."""
-        return 8 if self.int4 else 4
+        """Segment padding granularity along K: 4 (one VNNI step), 8 for packed int4, 64 (one AMX tile row)."""
+        return AMX_K if self.amx else 8 if self.int4 else 4
 
     @functools.cached_property
     def segments(self) -> tuple[Segment, ...]:
@@ -169,8 +180,9 @@ class QLinearSpec:
 
     @property
     def np_(self) -> int:
-        """N padded to a multiple of 16 (one VNNI output vector)."""
-        return -(-self.n // 16) * 16
+        """N padded to a multiple of 16 (one VNNI output vector), of 32 for AMX (two tile columns)."""
+        w = AMX_BLOCK if self.amx else 16
+        return -(-self.n // w) * w
 
     @property
     def num_clusters(self) -> int:
@@ -185,17 +197,19 @@ class QLinearSpec:
         """A short stable name for the PrimFuncs of this spec."""
         h = abs(hash((self.clusters, self.group_size))) % (1 << 32)
         return (f"k{self.k}_n{self.n}_w{self.w_bits}{'s' if self.w_symmetric else 'a'}_a{self.a_bits}"
-                f"{'d' if self.dynamic else ''}_g{self.group_size if self.group_size > 0 else 0}"
+                f"{'d' if self.dynamic else ''}{'x' if self.amx else ''}{'p' if self.gather else ''}"
+                f"_g{self.group_size if self.group_size > 0 else 0}"
                 f"_c{self.num_clusters}_{h:08x}")
 
 
 # ----------------------------------------------------------------------------- target helpers
 def host_target() -> Any:
-    """The llvm target of this machine: its real ``-mcpu`` (LLVM's host detection) and core count."""
+    """The llvm target of this machine: its real ``-mcpu`` (LLVM's host detection), the features that
+    name leaves out (AMX on a virtual machine, :func:`ctc.backends.tvm.targets.host_mattr`) and core count."""
     import tvm
+    from ctc.backends.tvm.targets import native_target
 
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": len(os.sched_getaffinity(0))})
+    return tvm.target.Target(native_target(len(os.sched_getaffinity(0))))
 
 
 def _as_target(target: Any) -> Any:
@@ -216,6 +230,67 @@ def target_has_vnni(target: Any = None) -> bool:
     if t.kind.name != "llvm":
         return False
     return bool(tvm.target.codegen.target_has_features(["avx512vnni", "avx512bw"], t))
+
+
+_ARCH_REQ_XCOMP_PERM = 0x1023  # arch_prctl: ask the kernel for an XSAVE state component
+_XFEATURE_XTILEDATA = 18  # the AMX tile registers' state component
+_SYS_ARCH_PRCTL = 158  # x86-64
+
+
+@functools.cache
+def amx_permission() -> bool:
+    """Ask Linux for this process's permission to use the AMX tile registers; True when granted.
+
+    Linux keeps AMX's 8 KB of tile state off until a process requests it (``arch_prctl
+    ARCH_REQ_XCOMP_PERM``); the first tile instruction of a process that did not ask dies with
+    SIGILL.  The permission is per process, for all its threads, so once before running AMX
+    kernels is enough: the library loader and :func:`run_quant_linear` call this.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def target_has_amx(target: Any = None) -> bool:
+    """Whether ``target`` (default: this host) has AMX int8 tiles, and this process may use them.
+
+    The kernels built for the target are run on this host (the target is the host's CPU), so the
+    operating system's permission is part of the answer: without it the library could not run.
+    """
+    import tvm
+
+    t = _as_target(target)
+    if t.kind.name != "llvm":
+        return False
+    if not tvm.target.codegen.target_has_features(["amx-int8", "amx-tile", "avx512bw"], t):
+        return False
+    return amx_permission()
+
+
+def amx_rows(m: Any) -> Any:
+    """Rows of the AMX kernel's ``xq``: ``m`` (an int or a TIR expression) rounded up to whole blocks."""
+    return (m + AMX_BLOCK - 1) // AMX_BLOCK * AMX_BLOCK
+
+
+def with_amx(spec: QLinearSpec, target: Any = None, *, rows: int | None = None) -> QLinearSpec:
+    """``spec`` in the AMX layout when the target has AMX and the shape suits it, else ``spec``.
+
+    AMX runs 16 x 16 x 64 products per instruction, so it pays for prefill-shaped inputs; one
+    row (``rows == 1``: a decode step) keeps the VNNI GEMV tile, int4 storage keeps VNNI too
+    (its nibbles are unpacked in registers, which the tile loads cannot do).
+    """
+    import dataclasses
+
+    if spec.amx or spec.int4 or rows == 1 or not target_has_amx(target):
+        return spec
+    return dataclasses.replace(spec, amx=True)
 
 
 # ----------------------------------------------------------------------------- VNNI intrinsic
@@ -290,19 +365,38 @@ def _i(v: int) -> str:
     return f"T.int64({int(v)})"
 
 
+def _xload(spec: QLinearSpec, row: str, col: str) -> str:
+    """qact's read of activation ``(row, col)``: through ``perm`` when the input is gathered."""
+    return f'x[{row}, T.Cast("int64", perm[{col}])]' if spec.gather else f"x[{row}, {col}]"
+
+
+def _perm_param(spec: QLinearSpec) -> str:
+    """qact's permutation operand (int32 ``[K]``, after ``x``) when the input is gathered."""
+    return f'perm: T.Buffer(({_i(spec.k)},), "int32"), ' if spec.gather else ""
+
+
+def _xq_rows(spec: QLinearSpec) -> list[str]:
+    """The ``xq`` buffer declaration of qact: ``m`` rows, or ``mp`` (``m`` rounded up to whole AMX
+    row blocks, allocated by the caller) for the AMX kernel, whose tile loads read whole blocks.
+    qact writes rows ``< m`` only: the products of the rows beyond are computed and dropped."""
+    if not spec.amx:
+        return [f'    xq = T.match_buffer(var_xq, (m, {_i(spec.kp)}), "uint8")']
+    return ["    mp = T.int64()", f'    xq = T.match_buffer(var_xq, (mp, {_i(spec.kp)}), "uint8")']
+
+
 def _qact_source(spec: QLinearSpec) -> str:
     """TVMScript of the activation-quantization PrimFunc (per segment, vectorizable loops)."""
-    S, K, KP, C = len(spec.segments), spec.k, spec.kp, spec.num_clusters
+    S, K, C = len(spec.segments), spec.k, spec.num_clusters
     qmax = (1 << spec.a_bits) - 1
     xsum = not spec.w_symmetric
     L = [
         "@T.prim_func(s_tir=True)",
-        f'def qact(var_x: T.handle, act_scale: T.Buffer(({_i(C)},), "float32"), '
+        f'def qact(var_x: T.handle, {_perm_param(spec)}act_scale: T.Buffer(({_i(C)},), "float32"), '
         f'act_zero: T.Buffer(({_i(C)},), "int32"), var_xq: T.handle{", var_xsum: T.handle" if xsum else ""}):',
         '    T.func_attr({"tirx.noalias": True})',
         "    m = T.int64()",
         f'    x = T.match_buffer(var_x, (m, {_i(K)}), "float32")',
-        f'    xq = T.match_buffer(var_xq, (m, {_i(KP)}), "uint8")',
+        *_xq_rows(spec),
     ]
     if xsum:
         L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
@@ -311,7 +405,7 @@ def _qact_source(spec: QLinearSpec) -> str:
     def qexpr(seg: Segment, j: str) -> str:
         # llvm.roundeven: round half to even like torch.round (TVM does not vectorize T.nearbyint)
         c = _i(seg.cluster)
-        v = f"x[vr, {_i(seg.k0)} + {j}] / act_scale[{c}]"
+        v = f"{_xload(spec, 'vr', f'{_i(seg.k0)} + {j}')} / act_scale[{c}]"
         rne = f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {v}, dtype="float32")'
         return (f'T.Cast("uint8", T.max(T.min({rne} + T.Cast("float32", act_zero[{c}]), T.float32({qmax})),'
                 f" T.float32(0)))")
@@ -352,17 +446,17 @@ def _qact_dynamic_source(spec: QLinearSpec) -> str:
     """TVMScript of the dynamic activation quantizer: per row, each cluster's min/max (16-lane vector
     accumulators, range always holding 0), its (scale, zero) exactly as ``ctc.ir.quant.act_qparams``,
     then the row quantized like the static kernel (padded segments, optional segment sums)."""
-    S, K, KP, C = len(spec.segments), spec.k, spec.kp, spec.num_clusters
+    S, K, C = len(spec.segments), spec.k, spec.num_clusters
     qmax = (1 << spec.a_bits) - 1
     xsum = not spec.w_symmetric
     rne = 'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {v}, dtype="float32")'
     L = ["@T.prim_func(s_tir=True)",
-         "def qact(var_x: T.handle, var_xq: T.handle, var_as: T.handle, var_az: T.handle"
+         f"def qact(var_x: T.handle, {_perm_param(spec)}var_xq: T.handle, var_as: T.handle, var_az: T.handle"
          + (", var_xsum: T.handle" if xsum else "") + "):",
          '    T.func_attr({"tirx.noalias": True})',
          "    m = T.int64()",
          f'    x = T.match_buffer(var_x, (m, {_i(K)}), "float32")',
-         f'    xq = T.match_buffer(var_xq, (m, {_i(KP)}), "uint8")',
+         *_xq_rows(spec),
          f'    ascale = T.match_buffer(var_as, (m, {_i(C)}), "float32")',
          f'    azero = T.match_buffer(var_az, (m, {_i(C)}), "int32")']
     if xsum:
@@ -387,15 +481,15 @@ def _qact_dynamic_source(spec: QLinearSpec) -> str:
                   f"{ind}    vhi[l] = T.float32(0)",
                   f"{ind}for j in range({_i(main // 16)}):",
                   f"{ind}    for l in T.vectorized(T.int64(16)):",
-                  f"{ind}        vlo[l] = T.min(vlo[l], x[r, {_i(k0)} + j * T.int64(16) + l])",
-                  f"{ind}        vhi[l] = T.max(vhi[l], x[r, {_i(k0)} + j * T.int64(16) + l])",
+                  f"{ind}        vlo[l] = T.min(vlo[l], {_xload(spec, 'r', f'{_i(k0)} + j * T.int64(16) + l')})",
+                  f"{ind}        vhi[l] = T.max(vhi[l], {_xload(spec, 'r', f'{_i(k0)} + j * T.int64(16) + l')})",
                   f"{ind}for l in range(T.int64(16)):",
                   f"{ind}    lo[{c}] = T.min(lo[{c}], vlo[l])",
                   f"{ind}    hi[{c}] = T.max(hi[{c}], vhi[l])"]
         if seg.length > main:
             L += [f"{ind}for j in range({_i(k0 + main)}, {_i(k0 + seg.length)}):",
-                  f"{ind}    lo[{c}] = T.min(lo[{c}], x[r, j])",
-                  f"{ind}    hi[{c}] = T.max(hi[{c}], x[r, j])"]
+                  f"{ind}    lo[{c}] = T.min(lo[{c}], {_xload(spec, 'r', 'j')})",
+                  f"{ind}    hi[{c}] = T.max(hi[{c}], {_xload(spec, 'r', 'j')})"]
     L += [f"{ind}for c in range({_i(C)}):",
           f"{ind}    sz[0] = (hi[c] - lo[c]) / T.float32({qmax})",
           f"{ind}    sz[0] = T.Select(sz[0] > T.float32(0), sz[0], T.float32(1))",
@@ -405,7 +499,8 @@ def _qact_dynamic_source(spec: QLinearSpec) -> str:
           f'{ind}    azero[r, c] = T.Cast("int32", sz[1])']
     for si, seg in enumerate(spec.segments):
         c = _i(seg.cluster)
-        q = (f'T.Cast("uint8", T.max(T.min({rne.format(v=f"x[r, {_i(seg.k0)} + j] / ascale[r, {c}]")} + '
+        v = _xload(spec, "r", f"{_i(seg.k0)} + j") + f" / ascale[r, {c}]"
+        q = (f'T.Cast("uint8", T.max(T.min({rne.format(v=v)} + '
              f'T.Cast("float32", azero[r, {c}]), T.float32({qmax})), T.float32(0)))')
         L += [f"{ind}for j in T.vectorized({_i(seg.length)}):",
               f"{ind}    xq[r, {_i(seg.poff)} + j] = {q}"]
@@ -558,6 +653,109 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
     return "\n".join(L) + "\n"
 
 
+def _amx(name: str, *args: str) -> str:
+    """One AMX instruction as a TVMScript statement (the tile-number forms of LLVM's intrinsics)."""
+    return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
+
+
+def _qmm_amx_source(spec: QLinearSpec) -> str:
+    """TVMScript of the integer matmul on AMX tiles, with the same operands and epilogue as the VNNI one.
+
+    Parallel over blocks of 32 output channels; per block the tiles are configured once (all eight
+    16 rows x 64 bytes), then for every block of 32 rows and every segment: tiles 0-3 accumulate
+    the 2 x 2 16 x 16 int32 products (``tdpbusd``: u8 activations in tiles 4-5 read from ``xq``,
+    s8 weights in tiles 6-7 read from ``wpack``, whose ``[N/16, K/4, 16, 4]`` layout is already
+    the tile's), are stored to a 32 x 32 int32 buffer, and the segment's exact integer correction
+    and scale are added into a float 32 x 32 buffer (vectorized).  The float buffer starts at the
+    bias and is written to ``y`` at the end, rows ``< m`` only (``xq`` has ``mp`` >= m rows, whole
+    blocks, so the tile loads never leave it).  Segments are padded to whole 64-byte tile rows.
+    """
+    S, KP, N, NP = len(spec.segments), spec.kp, spec.n, spec.np_
+    B = AMX_BLOCK
+    asym, dyn, C = not spec.w_symmetric, spec.dynamic, spec.num_clusters
+    params = ["var_xq: T.handle"]
+    if asym:
+        params.append("var_xsum: T.handle")
+    if dyn:
+        params += ["var_ascale: T.handle", "var_azero: T.handle"]
+    params += [f'wpack: T.Buffer(({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)}), "int8")',
+               f'alpha: T.Buffer(({_i(S)}, {_i(NP)}), "float32")',
+               f'corr: T.Buffer(({_i(S)}, {_i(NP)}), "int32")']
+    if asym:
+        params.append(f'wzero: T.Buffer(({_i(S)}, {_i(NP)}), "int32")')
+    params += [f'bias: T.Buffer(({_i(NP)},), "float32")', "var_y: T.handle"]
+    L = ["@T.prim_func(s_tir=True)",
+         f"def qmm({', '.join(params)}):",
+         '    T.func_attr({"tirx.noalias": True})',
+         "    m = T.int64()",
+         "    mp = T.int64()",
+         f'    xq = T.match_buffer(var_xq, (mp, {_i(KP)}), "uint8")',
+         f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")']
+    if asym:
+        L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    if dyn:
+        L += [f'    ascale = T.match_buffer(var_ascale, (m, {_i(C)}), "float32")',
+              f'    azero = T.match_buffer(var_azero, (m, {_i(C)}), "int32")']
+    ind = "            "
+    L += ['    with T.sblock("root"):',
+          f"        for nb in T.parallel({_i(NP // B)}):",
+          '            cfg = T.decl_buffer((T.int64(64),), "uint8", scope="local")',
+          f'            acc = T.decl_buffer(({_i(B)}, {_i(B)}), "int32", scope="local")',
+          f'            out = T.decl_buffer(({_i(B)}, {_i(B)}), "float32", scope="local")',
+          "            for i in range(T.int64(64)):",
+          "                cfg[i] = T.uint8(0)",
+          "            cfg[T.int64(0)] = T.uint8(1)",  # palette 1
+          "            for t in range(T.int64(8)):",  # every tile: 16 rows of 64 bytes
+          f"                cfg[T.int64(16) + t * T.int64(2)] = T.uint8({AMX_K})",
+          "                cfg[T.int64(48) + t] = T.uint8(16)",
+          f"{ind}{_amx('ldtilecfg', 'T.address_of(cfg[T.int64(0)])')}",
+          f"{ind}for mb in range(mp // {_i(B)}):",
+          f"{ind}    for r in range({_i(B)}):",
+          f"{ind}        for c in T.vectorized({_i(B)}):",
+          f"{ind}            out[r, c] = bias[nb * {_i(B)} + c]"]
+    ind2 = ind + "    "
+    for si, seg in enumerate(spec.segments):
+        L += [f"{ind2}{_amx('tilezero', f'T.uint8({t})')}" for t in range(4)]
+        L += [f"{ind2}for ks in range({_i(seg.plen // AMX_K)}):",
+              f"{ind2}    k = {_i(seg.poff)} + ks * {_i(AMX_K)}"]
+        for h in (0, 1):
+            L.append(f"{ind2}    " + _amx("tileloadd64", f"T.uint8({4 + h})",
+                                          f"T.address_of(xq[mb * {_i(B)} + {_i(16 * h)}, k])", _i(KP)))
+            w_at = f"wpack[nb * {_i(2)} + {_i(h)}, k // {_i(4)}, T.int64(0), T.int64(0)]"
+            L.append(f"{ind2}    " + _amx("tileloadd64", f"T.uint8({6 + h})", f"T.address_of({w_at})", _i(64)))
+        for a in (0, 1):
+            for b in (0, 1):
+                L.append(f"{ind2}    " + _amx("tdpbusd", f"T.uint8({2 * a + b})", f"T.uint8({4 + a})",
+                                              f"T.uint8({6 + b})"))
+        for a in (0, 1):
+            for b in (0, 1):
+                L.append(f"{ind2}" + _amx("tilestored64", f"T.uint8({2 * a + b})",
+                                          f"T.address_of(acc[{_i(16 * a)}, {_i(16 * b)}])", _i(4 * B)))
+        c_ = _i(seg.cluster)
+        row = f"T.min(mb * {_i(B)} + r, m - T.int64(1))"
+        n = f"nb * {_i(B)} + c"
+        if dyn:
+            term = (f'ascale[{row}, {c_}] * alpha[{_i(si)}, {n}] * T.Cast("float32", acc[r, c] - azero[{row}, {c_}]'
+                    f" * corr[{_i(si)}, {n}]")
+        else:
+            term = f'alpha[{_i(si)}, {n}] * T.Cast("float32", acc[r, c] - corr[{_i(si)}, {n}]'
+        term += f" - wzero[{_i(si)}, {n}] * xsum[{row}, {_i(si)}])" if asym else ")"
+        L += [f"{ind2}for r in range({_i(B)}):",
+              f"{ind2}    for c in T.vectorized({_i(B)}):",
+              f"{ind2}        out[r, c] = out[r, c] + {term}"]
+    rows = f"T.min({_i(B)}, m - mb * {_i(B)})"
+    if N % B == 0:
+        L += [f"{ind2}for r in range({rows}):",
+              f"{ind2}    for c in T.vectorized({_i(B)}):",
+              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = out[r, c]"]
+    else:  # the last block's padded channels are not written
+        L += [f"{ind2}for r in range({rows}):",
+              f"{ind2}    for c in range(T.min({_i(B)}, {_i(N)} - nb * {_i(B)})):",
+              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = out[r, c]"]
+    L.append(f"{ind}{_amx('tilerelease')}")
+    return "\n".join(L) + "\n"
+
+
 # ----------------------------------------------------------------------------- scheduling
 def _schedule_qact(func: Any) -> Any:
     from tvm import s_tir
@@ -619,7 +817,8 @@ class QLinearKernel:
     @property
     def names(self) -> tuple[str, str]:
         """Global names the PrimFuncs get in a Relax module."""
-        suffix = f"{self.spec.tag}_{'vnni' if self.vnni else 'int'}_{self.tile.mt}x{self.tile.nb}"
+        how = "amx" if self.spec.amx else f"{'vnni' if self.vnni else 'int'}_{self.tile.mt}x{self.tile.nb}"
+        suffix = f"{self.spec.tag}_{how}"
         return f"ctc_qact_{suffix}", f"ctc_qmm_{suffix}"
 
 
@@ -633,7 +832,10 @@ def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig) -> QLinearKernel:
         qact = tvm.script.from_source(_qact_dynamic_source(spec))
     else:
         qact = _schedule_qact(tvm.script.from_source(_qact_source(spec)))
-    qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile)), spec, vnni)
+    if spec.amx:  # written as the loop nest it runs: no schedule
+        qmm = tvm.script.from_source(_qmm_amx_source(spec))
+    else:
+        qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile)), spec, vnni)
     qact = qact.with_attr("tirx.is_scheduled", True)
     qmm = qmm.with_attr("tirx.is_scheduled", True)
     return QLinearKernel(spec, tile, vnni, qact, qmm)
@@ -649,6 +851,9 @@ def plan_quant_linear(spec: QLinearSpec, target: Any = None, *, use_vnni: bool |
     kind = _as_target(target).kind.name
     if kind != "llvm":
         raise ValueError(f"int_kernels.plan_quant_linear: these are CPU kernels and need an llvm target, got {kind!r}")
+    if spec.amx and not target_has_amx(target):
+        raise ValueError(f"int_kernels: an AMX spec for target {_as_target(target)}, which lacks amx-int8 (or this "
+                         "process was refused the tile registers); make the spec with with_amx(spec, target)")
     has = target_has_vnni(target)
     if use_vnni is None:
         use_vnni = has
@@ -747,22 +952,26 @@ def prepack_weights(spec: QLinearSpec, qweight: Any, w_scale: Any, w_zero: Any, 
 
 
 # ----------------------------------------------------------------------------- Relax emission
-def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel: QLinearKernel) -> Any:
+def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel: QLinearKernel, *,
+                             share: Any = None, memo: dict[Any, Any] | None = None) -> Any:
     """Emit ``qact`` + ``qmm`` calls for ``x [..., K]`` with already packed operands.
 
     ``packed`` maps the names of :func:`prepack_weights` to Relax expressions (constants or
     function parameters) or numpy arrays (bound as constants).  Leading dims of ``x`` may be
-    symbolic; the result has x's leading dims, N channels and x's dtype.
+    symbolic; the result has x's leading dims, N channels and x's dtype.  ``share`` (a hashable
+    saying what the quantized activation depends on besides ``x`` and the kernel: the values of
+    the activation ranges and the permutation) with a ``memo`` dict lets linears reading one
+    activation alike (q, k, v) run ``qact`` once.
     """
     from tvm import relax
 
     spec = kernel.spec
     need = [n for n in PACKED_NAMES if (n != "wzero" or not spec.w_symmetric)
-            and (n not in ("act_scale", "act_zero") or not spec.dynamic)]
+            and (n not in ("act_scale", "act_zero") or not spec.dynamic)] + (["perm"] if spec.gather else [])
     missing = [n for n in need if n not in packed]
     if missing:
         raise ValueError(f"int_kernels.emit_quant_linear_packed: packed operands {missing} missing "
-                         "(make them with prepack_weights)")
+                         "(make them with prepack_weights; `perm`, int32 [K], is the gathered input's permutation)")
     ops = {n: (relax.const(packed[n]) if isinstance(packed[n], np.ndarray) else packed[n]) for n in need}
     ty = x.ty if hasattr(x, "ty") else x.struct_info
     shape = list(ty.shape)
@@ -781,19 +990,25 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     gv_m = add_prim_func(bb, kernel.qmm, name_m)
     S = len(spec.segments)
     C = spec.num_clusters
-    outs = [relax.TensorType([m, spec.kp], "uint8")]
+    outs = [relax.TensorType([amx_rows(m) if spec.amx else m, spec.kp], "uint8")]
     if spec.dynamic:
         outs += [relax.TensorType([m, C], "float32"), relax.TensorType([m, C], "int32")]
     if not spec.w_symmetric:
         outs.append(relax.TensorType([m, S], "int32"))
-    qin = [xin] if spec.dynamic else [xin, ops["act_scale"], ops["act_zero"]]
-    if len(outs) == 1:
+    qin = [xin, *([ops["perm"]] if spec.gather else [])]
+    qin += [] if spec.dynamic else [ops["act_scale"], ops["act_zero"]]
+    key = None if share is None or memo is None else ("qact", name_a, x, share)
+    if key is not None and key in memo:
+        args = list(memo[key])
+    elif len(outs) == 1:
         args = [bb.emit(relax.call_tir(gv_a, qin, outs[0]))]
     else:
         qs = bb.emit(relax.call_tir(gv_a, qin, outs))
         got = [bb.emit(relax.TupleGetItem(qs, i)) for i in range(len(outs))]
         # qmm's order: xq, xsum (asymmetric weights), ascale, azero (dynamic)
         args = [got[0]] + ([got[-1]] if not spec.w_symmetric else []) + (got[1:3] if spec.dynamic else [])
+    if key is not None:
+        memo[key] = tuple(args)
     args += [ops["wpack"], ops["alpha"], ops["corr"]]
     if not spec.w_symmetric:
         args.append(ops["wzero"])
@@ -816,19 +1031,22 @@ def add_prim_func(bb: Any, func: Any, name: str) -> Any:
 
 
 def emit_quant_linear(bb: Any, x: Any, operands: Mapping[str, Any], attrs: Mapping[str, Any],
-                      target: Any = None, *, use_vnni: bool | None = None) -> Any:
+                      target: Any = None, *, use_vnni: bool | None = None, amx: bool = False) -> Any:
     """Lower one ``quant_linear`` node: prepack its operand *values* and emit the integer kernels.
 
     ``operands`` maps the op's operand names (``qweight``, ``w_scale``, ``w_zero``, ``bias``
     (optional), ``act_scale``, ``act_zero``) to their values (torch/numpy); ``attrs`` is the
     node's attribute dict.  The packed weights become Relax constants.  For parameters bound
     at load time instead, call :func:`prepack_weights` on the values and
-    :func:`emit_quant_linear_packed` with Relax vars.
+    :func:`emit_quant_linear_packed` with Relax vars.  ``amx=True`` uses the AMX tile kernel
+    where the target has it (:func:`with_amx`).
     """
     ty = x.ty if hasattr(x, "ty") else x.struct_info
     k = int(ty.shape[-1])
     qw = operands["qweight"]
     spec = QLinearSpec.from_attrs(attrs, k, int(_np(qw).shape[0]))
+    if amx:
+        spec = with_amx(spec, target)
     kernel = plan_quant_linear(spec, target, use_vnni=use_vnni)
     packed = prepack_weights(spec, qw, operands["w_scale"], operands["w_zero"], operands.get("bias"),
                              operands.get("act_scale"), operands.get("act_zero"))
@@ -854,7 +1072,8 @@ def build_kernel(kernel: QLinearKernel, target: Any = None) -> tuple[Any, Any]:
 
 def run_quant_linear(kernel: QLinearKernel, x: Any, packed: Mapping[str, np.ndarray], target: Any = None,
                      *, return_intermediates: bool = False) -> Any:
-    """Compile (cached) and run the two kernels on ``x [M, K]`` f32 (tests, benchmarks)."""
+    """Compile (cached) and run the two kernels on ``x [M, K]`` f32 (tests, benchmarks); a gathering
+    kernel (``spec.gather``) reads ``x[:, packed["perm"]]``."""
     import tvm
 
     fa, fm = build_kernel(kernel, target)
@@ -865,14 +1084,17 @@ def run_quant_linear(kernel: QLinearKernel, x: Any, packed: Mapping[str, np.ndar
     m = xa.shape[0]
     dev = tvm.cpu()
     t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
-    xq = t(np.zeros((m, spec.kp), np.uint8))
+    if spec.amx and not amx_permission():
+        raise RuntimeError("int_kernels.run_quant_linear: this process may not use the AMX tile registers")
+    xq = t(np.zeros((amx_rows(m) if spec.amx else m, spec.kp), np.uint8))
     xs = None
     dyn: list[Any] = []
+    perm = [t(np.asarray(packed["perm"], np.int32))] if spec.gather else []
     if spec.dynamic:
         dyn = [t(np.zeros((m, spec.num_clusters), np.float32)), t(np.zeros((m, spec.num_clusters), np.int32))]
-        qargs: list[Any] = [t(xa), xq, *dyn]
+        qargs: list[Any] = [t(xa), *perm, xq, *dyn]
     else:
-        qargs = [t(xa), t(packed["act_scale"]), t(packed["act_zero"]), xq]
+        qargs = [t(xa), *perm, t(packed["act_scale"]), t(packed["act_zero"]), xq]
     if not spec.w_symmetric:
         xs = t(np.zeros((m, len(spec.segments)), np.int32))
         qargs.append(xs)

@@ -27,6 +27,7 @@ Choices made here:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Lowered:
     symbols: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     int_kernels: int = 0
+    amx_kernels: int = 0  # of which on AMX tiles (a library with any needs the OS's tile permission to run)
     inplace_inputs: list[str] = field(default_factory=list)
 
 
@@ -162,7 +164,7 @@ class Ctx:
     """What a lowering rule sees: the block builder, operand access and option flags."""
 
     def __init__(self, module: Module, *, params: str, fast_math: bool, static_dims: Mapping[str, int],
-                 target: Any, use_int_kernels: bool):
+                 target: Any, use_int_kernels: bool, use_amx: bool = True):
         from tvm import relax
 
         self.relax = relax
@@ -174,6 +176,9 @@ class Ctx:
         self.target = target
         self.gpu = target is not None and getattr(getattr(target, "kind", None), "name", "") == "cuda"
         self.use_int_kernels = use_int_kernels
+        self.amx = use_amx and not self.gpu
+        self.fused_attention = True  # f32 prefill attention as one kernel (attention_kernels.py)
+        self.amx_kernels = 0
         self.env: dict[int, Any] = {}
         self._pcache: dict[str, Any] = {}
         self.param_inputs: list[tuple[str, Any, np.ndarray]] = []
@@ -906,8 +911,54 @@ def _lowrank(ctx: Ctx, node: Node, a: Operands) -> Any:
     return _bias(ctx, y, a.get("bias"))
 
 
+def _residual_operands(ctx: Ctx, x: Value) -> tuple[Any, Any] | None:
+    """``(a, b)`` lowered when ``x`` is ``add(a, b)`` of two f32 tensors of x's own shape (a residual
+    sum), else None."""
+    p = x.producer
+    if p is None or p.op != "add" or p.attrs.get("scalar") is not None:
+        return None
+    ops = [p.operand("a"), p.operand("b")]
+    if any(o is None or o.type.shape != x.type.shape or o.type.dtype != "f32" for o in ops):
+        return None
+    return ctx.val(ops[0]), ctx.val(ops[1])  # type: ignore[arg-type]
+
+
+def _layer_norm_rows(ctx: Ctx, node: Node, a: Operands) -> Any | None:
+    """f32 layer norm over one static last axis on a CPU: the row kernel of :mod:`.row_kernels`, reading
+    a residual ``add`` before it directly (the add's own kernel is then dead code); None otherwise."""
+    from ctc.backends.tvm.int_kernels import add_prim_func
+    from ctc.backends.tvm.row_kernels import row_layer_norm
+
+    t = a.type("x")
+    width = _static_int(ctx, t.shape[-1])
+    if ctx.gpu or node.attrs["normalized_ndim"] != 1 or t.dtype != "f32" or width is None:
+        return None
+    if any(a.value(n) is not None and a.type(n).dtype != "f32" for n in ("weight", "bias")):
+        return None
+    relax = ctx.relax
+    dims = ctx.dims.shape(t)
+    rows: Any = 1
+    for d in dims[:-1]:
+        rows = rows * d
+    res = _residual_operands(ctx, node.operand("x"))  # type: ignore[arg-type]
+    xs = list(res) if res is not None else [a["x"]]
+    xs = [ctx.emit(relax.op.reshape(v, [rows, width])) for v in xs]
+    w = a.get("weight")
+    b = a.get("bias")
+    w = w if w is not None else relax.const(np.ones(width, np.float32))
+    b = b if b is not None else relax.const(np.zeros(width, np.float32))
+    eps = float(node.attrs["eps"])
+    name = f"row_layer_norm_{width}_{'res_' if res is not None else ''}{eps!r}".replace(".", "p").replace("-", "m")
+    gv = add_prim_func(ctx.bb, row_layer_norm(width, eps, res is not None), name)
+    y = ctx.emit(relax.call_tir(gv, [*xs, w, b], relax.TensorType([rows, width], "float32")))
+    return relax.op.reshape(y, dims)
+
+
 @rule("layer_norm")
 def _layer_norm(ctx: Ctx, node: Node, a: Operands) -> Any:
+    rows = _layer_norm_rows(ctx, node, a)
+    if rows is not None:
+        return rows
     t = a.type("x")
     nd = node.attrs["normalized_ndim"]
     axes = list(range(t.rank - nd, t.rank))
@@ -1128,6 +1179,10 @@ def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
         fused = _gpu_decode_attention(ctx, node, a)
         if fused is not None:
             return fused
+    if group is None and not ctx.gpu and ctx.fused_attention:
+        fused = _fused_attention(ctx, node, a)
+        if fused is not None:
+            return fused
     if group is None and node.attrs["enable_gqa"] and qt.rank >= 3:
         k = _repeat_kv(ctx, k, qt.shape[-3], kt.shape[-3], kt.rank - 3)
         v = _repeat_kv(ctx, v, qt.shape[-3], vt.shape[-3], vt.rank - 3)
@@ -1155,6 +1210,89 @@ def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
     if qt.dtype != "f32":
         p = ctx.emit(op.astype(p, _dt(qt)))
     return op.matmul(p, v)
+
+
+def _fused_mask_dims(ctx: Ctx, qt: TensorType, mt: TensorType, keys: int | str) -> tuple[bool, bool, bool] | None:
+    """Which of the mask's (batch, head, row) axes are full size (not broadcast), for a mask the fused
+    kernel can read: rank <= 4, each of those axes 1 or q's, the last one the key length; else None."""
+    shape = [1] * (4 - mt.rank) + list(mt.shape)
+    if mt.rank > 4 or shape[-1] != keys:
+        return None
+    full = []
+    for i in range(3):
+        if _static_int(ctx, shape[i]) == 1:
+            full.append(False)
+        elif shape[i] == qt.shape[i]:
+            full.append(True)
+        else:
+            return None
+    return full[0], full[1], full[2]
+
+
+def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
+    """f32 prefill attention as one kernel (:mod:`.attention_kernels`), or None where it does not apply
+    (other dtypes or ranks, a head dim that is not whole vectors, a mask it cannot broadcast)."""
+    from ctc.backends.tvm.attention_kernels import KEY_BLOCK, AttentionSpec, attention_kernel
+    from ctc.backends.tvm.int_kernels import add_prim_func
+
+    qt, kt, vt = a.type("q"), a.type("k"), a.type("v")
+    if not (qt.rank == kt.rank == vt.rank == 4 and qt.dtype == kt.dtype == vt.dtype == "f32"):
+        return None
+    heads, kv_heads, dim = (_static_int(ctx, d) for d in (qt.shape[1], kt.shape[1], qt.shape[3]))
+    if heads is None or kv_heads is None or dim is None or kt.shape[-2] != vt.shape[-2] or vt.shape[-1] != qt.shape[-1]:
+        return None
+    if kt.shape[0] != qt.shape[0] or vt.shape[0] != qt.shape[0] or kt.shape[1] != vt.shape[1]:
+        return None
+    if heads != kv_heads and (not node.attrs.get("enable_gqa", False) or heads % kv_heads):
+        return None
+    mask = a.get("mask")
+    mt = a.type("mask") if mask is not None else None
+    mdims = (False, False, False)
+    if mt is not None:
+        if mt.dtype not in ("bool", "f32"):
+            return None
+        got = _fused_mask_dims(ctx, qt, mt, kt.shape[-2])
+        if got is None:
+            return None
+        mdims = got
+    keys = _static_int(ctx, kt.shape[-2])
+    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(dim)
+    padded_keys = None if keys is not None and keys % KEY_BLOCK == 0 else (
+        -(-keys // KEY_BLOCK) * KEY_BLOCK if keys is not None
+        else _padded_key_length(ctx, node))
+    spec = AttentionSpec(heads=heads, kv_heads=kv_heads, dim=dim, scale=float(scale),
+                         causal=bool(node.attrs["is_causal"]), mask=None if mt is None else
+                         ("bool" if mt.dtype == "bool" else "float"), mask_dims=mdims,
+                         padded=padded_keys is not None, batch=_static_int(ctx, qt.shape[0]),
+                         seq=_static_int(ctx, qt.shape[2]),
+                         keys=(keys if padded_keys is None else padded_keys if isinstance(padded_keys, int) else None))
+    try:
+        kernel = attention_kernel(spec)
+    except ValueError:
+        return None
+    op = ctx.relax.op
+    q, k, v = a["q"], a["k"], a["v"]
+    k_unpadded = k
+    if padded_keys is not None:
+        k = ctx.te(_pad_keys(padded_keys, 0.0), k, name="key_pad")
+        v = ctx.te(_pad_keys(padded_keys, 0.0), v, name="value_pad")
+    if mask is not None and mt is not None:
+        if mt.rank < 4:
+            mask = ctx.emit(op.reshape(mask, [1] * (4 - mt.rank) + ctx.dims.shape(mt)))
+        if padded_keys is not None:
+            key = ("fused_mask_pad", a.value("mask"), str(kt.shape[-2]))  # the model's one mask: padded once
+            if key not in ctx.memo:
+                ctx.memo[key] = ctx.te(_pad_last(padded_keys, False if mt.dtype == "bool" else -math.inf), mask,
+                                       name="mask_pad", primfunc_attrs={"op_pattern": 8})
+            mask = ctx.memo[key]
+    kT = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
+    gv = add_prim_func(ctx.bb, kernel, spec.name)
+    args = [q, kT, v] + ([mask] if mask is not None else []) + ([k_unpadded] if padded_keys is not None else [])
+    qs = ctx.dims.shape(qt)
+    lp = padded_keys if padded_keys is not None else ctx.dims(kt.shape[-2])
+    res = ctx.emit(ctx.relax.call_tir(gv, args, [ctx.relax.TensorType(qs, "float32"),
+                                                 ctx.relax.TensorType([*qs[:3], lp], "float32")]))
+    return ctx.relax.TupleGetItem(res, 0)
 
 
 def _gpu_decode_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
@@ -1387,19 +1525,33 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
         if IK is not None:
             vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
             spec = IK.QLinearSpec.from_attrs(attrs, k, vals["qweight"].shape[0])
+            gathered = _gathered_input(ctx, node)
+            if gathered is not None:  # RPTQ's explicit reorder: the quantizer gathers as it loads
+                spec = dataclasses.replace(spec, gather=True)
+            one_row = _one_row(ctx, node.operand("x"))
+            if ctx.amx:  # several rows on a CPU with AMX: the tile kernel
+                spec = IK.with_amx(spec, ctx.target, rows=1 if one_row else None)
             # one row (a decode step): a 1-row tile streams each weight once (the 8-row tile wastes 7/8)
-            tile = IK.gemv_tile(spec) if _one_row(ctx, node.operand("x")) else None
+            tile = IK.gemv_tile(spec) if one_row else None
             kernel = IK.plan_quant_linear(spec, ctx.target, tile=tile)
             packed = IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
                                         vals.get("act_scale"), vals.get("act_zero"))
             # cache keys: the packed weight depends on the integer weight and the spec only, so a shared
             # weight is bound once; scales, corrections and bias depend on every operand (per reader)
             key = "pack_" + "_".join(str(pnames[n]) for n in sorted(pnames) if n != "x") + "_" + spec.tag
-            rel = {nm: ctx.param(pnames["qweight"], f"pack_{spec.tag}_wpack" if nm == "wpack" else f"{key}_{nm}",
+            layout = dataclasses.replace(spec, gather=False).tag  # how the input is read does not change wpack
+            rel = {nm: ctx.param(pnames["qweight"], f"pack_{layout}_wpack" if nm == "wpack" else f"{key}_{nm}",
                                  array=arr)  # type: ignore[arg-type]
                    for nm, arr in packed.items()}
             ctx.int_kernels += 1
-            return IK.emit_quant_linear_packed(ctx.bb, a["x"], rel, kernel)
+            ctx.amx_kernels += int(spec.amx)
+            x_in = a["x"] if gathered is None else gathered[0]
+            if gathered is not None:
+                rel["perm"] = ctx.param(gathered[1], "int32", fn=lambda p: p.astype(np.int32))
+            # linears reading one activation with equal ranges (q, k, v) quantize it once
+            share = (gathered[1] if gathered is not None else None,
+                     *(packed[n].tobytes() for n in ("act_scale", "act_zero") if n in packed and not spec.dynamic))
+            return IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=share, memo=ctx.memo)
     if not a_q and consts and not ctx.gpu:
         from ctc.backends.tvm.weight_only import lower_weight_only
 
@@ -1425,6 +1577,25 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
     if a.value("bias") is not None:
         y = ctx.emit(op.add(y, ctx.emit(op.astype(a["bias"], "float32"))))
     return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
+
+
+def _gathered_input(ctx: Ctx, node: Node) -> tuple[Any, str] | None:
+    """``(source, perm parameter)`` when ``node``'s input ``x`` is a ``channel_permute`` of its last axis
+    by a parameter (RPTQ's explicit reorder), else None.
+
+    The integer kernel's activation quantizer then reads ``source[:, perm[k]]`` itself: the gather
+    costs no kernel and no pass over memory of its own (18 of them took 0.56 ms of MiniLM W8A8's
+    14.9 ms, one thread).  The ``take`` the permute lowers to is left unread and removed by
+    Relax's dead-code elimination when every reader gathers this way."""
+    xv = node.operand("x")
+    p = xv.producer if xv is not None else None
+    if p is None or p.op != "channel_permute" or _axis(p.attrs["axis"], xv.type.rank) != xv.type.rank - 1:
+        return None
+    perm_name = ctx.param_name(p.operand("perm"))
+    src = p.operand("x")
+    if perm_name is None or src is None or src.type.shape != xv.type.shape:
+        return None
+    return ctx.val(src), perm_name
 
 
 def stored_int_te(buf: Any, lead: tuple[Any, ...], kk: Any, bits: int) -> Any:
@@ -1557,16 +1728,17 @@ def _lower_node(ctx: Ctx, node: Node, rules: Mapping[str, Rule]) -> None:
 
 def lower(module: Module, *, params: str = "const", fast_math: bool = True,
           static_dims: Mapping[str, int] | None = None, target: Any = None,
-          use_int_kernels: bool = True, func_name: str = "main",
+          use_int_kernels: bool = True, use_amx: bool = True, func_name: str = "main",
           kernels: Mapping[str, Rule] | None = None) -> Lowered:
     """Lower ``module`` to a Relax IRModule with one function ``func_name``.
 
     ``params``: ``"const"`` binds parameters as constants; ``"input"`` makes them trailing
     function inputs (listed in :attr:`Lowered.param_inputs`, in order).  ``static_dims``
     specialises symbolic dims to integers.  ``target`` (a TVM target) selects the integer
-    kernel variant (VNNI or not) for ``quant_linear``.  ``kernels`` replaces the rules of the
-    ops it names with a target's own kernels (same rule signature): the fpga target's exact,
-    tiled kernels (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.
+    kernel variant (AMX tiles, VNNI or neither; ``use_amx=False`` leaves AMX out) for
+    ``quant_linear``.  ``kernels`` replaces the rules of the ops it names with a target's own
+    kernels (same rule signature): the fpga target's exact, tiled kernels
+    (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.
     """
     if params not in ("const", "input"):
         raise LoweringError(f"lower: params must be 'const' or 'input', got {params!r}")
@@ -1578,7 +1750,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
         raise LoweringError(f"the TVM backend cannot lower {len(missing)} op(s) of module {module.name}:\n{lines}\n"
                             f"supported: {', '.join(supported_ops())}")
     ctx = Ctx(module, params=params, fast_math=fast_math, static_dims=static_dims or {}, target=target,
-              use_int_kernels=use_int_kernels)
+              use_int_kernels=use_int_kernels, use_amx=use_amx)
     ctx.rules = rules
     relax = ctx.relax
     inputs = [relax.Var(v.name, relax.TensorType(ctx.dims.shape(v.type), _dt(v.type))) for v in module.inputs]
@@ -1624,7 +1796,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
                    param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], param_sources=ctx.param_sources,
                    symbols=syms, notes=ctx.notes,
-                   int_kernels=ctx.int_kernels,
+                   int_kernels=ctx.int_kernels, amx_kernels=ctx.amx_kernels,
                    inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])
 
 

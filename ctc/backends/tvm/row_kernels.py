@@ -1,4 +1,4 @@
-"""Hand-written TIR kernels for row-wise ops whose row length may be symbolic (softmax, log-softmax).
+"""Hand-written TIR kernels for row-wise ops: softmax and log-softmax (row length may be symbolic), layer norm.
 
 Why: with a symbolic row length (``ctc compile`` builds for any sequence length by default), the
 scheduled TE softmax keeps a bounds predicate inside its vector loops, LLVM scalarizes them, and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fast_exp_expr", "row_softmax"]
+__all__ = ["fast_exp_expr", "row_layer_norm", "row_softmax"]
 
 LANES = 16  # accumulator width; LLVM splits it into the target's vectors (16 f32 = one AVX-512 register)
 
@@ -102,3 +102,61 @@ def row_softmax(log: bool, fast: bool) -> Any:
                         Y[r, j] = Y[r, j] * sm[0]
 
     return kernel
+
+
+
+def row_layer_norm(width: int, eps: float, residual: bool) -> Any:
+    """A PrimFunc ``(X [R, C], [Z [R, C],] W [C], B [C], Y [R, C])``: ``Y = layer_norm(X (+ Z)) * W + B`` over
+    each row of a static width ``C``, rows parallel.
+
+    Why: dlight's reduction schedule ran MiniLM's 13 layer norms (128 x 384) at about 2 ns per
+    element (1.35 ms of a 14.9 ms W8A8 run, one thread); a row here is three passes over 1.5 KB
+    in L1 with 16-lane accumulators.  The mean is subtracted before the squares are summed (two
+    passes, not ``E[x^2] - E[x]^2``), as torch does.  ``residual``: the row is ``X + Z`` (the
+    residual ``add`` a post-LN transformer puts before each norm), so the sum is never stored.
+    """
+    import tvm
+
+    C, lanes = int(width), LANES
+    nv, tail = C // lanes, C // lanes * lanes
+
+    def x(j: str) -> str:
+        return f"(X[r, {j}] + Z[r, {j}])" if residual else f"X[r, {j}]"
+
+    vj = f"j0 * T.int64({lanes}) + j1"
+    zin = "z_h: T.handle, " if residual else ""
+    src = [
+        "@T.prim_func(private=True, s_tir=True)",
+        f"def kernel(x_h: T.handle, {zin}w: T.Buffer((T.int64({C}),), \"float32\"), "
+        f"b: T.Buffer((T.int64({C}),), \"float32\"), y_h: T.handle):",
+        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
+        "    R = T.int64()",
+        f'    X = T.match_buffer(x_h, (R, T.int64({C})), "float32")',
+        *([f'    Z = T.match_buffer(z_h, (R, T.int64({C})), "float32")'] if residual else []),
+        f'    Y = T.match_buffer(y_h, (R, T.int64({C})), "float32")',
+        '    with T.sblock("root"):',
+        "        for r in T.parallel(R):",
+        f'            acc = T.decl_buffer((T.int64({lanes}),), "float32", scope="local")',
+        '            st = T.decl_buffer((T.int64(2),), "float32", scope="local")',
+    ]
+    ind = "            "
+    for i, term in ((0, x(vj)), (1, f"({x(vj)} - st[0]) * ({x(vj)} - st[0])")):
+        tterm = x("j") if i == 0 else f"({x('j')} - st[0]) * ({x('j')} - st[0])"
+        src += [f"{ind}for j1 in T.vectorized(T.int64({lanes})):",
+                f"{ind}    acc[j1] = T.float32(0)",
+                f"{ind}for j0 in range(T.int64({nv})):",
+                f"{ind}    for j1 in T.vectorized(T.int64({lanes})):",
+                f"{ind}        acc[j1] = acc[j1] + {term}",
+                f"{ind}st[{i}] = T.float32(0)",
+                f"{ind}for j1 in range(T.int64({lanes})):",
+                f"{ind}    st[{i}] = st[{i}] + acc[j1]",
+                f"{ind}for j in range(T.int64({tail}), T.int64({C})):",
+                f"{ind}    st[{i}] = st[{i}] + {tterm}"]
+        src.append(f"{ind}st[0] = st[0] * T.float32({1.0 / C!r})" if i == 0 else
+                   f"{ind}st[1] = T.float32(1) / T.sqrt(st[1] * T.float32({1.0 / C!r}) + T.float32({float(eps)!r}))")
+    src += [f"{ind}for j0 in range(T.int64({nv})):",
+            f"{ind}    for j1 in T.vectorized(T.int64({lanes})):",
+            f"{ind}        Y[r, {vj}] = ({x(vj)} - st[0]) * st[1] * w[{vj}] + b[{vj}]",
+            f"{ind}for j in range(T.int64({tail}), T.int64({C})):",
+            f"{ind}    Y[r, j] = ({x('j')} - st[0]) * st[1] * w[j] + b[j]"]
+    return tvm.script.from_source("\n".join(src) + "\n")

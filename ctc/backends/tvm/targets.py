@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["CUDA_ARCH_LIMITS", "TargetInfo", "UnsupportedTarget", "check_mcpu", "cuda_target", "detect_cuda_arch",
-           "host_cpu", "host_cores", "llvm_cpus", "resolve", "target_key"]
+           "host_cores", "host_cpu", "host_mattr", "llvm_cpus", "native_target", "resolve", "target_key"]
 
 ISSUE = "issue 17 (FPGA-style target)"
 
@@ -107,12 +107,37 @@ class TargetInfo:
         return tvm.target.Target(self.tvm)
 
 
+# /proc/cpuinfo flag -> LLVM feature, for units a host's -mcpu name may leave out
+_HOST_FEATURES = {"amx_tile": "+amx-tile", "amx_int8": "+amx-int8"}
+
+
+@functools.lru_cache(maxsize=1)
+def host_mattr() -> tuple[str, ...]:
+    """LLVM features this host's CPU reports (``/proc/cpuinfo``) beyond its ``-mcpu`` name: AMX's tile
+    and int8 units.  A virtual machine's CPU model often reads as an older core (LLVM names a
+    Sapphire Rapids guest ``rocketlake``, which has no AMX), so the name alone would hide them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(feat for flag, feat in _HOST_FEATURES.items() if flag in flags)
+
+
+def native_target(cores: int) -> dict[str, Any]:
+    """The llvm target dict of this host: LLVM's CPU name, the features it leaves out, ``cores`` cores."""
+    out: dict[str, Any] = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": cores}
+    if host_mattr():
+        out["mattr"] = list(host_mattr())
+    return out
+
+
 def _cpu(options: Any) -> TargetInfo:
     mcpu = getattr(options, "mcpu", "native") or "native"
-    if mcpu == "native":
-        mcpu = host_cpu()
     threads = int(getattr(options, "threads", 0) or 0)
     cores = threads or host_cores()
+    if mcpu == "native":
+        return TargetInfo("cpu", native_target(cores), threads)
     return TargetInfo("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, threads)
 
 

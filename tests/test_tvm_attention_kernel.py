@@ -1,0 +1,79 @@
+"""The fused CPU attention kernel (ctc/backends/tvm/attention_kernels.py) computes what the interpreter does.
+
+Small shapes, each built once: fixed and symbolic sequence lengths, row counts that are not whole
+row blocks and key lengths that are not whole key blocks (padded and masked in the kernel), a
+bool mask ``[B, 1, S, S]`` (BERT's), an additive ``[B, 1, 1, S]`` mask, causal attention with
+grouped kv heads; and the shapes the kernel does not take (a head dim that is not whole vectors)
+keep the op-by-op path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from ctc.backends.tvm import lower as L  # noqa: E402
+from ctc.backends.tvm.build import BuildOptions, compile_module  # noqa: E402
+from ctc.ir import Module, TensorType  # noqa: E402
+from ctc.ir.interpreter import interpret  # noqa: E402
+
+
+def _module(heads: int, kv_heads: int, dim: int, seq: int | str, mask: str | None, causal: bool) -> Module:
+    m = Module("attn")
+    q = m.add_input("q", TensorType((2, heads, seq, dim), "f32"))
+    k = m.add_input("k", TensorType((2, kv_heads, seq, dim), "f32"))
+    v = m.add_input("v", TensorType((2, kv_heads, seq, dim), "f32"))
+    ops = {"q": q, "k": k, "v": v}
+    if mask == "bool":
+        ops["mask"] = m.add_input("mask", TensorType((2, 1, seq, seq), "bool"))
+    elif mask == "float":
+        ops["mask"] = m.add_input("mask", TensorType((2, 1, 1, seq), "f32"))
+    y = m.create_node("scaled_dot_product_attention", ops, {"is_causal": causal, "scale": None,
+                                                            "enable_gqa": heads != kv_heads})
+    m.set_outputs([y.output])
+    return m
+
+
+def _inputs(heads: int, kv_heads: int, dim: int, s: int, mask: str | None, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(2, h, s, dim, generator=g) * 2 for h in (heads, kv_heads, kv_heads)]
+    if mask == "bool":  # padded tokens at the end of the second sequence, as a tokenizer's mask gives
+        valid = torch.ones(2, s, dtype=torch.bool)
+        valid[1, s - s // 3:] = False
+        xs.append(valid[:, None, None, :].expand(2, 1, s, s).contiguous())
+    elif mask == "float":
+        xs.append(torch.where(torch.rand(2, 1, 1, s, generator=g) < 0.3, -1e4, 0.0))
+    return xs
+
+
+CASES = {  # heads, kv heads, dim, seq (symbol "s": run at the lengths below), mask, causal
+    "fixed-20-no-mask": (2, 2, 16, 20, None, False),
+    "any-length-bool-mask": (3, 3, 32, "s", "bool", False),
+    "fixed-64-float-mask": (2, 2, 16, 64, "float", False),
+    "any-length-causal-gqa": (4, 2, 16, "s", None, True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_attention_matches_interpreter(name: str) -> None:
+    import tvm
+    from tvm import relax
+
+    heads, kv_heads, dim, seq, mask, causal = CASES[name]
+    m = _module(heads, kv_heads, dim, seq, mask, causal)
+    assert "ctc_attention" in L.lower(m).mod.script()  # the fused kernel, not three
+    vm = relax.VirtualMachine(compile_module(m, options=BuildOptions()).executable, tvm.cpu())
+    for s in ([seq] if isinstance(seq, int) else [5, 37]):
+        xs = _inputs(heads, kv_heads, dim, s, mask, seed=s)
+        ref = interpret(m, xs)[0]
+        got = torch.from_numpy(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x.numpy())) for x in xs]).numpy())
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
+
+
+def test_head_dim_not_whole_vectors_keeps_the_op_by_op_path() -> None:
+    m = _module(2, 2, 8, "s", "bool", False)
+    script = L.lower(m).mod.script()
+    assert "ctc_attention" not in script and "softmax" in script
