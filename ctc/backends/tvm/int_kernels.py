@@ -537,17 +537,11 @@ def gemv_tile(spec: QLinearSpec) -> TileConfig:
     return TileConfig(1, next(nb for nb in (4, 2, 1) if nblk % nb == 0))
 
 
-def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
-    """TVMScript of the tiled integer matmul + per-segment epilogue (the loop nest is the schedule)."""
-    S, KP, N, NP = len(spec.segments), spec.kp, spec.n, spec.np_
-    MT, NB = tile.mt, tile.nb
-    NT = 16 * NB
-    asym = not spec.w_symmetric
-    nmt = f"((m + {_i(MT - 1)}) // {_i(MT)})"
-    wshape = (f"({_i(NP // 16)}, {_i(KP // 8)}, {_i(16)}, {_i(4)})" if spec.int4
-              else f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
-    dyn = spec.dynamic
-    C = spec.num_clusters
+def _qmm_header(spec: QLinearSpec, wshape: str) -> list[str]:
+    """The signature and buffer declarations both matmul kernels share (``wshape``: the packed
+    weight's shape); the AMX kernel's ``xq`` has ``mp`` rows (whole blocks), the VNNI one's ``m``."""
+    S, KP, N, NP, C = len(spec.segments), spec.kp, spec.n, spec.np_, spec.num_clusters
+    asym, dyn = not spec.w_symmetric, spec.dynamic
     params = ["var_xq: T.handle"]
     if asym:
         params.append("var_xsum: T.handle")
@@ -563,13 +557,28 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
          f"def qmm({', '.join(params)}):",
          '    T.func_attr({"tirx.noalias": True})',
          "    m = T.int64()",
-         f'    xq = T.match_buffer(var_xq, (m, {_i(KP)}), "uint8")',
+         *(["    mp = T.int64()"] if spec.amx else []),
+         f'    xq = T.match_buffer(var_xq, ({"mp" if spec.amx else "m"}, {_i(KP)}), "uint8")',
          f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")']
     if asym:
         L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
     if dyn:
         L += [f'    ascale = T.match_buffer(var_ascale, (m, {_i(C)}), "float32")',
               f'    azero = T.match_buffer(var_azero, (m, {_i(C)}), "int32")']
+    return L
+
+
+def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
+    """TVMScript of the tiled integer matmul + per-segment epilogue (the loop nest is the schedule)."""
+    S, KP, N, NP = len(spec.segments), spec.kp, spec.n, spec.np_
+    MT, NB = tile.mt, tile.nb
+    NT = 16 * NB
+    asym = not spec.w_symmetric
+    nmt = f"((m + {_i(MT - 1)}) // {_i(MT)})"
+    wshape = (f"({_i(NP // 16)}, {_i(KP // 8)}, {_i(16)}, {_i(4)})" if spec.int4
+              else f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
+    dyn = spec.dynamic
+    L = _qmm_header(spec, wshape)
     # Tile buffers are allocated once (outside the parallel loop) with one [MT, NT] slice per
     # output-column block `no`, the parallel axis: threads never share a slice, and each tile's
     # working set stays a few KB.  (Blocks nested under a per-tile block lose the outer loop
@@ -670,32 +679,10 @@ def _qmm_amx_source(spec: QLinearSpec) -> str:
     bias and is written to ``y`` at the end, rows ``< m`` only (``xq`` has ``mp`` >= m rows, whole
     blocks, so the tile loads never leave it).  Segments are padded to whole 64-byte tile rows.
     """
-    S, KP, N, NP = len(spec.segments), spec.kp, spec.n, spec.np_
+    KP, N, NP = spec.kp, spec.n, spec.np_
     B = AMX_BLOCK
-    asym, dyn, C = not spec.w_symmetric, spec.dynamic, spec.num_clusters
-    params = ["var_xq: T.handle"]
-    if asym:
-        params.append("var_xsum: T.handle")
-    if dyn:
-        params += ["var_ascale: T.handle", "var_azero: T.handle"]
-    params += [f'wpack: T.Buffer(({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)}), "int8")',
-               f'alpha: T.Buffer(({_i(S)}, {_i(NP)}), "float32")',
-               f'corr: T.Buffer(({_i(S)}, {_i(NP)}), "int32")']
-    if asym:
-        params.append(f'wzero: T.Buffer(({_i(S)}, {_i(NP)}), "int32")')
-    params += [f'bias: T.Buffer(({_i(NP)},), "float32")', "var_y: T.handle"]
-    L = ["@T.prim_func(s_tir=True)",
-         f"def qmm({', '.join(params)}):",
-         '    T.func_attr({"tirx.noalias": True})',
-         "    m = T.int64()",
-         "    mp = T.int64()",
-         f'    xq = T.match_buffer(var_xq, (mp, {_i(KP)}), "uint8")',
-         f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")']
-    if asym:
-        L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
-    if dyn:
-        L += [f'    ascale = T.match_buffer(var_ascale, (m, {_i(C)}), "float32")',
-              f'    azero = T.match_buffer(var_azero, (m, {_i(C)}), "int32")']
+    asym, dyn = not spec.w_symmetric, spec.dynamic
+    L = _qmm_header(spec, f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
     ind = "            "
     L += ['    with T.sblock("root"):',
           f"        for nb in T.parallel({_i(NP // B)}):",
