@@ -209,6 +209,25 @@ def test_gathering_quantizer_equals_permuting_first(vnni: bool | str, dynamic: b
 
 
 @needs_amx
+@pytest.mark.parametrize("n", [64, 40])
+def test_amx_gelu_epilogue_is_gelu_of_the_product(n: int) -> None:
+    """``gelu=True``: the AMX kernel's output is exact-form gelu of the plain kernel's (fast erf: error
+    well under fp32's summation noise), also on the scalar edge of N = 40."""
+    import dataclasses
+
+    c = _case(37, 136, n, (30, 100, 136), 8, -1, True, seed=6)
+    spec = ik.with_amx(ik.QLinearSpec.from_attrs(c["attrs"], 136, n))
+    qw = c["qw"]
+    packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"])
+    y = ik.run_quant_linear(ik.plan_quant_linear(spec), c["x"], packed)
+    g = ik.run_quant_linear(ik.plan_quant_linear(dataclasses.replace(spec, gelu=True)), c["x"], packed)
+    want = torch.nn.functional.gelu(torch.from_numpy(y).double()).numpy()
+    np.testing.assert_allclose(g, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+    with pytest.raises(ValueError, match="AMX kernel only"):
+        dataclasses.replace(spec, amx=False, gelu=True).validate()
+
+
+@needs_amx
 def test_amx_instructions_are_emitted_and_layout_is_whole_tiles() -> None:
     spec = ik.with_amx(ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8, act_clusters=(16, 100)), 100, 40))
     assert spec.amx and spec.np_ == 64 and spec.kp == 64 + 128

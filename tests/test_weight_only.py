@@ -185,6 +185,32 @@ def test_reorder_gather_is_read_by_the_quantizer(rows: int, use_amx: bool) -> No
     assert float((got - ref).abs().mean()) < 1e-4 * float(ref.abs().mean()) + 1e-5
 
 
+def test_gelu_after_an_amx_matmul_runs_in_its_epilogue() -> None:
+    """quant_linear -> gelu (an FFN's first half) on AMX: one kernel, no gelu kernel of its own, the
+    interpreter's result; with two readers of the product the gelu stays a kernel."""
+    from ctc.backends.tvm.int_kernels import target_has_amx
+
+    if not target_has_amx():
+        pytest.skip("host CPU (or OS) gives no AMX int8 tiles")
+    for readers in (1, 2):
+        m = _w8a8(128, 64, (40, 128), True, 5, dynamic=False)
+        y = m.outputs[0]
+        h = m.create_node("gelu", [y], {"approximate": "none"}).output
+        m.set_outputs([h] if readers == 1 else [h, y])
+        low = L.lower(m)
+        names = [gv.name_hint for gv in low.mod.get_global_vars()]
+        assert sum("qmm" in nm and "G_g" in nm for nm in names) == (readers == 1)
+        assert any("gelu" in nm for nm in names) == (readers == 2)
+    m.set_outputs([h])
+    xs = torch.randn(1, 5, 128, generator=torch.Generator().manual_seed(9)) * 2
+    ref = interpret(m, [xs])[0]
+    got = _run(m, xs)
+    # same integer arithmetic; a value on a rounding boundary may land one activation step away
+    step = float(6 / 255 * m.params["w_scale"].abs().max()) * 128
+    assert float((got - ref).abs().max()) <= step
+    assert float((got - ref).abs().mean()) < 1e-4 * float(ref.abs().mean()) + 1e-5
+
+
 def test_dynamic_reference_uses_each_rows_range() -> None:
     x = torch.tensor([[[0.0, 1.0, -2.0, 4.0]], [[100.0, -50.0, 25.0, 0.5]]])
     y = Q.fake_quant_act_dynamic(x, 8, (2, 4))

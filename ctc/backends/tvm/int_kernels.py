@@ -111,6 +111,7 @@ class QLinearSpec:
     dynamic: bool = False  # activation (scale, zero) per row and cluster, computed by qact at run time
     amx: bool = False  # AMX tile layout: segments padded to 64 bytes, N to 32, rows to 32 (see _qmm_amx_source)
     gather: bool = False  # qact reads x through a channel permutation (RPTQ's reorder): x[:, perm[k]]
+    gelu: bool = False  # the AMX kernel applies gelu (erf form) to its output (the FFN's activation, fused)
 
     @staticmethod
     def from_attrs(attrs: Mapping[str, Any], k: int, n: int) -> QLinearSpec:
@@ -140,6 +141,9 @@ class QLinearSpec:
         if bounds[-1] != self.k or any(b <= a for a, b in zip([0, *bounds[:-1]], bounds, strict=True)):
             raise ValueError(f"int_kernels: act_clusters {list(self.clusters)} must be strictly increasing end "
                              f"boundaries ending at K={self.k}")
+        if self.gelu and not self.amx:
+            raise ValueError("int_kernels: a fused gelu epilogue exists in the AMX kernel only; apply gelu after "
+                             "the VNNI kernel")
         if self.amx and self.int4:
             raise ValueError(f"int_kernels: the AMX kernel takes 8-bit weight storage, not w_bits={self.w_bits} "
                              "(packed nibbles); leave amx=False for int4 weights")
@@ -198,6 +202,7 @@ class QLinearSpec:
         h = abs(hash((self.clusters, self.group_size))) % (1 << 32)
         return (f"k{self.k}_n{self.n}_w{self.w_bits}{'s' if self.w_symmetric else 'a'}_a{self.a_bits}"
                 f"{'d' if self.dynamic else ''}{'x' if self.amx else ''}{'p' if self.gather else ''}"
+                f"{'G' if self.gelu else ''}"
                 f"_g{self.group_size if self.group_size > 0 else 0}"
                 f"_c{self.num_clusters}_{h:08x}")
 
@@ -676,8 +681,9 @@ def _qmm_amx_source(spec: QLinearSpec) -> str:
     s8 weights in tiles 6-7 read from ``wpack``, whose ``[N/16, K/4, 16, 4]`` layout is already
     the tile's), are stored to a 32 x 32 int32 buffer, and the segment's exact integer correction
     and scale are added into a float 32 x 32 buffer (vectorized).  The float buffer starts at the
-    bias and is written to ``y`` at the end, rows ``< m`` only (``xq`` has ``mp`` >= m rows, whole
-    blocks, so the tile loads never leave it).  Segments are padded to whole 64-byte tile rows.
+    bias and is written to ``y`` at the end (through ``gelu`` when ``spec.gelu``), rows ``< m``
+    only (``xq`` has ``mp`` >= m rows, whole blocks, so the tile loads never leave it).  Segments
+    are padded to whole 64-byte tile rows.
     """
     KP, N, NP = spec.kp, spec.n, spec.np_
     B = AMX_BLOCK
@@ -731,14 +737,15 @@ def _qmm_amx_source(spec: QLinearSpec) -> str:
               f"{ind2}    for c in T.vectorized({_i(B)}):",
               f"{ind2}        out[r, c] = out[r, c] + {term}"]
     rows = f"T.min({_i(B)}, m - mb * {_i(B)})"
+    res = "GELU(out[r, c])" if spec.gelu else "out[r, c]"
     if N % B == 0:
         L += [f"{ind2}for r in range({rows}):",
               f"{ind2}    for c in T.vectorized({_i(B)}):",
-              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = out[r, c]"]
+              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
     else:  # the last block's padded channels are not written
         L += [f"{ind2}for r in range({rows}):",
               f"{ind2}    for c in range(T.min({_i(B)}, {_i(N)} - nb * {_i(B)})):",
-              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = out[r, c]"]
+              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
     L.append(f"{ind}{_amx('tilerelease')}")
     return "\n".join(L) + "\n"
 
@@ -820,7 +827,10 @@ def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig) -> QLinearKernel:
     else:
         qact = _schedule_qact(tvm.script.from_source(_qact_source(spec)))
     if spec.amx:  # written as the loop nest it runs: no schedule
-        qmm = tvm.script.from_source(_qmm_amx_source(spec))
+        from ctc.backends.tvm.row_kernels import gelu_expr
+        from tvm.script import tirx as T
+
+        qmm = tvm.script.from_source(_qmm_amx_source(spec), extra_vars={"T": T, "GELU": gelu_expr})
     else:
         qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile)), spec, vnni)
     qact = qact.with_attr("tirx.is_scheduled", True)

@@ -948,8 +948,11 @@ def _layer_norm_rows(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     w = w if w is not None else relax.const(np.ones(width, np.float32))
     b = b if b is not None else relax.const(np.zeros(width, np.float32))
     eps = float(node.attrs["eps"])
-    name = f"row_layer_norm_{width}_{'res_' if res is not None else ''}{eps!r}".replace(".", "p").replace("-", "m")
-    gv = add_prim_func(ctx.bb, row_layer_norm(width, eps, res is not None), name)
+    sizes = [_static_int(ctx, d) for d in t.shape[:-1]]
+    static_rows = math.prod(sizes) if all(n is not None for n in sizes) else None  # type: ignore[arg-type]
+    name = (f"row_layer_norm_{width}_{'res_' if res is not None else ''}{eps!r}_{static_rows or 'n'}"
+            .replace(".", "p").replace("-", "m"))
+    gv = add_prim_func(ctx.bb, row_layer_norm(width, eps, res is not None, static_rows), name)
     y = ctx.emit(relax.call_tir(gv, [*xs, w, b], relax.TensorType([rows, width], "float32")))
     return relax.op.reshape(y, dims)
 
@@ -1531,6 +1534,9 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
             one_row = _one_row(ctx, node.operand("x"))
             if ctx.amx:  # several rows on a CPU with AMX: the tile kernel
                 spec = IK.with_amx(spec, ctx.target, rows=1 if one_row else None)
+            gelu = _gelu_reader(ctx, node) if spec.amx and xt.dtype == "f32" else None
+            if gelu is not None:  # the FFN's activation in the matmul's epilogue
+                spec = dataclasses.replace(spec, gelu=True)
             # one row (a decode step): a 1-row tile streams each weight once (the 8-row tile wastes 7/8)
             tile = IK.gemv_tile(spec) if one_row else None
             kernel = IK.plan_quant_linear(spec, ctx.target, tile=tile)
@@ -1539,7 +1545,7 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
             # cache keys: the packed weight depends on the integer weight and the spec only, so a shared
             # weight is bound once; scales, corrections and bias depend on every operand (per reader)
             key = "pack_" + "_".join(str(pnames[n]) for n in sorted(pnames) if n != "x") + "_" + spec.tag
-            layout = dataclasses.replace(spec, gather=False).tag  # how the input is read does not change wpack
+            layout = dataclasses.replace(spec, gather=False, gelu=False).tag  # input read, epilogue: same wpack
             rel = {nm: ctx.param(pnames["qweight"], f"pack_{layout}_wpack" if nm == "wpack" else f"{key}_{nm}",
                                  array=arr)  # type: ignore[arg-type]
                    for nm, arr in packed.items()}
@@ -1551,7 +1557,10 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
             # linears reading one activation with equal ranges (q, k, v) quantize it once
             share = (gathered[1] if gathered is not None else None,
                      *(packed[n].tobytes() for n in ("act_scale", "act_zero") if n in packed and not spec.dynamic))
-            return IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=share, memo=ctx.memo)
+            y = IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=share, memo=ctx.memo)
+            if gelu is not None:
+                ctx.absorbed[id(gelu.outputs[0])] = y  # the gelu node is computed: its reader gets y
+            return y
     if not a_q and consts and not ctx.gpu:
         from ctc.backends.tvm.weight_only import lower_weight_only
 
@@ -1577,6 +1586,20 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
     if a.value("bias") is not None:
         y = ctx.emit(op.add(y, ctx.emit(op.astype(a["bias"], "float32"))))
     return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
+
+
+def _gelu_reader(ctx: Ctx, node: Node) -> Node | None:
+    """The ``gelu`` (erf form, f32, fast math) that is the only reader of ``node``'s output, which is not
+    a module output; None otherwise.  The AMX matmul then applies it in its epilogue: the FFN's
+    128 x 1536 activation of MiniLM is not written and read back by a kernel of its own."""
+    out = node.outputs[0]
+    users = out.users
+    if len(users) != 1 or any(o is out for o in ctx.module.outputs):
+        return None
+    u = users[0]
+    if u.op != "gelu" or u.attrs.get("approximate", "none") != "none" or not _fast_ok(ctx, u):
+        return None
+    return u
 
 
 def _gathered_input(ctx: Ctx, node: Node) -> tuple[Any, str] | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fast_exp_expr", "row_layer_norm", "row_softmax"]
+__all__ = ["fast_erf_expr", "fast_exp_expr", "gelu_expr", "row_layer_norm", "row_softmax"]
 
 LANES = 16  # accumulator width; LLVM splits it into the target's vectors (16 f32 = one AVX-512 register)
 
@@ -105,7 +105,7 @@ def row_softmax(log: bool, fast: bool) -> Any:
 
 
 
-def row_layer_norm(width: int, eps: float, residual: bool) -> Any:
+def row_layer_norm(width: int, eps: float, residual: bool, rows: int | None = None) -> Any:
     """A PrimFunc ``(X [R, C], [Z [R, C],] W [C], B [C], Y [R, C])``: ``Y = layer_norm(X (+ Z)) * W + B`` over
     each row of a static width ``C``, rows parallel.
 
@@ -114,10 +114,12 @@ def row_layer_norm(width: int, eps: float, residual: bool) -> Any:
     in L1 with 16-lane accumulators.  The mean is subtracted before the squares are summed (two
     passes, not ``E[x^2] - E[x]^2``), as torch does.  ``residual``: the row is ``X + Z`` (the
     residual ``add`` a post-LN transformer puts before each norm), so the sum is never stored.
+    ``rows``: a static row count (one row, a decode step, runs serially: no thread-pool launch).
     """
     import tvm
 
     C, lanes = int(width), LANES
+    R = "R" if rows is None else f"T.int64({int(rows)})"
     nv, tail = C // lanes, C // lanes * lanes
 
     def x(j: str) -> str:
@@ -130,12 +132,12 @@ def row_layer_norm(width: int, eps: float, residual: bool) -> Any:
         f"def kernel(x_h: T.handle, {zin}w: T.Buffer((T.int64({C}),), \"float32\"), "
         f"b: T.Buffer((T.int64({C}),), \"float32\"), y_h: T.handle):",
         '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
-        "    R = T.int64()",
-        f'    X = T.match_buffer(x_h, (R, T.int64({C})), "float32")',
-        *([f'    Z = T.match_buffer(z_h, (R, T.int64({C})), "float32")'] if residual else []),
-        f'    Y = T.match_buffer(y_h, (R, T.int64({C})), "float32")',
+        *(["    R = T.int64()"] if rows is None else []),
+        f'    X = T.match_buffer(x_h, ({R}, T.int64({C})), "float32")',
+        *([f'    Z = T.match_buffer(z_h, ({R}, T.int64({C})), "float32")'] if residual else []),
+        f'    Y = T.match_buffer(y_h, ({R}, T.int64({C})), "float32")',
         '    with T.sblock("root"):',
-        "        for r in T.parallel(R):",
+        f"        for r in T.parallel({R}):" if rows != 1 else f"        for r in range({R}):",
         f'            acc = T.decl_buffer((T.int64({lanes}),), "float32", scope="local")',
         '            st = T.decl_buffer((T.int64(2),), "float32", scope="local")',
     ]
@@ -160,3 +162,28 @@ def row_layer_norm(width: int, eps: float, residual: bool) -> Any:
             f"{ind}for j in range(T.int64({tail}), T.int64({C})):",
             f"{ind}    Y[r, j] = ({x('j')} - st[0]) * st[1] * w[j] + b[j]"]
     return tvm.script.from_source("\n".join(src) + "\n")
+
+
+def fast_erf_expr(x: Any) -> Any:
+    """``erf(x)`` for f32 as a vectorizable TIR expression: Abramowitz & Stegun 7.1.26,
+    ``1 - t (a1 + t (a2 + ... + t a5)) exp(-x^2)`` with ``t = 1 / (1 + p |x|)``, the sign restored
+    (absolute error < 1.5e-7, the fp32 rounding of ``erf`` near 1).  For epilogues of hand-written
+    kernels (GELU after an integer matmul), where ``topi.fast_erf`` (TE tensors only) cannot go."""
+    from tvm import tirx
+
+    f32 = "float32"
+    ax = tirx.abs(x)
+    t = tirx.const(1.0, f32) / (tirx.const(1.0, f32) + tirx.const(0.3275911, f32) * ax)
+    poly = tirx.const(1.061405429, f32)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = poly * t + tirx.const(c, f32)
+    y = tirx.const(1.0, f32) - poly * t * fast_exp_expr(tirx.const(0.0, f32) - ax * ax)
+    return tirx.Select(x < tirx.const(0.0, f32), tirx.const(0.0, f32) - y, y)
+
+
+def gelu_expr(x: Any) -> Any:
+    """``gelu(x) = x / 2 (1 + erf(x / sqrt 2))`` (the exact form, not tanh's) with :func:`fast_erf_expr`."""
+    from tvm import tirx
+
+    f32 = "float32"
+    return x * tirx.const(0.5, f32) * (tirx.const(1.0, f32) + fast_erf_expr(x * tirx.const(0.7071067811865476, f32)))
