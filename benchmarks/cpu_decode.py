@@ -25,6 +25,11 @@ PyTorch fp32 eager (cosine and max abs error).  Rows (``--rows``, comma list):
   ``--llama-gen`` tokens generated after ``--past`` cached ones (``-d``), ``--rounds`` repetitions
   (tokens/s of each repetition; its own timer, not interleaved with the rows above, no logits);
 * ``ctc-gguf``: the bundled GGUF's own Q4_1 tensors as weight-only int4 (``gguf-weights``);
+  ``ctc-gguf-a8``: the same codes with the activations quantized per token and block of 32 at run
+  time (``gguf-weights a_bits=8``, llama.cpp's Q4_1 x Q8_1 form): VNNI integer dot products,
+  the float block minima applied in the epilogue;
+  ``ctc-w4f-a8``: ``ctc-w4f`` with the same per-block activations (``a_mode="block"``) for the
+  body and the head;
 * ``ctc-kv8`` / ``ctc-kv4``: fp32 weights with the int8 (int4, groups of 32) KV cache
   (``kv-cache-quant``); ``ctc-w8a8-kv8``: ``ctc-w8a8`` plus the int8 KV cache.
 
@@ -71,6 +76,11 @@ PIPELINES: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
                       "w_zero": "float"}),
         ("quantize", {"w_bits": 8, "a_bits": 16, "lm_head": True})]),
     "ctc-gguf": ("ctc GGUF Q4_1 weights", [("gguf-weights", {})]),
+    "ctc-gguf-a8": ("ctc GGUF Q4_1 weights x int8 act blocks of 32", [("gguf-weights", {"a_bits": 8})]),
+    "ctc-w4f-a8": ("ctc int4 g32 float-zero x int8 act blocks, head int8", [
+        ("quantize", {"w_bits": 4, "a_bits": 8, "a_mode": "block", "w_granularity": "group", "group_size": 32,
+                      "sym": False, "w_zero": "float"}),
+        ("quantize", {"w_bits": 8, "a_bits": 8, "a_mode": "block", "lm_head": True})]),
     "ctc-kv8": ("ctc fp32 + int8 KV", [("kv-cache-quant", {"bits": 8})]),
     "ctc-kv4": ("ctc fp32 + int4 KV g32", [("kv-cache-quant", {"bits": 4, "group_size": 32})]),
     "ctc-w8a8-kv8": ("ctc W8A8 per-token + int8 KV", [("quantize", {"w_bits": 8, "a_bits": 8, "a_mode": "dynamic",

@@ -105,3 +105,23 @@ def test_gguf_weights_pass_swaps_the_linears(tmp_path: Path) -> None:
     torch.testing.assert_close(interpret(out, [xs])[0], ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(PipelineError, match="give file="):
         PassManager([get_pass("gguf-weights")({})], progress=False, fidelity=False).run(m)
+
+
+def test_gguf_weights_with_block_quantized_activations(tmp_path: Path) -> None:
+    """``a_bits=8``: the file's codes unchanged, activations quantized per row and block of 32 at run time."""
+    want = _write_llama(tmp_path / "m.gguf")
+    m = Module("toy")
+    x = m.add_input("x", TensorType((1, 3, 64), "f32"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    m.add_param(name, torch.zeros(96, 64))
+    y = m.create_node("linear", [x, m.param(name)], scope="model.layers.0.mlp.up_proj", block=0)
+    m.set_outputs([y.output])
+    out, _ = PassManager([get_pass("gguf-weights")({"file": str(tmp_path / "m.gguf"), "a_bits": 8})],
+                         progress=False, fidelity=False).run(m)
+    (q,) = [n for n in out.nodes if n.op == "quant_linear"]
+    assert q.attrs["a_bits"] == 8 and q.attrs["act_dynamic"] and q.attrs["act_clusters"] == (32, 64)
+    xs = torch.randn(1, 3, 64)
+    ref = xs @ torch.from_numpy(want[name]).T
+    got = interpret(out, [xs])[0]
+    err = float((got - ref).abs().max())
+    assert 0 < err < 0.02 * float(ref.abs().max())  # 8-bit activation rounding: small, not zero

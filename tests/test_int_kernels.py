@@ -315,3 +315,38 @@ def test_relax_function_with_symbolic_m(tmp_path, amx: bool) -> None:
         # layer 2 re-quantizes h: a rounding flip in h may move one code; allow one step of layer 2
         step = float(c2["s"][0]) * float(c2["qw"].scale.abs().max()) * 127
         np.testing.assert_allclose(got, ref, rtol=0, atol=step)
+
+
+@pytest.mark.parametrize("vnni", SCHEDULES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_float_zero_points_with_block_dynamic_activations(m: int, vnni: bool) -> None:
+    """GGUF Q4_1's form (int4 codes, per-block scale and *float* minimum) times activations quantized per
+    row and block of 32 at run time (llama.cpp's Q8_1 idea): the kernel equals the op's reference."""
+    g = torch.Generator().manual_seed(3)
+    k, n = 160, 40
+    w = torch.randn(n, k, generator=g) * 0.05 + 0.02
+    qw = Q.quantize_weight(w, 4, 32, False, float_zero=True)
+    assert qw.zero.dtype == torch.float32 and not torch.equal(qw.zero, qw.zero.round())
+    x = torch.randn(m, k, generator=g) * (0.2 + (torch.arange(k) % 7).float())
+    x[0, 3] = 40.0  # an outlier only its own block's range sees
+    blocks = tuple(range(32, k + 1, 32))
+    b = torch.randn(n, generator=g)
+    attrs = dict(w_bits=4, group_size=32, w_symmetric=False, a_bits=8, act_clusters=blocks, has_bias=True,
+                 act_dynamic=True)
+    ref = quant_linear(x, qw.qweight, qw.scale, qw.zero, b, **attrs).numpy()
+    spec = ik.QLinearSpec.from_attrs(attrs, k, n, w_zero_float=True)
+    assert len(spec.segments) == k // 32 and "df_" in spec.tag
+    tile = ik.gemv_tile(spec) if m == 1 else None
+    kern = ik.plan_quant_linear(spec, use_vnni=vnni, tile=tile)
+    packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, b, None, None)
+    assert packed["wzero"].dtype == np.float32
+    y = ik.run_quant_linear(kern, x, packed)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    # the activation rounding is real: the float-activation result differs by more than the kernel's error
+    wo = quant_linear(x, qw.qweight, qw.scale, qw.zero, b, w_bits=4, group_size=32, w_symmetric=False,
+                      a_bits=None, act_clusters=(), has_bias=True).numpy()
+    assert np.abs(wo - ref).max() > 10 * np.abs(y - ref).max()
+    with pytest.raises(ValueError, match="w_zero_float"):
+        ik.prepack_weights(ik.QLinearSpec.from_attrs(attrs, k, n), qw.qweight, qw.scale, qw.zero, b, None, None)
+    with pytest.raises(ValueError, match="dynamic activations"):
+        ik.QLinearSpec.from_attrs({**attrs, "act_dynamic": False}, k, n, w_zero_float=True)

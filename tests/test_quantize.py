@@ -133,3 +133,25 @@ def test_float_zero_option_is_weight_only_and_keeps_f32_zero_points() -> None:
                 {"w_zero": "float", "sym": False, "a_bits": 16, "w_granularity": "tensor"}):
         with pytest.raises(PassError, match="w_zero"):
             get_pass("quantize")(bad)
+
+
+def test_block_activation_mode_with_float_zero_points() -> None:
+    """``a_mode="block"``: per-token ranges per block of 32 input channels (llama.cpp's Q8_1 form), computed at
+    run time (no calibration), combinable with float weight zero points (Q4_1's grid)."""
+    m = tiny_transformer("llama")
+    ref = m.clone()
+    p = get_pass("quantize")({"w_bits": 4, "a_bits": 8, "a_mode": "block", "sym": False, "w_zero": "float",
+                              "w_granularity": "group", "group_size": 16})
+    assert not p.calibration_needed()
+    out = p.run(m, PassContext())
+    verify(out)
+    qls = [n for n in out.nodes if n.op == "quant_linear"]
+    assert qls
+    for n in qls:
+        k = int(n.operand("x").type.shape[-1])
+        assert n.attrs["act_dynamic"] and n.attrs["act_clusters"] == Q.act_block_clusters(k)
+        assert n.operand("w_zero").type.dtype == "f32"
+    x = outlier_inputs(ref, 1)[0]
+    assert float((interpret(out, x)[0] - interpret(ref, x)[0]).abs().max()) < 0.5
+    with pytest.raises(PassError, match="a_mode"):
+        get_pass("quantize")({"a_mode": "block", "a_granularity": "channel"})

@@ -266,3 +266,43 @@ def test_activation_ranges_default_to_per_token_for_decoder_lms_only() -> None:
     assert act_modes("causal_lm", None) == {True} and act_modes("decode_step", None) == {True}
     assert act_modes("encoder", None) == {False} and act_modes(None, None) == {False}
     assert act_modes("causal_lm", "static") == {False} and act_modes("encoder", "dynamic") == {True}
+
+
+def test_gptq_float_zero_keeps_weights_already_on_a_q4_1_grid() -> None:
+    """Weights that sit on a Q4_1 grid (per block of 32: ``min + d * u``, codes 0 and 15 used) come back exactly
+    from GPTQ with float zero points (no rounding error, so no feedback), not from integer zero points."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 16, 64
+    d = torch.rand(n, k // 32, 1, generator=g) * 0.02 + 0.005
+    m = torch.rand(n, k // 32, 1, generator=g) * 0.1 - 0.12
+    u = torch.randint(0, 16, (n, k // 32, 32), generator=g)
+    u[..., 0], u[..., 1] = 0, 15
+    w = (m + d * u).reshape(n, k)
+    x = torch.randn(256, k, generator=g)
+    h = x.double().T @ x.double() / x.shape[0]
+    fz = gptq_quantize(w, h, 4, 32, False, float_zero=True)
+    assert fz.zero.dtype == torch.float32
+    back = Q.dequantize_weight(fz.qweight, fz.scale, fz.zero, 4, 32, k)
+    torch.testing.assert_close(back, w, rtol=0, atol=1e-5)
+    iz = gptq_quantize(w, h, 4, 32, False)
+    assert iz.zero.dtype == torch.int8
+    assert float((Q.dequantize_weight(iz.qweight, iz.scale, iz.zero, 4, 32, k) - w).abs().max()) > 1e-3
+
+
+def test_float_zero_option_needs_run_time_activation_ranges() -> None:
+    m = tiny_transformer("llama", seed=0)
+    m.meta["task"] = "causal_lm"
+    cal = outlier_inputs(m, 2, seed=1)
+    out = get_pass("rptq")({"w_bits": 4, "clusters": 2, "w_zero": "float", "check_fold": False}).run(
+        m, PassContext(calibration=cal))
+    verify(out)
+    qls = [n for n in out.nodes if n.op == "quant_linear"]
+    assert qls and all(n.attrs["act_dynamic"] and n.operand("w_zero").type.dtype == "f32" for n in qls)
+    with pytest.raises(PassError, match="w_zero"):
+        get_pass("rptq")({"w_zero": "float", "a_mode": "static"})
+    with pytest.raises(PassError, match="w_zero"):
+        get_pass("rptq")({"w_zero": "float", "sym": True})
+    enc = tiny_transformer("llama", seed=0)
+    with pytest.raises(PassError, match="w_zero"):
+        get_pass("rptq")({"w_bits": 4, "w_zero": "float", "check_fold": False}).run(
+            enc, PassContext(calibration=outlier_inputs(enc, 2, seed=1)))

@@ -128,6 +128,36 @@ def test_dynamic_activation_kernels_match_interpreter(rows: int, clusters: tuple
     assert float((got - ref).abs().mean()) < 1e-4 * float(ref.abs().mean()) + 1e-5
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_float_zero_int4_with_block_activations_matches_interpreter(rows: int) -> None:
+    """GGUF Q4_1's form (int4 codes, float block minima) x activations per row and block of 32 (the
+    ``gguf-weights a_bits=8`` / ``quantize a_mode="block"`` nodes): integer kernels, not a float fallback."""
+    g = torch.Generator().manual_seed(11)
+    k, n = 128, 48
+    qw = Q.quantize_weight(torch.randn(n, k, generator=g) * 0.1 + 0.05, 4, 32, False, float_zero=True)
+    m = Module("w4a8f")
+    x = m.add_input("x", TensorType((1, rows, k), "f32"))
+    ops = {"x": x}
+    for nm, t in {"qweight": qw.qweight, "w_scale": qw.scale, "w_zero": qw.zero}.items():
+        m.add_param(nm, t)
+        ops[nm] = m.param(nm)
+    y = m.create_node("quant_linear", ops, {"w_bits": 4, "group_size": 32, "w_symmetric": False, "a_bits": 8,
+                                            "act_clusters": Q.act_block_clusters(k), "act_dynamic": True})
+    m.set_outputs([y.output])
+    from ctc.backends.tvm.int_kernels import target_has_vnni
+
+    low = L.lower(m)
+    # AVX512-VNNI: the block kernels (block_gemv); elsewhere the generic integer kernels with a float epilogue
+    want = "ctc_blk_gemv" if target_has_vnni() else "df_g32"
+    assert low.int_kernels == 1 and not low.notes and want in low.mod.script()
+    xs = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 4, k)
+    ref = interpret(m, [xs])[0]
+    got = _run(m, xs)
+    step = float((xs.abs().amax() * 2 / 255) * qw.scale.abs().max()) * 32
+    assert float((got - ref).abs().max()) <= step
+    assert float((got - ref).abs().mean()) < 1e-4 * float(ref.abs().mean()) + 1e-5
+
+
 def test_one_row_uses_a_one_row_tile() -> None:
     from ctc.backends.tvm.int_kernels import target_has_amx
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantizedWeight", "act_qparams", "cluster_index", "dequantize_kv", "dequantize_weight",
-           "dynamic_act_qparams", "fake_quant_act", "fake_quant_act_dynamic", "kv_groups", "kv_storage_dim",
-           "quantize_kv",
+__all__ = ["ACT_BLOCK", "QuantizedWeight", "act_block_clusters", "act_qparams", "cluster_index", "dequantize_kv",
+           "dequantize_weight", "dynamic_act_qparams", "fake_quant_act", "fake_quant_act_dynamic", "kv_groups",
+           "kv_storage_dim", "quantize_kv",
            "num_groups", "pack_int4", "packed_k", "qrange", "quant_linear_int", "quantize_act", "quantize_weight",
            "unpack_int4", "unpack_weight"]
 
@@ -207,6 +207,18 @@ def dynamic_act_qparams(x: torch.Tensor, bits: int, clusters: tuple[int, ...] | 
     lo = torch.stack([xf[..., a:b].amin(-1) for a, b in zip(starts, bounds, strict=True)], -1)
     hi = torch.stack([xf[..., a:b].amax(-1) for a, b in zip(starts, bounds, strict=True)], -1)
     return act_qparams(lo, hi, bits)
+
+
+ACT_BLOCK = 32
+"""Input channels per activation block in the per-block dynamic mode (llama.cpp's ``QK8_1``)."""
+
+
+def act_block_clusters(k: int, block: int = ACT_BLOCK) -> tuple[int, ...]:
+    """Cluster end boundaries cutting ``k`` input channels into blocks of ``block`` (the last may be short):
+    with ``act_dynamic`` each row's every block gets its own 8-bit range, llama.cpp's Q8_1 activation form."""
+    if k <= 0 or block <= 0:
+        raise ValueError(f"act_block_clusters: k={k} and block={block} must be positive")
+    return (*range(block, k, block), k)
 
 
 def fake_quant_act_dynamic(x: torch.Tensor, bits: int, clusters: tuple[int, ...] | list[int]) -> torch.Tensor:

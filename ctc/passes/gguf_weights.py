@@ -7,6 +7,10 @@ weight-only ``quant_linear`` carrying the file's own integer codes and block sca
 computes exactly what llama.cpp's de-quantized weights compute, with the weights stored and
 streamed as 4 (or 8) bits by the CPU kernels (``ctc.backends.tvm.weight_only``).  The tied LM
 head reads ``token_embd`` (``lm_head=true``, the default); the embedding lookup stays float.
+With ``a_bits=8`` the activations are quantized too, per row and block of 32 input channels at
+run time (llama.cpp's Q8_1 idea, asymmetric u8 here): the CPU backend then runs the file's codes
+through the integer VNNI kernels (``ctc.backends.tvm.int_kernels``, float block minima in the
+epilogue) instead of expanding them to fp32; this rounding changes the result (a little).
 
 Why a pass: the captured graph (with its blocks, scopes and decode-step wrapper) comes from the
 Hugging Face model; only the weights come from the GGUF.  Which file: ``file=`` (relative to the
@@ -19,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ctc.frontends.gguf import GgufError, read_llama_linears
+from ctc.ir import quant as Q
 from ctc.ir.graph import Module, Node
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
 from ctc.passes.quantize import param_tensor
@@ -50,6 +55,9 @@ class GgufWeightsPass(Pass):
 
         file: str = option("", "the GGUF file; empty = the file a bundled GGUF model was loaded from")
         lm_head: bool = option(True, "the LM head too (a tied head reads token_embd)")
+        a_bits: int = option(16, "activations: 16 = float (weight-only, exact); 8 = each row quantized at run time "
+                                 "per block of 32 input channels (llama.cpp's Q8_1 idea), so the integer kernels "
+                                 "multiply the file's codes on VNNI; changes the result slightly", choices=(8, 16))
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         o = self.options
@@ -80,8 +88,10 @@ class GgufWeightsPass(Pass):
                    "w_scale": rw.new_param(f"{base}.w_scale", qw.scale, before=lin),
                    "w_zero": rw.new_param(f"{base}.w_zero", qw.zero, before=lin),
                    "bias": lin.operand("bias")}
+            act = ({"a_bits": 8, "act_dynamic": True, "act_clusters": Q.act_block_clusters(qw.k)}
+                   if o.a_bits == 8 else {"a_bits": None})
             q = rw.create("quant_linear", ops, {"w_bits": qw.bits, "group_size": qw.group_size,
-                                                "w_symmetric": qw.symmetric, "a_bits": None,
+                                                "w_symmetric": qw.symmetric, **act,
                                                 "has_bias": lin.operand("bias") is not None}, before=lin)
             rw.replace(lin, q.output)
             kinds[g.kind] = kinds.get(g.kind, 0) + 1
@@ -89,6 +99,6 @@ class GgufWeightsPass(Pass):
         if not done:
             raise PassError(f"gguf-weights: no selected linear matches a quantized tensor of {path}")
         rw.note(f"gguf-weights: {done} linears read {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} "
-                f"tensors of {path}")
+                f"tensors of {path}" + ("; activations 8-bit per token and block of 32" if o.a_bits == 8 else ""))
         ctx.metrics.update({"gguf_linears": done, "gguf_types": kinds})
         return module

@@ -275,11 +275,14 @@ class QuantizeOptions(PassOptions):
     group_size: int = option(128, "input channels per weight group (w_granularity=group)", min=1)
     a_granularity: str = option("tensor", "activation scales per tensor or per input channel",
                                 choices=("tensor", "channel"))
-    a_mode: str = option("static", "activation ranges: static (calibrated) or dynamic (per token, computed in the "
-                                   "kernel at run time; a_granularity=tensor only)", choices=("static", "dynamic"))
+    a_mode: str = option("static", "activation ranges: static (calibrated), dynamic (per token, computed in the "
+                                   "kernel at run time; a_granularity=tensor only) or block (per token and block of "
+                                   "32 input channels at run time: llama.cpp's Q8_1 activation form)",
+                         choices=("static", "dynamic", "block"))
     sym: bool = option(True, "symmetric weights (zero point 0); false = asymmetric min-max")
     w_zero: str = option("int", "zero points of asymmetric weights: int (range stretched to hold 0; what integer "
-                                "kernels take) or float (each group's own min..max, GGUF Q4_1's grid; weight-only)",
+                                "kernels take) or float (each group's own min..max, GGUF Q4_1's grid; with a_bits=16 "
+                                "or run-time activation ranges)",
                          choices=("int", "float"))
     blocks_only: bool = option(True, "quantize only linears inside repeated blocks (heads, embeddings stay float); "
                                      "without block info, all but the linears producing module outputs")
@@ -288,12 +291,15 @@ class QuantizeOptions(PassOptions):
                                   "difference of the pass's fidelity with and without it")
 
     def validate(self) -> None:
-        if self.w_zero == "float" and (self.sym or self.a_bits != 16 or self.w_granularity == "tensor"):
-            raise PassError("option w_zero=\"float\" is for asymmetric weight-only quantization per channel or "
-                            "group: set sym=false, a_bits=16 and w_granularity=\"channel\" or \"group\"")
-        if self.a_mode == "dynamic" and self.a_granularity == "channel":
-            raise PassError("option a_mode=\"dynamic\" computes one range per token; it does not combine with "
-                            "a_granularity=\"channel\" (use a_granularity=\"tensor\", or rptq's clusters)")
+        if self.w_zero == "float" and (self.sym or self.w_granularity == "tensor"
+                                       or (self.a_bits != 16 and self.a_mode == "static")):
+            raise PassError("option w_zero=\"float\" is for asymmetric weights per channel or group with float or "
+                            "run-time activation ranges: set sym=false, w_granularity=\"channel\" or \"group\", "
+                            "and a_bits=16 or a_mode=\"dynamic\"/\"block\"")
+        if self.a_mode != "static" and self.a_granularity == "channel":
+            raise PassError(f"option a_mode=\"{self.a_mode}\" computes its ranges per token at run time; it does "
+                            "not combine with a_granularity=\"channel\" (use a_granularity=\"tensor\", or rptq's "
+                            "clusters)")
         default = QuantizeOptions.__dataclass_fields__["group_size"].default
         if self.w_granularity != "group" and self.group_size != default:
             raise PassError(f"option group_size={self.group_size} applies only with w_granularity=\"group\"; "
@@ -347,6 +353,8 @@ class QuantizePass(Pass):
             clusters: tuple[int, ...] = ()
             if a_q and o.a_mode == "dynamic":
                 pass  # per-token ranges at run time: nothing to calibrate
+            elif a_q and o.a_mode == "block":  # per token and block of 32 at run time
+                clusters = Q.act_block_clusters(int(w.shape[1]))
             elif a_q:
                 assert calib is not None
                 st = calib.input_of(lin)
@@ -357,13 +365,14 @@ class QuantizePass(Pass):
             plans.append((lin, w, b, qw, scale, zero, clusters))
         for lin, w, b, qw, scale, zero, clusters in plans:
             build_quant_linear(rw, lin, w, b, qw, o.a_bits if a_q else None, scale, zero, clusters, once=once,
-                               dynamic=o.a_mode == "dynamic")
+                               dynamic=o.a_mode != "static")
         n_kv = insert_kv_quant(rw, kv_st, o.kv_bits) if kv is not None else 0
         rw.cleanup()
         if once.hits:
             rw.note(f"quantize: {len(once)} weight(s) read by several linears (tied) quantized once each")
         rw.note(f"quantize: {len(lins)} linears -> quant_linear W{o.w_bits}A{o.a_bits} "
-                f"(weights per {o.w_granularity}, activations per {o.a_granularity})"
+                f"(weights per {o.w_granularity}, activations "
+                + (f"per token and block of {Q.ACT_BLOCK})" if o.a_mode == "block" else f"per {o.a_granularity})")
                 + (f"; {n_kv} k/v operands fake-quantized to {o.kv_bits} bits" if n_kv else ""))
         ctx.metrics.update({"quantized_linears": len(lins), "kv_quantized": n_kv})
         return module

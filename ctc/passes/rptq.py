@@ -167,13 +167,15 @@ def runs(labels: torch.Tensor) -> list[int]:
 
 # --------------------------------------------------------------------------- GPTQ
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  *, percdamp: float = 0.01, blocksize: int = 128) -> Q.QuantizedWeight:
+                  *, percdamp: float = 0.01, blocksize: int = 128, float_zero: bool = False) -> Q.QuantizedWeight:
     """GPTQ (Frantar et al. 2022) of ``w [N, K]`` given ``H = X^T X / n [K, K]`` in w's column order.
 
     Dead input channels (zero Hessian diagonal) get weight 0; the Hessian is damped by
     ``percdamp`` of its mean diagonal; the upper Cholesky factor of ``H^-1`` drives the
     column-by-column error feedback.  Scales are per output row (``group_size=-1``, from the
     whole row) or per group (from the error-updated weights when the group starts).
+    ``float_zero`` (asymmetric): each group's grid spans its own min..max with an f32 zero point
+    (:func:`ctc.ir.quant.quantize_weight`'s ``float_zero``, GGUF Q4_1's form).
     """
     wf = w.detach().to(torch.float64).clone()
     n, k = wf.shape
@@ -194,7 +196,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     zeros = torch.zeros(n, g, dtype=torch.float32)
 
     def params(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ref = Q.quantize_weight(block.to(torch.float32), bits, -1, symmetric)
+        ref = Q.quantize_weight(block.to(torch.float32), bits, -1, symmetric, float_zero=float_zero)
         return ref.scale[:, 0], ref.zero[:, 0].to(torch.float32)
 
     if group_size == -1:
@@ -214,7 +216,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             gi = 0 if group_size == -1 else col // group_size
             s, z = scales[:, gi], zeros[:, gi]
             wc = w1[:, i]
-            q = torch.clamp(torch.round(wc / s) + z, lo_q, hi_q)
+            q = torch.clamp(torch.round(wc / s + z), lo_q, hi_q)  # = round(wc / s) + z for integer z
             q_int[:, col] = q
             dq = (q - z) * s
             e = (wc - dq) / hinv1[i, i]
@@ -223,8 +225,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         wf[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     qi = q_int.to(torch.int8)
     qweight = Q.pack_int4(qi) if bits <= 4 else qi
-    return Q.QuantizedWeight(qweight, scales.to(torch.float32), zeros.to(torch.int8), bits, group_size,
-                             symmetric, k)
+    return Q.QuantizedWeight(qweight, scales.to(torch.float32), zeros if float_zero else zeros.to(torch.int8), bits,
+                             group_size, symmetric, k)
 
 
 # --------------------------------------------------------------------------- fold planning
@@ -458,6 +460,10 @@ class RptqOptions(PassOptions):
                                      "for w_bits <= 4 (where round-to-nearest loses most), off above")
     sym: bool | None = option(None, "symmetric weights (zero point 0); unset: asymmetric (an integer zero point per "
                                     "group) for w_bits <= 4, symmetric above")
+    w_zero: str = option("int", "zero points of asymmetric weights: int (each group's range stretched to hold 0) or "
+                                "float (each group's own min..max, GGUF Q4_1's grid; needs dynamic or float "
+                                "activations: the integer kernel applies the float minimum in its epilogue)",
+                         choices=("int", "float"))
     fold_only: bool = option(False, "only reorder and fold (no quantization): for checking exactness")
     check_fold: bool = option(True, "compare the folded float module with the original on one calibration batch")
     blocks_only: bool = option(True, "quantize only linears inside repeated blocks (without block info: all "
@@ -500,6 +506,13 @@ class RptqOptions(PassOptions):
     def validate(self) -> None:
         if self.group_size == 0:
             raise PassError("option group_size=0: use -1 (per output channel) or a positive size")
+        if self.w_zero == "float" and self.sym is True:
+            raise PassError("options w_zero=\"float\" and sym=true contradict each other: a symmetric grid has no "
+                            "zero point; drop sym or set sym=false")
+        if self.w_zero == "float" and self.a_mode == "static" and self.a_bits != 16:
+            raise PassError("option w_zero=\"float\" needs run-time activation ranges (a_mode=\"dynamic\" or "
+                            "\"auto\" on a decoder) or a_bits=16: static-range integer kernels take integer zero "
+                            "points only")
         if self.fold_only and self.gptq is True:
             raise PassError("options fold_only=true and gptq=true contradict each other: fold_only quantizes "
                             "nothing, so there is no rounding for GPTQ to compensate; drop one of them")
@@ -666,6 +679,10 @@ class RptqPass(Pass):
             ctx.note("rptq: no linear selected")
             return module
         dyn = o.a_bits != 16 and o.dynamic_for(module)
+        float_zero = o.w_zero == "float" and not o.symmetric
+        if float_zero and o.a_bits != 16 and not dyn:
+            raise PassError("rptq: w_zero=\"float\" needs run-time activation ranges, but a_mode=\"auto\" chose "
+                            "static ranges for this (non-decoder) module: set a_mode=\"dynamic\" or w_zero=\"int\"")
         clip = o.a_clip == "mse" and o.a_bits != 16 and not dyn and not o.fold_only
         calib = ctx.get(CalibrationStats(hessian=o.use_gptq, **({"reservoir": o.clip_rows} if clip else {})), module)
         stats = dict(calib.stats)
@@ -721,8 +738,9 @@ class RptqPass(Pass):
 
                 def quantized(w: torch.Tensor = w, name: str = name) -> Q.QuantizedWeight:
                     if o.use_gptq:  # the Hessian of every activation the (maybe tied) weight reads, in its order
-                        return gptq_quantize(w, hessians[name], o.w_bits, o.groups, o.symmetric, percdamp=o.damp)
-                    return Q.quantize_weight(w, o.w_bits, o.groups, o.symmetric)
+                        return gptq_quantize(w, hessians[name], o.w_bits, o.groups, o.symmetric, percdamp=o.damp,
+                                             float_zero=float_zero)
+                    return Q.quantize_weight(w, o.w_bits, o.groups, o.symmetric, float_zero=float_zero)
 
                 qw = qws.get(name, quantized)
                 bounds = pl.bounds if len(pl.bounds) > 1 else []
@@ -736,7 +754,8 @@ class RptqPass(Pass):
                     "stored once each")
         segs = [len(pl.bounds) for pl in plans]
         ranges = "" if not a_q else " dynamic" if dyn else f" static ({o.a_clip})"
-        wq = f"{'GPTQ' if o.use_gptq else 'RTN'} {'sym' if o.symmetric else 'asym'} " + (
+        fz = " float-zero" if float_zero else ""
+        wq = f"{'GPTQ' if o.use_gptq else 'RTN'} {'sym' if o.symmetric else 'asym'}{fz} " + (
             "per channel" if o.groups == -1 else f"groups of {o.groups}")
         ctx.note(f"rptq: W{o.w_bits}A{o.a_bits}{ranges} clusters={o.clusters} {wq}; "
                  f"{sum(len(p.absorbers) for p in plans)} linears; routes {routes}; activation segments "

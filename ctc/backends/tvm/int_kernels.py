@@ -19,6 +19,10 @@ are constant, so each segment's int32 sum is scaled once (``alpha_s[n] = s_c * w
 ``corr_s[n] = z_c * rowsum_s(qw)[n] - len_s * z_c * w_zero[n, g]`` comes from the precomputed
 per-segment weight row sums.  ``acc - corr - w_zero * xsum`` equals
 ``sum_k (qa - z_c)(qw - w_zero)`` exactly (the ``quant_linear_int`` form of the op).
+Float weight zero points (GGUF Q4_1's block minima, ``w_zero`` f32, dynamic activations only)
+keep the integer dot product and move the zero point's term to the float epilogue:
+``(acc - z_c * rowsum_s) - w_zero * (xsum_s - len_s * z_c)`` -- llama.cpp's Q4_1 x Q8_1 form
+(``d_w d_x q_w . q_x + m_w d_x sum(q_x)``) with per-block asymmetric u8 activations.
 
 Weights are pre-packed (:func:`prepack_weights`) as ``[Np/16, Kp/4, 16, 4]`` int8 (the
 ``vpdpbusd`` B operand is one 64-byte row); int4 weights as ``[Np/16, Kp/8, 16, 4]`` bytes
@@ -112,10 +116,12 @@ class QLinearSpec:
     amx: bool = False  # AMX tile layout: segments padded to 64 bytes, N to 32, rows to 32 (see _qmm_amx_source)
     gather: bool = False  # qact reads x through a channel permutation (RPTQ's reorder): x[:, perm[k]]
     gelu: bool = False  # the AMX kernel applies gelu (erf form) to its output (the FFN's activation, fused)
+    w_zero_float: bool = False  # f32 weight zero points (GGUF Q4_1's block minima): a float epilogue term
 
     @staticmethod
-    def from_attrs(attrs: Mapping[str, Any], k: int, n: int) -> QLinearSpec:
-        """Build from the ``quant_linear`` attributes (see ``ctc/ir/ops/compress.py``)."""
+    def from_attrs(attrs: Mapping[str, Any], k: int, n: int, *, w_zero_float: bool = False) -> QLinearSpec:
+        """Build from the ``quant_linear`` attributes (see ``ctc/ir/ops/compress.py``); ``w_zero_float``:
+        the node's ``w_zero`` operand is f32 (float zero points), not i8."""
         a_bits = attrs.get("a_bits")
         if a_bits is None or a_bits == 16:
             raise ValueError("int_kernels: quant_linear with float activations (a_bits None/16) has no integer "
@@ -123,7 +129,7 @@ class QLinearSpec:
         spec = QLinearSpec(k=int(k), n=int(n), w_bits=int(attrs["w_bits"]), group_size=int(attrs.get("group_size", -1)),
                            w_symmetric=bool(attrs.get("w_symmetric", True)), a_bits=int(a_bits),
                            clusters=tuple(int(c) for c in attrs.get("act_clusters", ())),
-                           dynamic=bool(attrs.get("act_dynamic", False)))
+                           dynamic=bool(attrs.get("act_dynamic", False)), w_zero_float=bool(w_zero_float))
         spec.validate()
         return spec
 
@@ -147,6 +153,12 @@ class QLinearSpec:
         if self.amx and self.int4:
             raise ValueError(f"int_kernels: the AMX kernel takes 8-bit weight storage, not w_bits={self.w_bits} "
                              "(packed nibbles); leave amx=False for int4 weights")
+        if self.w_zero_float and (self.w_symmetric or not self.dynamic):
+            raise ValueError("int_kernels: float weight zero points need asymmetric weights (w_symmetric=False) "
+                             "and dynamic activations (act_dynamic=True)")
+        if self.w_zero_float and self.amx:
+            raise ValueError("int_kernels: the AMX kernel takes integer weight zero points; leave amx=False for "
+                             "float zero points")
 
     @property
     def int4(self) -> bool:
@@ -202,7 +214,7 @@ class QLinearSpec:
         h = abs(hash((self.clusters, self.group_size))) % (1 << 32)
         return (f"k{self.k}_n{self.n}_w{self.w_bits}{'s' if self.w_symmetric else 'a'}_a{self.a_bits}"
                 f"{'d' if self.dynamic else ''}{'x' if self.amx else ''}{'p' if self.gather else ''}"
-                f"{'G' if self.gelu else ''}"
+                f"{'G' if self.gelu else ''}{'f' if self.w_zero_float else ''}"
                 f"_g{self.group_size if self.group_size > 0 else 0}"
                 f"_c{self.num_clusters}_{h:08x}")
 
@@ -556,7 +568,7 @@ def _qmm_header(spec: QLinearSpec, wshape: str) -> list[str]:
                f'alpha: T.Buffer(({_i(S)}, {_i(NP)}), "float32")',
                f'corr: T.Buffer(({_i(S)}, {_i(NP)}), "int32")']
     if asym:
-        params.append(f'wzero: T.Buffer(({_i(S)}, {_i(NP)}), "int32")')
+        params.append(f'wzero: T.Buffer(({_i(S)}, {_i(NP)}), "{"float32" if spec.w_zero_float else "int32"}")')
     params += [f'bias: T.Buffer(({_i(NP)},), "float32")', "var_y: T.handle"]
     L = ["@T.prim_func(s_tir=True)",
          f"def qmm({', '.join(params)}):",
@@ -647,13 +659,20 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
                       f'{ind}            {acc}[{cloc}] = {acc}[{cloc}] + T.Cast("int32", xq[{row}, '
                       f"{_i(seg.poff + 4 * h)} + vko * {_i(8)} + vk4])"
                       f' * T.Cast("int32", wl{si}[vnb, {_i(h)}, vn16, vk4])']
-        if dyn:  # alpha = the weight scale, corr = rowsum - len * w_zero; the row's (scale, zero) applied here
+        if dyn and spec.w_zero_float:
+            # float zero z: sum (qa - za)(q - z) = [acc - za * rowsum] - z * (xsum - len * za); corr = rowsum
+            c = _i(seg.cluster)
+            term = (f'ascale[{row}, {c}] * alpha[{_i(si)}, vn] * (T.Cast("float32", {acc}[{loc}] - azero[{row}, {c}]'
+                    f' * corr[{_i(si)}, vn]) - wzero[{_i(si)}, vn] * T.Cast("float32", xsum[{row}, {_i(si)}]'
+                    f' - {_i(seg.length)} * azero[{row}, {c}]))')
+        elif dyn:  # alpha = the weight scale, corr = rowsum - len * w_zero; the row's (scale, zero) applied here
             c = _i(seg.cluster)
             term = (f'ascale[{row}, {c}] * alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - azero[{row}, {c}]'
                     f' * corr[{_i(si)}, vn]')
         else:
             term = f'alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - corr[{_i(si)}, vn]'
-        term += f" - wzero[{_i(si)}, vn] * xsum[{row}, {_i(si)}])" if asym else ")"
+        if not (dyn and spec.w_zero_float):
+            term += f" - wzero[{_i(si)}, vn] * xsum[{row}, {_i(si)}])" if asym else ")"
         last = si == S - 1
         lhs = "y[vm, vn]" if last else f"out{si}[{loc}]"
         rhs = f"bias[vn] + {term}" if si == 0 else f"out{si - 1}[{loc}] + {term}"
@@ -890,13 +909,17 @@ def prepack_weights(spec: QLinearSpec, qweight: Any, w_scale: Any, w_zero: Any, 
     """The kernel's constant operands from the ``quant_linear`` operand values (numpy or torch).
 
     Returns ``act_scale f32 [C]``, ``act_zero i32 [C]``, ``wpack`` (VNNI layout, see module
-    doc), ``alpha f32 [S, Np]``, ``corr i32 [S, Np]``, ``wzero i32 [S, Np]`` (asymmetric
+    doc), ``alpha f32 [S, Np]``, ``corr i32 [S, Np]``, ``wzero i32 [S, Np]`` (f32 with ``w_zero_float``; asymmetric
     weights only) and ``bias f32 [Np]``; padded channels are zero.
     """
     q = _unpack_qweight(spec, qweight)  # [N, K] int32
     G, C, S, N, NP, KP = spec.num_groups, spec.num_clusters, len(spec.segments), spec.n, spec.np_, spec.kp
     ws = _np(w_scale, np.float32).reshape(N, -1)
-    wz = _np(w_zero, np.int32).reshape(N, -1)
+    wz_raw = _np(w_zero)
+    if wz_raw.dtype.kind == "f" and not spec.w_zero_float and np.any(wz_raw != np.round(wz_raw)):
+        raise ValueError("int_kernels.prepack_weights: w_zero holds non-integer (float) zero points but the spec "
+                         "has w_zero_float=False (build it with QLinearSpec.from_attrs(..., w_zero_float=True))")
+    wz = wz_raw.astype(np.float32 if spec.w_zero_float else np.int32).reshape(N, -1)
     if ws.shape != (N, G) or wz.shape != (N, G):
         raise ValueError(f"int_kernels.prepack_weights: w_scale/w_zero must be [{N}, {G}], got "
                          f"{list(ws.shape)} / {list(wz.shape)}")
@@ -921,10 +944,15 @@ def prepack_weights(spec: QLinearSpec, qweight: Any, w_scale: Any, w_zero: Any, 
         wpack = qp.astype(np.int8).reshape(NP // 16, 16, KP // 4, 4).transpose(0, 2, 1, 3).copy()
     alpha = np.zeros((S, NP), np.float32)
     corr = np.zeros((S, NP), np.int64)
-    wzero = np.zeros((S, NP), np.int32)
+    wzero = np.zeros((S, NP), np.float32 if spec.w_zero_float else np.int32)
     for si, seg in enumerate(spec.segments):
         zc = int(a_z[seg.cluster])
         rows = q[:, seg.k0: seg.k0 + seg.length].astype(np.int64).sum(axis=1)
+        if spec.w_zero_float:  # the zero point's terms are applied in float by the epilogue
+            alpha[si, :N] = ws[:, seg.group]
+            corr[si, :N] = rows
+            wzero[si, :N] = wz[:, seg.group]
+            continue
         zg = wz[:, seg.group].astype(np.int64)
         if spec.dynamic:
             alpha[si, :N] = ws[:, seg.group]
@@ -1041,7 +1069,8 @@ def emit_quant_linear(bb: Any, x: Any, operands: Mapping[str, Any], attrs: Mappi
     ty = x.ty if hasattr(x, "ty") else x.struct_info
     k = int(ty.shape[-1])
     qw = operands["qweight"]
-    spec = QLinearSpec.from_attrs(attrs, k, int(_np(qw).shape[0]))
+    spec = QLinearSpec.from_attrs(attrs, k, int(_np(qw).shape[0]),
+                                  w_zero_float=_np(operands["w_zero"]).dtype.kind == "f")
     if amx:
         spec = with_amx(spec, target)
     kernel = plan_quant_linear(spec, target, use_vnni=use_vnni)

@@ -1521,18 +1521,24 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
     if ctx.gpu and consts:
         return _quant_linear_gpu(ctx, node, a, pnames)
     if a_q and consts and ctx.use_int_kernels:
+        from ctc.backends.tvm.block_gemv import lower_block_linear
+
+        y = lower_block_linear(ctx, node, a, pnames)  # activations per block of 32 (Q8_1's form) on VNNI
+        if y is not None:
+            return y
         try:
             from ctc.backends.tvm import int_kernels as IK
         except ImportError:  # pragma: no cover - colleague's module absent
             IK = None  # type: ignore[assignment]
         if IK is not None:
             vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
-            spec = IK.QLinearSpec.from_attrs(attrs, k, vals["qweight"].shape[0])
+            spec = IK.QLinearSpec.from_attrs(attrs, k, vals["qweight"].shape[0],
+                                             w_zero_float=vals["w_zero"].dtype.kind == "f")
             gathered = _gathered_input(ctx, node)
             if gathered is not None:  # RPTQ's explicit reorder: the quantizer gathers as it loads
                 spec = dataclasses.replace(spec, gather=True)
             one_row = _one_row(ctx, node.operand("x"))
-            if ctx.amx:  # several rows on a CPU with AMX: the tile kernel
+            if ctx.amx and not spec.w_zero_float:  # several rows on a CPU with AMX: the tile kernel
                 spec = IK.with_amx(spec, ctx.target, rows=1 if one_row else None)
             gelu = _gelu_reader(ctx, node) if spec.amx and xt.dtype == "f32" else None
             if gelu is not None:  # the FFN's activation in the matmul's epilogue

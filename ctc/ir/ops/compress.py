@@ -75,9 +75,9 @@ def _infer_quant_linear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     g = Q.num_groups(k, gs)
     _float(ws, "quant_linear w_scale")
     _shape(ws, (n, g), "quant_linear w_scale")
-    if wz.dtype != "i8" and not (wz.dtype == "f32" and not _a_quantized(a_bits)):
-        raise OpError(f"quant_linear w_zero must be i8 (signed zero points), or f32 for weight-only nodes "
-                      f"(float zero points, e.g. GGUF Q4_1 minima), got {wz}")
+    if wz.dtype != "i8" and not (wz.dtype == "f32" and (not _a_quantized(a_bits) or dynamic)):
+        raise OpError(f"quant_linear w_zero must be i8 (signed zero points), or f32 for weight-only nodes and nodes "
+                      f"with dynamic activations (float zero points, e.g. GGUF Q4_1 minima), got {wz}")
     _shape(wz, (n, g), "quant_linear w_zero")
     if attrs["has_bias"]:
         b = rest.pop(0)
@@ -151,8 +151,11 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
 
     ``act_dynamic``: ``(s_c, z_c)`` are computed per token (every leading index of ``x``) and
     cluster from that row's min/max (``ctc.ir.quant.dynamic_act_qparams``), as a kernel does at
-    run time; the op then has no ``act_scale``/``act_zero`` operands.  Weight-only nodes may carry
-    f32 ``w_zero`` (float zero points: ``W = (q - z) * s`` with ``z`` not an integer).
+    run time; the op then has no ``act_scale``/``act_zero`` operands.  Weight-only and ``act_dynamic``
+    nodes may carry f32 ``w_zero`` (float zero points: ``W = (q - z) * s`` with ``z`` not an integer;
+    the integer kernel keeps ``q . qa`` in int32 and applies ``z``'s term in float).  Clusters of one
+    weight group each (e.g. blocks of 32 with ``group_size=32``) are llama.cpp's Q8_1 activation
+    form: each block of each row gets its own 8-bit range.
     """
     rest_l = list(rest)
     bias = rest_l.pop(0) if has_bias else None

@@ -1,0 +1,68 @@
+"""The W4A8/W8A8 block kernels (activations quantized per row and block of 32 at run time, llama.cpp's Q8_1
+idea; int4 codes with float or integer zero points, or int8 codes) equal the ``quant_linear`` reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from ctc.backends.tvm import block_gemv as BG  # noqa: E402
+from ctc.backends.tvm import int_kernels as IK  # noqa: E402
+from ctc.ir import quant as Q  # noqa: E402
+from ctc.ir.ops.compress import quant_linear  # noqa: E402
+
+needs_vnni = pytest.mark.skipif(not IK.target_has_vnni(), reason="host CPU lacks avx512_vnni")
+
+
+def _weights(bits: int, float_zero: bool, n: int, k: int, gs: int) -> Q.QuantizedWeight:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(bits + n)) * 0.05 + 0.01
+    if bits == 8:
+        return Q.quantize_weight(w, 8, gs, True)
+    return Q.quantize_weight(w, 4, gs, False, float_zero=float_zero)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits,float_zero,gs,k,n,m", [
+    (4, True, 32, 128, 64, 1), (4, False, 64, 96, 48, 3), (8, False, -1, 64, 32, 2), (4, True, 32, 160, 512, 1)])
+def test_block_kernels_match_reference(bits: int, float_zero: bool, gs: int, k: int, n: int, m: int) -> None:
+    qw = _weights(bits, float_zero, n, k, gs)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g) * (0.2 + (torch.arange(k) % 7).float())
+    x[0, 5] = 60.0  # an outlier only its own block's range sees
+    b = torch.randn(n, generator=g)
+    attrs = dict(w_bits=bits, group_size=gs, w_symmetric=qw.symmetric, a_bits=8,
+                 act_clusters=Q.act_block_clusters(k), has_bias=True, act_dynamic=True)
+    assert BG.block_layout(attrs, k, n) is None
+    ref = quant_linear(x, qw.qweight, qw.scale, qw.zero, b, **attrs).numpy()
+    spec = BG.spec_for(k, n, bits, True)
+    p = BG.pack(spec, Q.unpack_weight(qw.qweight, bits, k).numpy(), qw.scale.numpy(), qw.zero.numpy(), gs)
+    tgt = IK.host_target()
+    fa = tvm.compile(tvm.IRModule({"main": BG.act_func(k).with_attr("global_symbol", "main")}), target=tgt)
+    fg = tvm.compile(tvm.IRModule({"main": BG.gemv_func(spec).with_attr("global_symbol", "main")}), target=tgt)
+    asm = fg.mod.inspect_source("asm")
+    assert asm.count("vpdpbusd") >= (2 if bits == 4 else 1) * 4 * spec.nb  # the unrolled steps of one block
+    t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())  # noqa: E731
+    xq, sx = t(np.zeros((m, k), np.uint8)), t(np.zeros((m, k // 32, 3), np.float32))
+    y = t(np.zeros((m, n), np.float32))
+    fa["main"](t(x.numpy()), xq, sx)
+    fg["main"](xq, sx, t(p["wpack"]), t(p["pa"]), t(b.numpy()), y)
+    # the activation codes are the reference's, bit for bit
+    s, z = Q.dynamic_act_qparams(x, 8, Q.act_block_clusters(k))
+    idx = Q.cluster_index(Q.act_block_clusters(k), k)
+    codes = torch.clamp(torch.round(x / s[:, idx]) + z[:, idx].float(), 0, 255).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(xq.numpy(), codes)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_layout_conditions_are_named() -> None:
+    base = dict(w_bits=4, group_size=32, a_bits=8, act_clusters=Q.act_block_clusters(64), act_dynamic=True)
+    assert BG.block_layout(base, 64, 32) is None
+    assert "dynamic" in BG.block_layout({**base, "act_dynamic": False}, 64, 32)
+    assert "blocks of 32" in BG.block_layout({**base, "act_clusters": (64,)}, 64, 32)
+    assert "N=40" in BG.block_layout(base, 64, 40)
+    assert "group_size=16" in BG.block_layout({**base, "group_size": 16}, 64, 32)
+    assert "w_bits=6" in BG.block_layout({**base, "w_bits": 6}, 64, 32)
+    assert BG.spec_for(576, 1536, 4, False).nb == 4 and BG.spec_for(576, 192, 4, False).nb == 1
