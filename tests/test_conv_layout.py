@@ -62,3 +62,19 @@ def test_small_plane_block_runs_channels_last_with_one_transpose() -> None:
 def test_large_plane_block_stays_channels_first() -> None:
     calls = _callees(_block(16))  # 256 positions > CHANNELS_LAST_MAX_PLANE
     assert not any("nhwc" in c or "transpose" in c for c in calls), calls
+
+
+def test_symbolic_batch_block_matches_interpreter() -> None:
+    """A symbolic batch, a 5x5 depthwise and a residual read from the channels-first input."""
+    from test_tvm_cpu import _run
+
+    from ctc.ir.interpreter import interpret
+
+    m = Module("cl_symbolic_batch")
+    x = m.add_input("x", TensorType(("b", 32, 7, 7), "f32"))
+    d = _conv(m, _conv(m, x, "e", 64, 32, 1, seed=1), "d", 64, 1, 5, groups=64, seed=2)
+    m.set_outputs([m.create_node("add", [_conv(m, d, "p", 32, 64, 1, seed=3), x], {}).output], ["y"])
+    assert sum("nhwc" in c for c in _callees(m)) == 3
+    inputs = [torch.randn(3, 32, 7, 7, generator=torch.Generator().manual_seed(4))]
+    ref, got = interpret(m, inputs)[0], _run(m, inputs)[0]
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
