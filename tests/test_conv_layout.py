@@ -18,21 +18,23 @@ pytest.importorskip("tvm")
 from ctc.ir import Module, TensorType, Value  # noqa: E402
 
 
-def _conv(m: Module, x: Value, name: str, cout: int, cin_g: int, k: int, groups: int = 1, seed: int = 0) -> Value:
+def _conv(m: Module, x: Value, name: str, cout: int, cin_g: int, k: int, groups: int = 1, seed: int = 0,
+          stride: int = 1) -> Value:
     g = torch.Generator().manual_seed(seed)
     m.add_param(name, torch.randn(cout, cin_g, k, k, generator=g) * 0.2)
     m.add_param(name + ".b", torch.randn(cout, generator=g) * 0.1)
     y = m.create_node("conv", [x, m.param(name), m.param(name + ".b")],
-                      {"stride": (1, 1), "padding": (k // 2, k // 2), "dilation": (1, 1), "groups": groups}).output
+                      {"stride": (stride, stride), "padding": (k // 2, k // 2), "dilation": (1, 1),
+                       "groups": groups}).output
     return m.create_node("relu", [y], {}).output
 
 
-def _block(plane: int) -> Module:
+def _block(plane: int, stride: int = 1) -> Module:
     """expand 1x1 -> depthwise 3x3 -> project 1x1 on a ``plane x plane`` map of 32 channels."""
     m = Module("cl_block")
     x = m.add_input("x", TensorType((1, 32, plane, plane), "f32"))
     e = _conv(m, x, "e", 64, 32, 1, seed=1)
-    d = _conv(m, e, "d", 64, 1, 3, groups=64, seed=2)
+    d = _conv(m, e, "d", 64, 1, 3, groups=64, seed=2, stride=stride)
     m.set_outputs([_conv(m, d, "p", 32, 64, 1, seed=3)], ["y"])
     return m
 
@@ -56,6 +58,14 @@ def test_small_plane_block_runs_channels_last_with_one_transpose() -> None:
     calls = _callees(_block(7))
     assert sum("nhwc" in c for c in calls) == 3, calls
     # only the module output is turned back to channels-first; the two intermediate transposes are dead
+    assert sum("transpose" in c for c in calls) == 1, calls
+
+
+def test_expansion_feeding_a_small_plane_depthwise_runs_channels_last() -> None:
+    # the 16x16 expansion's only reader is a strided depthwise with an 8x8 output: computing the
+    # expansion channels-last spares the depthwise a transposing copy of its input
+    calls = _callees(_block(16, stride=2))
+    assert sum("nhwc" in c for c in calls) == 3, calls
     assert sum("transpose" in c for c in calls) == 1, calls
 
 

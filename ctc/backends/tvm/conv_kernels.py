@@ -93,7 +93,7 @@ def lower_conv(ctx: Ctx, node: Node, a: Operands) -> Any:
         kind = "pointwise"
     else:
         kind = "im2col"
-    if kind != "im2col" and channels_last_pays(ctx, node, spec, x_val, out_shape):
+    if kind != "im2col" and channels_last_pays(ctx, node, kind, x_val, out_shape):
         return _lower_channels_last(ctx, node, a, spec, kind, x_val, chain, out_shape)
     x = ctx.val(x_val)
     w = a["weight"]
@@ -153,22 +153,59 @@ def channels_last_value(ctx: Ctx, v: Value) -> Any | None:
     return ctx.memo.get((_CL_KEY, id(v)))
 
 
-def channels_last_pays(ctx: Ctx, node: Node, spec: _ConvSpec, x_val: Value, out_shape: list[Any]) -> bool:
-    """Whether this (pointwise or depthwise, 2-d, static, parameter-weight) convolution runs
-    channels-last on a CPU."""
+def channels_last_pays(ctx: Ctx, node: Node, kind: str, x_val: Value, out_shape: list[Any]) -> bool:
+    """Whether this (pointwise or depthwise) convolution runs channels-last on a CPU: 2-d, static,
+    a parameter weight, whole vectors of output channels, and an input already channels-last, a small
+    output plane, or (pointwise) a result read only by depthwise convolutions that run channels-last
+    (which then need no transposing copy of their input)."""
+    if not _channels_last_capable(ctx, node, out_shape) or \
+            not all(isinstance(d, int) for d in ctx.shape_of(x_val)[1:]):
+        return False
+    if channels_last_value(ctx, x_val) is not None or out_shape[2] * out_shape[3] <= CHANNELS_LAST_MAX_PLANE:
+        return True
+    return kind == "pointwise" and _feeds_channels_last_depthwise(ctx, node)
+
+
+def _channels_last_capable(ctx: Ctx, node: Node, out_shape: list[Any]) -> bool:
     from ctc.backends.tvm.schedules import vector_lanes
 
     target = ctx.target
-    if spec.nd != 2 or target is None or getattr(target.kind, "name", "") != "llvm":
+    if len(out_shape) != 4 or target is None or getattr(target.kind, "name", "") != "llvm":
         return False
     w = node.operand("weight")
-    if w is None or ctx.param_name(w) is None:  # its layouts are made at compile time
+    if w is None or w.producer is None or w.producer.op != "param":  # its layouts are made at compile time
         return False
-    if not all(isinstance(d, int) for d in [*out_shape[1:], *ctx.shape_of(x_val)[1:]]):
+    if not all(isinstance(d, int) for d in out_shape[1:]):
         return False
-    if spec.cout % vector_lanes(target, 32):
+    return out_shape[1] % vector_lanes(target, 32) == 0
+
+
+def _feeds_channels_last_depthwise(ctx: Ctx, node: Node) -> bool:
+    """Whether every reader of ``node``'s result (after its fused epilogue; through a zero pad that
+    a convolution reads through) is a depthwise convolution with a small output plane."""
+    chain = epilogue_chain(ctx, node)
+    v = chain[-1][0].outputs[0] if chain else node.outputs[0]
+    m = node.module
+    if m.is_output(v) or not v.users:
         return False
-    return channels_last_value(ctx, x_val) is not None or out_shape[2] * out_shape[3] <= CHANNELS_LAST_MAX_PLANE
+    for u in v.users:
+        read = v
+        if u.op == "pad":
+            read = u.outputs[0]
+            if len(read.uses) != 1 or m.is_output(read) or u.attrs["mode"] != "constant" or u.attrs["value"] != 0.0 \
+                    or len(u.attrs["pads"]) > 4:
+                return False
+            u = read.users[0]
+        w = u.operand("weight") if u.op == "conv" else None
+        if w is None or u.operand("x") is not read or u.attrs["transposed"] or w.type.rank != 4:
+            return False
+        groups, (cout, cin_g) = int(u.attrs["groups"]), (int(w.type.shape[0]), int(w.type.shape[1]))
+        out = ctx.shape_of(u.outputs[0])
+        if not (groups > 1 and cin_g == 1 and cout == groups) or not _channels_last_capable(ctx, u, out):
+            return False
+        if out[2] * out[3] > CHANNELS_LAST_MAX_PLANE:
+            return False
+    return True
 
 
 def _weight_in_layout(ctx: Ctx, a: Operands, key: str, fn: Any) -> Any:
