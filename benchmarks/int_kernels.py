@@ -6,8 +6,8 @@ shape ``y[M, N] = x[M, K] W^T`` (M = 128 tokens; K, N in {384, 1536}) this times
 
 * ctc int kernels (``ctc.backends.tvm.int_kernels``): fp32 x -> per-cluster u8 quantization
   -> u8 x s8 VNNI int32 accumulation -> fp32 y, for W8A8 with 1 cluster, W8A8 with 4 uneven
-  RPTQ clusters, and W4A8 (packed int4, unpacked in registers) with 4 clusters; the ``qmm``
-  part alone is shown too;
+  RPTQ clusters, and W4A8 (packed int4, unpacked in registers) with 4 clusters, and the two
+  W8A8 cases on AMX tiles where the CPU has them; the ``qmm`` part alone is shown too;
 * fp32 TVM matmul (weights pre-transposed to ``[K, N]``): unscheduled (what a plain
   ``relax.build`` gives), the backend's default schedule (``ctc.backends.tvm.schedules``, when
   present), and meta-schedule tuned with ``--trials`` trials (0 skips tuning; records are kept
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     target = ik.host_target()
     cpu_name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"machine: {platform.node()} {cpu_name}, {len(os.sched_getaffinity(0))} CPUs in affinity, "
-          f"threads={args.threads}, llvm mcpu={target.attrs['mcpu']}, vnni={ik.target_has_vnni(target)}")
+          f"threads={args.threads}, llvm mcpu={target.attrs['mcpu']}, vnni={ik.target_has_vnni(target)}, "
+          f"amx={ik.target_has_amx(target)}")
     print(f"versions: python {platform.python_version()}, tvm {tvm.__version__}, torch {torch.__version__}, "
           f"numpy {np.__version__}")
     print(f"load average before the run: {os.getloadavg()[0]:.2f} (other users of these cores skew timings), "
@@ -196,17 +197,22 @@ def bench_shape(args: argparse.Namespace, target, m: int, k: int, n: int) -> dic
 
     # ---- ctc integer kernels: fp32 x -> u8 codes per cluster -> VNNI int32 -> fp32 y
     bounds4 = (k // 8, k // 2, k // 2 + k // 16 + 3, k)  # 4 uneven clusters
-    for label, w_bits, clusters in (("W8A8 c=1", 8, ()), ("W8A8 c=4", 8, bounds4), ("W4A8 c=4", 4, bounds4)):
+    cases = [("W8A8 c=1", 8, ()), ("W8A8 c=4", 8, bounds4), ("W4A8 c=4", 4, bounds4)]
+    if ik.target_has_amx(target):  # the same W8A8 products on AMX tiles (what a prefill build uses here)
+        cases += [("W8A8 c=1 AMX", 8, ()), ("W8A8 c=4 AMX", 8, bounds4)]
+    for label, w_bits, clusters in cases:
         qw = Q.quantize_weight(torch.from_numpy(wf), w_bits)
         bb = list(clusters) or [k]
         lo = torch.tensor([xf[:, a:b].min() for a, b in zip([0, *bb[:-1]], bb, strict=True)])
         hi = torch.tensor([xf[:, a:b].max() for a, b in zip([0, *bb[:-1]], bb, strict=True)])
         s, z = Q.act_qparams(lo, hi, 8)
         spec = ik.QLinearSpec.from_attrs(dict(w_bits=w_bits, a_bits=8, act_clusters=clusters), k, n)
+        if label.endswith("AMX"):
+            spec = ik.with_amx(spec, target)
         kern = ik.plan_quant_linear(spec, target)
         fa, fm = ik.build_kernel(kern, target)
         p = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, None, s, z)
-        xq, y = t(np.zeros((m, spec.kp), np.uint8)), t(np.zeros((m, n), np.float32))
+        xq, y = t(np.zeros((ik.amx_rows(m) if spec.amx else m, spec.kp), np.uint8)), t(np.zeros((m, n), np.float32))
         aargs = [t(xf), t(p["act_scale"]), t(p["act_zero"]), xq]
         margs = [xq, t(p["wpack"]), t(p["alpha"]), t(p["corr"]), t(p["bias"]), y]
         fa_main, fm_main = fa["main"], fm["main"]
@@ -215,7 +221,7 @@ def bench_shape(args: argparse.Namespace, target, m: int, k: int, n: int) -> dic
             fa_main(*aargs)
             fm_main(*margs)
 
-        fns[f"ctc {label}{' (VNNI)' if kern.vnni else ' (int, no VNNI)'}"] = both
+        fns[f"ctc {label}{'' if spec.amx else ' (VNNI)' if kern.vnni else ' (int, no VNNI)'}"] = both
         fns[f"ctc {label} qmm only"] = lambda fm_main=fm_main, margs=margs: fm_main(*margs)
 
     # ---- fp32 TVM
