@@ -301,11 +301,12 @@ def with_amx(spec: QLinearSpec, target: Any = None, *, rows: int | None = None) 
 
     AMX runs 16 x 16 x 64 products per instruction, so it pays for prefill-shaped inputs; one
     row (``rows == 1``: a decode step) keeps the VNNI GEMV tile, int4 storage keeps VNNI too
-    (its nibbles are unpacked in registers, which the tile loads cannot do).
+    (its nibbles are unpacked in registers, which the tile loads cannot do), and so do float weight
+    zero points (their epilogue term is the VNNI kernel's only).
     """
     import dataclasses
 
-    if spec.amx or spec.int4 or rows == 1 or not target_has_amx(target):
+    if spec.amx or spec.int4 or spec.w_zero_float or rows == 1 or not target_has_amx(target):
         return spec
     return dataclasses.replace(spec, amx=True)
 
