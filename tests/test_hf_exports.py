@@ -160,6 +160,9 @@ def test_unrepresentable_quantization_is_named(bert: Any, tmp_path: Path) -> Non
         _export("compressed-tensors", module, bert, tmp_path / "ct")
     with pytest.raises(ExportError, match="no linear is quantized.*emit hf"):
         _export("compressed-tensors", bert[0], bert, tmp_path / "ct")
+    module = _run("rptq", {"w_bits": 4, "a_bits": 16, "clusters": 1, "w_zero": "float"}, bert)
+    with pytest.raises(ExportError, match="float weight zero points.*w_zero=\"int\""):
+        _export("compressed-tensors", module, bert, tmp_path / "ct")
     assert list(tmp_path.iterdir()) == []
 
 

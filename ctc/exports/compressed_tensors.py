@@ -89,7 +89,12 @@ def _compressed(module: Any, home: LinearHome, scheme: Any) -> dict[str, torch.T
                           f"{gs}; compressed-tensors groups must divide the row")
     w, bias = dense_weight(module, home)
     scale = constant_value(module, n.operand("w_scale")).to(torch.float32)
-    zero = constant_value(module, n.operand("w_zero")).to(torch.int8)
+    zero = constant_value(module, n.operand("w_zero"))
+    if zero.is_floating_point() and not torch.equal(zero, zero.round()):
+        raise ExportError(f"{module.name}: {n.scope} has float weight zero points (GGUF Q4_1 minima, or quantize/rptq "
+                          "w_zero=\"float\"); compressed-tensors stores integer zero points: quantize with "
+                          "w_zero=\"int\" for this export")
+    zero = zero.to(torch.int8)
     compressor = PackedQuantizationCompressor if _format(bits, _sym) == "pack-quantized" else \
         NaiveQuantizationCompressor
     sd = dict(compressor.compress({"weight": w.to(torch.float32), "weight_scale": scale, "weight_zero_point": zero},
