@@ -212,3 +212,25 @@ def test_generation_rejects_what_does_not_fit(llama_step, tmp_path) -> None:
         greedy_generate(lambda f: None, torch.zeros(1, 10, dtype=torch.long), 10, input_specs=specs)
     with pytest.raises(ValueError, match="not a static decode step"):
         greedy_generate(lambda f: None, torch.zeros(1, 2, dtype=torch.long), 1, input_specs=specs[2:])
+
+
+def test_cuda_prefill_kernels_read_no_bool_vectors(tmp_path, monkeypatch) -> None:
+    """A half-precision prefill with a bool attention mask: no kernel loads bools as a vector.
+
+    TVM's CUDA code generator loads two bools as one ``ushort2`` (4 bytes at a 2-byte offset: wrong bytes
+    and a "misaligned address" fault on the GPU, seen in the Llama-1B prefill); the lowering hands the GPU
+    an f32 additive mask instead.  Checked on the generated CUDA source (TVM_KERNEL_DUMP)."""
+    import re
+
+    from ctc.frontends.hf import capture_hf_model
+
+    monkeypatch.setenv("TVM_KERNEL_DUMP", str(tmp_path))
+    m = capture_hf_model(_llama(torch.float16), task="causal_lm", batch=1, seq_len=16, dynamic=False)
+    assert any(v.type.dtype == "bool" for n in m.nodes for v in n.outputs), "the test needs a bool mask"
+    _cuda_build(m)
+    src = (tmp_path / "tvm_kernels.cu").read_text()
+    bools = set(re.findall(r"bool\* __restrict__ (\w+)", src))
+    vector_reads = re.findall(r"\*\((?:u?short|u?char|u?int|float|half)\d\*\)\((\w+) \+", src)
+    assert not bools & set(vector_reads), f"bool buffers loaded as vectors: {sorted(bools & set(vector_reads))}"
+    # q k^T and p v sum in f32: no half accumulators left in the matmul kernels
+    assert "half2 matmul_intermediate" not in src and "half matmul_intermediate" not in src

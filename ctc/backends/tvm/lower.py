@@ -1149,10 +1149,9 @@ def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, 
         logits = ctx.emit(op.multiply(logits, ctx.const(sc, "f32")))
     else:
         kT = ctx.emit(op.permute_dims(k, [*range(r - 2), r - 1, r - 2]))
-        logits = ctx.emit(op.matmul(q, kT))
-        logits = ctx.emit(op.multiply(logits, ctx.const(sc, qt.dtype)))
-        if qt.dtype != "f32":
-            logits = ctx.emit(op.astype(logits, "float32"))
+        # f32 sums whatever the input dtype (an f16 sum over a long head dim loses digits)
+        logits = ctx.emit(op.matmul(q, kT, out_dtype="float32"))
+        logits = ctx.emit(op.multiply(logits, ctx.const(sc, "f32")))
     ninf = ctx.const(-math.inf, "f32")
     if is_causal:
         def causal(lg: Any) -> Any:
@@ -1162,7 +1161,9 @@ def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, 
         logits = ctx.te(causal, logits, name="causal_mask")
     if mask is not None:
         assert mt is not None
-        if mt.dtype == "bool":
+        if mt.dtype == "bool" and ctx.gpu:
+            logits = ctx.emit(op.add(logits, _additive_mask(ctx, mask, mt)))
+        elif mt.dtype == "bool":
             logits = ctx.emit(op.where(mask, logits, ninf))
         else:
             mf = mask if mt.dtype == "f32" else ctx.emit(op.astype(mask, "float32"))
@@ -1170,9 +1171,37 @@ def _attention_logits(ctx: Ctx, q: Any, k: Any, qt: TensorType, kt: TensorType, 
     return logits
 
 
+def _probs_times_values(ctx: Ctx, p: Any, v: Any, qt: TensorType) -> Any:
+    """``p @ v`` for f32 probabilities ``p``: in f32, or with ``p`` in the input dtype and f32 sums
+    (an f16 sum over hundreds of keys loses digits) cast back to it."""
+    op = ctx.relax.op
+    if qt.dtype == "f32":
+        return op.matmul(p, v)
+    p = ctx.emit(op.astype(p, _dt(qt)))
+    return op.astype(ctx.emit(op.matmul(p, v, out_dtype="float32")), _dt(qt))
+
+
+def _additive_mask(ctx: Ctx, mask: Any, mt: TensorType) -> Any:
+    """A bool attention mask as an f32 one (0 kept, -inf masked), made once per mask in a kernel of its own.
+
+    Why: TVM's CUDA code generator loads two bools as one ``ushort2`` (4 bytes at a 2-byte offset), which
+    reads the wrong bytes and faults with "misaligned address" (the Llama prefill's fused ``q k^T``
+    kernel did); an f32 mask is read as aligned ``float2``.  Opaque (op_pattern 8), so fusion does not
+    pull the bool read back into the attention kernels."""
+    from tvm import te, tirx
+
+    key = ("additive_mask", mask)
+    if key not in ctx.memo:
+        def additive(m: Any) -> Any:
+            return te.compute(m.shape, lambda *i: tirx.Select(m(*i), tirx.const(0.0, "float32"),
+                                                                tirx.const(-math.inf, "float32")), name="additive")
+
+        ctx.memo[key] = ctx.te(additive, mask, name="additive_mask", primfunc_attrs={"op_pattern": 8})
+    return ctx.memo[key]
+
+
 @rule("scaled_dot_product_attention")
 def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
-    op = ctx.relax.op
     q, k, v = a["q"], a["k"], a["v"]
     qt, kt, vt = a.type("q"), a.type("k"), a.type("v")
     mask = a.get("mask")
@@ -1210,9 +1239,7 @@ def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
     p = _softmax_rows(ctx, logits, lshape, "f32", False, ctx.fast_math)
     if group is not None:  # one query (a decode step): values read as stored, per kv head
         return ctx.te(_weighted_values_by_group(group), p, v, name="attn_values")
-    if qt.dtype != "f32":
-        p = ctx.emit(op.astype(p, _dt(qt)))
-    return op.matmul(p, v)
+    return _probs_times_values(ctx, p, v, qt)
 
 
 def _fused_mask_dims(ctx: Ctx, qt: TensorType, mt: TensorType, keys: int | str) -> tuple[bool, bool, bool] | None:
@@ -1393,7 +1420,6 @@ def _calibrated(ctx: Ctx, node: Node, a: Operands) -> Any:
     softmax), as the op's reference."""
     from tvm import te, tirx
 
-    op = ctx.relax.op
     q = ctx.val(node.operand("q"))
     k, v, qt, kt = _heads_rep(ctx, node)
     mv = node.operand("mask")
@@ -1443,9 +1469,7 @@ def _calibrated(ctx: Ctx, node: Node, a: Operands) -> Any:
             return te.compute(pa.shape, out, name="calibrated")
 
         p = ctx.te(calib, p, logits, name="attn_calibrate")
-    if qt.dtype != "f32":
-        p = ctx.emit(op.astype(p, _dt(qt)))
-    return op.matmul(p, v)
+    return _probs_times_values(ctx, p, v, qt)
 
 
 @rule("sparse_attention")
