@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# every runtime here shares one process with PyTorch eager: its OpenMP workers must sleep when idle, not spin
+# and steal a core from whatever is timed next (set before torch is imported)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -178,7 +181,8 @@ def main() -> None:
              f"protocol: batch 1, 224x224 (Grace Hopper, [-1, 1]); fp32 everywhere; ctc from {RECIPE.name} "
              f"(fold-batch-norm, dce, default schedules, compile {compile_s:.0f} s); {args.runs} timed calls per "
              f"runtime after {args.warmup} warm-up, interleaved in {args.rounds} rounds; wall time with "
-             f"{args.threads} threads; CPU time of one call with 1 thread", ""]
+             f"{args.threads} threads; CPU time of one call with 1 thread; all three in this process, "
+             f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", ""]
     top = int(ref.argmax())
     lines += ["| runtime | wall ms median | wall ms min | 1-thread CPU ms median | CPU ms min | vs ORT (wall median) "
               "| vs ORT (CPU min) | top-1 | max rel. err vs eager |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

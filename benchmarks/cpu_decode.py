@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# every runtime here shares one process with PyTorch eager: its OpenMP workers must sleep when idle, not spin
+# and steal a core from whatever is timed next (set before torch is imported)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
@@ -175,7 +178,9 @@ def main() -> None:
           f"{onnxruntime.__version__}, tvm {tvm.__version__}")
     print(f"protocol: batch 1, one new token after {args.past} cached tokens of wiki evaluation text, {args.threads} "
           f"threads everywhere, median and min of >= {args.runs} calls after {args.warmup} warm-ups, "
-          f"{args.rounds} interleaved rounds; cosine / max abs err of the logits vs PyTorch fp32 eager")
+          f"{args.rounds} interleaved rounds, ctc/ORT/eager in this process with OMP_WAIT_POLICY="
+          f"{os.environ['OMP_WAIT_POLICY']} (llama.cpp's tools in their own, without it); cosine / max abs err of "
+          "the logits vs PyTorch fp32 eager")
     torch.set_grad_enabled(False)
     from ctc.frontends.decode import decode_step
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -131,12 +132,19 @@ def quantize(bin_dir: Path, src: Path, dst: Path, kind: str, threads: int) -> Pa
     return dst
 
 
+def _tool_env() -> dict[str, str]:
+    """The environment for llama.cpp's tools: without ``OMP_WAIT_POLICY`` (the ctc benchmarks set it PASSIVE for
+    PyTorch's pool in their own process; ggml's OpenMP pool, as users run it, spins between ops: PASSIVE made
+    llama.cpp's decode 4x slower)."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+
 def perplexity(bin_dir: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int) -> dict[str, float]:
     """llama-perplexity over the first ``chunks`` windows of ``ctx`` tokens of ``text`` (each window
     scores its second half): ``{"ppl", "seconds"}``."""
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-b", str(ctx),
            "--chunks", str(chunks), "-t", str(threads), "-tb", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_tool_env())
     txt = out.stdout + out.stderr
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", txt)
     if out.returncode or not m:
@@ -151,7 +159,7 @@ def bench(bin_dir: Path, gguf: Path, threads: int, depth: int, n_gen: int, n_pro
     repetitions) for ``n_gen`` generated tokens after ``depth`` cached ones and a ``n_prompt`` prefill."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-d", str(depth), "-n", str(n_gen),
            "-p", str(n_prompt), "-r", str(reps), "-o", "json"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_tool_env())
     if out.returncode:
         raise RuntimeError(f"llama-bench failed ({out.returncode}):\n{(out.stdout + out.stderr)[-2000:]}")
     res: dict[str, dict[str, float]] = {}
