@@ -141,12 +141,19 @@ class CachedRuns:
         self.cur = m
         self.ctx.selector = selector
         t0 = time.perf_counter()
+        seen = len(self.ctx.notes)
         out = get_pass(pass_name)(options).run(m, self.ctx)
         t_pass = time.perf_counter() - t0
+        for line in self.ctx.notes[seen:]:  # what clusters="auto" chose, per kind of activation
+            if line.startswith(("rptq: clusters=auto", "rptq:   ", "rptq: W")):
+                log(f"{label}: {line}")
         got = self.bench.outputs(out)
         fid = driver._compare(self.bench.evalb, self.bench.ref, got, logits=self.bench.lm)
         row: dict[str, Any] = {"row": label, "pipeline": f"{pass_name} {options} on {selector.describe()}",
                                "fidelity": float(fid.cosine), "pipeline_s": round(t_pass, 1)}
+        choice = self.ctx.metrics.pop("rptq_cluster_choice", None)
+        if choice:
+            row["cluster_choice"] = choice
         if self.bench.lm:
             p = self.bench.perplexity(got)
             assert self.bench.ref_ppl is not None

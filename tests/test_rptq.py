@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from tiny_transformers import outlier_inputs, tiny_transformer
 
 from ctc.ir import quant as Q
+from ctc.ir.graph import param_tensor
 from ctc.ir.interpreter import interpret
 from ctc.ir.verify import verify
+from ctc.options import OptionError
 from ctc.passes.base import PassContext, PassError, get_pass
 from ctc.passes.quantize import mse_clipped_range, segment_qparams
 from ctc.passes.rptq import check_fold_complete, gptq_quantize, kmeans, runs
@@ -306,3 +308,81 @@ def test_float_zero_option_needs_run_time_activation_ranges() -> None:
     with pytest.raises(PassError, match="w_zero"):
         get_pass("rptq")({"w_bits": 4, "w_zero": "float", "check_fold": False}).run(
             enc, PassContext(calibration=outlier_inputs(enc, 2, seed=1)))
+
+
+# --------------------------------------------------------------------------- clusters="auto"
+def _dequantized_rows(n) -> list[tuple[float, ...]]:
+    """A quant_linear's dequantized weight rows as a sorted list (independent of the output-row order)."""
+    q, s, z = (param_tensor(n.operand(o)) for o in ("qweight", "w_scale", "w_zero"))
+    k = n.operand("x").type.shape[-1]
+    return sorted(map(tuple, Q.dequantize_weight(q, s, z, n.attrs["w_bits"], n.attrs["group_size"], k).tolist()))
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_auto_clusters_picks_the_least_error_and_quantizes_as_that_count(kind: str) -> None:
+    """clusters="auto" (the w_bits <= 4 default) records, per activation, its readers' relative output error for
+    each candidate, picks the least (the fewer clusters on a tie), and quantizes those readers exactly as a run
+    with that count fixed does: same activation segments, same weight rows (up to the output-row order, which
+    a neighbouring activation's reorder decides)."""
+    def run(opts: dict):
+        m = tiny_transformer(kind, seed=0, d=64, ff=96)
+        ctx = PassContext(calibration=outlier_inputs(m, 3, seed=1), seed=0)
+        out = get_pass("rptq")({"w_bits": 4, "a_bits": 8, "check_fold": False, **opts}).run(m, ctx)
+        verify(out)
+        return {n.scope: n for n in out.nodes if n.op == "quant_linear"}, ctx
+
+    auto, ctx = run({})
+    fixed = {k: run({"clusters": k})[0] for k in (1, 8)}
+    choices = ctx.metrics["rptq_cluster_choice"]
+    assert {c["chosen"] for c in choices} == {1, 8}  # this model has activations of both kinds
+    assert any("clusters=auto" in n for n in ctx.notes)
+    for c in choices:
+        err = {int(k): v for k, v in c["rel_error"].items()}
+        assert set(err) == {1, 8} and c["chosen"] == min(err, key=lambda k: (err[k], k))
+        for r in c["readers"]:
+            a, f = auto[r], fixed[c["chosen"]][r]
+            assert a.attrs["act_clusters"] == f.attrs["act_clusters"]
+            assert _dequantized_rows(a) == _dequantized_rows(f)
+
+
+def test_auto_clusters_keeps_weight_groups_that_sit_on_their_grid() -> None:
+    """Weights already on a 4-bit grid per group of 16 in their own channel order (as a model de-quantized from
+    a GGUF Q4_1 file is): a reorder would mix groups and move every weight; clusters="auto" measures that and
+    keeps the order (one cluster) wherever a reorder would have changed it, so float-zero W4 weights come back
+    exactly.  A fixed 8-cluster reorder does not."""
+    m = tiny_transformer("llama", seed=3, d=64, ff=96)
+    for name, t in list(m.params.items()):
+        if name.endswith(".weight") and t.dim() == 2:
+            g = t.reshape(t.shape[0], -1, 16)
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            s = (hi - lo) / 15
+            m.params[name] = (lo + s * torch.round((g - lo) / s)).reshape(t.shape)
+    cal = outlier_inputs(m, 3, seed=1)
+    opts = {"w_bits": 4, "a_bits": 16, "group_size": 16, "w_zero": "float", "check_fold": False}
+
+    def err(o: dict) -> tuple[float, PassContext]:
+        ctx = PassContext(calibration=cal, seed=0)
+        out = get_pass("rptq")({**opts, **o}).run(m.clone(), ctx)
+        a, e = interpret(out, cal[0])[0], interpret(m, cal[0])[0]
+        return float((a - e).abs().max() / e.abs().max()), ctx
+
+    e_auto, ctx = err({})
+    e_8, _ = err({"clusters": 8})
+    assert e_auto < 1e-5 < 1e-3 < e_8
+    assert {c["chosen"] for c in ctx.metrics["rptq_cluster_choice"]} == {1}
+
+
+def test_cluster_count_options() -> None:
+    opts = get_pass("rptq").Options
+    assert opts(w_bits=4).cluster_candidates == (1, 8) and opts(w_bits=8).cluster_candidates == (8,)
+    assert opts(w_bits=8, clusters="auto", auto_clusters=[16, 1, 4]).cluster_candidates == (1, 4, 16)
+    assert opts(w_bits=4, clusters=3).cluster_candidates == (3,)
+    assert opts(w_bits=4, fold_only=True).cluster_candidates == (8,)
+    with pytest.raises(PassError, match="clusters='many'"):
+        opts(clusters="many")
+    with pytest.raises(PassError, match="fold_only"):
+        opts(clusters="auto", fold_only=True)
+    with pytest.raises(PassError, match="auto_clusters"):
+        opts(auto_clusters=[])
+    with pytest.raises(OptionError, match="clusters"):
+        opts(clusters=0)

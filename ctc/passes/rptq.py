@@ -51,6 +51,18 @@ benchmarks/results/quant_defaults.md):
   input channels (llama.cpp's block size; SmolLM2-135M W4A8: per-channel RTN +98% perplexity,
   per-channel GPTQ +84%, GPTQ groups of 128 +40%, GPTQ asymmetric groups of 32 +17%); above 4
   bits RTN, symmetric, per output channel (8-bit weights cost ~0.2%).
+* ``clusters`` unset: ``"auto"`` at ``w_bits <= 4``, 8 above.  With groups of 32 input channels the reorder
+  decides which channels share a *weight* group as well as an activation range, and which of the two
+  matters more depends on the model: for each activation (each group of activations whose readers share
+  tied weights) the pass plans every count in ``auto_clusters`` (default 1 and 8), quantizes the readers'
+  weights in that order as it then does (GPTQ/RTN, groups, zero points), quantizes ``clip_rows`` sampled
+  calibration rows as the kernel will (static segments or per token), and keeps the count whose readers'
+  outputs ``x W^T`` are reproduced with the least squared error.  One cluster means no reorder at all
+  (no gather, nothing folded).  The pass report lists the choice per kind of activation with each
+  candidate's mean relative error; ``metrics["rptq_cluster_choice"]`` has it per activation.  Why: on
+  SmolLM2-135M, whose float weights were de-quantized from a Q4_1 GGUF, a group of 32 in the original
+  order *is* a Q4_1 block and 8 clusters mix blocks (W4A8 float zero points: +16.3% perplexity with 8
+  clusters, +0.6% with 1); on weights that were never 4-bit the reorder's activation gain can win.
 * ``a_mode="auto"``: per-token dynamic ranges (per cluster, in the kernel) for causal LMs and
   their decode steps, static calibrated ranges for everything else.  A decoder's attention-sink
   tokens reach activations thousands of times the others in a few channels (SmolLM2-135M,
@@ -250,6 +262,13 @@ class FoldPlan:
     region: list[Node] = field(default_factory=list)
     per_head_v: Value | None = None
     reason: str = ""
+    clusters: int = 0
+    note: str = ""
+
+    @property
+    def identity(self) -> bool:
+        """The reorder keeps every channel in place (one cluster): nothing to fold, no gather."""
+        return bool(torch.equal(self.perm, torch.arange(len(self.perm))))
 
 
 def _static_last(v: Value) -> int | None:
@@ -360,10 +379,9 @@ def _absorbers(x: Value) -> list[Node]:
             and all(w is not x for k, w in u.named_operands().items() if k != "x")]
 
 
-def _tied_ranges(xs: dict[int, Value], stats: dict[str, ChannelStats]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per activation, the (min, max) per channel its reorder is planned on: its own, or, when the linears
-    around it read weights other activations' linears read too (tied blocks), the merged range of all of
-    them, so they get one channel order and the tied weights stay one tensor."""
+def _tied_groups(xs: dict[int, Value]) -> list[list[int]]:
+    """The activations (keys of ``xs``) whose reorders must agree: those whose linears read weights other
+    activations' linears read too (tied blocks), transitively; every other activation is a group of one."""
     touched: dict[int, list[str]] = {}
     for key, x in xs.items():
         # A weight whose input columns x's reorder permutes (an absorber), or whose output rows do (the
@@ -377,8 +395,15 @@ def _tied_ranges(xs: dict[int, Value], stats: dict[str, ChannelStats]) -> dict[i
         if prod is not None:
             names += [f"rows of {param_name(s.operand('weight'))}" for s in prod[0]]
         touched[key] = [n for n in names if not n.endswith(" of None")]
+    return linked_groups(touched)
+
+
+def _tied_ranges(xs: dict[int, Value], stats: dict[str, ChannelStats]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per activation, the (min, max) per channel its reorder is planned on: its own, or, for a tied group
+    (:func:`_tied_groups`), the merged range of all of its activations, so they get one channel order and
+    the tied weights stay one tensor."""
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for group in linked_groups(touched):
+    for group in _tied_groups(xs):
         los, his = [], []
         for key in group:
             st = stats[xs[key].name]
@@ -408,6 +433,45 @@ def _weight_hessians(plans: Sequence[FoldPlan], lins: Sequence[Node], stats: dic
             s, n = acc.get(name, (torch.zeros_like(xtx), 0))
             acc[name] = (s + xtx, n + st.rows)
     return {k: s / max(n, 1) for k, (s, n) in acc.items()}
+
+
+def _rows_permuted(qw: Q.QuantizedWeight, rows: torch.Tensor) -> Q.QuantizedWeight:
+    """``qw`` with its output rows reordered: every row is quantized on its own (RTN and GPTQ alike), so
+    this is the quantization of the row-permuted weight."""
+    return Q.QuantizedWeight(qw.qweight[rows].contiguous(), qw.scale[rows].contiguous(), qw.zero[rows].contiguous(),
+                             qw.bits, qw.group_size, qw.symmetric, qw.k)
+
+
+@dataclass
+class ClusterChoice:
+    """What ``clusters="auto"`` measured for one activation: the relative output error of its quantized
+    readers per candidate cluster count, on sampled calibration rows, and the count chosen."""
+
+    value: str
+    readers: list[str]
+    errors: dict[int, float]
+    chosen: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"value": self.value, "readers": self.readers, "chosen": self.chosen,
+                "rel_error": {str(k): v for k, v in self.errors.items()}}
+
+
+def choice_summary(choices: Sequence[ClusterChoice]) -> list[str]:
+    """One line per kind of activation (its readers' last scope names, e.g. ``q_proj/k_proj/v_proj``): how
+    often each cluster count was chosen and each candidate's relative output error summed over the kind."""
+    kinds: dict[str, list[ClusterChoice]] = {}
+    for c in choices:
+        kinds.setdefault("/".join(sorted({r.rsplit(".", 1)[-1] for r in c.readers})) or c.value, []).append(c)
+    lines = []
+    for kind, cs in kinds.items():
+        counts: dict[int, int] = {}
+        for c in cs:
+            counts[c.chosen] = counts.get(c.chosen, 0) + 1
+        errs = {k: sum(c.errors[k] for c in cs) / len(cs) for k in cs[0].errors}
+        lines.append(f"{kind} input: " + ", ".join(f"{k} clusters x{n}" for k, n in sorted(counts.items()))
+                     + " (mean relative output error " + ", ".join(f"{k}: {e:.3g}" for k, e in errs.items()) + ")")
+    return lines
 
 
 def check_fold_complete(module: Module, permuted: Sequence[Value], handled: Sequence[Node]) -> None:
@@ -452,8 +516,13 @@ class RptqOptions(PassOptions):
     a_clip: str = option("minmax", "static activation range per cluster: minmax (calibration min..max) or mse (the "
                                    "shrunk range with the least quantization error on sampled calibration rows)",
                          choices=("minmax", "mse"))
-    clip_rows: int = option(512, "calibration rows sampled per activation for a_clip=\"mse\"", min=16)
-    clusters: int = option(8, "k-means clusters of activation channels (1 = per-tensor)", min=1, max=1024)
+    clip_rows: int = option(512, "calibration rows sampled per activation for a_clip=\"mse\" and for "
+                                 "clusters=\"auto\"'s error measurement", min=16)
+    clusters: int | str | None = option(None, "k-means clusters of activation channels (1 = per-tensor), or \"auto\": "
+                                              "per activation, the count among auto_clusters whose quantized readers "
+                                              "reproduce their float outputs best on calibration rows; unset: auto "
+                                              "for w_bits <= 4, 8 above", min=1, max=1024)
+    auto_clusters: list[int] = option([1, 8], "the cluster counts clusters=\"auto\" chooses among", min=1, max=1024)
     group_size: int | None = option(None, "input channels per weight scale group; -1 = per output channel; unset: "
                                           "32 for w_bits <= 4 (llama.cpp's block), -1 above", min=-1)
     gptq: bool | None = option(None, "GPTQ error compensation instead of round-to-nearest (needs X^T X); unset: on "
@@ -474,6 +543,16 @@ class RptqOptions(PassOptions):
     max_segments: int = option(16, "most activation segments the head-wise attention fold may produce; above "
                                    "it the attention output is reordered by an explicit gather with global "
                                    "clusters (fewer segments: faster integer kernels)", min=1)
+
+    @property
+    def cluster_candidates(self) -> tuple[int, ...]:
+        """The cluster counts to try (one: no choice): as set, else the ``auto_clusters`` at 4 bits or fewer,
+        where weight groups of 32 make the reorder matter to the weights too, and 8 above."""
+        if isinstance(self.clusters, int):
+            return (self.clusters,)
+        if self.clusters == "auto" or (self.clusters is None and self.w_bits <= 4 and not self.fold_only):
+            return tuple(sorted(set(self.auto_clusters)))
+        return (8,)
 
     @property
     def groups(self) -> int:
@@ -504,6 +583,13 @@ class RptqOptions(PassOptions):
         return module.meta.get("task") in (TASK_CAUSAL_LM, TASK_DECODE_STEP)
 
     def validate(self) -> None:
+        if isinstance(self.clusters, str) and self.clusters != "auto":
+            raise PassError(f"option clusters={self.clusters!r}: give a count (1..1024) or \"auto\"")
+        if not self.auto_clusters:
+            raise PassError("option auto_clusters=[]: list at least one cluster count, e.g. [1, 8]")
+        if self.clusters == "auto" and self.fold_only:
+            raise PassError("options clusters=\"auto\" and fold_only=true contradict each other: the automatic choice "
+                            "compares quantization errors and fold_only quantizes nothing; give a count")
         if self.group_size == 0:
             raise PassError("option group_size=0: use -1 (per output channel) or a positive size")
         if self.w_zero == "float" and self.sym is True:
@@ -532,8 +618,9 @@ class RptqPass(Pass):
     needs_calibration = True
 
     # ----------------------------------------------------------------- planning
-    def _plan(self, module: Module, ctx: PassContext, lins: list[Node], stats: dict[str, ChannelStats]
+    def _plan(self, module: Module, lins: list[Node], stats: dict[str, ChannelStats], clusters: int, seed: int
               ) -> list[FoldPlan]:
+        """One :class:`FoldPlan` per activation read by ``lins``, with ``clusters`` k-means clusters each."""
         o: RptqOptions = self.options  # type: ignore[assignment]
         by_x: dict[int, list[Node]] = {}
         xs: dict[int, Value] = {}
@@ -548,14 +635,14 @@ class RptqPass(Pass):
             # Every linear reading x as its activation absorbs the reorder (even unselected ones).
             absorbers = _absorbers(x)
             lo, hi = ranges[key]  # shared by every activation whose linears read a tied weight: one order
-            seed = ctx.seed
+            note = ""
             attn = _attention_chain(x, absorbers)
             if attn is not None:
                 a_node, vproj, region, heads, kvh, dim = attn
                 grp = heads // kvh
                 lo_h = lo.reshape(kvh, grp, dim).amin(1)
                 hi_h = hi.reshape(kvh, grp, dim).amax(1)
-                labels = kmeans_1d_labels(lo_h.reshape(-1), hi_h.reshape(-1), o.clusters, seed).reshape(kvh, dim)
+                labels = kmeans_1d_labels(lo_h.reshape(-1), hi_h.reshape(-1), clusters, seed).reshape(kvh, dim)
                 sig = [torch.sort(labels[j], stable=True).indices for j in range(kvh)]
                 row = torch.cat([j * dim + sig[j] for j in range(kvh)])
                 perm = torch.cat([h * dim + sig[h // grp] for h in range(heads)])
@@ -563,31 +650,31 @@ class RptqPass(Pass):
                 head_bounds = runs(plab)
                 if len(head_bounds) <= o.max_segments:
                     plans.append(FoldPlan(x, perm, head_bounds, "attention", absorbers, {id(vproj): (vproj, row)},
-                                          region, per_head_v=a_node.operand("v")))
+                                          region, per_head_v=a_node.operand("v"), clusters=clusters))
                     continue
-                ctx.note(f"rptq: %{x.name}: the head-wise fold would give {len(head_bounds)} activation segments "
-                         f"(> max_segments={o.max_segments}); reordered by an explicit gather instead")
-            labels = kmeans_1d_labels(lo, hi, o.clusters, seed)
+                note = (f"rptq: %{x.name}: the head-wise fold would give {len(head_bounds)} activation segments "
+                        f"(> max_segments={o.max_segments}); reordered by an explicit gather instead")
+            labels = kmeans_1d_labels(lo, hi, clusters, seed)
             perm = torch.sort(labels, stable=True).indices
             bounds = runs(labels[perm])
             prod = _producer_region(x, absorbers)
             if prod is not None:
                 sources, region = prod
                 plans.append(FoldPlan(x, perm, bounds, "producer", absorbers,
-                                      {id(s): (s, perm) for s in sources}, region))
+                                      {id(s): (s, perm) for s in sources}, region, clusters=clusters, note=note))
                 continue
             p = x.producer
             if (p is not None and p.op in NORM_OPS and len(absorbers) == len(x.users)
                     and not module.is_output(x)
                     and all(param_tensor(w) is not None for k, w in p.named_operands().items() if k != "x")
                     and (p.op == "rms_norm" or p.attrs.get("normalized_ndim", 1) == 1)):
-                plans.append(FoldPlan(x, perm, bounds, "norm", absorbers, region=[p]))
+                plans.append(FoldPlan(x, perm, bounds, "norm", absorbers, region=[p], clusters=clusters, note=note))
                 continue
             others = sorted({u.op for u in x.users if all(u is not a for a in absorbers)})
             plans.append(FoldPlan(x, perm, bounds, "explicit", absorbers,
                                   reason=f"%{x.name} is also read by {', '.join(others) or 'the module output'}"
                                   if others or module.is_output(x) else f"%{x.name} has no foldable producer "
-                                  f"({p.op if p is not None else 'module input'})"))
+                                  f"({p.op if p is not None else 'module input'})", clusters=clusters, note=note))
         return plans
 
     # ----------------------------------------------------------------- folding
@@ -599,6 +686,8 @@ class RptqPass(Pass):
         permuted: list[Value] = []
         checks: list[tuple[list[Value], list[Node]]] = []
         for pl in plans:
+            if pl.identity:  # one cluster: the channels stay where they are, nothing reads a permuted value
+                continue
             for k, (n, r) in pl.row_perms.items():
                 if k in row:
                     raise PassError(f"rptq: {n.scope} would get two output-row permutations")
@@ -634,7 +723,11 @@ class RptqPass(Pass):
             if bias is not None and r is not None:
                 rw.set_operand(n, "bias", reordered(bias, "bias", n, r, None))
         for pl in plans:
-            if pl.route == "norm":
+            if pl.identity:
+                rw.note(f"rptq: %{pl.x.name} keeps its channel order ("
+                        + ("one cluster" if len(pl.bounds) == 1 else "its clusters are already contiguous")
+                        + "): nothing folded")
+            elif pl.route == "norm":
                 norm = pl.x.producer
                 assert norm is not None
                 with rw.at(norm):
@@ -671,6 +764,109 @@ class RptqPass(Pass):
             check_fold_complete(module, vals, handled)
         return permuted
 
+    # ----------------------------------------------------------------- quantization helpers
+    def _quantize(self, w: torch.Tensor, hessian: torch.Tensor | None, float_zero: bool) -> Q.QuantizedWeight:
+        """``w`` (columns in the reordered order) by GPTQ with ``hessian`` (same order) or round-to-nearest."""
+        o: RptqOptions = self.options  # type: ignore[assignment]
+        if o.use_gptq:
+            assert hessian is not None
+            return gptq_quantize(w, hessian, o.w_bits, o.groups, o.symmetric, percdamp=o.damp, float_zero=float_zero)
+        return Q.quantize_weight(w, o.w_bits, o.groups, o.symmetric, float_zero=float_zero)
+
+    def _static_act_qparams(self, st: ChannelStats, pl: FoldPlan, dyn: bool, clip: bool
+                            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Calibrated (scale, zero) per activation segment of ``pl`` (None when ranges are dynamic or float)."""
+        o: RptqOptions = self.options  # type: ignore[assignment]
+        if o.a_bits == 16 or dyn:
+            return None, None
+        assert st.min is not None and st.max is not None
+        lo, hi = st.min[pl.perm], st.max[pl.perm]
+        if clip:
+            assert st.reservoir is not None
+            return clipped_segment_qparams(st.reservoir[:, pl.perm], lo, hi, pl.bounds, o.a_bits)
+        return segment_qparams(lo, hi, pl.bounds, o.a_bits)
+
+    def _choose_clusters(self, module: Module, ctx: PassContext, lins: list[Node], stats: dict[str, ChannelStats],
+                         candidates: tuple[int, ...], dyn: bool, clip: bool, float_zero: bool
+                         ) -> tuple[list[FoldPlan], dict[str, Q.QuantizedWeight]]:
+        """``clusters="auto"``: per activation (per tied group of them), the candidate cluster count whose
+        quantized readers reproduce their float outputs best on the sampled calibration rows.
+
+        For every candidate the activation is planned (k-means, reorder), its readers' weights are quantized
+        in that column order exactly as the pass then quantizes them (GPTQ or RTN, groups, zero points), the
+        sampled rows are quantized as the kernel quantizes them (static segment ranges or per token and
+        segment), and the error is ``sum ||x W^T - Q(x) Q(W)^T||^2`` over the readers.  The reorder decides
+        which channels share a weight group as well as an activation range, so neither side alone tells which
+        count loses least.  Ties go to the fewer clusters (fewer segments, no gather).  Returns the chosen
+        plans and the readers' quantized weights by original parameter name (rows not yet reordered).
+        """
+        o: RptqOptions = self.options  # type: ignore[assignment]
+        per_k = {k: self._plan(module, lins, stats, k, ctx.seed) for k in candidates}
+        base = per_k[candidates[0]]
+        chosen_lins = {id(n) for n in lins}
+        n_act = len(base)
+        err = torch.zeros(len(candidates), n_act, dtype=torch.float64)
+        ref = torch.zeros(n_act, dtype=torch.float64)
+        qws: dict[tuple[str, int], Q.QuantizedWeight] = {}
+        total, done = len(candidates) * n_act, 0
+        for ci, k in enumerate(candidates):
+            plans = per_k[k]
+            hessians = _weight_hessians(plans, lins, stats) if o.use_gptq else {}
+            for i, pl in enumerate(plans):
+                if pl.x is not base[i].x:
+                    raise PassError("rptq: clusters=auto planned the activations in different orders (internal)")
+                st = stats[pl.x.name]
+                if st.reservoir is None or st.reservoir.shape[0] == 0:
+                    raise PassError(f"rptq: clusters=auto needs sampled calibration rows of %{pl.x.name}; none were "
+                                    "collected (give the recipe calibration data, or a cluster count)")
+                x = st.reservoir.to(torch.float64)
+                xp = x[:, pl.perm]
+                if o.a_bits == 16:
+                    xq = xp
+                elif dyn:
+                    xq = Q.fake_quant_act_dynamic(xp, o.a_bits, pl.bounds).to(torch.float64)
+                else:
+                    scale, zero = self._static_act_qparams(st, pl, dyn, clip)
+                    assert scale is not None and zero is not None
+                    xq = Q.fake_quant_act(xp, scale, zero, o.a_bits, pl.bounds).to(torch.float64)
+                for lin in pl.absorbers:
+                    name = param_name(lin.operand("weight"))
+                    w = param_tensor(lin.operand("weight"))
+                    if id(lin) not in chosen_lins or name is None or w is None:
+                        continue
+                    key = (name, k)
+                    if key not in qws:
+                        qws[key] = self._quantize(w[:, pl.perm], hessians.get(name), float_zero)
+                    qw = qws[key]
+                    wq = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, qw.bits, qw.group_size, qw.k)
+                    y = x @ w.to(torch.float64).T
+                    err[ci, i] += float((y - xq @ wq.to(torch.float64).T).square().sum())
+                    if ci == 0:
+                        ref[i] += float(y.square().sum())
+                done += 1
+                ctx.report_progress("rptq clusters=auto", done, total)
+        pick = [0] * n_act
+        for group in _tied_groups({id(pl.x): pl.x for pl in base}):
+            idx = [i for i, pl in enumerate(base) if id(pl.x) in group]
+            pick_g = int(torch.argmin(err[:, idx].sum(1)))  # first minimum: the fewest clusters on a tie
+            for i in idx:
+                pick[i] = pick_g
+        plans = [per_k[candidates[pick[i]]][i] for i in range(n_act)]
+        choices = [ClusterChoice(pl.x.name, [a.scope for a in pl.absorbers if id(a) in chosen_lins],
+                                 {k: float(err[ci, i] / max(float(ref[i]), 1e-300)) for ci, k in enumerate(candidates)},
+                                 pl.clusters) for i, pl in enumerate(plans)]
+        ctx.metrics["rptq_cluster_choice"] = [c.to_dict() for c in choices]
+        acts = "float" if o.a_bits == 16 else "dynamic" if dyn else "static"
+        what = f"{'GPTQ' if o.use_gptq else 'RTN'} weights, {acts}"
+        ctx.note(f"rptq: clusters=auto over {list(candidates)}, by the readers' output error on up to {o.clip_rows} "
+                 f"sampled calibration rows per activation ({what} activations):")
+        for line in choice_summary(choices):
+            ctx.note(f"rptq:   {line}")
+        prequant = {name: qw for (name, k), qw in qws.items()
+                    if any(pl.clusters == k and any(param_name(a.operand("weight")) == name for a in pl.absorbers)
+                           for pl in plans)}
+        return plans, prequant
+
     # ----------------------------------------------------------------- run
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: RptqOptions = self.options  # type: ignore[assignment]
@@ -684,16 +880,27 @@ class RptqPass(Pass):
             raise PassError("rptq: w_zero=\"float\" needs run-time activation ranges, but a_mode=\"auto\" chose "
                             "static ranges for this (non-decoder) module: set a_mode=\"dynamic\" or w_zero=\"int\"")
         clip = o.a_clip == "mse" and o.a_bits != 16 and not dyn and not o.fold_only
-        calib = ctx.get(CalibrationStats(hessian=o.use_gptq, **({"reservoir": o.clip_rows} if clip else {})), module)
+        candidates = o.cluster_candidates
+        sample = clip or len(candidates) > 1
+        calib = ctx.get(CalibrationStats(hessian=o.use_gptq, **({"reservoir": o.clip_rows} if sample else {})), module)
         stats = dict(calib.stats)
         kv = kv_stats(module, ctx) if o.kv_bits != 16 and not o.fold_only and kv_operands(module) else None
         kv_st = dict(kv.stats) if kv is not None else {}
         reference = None
         if o.check_fold and ctx.calibration:
             reference = (ctx.calibration[0], interpret(module, ctx.calibration[0], refs=FOLD_CHECK_REFS))
+        orig_names = {id(lin): param_name(lin.operand("weight")) for lin in lins}
+        prequant: dict[str, Q.QuantizedWeight] = {}
+        if len(candidates) > 1:
+            plans, prequant = self._choose_clusters(module, ctx, lins, stats, candidates, dyn, clip, float_zero)
+        else:
+            plans = self._plan(module, lins, stats, candidates[0], ctx.seed)
+        for pl in plans:
+            if pl.note:
+                ctx.note(pl.note)
         rw = ctx.rewriter(module)
-        plans = self._plan(module, ctx, lins, stats)
         self._fold(rw, plans)
+        row_of = {id(n): r for pl in plans if not pl.identity for n, r in pl.row_perms.values()}
         if reference is not None:
             got = interpret(module, reference[0], refs=FOLD_CHECK_REFS)
             for a, b in zip(got, reference[1], strict=True):
@@ -712,21 +919,14 @@ class RptqPass(Pass):
             return module
         a_q = o.a_bits != 16
         per_tensor_v: set[int] = set()
-        hessians = _weight_hessians(plans, lins, stats) if o.use_gptq else {}
+        missing = any(orig_names[id(lin)] not in prequant for lin in lins)
+        hessians = _weight_hessians(plans, lins, stats) if o.use_gptq and missing else {}
         qws: OncePerKey[Q.QuantizedWeight] = OncePerKey()
         once: OncePerKey[tuple[str, str, str]] = OncePerKey()  # a tied weight is quantized and stored once
         for done, pl in enumerate(plans):
-            if pl.per_head_v is not None:
+            if pl.per_head_v is not None and not pl.identity:
                 per_tensor_v.add(id(pl.per_head_v))
-            st = stats[pl.x.name]
-            assert st.min is not None and st.max is not None
-            lo, hi = st.min[pl.perm], st.max[pl.perm]
-            scale = zero = None
-            if a_q and not dyn and clip:
-                assert st.reservoir is not None
-                scale, zero = clipped_segment_qparams(st.reservoir[:, pl.perm], lo, hi, pl.bounds, o.a_bits)
-            elif a_q and not dyn:
-                scale, zero = segment_qparams(lo, hi, pl.bounds, o.a_bits)
+            scale, zero = self._static_act_qparams(stats[pl.x.name], pl, dyn, clip)
             for lin in pl.absorbers:
                 if lin not in lins:
                     continue
@@ -736,11 +936,13 @@ class RptqPass(Pass):
                 name = param_name(lin.operand("weight"))
                 assert w is not None and name is not None
 
-                def quantized(w: torch.Tensor = w, name: str = name) -> Q.QuantizedWeight:
-                    if o.use_gptq:  # the Hessian of every activation the (maybe tied) weight reads, in its order
-                        return gptq_quantize(w, hessians[name], o.w_bits, o.groups, o.symmetric, percdamp=o.damp,
-                                             float_zero=float_zero)
-                    return Q.quantize_weight(w, o.w_bits, o.groups, o.symmetric, float_zero=float_zero)
+                def quantized(w: torch.Tensor = w, name: str = name, lin: Node = lin) -> Q.QuantizedWeight:
+                    pre = prequant.get(orig_names[id(lin)] or "")
+                    if pre is not None:  # quantized while choosing the cluster count, before the row reorder
+                        r = row_of.get(id(lin))
+                        return pre if r is None else _rows_permuted(pre, r)
+                    # GPTQ: the Hessian of every activation the (maybe tied) weight reads, in its order
+                    return self._quantize(w, hessians.get(name), float_zero)
 
                 qw = qws.get(name, quantized)
                 bounds = pl.bounds if len(pl.bounds) > 1 else []
@@ -757,7 +959,10 @@ class RptqPass(Pass):
         fz = " float-zero" if float_zero else ""
         wq = f"{'GPTQ' if o.use_gptq else 'RTN'} {'sym' if o.symmetric else 'asym'}{fz} " + (
             "per channel" if o.groups == -1 else f"groups of {o.groups}")
-        ctx.note(f"rptq: W{o.w_bits}A{o.a_bits}{ranges} clusters={o.clusters} {wq}; "
+        counts = sorted({pl.clusters for pl in plans})
+        cl = f"clusters={counts[0]}" if len(counts) == 1 and len(candidates) == 1 else (
+            f"clusters=auto (chosen {'/'.join(map(str, counts))} of {'/'.join(map(str, candidates))})")
+        ctx.note(f"rptq: W{o.w_bits}A{o.a_bits}{ranges} {cl} {wq}; "
                  f"{sum(len(p.absorbers) for p in plans)} linears; routes {routes}; activation segments "
                  f"{min(segs)}..{max(segs)}" + (f"; {n_kv} k/v operands at {o.kv_bits} bits" if n_kv else ""))
         return module
