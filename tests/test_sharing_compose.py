@@ -49,6 +49,7 @@ def qweight_readers(m: Module) -> Counter[str]:
 
 CASES = [("llama", "share-blocks", "rptq", {"w_bits": 8, "a_bits": 8, "clusters": 4}),
          ("bert", "share-blocks", "rptq", {"w_bits": 4, "a_bits": 8, "clusters": 2, "gptq": True}),
+         ("llama", "share-blocks", "rptq", {"w_bits": 4, "a_bits": 8}),  # clusters="auto": one choice per tie
          ("llama", "recursive", "rptq", {"w_bits": 8, "a_bits": 8, "clusters": 4}),
          ("llama", "share-blocks", "quantize", {"w_bits": 8, "a_bits": 8}),
          ("bert", "recursive", "quantize", {"w_bits": 4, "a_bits": 16, "w_granularity": "group", "group_size": 8})]
