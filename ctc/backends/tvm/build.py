@@ -360,7 +360,7 @@ class CompiledModel:
         self._ffi = ffi
         cfg = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
         if cfg is not None:
-            cfg(-1, self.threads)
+            cfg(POOL_AFFINITY_BIG, self.threads)
         self._lib = ffi.load_module(str(lib))
         self.vm = self._lib["vm_load_executable"]()
         # (device type, id, allocator) for the device and the host: kDLCPU=1, kDLCUDA=2, pooled allocator=2
@@ -581,6 +581,15 @@ class KernelTime:
     calls_per_run: int
     ms_per_run: float
     ms_per_call: float
+
+
+# TVM's pool affinity modes (runtime.config_threadpool): 1 = big cores (the x86 default), -1 = little ones.
+# With 1, worker i is pinned to the (i + 1)-th fastest core and the calling thread, which runs task 0,
+# may use every fast core.  -1 pinned the workers to the slowest cores (a hybrid CPU's efficiency
+# cores); where all cores are alike (no cpufreq data: virtual machines) it pinned the one worker of a
+# 2-core machine to core 0 and left the caller's affinity call to fail (an empty core set).
+# TVM_BIND_THREADS=0 turns pinning off.
+POOL_AFFINITY_BIG = 1
 
 
 def load_compiled(path: str | Path, *, threads: int | None = None,
