@@ -43,18 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from fair_runner import (  # noqa: E402
-    CHILD_ENV,
-    check_lines,
-    git_commit,
-    machine_line,
-    protocol_text,
-    ratio_lines,
-    serve,
-    stats_row,
-    time_runtimes,
-    versions,
-)
+import fair_runner as fair  # noqa: E402
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "efficientnet_lite0_cpu.ctc"
 PT2 = ROOT / "out" / "efficientnet_lite0.pt2"
@@ -151,7 +140,7 @@ def child_runner(spec: dict[str, Any]) -> Any:
 def build(work: Path) -> float:
     """Export (in a subprocess: the parent stays free of torch's threads) and compile the recipe; seconds taken
     by ``ctc compile``."""
-    env = {**os.environ, **CHILD_ENV}
+    env = {**os.environ, **fair.CHILD_ENV}
     r = subprocess.run([sys.executable, __file__, "--prepare", str(work)], env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"exporting EfficientNet-Lite0 failed:\n{r.stderr[-3000:]}")
@@ -166,18 +155,18 @@ def build(work: Path) -> float:
 def table(threads: int, t: Any, ref: Any) -> list[str]:
     import numpy as np
 
-    lines = ["", f"## {threads} thread{'s' if threads > 1 else ''}", "", *check_lines(t.check()), "",
+    lines = ["", f"## {threads} thread{'s' if threads > 1 else ''}", "", *fair.check_lines(t.check()), "",
              f"| runtime | median ms | min ms | p90 ms | spread | calls > {SLOW}x min | CPU ms per call | top-1 "
              "| max rel. err vs eager |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = {}
     for rt in t.times:
-        r = rows[rt] = stats_row(t, rt)
+        r = rows[rt] = fair.stats_row(t, rt)
         slow = sum(v * 1e3 > SLOW * r["min_ms"] for v in t.times[rt]) / len(t.times[rt])
         out = t.outputs[rt]
         err = float(np.abs(out - ref).max() / np.abs(ref).max())
         lines.append(f"| {LABELS[rt]} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['spread']:.0%} | {slow:.0%} | {r['cpu_ms']:.2f} | {int(out.argmax())} | {err:.1e} |")
-    return lines + ratio_lines(rows, RATIOS, LABELS)
+    return lines + fair.ratio_lines(rows, RATIOS, LABELS)
 
 
 def main() -> None:
@@ -198,7 +187,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child is not None:
         spec = json.loads(args.child)
-        return serve(child_runner(spec), spec["warmup"])
+        return fair.serve(child_runner(spec), spec["warmup"])
     if args.prepare is not None:
         return prepare(Path(args.prepare), onnx=True)
     sys.path.insert(0, str(ROOT))
@@ -226,14 +215,14 @@ def main() -> None:
     built = f"compile {compile_s:.0f} s" if compile_s is not None else "built earlier, --no-build"
     lines = ["# EfficientNet-Lite0 CPU latency, fair protocol (benchmarks/cnn_latency.py)", "",
              f"- command: `python benchmarks/cnn_latency.py {' '.join(sys.argv[1:])}`",
-             f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, ctc commit {git_commit()}",
-             f"- machine: {machine_line()}",
-             f"- versions: {versions(('torch', 'onnxruntime', 'tvm', 'tvm_ffi'))}",
+             f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, ctc commit {fair.git_commit()}",
+             f"- machine: {fair.machine_line()}",
+             f"- versions: {fair.versions(('torch', 'onnxruntime', 'tvm', 'tvm_ffi'))}",
              f"- model: batch 1, 224x224 (Grace Hopper, [-1, 1]); fp32 everywhere; ctc from {RECIPE.name} "
              f"(fold-batch-norm, dce, default schedules; {built}); environment: OMP_WAIT_POLICY="
              f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, TVM_* "
              f"{' '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('TVM_')) or '(unset)'}",
-             "- protocol: " + protocol_text(threads=args.threads, warmup=args.warmup, runs=args.runs,
+             "- protocol: " + fair.protocol_text(threads=args.threads, warmup=args.warmup, runs=args.runs,
                                             rounds=args.rounds, settle=args.settle, timed=timed)
              + f"; calls > {SLOW}x min = share of calls in the slow mode; top-1 and max relative error of the "
                "logits against PyTorch fp32 eager (class 652, military uniform)"]
@@ -241,7 +230,7 @@ def main() -> None:
     for threads in thread_counts:
         specs = {rt: {"runtime": rt, "threads": threads, "warmup": args.warmup, "input": str(work / "x.npy"),
                       "onnx": str(work / "m.onnx"), "artifact": str(ARTIFACT)} for rt in runtimes}
-        t = time_runtimes(__file__, specs, runs=args.runs, rounds=args.rounds, settle=args.settle, work=work,
+        t = fair.time_runtimes(__file__, specs, runs=args.runs, rounds=args.rounds, settle=args.settle, work=work,
                           tag=f"{threads}t")
         part = table(threads, t, ref)
         print("\n".join(part), flush=True)
