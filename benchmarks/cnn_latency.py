@@ -222,8 +222,8 @@ def main() -> None:
              f"(fold-batch-norm, dce, default schedules; {built}); environment: OMP_WAIT_POLICY="
              f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, TVM_* "
              f"{' '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('TVM_')) or '(unset)'}",
-             "- protocol: " + fair.protocol_text(threads=args.threads, warmup=args.warmup, runs=args.runs,
-                                            rounds=args.rounds, settle=args.settle, timed=timed)
+             "- protocol: " + fair.protocol_text(threads=f"{args.threads} (one table per count)", warmup=args.warmup,
+                                                 runs=args.runs, rounds=args.rounds, settle=args.settle, timed=timed)
              + f"; calls > {SLOW}x min = share of calls in the slow mode; top-1 and max relative error of the "
                "logits against PyTorch fp32 eager (class 652, military uniform)"]
     print("\n".join(lines), flush=True)
