@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cpu_latency import _cosine, smollm2_decode_windows, timeit  # noqa: E402
+from cpu_latency import _cosine, smollm2_decode_windows, spread_line, time_samples  # noqa: E402
 
 PIPELINES: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "ctc": ("ctc fp32", []),
@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--llama", action="store_true", help="add llama.cpp rows (llama-bench on the bundled Q4_1 GGUF "
                     "and its Q8_0 re-quantization, decode after --past cached tokens; built by benchmarks/llamacpp.py)")
     ap.add_argument("--llama-gen", type=int, default=32, help="tokens llama-bench generates per repetition")
+    ap.add_argument("--llama-cache", type=Path, default=None, help="where llama.cpp's source and builds live "
+                    "(default: benchmarks/llamacpp.py's, .cache/llama.cpp in this checkout); point it at another "
+                    "checkout's to reuse its build")
     args = ap.parse_args()
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows_wanted if r not in PIPELINES and r not in ("ort", "ort-int8")]
@@ -250,23 +253,33 @@ def main() -> None:
                      "weight_mb": wbytes / 1e6 if wbytes else None})
         print(f"  built {label}: {time.perf_counter() - t0:.1f} s, int kernels {comp.meta.get('int_kernels')}, "
               f"weights {wbytes / 1e6 if wbytes else float('nan'):.1f} MB", flush=True)
-    times = timeit(fns, args.runs, args.warmup, args.rounds)
+    samples = time_samples(fns, args.runs, args.warmup, args.rounds)
+    times = {k: (float(np.median(v)), min(v)) for k, v in samples.items()}
+    llama_reps: dict[str, list[float]] = {}
     if args.llama:  # its own process and timer: tokens/s over --llama-gen tokens, per repetition
         import llamacpp
 
-        bin_dir = llamacpp.ensure_built()
+        cache = args.llama_cache or llamacpp.DEFAULT_CACHE
+        bin_dir = llamacpp.ensure_built(cache)
         gguf = Path(str(bundled_gguf_file("smollm2")))
-        q8 = llamacpp.quantize(bin_dir, gguf, llamacpp.DEFAULT_CACHE / "smollm2-q8_0.gguf", "Q8_0", args.threads)
+        q8 = llamacpp.quantize(bin_dir, gguf, cache / "smollm2-q8_0.gguf", "Q8_0", args.threads)
         for label, path in (("llama.cpp Q4_1", gguf), ("llama.cpp Q8_0", q8)):
             time.sleep(0.5)
             b = llamacpp.bench(bin_dir, path, args.threads, args.past, args.llama_gen, 0, args.rounds)["decode"]
             times[label] = (1e3 / b["median"], 1e3 / b["max"])
+            llama_reps[label] = [1e3 / t for t in b["samples"]]
             rows.append({"runtime": label, "cos": float("nan"), "err": float("nan"),
                          "weight_mb": path.stat().st_size / 1e6})
             print(f"  {label}: decode {b['median']:.1f} tok/s median of {args.rounds} (min {b['min']:.1f}, "
                   f"max {b['max']:.1f})", flush=True)
     ort_int8 = times.get("ONNX Runtime int8 (dynamic)", (None,))[0]
     print(f"\n(load average after: {os.getloadavg()[0]:.2f})\n")
+    print("per-call ms, min / p10 / median / p90 / max (llama.cpp: per repetition of --llama-gen tokens):")
+    for k, v in samples.items():
+        print(f"  {k}: {spread_line(v)}")
+    for k, v in llama_reps.items():
+        print(f"  {k}: {spread_line(v)}")
+    print()
     print("| runtime | median ms | min ms | tok/s (median) | x ORT int8 (median) | logits cosine | max abs err "
           "| params MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

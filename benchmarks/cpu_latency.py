@@ -77,7 +77,12 @@ def shown_command(argv: list[str]) -> str:
 
 
 def timeit(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """(median, min) wall ms of each callable: ``warmup`` calls each, then ``rounds`` rounds that
+    """(median, min) wall ms of each callable, from :func:`time_samples`."""
+    return {k: (statistics.median(v), min(v)) for k, v in time_samples(fns, runs, warmup, rounds).items()}
+
+
+def time_samples(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Every timed call's wall ms, per callable: ``warmup`` calls each, then ``rounds`` rounds that
     run every callable ``ceil(runs / rounds)`` times in turn, so a load spike from other users of
     the machine hits every runtime alike.  At least ``runs`` timed calls per callable.
 
@@ -97,8 +102,19 @@ def timeit(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, rounds: in
             for _ in range(per):
                 t0 = time.perf_counter()
                 fn()
-                ts[k].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in ts.items()}
+                ts[k].append((time.perf_counter() - t0) * 1e3)
+    return ts
+
+
+def spread_line(ms: list[float]) -> str:
+    """``min / p10 / median / p90 / max`` of per-call times (ms), for a distribution's shape at a glance."""
+    s = sorted(ms)
+
+    def q(p: float) -> float:
+        return s[min(len(s) - 1, int(p * len(s)))]
+
+    return (f"{s[0]:.2f} / {q(0.1):.2f} / {statistics.median(s):.2f} / {q(0.9):.2f} / {s[-1]:.2f} "
+            f"(mean {statistics.mean(s):.2f}, {len(s)} calls)")
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str, str]:

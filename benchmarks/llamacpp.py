@@ -167,7 +167,7 @@ def bench(bin_dir: Path, gguf: Path, threads: int, depth: int, n_gen: int, n_pro
         key = "decode" if r["n_gen"] else "prefill"
         ts = [float(x) for x in r.get("samples_ts", [])] or [float(r["avg_ts"])]
         res[key] = {"mean": float(r["avg_ts"]), "stddev": float(r["stddev_ts"]), "min": min(ts), "max": max(ts),
-                    "median": sorted(ts)[len(ts) // 2]}
+                    "median": sorted(ts)[len(ts) // 2], "samples": ts}
     return res
 
 

@@ -3,6 +3,8 @@ idea; int4 codes with float or integer zero points, or int8 codes) equal the ``q
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,44 @@ def test_layout_conditions_are_named() -> None:
     assert "group_size=16" in BG.block_layout({**base, "group_size": 16}, 64, 32)
     assert "w_bits=6" in BG.block_layout({**base, "w_bits": 6}, 64, 32)
     assert BG.spec_for(576, 1536, 4, False).nb == 4 and BG.spec_for(576, 192, 4, False).nb == 1
+
+
+@needs_vnni
+def test_linears_of_one_input_share_the_quantizer_and_one_kernel() -> None:
+    """Three block linears of one input without bias (q, k, v) run as one ``blk_gemv`` with three outputs
+    after one ``blk_act``; a fourth with a bias keeps its own kernel but reuses the codes; the step equals
+    the reference interpreter."""
+    from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
+    from ctc.ir.graph import Module
+    from ctc.ir.interpreter import interpret
+    from ctc.ir.types import TensorType
+
+    k = 64
+    m = Module("qkv")
+    x = m.add_input("x", TensorType((1, 1, k), "f32"))
+    outs = []
+    for i, (n, bits, bias) in enumerate([(64, 4, False), (32, 4, False), (32, 4, False), (48, 4, True),
+                                         (16, 8, False)]):
+        qw = _weights(bits, True, n, k, 32)
+        names = [m.add_param(f"{nm}{i}", t) for nm, t in (("qw", qw.qweight), ("s", qw.scale), ("z", qw.zero))]
+        ins = [x] + [m.param(nm) for nm in names]
+        if bias:
+            ins.append(m.param(m.add_param(f"b{i}", torch.randn(n))))
+        attrs = dict(w_bits=bits, group_size=32, w_symmetric=qw.symmetric, a_bits=8,
+                     act_clusters=Q.act_block_clusters(k), has_bias=bias, act_dynamic=True)
+        outs.append(m.create_node("quant_linear", ins, attrs).output)
+    m.set_outputs(outs)
+    comp = compile_module(m, options=BuildOptions())
+    assert comp.meta["int_kernels"] == 5
+    d = tempfile.mkdtemp()
+    comp.export(d)
+    lib = load_compiled(d)
+    xin = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(3))
+    got = lib(xin)
+    for g_, r in zip(got, interpret(m, [xin]), strict=True):
+        np.testing.assert_allclose(g_.numpy(), r.numpy(), rtol=0, atol=1e-5 * float(r.abs().max()))
+    kernels = lib.profile(xin, runs=1)
+    names = [kt.name for kt in kernels]
+    assert sum("blk_act" in nm for nm in names) == 1, names
+    gemv = [nm for nm in names if "blk_gemv" in nm]
+    assert len(gemv) == 3 and any("_o64x32x32" in nm for nm in gemv), names  # q|k|v; the biased one; the int8 one

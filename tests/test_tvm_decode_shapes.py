@@ -188,35 +188,52 @@ def test_captured_decode_step_end_to_end(kind: str, tmp_path: Any) -> None:
         torch.testing.assert_close(g, r, rtol=1e-4, atol=5e-5)
 
 
-@pytest.mark.parametrize(("hq", "hk", "mask"), [(4, 4, "bool"), (6, 2, "add"), (4, 2, None)])
-def test_one_query_attention_reads_kv_as_stored(hq: int, hk: int, mask: str | None) -> None:
-    """sdpa with one query (a decode step): q k^T by the batched GEMV schedule and p v by
-    VecMatRule, the KV cache neither transposed nor repeated for GQA; same numbers as interpret."""
+@pytest.mark.parametrize(("hq", "hk", "n", "mask"), [(4, 4, 11, "bool"), (6, 2, 11, "add"), (4, 2, 11, None),
+                                                    (9, 3, 80, "bool"), (6, 3, 100, "prefix")])
+def test_one_query_attention_is_one_kernel(hq: int, hk: int, n: int, mask: str | None) -> None:
+    """sdpa with one query (a decode step): one kernel (decode_attention.py) reading the KV cache as
+    stored (neither transposed nor repeated for GQA), keys split into parallel chunks when the cache is
+    long enough; same numbers as interpret, also when whole chunks are masked (``prefix``: only the
+    first keys are valid, as in a preallocated cache)."""
+    from ctc.backends.tvm.decode_attention import key_splits
+
     m = Module("one_query_sdpa")
     q = m.add_input("q", TensorType([1, hq, 1, 16], "f32"))
-    k = m.add_input("k", TensorType([1, hk, 11, 16], "f32"))
-    v = m.add_input("v", TensorType([1, hk, 11, 16], "f32"))
+    k = m.add_input("k", TensorType([1, hk, n, 16], "f32"))
+    v = m.add_input("v", TensorType([1, hk, n, 16], "f32"))
     ins = [q, k, v]
-    if mask == "bool":
-        ins.append(m.add_input("mask", TensorType([1, 1, 1, 11], "bool")))
+    if mask in ("bool", "prefix"):
+        ins.append(m.add_input("mask", TensorType([1, 1, 1, n], "bool")))
     elif mask == "add":
-        ins.append(m.add_input("mask", TensorType([1, hq, 1, 11], "f32")))
+        ins.append(m.add_input("mask", TensorType([1, hq, 1, n], "f32")))
     y = m.create_node("scaled_dot_product_attention", ins, {"enable_gqa": hq != hk}).output
     m.set_outputs([y])
     funcs = _scheduled(m)
     assert not any("repeat" in n or "transpose" in n for n in funcs), sorted(funcs)
-    scores = [s for n, s in funcs.items() if "scores" in n]
-    values = [s for n, s in funcs.items() if "attn_values" in n]
-    assert len(scores) == 1 and "_rf_local" in scores[0], sorted(funcs)
-    assert len(values) == 1 and "T.parallel" in values[0] and "T.vectorized" in values[0], values
+    kernels = [nm for nm in funcs if nm.startswith("kv_attend_float32")]
+    assert len(kernels) == 1 and not any("scores" in nm or "softmax" in nm for nm in funcs), sorted(funcs)
+    splits = key_splits(hk, n, resolve("cpu").target().attrs["num-cores"])
+    assert kernels[0].endswith(f"_s{splits}")
     g = _g(20 + hq)
-    feed = [torch.randn(1, hq, 1, 16, generator=g), torch.randn(1, hk, 11, 16, generator=g),
-            torch.randn(1, hk, 11, 16, generator=g)]
+    feed = [torch.randn(1, hq, 1, 16, generator=g), torch.randn(1, hk, n, 16, generator=g),
+            torch.randn(1, hk, n, 16, generator=g)]
     if mask == "bool":
-        feed.append(torch.rand(1, 1, 1, 11, generator=g) > 0.3)
+        feed.append(torch.rand(1, 1, 1, n, generator=g) > 0.3)
+    elif mask == "prefix":
+        feed.append(torch.arange(n).reshape(1, 1, 1, n) < 7)
     elif mask == "add":
-        feed.append(torch.randn(1, hq, 1, 11, generator=g))
+        feed.append(torch.randn(1, hq, 1, n, generator=g))
     torch.testing.assert_close(_run(m, feed)[0], interpret(m, feed)[0], **TOL)
+
+
+def test_key_splits_balance_the_threads() -> None:
+    from ctc.backends.tvm.decode_attention import MIN_CHUNK, key_splits
+
+    assert key_splits(3, 129, 2) == 2  # SmolLM2's 3 kv heads on 2 threads: 6 tasks, 3 each
+    assert key_splits(4, 2048, 2) == 1  # already even
+    assert key_splits(9, 2048, 4) == 4  # 36 tasks on 4 threads
+    assert key_splits(3, 2 * MIN_CHUNK - 1, 2) == 1  # too few keys to split
+    assert key_splits(3, 2048, 1) == 1
 
 
 def test_many_queries_keep_the_matmul_attention() -> None:

@@ -40,6 +40,7 @@ import numpy as np
 __all__ = ["BlockSpec", "act_func", "block_layout", "gemv_func", "pack"]
 
 BLOCK = 32
+SERIAL_ROWS = 4  # blk_act quantizes fewer rows than this on the calling thread (no parallel launch)
 _RNE = 'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {v}, dtype="float32")'
 _DP = 'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), {c}, {a}, {b}, ' \
       'dtype="int32x16")'
@@ -54,6 +55,7 @@ class BlockSpec:
     bits: int
     nb: int
     has_bias: bool
+    outs: tuple[int, ...] = ()  # several linears of one input in one kernel: each one's N (summing to n)
 
     @property
     def blocks(self) -> int:
@@ -70,7 +72,8 @@ class BlockSpec:
 
     @property
     def tag(self) -> str:
-        return f"k{self.k}_n{self.n}_w{self.bits}_nb{self.nb}{'_b' if self.has_bias else ''}"
+        outs = "_o" + "x".join(str(o) for o in self.outs) if self.outs else ""
+        return f"k{self.k}_n{self.n}_w{self.bits}_nb{self.nb}{'_b' if self.has_bias else ''}{outs}"
 
 
 def block_layout(attrs: Any, k: int, n: int) -> str | None:
@@ -93,11 +96,13 @@ def block_layout(attrs: Any, k: int, n: int) -> str | None:
     return None
 
 
-def spec_for(k: int, n: int, bits: int, has_bias: bool) -> BlockSpec:
-    """The spec with the tile width that leaves enough tiles for the threads (>= 16 when N allows)."""
-    v = n // 16
-    nb = next((c for c in (4, 2) if v % c == 0 and v // c >= 16), 1)
-    return BlockSpec(k, n, 4 if bits <= 4 else 8, nb, has_bias)
+def spec_for(k: int, n: int | tuple[int, ...], bits: int, has_bias: bool) -> BlockSpec:
+    """The spec with the tile width that leaves enough tiles for the threads (>= 16 when N allows); ``n`` a
+    tuple: several linears' outputs in one kernel (the tile width divides each)."""
+    outs = n if isinstance(n, tuple) else (n,)
+    vs = [o // 16 for o in outs]
+    nb = next((c for c in (4, 2) if all(v % c == 0 for v in vs) and sum(vs) // c >= 16), 1)
+    return BlockSpec(k, sum(outs), 4 if bits <= 4 else 8, nb, has_bias, outs if len(outs) > 1 else ())
 
 
 def _i(v: int) -> str:
@@ -144,16 +149,7 @@ def act_func(k: int) -> Any:
     b_ = k // BLOCK
     q = ('T.max(T.min(' + _RNE.format(v=f"x[r, b * {_i(BLOCK)} + j] / st[2]") + ' + st[3], T.float32(255)), '
          'T.float32(0))')
-    src = "\n".join([
-        "@T.prim_func(private=True, s_tir=True)",
-        "def blk_act(var_x: T.handle, var_xq: T.handle, var_sx: T.handle):",
-        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
-        "    m = T.int64()",
-        f'    x = T.match_buffer(var_x, (m, {_i(k)}), "float32")',
-        f'    xq = T.match_buffer(var_xq, (m, {_i(k)}), "uint8")',
-        f'    sx = T.match_buffer(var_sx, (m, {_i(b_)}, T.int64(3)), "float32")',
-        '    with T.sblock("root"):',
-        "        for r in T.parallel(m):",
+    row = [  # one row's blocks (indented for the loop over rows)
         '            vlo = T.decl_buffer((T.int64(16),), "float32", scope="local")',
         '            vhi = T.decl_buffer((T.int64(16),), "float32", scope="local")',
         f'            qf = T.decl_buffer(({_i(BLOCK)},), "float32", scope="local")',
@@ -182,6 +178,24 @@ def act_func(k: int) -> Any:
         "                sx[r, b, T.int64(0)] = st[2]",
         "                sx[r, b, T.int64(1)] = st[2] * st[3]",
         f"                sx[r, b, T.int64(2)] = st[2] * (st[1] - T.float32({BLOCK}) * st[3])",
+    ]
+    # a few rows (a decode step's one) run on the calling thread: a parallel launch would cost more than the
+    # row (K values) and wake the pool for nothing
+    src = "\n".join([
+        "@T.prim_func(private=True, s_tir=True)",
+        "def blk_act(var_x: T.handle, var_xq: T.handle, var_sx: T.handle):",
+        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
+        "    m = T.int64()",
+        f'    x = T.match_buffer(var_x, (m, {_i(k)}), "float32")',
+        f'    xq = T.match_buffer(var_xq, (m, {_i(k)}), "uint8")',
+        f'    sx = T.match_buffer(var_sx, (m, {_i(b_)}, T.int64(3)), "float32")',
+        '    with T.sblock("root"):',
+        f"        if m < {_i(SERIAL_ROWS)}:",
+        "            for r in range(m):",
+        *["    " + ln for ln in row],
+        "        else:",
+        "            for r in T.parallel(m):",
+        *["    " + ln for ln in row],
     ]) + "\n"
     return tvm.script.from_source(src)
 
@@ -199,7 +213,8 @@ def gemv_func(spec: BlockSpec) -> Any:
               f'pa: T.Buffer(({_i(t_)}, {_i(b_)}, T.int64(3), {_i(w16)}), "float32")']
     if spec.has_bias:
         params.append(f'bias: T.Buffer(({_i(n)},), "float32")')
-    params.append("var_y: T.handle")
+    outs = spec.outs or (n,)
+    params += [f"var_y{i}: T.handle" for i in range(len(outs))]
 
     def bcast_act(off: str) -> str:
         word = f'T.reinterpret(xq.vload([r, {off}], "uint8x4"), dtype="int32")'
@@ -211,7 +226,7 @@ def gemv_func(spec: BlockSpec) -> Any:
          "    m = T.int64()",
          f'    xq = T.match_buffer(var_xq, (m, {_i(k)}), "uint8")',
          f'    sx = T.match_buffer(var_sx, (m, {_i(b_)}, T.int64(3)), "float32")',
-         f'    y = T.match_buffer(var_y, (m, {_i(n)}), "float32")',
+         *[f'    y{i} = T.match_buffer(var_y{i}, (m, {_i(o)}), "float32")' for i, o in enumerate(outs)],
          '    with T.sblock("root"):',
          f"        for t in T.parallel({_i(t_)}):",
          f'            acc = T.decl_buffer(({_i(w16)},), "int32", scope="local")',
@@ -243,17 +258,66 @@ def gemv_func(spec: BlockSpec) -> Any:
           "                        ya[l] = ya[l] + sx[r, b, T.int64(0)] * pa[t, b, T.int64(0), l] * "
           'T.Cast("float32", acc[l]) - sx[r, b, T.int64(1)] * pa[t, b, T.int64(1), l] - '
           "sx[r, b, T.int64(2)] * pa[t, b, T.int64(2), l]",
-          f"                for l in T.vectorized({_i(w16)}):",
-          f"                    y[r, t * {_i(w16)} + l] = ya[l]" + (f" + bias[t * {_i(w16)} + l]" if spec.has_bias
-                                                                  else "")]
+          *_write_rows(outs, w16, spec.has_bias)]
     return tvm.script.from_source("\n".join(L) + "\n")
 
 
+def _write_rows(outs: tuple[int, ...], w16: int, has_bias: bool) -> list[str]:
+    """The tile's results into its output: ``y0`` alone, or the output whose tile range holds ``t``."""
+    lines: list[str] = []
+    first = 0
+    for i, o in enumerate(outs):
+        tiles = o // w16
+        ind = "                " + "    " * i
+        if i < len(outs) - 1:
+            lines.append(f"{ind}if t < {_i(first + tiles)}:")
+            ind += "    "
+        lines += [f"{ind}for l in T.vectorized({_i(w16)}):",
+                  f"{ind}    y{i}[r, (t - {_i(first)}) * {_i(w16)} + l] = ya[l]"
+                  + (f" + bias[t * {_i(w16)} + l]" if has_bias else "")]
+        if i < len(outs) - 1:
+            lines.append("                " + "    " * i + "else:")
+        first += tiles
+    return lines
+
+
 # ----------------------------------------------------------------------------- lowering
+def _param_names(ctx: Any, node: Any) -> dict[str, str | None]:
+    """The parameter behind each operand (None for computed ones), also before its ``param`` node is lowered."""
+    out: dict[str, str | None] = {}
+    for nm, v in node.named_operands().items():
+        p = getattr(v, "producer", None)
+        out[nm] = p.attrs["name"] if p is not None and p.op == "param" else ctx.param_name(v)
+    return out
+
+
+def _siblings(ctx: Any, node: Any, k: int, bits: int) -> list[Any]:
+    """The other ``quant_linear`` nodes not lowered yet that read ``node``'s input in the same block form
+    (parameter weights of the same width, no bias): q, k and v of an attention, gate and up of an FFN."""
+    xv = node.operand("x")
+    out = []
+    for u, _ in xv.uses:
+        if u is node or u in out or u.op != "quant_linear" or u.operand("x") is not xv or u.operand("bias") is not None:
+            continue
+        if id(u.outputs[0]) in ctx.env or id(u.outputs[0]) in ctx.absorbed:
+            continue
+        pn = _param_names(ctx, u)
+        if any(pn.get(nm) is None for nm in ("qweight", "w_scale", "w_zero")) or int(u.attrs["w_bits"]) != bits:
+            continue
+        if block_layout(u.attrs, k, int(ctx.param_array(pn["qweight"]).shape[0])) is None:
+            out.append(u)
+    return out
+
+
 def lower_block_linear(ctx: Any, node: Any, ops: Any, pnames: dict[str, str | None]) -> Any | None:
     """Lower a ``quant_linear`` with per-block dynamic activations through ``blk_act`` + ``blk_gemv``;
     None when the node does not have that form, its operands are not parameters, or the target lacks
-    AVX512-VNNI (the caller then uses the generic integer kernels)."""
+    AVX512-VNNI (the caller then uses the generic integer kernels).
+
+    The input is quantized once for every linear reading it, and the linears of one input without a
+    bias (q, k, v; gate, up) run as one kernel over their weights side by side (one parallel launch,
+    more tiles to share between the threads); the others' results are handed to the lowering as
+    computed (``ctx.absorbed``)."""
     from ctc.backends.tvm.int_kernels import add_prim_func, target_has_vnni
     from ctc.ir import quant as Q
 
@@ -261,51 +325,67 @@ def lower_block_linear(ctx: Any, node: Any, ops: Any, pnames: dict[str, str | No
     k = int(xv.type.shape[-1])
     if any(pnames.get(nm) is None for nm in ("qweight", "w_scale", "w_zero")):
         return None
-    qarr = ctx.param_array(pnames["qweight"])
-    n = int(qarr.shape[0])
+    n = int(ctx.param_array(pnames["qweight"]).shape[0])
     if block_layout(node.attrs, k, n) is not None or not target_has_vnni(ctx.target):
         return None
     has_bias = node.operand("bias") is not None
     if has_bias and pnames.get("bias") is None:
         return None
     bits = int(node.attrs["w_bits"])
-    spec = spec_for(k, n, bits, has_bias)
-    key = f"blk_{spec.tag}_" + "_".join(str(pnames[m]) for m in ("qweight", "w_scale", "w_zero"))
+    group = [node] + ([] if has_bias else _siblings(ctx, node, k, bits))
+    names = [pnames] + [_param_names(ctx, u) for u in group[1:]]
+    ns = tuple(int(ctx.param_array(pn["qweight"]).shape[0]) for pn in names)  # type: ignore[arg-type]
+    spec = spec_for(k, ns if len(group) > 1 else ns[0], bits, has_bias)
+    key = f"blk_{spec.tag}_" + "_".join(str(pn[m]) for pn in names for m in ("qweight", "w_scale", "w_zero"))
     if key not in ctx.memo:
         import torch
 
-        q = Q.unpack_weight(torch.from_numpy(qarr), bits, k).numpy()
-        ctx.memo[key] = pack(spec, q, ctx.param_array(pnames["w_scale"]), ctx.param_array(pnames["w_zero"]),
-                             int(node.attrs["group_size"]))
+        parts = []
+        for u, pn, nn in zip(group, names, ns, strict=True):
+            q = Q.unpack_weight(torch.from_numpy(ctx.param_array(pn["qweight"])), bits, k).numpy()
+            parts.append(pack(BlockSpec(k, nn, spec.bits, spec.nb, has_bias), q, ctx.param_array(pn["w_scale"]),
+                              ctx.param_array(pn["w_zero"]), int(u.attrs["group_size"])))
+        ctx.memo[key] = {nm: np.ascontiguousarray(np.concatenate([p[nm] for p in parts], axis=0))
+                         for nm in ("wpack", "pa")}
     packed = ctx.memo[key]
-    # the packed codes depend on the integer weight only (a tied weight is bound once); pa on scales/zeros too
-    wpack = ctx.param(pnames["qweight"], f"blk_pack_{bits}_{spec.nb}", array=packed["wpack"])
+    # the packed codes depend on the integer weights only (a tied weight is bound once); pa on scales/zeros too
+    wtag = "_".join(str(pn["qweight"]) for pn in names[1:])
+    wpack = ctx.param(pnames["qweight"], f"blk_pack_{bits}_{spec.nb}" + (f"_with_{wtag}" if wtag else ""),
+                      array=packed["wpack"])
     pa = ctx.param(pnames["w_scale"], f"{key}_pa", array=packed["pa"])
     relax, op = ctx.relax, ctx.relax.op
     xt = xv.type
     x = ops["x"]
-    xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
-    out_shape = ctx.shape_of(node.outputs[0])
     lead = ctx.shape_of(xv)[:-1]
     m: Any = 1
     for dim in lead:
         m = m * dim
-    x2 = ctx.emit(op.reshape(xf, [m, k]))
-    gv_a = add_prim_func(ctx.bb, act_func(k), f"ctc_blk_act_k{k}")
+    act_key = ("blk_act", xv)  # linears reading one activation (q, k, v; gate, up) quantize it once
+    if act_key not in ctx.memo:
+        xf = x if xt.dtype == "f32" else ctx.emit(op.astype(x, "float32"))
+        x2 = ctx.emit(op.reshape(xf, [m, k]))
+        gv_a = add_prim_func(ctx.bb, act_func(k), f"ctc_blk_act_k{k}")
+        qs = ctx.emit(relax.call_tir(gv_a, [x2], [relax.TensorType([m, k], "uint8"),
+                                                  relax.TensorType([m, k // BLOCK, 3], "float32")]))
+        ctx.memo[act_key] = (ctx.emit(relax.TupleGetItem(qs, 0)), ctx.emit(relax.TupleGetItem(qs, 1)))
+    xq, sx = ctx.memo[act_key]
     gv_g = add_prim_func(ctx.bb, gemv_func(spec), f"ctc_blk_gemv_{spec.tag}")
-    qs = ctx.emit(relax.call_tir(gv_a, [x2], [relax.TensorType([m, k], "uint8"),
-                                              relax.TensorType([m, k // BLOCK, 3], "float32")]))
-    xq = ctx.emit(relax.TupleGetItem(qs, 0))
-    sx = ctx.emit(relax.TupleGetItem(qs, 1))
     args = [xq, sx, wpack, pa]
     if has_bias:
         b = ops["bias"]
         args.append(b if node.operand("bias").type.dtype == "f32" else ctx.emit(op.astype(b, "float32")))
-    y = ctx.emit(relax.call_tir(gv_g, args, relax.TensorType([m, n], "float32")))
-    y = ctx.emit(op.reshape(y, out_shape))
-    ctx.int_kernels += 1
-    if xt.dtype == "f32":
-        return y
     from ctc.backends.tvm.lower import _dt
 
-    return op.astype(y, _dt(xt))
+    res = ctx.emit(relax.call_tir(gv_g, args, [relax.TensorType([m, nn], "float32") for nn in ns]
+                                  if len(ns) > 1 else relax.TensorType([m, ns[0]], "float32")))
+    results = []
+    for i, u in enumerate(group):
+        y = ctx.emit(relax.TupleGetItem(res, i)) if len(ns) > 1 else res
+        y = op.reshape(y, ctx.shape_of(u.outputs[0]))
+        if xt.dtype != "f32":
+            y = op.astype(ctx.emit(y), _dt(xt))
+        results.append(y)
+    for u, y in zip(group[1:], results[1:], strict=True):
+        ctx.absorbed[id(u.outputs[0])] = ctx.emit(y)
+    ctx.int_kernels += len(group)
+    return results[0]

@@ -1215,6 +1215,10 @@ def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
         fused = _fused_attention(ctx, node, a)
         if fused is not None:
             return fused
+    if group is not None and not ctx.gpu and ctx.fused_attention:
+        fused = _cpu_decode_attention(ctx, node, a)
+        if fused is not None:
+            return fused
     if group is None and node.attrs["enable_gqa"] and qt.rank >= 3:
         k = _repeat_kv(ctx, k, qt.shape[-3], kt.shape[-3], kt.rank - 3)
         v = _repeat_kv(ctx, v, qt.shape[-3], vt.shape[-3], vt.rank - 3)
@@ -1240,6 +1244,35 @@ def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
     if group is not None:  # one query (a decode step): values read as stored, per kv head
         return ctx.te(_weighted_values_by_group(group), p, v, name="attn_values")
     return _probs_times_values(ctx, p, v, qt)
+
+
+def _cpu_decode_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
+    """f32 one-query attention as one CPU kernel over the keys in parallel chunks (:mod:`.decode_attention`),
+    or None where it does not apply (symbolic sizes, another dtype or mask form: the op-by-op path)."""
+    from ctc.backends.tvm import decode_attention as DA
+
+    qt, kt, vt = a.type("q"), a.type("k"), a.type("v")
+    if not qt.dtype == kt.dtype == vt.dtype == "f32" or node.attrs["is_causal"]:
+        return None
+    dims = [_static_int(ctx, x) for x in (*qt.shape, kt.shape[1], kt.shape[2])]
+    if None in dims or kt.shape != vt.shape:
+        return None
+    b, hq, _, d, hk, n = (int(x) for x in dims)  # type: ignore[arg-type]
+    args = [a["q"], a["k"], a["v"]]
+    mask, mb, mh = "none", 1, 1
+    mask_v = node.operand("mask")
+    if mask_v is not None:
+        got = DA.mask_operand(ctx, mask_v, b, hq, n)
+        if isinstance(got, str):
+            return None
+        mask, mb, mh, m = got
+        args.append(m)
+    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    spec = DA.AttendSpec(b, hq, hk, n, d, -1, float(scale), mask, mb, mh, cache="float32",
+                         splits=DA.key_splits(b * hk, n, DA.target_threads(ctx.target)))
+    if DA.attend_supported(spec, None) is not None:
+        return None
+    return DA.emit_decode_attention(ctx, spec, args)
 
 
 def _fused_mask_dims(ctx: Ctx, qt: TensorType, mt: TensorType, keys: int | str) -> tuple[bool, bool, bool] | None:

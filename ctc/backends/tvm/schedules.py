@@ -434,13 +434,31 @@ def _vectorize_last(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
         sch.vectorize(v)
 
 
+SERIAL_ELEMENTS = 8192  # an elementwise kernel with at most this many (static) outputs runs on the calling thread
+
+
+def _static_size(sch: s_tir.Schedule, loops: list[Any]) -> int | None:
+    size = 1
+    for lp in loops:
+        ext = _extent(sch, lp)
+        if ext is None:
+            return None
+        size *= ext
+    return size
+
+
 def _schedule_spatial(sch: s_tir.Schedule, block: Any, lanes: int, *, fuse: bool = True) -> None:
+    """Parallel outer loop, vectorized inner loop; serial when the whole kernel is small (a decode step's
+    one-row residual add, rotary, SwiGLU: a parallel launch costs more than their few KB of work)."""
     loops = sch.get_loops(block)
     if not loops:
         return
+    size = _static_size(sch, loops)
+    par = size is None or size > SERIAL_ELEMENTS
     if len(loops) > 1:
         outer = sch.fuse(*loops[:-1]) if fuse else loops[0]
-        sch.parallel(outer)
+        if par:
+            sch.parallel(outer)
         inner = loops[-1]
     else:
         inner = loops[0]
@@ -448,7 +466,7 @@ def _schedule_spatial(sch: s_tir.Schedule, block: Any, lanes: int, *, fuse: bool
     if ext is None or ext > lanes:
         o, v = sch.split(inner, [None, lanes])
         sch.vectorize(v)
-        if len(loops) == 1:
+        if len(loops) == 1 and par:
             sch.parallel(o)
     elif ext >= 2:
         sch.vectorize(inner)

@@ -1,0 +1,270 @@
+"""One-query (decode-step) attention on the CPU as one TIR kernel, over an fp32 or int8 KV cache, with the
+keys of each kv head split into chunks that run in parallel (flash-decoding).
+
+Why: lowered op by op, a decode step's attention is four kernels per layer (scores, mask, softmax,
+``p v``), each a fork/join of the thread pool for a few microseconds of work; and a kernel that is
+parallel over (batch, kv head) only has 3 tasks for SmolLM2's 3 kv heads, so of 2 threads one runs
+two tasks and the other one: the step waits for the slower thread (one third of the time wasted)
+and is exposed to any stall of it.  Here one task handles one chunk of the keys of one kv head for
+every query head that shares it (each key row is loaded, and for int8 converted, once):
+
+1. scores ``q . k_j * scale`` (``* s_k,j`` for int8 rows) with the mask, into the task's work buffer;
+2. the chunk's maximum ``m``, ``p_j = exp(s_j - m)`` (the vectorizable exponential of
+   :mod:`.row_kernels`, exactly 0 below -87) and their sum ``l``;
+3. ``acc = sum_j p_j v_j`` (``* s_v,j`` for int8 rows), unnormalized.
+
+Then, serially (a few hundred values): per query head ``M = max_c m_c``, and
+``out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c``.  A chunk that is entirely masked
+(positions past the current one in a preallocated cache) gets weight ``e^(-huge) = 0``.
+
+The number of chunks (:func:`key_splits`) makes the task count a multiple of the target's cores
+(3 kv heads x 2 chunks = 6 tasks for 2 threads), with at least :data:`MIN_CHUNK` keys per chunk.
+Numerics: fp32 throughout, the same exponential as the softmax kernels; sums in another order than
+the op-by-op path (differences of a few ulp).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AttendSpec", "MIN_CHUNK", "attend_func", "attend_supported", "emit_decode_attention", "key_splits"]
+
+LANES = 16
+MIN_CHUNK = 32  # fewest keys per parallel chunk: below, the combine costs more than the balance wins
+NEG = "T.float32(-3.4028234663852886e38)"
+
+
+def _i(v: int) -> str:
+    return f"T.int64({int(v)})"
+
+
+@dataclass(frozen=True)
+class AttendSpec:
+    """Static shape of one decode-step attention: ``q [b, hq, 1, d]`` against caches ``[b, hk, n, d]``."""
+
+    b: int
+    hq: int
+    hk: int
+    n: int  # cache length
+    d: int
+    group: int  # int8 caches: -1 (one scale per row) or a multiple of 16 dividing d; fp32: -1
+    scale: float
+    mask: str  # "none" | "bool" | "add"
+    mb: int  # mask batch extent (1 or b)
+    mh: int  # mask head extent (1 or hq)
+    cache: str = "int8"  # "int8" (with per-row/group scales) | "float32"
+    splits: int = 1  # key chunks per (batch, kv head), see key_splits
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.group == -1 else self.d // self.group
+
+    @property
+    def chunk(self) -> int:
+        return -(-self.n // self.splits)
+
+    @property
+    def tag(self) -> str:
+        return (f"{self.cache}_{self.b}_{self.hq}_{self.hk}_{self.n}_{self.d}_{self.group}_{self.mask}{self.mb}"
+                f"{self.mh}_s{self.splits}")
+
+
+def key_splits(tasks: int, n: int, threads: int) -> int:
+    """Key chunks per (batch, kv head) so that ``tasks * splits`` tasks spread evenly over ``threads``
+    (the smallest count with the least imbalance), each chunk at least :data:`MIN_CHUNK` keys."""
+    if threads <= 1 or tasks <= 0:
+        return 1
+    best, best_cost = 1, math.inf
+    for s in range(1, 2 * threads + 1):
+        if s > 1 and n < s * MIN_CHUNK:
+            break
+        total = tasks * s
+        cost = -(-total // threads) / (total / threads)  # the busiest thread's share over the even share
+        if cost < best_cost - 1e-9:
+            best, best_cost = s, cost
+    return best
+
+
+def attend_supported(spec: AttendSpec, bits: int | None) -> str | None:
+    """None when :func:`attend_func` covers ``spec`` (``bits``: 8 for an int8 cache, None for fp32); else why not."""
+    if bits is not None and bits != 8:
+        return f"{bits}-bit cache storage"
+    if spec.d % LANES:
+        return f"head dim {spec.d} is not a multiple of {LANES}"
+    if spec.group != -1 and (spec.group % LANES or spec.cache != "int8"):
+        return f"group_size {spec.group} is not a multiple of {LANES}"
+    if spec.hq % spec.hk:
+        return f"{spec.hq} query heads are not a multiple of {spec.hk} kv heads"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written out in order
+    """``(q [b, hq, 1, d], kc[, ks], vc[, vs][, mask [mb, mh, 1, n]], out [b, hq, 1, d])``."""
+    import tvm
+    from ctc.backends.tvm.row_kernels import fast_exp_expr
+    from tvm.script import tirx as T
+
+    b, hq, hk, n, d, s_ = spec.b, spec.hq, spec.hk, spec.n, spec.d, spec.splits
+    r, c_ = hq // hk, spec.chunk
+    quant = spec.cache == "int8"
+    gn = spec.groups
+    dg = d // gn
+    chunks = d // LANES
+    tasks = b * hk * s_
+    params = [f'q: T.Buffer(({_i(b)}, {_i(hq)}, T.int64(1), {_i(d)}), "float32")',
+              f'kc: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(d)}), "{spec.cache}")']
+    if quant:
+        params.append(f'ks: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(gn)}), "float32")')
+    params.append(f'vc: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(d)}), "{spec.cache}")')
+    if quant:
+        params.append(f'vs: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(gn)}), "float32")')
+    if spec.mask != "none":
+        params.append(f'mask: T.Buffer(({_i(spec.mb)}, {_i(spec.mh)}, T.int64(1), {_i(n)}), '
+                      f'"{"bool" if spec.mask == "bool" else "float32"}")')
+    params.append(f'out: T.Buffer(({_i(b)}, {_i(hq)}, T.int64(1), {_i(d)}), "float32")')
+
+    def row(buf: str, sbuf: str) -> str:
+        """Element ``l`` of cache row ``j`` as f32 (int8 rows times their scale)."""
+        if not quant:
+            return f"{buf}[bi, hi, j, l]"
+        sidx = f"l // {_i(dg)}" if gn > 1 else "T.int64(0)"
+        return f'T.Cast("float32", {buf}[bi, hi, j, l]) * {sbuf}[bi, hi, j, {sidx}]'
+
+    # keys: an int8 row with one scale is scaled after the dot product (one multiply per score)
+    key_row = 'T.Cast("float32", kc[bi, hi, j, l])' if quant and gn == 1 else row("kc", "ks")
+    L = ["@T.prim_func(private=True, s_tir=True)",
+         f"def kv_attend({', '.join(params)}):",
+         '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
+         '    with T.sblock("root"):',
+         f'        pm = T.decl_buffer(({_i(tasks * r)},), "float32")',
+         f'        pl = T.decl_buffer(({_i(tasks * r)},), "float32")',
+         f'        pa = T.decl_buffer(({_i(tasks * r * d)},), "float32")',
+         f"        for t in T.parallel({_i(tasks)}):",
+         f'            sc = T.decl_buffer(({_i(r * c_)},), "float32")',
+         f'            qs = T.decl_buffer(({_i(r * d)},), "float32", scope="local")',
+         f'            acc = T.decl_buffer(({_i(r * d)},), "float32", scope="local")',
+         f'            part = T.decl_buffer(({_i(LANES)},), "float32", scope="local")',
+         f'            kf = T.decl_buffer(({_i(d)},), "float32", scope="local")',
+         f'            st = T.decl_buffer(({_i(2 * r + 1)},), "float32", scope="local")',
+         f"            bi = t // {_i(hk * s_)}",
+         f"            hi = t // {_i(s_)} % {_i(hk)}",
+         f"            j0 = t % {_i(s_)} * {_i(c_)}",
+         f"            cnt = T.max(T.min({_i(c_)}, {_i(n)} - j0), T.int64(0))",
+         # the logit scale folded into q once
+         f"            for ri in range({_i(r)}):",
+         f"                for l in T.vectorized({_i(d)}):",
+         f"                    qs[ri * {_i(d)} + l] = q[bi, hi * {_i(r)} + ri, T.int64(0), l] * "
+         f"T.float32({spec.scale!r})",
+         "            for jj in range(cnt):",
+         "                j = j0 + jj",
+         f"                for l in T.vectorized({_i(d)}):",
+         f"                    kf[l] = {key_row}",
+         f"                for ri in range({_i(r)}):",
+         f"                    for l in T.vectorized({_i(LANES)}):",
+         "                        part[l] = T.float32(0)",
+         f"                    for c in range({_i(chunks)}):",
+         f"                        for l in T.vectorized({_i(LANES)}):",
+         f"                            part[l] = part[l] + qs[ri * {_i(d)} + c * {_i(LANES)} + l] * "
+         f"kf[c * {_i(LANES)} + l]",
+         "                    st[0] = T.float32(0)",
+         f"                    for l in range({_i(LANES)}):",
+         "                        st[0] = st[0] + part[l]"]
+    score = "st[0] * ks[bi, hi, j, T.int64(0)]" if quant and gn == 1 else "st[0]"
+    mb = "bi" if spec.mb > 1 else "T.int64(0)"
+    mh = f"hi * {_i(r)} + ri" if spec.mh > 1 else "T.int64(0)"
+    if spec.mask == "bool":
+        score = f"T.Select(mask[{mb}, {mh}, T.int64(0), j], {score}, {NEG})"
+    elif spec.mask == "add":
+        score = f"{score} + mask[{mb}, {mh}, T.int64(0), j]"
+    L += [f"                    sc[ri * {_i(c_)} + jj] = {score}",
+          # per query head: the chunk's max, the vectorizable exp and its sum
+          f"            for ri in range({_i(r)}):",
+          f"                st[ri * T.int64(2)] = {NEG}",
+          "                for jj in range(cnt):",
+          f"                    st[ri * T.int64(2)] = T.max(st[ri * T.int64(2)], sc[ri * {_i(c_)} + jj])",
+          f"                for l in T.vectorized({_i(LANES)}):",
+          "                    part[l] = T.float32(0)",
+          f"                for jb in range(cnt // {_i(LANES)}):",
+          f"                    for l in T.vectorized({_i(LANES)}):",
+          f"                        sc[ri * {_i(c_)} + jb * {_i(LANES)} + l] = "
+          f"EXP(sc[ri * {_i(c_)} + jb * {_i(LANES)} + l] - st[ri * T.int64(2)])",
+          f"                        part[l] = part[l] + sc[ri * {_i(c_)} + jb * {_i(LANES)} + l]",
+          "                st[ri * T.int64(2) + T.int64(1)] = T.float32(0)",
+          f"                for l in range({_i(LANES)}):",
+          "                    st[ri * T.int64(2) + T.int64(1)] = st[ri * T.int64(2) + T.int64(1)] + part[l]",
+          f"                for jj in range(cnt // {_i(LANES)} * {_i(LANES)}, cnt):",
+          f"                    sc[ri * {_i(c_)} + jj] = EXP(sc[ri * {_i(c_)} + jj] - st[ri * T.int64(2)])",
+          "                    st[ri * T.int64(2) + T.int64(1)] = st[ri * T.int64(2) + T.int64(1)] + "
+          f"sc[ri * {_i(c_)} + jj]",
+          f"                for l in T.vectorized({_i(d)}):",
+          f"                    acc[ri * {_i(d)} + l] = T.float32(0)",
+          # the weighted value rows (unnormalized)
+          "            for jj in range(cnt):",
+          "                j = j0 + jj",
+          f"                for l in T.vectorized({_i(d)}):",
+          f"                    kf[l] = {row('vc', 'vs')}",
+          f"                for ri in range({_i(r)}):",
+          f"                    for l in T.vectorized({_i(d)}):",
+          f"                        acc[ri * {_i(d)} + l] = acc[ri * {_i(d)} + l] + sc[ri * {_i(c_)} + jj] * kf[l]",
+          f"            for ri in range({_i(r)}):",
+          f"                pm[t * {_i(r)} + ri] = st[ri * T.int64(2)]",
+          f"                pl[t * {_i(r)} + ri] = st[ri * T.int64(2) + T.int64(1)]",
+          f"                for l in T.vectorized({_i(d)}):",
+          f"                    pa[(t * {_i(r)} + ri) * {_i(d)} + l] = acc[ri * {_i(d)} + l]",
+          # combine the chunks of each query head (serial: b * hq * splits * d values)
+          f"        for bh in range({_i(b * hq)}):",
+          f'            od = T.decl_buffer(({_i(d)},), "float32", scope="local")',
+          '            mx = T.decl_buffer((T.int64(3),), "float32", scope="local")',
+          f"            base = (bh // {_i(hq)} * {_i(hk)} + bh % {_i(hq)} // {_i(r)}) * {_i(s_)}",
+          f"            ri = bh % {_i(hq)} % {_i(r)}",
+          f"            mx[0] = {NEG}",
+          f"            for c in range({_i(s_)}):",
+          f"                mx[0] = T.max(mx[0], pm[(base + c) * {_i(r)} + ri])",
+          "            mx[1] = T.float32(0)",
+          f"            for l in T.vectorized({_i(d)}):",
+          "                od[l] = T.float32(0)",
+          f"            for c in range({_i(s_)}):",
+          f"                mx[2] = EXP(pm[(base + c) * {_i(r)} + ri] - mx[0])",
+          f"                mx[1] = mx[1] + mx[2] * pl[(base + c) * {_i(r)} + ri]",
+          f"                for l in T.vectorized({_i(d)}):",
+          f"                    od[l] = od[l] + mx[2] * pa[((base + c) * {_i(r)} + ri) * {_i(d)} + l]",
+          "            mx[1] = T.float32(1) / mx[1]",
+          f"            for l in T.vectorized({_i(d)}):",
+          f"                out[bh // {_i(hq)}, bh % {_i(hq)}, T.int64(0), l] = od[l] * mx[1]"]
+    return tvm.script.from_source("\n".join(L) + "\n", extra_vars={"T": T, "EXP": fast_exp_expr})
+
+
+def target_threads(target: Any) -> int:
+    """The cores a CPU target was built for (its ``num-cores``; 1 when absent)."""
+    try:
+        return max(int(target.attrs["num-cores"]), 1)
+    except Exception:  # noqa: BLE001 - a target without the attribute
+        return 1
+
+
+def mask_operand(ctx: Any, mask_v: Any, b: int, hq: int, n: int) -> tuple[str, int, int, Any] | str:
+    """``(kind, mb, mh, relax value [mb, mh, 1, n])`` for an attention mask the kernel reads, or why not."""
+    from ctc.backends.tvm.lower import _static_int
+
+    relax = ctx.relax
+    full = [1] * (4 - mask_v.type.rank) + [_static_int(ctx, x) for x in mask_v.type.shape]
+    if None in full or full[2] != 1 or full[3] != n or full[0] not in (1, b) or full[1] not in (1, hq):
+        return f"mask {mask_v.type}"
+    mb, mh = int(full[0]), int(full[1])  # type: ignore[arg-type]
+    kind = "bool" if mask_v.type.dtype == "bool" else "add"
+    m = ctx.val(mask_v)
+    if kind == "add" and mask_v.type.dtype != "f32":
+        m = ctx.emit(relax.op.astype(m, "float32"))
+    return kind, mb, mh, ctx.emit(relax.op.reshape(m, [mb, mh, 1, n]))
+
+
+def emit_decode_attention(ctx: Any, spec: AttendSpec, args: list[Any]) -> Any:
+    """``call_tir`` of :func:`attend_func` on ``args`` (q, the caches and scales, the mask if any)."""
+    from ctc.backends.tvm.int_kernels import add_prim_func
+
+    gv = add_prim_func(ctx.bb, attend_func(spec), f"kv_attend_{spec.tag}")
+    return ctx.relax.call_tir(gv, args, ctx.relax.TensorType([spec.b, spec.hq, 1, spec.d], "float32"))
