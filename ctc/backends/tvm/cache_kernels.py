@@ -6,8 +6,10 @@ every step (a decode step of SmolLM2 at 1024 positions would move 47 MB of cache
 92 KB).  This kernel writes only the new rows, into the cache buffer itself: the lowering calls
 it with ``call_tir_inplace`` (the output *is* the input buffer), so a step's buffers never move
 and the whole step can be replayed (a CUDA graph).  The function is one spatial block over the
-update's elements; dlight's GPU fallback binds it to threads on CUDA, the CPU rules leave it
-serial (it writes a few KB).
+update's elements; dlight's GPU fallback binds it to threads on CUDA.  On a CPU it is built
+serial (``serial=True``: marked scheduled, so the default rules, which parallelize spatial loops of
+symbolic size, leave it alone): it writes a few KB, and a parallel launch of the thread pool cost
+more than that (two per layer of a decode step).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 __all__ = ["cache_write_func"]
 
 
-def cache_write_func(rank: int, axis: int, dtype: str) -> Any:
+def cache_write_func(rank: int, axis: int, dtype: str, serial: bool = False) -> Any:
     """A PrimFunc ``(cache, update, position)``: ``cache[..., position[t], ...] = update[..., t, ...]``
-    along ``axis`` (all dims symbolic; the cache is written in place, nothing returned)."""
+    along ``axis`` (all dims symbolic; the cache is written in place, nothing returned); ``serial``: left
+    unscheduled (one thread)."""
     import tvm
 
     if not 0 <= axis < rank:
@@ -32,7 +35,9 @@ def cache_write_func(rank: int, axis: int, dtype: str) -> Any:
     src = [
         "@T.prim_func(private=True, s_tir=True)",
         "def cache_write(cache_h: T.handle, update_h: T.handle, position_h: T.handle):",
-        '    T.func_attr({"tirx.noalias": True, "op_pattern": 8})',  # opaque: FuseOps leaves it alone
+        # opaque: FuseOps leaves it alone
+        '    T.func_attr({"tirx.noalias": True, "op_pattern": 8' + (', "tirx.is_scheduled": True' if serial else '')
+        + '})',
         *[f"    {d} = T.int64()" for d in dims],
         "    t = T.int64()",
         f'    cache = T.match_buffer(cache_h, ({", ".join(dims)}), "{dtype}")',

@@ -1410,7 +1410,9 @@ def _cache_write(ctx: Ctx, node: Node, a: Operands) -> Any:
                          "written into a copy")
     else:
         ctx.inplace_inputs.add(cache_v.name)
-    gv = add_prim_func(ctx.bb, cache_write_func(t.rank, ax, dt), f"cache_write_r{t.rank}_a{ax}_{dt}")
+    serial = not ctx.gpu  # a few KB: a parallel launch costs more on a CPU
+    gv = add_prim_func(ctx.bb, cache_write_func(t.rank, ax, dt, serial),
+                       f"cache_write_r{t.rank}_a{ax}_{dt}{'_serial' if serial else ''}")
     return ctx.relax.call_tir_inplace(gv, [cache, ctx.val(node.operand("update")), ctx.val(node.operand("position"))],
                                       [0],
                                       ctx.relax.TensorType(ctx.shape_of(node.outputs[0]), dt))
