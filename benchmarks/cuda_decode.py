@@ -387,7 +387,12 @@ def _run_artifact(path: Path, name: str, entry: dict[str, Any], manifest: dict[s
             graph = _events_ms(g.replay, repeat)
             kv_bytes = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * (pos + 1) * \
                 (cfg.hidden_size // cfg.num_attention_heads) * 2
-            step_bytes = dec.weight_bytes + kv_bytes
+            # bytes a step streams: the bound weights, less the embedding table where the LM head does not
+            # read it (int4: the head is quantized apart from the table, which is only gathered: one row
+            # per sequence), plus the cache read
+            table = cfg.vocab_size * cfg.hidden_size * 2
+            gathered = table - batch * cfg.hidden_size * 2 if dec.quant and not INT4["blocks_only"] else 0
+            step_bytes = dec.weight_bytes - gathered + kv_bytes
             row = {**row_base, "kv": pos, "ctc_vm": vm, "ctc_graph": graph, "accuracy_vs_fp32": acc, "profile": prof,
                    "torch_fp16_eager_vs_fp32": eager16, "bytes_per_step_mb": round(step_bytes / 1e6, 2),
                    "stream_tb_s": round(step_bytes / (graph["back_to_back_ms"] * 1e-3) / 1e12, 3)}

@@ -23,16 +23,28 @@ GEMVS = [  # rows, K, N, dtype, weight, group, prologue, eps, epilogue
     (8, 2048, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
     (1, 576, 1536, "float16", "int4", 128, "rms", 1e-5, "silu_mul"),
     (2, 256, 64, "float16", "int8", -1, "none", 1e-5, "none"),
+    (1, 576, 960, "float16", "int8", 64, "rms", 1e-5, "none"),
+    (3, 1536, 200, "float16", "int4", 32, "none", 1e-5, "residual"),     # rows past N in the last block
+    # the Llama-3.2-1B decode step's four GEMVs with int4 weights (groups of 128), batch 1 and 8 (timed with --time)
+    (1, 2048, 3072, "float16", "int4", 128, "rms", 1e-5, "none"),
+    (1, 2048, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
+    (1, 2048, 8192, "float16", "int4", 128, "rms", 1e-5, "silu_mul"),
+    (1, 8192, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
+    (8, 2048, 8192, "float16", "int4", 128, "rms", 1e-5, "silu_mul"),
+    (8, 8192, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
+    (1, 2048, 8192, "float16", "dense", -1, "rms", 1e-5, "silu_mul"),
 ]
 ATTENTION = [  # batch, q heads, kv heads, keys, head dim, mask kind
     (1, 9, 3, 1088, 64, "bool"),
     (8, 32, 8, 1088, 64, "bool"),
     (1, 4, 4, 100, 64, "none"),
+    (1, 9, 3, 1088, 64, "none"),      # every chunk full
+    (1, 32, 8, 1088, 64, "bool"),     # the Llama-1B decode step's
 ]
 ROPE = [(1, 9, 3, 1088, 64), (8, 32, 8, 1088, 64)]
 
 
-def build(out: Path) -> None:
+def build(out: Path, sweep: bool = False) -> None:
     from ctc.backends.tvm import cuda_kernels as CK
     from ctc.backends.tvm.cuda_toolchain import nvcc_compile_mode, prepare_cuda_build
     from ctc.backends.tvm.targets import cuda_target
@@ -44,20 +56,33 @@ def build(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cases: list[dict[str, Any]] = []
 
-    def add(kind: str, spec: Any, func: Any) -> None:
+    def add(kind: str, spec: Any, func: Any, combine: Any = None) -> None:
         name = f"{kind}_{len(cases)}"
+        funcs = {"kernel": func.with_attr("global_symbol", "kernel")}
+        if combine is not None:  # a second kernel that runs after the first on its f32 partial results
+            funcs["combine"] = combine.with_attr("global_symbol", "combine")
         with nvcc_compile_mode(), tgt:
-            tvm.compile(tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel")}), tgt).export_library(
-                str(out / f"{name}.so"))
-        cases.append({"name": name, "kind": kind, "spec": spec.__dict__})
+            tvm.compile(tvm.IRModule(funcs), tgt).export_library(str(out / f"{name}.so"))
+        extra = {"key_chunks": spec.key_chunks} if kind == "attention" else {}
+        cases.append({"name": name, "kind": kind, "spec": {**spec.__dict__, **extra}})
         print("built", name, spec, flush=True)
 
     for g in GEMVS:
         spec = CK.GemvSpec(*g)
         add("gemv", spec, CK.gemv_func(spec))
+        if sweep and spec.weight != "dense" and spec.k * spec.n >= 2048 * 2048:  # the layout knobs, for tuning
+            for rows in (r for r in (1, 2, 4, 8) if r * spec.rows <= 16):  # registers: rows x batch sums
+                for shared in ((None,) if spec.prologue == "rms" else (None, False)):
+                    if (rows, shared) != (spec.rows_per_warp, None):
+                        v = CK.GemvSpec(*g, warp_rows=rows, x_in_shared=shared)
+                        add("gemv", v, CK.gemv_func(v))
     for b, h, hk, s, d, mask in ATTENTION:
-        spec = CK.AttentionSpec(b, h, hk, s, d, "float16", 1.0 / d ** 0.5, mask)
-        add("attention", spec, CK.decode_attention_func(spec))
+        for chunks in (0, 1):  # chunks from the shape (split over keys where it pays), and one block per head
+            spec = CK.AttentionSpec(b, h, hk, s, d, "float16", 1.0 / d ** 0.5, mask, chunks=chunks)
+            if chunks and spec.key_chunks == CK.AttentionSpec(b, h, hk, s, d, "float16", 1.0, mask).key_chunks:
+                continue
+            add("attention", spec, CK.decode_attention_func(spec),
+                CK.decode_attention_combine_func(spec) if spec.key_chunks > 1 else None)
     for b, h, hk, s, d in ROPE:
         spec = CK.RopeWriteSpec(b, h, hk, s, d, "float16", 1)
         add("rope", spec, CK.rope_write_func(spec))
@@ -140,7 +165,65 @@ def _rope_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
     return [y, cos, sin, pos, kc, vc], out, (q_ref.float(), kc_ref, vc_ref)
 
 
-def run(out: Path) -> int:
+def _weight_bytes(spec: dict[str, Any]) -> int:
+    """Bytes of weights, scales and zero points one call reads (what a GEMV streams)."""
+    nw = 2 * spec["n"] if spec["epilogue"] == "silu_mul" else spec["n"]
+    if spec["weight"] == "dense":
+        return nw * spec["k"] * 2
+    groups = 1 if spec["group"] == -1 else -(-spec["k"] // spec["group"])
+    return nw * spec["k"] * (1 if spec["weight"] == "int8" else 0.5) + nw * groups * 5
+
+
+def _time_us(call: Any, reps: int = 100, rounds: int = 7, graph: bool = True) -> tuple[float, float]:
+    """(median, min) microseconds per call: CUDA events around ``reps`` back-to-back calls, ``rounds`` times.
+
+    ``graph``: the calls are captured in one CUDA graph and replayed (device time, as in a decode step
+    replayed as a graph; a host loop of small kernels measures the ~7 us per call of the host instead)."""
+    import torch
+    import tvm_ffi
+
+    for _ in range(5):
+        call()
+    run = call
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), tvm_ffi.use_torch_stream():
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), tvm_ffi.use_torch_stream():
+            for _ in range(reps):
+                call()
+        run = g.replay
+    per = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        if graph:
+            run()
+        else:
+            for _ in range(reps):
+                run()
+        b.record()
+        torch.cuda.synchronize()
+        per.append(a.elapsed_time(b) * 1e3 / reps)
+    per.sort()
+    return per[len(per) // 2], per[0]
+
+
+def _caller(mod: Any, args: list[Any], part: Any) -> Any:
+    """One call of the case's kernel(s): with ``part`` the key-chunked attention, then its combine kernel."""
+    if part is None:
+        return lambda: mod["kernel"](*args)
+
+    def call() -> None:
+        mod["kernel"](*args[:-1], *part)
+        mod["combine"](*part, args[-1])
+    return call
+
+
+def run(out: Path, timed: bool = False) -> int:
     import torch
     import tvm_ffi
 
@@ -148,12 +231,26 @@ def run(out: Path) -> int:
 
     _load_runtime("cuda")
     torch.manual_seed(0)
+    if timed:  # the device's copy rate in this run: read + write bytes of a 1 GiB device-to-device copy
+        src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+        dst_buf = torch.empty_like(src)
+        med, low = _time_us(lambda: dst_buf.copy_(src), reps=20, rounds=5, graph=False)
+        print(f"device copy: {2 * src.numel() * 2 / med / 1e6:.2f} TB/s (read + write, median)", flush=True)
+        del src, dst_buf
     bad = 0
     for case in json.loads((out / "kernels.json").read_text()):
         mod = tvm_ffi.load_module(str(out / f"{case['name']}.so"))
         make = {"gemv": _gemv_case, "attention": _attention_case, "rope": _rope_case}[case["kind"]]
         args, dst, ref = make(case["spec"], "cuda")
-        mod["kernel"](*[tvm_ffi.from_dlpack(a) for a in (*args, dst)])
+        ffi_args = [tvm_ffi.from_dlpack(a) for a in (*args, dst)]
+        part = None
+        if case["kind"] == "attention" and case["spec"]["key_chunks"] > 1:
+            sp = case["spec"]
+            shape = (sp["batch"], sp["q_heads"], sp["key_chunks"])
+            part = [tvm_ffi.from_dlpack(torch.full((*shape, n), float("nan"), device="cuda"))
+                    for n in (sp["head_dim"], 2)]
+        call = _caller(mod, ffi_args, part)
+        call()
         torch.cuda.synchronize()
         if case["kind"] == "rope":
             q_ref, kc_ref, vc_ref = ref
@@ -164,8 +261,15 @@ def run(out: Path) -> int:
             err, scale = float((dst.float() - ref).abs().max()), float(ref.abs().max())
         ok = bool(err == err) and err <= 2e-2 * scale + 2e-3  # NaN (an unwritten output) fails
         bad += not ok
-        print(f"{'ok ' if ok else 'BAD'} {case['name']:<14} max err {err:.3g} (scale {scale:.3g})  {case['spec']}",
-              flush=True)
+        timing = ""
+        if timed and case["kind"] == "gemv":
+            med, low = _time_us(call)
+            timing = f"  {med:7.1f} us median {low:7.1f} min  {_weight_bytes(case['spec']) / med / 1e6:5.2f} TB/s"
+        elif timed and case["kind"] == "attention":
+            med, low = _time_us(call)
+            timing = f"  {med:7.1f} us median {low:7.1f} min"
+        print(f"{'ok ' if ok else 'BAD'} {case['name']:<14} max err {err:.3g} (scale {scale:.3g}){timing}  "
+              f"{case['spec']}", flush=True)
     return 1 if bad else 0
 
 
@@ -173,11 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cmd", choices=["build", "run"])
     p.add_argument("out", type=Path)
+    p.add_argument("--time", action="store_true",
+                   help="run: also time each GEMV (back-to-back calls, CUDA events) and print its weight bytes/s")
+    p.add_argument("--sweep", action="store_true",
+                   help="build: also each large integer GEMV with other rows per warp and x read from global memory")
     a = p.parse_args(argv)
     if a.cmd == "build":
-        build(a.out)
+        build(a.out, a.sweep)
         return 0
-    return run(a.out)
+    return run(a.out, a.time)
 
 
 if __name__ == "__main__":

@@ -1387,7 +1387,15 @@ def _gpu_decode_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     if CK.decode_attention_supported(spec) is not None:
         return None
     gv = add_prim_func(ctx.bb, CK.decode_attention_func(spec), f"decode_attention_{spec.tag}")
-    return ctx.relax.call_tir(gv, args, ctx.relax.TensorType([b, hq, 1, d], _dt(qt)))
+    out = ctx.relax.TensorType([b, hq, 1, d], _dt(qt))
+    if spec.key_chunks == 1:
+        return ctx.relax.call_tir(gv, args, out)
+    c = spec.key_chunks
+    parts = ctx.emit(ctx.relax.call_tir(gv, args, [ctx.relax.TensorType([b, hq, c, d], "float32"),
+                                                    ctx.relax.TensorType([b, hq, c, 2], "float32")]))
+    comb = add_prim_func(ctx.bb, CK.decode_attention_combine_func(spec), f"decode_attention_combine_{spec.tag}")
+    po, pm = (ctx.emit(ctx.relax.TupleGetItem(parts, i)) for i in (0, 1))
+    return ctx.relax.call_tir(comb, [po, pm], out)
 
 
 @rule("cache_write")
