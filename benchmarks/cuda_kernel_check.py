@@ -33,6 +33,8 @@ GEMVS = [  # rows, K, N, dtype, weight, group, prologue, eps, epilogue
     (8, 2048, 8192, "float16", "int4", 128, "rms", 1e-5, "silu_mul"),
     (8, 8192, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
     (1, 2048, 8192, "float16", "dense", -1, "rms", 1e-5, "silu_mul"),
+    (8, 2048, 8192, "float16", "dense", -1, "rms", 1e-5, "silu_mul"),     # the fp16 batch-8 step's
+    (8, 8192, 2048, "float16", "dense", -1, "none", 1e-5, "residual"),
 ]
 ATTENTION = [  # batch, q heads, kv heads, keys, head dim, mask kind
     (1, 9, 3, 1088, 64, "bool"),
@@ -70,7 +72,7 @@ def build(out: Path, sweep: bool = False) -> None:
     for g in GEMVS:
         spec = CK.GemvSpec(*g)
         add("gemv", spec, CK.gemv_func(spec))
-        if sweep and spec.weight != "dense" and spec.k * spec.n >= 2048 * 2048:  # the layout knobs, for tuning
+        if sweep and (spec.weight != "dense" or spec.rows >= 4) and spec.k * spec.n >= 2048 * 2048:  # layout knobs
             for rows in (r for r in (1, 2, 4, 8) if r * spec.rows <= 16):  # registers: rows x batch sums
                 for shared in ((None,) if spec.prologue == "rms" else (None, False)):
                     if (rows, shared) != (spec.rows_per_warp, None):

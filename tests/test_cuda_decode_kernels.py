@@ -61,7 +61,8 @@ def test_rows_per_warp_keeps_registers_in_check() -> None:
     # Llama-1B down projection, N = 2048, ran 7.2 us with 2 rows per warp, 10.4 us with 4)
     assert [CK.GemvSpec(1, 8192, n, "float16", "int4", 128).rows_per_warp for n in (2048, 3072, 1024, 200)] == \
         [2, 2, 1, 1]
-    assert CK.GemvSpec(1, 2048, 64, "float16").rows_per_warp == 1  # dense weights: one row per warp
+    # dense weights: one row per warp at batch 1, two at batch 4-8
+    assert [CK.GemvSpec(m, 8192, 2048, "float16").rows_per_warp for m in (1, 4, 8, 9)] == [1, 2, 2, 1]
 
 
 def test_attention_splits_long_caches_into_key_chunks() -> None:
