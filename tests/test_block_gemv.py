@@ -26,11 +26,26 @@ def _weights(bits: int, float_zero: bool, n: int, k: int, gs: int) -> Q.Quantize
     return Q.quantize_weight(w, 4, gs, False, float_zero=float_zero)
 
 
+def _gguf_like(qw: Q.QuantizedWeight) -> Q.QuantizedWeight:
+    """``qw`` with GGUF's block parameters: f16 scales, and Q4_1's zero ``-8 - m / d`` from an f16 minimum ``m``."""
+    d = qw.scale.half().float()
+    zero = qw.zero
+    if zero.dtype.is_floating_point:
+        m = (-(zero.double() + 8) * qw.scale.double()).half().double()
+        zero = (-8.0 - m / d.double()).float()
+    return Q.QuantizedWeight(qw.qweight, d, zero, qw.bits, qw.group_size, qw.symmetric, qw.k)
+
+
 @needs_vnni
-@pytest.mark.parametrize("bits,float_zero,gs,k,n,m", [
-    (4, True, 32, 128, 64, 1), (4, False, 64, 96, 48, 3), (8, False, -1, 64, 32, 2), (4, True, 32, 160, 512, 1)])
-def test_block_kernels_match_reference(bits: int, float_zero: bool, gs: int, k: int, n: int, m: int) -> None:
+@pytest.mark.parametrize("bits,float_zero,gs,k,n,m,gguf", [
+    (4, True, 32, 128, 64, 1, False), (4, False, 64, 96, 48, 3, False), (8, False, -1, 64, 32, 2, False),
+    (4, True, 32, 160, 512, 1, False), (4, True, 32, 128, 64, 2, True), (8, False, 32, 64, 32, 1, True)])
+def test_block_kernels_match_reference(bits: int, float_zero: bool, gs: int, k: int, n: int, m: int,
+                                       gguf: bool) -> None:
+    """Both per-block parameter tables: f32, and half precision where GGUF-like parameters allow it."""
     qw = _weights(bits, float_zero, n, k, gs)
+    if gguf:
+        qw = _gguf_like(qw)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(m, k, generator=g) * (0.2 + (torch.arange(k) % 7).float())
     x[0, 5] = 60.0  # an outlier only its own block's range sees
@@ -39,8 +54,12 @@ def test_block_kernels_match_reference(bits: int, float_zero: bool, gs: int, k: 
                  act_clusters=Q.act_block_clusters(k), has_bias=True, act_dynamic=True)
     assert BG.block_layout(attrs, k, n) is None
     ref = quant_linear(x, qw.qweight, qw.scale, qw.zero, b, **attrs).numpy()
-    spec = BG.spec_for(k, n, bits, True)
-    p = BG.pack(spec, Q.unpack_weight(qw.qweight, bits, k).numpy(), qw.scale.numpy(), qw.zero.numpy(), gs)
+    codes = Q.unpack_weight(qw.qweight, bits, k).numpy()
+    form = BG.compact_form(codes, qw.scale.numpy(), qw.zero.numpy(), gs, bits)
+    assert form == ("" if not gguf else "z" if float_zero else "s")
+    spec = BG.spec_for(k, n, bits, True, form)
+    p = BG.pack(spec, codes, qw.scale.numpy(), qw.zero.numpy(), gs)
+    tables = [p[nm] for nm in (("pd", "pu") + (("pz",) if form == "z" else ()) if form else ("pa",))]
     tgt = IK.host_target()
     fa = tvm.compile(tvm.IRModule({"main": BG.act_func(k).with_attr("global_symbol", "main")}), target=tgt)
     fg = tvm.compile(tvm.IRModule({"main": BG.gemv_func(spec).with_attr("global_symbol", "main")}), target=tgt)
@@ -50,7 +69,7 @@ def test_block_kernels_match_reference(bits: int, float_zero: bool, gs: int, k: 
     xq, sx = t(np.zeros((m, k), np.uint8)), t(np.zeros((m, k // 32, 3), np.float32))
     y = t(np.zeros((m, n), np.float32))
     fa["main"](t(x.numpy()), xq, sx)
-    fg["main"](xq, sx, t(p["wpack"]), t(p["pa"]), t(b.numpy()), y)
+    fg["main"](xq, sx, t(p["wpack"]), *[t(a) for a in tables], t(b.numpy()), y)
     # the activation codes are the reference's, bit for bit
     s, z = Q.dynamic_act_qparams(x, 8, Q.act_block_clusters(k))
     idx = Q.cluster_index(Q.act_block_clusters(k), k)
@@ -71,7 +90,8 @@ def test_layout_conditions_are_named() -> None:
 
 
 @needs_vnni
-def test_linears_of_one_input_share_the_quantizer_and_one_kernel() -> None:
+@pytest.mark.parametrize("gguf", [False, True])
+def test_linears_of_one_input_share_the_quantizer_and_one_kernel(gguf: bool) -> None:
     """Three block linears of one input without bias (q, k, v) run as one ``blk_gemv`` with three outputs
     after one ``blk_act``; a fourth with a bias keeps its own kernel but reuses the codes; the step equals
     the reference interpreter."""
@@ -86,7 +106,7 @@ def test_linears_of_one_input_share_the_quantizer_and_one_kernel() -> None:
     outs = []
     for i, (n, bits, bias) in enumerate([(64, 4, False), (32, 4, False), (32, 4, False), (48, 4, True),
                                          (16, 8, False)]):
-        qw = _weights(bits, True, n, k, 32)
+        qw = _gguf_like(_weights(bits, True, n, k, 32)) if gguf else _weights(bits, True, n, k, 32)
         names = [m.add_param(f"{nm}{i}", t) for nm, t in (("qw", qw.qweight), ("s", qw.scale), ("z", qw.zero))]
         ins = [x] + [m.param(nm) for nm in names]
         if bias:
@@ -109,3 +129,4 @@ def test_linears_of_one_input_share_the_quantizer_and_one_kernel() -> None:
     assert sum("blk_act" in nm for nm in names) == 1, names
     gemv = [nm for nm in names if "blk_gemv" in nm]
     assert len(gemv) == 3 and any("_o64x32x32" in nm for nm in gemv), names  # q|k|v; the biased one; the int8 one
+    assert all(("_cz" in nm or "_cs" in nm) == gguf for nm in gemv), gemv  # half-precision tables where exact
