@@ -134,8 +134,11 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
         sidx = f"l // {_i(dg)}" if gn > 1 else "T.int64(0)"
         return f'T.Cast("float32", {buf}[bi, hi, j, l]) * {sbuf}[bi, hi, j, {sidx}]'
 
-    # keys: an int8 row with one scale is scaled after the dot product (one multiply per score)
+    # an int8 row with one scale: keys scaled after the dot product (one multiply per score), values through
+    # the row's weight (one multiply per query head), not per element
     key_row = 'T.Cast("float32", kc[bi, hi, j, l])' if quant and gn == 1 else row("kc", "ks")
+    val_row = 'T.Cast("float32", vc[bi, hi, j, l])' if quant and gn == 1 else row("vc", "vs")
+    weight = f"sc[ri * {_i(c_)} + jj]" + (" * vs[bi, hi, j, T.int64(0)]" if quant and gn == 1 else "")
     L = ["@T.prim_func(private=True, s_tir=True)",
          f"def kv_attend({', '.join(params)}):",
          '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
@@ -206,10 +209,10 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
           "            for jj in range(cnt):",
           "                j = j0 + jj",
           f"                for l in T.vectorized({_i(d)}):",
-          f"                    kf[l] = {row('vc', 'vs')}",
+          f"                    kf[l] = {val_row}",
           f"                for ri in range({_i(r)}):",
           f"                    for l in T.vectorized({_i(d)}):",
-          f"                        acc[ri * {_i(d)} + l] = acc[ri * {_i(d)} + l] + sc[ri * {_i(c_)} + jj] * kf[l]",
+          f"                        acc[ri * {_i(d)} + l] = acc[ri * {_i(d)} + l] + {weight} * kf[l]",
           f"            for ri in range({_i(r)}):",
           f"                pm[t * {_i(r)} + ri] = st[ri * T.int64(2)]",
           f"                pl[t * {_i(r)} + ri] = st[ri * T.int64(2) + T.int64(1)]",
