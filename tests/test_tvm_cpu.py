@@ -12,6 +12,7 @@ steps may differ by fp32 summation order).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,28 @@ def test_runtime_uses_every_core_by_default(tmp_path: Any, monkeypatch: pytest.M
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
     assert load_compiled(tmp_path).threads == 1
     assert load_compiled(tmp_path, threads=2).threads == 2
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_runtime_threads_stay_on_the_process_cores(tmp_path: Any) -> None:
+    """Loading a library pins TVM's workers inside the process's affinity mask and leaves the calling
+    thread's mask as it was (TVM's big/little modes pinned by machine core number: the loading thread
+    to core 0 with one thread, workers to the slowest cores)."""
+    import subprocess
+    import sys
+
+    compile_module(_mlp()).export(tmp_path)
+    last = max(os.sched_getaffinity(0))
+    code = ("import os, numpy as np\nfrom ctc.backends.tvm.build import load_compiled\n"
+            "for n in (1, 2):\n"
+            f"    load_compiled({str(tmp_path)!r}, threads=n)(np.ones((1, 4, 16), 'float32'))\n"
+            "    assert os.sched_getaffinity(0) == {%d}, (n, os.sched_getaffinity(0))\n"
+            "    for t in os.listdir('/proc/self/task'):\n"
+            "        assert os.sched_getaffinity(int(t)) <= {%d}, (n, t, os.sched_getaffinity(int(t)))\n"
+            "print('ok')\n") % (last, last)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: os.sched_setaffinity(0, {last}))  # as `taskset -c LAST python ...`
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_pow3_becomes_multiplications() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ctc.backends.tvm.inputs import bind_input, check_shape, input_specs
-from ctc.backends.tvm.targets import host_cores
+from ctc.backends.tvm.targets import host_cores, usable_cores
 from ctc.ir.graph import Module
 
 __all__ = ["BuildOptions", "CompiledModel", "build", "compile_module", "load", "load_compiled", "relax_passes"]
@@ -360,7 +360,7 @@ class CompiledModel:
         self._ffi = ffi
         cfg = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
         if cfg is not None:
-            cfg(POOL_AFFINITY_BIG, self.threads)
+            cfg(POOL_ONE_CORE_PER_THREAD, self.threads, [str(c) for c in usable_cores()])
         self._lib = ffi.load_module(str(lib))
         self.vm = self._lib["vm_load_executable"]()
         # (device type, id, allocator) for the device and the host: kDLCPU=1, kDLCUDA=2, pooled allocator=2
@@ -583,13 +583,14 @@ class KernelTime:
     ms_per_call: float
 
 
-# TVM's pool affinity modes (runtime.config_threadpool): 1 = big cores (the x86 default), -1 = little ones.
-# With 1, worker i is pinned to the (i + 1)-th fastest core and the calling thread, which runs task 0,
-# may use every fast core.  -1 pinned the workers to the slowest cores (a hybrid CPU's efficiency
-# cores); where all cores are alike (no cpufreq data: virtual machines) it pinned the one worker of a
-# 2-core machine to core 0 and left the caller's affinity call to fail (an empty core set).
+# TVM's pool affinity mode for runtime.config_threadpool(mode, threads, cpus): -2 = one core per thread,
+# over the cores given.  ctc gives the cores this process may use (taskset, container cpusets): worker i
+# is pinned to the (i + 1)-th of them, and the calling thread, which runs task 0, keeps all of them.
+# TVM's other modes ignore the process's mask: -1 (little cores) pinned the workers to the slowest
+# cores of the machine (a hybrid CPU's efficiency cores) and 1 (big cores) pins the caller to the first
+# `threads` cores of the machine (one thread: the Python thread that loaded the library, to core 0).
 # TVM_BIND_THREADS=0 turns pinning off.
-POOL_AFFINITY_BIG = 1
+POOL_ONE_CORE_PER_THREAD = -2
 
 
 def load_compiled(path: str | Path, *, threads: int | None = None,

@@ -84,12 +84,17 @@ def host_cpu_or_none() -> str | None:
         return None
 
 
+def usable_cores() -> list[int]:
+    """The ids of the CPU cores this process may run on, in order (affinity masks, container cpusets)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def host_cores() -> int:
     """CPU cores this process may run on (respects affinity masks / containers)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
+    return len(usable_cores())
 
 
 @dataclass(frozen=True)
