@@ -231,14 +231,16 @@ def protocol_text(*, threads: str, warmup: int, runs: int, rounds: int, settle: 
 
 def ratio_lines(rows: dict[str, dict[str, float]], pairs: tuple[tuple[str, str], ...], labels: dict[str, str]
                 ) -> list[str]:
-    """The side-by-side ratio table (of medians and of mins) for the ``(runtime, reference)`` pairs measured."""
+    """The side-by-side ratio table for the ``(runtime, reference)`` pairs measured: of medians, of mins, and
+    of CPU time per call (the least sensitive to other users of the machine)."""
     have = [(a, b) for a, b in pairs if a in rows and b in rows]
     if not have:
         return []
-    lines = ["", "| ratio (same run) | of medians | of mins |", "|---|---:|---:|"]
+    lines = ["", "| ratio (same run) | of medians | of mins | of CPU per call |", "|---|---:|---:|---:|"]
     for a, b in have:
         lines.append(f"| {labels[a]} / {labels[b]} | {rows[a]['median_ms'] / rows[b]['median_ms']:.3f} | "
-                     f"{rows[a]['min_ms'] / rows[b]['min_ms']:.3f} |")
+                     f"{rows[a]['min_ms'] / rows[b]['min_ms']:.3f} | "
+                     f"{rows[a]['cpu_ms'] / max(rows[b]['cpu_ms'], 1e-9):.3f} |")
     return lines
 
 
