@@ -386,3 +386,21 @@ def test_cluster_count_options() -> None:
         opts(auto_clusters=[])
     with pytest.raises(OptionError, match="clusters"):
         opts(clusters=0)
+
+
+def test_float_zero_points_are_the_default_where_activation_ranges_are_per_token() -> None:
+    """w_zero="auto": asymmetric weights get f32 zero points (each group's own min..max) where the activations'
+    ranges are per token at run time (decoders by default), integer ones with static ranges (whose integer
+    kernels need them); symmetric weights have none; an explicit w_zero wins."""
+    def zero_dtypes(task: str | None, **opts: object) -> set[str]:
+        m = tiny_transformer("llama", seed=0)
+        if task is not None:
+            m.meta["task"] = task
+        cal = outlier_inputs(m, 2, seed=1)
+        out = get_pass("rptq")({"w_bits": 4, "clusters": 2, "check_fold": False, **opts}).run(
+            m, PassContext(calibration=cal))
+        return {n.operand("w_zero").type.dtype for n in out.nodes if n.op == "quant_linear"}
+
+    assert zero_dtypes("causal_lm") == {"f32"} and zero_dtypes(None) == {"i8"}
+    assert zero_dtypes("causal_lm", w_zero="int") == {"i8"} and zero_dtypes("causal_lm", w_bits=8) == {"i8"}
+    assert zero_dtypes(None, a_mode="dynamic") == {"f32"}

@@ -63,6 +63,11 @@ benchmarks/results/quant_defaults.md):
   SmolLM2-135M, whose float weights were de-quantized from a Q4_1 GGUF, a group of 32 in the original
   order *is* a Q4_1 block and 8 clusters mix blocks (W4A8 float zero points: +16.3% perplexity with 8
   clusters, +0.6% with 1); on weights that were never 4-bit the reorder's activation gain can win.
+* ``w_zero="auto"``: asymmetric weights get f32 zero points (each group's grid spans its own min..max, GGUF
+  Q4_1's form) where activation ranges are per token at run time (the integer kernel adds the float
+  minimum in its epilogue), integer zero points with static ranges, whose kernels need them.  A min..max
+  grid is never coarser than one stretched to hold 0.  SmolLM2-135M W4A8 with ``clusters="auto"``: +15.6%
+  perplexity with integer zero points, +2.6% with float ones (benchmarks/results/quant_defaults.md).
 * ``a_mode="auto"``: per-token dynamic ranges (per cluster, in the kernel) for causal LMs and
   their decode steps, static calibrated ranges for everything else.  A decoder's attention-sink
   tokens reach activations thousands of times the others in a few channels (SmolLM2-135M,
@@ -529,10 +534,11 @@ class RptqOptions(PassOptions):
                                      "for w_bits <= 4 (where round-to-nearest loses most), off above")
     sym: bool | None = option(None, "symmetric weights (zero point 0); unset: asymmetric (an integer zero point per "
                                     "group) for w_bits <= 4, symmetric above")
-    w_zero: str = option("int", "zero points of asymmetric weights: int (each group's range stretched to hold 0) or "
-                                "float (each group's own min..max, GGUF Q4_1's grid; needs dynamic or float "
-                                "activations: the integer kernel applies the float minimum in its epilogue)",
-                         choices=("int", "float"))
+    w_zero: str = option("auto", "zero points of asymmetric weights: int (each group's range stretched to hold 0), "
+                                 "float (each group's own min..max, GGUF Q4_1's grid; needs dynamic or float "
+                                 "activations: the integer kernel applies the float minimum in its epilogue) or auto "
+                                 "(float where activation ranges are per token at run time, int elsewhere)",
+                         choices=("auto", "int", "float"))
     fold_only: bool = option(False, "only reorder and fold (no quantization): for checking exactness")
     check_fold: bool = option(True, "compare the folded float module with the original on one calibration batch")
     blocks_only: bool = option(True, "quantize only linears inside repeated blocks (without block info: all "
@@ -875,7 +881,7 @@ class RptqPass(Pass):
             ctx.note("rptq: no linear selected")
             return module
         dyn = o.a_bits != 16 and o.dynamic_for(module)
-        float_zero = o.w_zero == "float" and not o.symmetric
+        float_zero = not o.symmetric and (o.w_zero == "float" or (o.w_zero == "auto" and dyn))
         if float_zero and o.a_bits != 16 and not dyn:
             raise PassError("rptq: w_zero=\"float\" needs run-time activation ranges, but a_mode=\"auto\" chose "
                             "static ranges for this (non-decoder) module: set a_mode=\"dynamic\" or w_zero=\"int\"")
