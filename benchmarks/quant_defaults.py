@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from ctc import driver  # noqa: E402
 from ctc.dsl import parse  # noqa: E402
+from ctc.passes.base import get_pass  # noqa: E402
 from ctc.tasks import TASK_CAUSAL_LM  # noqa: E402
 
 # The shipped-defaults rows: only the bit widths are named.
@@ -134,7 +135,6 @@ class CachedRuns:
 
     def run(self, label: str, pass_name: str, options: dict[str, Any], selector: Any) -> dict[str, Any]:
         from ctc.passes.analyses.calibration import CalibrationStats
-        from ctc.passes.base import get_pass
 
         m = self.bench.loaded.module.clone()
         self.ctx.invalidate(keep=(CalibrationStats,), source=self.cur, module=m)
@@ -195,6 +195,18 @@ def table(bench: Bench, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def split_row(spec: str) -> tuple[str, str]:
+    """``label=pipeline`` -> (label, pipeline): the label ends at the first ``=`` followed by a pass name, so a
+    label may itself hold ``=`` (``'W4A8 clusters=1=rptq w_bits=4 clusters=1'``).  ("", "") when none is."""
+    from ctc.passes.base import all_passes
+
+    names = set(all_passes())
+    for i, ch in enumerate(spec):
+        if ch == "=" and spec[i + 1:].split(maxsplit=1)[:1] and spec[i + 1:].split(maxsplit=1)[0] in names:
+            return spec[:i], spec[i + 1:]
+    return "", ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=("smollm2", "minilm"))
@@ -215,23 +227,42 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = a.evaluate or ("wiki samples=8 seq_len=256" if a.model == "smollm2" else "wiki samples=16 seq_len=128")
     print(f"# machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"load {os.getloadavg()[0]:.1f}; torch {torch.__version__}; threads {a.threads}")
+    # every row is read before the model loads: a typo fails now, not after an hour of calibration and rows
+    for name in [r for r in a.rows.split(",") if r]:
+        if name not in ROWS:
+            ap.error(f"unknown row {name!r} (rows: {', '.join(ROWS)})")
+    plain = []
+    for spec in a.row:
+        label, pipe = split_row(spec)
+        if not pipe:
+            ap.error(f"--row {spec!r}: write it as 'label=pipeline text' (the text starting with a pass name)")
+        try:
+            for st in parse(recipe_text(a.model, pipe, a.calibrate, evaluate)).pipeline:
+                get_pass(st.name)(st.options)
+        except Exception as e:
+            ap.error(f"--row {spec!r}: {e}")
+        plain.append((label, pipe))
+    cached = []
+    for spec in a.cached_row:
+        label, step = split_row(spec)
+        if not step:
+            ap.error(f"--cached-row {spec!r}: write it as 'label=one pass step' (the step starting with a pass name)")
+        try:
+            st = parse(recipe_text(a.model, step, a.calibrate, evaluate)).pipeline[0]
+            get_pass(st.name)(st.options)  # the options are checked now, not after the calibration
+            cached.append((label, st))
+        except Exception as e:  # a recipe or option error: say which row, without a traceback
+            ap.error(f"--cached-row {spec!r}: {e}")
     bench = Bench(a.model, a.calibrate, evaluate)
     print(f"# calibration: {json.dumps(bench.calib_protocol)}")
     print(f"# evaluation: {json.dumps(bench.eval_protocol)}")
     rows = []
     for name in [r for r in a.rows.split(",") if r]:
-        if name not in ROWS:
-            ap.error(f"unknown row {name!r} (rows: {', '.join(ROWS)})")
         rows.append(bench.run(name, ROWS[name]))
-    for spec in a.row:
-        label, _, pipe = spec.partition("=")
-        if not pipe:
-            ap.error(f"--row {spec!r}: write it as 'label=pipeline text'")
+    for label, pipe in plain:
         rows.append(bench.run(label, pipe))
-    runs = CachedRuns(bench) if a.cached_row else None
-    for spec in a.cached_row:
-        label, _, step = spec.partition("=")
-        st = parse(recipe_text(a.model, step, a.calibrate, evaluate)).pipeline[0]
+    runs = CachedRuns(bench) if cached else None
+    for label, st in cached:
         assert runs is not None
         rows.append(runs.run(label, st.name, st.options, st.selector()))
     print(table(bench, rows))
