@@ -231,28 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in [r for r in a.rows.split(",") if r]:
         if name not in ROWS:
             ap.error(f"unknown row {name!r} (rows: {', '.join(ROWS)})")
-    plain = []
-    for spec in a.row:
+    def read_row(flag: str, spec: str) -> tuple[str, str, list[Any]]:
+        """(label, pipeline text, parsed steps) of one --row / --cached-row, every option checked; errors name it."""
         label, pipe = split_row(spec)
         if not pipe:
-            ap.error(f"--row {spec!r}: write it as 'label=pipeline text' (the text starting with a pass name)")
+            ap.error(f"{flag} {spec!r}: write it as 'label=pipeline text' (the text starting with a pass name)")
         try:
-            for st in parse(recipe_text(a.model, pipe, a.calibrate, evaluate)).pipeline:
+            steps = parse(recipe_text(a.model, pipe, a.calibrate, evaluate)).pipeline
+            for st in steps:
                 get_pass(st.name)(st.options)
-        except Exception as e:
-            ap.error(f"--row {spec!r}: {e}")
-        plain.append((label, pipe))
-    cached = []
-    for spec in a.cached_row:
-        label, step = split_row(spec)
-        if not step:
-            ap.error(f"--cached-row {spec!r}: write it as 'label=one pass step' (the step starting with a pass name)")
-        try:
-            st = parse(recipe_text(a.model, step, a.calibrate, evaluate)).pipeline[0]
-            get_pass(st.name)(st.options)  # the options are checked now, not after the calibration
-            cached.append((label, st))
         except Exception as e:  # a recipe or option error: say which row, without a traceback
-            ap.error(f"--cached-row {spec!r}: {e}")
+            ap.error(f"{flag} {spec!r}: {e}")
+        return label, pipe, steps
+
+    plain = [read_row("--row", spec)[:2] for spec in a.row]
+    cached = [(r[0], r[2][0]) for r in (read_row("--cached-row", spec) for spec in a.cached_row)]
     bench = Bench(a.model, a.calibrate, evaluate)
     print(f"# calibration: {json.dumps(bench.calib_protocol)}")
     print(f"# evaluation: {json.dumps(bench.eval_protocol)}")
