@@ -265,7 +265,13 @@ def main() -> None:
         q8 = llamacpp.quantize(bin_dir, gguf, cache / "smollm2-q8_0.gguf", "Q8_0", args.threads)
         for label, path in (("llama.cpp Q4_1", gguf), ("llama.cpp Q8_0", q8)):
             time.sleep(0.5)
+            # idle check: this process (ctc's, ORT's and torch's pools) must not spin while llama.cpp is timed
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             b = llamacpp.bench(bin_dir, path, args.threads, args.past, args.llama_gen, 0, args.rounds)["decode"]
+            idle = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+            print(f"  idle check while {label} ran: this process used {idle:.2%} of a core "
+                  f"({'passed' if idle <= 0.01 else 'FAILED: a pool here kept spinning; the row is not fair'})",
+                  flush=True)
             times[label] = (1e3 / b["median"], 1e3 / b["max"])
             llama_reps[label] = [1e3 / t for t in b["samples"]]
             rows.append({"runtime": label, "cos": float("nan"), "err": float("nan"),

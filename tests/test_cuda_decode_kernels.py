@@ -86,3 +86,10 @@ def test_chunked_attention_writes_partials_and_combines(tmp_path, monkeypatch) -
     assert "float* __restrict__ O_ptr" in part and "float* __restrict__ PM_ptr" in part  # f32 partial results
     comb = src[src.index("c_kernel("):]
     assert "__expf" in comb or "exp" in comb
+
+
+def test_gemv_layout_knobs_refused_where_they_cannot_work() -> None:
+    assert "shared memory" in CK.gemv_supported(CK.GemvSpec(1, 512, 64, "float16", "int4", 128, "rms",
+                                                             x_in_shared=False))
+    assert "rows per warp" in CK.gemv_supported(CK.GemvSpec(8, 512, 64, "float16", "int4", 128, warp_rows=16))
+    assert CK.gemv_supported(CK.GemvSpec(8, 512, 64, "float16", "int4", 128, warp_rows=8)) is None

@@ -437,6 +437,10 @@ def gemv_supported(spec: GemvSpec) -> str | None:
         return f"group size {spec.group} not a multiple of {spec.per_load}"
     if spec.rows > 16:
         return f"{spec.rows} rows (at most 16)"
+    if spec.warp_rows < 0 or spec.warp_rows * spec.rows > 64:
+        return f"{spec.warp_rows} rows per warp at batch {spec.rows} (at most 64 sums per lane)"
+    if spec.prologue == "rms" and spec.x_in_shared is False:
+        return "an RMSNorm prologue stages the normalized x in shared memory (x_in_shared=False refused)"
     if spec.prologue == "rms" and not _gemv_stages_x(spec):
         return f"the normalized {spec.rows} x {spec.k} input does not fit shared memory"
     return None
