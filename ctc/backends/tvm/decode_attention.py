@@ -9,6 +9,11 @@ and is exposed to any stall of it.  Here one task handles one chunk of the keys 
 every query head that shares it (each key row is loaded, and for int8 converted, once):
 
 1. scores ``q . k_j * scale`` (``* s_k,j`` for int8 rows) with the mask, into the task's work buffer;
+   int8 keys with one scale per row on AVX-512 (``key_lanes``) are scored 16 keys per vector: one
+   ``vpgatherdd`` per 4 channels fetches those channels of 16 rows, so each channel is one FMA per
+   query head for 16 keys and no score needs a horizontal sum (:func:`_key_lane_scores`); a chunk's
+   last ``cnt % 16`` keys and every other cache are scored a row at a time (a 16-lane product per
+   query head, then its horizontal sum);
 2. the chunk's maximum ``m``, ``p_j = exp(s_j - m)`` (the vectorizable exponential of
    :mod:`.row_kernels`, exactly 0 below -87) and their sum ``l``;
 3. ``acc = sum_j p_j v_j`` (``* s_v,j`` for int8 rows), unnormalized.
@@ -30,7 +35,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttendSpec", "MIN_CHUNK", "attend_func", "attend_supported", "emit_decode_attention", "key_splits"]
+__all__ = ["AttendSpec", "MIN_CHUNK", "attend_func", "attend_supported", "emit_decode_attention", "key_lanes_supported",
+           "key_splits"]
 
 LANES = 16
 MIN_CHUNK = 32  # fewest keys per parallel chunk: below, the combine costs more than the balance wins
@@ -57,6 +63,7 @@ class AttendSpec:
     mh: int  # mask head extent (1 or hq)
     cache: str = "int8"  # "int8" (with per-row/group scales) | "float32"
     splits: int = 1  # key chunks per (batch, kv head), see key_splits
+    key_lanes: bool = False  # int8 keys scored 16 keys per vector (AVX-512 gathers), see key_lanes_supported
 
     @property
     def groups(self) -> int:
@@ -69,7 +76,7 @@ class AttendSpec:
     @property
     def tag(self) -> str:
         return (f"{self.cache}_{self.b}_{self.hq}_{self.hk}_{self.n}_{self.d}_{self.group}_{self.mask}{self.mb}"
-                f"{self.mh}_s{self.splits}")
+                f"{self.mh}_s{self.splits}" + ("_kl" if self.key_lanes else ""))
 
 
 def key_splits(tasks: int, n: int, threads: int) -> int:
@@ -99,6 +106,53 @@ def attend_supported(spec: AttendSpec, bits: int | None) -> str | None:
     if spec.hq % spec.hk:
         return f"{spec.hq} query heads are not a multiple of {spec.hk} kv heads"
     return None
+
+
+def key_lane_parts(r: int) -> int:
+    """Partial accumulators per query head in :func:`_key_lane_scores` (independent FMA chains: ``r * parts``
+    of them, at most 16 vector registers)."""
+    return 4 if r <= 4 else 2 if r <= 8 else 1
+
+
+def _key_lane_scores(spec: AttendSpec, score_of: Any) -> list[str]:
+    """TVMScript lines scoring the whole blocks of 16 keys of a task's chunk with one key per vector lane.
+
+    An int8 key row is 64 bytes for head dim 64, so the dot products of 16 keys run side by side: per
+    4 channels one ``vpgatherdd`` loads the 4 bytes of each of the 16 rows (a 16 x 4 column of the
+    block), each byte is sign-extended in place (two shifts) and converted, and every query head
+    sharing the kv head adds ``q_d * k_d`` for the 16 keys with one FMA, with no horizontal sum.
+    The row scales of 16 keys are one vector load and are applied once per score.  Unrolled in the
+    source (per byte and query head) so that the accumulators stay in registers."""
+    r, d, c_ = spec.hq // spec.hk, spec.d, spec.chunk
+    parts = key_lane_parts(r)
+    lanes = _i(LANES)
+    gather = ('T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.gather.dpi.512"), '
+              'T.broadcast(T.int32(0), 16), T.address_of(kc[bi, hi, j, c * T.int64(4)]), '
+              f'T.ramp(T.int32(0), T.int32({d}), 16), T.int16(-1), T.int32(1), dtype="int32x16")')
+    L = [f'            sa = T.decl_buffer(({_i(r * parts * LANES)},), "float32", scope="local")',
+         f'            wv = T.decl_buffer(({lanes},), "int32", scope="local")',
+         f'            kv = T.decl_buffer(({lanes},), "float32", scope="local")',
+         f"            for jb in range(cnt // {lanes}):",
+         f"                j = j0 + jb * {lanes}"]
+    for a in range(r * parts):
+        L += [f"                for l in T.vectorized({lanes}):",
+              f"                    sa[{_i(a * LANES)} + l] = T.float32(0)"]
+    L += [f"                for c in range({_i(d // 4)}):",
+          f"                    wv[T.ramp(T.int64(0), T.int64(1), 16)] = {gather}"]
+    for e in range(4):
+        L += [f"                    for l in T.vectorized({lanes}):",
+              '                        kv[l] = T.Cast("float32", T.shift_right(T.shift_left('
+              f"wv[l], T.int32({24 - 8 * e})), T.int32(24)))"]
+        for ri in range(r):
+            a = _i((ri * parts + e % parts) * LANES)
+            L += [f"                    for l in T.vectorized({lanes}):",
+                  f"                        sa[{a} + l] = sa[{a} + l] + qs[{_i(ri * d)} + c * T.int64(4) + "
+                  f"{_i(e)}] * kv[l]"]
+    for ri in range(r):
+        dot = " + ".join(f"sa[{_i((ri * parts + p) * LANES)} + l]" for p in range(parts))
+        L += [f"                for l in T.vectorized({lanes}):",
+              f"                    sc[{_i(ri * c_)} + jb * {lanes} + l] = {score_of(f'({dot})', 'j + l', _i(ri))}"]
+    return L
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,6 +193,18 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
     key_row = 'T.Cast("float32", kc[bi, hi, j, l])' if quant and gn == 1 else row("kc", "ks")
     val_row = 'T.Cast("float32", vc[bi, hi, j, l])' if quant and gn == 1 else row("vc", "vs")
     weight = f"sc[ri * {_i(c_)} + jj]" + (" * vs[bi, hi, j, T.int64(0)]" if quant and gn == 1 else "")
+
+    def score_of(dot: str, j: str, ri: str) -> str:
+        """The logit of key ``j`` for query head ``ri`` from its dot product (row scale, mask)."""
+        sc_ = f"{dot} * ks[bi, hi, {j}, T.int64(0)]" if quant and gn == 1 else dot
+        mb = "bi" if spec.mb > 1 else "T.int64(0)"
+        mh = f"hi * {_i(r)} + {ri}" if spec.mh > 1 else "T.int64(0)"
+        if spec.mask == "bool":
+            return f"T.Select(mask[{mb}, {mh}, T.int64(0), {j}], {sc_}, {NEG})"
+        if spec.mask == "add":
+            return f"{sc_} + mask[{mb}, {mh}, T.int64(0), {j}]"
+        return sc_
+
     L = ["@T.prim_func(private=True, s_tir=True)",
          f"def kv_attend({', '.join(params)}):",
          '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
@@ -162,7 +228,8 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
          f"                for l in T.vectorized({_i(d)}):",
          f"                    qs[ri * {_i(d)} + l] = q[bi, hi * {_i(r)} + ri, T.int64(0), l] * "
          f"T.float32({spec.scale!r})",
-         "            for jj in range(cnt):",
+         *(_key_lane_scores(spec, score_of) if spec.key_lanes else []),
+         f"            for jj in range({'cnt // ' + _i(LANES) + ' * ' + _i(LANES) if spec.key_lanes else '0'}, cnt):",
          "                j = j0 + jj",
          f"                for l in T.vectorized({_i(d)}):",
          f"                    kf[l] = {key_row}",
@@ -176,14 +243,7 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
          "                    st[0] = T.float32(0)",
          f"                    for l in range({_i(LANES)}):",
          "                        st[0] = st[0] + part[l]"]
-    score = "st[0] * ks[bi, hi, j, T.int64(0)]" if quant and gn == 1 else "st[0]"
-    mb = "bi" if spec.mb > 1 else "T.int64(0)"
-    mh = f"hi * {_i(r)} + ri" if spec.mh > 1 else "T.int64(0)"
-    if spec.mask == "bool":
-        score = f"T.Select(mask[{mb}, {mh}, T.int64(0), j], {score}, {NEG})"
-    elif spec.mask == "add":
-        score = f"{score} + mask[{mb}, {mh}, T.int64(0), j]"
-    L += [f"                    sc[ri * {_i(c_)} + jj] = {score}",
+    L += [f"                    sc[ri * {_i(c_)} + jj] = {score_of('st[0]', 'j', 'ri')}",
           # per query head: the chunk's max, the vectorizable exp and its sum
           f"            for ri in range({_i(r)}):",
           f"                st[ri * T.int64(2)] = {NEG}",
@@ -239,6 +299,19 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
           f"            for l in T.vectorized({_i(d)}):",
           f"                out[bh // {_i(hq)}, bh % {_i(hq)}, T.int64(0), l] = od[l] * mx[1]"]
     return tvm.script.from_source("\n".join(L) + "\n", extra_vars={"T": T, "EXP": fast_exp_expr})
+
+
+def key_lanes_supported(target: Any, cache: str, group: int) -> bool:
+    """Whether :func:`_key_lane_scores` applies: an int8 cache with one scale per row on an AVX-512 target
+    (``vpgatherdd``); grouped scales and other targets keep the row-at-a-time scores."""
+    import tvm
+
+    if cache != "int8" or group != -1 or target is None or target.kind.name != "llvm":
+        return False
+    try:
+        return bool(tvm.target.codegen.target_has_features(["avx512f"], target))
+    except Exception:  # noqa: BLE001 - a target whose features LLVM cannot report
+        return False
 
 
 def target_threads(target: Any) -> int:

@@ -163,7 +163,8 @@ def lower_quant_kv_attention(ctx: Any, node: Any) -> Any:
                 args.append(m)
         if why is None:
             splits = DA.key_splits(b * hk, n, DA.target_threads(ctx.target))
-            spec = DA.AttendSpec(b, hq, hk, n, d, group, float(scale), mask, mb, mh, cache="int8", splits=splits)
+            spec = DA.AttendSpec(b, hq, hk, n, d, group, float(scale), mask, mb, mh, cache="int8", splits=splits,
+                                 key_lanes=DA.key_lanes_supported(ctx.target, "int8", group))
             why = DA.attend_supported(spec, bits)
     if why is None and spec is not None:
         if qt.dtype != "f32":

@@ -1,0 +1,91 @@
+"""The one-query decode attention kernel (``decode_attention.py``) against the reference interpreter at
+tiny sizes: fp32 and int8 caches, key counts that leave a tail after the blocks of 16 keys scored side
+by side (and chunks shorter than one block), a valid prefix that ends inside a block, GQA ratios 1 and 3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from ctc.backends.tvm.build import BuildOptions, compile_module  # noqa: E402
+from ctc.backends.tvm.decode_attention import key_lanes_supported  # noqa: E402
+from ctc.backends.tvm.lower import lower  # noqa: E402
+from ctc.backends.tvm.targets import resolve  # noqa: E402
+from ctc.ir import Module, TensorType  # noqa: E402
+from ctc.ir import quant as Q  # noqa: E402
+from ctc.ir.interpreter import interpret  # noqa: E402
+
+D = 32
+
+
+def _module(cache: str, hq: int, hk: int, n: int, mask: str) -> Module:
+    m = Module(f"attend_{cache}")
+    q = m.add_input("q", TensorType([1, hq, 1, D], "f32"))
+    mk = (TensorType([1, 1, 1, n], "bool") if mask == "bool" else TensorType([1, hq, 1, n], "f32"))
+    if cache == "int8":
+        ins = [q]
+        for nm in ("k", "v"):
+            ins += [m.add_input(f"{nm}c", TensorType([1, hk, n, D], "i8")),
+                    m.add_input(f"{nm}s", TensorType([1, hk, n, 1], "f32"))]
+        ins.append(m.add_input("mask", mk))
+        y = m.create_node("quant_kv_attention", ins, {"bits": 8, "group_size": -1}).output
+    else:
+        ins = [q, m.add_input("k", TensorType([1, hk, n, D], "f32")),
+               m.add_input("v", TensorType([1, hk, n, D], "f32")), m.add_input("mask", mk)]
+        y = m.create_node("scaled_dot_product_attention", ins, {"enable_gqa": hq != hk}).output
+    m.set_outputs([y])
+    return m
+
+
+def _feed(cache: str, hq: int, hk: int, n: int, mask: str, valid: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(hq * 100 + n)
+    q = torch.randn(1, hq, 1, D, generator=g)
+    k, v = torch.randn(1, hk, n, D, generator=g), torch.randn(1, hk, n, D, generator=g) * 2
+    if mask == "bool":  # a preallocated cache: the first `valid` positions hold tokens
+        mk = (torch.arange(n) < valid).reshape(1, 1, 1, n)
+    else:
+        mk = torch.randn(1, hq, 1, n, generator=g)
+    if cache == "int8":
+        kc, ks = Q.quantize_kv(k, 8, -1)
+        vc, vs = Q.quantize_kv(v, 8, -1)
+        return [q, kc, ks, vc, vs, mk]
+    return [q, k, v, mk]
+
+
+@pytest.mark.parametrize(("cache", "hq", "hk", "n", "mask", "valid"), [
+    ("int8", 6, 2, 101, "bool", 37),  # GQA 3; 2 chunks of 51/50 keys: 3 blocks and a tail each; prefix ends in a block
+    ("int8", 2, 2, 53, "add", 53),  # GQA 1, one chunk of 3 blocks and 5 keys
+    ("int8", 3, 1, 11, "bool", 9),  # fewer keys than one block: the row-at-a-time path only
+    ("float32", 6, 2, 101, "bool", 37),
+    ("float32", 2, 2, 53, "add", 53),
+])
+def test_decode_attention_matches_interpreter(cache: str, hq: int, hk: int, n: int, mask: str, valid: int) -> None:
+    import tvm
+    from tvm import relax
+
+    m = _module(cache, hq, hk, n, mask)
+    feed = _feed(cache, hq, hk, n, mask, valid)
+    tgt = resolve("cpu").target()
+    low = lower(m, params="const", fast_math=True, static_dims={}, target=tgt, use_int_kernels=True)
+    kernels = [gv.name_hint for gv in low.mod.functions if gv.name_hint.startswith(f"kv_attend_{cache}")]
+    lanes = key_lanes_supported(tgt, cache, -1)
+    assert len(kernels) == 1 and kernels[0].endswith("_kl") == lanes, kernels
+    comp = compile_module(m, options=BuildOptions())
+    assert comp.meta["notes"] == []
+    vm = relax.VirtualMachine(comp.executable, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x.numpy())) for x in feed])
+    got = torch.from_numpy(out.numpy())
+    torch.testing.assert_close(got, interpret(m, feed)[0], rtol=1e-4, atol=2e-5)
+
+
+def test_key_lanes_only_for_int8_rows_on_avx512() -> None:
+    import tvm
+
+    tgt = resolve("cpu").target()
+    has = bool(tvm.target.codegen.target_has_features(["avx512f"], tgt))
+    assert key_lanes_supported(tgt, "int8", -1) == has
+    assert not key_lanes_supported(tgt, "int8", 16) and not key_lanes_supported(tgt, "float32", -1)
+    assert not key_lanes_supported(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}), "int8", -1)
