@@ -246,8 +246,16 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
     L += [f"                    sc[ri * {_i(c_)} + jj] = {score_of('st[0]', 'j', 'ri')}",
           # per query head: the chunk's max, the vectorizable exp and its sum
           f"            for ri in range({_i(r)}):",
+          # (16 running maxima, then theirs: a serial max over the chunk is one 4-cycle chain per key)
+          f"                for l in T.vectorized({_i(LANES)}):",
+          f"                    part[l] = {NEG}",
+          f"                for jb in range(cnt // {_i(LANES)}):",
+          f"                    for l in T.vectorized({_i(LANES)}):",
+          f"                        part[l] = T.max(part[l], sc[ri * {_i(c_)} + jb * {_i(LANES)} + l])",
           f"                st[ri * T.int64(2)] = {NEG}",
-          "                for jj in range(cnt):",
+          f"                for l in range({_i(LANES)}):",
+          "                    st[ri * T.int64(2)] = T.max(st[ri * T.int64(2)], part[l])",
+          f"                for jj in range(cnt // {_i(LANES)} * {_i(LANES)}, cnt):",
           f"                    st[ri * T.int64(2)] = T.max(st[ri * T.int64(2)], sc[ri * {_i(c_)} + jj])",
           f"                for l in T.vectorized({_i(LANES)}):",
           "                    part[l] = T.float32(0)",
