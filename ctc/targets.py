@@ -41,8 +41,15 @@ class CpuOptions(TargetOptions):
                              "the recipe's evaluation (else calibration) seq_len, else 128", min=0)
     batch: int = option(0, "build for this batch size only (0 = any); a tuned build (trials > 0) defaults to 1",
                         min=0)
-    amx: bool = option(True, "run W8A8 matmuls of several rows on AMX tiles where the CPU has them (Sapphire "
-                             "Rapids and later); false = AVX-512 VNNI only")
+    amx: bool = option(True, "run W8A8 matmuls of several rows (and f32 linears, see fp32_matmul) on AMX tiles "
+                             "where the CPU has them (Sapphire Rapids and later); false = no AMX: AVX-512 VNNI for "
+                             "W8A8, f32 FMAs for f32")
+    fp32_matmul: str = option("auto", "f32 linears of several rows: strict = f32 FMAs (AVX-512); bf16x6 = on "
+                                        "AMX-BF16 tiles, each operand split into 3 bf16 pieces, 6 products (as "
+                                        "accurate as f32); bf16x3 = 2 pieces, 3 products: faster, ~2^-17 relative "
+                                        "error per product; auto = bf16x6 where the CPU has AMX-BF16 (and amx=true), "
+                                        "else strict (the build notes say so)",
+                              choices=("auto", "strict", "bf16x3", "bf16x6"))
 
     def validate(self) -> None:
         if self.mcpu not in ("", "native"):

@@ -1,6 +1,7 @@
 """CPU linears read parameter weights packed in column panels (``[N / W, K, W]``, W = the matmul
 tile's width): same results as the reference interpreter, one bound copy per weight, derivable from
-the module's parameters, and the ``[K, N]`` layout kept where packing does not apply."""
+the module's parameters, and the ``[K, N]`` layout kept where packing does not apply (the strict f32
+kernels: ``fp32_matmul="strict"``; AMX-BF16 hosts otherwise run the linears of tests/test_amx_f32.py)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _bound(comp: Any) -> dict[str, list[int]]:
 @pytest.mark.parametrize("seq", [5, 16])
 def test_packed_linears_match_the_interpreter(seq: int, tmp_path: Path) -> None:
     m = _ffn(64)
-    comp = compile_module(m, options=BuildOptions(params="input", static_dims={"seq": seq}))
+    comp = compile_module(m, options=BuildOptions(params="input", static_dims={"seq": seq}, fp32_matmul="strict"))
     bound = _bound(comp)
     panel = [k for k in bound if k.startswith("w1::P")]
     assert panel, f"the 64-wide linear weight is bound in panels: {bound}"
@@ -71,9 +72,10 @@ def test_panel_derivation_is_the_layout_the_kernel_reads() -> None:
 
 
 def test_weights_read_elsewhere_or_narrow_keep_the_plain_layout() -> None:
-    tied = compile_module(_ffn(64, tied=True), options=BuildOptions(params="input", static_dims={"seq": 8}))
+    fixed = BuildOptions(params="input", static_dims={"seq": 8}, fp32_matmul="strict")
+    tied = compile_module(_ffn(64, tied=True), options=fixed)
     assert not any("::P" in k for k in _bound(tied) if k.startswith("w1")), "a tied weight is bound once, as [K, N]"
-    narrow = compile_module(_ffn(24), options=BuildOptions(params="input", static_dims={"seq": 8}))  # 24 columns
+    narrow = compile_module(_ffn(24), options=fixed)  # 24 columns
     assert "w1::T" in _bound(narrow)
     # any length (symbolic rows): the matmul pads its rows, which the panel layout defeats; [K, N] kept
-    assert "w1::T" in _bound(compile_module(_ffn(64), options=BuildOptions(params="input")))
+    assert "w1::T" in _bound(compile_module(_ffn(64), options=BuildOptions(params="input", fp32_matmul="strict")))

@@ -55,6 +55,7 @@ class BuildOptions:
     tuning_dir: str | Path | None = None
     use_int_kernels: bool = True
     use_amx: bool = True  # integer matmuls of several rows on AMX tiles where the target has them
+    fp32_matmul: str = "auto"  # f32 linears: auto | strict | bf16x3 | bf16x6 (lower.resolve_fp32_matmul)
     default_schedules: bool = True
     trials_per_task: int | None = None
     opt_level: int = 3
@@ -156,7 +157,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     low = lower(module, params=opts.params, fast_math=opts.fast_math, static_dims=opts.static_dims, target=tgt,
-                use_int_kernels=opts.use_int_kernels, use_amx=opts.use_amx)
+                use_int_kernels=opts.use_int_kernels, use_amx=opts.use_amx, fp32_matmul=opts.fp32_matmul)
     timings["lower_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tgt, tvm.transform.PassContext(opt_level=opts.opt_level):
@@ -201,6 +202,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "fast_math": opts.fast_math,
         "int_kernels": low.int_kernels,
         "amx_kernels": low.amx_kernels,
+        "fp32_matmul": low.fp32_matmul,
         "notes": low.notes,
         "tuning": tune_summary,
         "inplace_inputs": low.inplace_inputs,
@@ -626,6 +628,7 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
     return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
                         tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
                         opt_level=int(getattr(opts, "opt_level", 3)), use_amx=bool(getattr(opts, "amx", True)),
+                        fp32_matmul=str(getattr(opts, "fp32_matmul", "auto")),
                         params="input" if target.kind == "cuda" else "const")
 
 
@@ -641,6 +644,7 @@ def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
     lib = comp.export(out_dir, weights="derived" if info.kind == "cuda" else "all")
     summary = {"library": lib.name, "tvm_target": info.tvm, "compile_s": round(time.perf_counter() - t0, 3),
                "timings": {k: round(v, 3) for k, v in comp.timings.items()}, "int_kernels": comp.meta["int_kernels"],
+               "fp32_matmul": comp.meta["fp32_matmul"],
                "notes": comp.meta["notes"], "tuning": comp.meta["tuning"]}
     if "kernels_per_call" in comp.meta:
         summary["kernels_per_call"] = comp.meta["kernels_per_call"]

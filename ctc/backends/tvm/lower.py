@@ -66,6 +66,7 @@ class Lowered:
     notes: list[str] = field(default_factory=list)
     int_kernels: int = 0
     amx_kernels: int = 0  # of which on AMX tiles (a library with any needs the OS's tile permission to run)
+    fp32_matmul: str = "strict"  # how f32 linears ran: "strict" (AVX-512 f32) or an amx_f32 mode ("bf16x6", ...)
     inplace_inputs: list[str] = field(default_factory=list)
 
 
@@ -95,7 +96,17 @@ PARAM_DERIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
     **{f"panels{w}": _panels_torch(w) for w in (8, 16, 32, 64, 128)},
     "pad": _pad,
     "pad_transpose": lambda t, rows, cols: _pad(t, rows, cols).T,
+    "pad_end": lambda t, extra: torch.nn.functional.pad(t, (0, extra)),
+    "amx_bf16_pieces": lambda t, pieces: _amx_pieces_torch(t, pieces),
 }
+
+
+def _amx_pieces_torch(t: torch.Tensor, pieces: int) -> torch.Tensor:
+    """``[N, K]`` f32 -> the bf16 pieces ``amx_f32.prepack`` binds (uint16 bits in AMX's B-tile layout)."""
+    from ctc.backends.tvm.amx_f32 import AmxF32Spec, prepack
+
+    w = t.detach().to(torch.float32).cpu().numpy()
+    return torch.from_numpy(prepack(AmxF32Spec(w.shape[1], w.shape[0], pieces), w))
 
 
 def derive_param(source: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -164,7 +175,7 @@ class Ctx:
     """What a lowering rule sees: the block builder, operand access and option flags."""
 
     def __init__(self, module: Module, *, params: str, fast_math: bool, static_dims: Mapping[str, int],
-                 target: Any, use_int_kernels: bool, use_amx: bool = True):
+                 target: Any, use_int_kernels: bool, use_amx: bool = True, fp32_matmul: str = "strict"):
         from tvm import relax
 
         self.relax = relax
@@ -177,6 +188,7 @@ class Ctx:
         self.gpu = target is not None and getattr(getattr(target, "kind", None), "name", "") == "cuda"
         self.use_int_kernels = use_int_kernels
         self.amx = use_amx and not self.gpu
+        self.fp32_matmul = fp32_matmul  # resolved by lower(): "strict" or an amx_f32.MODES key
         self.fused_attention = True  # f32 prefill attention as one kernel (attention_kernels.py)
         self.amx_kernels = 0
         self.env: dict[int, Any] = {}
@@ -844,8 +856,50 @@ def _reads_transposed(ctx: Ctx, x_value: Value, w_value: Value) -> bool:
     return not (same and (_one_row(ctx, x_value) or ctx.gpu))
 
 
+def _linear_amx_f32(ctx: Ctx, node: Node, a: Operands) -> Any | None:
+    """An f32 linear with a parameter weight and several rows on AMX-BF16 tiles, the operands split into bf16
+    pieces (``ctx.fp32_matmul``: ``bf16x6`` as accurate as f32, ``bf16x3`` faster; :mod:`.amx_f32`); None
+    where that does not apply (strict mode, one row, a weight that is not a parameter or is also read by
+    something other than a linear, a non-f32 operand).
+    The bias and a GELU that is the product's only reader run in the kernel's epilogue."""
+    from ctc.backends.tvm import amx_f32
+
+    pieces = amx_f32.MODES.get(ctx.fp32_matmul)
+    x_value, w_value = a.value("x"), a.value("weight")
+    if pieces is None or x_value is None or w_value is None:
+        return None
+    wname = ctx.param_name(w_value)
+    b_value = a.value("bias")
+    bname = ctx.param_name(b_value) if b_value is not None else None
+    if (wname is None or w_value.type.rank != 2 or x_value.type.dtype != "f32" or w_value.type.dtype != "f32"
+            or _one_row(ctx, x_value) or (b_value is not None and (bname is None or b_value.type.dtype != "f32"))
+            or wname in _params_read_elsewhere(ctx)):  # a tied embedding: the table stays bound once
+        return None
+    n, k = (_static_int(ctx, d) for d in w_value.type.shape)
+    if n is None or k is None:
+        return None
+    spec = amx_f32.AmxF32Spec(k, n, pieces)
+    gelu = _gelu_reader(ctx, node)
+    kernel = amx_f32.plan(amx_f32.with_gelu(spec) if gelu is not None else spec, ctx.target)
+    wpack = ctx.param(wname, f"bf16p{pieces}", fn=lambda w: amx_f32.prepack(spec, w),
+                      source={"op": "amx_bf16_pieces", "from": [wname], "args": {"pieces": pieces}})
+    if bname is not None:
+        bias = ctx.param(bname, f"pad{spec.np_}", fn=lambda b: amx_f32.padded_bias(spec, b),
+                         source={"op": "pad_end", "from": [bname], "args": {"extra": spec.np_ - n}})
+    else:
+        bias = ctx.relax.const(amx_f32.padded_bias(spec, None))
+    y = amx_f32.emit_linear(ctx.bb, a["x"], wpack, bias, kernel, memo=ctx.memo)
+    ctx.amx_kernels += 1
+    if gelu is not None:  # the FFN's activation in the matmul's epilogue
+        ctx.absorbed[id(gelu.outputs[0])] = y
+    return y
+
+
 @rule("linear")
 def _linear(ctx: Ctx, node: Node, a: Operands) -> Any:
+    y = _linear_amx_f32(ctx, node, a)
+    if y is not None:
+        return y
     y = _linear_product(ctx, a.value("x"), a.value("weight"), a["x"], lambda: a["weight"])  # type: ignore[arg-type]
     return _bias(ctx, y, a.get("bias"))
 
@@ -1825,15 +1879,17 @@ def _lower_node(ctx: Ctx, node: Node, rules: Mapping[str, Rule]) -> None:
 def lower(module: Module, *, params: str = "const", fast_math: bool = True,
           static_dims: Mapping[str, int] | None = None, target: Any = None,
           use_int_kernels: bool = True, use_amx: bool = True, func_name: str = "main",
-          kernels: Mapping[str, Rule] | None = None) -> Lowered:
+          kernels: Mapping[str, Rule] | None = None, fp32_matmul: str = "strict") -> Lowered:
     """Lower ``module`` to a Relax IRModule with one function ``func_name``.
 
     ``params``: ``"const"`` binds parameters as constants; ``"input"`` makes them trailing
     function inputs (listed in :attr:`Lowered.param_inputs`, in order).  ``static_dims``
     specialises symbolic dims to integers.  ``target`` (a TVM target) selects the integer
     kernel variant (AMX tiles, VNNI or neither; ``use_amx=False`` leaves AMX out) for
-    ``quant_linear``.  ``kernels`` replaces the rules of the ops it names with a target's own
-    kernels (same rule signature): the fpga target's exact, tiled kernels
+    ``quant_linear``.  ``fp32_matmul`` says how f32 linears with parameter weights run
+    (:func:`resolve_fp32_matmul`: ``"auto"``, ``"strict"``, ``"bf16x3"``, ``"bf16x6"``).  ``kernels``
+    replaces the rules of the ops it names with a target's own kernels (same rule signature): the fpga
+    target's exact, tiled kernels
     (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.
     """
     if params not in ("const", "input"):
@@ -1845,8 +1901,12 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
         lines = "\n".join(f"  - {op} (at {', '.join(where[op])})" for op in missing)
         raise LoweringError(f"the TVM backend cannot lower {len(missing)} op(s) of module {module.name}:\n{lines}\n"
                             f"supported: {', '.join(supported_ops())}")
+    mode = resolve_fp32_matmul(fp32_matmul, target, use_amx=use_amx)
     ctx = Ctx(module, params=params, fast_math=fast_math, static_dims=static_dims or {}, target=target,
-              use_int_kernels=use_int_kernels, use_amx=use_amx)
+              use_int_kernels=use_int_kernels, use_amx=use_amx, fp32_matmul=mode)
+    if fp32_matmul == "auto" and mode == "strict" and not ctx.gpu and any(n.op == "linear" for n in module.nodes):
+        ctx.notes.append("fp32_matmul=auto: f32 linears run in AVX-512/AVX2 f32 (strict): the target has no "
+                         "AMX-BF16 tiles" + (" (amx=false)" if not use_amx else ""))
     ctx.rules = rules
     relax = ctx.relax
     inputs = [relax.Var(v.name, relax.TensorType(ctx.dims.shape(v.type), _dt(v.type))) for v in module.inputs]
@@ -1892,8 +1952,38 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
                    param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], param_sources=ctx.param_sources,
                    symbols=syms, notes=ctx.notes,
-                   int_kernels=ctx.int_kernels, amx_kernels=ctx.amx_kernels,
+                   int_kernels=ctx.int_kernels, amx_kernels=ctx.amx_kernels, fp32_matmul=mode,
                    inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])
+
+
+FP32_MATMUL_MODES = ("auto", "strict", "bf16x3", "bf16x6")
+
+
+def resolve_fp32_matmul(mode: str, target: Any, *, use_amx: bool = True) -> str:
+    """How f32 linears run for ``target``: ``"strict"`` (f32 FMAs) or an :data:`amx_f32.MODES` key.
+
+    ``"auto"`` is ``"bf16x6"`` (as accurate as f32) on a CPU target with AMX-BF16 tiles that this process
+    may use (and ``use_amx``), else ``"strict"``.  Asking for a bf16 mode where it cannot run is an error
+    naming the option: no silent fallback."""
+    if mode not in FP32_MATMUL_MODES:
+        raise LoweringError(f"fp32_matmul={mode!r}: expected one of {', '.join(FP32_MATMUL_MODES)}")
+    if mode == "strict":
+        return mode
+    kind = getattr(getattr(target, "kind", None), "name", "")
+    has = False
+    if kind == "llvm" and use_amx:
+        from ctc.backends.tvm.amx_f32 import target_has_amx_bf16
+
+        has = target_has_amx_bf16(target)
+    if mode == "auto":
+        return "bf16x6" if has else "strict"
+    if not has:
+        why = ("amx=false turns AMX off" if not use_amx else
+               f"target {kind or 'none'} has no AMX-BF16 tiles (or this process was refused the tile registers)"
+               if kind == "llvm" or not kind else f"target {kind} is not a CPU")
+        raise LoweringError(f"fp32_matmul={mode!r} runs f32 linears on AMX-BF16 tiles, but {why}; use "
+                            "fp32_matmul=strict (or auto: the AMX kernels where the CPU has them)")
+    return mode
 
 
 # Rules of the Core ATen breadth and vision ops live in their own modules; importing them

@@ -113,7 +113,7 @@ class TargetInfo:
 
 
 # /proc/cpuinfo flag -> LLVM feature, for units a host's -mcpu name may leave out
-_HOST_FEATURES = {"amx_tile": "+amx-tile", "amx_int8": "+amx-int8"}
+_HOST_FEATURES = {"amx_tile": "+amx-tile", "amx_int8": "+amx-int8", "amx_bf16": "+amx-bf16"}
 
 
 @functools.lru_cache(maxsize=1)
