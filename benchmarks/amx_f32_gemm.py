@@ -41,7 +41,7 @@ def amx_peak(threads: int, iters: int = 200_000) -> float:
     from tvm.script import tirx as T
 
     from ctc.backends.tvm.amx_f32 import _amx
-    from ctc.backends.tvm.int_kernels import _as_target, amx_permission
+    from ctc.backends.tvm.int_kernels import _as_target, amx_config_lines, amx_permission
 
     if not amx_permission():
         raise SystemExit("this process may not use the AMX tile registers")
@@ -52,15 +52,8 @@ def amx_peak(threads: int, iters: int = 200_000) -> float:
 def peak(out: T.Buffer((T.int64({threads}), T.int64(16), T.int64(16)), "float32")):
     with T.sblock("root"):
         for t in T.parallel(T.int64({threads})):
-            cfg = T.decl_buffer((T.int64(64),), "uint8", scope="local")
-            for i in range(T.int64(64)):
-                cfg[i] = T.uint8(0)
-            cfg[T.int64(0)] = T.uint8(1)
-            for j in range(T.int64(8)):
-                cfg[T.int64(16) + j * T.int64(2)] = T.uint8(64)
-                cfg[T.int64(48) + j] = T.uint8(16)
-            {_amx("ldtilecfg", "T.address_of(cfg[T.int64(0)])")}
 '''
+    src += "".join(line + "\n" for line in amx_config_lines("            "))
     src += "".join(f"            {_amx('tilezero', f'T.uint8({i})')}\n" for i in range(8))
     src += f"            for it in range(T.int64({iters})):\n" + body.replace("            ", "                ") + "\n"
     store = _amx("tilestored64", "T.uint8(0)", "T.address_of(out[t, T.int64(0), T.int64(0)])", "T.int64(64)")

@@ -35,7 +35,18 @@ from typing import Any
 
 import numpy as np
 
-from ctc.backends.tvm.int_kernels import _amx, _as_target, _i, add_prim_func, amx_permission, amx_rows
+from ctc.backends.tvm.int_kernels import (
+    _amx,
+    _as_target,
+    _i,
+    add_prim_func,
+    amx_config_lines,
+    amx_permission,
+    amx_rows,
+    amx_store_lines,
+    amx_write_lines,
+    target_has_amx,
+)
 
 __all__ = ["MODES", "AmxF32Spec", "emit_linear", "plan", "prepack", "run", "split_bf16", "target_has_amx_bf16"]
 
@@ -47,14 +58,7 @@ KSTEP = 32  # bf16 values of K one tile row holds (64 bytes)
 
 def target_has_amx_bf16(target: Any = None) -> bool:
     """Whether ``target`` (default: this host) has AMX-BF16 tiles, and this process may use them."""
-    import tvm
-
-    t = _as_target(target)
-    if t.kind.name != "llvm":
-        return False
-    if not tvm.target.codegen.target_has_features(["amx-bf16", "amx-tile", "avx512f"], t):
-        return False
-    return amx_permission()
+    return target_has_amx(target, "amx-bf16")
 
 
 def _products(pieces: int) -> list[tuple[int, int]]:
@@ -195,19 +199,11 @@ def _mm_source(spec: AmxF32Spec) -> str:
          f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")',
          '    with T.sblock("root"):',
          f"        for nb in T.parallel({_i(NP // B)}):",
-         '            cfg = T.decl_buffer((T.int64(64),), "uint8", scope="local")',
-         f'            acc = T.decl_buffer(({_i(B)}, {_i(B)}), "float32", scope="local")',
-         "            for i in range(T.int64(64)):",
-         "                cfg[i] = T.uint8(0)",
-         "            cfg[T.int64(0)] = T.uint8(1)",  # palette 1
-         "            for t in range(T.int64(8)):",  # every tile: 16 rows of 64 bytes
-         "                cfg[T.int64(16) + t * T.int64(2)] = T.uint8(64)",
-         "                cfg[T.int64(48) + t] = T.uint8(16)"]
+         f'            acc = T.decl_buffer(({_i(B)}, {_i(B)}), "float32", scope="local")']
     ind = "            "
     ind2 = ind + "    "
     ind3 = ind2 + "    "
-    L += [f"{ind}{_amx('ldtilecfg', 'T.address_of(cfg[T.int64(0)])')}",
-          f"{ind}for mb in range(mp // {_i(B)}):"]
+    L += [*amx_config_lines(ind), f"{ind}for mb in range(mp // {_i(B)}):"]
     L += [f"{ind2}{_amx('tilezero', f'T.uint8({t})')}" for t in range(4)]
     L += [f"{ind2}for ks in range({_i(KP // KSTEP)}):",
           f"{ind3}k = ks * {_i(KSTEP)}"]
@@ -226,27 +222,14 @@ def _mm_source(spec: AmxF32Spec) -> str:
         for i in (0, 1):
             for j in (0, 1):
                 L.append(ind3 + _amx("tdpbf16ps", f"T.uint8({2 * i + j})", f"T.uint8({4 + i})", f"T.uint8({6 + j})"))
-    for i in (0, 1):
-        for j in (0, 1):
-            L.append(ind2 + _amx("tilestored64", f"T.uint8({2 * i + j})",
-                                 f"T.address_of(acc[{_i(16 * i)}, {_i(16 * j)}])", _i(4 * B)))
     # the bias over the whole 32 x 32 block: besides, a read of every element keeps TVM's buffer compaction
     # from shrinking ``acc`` to the region the (predicated) output loop reads, which the tile stores
     # overran (N < 32 or a static m < 32 gave wrong sums)
-    L += [f"{ind2}for r in range({_i(B)}):",
+    L += [*amx_store_lines(ind2),
+          f"{ind2}for r in range({_i(B)}):",
           f"{ind2}    for c in T.vectorized({_i(B)}):",
-          f"{ind2}        acc[r, c] = acc[r, c] + bias[nb * {_i(B)} + c]"]
-    rows = f"T.min({_i(B)}, m - mb * {_i(B)})"
-    res = "GELU(acc[r, c])" if spec.gelu else "acc[r, c]"
-    if N % B == 0:
-        L += [f"{ind2}for r in range({rows}):",
-              f"{ind2}    for c in T.vectorized({_i(B)}):",
-              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
-    else:  # the last block's padded channels are not written
-        L += [f"{ind2}for r in range({rows}):",
-              f"{ind2}    for c in range({_i(B)}):",
-              f"{ind2}        if nb * {_i(B)} + c < {_i(N)}:",
-              f"{ind2}            y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
+          f"{ind2}        acc[r, c] = acc[r, c] + bias[nb * {_i(B)} + c]",
+          *amx_write_lines(ind2, N, "GELU(acc[r, c])" if spec.gelu else "acc[r, c]")]
     L.append(f"{ind}{_amx('tilerelease')}")
     return "\n".join(L) + "\n"
 

@@ -275,8 +275,9 @@ def amx_permission() -> bool:
         return False
 
 
-def target_has_amx(target: Any = None) -> bool:
-    """Whether ``target`` (default: this host) has AMX int8 tiles, and this process may use them.
+def target_has_amx(target: Any = None, unit: str = "amx-int8") -> bool:
+    """Whether ``target`` (default: this host) has AMX tiles with ``unit`` (LLVM's feature: ``amx-int8``,
+    ``amx-bf16``), and this process may use them.
 
     The kernels built for the target are run on this host (the target is the host's CPU), so the
     operating system's permission is part of the answer: without it the library could not run.
@@ -286,7 +287,7 @@ def target_has_amx(target: Any = None) -> bool:
     t = _as_target(target)
     if t.kind.name != "llvm":
         return False
-    if not tvm.target.codegen.target_has_features(["amx-int8", "amx-tile", "avx512bw"], t):
+    if not tvm.target.codegen.target_has_features([unit, "amx-tile", "avx512bw"], t):
         return False
     return amx_permission()
 
@@ -692,6 +693,41 @@ def _amx(name: str, *args: str) -> str:
     return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
 
 
+def amx_config_lines(ind: str) -> list[str]:
+    """TVMScript lines (indented by ``ind``) that declare a tile configuration and load it: palette 1, all
+    eight tiles 16 rows x 64 bytes (the layout of every AMX kernel here)."""
+    return [f'{ind}cfg = T.decl_buffer((T.int64(64),), "uint8", scope="local")',
+            f"{ind}for i in range(T.int64(64)):",
+            f"{ind}    cfg[i] = T.uint8(0)",
+            f"{ind}cfg[T.int64(0)] = T.uint8(1)",  # palette 1
+            f"{ind}for t in range(T.int64(8)):",  # every tile: 16 rows of 64 bytes
+            f"{ind}    cfg[T.int64(16) + t * T.int64(2)] = T.uint8(64)",
+            f"{ind}    cfg[T.int64(48) + t] = T.uint8(16)",
+            f"{ind}{_amx('ldtilecfg', 'T.address_of(cfg[T.int64(0)])')}"]
+
+
+def amx_store_lines(ind: str) -> list[str]:
+    """TVMScript lines storing accumulator tiles 0-3 (2 x 2 of 16 x 16 4-byte sums) into the 32 x 32 buffer
+    ``acc``."""
+    return [f"{ind}" + _amx("tilestored64", f"T.uint8({2 * a + b})", f"T.address_of(acc[{_i(16 * a)}, {_i(16 * b)}])",
+                            _i(4 * AMX_BLOCK)) for a in (0, 1) for b in (0, 1)]
+
+
+def amx_write_lines(ind: str, n: int, res: str) -> list[str]:
+    """TVMScript lines writing ``res`` (an expression of ``r``, ``c``) to ``y[mb * 32 + r, nb * 32 + c]`` for the
+    block's rows below ``m`` and channels below ``n`` (``mb``/``nb``: the row and channel block)."""
+    B = AMX_BLOCK
+    L = [f"{ind}for r in range(T.min({_i(B)}, m - mb * {_i(B)})):"]
+    if n % B == 0:
+        L += [f"{ind}    for c in T.vectorized({_i(B)}):",
+              f"{ind}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
+    else:  # the last block's padded channels are not written
+        L += [f"{ind}    for c in range({_i(B)}):",
+              f"{ind}        if nb * {_i(B)} + c < {_i(n)}:",
+              f"{ind}            y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
+    return L
+
+
 def _qmm_amx_source(spec: QLinearSpec) -> str:
     """TVMScript of the integer matmul on AMX tiles, with the same operands and epilogue as the VNNI one.
 
@@ -712,16 +748,9 @@ def _qmm_amx_source(spec: QLinearSpec) -> str:
     ind = "            "
     L += ['    with T.sblock("root"):',
           f"        for nb in T.parallel({_i(NP // B)}):",
-          '            cfg = T.decl_buffer((T.int64(64),), "uint8", scope="local")',
           f'            acc = T.decl_buffer(({_i(B)}, {_i(B)}), "int32", scope="local")',
           f'            out = T.decl_buffer(({_i(B)}, {_i(B)}), "float32", scope="local")',
-          "            for i in range(T.int64(64)):",
-          "                cfg[i] = T.uint8(0)",
-          "            cfg[T.int64(0)] = T.uint8(1)",  # palette 1
-          "            for t in range(T.int64(8)):",  # every tile: 16 rows of 64 bytes
-          f"                cfg[T.int64(16) + t * T.int64(2)] = T.uint8({AMX_K})",
-          "                cfg[T.int64(48) + t] = T.uint8(16)",
-          f"{ind}{_amx('ldtilecfg', 'T.address_of(cfg[T.int64(0)])')}",
+          *amx_config_lines(ind),
           f"{ind}for mb in range(mp // {_i(B)}):",
           f"{ind}    for r in range({_i(B)}):",
           f"{ind}        for c in T.vectorized({_i(B)}):",
@@ -740,10 +769,7 @@ def _qmm_amx_source(spec: QLinearSpec) -> str:
             for b in (0, 1):
                 L.append(f"{ind2}    " + _amx("tdpbusd", f"T.uint8({2 * a + b})", f"T.uint8({4 + a})",
                                               f"T.uint8({6 + b})"))
-        for a in (0, 1):
-            for b in (0, 1):
-                L.append(f"{ind2}" + _amx("tilestored64", f"T.uint8({2 * a + b})",
-                                          f"T.address_of(acc[{_i(16 * a)}, {_i(16 * b)}])", _i(4 * B)))
+        L += amx_store_lines(ind2)
         c_ = _i(seg.cluster)
         row = f"T.min(mb * {_i(B)} + r, m - T.int64(1))"
         n = f"nb * {_i(B)} + c"
@@ -756,16 +782,7 @@ def _qmm_amx_source(spec: QLinearSpec) -> str:
         L += [f"{ind2}for r in range({_i(B)}):",
               f"{ind2}    for c in T.vectorized({_i(B)}):",
               f"{ind2}        out[r, c] = out[r, c] + {term}"]
-    rows = f"T.min({_i(B)}, m - mb * {_i(B)})"
-    res = "GELU(out[r, c])" if spec.gelu else "out[r, c]"
-    if N % B == 0:
-        L += [f"{ind2}for r in range({rows}):",
-              f"{ind2}    for c in T.vectorized({_i(B)}):",
-              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
-    else:  # the last block's padded channels are not written
-        L += [f"{ind2}for r in range({rows}):",
-              f"{ind2}    for c in range(T.min({_i(B)}, {_i(N)} - nb * {_i(B)})):",
-              f"{ind2}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
+    L += amx_write_lines(ind2, N, "GELU(out[r, c])" if spec.gelu else "out[r, c]")
     L.append(f"{ind}{_amx('tilerelease')}")
     return "\n".join(L) + "\n"
 
