@@ -167,3 +167,40 @@ def test_profile_on_the_cpu_clock(lib: tuple[Module, Any], tmp_path: Path) -> No
         load_compiled(tmp_path, threads=2).profile(_inputs(), clock="cpu")
     with pytest.raises(ValueError, match="clock must be 'wall' or 'cpu'"):
         model.profile(_inputs(), clock="gpu")
+
+
+def test_conversions_stay_off_torchs_thread_pool(tmp_path: Path) -> None:
+    """Converting a large input (unaligned, another float width) is numpy's work on the calling thread: a
+    torch copy would start torch's OpenMP pool, whose worker then spins on a core the library's threads
+    need (2-thread EfficientNet-Lite0 calls ~1.8x slower).  The control (a torch copy) shows the check
+    can fail."""
+    import subprocess
+    import sys
+
+    n = 1 << 17  # 512 KB of f32: above torch's grain size, so a torch copy would run on 2 threads
+    m = Module("big")
+    x = m.add_input("x", TensorType((n,), "f32"))
+    m.set_outputs([m.create_node("add", [x], {"scalar": 1}).output])
+    compile_module(m).export(tmp_path)
+    code = f"""
+import os, numpy as np, torch
+torch.set_num_threads(2)
+from ctc.backends.tvm.build import load_compiled
+model = load_compiled({str(tmp_path)!r}, threads=1)
+unaligned = np.arange({n} + 1, dtype=np.float32)[1:]
+wide = np.arange({n}, dtype=np.float64)
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+outs = [model(unaligned)[0], model(torch.from_numpy(unaligned))[0], model(wide)[0]]
+after = threads()
+assert torch.from_numpy(unaligned).data_ptr() % 64
+for y, src in zip(outs, [unaligned, unaligned, wide]):
+    np.testing.assert_array_equal(y.numpy(), src.astype(np.float32) + 1)
+torch.from_numpy(unaligned).clone()  # the control: torch's own copy starts its pool
+print(before, after, threads())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after, control = map(int, r.stdout.split())
+    assert after == before, "converting the inputs started torch's thread pool"
+    assert control > after, "the control should start torch's pool (the check could not fail)"

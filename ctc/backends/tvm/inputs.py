@@ -6,7 +6,10 @@ dtype, rank, fixed sizes, symbols); a call then only compares.  A CPU torch tens
 right dtype that is contiguous and 64-byte aligned (torch's allocator aligns to 64 bytes) is handed to
 the runtime through DLPack without a copy.  Anything else is converted once: a non-contiguous or
 unaligned tensor is copied, an integer tensor of another width is cast to the declared one (checked
-for overflow), a float of another precision is cast.  Wrong kinds (floats for token ids), wrong ranks,
+for overflow), a float of another precision is cast.  That conversion is one numpy copy on the calling
+thread, never a torch op: a torch copy of a large tensor runs on torch's OpenMP pool, whose worker then
+spins for milliseconds on a core the library's own threads need (an unaligned image from ``np.load``
+made every 2-thread EfficientNet-Lite0 call ~1.8x slower).  Wrong kinds (floats for token ids), wrong ranks,
 sizes other than a fixed-shape build's, and one symbol (``seq``) given two sizes by two inputs are
 :class:`~ctc.errors.UsageError` naming the input, the axis and what it must be, before any kernel runs.
 """
@@ -102,27 +105,45 @@ def check_shape(spec: InputSpec, shape: Sequence[int], sizes: dict[str, tuple[in
                              f"gave {sym} = {seen[0]}")
 
 
-def _cast_checked(spec: InputSpec, t: Any) -> Any:
-    """``t`` (a CPU torch tensor) as the spec's dtype: same-kind casts only, integers checked for overflow."""
+def _numpy_or_none(t: Any) -> np.ndarray | None:
+    """``t`` (a CPU torch tensor) as a numpy array over the same memory; None for a dtype numpy lacks (bf16)."""
+    try:
+        return t.numpy()
+    except TypeError:
+        return None
+
+
+def _numpy_bits(t: Any) -> np.ndarray:
+    """``t`` as a numpy array over the same memory; a dtype numpy lacks (bf16, fp8) as unsigned integers of
+    its width, which a copy moves bit for bit."""
+    import torch
+
+    a = _numpy_or_none(t)
+    return a if a is not None else t.view({1: torch.uint8, 2: torch.uint16, 4: torch.uint32}[t.element_size()]).numpy()
+
+
+def _check_kind(spec: InputSpec, t: Any) -> None:
+    """Same-kind conversions only (bool may become an integer); integers narrowed to the spec's dtype
+    must fit it."""
     import torch
 
     if t.dtype == spec.torch_dtype:
-        return t
+        return
     have = _kind(t.dtype)
     if have != spec.kind and not (have == "b" and spec.kind == "i"):
         raise UsageError(f"input {spec.name!r} must be {spec.dtype} ({KIND_NAMES[spec.kind]}), got {t.dtype} "
                          f"({KIND_NAMES[have]}); convert it explicitly if that is meant")
     if spec.kind == "i" and t.numel():
         info = torch.iinfo(spec.torch_dtype)
-        lo, hi = int(t.min()), int(t.max())
+        a = t.numpy()  # numpy's reductions run on the calling thread (torch's may start its pool)
+        lo, hi = int(a.min()), int(a.max())
         if lo < info.min or hi > info.max:
             raise UsageError(f"input {spec.name!r} holds values in [{lo}, {hi}], outside {spec.dtype}")
-    return t.to(spec.torch_dtype)
 
 
 def as_cpu_tensor(spec: InputSpec, x: Any) -> Any:
-    """``x`` (torch tensor, numpy array, nested lists) as a CPU torch tensor of the spec's dtype (shares
-    memory when nothing has to change)."""
+    """``x`` (torch tensor, numpy array, nested lists) as a CPU torch tensor sharing its memory where it can,
+    in its own dtype, checked to be convertible to the spec's (:func:`converted_copy` converts it)."""
     import torch
 
     if isinstance(x, torch.Tensor):
@@ -136,18 +157,28 @@ def as_cpu_tensor(spec: InputSpec, x: Any) -> Any:
             raise UsageError(f"input {spec.name!r}: cannot be read as a tensor ({type(x).__name__}: {e})") from None
     if t.device.type != "cpu":
         t = t.cpu()
-    return _cast_checked(spec, t)
+    _check_kind(spec, t)
+    return t
 
 
-def _aligned_copy(t: Any) -> Any:
-    """A C-contiguous copy of ``t`` starting on an ``ALIGN``-byte boundary."""
+def converted_copy(t: Any, dtype: Any) -> Any:
+    """A C-contiguous copy of ``t`` (a CPU torch tensor) as ``dtype``, starting on an ``ALIGN``-byte boundary,
+    made by numpy on the calling thread, cast included.  Only a cast to or from a dtype numpy lacks (bf16)
+    is torch's."""
     import torch
 
-    n, size = t.numel(), t.element_size()
-    buf = torch.empty(n * size + ALIGN, dtype=torch.uint8)
+    nbytes = t.numel() * dtype.itemsize
+    buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     off = (-buf.data_ptr()) % ALIGN
-    out = buf[off: off + n * size].view(t.dtype).view(t.shape)
-    out.copy_(t)
+    out = buf[off: off + nbytes].view(dtype).view(t.shape)
+    if t.dtype == dtype:
+        np.copyto(_numpy_bits(out), _numpy_bits(t))
+        return out
+    dst, src = _numpy_or_none(out), _numpy_or_none(t)
+    if dst is None or src is None:
+        out.copy_(t)  # bf16 <-> another float: numpy has no bf16
+    else:
+        np.copyto(dst, src, casting="unsafe")
     return out
 
 
@@ -166,7 +197,7 @@ def bind_input(ffi: Any, spec: InputSpec, x: Any, sizes: dict[str, tuple[int, st
         return ffi.from_dlpack(x)
     t = as_cpu_tensor(spec, x)
     check_shape(spec, tuple(t.shape), sizes)
-    if spec.inplace or not t.is_contiguous() or t.data_ptr() % ALIGN:
-        t = _aligned_copy(t)  # the library writes in-place inputs: never into the caller's tensor
+    if spec.inplace or t.dtype != spec.torch_dtype or not t.is_contiguous() or t.data_ptr() % ALIGN:
+        t = converted_copy(t, spec.torch_dtype)  # in-place inputs too: the library never writes the caller's
     keep.append(t)
     return ffi.from_dlpack(t)
