@@ -34,7 +34,9 @@ Usage (the lead's re-run on a quiet machine)::
 
 Runtimes (``--runtimes``): eager, ort, ort-int8, ctc, ctc-int8, ctc-dyn, ctc-int8-dyn (any-length
 builds), ctc-raw (the ctc fp32 library's VM called on prebuilt runtime tensors: the runner's
-per-call overhead is ctc - ctc-raw).
+per-call overhead is ctc - ctc-raw), ctc-strict (the fixed-length fp32 build with ``fp32_matmul=strict``:
+AVX-512 f32 FMAs where the default, ``auto``, runs the linears on AMX-BF16 tiles with bf16-split
+operands; the header says which kernels each fp32 build ran).
 """
 
 from __future__ import annotations
@@ -63,13 +65,15 @@ from fair_runner import (  # noqa: E402
     versions,
 )
 
-RUNTIMES = ("eager", "ort", "ort-int8", "ctc", "ctc-int8", "ctc-dyn", "ctc-int8-dyn", "ctc-raw")
+RUNTIMES = ("eager", "ort", "ort-int8", "ctc", "ctc-int8", "ctc-dyn", "ctc-int8-dyn", "ctc-raw", "ctc-strict")
 LABELS = {"eager": "PyTorch eager fp32", "ort": "ONNX Runtime fp32", "ort-int8": "ONNX Runtime int8 (dynamic)",
           "ctc": "ctc fp32", "ctc-int8": "ctc RPTQ W8A8", "ctc-dyn": "ctc fp32, any length",
-          "ctc-int8-dyn": "ctc RPTQ W8A8, any length", "ctc-raw": "ctc fp32, raw VM call (no conversion)"}
+          "ctc-int8-dyn": "ctc RPTQ W8A8, any length", "ctc-raw": "ctc fp32, raw VM call (no conversion)",
+          "ctc-strict": "ctc fp32, fp32_matmul=strict (AVX-512 f32)"}
 # (runtime, reference): the side-by-side ratios of one run
 RATIOS = (("ctc", "ort"), ("ctc-dyn", "ort"), ("ctc-int8", "ort-int8"), ("ctc-int8-dyn", "ort-int8"),
-          ("ctc-dyn", "ctc"), ("ctc-int8-dyn", "ctc-int8"), ("ctc", "ctc-raw"), ("ctc-int8", "ctc"))
+          ("ctc-dyn", "ctc"), ("ctc-int8-dyn", "ctc-int8"), ("ctc", "ctc-raw"), ("ctc-int8", "ctc"),
+          ("ctc-strict", "ort"), ("ctc", "ctc-strict"))
 
 FP32_RECIPE = """model bundled "minilm"
 pipeline {{
@@ -78,7 +82,7 @@ pipeline {{
     cse
     dce
 }}
-target cpu seq_len={seq}
+target cpu seq_len={seq}{options}
 """
 
 
@@ -149,24 +153,27 @@ def build_all(args: argparse.Namespace, seqs: list[int], runtimes: set[str], wor
     ctc_cli = [sys.executable, "-m", "ctc", "compile", "--quiet", "--force"]
     env = {**os.environ, **CHILD_ENV}
     int8_src = (ROOT / "examples" / "minilm_w8a8_cpu.ctc").read_text()
+    built: set[str] = set()
     if "\ntarget cpu" not in int8_src:
         raise SystemExit("examples/minilm_w8a8_cpu.ctc has no `target cpu` line to specialise")
     for rt in sorted(runtimes):
-        if not rt.startswith("ctc"):
+        if not rt.startswith("ctc") or rt == "ctc-raw":  # ctc-raw calls the ctc build's library
             continue
         int8 = "int8" in rt
         for seq in seqs:
             fixed = 0 if rt.endswith("-dyn") else seq
-            name = f"{'int8' if int8 else 'fp32'}_{fixed or 'any'}"
+            strict = rt == "ctc-strict"
+            name = f"{'int8' if int8 else 'fp32'}{'_strict' if strict else ''}_{fixed or 'any'}"
             out = work / name
             paths[(rt, seq)] = str(out)
-            if out.exists() and not args.rebuild:
+            if (out.exists() and not args.rebuild) or name in built:  # an any-length build serves every seq
                 continue
+            built.add(name)
             if int8:
                 text = "\n".join(f"target cpu seq_len={fixed}" if ln.startswith("target cpu") else ln
                                  for ln in int8_src.splitlines()) + "\n"
             else:
-                text = FP32_RECIPE.format(seq=fixed)
+                text = FP32_RECIPE.format(seq=fixed, options=" fp32_matmul=strict" if strict else "")
             recipe = work / f"{name}.ctc"
             recipe.write_text(text)
             print(f"(building {name} with ctc compile ...)", flush=True)
@@ -259,6 +266,19 @@ def _tokenizer_dir() -> Path:
     return Path(bundled_model_dir("minilm"))
 
 
+def fp32_kernels_line(paths: dict[tuple[str, int], str]) -> str:
+    """Which kernels the fp32 builds' linears ran (``fp32_matmul`` in each library's model.json)."""
+    import json
+
+    seen = []
+    for (rt, seq), path in sorted(paths.items()):
+        meta = Path(path) / "targets" / "cpu" / "model.json"
+        if rt.startswith("ctc") and "int8" not in rt and meta.exists():
+            mode = json.loads(meta.read_text()).get("fp32_matmul", "strict (built before fp32_matmul)")
+            seen.append(f"{LABELS[rt]} seq {seq}: {mode}")
+    return "- ctc fp32 linears (fp32_matmul): " + ("; ".join(seen) if seen else "no fp32 build")
+
+
 def header(args: argparse.Namespace) -> list[str]:
     timed = ("its user-facing call (ORT `InferenceSession.run` on the tokenizer's numpy dict; ctc "
              "`ctc.load(dir).runner('cpu')(tokenizer(..., return_tensors='pt'))`; eager `model(**enc)`)")
@@ -294,7 +314,7 @@ def table(seq: int, result: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", default="128,384", help="comma list of sequence lengths")
-    ap.add_argument("--runtimes", default="eager,ort,ort-int8,ctc,ctc-int8,ctc-dyn,ctc-int8-dyn,ctc-raw")
+    ap.add_argument("--runtimes", default="eager,ort,ort-int8,ctc,ctc-int8,ctc-dyn,ctc-int8-dyn,ctc-raw,ctc-strict")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=40, help="timed calls per runtime and sequence length (>= 20)")
     ap.add_argument("--rounds", type=int, default=8)
@@ -322,7 +342,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     need = set(runtimes) | ({"ctc"} if "ctc-raw" in runtimes else set())
     paths = build_all(args, seqs, need, work)
-    lines = header(args)
+    lines = [*header(args), fp32_kernels_line(paths)]
     print("\n".join(lines), flush=True)
     for seq in seqs:
         t = table(seq, bench_seq(seq, runtimes, paths, args, work))
