@@ -178,8 +178,7 @@ def _split_source(spec: AmxF32Spec) -> str:
          '    with T.sblock("root"):',
          "        for r in T.parallel(mp):",
          f"            for co in range({_i(KP // 16)}):",
-         "                for ci in T.vectorized(T.int64(16)):",
-         "                    c = co * T.int64(16) + ci"]
+         "                for ci in T.vectorized(T.int64(16)):"]
     for p in range(P):
         L.append(f"                    xs[{_i(p)}, r, {c}] = PIECE(T.if_then_else({cond}, {load}, T.float32(0)), {p})")
     return "\n".join(L) + "\n"

@@ -713,18 +713,19 @@ def amx_store_lines(ind: str) -> list[str]:
                             _i(4 * AMX_BLOCK)) for a in (0, 1) for b in (0, 1)]
 
 
-def amx_write_lines(ind: str, n: int, res: str) -> list[str]:
-    """TVMScript lines writing ``res`` (an expression of ``r``, ``c``) to ``y[mb * 32 + r, nb * 32 + c]`` for the
-    block's rows below ``m`` and channels below ``n`` (``mb``/``nb``: the row and channel block)."""
+def amx_write_lines(ind: str, n: int, res: str, rows: int = AMX_BLOCK, block: str = "mb") -> list[str]:
+    """TVMScript lines writing ``res`` (an expression of ``r``, ``c``) to ``y[block * rows + r, nb * 32 + c]`` for
+    the block's rows below ``m`` and channels below ``n`` (``block``/``nb``: the row and channel block)."""
     B = AMX_BLOCK
-    L = [f"{ind}for r in range(T.min({_i(B)}, m - mb * {_i(B)})):"]
+    row = f"{block} * {_i(rows)} + r"
+    L = [f"{ind}for r in range(T.min({_i(rows)}, m - {block} * {_i(rows)})):"]
     if n % B == 0:
         L += [f"{ind}    for c in T.vectorized({_i(B)}):",
-              f"{ind}        y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
+              f"{ind}        y[{row}, nb * {_i(B)} + c] = {res}"]
     else:  # the last block's padded channels are not written
         L += [f"{ind}    for c in range({_i(B)}):",
               f"{ind}        if nb * {_i(B)} + c < {_i(n)}:",
-              f"{ind}            y[mb * {_i(B)} + r, nb * {_i(B)} + c] = {res}"]
+              f"{ind}            y[{row}, nb * {_i(B)} + c] = {res}"]
     return L
 
 
