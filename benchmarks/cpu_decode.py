@@ -295,6 +295,13 @@ def main() -> None:
         wmb = f"{r['weight_mb']:.1f}" if r.get("weight_mb") else "-"
         print(f"| {r['runtime']} | {med:.2f} | {mn:.2f} | {1e3 / med:.1f} | {ratio} | {r['cos']:.6f} "
               f"| {r['err']:.3g} | {wmb} |")
+    # a quantized KV cache against the same weights' fp32 cache, from this run's samples
+    for q_key, f_key in (("ctc-kv8", "ctc"), ("ctc-kv4", "ctc"), ("ctc-w8a8-kv8", "ctc-w8a8")):
+        q_lab, f_lab = (PIPELINES[k][0] for k in (q_key, f_key))
+        if q_lab in times and f_lab in times:
+            (qm, qn), (fm, fn) = times[q_lab], times[f_lab]
+            print(f"\n{q_lab} / {f_lab}: {qm / fm:.3f}x by median, {qn / fn:.3f}x by min "
+                  f"({'faster' if qm < fm else 'NOT faster'} by median)")
 
 
 if __name__ == "__main__":
