@@ -444,7 +444,7 @@ class CompiledModel:
             keep.append(t)
             return self._ffi.from_dlpack(t)
         if hasattr(x, "detach"):
-            x = x.detach().cpu().contiguous().numpy()
+            x = x.detach().cpu().numpy()  # strided is fine: numpy copies below, on this thread (not torch's pool)
         a = np.ascontiguousarray(x)
         a = _aligned(a.copy() if copy else a)
         keep.append(a)
