@@ -117,13 +117,15 @@ def key_lane_parts(r: int) -> int:
 def _key_lane_scores(spec: AttendSpec, score_of: Any) -> list[str]:
     """TVMScript lines scoring the whole blocks of 16 keys of a task's chunk with one key per vector lane.
 
-    An int8 key row is 64 bytes for head dim 64, so the dot products of 16 keys run side by side: per
+    An int8 key row is ``d`` contiguous bytes, so the dot products of 16 keys run side by side: per
     4 channels one ``vpgatherdd`` loads the 4 bytes of each of the 16 rows (a 16 x 4 column of the
     block), each byte is sign-extended in place (two shifts) and converted, and every query head
     sharing the kv head adds ``q_d * k_d`` for the 16 keys with one FMA, with no horizontal sum.
-    The row scales of 16 keys are one vector load and are applied once per score.  Unrolled in the
-    source (per byte and query head) so that the accumulators stay in registers."""
-    r, d, c_ = spec.hq // spec.hk, spec.d, spec.chunk
+    The row scales of 16 keys are one vector load and are applied once per score; with groups of
+    channels, each group's partial sums are scaled by the 16 keys' scales of that group (a gather of
+    16 floats) when the group ends.  Unrolled in the source (per byte and query head) so that the
+    accumulators stay in registers."""
+    r, d, c_, gn = spec.hq // spec.hk, spec.d, spec.chunk, spec.groups
     parts = key_lane_parts(r)
     lanes = _i(LANES)
     gather = ('T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.gather.dpi.512"), '
@@ -134,24 +136,41 @@ def _key_lane_scores(spec: AttendSpec, score_of: Any) -> list[str]:
          f'            kv = T.decl_buffer(({lanes},), "float32", scope="local")',
          f"            for jb in range(cnt // {lanes}):",
          f"                j = j0 + jb * {lanes}"]
+    ind = "                "
+    if gn > 1:  # per head: the running total of the scaled group sums
+        L += [f'{ind}tot = T.decl_buffer(({_i(r * LANES)},), "float32", scope="local")',
+              f'{ind}gs = T.decl_buffer(({lanes},), "float32", scope="local")']
+        for ri in range(r):
+            L += [f"{ind}for l in T.vectorized({lanes}):", f"{ind}    tot[{_i(ri * LANES)} + l] = T.float32(0)"]
+        L.append(f"{ind}for g in range({_i(gn)}):")
+        ind += "    "
     for a in range(r * parts):
-        L += [f"                for l in T.vectorized({lanes}):",
-              f"                    sa[{_i(a * LANES)} + l] = T.float32(0)"]
-    L += [f"                for c in range({_i(d // 4)}):",
-          f"                    wv[T.ramp(T.int64(0), T.int64(1), 16)] = {gather}"]
+        L += [f"{ind}for l in T.vectorized({lanes}):", f"{ind}    sa[{_i(a * LANES)} + l] = T.float32(0)"]
+    quads = d // 4 // gn
+    cexpr = f"g * {_i(quads)} + cq" if gn > 1 else "cq"
+    L += [f"{ind}for cq in range({_i(quads)}):",
+          f"{ind}    c = {cexpr}",
+          f"{ind}    wv[T.ramp(T.int64(0), T.int64(1), 16)] = {gather}"]
     for e in range(4):
-        L += [f"                    for l in T.vectorized({lanes}):",
-              '                        kv[l] = T.Cast("float32", T.shift_right(T.shift_left('
+        L += [f"{ind}    for l in T.vectorized({lanes}):",
+              f'{ind}        kv[l] = T.Cast("float32", T.shift_right(T.shift_left('
               f"wv[l], T.int32({24 - 8 * e})), T.int32(24)))"]
         for ri in range(r):
             a = _i((ri * parts + e % parts) * LANES)
-            L += [f"                    for l in T.vectorized({lanes}):",
-                  f"                        sa[{a} + l] = sa[{a} + l] + qs[{_i(ri * d)} + c * T.int64(4) + "
-                  f"{_i(e)}] * kv[l]"]
+            L += [f"{ind}    for l in T.vectorized({lanes}):",
+                  f"{ind}        sa[{a} + l] = sa[{a} + l] + qs[{_i(ri * d)} + c * T.int64(4) + {_i(e)}] * kv[l]"]
+    dots = [" + ".join(f"sa[{_i((ri * parts + p) * LANES)} + l]" for p in range(parts)) for ri in range(r)]
+    if gn > 1:
+        L += [f"{ind}for l in T.vectorized({lanes}):",
+              f"{ind}    gs[l] = ks[bi, hi, j + l, g]"]
+        for ri in range(r):
+            L += [f"{ind}for l in T.vectorized({lanes}):",
+                  f"{ind}    tot[{_i(ri * LANES)} + l] = tot[{_i(ri * LANES)} + l] + ({dots[ri]}) * gs[l]"]
+        dots = [f"tot[{_i(ri * LANES)} + l]" for ri in range(r)]
     for ri in range(r):
-        dot = " + ".join(f"sa[{_i((ri * parts + p) * LANES)} + l]" for p in range(parts))
         L += [f"                for l in T.vectorized({lanes}):",
-              f"                    sc[{_i(ri * c_)} + jb * {lanes} + l] = {score_of(f'({dot})', 'j + l', _i(ri))}"]
+              f"                    sc[{_i(ri * c_)} + jb * {lanes} + l] = "
+              + score_of(f"({dots[ri]})", "j + l", _i(ri))]
     return L
 
 
@@ -310,11 +329,11 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
 
 
 def key_lanes_supported(target: Any, cache: str, group: int) -> bool:
-    """Whether :func:`_key_lane_scores` applies: an int8 cache with one scale per row on an AVX-512 target
-    (``vpgatherdd``); grouped scales and other targets keep the row-at-a-time scores."""
+    """Whether :func:`_key_lane_scores` applies: an int8 cache (one scale per row or per group of channels) on
+    an AVX-512 target (``vpgatherdd``); other targets keep the row-at-a-time scores."""
     import tvm
 
-    if cache != "int8" or group != -1 or target is None or target.kind.name != "llvm":
+    if cache != "int8" or target is None or target.kind.name != "llvm":
         return False
     try:
         return bool(tvm.target.codegen.target_has_features(["avx512f"], target))
