@@ -17,10 +17,11 @@ nearest even), so ``x w`` is the sum of the cross products that matter (the tech
 Weights are split and packed at build time (:func:`prepack`: ``[P, N/16, K/2, 16, 2]`` bf16 bits,
 the tile layout ``tdpbf16ps`` reads as its B operand); activations are split at run time by
 ``split`` (parallel over rows, vectorized), which the linears reading one activation (q, k, v)
-share.  ``mm`` is the loop nest it runs (no schedule): parallel over blocks of 32 output channels,
-per block of 32 rows tiles 0-3 accumulate the 2 x 2 16 x 16 products over K, pieces of ``x`` in
-tiles 4-5, of ``w`` in tiles 6-7, loaded in an order that reloads one operand per product; the bias
-and an optional GELU (erf form) are applied on the way out.
+share.  ``mm`` is the loop nest it runs (no schedule): parallel over tasks of (a chunk of rows whose
+pieces fit in half of L2, 32 output channels), a thread taking consecutive tasks (one chunk, successive
+channel blocks); per block of 32 rows tiles 0-3 accumulate the 2 x 2 16 x 16 products over K, pieces
+of ``x`` in tiles 4-5, of ``w`` in tiles 6-7, loaded in an order that reloads one operand per product;
+the bias and an optional GELU (erf form) are applied on the way out.
 
 ``tdpbf16ps`` treats bf16 denormal inputs as zero and flushes denormal sums: a piece below ~1e-38
 is lost, which only matters for values far below f32's useful range in a GEMM.
