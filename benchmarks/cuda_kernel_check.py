@@ -44,9 +44,29 @@ ATTENTION = [  # batch, q heads, kv heads, keys, head dim, mask kind
     (1, 32, 8, 1088, 64, "bool"),     # the Llama-1B decode step's
 ]
 ROPE = [(1, 9, 3, 1088, 64), (8, 32, 8, 1088, 64)]
+GEMMS = [  # rows, K, N (weight rows), dtype, epilogue: the Llama-3.2-1B prefill-512 linears, then odd shapes
+    (512, 2048, 3072, "float16", "none"),        # q|k|v
+    (512, 2048, 2048, "float16", "residual"),    # o + residual
+    (512, 2048, 16384, "float16", "silu_mul"),   # gate|up + SwiGLU
+    (512, 8192, 2048, "float16", "residual"),    # down + residual
+    (512, 2048, 128256, "float16", "none"),      # LM head
+    (77, 576, 960, "float16", "none"),           # rows not a multiple of the tile (SmolLM2 q|k|v)
+    (77, 576, 3072, "float16", "silu_mul"),
+    (100, 1536, 576, "bfloat16", "residual"),
+]
+FLASH = [  # batch, q heads, kv heads, queries, keys, head dim, dtype, mask ("none" | "bool" | "add"), causal
+    (1, 32, 8, 512, 512, 64, "float16", "bool", False),    # the Llama-3.2-1B prefill-512 attention
+    (2, 9, 3, 77, 77, 64, "float16", "add", False),
+    (1, 4, 4, 100, 130, 128, "bfloat16", "none", True),
+    (1, 32, 8, 512, 512, 64, "float16", "none", True),
+]
+GEMM_SWEEP = [(128, 128, 64, 32, 4), (64, 128, 32, 32, 4), (64, 64, 32, 32, 4), (128, 128, 64, 32, 3),
+              (128, 256, 64, 64, 3), (128, 64, 32, 32, 4)]
 
 
 def build(out: Path, sweep: bool = False) -> None:
+    from ctc.backends.tvm import cuda_flash as CF
+    from ctc.backends.tvm import cuda_gemm as G
     from ctc.backends.tvm import cuda_kernels as CK
     from ctc.backends.tvm.cuda_toolchain import nvcc_compile_mode, prepare_cuda_build
     from ctc.backends.tvm.targets import cuda_target
@@ -58,14 +78,16 @@ def build(out: Path, sweep: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cases: list[dict[str, Any]] = []
 
-    def add(kind: str, spec: Any, func: Any, combine: Any = None) -> None:
+    def add(kind: str, spec: Any, func: Any, combine: Any = None, **more: Any) -> None:
         name = f"{kind}_{len(cases)}"
         funcs = {"kernel": func.with_attr("global_symbol", "kernel")}
         if combine is not None:  # a second kernel that runs after the first on its f32 partial results
             funcs["combine"] = combine.with_attr("global_symbol", "combine")
         with nvcc_compile_mode(), tgt:
             tvm.compile(tvm.IRModule(funcs), tgt).export_library(str(out / f"{name}.so"))
-        extra = {"key_chunks": spec.key_chunks} if kind == "attention" else {}
+        extra = {"key_chunks": spec.key_chunks} if kind == "attention" else dict(more)
+        if kind.startswith("gemm"):
+            extra["tiles"] = spec.tiles
         cases.append({"name": name, "kind": kind, "spec": {**spec.__dict__, **extra}})
         print("built", name, spec, flush=True)
 
@@ -88,7 +110,38 @@ def build(out: Path, sweep: bool = False) -> None:
     for b, h, hk, s, d in ROPE:
         spec = CK.RopeWriteSpec(b, h, hk, s, d, "float16", 1)
         add("rope", spec, CK.rope_write_func(spec))
+    for b, hq, hk, sq, sk, d, dt, mask, causal in FLASH:
+        fspec = CF.FlashSpec(hq, hk, d, dt, 1.0 / d ** 0.5, mask != "none", causal)
+        add("flash", fspec, CF.flash_func(fspec), batch=b, queries=sq, keys=sk, mask_kind=mask)
+    for rows, k, n, dt, epi in GEMMS:
+        spec = G.GemmSpec(k, n, dt, epi, rows_hint=rows)
+        add("gemm", spec, G.gemm_func(spec), rows=rows)
+        if rows == 512 and n < 100000:  # dlight's wmma schedule of the same product (no epilogue), for scale
+            add("gemm_dlight", spec, _dlight_matmul(rows, k, n, dt, tgt), rows=rows)
+        for tile in GEMM_SWEEP if sweep and rows == 512 else ():
+            v = G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=tile)
+            if tile != spec.tiles and G.gemm_supported(v) is None:
+                add("gemm", v, G.gemm_func(v), rows=rows)
     (out / "kernels.json").write_text(json.dumps(cases, indent=1))
+
+
+def _dlight_matmul(rows: int, k: int, n: int, dt: str, tgt: Any) -> Any:
+    """``C = A @ W^T`` (f32 sums, rounded to ``dt``) scheduled by dlight's GPU ``Matmul`` rule, as the op-by-op
+    lowering builds a prefill linear."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    a = te.placeholder((rows, k), dt, name="A")
+    w = te.placeholder((n, k), dt, name="W")
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute((rows, n), lambda i, j: te.sum(a[i, r].astype("float32") * w[j, r].astype("float32"), axis=r),
+                     name="acc")
+    c = te.compute((rows, n), lambda i, j: acc[i, j].astype(dt), name="C")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, w, c])})
+    with tgt:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
+    return mod["main"]
 
 
 # ---------------------------------------------------------------------------- references (torch, f32)
@@ -167,6 +220,62 @@ def _rope_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
     return [y, cos, sin, pos, kc, vc], out, (q_ref.float(), kc_ref, vc_ref)
 
 
+def _gemm_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
+    import torch
+
+    m, k, n, epi = spec["rows"], spec["k"], spec["n"], spec["epilogue"]
+    dt = torch.float16 if spec["dtype"] == "float16" else torch.bfloat16
+    a = torch.randn(m, k, device=dev).to(dt)
+    w = (torch.randn(n, k, device=dev) * 0.05).to(dt)
+    y = (a.float() @ w.float().T).to(dt).float()
+    args: list[Any] = [a, w]
+    n_out = n
+    if epi == "residual":
+        res = torch.randn(m, n, device=dev).to(dt)
+        args.append(res)
+        y = (y + res.float()).to(dt).float()
+    elif epi == "silu_mul":  # w as the kernel reads it: gate and up rows interleaved by 8
+        n_out = n // 2
+        gate, up = y[:, :n_out], y[:, n_out:]
+        y = (torch.nn.functional.silu(gate.to(dt)).float() * up).to(dt).float()
+        args[1] = torch.stack([w[:n_out].reshape(-1, 8, k), w[n_out:].reshape(-1, 8, k)], 1).reshape(n, k)
+    out = torch.full((m, n_out), float("nan"), device=dev, dtype=dt)
+    return args, out, y
+
+
+def _flash_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
+    import torch
+
+    b, hq, hk, d = spec["batch"], spec["q_heads"], spec["kv_heads"], spec["head_dim"]
+    sq, sk = spec["queries"], spec["keys"]
+    dt = torch.float16 if spec["dtype"] == "float16" else torch.bfloat16
+    shapes = ((hq, sq), (hk, sk), (hk, sk))
+    q, k, v = (torch.randn(b, h, n, d, device=dev).to(dt) for h, n in shapes)
+    args: list[Any] = [q, k, v]
+    add = None
+    if spec["mask_kind"] != "none":  # causal-like with a few extra holes; every row keeps key 0
+        keep = torch.ones(sq, sk, device=dev, dtype=torch.bool).tril(sk - sq)
+        keep[:, 1::7] = False
+        keep[:, 0] = True
+        add = torch.zeros(sq, sk, device=dev).masked_fill(~keep, float("-inf"))
+        if spec["mask_kind"] == "add":
+            add = add + torch.randn(sq, sk, device=dev).clamp(-2, 2) * keep
+        args.append(add.reshape(1, 1, sq, sk))  # the lowering hands the kernel an f32 additive mask
+    g = hq // hk
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1),
+        attn_mask=None if add is None else add.reshape(1, 1, sq, sk), is_causal=spec["causal"] and add is None,
+        scale=spec["scale"])
+    if spec["causal"] and add is not None:
+        raise ValueError("flash cases take a mask or the causal rule, not both")
+    out = torch.full((b, hq, sq, d), float("nan"), device=dev, dtype=dt)
+    return args, out, ref
+
+
+def _gemm_dlight_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
+    return _gemm_case({**spec, "epilogue": "none"}, dev)
+
+
 def _weight_bytes(spec: dict[str, Any]) -> int:
     """Bytes of weights, scales and zero points one call reads (what a GEMV streams)."""
     nw = 2 * spec["n"] if spec["epilogue"] == "silu_mul" else spec["n"]
@@ -242,7 +351,8 @@ def run(out: Path, timed: bool = False) -> int:
     bad = 0
     for case in json.loads((out / "kernels.json").read_text()):
         mod = tvm_ffi.load_module(str(out / f"{case['name']}.so"))
-        make = {"gemv": _gemv_case, "attention": _attention_case, "rope": _rope_case}[case["kind"]]
+        make = {"gemv": _gemv_case, "attention": _attention_case, "rope": _rope_case, "gemm": _gemm_case,
+                "gemm_dlight": _gemm_dlight_case, "flash": _flash_case}[case["kind"]]
         args, dst, ref = make(case["spec"], "cuda")
         ffi_args = [tvm_ffi.from_dlpack(a) for a in (*args, dst)]
         part = None
@@ -267,6 +377,15 @@ def run(out: Path, timed: bool = False) -> int:
         if timed and case["kind"] == "gemv":
             med, low = _time_us(call)
             timing = f"  {med:7.1f} us median {low:7.1f} min  {_weight_bytes(case['spec']) / med / 1e6:5.2f} TB/s"
+        elif timed and case["kind"].startswith("gemm"):
+            med, low = _time_us(call, reps=20, rounds=7)
+            flop = 2 * case["spec"]["rows"] * case["spec"]["k"] * case["spec"]["n"]
+            timing = f"  {med:7.1f} us median {low:7.1f} min  {flop / med / 1e6:6.1f} TFLOP/s"
+        elif timed and case["kind"] == "flash":
+            med, low = _time_us(call, reps=20, rounds=7)
+            sp = case["spec"]
+            flop = 4 * sp["batch"] * sp["q_heads"] * sp["queries"] * sp["keys"] * sp["head_dim"]
+            timing = f"  {med:7.1f} us median {low:7.1f} min  {flop / med / 1e6:6.1f} TFLOP/s (dense count)"
         elif timed and case["kind"] == "attention":
             med, low = _time_us(call)
             timing = f"  {med:7.1f} us median {low:7.1f} min"

@@ -63,7 +63,9 @@ class AttentionInput:
 
 @dataclass
 class GemvGroup:
-    """One GEMV kernel: ``linears`` (one, or gate and up of a SwiGLU), and what it absorbs."""
+    """One GEMV kernel (``kernel="gemv"``, a decode step's few rows) or tensor-core GEMM (``"gemm"``,
+    a prefill's many rows, :mod:`.cuda_gemm`): ``linears`` (one, or gate and up of a SwiGLU), and what
+    it absorbs."""
 
     linears: list[Node]
     epilogue: str = "none"            # none | residual | silu_mul
@@ -71,6 +73,7 @@ class GemvGroup:
     residual: Value | None = None
     norm: Node | None = None
     members: list[Node] = field(default_factory=list)
+    kernel: str = "gemv"
 
     @property
     def result(self) -> Value:
@@ -182,7 +185,23 @@ def _gemv_candidate(n: Node, m: Module) -> bool:
     return all(p.producer is not None and p.producer.op == "param" for p in _weight_operands(n))
 
 
-def _swiglu(gate: Node, m: Module, taken: dict[int, Any]) -> GemvGroup | None:
+def _gemm_candidate(n: Node, m: Module) -> bool:
+    """A float linear over many rows (a prefill) that the tensor-core GEMM covers: no bias, f16/bf16 input,
+    weight and output, a parameter weight, K a multiple of 32."""
+    from ctc.backends.tvm.cuda_gemm import BK
+
+    if n.op != "linear" or n.has_operand("bias") or _gemv_rows(n) is not None:
+        return False
+    x, w, y = n.operand("x").type, n.operand("weight").type, n.outputs[0].type
+    if not (x.dtype == w.dtype == y.dtype and x.dtype in ("f16", "bf16")):
+        return False
+    k, nn = w.shape[-1], w.shape[0]
+    if not (isinstance(k, int) and isinstance(nn, int) and k % BK == 0 and nn % 64 == 0):
+        return False
+    return n.operand("weight").producer is not None and n.operand("weight").producer.op == "param"
+
+
+def _swiglu(gate: Node, m: Module, taken: dict[int, Any], candidate: Any = _gemv_candidate) -> GemvGroup | None:
     """gate -> silu -> mul(silu, up) with up a linear of the same input and kind."""
     out = gate.outputs[0]
     if not _single_use(out, m):
@@ -194,7 +213,7 @@ def _swiglu(gate: Node, m: Module, taken: dict[int, Any]) -> GemvGroup | None:
     if mul.op != "mul" or mul.operand("a") is not silu.outputs[0] or mul.operand("b") is None:
         return None  # the reference computes silu(gate) * up in that order
     up = mul.operand("b").producer
-    if up is None or id(up) in taken or not _gemv_candidate(up, m) or not _single_use(up.outputs[0], m):
+    if up is None or id(up) in taken or not candidate(up, m) or not _single_use(up.outputs[0], m):
         return None
     if up.operand("x") is not gate.operand("x") or not _same_kind([gate, up]):
         return None
@@ -219,8 +238,10 @@ def _residual(lin: Node, m: Module) -> GemvGroup | None:
     return GemvGroup([lin], "residual", [add], residual=other)
 
 
-def plan(m: Module) -> FusionPlan:
-    """Every attention input and one-row GEMV of ``m`` that :func:`emit` can lower as fused kernels."""
+def plan(m: Module, gemm: bool = False) -> FusionPlan:
+    """Every attention input and one-row GEMV of ``m`` that :func:`emit` can lower as fused kernels; with
+    ``gemm`` (a GPU with ``mma.sync``: sm_80 on) also every many-row float linear, as a tensor-core GEMM
+    with the SwiGLU or residual add after it in its epilogue."""
     order = {id(n): i for i, n in enumerate(m.nodes)}
     out = FusionPlan()
 
@@ -244,6 +265,14 @@ def plan(m: Module) -> FusionPlan:
         if any(id(x) in out.groups for x in g.members):
             continue
         add(g)
+    for n in m.nodes if gemm else ():
+        if id(n) in out.groups or not _gemm_candidate(n, m):
+            continue
+        g = _swiglu(n, m, out.groups, _gemm_candidate) or _residual(n, m) or GemvGroup([n])
+        g.members, g.kernel = [*g.linears, *g.tail], "gemm"
+        if any(id(x) in out.groups for x in g.members):
+            continue
+        add(g)
     # RMSNorms every reader of which is a fused GEMV (or the fused q|k|v): computed inside those kernels
     for n in m.nodes:
         if n.op != "rms_norm" or m.is_output(n.outputs[0]) or not n.outputs[0].uses:
@@ -253,7 +282,8 @@ def plan(m: Module) -> FusionPlan:
             continue
         readers = n.outputs[0].users
         groups = [out.groups.get(id(r)) for r in readers]
-        if all(g is not None and any(r is y for y in g.linears) and r.operand("x") is n.outputs[0]
+        if all(g is not None and getattr(g, "kernel", "gemv") == "gemv" and any(r is y for y in g.linears)
+               and r.operand("x") is n.outputs[0]
                for g, r in zip(groups, readers, strict=True)):
             if len(x.type.shape) and n.outputs[0].type.dtype == x.type.dtype:
                 out.absorbed.add(id(n))
@@ -266,7 +296,7 @@ def emit(ctx: Any, g: Any) -> bool:
     """Lower group ``g`` (binding the values the rest of the graph reads); False when its shapes turn out
     unsupported (the caller then lowers the members op by op: an absorbed norm is then lowered first)."""
     if isinstance(g, GemvGroup):
-        return _emit_gemv(ctx, g)
+        return _emit_gemm(ctx, g) if g.kernel == "gemm" else _emit_gemv(ctx, g)
     return _emit_attention(ctx, g)
 
 
@@ -384,6 +414,43 @@ def _emit_gemv(ctx: Any, g: GemvGroup) -> bool:
     if y is None:
         return False
     ctx.env[id(g.result)] = y
+    return True
+
+
+def _emit_gemm(ctx: Any, g: GemvGroup) -> bool:
+    """The tensor-core GEMM over ``[rows, K]`` (rows flattened from the leading dims, any of them symbolic)."""
+    import numpy as np
+
+    from ctc.backends.tvm import cuda_gemm as G
+    from ctc.backends.tvm import lower as L
+    from ctc.backends.tvm.int_kernels import add_prim_func
+
+    first = g.linears[0]
+    k = int(first.operand("weight").type.shape[-1])
+    n = sum(int(x.operand("weight").type.shape[0]) for x in g.linears)
+    rows = 1
+    for d in ctx.dims.shape(first.operand("x").type)[:-1]:
+        rows = rows * d
+    hint = rows if isinstance(rows, int) else 512
+    spec = G.GemmSpec(k, n, L._dt(first.outputs[0].type), g.epilogue, rows_hint=hint)
+    if G.gemm_supported(spec) is not None:
+        return False
+    op = ctx.relax.op
+    x = ctx.emit(op.reshape(ctx.val(first.operand("x")), [rows, k]))
+    if g.epilogue == "silu_mul":
+        srcs = [str(ctx.param_name(lin.operand("weight"))) for lin in g.linears]
+        order = G.gate_up_order(n // 2)
+        arr = np.concatenate([ctx.param_array(nm) for nm in srcs], axis=0)[order]
+        w = ctx.param(srcs[0], "gate_up8:" + srcs[1], array=arr, source={"op": "gate_up8", "from": srcs})
+    else:
+        w = ctx.param(str(ctx.param_name(first.operand("weight"))))
+    args = [x, w]
+    if g.residual is not None:
+        args.append(ctx.emit(op.reshape(ctx.val(g.residual), [rows, n])))
+    gv = add_prim_func(ctx.bb, G.gemm_func(spec), f"gemm_{spec.tag}")
+    y = ctx.emit(ctx.relax.call_tir(gv, args, ctx.relax.TensorType([rows, spec.n_out], spec.dtype)))
+    shape = [*ctx.dims.shape(first.outputs[0].type)[:-1], spec.n_out]
+    ctx.env[id(g.result)] = ctx.emit(op.reshape(y, shape))
     return True
 
 

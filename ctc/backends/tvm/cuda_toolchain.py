@@ -151,6 +151,9 @@ def prepare_cuda_build(*, cache_dir: str | Path | None = None) -> dict[str, str]
             ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)  # NEEDED libcuda.so.1 now resolves to the stub
             info["libcuda"] = str(stub)
         _load_tvm_cuda_runtime()
+        from ctc.backends.tvm.cuda_mma import register_postproc
+
+        register_postproc()  # modules that call ctc's CUDA device functions get their source
         _PREPARED = True
     else:
         info["libcuda"] = "loaded"

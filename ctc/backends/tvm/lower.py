@@ -89,6 +89,12 @@ def _panels_torch(width: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: t.T.reshape(t.shape[1], t.shape[0] // width, width).permute(1, 0, 2)
 
 
+def _gate_up_order(features: int) -> np.ndarray:
+    from ctc.backends.tvm.cuda_gemm import gate_up_order
+
+    return gate_up_order(features)
+
+
 PARAM_DERIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "identity": lambda t: t,
     "transpose": lambda t: t.T,
@@ -98,6 +104,7 @@ PARAM_DERIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "pad_transpose": lambda t, rows, cols: _pad(t, rows, cols).T,
     "pad_end": lambda t, extra: torch.nn.functional.pad(t, (0, extra)),
     "amx_bf16_pieces": lambda t, pieces: _amx_pieces_torch(t, pieces),
+    "gate_up8": lambda g, u: _concat0(g, u)[torch.from_numpy(_gate_up_order(g.shape[0]))],
 }
 
 
@@ -1265,6 +1272,10 @@ def _sdpa(ctx: Ctx, node: Node, a: Operands) -> Any:
         fused = _gpu_decode_attention(ctx, node, a)
         if fused is not None:
             return fused
+    if group is None and ctx.gpu and _mma_gpu(ctx):
+        fused = _gpu_flash_attention(ctx, node, a)
+        if fused is not None:
+            return fused
     if group is None and not ctx.gpu and ctx.fused_attention:
         fused = _fused_attention(ctx, node, a)
         if fused is not None:
@@ -1410,6 +1421,53 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     res = ctx.emit(ctx.relax.call_tir(gv, args, [ctx.relax.TensorType(qs, "float32"),
                                                  ctx.relax.TensorType([*qs[:3], lp], "float32")]))
     return ctx.relax.TupleGetItem(res, 0)
+
+
+def _mma_gpu(ctx: Ctx) -> bool:
+    """Whether the CUDA target has ``mma.sync`` m16n8k16, ``ldmatrix`` and ``cp.async`` (sm_80 on): the
+    tensor-core kernels of :mod:`.cuda_mma`."""
+    arch = str(ctx.target.attrs.get("arch", "")) if ctx.gpu and ctx.target is not None else ""
+    return arch[3:].isdigit() and int(arch[3:]) >= 80
+
+
+def _gpu_flash_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
+    """Many-query (prefill) attention as one flash-attention kernel (:mod:`.cuda_flash`), or None where it
+    does not apply (f32, another head dim, a mask that is not ``[1|B, 1|HQ, 1|S, T]``: op by op)."""
+    from ctc.backends.tvm import cuda_flash as CF
+    from ctc.backends.tvm.int_kernels import add_prim_func
+
+    qt, kt, vt = (node.operand(n).type for n in ("q", "k", "v"))
+    if qt.rank != 4 or kt.rank != 4 or vt.rank != 4 or not (qt.dtype == kt.dtype == vt.dtype):
+        return None
+    d, hq, hk = (_static_int(ctx, x) for x in (qt.shape[3], qt.shape[1], kt.shape[1]))
+    if d is None or hq is None or hk is None or kt.shape[3] != qt.shape[3] or vt.shape != kt.shape:
+        return None
+    if hq != hk and not node.attrs["enable_gqa"]:
+        return None
+    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(int(d))
+    args = [ctx.val(node.operand(n)) for n in ("q", "k", "v")]
+    mask_v = node.operand("mask")
+    if mask_v is not None:
+        mt = mask_v.type
+        full = [1] * (4 - mt.rank) + list(mt.shape)
+        if mt.rank > 4 or full[3] != kt.shape[2] or full[2] not in (1, qt.shape[2]) or full[1] not in (1, hq) \
+                or full[0] not in (1, qt.shape[0]):
+            return None
+        m = ctx.val(mask_v)
+        if mt.dtype == "bool":
+            m = _additive_mask(ctx, m, mt)
+        elif mt.dtype != "f32":
+            key = ("mask_f32", m)
+            if key not in ctx.memo:
+                ctx.memo[key] = ctx.emit(ctx.relax.op.astype(m, "float32"))
+            m = ctx.memo[key]
+        args.append(ctx.emit(ctx.relax.op.reshape(m, ctx.dims.shape(TensorType(tuple(full), "f32")))))
+    spec = CF.FlashSpec(int(hq), int(hk), int(d), _dt(qt), float(scale), mask_v is not None,
+                        bool(node.attrs["is_causal"]))
+    if CF.flash_supported(spec) is not None:
+        return None
+    gv = add_prim_func(ctx.bb, CF.flash_func(spec), f"flash_attention_{spec.tag}")
+    return ctx.relax.call_tir(gv, args, ctx.relax.TensorType(ctx.dims.shape(qt), _dt(qt)))
 
 
 def _gpu_decode_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
@@ -1917,7 +1975,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     if ctx.gpu:  # multi-node GPU kernels (decode attention inputs), see cuda_fusion
         from ctc.backends.tvm import cuda_fusion
 
-        fusion = cuda_fusion.plan(module)
+        fusion = cuda_fusion.plan(module, gemm=_mma_gpu(ctx))
     order = {id(n): i for i, n in enumerate(module.nodes)}
     with bb.function(func_name):
         with bb.dataflow():
