@@ -216,8 +216,10 @@ class FlashSpec:
 
 def flash_supported(spec: FlashSpec) -> str | None:
     """Why :func:`flash_func` cannot build ``spec``, or None."""
-    if spec.dtype not in ("float16", "bfloat16"):
-        return f"dtype {spec.dtype} (the flash kernel takes float16 or bfloat16)"
+    from ctc.backends.tvm.cuda_mma import dtype_problem
+
+    if dtype_problem(spec.dtype, "the flash kernel"):
+        return dtype_problem(spec.dtype, "the flash kernel")
     if spec.head_dim not in (64, 128):
         return f"head dim {spec.head_dim} (64 or 128)"
     if spec.kv_heads < 1 or spec.q_heads % spec.kv_heads:
@@ -227,37 +229,19 @@ def flash_supported(spec: FlashSpec) -> str | None:
 
 def flash_func(spec: FlashSpec) -> Any:
     """The PrimFunc ``(q, k, v[, mask], o)`` launching :data:`CUDA_SOURCE`'s ``attend``."""
-    import tvm
+    from ctc.backends.tvm.cuda_mma import device_type, launcher
 
     why = flash_supported(spec)
     if why is not None:
         raise ValueError(f"flash_func: {why}")
     dt, HQ, HK, D = spec.dtype, spec.q_heads, spec.kv_heads, spec.head_dim
-    ctype = "half" if dt == "float16" else "__nv_bfloat16"
-    fn = f"ctc_flash::attend<{ctype}, {D}, {int(spec.mask)}, {'true' if spec.causal else 'false'}>"
-    margs = "mask_h: T.handle, " if spec.mask else ""
-    src = [
-        "@T.prim_func(private=True)",
-        f"def ctc_flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, {margs}o_h: T.handle):",
-        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
-        "    b, s, t = T.int64(), T.int64(), T.int64()",
-        f'    Q = T.match_buffer(q_h, (b, {HQ}, s, {D}), "{dt}")',
-        f'    K = T.match_buffer(k_h, (b, {HK}, t, {D}), "{dt}")',
-        f'    V = T.match_buffer(v_h, (b, {HK}, t, {D}), "{dt}")',
-    ]
-    if spec.mask:
-        src += ["    mb, mh, ms = T.int64(), T.int64(), T.int64()",
-                '    M = T.match_buffer(mask_h, (mb, mh, ms, t), "float32")']
-    src += [
-        f'    O = T.match_buffer(o_h, (b, {HQ}, s, {D}), "{dt}")',
-        f'    bx = T.launch_thread("blockIdx.x", (s + {BLOCK_Q - 1}) // {BLOCK_Q})',
-        f'    by = T.launch_thread("blockIdx.y", b * {HQ})',
-        '    tx = T.launch_thread("threadIdx.x", 128)',
-        f'    S = T.decl_buffer(({spec.smem_bytes},), "uint8", scope="shared.dyn")',
-    ]
-    m_ptr, dims = ("M.data", 'T.Cast("int32", mb), T.Cast("int32", mh), T.Cast("int32", ms)') if spec.mask \
-        else ("Q.data", "1, 1, 1")
-    src.append(f'    T.evaluate(T.call_extern("void", "{fn}", Q.data, K.data, V.data, {m_ptr}, O.data, S.data, '
-               f'T.Cast("int32", s), T.Cast("int32", t), {HQ}, {HK}, {dims}, T.float32({spec.scale!r}), '
-               'T.Cast("int32", bx), T.Cast("int32", by), T.Cast("int32", tx)))')
-    return tvm.script.from_source("\n".join(src))
+    bufs = [("Q", f"b, {HQ}, s, {D}", dt), ("K", f"b, {HK}, t, {D}", dt), ("V", f"b, {HK}, t, {D}", dt),
+            *([("M", "mb, mh, ms, t", "float32")] if spec.mask else []), ("O", f"b, {HQ}, s, {D}", dt)]
+    call = f"ctc_flash::attend<{device_type(dt)}, {D}, {int(spec.mask)}, {'true' if spec.causal else 'false'}>"
+    mask = ["M.data", 'T.Cast("int32", mb)', 'T.Cast("int32", mh)', 'T.Cast("int32", ms)'] if spec.mask \
+        else ["Q.data", "1", "1", "1"]  # no mask: an unread pointer
+    args = ["Q.data", "K.data", "V.data", mask[0], "O.data", "S.data", 'T.Cast("int32", s)', 'T.Cast("int32", t)',
+            str(HQ), str(HK), *mask[1:], f"T.float32({spec.scale!r})"]
+    symbols = ["b", "s", "t", *(["mb", "mh", "ms"] if spec.mask else [])]
+    return launcher("ctc_flash_attention", bufs, symbols, (f"(s + {BLOCK_Q - 1}) // {BLOCK_Q}", f"b * {HQ}"), 128,
+                    spec.smem_bytes, call, args)

@@ -220,8 +220,10 @@ class GemmSpec:
 
 def gemm_supported(spec: GemmSpec) -> str | None:
     """Why :func:`gemm_func` cannot build ``spec``, or None."""
-    if spec.dtype not in ("float16", "bfloat16"):
-        return f"dtype {spec.dtype} (the tensor-core GEMM takes float16 or bfloat16)"
+    from ctc.backends.tvm.cuda_mma import dtype_problem
+
+    if dtype_problem(spec.dtype, "the tensor-core GEMM"):
+        return dtype_problem(spec.dtype, "the tensor-core GEMM")
     if spec.k % BK:
         return f"K = {spec.k} is not a multiple of {BK}"
     if spec.epilogue not in _EPILOGUES:
@@ -240,35 +242,21 @@ def gemm_supported(spec: GemmSpec) -> str | None:
 
 def gemm_func(spec: GemmSpec) -> Any:
     """The PrimFunc ``(A [M, K], W [N, K][, R [M, N]], C [M, n_out])`` launching the device function."""
-    import tvm
+    from ctc.backends.tvm.cuda_mma import device_type, launcher
 
     why = gemm_supported(spec)
     if why is not None:
         raise ValueError(f"gemm_func: {why}")
     bm, bn, wm, wn, st = spec.tiles
     dt, K, N = spec.dtype, spec.k, spec.n
-    ctype = "half" if dt == "float16" else "__nv_bfloat16"
     res = spec.epilogue == "residual"
-    fn = f"ctc_gemm::gemm_tile<{ctype}, {bm}, {bn}, {wm}, {wn}, {st}, {_EPILOGUES[spec.epilogue]}>"
-    args = "a_h: T.handle, w_h: T.handle, " + ("r_h: T.handle, " if res else "") + "c_h: T.handle"
-    r_ptr = "R.data" if res else "A.data"  # no residual: an unread pointer
-    src = [
-        "@T.prim_func(private=True)",
-        f"def ctc_mma_gemm({args}):",
-        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
-        "    m = T.int64()",
-        f'    A = T.match_buffer(a_h, (m, {K}), "{dt}")',
-        f'    W = T.match_buffer(w_h, ({N}, {K}), "{dt}")',
-        *([f'    R = T.match_buffer(r_h, (m, {N}), "{dt}")'] if res else []),
-        f'    C = T.match_buffer(c_h, (m, {spec.n_out}), "{dt}")',
-        f'    bx = T.launch_thread("blockIdx.x", (m + {bm - 1}) // {bm})',
-        f'    by = T.launch_thread("blockIdx.y", {N // bn})',
-        f'    tx = T.launch_thread("threadIdx.x", {spec.threads})',
-        f'    S = T.decl_buffer(({spec.smem_bytes},), "uint8", scope="shared.dyn")',
-        f'    T.evaluate(T.call_extern("void", "{fn}", A.data, W.data, C.data, {r_ptr}, S.data, '
-        f'T.Cast("int32", m), {N}, {K}, T.Cast("int32", bx), T.Cast("int32", by), T.Cast("int32", tx)))',
-    ]
-    return tvm.script.from_source("\n".join(src))
+    bufs = [("A", f"m, {K}", dt), ("W", f"{N}, {K}", dt), *([("R", f"m, {N}", dt)] if res else []),
+            ("C", f"m, {spec.n_out}", dt)]
+    call = f"ctc_gemm::gemm_tile<{device_type(dt)}, {bm}, {bn}, {wm}, {wn}, {st}, {_EPILOGUES[spec.epilogue]}>"
+    args = ["A.data", "W.data", "C.data", "R.data" if res else "A.data",  # no residual: an unread pointer
+            "S.data", 'T.Cast("int32", m)', str(N), str(K)]
+    return launcher("ctc_mma_gemm", bufs, ["m"], (f"(m + {bm - 1}) // {bm}", str(N // bn)), spec.threads,
+                    spec.smem_bytes, call, args)
 
 
 def gate_up_order(features: int) -> Any:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRIMITIVES", "library_source", "postprocess_cuda_source", "register_postproc"]
+__all__ = ["PRIMITIVES", "device_type", "dtype_problem", "launcher", "library_source", "postprocess_cuda_source",
+           "register_postproc"]
 
 PRIMITIVES = r"""
 // ---- ctc: tensor-core primitives (ctc/backends/tvm/cuda_mma.py) ----
@@ -50,27 +51,21 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
 
 template <typename T> struct Mma;
 
-template <> struct Mma<half> {
-  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ float to_f(half x) { return __half2float(x); }
-  static __device__ __forceinline__ half from_f(float x) { return __float2half_rn(x); }
-};
-
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-};
+// The m16n8k16 MMA with f32 accumulators, and T <-> f32, for T = half (PTX f16) and __nv_bfloat16 (bf16).
+#define CTC_MMA_FOR(TY, PTX, TO_F, FROM_F)                                                              \
+  template <> struct Mma<TY> {                                                                          \
+    static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {        \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 "                        \
+                   "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                  \
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                     \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));                 \
+    }                                                                                                   \
+    static __device__ __forceinline__ float to_f(TY x) { return TO_F(x); }                              \
+    static __device__ __forceinline__ TY from_f(float x) { return FROM_F(x); }                          \
+  };
+CTC_MMA_FOR(half, "f16", __half2float, __float2half_rn)
+CTC_MMA_FOR(__nv_bfloat16, "bf16", __bfloat162float, __float2bfloat16_rn)
+#undef CTC_MMA_FOR
 
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -132,3 +127,35 @@ def register_postproc() -> None:
         return postprocess_cuda_source(code)
 
     _REGISTERED = True
+
+
+def dtype_problem(dtype: str, what: str) -> str | None:
+    """Why ``what`` cannot take ``dtype`` (the library's kernels take float16 and bfloat16), or None."""
+    return None if dtype in ("float16", "bfloat16") else f"dtype {dtype} ({what} takes float16 or bfloat16)"
+
+
+def device_type(dtype: str) -> str:
+    """The CUDA type of a float16/bfloat16 element."""
+    return "half" if dtype == "float16" else "__nv_bfloat16"
+
+
+def launcher(name: str, buffers: list[tuple[str, str, str]], symbols: list[str], grid: tuple[str, str], threads: int,
+             smem_bytes: int, call: str, args: list[str]) -> Any:
+    """A private PrimFunc ``name`` that launches ``grid`` blocks of ``threads`` threads, each calling the device
+    function ``call`` with ``args`` (TIR expressions over the buffers, ``S`` = ``smem_bytes`` of dynamic shared
+    memory, and ``bx``/``by``/``tx``).  ``buffers``: ``(name, shape, dtype)`` in parameter order; ``symbols``:
+    the symbolic dims the shapes use.  Opaque to fusion (op_pattern 8), already scheduled."""
+    import tvm
+
+    params = ", ".join(f"{b[0].lower()}_h: T.handle" for b in buffers)
+    src = ["@T.prim_func(private=True)", f"def {name}({params}):",
+           '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
+           *(f"    {s} = T.int64()" for s in symbols),
+           *(f'    {b} = T.match_buffer({b.lower()}_h, ({shape}), "{dt}")' for b, shape, dt in buffers),
+           f'    bx = T.launch_thread("blockIdx.x", {grid[0]})',
+           f'    by = T.launch_thread("blockIdx.y", {grid[1]})',
+           f'    tx = T.launch_thread("threadIdx.x", {threads})',
+           f'    S = T.decl_buffer(({smem_bytes},), "uint8", scope="shared.dyn")',
+           f'    T.evaluate(T.call_extern("void", "{call}", {", ".join(args)}, '
+           'T.Cast("int32", bx), T.Cast("int32", by), T.Cast("int32", tx)))']
+    return tvm.script.from_source("\n".join(src))
