@@ -1,6 +1,7 @@
 """The one-query decode attention kernel (``decode_attention.py``) against the reference interpreter at
-tiny sizes: fp32 and int8 caches, key counts that leave a tail after the blocks of 16 keys scored side
-by side (and chunks shorter than one block), a valid prefix that ends inside a block, GQA ratios 1 and 3."""
+tiny sizes: fp32, int8 and int4 caches (per-row and grouped scales), key counts that leave a tail after
+the blocks of 16 keys scored side by side (and chunks shorter than one block), a valid prefix that ends
+inside a block, GQA ratios 1 and 3."""
 
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ def _module(cache: str, hq: int, hk: int, n: int, mask: str, group: int = -1) ->
     m = Module(f"attend_{cache}")
     q = m.add_input("q", TensorType([1, hq, 1, D], "f32"))
     mk = (TensorType([1, 1, 1, n], "bool") if mask == "bool" else TensorType([1, hq, 1, n], "f32"))
-    if cache == "int8":
+    if cache in ("int8", "int4"):
+        bits = 8 if cache == "int8" else 4
         ins = [q]
         for nm in ("k", "v"):
-            ins += [m.add_input(f"{nm}c", TensorType([1, hk, n, D], "i8")),
+            store = TensorType([1, hk, n, Q.kv_storage_dim(D, bits)], "i8" if bits == 8 else "u8")
+            ins += [m.add_input(f"{nm}c", store),
                     m.add_input(f"{nm}s", TensorType([1, hk, n, Q.kv_groups(D, group)], "f32"))]
         ins.append(m.add_input("mask", mk))
-        y = m.create_node("quant_kv_attention", ins, {"bits": 8, "group_size": group}).output
+        y = m.create_node("quant_kv_attention", ins, {"bits": bits, "group_size": group}).output
     else:
         ins = [q, m.add_input("k", TensorType([1, hk, n, D], "f32")),
                m.add_input("v", TensorType([1, hk, n, D], "f32")), m.add_input("mask", mk)]
@@ -48,10 +51,11 @@ def _feed(cache: str, hq: int, hk: int, n: int, mask: str, valid: int, group: in
         mk = (torch.arange(n) < valid).reshape(1, 1, 1, n)
     else:
         mk = torch.randn(1, hq, 1, n, generator=g)
-    if cache == "int8":
+    if cache in ("int8", "int4"):
+        bits = 8 if cache == "int8" else 4
         k = k * torch.linspace(0.2, 3, D)  # channels of unlike ranges: grouped scales differ
-        kc, ks = Q.quantize_kv(k, 8, group)
-        vc, vs = Q.quantize_kv(v, 8, group)
+        kc, ks = Q.quantize_kv(k, bits, group)
+        vc, vs = Q.quantize_kv(v, bits, group)
         return [q, kc, ks, vc, vs, mk]
     return [q, k, v, mk]
 
@@ -62,6 +66,8 @@ def _feed(cache: str, hq: int, hk: int, n: int, mask: str, valid: int, group: in
     ("int8", 2, 2, 53, "add", 53, -1),  # GQA 1, one chunk of 3 blocks and 5 keys
     ("int8", 3, 1, 11, "bool", 9, -1),  # fewer keys than one block: the row-at-a-time path only
     ("int8", 6, 2, 101, "bool", 37, 16),  # one scale per 16 channels (2 groups)
+    ("int4", 6, 2, 101, "bool", 37, 16),  # two codes per byte
+    ("int4", 2, 2, 53, "add", 53, -1),
     ("float32", 6, 2, 101, "bool", 37, -1),
     ("float32", 2, 2, 53, "add", 53, -1),
 ])
@@ -91,5 +97,6 @@ def test_key_lanes_only_for_int8_on_avx512() -> None:
     tgt = resolve("cpu").target()
     has = bool(tvm.target.codegen.target_has_features(["avx512f"], tgt))
     assert key_lanes_supported(tgt, "int8", -1) == has
-    assert key_lanes_supported(tgt, "int8", 16) == has and not key_lanes_supported(tgt, "float32", -1)
+    assert key_lanes_supported(tgt, "int8", 16) == has and key_lanes_supported(tgt, "int4", 32) == has
+    assert not key_lanes_supported(tgt, "float32", -1)
     assert not key_lanes_supported(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}), "int8", -1)

@@ -89,7 +89,7 @@ def test_cpu_kernels_match_interpreter_in_place(step_module, bits: int, gs: int)
     _, mod = step_module
     q = _run(mod, {"bits": bits, "group_size": gs})
     comp = compile_module(q, options=BuildOptions())
-    assert (comp.meta["notes"] == []) == (bits == 8)
+    assert comp.meta["notes"] == []  # int8 and int4 caches are read by the decode attention kernel
     d = tempfile.mkdtemp()
     comp.export(d)
     lib = load_compiled(d)

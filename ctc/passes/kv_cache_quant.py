@@ -14,7 +14,7 @@ the row is written, from that row alone, so no calibration is needed and a row n
 written; ``group_size`` (a divisor of the head dim) gives finer groups for 4 bits.
 
 The CPU backend lowers ``quant_cache_write`` in place and ``quant_kv_attention`` (one query row) to
-one kernel per step and layer that reads the int8 rows (``ctc.backends.tvm.kv_cache``).
+one kernel per step and layer that reads the int8 / int4 codes (``ctc.backends.tvm.kv_cache``).
 """
 
 from __future__ import annotations

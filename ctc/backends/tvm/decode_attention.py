@@ -1,5 +1,5 @@
-"""One-query (decode-step) attention on the CPU as one TIR kernel, over an fp32 or int8 KV cache, with the
-keys of each kv head split into chunks that run in parallel (flash-decoding).
+"""One-query (decode-step) attention on the CPU as one TIR kernel, over an fp32, int8 or int4 KV cache, with
+the keys of each kv head split into chunks that run in parallel (flash-decoding).
 
 Why: lowered op by op, a decode step's attention is four kernels per layer (scores, mask, softmax,
 ``p v``), each a fork/join of the thread pool for a few microseconds of work; and a kernel that is
@@ -9,11 +9,11 @@ and is exposed to any stall of it.  Here one task handles one chunk of the keys 
 every query head that shares it (each key row is loaded, and for int8 converted, once):
 
 1. scores ``q . k_j * scale`` (``* s_k,j`` for int8 rows) with the mask, into the task's work buffer;
-   int8 keys with one scale per row on AVX-512 (``key_lanes``) are scored 16 keys per vector: one
-   ``vpgatherdd`` per 4 channels fetches those channels of 16 rows, so each channel is one FMA per
-   query head for 16 keys and no score needs a horizontal sum (:func:`_key_lane_scores`); a chunk's
-   last ``cnt % 16`` keys and every other cache are scored a row at a time (a 16-lane product per
-   query head, then its horizontal sum);
+   integer keys on AVX-512 (``key_lanes``) are scored 16 keys per vector: one ``vpgatherdd`` per
+   4 (int4: 8) channels fetches those channels of 16 rows, so each channel is one FMA per query
+   head for 16 keys and no score needs a horizontal sum (:func:`_key_lane_scores`); a chunk's last
+   ``cnt % 16`` keys and fp32 caches are scored a row at a time (a 16-lane product per query head,
+   then its horizontal sum);
 2. the chunk's maximum ``m``, ``p_j = exp(s_j - m)`` (the vectorizable exponential of
    :mod:`.row_kernels`, exactly 0 below -87) and their sum ``l``;
 3. ``acc = sum_j p_j v_j`` (``* s_v,j`` for int8 rows), unnormalized.
@@ -61,7 +61,7 @@ class AttendSpec:
     mask: str  # "none" | "bool" | "add"
     mb: int  # mask batch extent (1 or b)
     mh: int  # mask head extent (1 or hq)
-    cache: str = "int8"  # "int8" (with per-row/group scales) | "float32"
+    cache: str = "int8"  # "int8" | "int4" (two per byte, see ctc.ir.quant; both with per-row/group scales) | "float32"
     splits: int = 1  # key chunks per (batch, kv head), see key_splits
     key_lanes: bool = False  # int8 keys scored 16 keys per vector (AVX-512 gathers), see key_lanes_supported
 
@@ -96,12 +96,13 @@ def key_splits(tasks: int, n: int, threads: int) -> int:
 
 
 def attend_supported(spec: AttendSpec, bits: int | None) -> str | None:
-    """None when :func:`attend_func` covers ``spec`` (``bits``: 8 for an int8 cache, None for fp32); else why not."""
-    if bits is not None and bits != 8:
+    """None when :func:`attend_func` covers ``spec`` (``bits``: 8 or 4 for an integer cache, None for fp32); else
+    why not."""
+    if bits is not None and bits not in (4, 8):
         return f"{bits}-bit cache storage"
     if spec.d % LANES:
         return f"head dim {spec.d} is not a multiple of {LANES}"
-    if spec.group != -1 and (spec.group % LANES or spec.cache != "int8"):
+    if spec.group != -1 and (spec.group % LANES or spec.cache == "float32"):
         return f"group_size {spec.group} is not a multiple of {LANES}"
     if spec.hq % spec.hk:
         return f"{spec.hq} query heads are not a multiple of {spec.hk} kv heads"
@@ -126,11 +127,14 @@ def _key_lane_scores(spec: AttendSpec, score_of: Any) -> list[str]:
     16 floats) when the group ends.  Unrolled in the source (per byte and query head) so that the
     accumulators stay in registers."""
     r, d, c_, gn = spec.hq // spec.hk, spec.d, spec.chunk, spec.groups
+    int4 = spec.cache == "int4"
+    cpw = 8 if int4 else 4  # channels per gathered 32-bit word of a row
+    ds = d // 2 if int4 else d  # bytes per row
     parts = key_lane_parts(r)
     lanes = _i(LANES)
     gather = ('T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.gather.dpi.512"), '
               'T.broadcast(T.int32(0), 16), T.address_of(kc[bi, hi, j, c * T.int64(4)]), '
-              f'T.ramp(T.int32(0), T.int32({d}), 16), T.int16(-1), T.int32(1), dtype="int32x16")')
+              f'T.ramp(T.int32(0), T.int32({ds}), 16), T.int16(-1), T.int32(1), dtype="int32x16")')
     L = [f'            sa = T.decl_buffer(({_i(r * parts * LANES)},), "float32", scope="local")',
          f'            wv = T.decl_buffer(({lanes},), "int32", scope="local")',
          f'            kv = T.decl_buffer(({lanes},), "float32", scope="local")',
@@ -146,19 +150,23 @@ def _key_lane_scores(spec: AttendSpec, score_of: Any) -> list[str]:
         ind += "    "
     for a in range(r * parts):
         L += [f"{ind}for l in T.vectorized({lanes}):", f"{ind}    sa[{_i(a * LANES)} + l] = T.float32(0)"]
-    quads = d // 4 // gn
-    cexpr = f"g * {_i(quads)} + cq" if gn > 1 else "cq"
-    L += [f"{ind}for cq in range({_i(quads)}):",
+    words = d // cpw // gn
+    cexpr = f"g * {_i(words)} + cq" if gn > 1 else "cq"
+    L += [f"{ind}for cq in range({_i(words)}):",
           f"{ind}    c = {cexpr}",
           f"{ind}    wv[T.ramp(T.int64(0), T.int64(1), 16)] = {gather}"]
-    for e in range(4):
-        L += [f"{ind}    for l in T.vectorized({lanes}):",
-              f'{ind}        kv[l] = T.Cast("float32", T.shift_right(T.shift_left('
-              f"wv[l], T.int32({24 - 8 * e})), T.int32(24)))"]
+    for e in range(cpw):
+        if int4:  # nibble e is channel 8c + e (stored + 8); qs holds the even channels, then the odd ones
+            code = f"T.bitwise_and(T.shift_right(wv[l], T.int32({4 * e})), T.int32(15)) - T.int32(8)"
+            pos = f"c * T.int64(4) + {_i(e // 2 + (ds if e % 2 else 0))}"
+        else:  # byte e, sign-extended in its lane
+            code = f"T.shift_right(T.shift_left(wv[l], T.int32({24 - 8 * e})), T.int32(24))"
+            pos = f"c * T.int64(4) + {_i(e)}"
+        L += [f"{ind}    for l in T.vectorized({lanes}):", f'{ind}        kv[l] = T.Cast("float32", {code})']
         for ri in range(r):
             a = _i((ri * parts + e % parts) * LANES)
             L += [f"{ind}    for l in T.vectorized({lanes}):",
-                  f"{ind}        sa[{a} + l] = sa[{a} + l] + qs[{_i(ri * d)} + c * T.int64(4) + {_i(e)}] * kv[l]"]
+                  f"{ind}        sa[{a} + l] = sa[{a} + l] + qs[{_i(ri * d)} + {pos}] * kv[l]"]
     dots = [" + ".join(f"sa[{_i((ri * parts + p) * LANES)} + l]" for p in range(parts)) for ri in range(r)]
     if gn > 1:
         L += [f"{ind}for l in T.vectorized({lanes}):",
@@ -183,16 +191,19 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
 
     b, hq, hk, n, d, s_ = spec.b, spec.hq, spec.hk, spec.n, spec.d, spec.splits
     r, c_ = hq // hk, spec.chunk
-    quant = spec.cache == "int8"
+    quant = spec.cache != "float32"
+    int4 = spec.cache == "int4"  # rows of d / 2 bytes; the task works in channel order 0, 2, ..., 1, 3, ...
+    ds = d // 2 if int4 else d
+    cdt = {"int4": "uint8"}.get(spec.cache, spec.cache)
     gn = spec.groups
     dg = d // gn
     chunks = d // LANES
     tasks = b * hk * s_
     params = [f'q: T.Buffer(({_i(b)}, {_i(hq)}, T.int64(1), {_i(d)}), "float32")',
-              f'kc: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(d)}), "{spec.cache}")']
+              f'kc: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(ds)}), "{cdt}")']
     if quant:
         params.append(f'ks: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(gn)}), "float32")')
-    params.append(f'vc: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(d)}), "{spec.cache}")')
+    params.append(f'vc: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(ds)}), "{cdt}")')
     if quant:
         params.append(f'vs: T.Buffer(({_i(b)}, {_i(hk)}, {_i(n)}, {_i(gn)}), "float32")')
     if spec.mask != "none":
@@ -200,17 +211,26 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
                       f'"{"bool" if spec.mask == "bool" else "float32"}")')
     params.append(f'out: T.Buffer(({_i(b)}, {_i(hq)}, T.int64(1), {_i(d)}), "float32")')
 
-    def row(buf: str, sbuf: str) -> str:
-        """Element ``l`` of cache row ``j`` as f32 (int8 rows times their scale)."""
+    def load_row(buf: str, sbuf: str) -> list[str]:
+        """Lines putting cache row ``j`` into ``kf`` as f32 (int4: even channels, then odd ones).  Integer rows
+        with one scale are left unscaled: keys are scaled after the dot product (one multiply per score),
+        values through the row's weight (one multiply per query head); grouped scales apply per element."""
+        ind = " " * 16
         if not quant:
-            return f"{buf}[bi, hi, j, l]"
-        sidx = f"l // {_i(dg)}" if gn > 1 else "T.int64(0)"
-        return f'T.Cast("float32", {buf}[bi, hi, j, l]) * {sbuf}[bi, hi, j, {sidx}]'
+            return [f"{ind}for l in T.vectorized({_i(d)}):", f"{ind}    kf[l] = {buf}[bi, hi, j, l]"]
 
-    # an int8 row with one scale: keys scaled after the dot product (one multiply per score), values through
-    # the row's weight (one multiply per query head), not per element
-    key_row = 'T.Cast("float32", kc[bi, hi, j, l])' if quant and gn == 1 else row("kc", "ks")
-    val_row = 'T.Cast("float32", vc[bi, hi, j, l])' if quant and gn == 1 else row("vc", "vs")
+        def scaled(v: str, ch: str) -> str:
+            return f"{v} * {sbuf}[bi, hi, j, ({ch}) // {_i(dg)}]" if gn > 1 else v
+
+        if not int4:
+            return [f"{ind}for l in T.vectorized({_i(d)}):",
+                    f"{ind}    kf[l] = " + scaled(f'T.Cast("float32", {buf}[bi, hi, j, l])', "l")]
+        lo = f'T.Cast("float32", T.Cast("int32", T.bitwise_and({buf}[bi, hi, j, l], T.uint8(15))) - T.int32(8))'
+        hi = f'T.Cast("float32", T.Cast("int32", T.shift_right({buf}[bi, hi, j, l], T.uint8(4))) - T.int32(8))'
+        return [f"{ind}for l in T.vectorized({_i(ds)}):",
+                f"{ind}    kf[l] = " + scaled(lo, "l * T.int64(2)"),
+                f"{ind}    kf[{_i(ds)} + l] = " + scaled(hi, "l * T.int64(2) + T.int64(1)")]
+
     weight = f"sc[ri * {_i(c_)} + jj]" + (" * vs[bi, hi, j, T.int64(0)]" if quant and gn == 1 else "")
 
     def score_of(dot: str, j: str, ri: str) -> str:
@@ -242,16 +262,20 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
          f"            hi = t // {_i(s_)} % {_i(hk)}",
          f"            j0 = t % {_i(s_)} * {_i(c_)}",
          f"            cnt = T.max(T.min({_i(c_)}, {_i(n)} - j0), T.int64(0))",
-         # the logit scale folded into q once
+         # the logit scale folded into q once (int4: in the rows' channel order)
          f"            for ri in range({_i(r)}):",
-         f"                for l in T.vectorized({_i(d)}):",
-         f"                    qs[ri * {_i(d)} + l] = q[bi, hi * {_i(r)} + ri, T.int64(0), l] * "
-         f"T.float32({spec.scale!r})",
+         *([f"                for l in T.vectorized({_i(ds)}):",
+            f"                    qs[ri * {_i(d)} + l] = q[bi, hi * {_i(r)} + ri, T.int64(0), l * T.int64(2)] * "
+            f"T.float32({spec.scale!r})",
+            f"                    qs[ri * {_i(d)} + {_i(ds)} + l] = q[bi, hi * {_i(r)} + ri, T.int64(0), "
+            f"l * T.int64(2) + T.int64(1)] * T.float32({spec.scale!r})"] if int4 else
+           [f"                for l in T.vectorized({_i(d)}):",
+            f"                    qs[ri * {_i(d)} + l] = q[bi, hi * {_i(r)} + ri, T.int64(0), l] * "
+            f"T.float32({spec.scale!r})"]),
          *(_key_lane_scores(spec, score_of) if spec.key_lanes else []),
          f"            for jj in range({'cnt // ' + _i(LANES) + ' * ' + _i(LANES) if spec.key_lanes else '0'}, cnt):",
          "                j = j0 + jj",
-         f"                for l in T.vectorized({_i(d)}):",
-         f"                    kf[l] = {key_row}",
+         *load_row("kc", "ks"),
          f"                for ri in range({_i(r)}):",
          f"                    for l in T.vectorized({_i(LANES)}):",
          "                        part[l] = T.float32(0)",
@@ -295,16 +319,19 @@ def attend_func(spec: AttendSpec) -> Any:  # noqa: C901 - one kernel, written ou
           # the weighted value rows (unnormalized)
           "            for jj in range(cnt):",
           "                j = j0 + jj",
-          f"                for l in T.vectorized({_i(d)}):",
-          f"                    kf[l] = {val_row}",
+          *load_row("vc", "vs"),
           f"                for ri in range({_i(r)}):",
           f"                    for l in T.vectorized({_i(d)}):",
           f"                        acc[ri * {_i(d)} + l] = acc[ri * {_i(d)} + l] + {weight} * kf[l]",
           f"            for ri in range({_i(r)}):",
           f"                pm[t * {_i(r)} + ri] = st[ri * T.int64(2)]",
           f"                pl[t * {_i(r)} + ri] = st[ri * T.int64(2) + T.int64(1)]",
-          f"                for l in T.vectorized({_i(d)}):",
-          f"                    pa[(t * {_i(r)} + ri) * {_i(d)} + l] = acc[ri * {_i(d)} + l]",
+          *([f"                for l in T.vectorized({_i(ds)}):",
+             f"                    pa[(t * {_i(r)} + ri) * {_i(d)} + l * T.int64(2)] = acc[ri * {_i(d)} + l]",
+             f"                    pa[(t * {_i(r)} + ri) * {_i(d)} + l * T.int64(2) + T.int64(1)] = "
+             f"acc[ri * {_i(d)} + {_i(ds)} + l]"] if int4 else
+            [f"                for l in T.vectorized({_i(d)}):",
+             f"                    pa[(t * {_i(r)} + ri) * {_i(d)} + l] = acc[ri * {_i(d)} + l]"]),
           # combine the chunks of each query head (serial: b * hq * splits * d values)
           f"        for bh in range({_i(b * hq)}):",
           f'            od = T.decl_buffer(({_i(d)},), "float32", scope="local")',
@@ -333,7 +360,7 @@ def key_lanes_supported(target: Any, cache: str, group: int) -> bool:
     an AVX-512 target (``vpgatherdd``); other targets keep the row-at-a-time scores."""
     import tvm
 
-    if cache != "int8" or target is None or target.kind.name != "llvm":
+    if cache not in ("int8", "int4") or target is None or target.kind.name != "llvm":
         return False
     try:
         return bool(tvm.target.codegen.target_has_features(["avx512f"], target))

@@ -8,14 +8,15 @@ kernels per shape:
   scales, into the cache buffers in place (``call_tir_inplace``: the buffers are the step's
   inputs, so nothing else moves);
 * ``kv_attend`` is the decode step's attention (one query row), :mod:`.decode_attention`'s kernel
-  reading the int8 rows: parallel over (batch, kv head, chunk of keys); the query heads that share
-  a kv head are scored together, so each int8 key row is loaded and converted once for all of them
-  (``score = scale * s_k * sum_d q_d k_d``), then the chunk's softmax terms and the weighted sum of
-  the int8 value rows (``acc_d += p_j s_v,j v_jd``), the chunks combined at the end.
+  reading the int8 or int4 codes: parallel over (batch, kv head, chunk of keys); the query heads
+  that share a kv head are scored together, so each key is loaded and converted once for all of
+  them (``score = scale * s_k * sum_d q_d k_d``; on AVX-512 16 keys per vector), then the chunk's
+  softmax terms and the weighted sum of the value rows (``acc_d += p_j s_v,j v_jd``), the chunks
+  combined at the end.
 
-int8 storage runs these kernels.  4-bit storage, groups that are not a multiple of 16 channels,
-and query rows other than 1 (a prefill over the cache) are lowered by expanding the cache to fp32
-inside the step (correct, not faster) and the lowering says so in its notes.
+int8 and int4 storage run these kernels.  Groups that are not a multiple of 16 channels and query
+rows other than 1 (a prefill over the cache) are lowered by expanding the cache to fp32 inside the
+step (correct, not faster) and the lowering says so in its notes.
 """
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ def lower_quant_kv_attention(ctx: Any, node: Any) -> Any:
                 args.append(m)
         if why is None:
             splits = DA.key_splits(b * hk, n, DA.target_threads(ctx.target))
-            spec = DA.AttendSpec(b, hq, hk, n, d, group, float(scale), mask, mb, mh, cache="int8", splits=splits,
-                                 key_lanes=DA.key_lanes_supported(ctx.target, "int8", group))
+            cache = "int8" if bits == 8 else "int4"
+            spec = DA.AttendSpec(b, hq, hk, n, d, group, float(scale), mask, mb, mh, cache=cache, splits=splits,
+                                 key_lanes=DA.key_lanes_supported(ctx.target, cache, group))
             why = DA.attend_supported(spec, bits)
     if why is None and spec is not None:
         if qt.dtype != "f32":
