@@ -849,6 +849,8 @@ def report_summary(report: Mapping[str, Any]) -> str:
             extra = (f"  {m['latency_ms']} ms (torch backend {m['torch_backend_latency_ms']} ms), "
                      f"cosine vs IR {m['vs_ir']['cosine']:.6f}" if m else "")
         lines.append(f"  target {t.get('kind')}: {t.get('dir')}{extra}")
+        if t.get("fp32_matmul") not in (None, "strict"):  # f32 linears on AMX-BF16 (docs/tvm-cpu-backend.md)
+            lines.append(f"    f32 linears: fp32_matmul={t['fp32_matmul']} (AMX-BF16 tiles, bf16-split operands)")
         tuning = t.get("tuning") or {}
         if tuning:
             lines.append("    " + tuning_line(tuning))

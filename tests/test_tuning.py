@@ -33,6 +33,9 @@ from ctc.ir.interpreter import interpret
 from ctc.ir.types import TensorType
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tuned task here is the f32 matmul: on a CPU with AMX-BF16 the default (fp32_matmul=auto) runs it as a
+# hand-written tile kernel, which meta-schedule does not tune
+STRICT = {"fp32_matmul": "strict"}
 
 
 def _linear_gelu(shape: tuple[Any, ...] = (1, 16, 32)) -> Module:
@@ -113,7 +116,7 @@ def test_a_task_that_produces_no_records_is_reported_failed(tmp_path: Path, monk
 
     monkeypatch.setattr(tuning, "_run_worker", fake_worker)
     said: list[str] = []
-    comp = compile_module(_linear_gelu(), options=BuildOptions(trials=4, tuning_dir=tmp_path))
+    comp = compile_module(_linear_gelu(), options=BuildOptions(trials=4, tuning_dir=tmp_path, **STRICT))
     t = comp.meta["tuning"]
     assert t["tasks_with_records"] == 0 and t["trials_measured_now"] == 0 and t["failed"] == ["fused_matmul_add_gelu"]
     assert "measured no candidate" in t["per_task"][0]["error"]
@@ -122,7 +125,7 @@ def test_a_task_that_produces_no_records_is_reported_failed(tmp_path: Path, monk
     events[1] = {"event": "error", "task": 0, "error": "ValueError: boom"}
     monkeypatch.setattr(tuning, "_say_default", said.append)
     (next(tmp_path.rglob("ledger.json"))).unlink()
-    t = compile_module(_linear_gelu(), options=BuildOptions(trials=4, tuning_dir=tmp_path)).meta["tuning"]
+    t = compile_module(_linear_gelu(), options=BuildOptions(trials=4, tuning_dir=tmp_path, **STRICT)).meta["tuning"]
     assert t["per_task"][0]["error"] == "ValueError: boom" and any("FAILED" in s for s in said)
 
 
@@ -177,7 +180,8 @@ _TUNE = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     from test_tuning import _linear_gelu
     from ctc.backends.tvm.build import BuildOptions, compile_module
-    comp = compile_module(_linear_gelu(), options=BuildOptions(trials=int(sys.argv[1]), tuning_dir=sys.argv[2]))
+    comp = compile_module(_linear_gelu(), options=BuildOptions(trials=int(sys.argv[1]), tuning_dir=sys.argv[2],
+                                                               fp32_matmul="strict"))
 """)
 
 
@@ -253,7 +257,7 @@ def test_ctrl_c_stops_everything_and_the_next_compile_resumes_from_the_records(t
     kept = records.read_text().count("\n")
     assert 2 <= kept < 8
 
-    first = compile_module(_linear_gelu(), options=BuildOptions(trials=8, tuning_dir=tmp_path))
+    first = compile_module(_linear_gelu(), options=BuildOptions(trials=8, tuning_dir=tmp_path, **STRICT))
     t = first.meta["tuning"]
     (row,) = t["per_task"]
     assert row["measured_now"] == 8 - kept and row["records"] == 8 == records.read_text().count("\n")
@@ -263,7 +267,7 @@ def test_ctrl_c_stops_everything_and_the_next_compile_resumes_from_the_records(t
 
     # the same budget again: nothing to tune, with or without the ledger (the records are the truth)
     (records.parent / "ledger.json").unlink()
-    again = compile_module(_linear_gelu(), options=BuildOptions(trials=8, tuning_dir=tmp_path))
+    again = compile_module(_linear_gelu(), options=BuildOptions(trials=8, tuning_dir=tmp_path, **STRICT))
     assert again.meta["tuning"]["trials_measured_now"] == 0 and again.timings["tune_s"] < 30
     assert again.meta["tuning"]["tasks_with_records"] == 1
     x = torch.randn(1, 16, 32)

@@ -66,7 +66,7 @@ class Lowered:
     notes: list[str] = field(default_factory=list)
     int_kernels: int = 0
     amx_kernels: int = 0  # of which on AMX tiles (a library with any needs the OS's tile permission to run)
-    fp32_matmul: str = "strict"  # how f32 linears ran: "strict" (AVX-512 f32) or an amx_f32 mode ("bf16x6", ...)
+    fp32_matmul: str = "strict"  # how f32 linears ran: "strict" (f32 FMAs; also: none ran on AMX) or an amx_f32 mode
     inplace_inputs: list[str] = field(default_factory=list)
 
 
@@ -196,6 +196,7 @@ class Ctx:
         self.use_int_kernels = use_int_kernels
         self.amx = use_amx and not self.gpu
         self.fp32_matmul = fp32_matmul  # resolved by lower(): "strict" or an amx_f32.MODES key
+        self.amx_f32_linears = 0  # f32 linears lowered to the AMX-BF16 kernels
         self.fused_attention = True  # f32 prefill attention as one kernel (attention_kernels.py)
         self.amx_kernels = 0
         self.env: dict[int, Any] = {}
@@ -897,6 +898,7 @@ def _linear_amx_f32(ctx: Ctx, node: Node, a: Operands) -> Any | None:
         bias = ctx.relax.const(amx_f32.padded_bias(spec, None))
     y = amx_f32.emit_linear(ctx.bb, a["x"], wpack, bias, kernel, memo=ctx.memo)
     ctx.amx_kernels += 1
+    ctx.amx_f32_linears += 1
     if gelu is not None:  # the FFN's activation in the matmul's epilogue
         ctx.absorbed[id(gelu.outputs[0])] = y
     return y
@@ -2010,7 +2012,8 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
                    param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], param_sources=ctx.param_sources,
                    symbols=syms, notes=ctx.notes,
-                   int_kernels=ctx.int_kernels, amx_kernels=ctx.amx_kernels, fp32_matmul=mode,
+                   int_kernels=ctx.int_kernels, amx_kernels=ctx.amx_kernels,
+                   fp32_matmul=mode if ctx.amx_f32_linears else "strict",
                    inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])
 
 
