@@ -110,6 +110,8 @@ def test_any_length_module_on_amx_matches_the_interpreter(tmp_path: Path) -> Non
     m = _ffn()
     comp = compile_module(m, options=BuildOptions(params="input", fp32_matmul="bf16x6"))
     assert comp.meta["fp32_matmul"] == "bf16x6" and comp.meta["amx_kernels"] == 2
+    # 3 bf16 pieces of the [64, 48] and [48, 64] weights, both padded to 64 x 64, in place of their f32 values
+    assert comp.meta["amx_f32_added_bytes"] == 2 * (3 * 2 * 64 * 64 - 4 * 64 * 48)
     bound = {p["name"] for p in comp.meta["params"]}
     assert {"w1::bf16p3", "w2::bf16p3"} <= bound and "w1::T" not in bound, bound
     comp.export(tmp_path, weights="derived")  # the pieces are rebuilt from the module's parameters at load

@@ -203,6 +203,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "int_kernels": low.int_kernels,
         "amx_kernels": low.amx_kernels,
         "fp32_matmul": low.fp32_matmul,
+        "amx_f32_added_bytes": low.amx_f32_added_bytes,
         "notes": low.notes,
         "tuning": tune_summary,
         "inplace_inputs": low.inplace_inputs,
@@ -644,7 +645,7 @@ def build(module: Module, target: Any, out_dir: Path) -> dict[str, Any]:
     lib = comp.export(out_dir, weights="derived" if info.kind == "cuda" else "all")
     summary = {"library": lib.name, "tvm_target": info.tvm, "compile_s": round(time.perf_counter() - t0, 3),
                "timings": {k: round(v, 3) for k, v in comp.timings.items()}, "int_kernels": comp.meta["int_kernels"],
-               "fp32_matmul": comp.meta["fp32_matmul"],
+               "fp32_matmul": comp.meta["fp32_matmul"], "amx_f32_added_bytes": comp.meta["amx_f32_added_bytes"],
                "notes": comp.meta["notes"], "tuning": comp.meta["tuning"]}
     if "kernels_per_call" in comp.meta:
         summary["kernels_per_call"] = comp.meta["kernels_per_call"]

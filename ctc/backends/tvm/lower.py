@@ -66,6 +66,8 @@ class Lowered:
     notes: list[str] = field(default_factory=list)
     int_kernels: int = 0
     amx_kernels: int = 0  # of which on AMX tiles (a library with any needs the OS's tile permission to run)
+    # bytes the AMX-BF16 weight pieces take beyond the f32 weights they replace (bf16x6: 1.5x, plus padding)
+    amx_f32_added_bytes: int = 0
     fp32_matmul: str = "strict"  # how f32 linears ran: "strict" (f32 FMAs; also: none ran on AMX) or an amx_f32 mode
     inplace_inputs: list[str] = field(default_factory=list)
 
@@ -197,6 +199,8 @@ class Ctx:
         self.amx = use_amx and not self.gpu
         self.fp32_matmul = fp32_matmul  # resolved by lower(): "strict" or an amx_f32.MODES key
         self.amx_f32_linears = 0  # f32 linears lowered to the AMX-BF16 kernels
+        self.amx_f32_added_bytes = 0
+        self._amx_f32_weights: set[str] = set()
         self.fused_attention = True  # f32 prefill attention as one kernel (attention_kernels.py)
         self.amx_kernels = 0
         self.env: dict[int, Any] = {}
@@ -899,6 +903,9 @@ def _linear_amx_f32(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     y = amx_f32.emit_linear(ctx.bb, a["x"], wpack, bias, kernel, memo=ctx.memo)
     ctx.amx_kernels += 1
     ctx.amx_f32_linears += 1
+    if wname not in ctx._amx_f32_weights:  # a weight read by several linears is bound once
+        ctx._amx_f32_weights.add(wname)
+        ctx.amx_f32_added_bytes += 2 * pieces * spec.np_ * spec.kp - 4 * n * k
     if gelu is not None:  # the FFN's activation in the matmul's epilogue
         ctx.absorbed[id(gelu.outputs[0])] = y
     return y
@@ -2013,7 +2020,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                    param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], param_sources=ctx.param_sources,
                    symbols=syms, notes=ctx.notes,
                    int_kernels=ctx.int_kernels, amx_kernels=ctx.amx_kernels,
-                   fp32_matmul=mode if ctx.amx_f32_linears else "strict",
+                   fp32_matmul=mode if ctx.amx_f32_linears else "strict", amx_f32_added_bytes=ctx.amx_f32_added_bytes,
                    inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])
 
 
