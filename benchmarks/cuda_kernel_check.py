@@ -60,8 +60,8 @@ FLASH = [  # batch, q heads, kv heads, queries, keys, head dim, dtype, mask ("no
     (1, 4, 4, 100, 130, 128, "bfloat16", "none", True),
     (1, 32, 8, 512, 512, 64, "float16", "none", True),
 ]
-GEMM_SWEEP = [(128, 128, 64, 32, 4), (64, 128, 32, 32, 4), (64, 64, 32, 32, 4), (128, 128, 64, 32, 3),
-              (128, 256, 64, 64, 3), (128, 64, 32, 32, 4)]
+GEMM_SWEEP = [((128, 128, 64, 32, 4), 1), ((64, 64, 32, 32, 4), 1), ((128, 128, 64, 32, 4), 2),
+              ((128, 128, 64, 32, 4), 4), ((128, 128, 64, 32, 4), 8), ((64, 64, 32, 32, 4), 2)]
 
 
 def build(out: Path, sweep: bool = False) -> None:
@@ -114,14 +114,16 @@ def build(out: Path, sweep: bool = False) -> None:
         fspec = CF.FlashSpec(hq, hk, d, dt, 1.0 / d ** 0.5, mask != "none", causal)
         add("flash", fspec, CF.flash_func(fspec), batch=b, queries=sq, keys=sk, mask_kind=mask)
     for rows, k, n, dt, epi in GEMMS:
-        spec = G.GemmSpec(k, n, dt, epi, rows_hint=rows)
-        add("gemm", spec, G.gemm_func(spec), rows=rows)
+        variants = [G.GemmSpec(k, n, dt, epi, rows_hint=rows)]
         if rows == 512 and n < 100000:  # dlight's wmma schedule of the same product (no epilogue), for scale
-            add("gemm_dlight", spec, _dlight_matmul(rows, k, n, dt, tgt), rows=rows)
-        for tile in GEMM_SWEEP if sweep and rows == 512 else ():
-            v = G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=tile)
-            if tile != spec.tiles and G.gemm_supported(v) is None:
-                add("gemm", v, G.gemm_func(v), rows=rows)
+            add("gemm_dlight", variants[0], _dlight_matmul(rows, k, n, dt, tgt), rows=rows)
+        for tile, splits in GEMM_SWEEP if sweep and rows == 512 else ():
+            v = G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=tile, splits=splits)
+            if (v.tiles, v.k_splits) != (variants[0].tiles, variants[0].k_splits) and G.gemm_supported(v) is None:
+                variants.append(v)
+        for v in variants:
+            add("gemm", v, G.gemm_func(v), G.splitk_reduce_func(v) if v.k_splits > 1 else None, rows=rows,
+                k_splits=v.k_splits)
     (out / "kernels.json").write_text(json.dumps(cases, indent=1))
 
 
@@ -334,6 +336,14 @@ def _caller(mod: Any, args: list[Any], part: Any) -> Any:
     return call
 
 
+def _split_caller(mod: Any, args: list[Any], part: list[Any]) -> Any:
+    """A split-K GEMM: the partial-sum kernel on (A, W), then the reduce on (partials[, R], C)."""
+    def call() -> None:
+        mod["kernel"](args[0], args[1], part[0])
+        mod["combine"](part[0], *(args[2:] if len(args) > 3 else [args[0], args[-1]]))
+    return call
+
+
 def run(out: Path, timed: bool = False) -> int:
     import torch
     import tvm_ffi
@@ -356,12 +366,18 @@ def run(out: Path, timed: bool = False) -> int:
         args, dst, ref = make(case["spec"], "cuda")
         ffi_args = [tvm_ffi.from_dlpack(a) for a in (*args, dst)]
         part = None
+        if case["kind"] == "gemm" and case["spec"]["k_splits"] > 1:  # f32 partial sums, then the reduce kernel
+            sp = case["spec"]
+            part = [tvm_ffi.from_dlpack(torch.full((sp["k_splits"], sp["rows"], sp["n"]), float("nan"),
+                                                   device="cuda"))]
+            call = _split_caller(mod, ffi_args, part)
         if case["kind"] == "attention" and case["spec"]["key_chunks"] > 1:
             sp = case["spec"]
             shape = (sp["batch"], sp["q_heads"], sp["key_chunks"])
             part = [tvm_ffi.from_dlpack(torch.full((*shape, n), float("nan"), device="cuda"))
                     for n in (sp["head_dim"], 2)]
-        call = _caller(mod, ffi_args, part)
+        if not (case["kind"] == "gemm" and part):
+            call = _caller(mod, ffi_args, part)
         call()
         torch.cuda.synchronize()
         if case["kind"] == "rope":

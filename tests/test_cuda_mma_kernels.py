@@ -34,7 +34,12 @@ def test_gate_up_order_interleaves_blocks_of_eight() -> None:
 
 def test_gemm_tiles_fill_the_gpu_and_unsupported_shapes_say_why() -> None:
     assert G.GemmSpec(2048, 16384, "float16", "silu_mul").tiles[:2] == (128, 128)   # 4 x 128 blocks
-    assert G.GemmSpec(8192, 2048, "float16").tiles[:2] == (64, 64)                  # 4 x 16 would idle SMs
+    down = G.GemmSpec(8192, 2048, "float16", "residual")       # 4 x 16 large tiles would idle SMs: 4 K splits
+    assert (down.tiles[:2], down.k_splits) == ((128, 128), 4) and "k4" in down.tag
+    assert G.GemmSpec(2048, 128256, "float16").k_splits == 1                        # enough blocks already
+    assert G.GemmSpec(2048, 16384, "float16", "silu_mul", rows_hint=64).k_splits == 1   # SwiGLU is not split
+    assert G.GemmSpec(8192, 2048, "float16", tile=(64, 64, 32, 32, 4)).k_splits == 1    # a given tile: unsplit
+    assert "K splits" in G.gemm_supported(G.GemmSpec(2080, 2048, "float16", splits=4))
     assert G.GemmSpec(576, 960, "float16", rows_hint=77).tiles[:2] == (64, 64)      # 960 is not 128-wide tiles
     assert G.gemm_supported(G.GemmSpec(2048, 2048, "float16")) is None
     assert "multiple of 32" in G.gemm_supported(G.GemmSpec(100, 2048, "float16"))
@@ -44,6 +49,20 @@ def test_gemm_tiles_fill_the_gpu_and_unsupported_shapes_say_why() -> None:
         G.gemm_func(G.GemmSpec(100, 2048, "float16"))
     assert "head dim" in CF.flash_supported(CF.FlashSpec(4, 4, 80, "float16", 0.1))
     assert "kv heads" in CF.flash_supported(CF.FlashSpec(6, 4, 64, "float16", 0.1))
+
+
+def test_split_k_gemm_writes_f32_partials_that_a_second_kernel_sums_with_the_epilogue() -> None:
+    spec = G.GemmSpec(8192, 2048, "float16", "residual")
+    gemm = G.gemm_func(spec)
+    assert [str(p.dtype) for p in gemm.params] == ["float16", "float16", "float32"]  # no R yet
+    assert [str(d) for d in gemm.params[2].shape][::2] == ["4", "2048"]      # [splits, m, N]
+    assert "ctc_gemm::gemm_tile<half, 128, 128, 64, 32, 4, 3>" in gemm.script()            # EPI 3: partial sums
+    red = G.splitk_reduce_func(spec)
+    assert [str(p.dtype) for p in red.params] == ["float32", "float16", "float16"]
+    assert "ctc_gemm::splitk_reduce<half, 1>" in red.script()                              # + the residual
+    plain = G.splitk_reduce_func(G.GemmSpec(2048, 3072, "bfloat16"))
+    assert [str(d) for d in plain.params[1].shape][1] == "2048"            # A, unread: docstring
+    assert "splitk_reduce<__nv_bfloat16, 0>" in plain.script()
 
 
 def test_source_hook_adds_the_library_only_where_it_is_called() -> None:

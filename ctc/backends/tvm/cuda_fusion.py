@@ -68,7 +68,7 @@ class GemvGroup:
     it absorbs."""
 
     linears: list[Node]
-    epilogue: str = "none"            # none | residual | silu_mul
+    epilogue: str = "none"            # none | residual | silu_mul | split (GEMM only: several outputs, sliced)
     tail: list[Node] = field(default_factory=list)  # the absorbed add, or silu and mul
     residual: Value | None = None
     norm: Node | None = None
@@ -80,7 +80,10 @@ class GemvGroup:
         return (self.tail[-1] if self.tail else self.linears[0]).outputs[0]
 
     def last(self, order: dict[int, int]) -> Node:
-        return max(self.members, key=lambda n: order[id(n)])
+        """The member at which the walk emits the group: its last one; for ``split`` its first (the linears
+        read one input, and a reader of the first may come before the others)."""
+        pick = min if self.epilogue == "split" else max
+        return pick(self.members, key=lambda n: order[id(n)])
 
 
 @dataclass
@@ -265,14 +268,27 @@ def plan(m: Module, gemm: bool = False) -> FusionPlan:
         if any(id(x) in out.groups for x in g.members):
             continue
         add(g)
+    pending = []
     for n in m.nodes if gemm else ():
         if id(n) in out.groups or not _gemm_candidate(n, m):
             continue
-        g = _swiglu(n, m, out.groups, _gemm_candidate) or _residual(n, m) or GemvGroup([n])
-        g.members, g.kernel = [*g.linears, *g.tail], "gemm"
-        if any(id(x) in out.groups for x in g.members):
+        g = _swiglu(n, m, out.groups, _gemm_candidate) or _residual(n, m)
+        if g is None:
+            pending.append(n)
             continue
-        add(g)
+        g.members, g.kernel = [*g.linears, *g.tail], "gemm"
+        if not any(id(x) in out.groups for x in g.members):
+            add(g)
+    siblings: dict[int, list[Node]] = {}  # the rest, by input: q, k and v become one GEMM, its result sliced
+    for n in pending:
+        if id(n) not in out.groups:
+            siblings.setdefault(id(n.operand("x")), []).append(n)
+    for lins in siblings.values():
+        groups = [lins] if _same_kind(lins) else [[n] for n in lins]
+        for ls in groups:
+            g = GemvGroup(ls, "split" if len(ls) > 1 else "none", kernel="gemm")
+            g.members = list(ls)
+            add(g)
     # RMSNorms every reader of which is a fused GEMV (or the fused q|k|v): computed inside those kernels
     for n in m.nodes:
         if n.op != "rms_norm" or m.is_output(n.outputs[0]) or not n.outputs[0].uses:
@@ -343,12 +359,19 @@ def _emit_attention(ctx: Any, g: AttentionInput) -> bool:
     return True
 
 
+def _param_name(v: Value) -> str:
+    """The module parameter a weight operand reads (from its ``param`` node: a group emitted at its first
+    member reads weights whose nodes the walk has not reached yet)."""
+    assert v.producer is not None and v.producer.op == "param"
+    return str(v.producer.attrs["name"])
+
+
 def _weights(ctx: Any, lins: list[Node], key: str) -> list[Any]:
     """The linears' weight operands (and integer scales/zeros), concatenated along the output axis when
     there are several; each bound array records its derivation from the module parameters."""
     import numpy as np
 
-    names = [[ctx.param_name(v) for v in _weight_operands(n)] for n in lins]
+    names = [[_param_name(v) for v in _weight_operands(n)] for n in lins]
     if len(lins) == 1:
         return [ctx.param(str(nm)) for nm in names[0]]
     out = []
@@ -432,25 +455,39 @@ def _emit_gemm(ctx: Any, g: GemvGroup) -> bool:
     for d in ctx.dims.shape(first.operand("x").type)[:-1]:
         rows = rows * d
     hint = rows if isinstance(rows, int) else 512
-    spec = G.GemmSpec(k, n, L._dt(first.outputs[0].type), g.epilogue, rows_hint=hint)
+    spec = G.GemmSpec(k, n, L._dt(first.outputs[0].type), "none" if g.epilogue == "split" else g.epilogue,
+                      rows_hint=hint)
     if G.gemm_supported(spec) is not None:
         return False
     op = ctx.relax.op
     x = ctx.emit(op.reshape(ctx.val(first.operand("x")), [rows, k]))
     if g.epilogue == "silu_mul":
-        srcs = [str(ctx.param_name(lin.operand("weight"))) for lin in g.linears]
+        srcs = [_param_name(lin.operand("weight")) for lin in g.linears]
         order = G.gate_up_order(n // 2)
         arr = np.concatenate([ctx.param_array(nm) for nm in srcs], axis=0)[order]
         w = ctx.param(srcs[0], "gate_up8:" + srcs[1], array=arr, source={"op": "gate_up8", "from": srcs})
     else:
-        w = ctx.param(str(ctx.param_name(first.operand("weight"))))
+        w = _weights(ctx, g.linears, "gemm")[0]
     args = [x, w]
     if g.residual is not None:
         args.append(ctx.emit(op.reshape(ctx.val(g.residual), [rows, n])))
     gv = add_prim_func(ctx.bb, G.gemm_func(spec), f"gemm_{spec.tag}")
-    y = ctx.emit(ctx.relax.call_tir(gv, args, ctx.relax.TensorType([rows, spec.n_out], spec.dtype)))
-    shape = [*ctx.dims.shape(first.outputs[0].type)[:-1], spec.n_out]
-    ctx.env[id(g.result)] = ctx.emit(op.reshape(y, shape))
+    out = ctx.relax.TensorType([rows, spec.n_out], spec.dtype)
+    if spec.k_splits == 1:
+        y = ctx.emit(ctx.relax.call_tir(gv, args, out))
+    else:  # f32 partial sums of K ranges, then their sum with the epilogue
+        part = ctx.emit(ctx.relax.call_tir(gv, args[:2], ctx.relax.TensorType([spec.k_splits, rows, n], "float32")))
+        red = add_prim_func(ctx.bb, G.splitk_reduce_func(spec), f"splitk_reduce_{spec.tag}")
+        y = ctx.emit(ctx.relax.call_tir(red, [part, args[2] if len(args) > 2 else x], out))
+    off = 0
+    for lin in g.linears if g.epilogue == "split" else ():
+        ni = int(lin.operand("weight").type.shape[0])
+        part = ctx.emit(op.strided_slice(y, axes=[1], begin=[off], end=[off + ni]))
+        ctx.env[id(lin.outputs[0])] = ctx.emit(op.reshape(part, ctx.dims.shape(lin.outputs[0].type)))
+        off += ni
+    if g.epilogue != "split":
+        shape = [*ctx.dims.shape(first.outputs[0].type)[:-1], spec.n_out]
+        ctx.env[id(g.result)] = ctx.emit(op.reshape(y, shape))
     return True
 
 

@@ -29,11 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BK", "CUDA_SOURCE", "MARKER", "GemmSpec", "gate_up_order", "gemm_func", "gemm_supported"]
+__all__ = ["BK", "CUDA_SOURCE", "MARKER", "GemmSpec", "gate_up_order", "gemm_func", "gemm_supported",
+           "splitk_reduce_func"]
 
-MARKER = "ctc_gemm::gemm_tile<"
+MARKER = "ctc_gemm::"
 BK = 32
 SMS = 132  # streaming multiprocessors of an H100/H200, what the tile choice fills
+SPLIT_K = True  # large tiles over K ranges (summed by a second kernel) where the tiles alone leave SMs idle
 
 CUDA_SOURCE = r"""
 // ---- ctc: tensor-core GEMM (ctc/backends/tvm/cuda_gemm.py) ----
@@ -46,11 +48,20 @@ __device__ __forceinline__ int swz(int row, int k) {
   return row * 32 + ((((k >> 3) ^ (row >> 1)) & 3) << 3) + (k & 7);
 }
 
-// EPI: 0 none, 1 residual, 2 silu_mul (gate/up rows interleaved by 8).
+// EPI: 0 none, 1 residual, 2 silu_mul (gate/up rows interleaved by 8), 3 f32 partial sums of one of
+// `splits` K ranges (split-K: block column bn covers weight tile bn / splits, K range bn % splits; the partials
+// go to C_ as float [splits][M][N], summed by splitk_reduce).
 template <typename T, int BM, int BN, int WM, int WN, int STAGES, int EPI>
-__device__ __forceinline__ void gemm_tile(const T* __restrict__ A, const T* __restrict__ W, T* __restrict__ C,
+__device__ __forceinline__ void gemm_tile(const T* __restrict__ A, const T* __restrict__ W, void* C_,
                                           const T* __restrict__ R, unsigned char* smem, int M, int N, int K,
-                                          int bm, int bn, int tid) {
+                                          int splits, int bm, int bn, int tid) {
+  T* C = static_cast<T*>(C_);
+  const int split = bn % splits;
+  bn /= splits;
+  A += (size_t)split * (K / splits);
+  W += (size_t)split * (K / splits);
+  const int ldk = K;
+  K /= splits;
   constexpr int WARPS_N = BN / WN;
   constexpr int THREADS = (BM / WM) * WARPS_N * 32;
   constexpr int FM = WM / 16, FN = WN / 8;
@@ -70,12 +81,12 @@ __device__ __forceinline__ void gemm_tile(const T* __restrict__ A, const T* __re
       int r = i >> 2, c = (i & 3) << 3;
       int gr = m0 + r;
       bool ok = gr < M;
-      cp_async16(as + swz(r, c), A + (size_t)(ok ? gr : 0) * K + k0 + c, ok);
+      cp_async16(as + swz(r, c), A + (size_t)(ok ? gr : 0) * ldk + k0 + c, ok);
     }
 #pragma unroll
     for (int i = tid; i < BN * 4; i += THREADS) {
       int r = i >> 2, c = (i & 3) << 3;
-      cp_async16(bs + swz(r, c), W + (size_t)(n0 + r) * K + k0 + c, true);
+      cp_async16(bs + swz(r, c), W + (size_t)(n0 + r) * ldk + k0 + c, true);
     }
   };
 
@@ -133,7 +144,12 @@ __device__ __forceinline__ void gemm_tile(const T* __restrict__ A, const T* __re
     for (int h = 0; h < 2; ++h) {
       const int row = m0 + wm + i * 16 + g + h * 8;
       if (row >= M) continue;
-      if (EPI == 2) {
+      if (EPI == 3) {
+        float* P = static_cast<float*>(C_) + ((size_t)split * M + row) * N;
+#pragma unroll
+        for (int j = 0; j < FN; ++j)
+          *reinterpret_cast<float2*>(P + n0 + wn + j * 8 + t2) = make_float2(acc[i][j][h * 2], acc[i][j][h * 2 + 1]);
+      } else if (EPI == 2) {
         const int F = N / 2;
 #pragma unroll
         for (int j = 0; j < FN; j += 2) {
@@ -162,6 +178,26 @@ __device__ __forceinline__ void gemm_tile(const T* __restrict__ A, const T* __re
   }
 }
 
+// C = epilogue(sum of the split-K partials P [splits][M][N]); 4 elements per thread, 256 threads a block.
+template <typename T, int EPI>
+__device__ __forceinline__ void splitk_reduce(const float* __restrict__ P, const T* __restrict__ R, T* __restrict__ C,
+                                              int M, int N, int splits, int bx, int tid) {
+  const size_t total = (size_t)M * N, i = ((size_t)bx * 256 + tid) * 4;
+  if (i >= total) return;
+  float4 a = *reinterpret_cast<const float4*>(P + i);
+  for (int z = 1; z < splits; ++z) {
+    const float4 p = *reinterpret_cast<const float4*>(P + (size_t)z * total + i);
+    a.x += p.x; a.y += p.y; a.z += p.z; a.w += p.w;
+  }
+  const float v[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    T y = Mma<T>::from_f(v[e]);
+    if (EPI == 1) y = Mma<T>::from_f(Mma<T>::to_f(y) + Mma<T>::to_f(R[i + e]));
+    C[i + e] = y;
+  }
+}
+
 }  // namespace ctc_gemm
 // ---- end ctc ----
 """
@@ -182,6 +218,7 @@ class GemmSpec:
     epilogue: str = "none"
     rows_hint: int = 512           # the M the tile choice assumes (a prefill's tokens); any M runs
     tile: tuple[int, ...] = ()
+    splits: int = 0                # K ranges summed by a second kernel (split-K); 0: from the shape
 
     @property
     def n_out(self) -> int:
@@ -189,18 +226,37 @@ class GemmSpec:
 
     @property
     def tiles(self) -> tuple[int, int, int, int, int]:
-        """The block tile.  The kernel is bound by L2 -> SM traffic (a tile does ``BM * BN / (BM + BN)``
-        flops per byte loaded: 64 at 128 x 128, 32 at 64 x 64), so 128 x 128 (8 warps of 64 x 32) wherever
-        it gives every SM two blocks at ``rows_hint`` rows; else 64 x 64 (4 warps of 32 x 32), which fills
-        the GPU better than half-empty waves of large tiles.  Measured on the H200 at 512 rows
-        (``cuda_kernel_check.py --sweep``): gate|up (N 16384) 147 us at 128 x 128 vs 166 at 64 x 64; q|k|v
-        (N 3072) 42.6 vs 53.8; down (K 8192, N 2048) 130 vs 189."""
+        """The block tile ``(BM, BN, WM, WN, stages)``.  The kernel is bound by L2 -> SM traffic (a tile does
+        ``BM * BN / (BM + BN)`` flops per byte loaded: 64 at 128 x 128, 32 at 64 x 64), so 128 x 128 (8 warps of
+        64 x 32) wherever it, times the K splits (:attr:`k_splits`), gives every SM about two blocks at
+        ``rows_hint`` rows; else 64 x 64 (4 warps of 32 x 32).  Measured on the H200 at 512 rows
+        (``cuda_kernel_check.py --sweep``, 2026-12-03): down (K 8192, N 2048) 131 us at 64 x 64, 192 at 128 x 128,
+        97 / 83 / 91 with 2 / 4 / 8 K splits at 128 x 128; o (K 2048, N 2048) 36.3 at 64 x 64, 28.7 with 4 splits;
+        q|k|v (N 3072) 43.4 at 64 x 64, 54.5 at 128 x 128, 44.0 with 4 splits; gate|up (N 16384) 149 at 128 x 128
+        vs 166; the LM head (N 128256) 1261 at 128 x 128, 1338 and slower with splits."""
         if self.tile:
             bm, bn, wm, wn, st = self.tile
             return bm, bn, wm, wn, st
-        if self.n % 128 == 0 and -(-self.rows_hint // 128) * (self.n // 128) >= 2 * SMS:
-            return 128, 128, 64, 32, 4
-        return 64, 64, 32, 32, 4
+        return self._choice[0]
+
+    @property
+    def k_splits(self) -> int:
+        """K ranges computed by separate blocks and summed by :func:`splitk_reduce_func` (1: none)."""
+        if self.splits:
+            return self.splits
+        return 1 if self.tile else self._choice[1]
+
+    @property
+    def _choice(self) -> tuple[tuple[int, int, int, int, int], int]:
+        big = self.n % 128 == 0
+        blocks = -(-self.rows_hint // 128) * (self.n // 128)
+        if big and blocks >= 2 * SMS:
+            return (128, 128, 64, 32, 4), 1
+        if big and self.epilogue != "silu_mul" and SPLIT_K:
+            for s in (2, 4, 8, 16):
+                if blocks * s >= 1.9 * SMS and self.k % (s * BK) == 0 and self.k // s >= 256:
+                    return (128, 128, 64, 32, 4), s
+        return (64, 64, 32, 32, 4), 1
 
     @property
     def threads(self) -> int:
@@ -215,7 +271,9 @@ class GemmSpec:
     @property
     def tag(self) -> str:
         bm, bn, wm, wn, st = self.tiles
-        return f"k{self.k}n{self.n}{self.epilogue[:3]}_{bm}x{bn}w{wm}x{wn}s{st}{'bf' if 'bfloat' in self.dtype else ''}"
+        split = f"k{self.k_splits}" if self.k_splits > 1 else ""
+        return (f"k{self.k}n{self.n}{self.epilogue[:3]}_{bm}x{bn}w{wm}x{wn}s{st}{split}"
+                f"{'bf' if 'bfloat' in self.dtype else ''}")
 
 
 def gemm_supported(spec: GemmSpec) -> str | None:
@@ -237,26 +295,46 @@ def gemm_supported(spec: GemmSpec) -> str | None:
         return f"tile {spec.tiles}"
     if spec.smem_bytes > 227 * 1024:
         return f"{spec.smem_bytes} bytes of shared memory"
+    if spec.k_splits > 1 and (spec.epilogue == "silu_mul" or spec.k % (spec.k_splits * BK)):
+        return f"{spec.k_splits} K splits (K a multiple of 32 x splits; no SwiGLU epilogue)"
     return None
 
 
 def gemm_func(spec: GemmSpec) -> Any:
-    """The PrimFunc ``(A [M, K], W [N, K][, R [M, N]], C [M, n_out])`` launching the device function."""
+    """The PrimFunc ``(A [M, K], W [N, K][, R [M, N]], C [M, n_out])`` launching the device function; with
+    K splits ``(A, W, P [splits, M, N] f32)`` (partial sums; :func:`splitk_reduce_func` finishes)."""
     from ctc.backends.tvm.cuda_mma import device_type, launcher
 
     why = gemm_supported(spec)
     if why is not None:
         raise ValueError(f"gemm_func: {why}")
     bm, bn, wm, wn, st = spec.tiles
-    dt, K, N = spec.dtype, spec.k, spec.n
-    res = spec.epilogue == "residual"
-    bufs = [("A", f"m, {K}", dt), ("W", f"{N}, {K}", dt), *([("R", f"m, {N}", dt)] if res else []),
-            ("C", f"m, {spec.n_out}", dt)]
-    call = f"ctc_gemm::gemm_tile<{device_type(dt)}, {bm}, {bn}, {wm}, {wn}, {st}, {_EPILOGUES[spec.epilogue]}>"
+    dt, K, N, sp = spec.dtype, spec.k, spec.n, spec.k_splits
+    res = spec.epilogue == "residual" and sp == 1
+    out = ("C", f"m, {spec.n_out}", dt) if sp == 1 else ("C", f"{sp}, m, {N}", "float32")
+    bufs = [("A", f"m, {K}", dt), ("W", f"{N}, {K}", dt), *([("R", f"m, {N}", dt)] if res else []), out]
+    epi = _EPILOGUES[spec.epilogue] if sp == 1 else 3
+    call = f"ctc_gemm::gemm_tile<{device_type(dt)}, {bm}, {bn}, {wm}, {wn}, {st}, {epi}>"
     args = ["A.data", "W.data", "C.data", "R.data" if res else "A.data",  # no residual: an unread pointer
-            "S.data", 'T.Cast("int32", m)', str(N), str(K)]
-    return launcher("ctc_mma_gemm", bufs, ["m"], (f"(m + {bm - 1}) // {bm}", str(N // bn)), spec.threads,
+            "S.data", 'T.Cast("int32", m)', str(N), str(K), str(sp)]
+    return launcher("ctc_mma_gemm", bufs, ["m"], (f"(m + {bm - 1}) // {bm}", str(N // bn * sp)), spec.threads,
                     spec.smem_bytes, call, args)
+
+
+def splitk_reduce_func(spec: GemmSpec) -> Any:
+    """The PrimFunc ``(P [splits, M, N] f32, R [M, N] or A [M, K], C [M, N])``: the partials' sum with the
+    epilogue.  Without a residual it takes the GEMM's input ``A`` unread: Relax's RewriteDataflowReshape
+    fails on a kernel of one input that is not a TIR block (TVM 0.27)."""
+    from ctc.backends.tvm.cuda_mma import device_type, launcher
+
+    dt, N, sp = spec.dtype, spec.n, spec.k_splits
+    res = spec.epilogue == "residual"
+    second = ("R", f"m, {N}", dt) if res else ("A", f"m, {spec.k}", dt)
+    bufs = [("P", f"{sp}, m, {N}", "float32"), second, ("C", f"m, {N}", dt)]
+    call = f"ctc_gemm::splitk_reduce<{device_type(dt)}, {int(res)}>"
+    args = ["P.data", f"{second[0]}.data", "C.data", 'T.Cast("int32", m)', str(N), str(sp)]
+    return launcher("ctc_splitk_reduce", bufs, ["m"], (f"(m * {N // 4} + 255) // 256", "1"), 256, 0, call, args,
+                    with_by=False)
 
 
 def gate_up_order(features: int) -> Any:

@@ -140,11 +140,12 @@ def device_type(dtype: str) -> str:
 
 
 def launcher(name: str, buffers: list[tuple[str, str, str]], symbols: list[str], grid: tuple[str, str], threads: int,
-             smem_bytes: int, call: str, args: list[str]) -> Any:
+             smem_bytes: int, call: str, args: list[str], with_by: bool = True) -> Any:
     """A private PrimFunc ``name`` that launches ``grid`` blocks of ``threads`` threads, each calling the device
     function ``call`` with ``args`` (TIR expressions over the buffers, ``S`` = ``smem_bytes`` of dynamic shared
     memory, and ``bx``/``by``/``tx``).  ``buffers``: ``(name, shape, dtype)`` in parameter order; ``symbols``:
-    the symbolic dims the shapes use.  Opaque to fusion (op_pattern 8), already scheduled."""
+    the symbolic dims the shapes use; ``with_by=False`` leaves ``by`` out of the call.  Opaque to fusion
+    (op_pattern 8), already scheduled."""
     import tvm
 
     params = ", ".join(f"{b[0].lower()}_h: T.handle" for b in buffers)
@@ -155,7 +156,7 @@ def launcher(name: str, buffers: list[tuple[str, str, str]], symbols: list[str],
            f'    bx = T.launch_thread("blockIdx.x", {grid[0]})',
            f'    by = T.launch_thread("blockIdx.y", {grid[1]})',
            f'    tx = T.launch_thread("threadIdx.x", {threads})',
-           f'    S = T.decl_buffer(({smem_bytes},), "uint8", scope="shared.dyn")',
-           f'    T.evaluate(T.call_extern("void", "{call}", {", ".join(args)}, '
-           'T.Cast("int32", bx), T.Cast("int32", by), T.Cast("int32", tx)))']
+           *([f'    S = T.decl_buffer(({smem_bytes},), "uint8", scope="shared.dyn")'] if smem_bytes else []),
+           f'    T.evaluate(T.call_extern("void", "{call}", {", ".join(args)}, T.Cast("int32", bx), '
+           + ('T.Cast("int32", by), ' if with_by else "") + 'T.Cast("int32", tx)))']
     return tvm.script.from_source("\n".join(src))
