@@ -42,6 +42,8 @@ __all__ = ["BuildOptions", "CompiledModel", "build", "compile_module", "load", "
 LIB_NAME = "model.so"
 META_NAME = "model.json"
 PARAMS_NAME = "params.npz"
+PARALLEL_POOL_SOURCE = Path(__file__).with_name("parallel_pool.c")
+PARALLEL_ENV = "CTC_PARALLEL"  # "tvm": keep TVM's thread pool for the parallel loops of a CPU library
 
 
 @dataclass
@@ -158,7 +160,10 @@ class Compiled:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         lib = out / LIB_NAME
-        self.executable.export_library(str(lib))
+        if self.meta.get("device") == "cpu":  # host code: parallel loops claim chunks at run time (parallel_pool.c)
+            self.executable.export_library(str(lib), addons=[str(PARALLEL_POOL_SOURCE)], options=["-O2", "-pthread"])
+        else:
+            self.executable.export_library(str(lib))
         specs = self.meta.get("params", [])
         stored = [i for i, spec in enumerate(specs) if weights == "all" or not spec.get("source")]
         meta = {**self.meta, "params_stored": stored}
@@ -400,6 +405,8 @@ class CompiledModel:
         if cfg is not None:
             cfg(POOL_ONE_CORE_PER_THREAD, self.threads, [str(c) for c in usable_cores()])
         self._lib = ffi.load_module(str(lib))
+        self._pool = _install_parallel_pool(lib, self.threads) if self.device == "cpu" else None
+        self.parallel = "chunks" if self._pool is not None else "tvm"
         self.vm = self._lib["vm_load_executable"]()
         # (device type, id, allocator) for the device and the host: kDLCPU=1, kDLCUDA=2, pooled allocator=2
         self.vm["vm_initialization"](2 if self.device == "cuda" else 1, 0, 2, 1, 0, 2)
@@ -411,6 +418,17 @@ class CompiledModel:
         self._param_keep: list[Any] = []
         if self.meta.get("params") and bind_weights:
             self.bind_params(self._weights(d, module_params))
+
+    def parallel_stats(self) -> dict[str, int]:
+        """Counters of the library's chunk-claiming launcher (all zero under TVM's pool): parallel loops run,
+        chunks run by the calling thread and by the workers, worker threads started."""
+        import ctypes
+
+        if self._pool is None:
+            return {"launches": 0, "caller_chunks": 0, "worker_chunks": 0, "workers": 0}
+        out = (ctypes.c_int64 * 4)()
+        self._pool.ctc_parallel_stats(out)
+        return dict(zip(("launches", "caller_chunks", "worker_chunks", "workers"), list(out), strict=True))
 
     def _weights(self, d: Path, module_params: Mapping[str, Any] | None) -> list[Any]:
         """The bound arrays: stored ones from ``params.npz``, the others derived from ``module_params``."""
@@ -629,6 +647,30 @@ class KernelTime:
 # `threads` cores of the machine (one thread: the Python thread that loaded the library, to core 0).
 # TVM_BIND_THREADS=0 turns pinning off.
 POOL_ONE_CORE_PER_THREAD = -2
+
+
+def _install_parallel_pool(lib: Path, threads: int) -> Any:
+    """Point the loaded CPU library's parallel launch at its own chunk-claiming pool (parallel_pool.c); the
+    library handle, or None where the library predates it, has no parallel loop, uses TVM's parallel
+    barrier, or CTC_PARALLEL=tvm is set."""
+    import ctypes
+    import os
+
+    mode = os.environ.get(PARALLEL_ENV, "").strip().lower()
+    if mode not in ("", "chunks", "tvm"):
+        raise ValueError(f"load_compiled: {PARALLEL_ENV}={mode!r}: use 'chunks' (the default) or 'tvm'")
+    if mode == "tvm":
+        return None
+    handle = ctypes.CDLL(str(lib))  # the library TVM loaded (dlopen returns the same handle)
+    if not hasattr(handle, "ctc_parallel_install") or hasattr(handle, "__TVMBackendParallelBarrier"):
+        return None
+    try:
+        slot = ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")
+    except ValueError:  # no parallel loop in the library
+        return None
+    handle.ctc_parallel_install.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    handle.ctc_parallel_install(ctypes.addressof(slot), int(threads))
+    return handle
 
 
 def load_compiled(path: str | Path, *, threads: int | None = None,
