@@ -19,7 +19,8 @@ runtime is timed, the CPU time of every other benchmark process is measured, so 
 keeps spinning fails the check instead of slowing the runtime timed next.  Each thread count of
 ``--threads`` (default 2 and 1) gets its own processes and table; the 1-thread table's CPU column
 is the single-core work per call, the least sensitive figure on a shared machine.  No environment
-variable is set for the children (``OMP_WAIT_POLICY`` and ``TVM_*`` pass through as the caller set them).
+variable is set for the children (``OMP_WAIT_POLICY``, ``TVM_*`` and ``CTC_PARALLEL*`` pass through as the caller
+set them: ``CTC_PARALLEL=tvm`` times ctc on TVM's own thread pool instead of its chunk-claiming launcher).
 
 Usage::
 
@@ -213,6 +214,7 @@ def main() -> None:
     timed = ("its user-facing call (ORT `InferenceSession.run(None, {'x': x})`; ctc "
              "`ctc.load(dir).runner('cpu')(x)`; eager `model(x)` under no_grad)")
     built = f"compile {compile_s:.0f} s" if compile_s is not None else "built earlier, --no-build"
+    pool_env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("TVM_", "CTC_PARALLEL")))
     lines = ["# EfficientNet-Lite0 CPU latency, fair protocol (benchmarks/cnn_latency.py)", "",
              f"- command: `python benchmarks/cnn_latency.py {' '.join(sys.argv[1:])}`",
              f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, ctc commit {fair.git_commit()}",
@@ -220,8 +222,7 @@ def main() -> None:
              f"- versions: {fair.versions(('torch', 'onnxruntime', 'tvm', 'tvm_ffi'))}",
              f"- model: batch 1, 224x224 (Grace Hopper, [-1, 1]); fp32 everywhere; ctc from {RECIPE.name} "
              f"(fold-batch-norm, dce, default schedules; {built}); environment: OMP_WAIT_POLICY="
-             f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, TVM_* "
-             f"{' '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('TVM_')) or '(unset)'}",
+             f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, TVM_* / CTC_PARALLEL* {pool_env or '(unset)'}",
              "- protocol: " + fair.protocol_text(threads=f"{args.threads} (one table per count)", warmup=args.warmup,
                                                  runs=args.runs, rounds=args.rounds, settle=args.settle, timed=timed)
              + f"; calls > {SLOW}x min = share of calls in the slow mode; top-1 and max relative error of the "
