@@ -55,6 +55,9 @@ def test_parallel_loops_claim_chunks_and_compute_what_tvms_pool_does(
     assert s["launches"] >= 3 * 3  # the three convolutions' loops, each call
     assert s["caller_chunks"] + s["worker_chunks"] == s["launches"] * 2 * CHUNKS_PER_THREAD
     assert model.parallel_stats()["workers"] == 1
+    one = load_compiled(d, threads=1)  # the latest load's thread count holds for the library (as TVM's pool's)
+    launches = one.parallel_stats()["launches"]
+    assert np.array_equal(one(x, numpy=True)[0], want) and one.parallel_stats()["launches"] == launches
     import torch
 
     ref = interpret(m, [torch.from_numpy(x)])[0].numpy()

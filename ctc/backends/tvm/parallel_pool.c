@@ -142,11 +142,9 @@ static void start_workers(void) {
   if (owner_pid != getpid()) { /* first launch, or a forked child: the parent's workers are not here */
     n_workers = 0;
     owner_pid = getpid();
-    for (int i = 0; i < n_threads - 1; ++i) {
-      if (pthread_create(&workers[n_workers], NULL, worker_main, NULL) != 0) break;
-      ++n_workers;
-    }
   }
+  while (n_workers < n_threads - 1 && pthread_create(&workers[n_workers], NULL, worker_main, NULL) == 0) ++n_workers;
+  if (n_workers < n_threads - 1) n_threads = n_workers + 1; /* no more threads to be had */
   pthread_mutex_unlock(&start_lock);
 }
 
@@ -165,7 +163,7 @@ CTC_EXPORT int ctc_parallel_launch(FTVMParallelLambda fn, void *cdata, int num_t
   int32_t idle = 0;
   if (in_chunk || !__atomic_compare_exchange_n(&busy, &idle, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
     return run_serial(fn, cdata, chunks);
-  if (owner_pid != getpid()) start_workers();
+  if (owner_pid != getpid() || n_workers < n_threads - 1) start_workers();
   __atomic_store_n(&job_fn, fn, __ATOMIC_RELAXED);
   __atomic_store_n(&job_cdata, cdata, __ATOMIC_RELAXED);
   __atomic_store_n(&job_chunks, chunks, __ATOMIC_RELAXED);
@@ -198,9 +196,7 @@ static long env_long(const char *name, long dflt, long lo, long hi) {
 CTC_EXPORT int ctc_parallel_install(void **launch_slot, int threads) {
   if (threads < 1) threads = 1;
   if (threads > CTC_MAX_THREADS) threads = CTC_MAX_THREADS;
-  pthread_mutex_lock(&start_lock);
-  if (n_workers == 0 || owner_pid != getpid()) n_threads = threads; /* the pool's size is fixed once started */
-  pthread_mutex_unlock(&start_lock);
+  n_threads = threads; /* a library loaded again with more threads starts more workers at its next launch */
   chunks_per_thread = (int)env_long("CTC_PARALLEL_CHUNKS", 4, 1, 64);
   spin_ns = env_long("CTC_PARALLEL_SPIN_US", 2000, 0, 10000000) * 1000L;
   *launch_slot = (void *)ctc_parallel_launch;
