@@ -165,6 +165,44 @@ def test_activation_rounding_is_half_to_even_and_clamps() -> None:
     np.testing.assert_array_equal(got, qa)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_quantizer_quotient_is_the_divisions_bits(dynamic: bool) -> None:
+    """The quantizer computes ``x / s`` without a division (reciprocal, then one FMA correction): the codes
+    equal the division's for values a few ulps either side of every half-integer multiple of the scale,
+    where a plain ``x * (1 / s)`` rounds 2-3% of them the other way, and for values whose quotient
+    overflows f32 (+-inf clamp to the ends, as the division's do)."""
+    rng = np.random.default_rng(7)
+    k = 256
+    spec = ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8, act_clusters=(k,), act_dynamic=dynamic), k, 16)
+    kern = ik.plan_quant_linear(spec)
+    packed0 = ik.prepack_weights(spec, torch.zeros(16, k, dtype=torch.int8), torch.ones(16, 1),
+                                 torch.zeros(16, 1, dtype=torch.int8), None, torch.ones(1),
+                                 torch.zeros(1, dtype=torch.int32))
+    plain_wrong = 0
+    for s in (10 ** rng.uniform(-4, 1, 12)).astype(np.float32):
+        half = ((np.arange(-128, 128, dtype=np.float32) + np.float32(0.5)) * s).astype(np.float32)
+        near = [half]
+        up, dn = half.copy(), half.copy()
+        for _ in range(3):
+            up, dn = np.nextafter(up, np.float32(np.inf)), np.nextafter(dn, np.float32(-np.inf))
+            near += [up, dn]
+        x = np.stack(near).astype(np.float32)  # [7, 256]: each row spans +-128.5 s
+        if not dynamic:
+            x = np.concatenate([x, np.full((1, k), 3e38, np.float32) * np.sign(half)])
+        packed = {**packed0, "act_scale": np.array([s], np.float32), "act_zero": np.array([128], np.int32)}
+        _, xq, _ = ik.run_quant_linear(kern, x, packed, return_intermediates=True)
+        if dynamic:  # each row's own range: its scale is (max - min) / 255 in f32, as the reference makes it
+            ss, zz = Q.act_qparams(torch.from_numpy(x.min(1, keepdims=True).clip(max=0)),
+                                   torch.from_numpy(x.max(1, keepdims=True).clip(min=0)), 8)
+            want = torch.clamp(torch.round(torch.from_numpy(x) / ss) + zz, 0, 255).numpy()
+        else:
+            want = Q.quantize_act(torch.from_numpy(x), torch.tensor([s]), torch.tensor([128], dtype=torch.int32), 8,
+                                  (k,)).numpy()
+            plain_wrong += int((np.round(x[:7] * (np.float32(1) / s)) != np.round(x[:7] / s)).sum())
+        np.testing.assert_array_equal(xq[:, :k], want)
+    assert dynamic or plain_wrong > 100  # the data does tell the two apart
+
+
 def test_segments_cut_at_clusters_and_groups() -> None:
     spec = ik.QLinearSpec.from_attrs(dict(w_bits=4, group_size=64, a_bits=8, act_clusters=(37, 100, 201)), 201, 40)
     assert [(s.k0, s.k0 + s.length) for s in spec.segments] == [(0, 37), (37, 64), (64, 100), (100, 128),
@@ -208,23 +246,26 @@ def test_gathering_quantizer_equals_permuting_first(vnni: bool | str, dynamic: b
     np.testing.assert_array_equal(got, want)
 
 
-@needs_amx
+@pytest.mark.parametrize("kind", [pytest.param("amx", marks=needs_amx), *SCHEDULES])
 @pytest.mark.parametrize("n", [64, 40])
-def test_amx_gelu_epilogue_is_gelu_of_the_product(n: int) -> None:
-    """``gelu=True``: the AMX kernel's output is exact-form gelu of the plain kernel's (fast erf: error
-    well under fp32's summation noise), also on the scalar edge of N = 40."""
+def test_gelu_epilogue_is_gelu_of_the_product(kind: str | bool, n: int) -> None:
+    """``gelu=True``: the matmul's output (AMX, VNNI or the plain integer kernel) is exact-form gelu of the
+    same kernel's without it (fast erf: error well under fp32's summation noise), also on the edge of
+    N = 40 and for 37 rows (not whole row tiles)."""
     import dataclasses
 
     c = _case(37, 136, n, (30, 100, 136), 8, -1, True, seed=6)
-    spec = ik.with_amx(ik.QLinearSpec.from_attrs(c["attrs"], 136, n))
+    spec = ik.QLinearSpec.from_attrs(c["attrs"], 136, n)
+    spec = ik.with_amx(spec) if kind == "amx" else spec
+    use_vnni = None if kind == "amx" else bool(kind)
     qw = c["qw"]
     packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"])
-    y = ik.run_quant_linear(ik.plan_quant_linear(spec), c["x"], packed)
-    g = ik.run_quant_linear(ik.plan_quant_linear(dataclasses.replace(spec, gelu=True)), c["x"], packed)
+    y = ik.run_quant_linear(ik.plan_quant_linear(spec, use_vnni=use_vnni), c["x"], packed)
+    gspec = dataclasses.replace(spec, gelu=True)
+    g = ik.run_quant_linear(ik.plan_quant_linear(gspec, use_vnni=use_vnni), c["x"], packed)
     want = torch.nn.functional.gelu(torch.from_numpy(y).double()).numpy()
     np.testing.assert_allclose(g, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
-    with pytest.raises(ValueError, match="AMX kernel only"):
-        dataclasses.replace(spec, amx=False, gelu=True).validate()
+    assert gspec.tag != spec.tag
 
 
 @needs_amx

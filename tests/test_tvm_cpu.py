@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -417,28 +418,49 @@ def test_pow3_becomes_multiplications() -> None:
     assert "power" not in txt and "multiply" in txt
 
 
-def test_quant_linear_uses_integer_kernels() -> None:
-    g = _g(40)
-    k, n = 64, 32
+def _quant_linear_module(n: int, seed: int, rows: int, cut: int | None, gelu: bool = False
+                         ) -> tuple[Module, torch.Tensor, float]:
+    """``x [1, s, 64] -> quant_linear`` (int8 weights, u8 activations in one cluster or two cut at ``cut``,
+    calibrated on the input), optionally ``-> gelu``; returns the module, an input of ``rows`` rows and the
+    output's one-activation-step error bound."""
+    g = _g(seed)
+    k = 64
     m = Module("ql")
     x = m.add_input("x", TensorType((1, "s", k), "f32"))
     qw = Q.quantize_weight(torch.randn(n, k, generator=g), 8, -1, True)
-    xs = torch.randn(1, 9, k, generator=g) * 2
-    lo = torch.stack([xs[..., :24].min(), xs[..., 24:].min()])
-    hi = torch.stack([xs[..., :24].max(), xs[..., 24:].max()])
-    s, z = Q.act_qparams(lo, hi, 8)
-    ins = [x, _p(m, "q", qw.qweight), _p(m, "ws", qw.scale), _p(m, "wz", qw.zero), _w(m, "qb", n, seed=41),
+    xs = torch.randn(1, rows, k, generator=g) * 2
+    parts = [xs[..., :cut], xs[..., cut:]] if cut is not None else [xs]
+    s, z = Q.act_qparams(torch.stack([t.min() for t in parts]), torch.stack([t.max() for t in parts]), 8)
+    ins = [x, _p(m, "q", qw.qweight), _p(m, "ws", qw.scale), _p(m, "wz", qw.zero), _w(m, "qb", n, seed=seed + 1),
            _p(m, "as", s), _p(m, "az", z)]
-    m.set_outputs([_n(m, "quant_linear", ins, w_bits=8, group_size=-1, w_symmetric=True, a_bits=8,
-                      act_clusters=(24, 64), has_bias=True)])
+    y = _n(m, "quant_linear", ins, w_bits=8, group_size=-1, w_symmetric=True, a_bits=8,
+           act_clusters=(cut, k) if cut is not None else (k,), has_bias=True)
+    m.set_outputs([_n(m, "gelu", [y]) if gelu else y])
+    return m, xs, float(s.max()) * float(qw.scale.abs().max()) * k
+
+
+def test_quant_linear_uses_integer_kernels() -> None:
+    m, xs, step = _quant_linear_module(32, 40, 9, 24)
     low = L.lower(m)
     assert low.int_kernels == 1 and not low.notes
     assert "ctc_qmm" in low.mod.script()
     ref = interpret(m, [xs])[0]
     got = _run(m, [xs])[0]
-    step = float(s.max()) * float(qw.scale.abs().max()) * k
     assert float((got - ref).abs().max()) <= step, "integer kernel deviates by more than one activation step"
     assert float((got - ref).abs().mean()) < 1e-3 * float(ref.abs().mean()) + 1e-4
+
+
+def test_gelu_after_a_quant_linear_runs_in_its_epilogue() -> None:
+    """The FFN's ``quant_linear -> gelu``: the integer kernel (VNNI, AMX or plain) applies the gelu to its
+    output; no kernel of its own writes and reads the activation back.  Same numbers as the interpreter."""
+    m, xs, step = _quant_linear_module(48, 44, 11, None, gelu=True)
+    low = L.lower(m)
+    script = low.mod.script()
+    assert low.int_kernels == 1 and not low.notes
+    assert re.search(r"ctc_qmm_k64_n48_\w*G_", script), "the matmul's spec carries the gelu"
+    assert "gelu" not in script.split("def main")[1], "no gelu kernel of its own in main"
+    got = _run(m, [xs])[0]
+    assert float((got - interpret(m, [xs])[0]).abs().max()) <= step
 
 
 def test_unsupported_targets_name_the_issue() -> None:

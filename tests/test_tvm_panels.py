@@ -77,5 +77,37 @@ def test_weights_read_elsewhere_or_narrow_keep_the_plain_layout() -> None:
     assert not any("::P" in k for k in _bound(tied) if k.startswith("w1")), "a tied weight is bound once, as [K, N]"
     narrow = compile_module(_ffn(24), options=fixed)  # 24 columns
     assert "w1::T" in _bound(narrow)
-    # any length (symbolic rows): the matmul pads its rows, which the panel layout defeats; [K, N] kept
-    assert "w1::T" in _bound(compile_module(_ffn(64), options=BuildOptions(params="input", fp32_matmul="strict")))
+
+
+def test_any_length_linears_read_panels_and_match_the_interpreter(tmp_path: Path) -> None:
+    """An any-length build (symbolic rows) packs the same panels as a fixed one, and is right for row
+    counts that are and are not whole register tiles (the clamped rows past the end are dropped)."""
+    m = _ffn(64)
+    comp = compile_module(m, options=BuildOptions(params="input", fp32_matmul="strict"))
+    assert any(k.startswith("w1::P") for k in _bound(comp)) and any(k.startswith("w2::P") for k in _bound(comp))
+    comp.export(tmp_path, weights="derived")
+    lib = load_compiled(tmp_path, module_params=m.params, threads=2)
+    for seq in (1, 5, 8, 13, 16, 40):
+        x = torch.randn(1, seq, 32, generator=torch.Generator().manual_seed(seq))
+        torch.testing.assert_close(lib(x)[0], interpret(m, [x])[0], rtol=1e-4, atol=2e-5)
+
+
+def test_any_length_panel_matmul_copies_no_operand() -> None:
+    """With symbolic rows the panel matmul computes whole row tiles itself: its scheduled kernel has the
+    register tile and the fused epilogue but no padded copy of the activations or of the result
+    (``pad_einsum``'s ``*_pad`` buffers), as in a fixed-length build."""
+    from ctc.backends.tvm.build import relax_passes, schedule_defaults
+    from ctc.backends.tvm.lower import lower
+    from ctc.backends.tvm.targets import resolve
+
+    tgt = resolve("cpu").target()
+    low = lower(_ffn(64), params="const", target=tgt, fp32_matmul="strict")
+    with tgt:
+        mod = schedule_defaults(relax_passes(tgt)(low.mod), tgt)
+    kernels = {gv.name_hint: f.script() for gv, f in mod.functions.items()
+               if hasattr(f, "body") and not hasattr(f, "ret_struct_info") and gv.name_hint != "main"}
+    mm = {n: t for n, t in kernels.items() if "matmul_panels" in t}
+    assert len(mm) == 2, sorted(kernels)
+    for name, text in mm.items():
+        assert "_pad" not in text, f"{name} copies a padded operand:\n{text}"
+        assert "T.parallel" in text and "T.vectorized" in text, f"{name} is not the register-tiled schedule"

@@ -13,12 +13,14 @@ the FFN's.  Here one task computes ``R`` query rows of one head from start to en
 2. ``exp(s - max)`` in place (``fast_exp_expr``: exactly 0 for masked scores), with 16-lane sums;
 3. ``out[r] = sum_j p[r, j] v[j] / sum_j p[r, j]``: an ``R x D`` register tile over the keys.
 
-The key axis is whole blocks of 32 (``Lp``): a key length that is not (a symbolic one, in any-
-length builds) is padded by the caller with zero keys/values and a padded mask, and the kernel
-masks keys ``>= L`` itself.  The row edge (``S`` not a multiple of ``R``) clamps the row index: the
-last block's extra rows recompute the last row's scores (the same values) but neither
-exponentiate them again nor write an output.  Numerics are the op-by-op path's
-(fp32, the same exponential, the max subtracted first), summed in a different order.
+The key axis of the scores is whole blocks of 32 (``Lp``): a key length that is not (a symbolic
+one, in any-length builds) is padded by the caller with zero keys and a padded mask, and the kernel
+masks keys ``>= L`` itself; the values are read as they are (``L`` rows: the padded keys' weights
+are exactly 0, so ``p v`` stops at ``L``, and no padded copy of ``v`` is made).  The row edge
+(``S`` not a multiple of ``R``) clamps the row index: the last block's extra rows recompute the
+last row's scores (the same values) but neither exponentiate them again nor write an output.
+Numerics are the op-by-op path's (fp32, the same exponential, the max subtracted first), summed
+in a different order.
 
 :func:`attention_kernel` returns the PrimFunc for one shape/attribute set; the lowering
 (``lower._sdpa``) emits it with ``call_tir`` (outputs: the result and the work buffer).
@@ -42,8 +44,8 @@ class AttentionSpec:
     ``batch``/``seq``/``keys`` are ints for fixed sizes, None for symbolic ones; ``mask`` is None,
     ``"bool"`` (False = masked) or ``"float"`` (added to the scores); ``mask_dims`` says which of the
     mask's first three axes (batch, head, query row) are full size rather than broadcast (size 1).
-    ``padded``: the key axis is padded past the true length ``L`` (taken from the unpadded keys,
-    an extra operand), so keys ``>= L`` are masked in the kernel.
+    ``padded``: the key axis of ``k^T`` and the mask is padded past the true length ``L`` (the values'
+    row count: ``v`` is not padded), so keys ``>= L`` are masked in the kernel.
     """
 
     heads: int
@@ -93,8 +95,6 @@ def _source(spec: AttentionSpec) -> str:
     params = ["var_q: T.handle", "var_kt: T.handle", "var_v: T.handle"]
     if spec.mask:
         params.append("var_mask: T.handle")
-    if spec.padded:
-        params.append("var_k: T.handle")
     params += ["var_out: T.handle", "var_sc: T.handle"]
     mshape = [B if spec.mask_dims[0] else _i(1), _i(H) if spec.mask_dims[1] else _i(1),
               S if spec.mask_dims[2] else _i(1), LP]
@@ -105,13 +105,11 @@ def _source(spec: AttentionSpec) -> str:
         *decl,
         f'    q = T.match_buffer(var_q, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")',
         f'    kt = T.match_buffer(var_kt, ({B}, {_i(HK)}, {_i(D)}, {LP}), "float32")',
-        f'    v = T.match_buffer(var_v, ({B}, {_i(HK)}, {LP}, {_i(D)}), "float32")',
+        f'    v = T.match_buffer(var_v, ({B}, {_i(HK)}, {"L" if spec.padded else LP}, {_i(D)}), "float32")',
     ]
     if spec.mask:
         mdt = "bool" if spec.mask == "bool" else "float32"
         L_.append(f'    mask = T.match_buffer(var_mask, ({", ".join(mshape)}), "{mdt}")')
-    if spec.padded:
-        L_.append(f'    k = T.match_buffer(var_k, ({B}, {_i(HK)}, L, {_i(D)}), "float32")')
     L_ += [f'    out = T.match_buffer(var_out, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")',
            f'    sc = T.match_buffer(var_sc, ({B}, {_i(H)}, {S}, {LP}), "float32")']
     nrb = f"(({S} + {_i(R - 1)}) // {_i(R)})"
@@ -187,7 +185,7 @@ def _source(spec: AttentionSpec) -> str:
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    for dd in T.vectorized({_i(D)}):",
         f"{ind}        o[r, dd] = T.float32(0)",
-        f"{ind}for j in range({LP}):",
+        f"{ind}for j in range({'L' if spec.padded else LP}):",  # padded keys weigh exactly 0
         f"{ind}    for r in T.unroll({_i(R)}):",
         f"{ind}        for dd in T.vectorized({_i(D)}):",
         f"{ind}            o[r, dd] = o[r, dd] + sc[b, h, {row}, j] * v[b, hk, j, dd]",

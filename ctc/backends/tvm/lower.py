@@ -750,19 +750,18 @@ def _transpose(w: np.ndarray) -> np.ndarray:
 
 def _panel_width(ctx: Ctx, x_value: Value, w_value: Value) -> int | None:
     """Column-panel width for a CPU linear's parameter weight (see :func:`_linear_panels`), or None to
-    keep the ``[K, N]`` layout: not a CPU (llvm) build, not an f32 parameter, symbolic rows (an
-    any-length build), N not whole panels, or the parameter also read by something other than a linear
-    (a tied embedding reads ``"T"``: one copy is bound, not two)."""
+    keep the ``[K, N]`` layout: not a CPU (llvm) build, not an f32 parameter, N not whole panels, or the
+    parameter also read by something other than a linear (a tied embedding reads ``"T"``: one copy is
+    bound, not two).  Symbolic rows (an any-length build) get panels too: :func:`_linear_panels` then
+    computes whole row tiles itself, so the matmul schedule never pads (``pad_einsum`` cannot read panels)."""
     target = ctx.target
     if target is None or ctx.gpu or getattr(getattr(target, "kind", None), "name", "") != "llvm":
         return None
     name = ctx.param_name(w_value)
     if name is None or w_value.type.dtype != "f32" or x_value.type.dtype != "f32" or w_value.type.rank != 2:
         return None
-    if any(_static_int(ctx, d) is None for d in x_value.type.shape[:-1]):
-        # symbolic rows: MatmulRule pads them with pad_einsum, which the panel indexing defeats (the
-        # any-length MiniLM ran 50x slower); those builds keep [K, N]
-        return None
+    if x_value.type.rank < 2 or any(_static_int(ctx, d) is None for d in x_value.type.shape[:-2]):
+        return None  # one leading dim (the rows) may be symbolic: a symbolic batch axis would be padded too
     from ctc.backends.tvm.schedules import MatmulRule, vector_lanes
 
     width = vector_lanes(target, 32) * MatmulRule().nb
@@ -788,18 +787,30 @@ def _params_read_elsewhere(ctx: Ctx) -> set[str]:
     return ctx.memo[key]
 
 
-def _linear_panels(width: int) -> Callable[[Any, Any], Any]:
+def _linear_panels(width: int, row_tile: int | None = None) -> Callable[[Any, Any], Any]:
     """``y[..., n] = sum_k x[..., k] * wp[n // width, k, n % width]`` over a weight packed in column
     panels ``[N / width, K, width]``: the panel a register tile reads (K rows of ``width`` columns) is
     contiguous, where the ``[K, N]`` layout strides it by N.  Measured single-thread on the MiniLM
-    shapes (one core, CPU time): 128x384x1536 1.25 -> 1.03 ms, 128x1536x384 1.11 -> 0.99 ms."""
+    shapes (one core, CPU time): 128x384x1536 1.25 -> 1.03 ms, 128x1536x384 1.11 -> 0.99 ms.
+
+    ``row_tile`` (symbolic rows ``M``, an any-length build): the product is computed for ``M`` rounded up
+    to whole tiles of ``row_tile`` rows, the rows past ``M`` reading row ``M - 1`` again (a clamped index,
+    no padded copy of ``x``), and only rows ``< M`` are kept: the matmul schedule then sees whole tiles
+    and needs no bounds predicate in its register tile, as with a fixed length."""
     def f(x: Any, wp: Any) -> Any:
-        from tvm import te
+        from tvm import te, tirx
 
         k = te.reduce_axis((0, wp.shape[1]), "k")
         shape = [*x.shape[:-1], wp.shape[0] * width]
-        return te.compute(shape, lambda *i: te.sum(x[(*i[:-1], k)] * wp[i[-1] // width, k, i[-1] % width], axis=k),
-                          name="matmul_panels")
+        if row_tile is None:
+            return te.compute(shape, lambda *i: te.sum(x[(*i[:-1], k)] * wp[i[-1] // width, k, i[-1] % width],
+                                                       axis=k), name="matmul_panels")
+        rows = x.shape[-2]
+        whole = tirx.floordiv(rows + (row_tile - 1), row_tile) * row_tile
+        y = te.compute([*shape[:-2], whole, shape[-1]],
+                       lambda *i: te.sum(x[(*i[:-2], tirx.min(i[-2], rows - 1), k)]
+                                         * wp[i[-1] // width, k, i[-1] % width], axis=k), name="matmul_panels")
+        return te.compute(shape, lambda *i: y(*i), name="matmul_rows")
     return f
 
 
@@ -855,8 +866,12 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callabl
         assert name is not None
         wp = ctx.param(name, f"P{width}", lambda a: a.T.reshape(a.shape[1], a.shape[0] // width, width)
                        .transpose(1, 0, 2), source={"op": f"panels{width}", "from": [name]})
+        from ctc.backends.tvm.schedules import MatmulRule
+
+        symbolic = _static_int(ctx, x_value.type.shape[-2]) is None
         # a matmul to FuseOps (op_pattern 4, out-elementwise fusable): bias, GELU and the residual fuse after it
-        return ctx.te(_linear_panels(width), x, wp, name="matmul", primfunc_attrs={"op_pattern": 4})
+        return ctx.te(_linear_panels(width, MatmulRule().mt if symbolic else None), x, wp, name="matmul",
+                      primfunc_attrs={"op_pattern": 4})
     return ctx.emit(ctx.relax.op.matmul(x, _weight_t(ctx, w_value, w, pad)))
 
 
@@ -1409,10 +1424,8 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
         return None
     op = ctx.relax.op
     q, k, v = a["q"], a["k"], a["v"]
-    k_unpadded = k
-    if padded_keys is not None:
+    if padded_keys is not None:  # the values are read unpadded: p v stops at the true key length
         k = ctx.te(_pad_keys(padded_keys, 0.0), k, name="key_pad")
-        v = ctx.te(_pad_keys(padded_keys, 0.0), v, name="value_pad")
     if mask is not None and mt is not None:
         if mt.rank < 4:
             mask = ctx.emit(op.reshape(mask, [1] * (4 - mt.rank) + ctx.dims.shape(mt)))
@@ -1424,7 +1437,7 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
             mask = ctx.memo[key]
     kT = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
     gv = add_prim_func(ctx.bb, kernel, spec.name)
-    args = [q, kT, v] + ([mask] if mask is not None else []) + ([k_unpadded] if padded_keys is not None else [])
+    args = [q, kT, v] + ([mask] if mask is not None else [])
     qs = ctx.dims.shape(qt)
     lp = padded_keys if padded_keys is not None else ctx.dims(kt.shape[-2])
     res = ctx.emit(ctx.relax.call_tir(gv, args, [ctx.relax.TensorType(qs, "float32"),
@@ -1728,7 +1741,7 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
             one_row = _one_row(ctx, node.operand("x"))
             if ctx.amx and not spec.w_zero_float:  # several rows on a CPU with AMX: the tile kernel
                 spec = IK.with_amx(spec, ctx.target, rows=1 if one_row else None)
-            gelu = _gelu_reader(ctx, node) if spec.amx and xt.dtype == "f32" else None
+            gelu = _gelu_reader(ctx, node) if xt.dtype == "f32" else None
             if gelu is not None:  # the FFN's activation in the matmul's epilogue
                 spec = dataclasses.replace(spec, gelu=True)
             # one row (a decode step): a 1-row tile streams each weight once (the 8-row tile wastes 7/8)
@@ -1784,8 +1797,8 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
 
 def _gelu_reader(ctx: Ctx, node: Node) -> Node | None:
     """The ``gelu`` (erf form, f32, fast math) that is the only reader of ``node``'s output, which is not
-    a module output; None otherwise.  The AMX matmul then applies it in its epilogue: the FFN's
-    128 x 1536 activation of MiniLM is not written and read back by a kernel of its own."""
+    a module output; None otherwise.  The matmul (AMX-BF16, AMX-INT8 or VNNI) then applies it in its
+    epilogue: the FFN's 128 x 1536 activation of MiniLM is not written and read back by a kernel of its own."""
     out = node.outputs[0]
     users = out.users
     if len(users) != 1 or any(o is out for o in ctx.module.outputs):

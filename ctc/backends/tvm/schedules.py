@@ -158,8 +158,9 @@ class MatmulRule(_CpuRule):
             # a row count of 7s or 6s (a 7x7 or 14x14 plane, channels-last): a tile that divides it
             # rather than rows padded and computed for nothing
             mt = next((t for t in (7, 6) if t < mt and m_ext % t == 0), mt)
-        pad_m = m_ext is None or m_ext % mt != 0
-        if m_ext is None and not pad_n and n_ext is not None and n_ext <= self.vecmat_max_n \
+        # symbolic rows provably in whole tiles (a panel linear of an any-length build computes them so)
+        pad_m = (m_ext is None and not _divisible(sch.get(lm).extent, mt)) or (m_ext is not None and m_ext % mt != 0)
+        if m_ext is None and pad_m and not pad_n and n_ext is not None and n_ext <= self.vecmat_max_n \
                 and len(sch.get(rb).reads) == 2 and ri == 0:
             # Symbolic rows and a narrow output (attention's p v, head_dim columns): padding would copy
             # the whole [rows, K] operand; VecMatRule streams it in place, row by row.
