@@ -89,7 +89,9 @@ def test_cpu_kernels_match_interpreter_in_place(step_module, bits: int, gs: int)
     _, mod = step_module
     q = _run(mod, {"bits": bits, "group_size": gs})
     comp = compile_module(q, options=BuildOptions())
-    assert comp.meta["notes"] == []  # int8 and int4 caches are read by the decode attention kernel
+    # int8 and int4 caches are read by the decode attention kernel: no fallback note (a host without AMX-BF16
+    # adds one about its f32 linears, which is not about the cache)
+    assert [n for n in comp.meta["notes"] if not n.startswith("fp32_matmul=")] == []
     d = tempfile.mkdtemp()
     comp.export(d)
     lib = load_compiled(d)
