@@ -409,11 +409,10 @@ def _perm_param(spec: QLinearSpec) -> str:
 
 
 def _xq_rows(spec: QLinearSpec) -> list[str]:
-    """The ``xq`` buffer declaration of qact: ``m`` rows, or ``mp`` (``m`` rounded up to whole AMX
-    row blocks, allocated by the caller) for the AMX kernel, whose tile loads read whole blocks.
-    qact writes rows ``< m`` only: the products of the rows beyond are computed and dropped."""
-    if not spec.amx:
-        return [f'    xq = T.match_buffer(var_xq, (m, {_i(spec.kp)}), "uint8")']
+    """The ``xq`` buffer declaration of qact: ``mp`` rows, ``m`` rounded up to whole row tiles by the
+    caller (:meth:`QLinearKernel.xq_rows`: AMX row blocks, or the VNNI kernel's register tile, whose
+    row addresses are then affine in the tile's row, without clamping).  qact writes rows ``< m``
+    only: the products of the rows beyond are computed and dropped."""
     return ["    mp = T.int64()", f'    xq = T.match_buffer(var_xq, (mp, {_i(spec.kp)}), "uint8")']
 
 
@@ -590,8 +589,8 @@ def _qmm_header(spec: QLinearSpec, wshape: str) -> list[str]:
          f"def qmm({', '.join(params)}):",
          '    T.func_attr({"tirx.noalias": True})',
          "    m = T.int64()",
-         *(["    mp = T.int64()"] if spec.amx else []),
-         f'    xq = T.match_buffer(var_xq, ({"mp" if spec.amx else "m"}, {_i(KP)}), "uint8")',
+         "    mp = T.int64()",
+         f'    xq = T.match_buffer(var_xq, (mp, {_i(KP)}), "uint8")',
          f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")']
     if asym:
         L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
@@ -601,16 +600,38 @@ def _qmm_header(spec: QLinearSpec, wshape: str) -> list[str]:
     return L
 
 
+def _segment_exprs(spec: QLinearSpec, si: int, row: str, vn: str, acc: str) -> tuple[str, str]:
+    """TVMScript of segment ``si``'s integer correction and scaled term for output ``(row, vn)``.
+
+    The accumulator ``acc`` starts at minus the correction (``corr``, the dynamic row's zero point times
+    it, plus the weight zero points' share of the row sum), so it ends at the corrected sum (the same
+    int32 value, wrapping alike) and the epilogue only converts and scales it: ``term``."""
+    seg = spec.segments[si]
+    c, s_ = _i(seg.cluster), _i(si)
+    dyn = spec.dynamic
+    sub = f"azero[{row}, {c}] * corr[{s_}, {vn}]" if dyn else f"corr[{s_}, {vn}]"
+    if not spec.w_symmetric and not (dyn and spec.w_zero_float):
+        sub += f" + wzero[{s_}, {vn}] * xsum[{row}, {s_}]"
+    if dyn and spec.w_zero_float:
+        # float zero z: sum (qa - za)(q - z) = [acc - za * rowsum] - z * (xsum - len * za); corr = rowsum
+        term = (f'ascale[{row}, {c}] * alpha[{s_}, {vn}] * (T.Cast("float32", {acc})'
+                f' - wzero[{s_}, {vn}] * T.Cast("float32", xsum[{row}, {s_}] - {_i(seg.length)} * azero[{row}, {c}]))')
+    elif dyn:  # alpha = the weight scale; the row's scale applied here
+        term = f'ascale[{row}, {c}] * alpha[{s_}, {vn}] * T.Cast("float32", {acc})'
+    else:
+        term = f'alpha[{s_}, {vn}] * T.Cast("float32", {acc})'
+    return sub, term
+
+
 def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
-    """TVMScript of the tiled integer matmul + per-segment epilogue (the loop nest is the schedule)."""
+    """TVMScript of the tiled integer matmul + per-segment epilogue (the loop nest is the schedule): packed int4
+    weights on VNNI, and the plain integer kernel without VNNI (8-bit weights on VNNI: :func:`_qmm_vnni_source`)."""
     S, KP, N, NP = len(spec.segments), spec.kp, spec.n, spec.np_
     MT, NB = tile.mt, tile.nb
     NT = 16 * NB
-    asym = not spec.w_symmetric
     nmt = f"((m + {_i(MT - 1)}) // {_i(MT)})"
     wshape = (f"({_i(NP // 16)}, {_i(KP // 8)}, {_i(16)}, {_i(4)})" if spec.int4
               else f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
-    dyn = spec.dynamic
     L = _qmm_header(spec, wshape)
     # Tile buffers are allocated once (outside the parallel loop) with one [MT, NT] slice per
     # output-column block `no`, the parallel axis: threads never share a slice, and each tile's
@@ -635,11 +656,12 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
     cloc = f"vnb // {_i(NB)}, vm % {_i(MT)}, vnb % {_i(NB)} * {_i(16)} + vn16"
     for si, seg in enumerate(spec.segments):
         acc = f"acc{si}"
+        sub, term = _segment_exprs(spec, si, row, "vn", f"{acc}[{loc}]")
         L += [f"{ind}for mi, nt in T.grid({_i(MT)}, {_i(NT)}):",
               f'{ind}    with T.sblock("init{si}"):',
               f"{ind}        vm = {vm}",
               f"{ind}        vn = T.axis.spatial({_i(NP)}, no * {_i(NT)} + nt)",
-              f"{ind}        {acc}[{loc}] = 0"]
+              f"{ind}        {acc}[{loc}] = T.int32(0) - ({sub})"]
         if not spec.int4:
             grid = f"{_i(seg.plen // 4)}, {_i(NB)}, {_i(MT)}, {_i(16)}, {_i(4)}"
             L += [f"{ind}for ko, nb, mi, n16, k4 in T.grid({grid}):",
@@ -650,7 +672,7 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
                   f"{ind}        vko = T.axis.reduce({_i(seg.plen // 4)}, ko)",
                   f"{ind}        vk4 = T.axis.reduce({_i(4)}, k4)",
                   f'{ind}        {acc}[{cloc}] = {acc}[{cloc}]'
-                  f' + T.Cast("int32", xq[{row}, {_i(seg.poff)} + vko * {_i(4)} + vk4])'
+                  f' + T.Cast("int32", xq[vm, {_i(seg.poff)} + vko * {_i(4)} + vk4])'
                   f' * T.Cast("int32", wpack[vnb, {_i(seg.poff // 4)} + vko, vn16, vk4])']
         else:
             L.append(f"{ind}for ko in T.serial({_i(seg.plen // 8)}):")
@@ -672,23 +694,9 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
                       f"{ind}            vn16 = T.axis.spatial({_i(16)}, n16)",
                       f"{ind}            vko = T.axis.reduce({_i(seg.plen // 8)}, ko)",
                       f"{ind}            vk4 = T.axis.reduce({_i(4)}, k4)",
-                      f'{ind}            {acc}[{cloc}] = {acc}[{cloc}] + T.Cast("int32", xq[{row}, '
+                      f'{ind}            {acc}[{cloc}] = {acc}[{cloc}] + T.Cast("int32", xq[vm, '
                       f"{_i(seg.poff + 4 * h)} + vko * {_i(8)} + vk4])"
                       f' * T.Cast("int32", wl{si}[vnb, {_i(h)}, vn16, vk4])']
-        if dyn and spec.w_zero_float:
-            # float zero z: sum (qa - za)(q - z) = [acc - za * rowsum] - z * (xsum - len * za); corr = rowsum
-            c = _i(seg.cluster)
-            term = (f'ascale[{row}, {c}] * alpha[{_i(si)}, vn] * (T.Cast("float32", {acc}[{loc}] - azero[{row}, {c}]'
-                    f' * corr[{_i(si)}, vn]) - wzero[{_i(si)}, vn] * T.Cast("float32", xsum[{row}, {_i(si)}]'
-                    f' - {_i(seg.length)} * azero[{row}, {c}]))')
-        elif dyn:  # alpha = the weight scale, corr = rowsum - len * w_zero; the row's (scale, zero) applied here
-            c = _i(seg.cluster)
-            term = (f'ascale[{row}, {c}] * alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - azero[{row}, {c}]'
-                    f' * corr[{_i(si)}, vn]')
-        else:
-            term = f'alpha[{_i(si)}, vn] * T.Cast("float32", {acc}[{loc}] - corr[{_i(si)}, vn]'
-        if not (dyn and spec.w_zero_float):
-            term += f" - wzero[{_i(si)}, vn] * xsum[{row}, {_i(si)}])" if asym else ")"
         last = si == S - 1
         lhs = "y[vm, vn]" if last else f"out{si}[{loc}]"
         rhs = f"bias[vn] + {term}" if si == 0 else f"out{si - 1}[{loc}] + {term}"
@@ -701,6 +709,60 @@ def _qmm_source(spec: QLinearSpec, tile: TileConfig) -> str:
         if last:
             L.append(f"{ind}        T.where(mo * {_i(MT)} + mi < m and no * {_i(NT)} + nt < {_i(N)})")
         L.append(f"{ind}        {lhs} = {rhs}")
+    return "\n".join(L) + "\n"
+
+
+def _vnni_step(acc: str, a: str, b: str) -> str:
+    """TVMScript of one ``vpdpbusd``: ``acc (int32x16) + a (u8x64) . b (s8x64)`` (see :func:`_vnni_intrin`)."""
+    return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), {acc}, {a}, {b},'
+            ' dtype="int32x16")')
+
+
+def _qmm_vnni_source(spec: QLinearSpec, tile: TileConfig) -> str:
+    """TVMScript of the VNNI matmul (8-bit weights) written as the loop nest it runs, with the operands and
+    results of :func:`_qmm_source`.
+
+    Parallel over blocks of ``16 * NB`` output channels; per tile of ``MT`` rows the tile's accumulators
+    (``MT * NB`` zmm registers: a local buffer indexed by constants only, which LLVM keeps in registers)
+    start at minus each segment's integer correction, take one ``vpdpbusd`` per row, 16 channels and 4
+    bytes of K (the row's 4 bytes broadcast, the weights' 64-byte row shared by the tile's rows), and the
+    segment's scale adds them into the float sums (bias first).  ``xq`` has whole tiles of rows
+    (:meth:`QLinearKernel.xq_rows`), so a row's address is the tile's plus a constant; only rows ``< m``
+    (and channels ``< N``) are written, through ``gelu`` when ``spec.gelu``.
+    """
+    KP, N, NP = spec.kp, spec.n, spec.np_
+    MT, NB = tile.mt, tile.nb
+    NT = 16 * NB
+    L = _qmm_header(spec, f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
+    L += ['    with T.sblock("root"):',
+          f"        for no in T.parallel({_i(NP // NT)}):",
+          f'            acc = T.decl_buffer(({_i(MT * NT)},), "int32", scope="local")',
+          f'            out = T.decl_buffer(({_i(MT * NT)},), "float32", scope="local")',
+          f"            for mo in range((m + {_i(MT - 1)}) // {_i(MT)}):"]
+    ind = " " * 16
+    row = f"T.min(mo * {_i(MT)} + i, m - T.int64(1))"  # per-row operands (xsum, dynamic ranges): clamped
+    vn = f"no * {_i(NT)} + j"
+    at = f"i * {_i(NT)} + j"
+    for si, seg in enumerate(spec.segments):
+        sub, term = _segment_exprs(spec, si, row, vn, f"acc[{at}]")
+        L += [f"{ind}for i in T.unroll({_i(MT)}):",
+              f"{ind}    for j in T.vectorized({_i(NT)}):",
+              f"{ind}        acc[{at}] = T.int32(0) - ({sub})",
+              f"{ind}for ko in range({_i(seg.plen // 4)}):",
+              f"{ind}    for i in T.unroll({_i(MT)}):",
+              f"{ind}        for b in T.unroll({_i(NB)}):"]
+        a_vec = (f'T.reinterpret(T.broadcast(T.reinterpret(xq.vload([mo * {_i(MT)} + i, {_i(seg.poff)} + ko * {_i(4)}],'
+                 ' "uint8x4"), dtype="int32"), 16), dtype="uint8x64")')
+        b_vec = f'wpack.vload([no * {_i(NB)} + b, {_i(seg.poff // 4)} + ko, T.int64(0), T.int64(0)], "int8x64")'
+        lanes = f"(i * {_i(NB)} + b) * {_i(16)}"
+        L.append(f"{ind}            acc[T.ramp({lanes}, 1, 16)] = "
+                 + _vnni_step(f'acc.vload([{lanes}], "int32x16")', a_vec, b_vec))
+        first = f"bias[{vn}]" if si == 0 else f"out[{at}]"
+        L += [f"{ind}for i in T.unroll({_i(MT)}):",
+              f"{ind}    for j in T.vectorized({_i(NT)}):",
+              f"{ind}        out[{at}] = {first} + {term}"]
+    res = f"out[r * {_i(NT)} + c]"
+    L += amx_write_lines(ind, N, f"GELU({res})" if spec.gelu else res, MT, "mo", cols=NT, cblock="no", unroll=True)
     return "\n".join(L) + "\n"
 
 
@@ -729,19 +791,26 @@ def amx_store_lines(ind: str) -> list[str]:
                             _i(4 * AMX_BLOCK)) for a in (0, 1) for b in (0, 1)]
 
 
-def amx_write_lines(ind: str, n: int, res: str, rows: int = AMX_BLOCK, block: str = "mb") -> list[str]:
-    """TVMScript lines writing ``res`` (an expression of ``r``, ``c``) to ``y[block * rows + r, nb * 32 + c]`` for
-    the block's rows below ``m`` and channels below ``n`` (``block``/``nb``: the row and channel block)."""
-    B = AMX_BLOCK
+def amx_write_lines(ind: str, n: int, res: str, rows: int = AMX_BLOCK, block: str = "mb", *, cols: int = AMX_BLOCK,
+                    cblock: str = "nb", unroll: bool = False) -> list[str]:
+    """TVMScript lines writing ``res`` (an expression of ``r``, ``c``) to ``y[block * rows + r, cblock * cols + c]``
+    for the block's rows below ``m`` and channels below ``n`` (``block``/``cblock``: the row and channel block).
+    ``unroll``: the rows as an unrolled loop with a test each (``r`` a constant in ``res``: a tile held in
+    registers stays there)."""
     row = f"{block} * {_i(rows)} + r"
-    L = [f"{ind}for r in range(T.min({_i(rows)}, m - {block} * {_i(rows)})):"]
-    if n % B == 0:
-        L += [f"{ind}    for c in T.vectorized({_i(B)}):",
-              f"{ind}        y[{row}, nb * {_i(B)} + c] = {res}"]
+    if unroll:
+        L = [f"{ind}for r in T.unroll({_i(rows)}):", f"{ind}    if {row} < m:"]
+        ind += "    "
+    else:
+        L = [f"{ind}for r in range(T.min({_i(rows)}, m - {block} * {_i(rows)})):"]
+    col = f"{cblock} * {_i(cols)} + c"
+    if n % cols == 0:
+        L += [f"{ind}    for c in T.vectorized({_i(cols)}):",
+              f"{ind}        y[{row}, {col}] = {res}"]
     else:  # the last block's padded channels are not written
-        L += [f"{ind}    for c in range({_i(B)}):",
-              f"{ind}        if nb * {_i(B)} + c < {_i(n)}:",
-              f"{ind}            y[{row}, nb * {_i(B)} + c] = {res}"]
+        L += [f"{ind}    for c in range({_i(cols)}):",
+              f"{ind}        if {col} < {_i(n)}:",
+              f"{ind}            y[{row}, {col}] = {res}"]
     return L
 
 
@@ -862,6 +931,14 @@ class QLinearKernel:
     qact: Any
     qmm: Any
 
+    def xq_rows(self, m: Any) -> Any:
+        """Rows of the quantized activations ``xq`` for ``m`` rows (an int or a TIR expression): whole AMX
+        row blocks, or whole register tiles of the VNNI kernel; qact writes rows ``< m`` only."""
+        if self.spec.amx:
+            return amx_rows(m)
+        mt = self.tile.mt
+        return m if mt == 1 else (m + mt - 1) // mt * mt
+
     @property
     def names(self) -> tuple[str, str]:
         """Global names the PrimFuncs get in a Relax module."""
@@ -886,6 +963,8 @@ def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig) -> QLinearKernel:
     gelu = {"T": T, "GELU": gelu_expr}
     if spec.amx:  # written as the loop nest it runs: no schedule
         qmm = tvm.script.from_source(_qmm_amx_source(spec), extra_vars=gelu)
+    elif vnni and not spec.int4:  # 8-bit weights on VNNI: written as the loop nest it runs
+        qmm = tvm.script.from_source(_qmm_vnni_source(spec, tile), extra_vars=gelu)
     else:
         qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile), extra_vars=gelu), spec, vnni)
     qact = qact.with_attr("tirx.is_scheduled", True)
@@ -1051,7 +1130,7 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     gv_m = add_prim_func(bb, kernel.qmm, name_m)
     S = len(spec.segments)
     C = spec.num_clusters
-    outs = [relax.TensorType([amx_rows(m) if spec.amx else m, spec.kp], "uint8")]
+    outs = [relax.TensorType([kernel.xq_rows(m), spec.kp], "uint8")]
     if spec.dynamic:
         outs += [relax.TensorType([m, C], "float32"), relax.TensorType([m, C], "int32")]
     if not spec.w_symmetric:
@@ -1148,7 +1227,7 @@ def run_quant_linear(kernel: QLinearKernel, x: Any, packed: Mapping[str, np.ndar
     t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
     if spec.amx and not amx_permission():
         raise RuntimeError("int_kernels.run_quant_linear: this process may not use the AMX tile registers")
-    xq = t(np.zeros((amx_rows(m) if spec.amx else m, spec.kp), np.uint8))
+    xq = t(np.zeros((kernel.xq_rows(m), spec.kp), np.uint8))
     xs = None
     dyn: list[Any] = []
     perm = [t(np.asarray(packed["perm"], np.int32))] if spec.gather else []
@@ -1169,7 +1248,7 @@ def run_quant_linear(kernel: QLinearKernel, x: Any, packed: Mapping[str, np.ndar
     margs += [t(packed["bias"]), y]
     fm["main"](*margs)
     if return_intermediates:
-        return y.numpy(), xq.numpy(), (xs.numpy() if xs is not None else None)
+        return y.numpy(), xq.numpy()[:m], (xs.numpy() if xs is not None else None)  # the rows qact writes
     return y.numpy()
 
 
