@@ -760,8 +760,8 @@ def _panel_width(ctx: Ctx, x_value: Value, w_value: Value) -> int | None:
     name = ctx.param_name(w_value)
     if name is None or w_value.type.dtype != "f32" or x_value.type.dtype != "f32" or w_value.type.rank != 2:
         return None
-    if x_value.type.rank < 2 or any(_static_int(ctx, d) is None for d in x_value.type.shape[:-2]):
-        return None  # one leading dim (the rows) may be symbolic: a symbolic batch axis would be padded too
+    if x_value.type.rank < 2:
+        return None
     from ctc.backends.tvm.schedules import MatmulRule, vector_lanes
 
     width = vector_lanes(target, 32) * MatmulRule().nb
