@@ -55,3 +55,24 @@ def test_machine_info_fields():
     assert info["cpu"] and info["logical_cores"] >= 1 and 1 <= info["usable_cores"] <= info["logical_cores"]
     assert info["torch"] == torch.__version__
     assert info["tvm"] is not None and info["tvm"].startswith("0.")
+
+
+def test_a_time_budget_stops_a_slow_callee_after_three_runs_and_says_so():
+    """A 10 s callee under a 20 s budget: one warm-up (it used over a quarter of the budget), then timed
+    runs until the budget is spent with at least three in; a fast callee is not cut (20 runs)."""
+    now = [0.0]
+
+    def slow():
+        now[0] += 10.0
+
+    r = L.measure_latency(slow, runs=20, warmup=3, max_seconds=20.0, clock=lambda: now[0])
+    assert (r.warmup, r.runs, r.budget_s) == (1, 3, 20.0)
+    assert "stopped by the 20 s time budget" in r.protocol and "3 runs after 1 warm-up" in r.protocol
+
+    def fast():
+        now[0] += 0.01
+
+    f = L.measure_latency(fast, runs=20, warmup=3, max_seconds=20.0, clock=lambda: now[0])
+    assert (f.warmup, f.runs, f.budget_s) == (3, 20, None) and "budget" not in f.protocol
+    with pytest.raises(ValueError, match="max_seconds"):
+        L.measure_latency(fast, max_seconds=0)

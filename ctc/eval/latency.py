@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_RUNS", "LatencyResult", "measure_latency", "percentile", "machine_info"]
+__all__ = ["BUDGET_MIN_RUNS", "MIN_RUNS", "LatencyResult", "measure_latency", "percentile", "machine_info"]
 
 MIN_RUNS = 20
+BUDGET_MIN_RUNS = 3  # timed runs a time budget may stop at (a median of 3 calls of a slow reference)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,10 +50,12 @@ class LatencyResult:
     threads: int
     times_ms: list[float] = field(repr=False)
     label: str = ""
+    budget_s: float | None = None  # set when a time budget cut the runs short of the requested count
 
     @property
     def protocol(self) -> str:
-        return f"median/p90 of {self.runs} runs after {self.warmup} warm-up, {self.threads} thread(s)"
+        cut = "" if self.budget_s is None else f" (stopped by the {self.budget_s:g} s time budget)"
+        return f"median/p90 of {self.runs} runs after {self.warmup} warm-up{cut}, {self.threads} thread(s)"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,11 +64,14 @@ class LatencyResult:
 
 
 def measure_latency(fn: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 3, threads: int | None = None,
-                    min_seconds: float = 0.0, label: str = "",
+                    min_seconds: float = 0.0, max_seconds: float | None = None, label: str = "",
                     clock: Callable[[], float] = time.perf_counter) -> LatencyResult:
     """Time ``fn()``: ``warmup`` untimed calls, then at least ``runs`` (>= 20) timed calls.
 
-    More runs are taken until ``min_seconds`` of timed work has accumulated.  ``threads`` sets
+    More runs are taken until ``min_seconds`` of timed work has accumulated.  ``max_seconds`` is a
+    time budget for a slow callee (a reference implementation timed only for comparison): warm-up
+    stops once it has used a quarter of the budget, and timing stops once the budget is spent and
+    at least ``BUDGET_MIN_RUNS`` runs are in; the result's protocol says so.  ``threads`` sets
     torch's intra-op thread count for the measurement (restored afterwards); None keeps the
     current count, which is reported either way.  ``clock`` is injectable for tests.
     """
@@ -75,16 +81,24 @@ def measure_latency(fn: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int 
         raise ValueError(f"measure_latency: warmup must be >= 0, got {warmup}")
     if threads is not None and threads < 1:
         raise ValueError(f"measure_latency: threads must be >= 1, got {threads}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"measure_latency: max_seconds must be > 0, got {max_seconds}")
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         used = torch.get_num_threads()
-        for _ in range(warmup):
+        warmed, t_start = 0, clock()
+        while warmed < warmup and (max_seconds is None or warmed == 0 or clock() - t_start < max_seconds / 4):
             fn()
+            warmed += 1
         times: list[float] = []
         total = 0.0
+        cut = False
         while len(times) < runs or total < min_seconds:
+            if max_seconds is not None and total >= max_seconds and len(times) >= BUDGET_MIN_RUNS:
+                cut = True
+                break
             t0 = clock()
             fn()
             dt = clock() - t0
@@ -95,7 +109,8 @@ def measure_latency(fn: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int 
             torch.set_num_threads(old)
     return LatencyResult(median_ms=statistics.median(times), p90_ms=percentile(times, 90),
                          mean_ms=statistics.fmean(times), min_ms=min(times), max_ms=max(times), runs=len(times),
-                         warmup=warmup, threads=used, times_ms=times, label=label)
+                         warmup=warmed, threads=used, times_ms=times, label=label,
+                         budget_s=max_seconds if cut else None)
 
 
 def _cpu_model() -> str:
