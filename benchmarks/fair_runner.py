@@ -79,12 +79,22 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def _proc_stat_cpu() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
 def machine_busy_ns() -> int:
     """CPU time (ns) every process on the machine has run (/proc/stat: user+nice+system+irq+softirq+steal)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
+    fields = _proc_stat_cpu()
     busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + (fields[7] if len(fields) > 7 else 0)
     return busy * (10**9 // os.sysconf("SC_CLK_TCK"))
+
+
+def steal_ns() -> int:
+    """CPU time (ns) the hypervisor took from this VM's cores (/proc/stat's steal; 0 on bare metal)."""
+    fields = _proc_stat_cpu()
+    return (fields[7] if len(fields) > 7 else 0) * (10**9 // os.sysconf("SC_CLK_TCK"))
 
 
 class Child:
@@ -140,12 +150,13 @@ class Timings:
     idle_ns: int = 0
     timed_ns: int = 0
     foreign_ns: int = 0
+    steal_ns: int = 0
     outputs: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> dict[str, float]:
         timed = max(self.timed_ns, 1)
         return {"idle_cpu_ms": self.idle_ns / 1e6, "timed_ms": self.timed_ns / 1e6, "idle_share": self.idle_ns / timed,
-                "foreign_cores": self.foreign_ns / timed}
+                "foreign_cores": self.foreign_ns / timed, "steal_cores": self.steal_ns / timed}
 
 
 def time_runtimes(script: str, specs: dict[str, dict[str, Any]], *, runs: int, rounds: int, settle: float,
@@ -172,19 +183,20 @@ def time_runtimes(script: str, specs: dict[str, dict[str, Any]], *, runs: int, r
                 time.sleep(settle)
                 others = [p for k, p in pids.items() if k != rt] + [os.getpid()]
                 before = {p: cpu_ns(p) for p in [*others, pids[rt]]}
-                busy0, t0 = machine_busy_ns(), time.perf_counter_ns()
+                busy0, stolen0, t0 = machine_busy_ns(), steal_ns(), time.perf_counter_ns()
                 reply = children[rt].ask(f"run {per}")
-                wall, busy1 = time.perf_counter_ns() - t0, machine_busy_ns()
+                wall, busy1, stolen1 = time.perf_counter_ns() - t0, machine_busy_ns(), steal_ns()
                 after = {p: cpu_ns(p) for p in before}
                 ours = sum(after[p] - before[p] for p in before)
                 t.idle_ns += sum(after[p] - before[p] for p in others)
                 t.timed_ns += wall
                 t.foreign_ns += max(0, (busy1 - busy0) - ours)
+                t.steal_ns += stolen1 - stolen0
                 t.times[rt] += json.loads(reply)
                 t.cpu_ns[rt] += after[pids[rt]] - before[pids[rt]]
         (work / f"times_{tag}.json").write_text(json.dumps({"times": t.times, "cpu_ns": t.cpu_ns, "calls": t.calls,
                                                             "idle_ns": t.idle_ns, "timed_ns": t.timed_ns,
-                                                            "foreign_ns": t.foreign_ns}))
+                                                            "foreign_ns": t.foreign_ns, "steal_ns": t.steal_ns}))
         for rt, c in children.items():
             p = work / f"out_{rt}_{tag}.npy"
             c.ask(f"out {p}")
@@ -214,6 +226,9 @@ def check_lines(check: dict[str, float]) -> list[str]:
         f"Other users of the machine took {check['foreign_cores']:.2f} cores on average during the timed batches"
         + (" (measured under load: absolute numbers are noisy, ratios less so)." if check["foreign_cores"] > 0.1
            else " (quiet)."),
+        f"The hypervisor took {check.get('steal_cores', 0.0):.2f} cores (steal time) during the timed batches"
+        + (": every runtime was slowed by it; compare only same-run ratios." if check.get("steal_cores", 0.0) > 0.05
+           else "."),
     ]
 
 
