@@ -48,7 +48,7 @@ def _bound(comp: Any) -> dict[str, list[int]]:
     return {p["name"]: p["shape"] for p in comp.meta["params"]}
 
 
-@pytest.mark.parametrize("seq", [5, 16])
+@pytest.mark.parametrize("seq", [5, 13, 16])
 def test_packed_linears_match_the_interpreter(seq: int, tmp_path: Path) -> None:
     m = _ffn(64)
     comp = compile_module(m, options=BuildOptions(params="input", static_dims={"seq": seq}, fp32_matmul="strict"))
@@ -114,7 +114,7 @@ def test_any_length_panel_matmul_copies_no_operand() -> None:
         assert "T.parallel" in text and "T.vectorized" in text, f"{name} is not the register-tiled schedule"
 
 
-@pytest.mark.parametrize("seq", [None, 16])
+@pytest.mark.parametrize("seq", [None, 13, 16])
 def test_symbolic_batch_linears_read_panels_and_match_the_interpreter(seq: int | None, tmp_path: Path) -> None:
     """A symbolic batch dim (an encoder's ``[batch, seq, K]``, fixed or any sequence length) packs the panels
     too, and is right for several batch sizes and row counts that are and are not whole register tiles."""
@@ -139,3 +139,23 @@ def test_symbolic_shape_build_keeps_buffer_alias_info() -> None:
     sources = [m.inspect_source("ll") for m in mod.imports if m.kind == "llvm"]
     assert sources and all("fused_matmul" not in s or '"tvm-alias"' not in s for s in sources)
     assert any("fused_matmul" in s for s in sources)
+
+
+@pytest.mark.parametrize("batch", [1, "batch"])
+def test_fixed_rows_not_whole_tiles_are_scheduled(batch: int | str) -> None:
+    """A fixed row count that is not whole register tiles (13 = 8 + 5, no 7s or 6s) is computed in whole
+    tiles by the panel linear (clamped rows), so the matmul schedule applies; padding cannot read panels,
+    and the kernel was left unscheduled (~80x slower)."""
+    from ctc.backends.tvm.build import relax_passes, schedule_defaults
+    from ctc.backends.tvm.lower import lower
+    from ctc.backends.tvm.targets import resolve
+
+    tgt = resolve("cpu").target()
+    low = lower(_ffn(64, batch=batch), params="const", target=tgt, fp32_matmul="strict", static_dims={"seq": 13})
+    with tgt:
+        mod = schedule_defaults(relax_passes(tgt)(low.mod), tgt)
+    mm = {gv.name_hint: f.script() for gv, f in mod.functions.items()
+          if hasattr(f, "body") and not hasattr(f, "ret_struct_info") and "matmul_panels" in f.script()}
+    assert len(mm) == 2, sorted(mm)
+    for name, text in mm.items():
+        assert "T.parallel" in text and "T.vectorized" in text and "_pad" not in text, f"{name}:\n{text}"

@@ -793,10 +793,10 @@ def _linear_panels(width: int, row_tile: int | None = None) -> Callable[[Any, An
     contiguous, where the ``[K, N]`` layout strides it by N.  Measured single-thread on the MiniLM
     shapes (one core, CPU time): 128x384x1536 1.25 -> 1.03 ms, 128x1536x384 1.11 -> 0.99 ms.
 
-    ``row_tile`` (symbolic rows ``M``, an any-length build): the product is computed for ``M`` rounded up
-    to whole tiles of ``row_tile`` rows, the rows past ``M`` reading row ``M - 1`` again (a clamped index,
-    no padded copy of ``x``), and only rows ``< M`` are kept: the matmul schedule then sees whole tiles
-    and needs no bounds predicate in its register tile, as with a fixed length."""
+    ``row_tile`` (symbolic rows ``M`` of an any-length build, or a fixed ``M`` that is not whole tiles): the
+    product is computed for ``M`` rounded up to whole tiles of ``row_tile`` rows, the rows past ``M`` reading
+    row ``M - 1`` again (a clamped index, no padded copy of ``x``), and only rows ``< M`` are kept: the matmul
+    schedule then sees whole tiles and needs no bounds predicate in its register tile."""
     def f(x: Any, wp: Any) -> Any:
         from tvm import te, tirx
 
@@ -868,9 +868,13 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callabl
                        .transpose(1, 0, 2), source={"op": f"panels{width}", "from": [name]})
         from ctc.backends.tvm.schedules import MatmulRule
 
-        symbolic = _static_int(ctx, x_value.type.shape[-2]) is None
+        rows = _static_int(ctx, x_value.type.shape[-2])
+        tile = MatmulRule().row_tile(rows)
+        # rows that are not whole register tiles (symbolic, or a fixed 100) are computed in whole tiles here:
+        # the schedule's pad_einsum cannot read panels (the kernel was left unscheduled, ~80x slower)
+        whole = rows is None or rows % tile != 0
         # a matmul to FuseOps (op_pattern 4, out-elementwise fusable): bias, GELU and the residual fuse after it
-        return ctx.te(_linear_panels(width, MatmulRule().mt if symbolic else None), x, wp, name="matmul",
+        return ctx.te(_linear_panels(width, tile if whole else None), x, wp, name="matmul",
                       primfunc_attrs={"op_pattern": 4})
     return ctx.emit(ctx.relax.op.matmul(x, _weight_t(ctx, w_value, w, pad)))
 

@@ -100,6 +100,16 @@ class MatmulRule(_CpuRule):
         self.k_unroll = k_unroll
         self.vecmat_max_n = vecmat_max_n
 
+    def row_tile(self, rows: int | None) -> int:
+        """Rows of the register tile for ``rows`` rows (None: symbolic); rows that are not whole tiles are padded."""
+        if rows is None or rows % self.mt == 0:
+            return self.mt
+        if rows < self.mt:
+            return max(rows, 1)
+        # a row count of 7s or 6s (a 7x7 or 14x14 plane, channels-last): a tile that divides it
+        # rather than rows padded and computed for nothing
+        return next((t for t in (7, 6) if t < self.mt and rows % t == 0), self.mt)
+
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
         found = single_reduction(func)
         if found is None:
@@ -150,14 +160,8 @@ class MatmulRule(_CpuRule):
                 nb = 1
             while nb > 1 and n_ext % (lanes * nb) != 0 and not pad_n:
                 nb -= 1
-        mt = self.mt
         m_ext = _extent(sch, lm)
-        if m_ext is not None and m_ext < mt:
-            mt = max(m_ext, 1)
-        elif m_ext is not None and m_ext % mt:
-            # a row count of 7s or 6s (a 7x7 or 14x14 plane, channels-last): a tile that divides it
-            # rather than rows padded and computed for nothing
-            mt = next((t for t in (7, 6) if t < mt and m_ext % t == 0), mt)
+        mt = self.row_tile(m_ext)
         # symbolic rows provably in whole tiles (a panel linear of an any-length build computes them so)
         pad_m = (m_ext is None and not _divisible(sch.get(lm).extent, mt)) or (m_ext is not None and m_ext % mt != 0)
         if m_ext is None and pad_m and not pad_n and n_ext is not None and n_ext <= self.vecmat_max_n \
