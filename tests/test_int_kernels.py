@@ -245,6 +245,15 @@ def test_gathering_quantizer_equals_permuting_first(vnni: bool | str, dynamic: b
                               {**packed, "perm": perm.numpy()})
     assert got_spec.tag != spec.tag
     np.testing.assert_array_equal(got, want)
+    kern = ik.plan_quant_linear(got_spec, use_vnni=vnni is not False)
+    if not dynamic and "avx512vbmi" in open("/proc/cpuinfo").read():
+        # quantized in channel order, the codes permuted with byte shuffles: no f32 lane gathered one at a time
+        assert kern.permute
+        asm = ik.build_kernel(kern)[0].mod.inspect_source("asm")
+        assert "vpermt2b" in asm or "vpermi2b" in asm
+        assert "vinsertps" not in asm and "vgatherdps" not in asm
+        with pytest.raises(ValueError, match="permutation of range"):
+            ik.permute_tables(got_spec, np.zeros(136, np.int32), c["s"], c["z"])
 
 
 @pytest.mark.parametrize("kind", [pytest.param("amx", marks=needs_amx), *SCHEDULES])

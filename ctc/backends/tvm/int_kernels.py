@@ -381,7 +381,7 @@ def _i(v: int) -> str:
     return f"T.int64({int(v)})"
 
 
-def _quotient(v: str, s: str) -> str:
+def _quotient(v: str, s: str, r: str | None = None) -> str:
     """TVMScript of ``v / s`` in f32, correctly rounded (bit-identical to the division) without a vector division.
 
     Why: ``vdivps`` retires 16 quotients per ~10 cycles, which made it the bound of the activation
@@ -393,7 +393,7 @@ def _quotient(v: str, s: str) -> str:
     by the caller like the division's), not ``inf - inf``; any quotient that large saturates anyway.
     ``1/s`` is loop-invariant (a scale per cluster or per row) and leaves the inner loop."""
     fma = 'T.call_llvm_pure_intrin("float32", "llvm.fma", {}, {}, {})'
-    r = f"(T.float32(1) / {s})"
+    r = r or f"(T.float32(1) / {s})"  # or ``r``: that reciprocal, read from a table
     q = f"T.max(T.min({v} * {r}, T.float32(1073741824.0)), T.float32(-1073741824.0))"
     return fma.format(fma.format(f"(T.float32(0) - {q})", s, v), r, q)
 
@@ -471,6 +471,114 @@ def _qact_source(spec: QLinearSpec) -> str:
                   f"                    xsum[vr, {_i(si)}] = 0",
                   f"                xsum[vr, {_i(si)}] = xsum[vr, {_i(si)}]"
                   f' + T.Cast("int32", xq[vr, {_i(seg.poff)} + vj])']
+    return "\n".join(L) + "\n"
+
+
+PERMUTE_NAMES = ("ch_scale", "ch_rcp", "ch_zero", "pidx", "psel")
+"""Operands of the byte-permuting quantizer (:func:`permute_tables`), in its parameter order."""
+PERMUTE_MAX_K = 2048  # the permuting quantizer's code grows as K^2 / 8192 byte shuffles per row
+
+
+def _permute_dims(spec: QLinearSpec) -> tuple[int, int]:
+    """(pairs of 64-byte registers holding one row's codes in channel order, 64-byte chunks of a row of xq)."""
+    return -(-spec.k // 128), -(-spec.kp // 64)
+
+
+def permute_tables(spec: QLinearSpec, perm: Any, act_scale: Any, act_zero: Any) -> dict[str, np.ndarray]:
+    """The byte-permuting quantizer's operands for a gathering ``spec`` (``x[:, perm]`` is quantized).
+
+    Per input channel ``k`` (channel order): its cluster's scale ``ch_scale``, the scale's reciprocal
+    ``ch_rcp`` (f32, correctly rounded like the kernel's own ``1 / s``) and zero point ``ch_zero`` (f32);
+    per byte ``p`` of an ``xq`` row (whole 64-byte chunks): the channel it holds, as the pair of code
+    registers ``psel[p]`` (255: a segment's padding, zero) and the byte in that pair ``pidx[p]``."""
+    perm_a = _np(perm).astype(np.int64).reshape(-1)
+    if sorted(perm_a.tolist()) != list(range(spec.k)):
+        raise ValueError(f"int_kernels.permute_tables: perm must be a permutation of range({spec.k})")
+    a_s = _np(act_scale, np.float32).reshape(-1)
+    a_z = _np(act_zero, np.int64).reshape(-1)
+    if a_s.shape != (spec.num_clusters,) or a_z.shape != (spec.num_clusters,):
+        raise ValueError(f"int_kernels.permute_tables: act_scale/act_zero must have {spec.num_clusters} entries")
+    pos_cluster = np.zeros(spec.k, np.int64)
+    _, chunks = _permute_dims(spec)
+    pidx = np.zeros(chunks * 64, np.uint8)
+    psel = np.full(chunks * 64, 255, np.uint8)
+    for seg in spec.segments:
+        pos_cluster[seg.k0: seg.k0 + seg.length] = seg.cluster
+        src = perm_a[seg.k0: seg.k0 + seg.length]
+        pidx[seg.poff: seg.poff + seg.length] = src % 128
+        psel[seg.poff: seg.poff + seg.length] = src // 128
+    ch_cluster = np.empty(spec.k, np.int64)
+    ch_cluster[perm_a] = pos_cluster
+    ch_scale = a_s[ch_cluster].astype(np.float32)
+    return {"ch_scale": ch_scale, "ch_rcp": (np.float32(1) / ch_scale).astype(np.float32),
+            "ch_zero": a_z[ch_cluster].astype(np.float32), "pidx": pidx, "psel": psel}
+
+
+def _qact_permute_source(spec: QLinearSpec) -> str:
+    """TVMScript of the gathering static quantizer that quantizes in channel order and permutes the codes.
+
+    Why: reading ``x[r, perm[j]]`` makes TVM gather f32 lanes one at a time (3-4x the ungathered
+    quantizer; AVX-512 gathers are barely faster here).  Each channel's code only depends on its cluster's
+    (scale, zero), so the row is quantized in channel order with per-channel tables (contiguous vectors,
+    the same arithmetic: :func:`_quotient`), kept as u8 in registers, and every 64-byte chunk of the
+    ``xq`` row is picked from them with ``vpermi2b`` (AVX512-VBMI: any byte of two registers) per register
+    pair and a blend by ``psel`` (:func:`permute_tables`); padding bytes select nothing and stay zero."""
+    K, S, KP = spec.k, len(spec.segments), spec.kp
+    qmax = (1 << spec.a_bits) - 1
+    xsum = not spec.w_symmetric
+    pairs, chunks = _permute_dims(spec)
+    tb = pairs * 128
+    L = ["@T.prim_func(s_tir=True)",
+         f'def qact(var_x: T.handle, ch_scale: T.Buffer(({_i(K)},), "float32"), ch_rcp: T.Buffer(({_i(K)},), '
+         f'"float32"), ch_zero: T.Buffer(({_i(K)},), "float32"), pidx: T.Buffer(({_i(chunks * 64)},), "uint8"), '
+         f'psel: T.Buffer(({_i(chunks * 64)},), "uint8"), var_xq: T.handle{", var_xsum: T.handle" if xsum else ""}):',
+         '    T.func_attr({"tirx.noalias": True})',
+         "    m = T.int64()",
+         f'    x = T.match_buffer(var_x, (m, {_i(K)}), "float32")',
+         *_xq_rows(spec)]
+    if xsum:
+        L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    rne = 'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {v}, dtype="float32")'
+
+    def code(k: str) -> str:
+        v = _quotient(f"x[r, {k}]", f"ch_scale[{k}]", f"ch_rcp[{k}]")
+        return f'T.Cast("uint8", T.max(T.min({rne.format(v=v)} + ch_zero[{k}], T.float32({qmax})), T.float32(0)))'
+
+    ind = " " * 12
+    L += ['    with T.sblock("root"):',
+          "        for r in T.parallel(m):",
+          f'            t = T.decl_buffer(({_i(tb)},), "uint8", scope="local")',
+          '            o = T.decl_buffer((T.int64(64),), "uint8", scope="local")']
+    main = K // 16 * 16
+    if main:
+        L += [f"{ind}for jo in range({_i(main // 16)}):",
+              f"{ind}    for ji in T.vectorized(T.int64(16)):",
+              f"{ind}        t[jo * T.int64(16) + ji] = {code('jo * T.int64(16) + ji')}"]
+    if K > main:
+        L += [f"{ind}for j in range({_i(main)}, {_i(K)}):", f"{ind}    t[j] = {code('j')}"]
+    if tb > K:
+        L += [f"{ind}for j in T.vectorized({_i(tb - K)}):", f"{ind}    t[{_i(K)} + j] = T.uint8(0)"]
+    for oc in range(chunks):
+        sel = f'psel.vload([{_i(oc * 64)}], "uint8x64")'
+        idx = f'pidx.vload([{_i(oc * 64)}], "uint8x64")'
+        expr = "T.broadcast(T.uint8(0), 64)"
+        for pr in reversed(range(pairs)):
+            pick = (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpermi2var.qi.512"), '
+                    f't.vload([{_i(pr * 128)}], "uint8x64"), {idx}, t.vload([{_i(pr * 128 + 64)}], "uint8x64"), '
+                    'dtype="uint8x64")')
+            expr = f"T.Select({sel} == T.broadcast(T.uint8({pr}), 64), {pick}, {expr})"
+        width = min(64, KP - oc * 64)
+        if width == 64:
+            L.append(f"{ind}xq[r, T.ramp({_i(oc * 64)}, 1, 64)] = {expr}")
+        else:  # the row's last, partial chunk: only its bytes are stored (the next row follows)
+            L += [f"{ind}o[T.ramp(T.int64(0), 1, 64)] = {expr}",
+                  f"{ind}for j in T.vectorized({_i(width)}):",
+                  f"{ind}    xq[r, {_i(oc * 64)} + j] = o[j]"]
+    if xsum:
+        for si, seg in enumerate(spec.segments):
+            L += [f"{ind}xsum[r, {_i(si)}] = 0",
+                  f"{ind}for j in range({_i(seg.plen)}):",
+                  f'{ind}    xsum[r, {_i(si)}] = xsum[r, {_i(si)}] + T.Cast("int32", xq[r, {_i(seg.poff)} + j])']
     return "\n".join(L) + "\n"
 
 
@@ -930,6 +1038,7 @@ class QLinearKernel:
     vnni: bool
     qact: Any
     qmm: Any
+    permute: bool = False  # qact quantizes in channel order and permutes the codes (operands PERMUTE_NAMES)
 
     def xq_rows(self, m: Any) -> Any:
         """Rows of the quantized activations ``xq`` for ``m`` rows (an int or a TIR expression): whole AMX
@@ -943,18 +1052,21 @@ class QLinearKernel:
     def names(self) -> tuple[str, str]:
         """Global names the PrimFuncs get in a Relax module."""
         how = "amx" if self.spec.amx else f"{'vnni' if self.vnni else 'int'}_{self.tile.mt}x{self.tile.nb}"
+        how += "_pb" if self.permute else ""
         suffix = f"{self.spec.tag}_{how}"
         return f"ctc_qact_{suffix}", f"ctc_qmm_{suffix}"
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig) -> QLinearKernel:
+def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig, permute: bool = False) -> QLinearKernel:
     import tvm
 
     if vnni:
         register_vnni_intrinsics()
     if spec.dynamic:  # hand-scheduled already (vector min/max, vectorized quantization)
         qact = tvm.script.from_source(_qact_dynamic_source(spec))
+    elif permute:  # written as the loop nest it runs
+        qact = tvm.script.from_source(_qact_permute_source(spec))
     else:
         qact = _schedule_qact(tvm.script.from_source(_qact_source(spec)))
     from ctc.backends.tvm.row_kernels import gelu_expr
@@ -969,7 +1081,7 @@ def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig) -> QLinearKernel:
         qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile), extra_vars=gelu), spec, vnni)
     qact = qact.with_attr("tirx.is_scheduled", True)
     qmm = qmm.with_attr("tirx.is_scheduled", True)
-    return QLinearKernel(spec, tile, vnni, qact, qmm)
+    return QLinearKernel(spec, tile, vnni, qact, qmm, permute)
 
 
 def plan_quant_linear(spec: QLinearSpec, target: Any = None, *, use_vnni: bool | None = None,
@@ -977,8 +1089,12 @@ def plan_quant_linear(spec: QLinearSpec, target: Any = None, *, use_vnni: bool |
     """Generate and schedule the kernels for ``spec`` on ``target`` (default: this host).
 
     ``use_vnni=None`` picks VNNI when the target has it; ``False`` forces the plain integer
-    schedule; ``True`` on a target without VNNI is an error.
+    schedule; ``True`` on a target without VNNI is an error.  A gathering static quantizer permutes
+    its codes with AVX512-VBMI where the target has it (``kernel.permute``: operands
+    :func:`permute_tables` instead of ``perm``).
     """
+    import tvm
+
     kind = _as_target(target).kind.name
     if kind != "llvm":
         raise ValueError(f"int_kernels.plan_quant_linear: these are CPU kernels and need an llvm target, got {kind!r}")
@@ -991,7 +1107,9 @@ def plan_quant_linear(spec: QLinearSpec, target: Any = None, *, use_vnni: bool |
     elif use_vnni and not has:
         raise ValueError(f"int_kernels: use_vnni=True but target {_as_target(target)} lacks avx512vnni; "
                          "pass use_vnni=None to fall back to the plain integer schedule")
-    return _plan(spec, bool(use_vnni), tile or default_tile(spec))
+    permute = (spec.gather and not spec.dynamic and spec.k <= PERMUTE_MAX_K
+               and bool(tvm.target.codegen.target_has_features(["avx512vbmi", "avx512bw"], _as_target(target))))
+    return _plan(spec, bool(use_vnni), tile or default_tile(spec), permute)
 
 
 # ----------------------------------------------------------------------------- weight packing
@@ -1106,12 +1224,14 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     from tvm import relax
 
     spec = kernel.spec
+    gather_ops = list(PERMUTE_NAMES) if kernel.permute else ["perm"] if spec.gather else []
     need = [n for n in PACKED_NAMES if (n != "wzero" or not spec.w_symmetric)
-            and (n not in ("act_scale", "act_zero") or not spec.dynamic)] + (["perm"] if spec.gather else [])
+            and (n not in ("act_scale", "act_zero") or not (spec.dynamic or kernel.permute))] + gather_ops
     missing = [n for n in need if n not in packed]
     if missing:
         raise ValueError(f"int_kernels.emit_quant_linear_packed: packed operands {missing} missing "
-                         "(make them with prepack_weights; `perm`, int32 [K], is the gathered input's permutation)")
+                         "(make them with prepack_weights; `perm`, int32 [K], is the gathered input's permutation, "
+                         "permute_tables makes the rest of a gathering quantizer's)")
     ops = {n: (relax.const(packed[n]) if isinstance(packed[n], np.ndarray) else packed[n]) for n in need}
     ty = x.ty if hasattr(x, "ty") else x.struct_info
     shape = list(ty.shape)
@@ -1135,8 +1255,8 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
         outs += [relax.TensorType([m, C], "float32"), relax.TensorType([m, C], "int32")]
     if not spec.w_symmetric:
         outs.append(relax.TensorType([m, S], "int32"))
-    qin = [xin, *([ops["perm"]] if spec.gather else [])]
-    qin += [] if spec.dynamic else [ops["act_scale"], ops["act_zero"]]
+    qin = [xin, *(ops[n] for n in gather_ops)]
+    qin += [] if spec.dynamic or kernel.permute else [ops["act_scale"], ops["act_zero"]]
     key = None if share is None or memo is None else ("qact", name_a, x, share)
     if key is not None and key in memo:
         args = list(memo[key])
@@ -1234,6 +1354,9 @@ def run_quant_linear(kernel: QLinearKernel, x: Any, packed: Mapping[str, np.ndar
     if spec.dynamic:
         dyn = [t(np.zeros((m, spec.num_clusters), np.float32)), t(np.zeros((m, spec.num_clusters), np.int32))]
         qargs: list[Any] = [t(xa), *perm, xq, *dyn]
+    elif kernel.permute:
+        tabs = permute_tables(spec, packed["perm"], packed["act_scale"], packed["act_zero"])
+        qargs = [t(xa), *(t(tabs[n]) for n in PERMUTE_NAMES), xq]
     else:
         qargs = [t(xa), *perm, t(packed["act_scale"]), t(packed["act_zero"]), xq]
     if not spec.w_symmetric:

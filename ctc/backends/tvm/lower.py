@@ -1763,7 +1763,10 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
             ctx.int_kernels += 1
             ctx.amx_kernels += int(spec.amx)
             x_in = a["x"] if gathered is None else gathered[0]
-            if gathered is not None:
+            if gathered is not None and kernel.permute:  # qact quantizes in channel order, permutes the codes
+                tabs = IK.permute_tables(spec, ctx.param_array(gathered[1]), packed["act_scale"], packed["act_zero"])
+                rel.update({nm: ctx.param(gathered[1], f"{key}_{nm}", array=arr) for nm, arr in tabs.items()})
+            elif gathered is not None:
                 rel["perm"] = ctx.param(gathered[1], "int32", fn=lambda p: p.astype(np.int32))
             # linears reading one activation with equal ranges (q, k, v) quantize it once
             share = (gathered[1] if gathered is not None else None,
