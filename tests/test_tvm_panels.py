@@ -159,3 +159,21 @@ def test_fixed_rows_not_whole_tiles_are_scheduled(batch: int | str) -> None:
     assert len(mm) == 2, sorted(mm)
     for name, text in mm.items():
         assert "T.parallel" in text and "T.vectorized" in text and "_pad" not in text, f"{name}:\n{text}"
+
+
+def test_small_register_tiles_accumulate_on_the_stack() -> None:
+    """A 7-row tile (a 7x7 plane's 49 rows) is under 1 KB: its accumulator is a "global" buffer (a stack
+    array, registers after SROA), not a "local" one (TVM's workspace pool: an alloc, memset and free per tile)."""
+    from ctc.backends.tvm.build import relax_passes, schedule_defaults
+    from ctc.backends.tvm.lower import lower
+    from ctc.backends.tvm.targets import resolve
+
+    tgt = resolve("cpu").target()
+    low = lower(_ffn(64), params="const", target=tgt, fp32_matmul="strict", static_dims={"seq": 49})
+    with tgt:
+        mod = schedule_defaults(relax_passes(tgt)(low.mod), tgt)
+    mm = [f.script() for f in mod.functions.values()
+          if hasattr(f, "body") and not hasattr(f, "ret_struct_info") and "matmul_panels" in f.script()]
+    assert len(mm) == 2
+    for text in mm:
+        assert "T.unroll(T.int64(7))" in text and 'scope="local"' not in text, text

@@ -197,6 +197,10 @@ class MatmulRule(_CpuRule):
             sch.reorder(*batch, no, mo, lk, mi, nj, nv)
             outer = sch.fuse(*batch, no, mo)
         tile = outer
+        # The accumulator tile: TVM puts a "local" buffer in its workspace pool (an alloc, a memset of the init and
+        # a free per tile); a "global" one under 1 KB stays on the stack, in registers after LLVM's SROA: measured
+        # 5-6% faster for a 7 x 32 tile (112 x 384 x 384, one thread). The 8 x 32 tile is exactly 1 KB: pooled.
+        acc = "global" if mt * nb * lanes * 4 < 1024 else "local"
         sch.parallel(outer)
         sch.unroll(mi)
         sch.unroll(nj)
@@ -207,14 +211,14 @@ class MatmulRule(_CpuRule):
         if epis:
             last = epis[-1].block_rv
             sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
-            sch.set_scope(rb, 0, "local")
+            sch.set_scope(rb, 0, acc)
             _vectorize_last(sch, last, lanes)
         elif writer is not None:
             sch.reverse_compute_at(writer, tile, preserve_unit_loops=True)
-            sch.set_scope(rb, 0, "local")
+            sch.set_scope(rb, 0, acc)
             _vectorize_last(sch, writer, lanes)
         else:
-            cw = sch.cache_write(rb, 0, "local")
+            cw = sch.cache_write(rb, 0, acc)
             sch.reverse_compute_at(cw, tile, preserve_unit_loops=True)
             _vectorize_last(sch, cw, lanes)
         init = sch.decompose_reduction(rb, lk)
