@@ -9,9 +9,13 @@ and tensorizes two PrimFuncs per layer shape and emits them into a Relax functio
    ``x / s_c`` in fp32, ``+ z_c``, clamp to ``[0, 2^a_bits - 1]``), laid out in *segments*
    (see below) each padded with zeros to a multiple of 4 (8 for int4 weights).  With
    asymmetric weights it also writes ``xsum [M, S]``, the per-segment row sums of ``xq``.
+   ``xq`` has whole register tiles of rows (:meth:`QLinearKernel.xq_rows`); rows ``>= M`` are
+   not written.  A gathered input (RPTQ's reorder) is quantized in channel order and its codes
+   permuted with byte shuffles (:func:`permute_tables`) where the CPU has AVX512-VBMI.
 2. ``qmm``: for every tile of ``MT`` rows x ``16 * NB`` output channels, and every segment,
-   an int32 accumulation ``acc = sum_k xq * qw`` tensorized with the VNNI intrinsic
-   (:data:`VNNI_INTRIN`), then the exact integer zero-point correction and the segment's
+   an int32 accumulation ``acc = sum_k xq * qw`` (one ``vpdpbusd`` per row, 16 channels and 4
+   bytes of K, the accumulators in zmm registers; tensorized with :data:`VNNI_INTRIN` for int4
+   weights), started at minus the exact integer zero-point correction, then the segment's
    scale: ``y += alpha_s[n] * f32(acc - corr_s[n] - wzero_s[n] * xsum_s[m])``, plus bias.
 
 A *segment* is a maximal K-range on which both the activation cluster and the weight group
