@@ -11,6 +11,7 @@ right together; this says *which* one is not.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ GEMVS = [  # rows, K, N, dtype, weight, group, prologue, eps, epilogue
     (1, 8192, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
     (8, 2048, 8192, "float16", "int4", 128, "rms", 1e-5, "silu_mul"),
     (8, 8192, 2048, "float16", "int4", 128, "none", 1e-5, "residual"),
+    (1, 2048, 128256, "float16", "int4", 128, "rms", 1e-5, "none"),      # the final norm + int4 LM head
+    (8, 2048, 128256, "float16", "int4", 128, "rms", 1e-5, "none"),      # batch 8
     (1, 2048, 8192, "float16", "dense", -1, "rms", 1e-5, "silu_mul"),
     (8, 2048, 8192, "float16", "dense", -1, "rms", 1e-5, "silu_mul"),     # the fp16 batch-8 step's
     (8, 8192, 2048, "float16", "dense", -1, "none", 1e-5, "residual"),
@@ -53,6 +56,15 @@ GEMMS = [  # rows, K, N (weight rows), dtype, epilogue: the Llama-3.2-1B prefill
     (77, 576, 960, "float16", "none"),           # rows not a multiple of the tile (SmolLM2 q|k|v)
     (77, 576, 3072, "float16", "silu_mul"),
     (100, 1536, 576, "bfloat16", "residual"),
+]
+QGEMMS = [  # rows, K, N, dtype, epilogue, bits, group: weight expansion + GEMM, the int4 Llama-1B prefill's linears
+    (512, 2048, 3072, "float16", "none", 4, 128),
+    (512, 2048, 2048, "float16", "residual", 4, 128),
+    (512, 2048, 16384, "float16", "silu_mul", 4, 128),
+    (512, 8192, 2048, "float16", "residual", 4, 128),
+    (512, 2048, 128256, "float16", "none", 4, 128),
+    (77, 576, 960, "float16", "none", 8, -1),
+    (100, 1536, 576, "bfloat16", "residual", 4, 32),
 ]
 FLASH = [  # batch, q heads, kv heads, queries, keys, head dim, dtype, mask ("none" | "bool" | "add"), causal
     (1, 32, 8, 512, 512, 64, "float16", "bool", False),    # the Llama-3.2-1B prefill-512 attention
@@ -78,9 +90,11 @@ def build(out: Path, sweep: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cases: list[dict[str, Any]] = []
 
-    def add(kind: str, spec: Any, func: Any, combine: Any = None, **more: Any) -> None:
+    def add(kind: str, spec: Any, func: Any, combine: Any = None, dequant: Any = None, **more: Any) -> None:
         name = f"{kind}_{len(cases)}"
         funcs = {"kernel": func.with_attr("global_symbol", "kernel")}
+        if dequant is not None:  # the integer weight's expansion, run before the kernel
+            funcs["dequant"] = dequant.with_attr("global_symbol", "dequant")
         if combine is not None:  # a second kernel that runs after the first on its f32 partial results
             funcs["combine"] = combine.with_attr("global_symbol", "combine")
         with nvcc_compile_mode(), tgt:
@@ -94,6 +108,8 @@ def build(out: Path, sweep: bool = False) -> None:
     for g in GEMVS:
         spec = CK.GemvSpec(*g)
         add("gemv", spec, CK.gemv_func(spec))
+        if spec.weight == "int4" and spec.dtype == "float16":  # the TIR kernel the half2 one replaced, for scale
+            add("gemv", CK.GemvSpec(*g, impl="tir"), CK.gemv_func(CK.GemvSpec(*g, impl="tir")))
         if sweep and (spec.weight != "dense" or spec.rows >= 4) and spec.k * spec.n >= 2048 * 2048:  # layout knobs
             for rows in (r for r in (1, 2, 4, 8) if r * spec.rows <= 16):  # registers: rows x batch sums
                 for shared in ((None,) if spec.prologue == "rms" else (None, False)):
@@ -124,6 +140,11 @@ def build(out: Path, sweep: bool = False) -> None:
         for v in variants:
             add("gemm", v, G.gemm_func(v), G.splitk_reduce_func(v) if v.k_splits > 1 else None, rows=rows,
                 k_splits=v.k_splits)
+    for rows, k, n, dt, epi, bits, group in QGEMMS:
+        v = G.GemmSpec(k, n, dt, epi, rows_hint=rows)
+        dq = G.DequantSpec(n, k, bits, group, dt)
+        add("gemm_q", v, G.gemm_func(v), G.splitk_reduce_func(v) if v.k_splits > 1 else None, G.dequant_func(dq),
+            rows=rows, k_splits=v.k_splits, bits=bits, group=group)
     (out / "kernels.json").write_text(json.dumps(cases, indent=1))
 
 
@@ -225,22 +246,46 @@ def _rope_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
 def _gemm_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
     import torch
 
+    dt = torch.float16 if spec["dtype"] == "float16" else torch.bfloat16
+    w = (torch.randn(spec["n"], spec["k"], device=dev) * 0.05).to(dt)
+    return _gemm_finish(spec, dev, w.float(), [w])
+
+
+def _gemm_q_case(spec: dict[str, Any], dev: str) -> tuple[list[Any], Any, Any]:
+    """An integer weight (ctc's quantizer, symmetric): the reference multiplies by its f32 dequantized form."""
+    import torch
+
+    from ctc.ir import quant as Q
+
+    w = torch.randn(spec["n"], spec["k"]) * 0.05
+    qw = Q.quantize_weight(w, spec["bits"], spec["group"], True)
+    wf = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, qw.bits, qw.group_size, spec["k"]).to(dev)
+    return _gemm_finish(spec, dev, wf, [qw.qweight.to(dev), qw.scale.to(dev), qw.zero.to(dev)])
+
+
+def _gemm_finish(spec: dict[str, Any], dev: str, wf: Any, weights: list[Any]) -> tuple[list[Any], Any, Any]:
+    """Args ``[A, *weights[, R]]``, the poisoned output and the f32 reference of ``A wf^T`` with the epilogue;
+    for SwiGLU the weight operands' rows are interleaved as the kernel reads them (gate and up by 8)."""
+    import torch
+
+    from ctc.backends.tvm.cuda_gemm import gate_up_order
+
     m, k, n, epi = spec["rows"], spec["k"], spec["n"], spec["epilogue"]
     dt = torch.float16 if spec["dtype"] == "float16" else torch.bfloat16
     a = torch.randn(m, k, device=dev).to(dt)
-    w = (torch.randn(n, k, device=dev) * 0.05).to(dt)
-    y = (a.float() @ w.float().T).to(dt).float()
-    args: list[Any] = [a, w]
+    y = (a.float() @ wf.T).to(dt).float()
+    args: list[Any] = [a, *weights]
     n_out = n
     if epi == "residual":
         res = torch.randn(m, n, device=dev).to(dt)
         args.append(res)
         y = (y + res.float()).to(dt).float()
-    elif epi == "silu_mul":  # w as the kernel reads it: gate and up rows interleaved by 8
+    elif epi == "silu_mul":
         n_out = n // 2
         gate, up = y[:, :n_out], y[:, n_out:]
         y = (torch.nn.functional.silu(gate.to(dt)).float() * up).to(dt).float()
-        args[1] = torch.stack([w[:n_out].reshape(-1, 8, k), w[n_out:].reshape(-1, 8, k)], 1).reshape(n, k)
+        order = torch.from_numpy(gate_up_order(n_out)).to(dev)
+        args[1:1 + len(weights)] = [t[order].contiguous() for t in weights]
     out = torch.full((m, n_out), float("nan"), device=dev, dtype=dt)
     return args, out, y
 
@@ -344,6 +389,20 @@ def _split_caller(mod: Any, args: list[Any], part: list[Any]) -> Any:
     return call
 
 
+def _q_caller(mod: Any, args: list[Any], wbuf: Any, part: list[Any] | None) -> Any:
+    """An integer-weight GEMM: the expansion of (Q, S, Z) into ``wbuf``, then the GEMM (and the split-K sum)."""
+    a, q, s, z, *rest = args  # rest: [R,] C
+
+    def call() -> None:
+        mod["dequant"](q, s, z, wbuf)
+        if part is None:
+            mod["kernel"](a, wbuf, *rest)
+        else:
+            mod["kernel"](a, wbuf, part[0])
+            mod["combine"](part[0], *(rest if len(rest) > 1 else [a, rest[-1]]))
+    return call
+
+
 def run(out: Path, timed: bool = False) -> int:
     import torch
     import tvm_ffi
@@ -362,7 +421,7 @@ def run(out: Path, timed: bool = False) -> int:
     for case in json.loads((out / "kernels.json").read_text()):
         mod = tvm_ffi.load_module(str(out / f"{case['name']}.so"))
         make = {"gemv": _gemv_case, "attention": _attention_case, "rope": _rope_case, "gemm": _gemm_case,
-                "gemm_dlight": _gemm_dlight_case, "flash": _flash_case}[case["kind"]]
+                "gemm_dlight": _gemm_dlight_case, "flash": _flash_case, "gemm_q": _gemm_q_case}[case["kind"]]
         args, dst, ref = make(case["spec"], "cuda")
         ffi_args = [tvm_ffi.from_dlpack(a) for a in (*args, dst)]
         part = None
@@ -376,7 +435,14 @@ def run(out: Path, timed: bool = False) -> int:
             shape = (sp["batch"], sp["q_heads"], sp["key_chunks"])
             part = [tvm_ffi.from_dlpack(torch.full((*shape, n), float("nan"), device="cuda"))
                     for n in (sp["head_dim"], 2)]
-        if not (case["kind"] == "gemm" and part):
+        if case["kind"] == "gemm_q":
+            sp = case["spec"]
+            wbuf = tvm_ffi.from_dlpack(torch.empty(sp["n"], sp["k"], device="cuda", dtype=args[0].dtype))
+            part = [tvm_ffi.from_dlpack(torch.full((sp["k_splits"], sp["rows"], sp["n"]), float("nan"), device="cuda"))
+                    ] if sp["k_splits"] > 1 else None
+            call = _q_caller(mod, ffi_args, wbuf, part)
+            expand = functools.partial(mod["dequant"], *ffi_args[1:4], wbuf)
+        elif not (case["kind"] == "gemm" and part):
             call = _caller(mod, ffi_args, part)
         call()
         torch.cuda.synchronize()
@@ -397,6 +463,11 @@ def run(out: Path, timed: bool = False) -> int:
             med, low = _time_us(call, reps=20, rounds=7)
             flop = 2 * case["spec"]["rows"] * case["spec"]["k"] * case["spec"]["n"]
             timing = f"  {med:7.1f} us median {low:7.1f} min  {flop / med / 1e6:6.1f} TFLOP/s"
+            if case["kind"] == "gemm_q":  # the expansion alone: packed bytes read + the f16 weight written
+                emed, _ = _time_us(expand, reps=20, rounds=7)
+                sp = case["spec"]
+                moved = sp["n"] * sp["k"] * (2 + sp["bits"] / 8)
+                timing += f"  (expansion {emed:6.1f} us, {moved / emed / 1e6:4.2f} TB/s)"
         elif timed and case["kind"] == "flash":
             med, low = _time_us(call, reps=20, rounds=7)
             sp = case["spec"]

@@ -41,7 +41,7 @@ def _source(spec: CK.GemvSpec | CK.AttentionSpec, tmp_path, monkeypatch) -> str:
 
 @pytest.mark.parametrize("weight,group", [("int4", 128), ("int8", 32), ("int4", -1)])
 def test_integer_gemv_widens_codes_without_conversions(weight: str, group: int, tmp_path, monkeypatch) -> None:
-    spec = CK.GemvSpec(1, 512, 100, "float16", weight, group, "rms", 1e-5, "silu_mul", warp_rows=4)
+    spec = CK.GemvSpec(1, 512, 100, "float16", weight, group, "rms", 1e-5, "silu_mul", warp_rows=4, impl="tir")
     src = _source(spec, tmp_path, monkeypatch)
     body = src[src.index("__global__ void"):]
     assert spec.rows_per_warp == 4
@@ -93,3 +93,51 @@ def test_gemv_layout_knobs_refused_where_they_cannot_work() -> None:
                                                              x_in_shared=False))
     assert "rows per warp" in CK.gemv_supported(CK.GemvSpec(8, 512, 64, "float16", "int4", 128, warp_rows=16))
     assert CK.gemv_supported(CK.GemvSpec(8, 512, 64, "float16", "int4", 128, warp_rows=8)) is None
+
+
+def test_int4_gemv_on_half2_pairs_codes_and_activations_as_the_reference_does() -> None:
+    """The half2 GEMV's bit tricks (cuda_gemv.dot8 / pair_x) replayed in numpy: ``(w & 0x000f000f) | 0x64006400``
+    is the half pair (1024 + c0, 1024 + c4), the 0x00f000f0 mask gives 1024 + 16 c; centred by -(8 + zero)
+    exactly; the activations paired (0, 4), (1, 5), (2, 6), (3, 7) by byte permutes."""
+    import numpy as np
+
+    def h2(u: int) -> np.ndarray:  # a 32-bit word as its two halves, low first
+        return np.array([u & 0xFFFF, u >> 16], np.uint16).view(np.float16).astype(np.float32)
+
+    def byte_perm(a: int, b: int, sel: int) -> int:  # CUDA's __byte_perm
+        bs = a.to_bytes(4, "little") + b.to_bytes(4, "little")
+        return int.from_bytes(bytes(bs[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        codes, z = rng.integers(0, 16, 8), int(rng.integers(-8, 8))
+        w = sum(int(c) << (4 * e) for e, c in enumerate(codes))
+        x = rng.standard_normal(8).astype(np.float16)
+        xw = x.view(np.uint16).astype(np.uint32)
+        v = [int(xw[2 * i] | (xw[2 * i + 1] << 16)) for i in range(4)]
+        xp = [byte_perm(v[0], v[2], 0x5410), byte_perm(v[0], v[2], 0x7632), byte_perm(v[1], v[3], 0x5410),
+              byte_perm(v[1], v[3], 0x7632)]
+        q = [h2((w & 0x000F000F) | 0x64006400) - (1032 + z), h2((w & 0x00F000F0) | 0x64006400) * 0.0625 - 72 - z,
+             h2(((w >> 8) & 0x000F000F) | 0x64006400) - (1032 + z),
+             h2(((w >> 8) & 0x00F000F0) | 0x64006400) * 0.0625 - 72 - z]
+        pairs = np.stack([h2(p) for p in xp])
+        np.testing.assert_array_equal(np.stack(q), (codes - 8 - z).reshape(2, 4).T)      # codes (e, e + 4)
+        np.testing.assert_array_equal(pairs, x.astype(np.float32).reshape(2, 4).T)     # activations alike
+
+
+def test_int4_gemv_uses_the_half2_kernel_where_it_covers_the_shape(tmp_path, monkeypatch) -> None:
+    from ctc.backends.tvm import cuda_gemv
+
+    spec = CK.GemvSpec(1, 2048, 8192, "float16", "int4", 128, "rms", 1e-5, "silu_mul")
+    f = CK.gemv_func(spec)
+    assert [str(p.dtype) for p in f.params] == ["float16", "float16", "uint8", "float32", "int8", "float16"]
+    assert "ctc_gemv::gemv_i4<1, 2048, 8192, 128, 4, 1, 2, true>" in f.script()
+    src = _source(spec, tmp_path, monkeypatch)
+    assert "namespace ctc_gemv" in src and "lop3.b32" in src and "__hfma2" in src
+    # the TIR kernel stays for what the half2 one does not cover: bfloat16, int8, > 32 sums per lane, or asked for
+    assert "bfloat16" in cuda_gemv.gemv_i4_supported(CK.GemvSpec(1, 512, 64, "bfloat16", "int4", 128))
+    assert "int8" in cuda_gemv.gemv_i4_supported(CK.GemvSpec(1, 512, 64, "float16", "int8", 128))
+    assert "32 sums" in cuda_gemv.gemv_i4_supported(CK.GemvSpec(8, 512, 64, "float16", "int4", 128, warp_rows=8))
+    tir = CK.gemv_func(CK.GemvSpec(1, 2048, 8192, "float16", "int4", 128, impl="tir"))
+    assert "ctc_gemv" not in tir.script()
+    assert "implementation" in CK.gemv_supported(CK.GemvSpec(1, 512, 64, "float16", "int4", 128, impl="x"))

@@ -75,15 +75,17 @@ def test_source_hook_adds_the_library_only_where_it_is_called() -> None:
     assert cuda_mma.postprocess_cuda_source(out) == out  # idempotent
 
 
-def test_half_prefill_runs_linears_and_attention_on_tensor_core_kernels(tmp_path, monkeypatch) -> None:
-    """A half-precision Llama prefill of 64 tokens for sm_90: every linear is the mma GEMM (the residual
-    adds and the SwiGLU in its epilogue), the attention one flash kernel; the source carries the library once."""
+def _tiny_prefill_build(tmp_path, monkeypatch, quantize: bool = False):  # noqa: ANN001, ANN202
+    """(module, compiled) of a one-layer half-precision Llama prefill of 64 tokens built for sm_90 (the CUDA
+    source dumped into ``tmp_path``); ``quantize``: int4 weight-only linears in groups of 32 first."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ctc.backends.tvm import targets as T
     from ctc.backends.tvm.build import BuildOptions, compile_module
     from ctc.backends.tvm.cuda_toolchain import find_nvcc
     from ctc.frontends.hf import capture_hf_model
+    from ctc.passes.manager import PassManager
+    from ctc.passes.quantize import QuantizeOptions, QuantizePass
 
     if find_nvcc() is None:
         pytest.skip("nvcc (CUDA toolkit) is not installed: CUDA libraries cannot be built here")
@@ -93,9 +95,20 @@ def test_half_prefill_runs_linears_and_attention_on_tensor_core_kernels(tmp_path
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval().to(torch.float16)
     m = capture_hf_model(model, task="causal_lm", batch=1, seq_len=64, dynamic=False)
+    if quantize:
+        ins = {"input_ids": torch.zeros(1, 64, dtype=torch.long), "attention_mask": torch.ones(1, 64, dtype=torch.long)}
+        opts = QuantizeOptions(w_bits=4, a_bits=16, w_granularity="group", group_size=32, sym=True, blocks_only=False)
+        m, _ = PassManager([QuantizePass(opts)], calibration=[ins], fidelity=False, progress=False).run(m)
     monkeypatch.setenv("TVM_KERNEL_DUMP", str(tmp_path))
     comp = compile_module(m, target=T.resolve("cuda", type("Opts", (), {"arch": "sm_90"})()),
                           options=BuildOptions(params="input"))
+    return m, comp
+
+
+def test_half_prefill_runs_linears_and_attention_on_tensor_core_kernels(tmp_path, monkeypatch) -> None:
+    """A half-precision Llama prefill of 64 tokens for sm_90: every linear is the mma GEMM (the residual
+    adds and the SwiGLU in its epilogue), the attention one flash kernel; the source carries the library once."""
+    _, comp = _tiny_prefill_build(tmp_path, monkeypatch)
     # the logits' final [64, V] -> [1, 64, V] reshape is a view, not a copy kernel (build.outputs_through_dataflow_vars)
     assert not [k for k in comp.meta["kernels"] if k.startswith("reshape")], comp.meta["kernels"]
     src = (tmp_path / "tvm_kernels.cu").read_text()
@@ -105,3 +118,65 @@ def test_half_prefill_runs_linears_and_attention_on_tensor_core_kernels(tmp_path
     assert any(c.startswith("ctc_flash::attend<half, 64, 1") for c in calls), calls   # the bool mask, as f32
     assert src.count("namespace ctc_mma {") == 1
     assert not re.search(r"void __launch_bounds__\(\d+\) \w*(matmul|softmax)\w*_kernel", src)
+
+
+def test_dequant_kernel_shapes_and_refusals() -> None:
+    spec = G.DequantSpec(2048, 8192, 4, 128, "float16")
+    f = G.dequant_func(spec)
+    assert [str(p.dtype) for p in f.params] == ["uint8", "float32", "int8", "float16"]
+    assert [int(d) for d in f.params[0].shape] == [2048, 4096] and [int(d) for d in f.params[1].shape] == [2048, 64]
+    assert "ctc_gemm::dequant_weight<half, 4, signed char, 8192, 128>" in f.script()  # K, group: constants
+    i8 = G.dequant_func(G.DequantSpec(64, 256, 8, -1, "bfloat16", "float32"))
+    assert [str(p.dtype) for p in i8.params] == ["int8", "float32", "float32", "bfloat16"]
+    assert [int(d) for d in i8.params[1].shape] == [64, 1]
+    assert "dequant_weight<__nv_bfloat16, 8, float, 256, 256>" in i8.script()      # one group a row
+    assert "multiples of 32" in G.dequant_supported(G.DequantSpec(64, 256, 4, 48, "float16"))
+    assert "4 or 8" in G.dequant_supported(G.DequantSpec(64, 256, 3, 32, "float16"))
+    with pytest.raises(ValueError, match="float32"):
+        G.dequant_func(G.DequantSpec(64, 256, 4, 32, "float32"))
+
+
+def test_dequant_source_matches_the_reference_on_the_cpu() -> None:
+    """The device function's arithmetic, replayed in numpy on packed weights: nibble order and zero points."""
+    from ctc.ir import quant as Q
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    for bits in (4, 8):
+        for sym in (True, False):
+            qw = Q.quantize_weight(w, bits, 32, sym)
+            ref = Q.dequantize_weight(qw.qweight, qw.scale, qw.zero, bits, 32, 64).numpy()
+            q = qw.qweight.numpy()
+            if bits == 4:  # what dequant_weight does: nibble k % 2 of byte k / 2, minus 8 and the zero point
+                codes = np.stack([q & 15, q >> 4], -1).reshape(8, 64).astype(np.float32) - 8
+            else:
+                codes = q.astype(np.float32)
+            z = np.repeat(qw.zero.numpy().astype(np.float32), 32, axis=1)
+            s = np.repeat(qw.scale.numpy(), 32, axis=1)
+            np.testing.assert_array_equal((codes + (-z)) * s, ref)
+
+
+def test_int4_prefill_expands_weights_for_the_tensor_core_gemm(tmp_path, monkeypatch) -> None:
+    """An int4 (groups of 32) half-precision Llama prefill for sm_90: every quantized linear is one weight
+    expansion and the mma GEMM with its epilogue (no generic dequantizing matmul)."""
+    m, comp = _tiny_prefill_build(tmp_path, monkeypatch, quantize=True)
+    assert sum(n.op == "quant_linear" for n in m.nodes) == 8  # q, k, v, o, gate, up, down, head
+    kernels = comp.meta["kernels"]
+    assert not [k for k in kernels if "quant_matvec" in k or "matmul" in k], kernels
+    src = (tmp_path / "tvm_kernels.cu").read_text()
+    calls = set(re.findall(r"ctc_gemm::\w+<[^>]*>", src))
+    assert {c for c in calls if "dequant" in c} == {f"ctc_gemm::dequant_weight<half, 4, signed char, {k}, 32>"
+                                                    for k in (128, 256)}, calls  # hidden 128, FFN 256
+    epilogues = {c.rsplit(",", 1)[1].strip(" >") for c in calls if "gemm_tile" in c}
+    assert epilogues == {"0", "1", "2"}, calls
+    # the weights stay packed (uint8 codes, f32 scales, int8 zeros); gate|up rows are interleaved alike, and each
+    # bound array derives from the module's parameters as the GPU machine rebuilds it
+    from ctc.backends.tvm.lower import derive_param
+
+    params = {n: torch.from_numpy(np.asarray(a)) for n, a in m.params.items()}
+    specs = comp.meta["params"]
+    assert {p["dtype"] for p in specs} >= {"uint8", "float32", "int8"} and "float16" in {p["dtype"] for p in specs}
+    gate_up = [(p, a) for p, a in zip(specs, comp.param_arrays, strict=True) if p["source"]["op"] == "gate_up8"]
+    assert sorted(p["dtype"] for p, _ in gate_up) == ["float32", "int8", "uint8"]
+    for p, a in gate_up:
+        np.testing.assert_array_equal(derive_param(p["source"], params).numpy(), np.asarray(a))

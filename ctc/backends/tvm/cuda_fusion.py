@@ -189,19 +189,29 @@ def _gemv_candidate(n: Node, m: Module) -> bool:
 
 
 def _gemm_candidate(n: Node, m: Module) -> bool:
-    """A float linear over many rows (a prefill) that the tensor-core GEMM covers: no bias, f16/bf16 input,
-    weight and output, a parameter weight, K a multiple of 32."""
+    """A linear over many rows (a prefill) that the tensor-core GEMM covers: no bias, f16/bf16 input and output,
+    parameter weights, K a multiple of 32; a float weight of the activations' dtype, or an integer weight-only
+    ``quant_linear`` (4 or 8 bits, groups a multiple of 32: expanded by :func:`.cuda_gemm.dequant_func` first)."""
     from ctc.backends.tvm.cuda_gemm import BK
 
-    if n.op != "linear" or n.has_operand("bias") or _gemv_rows(n) is not None:
+    if n.op not in ("linear", "quant_linear") or n.has_operand("bias") or _gemv_rows(n) is not None:
         return False
-    x, w, y = n.operand("x").type, n.operand("weight").type, n.outputs[0].type
-    if not (x.dtype == w.dtype == y.dtype and x.dtype in ("f16", "bf16")):
+    x, y = n.operand("x").type, n.outputs[0].type
+    if not (x.dtype == y.dtype and x.dtype in ("f16", "bf16")):
         return False
-    k, nn = w.shape[-1], w.shape[0]
+    k, nn = x.shape[-1], y.shape[-1]
     if not (isinstance(k, int) and isinstance(nn, int) and k % BK == 0 and nn % 64 == 0):
         return False
-    return n.operand("weight").producer is not None and n.operand("weight").producer.op == "param"
+    if n.op == "linear":
+        if n.operand("weight").type.dtype != x.dtype:
+            return False
+    else:
+        gs = n.attr("group_size")
+        if n.attr("a_bits") not in (None, 16) or n.attr("w_bits") not in (4, 8) or (gs != -1 and gs % BK):
+            return False
+        if n.operand("w_scale").type.dtype != "f32" or n.operand("w_zero").type.dtype not in ("i8", "f32"):
+            return False
+    return all(p.producer is not None and p.producer.op == "param" for p in _weight_operands(n))
 
 
 def _swiglu(gate: Node, m: Module, taken: dict[int, Any], candidate: Any = _gemv_candidate) -> GemvGroup | None:
@@ -441,7 +451,8 @@ def _emit_gemv(ctx: Any, g: GemvGroup) -> bool:
 
 
 def _emit_gemm(ctx: Any, g: GemvGroup) -> bool:
-    """The tensor-core GEMM over ``[rows, K]`` (rows flattened from the leading dims, any of them symbolic)."""
+    """The tensor-core GEMM over ``[rows, K]`` (rows flattened from the leading dims, any of them symbolic); an
+    integer weight is first expanded to the activations' dtype (:func:`.cuda_gemm.dequant_func`, a work buffer)."""
     import numpy as np
 
     from ctc.backends.tvm import cuda_gemm as G
@@ -449,25 +460,39 @@ def _emit_gemm(ctx: Any, g: GemvGroup) -> bool:
     from ctc.backends.tvm.int_kernels import add_prim_func
 
     first = g.linears[0]
-    k = int(first.operand("weight").type.shape[-1])
-    n = sum(int(x.operand("weight").type.shape[0]) for x in g.linears)
+    k = int(first.operand("x").type.shape[-1])
+    n = sum(int(x.outputs[0].type.shape[-1]) for x in g.linears)
     rows = 1
     for d in ctx.dims.shape(first.operand("x").type)[:-1]:
         rows = rows * d
     hint = rows if isinstance(rows, int) else 512
-    spec = G.GemmSpec(k, n, L._dt(first.outputs[0].type), "none" if g.epilogue == "split" else g.epilogue,
-                      rows_hint=hint)
+    dt = L._dt(first.outputs[0].type)
+    spec = G.GemmSpec(k, n, dt, "none" if g.epilogue == "split" else g.epilogue, rows_hint=hint)
+    quant = None
+    if first.op == "quant_linear":
+        quant = G.DequantSpec(n, k, int(first.attr("w_bits")), int(first.attr("group_size")), dt,
+                              L._dt(first.operand("w_zero").type))
+        if G.dequant_supported(quant) is not None:
+            return False
     if G.gemm_supported(spec) is not None:
         return False
     op = ctx.relax.op
     x = ctx.emit(op.reshape(ctx.val(first.operand("x")), [rows, k]))
-    if g.epilogue == "silu_mul":
-        srcs = [_param_name(lin.operand("weight")) for lin in g.linears]
+    if g.epilogue == "silu_mul":  # gate and up rows interleaved by 8 (every weight operand alike)
+        names = [[_param_name(v) for v in _weight_operands(lin)] for lin in g.linears]
         order = G.gate_up_order(n // 2)
-        arr = np.concatenate([ctx.param_array(nm) for nm in srcs], axis=0)[order]
-        w = ctx.param(srcs[0], "gate_up8:" + srcs[1], array=arr, source={"op": "gate_up8", "from": srcs})
+        ws = []
+        for i, (gate, up) in enumerate(zip(*names, strict=True)):
+            arr = np.concatenate([ctx.param_array(gate), ctx.param_array(up)], axis=0)[order]
+            ws.append(ctx.param(gate, f"gate_up8{'' if quant is None else i}:" + up, array=arr,
+                                source={"op": "gate_up8", "from": [gate, up]}))
     else:
-        w = _weights(ctx, g.linears, "gemm")[0]
+        ws = _weights(ctx, g.linears, "gemm")
+    if quant is None:
+        w = ws[0]
+    else:
+        deq = add_prim_func(ctx.bb, G.dequant_func(quant), f"dequant_{quant.tag}")
+        w = ctx.emit(ctx.relax.call_tir(deq, ws[:3], ctx.relax.TensorType([n, k], dt)))
     args = [x, w]
     if g.residual is not None:
         args.append(ctx.emit(op.reshape(ctx.val(g.residual), [rows, n])))
@@ -481,7 +506,7 @@ def _emit_gemm(ctx: Any, g: GemvGroup) -> bool:
         y = ctx.emit(ctx.relax.call_tir(red, [part, args[2] if len(args) > 2 else x], out))
     off = 0
     for lin in g.linears if g.epilogue == "split" else ():
-        ni = int(lin.operand("weight").type.shape[0])
+        ni = int(lin.outputs[0].type.shape[-1])
         part = ctx.emit(op.strided_slice(y, axes=[1], begin=[off], end=[off + ni]))
         ctx.env[id(lin.outputs[0])] = ctx.emit(op.reshape(part, ctx.dims.shape(lin.outputs[0].type)))
         off += ni

@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BK", "CUDA_SOURCE", "MARKER", "GemmSpec", "gate_up_order", "gemm_func", "gemm_supported",
-           "splitk_reduce_func"]
+__all__ = ["BK", "CUDA_SOURCE", "MARKER", "DequantSpec", "GemmSpec", "dequant_func", "dequant_supported",
+           "gate_up_order", "gemm_func", "gemm_supported", "splitk_reduce_func"]
 
 MARKER = "ctc_gemm::"
 BK = 32
@@ -198,6 +198,54 @@ __device__ __forceinline__ void splitk_reduce(const float* __restrict__ P, const
   }
 }
 
+// Integer weight-only linears of many rows: the packed weight expanded to T [N][K] for gemm_tile.  BITS 4:
+// Q [N][K/2] bytes, element k the nibble k % 2 of byte k / 2 (low first), offset binary (q + 8); BITS 8: Q [N][K]
+// int8.  W = (q - zero) * scale per group of GROUP input channels, computed in f32 and rounded once to T (the
+// dequantized f32 weight, rounded as an fp16 weight is).  One thread expands 32 weights (one group's slice: the
+// group is a multiple of 32), 256 threads a block; Z is the zero point's type (int8, or float for float zeros).
+// K and GROUP are compile-time constants: the index arithmetic is shifts and multiplies, not divisions.
+template <typename T, int BITS, typename Z, int K, int GROUP>
+__device__ __forceinline__ void dequant_weight(const void* __restrict__ Q_, const float* __restrict__ S,
+                                               const Z* __restrict__ ZP, T* __restrict__ W, int N, int bx, int tid) {
+  constexpr int PER_ROW = K / 32, G = (K + GROUP - 1) / GROUP;
+  const unsigned slot = (unsigned)bx * 256u + (unsigned)tid;
+  if (slot >= (unsigned)N * PER_ROW) return;
+  const unsigned n = slot / PER_ROW;
+  const int k0 = (int)(slot % PER_ROW) * 32;
+  const float s = S[n * G + k0 / GROUP];
+  unsigned words[8];
+  float base;
+  if (BITS == 4) {
+    const unsigned char* q = static_cast<const unsigned char*>(Q_) + (size_t)n * (K / 2) + k0 / 2;
+    const uint4 v = *reinterpret_cast<const uint4*>(q);
+    words[0] = v.x; words[1] = v.y; words[2] = v.z; words[3] = v.w;
+    base = -8.f - (float)ZP[n * G + k0 / GROUP];
+  } else {
+    const uint4* q = reinterpret_cast<const uint4*>(static_cast<const signed char*>(Q_) + (size_t)n * K + k0);
+    const uint4 a = q[0], b = q[1];
+    words[0] = a.x; words[1] = a.y; words[2] = a.z; words[3] = a.w;
+    words[4] = b.x; words[5] = b.y; words[6] = b.z; words[7] = b.w;
+    base = -(float)ZP[n * G + k0 / GROUP];
+  }
+  uint4 out[4];
+  unsigned* o = reinterpret_cast<unsigned*>(out);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {  // pairs of weights (2i, 2i + 1) -> one 32-bit word of two T
+    float lo, hi;
+    if (BITS == 4) {
+      const unsigned w = words[i >> 2] >> ((i & 3) * 8);
+      lo = (float)(w & 15u); hi = (float)((w >> 4) & 15u);
+    } else {
+      const unsigned w = words[i >> 1] >> ((i & 1) * 16);
+      lo = (float)(signed char)(w & 255u); hi = (float)(signed char)((w >> 8) & 255u);
+    }
+    o[i] = pack2<T>((lo + base) * s, (hi + base) * s);
+  }
+  uint4* dst = reinterpret_cast<uint4*>(W + (size_t)n * K + k0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst[i] = out[i];
+}
+
 }  // namespace ctc_gemm
 // ---- end ctc ----
 """
@@ -347,3 +395,63 @@ def gate_up_order(features: int) -> Any:
         raise ValueError(f"gate_up_order: {features} features is not a multiple of 8")
     blocks = np.arange(features).reshape(-1, 8)
     return np.stack([blocks, blocks + features], axis=1).reshape(-1)
+
+
+@dataclass(frozen=True)
+class DequantSpec:
+    """An integer weight-only linear's packed weight ``[N, K]`` (``bits`` 4 or 8, :mod:`ctc.ir.quant`'s storage,
+    f32 scales and ``zero_dtype`` zero points ``[N, G]`` per ``group`` input channels, -1: one group a row)
+    expanded to ``dtype`` for :func:`gemm_func`."""
+
+    n: int
+    k: int
+    bits: int
+    group: int
+    dtype: str
+    zero_dtype: str = "int8"
+
+    @property
+    def group_size(self) -> int:
+        return self.k if self.group == -1 else self.group
+
+    @property
+    def groups(self) -> int:
+        return -(-self.k // self.group_size)
+
+    @property
+    def tag(self) -> str:
+        zero = "" if self.zero_dtype == "int8" else "zf"
+        return f"n{self.n}k{self.k}w{self.bits}g{self.group_size}{zero}{'bf' if 'bfloat' in self.dtype else ''}"
+
+
+def dequant_supported(spec: DequantSpec) -> str | None:
+    """Why :func:`dequant_func` cannot build ``spec``, or None."""
+    from ctc.backends.tvm.cuda_mma import dtype_problem
+
+    if dtype_problem(spec.dtype, "the weight expansion"):
+        return dtype_problem(spec.dtype, "the weight expansion")
+    if spec.bits not in (4, 8):
+        return f"{spec.bits}-bit weights (4 or 8)"
+    if spec.k % BK or spec.group_size % BK:
+        return f"K = {spec.k} and the group size {spec.group_size} must be multiples of {BK}"
+    if spec.zero_dtype not in ("int8", "float32"):
+        return f"zero points of dtype {spec.zero_dtype}"
+    return None
+
+
+def dequant_func(spec: DequantSpec) -> Any:
+    """The PrimFunc ``(Q, scale [N, G] f32, zero [N, G], W [N, K])``: the packed weight expanded (one thread per
+    32 weights; it reads 16 or 32 bytes and writes 64)."""
+    from ctc.backends.tvm.cuda_mma import device_type, launcher
+
+    why = dequant_supported(spec)
+    if why is not None:
+        raise ValueError(f"dequant_func: {why}")
+    n, k, g = spec.n, spec.k, spec.groups
+    q = ("Q", f"{n}, {k // 2}", "uint8") if spec.bits == 4 else ("Q", f"{n}, {k}", "int8")
+    bufs = [q, ("S", f"{n}, {g}", "float32"), ("Z", f"{n}, {g}", spec.zero_dtype), ("W", f"{n}, {k}", spec.dtype)]
+    zt = "signed char" if spec.zero_dtype == "int8" else "float"
+    call = f"ctc_gemm::dequant_weight<{device_type(spec.dtype)}, {spec.bits}, {zt}, {k}, {spec.group_size}>"
+    blocks = -(-(n * k // 32) // 256)
+    return launcher("ctc_dequant", bufs, [], (str(blocks), "1"), 256, 0, call,
+                    ["Q.data", "S.data", "Z.data", "W.data", str(n)], with_by=False)

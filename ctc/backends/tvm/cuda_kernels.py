@@ -383,6 +383,7 @@ class GemvSpec:
     epilogue: str = "none"
     warp_rows: int = 0                 # output rows per warp; 0: chosen from the shape (rows_per_warp)
     x_in_shared: bool | None = None    # stage x in shared memory; None: when it fits (always with "rms")
+    impl: str = ""                     # "tir", or "half2" (:mod:`.cuda_gemv`: int4, float16); "": half2 where it covers
 
     @property
     def weight_rows(self) -> int:
@@ -405,6 +406,9 @@ class GemvSpec:
             return self.warp_rows
         if self.weight == "dense":  # 2 rows at batch 4-8: the fp16 batch-8 down projection 19.4 -> 14.5 us (H200)
             r = 2 if 4 <= self.rows <= 8 else 1
+        elif self.impl != "tir" and self.weight == "int4" and self.dtype == "float16" and self.rows <= 2 \
+                and self.n >= 32768:
+            r = 8  # a large int4 head (half2 kernel): Llama-1B's LM head 52.6 -> 46.2 us at 8 rows (H200)
         else:
             r = 4 if self.rows <= 2 else 2 if self.rows <= 8 else 1
         while r > 1 and -(-self.n // (GEMV_WARPS * r)) < 256:  # keep >= 256 blocks: ~2 per SM of a large GPU
@@ -415,7 +419,7 @@ class GemvSpec:
     def tag(self) -> str:
         w = self.weight if self.weight == "dense" else f"{self.weight}g{self.group}"
         knobs = (f"_r{self.warp_rows}" if self.warp_rows else "") + \
-            ("" if self.x_in_shared is None else f"_xs{int(self.x_in_shared)}")
+            ("" if self.x_in_shared is None else f"_xs{int(self.x_in_shared)}") + (f"_{self.impl}" if self.impl else "")
         return (f"m{self.rows}_k{self.k}_n{self.n}_{self.dtype}_{w}_{self.prologue}_{self.epilogue}"
                 f"{'_e' + format(self.eps, '.0e') if self.prologue == 'rms' else ''}{knobs}").replace("-", "m")
 
@@ -439,6 +443,8 @@ def gemv_supported(spec: GemvSpec) -> str | None:
         return f"{spec.rows} rows (at most 16)"
     if spec.warp_rows < 0 or spec.warp_rows * spec.rows > 64:
         return f"{spec.warp_rows} rows per warp at batch {spec.rows} (at most 64 sums per lane)"
+    if spec.impl not in ("", "tir", "half2"):
+        return f"GEMV implementation {spec.impl!r} (tir or half2)"
     if spec.prologue == "rms" and spec.x_in_shared is False:
         return "an RMSNorm prologue stages the normalized x in shared memory (x_in_shared=False refused)"
     if spec.prologue == "rms" and not _gemv_stages_x(spec):
@@ -458,12 +464,16 @@ def gemv_func(spec: GemvSpec) -> Any:
     x (normalized when asked) is staged in shared memory in the dtype; each warp then computes whole
     output rows: every lane reads 16 bytes of the weight row per step (all steps issued before the
     sums), the lanes' partial sums meet through warp shuffles, and lane 0 applies the epilogue.
-    ``GEMV_WARPS`` warps per block, one output row (two for ``silu_mul``) per warp."""
+    ``GEMV_WARPS`` warps per block, one output row (two for ``silu_mul``) per warp.  int4 weights with
+    float16 activations go to :mod:`.cuda_gemv`'s half2 kernel (same signature) unless ``impl="tir"``."""
     import tvm
+    from ctc.backends.tvm import cuda_gemv
 
     why = gemv_supported(spec)
     if why is not None:
         raise ValueError(f"gemv_func: unsupported ({why})")
+    if spec.impl == "half2" or (spec.impl == "" and cuda_gemv.gemv_i4_supported(spec) is None):
+        return cuda_gemv.gemv_i4_func(spec)  # raises where "half2" was asked for and does not cover spec
     return tvm.script.from_source(_gemv_source(spec))
 
 

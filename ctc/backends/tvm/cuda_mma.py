@@ -9,7 +9,8 @@ library.  :func:`postprocess_cuda_source` is TVM's ``tvm_callback_cuda_postproc`
 whose generated source calls one of the library's functions gets the library's source in front of
 its first kernel; every other module is compiled unchanged.
 
-The kernels: :mod:`.cuda_gemm` (prefill linears), :mod:`.cuda_flash` (prefill attention).  This
+The kernels: :mod:`.cuda_gemm` (prefill linears), :mod:`.cuda_flash` (prefill attention), :mod:`.cuda_gemv`
+(int4 decode GEMVs).  This
 module holds what they share: ``cp.async`` loads, ``ldmatrix`` and the ``m16n8k16`` MMA for f16
 and bf16 (sm_80 on).
 """
@@ -89,9 +90,10 @@ template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, f
 
 def _kernels() -> list[tuple[str, str]]:
     """(marker, source) of each kernel in the library: the marker is the call the TIR wrapper emits."""
-    from ctc.backends.tvm import cuda_flash, cuda_gemm
+    from ctc.backends.tvm import cuda_flash, cuda_gemm, cuda_gemv
 
-    return [(cuda_gemm.MARKER, cuda_gemm.CUDA_SOURCE), (cuda_flash.MARKER, cuda_flash.CUDA_SOURCE)]
+    return [(cuda_gemm.MARKER, cuda_gemm.CUDA_SOURCE), (cuda_flash.MARKER, cuda_flash.CUDA_SOURCE),
+            (cuda_gemv.MARKER, cuda_gemv.CUDA_SOURCE)]
 
 
 def library_source(code: str) -> str:
