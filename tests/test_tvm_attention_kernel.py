@@ -79,3 +79,25 @@ def test_head_dim_not_whole_vectors_keeps_the_op_by_op_path() -> None:
     m = _module(2, 2, 8, "s", "bool", False)
     script = L.lower(m).mod.script()
     assert "ctc_attention" not in script and "softmax" in script
+
+
+@pytest.mark.parametrize("seq", [384, None])
+def test_kernel_keeps_whole_vectors(seq: int | None) -> None:
+    """MiniLM's attention (12 heads of 32, a ``[B, 1, S, S]`` bool mask), fixed and any length, compiles to
+    whole-register code: no lane-by-lane vector rebuilds (``vinsertps``/``vpextrq``, which 16-lane accesses of
+    the 32-lane score tile made LLVM emit: 79 of them at seq 384) and a ``p v`` loop unrolled over keys."""
+    import tvm
+
+    from ctc.backends.tvm.attention_kernels import PV_UNROLL, AttentionSpec, attention_kernel
+    from ctc.backends.tvm.int_kernels import host_target
+
+    tgt = host_target()
+    if not tvm.target.codegen.target_has_features(["avx512f"], tgt):
+        pytest.skip("the register tiles are sized for AVX-512")
+    spec = AttentionSpec(heads=12, kv_heads=12, dim=32, scale=32 ** -0.5, causal=False, mask="bool",
+                         mask_dims=(True, False, True), padded=seq is None, seq=seq, keys=seq)
+    lib = tvm.compile(tvm.IRModule({"attn": attention_kernel(spec).with_attr("global_symbol", "attn")}), target=tgt)
+    asm = lib.mod.inspect_source("asm")
+    assert "vinsertps" not in asm and "vpextrq" not in asm
+    # FMAs: the 8 x 32 score tile's 16 and PV_UNROLL steps of the 8 x 32 output tile's 16, at least
+    assert asm.count("vfmadd231ps") >= 16 * (1 + PV_UNROLL)

@@ -9,9 +9,14 @@ the FFN's.  Here one task computes ``R`` query rows of one head from start to en
 1. scores of the ``R`` rows against each block of 32 keys: an ``R x 32`` register tile, the
    query element broadcast against a row of ``k^T`` (``[B, Hk, D, Lp]``, 32 contiguous keys), then
    the scale and the mask, written to the task's rows of the ``scores`` work buffer (``R x Lp``,
-   still in L1/L2 when read back) while 16-lane running maxima are kept;
-2. ``exp(s - max)`` in place (``fast_exp_expr``: exactly 0 for masked scores), with 16-lane sums;
-3. ``out[r] = sum_j p[r, j] v[j] / sum_j p[r, j]``: an ``R x D`` register tile over the keys.
+   still in L1/L2 when read back) while 32-lane running maxima are kept;
+2. ``exp(s - max)`` in place (``fast_exp_expr``: exactly 0 for masked scores), with 32-lane sums;
+3. ``out[r] = sum_j p[r, j] v[j] / sum_j p[r, j]``: an ``R x D`` register tile over the keys, ``PV_UNROLL``
+   keys a step.
+
+Every per-task buffer (``acc``, ``vmx``, ``o``) is read and written as whole 32-lane rows: reading the
+32-lane score tile in 16-lane halves made LLVM rebuild the halves lane by lane (``vpextrq``/``vinsertps``,
+79 in the seq-384 kernel; the kernel is ~8% faster without them).
 
 The key axis of the scores is whole blocks of 32 (``Lp``): a key length that is not (a symbolic
 one, in any-length builds) is padded by the caller with zero keys and a padded mask, and the kernel
@@ -35,6 +40,7 @@ __all__ = ["AttentionSpec", "KEY_BLOCK", "attention_kernel"]
 
 KEY_BLOCK = 32  # keys per score tile (2 x 16 f32 lanes); the padded key length is a multiple of it
 ROWS = 8  # query rows per task (the register tiles: 8 x 32 scores, 8 x D outputs)
+PV_UNROLL = 4  # keys per step of the p v loop (one step per key: pointer bumps and loop overhead cost ~5%)
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,26 @@ def _i(v: int) -> str:
     return f"T.int64({int(v)})"
 
 
+_NEG = "T.float32(-3.4028234663852886e38)"
+
+
+def _lane_reduce(op: str, ind: str) -> list[str]:
+    """TVMScript lines: ``rs[r] = op`` over the ``KEY_BLOCK`` lanes of ``vmx[r]`` (LLVM vectorizes the loop)."""
+    init = _NEG if op == "T.max" else "T.float32(0)"
+    return [f"{ind}for r in range({_i(ROWS)}):", f"{ind}    rs[r] = {init}",
+            f"{ind}    for c in range({_i(KEY_BLOCK)}):", f"{ind}        rs[r] = {op}(rs[r], vmx[r, c])"]
+
+
+def _pv(count: str, unroll: int, start: str, row: str, dim: int, ind: str) -> list[str]:
+    """TVMScript lines: ``o[r] += p[r, j] v[j]`` for ``count`` groups of ``unroll`` keys from key ``start``."""
+    j = f"{start}j0 * {_i(unroll)} + j1"
+    return [f"{ind}for j0 in range({count}):",
+            f"{ind}    for j1 in T.unroll({_i(unroll)}):",
+            f"{ind}        for r in T.unroll({_i(ROWS)}):",
+            f"{ind}            for dd in T.vectorized({_i(dim)}):",
+            f"{ind}                o[r, dd] = o[r, dd] + sc[b, h, {row}, {j}] * v[b, hk, {j}, dd]"]
+
+
 def _source(spec: AttentionSpec) -> str:
     """TVMScript of the fused kernel (the loop nest is the schedule)."""
     H, HK, D, R, KB = spec.heads, spec.kv_heads, spec.dim, ROWS, KEY_BLOCK
@@ -113,10 +139,9 @@ def _source(spec: AttentionSpec) -> str:
     L_ += [f'    out = T.match_buffer(var_out, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")',
            f'    sc = T.match_buffer(var_sc, ({B}, {_i(H)}, {S}, {LP}), "float32")']
     nrb = f"(({S} + {_i(R - 1)}) // {_i(R)})"
-    neg = "T.float32(-3.4028234663852886e38)"
     row = f"T.min(rb * {_i(R)} + r, {S} - T.int64(1))"
-    key = f"jb * {_i(KB)} + c2 * T.int64(16) + c"
-    val = f"acc[r, c2 * T.int64(16) + c] * T.float32({spec.scale!r})"
+    key = f"jb * {_i(KB)} + c"
+    val = f"acc[r, c] * T.float32({spec.scale!r})"
     if spec.mask == "float":
         mi = ", ".join([("b" if spec.mask_dims[0] else "T.int64(0)"), ("h" if spec.mask_dims[1] else "T.int64(0)"),
                         (row if spec.mask_dims[2] else "T.int64(0)"), key])
@@ -133,6 +158,7 @@ def _source(spec: AttentionSpec) -> str:
     for cnd in conds:
         val = f"T.Select({cnd}, {val}, T.float32(-np.inf))"
     ind = "            "
+    nk = "L" if spec.padded else LP  # p v stops at the true key length: padded keys weigh exactly 0
     L_ += [
         '    with T.sblock("root"):',
         f"        for t in T.parallel({B} * {_i(H)} * {nrb}):",
@@ -141,13 +167,13 @@ def _source(spec: AttentionSpec) -> str:
         f"            rb = t % {nrb}",
         f"            hk = h // {_i(group)}",
         f'            acc = T.decl_buffer(({_i(R)}, {_i(KB)}), "float32", scope="local")',
-        f'            vmx = T.decl_buffer(({_i(R)}, T.int64(16)), "float32", scope="local")',
+        f'            vmx = T.decl_buffer(({_i(R)}, {_i(KB)}), "float32", scope="local")',
         f'            o = T.decl_buffer(({_i(R)}, {_i(D)}), "float32", scope="local")',
         f'            rs = T.decl_buffer(({_i(R)},), "float32", scope="local")',
         f"{ind}for r in T.unroll({_i(R)}):",
-        f"{ind}    for c in T.vectorized(T.int64(16)):",
-        f"{ind}        vmx[r, c] = {neg}",
-        # 1. scores, scaled and masked, with running 16-lane maxima
+        f"{ind}    for c in T.vectorized({_i(KB)}):",
+        f"{ind}        vmx[r, c] = {_NEG}",
+        # 1. scores, scaled and masked, with running 32-lane maxima
         f"{ind}for jb in range({LP} // {_i(KB)}):",
         f"{ind}    for r in T.unroll({_i(R)}):",
         f"{ind}        for c in T.vectorized({_i(KB)}):",
@@ -157,38 +183,31 @@ def _source(spec: AttentionSpec) -> str:
         f"{ind}            for c in T.vectorized({_i(KB)}):",
         f"{ind}                acc[r, c] = acc[r, c] + q[b, h, {row}, d] * kt[b, hk, d, jb * {_i(KB)} + c]",
         f"{ind}    for r in T.unroll({_i(R)}):",
-        f"{ind}        for c2 in T.unroll(T.int64(2)):",
-        f"{ind}            for c in T.vectorized(T.int64(16)):",
-        f"{ind}                sc[b, h, {row}, {key}] = {val}",
-        f"{ind}                vmx[r, c] = T.max(vmx[r, c], sc[b, h, {row}, {key}])",
-        # row maxima; 2. exponentials in place with 16-lane sums (vmx reused for them)
-        f"{ind}for r in range({_i(R)}):",
-        f"{ind}    rs[r] = {neg}",
-        f"{ind}    for c in range(T.int64(16)):",
-        f"{ind}        rs[r] = T.max(rs[r], vmx[r, c])",
-        f"{ind}    for c in T.vectorized(T.int64(16)):",
+        f"{ind}        for c in T.vectorized({_i(KB)}):",
+        f"{ind}            sc[b, h, {row}, {key}] = {val}",
+        f"{ind}            vmx[r, c] = T.max(vmx[r, c], sc[b, h, {row}, {key}])",
+        # row maxima; 2. exponentials in place with 32-lane sums (vmx reused for them)
+        *_lane_reduce("T.max", ind),
+        f"{ind}for r in T.unroll({_i(R)}):",
+        f"{ind}    for c in T.vectorized({_i(KB)}):",
         f"{ind}        vmx[r, c] = T.float32(0)",
         # (in place: a clamped duplicate of the last row must not exponentiate it twice)
         f"{ind}for jb in range({LP} // {_i(KB)}):",
         f"{ind}    for r in T.unroll({_i(R)}):",
         f"{ind}        if rb * {_i(R)} + r < {S}:",
-        f"{ind}            for c2 in T.unroll(T.int64(2)):",
-        f"{ind}                for c in T.vectorized(T.int64(16)):",
-        f"{ind}                    sc[b, h, {row}, {key}] = EXP(sc[b, h, {row}, {key}] - rs[r])",
-        f"{ind}                    vmx[r, c] = vmx[r, c] + sc[b, h, {row}, {key}]",
-        f"{ind}for r in range({_i(R)}):",
-        f"{ind}    rs[r] = T.float32(0)",
-        f"{ind}    for c in range(T.int64(16)):",
-        f"{ind}        rs[r] = rs[r] + vmx[r, c]",
+        f"{ind}            for c in T.vectorized({_i(KB)}):",
+        f"{ind}                sc[b, h, {row}, {key}] = EXP(sc[b, h, {row}, {key}] - rs[r])",
+        f"{ind}                vmx[r, c] = vmx[r, c] + sc[b, h, {row}, {key}]",
+        *_lane_reduce("T.Add", ind),
+        f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    rs[r] = T.float32(1) / rs[r]",
         # 3. p v
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    for dd in T.vectorized({_i(D)}):",
         f"{ind}        o[r, dd] = T.float32(0)",
-        f"{ind}for j in range({'L' if spec.padded else LP}):",  # padded keys weigh exactly 0
-        f"{ind}    for r in T.unroll({_i(R)}):",
-        f"{ind}        for dd in T.vectorized({_i(D)}):",
-        f"{ind}            o[r, dd] = o[r, dd] + sc[b, h, {row}, j] * v[b, hk, j, dd]",
+        *_pv(f"{nk} // {_i(PV_UNROLL)}", PV_UNROLL, "", row, D, ind),
+        *(_pv(f"{nk} % {_i(PV_UNROLL)}", 1, f"{nk} // {_i(PV_UNROLL)} * {_i(PV_UNROLL)} + ", row, D, ind)
+          if spec.padded else []),
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    if rb * {_i(R)} + r < {S}:",
         f"{ind}        for dd in T.vectorized({_i(D)}):",
