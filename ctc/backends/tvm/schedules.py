@@ -472,6 +472,11 @@ def _schedule_spatial(sch: s_tir.Schedule, block: Any, lanes: int, *, fuse: bool
     else:
         inner = loops[0]
     ext = _extent(sch, inner)
+    if ext is None and len(loops) > 1:
+        # a symbolic inner extent stays a plain loop for LLVM's vectorizer (whole vectors, then a scalar tail):
+        # split into vectors here it needs a predicate, and TVM runs a predicated vector loop lane by lane
+        # (an any-length BERT mask [B, 1, S, S]: 0.83 ms at S = 384, as a plain loop 0.004 ms)
+        return
     if ext is None or ext > lanes:
         o, v = sch.split(inner, [None, lanes])
         sch.vectorize(v)
