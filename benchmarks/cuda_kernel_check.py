@@ -76,7 +76,7 @@ GEMM_SWEEP = [((128, 128, 64, 32, 4), 1), ((64, 64, 32, 32, 4), 1), ((128, 128, 
               ((128, 128, 64, 32, 4), 4), ((128, 128, 64, 32, 4), 8), ((64, 64, 32, 32, 4), 2)]
 
 
-def build(out: Path, sweep: bool = False) -> None:
+def build(out: Path, sweep: bool = False, only: list[str] | None = None) -> None:
     from ctc.backends.tvm import cuda_flash as CF
     from ctc.backends.tvm import cuda_gemm as G
     from ctc.backends.tvm import cuda_kernels as CK
@@ -91,6 +91,8 @@ def build(out: Path, sweep: bool = False) -> None:
     cases: list[dict[str, Any]] = []
 
     def add(kind: str, spec: Any, func: Any, combine: Any = None, dequant: Any = None, **more: Any) -> None:
+        if only and kind not in only:
+            return
         name = f"{kind}_{len(cases)}"
         funcs = {"kernel": func.with_attr("global_symbol", "kernel")}
         if dequant is not None:  # the integer weight's expansion, run before the kernel
@@ -489,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run: also time each GEMV (back-to-back calls, CUDA events) and print its weight bytes/s")
     p.add_argument("--sweep", action="store_true",
                    help="build: also each large integer GEMV with other rows per warp and x read from global memory")
+    p.add_argument("--only", nargs="*", default=None, help="build: only these kinds (gemv, attention, rope, flash, "
+                   "gemm, gemm_dlight, gemm_q)")
     a = p.parse_args(argv)
     if a.cmd == "build":
-        build(a.out, a.sweep)
+        build(a.out, a.sweep, a.only)
         return 0
     return run(a.out, a.time)
 

@@ -138,6 +138,11 @@ def test_int4_gemv_uses_the_half2_kernel_where_it_covers_the_shape(tmp_path, mon
     assert "bfloat16" in cuda_gemv.gemv_i4_supported(CK.GemvSpec(1, 512, 64, "bfloat16", "int4", 128))
     assert "int8" in cuda_gemv.gemv_i4_supported(CK.GemvSpec(1, 512, 64, "float16", "int8", 128))
     assert "32 sums" in cuda_gemv.gemv_i4_supported(CK.GemvSpec(8, 512, 64, "float16", "int4", 128, warp_rows=8))
+    # batch 8: half2 for the down/o projections, the TIR kernel for SwiGLU pairs and a large N (measured faster)
+    assert cuda_gemv.gemv_i4_supported(CK.GemvSpec(8, 8192, 2048, "float16", "int4", 128)) is None
+    for big in (CK.GemvSpec(8, 2048, 128256, "float16", "int4", 128),
+                CK.GemvSpec(8, 2048, 8192, "float16", "int4", 128, epilogue="silu_mul")):
+        assert "measured faster" in cuda_gemv.gemv_i4_supported(big)
     tir = CK.gemv_func(CK.GemvSpec(1, 2048, 8192, "float16", "int4", 128, impl="tir"))
     assert "ctc_gemv" not in tir.script()
     assert "implementation" in CK.gemv_supported(CK.GemvSpec(1, 512, 64, "float16", "int4", 128, impl="x"))

@@ -201,49 +201,51 @@ __device__ __forceinline__ void splitk_reduce(const float* __restrict__ P, const
 // Integer weight-only linears of many rows: the packed weight expanded to T [N][K] for gemm_tile.  BITS 4:
 // Q [N][K/2] bytes, element k the nibble k % 2 of byte k / 2 (low first), offset binary (q + 8); BITS 8: Q [N][K]
 // int8.  W = (q - zero) * scale per group of GROUP input channels, computed in f32 and rounded once to T (the
-// dequantized f32 weight, rounded as an fp16 weight is).  One thread expands 32 weights (one group's slice: the
-// group is a multiple of 32), 256 threads a block; Z is the zero point's type (int8, or float for float zeros).
-// K and GROUP are compile-time constants: the index arithmetic is shifts and multiplies, not divisions.
+// dequantized f32 weight, rounded as an fp16 weight is); Z is the zero point's type (int8, or float for float
+// zeros).  Work unit: a chunk of 8 weights (4 or 8 packed bytes in, 16 bytes out); a block of 256 threads expands
+// 4 x 256 consecutive chunks, chunk i * 256 + tid in its step i, so every load and store of a warp is one
+// contiguous run (128 or 256 bytes in, 512 out); the 4 loads are issued before any store.  K and GROUP are
+// compile-time constants (a chunk never straddles a group: GROUP is a multiple of 32).
+// Weights (2j, 2j + 1) of a chunk of 8 as floats: int4 (one word, offset-binary nibbles) or int8 (two words).
+__device__ __forceinline__ void chunk_pair(unsigned v, int j, float& lo, float& hi) {
+  const unsigned w = v >> (j * 8);
+  lo = (float)(w & 15u); hi = (float)((w >> 4) & 15u);
+}
+__device__ __forceinline__ void chunk_pair(uint2 v, int j, float& lo, float& hi) {
+  const unsigned w = (j < 2 ? v.x : v.y) >> ((j & 1) * 16);
+  lo = (float)(signed char)(w & 255u); hi = (float)(signed char)((w >> 8) & 255u);
+}
+template <int BITS> struct PackedChunk { using type = unsigned; };
+template <> struct PackedChunk<8> { using type = uint2; };
+
 template <typename T, int BITS, typename Z, int K, int GROUP>
 __device__ __forceinline__ void dequant_weight(const void* __restrict__ Q_, const float* __restrict__ S,
                                                const Z* __restrict__ ZP, T* __restrict__ W, int N, int bx, int tid) {
-  constexpr int PER_ROW = K / 32, G = (K + GROUP - 1) / GROUP;
-  const unsigned slot = (unsigned)bx * 256u + (unsigned)tid;
-  if (slot >= (unsigned)N * PER_ROW) return;
-  const unsigned n = slot / PER_ROW;
-  const int k0 = (int)(slot % PER_ROW) * 32;
-  const float s = S[n * G + k0 / GROUP];
-  unsigned words[8];
-  float base;
-  if (BITS == 4) {
-    const unsigned char* q = static_cast<const unsigned char*>(Q_) + (size_t)n * (K / 2) + k0 / 2;
-    const uint4 v = *reinterpret_cast<const uint4*>(q);
-    words[0] = v.x; words[1] = v.y; words[2] = v.z; words[3] = v.w;
-    base = -8.f - (float)ZP[n * G + k0 / GROUP];
-  } else {
-    const uint4* q = reinterpret_cast<const uint4*>(static_cast<const signed char*>(Q_) + (size_t)n * K + k0);
-    const uint4 a = q[0], b = q[1];
-    words[0] = a.x; words[1] = a.y; words[2] = a.z; words[3] = a.w;
-    words[4] = b.x; words[5] = b.y; words[6] = b.z; words[7] = b.w;
-    base = -(float)ZP[n * G + k0 / GROUP];
-  }
-  uint4 out[4];
-  unsigned* o = reinterpret_cast<unsigned*>(out);
+  constexpr int CPR = K / 8, G = (K + GROUP - 1) / GROUP;  // chunks per row, groups per row
+  const unsigned total = (unsigned)N * CPR;
+  using In = typename PackedChunk<BITS>::type;
+  In q[4];
+  unsigned c[4];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {  // pairs of weights (2i, 2i + 1) -> one 32-bit word of two T
-    float lo, hi;
-    if (BITS == 4) {
-      const unsigned w = words[i >> 2] >> ((i & 3) * 8);
-      lo = (float)(w & 15u); hi = (float)((w >> 4) & 15u);
-    } else {
-      const unsigned w = words[i >> 1] >> ((i & 1) * 16);
-      lo = (float)(signed char)(w & 255u); hi = (float)(signed char)((w >> 8) & 255u);
+  for (int i = 0; i < 4; ++i) {
+    c[i] = (unsigned)bx * 1024u + (unsigned)(i * 256 + tid);
+    if (c[i] < total) q[i] = reinterpret_cast<const In*>(Q_)[c[i]];
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (c[i] >= total) return;
+    const unsigned n = c[i] / CPR, g = (c[i] % CPR) * 8 / GROUP;
+    const float s = S[n * G + g];
+    const float base = (BITS == 4 ? -8.f : 0.f) - (float)ZP[n * G + g];
+    unsigned o[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // weights (2j, 2j + 1) -> one 32-bit word of two T
+      float lo, hi;
+      chunk_pair(q[i], j, lo, hi);
+      o[j] = pack2<T>((lo + base) * s, (hi + base) * s);
     }
-    o[i] = pack2<T>((lo + base) * s, (hi + base) * s);
+    reinterpret_cast<uint4*>(W)[c[i]] = make_uint4(o[0], o[1], o[2], o[3]);
   }
-  uint4* dst = reinterpret_cast<uint4*>(W + (size_t)n * K + k0);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) dst[i] = out[i];
 }
 
 }  // namespace ctc_gemm
@@ -440,8 +442,8 @@ def dequant_supported(spec: DequantSpec) -> str | None:
 
 
 def dequant_func(spec: DequantSpec) -> Any:
-    """The PrimFunc ``(Q, scale [N, G] f32, zero [N, G], W [N, K])``: the packed weight expanded (one thread per
-    32 weights; it reads 16 or 32 bytes and writes 64)."""
+    """The PrimFunc ``(Q, scale [N, G] f32, zero [N, G], W [N, K])``: the packed weight expanded (4 chunks of 8
+    weights a thread, coalesced: see the device function)."""
     from ctc.backends.tvm.cuda_mma import device_type, launcher
 
     why = dequant_supported(spec)
@@ -452,6 +454,6 @@ def dequant_func(spec: DequantSpec) -> Any:
     bufs = [q, ("S", f"{n}, {g}", "float32"), ("Z", f"{n}, {g}", spec.zero_dtype), ("W", f"{n}, {k}", spec.dtype)]
     zt = "signed char" if spec.zero_dtype == "int8" else "float"
     call = f"ctc_gemm::dequant_weight<{device_type(spec.dtype)}, {spec.bits}, {zt}, {k}, {spec.group_size}>"
-    blocks = -(-(n * k // 32) // 256)
+    blocks = -(-(n * k // 8) // 1024)
     return launcher("ctc_dequant", bufs, [], (str(blocks), "1"), 256, 0, call,
                     ["Q.data", "S.data", "Z.data", "W.data", str(n)], with_by=False)

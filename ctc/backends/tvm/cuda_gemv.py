@@ -198,8 +198,10 @@ def gemv_i4_supported(spec: Any) -> str | None:
     pair = 2 if spec.epilogue == "silu_mul" else 1
     if spec.rows * spec.rows_per_warp * pair > 32:
         return "more than 32 sums per lane"
-    if spec.rows * pair > 8:  # H200, 2026-12-03: batch-8 gate|up + SwiGLU 49.3 us here, 44.2 with the TIR kernel
-        return f"{spec.rows} rows x {pair} weight rows (the TIR kernel measured faster past 8)"
+    # H200, 2026-12-03, batch 8: gate|up + SwiGLU 49.3 us here, 44.2 with the TIR kernel; the LM head (N 128256)
+    # 513 vs 397 us; but o and down (N 2048) 7.5 / 20.9 us here vs 8.4 / 23.5
+    if spec.rows * pair > 8 or (spec.rows > 4 and spec.n > 8192):
+        return f"{spec.rows} rows x {pair} weight rows, N = {spec.n} (the TIR kernel measured faster)"
     return None
 
 
