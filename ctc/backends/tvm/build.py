@@ -147,6 +147,76 @@ def _shape_funcs_noalias() -> Any:
     return _pass
 
 
+def stack_tiles() -> Any:
+    """TIR pass: accumulators allocated directly in a loop annotated ``schedules.STACK_TILE`` stay on the stack.
+
+    Why: ``LowerTVMBuiltin`` keeps only CPU allocations under 1 KB (``kMaxStackAlloca``) on the stack; the f32
+    matmul's 8 x 32 register tile is exactly 1 KB, so every tile took ``TVMBackendAllocWorkspace`` + ``memset``
+    + ``TVMBackendFreeWorkspace`` from the pool.  Marked ``disable_lower_builtin``, the buffer stays an ``alloca``
+    (LLVM's SROA puts it in registers).  Runs before the host finalization (``TIR_PIPELINE``)."""
+    import tvm
+    from ctc.backends.tvm.schedules import STACK_TILE, STACK_TILE_BYTES
+    from tvm import tirx
+
+    def small(buf: Any) -> bool:
+        n = 1
+        for e in buf.shape:
+            if not isinstance(e, tirx.IntImm):
+                return False
+            n *= int(e)
+        return n * buf.dtype.bits * buf.dtype.lanes // 8 <= STACK_TILE_BYTES
+
+    def visit(stmt: Any, tile: bool) -> Any:
+        if isinstance(stmt, tirx.AllocBuffer):
+            if tile and small(stmt.buffer):
+                keep = tirx.IntImm("int32", 1)
+                return tirx.AllocBuffer(stmt.buffer, {**stmt.annotations, "disable_lower_builtin": keep})
+            return stmt
+        if isinstance(stmt, tirx.SeqStmt):
+            seq = [visit(s, tile) for s in stmt.seq]
+            return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq, strict=True)) else tirx.SeqStmt(seq)
+        if isinstance(stmt, tirx.For):
+            body = visit(stmt.body, STACK_TILE in stmt.annotations)
+            return stmt if body.same_as(stmt.body) else tirx.For(
+                stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations,
+                stmt.step, stmt.span)
+        if isinstance(stmt, tirx.AttrStmt):
+            body = visit(stmt.body, False)
+            return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
+        if isinstance(stmt, tirx.IfThenElse):
+            then = visit(stmt.then_case, False)
+            other = None if stmt.else_case is None else visit(stmt.else_case, False)
+            same = then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case))
+            return stmt if same else tirx.IfThenElse(stmt.condition, then, other)
+        return stmt
+
+    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="StackTiles")
+    def _pass(func: Any, _mod: Any, _ctx: Any) -> Any:
+        body = visit(func.body, False)
+        return func if body.same_as(func.body) else func.with_body(body)
+
+    return _pass
+
+
+def _ctc_tir_pipeline() -> Any:
+    """TVM's default CPU TIR pipeline with :func:`stack_tiles` ahead of the host finalization."""
+    import tvm
+
+    pipeline, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("s_tir")
+    return pipeline, (lambda: tvm.transform.Sequential([stack_tiles(), finalize_host()])), finalize_device
+
+
+TIR_PIPELINE = "ctc_cpu"  # tvm.compile(..., tir_pipeline=TIR_PIPELINE) for CPU targets
+
+
+def register_tir_pipeline() -> str:
+    """Register :data:`TIR_PIPELINE` with TVM (idempotent); returns its name."""
+    import tvm
+
+    tvm.tirx.register_tir_pipeline(TIR_PIPELINE, _ctc_tir_pipeline)
+    return TIR_PIPELINE
+
+
 def schedule_defaults(mod: Any, target: Any) -> Any:
     """Give every unscheduled PrimFunc the target's default schedule (:mod:`.schedules` for CPUs,
     :mod:`.cuda_schedules` for CUDA)."""
@@ -246,7 +316,8 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         kernels = kernel_count(mod)
     t0 = time.perf_counter()
     with _codegen_scope(tgt), tvm.transform.PassContext(opt_level=opts.opt_level):
-        ex = tvm.compile(mod, tgt, relax_pipeline=_finalize(tgt))
+        ex = tvm.compile(mod, tgt, relax_pipeline=_finalize(tgt),
+                         tir_pipeline="default" if gpu else register_tir_pipeline())
     timings["codegen_s"] = time.perf_counter() - t0
     meta = {
         "format": "ctc-tvm-1",

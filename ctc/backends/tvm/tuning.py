@@ -472,7 +472,11 @@ def _time_func(func: Any, tgt: Any, number: int = 5, repeat: int = 3) -> float |
     import tvm
 
     try:
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt).jit()
+        from ctc.backends.tvm.build import register_tir_pipeline
+
+        pipeline = "default" if tgt.kind.name == "cuda" else register_tir_pipeline()  # as the build compiles it
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt,
+                          tir_pipeline=pipeline).jit()
         args = []
         rng = np.random.default_rng(0)
         for p in func.params:
