@@ -5,7 +5,6 @@ kernels: ``fp32_matmul="strict"``; AMX-BF16 hosts otherwise run the linears of t
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -194,18 +193,9 @@ def test_one_kilobyte_register_tiles_accumulate_on_the_stack(tmp_path: Path) -> 
     torch.testing.assert_close(load_compiled(tmp_path)(x)[0], interpret(m, [x])[0], rtol=1e-4, atol=2e-5)
 
 
-def test_gelu_epilogue_divides_nothing() -> None:
-    """The FFN-up linear's GELU runs in the matmul's epilogue; its erf takes ``1 / Q`` by Newton steps, not
-    ``vdivps`` (~10-16 cycles a vector: ~7% of that kernel)."""
-    comp = compile_module(_ffn(64), options=BuildOptions(params="input", static_dims={"seq": 16}, fp32_matmul="strict"))
-    asm = [s.inspect_source("asm") for s in comp.executable.mod.imports if s.kind == "llvm"]
-    assert any("fused_matmul" in s and "gelu" in s for s in asm)
-    assert all(re.search(r"\bv?divps\b", s) is None for s in asm)
-
-
 def test_gelu_keeps_fp32_accuracy_over_a_dense_sweep(tmp_path: Path) -> None:
-    """The division-free erf-GELU against float64 torch over 2^20 points of [-12, 12] (and 0, +-4, +-1e-30):
-    within the error of torch's own f32 GELU (1.2e-6 absolute; this 1.3e-6, the divided form 1.5e-6)."""
+    """The f32 erf-GELU (fast math: TVM's rational erf) against float64 torch over 2^20 points of [-12, 12] (and
+    0, +-4, +-1e-30): within about the error of torch's own f32 GELU (1.2e-6 absolute; this 1.5e-6)."""
     x = torch.cat([torch.linspace(-12.0, 12.0, 1 << 20), torch.tensor([0.0, 4.0, -4.0, 1e-30, -1e-30])])
     m = Module("gelu")
     xv = m.add_input("x", TensorType((1, x.numel()), "f32"))
@@ -217,4 +207,4 @@ def test_gelu_keeps_fp32_accuracy_over_a_dense_sweep(tmp_path: Path) -> None:
     err = (got - ref).abs()
     assert float(err.max()) <= 2e-6, float(err.max())
     big = ref.abs() >= 1
-    assert float((err[big] / ref[big].abs()).max()) <= 8 * 2.0 ** -24  # torch f32: 6.3, this: 4.0 (2^-24 units)
+    assert float((err[big] / ref[big].abs()).max()) <= 8 * 2.0 ** -24  # torch f32: 6.3, this: 4.4 (2^-24 units)

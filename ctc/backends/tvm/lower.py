@@ -416,7 +416,7 @@ def _simple_unary(ctx: Ctx, node: Node, a: Operands) -> Any:
 
 @rule("exp", "erf", "tanh", "sigmoid", "silu", "gelu")
 def _transcendental(ctx: Ctx, node: Node, a: Operands) -> Any:
-    from tvm import te, topi
+    from tvm import topi
 
     op = ctx.relax.op
     x = a["x"]
@@ -447,14 +447,9 @@ def _transcendental(ctx: Ctx, node: Node, a: Operands) -> Any:
 
         return ctx.te(g, x, name="gelu_tanh")
 
-    def h(t: Any) -> Any:  # x / 2 (1 + erf(x / sqrt 2)), the erf without a division (a matmul epilogue's ~7%)
-        from ctc.backends.tvm.row_kernels import erf_nodiv_expr
-
-        def g(*i: Any) -> Any:
-            v = t(*i)
-            return v * 0.5 * (erf_nodiv_expr(v * (1.0 / math.sqrt(2.0))) + 1.0)
-
-        return te.compute(t.shape, g, name="gelu")
+    def h(t: Any) -> Any:
+        e = topi.fast_erf(topi.multiply(t, 1.0 / math.sqrt(2.0)))
+        return topi.multiply(topi.multiply(t, 0.5), topi.add(e, 1.0))
 
     return ctx.te(h, x, name="gelu")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["erf_nodiv_expr", "fast_erf_expr", "fast_exp_expr", "gelu_expr", "row_layer_norm", "row_softmax"]
+__all__ = ["fast_erf_expr", "fast_exp_expr", "gelu_expr", "row_layer_norm", "row_softmax"]
 
 LANES = 16  # accumulator width; LLVM splits it into the target's vectors (16 f32 = one AVX-512 register)
 
@@ -179,37 +179,6 @@ def fast_erf_expr(x: Any) -> Any:
         poly = poly * t + tirx.const(c, f32)
     y = tirx.const(1.0, f32) - poly * t * fast_exp_expr(tirx.const(0.0, f32) - ax * ax)
     return tirx.Select(x < tirx.const(0.0, f32), tirx.const(0.0, f32) - y, y)
-
-
-# TVM's fast_erf (Eigen's) rational approximation on [-4, 4], erf(x) = x P(x^2) / Q(x^2), both signs flipped
-# so that Q > 0 (0.0143 at 0 .. 2.39 at |x| = 4), highest power first.
-_ERF_P = (2.72614225801306e-10, -2.77068142495902e-08, 2.10102402082508e-06, 5.69250639462346e-05,
-          7.34990630326855e-04, 2.95459980854025e-03, 1.60960333262415e-02)
-_ERF_Q = (1.45660718464996e-05, 2.13374055278905e-04, 1.68282697438203e-03, 7.37332916720468e-03,
-          1.42647390514189e-02)
-_RECIP_MAGIC = 0x7EF311C3  # bits(1 / q) ~ magic - bits(q), within 12.5% for any positive normal q
-
-
-def erf_nodiv_expr(x: Any) -> Any:
-    """``erf(x)`` for f32 without a division: TVM's ``fast_erf`` rational approximation with ``1 / Q`` from
-    the integer estimate ``magic - bits(Q)`` and four Newton steps ``r (2 - Q r)`` (12.5% -> 1.6e-2 -> 2.4e-4
-    -> 6e-8 -> rounding).  Same accuracy as the divided form (GELU over [-12, 12]: max abs error 1.4e-6
-    against float64, torch's f32 erf-GELU 1.2e-6); a 16-lane ``vdivps`` costs the FMA units ~20-30 slots,
-    this 9 (it was ~7% of the f32 FFN-up matmul with its GELU epilogue)."""
-    from tvm import tirx
-
-    f32 = "float32"
-    x = tirx.max(tirx.min(x, tirx.const(4.0, f32)), tirx.const(-4.0, f32))
-    u = x * x
-    p, q = tirx.const(_ERF_P[0], f32), tirx.const(_ERF_Q[0], f32)
-    for c in _ERF_P[1:]:
-        p = p * u + tirx.const(c, f32)
-    for c in _ERF_Q[1:]:
-        q = q * u + tirx.const(c, f32)
-    r = tirx.reinterpret(f32, tirx.const(_RECIP_MAGIC, "int32") - tirx.reinterpret("int32", q))
-    for _ in range(4):
-        r = r * (tirx.const(2.0, f32) - q * r)
-    return x * p * r
 
 
 def gelu_expr(x: Any) -> Any:
