@@ -10,6 +10,7 @@ both the VNNI schedule and the plain integer fallback, and a Relax function with
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -404,3 +405,108 @@ def test_float_zero_points_with_block_dynamic_activations(m: int, vnni: bool) ->
         ik.prepack_weights(ik.QLinearSpec.from_attrs(attrs, k, n), qw.qweight, qw.scale, qw.zero, b, None, None)
     with pytest.raises(ValueError, match="dynamic activations"):
         ik.QLinearSpec.from_attrs({**attrs, "act_dynamic": False}, k, n, w_zero_float=True)
+
+
+def _ffn(m_rows: int, k: int, n: int, n2: int, down_clusters: tuple[int, ...], seed: int = 7) -> dict:
+    """An FFN's two integer linears (up: K -> N with gelu, down: N -> N2) and an input; the down projection's
+    activation ranges are calibrated on the exact gelu output."""
+    up = _case(m_rows, k, n, (30, k), 8, -1, True, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    qw2 = Q.quantize_weight(torch.randn(n2, n, generator=g), 8, -1, True)
+    h = torch.nn.functional.gelu(_reference(up))
+    bounds = [0, *down_clusters]
+    lo = torch.stack([h[:, a:b].min() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    hi = torch.stack([h[:, a:b].max() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    s2, z2 = Q.act_qparams(lo, hi, 8)
+    attrs2 = dict(w_bits=8, group_size=-1, w_symmetric=True, a_bits=8, act_clusters=down_clusters, has_bias=True)
+    return dict(up=up, qw2=qw2, b2=torch.randn(n2, generator=g), s2=s2, z2=z2, attrs2=attrs2, n2=n2)
+
+
+@needs_vnni
+@pytest.mark.parametrize("m_rows", [37, 8])
+def test_gelu_epilogue_writes_the_next_linears_codes(m_rows: int) -> None:
+    """``codes_spec``: the up projection's kernel writes the down projection's u8 codes (its padded
+    layout: clusters that are not whole VNNI steps) bit for bit as qact makes them from the f32 gelu output,
+    for partial row tiles and a last channel block past the codes; padding columns are 0."""
+    import dataclasses
+
+    f = _ffn(m_rows, 136, 200, 40, (45, 130, 199, 200))
+    c = f["up"]
+    spec = dataclasses.replace(ik.QLinearSpec.from_attrs(c["attrs"], 136, 200), gelu=True)
+    cons = ik.QLinearSpec.from_attrs(f["attrs2"], 200, 40)
+    assert cons.kp == 212 and cons.kp % 32  # padded segments, a partial last block of 32 channels
+    qw = c["qw"]
+    y = ik.run_quant_linear(ik.plan_quant_linear(spec), c["x"],
+                            ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"]))
+    qw2 = f["qw2"]
+    p2 = ik.prepack_weights(cons, qw2.qweight, qw2.scale, qw2.zero, f["b2"], f["s2"], f["z2"])
+    _, want, _ = ik.run_quant_linear(ik.plan_quant_linear(cons), y, p2, return_intermediates=True)
+    fspec = ik.codes_spec(spec, cons)
+    assert (fspec.n, fspec.codes) == (200, 212) and "Q212" in fspec.tag
+    got = ik.run_quant_linear(ik.plan_quant_linear(fspec), c["x"],
+                              ik.prepack_codes(fspec, cons, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"],
+                                               f["s2"], f["z2"]))
+    np.testing.assert_array_equal(got, want)
+    pad = ik.code_layout(cons) < 0
+    assert pad.sum() == 12 and not got[:, pad].any()  # not written (the buffer was zeros)
+    with pytest.raises(ValueError, match="next linear's K"):
+        ik.codes_spec(spec, ik.QLinearSpec.from_attrs(f["attrs2"] | dict(act_clusters=(100, 136)), 136, 40))
+    with pytest.raises(ValueError, match="static activation ranges"):
+        ik.codes_spec(spec, dataclasses.replace(cons, dynamic=True))
+
+
+def _ffn_module(f: dict, gelu_is_output: bool) -> tuple[Any, Any]:
+    from ctc.ir.graph import Module
+    from ctc.ir.types import TensorType
+
+    c = f["up"]
+    m = Module("ffn")
+    x = m.add_input("x", TensorType((1, "seq", c["k"]), "f32"))
+
+    def p(name: str, t: torch.Tensor) -> Any:
+        return m.param(m.add_param(name, t))
+
+    qw, qw2 = c["qw"], f["qw2"]
+    h = m.create_node("quant_linear", [x, p("w1", qw.qweight), p("s1", qw.scale), p("z1", qw.zero), p("b1", c["b"]),
+                                       p("as1", c["s"]), p("az1", c["z"])], c["attrs"]).output
+    g = m.create_node("gelu", [h], {"approximate": "none"}).output
+    y = m.create_node("quant_linear", [g, p("w2", qw2.qweight), p("s2", qw2.scale), p("z2", qw2.zero),
+                                       p("b2", f["b2"]), p("as2", f["s2"]), p("az2", f["z2"])], f["attrs2"]).output
+    m.set_outputs([y, g] if gelu_is_output else [y])
+    return m, x
+
+
+@needs_vnni
+@pytest.mark.parametrize("gelu_is_output", [False, True])
+def test_ffn_runs_one_quantizer_and_equals_the_unfused_kernels(gelu_is_output: bool) -> None:
+    """Lowered, an FFN (quant_linear, gelu, quant_linear) runs one qact: the up projection writes the down
+    projection's codes; the result is bit-identical to the two linears' own kernels and equal to the
+    interpreter.  When the gelu output is read elsewhere (a module output here) both quantizers run."""
+    import dataclasses
+    import tempfile
+
+    from ctc.backends.tvm.build import BuildOptions, compile_module, load_compiled
+    from ctc.ir.interpreter import interpret
+
+    f = _ffn(37, 136, 200, 40, (45, 130, 199, 200))
+    m, _ = _ffn_module(f, gelu_is_output)
+    comp = compile_module(m, options=BuildOptions())
+    d = tempfile.mkdtemp()
+    comp.export(d)
+    lib = load_compiled(d, threads=1)
+    c = f["up"]
+    xin = c["x"][None]
+    got = lib(xin)[0]
+    names = [kt.name for kt in lib.profile(xin, runs=1)]
+    assert sum("qact" in nm for nm in names) == (2 if gelu_is_output else 1), names
+    assert sum("qmm" in nm and "Q212" in nm for nm in names) == (0 if gelu_is_output else 1), names
+    spec = dataclasses.replace(ik.QLinearSpec.from_attrs(c["attrs"], 136, 200), gelu=True)
+    cons = ik.QLinearSpec.from_attrs(f["attrs2"], 200, 40)
+    qw, qw2 = c["qw"], f["qw2"]
+    y = ik.run_quant_linear(ik.plan_quant_linear(spec), c["x"],
+                            ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"]))
+    want = ik.run_quant_linear(ik.plan_quant_linear(cons), y,
+                               ik.prepack_weights(cons, qw2.qweight, qw2.scale, qw2.zero, f["b2"], f["s2"], f["z2"]))
+    np.testing.assert_array_equal(got.numpy()[0], want)
+    ref = interpret(m, [xin])[0]
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=2e-2 * float(ref.abs().max()))

@@ -1736,45 +1736,7 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
         except ImportError:  # pragma: no cover - colleague's module absent
             IK = None  # type: ignore[assignment]
         if IK is not None:
-            vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
-            spec = IK.QLinearSpec.from_attrs(attrs, k, vals["qweight"].shape[0],
-                                             w_zero_float=vals["w_zero"].dtype.kind == "f")
-            gathered = _gathered_input(ctx, node)
-            if gathered is not None:  # RPTQ's explicit reorder: the quantizer gathers as it loads
-                spec = dataclasses.replace(spec, gather=True)
-            one_row = _one_row(ctx, node.operand("x"))
-            if ctx.amx and not spec.w_zero_float:  # several rows on a CPU with AMX: the tile kernel
-                spec = IK.with_amx(spec, ctx.target, rows=1 if one_row else None)
-            gelu = _gelu_reader(ctx, node) if xt.dtype == "f32" else None
-            if gelu is not None:  # the FFN's activation in the matmul's epilogue
-                spec = dataclasses.replace(spec, gelu=True)
-            # one row (a decode step): a 1-row tile streams each weight once (the 8-row tile wastes 7/8)
-            tile = IK.gemv_tile(spec) if one_row else None
-            kernel = IK.plan_quant_linear(spec, ctx.target, tile=tile)
-            packed = IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
-                                        vals.get("act_scale"), vals.get("act_zero"))
-            # cache keys: the packed weight depends on the integer weight and the spec only, so a shared
-            # weight is bound once; scales, corrections and bias depend on every operand (per reader)
-            key = "pack_" + "_".join(str(pnames[n]) for n in sorted(pnames) if n != "x") + "_" + spec.tag
-            layout = dataclasses.replace(spec, gather=False, gelu=False).tag  # input read, epilogue: same wpack
-            rel = {nm: ctx.param(pnames["qweight"], f"pack_{layout}_wpack" if nm == "wpack" else f"{key}_{nm}",
-                                 array=arr)  # type: ignore[arg-type]
-                   for nm, arr in packed.items()}
-            ctx.int_kernels += 1
-            ctx.amx_kernels += int(spec.amx)
-            x_in = a["x"] if gathered is None else gathered[0]
-            if gathered is not None and kernel.permute:  # qact quantizes in channel order, permutes the codes
-                tabs = IK.permute_tables(spec, ctx.param_array(gathered[1]), packed["act_scale"], packed["act_zero"])
-                rel.update({nm: ctx.param(gathered[1], f"{key}_{nm}", array=arr) for nm, arr in tabs.items()})
-            elif gathered is not None:
-                rel["perm"] = ctx.param(gathered[1], "int32", fn=lambda p: p.astype(np.int32))
-            # linears reading one activation with equal ranges (q, k, v) quantize it once
-            share = (gathered[1] if gathered is not None else None,
-                     *(packed[n].tobytes() for n in ("act_scale", "act_zero") if n in packed and not spec.dynamic))
-            y = IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=share, memo=ctx.memo)
-            if gelu is not None:
-                ctx.absorbed[id(gelu.outputs[0])] = y  # the gelu node is computed: its reader gets y
-            return y
+            return _int_linear(ctx, node, a, pnames, IK)
     if not a_q and consts and not ctx.gpu:
         from ctc.backends.tvm.weight_only import lower_weight_only
 
@@ -1800,6 +1762,125 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
     if a.value("bias") is not None:
         y = ctx.emit(op.add(y, ctx.emit(op.astype(a["bias"], "float32"))))
     return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
+
+
+def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None], IK: Any) -> Any:
+    """A ``quant_linear`` with quantized activations and parameter operands on the integer kernels
+    (qact + qmm); an FFN's up projection whose gelu feeds only the down projection writes that one's u8
+    codes itself (:func:`_codes_reader`): no f32 gelu output, no quantizer kernel of its own."""
+    xt = a.type("x")
+    k = int(xt.shape[-1])
+    vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
+    spec = IK.QLinearSpec.from_attrs(node.attrs, k, vals["qweight"].shape[0],
+                                     w_zero_float=vals["w_zero"].dtype.kind == "f")
+    gathered = _gathered_input(ctx, node)
+    if gathered is not None:  # RPTQ's explicit reorder: the quantizer gathers as it loads
+        spec = dataclasses.replace(spec, gather=True)
+    one_row = _one_row(ctx, node.operand("x"))
+    if ctx.amx and not spec.w_zero_float:  # several rows on a CPU with AMX: the tile kernel
+        spec = IK.with_amx(spec, ctx.target, rows=1 if one_row else None)
+    gelu = _gelu_reader(ctx, node) if xt.dtype == "f32" else None
+    if gelu is not None:  # the FFN's activation in the matmul's epilogue
+        spec = dataclasses.replace(spec, gelu=True)
+    # one row (a decode step): a 1-row tile streams each weight once (the 8-row tile wastes 7/8)
+    tile = IK.gemv_tile(spec) if one_row else None
+    kernel = IK.plan_quant_linear(spec, ctx.target, tile=tile)
+    nxt = _codes_reader(ctx, gelu, spec, kernel, IK) if gelu is not None and not one_row else None
+    if nxt is not None:
+        spec, kernel = nxt[1], nxt[2]
+    cvals = nxt[4] if nxt is not None else {}
+    packed = (IK.prepack_codes(spec, nxt[0].spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
+                               vals.get("act_scale"), vals.get("act_zero"), cvals["act_scale"], cvals["act_zero"])
+              if nxt is not None else
+              IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
+                                 vals.get("act_scale"), vals.get("act_zero")))
+    # the code tables depend on the next linear's ranges too
+    extra = "" if nxt is None else "_" + "_".join(str(nxt[3][n]) for n in ("act_scale", "act_zero"))
+    key, rel = _bind_packed(ctx, pnames, spec, packed, extra)
+    ctx.int_kernels += 1
+    ctx.amx_kernels += int(spec.amx)
+    x_in = a["x"] if gathered is None else gathered[0]
+    if gathered is not None and kernel.permute:  # qact quantizes in channel order, permutes the codes
+        tabs = IK.permute_tables(spec, ctx.param_array(gathered[1]), packed["act_scale"], packed["act_zero"])
+        rel.update({nm: ctx.param(gathered[1], f"{key}_{nm}", array=arr) for nm, arr in tabs.items()})
+    elif gathered is not None:
+        rel["perm"] = ctx.param(gathered[1], "int32", fn=lambda p: p.astype(np.int32))
+    # linears reading one activation with equal ranges (q, k, v) quantize it once
+    share = (gathered[1] if gathered is not None else None,
+             *(packed[n].tobytes() for n in ("act_scale", "act_zero") if n in packed and not spec.dynamic))
+    y = IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=share, memo=ctx.memo)
+    if nxt is None:
+        if gelu is not None:
+            ctx.absorbed[id(gelu.outputs[0])] = y  # the gelu node is computed: its reader gets y
+        return y
+    # y is the down projection's quantized input: its matmul follows here
+    ckernel, cpn = nxt[0], nxt[3]
+    cspec = ckernel.spec
+    cpacked = IK.prepack_weights(cspec, cvals["qweight"], cvals["w_scale"], cvals["w_zero"], cvals.get("bias"),
+                                 cvals["act_scale"], cvals["act_zero"])
+    _, crel = _bind_packed(ctx, cpn, cspec, cpacked)
+    ctx.int_kernels += 1
+    assert gelu is not None
+    down = gelu.outputs[0].users[0]
+    ctx.absorbed[id(gelu.outputs[0])] = None  # never materialized: its one reader is the down projection
+    ctx.absorbed[id(down.outputs[0])] = IK.emit_quant_linear_packed(ctx.bb, x_in, crel, ckernel, xq=y)
+    return y  # bound to this node's output, which only the (absorbed) gelu reads
+
+
+def _bind_packed(ctx: Ctx, pnames: Mapping[str, str | None], spec: Any, packed: Mapping[str, np.ndarray],
+                 extra: str = "") -> tuple[str, dict[str, Any]]:
+    """``(cache key, Relax operands)`` of an integer linear's packed arrays.  The packed weight depends on
+    the integer weight and its layout only, so a shared weight is bound once; scales, corrections and bias
+    depend on every operand (per reader; ``extra`` names more of what they depend on)."""
+    key = "pack_" + "_".join(str(pnames[n]) for n in sorted(pnames) if n != "x") + "_" + spec.tag + extra
+    layout = dataclasses.replace(spec, gather=False, gelu=False, codes=0, codes_bits=8).tag  # same wpack
+    rel = {nm: ctx.param(pnames["qweight"], f"pack_{layout}_wpack" if nm == "wpack" else f"{key}_{nm}",
+                         array=arr)  # type: ignore[arg-type]
+           for nm, arr in packed.items()}
+    return key, rel
+
+
+def _codes_reader(ctx: Ctx, gelu: Node, spec: Any, kernel: Any, IK: Any) -> tuple[Any, ...] | None:
+    """When ``gelu`` (fused into a linear of ``spec``/``kernel``) is read only by another integer
+    ``quant_linear`` that the VNNI kernels run with static ranges and symmetric weights (MiniLM's FFN down
+    projection): ``(its kernel, the codes-writing spec and kernel, its parameter names, their values)``;
+    None otherwise.  The up projection then writes the down projection's u8 codes in its epilogue."""
+    from ctc.backends.tvm.block_gemv import block_layout
+
+    out = gelu.outputs[0]
+    if (len(out.users) != 1 or kernel.spec.amx or kernel.tile.mt == 1 or not kernel.vnni or spec.int4
+            or spec.dynamic or not spec.w_symmetric or any(o is out for o in ctx.module.outputs)):
+        return None
+    down = out.users[0]
+    if down.op != "quant_linear" or down.operand("x") is not out or down.attrs.get("act_dynamic", False):
+        return None
+    if down.attrs.get("a_bits") in (None, 16) or not down.attrs.get("w_symmetric", True):
+        return None
+    cpn = {n: _later_param_name(ctx, v) for n, v in down.named_operands().items()}  # type: ignore[arg-type]
+    if any(cpn[n] is None for n in cpn if n != "x") or not {"act_scale", "act_zero"} <= set(cpn):
+        return None
+    cvals = {n: ctx.param_array(cpn[n]) for n in cpn if n != "x"}  # type: ignore[arg-type]
+    n = int(cvals["qweight"].shape[0])
+    if cvals["w_zero"].dtype.kind == "f" or block_layout(down.attrs, spec.n, n) is None:
+        return None  # float zero points, or activations per block of 32 (block_gemv's kernels)
+    try:
+        cspec = IK.QLinearSpec.from_attrs(down.attrs, spec.n, n)
+        cons = IK.plan_quant_linear(cspec, ctx.target)
+        fspec = IK.codes_spec(spec, cspec)
+        fused = IK.plan_quant_linear(fspec, ctx.target, tile=kernel.tile)
+    except ValueError:  # a form these kernels do not fuse: the two linears run as they are
+        return None
+    if cons.tile.mt != fused.tile.mt or cons.permute:
+        return None  # the codes must have the rows the down projection's tile reads
+    return cons, fspec, fused, cpn, cvals
+
+
+def _later_param_name(ctx: Ctx, v: Value | None) -> str | None:
+    """The parameter ``v`` is, also when its ``param`` node comes after the node being lowered; else None."""
+    p = v.producer if v is not None else None
+    if p is not None and p.op == "param" and p.attrs["name"] in ctx.module.params:
+        return str(p.attrs["name"])
+    return ctx.param_name(v) if v is not None else None
 
 
 def _gelu_reader(ctx: Ctx, node: Node) -> Node | None:
