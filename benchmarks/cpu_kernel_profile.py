@@ -57,7 +57,12 @@ def main() -> None:
     args = ap.parse_args()
     if len(args.artifacts) > 2:
         raise SystemExit("give one artifact, or two to compare")
-    res = [profile_artifact(a, args.seq, args.runs) for a in args.artifacts]
+    from ctc.errors import ArtifactError, ModelError, UsageError
+
+    try:
+        res = [profile_artifact(a, args.seq, args.runs) for a in args.artifacts]
+    except (ArtifactError, ModelError, UsageError) as e:  # a wrong or broken artifact: its message, no traceback
+        raise SystemExit(f"cpu_kernel_profile: {e}") from None
     print(f"# per-kernel CPU time, one thread, seq {args.seq}, {args.runs} runs (load average "
           f"{os.getloadavg()[0]:.1f}: CPU time is inflated a little by other users' cache use, far less than wall)")
     print("whole run (process CPU, no hook): " + " | ".join(f"{a}: {w:.2f} ms" for a, (w, _) in
