@@ -20,3 +20,9 @@ def test_steal_is_read_and_reported_as_cores() -> None:
     assert any("hypervisor took 0.25 cores" in ln and "same-run ratios" in ln for ln in lines)
     quiet = fair.check_lines(fair.Timings(times={}, cpu_ns={}, calls={}, timed_ns=10**9).check())
     assert any("hypervisor took 0.00 cores (steal time) during the timed batches." in ln for ln in quiet)
+
+
+def test_the_runner_own_cpu_is_reported_apart_from_the_idle_pool_check() -> None:
+    t = fair.Timings(times={}, cpu_ns={}, calls={}, idle_ns=5_000_000, timed_ns=1_000_000_000, runner_ns=12_000_000)
+    line = fair.check_lines(t.check())[0]
+    assert "(0.50%): passed." in line and "runner itself used 12.0 ms (1.20%)" in line
