@@ -217,6 +217,11 @@ def register_tir_pipeline() -> str:
     return TIR_PIPELINE
 
 
+def tir_pipeline_for(target: Any) -> str:
+    """The TIR pipeline ctc compiles ``target``'s kernels with (builds and the tuner's timing alike)."""
+    return "default" if target.kind.name == "cuda" else register_tir_pipeline()
+
+
 def schedule_defaults(mod: Any, target: Any) -> Any:
     """Give every unscheduled PrimFunc the target's default schedule (:mod:`.schedules` for CPUs,
     :mod:`.cuda_schedules` for CUDA)."""
@@ -317,7 +322,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
     t0 = time.perf_counter()
     with _codegen_scope(tgt), tvm.transform.PassContext(opt_level=opts.opt_level):
         ex = tvm.compile(mod, tgt, relax_pipeline=_finalize(tgt),
-                         tir_pipeline="default" if gpu else register_tir_pipeline())
+                         tir_pipeline=tir_pipeline_for(tgt))
     timings["codegen_s"] = time.perf_counter() - t0
     meta = {
         "format": "ctc-tvm-1",

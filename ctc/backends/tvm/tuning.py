@@ -472,11 +472,10 @@ def _time_func(func: Any, tgt: Any, number: int = 5, repeat: int = 3) -> float |
     import tvm
 
     try:
-        from ctc.backends.tvm.build import register_tir_pipeline
+        from ctc.backends.tvm.build import tir_pipeline_for
 
-        pipeline = "default" if tgt.kind.name == "cuda" else register_tir_pipeline()  # as the build compiles it
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt,
-                          tir_pipeline=pipeline).jit()
+                          tir_pipeline=tir_pipeline_for(tgt)).jit()
         args = []
         rng = np.random.default_rng(0)
         for p in func.params:
