@@ -50,6 +50,10 @@ class CpuOptions(TargetOptions):
                                         "error per product; auto = bf16x6 where the CPU has AMX-BF16 (and amx=true), "
                                         "else strict (the build notes say so)",
                               choices=("auto", "strict", "bf16x3", "bf16x6"))
+    attention_bits: int = option(32, "prefill attention's products: 32 = f32; 8 = q k^T and p v on int8 VNNI "
+                                     "kernels (q, k per token and head, v per channel, probabilities as u8), softmax "
+                                     "in f32: faster, less accurate (docs/tvm-cpu-backend.md); f32 where the CPU has "
+                                     "no AVX512-VNNI", choices=(8, 32))
 
     def validate(self) -> None:
         if self.mcpu not in ("", "native"):

@@ -65,6 +65,7 @@ class AttentionSpec:
     batch: int | None = None
     seq: int | None = None
     keys: int | None = None  # padded key length Lp
+    bits: int = 32  # 32: f32 products; 8: int8 q k^T and p v on VNNI (see attention_kernel)
 
     @property
     def name(self) -> str:
@@ -72,7 +73,8 @@ class AttentionSpec:
         m = "" if self.mask is None else f"_m{self.mask[0]}{''.join('1' if f else '0' for f in self.mask_dims)}"
         sizes = "_".join(str(v) if v is not None else "n" for v in (self.batch, self.seq, self.keys))
         flags = ("c" if self.causal else "") + ("p" if self.padded else "")
-        return (f"ctc_attention_h{self.heads}k{self.kv_heads}d{self.dim}{m}{'_' + flags if flags else ''}_{sizes}"
+        return (f"ctc_attention_h{self.heads}k{self.kv_heads}d{self.dim}{m}{'_' + flags if flags else ''}"
+                f"{'_i8' if self.bits == 8 else ''}_{sizes}"
                 f"_s{self.scale!r}".replace(".", "p").replace("-", "m").replace("+", ""))
 
     def validate(self) -> None:
@@ -81,6 +83,8 @@ class AttentionSpec:
             raise ValueError(f"attention kernel: head dim {self.dim} must be a multiple of 16")
         if self.heads % self.kv_heads:
             raise ValueError(f"attention kernel: {self.heads} query heads do not group over {self.kv_heads} kv heads")
+        if self.bits not in (8, 32):
+            raise ValueError(f"attention kernel: bits={self.bits}: expected 8 (int8 products) or 32 (f32)")
         if self.keys is not None and self.keys % KEY_BLOCK:
             raise ValueError(f"attention kernel: padded key length {self.keys} must be a multiple of {KEY_BLOCK}")
 
@@ -99,6 +103,12 @@ def _lane_reduce(op: str, ind: str) -> list[str]:
             f"{ind}    for c in range({_i(KEY_BLOCK)}):", f"{ind}        rs[r] = {op}(rs[r], vmx[r, c])"]
 
 
+def _tile_fill(ind: str, lhs: str, value: str, cols: int = KEY_BLOCK) -> list[str]:
+    """TVMScript lines: ``lhs = value`` over a register tile (``r`` unrolled over ``ROWS``, ``c`` vectorized)."""
+    return [f"{ind}for r in T.unroll({_i(ROWS)}):", f"{ind}    for c in T.vectorized({_i(cols)}):",
+            f"{ind}        {lhs} = {value}"]
+
+
 def _pv(count: str, unroll: int, start: str, row: str, dim: int, ind: str) -> list[str]:
     """TVMScript lines: ``o[r] += p[r, j] v[j]`` for ``count`` groups of ``unroll`` keys from key ``start``."""
     j = f"{start}j0 * {_i(unroll)} + j1"
@@ -107,6 +117,42 @@ def _pv(count: str, unroll: int, start: str, row: str, dim: int, ind: str) -> li
             f"{ind}        for r in T.unroll({_i(ROWS)}):",
             f"{ind}            for dd in T.vectorized({_i(dim)}):",
             f"{ind}                o[r, dd] = o[r, dd] + sc[b, h, {row}, {j}] * v[b, hk, {j}, dd]"]
+
+
+def _score_value(spec: AttentionSpec, val: str, row: str, key: str, length: str) -> str:
+    """TVMScript of the masked score of ``(row, key)``: ``val`` (already scaled) plus an additive mask, or
+    -inf where a bool mask, the causal triangle or the true key length ``length`` (padded keys) rules it out."""
+    def at() -> str:
+        return ", ".join([("b" if spec.mask_dims[0] else "T.int64(0)"), ("h" if spec.mask_dims[1] else "T.int64(0)"),
+                          (row if spec.mask_dims[2] else "T.int64(0)"), key])
+    if spec.mask == "float":
+        val = f"{val} + mask[{at()}]"
+    conds = []
+    if spec.mask == "bool":
+        conds.append(f"mask[{at()}]")
+    if spec.padded:
+        conds.append(f"{key} < {length}")
+    if spec.causal:
+        conds.append(f"{key} <= {row}")
+    for cnd in conds:
+        val = f"T.Select({cnd}, {val}, T.float32(-np.inf))"
+    return val
+
+
+def _header(spec: AttentionSpec, name: str, params: list[str], decl: list[str], B: str, S: str, keys: list[str],
+            mask_keys: str) -> list[str]:
+    """TVMScript: the kernel's signature, size variables and the buffers ``q``, ``keys`` (``(name, shape)``
+    lines after q), the mask (last axis ``mask_keys``) and ``out``."""
+    H, D = spec.heads, spec.dim
+    mshape = [B if spec.mask_dims[0] else _i(1), _i(H) if spec.mask_dims[1] else _i(1),
+              S if spec.mask_dims[2] else _i(1), mask_keys]
+    L_ = ["@T.prim_func(private=True, s_tir=True)", f"def {name}({', '.join(params)}):",
+          '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})', *decl,
+          f'    q = T.match_buffer(var_q, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")', *keys]
+    if spec.mask:
+        mdt = "bool" if spec.mask == "bool" else "float32"
+        L_.append(f'    mask = T.match_buffer(var_mask, ({", ".join(mshape)}), "{mdt}")')
+    return [*L_, f'    out = T.match_buffer(var_out, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")']
 
 
 def _source(spec: AttentionSpec) -> str:
@@ -122,41 +168,14 @@ def _source(spec: AttentionSpec) -> str:
     if spec.mask:
         params.append("var_mask: T.handle")
     params += ["var_out: T.handle", "var_sc: T.handle"]
-    mshape = [B if spec.mask_dims[0] else _i(1), _i(H) if spec.mask_dims[1] else _i(1),
-              S if spec.mask_dims[2] else _i(1), LP]
-    L_ = [
-        "@T.prim_func(private=True, s_tir=True)",
-        f"def attention({', '.join(params)}):",
-        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
-        *decl,
-        f'    q = T.match_buffer(var_q, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")',
+    L_ = _header(spec, "attention", params, decl, B, S, [
         f'    kt = T.match_buffer(var_kt, ({B}, {_i(HK)}, {_i(D)}, {LP}), "float32")',
-        f'    v = T.match_buffer(var_v, ({B}, {_i(HK)}, {"L" if spec.padded else LP}, {_i(D)}), "float32")',
-    ]
-    if spec.mask:
-        mdt = "bool" if spec.mask == "bool" else "float32"
-        L_.append(f'    mask = T.match_buffer(var_mask, ({", ".join(mshape)}), "{mdt}")')
-    L_ += [f'    out = T.match_buffer(var_out, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")',
-           f'    sc = T.match_buffer(var_sc, ({B}, {_i(H)}, {S}, {LP}), "float32")']
+        f'    v = T.match_buffer(var_v, ({B}, {_i(HK)}, {"L" if spec.padded else LP}, {_i(D)}), "float32")'], LP)
+    L_.append(f'    sc = T.match_buffer(var_sc, ({B}, {_i(H)}, {S}, {LP}), "float32")')
     nrb = f"(({S} + {_i(R - 1)}) // {_i(R)})"
     row = f"T.min(rb * {_i(R)} + r, {S} - T.int64(1))"
     key = f"jb * {_i(KB)} + c"
-    val = f"acc[r, c] * T.float32({spec.scale!r})"
-    if spec.mask == "float":
-        mi = ", ".join([("b" if spec.mask_dims[0] else "T.int64(0)"), ("h" if spec.mask_dims[1] else "T.int64(0)"),
-                        (row if spec.mask_dims[2] else "T.int64(0)"), key])
-        val = f"{val} + mask[{mi}]"
-    conds = []
-    if spec.mask == "bool":
-        mi = ", ".join([("b" if spec.mask_dims[0] else "T.int64(0)"), ("h" if spec.mask_dims[1] else "T.int64(0)"),
-                        (row if spec.mask_dims[2] else "T.int64(0)"), key])
-        conds.append(f"mask[{mi}]")
-    if spec.padded:
-        conds.append(f"{key} < L")
-    if spec.causal:
-        conds.append(f"{key} <= {row}")
-    for cnd in conds:
-        val = f"T.Select({cnd}, {val}, T.float32(-np.inf))"
+    val = _score_value(spec, f"acc[r, c] * T.float32({spec.scale!r})", row, key, "L")
     ind = "            "
     nk = "L" if spec.padded else LP  # p v stops at the true key length: padded keys weigh exactly 0
     L_ += [
@@ -170,27 +189,19 @@ def _source(spec: AttentionSpec) -> str:
         f'            vmx = T.decl_buffer(({_i(R)}, {_i(KB)}), "float32", scope="local")',
         f'            o = T.decl_buffer(({_i(R)}, {_i(D)}), "float32", scope="local")',
         f'            rs = T.decl_buffer(({_i(R)},), "float32", scope="local")',
-        f"{ind}for r in T.unroll({_i(R)}):",
-        f"{ind}    for c in T.vectorized({_i(KB)}):",
-        f"{ind}        vmx[r, c] = {_NEG}",
+        *_tile_fill(f"{ind}", "vmx[r, c]", f"{_NEG}"),
         # 1. scores, scaled and masked, with running 32-lane maxima
         f"{ind}for jb in range({LP} // {_i(KB)}):",
-        f"{ind}    for r in T.unroll({_i(R)}):",
-        f"{ind}        for c in T.vectorized({_i(KB)}):",
-        f"{ind}            acc[r, c] = T.float32(0)",
+        *_tile_fill(f"{ind}    ", "acc[r, c]", "T.float32(0)"),
         f"{ind}    for d in range({_i(D)}):",
         f"{ind}        for r in T.unroll({_i(R)}):",
         f"{ind}            for c in T.vectorized({_i(KB)}):",
         f"{ind}                acc[r, c] = acc[r, c] + q[b, h, {row}, d] * kt[b, hk, d, jb * {_i(KB)} + c]",
-        f"{ind}    for r in T.unroll({_i(R)}):",
-        f"{ind}        for c in T.vectorized({_i(KB)}):",
-        f"{ind}            sc[b, h, {row}, {key}] = {val}",
+        *_tile_fill(f"{ind}    ", f"sc[b, h, {row}, {key}]", f"{val}"),
         f"{ind}            vmx[r, c] = T.max(vmx[r, c], sc[b, h, {row}, {key}])",
         # row maxima; 2. exponentials in place with 32-lane sums (vmx reused for them)
         *_lane_reduce("T.max", ind),
-        f"{ind}for r in T.unroll({_i(R)}):",
-        f"{ind}    for c in T.vectorized({_i(KB)}):",
-        f"{ind}        vmx[r, c] = T.float32(0)",
+        *_tile_fill(f"{ind}", "vmx[r, c]", "T.float32(0)"),
         # (in place: a clamped duplicate of the last row must not exponentiate it twice)
         f"{ind}for jb in range({LP} // {_i(KB)}):",
         f"{ind}    for r in T.unroll({_i(R)}):",
@@ -216,9 +227,232 @@ def _source(spec: AttentionSpec) -> str:
     return "\n".join(L_) + "\n"
 
 
+QMAX = 127  # symmetric int8 codes of q, k and v: -127..127
+PMAX = 255  # u8 codes of the probabilities exp(s - max) (in [0, 1], the row's largest exactly 1)
+
+
+def _rne(x: str) -> str:
+    return f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {x}, dtype="float32")'
+
+
+def _code(x: str) -> str:
+    """TVMScript: the int8 code of ``x`` (already divided by its scale), rounded to nearest even and clamped."""
+    return f"T.max(T.min({_rne(x)}, T.float32({QMAX})), T.float32({-QMAX}))"
+
+
+def _pv_rows(dim: int) -> int:
+    """Rows per ``p v`` register tile of the int8 kernel: at most 16 int32x16 accumulators (of 32 zmm)."""
+    r = ROWS
+    while r > 1 and r * (dim // 16) > 16:
+        r //= 2
+    return r
+
+
+def _amax_lines(ind: str, dst: str, src: str, count: int) -> list[str]:
+    """TVMScript lines: ``dst = max |src(d)|`` over ``d < count`` (16-lane partial maxima ``am``, then their max)."""
+    return [f"{ind}for l in T.vectorized(T.int64(16)):",
+            f"{ind}    am[l] = T.float32(0)",
+            f"{ind}for d0 in range({_i(count // 16)}):",
+            f"{ind}    for l in T.vectorized(T.int64(16)):",
+            f"{ind}        am[l] = T.max(am[l], T.fabs({src.format(d='d0 * T.int64(16) + l')}))",
+            f"{ind}{dst} = T.float32(0)",
+            f"{ind}for l in range(T.int64(16)):",
+            f"{ind}    {dst} = T.max({dst}, am[l])"]
+
+
+def _scale_lines(ind: str, s: str, r: str) -> list[str]:
+    """TVMScript lines: the int8 scale ``s = amax / 127`` (1 where the values are all 0) and ``r = 1 / s``."""
+    return [f"{ind}{s} = {s} / T.float32({QMAX})",
+            f"{ind}if {s} <= T.float32(0):",
+            f"{ind}    {s} = T.float32(1)",
+            f"{ind}{r} = T.float32(1) / {s}"]
+
+
+def _source_int8(spec: AttentionSpec) -> str:
+    """TVMScript of the int8 kernel (see :func:`attention_kernel`)."""
+    from ctc.backends.tvm.int_kernels import _vnni_step
+
+    H, HK, D, R, KB = spec.heads, spec.kv_heads, spec.dim, ROWS, KEY_BLOCK
+    D4, D16, RP = D // 4, D // 16, _pv_rows(D)
+    decl = [f"    {n} = T.int64()" for n, v in (("B", spec.batch), ("S", spec.seq)) if v is None]
+    B = "B" if spec.batch is None else _i(spec.batch)
+    S = "S" if spec.seq is None else _i(spec.seq)
+    if spec.padded or spec.keys is None:
+        decl.append("    L = T.int64()")
+        LK = "L"
+        LP = _i(spec.keys) if spec.keys is not None else f"((L + {_i(KB - 1)}) // {_i(KB)} * {_i(KB)})"
+    else:
+        LK = LP = _i(spec.keys)
+    params = ["var_q: T.handle", "var_k: T.handle", "var_v: T.handle"]
+    if spec.mask:
+        params.append("var_mask: T.handle")
+        if spec.padded:
+            decl.append("    LM = T.int64()")
+    params.append("var_out: T.handle")
+    L_ = _header(spec, "attention_i8", params, decl, B, S, [
+        f'    k = T.match_buffer(var_k, ({B}, {_i(HK)}, {LK}, {_i(D)}), "float32")',
+        f'    v = T.match_buffer(var_v, ({B}, {_i(HK)}, {LK}, {_i(D)}), "float32")'], "LM" if spec.padded else LP)
+    nrb = f"(({S} + {_i(R - 1)}) // {_i(R)})"
+    row = f"T.min(rb * {_i(R)} + r, {S} - T.int64(1))"
+    key = f"jb * {_i(KB)} + c"
+    val = _score_value(spec, f'T.Cast("float32", acc[r * {_i(KB)} + c]) * ks[{key}] * qs[r]', row, key, LK)
+    ind = " " * 12
+    padded = LK != LP
+    # key / value row of lane x (a padded key's row clamped in bounds: its scale is 0, its codes masked to 0)
+    kj = "jb * T.int64(16) + kl"
+    vj = "j4 * T.int64(4) + e"
+    if padded:
+        kj, vj = f"T.min({kj}, {LK} - T.int64(1))", f"T.min({vj}, {LK} - T.int64(1))"
+    L_ += [
+        '    with T.sblock("root"):',
+        f"        for t in T.parallel({B} * {_i(H)}):",
+        f"            b = t // {_i(H)}",
+        f"            h = t % {_i(H)}",
+        f"            hk = h // {_i(H // HK)}",
+        # per task (one head): its keys and values as int8 in the VNNI layouts, then row blocks of queries
+        f'            kp32 = T.decl_buffer(({LP} * {_i(D4)},), "int32")',
+        f'            kp = T.decl_buffer(({LP} * {_i(D)},), "int8", data=kp32.data)',
+        f'            kq32 = T.decl_buffer(({_i(16 * D4)},), "int32")',
+        f'            kq = T.decl_buffer(({_i(16 * D)},), "int8", data=kq32.data)',
+        f'            vp = T.decl_buffer(({LP} * {_i(D)},), "int8")',
+        '            kr = T.decl_buffer((T.int64(16),), "float32", scope="local")',
+        f'            vq = T.decl_buffer(({_i(4 * D)},), "int8", scope="local")',
+        f'            ks = T.decl_buffer(({LP},), "float32")',
+        f'            kc = T.decl_buffer(({LP},), "int32")',
+        f'            sc = T.decl_buffer(({_i(R)} * {LP},), "float32")',
+        f'            pc = T.decl_buffer(({_i(R)} * {LP},), "uint8")',
+        f'            qu = T.decl_buffer(({_i(R * D)},), "uint8", scope="local")',
+        f'            qs = T.decl_buffer(({_i(R)},), "float32", scope="local")',
+        f'            vs = T.decl_buffer(({_i(D)},), "float32", scope="local")',
+        f'            vr = T.decl_buffer(({_i(D)},), "float32", scope="local")',
+        f'            acc = T.decl_buffer(({_i(max(R * KB, RP * D))},), "int32", scope="local")',
+        f'            vmx = T.decl_buffer(({_i(R)}, {_i(KB)}), "float32", scope="local")',
+        f'            rs = T.decl_buffer(({_i(R)},), "float32", scope="local")',
+        '            am = T.decl_buffer((T.int64(16),), "float32", scope="local")',
+        '            st = T.decl_buffer((T.int64(2),), "float32", scope="local")',
+        '            si = T.decl_buffer((T.int64(1),), "int32", scope="local")',
+        # 1. keys, 16 at a time: per key an int8 scale, the codes in the VNNI layout [Lp/16, D/4, 16 keys, 4],
+        #    64 codes a vector, and -128 * (sum of the codes) (vpdpbusd of ones), the correction of the
+        #    unsigned (+128) query codes; keys past the true length are zero
+        f"{ind}for jb in range({LP} // T.int64(16)):",
+        f"{ind}    for kl in range(T.int64(16)):",
+        f"{ind}        if jb * T.int64(16) + kl < {LK}:",
+        *_amax_lines(f"{ind}            ", "st[0]", "k[b, hk, jb * T.int64(16) + kl, {d}]", D),
+        *_scale_lines(f"{ind}            ", "st[0]", "kr[kl]"),
+        f"{ind}            ks[jb * T.int64(16) + kl] = st[0]",
+        f"{ind}        else:",
+        f"{ind}            ks[jb * T.int64(16) + kl] = T.float32(0)",
+        f"{ind}            kr[kl] = T.float32(0)",
+        f"{ind}    for l in T.vectorized(T.int64(16)):",
+        f"{ind}        kc[jb * T.int64(16) + l] = 0",
+        f"{ind}    for kl in range(T.int64(16)):",
+        f"{ind}        for d in T.vectorized({_i(D)}):",
+        f"{ind}            kq[kl * {_i(D)} + d] = "
+        f'T.Cast("int8", {_code(f"k[b, hk, {kj}, d] * kr[kl]")})',
+        f"{ind}    for d4 in range({_i(D4)}):",
+        f"{ind}        for kl in T.vectorized(T.int64(16)):",
+        f"{ind}            kp32[(jb * {_i(D4)} + d4) * T.int64(16) + kl] = kq32[kl * {_i(D4)} + d4]",
+        f"{ind}        kc[T.ramp(jb * T.int64(16), 1, 16)] = " + _vnni_step(
+            'kc.vload([jb * T.int64(16)], "int32x16")', "T.broadcast(T.uint8(128), 64)",
+            f'kp.vload([(jb * {_i(D4)} + d4) * T.int64(64)], "int8x64")'),
+        f"{ind}    for l in T.vectorized(T.int64(16)):",
+        f"{ind}        kc[jb * T.int64(16) + l] = T.int32(0) - kc[jb * T.int64(16) + l]",
+        # 2. values: one int8 scale per channel (over the head's keys), codes in [Lp/4, D/16, 16, 4 keys]
+        f"{ind}for dd in T.vectorized({_i(D)}):",
+        f"{ind}    vs[dd] = T.float32(0)",
+        f"{ind}for j in range({LK}):",
+        f"{ind}    for dd in T.vectorized({_i(D)}):",
+        f"{ind}        vs[dd] = T.max(vs[dd], T.fabs(v[b, hk, j, dd]))",
+        f"{ind}for dd in range({_i(D)}):",
+        *_scale_lines(f"{ind}    ", "vs[dd]", "vr[dd]"),
+        f"{ind}for j4 in range({LP} // T.int64(4)):",
+        f"{ind}    for e in T.unroll(T.int64(4)):",
+        f"{ind}        for dd in T.vectorized({_i(D)}):",
+        f'{ind}            vq[e * {_i(D)} + dd] = T.Cast("int8", '
+        + _code(f"v[b, hk, {vj}, dd] * vr[dd]")
+        + (f" * T.Select(j4 * T.int64(4) + e < {LK}, T.float32(1), T.float32(0))" if padded else "") + ")",
+        f"{ind}    for c2 in T.unroll({_i(D16)}):",
+        f"{ind}        for x in T.unroll(T.int64(64)):",
+        f"{ind}            vp[(j4 * {_i(D16)} + c2) * T.int64(64) + x] = "
+        f"vq[x % T.int64(4) * {_i(D)} + c2 * T.int64(16) + x // T.int64(4)]",
+        # 3. per block of R query rows
+        f"{ind}for rb in range({nrb}):",
+    ]
+    ind = " " * 16
+    a_q = (f'T.reinterpret(T.broadcast(T.reinterpret(qu.vload([r * {_i(D)} + d4 * T.int64(4)], "uint8x4"), '
+           'dtype="int32"), 16), dtype="uint8x64")')
+    a_p = (f'T.reinterpret(T.broadcast(T.reinterpret(pc.vload([(rp * {_i(RP)} + r) * {LP} + j4 * T.int64(4)], '
+           '"uint8x4"), dtype="int32"), 16), dtype="uint8x64")')
+    acc_s = "(r * T.int64(2) + c2) * T.int64(16)"
+    acc_o = f"(r * {_i(D16)} + c2) * T.int64(16)"
+    L_ += [
+        # the rows' query codes (unsigned: int8 + 128) and scales (times the logit scale)
+        f"{ind}for r in T.unroll({_i(R)}):",
+        *_amax_lines(f"{ind}    ", "st[0]", f"q[b, h, {row}, {{d}}]", D),
+        *_scale_lines(f"{ind}    ", "st[0]", "st[1]"),
+        f"{ind}    qs[r] = st[0] * T.float32({spec.scale!r})",
+        f"{ind}    for d in T.vectorized({_i(D)}):",
+        f'{ind}        qu[r * {_i(D)} + d] = T.Cast("uint8", T.Cast("int32", {_code(f"q[b, h, {row}, d] * st[1]")})'
+        " + 128)",
+        *_tile_fill(f"{ind}", "vmx[r, c]", f"{_NEG}"),
+        # scores: int32 tiles of R rows x 32 keys by vpdpbusd, dequantized, scaled and masked
+        f"{ind}for jb in range({LP} // {_i(KB)}):",
+        *_tile_fill(f"{ind}    ", f"acc[r * {_i(KB)} + c]", f"kc[{key}]"),
+        f"{ind}    for d4 in range({_i(D4)}):",
+        f"{ind}        for r in T.unroll({_i(R)}):",
+        f"{ind}            for c2 in T.unroll(T.int64(2)):",
+        f"{ind}                acc[T.ramp({acc_s}, 1, 16)] = " + _vnni_step(
+            f'acc.vload([{acc_s}], "int32x16")', a_q,
+            f'kp.vload([((jb * T.int64(2) + c2) * {_i(D4)} + d4) * T.int64(64)], "int8x64")'),
+        *_tile_fill(f"{ind}    ", f"sc[r * {LP} + {key}]", f"{val}"),
+        f"{ind}            vmx[r, c] = T.max(vmx[r, c], sc[r * {LP} + {key}])",
+        *_lane_reduce("T.max", ind),
+        # probabilities exp(s - max) in [0, 1] as u8 codes (scale 1/255), with 32-lane sums of the codes
+        *_tile_fill(f"{ind}", "vmx[r, c]", "T.float32(0)"),
+        f"{ind}for jb in range({LP} // {_i(KB)}):",
+        f"{ind}    for r in T.unroll({_i(R)}):",
+        f"{ind}        for c in T.vectorized({_i(KB)}):",
+        f'{ind}            pc[r * {LP} + {key}] = T.Cast("uint8", '
+        f'{_rne(f"EXP(sc[r * {LP} + {key}] - rs[r]) * T.float32({PMAX})")})',
+        f'{ind}            vmx[r, c] = vmx[r, c] + T.Cast("float32", pc[r * {LP} + {key}])',
+        *_lane_reduce("T.Add", ind),
+        f"{ind}for r in T.unroll({_i(R)}):",
+        f"{ind}    rs[r] = T.float32(1) / rs[r]",
+        # p v: int32 tiles of RP rows x D channels by vpdpbusd (4 keys a step), scaled per channel and row
+        f"{ind}for rp in range({_i(R // RP)}):",
+        f"{ind}    for r in T.unroll({_i(RP)}):",
+        f"{ind}        for c in T.vectorized({_i(D)}):",
+        f"{ind}            acc[r * {_i(D)} + c] = 0",
+        f"{ind}    for j4 in range({LP} // T.int64(4)):",
+        f"{ind}        for r in T.unroll({_i(RP)}):",
+        f"{ind}            for c2 in T.unroll({_i(D16)}):",
+        f"{ind}                acc[T.ramp({acc_o}, 1, 16)] = " + _vnni_step(
+            f'acc.vload([{acc_o}], "int32x16")', a_p,
+            f'vp.vload([(j4 * {_i(D16)} + c2) * T.int64(64)], "int8x64")'),
+        f"{ind}    for r in T.unroll({_i(RP)}):",
+        f"{ind}        if rb * {_i(R)} + rp * {_i(RP)} + r < {S}:",
+        f"{ind}            for dd in T.vectorized({_i(D)}):",
+        f"{ind}                out[b, h, rb * {_i(R)} + rp * {_i(RP)} + r, dd] = "
+        f'T.Cast("float32", acc[r * {_i(D)} + dd]) * vs[dd] * rs[rp * {_i(RP)} + r]',
+    ]
+    return "\n".join(L_) + "\n"
+
+
 @functools.lru_cache(maxsize=64)
 def attention_kernel(spec: AttentionSpec) -> object:
-    """The scheduled fused-attention PrimFunc for ``spec`` (raises ``ValueError`` when not covered)."""
+    """The scheduled fused-attention PrimFunc for ``spec`` (raises ``ValueError`` when not covered).
+
+    ``spec.bits == 32``: the f32 kernel of the module doc, ``(q, k^T, v[, mask]) -> (out, scores)``.
+    ``spec.bits == 8`` (a CPU with AVX512-VNNI): ``(q, k, v[, mask]) -> out`` with ``k`` and ``v`` as
+    stored (``[B, Hk, L, D]``, not transposed or padded) and the products on ``vpdpbusd``, parallel over
+    (batch, head): per head, each key is quantized to symmetric int8 with its own scale (codes in the
+    VNNI layout ``[Lp/16, D/4, 16, 4]``), each value channel with one scale over the keys (``[Lp/4, D/16,
+    16, 4]``); per block of ``ROWS`` query rows, each row is quantized with its own scale and offset to
+    unsigned (+128, undone by ``-128 * sum(k codes)`` per key), the int32 scores are dequantized with the
+    two scales and the logit scale, masked and soft-maxed in f32 as in the f32 kernel, the probabilities
+    ``exp(s - max)`` (in [0, 1], the largest exactly 1) become u8 codes ``round(255 p)``, and ``p v`` is
+    their int32 product with the value codes, times the channel's scale over the row's sum of codes.
+    """
     import numpy as np
 
     import tvm
@@ -226,4 +460,5 @@ def attention_kernel(spec: AttentionSpec) -> object:
     from tvm.script import tirx as T
 
     spec.validate()
-    return tvm.script.from_source(_source(spec), extra_vars={"T": T, "np": np, "EXP": fast_exp_expr})
+    src = _source_int8(spec) if spec.bits == 8 else _source(spec)
+    return tvm.script.from_source(src, extra_vars={"T": T, "np": np, "EXP": fast_exp_expr})

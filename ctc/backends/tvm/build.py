@@ -58,6 +58,7 @@ class BuildOptions:
     use_int_kernels: bool = True
     use_amx: bool = True  # integer matmuls of several rows on AMX tiles where the target has them
     fp32_matmul: str = "auto"  # f32 linears: auto | strict | bf16x3 | bf16x6 (lower.resolve_fp32_matmul)
+    attention_bits: int = 32  # CPU prefill attention: 32 = f32, 8 = int8 q k^T and p v (attention_kernels)
     default_schedules: bool = True
     trials_per_task: int | None = None
     opt_level: int = 3
@@ -292,7 +293,8 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     low = lower(module, params=opts.params, fast_math=opts.fast_math, static_dims=opts.static_dims, target=tgt,
-                use_int_kernels=opts.use_int_kernels, use_amx=opts.use_amx, fp32_matmul=opts.fp32_matmul)
+                use_int_kernels=opts.use_int_kernels, use_amx=opts.use_amx, fp32_matmul=opts.fp32_matmul,
+                attention_bits=opts.attention_bits)
     timings["lower_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tgt, tvm.transform.PassContext(opt_level=opts.opt_level):
@@ -804,6 +806,7 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
                         tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
                         opt_level=int(getattr(opts, "opt_level", 3)), use_amx=bool(getattr(opts, "amx", True)),
                         fp32_matmul=str(getattr(opts, "fp32_matmul", "auto")),
+                        attention_bits=int(getattr(opts, "attention_bits", 32)),
                         params="input" if target.kind == "cuda" else "const")
 
 

@@ -184,7 +184,8 @@ class Ctx:
     """What a lowering rule sees: the block builder, operand access and option flags."""
 
     def __init__(self, module: Module, *, params: str, fast_math: bool, static_dims: Mapping[str, int],
-                 target: Any, use_int_kernels: bool, use_amx: bool = True, fp32_matmul: str = "strict"):
+                 target: Any, use_int_kernels: bool, use_amx: bool = True, fp32_matmul: str = "strict",
+                 attention_bits: int = 32):
         from tvm import relax
 
         self.relax = relax
@@ -202,6 +203,8 @@ class Ctx:
         self.amx_f32_added_bytes = 0
         self._amx_f32_weights: set[str] = set()
         self.fused_attention = True  # f32 prefill attention as one kernel (attention_kernels.py)
+        self.attention_bits = attention_bits  # 8: that kernel's products in int8 on VNNI (_attention_bits)
+        self.int8_attentions = 0
         self.amx_kernels = 0
         self.env: dict[int, Any] = {}
         self._pcache: dict[str, Any] = {}
@@ -1421,14 +1424,15 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
                          ("bool" if mt.dtype == "bool" else "float"), mask_dims=mdims,
                          padded=padded_keys is not None, batch=_static_int(ctx, qt.shape[0]),
                          seq=_static_int(ctx, qt.shape[2]),
-                         keys=(keys if padded_keys is None else padded_keys if isinstance(padded_keys, int) else None))
+                         keys=(keys if padded_keys is None else padded_keys if isinstance(padded_keys, int) else None),
+                         bits=_attention_bits(ctx))
     try:
         kernel = attention_kernel(spec)
     except ValueError:
         return None
     op = ctx.relax.op
     q, k, v = a["q"], a["k"], a["v"]
-    if padded_keys is not None:  # the values are read unpadded: p v stops at the true key length
+    if padded_keys is not None and spec.bits == 32:  # the values are read unpadded: p v stops at the true length
         k = ctx.te(_pad_keys(padded_keys, 0.0), k, name="key_pad")
     if mask is not None and mt is not None:
         if mt.rank < 4:
@@ -1439,14 +1443,33 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
                 ctx.memo[key] = ctx.te(_pad_last(padded_keys, False if mt.dtype == "bool" else -math.inf), mask,
                                        name="mask_pad", primfunc_attrs={"op_pattern": 8})
             mask = ctx.memo[key]
-    kT = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
     gv = add_prim_func(ctx.bb, kernel, spec.name)
-    args = [q, kT, v] + ([mask] if mask is not None else [])
     qs = ctx.dims.shape(qt)
+    if spec.bits == 8:  # keys and values read as stored, quantized in the kernel
+        ctx.int8_attentions += 1
+        return ctx.emit(ctx.relax.call_tir(gv, [q, k, v] + ([mask] if mask is not None else []),
+                                           ctx.relax.TensorType(qs, "float32")))
+    kT = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
+    args = [q, kT, v] + ([mask] if mask is not None else [])
     lp = padded_keys if padded_keys is not None else ctx.dims(kt.shape[-2])
     res = ctx.emit(ctx.relax.call_tir(gv, args, [ctx.relax.TensorType(qs, "float32"),
                                                  ctx.relax.TensorType([*qs[:3], lp], "float32")]))
     return ctx.relax.TupleGetItem(res, 0)
+
+
+def _attention_bits(ctx: Ctx) -> int:
+    """Bits of the fused CPU attention's products: ``ctx.attention_bits`` (8 runs them on VNNI), 32 where the
+    target has no AVX512-VNNI (the build notes say so once)."""
+    if ctx.attention_bits == 8:
+        from ctc.backends.tvm.int_kernels import target_has_vnni
+
+        if target_has_vnni(ctx.target):
+            return 8
+        key = ("attention_bits_note",)
+        if key not in ctx.memo:
+            ctx.memo[key] = True
+            ctx.notes.append("attention_bits=8: the target has no AVX512-VNNI; attention runs in f32")
+    return 32
 
 
 def _mma_gpu(ctx: Ctx) -> bool:
@@ -2047,7 +2070,8 @@ def _lower_node(ctx: Ctx, node: Node, rules: Mapping[str, Rule]) -> None:
 def lower(module: Module, *, params: str = "const", fast_math: bool = True,
           static_dims: Mapping[str, int] | None = None, target: Any = None,
           use_int_kernels: bool = True, use_amx: bool = True, func_name: str = "main",
-          kernels: Mapping[str, Rule] | None = None, fp32_matmul: str = "strict") -> Lowered:
+          kernels: Mapping[str, Rule] | None = None, fp32_matmul: str = "strict",
+          attention_bits: int = 32) -> Lowered:
     """Lower ``module`` to a Relax IRModule with one function ``func_name``.
 
     ``params``: ``"const"`` binds parameters as constants; ``"input"`` makes them trailing
@@ -2055,7 +2079,8 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     specialises symbolic dims to integers.  ``target`` (a TVM target) selects the integer
     kernel variant (AMX tiles, VNNI or neither; ``use_amx=False`` leaves AMX out) for
     ``quant_linear``.  ``fp32_matmul`` says how f32 linears with parameter weights run
-    (:func:`resolve_fp32_matmul`: ``"auto"``, ``"strict"``, ``"bf16x3"``, ``"bf16x6"``).  ``kernels``
+    (:func:`resolve_fp32_matmul`: ``"auto"``, ``"strict"``, ``"bf16x3"``, ``"bf16x6"``).  ``attention_bits``:
+    32, or 8 for CPU prefill attention with int8 ``q k^T`` and ``p v`` (:mod:`.attention_kernels`).  ``kernels``
     replaces the rules of the ops it names with a target's own kernels (same rule signature): the fpga
     target's exact, tiled kernels
     (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.
@@ -2070,8 +2095,11 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
         raise LoweringError(f"the TVM backend cannot lower {len(missing)} op(s) of module {module.name}:\n{lines}\n"
                             f"supported: {', '.join(supported_ops())}")
     mode = resolve_fp32_matmul(fp32_matmul, target, use_amx=use_amx)
+    if attention_bits not in (8, 32):
+        raise LoweringError(f"attention_bits={attention_bits!r}: expected 32 (f32 attention) or 8 (int8 q k^T and "
+                            "p v on VNNI)")
     ctx = Ctx(module, params=params, fast_math=fast_math, static_dims=static_dims or {}, target=target,
-              use_int_kernels=use_int_kernels, use_amx=use_amx, fp32_matmul=mode)
+              use_int_kernels=use_int_kernels, use_amx=use_amx, fp32_matmul=mode, attention_bits=attention_bits)
     if fp32_matmul == "auto" and mode == "strict" and not ctx.gpu and any(n.op == "linear" for n in module.nodes):
         ctx.notes.append("fp32_matmul=auto: f32 linears run in AVX-512/AVX2 f32 (strict): the target has no "
                          "AMX-BF16 tiles" + (" (amx=false)" if not use_amx else ""))
@@ -2117,6 +2145,9 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
         bb.emit_func_output(result, params=inputs + [e for _, e, _ in ctx.param_inputs])
     mod = bb.get()
     syms = sorted(ctx.dims.vars)
+    if ctx.int8_attentions:
+        ctx.notes.append(f"attention_bits=8: {ctx.int8_attentions} attention(s) with int8 q k^T and p v (VNNI), "
+                         "softmax in f32")
     return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
                    param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], param_sources=ctx.param_sources,
                    symbols=syms, notes=ctx.notes,

@@ -1,0 +1,152 @@
+"""int8 prefill attention on VNNI (``attention_bits=8``, ctc/backends/tvm/attention_kernels.py).
+
+The kernel is compared with a numpy reference of the same quantization (q, k per row, v per channel,
+symmetric int8; probabilities ``exp(s - max)`` as u8 codes ``round(255 p)``; int32 products): the
+integer products are exact, so the outputs agree to f32 rounding except where the kernel's polynomial
+exp and numpy's put a probability code on the other side of a rounding tie.  Also: the kernel is built
+on ``vpdpbusd`` and reads k and v as stored; the option is validated; a tiny captured BERT compiled with
+it stays close to eager.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from test_tvm_attention_kernel import _module  # noqa: E402
+
+from ctc.backends.tvm import lower as L  # noqa: E402
+from ctc.backends.tvm.build import BuildOptions, compile_module  # noqa: E402
+from ctc.backends.tvm.int_kernels import target_has_vnni  # noqa: E402
+from ctc.backends.tvm.lower import LoweringError  # noqa: E402
+from ctc.options import OptionError  # noqa: E402
+from ctc.targets import CpuOptions  # noqa: E402
+
+needs_vnni = pytest.mark.skipif(not target_has_vnni(), reason="the CPU has no AVX512-VNNI")
+F = np.float32
+
+
+def _inputs(heads: int, kv_heads: int, dim: int, s: int, mask: str | None, seed: int) -> list[np.ndarray]:
+    g = np.random.default_rng(seed)
+    xs = [(g.standard_normal((2, h, s, dim)) * 2).astype(F) for h in (heads, kv_heads, kv_heads)]
+    if mask == "bool":  # padded tokens at the end of the second sequence, as a tokenizer's mask gives
+        valid = np.ones((2, s), bool)
+        valid[1, s - s // 3:] = False
+        xs.append(np.ascontiguousarray(np.broadcast_to(valid[:, None, None, :], (2, 1, s, s))))
+    elif mask == "float":
+        xs.append(np.where(g.random((2, 1, 1, s)) < 0.3, F(-1e4), F(0)).astype(F))
+    return xs
+
+
+def _quant(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes and scales along ``axis`` (the kernel's arithmetic: ``x * (1 / s)``, rounded to even)."""
+    s = (np.abs(x).max(axis=axis, keepdims=True) / F(127)).astype(F)
+    s = np.where(s <= 0, F(1), s).astype(F)
+    return np.clip(np.rint(x * (F(1) / s)), -127, 127).astype(np.int64), s
+
+
+def int8_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's quantized attention in numpy: (output, the int32 scores ``q codes . k codes``)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    qc, qs = _quant(q, -1)
+    kc, ks = _quant(k, -1)
+    vc, vs = _quant(v, -2)
+    scores = qc @ np.swapaxes(kc, -1, -2)
+    s = (scores.astype(F) * np.swapaxes(ks, -1, -2)) * (qs * F(1 / math.sqrt(q.shape[-1])))
+    if mask is not None:
+        s = np.where(mask, s, F(-np.inf)) if mask.dtype == bool else s + mask
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, F(-np.inf))
+    p = np.exp(s - s.max(-1, keepdims=True))
+    pc = np.rint(p * F(255)).astype(np.int64)
+    return ((pc @ vc).astype(F) * vs / pc.sum(-1, keepdims=True).astype(F)).astype(F), scores
+
+
+CASES = {  # heads, kv heads, dim, seq (symbol "s": run at the lengths below), mask, causal
+    "fixed-64-bool-mask": (2, 2, 32, 64, "bool", False),
+    "fixed-20-float-mask-padded": (2, 2, 16, 20, "float", False),
+    "any-length-bool-mask": (3, 3, 32, "s", "bool", False),
+    "any-length-causal-gqa-d64": (4, 2, 64, "s", None, True),
+}
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", list(CASES))
+def test_int8_attention_matches_the_integer_reference(name: str) -> None:
+    import tvm
+    from tvm import relax
+
+    heads, kv_heads, dim, seq, mask, causal = CASES[name]
+    m = _module(heads, kv_heads, dim, seq, mask, causal)
+    script = L.lower(m, attention_bits=8).mod.script()  # the target: this host
+    assert "vpdpbusd" in script and "_i8_" in script  # the int8 kernel, on VNNI
+    assert "permute_dims" not in script and "key_pad" not in script  # k read as stored, never padded
+    vm = relax.VirtualMachine(compile_module(m, options=BuildOptions(attention_bits=8)).executable, tvm.cpu())
+    for s in ([seq] if isinstance(seq, int) else [5, 37, 70]):
+        xs = _inputs(heads, kv_heads, dim, s, mask, seed=s)
+        want, scores = int8_reference(*xs[:3], xs[3] if mask else None, causal)
+        assert np.abs(scores).max() < 2**31 and scores.dtype == np.int64  # exact: int32 sums of int8 products
+        got = vm["main"](*[tvm.runtime.tensor(x) for x in xs]).numpy()
+        err = np.abs(got - want)
+        assert float(np.median(err)) < 1e-5, name  # the same quantization, to f32 rounding
+        assert float(err.max()) < 0.05 * float(np.abs(xs[2]).max()), name  # a probability code off by one at most
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            *(torch.from_numpy(x) for x in xs[:3]), attn_mask=torch.from_numpy(xs[3]) if mask else None,
+            is_causal=causal, enable_gqa=heads != kv_heads).numpy()
+        cos = float((got * exact).sum() / np.linalg.norm(got) / np.linalg.norm(exact))
+        assert cos > 0.995, (name, cos)
+
+
+def test_int8_attention_needs_vnni_else_f32_with_a_note() -> None:
+    import tvm
+
+    m = _module(2, 2, 32, 64, "bool", False)
+    low = L.lower(m, target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake"}), attention_bits=8)
+    assert "_i8_" not in low.mod.script() and "ctc_attention" in low.mod.script()
+    assert any("no AVX512-VNNI" in n for n in low.notes)
+
+
+def test_attention_bits_is_validated() -> None:
+    with pytest.raises(OptionError, match="attention_bits"):
+        CpuOptions.from_dict({"attention_bits": 4})
+    assert CpuOptions.from_dict({"attention_bits": 8}).attention_bits == 8
+    assert CpuOptions().attention_bits == 32
+    with pytest.raises(LoweringError, match="attention_bits=16"):
+        L.lower(_module(2, 2, 32, 8, None, False), attention_bits=16)
+
+
+@needs_vnni
+def test_tiny_bert_with_int8_attention_stays_close_to_eager(tmp_path: Path) -> None:
+    import transformers
+
+    from ctc.backends.tvm.build import load_compiled
+    from ctc.frontends import capture
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=96, max_position_embeddings=128)
+    model = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, am = torch.randint(0, 64, (1, 9), generator=g), torch.ones(1, 9, dtype=torch.long)
+    m = capture(model, {"input_ids": ids, "attention_mask": am}, output="last_hidden_state")
+    comp = compile_module(m, options=BuildOptions(attention_bits=8))
+    assert any("attention_bits=8: 2 attention(s)" in n for n in comp.meta["notes"])
+    comp.export(tmp_path)
+    run = load_compiled(tmp_path)
+    for seq in (9, 40):
+        ids = torch.randint(0, 64, (1, seq), generator=g)
+        am = torch.ones(1, seq, dtype=torch.long)
+        am[0, seq - 3:] = 0  # padding: masked keys
+        with torch.no_grad():
+            eager = model(input_ids=ids, attention_mask=am).last_hidden_state
+        got = run(ids, am)[0]
+        cos = float(torch.nn.functional.cosine_similarity(got.flatten(), eager.flatten(), dim=0))
+        assert cos > 0.999, (seq, cos)
