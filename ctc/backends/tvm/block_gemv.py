@@ -343,19 +343,19 @@ def _param_names(ctx: Any, node: Any) -> dict[str, str | None]:
 def _siblings(ctx: Any, node: Any, k: int, bits: int) -> list[Any]:
     """The other ``quant_linear`` nodes not lowered yet that read ``node``'s input in the same block form
     (parameter weights of the same width, no bias): q, k and v of an attention, gate and up of an FFN."""
-    xv = node.operand("x")
-    out = []
-    for u, _ in xv.uses:
-        if u is node or u in out or u.op != "quant_linear" or u.operand("x") is not xv or u.operand("bias") is not None:
-            continue
+    from ctc.backends.tvm.siblings import sibling_linears
+
+    def accept(u: Any) -> bool:
+        if u.op != "quant_linear" or u.operand("bias") is not None:
+            return False
         if id(u.outputs[0]) in ctx.env or id(u.outputs[0]) in ctx.absorbed:
-            continue
+            return False
         pn = _param_names(ctx, u)
         if any(pn.get(nm) is None for nm in ("qweight", "w_scale", "w_zero")) or int(u.attrs["w_bits"]) != bits:
-            continue
-        if block_layout(u.attrs, k, int(ctx.param_array(pn["qweight"]).shape[0])) is None:
-            out.append(u)
-    return out
+            return False
+        return block_layout(u.attrs, k, int(ctx.param_array(pn["qweight"]).shape[0])) is None
+
+    return sibling_linears(node, accept)
 
 
 def lower_block_linear(ctx: Any, node: Any, ops: Any, pnames: dict[str, str | None]) -> Any | None:

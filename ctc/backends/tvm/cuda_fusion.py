@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctc.backends.tvm.siblings import sibling_linears
 from ctc.ir.graph import Module, Node, Value
 
 __all__ = ["AttentionInput", "FusionPlan", "GemvGroup", "plan"]
@@ -289,11 +290,11 @@ def plan(m: Module, gemm: bool = False) -> FusionPlan:
         g.members, g.kernel = [*g.linears, *g.tail], "gemm"
         if not any(id(x) in out.groups for x in g.members):
             add(g)
-    siblings: dict[int, list[Node]] = {}  # the rest, by input: q, k and v become one GEMM, its result sliced
+    waiting = {id(n) for n in pending}  # the rest, by input: q, k and v become one GEMM, its result sliced
     for n in pending:
-        if id(n) not in out.groups:
-            siblings.setdefault(id(n.operand("x")), []).append(n)
-    for lins in siblings.values():
+        if id(n) in out.groups:
+            continue
+        lins = [n, *sibling_linears(n, lambda u: id(u) in waiting and id(u) not in out.groups)]
         groups = [lins] if _same_kind(lins) else [[n] for n in lins]
         for ls in groups:
             g = GemvGroup(ls, "split" if len(ls) > 1 else "none", kernel="gemm")

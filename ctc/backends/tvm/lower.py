@@ -102,6 +102,8 @@ PARAM_DERIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "transpose": lambda t: t.T,
     "concat0": _concat0,
     **{f"panels{w}": _panels_torch(w) for w in (8, 16, 32, 64, 128)},
+    # sibling linears' weights side by side (q|k|v), then in column panels: one GEMM over all of them
+    **{f"concat0_panels{w}": (lambda p: lambda *ts: p(_concat0(*ts)))(_panels_torch(w)) for w in (8, 16, 32, 64, 128)},
     "pad": _pad,
     "pad_transpose": lambda t, rows, cols: _pad(t, rows, cols).T,
     "pad_end": lambda t, extra: torch.nn.functional.pad(t, (0, extra)),
@@ -751,7 +753,7 @@ def _transpose(w: np.ndarray) -> np.ndarray:
     return w.T
 
 
-def _panel_width(ctx: Ctx, x_value: Value, w_value: Value) -> int | None:
+def _panel_width(ctx: Ctx, x_value: Value, w_value: Value, name: str | None = None) -> int | None:
     """Column-panel width for a CPU linear's parameter weight (see :func:`_linear_panels`), or None to
     keep the ``[K, N]`` layout: not a CPU (llvm) build, not an f32 parameter, N not whole panels, or the
     parameter also read by something other than a linear (a tied embedding reads ``"T"``: one copy is
@@ -760,7 +762,7 @@ def _panel_width(ctx: Ctx, x_value: Value, w_value: Value) -> int | None:
     target = ctx.target
     if target is None or ctx.gpu or getattr(getattr(target, "kind", None), "name", "") != "llvm":
         return None
-    name = ctx.param_name(w_value)
+    name = name or ctx.param_name(w_value)  # given: a parameter whose node the walk has not reached yet
     if name is None or w_value.type.dtype != "f32" or x_value.type.dtype != "f32" or w_value.type.rank != 2:
         return None
     if x_value.type.rank < 2:
@@ -867,8 +869,7 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callabl
     if width is not None:
         name = ctx.param_name(w_value)
         assert name is not None
-        wp = ctx.param(name, f"P{width}", lambda a: a.T.reshape(a.shape[1], a.shape[0] // width, width)
-                       .transpose(1, 0, 2), source={"op": f"panels{width}", "from": [name]})
+        wp = _panels(ctx, [name], width)
         from ctc.backends.tvm.schedules import MatmulRule
 
         rows = _static_int(ctx, x_value.type.shape[-2])
@@ -933,9 +934,92 @@ def _linear_amx_f32(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     return y
 
 
+def _panels(ctx: Ctx, names: list[str], width: int) -> Any:
+    """The ``[N, K]`` weights ``names`` side by side along N (one, or sibling linears'), bound in column panels
+    ``[N / width, K, width]`` whose source replays the layout from the module's parameters."""
+    if len(names) == 1:
+        return ctx.param(names[0], f"P{width}", lambda a: a.T.reshape(a.shape[1], a.shape[0] // width, width)
+                         .transpose(1, 0, 2), source={"op": f"panels{width}", "from": names})
+    w = np.concatenate([ctx.param_array(n) for n in names], axis=0)
+    arr = np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0] // width, width).transpose(1, 0, 2))
+    return ctx.param(names[0], f"P{width}:" + "+".join(names[1:]), array=arr,
+                     source={"op": f"concat0_panels{width}", "from": names})
+
+
+def _f32_siblings(ctx: Ctx, node: Node) -> list[tuple[Node, str, str | None]]:
+    """``node`` and the f32 linears not lowered yet that read its input, each with its weight and bias parameter,
+    when every one of them runs as a column-panel GEMM (:func:`_linear_product`) with a parameter bias or none
+    alike: q, k and v, computed as one GEMM over their weights side by side.  Empty when there are no others."""
+    from ctc.backends.tvm import amx_f32
+    from ctc.backends.tvm.siblings import sibling_linears
+
+    if amx_f32.MODES.get(ctx.fp32_matmul) is not None:
+        return []
+
+    def form(u: Node) -> tuple[Node, str, str | None] | None:
+        x_value, w_value, b_value = u.operand("x"), u.operand("weight"), u.operand("bias")
+        if x_value is None or w_value is None or not _reads_transposed(ctx, x_value, w_value):
+            return None
+        wname = _later_param_name(ctx, w_value)
+        bname = _later_param_name(ctx, b_value) if b_value is not None else None
+        if wname is None or _panel_width(ctx, x_value, w_value, wname) is None:
+            return None
+        if b_value is not None and (bname is None or b_value.type.dtype != "f32" or b_value.type.rank != 1):
+            return None
+        return u, wname, bname
+
+    first = form(node)
+    if first is None:
+        return []
+    forms: dict[int, tuple[Node, str, str | None]] = {}
+
+    def accept(u: Node) -> bool:
+        if u.op != "linear" or id(u.outputs[0]) in ctx.env or id(u.outputs[0]) in ctx.absorbed:
+            return False
+        f = form(u)
+        if f is None or (f[2] is None) != (first[2] is None) or u.outputs[0].type.dtype != node.outputs[0].type.dtype:
+            return False
+        forms[id(u)] = f
+        return True
+
+    sibs = sibling_linears(node, accept)
+    return [first, *(forms[id(u)] for u in sibs)] if sibs else []
+
+
+def _merged_f32_linear(ctx: Ctx, node: Node, a: Operands) -> Any | None:
+    """q|k|v (see :func:`_f32_siblings`) as one column-panel GEMM plus bias, its result sliced into each one's
+    output; None when ``node`` has no such siblings."""
+    group = _f32_siblings(ctx, node)
+    if not group:
+        return None
+    x_value = node.operand("x")
+    assert x_value is not None
+    width = _panel_width(ctx, x_value, node.operand("weight"), group[0][1])  # type: ignore[arg-type]
+    assert width is not None
+    wp = _panels(ctx, [g[1] for g in group], width)
+    from ctc.backends.tvm.schedules import MatmulRule
+
+    rows = _static_int(ctx, x_value.type.shape[-2])
+    tile = MatmulRule().row_tile(rows)
+    whole = rows is None or rows % tile != 0
+    y = ctx.te(_linear_panels(width, tile if whole else None), a["x"], wp, name="matmul",
+               primfunc_attrs={"op_pattern": 4})
+    bnames = [g[2] for g in group]
+    if bnames[0] is not None:
+        srcs = [str(b) for b in bnames]
+        bias = ctx.param(srcs[0], "concat0:" + "+".join(srcs[1:]),
+                         array=np.concatenate([ctx.param_array(b) for b in srcs], axis=0),
+                         source={"op": "concat0", "from": srcs})
+        y = ctx.relax.op.add(ctx.emit(y), bias)
+    return _split_siblings(ctx, ctx.emit(y), [g[0] for g in group])
+
+
 @rule("linear")
 def _linear(ctx: Ctx, node: Node, a: Operands) -> Any:
     y = _linear_amx_f32(ctx, node, a)
+    if y is not None:
+        return y
+    y = _merged_f32_linear(ctx, node, a)
     if y is not None:
         return y
     y = _linear_product(ctx, a.value("x"), a.value("weight"), a["x"], lambda: a["weight"])  # type: ignore[arg-type]
@@ -1794,6 +1878,9 @@ def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None]
     xt = a.type("x")
     k = int(xt.shape[-1])
     vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
+    sibs = _int_siblings(ctx, node, vals)
+    if sibs:  # q, k, v: one GEMM over their weights side by side, its result sliced
+        pnames, vals = _merged_int_operands(ctx, pnames, vals, sibs)
     spec = IK.QLinearSpec.from_attrs(node.attrs, k, vals["qweight"].shape[0],
                                      w_zero_float=vals["w_zero"].dtype.kind == "f")
     gathered = _gathered_input(ctx, node)
@@ -1832,6 +1919,8 @@ def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None]
     share = (gathered[1] if gathered is not None else None,
              *(packed[n].tobytes() for n in ("act_scale", "act_zero") if n in packed and not spec.dynamic))
     y = IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=share, memo=ctx.memo)
+    if sibs:
+        return _split_siblings(ctx, y, [node, *(u for u, _ in sibs)])
     if nxt is None:
         if gelu is not None:
             ctx.absorbed[id(gelu.outputs[0])] = y  # the gelu node is computed: its reader gets y
@@ -1848,6 +1937,115 @@ def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None]
     ctx.absorbed[id(gelu.outputs[0])] = None  # never materialized: its one reader is the down projection
     ctx.absorbed[id(down.outputs[0])] = IK.emit_quant_linear_packed(ctx.bb, x_in, crel, ckernel, xq=y)
     return y  # bound to this node's output, which only the (absorbed) gelu reads
+
+
+_Siblings = list[tuple[Node, dict[str, str]]]  # linears with their operands' parameter names
+_INT_SIBLING_ATTRS = ("w_bits", "group_size", "w_symmetric", "a_bits", "act_clusters", "has_bias", "act_dynamic")
+
+
+def _int_siblings(ctx: Ctx, node: Node, vals: Mapping[str, np.ndarray]) -> _Siblings:
+    """The integer ``quant_linear`` nodes not lowered yet that read ``node``'s input with the same attributes, the
+    same activation ranges (so one quantizer serves all) and parameter operands, neither of them feeding a fused
+    GELU: q, k and v of an attention, each with its parameter names.  Empty when there are none."""
+    from ctc.backends.tvm.siblings import sibling_linears
+
+    if _gelu_reader(ctx, node) is not None or _one_row(ctx, node.operand("x")):
+        return []
+    names: dict[int, dict[str, str]] = {}
+
+    def accept(u: Node) -> bool:
+        if u.op != "quant_linear" or id(u.outputs[0]) in ctx.env or id(u.outputs[0]) in ctx.absorbed:
+            return False
+        if any(u.attrs.get(nm) != node.attrs.get(nm) for nm in _INT_SIBLING_ATTRS) or _gelu_reader(ctx, u):
+            return False
+        if u.outputs[0].type.dtype != node.outputs[0].type.dtype:
+            return False
+        pn = {n: _later_param_name(ctx, v) for n, v in u.named_operands().items() if n != "x"}  # type: ignore[arg-type]
+        if set(pn) != set(vals) or any(v is None for v in pn.values()):
+            return False
+        for nm in vals:
+            arr = ctx.param_array(pn[nm])  # type: ignore[arg-type]
+            if arr.dtype != vals[nm].dtype or arr.shape[1:] != vals[nm].shape[1:]:
+                return False
+            if nm in ("act_scale", "act_zero") and not np.array_equal(arr, vals[nm]):
+                return False
+        names[id(u)] = pn  # type: ignore[assignment]
+        return True
+
+    return [(u, names[id(u)]) for u in sibling_linears(node, accept)]
+
+
+def _merged_int_operands(ctx: Ctx, pnames: Mapping[str, str | None], vals: Mapping[str, np.ndarray],
+                         sibs: _Siblings) -> tuple[dict[str, str | None], dict[str, np.ndarray]]:
+    """``(names, values)`` of one ``quant_linear`` over ``node``'s and its siblings' weights, scales, zero points
+    and biases concatenated along the output axis (activation ranges: the shared ones); each name joins the
+    parameters it concatenates, so the packed arrays bound from them are keyed by all of them."""
+    out_names: dict[str, str | None] = {"x": pnames.get("x")}
+    out_vals: dict[str, np.ndarray] = {}
+    for nm, arr in vals.items():
+        if nm in ("act_scale", "act_zero"):
+            out_names[nm], out_vals[nm] = pnames[nm], arr
+            continue
+        out_names[nm] = "+".join([str(pnames[nm]), *(pn[nm] for _, pn in sibs)])
+        out_vals[nm] = np.concatenate([arr, *(ctx.param_array(pn[nm]) for _, pn in sibs)], axis=0)
+    return out_names, out_vals
+
+
+def _split_siblings(ctx: Ctx, y: Any, group: list[Node]) -> Any:
+    """Hand each merged linear its part of ``y`` ``[..., sum N]``: the first one's is returned, the others'
+    go to the walk (``ctx.absorbed``).  A part whose one reader is a ``reshape`` splitting its last axis (the
+    heads of q, k, v) is computed in that reshape's shape by one gather, which fuses into the kernel reading
+    it (attention's head transposes): no copy of its own (a Relax reshape over a symbolic batch does not fuse).
+    Any other part is a ``strided_slice``."""
+    op = ctx.relax.op
+    axis = group[0].outputs[0].type.rank - 1
+    parts, off = [], 0
+    for u in group:
+        out = u.outputs[0]
+        n = int(out.type.shape[-1])
+        view = _heads_view(ctx, out)
+        if view is None:
+            parts.append(ctx.emit(op.strided_slice(y, axes=[axis], begin=[off], end=[off + n])))
+        else:
+            ctx.absorbed[id(view.outputs[0])] = ctx.te(_part_as(off, axis), y,
+                                                      ctx.dims.shape(view.outputs[0].type), name="split_heads")
+            parts.append(None)  # its one reader, the reshape, is computed
+        off += n
+    for u, part in zip(group[1:], parts[1:], strict=True):
+        ctx.absorbed[id(u.outputs[0])] = part
+    return parts[0] if parts[0] is not None else y  # y: bound to a value nothing reads
+
+
+def _heads_view(ctx: Ctx, v: Value) -> Node | None:
+    """The ``reshape`` that is the only reader of ``v`` (not a module output) and splits only its last axis;
+    else None."""
+    users = v.users
+    if len(users) != 1 or users[0].op != "reshape" or ctx.module.is_output(v):
+        return None
+    r = users[0].outputs[0].type
+    lead = v.type.rank - 1
+    tail = r.shape[lead:]
+    if r.shape[:lead] != v.type.shape[:lead] or not all(isinstance(d, int) for d in tail):
+        return None
+    return users[0] if math.prod(tail) == v.type.shape[-1] else None  # type: ignore[arg-type]
+
+
+def _part_as(off: int, axis: int) -> Callable[[Any, list[Any]], Any]:
+    """``out[*lead, *i] = y[*lead, off + flat(i)]``: columns ``off...`` of ``y`` (whose last axis is ``axis``) in
+    the shape ``out_shape`` (``axis`` leading dims as ``y``'s, then static dims that split the columns)."""
+    def f(y: Any, out_shape: list[Any]) -> Any:
+        from tvm import te
+
+        tail = [int(d) for d in out_shape[axis:]]
+
+        def at(*i: Any) -> Any:
+            flat: Any = 0
+            for j, d in zip(i[axis:], tail, strict=True):
+                flat = flat * d + j
+            return y[(*i[:axis], off + flat)]
+
+        return te.compute(out_shape, at, name="split_heads")
+    return f
 
 
 def _bind_packed(ctx: Ctx, pnames: Mapping[str, str | None], spec: Any, packed: Mapping[str, np.ndarray],
