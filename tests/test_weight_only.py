@@ -202,7 +202,8 @@ def test_reorder_gather_is_read_by_the_quantizer(rows: int, use_amx: bool) -> No
     with host_target(), tvm.transform.PassContext(opt_level=3):
         fused = relax_passes(host_target())(low.mod)
     names = [gv.name_hint for gv in fused.get_global_vars()]
-    assert low.int_kernels == 2 and sum("qact" in nm and "p_g" in nm for nm in names) == 1, names
+    # one quantizer, and one GEMM over both weights side by side (lower._int_siblings)
+    assert low.int_kernels == 1 and sum("qact" in nm and "p_g" in nm for nm in names) == 1, names
     assert not any("take" in nm for nm in names), names
     comp = compile_module(m, options=BuildOptions(use_amx=use_amx))
     xs = torch.randn(1, rows, k, generator=g) * torch.linspace(0.1, 3, k)

@@ -536,32 +536,48 @@ def _qact_permute_source(spec: QLinearSpec) -> str:
     the same arithmetic: :func:`_quotient`), kept as u8 in registers, and every 64-byte chunk of the
     ``xq`` row is picked from them with ``vpermi2b`` (AVX512-VBMI: any byte of two registers) per register
     pair and a blend by ``psel`` (:func:`permute_tables`); padding bytes select nothing and stay zero."""
-    K, S, KP = spec.k, len(spec.segments), spec.kp
-    qmax = (1 << spec.a_bits) - 1
+    K, S = spec.k, len(spec.segments)
     xsum = not spec.w_symmetric
-    pairs, chunks = _permute_dims(spec)
-    tb = pairs * 128
     L = ["@T.prim_func(s_tir=True)",
-         f'def qact(var_x: T.handle, ch_scale: T.Buffer(({_i(K)},), "float32"), ch_rcp: T.Buffer(({_i(K)},), '
-         f'"float32"), ch_zero: T.Buffer(({_i(K)},), "float32"), pidx: T.Buffer(({_i(chunks * 64)},), "uint8"), '
-         f'psel: T.Buffer(({_i(chunks * 64)},), "uint8"), var_xq: T.handle{", var_xsum: T.handle" if xsum else ""}):',
+         f"def qact(var_x: T.handle, {permute_params(spec)}, var_xq: T.handle"
+         f'{", var_xsum: T.handle" if xsum else ""}):',
          '    T.func_attr({"tirx.noalias": True})',
          "    m = T.int64()",
          f'    x = T.match_buffer(var_x, (m, {_i(K)}), "float32")',
          *_xq_rows(spec)]
     if xsum:
         L.append(f'    xsum = T.match_buffer(var_xsum, (m, {_i(S)}), "int32")')
+    L += ['    with T.sblock("root"):',
+          "        for r in T.parallel(m):",
+          *permute_code_lines(spec, "x", " " * 12)]
+    return "\n".join(L) + "\n"
+
+
+def permute_params(spec: QLinearSpec) -> str:
+    """The byte-permuting quantizer's table parameters (:data:`PERMUTE_NAMES`) as TVMScript, in order."""
+    K = spec.k
+    _, chunks = _permute_dims(spec)
+    return (f'ch_scale: T.Buffer(({_i(K)},), "float32"), ch_rcp: T.Buffer(({_i(K)},), "float32"), '
+            f'ch_zero: T.Buffer(({_i(K)},), "float32"), pidx: T.Buffer(({_i(chunks * 64)},), "uint8"), '
+            f'psel: T.Buffer(({_i(chunks * 64)},), "uint8")')
+
+
+def permute_code_lines(spec: QLinearSpec, src: str, ind: str) -> list[str]:
+    """TVMScript lines (indented by ``ind``, inside a loop over rows ``r``) writing row ``r`` of ``xq`` (and
+    ``xsum``) from the f32 row ``src[r, :]``: the body of :func:`_qact_permute_source`, also run by a kernel that
+    has just computed the row (a layer norm writing the next linear's codes, :func:`layer_norm_codes_func`)."""
+    K, KP = spec.k, spec.kp
+    qmax = (1 << spec.a_bits) - 1
+    pairs, chunks = _permute_dims(spec)
+    tb = pairs * 128
     rne = 'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.roundeven"), {v}, dtype="float32")'
 
     def code(k: str) -> str:
-        v = _quotient(f"x[r, {k}]", f"ch_scale[{k}]", f"ch_rcp[{k}]")
+        v = _quotient(f"{src}[r, {k}]", f"ch_scale[{k}]", f"ch_rcp[{k}]")
         return f'T.Cast("uint8", T.max(T.min({rne.format(v=v)} + ch_zero[{k}], T.float32({qmax})), T.float32(0)))'
 
-    ind = " " * 12
-    L += ['    with T.sblock("root"):',
-          "        for r in T.parallel(m):",
-          f'            t = T.decl_buffer(({_i(tb)},), "uint8", scope="local")',
-          '            o = T.decl_buffer((T.int64(64),), "uint8", scope="local")']
+    L = [f'{ind}t = T.decl_buffer(({_i(tb)},), "uint8", scope="local")',
+         f'{ind}o = T.decl_buffer((T.int64(64),), "uint8", scope="local")']
     main = K // 16 * 16
     if main:
         L += [f"{ind}for jo in range({_i(main // 16)}):",
@@ -587,12 +603,29 @@ def _qact_permute_source(spec: QLinearSpec) -> str:
             L += [f"{ind}o[T.ramp(T.int64(0), 1, 64)] = {expr}",
                   f"{ind}for j in T.vectorized({_i(width)}):",
                   f"{ind}    xq[r, {_i(oc * 64)} + j] = o[j]"]
-    if xsum:
+    if not spec.w_symmetric:
         for si, seg in enumerate(spec.segments):
             L += [f"{ind}xsum[r, {_i(si)}] = 0",
                   f"{ind}for j in range({_i(seg.plen)}):",
                   f'{ind}    xsum[r, {_i(si)}] = xsum[r, {_i(si)}] + T.Cast("int32", xq[r, {_i(seg.poff)} + j])']
-    return "\n".join(L) + "\n"
+    return L
+
+
+def layer_norm_codes_func(width: int, eps: float, residual: bool, rows: int | None, kernel: QLinearKernel) -> Any:
+    """The row layer norm (:func:`~.row_kernels.row_layer_norm`) that also writes the u8 codes of the next
+    linear's input (``kernel``: a gathering static quantizer that permutes codes, ``kernel.permute``) from
+    each output row while it is in L1: operands ``(X, [Z,] W, B, *PERMUTE_NAMES tables)``, outputs ``(Y, xq)``,
+    ``xq`` with :meth:`QLinearKernel.xq_rows` rows.  The codes are those ``kernel.qact`` writes from ``Y``
+    (the same arithmetic), so the quantizer's own kernel and its pass over ``Y`` go."""
+    from ctc.backends.tvm.row_kernels import RowEpilogue, row_layer_norm
+
+    spec = kernel.spec
+    if not kernel.permute or spec.k != width or not spec.w_symmetric:
+        raise ValueError("int_kernels.layer_norm_codes_func: needs a permuting static quantizer over the norm's "
+                         f"width (K={spec.k}, width {width}) and symmetric weights (no row sums)")
+    epi = RowEpilogue(permute_params(spec), "var_xq: T.handle", tuple(_xq_rows(spec)),
+                      tuple(permute_code_lines(spec, "Y", " " * 12)))
+    return row_layer_norm(width, eps, residual, rows, epi)
 
 
 def _qact_dynamic_source(spec: QLinearSpec) -> str:
@@ -1338,8 +1371,11 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     if xq is not None and (spec.dynamic or not spec.w_symmetric):
         raise ValueError("int_kernels.emit_quant_linear_packed: a quantized input from the previous linear (xq) "
                          "needs static ranges and symmetric weights (no per-row ranges or sums)")
+    if xq is not None:  # no quantizer runs: its operands are not needed
+        gather_ops = []
     need = [n for n in PACKED_NAMES if (n != "wzero" or not spec.w_symmetric)
-            and (n not in ("act_scale", "act_zero") or not (spec.dynamic or kernel.permute))] + gather_ops
+            and (n not in ("act_scale", "act_zero") or not (spec.dynamic or kernel.permute or xq is not None))]
+    need += gather_ops
     need += list(CODE_NAMES) if spec.codes else []
     missing = [n for n in need if n not in packed]
     if missing:
@@ -1370,7 +1406,7 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     if not spec.w_symmetric:
         outs.append(relax.TensorType([m, S], "int32"))
     qin = [xin, *(ops[n] for n in gather_ops)]
-    qin += [] if spec.dynamic or kernel.permute else [ops["act_scale"], ops["act_zero"]]
+    qin += [] if spec.dynamic or kernel.permute or xq is not None else [ops["act_scale"], ops["act_zero"]]
     key = None if share is None or memo is None or xq is not None else ("qact", name_a, x, share)
     if xq is not None:
         args = [xq]

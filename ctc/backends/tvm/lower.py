@@ -1128,9 +1128,65 @@ def _layer_norm_rows(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     static_rows = math.prod(sizes) if all(n is not None for n in sizes) else None  # type: ignore[arg-type]
     name = (f"row_layer_norm_{width}_{'res_' if res is not None else ''}{eps!r}_{static_rows or 'n'}"
             .replace(".", "p").replace("-", "m"))
+    codes = _ln_codes(ctx, node, width)
+    if codes is not None:  # the next linear's u8 codes too, from each row while it is in L1
+        from ctc.backends.tvm.int_kernels import layer_norm_codes_func
+
+        kernel, tables, key = codes
+        gv = add_prim_func(ctx.bb, layer_norm_codes_func(width, eps, res is not None, static_rows, kernel),
+                           f"{name}_codes_{kernel.names[0][len('ctc_qact_'):]}")
+        both = ctx.emit(relax.call_tir(gv, [*xs, w, b, *tables], [
+            relax.TensorType([rows, width], "float32"), relax.TensorType([kernel.xq_rows(rows), kernel.spec.kp],
+                                                                         "uint8")]))
+        y = ctx.emit(relax.TupleGetItem(both, 0))
+        ctx.memo[key] = ctx.emit(relax.TupleGetItem(both, 1))
+        return relax.op.reshape(y, dims)
     gv = add_prim_func(ctx.bb, row_layer_norm(width, eps, res is not None, static_rows), name)
     y = ctx.emit(relax.call_tir(gv, [*xs, w, b], relax.TensorType([rows, width], "float32")))
     return relax.op.reshape(y, dims)
+
+
+def _ln_codes(ctx: Ctx, node: Node, width: int) -> tuple[Any, list[Any], tuple[Any, ...]] | None:
+    """When the layer norm's output is read, through RPTQ's reorder (a ``channel_permute``), by integer linears
+    whose quantizer permutes codes (static ranges, symmetric weights, VBMI): ``(that quantizer's kernel, its
+    bound tables, the memo key under which the linear finds the codes)`` for the first of them (its siblings
+    share its quantizer); None otherwise.  The norm's row kernel then writes the codes (the quantizer's own kernel
+    goes); its f32 output stays for the other readers (the residual)."""
+    if not ctx.use_int_kernels or ctx.gpu:
+        return None
+    out = node.outputs[0]
+    order = {id(n): i for i, n in enumerate(ctx.module.nodes)}
+    readers = [q for p in out.users if p.op == "channel_permute" for q in p.outputs[0].users
+               if q.op == "quant_linear" and q.operand("x") is p.outputs[0]]
+    if not readers:
+        return None
+    first = min(readers, key=lambda n: order[id(n)])
+    if first.attrs.get("a_bits") in (None, 16) or first.attrs.get("act_dynamic", False):
+        return None
+    pnames = {n: _later_param_name(ctx, v) for n, v in first.named_operands().items()}  # type: ignore[arg-type]
+    if any(pnames[n] is None for n in pnames if n != "x"):
+        return None
+    from ctc.backends.tvm.block_gemv import block_layout
+    from ctc.backends.tvm.int_kernels import target_has_vnni
+
+    k = int(first.operand("x").type.shape[-1])  # type: ignore[union-attr]
+    n = int(ctx.param_array(pnames["qweight"]).shape[0])  # type: ignore[arg-type]
+    if block_layout(first.attrs, k, n) is None and target_has_vnni(ctx.target):
+        return None  # activations per block of 32: block_gemv's own quantizer
+    try:
+        from ctc.backends.tvm import int_kernels as IK
+
+        plan = _int_plan(ctx, first, pnames, IK)
+    except ValueError:
+        return None
+    src = _gathered_source(ctx, first)
+    if (src is None or src[0] is not out or not plan.kernel.permute or plan.spec.dynamic or not plan.spec.w_symmetric
+            or plan.spec.k != width):
+        return None
+    tabs = IK.permute_tables(plan.spec, ctx.param_array(src[1]), plan.packed["act_scale"], plan.packed["act_zero"])
+    tag = f"ln_codes_{plan.kernel.names[0]}_" + "_".join(str(plan.pnames[nm]) for nm in ("act_scale", "act_zero"))
+    tables = [ctx.param(src[1], f"{tag}_{nm}", array=tabs[nm]) for nm in IK.PERMUTE_NAMES]
+    return plan.kernel, tables, ("ln_codes", id(out), plan.kernel.names[0], plan.share)
 
 
 @rule("layer_norm")
@@ -1871,11 +1927,31 @@ def _quant_linear(ctx: Ctx, node: Node, a: Operands) -> Any:
     return y if xt.dtype == "f32" else op.astype(y, _dt(xt))
 
 
-def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None], IK: Any) -> Any:
-    """A ``quant_linear`` with quantized activations and parameter operands on the integer kernels
-    (qact + qmm); an FFN's up projection whose gelu feeds only the down projection writes that one's u8
-    codes itself (:func:`_codes_reader`): no f32 gelu output, no quantizer kernel of its own."""
-    xt = a.type("x")
+@dataclasses.dataclass
+class _IntPlan:
+    """What the integer kernels of one ``quant_linear`` (with its merged siblings) are, before anything is bound."""
+
+    pnames: dict[str, str | None]
+    vals: dict[str, np.ndarray]
+    sibs: _Siblings
+    spec: Any
+    kernel: Any
+    perm: str | None  # the permutation parameter of RPTQ's reorder the quantizer gathers through
+    gelu: Node | None
+    nxt: tuple[Any, ...] | None
+    packed: dict[str, np.ndarray]
+
+    @property
+    def share(self) -> tuple[Any, ...]:
+        """What the quantized activation depends on besides the input and the quantizer's kernel."""
+        return (self.perm, *(self.packed[n].tobytes() for n in ("act_scale", "act_zero")
+                             if n in self.packed and not self.spec.dynamic))
+
+
+def _int_plan(ctx: Ctx, node: Node, pnames: dict[str, str | None], IK: Any) -> _IntPlan:
+    """Plan the integer kernels of ``node`` (parameter names ``pnames``): also ahead of the walk, by a layer norm
+    that writes this linear's codes (:func:`_ln_codes`)."""
+    xt = node.operand("x").type  # type: ignore[union-attr]
     k = int(xt.shape[-1])
     vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
     sibs = _int_siblings(ctx, node, vals)
@@ -1883,10 +1959,10 @@ def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None]
         pnames, vals = _merged_int_operands(ctx, pnames, vals, sibs)
     spec = IK.QLinearSpec.from_attrs(node.attrs, k, vals["qweight"].shape[0],
                                      w_zero_float=vals["w_zero"].dtype.kind == "f")
-    gathered = _gathered_input(ctx, node)
+    gathered = _gathered_source(ctx, node)
     if gathered is not None:  # RPTQ's explicit reorder: the quantizer gathers as it loads
         spec = dataclasses.replace(spec, gather=True)
-    one_row = _one_row(ctx, node.operand("x"))
+    one_row = _one_row(ctx, node.operand("x"))  # type: ignore[arg-type]
     if ctx.amx and not spec.w_zero_float:  # several rows on a CPU with AMX: the tile kernel
         spec = IK.with_amx(spec, ctx.target, rows=1 if one_row else None)
     gelu = _gelu_reader(ctx, node) if xt.dtype == "f32" else None
@@ -1904,21 +1980,34 @@ def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None]
               if nxt is not None else
               IK.prepack_weights(spec, vals["qweight"], vals["w_scale"], vals["w_zero"], vals.get("bias"),
                                  vals.get("act_scale"), vals.get("act_zero")))
+    return _IntPlan(pnames, vals, sibs, spec, kernel, gathered[1] if gathered is not None else None, gelu, nxt,
+                    packed)
+
+
+def _int_linear(ctx: Ctx, node: Node, a: Operands, pnames: dict[str, str | None], IK: Any) -> Any:
+    """A ``quant_linear`` with quantized activations and parameter operands on the integer kernels
+    (qact + qmm); an FFN's up projection whose gelu feeds only the down projection writes that one's u8
+    codes itself (:func:`_codes_reader`): no f32 gelu output, no quantizer kernel of its own; nor has a linear
+    whose input a layer norm quantized as it wrote it (:func:`_ln_codes`)."""
+    plan = _int_plan(ctx, node, pnames, IK)
+    pnames, sibs, spec, kernel, gelu, nxt, packed = (plan.pnames, plan.sibs, plan.spec, plan.kernel, plan.gelu,
+                                                      plan.nxt, plan.packed)
+    cvals = nxt[4] if nxt is not None else {}
+    src = _gathered_source(ctx, node)
+    xq = ctx.memo.get(("ln_codes", id(src[0]), kernel.names[0], plan.share)) if src is not None else None
     # the code tables depend on the next linear's ranges too
     extra = "" if nxt is None else "_" + "_".join(str(nxt[3][n]) for n in ("act_scale", "act_zero"))
     key, rel = _bind_packed(ctx, pnames, spec, packed, extra)
     ctx.int_kernels += 1
     ctx.amx_kernels += int(spec.amx)
-    x_in = a["x"] if gathered is None else gathered[0]
-    if gathered is not None and kernel.permute:  # qact quantizes in channel order, permutes the codes
-        tabs = IK.permute_tables(spec, ctx.param_array(gathered[1]), packed["act_scale"], packed["act_zero"])
-        rel.update({nm: ctx.param(gathered[1], f"{key}_{nm}", array=arr) for nm, arr in tabs.items()})
-    elif gathered is not None:
-        rel["perm"] = ctx.param(gathered[1], "int32", fn=lambda p: p.astype(np.int32))
+    x_in = a["x"] if src is None else ctx.val(src[0])
+    if src is not None and xq is None and kernel.permute:  # qact quantizes in channel order, permutes the codes
+        tabs = IK.permute_tables(spec, ctx.param_array(src[1]), packed["act_scale"], packed["act_zero"])
+        rel.update({nm: ctx.param(src[1], f"{key}_{nm}", array=arr) for nm, arr in tabs.items()})
+    elif src is not None and xq is None:
+        rel["perm"] = ctx.param(src[1], "int32", fn=lambda p: p.astype(np.int32))
     # linears reading one activation with equal ranges (q, k, v) quantize it once
-    share = (gathered[1] if gathered is not None else None,
-             *(packed[n].tobytes() for n in ("act_scale", "act_zero") if n in packed and not spec.dynamic))
-    y = IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=share, memo=ctx.memo)
+    y = IK.emit_quant_linear_packed(ctx.bb, x_in, rel, kernel, share=plan.share, memo=ctx.memo, xq=xq)
     if sibs:
         return _split_siblings(ctx, y, [node, *(u for u, _ in sibs)])
     if nxt is None:
@@ -1949,7 +2038,7 @@ def _int_siblings(ctx: Ctx, node: Node, vals: Mapping[str, np.ndarray]) -> _Sibl
     GELU: q, k and v of an attention, each with its parameter names.  Empty when there are none."""
     from ctc.backends.tvm.siblings import sibling_linears
 
-    if _gelu_reader(ctx, node) is not None or _one_row(ctx, node.operand("x")):
+    if _gelu_reader(ctx, node) is not None:
         return []
     names: dict[int, dict[str, str]] = {}
 
@@ -2118,9 +2207,9 @@ def _gelu_reader(ctx: Ctx, node: Node) -> Node | None:
     return u
 
 
-def _gathered_input(ctx: Ctx, node: Node) -> tuple[Any, str] | None:
+def _gathered_source(ctx: Ctx, node: Node) -> tuple[Value, str] | None:
     """``(source, perm parameter)`` when ``node``'s input ``x`` is a ``channel_permute`` of its last axis
-    by a parameter (RPTQ's explicit reorder), else None.
+    by a parameter (RPTQ's explicit reorder), else None (also ahead of the walk: ``source`` is the ctc value).
 
     The integer kernel's activation quantizer then reads ``source[:, perm[k]]`` itself: the gather
     costs no kernel and no pass over memory of its own (18 of them took 0.56 ms of MiniLM W8A8's
@@ -2130,11 +2219,11 @@ def _gathered_input(ctx: Ctx, node: Node) -> tuple[Any, str] | None:
     p = xv.producer if xv is not None else None
     if p is None or p.op != "channel_permute" or _axis(p.attrs["axis"], xv.type.rank) != xv.type.rank - 1:
         return None
-    perm_name = ctx.param_name(p.operand("perm"))
+    perm_name = _later_param_name(ctx, p.operand("perm"))
     src = p.operand("x")
     if perm_name is None or src is None or src.type.shape != xv.type.shape:
         return None
-    return ctx.val(src), perm_name
+    return src, perm_name
 
 
 def stored_int_te(buf: Any, lead: tuple[Any, ...], kk: Any, bits: int) -> Any:

@@ -13,9 +13,10 @@ reshapes the input's leading axes into ``R``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["fast_erf_expr", "fast_exp_expr", "gelu_expr", "row_layer_norm", "row_softmax"]
+__all__ = ["RowEpilogue", "fast_erf_expr", "fast_exp_expr", "gelu_expr", "row_layer_norm", "row_softmax"]
 
 LANES = 16  # accumulator width; LLVM splits it into the target's vectors (16 f32 = one AVX-512 register)
 
@@ -105,9 +106,23 @@ def row_softmax(log: bool, fast: bool) -> Any:
 
 
 
-def row_layer_norm(width: int, eps: float, residual: bool, rows: int | None = None) -> Any:
+@dataclass(frozen=True)
+class RowEpilogue:
+    """More work per row after a row kernel's output row ``Y[r, :]`` is written (TVMScript pieces): ``params``
+    (operands after the kernel's own inputs), ``outputs`` (output handles after ``Y``), ``decls`` (their buffer
+    declarations, function level) and ``body`` (lines inside the row loop, 12 spaces deep, ``r`` the row)."""
+
+    params: str
+    outputs: str
+    decls: tuple[str, ...]
+    body: tuple[str, ...]
+
+
+def row_layer_norm(width: int, eps: float, residual: bool, rows: int | None = None,
+                   epilogue: RowEpilogue | None = None) -> Any:
     """A PrimFunc ``(X [R, C], [Z [R, C],] W [C], B [C], Y [R, C])``: ``Y = layer_norm(X (+ Z)) * W + B`` over
-    each row of a static width ``C``, rows parallel.
+    each row of a static width ``C``, rows parallel; ``epilogue`` adds operands, outputs and work per row (the
+    next linear's u8 codes of the row, :func:`~.int_kernels.layer_norm_codes_func`).
 
     Why: dlight's reduction schedule ran MiniLM's 13 layer norms (128 x 384) at about 2 ns per
     element (1.35 ms of a 14.9 ms W8A8 run, one thread); a row here is three passes over 1.5 KB
@@ -130,12 +145,14 @@ def row_layer_norm(width: int, eps: float, residual: bool, rows: int | None = No
     src = [
         "@T.prim_func(private=True, s_tir=True)",
         f"def kernel(x_h: T.handle, {zin}w: T.Buffer((T.int64({C}),), \"float32\"), "
-        f"b: T.Buffer((T.int64({C}),), \"float32\"), y_h: T.handle):",
+        f"b: T.Buffer((T.int64({C}),), \"float32\"), {epilogue.params + ', ' if epilogue else ''}y_h: T.handle"
+        f"{', ' + epilogue.outputs if epilogue else ''}):",
         '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
         *(["    R = T.int64()"] if rows is None else []),
         f'    X = T.match_buffer(x_h, ({R}, T.int64({C})), "float32")',
         *([f'    Z = T.match_buffer(z_h, ({R}, T.int64({C})), "float32")'] if residual else []),
         f'    Y = T.match_buffer(y_h, ({R}, T.int64({C})), "float32")',
+        *(epilogue.decls if epilogue else ()),
         '    with T.sblock("root"):',
         f"        for r in T.parallel({R}):" if rows != 1 else f"        for r in range({R}):",
         f'            acc = T.decl_buffer((T.int64({lanes}),), "float32", scope="local")',
@@ -160,7 +177,8 @@ def row_layer_norm(width: int, eps: float, residual: bool, rows: int | None = No
             f"{ind}    for j1 in T.vectorized(T.int64({lanes})):",
             f"{ind}        Y[r, {vj}] = ({x(vj)} - st[0]) * st[1] * w[{vj}] + b[{vj}]",
             f"{ind}for j in range(T.int64({tail}), T.int64({C})):",
-            f"{ind}    Y[r, j] = ({x('j')} - st[0]) * st[1] * w[j] + b[j]"]
+            f"{ind}    Y[r, j] = ({x('j')} - st[0]) * st[1] * w[j] + b[j]",
+            *(epilogue.body if epilogue else ())]
     return tvm.script.from_source("\n".join(src) + "\n")
 
 
