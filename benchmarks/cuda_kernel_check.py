@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,14 @@ FLASH = [  # batch, q heads, kv heads, queries, keys, head dim, dtype, mask ("no
 ]
 GEMM_SWEEP = [((128, 128, 64, 32, 4), 1), ((64, 64, 32, 32, 4), 1), ((128, 128, 64, 32, 4), 2),
               ((128, 128, 64, 32, 4), 4), ((128, 128, 64, 32, 4), 8), ((64, 64, 32, 32, 4), 2)]
+WGMMA_SWEEP = [  # warpgroup-MMA variants (sm_90a): (128, BN, 64, BN, stages), K splits, products in flight, staged
+    ((128, 256, 64, 256, 4), 1, 1, None), ((128, 256, 64, 256, 3), 1, 1, None), ((128, 128, 64, 128, 4), 1, 1, None),
+    ((128, 128, 64, 128, 6), 1, 1, None), ((128, 64, 64, 64, 4), 1, 1, None), ((128, 128, 64, 128, 4), 2, 1, None),
+    ((128, 128, 64, 128, 4), 4, 1, None), ((128, 256, 64, 256, 4), 2, 1, None)]
+WGMMA_KNOBS = [(0, False), (1, True), (1, False), (0, True)]  # (in flight, staged) on the picked tile, --wgmma-sweep
 
 
-def build(out: Path, sweep: bool = False, only: list[str] | None = None) -> None:
+def build(out: Path, sweep: bool = False, only: list[str] | None = None, wg_sweep: bool = False) -> None:
     from ctc.backends.tvm import cuda_flash as CF
     from ctc.backends.tvm import cuda_gemm as G
     from ctc.backends.tvm import cuda_kernels as CK
@@ -87,20 +93,22 @@ def build(out: Path, sweep: bool = False, only: list[str] | None = None) -> None
     import tvm
 
     tgt = tvm.target.Target(cuda_target("sm_90"))
+    tgt_a = tvm.target.Target(cuda_target("sm_90a"))  # the warpgroup-MMA GEMM's (wgmma is sm_90a only)
     out.mkdir(parents=True, exist_ok=True)
     cases: list[dict[str, Any]] = []
 
     def add(kind: str, spec: Any, func: Any, combine: Any = None, dequant: Any = None, **more: Any) -> None:
         if only and kind not in only:
             return
-        name = f"{kind}_{len(cases)}"
+        target = tgt_a if getattr(spec, "wgmma", False) else tgt
+        name = f"{kind}{'_wg' if target is tgt_a else ''}_{len(cases)}"
         funcs = {"kernel": func.with_attr("global_symbol", "kernel")}
         if dequant is not None:  # the integer weight's expansion, run before the kernel
             funcs["dequant"] = dequant.with_attr("global_symbol", "dequant")
         if combine is not None:  # a second kernel that runs after the first on its f32 partial results
             funcs["combine"] = combine.with_attr("global_symbol", "combine")
-        with nvcc_compile_mode(), tgt:
-            tvm.compile(tvm.IRModule(funcs), tgt).export_library(str(out / f"{name}.so"))
+        with nvcc_compile_mode(), target:
+            tvm.compile(tvm.IRModule(funcs), target).export_library(str(out / f"{name}.so"))
         extra = {"key_chunks": spec.key_chunks} if kind == "attention" else dict(more)
         if kind.startswith("gemm"):
             extra["tiles"] = spec.tiles
@@ -139,14 +147,35 @@ def build(out: Path, sweep: bool = False, only: list[str] | None = None) -> None
             v = G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=tile, splits=splits)
             if (v.tiles, v.k_splits) != (variants[0].tiles, variants[0].k_splits) and G.gemm_supported(v) is None:
                 variants.append(v)
+        wg = G.GemmSpec(k, n, dt, epi, rows_hint=rows, wgmma=True)  # sm_90a: the tile the lowering picks
+        variants += [wg] if G.gemm_supported(wg) is None else []
+        for tile, splits, fl, staged in WGMMA_SWEEP if (sweep or wg_sweep) and rows == 512 else ():
+            v = G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=tile, splits=splits, wgmma=True, wg_inflight=fl,
+                           wg_staged=staged)
+            if v.tag != wg.tag and G.gemm_supported(v) is None:
+                variants.append(v)
+        if (sweep or wg_sweep) and rows != 512:  # the staged epilogue past the last row, bf16, residual, SwiGLU
+            variants.append(G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=wg.tiles, splits=1, wgmma=True,
+                                       wg_staged=True))
+        for fl, staged in WGMMA_KNOBS if (sweep or wg_sweep) and rows == 512 else ():
+            v = G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=wg.tiles, splits=wg.k_splits, wgmma=True,
+                           wg_inflight=fl, wg_staged=staged)
+            if G.gemm_supported(v) is None and v.tag != wg.tag and (not staged or v.k_splits == 1):
+                variants.append(v)
+            if v.tiles[1] == 256 and not staged and fl == 0:  # in flight 0 frees a stage: 3 of them, 2 per SM?
+                v3 = G.GemmSpec(k, n, dt, epi, rows_hint=rows, tile=(128, 256, 64, 256, 3), splits=1, wgmma=True,
+                                wg_inflight=0)
+                variants.append(v3)
         for v in variants:
             add("gemm", v, G.gemm_func(v), G.splitk_reduce_func(v) if v.k_splits > 1 else None, rows=rows,
                 k_splits=v.k_splits)
     for rows, k, n, dt, epi, bits, group in QGEMMS:
-        v = G.GemmSpec(k, n, dt, epi, rows_hint=rows)
         dq = G.DequantSpec(n, k, bits, group, dt)
-        add("gemm_q", v, G.gemm_func(v), G.splitk_reduce_func(v) if v.k_splits > 1 else None, G.dequant_func(dq),
-            rows=rows, k_splits=v.k_splits, bits=bits, group=group)
+        for wgmma in (False, True):
+            v = G.GemmSpec(k, n, dt, epi, rows_hint=rows, wgmma=wgmma)
+            if G.gemm_supported(v) is None:
+                add("gemm_q", v, G.gemm_func(v), G.splitk_reduce_func(v) if v.k_splits > 1 else None,
+                    G.dequant_func(dq), rows=rows, k_splits=v.k_splits, bits=bits, group=group)
     (out / "kernels.json").write_text(json.dumps(cases, indent=1))
 
 
@@ -372,6 +401,35 @@ def _time_us(call: Any, reps: int = 100, rounds: int = 7, graph: bool = True) ->
     return per[len(per) // 2], per[0]
 
 
+def _probe(mod: Any, case: dict[str, Any], probed: list[str]) -> None:
+    """For a wrong GEMM (no split, no epilogue; at most two): the kernel on coded operands, saved to
+    ``$OUT/probe_<name>.pt``, so a fragment or descriptor mix-up reads off the output.  Probe ``wt``: A one-hot
+    (``A[i, i] = 1``), ``W[n, k] = 64 (n % 32) + k % 64``, so ``C[i, n]`` should be ``64 (n % 32) + i % 64``;
+    probe ``at``: the roles swapped (``C[m, n]`` should be ``64 (m % 32) + n % 64``)."""
+    import os
+
+    import torch
+    import tvm_ffi
+
+    sp = case["spec"]
+    if len(probed) >= 2 or sp["epilogue"] != "none" or sp["k_splits"] > 1 or "OUT" not in os.environ:
+        return
+    m, k, n = sp["rows"], sp["k"], sp["n"]
+    dt = torch.float16 if sp["dtype"] == "float16" else torch.bfloat16
+    eye = lambda r, c: torch.eye(r, c, device="cuda", dtype=dt)  # noqa: E731
+    code = lambda r, c: ((torch.arange(r, device="cuda")[:, None] % 32) * 64  # noqa: E731
+                         + torch.arange(c, device="cuda")[None, :] % 64).to(dt)
+    got = {}
+    for tag, a, w in (("wt", eye(m, k), code(n, k)), ("at", code(m, k), eye(n, k))):
+        c = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
+        mod["kernel"](*(tvm_ffi.from_dlpack(t) for t in (a, w, c)))
+        torch.cuda.synchronize()
+        got[tag] = c[:128, :256].float().cpu()
+    torch.save({"spec": sp, **got}, Path(os.environ["OUT"]) / f"probe_{case['name']}.pt")
+    probed.append(case["name"])
+    print(f"    probe saved: probe_{case['name']}.pt", flush=True)
+
+
 def _caller(mod: Any, args: list[Any], part: Any) -> Any:
     """One call of the case's kernel(s): with ``part`` the key-chunked attention, then its combine kernel."""
     if part is None:
@@ -405,7 +463,7 @@ def _q_caller(mod: Any, args: list[Any], wbuf: Any, part: list[Any] | None) -> A
     return call
 
 
-def run(out: Path, timed: bool = False) -> int:
+def run(out: Path, timed: bool = False, match: str | None = None) -> int:
     import torch
     import tvm_ffi
 
@@ -420,7 +478,10 @@ def run(out: Path, timed: bool = False) -> int:
         print(f"device copy: {2 * src.numel() * 2 / med / 1e6:.2f} TB/s (read + write, median)", flush=True)
         del src, dst_buf
     bad = 0
+    probed: list[str] = []
     for case in json.loads((out / "kernels.json").read_text()):
+        if match and not re.search(match, case["name"]):
+            continue
         mod = tvm_ffi.load_module(str(out / f"{case['name']}.so"))
         make = {"gemv": _gemv_case, "attention": _attention_case, "rope": _rope_case, "gemm": _gemm_case,
                 "gemm_dlight": _gemm_dlight_case, "flash": _flash_case, "gemm_q": _gemm_q_case}[case["kind"]]
@@ -446,8 +507,13 @@ def run(out: Path, timed: bool = False) -> int:
             expand = functools.partial(mod["dequant"], *ffi_args[1:4], wbuf)
         elif not (case["kind"] == "gemm" and part):
             call = _caller(mod, ffi_args, part)
-        call()
-        torch.cuda.synchronize()
+        try:
+            call()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a launch refused (shared memory, ...): the next case may still run
+            bad += 1
+            print(f"ERR {case['name']:<14} {type(e).__name__}: {str(e)[:300]}  {case['spec']}", flush=True)
+            continue
         if case["kind"] == "rope":
             q_ref, kc_ref, vc_ref = ref
             errs = [float((dst.float() - q_ref).abs().max()), float((args[4].float() - kc_ref.float()).abs().max()),
@@ -457,6 +523,10 @@ def run(out: Path, timed: bool = False) -> int:
             err, scale = float((dst.float() - ref).abs().max()), float(ref.abs().max())
         ok = bool(err == err) and err <= 2e-2 * scale + 2e-3  # NaN (an unwritten output) fails
         bad += not ok
+        if not ok and case["kind"] == "gemm":
+            rows_bad = ((dst.float() - ref).abs().nan_to_num(1e9).amax(1) > 2e-2 * scale + 2e-3).nonzero().flatten()
+            print(f"    {case['name']}: {len(rows_bad)} wrong rows, first {rows_bad[:8].tolist()}", flush=True)
+            _probe(mod, case, probed)
         timing = ""
         if timed and case["kind"] == "gemv":
             med, low = _time_us(call)
@@ -493,11 +563,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="build: also each large integer GEMV with other rows per warp and x read from global memory")
     p.add_argument("--only", nargs="*", default=None, help="build: only these kinds (gemv, attention, rope, flash, "
                    "gemm, gemm_dlight, gemm_q)")
+    p.add_argument("--wgmma-sweep", action="store_true",
+                   help="build: also the 512-row GEMMs with other warpgroup-MMA tiles (sm_90a), not the other sweeps")
+    p.add_argument("--match", default=None,
+                   help="run: only cases whose name this regex finds (e.g. _wg_: the sm_90a GEMMs)")
     a = p.parse_args(argv)
     if a.cmd == "build":
-        build(a.out, a.sweep, a.only)
+        build(a.out, a.sweep, a.only, a.wgmma_sweep)
         return 0
-    return run(a.out, a.time)
+    return run(a.out, a.time, a.match)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def test_source_hook_adds_the_library_only_where_it_is_called() -> None:
     assert cuda_mma.postprocess_cuda_source(out) == out  # idempotent
 
 
-def _tiny_prefill_build(tmp_path, monkeypatch, quantize: bool = False):  # noqa: ANN001, ANN202
-    """(module, compiled) of a one-layer half-precision Llama prefill of 64 tokens built for sm_90 (the CUDA
+def _tiny_prefill_build(tmp_path, monkeypatch, quantize: bool = False, arch: str = "sm_90"):  # noqa: ANN001, ANN202
+    """(module, compiled) of a one-layer half-precision Llama prefill of 64 tokens built for ``arch`` (the CUDA
     source dumped into ``tmp_path``); ``quantize``: int4 weight-only linears in groups of 32 first."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -100,7 +100,7 @@ def _tiny_prefill_build(tmp_path, monkeypatch, quantize: bool = False):  # noqa:
         opts = QuantizeOptions(w_bits=4, a_bits=16, w_granularity="group", group_size=32, sym=True, blocks_only=False)
         m, _ = PassManager([QuantizePass(opts)], calibration=[ins], fidelity=False, progress=False).run(m)
     monkeypatch.setenv("TVM_KERNEL_DUMP", str(tmp_path))
-    comp = compile_module(m, target=T.resolve("cuda", type("Opts", (), {"arch": "sm_90"})()),
+    comp = compile_module(m, target=T.resolve("cuda", type("Opts", (), {"arch": arch})()),
                           options=BuildOptions(params="input"))
     return m, comp
 
@@ -180,3 +180,75 @@ def test_int4_prefill_expands_weights_for_the_tensor_core_gemm(tmp_path, monkeyp
     assert sorted(p["dtype"] for p, _ in gate_up) == ["float32", "int8", "uint8"]
     for p, a in gate_up:
         np.testing.assert_array_equal(derive_param(p["source"], params).numpy(), np.asarray(a))
+
+
+# ----------------------------------------------------------------------------- Hopper warpgroup MMA (sm_90a)
+def test_wgmma_tiles_fill_the_gpu_and_unsupported_shapes_say_why() -> None:
+    def wg(k: int, n: int, epi: str = "none", **kw: object) -> G.GemmSpec:
+        return G.GemmSpec(k, n, "float16", epi, wgmma=True, **kw)  # type: ignore[arg-type]
+
+    gate_up, head = wg(2048, 16384, "silu_mul"), wg(2048, 128256)
+    assert (gate_up.tiles, gate_up.k_splits, gate_up.threads) == ((128, 256, 64, 256, 4), 1, 256)   # 4 x 64 tiles
+    assert head.tiles[:2] == (128, 256) and "_wgo128x256" in head.tag and head.staged   # "o": staged stores
+    assert gate_up.smem_bytes == 4 * (128 + 256) * 128 + 1024 <= 227 * 1024     # + room to align to 1024 bytes
+    down = wg(8192, 2048, "residual")                 # 4 x 16 tiles of 128 fill < 70% of the SMs: 2 K splits
+    assert (down.tiles[:2], down.k_splits) == ((128, 128), 2)
+    assert not gate_up.staged and not down.staged      # SwiGLU: measured slower staged; split-K: f32 partials
+    assert (wg(2048, 3072).tiles[:2], wg(2048, 3072).k_splits) == ((128, 128), 1)   # 96 tiles: unsplit
+    assert wg(576, 960, rows_hint=77).tiles[:2] == (128, 64)                     # 960: only 64-wide tiles divide it
+    assert "multiple of 64" in G.gemm_supported(wg(2080, 2048))                # K: 128-byte swizzle rows
+    assert "warpgroup-MMA tile" in G.gemm_supported(wg(2048, 2048, tile=(128, 128, 64, 32, 4)))
+    assert "warpgroup-MMA tile" in G.gemm_supported(wg(2048, 2048, tile=(128, 128, 64, 128, 2)))
+    assert G.gemm_supported(wg(2048, 2048, tile=(128, 128, 64, 128, 2), wg_inflight=0)) is None
+    assert "0 or 1" in G.gemm_supported(wg(2048, 2048, wg_inflight=2))
+    assert "shared memory" in G.gemm_supported(wg(2048, 2048, tile=(128, 256, 64, 256, 5)))
+    f = G.gemm_func(down)
+    assert "ctc_wgmma::gemm_tile<half, 128, 4, 3, 1, false>" in f.script()     # EPI 3: f32 partial sums
+    assert "ctc_gemm::gemm_tile" not in f.script()
+    staged = G.gemm_func(wg(2048, 16384, "silu_mul", wg_staged=True, wg_inflight=0))
+    assert "ctc_wgmma::gemm_tile<half, 256, 4, 2, 0, true>" in staged.script()
+
+
+def test_wgmma_source_assembles_for_sm_90a_only(tmp_path) -> None:
+    """The library with every tile width instantiated compiles to PTX with warpgroup MMAs for sm_90a; for plain
+    sm_90 it stops at its own #error (wgmma is not in sm_90)."""
+    import subprocess
+
+    from ctc.backends.tvm import cuda_wgmma as W
+    from ctc.backends.tvm.cuda_toolchain import find_nvcc
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed")
+    body = "".join(
+        f'extern "C" __global__ void __launch_bounds__(256) k{bn}_{e}_{f}({t}* a, {t}* w, {t}* c, {t}* r, int m) {{\n'
+        f"  extern __shared__ unsigned char s[];\n"
+        f"  ctc_wgmma::gemm_tile<{t}, {bn}, 4, {e}, {f}, {'true' if f else 'false'}>(a, w, c, r, s, m, 2 * {bn}, 1024, "
+        f"{1 + (e == 3)}, blockIdx.x, blockIdx.y, threadIdx.x);\n}}\n"
+        for bn in W.WIDTHS for e, t in enumerate(("half", "__nv_bfloat16", "half", "half")) for f in (0, 1))
+    src = tmp_path / "wg.cu"
+    src.write_text(cuda_mma.PRIMITIVES + W.CUDA_SOURCE + body)
+    ptx = tmp_path / "wg.ptx"
+    subprocess.run([nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-ptx", "-o", str(ptx), str(src)], check=True,
+                   capture_output=True)
+    text = ptx.read_text()
+    for bn in W.WIDTHS:
+        assert f"wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.f16.f16" in text
+        assert f"wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.bf16.bf16" in text
+    assert "wgmma.wait_group.sync.aligned 1" in text and "fence.proxy.async.shared::cta" in text
+    plain = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-o", str(tmp_path / "p.ptx"), str(src)],
+                           capture_output=True, text=True)
+    assert plain.returncode != 0 and "needs the sm_90a target" in plain.stderr
+
+
+def test_half_prefill_for_sm_90a_runs_its_linears_on_warpgroup_mma(tmp_path, monkeypatch) -> None:
+    """The same tiny prefill built for sm_90a: every linear is the wgmma GEMM (epilogues none, residual, SwiGLU),
+    attention still the flash kernel; sm_90 builds keep mma.sync (the test above)."""
+    _, comp = _tiny_prefill_build(tmp_path, monkeypatch, arch="sm_90a")
+    src = (tmp_path / "tvm_kernels.cu").read_text()
+    calls = set(re.findall(r"ctc_(?:gemm|wgmma|flash)::\w+<[^>]*>", src))
+    epilogues = {c.split(",")[3].strip() for c in calls if c.startswith("ctc_wgmma::gemm_tile")}  # <T, BN, ST, EPI..
+    assert epilogues == {"0", "1", "2"}, calls
+    assert not [c for c in calls if c.startswith("ctc_gemm::gemm_tile")], calls
+    assert any(c.startswith("ctc_flash::attend") for c in calls), calls
+    assert src.count("namespace ctc_wgmma {") == 1 and src.count("namespace ctc_mma {") == 1

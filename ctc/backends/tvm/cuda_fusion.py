@@ -468,7 +468,10 @@ def _emit_gemm(ctx: Any, g: GemvGroup) -> bool:
         rows = rows * d
     hint = rows if isinstance(rows, int) else 512
     dt = L._dt(first.outputs[0].type)
-    spec = G.GemmSpec(k, n, dt, "none" if g.epilogue == "split" else g.epilogue, rows_hint=hint)
+    epi = "none" if g.epilogue == "split" else g.epilogue
+    spec = G.GemmSpec(k, n, dt, epi, rows_hint=hint)
+    if L.wgmma_gpu(ctx) and G.gemm_supported(G.GemmSpec(k, n, dt, epi, rows_hint=hint, wgmma=True)) is None:
+        spec = G.GemmSpec(k, n, dt, epi, rows_hint=hint, wgmma=True)
     quant = None
     if first.op == "quant_linear":
         quant = G.DequantSpec(n, k, int(first.attr("w_bits")), int(first.attr("group_size")), dt,

@@ -6,8 +6,9 @@ function (:data:`CUDA_SOURCE`, compiled into TVM's module by :mod:`.cuda_mma`'s 
 TIR PrimFunc (:func:`gemm_func`) whose launch, shared memory and buffers are TVM's, so the Relax VM,
 CUDA-graph capture and the exported library treat it like any other kernel.  Measured on the H200 at
 a Llama-1B prefill's shapes it runs at dlight's speed (120-230 TFLOP/s: bound by L2 -> SM traffic, see
-:attr:`GemmSpec.tiles`) with the residual add or SwiGLU in its epilogue; cuBLAS reaches ~600 with
-Hopper's wgmma and TMA multicast, which this kernel does not use.
+:attr:`GemmSpec.tiles`) with the residual add or SwiGLU in its epilogue.  For the arch-specific Hopper
+target ``sm_90a`` the same spec with ``wgmma=True`` launches :mod:`.cuda_wgmma`'s warpgroup-MMA kernel
+instead (same operands, epilogues and split-K; 250-490 TFLOP/s at those shapes).
 
 What it computes: ``C[m, n] = epilogue(A[m, :] . W[n, :])`` with ``A`` ``[M, K]`` (any ``M``, even
 symbolic), the weight ``W`` ``[N, K]`` as a linear stores it, f16/bf16 inputs, f32 sums:
@@ -36,6 +37,8 @@ MARKER = "ctc_gemm::"
 BK = 32
 SMS = 132  # streaming multiprocessors of an H100/H200, what the tile choice fills
 SPLIT_K = True  # large tiles over K ranges (summed by a second kernel) where the tiles alone leave SMs idle
+WG_BK = 64  # K columns of one warpgroup-MMA stage (cuda_wgmma.BK)
+WG_WIDTHS = (64, 128, 256)  # its block tile widths (cuda_wgmma.WIDTHS)
 
 CUDA_SOURCE = r"""
 // ---- ctc: tensor-core GEMM (ctc/backends/tvm/cuda_gemm.py) ----
@@ -55,13 +58,8 @@ template <typename T, int BM, int BN, int WM, int WN, int STAGES, int EPI>
 __device__ __forceinline__ void gemm_tile(const T* __restrict__ A, const T* __restrict__ W, void* C_,
                                           const T* __restrict__ R, unsigned char* smem, int M, int N, int K,
                                           int splits, int bm, int bn, int tid) {
-  T* C = static_cast<T*>(C_);
-  const int split = bn % splits;
-  bn /= splits;
-  A += (size_t)split * (K / splits);
-  W += (size_t)split * (K / splits);
   const int ldk = K;
-  K /= splits;
+  const int split = split_k_range(A, W, K, bn, splits);
   constexpr int WARPS_N = BN / WN;
   constexpr int THREADS = (BM / WM) * WARPS_N * 32;
   constexpr int FM = WM / 16, FN = WN / 8;
@@ -143,37 +141,7 @@ __device__ __forceinline__ void gemm_tile(const T* __restrict__ A, const T* __re
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m0 + wm + i * 16 + g + h * 8;
-      if (row >= M) continue;
-      if (EPI == 3) {
-        float* P = static_cast<float*>(C_) + ((size_t)split * M + row) * N;
-#pragma unroll
-        for (int j = 0; j < FN; ++j)
-          *reinterpret_cast<float2*>(P + n0 + wn + j * 8 + t2) = make_float2(acc[i][j][h * 2], acc[i][j][h * 2 + 1]);
-      } else if (EPI == 2) {
-        const int F = N / 2;
-#pragma unroll
-        for (int j = 0; j < FN; j += 2) {
-          const int f = (n0 + wn + j * 8) / 2 + t2;
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float gt = Mma<T>::to_f(Mma<T>::from_f(acc[i][j][h * 2 + e]));
-            float up = Mma<T>::to_f(Mma<T>::from_f(acc[i][j + 1][h * 2 + e]));
-            float s = Mma<T>::to_f(Mma<T>::from_f(gt / (1.f + __expf(-gt))));
-            C[(size_t)row * F + f + e] = Mma<T>::from_f(s * up);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < FN; ++j) {
-          const int col = n0 + wn + j * 8 + t2;
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            T y = Mma<T>::from_f(acc[i][j][h * 2 + e]);
-            if (EPI == 1) y = Mma<T>::from_f(Mma<T>::to_f(y) + Mma<T>::to_f(R[(size_t)row * N + col + e]));
-            C[(size_t)row * N + col + e] = y;
-          }
-        }
-      }
+      if (row < M) store_fragment_row<T, FN, EPI>(&acc[i][0][0], h, C_, R, row, n0 + wn, M, N, split, t2);
     }
   }
 }
@@ -269,6 +237,9 @@ class GemmSpec:
     rows_hint: int = 512           # the M the tile choice assumes (a prefill's tokens); any M runs
     tile: tuple[int, ...] = ()
     splits: int = 0                # K ranges summed by a second kernel (split-K); 0: from the shape
+    wgmma: bool = False            # Hopper's warpgroup MMA (:mod:`.cuda_wgmma`, sm_90a) instead of mma.sync
+    wg_inflight: int = 1           # wgmma: product groups left running while a stage refills (1 or 0)
+    wg_staged: bool | None = None  # wgmma: outputs through shared memory as 16-byte row stores; None: by rule
 
     @property
     def n_out(self) -> int:
@@ -298,6 +269,8 @@ class GemmSpec:
 
     @property
     def _choice(self) -> tuple[tuple[int, int, int, int, int], int]:
+        if self.wgmma:
+            return self._wgmma_choice
         big = self.n % 128 == 0
         blocks = -(-self.rows_hint // 128) * (self.n // 128)
         if big and blocks >= 2 * SMS:
@@ -309,20 +282,53 @@ class GemmSpec:
         return (64, 64, 32, 32, 4), 1
 
     @property
+    def _wgmma_choice(self) -> tuple[tuple[int, int, int, int, int], int]:
+        """The warpgroup-MMA tile ``(128, BN, 64, BN, stages)`` (two warpgroups of 64 rows): the widest ``BN``
+        (256, 128, 64) dividing N whose tiles fill every SM once at ``rows_hint`` rows, else 128 (or 64), over
+        the fewest K splits that fill 90% of the SMs where the tiles alone fill < 70%.  Measured on the H200 at
+        512 rows (``cuda_kernel_check.py --wgmma-sweep``, 2026-12-03, us): gate|up (N 16384) 70.5 at 128 x 256
+        vs 81-89 at 128 x 128; LM head (N 128256) 653 at 128 x 256 vs 737-763; q|k|v (N 3072, 96 tiles of 128)
+        23.6 unsplit vs 29.0 with 2 splits; o (N 2048, 64 tiles) 16.9 with 2 splits vs 23.3 unsplit; down
+        (K 8192, N 2048) 50.1 with 2 splits, 53.9 with 4, 79.6 unsplit."""
+        tiles = -(-self.rows_hint // 128)
+        for bn in (256, 128):
+            if self.n % bn == 0 and tiles * (self.n // bn) >= SMS:
+                return (128, bn, 64, bn, 4), 1
+        bn = 128 if self.n % 128 == 0 else 64
+        blocks = tiles * (self.n // bn)
+        if self.epilogue != "silu_mul" and SPLIT_K and blocks < 0.7 * SMS:
+            for s in (2, 4, 8):
+                if blocks * s >= 0.9 * SMS and self.k % (s * WG_BK) == 0 and self.k // s >= 256:
+                    return (128, bn, 64, bn, 4), s
+        return (128, bn, 64, bn, 4), 1
+
+    @property
+    def staged(self) -> bool:
+        """Whether the wgmma kernel's outputs leave through shared memory as 16-byte row stores: given, or where
+        measured faster (H200, 512 rows, 2026-12-03: LM head 588 vs 647 us, q|k|v 21.8 vs 23.5; the SwiGLU's
+        81 vs 71: ptxas serializes its products then, C7514); never for split-K's f32 partials."""
+        if self.wg_staged is not None:
+            return self.wg_staged and self.k_splits == 1
+        return self.epilogue in ("none", "residual") and self.k_splits == 1
+
+    @property
     def threads(self) -> int:
         bm, bn, wm, wn, _ = self.tiles
-        return (bm // wm) * (bn // wn) * 32
+        return (bm // wm) * (bn // wn) * (128 if self.wgmma else 32)
 
     @property
     def smem_bytes(self) -> int:
         bm, bn, _, _, st = self.tiles
+        if self.wgmma:  # 128-byte rows of 64 K columns, plus room to align the tiles to 1024 bytes
+            return st * (bm + bn) * WG_BK * 2 + 1024
         return st * (bm + bn) * BK * 2
 
     @property
     def tag(self) -> str:
         bm, bn, wm, wn, st = self.tiles
         split = f"k{self.k_splits}" if self.k_splits > 1 else ""
-        return (f"k{self.k}n{self.n}{self.epilogue[:3]}_{bm}x{bn}w{wm}x{wn}s{st}{split}"
+        wg = f"wg{'' if self.wg_inflight == 1 else 'f0'}{'o' if self.staged else ''}" if self.wgmma else ""
+        return (f"k{self.k}n{self.n}{self.epilogue[:3]}_{wg}{bm}x{bn}w{wm}x{wn}s{st}{split}"
                 f"{'bf' if 'bfloat' in self.dtype else ''}")
 
 
@@ -339,6 +345,13 @@ def gemm_supported(spec: GemmSpec) -> str | None:
     bm, bn, wm, wn, st = spec.tiles
     if spec.n % bn:
         return f"N = {spec.n} is not a multiple of the {bn}-wide block tile"
+    if spec.wgmma:
+        if (bm, wm, wn) != (128, 64, bn) or bn not in WG_WIDTHS or st < 2 + spec.wg_inflight:
+            return f"warpgroup-MMA tile {spec.tiles} (128 x BN, BN in {WG_WIDTHS}, >= 3 stages, 2 with wg_inflight=0)"
+        if spec.wg_inflight not in (0, 1):
+            return f"wg_inflight={spec.wg_inflight} (0 or 1)"
+        if spec.k % (spec.k_splits * WG_BK):
+            return f"K = {spec.k} is not a multiple of {WG_BK} x {spec.k_splits} K splits (warpgroup MMA)"
     if spec.epilogue == "silu_mul" and (wn % 16 or spec.n % 16):
         return "silu_mul needs gate/up pairs of 8 columns inside a warp tile"
     if bm % wm or bn % wn or wm % 16 or wn % 16 or st < 2:
@@ -365,6 +378,9 @@ def gemm_func(spec: GemmSpec) -> Any:
     bufs = [("A", f"m, {K}", dt), ("W", f"{N}, {K}", dt), *([("R", f"m, {N}", dt)] if res else []), out]
     epi = _EPILOGUES[spec.epilogue] if sp == 1 else 3
     call = f"ctc_gemm::gemm_tile<{device_type(dt)}, {bm}, {bn}, {wm}, {wn}, {st}, {epi}>"
+    if spec.wgmma:
+        staged = "true" if spec.staged and epi != 3 else "false"
+        call = f"ctc_wgmma::gemm_tile<{device_type(dt)}, {bn}, {st}, {epi}, {spec.wg_inflight}, {staged}>"
     args = ["A.data", "W.data", "C.data", "R.data" if res else "A.data",  # no residual: an unread pointer
             "S.data", 'T.Cast("int32", m)', str(N), str(K), str(sp)]
     return launcher("ctc_mma_gemm", bufs, ["m"], (f"(m + {bm - 1}) // {bm}", str(N // bn * sp)), spec.threads,

@@ -84,16 +84,70 @@ template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<unsigned*>(&h);
 }
 
+// Split-K: block column bn computes weight tile bn / splits over K range bn % splits; A and W move to the range's
+// first column, K becomes the range's length (rows keep the full stride: read it first).  Returns the range.
+template <typename P>  // P: the operands' pointer type, __restrict__ included
+__device__ __forceinline__ int split_k_range(P& A, P& W, int& K, int& bn, int splits) {
+  const int split = bn % splits;
+  bn /= splits;
+  A += (size_t)split * (K / splits);
+  W += (size_t)split * (K / splits);
+  K /= splits;
+  return split;
+}
+
+// SwiGLU of one gate/up accumulator pair as the reference rounds it: round(silu(round(gate))) * round(up) (the
+// caller's store rounds the product).
+template <typename T> __device__ __forceinline__ float swiglu(float gate, float up) {
+  const float g = Mma<T>::to_f(Mma<T>::from_f(gate));
+  return Mma<T>::to_f(Mma<T>::from_f(g / (1.f + __expf(-g)))) * Mma<T>::to_f(Mma<T>::from_f(up));
+}
+
+// The GEMM epilogue of one output row held in m16n8 accumulator fragments (mma.sync's and wgmma's layout):
+// acc[j * 4 + h * 2 + e] is column col0 + 8 j + t2 + e of `row` (h: the fragments' lower or upper 8 rows).  EPI 0:
+// C = round(acc); 1: round(round(acc) + R); 2: SwiGLU of the gate/up column blocks j, j + 1 (rows interleaved by 8)
+// into C [M][N / 2]; 3: f32 partial sums of K range `split` into C [splits][M][N].
+template <typename T, int FN, int EPI>
+__device__ __forceinline__ void store_fragment_row(const float* acc, int h, void* C_, const T* __restrict__ R, int row,
+                                                   int col0, int M, int N, int split, int t2) {
+  T* C = static_cast<T*>(C_);
+  if (EPI == 3) {
+    float* P = static_cast<float*>(C_) + ((size_t)split * M + row) * N + col0 + t2;
+#pragma unroll
+    for (int j = 0; j < FN; ++j)
+      *reinterpret_cast<float2*>(P + j * 8) = make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]);
+  } else if (EPI == 2) {
+#pragma unroll
+    for (int j = 0; j < FN; j += 2) {
+      const float lo = swiglu<T>(acc[j * 4 + h * 2], acc[(j + 1) * 4 + h * 2]);
+      const float hi = swiglu<T>(acc[j * 4 + h * 2 + 1], acc[(j + 1) * 4 + h * 2 + 1]);
+      *reinterpret_cast<unsigned*>(C + (size_t)row * (N / 2) + (col0 + j * 8) / 2 + t2) = pack2<T>(lo, hi);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      const int col = col0 + j * 8 + t2;
+      float o[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        o[e] = acc[j * 4 + h * 2 + e];
+        if (EPI == 1) o[e] = Mma<T>::to_f(Mma<T>::from_f(o[e])) + Mma<T>::to_f(R[(size_t)row * N + col + e]);
+      }
+      *reinterpret_cast<unsigned*>(C + (size_t)row * N + col) = pack2<T>(o[0], o[1]);
+    }
+  }
+}
+
 }  // namespace ctc_mma
 """
 
 
 def _kernels() -> list[tuple[str, str]]:
     """(marker, source) of each kernel in the library: the marker is the call the TIR wrapper emits."""
-    from ctc.backends.tvm import cuda_flash, cuda_gemm, cuda_gemv
+    from ctc.backends.tvm import cuda_flash, cuda_gemm, cuda_gemv, cuda_wgmma
 
     return [(cuda_gemm.MARKER, cuda_gemm.CUDA_SOURCE), (cuda_flash.MARKER, cuda_flash.CUDA_SOURCE),
-            (cuda_gemv.MARKER, cuda_gemv.CUDA_SOURCE)]
+            (cuda_gemv.MARKER, cuda_gemv.CUDA_SOURCE), (cuda_wgmma.MARKER, cuda_wgmma.CUDA_SOURCE)]
 
 
 def library_source(code: str) -> str:

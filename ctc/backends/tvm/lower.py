@@ -1616,7 +1616,14 @@ def _mma_gpu(ctx: Ctx) -> bool:
     """Whether the CUDA target has ``mma.sync`` m16n8k16, ``ldmatrix`` and ``cp.async`` (sm_80 on): the
     tensor-core kernels of :mod:`.cuda_mma`."""
     arch = str(ctx.target.attrs.get("arch", "")) if ctx.gpu and ctx.target is not None else ""
-    return arch[3:].isdigit() and int(arch[3:]) >= 80
+    digits = arch[3:].rstrip("af")  # sm_90a / sm_100f: the arch-specific and family targets of sm_90 / sm_100
+    return arch.startswith("sm_") and digits.isdigit() and int(digits) >= 80
+
+
+def wgmma_gpu(ctx: Ctx) -> bool:
+    """Whether the CUDA target is Hopper's arch-specific ``sm_90a``, where the prefill GEMM uses warpgroup MMA
+    (:mod:`.cuda_wgmma`; plain ``sm_90`` has no ``wgmma``)."""
+    return ctx.gpu and ctx.target is not None and str(ctx.target.attrs.get("arch", "")) == "sm_90a"
 
 
 def _gpu_flash_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
