@@ -50,10 +50,11 @@ class CpuOptions(TargetOptions):
                                         "error per product; auto = bf16x6 where the CPU has AMX-BF16 (and amx=true), "
                                         "else strict (the build notes say so)",
                               choices=("auto", "strict", "bf16x3", "bf16x6"))
-    attention_bits: int = option(32, "prefill attention's products: 32 = f32; 8 = q k^T and p v on int8 VNNI "
-                                     "kernels (q, k per token and head, v per channel, probabilities as u8), softmax "
-                                     "in f32: faster, less accurate (docs/tvm-cpu-backend.md); f32 where the CPU has "
-                                     "no AVX512-VNNI", choices=(8, 32))
+    attention_bits: int = option(0, "prefill attention's products: 32 = f32; 8 = q k^T on int8 and p v on int16 x "
+                                    "int8 VNNI kernels (q, k per token and head, v per channel), softmax in f32: "
+                                    "faster, as accurate on MiniLM W8A8 (docs/tvm-cpu-backend.md); 0 = auto: 8 for "
+                                    "a model with integer activations (W8A8), else 32; f32 where the CPU has no "
+                                    "AVX512-VNNI", choices=(0, 8, 32))
 
     def validate(self) -> None:
         if self.mcpu not in ("", "native"):

@@ -34,7 +34,9 @@ in a different order.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["AttentionSpec", "KEY_BLOCK", "attention_kernel"]
 
@@ -119,14 +121,15 @@ def _pv(count: str, unroll: int, start: str, row: str, dim: int, ind: str) -> li
             f"{ind}                o[r, dd] = o[r, dd] + sc[b, h, {row}, {j}] * v[b, hk, {j}, dd]"]
 
 
-def _score_value(spec: AttentionSpec, val: str, row: str, key: str, length: str) -> str:
-    """TVMScript of the masked score of ``(row, key)``: ``val`` (already scaled) plus an additive mask, or
-    -inf where a bool mask, the causal triangle or the true key length ``length`` (padded keys) rules it out."""
+def _score_value(spec: AttentionSpec, val: str, row: str, key: str, length: str, mask_scale: float = 1.0) -> str:
+    """TVMScript of the masked score of ``(row, key)``: ``val`` (already scaled) plus an additive mask (times
+    ``mask_scale``), or -inf where a bool mask, the causal triangle or the true key length ``length`` (padded
+    keys) rules it out."""
     def at() -> str:
         return ", ".join([("b" if spec.mask_dims[0] else "T.int64(0)"), ("h" if spec.mask_dims[1] else "T.int64(0)"),
                           (row if spec.mask_dims[2] else "T.int64(0)"), key])
     if spec.mask == "float":
-        val = f"{val} + mask[{at()}]"
+        val = f"{val} + mask[{at()}]" + ("" if mask_scale == 1.0 else f" * T.float32({mask_scale!r})")
     conds = []
     if spec.mask == "bool":
         conds.append(f"mask[{at()}]")
@@ -228,7 +231,9 @@ def _source(spec: AttentionSpec) -> str:
 
 
 QMAX = 127  # symmetric int8 codes of q, k and v: -127..127
-PMAX = 255  # u8 codes of the probabilities exp(s - max) (in [0, 1], the row's largest exactly 1)
+PMAX = 32767  # int16 codes of the probabilities exp(s - max) (in [0, 1], the row's largest exactly 1)
+LOG2E = 1.4426950408889634
+PV_CHUNK = 512  # keys per int32 p v sum: 32767 * 127 * 512 < 2^31, so a chunk's sums cannot overflow
 
 
 def _rne(x: str) -> str:
@@ -238,6 +243,27 @@ def _rne(x: str) -> str:
 def _code(x: str) -> str:
     """TVMScript: the int8 code of ``x`` (already divided by its scale), rounded to nearest even and clamped."""
     return f"T.max(T.min({_rne(x)}, T.float32({QMAX})), T.float32({-QMAX}))"
+
+
+def _pcode_expr(x: Any) -> Any:
+    """``32767 * 2^x`` for ``x <= 0`` (a score minus its row's maximum, in log2 units) as a TIR expression, before
+    rounding to the int16 probability code: ``2^n * p(r)`` with ``x = n + r``, ``|r| <= 1/2``, ``p`` the degree-5
+    Taylor polynomial of ``32767 * 2^r`` (relative error < 3e-6: a tenth of a code).  Below -30 (where the code
+    rounds to 0 anyway) the input is clamped, so ``-inf`` (a masked score) gives code 0 with no select; the
+    result is at most 32767 (``x = 0`` gives exactly that)."""
+    from tvm import tirx
+
+    f32 = "float32"
+    x = tirx.max(x, tirx.const(-30.0, f32))
+    n = tirx.call_llvm_pure_intrin(f32, "llvm.roundeven", x)
+    r = x - n
+    coef = [PMAX * math.log(2) ** k / math.factorial(k) for k in range(6)]
+    p = tirx.const(coef[5], f32)
+    for c in reversed(coef[:5]):
+        p = p * r + tirx.const(c, f32)
+    # p * 2^n: one vscalefps (llvm.ldexp), not the exponent-field arithmetic
+    return tirx.min(tirx.call_llvm_pure_intrin(f32, "llvm.ldexp", p, tirx.Cast("int32", n)),
+                    tirx.const(float(PMAX), f32))
 
 
 def _pv_rows(dim: int) -> int:
@@ -295,12 +321,14 @@ def _source_int8(spec: AttentionSpec) -> str:
     nrb = f"(({S} + {_i(R - 1)}) // {_i(R)})"
     row = f"T.min(rb * {_i(R)} + r, {S} - T.int64(1))"
     key = f"jb * {_i(KB)} + c"
-    val = _score_value(spec, f'T.Cast("float32", acc[r * {_i(KB)} + c]) * ks[{key}] * qs[r]', row, key, LK)
+    # scores in log2 units (the logit scale times log2(e)): the probabilities are then 2^(s - max)
+    val = _score_value(spec, f'T.Cast("float32", acc[r * {_i(KB)} + c]) * ks[{key}] * qs[r]', row, key, LK,
+                       LOG2E)
     ind = " " * 12
     padded = LK != LP
     # key / value row of lane x (a padded key's row clamped in bounds: its scale is 0, its codes masked to 0)
     kj = "jb * T.int64(16) + kl"
-    vj = "j4 * T.int64(4) + e"
+    vj = "j2 * T.int64(2) + e"
     if padded:
         kj, vj = f"T.min({kj}, {LK} - T.int64(1))", f"T.min({vj}, {LK} - T.int64(1))"
     L_ += [
@@ -314,13 +342,14 @@ def _source_int8(spec: AttentionSpec) -> str:
         f'            kp = T.decl_buffer(({LP} * {_i(D)},), "int8", data=kp32.data)',
         f'            kq32 = T.decl_buffer(({_i(16 * D4)},), "int32")',
         f'            kq = T.decl_buffer(({_i(16 * D)},), "int8", data=kq32.data)',
-        f'            vp = T.decl_buffer(({LP} * {_i(D)},), "int8")',
+        f'            vp = T.decl_buffer(({LP} * {_i(D)},), "int16")',
         '            kr = T.decl_buffer((T.int64(16),), "float32", scope="local")',
-        f'            vq = T.decl_buffer(({_i(4 * D)},), "int8", scope="local")',
+        f'            vq = T.decl_buffer(({_i(2 * D)},), "int16", scope="local")',
+        f'            of = T.decl_buffer(({_i(RP * D)},), "float32", scope="local")',
         f'            ks = T.decl_buffer(({LP},), "float32")',
         f'            kc = T.decl_buffer(({LP},), "int32")',
         f'            sc = T.decl_buffer(({_i(R)} * {LP},), "float32")',
-        f'            pc = T.decl_buffer(({_i(R)} * {LP},), "uint8")',
+        f'            pc = T.decl_buffer(({_i(R)} * {LP},), "int16")',
         f'            qu = T.decl_buffer(({_i(R * D)},), "uint8", scope="local")',
         f'            qs = T.decl_buffer(({_i(R)},), "float32", scope="local")',
         f'            vs = T.decl_buffer(({_i(D)},), "float32", scope="local")',
@@ -357,7 +386,7 @@ def _source_int8(spec: AttentionSpec) -> str:
             f'kp.vload([(jb * {_i(D4)} + d4) * T.int64(64)], "int8x64")'),
         f"{ind}    for l in T.vectorized(T.int64(16)):",
         f"{ind}        kc[jb * T.int64(16) + l] = T.int32(0) - kc[jb * T.int64(16) + l]",
-        # 2. values: one int8 scale per channel (over the head's keys), codes in [Lp/4, D/16, 16, 4 keys]
+        # 2. values: one int8 scale per channel (over the head's keys), codes as int16 in [Lp/2, D/16, 16, 2 keys]
         f"{ind}for dd in T.vectorized({_i(D)}):",
         f"{ind}    vs[dd] = T.float32(0)",
         f"{ind}for j in range({LK}):",
@@ -365,24 +394,29 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}        vs[dd] = T.max(vs[dd], T.fabs(v[b, hk, j, dd]))",
         f"{ind}for dd in range({_i(D)}):",
         *_scale_lines(f"{ind}    ", "vs[dd]", "vr[dd]"),
-        f"{ind}for j4 in range({LP} // T.int64(4)):",
-        f"{ind}    for e in T.unroll(T.int64(4)):",
+        f"{ind}for j2 in range({LP} // T.int64(2)):",
+        f"{ind}    for e in T.unroll(T.int64(2)):",
         f"{ind}        for dd in T.vectorized({_i(D)}):",
-        f'{ind}            vq[e * {_i(D)} + dd] = T.Cast("int8", '
+        f'{ind}            vq[e * {_i(D)} + dd] = T.Cast("int16", '
         + _code(f"v[b, hk, {vj}, dd] * vr[dd]")
-        + (f" * T.Select(j4 * T.int64(4) + e < {LK}, T.float32(1), T.float32(0))" if padded else "") + ")",
+        + (f" * T.Select(j2 * T.int64(2) + e < {LK}, T.float32(1), T.float32(0))" if padded else "") + ")",
         f"{ind}    for c2 in T.unroll({_i(D16)}):",
-        f"{ind}        for x in T.unroll(T.int64(64)):",
-        f"{ind}            vp[(j4 * {_i(D16)} + c2) * T.int64(64) + x] = "
-        f"vq[x % T.int64(4) * {_i(D)} + c2 * T.int64(16) + x // T.int64(4)]",
+        f"{ind}        for x in T.unroll(T.int64(32)):",
+        f"{ind}            vp[(j2 * {_i(D16)} + c2) * T.int64(32) + x] = "
+        f"vq[x % T.int64(2) * {_i(D)} + c2 * T.int64(16) + x // T.int64(2)]",
         # 3. per block of R query rows
         f"{ind}for rb in range({nrb}):",
     ]
     ind = " " * 16
     a_q = (f'T.reinterpret(T.broadcast(T.reinterpret(qu.vload([r * {_i(D)} + d4 * T.int64(4)], "uint8x4"), '
            'dtype="int32"), 16), dtype="uint8x64")')
-    a_p = (f'T.reinterpret(T.broadcast(T.reinterpret(pc.vload([(rp * {_i(RP)} + r) * {LP} + j4 * T.int64(4)], '
-           '"uint8x4"), dtype="int32"), 16), dtype="uint8x64")')
+    # the rows' scores and codes in blocks of 32 keys, [Lp/32, R, 32]: a row's offset in a block is a constant
+    blk = f"(jb * {_i(R)} + r) * {_i(KB)} + c"
+    jb = f"jc * {_i(PV_CHUNK // KB)} + jb"
+    j2 = f"({jb}) * {_i(KB // 2)} + c"
+    a_p = (f'T.reinterpret(T.broadcast(T.reinterpret(pc.vload([(({jb}) * {_i(R)} + rp * {_i(RP)} + r) * {_i(KB)}'
+           ' + c * T.int64(2)], '
+           '"int16x2"), dtype="int32"), 16), dtype="int16x32")')
     acc_s = "(r * T.int64(2) + c2) * T.int64(16)"
     acc_o = f"(r * {_i(D16)} + c2) * T.int64(16)"
     L_ += [
@@ -390,7 +424,7 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}for r in T.unroll({_i(R)}):",
         *_amax_lines(f"{ind}    ", "st[0]", f"q[b, h, {row}, {{d}}]", D),
         *_scale_lines(f"{ind}    ", "st[0]", "st[1]"),
-        f"{ind}    qs[r] = st[0] * T.float32({spec.scale!r})",
+        f"{ind}    qs[r] = st[0] * T.float32({spec.scale * LOG2E!r})",
         f"{ind}    for d in T.vectorized({_i(D)}):",
         f'{ind}        qu[r * {_i(D)} + d] = T.Cast("uint8", T.Cast("int32", {_code(f"q[b, h, {row}, d] * st[1]")})'
         " + 128)",
@@ -404,36 +438,44 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}                acc[T.ramp({acc_s}, 1, 16)] = " + _vnni_step(
             f'acc.vload([{acc_s}], "int32x16")', a_q,
             f'kp.vload([((jb * T.int64(2) + c2) * {_i(D4)} + d4) * T.int64(64)], "int8x64")'),
-        *_tile_fill(f"{ind}    ", f"sc[r * {LP} + {key}]", f"{val}"),
-        f"{ind}            vmx[r, c] = T.max(vmx[r, c], sc[r * {LP} + {key}])",
+        *_tile_fill(f"{ind}    ", f"sc[{blk}]", f"{val}"),
+        f"{ind}            vmx[r, c] = T.max(vmx[r, c], sc[{blk}])",
         *_lane_reduce("T.max", ind),
-        # probabilities exp(s - max) in [0, 1] as u8 codes (scale 1/255), with 32-lane sums of the codes
+        # probabilities exp(s - max) in [0, 1] as int16 codes (scale 1/32767), with 32-lane sums of the codes
         *_tile_fill(f"{ind}", "vmx[r, c]", "T.float32(0)"),
         f"{ind}for jb in range({LP} // {_i(KB)}):",
         f"{ind}    for r in T.unroll({_i(R)}):",
         f"{ind}        for c in T.vectorized({_i(KB)}):",
-        f'{ind}            pc[r * {LP} + {key}] = T.Cast("uint8", '
-        f'{_rne(f"EXP(sc[r * {LP} + {key}] - rs[r]) * T.float32({PMAX})")})',
-        f'{ind}            vmx[r, c] = vmx[r, c] + T.Cast("float32", pc[r * {LP} + {key}])',
+        f'{ind}            pc[{blk}] = T.Cast("int16", {_rne(f"PCODE(sc[{blk}] - rs[r])")})',
+        f'{ind}            vmx[r, c] = vmx[r, c] + T.Cast("float32", pc[{blk}])',
         *_lane_reduce("T.Add", ind),
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    rs[r] = T.float32(1) / rs[r]",
-        # p v: int32 tiles of RP rows x D channels by vpdpbusd (4 keys a step), scaled per channel and row
+        # p v: int32 tiles of RP rows x D channels by vpdpwssd (2 keys a step), chunks of PV_CHUNK keys summed
+        # in f32, scaled per channel and row
         f"{ind}for rp in range({_i(R // RP)}):",
         f"{ind}    for r in T.unroll({_i(RP)}):",
         f"{ind}        for c in T.vectorized({_i(D)}):",
-        f"{ind}            acc[r * {_i(D)} + c] = 0",
-        f"{ind}    for j4 in range({LP} // T.int64(4)):",
+        f"{ind}            of[r * {_i(D)} + c] = T.float32(0)",
+        f"{ind}    for jc in range(({LP} + {_i(PV_CHUNK - 1)}) // {_i(PV_CHUNK)}):",
         f"{ind}        for r in T.unroll({_i(RP)}):",
-        f"{ind}            for c2 in T.unroll({_i(D16)}):",
-        f"{ind}                acc[T.ramp({acc_o}, 1, 16)] = " + _vnni_step(
-            f'acc.vload([{acc_o}], "int32x16")', a_p,
-            f'vp.vload([(j4 * {_i(D16)} + c2) * T.int64(64)], "int8x64")'),
+        f"{ind}            for c in T.vectorized({_i(D)}):",
+        f"{ind}                acc[r * {_i(D)} + c] = 0",
+        f"{ind}        for jb in range(T.min({LP} // {_i(KB)} - jc * {_i(PV_CHUNK // KB)}, {_i(PV_CHUNK // KB)})):",
+        f"{ind}            for c in range({_i(KB // 2)}):",
+        f"{ind}                for r in T.unroll({_i(RP)}):",
+        f"{ind}                    for c2 in T.unroll({_i(D16)}):",
+        f"{ind}                        acc[T.ramp({acc_o}, 1, 16)] = T.call_llvm_pure_intrin("
+        f'T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"), acc.vload([{acc_o}], "int32x16"), {a_p}, '
+        f'vp.vload([(({j2}) * {_i(D16)} + c2) * T.int64(32)], "int16x32"), dtype="int32x16")',
+        f"{ind}        for r in T.unroll({_i(RP)}):",
+        f"{ind}            for c in T.vectorized({_i(D)}):",
+        f'{ind}                of[r * {_i(D)} + c] = of[r * {_i(D)} + c] + T.Cast("float32", acc[r * {_i(D)} + c])',
         f"{ind}    for r in T.unroll({_i(RP)}):",
         f"{ind}        if rb * {_i(R)} + rp * {_i(RP)} + r < {S}:",
         f"{ind}            for dd in T.vectorized({_i(D)}):",
         f"{ind}                out[b, h, rb * {_i(R)} + rp * {_i(RP)} + r, dd] = "
-        f'T.Cast("float32", acc[r * {_i(D)} + dd]) * vs[dd] * rs[rp * {_i(RP)} + r]',
+        f'of[r * {_i(D)} + dd] * vs[dd] * rs[rp * {_i(RP)} + r]',
     ]
     return "\n".join(L_) + "\n"
 
@@ -444,14 +486,16 @@ def attention_kernel(spec: AttentionSpec) -> object:
 
     ``spec.bits == 32``: the f32 kernel of the module doc, ``(q, k^T, v[, mask]) -> (out, scores)``.
     ``spec.bits == 8`` (a CPU with AVX512-VNNI): ``(q, k, v[, mask]) -> out`` with ``k`` and ``v`` as
-    stored (``[B, Hk, L, D]``, not transposed or padded) and the products on ``vpdpbusd``, parallel over
-    (batch, head): per head, each key is quantized to symmetric int8 with its own scale (codes in the
-    VNNI layout ``[Lp/16, D/4, 16, 4]``), each value channel with one scale over the keys (``[Lp/4, D/16,
-    16, 4]``); per block of ``ROWS`` query rows, each row is quantized with its own scale and offset to
-    unsigned (+128, undone by ``-128 * sum(k codes)`` per key), the int32 scores are dequantized with the
-    two scales and the logit scale, masked and soft-maxed in f32 as in the f32 kernel, the probabilities
-    ``exp(s - max)`` (in [0, 1], the largest exactly 1) become u8 codes ``round(255 p)``, and ``p v`` is
-    their int32 product with the value codes, times the channel's scale over the row's sum of codes.
+    stored (``[B, Hk, L, D]``, not transposed or padded), parallel over (batch, head): per head, each key is
+    quantized to symmetric int8 with its own scale (codes in the ``vpdpbusd`` layout ``[Lp/16, D/4, 16, 4]``),
+    each value channel with one scale over the keys (int16 codes in the ``vpdpwssd`` layout ``[Lp/2, D/16,
+    16, 2]``); per block of ``ROWS`` query rows, each row is quantized with its own scale and offset to
+    unsigned (+128, undone by ``-128 * sum(k codes)`` per key), the int32 scores are dequantized with the two
+    scales and the logit scale (times log2(e)), masked and soft-maxed in f32, the probabilities
+    ``2^(s - max)`` (in [0, 1], the largest exactly 1) become int16 codes ``round(32767 p)`` and ``p v`` is
+    their int32 ``vpdpwssd`` product with the value codes (summed in f32 every ``PV_CHUNK`` keys), times
+    the channel's scale over the row's sum of codes.  (u8 probability codes lost too much: see
+    docs/tvm-cpu-backend.md, "Integer prefill attention".)
     """
     import numpy as np
 
@@ -461,4 +505,4 @@ def attention_kernel(spec: AttentionSpec) -> object:
 
     spec.validate()
     src = _source_int8(spec) if spec.bits == 8 else _source(spec)
-    return tvm.script.from_source(src, extra_vars={"T": T, "np": np, "EXP": fast_exp_expr})
+    return tvm.script.from_source(src, extra_vars={"T": T, "np": np, "EXP": fast_exp_expr, "PCODE": _pcode_expr})

@@ -58,7 +58,7 @@ class BuildOptions:
     use_int_kernels: bool = True
     use_amx: bool = True  # integer matmuls of several rows on AMX tiles where the target has them
     fp32_matmul: str = "auto"  # f32 linears: auto | strict | bf16x3 | bf16x6 (lower.resolve_fp32_matmul)
-    attention_bits: int = 32  # CPU prefill attention: 32 = f32, 8 = int8 q k^T and p v (attention_kernels)
+    attention_bits: int = 0  # CPU prefill attention: 32 = f32, 8 = int8 (attention_kernels), 0 = 8 for W8A8 models
     default_schedules: bool = True
     trials_per_task: int | None = None
     opt_level: int = 3
@@ -854,7 +854,7 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
                         tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
                         opt_level=int(getattr(opts, "opt_level", 3)), use_amx=bool(getattr(opts, "amx", True)),
                         fp32_matmul=str(getattr(opts, "fp32_matmul", "auto")),
-                        attention_bits=int(getattr(opts, "attention_bits", 32)),
+                        attention_bits=int(getattr(opts, "attention_bits", 0)),
                         params="input" if target.kind == "cuda" else "const")
 
 

@@ -187,7 +187,7 @@ class Ctx:
 
     def __init__(self, module: Module, *, params: str, fast_math: bool, static_dims: Mapping[str, int],
                  target: Any, use_int_kernels: bool, use_amx: bool = True, fp32_matmul: str = "strict",
-                 attention_bits: int = 32):
+                 attention_bits: int = 32):  # resolved by lower(): 8 or 32
         from tvm import relax
 
         self.relax = relax
@@ -2365,7 +2365,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
           static_dims: Mapping[str, int] | None = None, target: Any = None,
           use_int_kernels: bool = True, use_amx: bool = True, func_name: str = "main",
           kernels: Mapping[str, Rule] | None = None, fp32_matmul: str = "strict",
-          attention_bits: int = 32) -> Lowered:
+          attention_bits: int = 0) -> Lowered:
     """Lower ``module`` to a Relax IRModule with one function ``func_name``.
 
     ``params``: ``"const"`` binds parameters as constants; ``"input"`` makes them trailing
@@ -2374,7 +2374,8 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     kernel variant (AMX tiles, VNNI or neither; ``use_amx=False`` leaves AMX out) for
     ``quant_linear``.  ``fp32_matmul`` says how f32 linears with parameter weights run
     (:func:`resolve_fp32_matmul`: ``"auto"``, ``"strict"``, ``"bf16x3"``, ``"bf16x6"``).  ``attention_bits``:
-    32, or 8 for CPU prefill attention with int8 ``q k^T`` and ``p v`` (:mod:`.attention_kernels`).  ``kernels``
+    32, or 8 for CPU prefill attention on integer kernels (:mod:`.attention_kernels`), or 0: 8 for a module
+    with integer activations (a ``quant_linear`` with ``a_bits`` 4..8), else 32.  ``kernels``
     replaces the rules of the ops it names with a target's own kernels (same rule signature): the fpga
     target's exact, tiled kernels
     (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.
@@ -2389,9 +2390,12 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
         raise LoweringError(f"the TVM backend cannot lower {len(missing)} op(s) of module {module.name}:\n{lines}\n"
                             f"supported: {', '.join(supported_ops())}")
     mode = resolve_fp32_matmul(fp32_matmul, target, use_amx=use_amx)
-    if attention_bits not in (8, 32):
-        raise LoweringError(f"attention_bits={attention_bits!r}: expected 32 (f32 attention) or 8 (int8 q k^T and "
-                            "p v on VNNI)")
+    if attention_bits not in (0, 8, 32):
+        raise LoweringError(f"attention_bits={attention_bits!r}: expected 32 (f32 attention), 8 (integer q k^T and "
+                            "p v on VNNI) or 0 (auto: 8 for a model with integer activations)")
+    if attention_bits == 0:
+        attention_bits = 8 if any(n.op == "quant_linear" and n.attrs.get("a_bits") not in (None, 16)
+                                  for n in module.nodes) else 32
     ctx = Ctx(module, params=params, fast_math=fast_math, static_dims=static_dims or {}, target=target,
               use_int_kernels=use_int_kernels, use_amx=use_amx, fp32_matmul=mode, attention_bits=attention_bits)
     if fp32_matmul == "auto" and mode == "strict" and not ctx.gpu and any(n.op == "linear" for n in module.nodes):
@@ -2440,8 +2444,8 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     mod = bb.get()
     syms = sorted(ctx.dims.vars)
     if ctx.int8_attentions:
-        ctx.notes.append(f"attention_bits=8: {ctx.int8_attentions} attention(s) with int8 q k^T and p v (VNNI), "
-                         "softmax in f32")
+        ctx.notes.append(f"attention_bits=8: {ctx.int8_attentions} attention(s) on VNNI (int8 q k^T, int16 x int8 "
+                         "p v), softmax in f32")
     return Lowered(mod=mod, input_names=[v.name for v in module.inputs], output_names=list(module.output_names),
                    param_inputs=[(n, arr) for n, _, arr in ctx.param_inputs], param_sources=ctx.param_sources,
                    symbols=syms, notes=ctx.notes,
