@@ -25,7 +25,7 @@ from ctc.ir.interpreter import interpret  # noqa: E402
 
 HOST_VNNI = ik.target_has_vnni()
 needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512_vnni")
-K, N = 64, 48
+K, N = 64, 64
 
 
 def _g(seed: int) -> torch.Generator:
@@ -79,7 +79,7 @@ def test_w8a8_qkv_is_one_quantizer_and_one_gemm_bit_identical_to_each_linears_ke
     low = L.lower(m, target=ik.host_target())
     main = _main(low.mod.script())
     assert low.int_kernels == 1 and not low.notes
-    assert len(re.findall(r"ctc_qmm_k64_n144_", main)) == 1, "q|k|v: one GEMM over N = 3 x 48"
+    assert len(re.findall(r"ctc_qmm_k64_n192_\w*P3_", main)) == 1, "q|k|v: one GEMM over N = 3 x 64, part-major"
     assert len(re.findall(r"ctc_qact_", main)) == 1, "one quantizer for the three"
     assert main.count("strided_slice") == 3
     comp = compile_module(m, options=BuildOptions())
@@ -103,8 +103,8 @@ def test_w8a8_linears_with_other_activation_ranges_stay_apart() -> None:
     """v's activations quantize with other ranges: q|k is one GEMM (one quantizer), v another."""
     m, _, _ = _qkv_w8a8(same_ranges=False)
     main = _main(L.lower(m, target=ik.host_target()).mod.script())
-    assert "n144" not in main and main.count("strided_slice") == 2
-    assert len(re.findall(r"ctc_qmm_k64_n96_", main)) == 1 and len(re.findall(r"ctc_qmm_k64_n48_", main)) == 1
+    assert "n192" not in main and main.count("strided_slice") == 2
+    assert len(re.findall(r"ctc_qmm_k64_n128_", main)) == 1 and len(re.findall(r"ctc_qmm_k64_n64_", main)) == 1
     assert len(re.findall(r"ctc_qact_", main)) == 2
 
 

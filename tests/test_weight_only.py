@@ -3,6 +3,8 @@ the GEMV (one row) / dequantize + GEMM (several rows) kernels match the referenc
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -203,7 +205,8 @@ def test_reorder_gather_is_read_by_the_quantizer(rows: int, use_amx: bool) -> No
         fused = relax_passes(host_target())(low.mod)
     names = [gv.name_hint for gv in fused.get_global_vars()]
     # one quantizer, and one GEMM over both weights side by side (lower._int_siblings)
-    assert low.int_kernels == 1 and sum("qact" in nm and "p_g" in nm for nm in names) == 1, names
+    assert low.int_kernels == 1 and sum("qact" in nm and re.search(r"p(P\d+)?_g", nm) is not None
+                                        for nm in names) == 1, names
     assert not any("take" in nm for nm in names), names
     comp = compile_module(m, options=BuildOptions(use_amx=use_amx))
     xs = torch.randn(1, rows, k, generator=g) * torch.linspace(0.1, 3, k)

@@ -124,6 +124,7 @@ class QLinearSpec:
     w_zero_float: bool = False  # f32 weight zero points (GGUF Q4_1's block minima): a float epilogue term
     codes: int = 0  # > 0: the output is the next linear's u8 codes, ``codes`` columns (its padded layout), not f32
     codes_bits: int = 8  # those codes' bits (the next linear's a_bits)
+    parts: int = 1  # > 1: N is that many linears side by side (q|k|v), written part-major [parts, m, N / parts]
 
     @staticmethod
     def from_attrs(attrs: Mapping[str, Any], k: int, n: int, *, w_zero_float: bool = False) -> QLinearSpec:
@@ -163,6 +164,9 @@ class QLinearSpec:
         if self.w_zero_float and self.amx:
             raise ValueError("int_kernels: the AMX kernel takes integer weight zero points; leave amx=False for "
                              "float zero points")
+        if self.parts < 1 or self.n % self.parts or (self.parts > 1 and (self.n // self.parts % 16 or self.codes)):
+            raise ValueError(f"int_kernels: parts={self.parts} must divide N={self.n} into whole 16-channel vectors "
+                             "(and the output be f32, codes=0); leave parts=1 for one linear")
         if self.codes and (self.int4 or self.amx or self.dynamic or not self.w_symmetric or self.codes < self.n
                            or not 1 <= self.codes_bits <= 8):
             raise ValueError(f"int_kernels: codes={self.codes} (the next linear's u8 codes as output) needs 8-bit "
@@ -225,6 +229,7 @@ class QLinearSpec:
                 f"{'d' if self.dynamic else ''}{'x' if self.amx else ''}{'p' if self.gather else ''}"
                 f"{'G' if self.gelu else ''}{'f' if self.w_zero_float else ''}"
                 f"{f'Q{self.codes}b{self.codes_bits}' if self.codes else ''}"
+                f"{f'P{self.parts}' if self.parts > 1 else ''}"
                 f"_g{self.group_size if self.group_size > 0 else 0}"
                 f"_c{self.num_clusters}_{h:08x}")
 
@@ -748,6 +753,8 @@ def _qmm_header(spec: QLinearSpec, wshape: str) -> list[str]:
          "    m = T.int64()",
          "    mp = T.int64()",
          f'    xq = T.match_buffer(var_xq, (mp, {_i(KP)}), "uint8")',
+         f'    y = T.match_buffer(var_y, ({_i(spec.parts)}, m, {_i(N // spec.parts)}), "float32")'
+         if spec.parts > 1 else
          f'    y = T.match_buffer(var_y, (m, {_i(N)}), "float32")' if not spec.codes else
          f'    y = T.match_buffer(var_y, (m, {_i(spec.codes)}), "uint8")']  # m: whole row tiles (the next xq)
     if asym:
@@ -925,7 +932,8 @@ def _qmm_vnni_source(spec: QLinearSpec, tile: TileConfig) -> str:
     if spec.codes:
         L += _code_write_lines(ind, spec, res, MT, NT)
     else:
-        L += amx_write_lines(ind, N, res, MT, "mo", cols=NT, cblock="no", unroll=True)
+        L += amx_write_lines(ind, N, res, MT, "mo", cols=NT, cblock="no", unroll=True,
+                             part_blocks=N // spec.parts // NT if spec.parts > 1 else 0)
     return "\n".join(L) + "\n"
 
 
@@ -993,11 +1001,12 @@ def amx_store_lines(ind: str) -> list[str]:
 
 
 def amx_write_lines(ind: str, n: int, res: str, rows: int = AMX_BLOCK, block: str = "mb", *, cols: int = AMX_BLOCK,
-                    cblock: str = "nb", unroll: bool = False) -> list[str]:
+                    cblock: str = "nb", unroll: bool = False, part_blocks: int = 0) -> list[str]:
     """TVMScript lines writing ``res`` (an expression of ``r``, ``c``) to ``y[block * rows + r, cblock * cols + c]``
     for the block's rows below ``m`` and channels below ``n`` (``block``/``cblock``: the row and channel block).
     ``unroll``: the rows as an unrolled loop with a test each (``r`` a constant in ``res``: a tile held in
-    registers stays there)."""
+    registers stays there).  ``part_blocks``: ``y`` is part-major ``[parts, m, n / parts]``, each part that many
+    channel blocks."""
     row = f"{block} * {_i(rows)} + r"
     if unroll:
         L = [f"{ind}for r in T.unroll({_i(rows)}):", f"{ind}    if {row} < m:"]
@@ -1005,7 +1014,11 @@ def amx_write_lines(ind: str, n: int, res: str, rows: int = AMX_BLOCK, block: st
     else:
         L = [f"{ind}for r in range(T.min({_i(rows)}, m - {block} * {_i(rows)})):"]
     col = f"{cblock} * {_i(cols)} + c"
-    if n % cols == 0:
+    if part_blocks:  # part-major [parts, m, n / parts], each part whole channel blocks
+        pb = _i(part_blocks)
+        L += [f"{ind}    for c in T.vectorized({_i(cols)}):",
+              f"{ind}        y[{cblock} // {pb}, {row}, {cblock} % {pb} * {_i(cols)} + c] = {res}"]
+    elif n % cols == 0:
         L += [f"{ind}    for c in T.vectorized({_i(cols)}):",
               f"{ind}        y[{row}, {col}] = {res}"]
     else:  # the last block's padded channels are not written
@@ -1169,6 +1182,10 @@ def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig, permute: bool = False
     if spec.codes and not (vnni and tile.mt > 1):
         raise ValueError("int_kernels: a matmul writing the next linear's codes (codes > 0) runs on the VNNI kernel "
                          "with a tile of several rows; leave codes=0 on this target or for one row")
+    if spec.parts > 1 and not (vnni and not spec.int4 and not spec.amx and 16 * tile.nb <= spec.n // spec.parts
+                               and spec.n // spec.parts % (16 * tile.nb) == 0):
+        raise ValueError("int_kernels: a part-major output (parts > 1) is written by the VNNI kernel over 8-bit "
+                         "weights, each part whole tiles of channels; leave parts=1 on this target")
     if spec.amx:  # written as the loop nest it runs: no schedule
         qmm = tvm.script.from_source(_qmm_amx_source(spec), extra_vars=gelu)
     elif vnni and not spec.int4:  # 8-bit weights on VNNI: written as the loop nest it runs
@@ -1428,6 +1445,9 @@ def emit_quant_linear_packed(bb: Any, x: Any, packed: Mapping[str, Any], kernel:
     if spec.codes:
         args += [ops[n] for n in CODE_NAMES]
         return bb.emit(relax.call_tir(gv_m, args, relax.TensorType([kernel.xq_rows(m), spec.codes], "uint8")))
+    if spec.parts > 1:  # part-major, rows flattened: the caller hands each part on
+        y = bb.emit(relax.call_tir(gv_m, args, relax.TensorType([spec.parts, m, spec.n // spec.parts], "float32")))
+        return y if ty.dtype == "float32" else bb.emit(relax.op.astype(y, ty.dtype))
     y = bb.emit(relax.call_tir(gv_m, args, relax.TensorType([m, spec.n], "float32")))
     if len(lead) != 1:
         y = bb.emit(relax.op.reshape(y, [*lead, spec.n]))

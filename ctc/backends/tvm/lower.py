@@ -819,6 +819,29 @@ def _linear_panels(width: int, row_tile: int | None = None) -> Callable[[Any, An
     return f
 
 
+def _linear_panel_parts(width: int, parts: int, row_tile: int | None) -> Callable[[Any, Any], Any]:
+    """Sibling linears side by side in one panel GEMM (:func:`_linear_panels` over ``x [M, K]``), written
+    part-major: ``y[p, m, j] = sum_k x[m, k] * wp[p * N_p / width + j // width, k, j % width]`` (``N_p`` a part's
+    channels).  Each part is then a contiguous ``[M, N_p]`` block that its reader gathers heads from with the
+    rows ``N_p`` apart, as from the linear's own output (``[M, parts * N_p]`` rows cross a 4 KB page per read
+    there: the hardware prefetcher stops, MiniLM's head transposes took 1.3-2x as long at seq 384).
+    ``row_tile``: as in :func:`_linear_panels` (whole tiles of rows, the last clamped, then cropped)."""
+    def f(x: Any, wp: Any) -> Any:
+        from tvm import te, tirx
+
+        k = te.reduce_axis((0, wp.shape[1]), "k")
+        per = wp.shape[0] // parts  # panels per part
+        rows = x.shape[0]
+        whole = rows if row_tile is None else tirx.floordiv(rows + (row_tile - 1), row_tile) * row_tile
+        row = (lambda m: m) if row_tile is None else (lambda m: tirx.min(m, rows - 1))
+        y = te.compute([parts, whole, per * width], lambda p, m, j: te.sum(
+            x[row(m), k] * wp[p * per + j // width, k, j % width], axis=k), name="matmul_panels")
+        if row_tile is None:
+            return y
+        return te.compute([parts, rows, per * width], lambda *i: y(*i), name="matmul_rows")
+    return f
+
+
 def _bias(ctx: Ctx, y: Any, bias: Any | None) -> Any:
     return y if bias is None else ctx.relax.op.add(ctx.emit(y), bias)
 
@@ -977,8 +1000,8 @@ def _f32_siblings(ctx: Ctx, node: Node) -> list[tuple[Node, str, str | None]]:
         if u.op != "linear" or id(u.outputs[0]) in ctx.env or id(u.outputs[0]) in ctx.absorbed:
             return False
         f = form(u)
-        if f is None or (f[2] is None) != (first[2] is None) or u.outputs[0].type.dtype != node.outputs[0].type.dtype:
-            return False
+        if f is None or (f[2] is None) != (first[2] is None) or u.outputs[0].type != node.outputs[0].type:
+            return False  # each part the same shape: one part-major result
         forms[id(u)] = f
         return True
 
@@ -999,10 +1022,17 @@ def _merged_f32_linear(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     wp = _panels(ctx, [g[1] for g in group], width)
     from ctc.backends.tvm.schedules import MatmulRule
 
-    rows = _static_int(ctx, x_value.type.shape[-2])
-    tile = MatmulRule().row_tile(rows)
-    whole = rows is None or rows % tile != 0
-    y = ctx.te(_linear_panels(width, tile if whole else None), a["x"], wp, name="matmul",
+    lead = ctx.dims.shape(x_value.type)[:-1]
+    rows: Any = math.prod(lead) if all(isinstance(d, int) for d in lead) else None
+    if rows is None:
+        rows = 1
+        for d in lead:
+            rows = rows * d
+    tile = MatmulRule().row_tile(rows if isinstance(rows, int) else None)
+    whole = not isinstance(rows, int) or rows % tile != 0
+    k = int(x_value.type.shape[-1])
+    x2 = ctx.emit(ctx.relax.op.reshape(a["x"], [rows, k]))
+    y = ctx.te(_linear_panel_parts(width, len(group), tile if whole else None), x2, wp, name="matmul",
                primfunc_attrs={"op_pattern": 4})
     bnames = [g[2] for g in group]
     if bnames[0] is not None:
@@ -1010,7 +1040,8 @@ def _merged_f32_linear(ctx: Ctx, node: Node, a: Operands) -> Any | None:
         bias = ctx.param(srcs[0], "concat0:" + "+".join(srcs[1:]),
                          array=np.concatenate([ctx.param_array(b) for b in srcs], axis=0),
                          source={"op": "concat0", "from": srcs})
-        y = ctx.relax.op.add(ctx.emit(y), bias)
+        n = int(node.outputs[0].type.shape[-1])
+        y = ctx.relax.op.add(ctx.emit(y), ctx.emit(ctx.relax.op.reshape(bias, [len(group), 1, n])))
     return _split_siblings(ctx, ctx.emit(y), [g[0] for g in group])
 
 
@@ -1955,17 +1986,29 @@ class _IntPlan:
                              if n in self.packed and not self.spec.dynamic))
 
 
-def _int_plan(ctx: Ctx, node: Node, pnames: dict[str, str | None], IK: Any) -> _IntPlan:
+def _int_plan(ctx: Ctx, node: Node, pnames: dict[str, str | None], IK: Any, merge: bool = True) -> _IntPlan:
     """Plan the integer kernels of ``node`` (parameter names ``pnames``): also ahead of the walk, by a layer norm
-    that writes this linear's codes (:func:`_ln_codes`)."""
+    that writes this linear's codes (:func:`_ln_codes`).  Its siblings (q, k, v) join it in one GEMM with a
+    part-major result where the kernel can write one (``merge``), else it is planned alone."""
+    vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
+    sibs = _int_siblings(ctx, node, vals) if merge else []
+    if sibs:
+        try:
+            return _int_plan_of(ctx, node, *_merged_int_operands(ctx, pnames, vals, sibs), sibs, IK)
+        except ValueError:  # no kernel writes this part-major result: each linear alone
+            pass
+    return _int_plan_of(ctx, node, pnames, vals, [], IK)
+
+
+def _int_plan_of(ctx: Ctx, node: Node, pnames: dict[str, str | None], vals: dict[str, np.ndarray], sibs: _Siblings,
+                 IK: Any) -> _IntPlan:
+    """:func:`_int_plan` for given (merged) operands."""
     xt = node.operand("x").type  # type: ignore[union-attr]
     k = int(xt.shape[-1])
-    vals = {n: ctx.param_array(pnames[n]) for n in pnames if n != "x"}  # type: ignore[arg-type]
-    sibs = _int_siblings(ctx, node, vals)
-    if sibs:  # q, k, v: one GEMM over their weights side by side, its result sliced
-        pnames, vals = _merged_int_operands(ctx, pnames, vals, sibs)
     spec = IK.QLinearSpec.from_attrs(node.attrs, k, vals["qweight"].shape[0],
                                      w_zero_float=vals["w_zero"].dtype.kind == "f")
+    if sibs:  # q, k, v: one GEMM over their weights side by side, written part-major
+        spec = dataclasses.replace(spec, parts=len(sibs) + 1)
     gathered = _gathered_source(ctx, node)
     if gathered is not None:  # RPTQ's explicit reorder: the quantizer gathers as it loads
         spec = dataclasses.replace(spec, gather=True)
@@ -2061,8 +2104,8 @@ def _int_siblings(ctx: Ctx, node: Node, vals: Mapping[str, np.ndarray]) -> _Sibl
             return False
         for nm in vals:
             arr = ctx.param_array(pn[nm])  # type: ignore[arg-type]
-            if arr.dtype != vals[nm].dtype or arr.shape[1:] != vals[nm].shape[1:]:
-                return False
+            if arr.dtype != vals[nm].dtype or arr.shape != vals[nm].shape:
+                return False  # each part the same shape: one part-major result
             if nm in ("act_scale", "act_zero") and not np.array_equal(arr, vals[nm]):
                 return False
         names[id(u)] = pn  # type: ignore[assignment]
@@ -2088,25 +2131,25 @@ def _merged_int_operands(ctx: Ctx, pnames: Mapping[str, str | None], vals: Mappi
 
 
 def _split_siblings(ctx: Ctx, y: Any, group: list[Node]) -> Any:
-    """Hand each merged linear its part of ``y`` ``[..., sum N]``: the first one's is returned, the others'
-    go to the walk (``ctx.absorbed``).  A part whose one reader is a ``reshape`` splitting its last axis (the
-    heads of q, k, v) is computed in that reshape's shape by one gather, which fuses into the kernel reading
-    it (attention's head transposes): no copy of its own (a Relax reshape over a symbolic batch does not fuse).
-    Any other part is a ``strided_slice``."""
+    """Hand each merged linear its part of the part-major ``y`` ``[parts, rows, N]``: the first one's is returned,
+    the others' go to the walk (``ctx.absorbed``).  A part whose one reader is a ``reshape`` splitting its last
+    axis (the heads of q, k, v) is gathered in that reshape's shape by one compute, which fuses into the kernel
+    reading it (attention's head transposes): no copy of its own (a Relax reshape over a symbolic batch does not
+    fuse).  Any other part is sliced out and reshaped."""
     op = ctx.relax.op
-    axis = group[0].outputs[0].type.rank - 1
-    parts, off = [], 0
-    for u in group:
+    parts: list[Any] = []
+    shape = ctx.dims.shape(group[0].outputs[0].type)
+    yl = ctx.emit(op.reshape(y, [len(group), *shape]))  # a view: the rows' own dims, no symbolic index arithmetic
+    for i, u in enumerate(group):
         out = u.outputs[0]
-        n = int(out.type.shape[-1])
         view = _heads_view(ctx, out)
         if view is None:
-            parts.append(ctx.emit(op.strided_slice(y, axes=[axis], begin=[off], end=[off + n])))
+            part = ctx.emit(op.strided_slice(yl, axes=[0], begin=[i], end=[i + 1]))
+            parts.append(ctx.emit(op.reshape(part, shape)))
         else:
-            ctx.absorbed[id(view.outputs[0])] = ctx.te(_part_as(off, axis), y,
+            ctx.absorbed[id(view.outputs[0])] = ctx.te(_part_as(i, out.type.rank - 1), yl,
                                                       ctx.dims.shape(view.outputs[0].type), name="split_heads")
             parts.append(None)  # its one reader, the reshape, is computed
-        off += n
     for u, part in zip(group[1:], parts[1:], strict=True):
         ctx.absorbed[id(u.outputs[0])] = part
     return parts[0] if parts[0] is not None else y  # y: bound to a value nothing reads
@@ -2126,19 +2169,17 @@ def _heads_view(ctx: Ctx, v: Value) -> Node | None:
     return users[0] if math.prod(tail) == v.type.shape[-1] else None  # type: ignore[arg-type]
 
 
-def _part_as(off: int, axis: int) -> Callable[[Any, list[Any]], Any]:
-    """``out[*lead, *i] = y[*lead, off + flat(i)]``: columns ``off...`` of ``y`` (whose last axis is ``axis``) in
-    the shape ``out_shape`` (``axis`` leading dims as ``y``'s, then static dims that split the columns)."""
+def _part_as(part: int, lead: int) -> Callable[[Any, list[Any]], Any]:
+    """``out[*l, *i] = y[part, *l, flat(i)]``: part ``part`` of the part-major ``y [parts, *lead dims, N]`` in the
+    shape ``out_shape`` (the ``lead`` dims, then static dims that split ``N``)."""
     def f(y: Any, out_shape: list[Any]) -> Any:
         from tvm import te
 
-        tail = [int(d) for d in out_shape[axis:]]
-
         def at(*i: Any) -> Any:
-            flat: Any = 0
-            for j, d in zip(i[axis:], tail, strict=True):
-                flat = flat * d + j
-            return y[(*i[:axis], off + flat)]
+            v: Any = 0
+            for j, d in zip(i[lead:], out_shape[lead:], strict=True):
+                v = v * int(d) + j
+            return y[(part, *i[:lead], v)]
 
         return te.compute(out_shape, at, name="split_heads")
     return f
