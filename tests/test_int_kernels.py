@@ -34,7 +34,11 @@ def _host_vnni() -> bool:
 HOST_VNNI = _host_vnni()
 needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512_vnni: only the plain integer "
                                                       "fallback schedule can run here")
-SCHEDULES = [pytest.param(True, id="vnni", marks=needs_vnni), pytest.param(False, id="int-fallback")]
+needs_avx2 = pytest.mark.skipif(not ik.target_has_avx2(), reason="host CPU lacks AVX2")
+needs_int8_gemm = pytest.mark.skipif(not ik.target_has_int8_gemm(), reason="host CPU has neither AVX512-VNNI nor "
+                                                                           "AVX2 (the hand-written 8-bit GEMM)")
+SCHEDULES = [pytest.param(True, id="vnni", marks=needs_vnni), pytest.param(False, id="int-fallback"),
+             pytest.param("avx2", id="avx2", marks=needs_avx2)]
 HOST_AMX = HOST_VNNI and ik.target_has_amx()
 needs_amx = pytest.mark.skipif(not HOST_AMX, reason="host CPU (or OS) gives no AMX int8 tiles")
 
@@ -59,12 +63,18 @@ def _reference(c: dict) -> torch.Tensor:
     return quant_linear(c["x"], c["qw"].qweight, c["qw"].scale, c["qw"].zero, *rest, **c["attrs"])
 
 
-def _run(c: dict, vnni: bool, amx: bool = False):
+def _isa(kind: bool | str) -> str:
+    """The ``isa`` a test parameter asks for: True (VNNI) and "amx" (its several-row kernel) "vnni", False the
+    plain integer kernel, "avx2" the AVX2 one."""
+    return {True: "vnni", "amx": "vnni", False: "int", "avx2": "avx2"}[kind]
+
+
+def _run(c: dict, vnni: bool | str, amx: bool = False):
     spec = ik.QLinearSpec.from_attrs(c["attrs"], c["k"], c["n"])
     if amx:
         spec = ik.with_amx(spec)
         assert spec.amx
-    kern = ik.plan_quant_linear(spec, use_vnni=vnni)
+    kern = ik.plan_quant_linear(spec, isa=_isa(vnni))
     qw = c["qw"]
     packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"])
     y, xq, xs = ik.run_quant_linear(kern, c["x"], packed, return_intermediates=True)
@@ -94,8 +104,8 @@ def test_kernel_matches_reference(name: str, vnni: bool | str) -> None:
         pytest.skip("int4 storage has no AMX kernel (with_amx keeps VNNI for it)")
     c = _case(m, k, n, clusters, w_bits, gs, sym, a_bits=4 if name.startswith("a4") else 8,
               bias=not name.endswith("nobias"))
-    spec, kern, y, xq, xs = _run(c, vnni is not False, amx=vnni == "amx")
-    assert kern.vnni == (vnni is not False) and spec.amx == (vnni == "amx")
+    spec, kern, y, xq, xs = _run(c, vnni, amx=vnni == "amx")
+    assert kern.isa == ("int" if vnni == "avx2" and w_bits == 4 else _isa(vnni)) and spec.amx == (vnni == "amx")
     # activation codes are bit-exact, pads are zero
     qa = Q.quantize_act(c["x"], c["s"], c["z"], c["attrs"]["a_bits"], clusters).numpy()
     for si, seg in enumerate(spec.segments):
@@ -133,7 +143,7 @@ def test_int32_accumulation_is_exact(w_bits: int, sym: bool, vnni: bool | str) -
         pytest.skip("int4 storage has no AMX kernel")
     spec = ik.QLinearSpec.from_attrs(attrs, k, n)
     spec = ik.with_amx(spec) if vnni == "amx" else spec
-    kern = ik.plan_quant_linear(spec, use_vnni=vnni is not False)
+    kern = ik.plan_quant_linear(spec, isa=_isa(vnni))
     packed = ik.prepack_weights(spec, qweight, ws, wz, None, a_s, a_z)
     y = ik.run_quant_linear(kern, x, packed)
     cid = Q.cluster_index(clusters, k)
@@ -226,6 +236,23 @@ def test_vnni_instruction_is_emitted() -> None:
     assert "vdivps" not in asm  # activation quantization lives in qact, not here
 
 
+@needs_avx2
+def test_avx2_kernel_multiplies_exactly_on_ymm() -> None:
+    """Without VNNI, 8-bit weights run the AVX2 kernel: ``vpmaddwd`` on int16-widened codes (exact: no
+    ``vpmaddubsw``, whose pair sums saturate), 3 rows x 16 channels, nothing wider than ymm; a target with
+    VNNI keeps VNNI, int4 storage the plain kernel."""
+    spec = ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8, act_clusters=(16, 64)), 64, 32)
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    kern = ik.plan_quant_linear(spec, avx2)
+    assert kern.isa == "avx2" and kern.hand_written and kern.tile == ik.TileConfig(3, 1)
+    asm = ik.build_kernel(kern, avx2)[1].mod.inspect_source("asm")
+    assert asm.count("vpmaddwd") >= 12 and "vpmaddubsw" not in asm and "zmm" not in asm
+    assert ik.plan_quant_linear(spec, tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})).isa == "vnni"
+    assert ik.plan_quant_linear(ik.QLinearSpec.from_attrs(dict(w_bits=4, a_bits=8), 64, 32), avx2).isa == "int"
+    with pytest.raises(ValueError, match="lacks avx2"):
+        ik.plan_quant_linear(spec, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}), isa="avx2")
+
+
 @pytest.mark.parametrize("vnni", KERNELS)
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("w_bits", [8, 4])
@@ -244,12 +271,12 @@ def test_gathering_quantizer_equals_permuting_first(vnni: bool | str, dynamic: b
     got_spec = dataclasses.replace(spec, gather=True)
     qw = c["qw"]
     packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"])
-    want = ik.run_quant_linear(ik.plan_quant_linear(spec, use_vnni=vnni is not False), c["x"][:, perm], packed)
-    got = ik.run_quant_linear(ik.plan_quant_linear(got_spec, use_vnni=vnni is not False), c["x"],
+    want = ik.run_quant_linear(ik.plan_quant_linear(spec, isa=_isa(vnni)), c["x"][:, perm], packed)
+    got = ik.run_quant_linear(ik.plan_quant_linear(got_spec, isa=_isa(vnni)), c["x"],
                               {**packed, "perm": perm.numpy()})
     assert got_spec.tag != spec.tag
     np.testing.assert_array_equal(got, want)
-    kern = ik.plan_quant_linear(got_spec, use_vnni=vnni is not False)
+    kern = ik.plan_quant_linear(got_spec, isa=_isa(vnni))
     if not dynamic and "avx512vbmi" in open("/proc/cpuinfo").read():
         # quantized in channel order, the codes permuted with byte shuffles: no f32 lane gathered one at a time
         assert kern.permute
@@ -271,12 +298,12 @@ def test_gelu_epilogue_is_gelu_of_the_product(kind: str | bool, n: int) -> None:
     c = _case(37, 136, n, (30, 100, 136), 8, -1, True, seed=6)
     spec = ik.QLinearSpec.from_attrs(c["attrs"], 136, n)
     spec = ik.with_amx(spec) if kind == "amx" else spec
-    use_vnni = None if kind == "amx" else bool(kind)
+    isa = _isa(kind)
     qw = c["qw"]
     packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, c["b"], c["s"], c["z"])
-    y = ik.run_quant_linear(ik.plan_quant_linear(spec, use_vnni=use_vnni), c["x"], packed)
+    y = ik.run_quant_linear(ik.plan_quant_linear(spec, isa=isa), c["x"], packed)
     gspec = dataclasses.replace(spec, gelu=True)
-    g = ik.run_quant_linear(ik.plan_quant_linear(gspec, use_vnni=use_vnni), c["x"], packed)
+    g = ik.run_quant_linear(ik.plan_quant_linear(gspec, isa=isa), c["x"], packed)
     want = torch.nn.functional.gelu(torch.from_numpy(y).double()).numpy()
     np.testing.assert_allclose(g, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
     assert gspec.tag != spec.tag
@@ -392,7 +419,7 @@ def test_float_zero_points_with_block_dynamic_activations(m: int, vnni: bool) ->
     spec = ik.QLinearSpec.from_attrs(attrs, k, n, w_zero_float=True)
     assert len(spec.segments) == k // 32 and "df_" in spec.tag
     tile = ik.gemv_tile(spec) if m == 1 else None
-    kern = ik.plan_quant_linear(spec, use_vnni=vnni, tile=tile)
+    kern = ik.plan_quant_linear(spec, isa=_isa(vnni), tile=tile)
     packed = ik.prepack_weights(spec, qw.qweight, qw.scale, qw.zero, b, None, None)
     assert packed["wzero"].dtype == np.float32
     y = ik.run_quant_linear(kern, x, packed)
@@ -422,7 +449,7 @@ def _ffn(m_rows: int, k: int, n: int, n2: int, down_clusters: tuple[int, ...], s
     return dict(up=up, qw2=qw2, b2=torch.randn(n2, generator=g), s2=s2, z2=z2, attrs2=attrs2, n2=n2)
 
 
-@needs_vnni
+@needs_int8_gemm
 @pytest.mark.parametrize("m_rows", [37, 8])
 def test_gelu_epilogue_writes_the_next_linears_codes(m_rows: int) -> None:
     """``codes_spec``: the up projection's kernel writes the down projection's u8 codes (its padded
@@ -476,7 +503,7 @@ def _ffn_module(f: dict, gelu_is_output: bool) -> tuple[Any, Any]:
     return m, x
 
 
-@needs_vnni
+@needs_int8_gemm
 @pytest.mark.parametrize("gelu_is_output", [False, True])
 def test_ffn_runs_one_quantizer_and_equals_the_unfused_kernels(gelu_is_output: bool) -> None:
     """Lowered, an FFN (quant_linear, gelu, quant_linear) runs one qact: the up projection writes the down

@@ -340,6 +340,39 @@ def test_runtime_loader_does_not_import_relax(tmp_path: Any) -> None:
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
+def test_host_target_matches_what_the_cpu_reports() -> None:
+    """A virtual machine may mask units its CPU model has (LLVM names an AVX-512-less Zen 4 guest ``znver4``): the
+    host target turns off what ``/proc/cpuinfo`` lacks and adds the AMX units a name leaves out."""
+    from ctc.backends.tvm import targets as T
+
+    implied = {"avx2", "avx512f", "avx512vnni", "sse4.1", "bmi", "sha", "gfni", "fast-lzcnt"}
+    masked = frozenset({"avx2", "sse4_1", "bmi1", "sha_ni", "amx_tile"})
+    assert T.mattr_for_host("znver4", implied, masked) == ("-avx512f", "-avx512vnni", "-gfni", "+amx-tile")
+    assert T.mattr_for_host("znver4", implied, None) == ()  # no /proc/cpuinfo: LLVM's name stands
+    assert T.missing_cpu_features(["avx2", "avx512bw", "sse4.2"], frozenset({"avx2", "sse4_2"})) == ["avx512bw"]
+    import tvm
+
+    tgt = tvm.target.Target(T.native_target(1))
+    assert T.missing_cpu_features(T.required_cpu_features(tgt)) == []
+
+
+def test_artifact_for_a_cpu_this_one_lacks_is_refused(tmp_path: Any) -> None:
+    """A library built for units this CPU lacks is refused at load with the fix named (it would die of SIGILL)."""
+    import json
+
+    compile_module(_mlp()).export(tmp_path)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    from ctc.backends.tvm import targets as T
+    from ctc.backends.tvm.int_kernels import host_target
+
+    assert meta["cpu_features"] == T.required_cpu_features(host_target())
+    assert load_compiled(tmp_path)(np.ones((1, 4, 16), "float32"), numpy=True)[0].shape == (1, 4, 16)
+    meta["cpu_features"] = [*meta["cpu_features"], "amx-fp8"]  # no host reports this one yet
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="amx-fp8.*rebuild it on this machine"):
+        load_compiled(tmp_path)
+
+
 def test_static_dims_specialise_and_reject_other_lengths() -> None:
     m = _mlp()
     low = L.lower(m, static_dims={"seq": 6})

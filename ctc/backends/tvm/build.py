@@ -395,6 +395,10 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "tuning": tune_summary,
         "inplace_inputs": low.inplace_inputs,
     }
+    if not gpu:
+        from ctc.backends.tvm.targets import required_cpu_features
+
+        meta["cpu_features"] = required_cpu_features(tgt)
     if gpu:
         meta["kernels_per_call"] = kernels.get("total", 0)
         meta["kernels"] = {k: v for k, v in kernels.items() if k != "total"}
@@ -539,6 +543,15 @@ class CompiledModel:
                 arch = self.meta.get("target", {}).get("arch")
                 raise RuntimeError(f"load_compiled: {lib} was built for CUDA ({arch}); load it on a machine with an "
                                    "NVIDIA GPU and driver")
+        if self.device == "cpu" and self.meta.get("cpu_features"):
+            from ctc.backends.tvm.targets import missing_cpu_features
+
+            lack = missing_cpu_features(self.meta["cpu_features"])
+            if lack:  # the first such instruction would kill the process (SIGILL)
+                raise RuntimeError(f"load_compiled: {lib} was built for a CPU with {', '.join(lack)} "
+                                   f"({self.meta.get('target', {}).get('mcpu', '?')}), which this CPU lacks; rebuild "
+                                   "it on this machine (`target cpu`), or for a CPU both have (`target cpu "
+                                   "mcpu=\"x86-64-v3\"`)")
         if self.meta.get("amx_kernels"):
             from ctc.backends.tvm.int_kernels import amx_permission
 

@@ -76,6 +76,8 @@ __all__ = [
     "register_vnni_intrinsics",
     "run_quant_linear",
     "target_has_amx",
+    "target_has_avx2",
+    "target_has_int8_gemm",
     "target_has_vnni",
     "with_amx",
 ]
@@ -252,6 +254,20 @@ def _as_target(target: Any) -> Any:
     if isinstance(target, tvm.target.Target):
         return target
     return tvm.target.Target(target)
+
+
+def target_has_avx2(target: Any = None) -> bool:
+    """Whether ``target`` (default: this host) is an x86 llvm target with AVX2."""
+    import tvm
+
+    t = _as_target(target)
+    return t.kind.name == "llvm" and bool(tvm.target.codegen.target_has_features(["avx2"], t))
+
+
+def target_has_int8_gemm(target: Any = None) -> bool:
+    """Whether ``target`` runs the hand-written 8-bit integer GEMM (VNNI or AVX2): the kernel that can write the
+    next linear's codes and part-major results."""
+    return target_has_vnni(target) or target_has_avx2(target)
 
 
 def target_has_vnni(target: Any = None) -> bool:
@@ -721,6 +737,15 @@ def default_tile(spec: QLinearSpec) -> TileConfig:
     return TileConfig(12, 1)
 
 
+def avx2_tile(spec: QLinearSpec, one_row: bool = False) -> TileConfig:
+    """The AVX2 kernel's register tile: 3 rows x 16 channels, 12 of the 16 ymm registers accumulating (measured
+    on Zen 4 with AVX-512 masked: 77-85 GOP/s one thread on MiniLM's shapes; 2 rows 63-83, 4 rows 55); for one
+    row (a decode step) 1 x 32 channels where N has whole blocks of 32."""
+    if one_row:
+        return TileConfig(1, 2 if spec.np_ // 16 % 2 == 0 else 1)
+    return TileConfig(3, 1)
+
+
 def gemv_tile(spec: QLinearSpec) -> TileConfig:
     """The register tile for one activation row (a decode step): 1 x 64 output channels when N allows
     (measured fastest on SmolLM2's shapes), else 1 x 32 or 1 x 16."""
@@ -883,25 +908,35 @@ def _vnni_step(acc: str, a: str, b: str) -> str:
             ' dtype="int32x16")')
 
 
-def _qmm_vnni_source(spec: QLinearSpec, tile: TileConfig) -> str:
-    """TVMScript of the VNNI matmul (8-bit weights) written as the loop nest it runs, with the operands and
-    results of :func:`_qmm_source`.
+def _avx2_step(acc: str, a: str, b: str) -> str:
+    """TVMScript of one ``vpmaddwd`` on ymm plus the add: ``acc (int32x8) + a (i16x16) . b (i16x16)`` pairwise."""
+    return (f'{acc} + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), {a}, {b},'
+            ' dtype="int32x8")')
+
+
+def _qmm_vnni_source(spec: QLinearSpec, tile: TileConfig, isa: str = "vnni") -> str:
+    """TVMScript of the hand-written integer matmul (8-bit weights) as the loop nest it runs, with the operands
+    and results of :func:`_qmm_source`: ``isa`` ``"vnni"`` (AVX512-VNNI) or ``"avx2"``.
 
     Parallel over blocks of ``16 * NB`` output channels; per tile of ``MT`` rows the tile's accumulators
-    (``MT * NB`` zmm registers: a local buffer indexed by constants only, which LLVM keeps in registers)
-    start at minus each segment's integer correction, take one ``vpdpbusd`` per row, 16 channels and 4
-    bytes of K (the row's 4 bytes broadcast, the weights' 64-byte row shared by the tile's rows), and the
-    segment's scale adds them into the float sums (bias first).  ``xq`` has whole tiles of rows
-    (:meth:`QLinearKernel.xq_rows`), so a row's address is the tile's plus a constant; only rows ``< m``
-    (and channels ``< N``) are written, through ``gelu`` when ``spec.gelu``.
+    (a local buffer indexed by constants only, which LLVM keeps in registers) take, per row, 16 channels and 4
+    bytes of K: on VNNI one ``vpdpbusd`` (the row's 4 bytes broadcast, the weights' 64-byte row shared by the
+    tile's rows) into accumulators that start at minus each segment's integer correction.  On AVX2 (no
+    ``vpdpbusd``; ``vpmaddubsw`` would saturate) the same packed bytes are widened to int16 and multiplied
+    exactly by ``vpmaddwd``: 4 channels x 4 bytes per ymm, the row's 4 codes zero-extended and broadcast, each
+    channel's sum in two int32 lanes that the epilogue adds (the correction subtracted there: the same
+    wrapping int32 value).  The segment's scale adds the sums into the float outputs (bias first).  ``xq`` has
+    whole tiles of rows (:meth:`QLinearKernel.xq_rows`), so a row's address is the tile's plus a constant; only
+    rows ``< m`` (and channels ``< N``) are written, through ``gelu`` when ``spec.gelu``.
     """
     KP, N, NP = spec.kp, spec.n, spec.np_
     MT, NB = tile.mt, tile.nb
     NT = 16 * NB
+    lanes_per = 2 if isa == "avx2" else 1  # int32 lanes per output channel in the accumulators
     L = _qmm_header(spec, f"({_i(NP // 16)}, {_i(KP // 4)}, {_i(16)}, {_i(4)})")
     L += ['    with T.sblock("root"):',
           f"        for no in T.parallel({_i(NP // NT)}):",
-          f'            acc = T.decl_buffer(({_i(MT * NT)},), "int32", scope="local")',
+          f'            acc = T.decl_buffer(({_i(MT * NT * lanes_per)},), "int32", scope="local")',
           f'            out = T.decl_buffer(({_i(MT * NT)},), "float32", scope="local")',
           *([f'            ob = T.decl_buffer(({_i(NT)},), "uint8", scope="local")'] if spec.codes else []),
           f"            for mo in range((m + {_i(MT - 1)}) // {_i(MT)}):"]
@@ -909,20 +944,38 @@ def _qmm_vnni_source(spec: QLinearSpec, tile: TileConfig) -> str:
     row = f"T.min(mo * {_i(MT)} + i, m - T.int64(1))"  # per-row operands (xsum, dynamic ranges): clamped
     vn = f"no * {_i(NT)} + j"
     at = f"i * {_i(NT)} + j"
+    xrow = f"xq.vload([mo * {_i(MT)} + i, {{}} + ko * {_i(4)}], \"uint8x4\")"
     for si, seg in enumerate(spec.segments):
-        sub, term = _segment_exprs(spec, si, row, vn, f"acc[{at}]")
-        L += [f"{ind}for i in T.unroll({_i(MT)}):",
-              f"{ind}    for j in T.vectorized({_i(NT)}):",
-              f"{ind}        acc[{at}] = T.int32(0) - ({sub})",
-              f"{ind}for ko in range({_i(seg.plen // 4)}):",
+        if isa == "avx2":
+            sub, _ = _segment_exprs(spec, si, row, vn, "")
+            pair = f"acc[i * {_i(2 * NT)} + j * {_i(2)}] + acc[i * {_i(2 * NT)} + j * {_i(2)} + {_i(1)}]"
+            _, term = _segment_exprs(spec, si, row, vn, f"({pair} - ({sub}))")
+            L += [f"{ind}for j in T.vectorized({_i(MT * NT * 2)}):",
+                  f"{ind}    acc[j] = T.int32(0)"]
+        else:
+            sub, term = _segment_exprs(spec, si, row, vn, f"acc[{at}]")
+            L += [f"{ind}for i in T.unroll({_i(MT)}):",
+                  f"{ind}    for j in T.vectorized({_i(NT)}):",
+                  f"{ind}        acc[{at}] = T.int32(0) - ({sub})"]
+        L += [f"{ind}for ko in range({_i(seg.plen // 4)}):",
               f"{ind}    for i in T.unroll({_i(MT)}):",
               f"{ind}        for b in T.unroll({_i(NB)}):"]
-        a_vec = (f'T.reinterpret(T.broadcast(T.reinterpret(xq.vload([mo * {_i(MT)} + i, {_i(seg.poff)} + ko * {_i(4)}],'
-                 ' "uint8x4"), dtype="int32"), 16), dtype="uint8x64")')
-        b_vec = f'wpack.vload([no * {_i(NB)} + b, {_i(seg.poff // 4)} + ko, T.int64(0), T.int64(0)], "int8x64")'
-        lanes = f"(i * {_i(NB)} + b) * {_i(16)}"
-        L.append(f"{ind}            acc[T.ramp({lanes}, 1, 16)] = "
-                 + _vnni_step(f'acc.vload([{lanes}], "int32x16")', a_vec, b_vec))
+        xa = xrow.format(_i(seg.poff))
+        if isa == "avx2":
+            a_vec = (f'T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x4", {xa}), dtype="int64"), 4),'
+                     ' dtype="int16x16")')
+            b_vec = (f'T.Cast("int16x16", wpack.vload([no * {_i(NB)} + b, {_i(seg.poff // 4)} + ko, q * {_i(4)},'
+                     ' T.int64(0)], "int8x16"))')
+            lanes = f"((i * {_i(NB)} + b) * {_i(4)} + q) * {_i(8)}"
+            L += [f"{ind}            for q in T.unroll({_i(4)}):",
+                  f"{ind}                acc[T.ramp({lanes}, 1, 8)] = "
+                  + _avx2_step(f'acc.vload([{lanes}], "int32x8")', a_vec, b_vec)]
+        else:
+            a_vec = f'T.reinterpret(T.broadcast(T.reinterpret({xa}, dtype="int32"), 16), dtype="uint8x64")'
+            b_vec = f'wpack.vload([no * {_i(NB)} + b, {_i(seg.poff // 4)} + ko, T.int64(0), T.int64(0)], "int8x64")'
+            lanes = f"(i * {_i(NB)} + b) * {_i(16)}"
+            L.append(f"{ind}            acc[T.ramp({lanes}, 1, 16)] = "
+                     + _vnni_step(f'acc.vload([{lanes}], "int32x16")', a_vec, b_vec))
         first = f"bias[{vn}]" if si == 0 else f"out[{at}]"
         L += [f"{ind}for i in T.unroll({_i(MT)}):",
               f"{ind}    for j in T.vectorized({_i(NT)}):",
@@ -1141,10 +1194,20 @@ class QLinearKernel:
 
     spec: QLinearSpec
     tile: TileConfig
-    vnni: bool
+    isa: str  # "vnni", "avx2" (the hand-written several-row kernels) or "int" (plain integer loop nest)
     qact: Any
     qmm: Any
     permute: bool = False  # qact quantizes in channel order and permutes the codes (operands PERMUTE_NAMES)
+
+    @property
+    def vnni(self) -> bool:
+        """Whether the matmul runs on AVX512-VNNI."""
+        return self.isa == "vnni"
+
+    @property
+    def hand_written(self) -> bool:
+        """Whether the matmul is the hand-written kernel (VNNI or AVX2) that can write codes or part-major results."""
+        return self.isa in ("vnni", "avx2")
 
     def xq_rows(self, m: Any) -> Any:
         """Rows of the quantized activations ``xq`` for ``m`` rows (an int or a TIR expression): whole AMX
@@ -1157,16 +1220,18 @@ class QLinearKernel:
     @property
     def names(self) -> tuple[str, str]:
         """Global names the PrimFuncs get in a Relax module."""
-        how = "amx" if self.spec.amx else f"{'vnni' if self.vnni else 'int'}_{self.tile.mt}x{self.tile.nb}"
+        how = "amx" if self.spec.amx else f"{self.isa}_{self.tile.mt}x{self.tile.nb}"
         how += "_pb" if self.permute else ""
         suffix = f"{self.spec.tag}_{how}"
         return f"ctc_qact_{suffix}", f"ctc_qmm_{suffix}"
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig, permute: bool = False) -> QLinearKernel:
+def _plan(spec: QLinearSpec, isa: str, tile: TileConfig, permute: bool = False) -> QLinearKernel:
     import tvm
 
+    vnni = isa == "vnni"
+    hand = isa in ("vnni", "avx2") and not spec.int4
     if vnni:
         register_vnni_intrinsics()
     if spec.dynamic:  # hand-scheduled already (vector min/max, vectorized quantization)
@@ -1179,50 +1244,59 @@ def _plan(spec: QLinearSpec, vnni: bool, tile: TileConfig, permute: bool = False
     from tvm.script import tirx as T
 
     gelu = {"T": T, "GELU": gelu_expr}
-    if spec.codes and not (vnni and tile.mt > 1):
-        raise ValueError("int_kernels: a matmul writing the next linear's codes (codes > 0) runs on the VNNI kernel "
-                         "with a tile of several rows; leave codes=0 on this target or for one row")
-    if spec.parts > 1 and not (vnni and not spec.int4 and not spec.amx and 16 * tile.nb <= spec.n // spec.parts
+    if spec.codes and not (hand and tile.mt > 1):
+        raise ValueError("int_kernels: a matmul writing the next linear's codes (codes > 0) runs on the VNNI or AVX2 "
+                         "kernel with a tile of several rows; leave codes=0 on this target or for one row")
+    if spec.parts > 1 and not (hand and not spec.amx and 16 * tile.nb <= spec.n // spec.parts
                                and spec.n // spec.parts % (16 * tile.nb) == 0):
-        raise ValueError("int_kernels: a part-major output (parts > 1) is written by the VNNI kernel over 8-bit "
+        raise ValueError("int_kernels: a part-major output (parts > 1) is written by the VNNI/AVX2 kernel over 8-bit "
                          "weights, each part whole tiles of channels; leave parts=1 on this target")
     if spec.amx:  # written as the loop nest it runs: no schedule
         qmm = tvm.script.from_source(_qmm_amx_source(spec), extra_vars=gelu)
-    elif vnni and not spec.int4:  # 8-bit weights on VNNI: written as the loop nest it runs
-        qmm = tvm.script.from_source(_qmm_vnni_source(spec, tile), extra_vars=gelu)
+    elif hand:  # 8-bit weights on VNNI or AVX2: written as the loop nest it runs
+        qmm = tvm.script.from_source(_qmm_vnni_source(spec, tile, isa), extra_vars=gelu)
     else:
         qmm = _schedule_qmm(tvm.script.from_source(_qmm_source(spec, tile), extra_vars=gelu), spec, vnni)
     qact = qact.with_attr("tirx.is_scheduled", True)
     qmm = qmm.with_attr("tirx.is_scheduled", True)
-    return QLinearKernel(spec, tile, vnni, qact, qmm, permute)
+    return QLinearKernel(spec, tile, isa if hand or vnni else "int", qact, qmm, permute)
 
 
 def plan_quant_linear(spec: QLinearSpec, target: Any = None, *, use_vnni: bool | None = None,
-                      tile: TileConfig | None = None) -> QLinearKernel:
+                      tile: TileConfig | None = None, isa: str | None = None) -> QLinearKernel:
     """Generate and schedule the kernels for ``spec`` on ``target`` (default: this host).
 
-    ``use_vnni=None`` picks VNNI when the target has it; ``False`` forces the plain integer
-    schedule; ``True`` on a target without VNNI is an error.  A gathering static quantizer permutes
-    its codes with AVX512-VBMI where the target has it (``kernel.permute``: operands
-    :func:`permute_tables` instead of ``perm``).
+    ``isa`` picks the matmul: ``"vnni"`` (AVX512-VNNI), ``"avx2"`` (exact int16 products on AVX2 for 8-bit
+    weights; int4 storage keeps the plain kernel there) or ``"int"`` (the plain integer loop nest); None takes
+    the best the target has.  ``use_vnni``
+    is the older switch: ``False`` forces ``"int"``, ``True`` ``"vnni"``.  Asking for an instruction set the
+    target lacks is an error.  A gathering static quantizer permutes its codes with AVX512-VBMI where the
+    target has it (``kernel.permute``: operands :func:`permute_tables` instead of ``perm``).
     """
     import tvm
 
-    kind = _as_target(target).kind.name
+    t = _as_target(target)
+    kind = t.kind.name
     if kind != "llvm":
         raise ValueError(f"int_kernels.plan_quant_linear: these are CPU kernels and need an llvm target, got {kind!r}")
     if spec.amx and not target_has_amx(target):
-        raise ValueError(f"int_kernels: an AMX spec for target {_as_target(target)}, which lacks amx-int8 (or this "
+        raise ValueError(f"int_kernels: an AMX spec for target {t}, which lacks amx-int8 (or this "
                          "process was refused the tile registers); make the spec with with_amx(spec, target)")
-    has = target_has_vnni(target)
-    if use_vnni is None:
-        use_vnni = has
-    elif use_vnni and not has:
-        raise ValueError(f"int_kernels: use_vnni=True but target {_as_target(target)} lacks avx512vnni; "
-                         "pass use_vnni=None to fall back to the plain integer schedule")
+    if isa is None and use_vnni is not None:
+        isa = "vnni" if use_vnni else "int"
+    has = {"vnni": target_has_vnni(t), "avx2": target_has_avx2(t), "int": True}
+    if isa is None:
+        isa = "vnni" if has["vnni"] else "avx2" if has["avx2"] and not spec.int4 else "int"
+    if isa not in has:
+        raise ValueError(f"int_kernels: isa must be one of {sorted(has)}, got {isa!r}")
+    if not has[isa]:
+        need = "avx512vnni" if isa == "vnni" else isa
+        raise ValueError(f"int_kernels: isa={isa!r} but target {t} lacks {need}; pass isa=None for the best it has")
     permute = (spec.gather and not spec.dynamic and spec.k <= PERMUTE_MAX_K
-               and bool(tvm.target.codegen.target_has_features(["avx512vbmi", "avx512bw"], _as_target(target))))
-    return _plan(spec, bool(use_vnni), tile or default_tile(spec), permute)
+               and bool(tvm.target.codegen.target_has_features(["avx512vbmi", "avx512bw"], t)))
+    if isa == "avx2" and not spec.int4:  # 16 ymm registers: 4 accumulators per row and 16 channels
+        tile = avx2_tile(spec, one_row=tile is not None and tile.mt == 1)
+    return _plan(spec, isa, tile or default_tile(spec), permute)
 
 
 # ----------------------------------------------------------------------------- weight packing

@@ -2200,13 +2200,13 @@ def _bind_packed(ctx: Ctx, pnames: Mapping[str, str | None], spec: Any, packed: 
 
 def _codes_reader(ctx: Ctx, gelu: Node, spec: Any, kernel: Any, IK: Any) -> tuple[Any, ...] | None:
     """When ``gelu`` (fused into a linear of ``spec``/``kernel``) is read only by another integer
-    ``quant_linear`` that the VNNI kernels run with static ranges and symmetric weights (MiniLM's FFN down
+    ``quant_linear`` that the VNNI or AVX2 kernels run with static ranges and symmetric weights (MiniLM's FFN down
     projection): ``(its kernel, the codes-writing spec and kernel, its parameter names, their values)``;
     None otherwise.  The up projection then writes the down projection's u8 codes in its epilogue."""
     from ctc.backends.tvm.block_gemv import block_layout
 
     out = gelu.outputs[0]
-    if (len(out.users) != 1 or kernel.spec.amx or kernel.tile.mt == 1 or not kernel.vnni or spec.int4
+    if (len(out.users) != 1 or kernel.spec.amx or kernel.tile.mt == 1 or not kernel.hand_written or spec.int4
             or spec.dynamic or not spec.w_symmetric or any(o is out for o in ctx.module.outputs)):
         return None
     down = out.users[0]

@@ -20,8 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CUDA_ARCH_LIMITS", "TargetInfo", "UnsupportedTarget", "check_mcpu", "cuda_target", "detect_cuda_arch",
-           "host_cores", "host_cpu", "host_mattr", "llvm_cpus", "native_target", "resolve", "target_key"]
+__all__ = ["CUDA_ARCH_LIMITS", "TargetInfo", "UnsupportedTarget", "check_mcpu", "cpuinfo_flags", "cuda_target",
+           "detect_cuda_arch", "host_cores", "host_cpu", "host_mattr", "llvm_cpus", "mattr_for_host",
+           "missing_cpu_features", "native_target", "required_cpu_features", "resolve", "target_key"]
 
 ISSUE = "issue 17 (FPGA-style target)"
 
@@ -112,25 +113,77 @@ class TargetInfo:
         return tvm.target.Target(self.tvm)
 
 
-# /proc/cpuinfo flag -> LLVM feature, for units a host's -mcpu name may leave out
-_HOST_FEATURES = {"amx_tile": "+amx-tile", "amx_int8": "+amx-int8", "amx_bf16": "+amx-bf16"}
+# LLVM feature -> /proc/cpuinfo flag where the two names differ beyond "_", "-" and "."
+_CPUINFO_ALIASES = {"bmi": "bmi1", "sha": "sha_ni", "lzcnt": "abm", "pclmul": "pclmulqdq", "sse3": "pni"}
+# instruction-set features checked against /proc/cpuinfo: the vector units and the few scalar ones codegen emits
+_CHECKED_SCALAR = {"adx", "aes", "bmi", "bmi2", "f16c", "fma", "gfni", "lzcnt", "movbe", "pclmul", "popcnt",
+                   "sha", "sse3", "sse4.1", "sse4.2", "sse4a", "ssse3", "vaes", "vpclmulqdq"}
+# flags whose LLVM feature a host's -mcpu name may leave out (AMX on a guest named after an older core)
+_ADDED_FLAGS = {"amx_tile": "amx-tile", "amx_int8": "amx-int8", "amx_bf16": "amx-bf16"}
+
+
+def _norm(name: str) -> str:
+    return name.replace("_", "").replace("-", "").replace(".", "").lower()
+
+
+def _checked(feature: str) -> bool:
+    return feature.startswith(("avx", "amx")) or feature in _CHECKED_SCALAR
+
+
+def cpuinfo_flags() -> frozenset[str] | None:
+    """The flags of the first CPU in ``/proc/cpuinfo``, or None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    except OSError:
+        return None
+
+
+def mattr_for_host(mcpu: str, implied: set[str] | frozenset[str], flags: frozenset[str] | None) -> tuple[str, ...]:
+    """``-mattr`` that makes LLVM's CPU ``mcpu`` (whose features are ``implied``) match the host's real
+    ``flags``: ``-feat`` for each instruction set the name implies but the host does not report (a virtual
+    machine often masks AVX-512 while LLVM still names the CPU ``znver4``: code built for the name would
+    die of an illegal instruction), ``+feat`` for the AMX units the name leaves out."""
+    if flags is None:
+        return ()
+    off = sorted(missing_cpu_features(sorted(implied), flags))
+    on = [feat for flag, feat in _ADDED_FLAGS.items() if flag in flags and feat not in implied]
+    return tuple(f"-{f}" for f in off) + tuple(f"+{f}" for f in on)
 
 
 @functools.lru_cache(maxsize=1)
 def host_mattr() -> tuple[str, ...]:
-    """LLVM features this host's CPU reports (``/proc/cpuinfo``) beyond its ``-mcpu`` name: AMX's tile
-    and int8 units.  A virtual machine's CPU model often reads as an older core (LLVM names a
-    Sapphire Rapids guest ``rocketlake``, which has no AMX), so the name alone would hide them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return ()
-    return tuple(feat for flag, feat in _HOST_FEATURES.items() if flag in flags)
+    """The ``-mattr`` of this host (:func:`mattr_for_host` for LLVM's name of it and ``/proc/cpuinfo``)."""
+    import tvm
+
+    mcpu = host_cpu()
+    implied = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm",
+                                                                                          "mcpu": mcpu}))}
+    return mattr_for_host(mcpu, implied, cpuinfo_flags())
+
+
+def required_cpu_features(target: Any) -> list[str]:
+    """The instruction-set features (those checked against ``/proc/cpuinfo``) code built for llvm ``target`` may use:
+    recorded in a CPU artifact so that loading it on a CPU without them is refused, not killed by SIGILL."""
+    import tvm
+
+    if target.kind.name != "llvm":
+        return []
+    return sorted(f for f in (str(x) for x in tvm.target.codegen.llvm_get_cpu_features(target)) if _checked(f))
+
+
+def missing_cpu_features(features: list[str], flags: frozenset[str] | None = None) -> list[str]:
+    """Which of ``features`` (LLVM names) this host's ``/proc/cpuinfo`` (or ``flags``) does not report; none where
+    the flags cannot be read (no ``/proc/cpuinfo``: nothing to check against)."""
+    flags = cpuinfo_flags() if flags is None else flags
+    if flags is None:
+        return []
+    have = {_norm(f) for f in flags}
+    return [f for f in features if _checked(f) and _norm(_CPUINFO_ALIASES.get(f, f)) not in have]
 
 
 def native_target(cores: int) -> dict[str, Any]:
-    """The llvm target dict of this host: LLVM's CPU name, the features it leaves out, ``cores`` cores."""
+    """The llvm target dict of this host: LLVM's CPU name, its features as the host reports them, ``cores`` cores."""
     out: dict[str, Any] = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": cores}
     if host_mattr():
         out["mattr"] = list(host_mattr())
