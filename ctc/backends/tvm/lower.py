@@ -896,7 +896,7 @@ def _linear_product(ctx: Ctx, x_value: Value, w_value: Value, x: Any, w: Callabl
         from ctc.backends.tvm.schedules import MatmulRule
 
         rows = _static_int(ctx, x_value.type.shape[-2])
-        tile = MatmulRule().row_tile(rows)
+        tile = MatmulRule().row_tile(rows, ctx.target)
         # rows that are not whole register tiles (symbolic, or a fixed 100) are computed in whole tiles here:
         # the schedule's pad_einsum cannot read panels (the kernel was left unscheduled, ~80x slower)
         whole = rows is None or rows % tile != 0
@@ -1020,7 +1020,7 @@ def _merged_f32_linear(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     width = _panel_width(ctx, x_value, node.operand("weight"), group[0][1])  # type: ignore[arg-type]
     assert width is not None
     wp = _panels(ctx, [g[1] for g in group], width)
-    from ctc.backends.tvm.schedules import MatmulRule
+    from ctc.backends.tvm.schedules import MatmulRule, divisible
 
     lead = ctx.dims.shape(x_value.type)[:-1]
     rows: Any = math.prod(lead) if all(isinstance(d, int) for d in lead) else None
@@ -1028,8 +1028,8 @@ def _merged_f32_linear(ctx: Ctx, node: Node, a: Operands) -> Any | None:
         rows = 1
         for d in lead:
             rows = rows * d
-    tile = MatmulRule().row_tile(rows if isinstance(rows, int) else None)
-    whole = not isinstance(rows, int) or rows % tile != 0
+    tile = MatmulRule().row_tile(rows, ctx.target)
+    whole = rows % tile != 0 if isinstance(rows, int) else not divisible(rows, tile)
     k = int(x_value.type.shape[-1])
     x2 = ctx.emit(ctx.relax.op.reshape(a["x"], [rows, k]))
     y = ctx.te(_linear_panel_parts(width, len(group), tile if whole else None), x2, wp, name="matmul",

@@ -36,15 +36,24 @@ from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_
 from tvm.target import Target
 
 __all__ = ["ElementwiseRule", "GemvRule", "MatmulRule", "RowReductionRule", "VecMatRule", "default_rules",
-           "vector_lanes"]
+           "divisible", "vector_lanes"]
 
 
 def vector_lanes(target: Target, bits: int = 32) -> int:
-    """SIMD lanes of ``bits``-wide elements on ``target`` (16 f32 lanes with AVX-512)."""
-    from tvm.target.codegen import llvm_get_vector_width
+    """SIMD lanes of ``bits``-wide elements on ``target``: 16 f32 lanes with AVX-512, 8 with AVX/AVX2.  x86 is read
+    off the target's features (LLVM's own ``llvm_get_vector_width`` answers 512 for every x86 CPU, haswell included,
+    and register tiles sized for 32 zmm then spill half their accumulators on AVX2's 16 ymm)."""
+    from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
+    width = 0
     try:
-        width = int(llvm_get_vector_width(target))
+        if target.kind.name == "llvm":
+            for feature, bits_wide in (("avx512f", 512), ("avx", 256), ("sse2", 128)):
+                if target_has_features([feature], target):
+                    width = bits_wide
+                    break
+        if not width:
+            width = int(llvm_get_vector_width(target))
     except Exception:  # noqa: BLE001 - non-llvm targets
         width = 128
     if width <= 0:
@@ -57,7 +66,7 @@ def _extent(sch: s_tir.Schedule, loop: Any) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
-def _divisible(expr: Any, factor: int) -> bool:
+def divisible(expr: Any, factor: int) -> bool:
     """Whether TVM's analyzer proves ``expr % factor == 0`` (for symbolic extents)."""
     from tvm.sym.analyzer import Analyzer
 
@@ -94,21 +103,34 @@ class _CpuRule(dl.ScheduleRule):
 class MatmulRule(_CpuRule):
     """Register-tiled, vectorized, parallel schedule for (batched) matmul PrimFuncs + epilogue."""
 
-    def __init__(self, mt: int = 8, nb: int = 2, k_unroll: int = 4, vecmat_max_n: int = 128):
+    def __init__(self, mt: int | None = None, nb: int = 2, k_unroll: int = 4, vecmat_max_n: int = 128):
         self.mt = mt
         self.nb = nb
         self.k_unroll = k_unroll
         self.vecmat_max_n = vecmat_max_n
 
-    def row_tile(self, rows: int | None) -> int:
-        """Rows of the register tile for ``rows`` rows (None: symbolic); rows that are not whole tiles are padded."""
-        if rows is None or rows % self.mt == 0:
+    def tile_rows(self, target: Target | None) -> int:
+        """Rows of the register tile on ``target`` (``mt`` when given): ``mt x nb`` accumulators plus ``nb`` weight
+        vectors and a broadcast must fit the vector registers, so 8 rows with AVX-512's 32 zmm but 6 with AVX2's
+        16 ymm (8 spilled: MiniLM fp32 on a Zen 4 guest without AVX-512 ran 1.7x ONNX Runtime's time)."""
+        if self.mt is not None:
             return self.mt
-        if rows < self.mt:
+        return 6 if target is not None and vector_lanes(target, 32) == 8 else 8
+
+    def row_tile(self, rows: Any, target: Target | None = None) -> int:
+        """Rows of the register tile for ``rows`` rows (an int, a symbolic extent, or None: unknown) on ``target``;
+        rows that are not whole tiles are padded.  A symbolic extent gets a smaller tile that provably divides it
+        (``batch * 128`` rows: 4 on AVX2, whose 6 would need a padded copy that a symbolic batch cannot inline)."""
+        mt = self.tile_rows(target)
+        if rows is not None and not isinstance(rows, int):
+            return next((t for t in (mt, 4) if t <= mt and divisible(rows, t)), mt)
+        if rows is None or rows % mt == 0:
+            return mt
+        if rows < mt:
             return max(rows, 1)
         # a row count of 7s or 6s (a 7x7 or 14x14 plane, channels-last): a tile that divides it
         # rather than rows padded and computed for nothing
-        return next((t for t in (7, 6) if t < self.mt and rows % t == 0), self.mt)
+        return next((t for t in (7, 6) if t < mt and rows % t == 0), mt)
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
         found = single_reduction(func)
@@ -153,7 +175,7 @@ class MatmulRule(_CpuRule):
         n_ext = _extent(sch, ln)
         nb = self.nb
         # a symbolic N that is provably whole panels (attention's padded key length) needs no padding
-        whole_n = n_ext is None and _divisible(sch.get(ln).extent, lanes * nb)
+        whole_n = n_ext is None and divisible(sch.get(ln).extent, lanes * nb)
         pad_n = (n_ext is None and not whole_n) or (n_ext is not None and n_ext % lanes != 0)
         if n_ext is not None:
             if n_ext <= lanes:
@@ -161,9 +183,9 @@ class MatmulRule(_CpuRule):
             while nb > 1 and n_ext % (lanes * nb) != 0 and not pad_n:
                 nb -= 1
         m_ext = _extent(sch, lm)
-        mt = self.row_tile(m_ext)
+        mt = self.row_tile(m_ext if m_ext is not None else sch.get(lm).extent, target)
         # symbolic rows provably in whole tiles (a panel linear of an any-length build computes them so)
-        pad_m = (m_ext is None and not _divisible(sch.get(lm).extent, mt)) or (m_ext is not None and m_ext % mt != 0)
+        pad_m = (m_ext is None and not divisible(sch.get(lm).extent, mt)) or (m_ext is not None and m_ext % mt != 0)
         if m_ext is None and pad_m and not pad_n and n_ext is not None and n_ext <= self.vecmat_max_n \
                 and len(sch.get(rb).reads) == 2 and ri == 0:
             # Symbolic rows and a narrow output (attention's p v, head_dim columns): padding would copy
@@ -467,7 +489,7 @@ def _whole_tiles(extent: Any, lanes: int) -> bool:
     """True when ``extent`` is whole tiles of ``lanes``: static and more than one, or symbolic and provably so."""
     if isinstance(extent, int):
         return extent % lanes == 0 and extent > lanes
-    return _divisible(extent, lanes)
+    return divisible(extent, lanes)
 
 
 def _transpose_tiles(sch: s_tir.Schedule, block: Any, lanes: int, par: bool) -> bool:
