@@ -101,6 +101,8 @@ def test_falcon_alibi_and_fused_qkv_indexing_capture() -> None:
 
 
 def test_moe_layers_capture_by_dense_dispatch_exactly() -> None:
+    """Every expert computed densely and weighted by its routing mask equals HF's sparse dispatch up to float
+    rounding (the sums run in another order: 2e-9 apart on an AVX2 CPU, bit-equal on an AVX-512 one)."""
     torch.manual_seed(0)
     cfg = T.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
@@ -115,7 +117,8 @@ def test_moe_layers_capture_by_dense_dispatch_exactly() -> None:
     am = torch.ones(3, 7, dtype=torch.long)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=am, use_cache=False).logits
-    assert torch.equal(interpret(m, [ids, am])[0], ref)
+    got = interpret(m, [ids, am])[0]
+    assert float((got - ref).abs().max()) <= 1e-7 * float(ref.abs().max()) + 1e-8
 
 
 class _PadToFour(nn.Module):

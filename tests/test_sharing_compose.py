@@ -78,8 +78,10 @@ def test_tied_and_quantized_model_compiles_for_the_cpu_with_each_packed_weight_o
     m, calib = tied("llama", "share-blocks")
     q = quantized(m, calib, "rptq", {"w_bits": 8, "a_bits": 8, "clusters": 4})
     comp = compile_module(q, options=BuildOptions(params="input"))
-    packed = Counter(p["name"].split("::")[0] for p in comp.meta["params"] if p["name"].endswith("_wpack"))
-    assert packed and all(c == 1 for c in packed.values())
+    # a pack is one weight or several read by one merged GEMM (k|v, gate|up: their names joined by '+')
+    packed = Counter(w for p in comp.meta["params"] if p["name"].endswith("_wpack")
+                     for w in p["name"].split("::")[0].split("+"))
+    assert packed and all(c == 1 for c in packed.values()), packed
     assert set(packed) == set(qweight_readers(q))
     comp.export(tmp_path)
     run = load_compiled(tmp_path, threads=1)
@@ -139,8 +141,10 @@ def test_tied_low_rank_quantized_model_compiles_for_the_cpu_with_each_tensor_onc
     bound = Counter(p["name"].split("::")[0] for p in comp.meta["params"])
     shared_pairs = [k for (u, v), c in lowrank_pairs(q).items() if c > 1 for k in (u, v)]
     assert shared_pairs and all(bound[k] == 1 for k in shared_pairs)
-    packed = Counter(p["name"].split("::")[0] for p in comp.meta["params"] if p["name"].endswith("_wpack"))
-    assert packed and all(c == 1 for c in packed.values())
+    # a pack is one weight or several read by one merged GEMM (k|v, gate|up: their names joined by '+')
+    packed = Counter(w for p in comp.meta["params"] if p["name"].endswith("_wpack")
+                     for w in p["name"].split("::")[0].split("+"))
+    assert packed and all(c == 1 for c in packed.values()), packed
     comp.export(tmp_path)
     run = load_compiled(tmp_path, threads=1)
     for b in calib[:2]:

@@ -64,8 +64,9 @@ def test_parallel_loops_claim_chunks_and_compute_what_tvms_pool_does(
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_a_worker_that_never_starts_delays_nothing(lib: tuple[object, Path, np.ndarray], tmp_path: Path) -> None:
-    """After fork() the child has no workers: its caller claims every chunk and the call returns."""
+def test_a_forked_child_starts_its_own_workers(lib: tuple[object, Path, np.ndarray], tmp_path: Path) -> None:
+    """After fork() the parent's workers are not in the child: its first launch starts its own, every call returns
+    the parent's bits, and each launch's chunks are all run (by the caller or the child's worker)."""
     _, d, x = lib
     np.save(tmp_path / "x.npy", x)
     code = f"""
@@ -80,7 +81,9 @@ if pid == 0:
     before = model.parallel_stats()
     ok = all(np.array_equal(model(x, numpy=True)[0], want) for _ in range(3))
     after = model.parallel_stats()
-    ok = ok and after["launches"] > before["launches"] and after["worker_chunks"] == before["worker_chunks"]
+    launched = after["launches"] - before["launches"]
+    ran = after["caller_chunks"] + after["worker_chunks"] - before["caller_chunks"] - before["worker_chunks"]
+    ok = ok and launched > 0 and ran == launched * 2 * {CHUNKS_PER_THREAD} and after["workers"] == 1
     os._exit(0 if ok else 3)
 _, status = os.waitpid(pid, 0)
 print("child", os.waitstatus_to_exitcode(status))

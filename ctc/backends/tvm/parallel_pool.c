@@ -16,8 +16,8 @@
  * CTC_PARALLEL=tvm is set, which keeps TVM's pool.  CTC_PARALLEL_CHUNKS sets the chunks per thread
  * (default 4); CTC_PARALLEL_SPIN_US how long an idle worker spins before it sleeps (default 2000).
  * Only one launch runs at a time per library; a launch from another thread meanwhile (or from
- * inside a chunk) runs its chunks serially on its caller.  After fork() the child's workers do not
- * exist: its caller claims every chunk itself.
+ * inside a chunk) runs its chunks serially on its caller.  After fork() the parent's workers are not in
+ * the child: its first launch starts its own.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

@@ -128,9 +128,9 @@ class MatmulRule(_CpuRule):
             return mt
         if rows < mt:
             return max(rows, 1)
-        # a row count of 7s or 6s (a 7x7 or 14x14 plane, channels-last): a tile that divides it
-        # rather than rows padded and computed for nothing
-        return next((t for t in (7, 6) if t < mt and rows % t == 0), mt)
+        # a row count of 7s, 6s or 4s (a 7x7 or 14x14 plane, channels-last; 16 rows on AVX2's 6-row tile): a tile
+        # that divides it rather than rows padded and computed for nothing
+        return next((t for t in (7, 6, 4) if t < mt and rows % t == 0), mt)
 
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
         found = single_reduction(func)
