@@ -35,7 +35,7 @@ Usage (the lead's re-run on a quiet machine)::
 Runtimes (``--runtimes``): eager, ort, ort-int8, ctc, ctc-int8, ctc-dyn, ctc-int8-dyn (any-length
 builds), ctc-raw (the ctc fp32 library's VM called on prebuilt runtime tensors: the runner's
 per-call overhead is ctc - ctc-raw), ctc-strict (the fixed-length fp32 build with ``fp32_matmul=strict``:
-AVX-512 f32 FMAs where the default, ``auto``, runs the linears on AMX-BF16 tiles with bf16-split
+f32 FMAs (AVX-512 or AVX2) where the default, ``auto``, runs the linears on AMX-BF16 tiles with bf16-split
 operands; the header says which kernels each fp32 build ran).
 """
 
@@ -69,7 +69,7 @@ RUNTIMES = ("eager", "ort", "ort-int8", "ctc", "ctc-int8", "ctc-dyn", "ctc-int8-
 LABELS = {"eager": "PyTorch eager fp32", "ort": "ONNX Runtime fp32", "ort-int8": "ONNX Runtime int8 (dynamic)",
           "ctc": "ctc fp32", "ctc-int8": "ctc RPTQ W8A8", "ctc-dyn": "ctc fp32, any length",
           "ctc-int8-dyn": "ctc RPTQ W8A8, any length", "ctc-raw": "ctc fp32, raw VM call (no conversion)",
-          "ctc-strict": "ctc fp32, fp32_matmul=strict (AVX-512 f32)"}
+          "ctc-strict": "ctc fp32, fp32_matmul=strict (f32 FMAs)"}
 # (runtime, reference): the side-by-side ratios of one run
 RATIOS = (("ctc", "ort"), ("ctc-dyn", "ort"), ("ctc-int8", "ort-int8"), ("ctc-int8-dyn", "ort-int8"),
           ("ctc-dyn", "ctc"), ("ctc-int8-dyn", "ctc-int8"), ("ctc", "ctc-raw"), ("ctc-int8", "ctc"),

@@ -38,11 +38,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttentionSpec", "KEY_BLOCK", "attention_kernel"]
+__all__ = ["AttentionSpec", "KEY_BLOCK", "attention_kernel", "attention_rows"]
 
 KEY_BLOCK = 32  # keys per score tile (2 x 16 f32 lanes); the padded key length is a multiple of it
-ROWS = 8  # query rows per task (the register tiles: 8 x 32 scores, 8 x D outputs)
+ROWS = 8  # query rows per task (the register tiles: 8 x 32 scores, 8 x D outputs) with AVX-512's 32 zmm
 PV_UNROLL = 4  # keys per step of the p v loop (one step per key: pointer bumps and loop overhead cost ~5%)
+
+
+def attention_rows(lanes: int) -> int:
+    """Query rows per task of the f32 kernel for ``lanes`` f32 lanes.  AVX-512's 32 zmm hold the 8 x 32 score
+    tile (16 registers); AVX2's 16 ymm do not (8 x 32 is 32 ymm), and there 2 rows measured fastest (one thread,
+    MiniLM heads, seq 384: 4.49 ms with 2 rows, 5.15 with 3, 6.61 with 8; 64-wide heads at 256 keys: 4.48 vs 6.56)."""
+    return ROWS if lanes >= 16 else 2
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class AttentionSpec:
     seq: int | None = None
     keys: int | None = None  # padded key length Lp
     bits: int = 32  # 32: f32 products; 8: int8 q k^T and p v on VNNI (see attention_kernel)
+    rows: int = ROWS  # query rows per task of the f32 kernel (its register tiles: rows x 32 scores, rows x D outputs)
 
     @property
     def name(self) -> str:
@@ -98,25 +106,25 @@ def _i(v: int) -> str:
 _NEG = "T.float32(-3.4028234663852886e38)"
 
 
-def _lane_reduce(op: str, ind: str) -> list[str]:
+def _lane_reduce(op: str, ind: str, rows: int = ROWS) -> list[str]:
     """TVMScript lines: ``rs[r] = op`` over the ``KEY_BLOCK`` lanes of ``vmx[r]`` (LLVM vectorizes the loop)."""
     init = _NEG if op == "T.max" else "T.float32(0)"
-    return [f"{ind}for r in range({_i(ROWS)}):", f"{ind}    rs[r] = {init}",
+    return [f"{ind}for r in range({_i(rows)}):", f"{ind}    rs[r] = {init}",
             f"{ind}    for c in range({_i(KEY_BLOCK)}):", f"{ind}        rs[r] = {op}(rs[r], vmx[r, c])"]
 
 
-def _tile_fill(ind: str, lhs: str, value: str, cols: int = KEY_BLOCK) -> list[str]:
-    """TVMScript lines: ``lhs = value`` over a register tile (``r`` unrolled over ``ROWS``, ``c`` vectorized)."""
-    return [f"{ind}for r in T.unroll({_i(ROWS)}):", f"{ind}    for c in T.vectorized({_i(cols)}):",
+def _tile_fill(ind: str, lhs: str, value: str, cols: int = KEY_BLOCK, rows: int = ROWS) -> list[str]:
+    """TVMScript lines: ``lhs = value`` over a register tile (``r`` unrolled over ``rows``, ``c`` vectorized)."""
+    return [f"{ind}for r in T.unroll({_i(rows)}):", f"{ind}    for c in T.vectorized({_i(cols)}):",
             f"{ind}        {lhs} = {value}"]
 
 
-def _pv(count: str, unroll: int, start: str, row: str, dim: int, ind: str) -> list[str]:
+def _pv(count: str, unroll: int, start: str, row: str, dim: int, ind: str, rows: int) -> list[str]:
     """TVMScript lines: ``o[r] += p[r, j] v[j]`` for ``count`` groups of ``unroll`` keys from key ``start``."""
     j = f"{start}j0 * {_i(unroll)} + j1"
     return [f"{ind}for j0 in range({count}):",
             f"{ind}    for j1 in T.unroll({_i(unroll)}):",
-            f"{ind}        for r in T.unroll({_i(ROWS)}):",
+            f"{ind}        for r in T.unroll({_i(rows)}):",
             f"{ind}            for dd in T.vectorized({_i(dim)}):",
             f"{ind}                o[r, dd] = o[r, dd] + sc[b, h, {row}, {j}] * v[b, hk, {j}, dd]"]
 
@@ -160,7 +168,7 @@ def _header(spec: AttentionSpec, name: str, params: list[str], decl: list[str], 
 
 def _source(spec: AttentionSpec) -> str:
     """TVMScript of the fused kernel (the loop nest is the schedule)."""
-    H, HK, D, R, KB = spec.heads, spec.kv_heads, spec.dim, ROWS, KEY_BLOCK
+    H, HK, D, R, KB = spec.heads, spec.kv_heads, spec.dim, spec.rows, KEY_BLOCK
     group = H // HK
     dims = {"B": spec.batch, "S": spec.seq, "LP": spec.keys}
     decl = [f"    {n} = T.int64()" for n, v in dims.items() if v is None]
@@ -192,19 +200,19 @@ def _source(spec: AttentionSpec) -> str:
         f'            vmx = T.decl_buffer(({_i(R)}, {_i(KB)}), "float32", scope="local")',
         f'            o = T.decl_buffer(({_i(R)}, {_i(D)}), "float32", scope="local")',
         f'            rs = T.decl_buffer(({_i(R)},), "float32", scope="local")',
-        *_tile_fill(f"{ind}", "vmx[r, c]", f"{_NEG}"),
+        *_tile_fill(f"{ind}", "vmx[r, c]", f"{_NEG}", rows=R),
         # 1. scores, scaled and masked, with running 32-lane maxima
         f"{ind}for jb in range({LP} // {_i(KB)}):",
-        *_tile_fill(f"{ind}    ", "acc[r, c]", "T.float32(0)"),
+        *_tile_fill(f"{ind}    ", "acc[r, c]", "T.float32(0)", rows=R),
         f"{ind}    for d in range({_i(D)}):",
         f"{ind}        for r in T.unroll({_i(R)}):",
         f"{ind}            for c in T.vectorized({_i(KB)}):",
         f"{ind}                acc[r, c] = acc[r, c] + q[b, h, {row}, d] * kt[b, hk, d, jb * {_i(KB)} + c]",
-        *_tile_fill(f"{ind}    ", f"sc[b, h, {row}, {key}]", f"{val}"),
+        *_tile_fill(f"{ind}    ", f"sc[b, h, {row}, {key}]", f"{val}", rows=R),
         f"{ind}            vmx[r, c] = T.max(vmx[r, c], sc[b, h, {row}, {key}])",
         # row maxima; 2. exponentials in place with 32-lane sums (vmx reused for them)
-        *_lane_reduce("T.max", ind),
-        *_tile_fill(f"{ind}", "vmx[r, c]", "T.float32(0)"),
+        *_lane_reduce("T.max", ind, R),
+        *_tile_fill(f"{ind}", "vmx[r, c]", "T.float32(0)", rows=R),
         # (in place: a clamped duplicate of the last row must not exponentiate it twice)
         f"{ind}for jb in range({LP} // {_i(KB)}):",
         f"{ind}    for r in T.unroll({_i(R)}):",
@@ -212,15 +220,15 @@ def _source(spec: AttentionSpec) -> str:
         f"{ind}            for c in T.vectorized({_i(KB)}):",
         f"{ind}                sc[b, h, {row}, {key}] = EXP(sc[b, h, {row}, {key}] - rs[r])",
         f"{ind}                vmx[r, c] = vmx[r, c] + sc[b, h, {row}, {key}]",
-        *_lane_reduce("T.Add", ind),
+        *_lane_reduce("T.Add", ind, R),
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    rs[r] = T.float32(1) / rs[r]",
         # 3. p v
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    for dd in T.vectorized({_i(D)}):",
         f"{ind}        o[r, dd] = T.float32(0)",
-        *_pv(f"{nk} // {_i(PV_UNROLL)}", PV_UNROLL, "", row, D, ind),
-        *(_pv(f"{nk} % {_i(PV_UNROLL)}", 1, f"{nk} // {_i(PV_UNROLL)} * {_i(PV_UNROLL)} + ", row, D, ind)
+        *_pv(f"{nk} // {_i(PV_UNROLL)}", PV_UNROLL, "", row, D, ind, R),
+        *(_pv(f"{nk} % {_i(PV_UNROLL)}", 1, f"{nk} // {_i(PV_UNROLL)} * {_i(PV_UNROLL)} + ", row, D, ind, R)
           if spec.padded else []),
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    if rb * {_i(R)} + r < {S}:",

@@ -1071,15 +1071,6 @@ def _lanes(ctx: Ctx) -> int:
     return vector_lanes(ctx.target, 32)
 
 
-def _lanes(ctx: Ctx) -> int:
-    """f32 SIMD lanes of the build target (16 without one: AVX-512)."""
-    if ctx.target is None:
-        return 16
-    from ctc.backends.tvm.schedules import vector_lanes
-
-    return vector_lanes(ctx.target, 32)
-
-
 def _padded(ctx: Ctx, name: str, pad: tuple[int, int], transpose: bool = False) -> Any:
     """Parameter ``name`` with ``pad = (rows, cols)`` zero rows and columns appended (then transposed
     if asked), bound under its own key with a replayable source (:data:`PARAM_DERIVATIONS`)."""
@@ -1562,7 +1553,7 @@ def _fused_mask_dims(ctx: Ctx, qt: TensorType, mt: TensorType, keys: int | str) 
 def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     """f32 prefill attention as one kernel (:mod:`.attention_kernels`), or None where it does not apply
     (other dtypes or ranks, a head dim that is not whole vectors, a mask it cannot broadcast)."""
-    from ctc.backends.tvm.attention_kernels import KEY_BLOCK, AttentionSpec, attention_kernel
+    from ctc.backends.tvm.attention_kernels import KEY_BLOCK, AttentionSpec, attention_kernel, attention_rows
     from ctc.backends.tvm.int_kernels import add_prim_func
 
     qt, kt, vt = a.type("q"), a.type("k"), a.type("v")
@@ -1596,7 +1587,7 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
                          padded=padded_keys is not None, batch=_static_int(ctx, qt.shape[0]),
                          seq=_static_int(ctx, qt.shape[2]),
                          keys=(keys if padded_keys is None else padded_keys if isinstance(padded_keys, int) else None),
-                         bits=_attention_bits(ctx))
+                         bits=_attention_bits(ctx), rows=attention_rows(_lanes(ctx)))
     try:
         kernel = attention_kernel(spec)
     except ValueError:
