@@ -132,6 +132,19 @@ class MatmulRule(_CpuRule):
         # that divides it rather than rows padded and computed for nothing
         return next((t for t in (7, 6, 4) if t < mt and rows % t == 0), mt)
 
+    @staticmethod
+    def _symbolic_row_tiles(sch: s_tir.Schedule, batch: list[Any], mo: Any, no: Any) -> tuple[Any, Any]:
+        """(parallel loop, tile loop) of a GEMM whose row-tile loop ``mo`` has a symbolic extent; the loops are
+        ordered ``*batch, no, mo`` (N panels outermost) when called."""
+        par = _static_size(sch, [*batch, no])
+        if par is None or par >= PARALLEL_PANELS:
+            return sch.fuse(*batch, no), mo
+        # few panels (a narrow output): row tiles outermost keep every core busy; the divisions of the
+        # fused index are then by static extents only
+        sch.reorder(mo, *batch, no)
+        fused = sch.fuse(mo, *batch, no)
+        return fused, fused
+
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:  # noqa: C901
         found = single_reduction(func)
         if found is None:
@@ -213,12 +226,19 @@ class MatmulRule(_CpuRule):
             # A (M x K) is the larger operand (a convolution's weight against a small feature map):
             # row tiles outermost, so each A tile streams once and B (K x N) stays in cache.
             sch.reorder(*batch, mo, no, lk, mi, nj, nv)
-            outer = sch.fuse(*batch, mo, no)
+            outer = tile = sch.fuse(*batch, mo, no)
         else:
             # N-panels outermost: one B panel (K x NB*V) stays in cache while all row tiles use it.
             sch.reorder(*batch, no, mo, lk, mi, nj, nv)
-            outer = sch.fuse(*batch, no, mo)
-        tile = outer
+            if m_ext is None:
+                # Symbolic rows: fused into the parallel loop, a tile's row became a division by the symbolic tile
+                # count, which TVM could not bound, so the accumulator tile stayed an indexed stack array (a load and
+                # a store per FMA: the merged q|k|v GEMM of an any-length MiniLM 2.6x slower than the fixed build's).
+                # The row tiles stay their own serial loop inside the parallel panels, or outermost where panels
+                # are too few.
+                outer, tile = self._symbolic_row_tiles(sch, batch, mo, no)
+            else:
+                outer = tile = sch.fuse(*batch, no, mo)
         # The accumulator tile: TVM puts a "local" buffer in its workspace pool (an alloc, a memset of the init and
         # a free per tile); a "global" one under 1 KB stays on the stack, in registers after LLVM's SROA: measured
         # 5-6% faster for a 7 x 32 tile (112 x 384 x 384, one thread). Larger tiles that still fit the register
@@ -227,7 +247,7 @@ class MatmulRule(_CpuRule):
         tile_bytes = mt * nb * lanes * 4
         acc = "global" if tile_bytes < 1024 else "local"
         if tile_bytes <= STACK_TILE_BYTES:
-            sch.annotate(outer, STACK_TILE, 1)
+            sch.annotate(tile, STACK_TILE, 1)
         sch.parallel(outer)
         sch.unroll(mi)
         sch.unroll(nj)
@@ -472,6 +492,7 @@ def _vectorize_last(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
 
 STACK_TILE = "ctc.stack_accumulator"  # loop annotation: the accumulators allocated in its body stay on the stack
 STACK_TILE_BYTES = 2048  # the register file: 32 AVX-512 registers
+PARALLEL_PANELS = 32  # a parallel loop over at least this many panel tasks balances on up to 16 cores
 SERIAL_ELEMENTS = 8192  # an elementwise kernel with at most this many (static) outputs runs on the calling thread
 
 
