@@ -239,12 +239,12 @@ def test_vnni_instruction_is_emitted() -> None:
 @needs_avx2
 def test_avx2_kernel_multiplies_exactly_on_ymm() -> None:
     """Without VNNI, 8-bit weights run the AVX2 kernel: ``vpmaddwd`` on int16-widened codes (exact: no
-    ``vpmaddubsw``, whose pair sums saturate), 3 rows x 16 channels, nothing wider than ymm; a target with
+    ``vpmaddubsw``, whose pair sums saturate), 4 rows x 16 channels, nothing wider than ymm; a target with
     VNNI keeps VNNI, int4 storage the plain kernel."""
     spec = ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8, act_clusters=(16, 64)), 64, 32)
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     kern = ik.plan_quant_linear(spec, avx2)
-    assert kern.isa == "avx2" and kern.hand_written and kern.tile == ik.TileConfig(3, 1)
+    assert kern.isa == "avx2" and kern.hand_written and kern.tile == ik.TileConfig(4, 1)
     asm = ik.build_kernel(kern, avx2)[1].mod.inspect_source("asm")
     assert asm.count("vpmaddwd") >= 12 and "vpmaddubsw" not in asm and "zmm" not in asm
     assert ik.plan_quant_linear(spec, tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})).isa == "vnni"

@@ -164,11 +164,11 @@ def test_one_row_uses_a_one_row_tile() -> None:
     from ctc.backends.tvm.int_kernels import target_has_amx, target_has_vnni
 
     vnni = target_has_vnni()
-    one, several = ("vnni_1x4", "vnni_8x2") if vnni else ("avx2_1x2", "avx2_3x1")
+    one, several = ("vnni_1x4", "vnni_8x2") if vnni else ("avx2_1x2", "avx2_4x1")
     low = L.lower(_w8a8(128, 64, (), True, 1, dynamic=False))
     assert one in low.mod.script() and low.amx_kernels == 0
     low = L.lower(_w8a8(128, 64, (), True, 3, dynamic=False))
-    # several rows: AMX tiles where the host has them (W8A8), else the VNNI (8 x 32) or AVX2 (3 x 16) register tile
+    # several rows: AMX tiles where the host has them (W8A8), else the VNNI (8 x 32) or AVX2 (4 x 16) register tile
     assert ("_amx" if target_has_amx() else several) in low.mod.script()
     assert low.amx_kernels == int(target_has_amx())
     low = L.lower(_w8a8(128, 64, (), True, 3, dynamic=False), use_amx=False)
