@@ -36,9 +36,9 @@ class CpuOptions(TargetOptions):
     mcpu: str = option("native", "LLVM -mcpu (native = this machine)")
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
     tuning_dir: str | None = option(None, "meta-schedule tuning database directory (default ~/.cache/ctc/tuning)")
-    seq_len: int = option(0, "build for this sequence length only (0 = any length); fixed-length code is faster "
-                             "(MiniLM seq 128: 1.4x). A tuned build (trials > 0) needs fixed shapes: it defaults to "
-                             "the recipe's evaluation (else calibration) seq_len, else 128", min=0)
+    seq_len: int = option(0, "build for this sequence length only (0 = any length); fixed-length code is a "
+                             "little faster (MiniLM: 2-5%). A tuned build (trials > 0) needs fixed shapes: it "
+                             "defaults to the recipe's evaluation (else calibration) seq_len, else 128", min=0)
     batch: int = option(0, "build for this batch size only (0 = any); a tuned build (trials > 0) defaults to 1",
                         min=0)
     amx: bool = option(True, "run W8A8 matmuls of several rows (and f32 linears, see fp32_matmul) on AMX tiles "
