@@ -33,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 IDLE_CPU_LIMIT = 0.01  # idle processes of the benchmark may use at most 1% of the timed wall time
+NOISY_SPREAD = 0.25  # a median spread ((p90 - min) / median) over the runtimes above this marks the part noisy
 
 
 # ----------------------------------------------------------------------------- child side
@@ -156,9 +157,19 @@ class Timings:
 
     def check(self) -> dict[str, float]:
         timed = max(self.timed_ns, 1)
-        return {"idle_cpu_ms": self.idle_ns / 1e6, "timed_ms": self.timed_ns / 1e6, "idle_share": self.idle_ns / timed,
-                "foreign_cores": self.foreign_ns / timed, "steal_cores": self.steal_ns / timed,
-                "runner_cpu_ms": self.runner_ns / 1e6, "runner_share": self.runner_ns / timed}
+        spreads = sorted(_spread(ts) for ts in self.times.values() if len(ts) >= 5)
+        out = {"idle_cpu_ms": self.idle_ns / 1e6, "timed_ms": self.timed_ns / 1e6, "idle_share": self.idle_ns / timed,
+               "foreign_cores": self.foreign_ns / timed, "steal_cores": self.steal_ns / timed,
+               "runner_cpu_ms": self.runner_ns / 1e6, "runner_share": self.runner_ns / timed}
+        if spreads:
+            out.update(spread_median=statistics.median(spreads), spread_min=spreads[0], spread_max=spreads[-1])
+        return out
+
+
+def _spread(times: list[float]) -> float:
+    """(p90 - min) / median of one runtime's call times."""
+    ts = sorted(times)
+    return (ts[min(len(ts) - 1, int(0.9 * len(ts)))] - ts[0]) / statistics.median(ts)
 
 
 def time_runtimes(script: str, specs: dict[str, dict[str, Any]], *, runs: int, rounds: int, settle: float,
@@ -222,12 +233,20 @@ def stats_row(t: Timings, rt: str) -> dict[str, float]:
     med = statistics.median(ts)
     p90 = ts[min(len(ts) - 1, int(0.9 * len(ts)))]
     return {"n": len(ts), "median_ms": med * 1e3, "min_ms": ts[0] * 1e3, "p90_ms": p90 * 1e3,
-            "spread": (p90 - ts[0]) / med, "cpu_ms": t.cpu_ns[rt] / 1e6 / max(t.calls[rt], 1)}
+            "spread": _spread(ts), "cpu_ms": t.cpu_ns[rt] / 1e6 / max(t.calls[rt], 1)}
 
 
 def check_lines(check: dict[str, float]) -> list[str]:
-    """The idle-pool check and the load other users put on the machine, as report lines."""
+    """The idle-pool check, the load other users put on the machine and, where there are timings, how much the
+    calls' times spread, as report lines (a noisy part is said to be one: its ratios are not to be quoted alone)."""
     ok = check["idle_share"] <= IDLE_CPU_LIMIT
+    why = ("other users' load" if check["foreign_cores"] > 0.1 else "steal time" if check.get("steal_cores", 0) > 0.05
+           else "no other users or steal show for it: the machine's own timing")
+    spread = [] if "spread_median" not in check else [
+        f"Spread of the timed calls ((p90 - min) / median) over the runtimes: median {check['spread_median']:.0%}, "
+        f"{check['spread_min']:.0%} to {check['spread_max']:.0%}"
+        + (f": NOISY (median over {NOISY_SPREAD:.0%}; {why}); the ratios of this part are not reliable, re-run it."
+           if check["spread_median"] > NOISY_SPREAD else ".")]
     return [
         f"Idle-pool check: the other runtimes' processes used {check['idle_cpu_ms']:.1f} ms of CPU during "
         f"{check['timed_ms'] / 1e3:.1f} s of timed batches ({check['idle_share']:.2%}): "
@@ -239,6 +258,7 @@ def check_lines(check: dict[str, float]) -> list[str]:
         f"The hypervisor took {check.get('steal_cores', 0.0):.2f} cores (steal time) during the timed batches"
         + (": every runtime was slowed by it; compare only same-run ratios." if check.get("steal_cores", 0.0) > 0.05
            else "."),
+        *spread,
     ]
 
 
@@ -249,7 +269,8 @@ def protocol_text(*, threads: str, warmup: int, runs: int, rounds: int, settle: 
             f"{math.ceil(runs / rounds)} timed calls per runtime (order rotating), each batch after a {settle} s "
             "pause and one untimed call; while one runtime is timed, the CPU time of every other benchmark process "
             f"is measured (schedstat) and must stay under {IDLE_CPU_LIMIT:.0%} of the timed wall time (no spinning "
-            "pool steals a core); ratios are of medians (< 1: faster); spread = (p90 - min) / median; CPU ms per "
+            "pool steals a core); ratios are of medians (< 1: faster); spread = (p90 - min) / median (a part whose "
+            f"runtimes' median spread is over {NOISY_SPREAD:.0%} is marked NOISY); CPU ms per "
             "call = CPU time of the runtime's process over all its threads (spinning included; less inflated than "
             "wall time by other users' load)")
 

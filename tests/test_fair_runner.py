@@ -26,3 +26,17 @@ def test_the_runner_own_cpu_is_reported_apart_from_the_idle_pool_check() -> None
     t = fair.Timings(times={}, cpu_ns={}, calls={}, idle_ns=5_000_000, timed_ns=1_000_000_000, runner_ns=12_000_000)
     line = fair.check_lines(t.check())[0]
     assert "(0.50%): passed." in line and "runner itself used 12.0 ms (1.20%)" in line
+
+
+def test_a_noisy_part_is_said_to_be_one() -> None:
+    steady = [1.0 + 0.01 * (i % 5) for i in range(40)]
+    jumpy = [1.0 + 0.5 * (i % 3) for i in range(40)]
+    quiet = fair.Timings(times={"a": steady, "b": steady}, cpu_ns={}, calls={}, timed_ns=10**9).check()
+    assert quiet["spread_median"] == fair._spread(steady) < fair.NOISY_SPREAD
+    line = fair.check_lines(quiet)[-1]
+    assert line.startswith("Spread of the timed calls") and "NOISY" not in line
+    noisy = fair.check_lines(fair.Timings(times={"a": jumpy, "b": jumpy, "c": steady}, cpu_ns={}, calls={},
+                                          timed_ns=10**9).check())[-1]
+    assert "median 67%, 4% to 67%: NOISY" in noisy and "machine's own timing" in noisy
+    assert not any(ln.startswith("Spread") for ln in fair.check_lines(
+        fair.Timings(times={}, cpu_ns={}, calls={}, timed_ns=10**9).check()))
