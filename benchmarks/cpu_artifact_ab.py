@@ -56,17 +56,28 @@ def time_artifacts(paths: list[str], seq: int, threads: int, rounds: int, calls:
     return times
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def main() -> None:
     from fair_runner import git_commit, machine_line, versions
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+",
                     help="two or more ctc artifacts with a cpu target; the first is the baseline")
-    ap.add_argument("--seq", type=int, default=128, help="tokens of real text per call")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--calls", type=int, default=5, help="timed calls per artifact per round")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--seq", type=_positive, default=128, help="tokens of real text per call")
+    ap.add_argument("--threads", type=_positive, default=2)
+    ap.add_argument("--rounds", type=_positive, default=20)
+    ap.add_argument("--calls", type=_positive, default=5, help="timed calls per artifact per round")
+    ap.add_argument("--warmup", type=_positive, default=5)
     args = ap.parse_args()
     if len(args.artifacts) < 2:
         raise SystemExit("cpu_artifact_ab: give at least two artifacts (the first is the baseline)")
@@ -75,19 +86,21 @@ def main() -> None:
             raise SystemExit(f"cpu_artifact_ab: {p}: no compiled cpu target (ctc compile a recipe with `target cpu`)")
     from ctc.errors import ArtifactError, ModelError, UsageError
 
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load0 = machine_line()
+    try:
+        times = time_artifacts(args.artifacts, args.seq, args.threads, args.rounds, args.calls, args.warmup)
+    except (ArtifactError, ModelError, UsageError) as e:
+        raise SystemExit(f"cpu_artifact_ab: {e}") from None
     print("# ctc builds timed back to back in one process (benchmarks/cpu_artifact_ab.py)\n")
     print(f"- command: `python {' '.join(sys.argv)}`")
-    print(f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, ctc commit {git_commit()}")
-    print(f"- machine: {machine_line()}")
+    print(f"- when: {when}, ctc commit {git_commit()}")
+    print(f"- machine: {load0}")
     print(f"- versions: {versions(('torch', 'tvm', 'tvm_ffi', 'transformers'))}")
     print(f"- protocol: batch 1, {args.seq} tokens of real text (Lee corpus); {args.threads} threads; one process; "
           f"{args.warmup} warm-up calls each; {args.rounds} rounds, each {args.calls} timed back-to-back calls of "
           "every artifact (after one untimed call), the order rotating; the runner's call on the tokenizer's "
           "torch tensors; ratios against the first artifact\n")
-    try:
-        times = time_artifacts(args.artifacts, args.seq, args.threads, args.rounds, args.calls, args.warmup)
-    except (ArtifactError, ModelError, UsageError) as e:
-        raise SystemExit(f"cpu_artifact_ab: {e}") from None
     base = times[args.artifacts[0]]
     print("| artifact | median ms | min ms | p90 ms | median / first | min / first |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -159,7 +159,7 @@ class Timings:
         timed = max(self.timed_ns, 1)
         spreads = sorted(_spread(ts) for ts in self.times.values() if len(ts) >= 5)
         out = {"idle_cpu_ms": self.idle_ns / 1e6, "timed_ms": self.timed_ns / 1e6, "idle_share": self.idle_ns / timed,
-               "foreign_cores": self.foreign_ns / timed, "steal_cores": self.steal_ns / timed,
+               "foreign_cores": max(0, self.foreign_ns - self.steal_ns) / timed, "steal_cores": self.steal_ns / timed,
                "runner_cpu_ms": self.runner_ns / 1e6, "runner_share": self.runner_ns / timed}
         if spreads:
             out.update(spread_median=statistics.median(spreads), spread_min=spreads[0], spread_max=spreads[-1])
@@ -240,7 +240,7 @@ def check_lines(check: dict[str, float]) -> list[str]:
     """The idle-pool check, the load other users put on the machine and, where there are timings, how much the
     calls' times spread, as report lines (a noisy part is said to be one: its ratios are not to be quoted alone)."""
     ok = check["idle_share"] <= IDLE_CPU_LIMIT
-    why = ("other users' load" if check["foreign_cores"] > 0.1 else "steal time" if check.get("steal_cores", 0) > 0.05
+    why = ("steal time" if check.get("steal_cores", 0) > 0.05 else "other users' load" if check["foreign_cores"] > 0.1
            else "no other users or steal show for it: the machine's own timing")
     spread = [] if "spread_median" not in check else [
         f"Spread of the timed calls ((p90 - min) / median) over the runtimes: median {check['spread_median']:.0%}, "

@@ -37,7 +37,7 @@ class CpuOptions(TargetOptions):
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
     tuning_dir: str | None = option(None, "meta-schedule tuning database directory (default ~/.cache/ctc/tuning)")
     seq_len: int = option(0, "build for this sequence length only (0 = any length); fixed-length code is a "
-                             "little faster (MiniLM: 2-5%). A tuned build (trials > 0) needs fixed shapes: it "
+                             "little faster (MiniLM: 0-5%). A tuned build (trials > 0) needs fixed shapes: it "
                              "defaults to the recipe's evaluation (else calibration) seq_len, else 128", min=0)
     batch: int = option(0, "build for this batch size only (0 = any); a tuned build (trials > 0) defaults to 1",
                         min=0)

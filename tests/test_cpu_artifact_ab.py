@@ -25,3 +25,8 @@ def test_an_artifact_without_a_cpu_target_is_named(tmp_path: Path) -> None:
     b.mkdir()
     r = _run(str(a), str(b))
     assert r.returncode != 0 and f"{b}: no compiled cpu target" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_counts_below_one_are_refused(tmp_path: Path) -> None:
+    r = _run(str(tmp_path), str(tmp_path), "--rounds", "0")
+    assert r.returncode == 2 and "--rounds: 0 must be at least 1" in r.stderr and "Traceback" not in r.stderr

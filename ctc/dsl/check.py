@@ -22,6 +22,7 @@ from ctc.dsl.ast import Check, Dataset, EmitFormat, ModelSource, Recipe, RecipeS
 from ctc.dsl.diagnostics import Diagnostic, attach_source, did_you_mean
 from ctc.options import OptionError, Options, option
 from ctc.passes.base import PassError
+from ctc.positions import config_positions
 from ctc.targets import TARGETS, TRIALS_HELP
 from ctc.tasks import TASK_CAUSAL_LM
 
@@ -424,14 +425,9 @@ def _check_check(c: Check, recipe: Recipe) -> list[Diagnostic]:
     return diags
 
 
-_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
-
-
 def model_positions(recipe: Recipe) -> tuple[int, str] | None:
     """How many token positions the recipe's model has, read from its config before anything is loaded:
     ``(n, where it was read)``, or None when unknown (a .pt2 program, no config)."""
-    import json
-
     m = recipe.model
     if m is None:
         return None
@@ -447,17 +443,7 @@ def model_positions(recipe: Recipe) -> tuple[int, str] | None:
                 return BUNDLED[m.ref].max_seq_len, f"the context length of bundled model {m.ref!r}"
         except (ImportError, LookupError):
             return None
-    if config is None or not config.is_file():
-        return None
-    try:
-        cfg = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    for key in _POSITION_KEYS:
-        v = cfg.get(key) if isinstance(cfg, dict) else None
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v, f"{key} in {config}"
-    return None
+    return None if config is None else config_positions(config)
 
 
 def _check_positions(recipe: Recipe) -> list[Diagnostic]:

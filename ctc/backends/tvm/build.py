@@ -35,6 +35,7 @@ import numpy as np
 
 from ctc.backends.tvm.inputs import bind_input, check_shape, input_specs
 from ctc.backends.tvm.targets import host_cores, usable_cores
+from ctc.errors import UsageError
 from ctc.ir.graph import Module
 
 __all__ = ["BuildOptions", "CompiledModel", "build", "compile_module", "load", "load_compiled", "relax_passes"]
@@ -573,6 +574,7 @@ class CompiledModel:
         self._main = self.vm["main"]
         self._inplace = set(self.meta.get("inplace_inputs", []))
         self._specs = input_specs(self.meta, self._inplace)
+        self.symbol_limits: dict[str, tuple[int, str]] = {}  # symbol -> (largest size, why): see _check_limits
         self._keep: list[Any] = []
         self._params: list[Any] = []
         self._param_keep: list[Any] = []
@@ -684,10 +686,22 @@ class CompiledModel:
         if self.device == "cuda":
             for spec, x in zip(self._specs, inputs, strict=True):
                 check_shape(spec, tuple(int(n) for n in np.shape(x)), sizes)
+            self._check_limits(sizes)
             return [self._to_ffi(x, keep, copy=s.inplace) for s, x in zip(self._specs, inputs, strict=True)] \
                 + self._params
         args = [bind_input(self._ffi, spec, x, sizes, keep) for spec, x in zip(self._specs, inputs, strict=True)]
+        self._check_limits(sizes)
         return args + self._params if self._params else args
+
+    def _check_limits(self, sizes: Mapping[str, tuple[int, str]]) -> None:
+        """A symbol over its limit (``symbol_limits``: more tokens than the model has positions) is a
+        :class:`UsageError` before any kernel runs: the compiled code would read past the position table."""
+        for sym, (limit, why) in self.symbol_limits.items():
+            got = sizes.get(sym)
+            if got is not None and got[0] > limit:
+                raise UsageError(f"input {got[1]!r} has {sym} = {got[0]}, but the model has {limit} positions "
+                                 f"({why}); cut the input to at most {limit} (e.g. tokenizer(..., truncation=True, "
+                                 f"max_length={limit}))")
 
     def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
         """Run on ``inputs`` (a mapping by name, a list, or positional); outputs as CPU torch tensors (numpy
@@ -846,7 +860,6 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
     """Build options from a ``TargetConfig``: its trial budget, ``opt_level``, ``tuning_dir``
     (default: ~/.cache/ctc/tuning) and ``seq_len``/``batch`` (a fixed-shape build binds the
     module's ``seq``/``batch`` symbols)."""
-    from ctc.errors import UsageError
 
     opts = target.options
     symbols = sorted(set().union(*(v.type.symbols for v in module.inputs))) if module.inputs else []
@@ -894,4 +907,11 @@ def load(target_dir: str | Path, module: Module | None = None) -> Any:
     """The ctc artifact hook: the compiled library in ``target_dir``, callable on a mapping or a list of
     inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``); weights not stored beside
     it come from ``module``'s parameters."""
-    return load_compiled(target_dir, module_params=module.params if module is not None else None)
+    from ctc.positions import config_positions
+
+    compiled = load_compiled(target_dir, module_params=module.params if module is not None else None)
+    # an artifact's library (ART/targets/KIND): the source model's config sits in ART/tokenizer
+    positions = config_positions(Path(target_dir).parent.parent / "tokenizer" / "config.json")
+    if positions is not None and any("seq" in dict(s.symbols).values() for s in compiled._specs):
+        compiled.symbol_limits["seq"] = positions
+    return compiled

@@ -738,8 +738,9 @@ def default_tile(spec: QLinearSpec) -> TileConfig:
 
 
 def avx2_tile(spec: QLinearSpec, one_row: bool = False) -> TileConfig:
-    """The AVX2 kernel's register tile: 4 rows x 16 channels (16 int32 accumulators, one spilled: the kernel is
-    bound by ``vpmaddwd``'s one ymm per cycle, not by loads and stores; on one Zen 4 core with AVX-512 masked,
+    """The AVX2 kernel's register tile: 4 rows x 16 channels (16 ymm accumulators, two int32 lanes per channel; LLVM
+    keeps 6-7 of them on the stack, yet the kernel stays bound by ``vpmaddwd``'s one ymm per cycle: the stack
+    loads and stores use other ports); on one Zen 4 core with AVX-512 masked,
     MiniLM's shapes at 128 rows ran 88-93 G integer ops/s against 85-90 for 3 rows and 72 for 2 x 32, and a
     ``vpmaddwd`` + ``vpaddd`` loop peaks at 47 G multiply-adds/s: 94 GOP/s); for one row (a decode step) 1 x 32
     channels where N has whole blocks of 32."""
