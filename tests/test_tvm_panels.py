@@ -184,8 +184,8 @@ def test_small_register_tiles_accumulate_on_the_stack() -> None:
 
 
 def test_one_kilobyte_register_tiles_accumulate_on_the_stack(tmp_path: Path) -> None:
-    """The encoders' 8 x 32 f32 tile is exactly 1 KB, TVM's stack limit: the matmul schedule marks its loop and
-    ``build.stack_tiles`` keeps the accumulator an ``alloca`` (no ``TVMBackendAllocWorkspace`` + ``memset`` +
+    """The encoders' 8 x 32 f32 tile is exactly 1 KB, TVM's stack limit: ``build.stack_tiles`` keeps the
+    accumulator an ``alloca`` (no ``TVMBackendAllocWorkspace`` + ``memset`` +
     ``Free`` per tile: 3-5% of the kernel), with the interpreter's results."""
     m = _ffn(64)
     comp = compile_module(m, options=BuildOptions(params="input", static_dims={"seq": 16}, fp32_matmul="strict"))

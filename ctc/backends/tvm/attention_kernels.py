@@ -45,6 +45,16 @@ ROWS = 8  # query rows per task (the register tiles: 8 x 32 scores, 8 x D output
 PV_UNROLL = 4  # keys per step of the p v loop (one step per key: pointer bumps and loop overhead cost ~5%)
 
 
+LAYOUTS = {
+    "bhsd": "q, k, v and out as separate [B, H, S, D] tensors (k, v with the kv heads)",
+    "bshd": "q, k, v and out as separate [B, S, H, D] tensors: the linears' outputs split into heads, untransposed",
+    "qkv": "q, k and v as parts 0, 1, 2 of one [3, B, S, H * D] tensor (a merged q|k|v linear's part-major output); "
+           "out [B, S, H, D]",
+}
+"""How the int8 kernel finds its operands.  The last two spare the model the head transposes around attention
+(one copy of q, k and v each before it, one of the output after it)."""
+
+
 def attention_rows(lanes: int) -> int:
     """Query rows per task of the f32 kernel for ``lanes`` f32 lanes.  AVX-512's 32 zmm hold the 8 x 32 score
     tile (16 registers); AVX2's 16 ymm do not (8 x 32 is 32 ymm), and there 2 rows measured fastest (one thread,
@@ -76,6 +86,7 @@ class AttentionSpec:
     keys: int | None = None  # padded key length Lp
     bits: int = 32  # 32: f32 products; 8: int8 q k^T and p v on VNNI (see attention_kernel)
     rows: int = ROWS  # query rows per task of the f32 kernel (its register tiles: rows x 32 scores, rows x D outputs)
+    layout: str = "bhsd"  # how q, k, v and out are stored: see LAYOUTS (the int8 kernel takes all three)
 
     @property
     def name(self) -> str:
@@ -83,8 +94,9 @@ class AttentionSpec:
         m = "" if self.mask is None else f"_m{self.mask[0]}{''.join('1' if f else '0' for f in self.mask_dims)}"
         sizes = "_".join(str(v) if v is not None else "n" for v in (self.batch, self.seq, self.keys))
         flags = ("c" if self.causal else "") + ("p" if self.padded else "")
+        lay = "" if self.layout == "bhsd" else f"_{self.layout}"
         return (f"ctc_attention_h{self.heads}k{self.kv_heads}d{self.dim}{m}{'_' + flags if flags else ''}"
-                f"{'_i8' if self.bits == 8 else ''}_{sizes}"
+                f"{'_i8' if self.bits == 8 else ''}{lay}_{sizes}"
                 f"_s{self.scale!r}".replace(".", "p").replace("-", "m").replace("+", ""))
 
     def validate(self) -> None:
@@ -97,6 +109,14 @@ class AttentionSpec:
             raise ValueError(f"attention kernel: bits={self.bits}: expected 8 (int8 products) or 32 (f32)")
         if self.keys is not None and self.keys % KEY_BLOCK:
             raise ValueError(f"attention kernel: padded key length {self.keys} must be a multiple of {KEY_BLOCK}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"attention kernel: layout {self.layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if self.layout != "bhsd" and self.bits != 8:
+            raise ValueError(f"attention kernel: layout {self.layout!r} is read by the int8 kernel only (bits=8)")
+        if self.layout == "qkv" and (self.heads != self.kv_heads or (self.seq is None) != (self.keys is None) or (
+                self.seq is not None and self.keys != -(-self.seq // KEY_BLOCK) * KEY_BLOCK)):
+            raise ValueError("attention kernel: layout 'qkv' (q, k and v as parts of one tensor) is self-attention: "
+                             "as many kv heads as heads, the keys the query rows (padded to whole key blocks)")
 
 
 def _i(v: int) -> str:
@@ -150,6 +170,19 @@ def _score_value(spec: AttentionSpec, val: str, row: str, key: str, length: str,
     return val
 
 
+def _dims(layout: str, b: str, h: str, s: str, d: str) -> str:
+    """The shape of a separate q, k, v or out buffer in ``layout`` (TVMScript tuple)."""
+    return f"({b}, {s}, {h}, {d})" if layout != "bhsd" else f"({b}, {h}, {s}, {d})"
+
+
+def _at(spec: AttentionSpec, name: str, h: str, s: str, d: str) -> str:
+    """TVMScript of element ``(b, h, s, d)`` of operand ``name`` (``"q"``, ``"k"``, ``"v"`` or ``"out"``, the
+    kv head ``h`` for k and v) in ``spec.layout``."""
+    if spec.layout == "qkv" and name != "out":
+        return f"qkv[{_i('qkv'.index(name))}, b, {s}, {h} * {_i(spec.dim)} + {d}]"
+    return f"{name}[b, {s}, {h}, {d}]" if spec.layout != "bhsd" else f"{name}[b, {h}, {s}, {d}]"
+
+
 def _header(spec: AttentionSpec, name: str, params: list[str], decl: list[str], B: str, S: str, keys: list[str],
             mask_keys: str) -> list[str]:
     """TVMScript: the kernel's signature, size variables and the buffers ``q``, ``keys`` (``(name, shape)``
@@ -157,13 +190,14 @@ def _header(spec: AttentionSpec, name: str, params: list[str], decl: list[str], 
     H, D = spec.heads, spec.dim
     mshape = [B if spec.mask_dims[0] else _i(1), _i(H) if spec.mask_dims[1] else _i(1),
               S if spec.mask_dims[2] else _i(1), mask_keys]
+    qdecl = (f'    qkv = T.match_buffer(var_qkv, ({_i(3)}, {B}, {S}, {_i(H * D)}), "float32")' if spec.layout == "qkv"
+             else f'    q = T.match_buffer(var_q, {_dims(spec.layout, B, _i(H), S, _i(D))}, "float32")')
     L_ = ["@T.prim_func(private=True, s_tir=True)", f"def {name}({', '.join(params)}):",
-          '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})', *decl,
-          f'    q = T.match_buffer(var_q, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")', *keys]
+          '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})', *decl, qdecl, *keys]
     if spec.mask:
         mdt = "bool" if spec.mask == "bool" else "float32"
         L_.append(f'    mask = T.match_buffer(var_mask, ({", ".join(mshape)}), "{mdt}")')
-    return [*L_, f'    out = T.match_buffer(var_out, ({B}, {_i(H)}, {S}, {_i(D)}), "float32")']
+    return [*L_, f'    out = T.match_buffer(var_out, {_dims(spec.layout, B, _i(H), S, _i(D))}, "float32")']
 
 
 def _source(spec: AttentionSpec) -> str:
@@ -311,21 +345,25 @@ def _source_int8(spec: AttentionSpec) -> str:
     decl = [f"    {n} = T.int64()" for n, v in (("B", spec.batch), ("S", spec.seq)) if v is None]
     B = "B" if spec.batch is None else _i(spec.batch)
     S = "S" if spec.seq is None else _i(spec.seq)
-    if spec.padded or spec.keys is None:
+    lay = spec.layout
+    if lay == "qkv":  # self-attention: the keys are the rows; padded to whole key blocks in the kernel
+        LK = S
+        LP = _i(-(-spec.seq // KB) * KB) if spec.seq is not None else f"(({S} + {_i(KB - 1)}) // {_i(KB)} * {_i(KB)})"
+    elif spec.padded or spec.keys is None:
         decl.append("    L = T.int64()")
         LK = "L"
         LP = _i(spec.keys) if spec.keys is not None else f"((L + {_i(KB - 1)}) // {_i(KB)} * {_i(KB)})"
     else:
         LK = LP = _i(spec.keys)
-    params = ["var_q: T.handle", "var_k: T.handle", "var_v: T.handle"]
+    params = ["var_qkv: T.handle"] if lay == "qkv" else ["var_q: T.handle", "var_k: T.handle", "var_v: T.handle"]
     if spec.mask:
         params.append("var_mask: T.handle")
         if spec.padded:
             decl.append("    LM = T.int64()")
     params.append("var_out: T.handle")
-    L_ = _header(spec, "attention_i8", params, decl, B, S, [
-        f'    k = T.match_buffer(var_k, ({B}, {_i(HK)}, {LK}, {_i(D)}), "float32")',
-        f'    v = T.match_buffer(var_v, ({B}, {_i(HK)}, {LK}, {_i(D)}), "float32")'], "LM" if spec.padded else LP)
+    L_ = _header(spec, "attention_i8", params, decl, B, S, [] if lay == "qkv" else [
+        f'    {n} = T.match_buffer(var_{n}, {_dims(lay, B, _i(HK), LK, _i(D))}, "float32")' for n in "kv"],
+        "LM" if spec.padded else LP)
     nrb = f"(({S} + {_i(R - 1)}) // {_i(R)})"
     row = f"T.min(rb * {_i(R)} + r, {S} - T.int64(1))"
     key = f"jb * {_i(KB)} + c"
@@ -374,7 +412,7 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}for jb in range({LP} // T.int64(16)):",
         f"{ind}    for kl in range(T.int64(16)):",
         f"{ind}        if jb * T.int64(16) + kl < {LK}:",
-        *_amax_lines(f"{ind}            ", "st[0]", "k[b, hk, jb * T.int64(16) + kl, {d}]", D),
+        *_amax_lines(f"{ind}            ", "st[0]", _at(spec, "k", "hk", "jb * T.int64(16) + kl", "{d}"), D),
         *_scale_lines(f"{ind}            ", "st[0]", "kr[kl]"),
         f"{ind}            ks[jb * T.int64(16) + kl] = st[0]",
         f"{ind}        else:",
@@ -385,7 +423,7 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}    for kl in range(T.int64(16)):",
         f"{ind}        for d in T.vectorized({_i(D)}):",
         f"{ind}            kq[kl * {_i(D)} + d] = "
-        f'T.Cast("int8", {_code(f"k[b, hk, {kj}, d] * kr[kl]")})',
+        f'T.Cast("int8", {_code(_at(spec, "k", "hk", kj, "d") + " * kr[kl]")})',
         f"{ind}    for d4 in range({_i(D4)}):",
         f"{ind}        for kl in T.vectorized(T.int64(16)):",
         f"{ind}            kp32[(jb * {_i(D4)} + d4) * T.int64(16) + kl] = kq32[kl * {_i(D4)} + d4]",
@@ -399,14 +437,14 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}    vs[dd] = T.float32(0)",
         f"{ind}for j in range({LK}):",
         f"{ind}    for dd in T.vectorized({_i(D)}):",
-        f"{ind}        vs[dd] = T.max(vs[dd], T.fabs(v[b, hk, j, dd]))",
+        f"{ind}        vs[dd] = T.max(vs[dd], T.fabs({_at(spec, 'v', 'hk', 'j', 'dd')}))",
         f"{ind}for dd in range({_i(D)}):",
         *_scale_lines(f"{ind}    ", "vs[dd]", "vr[dd]"),
         f"{ind}for j2 in range({LP} // T.int64(2)):",
         f"{ind}    for e in T.unroll(T.int64(2)):",
         f"{ind}        for dd in T.vectorized({_i(D)}):",
         f'{ind}            vq[e * {_i(D)} + dd] = T.Cast("int16", '
-        + _code(f"v[b, hk, {vj}, dd] * vr[dd]")
+        + _code(_at(spec, "v", "hk", vj, "dd") + " * vr[dd]")
         + (f" * T.Select(j2 * T.int64(2) + e < {LK}, T.float32(1), T.float32(0))" if padded else "") + ")",
         f"{ind}    for c2 in T.unroll({_i(D16)}):",
         f"{ind}        for x in T.unroll(T.int64(32)):",
@@ -430,12 +468,12 @@ def _source_int8(spec: AttentionSpec) -> str:
     L_ += [
         # the rows' query codes (unsigned: int8 + 128) and scales (times the logit scale)
         f"{ind}for r in T.unroll({_i(R)}):",
-        *_amax_lines(f"{ind}    ", "st[0]", f"q[b, h, {row}, {{d}}]", D),
+        *_amax_lines(f"{ind}    ", "st[0]", _at(spec, "q", "h", row, "{d}"), D),
         *_scale_lines(f"{ind}    ", "st[0]", "st[1]"),
         f"{ind}    qs[r] = st[0] * T.float32({spec.scale * LOG2E!r})",
         f"{ind}    for d in T.vectorized({_i(D)}):",
-        f'{ind}        qu[r * {_i(D)} + d] = T.Cast("uint8", T.Cast("int32", {_code(f"q[b, h, {row}, d] * st[1]")})'
-        " + 128)",
+        f'{ind}        qu[r * {_i(D)} + d] = T.Cast("uint8", T.Cast("int32", '
+        f'{_code(_at(spec, "q", "h", row, "d") + " * st[1]")}) + 128)',
         *_tile_fill(f"{ind}", "vmx[r, c]", f"{_NEG}"),
         # scores: int32 tiles of R rows x 32 keys by vpdpbusd, dequantized, scaled and masked
         f"{ind}for jb in range({LP} // {_i(KB)}):",
@@ -482,7 +520,7 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}    for r in T.unroll({_i(RP)}):",
         f"{ind}        if rb * {_i(R)} + rp * {_i(RP)} + r < {S}:",
         f"{ind}            for dd in T.vectorized({_i(D)}):",
-        f"{ind}                out[b, h, rb * {_i(R)} + rp * {_i(RP)} + r, dd] = "
+        f"{ind}                {_at(spec, 'out', 'h', f'rb * {_i(R)} + rp * {_i(RP)} + r', 'dd')} = "
         f'of[r * {_i(D)} + dd] * vs[dd] * rs[rp * {_i(RP)} + r]',
     ]
     return "\n".join(L_) + "\n"

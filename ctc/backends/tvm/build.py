@@ -198,14 +198,17 @@ def _shape_funcs_noalias() -> Any:
 
 
 def stack_tiles() -> Any:
-    """TIR pass: accumulators allocated directly in a loop annotated ``schedules.STACK_TILE`` stay on the stack.
+    """TIR pass: every constant-size CPU allocation of at most ``schedules.STACK_TILE_BYTES`` stays on the stack.
 
-    Why: ``LowerTVMBuiltin`` keeps only CPU allocations under 1 KB (``kMaxStackAlloca``) on the stack; the f32
-    matmul's 8 x 32 register tile is exactly 1 KB, so every tile took ``TVMBackendAllocWorkspace`` + ``memset``
-    + ``TVMBackendFreeWorkspace`` from the pool.  Marked ``disable_lower_builtin``, the buffer stays an ``alloca``
-    (LLVM's SROA puts it in registers).  Runs before the host finalization (``TIR_PIPELINE``)."""
+    Why: ``LowerTVMBuiltin`` keeps only "global" CPU allocations under 1 KB (``kMaxStackAlloca``) on the stack;
+    a "local" one of any size, or a 1 KB register tile, takes ``TVMBackendAllocWorkspace`` (+ ``memset``) +
+    ``TVMBackendFreeWorkspace`` from the pool each time its scope runs.  The f32 matmul's 8 x 32 register tile
+    is exactly 1 KB; the row kernels' 16-lane accumulators and code buffers are "local", declared per row: MiniLM
+    W8A8's layer norms (128 x 384, writing the next linear's codes) made 4 workspace calls and 4 frees a row.
+    Marked ``disable_lower_builtin``, the buffer stays an ``alloca`` in the function's entry block (LLVM's SROA
+    puts it in registers where it can).  Runs before the host finalization (``TIR_PIPELINE``)."""
     import tvm
-    from ctc.backends.tvm.schedules import STACK_TILE, STACK_TILE_BYTES
+    from ctc.backends.tvm.schedules import STACK_TILE_BYTES
     from tvm import tirx
 
     def small(buf: Any) -> bool:
@@ -216,33 +219,36 @@ def stack_tiles() -> Any:
             n *= int(e)
         return n * buf.dtype.bits * buf.dtype.lanes // 8 <= STACK_TILE_BYTES
 
-    def visit(stmt: Any, tile: bool) -> Any:
+    def visit(stmt: Any) -> Any:
         if isinstance(stmt, tirx.AllocBuffer):
-            if tile and small(stmt.buffer):
+            if small(stmt.buffer) and "disable_lower_builtin" not in stmt.annotations:
                 keep = tirx.IntImm("int32", 1)
                 return tirx.AllocBuffer(stmt.buffer, {**stmt.annotations, "disable_lower_builtin": keep})
             return stmt
         if isinstance(stmt, tirx.SeqStmt):
-            seq = [visit(s, tile) for s in stmt.seq]
+            seq = [visit(s) for s in stmt.seq]
             return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq, strict=True)) else tirx.SeqStmt(seq)
         if isinstance(stmt, tirx.For):
-            body = visit(stmt.body, STACK_TILE in stmt.annotations)
+            body = visit(stmt.body)
             return stmt if body.same_as(stmt.body) else tirx.For(
                 stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations,
                 stmt.step, stmt.span)
+        if isinstance(stmt, tirx.While):
+            body = visit(stmt.body)
+            return stmt if body.same_as(stmt.body) else tirx.While(stmt.condition, body)
         if isinstance(stmt, tirx.AttrStmt):
-            body = visit(stmt.body, False)
+            body = visit(stmt.body)
             return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
         if isinstance(stmt, tirx.IfThenElse):
-            then = visit(stmt.then_case, False)
-            other = None if stmt.else_case is None else visit(stmt.else_case, False)
+            then = visit(stmt.then_case)
+            other = None if stmt.else_case is None else visit(stmt.else_case)
             same = then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case))
             return stmt if same else tirx.IfThenElse(stmt.condition, then, other)
         return stmt
 
     @tvm.tirx.transform.prim_func_pass(opt_level=0, name="StackTiles")
     def _pass(func: Any, _mod: Any, _ctx: Any) -> Any:
-        body = visit(func.body, False)
+        body = visit(func.body)
         return func if body.same_as(func.body) else func.with_body(body)
 
     return _pass

@@ -635,7 +635,9 @@ def _permute_or_view(ctx: Ctx, node: Node, x: Any, perm: list[int]) -> Any:
 
 @rule("permute")
 def _permute(ctx: Ctx, node: Node, a: Operands) -> Any:
-    return _permute_or_view(ctx, node, a["x"], list(node.attrs["perm"]))
+    perm = [_axis(p, a.type("x").rank) for p in node.attrs["perm"]]
+    src = _swapped_heads_source(ctx, node, perm)
+    return src if src is not None else _permute_or_view(ctx, node, a["x"], perm)
 
 
 @rule("transpose")
@@ -644,7 +646,31 @@ def _transpose(ctx: Ctx, node: Node, a: Operands) -> Any:
     perm = list(range(r))
     i, j = _axis(node.attrs["dim0"], r), _axis(node.attrs["dim1"], r)
     perm[i], perm[j] = perm[j], perm[i]
-    return _permute_or_view(ctx, node, a["x"], perm)
+    src = _swapped_heads_source(ctx, node, perm)
+    return src if src is not None else _permute_or_view(ctx, node, a["x"], perm)
+
+
+HEADS_SWAP = [0, 2, 1, 3]  # [B, H, S, D] <-> [B, S, H, D]
+
+
+def _swapped_heads_source(ctx: Ctx, node: Node, perm: list[int]) -> Any | None:
+    """The ``[B, S, H, D]`` tensor an attention kernel wrote, when ``node`` swaps its ``[B, H, S, D]`` output back
+    (the head merge after attention): no transpose is computed.  None otherwise."""
+    if perm != HEADS_SWAP:
+        return None
+    return ctx.memo.get(("heads_last", id(node.inputs[0])))
+
+
+def _heads_swapped(v: Value) -> Value | None:
+    """``x`` where ``v`` is ``x`` ([B, S, H, D]) with axes 1 and 2 swapped (a transpose or permute node), else None."""
+    p = v.producer
+    if p is None or v.type.rank != 4:
+        return None
+    if p.op == "transpose" and sorted((_axis(p.attrs["dim0"], 4), _axis(p.attrs["dim1"], 4))) == [1, 2]:
+        return p.inputs[0]
+    if p.op == "permute" and [_axis(i, 4) for i in p.attrs["perm"]] == HEADS_SWAP:
+        return p.inputs[0]
+    return None
 
 
 @rule("expand")
@@ -1588,8 +1614,18 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
                          seq=_static_int(ctx, qt.shape[2]),
                          keys=(keys if padded_keys is None else padded_keys if isinstance(padded_keys, int) else None),
                          bits=_attention_bits(ctx), rows=attention_rows(_lanes(ctx)))
+    qkv_args: list[Any] = [a["q"], a["k"], a["v"]]
+    kernel = None
+    if spec.bits == 8:
+        layout, args = _attention_operands(ctx, node, qkv_args)
+        if layout != spec.layout:
+            try:
+                kernel = attention_kernel(dataclasses.replace(spec, layout=layout))
+                spec, qkv_args = dataclasses.replace(spec, layout=layout), args
+            except ValueError:  # shapes that layout does not take: the operands as they are
+                kernel = None
     try:
-        kernel = attention_kernel(spec)
+        kernel = kernel if kernel is not None else attention_kernel(spec)
     except ValueError:
         return None
     op = ctx.relax.op
@@ -1609,14 +1645,34 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
     qs = ctx.dims.shape(qt)
     if spec.bits == 8:  # keys and values read as stored, quantized in the kernel
         ctx.int8_attentions += 1
-        return ctx.emit(ctx.relax.call_tir(gv, [q, k, v] + ([mask] if mask is not None else []),
-                                           ctx.relax.TensorType(qs, "float32")))
+        if spec.layout == "bhsd":
+            return ctx.emit(ctx.relax.call_tir(gv, qkv_args + ([mask] if mask is not None else []),
+                                               ctx.relax.TensorType(qs, "float32")))
+        out = ctx.emit(ctx.relax.call_tir(gv, qkv_args + ([mask] if mask is not None else []),
+                                          ctx.relax.TensorType([qs[0], qs[2], qs[1], qs[3]], "float32")))
+        ctx.memo[("heads_last", id(node.outputs[0]))] = out  # the head merge after it reads this (no transpose)
+        return op.permute_dims(out, HEADS_SWAP)  # what the node computes: dead code where only the merge reads it
     kT = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
     args = [q, kT, v] + ([mask] if mask is not None else [])
     lp = padded_keys if padded_keys is not None else ctx.dims(kt.shape[-2])
     res = ctx.emit(ctx.relax.call_tir(gv, args, [ctx.relax.TensorType(qs, "float32"),
                                                  ctx.relax.TensorType([*qs[:3], lp], "float32")]))
     return ctx.relax.TupleGetItem(res, 0)
+
+
+def _attention_operands(ctx: Ctx, node: Node, qkv: list[Any]) -> tuple[str, list[Any]]:
+    """``(layout, operands)`` of the int8 attention kernel (``attention_kernels.LAYOUTS``).  Where q, k and v are
+    the heads of linears' outputs swapped to ``[B, H, S, D]``, the kernel reads them unswapped (``"bshd"``), or all
+    three straight from a merged q|k|v linear's part-major output (``"qkv"``): the head transposes (and the split
+    of the parts) are then computed by nobody."""
+    srcs = [_heads_swapped(node.operand(n)) for n in ("q", "k", "v")]  # type: ignore[arg-type]
+    if any(s is None for s in srcs):
+        return "bhsd", qkv
+    parts = [ctx.memo.get(("qkv_part", id(s))) for s in srcs]
+    if all(p is not None for p in parts) and all(p[0].same_as(parts[0][0]) for p in parts) and \
+            [p[1] for p in parts] == [0, 1, 2]:  # type: ignore[index]
+        return "qkv", [parts[0][0]]  # type: ignore[index]
+    return "bshd", [ctx.val(s) for s in srcs]  # type: ignore[arg-type]
 
 
 def _attention_bits(ctx: Ctx) -> int:
@@ -2140,6 +2196,8 @@ def _split_siblings(ctx: Ctx, y: Any, group: list[Node]) -> Any:
         else:
             ctx.absorbed[id(view.outputs[0])] = ctx.te(_part_as(i, out.type.rank - 1), yl,
                                                       ctx.dims.shape(view.outputs[0].type), name="split_heads")
+            if view.outputs[0].type.rank == 4:  # [B, S, H, D]: the int8 attention may read it from yl itself
+                ctx.memo[("qkv_part", id(view.outputs[0]))] = (yl, i)
             parts.append(None)  # its one reader, the reshape, is computed
     for u, part in zip(group[1:], parts[1:], strict=True):
         ctx.absorbed[id(u.outputs[0])] = part

@@ -239,15 +239,10 @@ class MatmulRule(_CpuRule):
                 outer, tile = self._symbolic_row_tiles(sch, batch, mo, no)
             else:
                 outer = tile = sch.fuse(*batch, no, mo)
-        # The accumulator tile: TVM puts a "local" buffer in its workspace pool (an alloc, a memset of the init and
-        # a free per tile); a "global" one under 1 KB stays on the stack, in registers after LLVM's SROA: measured
-        # 5-6% faster for a 7 x 32 tile (112 x 384 x 384, one thread). Larger tiles that still fit the register
-        # file (the encoders' 8 x 32 is exactly 1 KB) are marked `STACK_TILE` for `build.stack_tiles`, which
-        # keeps them on the stack too (3-5% faster 8 x 32 linears).
-        tile_bytes = mt * nb * lanes * 4
-        acc = "global" if tile_bytes < 1024 else "local"
-        if tile_bytes <= STACK_TILE_BYTES:
-            sch.annotate(tile, STACK_TILE, 1)
+        # The accumulator tile: a "global" buffer (TVM's stack allocations are "global" ones under 1 KB), kept on
+        # the stack even at 1-2 KB (the encoders' 8 x 32 is exactly 1 KB) by `build.stack_tiles`, and in registers
+        # after LLVM's SROA: measured 5-6% faster than the workspace pool's alloc/memset/free per tile.
+        acc = "global"
         sch.parallel(outer)
         sch.unroll(mi)
         sch.unroll(nj)
@@ -490,8 +485,7 @@ def _vectorize_last(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
         sch.vectorize(v)
 
 
-STACK_TILE = "ctc.stack_accumulator"  # loop annotation: the accumulators allocated in its body stay on the stack
-STACK_TILE_BYTES = 2048  # the register file: 32 AVX-512 registers
+STACK_TILE_BYTES = 2048  # the register file (32 AVX-512 registers): smaller constant allocations stay on the stack
 PARALLEL_PANELS = 32  # a parallel loop over at least this many panel tasks balances on up to 16 cores
 SERIAL_ELEMENTS = 8192  # an elementwise kernel with at most this many (static) outputs runs on the calling thread
 
