@@ -236,6 +236,17 @@ def test_vnni_instruction_is_emitted() -> None:
     assert "vdivps" not in asm  # activation quantization lives in qact, not here
 
 
+@needs_vnni
+def test_several_row_kernel_prefetches_the_next_panel_and_one_row_does_not() -> None:
+    """The 8-row VNNI kernel prefetches the next task's weights into L2 (``prefetcht1``) while it works; the one-row
+    (decode) tile, whose task is a single pass, does not."""
+    spec = ik.QLinearSpec.from_attrs(dict(w_bits=8, a_bits=8, act_clusters=(16, 64)), 64, 64)
+    _, fm = ik.build_kernel(ik.plan_quant_linear(spec))
+    assert "prefetcht1" in fm.mod.inspect_source("asm")
+    _, f1 = ik.build_kernel(ik.plan_quant_linear(spec, tile=ik.gemv_tile(spec)))
+    assert "prefetch" not in f1.mod.inspect_source("asm")
+
+
 @needs_avx2
 def test_avx2_kernel_multiplies_exactly_on_ymm() -> None:
     """Without VNNI, 8-bit weights run the AVX2 kernel: ``vpmaddwd`` on int16-widened codes (exact: no

@@ -184,3 +184,30 @@ def test_layer_norm_row_kernel_matches_interpreter(width: int, residual: bool, a
         args = [tvm.runtime.tensor(f.numpy()) for f in feed] + [tvm.runtime.tensor(p) for p in comp.param_arrays]
         got = torch.from_numpy(vm["main"](*args).numpy())
         torch.testing.assert_close(got, interpret(m, feed)[0], rtol=1e-4, atol=2e-5)
+
+
+def test_gelu_expr_is_the_erf_gelu_to_f32_rounding() -> None:
+    """The epilogue GELU (``row_kernels.gelu_expr``, a rational erf) against the exact erf form in float64: within
+    1.5e-6 absolute, 2.5e-7 of |x| where |x| > 1; exactly x far right, 0 far left (|erf| held to 1), inf at inf."""
+    import tvm
+    from tvm import te
+
+    from ctc.backends.tvm.int_kernels import host_target
+    from ctc.backends.tvm.row_kernels import gelu_expr
+
+    n = 1 << 20
+    x = te.placeholder((n,), "float32", name="x")
+    y = te.compute((n,), lambda i: gelu_expr(x[i]), name="y")
+    func = te.create_prim_func([x, y]).with_attr("global_symbol", "main")
+    f = tvm.compile(tvm.IRModule({"main": func}), target=host_target())["main"]
+    xs = np.concatenate([np.linspace(-12, 12, n - 6, dtype=np.float32),
+                         np.array([0.0, -0.0, 1e-30, -1e6, 1e6, np.inf], np.float32)])
+    out = tvm.runtime.tensor(np.zeros(n, np.float32))
+    f(tvm.runtime.tensor(xs), out)
+    got = out.numpy().astype(np.float64)
+    x64 = xs.astype(np.float64)
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x64[:-1]] + [np.inf])
+    err = np.abs(got[:-1] - want[:-1])
+    assert err.max() < 1.5e-6 and (err / np.maximum(np.abs(x64[:-1]), 1.0)).max() < 2.5e-7  # ~2 f32 ulps
+    assert got[-3] == 0.0 and got[-2] == 1e6 and got[-1] == np.inf
+    assert got[n - 6] == 0.0 and got[n - 4] == np.float32(1e-30) * 0.5
