@@ -126,8 +126,14 @@ def _i(v: int) -> str:
 _NEG = "T.float32(-3.4028234663852886e38)"
 
 
-def _lane_reduce(op: str, ind: str, rows: int = ROWS) -> list[str]:
-    """TVMScript lines: ``rs[r] = op`` over the ``KEY_BLOCK`` lanes of ``vmx[r]`` (LLVM vectorizes the loop)."""
+def _lane_reduce(op: str, ind: str, rows: int = ROWS, halving: bool = False) -> list[str]:
+    """TVMScript lines: ``rs[r] = op`` over the ``KEY_BLOCK`` lanes of ``vmx[r]``: a chain over the lanes, or with
+    ``halving`` folded in halves (``vmx`` overwritten).  The int8 kernel halves: its chains were 16% of its time
+    (MiniLM, seq 128); the f32 kernel keeps the chain (its 16-lane halves made LLVM rebuild vectors lane by
+    lane, see the module doc)."""
+    if halving:
+        return [f"{ind}for r in T.unroll({_i(rows)}):", *_halving_lines(ind + "    ", "vmx[r, {c}]", op, KEY_BLOCK),
+                f"{ind}    rs[r] = {op}(vmx[r, T.int64(0)], vmx[r, T.int64(1)])"]
     init = _NEG if op == "T.max" else "T.float32(0)"
     return [f"{ind}for r in range({_i(rows)}):", f"{ind}    rs[r] = {init}",
             f"{ind}    for c in range({_i(KEY_BLOCK)}):", f"{ind}        rs[r] = {op}(rs[r], vmx[r, c])"]
@@ -323,9 +329,20 @@ def _amax_lines(ind: str, dst: str, src: str, count: int) -> list[str]:
             f"{ind}for d0 in range({_i(count // 16)}):",
             f"{ind}    for l in T.vectorized(T.int64(16)):",
             f"{ind}        am[l] = T.max(am[l], T.fabs({src.format(d='d0 * T.int64(16) + l')}))",
-            f"{ind}{dst} = T.float32(0)",
-            f"{ind}for l in range(T.int64(16)):",
-            f"{ind}    {dst} = T.max({dst}, am[l])"]
+            *_halving_lines(ind, "am[{c}]", "T.max", 16),
+            f"{ind}{dst} = T.max(am[T.int64(0)], am[T.int64(1)])"]
+
+
+def _halving_lines(ind: str, at: str, op: str, lanes: int) -> list[str]:
+    """TVMScript lines folding the ``lanes`` lanes ``at`` (a pattern of lane ``{c}``) by ``op`` in halves, down to
+    lanes 0 and 1 (log2 vector steps, not a scalar chain over every lane)."""
+    L = []
+    half = lanes // 2
+    while half >= 2:
+        L += [f"{ind}for c in T.vectorized({_i(half)}):",
+              f"{ind}    {at.format(c='c')} = {op}({at.format(c='c')}, {at.format(c=f'c + {_i(half)}')})"]
+        half //= 2
+    return L
 
 
 def _scale_lines(ind: str, s: str, r: str) -> list[str]:
@@ -486,7 +503,7 @@ def _source_int8(spec: AttentionSpec) -> str:
             f'kp.vload([((jb * T.int64(2) + c2) * {_i(D4)} + d4) * T.int64(64)], "int8x64")'),
         *_tile_fill(f"{ind}    ", f"sc[{blk}]", f"{val}"),
         f"{ind}            vmx[r, c] = T.max(vmx[r, c], sc[{blk}])",
-        *_lane_reduce("T.max", ind),
+        *_lane_reduce("T.max", ind, halving=True),
         # probabilities exp(s - max) in [0, 1] as int16 codes (scale 1/32767), with 32-lane sums of the codes
         *_tile_fill(f"{ind}", "vmx[r, c]", "T.float32(0)"),
         f"{ind}for jb in range({LP} // {_i(KB)}):",
@@ -494,7 +511,7 @@ def _source_int8(spec: AttentionSpec) -> str:
         f"{ind}        for c in T.vectorized({_i(KB)}):",
         f'{ind}            pc[{blk}] = T.Cast("int16", {_rne(f"PCODE(sc[{blk}] - rs[r])")})',
         f'{ind}            vmx[r, c] = vmx[r, c] + T.Cast("float32", pc[{blk}])',
-        *_lane_reduce("T.Add", ind),
+        *_lane_reduce("T.Add", ind, halving=True),
         f"{ind}for r in T.unroll({_i(R)}):",
         f"{ind}    rs[r] = T.float32(1) / rs[r]",
         # p v: int32 tiles of RP rows x D channels by vpdpwssd (2 keys a step), chunks of PV_CHUNK keys summed
