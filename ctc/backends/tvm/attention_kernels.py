@@ -38,6 +38,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ctc.backends.tvm.row_kernels import halving_lines
+
 __all__ = ["AttentionSpec", "KEY_BLOCK", "attention_kernel", "attention_rows"]
 
 KEY_BLOCK = 32  # keys per score tile (2 x 16 f32 lanes); the padded key length is a multiple of it
@@ -132,7 +134,7 @@ def _lane_reduce(op: str, ind: str, rows: int = ROWS, halving: bool = False) -> 
     (MiniLM, seq 128); the f32 kernel keeps the chain (its 16-lane halves made LLVM rebuild vectors lane by
     lane, see the module doc)."""
     if halving:
-        return [f"{ind}for r in T.unroll({_i(rows)}):", *_halving_lines(ind + "    ", "vmx[r, {c}]", op, KEY_BLOCK),
+        return [f"{ind}for r in T.unroll({_i(rows)}):", *halving_lines(ind + "    ", "vmx[r, {c}]", op, KEY_BLOCK),
                 f"{ind}    rs[r] = {op}(vmx[r, T.int64(0)], vmx[r, T.int64(1)])"]
     init = _NEG if op == "T.max" else "T.float32(0)"
     return [f"{ind}for r in range({_i(rows)}):", f"{ind}    rs[r] = {init}",
@@ -329,20 +331,8 @@ def _amax_lines(ind: str, dst: str, src: str, count: int) -> list[str]:
             f"{ind}for d0 in range({_i(count // 16)}):",
             f"{ind}    for l in T.vectorized(T.int64(16)):",
             f"{ind}        am[l] = T.max(am[l], T.fabs({src.format(d='d0 * T.int64(16) + l')}))",
-            *_halving_lines(ind, "am[{c}]", "T.max", 16),
+            *halving_lines(ind, "am[{c}]", "T.max", 16),
             f"{ind}{dst} = T.max(am[T.int64(0)], am[T.int64(1)])"]
-
-
-def _halving_lines(ind: str, at: str, op: str, lanes: int) -> list[str]:
-    """TVMScript lines folding the ``lanes`` lanes ``at`` (a pattern of lane ``{c}``) by ``op`` in halves, down to
-    lanes 0 and 1 (log2 vector steps, not a scalar chain over every lane)."""
-    L = []
-    half = lanes // 2
-    while half >= 2:
-        L += [f"{ind}for c in T.vectorized({_i(half)}):",
-              f"{ind}    {at.format(c='c')} = {op}({at.format(c='c')}, {at.format(c=f'c + {_i(half)}')})"]
-        half //= 2
-    return L
 
 
 def _scale_lines(ind: str, s: str, r: str) -> list[str]:

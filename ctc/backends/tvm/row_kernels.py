@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RowEpilogue", "fast_exp_expr", "gelu_expr", "row_layer_norm", "row_softmax"]
+__all__ = ["RowEpilogue", "fast_exp_expr", "gelu_expr", "halving_lines", "row_layer_norm", "row_softmax"]
 
 LANES = 16  # accumulator width; LLVM splits it into the target's vectors (16 f32 = one AVX-512 register)
 
@@ -118,6 +118,18 @@ class RowEpilogue:
     body: tuple[str, ...]
 
 
+def halving_lines(ind: str, at: str, op: str, lanes: int) -> list[str]:
+    """TVMScript lines folding the ``lanes`` lanes ``at`` (a pattern of lane ``{c}``) by ``op`` in halves, down to
+    lanes 0 and 1 (log2 vector steps, not a scalar chain over every lane)."""
+    L = []
+    half = lanes // 2
+    while half >= 2:
+        L += [f"{ind}for c in T.vectorized(T.int64({half})):",
+              f"{ind}    {at.format(c='c')} = {op}({at.format(c='c')}, {at.format(c=f'c + T.int64({half})')})"]
+        half //= 2
+    return L
+
+
 def row_layer_norm(width: int, eps: float, residual: bool, rows: int | None = None,
                    epilogue: RowEpilogue | None = None) -> Any:
     """A PrimFunc ``(X [R, C], [Z [R, C],] W [C], B [C], Y [R, C])``: ``Y = layer_norm(X (+ Z)) * W + B`` over
@@ -166,9 +178,8 @@ def row_layer_norm(width: int, eps: float, residual: bool, rows: int | None = No
                 f"{ind}for j0 in range(T.int64({nv})):",
                 f"{ind}    for j1 in T.vectorized(T.int64({lanes})):",
                 f"{ind}        acc[j1] = acc[j1] + {term}",
-                f"{ind}st[{i}] = T.float32(0)",
-                f"{ind}for j1 in range(T.int64({lanes})):",
-                f"{ind}    st[{i}] = st[{i}] + acc[j1]",
+                *halving_lines(ind, "acc[{c}]", "T.Add", lanes),
+                f"{ind}st[{i}] = acc[T.int64(0)] + acc[T.int64(1)]",
                 f"{ind}for j in range(T.int64({tail}), T.int64({C})):",
                 f"{ind}    st[{i}] = st[{i}] + {tterm}"]
         src.append(f"{ind}st[0] = st[0] * T.float32({1.0 / C!r})" if i == 0 else
