@@ -184,59 +184,90 @@ def test_tiny_bert_with_int8_attention_stays_close_to_eager(tmp_path: Path) -> N
         assert cos > 0.999, (seq, cos)
 
 
-def _heads_module(merged: bool, seq: int | str) -> Module:
-    """x -> q, k, v ([2, s, 64], from three linears when ``merged``, else three inputs) split into 4 heads of 16
-    and swapped to [2, 4, s, 16], attention, swapped back and merged: the layout a captured encoder has."""
+def _heads_module(merged: bool, seq: int | str, kv_heads: int = 4, causal: bool = False) -> Module:
+    """x -> q, k, v ([2, s, 64], from three linears when ``merged``, else three inputs; k and v ``kv_heads`` * 16
+    wide) split into heads of 16 and swapped to [2, heads, s, 16], attention, swapped back and merged: the layout
+    a captured encoder (or, with fewer kv heads and causal, a decoder without RoPE) has."""
     m = Module("heads")
     g = torch.Generator().manual_seed(3)
+    widths = {"q": 64, "k": 16 * kv_heads, "v": 16 * kv_heads}
     if merged:
         x = m.add_input("x", TensorType((2, seq, 64), "f32"))
         qkv = []
         for n in "qkv":
-            w = m.param(m.add_param(f"{n}.weight", torch.randn(64, 64, generator=g) / 8))
-            b = m.param(m.add_param(f"{n}.bias", torch.randn(64, generator=g) / 8))
+            w = m.param(m.add_param(f"{n}.weight", torch.randn(widths[n], 64, generator=g) / 8))
+            b = m.param(m.add_param(f"{n}.bias", torch.randn(widths[n], generator=g) / 8))
             qkv.append(m.create_node("linear", {"x": x, "weight": w, "bias": b}).output)
     else:
-        qkv = [m.add_input(n, TensorType((2, seq, 64), "f32")) for n in "qkv"]
+        qkv = [m.add_input(n, TensorType((2, seq, widths[n]), "f32")) for n in "qkv"]
     heads = []
-    for t in qkv:
-        r = m.create_node("reshape", [t], {"shape": [2, seq, 4, 16]}).output
+    for t, n in zip(qkv, "qkv", strict=True):
+        r = m.create_node("reshape", [t], {"shape": [2, seq, widths[n] // 16, 16]}).output
         heads.append(m.create_node("transpose", [r], {"dim0": 1, "dim1": 2}).output)
     y = m.create_node("scaled_dot_product_attention", dict(zip("qkv", heads, strict=True)),
-                      {"is_causal": False, "scale": None}).output
+                      {"is_causal": causal, "scale": None, "enable_gqa": kv_heads != 4}).output
     y = m.create_node("transpose", [y], {"dim0": 1, "dim1": 2}).output
     m.set_outputs([m.create_node("reshape", [y], {"shape": [2, seq, 64]}).output])
     return m
 
 
 @needs_vnni
-@pytest.mark.parametrize("merged", [False, True], ids=["separate-inputs", "merged-qkv-linear"])
+@pytest.mark.parametrize("case", ["separate-inputs", "merged-qkv-linear", "gqa-causal"])
 @pytest.mark.parametrize("seq", [37, "s"], ids=["fixed", "any-length"])
-def test_int8_attention_reads_the_heads_untransposed(merged: bool, seq: int | str) -> None:
+def test_int8_attention_reads_the_heads_untransposed(case: str, seq: int | str) -> None:
     """q, k and v split into heads and swapped to [B, H, S, D]: the kernel reads them as the linears wrote them
     (layout "bshd", or "qkv" straight from a merged q|k|v linear's part-major output) and writes [B, S, H, D],
     so no head transpose (nor split of the parts) is left after dead-code elimination; the numbers match the
-    integer reference."""
+    integer reference (two kv heads for four query heads, causal, in the GQA case)."""
     import tvm
     from tvm import relax
 
-    m = _heads_module(merged, seq)
     from ctc.backends.tvm.int_kernels import host_target
 
+    merged, kv, causal = case == "merged-qkv-linear", 2 if case == "gqa-causal" else 4, case == "gqa-causal"
+    m = _heads_module(merged, seq, kv, causal)
     mod = relax.transform.DeadCodeElimination()(L.lower(m, attention_bits=8, target=host_target()).mod)
     script = mod.script()
     assert ("_i8_qkv_" if merged else "_i8_bshd_") in script, script
     assert "permute_dims" not in script and "split_heads" not in script and "transpose" not in script, script
     vm = relax.VirtualMachine(compile_module(m, options=BuildOptions(attention_bits=8)).executable, tvm.cpu())
     for s in ([seq] if isinstance(seq, int) else [5, 40]):
-        xs = [np.random.default_rng(s).standard_normal((2, s, 64)).astype(F) for _ in range(1 if merged else 3)]
+        g = np.random.default_rng(s)
+        xs = [g.standard_normal((2, s, 64)).astype(F)] if merged else \
+            [g.standard_normal((2, s, w)).astype(F) for w in (64, 16 * kv, 16 * kv)]
         got = vm["main"](*[tvm.runtime.tensor(x) for x in xs]).numpy()
         if merged:
             want = interpret(m, [torch.from_numpy(xs[0])])[0].numpy()
             cos = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
             assert cos > 0.9995, (s, cos)
             continue
-        heads = [np.ascontiguousarray(x.reshape(2, s, 4, 16).transpose(0, 2, 1, 3)) for x in xs]
-        want = int8_reference(*heads, None, False)[0].transpose(0, 2, 1, 3).reshape(2, s, 64)
+        heads = [np.ascontiguousarray(x.reshape(2, s, -1, 16).transpose(0, 2, 1, 3)) for x in xs]
+        want = int8_reference(*heads, None, causal)[0].transpose(0, 2, 1, 3).reshape(2, s, 64)
         err = np.abs(got - want)
         assert float(np.median(err)) < 1e-5 and float(err.max()) < 1e-3 * float(np.abs(xs[2]).max()), s
+
+
+@needs_vnni
+def test_a_fourth_sibling_linear_keeps_the_separate_heads_layout() -> None:
+    """Four same-shape linears of one input merge into one part-major GEMM of 4 parts; the attention over three of
+    them is not the 3-part "qkv" layout then (the build failed on the part count), but reads its heads ("bshd")."""
+    import tvm
+    from tvm import relax
+
+    from ctc.backends.tvm.int_kernels import host_target
+
+    m = _heads_module(True, 37)
+    x = m.inputs[0]
+    g = torch.Generator().manual_seed(5)
+    w = m.param(m.add_param("extra.weight", torch.randn(64, 64, generator=g) / 8))
+    b = m.param(m.add_param("extra.bias", torch.randn(64, generator=g) / 8))
+    extra = m.create_node("linear", {"x": x, "weight": w, "bias": b}).output
+    out = m.create_node("add", [m.outputs[0], extra]).output
+    m.set_outputs([out])
+    script = L.lower(m, attention_bits=8, target=host_target()).mod.script()
+    assert "_i8_bshd_" in script and "_i8_qkv_" not in script
+    vm = relax.VirtualMachine(compile_module(m, options=BuildOptions(attention_bits=8)).executable, tvm.cpu())
+    xs = np.random.default_rng(0).standard_normal((2, 37, 64)).astype(F)
+    got = vm["main"](tvm.runtime.tensor(xs)).numpy()
+    want = interpret(m, [torch.from_numpy(xs)])[0].numpy()
+    assert float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)) > 0.9995

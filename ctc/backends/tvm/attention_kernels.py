@@ -539,7 +539,10 @@ def attention_kernel(spec: AttentionSpec) -> object:
 
     ``spec.bits == 32``: the f32 kernel of the module doc, ``(q, k^T, v[, mask]) -> (out, scores)``.
     ``spec.bits == 8`` (a CPU with AVX512-VNNI): ``(q, k, v[, mask]) -> out`` with ``k`` and ``v`` as
-    stored (``[B, Hk, L, D]``, not transposed or padded), parallel over (batch, head): per head, each key is
+    stored (``[B, Hk, L, D]``, not transposed or padded), or in ``spec.layout`` (:data:`LAYOUTS`: ``"bshd"``,
+    ``(q, k, v[, mask])`` as ``[B, S, H, D]`` and ``out`` too; ``"qkv"``, ``(qkv[, mask])`` with ``qkv`` the
+    ``[3, B, S, H * D]`` parts of a merged q|k|v linear and ``out`` ``[B, S, H, D]``), parallel over (batch,
+    head): per head, each key is
     quantized to symmetric int8 with its own scale (codes in the ``vpdpbusd`` layout ``[Lp/16, D/4, 16, 4]``),
     each value channel with one scale over the keys (int16 codes in the ``vpdpwssd`` layout ``[Lp/2, D/16,
     16, 2]``); per block of ``ROWS`` query rows, each row is quantized with its own scale and offset to

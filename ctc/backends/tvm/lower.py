@@ -2196,8 +2196,8 @@ def _split_siblings(ctx: Ctx, y: Any, group: list[Node]) -> Any:
         else:
             ctx.absorbed[id(view.outputs[0])] = ctx.te(_part_as(i, out.type.rank - 1), yl,
                                                       ctx.dims.shape(view.outputs[0].type), name="split_heads")
-            if view.outputs[0].type.rank == 4:  # [B, S, H, D]: the int8 attention may read it from yl itself
-                ctx.memo[("qkv_part", id(view.outputs[0]))] = (yl, i)
+            if view.outputs[0].type.rank == 4 and len(group) == 3:  # q|k|v as [B, S, H, D]: the int8 attention
+                ctx.memo[("qkv_part", id(view.outputs[0]))] = (yl, i)  # may read all three from yl itself
             parts.append(None)  # its one reader, the reshape, is computed
     for u, part in zip(group[1:], parts[1:], strict=True):
         ctx.absorbed[id(u.outputs[0])] = part
