@@ -103,7 +103,7 @@ def test_layer_norm_codes_kernel_refuses_other_quantizers() -> None:
 def test_row_kernels_keep_their_row_buffers_on_the_stack() -> None:
     """The norm's 16-lane accumulators and the row's code buffers are small "local" buffers declared per row;
     TVM would take each from its workspace pool per row (4 allocations and 4 frees a row: 2x the kernel's time
-    on MiniLM's 128 x 384).  ctc's TIR pipeline (``build.stack_tiles``) keeps them on the stack."""
+    on MiniLM's 128 x 384).  ctc's TIR pipeline (``build.stack_small_buffers``) keeps them on the stack."""
     import tvm
 
     from ctc.backends.tvm.build import register_tir_pipeline

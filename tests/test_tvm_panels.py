@@ -184,7 +184,7 @@ def test_small_register_tiles_accumulate_on_the_stack() -> None:
 
 
 def test_one_kilobyte_register_tiles_accumulate_on_the_stack(tmp_path: Path) -> None:
-    """The encoders' 8 x 32 f32 tile is exactly 1 KB, TVM's stack limit: ``build.stack_tiles`` keeps the
+    """The encoders' 8 x 32 f32 tile is exactly 1 KB, TVM's stack limit: ``build.stack_small_buffers`` keeps the
     accumulator an ``alloca`` (no ``TVMBackendAllocWorkspace`` + ``memset`` +
     ``Free`` per tile: 3-5% of the kernel), with the interpreter's results."""
     m = _ffn(64)

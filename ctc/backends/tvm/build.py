@@ -197,8 +197,11 @@ def _shape_funcs_noalias() -> Any:
     return _pass
 
 
-def stack_tiles() -> Any:
-    """TIR pass: every constant-size CPU allocation of at most ``schedules.STACK_TILE_BYTES`` stays on the stack.
+STACK_BUFFER_BYTES = 2048  # the register file (32 AVX-512 registers): constant allocations this small stay on the stack
+
+
+def stack_small_buffers() -> Any:
+    """TIR pass: every constant-size CPU allocation of at most :data:`STACK_BUFFER_BYTES` stays on the stack.
 
     Why: ``LowerTVMBuiltin`` keeps only "global" CPU allocations under 1 KB (``kMaxStackAlloca``) on the stack;
     a "local" one of any size, or a 1 KB register tile, takes ``TVMBackendAllocWorkspace`` (+ ``memset``) +
@@ -208,7 +211,6 @@ def stack_tiles() -> Any:
     Marked ``disable_lower_builtin``, the buffer stays an ``alloca`` in the function's entry block (LLVM's SROA
     puts it in registers where it can).  Runs before the host finalization (``TIR_PIPELINE``)."""
     import tvm
-    from ctc.backends.tvm.schedules import STACK_TILE_BYTES
     from tvm import tirx
 
     def small(buf: Any) -> bool:
@@ -217,7 +219,7 @@ def stack_tiles() -> Any:
             if not isinstance(e, tirx.IntImm):
                 return False
             n *= int(e)
-        return n * buf.dtype.bits * buf.dtype.lanes // 8 <= STACK_TILE_BYTES
+        return n * buf.dtype.bits * buf.dtype.lanes // 8 <= STACK_BUFFER_BYTES
 
     def visit(stmt: Any) -> Any:
         if isinstance(stmt, tirx.AllocBuffer):
@@ -255,11 +257,11 @@ def stack_tiles() -> Any:
 
 
 def _ctc_tir_pipeline() -> Any:
-    """TVM's default CPU TIR pipeline with :func:`stack_tiles` ahead of the host finalization."""
+    """TVM's default CPU TIR pipeline with :func:`stack_small_buffers` ahead of the host finalization."""
     import tvm
 
     pipeline, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("s_tir")
-    return pipeline, (lambda: tvm.transform.Sequential([stack_tiles(), finalize_host()])), finalize_device
+    return pipeline, (lambda: tvm.transform.Sequential([stack_small_buffers(), finalize_host()])), finalize_device
 
 
 TIR_PIPELINE = "ctc_cpu"  # tvm.compile(..., tir_pipeline=TIR_PIPELINE) for CPU targets

@@ -633,44 +633,35 @@ def _permute_or_view(ctx: Ctx, node: Node, x: Any, perm: list[int]) -> Any:
     return ctx.relax.op.permute_dims(x, perm)
 
 
-@rule("permute")
-def _permute(ctx: Ctx, node: Node, a: Operands) -> Any:
-    perm = [_axis(p, a.type("x").rank) for p in node.attrs["perm"]]
-    src = _swapped_heads_source(ctx, node, perm)
-    return src if src is not None else _permute_or_view(ctx, node, a["x"], perm)
-
-
-@rule("transpose")
-def _transpose(ctx: Ctx, node: Node, a: Operands) -> Any:
-    r = a.type("x").rank
-    perm = list(range(r))
-    i, j = _axis(node.attrs["dim0"], r), _axis(node.attrs["dim1"], r)
+def _permutation(node: Node, rank: int) -> list[int]:
+    """The axis order a ``permute`` or ``transpose`` node gives its input of ``rank`` axes."""
+    if node.op == "permute":
+        return [_axis(p, rank) for p in node.attrs["perm"]]
+    perm = list(range(rank))
+    i, j = _axis(node.attrs["dim0"], rank), _axis(node.attrs["dim1"], rank)
     perm[i], perm[j] = perm[j], perm[i]
-    src = _swapped_heads_source(ctx, node, perm)
-    return src if src is not None else _permute_or_view(ctx, node, a["x"], perm)
+    return perm
+
+
+@rule("permute", "transpose")
+def _permute(ctx: Ctx, node: Node, a: Operands) -> Any:
+    perm = _permutation(node, a.type("x").rank)
+    if perm == HEADS_SWAP:  # the head merge after an attention kernel that wrote [B, S, H, D]: its output as is
+        src = ctx.memo.get(("heads_last", id(node.inputs[0])))
+        if src is not None:
+            return src
+    return _permute_or_view(ctx, node, a["x"], perm)
 
 
 HEADS_SWAP = [0, 2, 1, 3]  # [B, H, S, D] <-> [B, S, H, D]
 
 
-def _swapped_heads_source(ctx: Ctx, node: Node, perm: list[int]) -> Any | None:
-    """The ``[B, S, H, D]`` tensor an attention kernel wrote, when ``node`` swaps its ``[B, H, S, D]`` output back
-    (the head merge after attention): no transpose is computed.  None otherwise."""
-    if perm != HEADS_SWAP:
-        return None
-    return ctx.memo.get(("heads_last", id(node.inputs[0])))
-
-
 def _heads_swapped(v: Value) -> Value | None:
     """``x`` where ``v`` is ``x`` ([B, S, H, D]) with axes 1 and 2 swapped (a transpose or permute node), else None."""
     p = v.producer
-    if p is None or v.type.rank != 4:
+    if p is None or p.op not in ("permute", "transpose") or v.type.rank != 4:
         return None
-    if p.op == "transpose" and sorted((_axis(p.attrs["dim0"], 4), _axis(p.attrs["dim1"], 4))) == [1, 2]:
-        return p.inputs[0]
-    if p.op == "permute" and [_axis(i, 4) for i in p.attrs["perm"]] == HEADS_SWAP:
-        return p.inputs[0]
-    return None
+    return p.inputs[0] if _permutation(p, 4) == HEADS_SWAP else None
 
 
 @rule("expand")
@@ -1615,17 +1606,16 @@ def _fused_attention(ctx: Ctx, node: Node, a: Operands) -> Any | None:
                          keys=(keys if padded_keys is None else padded_keys if isinstance(padded_keys, int) else None),
                          bits=_attention_bits(ctx), rows=attention_rows(_lanes(ctx)))
     qkv_args: list[Any] = [a["q"], a["k"], a["v"]]
-    kernel = None
     if spec.bits == 8:
         layout, args = _attention_operands(ctx, node, qkv_args)
-        if layout != spec.layout:
-            try:
-                kernel = attention_kernel(dataclasses.replace(spec, layout=layout))
-                spec, qkv_args = dataclasses.replace(spec, layout=layout), args
-            except ValueError:  # shapes that layout does not take: the operands as they are
-                kernel = None
+        wanted = dataclasses.replace(spec, layout=layout)
+        try:
+            wanted.validate()
+            spec, qkv_args = wanted, args
+        except ValueError:  # shapes that layout does not take: the operands as they are
+            pass
     try:
-        kernel = kernel if kernel is not None else attention_kernel(spec)
+        kernel = attention_kernel(spec)
     except ValueError:
         return None
     op = ctx.relax.op

@@ -239,9 +239,9 @@ class MatmulRule(_CpuRule):
                 outer, tile = self._symbolic_row_tiles(sch, batch, mo, no)
             else:
                 outer = tile = sch.fuse(*batch, no, mo)
-        # The accumulator tile: a "global" buffer (TVM's stack allocations are "global" ones under 1 KB), kept on
-        # the stack even at 1-2 KB (the encoders' 8 x 32 is exactly 1 KB) by `build.stack_tiles`, and in registers
-        # after LLVM's SROA: measured 5-6% faster than the workspace pool's alloc/memset/free per tile.
+        # The accumulator tile: a "global" buffer, kept on the stack even at 1-2 KB (the encoders' 8 x 32 is exactly
+        # 1 KB) by `build.stack_small_buffers`, and in registers after LLVM's SROA: measured 5-6% faster than the
+        # workspace pool's alloc/memset/free per tile.
         acc = "global"
         sch.parallel(outer)
         sch.unroll(mi)
@@ -485,7 +485,6 @@ def _vectorize_last(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
         sch.vectorize(v)
 
 
-STACK_TILE_BYTES = 2048  # the register file (32 AVX-512 registers): smaller constant allocations stay on the stack
 PARALLEL_PANELS = 32  # a parallel loop over at least this many panel tasks balances on up to 16 cores
 SERIAL_ELEMENTS = 8192  # an elementwise kernel with at most this many (static) outputs runs on the calling thread
 
