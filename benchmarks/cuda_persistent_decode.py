@@ -1,0 +1,365 @@
+"""The persistent decode-step kernel (``ctc/backends/tvm/cuda_persistent.py``) on one GPU: checked and timed.
+
+Two phases:
+
+* ``build OUT`` (any machine with nvcc; no GPU needed): compiles the kernel into ``OUT/libctc_pdec.so``
+  (sm_90a) and writes ptxas's report (``OUT/build.json``).
+* ``run OUT`` (the GPU machine: torch with CUDA; nothing else): makes a Llama-3.2-1B-shaped decoder's weights
+  from a fixed seed *on the GPU* (normal(0, 0.02) linears and embedding, norms 1 + 0.1 normal), quantizes
+  every linear and the tied LM head with ctc's symmetric RTN int4, group 128 (:func:`rtn_int4`, the same
+  arithmetic as :func:`ctc.ir.quant.quantize_weight`), fills fp16 KV caches with normal(0, 1) rows below the
+  position, and
+
+  - checks the logits (and the last layer's q|k|v, attention output, SwiGLU output, residual, and the cache row
+    the step writes) against a float32 PyTorch step on the dequantized weights, first with 1 layer, then 16,
+    at several positions;
+  - times the step at KV 128 and 1024: median / min of ``--repeat`` CUDA-event timings of single launches,
+    back-to-back (``--repeat`` launches / n), the same for the step captured once in a CUDA graph; timing
+    variants (no grid barriers; no arithmetic; neither: the ring's streaming rate) and a barrier-only kernel;
+  - measures the device-to-device copy rate (bytes read + written; ``cuda_decode.copy_bandwidth``) at the start
+    and the end, and reports int4 weight + scale bytes / step time as a fraction of it.
+
+Results: ``$OUT/persistent_decode.json`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ctc.backends.tvm import cuda_persistent as P  # noqa: E402
+
+SEED = 0
+MAX_LEN = 1088
+CHECK_POS = (5, 128, 300, 1024)
+TIME_POS = (128, 1024)
+
+
+# timing variants built beside the main library: name -> nvcc flags
+VARIANTS = {"slot4": ("-DPDEC_NSLOT=4",), "nohint": ("-DPDEC_HINT=0",)}
+
+
+def build(out: Path) -> None:
+    """Compile the library (and its timing variants) and record ptxas's register / spill report."""
+    lib, report = P.build_library(out)
+    info: dict[str, Any] = {"library": lib.name, "bytes": lib.stat().st_size, "ptxas": P.ptxas_report(report),
+                            "variants": {}}
+    (out / "ptxas.txt").write_text(report)
+    for name, flags in VARIANTS.items():
+        vlib, vrep = P.build_library(out, extra=flags, name=f"libctc_pdec_{name}.so")
+        info["variants"][name] = {"library": vlib.name, "flags": flags, "ptxas": P.ptxas_report(vrep)}
+    (out / "build.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info, indent=1))
+
+
+def make_weights(cfg: dict[str, Any], layers: int, seed: int = SEED) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Seeded random weights on the GPU: the kernel's packed int4 tensors and the float32 dequantized ones."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h, f, hd, nq, nkv, v = cfg["hidden"], cfg["ffn"], cfg["head_dim"], cfg["heads"], cfg["kv_heads"], cfg["vocab"]
+
+    def lin(n: int, k: int) -> Any:
+        return torch.randn(n, k, generator=g, device="cuda") * 0.02
+
+    packed: dict[str, list[Any]] = {k: [] for k in ("wqkv", "sqkv", "wo", "so", "wgu", "sgu", "wd", "sd")}
+    w32: dict[str, Any] = {}
+    for layer in range(layers):
+        for name, (n, k) in {"qkv": ((nq + 2 * nkv) * hd, h), "o": (h, h), "gu": (2 * f, h), "d": (h, f)}.items():
+            q, s = P.rtn_int4(lin(n, k))
+            key = {"qkv": "qkv", "o": "o", "gu": "gu", "d": "down"}[name]
+            w32[f"{key}.{layer}"] = P.dequant_int4(q, s)
+            packed["w" + name].append(q)
+            packed["s" + name].append(s)
+    out: dict[str, Any] = {k: torch.stack(vv).contiguous() for k, vv in packed.items()}
+    out["attn_norm"] = (1 + 0.1 * torch.randn(layers, h, generator=g, device="cuda")).half()
+    out["mlp_norm"] = (1 + 0.1 * torch.randn(layers, h, generator=g, device="cuda")).half()
+    out["final_norm"] = (1 + 0.1 * torch.randn(h, generator=g, device="cuda")).half()
+    out["emb"] = (torch.randn(v, h, generator=g, device="cuda") * 0.02).half()
+    out["whead"], out["shead"] = P.rtn_int4(out["emb"].float())
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    out["inv_freq"] = inv.cuda()
+    for layer in range(layers):
+        w32[f"attn_norm.{layer}"] = out["attn_norm"][layer].float()
+        w32[f"mlp_norm.{layer}"] = out["mlp_norm"][layer].float()
+    w32["final_norm"] = out["final_norm"].float()
+    w32["emb"] = out["emb"]
+    w32["head"] = P.dequant_int4(out["whead"], out["shead"])
+    return out, w32
+
+
+def weight_bytes(packed: dict[str, Any]) -> int:
+    """int4 codes + f32 scales read by one step (norms and the one embedding row left out: < 0.1 MB)."""
+    return sum(packed[k].numel() * packed[k].element_size()
+               for k in ("wqkv", "sqkv", "wo", "so", "wgu", "sgu", "wd", "sd", "whead", "shead"))
+
+
+def _err(got: Any, ref: Any) -> dict[str, float]:
+    d = (got.float() - ref.float()).abs()
+    return {"max_abs": round(float(d.max()), 5), "ref_max_abs": round(float(ref.abs().max()), 4),
+            "rel_l2": round(float(d.norm() / ref.float().norm().clamp_min(1e-30)), 6)}
+
+
+def _events(fn: Any, repeat: int, warmup: int = 5) -> dict[str, float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    b2b = (time.perf_counter() - t0) * 1e3 / repeat
+    return {"median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4),
+            "back_to_back_ms": round(b2b, 4)}
+
+
+def check(dec: P.PersistentDecoder, w32: dict[str, Any], cfg: dict[str, Any], layers: int, kc: Any, vc: Any,
+          positions: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Kernel vs the float32 reference on the same weights and caches, at each position."""
+    import torch
+
+    rows = []
+    c = {**cfg, "layers": layers}
+    k0, v0 = kc.clone(), vc.clone()
+    for pos in positions:
+        token = (1000 + 7 * pos) % cfg["vocab"]
+        kc.copy_(k0)
+        vc.copy_(v0)
+        kc[:, :, pos:] = 0
+        vc[:, :, pos:] = 0
+        dec.set(token, pos)
+        dec.step(layers=layers)
+        torch.cuda.synchronize()
+        flag = dec.aborted()
+        ref, inter = P.reference_step(w32, token, pos, kc, vc, c)
+        got = dec.logits.clone()
+        mine = dec.intermediates()
+        # the cache row this step wrote (last layer, after RoPE) vs the reference key (rounded to fp16 there)
+        row = {"layers": layers, "pos": pos, "token": token, "aborted": flag, "logits": _err(got, ref),
+               "argmax_equal": int(got.argmax()) == int(ref.argmax()),
+               "top5_overlap": len(set(got.topk(5).indices.tolist()) & set(ref.topk(5).indices.tolist())),
+               **{k: _err(mine[k], inter[k]) for k in ("qkv", "attn", "h", "x")}}
+        # the new k/v row of the last layer, as written by the kernel, against the reference's RoPE'd key
+        hd, nq, nkv = cfg["head_dim"], cfg["heads"], cfg["kv_heads"]
+        inv = w32.get("_inv")
+        if inv is not None:
+            ang = float(pos) * inv
+            cos, sin = torch.cat([ang, ang]).cos(), torch.cat([ang, ang]).sin()
+            k = inter["qkv"][nq * hd:(nq + nkv) * hd].view(nkv, hd)
+            kr = k * cos + torch.cat([-k[:, hd // 2:], k[:, :hd // 2]], dim=-1) * sin
+            row["k_row"] = _err(kc[layers - 1, :, pos].float(), kr)
+            row["v_row"] = _err(vc[layers - 1, :, pos].float(), inter["qkv"][(nq + nkv) * hd:].view(nkv, hd))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    kc.copy_(k0)
+    vc.copy_(v0)
+    return rows
+
+
+def run(out: Path, repeat: int, results: Path, quick: bool = False) -> dict[str, Any]:
+    """Check and time the kernel on this machine's GPU (see the module docstring)."""
+    import torch
+    from cuda_decode import copy_bandwidth
+
+    cfg = dict(P.LLAMA_1B)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "repeat": repeat, "rows": [], "checks": [], "errors": []}
+
+    def save() -> None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(res, indent=1))
+
+    res["copy_tb_s_start"] = round(copy_bandwidth(), 3)
+    print(f"copy bandwidth {res['copy_tb_s_start']} TB/s", flush=True)
+    t0 = time.perf_counter()
+    packed, w32 = make_weights(cfg, cfg["layers"])
+    w32["_inv"] = packed["inv_freq"]
+    res["weights_s"] = round(time.perf_counter() - t0, 1)
+    res["weight_bytes"] = weight_bytes(packed)
+    g = torch.Generator(device="cuda").manual_seed(SEED + 1)
+    shape = (cfg["layers"], cfg["kv_heads"], MAX_LEN, cfg["head_dim"])
+    kc = torch.randn(shape, generator=g, device="cuda").half()
+    vc = torch.randn(shape, generator=g, device="cuda").half()
+    dec = P.PersistentDecoder(out / "libctc_pdec.so", packed, kc, vc, eps=cfg["eps"])
+    res.update(grid=dec.grid, smem=dec.smem, threads=dec.threads)
+    print(f"grid {dec.grid} x {dec.threads} threads, {dec.smem} B shared; weights {res['weight_bytes'] / 1e6:.1f} MB "
+          f"made in {res['weights_s']} s", flush=True)
+    save()
+
+    # barrier cost: n barriers in one launch, two n, the difference per barrier
+    try:
+        if quick:
+            raise RuntimeError("skipped (--quick)")
+        t81 = _events(lambda: dec.barrier_bench(81), repeat)
+        t810 = _events(lambda: dec.barrier_bench(810), max(repeat // 4, 20))
+        res["barrier"] = {"81": t81, "810": t810,
+                          "us_per_barrier": round((t810["median_ms"] - t81["median_ms"]) / 729 * 1e3, 3),
+                          "aborted": dec.aborted()}
+        print("barrier", json.dumps(res["barrier"]), flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["errors"].append(f"barrier: {type(e).__name__}: {e}")
+        traceback.print_exc()
+    save()
+
+    if quick:  # one layer, two positions: a short run for compute-sanitizer
+        res["checks"] += check(dec, w32, cfg, 1, kc, vc, (5, 128))
+        save()
+        return res
+    for layers, positions in ((1, (5, 128, 1024)), (cfg["layers"], CHECK_POS)):
+        try:
+            res["checks"] += check(dec, w32, cfg, layers, kc, vc, positions)
+        except Exception as e:  # noqa: BLE001
+            res["errors"].append(f"check {layers}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+        save()
+    dec.args.layers = cfg["layers"]
+
+    wb = res["weight_bytes"]
+    for pos in TIME_POS:
+        row: dict[str, Any] = {"pos": pos}
+        try:
+            dec.set(1000, pos)
+            row["launch"] = _events(dec.step, repeat)
+            row["aborted_launch"] = dec.aborted()
+            for mode, name in ((1, "no_barriers"), (2, "no_arithmetic"), (3, "stream_only")):
+                row[name] = _events(lambda mode=mode: dec.step(mode=mode), repeat)
+                row[f"aborted_{name}"] = dec.aborted()
+            dec.step()
+            torch.cuda.synchronize()
+            graph = None
+            for coop in (1, 0):
+                try:
+                    dec.coop = coop
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        dec.step()
+                    torch.cuda.current_stream().wait_stream(s)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        dec.step()
+                    row["graph_coop"] = coop
+                    break
+                except Exception as e:  # noqa: BLE001
+                    row[f"graph_error_coop{coop}"] = f"{type(e).__name__}: {e}"[:300]
+                    graph = None
+            dec.coop = 1
+            if graph is not None:
+                row["graph"] = _events(graph.replay, repeat)
+                row["aborted_graph"] = dec.aborted()
+            kv = 2 * cfg["layers"] * cfg["kv_heads"] * pos * cfg["head_dim"] * 2
+            row["kv_bytes"] = kv
+            copy = res["copy_tb_s_start"]
+            for key in ("launch", "graph", "no_barriers", "stream_only"):
+                if key in row:
+                    for stat in ("median_ms", "min_ms", "back_to_back_ms"):
+                        tbs = wb / (row[key][stat] * 1e-3) / 1e12
+                        row[key][f"weights_tb_s_{stat[:-3]}"] = round(tbs, 3)
+                        row[key][f"pct_copy_{stat[:-3]}"] = round(100 * tbs / copy, 1)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+            traceback.print_exc()
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    # the logits after all the timing runs still match (the caches were rewritten at the timed positions only)
+    try:
+        res["checks"] += check(dec, w32, cfg, cfg["layers"], kc, vc, (1024,))
+    except Exception as e:  # noqa: BLE001
+        res["errors"].append(f"recheck: {type(e).__name__}: {e}")
+    save()
+    res["variants"] = {}
+    for name in VARIANTS:
+        path = out / f"libctc_pdec_{name}.so"
+        if not path.exists():
+            continue
+        v: dict[str, Any] = {}
+        try:
+            vd = P.PersistentDecoder(path, packed, kc, vc, eps=cfg["eps"])
+            v["check"] = check(vd, w32, cfg, cfg["layers"], kc, vc, (1024,))[0]["logits"]
+            for pos in TIME_POS:
+                vd.set(1000, pos)
+                v[f"launch_{pos}"] = _events(vd.step, repeat)
+                v[f"aborted_{pos}"] = vd.aborted()
+        except Exception as e:  # noqa: BLE001
+            v["error"] = f"{type(e).__name__}: {e}"[:300]
+        res["variants"][name] = v
+        print(name, json.dumps(v), flush=True)
+        save()
+    res["copy_tb_s_end"] = round(copy_bandwidth(), 3)
+    save()
+    return res
+
+
+def table(res: dict[str, Any]) -> str:
+    """A short text summary of :func:`run`'s results."""
+    lines = [f"{res['device']}, torch {res['torch']} (CUDA {res['cuda']}), copy {res.get('copy_tb_s_start')} / "
+             f"{res.get('copy_tb_s_end')} TB/s, grid {res.get('grid')}, "
+             f"weights {res.get('weight_bytes', 0) / 1e6:.1f} MB"]
+    if "barrier" in res:
+        lines.append(f"grid barrier: {res['barrier']['us_per_barrier']} us each")
+    for c in res["checks"]:
+        lines.append(f"check L{c['layers']} pos {c['pos']}: logits max abs {c['logits']['max_abs']} (ref max "
+                     f"{c['logits']['ref_max_abs']}), argmax {'=' if c['argmax_equal'] else '!='}, "
+                     f"x {c['x']['max_abs']}, aborted {c['aborted']}")
+    for r in res["rows"]:
+        for key in ("launch", "graph", "no_barriers", "no_arithmetic", "stream_only"):
+            if key in r:
+                t = r[key]
+                lines.append(f"pos {r['pos']} {key:14s} median {t['median_ms']:.4f} min {t['min_ms']:.4f} b2b "
+                             f"{t['back_to_back_ms']:.4f} ms  " +
+                             (f"{t.get('pct_copy_median', '')}% / {t.get('pct_copy_back_to_back', '')}% of copy"
+                              if "pct_copy_median" in t else ""))
+    for name, v in res.get("variants", {}).items():
+        lines.append(f"variant {name}: " + ", ".join(
+            f"pos {p} median {v[f'launch_{p}']['median_ms']} b2b {v[f'launch_{p}']['back_to_back_ms']} ms"
+            for p in TIME_POS if f"launch_{p}" in v) + f" {v.get('error', '')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``build OUT`` here, ``run OUT`` on the GPU machine."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile the kernel library (nvcc; no GPU needed)")
+    b.add_argument("out", type=Path)
+    r = sub.add_parser("run", help="check and time it on the GPU")
+    r.add_argument("out", type=Path)
+    r.add_argument("--repeat", type=int, default=100)
+    r.add_argument("--quick", action="store_true", help="only a 1-layer check (for compute-sanitizer)")
+    r.add_argument("--results", type=Path, default=Path(os.environ.get("OUT", ".")) / "persistent_decode.json")
+    args = p.parse_args(argv)
+    if args.cmd == "build":
+        build(args.out)
+        return 0
+    res = run(args.out, args.repeat, args.results, args.quick)
+    print(table(res))
+    bad = [c for c in res["checks"] if c["aborted"] or c["logits"]["max_abs"] > 0.5] or not res["checks"]
+    print("CHECKS FAILED" if bad else "CHECKS OK", flush=True)
+    return 3 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,937 @@
+"""A persistent decode-step kernel for a Llama-3.2-1B-shaped decoder with int4 g128 weights (CUDA, sm_90).
+
+Why: a decode step of the 1B shape through ctc's per-operator kernels is 118 launches in one CUDA graph; at
+batch 1 most of them are a few microseconds long, so launch gaps and ramp-up/tail of each kernel, not HBM,
+set the step time (0.63 ms, 25% of the copy bandwidth for ~0.66 GB of int4 weights and scales).  Here the
+whole step is **one launch**: one block per multiprocessor, all co-resident, with grid-wide barriers between
+the stages that depend on each other's outputs.
+
+Layout of a block (544 threads): 16 *consumer* warps and one *producer* warp.  The producer's lane 0 walks
+the block's fixed list of weight tiles for the whole step (every layer's q|k|v, o, gate|up, down rows that
+the block owns, the KV-cache rows of its attention chunk, its LM-head rows) and streams them into a ring of
+6 shared-memory slots of 34 KB with 1-D bulk copies (``cp.async.bulk`` completing on an ``mbarrier``, L2
+``evict_first``).  Weights do not depend on activations, so the producer runs ahead across the grid
+barriers: while the consumers wait at a barrier, HBM keeps filling the ring (~200 KB a multiprocessor,
+~27 MB over the chip).  Consumers wait on a slot's *full* barrier, compute, and arrive on its *empty*
+barrier; the producer waits on *empty* before refilling.
+
+A step per layer: (A) RMSNorm recomputed by every block -> q|k|v GEMV (rows split evenly over blocks);
+barrier; (B) attention: unit = (kv head, chunk of positions), RoPE of the 4 query heads of the group and of
+the new key, the new k/v written into the fp16 cache at ``pos``, online softmax over the chunk (cache rows
+come through the ring; the new row from the workspace), partial (max, sum, 64 sums) per query head; the last
+block to finish a kv head (atomic counter) merges the chunks; barrier; (C) o GEMV + residual; barrier;
+(D) RMSNorm -> gate|up GEMV -> SwiGLU; barrier; (E) down GEMV (K 8192: 4 warps a row, summed in shared
+memory) + residual; barrier.  Then final RMSNorm -> int4 LM head -> fp32 logits.
+
+Arithmetic: the int4 dot products use :mod:`.cuda_gemv`'s half2 trick (``dot8``/``pair_x``: one ``lop3``
+turns two codes into a half2, 16 products summed in half2 per 16-byte load, i.e. within one group), each
+group's partial is widened to f32 and scaled in f32; every reduction across a row, the softmax, the norms
+and the residual stream are f32.  Activations that feed a GEMV are rounded to fp16 once.
+
+Weights are ctc's RTN int4 storage (:func:`ctc.ir.quant.quantize_weight`, symmetric, group 128): ``uint8
+[N, K/2]`` (element ``2j`` in the low nibble of byte ``j``, ``q + 8``), ``float32`` scales ``[N, K/128]``,
+zero points all 0 (asymmetric zero points are not read).  The gate and up rows are stacked ``[2F, K]``
+(gate first), q|k|v ``[3072, K]``.
+
+Grid barrier: hand-rolled (one monotone counter, ``red.release`` arrive + ``ld.acquire`` poll by one thread,
+target = blocks x barrier index; the last block to leave resets the counter), under a *cooperative* launch
+attribute only so the runtime refuses a grid that would not be co-resident; ``grid.sync()`` would add
+cooperative-groups bookkeeping to each of the 81 barriers.  A barrier or ring wait that exceeds 0.2 s sets an
+abort flag in the workspace and lets the step finish (wrong values, no hang).
+
+The launcher (``extern "C"``) takes raw device pointers (:class:`DecodeArgs`); ``mode`` bits make timing
+variants: 1 = no grid barriers, 2 = consumers skip all arithmetic (the ring's streaming rate alone).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ctc.backends.tvm import cuda_gemv
+
+__all__ = ["CUDA_SOURCE", "DecodeArgs", "LLAMA_1B", "WS_FLOATS", "PersistentDecoder", "build_library", "dequant_int4",
+           "ptxas_report", "reference_step", "rtn_int4", "source_text"]
+
+# the shape the kernel is compiled for (Llama-3.2-1B; layers, vocab and cache length are run-time)
+LLAMA_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, group=128, layers=16, vocab=128256,
+                rope_theta=500000.0, eps=1e-5)
+CMAX = 16                                                  # attention chunks per kv head, at most
+WS_FLOATS = 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
+WS_CTL = WS_FLOATS - 64                                    # control words: barrier, exit, abort, head counters
+
+CUDA_SOURCE = r"""
+// ---- ctc: persistent decode step (ctc/backends/tvm/cuda_persistent.py) ----
+namespace ctc_pdec {
+
+constexpr int H = 2048, NQ = 32, NKV = 8, HD = 64, FF = 8192, GS = 128;
+constexpr int QKV = (NQ + 2 * NKV) * HD;  // 3072 rows: q, k, v
+constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / threads, + 1 producer warp
+#ifndef PDEC_NSLOT
+#define PDEC_NSLOT 6
+#endif
+#ifndef PDEC_HINT
+#define PDEC_HINT 1
+#endif
+constexpr int NSLOT = PDEC_NSLOT, SLOT = 34816;  // 32 rows of K 2048 + scales, 16 gate|up pairs, 8 down rows
+constexpr int ATT_T = 128;              // cache positions per ring tile (K rows, then V rows at + 16 KB)
+constexpr int CMAX = 16;
+constexpr int WS_X = 0, WS_QKV = 2048, WS_PART = WS_QKV + QKV, WS_ATTN = WS_PART + NQ * CMAX * 66,
+              WS_H = WS_ATTN + H / 2, WS_CTL = WS_H + FF / 2;   // float offsets; ATTN and H hold halves
+constexpr int CTL_BAR = 0, CTL_EXIT = 1, CTL_ABORT = 2, CTL_HEAD = 8;
+constexpr int XS_BYTES = FF * 2;
+constexpr int MISC_BYTES = 2 * NSLOT * 8 + 4 * ATT_T * 4 + 4 * HD * 4 + 256 * 4 + 16 * 4 + 16 * 4 + 2 * HD * 2;
+constexpr int SMEM = NSLOT * SLOT + XS_BYTES + MISC_BYTES;
+constexpr unsigned long long TIMEOUT_NS = 200000000ull;
+constexpr float LOG2E = 1.4426950408889634f;
+
+struct Args {
+  const unsigned char* wqkv; const float* sqkv;
+  const unsigned char* wo; const float* so;
+  const unsigned char* wgu; const float* sgu;
+  const unsigned char* wd; const float* sd;
+  const half* attn_norm; const half* mlp_norm; const half* final_norm;
+  const half* emb; const unsigned char* whead; const float* shead;
+  half* kcache; half* vcache;
+  const float* inv_freq;
+  const int* token; const int* pos;
+  float* ws; float* logits;
+  int layers, vocab, max_len, mode;
+  float eps;
+};
+
+// ------------------------------------------------------------------ primitives
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ unsigned long long gtime() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void cons_sync() { asm volatile("bar.sync 1, %0;" ::"n"(NCT) : "memory"); }
+__device__ __forceinline__ void mbar_init(unsigned long long* b, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ bool mbar_try(unsigned long long* b, unsigned parity) {
+  unsigned ok;
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+               : "=r"(ok) : "r"(smem_u32(b)), "r"(parity) : "memory");
+  return ok != 0;
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release_add(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ unsigned long long evict_first_policy() {
+  unsigned long long pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ void bulk_g2s_plain(void* dst, const void* src, unsigned bytes, unsigned long long* bar);
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned bytes, unsigned long long* bar,
+                                         unsigned long long pol) {
+  if (!PDEC_HINT) return bulk_g2s_plain(dst, src, bytes, bar);
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+      ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(pol) : "memory");
+}
+__device__ __forceinline__ void bulk_g2s_plain(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+
+// wait for a phase of an mbarrier; after TIMEOUT_NS (or once another wait gave up) set/see the abort flag
+__device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity, unsigned* ctl) {
+  if (mbar_try(b, parity)) return;
+  const unsigned long long t0 = gtime();
+  for (unsigned i = 1;; ++i) {
+    if (mbar_try(b, parity)) return;
+    if ((i & 255u) == 0) {
+      if (*(volatile unsigned*)(ctl + CTL_ABORT)) return;
+      if (gtime() - t0 > TIMEOUT_NS) { atomicExch(ctl + CTL_ABORT, 1u); return; }
+    }
+  }
+}
+
+// all blocks: every consumer thread's writes before it are visible to every block after it
+__device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
+  cons_sync();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    red_release_add(ctl + CTL_BAR, 1u);
+    if (ld_acquire(ctl + CTL_BAR) < target) {
+      const unsigned long long t0 = gtime();
+      for (unsigned i = 1; ld_acquire(ctl + CTL_BAR) < target; ++i) {
+        if ((i & 63u) == 0) {
+          if (*(volatile unsigned*)(ctl + CTL_ABORT)) break;
+          if (gtime() - t0 > TIMEOUT_NS) { atomicExch(ctl + CTL_ABORT, 2u); break; }
+        }
+      }
+    }
+    __threadfence();
+  }
+  cons_sync();
+}
+
+__device__ __forceinline__ int2 part(int n, int b, int G) {
+  return make_int2((int)((long long)n * b / G), (int)((long long)n * (b + 1) / G));
+}
+
+struct Plan { int G, b, pos, C, layers, vocab; };
+
+// The block's work in order: both roles walk it (the producer issues copies, the consumers compute).
+template <class V>
+__device__ __forceinline__ void walk(V& v, const Plan& p) {
+  for (int l = 0; l < p.layers; ++l) {
+    v.stage(0, l);
+    { const int2 r = part(QKV, p.b, p.G); for (int i = r.x; i < r.y; i += 32) v.gemv(0, l, i, min(32, r.y - i)); }
+    v.stage_end(0, l);
+    v.stage(1, l);
+    if (p.b < NKV * p.C) {
+      const int hk = p.b / p.C, c = p.b % p.C, span = (p.pos + p.C) / p.C;
+      const int c0 = min(c * span, p.pos + 1), c1 = min(p.pos + 1, c0 + span), ce = min(c1, p.pos);
+      v.att_begin(l, hk, c, c0, c1);
+      for (int t = c0; t < ce; t += ATT_T) v.att_tile(l, hk, t, min(ATT_T, ce - t));
+      v.att_end(l, hk, c, c0, c1);
+    }
+    v.stage_end(1, l);
+    v.stage(2, l);
+    { const int2 r = part(H, p.b, p.G); for (int i = r.x; i < r.y; i += 32) v.gemv(2, l, i, min(32, r.y - i)); }
+    v.stage_end(2, l);
+    v.stage(3, l);
+    { const int2 r = part(FF, p.b, p.G); for (int i = r.x; i < r.y; i += 16) v.gemv(3, l, i, min(16, r.y - i)); }
+    v.stage_end(3, l);
+    v.stage(4, l);
+    { const int2 r = part(H, p.b, p.G); for (int i = r.x; i < r.y; i += 8) v.gemv(4, l, i, min(8, r.y - i)); }
+    v.stage_end(4, l);
+  }
+  v.stage(5, 0);
+  { const int2 r = part(p.vocab, p.b, p.G); for (int i = r.x; i < r.y; i += 32) v.gemv(5, 0, i, min(32, r.y - i)); }
+  v.stage_end(5, 0);
+}
+
+// a stage's matrix: weights, scales, K, whether rows come in gate|up pairs
+struct Mat { const unsigned char* w; const float* s; int K; bool pair; };
+__device__ __forceinline__ Mat mat_of(const Args& a, int st, int l) {
+  switch (st) {
+    case 0: return {a.wqkv + (size_t)l * QKV * (H / 2), a.sqkv + (size_t)l * QKV * (H / GS), H, false};
+    case 2: return {a.wo + (size_t)l * H * (H / 2), a.so + (size_t)l * H * (H / GS), H, false};
+    case 3: return {a.wgu + (size_t)l * 2 * FF * (H / 2), a.sgu + (size_t)l * 2 * FF * (H / GS), H, true};
+    case 4: return {a.wd + (size_t)l * H * (FF / 2), a.sd + (size_t)l * H * (FF / GS), FF, false};
+    default: return {a.whead, a.shead, H, false};
+  }
+}
+
+struct Ring { unsigned char* slots; unsigned long long* full; unsigned long long* empty; };
+
+// ------------------------------------------------------------------ producer (one thread)
+struct Producer {
+  const Args& a; Ring r; unsigned* ctl; unsigned t; unsigned long long pol; int pos;
+  __device__ __forceinline__ unsigned char* acquire(unsigned bytes, unsigned long long*& bar) {
+    const unsigned s = t % NSLOT, round = t / NSLOT;
+    if (round > 0) mbar_wait(&r.empty[s], (round - 1) & 1u, ctl);
+    bar = &r.full[s];
+    mbar_expect_tx(bar, bytes);
+    ++t;
+    return r.slots + (size_t)s * SLOT;
+  }
+  __device__ __forceinline__ void stage(int, int) {}
+  __device__ __forceinline__ void stage_end(int, int) {}
+  __device__ __forceinline__ void gemv(int st, int l, int r0, int cnt) {
+    const Mat m = mat_of(a, st, l);
+    const unsigned rb = m.K / 2, sb = m.K / GS * 4, nr = m.pair ? 2 * cnt : cnt;
+    unsigned long long* bar;
+    unsigned char* dst = acquire(nr * (rb + sb), bar);
+    bulk_g2s(dst, m.w + (size_t)r0 * rb, cnt * rb, bar, pol);
+    if (m.pair) bulk_g2s(dst + cnt * rb, m.w + (size_t)(r0 + FF) * rb, cnt * rb, bar, pol);
+    bulk_g2s(dst + nr * rb, reinterpret_cast<const unsigned char*>(m.s) + (size_t)r0 * sb, cnt * sb, bar, pol);
+    if (m.pair)
+      bulk_g2s(dst + nr * rb + cnt * sb, reinterpret_cast<const unsigned char*>(m.s) + (size_t)(r0 + FF) * sb,
+               cnt * sb, bar, pol);
+  }
+  __device__ __forceinline__ void att_begin(int, int, int, int, int) {}
+  __device__ __forceinline__ void att_end(int, int, int, int, int) {}
+  __device__ __forceinline__ void att_tile(int l, int hk, int t0, int n) {
+    unsigned long long* bar;
+    unsigned char* dst = acquire(2u * n * HD * 2, bar);
+    const size_t off = ((size_t)(l * NKV + hk) * a.max_len + t0) * HD;
+    bulk_g2s_plain(dst, a.kcache + off, n * HD * 2, bar);
+    bulk_g2s_plain(dst + ATT_T * HD * 2, a.vcache + off, n * HD * 2, bar);
+  }
+};
+
+// ------------------------------------------------------------------ consumers (16 warps)
+// one row's 2048-wide segment: codes from shared memory, scales (16) beside them, x as pre-paired halves
+__device__ __forceinline__ float dot_seg(const unsigned char* w, const float* s, const unsigned* xp, int lane) {
+  const uint4 a = reinterpret_cast<const uint4*>(w)[lane];
+  const uint4 b = reinterpret_cast<const uint4*>(w)[lane + 32];
+  const float sa = s[lane >> 2], sb = s[8 + (lane >> 2)];
+  const __half2 c0 = __float2half2_rn(1032.f), c1 = __float2half2_rn(-72.f);
+  __half2 pa = __float2half2_rn(0.f), pb = pa;
+  pa = ctc_gemv::dot8(a.x, xp + 0, c0, c1, pa);
+  pb = ctc_gemv::dot8(b.x, xp + 16, c0, c1, pb);
+  pa = ctc_gemv::dot8(a.y, xp + 4, c0, c1, pa);
+  pb = ctc_gemv::dot8(b.y, xp + 20, c0, c1, pb);
+  pa = ctc_gemv::dot8(a.z, xp + 8, c0, c1, pa);
+  pb = ctc_gemv::dot8(b.z, xp + 24, c0, c1, pb);
+  pa = ctc_gemv::dot8(a.w, xp + 12, c0, c1, pa);
+  pb = ctc_gemv::dot8(b.w, xp + 28, c0, c1, pb);
+  const float2 fa = __half22float2(pa), fb = __half22float2(pb);
+  return sa * (fa.x + fa.y) + sb * (fb.x + fb.y);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+struct Consumer {
+  const Args& a; Ring r; unsigned* ctl; Plan p;
+  unsigned char* smem_misc; half* xs;
+  float *sc, *qs, *racc, *red16, *mls; half* fresh;
+  unsigned t, nbar;
+  int tid, lane, warp;
+  bool compute, barriers;
+  unsigned xp[32];
+  float acc[8];
+
+  __device__ __forceinline__ unsigned char* wait_tile() {
+    const unsigned s = t % NSLOT, round = t / NSLOT;
+    mbar_wait(&r.full[s], round & 1u, ctl);
+    return r.slots + (size_t)s * SLOT;
+  }
+  __device__ __forceinline__ void release_tile() {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&r.empty[t % NSLOT]);
+    ++t;
+  }
+  __device__ __forceinline__ float* ws() const { return a.ws; }
+
+  // RMSNorm of the residual (f32 workspace, or the embedding row in layer 0) into xs as fp16
+  __device__ __forceinline__ void norm(bool from_emb, const half* gamma) {
+    float v[4];
+    if (from_emb) {
+      const int tok = __ldg(a.token);
+      const uint2 u = *reinterpret_cast<const uint2*>(a.emb + (size_t)tok * H + 4 * tid);
+      const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+      const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+      v[0] = f0.x; v[1] = f0.y; v[2] = f1.x; v[3] = f1.y;
+    } else {
+      const float4 f = __ldcg(reinterpret_cast<const float4*>(a.ws + WS_X) + tid);
+      v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    }
+    float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
+    ss = warp_sum(ss);
+    if (lane == 0) red16[warp] = ss;
+    cons_sync();
+    float tot = 0.f;
+#pragma unroll
+    for (int i = 0; i < NCW; ++i) tot += red16[i];
+    const float rs = rsqrtf(tot / (float)H + a.eps);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) xs[4 * tid + i] = __float2half_rn(__half2float(gamma[4 * tid + i]) * (v[i] * rs));
+    cons_sync();
+  }
+  __device__ __forceinline__ void load_halves(const half* src, int n) {
+    for (int i = tid; i < n / 8; i += NCT)
+      reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(src) + i);
+    cons_sync();
+  }
+  __device__ __forceinline__ void load_xp(int seg) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint4* q = reinterpret_cast<const uint4*>(xs + seg * 2048 + 32 * (lane + 32 * j));
+#pragma unroll
+      for (int c = 0; c < 4; ++c) ctc_gemv::pair_x(q[c], xp + 16 * j + 4 * c);
+    }
+  }
+
+  __device__ __forceinline__ void stage(int st, int l) {
+    if (!compute) return;
+    if (st == 0) norm(l == 0, a.attn_norm + (size_t)l * H);
+    else if (st == 2) load_halves(reinterpret_cast<const half*>(a.ws + WS_ATTN), H);
+    else if (st == 3) norm(false, a.mlp_norm + (size_t)l * H);
+    else if (st == 4) load_halves(reinterpret_cast<const half*>(a.ws + WS_H), FF);
+    else if (st == 5) norm(false, a.final_norm);
+    if (st != 1) load_xp(st == 4 ? (warp & 3) : 0);
+  }
+
+  __device__ __forceinline__ void stage_end(int st, int l) {
+    if (compute && st == 4) {  // down: the 4 segment sums of each row, + residual
+      cons_sync();
+      const int2 rr = part(H, p.b, p.G);
+      for (int i = tid; i < rr.y - rr.x; i += NCT) {
+        const float y = racc[4 * i] + racc[4 * i + 1] + racc[4 * i + 2] + racc[4 * i + 3];
+        a.ws[WS_X + rr.x + i] = __ldcg(a.ws + WS_X + rr.x + i) + y;
+      }
+    }
+    if (st == 5) return;  // the step's last stage: no barrier
+    ++nbar;
+    if (barriers) grid_barrier(ctl, nbar * (unsigned)p.G);
+  }
+
+  __device__ __forceinline__ void gemv(int st, int l, int r0, int cnt) {
+    const unsigned char* slot = wait_tile();
+    if (compute) {
+      const Mat m = mat_of(a, st, l);
+      const int rb = m.K / 2, ng = m.K / GS, nr = m.pair ? 2 * cnt : cnt;
+      const float* sc0 = reinterpret_cast<const float*>(slot + (size_t)nr * rb);
+      if (st == 3) {  // gate|up pairs: warp w takes pair w
+        if (warp < cnt) {
+          float g = dot_seg(slot + (size_t)warp * rb, sc0 + warp * ng, xp, lane);
+          float u = dot_seg(slot + (size_t)(cnt + warp) * rb, sc0 + (cnt + warp) * ng, xp, lane);
+          g = warp_sum(g);
+          u = warp_sum(u);
+          if (lane == 0) {
+            const float h = g / (1.f + expf(-g)) * u;
+            reinterpret_cast<half*>(a.ws + WS_H)[r0 + warp] = __float2half_rn(h);
+          }
+        }
+      } else if (st == 4) {  // down, K 8192: warp w takes segment w % 4 of rows w / 4 and w / 4 + 4
+        const int seg = warp & 3, i0 = warp >> 2;
+        const int2 rr = part(H, p.b, p.G);
+        float y0 = 0.f, y1 = 0.f;
+        if (i0 < cnt) y0 = dot_seg(slot + (size_t)i0 * rb + seg * 1024, sc0 + i0 * ng + seg * 16, xp, lane);
+        if (i0 + 4 < cnt)
+          y1 = dot_seg(slot + (size_t)(i0 + 4) * rb + seg * 1024, sc0 + (i0 + 4) * ng + seg * 16, xp, lane);
+        y0 = warp_sum(y0);
+        y1 = warp_sum(y1);
+        if (lane == 0) {
+          if (i0 < cnt) racc[4 * (r0 - rr.x + i0) + seg] = y0;
+          if (i0 + 4 < cnt) racc[4 * (r0 - rr.x + i0 + 4) + seg] = y1;
+        }
+      } else {  // K 2048, one output per row: warp w takes rows w and w + 16
+        float y0 = 0.f, y1 = 0.f;
+        if (warp < cnt) y0 = dot_seg(slot + (size_t)warp * rb, sc0 + warp * ng, xp, lane);
+        if (warp + 16 < cnt) y1 = dot_seg(slot + (size_t)(warp + 16) * rb, sc0 + (warp + 16) * ng, xp, lane);
+        y0 = warp_sum(y0);
+        y1 = warp_sum(y1);
+        if (lane == 0) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int i = warp + 16 * j;
+            if (i >= cnt) break;
+            const float y = j ? y1 : y0;
+            const int n = r0 + i;
+            if (st == 0) {
+              a.ws[WS_QKV + n] = y;
+            } else if (st == 2) {
+              const float res = l == 0 ? __half2float(a.emb[(size_t)__ldg(a.token) * H + n]) : __ldcg(a.ws + WS_X + n);
+              a.ws[WS_X + n] = res + y;
+            } else {
+              a.logits[n] = y;
+            }
+          }
+        }
+      }
+    }
+    release_tile();
+  }
+
+  // ---- attention over one chunk of cache positions for the 4 query heads of kv head hk
+  __device__ __forceinline__ void att_begin(int l, int hk, int c, int c0, int c1) {
+    if (!compute) return;
+    const float* qkv = a.ws + WS_QKV;
+    const int pos = p.pos;
+    if (tid < 4 * HD) {
+      const int h = tid >> 6, d = tid & 63, base = (4 * hk + h) * HD;
+      const float q = __ldcg(qkv + base + d), qp = __ldcg(qkv + base + (d ^ 32));
+      float sn, cs;
+      sincosf((float)pos * a.inv_freq[d & 31], &sn, &cs);
+      qs[h * HD + d] = (d < 32 ? q * cs - qp * sn : q * cs + qp * sn) * (0.125f * LOG2E);
+    } else if (c1 == pos + 1 && tid < 5 * HD) {  // the new key: RoPE, fp16, into the cache
+      const int d = tid - 4 * HD, base = NQ * HD + hk * HD;
+      const float k = __ldcg(qkv + base + d), kp = __ldcg(qkv + base + (d ^ 32));
+      float sn, cs;
+      sincosf((float)pos * a.inv_freq[d & 31], &sn, &cs);
+      const half kh = __float2half_rn(d < 32 ? k * cs - kp * sn : k * cs + kp * sn);
+      fresh[d] = kh;
+      a.kcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = kh;
+    } else if (c1 == pos + 1 && tid < 6 * HD) {  // the new value
+      const int d = tid - 5 * HD;
+      const half vh = __float2half_rn(__ldcg(qkv + (NQ + NKV) * HD + hk * HD + d));
+      fresh[HD + d] = vh;
+      a.vcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = vh;
+    }
+    if (tid < 4) { mls[tid] = -INFINITY; mls[4 + tid] = 0.f; }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+    cons_sync();
+  }
+
+  // n positions: K rows at kp, V rows at vp (64 halves each), online softmax into mls / acc
+  __device__ __forceinline__ void att_rows(const half* kp, const half* vp, int n) {
+    const int pp = tid >> 2, qt = tid & 3;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    if (pp < n) {
+      const uint4* kr = reinterpret_cast<const uint4*>(kp + pp * HD + qt * 16);
+      const uint4 k0 = kr[0], k1 = kr[1];
+      const unsigned kw[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float2 kf = __half22float2(*reinterpret_cast<const __half2*>(&kw[i]));
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          s[h] = fmaf(qs[h * HD + qt * 16 + 2 * i], kf.x, s[h]);
+          s[h] = fmaf(qs[h * HD + qt * 16 + 2 * i + 1], kf.y, s[h]);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      s[h] += __shfl_xor_sync(0xffffffffu, s[h], 1);
+      s[h] += __shfl_xor_sync(0xffffffffu, s[h], 2);
+    }
+    if (qt == 0 && pp < n) {
+#pragma unroll
+      for (int h = 0; h < 4; ++h) sc[h * ATT_T + pp] = s[h];
+    }
+    cons_sync();
+    if (warp < 4) {
+      const int h = warp;
+      float mx = -INFINITY;
+      for (int q = lane; q < n; q += 32) mx = fmaxf(mx, sc[h * ATT_T + q]);
+      mx = warp_max(mx);
+      const float mo = mls[h], mn = fmaxf(mo, mx);
+      float sum = 0.f;
+      for (int q = lane; q < n; q += 32) {
+        const float e = exp2f(sc[h * ATT_T + q] - mn);
+        sc[h * ATT_T + q] = e;
+        sum += e;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float al = exp2f(mo - mn);
+        mls[h] = mn;
+        mls[4 + h] = mls[4 + h] * al + sum;
+        mls[8 + h] = al;
+      }
+    }
+    cons_sync();
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const float al = mls[8 + h];
+      acc[2 * h] *= al;
+      acc[2 * h + 1] *= al;
+    }
+    for (int q = warp; q < n; q += NCW) {
+      const float2 vf = __half22float2(reinterpret_cast<const __half2*>(vp + q * HD)[lane]);
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const float e = sc[h * ATT_T + q];
+        acc[2 * h] = fmaf(e, vf.x, acc[2 * h]);
+        acc[2 * h + 1] = fmaf(e, vf.y, acc[2 * h + 1]);
+      }
+    }
+    cons_sync();
+  }
+
+  __device__ __forceinline__ void att_tile(int, int, int, int n) {
+    const unsigned char* slot = wait_tile();
+    if (compute) {
+      const half* kp = reinterpret_cast<const half*>(slot);
+      att_rows(kp, kp + ATT_T * HD, n);
+    }
+    release_tile();
+  }
+
+  __device__ __forceinline__ void att_end(int l, int hk, int c, int c0, int c1) {
+    if (!compute) return;
+    if (c1 == p.pos + 1) att_rows(fresh, fresh + HD, 1);
+    float* red = reinterpret_cast<float*>(xs);  // [16 warps][4 heads][64]
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      red[(warp * 4 + h) * HD + 2 * lane] = acc[2 * h];
+      red[(warp * 4 + h) * HD + 2 * lane + 1] = acc[2 * h + 1];
+    }
+    cons_sync();
+    if (tid < 4 * HD) {
+      const int h = tid >> 6, d = tid & 63;
+      float o = 0.f;
+#pragma unroll
+      for (int g = 0; g < NCW; ++g) o += red[(g * 4 + h) * HD + d];
+      float* P = a.ws + WS_PART + ((4 * hk + h) * CMAX + c) * 66;
+      P[2 + d] = o;
+      if (d == 0) { P[0] = mls[h]; P[1] = mls[4 + h]; }
+    }
+    __threadfence();
+    cons_sync();
+    unsigned* flag = reinterpret_cast<unsigned*>(mls + 12);
+    if (tid == 0) {
+      const unsigned old = atomicAdd(ctl + CTL_HEAD + hk, 1u);
+      const bool last = old == (unsigned)p.C - 1;
+      if (last) atomicExch(ctl + CTL_HEAD + hk, 0u);
+      *flag = last;
+    }
+    cons_sync();
+    if (*flag) {  // the last chunk of this kv head to finish merges all of them
+      __threadfence();
+      if (tid < 4 * HD) {
+        const int h = tid >> 6, d = tid & 63;
+        const float* P = a.ws + WS_PART + (4 * hk + h) * CMAX * 66;
+        float M = -INFINITY;
+        for (int cc = 0; cc < p.C; ++cc) M = fmaxf(M, __ldcg(P + cc * 66));
+        float L = 0.f, O = 0.f;
+        for (int cc = 0; cc < p.C; ++cc) {
+          const float e = exp2f(__ldcg(P + cc * 66) - M);
+          L = fmaf(__ldcg(P + cc * 66 + 1), e, L);
+          O = fmaf(__ldcg(P + cc * 66 + 2 + d), e, O);
+        }
+        reinterpret_cast<half*>(a.ws + WS_ATTN)[(4 * hk + h) * HD + d] = __float2half_rn(O / L);
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ int attn_chunks(int pos, int G) {
+  return max(1, min(min(CMAX, G / NKV), (pos + 64) / 64));
+}
+
+__global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Args a) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* misc = smem + NSLOT * SLOT + XS_BYTES;
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(misc);
+  unsigned long long* empty = full + NSLOT;
+  unsigned* ctl = reinterpret_cast<unsigned*>(a.ws + WS_CTL);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < NSLOT; ++i) { mbar_init(&full[i], 1); mbar_init(&empty[i], NCW); }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  Plan p;
+  p.G = gridDim.x; p.b = blockIdx.x; p.pos = __ldg(a.pos); p.layers = a.layers; p.vocab = a.vocab;
+  p.C = attn_chunks(p.pos, p.G);
+  const Ring ring{smem, full, empty};
+  const int warp = threadIdx.x >> 5;
+  if (warp == NCW) {
+    if ((threadIdx.x & 31) == 0) {
+      Producer pr{a, ring, ctl, 0u, evict_first_policy(), p.pos};
+      walk(pr, p);
+    }
+    return;
+  }
+  Consumer cs{a, ring, ctl, p};
+  unsigned char* m = misc + 2 * NSLOT * 8;
+  cs.sc = reinterpret_cast<float*>(m); m += 4 * ATT_T * 4;
+  cs.qs = reinterpret_cast<float*>(m); m += 4 * HD * 4;
+  cs.racc = reinterpret_cast<float*>(m); m += 256 * 4;
+  cs.red16 = reinterpret_cast<float*>(m); m += 16 * 4;
+  cs.mls = reinterpret_cast<float*>(m); m += 16 * 4;
+  cs.fresh = reinterpret_cast<half*>(m);
+  cs.xs = reinterpret_cast<half*>(smem + NSLOT * SLOT);
+  cs.t = 0; cs.nbar = 0;
+  cs.tid = threadIdx.x; cs.lane = threadIdx.x & 31; cs.warp = warp;
+  cs.compute = (a.mode & 2) == 0;
+  cs.barriers = (a.mode & 1) == 0;
+  walk(cs, p);
+  if (threadIdx.x == 0) {  // the last block out resets the barrier counter for the next launch
+    __threadfence();
+    if (atomicAdd(ctl + CTL_EXIT, 1u) == (unsigned)p.G - 1) {
+      atomicExch(ctl + CTL_BAR, 0u);
+      atomicExch(ctl + CTL_EXIT, 0u);
+    }
+  }
+}
+
+// nb grid barriers and nothing else, same launch shape: what one barrier costs
+__global__ void __launch_bounds__(NT, 1) barrier_bench(float* ws, int nb) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned* ctl = reinterpret_cast<unsigned*>(ws + WS_CTL);
+  if (threadIdx.x >= NCT) return;
+  for (int i = 1; i <= nb; ++i) grid_barrier(ctl, (unsigned)i * gridDim.x);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(ctl + CTL_EXIT, 1u) == gridDim.x - 1) {
+      atomicExch(ctl + CTL_BAR, 0u);
+      atomicExch(ctl + CTL_EXIT, 0u);
+    }
+  }
+}
+
+}  // namespace ctc_pdec
+
+static cudaError_t g_last = cudaSuccess;
+
+static cudaError_t launch(const void* fn, void** args, int grid, int coop, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(ctc_pdec::NT);
+  cfg.dynamicSmemBytes = ctc_pdec::SMEM;
+  cfg.stream = stream;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeCooperative;
+  at[0].val.cooperative = coop;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelExC(&cfg, fn, args);
+}
+
+// grid (blocks = multiprocessors, one each), shared memory bytes, threads; 0 or a CUDA error code
+extern "C" int ctc_pdec_config(int* grid, int* smem, int* threads) {
+  int dev = 0, sms = 0, per = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (!e) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (!e) e = cudaFuncSetAttribute(ctc_pdec::decode_step, cudaFuncAttributeMaxDynamicSharedMemorySize, ctc_pdec::SMEM);
+  if (!e) e = cudaFuncSetAttribute(ctc_pdec::barrier_bench, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   ctc_pdec::SMEM);
+  if (!e) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, ctc_pdec::decode_step, ctc_pdec::NT, ctc_pdec::SMEM);
+  g_last = e;
+  if (e) return (int)e;
+  *grid = sms * (per < 1 ? 0 : 1);
+  *smem = ctc_pdec::SMEM;
+  *threads = ctc_pdec::NT;
+  return per < 1 ? -1 : 0;
+}
+
+extern "C" int ctc_pdec_launch(const ctc_pdec::Args* a, int grid, int coop, void* stream) {
+  ctc_pdec::Args copy = *a;
+  void* args[] = {&copy};
+  g_last = launch((const void*)ctc_pdec::decode_step, args, grid, coop, (cudaStream_t)stream);
+  return (int)g_last;
+}
+
+extern "C" int ctc_pdec_barrier_bench(float* ws, int nb, int grid, int coop, void* stream) {
+  void* args[] = {&ws, &nb};
+  g_last = launch((const void*)ctc_pdec::barrier_bench, args, grid, coop, (cudaStream_t)stream);
+  return (int)g_last;
+}
+
+extern "C" const char* ctc_pdec_error() { return cudaGetErrorString(g_last); }
+
+extern "C" int ctc_pdec_ws_floats() { return ctc_pdec::WS_CTL + 64; }
+extern "C" int ctc_pdec_smem_bytes() { return ctc_pdec::SMEM; }
+// ---- end ctc ----
+"""
+
+
+def source_text() -> str:
+    """The whole translation unit: includes, :mod:`.cuda_gemv`'s half2 helpers, the persistent kernel."""
+    return ("#include <cuda_fp16.h>\n#include <cuda_runtime.h>\n#include <math.h>\n"
+            + cuda_gemv.CUDA_SOURCE + CUDA_SOURCE)
+
+
+def build_library(out_dir: Path, nvcc: str | None = None, arch: str = "sm_90a", extra: tuple[str, ...] = (),
+                  name: str = "libctc_pdec.so") -> tuple[Path, str]:
+    """Compile :func:`source_text` with nvcc into ``out_dir/name``; returns its path and ptxas's report.  ``extra``:
+    more nvcc flags, e.g. ``-DPDEC_NSLOT=4`` (ring slots) or ``-DPDEC_HINT=0`` (no L2 evict-first hint)."""
+    from ctc.backends.tvm.cuda_toolchain import find_nvcc
+
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc (CUDA toolkit) not found")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / "ctc_pdec.cu"
+    src.write_text(source_text())
+    lib = out_dir / name
+    gencode = f"-gencode=arch=compute_{arch[3:]},code={arch}"
+    cmd = [nvcc, gencode, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--cudart", "static",
+           "-Xptxas", "-v", "-lineinfo", *extra, "-o", str(lib), str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    return lib, res.stderr
+
+
+def ptxas_report(text: str) -> dict[str, dict[str, int]]:
+    """Registers, spill bytes and stack frame per kernel from ``-Xptxas -v`` output."""
+    out: dict[str, dict[str, int]] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            name = m.group(1)
+            out[name] = {}
+            continue
+        if name is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[name]["registers"] = int(m.group(1))
+    return out
+
+
+class DecodeArgs(ctypes.Structure):
+    """The kernel's ``ctc_pdec::Args``: raw device pointers and sizes (field order as in the source)."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in (
+        "wqkv", "sqkv", "wo", "so", "wgu", "sgu", "wd", "sd", "attn_norm", "mlp_norm", "final_norm", "emb",
+        "whead", "shead", "kcache", "vcache", "inv_freq", "token", "pos", "ws", "logits")] + [
+        ("layers", ctypes.c_int), ("vocab", ctypes.c_int), ("max_len", ctypes.c_int), ("mode", ctypes.c_int),
+        ("eps", ctypes.c_float)]
+
+
+# ---------------------------------------------------------------------------------------------- torch helpers
+def rtn_int4(w: Any, group: int = 128) -> tuple[Any, Any]:
+    """ctc's symmetric RTN int4 (:func:`ctc.ir.quant.quantize_weight` with bits 4) on any device: packed
+    ``uint8 [N, K/2]`` and ``float32`` scales ``[N, K/group]`` (zero points are all 0)."""
+    import torch
+
+    n, k = w.shape
+    wf = w.detach().to(torch.float32)
+    wg = wf.reshape(n, k // group, group)
+    scale = wg.abs().amax(dim=-1) / 7
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(wf / scale.repeat_interleave(group, dim=-1)), -8, 7).to(torch.int16)
+    u = (q + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4), scale
+
+
+def dequant_int4(packed: Any, scale: Any, group: int = 128) -> Any:
+    """``float32 [N, K]`` from :func:`rtn_int4`'s storage."""
+    import torch
+
+    lo = (packed & 0x0F).to(torch.float32) - 8
+    hi = (packed >> 4).to(torch.float32) - 8
+    q = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    return q * scale.repeat_interleave(group, dim=-1)
+
+
+def _rms(x: Any, g: Any, eps: float) -> Any:
+    import torch
+
+    return g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x: Any, cos: Any, sin: Any) -> Any:
+    import torch
+
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
+def reference_step(w: dict[str, Any], token: int, pos: int, kcache: Any, vcache: Any, cfg: dict[str, Any]
+                   ) -> tuple[Any, dict[str, Any]]:
+    """One decode step in float32 (Llama semantics, as Hugging Face computes them): float32 weights ``w``
+    (``emb``, per layer ``qkv.l``/``o.l``/``gu.l``/``down.l``/``attn_norm.l``/``mlp_norm.l``, ``final_norm``,
+    ``head``), caches ``[L, kv_heads, max_len, head_dim]`` read at positions ``< pos``.  Returns the logits
+    and the last layer's intermediates (``qkv``, ``attn``, ``h``, ``x``)."""
+    import torch
+
+    hd, nq, nkv, eps = cfg["head_dim"], cfg["heads"], cfg["kv_heads"], cfg["eps"]
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    ang = (torch.tensor(float(pos)) * inv).to(w["emb"].device)
+    cos, sin = torch.cat([ang, ang]).cos(), torch.cat([ang, ang]).sin()
+    x = w["emb"][token].float()
+    inter: dict[str, Any] = {}
+    for layer in range(cfg["layers"]):
+        h = _rms(x, w[f"attn_norm.{layer}"], eps)
+        qkv = w[f"qkv.{layer}"] @ h
+        q = _rope(qkv[: nq * hd].view(nq, hd), cos, sin)
+        k = _rope(qkv[nq * hd:(nq + nkv) * hd].view(nkv, hd), cos, sin)
+        v = qkv[(nq + nkv) * hd:].view(nkv, hd)
+        keys = torch.cat([kcache[layer, :, :pos].float(), k[:, None]], dim=1)     # [kv, pos + 1, hd]
+        vals = torch.cat([vcache[layer, :, :pos].float(), v[:, None]], dim=1)
+        qg = q.view(nkv, nq // nkv, hd)
+        p = torch.softmax(torch.einsum("grd,gpd->grp", qg, keys) / hd ** 0.5, dim=-1)
+        attn = torch.einsum("grp,gpd->grd", p, vals).reshape(nq * hd)
+        x = x + w[f"o.{layer}"] @ attn
+        h2 = _rms(x, w[f"mlp_norm.{layer}"], eps)
+        gu = w[f"gu.{layer}"] @ h2
+        g, u = gu.chunk(2)
+        hh = torch.nn.functional.silu(g) * u
+        x = x + w[f"down.{layer}"] @ hh
+        inter = {"qkv": qkv, "attn": attn, "h": hh, "x": x}
+    logits = w["head"] @ _rms(x, w["final_norm"], eps)
+    return logits, inter
+
+
+class PersistentDecoder:
+    """Drives the compiled kernel from torch CUDA tensors (the GPU machine: torch with CUDA, no TVM).
+
+    ``weights``: ``wqkv [L, 3072, 1024]``, ``sqkv [L, 3072, 16]``, ``wo``/``so``, ``wgu [L, 2F, 1024]`` (gate rows
+    then up rows), ``sgu``, ``wd [L, 2048, 4096]``, ``sd [L, 2048, 64]`` (uint8 / float32, :func:`rtn_int4`),
+    ``attn_norm``/``mlp_norm [L, 2048]``, ``final_norm``, ``emb [V, 2048]`` (float16), ``whead``/``shead`` (the
+    int4 LM head), ``inv_freq [32]`` (float32).  Caches ``[L, kv_heads, max_len, 64]`` float16, updated in place
+    at ``pos`` by every step."""
+
+    FIELDS = ("wqkv", "sqkv", "wo", "so", "wgu", "sgu", "wd", "sd", "attn_norm", "mlp_norm", "final_norm", "emb",
+              "whead", "shead", "kcache", "vcache", "inv_freq")
+
+    def __init__(self, lib_path: str | Path, weights: dict[str, Any], kcache: Any, vcache: Any, eps: float = 1e-5):
+        import torch
+
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.lib.ctc_pdec_error.restype = ctypes.c_char_p
+        grid, smem, threads = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        rc = self.lib.ctc_pdec_config(ctypes.byref(grid), ctypes.byref(smem), ctypes.byref(threads))
+        if rc != 0:
+            raise RuntimeError(f"ctc_pdec_config: {rc} {self.lib.ctc_pdec_error().decode()}")
+        self.grid, self.smem, self.threads = grid.value, smem.value, threads.value
+        if self.lib.ctc_pdec_ws_floats() != WS_FLOATS:
+            raise RuntimeError("workspace size of the library and of this module differ")
+        dev = kcache.device
+        self.tensors = {**weights, "kcache": kcache, "vcache": vcache}
+        self.ws = torch.zeros(WS_FLOATS, dtype=torch.float32, device=dev)
+        self.logits = torch.empty(weights["emb"].shape[0], dtype=torch.float32, device=dev)
+        self.token = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.args = DecodeArgs(**{n: self.tensors[n].data_ptr() for n in self.FIELDS},
+                               token=self.token.data_ptr(), pos=self.pos.data_ptr(), ws=self.ws.data_ptr(),
+                               logits=self.logits.data_ptr(), layers=weights["wqkv"].shape[0],
+                               vocab=weights["emb"].shape[0], max_len=kcache.shape[2], mode=0, eps=eps)
+        self.coop = 1
+
+    def set(self, token: int, pos: int) -> None:
+        """The token and cache position of the next step (device scalars: a captured graph reads them)."""
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+
+    def step(self, mode: int = 0, layers: int | None = None) -> None:
+        """One decode step on torch's current stream (``mode`` bits: 1 no grid barriers, 2 no arithmetic)."""
+        import torch
+
+        self.args.mode = mode
+        if layers is not None:
+            self.args.layers = layers
+        rc = self.lib.ctc_pdec_launch(ctypes.byref(self.args), self.grid, self.coop,
+                                      ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        if rc != 0:
+            raise RuntimeError(f"ctc_pdec_launch: {rc} {self.lib.ctc_pdec_error().decode()}")
+
+    def barrier_bench(self, n: int) -> None:
+        """``n`` grid barriers in one launch of the same shape (nothing else)."""
+        import torch
+
+        rc = self.lib.ctc_pdec_barrier_bench(ctypes.c_void_p(self.ws.data_ptr()), n, self.grid, self.coop,
+                                             ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        if rc != 0:
+            raise RuntimeError(f"ctc_pdec_barrier_bench: {rc} {self.lib.ctc_pdec_error().decode()}")
+
+    def aborted(self) -> int:
+        """The abort flag (1: a ring wait, 2: a grid barrier timed out); clears the control words when set."""
+        import torch
+
+        flag = int(self.ws[WS_CTL:WS_CTL + 4].view(torch.int32)[2].item())
+        if flag:
+            self.ws[WS_CTL:].zero_()
+        return flag
+
+    def intermediates(self) -> dict[str, Any]:
+        """The last layer's q|k|v (f32, before RoPE), attention output, SwiGLU output (fp16) and residual (f32)."""
+        import torch
+
+        ws = self.ws
+        return {"x": ws[:2048].clone(), "qkv": ws[2048:5120].clone(),
+                "attn": ws[5120 + 32 * CMAX * 66:][:1024].view(torch.float16).float().clone(),
+                "h": ws[5120 + 32 * CMAX * 66 + 1024:][:4096].view(torch.float16).float().clone()}

@@ -1,0 +1,107 @@
+"""The persistent decode-step kernel (``ctc/backends/tvm/cuda_persistent.py``), checked where no GPU is.
+
+Here: the int4 RTN used by its benchmark is ctc's quantizer bit for bit, the float32 reference step is Hugging
+Face's Llama step, and the CUDA source compiles for sm_90a with its entry points, within the register file that
+544 threads leave (no large spills) and the 227 KB of shared memory a block may have.  Its numbers are checked
+on the GPU by ``benchmarks/cuda_persistent_decode.py run`` (and by the ``gpu`` test below where one is present).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from ctc.backends.tvm import cuda_persistent as P
+
+
+def test_rtn_int4_is_ctcs_quantizer() -> None:
+    from ctc.ir.quant import dequantize_weight, quantize_weight
+
+    w = torch.randn(48, 384, generator=torch.Generator().manual_seed(3)) * 0.02
+    w[3, :128] = 0  # an all-zero group keeps scale 1
+    q, s = P.rtn_int4(w)
+    ref = quantize_weight(w, 4, 128, True)
+    assert torch.equal(q, ref.qweight) and torch.equal(s, ref.scale)
+    assert torch.equal(P.dequant_int4(q, s), dequantize_weight(ref.qweight, ref.scale, ref.zero, 4, 128, 384))
+
+
+@torch.no_grad()
+def test_reference_step_is_hf_llama() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, attn_implementation="eager")
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).eval()
+    for n, p in m.named_parameters():
+        if "norm" in n:
+            p.copy_(1 + 0.1 * torch.randn_like(p))
+    pos = 37
+    ids = torch.randint(0, 300, (1, pos + 1))
+    full = m(ids).logits[0, -1]
+    past = m(ids[:, :pos], use_cache=True).past_key_values
+    kc, vc = torch.zeros(2, 2, 48, 32), torch.zeros(2, 2, 48, 32)
+    w = {"emb": m.model.embed_tokens.weight, "final_norm": m.model.norm.weight, "head": m.lm_head.weight}
+    for i, layer in enumerate(m.model.layers):
+        kc[i, :, :pos], vc[i, :, :pos] = past.layers[i].keys[0], past.layers[i].values[0]
+        a, f = layer.self_attn, layer.mlp
+        w |= {f"qkv.{i}": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), f"o.{i}": a.o_proj.weight,
+              f"gu.{i}": torch.cat([f.gate_proj.weight, f.up_proj.weight]), f"down.{i}": f.down_proj.weight,
+              f"attn_norm.{i}": layer.input_layernorm.weight, f"mlp_norm.{i}": layer.post_attention_layernorm.weight}
+    shape = dict(hidden=128, heads=4, kv_heads=2, head_dim=32, ffn=192, layers=2, vocab=300, rope_theta=500000.0,
+                 eps=1e-5)
+    got, inter = P.reference_step(w, int(ids[0, pos]), pos, kc, vc, shape)
+    torch.testing.assert_close(got, full, atol=2e-5, rtol=1e-4)
+    assert set(inter) == {"qkv", "attn", "h", "x"}
+
+
+def test_kernel_compiles_within_the_register_file_and_shared_memory(tmp_path) -> None:
+    from ctc.backends.tvm.cuda_toolchain import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed: the kernel cannot be built here")
+    lib_path, report = P.build_library(tmp_path)
+    rep = P.ptxas_report(report)
+    step = next(v for k, v in rep.items() if "decode_step" in k)
+    bench = next(v for k, v in rep.items() if "barrier_bench" in k)
+    # 17 warps a block: 5 of them share one of the 4 register files, so 96 registers a thread at most
+    assert step["registers"] <= 96
+    assert step["spill_stores"] <= 64 and step["spill_loads"] <= 64, step   # a few scalars, not the x pairs
+    assert bench["spill_stores"] == 0
+    lib = ctypes.CDLL(str(lib_path))   # static cudart: loads without a driver
+    for sym in ("ctc_pdec_config", "ctc_pdec_launch", "ctc_pdec_barrier_bench", "ctc_pdec_error"):
+        assert hasattr(lib, sym)
+    assert lib.ctc_pdec_ws_floats() == P.WS_FLOATS
+    assert 200 * 1024 < lib.ctc_pdec_smem_bytes() <= 227 * 1024   # one block a multiprocessor, the ring deep
+    assert ctypes.sizeof(P.DecodeArgs) == 21 * 8 + 5 * 4 + 4      # the C struct's layout (padded to 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_layer_step_matches_the_fp32_reference_on_the_gpu(tmp_path) -> None:
+    import sys
+    from pathlib import Path
+
+    from ctc.backends.tvm.cuda_toolchain import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc is not installed")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import cuda_persistent_decode as B
+
+    lib_path, _ = P.build_library(tmp_path)
+    cfg = dict(P.LLAMA_1B)
+    packed, w32 = B.make_weights(cfg, 1)
+    w32["_inv"] = packed["inv_freq"]
+    shape = (1, cfg["kv_heads"], 160, cfg["head_dim"])
+    g = torch.Generator(device="cuda").manual_seed(1)
+    kc = torch.randn(shape, generator=g, device="cuda").half()
+    vc = torch.randn(shape, generator=g, device="cuda").half()
+    dec = P.PersistentDecoder(lib_path, packed, kc, vc)
+    for row in B.check(dec, w32, cfg, 1, kc, vc, (5, 128)):
+        assert row["aborted"] == 0
+        assert row["logits"]["max_abs"] <= 0.02 * row["logits"]["ref_max_abs"] + 1e-2, row
+        assert row["argmax_equal"]
