@@ -46,7 +46,30 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"slot4": ("-DPDEC_NSLOT=4",), "nohint": ("-DPDEC_HINT=0",)}
+VARIANTS = {"slot4": ("-DPDEC_NSLOT=4",), "slot3": ("-DPDEC_NSLOT=3",), "barfence": ("-DPDEC_BAR_FENCE=1",)}
+STAGES = ("qkv", "attention", "o", "gate_up", "down", "head")
+
+
+def trace_breakdown(trace: Any, layers: int) -> dict[str, Any]:
+    """Per stage kind, from one step's globaltimer stamps ``[blocks, 168]`` (start; begin / end of each stage):
+    ``span_us`` = sum over layers of (last block's end - previous barrier's release), ``barrier_us`` = mean of
+    (first block past the barrier - last block into it), ``work_us`` = mean over blocks and layers of end - begin."""
+    t = trace.double().cpu()
+    n = 1 + 2 * (layers * 5 + 1)
+    t = t[:, :n] - t[:, :1].min()
+    begin, end = t[:, 1::2], t[:, 2::2]                 # [blocks, stages]
+    release = begin.min(dim=0).values                  # each stage's start: the barrier before it let go
+    arrive = end.max(dim=0).values
+    out: dict[str, Any] = {"total_us": round(float(end[:, -1].max()) / 1e3, 2),
+                           "start_skew_us": round(float(t[:, 0].max() - t[:, 0].min()) / 1e3, 2)}
+    for k, name in enumerate(STAGES):
+        idx = list(range(k, layers * 5, 5)) if k < 5 else [layers * 5]
+        span = sum(float(arrive[i] - (release[i] if i == 0 else release[i])) for i in idx)
+        bar = [float(release[i + 1] - arrive[i]) for i in idx if i + 1 < begin.shape[1]]
+        work = float((end[:, idx] - begin[:, idx]).mean())
+        out[name] = {"span_us": round(span / 1e3, 2), "barrier_us": round(sum(bar) / max(len(bar), 1) / 1e3, 3),
+                     "work_us": round(work / 1e3, 3)}
+    return out
 
 
 def build(out: Path) -> None:
@@ -284,6 +307,20 @@ def run(out: Path, repeat: int, results: Path, quick: bool = False) -> dict[str,
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()
+    # one traced step per timed position: where the time goes
+    try:
+        dec.enable_trace()
+        for pos in TIME_POS:
+            dec.set(1000, pos)
+            for _ in range(3):
+                dec.step()
+            torch.cuda.synchronize()
+            res[f"trace_{pos}"] = trace_breakdown(dec.trace, cfg["layers"])
+            print(f"trace {pos}", json.dumps(res[f"trace_{pos}"]), flush=True)
+        dec.enable_trace(False)
+    except Exception as e:  # noqa: BLE001
+        res["errors"].append(f"trace: {type(e).__name__}: {e}")
+        traceback.print_exc()
     # the logits after all the timing runs still match (the caches were rewritten at the timed positions only)
     try:
         res["checks"] += check(dec, w32, cfg, cfg["layers"], kc, vc, (1024,))
@@ -303,6 +340,8 @@ def run(out: Path, repeat: int, results: Path, quick: bool = False) -> dict[str,
                 vd.set(1000, pos)
                 v[f"launch_{pos}"] = _events(vd.step, repeat)
                 v[f"aborted_{pos}"] = vd.aborted()
+            v["barrier_us"] = round((_events(lambda vd=vd: vd.barrier_bench(810), 20)["median_ms"]
+                                     - _events(lambda vd=vd: vd.barrier_bench(81), 20)["median_ms"]) / 729 * 1e3, 3)
         except Exception as e:  # noqa: BLE001
             v["error"] = f"{type(e).__name__}: {e}"[:300]
         res["variants"][name] = v
@@ -332,6 +371,11 @@ def table(res: dict[str, Any]) -> str:
                              f"{t['back_to_back_ms']:.4f} ms  " +
                              (f"{t.get('pct_copy_median', '')}% / {t.get('pct_copy_back_to_back', '')}% of copy"
                               if "pct_copy_median" in t else ""))
+    for pos in TIME_POS:
+        tr = res.get(f"trace_{pos}")
+        if tr:
+            lines.append(f"trace pos {pos}: total {tr['total_us']} us; " + "; ".join(
+                f"{k} span {tr[k]['span_us']} barrier {tr[k]['barrier_us']} work {tr[k]['work_us']}" for k in STAGES))
     for name, v in res.get("variants", {}).items():
         lines.append(f"variant {name}: " + ", ".join(
             f"pos {p} median {v[f'launch_{p}']['median_ms']} b2b {v[f'launch_{p}']['back_to_back_ms']} ms"

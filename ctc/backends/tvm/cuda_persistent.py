@@ -62,6 +62,7 @@ LLAMA_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, group=
 CMAX = 16                                                  # attention chunks per kv head, at most
 WS_FLOATS = 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
 WS_CTL = WS_FLOATS - 64                                    # control words: barrier, exit, abort, head counters
+TRACE_STRIDE = 168
 
 CUDA_SOURCE = r"""
 // ---- ctc: persistent decode step (ctc/backends/tvm/cuda_persistent.py) ----
@@ -76,6 +77,9 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_HINT
 #define PDEC_HINT 1
 #endif
+#ifndef PDEC_BAR_FENCE  // 1: __threadfence() around the grid barrier's arrive / wait (0: release / acquire only)
+#define PDEC_BAR_FENCE 0
+#endif
 constexpr int NSLOT = PDEC_NSLOT, SLOT = 34816;  // 32 rows of K 2048 + scales, 16 gate|up pairs, 8 down rows
 constexpr int ATT_T = 128;              // cache positions per ring tile (K rows, then V rows at + 16 KB)
 constexpr int CMAX = 16;
@@ -83,8 +87,22 @@ constexpr int WS_X = 0, WS_QKV = 2048, WS_PART = WS_QKV + QKV, WS_ATTN = WS_PART
               WS_H = WS_ATTN + H / 2, WS_CTL = WS_H + FF / 2;   // float offsets; ATTN and H hold halves
 constexpr int CTL_BAR = 0, CTL_EXIT = 1, CTL_ABORT = 2, CTL_HEAD = 8;
 constexpr int XS_BYTES = FF * 2;
-constexpr int MISC_BYTES = 2 * NSLOT * 8 + 4 * ATT_T * 4 + 4 * HD * 4 + 256 * 4 + 16 * 4 + 16 * 4 + 2 * HD * 2;
+constexpr int MISC_BYTES = 2 * NSLOT * 8 + 4 * ATT_T * 4 + 4 * HD * 4 + 256 * 4 + 16 * 4 + 16 * 4 + 2 * HD * 2 +
+                           64 * 4 + 64 * 4;  // + the block's own residual rows, RoPE cos / sin at pos
+constexpr int TRACE_STRIDE = 168;  // per block: start, then (begin, end) of each of at most 83 stages
+// shared memory: ring slots | activations (fp16) | mbarriers | small arrays; fixed offsets from one symbol, so
+// addressing them costs no registers
+constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = OFF_FULL + NSLOT * 8,
+              OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RACC = OFF_QS + 4 * HD * 4,
+              OFF_RED16 = OFF_RACC + 256 * 4, OFF_MLS = OFF_RED16 + 16 * 4, OFF_FRESH = OFF_MLS + 16 * 4,
+              OFF_XOWN = OFF_FRESH + 2 * HD * 2, OFF_ROPE = OFF_XOWN + 64 * 4, OFF_END = OFF_ROPE + 64 * 4;
 constexpr int SMEM = NSLOT * SLOT + XS_BYTES + MISC_BYTES;
+static_assert(OFF_END == SMEM, "shared memory layout");
+extern __shared__ __align__(1024) unsigned char pdec_smem[];
+template <class T> __device__ __forceinline__ T* sm(int off) { return reinterpret_cast<T*>(pdec_smem + off); }
+__device__ __forceinline__ unsigned char* slot_ptr(unsigned s) { return pdec_smem + (size_t)s * SLOT; }
+__device__ __forceinline__ unsigned long long* full_bar(unsigned s) { return sm<unsigned long long>(OFF_FULL) + s; }
+__device__ __forceinline__ unsigned long long* empty_bar(unsigned s) { return sm<unsigned long long>(OFF_EMPTY) + s; }
 constexpr unsigned long long TIMEOUT_NS = 200000000ull;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -99,6 +117,7 @@ struct Args {
   const float* inv_freq;
   const int* token; const int* pos;
   float* ws; float* logits;
+  unsigned long long* trace;  // null, or globaltimer stamps [blocks][TRACE_STRIDE]
   int layers, vocab, max_len, mode;
   float eps;
 };
@@ -167,9 +186,9 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity
 
 // all blocks: every consumer thread's writes before it are visible to every block after it
 __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
-  cons_sync();
+  cons_sync();  // the block's writes happen before thread 0's release (bar.sync orders them; release is cumulative)
   if (threadIdx.x == 0) {
-    __threadfence();
+    if (PDEC_BAR_FENCE) __threadfence();
     red_release_add(ctl + CTL_BAR, 1u);
     if (ld_acquire(ctl + CTL_BAR) < target) {
       const unsigned long long t0 = gtime();
@@ -180,9 +199,15 @@ __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
         }
       }
     }
-    __threadfence();
+    if (PDEC_BAR_FENCE) __threadfence();
   }
   cons_sync();
+}
+
+__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
 }
 
 __device__ __forceinline__ int2 part(int n, int b, int G) {
@@ -234,18 +259,17 @@ __device__ __forceinline__ Mat mat_of(const Args& a, int st, int l) {
   }
 }
 
-struct Ring { unsigned char* slots; unsigned long long* full; unsigned long long* empty; };
 
 // ------------------------------------------------------------------ producer (one thread)
 struct Producer {
-  const Args& a; Ring r; unsigned* ctl; unsigned t; unsigned long long pol; int pos;
+  const Args& a; unsigned* ctl; unsigned t; unsigned long long pol; int pos;
   __device__ __forceinline__ unsigned char* acquire(unsigned bytes, unsigned long long*& bar) {
     const unsigned s = t % NSLOT, round = t / NSLOT;
-    if (round > 0) mbar_wait(&r.empty[s], (round - 1) & 1u, ctl);
-    bar = &r.full[s];
+    if (round > 0) mbar_wait(empty_bar(s), (round - 1) & 1u, ctl);
+    bar = full_bar(s);
     mbar_expect_tx(bar, bytes);
     ++t;
-    return r.slots + (size_t)s * SLOT;
+    return slot_ptr(s);
   }
   __device__ __forceinline__ void stage(int, int) {}
   __device__ __forceinline__ void stage_end(int, int) {}
@@ -304,29 +328,49 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 struct Consumer {
-  const Args& a; Ring r; unsigned* ctl; Plan p;
-  unsigned char* smem_misc; half* xs;
-  float *sc, *qs, *racc, *red16, *mls; half* fresh;
-  unsigned t, nbar;
+  const Args& a; unsigned* ctl; Plan p;
+  unsigned long long* trace;
+  unsigned t, nbar, nst;
   int tid, lane, warp;
   bool compute, barriers;
   unsigned xp[32];
   float acc[8];
+  float gam[4];  // the next RMSNorm's weights (this thread's 4), loaded before the barrier that precedes it
+
+  __device__ __forceinline__ half* xs() const { return sm<half>(OFF_XS); }
+  __device__ __forceinline__ float* sc() const { return sm<float>(OFF_SC); }
+  __device__ __forceinline__ float* qs() const { return sm<float>(OFF_QS); }
+  __device__ __forceinline__ float* racc() const { return sm<float>(OFF_RACC); }
+  __device__ __forceinline__ float* red16() const { return sm<float>(OFF_RED16); }
+  __device__ __forceinline__ float* mls() const { return sm<float>(OFF_MLS); }
+  __device__ __forceinline__ half* fresh() const { return sm<half>(OFF_FRESH); }
+  __device__ __forceinline__ float* xown() const { return sm<float>(OFF_XOWN); }
+  __device__ __forceinline__ float* rope() const { return sm<float>(OFF_ROPE); }
+
+  __device__ __forceinline__ void stamp() {
+    if (trace != nullptr && tid == 0) trace[nst++] = gtime();
+  }
+  __device__ __forceinline__ void prefetch_gamma(const half* g) {
+    const uint2 u = *reinterpret_cast<const uint2*>(g + 4 * tid);
+    const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+    const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+    gam[0] = f0.x; gam[1] = f0.y; gam[2] = f1.x; gam[3] = f1.y;
+  }
 
   __device__ __forceinline__ unsigned char* wait_tile() {
     const unsigned s = t % NSLOT, round = t / NSLOT;
-    mbar_wait(&r.full[s], round & 1u, ctl);
-    return r.slots + (size_t)s * SLOT;
+    mbar_wait(full_bar(s), round & 1u, ctl);
+    return slot_ptr(s);
   }
   __device__ __forceinline__ void release_tile() {
     __syncwarp();
-    if (lane == 0) mbar_arrive(&r.empty[t % NSLOT]);
+    if (lane == 0) mbar_arrive(empty_bar(t % NSLOT));
     ++t;
   }
   __device__ __forceinline__ float* ws() const { return a.ws; }
 
   // RMSNorm of the residual (f32 workspace, or the embedding row in layer 0) into xs as fp16
-  __device__ __forceinline__ void norm(bool from_emb, const half* gamma) {
+  __device__ __forceinline__ void norm(bool from_emb) {
     float v[4];
     if (from_emb) {
       const int tok = __ldg(a.token);
@@ -340,49 +384,54 @@ struct Consumer {
     }
     float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
     ss = warp_sum(ss);
-    if (lane == 0) red16[warp] = ss;
+    if (lane == 0) red16()[warp] = ss;
     cons_sync();
     float tot = 0.f;
 #pragma unroll
-    for (int i = 0; i < NCW; ++i) tot += red16[i];
+    for (int i = 0; i < NCW; ++i) tot += red16()[i];
     const float rs = rsqrtf(tot / (float)H + a.eps);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) xs[4 * tid + i] = __float2half_rn(__half2float(gamma[4 * tid + i]) * (v[i] * rs));
+    for (int i = 0; i < 4; ++i) xs()[4 * tid + i] = __float2half_rn(gam[i] * (v[i] * rs));
     cons_sync();
   }
   __device__ __forceinline__ void load_halves(const half* src, int n) {
     for (int i = tid; i < n / 8; i += NCT)
-      reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(src) + i);
+      reinterpret_cast<uint4*>(xs())[i] = __ldcg(reinterpret_cast<const uint4*>(src) + i);
     cons_sync();
   }
   __device__ __forceinline__ void load_xp(int seg) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const uint4* q = reinterpret_cast<const uint4*>(xs + seg * 2048 + 32 * (lane + 32 * j));
+      const uint4* q = reinterpret_cast<const uint4*>(xs() + seg * 2048 + 32 * (lane + 32 * j));
 #pragma unroll
       for (int c = 0; c < 4; ++c) ctc_gemv::pair_x(q[c], xp + 16 * j + 4 * c);
     }
   }
 
   __device__ __forceinline__ void stage(int st, int l) {
+    stamp();
     if (!compute) return;
-    if (st == 0) norm(l == 0, a.attn_norm + (size_t)l * H);
+    if (st == 0) norm(l == 0);
     else if (st == 2) load_halves(reinterpret_cast<const half*>(a.ws + WS_ATTN), H);
-    else if (st == 3) norm(false, a.mlp_norm + (size_t)l * H);
+    else if (st == 3) norm(false);
     else if (st == 4) load_halves(reinterpret_cast<const half*>(a.ws + WS_H), FF);
-    else if (st == 5) norm(false, a.final_norm);
+    else if (st == 5) norm(false);
     if (st != 1) load_xp(st == 4 ? (warp & 3) : 0);
   }
 
   __device__ __forceinline__ void stage_end(int st, int l) {
-    if (compute && st == 4) {  // down: the 4 segment sums of each row, + residual
+    if (compute && st == 4) {  // down: the 4 segment sums of each row, + residual (the block's own rows)
       cons_sync();
       const int2 rr = part(H, p.b, p.G);
       for (int i = tid; i < rr.y - rr.x; i += NCT) {
-        const float y = racc[4 * i] + racc[4 * i + 1] + racc[4 * i + 2] + racc[4 * i + 3];
-        a.ws[WS_X + rr.x + i] = __ldcg(a.ws + WS_X + rr.x + i) + y;
+        const float y = xown()[i] + (racc()[4 * i] + racc()[4 * i + 1] + racc()[4 * i + 2] + racc()[4 * i + 3]);
+        xown()[i] = y;
+        a.ws[WS_X + rr.x + i] = y;
       }
     }
+    if (compute && st == 2) prefetch_gamma(a.mlp_norm + (size_t)l * H);
+    if (compute && st == 4) prefetch_gamma(l + 1 < p.layers ? a.attn_norm + (size_t)(l + 1) * H : a.final_norm);
+    stamp();
     if (st == 5) return;  // the step's last stage: no barrier
     ++nbar;
     if (barriers) grid_barrier(ctl, nbar * (unsigned)p.G);
@@ -415,8 +464,8 @@ struct Consumer {
         y0 = warp_sum(y0);
         y1 = warp_sum(y1);
         if (lane == 0) {
-          if (i0 < cnt) racc[4 * (r0 - rr.x + i0) + seg] = y0;
-          if (i0 + 4 < cnt) racc[4 * (r0 - rr.x + i0 + 4) + seg] = y1;
+          if (i0 < cnt) racc()[4 * (r0 - rr.x + i0) + seg] = y0;
+          if (i0 + 4 < cnt) racc()[4 * (r0 - rr.x + i0 + 4) + seg] = y1;
         }
       } else {  // K 2048, one output per row: warp w takes rows w and w + 16
         float y0 = 0.f, y1 = 0.f;
@@ -433,8 +482,10 @@ struct Consumer {
             const int n = r0 + i;
             if (st == 0) {
               a.ws[WS_QKV + n] = y;
-            } else if (st == 2) {
-              const float res = l == 0 ? __half2float(a.emb[(size_t)__ldg(a.token) * H + n]) : __ldcg(a.ws + WS_X + n);
+            } else if (st == 2) {  // + residual: the embedding row in layer 0, else the block's own x rows
+              const int io = n - part(H, p.b, p.G).x;
+              const float res = l == 0 ? __half2float(a.emb[(size_t)__ldg(a.token) * H + n]) : xown()[io];
+              xown()[io] = res + y;
               a.ws[WS_X + n] = res + y;
             } else {
               a.logits[n] = y;
@@ -454,24 +505,22 @@ struct Consumer {
     if (tid < 4 * HD) {
       const int h = tid >> 6, d = tid & 63, base = (4 * hk + h) * HD;
       const float q = __ldcg(qkv + base + d), qp = __ldcg(qkv + base + (d ^ 32));
-      float sn, cs;
-      sincosf((float)pos * a.inv_freq[d & 31], &sn, &cs);
-      qs[h * HD + d] = (d < 32 ? q * cs - qp * sn : q * cs + qp * sn) * (0.125f * LOG2E);
+      const float cs = rope()[d & 31], sn = rope()[32 + (d & 31)];
+      qs()[h * HD + d] = (d < 32 ? q * cs - qp * sn : q * cs + qp * sn) * (0.125f * LOG2E);
     } else if (c1 == pos + 1 && tid < 5 * HD) {  // the new key: RoPE, fp16, into the cache
       const int d = tid - 4 * HD, base = NQ * HD + hk * HD;
       const float k = __ldcg(qkv + base + d), kp = __ldcg(qkv + base + (d ^ 32));
-      float sn, cs;
-      sincosf((float)pos * a.inv_freq[d & 31], &sn, &cs);
+      const float cs = rope()[d & 31], sn = rope()[32 + (d & 31)];
       const half kh = __float2half_rn(d < 32 ? k * cs - kp * sn : k * cs + kp * sn);
-      fresh[d] = kh;
+      fresh()[d] = kh;
       a.kcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = kh;
     } else if (c1 == pos + 1 && tid < 6 * HD) {  // the new value
       const int d = tid - 5 * HD;
       const half vh = __float2half_rn(__ldcg(qkv + (NQ + NKV) * HD + hk * HD + d));
-      fresh[HD + d] = vh;
+      fresh()[HD + d] = vh;
       a.vcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = vh;
     }
-    if (tid < 4) { mls[tid] = -INFINITY; mls[4 + tid] = 0.f; }
+    if (tid < 4) { mls()[tid] = -INFINITY; mls()[4 + tid] = 0.f; }
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
     cons_sync();
@@ -490,8 +539,8 @@ struct Consumer {
         const float2 kf = __half22float2(*reinterpret_cast<const __half2*>(&kw[i]));
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
-          s[h] = fmaf(qs[h * HD + qt * 16 + 2 * i], kf.x, s[h]);
-          s[h] = fmaf(qs[h * HD + qt * 16 + 2 * i + 1], kf.y, s[h]);
+          s[h] = fmaf(qs()[h * HD + qt * 16 + 2 * i], kf.x, s[h]);
+          s[h] = fmaf(qs()[h * HD + qt * 16 + 2 * i + 1], kf.y, s[h]);
         }
       }
     }
@@ -502,33 +551,33 @@ struct Consumer {
     }
     if (qt == 0 && pp < n) {
 #pragma unroll
-      for (int h = 0; h < 4; ++h) sc[h * ATT_T + pp] = s[h];
+      for (int h = 0; h < 4; ++h) sc()[h * ATT_T + pp] = s[h];
     }
     cons_sync();
     if (warp < 4) {
       const int h = warp;
       float mx = -INFINITY;
-      for (int q = lane; q < n; q += 32) mx = fmaxf(mx, sc[h * ATT_T + q]);
+      for (int q = lane; q < n; q += 32) mx = fmaxf(mx, sc()[h * ATT_T + q]);
       mx = warp_max(mx);
-      const float mo = mls[h], mn = fmaxf(mo, mx);
+      const float mo = mls()[h], mn = fmaxf(mo, mx);
       float sum = 0.f;
       for (int q = lane; q < n; q += 32) {
-        const float e = exp2f(sc[h * ATT_T + q] - mn);
-        sc[h * ATT_T + q] = e;
+        const float e = exp2f(sc()[h * ATT_T + q] - mn);
+        sc()[h * ATT_T + q] = e;
         sum += e;
       }
       sum = warp_sum(sum);
       if (lane == 0) {
         const float al = exp2f(mo - mn);
-        mls[h] = mn;
-        mls[4 + h] = mls[4 + h] * al + sum;
-        mls[8 + h] = al;
+        mls()[h] = mn;
+        mls()[4 + h] = mls()[4 + h] * al + sum;
+        mls()[8 + h] = al;
       }
     }
     cons_sync();
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
-      const float al = mls[8 + h];
+      const float al = mls()[8 + h];
       acc[2 * h] *= al;
       acc[2 * h + 1] *= al;
     }
@@ -536,7 +585,7 @@ struct Consumer {
       const float2 vf = __half22float2(reinterpret_cast<const __half2*>(vp + q * HD)[lane]);
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
-        const float e = sc[h * ATT_T + q];
+        const float e = sc()[h * ATT_T + q];
         acc[2 * h] = fmaf(e, vf.x, acc[2 * h]);
         acc[2 * h + 1] = fmaf(e, vf.y, acc[2 * h + 1]);
       }
@@ -555,8 +604,8 @@ struct Consumer {
 
   __device__ __forceinline__ void att_end(int l, int hk, int c, int c0, int c1) {
     if (!compute) return;
-    if (c1 == p.pos + 1) att_rows(fresh, fresh + HD, 1);
-    float* red = reinterpret_cast<float*>(xs);  // [16 warps][4 heads][64]
+    if (c1 == p.pos + 1) att_rows(fresh(), fresh() + HD, 1);
+    float* red = reinterpret_cast<float*>(xs());  // [16 warps][4 heads][64]
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       red[(warp * 4 + h) * HD + 2 * lane] = acc[2 * h];
@@ -570,20 +619,19 @@ struct Consumer {
       for (int g = 0; g < NCW; ++g) o += red[(g * 4 + h) * HD + d];
       float* P = a.ws + WS_PART + ((4 * hk + h) * CMAX + c) * 66;
       P[2 + d] = o;
-      if (d == 0) { P[0] = mls[h]; P[1] = mls[4 + h]; }
+      if (d == 0) { P[0] = mls()[h]; P[1] = mls()[4 + h]; }
     }
-    __threadfence();
-    cons_sync();
-    unsigned* flag = reinterpret_cast<unsigned*>(mls + 12);
+    cons_sync();  // the partials before thread 0's release (cumulative), as in the grid barrier
+    unsigned* flag = reinterpret_cast<unsigned*>(mls() + 12);
     if (tid == 0) {
-      const unsigned old = atomicAdd(ctl + CTL_HEAD + hk, 1u);
+      if (PDEC_BAR_FENCE) __threadfence();
+      const unsigned old = atom_add_acq_rel(ctl + CTL_HEAD + hk, 1u);
       const bool last = old == (unsigned)p.C - 1;
       if (last) atomicExch(ctl + CTL_HEAD + hk, 0u);
       *flag = last;
     }
     cons_sync();
-    if (*flag) {  // the last chunk of this kv head to finish merges all of them
-      __threadfence();
+    if (*flag) {  // the last chunk of this kv head to finish merges all of them (acquired by thread 0's atomic)
       if (tid < 4 * HD) {
         const int h = tid >> 6, d = tid & 63;
         const float* P = a.ws + WS_PART + (4 * hk + h) * CMAX * 66;
@@ -606,41 +654,38 @@ __device__ __forceinline__ int attn_chunks(int pos, int G) {
 }
 
 __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Args a) {
-  extern __shared__ __align__(1024) unsigned char smem[];
-  unsigned char* misc = smem + NSLOT * SLOT + XS_BYTES;
-  unsigned long long* full = reinterpret_cast<unsigned long long*>(misc);
-  unsigned long long* empty = full + NSLOT;
   unsigned* ctl = reinterpret_cast<unsigned*>(a.ws + WS_CTL);
   if (threadIdx.x == 0) {
-    for (int i = 0; i < NSLOT; ++i) { mbar_init(&full[i], 1); mbar_init(&empty[i], NCW); }
+    for (int i = 0; i < NSLOT; ++i) { mbar_init(full_bar(i), 1); mbar_init(empty_bar(i), NCW); }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
   Plan p;
   p.G = gridDim.x; p.b = blockIdx.x; p.pos = __ldg(a.pos); p.layers = a.layers; p.vocab = a.vocab;
   p.C = attn_chunks(p.pos, p.G);
-  const Ring ring{smem, full, empty};
   const int warp = threadIdx.x >> 5;
   if (warp == NCW) {
     if ((threadIdx.x & 31) == 0) {
-      Producer pr{a, ring, ctl, 0u, evict_first_policy(), p.pos};
+      Producer pr{a, ctl, 0u, evict_first_policy(), p.pos};
       walk(pr, p);
     }
     return;
   }
-  Consumer cs{a, ring, ctl, p};
-  unsigned char* m = misc + 2 * NSLOT * 8;
-  cs.sc = reinterpret_cast<float*>(m); m += 4 * ATT_T * 4;
-  cs.qs = reinterpret_cast<float*>(m); m += 4 * HD * 4;
-  cs.racc = reinterpret_cast<float*>(m); m += 256 * 4;
-  cs.red16 = reinterpret_cast<float*>(m); m += 16 * 4;
-  cs.mls = reinterpret_cast<float*>(m); m += 16 * 4;
-  cs.fresh = reinterpret_cast<half*>(m);
-  cs.xs = reinterpret_cast<half*>(smem + NSLOT * SLOT);
-  cs.t = 0; cs.nbar = 0;
+  Consumer cs{a, ctl, p};
+  cs.t = 0; cs.nbar = 0; cs.nst = 0;
   cs.tid = threadIdx.x; cs.lane = threadIdx.x & 31; cs.warp = warp;
   cs.compute = (a.mode & 2) == 0;
   cs.barriers = (a.mode & 1) == 0;
+  cs.trace = a.trace == nullptr ? nullptr : a.trace + (size_t)p.b * TRACE_STRIDE;
+  cs.stamp();
+  if (threadIdx.x < 32) {  // RoPE at this position (the same f32 angle as the reference: pos * inv_freq)
+    float sn, c;
+    sincosf((float)p.pos * a.inv_freq[threadIdx.x], &sn, &c);
+    cs.rope()[threadIdx.x] = c;
+    cs.rope()[32 + threadIdx.x] = sn;
+  }
+  cs.prefetch_gamma(a.attn_norm);
+  cons_sync();
   walk(cs, p);
   if (threadIdx.x == 0) {  // the last block out resets the barrier counter for the next launch
     __threadfence();
@@ -653,7 +698,6 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
 
 // nb grid barriers and nothing else, same launch shape: what one barrier costs
 __global__ void __launch_bounds__(NT, 1) barrier_bench(float* ws, int nb) {
-  extern __shared__ __align__(1024) unsigned char smem[];
   unsigned* ctl = reinterpret_cast<unsigned*>(ws + WS_CTL);
   if (threadIdx.x >= NCT) return;
   for (int i = 1; i <= nb; ++i) grid_barrier(ctl, (unsigned)i * gridDim.x);
@@ -776,7 +820,7 @@ class DecodeArgs(ctypes.Structure):
 
     _fields_ = [(n, ctypes.c_void_p) for n in (
         "wqkv", "sqkv", "wo", "so", "wgu", "sgu", "wd", "sd", "attn_norm", "mlp_norm", "final_norm", "emb",
-        "whead", "shead", "kcache", "vcache", "inv_freq", "token", "pos", "ws", "logits")] + [
+        "whead", "shead", "kcache", "vcache", "inv_freq", "token", "pos", "ws", "logits", "trace")] + [
         ("layers", ctypes.c_int), ("vocab", ctypes.c_int), ("max_len", ctypes.c_int), ("mode", ctypes.c_int),
         ("eps", ctypes.c_float)]
 
@@ -891,6 +935,15 @@ class PersistentDecoder:
                                logits=self.logits.data_ptr(), layers=weights["wqkv"].shape[0],
                                vocab=weights["emb"].shape[0], max_len=kcache.shape[2], mode=0, eps=eps)
         self.coop = 1
+        self.trace: Any = None
+
+    def enable_trace(self, on: bool = True) -> None:
+        """Record globaltimer stamps (block start; each stage's begin and end) into :attr:`trace` ``[grid, 168]``."""
+        import torch
+
+        if on and self.trace is None:
+            self.trace = torch.zeros(self.grid, TRACE_STRIDE, dtype=torch.int64, device=self.ws.device)
+        self.args.trace = self.trace.data_ptr() if on else None
 
     def set(self, token: int, pos: int) -> None:
         """The token and cache position of the next step (device scalars: a captured graph reads them)."""
