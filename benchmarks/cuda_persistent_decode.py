@@ -46,18 +46,20 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"slot4": ("-DPDEC_NSLOT=4",), "slot3": ("-DPDEC_NSLOT=3",), "barfence": ("-DPDEC_BAR_FENCE=1",)}
+VARIANTS = {"slot6": ("-DPDEC_NSLOT=6",), "slot3": ("-DPDEC_NSLOT=3",), "blockpro": ("-DPDEC_WARP_PRO=0",)}
+SPANS = (256, 2048)  # attention chunk spans timed besides the default 64 (2048: one chunk a kv head)
 STAGES = ("qkv", "attention", "o", "gate_up", "down", "head")
 
 
 def trace_breakdown(trace: Any, layers: int) -> dict[str, Any]:
-    """Per stage kind, from one step's globaltimer stamps ``[blocks, 168]`` (start; begin / end of each stage):
-    ``span_us`` = sum over layers of (last block's end - previous barrier's release), ``barrier_us`` = mean of
-    (first block past the barrier - last block into it), ``work_us`` = mean over blocks and layers of end - begin."""
+    """Per stage kind, from one step's globaltimer stamps ``[blocks, 248]`` (start; begin / prologue end / end of
+    each stage): ``span_us`` = sum over layers of (last block's end - the release of the barrier before),
+    ``barrier_us`` = mean of (first block past the barrier - last block into it), ``work_us`` / ``prologue_us`` =
+    mean over blocks and layers of end - begin / prologue end - begin."""
     t = trace.double().cpu()
-    n = 1 + 2 * (layers * 5 + 1)
+    n = 1 + 3 * (layers * 5 + 1)
     t = t[:, :n] - t[:, :1].min()
-    begin, end = t[:, 1::2], t[:, 2::2]                 # [blocks, stages]
+    begin, ready, end = t[:, 1::3], t[:, 2::3], t[:, 3::3]                 # [blocks, stages]
     release = begin.min(dim=0).values                  # each stage's start: the barrier before it let go
     arrive = end.max(dim=0).values
     out: dict[str, Any] = {"total_us": round(float(end[:, -1].max()) / 1e3, 2),
@@ -68,7 +70,8 @@ def trace_breakdown(trace: Any, layers: int) -> dict[str, Any]:
         bar = [float(release[i + 1] - arrive[i]) for i in idx if i + 1 < begin.shape[1]]
         work = float((end[:, idx] - begin[:, idx]).mean())
         out[name] = {"span_us": round(span / 1e3, 2), "barrier_us": round(sum(bar) / max(len(bar), 1) / 1e3, 3),
-                     "work_us": round(work / 1e3, 3)}
+                     "work_us": round(work / 1e3, 3),
+                     "prologue_us": round(float((ready[:, idx] - begin[:, idx]).mean()) / 1e3, 3)}
     return out
 
 
@@ -307,6 +310,23 @@ def run(out: Path, repeat: int, results: Path, quick: bool = False) -> dict[str,
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()
+    # attention chunk span (run-time): fewer, longer chunks; one chunk a kv head skips the merge
+    res["spans"] = {}
+    for span in SPANS:
+        try:
+            dec.args.att_span = span
+            sp: dict[str, Any] = {"check": check(dec, w32, cfg, cfg["layers"], kc, vc, (128, 1024))}
+            sp["check"] = [{k: c[k] for k in ("pos", "aborted", "logits", "argmax_equal")} for c in sp["check"]]
+            for pos in TIME_POS:
+                dec.set(1000, pos)
+                sp[f"launch_{pos}"] = _events(dec.step, repeat)
+            res["spans"][span] = sp
+            print(f"span {span}", json.dumps(sp), flush=True)
+        except Exception as e:  # noqa: BLE001
+            res["errors"].append(f"span {span}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+        dec.args.att_span = 0
+    save()
     # one traced step per timed position: where the time goes
     try:
         dec.enable_trace()
@@ -375,7 +395,13 @@ def table(res: dict[str, Any]) -> str:
         tr = res.get(f"trace_{pos}")
         if tr:
             lines.append(f"trace pos {pos}: total {tr['total_us']} us; " + "; ".join(
-                f"{k} span {tr[k]['span_us']} barrier {tr[k]['barrier_us']} work {tr[k]['work_us']}" for k in STAGES))
+                f"{k} span {tr[k]['span_us']} barrier {tr[k]['barrier_us']} work {tr[k]['work_us']} prologue "
+                f"{tr[k]['prologue_us']}" for k in STAGES))
+    for span, sp in res.get("spans", {}).items():
+        lines.append(f"span {span}: " + ", ".join(
+            f"pos {p} median {sp[f'launch_{p}']['median_ms']} b2b {sp[f'launch_{p}']['back_to_back_ms']} ms"
+            for p in TIME_POS if f"launch_{p}" in sp) + " max abs " +
+            " / ".join(str(c["logits"]["max_abs"]) for c in sp.get("check", [])))
     for name, v in res.get("variants", {}).items():
         lines.append(f"variant {name}: " + ", ".join(
             f"pos {p} median {v[f'launch_{p}']['median_ms']} b2b {v[f'launch_{p}']['back_to_back_ms']} ms"

@@ -69,15 +69,16 @@ def test_kernel_compiles_within_the_register_file_and_shared_memory(tmp_path) ->
     bench = next(v for k, v in rep.items() if "barrier_bench" in k)
     # 17 warps a block: 5 of them share one of the 4 register files, so 96 registers a thread at most
     assert step["registers"] <= 96
-    # a few per-stage scalars (the prefetched norm weights, counters), not the x pairs of the dot products
-    assert step["spill_stores"] <= 160 and step["spill_loads"] <= 192 and step["stack"] <= 160, step
+    # a few per-stage scalars spill (counters, pointers); the 32 activation pairs of the dot products must not
+    # (a run-time index into them would put them, 128 bytes, on the stack and reload them in every dot product)
+    assert step["spill_stores"] <= 256 and step["spill_loads"] <= 384 and step["stack"] <= 120, step
     assert bench["spill_stores"] == 0
     lib = ctypes.CDLL(str(lib_path))   # static cudart: loads without a driver
     for sym in ("ctc_pdec_config", "ctc_pdec_launch", "ctc_pdec_barrier_bench", "ctc_pdec_error"):
         assert hasattr(lib, sym)
     assert lib.ctc_pdec_ws_floats() == P.WS_FLOATS
     assert 200 * 1024 < lib.ctc_pdec_smem_bytes() <= 227 * 1024   # one block a multiprocessor, the ring deep
-    assert ctypes.sizeof(P.DecodeArgs) == 22 * 8 + 5 * 4 + 4      # the C struct's layout (padded to 8)
+    assert ctypes.sizeof(P.DecodeArgs) == 22 * 8 + 6 * 4          # the C struct's layout
 
 
 @pytest.mark.gpu

@@ -62,7 +62,7 @@ LLAMA_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, group=
 CMAX = 16                                                  # attention chunks per kv head, at most
 WS_FLOATS = 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
 WS_CTL = WS_FLOATS - 64                                    # control words: barrier, exit, abort, head counters
-TRACE_STRIDE = 168
+TRACE_STRIDE = 248
 
 CUDA_SOURCE = r"""
 // ---- ctc: persistent decode step (ctc/backends/tvm/cuda_persistent.py) ----
@@ -71,8 +71,11 @@ namespace ctc_pdec {
 constexpr int H = 2048, NQ = 32, NKV = 8, HD = 64, FF = 8192, GS = 128;
 constexpr int QKV = (NQ + 2 * NKV) * HD;  // 3072 rows: q, k, v
 constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / threads, + 1 producer warp
-#ifndef PDEC_NSLOT
-#define PDEC_NSLOT 6
+#ifndef PDEC_NSLOT  // ring slots: 4 measured faster than 6 (less in flight, shorter L2 round trips)
+#define PDEC_NSLOT 4
+#endif
+#ifndef PDEC_WARP_PRO  // 1: each warp builds its own activation pairs from global memory (no block syncs)
+#define PDEC_WARP_PRO 1
 #endif
 #ifndef PDEC_HINT
 #define PDEC_HINT 1
@@ -89,7 +92,7 @@ constexpr int CTL_BAR = 0, CTL_EXIT = 1, CTL_ABORT = 2, CTL_HEAD = 8;
 constexpr int XS_BYTES = FF * 2;
 constexpr int MISC_BYTES = 2 * NSLOT * 8 + 4 * ATT_T * 4 + 4 * HD * 4 + 256 * 4 + 16 * 4 + 16 * 4 + 2 * HD * 2 +
                            64 * 4 + 64 * 4;  // + the block's own residual rows, RoPE cos / sin at pos
-constexpr int TRACE_STRIDE = 168;  // per block: start, then (begin, end) of each of at most 83 stages
+constexpr int TRACE_STRIDE = 248;  // per block: start, then (begin, ready, end) of each of at most 82 stages
 // shared memory: ring slots | activations (fp16) | mbarriers | small arrays; fixed offsets from one symbol, so
 // addressing them costs no registers
 constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = OFF_FULL + NSLOT * 8,
@@ -120,6 +123,7 @@ struct Args {
   unsigned long long* trace;  // null, or globaltimer stamps [blocks][TRACE_STRIDE]
   int layers, vocab, max_len, mode;
   float eps;
+  int att_span;  // cache positions per attention chunk at least (0: 64); one chunk a kv head skips the merge
 };
 
 // ------------------------------------------------------------------ primitives
@@ -185,6 +189,11 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity
 }
 
 // all blocks: every consumer thread's writes before it are visible to every block after it
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
   cons_sync();  // the block's writes happen before thread 0's release (bar.sync orders them; release is cumulative)
   if (threadIdx.x == 0) {
@@ -201,6 +210,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
     }
     if (PDEC_BAR_FENCE) __threadfence();
   }
+  cp_async_wait_all();  // the next RMSNorm's weights (issued before the barrier) are in shared memory
   cons_sync();
 }
 
@@ -408,15 +418,83 @@ struct Consumer {
     }
   }
 
+  // the next RMSNorm's weights into xs with cp.async (no registers held across the barrier that follows)
+  __device__ __forceinline__ void gamma_async(const half* g) {
+    if (!PDEC_WARP_PRO) return prefetch_gamma(g);
+    if (tid < H / 8) cp_async16(xs() + 8 * tid, g + 8 * tid);
+  }
+  // per warp, no block syncs: this lane's 2 x 32 activations (k = 32 (lane + 32 j) + i of segment seg) as pairs
+  __device__ __forceinline__ void halves_xp(const half* src, int seg) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint4* q = reinterpret_cast<const uint4*>(src + seg * 2048 + 32 * (lane + 32 * j));
+#pragma unroll
+      for (int c = 0; c < 4; ++c) ctc_gemv::pair_x(q[c], xp + 16 * j + 4 * c);
+    }
+  }
+  __device__ __forceinline__ void load8(bool emb, int k, float* v) const {
+    if (emb) {
+      const uint4 u = *reinterpret_cast<const uint4*>(a.emb + (size_t)__ldg(a.token) * H + k);
+      const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        v[2 * i] = f.x; v[2 * i + 1] = f.y;
+      }
+    } else {  // plain loads: L1 shares them among the 16 warps; the barrier's acquire invalidated stale lines
+      const float4 f0 = *reinterpret_cast<const float4*>(a.ws + WS_X + k);
+      const float4 f1 = *reinterpret_cast<const float4*>(a.ws + WS_X + k + 4);
+      v[0] = f0.x; v[1] = f0.y; v[2] = f0.z; v[3] = f0.w; v[4] = f1.x; v[5] = f1.y; v[6] = f1.z; v[7] = f1.w;
+    }
+  }
+  // RMSNorm per warp: the warp's 32 lanes hold all 2048 values, so the sum of squares is a warp sum
+  __device__ __forceinline__ void norm_xp(bool emb) {
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float v[8];
+        load8(emb, 32 * (lane + 32 * j) + 8 * c, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+      }
+    const float rs = rsqrtf(warp_sum(ss) / (float)H + a.eps);
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int k = 32 * (lane + 32 * j) + 8 * c;
+        float v[8];
+        load8(emb, k, v);
+        const uint4 gu = *reinterpret_cast<const uint4*>(xs() + k);
+        const unsigned gw[4] = {gu.x, gu.y, gu.z, gu.w};
+        unsigned o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 g = __half22float2(*reinterpret_cast<const __half2*>(&gw[i]));
+          const __half2 y = __floats2half2_rn(g.x * (v[2 * i] * rs), g.y * (v[2 * i + 1] * rs));
+          o[i] = *reinterpret_cast<const unsigned*>(&y);
+        }
+        ctc_gemv::pair_x(make_uint4(o[0], o[1], o[2], o[3]), xp + 16 * j + 4 * c);
+      }
+  }
+
   __device__ __forceinline__ void stage(int st, int l) {
     stamp();
-    if (!compute) return;
-    if (st == 0) norm(l == 0);
-    else if (st == 2) load_halves(reinterpret_cast<const half*>(a.ws + WS_ATTN), H);
-    else if (st == 3) norm(false);
-    else if (st == 4) load_halves(reinterpret_cast<const half*>(a.ws + WS_H), FF);
-    else if (st == 5) norm(false);
-    if (st != 1) load_xp(st == 4 ? (warp & 3) : 0);
+    if (compute && PDEC_WARP_PRO) {
+      if (st == 0 || st == 3 || st == 5) norm_xp(st == 0 && l == 0);
+      else if (st == 2) halves_xp(reinterpret_cast<const half*>(a.ws + WS_ATTN), 0);
+      else if (st == 4) halves_xp(reinterpret_cast<const half*>(a.ws + WS_H), warp & 3);
+    } else if (compute) {
+      if (st == 0) norm(l == 0);
+      else if (st == 2) load_halves(reinterpret_cast<const half*>(a.ws + WS_ATTN), H);
+      else if (st == 3) norm(false);
+      else if (st == 4) load_halves(reinterpret_cast<const half*>(a.ws + WS_H), FF);
+      else if (st == 5) norm(false);
+      if (st != 1) load_xp(st == 4 ? (warp & 3) : 0);
+    }
+    stamp();
   }
 
   __device__ __forceinline__ void stage_end(int st, int l) {
@@ -429,12 +507,17 @@ struct Consumer {
         a.ws[WS_X + rr.x + i] = y;
       }
     }
-    if (compute && st == 2) prefetch_gamma(a.mlp_norm + (size_t)l * H);
-    if (compute && st == 4) prefetch_gamma(l + 1 < p.layers ? a.attn_norm + (size_t)(l + 1) * H : a.final_norm);
+    if (compute && st == 2) gamma_async(a.mlp_norm + (size_t)l * H);
+    if (compute && st == 4) gamma_async(l + 1 < p.layers ? a.attn_norm + (size_t)(l + 1) * H : a.final_norm);
     stamp();
     if (st == 5) return;  // the step's last stage: no barrier
     ++nbar;
-    if (barriers) grid_barrier(ctl, nbar * (unsigned)p.G);
+    if (barriers) {
+      grid_barrier(ctl, nbar * (unsigned)p.G);
+    } else if (compute && PDEC_WARP_PRO && (st == 2 || st == 4)) {
+      cp_async_wait_all();
+      cons_sync();
+    }
   }
 
   __device__ __forceinline__ void gemv(int st, int l, int r0, int cnt) {
@@ -520,9 +603,22 @@ struct Consumer {
       fresh()[HD + d] = vh;
       a.vcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = vh;
     }
-    if (tid < 4) { mls()[tid] = -INFINITY; mls()[4 + tid] = 0.f; }
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+    cons_sync();
+    if (c1 == pos + 1) {  // start the online softmax from the new row (score, weight 1, its value in warp 0)
+      const float2 kf = __half22float2(reinterpret_cast<const __half2*>(fresh())[lane]);
+      const float2 vf = __half22float2(reinterpret_cast<const __half2*>(fresh() + HD)[lane]);
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const float sh = warp_sum(qs()[h * HD + 2 * lane] * kf.x + qs()[h * HD + 2 * lane + 1] * kf.y);
+        if (warp == 0) { acc[2 * h] = vf.x; acc[2 * h + 1] = vf.y; }
+        if (tid == 0) { mls()[h] = sh; mls()[4 + h] = 1.f; }
+      }
+    } else if (tid < 4) {
+      mls()[tid] = -INFINITY;
+      mls()[4 + tid] = 0.f;
+    }
     cons_sync();
   }
 
@@ -604,7 +700,6 @@ struct Consumer {
 
   __device__ __forceinline__ void att_end(int l, int hk, int c, int c0, int c1) {
     if (!compute) return;
-    if (c1 == p.pos + 1) att_rows(fresh(), fresh() + HD, 1);
     float* red = reinterpret_cast<float*>(xs());  // [16 warps][4 heads][64]
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
@@ -612,6 +707,16 @@ struct Consumer {
       red[(warp * 4 + h) * HD + 2 * lane + 1] = acc[2 * h + 1];
     }
     cons_sync();
+    if (p.C == 1) {  // the only chunk: normalize and write the heads' outputs, no merge
+      if (tid < 4 * HD) {
+        const int h = tid >> 6, d = tid & 63;
+        float o = 0.f;
+#pragma unroll
+        for (int g = 0; g < NCW; ++g) o += red[(g * 4 + h) * HD + d];
+        reinterpret_cast<half*>(a.ws + WS_ATTN)[(4 * hk + h) * HD + d] = __float2half_rn(o / mls()[4 + h]);
+      }
+      return;
+    }
     if (tid < 4 * HD) {
       const int h = tid >> 6, d = tid & 63;
       float o = 0.f;
@@ -649,8 +754,8 @@ struct Consumer {
   }
 };
 
-__device__ __forceinline__ int attn_chunks(int pos, int G) {
-  return max(1, min(min(CMAX, G / NKV), (pos + 64) / 64));
+__device__ __forceinline__ int attn_chunks(int pos, int G, int span) {
+  return max(1, min(min(CMAX, G / NKV), (pos + span) / span));
 }
 
 __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Args a) {
@@ -662,7 +767,7 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
   __syncthreads();
   Plan p;
   p.G = gridDim.x; p.b = blockIdx.x; p.pos = __ldg(a.pos); p.layers = a.layers; p.vocab = a.vocab;
-  p.C = attn_chunks(p.pos, p.G);
+  p.C = attn_chunks(p.pos, p.G, a.att_span > 0 ? a.att_span : 64);
   const int warp = threadIdx.x >> 5;
   if (warp == NCW) {
     if ((threadIdx.x & 31) == 0) {
@@ -684,7 +789,8 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
     cs.rope()[threadIdx.x] = c;
     cs.rope()[32 + threadIdx.x] = sn;
   }
-  cs.prefetch_gamma(a.attn_norm);
+  cs.gamma_async(a.attn_norm);
+  cp_async_wait_all();
   cons_sync();
   walk(cs, p);
   if (threadIdx.x == 0) {  // the last block out resets the barrier counter for the next launch
@@ -822,7 +928,7 @@ class DecodeArgs(ctypes.Structure):
         "wqkv", "sqkv", "wo", "so", "wgu", "sgu", "wd", "sd", "attn_norm", "mlp_norm", "final_norm", "emb",
         "whead", "shead", "kcache", "vcache", "inv_freq", "token", "pos", "ws", "logits", "trace")] + [
         ("layers", ctypes.c_int), ("vocab", ctypes.c_int), ("max_len", ctypes.c_int), ("mode", ctypes.c_int),
-        ("eps", ctypes.c_float)]
+        ("eps", ctypes.c_float), ("att_span", ctypes.c_int)]
 
 
 # ---------------------------------------------------------------------------------------------- torch helpers
@@ -938,7 +1044,7 @@ class PersistentDecoder:
         self.trace: Any = None
 
     def enable_trace(self, on: bool = True) -> None:
-        """Record globaltimer stamps (block start; each stage's begin and end) into :attr:`trace` ``[grid, 168]``."""
+        """Record globaltimer stamps (block start; each stage's begin, prologue end, end) into :attr:`trace`."""
         import torch
 
         if on and self.trace is None:
