@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ctc.backends.tvm.build import CompiledModel
 from ctc.errors import UsageError
@@ -33,3 +34,58 @@ def test_a_sequence_over_the_limit_is_refused_by_name() -> None:
                                          r"\(max_position_embeddings in X/config.json\); cut the input to at most 512"):
         CompiledModel._check_limits(model, {"seq": (513, "input_ids")})
     CompiledModel._check_limits(SimpleNamespace(symbol_limits={}), {"seq": (10**6, "input_ids")})  # no limit known
+
+
+class _LearnedPositions(torch.nn.Module):
+    """GPT-2's form: a learned table read at ``arange(seq)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(50, 8)
+        self.pos = torch.nn.Embedding(12, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(input_ids) + self.pos(torch.arange(input_ids.shape[1]))
+
+
+class _SlicedPositions(torch.nn.Module):
+    """BERT's form: a ``position_ids`` buffer sliced to the sequence length, then looked up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(50, 8)
+        self.pos = torch.nn.Embedding(20, 8)
+        self.register_buffer("position_ids", torch.arange(20).unsqueeze(0), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(input_ids) + self.pos(self.position_ids[:, : input_ids.shape[1]])
+
+
+@pytest.mark.parametrize(("net", "limit", "why"), [(_LearnedPositions, 12, "12 rows, at positions"),
+                                                   (_SlicedPositions, 20, "slices axis 1 of")])
+def test_the_ir_gives_the_limit_when_no_config_does(tmp_path: Path, net: type, limit: int, why: str) -> None:
+    """A model without a Hugging Face config (a user's own module): the position table's size comes from the IR,
+    and an any-length library refuses a longer input instead of reading past the table."""
+    from ctc.backends.tvm.build import compile_module, load
+    from ctc.frontends.aten_capture import capture
+    from ctc.positions import ir_symbol_limits
+
+    torch.manual_seed(0)
+    model = net().eval()
+    m = capture(model, {"input_ids": torch.randint(0, 50, (1, 6))})
+    (sym, (got, text)), = ir_symbol_limits(m).items()
+    assert (sym, got) == ("seq", limit) and why in text
+    compile_module(m).export(tmp_path / "lib")
+    lib = load(tmp_path / "lib", m)
+    ids = torch.randint(0, 50, (1, limit))
+    torch.testing.assert_close(lib({"input_ids": ids})[0], model(ids))  # the whole table: fine
+    with pytest.raises(UsageError, match=rf"has seq = {limit + 1}, but the model has {limit} positions"):
+        lib({"input_ids": torch.randint(0, 50, (1, limit + 1))})
+
+
+def test_limits_need_one_symbol_with_a_positive_coefficient() -> None:
+    from ctc.positions import _affine
+
+    assert _affine("seq") == ("seq", 1, 0)
+    assert _affine("2*seq + 3") == ("seq", 2, 3)
+    assert _affine("past + seq") is None and _affine("-seq + 9") is None and _affine(7) is None

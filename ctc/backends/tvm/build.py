@@ -915,11 +915,14 @@ def load(target_dir: str | Path, module: Module | None = None) -> Any:
     """The ctc artifact hook: the compiled library in ``target_dir``, callable on a mapping or a list of
     inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``); weights not stored beside
     it come from ``module``'s parameters."""
-    from ctc.positions import config_positions
+    from ctc.positions import config_positions, ir_symbol_limits
 
     compiled = load_compiled(target_dir, module_params=module.params if module is not None else None)
+    symbols = {sym for s in compiled._specs for sym in dict(s.symbols).values()}
+    limits = ir_symbol_limits(module) if module is not None else {}
     # an artifact's library (ART/targets/KIND): the source model's config sits in ART/tokenizer
     positions = config_positions(Path(target_dir).parent.parent / "tokenizer" / "config.json")
-    if positions is not None and any("seq" in dict(s.symbols).values() for s in compiled._specs):
-        compiled.symbol_limits["seq"] = positions
+    if positions is not None and positions[0] < limits.get("seq", (positions[0] + 1,))[0]:
+        limits["seq"] = positions
+    compiled.symbol_limits.update({sym: lim for sym, lim in limits.items() if sym in symbols})
     return compiled
