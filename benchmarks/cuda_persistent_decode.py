@@ -46,8 +46,8 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"slot6": ("-DPDEC_NSLOT=6",), "slot3": ("-DPDEC_NSLOT=3",), "blockpro": ("-DPDEC_WARP_PRO=0",)}
-SPANS = (256, 2048)  # attention chunk spans timed besides the default 64 (2048: one chunk a kv head)
+VARIANTS = {"slot6": ("-DPDEC_NSLOT=6",), "slot5": ("-DPDEC_NSLOT=5",), "warppro": ("-DPDEC_WARP_PRO=1",)}
+SPANS = (64, 256)  # attention chunk spans timed besides the default (one chunk up to 256 positions, else 64)
 STAGES = ("qkv", "attention", "o", "gate_up", "down", "head")
 
 

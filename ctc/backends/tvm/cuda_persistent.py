@@ -74,8 +74,8 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_NSLOT  // ring slots: 4 measured faster than 6 (less in flight, shorter L2 round trips)
 #define PDEC_NSLOT 4
 #endif
-#ifndef PDEC_WARP_PRO  // 1: each warp builds its own activation pairs from global memory (no block syncs)
-#define PDEC_WARP_PRO 1
+#ifndef PDEC_WARP_PRO  // 1: each warp builds its own activation pairs from global memory (no block syncs);
+#define PDEC_WARP_PRO 0  // measured slower (its loads are 128 bytes apart across lanes: qkv prologue 7.7 vs ~1 us)
 #endif
 #ifndef PDEC_HINT
 #define PDEC_HINT 1
@@ -123,7 +123,7 @@ struct Args {
   unsigned long long* trace;  // null, or globaltimer stamps [blocks][TRACE_STRIDE]
   int layers, vocab, max_len, mode;
   float eps;
-  int att_span;  // cache positions per attention chunk at least (0: 64); one chunk a kv head skips the merge
+  int att_span;  // positions per attention chunk (0: one chunk up to 256 positions, else 64 a chunk)
 };
 
 // ------------------------------------------------------------------ primitives
@@ -755,6 +755,10 @@ struct Consumer {
 };
 
 __device__ __forceinline__ int attn_chunks(int pos, int G, int span) {
+  if (span <= 0) {  // H200: one chunk (no merge) won at 129 positions, 16 chunks of 65 at 1025 (4 of 257: slower)
+    if (pos + 1 <= 256) return 1;
+    span = 64;
+  }
   return max(1, min(min(CMAX, G / NKV), (pos + span) / span));
 }
 
@@ -767,7 +771,7 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
   __syncthreads();
   Plan p;
   p.G = gridDim.x; p.b = blockIdx.x; p.pos = __ldg(a.pos); p.layers = a.layers; p.vocab = a.vocab;
-  p.C = attn_chunks(p.pos, p.G, a.att_span > 0 ? a.att_span : 64);
+  p.C = attn_chunks(p.pos, p.G, a.att_span);
   const int warp = threadIdx.x >> 5;
   if (warp == NCW) {
     if ((threadIdx.x & 31) == 0) {
