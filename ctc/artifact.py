@@ -24,6 +24,7 @@ every failure into an :class:`~ctc.errors.ArtifactError` naming the file and the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from ctc.errors import ArtifactError
 from ctc.ir.graph import Module
 from ctc.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from ctc.output_dir import PARTIAL_MARKER, check_destination, make_temp_dir, remove_stale_temps, swap_into_place
+from ctc.positions import config_positions
 from ctc.report_html import bar_chart_svg, line_chart_svg, render_html  # noqa: F401 - the report page, re-exported
 
 IR_FILE = "ir.txt"
@@ -51,7 +53,7 @@ TOKENIZER_DIR = "tokenizer"
 TARGETS_DIR = "targets"
 EXPORTS_DIR = "exports"
 
-__all__ = ["Artifact", "ArtifactError", "load", "read_report", "write_artifact"]
+__all__ = ["Artifact", "ArtifactError", "InputChecker", "load", "read_report", "write_artifact"]
 
 
 # --------------------------------------------------------------------------- writing
@@ -229,6 +231,18 @@ class Artifact:
         d = self.path / TARGETS_DIR
         return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
+    @functools.cached_property
+    def input_checker(self) -> InputChecker:
+        """What :meth:`run` checks every call's inputs with (built once)."""
+        return InputChecker(self.module, self.positions)
+
+    @functools.cached_property
+    def positions(self) -> tuple[int, str] | None:
+        """``(positions, where read)``: how many tokens the source model takes (its ``config.json``, kept with
+        the tokenizer files); None when unknown."""
+        return config_positions(self.path / TOKENIZER_DIR / "config.json") if self.tokenizer_dir is not None \
+            else None
+
     def tokenizer(self) -> Any:
         """The source model's tokenizer (transformers, loaded offline from the verified artifact files)."""
         if self.tokenizer_dir is None:
@@ -245,15 +259,17 @@ class Artifact:
     def run(self, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *, target: str | None = None
             ) -> list[torch.Tensor]:
         """Run the model: through a compiled target's library when ``target`` is given, else the torch backend
-        (the reference interpreter when no torch backend is installed)."""
-        if target is not None:
-            return self._run_target(target, inputs)
+        (the reference interpreter when no torch backend is installed).  The inputs are checked first
+        (:class:`InputChecker`): a wrong one is a :class:`~ctc.errors.UsageError` naming it."""
+        checked, given = self.input_checker(inputs)
+        if target is not None:  # the library binds the caller's own tensors (zero-copy, on their device)
+            return self._run_target(target, given)
         runner = self._runners.get("torch")
         if runner is None:
             runner = torch_runner(self.module)
             self._runners["torch"] = runner
         with torch.no_grad():
-            out = runner(inputs)
+            out = runner(checked)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def _run_target(self, target: str, inputs: Any) -> list[torch.Tensor]:
@@ -293,6 +309,76 @@ class Artifact:
                                           f"{_first_line(e)})") from None
             self._runners[target] = runner
         return runner
+
+
+class InputChecker:
+    """Checks a model's inputs before any backend runs them: ``InputChecker(module, positions)(inputs)``.
+
+    Why: a backend given a wrong input fails deep inside an op with a traceback, or, compiled, reads past a
+    table and returns garbage or crashes.  Checked, each a :class:`~ctc.errors.UsageError` naming the input:
+    every input given (extra names, such as a tokenizer's ``token_type_ids``, are ignored), its kind (no float
+    token ids), rank, fixed sizes and symbols agreeing across inputs (the compiled runner's own checks, from
+    :mod:`ctc.backends.tvm.inputs`), no empty symbolic axis, token ids inside the embedding table they index,
+    and ``seq`` within the model's ``positions`` (:func:`ctc.positions.config_positions`).  What depends only
+    on the module is worked out once, here."""
+
+    def __init__(self, module: Module, positions: tuple[int, str] | None = None):
+        from ctc.backends.tvm.inputs import input_specs
+
+        self.names = [v.name for v in module.inputs]
+        self.specs = input_specs({"inputs": [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
+                                             for v in module.inputs]})
+        self.positions = positions
+        index = {id(v): i for i, v in enumerate(module.inputs)}
+        self.rows: dict[int, int] = {}  # input index -> rows of the smallest embedding table it indexes
+        for n in module.nodes:
+            i = index.get(id(n.inputs[0])) if n.op == "embedding" else None
+            rows = n.operand("weight").type.shape[0] if i is not None else None
+            if i is not None and isinstance(rows, int):
+                self.rows[i] = min(rows, self.rows.get(i, rows))
+
+    def __call__(self, inputs: Any) -> tuple[list[torch.Tensor], list[Any]]:
+        """``inputs`` (by name, in order, or one tensor) checked; returns ``(tensors, given)``: CPU tensors in the
+        module's dtypes for the torch backend, and the caller's own objects in input order for a compiled
+        library (which binds them itself)."""
+        from ctc.backends.tvm.inputs import as_cpu_tensor, check_shape
+        from ctc.errors import UsageError
+
+        names = self.names
+        if isinstance(inputs, Mapping):
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise UsageError(f"missing input {missing[0]!r}: the model takes {', '.join(names)} (by name, or "
+                                 "a list in this order)")
+            given = [inputs[n] for n in names]
+        else:
+            given = [inputs] if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence) else list(inputs)
+            if len(given) != len(names):
+                raise UsageError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(given)}")
+        sizes: dict[str, tuple[int, str]] = {}
+        tensors = []
+        for spec, x in zip(self.specs, given, strict=True):
+            t = as_cpu_tensor(spec, x)
+            check_shape(spec, tuple(t.shape), sizes)
+            for axis, sym in spec.symbols:
+                if t.shape[axis] == 0:
+                    raise UsageError(f"input {spec.name!r} is empty ({sym} = 0 on axis {axis}): give at least one "
+                                     "element (one token for token ids)")
+            tensors.append(t if t.dtype == spec.torch_dtype else t.to(spec.torch_dtype))
+        seq, limit = sizes.get("seq"), self.positions
+        if limit is not None and seq is not None and seq[0] > limit[0]:
+            raise UsageError(f"input {seq[1]!r} has seq = {seq[0]}, but the model has {limit[0]} positions "
+                             f"({limit[1]}); cut the input to at most {limit[0]} (e.g. tokenizer(..., "
+                             f"truncation=True, max_length={limit[0]}))")
+        for i, rows in self.rows.items():
+            if not tensors[i].numel():
+                continue
+            a = tensors[i].numpy()  # numpy's reductions run on the calling thread (torch's may start its pool)
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= rows:
+                raise UsageError(f"input {names[i]!r} holds token ids in [{lo}, {hi}]; the embedding has {rows} "
+                                 f"rows (ids 0 to {rows - 1}): tokenize with this artifact's tokenizer")
+        return tensors, given
 
 
 def torch_runner(module: Module) -> Callable[[Any], Any]:

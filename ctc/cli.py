@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", metavar="KIND", help="bench the compiled library of this target (default: torch)")
     b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
-    b.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
-    b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    b.add_argument("--repeat", type=int, default=20, help="timed runs (default and least 20)")
+    b.add_argument("--threads", type=int, help="threads: torch's, or with --target the library's worker threads "
+                                               "(default: torch's / the library's own)")
     b.add_argument("--profile", action="store_true", help="with --target: also time each compiled kernel")
     b.add_argument("--kernels", type=int, default=15, metavar="N",
                    help="with --profile: how many of the slowest kernels to list (default 15)")
@@ -304,6 +305,7 @@ def _generate(art: Any, args: argparse.Namespace) -> int:
 def _read_tensors(path: Path) -> Any:
     import torch
 
+    from ctc.artifact import _first_line
     from ctc.errors import UsageError
 
     if not path.is_file():
@@ -311,9 +313,16 @@ def _read_tensors(path: Path) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error kinds for a bad file
+            raise UsageError(f"{path}: cannot be read as safetensors ({_first_line(e)})") from None
     if path.suffix == ".pt":
-        obj = torch.load(str(path), weights_only=True)
+        try:  # weights_only: tensors and containers only, never code (a pickle naming a function is refused)
+            obj = torch.load(str(path), weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling fails in many ways; each is a bad input file
+            raise UsageError(f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(e)}); "
+                             "save plain tensors (a dict or list of them), or use .safetensors") from None
         if isinstance(obj, torch.Tensor):
             return [obj]
         if isinstance(obj, (dict, list, tuple)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -918,6 +919,11 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
 
     if batch < 1 or seq_len < 2:
         raise UsageError("--batch must be >= 1 and --seq-len >= 2")
+    if repeat < MIN_RUNS:
+        raise UsageError(f"--repeat must be >= {MIN_RUNS} (a median and p90 need at least {MIN_RUNS} timed runs), "
+                         f"got {repeat}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (leave it out for the default), got {threads}")
     if profile and target is None:
         raise UsageError("--profile times the kernels of a compiled library: add --target KIND")
     names = [v.name for v in art.module.inputs]
@@ -943,9 +949,14 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
         feed = {n: feed_all[n] for n in names}
     else:
         raise UsageError("this artifact has no tokenizer, so `ctc bench` cannot build its inputs")
-    art.run(feed, target=target)  # load/compile outside the timed region
-    res = measure_latency(lambda: art.run(feed, target=target), runs=max(repeat, MIN_RUNS), warmup=3,
-                          threads=threads, label=target or "torch")
+    library = _library_with_threads(art, target, threads) if target is not None else None
+    art.run(feed, target=target)  # inputs checked once; the library loaded outside the timed region
+    if library is None:
+        res = measure_latency(lambda: art.run(feed), runs=repeat, warmup=3, threads=threads, label="torch")
+    else:
+        res = measure_latency(lambda: library(feed), runs=repeat, warmup=3, label=target)
+        if getattr(library, "threads", None):  # the protocol states the library's pool, not torch's
+            res = dataclasses.replace(res, threads=int(library.threads))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     out = {"backend": target or "torch (reference)", "batch": batch, "seq_len": seq_len,
            "median_ms": round(res.median_ms, 3), "p90_ms": round(res.p90_ms, 3), "min_ms": round(res.min_ms, 3),
@@ -961,6 +972,22 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
                            "ms_per_run": round(r.ms_per_run, 4), "share": round(r.ms_per_run / total, 4)}
                           for r in rows[:profile]]
     return out
+
+
+def _library_with_threads(art: Any, target: str, threads: int | None) -> Any:
+    """The loaded library of ``target``, with ``threads`` worker threads when given.  A CPU library sizes its
+    pool when it loads (from ``TVM_NUM_THREADS`` unless its target line fixed ``threads=``), so a count it
+    cannot take is a :class:`UsageError`, never a measurement labelled with a count it did not run."""
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # read by the library's loader if this loads it
+    library = art.runner(target)
+    have = getattr(library, "threads", None)
+    if threads is not None and have != threads:
+        why = (f"runs {have} worker threads (fixed by its target's `threads=` option or when it was first loaded)"
+               if have is not None else "sets no thread count")
+        raise UsageError(f"--threads {threads}: this {target} library {why}; leave --threads out, or rebuild "
+                         f"with `target {target} threads={threads}`")
+    return library
 
 
 __all__ = ["CompileOptions", "CompileResult", "ModelError", "UsageError", "bench_artifact", "compile_recipe",

@@ -1,0 +1,178 @@
+"""Running an artifact on bad inputs: a clear UsageError (CLI exit 2) naming the input and the fix, before
+any backend runs them; never a traceback from deep inside an op, and never a compiled library reading past
+its embedding or position table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ctc
+from ctc.artifact import write_artifact
+from ctc.cli import EXIT_OK, EXIT_USAGE, main
+from ctc.errors import UsageError
+from ctc.ir.graph import Module
+from ctc.ir.types import TensorType
+
+VOCAB, POSITIONS = 10, 8
+
+
+def _module() -> Module:
+    """ids, mask [batch, seq] -> embedding rows masked: the shape of an encoder's first op."""
+    m = Module("emb")
+    m.add_param("emb", torch.randn(VOCAB, 4, generator=torch.Generator().manual_seed(0)))
+    ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    mask = m.add_input("attention_mask", TensorType(("batch", "seq"), "i64"))
+    h = m.create_node("embedding", [ids, m.param("emb")]).output
+    f = m.create_node("cast", [mask], {"dtype": "f32"}).output
+    f = m.create_node("unsqueeze", [f], {"axis": 2}).output
+    y = m.create_node("mul", [h, f]).output
+    m.set_outputs([y], ["hidden"])
+    m.meta["task"] = "encoder"
+    return m
+
+
+@pytest.fixture()
+def art_dir(tmp_path: Path) -> Path:
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "config.json").write_text(json.dumps({"max_position_embeddings": POSITIONS}))
+    return write_artifact(tmp_path / "art", module=_module(), report={"name": "emb"}, tokenizer_dir=tok,
+                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})])
+
+
+def _ok(seq: int = 4, batch: int = 1) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.arange(batch * seq).reshape(batch, seq) % VOCAB,
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+class _Library:
+    """Stands in for a loaded compiled library: records whether it was called."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, inputs: Any) -> list[torch.Tensor]:
+        self.calls += 1
+        return [torch.zeros(1)]
+
+
+BAD: list[tuple[str, Any, str]] = [
+    ("missing input", {"input_ids": _ok()["input_ids"]}, "missing input 'attention_mask'"),
+    ("too few inputs", [_ok()["input_ids"]], "takes 2 inputs (input_ids, attention_mask), got 1"),
+    ("float token ids", {**_ok(), "input_ids": _ok()["input_ids"].float()}, "'input_ids' must be i64"),
+    ("rank", {**_ok(), "input_ids": _ok()["input_ids"][0]}, "'input_ids' must have 2 dims"),
+    ("batch mismatch", {**_ok(), "attention_mask": torch.ones(2, 4, dtype=torch.long)},
+     "'attention_mask' axis 0 is batch = 2, but input 'input_ids' gave batch = 1"),
+    ("seq mismatch", {**_ok(), "attention_mask": torch.ones(1, 3, dtype=torch.long)}, "seq = 3"),
+    ("empty", _ok(seq=0), "'input_ids' is empty (seq = 0 on axis 1)"),
+    ("id past the vocabulary", {**_ok(seq=3), "input_ids": torch.tensor([[1, 2, VOCAB]])},
+     f"token ids in [1, {VOCAB}]; the embedding has {VOCAB} rows"),
+    ("negative id", {**_ok(seq=3), "input_ids": torch.tensor([[-5, 2, 3]])}, "token ids in [-5, 3]"),
+    ("more tokens than positions", _ok(seq=POSITIONS + 1), f"but the model has {POSITIONS} positions"),
+    ("not a tensor", {**_ok(), "input_ids": "hello"}, "'input_ids': cannot be read as a tensor"),
+]
+
+
+@pytest.mark.parametrize("what,inputs,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_are_usage_errors_on_every_backend(art_dir: Path, what: str, inputs: Any, message: str) -> None:
+    art = ctc.load(art_dir)
+    with pytest.raises(UsageError, match=_re(message)):
+        art.run(inputs)
+    lib = _Library()
+    art._runners["cpu"] = lib
+    with pytest.raises(UsageError, match=_re(message)):
+        art.run(inputs, target="cpu")
+    assert lib.calls == 0, "the compiled library ran on inputs that were checked to be wrong"
+
+
+def _re(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_good_inputs_run_in_any_form(art_dir: Path) -> None:
+    art = ctc.load(art_dir)
+    want = art.run(_ok())[0]
+    assert want.shape == (1, 4, 4)
+    as_list = art.run([_ok()["input_ids"], _ok()["attention_mask"]])[0]
+    narrow = art.run({k: v.to(torch.int32) for k, v in _ok().items()})[0]  # same kind, another width: cast
+    extra = art.run({**_ok(), "token_type_ids": torch.zeros(1, 4, dtype=torch.long)})[0]  # a tokenizer's extra
+    boolean = art.run({**_ok(), "attention_mask": torch.ones(1, 4, dtype=torch.bool)})[0]
+    numpy = art.run({k: v.numpy() for k, v in _ok().items()})[0]
+    for got in (as_list, narrow, extra, boolean, numpy):
+        assert torch.equal(got, want)
+    assert art.run(_ok(seq=POSITIONS))[0].shape == (1, POSITIONS, 4)
+
+
+def test_cli_run_bad_input_files_exit_2_without_traceback(art_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    save_file({"input_ids": torch.tensor([[1, 99]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)},
+              str(tmp_path / "oob.safetensors"))
+    save_file({"input_ids": torch.tensor([[1, 2]])}, str(tmp_path / "missing.safetensors"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01not a safetensors file")
+    (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(_ok(), tmp_path / "ok.pt")
+    cases = {"oob.safetensors": "token ids in [1, 99]", "missing.safetensors": "missing input 'attention_mask'",
+             "garbage.safetensors": "cannot be read as safetensors", "garbage.pt": "cannot be read with torch.load",
+             "empty.pt": "cannot be read with torch.load"}
+    for name, message in cases.items():
+        rc = main(["run", str(art_dir), "--input", str(tmp_path / name), "-q"])
+        err = capsys.readouterr().err
+        assert rc == EXIT_USAGE, (name, err)
+        assert message in err and "Traceback" not in err, (name, err)
+        assert str(tmp_path / name) in err or "input" in err, (name, err)
+    assert main(["run", str(art_dir), "--input", str(tmp_path / "ok.pt"), "-q"]) == EXIT_OK
+    assert "hidden: (1, 4, 4)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- ctc bench
+class _ThreadedLibrary(_Library):
+    """A loaded library whose worker pool was sized when it loaded (as the TVM runtime's is)."""
+
+    threads = 3
+
+
+@pytest.fixture()
+def bench_art(tmp_path: Path) -> Any:
+    """A tiny artifact with the real MiniLM tokenizer (so `ctc bench` can make its inputs) and a cpu library."""
+    from ctc.bundled import bundled_model_dir
+
+    m = Module("emb")
+    m.add_param("emb", torch.zeros(30522, 2))
+    ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    m.set_outputs([m.create_node("embedding", [ids, m.param("emb")]).output], ["hidden"])
+    dest = write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=bundled_model_dir("minilm"),
+                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})])
+    art = ctc.load(dest)
+    art._runners["cpu"] = _ThreadedLibrary()
+    return art
+
+
+def test_bench_states_the_library_threads_and_refuses_a_count_it_cannot_apply(bench_art: Any) -> None:
+    from ctc.driver import bench_artifact
+
+    res = bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=None)
+    assert res["protocol"].endswith(", 3 thread(s)"), res["protocol"]  # the library's pool, not torch's
+    with pytest.raises(UsageError, match=r"--threads 1: this cpu library runs 3 worker threads"):
+        bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=1)
+    res = bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=3)
+    assert res["protocol"].endswith(", 3 thread(s)")
+
+
+@pytest.mark.parametrize("flags,message", [(["--threads", "0"], "--threads must be >= 1"),
+                                           (["--threads", "-1"], "--threads must be >= 1"),
+                                           (["--repeat", "0"], "--repeat must be >= 20"),
+                                           (["--repeat", "5"], "--repeat must be >= 20")])
+def test_cli_bench_bad_counts_exit_2(art_dir: Path, flags: list[str], message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", str(art_dir), *flags, "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
