@@ -242,6 +242,7 @@ def _load_artifact(path: str) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    save = _output_file(args.save, "--save", _saved_outputs) if args.save else None
     art = _load_artifact(args.artifact)
     if args.generate is not None:
         return _generate(art, args)
@@ -264,12 +265,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         tok = art.tokenizer()
         print("next token:", ", ".join(f"{tok.decode([int(i)])!r} {p:.3f}" for p, i in
                                        zip(top.values.tolist(), top.indices.tolist(), strict=True)))
-    if args.save:
+    if save is not None:
         from safetensors.torch import save_file
 
-        save_file({n: t.contiguous() for n, t in zip(names, outs, strict=False)}, args.save)
-        print(f"wrote {args.save}", file=sys.stderr)
+        from ctc.output_dir import write_file_atomically
+
+        tensors = {n: t.contiguous() for n, t in zip(names, outs, strict=False)}
+        write_file_atomically(save, lambda tmp: save_file(tensors, str(tmp), metadata={"format": OUTPUTS_FORMAT}))
+        print(f"wrote {save}", file=sys.stderr)
     return EXIT_OK
+
+
+OUTPUTS_FORMAT = "ctc-outputs"  # safetensors metadata of the files `ctc run --save` writes
+
+
+def _output_file(path: str, flag: str, ours: Any) -> Path:
+    from ctc.output_dir import check_output_file
+
+    return check_output_file(path, flag=flag, ours=ours)
+
+
+def _saved_outputs(path: Path) -> bool:
+    """Whether ``path`` is a file `ctc run --save` wrote (its safetensors metadata says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == OUTPUTS_FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable as safetensors is not ours
+        return False
+
+
+def _analysis_page(path: Path) -> bool:
+    """Whether ``path`` is a page `ctc analyze --html` wrote (its head names ctc as the generator)."""
+    from ctc.analysis.artifact import PAGE_GENERATOR
+
+    try:
+        with path.open("rb") as f:
+            return PAGE_GENERATOR.encode() in f.read(4096)
+    except OSError:
+        return False
 
 
 def _generate(art: Any, args: argparse.Namespace) -> int:
@@ -381,14 +416,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UsageError("--top must be >= 1")
     dims = parse_dims(args.dim)
+    page = _output_file(args.html, "--html", _analysis_page) if args.html else None
     art = _load_artifact(args.artifact)
     analysis, points, measured = analyze_artifact(art, args.target, seq_len=args.seq_len, batch=args.batch,
                                                   dims=dims, gpu=args.gpu, board=args.board,
                                                   remeasure=args.remeasure, profile=args.profile)
-    if args.html:
-        Path(args.html).write_text(analysis_page(analysis, points, measured))
+    if page is not None:
+        from ctc.output_dir import write_file_atomically
+
+        text = analysis_page(analysis, points, measured)
+        write_file_atomically(page, lambda tmp: tmp.write_text(text))
         if not args.quiet:
-            print(f"wrote {args.html}", file=sys.stderr)
+            print(f"wrote {page}", file=sys.stderr)
     if args.json:
         print(json.dumps({**analysis.to_json(per_op=args.per_op), "measured": points, "measured_how": measured},
                          indent=1, default=str))

@@ -24,6 +24,8 @@ from typing import Any
 from ctc.errors import UsageError
 from ctc.tasks import TASK_CAUSAL_LM, TASK_ENCODER
 
+LEE_DOCS = 50  # documents of the Lee corpus (lee.cor) that --human-similarity correlates
+
 __all__ = ["evaluate_artifact", "evaluation_windows_of", "human_similarity", "parse_data_flag"]
 
 
@@ -52,7 +54,9 @@ def human_similarity(run: Callable[[dict[str, Any]], Any], tokenizer: Any, input
 
     texts = lee_test()
     human = lee_similarities()
-    n = len(texts) if docs is None else max(3, min(docs, len(texts)))
+    n = len(texts) if docs is None else docs
+    if not 3 <= n <= len(texts):
+        raise UsageError(f"--docs must be 3 to {len(texts)} (the Lee corpus has {len(texts)} documents), got {n}")
 
     def hidden(ids: Any, mask: Any) -> Any:
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
@@ -111,6 +115,10 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
     """
     from ctc.eval.data import model_batches
 
+    for flag, value, least in (("--samples", samples, 1), ("--seq-len", seq_len, 1), ("--skip", skip, 0),
+                               ("--limit", limit, 0)):
+        if value is not None and value < least:  # 0 is a value given, never "use the recipe's"
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
     recipe = _artifact_recipe(art)
     ev = recipe.evaluate if recipe is not None else None
     task = str(art.module.meta.get("task", "unknown"))
@@ -124,8 +132,8 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
     else:
         source, path, fld = ("wiki" if task == TASK_CAUSAL_LM else "lee"), None, None
     opts = ev.options if ev is not None and data is None else {}
-    n = samples or int(opts.get("samples", 8))
-    length = seq_len or int(opts.get("seq_len", 256 if task == TASK_CAUSAL_LM else 128))
+    n = samples if samples is not None else int(opts.get("samples", 8))
+    length = seq_len if seq_len is not None else int(opts.get("seq_len", 256 if task == TASK_CAUSAL_LM else 128))
     skip = int(opts.get("skip", 0)) if skip is None else skip
     limit = int(opts.get("limit", 0)) if limit is None else limit
     if min(n, length) < 1 or skip < 0 or limit < 0:
@@ -148,6 +156,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
 
     bar = Progress(progress)
     task = str(art.module.meta.get("task", "unknown"))
+    if docs is not None and not human:
+        raise UsageError("--docs applies to --human-similarity (how many Lee documents it correlates)")
+    if docs is not None and not 3 <= docs <= LEE_DOCS:
+        raise UsageError(f"--docs must be 3 to {LEE_DOCS} (the Lee corpus has {LEE_DOCS} documents), got {docs}")
     if human and task != TASK_ENCODER:
         raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
     batches, proto, recipe = evaluation_windows_of(art, data=data, samples=samples, seq_len=seq_len, skip=skip,

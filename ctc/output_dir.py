@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ctc.errors import OutputDirError
@@ -202,3 +202,76 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
         os.rename(old, dest)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- single files (--save, --html, ...)
+def _inside_artifact(real: Path) -> Path | None:
+    """The artifact directory that ``real`` (resolved) is or lies under, if any."""
+    return next((d for d in (real, *real.parents) if d.is_dir() and has_manifest(d)), None)
+
+
+def check_output_file(path: str | Path, *, flag: str, ours: Callable[[Path], bool]) -> Path:
+    """Check that ctc may write the file ``path`` that a flag (``--save``, ``--html``) names; return it.
+
+    Why: such a file is easy to get wrong (a folder, a typo in the folder, an artifact's own file, someone's
+    data) and ctc never overwrites what it did not write.  Refused with :class:`~ctc.errors.OutputDirError`
+    before any work: a directory, a missing or unwritable folder, a path inside an artifact (its manifest
+    lists every file), and an existing file unless ``ours(path)`` recognises it as one ctc wrote."""
+    p = Path(path)
+    if str(path).strip() == "":
+        raise OutputDirError(f"{flag}: give a file name")
+    if p.is_dir():
+        raise OutputDirError(f"{flag} {p}: is a directory; give a file name (e.g. {p / 'out'})")
+    parent = _real(p.parent)
+    if not parent.is_dir():
+        raise OutputDirError(f"{flag} {p}: the folder {p.parent} does not exist (or is not a directory); create it "
+                             "first or choose another path")
+    _check_writable_outside_artifacts(p, parent, flag)
+    if p.is_symlink() or (p.exists() and not (p.is_file() and ours(p))):
+        raise OutputDirError(f"{flag} {p}: exists and ctc did not write it; ctc does not overwrite files it did not "
+                             "write: choose another name, or remove it first")
+    return p
+
+
+def check_output_folder(path: str | Path, *, flag: str) -> Path:
+    """Check that ctc may write its own named files into the folder ``path`` (made if missing); return it.
+    Refused: a file, a folder under a file, and a folder inside an artifact (its manifest lists every file)."""
+    p = Path(path)
+    if str(path).strip() == "":
+        raise OutputDirError(f"{flag}: give a folder name")
+    if p.exists() and not p.is_dir():
+        raise OutputDirError(f"{flag} {p}: is a file, not a folder; give a folder for the files")
+    probe = _real(p)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputDirError(f"{flag} {p}: {probe} is a file, not a folder")
+    _check_writable_outside_artifacts(p, probe, flag)
+    return p
+
+
+def _check_writable_outside_artifacts(p: Path, folder: Path, flag: str) -> None:
+    """``folder`` (resolved, existing), where ``p`` will be written, is writable and not inside an artifact."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputDirError(f"{flag} {p}: {folder} is not writable (permission denied)")
+    artifact = _inside_artifact(folder)
+    if artifact is not None:
+        raise OutputDirError(f"{flag} {p}: is inside the artifact {artifact}; writing there would change it (its "
+                             "manifest lists every file): choose a path outside it")
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: an interrupted or failed
+    write leaves no half-written file under the name (and the temporary one is removed)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o666 & ~mask)  # mkstemp makes it private to the user
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

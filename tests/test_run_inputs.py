@@ -167,12 +167,59 @@ def test_bench_states_the_library_threads_and_refuses_a_count_it_cannot_apply(be
     assert res["protocol"].endswith(", 3 thread(s)")
 
 
-@pytest.mark.parametrize("flags,message", [(["--threads", "0"], "--threads must be >= 1"),
-                                           (["--threads", "-1"], "--threads must be >= 1"),
-                                           (["--repeat", "0"], "--repeat must be >= 20"),
-                                           (["--repeat", "5"], "--repeat must be >= 20")])
-def test_cli_bench_bad_counts_exit_2(art_dir: Path, flags: list[str], message: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", str(art_dir), *flags, "-q"]) == EXIT_USAGE
+# --------------------------------------------------------------------------- files ctc writes on request
+def test_output_files_never_replace_what_ctc_did_not_write(art_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(_ok(), tmp_path / "in.pt")
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"the user's own file")
+    params = art_dir / "params.safetensors"
+    before = params.read_bytes()
+    cases = [
+        (["run", str(art_dir), "--input", str(tmp_path / "in.pt"), "--save", str(tmp_path)], "is a directory"),
+        (["run", str(art_dir), "--input", str(tmp_path / "in.pt"), "--save", str(tmp_path / "no" / "y.safetensors")],
+         "does not exist"),
+        (["run", str(art_dir), "--input", str(tmp_path / "in.pt"), "--save", str(params)], "inside the artifact"),
+        (["run", str(art_dir), "--input", str(tmp_path / "in.pt"), "--save", str(mine)], "ctc did not write it"),
+        (["analyze", str(art_dir), "--html", str(tmp_path / "no" / "r.html")], "does not exist"),
+        (["analyze", str(art_dir), "--html", str(art_dir / "report.html")], "inside the artifact"),
+        (["analyze", str(art_dir), "--html", str(mine)], "ctc did not write it"),
+        (["eval", str(art_dir), "--write-lm-eval-task", str(mine)], "is a file"),
+        (["eval", str(art_dir), "--write-lm-eval-task", str(art_dir)], "inside the artifact"),
+    ]
+    for argv, message in cases:
+        rc = main([*argv, "-q"])
+        err = capsys.readouterr().err
+        assert rc == EXIT_USAGE and message in err and "Traceback" not in err, (argv, err)
+    assert mine.read_bytes() == b"the user's own file" and params.read_bytes() == before
+    ctc.load(art_dir).run(_ok())  # still a whole artifact
+    out = tmp_path / "y.safetensors"
+    for _ in range(2):  # a file ctc wrote is replaced
+        assert main(["run", str(art_dir), "--input", str(tmp_path / "in.pt"), "--save", str(out), "-q"]) == EXIT_OK
+    from safetensors.torch import load_file
+
+    assert load_file(str(out))["hidden"].shape == (1, 4, 4)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
+
+
+# --------------------------------------------------------------------------- counts on the command line
+BAD_COUNTS = [
+    ("bench", ["--threads", "0"], "--threads must be >= 1"),
+    ("bench", ["--threads", "-1"], "--threads must be >= 1"),
+    ("bench", ["--repeat", "0"], "--repeat must be >= 20"),
+    ("bench", ["--repeat", "5"], "--repeat must be >= 20"),  # was silently raised to 20
+    ("eval", ["--samples", "0"], "--samples must be >= 1"),  # 0 was read as "not given": the recipe's count ran
+    ("eval", ["--seq-len", "0"], "--seq-len must be >= 1"),
+    ("eval", ["--skip", "-1"], "--skip must be >= 0"),
+    ("eval", ["--human-similarity", "--docs", "2"], "--docs must be 3 to 50"),  # was clamped to 3
+    ("eval", ["--human-similarity", "--docs", "51"], "--docs must be 3 to 50"),  # was clamped to 50
+    ("eval", ["--docs", "5"], "--docs applies to --human-similarity"),
+]
+
+
+@pytest.mark.parametrize("cmd,flags,message", BAD_COUNTS, ids=[f"{c} {' '.join(f)}" for c, f, _ in BAD_COUNTS])
+def test_cli_counts_are_taken_as_given_or_refused(art_dir: Path, cmd: str, flags: list[str], message: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([cmd, str(art_dir), *flags, "-q"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err

@@ -79,6 +79,9 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
     return a, pts, what
 
 
+PAGE_GENERATOR = "<meta name='generator' content='ctc analyze'>"  # how `ctc analyze --html` knows its own pages
+
+
 def analysis_page(a: Analysis, points: Sequence[Mapping[str, Any]] = (), measured: str = "") -> str:
     """A self-contained HTML page: the roofs and their source, the roofline plot, and per phase the op groups."""
     from ctc.report_html import _CSS, _table
@@ -98,5 +101,6 @@ def analysis_page(a: Analysis, points: Sequence[Mapping[str, Any]] = (), measure
         rows = [[r["op"], r["where"], r["count"], r["flops"], r["bytes"], round(r["intensity"], 3), r["bound"],
                  round(r["bound_ms"], 5)] for r in ph.groups(p)]
         body.append(_table(["op", "where", "n", "FLOPs", "bytes", "FLOP/B", "bound", "ms"], rows))
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(a.model)} roofline</title>"
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'>{PAGE_GENERATOR}"
+            f"<title>{html.escape(a.model)} roofline</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

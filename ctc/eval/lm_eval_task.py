@@ -44,12 +44,19 @@ def write_window_task(art: Any, out_dir: str | Path, *, name: str = WINDOW_TASK,
     protocol.  A window the tokenizer cannot give back from its text is an error naming it.
     """
     from ctc.evaluate import evaluation_windows_of
+    from ctc.output_dir import check_output_folder
 
+    out = check_output_folder(out_dir, flag="--write-lm-eval-task")
     if str(art.module.meta.get("task")) != TASK_CAUSAL_LM:
         raise UsageError(f"--write-lm-eval-task: {art.path} is not a full-sequence causal LM (ctc eval measures "
                          "perplexity on those)")
     if not name.isidentifier():
         raise UsageError(f"--write-lm-eval-task: task name {name!r} must be a Python identifier")
+    files = [out / f"{name}_{WINDOWS_FILE}", out / f"{name}_data.py", out / f"{name}.yaml"]
+    if any(f.exists() for f in files) and not _written_by_ctc(files[2]):
+        raise UsageError(f"--write-lm-eval-task {out}: holds {', '.join(f.name for f in files if f.exists())}, "
+                         "which ctc did not write; ctc does not overwrite files it did not write: choose another "
+                         "folder")
     batches, proto, _ = evaluation_windows_of(art, data=data, samples=samples, seq_len=seq_len, skip=skip,
                                               limit=limit)
     from ctc.eval.data import _specials
@@ -66,9 +73,8 @@ def write_window_task(art: Any, out_dir: str | Path, *, name: str = WINDOW_TASK,
                                  f"through tokenizer {proto['tokenizer']} (lm-eval requests are text); its first "
                                  f"tokens are {ids[:4]}. Try other windows (--skip) or a byte-level BPE tokenizer")
             rows.append({"window": len(rows), "context": pair[0], "continuation": pair[1], "scored": len(ids) - 1})
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    windows_file = out / f"{name}_{WINDOWS_FILE}"
+    windows_file = files[0]
     windows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     protocol = {"text": proto["text"], "split": proto["split"], "tokenizer": proto["tokenizer"],
                 "windows": len(rows), "seq_len": proto["seq_len"], "stride": body,
@@ -103,6 +109,15 @@ def write_window_task(art: Any, out_dir: str | Path, *, name: str = WINDOW_TASK,
         "metadata:\n"
         "  version: 1.0\n")
     return protocol
+
+
+def _written_by_ctc(task_yaml: Path) -> bool:
+    """Whether ``task_yaml`` is a task file this module wrote (its first line says so)."""
+    try:
+        with task_yaml.open("rb") as f:
+            return f.readline().startswith(b"# lm-eval task written by ctc")
+    except OSError:
+        return False
 
 
 def window_dataset(path: str | Path) -> Any:
