@@ -242,6 +242,10 @@ def _load_artifact(path: str) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.top < 1:
+        from ctc.errors import UsageError
+
+        raise UsageError(f"--top must be >= 1 (next-token candidates to print), got {args.top}")
     save = _output_file(args.save, "--save", _saved_outputs) if args.save else None
     art = _load_artifact(args.artifact)
     if args.generate is not None:

@@ -148,6 +148,10 @@ def analyze_module(module: Module, peaks: Peaks, *, seq_len: int = 128, batch: i
         env[b_sym] = batch
     if s_sym:
         env[s_sym] = seq_len
+    stray = sorted(set(dims or {}) - every)
+    if stray:
+        raise UsageError(f"--dim {stray[0]}: the model has no input dim of that name (its symbolic dims: "
+                         f"{', '.join(sorted(every)) or 'none, every input shape is fixed'})")
     env.update(dims or {})
     unknown = sorted(every - set(env))
     if unknown:
