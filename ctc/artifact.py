@@ -319,7 +319,8 @@ class InputChecker:
     every input given (extra names, such as a tokenizer's ``token_type_ids``, are ignored), its kind (no float
     token ids), rank, fixed sizes and symbols agreeing across inputs (the compiled runner's own checks, from
     :mod:`ctc.backends.tvm.inputs`), no empty symbolic axis, token ids inside the embedding table they index,
-    and ``seq`` within the model's ``positions`` (:func:`ctc.positions.config_positions`).  What depends only
+    a decode step's cache positions inside its KV cache (written in place), and ``seq`` within the model's
+    ``positions`` (:func:`ctc.positions.config_positions`).  What depends only
     on the module is worked out once, here."""
 
     def __init__(self, module: Module, positions: tuple[int, str] | None = None):
@@ -330,12 +331,19 @@ class InputChecker:
                                              for v in module.inputs]})
         self.positions = positions
         index = {id(v): i for i, v in enumerate(module.inputs)}
-        self.rows: dict[int, int] = {}  # input index -> rows of the smallest embedding table it indexes
+        # input index -> (the size of the smallest table it indexes, what its values are)
+        self.bounds: dict[int, tuple[int, str]] = {}
         for n in module.nodes:
-            i = index.get(id(n.inputs[0])) if n.op == "embedding" else None
-            rows = n.operand("weight").type.shape[0] if i is not None else None
-            if i is not None and isinstance(rows, int):
-                self.rows[i] = min(rows, self.rows.get(i, rows))
+            if n.op == "embedding":  # token ids index the table's rows
+                i, size, what = index.get(id(n.operand("ids"))), n.operand("weight").type.shape[0], "token ids"
+            elif n.op == "cache_write":  # a decode step writes its new rows at these cache positions, in place
+                cache = n.operand("cache").type
+                i, size = index.get(id(n.operand("position"))), cache.shape[n.attrs["axis"] % cache.rank]
+                what = "cache positions"
+            else:
+                continue
+            if i is not None and isinstance(size, int):
+                self.bounds[i] = (min(size, self.bounds.get(i, (size, what))[0]), what)
 
     def __call__(self, inputs: Any) -> tuple[list[torch.Tensor], list[Any]]:
         """``inputs`` (by name, in order, or one tensor) checked; returns ``(tensors, given)``: CPU tensors in the
@@ -370,14 +378,17 @@ class InputChecker:
             raise UsageError(f"input {seq[1]!r} has seq = {seq[0]}, but the model has {limit[0]} positions "
                              f"({limit[1]}); cut the input to at most {limit[0]} (e.g. tokenizer(..., "
                              f"truncation=True, max_length={limit[0]}))")
-        for i, rows in self.rows.items():
+        for i, (size, what) in self.bounds.items():
             if not tensors[i].numel():
                 continue
             a = tensors[i].numpy()  # numpy's reductions run on the calling thread (torch's may start its pool)
             lo, hi = int(a.min()), int(a.max())
-            if lo < 0 or hi >= rows:
-                raise UsageError(f"input {names[i]!r} holds token ids in [{lo}, {hi}]; the embedding has {rows} "
-                                 f"rows (ids 0 to {rows - 1}): tokenize with this artifact's tokenizer")
+            if lo < 0 or hi >= size:
+                has, fix = (f"the embedding has {size} rows", "tokenize with this artifact's tokenizer") \
+                    if what == "token ids" else \
+                    (f"the cache has {size} positions", "a longer sequence needs a step compiled with a larger "
+                                                        "`decode=`")
+                raise UsageError(f"input {names[i]!r} holds {what} in [{lo}, {hi}]; {has} (0 to {size - 1}): {fix}")
         return tensors, given
 
 

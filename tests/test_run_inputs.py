@@ -91,6 +91,29 @@ def test_bad_inputs_are_usage_errors_on_every_backend(art_dir: Path, what: str, 
     assert lib.calls == 0, "the compiled library ran on inputs that were checked to be wrong"
 
 
+def test_cache_positions_past_the_cache_are_refused(tmp_path: Path) -> None:
+    """A decode step writes the new key/value rows at ``position`` in place: a compiled library given a position
+    past its cache would write past the buffer."""
+    m = Module("step")
+    cache = m.add_input("cache_k_0", TensorType((1, 4, 2), "f32"))
+    pos = m.add_input("position", TensorType((1,), "i64"))
+    new = m.add_input("k", TensorType((1, 1, 2), "f32"))
+    m.set_outputs([m.create_node("cache_write", [cache, new, pos], {"axis": 1}).output], ["cache_k_0"])
+    dest = write_artifact(tmp_path / "art", module=m, report={"name": "step"},
+                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})])
+    art = ctc.load(dest)
+    feed = {"cache_k_0": torch.zeros(1, 4, 2), "k": torch.ones(1, 1, 2)}
+    assert art.run({**feed, "position": torch.tensor([3])})[0][0, 3].tolist() == [1.0, 1.0]
+    lib = _Library()
+    art._runners["cpu"] = lib
+    for bad in (4, -1):
+        for target in (None, "cpu"):
+            with pytest.raises(UsageError, match=_re(f"'position' holds cache positions in [{bad}, {bad}]; the "
+                                                     "cache has 4 positions")):
+                art.run({**feed, "position": torch.tensor([bad])}, target=target)
+    assert lib.calls == 0
+
+
 def _re(text: str) -> str:
     import re
 
