@@ -238,13 +238,17 @@ def read_text_file(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"text file {str(p)!r} not found" + (" (it is a folder)" if p.is_dir() else ""))
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text at byte {e.start}; convert it with `iconv -t utf-8`") from None
+    text = _read_utf8(p)
     if not text.strip():
         raise ValueError(f"{p}: the file holds no text")
     return text
+
+
+def _read_utf8(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text at byte {e.start}; convert it with `iconv -t utf-8`") from None
 
 
 def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
@@ -257,23 +261,22 @@ def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
     if not p.is_file():
         raise FileNotFoundError(f"jsonl file {str(p)!r} not found" + (" (it is a folder)" if p.is_dir() else ""))
     out: list[str] = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if field not in obj:
-                have = ", ".join(sorted(map(str, obj))) or "none"
-                raise ValueError(f"{p}:{lineno}: no field {field!r} (fields: {have}); choose it with field=\"...\"")
-            v = obj[field]
-            if not isinstance(v, str):
-                raise ValueError(f"{p}:{lineno}: field {field!r} holds {type(v).__name__}, expected a string")
-            out.append(v)
+    for lineno, line in enumerate(_read_utf8(p).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if field not in obj:
+            have = ", ".join(sorted(map(str, obj))) or "none"
+            raise ValueError(f"{p}:{lineno}: no field {field!r} (fields: {have}); choose it with field=\"...\"")
+        v = obj[field]
+        if not isinstance(v, str):
+            raise ValueError(f"{p}:{lineno}: field {field!r} holds {type(v).__name__}, expected a string")
+        out.append(v)
     if not out:
         raise ValueError(f"{p}: no JSON lines in the file")
     return out
