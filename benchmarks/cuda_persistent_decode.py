@@ -46,32 +46,41 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"slot6": ("-DPDEC_NSLOT=6",), "slot5": ("-DPDEC_NSLOT=5",), "warppro": ("-DPDEC_WARP_PRO=1",)}
-SPANS = (64, 256)  # attention chunk spans timed besides the default (one chunk up to 256 positions, else 64)
-STAGES = ("qkv", "attention", "o", "gate_up", "down", "head")
+VARIANTS = {"slot5": ("-DPDEC_NSLOT=5",), "slot3": ("-DPDEC_NSLOT=3",)}
+# attention chunk spans timed besides the default (one chunk, computed by each of the kv head's 16 blocks, up to
+# 256 positions, else chunks of 64): 64 chunks at KV 128 too, 256 gives 4 chunks at 1024, 2048 one chunk at 1024
+SPANS = (64, 256, 2048)
+STAGES = ("qkv", "attn_o", "ffn", "head")
+PER_LAYER = 3
 
 
 def trace_breakdown(trace: Any, layers: int) -> dict[str, Any]:
-    """Per stage kind, from one step's globaltimer stamps ``[blocks, 248]`` (start; begin / prologue end / end of
-    each stage): ``span_us`` = sum over layers of (last block's end - the release of the barrier before),
-    ``barrier_us`` = mean of (first block past the barrier - last block into it), ``work_us`` / ``prologue_us`` =
-    mean over blocks and layers of end - begin / prologue end - begin."""
+    """Per phase kind, from one step's globaltimer stamps ``[blocks, 248]`` (start; begin / prologue end / mid /
+    end of each phase): ``span_us`` = sum over layers of (last block's end - the first block's begin),
+    ``barrier_us`` = mean of (first block past the barrier - last block into it), ``work_us`` / ``prologue_us``
+    = mean over the blocks that have work in it and over layers of end - begin / prologue end - begin;
+    ``first_us`` / ``second_us`` = mean of mid - prologue end / end - mid (attention / o projection; gate|up /
+    down), ``last_end_us`` = mean over layers of the last block's end - the first block's begin."""
     t = trace.double().cpu()
-    n = 1 + 3 * (layers * 5 + 1)
-    t = t[:, :n] - t[:, :1].min()
-    begin, ready, end = t[:, 1::3], t[:, 2::3], t[:, 3::3]                 # [blocks, stages]
-    release = begin.min(dim=0).values                  # each stage's start: the barrier before it let go
+    n_st = layers * PER_LAYER + 1
+    t = t[:, :1 + 4 * n_st] - t[:, :1].min()
+    begin, ready, mid, end = t[:, 1::4], t[:, 2::4], t[:, 3::4], t[:, 4::4]   # [blocks, stages]
+    release = begin.min(dim=0).values
     arrive = end.max(dim=0).values
     out: dict[str, Any] = {"total_us": round(float(end[:, -1].max()) / 1e3, 2),
                            "start_skew_us": round(float(t[:, 0].max() - t[:, 0].min()) / 1e3, 2)}
     for k, name in enumerate(STAGES):
-        idx = list(range(k, layers * 5, 5)) if k < 5 else [layers * 5]
-        span = sum(float(arrive[i] - (release[i] if i == 0 else release[i])) for i in idx)
+        idx = list(range(k, layers * PER_LAYER, PER_LAYER)) if k < PER_LAYER else [layers * PER_LAYER]
+        rows = slice(0, 128) if name in ("attn_o", "ffn") else slice(None)
+        span = sum(float(arrive[i] - release[i]) for i in idx)
         bar = [float(release[i + 1] - arrive[i]) for i in idx if i + 1 < begin.shape[1]]
-        work = float((end[:, idx] - begin[:, idx]).mean())
+
+        def mean(a: Any, b: Any, rows: Any = rows, idx: list[int] = idx) -> float:
+            return round(float((a[rows][:, idx] - b[rows][:, idx]).mean()) / 1e3, 3)
+
         out[name] = {"span_us": round(span / 1e3, 2), "barrier_us": round(sum(bar) / max(len(bar), 1) / 1e3, 3),
-                     "work_us": round(work / 1e3, 3),
-                     "prologue_us": round(float((ready[:, idx] - begin[:, idx]).mean()) / 1e3, 3)}
+                     "work_us": mean(end, begin), "prologue_us": mean(ready, begin),
+                     "first_us": mean(mid, ready), "second_us": mean(end, mid)}
     return out
 
 
@@ -178,12 +187,15 @@ def check(dec: P.PersistentDecoder, w32: dict[str, Any], cfg: dict[str, Any], la
         dec.step(layers=layers)
         torch.cuda.synchronize()
         flag = dec.aborted()
-        ref, inter = P.reference_step(w32, token, pos, kc, vc, c)
         got = dec.logits.clone()
         mine = dec.intermediates()
+        dec.step(layers=layers)  # again on the same inputs (the row it writes is the same): f32 atomics reorder sums
+        torch.cuda.synchronize()
+        rerun = float((dec.logits - got).abs().max())
+        ref, inter = P.reference_step(w32, token, pos, kc, vc, c)
         # the cache row this step wrote (last layer, after RoPE) vs the reference key (rounded to fp16 there)
         row = {"layers": layers, "pos": pos, "token": token, "aborted": flag, "logits": _err(got, ref),
-               "argmax_equal": int(got.argmax()) == int(ref.argmax()),
+               "argmax_equal": int(got.argmax()) == int(ref.argmax()), "rerun_max_abs": rerun,
                "top5_overlap": len(set(got.topk(5).indices.tolist()) & set(ref.topk(5).indices.tolist())),
                **{k: _err(mine[k], inter[k]) for k in ("qkv", "attn", "h", "x")}}
         # the new k/v row of the last layer, as written by the kernel, against the reference's RoPE'd key
@@ -382,7 +394,8 @@ def table(res: dict[str, Any]) -> str:
     for c in res["checks"]:
         lines.append(f"check L{c['layers']} pos {c['pos']}: logits max abs {c['logits']['max_abs']} (ref max "
                      f"{c['logits']['ref_max_abs']}), argmax {'=' if c['argmax_equal'] else '!='}, "
-                     f"x {c['x']['max_abs']}, aborted {c['aborted']}")
+                     f"top5 {c['top5_overlap']}/5, x {c['x']['max_abs']}, attn {c['attn']['max_abs']}, "
+                     f"h {c['h']['max_abs']}, rerun diff {c.get('rerun_max_abs')}, aborted {c['aborted']}")
     for r in res["rows"]:
         for key in ("launch", "graph", "no_barriers", "no_arithmetic", "stream_only"):
             if key in r:
@@ -396,7 +409,7 @@ def table(res: dict[str, Any]) -> str:
         if tr:
             lines.append(f"trace pos {pos}: total {tr['total_us']} us; " + "; ".join(
                 f"{k} span {tr[k]['span_us']} barrier {tr[k]['barrier_us']} work {tr[k]['work_us']} prologue "
-                f"{tr[k]['prologue_us']}" for k in STAGES))
+                f"{tr[k]['prologue_us']} first {tr[k]['first_us']} second {tr[k]['second_us']}" for k in STAGES))
     for span, sp in res.get("spans", {}).items():
         lines.append(f"span {span}: " + ", ".join(
             f"pos {p} median {sp[f'launch_{p}']['median_ms']} b2b {sp[f'launch_{p}']['back_to_back_ms']} ms"

@@ -27,6 +27,36 @@ def test_rtn_int4_is_ctcs_quantizer() -> None:
     assert torch.equal(P.dequant_int4(q, s), dequantize_weight(ref.qweight, ref.scale, ref.zero, 4, 128, 384))
 
 
+def test_repacked_o_and_down_tiles_are_the_slices_the_kernel_multiplies() -> None:
+    """Phase B's tile (kv head hk, rows [128 j, 128 j + 128)) of the repacked W_o is W_o[rows, 256 hk : 256 hk + 256]
+    with two whole groups of scales; phase C's slice j of W_down is W_down[:, 64 j : 64 j + 64] with group j // 2's
+    scales.  The sum of the per-block partial products is the full product (what the atomics add up)."""
+    g = torch.Generator().manual_seed(5)
+    wo, so = P.rtn_int4(torch.randn(2048, 2048, generator=g) * 0.02)
+    wd, sd = P.rtn_int4(torch.randn(2048, 8192, generator=g) * 0.02)
+    wo_p, so_p, wd_p, sd_p = P.pack_o_down(wo[None], so[None], wd[None], sd[None])
+    assert wo_p.shape == (1, 8, 2048, 128) and so_p.shape == (1, 8, 2048, 2)
+    assert wd_p.shape == (1, 128, 2048, 32) and sd_p.shape == (1, 64, 2048)
+    wo_f, wd_f = P.dequant_int4(wo, so), P.dequant_int4(wd, sd)
+    attn, h = torch.randn(2048, generator=g), torch.randn(8192, generator=g)
+    y_o = torch.zeros(2048)
+    for hk in range(8):
+        for j in range(16):
+            rows = slice(128 * j, 128 * j + 128)
+            tile = P.dequant_int4(wo_p[0, hk, rows], so_p[0, hk, rows])            # [128, 256]
+            assert torch.equal(tile, wo_f[rows, 256 * hk:256 * hk + 256])
+            y_o[rows] += tile @ attn[256 * hk:256 * hk + 256]
+    torch.testing.assert_close(y_o, wo_f @ attn, rtol=1e-4, atol=1e-4)
+    y_d = torch.zeros(2048)
+    for j in range(128):
+        lo = (wd_p[0, j] & 0x0F).float() - 8
+        hi = (wd_p[0, j] >> 4).float() - 8
+        sl = torch.stack([lo, hi], -1).reshape(2048, 64) * sd_p[0, j // 2][:, None]
+        assert torch.equal(sl, wd_f[:, 64 * j:64 * j + 64])
+        y_d += sl @ h[64 * j:64 * j + 64]
+    torch.testing.assert_close(y_d, wd_f @ h, rtol=1e-4, atol=1e-3)
+
+
 @torch.no_grad()
 def test_reference_step_is_hf_llama() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -78,6 +108,7 @@ def test_kernel_compiles_within_the_register_file_and_shared_memory(tmp_path) ->
         assert hasattr(lib, sym)
     assert lib.ctc_pdec_ws_floats() == P.WS_FLOATS
     assert 128 * 1024 < lib.ctc_pdec_smem_bytes() <= 227 * 1024   # one block a multiprocessor, 4 ring slots
+    assert lib.ctc_pdec_smem_bytes() == 4 * 36864 + 16384 + 4416   # slots | activations | small arrays
     assert ctypes.sizeof(P.DecodeArgs) == 22 * 8 + 6 * 4          # the C struct's layout
 
 

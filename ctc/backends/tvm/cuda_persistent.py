@@ -63,13 +63,13 @@ from typing import Any
 from ctc.backends.tvm import cuda_gemv
 
 __all__ = ["CUDA_SOURCE", "DecodeArgs", "LLAMA_1B", "WS_FLOATS", "PersistentDecoder", "build_library", "dequant_int4",
-           "ptxas_report", "reference_step", "rtn_int4", "source_text"]
+           "pack_o_down", "ptxas_report", "reference_step", "rtn_int4", "source_text"]
 
 # the shape the kernel is compiled for (Llama-3.2-1B; layers, vocab and cache length are run-time)
 LLAMA_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, group=128, layers=16, vocab=128256,
                 rope_theta=500000.0, eps=1e-5)
 CMAX = 16                                                  # attention chunks per kv head, at most
-WS_FLOATS = 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
+WS_FLOATS = 3 * 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
 WS_CTL = WS_FLOATS - 64                                    # control words: barrier, exit, abort, head counters
 TRACE_STRIDE = 248
 
@@ -80,11 +80,8 @@ namespace ctc_pdec {
 constexpr int H = 2048, NQ = 32, NKV = 8, HD = 64, FF = 8192, GS = 128;
 constexpr int QKV = (NQ + 2 * NKV) * HD;  // 3072 rows: q, k, v
 constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / threads, + 1 producer warp
-#ifndef PDEC_NSLOT  // ring slots: 4 measured faster than 6 (less in flight, shorter L2 round trips)
+#ifndef PDEC_NSLOT  // ring slots
 #define PDEC_NSLOT 4
-#endif
-#ifndef PDEC_WARP_PRO  // 1: each warp builds its own activation pairs from global memory (no block syncs);
-#define PDEC_WARP_PRO 0  // measured slower (its loads are 128 bytes apart across lanes: qkv prologue 7.7 vs ~1 us)
 #endif
 #ifndef PDEC_HINT
 #define PDEC_HINT 1
@@ -92,24 +89,33 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_BAR_FENCE  // 1: __threadfence() around the grid barrier's arrive / wait (0: release / acquire only)
 #define PDEC_BAR_FENCE 0
 #endif
-constexpr int NSLOT = PDEC_NSLOT, SLOT = 34816;  // 32 rows of K 2048 + scales, 16 gate|up pairs, 8 down rows
+constexpr int NSLOT = PDEC_NSLOT, SLOT = 36864;  // 32 rows of K 2048 + scales; 16 gate|up pairs; 1024 down rows
+// phase B: kv head hk's 4 query heads own W_o's 256 columns [256 hk, 256 hk + 256) = 2 whole g128 groups; the 16
+// blocks of a kv head split its 2048 output rows in slices of 128 (W_o repacked [L, 8, 2048, 128 B], scales
+// [L, 8, 2048, 2]: one slice is one contiguous 17 KB tile)
+constexpr int OSL = 16, OROWS = H / OSL, NOB = NKV * OSL;   // 128 blocks
+// phase C: 128 slices of 64 FFN channels (half a g128 group of W_down's K axis); block j < 128 owns gate|up pairs
+// [64 j, 64 j + 64) and W_down's columns [64 j, 64 j + 64) (repacked [L, 128, 2048, 32 B]; scales transposed
+// [L, 64 groups, 2048]: slice j reads group j / 2)
+constexpr int FSL = 128, FCH = FF / FSL, GU_T = 16, DROWS = 1024;
 constexpr int ATT_T = 128;              // cache positions per ring tile (K rows, then V rows at + 16 KB)
 constexpr int CMAX = 16;
-constexpr int WS_X = 0, WS_QKV = 2048, WS_PART = WS_QKV + QKV, WS_ATTN = WS_PART + NQ * CMAX * 66,
-              WS_H = WS_ATTN + H / 2, WS_CTL = WS_H + FF / 2;   // float offsets; ATTN and H hold halves
+static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
+static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
+// workspace (floats): 3 rotating residual buffers, q|k|v, attention partials, attention output and SwiGLU
+// output (halves, kept for checking), control words
+constexpr int WS_X = 0, WS_QKV = 3 * H, WS_PART = WS_QKV + QKV, WS_ATTN = WS_PART + NQ * CMAX * 66,
+              WS_H = WS_ATTN + H / 2, WS_CTL = WS_H + FF / 2;
 constexpr int CTL_BAR = 0, CTL_EXIT = 1, CTL_ABORT = 2, CTL_HEAD = 8;
 constexpr int XS_BYTES = FF * 2;
-constexpr int MISC_BYTES = 2 * NSLOT * 8 + 4 * ATT_T * 4 + 4 * HD * 4 + 256 * 4 + 16 * 4 + 16 * 4 + 2 * HD * 2 +
-                           64 * 4 + 64 * 4;  // + the block's own residual rows, RoPE cos / sin at pos
-constexpr int TRACE_STRIDE = 248;  // per block: start, then (begin, ready, end) of each of at most 82 stages
-// shared memory: ring slots | activations (fp16) | mbarriers | small arrays; fixed offsets from one symbol, so
-// addressing them costs no registers
+constexpr int TRACE_STRIDE = 248;  // per block: start, then (begin, ready, mid, end) of each of at most 61 stages
+// shared memory: ring slots | activations (fp16) | mbarriers | small arrays; fixed offsets from one symbol
 constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = OFF_FULL + NSLOT * 8,
-              OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RACC = OFF_QS + 4 * HD * 4,
-              OFF_RED16 = OFF_RACC + 256 * 4, OFF_MLS = OFF_RED16 + 16 * 4, OFF_FRESH = OFF_MLS + 16 * 4,
-              OFF_XOWN = OFF_FRESH + 2 * HD * 2, OFF_ROPE = OFF_XOWN + 64 * 4, OFF_END = OFF_ROPE + 64 * 4;
-constexpr int SMEM = NSLOT * SLOT + XS_BYTES + MISC_BYTES;
-static_assert(OFF_END == SMEM, "shared memory layout");
+              OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RED16 = OFF_QS + 4 * HD * 4,
+              OFF_MLS = OFF_RED16 + 16 * 4, OFF_FRESH = OFF_MLS + 16 * 4, OFF_ROPE = OFF_FRESH + 2 * HD * 2,
+              OFF_OVEC = OFF_ROPE + 64 * 4, OFF_HVEC = OFF_OVEC + 4 * HD * 2, OFF_END = OFF_HVEC + FCH * 2;
+constexpr int SMEM = OFF_END;
+static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_FULL % 8 == 0, "shared memory alignment");
 extern __shared__ __align__(1024) unsigned char pdec_smem[];
 template <class T> __device__ __forceinline__ T* sm(int off) { return reinterpret_cast<T*>(pdec_smem + off); }
 __device__ __forceinline__ unsigned char* slot_ptr(unsigned s) { return pdec_smem + (size_t)s * SLOT; }
@@ -223,19 +229,22 @@ __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
   cons_sync();
 }
 
-__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
-  unsigned old;
-  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
 
 __device__ __forceinline__ int2 part(int n, int b, int G) {
   return make_int2((int)((long long)n * b / G), (int)((long long)n * (b + 1) / G));
 }
 
+
 struct Plan { int G, b, pos, C, layers, vocab; };
 
-// The block's work in order: both roles walk it (the producer issues copies, the consumers compute).
+// The block's work in order: both roles walk it (the producer issues copies, the consumers compute).  Three
+// phases a layer, one grid barrier after each:
+//   (A) RMSNorm -> q|k|v rows (split evenly over all blocks)
+//   (B) blocks 0..127: kv head hk = b / 16, row slice j = b % 16: attention of the kv head's 4 query heads
+//       (every block of the head computes it whole up to 256 positions; beyond, chunk j of C, partials merged by
+//       all 16 blocks after a per-head counter), then W_o's 128 rows x 256 columns of that head -> residual
+//   (C) blocks 0..127: RMSNorm -> gate|up pairs [64 b, 64 b + 64) -> SwiGLU -> W_down[:, 64 b : 64 b + 64] ->
+//       residual (all 2048 rows, split along K)
 template <class V>
 __device__ __forceinline__ void walk(V& v, const Plan& p) {
   for (int l = 0; l < p.layers; ++l) {
@@ -243,41 +252,49 @@ __device__ __forceinline__ void walk(V& v, const Plan& p) {
     { const int2 r = part(QKV, p.b, p.G); for (int i = r.x; i < r.y; i += 32) v.gemv(0, l, i, min(32, r.y - i)); }
     v.stage_end(0, l);
     v.stage(1, l);
-    if (p.b < NKV * p.C) {
-      const int hk = p.b / p.C, c = p.b % p.C, span = (p.pos + p.C) / p.C;
-      const int c0 = min(c * span, p.pos + 1), c1 = min(p.pos + 1, c0 + span), ce = min(c1, p.pos);
-      v.att_begin(l, hk, c, c0, c1);
-      for (int t = c0; t < ce; t += ATT_T) v.att_tile(l, hk, t, min(ATT_T, ce - t));
-      v.att_end(l, hk, c, c0, c1);
+    if (p.b < NOB) {
+      const int hk = p.b / OSL, j = p.b % OSL;
+      if (p.C == 1) {  // the whole attention, redundantly in each of the head's 16 blocks (no exchange)
+        v.att_begin(l, hk, 0, p.pos + 1, j == 0);
+        for (int t = 0; t < p.pos; t += ATT_T) v.att_tile(l, hk, t, min(ATT_T, p.pos - t));
+        v.att_end(l, hk, 0, j == 0);
+      } else {
+        if (j < p.C) {
+          const int span = (p.pos + p.C) / p.C;
+          const int c0 = min(j * span, p.pos + 1), c1 = min(p.pos + 1, c0 + span), ce = min(c1, p.pos);
+          v.att_begin(l, hk, c0, c1, c1 == p.pos + 1);
+          for (int t = c0; t < ce; t += ATT_T) v.att_tile(l, hk, t, min(ATT_T, ce - t));
+          v.att_end(l, hk, j, false);
+        }
+        v.att_merge(l, hk, j == 0);
+      }
+      v.mid();
+      v.oproj(l, hk, j);
     }
     v.stage_end(1, l);
     v.stage(2, l);
-    { const int2 r = part(H, p.b, p.G); for (int i = r.x; i < r.y; i += 32) v.gemv(2, l, i, min(32, r.y - i)); }
+    if (p.b < FSL) {
+      for (int t = 0; t < FCH / GU_T; ++t) v.gemv(3, l, p.b * FCH + t * GU_T, GU_T);
+      v.mid();
+      v.down_begin();
+      for (int t = 0; t < H / DROWS; ++t) v.down(l, p.b, t);
+    }
     v.stage_end(2, l);
-    v.stage(3, l);
-    { const int2 r = part(FF, p.b, p.G); for (int i = r.x; i < r.y; i += 16) v.gemv(3, l, i, min(16, r.y - i)); }
-    v.stage_end(3, l);
-    v.stage(4, l);
-    { const int2 r = part(H, p.b, p.G); for (int i = r.x; i < r.y; i += 8) v.gemv(4, l, i, min(8, r.y - i)); }
-    v.stage_end(4, l);
   }
-  v.stage(5, 0);
+  v.stage(3, 0);
   { const int2 r = part(p.vocab, p.b, p.G); for (int i = r.x; i < r.y; i += 32) v.gemv(5, 0, i, min(32, r.y - i)); }
-  v.stage_end(5, 0);
+  v.stage_end(3, 0);
 }
 
-// a stage's matrix: weights, scales, K, whether rows come in gate|up pairs
-struct Mat { const unsigned char* w; const float* s; int K; bool pair; };
+// a K-2048 GEMV's matrix: weights, scales, whether rows come in gate|up pairs
+struct Mat { const unsigned char* w; const float* s; bool pair; };
 __device__ __forceinline__ Mat mat_of(const Args& a, int st, int l) {
   switch (st) {
-    case 0: return {a.wqkv + (size_t)l * QKV * (H / 2), a.sqkv + (size_t)l * QKV * (H / GS), H, false};
-    case 2: return {a.wo + (size_t)l * H * (H / 2), a.so + (size_t)l * H * (H / GS), H, false};
-    case 3: return {a.wgu + (size_t)l * 2 * FF * (H / 2), a.sgu + (size_t)l * 2 * FF * (H / GS), H, true};
-    case 4: return {a.wd + (size_t)l * H * (FF / 2), a.sd + (size_t)l * H * (FF / GS), FF, false};
-    default: return {a.whead, a.shead, H, false};
+    case 0: return {a.wqkv + (size_t)l * QKV * (H / 2), a.sqkv + (size_t)l * QKV * (H / GS), false};
+    case 3: return {a.wgu + (size_t)l * 2 * FF * (H / 2), a.sgu + (size_t)l * 2 * FF * (H / GS), true};
+    default: return {a.whead, a.shead, false};
   }
 }
-
 
 // ------------------------------------------------------------------ producer (one thread)
 struct Producer {
@@ -292,9 +309,15 @@ struct Producer {
   }
   __device__ __forceinline__ void stage(int, int) {}
   __device__ __forceinline__ void stage_end(int, int) {}
+  __device__ __forceinline__ void mid() {}
+  __device__ __forceinline__ void down_begin() {}
+  __device__ __forceinline__ void att_begin(int, int, int, int, bool) {}
+  __device__ __forceinline__ void att_end(int, int, int, bool) {}
+  __device__ __forceinline__ void att_merge(int, int, bool) {}
   __device__ __forceinline__ void gemv(int st, int l, int r0, int cnt) {
     const Mat m = mat_of(a, st, l);
-    const unsigned rb = m.K / 2, sb = m.K / GS * 4, nr = m.pair ? 2 * cnt : cnt;
+    constexpr unsigned rb = H / 2, sb = H / GS * 4;
+    const unsigned nr = m.pair ? 2 * cnt : cnt;
     unsigned long long* bar;
     unsigned char* dst = acquire(nr * (rb + sb), bar);
     bulk_g2s(dst, m.w + (size_t)r0 * rb, cnt * rb, bar, pol);
@@ -304,14 +327,25 @@ struct Producer {
       bulk_g2s(dst + nr * rb + cnt * sb, reinterpret_cast<const unsigned char*>(m.s) + (size_t)(r0 + FF) * sb,
                cnt * sb, bar, pol);
   }
-  __device__ __forceinline__ void att_begin(int, int, int, int, int) {}
-  __device__ __forceinline__ void att_end(int, int, int, int, int) {}
   __device__ __forceinline__ void att_tile(int l, int hk, int t0, int n) {
     unsigned long long* bar;
     unsigned char* dst = acquire(2u * n * HD * 2, bar);
     const size_t off = ((size_t)(l * NKV + hk) * a.max_len + t0) * HD;
     bulk_g2s_plain(dst, a.kcache + off, n * HD * 2, bar);
     bulk_g2s_plain(dst + ATT_T * HD * 2, a.vcache + off, n * HD * 2, bar);
+  }
+  __device__ __forceinline__ void oproj(int l, int hk, int j) {  // 128 rows x 128 B codes, then 128 x 2 scales
+    unsigned long long* bar;
+    unsigned char* dst = acquire(OROWS * (128 + 8), bar);
+    const size_t row0 = (size_t)(l * NKV + hk) * H + j * OROWS;
+    bulk_g2s(dst, a.wo + row0 * 128, OROWS * 128, bar, pol);
+    bulk_g2s(dst + OROWS * 128, a.so + row0 * 2, OROWS * 8, bar, pol);
+  }
+  __device__ __forceinline__ void down(int l, int b, int t) {  // 1024 rows x 32 B codes, then 1024 scales
+    unsigned long long* bar;
+    unsigned char* dst = acquire(DROWS * (FCH / 2 + 4), bar);
+    bulk_g2s(dst, a.wd + ((size_t)(l * FSL + b) * H + t * DROWS) * (FCH / 2), DROWS * (FCH / 2), bar, pol);
+    bulk_g2s(dst + DROWS * (FCH / 2), a.sd + ((size_t)l * (FF / GS) + b / 2) * H + t * DROWS, DROWS * 4, bar, pol);
   }
 };
 
@@ -334,6 +368,17 @@ __device__ __forceinline__ float dot_seg(const unsigned char* w, const float* s,
   const float2 fa = __half22float2(pa), fb = __half22float2(pb);
   return sa * (fa.x + fa.y) + sb * (fb.x + fb.y);
 }
+// 32 codes (16 bytes) times 32 activations paired in xp[0..15]: the half2 sum widened to f32 (one group)
+__device__ __forceinline__ float dot32(const uint4 w, const unsigned* xp) {
+  const __half2 c0 = __float2half2_rn(1032.f), c1 = __float2half2_rn(-72.f);
+  __half2 acc = __float2half2_rn(0.f);
+  acc = ctc_gemv::dot8(w.x, xp + 0, c0, c1, acc);
+  acc = ctc_gemv::dot8(w.y, xp + 4, c0, c1, acc);
+  acc = ctc_gemv::dot8(w.z, xp + 8, c0, c1, acc);
+  acc = ctc_gemv::dot8(w.w, xp + 12, c0, c1, acc);
+  const float2 f = __half22float2(acc);
+  return f.x + f.y;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -344,6 +389,9 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
+}
+__device__ __forceinline__ void red_add(float* p, float v) {  // fire-and-forget f32 add at L2
+  asm volatile("red.relaxed.gpu.global.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
 }
 
 struct Consumer {
@@ -359,15 +407,18 @@ struct Consumer {
   __device__ __forceinline__ half* xs() const { return sm<half>(OFF_XS); }
   __device__ __forceinline__ float* sc() const { return sm<float>(OFF_SC); }
   __device__ __forceinline__ float* qs() const { return sm<float>(OFF_QS); }
-  __device__ __forceinline__ float* racc() const { return sm<float>(OFF_RACC); }
   __device__ __forceinline__ float* red16() const { return sm<float>(OFF_RED16); }
   __device__ __forceinline__ float* mls() const { return sm<float>(OFF_MLS); }
   __device__ __forceinline__ half* fresh() const { return sm<half>(OFF_FRESH); }
-  __device__ __forceinline__ float* xown() const { return sm<float>(OFF_XOWN); }
   __device__ __forceinline__ float* rope() const { return sm<float>(OFF_ROPE); }
+  __device__ __forceinline__ half* ovec() const { return sm<half>(OFF_OVEC); }
+  __device__ __forceinline__ half* hvec() const { return sm<half>(OFF_HVEC); }
+  // residual version k (k = 2 l: layer l's input; 2 l + 1: after its attention) lives in buffer k % 3
+  __device__ __forceinline__ float* xbuf(int k) const { return a.ws + WS_X + (k % 3) * H; }
 
-  __device__ __forceinline__ void stamp() {
-    if (trace != nullptr && tid == 0) trace[nst++] = gtime();
+  // trace: per stage (begin, ready = prologue done, mid, end); mid defaults to ready
+  __device__ __forceinline__ void stamp(int k) {
+    if (trace != nullptr && tid == 0) trace[1 + 4 * nst + k] = gtime();
   }
   __device__ __forceinline__ void prefetch_gamma(const half* g) {
     const uint2 u = *reinterpret_cast<const uint2*>(g + 4 * tid);
@@ -386,24 +437,34 @@ struct Consumer {
     if (lane == 0) mbar_arrive(empty_bar(t % NSLOT));
     ++t;
   }
-  __device__ __forceinline__ float* ws() const { return a.ws; }
 
-  // RMSNorm of the residual (f32 workspace, or the embedding row in layer 0) into xs as fp16
-  __device__ __forceinline__ void norm(bool from_emb) {
+  // RMSNorm of residual src (null: the embedding row) into xs as fp16.  Blocks b < 128 also carry their 16
+  // elements [16 b, 16 b + 16) of src into dst (the next residual version): a plain store in phase A (nothing
+  // else writes dst before the barrier), an atomic add in phase C (the down partials land in the same phase)
+  __device__ __forceinline__ void norm(const float* src, float* dst, bool atomic_carry, float* zero) {
     float v[4];
-    if (from_emb) {
+    if (src == nullptr) {
       const int tok = __ldg(a.token);
       const uint2 u = *reinterpret_cast<const uint2*>(a.emb + (size_t)tok * H + 4 * tid);
       const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
       const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
       v[0] = f0.x; v[1] = f0.y; v[2] = f1.x; v[3] = f1.y;
     } else {
-      const float4 f = __ldcg(reinterpret_cast<const float4*>(a.ws + WS_X) + tid);
+      const float4 f = __ldcg(reinterpret_cast<const float4*>(src) + tid);
       v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
     }
     float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
     ss = warp_sum(ss);
     if (lane == 0) red16()[warp] = ss;
+    if (dst != nullptr && (tid >> 2) == p.b) {
+      if (atomic_carry) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red_add(dst + 4 * tid + i, v[i]);
+      } else {
+        __stcg(reinterpret_cast<float4*>(dst) + tid, make_float4(v[0], v[1], v[2], v[3]));
+      }
+      if (zero != nullptr) __stcg(reinterpret_cast<float4*>(zero) + tid, make_float4(0.f, 0.f, 0.f, 0.f));
+    }
     cons_sync();
     float tot = 0.f;
 #pragma unroll
@@ -413,127 +474,44 @@ struct Consumer {
     for (int i = 0; i < 4; ++i) xs()[4 * tid + i] = __float2half_rn(gam[i] * (v[i] * rs));
     cons_sync();
   }
-  __device__ __forceinline__ void load_halves(const half* src, int n) {
-    for (int i = tid; i < n / 8; i += NCT)
-      reinterpret_cast<uint4*>(xs())[i] = __ldcg(reinterpret_cast<const uint4*>(src) + i);
-    cons_sync();
-  }
-  __device__ __forceinline__ void load_xp(int seg) {
+  __device__ __forceinline__ void load_xp() {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const uint4* q = reinterpret_cast<const uint4*>(xs() + seg * 2048 + 32 * (lane + 32 * j));
+      const uint4* q = reinterpret_cast<const uint4*>(xs() + 32 * (lane + 32 * j));
 #pragma unroll
       for (int c = 0; c < 4; ++c) ctc_gemv::pair_x(q[c], xp + 16 * j + 4 * c);
     }
-  }
-
-  // the next RMSNorm's weights into xs with cp.async (no registers held across the barrier that follows)
-  __device__ __forceinline__ void gamma_async(const half* g) {
-    if (!PDEC_WARP_PRO) return prefetch_gamma(g);
-    if (tid < H / 8) cp_async16(xs() + 8 * tid, g + 8 * tid);
-  }
-  // per warp, no block syncs: this lane's 2 x 32 activations (k = 32 (lane + 32 j) + i of segment seg) as pairs
-  __device__ __forceinline__ void halves_xp(const half* src, int seg) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const uint4* q = reinterpret_cast<const uint4*>(src + seg * 2048 + 32 * (lane + 32 * j));
-#pragma unroll
-      for (int c = 0; c < 4; ++c) ctc_gemv::pair_x(q[c], xp + 16 * j + 4 * c);
-    }
-  }
-  __device__ __forceinline__ void load8(bool emb, int k, float* v) const {
-    if (emb) {
-      const uint4 u = *reinterpret_cast<const uint4*>(a.emb + (size_t)__ldg(a.token) * H + k);
-      const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-        v[2 * i] = f.x; v[2 * i + 1] = f.y;
-      }
-    } else {  // plain loads: L1 shares them among the 16 warps; the barrier's acquire invalidated stale lines
-      const float4 f0 = *reinterpret_cast<const float4*>(a.ws + WS_X + k);
-      const float4 f1 = *reinterpret_cast<const float4*>(a.ws + WS_X + k + 4);
-      v[0] = f0.x; v[1] = f0.y; v[2] = f0.z; v[3] = f0.w; v[4] = f1.x; v[5] = f1.y; v[6] = f1.z; v[7] = f1.w;
-    }
-  }
-  // RMSNorm per warp: the warp's 32 lanes hold all 2048 values, so the sum of squares is a warp sum
-  __device__ __forceinline__ void norm_xp(bool emb) {
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float v[8];
-        load8(emb, 32 * (lane + 32 * j) + 8 * c, v);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
-      }
-    const float rs = rsqrtf(warp_sum(ss) / (float)H + a.eps);
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int k = 32 * (lane + 32 * j) + 8 * c;
-        float v[8];
-        load8(emb, k, v);
-        const uint4 gu = *reinterpret_cast<const uint4*>(xs() + k);
-        const unsigned gw[4] = {gu.x, gu.y, gu.z, gu.w};
-        unsigned o[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 g = __half22float2(*reinterpret_cast<const __half2*>(&gw[i]));
-          const __half2 y = __floats2half2_rn(g.x * (v[2 * i] * rs), g.y * (v[2 * i + 1] * rs));
-          o[i] = *reinterpret_cast<const unsigned*>(&y);
-        }
-        ctc_gemv::pair_x(make_uint4(o[0], o[1], o[2], o[3]), xp + 16 * j + 4 * c);
-      }
   }
 
   __device__ __forceinline__ void stage(int st, int l) {
-    stamp();
-    if (compute && PDEC_WARP_PRO) {
-      if (st == 0 || st == 3 || st == 5) norm_xp(st == 0 && l == 0);
-      else if (st == 2) halves_xp(reinterpret_cast<const half*>(a.ws + WS_ATTN), 0);
-      else if (st == 4) halves_xp(reinterpret_cast<const half*>(a.ws + WS_H), warp & 3);
-    } else if (compute) {
-      if (st == 0) norm(l == 0);
-      else if (st == 2) load_halves(reinterpret_cast<const half*>(a.ws + WS_ATTN), H);
-      else if (st == 3) norm(false);
-      else if (st == 4) load_halves(reinterpret_cast<const half*>(a.ws + WS_H), FF);
-      else if (st == 5) norm(false);
-      if (st != 1) load_xp(st == 4 ? (warp & 3) : 0);
+    stamp(0);
+    if (compute) {
+      if (st == 0) norm(l == 0 ? nullptr : xbuf(2 * l), xbuf(2 * l + 1), false, xbuf(2 * l + 2));
+      else if (st == 2) norm(xbuf(2 * l + 1), xbuf(2 * l + 2), true, nullptr);
+      else if (st == 3) norm(xbuf(2 * p.layers), nullptr, false, nullptr);
+      if (st != 1) load_xp();
     }
-    stamp();
+    stamp(1);
+    stamp(2);
   }
+  __device__ __forceinline__ void mid() { stamp(2); }
 
   __device__ __forceinline__ void stage_end(int st, int l) {
-    if (compute && st == 4) {  // down: the 4 segment sums of each row, + residual (the block's own rows)
-      cons_sync();
-      const int2 rr = part(H, p.b, p.G);
-      for (int i = tid; i < rr.y - rr.x; i += NCT) {
-        const float y = xown()[i] + (racc()[4 * i] + racc()[4 * i + 1] + racc()[4 * i + 2] + racc()[4 * i + 3]);
-        xown()[i] = y;
-        a.ws[WS_X + rr.x + i] = y;
-      }
-    }
-    if (compute && st == 2) gamma_async(a.mlp_norm + (size_t)l * H);
-    if (compute && st == 4) gamma_async(l + 1 < p.layers ? a.attn_norm + (size_t)(l + 1) * H : a.final_norm);
-    stamp();
-    if (st == 5) return;  // the step's last stage: no barrier
+    if (compute && st == 1) prefetch_gamma(a.mlp_norm + (size_t)l * H);
+    if (compute && st == 2) prefetch_gamma(l + 1 < p.layers ? a.attn_norm + (size_t)(l + 1) * H : a.final_norm);
+    stamp(3);
+    ++nst;
+    if (st == 3) return;  // the step's last stage: no barrier
     ++nbar;
-    if (barriers) {
-      grid_barrier(ctl, nbar * (unsigned)p.G);
-    } else if (compute && PDEC_WARP_PRO && (st == 2 || st == 4)) {
-      cp_async_wait_all();
-      cons_sync();
-    }
+    if (barriers) grid_barrier(ctl, nbar * (unsigned)p.G);
   }
 
+  // K-2048 rows from a 34 KB tile: q|k|v (st 0), gate|up pairs -> SwiGLU (3), LM head (5)
   __device__ __forceinline__ void gemv(int st, int l, int r0, int cnt) {
     const unsigned char* slot = wait_tile();
     if (compute) {
-      const Mat m = mat_of(a, st, l);
-      const int rb = m.K / 2, ng = m.K / GS, nr = m.pair ? 2 * cnt : cnt;
+      constexpr int rb = H / 2, ng = H / GS;
+      const int nr = st == 3 ? 2 * cnt : cnt;
       const float* sc0 = reinterpret_cast<const float*>(slot + (size_t)nr * rb);
       if (st == 3) {  // gate|up pairs: warp w takes pair w
         if (warp < cnt) {
@@ -542,80 +520,55 @@ struct Consumer {
           g = warp_sum(g);
           u = warp_sum(u);
           if (lane == 0) {
-            const float h = g / (1.f + expf(-g)) * u;
-            reinterpret_cast<half*>(a.ws + WS_H)[r0 + warp] = __float2half_rn(h);
+            const half h = __float2half_rn(g / (1.f + expf(-g)) * u);
+            hvec()[r0 - p.b * FCH + warp] = h;
+            reinterpret_cast<half*>(a.ws + WS_H)[r0 + warp] = h;  // kept for checking only
           }
         }
-      } else if (st == 4) {  // down, K 8192: warp w takes segment w % 4 of rows w / 4 and w / 4 + 4
-        const int seg = warp & 3, i0 = warp >> 2;
-        const int2 rr = part(H, p.b, p.G);
-        float y0 = 0.f, y1 = 0.f;
-        if (i0 < cnt) y0 = dot_seg(slot + (size_t)i0 * rb + seg * 1024, sc0 + i0 * ng + seg * 16, xp, lane);
-        if (i0 + 4 < cnt)
-          y1 = dot_seg(slot + (size_t)(i0 + 4) * rb + seg * 1024, sc0 + (i0 + 4) * ng + seg * 16, xp, lane);
-        y0 = warp_sum(y0);
-        y1 = warp_sum(y1);
-        if (lane == 0) {
-          if (i0 < cnt) racc()[4 * (r0 - rr.x + i0) + seg] = y0;
-          if (i0 + 4 < cnt) racc()[4 * (r0 - rr.x + i0 + 4) + seg] = y1;
-        }
-      } else {  // K 2048, one output per row: warp w takes rows w and w + 16
+      } else {  // one output per row: warp w takes rows w and w + 16
         float y0 = 0.f, y1 = 0.f;
         if (warp < cnt) y0 = dot_seg(slot + (size_t)warp * rb, sc0 + warp * ng, xp, lane);
         if (warp + 16 < cnt) y1 = dot_seg(slot + (size_t)(warp + 16) * rb, sc0 + (warp + 16) * ng, xp, lane);
         y0 = warp_sum(y0);
         y1 = warp_sum(y1);
         if (lane == 0) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int i = warp + 16 * j;
-            if (i >= cnt) break;
-            const float y = j ? y1 : y0;
-            const int n = r0 + i;
-            if (st == 0) {
-              a.ws[WS_QKV + n] = y;
-            } else if (st == 2) {  // + residual: the embedding row in layer 0, else the block's own x rows
-              const int io = n - part(H, p.b, p.G).x;
-              const float res = l == 0 ? __half2float(a.emb[(size_t)__ldg(a.token) * H + n]) : xown()[io];
-              xown()[io] = res + y;
-              a.ws[WS_X + n] = res + y;
-            } else {
-              a.logits[n] = y;
-            }
-          }
+          float* out = st == 0 ? a.ws + WS_QKV : a.logits;
+          if (warp < cnt) out[r0 + warp] = y0;
+          if (warp + 16 < cnt) out[r0 + warp + 16] = y1;
         }
       }
     }
     release_tile();
   }
 
-  // ---- attention over one chunk of cache positions for the 4 query heads of kv head hk
-  __device__ __forceinline__ void att_begin(int l, int hk, int c, int c0, int c1) {
+  // ---- attention over positions [c0, c1) for the 4 query heads of kv head hk
+  __device__ __forceinline__ void att_begin(int l, int hk, int c0, int c1, bool write) {
     if (!compute) return;
     const float* qkv = a.ws + WS_QKV;
     const int pos = p.pos;
+    const bool with_new = c1 == pos + 1;
     if (tid < 4 * HD) {
       const int h = tid >> 6, d = tid & 63, base = (4 * hk + h) * HD;
       const float q = __ldcg(qkv + base + d), qp = __ldcg(qkv + base + (d ^ 32));
       const float cs = rope()[d & 31], sn = rope()[32 + (d & 31)];
       qs()[h * HD + d] = (d < 32 ? q * cs - qp * sn : q * cs + qp * sn) * (0.125f * LOG2E);
-    } else if (c1 == pos + 1 && tid < 5 * HD) {  // the new key: RoPE, fp16, into the cache
+    } else if (with_new && tid < 5 * HD) {  // the new key: RoPE, fp16, into the cache
       const int d = tid - 4 * HD, base = NQ * HD + hk * HD;
       const float k = __ldcg(qkv + base + d), kp = __ldcg(qkv + base + (d ^ 32));
       const float cs = rope()[d & 31], sn = rope()[32 + (d & 31)];
       const half kh = __float2half_rn(d < 32 ? k * cs - kp * sn : k * cs + kp * sn);
       fresh()[d] = kh;
-      a.kcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = kh;
-    } else if (c1 == pos + 1 && tid < 6 * HD) {  // the new value
+      if (write) a.kcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = kh;
+    } else if (with_new && tid < 6 * HD) {  // the new value
       const int d = tid - 5 * HD;
       const half vh = __float2half_rn(__ldcg(qkv + (NQ + NKV) * HD + hk * HD + d));
       fresh()[HD + d] = vh;
-      a.vcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = vh;
+      if (write) a.vcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = vh;
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
     cons_sync();
-    if (c1 == pos + 1) {  // start the online softmax from the new row (score, weight 1, its value in warp 0)
+    if (with_new) {  // start the online softmax from the new row (score, weight 1, its value in warp 0)
       const float2 kf = __half22float2(reinterpret_cast<const __half2*>(fresh())[lane]);
       const float2 vf = __half22float2(reinterpret_cast<const __half2*>(fresh() + HD)[lane]);
 #pragma unroll
@@ -630,7 +583,6 @@ struct Consumer {
     }
     cons_sync();
   }
-
   // n positions: K rows at kp, V rows at vp (64 halves each), online softmax into mls / acc
   __device__ __forceinline__ void att_rows(const half* kp, const half* vp, int n) {
     const int pp = tid >> 2, qt = tid & 3;
@@ -707,7 +659,10 @@ struct Consumer {
     release_tile();
   }
 
-  __device__ __forceinline__ void att_end(int l, int hk, int c, int c0, int c1) {
+
+  // the 4 heads' sums over the 16 warps: redundant (one chunk) -> normalized outputs into ovec; chunked ->
+  // (max, sum, 64 sums) per query head into the workspace, then a release on the kv head's counter
+  __device__ __forceinline__ void att_end(int l, int hk, int c, bool write_attn) {
     if (!compute) return;
     float* red = reinterpret_cast<float*>(xs());  // [16 warps][4 heads][64]
 #pragma unroll
@@ -716,55 +671,120 @@ struct Consumer {
       red[(warp * 4 + h) * HD + 2 * lane + 1] = acc[2 * h + 1];
     }
     cons_sync();
-    if (p.C == 1) {  // the only chunk: normalize and write the heads' outputs, no merge
-      if (tid < 4 * HD) {
-        const int h = tid >> 6, d = tid & 63;
-        float o = 0.f;
-#pragma unroll
-        for (int g = 0; g < NCW; ++g) o += red[(g * 4 + h) * HD + d];
-        reinterpret_cast<half*>(a.ws + WS_ATTN)[(4 * hk + h) * HD + d] = __float2half_rn(o / mls()[4 + h]);
-      }
-      return;
-    }
     if (tid < 4 * HD) {
       const int h = tid >> 6, d = tid & 63;
       float o = 0.f;
 #pragma unroll
       for (int g = 0; g < NCW; ++g) o += red[(g * 4 + h) * HD + d];
-      float* P = a.ws + WS_PART + ((4 * hk + h) * CMAX + c) * 66;
-      P[2 + d] = o;
-      if (d == 0) { P[0] = mls()[h]; P[1] = mls()[4 + h]; }
-    }
-    cons_sync();  // the partials before thread 0's release (cumulative), as in the grid barrier
-    unsigned* flag = reinterpret_cast<unsigned*>(mls() + 12);
-    if (tid == 0) {
-      if (PDEC_BAR_FENCE) __threadfence();
-      const unsigned old = atom_add_acq_rel(ctl + CTL_HEAD + hk, 1u);
-      const bool last = old == (unsigned)p.C - 1;
-      if (last) atomicExch(ctl + CTL_HEAD + hk, 0u);
-      *flag = last;
-    }
-    cons_sync();
-    if (*flag) {  // the last chunk of this kv head to finish merges all of them (acquired by thread 0's atomic)
-      if (tid < 4 * HD) {
-        const int h = tid >> 6, d = tid & 63;
-        const float* P = a.ws + WS_PART + (4 * hk + h) * CMAX * 66;
-        float M = -INFINITY;
-        for (int cc = 0; cc < p.C; ++cc) M = fmaxf(M, __ldcg(P + cc * 66));
-        float L = 0.f, O = 0.f;
-        for (int cc = 0; cc < p.C; ++cc) {
-          const float e = exp2f(__ldcg(P + cc * 66) - M);
-          L = fmaf(__ldcg(P + cc * 66 + 1), e, L);
-          O = fmaf(__ldcg(P + cc * 66 + 2 + d), e, O);
-        }
-        reinterpret_cast<half*>(a.ws + WS_ATTN)[(4 * hk + h) * HD + d] = __float2half_rn(O / L);
+      if (p.C == 1) {
+        const half oh = __float2half_rn(o / mls()[4 + h]);
+        ovec()[tid] = oh;
+        if (write_attn) reinterpret_cast<half*>(a.ws + WS_ATTN)[hk * 4 * HD + tid] = oh;  // for checking only
+      } else {
+        float* P = a.ws + WS_PART + ((4 * hk + h) * CMAX + c) * 66;
+        P[2 + d] = o;
+        if (d == 0) { P[0] = mls()[h]; P[1] = mls()[4 + h]; }
       }
     }
+    if (p.C > 1) {
+      cons_sync();  // the partials before thread 0's release (cumulative, as in the grid barrier)
+      if (tid == 0) red_release_add(ctl + CTL_HEAD + hk, 1u);
+    }
+  }
+
+  // chunked attention: wait until the kv head's C chunks are published (a monotone counter: C a layer), then
+  // every block of the head merges them itself into ovec
+  __device__ __forceinline__ void att_merge(int l, int hk, bool write_attn) {
+    if (!compute) return;
+    if (tid == 0 && barriers) {
+      const unsigned target = (unsigned)p.C * (unsigned)(l + 1);
+      if (ld_acquire(ctl + CTL_HEAD + hk) < target) {
+        const unsigned long long t0 = gtime();
+        for (unsigned i = 1; ld_acquire(ctl + CTL_HEAD + hk) < target; ++i) {
+          if ((i & 63u) == 0) {
+            if (*(volatile unsigned*)(ctl + CTL_ABORT)) break;
+            if (gtime() - t0 > TIMEOUT_NS) { atomicExch(ctl + CTL_ABORT, 3u); break; }
+          }
+        }
+      }
+    }
+    cons_sync();
+    if (tid < 4 * HD) {
+      const int h = tid >> 6, d = tid & 63;
+      const float* P = a.ws + WS_PART + (4 * hk + h) * CMAX * 66;
+      float M = -INFINITY;
+      for (int cc = 0; cc < p.C; ++cc) M = fmaxf(M, __ldcg(P + cc * 66));
+      float L = 0.f, O = 0.f;
+      for (int cc = 0; cc < p.C; ++cc) {
+        const float e = exp2f(__ldcg(P + cc * 66) - M);
+        L = fmaf(__ldcg(P + cc * 66 + 1), e, L);
+        O = fmaf(__ldcg(P + cc * 66 + 2 + d), e, O);
+      }
+      const half oh = __float2half_rn(O / L);
+      ovec()[tid] = oh;
+      if (write_attn) reinterpret_cast<half*>(a.ws + WS_ATTN)[hk * 4 * HD + tid] = oh;
+    }
+  }
+
+  // W_o rows [128 j, 128 j + 128) x the kv head's 256 columns (2 groups) times ovec, added into the residual
+  // (version 2 l + 1; its base, version 2 l, was stored there in phase A).  8 lanes a row: lane q = lane % 8
+  // takes columns [32 q, 32 q + 32), in group q / 4; 4 rows a warp, 2 passes.
+  __device__ __forceinline__ void oproj(int l, int hk, int j) {
+    const int q = lane & 7;
+    if (compute) {
+      cons_sync();  // ovec complete
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        ctc_gemv::pair_x(*reinterpret_cast<const uint4*>(ovec() + 32 * q + 8 * c), xp + 4 * c);
+    }
+    const unsigned char* slot = wait_tile();
+    if (compute) {
+      float* xo = xbuf(2 * l + 1) + j * OROWS;
+      const float* scl = reinterpret_cast<const float*>(slot + OROWS * 128);
+#pragma unroll
+      for (int pass = 0; pass < OROWS / 64; ++pass) {
+        const int r = pass * 64 + warp * 4 + (lane >> 3);
+        float y = scl[2 * r + (q >> 2)] * dot32(reinterpret_cast<const uint4*>(slot + r * 128)[q], xp);
+        y += __shfl_xor_sync(0xffffffffu, y, 1);
+        y += __shfl_xor_sync(0xffffffffu, y, 2);
+        y += __shfl_xor_sync(0xffffffffu, y, 4);
+        if (q == 0) red_add(xo + r, y);
+      }
+    }
+    release_tile();
+  }
+
+  // the block's 64 SwiGLU outputs as pairs: lane parity hp takes channels [32 hp, 32 hp + 32) of the slice
+  __device__ __forceinline__ void down_begin() {
+    if (!compute) return;
+    cons_sync();  // hvec complete
+    const int hp = lane & 1;
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      ctc_gemv::pair_x(*reinterpret_cast<const uint4*>(hvec() + 32 * hp + 8 * c), xp + 4 * c);
+  }
+  // W_down rows [1024 t, 1024 t + 1024) x the block's 64 columns, added into the residual (version 2 l + 2):
+  // 2 lanes a row, 16 rows a warp, 4 passes
+  __device__ __forceinline__ void down(int l, int, int t) {
+    const unsigned char* slot = wait_tile();
+    if (compute) {
+      float* xo = xbuf(2 * l + 2) + t * DROWS;
+      const float* scl = reinterpret_cast<const float*>(slot + DROWS * (FCH / 2));
+      const int hp = lane & 1;
+#pragma unroll
+      for (int pass = 0; pass < DROWS / 256; ++pass) {
+        const int r = pass * 256 + warp * 16 + (lane >> 1);
+        float y = dot32(reinterpret_cast<const uint4*>(slot + r * (FCH / 2))[hp], xp);
+        y += __shfl_xor_sync(0xffffffffu, y, 1);
+        if (hp == 0) red_add(xo + r, y * scl[r]);
+      }
+    }
+    release_tile();
   }
 };
 
 __device__ __forceinline__ int attn_chunks(int pos, int G, int span) {
-  if (span <= 0) {  // H200: one chunk (no merge) won at 129 positions, 16 chunks of 65 at 1025 (4 of 257: slower)
+  if (span <= 0) {  // one chunk (computed by each of the kv head's 16 blocks) up to 256 positions, else 64 a chunk
     if (pos + 1 <= 256) return 1;
     span = 64;
   }
@@ -795,25 +815,26 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
   cs.compute = (a.mode & 2) == 0;
   cs.barriers = (a.mode & 1) == 0;
   cs.trace = a.trace == nullptr ? nullptr : a.trace + (size_t)p.b * TRACE_STRIDE;
-  cs.stamp();
+  if (cs.trace != nullptr && threadIdx.x == 0) cs.trace[0] = gtime();
   if (threadIdx.x < 32) {  // RoPE at this position (the same f32 angle as the reference: pos * inv_freq)
     float sn, c;
     sincosf((float)p.pos * a.inv_freq[threadIdx.x], &sn, &c);
     cs.rope()[threadIdx.x] = c;
     cs.rope()[32 + threadIdx.x] = sn;
   }
-  cs.gamma_async(a.attn_norm);
-  cp_async_wait_all();
+  cs.prefetch_gamma(a.attn_norm);
   cons_sync();
   walk(cs, p);
-  if (threadIdx.x == 0) {  // the last block out resets the barrier counter for the next launch
+  if (threadIdx.x == 0) {  // the last block out resets the counters for the next launch
     __threadfence();
     if (atomicAdd(ctl + CTL_EXIT, 1u) == (unsigned)p.G - 1) {
       atomicExch(ctl + CTL_BAR, 0u);
+      for (int i = 0; i < NKV; ++i) atomicExch(ctl + CTL_HEAD + i, 0u);
       atomicExch(ctl + CTL_EXIT, 0u);
     }
   }
 }
+
 
 // nb grid barriers and nothing else, same launch shape: what one barrier costs
 __global__ void __launch_bounds__(NT, 1) barrier_bench(float* ws, int nb) {
@@ -861,7 +882,8 @@ extern "C" int ctc_pdec_config(int* grid, int* smem, int* threads) {
   *grid = sms * (per < 1 ? 0 : 1);
   *smem = ctc_pdec::SMEM;
   *threads = ctc_pdec::NT;
-  return per < 1 ? -1 : 0;
+  if (per < 1) return -1;
+  return sms < ctc_pdec::NOB ? -2 : 0;  // phases B and C need 128 co-resident blocks
 }
 
 extern "C" int ctc_pdec_launch(const ctc_pdec::Args* a, int grid, int coop, void* stream) {
@@ -960,6 +982,19 @@ def rtn_int4(w: Any, group: int = 128) -> tuple[Any, Any]:
     return u[:, 0::2] | (u[:, 1::2] << 4), scale
 
 
+def pack_o_down(wo: Any, so: Any, wd: Any, sd: Any) -> tuple[Any, Any, Any, Any]:
+    """The kernel's layouts of W_o and W_down (from ctc's ``[L, N, K/2]`` codes, ``[L, N, K/128]`` scales): W_o
+    ``[L, 8, 2048, 128]`` (kv head hk's 256 columns, two whole groups, per row) with scales ``[L, 8, 2048, 2]``, so
+    that phase B's tile (kv head, 128-row slice) is contiguous; W_down ``[L, 128, 2048, 32]`` (64-channel slices of
+    the K axis) with scales transposed ``[L, 64, 2048]`` (slice j reads group j // 2)."""
+    n_l, h = wo.shape[0], wo.shape[1]
+    wo_p = wo.reshape(n_l, h, 8, 128).permute(0, 2, 1, 3).contiguous()
+    so_p = so.reshape(n_l, h, 8, 2).permute(0, 2, 1, 3).contiguous()
+    wd_p = wd.reshape(n_l, h, 128, 32).permute(0, 2, 1, 3).contiguous()
+    sd_p = sd.permute(0, 2, 1).contiguous()
+    return wo_p, so_p, wd_p, sd_p
+
+
 def dequant_int4(packed: Any, scale: Any, group: int = 128) -> Any:
     """``float32 [N, K]`` from :func:`rtn_int4`'s storage."""
     import torch
@@ -1025,8 +1060,9 @@ class PersistentDecoder:
     ``weights``: ``wqkv [L, 3072, 1024]``, ``sqkv [L, 3072, 16]``, ``wo``/``so``, ``wgu [L, 2F, 1024]`` (gate rows
     then up rows), ``sgu``, ``wd [L, 2048, 4096]``, ``sd [L, 2048, 64]`` (uint8 / float32, :func:`rtn_int4`),
     ``attn_norm``/``mlp_norm [L, 2048]``, ``final_norm``, ``emb [V, 2048]`` (float16), ``whead``/``shead`` (the
-    int4 LM head), ``inv_freq [32]`` (float32).  Caches ``[L, kv_heads, max_len, 64]`` float16, updated in place
-    at ``pos`` by every step."""
+    int4 LM head), ``inv_freq [32]`` (float32); W_o and W_down are repacked here (:func:`pack_o_down`).  Caches
+    ``[L, kv_heads, max_len, 64]`` float16, updated in place at ``pos`` by every step.  Needs at least 128
+    co-resident blocks (one per multiprocessor)."""
 
     FIELDS = ("wqkv", "sqkv", "wo", "so", "wgu", "sgu", "wd", "sd", "attn_norm", "mlp_norm", "final_norm", "emb",
               "whead", "shead", "kcache", "vcache", "inv_freq")
@@ -1039,12 +1075,14 @@ class PersistentDecoder:
         grid, smem, threads = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         rc = self.lib.ctc_pdec_config(ctypes.byref(grid), ctypes.byref(smem), ctypes.byref(threads))
         if rc != 0:
-            raise RuntimeError(f"ctc_pdec_config: {rc} {self.lib.ctc_pdec_error().decode()}")
+            why = "fewer than 128 multiprocessors" if rc == -2 else self.lib.ctc_pdec_error().decode()
+            raise RuntimeError(f"ctc_pdec_config: {rc} {why}")
         self.grid, self.smem, self.threads = grid.value, smem.value, threads.value
         if self.lib.ctc_pdec_ws_floats() != WS_FLOATS:
             raise RuntimeError("workspace size of the library and of this module differ")
         dev = kcache.device
-        self.tensors = {**weights, "kcache": kcache, "vcache": vcache}
+        wo, so, wd, sd = pack_o_down(weights["wo"], weights["so"], weights["wd"], weights["sd"])
+        self.tensors = {**weights, "wo": wo, "so": so, "wd": wd, "sd": sd, "kcache": kcache, "vcache": vcache}
         self.ws = torch.zeros(WS_FLOATS, dtype=torch.float32, device=dev)
         self.logits = torch.empty(weights["emb"].shape[0], dtype=torch.float32, device=dev)
         self.token = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -1100,10 +1138,12 @@ class PersistentDecoder:
         return flag
 
     def intermediates(self) -> dict[str, Any]:
-        """The last layer's q|k|v (f32, before RoPE), attention output, SwiGLU output (fp16) and residual (f32)."""
+        """The last layer's q|k|v (f32, before RoPE), attention output, SwiGLU output (fp16) and residual (f32:
+        version 2 L of the three rotating buffers)."""
         import torch
 
-        ws = self.ws
-        return {"x": ws[:2048].clone(), "qkv": ws[2048:5120].clone(),
-                "attn": ws[5120 + 32 * CMAX * 66:][:1024].view(torch.float16).float().clone(),
-                "h": ws[5120 + 32 * CMAX * 66 + 1024:][:4096].view(torch.float16).float().clone()}
+        ws, x0 = self.ws, 2048 * ((2 * self.args.layers) % 3)
+        attn = 3 * 2048 + 3072 + 32 * CMAX * 66
+        return {"x": ws[x0:x0 + 2048].clone(), "qkv": ws[3 * 2048:3 * 2048 + 3072].clone(),
+                "attn": ws[attn:attn + 1024].view(torch.float16).float().clone(),
+                "h": ws[attn + 1024:attn + 1024 + 4096].view(torch.float16).float().clone()}
