@@ -625,16 +625,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ctc {args.command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         except Terminated:
-            print("terminated (SIGTERM); nothing was written", file=sys.stderr)
-            return 128 + signal.SIGTERM
+            return _interrupted(signal.SIGTERM)
         except KeyboardInterrupt:
-            print("interrupted; nothing was written", file=sys.stderr)
-            return 130
+            return _interrupted(signal.SIGINT)
         except ModelError as e:
             print(str(e) if e.diagnostic is not None else f"ctc {args.command}: model error: {e}", file=sys.stderr)
             print("model error; nothing was written", file=sys.stderr)
             return EXIT_MODEL
         except Exception as e:
+            if _SIGNALLED:  # a library turned the interrupt into its own error (TVM's FFI: a RuntimeError)
+                return _interrupted(_SIGNALLED[-1])
             from ctc.passes.manager import PipelineError
 
             if isinstance(e, PipelineError):  # a pass failed: its message names the pass and recipe line
@@ -648,10 +648,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERNAL
 
 
+_SIGNALLED: list[int] = []  # SIGINT / SIGTERM received while the current command runs
+
+
+def _interrupted(signum: int) -> int:
+    """The message and exit code of a command stopped by ``signum`` (its clean-up has run)."""
+    if signum == signal.SIGTERM:
+        print("terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("interrupted; nothing was written", file=sys.stderr)
+    return 130
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """While a command runs, SIGTERM raises :class:`~ctc.errors.Terminated` (a KeyboardInterrupt) so
-    that temporary files are removed and worker processes stopped exactly as on Ctrl-C."""
+    that temporary files are removed and worker processes stopped exactly as on Ctrl-C.  Both signals are
+    recorded in ``_SIGNALLED``: a library that catches the KeyboardInterrupt in its own callback and raises
+    its own error instead (TVM's FFI does, during a build) still ends the command as interrupted."""
     import threading
 
     from ctc.errors import Terminated
@@ -661,13 +675,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def raise_terminated(signum: int, frame: Any) -> None:
+        _SIGNALLED.append(signum)
         raise Terminated()
 
+    def raise_interrupted(signum: int, frame: Any) -> None:
+        _SIGNALLED.append(signum)
+        raise KeyboardInterrupt()
+
+    _SIGNALLED.clear()
     previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # Ctrl-C ignored (a background job) stays ignored
+        signal.signal(signal.SIGINT, raise_interrupted)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":

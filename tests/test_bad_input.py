@@ -1,6 +1,7 @@
-"""Running an artifact on bad inputs: a clear UsageError (CLI exit 2) naming the input and the fix, before
-any backend runs them; never a traceback from deep inside an op, and never a compiled library reading past
-its embedding or position table."""
+"""Bad input to the command line and to ``ctc.load(dir).run``: a clear UsageError (CLI exit 2) naming the
+input and the fix, before any backend runs; never a traceback from deep inside an op, never a compiled
+library reading past its embedding, position or cache table, never a file ctc did not write overwritten,
+and an interrupted command says so."""
 
 from __future__ import annotations
 
@@ -249,3 +250,30 @@ def test_cli_counts_are_taken_as_given_or_refused(art_dir: Path, cmd: str, flags
     assert main([cmd, str(art_dir), *flags, "-q"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.parametrize("signum,rc,message", [(2, 130, "interrupted; nothing was written"),
+                                               (15, 143, "terminated (SIGTERM); nothing was written")])
+def test_an_interrupt_inside_a_library_that_swallows_it_still_reads_as_an_interrupt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: int, rc: int,
+        message: str) -> None:
+    """TVM's FFI turns a KeyboardInterrupt raised in one of its Python callbacks (Ctrl-C during a build) into a
+    RuntimeError: `ctc compile` reported an internal error with a traceback instead of the interruption."""
+    import os
+
+    import ctc.driver
+
+    def build_in_a_library(*args: Any, **kwargs: Any) -> None:
+        try:
+            os.kill(os.getpid(), signum)
+            for _ in range(10_000_000):  # the handler runs between bytecodes
+                pass
+        except KeyboardInterrupt:
+            raise RuntimeError("") from None  # what tvm_ffi raises
+
+    monkeypatch.setattr(ctc.driver, "compile_recipe", build_in_a_library)
+    (tmp_path / "r.ctc").write_text('model bundled "minilm"\npipeline {\n    dce\n}\n')
+    assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(tmp_path / "out"), "-q"]) == rc
+    err = capsys.readouterr().err
+    assert message in err and "internal error" not in err and "Traceback" not in err, err
