@@ -452,6 +452,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to not in EXPORTS:
         raise UsageError(f"--to {args.to}: unknown format{did_you_mean(args.to, EXPORTS)} "
                          f"(formats: {', '.join(EXPORTS)})")
+    if args.seq_len < 1:
+        raise UsageError(f"--seq-len must be >= 1 (tokens of the example batch the check runs), got {args.seq_len}")
+    out = Path(args.out) if args.out else Path(str(Path(args.artifact)).rstrip("/") + f"-{args.to}")
+    from ctc.output_dir import check_not_inside_artifact
+
+    check_not_inside_artifact(out, flag="--out")
     line = f"emit {args.to} " + " ".join(args.options)
     try:  # the options are read exactly as a recipe's `emit FORMAT key=value` line
         emit = parse(line + "\n", "<--set>").exports[0]
@@ -464,7 +470,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     art = _load_artifact(args.artifact)
     from ctc.exports.source import from_artifact, write_export
 
-    out = Path(args.out) if args.out else Path(str(Path(args.artifact)).rstrip("/") + f"-{args.to}")
     source = from_artifact(art, seq_len=args.seq_len)
     dest, summary = write_export(args.to, source, out, options, force=args.force,
                                  protected=[("the artifact", Path(args.artifact))])

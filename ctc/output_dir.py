@@ -250,10 +250,24 @@ def check_output_folder(path: str | Path, *, flag: str) -> Path:
     return p
 
 
+def check_not_inside_artifact(path: str | Path, *, flag: str) -> None:
+    """Refuse a directory ``path`` that ctc is asked to write (``ctc export --out``) when a folder above it is
+    an artifact: the artifact would then hold files its manifest does not list (``path`` itself may be a
+    directory ctc wrote: replacing it is :func:`check_destination`'s business)."""
+    folder = _real(Path(path)).parent
+    while not folder.exists():
+        folder = folder.parent
+    _refuse_inside_artifact(Path(path), folder, flag)
+
+
 def _check_writable_outside_artifacts(p: Path, folder: Path, flag: str) -> None:
     """``folder`` (resolved, existing), where ``p`` will be written, is writable and not inside an artifact."""
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputDirError(f"{flag} {p}: {folder} is not writable (permission denied)")
+    _refuse_inside_artifact(p, folder, flag)
+
+
+def _refuse_inside_artifact(p: Path, folder: Path, flag: str) -> None:
     artifact = _inside_artifact(folder)
     if artifact is not None:
         raise OutputDirError(f"{flag} {p}: is inside the artifact {artifact}; writing there would change it (its "

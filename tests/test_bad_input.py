@@ -210,6 +210,7 @@ def test_output_files_never_replace_what_ctc_did_not_write(art_dir: Path, tmp_pa
         (["analyze", str(art_dir), "--html", str(mine)], "ctc did not write it"),
         (["eval", str(art_dir), "--write-lm-eval-task", str(mine)], "is a file"),
         (["eval", str(art_dir), "--write-lm-eval-task", str(art_dir)], "inside the artifact"),
+        (["export", str(art_dir), "--to", "hf", "--out", str(art_dir / "hf")], "inside the artifact"),  # was written
     ]
     for argv, message in cases:
         rc = main([*argv, "-q"])
@@ -241,6 +242,7 @@ BAD_COUNTS = [
     ("run", ["--text", "hi", "--top", "0"], "--top must be >= 1"),  # printed an empty list
     ("run", ["--text", "hi", "--top", "-2"], "--top must be >= 1"),  # was a traceback from torch.topk
     ("analyze", ["--target", "fpga", "--dim", "nosuch=3"], "--dim nosuch: the model has no input dim"),  # ignored
+    ("export", ["--to", "hf", "--seq-len", "0"], "--seq-len must be >= 1"),  # was a traceback from transformers
 ]
 
 
