@@ -96,7 +96,9 @@ def check_shape(spec: InputSpec, shape: Sequence[int], sizes: dict[str, tuple[in
             if spec.static_dims:
                 built = ", ".join(f"{k}={v}" for k, v in spec.static_dims)
                 raise UsageError(f"this library was built for fixed shapes ({built}): input {spec.name!r} axis "
-                                 f"{axis} must be {want}, got {shape[axis]}")
+                                 f"{axis} must be {want}, got {shape[axis]}; give inputs of exactly that size (token "
+                                 "ids padded together with their attention mask), or build the target without "
+                                 "fixing it (no seq_len=/batch= on the target line, no trials=)")
             raise UsageError(f"input {spec.name!r} axis {axis} must be {want}, got {shape[axis]}")
     for axis, sym in spec.symbols:
         seen = sizes.setdefault(sym, (shape[axis], spec.name))
