@@ -158,6 +158,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     task = str(art.module.meta.get("task", "unknown"))
     if docs is not None and not human:
         raise UsageError("--docs applies to --human-similarity (how many Lee documents it correlates)")
+    if target is not None and not human:
+        raise UsageError(f"--target applies to --human-similarity; fidelity and perplexity are measured on the IR "
+                         f"(the compile measured the {target} library against the IR: `ctc show`), so leave "
+                         "--target out or add --human-similarity")
     if docs is not None and not 3 <= docs <= LEE_DOCS:
         raise UsageError(f"--docs must be 3 to {LEE_DOCS} (the Lee corpus has {LEE_DOCS} documents), got {docs}")
     if human and task != TASK_ENCODER:

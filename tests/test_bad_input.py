@@ -239,6 +239,7 @@ BAD_COUNTS = [
     ("eval", ["--human-similarity", "--docs", "2"], "--docs must be 3 to 50"),  # was clamped to 3
     ("eval", ["--human-similarity", "--docs", "51"], "--docs must be 3 to 50"),  # was clamped to 50
     ("eval", ["--docs", "5"], "--docs applies to --human-similarity"),
+    ("eval", ["--target", "cpu"], "--target applies to --human-similarity"),  # was ignored: torch numbers shown
     ("run", ["--text", "hi", "--top", "0"], "--top must be >= 1"),  # printed an empty list
     ("run", ["--text", "hi", "--top", "-2"], "--top must be >= 1"),  # was a traceback from torch.topk
     ("analyze", ["--target", "fpga", "--dim", "nosuch=3"], "--dim nosuch: the model has no input dim"),  # ignored
