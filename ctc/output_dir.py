@@ -14,7 +14,8 @@ starts and again just before the swap:
 * a destination that is itself a symbolic link is refused (replacing it would replace the
   link's target, somewhere else);
 * the nearest existing parent must be a writable directory (``--out`` under a file fails
-  here, before the model is loaded).
+  here, before the model is loaded), and must not lie inside an artifact (the artifact would then hold
+  files its manifest does not list).
 
 Temporary directories are named ``.NAME.tmp-PID-XXXX`` next to the destination and hold a
 ``.ctc-partial`` marker from the moment they exist.  A run killed with SIGKILL (or a machine
@@ -97,6 +98,7 @@ def check_destination(dest: str | Path, *, force: bool = False,
         raise OutputDirError(f"cannot create output {given}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputDirError(f"cannot write output {given}: {probe} is not writable (permission denied)")
+    _refuse_inside_artifact(given, probe, "output")
     return real
 
 

@@ -216,6 +216,11 @@ def test_output_files_never_replace_what_ctc_did_not_write(art_dir: Path, tmp_pa
         rc = main([*argv, "-q"])
         err = capsys.readouterr().err
         assert rc == EXIT_USAGE and message in err and "Traceback" not in err, (argv, err)
+    from ctc.errors import OutputDirError
+    from ctc.output_dir import check_destination
+
+    with pytest.raises(OutputDirError, match="is inside the artifact"):  # ctc compile --out ART/nested wrote it
+        check_destination(art_dir / "nested" / "deeper")
     assert mine.read_bytes() == b"the user's own file" and params.read_bytes() == before
     ctc.load(art_dir).run(_ok())  # still a whole artifact
     out = tmp_path / "y.safetensors"
