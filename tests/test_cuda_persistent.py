@@ -57,6 +57,20 @@ def test_repacked_o_and_down_tiles_are_the_slices_the_kernel_multiplies() -> Non
     torch.testing.assert_close(y_d, wd_f @ h, rtol=1e-4, atol=1e-3)
 
 
+def test_qkv_rows_grouped_per_kv_head() -> None:
+    """Phase A's 24-row tiles: kv head hk's 384 rows are its 4 query heads (q rows 256 hk ..), its key, its value."""
+    idx = P.qkv_head_rows()
+    assert sorted(idx.tolist()) == list(range(3072))
+    hk = 3
+    rows = idx[384 * hk:384 * (hk + 1)].tolist()
+    assert rows[:256] == list(range(256 * hk, 256 * hk + 256))
+    assert rows[256:320] == list(range(2048 + 64 * hk, 2048 + 64 * hk + 64))
+    assert rows[320:] == list(range(2560 + 64 * hk, 2560 + 64 * hk + 64))
+    w = torch.arange(2 * 3072 * 4, dtype=torch.uint8).reshape(2, 3072, 4)
+    wp, _ = P.pack_qkv(w, w.float())
+    assert torch.equal(wp[1, 384 * hk + 256], w[1, 2048 + 64 * hk])
+
+
 @torch.no_grad()
 def test_reference_step_is_hf_llama() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,8 +121,9 @@ def test_kernel_compiles_within_the_register_file_and_shared_memory(tmp_path) ->
     for sym in ("ctc_pdec_config", "ctc_pdec_launch", "ctc_pdec_barrier_bench", "ctc_pdec_error"):
         assert hasattr(lib, sym)
     assert lib.ctc_pdec_ws_floats() == P.WS_FLOATS
-    assert 128 * 1024 < lib.ctc_pdec_smem_bytes() <= 227 * 1024   # one block a multiprocessor, 4 ring slots
-    assert lib.ctc_pdec_smem_bytes() == 4 * 36864 + 16384 + 4416   # slots | activations | small arrays
+    assert 128 * 1024 < lib.ctc_pdec_smem_bytes() <= 227 * 1024   # one block a multiprocessor, 3 ring slots
+    # ring slots | activations | mbarriers | small arrays | producer queue
+    assert lib.ctc_pdec_smem_bytes() == 3 * 36864 + 16384 + 3 * 16 + 4352 + 32 * 72
     assert ctypes.sizeof(P.DecodeArgs) == 22 * 8 + 6 * 4          # the C struct's layout
 
 

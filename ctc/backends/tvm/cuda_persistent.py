@@ -63,13 +63,13 @@ from typing import Any
 from ctc.backends.tvm import cuda_gemv
 
 __all__ = ["CUDA_SOURCE", "DecodeArgs", "LLAMA_1B", "WS_FLOATS", "PersistentDecoder", "build_library", "dequant_int4",
-           "pack_o_down", "ptxas_report", "reference_step", "rtn_int4", "source_text"]
+           "pack_o_down", "pack_qkv", "ptxas_report", "qkv_head_rows", "reference_step", "rtn_int4", "source_text"]
 
 # the shape the kernel is compiled for (Llama-3.2-1B; layers, vocab and cache length are run-time)
 LLAMA_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, group=128, layers=16, vocab=128256,
                 rope_theta=500000.0, eps=1e-5)
 CMAX = 16                                                  # attention chunks per kv head, at most
-WS_FLOATS = 3 * 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
+WS_FLOATS = 4 * 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
 WS_CTL = WS_FLOATS - 64                                    # control words: barrier, exit, abort, head counters
 TRACE_STRIDE = 248
 
@@ -80,8 +80,14 @@ namespace ctc_pdec {
 constexpr int H = 2048, NQ = 32, NKV = 8, HD = 64, FF = 8192, GS = 128;
 constexpr int QKV = (NQ + 2 * NKV) * HD;  // 3072 rows: q, k, v
 constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / threads, + 1 producer warp
-#ifndef PDEC_NSLOT  // ring slots
-#define PDEC_NSLOT 4
+#ifndef PDEC_NSLOT  // ring slots: 3 measured faster than 4 and 5 (less in flight, shorter critical round trips)
+#define PDEC_NSLOT 3
+#endif
+#ifndef PDEC_RED_V4  // 1: partial products go into the residual by 16-byte vector atomics (red.v4.f32), 0: scalar
+#define PDEC_RED_V4 1
+#endif
+#ifndef PDEC_GRID_A  // 1: a grid barrier after phase A as well (the per-head counter alone suffices; for timing)
+#define PDEC_GRID_A 0
 #endif
 #ifndef PDEC_HINT
 #define PDEC_HINT 1
@@ -89,11 +95,17 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_BAR_FENCE  // 1: __threadfence() around the grid barrier's arrive / wait (0: release / acquire only)
 #define PDEC_BAR_FENCE 0
 #endif
+#ifndef PDEC_PF_KB  // L2 prefetch window: tiles are prefetched into L2 this many KB before their copy to shared memory
+#define PDEC_PF_KB 0  // (0: off; 96-320 KB measured slower on the H200)
+#endif
 constexpr int NSLOT = PDEC_NSLOT, SLOT = 36864;  // 32 rows of K 2048 + scales; 16 gate|up pairs; 1024 down rows
+// phase A: kv head hk's 16 blocks compute its 384 q|k|v rows (4 query heads, key, value; W_qkv repacked
+// [L, 8, 384, 1024 B]), 24 rows a block, and publish them on a per-head counter (no grid barrier before B)
 // phase B: kv head hk's 4 query heads own W_o's 256 columns [256 hk, 256 hk + 256) = 2 whole g128 groups; the 16
 // blocks of a kv head split its 2048 output rows in slices of 128 (W_o repacked [L, 8, 2048, 128 B], scales
 // [L, 8, 2048, 2]: one slice is one contiguous 17 KB tile)
 constexpr int OSL = 16, OROWS = H / OSL, NOB = NKV * OSL;   // 128 blocks
+constexpr int QKV_H = QKV / NKV, QKV_B = QKV_H / OSL;        // 384 rows a kv head, 24 a block
 // phase C: 128 slices of 64 FFN channels (half a g128 group of W_down's K axis); block j < 128 owns gate|up pairs
 // [64 j, 64 j + 64) and W_down's columns [64 j, 64 j + 64) (repacked [L, 128, 2048, 32 B]; scales transposed
 // [L, 64 groups, 2048]: slice j reads group j / 2)
@@ -102,20 +114,25 @@ constexpr int ATT_T = 128;              // cache positions per ring tile (K rows
 constexpr int CMAX = 16;
 static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
 static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
-// workspace (floats): 3 rotating residual buffers, q|k|v, attention partials, attention output and SwiGLU
-// output (halves, kept for checking), control words
-constexpr int WS_X = 0, WS_QKV = 3 * H, WS_PART = WS_QKV + QKV, WS_ATTN = WS_PART + NQ * CMAX * 66,
+// workspace (floats): 4 residual buffers (version 1 in the 4th, later ones rotating over 3), q|k|v (per kv
+// head), attention partials, attention output and SwiGLU output (halves, kept for checking), control words
+constexpr int WS_X = 0, WS_QKV = 4 * H, WS_PART = WS_QKV + QKV, WS_ATTN = WS_PART + NQ * CMAX * 66,
               WS_H = WS_ATTN + H / 2, WS_CTL = WS_H + FF / 2;
-constexpr int CTL_BAR = 0, CTL_EXIT = 1, CTL_ABORT = 2, CTL_HEAD = 8;
+constexpr int CTL_BAR = 0, CTL_EXIT = 1, CTL_ABORT = 2, CTL_HEAD = 8, CTL_QKV = 16;  // + kv head
 constexpr int XS_BYTES = FF * 2;
 constexpr int TRACE_STRIDE = 248;  // per block: start, then (begin, ready, mid, end) of each of at most 61 stages
 // shared memory: ring slots | activations (fp16) | mbarriers | small arrays; fixed offsets from one symbol
 constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = OFF_FULL + NSLOT * 8,
               OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RED16 = OFF_QS + 4 * HD * 4,
               OFF_MLS = OFF_RED16 + 16 * 4, OFF_FRESH = OFF_MLS + 16 * 4, OFF_ROPE = OFF_FRESH + 2 * HD * 2,
-              OFF_OVEC = OFF_ROPE + 64 * 4, OFF_HVEC = OFF_OVEC + 4 * HD * 2, OFF_END = OFF_HVEC + FCH * 2;
+              OFF_OVEC = OFF_ROPE + 64 * 4, OFF_HVEC = OFF_OVEC + 4 * HD * 2, OFF_PQ = OFF_HVEC + FCH * 2;
+// the producer's queue of tiles generated (and prefetched into L2) but not yet copied into the ring
+struct Piece { const void* src; unsigned bytes, off; };  // off: offset in the slot; bit 31: no L2 hint
+struct TileDesc { Piece pc[4]; unsigned n, total; };
+constexpr int PQN = 32, OFF_END = OFF_PQ + PQN * (int)sizeof(TileDesc);
+constexpr unsigned PF_BYTES = PDEC_PF_KB * 1024u, NOHINT = 1u << 31;
 constexpr int SMEM = OFF_END;
-static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_FULL % 8 == 0, "shared memory alignment");
+static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_FULL % 8 == 0 && OFF_PQ % 8 == 0, "alignment");
 extern __shared__ __align__(1024) unsigned char pdec_smem[];
 template <class T> __device__ __forceinline__ T* sm(int off) { return reinterpret_cast<T*>(pdec_smem + off); }
 __device__ __forceinline__ unsigned char* slot_ptr(unsigned s) { return pdec_smem + (size_t)s * SLOT; }
@@ -190,6 +207,10 @@ __device__ __forceinline__ void bulk_g2s_plain(void* dst, const void* src, unsig
                ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
 // wait for a phase of an mbarrier; after TIMEOUT_NS (or once another wait gave up) set/see the abort flag
 __device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity, unsigned* ctl) {
   if (mbar_try(b, parity)) return;
@@ -238,8 +259,9 @@ __device__ __forceinline__ int2 part(int n, int b, int G) {
 struct Plan { int G, b, pos, C, layers, vocab; };
 
 // The block's work in order: both roles walk it (the producer issues copies, the consumers compute).  Three
-// phases a layer, one grid barrier after each:
-//   (A) RMSNorm -> q|k|v rows (split evenly over all blocks)
+// phases a layer; a grid barrier after B and after C:
+//   (A) blocks 0..127: RMSNorm -> 24 of kv head b / 16's 384 q|k|v rows; a release on the head's counter
+//       instead of a grid barrier (phase B of that head waits for its 16 blocks only)
 //   (B) blocks 0..127: kv head hk = b / 16, row slice j = b % 16: attention of the kv head's 4 query heads
 //       (every block of the head computes it whole up to 256 positions; beyond, chunk j of C, partials merged by
 //       all 16 blocks after a per-head counter), then W_o's 128 rows x 256 columns of that head -> residual
@@ -249,7 +271,7 @@ template <class V>
 __device__ __forceinline__ void walk(V& v, const Plan& p) {
   for (int l = 0; l < p.layers; ++l) {
     v.stage(0, l);
-    { const int2 r = part(QKV, p.b, p.G); for (int i = r.x; i < r.y; i += 32) v.gemv(0, l, i, min(32, r.y - i)); }
+    if (p.b < NOB) v.gemv(0, l, (p.b / OSL) * QKV_H + (p.b % OSL) * QKV_B, QKV_B);
     v.stage_end(0, l);
     v.stage(1, l);
     if (p.b < NOB) {
@@ -297,16 +319,48 @@ __device__ __forceinline__ Mat mat_of(const Args& a, int st, int l) {
 }
 
 // ------------------------------------------------------------------ producer (one thread)
+// Each tile the walk generates is prefetched into L2 at once (cp.async.bulk.prefetch) and queued; a queued tile is
+// copied into a ring slot once PF_BYTES of later tiles are queued behind it (or at the end).  So HBM keeps
+// streaming up to PF_BYTES a block ahead while the consumers sit in a barrier, and the copies into the ring, on
+// the consumers' critical path, come from L2.  PDEC_PF_KB=0: each tile is copied as soon as it is generated.
 struct Producer {
   const Args& a; unsigned* ctl; unsigned t; unsigned long long pol; int pos;
-  __device__ __forceinline__ unsigned char* acquire(unsigned bytes, unsigned long long*& bar) {
+  unsigned head, tail, pend;
+  __device__ __forceinline__ TileDesc& next() const { return sm<TileDesc>(OFF_PQ)[head % PQN]; }
+  __device__ __forceinline__ void issue_one() {
+    const TileDesc& d = sm<TileDesc>(OFF_PQ)[tail % PQN];
+    ++tail;
+    pend -= d.total;
     const unsigned s = t % NSLOT, round = t / NSLOT;
     if (round > 0) mbar_wait(empty_bar(s), (round - 1) & 1u, ctl);
-    bar = full_bar(s);
-    mbar_expect_tx(bar, bytes);
+    unsigned long long* bar = full_bar(s);
+    mbar_expect_tx(bar, d.total);
     ++t;
-    return slot_ptr(s);
+    unsigned char* dst = slot_ptr(s);
+    for (unsigned i = 0; i < d.n; ++i) {
+      const Piece& c = d.pc[i];
+      if (c.off & NOHINT) bulk_g2s_plain(dst + (c.off & ~NOHINT), c.src, c.bytes, bar);
+      else bulk_g2s(dst + c.off, c.src, c.bytes, bar, pol);
+    }
   }
+  __device__ __forceinline__ void piece(TileDesc& d, const void* src, unsigned bytes, unsigned off) {
+    d.pc[d.n++] = Piece{src, bytes, off};
+    d.total += bytes;
+    if (PF_BYTES) prefetch_l2(src, bytes);
+  }
+  __device__ __forceinline__ TileDesc& open() {
+    TileDesc& d = next();
+    d.n = 0;
+    d.total = 0;
+    return d;
+  }
+  __device__ __forceinline__ void push(const TileDesc& d) {
+    ++head;
+    pend += d.total;
+    while (head - tail >= (unsigned)PQN || pend > PF_BYTES) issue_one();
+  }
+  __device__ __forceinline__ void finish() { while (tail != head) issue_one(); }
+
   __device__ __forceinline__ void stage(int, int) {}
   __device__ __forceinline__ void stage_end(int, int) {}
   __device__ __forceinline__ void mid() {}
@@ -318,34 +372,33 @@ struct Producer {
     const Mat m = mat_of(a, st, l);
     constexpr unsigned rb = H / 2, sb = H / GS * 4;
     const unsigned nr = m.pair ? 2 * cnt : cnt;
-    unsigned long long* bar;
-    unsigned char* dst = acquire(nr * (rb + sb), bar);
-    bulk_g2s(dst, m.w + (size_t)r0 * rb, cnt * rb, bar, pol);
-    if (m.pair) bulk_g2s(dst + cnt * rb, m.w + (size_t)(r0 + FF) * rb, cnt * rb, bar, pol);
-    bulk_g2s(dst + nr * rb, reinterpret_cast<const unsigned char*>(m.s) + (size_t)r0 * sb, cnt * sb, bar, pol);
-    if (m.pair)
-      bulk_g2s(dst + nr * rb + cnt * sb, reinterpret_cast<const unsigned char*>(m.s) + (size_t)(r0 + FF) * sb,
-               cnt * sb, bar, pol);
+    const unsigned char* sc = reinterpret_cast<const unsigned char*>(m.s);
+    TileDesc& d = open();
+    piece(d, m.w + (size_t)r0 * rb, cnt * rb, 0);
+    if (m.pair) piece(d, m.w + (size_t)(r0 + FF) * rb, cnt * rb, cnt * rb);
+    piece(d, sc + (size_t)r0 * sb, cnt * sb, nr * rb);
+    if (m.pair) piece(d, sc + (size_t)(r0 + FF) * sb, cnt * sb, nr * rb + cnt * sb);
+    push(d);
   }
   __device__ __forceinline__ void att_tile(int l, int hk, int t0, int n) {
-    unsigned long long* bar;
-    unsigned char* dst = acquire(2u * n * HD * 2, bar);
     const size_t off = ((size_t)(l * NKV + hk) * a.max_len + t0) * HD;
-    bulk_g2s_plain(dst, a.kcache + off, n * HD * 2, bar);
-    bulk_g2s_plain(dst + ATT_T * HD * 2, a.vcache + off, n * HD * 2, bar);
+    TileDesc& d = open();
+    piece(d, a.kcache + off, n * HD * 2, NOHINT);
+    piece(d, a.vcache + off, n * HD * 2, NOHINT | (ATT_T * HD * 2));
+    push(d);
   }
   __device__ __forceinline__ void oproj(int l, int hk, int j) {  // 128 rows x 128 B codes, then 128 x 2 scales
-    unsigned long long* bar;
-    unsigned char* dst = acquire(OROWS * (128 + 8), bar);
     const size_t row0 = (size_t)(l * NKV + hk) * H + j * OROWS;
-    bulk_g2s(dst, a.wo + row0 * 128, OROWS * 128, bar, pol);
-    bulk_g2s(dst + OROWS * 128, a.so + row0 * 2, OROWS * 8, bar, pol);
+    TileDesc& d = open();
+    piece(d, a.wo + row0 * 128, OROWS * 128, 0);
+    piece(d, a.so + row0 * 2, OROWS * 8, OROWS * 128);
+    push(d);
   }
   __device__ __forceinline__ void down(int l, int b, int t) {  // 1024 rows x 32 B codes, then 1024 scales
-    unsigned long long* bar;
-    unsigned char* dst = acquire(DROWS * (FCH / 2 + 4), bar);
-    bulk_g2s(dst, a.wd + ((size_t)(l * FSL + b) * H + t * DROWS) * (FCH / 2), DROWS * (FCH / 2), bar, pol);
-    bulk_g2s(dst + DROWS * (FCH / 2), a.sd + ((size_t)l * (FF / GS) + b / 2) * H + t * DROWS, DROWS * 4, bar, pol);
+    TileDesc& d = open();
+    piece(d, a.wd + ((size_t)(l * FSL + b) * H + t * DROWS) * (FCH / 2), DROWS * (FCH / 2), 0);
+    piece(d, a.sd + ((size_t)l * (FF / GS) + b / 2) * H + t * DROWS, DROWS * 4, DROWS * (FCH / 2));
+    push(d);
   }
 };
 
@@ -393,6 +446,14 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ void red_add(float* p, float v) {  // fire-and-forget f32 add at L2
   asm volatile("red.relaxed.gpu.global.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
 }
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d) {  // p 16-byte aligned
+  if (PDEC_RED_V4) {
+    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c),
+                 "f"(d) : "memory");
+  } else {
+    red_add(p, a); red_add(p + 1, b); red_add(p + 2, c); red_add(p + 3, d);
+  }
+}
 
 struct Consumer {
   const Args& a; unsigned* ctl; Plan p;
@@ -413,8 +474,12 @@ struct Consumer {
   __device__ __forceinline__ float* rope() const { return sm<float>(OFF_ROPE); }
   __device__ __forceinline__ half* ovec() const { return sm<half>(OFF_OVEC); }
   __device__ __forceinline__ half* hvec() const { return sm<half>(OFF_HVEC); }
-  // residual version k (k = 2 l: layer l's input; 2 l + 1: after its attention) lives in buffer k % 3
-  __device__ __forceinline__ float* xbuf(int k) const { return a.ws + WS_X + (k % 3) * H; }
+  // residual version k (k = 2 l: layer l's input; 2 l + 1: after its attention) lives in buffer k % 3, version 1
+  // in buffer 3 (zeroed by the last block out of the previous step, as its first adds come before any barrier).
+  // Every version is accumulated by f32 atomics into a zeroed buffer: the carry of the previous version (16
+  // elements a block, in the norm), then the partial products.  Zeroing: A(l) zeroes version 2 l + 2's buffer
+  // (it held 2 l - 1, last read in C(l - 1)), C(l) version 2 l + 3's (it held 2 l, last read in A(l)).
+  __device__ __forceinline__ float* xbuf(int k) const { return a.ws + WS_X + (k == 1 ? 3 : k % 3) * H; }
 
   // trace: per stage (begin, ready = prologue done, mid, end); mid defaults to ready
   __device__ __forceinline__ void stamp(int k) {
@@ -438,10 +503,9 @@ struct Consumer {
     ++t;
   }
 
-  // RMSNorm of residual src (null: the embedding row) into xs as fp16.  Blocks b < 128 also carry their 16
-  // elements [16 b, 16 b + 16) of src into dst (the next residual version): a plain store in phase A (nothing
-  // else writes dst before the barrier), an atomic add in phase C (the down partials land in the same phase)
-  __device__ __forceinline__ void norm(const float* src, float* dst, bool atomic_carry, float* zero) {
+  // RMSNorm of residual src (null: the embedding row) into xs as fp16.  Blocks b < 128 also add their 16
+  // elements [16 b, 16 b + 16) of src into dst (the next residual version) and zero theirs of buffer zero
+  __device__ __forceinline__ void norm(const float* src, float* dst, float* zero) {
     float v[4];
     if (src == nullptr) {
       const int tok = __ldg(a.token);
@@ -457,13 +521,8 @@ struct Consumer {
     ss = warp_sum(ss);
     if (lane == 0) red16()[warp] = ss;
     if (dst != nullptr && (tid >> 2) == p.b) {
-      if (atomic_carry) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red_add(dst + 4 * tid + i, v[i]);
-      } else {
-        __stcg(reinterpret_cast<float4*>(dst) + tid, make_float4(v[0], v[1], v[2], v[3]));
-      }
-      if (zero != nullptr) __stcg(reinterpret_cast<float4*>(zero) + tid, make_float4(0.f, 0.f, 0.f, 0.f));
+      red_add4(dst + 4 * tid, v[0], v[1], v[2], v[3]);
+      __stcg(reinterpret_cast<float4*>(zero) + tid, make_float4(0.f, 0.f, 0.f, 0.f));
     }
     cons_sync();
     float tot = 0.f;
@@ -485,14 +544,29 @@ struct Consumer {
 
   __device__ __forceinline__ void stage(int st, int l) {
     stamp(0);
-    if (compute) {
-      if (st == 0) norm(l == 0 ? nullptr : xbuf(2 * l), xbuf(2 * l + 1), false, xbuf(2 * l + 2));
-      else if (st == 2) norm(xbuf(2 * l + 1), xbuf(2 * l + 2), true, nullptr);
-      else if (st == 3) norm(xbuf(2 * p.layers), nullptr, false, nullptr);
+    if (st == 1 && barriers && p.b < NOB) {  // phase A's rows of this kv head: its 16 blocks' releases
+      if (tid == 0) wait_count(ctl + CTL_QKV + p.b / OSL, (unsigned)OSL * (unsigned)(l + 1));
+      cons_sync();
+    }
+    if (compute && (st == 3 || p.b < NOB)) {  // blocks 128.. have no rows in A and C
+      if (st == 0) norm(l == 0 ? nullptr : xbuf(2 * l), xbuf(2 * l + 1), xbuf(2 * l + 2));
+      else if (st == 2) norm(xbuf(2 * l + 1), xbuf(2 * l + 2), xbuf(2 * l + 3));
+      else if (st == 3) norm(xbuf(2 * p.layers), nullptr, nullptr);
       if (st != 1) load_xp();
     }
     stamp(1);
     stamp(2);
+  }
+  // thread 0: until *c >= target (acquire), or the abort flag / a timeout
+  __device__ __forceinline__ void wait_count(unsigned* c, unsigned target) {
+    if (ld_acquire(c) >= target) return;
+    const unsigned long long t0 = gtime();
+    for (unsigned i = 1; ld_acquire(c) < target; ++i) {
+      if ((i & 63u) == 0) {
+        if (*(volatile unsigned*)(ctl + CTL_ABORT)) break;
+        if (gtime() - t0 > TIMEOUT_NS) { atomicExch(ctl + CTL_ABORT, 3u); break; }
+      }
+    }
   }
   __device__ __forceinline__ void mid() { stamp(2); }
 
@@ -502,6 +576,13 @@ struct Consumer {
     stamp(3);
     ++nst;
     if (st == 3) return;  // the step's last stage: no barrier
+    if (st == 0) {  // q|k|v rows out: release on the kv head's counter (the stores before it: bar.sync, cumulative)
+      if (p.b < NOB) {
+        cons_sync();
+        if (tid == 0) red_release_add(ctl + CTL_QKV + p.b / OSL, 1u);
+      }
+      if (!PDEC_GRID_A) return;
+    }
     ++nbar;
     if (barriers) grid_barrier(ctl, nbar * (unsigned)p.G);
   }
@@ -544,16 +625,16 @@ struct Consumer {
   // ---- attention over positions [c0, c1) for the 4 query heads of kv head hk
   __device__ __forceinline__ void att_begin(int l, int hk, int c0, int c1, bool write) {
     if (!compute) return;
-    const float* qkv = a.ws + WS_QKV;
+    const float* qkv = a.ws + WS_QKV + hk * QKV_H;  // this kv head's 4 query heads, key, value
     const int pos = p.pos;
     const bool with_new = c1 == pos + 1;
     if (tid < 4 * HD) {
-      const int h = tid >> 6, d = tid & 63, base = (4 * hk + h) * HD;
+      const int h = tid >> 6, d = tid & 63, base = h * HD;
       const float q = __ldcg(qkv + base + d), qp = __ldcg(qkv + base + (d ^ 32));
       const float cs = rope()[d & 31], sn = rope()[32 + (d & 31)];
       qs()[h * HD + d] = (d < 32 ? q * cs - qp * sn : q * cs + qp * sn) * (0.125f * LOG2E);
     } else if (with_new && tid < 5 * HD) {  // the new key: RoPE, fp16, into the cache
-      const int d = tid - 4 * HD, base = NQ * HD + hk * HD;
+      const int d = tid - 4 * HD, base = 4 * HD;
       const float k = __ldcg(qkv + base + d), kp = __ldcg(qkv + base + (d ^ 32));
       const float cs = rope()[d & 31], sn = rope()[32 + (d & 31)];
       const half kh = __float2half_rn(d < 32 ? k * cs - kp * sn : k * cs + kp * sn);
@@ -561,7 +642,7 @@ struct Consumer {
       if (write) a.kcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = kh;
     } else if (with_new && tid < 6 * HD) {  // the new value
       const int d = tid - 5 * HD;
-      const half vh = __float2half_rn(__ldcg(qkv + (NQ + NKV) * HD + hk * HD + d));
+      const half vh = __float2half_rn(__ldcg(qkv + 5 * HD + d));
       fresh()[HD + d] = vh;
       if (write) a.vcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = vh;
     }
@@ -663,7 +744,10 @@ struct Consumer {
   // the 4 heads' sums over the 16 warps: redundant (one chunk) -> normalized outputs into ovec; chunked ->
   // (max, sum, 64 sums) per query head into the workspace, then a release on the kv head's counter
   __device__ __forceinline__ void att_end(int l, int hk, int c, bool write_attn) {
-    if (!compute) return;
+    if (!compute) {
+      if (p.C > 1 && tid == 0) red_release_add(ctl + CTL_HEAD + hk, 1u);
+      return;
+    }
     float* red = reinterpret_cast<float*>(xs());  // [16 warps][4 heads][64]
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
@@ -695,20 +779,9 @@ struct Consumer {
   // chunked attention: wait until the kv head's C chunks are published (a monotone counter: C a layer), then
   // every block of the head merges them itself into ovec
   __device__ __forceinline__ void att_merge(int l, int hk, bool write_attn) {
-    if (!compute) return;
-    if (tid == 0 && barriers) {
-      const unsigned target = (unsigned)p.C * (unsigned)(l + 1);
-      if (ld_acquire(ctl + CTL_HEAD + hk) < target) {
-        const unsigned long long t0 = gtime();
-        for (unsigned i = 1; ld_acquire(ctl + CTL_HEAD + hk) < target; ++i) {
-          if ((i & 63u) == 0) {
-            if (*(volatile unsigned*)(ctl + CTL_ABORT)) break;
-            if (gtime() - t0 > TIMEOUT_NS) { atomicExch(ctl + CTL_ABORT, 3u); break; }
-          }
-        }
-      }
-    }
+    if (tid == 0 && barriers) wait_count(ctl + CTL_HEAD + hk, (unsigned)p.C * (unsigned)(l + 1));
     cons_sync();
+    if (!compute) return;
     if (tid < 4 * HD) {
       const int h = tid >> 6, d = tid & 63;
       const float* P = a.ws + WS_PART + (4 * hk + h) * CMAX * 66;
@@ -748,7 +821,10 @@ struct Consumer {
         y += __shfl_xor_sync(0xffffffffu, y, 1);
         y += __shfl_xor_sync(0xffffffffu, y, 2);
         y += __shfl_xor_sync(0xffffffffu, y, 4);
-        if (q == 0) red_add(xo + r, y);
+        // rows r .. r + 3 sit in lanes 0, 8, 16, 24: one 16-byte atomic from lane 0
+        const float y1 = __shfl_down_sync(0xffffffffu, y, 8), y2 = __shfl_down_sync(0xffffffffu, y, 16),
+                    y3 = __shfl_down_sync(0xffffffffu, y, 24);
+        if (lane == 0) red_add4(xo + r, y, y1, y2, y3);
       }
     }
     release_tile();
@@ -776,7 +852,11 @@ struct Consumer {
         const int r = pass * 256 + warp * 16 + (lane >> 1);
         float y = dot32(reinterpret_cast<const uint4*>(slot + r * (FCH / 2))[hp], xp);
         y += __shfl_xor_sync(0xffffffffu, y, 1);
-        if (hp == 0) red_add(xo + r, y * scl[r]);
+        y *= scl[r];
+        // rows r .. r + 3 sit in lanes 0, 2, 4, 6 (of each 8): one 16-byte atomic from lane 8 i
+        const float y1 = __shfl_down_sync(0xffffffffu, y, 2), y2 = __shfl_down_sync(0xffffffffu, y, 4),
+                    y3 = __shfl_down_sync(0xffffffffu, y, 6);
+        if ((lane & 7) == 0) red_add4(xo + r, y, y1, y2, y3);
       }
     }
     release_tile();
@@ -804,8 +884,9 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
   const int warp = threadIdx.x >> 5;
   if (warp == NCW) {
     if ((threadIdx.x & 31) == 0) {
-      Producer pr{a, ctl, 0u, evict_first_policy(), p.pos};
+      Producer pr{a, ctl, 0u, evict_first_policy(), p.pos, 0u, 0u, 0u};
       walk(pr, p);
+      pr.finish();
     }
     return;
   }
@@ -825,14 +906,19 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
   cs.prefetch_gamma(a.attn_norm);
   cons_sync();
   walk(cs, p);
-  if (threadIdx.x == 0) {  // the last block out resets the counters for the next launch
+  // the last block out resets the counters and zeroes residual buffer 3 (version 1) for the next launch
+  unsigned* last = reinterpret_cast<unsigned*>(cs.red16());
+  if (threadIdx.x == 0) {
     __threadfence();
-    if (atomicAdd(ctl + CTL_EXIT, 1u) == (unsigned)p.G - 1) {
+    *last = atomicAdd(ctl + CTL_EXIT, 1u) == (unsigned)p.G - 1;
+    if (*last) {
       atomicExch(ctl + CTL_BAR, 0u);
-      for (int i = 0; i < NKV; ++i) atomicExch(ctl + CTL_HEAD + i, 0u);
+      for (int i = 0; i < NKV; ++i) { atomicExch(ctl + CTL_HEAD + i, 0u); atomicExch(ctl + CTL_QKV + i, 0u); }
       atomicExch(ctl + CTL_EXIT, 0u);
     }
   }
+  cons_sync();
+  if (*last) __stcg(reinterpret_cast<float4*>(a.ws + WS_X + 3 * H) + threadIdx.x, make_float4(0.f, 0.f, 0.f, 0.f));
 }
 
 
@@ -982,6 +1068,24 @@ def rtn_int4(w: Any, group: int = 128) -> tuple[Any, Any]:
     return u[:, 0::2] | (u[:, 1::2] << 4), scale
 
 
+def qkv_head_rows(heads: int = 32, kv_heads: int = 8, head_dim: int = 64) -> Any:
+    """Row order of the kernel's q|k|v (weights and outputs): per kv head, its query heads' rows, its key's, its
+    value's (``[kv_heads * (heads / kv_heads + 2) * head_dim]`` indices into the q, k, v row order)."""
+    import torch
+
+    g, nq = heads // kv_heads, heads * head_dim
+    return torch.cat([torch.cat([torch.arange(hk * g * head_dim, (hk + 1) * g * head_dim),
+                                 nq + hk * head_dim + torch.arange(head_dim),
+                                 nq + kv_heads * head_dim + hk * head_dim + torch.arange(head_dim)])
+                      for hk in range(kv_heads)])
+
+
+def pack_qkv(wqkv: Any, sqkv: Any) -> tuple[Any, Any]:
+    """W_qkv's rows (``[L, 3072, ...]``) in :func:`qkv_head_rows` order: phase A's 24-row tiles of one kv head."""
+    idx = qkv_head_rows().to(wqkv.device)
+    return wqkv[:, idx].contiguous(), sqkv[:, idx].contiguous()
+
+
 def pack_o_down(wo: Any, so: Any, wd: Any, sd: Any) -> tuple[Any, Any, Any, Any]:
     """The kernel's layouts of W_o and W_down (from ctc's ``[L, N, K/2]`` codes, ``[L, N, K/128]`` scales): W_o
     ``[L, 8, 2048, 128]`` (kv head hk's 256 columns, two whole groups, per row) with scales ``[L, 8, 2048, 2]``, so
@@ -1060,7 +1164,8 @@ class PersistentDecoder:
     ``weights``: ``wqkv [L, 3072, 1024]``, ``sqkv [L, 3072, 16]``, ``wo``/``so``, ``wgu [L, 2F, 1024]`` (gate rows
     then up rows), ``sgu``, ``wd [L, 2048, 4096]``, ``sd [L, 2048, 64]`` (uint8 / float32, :func:`rtn_int4`),
     ``attn_norm``/``mlp_norm [L, 2048]``, ``final_norm``, ``emb [V, 2048]`` (float16), ``whead``/``shead`` (the
-    int4 LM head), ``inv_freq [32]`` (float32); W_o and W_down are repacked here (:func:`pack_o_down`).  Caches
+    int4 LM head), ``inv_freq [32]`` (float32); W_qkv, W_o and W_down are repacked here (:func:`pack_qkv`,
+    :func:`pack_o_down`).  Caches
     ``[L, kv_heads, max_len, 64]`` float16, updated in place at ``pos`` by every step.  Needs at least 128
     co-resident blocks (one per multiprocessor)."""
 
@@ -1082,7 +1187,9 @@ class PersistentDecoder:
             raise RuntimeError("workspace size of the library and of this module differ")
         dev = kcache.device
         wo, so, wd, sd = pack_o_down(weights["wo"], weights["so"], weights["wd"], weights["sd"])
-        self.tensors = {**weights, "wo": wo, "so": so, "wd": wd, "sd": sd, "kcache": kcache, "vcache": vcache}
+        wqkv, sqkv = pack_qkv(weights["wqkv"], weights["sqkv"])
+        self.tensors = {**weights, "wqkv": wqkv, "sqkv": sqkv, "wo": wo, "so": so, "wd": wd, "sd": sd,
+                        "kcache": kcache, "vcache": vcache}
         self.ws = torch.zeros(WS_FLOATS, dtype=torch.float32, device=dev)
         self.logits = torch.empty(weights["emb"].shape[0], dtype=torch.float32, device=dev)
         self.token = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -1129,12 +1236,13 @@ class PersistentDecoder:
             raise RuntimeError(f"ctc_pdec_barrier_bench: {rc} {self.lib.ctc_pdec_error().decode()}")
 
     def aborted(self) -> int:
-        """The abort flag (1: a ring wait, 2: a grid barrier timed out); clears the control words when set."""
+        """The abort flag (1: a ring wait, 2: a grid barrier, 3: a per-head counter timed out); clears the
+        workspace when set."""
         import torch
 
         flag = int(self.ws[WS_CTL:WS_CTL + 4].view(torch.int32)[2].item())
         if flag:
-            self.ws[WS_CTL:].zero_()
+            self.ws.zero_()
         return flag
 
     def intermediates(self) -> dict[str, Any]:
@@ -1143,7 +1251,9 @@ class PersistentDecoder:
         import torch
 
         ws, x0 = self.ws, 2048 * ((2 * self.args.layers) % 3)
-        attn = 3 * 2048 + 3072 + 32 * CMAX * 66
-        return {"x": ws[x0:x0 + 2048].clone(), "qkv": ws[3 * 2048:3 * 2048 + 3072].clone(),
+        attn = 4 * 2048 + 3072 + 32 * CMAX * 66
+        qkv = torch.empty(3072, dtype=torch.float32, device=ws.device)
+        qkv[qkv_head_rows().to(ws.device)] = ws[4 * 2048:4 * 2048 + 3072]
+        return {"x": ws[x0:x0 + 2048].clone(), "qkv": qkv,
                 "attn": ws[attn:attn + 1024].view(torch.float16).float().clone(),
                 "h": ws[attn + 1024:attn + 1024 + 4096].view(torch.float16).float().clone()}
