@@ -648,6 +648,7 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
         raise RecipeError(attach_source([Diagnostic(str(e), recipe.emit.span)], recipe.source)) from None
     if opts.check_only:
         return CompileResult(recipe)
+    _check_targets_resolve(recipe, targets)
 
     t_start = time.perf_counter()
     with progress.stage(f"capture {recipe.model.kind} {recipe.model.ref!r}"):  # type: ignore[union-attr]
@@ -804,17 +805,40 @@ def export_builders(recipe: Recipe, module: Any, name: str, probe: Mapping[str, 
 
 
 def _unbuildable(recipe: Recipe, kind: str, e: Exception) -> Exception:
-    """A lowering failure (an op the target has no kernel for, with the node's scope) as an error
-    located at the recipe's ``target`` line, or at ``--target`` when the recipe has none; any other
-    exception unchanged."""
+    """A lowering failure (an op the target has no kernel for, with the node's scope) or a target this machine
+    cannot resolve as an error located at the recipe's ``target`` line, or at ``--target`` when the recipe has
+    none; any other exception unchanged."""
     lower = sys.modules.get("ctc.backends.tvm.lower")  # imported by every backend that lowers
+    tvm_targets = sys.modules.get("ctc.backends.tvm.targets")
+    if tvm_targets is not None and isinstance(e, tvm_targets.UnsupportedTarget):
+        return _target_error(recipe, kind, str(e).removeprefix(f"target {kind}: "))
     if lower is None or not isinstance(e, lower.LoweringError):
         return e
+    return _target_error(recipe, kind, f"the compressed model cannot be built for it: {e}")
+
+
+def _target_error(recipe: Recipe, kind: str, message: str) -> Exception:
     span = next((t.span for t in recipe.targets if t.kind == kind), None)
     if span is None:
-        return UsageError(f"--target {kind}: the compressed model cannot be built for it: {e}")
-    return RecipeError(attach_source([Diagnostic(f"target {kind}: the compressed model cannot be built for it: {e}",
-                                                 span)], recipe.source))
+        return UsageError(f"--target {kind}: {message}")
+    return RecipeError(attach_source([Diagnostic(f"target {kind}: {message}", span)], recipe.source))
+
+
+def _check_targets_resolve(recipe: Recipe, targets: Sequence[Any]) -> None:
+    """Each TVM target resolves on this machine (``target cuda`` without ``arch=`` needs a visible GPU), checked
+    before the model is loaded rather than when the build starts, after capture, calibration and the passes.
+    Not part of ``--check-only``: resolving imports TVM (seconds)."""
+    from ctc.targets import TARGETS
+
+    for t in targets:
+        if TARGETS[t.kind].backend != "ctc.backends.tvm":
+            continue
+        from ctc.backends.tvm.targets import UnsupportedTarget, resolve
+
+        try:
+            resolve(t.kind, t.options)
+        except UnsupportedTarget as e:
+            raise _unbuildable(recipe, t.kind, e) from None
 
 
 def _version() -> str:

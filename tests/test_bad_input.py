@@ -285,3 +285,20 @@ def test_an_interrupt_inside_a_library_that_swallows_it_still_reads_as_an_interr
     assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(tmp_path / "out"), "-q"]) == rc
     err = capsys.readouterr().err
     assert message in err and "internal error" not in err and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- a GPU target on a machine without one
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: target cuda finds its arch here")
+@pytest.mark.parametrize("recipe_target,flags", [("target cuda\n", []), ("", ["--target", "cuda"])])
+def test_cuda_target_without_arch_and_without_a_gpu_fails_before_the_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe_target: str, flags: list[str]) -> None:
+    """It was an internal error with a traceback, raised only when the build started (after capture,
+    calibration, passes and measurement)."""
+    (tmp_path / "r.ctc").write_text('model bundled "minilm"\npipeline {\n    dce\n}\n' + recipe_target)
+    rc = main(["compile", str(tmp_path / "r.ctc"), "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and "Traceback" not in err, err
+    assert 'no GPU is visible here to detect the architecture from; name it, e.g. `target cuda arch="sm_90"`' in err
+    assert ("r.ctc:5:1" in err) if recipe_target else ("--target cuda" in err), err
+    assert "capture" not in err, "the model was loaded before the target was checked"
+    assert not (tmp_path / "out").exists()
