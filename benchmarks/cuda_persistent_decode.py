@@ -53,26 +53,34 @@ VARIANTS = {"slot4": ("-DPDEC_NSLOT=4",), "pf128": ("-DPDEC_PF_KB=128",), "scala
 SPANS = (64, 256, 2048)
 STAGES = ("qkv", "attn_o", "ffn", "head")
 PER_LAYER = 3
+NSTAMP = 6
+# diagnostic modes (timed at KV 128 with the LM head cut to 132 x 32 rows, so the layers' streaming dominates):
+# bits 1 no grid barriers / counter waits, 2 no arithmetic, 4 every layer streams layer 0's weights (L2-resident),
+# 8 no copies at all (arithmetic + exchanges on stale shared memory)
+DIAG = {"full": 0, "stream_only": 3, "l2_weights": 4, "l2_stream_only": 7, "l2_no_barriers": 5, "no_copies": 8,
+        "no_copies_no_barriers": 9, "no_copies_no_arithmetic": 10}
+DIAG_VOCAB = 132 * 32
 
 
 def trace_breakdown(trace: Any, layers: int) -> dict[str, Any]:
-    """Per phase kind, from one step's globaltimer stamps ``[blocks, 248]`` (start; begin / prologue end / mid /
-    end of each phase): ``span_us`` = sum over layers of (last block's end - the first block's begin),
-    ``barrier_us`` = mean of (first block past the barrier - last block into it), ``work_us`` / ``prologue_us``
-    = mean over the blocks that have work in it and over layers of end - begin / prologue end - begin;
-    ``first_us`` / ``second_us`` = mean of mid - prologue end / end - mid (attention / o projection; gate|up /
-    down), ``last_end_us`` = mean over layers of the last block's end - the first block's begin."""
+    """Per phase kind, from one step's globaltimer stamps ``[blocks, 320]`` (start; per phase: begin, ready =
+    prologue done, first tile in, mid, first tile after mid in, end): ``span_us`` = sum over layers of (last
+    block's end - first block's begin), ``barrier_us`` = mean of (first block's begin of the next phase - last
+    block's end), and means over the blocks that have work in the phase and over layers: ``work_us`` (end -
+    begin), ``prologue_us`` (ready - begin: the norm; in B the wait for the head's q|k|v), ``first_wait_us``
+    (first tile in - ready; in B this includes loading q|k|v), ``first_us`` (mid - ready: attention / gate|up),
+    ``second_wait_us`` (first tile after mid - mid), ``second_us`` (end - mid: o projection / down)."""
     t = trace.double().cpu()
     n_st = layers * PER_LAYER + 1
-    t = t[:, :1 + 4 * n_st] - t[:, :1].min()
-    begin, ready, mid, end = t[:, 1::4], t[:, 2::4], t[:, 3::4], t[:, 4::4]   # [blocks, stages]
+    t = t[:, :1 + NSTAMP * n_st] - t[:, :1].min()
+    begin, ready, tile1, mid, tile2, end = (t[:, 1 + k::NSTAMP] for k in range(NSTAMP))   # [blocks, stages]
     release = begin.min(dim=0).values
     arrive = end.max(dim=0).values
     out: dict[str, Any] = {"total_us": round(float(end[:, -1].max()) / 1e3, 2),
                            "start_skew_us": round(float(t[:, 0].max() - t[:, 0].min()) / 1e3, 2)}
     for k, name in enumerate(STAGES):
         idx = list(range(k, layers * PER_LAYER, PER_LAYER)) if k < PER_LAYER else [layers * PER_LAYER]
-        rows = slice(0, 128) if name in ("attn_o", "ffn") else slice(None)
+        rows = slice(0, 128) if name != "head" else slice(None)
         span = sum(float(arrive[i] - release[i]) for i in idx)
         bar = [float(release[i + 1] - arrive[i]) for i in idx if i + 1 < begin.shape[1]]
 
@@ -81,7 +89,8 @@ def trace_breakdown(trace: Any, layers: int) -> dict[str, Any]:
 
         out[name] = {"span_us": round(span / 1e3, 2), "barrier_us": round(sum(bar) / max(len(bar), 1) / 1e3, 3),
                      "work_us": mean(end, begin), "prologue_us": mean(ready, begin),
-                     "first_us": mean(mid, ready), "second_us": mean(end, mid)}
+                     "first_wait_us": mean(tile1, ready), "first_us": mean(mid, ready),
+                     "second_wait_us": mean(tile2, mid), "second_us": mean(end, mid)}
     return out
 
 
@@ -354,6 +363,34 @@ def run(out: Path, repeat: int, results: Path, quick: bool = False) -> dict[str,
     except Exception as e:  # noqa: BLE001
         res["errors"].append(f"trace: {type(e).__name__}: {e}")
         traceback.print_exc()
+    # diagnostics: where the per-block chain goes when the weights are L2-resident or not copied at all
+    try:
+        dec.set(1000, 128)
+        rows128 = kc[:, :, 128].clone(), vc[:, :, 128].clone()  # mode 8 writes non-finite rows at 128
+        vocab = dec.args.vocab
+        dec.args.vocab = DIAG_VOCAB
+        small = wb - packed["whead"].numel() - packed["shead"].numel() * 4 + DIAG_VOCAB * (1024 + 64)
+        diag: dict[str, Any] = {"bytes": small, "vocab": DIAG_VOCAB}
+        for name, mode in DIAG.items():
+            diag[name] = _events(lambda mode=mode: dec.step(mode=mode), repeat)
+            diag[name]["weights_tb_s_back_to_back"] = round(small / (diag[name]["back_to_back_ms"] * 1e-3) / 1e12, 3)
+            diag[f"aborted_{name}"] = dec.aborted()
+        dec.enable_trace()
+        for name in ("l2_weights", "no_copies"):
+            for _ in range(3):
+                dec.step(mode=DIAG[name])
+            torch.cuda.synchronize()
+            diag[f"trace_{name}"] = trace_breakdown(dec.trace, cfg["layers"])
+        dec.enable_trace(False)
+        dec.args.vocab = vocab
+        dec.ws.zero_()  # mode 8 left non-finite values in the residual buffers
+        kc[:, :, 128], vc[:, :, 128] = rows128
+        res["diag"] = diag
+        print("diag", json.dumps(diag), flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["errors"].append(f"diag: {type(e).__name__}: {e}")
+        traceback.print_exc()
+    save()
     # the logits after all the timing runs still match (the caches were rewritten at the timed positions only)
     try:
         res["checks"] += check(dec, w32, cfg, cfg["layers"], kc, vc, (1024,))
@@ -410,7 +447,20 @@ def table(res: dict[str, Any]) -> str:
         if tr:
             lines.append(f"trace pos {pos}: total {tr['total_us']} us; " + "; ".join(
                 f"{k} span {tr[k]['span_us']} barrier {tr[k]['barrier_us']} work {tr[k]['work_us']} prologue "
-                f"{tr[k]['prologue_us']} first {tr[k]['first_us']} second {tr[k]['second_us']}" for k in STAGES))
+                f"{tr[k]['prologue_us']} first {tr[k]['first_us']} (tile wait {tr[k]['first_wait_us']}) second "
+                f"{tr[k]['second_us']} (tile wait {tr[k]['second_wait_us']})" for k in STAGES))
+    d = res.get("diag")
+    if d:
+        head = f"diagnostics at KV 128, LM head cut to {d['vocab']} rows ({d['bytes'] / 1e6:.1f} MB): "
+        lines.append(head + "; ".join(
+            f"{k} {d[k]['median_ms']} / b2b {d[k]['back_to_back_ms']} ms ({d[k]['weights_tb_s_back_to_back']} TB/s)"
+            for k in DIAG if k in d))
+        for name in ("l2_weights", "no_copies"):
+            tr = d.get(f"trace_{name}")
+            if tr:
+                lines.append(f"trace {name}: total {tr['total_us']} us; " + "; ".join(
+                    f"{k} span {tr[k]['span_us']} barrier {tr[k]['barrier_us']} prologue {tr[k]['prologue_us']} "
+                    f"first {tr[k]['first_us']} second {tr[k]['second_us']}" for k in STAGES))
     for span, sp in res.get("spans", {}).items():
         lines.append(f"span {span}: " + ", ".join(
             f"pos {p} median {sp[f'launch_{p}']['median_ms']} b2b {sp[f'launch_{p}']['back_to_back_ms']} ms"

@@ -49,7 +49,9 @@ CUDA graph, 32% / 30% of the copy bandwidth for 656.5 MB of int4 codes and scale
 the 5 dependent phases a layer (barrier + an L2 round trip + tail each).
 
 The launcher (``extern "C"``) takes raw device pointers (:class:`DecodeArgs`); ``mode`` bits make timing
-variants: 1 = no grid barriers, 2 = consumers skip all arithmetic (the ring's streaming rate alone).
+variants: 1 = no grid barriers or counter waits, 2 = consumers skip all arithmetic (the ring's streaming rate
+alone), 4 = every layer streams layer 0's weights (L2-resident), 8 = no copies at all (consumers compute on stale
+shared memory: the arithmetic and exchanges alone).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ LLAMA_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, group=
 CMAX = 16                                                  # attention chunks per kv head, at most
 WS_FLOATS = 4 * 2048 + 3072 + 32 * CMAX * 66 + 1024 + 4096 + 64  # workspace (see WS_* in the source)
 WS_CTL = WS_FLOATS - 64                                    # control words: barrier, exit, abort, head counters
-TRACE_STRIDE = 248
+TRACE_STRIDE = 320
 
 CUDA_SOURCE = r"""
 // ---- ctc: persistent decode step (ctc/backends/tvm/cuda_persistent.py) ----
@@ -120,7 +122,8 @@ constexpr int WS_X = 0, WS_QKV = 4 * H, WS_PART = WS_QKV + QKV, WS_ATTN = WS_PAR
               WS_H = WS_ATTN + H / 2, WS_CTL = WS_H + FF / 2;
 constexpr int CTL_BAR = 0, CTL_EXIT = 1, CTL_ABORT = 2, CTL_HEAD = 8, CTL_QKV = 16;  // + kv head
 constexpr int XS_BYTES = FF * 2;
-constexpr int TRACE_STRIDE = 248;  // per block: start, then (begin, ready, mid, end) of each of at most 61 stages
+// per block: start, then per stage (begin, ready, first tile in, mid, first tile after mid in, end); <= 53 stages
+constexpr int TRACE_STRIDE = 320, NSTAMP = 6;
 // shared memory: ring slots | activations (fp16) | mbarriers | small arrays; fixed offsets from one symbol
 constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = OFF_FULL + NSLOT * 8,
               OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RED16 = OFF_QS + 4 * HD * 4,
@@ -326,6 +329,8 @@ __device__ __forceinline__ Mat mat_of(const Args& a, int st, int l) {
 struct Producer {
   const Args& a; unsigned* ctl; unsigned t; unsigned long long pol; int pos;
   unsigned head, tail, pend;
+  // mode bit 4 (timing only): every layer streams layer 0's weights (32 MB: they stay in L2)
+  __device__ __forceinline__ int lw(int l) const { return (a.mode & 4) ? 0 : l; }
   __device__ __forceinline__ TileDesc& next() const { return sm<TileDesc>(OFF_PQ)[head % PQN]; }
   __device__ __forceinline__ void issue_one() {
     const TileDesc& d = sm<TileDesc>(OFF_PQ)[tail % PQN];
@@ -369,7 +374,7 @@ struct Producer {
   __device__ __forceinline__ void att_end(int, int, int, bool) {}
   __device__ __forceinline__ void att_merge(int, int, bool) {}
   __device__ __forceinline__ void gemv(int st, int l, int r0, int cnt) {
-    const Mat m = mat_of(a, st, l);
+    const Mat m = mat_of(a, st, lw(l));
     constexpr unsigned rb = H / 2, sb = H / GS * 4;
     const unsigned nr = m.pair ? 2 * cnt : cnt;
     const unsigned char* sc = reinterpret_cast<const unsigned char*>(m.s);
@@ -388,13 +393,14 @@ struct Producer {
     push(d);
   }
   __device__ __forceinline__ void oproj(int l, int hk, int j) {  // 128 rows x 128 B codes, then 128 x 2 scales
-    const size_t row0 = (size_t)(l * NKV + hk) * H + j * OROWS;
+    const size_t row0 = (size_t)(lw(l) * NKV + hk) * H + j * OROWS;
     TileDesc& d = open();
     piece(d, a.wo + row0 * 128, OROWS * 128, 0);
     piece(d, a.so + row0 * 2, OROWS * 8, OROWS * 128);
     push(d);
   }
   __device__ __forceinline__ void down(int l, int b, int t) {  // 1024 rows x 32 B codes, then 1024 scales
+    l = lw(l);
     TileDesc& d = open();
     piece(d, a.wd + ((size_t)(l * FSL + b) * H + t * DROWS) * (FCH / 2), DROWS * (FCH / 2), 0);
     piece(d, a.sd + ((size_t)l * (FF / GS) + b / 2) * H + t * DROWS, DROWS * 4, DROWS * (FCH / 2));
@@ -458,9 +464,9 @@ __device__ __forceinline__ void red_add4(float* p, float a, float b, float c, fl
 struct Consumer {
   const Args& a; unsigned* ctl; Plan p;
   unsigned long long* trace;
-  unsigned t, nbar, nst;
+  unsigned t, nbar, nst, wstate;
   int tid, lane, warp;
-  bool compute, barriers;
+  bool compute, barriers, copies;
   unsigned xp[32];
   float acc[8];
   float gam[4];  // the next RMSNorm's weights (this thread's 4), loaded before the barrier that precedes it
@@ -481,9 +487,10 @@ struct Consumer {
   // (it held 2 l - 1, last read in C(l - 1)), C(l) version 2 l + 3's (it held 2 l, last read in A(l)).
   __device__ __forceinline__ float* xbuf(int k) const { return a.ws + WS_X + (k == 1 ? 3 : k % 3) * H; }
 
-  // trace: per stage (begin, ready = prologue done, mid, end); mid defaults to ready
+  // trace: per stage (begin, ready = prologue done, first tile in, mid, first tile after mid in, end); the middle
+  // ones default to ready
   __device__ __forceinline__ void stamp(int k) {
-    if (trace != nullptr && tid == 0) trace[1 + 4 * nst + k] = gtime();
+    if (trace != nullptr && tid == 0) trace[1 + NSTAMP * nst + k] = gtime();
   }
   __device__ __forceinline__ void prefetch_gamma(const half* g) {
     const uint2 u = *reinterpret_cast<const uint2*>(g + 4 * tid);
@@ -494,12 +501,13 @@ struct Consumer {
 
   __device__ __forceinline__ unsigned char* wait_tile() {
     const unsigned s = t % NSLOT, round = t / NSLOT;
-    mbar_wait(full_bar(s), round & 1u, ctl);
+    if (copies) mbar_wait(full_bar(s), round & 1u, ctl);
+    if (wstate == 0 || wstate == 2) { stamp(wstate == 0 ? 2 : 4); ++wstate; }
     return slot_ptr(s);
   }
   __device__ __forceinline__ void release_tile() {
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty_bar(t % NSLOT));
+    if (lane == 0 && copies) mbar_arrive(empty_bar(t % NSLOT));
     ++t;
   }
 
@@ -556,6 +564,9 @@ struct Consumer {
     }
     stamp(1);
     stamp(2);
+    stamp(3);
+    stamp(4);
+    wstate = 0;
   }
   // thread 0: until *c >= target (acquire), or the abort flag / a timeout
   __device__ __forceinline__ void wait_count(unsigned* c, unsigned target) {
@@ -568,12 +579,15 @@ struct Consumer {
       }
     }
   }
-  __device__ __forceinline__ void mid() { stamp(2); }
+  __device__ __forceinline__ void mid() {
+    stamp(3);
+    wstate = 2;
+  }
 
   __device__ __forceinline__ void stage_end(int st, int l) {
     if (compute && st == 1) prefetch_gamma(a.mlp_norm + (size_t)l * H);
     if (compute && st == 2) prefetch_gamma(l + 1 < p.layers ? a.attn_norm + (size_t)(l + 1) * H : a.final_norm);
-    stamp(3);
+    stamp(5);
     ++nst;
     if (st == 3) return;  // the step's last stage: no barrier
     if (st == 0) {  // q|k|v rows out: release on the kv head's counter (the stores before it: bar.sync, cumulative)
@@ -885,13 +899,16 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
   if (warp == NCW) {
     if ((threadIdx.x & 31) == 0) {
       Producer pr{a, ctl, 0u, evict_first_policy(), p.pos, 0u, 0u, 0u};
-      walk(pr, p);
-      pr.finish();
+      if ((a.mode & 8) == 0) {  // mode bit 8 (timing only): no copies; the consumers compute on stale slots
+        walk(pr, p);
+        pr.finish();
+      }
     }
     return;
   }
   Consumer cs{a, ctl, p};
-  cs.t = 0; cs.nbar = 0; cs.nst = 0;
+  cs.t = 0; cs.nbar = 0; cs.nst = 0; cs.wstate = 0;
+  cs.copies = (a.mode & 8) == 0;
   cs.tid = threadIdx.x; cs.lane = threadIdx.x & 31; cs.warp = warp;
   cs.compute = (a.mode & 2) == 0;
   cs.barriers = (a.mode & 1) == 0;
