@@ -73,6 +73,11 @@ class CudaOptions(TargetOptions):
 
     arch: str = option("", "CUDA arch like sm_90 (empty = the visible GPU's)")
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
+    sms: int = option(0, "multiprocessors of the GPU the library will run on: the persistent decode step's grid "
+                         "(0 = the visible GPU's, else the arch's common part: 132 for sm_90/sm_90a, H100 SXM and "
+                         "H200); a library is refused on a GPU with another count", min=0)
+    persistent: bool = option(True, "run a batch-1 int4 Llama-1B-shaped decode step as one persistent kernel "
+                                    "(docs/tvm-cuda-backend.md); false = the per-operator kernels")
 
 
 @dataclass(frozen=True)

@@ -349,9 +349,14 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
     tgt = info.target()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    step = None
+    if gpu:  # the persistent decode step (cuda_decode_stack): the target's options
+        from ctc.backends.tvm.cuda_decode_stack import StepOptions
+
+        step = StepOptions(info.persistent, info.sms, str(info.tvm.get("arch", "")))
     low = lower(module, params=opts.params, fast_math=opts.fast_math, static_dims=opts.static_dims, target=tgt,
                 use_int_kernels=opts.use_int_kernels, use_amx=opts.use_amx, fp32_matmul=opts.fp32_matmul,
-                attention_bits=opts.attention_bits)
+                attention_bits=opts.attention_bits, persistent=step)
     timings["lower_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tgt, tvm.transform.PassContext(opt_level=opts.opt_level):
@@ -412,6 +417,8 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         meta["kernels_per_call"] = kernels.get("total", 0)
         meta["kernels"] = {k: v for k, v in kernels.items() if k != "total"}
         meta["toolchain"] = toolchain
+        if low.persistent_grid:  # the persistent decode step: refused at load on a GPU with another SM count
+            meta["persistent_grid"] = low.persistent_grid
     return Compiled(ex, meta, [a for _, a in low.param_inputs], timings)
 
 
@@ -504,6 +511,18 @@ def _load_runtime(device: str = "cpu") -> Any:
     return tvm_ffi
 
 
+def _check_persistent_grid(ffi: Any, lib: Path, grid: int) -> None:
+    """A library with the persistent decode step launches ``grid`` blocks whose grid barriers need every one of them
+    resident at once (one per multiprocessor): refuse a GPU with another multiprocessor count (with fewer, the
+    barriers wait for blocks that cannot start until the kernel's timeout: NaN logits; with more, the step runs
+    short of the GPU)."""
+    sms = int(ffi.get_global_func("runtime.GetDeviceAttr")(2, 0, 7))  # kDLCUDA, device 0, kMultiProcessorCount
+    if sms != grid:
+        raise RuntimeError(f"load_compiled: {lib}'s persistent decode step launches {grid} blocks, one per "
+                           f"multiprocessor of the GPU it was built for, but this GPU has {sms}; rebuild it with "
+                           f"`target cuda sms={sms}` (or `persistent=false` for the per-operator kernels)")
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     """A 64-byte aligned C-contiguous copy (TVM kernels assume aligned buffers)."""
     a = np.asarray(a)
@@ -570,6 +589,8 @@ class CompiledModel:
                                    "`target cpu amx=false`")
         ffi = _load_runtime(self.device)
         self._ffi = ffi
+        if self.meta.get("persistent_grid"):
+            _check_persistent_grid(ffi, lib, int(self.meta["persistent_grid"]))
         cfg = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
         if cfg is not None:
             cfg(POOL_ONE_CORE_PER_THREAD, self.threads, [str(c) for c in usable_cores()])

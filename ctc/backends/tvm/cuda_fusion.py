@@ -28,6 +28,10 @@ norm+gate/up+SwiGLU, down+residual) instead of the op-by-op lowering's fourteen.
 
 The lowering is unchanged otherwise: every op keeps its rule, and any subgraph that does not match
 exactly (a value read elsewhere, a bias on one linear only, another layout) is lowered op by op.
+
+Before all of that, a static decode step that is exactly what the persistent decode-step kernel computes
+(:mod:`.cuda_decode_stack`: batch 1, int4 Llama layers of the kernel's shape) becomes one group, the whole step
+in one launch; :attr:`FusionPlan.notes` says whether it did and, if not, why.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class FusionPlan:
     groups: dict[int, Any] = field(default_factory=dict)
     last: dict[int, Any] = field(default_factory=dict)
     absorbed: set[int] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)  # build notes (the persistent decode step: used, or why not)
+    persistent_grid: int = 0  # blocks of the persistent decode step when it is used (the GPU's multiprocessors)
 
     def __len__(self) -> int:
         return len(self.last)
@@ -252,10 +258,12 @@ def _residual(lin: Node, m: Module) -> GemvGroup | None:
     return GemvGroup([lin], "residual", [add], residual=other)
 
 
-def plan(m: Module, gemm: bool = False) -> FusionPlan:
+def plan(m: Module, gemm: bool = False, persistent: Any = None) -> FusionPlan:
     """Every attention input and one-row GEMV of ``m`` that :func:`emit` can lower as fused kernels; with
     ``gemm`` (a GPU with ``mma.sync``: sm_80 on) also every many-row float linear, as a tensor-core GEMM
-    with the SwiGLU or residual add after it in its epilogue."""
+    with the SwiGLU or residual add after it in its epilogue.  ``persistent``
+    (:class:`.cuda_decode_stack.StepOptions`, None = not considered): a decode step the persistent kernel computes
+    is one group of every node instead."""
     order = {id(n): i for i, n in enumerate(m.nodes)}
     out = FusionPlan()
 
@@ -263,6 +271,16 @@ def plan(m: Module, gemm: bool = False) -> FusionPlan:
         for x in g.members:
             out.groups[id(x)] = g
         out.last[id(g.last(order))] = g
+
+    if persistent is not None:
+        from ctc.backends.tvm.cuda_decode_stack import plan_note
+
+        stack, note = plan_note(m, persistent)
+        out.notes += [note] if note else []
+        if stack is not None:
+            add(stack)
+            out.persistent_grid = stack.sms
+            return out
 
     for n in m.nodes:
         if n.op != "scaled_dot_product_attention":
@@ -324,6 +342,11 @@ def emit(ctx: Any, g: Any) -> bool:
     unsupported (the caller then lowers the members op by op: an absorbed norm is then lowered first)."""
     if isinstance(g, GemvGroup):
         return _emit_gemm(ctx, g) if g.kernel == "gemm" else _emit_gemv(ctx, g)
+    if not isinstance(g, AttentionInput):
+        from ctc.backends.tvm import cuda_decode_stack
+
+        cuda_decode_stack.emit(ctx, g)  # matched whole: its errors are the build's (no op-by-op fallback)
+        return True
     return _emit_attention(ctx, g)
 
 

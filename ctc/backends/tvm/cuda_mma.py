@@ -17,6 +17,7 @@ and bf16 (sm_80 on).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["PRIMITIVES", "device_type", "dtype_problem", "launcher", "library_source", "postprocess_cuda_source",
@@ -142,17 +143,22 @@ __device__ __forceinline__ void store_fragment_row(const float* acc, int h, void
 """
 
 
-def _kernels() -> list[tuple[str, str]]:
-    """(marker, source) of each kernel in the library: the marker is the call the TIR wrapper emits."""
-    from ctc.backends.tvm import cuda_flash, cuda_gemm, cuda_gemv, cuda_wgmma
+def _kernels() -> list[tuple[tuple[str, ...], Callable[[], str]]]:
+    """(markers, source) of each kernel in the library, in the order they are put in: a module whose code contains
+    any of the markers (the calls the TIR wrappers emit) gets the source.  The persistent decode step's source
+    (made from its kernel's text when asked) uses :mod:`.cuda_gemv`'s helpers, so its marker pulls those in too."""
+    from ctc.backends.tvm import cuda_decode_stack, cuda_flash, cuda_gemm, cuda_gemv, cuda_wgmma
 
-    return [(cuda_gemm.MARKER, cuda_gemm.CUDA_SOURCE), (cuda_flash.MARKER, cuda_flash.CUDA_SOURCE),
-            (cuda_gemv.MARKER, cuda_gemv.CUDA_SOURCE), (cuda_wgmma.MARKER, cuda_wgmma.CUDA_SOURCE)]
+    return [((cuda_gemm.MARKER,), lambda: cuda_gemm.CUDA_SOURCE),
+            ((cuda_flash.MARKER,), lambda: cuda_flash.CUDA_SOURCE),
+            ((cuda_gemv.MARKER, cuda_decode_stack.MARKER), lambda: cuda_gemv.CUDA_SOURCE),
+            ((cuda_wgmma.MARKER,), lambda: cuda_wgmma.CUDA_SOURCE),
+            ((cuda_decode_stack.MARKER,), cuda_decode_stack.device_source)]
 
 
 def library_source(code: str) -> str:
     """The library source a generated module ``code`` needs ("" when it calls none of it)."""
-    used = [src for marker, src in _kernels() if marker in code]
+    used = [src() for markers, src in _kernels() if any(mk in code for mk in markers)]
     return PRIMITIVES + "".join(used) if used else ""
 
 
@@ -196,14 +202,16 @@ def device_type(dtype: str) -> str:
 
 
 def launcher(name: str, buffers: list[tuple[str, str, str]], symbols: list[str], grid: tuple[str, str], threads: int,
-             smem_bytes: int, call: str, args: list[str], with_by: bool = True) -> Any:
+             smem_bytes: int, call: str, args: list[str], with_by: bool = True, with_ids: bool = True) -> Any:
     """A private PrimFunc ``name`` that launches ``grid`` blocks of ``threads`` threads, each calling the device
     function ``call`` with ``args`` (TIR expressions over the buffers, ``S`` = ``smem_bytes`` of dynamic shared
     memory, and ``bx``/``by``/``tx``).  ``buffers``: ``(name, shape, dtype)`` in parameter order; ``symbols``:
-    the symbolic dims the shapes use; ``with_by=False`` leaves ``by`` out of the call.  Opaque to fusion
-    (op_pattern 8), already scheduled."""
+    the symbolic dims the shapes use; ``with_by=False`` leaves ``by`` out of the call, ``with_ids=False`` all three
+    block/thread indices (the device function reads them itself; its last parameters may then be a pack).  Opaque
+    to fusion (op_pattern 8), already scheduled."""
     import tvm
 
+    ids = ['T.Cast("int32", bx)', *(['T.Cast("int32", by)'] if with_by else []), 'T.Cast("int32", tx)']
     params = ", ".join(f"{b[0].lower()}_h: T.handle" for b in buffers)
     src = ["@T.prim_func(private=True)", f"def {name}({params}):",
            '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
@@ -213,6 +221,5 @@ def launcher(name: str, buffers: list[tuple[str, str, str]], symbols: list[str],
            f'    by = T.launch_thread("blockIdx.y", {grid[1]})',
            f'    tx = T.launch_thread("threadIdx.x", {threads})',
            *([f'    S = T.decl_buffer(({smem_bytes},), "uint8", scope="shared.dyn")'] if smem_bytes else []),
-           f'    T.evaluate(T.call_extern("void", "{call}", {", ".join(args)}, T.Cast("int32", bx), '
-           + ('T.Cast("int32", by), ' if with_by else "") + 'T.Cast("int32", tx)))']
+           f'    T.evaluate(T.call_extern("void", "{call}", {", ".join([*args, *(ids if with_ids else [])])}))']
     return tvm.script.from_source("\n".join(src))

@@ -70,6 +70,9 @@ class Lowered:
     amx_f32_added_bytes: int = 0
     fp32_matmul: str = "strict"  # how f32 linears ran: "strict" (f32 FMAs; also: none ran on AMX) or an amx_f32 mode
     inplace_inputs: list[str] = field(default_factory=list)
+    # cuda: blocks of the persistent decode step's launch (cuda_decode_stack), 0 where the library has none: a GPU
+    # with another multiprocessor count must not run it (its grid barrier needs every block resident)
+    persistent_grid: int = 0
 
 
 # ----------------------------------------------------------------------------- parameter layouts
@@ -109,7 +112,17 @@ PARAM_DERIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "pad_end": lambda t, extra: torch.nn.functional.pad(t, (0, extra)),
     "amx_bf16_pieces": lambda t, pieces: _amx_pieces_torch(t, pieces),
     "gate_up8": lambda g, u: _concat0(g, u)[torch.from_numpy(_gate_up_order(g.shape[0]))],
+    # the persistent decode step (cuda_decode_stack): per-layer weights stacked over layers, its workspace
+    "stack_layers": lambda *ts, parts=1, pack="": _stack_layers(*ts, parts=parts, pack=pack),
+    "astype": lambda t, dtype: t.to(getattr(torch, dtype)),
+    "zeros": lambda shape, dtype: torch.zeros(shape, dtype=getattr(torch, dtype)),
 }
+
+
+def _stack_layers(*ts: torch.Tensor, parts: int, pack: str) -> torch.Tensor:
+    from ctc.backends.tvm.cuda_decode_stack import stack_layers
+
+    return stack_layers(*ts, parts=parts, pack=pack)
 
 
 def _amx_pieces_torch(t: torch.Tensor, pieces: int) -> torch.Tensor:
@@ -1680,6 +1693,16 @@ def _attention_bits(ctx: Ctx) -> int:
     return 32
 
 
+def _step_options(ctx: Ctx) -> Any:
+    """The persistent decode step's default options for ``ctx``'s cuda target: enabled, the arch's common
+    multiprocessor count (:data:`.targets.CUDA_ARCH_SMS`)."""
+    from ctc.backends.tvm.cuda_decode_stack import StepOptions
+    from ctc.backends.tvm.targets import CUDA_ARCH_SMS
+
+    arch = str(ctx.target.attrs.get("arch", "")) if ctx.target is not None else ""
+    return StepOptions(True, CUDA_ARCH_SMS.get(arch, 0), arch)
+
+
 def _mma_gpu(ctx: Ctx) -> bool:
     """Whether the CUDA target has ``mma.sync`` m16n8k16, ``ldmatrix`` and ``cp.async`` (sm_80 on): the
     tensor-core kernels of :mod:`.cuda_mma`."""
@@ -2445,7 +2468,7 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
           static_dims: Mapping[str, int] | None = None, target: Any = None,
           use_int_kernels: bool = True, use_amx: bool = True, func_name: str = "main",
           kernels: Mapping[str, Rule] | None = None, fp32_matmul: str = "strict",
-          attention_bits: int = 0) -> Lowered:
+          attention_bits: int = 0, persistent: Any = None) -> Lowered:
     """Lower ``module`` to a Relax IRModule with one function ``func_name``.
 
     ``params``: ``"const"`` binds parameters as constants; ``"input"`` makes them trailing
@@ -2458,7 +2481,9 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     with integer activations (a ``quant_linear`` with ``a_bits`` 4..8), else 32.  ``kernels``
     replaces the rules of the ops it names with a target's own kernels (same rule signature): the fpga
     target's exact, tiled kernels
-    (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.
+    (:mod:`ctc.backends.hls.kernels`); every other op keeps its rule here.  ``persistent``: for a cuda target,
+    whether and on how many multiprocessors a matching decode step runs as one persistent kernel
+    (:class:`.cuda_decode_stack.StepOptions`; None = enabled, the arch's common multiprocessor count).
     """
     if params not in ("const", "input"):
         raise LoweringError(f"lower: params must be 'const' or 'input', got {params!r}")
@@ -2491,7 +2516,8 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
     if ctx.gpu:  # multi-node GPU kernels (decode attention inputs), see cuda_fusion
         from ctc.backends.tvm import cuda_fusion
 
-        fusion = cuda_fusion.plan(module, gemm=_mma_gpu(ctx))
+        fusion = cuda_fusion.plan(module, gemm=_mma_gpu(ctx), persistent=persistent or _step_options(ctx))
+        ctx.notes += fusion.notes
     order = {id(n): i for i, n in enumerate(module.nodes)}
     with bb.function(func_name):
         with bb.dataflow():
@@ -2531,7 +2557,8 @@ def lower(module: Module, *, params: str = "const", fast_math: bool = True,
                    symbols=syms, notes=ctx.notes,
                    int_kernels=ctx.int_kernels, amx_kernels=ctx.amx_kernels,
                    fp32_matmul=mode if ctx.amx_f32_linears else "strict", amx_f32_added_bytes=ctx.amx_f32_added_bytes,
-                   inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs])
+                   inplace_inputs=[v.name for v in module.inputs if v.name in ctx.inplace_inputs],
+                   persistent_grid=fusion.persistent_grid if fusion is not None else 0)
 
 
 FP32_MATMUL_MODES = ("auto", "strict", "bf16x3", "bf16x6")

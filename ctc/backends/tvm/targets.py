@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CUDA_ARCH_LIMITS", "TargetInfo", "UnsupportedTarget", "check_mcpu", "cpuinfo_flags", "cuda_target",
-           "detect_cuda_arch", "host_cores", "host_cpu", "host_mattr", "llvm_cpus", "mattr_for_host",
-           "missing_cpu_features", "native_target", "required_cpu_features", "resolve", "target_key"]
+__all__ = ["CUDA_ARCH_LIMITS", "CUDA_ARCH_SMS", "TargetInfo", "UnsupportedTarget", "check_mcpu", "cpuinfo_flags",
+           "cuda_target", "detect_cuda_arch", "detect_cuda_sms", "host_cores", "host_cpu", "host_mattr", "llvm_cpus",
+           "mattr_for_host", "missing_cpu_features", "native_target", "required_cpu_features", "resolve", "target_key"]
 
 ISSUE = "issue 17 (FPGA-style target)"
 
@@ -38,6 +38,11 @@ CUDA_ARCH_LIMITS: dict[str, dict[str, int]] = {
     "sm_90": {"max_shared_memory_per_block": 232448, "registers_per_block": 65536},
     "sm_90a": {"max_shared_memory_per_block": 232448, "registers_per_block": 65536},
 }
+
+# Multiprocessors of the common data-center part of each architecture: the grid of the persistent decode step
+# (cuda_decode_stack) when `target cuda sms=...` is not given.  Hopper: H100 SXM and H200 have 132 (H100 PCIe 114,
+# H20 78: give sms= for those); Ampere: A100 108.
+CUDA_ARCH_SMS: dict[str, int] = {"sm_80": 108, "sm_90": 132, "sm_90a": 132}
 
 
 class UnsupportedTarget(NotImplementedError):
@@ -105,6 +110,8 @@ class TargetInfo:
     kind: str
     tvm: dict[str, Any]
     threads: int
+    sms: int = 0  # cuda: the GPU's multiprocessor count the build assumes (the persistent decode step's grid)
+    persistent: bool = True  # cuda: a matching decode step may run as one persistent kernel
 
     def target(self) -> Any:
         """The ``tvm.target.Target`` (imports TVM)."""
@@ -212,6 +219,18 @@ def detect_cuda_arch() -> str | None:
     return f"sm_{major}{minor}"
 
 
+def detect_cuda_sms() -> int | None:
+    """Multiprocessors of the first visible GPU (through torch's CUDA runtime); None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(0).multi_processor_count)
+    except Exception:  # noqa: BLE001 - a broken driver counts as no GPU
+        return None
+
+
 def cuda_target(arch: str) -> dict[str, Any]:
     """The TVM target dict for ``arch`` (``sm_90``...), with that architecture's block limits."""
     if not arch.startswith("sm_") or not arch[3:5].isdigit():
@@ -233,7 +252,14 @@ def _cuda(options: Any) -> TargetInfo:
             raise UnsupportedTarget("target cuda: no GPU is visible here to detect the architecture from; name it, "
                                     'e.g. `target cuda arch="sm_90"` (H100/H200) -- libraries for a GPU are built '
                                     "on any machine with nvcc")
-    return TargetInfo("cuda", cuda_target(arch), 0)
+    sms = int(getattr(options, "sms", 0) or 0)
+    if sms < 0:
+        raise UnsupportedTarget(f"target cuda: sms={sms} must be >= 0 (0 = the visible GPU's, else the arch's common "
+                                "part)")
+    if not sms:
+        here = detect_cuda_sms() if detect_cuda_arch() == arch else None
+        sms = here or CUDA_ARCH_SMS.get(arch, 0)
+    return TargetInfo("cuda", cuda_target(arch), 0, sms=sms, persistent=bool(getattr(options, "persistent", True)))
 
 
 def _fpga(options: Any) -> TargetInfo:
