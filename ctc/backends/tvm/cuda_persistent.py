@@ -135,7 +135,8 @@ struct TileDesc { Piece pc[4]; unsigned n, total; };
 constexpr int PQN = 32, OFF_END = OFF_PQ + PQN * (int)sizeof(TileDesc);
 constexpr unsigned PF_BYTES = PDEC_PF_KB * 1024u, NOHINT = 1u << 31;
 constexpr int SMEM = OFF_END;
-static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_FULL % 8 == 0 && OFF_PQ % 8 == 0, "alignment");
+static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_QS % 16 == 0 && OFF_FULL % 8 == 0 && OFF_PQ % 8 == 0,
+              "alignment");
 extern __shared__ __align__(1024) unsigned char pdec_smem[];
 template <class T> __device__ __forceinline__ T* sm(int off) { return reinterpret_cast<T*>(pdec_smem + off); }
 __device__ __forceinline__ unsigned char* slot_ptr(unsigned s) { return pdec_smem + (size_t)s * SLOT; }
@@ -610,10 +611,14 @@ struct Consumer {
       const float* sc0 = reinterpret_cast<const float*>(slot + (size_t)nr * rb);
       if (st == 3) {  // gate|up pairs: warp w takes pair w
         if (warp < cnt) {
-          float g = dot_seg(slot + (size_t)warp * rb, sc0 + warp * ng, xp, lane);
-          float u = dot_seg(slot + (size_t)(cnt + warp) * rb, sc0 + (cnt + warp) * ng, xp, lane);
-          g = warp_sum(g);
-          u = warp_sum(u);
+          const float g0 = dot_seg(slot + (size_t)warp * rb, sc0 + warp * ng, xp, lane);
+          const float u0 = dot_seg(slot + (size_t)(cnt + warp) * rb, sc0 + (cnt + warp) * ng, xp, lane);
+          // both sums in 5 shuffles: after the first, lanes 0..15 carry g, lanes 16..31 u
+          const bool up = lane & 16;
+          float gu = (up ? u0 : g0) + __shfl_xor_sync(0xffffffffu, up ? g0 : u0, 16);
+#pragma unroll
+          for (int o = 8; o > 0; o >>= 1) gu += __shfl_xor_sync(0xffffffffu, gu, o);
+          const float g = gu, u = __shfl_sync(0xffffffffu, gu, 16);
           if (lane == 0) {
             const half h = __float2half_rn(g / (1.f + expf(-g)) * u);
             hvec()[r0 - p.b * FCH + warp] = h;
@@ -687,12 +692,16 @@ struct Consumer {
       const uint4 k0 = kr[0], k1 = kr[1];
       const unsigned kw[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float2 kf = __half22float2(*reinterpret_cast<const __half2*>(&kw[i]));
+      for (int i = 0; i < 4; ++i) {  // dims qt * 16 + 4 i .. + 3: one 16-byte read of q per head
+        const float2 ka = __half22float2(*reinterpret_cast<const __half2*>(&kw[2 * i]));
+        const float2 kb = __half22float2(*reinterpret_cast<const __half2*>(&kw[2 * i + 1]));
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
-          s[h] = fmaf(qs()[h * HD + qt * 16 + 2 * i], kf.x, s[h]);
-          s[h] = fmaf(qs()[h * HD + qt * 16 + 2 * i + 1], kf.y, s[h]);
+          const float4 q4 = reinterpret_cast<const float4*>(qs() + h * HD + qt * 16)[i];
+          s[h] = fmaf(q4.x, ka.x, s[h]);
+          s[h] = fmaf(q4.y, ka.y, s[h]);
+          s[h] = fmaf(q4.z, kb.x, s[h]);
+          s[h] = fmaf(q4.w, kb.y, s[h]);
         }
       }
     }
@@ -828,17 +837,23 @@ struct Consumer {
     if (compute) {
       float* xo = xbuf(2 * l + 1) + j * OROWS;
       const float* scl = reinterpret_cast<const float*>(slot + OROWS * 128);
+      constexpr int NP = OROWS / 64;
+      float y[NP];
 #pragma unroll
-      for (int pass = 0; pass < OROWS / 64; ++pass) {
+      for (int pass = 0; pass < NP; ++pass) {  // all products first (the atomics below are ordered asm)
         const int r = pass * 64 + warp * 4 + (lane >> 3);
-        float y = scl[2 * r + (q >> 2)] * dot32(reinterpret_cast<const uint4*>(slot + r * 128)[q], xp);
-        y += __shfl_xor_sync(0xffffffffu, y, 1);
-        y += __shfl_xor_sync(0xffffffffu, y, 2);
-        y += __shfl_xor_sync(0xffffffffu, y, 4);
+        y[pass] = scl[2 * r + (q >> 2)] * dot32(reinterpret_cast<const uint4*>(slot + r * 128)[q], xp);
+      }
+#pragma unroll
+      for (int pass = 0; pass < NP; ++pass) {
+        float v = y[pass];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
         // rows r .. r + 3 sit in lanes 0, 8, 16, 24: one 16-byte atomic from lane 0
-        const float y1 = __shfl_down_sync(0xffffffffu, y, 8), y2 = __shfl_down_sync(0xffffffffu, y, 16),
-                    y3 = __shfl_down_sync(0xffffffffu, y, 24);
-        if (lane == 0) red_add4(xo + r, y, y1, y2, y3);
+        const float v1 = __shfl_down_sync(0xffffffffu, v, 8), v2 = __shfl_down_sync(0xffffffffu, v, 16),
+                    v3 = __shfl_down_sync(0xffffffffu, v, 24);
+        if (lane == 0) red_add4(xo + pass * 64 + warp * 4, v, v1, v2, v3);
       }
     }
     release_tile();
@@ -861,16 +876,21 @@ struct Consumer {
       float* xo = xbuf(2 * l + 2) + t * DROWS;
       const float* scl = reinterpret_cast<const float*>(slot + DROWS * (FCH / 2));
       const int hp = lane & 1;
+      constexpr int NP = DROWS / 256;
+      float y[NP];
 #pragma unroll
-      for (int pass = 0; pass < DROWS / 256; ++pass) {
+      for (int pass = 0; pass < NP; ++pass) {  // all products first (the atomics below are ordered asm)
         const int r = pass * 256 + warp * 16 + (lane >> 1);
-        float y = dot32(reinterpret_cast<const uint4*>(slot + r * (FCH / 2))[hp], xp);
-        y += __shfl_xor_sync(0xffffffffu, y, 1);
-        y *= scl[r];
+        y[pass] = dot32(reinterpret_cast<const uint4*>(slot + r * (FCH / 2))[hp], xp) * scl[r];
+      }
+#pragma unroll
+      for (int pass = 0; pass < NP; ++pass) {
+        float v = y[pass];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
         // rows r .. r + 3 sit in lanes 0, 2, 4, 6 (of each 8): one 16-byte atomic from lane 8 i
-        const float y1 = __shfl_down_sync(0xffffffffu, y, 2), y2 = __shfl_down_sync(0xffffffffu, y, 4),
-                    y3 = __shfl_down_sync(0xffffffffu, y, 6);
-        if ((lane & 7) == 0) red_add4(xo + r, y, y1, y2, y3);
+        const float v1 = __shfl_down_sync(0xffffffffu, v, 2), v2 = __shfl_down_sync(0xffffffffu, v, 4),
+                    v3 = __shfl_down_sync(0xffffffffu, v, 6);
+        if ((lane & 7) == 0) red_add4(xo + pass * 256 + warp * 16 + (lane >> 1), v, v1, v2, v3);
       }
     }
     release_tile();
