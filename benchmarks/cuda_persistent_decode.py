@@ -422,6 +422,29 @@ def run(out: Path, repeat: int, results: Path, quick: bool = False) -> dict[str,
     return res
 
 
+def profile(out: Path, modes: tuple[int, ...]) -> None:
+    """One step at KV 128 per mode between cudaProfilerStart / Stop, for ``ncu --profile-from-start off``."""
+    import torch
+
+    cfg = dict(P.LLAMA_1B)
+    packed, _ = make_weights(cfg, cfg["layers"])
+    g = torch.Generator(device="cuda").manual_seed(SEED + 1)
+    shape = (cfg["layers"], cfg["kv_heads"], MAX_LEN, cfg["head_dim"])
+    kc = torch.randn(shape, generator=g, device="cuda").half()
+    vc = torch.randn(shape, generator=g, device="cuda").half()
+    dec = P.PersistentDecoder(out / "libctc_pdec.so", packed, kc, vc, eps=cfg["eps"])
+    dec.set(1000, 128)
+    for mode in modes:
+        dec.step(mode=mode)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for mode in modes:
+        dec.step(mode=mode)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print("profiled modes", modes, "aborted", dec.aborted(), flush=True)
+
+
 def table(res: dict[str, Any]) -> str:
     """A short text summary of :func:`run`'s results."""
     lines = [f"{res['device']}, torch {res['torch']} (CUDA {res['cuda']}), copy {res.get('copy_tb_s_start')} / "
@@ -484,7 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--repeat", type=int, default=100)
     r.add_argument("--quick", action="store_true", help="only a 1-layer check (for compute-sanitizer)")
     r.add_argument("--results", type=Path, default=Path(os.environ.get("OUT", ".")) / "persistent_decode.json")
+    f = sub.add_parser("profile", help="one step per mode inside cudaProfilerStart/Stop (for ncu)")
+    f.add_argument("out", type=Path)
+    f.add_argument("--modes", type=int, nargs="+", default=[0])
     args = p.parse_args(argv)
+    if args.cmd == "profile":
+        profile(args.out, tuple(args.modes))
+        return 0
     if args.cmd == "build":
         build(args.out)
         return 0
