@@ -41,7 +41,6 @@ from ctc.errors import ArtifactError
 from ctc.ir.graph import Module
 from ctc.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from ctc.output_dir import PARTIAL_MARKER, check_destination, make_temp_dir, remove_stale_temps, swap_into_place
-from ctc.positions import config_positions
 from ctc.report_html import bar_chart_svg, line_chart_svg, render_html  # noqa: F401 - the report page, re-exported
 
 IR_FILE = "ir.txt"
@@ -234,14 +233,7 @@ class Artifact:
     @functools.cached_property
     def input_checker(self) -> InputChecker:
         """What :meth:`run` checks every call's inputs with (built once)."""
-        return InputChecker(self.module, self.positions)
-
-    @functools.cached_property
-    def positions(self) -> tuple[int, str] | None:
-        """``(positions, where read)``: how many tokens the source model takes (its ``config.json``, kept with
-        the tokenizer files); None when unknown."""
-        return config_positions(self.path / TOKENIZER_DIR / "config.json") if self.tokenizer_dir is not None \
-            else None
+        return InputChecker(self.module, self.path / TOKENIZER_DIR / "config.json" if self.tokenizer_dir else None)
 
     def tokenizer(self) -> Any:
         """The source model's tokenizer (transformers, loaded offline from the verified artifact files)."""
@@ -312,7 +304,7 @@ class Artifact:
 
 
 class InputChecker:
-    """Checks a model's inputs before any backend runs them: ``InputChecker(module, positions)(inputs)``.
+    """Checks a model's inputs before any backend runs them: ``InputChecker(module, config)(inputs)``.
 
     Why: a backend given a wrong input fails deep inside an op with a traceback, or, compiled, reads past a
     table and returns garbage or crashes.  Checked, each a :class:`~ctc.errors.UsageError` naming the input:
@@ -320,30 +312,20 @@ class InputChecker:
     token ids), rank, fixed sizes and symbols agreeing across inputs (the compiled runner's own checks, from
     :mod:`ctc.backends.tvm.inputs`), no empty symbolic axis, token ids inside the embedding table they index,
     a decode step's cache positions inside its KV cache (written in place), and ``seq`` within the model's
-    ``positions`` (:func:`ctc.positions.config_positions`).  What depends only
+    positions (:func:`ctc.positions.model_limits`: the config's, or the IR's).  What depends only
     on the module is worked out once, here."""
 
-    def __init__(self, module: Module, positions: tuple[int, str] | None = None):
+    def __init__(self, module: Module, config: Path | None = None):
         from ctc.backends.tvm.inputs import input_specs
+        from ctc.positions import index_bounds, model_limits
 
         self.names = [v.name for v in module.inputs]
         self.specs = input_specs({"inputs": [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
                                              for v in module.inputs]})
-        self.positions = positions
-        index = {id(v): i for i, v in enumerate(module.inputs)}
+        self.limits = model_limits(module, config)
+        bounds = index_bounds(module)
         # input index -> (the size of the smallest table it indexes, what its values are)
-        self.bounds: dict[int, tuple[int, str]] = {}
-        for n in module.nodes:
-            if n.op == "embedding":  # token ids index the table's rows
-                i, size, what = index.get(id(n.operand("ids"))), n.operand("weight").type.shape[0], "token ids"
-            elif n.op == "cache_write":  # a decode step writes its new rows at these cache positions, in place
-                cache = n.operand("cache").type
-                i, size = index.get(id(n.operand("position"))), cache.shape[n.attrs["axis"] % cache.rank]
-                what = "cache positions"
-            else:
-                continue
-            if i is not None and isinstance(size, int):
-                self.bounds[i] = (min(size, self.bounds.get(i, (size, what))[0]), what)
+        self.bounds = {i: bounds[n] for i, n in enumerate(self.names) if n in bounds}
 
     def __call__(self, inputs: Any) -> tuple[list[torch.Tensor], list[Any]]:
         """``inputs`` (by name, in order, or one tensor) checked; returns ``(tensors, given)``: CPU tensors in the
@@ -351,6 +333,7 @@ class InputChecker:
         library (which binds them itself)."""
         from ctc.backends.tvm.inputs import as_cpu_tensor, check_shape
         from ctc.errors import UsageError
+        from ctc.positions import check_index_values, check_symbol_limits
 
         names = self.names
         if isinstance(inputs, Mapping):
@@ -373,22 +356,10 @@ class InputChecker:
                     raise UsageError(f"input {spec.name!r} is empty ({sym} = 0 on axis {axis}): give at least one "
                                      "element (one token for token ids)")
             tensors.append(t if t.dtype == spec.torch_dtype else t.to(spec.torch_dtype))
-        seq, limit = sizes.get("seq"), self.positions
-        if limit is not None and seq is not None and seq[0] > limit[0]:
-            raise UsageError(f"input {seq[1]!r} has seq = {seq[0]}, but the model has {limit[0]} positions "
-                             f"({limit[1]}); cut the input to at most {limit[0]} (e.g. tokenizer(..., "
-                             f"truncation=True, max_length={limit[0]}))")
+        check_symbol_limits(self.limits, sizes)
         for i, (size, what) in self.bounds.items():
-            if not tensors[i].numel():
-                continue
-            a = tensors[i].numpy()  # numpy's reductions run on the calling thread (torch's may start its pool)
-            lo, hi = int(a.min()), int(a.max())
-            if lo < 0 or hi >= size:
-                has, fix = (f"the embedding has {size} rows", "tokenize with this artifact's tokenizer") \
-                    if what == "token ids" else \
-                    (f"the cache has {size} positions", "a longer sequence needs a step compiled with a larger "
-                                                        "`decode=`")
-                raise UsageError(f"input {names[i]!r} holds {what} in [{lo}, {hi}]; {has} (0 to {size - 1}): {fix}")
+            # numpy's reductions run on the calling thread (torch's may start its pool)
+            check_index_values(names[i], tensors[i].numpy(), size, what)
         return tensors, given
 
 

@@ -1,14 +1,20 @@
-"""How many token positions a model has: read from its Hugging Face ``config.json``, or implied by its IR.
+"""The bounds a model's inputs must keep: how many token positions it has (its Hugging Face ``config.json``,
+or implied by its IR) and the tables its integer inputs index (token ids, cache positions).
 
-Why: a sequence longer than the model's position table is not a shape error the compiled code can see:
-its position embedding reads past the table's end (an any-length MiniLM library crashed the process on
-513 tokens). The recipe checker and the compiled runner read the limit from the same keys here.
+Why: a sequence longer than the model's position table, or a token id past the embedding table, is not a shape
+error the compiled code can see: it reads past the table's end (an any-length MiniLM library crashed the
+process on 513 tokens).  The recipe checker, the artifact's input checker and the compiled runner read the
+limits and raise the same errors from here.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from ctc.errors import UsageError
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
@@ -90,3 +96,56 @@ def ir_symbol_limits(module: object) -> dict[str, tuple[int, str]]:
                 bound(end, table.type.shape[axis], f"%{n.output.name} reads {table.name}, "
                       f"{table.type.shape[axis]} rows, at positions 0..{end} - 1")
     return out
+
+
+def model_limits(module: Any, config: Path | None) -> dict[str, tuple[int, str]]:
+    """``{symbol: (largest value, why)}``: :func:`ir_symbol_limits` of ``module``, with ``seq`` also held to the
+    positions of ``config`` (a ``config.json``; None or missing: the IR's alone), the smaller winning."""
+    limits = ir_symbol_limits(module) if module is not None else {}
+    positions = config_positions(config) if config is not None else None
+    if positions is not None and positions[0] < limits.get("seq", (positions[0] + 1,))[0]:
+        limits["seq"] = positions
+    return limits
+
+
+def check_symbol_limits(limits: Mapping[str, tuple[int, str]], sizes: Mapping[str, tuple[int, str]]) -> None:
+    """A symbol over its limit (``sizes``: symbol -> (size, the input it was read from)) is a :class:`UsageError`
+    before anything runs: the compiled code would read past the position table."""
+    for sym, (limit, why) in limits.items():
+        got = sizes.get(sym)
+        if got is not None and got[0] > limit:
+            raise UsageError(f"input {got[1]!r} has {sym} = {got[0]}, but the model has {limit} positions "
+                             f"({why}); cut the input to at most {limit} (e.g. tokenizer(..., truncation=True, "
+                             f"max_length={limit}))")
+
+
+def index_bounds(module: Any) -> dict[str, tuple[int, str]]:
+    """``{input name: (table size, what its values are)}`` for the integer inputs ``module`` uses as indices:
+    token ids into an embedding's rows, a decode step's cache positions (written in place); the smallest table
+    when an input indexes several."""
+    index = {id(v): v.name for v in module.inputs}
+    bounds: dict[str, tuple[int, str]] = {}
+    for n in module.nodes:
+        if n.op == "embedding":
+            name, size, what = index.get(id(n.operand("ids"))), n.operand("weight").type.shape[0], "token ids"
+        elif n.op == "cache_write":
+            cache = n.operand("cache").type
+            name, size = index.get(id(n.operand("position"))), cache.shape[n.attrs["axis"] % cache.rank]
+            what = "cache positions"
+        else:
+            continue
+        if name is not None and isinstance(size, int):
+            bounds[name] = (min(size, bounds.get(name, (size, what))[0]), what)
+    return bounds
+
+
+def check_index_values(name: str, values: Any, size: int, what: str) -> None:
+    """Input ``name``'s ``values`` (a numpy array) outside ``[0, size)`` is a :class:`UsageError` naming the fix."""
+    if not values.size:
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= size:
+        has, fix = (f"the embedding has {size} rows", "tokenize with this artifact's tokenizer") \
+            if what == "token ids" else \
+            (f"the cache has {size} positions", "a longer sequence needs a step compiled with a larger `decode=`")
+        raise UsageError(f"input {name!r} holds {what} in [{lo}, {hi}]; {has} (0 to {size - 1}): {fix}")

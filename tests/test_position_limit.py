@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ctc.backends.tvm.build import CompiledModel
 from ctc.errors import UsageError
-from ctc.positions import config_positions
+from ctc.positions import check_symbol_limits, config_positions
 
 
 def test_positions_are_read_from_the_config(tmp_path: Path) -> None:
@@ -28,12 +26,12 @@ def test_positions_are_read_from_the_config(tmp_path: Path) -> None:
 
 
 def test_a_sequence_over_the_limit_is_refused_by_name() -> None:
-    model = SimpleNamespace(symbol_limits={"seq": (512, "max_position_embeddings in X/config.json")})
-    CompiledModel._check_limits(model, {"seq": (512, "input_ids"), "batch": (4, "input_ids")})  # at the limit: fine
+    limits = {"seq": (512, "max_position_embeddings in X/config.json")}
+    check_symbol_limits(limits, {"seq": (512, "input_ids"), "batch": (4, "input_ids")})  # at the limit: fine
     with pytest.raises(UsageError, match=r"input 'input_ids' has seq = 513, but the model has 512 positions "
                                          r"\(max_position_embeddings in X/config.json\); cut the input to at most 512"):
-        CompiledModel._check_limits(model, {"seq": (513, "input_ids")})
-    CompiledModel._check_limits(SimpleNamespace(symbol_limits={}), {"seq": (10**6, "input_ids")})  # no limit known
+        check_symbol_limits(limits, {"seq": (513, "input_ids")})
+    check_symbol_limits({}, {"seq": (10**6, "input_ids")})  # no limit known
 
 
 class _LearnedPositions(torch.nn.Module):
@@ -81,6 +79,14 @@ def test_the_ir_gives_the_limit_when_no_config_does(tmp_path: Path, net: type, l
     torch.testing.assert_close(lib({"input_ids": ids})[0], model(ids))  # the whole table: fine
     with pytest.raises(UsageError, match=rf"has seq = {limit + 1}, but the model has {limit} positions"):
         lib({"input_ids": torch.randint(0, 50, (1, limit + 1))})
+    # the compiled runner also keeps token ids inside the embedding (it would read past the table) and names
+    # what is missing
+    with pytest.raises(UsageError, match=r"input 'input_ids' holds token ids in \[3, 50\]; the embedding has 50 rows"):
+        lib({"input_ids": torch.tensor([[3, 50]])})
+    with pytest.raises(UsageError, match=r"missing input 'input_ids': the compiled model takes input_ids"):
+        lib({"ids": ids})
+    with pytest.raises(UsageError, match=r"the compiled model takes 1 inputs \(input_ids\), got 2"):
+        lib(ids, ids)
 
 
 def test_limits_need_one_symbol_with_a_positive_coefficient() -> None:

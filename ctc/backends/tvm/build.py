@@ -604,6 +604,7 @@ class CompiledModel:
         self._inplace = set(self.meta.get("inplace_inputs", []))
         self._specs = input_specs(self.meta, self._inplace)
         self.symbol_limits: dict[str, tuple[int, str]] = {}  # symbol -> (largest size, why): see _check_limits
+        self.index_bounds: dict[str, tuple[int, str]] = {}  # input -> (table size, what its values are): the same
         self._keep: list[Any] = []
         self._params: list[Any] = []
         self._param_keep: list[Any] = []
@@ -702,35 +703,40 @@ class CompiledModel:
             given = inputs[0]
             missing = [s.name for s in self._specs if s.name not in given]
             if missing:
-                raise KeyError(f"compiled model: missing inputs {missing} (takes {self.input_names})")
+                raise UsageError(f"missing input {missing[0]!r}: the compiled model takes "
+                                 f"{', '.join(self.input_names)} (by name, or a list in this order)")
             inputs = tuple(given[s.name] for s in self._specs)
         elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
         want = len(self._specs) if self._specs else len(inputs)
         if len(inputs) != want:
-            raise TypeError(f"compiled model takes {want} inputs ({self.input_names}), got {len(inputs)}")
+            raise UsageError(f"the compiled model takes {want} inputs ({', '.join(self.input_names)}), "
+                             f"got {len(inputs)}")
         sizes: dict[str, tuple[int, str]] = {}
         if not self._specs:  # a library without an input signature: bound as given
             return [self._to_ffi(x, keep) for x in inputs] + self._params
         if self.device == "cuda":
             for spec, x in zip(self._specs, inputs, strict=True):
                 check_shape(spec, tuple(int(n) for n in np.shape(x)), sizes)
-            self._check_limits(sizes)
+            self._check_limits(sizes, inputs)
             return [self._to_ffi(x, keep, copy=s.inplace) for s, x in zip(self._specs, inputs, strict=True)] \
                 + self._params
         args = [bind_input(self._ffi, spec, x, sizes, keep) for spec, x in zip(self._specs, inputs, strict=True)]
-        self._check_limits(sizes)
+        self._check_limits(sizes, inputs)
         return args + self._params if self._params else args
 
-    def _check_limits(self, sizes: Mapping[str, tuple[int, str]]) -> None:
-        """A symbol over its limit (``symbol_limits``: more tokens than the model has positions) is a
-        :class:`UsageError` before any kernel runs: the compiled code would read past the position table."""
-        for sym, (limit, why) in self.symbol_limits.items():
-            got = sizes.get(sym)
-            if got is not None and got[0] > limit:
-                raise UsageError(f"input {got[1]!r} has {sym} = {got[0]}, but the model has {limit} positions "
-                                 f"({why}); cut the input to at most {limit} (e.g. tokenizer(..., truncation=True, "
-                                 f"max_length={limit}))")
+    def _check_limits(self, sizes: Mapping[str, tuple[int, str]], inputs: tuple[Any, ...]) -> None:
+        """Before any kernel runs (the compiled code checks no index): a symbol over its limit (``symbol_limits``:
+        more tokens than the model has positions), or an index input outside its table (``index_bounds``: token
+        ids, cache positions), is a :class:`UsageError`.  Index values already on a GPU are not read back (that
+        would synchronize every call): the caller who keeps them there keeps them in range."""
+        from ctc.positions import check_index_values, check_symbol_limits
+
+        check_symbol_limits(self.symbol_limits, sizes)
+        for spec, x in zip(self._specs, inputs, strict=True):
+            if spec.name in self.index_bounds and not getattr(x, "is_cuda", False):
+                values = x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
+                check_index_values(spec.name, values, *self.index_bounds[spec.name])
 
     def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
         """Run on ``inputs`` (a mapping by name, a list, or positional); outputs as CPU torch tensors (numpy
@@ -936,14 +942,13 @@ def load(target_dir: str | Path, module: Module | None = None) -> Any:
     """The ctc artifact hook: the compiled library in ``target_dir``, callable on a mapping or a list of
     inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``); weights not stored beside
     it come from ``module``'s parameters."""
-    from ctc.positions import config_positions, ir_symbol_limits
+    from ctc.positions import index_bounds, model_limits
 
     compiled = load_compiled(target_dir, module_params=module.params if module is not None else None)
     symbols = {sym for s in compiled._specs for sym in dict(s.symbols).values()}
-    limits = ir_symbol_limits(module) if module is not None else {}
     # an artifact's library (ART/targets/KIND): the source model's config sits in ART/tokenizer
-    positions = config_positions(Path(target_dir).parent.parent / "tokenizer" / "config.json")
-    if positions is not None and positions[0] < limits.get("seq", (positions[0] + 1,))[0]:
-        limits["seq"] = positions
+    limits = model_limits(module, Path(target_dir).parent.parent / "tokenizer" / "config.json")
     compiled.symbol_limits.update({sym: lim for sym, lim in limits.items() if sym in symbols})
+    if module is not None:
+        compiled.index_bounds.update(index_bounds(module))
     return compiled
