@@ -113,6 +113,10 @@ constexpr int QKV_H = QKV / NKV, QKV_B = QKV_H / OSL;        // 384 rows a kv he
 // [L, 64 groups, 2048]: slice j reads group j / 2)
 constexpr int FSL = 128, FCH = FF / FSL, GU_T = 16, DROWS = 1024;
 constexpr int ATT_T = 128;              // cache positions per ring tile (K rows, then V rows at + 16 KB)
+// the 4 rotated query heads in shared memory: dims d of head h at h * 72 + d + 4 (d >= 32), so that the 4 lanes
+// of a position (dims 16 qt ..) read 4 different bank groups
+constexpr int QROW = HD + 8;
+__device__ __forceinline__ int qi(int h, int d) { return h * QROW + d + ((d >> 5) << 2); }
 constexpr int CMAX = 16;
 static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
 static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
@@ -126,7 +130,7 @@ constexpr int XS_BYTES = FF * 2;
 constexpr int TRACE_STRIDE = 320, NSTAMP = 6;
 // shared memory: ring slots | activations (fp16) | mbarriers | small arrays; fixed offsets from one symbol
 constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = OFF_FULL + NSLOT * 8,
-              OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RED16 = OFF_QS + 4 * HD * 4,
+              OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RED16 = OFF_QS + 4 * QROW * 4,
               OFF_MLS = OFF_RED16 + 16 * 4, OFF_FRESH = OFF_MLS + 16 * 4, OFF_ROPE = OFF_FRESH + 2 * HD * 2,
               OFF_OVEC = OFF_ROPE + 64 * 4, OFF_HVEC = OFF_OVEC + 4 * HD * 2, OFF_PQ = OFF_HVEC + FCH * 2;
 // the producer's queue of tiles generated (and prefetched into L2) but not yet copied into the ring
@@ -538,17 +542,21 @@ struct Consumer {
 #pragma unroll
     for (int i = 0; i < NCW; ++i) tot += red16()[i];
     const float rs = rsqrtf(tot / (float)H + a.eps);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) xs()[4 * tid + i] = __float2half_rn(gam[i] * (v[i] * rs));
+    // xs swizzled for load_xp: the 8 values k = 32 (L + 32 j) + 8 c .. + 7 (lane L's chunk c of segment j) at
+    // ((4 j + c) * 32 + L) * 8, so that each of load_xp's 8 reads is 512 contiguous bytes across the warp
+    const int k = 4 * tid;
+    const __half2 h01 = __floats2half2_rn(gam[0] * (v[0] * rs), gam[1] * (v[1] * rs));
+    const __half2 h23 = __floats2half2_rn(gam[2] * (v[2] * rs), gam[3] * (v[3] * rs));
+    *reinterpret_cast<uint2*>(xs() + ((4 * (k >> 10) + ((k >> 3) & 3)) * 32 + ((k >> 5) & 31)) * 8 + (k & 7)) =
+        make_uint2(*reinterpret_cast<const unsigned*>(&h01), *reinterpret_cast<const unsigned*>(&h23));
     cons_sync();
   }
-  __device__ __forceinline__ void load_xp() {
+  __device__ __forceinline__ void load_xp() {  // this lane's 64 activations (see norm's swizzle) as pairs
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const uint4* q = reinterpret_cast<const uint4*>(xs() + 32 * (lane + 32 * j));
+    for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) ctc_gemv::pair_x(q[c], xp + 16 * j + 4 * c);
-    }
+      for (int c = 0; c < 4; ++c)
+        ctc_gemv::pair_x(reinterpret_cast<const uint4*>(xs())[(4 * j + c) * 32 + lane], xp + 16 * j + 4 * c);
   }
 
   __device__ __forceinline__ void stage(int st, int l) {
@@ -651,7 +659,7 @@ struct Consumer {
       const int h = tid >> 6, d = tid & 63, base = h * HD;
       const float q = __ldcg(qkv + base + d), qp = __ldcg(qkv + base + (d ^ 32));
       const float cs = rope()[d & 31], sn = rope()[32 + (d & 31)];
-      qs()[h * HD + d] = (d < 32 ? q * cs - qp * sn : q * cs + qp * sn) * (0.125f * LOG2E);
+      qs()[qi(h, d)] = (d < 32 ? q * cs - qp * sn : q * cs + qp * sn) * (0.125f * LOG2E);
     } else if (with_new && tid < 5 * HD) {  // the new key: RoPE, fp16, into the cache
       const int d = tid - 4 * HD, base = 4 * HD;
       const float k = __ldcg(qkv + base + d), kp = __ldcg(qkv + base + (d ^ 32));
@@ -673,7 +681,7 @@ struct Consumer {
       const float2 vf = __half22float2(reinterpret_cast<const __half2*>(fresh() + HD)[lane]);
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
-        const float sh = warp_sum(qs()[h * HD + 2 * lane] * kf.x + qs()[h * HD + 2 * lane + 1] * kf.y);
+        const float sh = warp_sum(qs()[qi(h, 2 * lane)] * kf.x + qs()[qi(h, 2 * lane) + 1] * kf.y);
         if (warp == 0) { acc[2 * h] = vf.x; acc[2 * h + 1] = vf.y; }
         if (tid == 0) { mls()[h] = sh; mls()[4 + h] = 1.f; }
       }
@@ -697,7 +705,7 @@ struct Consumer {
         const float2 kb = __half22float2(*reinterpret_cast<const __half2*>(&kw[2 * i + 1]));
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
-          const float4 q4 = reinterpret_cast<const float4*>(qs() + h * HD + qt * 16)[i];
+          const float4 q4 = reinterpret_cast<const float4*>(qs() + qi(h, qt * 16))[i];
           s[h] = fmaf(q4.x, ka.x, s[h]);
           s[h] = fmaf(q4.y, ka.y, s[h]);
           s[h] = fmaf(q4.z, kb.x, s[h]);
