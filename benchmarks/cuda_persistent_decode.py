@@ -13,11 +13,19 @@ Two phases:
   - checks the logits (and the last layer's q|k|v, attention output, SwiGLU output, residual, and the cache row
     the step writes) against a float32 PyTorch step on the dequantized weights, first with 1 layer, then 16,
     at several positions;
+  - runs each checked step twice and reports the largest logit difference between the runs (the residual is
+    accumulated with f32 atomics: not bit-deterministic);
   - times the step at KV 128 and 1024: median / min of ``--repeat`` CUDA-event timings of single launches,
     back-to-back (``--repeat`` launches / n), the same for the step captured once in a CUDA graph; timing
-    variants (no grid barriers; no arithmetic; neither: the ring's streaming rate) and a barrier-only kernel;
+    variants (no grid barriers; no arithmetic; neither: the ring's streaming rate), attention chunk spans, the
+    compile-time variants of ``VARIANTS`` and a barrier-only kernel; one traced step per position (per phase:
+    prologue, tile waits, the two halves of B and C, barriers);
+  - diagnostics at KV 128 with the LM head cut to 4224 rows: weights L2-resident (every layer reads layer 0's),
+    no copies at all, and their combinations with no barriers / no arithmetic, with traces;
   - measures the device-to-device copy rate (bytes read + written; ``cuda_decode.copy_bandwidth``) at the start
     and the end, and reports int4 weight + scale bytes / step time as a fraction of it.
+
+* ``profile OUT --modes 0 8`` (the GPU machine, under ``ncu --profile-from-start off``): one step per mode.
 
 Results: ``$OUT/persistent_decode.json`` and a table on stdout.
 """

@@ -7,46 +7,67 @@ whole step is **one launch**: one block per multiprocessor, all co-resident, wit
 the stages that depend on each other's outputs.
 
 Layout of a block (544 threads): 16 *consumer* warps and one *producer* warp.  The producer's lane 0 walks
-the block's fixed list of weight tiles for the whole step (every layer's q|k|v, o, gate|up, down rows that
-the block owns, the KV-cache rows of its attention chunk, its LM-head rows) and streams them into a ring of
-4 shared-memory slots of 34 KB (``PDEC_NSLOT``; 6 measured slower on the H200: more bytes in flight lengthen the
-L2 round trips on the critical path) with 1-D bulk copies (``cp.async.bulk`` completing on an ``mbarrier``, L2
-``evict_first``).  Weights do not depend on activations, so the producer runs ahead across the grid
-barriers: while the consumers wait at a barrier, HBM keeps filling the ring.  Consumers wait on a slot's
-*full* barrier, compute, and arrive on its *empty* barrier; the producer waits on *empty* before refilling.
+the block's fixed list of weight tiles for the whole step (its q|k|v rows, W_o tile, gate|up pairs and W_down
+slice of every layer, the KV-cache rows of its attention work, its LM-head rows) and streams them into a ring of
+3 shared-memory slots of 36 KB (``PDEC_NSLOT``; 4 and 5 measured slower on the H200: more bytes in flight
+lengthen the round trips on the critical path) with 1-D bulk copies (``cp.async.bulk`` completing on an
+``mbarrier``, L2 ``evict_first``).  Weights do not depend on activations, so the producer runs ahead across the
+exchanges.  Consumers wait on a slot's *full* barrier, compute, and arrive on its *empty* barrier.  (An optional
+L2 prefetch window, ``PDEC_PF_KB``, prefetches tiles into L2 ahead of their copy; measured slower, off.)
 
-A step per layer: (A) RMSNorm recomputed by every block -> q|k|v GEMV (rows split evenly over blocks);
-barrier; (B) attention: unit = (kv head, chunk of positions), RoPE of the 4 query heads of the group and of
-the new key (cos / sin at ``pos`` computed once a step), the new k/v written into the fp16 cache at ``pos``,
-online softmax started from the new row and run over the chunk's cache rows (through the ring); one chunk a kv
-head up to 256 positions, else chunks of 64: partial (max, sum, 64 sums) per query head, merged by the last
-block to finish the kv head (acq_rel counter); barrier; (C) o GEMV + residual (each block keeps its own
-residual rows in shared memory); barrier;
-(D) RMSNorm -> gate|up GEMV -> SwiGLU; barrier; (E) down GEMV (K 8192: 4 warps a row, summed in shared
-memory) + residual; barrier.  Then final RMSNorm -> int4 LM head -> fp32 logits.
+A layer is **three phases** (blocks 0..127 do the work of B and C; at least 128 co-resident blocks needed):
+
+* (A) RMSNorm (recomputed by each block) -> 24 of kv head ``b / 16``'s 384 q|k|v rows (W_qkv repacked per kv
+  head, :func:`pack_qkv`); a release on the head's counter.  No grid barrier: phase B of a kv head waits for
+  its own 16 blocks only.
+* (B) block ``b`` = (kv head ``hk = b / 16``, slice ``j = b % 16``): attention of the head's 4 query heads (RoPE
+  from a per-step cos/sin table, the new k/v written into the fp16 cache, online softmax started from the new
+  row; up to 256 positions every block of the head computes it whole, beyond that chunk ``j`` of ``C`` chunks
+  of ~64 positions, the (max, sum, 64 sums) partials published on a per-head counter and merged by each of the
+  head's 16 blocks), then the **o projection folded in**: W_o's rows ``[128 j, 128 j + 128)`` x the head's 256
+  columns (two whole g128 groups; W_o repacked ``[L, 8, 2048, 128 B]``, :func:`pack_o_down`) times the head's
+  output, added into the residual.  Grid barrier.
+* (C) RMSNorm -> gate|up pairs ``[64 b, 64 b + 64)`` -> SwiGLU (64 values kept in shared memory) -> the **down
+  projection split along K**: W_down's columns ``[64 b, 64 b + 64)`` (half a g128 group; repacked
+  ``[L, 128, 2048, 32 B]``, scales transposed ``[L, 64, 2048]``) times them, all 2048 rows, added into the
+  residual.  Grid barrier.
+
+Then final RMSNorm -> int4 LM head (rows split over all blocks) -> fp32 logits: 32 grid barriers a step.
+
+The residual stream: version ``k`` (``2 l``: layer ``l``'s input, ``2 l + 1``: after its attention) is
+accumulated with **f32 atomics** (``red.global.add.v4.f32``, 16 bytes each; scalar ones measured 30% slower
+overall) into a zeroed buffer: the previous version's 16 elements a block (carried in the norm), then the
+partial products of every block.  Versions rotate over three buffers (version 1 in a fourth, zeroed by the last
+block out of the previous step); A(l) zeroes version ``2 l + 2``'s buffer (last read in C(l - 1)), C(l) version
+``2 l + 3``'s (last read in A(l)), so no block adds into a buffer that another still reads.  **The step is not
+bit-deterministic**: the order of the f32 additions (8 o partials + 1 carry per element, 128 down partials + 1
+carry) changes run to run; two runs of the same step differ by up to ~0.014 in the logits (max |logit| ~4), about
+the size of the error against float32 (<= 0.027 at positions 5..1024).
 
 Arithmetic: the int4 dot products use :mod:`.cuda_gemv`'s half2 trick (``dot8``/``pair_x``: one ``lop3``
 turns two codes into a half2, 16 products summed in half2 per 16-byte load, i.e. within one group), each
 group's partial is widened to f32 and scaled in f32; every reduction across a row, the softmax, the norms
-and the residual stream are f32.  Activations that feed a GEMV are rounded to fp16 once.
+and the residual stream are f32.  Activations that feed a GEMV are rounded to fp16 once (stored swizzled, so
+that each warp's 8 reads of its 64 activations are conflict-free).
 
 Weights are ctc's RTN int4 storage (:func:`ctc.ir.quant.quantize_weight`, symmetric, group 128): ``uint8
 [N, K/2]`` (element ``2j`` in the low nibble of byte ``j``, ``q + 8``), ``float32`` scales ``[N, K/128]``,
 zero points all 0 (asymmetric zero points are not read).  The gate and up rows are stacked ``[2F, K]``
-(gate first), q|k|v ``[3072, K]``.
+(gate first), q|k|v ``[3072, K]``; :class:`PersistentDecoder` repacks q|k|v, W_o and W_down.
 
 Grid barrier: hand-rolled (one monotone counter, ``red.release`` arrive + ``ld.acquire`` poll by one thread
 after a ``bar.sync`` of the consumers, target = blocks x barrier index; the last block to leave resets the
-counter; 0.85-0.89 us alone on the H200, 1.12 us with ``__threadfence`` around it), under a *cooperative*
-launch attribute only so the runtime refuses a grid that would not be co-resident; ``grid.sync()`` would add
-cooperative-groups bookkeeping to each of the 81 barriers.  The next RMSNorm's weights are loaded before the
-barrier that precedes it.  A barrier or ring wait that exceeds 0.2 s sets an abort flag in the workspace and lets
-the step finish (wrong values, no hang).
+counters; ~0.9 us alone on the H200), under a *cooperative* launch attribute only so the runtime refuses a grid
+that would not be co-resident.  The per-head counters (q|k|v, attention chunks) are monotone too (target grows
+per layer).  The next RMSNorm's weights are loaded before the barrier that precedes it.  A barrier, counter or
+ring wait that exceeds 0.2 s sets an abort flag in the workspace and lets the step finish (wrong values, no hang).
 
-Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04): 0.482 / 0.527 ms a step at KV 128 / 1024 as a
-CUDA graph, 32% / 30% of the copy bandwidth for 656.5 MB of int4 codes and scales (the 118-kernel step: 0.629 /
-0.644 ms); logits within 0.023 of float32.  The ring alone streams the weights at ~100% of copy; the rest is
-the 5 dependent phases a layer (barrier + an L2 round trip + tail each).
+Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, second section): 0.383 / 0.434 ms a step at
+KV 128 / 1024 as a CUDA graph (back to back), 41% / 36% of the copy bandwidth for 656.5 MB of int4 codes and
+scales (5 phases a layer: 0.482 / 0.527 ms).  With the weights L2-resident the step is no faster, and with no
+copies at all it still takes ~0.31 ms: the time is the consumers' serial chain a layer (norm prologues ~1 us
+each, attention ~3.3 us at KV 128, the int4 arithmetic of phase C ~7 us, issue-bound at 4 warps a scheduler)
+plus ~4 us of exchanges, not HBM.
 
 The launcher (``extern "C"``) takes raw device pointers (:class:`DecodeArgs`); ``mode`` bits make timing
 variants: 1 = no grid barriers or counter waits, 2 = consumers skip all arithmetic (the ring's streaming rate
