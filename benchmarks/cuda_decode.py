@@ -57,12 +57,16 @@ ARTIFACTS: dict[str, tuple[str, str, int, str]] = {
     "smollm2_i4_decode": ("smollm2", "decode", 1, "i4"),
     "llama1b_f16_decode_b1": ("llama1b", "decode", 1, "f16"),
     "llama1b_i4_decode_b1": ("llama1b", "decode", 1, "i4"),
+    "llama1b_i4_decode_b1_kernels": ("llama1b", "decode", 1, "i4"),
     "llama1b_f16_decode_b8": ("llama1b", "decode", 8, "f16"),
     "llama1b_i4_decode_b8": ("llama1b", "decode", 8, "i4"),
     "llama1b_f16_prefill512": ("llama1b", "prefill", 1, "f16"),
     "llama1b_i4_prefill512": ("llama1b", "prefill", 1, "i4"),
 }
 PREFILL = 512
+# target options of an artifact beyond the arch: the same int4 step through the per-operator kernels (the persistent
+# decode step off), to compare with the persistent one (docs/tvm-cuda-backend.md)
+BUILD_OPTIONS: dict[str, dict[str, Any]] = {"llama1b_i4_decode_b1_kernels": {"persistent": False}}
 INT4 = {"w_bits": 4, "a_bits": 16, "w_granularity": "group", "group_size": 128, "sym": True, "blocks_only": False}
 
 
@@ -102,7 +106,6 @@ def build(out: Path, names: list[str], arch: str) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"max_len": MAX_LEN, "prefill": PREFILL, "arch": arch, "artifacts": {}}
-    info = T.resolve("cuda", type("Opts", (), {"arch": arch})())
     models: dict[str, Any] = {}
     for name in names:
         shape, kind, batch, weights = ARTIFACTS[name]
@@ -124,14 +127,16 @@ def build(out: Path, names: list[str], arch: str) -> None:
         if weights == "i4":
             m, _ = PassManager([QuantizePass(QuantizeOptions(**INT4))], calibration=[ins], fidelity=False,
                                progress=False).run(m)
+        info = T.resolve("cuda", type("Opts", (), {"arch": arch, **BUILD_OPTIONS.get(name, {})})())
         comp = compile_module(m, target=info, options=BuildOptions(params="input"))
         comp.export(out / name, weights="derived")
         manifest["artifacts"][name] = {
             "shape": shape, "kind": kind, "batch": batch, "weights": weights, "prefix": prefix,
             "inputs": [v.name for v in m.inputs], "kernels_per_call": comp.meta["kernels_per_call"],
-            "build_s": round(time.perf_counter() - t0, 1), "timings": comp.timings}
+            "build_s": round(time.perf_counter() - t0, 1), "timings": comp.timings, "notes": comp.meta["notes"],
+            "target_options": BUILD_OPTIONS.get(name, {})}
         print(f"built {name}: {comp.meta['kernels_per_call']} kernels per call, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+              f"{time.perf_counter() - t0:.0f} s; {'; '.join(comp.meta['notes']) or 'no notes'}", flush=True)
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
@@ -197,13 +202,22 @@ def copy_bandwidth() -> float:
     return 2 * 2 * n / (t * 1e-3) / 1e12
 
 
+_MODELS: dict[tuple[str, Any], Any] = {}  # the seeded models of the shape run last (its artifacts share them)
+_QUANT: dict[tuple[int, str], Any] = {}  # ctc's int4 of their weights, by (id(model), weight)
+
+
 def _seeded_model(shape: str, dtype: Any) -> Any:
     import torch
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(_config(shape)).eval()
-    return model.to(device="cuda", dtype=dtype)
+    if any(s != shape for s, _ in _MODELS):
+        _MODELS.clear()
+        _QUANT.clear()
+    if (shape, dtype) not in _MODELS:
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(_config(shape)).eval()
+        _MODELS[shape, dtype] = model.to(device="cuda", dtype=dtype)
+    return _MODELS[shape, dtype]
 
 
 def _ir_params(entry: dict[str, Any], model: Any, specs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict]:
@@ -224,8 +238,11 @@ def _ir_params(entry: dict[str, Any], model: Any, specs: list[dict[str, Any]]) -
         if leaf in ("qweight", "w_scale", "w_zero"):
             if base not in quant:
                 w = hf[base[len(prefix):] + ".weight"]
-                quant[base] = quantize_weight_rtn(w.float().cpu(), INT4["w_bits"], INT4["w_granularity"],
-                                                  INT4["group_size"], INT4["sym"])
+                key = (id(model), base)
+                if key not in _QUANT:
+                    _QUANT[key] = quantize_weight_rtn(w.float().cpu(), INT4["w_bits"], INT4["w_granularity"],
+                                                      INT4["group_size"], INT4["sym"])
+                quant[base] = _QUANT[key]
             qw = quant[base]
             out[name] = {"qweight": qw.qweight, "w_scale": qw.scale.float(), "w_zero": qw.zero}[leaf]
         else:

@@ -890,6 +890,8 @@ def report_summary(report: Mapping[str, Any]) -> str:
             lines.append("    " + tuning_line(tuning))
         for note in t.get("target_notes", []):
             lines.append(f"    note: {note}")
+        if t.get("kind") == "cuda":  # the lowering's choices (the persistent decode step: used, or why not)
+            lines.extend(f"    note: {note}" for note in t.get("notes", []))
     for e in report.get("exports", []):
         lines.append(f"  export {e.get('format')}: {e.get('dir')}" + export_line(e))
     if report.get("passed") is False:

@@ -150,6 +150,14 @@ def test_kernel_source_becomes_device_functions() -> None:
     assert D.shared_bytes(16) == -(-c["smem"] // 16) * 16 + 256
 
 
+def test_a_new_weight_layout_of_the_kernel_fails_loudly(monkeypatch) -> None:
+    from ctc.backends.tvm import cuda_persistent as P
+
+    monkeypatch.setattr(P, "__all__", [*P.__all__, "pack_gate_up"])
+    with pytest.raises(RuntimeError, match=r"lays weights out with .*'pack_gate_up'.*update cuda_decode_stack"):
+        D.check_packings()
+
+
 def test_a_changed_kernel_source_fails_loudly(monkeypatch) -> None:
     src = D._source()
     broken = src.replace("decode_step(const __grid_constant__ Args a)", "decode_step(Args a, int extra)")
@@ -168,13 +176,23 @@ def test_stacked_weights_replay_as_the_kernel_reads_them() -> None:
     g = torch.Generator().manual_seed(0)
     params = {f"w{i}": torch.randint(0, 255, (2048, 1024), dtype=torch.uint8, generator=g) for i in range(2)}
     params |= {f"s{i}": torch.rand(2048, 16, generator=g) for i in range(2)}
-    wo = derive_param({"op": "stack_layers", "from": ["w0", "w1"], "args": {"parts": 1, "pack": "wo"}}, params)
-    so = derive_param({"op": "stack_layers", "from": ["s0", "s1"], "args": {"parts": 1, "pack": "so"}}, params)
+    tag = D.layout_tag()
+    wo = derive_param({"op": "stack_layers", "from": ["w0", "w1"], "args": {"parts": 1, "pack": "wo", "layout": tag}},
+                      params)
+    so = derive_param({"op": "stack_layers", "from": ["s0", "s1"], "args": {"parts": 1, "pack": "so", "layout": tag}},
+                      params)
     want = P.pack_o_down(torch.stack([params["w0"], params["w1"]]), torch.stack([params["s0"], params["s1"]]),
                          torch.zeros(2, 2048, 4096, dtype=torch.uint8), torch.zeros(2, 2048, 64))
     assert torch.equal(wo, want[0]) and torch.equal(so, want[1])
-    qkv = derive_param({"op": "stack_layers", "from": ["s0", "s1", "s0", "s1"], "args": {"parts": 2}}, params)
-    assert qkv.shape == (2, 4096, 16) and torch.equal(qkv[1, 2048:], params["s1"])
+    gu = derive_param({"op": "stack_layers", "from": ["s0", "s1", "s0", "s1"], "args": {"parts": 2}}, params)
+    assert gu.shape == (2, 4096, 16) and torch.equal(gu[1, 2048:], params["s1"])
+    qkv = {f"q{i}": torch.rand(n, 16, generator=g) for i, n in enumerate((2048, 512, 512))}
+    sqkv = derive_param({"op": "stack_layers", "from": ["q0", "q1", "q2"],
+                         "args": {"parts": 3, "pack": "sqkv", "layout": tag}}, qkv)
+    want = P.pack_qkv(torch.zeros(1, 3072, 1024, dtype=torch.uint8), torch.cat(list(qkv.values()))[None])
+    assert torch.equal(sqkv, want[1])
+    with pytest.raises(ValueError, match="built with kernel 0123456789ab, this ctc has .*rebuild the library"):
+        derive_param({"op": "stack_layers", "from": ["s0"], "args": {"pack": "so", "layout": "0123456789ab"}}, params)
     assert derive_param({"op": "zeros", "from": [], "args": {"shape": [7], "dtype": "float32"}}, {}).sum() == 0
     inv = derive_param({"op": "astype", "from": ["s0"], "args": {"dtype": "float16"}}, params)
     assert inv.dtype == torch.float16
@@ -280,3 +298,26 @@ def test_persistent_step_matches_the_interpreter_on_the_gpu(tmp_path) -> None:
     assert err <= 2e-2 * ref[0].float().abs().max().item() + 2e-2, err
     for g, r in zip(got[1:], ref[1:], strict=True):  # the new rows written, the rest untouched
         torch.testing.assert_close(g, r, atol=2e-2, rtol=2e-2)
+
+
+def test_ctc_compile_says_which_decode_path_it_built(tmp_path) -> None:
+    """`ctc compile` of a decoder for target cuda prints the build's note on the persistent step."""
+    import subprocess
+    import sys
+
+    from hf_configs import tiny_llama_with_smollm2_tokenizer
+
+    from ctc.backends.tvm.cuda_toolchain import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed: CUDA libraries cannot be built here")
+    tiny_llama_with_smollm2_tokenizer(tmp_path / "model")
+    (tmp_path / "dec.ctc").write_text('model hf "model" decode=16\ncalibrate wiki samples=1 seq_len=8\n'
+                                      "pipeline {\n    quantize w_bits=8 a_bits=16\n}\n"
+                                      'target cuda arch="sm_90a"\n')
+    res = subprocess.run([sys.executable, "-m", "ctc", "compile", str(tmp_path / "dec.ctc"), "--out",
+                          str(tmp_path / "art")], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    note = [ln.strip() for ln in res.stdout.splitlines() if "persistent decode step" in ln]
+    assert note == ["note: persistent decode step: not used (the embedding table is not an f16 parameter "
+                    "(f32[49152, 32]))"]

@@ -38,8 +38,9 @@ from typing import Any
 
 from ctc.ir.graph import Module, Node, Value
 
-__all__ = ["ENTRY", "FINISH", "MARKER", "DecodeStack", "NoMatch", "StepOptions", "check_dims", "device_source", "emit",
-           "finish_func", "kernel_constants", "match", "plan_note", "shared_bytes", "stack_layers", "step_func"]
+__all__ = ["ENTRY", "FINISH", "MARKER", "DecodeStack", "NoMatch", "StepOptions", "check_dims", "check_packings",
+           "device_source", "emit", "finish_func", "kernel_constants", "match", "plan_note", "shared_bytes",
+           "stack_layers", "step_func"]
 
 MARKER = "ctc_pdec_ext::"  # what the TIR launchers call: the library source is injected where it appears
 ENTRY = "ctc_pdec_ext::step"
@@ -175,6 +176,7 @@ def kernel_constants() -> dict[str, int]:
     if P.WS_FLOATS != out["ws_floats"]:
         raise RuntimeError(f"cuda_persistent: WS_FLOATS = {P.WS_FLOATS} but the kernel source's workspace is "
                            f"{out['ws_floats']} floats")
+    check_packings()
     return out
 
 
@@ -805,13 +807,53 @@ def plan_note(m: Module, opts: StepOptions) -> tuple[DecodeStack | None, str | N
 
 
 # ----------------------------------------------------------------------------------------------- emit
-_PACKED = ("wo", "so", "wd", "sd")  # the weights :func:`.cuda_persistent.pack_o_down` lays out per tile
+# The kernel's own layouts of some stacked weights: field -> (the cuda_persistent function that makes it, the fields
+# it takes, in order).  Its fields' ctc layouts are [L, N, K/2] codes and [L, N, K/group] scales.
+_PACKINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{f: ("pack_qkv", ("wqkv", "sqkv")) for f in ("wqkv", "sqkv")},
+    **{f: ("pack_o_down", ("wo", "so", "wd", "sd")) for f in ("wo", "so", "wd", "sd")},
+}
 
 
-def stack_layers(*ts: Any, parts: int = 1, pack: str = "") -> Any:
+def check_packings() -> None:
+    """Fail unless :mod:`.cuda_persistent`'s weight layouts (its public ``pack_*`` functions) are exactly the ones
+    :func:`stack_layers` applies: a new one would change what the kernel reads, and the step would be wrong."""
+    from ctc.backends.tvm import cuda_persistent as P
+
+    have = {n for n in getattr(P, "__all__", dir(P)) if n.startswith("pack_")}
+    known = {fn for fn, _ in _PACKINGS.values()}
+    if have != known:
+        raise RuntimeError(f"cuda_persistent lays weights out with {sorted(have)}, cuda_decode_stack applies "
+                           f"{sorted(known)}: update cuda_decode_stack._PACKINGS (and its tests) to the kernel's "
+                           "layouts")
+
+
+def layout_tag() -> str:
+    """A fingerprint of the kernel (its CUDA source) and of its weight layouts (the packing functions' source): the
+    packed weights of a library are derived only by the code its kernel was built with."""
+    import hashlib
+    import inspect
+
+    from ctc.backends.tvm import cuda_persistent as P
+
+    fns = sorted({fn for fn, _ in _PACKINGS.values()} | {"qkv_head_rows"})
+    text = _source() + "".join(inspect.getsource(getattr(P, fn)) for fn in fns if hasattr(P, fn))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _unpacked_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    c = kernel_constants()
+    h, ff, gs = c["hidden"], c["ffn"], c["group"]
+    qkv = (c["heads"] + 2 * c["kv_heads"]) * c["head_dim"]
+    return {"wqkv": (layers, qkv, h // 2), "sqkv": (layers, qkv, h // gs), "wo": (layers, h, h // 2),
+            "so": (layers, h, h // gs), "wd": (layers, h, ff // 2), "sd": (layers, h, ff // gs)}
+
+
+def stack_layers(*ts: Any, parts: int = 1, pack: str = "", layout: str = "") -> Any:
     """Per-layer tensors stacked over layers (``[L, ...]``): each group of ``parts`` consecutive ones concatenated
-    along rows first (q|k|v, gate|up); ``pack`` (one of ``wo so wd sd``) then lays the stack out as the kernel reads
-    it (:func:`.cuda_persistent.pack_o_down`).  The replayable derivation of the step's bound weights."""
+    along rows first (q|k|v, gate|up); ``pack`` (a kernel field: ``wqkv sqkv wo so wd sd``) then lays the stack out
+    as the kernel reads it, through :mod:`.cuda_persistent`'s own packing function, refused unless ``layout`` (the
+    library's :func:`layout_tag`) is this code's.  The replayable derivation of the step's bound weights."""
     import torch
 
     if len(ts) % parts:
@@ -819,17 +861,22 @@ def stack_layers(*ts: Any, parts: int = 1, pack: str = "") -> Any:
     out = torch.stack([torch.cat(ts[i:i + parts], dim=0) for i in range(0, len(ts), parts)])
     if not pack:
         return out
-    from ctc.backends.tvm.cuda_persistent import pack_o_down
+    from ctc.backends.tvm import cuda_persistent as P
 
-    if pack not in _PACKED:
-        raise ValueError(f"stack_layers: pack={pack!r}, expected one of {_PACKED}")
-    c = kernel_constants()
-    h, ff, gs, n_l = c["hidden"], c["ffn"], c["group"], out.shape[0]
-    shapes = {"wo": (n_l, h, h // 2), "so": (n_l, h, h // gs), "wd": (n_l, h, ff // 2), "sd": (n_l, h, ff // gs)}
+    if pack not in _PACKINGS:
+        raise ValueError(f"stack_layers: pack={pack!r}, expected one of {sorted(_PACKINGS)}")
+    check_packings()
+    if layout != layout_tag():
+        raise ValueError(f"stack_layers: the library's persistent decode step was built with kernel {layout or '?'}, "
+                         f"this ctc has {layout_tag()} (its weight layouts may differ): rebuild the library")
+    fn, fields = _PACKINGS[pack]
+    shapes = _unpacked_shapes(out.shape[0])
     if tuple(out.shape) != shapes[pack]:
         raise ValueError(f"stack_layers: {pack} is {tuple(out.shape)}, the kernel takes {shapes[pack]}")
-    args = [out if k == pack else torch.empty(shapes[k], device="meta") for k in _PACKED]
-    return pack_o_down(*args)[_PACKED.index(pack)].contiguous()
+    # the function lays out all its fields at once: the others get uninitialised bytes (not meta tensors: an index
+    # made on a meta tensor's device does not index a real one)
+    args = [out if f == pack else torch.empty(shapes[f], dtype=torch.uint8, device=out.device) for f in fields]
+    return getattr(P, fn)(*args)[fields.index(pack)].contiguous()
 
 
 def emit(ctx: Any, g: DecodeStack) -> None:
@@ -853,7 +900,7 @@ def emit(ctx: Any, g: DecodeStack) -> None:
 
     def stacked(parts: tuple[str, ...], leaf: str, pack: str = "") -> Any:
         names = [str(_param(getattr(lay, p).operand(leaf))) for lay in g.layers for p in parts]
-        args: dict[str, Any] = {"parts": len(parts), **({"pack": pack} if pack else {})}
+        args: dict[str, Any] = {"parts": len(parts), **({"pack": pack, "layout": layout_tag()} if pack else {})}
         return bind(f"pdec_{'_'.join(parts)}_{leaf}", {"op": "stack_layers", "from": names, "args": args})
 
     def norms(attr: str) -> Any:
@@ -863,7 +910,7 @@ def emit(ctx: Any, g: DecodeStack) -> None:
     wsf = kernel_constants()["ws_floats"]
     head_w, head_s = (str(_param(g.head.operand(k))) for k in ("qweight", "w_scale"))
     args = [ctx.val(g.ids), ctx.val(g.position),
-            stacked(("q", "k", "v"), "qweight"), stacked(("q", "k", "v"), "w_scale"),
+            stacked(("q", "k", "v"), "qweight", "wqkv"), stacked(("q", "k", "v"), "w_scale", "sqkv"),
             stacked(("o",), "qweight", "wo"), stacked(("o",), "w_scale", "so"),
             stacked(("gate", "up"), "qweight"), stacked(("gate", "up"), "w_scale"),
             stacked(("down",), "qweight", "wd"), stacked(("down",), "w_scale", "sd"),

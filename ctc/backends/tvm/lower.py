@@ -113,16 +113,16 @@ PARAM_DERIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "amx_bf16_pieces": lambda t, pieces: _amx_pieces_torch(t, pieces),
     "gate_up8": lambda g, u: _concat0(g, u)[torch.from_numpy(_gate_up_order(g.shape[0]))],
     # the persistent decode step (cuda_decode_stack): per-layer weights stacked over layers, its workspace
-    "stack_layers": lambda *ts, parts=1, pack="": _stack_layers(*ts, parts=parts, pack=pack),
+    "stack_layers": lambda *ts, parts=1, pack="", layout="": _stack_layers(*ts, parts=parts, pack=pack, layout=layout),
     "astype": lambda t, dtype: t.to(getattr(torch, dtype)),
     "zeros": lambda shape, dtype: torch.zeros(shape, dtype=getattr(torch, dtype)),
 }
 
 
-def _stack_layers(*ts: torch.Tensor, parts: int, pack: str) -> torch.Tensor:
+def _stack_layers(*ts: torch.Tensor, parts: int, pack: str, layout: str) -> torch.Tensor:
     from ctc.backends.tvm.cuda_decode_stack import stack_layers
 
-    return stack_layers(*ts, parts=parts, pack=pack)
+    return stack_layers(*ts, parts=parts, pack=pack, layout=layout)
 
 
 def _amx_pieces_torch(t: torch.Tensor, pieces: int) -> torch.Tensor:
