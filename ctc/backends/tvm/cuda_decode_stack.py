@@ -4,9 +4,10 @@ what that kernel computes.
 Why: a Llama decode step through the per-operator kernels is ~118 launches in one CUDA graph; at batch 1 most
 are a few microseconds long, so launch gaps and each kernel's ramp-up and tail set the step time.
 :mod:`.cuda_persistent` computes the whole step in one launch (one block per multiprocessor, grid-wide barriers,
-a bulk-copy weight ring): 0.482 vs 0.629 ms a step for the Llama-3.2-1B int4 shape on the H200.  That kernel is
-compiled for one shape and one set of numerics, so it may only replace a step that computes exactly the same
-thing.  This module decides that and emits it:
+a bulk-copy weight ring): built by ``ctc compile``, 0.360 vs 0.632 ms a step (CUDA graph, back to back) for the
+Llama-3.2-1B int4 shape on the H200 (benchmarks/results/cuda_h200.md, 2026-12-04).  That kernel is compiled for one
+shape and one set of numerics, so it may only replace a step that computes exactly the same thing.  This module
+decides that and emits it:
 
 * :func:`match` recognises a static decode step (:func:`ctc.frontends.decode.static_decode_step`: ``input_ids
   [1, 1]``, ``position [1]``, per-layer k/v caches) as embedding -> L x [RMSNorm -> q|k|v int4 ``quant_linear``
@@ -16,10 +17,11 @@ thing.  This module decides that and emits it:
   LM head -> logits.  Structure first (any shape), then the dims against the kernel's compiled constants; each
   refusal is a sentence that the build notes carry ("persistent decode step: not used (...)").
 * :func:`emit` binds the weights stacked over layers (``stack_layers`` derivations: q|k|v and gate|up
-  concatenated per layer, as the fused GEMV groups bind them), the caches in place, a zeroed workspace that the
-  kernel leaves zeroed, and launches :func:`device_source`'s entry through :func:`.cuda_mma.launcher` with
-  grid = the target's multiprocessor count; a second small kernel writes the logits in the module's dtype (NaN
-  where the step could not run: a grid barrier that timed out, a token or position out of range).
+  concatenated per layer, as the fused GEMV groups bind them; W_qkv, W_o, W_down laid out by the kernel's own
+  packing functions), the caches in place, a zeroed workspace that the kernel leaves zeroed, and launches
+  :func:`device_source`'s entry through :func:`.cuda_mma.launcher` with grid = the target's multiprocessor count;
+  a second small kernel writes the logits in the module's dtype (NaN where the step could not run: a grid
+  barrier that timed out, a token or position out of range).
 
 The kernel body is :data:`.cuda_persistent.CUDA_SOURCE`, used as text: :func:`device_source` turns its
 ``__global__ decode_step`` into a ``__device__`` function that TVM's launch calls, and its one cache pointer per
@@ -39,8 +41,8 @@ from typing import Any
 from ctc.ir.graph import Module, Node, Value
 
 __all__ = ["ENTRY", "FINISH", "MARKER", "DecodeStack", "NoMatch", "StepOptions", "check_dims", "check_packings",
-           "device_source", "emit", "finish_func", "kernel_constants", "match", "plan_note", "shared_bytes",
-           "stack_layers", "step_func"]
+           "device_source", "emit", "finish_func", "kernel_constants", "layout_tag", "match", "plan_note",
+           "shared_bytes", "stack_layers", "step_func"]
 
 MARKER = "ctc_pdec_ext::"  # what the TIR launchers call: the library source is injected where it appears
 ENTRY = "ctc_pdec_ext::step"
@@ -88,7 +90,8 @@ def _eval_int(expr: str, names: dict[str, int]) -> int | None:
         if isinstance(n, ast.BinOp):
             a, b = ev(n.left), ev(n.right)
             ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-                   ast.Div: lambda: int(a / b), ast.Mod: lambda: a % b}
+                   ast.Div: lambda: (abs(a) // abs(b)) * (1 if (a >= 0) == (b >= 0) else -1),  # C: toward 0
+                   ast.Mod: lambda: a % b}
             for k, f in ops.items():
                 if isinstance(n.op, k):
                     return f()
