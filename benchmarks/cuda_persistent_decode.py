@@ -54,8 +54,8 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"slot4": ("-DPDEC_NSLOT=4",), "pf128": ("-DPDEC_PF_KB=128",), "scalar_red": ("-DPDEC_RED_V4=0",),
-            "grid_a": ("-DPDEC_GRID_A=1",), "slot2": ("-DPDEC_NSLOT=2",)}
+VARIANTS = {"fp16dot": ("-DPDEC_IDP=0",), "slot4": ("-DPDEC_NSLOT=4",), "pf128": ("-DPDEC_PF_KB=128",),
+            "scalar_red": ("-DPDEC_RED_V4=0",), "grid_a": ("-DPDEC_GRID_A=1",), "slot2": ("-DPDEC_NSLOT=2",)}
 # attention chunk spans timed besides the default (one chunk, computed by each of the kv head's 16 blocks, up to
 # 256 positions, else chunks of 64): 64 chunks at KV 128 too, 256 gives 4 chunks at 1024, 2048 one chunk at 1024
 SPANS = (64, 256, 2048)

@@ -123,7 +123,8 @@ def test_kernel_compiles_within_the_register_file_and_shared_memory(tmp_path) ->
     assert lib.ctc_pdec_ws_floats() == P.WS_FLOATS
     assert 128 * 1024 < lib.ctc_pdec_smem_bytes() <= 227 * 1024   # one block a multiprocessor, 3 ring slots
     # ring slots | activations | mbarriers | small arrays | producer queue
-    assert lib.ctc_pdec_smem_bytes() == 3 * 36864 + 16384 + 3 * 16 + 4352 + 128 + 32 * 72
+    # (the small arrays: scores, q, reductions, RoPE, o and SwiGLU vectors, 16 activation scales)
+    assert lib.ctc_pdec_smem_bytes() == 3 * 36864 + 16384 + 3 * 16 + 4352 + 128 + 64 + 32 * 72
     assert ctypes.sizeof(P.DecodeArgs) == 22 * 8 + 6 * 4          # the C struct's layout
 
 

@@ -118,6 +118,9 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_BAR_FENCE  // 1: __threadfence() around the grid barrier's arrive / wait (0: release / acquire only)
 #define PDEC_BAR_FENCE 0
 #endif
+#ifndef PDEC_IDP  // 1: int4 x int16 dot products on the integer dot-product unit (dp2a), exact int32 sums
+#define PDEC_IDP 1  // (0: cuda_gemv's half2 dequant + HFMA2 path, fp16 partial sums)
+#endif
 #ifndef PDEC_PF_KB  // L2 prefetch window: tiles are prefetched into L2 this many KB before their copy to shared memory
 #define PDEC_PF_KB 0  // (0: off; 96-320 KB measured slower on the H200)
 #endif
@@ -153,7 +156,8 @@ constexpr int TRACE_STRIDE = 320, NSTAMP = 6;
 constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = OFF_FULL + NSLOT * 8,
               OFF_SC = OFF_EMPTY + NSLOT * 8, OFF_QS = OFF_SC + 4 * ATT_T * 4, OFF_RED16 = OFF_QS + 4 * QROW * 4,
               OFF_MLS = OFF_RED16 + 16 * 4, OFF_FRESH = OFF_MLS + 16 * 4, OFF_ROPE = OFF_FRESH + 2 * HD * 2,
-              OFF_OVEC = OFF_ROPE + 64 * 4, OFF_HVEC = OFF_OVEC + 4 * HD * 2, OFF_PQ = OFF_HVEC + FCH * 2;
+              OFF_OVEC = OFF_ROPE + 64 * 4, OFF_HVEC = OFF_OVEC + 4 * HD * 2, OFF_SXG = OFF_HVEC + FCH * 2,
+              OFF_PQ = OFF_SXG + 16 * 4;
 // the producer's queue of tiles generated (and prefetched into L2) but not yet copied into the ring
 struct Piece { const void* src; unsigned bytes, off; };  // off: offset in the slot; bit 31: no L2 hint
 struct TileDesc { Piece pc[4]; unsigned n, total; };
@@ -465,6 +469,80 @@ __device__ __forceinline__ float dot32(const uint4 w, const unsigned* xp) {
   return f.x + f.y;
 }
 
+// ---- the integer path (PDEC_IDP): activations as int16 with one f32 scale per 128 (K-2048 GEMVs: per g128 group,
+// set by the norm) or per 32 values (W_o, W_down: per lane, from its fp16 inputs); codes stay unsigned nibbles
+// u = q + 8, so sum(q x) = sum(u x) - 8 sum(x), the second term an int32 constant per lane and group (corr).
+// 8 codes (one word: element 2 j in byte j's low nibble, 2 j + 1 in its high nibble) cost 2 LOP3 + 1 SHF + 4 dp2a
+// (16-bit x 8-bit pairs) instead of 4 LOP3 + 1 SHF + 4 centering + 4 HFMA2; the int32 sums are exact.
+// xp per 8 values x0..x7 (int16): (x0, x2), (x4, x6), (x1, x3), (x5, x7), matching dp2a.lo/.hi of the low nibbles
+// (bytes: e0 e2 e4 e6) and of the high ones (e1 e3 e5 e7).
+__device__ __forceinline__ void pair_i16(uint4 v, unsigned* xp) {
+  xp[0] = __byte_perm(v.x, v.y, 0x5410);
+  xp[1] = __byte_perm(v.z, v.w, 0x5410);
+  xp[2] = __byte_perm(v.x, v.y, 0x7632);
+  xp[3] = __byte_perm(v.z, v.w, 0x7632);
+}
+__device__ __forceinline__ int idp8(unsigned w, const unsigned* xp, int acc) {
+  const int lo = (int)(w & 0x0f0f0f0fu), hi = (int)((w >> 4) & 0x0f0f0f0fu);
+  acc = __dp2a_lo((int)xp[0], lo, acc);
+  acc = __dp2a_hi((int)xp[1], lo, acc);
+  acc = __dp2a_lo((int)xp[2], hi, acc);
+  return __dp2a_hi((int)xp[3], hi, acc);
+}
+// 32 codes (16 bytes) times the 32 int16 activations paired in xp[0..15], plus corr: an exact int32
+__device__ __forceinline__ int idp32(const uint4 w, const unsigned* xp, int corr) {
+  const int a = idp8(w.y, xp + 4, idp8(w.x, xp, corr));
+  const int b = idp8(w.w, xp + 12, idp8(w.z, xp + 8, 0));
+  return a + b;
+}
+// -8 x the sum of the 32 int16 activations paired in xp[0..15]
+__device__ __forceinline__ int idp_corr(const unsigned* xp) {
+  int s = 0;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) s = __dp2a_lo((int)xp[i], 0x0101, s);
+  return -8 * s;
+}
+// 32 fp16 values (4 x 16 bytes at src) as int16 pairs in xp[0..15] with one scale (max |v| / 32767); returns the scale
+__device__ __forceinline__ float quant32(const half* src, unsigned* xp, int& corr) {
+  float f[32];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const uint4 u = reinterpret_cast<const uint4*>(src)[c];
+    const unsigned w4[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&w4[i]));
+      f[8 * c + 2 * i] = t.x;
+      f[8 * c + 2 * i + 1] = t.y;
+    }
+  }
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) m = fmaxf(m, fabsf(f[i]));
+  const float inv = m > 0.f ? 32767.f / m : 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    unsigned q[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      q[i] = (__float2int_rn(f[8 * c + 2 * i] * inv) & 0xffff) |
+             ((unsigned)__float2int_rn(f[8 * c + 2 * i + 1] * inv) << 16);
+    pair_i16(make_uint4(q[0], q[1], q[2], q[3]), xp + 4 * c);
+  }
+  corr = idp_corr(xp);
+  return m > 0.f ? m / 32767.f : 0.f;
+}
+
+// the same on the integer path: xp int16 pairs (scales sx[0], sx[1] for the two segments, corr their -8 sums)
+__device__ __forceinline__ float dot_seg_i(const unsigned char* w, const float* s, const unsigned* xp, int lane,
+                                          const float* sx, const int* corr) {
+  const uint4 a = reinterpret_cast<const uint4*>(w)[lane];
+  const uint4 b = reinterpret_cast<const uint4*>(w)[lane + 32];
+  const float sa = s[lane >> 2], sb = s[8 + (lane >> 2)];
+  const int ia = idp32(a, xp, corr[0]), ib = idp32(b, xp + 16, corr[1]);
+  return sa * sx[0] * (float)ia + sb * sx[1] * (float)ib;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -494,6 +572,8 @@ struct Consumer {
   int tid, lane, warp;
   bool compute, barriers, copies;
   unsigned xp[32];
+  int corr[2];   // PDEC_IDP: -8 x the sums of the int16 activations in xp[0..15], xp[16..31]
+  float sxl[2];  // PDEC_IDP: their scales
   float acc[8];
   float gam[4];  // the next RMSNorm's weights (this thread's 4), loaded before the barrier that precedes it
 
@@ -566,18 +646,48 @@ struct Consumer {
     // xs swizzled for load_xp: the 8 values k = 32 (L + 32 j) + 8 c .. + 7 (lane L's chunk c of segment j) at
     // ((4 j + c) * 32 + L) * 8, so that each of load_xp's 8 reads is 512 contiguous bytes across the warp
     const int k = 4 * tid;
+    uint2* dstx = reinterpret_cast<uint2*>(xs() + ((4 * (k >> 10) + ((k >> 3) & 3)) * 32 + ((k >> 5) & 31)) * 8 +
+                                           (k & 7));
+#if PDEC_IDP
+    {  // int16 with one scale per g128 group = per warp (k = 4 tid: warp w holds elements [128 w, 128 w + 128))
+      const float n0 = gam[0] * (v[0] * rs), n1 = gam[1] * (v[1] * rs), n2 = gam[2] * (v[2] * rs),
+                  n3 = gam[3] * (v[3] * rs);
+      const float m = warp_max(fmaxf(fmaxf(fabsf(n0), fabsf(n1)), fmaxf(fabsf(n2), fabsf(n3))));
+      const float inv = m > 0.f ? 32767.f / m : 0.f;
+      if (lane == 0) sm<float>(OFF_SXG)[warp] = m * (1.f / 32767.f);
+      *dstx = make_uint2((__float2int_rn(n0 * inv) & 0xffff) | ((unsigned)__float2int_rn(n1 * inv) << 16),
+                         (__float2int_rn(n2 * inv) & 0xffff) | ((unsigned)__float2int_rn(n3 * inv) << 16));
+    }
+#else
     const __half2 h01 = __floats2half2_rn(gam[0] * (v[0] * rs), gam[1] * (v[1] * rs));
     const __half2 h23 = __floats2half2_rn(gam[2] * (v[2] * rs), gam[3] * (v[3] * rs));
-    *reinterpret_cast<uint2*>(xs() + ((4 * (k >> 10) + ((k >> 3) & 3)) * 32 + ((k >> 5) & 31)) * 8 + (k & 7)) =
-        make_uint2(*reinterpret_cast<const unsigned*>(&h01), *reinterpret_cast<const unsigned*>(&h23));
+    *dstx = make_uint2(*reinterpret_cast<const unsigned*>(&h01), *reinterpret_cast<const unsigned*>(&h23));
+#endif
     cons_sync();
   }
   __device__ __forceinline__ void load_xp() {  // this lane's 64 activations (see norm's swizzle) as pairs
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        ctc_gemv::pair_x(reinterpret_cast<const uint4*>(xs())[(4 * j + c) * 32 + lane], xp + 16 * j + 4 * c);
+      for (int c = 0; c < 4; ++c) {
+        const uint4 u = reinterpret_cast<const uint4*>(xs())[(4 * j + c) * 32 + lane];
+        if (PDEC_IDP) pair_i16(u, xp + 16 * j + 4 * c);
+        else ctc_gemv::pair_x(u, xp + 16 * j + 4 * c);
+      }
+    if (PDEC_IDP) {  // segment j of lane L: elements [32 (L + 32 j), + 32), in group L / 4 + 8 j
+      corr[0] = idp_corr(xp);
+      corr[1] = idp_corr(xp + 16);
+      sxl[0] = sm<float>(OFF_SXG)[lane >> 2];
+      sxl[1] = sm<float>(OFF_SXG)[8 + (lane >> 2)];
+    }
+  }
+  // one row's 2048-wide segment times this lane's activations (f32)
+  __device__ __forceinline__ float seg(const unsigned char* w, const float* s) const {
+#if PDEC_IDP
+    return dot_seg_i(w, s, xp, lane, sxl, corr);
+#else
+    return dot_seg(w, s, xp, lane);
+#endif
   }
 
   __device__ __forceinline__ void stage(int st, int l) {
@@ -640,8 +750,8 @@ struct Consumer {
       const float* sc0 = reinterpret_cast<const float*>(slot + (size_t)nr * rb);
       if (st == 3) {  // gate|up pairs: warp w takes pair w
         if (warp < cnt) {
-          const float g0 = dot_seg(slot + (size_t)warp * rb, sc0 + warp * ng, xp, lane);
-          const float u0 = dot_seg(slot + (size_t)(cnt + warp) * rb, sc0 + (cnt + warp) * ng, xp, lane);
+          const float g0 = seg(slot + (size_t)warp * rb, sc0 + warp * ng);
+          const float u0 = seg(slot + (size_t)(cnt + warp) * rb, sc0 + (cnt + warp) * ng);
           // both sums in 5 shuffles: after the first, lanes 0..15 carry g, lanes 16..31 u
           const bool up = lane & 16;
           float gu = (up ? u0 : g0) + __shfl_xor_sync(0xffffffffu, up ? g0 : u0, 16);
@@ -656,8 +766,8 @@ struct Consumer {
         }
       } else {  // one output per row: warp w takes rows w and w + 16
         float y0 = 0.f, y1 = 0.f;
-        if (warp < cnt) y0 = dot_seg(slot + (size_t)warp * rb, sc0 + warp * ng, xp, lane);
-        if (warp + 16 < cnt) y1 = dot_seg(slot + (size_t)(warp + 16) * rb, sc0 + (warp + 16) * ng, xp, lane);
+        if (warp < cnt) y0 = seg(slot + (size_t)warp * rb, sc0 + warp * ng);
+        if (warp + 16 < cnt) y1 = seg(slot + (size_t)(warp + 16) * rb, sc0 + (warp + 16) * ng);
         y0 = warp_sum(y0);
         y1 = warp_sum(y1);
         if (lane == 0) {
@@ -858,9 +968,13 @@ struct Consumer {
     const int q = lane & 7;
     if (compute) {
       cons_sync();  // ovec complete
+      if (PDEC_IDP) {
+        sxl[0] = quant32(ovec() + 32 * q, xp, corr[0]);
+      } else {
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        ctc_gemv::pair_x(*reinterpret_cast<const uint4*>(ovec() + 32 * q + 8 * c), xp + 4 * c);
+        for (int c = 0; c < 4; ++c)
+          ctc_gemv::pair_x(*reinterpret_cast<const uint4*>(ovec() + 32 * q + 8 * c), xp + 4 * c);
+      }
     }
     const unsigned char* slot = wait_tile();
     if (compute) {
@@ -871,7 +985,9 @@ struct Consumer {
 #pragma unroll
       for (int pass = 0; pass < NP; ++pass) {  // all products first (the atomics below are ordered asm)
         const int r = pass * 64 + warp * 4 + (lane >> 3);
-        y[pass] = scl[2 * r + (q >> 2)] * dot32(reinterpret_cast<const uint4*>(slot + r * 128)[q], xp);
+        const uint4 w = reinterpret_cast<const uint4*>(slot + r * 128)[q];
+        y[pass] = PDEC_IDP ? scl[2 * r + (q >> 2)] * sxl[0] * (float)idp32(w, xp, corr[0])
+                           : scl[2 * r + (q >> 2)] * dot32(w, xp);
       }
 #pragma unroll
       for (int pass = 0; pass < NP; ++pass) {
@@ -893,9 +1009,13 @@ struct Consumer {
     if (!compute) return;
     cons_sync();  // hvec complete
     const int hp = lane & 1;
+    if (PDEC_IDP) {
+      sxl[0] = quant32(hvec() + 32 * hp, xp, corr[0]);
+    } else {
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
-      ctc_gemv::pair_x(*reinterpret_cast<const uint4*>(hvec() + 32 * hp + 8 * c), xp + 4 * c);
+      for (int c = 0; c < 4; ++c)
+        ctc_gemv::pair_x(*reinterpret_cast<const uint4*>(hvec() + 32 * hp + 8 * c), xp + 4 * c);
+    }
   }
   // W_down rows [1024 t, 1024 t + 1024) x the block's 64 columns, added into the residual (version 2 l + 2):
   // 2 lanes a row, 16 rows a warp, 4 passes
@@ -910,7 +1030,8 @@ struct Consumer {
 #pragma unroll
       for (int pass = 0; pass < NP; ++pass) {  // all products first (the atomics below are ordered asm)
         const int r = pass * 256 + warp * 16 + (lane >> 1);
-        y[pass] = dot32(reinterpret_cast<const uint4*>(slot + r * (FCH / 2))[hp], xp) * scl[r];
+        const uint4 w = reinterpret_cast<const uint4*>(slot + r * (FCH / 2))[hp];
+        y[pass] = PDEC_IDP ? (float)idp32(w, xp, corr[0]) * (scl[r] * sxl[0]) : dot32(w, xp) * scl[r];
       }
 #pragma unroll
       for (int pass = 0; pass < NP; ++pass) {
