@@ -30,7 +30,9 @@ A layer is **three phases** (blocks 0..127 do the work of B and C; at least 128 
 * (C) RMSNorm -> gate|up pairs ``[64 b, 64 b + 64)`` -> SwiGLU (64 values kept in shared memory) -> the **down
   projection split along K**: W_down's columns ``[64 b, 64 b + 64)`` (half a g128 group; repacked
   ``[L, 128, 2048, 32 B]``, scales transposed ``[L, 64, 2048]``) times them, all 2048 rows, added into the
-  residual.  Grid barrier.
+  residual.  Grid barrier.  Blocks take W_down's two row tiles and four passes in a rotated order
+  (``PDEC_STAGGER``), so that at any moment the 128 blocks' atomics land on 8 different 256-row ranges rather
+  than all on the same 256 rows (the C barrier, which drains them, went from 2.3 to 1.3-1.6 us).
 
 Then final RMSNorm -> int4 LM head (rows split over all blocks) -> fp32 logits: 32 grid barriers a step.
 
@@ -44,7 +46,10 @@ bit-deterministic**: the order of the f32 additions (8 o partials + 1 carry per 
 carry) changes run to run; two runs of the same step differ by up to ~0.014 in the logits (max |logit| ~4), about
 the size of the error against float32 (<= 0.027 at positions 5..1024).
 
-Arithmetic: the int4 dot products use :mod:`.cuda_gemv`'s half2 trick (``dot8``/``pair_x``: one ``lop3``
+Arithmetic (``PDEC_IDP=1`` builds an alternative for the K-2048 GEMVs: int16 activations with a scale per g128
+group, ``dp2a`` into exact int32 sums; more accurate, 7 instead of 13 instructions per 8 codes, but measured 0-3%
+slower a step because the norms get slower; ``PDEC_IDP_OD=1`` adds W_o / W_down, slower still): the int4 dot
+products use :mod:`.cuda_gemv`'s half2 trick (``dot8``/``pair_x``: one ``lop3``
 turns two codes into a half2, 16 products summed in half2 per 16-byte load, i.e. within one group), each
 group's partial is widened to f32 and scaled in f32; every reduction across a row, the softmax, the norms
 and the residual stream are f32.  Activations that feed a GEMV are rounded to fp16 once (stored swizzled, so
@@ -62,12 +67,12 @@ that would not be co-resident.  The per-head counters (q|k|v, attention chunks) 
 per layer).  The next RMSNorm's weights are loaded before the barrier that precedes it.  A barrier, counter or
 ring wait that exceeds 0.2 s sets an abort flag in the workspace and lets the step finish (wrong values, no hang).
 
-Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, second section): 0.383 / 0.434 ms a step at
-KV 128 / 1024 as a CUDA graph (back to back), 41% / 36% of the copy bandwidth for 656.5 MB of int4 codes and
-scales (5 phases a layer: 0.482 / 0.527 ms).  With the weights L2-resident the step is no faster, and with no
-copies at all it still takes ~0.31 ms: the time is the consumers' serial chain a layer (norm prologues ~1 us
-each, attention ~3.3 us at KV 128, the int4 arithmetic of phase C ~7 us, issue-bound at 4 warps a scheduler)
-plus ~4 us of exchanges, not HBM.
+Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, third section): 0.367 / 0.419 ms a step at
+KV 128 / 1024 as a CUDA graph (back to back), 43% / 38% of the copy bandwidth for 656.5 MB of int4 codes and
+scales (before the staggered W_down order 0.382 / 0.434; 5 phases a layer: 0.482 / 0.527 ms).  With the
+weights L2-resident the step is no faster, and with no copies at all it still takes ~0.29 ms: the time is the
+consumers' serial chain a layer (norm prologues ~1 us each, attention ~3.3 us at KV 128, the int4 arithmetic of
+phase C ~6.9 us) plus ~4 us of exchanges, not HBM.
 
 The launcher (``extern "C"``) takes raw device pointers (:class:`DecodeArgs`); ``mode`` bits make timing
 variants: 1 = no grid barriers or counter waits, 2 = consumers skip all arithmetic (the ring's streaming rate
@@ -118,8 +123,14 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_BAR_FENCE  // 1: __threadfence() around the grid barrier's arrive / wait (0: release / acquire only)
 #define PDEC_BAR_FENCE 0
 #endif
-#ifndef PDEC_IDP  // 1: int4 x int16 dot products on the integer dot-product unit (dp2a), exact int32 sums
-#define PDEC_IDP 1  // (0: cuda_gemv's half2 dequant + HFMA2 path, fp16 partial sums)
+#ifndef PDEC_IDP  // 1: the K-2048 GEMVs (q|k|v, gate|up, LM head) as int4 x int16 dot products on the integer
+#define PDEC_IDP 0  // dot-product unit (dp2a), exact int32 sums (0: cuda_gemv's half2 dequant + HFMA2, fp16 partials;
+#endif              // dp2a measured 1-4% slower a step: gate|up faster, the norms slower)
+#ifndef PDEC_IDP_OD  // 1: W_o and W_down on dp2a too (their 32 inputs a lane quantized per lane: slower still)
+#define PDEC_IDP_OD 0
+#endif
+#ifndef PDEC_STAGGER  // 1: blocks take W_down's two row tiles and four passes in a rotated order, so that the
+#define PDEC_STAGGER 1  // f32 atomics of the 128 blocks spread over all 2048 rows at once, not 256 of them
 #endif
 #ifndef PDEC_PF_KB  // L2 prefetch window: tiles are prefetched into L2 this many KB before their copy to shared memory
 #define PDEC_PF_KB 0  // (0: off; 96-320 KB measured slower on the H200)
@@ -332,7 +343,7 @@ __device__ __forceinline__ void walk(V& v, const Plan& p) {
       for (int t = 0; t < FCH / GU_T; ++t) v.gemv(3, l, p.b * FCH + t * GU_T, GU_T);
       v.mid();
       v.down_begin();
-      for (int t = 0; t < H / DROWS; ++t) v.down(l, p.b, t);
+      for (int t = 0; t < H / DROWS; ++t) v.down(l, p.b, PDEC_STAGGER ? (t + p.b) % (H / DROWS) : t);
     }
     v.stage_end(2, l);
   }
@@ -497,10 +508,10 @@ __device__ __forceinline__ int idp32(const uint4 w, const unsigned* xp, int corr
 }
 // -8 x the sum of the 32 int16 activations paired in xp[0..15]
 __device__ __forceinline__ int idp_corr(const unsigned* xp) {
-  int s = 0;
+  int s[4] = {0, 0, 0, 0};
 #pragma unroll
-  for (int i = 0; i < 16; ++i) s = __dp2a_lo((int)xp[i], 0x0101, s);
-  return -8 * s;
+  for (int i = 0; i < 16; ++i) s[i & 3] = __dp2a_lo((int)xp[i], 0x0101, s[i & 3]);
+  return -8 * ((s[0] + s[1]) + (s[2] + s[3]));
 }
 // 32 fp16 values (4 x 16 bytes at src) as int16 pairs in xp[0..15] with one scale (max |v| / 32767); returns the scale
 __device__ __forceinline__ float quant32(const half* src, unsigned* xp, int& corr) {
@@ -632,7 +643,18 @@ struct Consumer {
       v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
     }
     float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
+#if PDEC_IDP
+    // the group's (warp's) max |gamma v|, reduced beside the sum of squares (its scale is that times rs / 32767)
+    float gm = fmaxf(fmaxf(fabsf(gam[0] * v[0]), fabsf(gam[1] * v[1])),
+                     fmaxf(fabsf(gam[2] * v[2]), fabsf(gam[3] * v[3])));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, o));
+    }
+#else
     ss = warp_sum(ss);
+#endif
     if (lane == 0) red16()[warp] = ss;
     if (dst != nullptr && (tid >> 2) == p.b) {
       red_add4(dst + 4 * tid, v[0], v[1], v[2], v[3]);
@@ -652,7 +674,7 @@ struct Consumer {
     {  // int16 with one scale per g128 group = per warp (k = 4 tid: warp w holds elements [128 w, 128 w + 128))
       const float n0 = gam[0] * (v[0] * rs), n1 = gam[1] * (v[1] * rs), n2 = gam[2] * (v[2] * rs),
                   n3 = gam[3] * (v[3] * rs);
-      const float m = warp_max(fmaxf(fmaxf(fabsf(n0), fabsf(n1)), fmaxf(fabsf(n2), fabsf(n3))));
+      const float m = gm * rs;
       const float inv = m > 0.f ? 32767.f / m : 0.f;
       if (lane == 0) sm<float>(OFF_SXG)[warp] = m * (1.f / 32767.f);
       *dstx = make_uint2((__float2int_rn(n0 * inv) & 0xffff) | ((unsigned)__float2int_rn(n1 * inv) << 16),
@@ -968,7 +990,7 @@ struct Consumer {
     const int q = lane & 7;
     if (compute) {
       cons_sync();  // ovec complete
-      if (PDEC_IDP) {
+      if (PDEC_IDP_OD) {
         sxl[0] = quant32(ovec() + 32 * q, xp, corr[0]);
       } else {
 #pragma unroll
@@ -986,8 +1008,8 @@ struct Consumer {
       for (int pass = 0; pass < NP; ++pass) {  // all products first (the atomics below are ordered asm)
         const int r = pass * 64 + warp * 4 + (lane >> 3);
         const uint4 w = reinterpret_cast<const uint4*>(slot + r * 128)[q];
-        y[pass] = PDEC_IDP ? scl[2 * r + (q >> 2)] * sxl[0] * (float)idp32(w, xp, corr[0])
-                           : scl[2 * r + (q >> 2)] * dot32(w, xp);
+        y[pass] = PDEC_IDP_OD ? scl[2 * r + (q >> 2)] * sxl[0] * (float)idp32(w, xp, corr[0])
+                              : scl[2 * r + (q >> 2)] * dot32(w, xp);
       }
 #pragma unroll
       for (int pass = 0; pass < NP; ++pass) {
@@ -1009,7 +1031,7 @@ struct Consumer {
     if (!compute) return;
     cons_sync();  // hvec complete
     const int hp = lane & 1;
-    if (PDEC_IDP) {
+    if (PDEC_IDP_OD) {
       sxl[0] = quant32(hvec() + 32 * hp, xp, corr[0]);
     } else {
 #pragma unroll
@@ -1017,6 +1039,9 @@ struct Consumer {
         ctc_gemv::pair_x(*reinterpret_cast<const uint4*>(hvec() + 32 * hp + 8 * c), xp + 4 * c);
     }
   }
+  // W_down's pass order in a tile: rotated by block (PDEC_STAGGER; with the tile order rotated in walk, the 128
+  // blocks' atomics land on 8 different 256-row ranges at a time)
+  __device__ __forceinline__ int rot(int pass) const { return PDEC_STAGGER ? (pass + (p.b >> 1)) & 3 : pass; }
   // W_down rows [1024 t, 1024 t + 1024) x the block's 64 columns, added into the residual (version 2 l + 2):
   // 2 lanes a row, 16 rows a warp, 4 passes
   __device__ __forceinline__ void down(int l, int, int t) {
@@ -1026,12 +1051,13 @@ struct Consumer {
       const float* scl = reinterpret_cast<const float*>(slot + DROWS * (FCH / 2));
       const int hp = lane & 1;
       constexpr int NP = DROWS / 256;
+      static_assert(NP == 4, "rot() rotates 4 passes");
       float y[NP];
 #pragma unroll
       for (int pass = 0; pass < NP; ++pass) {  // all products first (the atomics below are ordered asm)
-        const int r = pass * 256 + warp * 16 + (lane >> 1);
+        const int r = rot(pass) * 256 + warp * 16 + (lane >> 1);
         const uint4 w = reinterpret_cast<const uint4*>(slot + r * (FCH / 2))[hp];
-        y[pass] = PDEC_IDP ? (float)idp32(w, xp, corr[0]) * (scl[r] * sxl[0]) : dot32(w, xp) * scl[r];
+        y[pass] = PDEC_IDP_OD ? (float)idp32(w, xp, corr[0]) * (scl[r] * sxl[0]) : dot32(w, xp) * scl[r];
       }
 #pragma unroll
       for (int pass = 0; pass < NP; ++pass) {
@@ -1040,7 +1066,7 @@ struct Consumer {
         // rows r .. r + 3 sit in lanes 0, 2, 4, 6 (of each 8): one 16-byte atomic from lane 8 i
         const float v1 = __shfl_down_sync(0xffffffffu, v, 2), v2 = __shfl_down_sync(0xffffffffu, v, 4),
                     v3 = __shfl_down_sync(0xffffffffu, v, 6);
-        if ((lane & 7) == 0) red_add4(xo + pass * 256 + warp * 16 + (lane >> 1), v, v1, v2, v3);
+        if ((lane & 7) == 0) red_add4(xo + rot(pass) * 256 + warp * 16 + (lane >> 1), v, v1, v2, v3);
       }
     }
     release_tile();
