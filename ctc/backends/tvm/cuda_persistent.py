@@ -132,6 +132,12 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_STAGGER  // 1: blocks take W_down's two row tiles and four passes in a rotated order, so that the
 #define PDEC_STAGGER 1  // f32 atomics of the 128 blocks spread over all 2048 rows at once, not 256 of them
 #endif
+#ifndef PDEC_ATT_WARP  // 1: attention as a per-warp online softmax (16-byte K/V reads, 4 positions a warp at a
+#define PDEC_ATT_WARP 1  // time, no block syncs in the loop) and one merge of the 16 warps; 0: block-wide softmax
+#endif                   // per 128-position tile (3 block syncs a tile, scores through shared memory)
+#ifndef PDEC_WARP_POLL  // 1: after the grid barrier's arrive, lane 0 of every consumer warp polls the counter and
+#define PDEC_WARP_POLL 0  // its warp goes on alone (no block sync after the wait); 0: thread 0 polls, then a block sync
+#endif
 #ifndef PDEC_PF_KB  // L2 prefetch window: tiles are prefetched into L2 this many KB before their copy to shared memory
 #define PDEC_PF_KB 0  // (0: off; 96-320 KB measured slower on the H200)
 #endif
@@ -276,6 +282,20 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
   cons_sync();  // the block's writes happen before thread 0's release (bar.sync orders them; release is cumulative)
+#if PDEC_WARP_POLL
+  if (threadIdx.x == 0) red_release_add(ctl + CTL_BAR, 1u);
+  if ((threadIdx.x & 31) == 0 && ld_acquire(ctl + CTL_BAR) < target) {
+    const unsigned long long t0 = gtime();
+    for (unsigned i = 1; ld_acquire(ctl + CTL_BAR) < target; ++i) {
+      if ((i & 63u) == 0) {
+        if (*(volatile unsigned*)(ctl + CTL_ABORT)) break;
+        if (gtime() - t0 > TIMEOUT_NS) { atomicExch(ctl + CTL_ABORT, 2u); break; }
+      }
+    }
+  }
+  __syncwarp();  // lane 0's acquire, then the warp goes on (the block's other warps need not have seen it yet)
+  cp_async_wait_all();
+#else
   if (threadIdx.x == 0) {
     if (PDEC_BAR_FENCE) __threadfence();
     red_release_add(ctl + CTL_BAR, 1u);
@@ -292,6 +312,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
   }
   cp_async_wait_all();  // the next RMSNorm's weights (issued before the barrier) are in shared memory
   cons_sync();
+#endif
 }
 
 
@@ -586,6 +607,11 @@ struct Consumer {
   int corr[2];   // PDEC_IDP: -8 x the sums of the int16 activations in xp[0..15], xp[16..31]
   float sxl[2];  // PDEC_IDP: their scales
   float acc[8];
+#if PDEC_ATT_WARP
+  // per-warp attention state (warp-uniform): the running max and sum of weights per head; acc holds this lane's
+  // dims 2 lane, 2 lane + 1 of the 4 heads' unnormalized weighted value sums
+  float om[4], ol[4];
+#endif
   float gam[4];  // the next RMSNorm's weights (this thread's 4), loaded before the barrier that precedes it
 
   __device__ __forceinline__ half* xs() const { return sm<half>(OFF_XS); }
@@ -826,6 +852,118 @@ struct Consumer {
       fresh()[HD + d] = vh;
       if (write) a.vcache[((size_t)(l * NKV + hk) * a.max_len + pos) * HD + d] = vh;
     }
+#if PDEC_ATT_WARP
+    cons_sync();
+    {  // every warp's state empty, except warp NCW - 1's: the new row (q stays in shared memory)
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        om[h] = -INFINITY;
+        ol[h] = 0.f;
+        acc[2 * h] = acc[2 * h + 1] = 0.f;
+      }
+      if (with_new && warp == NCW - 1) {  // start from the new row: score, weight 1, its value
+        float sn[4];
+        att_score(fresh(), sn);
+        const float2 vf = __half22float2(reinterpret_cast<const __half2*>(fresh() + HD)[lane]);
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          om[h] = sn[h];
+          ol[h] = 1.f;
+          acc[2 * h] = vf.x;
+          acc[2 * h + 1] = vf.y;
+        }
+      }
+    }
+  }
+  // 8 fp16 values (16 bytes) as f32
+  __device__ __forceinline__ static void half8_to_f32(const uint4 u, float* f) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  }
+  // the 4 heads' scores (log2 domain) of one cached row: each lane of a group of 8 reads 16 bytes of it, the
+  // group reduces (3 shuffles a head); every lane of the group gets all 4
+  __device__ __forceinline__ void att_score(const half* row, float* s) const {
+    float kf[8];
+    half8_to_f32(reinterpret_cast<const uint4*>(row)[lane & 7], kf);
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {  // q from shared memory (two 16-byte reads a head; registers are short)
+      const float4 u = *reinterpret_cast<const float4*>(qs() + qi(h, 8 * (lane & 7)));
+      const float4 v = *reinterpret_cast<const float4*>(qs() + qi(h, 8 * (lane & 7)) + 4);
+      float a0 = u.x * kf[0], a1 = u.y * kf[1];
+      a0 = fmaf(u.z, kf[2], a0);
+      a1 = fmaf(u.w, kf[3], a1);
+      a0 = fmaf(v.x, kf[4], a0);
+      a1 = fmaf(v.y, kf[5], a1);
+      a0 = fmaf(v.z, kf[6], a0);
+      a1 = fmaf(v.w, kf[7], a1);
+      s[h] = a0 + a1;
+    }
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1)
+#pragma unroll
+      for (int h = 0; h < 4; ++h) s[h] += __shfl_xor_sync(0xffffffffu, s[h], o);
+  }
+  // n positions of a ring tile (K rows at kp, V rows at vp): warp w, lane group g scores position
+  // 64 it + 4 w + g (16-byte K reads); the warp's max per head over them (2 shuffles a head), the state rescaled
+  // once, then per position its 4 weights from its lane group (shuffles) times its V row (4 bytes a lane: the
+  // sums stay 8 registers a lane).  No block sync: each warp releases the tile when done.
+  __device__ __forceinline__ void att_rows(const half* kp, const half* vp, int n) {
+    constexpr int IT = ATT_T / (4 * NCW);
+    const int g = lane >> 3;
+    float s[IT][4];
+    float tm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int i = it * 4 * NCW + warp * 4 + g;
+      if (it * 4 * NCW < n) {  // warp-uniform (the shuffles need all lanes)
+        att_score(kp + i * HD, s[it]);
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          if (i >= n) s[it][h] = -INFINITY;
+          tm[h] = fmaxf(tm[h], s[it][h]);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      tm[h] = fmaxf(tm[h], __shfl_xor_sync(0xffffffffu, tm[h], 8));
+      tm[h] = fmaxf(tm[h], __shfl_xor_sync(0xffffffffu, tm[h], 16));
+      const float mn = fmaxf(om[h], tm[h]);
+      const float al = mn == -INFINITY ? 1.f : exp2f(om[h] - mn);
+      om[h] = mn;
+      ol[h] *= al;
+      acc[2 * h] *= al;
+      acc[2 * h + 1] *= al;
+    }
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      if (it * 4 * NCW < n) {
+        float e[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) e[h] = s[it][h] == -INFINITY ? 0.f : exp2f(s[it][h] - om[h]);
+#pragma unroll
+        for (int gg = 0; gg < 4; ++gg) {
+          const int i = it * 4 * NCW + warp * 4 + gg;
+          if (i < n) {  // warp-uniform
+            const float2 vf = __half22float2(reinterpret_cast<const __half2*>(vp + i * HD)[lane]);
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+              const float eh = __shfl_sync(0xffffffffu, e[h], 8 * gg);
+              ol[h] += eh;
+              acc[2 * h] = fmaf(eh, vf.x, acc[2 * h]);
+              acc[2 * h + 1] = fmaf(eh, vf.y, acc[2 * h + 1]);
+            }
+          }
+        }
+      }
+    }
+  }
+#else
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
     cons_sync();
@@ -914,6 +1052,7 @@ struct Consumer {
     }
     cons_sync();
   }
+#endif
 
   __device__ __forceinline__ void att_tile(int, int, int, int n) {
     const unsigned char* slot = wait_tile();
@@ -933,6 +1072,41 @@ struct Consumer {
       return;
     }
     float* red = reinterpret_cast<float*>(xs());  // [16 warps][4 heads][64]
+#if PDEC_ATT_WARP
+    // one merge of the 16 warps' states by 256 threads
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      red[(warp * 4 + h) * HD + 2 * lane] = acc[2 * h];
+      red[(warp * 4 + h) * HD + 2 * lane + 1] = acc[2 * h + 1];
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < 4; ++h) { sc()[warp * 4 + h] = om[h]; sc()[4 * NCW + warp * 4 + h] = ol[h]; }
+    }
+    cons_sync();
+    if (tid < 4 * HD) {
+      const int h = tid >> 6, d = tid & 63;
+      float M = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < NCW; ++w) M = fmaxf(M, sc()[w * 4 + h]);
+      float o = 0.f, L = 0.f;
+#pragma unroll
+      for (int w = 0; w < NCW; ++w) {
+        const float mw = sc()[w * 4 + h], e = mw == -INFINITY ? 0.f : exp2f(mw - M);
+        o = fmaf(red[(w * 4 + h) * HD + d], e, o);
+        L = fmaf(sc()[4 * NCW + w * 4 + h], e, L);
+      }
+      if (p.C == 1) {
+        const half oh = __float2half_rn(o / L);
+        ovec()[tid] = oh;
+        if (write_attn) reinterpret_cast<half*>(a.ws + WS_ATTN)[hk * 4 * HD + tid] = oh;  // for checking only
+      } else {
+        float* P = a.ws + WS_PART + ((4 * hk + h) * CMAX + c) * 66;
+        P[2 + d] = o;
+        if (d == 0) { P[0] = M; P[1] = L; }
+      }
+    }
+#else
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       red[(warp * 4 + h) * HD + 2 * lane] = acc[2 * h];
@@ -954,6 +1128,7 @@ struct Consumer {
         if (d == 0) { P[0] = mls()[h]; P[1] = mls()[4 + h]; }
       }
     }
+#endif
     if (p.C > 1) {
       cons_sync();  // the partials before thread 0's release (cumulative, as in the grid barrier)
       if (tid == 0) red_release_add(ctl + CTL_HEAD + hk, 1u);
