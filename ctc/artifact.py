@@ -252,20 +252,21 @@ class Artifact:
             ) -> list[torch.Tensor]:
         """Run the model: through a compiled target's library when ``target`` is given, else the torch backend
         (the reference interpreter when no torch backend is installed).  The inputs are checked first
-        (:class:`InputChecker`): a wrong one is a :class:`~ctc.errors.UsageError` naming it."""
-        checked, given = self.input_checker(inputs)
+        (:class:`InputChecker`, or the compiled library's own checks, the same ones): a wrong one is a
+        :class:`~ctc.errors.UsageError` naming it."""
         if target is not None:  # the library binds the caller's own tensors (zero-copy, on their device)
-            return self._run_target(target, given)
+            runner = self.runner(target)
+            if not getattr(runner, "checks_inputs", False):  # a runner that checks them itself is not doubled
+                inputs = self.input_checker(inputs)[1]
+            out = runner(inputs)
+            return list(out) if isinstance(out, (list, tuple)) else [out]
+        checked, _ = self.input_checker(inputs)
         runner = self._runners.get("torch")
         if runner is None:
             runner = torch_runner(self.module)
             self._runners["torch"] = runner
         with torch.no_grad():
             out = runner(checked)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-
-    def _run_target(self, target: str, inputs: Any) -> list[torch.Tensor]:
-        out = self.runner(target)(inputs)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def runner(self, target: str) -> Any:
@@ -350,11 +351,7 @@ class InputChecker:
         tensors = []
         for spec, x in zip(self.specs, given, strict=True):
             t = as_cpu_tensor(spec, x)
-            check_shape(spec, tuple(t.shape), sizes)
-            for axis, sym in spec.symbols:
-                if t.shape[axis] == 0:
-                    raise UsageError(f"input {spec.name!r} is empty ({sym} = 0 on axis {axis}): give at least one "
-                                     "element (one token for token ids)")
+            check_shape(spec, tuple(t.shape), sizes)  # rank, sizes, no empty symbolic axis
             tensors.append(t if t.dtype == spec.torch_dtype else t.to(spec.torch_dtype))
         check_symbol_limits(self.limits, sizes)
         for i, (size, what) in self.bounds.items():

@@ -645,6 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(e, PipelineError):  # a pass failed: its message names the pass and recipe line
                 print(f"ctc {args.command}: {e}\nnothing was written", file=sys.stderr)
                 return EXIT_INTERNAL
+            from ctc.errors import ComputeError
+
+            if isinstance(e, ComputeError):  # the compiled model said why it could not compute
+                print(f"ctc {args.command}: error: {e}", file=sys.stderr)
+                return EXIT_INTERNAL
             if type(e).__name__ == "TuningError":  # the tuning worker failed: its message says where to look
                 print(f"ctc {args.command}: tuning failed: {e}\nnothing was written", file=sys.stderr)
                 return EXIT_INTERNAL

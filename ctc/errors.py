@@ -37,5 +37,10 @@ class ArtifactError(Exception):
         self.reason = reason
 
 
+class ComputeError(Exception):
+    """A compiled model ran but says it could not compute its result (exit code 4, no traceback): the message
+    names the cause and the fix (e.g. the persistent CUDA decode step timed out waiting for its grid)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (the CLI turns it into this so that clean-up runs as it does for Ctrl-C)."""

@@ -177,6 +177,12 @@ def _run_loop(prompt: torch.Tensor, new: int, write: Callable[[torch.Tensor, int
         out.append(tok)
     sync()
     t_end = time.perf_counter()
+    if bool(torch.isnan(logits[:, -1]).all()):  # a step that could not run (the persistent CUDA step's sign)
+        from ctc.errors import ComputeError
+
+        raise ComputeError("generation: the last step's logits are all NaN, so the tokens are not the model's (a "
+                           "persistent CUDA decode step writes NaN when it could not run: reload the library, keep "
+                           "the GPU to this model, or build with `target cuda persistent=false`)")
     if t_prompt == 0.0:  # one new token: the prompt's last step produced it
         t_prompt = t_end
     tokens = torch.cat(out, dim=1).cpu()

@@ -56,21 +56,30 @@ def _affine(d: object) -> tuple[str, int, int] | None:
 
 
 def _arange_end(v: object) -> object | None:
-    """The ``end`` dim of the ``arange`` (start 0) whose values ``v`` carries through value-keeping ops."""
-    n = getattr(v, "producer", None)
-    while n is not None and n.op in _VALUE_KEEPING:
+    """One past the largest value ``v`` can hold when it is an ``arange`` from 0 carried through value-keeping
+    ops and additions of a non-negative integer scalar (GPT-2 adds its past length, 0 here): None otherwise."""
+    from ctc.ir.symbolic import dim_add
+
+    n, shift = getattr(v, "producer", None), 0
+    while n is not None and (n.op in _VALUE_KEEPING or n.op == "add"):
+        if n.op == "add":
+            c = n.attrs.get("scalar")
+            if len(n.inputs) != 1 or c is None or c < 0 or c != int(c):
+                return None
+            shift += int(c)
         n = n.inputs[0].producer
     if n is None or n.op != "arange" or list(n.attr("start")) != [0]:
         return None
-    return n.attr("end")[0]
+    return dim_add(n.attr("end")[0], shift)
 
 
 def ir_symbol_limits(module: object) -> dict[str, tuple[int, str]]:
     """``{symbol: (largest value, why)}`` that the IR itself implies for any-length builds: a ``slice`` of a
     static axis of length ``L`` ending at ``a * s + b`` needs ``a * s + b <= L`` (HF encoders slice their
     ``position_ids`` buffer to the sequence length); an ``embedding``/``gather``/``index_select`` of a table of
-    ``R`` rows at indices ``arange(a * s + b)`` needs ``a * s + b <= R`` (GPT-2's learned positions).  Compiled code
-    does not check these bounds, so a longer input would read past the table: the runner refuses it first."""
+    ``R`` rows at indices ``arange(a * s + b) (+ c)`` needs ``a * s + b (+ c) <= R`` (GPT-2's learned positions).
+    Compiled code does not check these bounds, so a longer input would read past the table: the runner refuses
+    it first."""
     out: dict[str, tuple[int, str]] = {}
 
     def bound(end: object, length: object, why: str) -> None:
@@ -110,32 +119,38 @@ def model_limits(module: Any, config: Path | None) -> dict[str, tuple[int, str]]
 
 def check_symbol_limits(limits: Mapping[str, tuple[int, str]], sizes: Mapping[str, tuple[int, str]]) -> None:
     """A symbol over its limit (``sizes``: symbol -> (size, the input it was read from)) is a :class:`UsageError`
-    before anything runs: the compiled code would read past the position table."""
+    before anything runs: the compiled code would read past the table that bounds it."""
     for sym, (limit, why) in limits.items():
         got = sizes.get(sym)
-        if got is not None and got[0] > limit:
+        if got is None or got[0] <= limit:
+            continue
+        if sym == "seq":
             raise UsageError(f"input {got[1]!r} has {sym} = {got[0]}, but the model has {limit} positions "
                              f"({why}); cut the input to at most {limit} (e.g. tokenizer(..., truncation=True, "
                              f"max_length={limit}))")
+        raise UsageError(f"input {got[1]!r} has {sym} = {got[0]}, but the model allows at most {limit} ({why}): "
+                         f"give at most {limit}")
 
 
 def index_bounds(module: Any) -> dict[str, tuple[int, str]]:
     """``{input name: (table size, what its values are)}`` for the integer inputs ``module`` uses as indices:
-    token ids into an embedding's rows, a decode step's cache positions (written in place); the smallest table
-    when an input indexes several."""
+    token ids and other embedding indices into the table's rows, a decode step's cache positions (float or
+    quantized caches, written in place); the smallest table when an input indexes several."""
     index = {id(v): v.name for v in module.inputs}
     bounds: dict[str, tuple[int, str]] = {}
     for n in module.nodes:
         if n.op == "embedding":
-            name, size, what = index.get(id(n.operand("ids"))), n.operand("weight").type.shape[0], "token ids"
-        elif n.op == "cache_write":
+            name, table = index.get(id(n.operand("ids"))), n.operand("weight")
+            size = table.type.shape[0]
+            what = "token ids" if name == "input_ids" else f"indices into {table.name}"
+        elif n.op in ("cache_write", "quant_cache_write"):
             cache = n.operand("cache").type
-            name, size = index.get(id(n.operand("position"))), cache.shape[n.attrs["axis"] % cache.rank]
-            what = "cache positions"
+            axis = n.attrs["axis"] % cache.rank if n.op == "cache_write" else 2  # quantized: [B, Hkv, L, D']
+            name, size, what = index.get(id(n.operand("position"))), cache.shape[axis], "cache positions"
         else:
             continue
-        if name is not None and isinstance(size, int):
-            bounds[name] = (min(size, bounds.get(name, (size, what))[0]), what)
+        if name is not None and isinstance(size, int) and (name not in bounds or size < bounds[name][0]):
+            bounds[name] = (size, what)
     return bounds
 
 
@@ -145,7 +160,11 @@ def check_index_values(name: str, values: Any, size: int, what: str) -> None:
         return
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= size:
-        has, fix = (f"the embedding has {size} rows", "tokenize with this artifact's tokenizer") \
-            if what == "token ids" else \
-            (f"the cache has {size} positions", "a longer sequence needs a step compiled with a larger `decode=`")
+        if what == "token ids":
+            has, fix = f"the embedding has {size} rows", "tokenize with this artifact's tokenizer"
+        elif what == "cache positions":
+            has, fix = f"the cache has {size} positions", "a longer sequence needs a step compiled with a larger " \
+                                                          "`decode=`"
+        else:
+            has, fix = f"the table has {size} rows", f"give values from 0 to {size - 1}"
         raise UsageError(f"input {name!r} holds {what} in [{lo}, {hi}]; {has} (0 to {size - 1}): {fix}")

@@ -224,6 +224,11 @@ def test_target_options_reach_the_build(monkeypatch) -> None:
     assert (info.sms, info.persistent) == (132, True)
     info = T.resolve("cuda", type("Opts", (), {"arch": "sm_90", "sms": 114, "persistent": False})())
     assert (info.sms, info.persistent) == (114, False)
+    # built on an H100 PCIe (sm_90, 114 SMs) for sm_90a: the visible GPU's count, not the arch's common one
+    monkeypatch.setattr(T, "detect_cuda_arch", lambda: "sm_90")
+    monkeypatch.setattr(T, "detect_cuda_sms", lambda: 114)
+    assert T.resolve("cuda", type("Opts", (), {"arch": "sm_90a"})()).sms == 114
+    assert T.resolve("cuda", type("Opts", (), {"arch": "sm_80"})()).sms != 114  # another GPU's arch: not this one
     from ctc.options import OptionError
     from ctc.targets import CudaOptions
 

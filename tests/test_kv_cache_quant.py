@@ -139,3 +139,30 @@ def test_teacher_forced_nll_matches_the_full_sequence_model(step_module) -> None
     assert nll8 != nll and abs(nll8 - nll) < 0.02 * abs(nll)
     with pytest.raises(ValueError, match="first=11"):
         teacher_forced_nll(lambda ins: interpret(mod, ins), ids, 11, input_specs=_specs(mod))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_positions_past_a_quantized_cache_are_refused(step_module, bits: int) -> None:
+    """The step writes its quantized cache in place at ``position``: one past the cache is refused by name, by the
+    artifact's checker and by the compiled CPU runner, before anything is written (it wrote past the buffer)."""
+    from ctc.artifact import InputChecker
+    from ctc.backends.tvm.build import compile_module, load
+    from ctc.errors import UsageError
+    from ctc.positions import index_bounds
+
+    model, mod = step_module
+    q = _run(mod, {"bits": bits})
+    assert index_bounds(q)["position"] == (32, "cache positions")
+    dtypes = {"i64": torch.int64, "i8": torch.int8, "u8": torch.uint8, "f32": torch.float32}
+    ins = {v.name: torch.zeros([int(d) for d in v.type.shape], dtype=dtypes[v.type.dtype]) for v in q.inputs}
+    ins["position"] = torch.tensor([8])
+    InputChecker(q)(ins)  # in range: fine
+    bad = {**ins, "position": torch.tensor([32])}
+    with pytest.raises(UsageError, match=r"input 'position' holds cache positions in \[32, 32\]; the cache has 32"):
+        InputChecker(q)(bad)
+    with tempfile.TemporaryDirectory() as d:
+        compile_module(q).export(d)
+        lib = load(d, q)
+        with pytest.raises(UsageError, match=r"input 'position' holds cache positions in \[32, 32\]"):
+            lib(bad)
+

@@ -64,7 +64,7 @@ class _SlicedPositions(torch.nn.Module):
 def test_the_ir_gives_the_limit_when_no_config_does(tmp_path: Path, net: type, limit: int, why: str) -> None:
     """A model without a Hugging Face config (a user's own module): the position table's size comes from the IR,
     and an any-length library refuses a longer input instead of reading past the table."""
-    from ctc.backends.tvm.build import compile_module, load
+    from ctc.backends.tvm.build import compile_module, load, load_compiled
     from ctc.frontends.aten_capture import capture
     from ctc.positions import ir_symbol_limits
 
@@ -87,6 +87,12 @@ def test_the_ir_gives_the_limit_when_no_config_does(tmp_path: Path, net: type, l
         lib({"ids": ids})
     with pytest.raises(UsageError, match=r"the compiled model takes 1 inputs \(input_ids\), got 2"):
         lib(ids, ids)
+    # the library carries its bounds (model.json): loaded directly, without the IR, it refuses the same inputs
+    direct = load_compiled(tmp_path / "lib")
+    with pytest.raises(UsageError, match=rf"has seq = {limit + 1}, but the model has {limit} positions"):
+        direct({"input_ids": torch.randint(0, 50, (1, limit + 1))})
+    with pytest.raises(UsageError, match=r"holds token ids in \[3, 50\]"):
+        direct({"input_ids": torch.tensor([[3, 50]])})
 
 
 def test_limits_need_one_symbol_with_a_positive_coefficient() -> None:
@@ -95,3 +101,28 @@ def test_limits_need_one_symbol_with_a_positive_coefficient() -> None:
     assert _affine("seq") == ("seq", 1, 0)
     assert _affine("2*seq + 3") == ("seq", 2, 3)
     assert _affine("past + seq") is None and _affine("-seq + 9") is None and _affine(7) is None
+
+
+def test_real_gpt2_positions_are_bounded_without_a_config() -> None:
+    """transformers' GPT-2 looks its learned positions up at ``arange(seq) + past`` (0): the IR still bounds seq."""
+    from transformers import GPT2Config, GPT2Model
+
+    from ctc.frontends.aten_capture import capture
+    from ctc.positions import index_bounds, ir_symbol_limits
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=50, n_positions=24, n_embd=16, n_layer=1, n_head=2, use_cache=False,
+                                 bos_token_id=0, eos_token_id=0)).eval()
+    m = capture(model, {"input_ids": torch.randint(0, 50, (1, 6))}, output="last_hidden_state")
+    assert ir_symbol_limits(m)["seq"][0] == 24
+    assert index_bounds(m) == {"input_ids": (50, "token ids")}
+
+
+def test_nan_logits_of_a_persistent_step_are_an_error_not_tokens() -> None:
+    """The persistent CUDA step writes NaN logits when it could not run: the runner raises, naming the fix."""
+    from ctc.backends.tvm.cuda_decode_stack import check_logits
+    from ctc.errors import ComputeError
+
+    check_logits(torch.tensor([[0.5, float("nan"), 1.0]]))  # a NaN among real logits is not the step's sign
+    with pytest.raises(ComputeError, match=r"did not run.*persistent=false"):
+        check_logits(torch.full((1, 1, 8), float("nan")))

@@ -37,6 +37,7 @@ from ctc.backends.tvm.inputs import bind_input, check_shape, input_specs
 from ctc.backends.tvm.targets import host_cores, usable_cores
 from ctc.errors import UsageError
 from ctc.ir.graph import Module
+from ctc.positions import check_index_values, check_symbol_limits, config_positions, index_bounds, ir_symbol_limits
 
 __all__ = ["BuildOptions", "CompiledModel", "build", "compile_module", "load", "load_compiled", "relax_passes"]
 
@@ -408,6 +409,9 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "notes": low.notes,
         "tuning": tune_summary,
         "inplace_inputs": low.inplace_inputs,
+        # what the compiled code does not check: inputs that index a table, symbols a table bounds (see positions)
+        "index_bounds": {k: list(v) for k, v in index_bounds(module).items()},
+        "symbol_limits": {k: list(v) for k, v in ir_symbol_limits(module).items()},
     }
     if not gpu:
         from ctc.backends.tvm.targets import required_cpu_features
@@ -545,6 +549,8 @@ class CompiledModel:
     runtime's own buffers, zero-copy through DLPack.
     """
 
+    checks_inputs = True  # arity, shapes, limits and index values: the checks of ctc.artifact.InputChecker
+
     def __init__(self, path: str | Path, *, threads: int | None = None,
                  module_params: Mapping[str, Any] | None = None, bind_weights: bool = True):
         import os
@@ -603,8 +609,13 @@ class CompiledModel:
         self._main = self.vm["main"]
         self._inplace = set(self.meta.get("inplace_inputs", []))
         self._specs = input_specs(self.meta, self._inplace)
-        self.symbol_limits: dict[str, tuple[int, str]] = {}  # symbol -> (largest size, why): see _check_limits
-        self.index_bounds: dict[str, tuple[int, str]] = {}  # input -> (table size, what its values are): the same
+        symbols = {sym for spec in self._specs for sym in dict(spec.symbols).values()}
+        # symbol -> (largest size, why) and input -> (table size, what its values are): see _check_limits
+        self.symbol_limits: dict[str, tuple[int, str]] = {
+            k: (int(v[0]), str(v[1])) for k, v in self.meta.get("symbol_limits", {}).items() if k in symbols}
+        bounds = self.meta.get("index_bounds", {})
+        self._index_checks = [(i, spec.name, int(bounds[spec.name][0]), str(bounds[spec.name][1]))
+                              for i, spec in enumerate(self._specs) if spec.name in bounds]
         self._keep: list[Any] = []
         self._params: list[Any] = []
         self._param_keep: list[Any] = []
@@ -727,16 +738,14 @@ class CompiledModel:
 
     def _check_limits(self, sizes: Mapping[str, tuple[int, str]], inputs: tuple[Any, ...]) -> None:
         """Before any kernel runs (the compiled code checks no index): a symbol over its limit (``symbol_limits``:
-        more tokens than the model has positions), or an index input outside its table (``index_bounds``: token
-        ids, cache positions), is a :class:`UsageError`.  Index values already on a GPU are not read back (that
-        would synchronize every call): the caller who keeps them there keeps them in range."""
-        from ctc.positions import check_index_values, check_symbol_limits
-
+        more tokens than the model has positions), or an index input outside its table (``meta["index_bounds"]``:
+        token ids, cache positions), is a :class:`UsageError`.  Index values already on a GPU are not read back
+        (that would synchronize every call): the caller who keeps them there keeps them in range."""
         check_symbol_limits(self.symbol_limits, sizes)
-        for spec, x in zip(self._specs, inputs, strict=True):
-            if spec.name in self.index_bounds and not getattr(x, "is_cuda", False):
-                values = x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
-                check_index_values(spec.name, values, *self.index_bounds[spec.name])
+        for i, name, size, what in self._index_checks:
+            x = inputs[i]
+            if not getattr(x, "is_cuda", False):
+                check_index_values(name, x.detach().numpy() if hasattr(x, "detach") else np.asarray(x), size, what)
 
     def __call__(self, *inputs: Any, numpy: bool = False) -> list[Any]:
         """Run on ``inputs`` (a mapping by name, a list, or positional); outputs as CPU torch tensors (numpy
@@ -750,6 +759,10 @@ class CompiledModel:
         res = [torch.from_dlpack(o) for o in outs]
         if self.device == "cuda":
             res = [r.cpu() for r in res]
+            if self.meta.get("persistent_grid"):
+                from ctc.backends.tvm.cuda_decode_stack import check_logits
+
+                check_logits(res[0])
         if numpy:  # views of the same buffers: the outputs are the caller's, no copy needed
             return [r.numpy() for r in res]
         return res
@@ -942,13 +955,12 @@ def load(target_dir: str | Path, module: Module | None = None) -> Any:
     """The ctc artifact hook: the compiled library in ``target_dir``, callable on a mapping or a list of
     inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``); weights not stored beside
     it come from ``module``'s parameters."""
-    from ctc.positions import index_bounds, model_limits
-
     compiled = load_compiled(target_dir, module_params=module.params if module is not None else None)
     symbols = {sym for s in compiled._specs for sym in dict(s.symbols).values()}
-    # an artifact's library (ART/targets/KIND): the source model's config sits in ART/tokenizer
-    limits = model_limits(module, Path(target_dir).parent.parent / "tokenizer" / "config.json")
-    compiled.symbol_limits.update({sym: lim for sym, lim in limits.items() if sym in symbols})
-    if module is not None:
-        compiled.index_bounds.update(index_bounds(module))
+    # an artifact's library (ART/targets/KIND): the source model's config sits in ART/tokenizer; the IR's own
+    # limits came with the library (model.json)
+    positions = config_positions(Path(target_dir).parent.parent / "tokenizer" / "config.json")
+    if positions is not None and "seq" in symbols and positions[0] < compiled.symbol_limits.get(
+            "seq", (positions[0] + 1,))[0]:
+        compiled.symbol_limits["seq"] = positions
     return compiled

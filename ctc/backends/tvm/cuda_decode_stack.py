@@ -91,7 +91,7 @@ def _eval_int(expr: str, names: dict[str, int]) -> int | None:
             a, b = ev(n.left), ev(n.right)
             ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
                    ast.Div: lambda: (abs(a) // abs(b)) * (1 if (a >= 0) == (b >= 0) else -1),  # C: toward 0
-                   ast.Mod: lambda: a % b}
+                   ast.Mod: lambda: a - b * ((abs(a) // abs(b)) * (1 if (a >= 0) == (b >= 0) else -1))}  # C
             for k, f in ops.items():
                 if isinstance(n.op, k):
                     return f()
@@ -163,7 +163,7 @@ def kernel_constants() -> dict[str, int]:
 
     c = _constexprs(_source())
     names = {"hidden": "H", "heads": "NQ", "kv_heads": "NKV", "head_dim": "HD", "ffn": "FF", "group": "GS",
-             "smem": "SMEM", "ws_ctl": "WS_CTL", "threads": "NT"}
+             "smem": "SMEM", "ws_ctl": "WS_CTL", "threads": "NT", "attention_blocks": "NOB", "ffn_slices": "FSL"}
     missing = [v for v in names.values() if v not in c]
     if missing:
         raise RuntimeError(f"cuda_persistent.CUDA_SOURCE: constants {missing} not found (or not evaluable) in the "
@@ -171,7 +171,7 @@ def kernel_constants() -> dict[str, int]:
     out = {k: c[v] for k, v in names.items()}
     out["ws_floats"] = out.pop("ws_ctl") + 64
     # blocks the phases need co-resident (the attention + W_o blocks, the FFN slices), at least one per kv head
-    out["min_blocks"] = max([c[k] for k in ("NOB", "FSL") if k in c] + [out["kv_heads"]])
+    out["min_blocks"] = max(out.pop("attention_blocks"), out.pop("ffn_slices"), out["kv_heads"])
     for k in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "group"):
         if P.LLAMA_1B[k] != out[k]:
             raise RuntimeError(f"cuda_persistent: LLAMA_1B[{k!r}] = {P.LLAMA_1B[k]} but the kernel source says "
@@ -940,3 +940,19 @@ def emit(ctx: Any, g: DecodeStack) -> None:
     fin = add_prim_func(ctx.bb, finish_func(d["vocab"], d["max_len"], dt), f"pdec_finish_{dt}")
     ctx.env[id(g.logits)] = ctx.emit(relax.call_tir(fin, [logits32, ws_after, ctx.val(g.ids), ctx.val(g.position)],
                                                     relax.TensorType([1, 1, d["vocab"]], dt)))
+
+
+NOT_RUN = ("the persistent decode step returned NaN logits, its sign that it did not run: its token or position was "
+           "out of range, or a grid barrier timed out (another kernel sharing the GPU; the library then stays "
+           "stopped): reload the library, keep the GPU to this model, or build with `target cuda persistent=false`")
+
+
+def check_logits(logits: Any) -> None:
+    """Raise :class:`~ctc.errors.ComputeError` when ``logits`` (a torch tensor) are all NaN: what the persistent
+    step writes when it did not run (a real step's logits are never all NaN)."""
+    import torch
+
+    from ctc.errors import ComputeError
+
+    if logits.numel() and bool(torch.isnan(logits).all()):
+        raise ComputeError(NOT_RUN)

@@ -342,12 +342,14 @@ def emit(ctx: Any, g: Any) -> bool:
     unsupported (the caller then lowers the members op by op: an absorbed norm is then lowered first)."""
     if isinstance(g, GemvGroup):
         return _emit_gemm(ctx, g) if g.kernel == "gemm" else _emit_gemv(ctx, g)
-    if not isinstance(g, AttentionInput):
-        from ctc.backends.tvm import cuda_decode_stack
+    if isinstance(g, AttentionInput):
+        return _emit_attention(ctx, g)
+    from ctc.backends.tvm import cuda_decode_stack
 
-        cuda_decode_stack.emit(ctx, g)  # matched whole: its errors are the build's (no op-by-op fallback)
-        return True
-    return _emit_attention(ctx, g)
+    if not isinstance(g, cuda_decode_stack.DecodeStack):
+        raise TypeError(f"cuda_fusion.emit: unknown group kind {type(g).__name__}")
+    cuda_decode_stack.emit(ctx, g)  # matched whole: its errors are the build's (no op-by-op fallback)
+    return True
 
 
 def _emit_attention(ctx: Any, g: AttentionInput) -> bool:

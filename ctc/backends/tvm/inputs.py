@@ -87,8 +87,8 @@ def input_specs(meta: Mapping[str, Any], inplace: set[str] | frozenset[str] = fr
 
 
 def check_shape(spec: InputSpec, shape: Sequence[int], sizes: dict[str, tuple[int, str]]) -> None:
-    """Rank, fixed sizes and symbol agreement of one input; ``sizes`` collects symbol -> (size, input)
-    over one call's inputs."""
+    """Rank, fixed sizes, non-empty symbolic axes and symbol agreement of one input; ``sizes`` collects
+    symbol -> (size, input) over one call's inputs."""
     if len(shape) != spec.rank:
         raise UsageError(f"input {spec.name!r} must have {spec.rank} dims, got shape {tuple(shape)}")
     for axis, want in spec.fixed:
@@ -101,6 +101,9 @@ def check_shape(spec: InputSpec, shape: Sequence[int], sizes: dict[str, tuple[in
                                  "fixing it (no seq_len=/batch= on the target line, no trials=)")
             raise UsageError(f"input {spec.name!r} axis {axis} must be {want}, got {shape[axis]}")
     for axis, sym in spec.symbols:
+        if shape[axis] == 0:
+            raise UsageError(f"input {spec.name!r} is empty ({sym} = 0 on axis {axis}): give at least one element "
+                             "(one token for token ids)")
         seen = sizes.setdefault(sym, (shape[axis], spec.name))
         if seen[0] != shape[axis]:
             raise UsageError(f"input {spec.name!r} axis {axis} is {sym} = {shape[axis]}, but input {seen[1]!r} "

@@ -257,7 +257,8 @@ def _cuda(options: Any) -> TargetInfo:
         raise UnsupportedTarget(f"target cuda: sms={sms} must be >= 0 (0 = the visible GPU's, else the arch's common "
                                 "part)")
     if not sms:
-        here = detect_cuda_sms() if detect_cuda_arch() == arch else None
+        # the visible GPU's count when it is the arch named (sm_90a is sm_90 with Hopper's extra instructions)
+        here = detect_cuda_sms() if (detect_cuda_arch() or "").rstrip("a") == arch.rstrip("a") else None
         sms = here or CUDA_ARCH_SMS.get(arch, 0)
     return TargetInfo("cuda", cuda_target(arch), 0, sms=sms, persistent=bool(getattr(options, "persistent", True)))
 
