@@ -375,7 +375,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     art = _load_artifact(args.artifact)
     if args.write_lm_eval_task:
+        from ctc.errors import UsageError
         from ctc.eval.lm_eval_task import write_window_task
+
+        ignored = [flag for flag, given in (("--target", args.target), ("--docs", args.docs),
+                                            ("--human-similarity", args.human_similarity),
+                                            ("--no-baseline", not args.baseline)) if given]
+        if ignored:  # the task only writes the windows: these measure something, which it does not
+            raise UsageError(f"--write-lm-eval-task writes the task and measures nothing, so {', '.join(ignored)} "
+                             "would do nothing: leave them out (run the task with lm-eval, docs/lm-eval.md)")
 
         proto = write_window_task(art, args.write_lm_eval_task, data=args.data, samples=args.samples,
                                   seq_len=args.seq_len, skip=args.skip, limit=args.limit)

@@ -1004,11 +1004,22 @@ def _library_with_threads(art: Any, target: str, threads: int | None) -> Any:
     """The loaded library of ``target``, with ``threads`` worker threads when given.  A CPU library sizes its
     pool when it loads (from ``TVM_NUM_THREADS`` unless its target line fixed ``threads=``), so a count it
     cannot take is a :class:`UsageError`, never a measurement labelled with a count it did not run."""
-    if threads is not None:
-        os.environ["TVM_NUM_THREADS"] = str(threads)  # read by the library's loader if this loads it
-    library = art.runner(target)
+    if threads is None:
+        return art.runner(target)
+    before = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read by the library's loader if this loads it
+    try:
+        library = art.runner(target)
+    finally:  # the process's setting is the caller's again
+        if before is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = before
     have = getattr(library, "threads", None)
-    if threads is not None and have != threads:
+    if getattr(library, "device", "cpu") != "cpu":
+        raise UsageError(f"--threads {threads}: a {target} library runs on its GPU, not on CPU threads; leave "
+                         "--threads out")
+    if have != threads:
         why = (f"runs {have} worker threads (fixed by its target's `threads=` option or when it was first loaded)"
                if have is not None else "sets no thread count")
         raise UsageError(f"--threads {threads}: this {target} library {why}; leave --threads out, or rebuild "

@@ -210,6 +210,8 @@ def test_output_files_never_replace_what_ctc_did_not_write(art_dir: Path, tmp_pa
         (["analyze", str(art_dir), "--html", str(mine)], "ctc did not write it"),
         (["eval", str(art_dir), "--write-lm-eval-task", str(mine)], "is a file"),
         (["eval", str(art_dir), "--write-lm-eval-task", str(art_dir)], "inside the artifact"),
+        (["eval", str(art_dir), "--write-lm-eval-task", str(tmp_path / "t"), "--target", "cpu", "--docs", "3"],
+         "--target, --docs would do nothing"),
         (["export", str(art_dir), "--to", "hf", "--out", str(art_dir / "hf")], "inside the artifact"),  # was written
     ]
     for argv, message in cases:
