@@ -72,7 +72,11 @@ KV 128 / 1024 as a CUDA graph (back to back), 43% / 38% of the copy bandwidth fo
 scales (before the staggered W_down order 0.382 / 0.434; 5 phases a layer: 0.482 / 0.527 ms).  With the
 weights L2-resident the step is no faster, and with no copies at all it still takes ~0.29 ms: the time is the
 consumers' serial chain a layer (norm prologues ~1 us each, attention ~3.3 us at KV 128, the int4 arithmetic of
-phase C ~6.9 us) plus ~4 us of exchanges, not HBM.
+phase C ~6.9 us) plus ~4 us of exchanges, not HBM.  Two variants of that chain measured slower (run 15) and
+kept buildable: ``PDEC_ATT_WARP=1`` (attention as a per-warp online softmax with one merge, no block syncs in the
+tile loop: the attention itself 3.54 vs 3.30 us a layer and phase C ~0.6 us slower from the extra register
+pressure; 0.380 vs 0.366 ms a step) and ``PDEC_WARP_POLL=1`` (every warp polls the grid barrier: 2.3 vs 0.9 us a
+barrier).
 
 The launcher (``extern "C"``) takes raw device pointers (:class:`DecodeArgs`); ``mode`` bits make timing
 variants: 1 = no grid barriers or counter waits, 2 = consumers skip all arithmetic (the ring's streaming rate
@@ -132,12 +136,13 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_STAGGER  // 1: blocks take W_down's two row tiles and four passes in a rotated order, so that the
 #define PDEC_STAGGER 1  // f32 atomics of the 128 blocks spread over all 2048 rows at once, not 256 of them
 #endif
-#ifndef PDEC_ATT_WARP  // 1: attention as a per-warp online softmax (16-byte K/V reads, 4 positions a warp at a
-#define PDEC_ATT_WARP 1  // time, no block syncs in the loop) and one merge of the 16 warps; 0: block-wide softmax
-#endif                   // per 128-position tile (3 block syncs a tile, scores through shared memory)
+#ifndef PDEC_ATT_WARP  // 1: attention as a per-warp online softmax (16-byte K reads, 4 positions a warp at a time,
+#define PDEC_ATT_WARP 0  // no block syncs in the tile loop) and one merge of the 16 warps; measured slower on the
+#endif  // H200 (3.54 vs 3.30 us a layer at KV 128, and phase C slower by ~0.6 us: registers), so 0: block-wide
+        // softmax per 128-position tile (3 block syncs a tile, scores through shared memory)
 #ifndef PDEC_WARP_POLL  // 1: after the grid barrier's arrive, lane 0 of every consumer warp polls the counter and
-#define PDEC_WARP_POLL 0  // its warp goes on alone (no block sync after the wait); 0: thread 0 polls, then a block sync
-#endif
+#define PDEC_WARP_POLL 0  // its warp goes on alone (no block sync after the wait; measured 2.3 vs 0.9 us a barrier:
+#endif                    // 16x the polls on one line); 0: thread 0 polls, then a block sync
 #ifndef PDEC_PF_KB  // L2 prefetch window: tiles are prefetched into L2 this many KB before their copy to shared memory
 #define PDEC_PF_KB 0  // (0: off; 96-320 KB measured slower on the H200)
 #endif
