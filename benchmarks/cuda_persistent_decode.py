@@ -54,11 +54,12 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"base": (), "att_warp": ("-DPDEC_ATT_WARP=1",), "warp_poll": ("-DPDEC_WARP_POLL=1",)}
+VARIANTS = {"base": (), "gam_smem": ("-DPDEC_GAM_SMEM=1",), "att_warp": ("-DPDEC_ATT_WARP=1",)}
 # also buildable, measured slower or no faster (runs 11-15): "-DPDEC_IDP=1" (dp2a for the K-2048 GEMVs),
 # "-DPDEC_IDP=1 -DPDEC_IDP_OD=1" (dp2a for W_o and W_down too), "-DPDEC_PF_KB=128" (L2 prefetch window),
 # "-DPDEC_RED_V4=0" (scalar atomics), "-DPDEC_GRID_A=1" (a grid barrier after phase A), "-DPDEC_STAGGER=0" (W_down
-# in the same order in every block), "-DPDEC_NSLOT=4" / "=2" (ring slots)
+# in the same order in every block), "-DPDEC_NSLOT=4" / "=2" (ring slots), "-DPDEC_WARP_POLL=1" (every warp polls
+# the grid barrier: 2.3 us a barrier)
 # attention chunk spans timed besides the default (one chunk, computed by each of the kv head's 16 blocks, up to
 # 256 positions, else chunks of 64): 64 chunks at KV 128 too, 256 gives 4 chunks at 1024, 2048 one chunk at 1024
 SPANS = (64, 256, 2048)

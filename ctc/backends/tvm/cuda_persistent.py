@@ -143,6 +143,9 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_WARP_POLL  // 1: after the grid barrier's arrive, lane 0 of every consumer warp polls the counter and
 #define PDEC_WARP_POLL 0  // its warp goes on alone (no block sync after the wait; measured 2.3 vs 0.9 us a barrier:
 #endif                    // 16x the polls on one line); 0: thread 0 polls, then a block sync
+#ifndef PDEC_GAM_SMEM  // 1: the next RMSNorm's weights wait in shared memory (cp.async before the barrier, waited
+#define PDEC_GAM_SMEM 0  // for in it) instead of 4 registers a thread that ptxas spills to local memory and reloads
+#endif  // after the barrier; measured 1-1.5% slower a step on the H200 (run 16), so 0: registers
 #ifndef PDEC_PF_KB  // L2 prefetch window: tiles are prefetched into L2 this many KB before their copy to shared memory
 #define PDEC_PF_KB 0  // (0: off; 96-320 KB measured slower on the H200)
 #endif
@@ -183,10 +186,13 @@ constexpr int OFF_XS = NSLOT * SLOT, OFF_FULL = OFF_XS + XS_BYTES, OFF_EMPTY = O
 // the producer's queue of tiles generated (and prefetched into L2) but not yet copied into the ring
 struct Piece { const void* src; unsigned bytes, off; };  // off: offset in the slot; bit 31: no L2 hint
 struct TileDesc { Piece pc[4]; unsigned n, total; };
-constexpr int PQN = 32, OFF_END = OFF_PQ + PQN * (int)sizeof(TileDesc);
+// then the next RMSNorm's weights (fp16, PDEC_GAM_SMEM), copied in by cp.async before the barrier that precedes it
+constexpr int PQN = 32, OFF_GAM = (OFF_PQ + PQN * (int)sizeof(TileDesc) + 15) / 16 * 16,
+              OFF_END = OFF_GAM + PDEC_GAM_SMEM * H * 2;
 constexpr unsigned PF_BYTES = PDEC_PF_KB * 1024u, NOHINT = 1u << 31;
 constexpr int SMEM = OFF_END;
-static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_QS % 16 == 0 && OFF_FULL % 8 == 0 && OFF_PQ % 8 == 0,
+static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_QS % 16 == 0 && OFF_FULL % 8 == 0 && OFF_PQ % 8 == 0 &&
+              OFF_GAM % 16 == 0,
               "alignment");
 extern __shared__ __align__(1024) unsigned char pdec_smem[];
 template <class T> __device__ __forceinline__ T* sm(int off) { return reinterpret_cast<T*>(pdec_smem + off); }
@@ -641,10 +647,22 @@ struct Consumer {
     if (trace != nullptr && tid == 0) trace[1 + NSTAMP * nst + k] = gtime();
   }
   __device__ __forceinline__ void prefetch_gamma(const half* g) {
+#if PDEC_GAM_SMEM
+    if (tid < H / 8) cp_async16(sm<half>(OFF_GAM) + 8 * tid, g + 8 * tid);  // waited for in the barrier
+#else
     const uint2 u = *reinterpret_cast<const uint2*>(g + 4 * tid);
     const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
     const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
     gam[0] = f0.x; gam[1] = f0.y; gam[2] = f1.x; gam[3] = f1.y;
+#endif
+  }
+  __device__ __forceinline__ void load_gamma() {  // this thread's 4 weights of the RMSNorm from shared memory
+#if PDEC_GAM_SMEM
+    const uint2 u = *reinterpret_cast<const uint2*>(sm<half>(OFF_GAM) + 4 * tid);
+    const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+    const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+    gam[0] = f0.x; gam[1] = f0.y; gam[2] = f1.x; gam[3] = f1.y;
+#endif
   }
 
   __device__ __forceinline__ unsigned char* wait_tile() {
@@ -675,6 +693,7 @@ struct Consumer {
     }
     float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
 #if PDEC_IDP
+    load_gamma();
     // the group's (warp's) max |gamma v|, reduced beside the sum of squares (its scale is that times rs / 32767)
     float gm = fmaxf(fmaxf(fabsf(gam[0] * v[0]), fabsf(gam[1] * v[1])),
                      fmaxf(fabsf(gam[2] * v[2]), fabsf(gam[3] * v[3])));
@@ -692,9 +711,16 @@ struct Consumer {
       __stcg(reinterpret_cast<float4*>(zero) + tid, make_float4(0.f, 0.f, 0.f, 0.f));
     }
     cons_sync();
-    float tot = 0.f;
+#if !PDEC_IDP
+    load_gamma();  // after the block sync: each thread's cp.async copies, waited for by each, are then visible to all
+#endif
+    float4 t4 = reinterpret_cast<const float4*>(red16())[0];
 #pragma unroll
-    for (int i = 0; i < NCW; ++i) tot += red16()[i];
+    for (int i = 1; i < NCW / 4; ++i) {
+      const float4 u = reinterpret_cast<const float4*>(red16())[i];
+      t4.x += u.x; t4.y += u.y; t4.z += u.z; t4.w += u.w;
+    }
+    const float tot = (t4.x + t4.y) + (t4.z + t4.w);
     const float rs = rsqrtf(tot / (float)H + a.eps);
     // xs swizzled for load_xp: the 8 values k = 32 (L + 32 j) + 8 c .. + 7 (lane L's chunk c of segment j) at
     // ((4 j + c) * 32 + L) * 8, so that each of load_xp's 8 reads is 512 contiguous bytes across the warp
@@ -791,7 +817,12 @@ struct Consumer {
       if (!PDEC_GRID_A) return;
     }
     ++nbar;
-    if (barriers) grid_barrier(ctl, nbar * (unsigned)p.G);
+    if (barriers) {
+      grid_barrier(ctl, nbar * (unsigned)p.G);
+    } else {  // timing mode 1: no barrier, but the next norm's weights (cp.async) are in before it
+      cp_async_wait_all();
+      cons_sync();
+    }
   }
 
   // K-2048 rows from a 34 KB tile: q|k|v (st 0), gate|up pairs -> SwiGLU (3), LM head (5)
@@ -1297,6 +1328,7 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
     cs.rope()[32 + threadIdx.x] = sn;
   }
   cs.prefetch_gamma(a.attn_norm);
+  cp_async_wait_all();
   cons_sync();
   walk(cs, p);
   // the last block out resets the counters and zeroes residual buffer 3 (version 1) for the next launch
