@@ -178,6 +178,13 @@ def test_tiny_model_end_to_end(kind: str, w_bits: int, board: str, tmp_path: Pat
     runner = load(tmp_path / "fpga", q)
     y = runner(cal[1])[0]
     assert runner.last_bit_exact is True and y.shape == E.interpret_exact(q, cal[1])[0].shape
+    from ctc.errors import UsageError
+
+    given = list(cal[1].values()) if isinstance(cal[1], dict) else list(cal[1])
+    with pytest.raises(UsageError, match="the fpga design takes"):  # wrong inputs: named, not a traceback
+        runner([*given, given[0]])
+    with pytest.raises(UsageError, match="built for .* values"):
+        runner([x[..., :1] for x in given])
     # the database answers the second build: nothing searched
     again = build_target(q, TargetConfig("fpga", FpgaOptions.from_dict(
         {"board": board, "tuning_dir": str(tmp_path / "db"), "csim": False})), tmp_path / "fpga2",

@@ -256,15 +256,21 @@ class CSimRunner:
     def __call__(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[torch.Tensor]:
         from ctc.backends.hls import csim
         from ctc.backends.hls.exact import interpret_exact
+        from ctc.errors import UsageError
 
         names = [i["name"] for i in self.report["inputs"]]
         if isinstance(inputs, Mapping):
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise UsageError(f"missing input {missing[0]!r}: the fpga design takes {', '.join(names)}")
             ordered = [torch.as_tensor(inputs[n]) for n in names]
         else:
             ordered = [torch.as_tensor(x) for x in inputs]
+            if len(ordered) != len(names):
+                raise UsageError(f"the fpga design takes {len(names)} inputs ({', '.join(names)}), got {len(ordered)}")
         for (n, x), spec in zip(zip(names, ordered, strict=True), self.report["inputs"], strict=True):
             if x.numel() != spec["elements"]:
-                raise ValueError(f"fpga design input {n}: built for {spec['elements']} values "
+                raise UsageError(f"fpga design input {n}: built for {spec['elements']} values "
                                  f"(static shapes {self.report['static_dims']}), got shape {list(x.shape)}")
         expected = interpret_exact(self.module, ordered) if self.module is not None else None
         outs = [(o["name"], o["dtype"], o["elements"]) for o in self.report["outputs"]]
