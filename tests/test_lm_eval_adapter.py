@@ -62,6 +62,14 @@ def test_window_task_reproduces_ctc_eval(project: Path, capsys: pytest.CaptureFi
     assert "# tokenizer: w8/tokenizer (TokenizersBackend, vocab 49152)" in header, header
     got = _evaluate(tasks, CtcLM(artifact=str(art)))
     assert got["token_perplexity,none"] == pytest.approx(ours["ppl"], rel=1e-6)
+    # a run stopped before the yaml: its own leftover files are recognised and replaced, a user's file is not
+    (tasks / "ctc_windows.yaml").unlink()
+    assert main(["eval", str(art), "--write-lm-eval-task", str(tasks), "--quiet"]) == EXIT_OK
+    (tasks / "ctc_windows.yaml").unlink()
+    (tasks / "ctc_windows_data.py").write_text("# the user's own module\n")
+    assert main(["eval", str(art), "--write-lm-eval-task", str(tasks), "--quiet"]) == EXIT_USAGE
+    assert (tasks / "ctc_windows_data.py").read_text() == "# the user's own module\n"
+    capsys.readouterr()
     # the protocol is written into the compile report and the eval result (tokenizer by name, stride, split)
     report = json.loads((art / "report.json").read_text())
     ev = report["protocol"]["evaluate"]

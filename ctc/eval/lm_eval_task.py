@@ -53,7 +53,7 @@ def write_window_task(art: Any, out_dir: str | Path, *, name: str = WINDOW_TASK,
     if not name.isidentifier():
         raise UsageError(f"--write-lm-eval-task: task name {name!r} must be a Python identifier")
     files = [out / f"{name}_{WINDOWS_FILE}", out / f"{name}_data.py", out / f"{name}.yaml"]
-    if any(f.exists() for f in files) and not _written_by_ctc(files[2]):
+    if any(f.exists() and not _written_by_ctc(f) for f in files):
         raise UsageError(f"--write-lm-eval-task {out}: holds {', '.join(f.name for f in files if f.exists())}, "
                          "which ctc did not write; ctc does not overwrite files it did not write: choose another "
                          "folder")
@@ -75,14 +75,15 @@ def write_window_task(art: Any, out_dir: str | Path, *, name: str = WINDOW_TASK,
             rows.append({"window": len(rows), "context": pair[0], "continuation": pair[1], "scored": len(ids) - 1})
     out.mkdir(parents=True, exist_ok=True)
     windows_file = files[0]
-    windows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # each file whole or not at all (an interrupted run leaves nothing half-written under a task's names)
+    _write_text(windows_file, "".join(json.dumps(r) + "\n" for r in rows))
     protocol = {"text": proto["text"], "split": proto["split"], "tokenizer": proto["tokenizer"],
                 "windows": len(rows), "seq_len": proto["seq_len"], "stride": body,
                 "selection": proto["selection"], "tokens_scored": sum(r["scored"] for r in rows),
                 "scoring": "each window alone, every token but its first, from the tokens before it"}
     if proto.get("token_range"):
         protocol["token_range"] = proto["token_range"]
-    (out / f"{name}_data.py").write_text(
+    _write_text(out / f"{name}_data.py",
         f'"""lm-eval task {name}: written by ctc (ctc.eval.lm_eval_task.write_window_task)."""\n\n'
         "from pathlib import Path\n\n"
         "from ctc.eval.lm_eval_task import window_dataset, window_process_results\n\n\n"
@@ -90,7 +91,7 @@ def write_window_task(art: Any, out_dir: str | Path, *, name: str = WINDOW_TASK,
         f'    return window_dataset(Path(__file__).with_name("{windows_file.name}"))\n\n\n'
         "def process_results(doc, results):\n"
         "    return window_process_results(doc, results)\n")
-    (out / f"{name}.yaml").write_text(
+    _write_text(out / f"{name}.yaml",
         "# lm-eval task written by ctc: the windows `ctc eval` scores.\n"
         + "".join(f"# {k}: {v}\n" for k, v in protocol.items())
         + f"task: {name}\n"
@@ -111,13 +112,30 @@ def write_window_task(art: Any, out_dir: str | Path, *, name: str = WINDOW_TASK,
     return protocol
 
 
-def _written_by_ctc(task_yaml: Path) -> bool:
-    """Whether ``task_yaml`` is a task file this module wrote (its first line says so)."""
+def _written_by_ctc(path: Path) -> bool:
+    """Whether ``path`` is one of the task files this module writes: the task yaml and the dataset module say so on
+    their first line; the windows file's first line is a window record."""
     try:
-        with task_yaml.open("rb") as f:
-            return f.readline().startswith(b"# lm-eval task written by ctc")
+        with path.open("rb") as f:
+            first = f.readline()
     except OSError:
         return False
+    if path.suffix == ".yaml":
+        return first.startswith(b"# lm-eval task written by ctc")
+    if path.suffix == ".py":
+        return first.startswith(b'"""lm-eval task ') and b"written by ctc" in first
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and set(row) == {"window", "context", "continuation", "scored"}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``path`` written whole or not at all (:func:`ctc.output_dir.write_file_atomically`)."""
+    from ctc.output_dir import write_file_atomically
+
+    write_file_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def window_dataset(path: str | Path) -> Any:
