@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -167,28 +166,11 @@ def _err(got: Any, ref: Any) -> dict[str, float]:
             "rel_l2": round(float(d.norm() / ref.float().norm().clamp_min(1e-30)), 6)}
 
 
-def _events(fn: Any, repeat: int, warmup: int = 5) -> dict[str, float]:
-    import torch
+def _events(fn: Any, repeat: int) -> dict[str, float]:
+    """Median / min of ``repeat`` CUDA-event timings and back-to-back ms: :func:`cuda_decode._events_ms`'s protocol."""
+    from cuda_decode import _events_ms
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    torch.cuda.synchronize()
-    b2b = (time.perf_counter() - t0) * 1e3 / repeat
-    return {"median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4),
-            "back_to_back_ms": round(b2b, 4)}
+    return _events_ms(fn, repeat)
 
 
 def check(dec: P.PersistentDecoder, w32: dict[str, Any], cfg: dict[str, Any], layers: int, kc: Any, vc: Any,
