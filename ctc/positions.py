@@ -110,7 +110,12 @@ def ir_symbol_limits(module: object) -> dict[str, tuple[int, str]]:
 def model_limits(module: Any, config: Path | None) -> dict[str, tuple[int, str]]:
     """``{symbol: (largest value, why)}``: :func:`ir_symbol_limits` of ``module``, with ``seq`` also held to the
     positions of ``config`` (a ``config.json``; None or missing: the IR's alone), the smaller winning."""
-    limits = ir_symbol_limits(module) if module is not None else {}
+    return with_config(ir_symbol_limits(module) if module is not None else {}, config)
+
+
+def with_config(limits: dict[str, tuple[int, str]], config: Path | None) -> dict[str, tuple[int, str]]:
+    """``limits`` with ``seq`` held also to the positions of ``config`` (a ``config.json``; None or missing: left
+    as it is), the smaller winning; updated in place and returned."""
     positions = config_positions(config) if config is not None else None
     if positions is not None and positions[0] < limits.get("seq", (positions[0] + 1,))[0]:
         limits["seq"] = positions

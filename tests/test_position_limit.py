@@ -93,6 +93,17 @@ def test_the_ir_gives_the_limit_when_no_config_does(tmp_path: Path, net: type, l
         direct({"input_ids": torch.randint(0, 50, (1, limit + 1))})
     with pytest.raises(UsageError, match=r"holds token ids in \[3, 50\]"):
         direct({"input_ids": torch.tensor([[3, 50]])})
+    # a library written before model.json carried them: the artifact's IR gives them at load
+    meta_file = tmp_path / "lib" / "model.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["index_bounds"], meta["symbol_limits"]
+    meta_file.write_text(json.dumps(meta))
+    assert load_compiled(tmp_path / "lib")._index_checks == []
+    old = load(tmp_path / "lib", m)
+    with pytest.raises(UsageError, match=rf"has seq = {limit + 1}, but the model has {limit} positions"):
+        old({"input_ids": torch.randint(0, 50, (1, limit + 1))})
+    with pytest.raises(UsageError, match=r"holds token ids in \[3, 50\]"):
+        old({"input_ids": torch.tensor([[3, 50]])})
 
 
 def test_limits_need_one_symbol_with_a_positive_coefficient() -> None:

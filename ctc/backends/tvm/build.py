@@ -37,7 +37,7 @@ from ctc.backends.tvm.inputs import bind_input, check_shape, input_specs
 from ctc.backends.tvm.targets import host_cores, usable_cores
 from ctc.errors import UsageError
 from ctc.ir.graph import Module
-from ctc.positions import check_index_values, check_symbol_limits, config_positions, index_bounds, ir_symbol_limits
+from ctc.positions import check_index_values, check_symbol_limits, index_bounds, ir_symbol_limits, with_config
 
 __all__ = ["BuildOptions", "CompiledModel", "build", "compile_module", "load", "load_compiled", "relax_passes"]
 
@@ -609,13 +609,10 @@ class CompiledModel:
         self._main = self.vm["main"]
         self._inplace = set(self.meta.get("inplace_inputs", []))
         self._specs = input_specs(self.meta, self._inplace)
-        symbols = {sym for spec in self._specs for sym in dict(spec.symbols).values()}
-        # symbol -> (largest size, why) and input -> (table size, what its values are): see _check_limits
-        self.symbol_limits: dict[str, tuple[int, str]] = {
-            k: (int(v[0]), str(v[1])) for k, v in self.meta.get("symbol_limits", {}).items() if k in symbols}
-        bounds = self.meta.get("index_bounds", {})
-        self._index_checks = [(i, spec.name, int(bounds[spec.name][0]), str(bounds[spec.name][1]))
-                              for i, spec in enumerate(self._specs) if spec.name in bounds]
+        # symbol -> (largest size, why) and [(input index, name, table size, what its values are)]: _check_limits
+        self.symbol_limits: dict[str, tuple[int, str]] = {}
+        self._index_checks: list[tuple[int, str, int, str]] = []
+        self.set_bounds(self.meta.get("index_bounds", {}), self.meta.get("symbol_limits", {}))
         self._keep: list[Any] = []
         self._params: list[Any] = []
         self._param_keep: list[Any] = []
@@ -735,6 +732,15 @@ class CompiledModel:
         args = [bind_input(self._ffi, spec, x, sizes, keep) for spec, x in zip(self._specs, inputs, strict=True)]
         self._check_limits(sizes, inputs)
         return args + self._params if self._params else args
+
+    def set_bounds(self, index_bounds: Mapping[str, Any], symbol_limits: Mapping[str, Any]) -> None:
+        """Add what :meth:`_check_limits` enforces: ``{input: (table size, what)}`` and ``{symbol: (limit, why)}``
+        (:mod:`ctc.positions`), kept for this library's own inputs and symbols."""
+        symbols = {sym for spec in self._specs for sym in dict(spec.symbols).values()}
+        self.symbol_limits.update({k: (int(v[0]), str(v[1])) for k, v in symbol_limits.items() if k in symbols})
+        have = {c[1] for c in self._index_checks}
+        self._index_checks += [(i, s.name, int(index_bounds[s.name][0]), str(index_bounds[s.name][1]))
+                               for i, s in enumerate(self._specs) if s.name in index_bounds and s.name not in have]
 
     def _check_limits(self, sizes: Mapping[str, tuple[int, str]], inputs: tuple[Any, ...]) -> None:
         """Before any kernel runs (the compiled code checks no index): a symbol over its limit (``symbol_limits``:
@@ -956,11 +962,9 @@ def load(target_dir: str | Path, module: Module | None = None) -> Any:
     inputs (and with :meth:`CompiledModel.profile` for ``ctc bench --profile``); weights not stored beside
     it come from ``module``'s parameters."""
     compiled = load_compiled(target_dir, module_params=module.params if module is not None else None)
-    symbols = {sym for s in compiled._specs for sym in dict(s.symbols).values()}
-    # an artifact's library (ART/targets/KIND): the source model's config sits in ART/tokenizer; the IR's own
-    # limits came with the library (model.json)
-    positions = config_positions(Path(target_dir).parent.parent / "tokenizer" / "config.json")
-    if positions is not None and "seq" in symbols and positions[0] < compiled.symbol_limits.get(
-            "seq", (positions[0] + 1,))[0]:
-        compiled.symbol_limits["seq"] = positions
+    if module is not None and "index_bounds" not in compiled.meta:  # a library built before model.json held them
+        compiled.set_bounds(index_bounds(module), ir_symbol_limits(module))
+    # an artifact's library (ART/targets/KIND): the source model's config sits in ART/tokenizer
+    compiled.set_bounds({}, with_config(dict(compiled.symbol_limits),
+                                        Path(target_dir).parent.parent / "tokenizer" / "config.json"))
     return compiled
