@@ -1694,13 +1694,13 @@ def _attention_bits(ctx: Ctx) -> int:
 
 
 def _step_options(ctx: Ctx) -> Any:
-    """The persistent decode step's default options for ``ctx``'s cuda target: enabled, the arch's common
-    multiprocessor count (:data:`.targets.CUDA_ARCH_SMS`)."""
+    """The persistent decode step's default options for ``ctx``'s cuda target: enabled, on the multiprocessors
+    :func:`.targets.default_cuda_sms` gives (what ``target cuda`` without ``sms=`` gives)."""
     from ctc.backends.tvm.cuda_decode_stack import StepOptions
-    from ctc.backends.tvm.targets import CUDA_ARCH_SMS
+    from ctc.backends.tvm.targets import default_cuda_sms
 
     arch = str(ctx.target.attrs.get("arch", "")) if ctx.target is not None else ""
-    return StepOptions(True, CUDA_ARCH_SMS.get(arch, 0), arch)
+    return StepOptions(True, default_cuda_sms(arch), arch)
 
 
 def _mma_gpu(ctx: Ctx) -> bool:

@@ -256,11 +256,16 @@ def _cuda(options: Any) -> TargetInfo:
     if sms < 0:
         raise UnsupportedTarget(f"target cuda: sms={sms} must be >= 0 (0 = the visible GPU's, else the arch's common "
                                 "part)")
-    if not sms:
-        # the visible GPU's count when it is the arch named (sm_90a is sm_90 with Hopper's extra instructions)
-        here = detect_cuda_sms() if (detect_cuda_arch() or "").rstrip("a") == arch.rstrip("a") else None
-        sms = here or CUDA_ARCH_SMS.get(arch, 0)
-    return TargetInfo("cuda", cuda_target(arch), 0, sms=sms, persistent=bool(getattr(options, "persistent", True)))
+    return TargetInfo("cuda", cuda_target(arch), 0, sms=sms or default_cuda_sms(arch),
+                      persistent=bool(getattr(options, "persistent", True)))
+
+
+def default_cuda_sms(arch: str) -> int:
+    """Multiprocessors a library for ``arch`` is built for when the target does not say: the visible GPU's when it
+    is that arch (sm_90a is sm_90 with Hopper's extra instructions), else the arch's common part
+    (:data:`CUDA_ARCH_SMS`; 0 when unknown)."""
+    here = detect_cuda_sms() if (detect_cuda_arch() or "").rstrip("a") == arch.rstrip("a") else None
+    return here or CUDA_ARCH_SMS.get(arch, 0)
 
 
 def _fpga(options: Any) -> TargetInfo:
