@@ -105,14 +105,16 @@ def trace_breakdown(trace: Any, layers: int) -> dict[str, Any]:
     return out
 
 
-def build(out: Path) -> None:
-    """Compile the library (and its timing variants) and record ptxas's register / spill report."""
-    lib, report = P.build_library(out)
+def build(out: Path, defines: tuple[str, ...] = (), variants: bool = True) -> None:
+    """Compile the library (and its timing variants) and record ptxas's register / spill report.  ``defines``:
+    ``NAME=VALUE`` compile flags of the kernel (e.g. ``PDEC_MMA=1``) for the library and every variant."""
+    extra = tuple(f"-D{d}" for d in defines)
+    lib, report = P.build_library(out, extra=extra)
     info: dict[str, Any] = {"library": lib.name, "bytes": lib.stat().st_size, "ptxas": P.ptxas_report(report),
-                            "variants": {}}
+                            "defines": list(defines), "variants": {}}
     (out / "ptxas.txt").write_text(report)
-    for name, flags in VARIANTS.items():
-        vlib, vrep = P.build_library(out, extra=flags, name=f"libctc_pdec_{name}.so")
+    for name, flags in VARIANTS.items() if variants else ():
+        vlib, vrep = P.build_library(out, extra=(*extra, *flags), name=f"libctc_pdec_{name}.so")
         info["variants"][name] = {"library": vlib.name, "flags": flags, "ptxas": P.ptxas_report(vrep)}
     (out / "build.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1))
@@ -496,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile the kernel library (nvcc; no GPU needed)")
     b.add_argument("out", type=Path)
+    b.add_argument("-D", "--define", action="append", default=[], metavar="NAME=VALUE",
+                   help="a compile flag of the kernel, e.g. PDEC_MMA=1 (repeatable)")
+    b.add_argument("--no-variants", action="store_true", help="build the main library only")
     r = sub.add_parser("run", help="check and time it on the GPU")
     r.add_argument("out", type=Path)
     r.add_argument("--repeat", type=int, default=100)
@@ -509,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         profile(args.out, tuple(args.modes))
         return 0
     if args.cmd == "build":
-        build(args.out)
+        build(args.out, tuple(args.define), not args.no_variants)
         return 0
     res = run(args.out, args.repeat, args.results, args.quick)
     print(table(res))

@@ -133,6 +133,12 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_IDP_OD  // 1: W_o and W_down on dp2a too (their 32 inputs a lane quantized per lane: slower still)
 #define PDEC_IDP_OD 0
 #endif
+#ifndef PDEC_MMA  // 1: phase C's gate|up and W_down on the integer tensor cores (mma.sync m16n8k32 s8: int4 codes
+#define PDEC_MMA 0  // unpacked to bytes by LOP3, activations int8 with a scale per g128 group; see mma_s8)
+#endif
+#ifndef PDEC_MMA_LO  // with PDEC_MMA: 1 = B's second column carries the int8 residual of each activation (x ~ s (h +
+#define PDEC_MMA_LO 1  // l / 254): ~15-bit activations at no extra instruction), 0 = int8 activations alone
+#endif
 #ifndef PDEC_STAGGER  // 1: blocks take W_down's two row tiles and four passes in a rotated order, so that the
 #define PDEC_STAGGER 1  // f32 atomics of the 128 blocks spread over all 2048 rows at once, not 256 of them
 #endif
@@ -168,6 +174,7 @@ constexpr int QROW = HD + 8;
 __device__ __forceinline__ int qi(int h, int d) { return h * QROW + d + ((d >> 5) << 2); }
 constexpr int CMAX = 16;
 static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
+static_assert(!(PDEC_MMA && (PDEC_IDP || PDEC_IDP_OD)), "PDEC_MMA replaces the half2 / dp2a arithmetic of phase C");
 static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
 // workspace (floats): 4 residual buffers (version 1 in the 4th, later ones rotating over 3), q|k|v (per kv
 // head), attention partials, attention output and SwiGLU output (halves, kept for checking), control words
@@ -586,6 +593,35 @@ __device__ __forceinline__ float dot_seg_i(const unsigned char* w, const float* 
   return sa * sx[0] * (float)ia + sb * sx[1] * (float)ib;
 }
 
+// ---- the tensor-core path (PDEC_MMA) for phase C: mma.sync m16n8k32 s8 x s8 -> s32, the weights as A (16 rows x
+// 32 K), the activations as B: column 0 their int8 codes h, column 1 (PDEC_MMA_LO) the int8 residual l (x ~ s (h +
+// l / 254)), columns 2..7 zero.  A lane's 8 codes of one row (one word: code 2 j in byte j's low nibble, 2 j + 1 in its
+// high one) give two A registers by one LOP3 each (+ one SHF): the low nibbles (even codes) and the high ones (odd
+// codes), unsigned u = q + 8; the -8 sum(x) of the offset is the accumulator's initial value (per column, one
+// constant per group).  The permutation of K this implies (a lane's K slots 4 t + j / 16 + 4 t + j hold its word's
+// even / odd codes) is applied to B once, when the activations are loaded.  16 products a lane per MMA: per 8 codes
+// 3 integer instructions and half an MMA, against 13 instructions of cuda_gemv's dot8 (half2 dequant + HFMA2).
+__device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                       unsigned b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// rows g and g + 8's code words wa, wb (the same 8 K positions) times B (b0: the even ones, b1: the odd ones)
+__device__ __forceinline__ void mma_word(int (&c)[4], unsigned wa, unsigned wb, unsigned b0, unsigned b1) {
+  mma_s8(c, wa & 0x0f0f0f0fu, wb & 0x0f0f0f0fu, (wa >> 4) & 0x0f0f0f0fu, (wb >> 4) & 0x0f0f0f0fu, b0, b1);
+}
+constexpr float MMA_KL = PDEC_MMA_LO ? 1.f / 254.f : 0.f;  // column 1's weight
+// 8 int8 values (x0..x3 in u0, x4..x7 in u1) as B's two registers: the even ones, the odd ones
+__device__ __forceinline__ unsigned evens8(unsigned u0, unsigned u1) { return __byte_perm(u0, u1, 0x6420); }
+__device__ __forceinline__ unsigned odds8(unsigned u0, unsigned u1) { return __byte_perm(u0, u1, 0x7531); }
+// y in [-127, 127] as int8 code h = rint(y) (lo = false) or as its residual l = rint(254 (y - h)) (lo = true)
+__device__ __forceinline__ unsigned q8(float y, bool lo) {
+  const float h = rintf(y);
+  return (unsigned)(lo ? __float2int_rn((y - h) * 254.f) : (int)h) & 0xffu;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -679,7 +715,7 @@ struct Consumer {
 
   // RMSNorm of residual src (null: the embedding row) into xs as fp16.  Blocks b < 128 also add their 16
   // elements [16 b, 16 b + 16) of src into dst (the next residual version) and zero theirs of buffer zero
-  __device__ __forceinline__ void norm(const float* src, float* dst, float* zero) {
+  __device__ __forceinline__ void norm(const float* src, float* dst, float* zero, bool i8 = false) {
     float v[4];
     if (src == nullptr) {
       const int tok = __ldg(a.token);
@@ -722,6 +758,29 @@ struct Consumer {
     }
     const float tot = (t4.x + t4.y) + (t4.z + t4.w);
     const float rs = rsqrtf(tot / (float)H + a.eps);
+#if PDEC_MMA
+    if (i8) {  // int8 codes h (bytes [0, H)) and residuals l (bytes [H, 2 H)), natural order, a scale per group (warp)
+      float n[4], m = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        n[i] = gam[i] * (v[i] * rs);
+        m = fmaxf(m, fabsf(n[i]));
+      }
+      m = warp_max(m);
+      const float inv = m > 0.f ? 127.f / m : 0.f;
+      if (lane == 0) sm<float>(OFF_SXG)[warp] = m * (1.f / 127.f);
+      unsigned hw = 0, lw = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        hw |= q8(n[i] * inv, false) << (8 * i);
+        lw |= q8(n[i] * inv, true) << (8 * i);
+      }
+      reinterpret_cast<unsigned*>(xs())[tid] = hw;
+      reinterpret_cast<unsigned*>(xs())[H / 4 + tid] = lw;
+      cons_sync();
+      return;
+    }
+#endif
     // xs swizzled for load_xp: the 8 values k = 32 (L + 32 j) + 8 c .. + 7 (lane L's chunk c of segment j) at
     // ((4 j + c) * 32 + L) * 8, so that each of load_xp's 8 reads is 512 contiguous bytes across the warp
     const int k = 4 * tid;
@@ -760,6 +819,96 @@ struct Consumer {
       sxl[1] = sm<float>(OFF_SXG)[8 + (lane >> 2)];
     }
   }
+#if PDEC_MMA
+  // B's registers for gate|up (warp w: group w, K [128 w, 128 w + 128), 4 MMAs a row block; lane (gb, t) holds
+  // column gb's K slots of activations 128 w + 32 t .. + 32) in xp[0..7], the offset correction of columns 0 and 1
+  // in corr, the group's scale in sxl[0]
+  __device__ __forceinline__ void load_b_gu() {
+    const int gb = lane >> 2, t = lane & 3;
+    const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(xs()) + (gb & 1) * H +
+                                                      GS * warp + 32 * t);
+    const uint4 u0 = src[0], u1 = src[1];
+    const unsigned u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+    const bool on = gb < (PDEC_MMA_LO ? 2 : 1);
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      xp[2 * i] = on ? evens8(u[2 * i], u[2 * i + 1]) : 0u;
+      xp[2 * i + 1] = on ? odds8(u[2 * i], u[2 * i + 1]) : 0u;
+      sum = __dp4a((int)xp[2 * i], 0x01010101, __dp4a((int)xp[2 * i + 1], 0x01010101, sum));
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    corr[0] = -8 * __shfl_sync(0xffffffffu, sum, 0);
+    corr[1] = -8 * __shfl_sync(0xffffffffu, sum, 4);
+    sxl[0] = sm<float>(OFF_SXG)[warp];
+  }
+  // B's registers for W_down: the block's 64 SwiGLU outputs as int8 (one scale), lane (gb, t): channels 16 t .. + 16
+  __device__ __forceinline__ void load_b_down() {
+    const int gb = lane >> 2, t = lane & 3;
+    const uint4* hv = reinterpret_cast<const uint4*>(hvec() + 16 * t);
+    float f[16];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const uint4 u = hv[c];
+      const unsigned w4[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f2 = __half22float2(*reinterpret_cast<const __half2*>(&w4[i]));
+        f[8 * c + 2 * i] = f2.x;
+        f[8 * c + 2 * i + 1] = f2.y;
+      }
+    }
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(f[i]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float inv = m > 0.f ? 127.f / m : 0.f;
+    sxl[0] = m * (1.f / 127.f);
+    const bool on = gb < (PDEC_MMA_LO ? 2 : 1), lo = gb == 1;
+    unsigned q[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) q[i >> 2] |= q8(f[i] * inv, lo) << (8 * (i & 3));
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      xp[2 * i] = on ? evens8(q[2 * i], q[2 * i + 1]) : 0u;
+      xp[2 * i + 1] = on ? odds8(q[2 * i], q[2 * i + 1]) : 0u;
+      sum = __dp4a((int)xp[2 * i], 0x01010101, __dp4a((int)xp[2 * i + 1], 0x01010101, sum));
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    corr[0] = -8 * __shfl_sync(0xffffffffu, sum, 0);
+    corr[1] = -8 * __shfl_sync(0xffffffffu, sum, 4);
+  }
+  // the gate|up tile (16 gate rows, 16 up rows, 2048 wide) on the tensor cores: warp w takes group w of all 32 rows
+  // (two row blocks, 4 MMAs each; lane (g, t) reads 16 bytes of rows g and g + 8), its f32 partials (group scale x
+  // activation scale applied) into shared memory [16 warps][128 rows of the block's 64 pairs], summed in down_begin
+  __device__ __forceinline__ void gu_mma(const unsigned char* slot, int j0) {
+    constexpr int rb = H / 2, ng = H / GS;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned char* cw = slot + (GS / 2) * warp + 16 * t;
+    const float* sc0 = reinterpret_cast<const float*>(slot + 2 * GU_T * rb);
+    float* part = reinterpret_cast<float*>(xs()) + H / 2 + warp * 2 * FCH;
+#pragma unroll
+    for (int blk = 0; blk < 2; ++blk) {
+      const uint4 wa = *reinterpret_cast<const uint4*>(cw + (blk * GU_T + g) * rb);
+      const uint4 wb = *reinterpret_cast<const uint4*>(cw + (blk * GU_T + g + 8) * rb);
+      int c[4] = {corr[0], corr[1], corr[0], corr[1]};
+      mma_word(c, wa.x, wb.x, xp[0], xp[1]);
+      mma_word(c, wa.y, wb.y, xp[2], xp[3]);
+      mma_word(c, wa.z, wb.z, xp[4], xp[5]);
+      mma_word(c, wa.w, wb.w, xp[6], xp[7]);
+      if (t == 0) {
+        const float s0 = sc0[(blk * GU_T + g) * ng + warp] * sxl[0];
+        const float s1 = sc0[(blk * GU_T + g + 8) * ng + warp] * sxl[0];
+        part[blk * FCH + j0 + g] = s0 * ((float)c[0] + (float)c[1] * MMA_KL);
+        part[blk * FCH + j0 + g + 8] = s1 * ((float)c[2] + (float)c[3] * MMA_KL);
+      }
+    }
+  }
+#endif
   // one row's 2048-wide segment times this lane's activations (f32)
   __device__ __forceinline__ float seg(const unsigned char* w, const float* s) const {
 #if PDEC_IDP
@@ -777,9 +926,14 @@ struct Consumer {
     }
     if (compute && (st == 3 || p.b < NOB)) {  // blocks 128.. have no rows in A and C
       if (st == 0) norm(l == 0 ? nullptr : xbuf(2 * l), xbuf(2 * l + 1), xbuf(2 * l + 2));
-      else if (st == 2) norm(xbuf(2 * l + 1), xbuf(2 * l + 2), xbuf(2 * l + 3));
+      else if (st == 2) norm(xbuf(2 * l + 1), xbuf(2 * l + 2), xbuf(2 * l + 3), PDEC_MMA);
       else if (st == 3) norm(xbuf(2 * p.layers), nullptr, nullptr);
+#if PDEC_MMA
+      if (st == 2) load_b_gu();
+      else if (st != 1) load_xp();
+#else
       if (st != 1) load_xp();
+#endif
     }
     stamp(1);
     stamp(2);
@@ -832,7 +986,11 @@ struct Consumer {
       constexpr int rb = H / 2, ng = H / GS;
       const int nr = st == 3 ? 2 * cnt : cnt;
       const float* sc0 = reinterpret_cast<const float*>(slot + (size_t)nr * rb);
-      if (st == 3) {  // gate|up pairs: warp w takes pair w
+      if (st == 3 && PDEC_MMA) {
+#if PDEC_MMA
+        gu_mma(slot, r0 - p.b * FCH);
+#endif
+      } else if (st == 3) {  // gate|up pairs: warp w takes pair w
         if (warp < cnt) {
           const float g0 = seg(slot + (size_t)warp * rb, sc0 + warp * ng);
           const float u0 = seg(slot + (size_t)(cnt + warp) * rb, sc0 + (cnt + warp) * ng);
@@ -1240,6 +1398,24 @@ struct Consumer {
   // the block's 64 SwiGLU outputs as pairs: lane parity hp takes channels [32 hp, 32 hp + 32) of the slice
   __device__ __forceinline__ void down_begin() {
     if (!compute) return;
+#if PDEC_MMA
+    cons_sync();  // the gate|up partials complete: sum the 16 warps', SwiGLU
+    if (tid < FCH) {
+      const float* part = reinterpret_cast<const float*>(xs()) + H / 2 + tid;
+      float g = 0.f, u = 0.f;
+#pragma unroll
+      for (int w = 0; w < NCW; ++w) {
+        g += part[w * 2 * FCH];
+        u += part[w * 2 * FCH + FCH];
+      }
+      const half h = __float2half_rn(g / (1.f + expf(-g)) * u);
+      hvec()[tid] = h;
+      reinterpret_cast<half*>(a.ws + WS_H)[p.b * FCH + tid] = h;  // kept for checking only
+    }
+    cons_sync();
+    load_b_down();
+    return;
+#endif
     cons_sync();  // hvec complete
     const int hp = lane & 1;
     if (PDEC_IDP_OD) {
@@ -1257,6 +1433,43 @@ struct Consumer {
   // 2 lanes a row, 16 rows a warp, 4 passes
   __device__ __forceinline__ void down(int l, int, int t) {
     const unsigned char* slot = wait_tile();
+#if PDEC_MMA
+    // on the tensor cores: warp w takes rows [64 w, 64 w + 64) of the tile in 4 row blocks; in block i, lane group g's
+    // MMA rows g and g + 8 are rows 4 g + (i + g) % 4 and 32 + that (the rotation keeps each half-warp's 8-byte reads
+    // on distinct banks), so that after the 4 blocks lane 4 g holds rows 4 g .. 4 g + 3 and 32 + 4 g .. (rotated
+    // back by selects): two 16-byte atomics
+    if (compute) {
+      float* xo = xbuf(2 * l + 2) + t * DROWS;
+      const float* scl = reinterpret_cast<const float*>(slot + DROWS * (FCH / 2));
+      const int g = lane >> 2, tq = lane & 3, r = g & 3, base = warp * 64 + 4 * g;
+      float y[4], z[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = base + ((i + r) & 3);
+        const uint2 wa = *reinterpret_cast<const uint2*>(slot + row * (FCH / 2) + 8 * tq);
+        const uint2 wb = *reinterpret_cast<const uint2*>(slot + (row + 32) * (FCH / 2) + 8 * tq);
+        int c[4] = {corr[0], corr[1], corr[0], corr[1]};
+        mma_word(c, wa.x, wb.x, xp[0], xp[1]);
+        mma_word(c, wa.y, wb.y, xp[2], xp[3]);
+        y[i] = (float)c[0] + (float)c[1] * MMA_KL;
+        z[i] = (float)c[2] + (float)c[3] * MMA_KL;
+      }
+      const bool r1 = r & 1, r2 = r & 2;  // o[k] = y[(k - r) % 4]
+      const float ya[4] = {r1 ? y[3] : y[0], r1 ? y[0] : y[1], r1 ? y[1] : y[2], r1 ? y[2] : y[3]};
+      const float za[4] = {r1 ? z[3] : z[0], r1 ? z[0] : z[1], r1 ? z[1] : z[2], r1 ? z[2] : z[3]};
+      const float4 sa = *reinterpret_cast<const float4*>(scl + base);
+      const float4 sb = *reinterpret_cast<const float4*>(scl + base + 32);
+      const float sx = sxl[0];
+      if (tq == 0) {
+        red_add4(xo + base, sa.x * sx * (r2 ? ya[2] : ya[0]), sa.y * sx * (r2 ? ya[3] : ya[1]),
+                 sa.z * sx * (r2 ? ya[0] : ya[2]), sa.w * sx * (r2 ? ya[1] : ya[3]));
+        red_add4(xo + base + 32, sb.x * sx * (r2 ? za[2] : za[0]), sb.y * sx * (r2 ? za[3] : za[1]),
+                 sb.z * sx * (r2 ? za[0] : za[2]), sb.w * sx * (r2 ? za[1] : za[3]));
+      }
+    }
+    release_tile();
+    return;
+#endif
     if (compute) {
       float* xo = xbuf(2 * l + 2) + t * DROWS;
       const float* scl = reinterpret_cast<const float*>(slot + DROWS * (FCH / 2));
