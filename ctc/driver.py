@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ctc.dsl.ast import Check, Dataset, Recipe
-from ctc.dsl.check import METRICS, check_recipe, check_with_module, resolve_path, target_config
+from ctc.dsl.check import METRICS, TARGET_FIDELITY_FLOOR, check_recipe, check_with_module, resolve_path, target_config
 from ctc.dsl.diagnostics import Diagnostic, RecipeError, attach_source, did_you_mean
 from ctc.dsl.parser import parse_file
 from ctc.errors import ModelError, UsageError
@@ -416,11 +416,12 @@ def _count(module: Any) -> dict[str, Any]:
 
 def _outputs(module: Any, batches: list[dict[str, Any]], what: str, progress: Progress) -> list[list[Any]]:
     """Every batch's outputs of ``module`` (reference interpreter: the IR's semantics)."""
+    from ctc.frontends.decode import step_inputs
     from ctc.ir.interpreter import interpret
 
     outs = []
     for k, b in enumerate(batches):
-        outs.append(interpret(module, b))
+        outs.append(interpret(module, step_inputs(module, b)))
         progress.update(what, k + 1, len(batches))
     return outs
 
@@ -515,8 +516,10 @@ def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str,
     from ctc.ir.interpreter import interpret
     from ctc.targets import TARGETS
 
+    from ctc.frontends.decode import step_inputs
+
     run = importlib.import_module(TARGETS[kind].backend).load(target_dir, module)
-    feed = dict(batch)
+    feed = step_inputs(module, dict(batch))
     got = run(feed)[0]
     ref = interpret(module, feed)[0]
     agree = compare_outputs(ref.reshape(-1, ref.shape[-1]).float(),
@@ -544,12 +547,15 @@ def torch_backend_latency(original: Any, compressed: Any, batch: Mapping[str, An
     from ctc.artifact import torch_runner
     from ctc.eval.latency import MIN_RUNS, measure_latency
 
+    from ctc.frontends.decode import step_inputs
+
     feed = dict(batch)
+    f0, f1 = step_inputs(original, feed), step_inputs(compressed, feed)
     r0, r1 = torch_runner(original), torch_runner(compressed)
     with torch.no_grad():
-        l0 = measure_latency(lambda: r0(feed), runs=MIN_RUNS, warmup=3, max_seconds=TORCH_BASELINE_BUDGET_S,
+        l0 = measure_latency(lambda: r0(f0), runs=MIN_RUNS, warmup=3, max_seconds=TORCH_BASELINE_BUDGET_S,
                              label="torch")
-        l1 = measure_latency(lambda: r1(feed), runs=MIN_RUNS, warmup=3, max_seconds=TORCH_BASELINE_BUDGET_S,
+        l1 = measure_latency(lambda: r1(f1), runs=MIN_RUNS, warmup=3, max_seconds=TORCH_BASELINE_BUDGET_S,
                              label="torch")
     shape = {k: list(v.shape) for k, v in feed.items()}
     return {"original": round(l0.median_ms, 3), "compressed": round(l1.median_ms, 3),
@@ -582,11 +588,31 @@ def target_latency(original: Any, target: Any, compressed_measured: Mapping[str,
 
 
 def set_checks(report: dict[str, Any], checks: Sequence[Check]) -> None:
-    """(Re)evaluate the recipe's checks against ``report["metrics"]`` and record the verdicts."""
+    """(Re)evaluate the recipe's checks against ``report["metrics"]`` and record the verdicts; once a target's
+    agreement with the IR is measured and no check bounds it, the default floor applies as one more check."""
     rows = [evaluate_check(c, report["metrics"]) for c in checks]
+    if "target_fidelity" in report["metrics"] and not any(c.metric == "target_fidelity" for c in checks):
+        row = evaluate_check(Check("target_fidelity", ">=", TARGET_FIDELITY_FLOOR), report["metrics"])
+        if not row["passed"]:
+            low = report["metrics"]["target_fidelity"]["per_target"]
+            row["note"] = (f"(default floor) the compiled library computes something else than the model it compiled "
+                           f"(cosine vs IR: {', '.join(f'{k} {v:.6f}' for k, v in low.items())}): a ctc backend "
+                           f"fault; please report it with the recipe; `check target_fidelity >= X` sets another floor")
+        rows.append(row)
     report["checks"] = rows
     report["failed_checks"] = [c["check"] for c in rows if not c["passed"]]
     report["passed"] = all(c["passed"] for c in rows)
+
+
+def record_target_fidelity(report: dict[str, Any], kind: str, measured: Mapping[str, Any]) -> None:
+    """Put target ``kind``'s measured cosine vs the IR into ``report["metrics"]["target_fidelity"]`` (per target,
+    and the lowest as the checked value)."""
+    m = report["metrics"].setdefault("target_fidelity", {
+        "per_target": {}, "doc": METRICS["target_fidelity"].doc,
+        "protocol": "each target's library and ctc's reference interpreter on the first evaluation batch: cosine of "
+                    "the flattened outputs"})
+    m["per_target"][kind] = float(measured["vs_ir"]["cosine"])
+    m["compressed"] = min(m["per_target"].values())
 
 
 def torch_tensor(x: Any) -> Any:
@@ -756,6 +782,8 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
         elif batch is not None:
             with progress.stage(f"measure target {t.kind}"):
                 summary["measured"] = measure_target(module, t.kind, d, batch)
+            record_target_fidelity(report, t.kind, summary["measured"])
+            set_checks(report, recipe.checks)
             if t is latency_on:
                 relative = any(c.metric == "latency_ms" and c.unit == "x" for c in recipe.checks)
                 with progress.stage(f"latency_ms on target {t.kind}" + (" (building the original too)"
@@ -860,6 +888,9 @@ def report_summary(report: Mapping[str, Any]) -> str:
         lines.append(f"  pass {p.get('name')}: {p.get('summary') or ''}".rstrip())
     for k, v in report.get("metrics", {}).items():
         if k in ("params", "param_bytes"):
+            continue
+        if k == "target_fidelity":  # no original: each target against the IR it compiled
+            lines.append(f"  {k}: " + ", ".join(f"{t} {_short(c)}" for t, c in v["per_target"].items()))
             continue
         lines.append(f"  {k}: original {_short(v.get('original'))}, compressed {_short(v.get('compressed'))}")
     ev = (report.get("protocol") or {}).get("evaluate")

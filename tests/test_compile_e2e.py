@@ -302,9 +302,33 @@ def test_real_minilm_compiles_through_tvm(tmp_path: Path, capsys: pytest.Capture
     lat = report["metrics"]["latency_ms"]
     assert lat["backend"] == "cpu" and lat["compressed"] == m["latency_ms"] and "compiled target cpu" in lat["protocol"]
     assert report["passed"] and "latency_ms <= 5000" in [c["check"] for c in report["checks"]]
+    agree = report["metrics"]["target_fidelity"]  # the default floor checked the library against the IR
+    assert agree["per_target"] == {"cpu": m["vs_ir"]["cosine"]}
+    assert report["checks"][-1]["check"] == "target_fidelity >= 0.99" and report["checks"][-1]["passed"]
     art = ctc.load(out)
     from ctc.driver import text_inputs
 
     x = text_inputs(art.module, art.tokenizer(), ["a short sentence"], seq_len=16)
     x = {k: v.repeat(1, -(-16 // v.shape[1]))[:, :16] for k, v in x.items()}  # the library is built for 16 tokens
     torch.testing.assert_close(art.run(x, target="cpu")[0], art.run(x)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_target_that_disagrees_with_the_ir_fails_the_default_floor() -> None:
+    """A compiled target below the default agreement with the IR (a backend fault, not a compression trade-off)
+    fails the compile's checks with a note that says so; a recipe's own `check target_fidelity` replaces the floor."""
+    from ctc.driver import record_target_fidelity, set_checks
+    from ctc.dsl.ast import Check
+    from ctc.dsl.check import TARGET_FIDELITY_FLOOR
+
+    report: dict = {"metrics": {}}
+    record_target_fidelity(report, "cpu", {"vs_ir": {"cosine": 0.999}})
+    set_checks(report, [])
+    assert report["passed"] and report["checks"][0]["check"] == f"target_fidelity >= {TARGET_FIDELITY_FLOOR}"
+    record_target_fidelity(report, "fpga", {"vs_ir": {"cosine": 0.75}})
+    set_checks(report, [])
+    assert report["metrics"]["target_fidelity"]["per_target"] == {"cpu": 0.999, "fpga": 0.75}
+    assert report["metrics"]["target_fidelity"]["compressed"] == 0.75
+    assert not report["passed"] and report["failed_checks"] == [f"target_fidelity >= {TARGET_FIDELITY_FLOOR}"]
+    assert "backend fault" in report["checks"][0]["note"] and "fpga 0.750000" in report["checks"][0]["note"]
+    set_checks(report, [Check("target_fidelity", ">=", 0.5)])
+    assert report["passed"] and [c["check"] for c in report["checks"]] == ["target_fidelity >= 0.5"]

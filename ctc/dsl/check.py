@@ -91,6 +91,9 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
                (None, "%"), (TASK_CAUSAL_LM,)),
     MetricSpec("fidelity", "cosine similarity of the outputs to the original model's over the evaluation "
                "windows (0..1, or %)", (None, "%")),
+    MetricSpec("target_fidelity", "cosine similarity of each compiled target's outputs to the IR's (the compressed "
+               "model it compiled) on the first evaluation batch, the lowest over targets (0..1, or %); without "
+               "this check every measured target must reach 0.99", (None, "%")),
     MetricSpec("kl", "mean KL divergence of next-token distributions from the original's", (None,), (TASK_CAUSAL_LM,)),
     MetricSpec("max_error", "largest absolute output difference from the original", (None,)),
     MetricSpec("params", "parameter count (x: ratio to the original)", (None, "x"), needs_eval=False),
@@ -100,6 +103,11 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
                "backend; with a target the original is built for it too)", (None, "x")),
 ]}
 
+COSINE_METRICS = ("fidelity", "target_fidelity")
+TARGET_FIDELITY_FLOOR = 0.99
+"""The agreement every measured target must reach with the IR it compiled when no `check target_fidelity` sets
+one: a library below it computes something else than the artifact's model (a backend fault), not a compression
+trade-off."""
 
 # --------------------------------------------------------------------------- helpers
 def option_diagnostics(opts_cls: type[Options], options: dict[str, Any], spans: dict[str, Span], whole: Span,
@@ -412,13 +420,16 @@ def _check_check(c: Check, recipe: Recipe) -> list[Diagnostic]:
         allowed = " or ".join("a plain number" if u is None else f"'{u}'" for u in m.units)
         diags.append(Diagnostic(f"metric {c.metric} cannot be given in {c.unit or 'plain numbers'}; use {allowed}",
                                 c.value_span))
-    elif c.unit == "%" and not 0 <= c.value <= 100 and c.metric == "fidelity":
+    elif c.unit == "%" and not 0 <= c.value <= 100 and c.metric in COSINE_METRICS:
         diags.append(Diagnostic(f"{c.value}% is outside 0..100%", c.value_span))
-    elif c.metric == "fidelity" and c.unit is None and not -1 <= c.value <= 1:
-        diags.append(Diagnostic(f"fidelity is a cosine similarity in [-1, 1], got {c.value}", c.value_span,
-                                hint="write e.g. `fidelity >= 0.99` or `fidelity >= 99%`"))
+    elif c.metric in COSINE_METRICS and c.unit is None and not -1 <= c.value <= 1:
+        diags.append(Diagnostic(f"{c.metric} is a cosine similarity in [-1, 1], got {c.value}", c.value_span,
+                                hint=f"write e.g. `{c.metric} >= 0.99` or `{c.metric} >= 99%`"))
     elif c.value < 0 and c.metric not in ("ppl_increase",):
         diags.append(Diagnostic(f"metric {c.metric} is never negative; {c.value} cannot be a threshold", c.value_span))
+    if c.metric == "target_fidelity" and not recipe.targets:
+        diags.append(Diagnostic("check target_fidelity needs a target to compare with the IR", c.metric_span,
+                                hint="add e.g. `target cpu`, or drop the check"))
     if m.needs_eval and recipe.evaluate is None:
         diags.append(Diagnostic(f"check {c.metric} needs evaluation data", c.metric_span,
                                 hint="add e.g. `evaluate wiki samples=8 seq_len=256`"))
