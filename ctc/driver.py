@@ -513,10 +513,9 @@ def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str,
     from ctc.artifact import torch_runner
     from ctc.eval.fidelity import compare_outputs
     from ctc.eval.latency import MIN_RUNS, measure_latency
+    from ctc.frontends.decode import step_inputs
     from ctc.ir.interpreter import interpret
     from ctc.targets import TARGETS
-
-    from ctc.frontends.decode import step_inputs
 
     run = importlib.import_module(TARGETS[kind].backend).load(target_dir, module)
     feed = step_inputs(module, dict(batch))
@@ -546,7 +545,6 @@ def torch_backend_latency(original: Any, compressed: Any, batch: Mapping[str, An
 
     from ctc.artifact import torch_runner
     from ctc.eval.latency import MIN_RUNS, measure_latency
-
     from ctc.frontends.decode import step_inputs
 
     feed = dict(batch)

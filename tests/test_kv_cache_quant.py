@@ -166,3 +166,31 @@ def test_positions_past_a_quantized_cache_are_refused(step_module, bits: int) ->
         with pytest.raises(UsageError, match=r"input 'position' holds cache positions in \[32, 32\]"):
             lib(bad)
 
+
+
+def test_a_pipeline_with_data_measures_the_quantized_cache_step(step_module) -> None:
+    """Calibration and evaluation batches of a decode step carry float caches (the eager model prefills them);
+    after kv-cache-quant the step reads integer caches and scales.  The pass manager's fidelity and the
+    compile's measurements feed it those batches: they ran into 'missing inputs cache_k_0_scale' (exit 4)."""
+    from ctc.driver import LoadedModel, Progress, measure
+    from ctc.frontends.decode import static_prefilled_inputs
+    from ctc.tasks import TASK_DECODE_STEP
+
+    model, mod = step_module
+    batches = [static_prefilled_inputs(model, torch.tensor([[3, 5, 7, 9, 11, 13]]), 32)]
+    q, report = PassManager([get_pass("kv-cache-quant")({"bits": 8})], calibration=batches, progress=False).run(mod)
+    fid = report.records[-1].fidelity
+    assert fid is not None and fid.error is None and fid.cosine > 0.99
+    got = measure(mod, q, LoadedModel(mod, TASK_DECODE_STEP), batches, {"fidelity", "max_error"}, Progress(False))
+    assert got["fidelity"]["compressed"] > 0.99
+
+
+def test_a_calibrating_pass_after_kv_cache_quant_gets_batches_the_step_takes(step_module) -> None:
+    """Passes after kv-cache-quant calibrate on the step as it now is: its caches integer with scales."""
+    from ctc.frontends.decode import static_prefilled_inputs
+
+    model, mod = step_module
+    batches = [static_prefilled_inputs(model, torch.tensor([[3, 5, 7, 9, 11, 13]]), 32)]
+    steps = [get_pass("kv-cache-quant")({"bits": 8}), get_pass("rptq")({"w_bits": 8, "a_bits": 16})]
+    q, report = PassManager(steps, calibration=batches, progress=False).run(mod)
+    assert q.op_counts().get("quant_linear") and report.records[-1].fidelity.cosine > 0.99

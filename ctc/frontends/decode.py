@@ -27,7 +27,7 @@ from torch import nn
 
 __all__ = ["DecodeStep", "StaticDecodeStep", "cache_names", "decode_inputs", "decode_step", "kv_cache_shape",
            "prefilled_inputs", "static_cache_names", "static_decode_inputs", "static_decode_step",
-           "static_prefilled_inputs"]
+           "static_prefilled_inputs", "step_float_outputs", "step_inputs"]
 
 
 def _layers(config: Any) -> int:
@@ -245,4 +245,48 @@ def static_prefilled_inputs(model: nn.Module, token_ids: torch.Tensor, max_len: 
             buf = torch.zeros(*c.shape[:2], max_len, c.shape[3], dtype=dtype)
             buf[:, :, :past] = c.to(dtype)
             out[f"cache_{t}_{i}"] = buf
+    return out
+
+
+def step_inputs(module: Any, batch: Any) -> Any:
+    """``batch`` as ``module`` takes it.  Batches of a decode step carry float caches
+    (:func:`static_prefilled_inputs`); after ``kv-cache-quant`` the step reads each cache as integers
+    plus scales.  A float cache given for such an input is stored the way the step's
+    ``quant_cache_write`` stores rows (:func:`ctc.ir.quant.quantize_kv`, row by row, so exactly what
+    the step would have written); anything else is returned as given."""
+    from ctc.ir import quant as Q
+
+    if not hasattr(batch, "get"):
+        return batch
+    out = None
+    for n in module.nodes:
+        if n.op != "quant_cache_write":
+            continue
+        cache, scale = n.operand("cache"), n.operand("scale")
+        given = batch.get(cache.name)
+        if (cache.producer is not None or scale.producer is not None or scale.name in batch
+                or not isinstance(given, torch.Tensor) or not given.is_floating_point()):
+            continue
+        out = dict(batch) if out is None else out
+        out[cache.name], out[scale.name] = Q.quantize_kv(given, int(n.attr("bits")), int(n.attr("group_size")))
+    return batch if out is None else out
+
+
+def step_float_outputs(module: Any, outputs: list[Any]) -> list[Any]:
+    """``module``'s outputs with each written integer cache and its scales (``kv-cache-quant``) read back as
+    one float cache, so they line up with the float step's outputs."""
+    from ctc.ir import quant as Q
+
+    out: list[Any] = []
+    vals = list(module.outputs)
+    i = 0
+    while i < len(outputs):
+        p = vals[i].producer if i < len(vals) else None
+        if (p is not None and p.op == "quant_cache_write" and vals[i] is p.outputs[0] and i + 1 < len(vals)
+                and vals[i + 1] is p.outputs[1]):
+            out.append(Q.dequantize_kv(outputs[i], outputs[i + 1], int(p.attr("bits")), int(p.attr("group_size"))))
+            i += 2
+        else:
+            out.append(outputs[i])
+            i += 1
     return out

@@ -135,6 +135,22 @@ class _Agree:
         return {"cosine": _num(cos), "max_abs_error": _num(self.max_abs), "rel_error": _num(rel)}
 
 
+def _step_batches(module: Module, batches: Sequence[Any]) -> list[Any]:
+    """The pipeline's batches as ``module`` takes them: a decode step's float caches in the form the step
+    stores them once ``kv-cache-quant`` ran (:func:`ctc.frontends.decode.step_inputs`); others as given."""
+    from ctc.frontends.decode import step_inputs
+
+    return [step_inputs(module, b) for b in batches]
+
+
+def _run_batches(module: Module, batches: Sequence[Mapping[str, Any]]) -> list[list[torch.Tensor]]:
+    """``module``'s outputs on each batch (reference interpreter), comparable with the input module's (a
+    quantized cache read back as floats: :func:`ctc.frontends.decode.step_float_outputs`)."""
+    from ctc.frontends.decode import step_float_outputs
+
+    return [step_float_outputs(module, interpret(module, b)) for b in _step_batches(module, batches)]
+
+
 def fidelity(reference: Sequence[Sequence[torch.Tensor]], outputs: Sequence[Sequence[torch.Tensor]]) -> Fidelity:
     """Compare per-batch output lists of a module against the reference's.
 
@@ -498,7 +514,7 @@ class PassManager:
                 raise PipelineError(f"the input module {module.name!r} fails verification before any pass ran: {e}",
                                     step=None, index=-1, ran_before=[], report=report, cause=e) from e
         try:
-            reference_out = [interpret(module, b) for b in self.fidelity_batches]
+            reference_out = _run_batches(module, self.fidelity_batches)
         except Exception as e:
             raise PipelineError(f"the fidelity batch does not run on the input module {module.name!r} "
                                 f"(give batches keyed by its inputs {[v.name for v in module.inputs]}): {e}",
@@ -560,7 +576,7 @@ class PassManager:
                     raise self._fail(f"produced an invalid {what}: {e}", step, i, names, vrep, e) from e
             if self.fidelity_batches:
                 try:
-                    rec.fidelity = fidelity(reference_out, [interpret(m, b) for b in self.fidelity_batches])
+                    rec.fidelity = fidelity(reference_out, _run_batches(m, self.fidelity_batches))
                 except Exception as e:  # noqa: BLE001 - a variant that verifies but cannot run is a pass bug
                     raise self._fail(f"produced a {what} the interpreter cannot run: {e}", step, i, names,
                                      vrep, e) from e
@@ -606,6 +622,7 @@ class PassManager:
             raise self._fail("needs calibration data, but the pipeline has none (add a `calibrate` line)",
                              step, i, names, report, None)
         ctx.selector = step.selector
+        ctx.calibration = _step_batches(module, self.calibration)
         ctx.notes = []
         ctx.metrics = {}
         ctx.computed = []
@@ -658,7 +675,7 @@ class PassManager:
         rec.warnings = warnings
         if self.fidelity_batches:
             try:
-                got = [interpret(out, b) for b in self.fidelity_batches]
+                got = _run_batches(out, self.fidelity_batches)
                 rec.fidelity = fidelity(reference_out, got)
             except Exception as e:  # noqa: BLE001 - a module that verifies but cannot run is a pass bug
                 report.records.append(dataclasses.replace(rec, status="failed", error=f"{type(e).__name__}: {e}"))
