@@ -175,3 +175,34 @@ def test_cli_analyze_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert msg in capsys.readouterr().err, argv
     assert main(["analyze", str(tmp_path / "missing")]) == EXIT_USAGE
     assert "no such artifact directory" in capsys.readouterr().err
+
+
+def test_profile_times_the_compiled_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc analyze --target cpu --profile` runs the library through `ctc bench`'s protocol (it asked for 10 runs,
+    fewer than the bench's floor of 20, so every cpu profile was refused with a --repeat error analyze lacks)."""
+    import ctc
+    from ctc.analysis import artifact as A
+    from ctc.artifact import write_artifact
+    from ctc.backends.tvm.build import KernelTime
+    from ctc.bundled import bundled_model_dir
+
+    m = Module("emb")
+    m.add_param("emb", torch.zeros(30522, 2))
+    ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    m.set_outputs([m.create_node("embedding", [ids, m.param("emb")]).output], ["hidden"])
+    dest = write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=bundled_model_dir("minilm"),
+                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})],
+                          log=lambda _: None)
+
+    class Library:
+        def __call__(self, inputs: object) -> list[torch.Tensor]:
+            return [torch.zeros(1)]
+
+        def profile(self, inputs: object, runs: int) -> list[KernelTime]:
+            return [KernelTime("fused_take", 1, 0.5, 0.5)]
+
+    art = ctc.load(dest)
+    art._runners["cpu"] = Library()
+    monkeypatch.setattr(A, "target_peaks", lambda *a, **k: fpga_peaks())
+    _, _, measured = A.analyze_artifact(art, "cpu", seq_len=8, profile=True)
+    assert "median/p90 of 20 runs" in measured, measured

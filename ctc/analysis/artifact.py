@@ -66,12 +66,14 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
         raise UsageError("--profile: the fpga target runs as a C simulation, whose times are not the board's; its "
                          "modelled per-layer latencies are in the fpga target's report (targets/fpga/)")
     from ctc.driver import bench_artifact
+    from ctc.eval.latency import MIN_RUNS
     from ctc.targets import TARGETS
 
     why = TARGETS[kind].cannot_run_here()
     if why:
         raise UsageError(f"--profile: {why}")
-    res = bench_artifact(art, target=kind, batch=batch, seq_len=n, repeat=10, threads=None, profile=10_000)
+    res = bench_artifact(art, target=kind, batch=batch, seq_len=n, repeat=MIN_RUNS, threads=None,
+                          profile=10_000)
     phase = a.phases[0] if art.module.meta.get("task") != TASK_DECODE_STEP else a.phase("decode")
     pts = measured_points(phase, res.get("kernels", []), res.get("median_ms"))
     what = (f"measured: {kind} library on this machine, {phase.name} at batch {batch}, seq {n}: median "
