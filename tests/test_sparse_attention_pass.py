@@ -104,6 +104,14 @@ def test_heads_beyond_the_model_are_an_error():
         run(BEFORE, {"heads": [3]})
 
 
+def test_heads_beyond_the_model_are_found_right_after_capture():
+    """The recipe checker asks the pass before any pass runs: a located error (exit 2), not a failed pass (exit 4)."""
+    cls = get_pass("sparse-attention")
+    assert cls.check_module(cls.Options.from_dict({"heads": [3]}), parse(BEFORE), Selector()) == [
+        ("heads", "option heads=[3]: the model's attention has 2 query heads (0..1); [3] do not exist")]
+    assert cls.check_module(cls.Options.from_dict({"heads": [1]}), parse(BEFORE), Selector()) == []
+
+
 def test_selector_restricts_layers():
     two = BEFORE.replace('return %attn as "y"', '%attn2 = scaled_dot_product_attention(%attn, %k, %v, '
                          '%model_logical_and_7) {scale = 0.5, enable_gqa = true} : f32[1, 2, seq, 4]  '

@@ -29,12 +29,13 @@ from ctc.ir.blocks import BlockInfo, BlockLayout, BlockLayoutError, block_layout
 from ctc.ir.graph import Module, Node, Value
 from ctc.ir.interpreter import bind_inputs, interpret
 from ctc.ir.rewrite import Rewriter
-from ctc.passes.base import Analysis, PassContext, PassError
+from ctc.passes.analyses.replay import consecutive_runs
+from ctc.passes.base import Analysis, PassContext, PassError, Selector
 from ctc.passes.weight_sharing import ChannelFit, lora_from_residual
 
 __all__ = ["BlockActivations", "Group", "Slot", "Stack", "TieResult", "apply_ties", "block_module",
-           "fit_coefficients", "input_grams", "lora_factors", "param_reads", "substitution_error", "tie_stack",
-           "unique_counts"]
+           "fit_coefficients", "input_grams", "lora_factors", "param_reads", "selected_blocks", "substitution_error",
+           "tie_stack", "unique_counts"]
 
 FLOAT = ("f32", "f16", "bf16", "f64")
 # Ops whose float operands (scales, zero points) only mean something next to their integer weights.
@@ -92,13 +93,20 @@ class Stack:
 
     def runs(self) -> list[list[int]]:
         """The selected blocks as runs of consecutive block numbers."""
-        out: list[list[int]] = []
-        for b in self.blocks:
-            if out and out[-1][-1] == b - 1:
-                out[-1].append(b)
-            else:
-                out.append([b])
-        return out
+        return consecutive_runs(self.blocks)
+
+
+def selected_blocks(module: Module, selector: Selector) -> list[int] | None:
+    """The block numbers a tying step's selector picks (what :func:`tie_stack` lines up), or None when the
+    module has no block layout (tie_stack says why).  For the passes' ``check_module``."""
+    try:
+        return _picked(block_layout(module), selector)
+    except BlockLayoutError:
+        return None
+
+
+def _picked(layout: BlockLayout, selector: Selector) -> list[int]:
+    return [b.index for b in layout.blocks if selector.matches_block(b.index)]
 
 
 def _signature(n: Node) -> tuple[Any, ...]:
@@ -129,7 +137,7 @@ def tie_stack(module: Module, ctx: PassContext, *, share_vectors: bool, what: st
         layout = block_layout(module)
     except BlockLayoutError as e:
         raise PassError(f"{what}: {e}") from None
-    blocks = [b.index for b in layout.blocks if ctx.selector.matches_block(b.index)]
+    blocks = _picked(layout, ctx.selector)
     if len(blocks) < 2:
         raise PassError(f"{what}: the selection holds {len(blocks)} block(s) of {len(layout)}; tying needs at "
                         "least two (widen the blocks[...] selector)")

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ctc.ir.graph import Module
-from ctc.passes.base import Pass, PassContext, PassError, option, register_pass
+from ctc.passes.analyses.replay import consecutive_runs
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, Selector, option, register_pass
 from ctc.passes.block_tying import (
     BlockActivations,
     Group,
@@ -41,6 +42,7 @@ from ctc.passes.block_tying import (
     lora_factors,
     per_member_overhead,
     report_ties,
+    selected_blocks,
     substitution_error,
     tie_stack,
     unique_counts,
@@ -72,6 +74,11 @@ class RecursiveOptions(HealOptions):
     score_batches: int = option(4, "calibration batches used to cost tiles (with ratio)", min=1)
 
 
+def _no_tile(loops: int, blocks: list[int]) -> str:
+    return (f"recursive: no run of {loops} consecutive selected blocks (selected: {blocks}); lower loops or "
+            "select more blocks")
+
+
 @register_pass
 class RecursivePass(Pass):
     """Relaxed Recursive Transformer: K consecutive blocks become one looped block plus SVD-initialised LoRA deltas.
@@ -84,14 +91,21 @@ class RecursivePass(Pass):
     requires = (BlockActivations,)
     needs_calibration = True
 
+    @classmethod
+    def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
+        o: RecursiveOptions = options  # type: ignore[assignment]
+        blocks = selected_blocks(module, selector)
+        if blocks and not any(len(r) >= o.loops for r in consecutive_runs(blocks)):
+            return [("loops", _no_tile(o.loops, blocks))]
+        return []
+
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: RecursiveOptions = self.options  # type: ignore[assignment]
         stack = tie_stack(module, ctx, share_vectors=o.share_vectors, what="recursive")
         init = o.init if o.init != "auto" else ("average" if o.rank > 0 else "stepwise")
         tiles, left = self._tiles(stack, o.loops)
         if not tiles:
-            raise PassError(f"recursive: no run of {o.loops} consecutive selected blocks (selected: "
-                            f"{stack.blocks}); lower loops or select more blocks")
+            raise PassError(_no_tile(o.loops, stack.blocks))
         groups = [self._group(stack, t, s, init) for t, s in zip(tiles, self._sources(stack, tiles, init),
                                                                   strict=True)]
         factors = {}

@@ -37,7 +37,7 @@ import torch
 
 from ctc.ir.graph import Module
 from ctc.options import OptionError
-from ctc.passes.base import Analysis, Pass, PassContext, PassError, option, register_pass
+from ctc.passes.base import Analysis, Pass, PassContext, PassError, PassOptions, Selector, option, register_pass
 from ctc.passes.block_tying import (
     ActivationsResult,
     BlockActivations,
@@ -48,6 +48,7 @@ from ctc.passes.block_tying import (
     fit_coefficients,
     per_member_overhead,
     report_ties,
+    selected_blocks,
     substitution_error,
     tie_stack,
     unique_counts,
@@ -93,6 +94,16 @@ class ShareBlocksOptions(HealOptions):
             seen |= set(g)
 
 
+def _groups_problem(groups: list[list[int]], blocks: list[int]) -> str | None:
+    """What is wrong with explicit ``groups`` on the selected ``blocks`` (a block they name is not selected)."""
+    for g in groups:
+        bad = [b for b in g if b not in blocks]
+        if bad:
+            return (f"share-blocks: option groups names block {bad[0]}, which is not among the selected blocks "
+                    f"{blocks[0]}..{blocks[-1]}")
+    return None
+
+
 @register_pass
 class ShareBlocksPass(Pass):
     """FoldGPT group sharing: adjacent blocks read one set of weights, plus fitted per-block channel coefficients.
@@ -105,6 +116,13 @@ class ShareBlocksPass(Pass):
     Options = ShareBlocksOptions
     requires = (BlockActivations,)
     needs_calibration = True
+
+    @classmethod
+    def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
+        o: ShareBlocksOptions = options  # type: ignore[assignment]
+        blocks = selected_blocks(module, selector)
+        problem = _groups_problem(o.groups, blocks) if blocks else None
+        return [("groups", problem)] if problem else []
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: ShareBlocksOptions = self.options  # type: ignore[assignment]
@@ -134,14 +152,10 @@ class ShareBlocksPass(Pass):
 
     # ----------------------------------------------------------------- groups
     def _explicit(self, stack: Stack, o: ShareBlocksOptions) -> list[Group]:
-        groups = []
-        for g in o.groups:
-            bad = [b for b in g if b not in stack.blocks]
-            if bad:
-                raise PassError(f"share-blocks: option groups names block {bad[0]}, which is not among the selected "
-                                f"blocks {stack.blocks[0]}..{stack.blocks[-1]}")
-            groups.append(Group(list(g), None))
-        return groups
+        problem = _groups_problem(o.groups, stack.blocks)
+        if problem:
+            raise PassError(problem)
+        return [Group(list(g), None) for g in o.groups]
 
     def _chosen(self, stack: Stack, o: ShareBlocksOptions, cost: _CostTable, ctx: PassContext) -> list[Group]:
         n = len(stack.blocks)

@@ -24,16 +24,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ctc.ir.graph import Module
 from ctc.ir.patterns import op
 from ctc.ir.rewrite import RewritePattern, Rule
 from ctc.options import OptionError
 from ctc.passes.attention_masks import split_causal_mask
-from ctc.passes.base import PassError, PassOptions, PatternPass, option, register_pass
+from ctc.passes.base import PassError, PassOptions, PatternPass, Selector, option, register_pass
 
 
 def default_keep(rounds: int) -> list[float]:
     """Top-k shares when none are given: 0.25 after the last round, twice that per round before."""
     return [min(1.0, 0.25 * 2 ** (rounds - 1 - r)) for r in range(rounds)]
+
+
+def _heads_problem(heads: list[int], num_heads: Any) -> str | None:
+    """What is wrong with option ``heads`` on an attention with ``num_heads`` query heads (None: nothing)."""
+    if not isinstance(num_heads, int):
+        return f"option heads needs attention with a static head count, got {num_heads}"
+    bad = [h for h in heads if h >= num_heads]
+    if bad:
+        return (f"option heads={heads}: the model's attention has {num_heads} query heads (0..{num_heads - 1}); "
+                f"{bad} do not exist")
+    return None
 
 
 @register_pass
@@ -91,6 +103,16 @@ class SparseAttentionPass(PatternPass):
             if len(set(self.heads)) != len(self.heads):
                 raise OptionError(f"option heads={self.heads} repeats a head")
 
+    @classmethod
+    def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
+        heads = options.heads  # type: ignore[attr-defined]
+        for n in module.nodes if heads else ():
+            if n.op == "scaled_dot_product_attention" and n.operand("q").type.rank == 4 and selector.matches(n):
+                problem = _heads_problem(heads, n.operand("q").type.shape[1])
+                if problem:
+                    return [("heads", problem)]
+        return []
+
     def filter_attrs(self, num_heads: Any) -> dict[str, Any]:
         """The ``sparse_attention`` attributes these options give, for a node with ``num_heads`` query heads."""
         o = self.options
@@ -101,12 +123,9 @@ class SparseAttentionPass(PatternPass):
         else:
             attrs["alphas"] = tuple(o.alpha if o.alpha is not None else [0.5] * n)
         if o.heads:
-            if not isinstance(num_heads, int):
-                raise PassError(f"option heads needs attention with a static head count, got {num_heads}")
-            bad = [h for h in o.heads if h >= num_heads]
-            if bad:
-                raise PassError(f"option heads={o.heads}: the model's attention has {num_heads} query heads "
-                                f"(0..{num_heads - 1}); {bad} do not exist")
+            problem = _heads_problem(o.heads, num_heads)
+            if problem:
+                raise PassError(problem)
             attrs["dense_heads"] = tuple(h for h in range(num_heads) if h not in o.heads)
         return attrs
 
