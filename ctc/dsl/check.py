@@ -131,9 +131,13 @@ def option_diagnostics(opts_cls: type[Options], options: dict[str, Any], spans: 
             diags.append(Diagnostic(f"{what} has no option {k!r}{did_you_mean(k, known)}", span,
                                     hint=f"options: {', '.join(known) or 'none'}"))
             continue
+        others = {o: w for o, w in alone.items() if o != k}
         try:
-            opts_cls.from_dict({**{o: w for o, w in alone.items() if o != k}, k: v}, owner=what)
+            opts_cls.from_dict({**others, k: v}, owner=what)
         except _OPTION_ERRORS as e:
+            if k in alone and not _valid(opts_cls, others, what):  # the others contradict each other: not k's
+                good[k] = v
+                continue
             spec = next(s for s in opts_cls.specs() if s.name == k)
             if not any(d.message == f"{what}: {e}" for d in diags):  # a contradiction: blamed once, first option
                 diags.append(Diagnostic(f"{what}: {e}", span, hint=_spec_hint(spec)))
