@@ -251,13 +251,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.generate is not None:
         return _generate(art, args)
     if args.text is not None:
-        from ctc.driver import text_inputs
-
         tok = art.tokenizer()
-        inputs = text_inputs(art.module, tok, [args.text])
+        inputs, unpad = _text_inputs(art, tok, args.text, args.target)
     else:
-        inputs = _read_tensors(Path(args.input))
+        inputs, unpad = _read_tensors(Path(args.input)), None
     outs = art.run(inputs, target=args.target)
+    if unpad is not None:
+        outs = unpad(outs)
     names = art.module.output_names
     for name, t in zip(names, outs, strict=False):
         print(f"{name}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}  "
@@ -278,6 +278,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_file_atomically(save, lambda tmp: save_file(tensors, str(tmp), metadata={"format": OUTPUTS_FORMAT}))
         print(f"wrote {save}", file=sys.stderr)
     return EXIT_OK
+
+
+def _text_inputs(art: Any, tok: Any, text: str, target: str | None) -> tuple[dict[str, Any], Any]:
+    """`ctc run --text`: the model's inputs, and, for a library built for one length (``seq_len=`` on the target
+    line), a function cutting its outputs back to the text's tokens: the text is padded to that length on the
+    right, its attention mask 0 there (a causal LM needs no mask: no earlier position sees the padding)."""
+    from ctc.driver import text_inputs
+    from ctc.errors import UsageError
+
+    inputs = text_inputs(art.module, tok, [text])
+    fixed = art.fixed_seq_len(target) if target is not None else None
+    n = int(next(iter(inputs.values())).shape[1])
+    if fixed is None or n == fixed:
+        return inputs, None
+    if n > fixed:
+        raise UsageError(f"the text is {n} tokens, but this {target} library was built for {fixed} (`seq_len=` on "
+                         "its target line): shorten the text, or build the target for any length")
+    if "attention_mask" not in inputs and art.module.meta.get("task") != TASK_CAUSAL_LM:
+        raise UsageError(f"the text is {n} tokens, but this {target} library was built for {fixed}, and the model "
+                         "takes no attention mask to pad it with: give that many tokens, or build the target for any "
+                         "length")
+    seq = art.module.inputs[0].type.shape[1]
+
+    def unpad(outs: list[Any]) -> list[Any]:
+        return [t[:, :n] if len(v.type.shape) > 1 and v.type.shape[1] == seq else t
+                for v, t in zip(art.module.outputs, outs, strict=False)]
+
+    return text_inputs(art.module, tok, [text], pad_to=fixed), unpad
 
 
 OUTPUTS_FORMAT = "ctc-outputs"  # safetensors metadata of the files `ctc run --save` writes

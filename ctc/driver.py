@@ -330,15 +330,23 @@ def load_model(recipe: Recipe, progress: Progress) -> LoadedModel:
     return LoadedModel(module, task, tok, tok_dir, desc, eager)
 
 
-def text_inputs(module: Any, tokenizer: Any, texts: Sequence[str], seq_len: int | None = None) -> dict[str, Any]:
-    """Tokenize ``texts`` into the module's named inputs (input_ids, attention_mask, ...)."""
+def text_inputs(module: Any, tokenizer: Any, texts: Sequence[str], seq_len: int | None = None,
+                pad_to: int | None = None) -> dict[str, Any]:
+    """Tokenize ``texts`` into the module's named inputs (input_ids, attention_mask, ...); ``pad_to``: padded on
+    the right to that many tokens (a library built for one length), the attention mask 0 over the padding."""
+    import torch.nn.functional as F
+
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=seq_len is not None,
                     max_length=seq_len)
     names = [v.name for v in module.inputs]
     missing = [n for n in names if n not in enc]
     if missing:
         raise UsageError(f"the model takes inputs {names}; the tokenizer gives {sorted(enc)}")
-    return {n: enc[n] for n in names}
+    n = enc["input_ids"].shape[1]
+    if pad_to is not None and n < pad_to:
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        return {k: F.pad(enc[k], (0, pad_to - n), value=pad_id if k == "input_ids" else 0) for k in names}
+    return {k: enc[k] for k in names}
 
 
 # --------------------------------------------------------------------------- data

@@ -42,12 +42,17 @@ def parse_data_flag(data: str) -> tuple[str, str | None, str | None]:
     raise UsageError(f"--data {data!r}: expected wiki, lee, text:FILE or jsonl:FILE:FIELD")
 
 
+HUMAN_MAX_TOKENS = 256  # --human-similarity truncates each Lee document here
+
+
 def human_similarity(run: Callable[[dict[str, Any]], Any], tokenizer: Any, input_names: list[str], *,
-                     docs: int | None = None) -> dict[str, Any]:
+                     docs: int | None = None, pad_to: int | None = None) -> dict[str, Any]:
     """Encoders: Pearson/Spearman of embedding cosine (``run`` gives the hidden states) against human
     similarity judgements on the Lee corpus (50 documents; ``docs`` takes the first N), mean-pooled,
-    truncated at 256 tokens."""
+    truncated at 256 tokens.  ``pad_to``: ``run`` takes only that many tokens (a fixed-length build, at least
+    256): each document is padded to it, its attention mask 0 there, and the hidden states cut back."""
     import torch
+    import torch.nn.functional as F
 
     from ctc.eval.data import lee_similarities, lee_test
     from ctc.eval.fidelity import human_correlation, sentence_embeddings
@@ -59,10 +64,13 @@ def human_similarity(run: Callable[[dict[str, Any]], Any], tokenizer: Any, input
         raise UsageError(f"--docs must be 3 to {len(texts)} (the Lee corpus has {len(texts)} documents), got {n}")
 
     def hidden(ids: Any, mask: Any) -> Any:
+        length = ids.shape[1]
+        if pad_to is not None and length < pad_to:
+            ids, mask = (F.pad(t, (0, pad_to - length)) for t in (ids, mask))
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        return run({k: feed[k] for k in input_names})[0]
+        return run({k: feed[k] for k in input_names})[0][:, :length]
 
-    emb = sentence_embeddings(hidden, tokenizer, texts[:n], max_length=256, batch_size=1)
+    emb = sentence_embeddings(hidden, tokenizer, texts[:n], max_length=HUMAN_MAX_TOKENS, batch_size=1)
     agree = human_correlation(emb, [row[:n] for row in human[:n]])
     return {"pearson": round(agree.pearson, 4), "spearman": round(agree.spearman, 4), "pairs": agree.pairs,
             "protocol": f"gensim lee.cor, first {n} of 50 documents, mean pooling, 256-token truncation, "
@@ -166,6 +174,11 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
         raise UsageError(f"--docs must be 3 to {LEE_DOCS} (the Lee corpus has {LEE_DOCS} documents), got {docs}")
     if human and task != TASK_ENCODER:
         raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
+    fixed = art.fixed_seq_len(target) if human and target is not None else None
+    if fixed is not None and fixed < HUMAN_MAX_TOKENS:
+        raise UsageError(f"--human-similarity embeds each Lee document at up to {HUMAN_MAX_TOKENS} tokens, but this "
+                         f"{target} library was built for {fixed} tokens (`seq_len=` on its target line): build the "
+                         f"target for any length (or seq_len={HUMAN_MAX_TOKENS}), or leave --target out")
     batches, proto, recipe = evaluation_windows_of(art, data=data, samples=samples, seq_len=seq_len, skip=skip,
                                                    limit=limit)
     length = int(proto["seq_len"])
@@ -197,7 +210,8 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     bar.close_bar()
     if human:
         names = [v.name for v in art.module.inputs]
-        res["human"] = human_similarity(lambda feed: art.run(feed, target=target), art.tokenizer(), names, docs=docs)
+        res["human"] = human_similarity(lambda feed: art.run(feed, target=target), art.tokenizer(), names, docs=docs,
+                                        pad_to=fixed)
         if original is not None:
             from ctc.artifact import torch_runner
 

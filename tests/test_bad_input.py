@@ -23,10 +23,10 @@ from ctc.ir.types import TensorType
 VOCAB, POSITIONS = 10, 8
 
 
-def _module() -> Module:
+def _module(vocab: int = VOCAB) -> Module:
     """ids, mask [batch, seq] -> embedding rows masked: the shape of an encoder's first op."""
     m = Module("emb")
-    m.add_param("emb", torch.randn(VOCAB, 4, generator=torch.Generator().manual_seed(0)))
+    m.add_param("emb", torch.randn(vocab, 4, generator=torch.Generator().manual_seed(0)))
     ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
     mask = m.add_input("attention_mask", TensorType(("batch", "seq"), "i64"))
     h = m.create_node("embedding", [ids, m.param("emb")]).output
@@ -189,6 +189,70 @@ def test_bench_states_the_library_threads_and_refuses_a_count_it_cannot_apply(be
         bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=1)
     res = bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=3)
     assert res["protocol"].endswith(", 3 thread(s)")
+
+
+# --------------------------------------------------------------------------- text on a fixed-length library
+class _FixedLibrary:
+    """A library built for one sequence length (`target cpu seq_len=16`): refuses any other, as the real one does."""
+
+    def __init__(self, module: Module, seq: int = 16) -> None:
+        from ctc.artifact import torch_runner
+
+        self.run, self.fed, self.seq = torch_runner(module), [], seq
+        self.meta = {"static_dims": {"seq": seq}}
+
+    def __call__(self, inputs: Any) -> list[torch.Tensor]:
+        ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs[0]
+        if ids.shape[1] != self.seq:
+            raise UsageError(f"this library was built for fixed shapes (seq={self.seq}): got {ids.shape[1]}")
+        self.fed.append(ids)
+        return list(self.run(inputs))
+
+
+def _fixed_length_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seq: int) -> tuple[Any, Path]:
+    """An encoder artifact with the real MiniLM tokenizer and a cpu library built for ``seq`` tokens."""
+    import ctc.cli
+    from ctc.bundled import bundled_model_dir
+
+    dest = write_artifact(tmp_path / "art", module=_module(vocab=30522), report={"name": "emb"},
+                          tokenizer_dir=bundled_model_dir("minilm"), log=lambda _: None,
+                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})])
+    art = ctc.load(dest)
+    art._runners["cpu"] = _FixedLibrary(art.module, seq)
+    monkeypatch.setattr(ctc.cli, "_load_artifact", lambda path: art)
+    return art, dest
+
+
+def test_cli_text_runs_on_a_library_built_for_one_length(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guide's `ctc run out/first --target cpu --text ...` on its `target cpu seq_len=128` build failed:
+    `--text` cannot be padded by the user.  The text is padded (with its attention mask) to the build's length and
+    the outputs cut back to the text's tokens, so the line printed is the torch backend's."""
+    art, dest = _fixed_length_artifact(tmp_path, monkeypatch, 16)
+    lib = art._runners["cpu"]
+    assert art.fixed_seq_len("cpu") == 16 and art.fixed_seq_len() is None
+    assert main(["run", str(dest), "--text", "A sentence to embed.", "-q"]) == EXIT_OK
+    want = capsys.readouterr().out
+    assert main(["run", str(dest), "--target", "cpu", "--text", "A sentence to embed.", "-q"]) == EXIT_OK
+    assert capsys.readouterr().out == want and "hidden: (1, 8, 4)" in want and lib.fed[0].shape == (1, 16)
+    assert main(["run", str(dest), "--target", "cpu", "--text", "word " * 20, "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "the text is 22 tokens, but this cpu library was built for 16" in err, err
+
+
+def test_human_similarity_on_a_library_built_for_one_length(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc eval --human-similarity --target cpu` on a fixed-length build failed after loading the original model,
+    with the library's 'give inputs of exactly that size', which the user cannot do: a build shorter than the
+    documents' 256 tokens is refused first, naming the fix; a long enough one is fed padded documents."""
+    art, dest = _fixed_length_artifact(tmp_path, monkeypatch, 16)
+    argv = ["eval", str(dest), "--human-similarity", "--target", "cpu", "--docs", "3", "--no-baseline", "-q"]
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "this cpu library was built for 16 tokens" in err and "256" in err, err
+    art._runners["cpu"] = lib = _FixedLibrary(art.module, 256)
+    assert main(argv) == EXIT_OK
+    assert "human sim.: Pearson" in capsys.readouterr().out and lib.fed[0].shape == (1, 256)
 
 
 # --------------------------------------------------------------------------- files ctc writes on request

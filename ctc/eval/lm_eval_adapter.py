@@ -75,12 +75,7 @@ class _Logits:
             from ctc.generate import static_step_signature
 
             return static_step_signature(self.specs)[1]
-        seq = self.specs[0]["shape"][1] if len(self.specs[0]["shape"]) > 1 else None
-        if isinstance(seq, int):
-            return seq
-        meta = getattr(self.runner, "meta", None) or {}
-        fixed = (meta.get("static_dims") or {}).get("seq")
-        return int(fixed) if fixed else None
+        return self.art.fixed_seq_len(self.target)
 
     def __call__(self, tokens: list[int]) -> torch.Tensor:
         ids = torch.tensor([tokens], dtype=torch.long)
