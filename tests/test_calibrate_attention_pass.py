@@ -110,3 +110,23 @@ def test_missing_data_is_a_clear_error(options, calibration, msg):
 def test_bad_options(options, msg):
     with pytest.raises(PassError, match=msg):
         get_pass("calibrate-attention")(options)
+
+
+def test_similarity_documents_are_cut_to_the_models_positions(tmp_path):
+    """task=similarity tokenizes Lee documents up to 256 tokens; an encoder with fewer positions (here 64) failed
+    inside the interpreter ('expand ... 106 must match 64', exit 4).  They are cut to the model's positions."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from ctc.bundled import bundled_model_dir
+    from ctc.cli import main
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(bundled_model_dir("minilm") / f, tmp_path / "bert")
+    recipe = tmp_path / "act.ctc"
+    recipe.write_text('model hf "bert"\npipeline {\n    calibrate-attention task=similarity samples=6 budget=1\n}\n')
+    assert main(["compile", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0

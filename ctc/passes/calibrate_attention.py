@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,7 +164,17 @@ class CalibrateAttentionPass(Pass):
         tok = _tokenizer(module)
         if task == "polarity":
             return OBJ.polarity_objective(tok, "calibration", names, limit=limit)
-        return OBJ.similarity_objective(tok, "calibration", names, limit=limit)
+        return OBJ.similarity_objective(tok, "calibration", names, limit=limit, max_len=_max_len(module, 256))
+
+
+def _max_len(module: Module, default: int) -> int:
+    """``default`` tokens, or fewer where the model has fewer positions (its config.json or its IR)."""
+    from ctc.positions import model_limits
+
+    src = str(module.meta.get("source") or "")
+    config = Path(src) / "config.json" if src and os.path.isdir(src) else None
+    seq = model_limits(module, config).get("seq")
+    return min(default, seq[0]) if seq else default
 
 
 def _tokenizer(module: Module) -> Any:
