@@ -665,6 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ArtifactError as e:
             print(f"ctc {args.command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        except BrokenPipeError:  # the reader went away (`ctc analyze ART | head`): not ctc's fault, no traceback
+            _stdout_to_devnull()
+            return 128 + signal.SIGPIPE
         except Terminated:
             return _interrupted(signal.SIGTERM)
         except KeyboardInterrupt:
@@ -692,6 +695,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             return EXIT_INTERNAL
+
+
+def _stdout_to_devnull() -> None:
+    """Point the process's stdout at /dev/null, so that flushing what is still buffered at exit does not raise
+    BrokenPipeError again (Python's advice for a pipe closed by its reader)."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced in-process)
+        pass
 
 
 _SIGNALLED: list[int] = []  # SIGINT / SIGTERM received while the current command runs

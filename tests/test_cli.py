@@ -128,3 +128,18 @@ def test_target_selection_and_tuning_flags(tmp_path: Path) -> None:
     r2 = parse('model bundled "minilm"\ntarget cpu threads=2\n', "r.ctc")
     assert [t.trials for t in selected_targets(r2, CompileOptions(tune=True))] == [64]
     assert [t.trials for t in selected_targets(r2, CompileOptions())] == [0]
+
+
+def test_a_reader_that_stops_early_is_not_an_internal_error() -> None:
+    """`ctc analyze ART | head -5` ended in 'internal error: BrokenPipeError' with a traceback (exit 4): the reader
+    going away is not ctc's fault; it ends quietly with the shell's SIGPIPE status, 141."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before ctc writes
+    try:
+        p = subprocess.run([sys.executable, "-m", "ctc", "passes"], stdout=w, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr)
