@@ -173,3 +173,26 @@ def test_not_an_archive(tmp_path: Path) -> None:
     (tmp_path / "x.pt2").write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="not a torch.export archive"):
         load_pt2(tmp_path / "x.pt2")
+
+
+def test_hf_directory_with_a_malicious_bin_is_refused_without_the_unsafe_advice(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Hugging Face directory whose only weights are a pickle holding code: refused before anything runs, and
+    the message does not pass on torch's suggestion to retry with weights_only=False."""
+    import transformers as T
+
+    cfg = T.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=32)
+    model_dir = tmp_path / "bert_pickle"
+    model_dir.mkdir()
+    cfg.save_pretrained(model_dir)
+    marker = tmp_path / "PWNED"
+    state = {**T.BertModel(cfg).state_dict(), "payload": _Payload(marker)}
+    torch.save(state, model_dir / "pytorch_model.bin")
+    recipe = tmp_path / "r.ctc"
+    recipe.write_text('model hf "bert_pickle"\npipeline {\n    dce\n}\n')
+    rc = main(["compile", str(recipe), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_MODEL, err
+    assert "arbitrary code" in err and "safetensors" in err and "weights_only" not in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()

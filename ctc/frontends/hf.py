@@ -229,12 +229,20 @@ def load_hf(name_or_dir: str | Path, *, task: str | None = None, gguf_file: str 
         msg = str(e).splitlines()[0] if str(e) else ""
         hint = ("check that the directory holds complete weights (model.safetensors, or the .gguf named by "
                 "gguf_file) matching config.json")
+        if type(e).__name__ == "UnpicklingError" or "Weights only load failed" in msg:
+            # torch's own text goes on to suggest weights_only=False, i.e. running the file's code: not passed on
+            raise ModelLoadError(
+                f"refusing to load the weights of {src!r}: its PyTorch pickle (.bin) holds Python objects beyond "
+                "tensors, and unpickling them can run arbitrary code, which ctc never does. Save the weights as "
+                "safetensors where you trust the file (`model.save_pretrained(dir, safe_serialization=True)`) and "
+                "point ctc at that directory.") from None
         if "attn_implementation" in msg or "does not support" in msg:
             hint = "set the attention implementation the model supports: attn=\"eager\""
         elif "Unrecognized configuration class" in msg or "does not recognize" in msg:
             hint = f"the model has no {task} head; set task= to one of {', '.join(TASKS)}"
-        raise ModelLoadError(f"cannot load the weights of {src!r} as a {task} model ({type(e).__name__}: {msg}). "
-                             f"{hint.capitalize()}.") from None
+        article = "an" if task[:1] in "aeiou" else "a"
+        raise ModelLoadError(f"cannot load the weights of {src!r} as {article} {task} model "
+                             f"({type(e).__name__}: {msg}). {hint.capitalize()}.") from None
     model.eval()
     tok, tok_dir, proc = None, None, None
     main = getattr(model, "main_input_name", "input_ids")
