@@ -254,6 +254,11 @@ class Artifact:
         (the reference interpreter when no torch backend is installed).  The inputs are checked first
         (:class:`InputChecker`, or the compiled library's own checks, the same ones): a wrong one is a
         :class:`~ctc.errors.UsageError` naming it."""
+        if isinstance(inputs, (str, bytes)):
+            from ctc.errors import UsageError
+
+            raise UsageError("inputs are token tensors, not text: tokenize it first (ids = art.tokenizer()(text, "
+                             "return_tensors='pt'); art.run(dict(ids))), or use `ctc run ART --text`")
         if target is not None:  # the library binds the caller's own tensors (zero-copy, on their device)
             runner = self.runner(target)
             if not getattr(runner, "checks_inputs", False):  # a runner that checks them itself is not doubled

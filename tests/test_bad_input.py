@@ -77,6 +77,9 @@ BAD: list[tuple[str, Any, str]] = [
     ("negative id", {**_ok(seq=3), "input_ids": torch.tensor([[-5, 2, 3]])}, "token ids in [-5, 3]"),
     ("more tokens than positions", _ok(seq=POSITIONS + 1), f"but the model has {POSITIONS} positions"),
     ("not a tensor", {**_ok(), "input_ids": "hello"}, "'input_ids': cannot be read as a tensor"),
+    # text was taken as a sequence of 5 inputs ("takes 2 inputs, got 5"); a meta tensor raised NotImplementedError
+    ("text", "hello", "inputs are token tensors, not text: tokenize it first"),
+    ("meta tensor", {k: v.to("meta") for k, v in _ok().items()}, "'input_ids' is a meta tensor (no data)"),
 ]
 
 

@@ -160,6 +160,8 @@ def as_cpu_tensor(spec: InputSpec, x: Any) -> Any:
             t = torch.as_tensor(np.asarray(x))
         except (TypeError, ValueError) as e:
             raise UsageError(f"input {spec.name!r}: cannot be read as a tensor ({type(x).__name__}: {e})") from None
+    if t.device.type == "meta":
+        raise UsageError(f"input {spec.name!r} is a meta tensor (no data): give a tensor with values")
     if t.device.type != "cpu":
         t = t.cpu()
     _check_kind(spec, t)
