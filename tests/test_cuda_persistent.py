@@ -1,9 +1,11 @@
 """The persistent decode-step kernel (``ctc/backends/tvm/cuda_persistent.py``), checked where no GPU is.
 
 Here: the int4 RTN used by its benchmark is ctc's quantizer bit for bit, the float32 reference step is Hugging
-Face's Llama step, and the CUDA source compiles for sm_90a with its entry points, within the register file that
-544 threads leave (no large spills) and the 227 KB of shared memory a block may have.  Its numbers are checked
-on the GPU by ``benchmarks/cuda_persistent_decode.py run`` (and by the ``gpu`` test below where one is present).
+Face's Llama step, the tensor-core phase C's lane arithmetic (fragments, masks, byte permutations, offset
+correction, row rotation) gives the exact integer dot products, and the CUDA source compiles for sm_90a with its
+entry points, within the register file that 544 threads leave (no large spills) and the 227 KB of shared memory a
+block may have.  Its numbers are checked on the GPU by ``benchmarks/cuda_persistent_decode.py run`` (and by the
+``gpu`` test below where one is present).
 """
 
 from __future__ import annotations
@@ -100,6 +102,141 @@ def test_reference_step_is_hf_llama() -> None:
     got, inter = P.reference_step(w, int(ids[0, pos]), pos, kc, vc, shape)
     torch.testing.assert_close(got, full, atol=2e-5, rtol=1e-4)
     assert set(inter) == {"qkv", "attn", "h", "x"}
+
+
+# ---- the tensor-core phase C (PDEC_MMA): its lane arithmetic replayed on the CPU.  _mma is PTX's
+# mma.sync.m16n8k32.row.col.s32.s8.s8.s32 on the fragment layout of the PTX ISA (lane L = 4 g + t: A's a0 / a1 / a2 /
+# a3 hold rows g / g + 8 / g / g + 8 at K 4 t .. 4 t + 3 (a0, a1) and 16 + 4 t .. (a2, a3); B's b0 / b1 column g at
+# K 4 t .. and 16 + 4 t ..; C's c0, c1 row g columns 2 t, 2 t + 1, c2, c3 row g + 8); the loads, masks, byte
+# permutations and the offset correction below are the kernel's (gu_mma, down, load_b_gu, load_b_down).
+def _bytes(w: int) -> list[int]:
+    return [((w >> (8 * j)) & 255) - (256 if (w >> (8 * j)) & 128 else 0) for j in range(4)]
+
+
+def _word(b) -> int:
+    return sum((int(v) & 255) << (8 * j) for j, v in enumerate(b))
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    src = [(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)]
+    return _word([src[(sel >> (4 * i)) & 7] for i in range(4)])
+
+
+def _mma(c, a, b):
+    import numpy as np
+
+    am, bm, cm = np.zeros((16, 32), np.int64), np.zeros((32, 8), np.int64), np.zeros((16, 8), np.int64)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for j in range(4):
+            am[g, 4 * t + j], am[g + 8, 4 * t + j] = _bytes(a[lane][0])[j], _bytes(a[lane][1])[j]
+            am[g, 16 + 4 * t + j], am[g + 8, 16 + 4 * t + j] = _bytes(a[lane][2])[j], _bytes(a[lane][3])[j]
+            bm[4 * t + j, g], bm[16 + 4 * t + j, g] = _bytes(b[lane][0])[j], _bytes(b[lane][1])[j]
+        cm[g, 2 * t:2 * t + 2], cm[g + 8, 2 * t:2 * t + 2] = c[lane][0:2], c[lane][2:4]
+    d = am @ bm + cm
+    return [[d[ln >> 2, 2 * (ln & 3)], d[ln >> 2, 2 * (ln & 3) + 1], d[(ln >> 2) + 8, 2 * (ln & 3)],
+             d[(ln >> 2) + 8, 2 * (ln & 3) + 1]] for ln in range(32)]
+
+
+def _mma_word(c, wa, wb, b0, b1):   # the kernel's mma_word, for all 32 lanes
+    m = 0x0F0F0F0F
+    return _mma(c, [[wa[n] & m, wb[n] & m, (wa[n] >> 4) & m, (wb[n] >> 4) & m] for n in range(32)],
+                [[b0[n], b1[n]] for n in range(32)])
+
+
+def _b_regs(vals_of_lane, nwords: int):
+    """B's registers (evens, odds of each 8 values) and the C init (-8 sum per column) from each lane's int8 values."""
+    regs, sums = [], []
+    for lane in range(32):
+        v = vals_of_lane(lane)   # None: a zero column
+        u = [_word(v[4 * i:4 * i + 4]) for i in range(nwords)] if v is not None else [0] * nwords
+        r = []
+        for i in range(nwords // 2):
+            r += [_prmt(u[2 * i], u[2 * i + 1], 0x6420), _prmt(u[2 * i], u[2 * i + 1], 0x7531)]
+        regs.append(r)
+        sums.append(sum(x for w in r for x in _bytes(w)))
+    s = [sums[n] + sums[n ^ 1] for n in range(32)]
+    s = [s[n] + s[n ^ 2] for n in range(32)]
+    corr = (-8 * s[0], -8 * s[4])
+    return regs, [[corr[0], corr[1], corr[0], corr[1]] for _ in range(32)]
+
+
+def test_tensor_core_gate_up_lanes_give_the_exact_group_dot_products() -> None:
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 2048, generator=gen)
+    packed, _ = P.rtn_int4(w)                               # ctc's layout, read in place by the kernel
+    q = ((packed & 15).to(torch.int64) - 8, (packed >> 4).to(torch.int64) - 8)
+    q = torch.stack(q, dim=-1).reshape(16, 2048).numpy()
+    h = torch.randint(-127, 128, (2048,), generator=gen).numpy()
+    lo = torch.randint(-127, 128, (2048,), generator=gen).numpy()
+    rows = packed.numpy()
+    for warp in (0, 7, 15):                                 # warp w: group w
+        regs, c = _b_regs(lambda ln, w=warp: ((h, lo)[ln >> 2][128 * w + 32 * (ln & 3):][:32] if ln < 8 else None), 8)
+        c0 = [list(x) for x in c]
+        c1 = [[0, 0, 0, 0] for _ in range(32)]
+        wa = [[_word(rows[ln >> 2, 64 * warp + 16 * (ln & 3) + 4 * i:][:4]) for i in range(4)] for ln in range(32)]
+        wb = [[_word(rows[(ln >> 2) + 8, 64 * warp + 16 * (ln & 3) + 4 * i:][:4]) for i in range(4)]
+              for ln in range(32)]
+        for i in range(4):                                  # words x, z into c0 (with the correction), y, w into c1
+            col = [wa[n][i] for n in range(32)], [wb[n][i] for n in range(32)]
+            b0, b1 = [regs[n][2 * i] for n in range(32)], [regs[n][2 * i + 1] for n in range(32)]
+            if i % 2:
+                c1 = _mma_word(c1, *col, b0, b1)
+            else:
+                c0 = _mma_word(c0, *col, b0, b1)
+        got = np.array([[c0[4 * g][k] + c1[4 * g][k] for k in range(4)] for g in range(8)])
+        seg = slice(128 * warp, 128 * warp + 128)
+        assert np.array_equal(got[:, 0], q[:8, seg] @ h[seg]) and np.array_equal(got[:, 2], q[8:, seg] @ h[seg])
+        assert np.array_equal(got[:, 1], q[:8, seg] @ lo[seg]) and np.array_equal(got[:, 3], q[8:, seg] @ lo[seg])
+
+
+def test_tensor_core_down_lanes_give_the_exact_rows_in_atomic_order() -> None:
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(6)
+    wd = torch.randn(1, 2048, 8192, generator=gen)
+    codes, scales = P.rtn_int4(wd[0])
+    wo, so = torch.zeros(1, 2048, 1024, dtype=torch.uint8), torch.ones(1, 2048, 16)
+    _, _, wd_p, _ = P.pack_o_down(wo, so, codes[None], scales[None])
+    blk, tile, warp = 37, 1, 9                              # the block's 64 columns, a 1024-row tile, a warp
+    rows = wd_p[0, blk, tile * 1024:(tile + 1) * 1024].numpy()          # the tile as the ring slot holds it
+    dq = P.dequant_int4(codes, torch.ones_like(scales)).numpy().astype(np.int64)   # q, unscaled
+    q = dq[tile * 1024:(tile + 1) * 1024, 64 * blk:64 * blk + 64]
+    x = torch.randint(-127, 128, (64,), generator=gen).numpy()
+    regs, c_init = _b_regs(lambda ln: (x[16 * (ln & 3):][:16] if ln < 4 else None), 4)
+    ys = []
+    for i in range(4):
+        wa, wb = [], []
+        for ln in range(32):
+            g, tq = ln >> 2, ln & 3
+            row = warp * 64 + 4 * g + ((i + (g & 3)) & 3)
+            wa.append([_word(rows[row, 8 * tq:][:4]), _word(rows[row, 8 * tq + 4:][:4])])
+            wb.append([_word(rows[row + 32, 8 * tq:][:4]), _word(rows[row + 32, 8 * tq + 4:][:4])])
+        c = [list(v) for v in c_init]
+        for k in range(2):
+            c = _mma_word(c, [wa[n][k] for n in range(32)], [wb[n][k] for n in range(32)],
+                          [regs[n][2 * k] for n in range(32)], [regs[n][2 * k + 1] for n in range(32)])
+        ys.append(c)
+    ref = q @ x
+    for g in range(8):                                      # lane 4 g: rows base .. base + 3, base + 32 .., rotated
+        r, base = g & 3, warp * 64 + 4 * g
+        y = [ys[(k - r) & 3][4 * g][0] for k in range(4)]
+        z = [ys[(k - r) & 3][4 * g][2] for k in range(4)]
+        assert y == list(ref[base:base + 4]) and z == list(ref[base + 32:base + 36])
+
+
+def test_kernel_builds_with_and_without_the_tensor_core_phase_c(tmp_path) -> None:
+    from ctc.backends.tvm.cuda_toolchain import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed: the kernel cannot be built here")
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in P.CUDA_SOURCE
+    for flags in (("-DPDEC_MMA=0",), ("-DPDEC_MMA_LO=0",), ("-DPDEC_IDP=1",)):   # PDEC_IDP implies PDEC_MMA=0
+        _, report = P.build_library(tmp_path, extra=flags, name="libv.so")
+        step = next(v for k, v in P.ptxas_report(report).items() if "decode_step" in k)
+        assert step["registers"] <= 96 and step["spill_stores"] <= 256 and step["stack"] <= 120, (flags, step)
 
 
 def test_kernel_compiles_within_the_register_file_and_shared_memory(tmp_path) -> None:

@@ -46,10 +46,28 @@ bit-deterministic**: the order of the f32 additions (8 o partials + 1 carry per 
 carry) changes run to run; two runs of the same step differ by up to ~0.014 in the logits (max |logit| ~4), about
 the size of the error against float32 (<= 0.027 at positions 5..1024).
 
-Arithmetic (``PDEC_IDP=1`` builds an alternative for the K-2048 GEMVs: int16 activations with a scale per g128
-group, ``dp2a`` into exact int32 sums; more accurate, 7 instead of 13 instructions per 8 codes, but measured 0-3%
-slower a step because the norms get slower; ``PDEC_IDP_OD=1`` adds W_o / W_down, slower still): the int4 dot
-products use :mod:`.cuda_gemv`'s half2 trick (``dot8``/``pair_x``: one ``lop3``
+Arithmetic of phase C (``PDEC_MMA``, default 1): gate|up and W_down on the **integer tensor cores**,
+``mma.sync.m16n8k32.s32.s8.s8`` with the weights as A (16 rows x 32 K) and the activations as B: column 0 their int8
+codes ``h`` (one scale per g128 group, set in the norm; per block for the 64 SwiGLU outputs), column 1 the int8
+residual ``l`` (``x ~ s (h + l / 254)``: ~15-bit activations for the price of one FFMA an output; the other 6
+columns are zero: tensor throughput is not the limit).  A lane's 8 codes of a row (one word of ctc's layout, read
+in place: no repacking) become two A registers by one LOP3 each (+1 SHF): the even codes and the odd ones as unsigned
+bytes ``q + 8``; the ``-8 sum(x)`` of that offset is the accumulator's initial value, and the K permutation this
+implies is applied to B once a phase.  So 8 codes cost 3 integer instructions + half an MMA instead of dot8's 13.
+gate|up: warp ``w`` takes group ``w`` of a tile's 32 rows (4 MMAs per 16-row block, two accumulator chains each),
+f32 partials through shared memory, summed and SwiGLU'd by 64 threads, which also quantize the 64 outputs once;
+W_down: warp ``w`` takes 64 rows of a 1024-row tile in 4 row blocks whose rows rotate by lane group (conflict-free
+8-byte reads) so that each lane ends with 4 consecutive rows for one 16-byte atomic.  Measured (run 21): phase C
+7.2 vs 7.9 us a layer (gate|up 3.5 vs 4.1, now waiting on the ring: 2.4 us with no copies; W_down with the SwiGLU
+0.7 + 1.8 vs 0.3 + 2.5), the step 1.5-1.7% faster, logits closer to fp32 (max abs 0.011-0.015 vs 0.017-0.023); pure
+int8 activations (``PDEC_MMA_LO=0``) are 10x worse (0.18-0.26, argmax wrong once at KV 1024), so the residual column
+stays.  The gate|up tile's rows are 1 KB apart, so its 16-byte reads are 2-way bank-conflicted (inherent to ctc's
+row layout; a swizzled repack would need per-row copies or a new layout).
+
+Arithmetic of the other GEMVs (``PDEC_IDP=1`` builds an alternative for the K-2048 GEMVs: int16 activations with a
+scale per g128 group, ``dp2a`` into exact int32 sums; more accurate, 7 instead of 13 instructions per 8 codes, but
+measured 0-3% slower a step because the norms get slower; ``PDEC_IDP_OD=1`` adds W_o / W_down, slower still; both
+imply ``PDEC_MMA=0``): the int4 dot products use :mod:`.cuda_gemv`'s half2 trick (``dot8``/``pair_x``: one ``lop3``
 turns two codes into a half2, 16 products summed in half2 per 16-byte load, i.e. within one group), each
 group's partial is widened to f32 and scaled in f32; every reduction across a row, the softmax, the norms
 and the residual stream are f32.  Activations that feed a GEMV are rounded to fp16 once (stored swizzled, so
@@ -67,7 +85,10 @@ that would not be co-resident.  The per-head counters (q|k|v, attention chunks) 
 per layer).  The next RMSNorm's weights are loaded before the barrier that precedes it.  A barrier, counter or
 ring wait that exceeds 0.2 s sets an abort flag in the workspace and lets the step finish (wrong values, no hang).
 
-Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, third section): 0.367 / 0.419 ms a step at
+Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, stop 29, run 21): 0.361 / 0.412 ms a step at KV 128
+/ 1024 as a CUDA graph (back to back) with the tensor-core phase C (the half2 build in the same run: 0.366 / 0.419),
+43% / 38% of the copy bandwidth; with no copies at all (diagnostic, LM head cut) 0.263 vs 0.292 ms.  Before it
+(third section): 0.367 / 0.419 ms a step at
 KV 128 / 1024 as a CUDA graph (back to back), 43% / 38% of the copy bandwidth for 656.5 MB of int4 codes and
 scales (before the staggered W_down order 0.382 / 0.434; 5 phases a layer: 0.482 / 0.527 ms).  With the
 weights L2-resident the step is no faster, and with no copies at all it still takes ~0.29 ms: the time is the
@@ -134,7 +155,11 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #define PDEC_IDP_OD 0
 #endif
 #ifndef PDEC_MMA  // 1: phase C's gate|up and W_down on the integer tensor cores (mma.sync m16n8k32 s8: int4 codes
-#define PDEC_MMA 0  // unpacked to bytes by LOP3, activations int8 with a scale per g128 group; see mma_s8)
+#if PDEC_IDP || PDEC_IDP_OD  // unpacked to bytes by LOP3, activations int8 + int8 residual, a scale per g128 group; see
+#define PDEC_MMA 0           // mma_s8); measured 1.5% faster a step than the half2 path (0) and more accurate (run 21)
+#else
+#define PDEC_MMA 1
+#endif
 #endif
 #ifndef PDEC_MMA_LO  // with PDEC_MMA: 1 = B's second column carries the int8 residual of each activation (x ~ s (h +
 #define PDEC_MMA_LO 1  // l / 254): ~15-bit activations at no extra instruction), 0 = int8 activations alone
@@ -175,6 +200,7 @@ __device__ __forceinline__ int qi(int h, int d) { return h * QROW + d + ((d >> 5
 constexpr int CMAX = 16;
 static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
 static_assert(!(PDEC_MMA && (PDEC_IDP || PDEC_IDP_OD)), "PDEC_MMA replaces the half2 / dp2a arithmetic of phase C");
+static_assert(FCH % 32 == 0 && FCH <= NCT, "down_begin: the SwiGLU outputs are whole warps");
 static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
 // workspace (floats): 4 residual buffers (version 1 in the 4th, later ones rotating over 3), q|k|v (per kv
 // head), attention partials, attention output and SwiGLU output (halves, kept for checking), control words
@@ -613,13 +639,27 @@ __device__ __forceinline__ void mma_word(int (&c)[4], unsigned wa, unsigned wb, 
   mma_s8(c, wa & 0x0f0f0f0fu, wb & 0x0f0f0f0fu, (wa >> 4) & 0x0f0f0f0fu, (wb >> 4) & 0x0f0f0f0fu, b0, b1);
 }
 constexpr float MMA_KL = PDEC_MMA_LO ? 1.f / 254.f : 0.f;  // column 1's weight
+// the thread index read afresh (volatile: the per-lane offsets of the MMA code derived from it are not hoisted out of
+// the layer loop, where they would be live through phases A and B and push their values to local memory)
+__device__ __forceinline__ int tid_fresh() {
+  unsigned t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return (int)t;
+}
 // 8 int8 values (x0..x3 in u0, x4..x7 in u1) as B's two registers: the even ones, the odd ones
 __device__ __forceinline__ unsigned evens8(unsigned u0, unsigned u1) { return __byte_perm(u0, u1, 0x6420); }
 __device__ __forceinline__ unsigned odds8(unsigned u0, unsigned u1) { return __byte_perm(u0, u1, 0x7531); }
-// y in [-127, 127] as int8 code h = rint(y) (lo = false) or as its residual l = rint(254 (y - h)) (lo = true)
-__device__ __forceinline__ unsigned q8(float y, bool lo) {
-  const float h = rintf(y);
-  return (unsigned)(lo ? __float2int_rn((y - h) * 254.f) : (int)h) & 0xffu;
+// y in [-127, 127] as int8 code h = rint(y) and its residual l = rint(254 (y - h)), each in the low byte of the
+// returned words (the float bits of y + 1.5 2^23: its low mantissa bits are the rounded integer; no conversions)
+constexpr float RND_MAGIC = 12582912.f;
+__device__ __forceinline__ void q8(float y, unsigned& h, unsigned& l) {
+  const float t = y + RND_MAGIC;
+  h = __float_as_uint(t);
+  l = __float_as_uint(fmaf(y - (t - RND_MAGIC), 254.f, RND_MAGIC));
+}
+// the low bytes of four words as one word
+__device__ __forceinline__ unsigned low_bytes(unsigned a, unsigned b, unsigned c, unsigned d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -769,14 +809,12 @@ struct Consumer {
       m = warp_max(m);
       const float inv = m > 0.f ? 127.f / m : 0.f;
       if (lane == 0) sm<float>(OFF_SXG)[warp] = m * (1.f / 127.f);
-      unsigned hw = 0, lw = 0;
+      unsigned hb[4], lb[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        hw |= q8(n[i] * inv, false) << (8 * i);
-        lw |= q8(n[i] * inv, true) << (8 * i);
-      }
-      reinterpret_cast<unsigned*>(xs())[tid] = hw;
-      reinterpret_cast<unsigned*>(xs())[H / 4 + tid] = lw;
+      for (int i = 0; i < 4; ++i) q8(n[i] * inv, hb[i], lb[i]);
+      const int tf = tid_fresh();
+      reinterpret_cast<unsigned*>(xs())[tf] = low_bytes(hb[0], hb[1], hb[2], hb[3]);
+      reinterpret_cast<unsigned*>(xs())[H / 4 + tf] = low_bytes(lb[0], lb[1], lb[2], lb[3]);
       cons_sync();
       return;
     }
@@ -824,7 +862,7 @@ struct Consumer {
   // column gb's K slots of activations 128 w + 32 t .. + 32) in xp[0..7], the offset correction of columns 0 and 1
   // in corr, the group's scale in sxl[0]
   __device__ __forceinline__ void load_b_gu() {
-    const int gb = lane >> 2, t = lane & 3;
+    const int tf = tid_fresh(), lane = tf & 31, warp = tf >> 5, gb = lane >> 2, t = lane & 3;
     const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(xs()) + (gb & 1) * H +
                                                       GS * warp + 32 * t);
     const uint4 u0 = src[0], u1 = src[1];
@@ -843,69 +881,55 @@ struct Consumer {
     corr[1] = -8 * __shfl_sync(0xffffffffu, sum, 4);
     sxl[0] = sm<float>(OFF_SXG)[warp];
   }
-  // B's registers for W_down: the block's 64 SwiGLU outputs as int8 (one scale), lane (gb, t): channels 16 t .. + 16
+  // B's registers for W_down: the block's 64 SwiGLU outputs as int8 codes (bytes [0, 64) of xs) and residuals (bytes
+  // [64, 128)), written by down_begin with one scale (red16()[2]); lane (gb, t): channels 16 t .. + 16
   __device__ __forceinline__ void load_b_down() {
-    const int gb = lane >> 2, t = lane & 3;
-    const uint4* hv = reinterpret_cast<const uint4*>(hvec() + 16 * t);
-    float f[16];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const uint4 u = hv[c];
-      const unsigned w4[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f2 = __half22float2(*reinterpret_cast<const __half2*>(&w4[i]));
-        f[8 * c + 2 * i] = f2.x;
-        f[8 * c + 2 * i + 1] = f2.y;
-      }
-    }
-    float m = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(f[i]));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    const float inv = m > 0.f ? 127.f / m : 0.f;
-    sxl[0] = m * (1.f / 127.f);
-    const bool on = gb < (PDEC_MMA_LO ? 2 : 1), lo = gb == 1;
-    unsigned q[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-    for (int i = 0; i < 16; ++i) q[i >> 2] |= q8(f[i] * inv, lo) << (8 * (i & 3));
-    int sum = 0;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      xp[2 * i] = on ? evens8(q[2 * i], q[2 * i + 1]) : 0u;
-      xp[2 * i + 1] = on ? odds8(q[2 * i], q[2 * i + 1]) : 0u;
-      sum = __dp4a((int)xp[2 * i], 0x01010101, __dp4a((int)xp[2 * i + 1], 0x01010101, sum));
-    }
+    const int tf = tid_fresh(), lane = tf & 31, gb = lane >> 2, t = lane & 3;
+    const uint4 u = reinterpret_cast<const uint4*>(xs())[(gb & 1) * 4 + t];
+    const bool on = gb < (PDEC_MMA_LO ? 2 : 1);
+    xp[0] = on ? evens8(u.x, u.y) : 0u;
+    xp[1] = on ? odds8(u.x, u.y) : 0u;
+    xp[2] = on ? evens8(u.z, u.w) : 0u;
+    xp[3] = on ? odds8(u.z, u.w) : 0u;
+    int sum = __dp4a((int)xp[0], 0x01010101, __dp4a((int)xp[1], 0x01010101, 0));
+    sum = __dp4a((int)xp[2], 0x01010101, __dp4a((int)xp[3], 0x01010101, sum));
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     corr[0] = -8 * __shfl_sync(0xffffffffu, sum, 0);
     corr[1] = -8 * __shfl_sync(0xffffffffu, sum, 4);
+    sxl[0] = red16()[2];
   }
   // the gate|up tile (16 gate rows, 16 up rows, 2048 wide) on the tensor cores: warp w takes group w of all 32 rows
   // (two row blocks, 4 MMAs each; lane (g, t) reads 16 bytes of rows g and g + 8), its f32 partials (group scale x
   // activation scale applied) into shared memory [16 warps][128 rows of the block's 64 pairs], summed in down_begin
   __device__ __forceinline__ void gu_mma(const unsigned char* slot, int j0) {
     constexpr int rb = H / 2, ng = H / GS;
-    const int g = lane >> 2, t = lane & 3;
+    const int tf = tid_fresh(), lane = tf & 31, warp = tf >> 5, g = lane >> 2, t = lane & 3;
     const unsigned char* cw = slot + (GS / 2) * warp + 16 * t;
-    const float* sc0 = reinterpret_cast<const float*>(slot + 2 * GU_T * rb);
-    float* part = reinterpret_cast<float*>(xs()) + H / 2 + warp * 2 * FCH;
-#pragma unroll
-    for (int blk = 0; blk < 2; ++blk) {
-      const uint4 wa = *reinterpret_cast<const uint4*>(cw + (blk * GU_T + g) * rb);
-      const uint4 wb = *reinterpret_cast<const uint4*>(cw + (blk * GU_T + g + 8) * rb);
-      int c[4] = {corr[0], corr[1], corr[0], corr[1]};
-      mma_word(c, wa.x, wb.x, xp[0], xp[1]);
-      mma_word(c, wa.y, wb.y, xp[2], xp[3]);
-      mma_word(c, wa.z, wb.z, xp[4], xp[5]);
-      mma_word(c, wa.w, wb.w, xp[6], xp[7]);
-      if (t == 0) {
-        const float s0 = sc0[(blk * GU_T + g) * ng + warp] * sxl[0];
-        const float s1 = sc0[(blk * GU_T + g + 8) * ng + warp] * sxl[0];
-        part[blk * FCH + j0 + g] = s0 * ((float)c[0] + (float)c[1] * MMA_KL);
-        part[blk * FCH + j0 + g + 8] = s1 * ((float)c[2] + (float)c[3] * MMA_KL);
-      }
+    const float* sc0 = reinterpret_cast<const float*>(slot + 2 * GU_T * rb) + g * ng + warp;
+    float* part = reinterpret_cast<float*>(xs()) + H / 2 + warp * 2 * FCH + j0 + g;
+    // gate rows g, g + 8 (wa, wb), up rows g, g + 8 (wc, wd); two accumulators a row block (shorter MMA chains)
+    const uint4 wa = *reinterpret_cast<const uint4*>(cw + g * rb);
+    const uint4 wb = *reinterpret_cast<const uint4*>(cw + (g + 8) * rb);
+    const uint4 wc = *reinterpret_cast<const uint4*>(cw + (GU_T + g) * rb);
+    const uint4 wd = *reinterpret_cast<const uint4*>(cw + (GU_T + g + 8) * rb);
+    const float s0 = sc0[0], s1 = sc0[8 * ng], s2 = sc0[GU_T * ng], s3 = sc0[(GU_T + 8) * ng];
+    int c0[4] = {corr[0], corr[1], corr[0], corr[1]}, c1[4] = {0, 0, 0, 0};
+    int c2[4] = {corr[0], corr[1], corr[0], corr[1]}, c3[4] = {0, 0, 0, 0};
+    mma_word(c0, wa.x, wb.x, xp[0], xp[1]);
+    mma_word(c2, wc.x, wd.x, xp[0], xp[1]);
+    mma_word(c1, wa.y, wb.y, xp[2], xp[3]);
+    mma_word(c3, wc.y, wd.y, xp[2], xp[3]);
+    mma_word(c0, wa.z, wb.z, xp[4], xp[5]);
+    mma_word(c2, wc.z, wd.z, xp[4], xp[5]);
+    mma_word(c1, wa.w, wb.w, xp[6], xp[7]);
+    mma_word(c3, wc.w, wd.w, xp[6], xp[7]);
+    if (t == 0) {
+      const float sx = sxl[0];
+      part[0] = s0 * sx * ((float)(c0[0] + c1[0]) + (float)(c0[1] + c1[1]) * MMA_KL);
+      part[8] = s1 * sx * ((float)(c0[2] + c1[2]) + (float)(c0[3] + c1[3]) * MMA_KL);
+      part[FCH] = s2 * sx * ((float)(c2[0] + c3[0]) + (float)(c2[1] + c3[1]) * MMA_KL);
+      part[FCH + 8] = s3 * sx * ((float)(c2[2] + c3[2]) + (float)(c2[3] + c3[3]) * MMA_KL);
     }
   }
 #endif
@@ -920,6 +944,17 @@ struct Consumer {
 
   __device__ __forceinline__ void stage(int st, int l) {
     stamp(0);
+#if PDEC_MMA
+    // the activation registers are rewritten by every stage that reads them (when computing): killing them here,
+    // unconditionally, ends their live ranges (else ptxas keeps phase A's 32 values alive through phase C, which
+    // rewrites 8 of them, and spills them in phase A)
+    if (st != 1) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) xp[i] = 0u;
+      corr[0] = corr[1] = 0;
+      sxl[0] = sxl[1] = 0.f;
+    }
+#endif
     if (st == 1 && barriers && p.b < NOB) {  // phase A's rows of this kv head: its 16 blocks' releases
       if (tid == 0) wait_count(ctl + CTL_QKV + p.b / OSL, (unsigned)OSL * (unsigned)(l + 1));
       cons_sync();
@@ -1400,6 +1435,7 @@ struct Consumer {
     if (!compute) return;
 #if PDEC_MMA
     cons_sync();  // the gate|up partials complete: sum the 16 warps', SwiGLU
+    const int tid = tid_fresh(), lane = tid & 31, warp = tid >> 5;
     if (tid < FCH) {
       const float* part = reinterpret_cast<const float*>(xs()) + H / 2 + tid;
       float g = 0.f, u = 0.f;
@@ -1408,9 +1444,21 @@ struct Consumer {
         g += part[w * 2 * FCH];
         u += part[w * 2 * FCH + FCH];
       }
-      const half h = __float2half_rn(g / (1.f + expf(-g)) * u);
+      const float hf = g / (1.f + expf(-g)) * u;
+      const half h = __float2half_rn(hf);
       hvec()[tid] = h;
       reinterpret_cast<half*>(a.ws + WS_H)[p.b * FCH + tid] = h;  // kept for checking only
+      // int8 code and residual of each output with one scale for the 64 (the two warps' max |h| exchanged)
+      const float m = warp_max(fabsf(hf));
+      if (lane == 0) red16()[warp] = m;
+      asm volatile("bar.sync 2, %0;" ::"n"(FCH) : "memory");
+      const float mx = fmaxf(red16()[0], red16()[1]);
+      const float inv = mx > 0.f ? 127.f / mx : 0.f;
+      unsigned hb, lb;
+      q8(hf * inv, hb, lb);
+      reinterpret_cast<unsigned char*>(xs())[tid] = (unsigned char)hb;
+      reinterpret_cast<unsigned char*>(xs())[FCH + tid] = (unsigned char)lb;
+      if (tid == 0) red16()[2] = mx * (1.f / 127.f);
     }
     cons_sync();
     load_b_down();
@@ -1441,24 +1489,29 @@ struct Consumer {
     if (compute) {
       float* xo = xbuf(2 * l + 2) + t * DROWS;
       const float* scl = reinterpret_cast<const float*>(slot + DROWS * (FCH / 2));
+      const int tf = tid_fresh(), lane = tf & 31, warp = tf >> 5;
       const int g = lane >> 2, tq = lane & 3, r = g & 3, base = warp * 64 + 4 * g;
-      float y[4], z[4];
+      const float4 sa = *reinterpret_cast<const float4*>(scl + base);
+      const float4 sb = *reinterpret_cast<const float4*>(scl + base + 32);
+      uint2 wa[4], wb[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = base + ((i + r) & 3);
-        const uint2 wa = *reinterpret_cast<const uint2*>(slot + row * (FCH / 2) + 8 * tq);
-        const uint2 wb = *reinterpret_cast<const uint2*>(slot + (row + 32) * (FCH / 2) + 8 * tq);
+        wa[i] = *reinterpret_cast<const uint2*>(slot + row * (FCH / 2) + 8 * tq);
+        wb[i] = *reinterpret_cast<const uint2*>(slot + (row + 32) * (FCH / 2) + 8 * tq);
+      }
+      float y[4], z[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
         int c[4] = {corr[0], corr[1], corr[0], corr[1]};
-        mma_word(c, wa.x, wb.x, xp[0], xp[1]);
-        mma_word(c, wa.y, wb.y, xp[2], xp[3]);
+        mma_word(c, wa[i].x, wb[i].x, xp[0], xp[1]);
+        mma_word(c, wa[i].y, wb[i].y, xp[2], xp[3]);
         y[i] = (float)c[0] + (float)c[1] * MMA_KL;
         z[i] = (float)c[2] + (float)c[3] * MMA_KL;
       }
       const bool r1 = r & 1, r2 = r & 2;  // o[k] = y[(k - r) % 4]
       const float ya[4] = {r1 ? y[3] : y[0], r1 ? y[0] : y[1], r1 ? y[1] : y[2], r1 ? y[2] : y[3]};
       const float za[4] = {r1 ? z[3] : z[0], r1 ? z[0] : z[1], r1 ? z[1] : z[2], r1 ? z[2] : z[3]};
-      const float4 sa = *reinterpret_cast<const float4*>(scl + base);
-      const float4 sb = *reinterpret_cast<const float4*>(scl + base + 32);
       const float sx = sxl[0];
       if (tq == 0) {
         red_add4(xo + base, sa.x * sx * (r2 ? ya[2] : ya[0]), sa.y * sx * (r2 ? ya[3] : ya[1]),
