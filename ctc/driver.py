@@ -370,18 +370,25 @@ def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel, max_sample
             input_names=["input_ids"] if decode else [v.name for v in loaded.module.inputs], samples=opts.samples,
             seq_len=opts.seq_len, seed=opts.seed, batch_size=opts.batch_size, skip=opts.skip,
             limit=opts.limit or None)
-        if decode:  # one decode step after each window's prefix, on caches the eager model filled
-            from ctc.frontends.decode import static_prefilled_inputs
-
-            max_len = int(loaded.module.meta["decode"]["max_len"])
-            batches = [static_prefilled_inputs(loaded.eager, b["input_ids"], max_len) for b in batches]
-            protocol = {**protocol, "decode_step": "prefill all but the last token of each window, decode the last"}
+        if decode:
+            batches, protocol = decode_step_batches(loaded, batches, protocol)
     except (OSError, ValueError) as e:
         span = ds.path_span if ds.path is not None else ds.source_span
         raise RecipeError(attach_source([Diagnostic(f"cannot read {ds.role} data: {e}", span)], recipe.source)) from e
     if capped:
         protocol["samples_capped_from"] = int(ds.options.get("samples", DatasetOptions().samples))
     return batches, protocol
+
+
+def decode_step_batches(loaded: Any, windows: list[dict[str, Any]], protocol: dict[str, Any]
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A decode-step model's batches from text windows (``input_ids``): one step after each window's prefix, on
+    caches that ``loaded``'s eager model filled; the protocol says so."""
+    from ctc.frontends.decode import static_prefilled_inputs
+
+    max_len = int(loaded.module.meta["decode"]["max_len"])
+    batches = [static_prefilled_inputs(loaded.eager, b["input_ids"], max_len) for b in windows]
+    return batches, {**protocol, "decode_step": "prefill all but the last token of each window, decode the last"}
 
 
 # --------------------------------------------------------------------------- passes

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ctc.errors import UsageError
-from ctc.tasks import TASK_CAUSAL_LM, TASK_ENCODER
+from ctc.tasks import TASK_CAUSAL_LM, TASK_DECODE_STEP, TASK_ENCODER
 
 LEE_DOCS = 50  # documents of the Lee corpus (lee.cor) that --human-similarity correlates
 
@@ -138,17 +138,23 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
         source, path, fld = ev.source, ev.path, ev.options.get("field")
         path = str(resolve_path(recipe, path)) if path is not None else None
     else:
-        source, path, fld = ("wiki" if task == TASK_CAUSAL_LM else "lee"), None, None
+        source, path, fld = ("wiki" if task in (TASK_CAUSAL_LM, TASK_DECODE_STEP) else "lee"), None, None
     opts = ev.options if ev is not None and data is None else {}
     n = samples if samples is not None else int(opts.get("samples", 8))
-    length = seq_len if seq_len is not None else int(opts.get("seq_len", 256 if task == TASK_CAUSAL_LM else 128))
+    decode_len = int(art.module.meta["decode"]["max_len"]) if task == TASK_DECODE_STEP else 0
+    default_len = min(256, decode_len) if decode_len else 256 if task == TASK_CAUSAL_LM else 128
+    length = seq_len if seq_len is not None else int(opts.get("seq_len", default_len))
+    if decode_len and length > decode_len:
+        raise UsageError(f"--seq-len {length} does not fit this decode step's cache of {decode_len} positions "
+                         f"(decode={decode_len} in its recipe): give --seq-len {decode_len} or less")
     skip = int(opts.get("skip", 0)) if skip is None else skip
     limit = int(opts.get("limit", 0)) if limit is None else limit
     if min(n, length) < 1 or skip < 0 or limit < 0:
         raise UsageError("--samples and --seq-len must be >= 1, --skip and --limit >= 0")
     try:
         batches, proto = model_batches(source=source, path=path, field=fld, split="evaluation",
-                                       tokenizer=art.tokenizer(), input_names=[v.name for v in art.module.inputs],
+                                       tokenizer=art.tokenizer(), input_names=["input_ids"] if decode_len else
+                                       [v.name for v in art.module.inputs],
                                        samples=n, seq_len=length, seed=0, skip=skip, limit=limit or None)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read evaluation data: {e}") from e
@@ -188,6 +194,15 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
         res["token_range"] = proto["token_range"]
     original, why = _original(recipe, bar) if baseline else (None, "not requested (--no-baseline)")
     res["baseline"] = why
+    if task == TASK_DECODE_STEP:  # each window's prefix goes into the caches through the original's eager model
+        if original is None:
+            raise UsageError(f"a decode-step artifact is measured one step after each window's prefix, on caches its "
+                             f"original model fills, and the original is {why.removeprefix('unavailable: ')}: "
+                             "`ctc show` has the fidelity the compile measured")
+        from ctc.driver import decode_step_batches
+
+        batches, proto = decode_step_batches(original, batches, proto)
+        res["protocol"] = proto["decode_step"]
     if original is not None:
         metrics = {"fidelity", "max_error"} | ({"ppl"} if task == TASK_CAUSAL_LM else set())
         with bar.stage("measure (original and artifact)"):

@@ -47,6 +47,18 @@ def test_decoder_recipe_compiles_and_generates(tiny_decoder: Path) -> None:
     assert "tokens/s" in got.stderr
     too_long = _ctc("run", str(art), "--text", "Hello", "--generate", "60", "-q")
     assert too_long.returncode == 2 and "cache positions" in too_long.stderr
+    # ctc eval measures the step as the compile did: one step after each window's prefix (it asked for an input
+    # 'position' that text cannot give)
+    ev = _ctc("eval", str(art), "--json", "-q")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    import json
+
+    res = json.loads(ev.stdout)
+    compiled = a.report["metrics"]["fidelity"]["compressed"]
+    assert res["task"] == "decode_step" and res["windows"] == 2 and res["fidelity"] == pytest.approx(compiled, abs=1e-6)
+    assert "decode the last" in res["protocol"]
+    wide = _ctc("eval", str(art), "--seq-len", "100", "-q")
+    assert wide.returncode == 2 and "cache of 48 positions" in wide.stderr
 
 
 def test_decode_option_is_checked(tmp_path: Path) -> None:
