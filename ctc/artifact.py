@@ -276,15 +276,14 @@ class Artifact:
 
     def fixed_seq_len(self, target: str | None = None) -> int | None:
         """The sequence length every call must have: the IR's own (a number on the first input's axis 1), or,
-        with ``target``, the one its library was built for (``seq_len=`` on the target line, or a tuned build);
-        None when any length runs."""
+        with ``target``, the one its library was built for (the runner's ``static_dims``: ``seq_len=`` on the
+        target line, a tuned build, an fpga design); None when any length runs."""
         shape = self.module.inputs[0].type.shape if self.module.inputs else ()
         if len(shape) > 1 and isinstance(shape[1], int):
             return shape[1]
         if target is None:
             return None
-        meta = getattr(self.runner(target), "meta", None) or {}
-        fixed = (meta.get("static_dims") or {}).get("seq")
+        fixed = (getattr(self.runner(target), "static_dims", None) or {}).get("seq")
         return int(fixed) if fixed else None
 
     def runner(self, target: str) -> Any:

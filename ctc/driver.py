@@ -1020,6 +1020,11 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
     else:
         raise UsageError("this artifact has no tokenizer, so `ctc bench` cannot build its inputs")
     library = _library_with_threads(art, target, threads) if target is not None else None
+    if getattr(library, "simulated", False):  # the fpga design runs here as gcc's C simulation
+        est = getattr(library, "estimated_latency_ms", None)
+        modelled = f"its modelled latency: {est} ms; " if est is not None else ""
+        raise UsageError(f"the {target} library runs on this machine only as a C simulation, whose times are not the "
+                         f"design's ({modelled}per layer in targets/{target}/report.json, and `ctc show ART`)")
     art.run(feed, target=target)  # inputs checked once; the library loaded outside the timed region
     if library is None:
         res = measure_latency(lambda: art.run(feed), runs=repeat, warmup=3, threads=threads, label="torch")

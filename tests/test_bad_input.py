@@ -202,7 +202,7 @@ class _FixedLibrary:
         from ctc.artifact import torch_runner
 
         self.run, self.fed, self.seq = torch_runner(module), [], seq
-        self.meta = {"static_dims": {"seq": seq}}
+        self.static_dims = {"seq": seq}
 
     def __call__(self, inputs: Any) -> list[torch.Tensor]:
         ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs[0]
@@ -256,6 +256,21 @@ def test_human_similarity_on_a_library_built_for_one_length(tmp_path: Path, caps
     art._runners["cpu"] = lib = _FixedLibrary(art.module, 256)
     assert main(argv) == EXIT_OK
     assert "human sim.: Pearson" in capsys.readouterr().out and lib.fed[0].shape == (1, 256)
+
+
+def test_bench_refuses_to_time_a_simulated_design(bench_art: Any) -> None:
+    """`ctc bench --target fpga` timed the gcc C simulation and printed it as the design's median latency (1147 ms
+    for a design modelled at 21 ms); `ctc analyze --profile` already refused that: both refuse it in one place."""
+    from ctc.driver import bench_artifact
+
+    class Simulated(_Library):
+        simulated = True
+        estimated_latency_ms = 21.0
+
+    bench_art._runners["cpu"] = lib = Simulated()
+    with pytest.raises(UsageError, match=r"a C simulation.*modelled latency: 21\.0 ms"):
+        bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=None)
+    assert lib.calls == 0
 
 
 # --------------------------------------------------------------------------- files ctc writes on request

@@ -178,6 +178,7 @@ def test_tiny_model_end_to_end(kind: str, w_bits: int, board: str, tmp_path: Pat
     runner = load(tmp_path / "fpga", q)
     y = runner(cal[1])[0]
     assert runner.last_bit_exact is True and y.shape == E.interpret_exact(q, cal[1])[0].shape
+    assert runner.static_dims == rep["static_dims"]  # what `ctc run --text` pads a text to
     from ctc.errors import UsageError
 
     given = list(cal[1].values()) if isinstance(cal[1], dict) else list(cal[1])

@@ -62,9 +62,6 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
     if kind not in art.targets:
         raise UsageError(f"--profile times the artifact's compiled {kind} library, but it has "
                          f"{', '.join(art.targets) or 'no compiled target'}; add `target {kind}` to the recipe")
-    if kind == "fpga":
-        raise UsageError("--profile: the fpga target runs as a C simulation, whose times are not the board's; its "
-                         "modelled per-layer latencies are in the fpga target's report (targets/fpga/)")
     from ctc.driver import bench_artifact
     from ctc.eval.latency import MIN_RUNS
     from ctc.targets import TARGETS

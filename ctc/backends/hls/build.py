@@ -253,6 +253,11 @@ class CSimRunner:
         self.estimated_latency_ms = float(self.report["totals"]["latency_ms"])
         self.last_bit_exact: bool | None = None
 
+    @property
+    def static_dims(self) -> dict[str, int]:
+        """The one size of every symbol the design was built for (its shapes are static)."""
+        return {str(k): int(v) for k, v in (self.report.get("static_dims") or {}).items()}
+
     def __call__(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[torch.Tensor]:
         from ctc.backends.hls import csim
         from ctc.backends.hls.exact import interpret_exact

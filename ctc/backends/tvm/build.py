@@ -684,6 +684,11 @@ class CompiledModel:
     def input_names(self) -> list[str]:
         return [i["name"] for i in self.meta.get("inputs", [])]
 
+    @property
+    def static_dims(self) -> dict[str, int]:
+        """The symbols this library was built for one size of (``seq_len=``/``batch=``, a tuned build); {} = any."""
+        return {str(k): int(v) for k, v in (self.meta.get("static_dims") or {}).items()}
+
     def _to_ffi(self, x: Any, keep: list[Any], *, copy: bool = False) -> Any:
         """A runtime tensor on the model's device holding ``x`` (a torch tensor or numpy array); ``copy``
         forces a private buffer (for inputs the library writes in place)."""
