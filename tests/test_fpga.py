@@ -213,6 +213,24 @@ def test_ops_without_an_integer_model_are_listed(tmp_path: Path) -> None:
         build_target(m, TargetConfig("fpga", FpgaOptions()), tmp_path / "x")
 
 
+def test_a_recipe_with_ops_the_fpga_lacks_names_them_on_its_target_line(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A CNN's `target fpga` printed the op list with its line breaks escaped into the message ('main:\\x0a  -
+    conv ...'): each op now reads as one item of the located error."""
+    from ctc.cli import EXIT_USAGE, main
+
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sin(x) + torch.cos(x)
+
+    torch.export.save(torch.export.export(Net(), (torch.randn(2, 4),)), str(tmp_path / "trig.pt2"))
+    (tmp_path / "r.ctc").write_text('model pt2 "trig.pt2"\npipeline {\n    dce\n}\ntarget fpga csim=false\n')
+    assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(tmp_path / "out"), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "r.ctc:5:1: error: target fpga:" in err and "\\x0a" not in err, err
+    assert "no integer-model kernel for 2 op(s) of module main: cos (at <root>); sin (at <root>)" in err, err
+
+
 # ----------------------------------------------------------------------------- real model (slow)
 @pytest.mark.slow
 def test_minilm_w8a8_recipe_compiles_for_the_fpga(tmp_path: Path) -> None:
