@@ -1004,6 +1004,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
     if profile and target is None:
         raise UsageError("--profile times the kernels of a compiled library: add --target KIND")
     names = [v.name for v in art.module.inputs]
+    sizes: dict[str, int] = {"batch": batch, "seq_len": seq_len}  # what the result says the inputs were
     if art.module.meta.get("task") == TASK_DECODE_STEP:  # one step at position seq_len of zeroed caches
         from ctc.ir.types import torch_dtype
 
@@ -1024,8 +1025,20 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
         if missing:
             raise UsageError(f"cannot make inputs {missing} from text; use `ctc run --input` style tensors")
         feed = {n: feed_all[n] for n in names}
-    else:
-        raise UsageError("this artifact has no tokenizer, so `ctc bench` cannot build its inputs")
+    else:  # no text to make inputs of (a CNN, a .pt2): seeded synthetic inputs of the model's shapes
+        from ctc.eval.data import synthetic_inputs
+        from ctc.ir.symbolic import free_symbols
+
+        try:
+            feed = synthetic_inputs(art.module, {"batch": batch, "seq": seq_len})
+        except ValueError as e:
+            raise UsageError(f"{e}: ctc bench sizes only batch (--batch) and seq (--seq-len); time this model from "
+                             "Python with inputs of your own (ctc.load(ART).runner(KIND))") from None
+        used = {s for v in art.module.inputs for d in v.type.shape if not isinstance(d, int) for s in free_symbols(d)}
+        kinds = sorted({"floats N(0, 1)" if t.is_floating_point() else "integers" for t in feed.values()})
+        sizes = {k: n for k, n in sizes.items() if k.removesuffix("_len") in used}
+        sizes["inputs"] = (", ".join(f"{v.name} {v.type.dtype}{list(feed[v.name].shape)}" for v in art.module.inputs)
+                           + f" (synthetic: {', '.join(kinds)}, seed 0)")
     library = _library_with_threads(art, target, threads) if target is not None else None
     if getattr(library, "simulated", False):  # the fpga design runs here as gcc's C simulation
         est = getattr(library, "estimated_latency_ms", None)
@@ -1040,7 +1053,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, re
         if getattr(library, "threads", None):  # the protocol states the library's pool, not torch's
             res = dataclasses.replace(res, threads=int(library.threads))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out = {"backend": target or "torch (reference)", "batch": batch, "seq_len": seq_len,
+    out = {"backend": target or "torch (reference)", **sizes,
            "median_ms": round(res.median_ms, 3), "p90_ms": round(res.p90_ms, 3), "min_ms": round(res.min_ms, 3),
            "protocol": res.protocol, "peak_rss_mb": round(peak_mb, 1),
            "param_mb": round(art.module.param_bytes() / 2**20, 2), "cpu": machine_info().get("cpu", "")}

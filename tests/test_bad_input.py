@@ -258,6 +258,25 @@ def test_human_similarity_on_a_library_built_for_one_length(tmp_path: Path, caps
     assert "human sim.: Pearson" in capsys.readouterr().out and lib.fed[0].shape == (1, 256)
 
 
+def test_bench_makes_inputs_for_a_model_without_a_tokenizer(tmp_path: Path) -> None:
+    """`ctc bench` on a CNN (a .pt2 with no tokenizer) refused: 'this artifact has no tokenizer, so ctc bench cannot
+    build its inputs'.  It times seeded N(0, 1) inputs of the model's shapes (batch and seq from the flags) and says
+    so; a symbol it cannot size is named."""
+    from ctc.driver import bench_artifact
+
+    m = Module("cnn")
+    x = m.add_input("x", TensorType(("batch", 3, 5), "f32"))
+    m.set_outputs([m.create_node("relu", [x]).output], ["y"])
+    art = ctc.load(write_artifact(tmp_path / "a", module=m, report={"name": "cnn"}, log=lambda _: None))
+    res = bench_artifact(art, target=None, batch=2, seq_len=128, repeat=20, threads=None)
+    assert res["inputs"] == "x f32[2, 3, 5] (synthetic: floats N(0, 1), seed 0)" and "seq_len" not in res, res
+    m2 = Module("img")
+    m2.set_outputs([m2.create_node("relu", [m2.add_input("x", TensorType((1, 3, "h"), "f32"))]).output], ["y"])
+    art2 = ctc.load(write_artifact(tmp_path / "b", module=m2, report={"name": "img"}, log=lambda _: None))
+    with pytest.raises(UsageError, match="input 'x' has a dim 'h' that cannot be sized here.*ctc bench sizes only"):
+        bench_artifact(art2, target=None, batch=1, seq_len=128, repeat=20, threads=None)
+
+
 def test_bench_refuses_to_time_a_simulated_design(bench_art: Any) -> None:
     """`ctc bench --target fpga` timed the gcc C simulation and printed it as the design's median latency (1147 ms
     for a design modelled at 21 ms); `ctc analyze --profile` already refused that: both refuse it in one place."""

@@ -73,7 +73,8 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
                           profile=10_000)
     phase = a.phases[0] if art.module.meta.get("task") != TASK_DECODE_STEP else a.phase("decode")
     pts = measured_points(phase, res.get("kernels", []), res.get("median_ms"))
-    what = (f"measured: {kind} library on this machine, {phase.name} at batch {batch}, seq {n}: median "
+    shapes = res.get("inputs") or f"batch {batch}, seq {n}"  # a model without text inputs: what bench made
+    what = (f"measured: {kind} library on this machine, {phase.name} on {shapes}: median "
             f"{res['median_ms']} ms ({res['protocol']}); kernel times from its profiler, grouped by kernel name")
     return a, pts, what
 

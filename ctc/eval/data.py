@@ -412,6 +412,34 @@ def evaluation_windows(tokenizer: Any, source: str | Sequence[str], n_windows: i
     return [_wrap(tokenizer, stream[k * body:(k + 1) * body]) for k in range(n)]
 
 
+def synthetic_inputs(module: Any, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic inputs of ``module``'s input shapes, its symbols sized by ``dims``: N(0, 1) for float inputs,
+    token ids within the embedding table that reads them, ones for other integer inputs (masks).  A dim whose
+    symbols ``dims`` does not size is a ValueError naming the input and the symbols."""
+    from ctc.ir.symbolic import eval_dim, free_symbols
+    from ctc.ir.types import torch_dtype
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for v in module.inputs:
+        unsized = sorted({s for d in v.type.shape if not isinstance(d, int) for s in free_symbols(d)} - set(dims))
+        if unsized:
+            raise ValueError(f"input {v.name!r} has a dim {unsized[0]!r} that cannot be sized here (sized: "
+                             f"{', '.join(dims) or 'none'})")
+        shape = [d if isinstance(d, int) else int(eval_dim(d, dict(dims))) for d in v.type.shape]
+        dtype = torch_dtype(v.type.dtype)
+        if dtype.is_floating_point:
+            out[v.name] = torch.randn(*shape, generator=g).to(dtype)
+            continue
+        vocab = next((int(u.operand("weight").type.shape[0]) for u in v.users
+                      if u.op == "embedding" and u.operand("ids") is v), None)
+        if vocab is not None:
+            out[v.name] = torch.randint(0, vocab, shape, generator=g, dtype=torch.int64).to(dtype)
+        else:
+            out[v.name] = torch.ones(*shape, dtype=dtype)
+    return out
+
+
 def model_inputs(window: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Exactly the model inputs ``names`` for a tokenised window (token types and positions filled in)."""
     out: dict[str, torch.Tensor] = {}

@@ -25,7 +25,7 @@ from ctc.backends.hls.boards import Board, board_from_options
 from ctc.backends.hls.perf import KernelCost, kernel_cost
 from ctc.ir.graph import Module
 
-__all__ = ["build", "design_costs", "example_inputs", "load"]
+__all__ = ["build", "design_costs", "load"]
 
 DEFAULT_SEQ = 128
 
@@ -34,27 +34,6 @@ def _log(msg: str) -> None:
     import sys
 
     print(f"[ctc fpga] {msg}", file=sys.stderr, flush=True)
-
-
-def example_inputs(module: Module, static_dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic inputs of the built shapes: token ids within the embedding table that reads them,
-    ones for integer inputs that are masks, N(0, 1) for float inputs."""
-    from ctc.ir.symbolic import eval_dim
-
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for v in module.inputs:
-        shape = [int(eval_dim(d, dict(static_dims))) if not isinstance(d, int) else d for d in v.type.shape]
-        if v.type.dtype in ("f32",):
-            out[v.name] = torch.randn(*shape, generator=g)
-            continue
-        vocab = next((int(u.operand("weight").type.shape[0]) for u in v.users  # type: ignore[union-attr]
-                      if u.op == "embedding" and u.operand("ids") is v), None)
-        if vocab is not None:
-            out[v.name] = torch.randint(0, vocab, shape, generator=g, dtype=torch.int64)
-        else:
-            out[v.name] = torch.ones(*shape, dtype=torch.int64)
-    return out
 
 
 def _check_widths(module: Module, board: Board) -> None:
@@ -232,7 +211,9 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
 
 
 def example_inputs_for(module: Module, static: Mapping[str, int]) -> dict[str, torch.Tensor]:
-    return example_inputs(module, static)
+    from ctc.eval.data import synthetic_inputs
+
+    return synthetic_inputs(module, static)
 
 
 class CSimRunner:
