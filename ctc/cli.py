@@ -276,7 +276,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         tensors = {n: t.contiguous() for n, t in zip(names, outs, strict=False)}
         write_file_atomically(save, lambda tmp: save_file(tensors, str(tmp), metadata={"format": OUTPUTS_FORMAT}))
-        print(f"wrote {save}", file=sys.stderr)
+        if not args.quiet:
+            print(f"wrote {save}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -329,6 +329,7 @@ def test_output_files_never_replace_what_ctc_did_not_write(art_dir: Path, tmp_pa
     out = tmp_path / "y.safetensors"
     for _ in range(2):  # a file ctc wrote is replaced
         assert main(["run", str(art_dir), "--input", str(tmp_path / "in.pt"), "--save", str(out), "-q"]) == EXIT_OK
+        assert "wrote" not in capsys.readouterr().err  # -q: no info lines (it said 'wrote FILE' all the same)
     from safetensors.torch import load_file
 
     assert load_file(str(out))["hidden"].shape == (1, 4, 4)
