@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "`--target none` builds none")
     tune = c.add_mutually_exclusive_group()
     tune.add_argument("--tune", dest="tune", action="store_true", default=None,
-                      help="tune targets (recipe trials, or 64 when the recipe gives none)")
-    tune.add_argument("--no-tune", dest="tune", action="store_false", help="skip tuning (default schedules)")
+                      help="tune targets (recipe trials, or 64 when the recipe gives none; fpga: tune=true)")
+    tune.add_argument("--no-tune", dest="tune", action="store_false",
+                      help="skip tuning (default schedules; fpga: tune=false, the default tiling)")
     c.add_argument("--check-only", action="store_true", help="parse and check the recipe, then stop (no model load)")
     c.add_argument("--max-samples", type=int, metavar="N",
                    help="use at most N calibration and evaluation windows (a quick trial compile; the report "
@@ -577,7 +578,8 @@ def targets_text() -> str:
         for s in spec.Options.specs():
             rng = option_range(s)
             out.append(f"    {s.name}={fmt_default(s.default)}  ({s.type}{', ' + rng if rng else ''})  {s.doc}")
-        out.append(f"    trials=0  (int, [0, ])  {TRIALS_HELP}")
+        if spec.trials:
+            out.append(f"    trials=0  (int, [0, ])  {TRIALS_HELP}")
     return "\n".join(out) + "\n"
 
 

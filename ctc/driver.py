@@ -187,6 +187,11 @@ def selected_targets(recipe: Recipe, opts: CompileOptions) -> list[Any]:
             chosen.append(by_kind.get(k) or TargetConfig(k, TARGETS[k].Options(), 0))
     out = []
     for t in chosen:
+        if not t.spec.trials:  # a target tuned by its own model (fpga): --tune / --no-tune set its tune option
+            if opts.tune is not None:
+                t = dataclasses.replace(t, options=dataclasses.replace(t.options, tune=opts.tune))
+            out.append(_settle_target(recipe, t))
+            continue
         trials = t.trials
         if opts.tune is False:
             trials = 0

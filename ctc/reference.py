@@ -98,7 +98,7 @@ def recipe_reference() -> str:
     out += ["", "## Targets", ""]
     for name, spec in TARGETS.items():
         out += [f"### `target {name}`", "", spec.summary, ""] + options_table(spec.Options.specs())
-        out += [f"| `trials` | `int` | `0` | [0, ] | {TRIALS_HELP} |", ""]
+        out += [f"| `trials` | `int` | `0` | [0, ] | {TRIALS_HELP} |", ""] if spec.trials else [""]
     out += ["## Export formats (`emit FORMAT`, `ctc export --to FORMAT`)", ""]
     for name, e in EXPORTS.items():
         needs = f" Needs `{'`, `'.join(p for _, p in e.needs)}`." if e.needs else ""

@@ -118,6 +118,7 @@ class TargetSpec:
     summary: str
     Options: type[TargetOptions]
     backend: str
+    trials: bool = True  # takes `trials=N` (meta-schedule's budget); the fpga target tunes by its own model
 
     def available(self) -> bool:
         """Whether the backend module exists in this ctc (backends ship in-tree: a missing one is not built yet)."""
@@ -161,7 +162,8 @@ TARGETS: dict[str, TargetSpec] = {
     "cuda": TargetSpec(
         "cuda", "NVIDIA GPU through TVM (cuda), tuned with meta-schedule", CudaOptions, "ctc.backends.tvm"),
     "fpga": TargetSpec(
-        "fpga", "FPGA-style target: HLS C and a cycle/resource model", FpgaOptions, "ctc.backends.hls"),
+        "fpga", "FPGA-style target: HLS C and a cycle/resource model", FpgaOptions, "ctc.backends.hls",
+        trials=False),
 }
 
 TRIALS_HELP = "tuning budget: meta-schedule trials (0 = no tuning, use default schedules)"

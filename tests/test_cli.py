@@ -80,6 +80,8 @@ def test_targets(capsys: pytest.CaptureFixture[str]) -> None:
         line = next(x for x in out.splitlines() if x.startswith(name + " "))
         assert line.endswith("[available]" if spec.unsupported_reason() is None else "[not built yet]"), line
     assert "not installed" not in out
+    fpga = out[out.index("\nfpga "):]
+    assert "trials=" not in fpga  # listed with meta-schedule's help, an option the fpga target did nothing with
 
 
 def test_check_only_good_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,6 +130,10 @@ def test_target_selection_and_tuning_flags(tmp_path: Path) -> None:
     r2 = parse('model bundled "minilm"\ntarget cpu threads=2\n', "r.ctc")
     assert [t.trials for t in selected_targets(r2, CompileOptions(tune=True))] == [64]
     assert [t.trials for t in selected_targets(r2, CompileOptions())] == [0]
+    # the fpga target has no trials (it took trials=64 from --tune and did nothing with it): the flags set tune
+    r3 = parse('model bundled "minilm"\ntarget fpga\n', "r.ctc")
+    assert [(t.trials, t.options.tune) for t in selected_targets(r3, CompileOptions(tune=True))] == [(0, True)]
+    assert [(t.trials, t.options.tune) for t in selected_targets(r3, CompileOptions(tune=False))] == [(0, False)]
 
 
 def test_a_reader_that_stops_early_is_not_an_internal_error() -> None:

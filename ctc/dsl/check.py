@@ -376,7 +376,12 @@ def _check_target(t: Target, seen: dict[str, Span], recipe: Recipe) -> list[Diag
     diags += _check_tuning_dir(recipe, t)
     if t.trials is not None:
         span = t.option_spans.get("trials", t.span)
-        if isinstance(t.trials, bool) or not isinstance(t.trials, int):
+        if not spec.trials:
+            diags.append(Diagnostic(f"target {t.kind}: trials= is the meta-schedule tuning budget of targets "
+                                    f"{', '.join(k for k, s in TARGETS.items() if s.trials)}", span,
+                                    hint=f"leave it out: target {t.kind} tunes with tune=true (the default; "
+                                         "`ctc targets` lists its options)"))
+        elif isinstance(t.trials, bool) or not isinstance(t.trials, int):
             diags.append(Diagnostic(f"target {t.kind}: trials must be an int, got {t.trials!r}", span,
                                     hint=TRIALS_HELP))
         elif t.trials < 0:
