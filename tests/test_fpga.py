@@ -194,6 +194,19 @@ def test_tiny_model_end_to_end(kind: str, w_bits: int, board: str, tmp_path: Pat
     assert json.loads((tmp_path / "fpga2" / "report.json").read_text())["tuning"]["searched"] == 0
 
 
+def test_a_design_no_tiling_fits_is_a_lowering_error_naming_the_layer(tmp_path: Path) -> None:
+    """`target fpga dsps=1` (tuned) ended in 'internal error: TuneError' with a traceback; with tune=false the same
+    board was already a LoweringError, which ctc compile reports at the recipe's target line."""
+    from ctc.backends.tvm.lower import LoweringError
+
+    q, cal = _quantized("bert", 8)
+    for tune in (True, False):
+        t = TargetConfig("fpga", FpgaOptions.from_dict({"board": "zc706", "dsps": 1, "csim": False, "tune": tune,
+                                                        "tuning_dir": str(tmp_path / "db")}))
+        with pytest.raises(LoweringError, match=r"(?s)(do not fit board|fits 80% of board) zc706.*pick a larger board"):
+            build_target(q, t, tmp_path / f"x{tune}", example_inputs=cal[0])
+
+
 def test_a_width_the_design_lacks_is_an_error(tmp_path: Path) -> None:
     from ctc.backends.tvm.lower import LoweringError
 

@@ -118,7 +118,7 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
     from ctc.backends.hls.exact import interpret_exact
     from ctc.backends.hls.kernels import qlinear_layers
     from ctc.backends.hls.qlinear import default_tiling
-    from ctc.backends.hls.tune import tune_plan
+    from ctc.backends.hls.tune import TuneError, tune_plan
     from ctc.backends.tvm.lower import LoweringError
 
     t_start = time.perf_counter()
@@ -140,8 +140,12 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
     default_plan = {v: default_tiling(s) for v, s in layers.items()}
     tune_info: dict[str, Any] = {"tuned": False}
     plan = default_plan
+    too_big = "(lower seq_len, raise utilization, or pick a larger board)"
     if opts.tune and layers:
-        plan, tune_info = tune_plan(layers, board, opts.utilization, cache_dir=opts.tuning_dir, log=_log)
+        try:
+            plan, tune_info = tune_plan(layers, board, opts.utilization, cache_dir=opts.tuning_dir, log=_log)
+        except TuneError as e:  # the same failure as a default tiling that does not fit, below
+            raise LoweringError(f"{e} {too_big}") from None
         tune_info["tuned"] = True
     design = lower_design(module, static, plan, board=board, utilization=opts.utilization)
     calls, per_kernel = design_costs(design, board)
@@ -150,7 +154,7 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
     if refused:
         lines = "\n".join(f"  - {n}: {why}" for n, why in sorted(refused.items()))
         raise LoweringError(f"{len(refused)} kernel(s) do not fit board {board.name} at utilization "
-                            f"{opts.utilization}:\n{lines}\n(lower seq_len, raise utilization, or pick a larger board)")
+                            f"{opts.utilization}:\n{lines}\n{too_big}")
     totals = _summary(calls, board)
     compare: dict[str, Any] = {}
     if tune_info.get("tuned"):

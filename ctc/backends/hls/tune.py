@@ -74,8 +74,9 @@ def search_layer(shape: QLinearShape, board: Board, utilization: float) -> dict[
     d = default_tiling(shape)
     dc = qlinear_cost(shape, d, board)
     if best is None:
-        raise TuneError(f"no tiling of {shape.key} fits {utilization:.0%} of board {board.name} "
-                        f"({tried} tried; the smallest needs {dc.dsps} DSPs, {dc.onchip_bytes} on-chip bytes)")
+        raise TuneError(f"no tiling of {shape.key} fits {utilization:.0%} of board {board.name} ({tried} tried; the "
+                        f"default tiling needs {dc.dsps} DSPs and {dc.onchip_bytes} on-chip bytes, the board has "
+                        f"{board.dsps} and {board.onchip_bytes})")
     _, t, c = best
     return {"tiling": list(t.as_tuple()), "latency_cycles": c.latency_cycles, "dsps": c.dsps,
             "onchip_bytes": c.onchip_bytes, "bound": c.bound, "default": list(d.as_tuple()),
@@ -96,7 +97,11 @@ def tune_plan(layers: Mapping[str, QLinearShape], board: Board, utilization: flo
         if key in db and db[key].get("version") == SEARCH_VERSION:
             reused += 1
             continue
-        db[key] = search_layer(shape, board, utilization)
+        try:
+            db[key] = search_layer(shape, board, utilization)
+        except TuneError as e:  # name the layers of this shape (the key alone says little)
+            names = sorted(n for n, s in layers.items() if s.key == key)
+            raise TuneError(f"layer {', '.join(names)}: {e}") from None
         searched += 1
         if log is not None:
             log(f"tuned {i + 1}/{len(shapes)} {key}: {db[key]['tiling']} ({db[key]['candidates']} candidates, "
