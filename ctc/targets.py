@@ -36,7 +36,7 @@ class CpuOptions(TargetOptions):
     mcpu: str = option("native", "LLVM -mcpu (native = this machine)")
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
     tuning_dir: str | None = option(None, "meta-schedule tuning database directory (default ~/.cache/ctc/tuning)")
-    seq_len: int = option(0, "build for this sequence length only (0 = any length); fixed-length code is a "
+    seq_len: int = option(0, "build for this sequence length only (0 = any length, else >= 2); fixed-length code is a "
                              "little faster (MiniLM: 0-5%). A tuned build (trials > 0) needs fixed shapes: it "
                              "defaults to the recipe's evaluation (else calibration) seq_len, else 128", min=0)
     batch: int = option(0, "build for this batch size only (0 = any); a tuned build (trials > 0) defaults to 1",
@@ -57,6 +57,10 @@ class CpuOptions(TargetOptions):
                                     "AVX512-VNNI", choices=(0, 8, 32))
 
     def validate(self) -> None:
+        if self.seq_len == 1:
+            raise OptionError("option seq_len=1: a build for one token is not supported (its one-element reductions "
+                              "break the schedules); use seq_len >= 2, or 0 for any length (a decode step is "
+                              "`model ... decode=LEN`)")
         if self.mcpu not in ("", "native"):
             try:
                 from ctc.backends.tvm.targets import check_mcpu
