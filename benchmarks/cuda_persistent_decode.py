@@ -53,14 +53,15 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"base": (), "half2": ("-DPDEC_MMA=0",), "gam_smem": ("-DPDEC_GAM_SMEM=1",),
+VARIANTS = {"base": (), "half2": ("-DPDEC_MMA=0",), "half2_o": ("-DPDEC_MMA_O=0",), "gam_smem": ("-DPDEC_GAM_SMEM=1",),
             "att_warp": ("-DPDEC_ATT_WARP=1",)}
 # also buildable, measured slower or no faster (runs 11-21): "-DPDEC_MMA_LO=0" (phase C's tensor cores with int8
 # activations alone: 10x the logit error), "-DPDEC_IDP=1" (dp2a for the K-2048 GEMVs, implies PDEC_MMA=0),
 # "-DPDEC_IDP=1 -DPDEC_IDP_OD=1" (dp2a for W_o and W_down too), "-DPDEC_PF_KB=128" (L2 prefetch window),
 # "-DPDEC_RED_V4=0" (scalar atomics), "-DPDEC_GRID_A=1" (a grid barrier after phase A), "-DPDEC_STAGGER=0" (W_down
 # in the same order in every block), "-DPDEC_NSLOT=4" / "=2" (ring slots), "-DPDEC_WARP_POLL=1" (every warp polls
-# the grid barrier: 2.3 us a barrier)
+# the grid barrier: 2.3 us a barrier), "-DPDEC_HOLD=1" with or without "-DPDEC_NSLOT=4" (no copy issued while the
+# block is in a grid barrier: slower, run 23)
 # attention chunk spans timed besides the default (one chunk, computed by each of the kv head's 16 blocks, up to
 # 256 positions, else chunks of 64): 64 chunks at KV 128 too, 256 gives 4 chunks at 1024, 2048 one chunk at 1024
 SPANS = (64, 256, 2048)

@@ -161,6 +161,22 @@ def _b_regs(vals_of_lane, nwords: int):
     return regs, [[corr[0], corr[1], corr[0], corr[1]] for _ in range(32)]
 
 
+def _mma_rows(c_init, wa, wb, regs):
+    """The kernel's mma_rows for all 32 lanes (words x, z of each lane's 16-byte reads of rows g, g + 8 into the chain
+    that starts at the correction, y, w into the one that starts at 0), summed: lane 4 g's 4 values for g in 0..7."""
+    import numpy as np
+
+    ca, cb = [list(x) for x in c_init], [[0, 0, 0, 0] for _ in range(32)]
+    for i in range(4):
+        col = [wa[n][i] for n in range(32)], [wb[n][i] for n in range(32)]
+        b0, b1 = [regs[n][2 * i] for n in range(32)], [regs[n][2 * i + 1] for n in range(32)]
+        if i % 2:
+            cb = _mma_word(cb, *col, b0, b1)
+        else:
+            ca = _mma_word(ca, *col, b0, b1)
+    return np.array([[ca[4 * g][k] + cb[4 * g][k] for k in range(4)] for g in range(8)])
+
+
 def test_tensor_core_gate_up_lanes_give_the_exact_group_dot_products() -> None:
     import numpy as np
 
@@ -174,19 +190,10 @@ def test_tensor_core_gate_up_lanes_give_the_exact_group_dot_products() -> None:
     rows = packed.numpy()
     for warp in (0, 7, 15):                                 # warp w: group w
         regs, c = _b_regs(lambda ln, w=warp: ((h, lo)[ln >> 2][128 * w + 32 * (ln & 3):][:32] if ln < 8 else None), 8)
-        c0 = [list(x) for x in c]
-        c1 = [[0, 0, 0, 0] for _ in range(32)]
         wa = [[_word(rows[ln >> 2, 64 * warp + 16 * (ln & 3) + 4 * i:][:4]) for i in range(4)] for ln in range(32)]
         wb = [[_word(rows[(ln >> 2) + 8, 64 * warp + 16 * (ln & 3) + 4 * i:][:4]) for i in range(4)]
               for ln in range(32)]
-        for i in range(4):                                  # words x, z into c0 (with the correction), y, w into c1
-            col = [wa[n][i] for n in range(32)], [wb[n][i] for n in range(32)]
-            b0, b1 = [regs[n][2 * i] for n in range(32)], [regs[n][2 * i + 1] for n in range(32)]
-            if i % 2:
-                c1 = _mma_word(c1, *col, b0, b1)
-            else:
-                c0 = _mma_word(c0, *col, b0, b1)
-        got = np.array([[c0[4 * g][k] + c1[4 * g][k] for k in range(4)] for g in range(8)])
+        got = _mma_rows(c, wa, wb, regs)
         seg = slice(128 * warp, 128 * warp + 128)
         assert np.array_equal(got[:, 0], q[:8, seg] @ h[seg]) and np.array_equal(got[:, 2], q[8:, seg] @ h[seg])
         assert np.array_equal(got[:, 1], q[:8, seg] @ lo[seg]) and np.array_equal(got[:, 3], q[8:, seg] @ lo[seg])
@@ -227,13 +234,45 @@ def test_tensor_core_down_lanes_give_the_exact_rows_in_atomic_order() -> None:
         assert y == list(ref[base:base + 4]) and z == list(ref[base + 32:base + 36])
 
 
+def test_tensor_core_o_projection_lanes_give_the_exact_group_dot_products() -> None:
+    """PDEC_MMA_O: warp w's 16 rows of phase B's W_o tile, both g128 groups (load_b32 from the quantized outputs at
+    ob / ob + 256, mma_rows on each group's 16-byte reads), give the exact integer dot products of each group."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(7)
+    wo = torch.randn(1, 2048, 2048, generator=gen)
+    codes, scales = P.rtn_int4(wo[0])
+    wd, sd = torch.zeros(1, 2048, 4096, dtype=torch.uint8), torch.ones(1, 2048, 64)
+    wo_p, _, _, _ = P.pack_o_down(codes[None], scales[None], wd, sd)
+    hk, j, warp = 3, 5, 6
+    rows = wo_p[0, hk, 128 * j:128 * j + 128].numpy()               # the tile as the ring slot holds it
+    q = P.dequant_int4(codes, torch.ones_like(scales)).numpy().astype(np.int64)
+    h = torch.randint(-127, 128, (256,), generator=gen).numpy()      # the 256 outputs' int8 codes (ob[0, 256))
+    lo = torch.randint(-127, 128, (256,), generator=gen).numpy()     # and residuals (ob[256, 512))
+    for gq in (0, 1):
+        regs, c = _b_regs(lambda ln, gq=gq: ((h, lo)[ln >> 2][128 * gq + 32 * (ln & 3):][:32] if ln < 8 else None), 8)
+        row = [16 * warp + (ln >> 2) for ln in range(32)]
+        wa = [[_word(rows[row[ln], 64 * gq + 16 * (ln & 3) + 4 * i:][:4]) for i in range(4)] for ln in range(32)]
+        wb = [[_word(rows[row[ln] + 8, 64 * gq + 16 * (ln & 3) + 4 * i:][:4]) for i in range(4)] for ln in range(32)]
+        got = _mma_rows(c, wa, wb, regs)
+        r0 = 128 * j + 16 * warp
+        ks = slice(256 * hk + 128 * gq, 256 * hk + 128 * gq + 128)
+        seg = slice(128 * gq, 128 * gq + 128)
+        assert np.array_equal(got[:, 0], q[r0:r0 + 8, ks] @ h[seg])
+        assert np.array_equal(got[:, 2], q[r0 + 8:r0 + 16, ks] @ h[seg])
+        assert np.array_equal(got[:, 1], q[r0:r0 + 8, ks] @ lo[seg])
+        assert np.array_equal(got[:, 3], q[r0 + 8:r0 + 16, ks] @ lo[seg])
+
+
 def test_kernel_builds_with_and_without_the_tensor_core_phase_c(tmp_path) -> None:
     from ctc.backends.tvm.cuda_toolchain import find_nvcc
 
     if find_nvcc() is None:
         pytest.skip("nvcc (CUDA toolkit) is not installed: the kernel cannot be built here")
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in P.CUDA_SOURCE
-    for flags in (("-DPDEC_MMA=0",), ("-DPDEC_MMA_LO=0",), ("-DPDEC_IDP=1",)):   # PDEC_IDP implies PDEC_MMA=0
+    assert "PDEC_MMA_O" in P.CUDA_SOURCE and "PDEC_HOLD" in P.CUDA_SOURCE
+    for flags in (("-DPDEC_MMA=0",), ("-DPDEC_MMA_LO=0",), ("-DPDEC_IDP=1",),   # PDEC_IDP implies PDEC_MMA=0
+                  ("-DPDEC_MMA_O=0",), ("-DPDEC_HOLD=1", "-DPDEC_NSLOT=4")):
         _, report = P.build_library(tmp_path, extra=flags, name="libv.so")
         step = next(v for k, v in P.ptxas_report(report).items() if "decode_step" in k)
         assert step["registers"] <= 96 and step["spill_stores"] <= 256 and step["stack"] <= 120, (flags, step)

@@ -26,7 +26,7 @@ A layer is **three phases** (blocks 0..127 do the work of B and C; at least 128 
   of ~64 positions, the (max, sum, 64 sums) partials published on a per-head counter and merged by each of the
   head's 16 blocks), then the **o projection folded in**: W_o's rows ``[128 j, 128 j + 128)`` x the head's 256
   columns (two whole g128 groups; W_o repacked ``[L, 8, 2048, 128 B]``, :func:`pack_o_down`) times the head's
-  output, added into the residual.  Grid barrier.
+  output, added into the residual (on the tensor cores, ``PDEC_MMA_O``, see below).  Grid barrier.
 * (C) RMSNorm -> gate|up pairs ``[64 b, 64 b + 64)`` -> SwiGLU (64 values kept in shared memory) -> the **down
   projection split along K**: W_down's columns ``[64 b, 64 b + 64)`` (half a g128 group; repacked
   ``[L, 128, 2048, 32 B]``, scales transposed ``[L, 64, 2048]``) times them, all 2048 rows, added into the
@@ -63,6 +63,21 @@ W_down: warp ``w`` takes 64 rows of a 1024-row tile in 4 row blocks whose rows r
 int8 activations (``PDEC_MMA_LO=0``) are 10x worse (0.18-0.26, argmax wrong once at KV 1024), so the residual column
 stays.  The gate|up tile's rows are 1 KB apart, so its 16-byte reads are 2-way bank-conflicted (inherent to ctc's
 row layout; a swizzled repack would need per-row copies or a new layout).
+
+Phase B's o projection on the same tensor-core helpers (``PDEC_MMA_O``, default on with ``PDEC_MMA``; 0: the half2
+path below): the threads that finish the attention keep each output in f32 and the warp's max |o|; after one block
+sync the 256 outputs are quantized once (int8 code + int8 residual, one scale per g128 group = 2 query heads), and
+warp ``w < 8`` multiplies rows ``[16 w, 16 w + 16)`` of the 128-row W_o tile by both groups (``load_b32`` twice,
+``mma_rows`` twice: 8 MMAs in 4 chains), each group's integer sums scaled in f32; lanes 0 and 16 gather 4 rows each
+for two 16-byte atomics.  Measured (run 23, one command beside the previous default): 0.3544 / 0.4080 ms a step
+(graph b2b, KV 128 / 1024) vs 0.3605-0.3610 / 0.4133-0.4152, the o projection 1.19 vs 1.46-1.50 us a layer, ptxas
+spills 8 / 4 bytes instead of 40 / 56, logits max abs vs fp32 0.009-0.010 vs 0.013-0.014.
+
+Ring and barriers (run 23): ``PDEC_HOLD=1`` (the producer issues no copy while its block's consumers are in a grid
+barrier, so that the barrier's arrive and poll do not queue behind this multiprocessor's bulk copies) measured
+slower with 3 slots (0.3640 vs 0.3605 ms at KV 128) and with 4 (0.3683; 4 slots alone 0.3628): with 4 slots
+gate|up takes 2.7 instead of 3.6 us a layer, but the C barrier 2.4-2.7 instead of 1.6, and holding the copies back
+makes it longer, not shorter -- the barrier waits for the slowest block's share of HBM, not for queued atomics.
 
 Arithmetic of the other GEMVs (``PDEC_IDP=1`` builds an alternative for the K-2048 GEMVs: int16 activations with a
 scale per g128 group, ``dp2a`` into exact int32 sums; more accurate, 7 instead of 13 instructions per 8 codes, but
@@ -177,6 +192,12 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_GAM_SMEM  // 1: the next RMSNorm's weights wait in shared memory (cp.async before the barrier, waited
 #define PDEC_GAM_SMEM 0  // for in it) instead of 4 registers a thread that ptxas spills to local memory and reloads
 #endif  // after the barrier; measured 1-1.5% slower a step on the H200 (run 16), so 0: registers
+#ifndef PDEC_MMA_O  // 1: phase B's o projection on the integer tensor cores too (the 256 attention outputs int8 + int8
+#define PDEC_MMA_O PDEC_MMA  // residual, a scale per g128 group; 8 warps, one 16-row block each, 8 MMAs); measured
+#endif  // 1.3-1.8% faster a step than the half2 W_o and closer to fp32 (run 23), so on with PDEC_MMA
+#ifndef PDEC_HOLD  // 1: the producer issues no copy while its block's consumers are in a grid barrier (its arrive
+#define PDEC_HOLD 0  // and poll then do not queue behind bulk copies of this multiprocessor)
+#endif
 #ifndef PDEC_PF_KB  // L2 prefetch window: tiles are prefetched into L2 this many KB before their copy to shared memory
 #define PDEC_PF_KB 0  // (0: off; 96-320 KB measured slower on the H200)
 #endif
@@ -200,6 +221,7 @@ __device__ __forceinline__ int qi(int h, int d) { return h * QROW + d + ((d >> 5
 constexpr int CMAX = 16;
 static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
 static_assert(!(PDEC_MMA && (PDEC_IDP || PDEC_IDP_OD)), "PDEC_MMA replaces the half2 / dp2a arithmetic of phase C");
+static_assert(!PDEC_MMA_O || PDEC_MMA, "PDEC_MMA_O uses phase C's tensor-core helpers");
 static_assert(FCH % 32 == 0 && FCH <= NCT, "down_begin: the SwiGLU outputs are whole warps");
 static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
 // workspace (floats): 4 residual buffers (version 1 in the 4th, later ones rotating over 3), q|k|v (per kv
@@ -221,7 +243,7 @@ struct Piece { const void* src; unsigned bytes, off; };  // off: offset in the s
 struct TileDesc { Piece pc[4]; unsigned n, total; };
 // then the next RMSNorm's weights (fp16, PDEC_GAM_SMEM), copied in by cp.async before the barrier that precedes it
 constexpr int PQN = 32, OFF_GAM = (OFF_PQ + PQN * (int)sizeof(TileDesc) + 15) / 16 * 16,
-              OFF_END = OFF_GAM + PDEC_GAM_SMEM * H * 2;
+              OFF_HOLD = OFF_GAM + PDEC_GAM_SMEM * H * 2, OFF_END = OFF_HOLD + PDEC_HOLD * 16;
 constexpr unsigned PF_BYTES = PDEC_PF_KB * 1024u, NOHINT = 1u << 31;
 constexpr int SMEM = OFF_END;
 static_assert(OFF_OVEC % 16 == 0 && OFF_HVEC % 16 == 0 && OFF_QS % 16 == 0 && OFF_FULL % 8 == 0 && OFF_PQ % 8 == 0 &&
@@ -341,6 +363,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
   cp_async_wait_all();
 #else
   if (threadIdx.x == 0) {
+    if (PDEC_HOLD) *reinterpret_cast<volatile unsigned*>(pdec_smem + OFF_HOLD) = 1u;  // the producer holds its copies
     if (PDEC_BAR_FENCE) __threadfence();
     red_release_add(ctl + CTL_BAR, 1u);
     if (ld_acquire(ctl + CTL_BAR) < target) {
@@ -353,6 +376,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* ctl, unsigned target) {
       }
     }
     if (PDEC_BAR_FENCE) __threadfence();
+    if (PDEC_HOLD) *reinterpret_cast<volatile unsigned*>(pdec_smem + OFF_HOLD) = 0u;
   }
   cp_async_wait_all();  // the next RMSNorm's weights (issued before the barrier) are in shared memory
   cons_sync();
@@ -444,6 +468,8 @@ struct Producer {
     pend -= d.total;
     const unsigned s = t % NSLOT, round = t / NSLOT;
     if (round > 0) mbar_wait(empty_bar(s), (round - 1) & 1u, ctl);
+    if (PDEC_HOLD)  // not while the consumers are in a grid barrier (the barrier clears the flag also when it gives up)
+      while (*reinterpret_cast<volatile unsigned*>(pdec_smem + OFF_HOLD)) {}
     unsigned long long* bar = full_bar(s);
     mbar_expect_tx(bar, d.total);
     ++t;
@@ -661,6 +687,40 @@ __device__ __forceinline__ void q8(float y, unsigned& h, unsigned& l) {
 __device__ __forceinline__ unsigned low_bytes(unsigned a, unsigned b, unsigned c, unsigned d) {
   return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
+// B's 8 registers for one g128 group's 4 MMAs (a lane's 32 codes of a row: 16 bytes, 4 words): lane (gb, t) takes the
+// 32 int8 values at h + 32 t (column 0: the codes) or h + lo + 32 t (column 1: the residuals), as evens / odds per
+// word; c0, c1 get the offset correction -8 sum(x) of columns 0 and 1 (the accumulators' initial values)
+__device__ __forceinline__ void load_b32(const unsigned char* h, int lo, unsigned* b, int& c0, int& c1) {
+  const int lane = tid_fresh() & 31, gb = lane >> 2, t = lane & 3;
+  const uint4* src = reinterpret_cast<const uint4*>(h + (gb & 1) * lo + 32 * t);
+  const uint4 u0 = src[0], u1 = src[1];
+  const unsigned u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+  const bool on = gb < (PDEC_MMA_LO ? 2 : 1);
+  int sum = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    b[2 * i] = on ? evens8(u[2 * i], u[2 * i + 1]) : 0u;
+    b[2 * i + 1] = on ? odds8(u[2 * i], u[2 * i + 1]) : 0u;
+    sum = __dp4a((int)b[2 * i], 0x01010101, __dp4a((int)b[2 * i + 1], 0x01010101, sum));
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  c0 = -8 * __shfl_sync(0xffffffffu, sum, 0);
+  c1 = -8 * __shfl_sync(0xffffffffu, sum, 4);
+}
+// rows g and g + 8 of a 16-row block (lane (g, t)'s 16-byte reads wa, wb: 32 codes each) times load_b32's registers b:
+// 4 MMAs in two accumulator chains (ca starts at the correction, cb at 0)
+__device__ __forceinline__ void mma_rows(int (&ca)[4], int (&cb)[4], const uint4 wa, const uint4 wb,
+                                         const unsigned* b) {
+  mma_word(ca, wa.x, wb.x, b[0], b[1]);
+  mma_word(cb, wa.y, wb.y, b[2], b[3]);
+  mma_word(ca, wa.z, wb.z, b[4], b[5]);
+  mma_word(cb, wa.w, wb.w, b[6], b[7]);
+}
+// lane (g, 0)'s dot product of row g (k = 0) or g + 8 (k = 2) from the two chains, in units of the activation scale
+__device__ __forceinline__ float mma_val(const int (&ca)[4], const int (&cb)[4], int k) {
+  return (float)(ca[k] + cb[k]) + (float)(ca[k + 1] + cb[k + 1]) * MMA_KL;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -862,23 +922,8 @@ struct Consumer {
   // column gb's K slots of activations 128 w + 32 t .. + 32) in xp[0..7], the offset correction of columns 0 and 1
   // in corr, the group's scale in sxl[0]
   __device__ __forceinline__ void load_b_gu() {
-    const int tf = tid_fresh(), lane = tf & 31, warp = tf >> 5, gb = lane >> 2, t = lane & 3;
-    const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(xs()) + (gb & 1) * H +
-                                                      GS * warp + 32 * t);
-    const uint4 u0 = src[0], u1 = src[1];
-    const unsigned u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
-    const bool on = gb < (PDEC_MMA_LO ? 2 : 1);
-    int sum = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      xp[2 * i] = on ? evens8(u[2 * i], u[2 * i + 1]) : 0u;
-      xp[2 * i + 1] = on ? odds8(u[2 * i], u[2 * i + 1]) : 0u;
-      sum = __dp4a((int)xp[2 * i], 0x01010101, __dp4a((int)xp[2 * i + 1], 0x01010101, sum));
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    corr[0] = -8 * __shfl_sync(0xffffffffu, sum, 0);
-    corr[1] = -8 * __shfl_sync(0xffffffffu, sum, 4);
+    const int warp = tid_fresh() >> 5;
+    load_b32(reinterpret_cast<const unsigned char*>(xs()) + GS * warp, H, xp, corr[0], corr[1]);
     sxl[0] = sm<float>(OFF_SXG)[warp];
   }
   // B's registers for W_down: the block's 64 SwiGLU outputs as int8 codes (bytes [0, 64) of xs) and residuals (bytes
@@ -916,20 +961,14 @@ struct Consumer {
     const float s0 = sc0[0], s1 = sc0[8 * ng], s2 = sc0[GU_T * ng], s3 = sc0[(GU_T + 8) * ng];
     int c0[4] = {corr[0], corr[1], corr[0], corr[1]}, c1[4] = {0, 0, 0, 0};
     int c2[4] = {corr[0], corr[1], corr[0], corr[1]}, c3[4] = {0, 0, 0, 0};
-    mma_word(c0, wa.x, wb.x, xp[0], xp[1]);
-    mma_word(c2, wc.x, wd.x, xp[0], xp[1]);
-    mma_word(c1, wa.y, wb.y, xp[2], xp[3]);
-    mma_word(c3, wc.y, wd.y, xp[2], xp[3]);
-    mma_word(c0, wa.z, wb.z, xp[4], xp[5]);
-    mma_word(c2, wc.z, wd.z, xp[4], xp[5]);
-    mma_word(c1, wa.w, wb.w, xp[6], xp[7]);
-    mma_word(c3, wc.w, wd.w, xp[6], xp[7]);
+    mma_rows(c0, c1, wa, wb, xp);
+    mma_rows(c2, c3, wc, wd, xp);
     if (t == 0) {
       const float sx = sxl[0];
-      part[0] = s0 * sx * ((float)(c0[0] + c1[0]) + (float)(c0[1] + c1[1]) * MMA_KL);
-      part[8] = s1 * sx * ((float)(c0[2] + c1[2]) + (float)(c0[3] + c1[3]) * MMA_KL);
-      part[FCH] = s2 * sx * ((float)(c2[0] + c3[0]) + (float)(c2[1] + c3[1]) * MMA_KL);
-      part[FCH + 8] = s3 * sx * ((float)(c2[2] + c3[2]) + (float)(c2[3] + c3[3]) * MMA_KL);
+      part[0] = s0 * sx * mma_val(c0, c1, 0);
+      part[8] = s1 * sx * mma_val(c0, c1, 2);
+      part[FCH] = s2 * sx * mma_val(c2, c3, 0);
+      part[FCH + 8] = s3 * sx * mma_val(c2, c3, 2);
     }
   }
 #endif
@@ -1326,9 +1365,7 @@ struct Consumer {
         L = fmaf(sc()[4 * NCW + w * 4 + h], e, L);
       }
       if (p.C == 1) {
-        const half oh = __float2half_rn(o / L);
-        ovec()[tid] = oh;
-        if (write_attn) reinterpret_cast<half*>(a.ws + WS_ATTN)[hk * 4 * HD + tid] = oh;  // for checking only
+        put_o(o / L, hk, write_attn);
       } else {
         float* P = a.ws + WS_PART + ((4 * hk + h) * CMAX + c) * 66;
         P[2 + d] = o;
@@ -1348,9 +1385,7 @@ struct Consumer {
 #pragma unroll
       for (int g = 0; g < NCW; ++g) o += red[(g * 4 + h) * HD + d];
       if (p.C == 1) {
-        const half oh = __float2half_rn(o / mls()[4 + h]);
-        ovec()[tid] = oh;
-        if (write_attn) reinterpret_cast<half*>(a.ws + WS_ATTN)[hk * 4 * HD + tid] = oh;  // for checking only
+        put_o(o / mls()[4 + h], hk, write_attn);
       } else {
         float* P = a.ws + WS_PART + ((4 * hk + h) * CMAX + c) * 66;
         P[2 + d] = o;
@@ -1362,6 +1397,20 @@ struct Consumer {
       cons_sync();  // the partials before thread 0's release (cumulative, as in the grid barrier)
       if (tid == 0) red_release_add(ctl + CTL_HEAD + hk, 1u);
     }
+  }
+
+  // attention output tid (< 256: head tid / 64, dim tid % 64) as fp16 into ovec (and the workspace, for checking
+  // only); with PDEC_MMA_O also as f32 into xs()[tid] (only this thread read that word of the reduction buffer) and
+  // the warp's max |o| into red16()[warp] (warps 0..3: group 0, 4..7: group 1), which oproj quantizes from
+  __device__ __forceinline__ void put_o(float o, int hk, bool write_attn) {
+    const half oh = __float2half_rn(o);
+    ovec()[tid] = oh;
+    if (write_attn) reinterpret_cast<half*>(a.ws + WS_ATTN)[hk * 4 * HD + tid] = oh;
+#if PDEC_MMA_O
+    reinterpret_cast<float*>(xs())[tid] = o;
+    const float m = warp_max(fabsf(o));
+    if (lane == 0) red16()[warp] = m;
+#endif
   }
 
   // chunked attention: wait until the kv head's C chunks are published (a monotone counter: C a layer), then
@@ -1381,12 +1430,68 @@ struct Consumer {
         L = fmaf(__ldcg(P + cc * 66 + 1), e, L);
         O = fmaf(__ldcg(P + cc * 66 + 2 + d), e, O);
       }
-      const half oh = __float2half_rn(O / L);
-      ovec()[tid] = oh;
-      if (write_attn) reinterpret_cast<half*>(a.ws + WS_ATTN)[hk * 4 * HD + tid] = oh;
+      put_o(O / L, hk, write_attn);
     }
   }
 
+#if PDEC_MMA_O
+  // W_o rows [128 j, 128 j + 128) x the kv head's 256 columns (2 groups) on the tensor cores, added into the
+  // residual (version 2 l + 1): the 256 outputs (f32 in xs, put_o) quantized once, int8 codes at byte OB of xs and
+  // residuals at OB + 256 with one scale per group (max |o| / 127); warp w < 8 takes rows [16 w, 16 w + 16), both
+  // groups (load_b32 twice, 8 MMAs in 4 chains), lane 4 g's rows g and g + 8 gathered by 4 for two 16-byte atomics
+  __device__ __forceinline__ void oproj(int l, int, int j) {
+    constexpr int OB = 4096;  // past the f32 outputs; the rest of att_end's reduction buffer is dead
+    unsigned char* ob = reinterpret_cast<unsigned char*>(xs()) + OB;
+    if (compute) {
+      cons_sync();  // the outputs and their warps' max complete
+      const int tf = tid_fresh();
+      if (tf < 4 * HD) {
+        const float4 m4 = reinterpret_cast<const float4*>(red16())[tf >> 7];
+        const float m = fmaxf(fmaxf(m4.x, m4.y), fmaxf(m4.z, m4.w));
+        unsigned hb, lb;
+        q8(reinterpret_cast<const float*>(xs())[tf] * (m > 0.f ? 127.f / m : 0.f), hb, lb);
+        ob[tf] = (unsigned char)hb;
+        ob[4 * HD + tf] = (unsigned char)lb;
+      }
+      cons_sync();
+    }
+    const unsigned char* slot = wait_tile();
+    const int tf = tid_fresh(), lane = tf & 31, warp = tf >> 5;
+    if (compute && warp < OROWS / 16) {
+      const int g = lane >> 2, t = lane & 3, row = 16 * warp + g;
+      unsigned b[16];
+      int cr[4];
+      load_b32(ob, 4 * HD, b, cr[0], cr[1]);
+      load_b32(ob + GS, 4 * HD, b + 8, cr[2], cr[3]);
+      const unsigned char* w = slot + row * 128 + 16 * t;
+      const uint4 wa0 = *reinterpret_cast<const uint4*>(w), wb0 = *reinterpret_cast<const uint4*>(w + 1024);
+      const uint4 wa1 = *reinterpret_cast<const uint4*>(w + 64), wb1 = *reinterpret_cast<const uint4*>(w + 1088);
+      int c0[4] = {cr[0], cr[1], cr[0], cr[1]}, c1[4] = {0, 0, 0, 0};
+      int c2[4] = {cr[2], cr[3], cr[2], cr[3]}, c3[4] = {0, 0, 0, 0};
+      mma_rows(c0, c1, wa0, wb0, b);
+      mma_rows(c2, c3, wa1, wb1, b + 8);
+      const float* scl = reinterpret_cast<const float*>(slot + OROWS * 128);  // [128 rows][2 groups]
+      const float2 sa = *reinterpret_cast<const float2*>(scl + 2 * row);
+      const float2 sb = *reinterpret_cast<const float2*>(scl + 2 * (row + 8));
+      const float4 m0 = reinterpret_cast<const float4*>(red16())[0], m1 = reinterpret_cast<const float4*>(red16())[1];
+      const float sx0 = fmaxf(fmaxf(m0.x, m0.y), fmaxf(m0.z, m0.w)) * (1.f / 127.f);
+      const float sx1 = fmaxf(fmaxf(m1.x, m1.y), fmaxf(m1.z, m1.w)) * (1.f / 127.f);
+      const float y = sa.x * sx0 * mma_val(c0, c1, 0) + sa.y * sx1 * mma_val(c2, c3, 0);
+      const float z = sb.x * sx0 * mma_val(c0, c1, 2) + sb.y * sx1 * mma_val(c2, c3, 2);
+      // row g's value sits in lane 4 g: lanes 0 and 16 gather rows 0..3 and 4..7 (and + 8)
+      const float y1 = __shfl_down_sync(0xffffffffu, y, 4), y2 = __shfl_down_sync(0xffffffffu, y, 8),
+                  y3 = __shfl_down_sync(0xffffffffu, y, 12);
+      const float z1 = __shfl_down_sync(0xffffffffu, z, 4), z2 = __shfl_down_sync(0xffffffffu, z, 8),
+                  z3 = __shfl_down_sync(0xffffffffu, z, 12);
+      if ((lane & 15) == 0) {
+        float* xo = xbuf(2 * l + 1) + j * OROWS + 16 * warp + (lane >> 2);
+        red_add4(xo, y, y1, y2, y3);
+        red_add4(xo + 8, z, z1, z2, z3);
+      }
+    }
+    release_tile();
+  }
+#else
   // W_o rows [128 j, 128 j + 128) x the kv head's 256 columns (2 groups) times ovec, added into the residual
   // (version 2 l + 1; its base, version 2 l, was stored there in phase A).  8 lanes a row: lane q = lane % 8
   // takes columns [32 q, 32 q + 32), in group q / 4; 4 rows a warp, 2 passes.
@@ -1429,6 +1534,7 @@ struct Consumer {
     }
     release_tile();
   }
+#endif
 
   // the block's 64 SwiGLU outputs as pairs: lane parity hp takes channels [32 hp, 32 hp + 32) of the slice
   __device__ __forceinline__ void down_begin() {
@@ -1562,6 +1668,7 @@ __global__ void __launch_bounds__(NT, 1) decode_step(const __grid_constant__ Arg
   unsigned* ctl = reinterpret_cast<unsigned*>(a.ws + WS_CTL);
   if (threadIdx.x == 0) {
     for (int i = 0; i < NSLOT; ++i) { mbar_init(full_bar(i), 1); mbar_init(empty_bar(i), NCW); }
+    if (PDEC_HOLD) *sm<unsigned>(OFF_HOLD) = 0u;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
