@@ -31,6 +31,8 @@ def test_pass_declaration(key: str) -> None:
     assert cls.__name__ == "".join(p.capitalize() for p in key.split("-")) + "Pass"
     # A one-line summary for `ctc passes` and the docs.
     assert cls.summary() and not cls.summary().endswith(":"), f"{key} has no summary docstring"
+    # ... a whole sentence on the first line (fold-batch-norm's was cut off mid-parenthesis in `ctc passes`)
+    assert cls.summary().endswith("."), f"{key}: the docstring's first line is not a whole sentence"
     # Options: a frozen PassOptions dataclass; every field documented, defaults valid.
     opts = cls.Options
     assert issubclass(opts, PassOptions) and dataclasses.is_dataclass(opts)

@@ -82,8 +82,9 @@ def fold_into_producer(rw: Rewriter, m: Match) -> object:
 
 @register_pass
 class FoldBatchNormPass(PatternPass):
-    """Fold inference batch norms into the convolution or linear that feeds them (weights rescaled
-    per output channel, the shift becomes the bias)."""
+    """Fold inference batch norms into the convolution or linear that feeds them.
+
+    The weights are rescaled per output channel and the shift becomes the bias."""
 
     name = "fold-batch-norm"
 
