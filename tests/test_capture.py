@@ -158,6 +158,16 @@ def test_plain_module_capture() -> None:
     assert {n.block for n in m.find("linear")} == {0, 1, 2, None}
 
 
+def test_capture_arguments_of_the_wrong_kind_are_named() -> None:
+    """A tensor for example_inputs failed inside the name check ('sequence item 0: expected str instance, Tensor
+    found'); dynamic="seq" was read as a list of three names, making axes 0-2 the symbols s, e and q."""
+    net, x = _Net(), torch.randn(2, 5, 8)
+    with pytest.raises(CaptureError, match=r"example_inputs must map forward's parameter names to tensors"):
+        capture(net, x)  # type: ignore[arg-type]
+    with pytest.raises(CaptureError, match=r"dynamic='seq': give True, a list of axis names"):
+        capture(net, {"x": x}, dynamic="seq")
+
+
 class _DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -639,6 +639,9 @@ def normalize_dynamic(dynamic: bool | Mapping[str, Mapping[int, str]] | Sequence
         return {}
     if dynamic is True:
         dynamic = ["_", "seq"]
+    if isinstance(dynamic, (str, bytes)) or not isinstance(dynamic, (Mapping, Sequence)):
+        raise CaptureError(f"dynamic={dynamic!r}: give True, a list of axis names (['batch', 'seq']: None or '_' for "
+                           "a static axis), a dict {input: {axis: name}}, or False")
     if isinstance(dynamic, Mapping):
         return {k: dict(v) for k, v in dynamic.items()}
     names = list(dynamic)
@@ -668,6 +671,9 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, Mapping):
+        raise CaptureError(f"example_inputs must map forward's parameter names to tensors ({{'x': x}}), got "
+                           f"{type(example_inputs).__name__}")
     _check_input_names(model, example_inputs)
     model = model.eval()
     dyn = normalize_dynamic(dynamic, example_inputs)
