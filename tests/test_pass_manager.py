@@ -478,3 +478,16 @@ def test_basic_pipeline_on_random_modules_is_exact(mi: tuple[Module, list[torch.
         assert r.ops_after == {k: v for k, v in r.ops_after.items() if v > 0}
     assert rep.ops_after == out.op_counts() and rep.params_after == out.param_count()
     assert PipelineReport.from_dict(json.loads(rep.to_json())) == rep
+
+
+def test_selectors_built_in_python_are_checked() -> None:
+    """Selector(scopes="*.mlp.*") matched everything (each character a pattern, '*' among them), ops="linear" the ops
+    'l', 'i', ...; Selector(blocks=(0, 6)) failed later with 'cannot unpack non-iterable int'.  A lone string is one
+    pattern, a lone (lo, hi) one range; anything else is a PassError naming the field."""
+    assert Selector(scopes="*.mlp.*").scopes == ("*.mlp.*",) and Selector(ops="linear").ops == ("linear",)
+    assert Selector(blocks=(0, 6)).blocks == ((0, 6),) and Selector(blocks=[[0, 2], (4, 6)]).blocks == ((0, 2), (4, 6))
+    assert Selector(blocks=((0, 6),)) == Selector(blocks=[(0, 6)])  # hashable and equal whatever the container
+    for bad, msg in (({"blocks": (6, 0)}, "blocks"), ({"blocks": ((0, 1.5),)}, "blocks"), ({"blocks": 3}, "blocks"),
+                     ({"scopes": (1,)}, "scopes"), ({"ops": [None]}, "ops"), ({"blocks": ((-1, 2),)}, "blocks")):
+        with pytest.raises(PassError, match=rf"Selector {msg}="):
+            Selector(**bad)

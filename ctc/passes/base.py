@@ -55,6 +55,27 @@ class Selector:
     scopes: tuple[str, ...] = ()
     ops: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        """Tuples whatever the caller built it with (a lone string is one pattern, a lone ``(lo, hi)`` one range);
+        a malformed field is a :class:`PassError` naming it (a string read as characters matched every scope)."""
+        def ints(r: Any) -> bool:
+            return all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+
+        blocks = self.blocks
+        if isinstance(blocks, (tuple, list)) and len(blocks) == 2 and ints(blocks):
+            blocks = (blocks,)
+        if not isinstance(blocks, (tuple, list)) or not all(
+                isinstance(r, (tuple, list)) and len(r) == 2 and ints(r) and 0 <= r[0] < r[1] for r in blocks):
+            raise PassError(f"Selector blocks={self.blocks!r}: give half-open block ranges, ((lo, hi), ...) with "
+                            "0 <= lo < hi")
+        object.__setattr__(self, "blocks", tuple((int(lo), int(hi)) for lo, hi in blocks))
+        for name in ("scopes", "ops"):
+            value = getattr(self, name)
+            items = (value,) if isinstance(value, str) else value
+            if not isinstance(items, (tuple, list)) or not all(isinstance(x, str) and x for x in items):
+                raise PassError(f"Selector {name}={value!r}: give a string or a tuple of strings")
+            object.__setattr__(self, name, tuple(items))
+
     @property
     def is_all(self) -> bool:
         return not (self.blocks or self.scopes or self.ops)
