@@ -79,6 +79,13 @@ slower with 3 slots (0.3640 vs 0.3605 ms at KV 128) and with 4 (0.3683; 4 slots 
 gate|up takes 2.7 instead of 3.6 us a layer, but the C barrier 2.4-2.7 instead of 1.6, and holding the copies back
 makes it longer, not shorter -- the barrier waits for the slowest block's share of HBM, not for queued atomics.
 
+Phase A on the tensor cores (``PDEC_MMA_QKV=1``, off): the norm quantizes to int8 + residual as for gate|up, the 24
+q|k|v rows run through ``gu_mma`` (rows 24..31 of the slot padding), 24 threads sum the 16 warps' partials after one
+more block sync.  Measured (run 24, twice each beside the default): 0.3537-0.3540 / 0.4056-0.4068 ms vs 0.3532-0.3534
+/ 0.4053-0.4058 (phase A 2.06-2.09 vs 1.95 us a layer: the quantizing norm and the extra sync cost what the MMAs
+save), but the logits' max abs error vs fp32 falls from 0.008-0.010 to 0.0027-0.0029 (the half2 q|k|v, summing 16
+products in fp16, is now the largest error term of the default build; argmax and top-5 equal either way).
+
 Arithmetic of the other GEMVs (``PDEC_IDP=1`` builds an alternative for the K-2048 GEMVs: int16 activations with a
 scale per g128 group, ``dp2a`` into exact int32 sums; more accurate, 7 instead of 13 instructions per 8 codes, but
 measured 0-3% slower a step because the norms get slower; ``PDEC_IDP_OD=1`` adds W_o / W_down, slower still; both
@@ -100,7 +107,9 @@ that would not be co-resident.  The per-head counters (q|k|v, attention chunks) 
 per layer).  The next RMSNorm's weights are loaded before the barrier that precedes it.  A barrier, counter or
 ring wait that exceeds 0.2 s sets an abort flag in the workspace and lets the step finish (wrong values, no hang).
 
-Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, stop 29, run 21): 0.361 / 0.412 ms a step at KV 128
+Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, stop 29, second kernel round, run 24): 0.3532-0.3534 /
+0.4053-0.4058 ms a step at KV 128 / 1024 (graph b2b, 44.0% / 38.3% of copy) with W_o on the tensor cores.  Run 21:
+0.361 / 0.412 ms a step at KV 128
 / 1024 as a CUDA graph (back to back) with the tensor-core phase C (the half2 build in the same run: 0.366 / 0.419),
 43% / 38% of the copy bandwidth; with no copies at all (diagnostic, LM head cut) 0.263 vs 0.292 ms.  Before it
 (third section): 0.367 / 0.419 ms a step at
@@ -195,6 +204,9 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #ifndef PDEC_MMA_O  // 1: phase B's o projection on the integer tensor cores too (the 256 attention outputs int8 + int8
 #define PDEC_MMA_O PDEC_MMA  // residual, a scale per g128 group; 8 warps, one 16-row block each, 8 MMAs); measured
 #endif  // 1.3-1.8% faster a step than the half2 W_o and closer to fp32 (run 23), so on with PDEC_MMA
+#ifndef PDEC_MMA_QKV  // 1: phase A's q|k|v rows on the tensor cores as well (int8 + residual activations from the
+#define PDEC_MMA_QKV 0  // norm; gate|up's code with 24 + 8 padding rows; the 16 warps' partials summed by 24 threads):
+#endif  // 3x closer to fp32 but no faster (run 24: phase A 0.1-0.2 us a layer slower), so 0
 #ifndef PDEC_HOLD  // 1: the producer issues no copy while its block's consumers are in a grid barrier (its arrive
 #define PDEC_HOLD 0  // and poll then do not queue behind bulk copies of this multiprocessor)
 #endif
@@ -221,7 +233,7 @@ __device__ __forceinline__ int qi(int h, int d) { return h * QROW + d + ((d >> 5
 constexpr int CMAX = 16;
 static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
 static_assert(!(PDEC_MMA && (PDEC_IDP || PDEC_IDP_OD)), "PDEC_MMA replaces the half2 / dp2a arithmetic of phase C");
-static_assert(!PDEC_MMA_O || PDEC_MMA, "PDEC_MMA_O uses phase C's tensor-core helpers");
+static_assert(!(PDEC_MMA_O || PDEC_MMA_QKV) || PDEC_MMA, "PDEC_MMA_O / _QKV use phase C's tensor-core helpers");
 static_assert(FCH % 32 == 0 && FCH <= NCT, "down_begin: the SwiGLU outputs are whole warps");
 static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
 // workspace (floats): 4 residual buffers (version 1 in the 4th, later ones rotating over 3), q|k|v (per kv
@@ -947,11 +959,13 @@ struct Consumer {
   // the gate|up tile (16 gate rows, 16 up rows, 2048 wide) on the tensor cores: warp w takes group w of all 32 rows
   // (two row blocks, 4 MMAs each; lane (g, t) reads 16 bytes of rows g and g + 8), its f32 partials (group scale x
   // activation scale applied) into shared memory [16 warps][128 rows of the block's 64 pairs], summed in down_begin
-  __device__ __forceinline__ void gu_mma(const unsigned char* slot, int j0) {
+  // (PDEC_MMA_QKV: phase A's 24 q|k|v rows the same way, nrows = 24: rows 24..31 of the slot are padding whose
+  // partials nobody reads)
+  __device__ __forceinline__ void gu_mma(const unsigned char* slot, int j0, int nrows = 2 * GU_T) {
     constexpr int rb = H / 2, ng = H / GS;
     const int tf = tid_fresh(), lane = tf & 31, warp = tf >> 5, g = lane >> 2, t = lane & 3;
     const unsigned char* cw = slot + (GS / 2) * warp + 16 * t;
-    const float* sc0 = reinterpret_cast<const float*>(slot + 2 * GU_T * rb) + g * ng + warp;
+    const float* sc0 = reinterpret_cast<const float*>(slot + nrows * rb) + g * ng + warp;
     float* part = reinterpret_cast<float*>(xs()) + H / 2 + warp * 2 * FCH + j0 + g;
     // gate rows g, g + 8 (wa, wb), up rows g, g + 8 (wc, wd); two accumulators a row block (shorter MMA chains)
     const uint4 wa = *reinterpret_cast<const uint4*>(cw + g * rb);
@@ -999,11 +1013,11 @@ struct Consumer {
       cons_sync();
     }
     if (compute && (st == 3 || p.b < NOB)) {  // blocks 128.. have no rows in A and C
-      if (st == 0) norm(l == 0 ? nullptr : xbuf(2 * l), xbuf(2 * l + 1), xbuf(2 * l + 2));
+      if (st == 0) norm(l == 0 ? nullptr : xbuf(2 * l), xbuf(2 * l + 1), xbuf(2 * l + 2), PDEC_MMA_QKV);
       else if (st == 2) norm(xbuf(2 * l + 1), xbuf(2 * l + 2), xbuf(2 * l + 3), PDEC_MMA);
       else if (st == 3) norm(xbuf(2 * p.layers), nullptr, nullptr);
 #if PDEC_MMA
-      if (st == 2) load_b_gu();
+      if (st == 2 || (st == 0 && PDEC_MMA_QKV)) load_b_gu();
       else if (st != 1) load_xp();
 #else
       if (st != 1) load_xp();
@@ -1064,6 +1078,10 @@ struct Consumer {
 #if PDEC_MMA
         gu_mma(slot, r0 - p.b * FCH);
 #endif
+      } else if (st == 0 && PDEC_MMA_QKV) {
+#if PDEC_MMA
+        gu_mma(slot, 0, QKV_B);
+#endif
       } else if (st == 3) {  // gate|up pairs: warp w takes pair w
         if (warp < cnt) {
           const float g0 = seg(slot + (size_t)warp * rb, sc0 + warp * ng);
@@ -1094,6 +1112,19 @@ struct Consumer {
       }
     }
     release_tile();
+#if PDEC_MMA_QKV
+    if (compute && st == 0) {  // the 16 warps' partials of the q|k|v rows (gu_mma's layout: rows 16.. at + FCH)
+      cons_sync();
+      const int tf = tid_fresh();
+      if (tf < cnt) {
+        const float* part = reinterpret_cast<const float*>(xs()) + H / 2 + (tf < 16 ? tf : FCH + tf - 16);
+        float y = 0.f;
+#pragma unroll
+        for (int w = 0; w < NCW; ++w) y += part[w * 2 * FCH];
+        a.ws[WS_QKV + r0 + tf] = y;
+      }
+    }
+#endif
   }
 
   // ---- attention over positions [c0, c1) for the 4 query heads of kv head hk
