@@ -277,7 +277,12 @@ class Artifact:
     def fixed_seq_len(self, target: str | None = None) -> int | None:
         """The sequence length every call must have: the IR's own (a number on the first input's axis 1), or,
         with ``target``, the one its library was built for (the runner's ``static_dims``: ``seq_len=`` on the
-        target line, a tuned build, an fpga design); None when any length runs."""
+        target line, a tuned build, an fpga design); None when any length runs, and for a model without text
+        inputs (no tokenizer: a CNN) or a decode step (one token a call)."""
+        from ctc.tasks import TASK_DECODE_STEP
+
+        if self.tokenizer_dir is None or self.module.meta.get("task") == TASK_DECODE_STEP:
+            return None
         shape = self.module.inputs[0].type.shape if self.module.inputs else ()
         if len(shape) > 1 and isinstance(shape[1], int):
             return shape[1]

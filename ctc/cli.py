@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("artifact", metavar="ARTIFACT")
     b.add_argument("--target", metavar="KIND", help="bench the compiled library of this target (default: torch)")
     b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    b.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
+    b.add_argument("--seq-len", type=int, help="sequence length (default: the one the target's library was built "
+                                                "for, else 128)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs (default and least 20)")
     b.add_argument("--threads", type=int, help="threads: torch's, or with --target the library's worker threads "
                                                "(default: torch's / the library's own)")

@@ -989,16 +989,22 @@ def _short(v: Any) -> str:
 
 
 # --------------------------------------------------------------------------- ctc eval / ctc bench
-def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int, repeat: int,
+def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int | None, repeat: int,
                    threads: int | None, profile: int = 0) -> dict[str, Any]:
     """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target;
-    ``profile`` > 0 adds that many of the slowest kernels of a compiled target (per-kernel wall time)."""
+    ``profile`` > 0 adds that many of the slowest kernels of a compiled target (per-kernel wall time).
+    ``seq_len`` None: the length a text model's library was built for (``seq_len=`` on its target line), else 128."""
     import resource
 
     import torch
 
     from ctc.eval.latency import MIN_RUNS, machine_info, measure_latency
 
+    fixed = art.fixed_seq_len(target) if target is not None else None
+    if fixed is not None and seq_len is not None and seq_len != fixed:
+        raise UsageError(f"--seq-len {seq_len}: this {target} library was built for {fixed} tokens (`seq_len=` on its "
+                         f"target line): give --seq-len {fixed} or leave it out")
+    seq_len = seq_len if seq_len is not None else fixed or 128
     if batch < 1 or seq_len < 2:
         raise UsageError("--batch must be >= 1 and --seq-len >= 2")
     if repeat < MIN_RUNS:

@@ -243,6 +243,19 @@ def test_cli_text_runs_on_a_library_built_for_one_length(tmp_path: Path, capsys:
     assert "the text is 22 tokens, but this cpu library was built for 16" in err, err
 
 
+def test_bench_takes_the_length_a_library_was_built_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc bench ART --target cpu` on a `seq_len=16` build timed 128 tokens and failed with the library's 'give
+    inputs of exactly that size (token ids padded ...)'; it now takes the build's length, and a --seq-len
+    other than it is refused naming the one to give."""
+    from ctc.driver import bench_artifact
+
+    art, _ = _fixed_length_artifact(tmp_path, monkeypatch, 16)
+    assert bench_artifact(art, target="cpu", batch=1, seq_len=None, repeat=20, threads=None)["seq_len"] == 16
+    assert bench_artifact(art, target=None, batch=1, seq_len=None, repeat=20, threads=None)["seq_len"] == 128
+    with pytest.raises(UsageError, match="--seq-len 64: this cpu library was built for 16 tokens"):
+        bench_artifact(art, target="cpu", batch=1, seq_len=64, repeat=20, threads=None)
+
+
 def test_human_similarity_on_a_library_built_for_one_length(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctc eval --human-similarity --target cpu` on a fixed-length build failed after loading the original model,

@@ -54,7 +54,8 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
     if kind not in KINDS:
         target_peaks(kind)  # raises the error naming the kinds
     peaks = target_peaks(kind, remeasure=remeasure, gpu=gpu, board=board or _fpga_board(art))
-    n = default_seq_len(art) if seq_len is None else seq_len
+    built = art.fixed_seq_len(kind) if seq_len is None and profile and kind in art.targets else None  # its length
+    n = seq_len if seq_len is not None else built or default_seq_len(art)
     a = analyze_module(art.module, peaks, seq_len=n, batch=batch, dims=dims, name=str(art.report.get("name") or
                                                                                       art.path.name))
     if not profile:
