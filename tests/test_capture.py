@@ -158,6 +158,14 @@ def test_plain_module_capture() -> None:
     assert {n.block for n in m.find("linear")} == {0, 1, 2, None}
 
 
+def test_a_dynamic_axis_of_size_one_says_why_the_capture_fell_back() -> None:
+    """dynamic=["batch", "seq"] with a batch-1 example fell back to static shapes saying only 'conflicts between
+    user-specified ranges and inferred ranges', in the meta alone."""
+    with pytest.warns(UserWarning, match=r"dynamic axis 'batch' \(input 'x' axis 0\) is 1: give examples of size >= 2"):
+        m = capture(_Net(), {"x": torch.randn(1, 5, 8)}, dynamic=["batch", "seq"])
+    assert m.meta["capture_path"] == "fx" and m.inputs[0].type.shape == (1, 5, 8)
+
+
 def test_capture_arguments_of_the_wrong_kind_are_named() -> None:
     """A tensor for example_inputs failed inside the name check ('sequence item 0: expected str instance, Tensor
     found'); dynamic="seq" was read as a list of three names, making axes 0-2 the symbols s, e and q."""
@@ -183,7 +191,8 @@ def test_fx_fallback_when_export_fails() -> None:
     torch.manual_seed(0)
     net = _DataDependent().eval()
     x = torch.rand(2, 4) + 0.1
-    m = capture(net, {"x": x}, dynamic=False)
+    with pytest.warns(UserWarning, match="torch.fx fallback"):  # a Python caller is told, not only the meta
+        m = capture(net, {"x": x}, dynamic=False)
     assert m.meta["capture_path"] == "fx"
     assert "torch.export failed" in m.meta["capture_warning"]
     assert m.inputs[0].type.shape == (2, 4)

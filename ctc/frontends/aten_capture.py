@@ -18,6 +18,7 @@ used through ``addmm``) are stored transposed so they become ordinary ``linear``
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -685,12 +686,19 @@ def capture(
             ep = _export(model, dict(example_inputs), dyn)
         except Exception as e:  # noqa: BLE001 - any export failure selects the fallback
             export_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            shapes = {k: tuple(v.shape) for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
+            small = [f"{sym!r} (input {k!r} axis {ax}) is {shapes[k][ax]}" for k, axes in dyn.items()
+                     for ax, sym in axes.items() if k in shapes and 0 <= ax < len(shapes[k]) and shapes[k][ax] < 2]
+            if small:  # the usual cause: export specializes sizes 0 and 1, so such an axis cannot stay dynamic
+                export_error += (f"; in the example, dynamic axis {', '.join(small)}: give examples of size >= 2 on "
+                                 "dynamic axes")
             ep = None
             path = "fx"
         if ep is None:
             from ctc.frontends.fx_trace import capture_fx
 
             m = capture_fx(model, example_inputs, output=output, name=name, why=export_error)
+            warnings.warn(m.meta["capture_warning"], UserWarning, stacklevel=2)  # said only in meta before
     if ep is not None:
         m = _from_exported(ep, model, dyn, output=output, name=name)
     m.meta["capture_path"] = path
