@@ -194,6 +194,21 @@ def test_bench_states_the_library_threads_and_refuses_a_count_it_cannot_apply(be
     assert res["protocol"].endswith(", 3 thread(s)")
 
 
+def test_a_size_the_model_fixes_is_not_blamed_on_the_build() -> None:
+    """A library built with seq=128 refused an input whose channel axis (3 in the IR itself) was wrong with 'this
+    library was built for fixed shapes (seq=128): ... axis 1 must be 3 ... build the target without fixing it',
+    advice that cannot help: only an axis the build fixed gets that message."""
+    from ctc.backends.tvm.inputs import check_shape, input_specs
+
+    spec = input_specs({"inputs": [{"name": "x", "shape": [1, 3, "seq"], "dtype": "f32"}],
+                        "static_dims": {"seq": 128}})[0]
+    with pytest.raises(UsageError) as e:
+        check_shape(spec, (1, 4, 128), {})
+    assert str(e.value) == "input 'x' axis 1 must be 3, got 4"
+    with pytest.raises(UsageError, match=r"built for fixed shapes \(seq=128\): input 'x' axis 2 must be 128, got 9"):
+        check_shape(spec, (1, 3, 9), {})
+
+
 # --------------------------------------------------------------------------- text on a fixed-length library
 class _FixedLibrary:
     """A library built for one sequence length (`target cpu seq_len=16`): refuses any other, as the real one does."""

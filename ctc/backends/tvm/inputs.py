@@ -41,6 +41,7 @@ class InputSpec:
     rank: int
     inplace: bool  # the library writes this input's buffer: the caller's tensor gets a private copy
     static_dims: tuple[tuple[str, int], ...]  # the build's bound symbols, for the error message
+    built: frozenset[int] = frozenset()  # axes of ``fixed`` that the build fixed (a symbol in the model's IR)
 
 
 def _kind(torch_dtype: Any) -> str:
@@ -72,17 +73,18 @@ def input_specs(meta: Mapping[str, Any], inplace: set[str] | frozenset[str] = fr
             nd: np.dtype | None = torch.empty(0, dtype=td).numpy().dtype
         except TypeError:
             nd = None
-        fixed, symbols = [], []
+        fixed, symbols, built = [], [], set()
         for axis, d in enumerate(i.get("shape", [])):
             if isinstance(d, int):
                 fixed.append((axis, d))
             elif d in static:
                 fixed.append((axis, static[d]))
+                built.add(axis)
             elif isinstance(d, str) and d.isidentifier():
                 symbols.append((axis, d))
             # an expression of symbols (seq + 1): the runtime's own shape check covers it
         specs.append(InputSpec(i["name"], i["dtype"], td, nd, _kind(td), tuple(fixed), tuple(symbols),
-                               len(i.get("shape", [])), i["name"] in inplace, tuple(static.items())))
+                               len(i.get("shape", [])), i["name"] in inplace, tuple(static.items()), frozenset(built)))
     return specs
 
 
@@ -93,7 +95,7 @@ def check_shape(spec: InputSpec, shape: Sequence[int], sizes: dict[str, tuple[in
         raise UsageError(f"input {spec.name!r} must have {spec.rank} dims, got shape {tuple(shape)}")
     for axis, want in spec.fixed:
         if shape[axis] != want:
-            if spec.static_dims:
+            if axis in spec.built:
                 built = ", ".join(f"{k}={v}" for k, v in spec.static_dims)
                 raise UsageError(f"this library was built for fixed shapes ({built}): input {spec.name!r} axis "
                                  f"{axis} must be {want}, got {shape[axis]}; give inputs of exactly that size (token "
