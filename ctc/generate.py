@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["Generation", "greedy_generate", "static_step_signature", "step_logits", "teacher_forced_nll"]
@@ -75,6 +76,24 @@ def _signature(step: Any, input_specs: Sequence[Mapping[str, Any]] | None, who: 
     return static_step_signature(specs)
 
 
+def _token_ids(ids: Any, batch: int, least: int, what: str, length: str) -> torch.Tensor:
+    """``ids`` (a tensor, array or nested list) as integer token ids ``[batch, L >= least]``, else a ValueError
+    starting with ``what``."""
+    if not isinstance(ids, torch.Tensor):
+        try:
+            arr = np.asarray(ids)
+        except (TypeError, ValueError):  # ragged lists
+            arr = None
+        if arr is None or arr.dtype.kind not in "biuf":
+            raise ValueError(f"{what}: token ids must be a tensor, array or nested list of integers")
+        ids = torch.from_numpy(arr)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{what}: token ids must be integers, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < least:
+        raise ValueError(f"{what} must be [{batch}, {length}>={least}] token ids, got {tuple(ids.shape)}")
+    return ids
+
+
 def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool = False,
                     input_specs: Sequence[Mapping[str, Any]] | None = None) -> Generation:
     """Greedy decoding of ``max_new_tokens`` after ``prompt_ids [B, P]`` through a static decode ``step``.
@@ -83,10 +102,9 @@ def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     or a functional ``inputs -> outputs`` callable, then with ``input_specs`` (the module's inputs).
     """
     batch, max_len, caches = _signature(step, input_specs, "greedy_generate")
-    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != batch or prompt_ids.shape[1] < 1:
-        raise ValueError(f"greedy_generate: prompt must be [{batch}, P>=1] token ids, got {tuple(prompt_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"greedy_generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompt_ids = _token_ids(prompt_ids, batch, 1, "greedy_generate: prompt", "P")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     total = prompt_ids.shape[1] + max_new_tokens - 1
     if total > max_len:
         raise ValueError(f"greedy_generate: prompt ({prompt_ids.shape[1]}) + {max_new_tokens} new tokens need "
@@ -108,8 +126,7 @@ def teacher_forced_nll(step: Any, ids: torch.Tensor, first: int, *,
     that only simulates the cache.  ``first`` skips the context-only prefix (llama.cpp's perplexity
     scores the second half of each window: ``first = L // 2``)."""
     batch, max_len, caches = _signature(step, input_specs, "teacher_forced_nll")
-    if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < 2:
-        raise ValueError(f"teacher_forced_nll: ids must be [{batch}, L>=2] token ids, got {tuple(ids.shape)}")
+    ids = _token_ids(ids, batch, 2, "teacher_forced_nll: ids", "L")
     if ids.shape[1] > max_len:
         raise ValueError(f"teacher_forced_nll: {ids.shape[1]} tokens need as many cache positions; "
                          f"this step holds {max_len}")
@@ -133,8 +150,7 @@ def step_logits(step: Any, ids: torch.Tensor, *, input_specs: Sequence[Mapping[s
     """Float logits ``[B, L, V]`` at every position of ``ids [B, L]``, fed one token per call through a static
     decode ``step`` from position 0 with fresh caches (what the deployed step computes for each prefix)."""
     batch, max_len, caches = _signature(step, input_specs, "step_logits")
-    if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < 1:
-        raise ValueError(f"step_logits: ids must be [{batch}, L>=1] token ids, got {tuple(ids.shape)}")
+    ids = _token_ids(ids, batch, 1, "step_logits: ids", "L")
     if ids.shape[1] > max_len:
         raise ValueError(f"step_logits: {ids.shape[1]} tokens need as many cache positions; this step holds {max_len}")
     write, run, sync = _stepper(step, ids, caches, False)

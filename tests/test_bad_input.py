@@ -209,6 +209,30 @@ def test_a_size_the_model_fixes_is_not_blamed_on_the_build() -> None:
         check_shape(spec, (1, 3, 9), {})
 
 
+def test_generation_takes_token_ids_in_any_form_and_refuses_others() -> None:
+    """ctc.generate.greedy_generate: a list prompt failed with "'list' object has no attribute 'dim'", float
+    'token ids' were used as they were, max_new_tokens="3" failed comparing str and int."""
+    from ctc.generate import greedy_generate
+
+    specs = [{"name": "input_ids", "shape": [1, 1], "dtype": "i64"}, {"name": "position", "shape": [1], "dtype": "i64"},
+             {"name": "cache_k_0", "shape": [1, 1, 8, 2], "dtype": "f32"},
+             {"name": "cache_v_0", "shape": [1, 1, 8, 2], "dtype": "f32"}]
+
+    def step(feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:  # next token = this one + 1
+        logits = torch.zeros(1, 1, 11)
+        logits[0, 0, (int(feed["input_ids"][0, 0]) + 1) % 11] = 1
+        return [logits, feed["cache_k_0"], feed["cache_v_0"]]
+
+    for prompt in ([[1, 2]], torch.tensor([[1, 2]], dtype=torch.int32)):
+        assert greedy_generate(step, prompt, 3, input_specs=specs).tokens.tolist() == [[3, 4, 5]]
+    for prompt, n, msg in (([[1.0, 2.0]], 3, "token ids must be integers, got torch.float64"),
+                           ("hi", 3, "token ids must be a tensor, array or nested list of integers"),
+                           ([1, 2], 3, r"prompt must be \[1, P>=1\] token ids, got \(2,\)"),
+                           ([[1, 2]], "3", "max_new_tokens must be an int >= 1, got '3'")):
+        with pytest.raises(ValueError, match=msg):
+            greedy_generate(step, prompt, n, input_specs=specs)
+
+
 # --------------------------------------------------------------------------- text on a fixed-length library
 class _FixedLibrary:
     """A library built for one sequence length (`target cpu seq_len=16`): refuses any other, as the real one does."""
