@@ -248,10 +248,15 @@ class Artifact:
             raise ArtifactError(tdir, f"cannot be loaded as a tokenizer ({type(e).__name__}: {_first_line(e)})"
                                 ) from None
 
-    def run(self, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *, target: str | None = None
+    def run(self, inputs: Mapping[str, Any] | Sequence[Any] | torch.Tensor, *, target: str | None = None
             ) -> list[torch.Tensor]:
         """Run the model: through a compiled target's library when ``target`` is given, else the torch backend
-        (the reference interpreter when no torch backend is installed).  The inputs are checked first
+        (the reference interpreter when no torch backend is installed); returns the outputs, a list of tensors.
+
+        ``inputs``: by name (a dict, or a tokenizer's ``BatchEncoding``; names the model does not take are
+        ignored), a list in the model's input order, or one tensor; each a torch tensor, numpy array or nested
+        list (integers of another width and bools are cast to the declared integer type).  A library built for
+        one length takes exactly that length (:meth:`fixed_seq_len`).  The inputs are checked first
         (:class:`InputChecker`, or the compiled library's own checks, the same ones): a wrong one is a
         :class:`~ctc.errors.UsageError` naming it."""
         if isinstance(inputs, (str, bytes)):
