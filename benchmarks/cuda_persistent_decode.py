@@ -53,7 +53,7 @@ TIME_POS = (128, 1024)
 
 
 # timing variants built beside the main library: name -> nvcc flags
-VARIANTS = {"base": (), "half2": ("-DPDEC_MMA=0",), "half2_o": ("-DPDEC_MMA_O=0",), "mma_qkv": ("-DPDEC_MMA_QKV=1",),
+VARIANTS = {"base": (), "half2": ("-DPDEC_MMA=0",), "half2_o": ("-DPDEC_MMA_O=0",), "half2_qkv": ("-DPDEC_MMA_QKV=0",),
             "gam_smem": ("-DPDEC_GAM_SMEM=1",), "att_warp": ("-DPDEC_ATT_WARP=1",)}
 # also buildable, measured slower or no faster (runs 11-21): "-DPDEC_MMA_LO=0" (phase C's tensor cores with int8
 # activations alone: 10x the logit error), "-DPDEC_IDP=1" (dp2a for the K-2048 GEMVs, implies PDEC_MMA=0),

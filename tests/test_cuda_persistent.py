@@ -272,7 +272,7 @@ def test_kernel_builds_with_and_without_the_tensor_core_phase_c(tmp_path) -> Non
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in P.CUDA_SOURCE
     assert all(f in P.CUDA_SOURCE for f in ("PDEC_MMA_O", "PDEC_MMA_QKV", "PDEC_HOLD"))
     for flags in (("-DPDEC_MMA=0",), ("-DPDEC_MMA_LO=0",), ("-DPDEC_IDP=1",),   # PDEC_IDP implies PDEC_MMA=0
-                  ("-DPDEC_MMA_O=0",), ("-DPDEC_MMA_QKV=1",), ("-DPDEC_HOLD=1", "-DPDEC_NSLOT=4")):
+                  ("-DPDEC_MMA_O=0",), ("-DPDEC_MMA_QKV=0",), ("-DPDEC_HOLD=1", "-DPDEC_NSLOT=4")):
         _, report = P.build_library(tmp_path, extra=flags, name="libv.so")
         step = next(v for k, v in P.ptxas_report(report).items() if "decode_step" in k)
         assert step["registers"] <= 96 and step["spill_stores"] <= 256 and step["stack"] <= 120, (flags, step)

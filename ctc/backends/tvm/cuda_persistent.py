@@ -79,12 +79,13 @@ slower with 3 slots (0.3640 vs 0.3605 ms at KV 128) and with 4 (0.3683; 4 slots 
 gate|up takes 2.7 instead of 3.6 us a layer, but the C barrier 2.4-2.7 instead of 1.6, and holding the copies back
 makes it longer, not shorter -- the barrier waits for the slowest block's share of HBM, not for queued atomics.
 
-Phase A on the tensor cores (``PDEC_MMA_QKV=1``, off): the norm quantizes to int8 + residual as for gate|up, the 24
-q|k|v rows run through ``gu_mma`` (rows 24..31 of the slot padding), 24 threads sum the 16 warps' partials after one
-more block sync.  Measured (run 24, twice each beside the default): 0.3537-0.3540 / 0.4056-0.4068 ms vs 0.3532-0.3534
-/ 0.4053-0.4058 (phase A 2.06-2.09 vs 1.95 us a layer: the quantizing norm and the extra sync cost what the MMAs
-save), but the logits' max abs error vs fp32 falls from 0.008-0.010 to 0.0027-0.0029 (the half2 q|k|v, summing 16
-products in fp16, is now the largest error term of the default build; argmax and top-5 equal either way).
+Phase A on the tensor cores (``PDEC_MMA_QKV``, default on with ``PDEC_MMA``: the accuracy at no measurable cost):
+the norm quantizes to int8 + residual as for gate|up, the 24 q|k|v rows run through ``gu_mma`` (rows 24..31 of the
+slot padding), 24 threads sum the 16 warps' partials after one more block sync. Measured (run 24, twice each beside
+the default): 0.3537-0.3540 / 0.4056-0.4068 ms vs 0.3532-0.3534 / 0.4053-0.4058 (phase A 2.06-2.09 vs 1.95 us a
+layer: the quantizing norm and the extra sync cost what the MMAs save), but the logits' max abs error vs fp32 falls
+from 0.008-0.010 to 0.0027-0.0029 (the half2 q|k|v, summing 16 products in fp16, is now the largest error term of
+the default build; argmax and top-5 equal either way).
 
 Arithmetic of the other GEMVs (``PDEC_IDP=1`` builds an alternative for the K-2048 GEMVs: int16 activations with a
 scale per g128 group, ``dp2a`` into exact int32 sums; more accurate, 7 instead of 13 instructions per 8 codes, but
@@ -205,8 +206,8 @@ constexpr int NCW = 16, NCT = NCW * 32, NT = NCT + 32;  // consumer warps / thre
 #define PDEC_MMA_O PDEC_MMA  // residual, a scale per g128 group; 8 warps, one 16-row block each, 8 MMAs); measured
 #endif  // 1.3-1.8% faster a step than the half2 W_o and closer to fp32 (run 23), so on with PDEC_MMA
 #ifndef PDEC_MMA_QKV  // 1: phase A's q|k|v rows on the tensor cores as well (int8 + residual activations from the
-#define PDEC_MMA_QKV 0  // norm; gate|up's code with 24 + 8 padding rows; the 16 warps' partials summed by 24 threads):
-#endif  // 3x closer to fp32 but no faster (run 24: phase A 0.1-0.2 us a layer slower), so 0
+#define PDEC_MMA_QKV PDEC_MMA  // norm; gate|up's code with 24 + 8 padding rows; the 16 warps' partials summed by 24
+#endif  // threads): 3x closer to fp32 at the same step time (run 24: within 0.2%), so on with PDEC_MMA
 #ifndef PDEC_HOLD  // 1: the producer issues no copy while its block's consumers are in a grid barrier (its arrive
 #define PDEC_HOLD 0  // and poll then do not queue behind bulk copies of this multiprocessor)
 #endif
