@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(a dict or list of tensors, loaded with weights_only=True)")
     r.add_argument("--target", metavar="KIND", help="run the compiled library of this target instead")
     r.add_argument("--save", metavar="FILE", help="write the outputs to this .safetensors file")
-    r.add_argument("--top", type=int, default=5, help="LMs: how many next-token candidates to print (default 5)")
+    r.add_argument("--top", type=int, metavar="N",
+                   help="causal LMs with --text: how many next-token candidates to print (default 5)")
     r.add_argument("--generate", type=int, metavar="N", help="decoder artifacts (`model ... decode=LEN`): greedy "
                                                              "generation of N tokens after --text")
     _common(r)
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="threads: torch's, or with --target the library's worker threads "
                                                "(default: torch's / the library's own)")
     b.add_argument("--profile", action="store_true", help="with --target: also time each compiled kernel")
-    b.add_argument("--kernels", type=int, default=15, metavar="N",
+    b.add_argument("--kernels", type=int, metavar="N",
                    help="with --profile: how many of the slowest kernels to list (default 15)")
     b.add_argument("--json", action="store_true", help="print JSON")
     _common(b)
@@ -244,12 +245,16 @@ def _load_artifact(path: str) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.top < 1:
-        from ctc.errors import UsageError
+    from ctc.errors import UsageError
 
+    if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be >= 1 (next-token candidates to print), got {args.top}")
     save = _output_file(args.save, "--save", _saved_outputs) if args.save else None
     art = _load_artifact(args.artifact)
+    if args.top is not None and (art.module.meta.get("task") != TASK_CAUSAL_LM or args.text is None
+                                 or args.generate is not None):
+        raise UsageError("--top lists a causal LM's next-token candidates after --text (without --generate); "
+                         "here it would do nothing: leave it out")
     if args.generate is not None:
         return _generate(art, args)
     if args.text is not None:
@@ -267,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     task = art.module.meta.get("task")
     if args.text is not None and task == TASK_CAUSAL_LM and outs:
         logits = outs[0][0, -1].float()
-        top = torch.topk(torch.softmax(logits, -1), k=min(args.top, logits.numel()))
+        top = torch.topk(torch.softmax(logits, -1), k=min(args.top or 5, logits.numel()))
         tok = art.tokenizer()
         print("next token:", ", ".join(f"{tok.decode([int(i)])!r} {p:.3f}" for p, i in
                                        zip(top.values.tolist(), top.indices.tolist(), strict=True)))
@@ -433,11 +438,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ctc.driver import bench_artifact
     from ctc.errors import UsageError
 
-    if args.profile and args.kernels < 1:
+    if args.kernels is not None and not args.profile:
+        raise UsageError("--kernels applies to --profile (how many of the slowest kernels it lists)")
+    if args.kernels is not None and args.kernels < 1:
         raise UsageError(f"--kernels must be >= 1, got {args.kernels}")
     art = _load_artifact(args.artifact)
     res = bench_artifact(art, target=args.target, batch=args.batch, seq_len=args.seq_len, repeat=args.repeat,
-                         threads=args.threads, profile=args.kernels if args.profile else 0)
+                         threads=args.threads, profile=(args.kernels or 15) if args.profile else 0)
     if args.json:
         print(json.dumps(res, indent=2))
         return EXIT_OK
@@ -597,7 +604,14 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from ctc.errors import UsageError
+
     p = Path(args.path)
+    if args.ir and args.json:
+        raise UsageError("--ir and --json: give one (the final IR, or the artifact's report.json)")
+    if args.json and not p.is_dir():
+        raise UsageError(f"--json prints an artifact's report.json; {p} is not an artifact directory (a recipe is "
+                         "printed as text: leave --json out)")
     if p.is_dir():
         if args.ir:  # the IR is printed as loaded (and verified) with its parameters
             from ctc.ir.text import print_module
@@ -614,8 +628,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
             print(report_summary(report))
         return EXIT_OK
-    from ctc.errors import UsageError
-
     if not p.exists():
         raise UsageError(f"{p}: no such recipe file or artifact directory")
     from ctc.driver import CompileOptions, compile_recipe, load_checked_recipe

@@ -405,7 +405,18 @@ BAD_COUNTS = [
     ("run", ["--text", "hi", "--top", "-2"], "--top must be >= 1"),  # was a traceback from torch.topk
     ("analyze", ["--target", "fpga", "--dim", "nosuch=3"], "--dim nosuch: the model has no input dim"),  # ignored
     ("export", ["--to", "hf", "--seq-len", "0"], "--seq-len must be >= 1"),  # was a traceback from transformers
+    # flags that did nothing where given, silently
+    ("bench", ["--kernels", "3"], "--kernels applies to --profile"),
+    ("run", ["--text", "hi", "--top", "3"], "--top lists a causal LM's next-token candidates"),  # an encoder
+    ("show", ["--json", "--ir"], "--ir and --json: give one"),
 ]
+
+
+def test_show_json_of_a_recipe_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ctc show RECIPE --json` printed the recipe, as if --json were not there."""
+    (tmp_path / "r.ctc").write_text('model bundled "minilm"\n')
+    assert main(["show", str(tmp_path / "r.ctc"), "--json"]) == EXIT_USAGE
+    assert "--json prints an artifact's report.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cmd,flags,message", BAD_COUNTS, ids=[f"{c} {' '.join(f)}" for c, f, _ in BAD_COUNTS])
