@@ -465,6 +465,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise UsageError("--top must be >= 1")
+    for flag, given, applies in (("--gpu", args.gpu, "cuda"), ("--board", args.board, "fpga"),
+                                 ("--remeasure", args.remeasure, "cpu")):
+        if given and args.target != applies:
+            raise UsageError(f"{flag} applies to --target {applies}; with --target {args.target} it would do nothing")
+    if args.per_op and not args.json:
+        raise UsageError("--per-op applies to --json (the text lists op groups; --top N lists more of them)")
     dims = parse_dims(args.dim)
     page = _output_file(args.html, "--html", _analysis_page) if args.html else None
     art = _load_artifact(args.artifact)

@@ -170,7 +170,12 @@ def test_cli_analyze_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
                       (["--target", "fpga", "--board", "vu9p"], "unknown board 'vu9p'"),
                       (["--target", "fpga", "--dim", "seq"], "--dim 'seq': expected NAME=N"),
                       (["--target", "fpga", "--profile"], "has no compiled target"),
-                      (["--target", "fpga", "--seq-len", "0"], "--seq-len and --batch must be >= 1")):
+                      (["--target", "fpga", "--seq-len", "0"], "--seq-len and --batch must be >= 1"),
+                      # flags of another target, or of --json, did nothing
+                      (["--target", "fpga", "--gpu", "h200"], "--gpu applies to --target cuda"),
+                      (["--target", "cuda", "--board", "u280"], "--board applies to --target fpga"),
+                      (["--target", "cuda", "--remeasure"], "--remeasure applies to --target cpu"),
+                      (["--target", "fpga", "--per-op"], "--per-op applies to --json")):
         assert main(["analyze", str(art), *argv]) == EXIT_USAGE, argv
         assert msg in capsys.readouterr().err, argv
     assert main(["analyze", str(tmp_path / "missing")]) == EXIT_USAGE
