@@ -175,9 +175,12 @@ def selected_targets(recipe: Recipe, opts: CompileOptions) -> list[Any]:
         chosen = list(by_kind.values())
     elif list(opts.targets) == ["none"]:
         chosen = []
+    elif "none" in opts.targets:
+        others = " ".join(f"--target {k}" for k in opts.targets if k != "none")
+        raise UsageError(f"--target none builds no target; it cannot be given with {others}")
     else:
         chosen = []
-        for k in opts.targets:
+        for k in dict.fromkeys(opts.targets):  # each kind once, in the order given
             if k not in TARGETS:
                 raise UsageError(f"--target {k}: unknown target{did_you_mean(k, TARGETS)} "
                                  f"(targets: {', '.join(TARGETS)})")

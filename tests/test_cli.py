@@ -120,6 +120,7 @@ def test_target_selection_and_tuning_flags(tmp_path: Path) -> None:
     """--target filters/extends the recipe's targets; --tune/--no-tune set the trials."""
     from ctc.driver import CompileOptions, selected_targets
     from ctc.dsl import parse
+    from ctc.errors import UsageError
 
     r = parse('model bundled "minilm"\ntarget cpu threads=2 trials=16\n', "r.ctc")
     base = selected_targets(r, CompileOptions())
@@ -127,6 +128,10 @@ def test_target_selection_and_tuning_flags(tmp_path: Path) -> None:
     assert [t.trials for t in selected_targets(r, CompileOptions(tune=False))] == [0]
     assert [t.trials for t in selected_targets(r, CompileOptions(tune=True))] == [16]
     assert selected_targets(r, CompileOptions(targets=["none"])) == []
+    # a kind named twice was built twice into the same targets/KIND (and listed twice in the report)
+    assert [t.kind for t in selected_targets(r, CompileOptions(targets=["cpu", "cpu"]))] == ["cpu"]
+    with pytest.raises(UsageError, match="--target none builds no target; it cannot be given with --target cpu"):
+        selected_targets(r, CompileOptions(targets=["none", "cpu"]))
     r2 = parse('model bundled "minilm"\ntarget cpu threads=2\n', "r.ctc")
     assert [t.trials for t in selected_targets(r2, CompileOptions(tune=True))] == [64]
     assert [t.trials for t in selected_targets(r2, CompileOptions())] == [0]
