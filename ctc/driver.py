@@ -527,10 +527,11 @@ def fit_batch(batch: Mapping[str, Any], options: Any) -> dict[str, Any]:
     return out
 
 
-def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str, Any]) -> dict[str, Any]:
+def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str, Any],
+                   inputs: str = "first evaluation batch") -> dict[str, Any]:
     """The compiled library's latency on one evaluation batch (median of >= 20 runs after warm-up, or of the runs
     that fit ``TARGET_LATENCY_BUDGET_S`` for a slow call) next to the torch backend's on the same batch, and its
-    output agreement with the IR's semantics."""
+    output agreement with the IR's semantics; ``inputs`` says in the protocol what ``batch`` is."""
     import importlib
 
     from ctc.artifact import torch_runner
@@ -549,7 +550,7 @@ def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str,
     if getattr(run, "simulated", False):  # a C simulation: its wall time says nothing; the model's latency does
         return {"estimated_latency_ms": run.estimated_latency_ms, "bit_exact_vs_integer_model": run.last_bit_exact,
                 "vs_ir": {"cosine": agree.cosine, "max_abs_error": agree.max_abs_error},
-                "protocol": f"first evaluation batch {({k: list(v.shape) for k, v in feed.items()})}, C simulation"}
+                "protocol": f"{inputs} {({k: list(v.shape) for k, v in feed.items()})}, C simulation"}
     lat = measure_latency(lambda: run(feed), runs=MIN_RUNS, warmup=3, max_seconds=TARGET_LATENCY_BUDGET_S, label=kind)
     torch_run = torch_runner(module)
     base = measure_latency(lambda: torch_run(feed), runs=MIN_RUNS, warmup=3, max_seconds=TORCH_BASELINE_BUDGET_S,
@@ -559,7 +560,7 @@ def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str,
             "torch_backend_latency_ms": round(base.median_ms, 3), "speedup_vs_torch_backend":
             round(base.median_ms / lat.median_ms, 3), "vs_ir": {"cosine": agree.cosine,
                                                               "max_abs_error": agree.max_abs_error},
-            "protocol": f"first evaluation batch {shape}; {lat.protocol}; torch backend: {base.protocol}"}
+            "protocol": f"{inputs} {shape}; {lat.protocol}; torch backend: {base.protocol}"}
 
 
 def torch_backend_latency(original: Any, compressed: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -625,13 +626,14 @@ def set_checks(report: dict[str, Any], checks: Sequence[Check]) -> None:
     report["passed"] = all(c["passed"] for c in rows)
 
 
-def record_target_fidelity(report: dict[str, Any], kind: str, measured: Mapping[str, Any]) -> None:
+def record_target_fidelity(report: dict[str, Any], kind: str, measured: Mapping[str, Any],
+                           inputs: str = "the first evaluation batch") -> None:
     """Put target ``kind``'s measured cosine vs the IR into ``report["metrics"]["target_fidelity"]`` (per target,
-    and the lowest as the checked value)."""
+    and the lowest as the checked value); ``inputs`` says in the protocol what they ran on."""
     m = report["metrics"].setdefault("target_fidelity", {
         "per_target": {}, "doc": METRICS["target_fidelity"].doc,
-        "protocol": "each target's library and ctc's reference interpreter on the first evaluation batch: cosine of "
-                    "the flattened outputs"})
+        "protocol": f"each target's library and ctc's reference interpreter on {inputs}: cosine of the flattened "
+                    "outputs"})
     m["per_target"][kind] = float(measured["vs_ir"]["cosine"])
     m["compressed"] = min(m["per_target"].values())
 
@@ -785,6 +787,16 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
     from ctc.targets import build_target
 
     probe = evalb[0] if evalb else (calib[0] if calib else None)
+    inputs = "the first evaluation batch"
+    if probe is None and targets:  # no text data (a CNN): the libraries are checked and timed on synthetic inputs
+        from ctc.eval.data import synthetic_inputs
+
+        try:
+            probe = synthetic_inputs(module, {"batch": 1})
+            inputs = "synthetic inputs (floats N(0, 1), seed 0: the recipe has no calibrate or evaluate data)"
+            progress.note(f"the targets are checked against the IR and timed on {inputs}")
+        except ValueError:  # a dim other than batch (seq) is not sized without data: nothing is measured
+            probe = None
 
     for t in targets:
         for line in t.notes:
@@ -802,8 +814,8 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
             summary["measured"] = {"skipped": not_here}
         elif batch is not None:
             with progress.stage(f"measure target {t.kind}"):
-                summary["measured"] = measure_target(module, t.kind, d, batch)
-            record_target_fidelity(report, t.kind, summary["measured"])
+                summary["measured"] = measure_target(module, t.kind, d, batch, inputs.removeprefix("the "))
+            record_target_fidelity(report, t.kind, summary["measured"], inputs)
             set_checks(report, recipe.checks)
             if t is latency_on:
                 relative = any(c.metric == "latency_ms" and c.unit == "x" for c in recipe.checks)

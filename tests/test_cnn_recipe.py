@@ -82,6 +82,11 @@ def test_cnn_recipe_compiles_and_matches_eager(tmp_path: Path) -> None:
     assert main(["compile", str(tmp_path / "cnn.ctc"), "--out", str(out), "--quiet"]) == EXIT_OK
     art = ctc.load(out)
     assert "batch_norm" not in (out / "ir.txt").read_text()
+    # no text data to measure with: the library is still checked against the IR (and timed), on synthetic inputs
+    # (it was neither, so a library computing garbage would have shipped with exit 0)
+    measured = art.report["targets"][0]["measured"]
+    assert measured["vs_ir"]["cosine"] > 0.99999 and measured["latency_ms"] > 0, measured
+    assert "synthetic" in measured["protocol"] and art.report["metrics"]["target_fidelity"]["compressed"] > 0.99999
     with torch.no_grad():
         ref = model(x)
     for target in (None, "cpu"):  # the reference interpreter on the artifact's IR, then the TVM library
