@@ -302,11 +302,12 @@ def _text_inputs(art: Any, tok: Any, text: str, target: str | None) -> tuple[dic
         return inputs, None
     if n > fixed:
         raise UsageError(f"the text is {n} tokens, but this {target} library was built for {fixed} (`seq_len=` on "
-                         "its target line): shorten the text, or build the target for any length")
+                         "its target line): shorten the text, or build the target for a longer seq_len (cpu: or "
+                         "none, any length)")
     if "attention_mask" not in inputs and art.module.meta.get("task") != TASK_CAUSAL_LM:
         raise UsageError(f"the text is {n} tokens, but this {target} library was built for {fixed}, and the model "
-                         "takes no attention mask to pad it with: give that many tokens, or build the target for any "
-                         "length")
+                         "takes no attention mask to pad it with: give that many tokens, or build the target with "
+                         f"seq_len={n} (cpu: or no seq_len, any length)")
     seq = art.module.inputs[0].type.shape[1]
 
     def unpad(outs: list[Any]) -> list[Any]:

@@ -184,7 +184,8 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     if fixed is not None and fixed < HUMAN_MAX_TOKENS:
         raise UsageError(f"--human-similarity embeds each Lee document at up to {HUMAN_MAX_TOKENS} tokens, but this "
                          f"{target} library was built for {fixed} tokens (`seq_len=` on its target line): build the "
-                         f"target for any length (or seq_len={HUMAN_MAX_TOKENS}), or leave --target out")
+                         f"target with seq_len={HUMAN_MAX_TOKENS} (cpu: or no seq_len, any length), or leave --target "
+                         "out")
     batches, proto, recipe = evaluation_windows_of(art, data=data, samples=samples, seq_len=seq_len, skip=skip,
                                                    limit=limit)
     length = int(proto["seq_len"])
