@@ -182,22 +182,29 @@ def test_cli_analyze_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "no such artifact directory" in capsys.readouterr().err
 
 
-def test_profile_times_the_compiled_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`ctc analyze --target cpu --profile` runs the library through `ctc bench`'s protocol (it asked for 10 runs,
-    fewer than the bench's floor of 20, so every cpu profile was refused with a --repeat error analyze lacks)."""
-    import ctc
-    from ctc.analysis import artifact as A
+def _emb_artifact(tmp_path: Path, kind: str) -> Path:
+    """An embedding artifact with MiniLM's tokenizer and a placeholder compiled ``kind`` library (a test puts its
+    own runner in place)."""
     from ctc.artifact import write_artifact
-    from ctc.backends.tvm.build import KernelTime
     from ctc.bundled import bundled_model_dir
 
     m = Module("emb")
     m.add_param("emb", torch.zeros(30522, 2))
     ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
     m.set_outputs([m.create_node("embedding", [ids, m.param("emb")]).output], ["hidden"])
-    dest = write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=bundled_model_dir("minilm"),
-                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})],
+    return write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=bundled_model_dir("minilm"),
+                          build_targets=[(kind, lambda d: (d / "model.so").write_bytes(b"lib") and {})],
                           log=lambda _: None)
+
+
+def test_profile_times_the_compiled_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc analyze --target cpu --profile` runs the library through `ctc bench`'s protocol (it asked for 10 runs,
+    fewer than the bench's floor of 20, so every cpu profile was refused with a --repeat error analyze lacks)."""
+    import ctc
+    from ctc.analysis import artifact as A
+    from ctc.backends.tvm.build import KernelTime
+
+    dest = _emb_artifact(tmp_path, "cpu")
 
     class Library:
         def __call__(self, inputs: object) -> list[torch.Tensor]:
@@ -211,3 +218,20 @@ def test_profile_times_the_compiled_library(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(A, "target_peaks", lambda *a, **k: fpga_peaks())
     _, _, measured = A.analyze_artifact(art, "cpu", seq_len=8, profile=True)
     assert "median/p90 of 20 runs" in measured, measured
+
+
+def test_profile_on_a_machine_that_cannot_run_the_library_says_so_before_loading_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc analyze --profile --target cuda` where no GPU is: the library's fixed length was read (loading it)
+    before the 'no CUDA GPU' check, so the user got the loader's 'cannot be loaded' instead of why."""
+    import ctc
+    import ctc.backends.tvm
+    from ctc.analysis import artifact as A
+
+    dest = _emb_artifact(tmp_path, "cuda")
+    art = ctc.load(dest)
+    monkeypatch.setattr(ctc.backends.tvm, "runs_here", lambda kind: "no CUDA GPU on this machine")
+    monkeypatch.setattr(A, "target_peaks", lambda *a, **k: fpga_peaks())
+    with pytest.raises(A.UsageError, match="--profile: no CUDA GPU on this machine"):
+        A.analyze_artifact(art, "cuda", profile=True)
+    assert "cuda" not in art._runners  # nothing was loaded

@@ -54,22 +54,24 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
     if kind not in KINDS:
         target_peaks(kind)  # raises the error naming the kinds
     peaks = target_peaks(kind, remeasure=remeasure, gpu=gpu, board=board or _fpga_board(art))
-    built = art.fixed_seq_len(kind) if seq_len is None and profile and kind in art.targets else None  # its length
+    if profile:  # before anything loads the library (its fixed length below): a GPU library may not load here
+        from ctc.targets import TARGETS
+
+        if kind not in art.targets:
+            raise UsageError(f"--profile times the artifact's compiled {kind} library, but it has "
+                             f"{', '.join(art.targets) or 'no compiled target'}; add `target {kind}` to the recipe")
+        why = TARGETS[kind].cannot_run_here()
+        if why:
+            raise UsageError(f"--profile: {why}")
+    built = art.fixed_seq_len(kind) if seq_len is None and profile else None  # the length its library was built for
     n = seq_len if seq_len is not None else built or default_seq_len(art)
     a = analyze_module(art.module, peaks, seq_len=n, batch=batch, dims=dims, name=str(art.report.get("name") or
                                                                                       art.path.name))
     if not profile:
         return a, [], ""
-    if kind not in art.targets:
-        raise UsageError(f"--profile times the artifact's compiled {kind} library, but it has "
-                         f"{', '.join(art.targets) or 'no compiled target'}; add `target {kind}` to the recipe")
     from ctc.driver import bench_artifact
     from ctc.eval.latency import MIN_RUNS
-    from ctc.targets import TARGETS
 
-    why = TARGETS[kind].cannot_run_here()
-    if why:
-        raise UsageError(f"--profile: {why}")
     res = bench_artifact(art, target=kind, batch=batch, seq_len=n, repeat=MIN_RUNS, threads=None,
                           profile=10_000)
     phase = a.phases[0] if art.module.meta.get("task") != TASK_DECODE_STEP else a.phase("decode")
