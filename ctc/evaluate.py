@@ -186,6 +186,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
                          f"{target} library was built for {fixed} tokens (`seq_len=` on its target line): build the "
                          f"target with seq_len={HUMAN_MAX_TOKENS} (cpu: or no seq_len, any length), or leave --target "
                          "out")
+    if fixed is not None and "attention_mask" not in [v.name for v in art.module.inputs]:
+        raise UsageError(f"--human-similarity pads each Lee document to the {fixed} tokens this {target} library was "
+                         "built for, and the model takes no attention mask to hide the padding with: build the target "
+                         "for any length (cpu: no seq_len), or leave --target out")
     batches, proto, recipe = evaluation_windows_of(art, data=data, samples=samples, seq_len=seq_len, skip=skip,
                                                    limit=limit)
     length = int(proto["seq_len"])

@@ -310,6 +310,30 @@ def test_human_similarity_on_a_library_built_for_one_length(tmp_path: Path, caps
     assert "human sim.: Pearson" in capsys.readouterr().out and lib.fed[0].shape == (1, 256)
 
 
+def test_human_similarity_refuses_to_pad_for_a_model_without_an_attention_mask(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed-length build of an encoder that takes no attention mask: the padded documents' hidden states would
+    attend to the padding (silently other embeddings); refused naming why, as `ctc run --text` refuses it."""
+    import ctc.cli
+    from ctc.bundled import bundled_model_dir
+
+    m = Module("emb")
+    m.add_param("emb", torch.randn(30522, 4, generator=torch.Generator().manual_seed(0)))
+    ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    m.set_outputs([m.create_node("embedding", [ids, m.param("emb")]).output], ["hidden"])
+    m.meta["task"] = "encoder"
+    dest = write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=bundled_model_dir("minilm"),
+                          log=lambda _: None,
+                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})])
+    art = ctc.load(dest)
+    art._runners["cpu"] = lib = _FixedLibrary(art.module, 256)
+    monkeypatch.setattr(ctc.cli, "_load_artifact", lambda path: art)
+    argv = ["eval", str(dest), "--human-similarity", "--target", "cpu", "--docs", "3", "--no-baseline", "-q"]
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "takes no attention mask to hide the padding with" in err and not lib.fed, err
+
+
 def test_bench_makes_inputs_for_a_model_without_a_tokenizer(tmp_path: Path) -> None:
     """`ctc bench` on a CNN (a .pt2 with no tokenizer) refused: 'this artifact has no tokenizer, so ctc bench cannot
     build its inputs'.  It times seeded N(0, 1) inputs of the model's shapes (batch and seq from the flags) and says
