@@ -20,6 +20,7 @@ this signature.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -103,8 +104,9 @@ def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     """
     batch, max_len, caches = _signature(step, input_specs, "greedy_generate")
     prompt_ids = _token_ids(prompt_ids, batch, 1, "greedy_generate: prompt", "P")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)  # a numpy integer too
     total = prompt_ids.shape[1] + max_new_tokens - 1
     if total > max_len:
         raise ValueError(f"greedy_generate: prompt ({prompt_ids.shape[1]}) + {max_new_tokens} new tokens need "

@@ -225,6 +225,9 @@ def test_generation_takes_token_ids_in_any_form_and_refuses_others() -> None:
 
     for prompt in ([[1, 2]], torch.tensor([[1, 2]], dtype=torch.int32)):
         assert greedy_generate(step, prompt, 3, input_specs=specs).tokens.tolist() == [[3, 4, 5]]
+    import numpy as np  # a count computed with numpy is a count (the int check refused np.int64(3))
+
+    assert greedy_generate(step, [[1, 2]], np.int64(3), input_specs=specs).tokens.tolist() == [[3, 4, 5]]
     for prompt, n, msg in (([[1.0, 2.0]], 3, "token ids must be integers, got torch.float64"),
                            ("hi", 3, "token ids must be a tensor, array or nested list of integers"),
                            ([1, 2], 3, r"prompt must be \[1, P>=1\] token ids, got \(2,\)"),
