@@ -278,6 +278,19 @@ def test_kernel_builds_with_and_without_the_tensor_core_phase_c(tmp_path) -> Non
         assert step["registers"] <= 96 and step["spill_stores"] <= 256 and step["stack"] <= 120, (flags, step)
 
 
+def test_flags_that_cannot_work_together_do_not_build(tmp_path) -> None:
+    """PDEC_HOLD's flag is raised by the grid barrier's one polling thread, which PDEC_WARP_POLL=1 replaces: that
+    build held nothing (silently the plain kernel); it is now a compile error naming why, as PDEC_MMA with PDEC_IDP."""
+    from ctc.backends.tvm.cuda_toolchain import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed: the kernel cannot be built here")
+    for flags, why in ((("-DPDEC_HOLD=1", "-DPDEC_WARP_POLL=1"), "PDEC_HOLD's flag is set by the one polling thread"),
+                       (("-DPDEC_MMA=1", "-DPDEC_IDP=1"), "PDEC_MMA replaces the half2 / dp2a arithmetic")):
+        with pytest.raises(RuntimeError, match=why):
+            P.build_library(tmp_path, extra=flags, name="libbad.so")
+
+
 def test_kernel_compiles_within_the_register_file_and_shared_memory(tmp_path) -> None:
     from ctc.backends.tvm.cuda_toolchain import find_nvcc
 

@@ -235,6 +235,7 @@ constexpr int CMAX = 16;
 static_assert(CMAX <= OSL, "a kv head's chunks are computed by its own 16 blocks");
 static_assert(!(PDEC_MMA && (PDEC_IDP || PDEC_IDP_OD)), "PDEC_MMA replaces the half2 / dp2a arithmetic of phase C");
 static_assert(!(PDEC_MMA_O || PDEC_MMA_QKV) || PDEC_MMA, "PDEC_MMA_O / _QKV use phase C's tensor-core helpers");
+static_assert(!(PDEC_HOLD && PDEC_WARP_POLL), "PDEC_HOLD's flag is set by the one polling thread of PDEC_WARP_POLL=0");
 static_assert(FCH % 32 == 0 && FCH <= NCT, "down_begin: the SwiGLU outputs are whole warps");
 static_assert(DROWS * (FCH / 2 + 4) <= SLOT && 2 * GU_T * (H / 2 + H / GS * 4) <= SLOT, "tiles fit a slot");
 // workspace (floats): 4 residual buffers (version 1 in the 4th, later ones rotating over 3), q|k|v (per kv
