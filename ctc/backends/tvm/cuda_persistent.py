@@ -108,8 +108,10 @@ that would not be co-resident.  The per-head counters (q|k|v, attention chunks) 
 per layer).  The next RMSNorm's weights are loaded before the barrier that precedes it.  A barrier, counter or
 ring wait that exceeds 0.2 s sets an abort flag in the workspace and lets the step finish (wrong values, no hang).
 
-Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, stop 29, second kernel round, run 24): 0.3532-0.3534 /
-0.4053-0.4058 ms a step at KV 128 / 1024 (graph b2b, 44.0% / 38.3% of copy) with W_o on the tensor cores.  Run 21:
+Measured (H200, ``benchmarks/results/cuda_h200.md``, 2026-12-04, stop 29, run 25): the default (q|k|v, W_o, gate|up
+and W_down on the tensor cores) 0.3539 / 0.4066 ms a step at KV 128 / 1024 (graph b2b, 44.3% / 38.6% of copy), through
+``ctc compile`` 0.346 / 0.400.  Run 24, with the half2 q|k|v (``PDEC_MMA_QKV=0``, the default then): 0.3532-0.3534 /
+0.4053-0.4058 ms (44.0% / 38.3%).  Run 21:
 0.361 / 0.412 ms a step at KV 128
 / 1024 as a CUDA graph (back to back) with the tensor-core phase C (the half2 build in the same run: 0.366 / 0.419),
 43% / 38% of the copy bandwidth; with no copies at all (diagnostic, LM head cut) 0.263 vs 0.292 ms.  Before it
