@@ -661,7 +661,9 @@ def evaluate_check(c: Check, measured: Mapping[str, Mapping[str, Any]]) -> dict[
     row: dict[str, Any] = {"check": str(c), "metric": c.metric, "op": c.op, "unit": c.unit, "line": c.span.line}
     m = measured.get(c.metric)
     if m is None:
-        row.update(measured=None, threshold=c.value, passed=False, note=f"{c.metric} was not measured")
+        why = (": no target ran here on inputs (a target this machine cannot run, or a model whose input sizes "
+               "need text data: add a calibrate or evaluate line)" if c.metric == "target_fidelity" else "")
+        row.update(measured=None, threshold=c.value, passed=False, note=f"{c.metric} was not measured{why}")
         return row
     threshold = float(c.value)
     if c.unit == "x":

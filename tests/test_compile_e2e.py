@@ -332,3 +332,12 @@ def test_target_that_disagrees_with_the_ir_fails_the_default_floor() -> None:
     assert "backend fault" in report["checks"][0]["note"] and "fpga 0.750000" in report["checks"][0]["note"]
     set_checks(report, [Check("target_fidelity", ">=", 0.5)])
     assert report["passed"] and [c["check"] for c in report["checks"]] == ["target_fidelity >= 0.5"]
+
+
+def test_target_fidelity_check_needs_no_text_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`check target_fidelity` is measured on synthetic inputs when a recipe has no calibrate/evaluate line (a CNN
+    from a .pt2 cannot have text data), so the checker does not ask for an evaluate line."""
+    recipe = tmp_path / "r.ctc"
+    recipe.write_text('model bundled "minilm"\npipeline {\n    dce\n}\ntarget cpu\ncheck target_fidelity >= 0.999\n')
+    assert main(["compile", str(recipe), "--check-only", "--out", str(tmp_path / "o")]) == EXIT_OK, \
+        capsys.readouterr().err
