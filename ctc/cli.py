@@ -688,9 +688,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ArtifactError as e:
             print(f"ctc {args.command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
-        except BrokenPipeError:  # the reader went away (`ctc analyze ART | head`): not ctc's fault, no traceback
-            _stdout_to_devnull()
-            return 128 + signal.SIGPIPE
         except Terminated:
             return _interrupted(signal.SIGTERM)
         except KeyboardInterrupt:
@@ -702,6 +699,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:
             if _SIGNALLED:  # a library turned the interrupt into its own error (TVM's FFI: a RuntimeError)
                 return _interrupted(_SIGNALLED[-1])
+            if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+                # the reader of our output went away (`ctc analyze ART | head`): not ctc's fault, no traceback; a
+                # broken pipe to anything else (a worker process) is an error like any other
+                _stdout_to_devnull()
+                return 128 + signal.SIGPIPE
             from ctc.passes.manager import PipelineError
 
             if isinstance(e, PipelineError):  # a pass failed: its message names the pass and recipe line
@@ -718,6 +720,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ctc {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             return EXIT_INTERNAL
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (the kernel reports an error condition on its
+    writing end)."""
+    import os
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced in-process)
+        return False
 
 
 def _stdout_to_devnull() -> None:

@@ -154,3 +154,17 @@ def test_a_reader_that_stops_early_is_not_an_internal_error() -> None:
     finally:
         os.close(w)
     assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr)
+
+
+def test_a_broken_pipe_that_is_not_stdout_stays_an_error(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Only a closed reader of ctc's own output ends quietly: a broken pipe to anything else (a worker process)
+    is reported as an internal error, not swallowed with exit 141."""
+    import ctc.cli as cli
+
+    def broken(_args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe (to a worker)")
+
+    monkeypatch.setitem(cli._COMMANDS, "passes", broken)
+    assert cli.main(["passes"]) == cli.EXIT_INTERNAL
+    assert "BrokenPipeError" in capsys.readouterr().err
