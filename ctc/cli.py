@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Median latency (after warm-up) and peak memory of one batch.")
     b.add_argument("artifact", metavar="ARTIFACT")
     b.add_argument("--target", metavar="KIND", help="bench the compiled library of this target (default: torch)")
-    b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("--batch", type=int, help="batch size (default: the one the target's library was built for, "
+                                              "else 1)")
     b.add_argument("--seq-len", type=int, help="sequence length (default: the one the target's library was built "
                                                 "for, else 128)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs (default and least 20)")

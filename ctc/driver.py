@@ -1006,11 +1006,12 @@ def _short(v: Any) -> str:
 
 
 # --------------------------------------------------------------------------- ctc eval / ctc bench
-def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int | None, repeat: int,
+def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: int | None, repeat: int,
                    threads: int | None, profile: int = 0) -> dict[str, Any]:
     """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target;
     ``profile`` > 0 adds that many of the slowest kernels of a compiled target (per-kernel wall time).
-    ``seq_len`` None: the length a text model's library was built for (``seq_len=`` on its target line), else 128."""
+    ``batch`` / ``seq_len`` None: what the target's library was built for (``batch=`` / ``seq_len=`` on its
+    target line, a tuned build), else 1 and 128."""
     import resource
 
     import torch
@@ -1022,6 +1023,11 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int | N
         raise UsageError(f"--seq-len {seq_len}: this {target} library was built for {fixed} tokens (`seq_len=` on its "
                          f"target line): give --seq-len {fixed} or leave it out")
     seq_len = seq_len if seq_len is not None else fixed or 128
+    rows = (getattr(art.runner(target), "static_dims", None) or {}).get("batch") if target is not None else None
+    if rows is not None and batch is not None and batch != rows and "batch" in _input_symbols(art.module):
+        raise UsageError(f"--batch {batch}: this {target} library was built for batch {rows} (`batch=` on its target "
+                         f"line, or a tuned build): give --batch {rows} or leave it out")
+    batch = batch if batch is not None else rows or 1
     if batch < 1 or seq_len < 2:
         raise UsageError("--batch must be >= 1 and --seq-len >= 2")
     if repeat < MIN_RUNS:
@@ -1055,14 +1061,13 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int | N
         feed = {n: feed_all[n] for n in names}
     else:  # no text to make inputs of (a CNN, a .pt2): seeded synthetic inputs of the model's shapes
         from ctc.eval.data import synthetic_inputs
-        from ctc.ir.symbolic import free_symbols
 
         try:
             feed = synthetic_inputs(art.module, {"batch": batch, "seq": seq_len})
         except ValueError as e:
             raise UsageError(f"{e}: ctc bench sizes only batch (--batch) and seq (--seq-len); time this model from "
                              "Python with inputs of your own (ctc.load(ART).runner(KIND))") from None
-        used = {s for v in art.module.inputs for d in v.type.shape if not isinstance(d, int) for s in free_symbols(d)}
+        used = _input_symbols(art.module)
         kinds = sorted({"floats N(0, 1)" if t.is_floating_point() else "integers" for t in feed.values()})
         sizes = {k: n for k, n in sizes.items() if k.removesuffix("_len") in used}
         sizes["inputs"] = (", ".join(f"{v.name} {v.type.dtype}{list(feed[v.name].shape)}" for v in art.module.inputs)
@@ -1095,6 +1100,13 @@ def bench_artifact(art: Any, *, target: str | None, batch: int, seq_len: int | N
                            "ms_per_run": round(r.ms_per_run, 4), "share": round(r.ms_per_run / total, 4)}
                           for r in rows[:profile]]
     return out
+
+
+def _input_symbols(module: Any) -> set[str]:
+    """The symbols the module's input shapes are written in (``batch``, ``seq``, ...)."""
+    from ctc.ir.symbolic import free_symbols
+
+    return {s for v in module.inputs for d in v.type.shape if not isinstance(d, int) for s in free_symbols(d)}
 
 
 def _library_with_threads(art: Any, target: str, threads: int | None) -> Any:

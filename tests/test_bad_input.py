@@ -296,6 +296,10 @@ def test_bench_takes_the_length_a_library_was_built_for(tmp_path: Path, monkeypa
     assert bench_artifact(art, target=None, batch=1, seq_len=None, repeat=20, threads=None)["seq_len"] == 128
     with pytest.raises(UsageError, match="--seq-len 64: this cpu library was built for 16 tokens"):
         bench_artifact(art, target="cpu", batch=1, seq_len=64, repeat=20, threads=None)
+    art._runners["cpu"].static_dims = {"batch": 3, "seq": 16}  # `target cpu batch=3 seq_len=16`: batch likewise
+    assert bench_artifact(art, target="cpu", batch=None, seq_len=None, repeat=20, threads=None)["batch"] == 3
+    with pytest.raises(UsageError, match="--batch 1: this cpu library was built for batch 3"):
+        bench_artifact(art, target="cpu", batch=1, seq_len=None, repeat=20, threads=None)
 
 
 def test_human_similarity_on_a_library_built_for_one_length(tmp_path: Path, capsys: pytest.CaptureFixture[str],
