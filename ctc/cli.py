@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
 
     b = sub.add_parser("bench", help="measure an artifact's latency and memory", formatter_class=_formatter,
-                       description="Median latency (after warm-up) and peak memory of one batch.")
+                       description="Median latency (after warm-up) and peak memory of one batch: Lee corpus text "
+                                   "through the artifact's tokenizer, or, for a model without one (a CNN), seeded "
+                                   "synthetic inputs of its shapes. A simulated target (fpga) is not timed: its "
+                                   "modelled latency is in the report.")
     b.add_argument("artifact", metavar="ARTIFACT")
     b.add_argument("--target", metavar="KIND", help="bench the compiled library of this target (default: torch)")
     b.add_argument("--batch", type=int, help="batch size (default: the one the target's library was built for, "
