@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("artifact", metavar="ARTIFACT")
     a.add_argument("--target", default="cpu", metavar="KIND", help="cpu | cuda | fpga (default cpu)")
     a.add_argument("--seq-len", type=int, help="prompt / sequence length (default: the artifact's evaluation window)")
-    a.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    a.add_argument("--batch", type=int, help="batch size (default 1)")
     a.add_argument("--dim", action="append", default=[], metavar="NAME=N",
                    help="size of another symbolic input dim (repeatable)")
     a.add_argument("--gpu", metavar="NAME", help="cuda: data-sheet GPU (h100, h200, a100, l4; default: visible, "

@@ -235,3 +235,20 @@ def test_profile_on_a_machine_that_cannot_run_the_library_says_so_before_loading
     with pytest.raises(A.UsageError, match="--profile: no CUDA GPU on this machine"):
         A.analyze_artifact(art, "cuda", profile=True)
     assert "cuda" not in art._runners  # nothing was loaded
+
+
+def test_sizes_of_dims_the_model_does_not_have_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ctc analyze CNN --seq-len 64` (or --batch 4 on a batch fixed at capture) printed the captured shapes' analysis
+    as if the flag were not there, as --dim NAME did before it was refused."""
+    from ctc.artifact import write_artifact
+
+    m = Module("cnn")
+    x = m.add_input("x", TensorType((1, 3, 8), "f32"))
+    m.set_outputs([m.create_node("relu", [x]).output], ["y"])
+    art = write_artifact(tmp_path / "art", module=m, report={"name": "cnn"}, log=lambda _: None)
+    assert main(["analyze", str(art), "--target", "fpga"]) == EXIT_OK
+    capsys.readouterr()
+    for flag, what in ((["--seq-len", "64"], "--seq-len 64: the model's inputs have no sequence dim"),
+                       (["--batch", "4"], "--batch 4: the model's inputs have no batch dim")):
+        assert main(["analyze", str(art), "--target", "fpga", *flag]) == EXIT_USAGE
+        assert what in capsys.readouterr().err

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ctc.analysis.peaks import KINDS, target_peaks
-from ctc.analysis.roofline import Analysis, analyze_module, measured_points, roofline_svg
+from ctc.analysis.roofline import Analysis, analyze_module, input_symbols, measured_points, roofline_svg
 from ctc.errors import UsageError
 from ctc.tasks import TASK_DECODE_STEP
 
@@ -42,7 +42,7 @@ def _fpga_board(art: Any) -> str | None:
     return None
 
 
-def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: int = 1,
+def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: int | None = None,
                      dims: Mapping[str, int] | None = None, gpu: str | None = None, board: str | None = None,
                      remeasure: bool = False, profile: bool = False, progress: bool = False
                      ) -> tuple[Analysis, list[dict[str, Any]], str]:
@@ -63,6 +63,12 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
         why = TARGETS[kind].cannot_run_here()
         if why:
             raise UsageError(f"--profile: {why}")
+    b_sym, s_sym, _ = input_symbols(art.module)
+    for flag, given, sym, what in (("--seq-len", seq_len, s_sym, "sequence"), ("--batch", batch, b_sym, "batch")):
+        if given is not None and sym is None:
+            raise UsageError(f"{flag} {given}: the model's inputs have no {what} dim (that size is fixed as "
+                             "captured); leave it out")
+    batch = 1 if batch is None else batch
     built = art.fixed_seq_len(kind) if seq_len is None and profile else None  # the length its library was built for
     n = seq_len if seq_len is not None else built or default_seq_len(art)
     a = analyze_module(art.module, peaks, seq_len=n, batch=batch, dims=dims, name=str(art.report.get("name") or

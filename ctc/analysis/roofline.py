@@ -115,7 +115,7 @@ class Analysis:
         return out
 
 
-def _symbols(module: Module) -> tuple[str | None, str | None, set[str]]:
+def input_symbols(module: Module) -> tuple[str | None, str | None, set[str]]:
     """(batch symbol, sequence symbol, every symbol) of the module's inputs: ``batch`` / ``seq`` when capture named
     them so, else the first symbol at dim 0 and the first symbol at a later dim."""
     batch = seq = None
@@ -142,7 +142,7 @@ def analyze_module(module: Module, peaks: Peaks, *, seq_len: int = 128, batch: i
     if seq_len < 1 or batch < 1:
         raise UsageError(f"--seq-len and --batch must be >= 1 (got {seq_len}, {batch})")
     task = str(module.meta.get("task", "unknown"))
-    b_sym, s_sym, every = _symbols(module)
+    b_sym, s_sym, every = input_symbols(module)
     env: dict[str, int] = {}
     if b_sym:
         env[b_sym] = batch
