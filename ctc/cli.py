@@ -226,10 +226,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     recipe = parse_file(args.recipe)  # read once (a pipe works); syntax errors before torch is even imported
     from ctc.driver import CompileOptions, compile_recipe
 
-    if args.max_samples is not None and args.max_samples < 1:
-        from ctc.errors import UsageError
-
-        raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     opts = CompileOptions(out=args.out, targets=args.targets, tune=args.tune, progress=not args.quiet,
                           check_only=args.check_only, force=args.force, max_samples=args.max_samples)
     result = compile_recipe(recipe, opts)

@@ -47,6 +47,12 @@ class CompileOptions:
     force: bool = False  # replace an existing --out directory that is not a ctc artifact
     max_samples: int | None = None  # cap the calibration and evaluation windows (quick trial compiles, CI)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):  # one kind, not its letters
+            self.targets = [self.targets]
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UsageError(f"--max-samples must be >= 1, got {self.max_samples}")
+
 
 @dataclass
 class CompileResult:

@@ -168,3 +168,14 @@ def test_a_broken_pipe_that_is_not_stdout_stays_an_error(monkeypatch: pytest.Mon
     monkeypatch.setitem(cli._COMMANDS, "passes", broken)
     assert cli.main(["passes"]) == cli.EXIT_INTERNAL
     assert "BrokenPipeError" in capsys.readouterr().err
+
+
+def test_compile_options_from_python_are_checked() -> None:
+    """CompileOptions(targets="cpu") was read as the kinds 'c', 'p', 'u' ('--target c: unknown target'), and
+    max_samples=0 was refused only by the command line (the Python API ran with no windows)."""
+    from ctc.driver import CompileOptions
+    from ctc.errors import UsageError
+
+    assert list(CompileOptions(targets="cpu").targets) == ["cpu"]
+    with pytest.raises(UsageError, match="--max-samples must be >= 1, got 0"):
+        CompileOptions(max_samples=0)
