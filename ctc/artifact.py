@@ -283,12 +283,17 @@ class Artifact:
         """The sequence length every call must have: the IR's own (a number on the first input's axis 1), or,
         with ``target``, the one its library was built for (the runner's ``static_dims``: ``seq_len=`` on the
         target line, a tuned build, an fpga design); None when any length runs, and for a model without text
-        inputs (no tokenizer: a CNN) or a decode step (one token a call)."""
+        inputs (no tokenizer and no ``[batch, seq]`` integer ids first: a CNN) or a decode step (one token a call)."""
+        from ctc.ir.types import INT_DTYPES
         from ctc.tasks import TASK_DECODE_STEP
 
-        if self.tokenizer_dir is None or self.module.meta.get("task") == TASK_DECODE_STEP:
+        if not self.module.inputs or self.module.meta.get("task") == TASK_DECODE_STEP:
             return None
-        shape = self.module.inputs[0].type.shape if self.module.inputs else ()
+        first = self.module.inputs[0].type
+        token_ids = first.rank == 2 and first.dtype in INT_DTYPES  # a .pt2 text model has no tokenizer
+        if self.tokenizer_dir is None and not token_ids:
+            return None
+        shape = first.shape
         if len(shape) > 1 and isinstance(shape[1], int):
             return shape[1]
         if target is None:

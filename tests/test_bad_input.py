@@ -500,3 +500,19 @@ def test_cuda_target_without_arch_and_without_a_gpu_fails_before_the_model_loads
     assert ("r.ctc:5:1" in err) if recipe_target else ("--target cuda" in err), err
     assert "capture" not in err, "the model was loaded before the target was checked"
     assert not (tmp_path / "out").exists()
+
+
+def test_fixed_length_of_a_text_model_without_a_tokenizer(tmp_path: Path) -> None:
+    """A text model from a .pt2 carries no tokenizer, but its library built for one length is still one length:
+    ctc bench and analyze read it (they benched 128 tokens and failed with the library's size error); a model
+    whose first input is not [batch, seq] integer ids (a CNN) has none."""
+    dest = write_artifact(tmp_path / "art", module=_module(), report={"name": "emb"}, log=lambda _: None,
+                          build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})])
+    art = ctc.load(dest)
+    art._runners["cpu"] = _FixedLibrary(art.module, 24)
+    assert art.tokenizer_dir is None and art.fixed_seq_len("cpu") == 24 and art.fixed_seq_len() is None
+    cnn = Module("cnn")
+    x = cnn.add_input("x", TensorType(("batch", 3, 8, 8), "f32"))
+    cnn.set_outputs([cnn.create_node("relu", [x]).output], ["y"])
+    art_cnn = ctc.load(write_artifact(tmp_path / "cnn", module=cnn, report={"name": "cnn"}, log=lambda _: None))
+    assert art_cnn.fixed_seq_len() is None
