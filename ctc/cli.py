@@ -296,8 +296,12 @@ def _text_inputs(art: Any, tok: Any, text: str, target: str | None) -> tuple[dic
     from ctc.errors import UsageError
 
     inputs = text_inputs(art.module, tok, [text])
-    fixed = art.fixed_seq_len(target) if target is not None else None
     n = int(next(iter(inputs.values())).shape[1])
+    positions = art.input_checker.limits.get("seq")
+    if positions is not None and n > positions[0]:
+        raise UsageError(f"the text is {n} tokens, but the model has {positions[0]} positions ({positions[1]}): "
+                         "shorten the text")
+    fixed = art.fixed_seq_len(target) if target is not None else None
     if fixed is None or n == fixed:
         return inputs, None
     if n > fixed:

@@ -302,6 +302,16 @@ def test_bench_takes_the_length_a_library_was_built_for(tmp_path: Path, monkeypa
         bench_artifact(art, target="cpu", batch=1, seq_len=None, repeat=20, threads=None)
 
 
+def test_cli_text_longer_than_the_model_says_to_shorten_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc run --text` past the model's positions advised 'tokenizer(..., truncation=True, max_length=512)', which
+    a command-line user cannot do."""
+    _, dest = _fixed_length_artifact(tmp_path, monkeypatch, 16)
+    assert main(["run", str(dest), "--text", "word " * 600, "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "the text is 602 tokens, but the model has 512 positions" in err and "tokenizer(" not in err, err
+
+
 def test_human_similarity_on_a_library_built_for_one_length(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctc eval --human-similarity --target cpu` on a fixed-length build failed after loading the original model,
@@ -360,19 +370,22 @@ def test_bench_makes_inputs_for_a_model_without_a_tokenizer(tmp_path: Path) -> N
         bench_artifact(art2, target=None, batch=1, seq_len=128, repeat=20, threads=None)
 
 
-def test_bench_refuses_to_time_a_simulated_design(bench_art: Any) -> None:
+def test_bench_refuses_to_time_a_simulated_design(tmp_path: Path) -> None:
     """`ctc bench --target fpga` timed the gcc C simulation and printed it as the design's median latency (1147 ms
-    for a design modelled at 21 ms); `ctc analyze --profile` already refused that: both refuse it in one place."""
+    for a design modelled at 21 ms); `ctc analyze --profile` already refused that: both refuse it in one place,
+    before loading the design (one built with csim=false has no simulation to load: the refusal is the same)."""
+    import json
+
     from ctc.driver import bench_artifact
 
-    class Simulated(_Library):
-        simulated = True
-        estimated_latency_ms = 21.0
+    def design(d: Path) -> dict:
+        (d / "report.json").write_text(json.dumps({"totals": {"latency_ms": 21.0}}))
+        return {}
 
-    bench_art._runners["cpu"] = lib = Simulated()
+    dest = write_artifact(tmp_path / "art", module=_module(), report={"name": "emb"}, log=lambda _: None,
+                          build_targets=[("fpga", design)])
     with pytest.raises(UsageError, match=r"a C simulation.*modelled latency: 21\.0 ms"):
-        bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=None)
-    assert lib.calls == 0
+        bench_artifact(ctc.load(dest), target="fpga", batch=1, seq_len=4, repeat=20, threads=None)
 
 
 # --------------------------------------------------------------------------- files ctc writes on request
@@ -516,3 +529,20 @@ def test_fixed_length_of_a_text_model_without_a_tokenizer(tmp_path: Path) -> Non
     cnn.set_outputs([cnn.create_node("relu", [x]).output], ["y"])
     art_cnn = ctc.load(write_artifact(tmp_path / "cnn", module=cnn, report={"name": "cnn"}, log=lambda _: None))
     assert art_cnn.fixed_seq_len() is None
+
+
+def test_analyze_profile_refuses_a_simulated_design_before_loading_it(tmp_path: Path) -> None:
+    """`ctc analyze --profile --target fpga` on a design built with csim=false failed loading it, with advice to build
+    with csim=true, which would only lead to the refusal to time a C simulation: it now gets that refusal first."""
+    import json
+
+    from ctc.analysis.artifact import analyze_artifact
+
+    def design(d: Path) -> dict:
+        (d / "report.json").write_text(json.dumps({"totals": {"latency_ms": 3.5}}))
+        return {}
+
+    dest = write_artifact(tmp_path / "art", module=_module(), report={"name": "emb"}, log=lambda _: None,
+                          build_targets=[("fpga", design)])
+    with pytest.raises(UsageError, match=r"a C simulation.*modelled latency: 3\.5 ms"):
+        analyze_artifact(ctc.load(dest), "fpga", profile=True)
