@@ -9,6 +9,7 @@ written until the end, and the artifact appears atomically (see :mod:`ctc.artifa
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -1012,6 +1013,23 @@ def _short(v: Any) -> str:
 
 
 # --------------------------------------------------------------------------- ctc eval / ctc bench
+def refuse_simulated(art: Any, target: str | None) -> None:
+    """Raise UsageError when ``target``'s library runs here only as a simulation (fpga: gcc's C simulation), whose
+    times are not the design's; checked before anything loads it (a ``csim=false`` design has nothing to load)."""
+    from ctc.targets import TARGETS
+
+    if target not in art.targets or target not in TARGETS or not TARGETS[target].simulated:
+        return
+    try:  # the design's own model, from its report
+        est = float(json.loads((Path(art.path) / "targets" / target / "report.json").read_text())["totals"]
+                    ["latency_ms"])
+    except (OSError, ValueError, KeyError, TypeError):
+        est = None
+    modelled = f"its modelled latency: {est} ms; " if est is not None else ""
+    raise UsageError(f"the {target} library runs on this machine only as a C simulation, whose times are not the "
+                     f"design's ({modelled}per layer in targets/{target}/report.json, and `ctc show ART`)")
+
+
 def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: int | None, repeat: int,
                    threads: int | None, profile: int = 0) -> dict[str, Any]:
     """Latency (ctc.eval.latency protocol) and peak memory of one batch through the torch backend or a target;
@@ -1023,7 +1041,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
     import torch
 
     from ctc.eval.latency import MIN_RUNS, machine_info, measure_latency
-
+    refuse_simulated(art, target)
     fixed = art.fixed_seq_len(target) if target is not None else None
     if fixed is not None and seq_len is not None and seq_len != fixed:
         raise UsageError(f"--seq-len {seq_len}: this {target} library was built for {fixed} tokens (`seq_len=` on its "
@@ -1079,11 +1097,6 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
         sizes["inputs"] = (", ".join(f"{v.name} {v.type.dtype}{list(feed[v.name].shape)}" for v in art.module.inputs)
                            + f" (synthetic: {', '.join(kinds)}, seed 0)")
     library = _library_with_threads(art, target, threads) if target is not None else None
-    if getattr(library, "simulated", False):  # the fpga design runs here as gcc's C simulation
-        est = getattr(library, "estimated_latency_ms", None)
-        modelled = f"its modelled latency: {est} ms; " if est is not None else ""
-        raise UsageError(f"the {target} library runs on this machine only as a C simulation, whose times are not the "
-                         f"design's ({modelled}per layer in targets/{target}/report.json, and `ctc show ART`)")
     art.run(feed, target=target)  # inputs checked once; the library loaded outside the timed region
     if library is None:
         res = measure_latency(lambda: art.run(feed), runs=repeat, warmup=3, threads=threads, label="torch")

@@ -123,6 +123,7 @@ class TargetSpec:
     Options: type[TargetOptions]
     backend: str
     trials: bool = True  # takes `trials=N` (meta-schedule's budget); the fpga target tunes by its own model
+    simulated: bool = False  # its library runs here only as a simulation (fpga: gcc's C sim), never timed as itself
 
     def available(self) -> bool:
         """Whether the backend module exists in this ctc (backends ship in-tree: a missing one is not built yet)."""
@@ -167,7 +168,7 @@ TARGETS: dict[str, TargetSpec] = {
         "cuda", "NVIDIA GPU through TVM (cuda), tuned with meta-schedule", CudaOptions, "ctc.backends.tvm"),
     "fpga": TargetSpec(
         "fpga", "FPGA-style target: HLS C and a cycle/resource model", FpgaOptions, "ctc.backends.hls",
-        trials=False),
+        trials=False, simulated=True),
 }
 
 TRIALS_HELP = "tuning budget: meta-schedule trials (0 = no tuning, use default schedules)"

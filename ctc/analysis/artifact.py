@@ -63,6 +63,9 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
         why = TARGETS[kind].cannot_run_here()
         if why:
             raise UsageError(f"--profile: {why}")
+        from ctc.driver import refuse_simulated
+
+        refuse_simulated(art, kind)
     b_sym, s_sym, _ = input_symbols(art.module)
     for flag, given, sym, what in (("--seq-len", seq_len, s_sym, "sequence"), ("--batch", batch, b_sym, "batch")):
         if given is not None and sym is None:
