@@ -61,6 +61,19 @@ class CpuOptions(TargetOptions):
             raise OptionError("option seq_len=1: a build for one token is not supported (its one-element reductions "
                               "break the schedules); use seq_len >= 2, or 0 for any length (a decode step is "
                               "`model ... decode=LEN`)")
+        if self.fp32_matmul in ("bf16x3", "bf16x6"):  # no silent fallback at the build: say so before the capture
+            why = "amx=false turns AMX off" if not self.amx else None
+            if why is None and self.mcpu in ("", "native"):
+                try:
+                    from ctc.backends.tvm.amx_f32 import target_has_amx_bf16
+                except ImportError:  # no TVM: the target check reports the missing backend
+                    pass
+                else:
+                    if not target_has_amx_bf16():
+                        why = "this CPU has no AMX-BF16 tiles (or this process may not use them)"
+            if why:
+                raise OptionError(f"option fp32_matmul={self.fp32_matmul!r} runs on AMX-BF16 tiles, but {why}; use "
+                                  "fp32_matmul=\"strict\" (or \"auto\": AMX where the CPU has it)")
         if self.mcpu not in ("", "native"):
             try:
                 from ctc.backends.tvm.targets import check_mcpu
