@@ -491,3 +491,19 @@ def test_selectors_built_in_python_are_checked() -> None:
                      ({"scopes": (1,)}, "scopes"), ({"ops": [None]}, "ops"), ({"blocks": ((-1, 2),)}, "blocks")):
         with pytest.raises(PassError, match=rf"Selector {msg}="):
             Selector(**bad)
+
+
+def test_python_api_slips_are_pass_errors() -> None:
+    """A pass class instead of an instance, a string selector and an nn.Module for the IR failed deep inside with
+    TypeError / AttributeError; each is a PassError that says what to write."""
+    from ctc.passes.base import PassError, get_pass
+    from ctc.passes.manager import PassManager, Step
+
+    with pytest.raises(PassError, match=r"pass class .*'cse'.*get_pass\('cse'\)\(\)"):
+        Step(get_pass("cse"))
+    with pytest.raises(PassError, match=r"pipeline step 0: got the pass class"):
+        PassManager([get_pass("cse")])
+    with pytest.raises(PassError, match=r"selector must be a Selector, got str"):
+        Step(get_pass("cse")(), selector="*.mlp.*")
+    with pytest.raises(PassError, match=r"takes a ctc IR Module, got Linear: capture the model first"):
+        PassManager([Step(get_pass("cse")())]).run(torch.nn.Linear(2, 2))

@@ -50,6 +50,11 @@ class Step:
     selector: Selector = field(default_factory=Selector)
     span: Any = None
 
+    def __post_init__(self) -> None:
+        _check_pass_instance(self.pass_, "Step")
+        if not isinstance(self.selector, Selector):
+            raise PassError(f"Step: selector must be a Selector, got {type(self.selector).__name__}")
+
     @property
     def name(self) -> str:
         return self.pass_.name
@@ -59,7 +64,18 @@ class Step:
         return f"{self.name!r}" + (f" (at {self.span})" if self.span is not None else "")
 
 
+def _check_pass_instance(p: Any, what: str) -> None:
+    """Raise PassError unless ``p`` is a configured pass instance (a pass class is the common slip)."""
+    if isinstance(p, type) and issubclass(p, Pass):
+        raise PassError(f"{what}: got the pass class {p.__name__} ({p.name!r}), not a configured pass: call it, "
+                        f"e.g. get_pass({p.name!r})() or get_pass({p.name!r})({{...options}})")
+    if not isinstance(p, Pass):
+        raise PassError(f"{what}: expected a configured pass (get_pass(NAME)(options)), got {type(p).__name__}")
+
+
 def _as_step(s: Step | Pass | tuple[Any, ...], i: int) -> Step:
+    if isinstance(s, type) and issubclass(s, Pass):
+        _check_pass_instance(s, f"pipeline step {i}")
     if isinstance(s, Step):
         return s
     if isinstance(s, Pass):
@@ -503,6 +519,9 @@ class PassManager:
         """Like :meth:`run`, and every variant a step emitted (:meth:`PassContext.emit_variant`)
         with the rest of the pipeline run on it: ``[("", main module, report), (label, module,
         variant report), ...]``.  One step of a pipeline may emit variants."""
+        if not isinstance(module, Module):
+            raise PassError(f"PassManager.run takes a ctc IR Module, got {type(module).__name__}: capture the model "
+                            "first (ctc.frontends.capture(model, example_inputs), or load_hf / load_bundled)")
         t_start = time.perf_counter()
         report = PipelineReport(module=module.name, params_before=module.param_count(),
                                 bytes_before=module.param_bytes(), ops_before=module.op_counts())
