@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ctc.ir import quant as Q
 from ctc.ir.graph import Module, Node, Value
 from ctc.ir.types import TensorType
-from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, Selector, option, register_pass
 
 __all__ = ["KvCacheQuantPass"]
 
@@ -40,6 +40,15 @@ def _cache_of(v: Value, module: Module) -> tuple[Node, Value] | None:
     if w.attr("axis") % cache.type.rank != 2 or cache.type.rank != 4:
         return None
     return w, cache
+
+
+NO_CACHE = ("kv-cache-quant found no attention over a preallocated KV cache: it quantizes the cache of a static "
+            "decode step (model ... decode=N)")
+
+
+def _over_cache(n: Node, module: Module) -> bool:
+    """Whether attention node ``n`` reads its keys and values from cache_write results over cache inputs."""
+    return _cache_of(n.operand("k"), module) is not None and _cache_of(n.operand("v"), module) is not None
 
 
 @register_pass
@@ -60,6 +69,13 @@ class KvCacheQuantPass(Pass):
                 raise PassError("option group_size=0: use -1 (one scale per head and token) or a divisor of the "
                                 "head dim")
 
+    @classmethod
+    def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
+        if any(n.op == "scaled_dot_product_attention" and selector.matches(n) and _over_cache(n, module)
+               for n in module.nodes):
+            return []
+        return [(None, NO_CACHE)]
+
     def run(self, module: Module, ctx: PassContext) -> Module:
         o = self.options
         plans = []
@@ -70,7 +86,7 @@ class KvCacheQuantPass(Pass):
             k, v = _cache_of(n.operand("k"), module), _cache_of(n.operand("v"), module)
             q = n.operand("q")
             why = None
-            if k is None or v is None:
+            if not _over_cache(n, module):
                 why = "keys/values are not cache_write results over cache inputs (capture with decode=N)"
             elif n.attr("is_causal"):
                 why = "causal attention without a mask (not a decode step)"
@@ -90,8 +106,7 @@ class KvCacheQuantPass(Pass):
                 continue
             plans.append((n, k, v))
         if not plans:
-            raise PassError("kv-cache-quant found no attention over a preallocated KV cache: it quantizes the cache "
-                            "of a static decode step (model ... decode=N)" + (f"; {skipped[0]}" if skipped else ""))
+            raise PassError(NO_CACHE + (f"; {skipped[0]}" if skipped else ""))
         rw = ctx.rewriter(module)
         attrs = {"bits": o.bits, "group_size": o.group_size}
         replaced: dict[int, tuple[Value, Value]] = {}  # id(cache_write result) -> (integer cache, scales)
