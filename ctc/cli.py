@@ -256,6 +256,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--top lists a causal LM's next-token candidates after --text (without --generate); "
                          "here it would do nothing: leave it out")
     if args.generate is not None:
+        if save is not None:  # the generated text goes to stdout; the step's output tensors are not kept
+            raise UsageError("--save writes the model's output tensors of one run; --generate prints generated text "
+                             "(redirect stdout to keep it): leave --save out")
         return _generate(art, args)
     if args.text is not None:
         tok = art.tokenizer()

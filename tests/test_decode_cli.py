@@ -59,6 +59,9 @@ def test_decoder_recipe_compiles_and_generates(tiny_decoder: Path) -> None:
     assert "decode the last" in res["protocol"]
     wide = _ctc("eval", str(art), "--seq-len", "100", "-q")
     assert wide.returncode == 2 and "cache of 48 positions" in wide.stderr
+    saved = tiny_decoder / "gen.safetensors"  # --generate prints text: --save was ignored without a word
+    both = _ctc("run", str(art), "--text", "Hello", "--generate", "2", "--save", str(saved), "-q")
+    assert both.returncode == 2 and "leave --save out" in both.stderr and not saved.exists()
 
 
 def test_decode_option_is_checked(tmp_path: Path) -> None:
