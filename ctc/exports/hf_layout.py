@@ -185,6 +185,9 @@ def hf_layout(module: Any, config: Mapping[str, Any]) -> HfLayout:
             if key not in expected:
                 continue
             t = constant_value(module, val, memo)
+            perm = _gathered_input(module, n, memo)
+            if t is not None and perm is not None and t.shape[-1:] == perm.shape:
+                t = unpermute_columns(t, perm)  # RPTQ's norm route: the norm's weight/bias follow its input gather
             if t is not None:
                 layout.tensors[key] = t
                 if n.op == "embedding" and embedding_key is None:
@@ -212,6 +215,8 @@ def _settle_scope(module: Any, home: LinearHome, memo: dict[int, torch.Tensor | 
     if p is not None and p.op == "channel_permute" and constant_value(module, p.operand("perm"), memo) is not None:
         home.perm = constant_value(module, p.operand("perm"), memo).to(torch.int64)  # a reorder folded in front
         entry = p.operand("x")
+    elif p is not None and p.op not in LINEAR_OPS:
+        home.perm = _gathered_input(module, p, memo)  # a reorder folded into the norm before it (RPTQ's norm route)
     outs = {id(v) for v in module.outputs}
     inside_ids = {id(n) for n in inside}
     exits = [v for n in inside for v in n.outputs
@@ -221,6 +226,18 @@ def _settle_scope(module: Any, home: LinearHome, memo: dict[int, torch.Tensor | 
                           "a Hugging Face linear gives one")
     home.entry, home.exit = entry, exits[0]
     home.extra = [n for n in inside if n is not home.node]
+
+
+def _gathered_input(module: Any, n: Any, memo: dict[int, torch.Tensor | None]) -> torch.Tensor | None:
+    """The reorder RPTQ's norm route folded into norm ``n`` (its input gathered by a constant ``channel_permute``,
+    its weight and bias permuted alike, so its output is in the permuted order), else None."""
+    if n.op not in ("layer_norm", "rms_norm") or not n.has_operand("x"):
+        return None
+    p = n.operand("x").producer
+    if p is None or p.op != "channel_permute":
+        return None
+    perm = constant_value(module, p.operand("perm"), memo)
+    return None if perm is None else perm.to(torch.int64)
 
 
 def _settle_tied_head(layout: HfLayout, module: Any, embedding_key: str | None) -> None:
@@ -270,10 +287,14 @@ def run_scope(module: Any, home: LinearHome, x: torch.Tensor) -> torch.Tensor:
     from ctc.ir.ops import get_op
 
     memo: dict[int, torch.Tensor | None] = {}
-    env = {id(home.entry): x}
     nodes = [home.node, *home.extra]
     if home.perm is not None:
-        nodes.append(home.node.operand("x").producer)
+        p = home.node.operand("x").producer
+        if p is not None and p.op == "channel_permute":
+            nodes.append(p)  # the scope's own gather
+        else:
+            x = x.index_select(-1, home.perm)  # gathered inside the norm before the scope (RPTQ's norm route)
+    env = {id(home.entry): x}
     with torch.no_grad():
         for n in sorted(nodes, key=module.nodes.index):
             args = [env[id(v)] if id(v) in env else constant_value(module, v, memo) for v in n.inputs]
