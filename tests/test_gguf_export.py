@@ -133,3 +133,19 @@ def test_models_not_loaded_from_gguf_are_refused(tmp_path: Path) -> None:
     m.meta["gguf"] = str(tmp_path / "gone.gguf")
     with pytest.raises(ExportError, match="is gone"):
         write(ExportSource(m, "tiny", {}), tmp_path, export_config("gguf", {}))
+
+
+@pytest.mark.parametrize("step", ["quantize w_bits=8 a_bits=8 w_granularity=group group_size=32",
+                                  "gguf-weights a_bits=8"])
+def test_quantized_activations_are_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   step: str) -> None:
+    """A GGUF file holds weights only (llama.cpp picks its own activation format at run time), so a module that
+    quantizes its activations is refused naming that, not after a load-back mismatch that says nothing of why."""
+    from ctc.cli import EXIT_USAGE
+
+    _tiny_gguf(tmp_path / "tiny")
+    (tmp_path / "r.ctc").write_text(RECIPE.split("pipeline")[0] + "pipeline {\n    " + step + "\n}\nemit gguf\n")
+    assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(tmp_path / "art"), "--quiet"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "quantize their activations" in err and "a_bits=16" in err, err
+    assert "does not reproduce" not in err and not (tmp_path / "art").exists()

@@ -120,8 +120,16 @@ def _config(source: Any) -> dict[str, Any]:
 def write(source: Any, out_dir: Path, options: Any) -> dict[str, Any]:
     import gguf
 
+    from ctc.exports.hf_dir import activation_quantized
+
     module = source.module
     reader = _source(module, source.name)
+    aq = activation_quantized(module)
+    if aq:
+        raise ExportError(f"{source.name}: a GGUF file holds weights only (llama.cpp picks its own activation "
+                          f"format at run time), but {len(aq)} linears quantize their activations (e.g. {aq[0]}), "
+                          "so no GGUF file computes what this module does; compile with a_bits=16 (weight-only) "
+                          "for `emit gguf`")
     layout = hf_layout(module, _config(source))
     cfg = layout.config
     blocks = int(cfg["num_hidden_layers"])

@@ -4,7 +4,7 @@
 Removed blocks really are gone (renumbered, smaller ``num_hidden_layers``); low-rank and shared
 layers become the dense per-layer weights a plain HF layer holds; weight-only quantized linears
 are written dequantized.  Quantized activations have no plain-HF form: those modules go to
-``compressed-tensors`` or ``gguf``.  The directory is loaded back with transformers and run on
+``compressed-tensors``.  The directory is loaded back with transformers and run on
 the example batch; outputs must match the module's.
 """
 
@@ -37,7 +37,7 @@ def write(source: Any, out_dir: Path, options: Any) -> dict[str, Any]:
     if aq:
         raise ExportError(f"{source.name}: a plain Hugging Face layer computes in float, but {len(aq)} linears "
                           f"quantize their activations (e.g. {aq[0]}); write `emit compressed-tensors` (static "
-                          "activation scales) or `emit gguf` instead")
+                          "activation scales) instead")
     layout = hf_layout(module, source.hf_config())
     dtype = _DTYPES[options.dtype]
     tensors = {k: v for k, v in layout.tensors.items()}
