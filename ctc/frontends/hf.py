@@ -250,6 +250,8 @@ def load_hf(name_or_dir: str | Path, *, task: str | None = None, gguf_file: str 
         try:
             tok = T.AutoTokenizer.from_pretrained(where, **kw)
             tok_dir = str(p) if looks_like_path else None
+            if gguf_file and looks_like_path:
+                tok_dir = str(_gguf_tokenizer_dir(p, gguf_file, tok, config))
             if tok.pad_token is None and tok.eos_token is not None:
                 tok.pad_token = tok.eos_token
         except Exception:  # noqa: BLE001 - a model without a tokenizer still captures
@@ -263,6 +265,35 @@ def load_hf(name_or_dir: str | Path, *, task: str | None = None, gguf_file: str 
     return HFModel(model=model, task=task, arch=str(config.model_type), source=where,
                    name=name or (p.name if looks_like_path else src), tokenizer=tok, tokenizer_dir=tok_dir,
                    load_kwargs={"gguf_file": gguf_file} if gguf_file else {}, processor=proc)
+
+
+def _gguf_tokenizer_dir(model_dir: Path, gguf_file: str, tok: Any, config: Any) -> Path:
+    """Where the tokenizer of a model loaded from a GGUF file can be copied from: the model directory when it
+    holds tokenizer files, else a cache folder with the tokenizer transformers read out of the GGUF saved as
+    files (artifacts and HF exports copy a tokenizer folder; the GGUF's own tokenizer is in no file of it)."""
+    import hashlib
+    import shutil
+
+    from ctc.artifact import _TOKENIZER_FILES
+    from ctc.cache import atomic_dir, default_cache_dir
+
+    if any((model_dir / f).is_file() for f in _TOKENIZER_FILES if f != "config.json"):
+        return model_dir
+    g = (model_dir / gguf_file).resolve()
+    st = g.stat()
+    key = hashlib.sha256(f"{g}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = default_cache_dir() / "gguf-tokenizers" / f"{g.stem}-{key}"
+    if not (dest / "tokenizer_config.json").is_file():
+        try:
+            with atomic_dir(dest) as tmp:
+                tok.save_pretrained(tmp)
+                if (model_dir / "config.json").is_file():
+                    shutil.copy2(model_dir / "config.json", tmp / "config.json")
+                else:
+                    config.save_pretrained(tmp)
+        except OSError:  # an unwritable cache: the artifact then holds no loadable tokenizer, as before
+            return model_dir
+    return dest
 
 
 # --------------------------------------------------------------------------- inputs
