@@ -289,7 +289,7 @@ def _load_and_capture(recipe: Recipe) -> tuple[Any, Any, dict[str, Any], Path | 
         else:
             module = frontends.capture_loaded(loaded)
         if o.get("gguf"):  # where `gguf-weights` and `emit gguf` find the quantized original
-            module.meta["gguf"] = str(resolve_path(recipe, m.ref) / str(o["gguf"]))
+            module.meta["gguf"] = str((resolve_path(recipe, m.ref) / str(o["gguf"])).resolve())
         return module, loaded.tokenizer, desc, tok_dir, loaded.model
     ep = frontends.load_pt2(resolve_path(recipe, m.ref))
     module = frontends.capture_loaded(ep)

@@ -153,14 +153,18 @@ def test_quantized_activations_are_refused_by_name(tmp_path: Path, capsys: pytes
 
 def test_artifact_of_a_gguf_only_directory_keeps_its_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`model hf DIR gguf=FILE` with no tokenizer files next to the GGUF (its tokenizer lives in the file): the
-    artifact's tokenizer/ must still load, so `ctc export` (real text for its check) works on it afterwards."""
+    artifact's tokenizer/ must still load, so `ctc export` (real text for its check) works on it afterwards, from
+    any directory (the artifact records where the GGUF is as an absolute path)."""
     from ctc.artifact import load as load_artifact
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     _tiny_gguf(tmp_path / "tiny")
     (tmp_path / "r.ctc").write_text(RECIPE.split("pipeline")[0])
-    assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(tmp_path / "art"), "--quiet"]) == EXIT_OK
+    monkeypatch.chdir(tmp_path)  # a recipe named by a relative path: the GGUF's path is relative too
+    assert main(["compile", "r.ctc", "--out", "art", "--quiet"]) == EXIT_OK
     tok = load_artifact(tmp_path / "art").tokenizer()
     assert tok("the cat")["input_ids"]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the export runs from another directory
     assert main(["export", str(tmp_path / "art"), "--to", "gguf", "--quiet"]) == EXIT_OK
     assert (tmp_path / "art-gguf" / "model.gguf").is_file()
