@@ -669,7 +669,8 @@ def evaluate_check(c: Check, measured: Mapping[str, Mapping[str, Any]]) -> dict[
     m = measured.get(c.metric)
     if m is None:
         why = (": no target ran here on inputs (a target this machine cannot run, or a model whose input sizes "
-               "need text data: add a calibrate or evaluate line)" if c.metric == "target_fidelity" else "")
+               "need text data: add a calibrate or evaluate line)" if c.metric in ("target_fidelity", "latency_ms")
+               else "")
         row.update(measured=None, threshold=c.value, passed=False, note=f"{c.metric} was not measured{why}")
         return row
     threshold = float(c.value)
@@ -752,9 +753,10 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
     wanted = {c.metric for c in recipe.checks} | ({"fidelity"} if evalb else set())
     if loaded.task == TASK_CAUSAL_LM and evalb:
         wanted |= {"ppl"}
-    # latency_ms is the compiled target's when the recipe builds one (measured after the build), else
-    # the torch backend's; the checker made sure there is evaluation data to time.
-    latency_on = targets[0] if targets and "latency_ms" in wanted and evalb else None
+    # latency_ms is the compiled target's when the recipe builds one (measured after the build, on the first
+    # evaluation batch, else calibration batch, else synthetic inputs), else the torch backend's on evaluation data
+    # (which the checker made sure of).
+    latency_on = targets[0] if targets and "latency_ms" in wanted else None
     with progress.stage("measure"):
         from ctc.eval.data import protocol_line
 
@@ -796,7 +798,7 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
     from ctc.targets import build_target
 
     probe = evalb[0] if evalb else (calib[0] if calib else None)
-    inputs = "the first evaluation batch"
+    inputs = "the first evaluation batch" if evalb else "the first calibration batch"
     if probe is None and targets:  # no text data (a CNN): the libraries are checked and timed on synthetic inputs
         from ctc.eval.data import synthetic_inputs
 

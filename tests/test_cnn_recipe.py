@@ -77,7 +77,7 @@ def test_cnn_recipe_compiles_and_matches_eager(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 40, 40, generator=g)
     torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "cnn.pt2"))
     (tmp_path / "cnn.ctc").write_text('model pt2 "cnn.pt2"\npipeline {\n    fold-batch-norm\n    dce\n}\n'
-                                      "target cpu threads=1\n")
+                                      "target cpu threads=1\ncheck latency_ms <= 60000\n")
     out = tmp_path / "out"
     assert main(["compile", str(tmp_path / "cnn.ctc"), "--out", str(out), "--quiet"]) == EXIT_OK
     art = ctc.load(out)
@@ -87,6 +87,9 @@ def test_cnn_recipe_compiles_and_matches_eager(tmp_path: Path) -> None:
     measured = art.report["targets"][0]["measured"]
     assert measured["vs_ir"]["cosine"] > 0.99999 and measured["latency_ms"] > 0, measured
     assert "synthetic" in measured["protocol"] and art.report["metrics"]["target_fidelity"]["compressed"] > 0.99999
+    # so is `check latency_ms` (it asked for an evaluate line, which a CNN cannot have)
+    lat = art.report["metrics"]["latency_ms"]
+    assert lat["compressed"] == measured["latency_ms"] and "synthetic" in lat["protocol"] and art.report["passed"]
     with torch.no_grad():
         ref = model(x)
     for target in (None, "cpu"):  # the reference interpreter on the artifact's IR, then the TVM library

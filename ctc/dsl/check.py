@@ -100,8 +100,9 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("params", "parameter count (x: ratio to the original)", (None, "x"), needs_eval=False),
     MetricSpec("param_bytes", "parameter bytes (x: ratio to the original)", (None, "x"), needs_eval=False),
     MetricSpec("latency_ms", "median latency of one evaluation batch in ms on the recipe's first target (the "
-               "compiled library), or the torch backend when it builds none (x: ratio to the original on the same "
-               "backend; with a target the original is built for it too)", (None, "x")),
+               "compiled library; without an evaluate line the first calibration batch, else synthetic inputs), or "
+               "the torch backend when it builds none, which needs evaluation data (x: ratio to the original on the "
+               "same backend; with a target the original is built for it too)", (None, "x")),
 ]}
 
 COSINE_METRICS = ("fidelity", "target_fidelity")
@@ -440,7 +441,7 @@ def _check_check(c: Check, recipe: Recipe) -> list[Diagnostic]:
     if c.metric == "target_fidelity" and not recipe.targets:
         diags.append(Diagnostic("check target_fidelity needs a target to compare with the IR", c.metric_span,
                                 hint="add e.g. `target cpu`, or drop the check"))
-    if m.needs_eval and recipe.evaluate is None:
+    if m.needs_eval and recipe.evaluate is None and not (c.metric == "latency_ms" and recipe.targets):
         diags.append(Diagnostic(f"check {c.metric} needs evaluation data", c.metric_span,
                                 hint="add e.g. `evaluate wiki samples=8 seq_len=256`"))
     return diags
