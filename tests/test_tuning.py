@@ -129,6 +129,45 @@ def test_a_task_that_produces_no_records_is_reported_failed(tmp_path: Path, monk
     assert t["per_task"][0]["error"] == "ValueError: boom" and any("FAILED" in s for s in said)
 
 
+def test_records_lost_since_a_search_are_searched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A searched task whose records are gone from the database (a damaged record file) was skipped for good: the
+    ledger's 'searched_for' alone said done, and the compile reported 0 tasks with records without a word. The
+    database is the truth: the task is searched again, and the log says why."""
+    from ctc.backends.tvm.tuning_db import TaskRecords
+
+    held: dict[str, TaskRecords] = {}  # what the database holds, by workload hash (patched in for count_records)
+    searches: list[int] = []
+
+    def fake_worker(spec: dict[str, Any], log_file: Path, on_event: Any) -> None:
+        searches.append(len(spec["tasks"]))
+        for i, task in enumerate(spec["tasks"]):
+            on_event({"event": "start", "task": i})
+            held["*"] = TaskRecords(task["trials"], task["trials"], 0.01)
+            on_event({"event": "done", "task": i})
+
+    class Every(dict):  # the same records for every workload (the module has one task)
+        def get(self, key: Any, default: Any = None) -> Any:
+            return held.get("*", default)
+
+        def __contains__(self, key: object) -> bool:
+            return "*" in held
+
+        def __getitem__(self, key: Any) -> Any:
+            return held["*"]
+
+    monkeypatch.setattr(tuning, "_run_worker", fake_worker)
+    monkeypatch.setattr(tuning, "count_records", lambda *_: Every())
+    said: list[str] = []
+    monkeypatch.setattr(tuning, "_say_default", said.append)
+    options = BuildOptions(trials=4, tuning_dir=tmp_path, **STRICT)
+    compile_module(_linear_gelu(), options=options)
+    compile_module(_linear_gelu(), options=options)
+    assert searches == [1]  # the second compile found the records and searched nothing
+    held.clear()  # the record file was damaged: the database holds nothing now
+    compile_module(_linear_gelu(), options=options)
+    assert searches == [1, 1] and any("no longer holds the records of 1 searched task" in s for s in said), said
+
+
 # ----------------------------------------------------------------------------- recipes
 def _recipe(tmp_path: Path, target: str, evaluate: str = "evaluate lee samples=2 seq_len=64\n") -> Any:
     d = tmp_path / "recipes"

@@ -355,13 +355,22 @@ def _tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path |
     measured_before = {t.shash: t.measured for t in tunable}
 
     # a task whose search ended below its allotment (meta-schedule found no more candidates) is
-    # not searched again for the same allotment; a killed run left no ledger entry, so it resumes
-    todo = []
+    # not searched again for the same allotment, while the database still holds what that search measured
+    # (records lost since, e.g. a damaged record file, are searched again: the database is the truth); a killed
+    # run left no ledger entry, so it resumes
+    todo, lost = [], []
     for t in tunable:
         left = t.allotted - t.measured
-        done_for = int(ledger["tasks"].get(t.shash, {}).get("searched_for", 0))
+        entry = ledger["tasks"].get(t.shash, {})
+        done_for = int(entry.get("searched_for", 0))
+        if done_for >= t.allotted and t.measured < int(entry.get("measured", 0)):
+            lost.append(t.name)
+            done_for = 0
         if left > 0 and done_for < t.allotted:
             todo.append((t, left))
+    if lost:
+        say(f"the database {wdir} no longer holds the records of {len(lost)} searched task(s) ({lost[0]}"
+            f"{', ...' if len(lost) > 1 else ''}; its record file was damaged or replaced?): searching them again")
     import importlib.util
 
     has_xgb = importlib.util.find_spec("xgboost") is not None
@@ -419,6 +428,7 @@ def _tune_and_apply(mod: Any, info: Any, *, trials: int, cache_dir: str | Path |
                     if new == 0:
                         failures[t.shash] = "meta-schedule measured no candidate (none could be generated or built)"
                 ledger["tasks"][t.shash] = {"name": t.name, "searched_for": t.allotted,
+                                            "measured": after.measured if after else 0,
                                             "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                             **({"error": failures[t.shash]} if t.shash in failures else {})}
                 _write_ledger(ledger_path, ledger)
