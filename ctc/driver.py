@@ -949,7 +949,8 @@ def report_summary(report: Mapping[str, Any]) -> str:
         from ctc.eval.data import protocol_line
 
         lines.append(f"  measured on: {protocol_line(ev)}; {ev.get('split')} split, {ev.get('windows')} windows of "
-                     f"{ev.get('seq_len')} tokens, stride {ev.get('stride', ev.get('seq_len'))}")
+                     f"{ev.get('seq_len')} tokens, stride {ev.get('stride', ev.get('seq_len'))}"
+                     + (f"; decode step: {ev['decode_step']}" if ev.get("decode_step") else ""))
     for c in report.get("checks", []):
         verdict = "ok  " if c["passed"] else "FAIL"
         lines.append(f"  [{verdict}] {c['check']}  (measured {_short(c.get('measured'))})"

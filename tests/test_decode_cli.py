@@ -57,6 +57,8 @@ def test_decoder_recipe_compiles_and_generates(tiny_decoder: Path) -> None:
     compiled = a.report["metrics"]["fidelity"]["compressed"]
     assert res["task"] == "decode_step" and res["windows"] == 2 and res["fidelity"] == pytest.approx(compiled, abs=1e-6)
     assert "decode the last" in res["protocol"]
+    shown = _ctc("show", str(art))  # the compile's own numbers say how the step was measured too
+    assert shown.returncode == 0 and "decode step: prefill all but the last token" in shown.stdout, shown.stdout
     wide = _ctc("eval", str(art), "--seq-len", "100", "-q")
     assert wide.returncode == 2 and "cache of 48 positions" in wide.stderr
     saved = tiny_decoder / "gen.safetensors"  # --generate prints text: --save was ignored without a word
