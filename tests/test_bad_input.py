@@ -77,7 +77,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("negative id", {**_ok(seq=3), "input_ids": torch.tensor([[-5, 2, 3]])}, "token ids in [-5, 3]"),
     ("more tokens than positions", _ok(seq=POSITIONS + 1), f"but the model has {POSITIONS} positions"),
     ("not a tensor", {**_ok(), "input_ids": "hello"}, "'input_ids': cannot be read as a tensor"),
-    # text was taken as a sequence of 5 inputs ("takes 2 inputs, got 5"); a meta tensor raised NotImplementedError
+    # these two were wrong errors before: text read as 5 inputs ("takes 2 inputs, got 5"), torch's meta-tensor failure
     ("text", "hello", "inputs are token tensors, not text: tokenize it first"),
     ("meta tensor", {k: v.to("meta") for k, v in _ok().items()}, "'input_ids' is a meta tensor (no data)"),
 ]
@@ -370,22 +370,28 @@ def test_bench_makes_inputs_for_a_model_without_a_tokenizer(tmp_path: Path) -> N
         bench_artifact(art2, target=None, batch=1, seq_len=128, repeat=20, threads=None)
 
 
+def _fpga_design_artifact(tmp_path: Path, latency_ms: float) -> Any:
+    """A loaded artifact with an fpga target whose report models ``latency_ms`` and which has no C simulation to
+    load (a ``csim=false`` build)."""
+    import json
+
+    def design(d: Path) -> dict:
+        (d / "report.json").write_text(json.dumps({"totals": {"latency_ms": latency_ms}}))
+        return {}
+
+    return ctc.load(write_artifact(tmp_path / "art", module=_module(), report={"name": "emb"}, log=lambda _: None,
+                                   build_targets=[("fpga", design)]))
+
+
 def test_bench_refuses_to_time_a_simulated_design(tmp_path: Path) -> None:
     """`ctc bench --target fpga` timed the gcc C simulation and printed it as the design's median latency (1147 ms
     for a design modelled at 21 ms); `ctc analyze --profile` already refused that: both refuse it in one place,
     before loading the design (one built with csim=false has no simulation to load: the refusal is the same)."""
-    import json
-
     from ctc.driver import bench_artifact
 
-    def design(d: Path) -> dict:
-        (d / "report.json").write_text(json.dumps({"totals": {"latency_ms": 21.0}}))
-        return {}
-
-    dest = write_artifact(tmp_path / "art", module=_module(), report={"name": "emb"}, log=lambda _: None,
-                          build_targets=[("fpga", design)])
     with pytest.raises(UsageError, match=r"a C simulation.*modelled latency: 21\.0 ms"):
-        bench_artifact(ctc.load(dest), target="fpga", batch=1, seq_len=4, repeat=20, threads=None)
+        bench_artifact(_fpga_design_artifact(tmp_path, 21.0), target="fpga", batch=1, seq_len=4, repeat=20,
+                       threads=None)
 
 
 # --------------------------------------------------------------------------- files ctc writes on request
@@ -534,15 +540,7 @@ def test_fixed_length_of_a_text_model_without_a_tokenizer(tmp_path: Path) -> Non
 def test_analyze_profile_refuses_a_simulated_design_before_loading_it(tmp_path: Path) -> None:
     """`ctc analyze --profile --target fpga` on a design built with csim=false failed loading it, with advice to build
     with csim=true, which would only lead to the refusal to time a C simulation: it now gets that refusal first."""
-    import json
-
     from ctc.analysis.artifact import analyze_artifact
 
-    def design(d: Path) -> dict:
-        (d / "report.json").write_text(json.dumps({"totals": {"latency_ms": 3.5}}))
-        return {}
-
-    dest = write_artifact(tmp_path / "art", module=_module(), report={"name": "emb"}, log=lambda _: None,
-                          build_targets=[("fpga", design)])
     with pytest.raises(UsageError, match=r"a C simulation.*modelled latency: 3\.5 ms"):
-        analyze_artifact(ctc.load(dest), "fpga", profile=True)
+        analyze_artifact(_fpga_design_artifact(tmp_path, 3.5), "fpga", profile=True)
