@@ -1043,7 +1043,9 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
 
     import torch
 
+    from ctc.analysis.roofline import input_symbols
     from ctc.eval.latency import MIN_RUNS, machine_info, measure_latency
+
     refuse_simulated(art, target)
     fixed = art.fixed_seq_len(target) if target is not None else None
     if fixed is not None and seq_len is not None and seq_len != fixed:
@@ -1051,7 +1053,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
                          f"target line): give --seq-len {fixed} or leave it out")
     seq_len = seq_len if seq_len is not None else fixed or 128
     rows = (getattr(art.runner(target), "static_dims", None) or {}).get("batch") if target is not None else None
-    if rows is not None and batch is not None and batch != rows and "batch" in _input_symbols(art.module):
+    if rows is not None and batch is not None and batch != rows and "batch" in input_symbols(art.module)[2]:
         raise UsageError(f"--batch {batch}: this {target} library was built for batch {rows} (`batch=` on its target "
                          f"line, or a tuned build): give --batch {rows} or leave it out")
     batch = batch if batch is not None else rows or 1
@@ -1094,7 +1096,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
         except ValueError as e:
             raise UsageError(f"{e}: ctc bench sizes only batch (--batch) and seq (--seq-len); time this model from "
                              "Python with inputs of your own (ctc.load(ART).runner(KIND))") from None
-        used = _input_symbols(art.module)
+        used = input_symbols(art.module)[2]
         kinds = sorted({"floats N(0, 1)" if t.is_floating_point() else "integers" for t in feed.values()})
         sizes = {k: n for k, n in sizes.items() if k.removesuffix("_len") in used}
         sizes["inputs"] = (", ".join(f"{v.name} {v.type.dtype}{list(feed[v.name].shape)}" for v in art.module.inputs)
@@ -1122,13 +1124,6 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
                            "ms_per_run": round(r.ms_per_run, 4), "share": round(r.ms_per_run / total, 4)}
                           for r in rows[:profile]]
     return out
-
-
-def _input_symbols(module: Any) -> set[str]:
-    """The symbols the module's input shapes are written in (``batch``, ``seq``, ...)."""
-    from ctc.ir.symbolic import free_symbols
-
-    return {s for v in module.inputs for d in v.type.shape if not isinstance(d, int) for s in free_symbols(d)}
 
 
 def _library_with_threads(art: Any, target: str, threads: int | None) -> Any:
