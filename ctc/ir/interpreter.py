@@ -37,6 +37,25 @@ def _resolve_dims(node: Node, env: dict[str, int]) -> dict:
     return attrs
 
 
+def _call_op(node: Node, args: list[torch.Tensor], env: dict[str, int],
+             refs: Mapping[str, Callable[..., object]] | None,
+             override: Callable[[list[torch.Tensor]], object] | None = None) -> list[torch.Tensor]:
+    """Run one non-param node (its override, a replacement reference, or the op's own) and list its outputs;
+    any failure is re-raised as an InterpretError naming the node's op, scope, block and input shapes."""
+    try:
+        if override is not None:
+            res = override(args)
+        else:
+            ref = refs[node.op] if refs is not None and node.op in refs else get_op(node.op).ref
+            res = ref(*args, **_resolve_dims(node, env))
+    except Exception as e:  # noqa: BLE001 - re-raised with the node's location
+        shapes = [tuple(a.shape) for a in args]
+        raise InterpretError(
+            f"{node.op} at scope {node.scope or '<root>'} (block {node.block}) failed on "
+            f"inputs {shapes}: {type(e).__name__}: {e}") from e
+    return list(res) if isinstance(res, (tuple, list)) else [res]
+
+
 def bind_inputs(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                 ) -> tuple[list[torch.Tensor], dict[str, int]]:
     """Order inputs like ``module.inputs`` and bind symbolic dims from their shapes."""
@@ -121,20 +140,8 @@ class Execution:
                 raise InterpretError(f"parameter {name!r} missing (read at {node.scope or '<root>'})")
             outs = [self.params[name]]
         else:
-            attrs = _resolve_dims(node, self.env)
-            try:
-                if overrides is not None and node in overrides:
-                    res = overrides[node](args)
-                else:
-                    refs = self.refs
-                    ref = refs[node.op] if refs is not None and node.op in refs else get_op(node.op).ref
-                    res = ref(*args, **attrs)
-            except Exception as e:  # noqa: BLE001 - re-raised with the node's location
-                shapes = [tuple(a.shape) for a in args]
-                raise InterpretError(
-                    f"{node.op} at scope {node.scope or '<root>'} (block {node.block}) failed on "
-                    f"inputs {shapes}: {type(e).__name__}: {e}") from e
-            outs = list(res) if isinstance(res, (tuple, list)) else [res]
+            override = overrides.get(node) if overrides is not None else None
+            outs = _call_op(node, args, self.env, self.refs, override)
         if self.observer is not None:
             self.observer(node, args, outs)
         for v, t in zip(node.outputs, outs, strict=True):
@@ -259,16 +266,7 @@ def _execute(module: Module, start: int, live: dict[int, torch.Tensor], env: dic
                     raise InterpretError(f"parameter {name!r} missing (read at {node.scope or '<root>'})")
                 outs = [params[name]]
             else:
-                attrs = _resolve_dims(node, env)
-                try:
-                    ref = refs[node.op] if refs is not None and node.op in refs else get_op(node.op).ref
-                    res = ref(*args, **attrs)
-                except Exception as e:  # noqa: BLE001 - re-raised with the node's location
-                    shapes = [tuple(a.shape) for a in args]
-                    raise InterpretError(
-                        f"{node.op} at scope {node.scope or '<root>'} (block {node.block}) failed on "
-                        f"inputs {shapes}: {type(e).__name__}: {e}") from e
-                outs = list(res) if isinstance(res, (tuple, list)) else [res]
+                outs = _call_op(node, args, env, refs)
             if observer is not None:
                 observer(node, args, outs)
             for v, t in zip(node.outputs, outs, strict=True):
