@@ -200,6 +200,76 @@ def test_fx_fallback_when_export_fails() -> None:
     assert torch.allclose(interpret(m, {"x": x})[0], net(x), atol=TOL)
 
 
+class _Mlp(nn.Module):
+    def __init__(self, data_dependent: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.data_dependent = data_dependent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+            if self.data_dependent and x.sum() > 0:  # torch.export cannot trace this: the fx fallback runs
+                x = x * 2
+        return x
+
+
+def test_default_dynamic_on_a_model_that_fixes_axis_1_captures_it_static_by_export() -> None:
+    """capture(mlp, {"x": [2, 16]}) with the default dynamic=True made the features axis dynamic: torch.export
+    failed ('Constraints violated (L['x'].size()[1])') and the fx fallback ran, with a cryptic warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        m = capture(_Mlp(), {"x": torch.randn(2, 16)})
+    assert m.meta["capture_path"] == "export" and m.inputs[0].type.shape == (2, 16)
+    with pytest.warns(UserWarning, match=r"input 'x' axis 1 \('seq'\) is 1; give examples of size >= 2"):
+        m = capture(_Net(), {"x": torch.randn(2, 1, 8)})
+    assert m.inputs[0].type.shape == (2, 1, 8)
+
+
+class _BnBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1) for _ in range(2)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False)])
+        self.bns[0].running_mean.normal_()
+        self.lstm = nn.LSTM(4, 4)
+
+    def forward(self, x: torch.Tensor, rnn: bool = False) -> torch.Tensor:
+        for conv, bn in zip(self.convs, self.bns, strict=True):
+            x = bn(conv(x))
+            if x.sum() > 0:  # data-dependent: the fx fallback captures it
+                x = x * 2
+        return self.lstm(x.flatten(2).transpose(1, 2))[0] if rnn else x
+
+
+def test_fx_fallback_keeps_scopes_blocks_and_batch_norm() -> None:
+    """The torch.fx fallback gave every node scope '' and block None (meta still said num_blocks=3, so
+    `on blocks[0:2]` matched nothing), and failed on any BatchNorm ('aten.batch_norm.default: no ctc mapping')."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="torch.fx fallback"):
+        m = capture(_Mlp(data_dependent=True), {"x": torch.randn(2, 16)})
+    assert m.meta["capture_path"] == "fx" and m.meta["num_blocks"] == 3
+    assert [(n.scope, n.block) for n in m.find("linear")] == [("layers.0", 0), ("layers.1", 1), ("layers.2", 2)]
+    net, x = _BnBranch().eval(), torch.randn(2, 4, 5, 5)
+    with pytest.warns(UserWarning, match="torch.fx fallback"):
+        m = capture(net, {"x": x}, dynamic=False)
+    assert m.meta["capture_path"] == "fx" and {n.scope for n in m.find("batch_norm")} == {"bns.0"}
+    assert (interpret(m, {"x": x})[0] - net(x)).abs().max().item() <= TOL
+
+
+def test_fx_fallback_lists_only_the_unsupported_op_and_says_why_it_ran() -> None:
+    """An LSTM in a model only the fx fallback captures: the error also listed '<getitem>: getitem on a single
+    tensor' (a reader of the failed op) and did not say that the fallback, not the model, met the op whole."""
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(CaptureError) as e:
+        capture(_BnBranch().eval(), {"x": x, "rnn": True}, dynamic=False)
+    msg = str(e.value)
+    assert "aten.lstm.input" in msg and "getitem" not in msg
+    assert "torch.fx fallback, taken because torch.export failed" in msg
+
+
 class _Sampler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.grid_sample(x, torch.zeros(1, 2, 3, 2), align_corners=False)

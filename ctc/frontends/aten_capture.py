@@ -585,7 +585,12 @@ def _dedupe_params(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- export path
-def _export(model: nn.Module, inputs: dict[str, torch.Tensor], dyn: dict[str, dict[int, str]]) -> Any:
+def _export(model: nn.Module, inputs: dict[str, torch.Tensor], dyn: dict[str, dict[int, str]], *,
+            guessed: bool = False) -> Any:
+    """``torch.export`` with ``dyn``'s axes dynamic; ``guessed`` (``dynamic=True``, axis 1 taken for the sequence
+    without the caller naming it) lets export keep an axis static where the model fixes its size (an MLP's
+    features, a CNN's channels) instead of failing on it."""
+    kind = torch.export.Dim.AUTO if guessed else torch.export.Dim.DYNAMIC
     dims: dict[str, Any] = {}
     shapes: dict[str, Any] = {}
     for k, v in inputs.items():
@@ -596,7 +601,7 @@ def _export(model: nn.Module, inputs: dict[str, torch.Tensor], dyn: dict[str, di
         d = {}
         for axis, sym in spec.items():
             if sym not in dims:
-                dims[sym] = torch.export.Dim.DYNAMIC
+                dims[sym] = kind
             d[axis] = dims[sym]
         shapes[k] = d
     ep = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes=shapes, strict=False)
@@ -683,7 +688,7 @@ def capture(
 
     with torch.no_grad(), capture_forms(model):  # MoE layers dispatch densely, SSM scans are one op
         try:
-            ep = _export(model, dict(example_inputs), dyn)
+            ep = _export(model, dict(example_inputs), dyn, guessed=dynamic is True)
         except Exception as e:  # noqa: BLE001 - any export failure selects the fallback
             export_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             shapes = {k: tuple(v.shape) for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
@@ -701,6 +706,8 @@ def capture(
             warnings.warn(m.meta["capture_warning"], UserWarning, stacklevel=2)  # said only in meta before
     if ep is not None:
         m = _from_exported(ep, model, dyn, output=output, name=name)
+        if dynamic is True:
+            _warn_static_guesses(m, dyn)
     m.meta["capture_path"] = path
     if meta:
         m.meta.update(meta)
@@ -708,6 +715,18 @@ def capture(
 
     fuse_patterns(m)
     return m
+
+
+def _warn_static_guesses(m: Module, dyn: Mapping[str, Mapping[int, str]]) -> None:
+    """``dynamic=True`` axes that came out static because the example had size 0 or 1 there (export specializes
+    those): say so, since the model may well allow other sizes; an axis the model fixes stays static silently."""
+    types = {v.name: v.type for v in m.inputs}
+    small = [f"input {k!r} axis {ax} ({sym!r}) is {types[k].shape[ax]}" for k, axes in dyn.items() if k in types
+             for ax, sym in axes.items() if ax < len(types[k].shape) and isinstance(types[k].shape[ax], int)
+             and types[k].shape[ax] < 2]
+    if small:
+        warnings.warn(f"captured with static shapes where dynamic=True asked for a dynamic axis: in the example, "
+                      f"{', '.join(small)}; give examples of size >= 2 on dynamic axes", UserWarning, stacklevel=3)
 
 
 def _check_input_names(model: nn.Module, inputs: Mapping[str, Any]) -> None:

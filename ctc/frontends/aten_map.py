@@ -361,6 +361,8 @@ def _split(tr: Translator, node: fx.Node) -> list[Value]:
 @aten("<getitem>")
 def _getitem(tr: Translator, node: fx.Node) -> Value:
     seq = tr.env[node.args[0]]
+    if not isinstance(seq, (list, Value)):
+        tr.t(node.args[0])  # its producer failed: raises so that only the producer is reported
     if not isinstance(seq, list):
         raise tr.unsupported(node, "getitem on a single tensor")
     v = seq[node.args[1]]

@@ -666,10 +666,25 @@ _NORM_STATS = "the saved mean/rstd of a normalization are only used by its backw
 
 @aten("_native_batch_norm_legit_no_training.default")
 def _batch_norm_inference(tr: Translator, node: fx.Node) -> list[Any]:
+    return [_batch_norm_running(tr, node, float(_arg(node, 6, "eps", 1e-5))), Unavailable(_NORM_STATS),
+            Unavailable(_NORM_STATS)]
+
+
+@aten("batch_norm.default")
+def _batch_norm_composite(tr: Translator, node: fx.Node) -> Value:
+    """``aten.batch_norm`` (input, weight, bias, running_mean, running_var, training, momentum, eps, ...) as the
+    torch.fx fallback traces it: it has no Core ATen decomposition there, which failed such a capture."""
+    eps = float(_arg(node, 7, "eps", 1e-5))
+    if bool(_arg(node, 5, "training", False)) or node.args[3] is None or node.args[4] is None:
+        return _normalize_by_batch(tr, node, eps)
+    return _batch_norm_running(tr, node, eps)
+
+
+def _batch_norm_running(tr: Translator, node: fx.Node, eps: float) -> Value:
+    """Batch norm by running statistics; operands (input, weight, bias, running_mean, running_var, ...)."""
     x = tr.t(node.args[0])
     w, b = _opt_value(tr, node.args[1]), _opt_value(tr, node.args[2])
     mean, var = tr.t(node.args[3]), tr.t(node.args[4])
-    eps = float(_arg(node, 6, "eps", 1e-5))
     ins = [x, tr.cast_to(mean, x.type.dtype), tr.cast_to(var, x.type.dtype)]
     if w is not None or b is not None:
         c = x.type.shape[1]
@@ -677,8 +692,7 @@ def _batch_norm_inference(tr: Translator, node: fx.Node) -> list[Any]:
                    tr.emit("full", [], {"shape": (c,), "value": 1.0, "dtype": x.type.dtype}))
         if b is not None:
             ins.append(tr.cast_to(b, x.type.dtype))
-    y = tr.emit("batch_norm", ins, {"eps": eps})
-    return [y, Unavailable(_NORM_STATS), Unavailable(_NORM_STATS)]
+    return tr.emit("batch_norm", ins, {"eps": eps})
 
 
 @aten("_native_batch_norm_legit.default", "_native_batch_norm_legit.no_stats",
@@ -695,6 +709,17 @@ def _batch_norm_batch_stats(tr: Translator, node: fx.Node) -> list[Any]:
         mean, var = tr.t(node.args[3]), tr.t(node.args[4])
         ins = [x, mean, var] + ([w] if w is not None else []) + ([b] if b is not None and w is not None else [])
         return [tr.emit("batch_norm", ins, {"eps": eps}), Unavailable(_NORM_STATS), Unavailable(_NORM_STATS)]
+    out: list[Any] = [_normalize_by_batch(tr, node, eps), Unavailable(_NORM_STATS), Unavailable(_NORM_STATS)]
+    if str(node.target).endswith("functional.default"):
+        out += [Unavailable("running statistics are only updated in training"),
+                Unavailable("running statistics are only updated in training")]
+    return out
+
+
+def _normalize_by_batch(tr: Translator, node: fx.Node, eps: float) -> Value:
+    """Mean and biased variance over every axis but the channels; operands (input, weight, bias, ...)."""
+    x = tr.t(node.args[0])
+    w, b = _opt_value(tr, node.args[1]), _opt_value(tr, node.args[2])
     axes = tuple(a for a in range(x.type.rank) if a != 1)
     mean = tr.emit("mean", [x], {"axes": axes, "keepdim": True})
     d = tr.emit("sub", [x, mean])
@@ -705,11 +730,7 @@ def _batch_norm_batch_stats(tr: Translator, node: fx.Node) -> list[Any]:
         y = tr.emit("mul", [y, tr.emit("reshape", [w], {"shape": shape})])
     if b is not None:
         y = tr.emit("add", [y, tr.emit("reshape", [b], {"shape": shape})])
-    out: list[Any] = [y, Unavailable(_NORM_STATS), Unavailable(_NORM_STATS)]
-    if str(node.target).endswith("functional.default"):
-        out += [Unavailable("running statistics are only updated in training"),
-                Unavailable("running statistics are only updated in training")]
-    return out
+    return y
 
 
 @aten("native_group_norm.default")

@@ -42,6 +42,7 @@ def capture_fx(model: nn.Module, inputs: Mapping[str, Any], *, output: str | int
         spec_box.append(spec)
         return leaves
 
+    fn._orig_mod = model  # type: ignore[attr-defined]  # make_fx records module scopes only under this attribute
     try:
         with torch.no_grad():
             gm = make_fx(fn, tracing_mode="real", pre_dispatch=True, record_module_stack=True,
@@ -57,9 +58,14 @@ def capture_fx(model: nn.Module, inputs: Mapping[str, Any], *, output: str | int
     for ph in placeholders:
         if "val" not in ph.meta:
             raise CaptureError("torch.fx fallback: traced graph lacks tensor metadata")
-    m = _translate(gm, model, params={canon[k]: v.detach() for k, v in state.items() if canon[k] == k},
-                   param_nodes=param_nodes, input_nodes=input_nodes, out_spec=spec_box[-1] if spec_box else None,
-                   output=output, name=name)
+    try:
+        m = _translate(gm, model, params={canon[k]: v.detach() for k, v in state.items() if canon[k] == k},
+                       param_nodes=param_nodes, input_nodes=input_nodes, out_spec=spec_box[-1] if spec_box else None,
+                       output=output, name=name)
+    except CaptureError as e:  # composite ops (instance_norm, lstm) reach this path whole: export would decompose them
+        raise CaptureError(f"{e}\n(this is the torch.fx fallback, taken because torch.export failed: {why}. It maps "
+                           "ops as traced, without the decompositions torch.export applies; a forward that "
+                           "torch.export can capture may avoid these ops)") from e
     m.meta["capture_warning"] = (f"captured with the torch.fx fallback because torch.export failed ({why}); "
                                  "shapes and data-dependent branches are fixed to the example inputs")
     return m
