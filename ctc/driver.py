@@ -818,8 +818,8 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
             built = build_target(module, t, d, example_inputs=probe)
         except Exception as e:
             raise _unbuildable(recipe, t.kind, e) from None
+        not_here = built.pop("not_runnable", None) or t.spec.cannot_run_here()  # a build with nothing to run
         summary = {**t.to_json(), **built}
-        not_here = t.spec.cannot_run_here()
         batch = fit_batch(probe, t.options) if probe is not None else None
         if not_here is not None:  # e.g. a CUDA library built on a machine without a GPU
             summary["measured"] = {"skipped": not_here}

@@ -8,7 +8,9 @@ returns a small JSON-able summary for the report; ``load(out_dir, module) -> run
 it from ``ctc.load(dir).run(inputs, target=...)``; and optionally
 ``supports(kind) -> str | None`` (None, or why the kind cannot be built) so that recipes
 fail at check time, not after compressing, and ``runs_here(kind) -> str | None`` (None, or why
-this machine cannot run the library: a CUDA build without a GPU is built but not measured).
+this machine cannot run the library: a CUDA build without a GPU is built but not measured). A summary with
+the key ``not_runnable`` (why) says that this build has nothing to run (`target fpga csim=false`): ctc compile
+does not measure it and drops the key.
 Backends are imported only when a target is built, so `ctc --help` and recipe checking never import TVM.
 """
 

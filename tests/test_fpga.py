@@ -244,6 +244,31 @@ def test_a_recipe_with_ops_the_fpga_lacks_names_them_on_its_target_line(tmp_path
     assert "no integer-model kernel for 2 op(s) of module main: cos (at <root>); sin (at <root>)" in err, err
 
 
+def test_a_csim_false_build_compiles_and_is_reported_unmeasured(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`target fpga csim=false` in a recipe built the design, then ctc compile tried to C-simulate it to measure it:
+    'internal error: CSimError: no C-simulation build ... (build with `target fpga csim=true`)', a traceback and
+    no artifact. The build is now reported as not measured, saying why."""
+    from ctc.cli import EXIT_OK, main
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x))
+
+    torch.export.save(torch.export.export(Net().eval(), (torch.randn(2, 8),)), str(tmp_path / "mlp.pt2"))
+    (tmp_path / "r.ctc").write_text('model pt2 "mlp.pt2"\npipeline {\n    dce\n}\ntarget fpga csim=false tune=false\n')
+    out = tmp_path / "out"
+    assert main(["compile", str(tmp_path / "r.ctc"), "--out", str(out), "-q"]) == EXIT_OK, capsys.readouterr().err
+    t = json.loads((out / "report.json").read_text())["targets"][0]
+    assert t["csim"] == {"run": False} and "not_runnable" not in t
+    assert t["measured"]["skipped"].startswith("built with csim=false")
+    assert (out / "targets" / "fpga" / "hls" / "ctc_top.c").is_file()
+
+
 # ----------------------------------------------------------------------------- real model (slow)
 @pytest.mark.slow
 def test_minilm_w8a8_recipe_compiles_for_the_fpga(tmp_path: Path) -> None:

@@ -207,11 +207,15 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
               "inputs": [{"name": n, "dtype": dt, "elements": e} for n, dt, e in prog.inputs],
               "outputs": [{"name": n, "dtype": dt, "elements": e} for n, dt, e in prog.outputs]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    return {"board": board.name, "clock_mhz": board.clock_mhz, "static_dims": static,
-            "latency_ms": totals["latency_ms"], "inferences_per_s": totals["inferences_per_s"],
-            "max_layer_dsps": report["max_layer_dsps"], "board_dsps": board.dsps, "csim": sim,
-            "tuned_vs_default": compare, "kernels": len(per_kernel), "plots": plots,
-            "build_s": round(time.perf_counter() - t_start, 2), "report": "report.json"}
+    summary = {"board": board.name, "clock_mhz": board.clock_mhz, "static_dims": static,
+               "latency_ms": totals["latency_ms"], "inferences_per_s": totals["inferences_per_s"],
+               "max_layer_dsps": report["max_layer_dsps"], "board_dsps": board.dsps, "csim": sim,
+               "tuned_vs_default": compare, "kernels": len(per_kernel), "plots": plots,
+               "build_s": round(time.perf_counter() - t_start, 2), "report": "report.json"}
+    if not opts.csim:  # the caller (ctc compile) must not try to run it
+        summary["not_runnable"] = ("built with csim=false: the C was not compiled, so the design was neither run nor "
+                                   "checked against the IR here (csim=true does both)")
+    return summary
 
 
 def example_inputs_for(module: Module, static: Mapping[str, int]) -> dict[str, torch.Tensor]:
