@@ -389,7 +389,12 @@ def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel, max_sample
             batches, protocol = decode_step_batches(loaded, batches, protocol)
     except (OSError, ValueError) as e:
         span = ds.path_span if ds.path is not None else ds.source_span
-        raise RecipeError(attach_source([Diagnostic(f"cannot read {ds.role} data: {e}", span)], recipe.source)) from e
+        from ctc.dsl.check import NO_TEXT_HINT
+
+        hint = None if loaded.tokenizer is not None else NO_TEXT_HINT if ds.role == "calibrate" else (
+            "remove this line: without data, the targets are checked on synthetic inputs of the model's shapes")
+        raise RecipeError(attach_source([Diagnostic(f"cannot read {ds.role} data: {e}", span, hint=hint)],
+                                        recipe.source)) from e
     if capped:
         protocol["samples_capped_from"] = int(ds.options.get("samples", DatasetOptions().samples))
     return batches, protocol

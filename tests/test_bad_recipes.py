@@ -92,3 +92,20 @@ def test_bad_recipe(recipe: Path, workdir: Path, capsys: pytest.CaptureFixture[s
     assert not out.exists(), "an artifact directory was left behind"
     leftovers = list(out_root.glob(".*")) if out_root.exists() else []
     assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def test_text_data_on_a_pt2_model_hints_at_what_works(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A .pt2 MLP with `quantize a_bits=8` was told 'add e.g. `calibrate wiki ...`', which then failed with 'this
+    model has no tokenizer' and no hint: recipe data is text, so both now point at calibrating from Python (and an
+    evaluate line at dropping it: targets are then checked on synthetic inputs)."""
+    quantize = "pipeline {\n    quantize w_bits=8 a_bits=8\n}\n"
+    py = "PassManager(steps, calibration="
+    cases = [(f'model pt2 "tiny.pt2"\n{quantize}', py),
+             (f'model pt2 "tiny.pt2"\ncalibrate wiki samples=2 seq_len=16\n{quantize}', py),
+             ('model pt2 "tiny.pt2"\nevaluate lee samples=2\ntarget fpga\n', "hint: remove this line: without data")]
+    for i, (text, hint) in enumerate(cases):
+        path = workdir / f"pt2_text_{i}.ctc"
+        path.write_text(text)
+        assert main(["compile", str(path), "--out", str(workdir.parent / "out" / path.stem), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert hint in err and "calibrate wiki samples=32" not in err, err

@@ -290,7 +290,12 @@ def _check_dataset(recipe: Recipe, d: Dataset) -> list[Diagnostic]:
     return diags
 
 
-def _check_step(step: RecipeStep, has_calibration: bool, valid: set[str] | None = None) -> list[Diagnostic]:
+NO_TEXT_HINT = ("a .pt2 model has no tokenizer, and recipe data is text: calibrate it from Python instead, "
+                "PassManager(steps, calibration=[{input_name: tensor}, ...]) (docs/pass-manager.md)")
+
+
+def _check_step(step: RecipeStep, has_calibration: bool, valid: set[str] | None = None,
+                text_model: bool = True) -> list[Diagnostic]:
     """Diagnostics of one pipeline step; ``valid`` remembers option sets already found valid in this
     recipe (a recipe repeating a step is checked in linear time with a small constant)."""
     from ctc.ir.ops import all_ops
@@ -316,7 +321,8 @@ def _check_step(step: RecipeStep, has_calibration: bool, valid: set[str] | None 
             pass
     if needs and not has_calibration:
         diags.append(Diagnostic(f"pass {step.name} needs calibration data", step.name_span,
-                                hint="add e.g. `calibrate wiki samples=32 seq_len=128`"))
+                                hint="add e.g. `calibrate wiki samples=32 seq_len=128`" if text_model else
+                                NO_TEXT_HINT + "; or give the pass options that need none"))
     ops = all_ops()
     seen: dict[Any, Span] = {}
     for s in step.selectors:
@@ -526,7 +532,8 @@ def check_recipe(recipe: Recipe) -> list[Diagnostic]:
     diags += _data_overlap(recipe)
     valid: set[str] = set()
     for step in recipe.pipeline:
-        diags += _check_step(step, recipe.calibrate is not None, valid)
+        diags += _check_step(step, recipe.calibrate is not None, valid,
+                             text_model=recipe.model is None or recipe.model.kind != "pt2")
     seen: dict[str, Span] = {}
     for t in recipe.targets:
         diags += _check_target(t, seen, recipe)
