@@ -109,3 +109,14 @@ def test_text_data_on_a_pt2_model_hints_at_what_works(workdir: Path, capsys: pyt
         assert main(["compile", str(path), "--out", str(workdir.parent / "out" / path.stem), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert hint in err and "calibrate wiki samples=32" not in err, err
+
+
+def test_a_target_size_for_a_dim_the_model_lacks_is_an_error(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`target fpga seq_len=64` (or `target cpu batch=2`) on a model captured with fixed shapes (tiny.pt2: x [1, 8])
+    was accepted and ignored: the design was built for the captured shapes. It is now an error at the option."""
+    path = workdir / "size_without_dim.ctc"
+    path.write_text('model pt2 "tiny.pt2"\ntarget fpga seq_len=64 csim=false\ntarget cpu batch=2\n')
+    assert main(["compile", str(path), "--out", str(workdir.parent / "out" / path.stem), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2:13: error: target fpga: seq_len=64, but the model's inputs have no sequence dim" in err, err
+    assert f"{path}:3:12: error: target cpu: batch=2, but the model's inputs have no batch dim" in err, err

@@ -585,6 +585,24 @@ def _pass_module_diagnostics(step: RecipeStep, module: Any) -> list[Diagnostic]:
     return out
 
 
+def _target_shape_diagnostics(recipe: Recipe, module: Any) -> list[Diagnostic]:
+    """A target's ``seq_len=`` / ``batch=`` for a dim the model's inputs do not have (an MLP's or CNN's fixed
+    shapes): the build would ignore it, so it is an error at the option."""
+    from ctc.analysis.roofline import input_symbols
+
+    b_sym, s_sym, _ = input_symbols(module)
+    shapes = ", ".join(f"{v.name} {list(v.type.shape)}" for v in module.inputs)
+    diags = []
+    for t in recipe.targets:
+        for opt, sym, what in (("seq_len", s_sym, "sequence"), ("batch", b_sym, "batch")):
+            value = t.options.get(opt)
+            if isinstance(value, int) and not isinstance(value, bool) and value and sym is None:
+                diags.append(Diagnostic(f"target {t.kind}: {opt}={value}, but the model's inputs have no {what} dim "
+                                        f"to size ({shapes})", t.option_spans.get(opt, t.span),
+                                        hint=f"drop {opt}=: the build uses the shapes the model was captured with"))
+    return diags
+
+
 def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
     """Checks that need the captured module: selectors matching nothing, metrics vs task."""
     diags: list[Diagnostic] = []
@@ -621,6 +639,7 @@ def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
                                         hint="different kinds of selector must all hold"))
         if not any(d.span.line == step.span.line for d in diags):
             diags += _pass_module_diagnostics(step, module)
+    diags += _target_shape_diagnostics(recipe, module)
     task = str(module.meta.get("task") or "unknown")  # the one spelling of ctc.tasks, on both sides
     for c in recipe.checks:
         m = METRICS.get(c.metric)
