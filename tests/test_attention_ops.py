@@ -293,3 +293,83 @@ def test_attention_ops_accept_sdpa_attributes_and_match_it_unfiltered(op, attrs)
         mask = torch.randn(1, 1, 6, 6)
         torch.testing.assert_close(_ref(op, q, k, v, mask, **full), sdpa.ref(q, k, v, mask, **full), atol=2e-6,
                                    rtol=1e-5)
+
+
+def _local_head_probs(n: int = 12, peak: float = 0.9) -> torch.Tensor:
+    """A previous-token head: every query puts ``peak`` on the key just before it, the rest spread evenly."""
+    a = torch.zeros(n, n)
+    for i in range(n):
+        j = max(i - 1, 0)
+        a[i] = (1 - peak) / (n - 1)
+        a[i, j] = peak
+    return a.unsqueeze(0)
+
+
+def test_column_detection_is_acts_statistic_not_each_querys_peak():
+    """ACT finds sinks from the attention a key receives averaged over the queries that see it
+    (``sum_i A[i, j] / count``): a previous-token head's peaks are not sinks there, although each one
+    exceeds its row's uniform share ten times over; a key every query attends is one."""
+    n = 12
+    allowed = torch.ones(1, n, n, dtype=torch.bool)
+    local = _local_head_probs(n)
+    assert not torch.equal(calibrate_rows(local, allowed, 0.4, 5.0, True), local)  # row rule: each peak is a "sink"
+    assert torch.equal(calibrate_rows(local, allowed, 0.4, 5.0, True, detect="column"), local)
+    # key 4 draws 0.7 of every query's attention: ACT's sink (column mean 0.7 > 5 / n)
+    sink = torch.full((1, n, n), 0.3 / (n - 1))
+    sink[..., 4] = 0.7
+    out = calibrate_rows(sink, allowed, 0.4, 5.0, True, detect="column")
+    torch.testing.assert_close(out[..., 4], torch.full((1, n), 0.28))
+    torch.testing.assert_close(out.sum(-1), torch.ones(1, n))
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[4] = False
+    torch.testing.assert_close(out[..., rest], sink[..., rest] * (1 - 0.28) / 0.3)
+
+
+def test_column_detection_counts_only_the_queries_that_see_a_key():
+    """A masked (query, key) pair neither votes for the key nor is changed; per query the threshold is
+    relative to the uniform share of that query's own allowed keys, averaged over the key's observers."""
+    n = 6
+    allowed = torch.ones(1, n, n, dtype=torch.bool).tril()
+    a = torch.where(allowed, 0.0, 0.0)
+    for i in range(n):
+        a[0, i, : i + 1] = 1.0 / (i + 1)
+    a[0, 3:, 2] += 0.5  # key 2: half of every later query's attention
+    a[0, 3:] /= a[0, 3:].sum(-1, keepdim=True)
+    stat = (a[0] * allowed[0].sum(-1, keepdim=True)).sum(0) / allowed[0].sum(0)  # mean relative attention per key
+    thr = float(stat[2]) - 1e-3
+    assert float(stat[1]) < thr and float(stat[3]) < thr
+    out = calibrate_rows(a, allowed, 0.5, thr, True, detect="column")
+    torch.testing.assert_close(out[0, :, 2][allowed[0, :, 2]], 0.5 * a[0, :, 2][allowed[0, :, 2]])
+    assert torch.equal(out[~allowed], a[~allowed])
+    torch.testing.assert_close(out.sum(-1), a.sum(-1))
+
+
+def test_calibrated_attention_column_mode_matches_acts_code():
+    """The op in ``detect="column"`` against ACT's own per-head formula (GATECH-EIC/ACT
+    ``atten_process_eval``: a key's column sum over the queries that see it, here all ``n``, against an
+    absolute threshold ``t``, written ``threshold = t * n``; sinks scaled by beta, the removed mass given to
+    the other keys in proportion)."""
+    q, k, v = _qkv(h=2, lq=10, lk=10, seed=3)
+    k[:, :, 6] = q.mean(2) * 3  # key 6 draws attention from most queries
+    plain = _ref("calibrated_attention", q, k, v)
+    a = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), -1)
+    t = 0.12
+    y = _ref("calibrated_attention", q, k, v, heads=(1,), beta=0.4, threshold=t * 10, keep_first=False,
+             detect="column")
+    head = a[0, 1]
+    idx = torch.nonzero(head.sum(0) / head.shape[0] > t).flatten()
+    assert len(idx) >= 1
+    avail = head[:, idx].sum(1, keepdim=True) * 0.6
+    rest = head.clone()
+    rest[:, idx] = 0
+    want = head.clone()
+    want[:, idx] *= 0.4
+    want = want + avail * rest / rest.sum(1, keepdim=True)
+    torch.testing.assert_close(y[0, 1], want @ v[0, 1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(y[:, 0], plain[:, 0])
+
+
+def test_calibrated_attention_detect_is_checked():
+    t = TensorType((1, 2, 5, 8), "f32")
+    with pytest.raises(Exception, match="detect"):
+        _infer("calibrated_attention", [t, t, t], heads=(0,), detect="rows")

@@ -130,3 +130,45 @@ def test_similarity_documents_are_cut_to_the_models_positions(tmp_path):
     recipe = tmp_path / "act.ctc"
     recipe.write_text('model hf "bert"\npipeline {\n    calibrate-attention task=similarity samples=6 budget=1\n}\n')
     assert main(["compile", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+def test_encoders_find_sinks_by_acts_column_statistic_and_decoders_by_row(monkeypatch):
+    """ACT's sink statistic is a key's attention averaged over the queries that see it; the pass uses it
+    wherever attention is not causal (detect=auto), and each query's own row on a causal LM, where the
+    column would let a token's output depend on later tokens (asking for it there is an error)."""
+    from ctc.eval.objectives import Objective
+    from ctc.ir.ops.compress_attention import calibrate_rows, masked_logits
+    from ctc.passes.calibrate_attention import CalibrateAttentionPass
+
+    _, bert = captured("bert")
+    feeds = [{k: v for k, v in hf_inputs(2, 7, seed=s).items() if k in {x.name for x in bert.inputs}}
+             for s in (1, 2)]
+    ref = [interpret(bert, f)[0] for f in feeds]
+    # a loss any change of the output lowers: the search then keeps every head that changes something
+    obj = Objective("test", "1 - distance from the original output", feeds,
+                    lambda outs: 1.0 - sum(float((o - r).square().sum()) for o, r in zip(outs, ref, strict=True)),
+                    lambda outs: {})
+    monkeypatch.setattr(CalibrateAttentionPass, "_objective", lambda self, module, ctx: obj)
+    out, rec = _run(bert, {"threshold": 1.0, "budget": 4, "confirm": False})  # tiny random attention: near uniform
+    assert rec.metrics["detect"] == ["column"]
+    cal = [n for n in out.nodes if n.op == "calibrated_attention"]
+    assert cal and all(n.attrs["detect"] == "column" for n in cal)
+    # the reported sink mass is the column rule's, not each row's own
+    node = next(n for n in bert.nodes if n.op == "scaled_dot_product_attention" and n.scope == cal[0].scope)
+    seen = {}
+    interpret(bert, feeds[0], observer=lambda n, args, outs: seen.setdefault(id(n), args) if n is node else None)
+    args = seen[id(node)]
+    logits, allowed, _, _ = masked_logits(args[0], args[1], args[3] if len(args) > 3 else None,
+                                          node.attrs["is_causal"], node.attrs["scale"])
+    a = torch.softmax(logits, -1).nan_to_num(0.0)
+    col = (a - calibrate_rows(a, allowed, 0.4, 1.0, True, "column")).clamp_min(0).sum(-1)
+    row = (a - calibrate_rows(a, allowed, 0.4, 1.0, True, "row")).clamp_min(0).sum(-1)
+    assert not torch.allclose(col, row)
+
+    monkeypatch.undo()
+    _, llama = captured("llama")
+    out2, rec2 = _run(llama, {"task": "lm", "threshold": 1.0, "budget": 2}, _calibration())
+    assert rec2.metrics["detect"] == ["row"]
+    assert all(n.attrs["detect"] == "row" for n in out2.nodes if n.op == "calibrated_attention")
+    with pytest.raises(Exception, match="detect=\"column\" on the causal attention"):
+        _run(llama, {"task": "lm", "detect": "column"}, _calibration())

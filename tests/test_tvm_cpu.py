@@ -192,6 +192,10 @@ case("calibrated_attention_mask", "attention")(lambda m, x, y, ids: _n(
     m, "calibrated_attention", [_heads(m, x), _heads(m, y), _heads(m, x),
                                 _n(m, "unsqueeze", [_n(m, "unsqueeze", [_n(m, "ge", [ids], scalar=1.0)], axis=1)],
                                    axis=1)], heads=(0, 1), beta=0.0, threshold=1.2, keep_first=False))
+case("calibrated_attention_column", "attention")(lambda m, x, y, ids: _n(
+    m, "calibrated_attention", [_heads(m, x), _heads(m, y), _heads(m, x),
+                                _n(m, "unsqueeze", [_n(m, "unsqueeze", [_n(m, "ge", [ids], scalar=1.0)], axis=1)],
+                                   axis=1)], heads=(0, 1), beta=0.4, threshold=1.1, detect="column"))
 case("sparse_attention", "attention")(lambda m, x, y, ids: _n(
     m, "sparse_attention", [_heads(m, x), _heads(m, y), _heads(m, x)], round_bits=(2, 4), keep_ratios=(0.7, 0.5),
     min_keep=1))

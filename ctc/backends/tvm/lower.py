@@ -1858,8 +1858,8 @@ def _heads_rep(ctx: Ctx, node: Node) -> tuple[Any, Any, TensorType, TensorType]:
 
 @rule("calibrated_attention")
 def _calibrated(ctx: Ctx, node: Node, a: Operands) -> Any:
-    """Attention, then ACT's calibration of the selected heads' rows (sinks found per row, after
-    softmax), as the op's reference."""
+    """Attention, then ACT's calibration of the selected heads' rows (sinks found per row or, with
+    ``detect="column"``, per key over all queries, after softmax), as the op's reference."""
     from tvm import te, tirx
 
     q = ctx.val(node.operand("q"))
@@ -1870,6 +1870,7 @@ def _calibrated(ctx: Ctx, node: Node, a: Operands) -> Any:
     p = _softmax_rows(ctx, logits, _logits_shape(node), "f32", False, ctx.fast_math)
     heads, beta = tuple(node.attrs["heads"]), float(node.attrs["beta"])
     thr, keep_first = float(node.attrs["threshold"]), bool(node.attrs["keep_first"])
+    column = node.attrs.get("detect", "row") == "column"
     if heads and beta != 1.0:
         def calib(pa: Any, lg: Any) -> Any:
             f32, lk = "float32", pa.shape[3]
@@ -1890,8 +1891,20 @@ def _calibrated(ctx: Ctx, node: Node, a: Operands) -> Any:
                 tirx.Select(lg[b, h, i, j1] > ninf, tirx.Cast("int64", j1), tirx.Cast("int64", lk)), axis=j1),
                 name="first_allowed")
 
+            if column:  # ACT's statistic: a key's relative attention summed over the queries that see it
+                lq = pa.shape[2]
+                i1 = te.reduce_axis((0, lq), "i1")
+                rel = te.compute((pa.shape[0], pa.shape[1], lk), lambda b, h, jj: te.sum(
+                    tirx.Select(lg[b, h, i1, jj] > ninf, pa[b, h, i1, jj] * nal[b, h, i1], zero), axis=i1),
+                    name="key_relative_attention")
+                i2 = te.reduce_axis((0, lq), "i2")
+                seen = te.compute((pa.shape[0], pa.shape[1], lk), lambda b, h, jj: te.sum(
+                    tirx.Select(lg[b, h, i2, jj] > ninf, one, zero), axis=i2), name="key_observers")
+
             def sink(b: Any, h: Any, i: Any, jj: Any) -> Any:
-                c = tirx.And(lg[b, h, i, jj] > ninf, pa[b, h, i, jj] * nal[b, h, i] > tirx.const(thr, f32))
+                big = (rel[b, h, jj] > tirx.const(thr, f32) * seen[b, h, jj] if column
+                       else pa[b, h, i, jj] * nal[b, h, i] > tirx.const(thr, f32))
+                c = tirx.And(lg[b, h, i, jj] > ninf, big)
                 return tirx.And(c, tirx.Cast("int64", jj) != first[b, h, i]) if keep_first else c
 
             j2 = te.reduce_axis((0, lk), "j2")

@@ -281,10 +281,17 @@ def _infer_calibrated(ins: list[TensorType], attrs: dict) -> list[TensorType]:
 
 
 def calibrate_rows(a: torch.Tensor, allowed: torch.Tensor, beta: float, threshold: float,
-                   keep_first: bool) -> torch.Tensor:
-    """ACT's calibration of attention rows ``a [..., Lk]`` (see ``calibrated_attention``)."""
+                   keep_first: bool, detect: str = "row") -> torch.Tensor:
+    """ACT's calibration of attention rows ``a [..., Lq, Lk]`` (see ``calibrated_attention``)."""
     n = allowed.sum(-1, keepdim=True)
-    sink = allowed & (a > threshold / n.clamp(min=1))
+    if detect == "row":
+        sink = allowed & (a > threshold / n.clamp(min=1))
+    elif detect == "column":
+        rel = torch.where(allowed, a * n, torch.zeros_like(a))  # attention over the query's uniform share
+        seen = allowed.sum(-2, keepdim=True)
+        sink = allowed & (rel.sum(-2, keepdim=True) > threshold * seen) & (seen > 0)
+    else:
+        raise ValueError(f"calibrate_rows: detect must be 'row' or 'column', got {detect!r}")
     if keep_first:
         first = torch.arange(a.shape[-1]) == allowed.to(torch.int8).argmax(-1, keepdim=True)
         sink = sink & ~first
@@ -310,32 +317,42 @@ def calibrate_rows(a: torch.Tensor, allowed: torch.Tensor, beta: float, threshol
                                              "times the uniform share 1/n of that query's n allowed keys"),
         "keep_first": Attr("bool", True, doc="never treat a row's first allowed key as a sink (ACT keeps the "
                                              "initial token's attention)"),
+        "detect": Attr("str", "row", doc="how sinks are found: 'column' (ACT's statistic: a key's attention "
+                                         "relative to the uniform share, averaged over every query that sees it) "
+                                         "or 'row' (each query's own attention)", choices=("row", "column")),
     },
 )
 def calibrated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
                          is_causal: bool, scale: float | None, enable_gqa: bool, heads: tuple[int, ...],
-                         beta: float, threshold: float, keep_first: bool) -> torch.Tensor:
-    """Attention with ACT sink calibration (Yu et al. 2024), sinks detected on the fly per query.
+                         beta: float, threshold: float, keep_first: bool, detect: str) -> torch.Tensor:
+    """Attention with ACT sink calibration (Yu et al. 2024), sinks detected on the fly.
 
     ``A = softmax(q k^T * scale + mask)`` exactly as scaled dot-product attention (masks and
-    grouped heads as in ``sparse_attention``).  Then in each head of ``heads``, for each query
-    row ``i`` with ``n_i`` allowed keys: key ``j`` is a *sink* when ``A[i, j] > threshold / n_i``
-    (attention far above a uniform share), except the row's first allowed key when
-    ``keep_first``.  With ``S_i`` the row's sink mass and ``R_i`` the rest (summed over the
-    non-sink keys, ``1 - S_i`` up to rounding), sinks get ``beta * A[i, j]`` and every other key
-    ``A[i, j] (S_i + R_i - beta S_i) / R_i``: the removed mass ``(1 - beta) S_i`` goes to the
-    non-sink keys in proportion to their attention, so the row still sums to 1.  Masked keys
-    keep weight 0; a row with no sink (or with nothing else left, ``R_i <= 1e-12``) is
-    unchanged.  Output ``A' @ v``.
+    grouped heads as in ``sparse_attention``).  Then in each head of ``heads``, with ``n_i`` the
+    number of keys query ``i`` may see, key ``j`` is a *sink* for query ``i`` (which may see it)
+    when
 
-    ACT's code averages a key's attention over every query that sees it to find sinks once per
-    input; here each query decides from its own row, which keeps causal models causal and
-    works for a one-query decode step.
+    * ``detect="column"`` (ACT's statistic): the key's attention relative to the uniform share,
+      averaged over every query that may see it, ``mean_i' A[i', j] n_i' > threshold``: a key
+      that draws attention far above a uniform share from the queries *as a whole*.  (ACT's code
+      compares the plain column mean with an absolute threshold; for ``n`` keys seen by all ``n``
+      queries that is ``threshold / n``.)  The verdict is one per key, so a query's output
+      depends on the other queries' attention, later ones included: not for causal decoding;
+    * ``detect="row"``: the query's own attention, ``A[i, j] > threshold / n_i``.  Causal and
+      fine for a one-query decode step, but it also fires on keys a single query attends
+      sharply (a previous-token head's peak), which are no sinks;
+
+    except the row's first allowed key when ``keep_first``.  With ``S_i`` the row's sink mass
+    and ``R_i`` the rest (summed over the non-sink keys, ``1 - S_i`` up to rounding), sinks get
+    ``beta * A[i, j]`` and every other key ``A[i, j] (S_i + R_i - beta S_i) / R_i``: the removed
+    mass ``(1 - beta) S_i`` goes to the non-sink keys in proportion to their attention, so the
+    row still sums to 1.  Masked keys keep weight 0; a row with no sink (or with nothing else
+    left, ``R_i <= 1e-12``) is unchanged.  Output ``A' @ v``.
     """
     logits, allowed, _, _ = masked_logits(q, k, mask, is_causal, scale)
     a = _softmax_rows(logits)
     if heads and beta != 1.0:
         hs = list(heads)
         a = a.clone()
-        a[:, hs] = calibrate_rows(a[:, hs], allowed[:, hs], beta, threshold, keep_first)
+        a[:, hs] = calibrate_rows(a[:, hs], allowed[:, hs], beta, threshold, keep_first, detect)
     return (a @ repeat_kv_heads(v, q.shape[1]).to(torch.float32)).to(q.dtype)
