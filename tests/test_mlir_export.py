@@ -185,3 +185,31 @@ def test_cli_export_checks_options_and_writes_next_to_the_artifact(tmp_path: Pat
     # the artifact itself is never an export destination
     assert main(["export", str(art), "--to", "mlir", "--out", str(art), "--force"]) == EXIT_USAGE
     assert (art / "report.json").is_file()
+
+
+def test_export_of_a_float_input_model_and_of_a_resized_batch(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`ctc export --to mlir` of an MLP artifact (float input x [4, 8], no tokenizer) failed with 'cannot make
+    example inputs ['x'] for the load-back check from text' (and, given inputs, cut x to [1, 8], a shape the
+    module does not take); `-s batch=2` on a text model compared the IREE output on 2 rows with the IR's on 1
+    ('output 0 has shape (2, 8, 8), the module's (1, 8, 8)')."""
+    pytest.importorskip("iree.compiler")
+    from ctc.artifact import write_artifact
+    from ctc.cli import EXIT_OK, main
+
+    mlp = Module("mlp")
+    x = mlp.add_input("x", TensorType((4, 8), "f32"))
+    mlp.add_param("w", torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+    mlp.set_outputs([mlp.create_node("relu", [mlp.create_node("linear", [x, mlp.param("w")]).output]).output])
+    art = write_artifact(tmp_path / "mlp", module=mlp, report={"name": "mlp"})
+    assert main(["export", str(art), "--to", "mlir", "-s", "dialect=linalg", "-q"]) == EXIT_OK, capsys.readouterr().err
+    assert json.loads((tmp_path / "mlp-mlir" / "signature.json").read_text())["inputs"][0]["shape"] == [4, 8]
+
+    tok = Module("tok")
+    ids = tok.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    tok.add_param("emb", torch.randn(50, 8, generator=torch.Generator().manual_seed(1)))
+    tok.set_outputs([tok.create_node("embedding", [ids, tok.param("emb")], {}).output])
+    feed = {"input_ids": torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(2))}
+    _, summary = write_export("mlir", ExportSource(tok, "tok", feed), tmp_path / "b2",
+                              export_config("mlir", {"dialect": "linalg", "batch": 2}))
+    assert summary["shapes"] == {"input_ids": [2, 8]} and summary["verified"]["outputs"][0]["max_abs_error"] == 0

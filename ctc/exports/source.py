@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,12 @@ class ExportSource:
             return self.tokenizer_dir
         return None
 
-    def reference_outputs(self) -> list[torch.Tensor]:
-        """The module's outputs on the example batch (reference interpreter: the IR's semantics)."""
+    def reference_outputs(self, example: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The module's outputs on ``example`` (default: the example batch), by the reference interpreter."""
         from ctc.ir.interpreter import interpret
 
         with torch.no_grad():
-            return list(interpret(self.module, dict(self.example)))
+            return list(interpret(self.module, dict(self.example if example is None else example)))
 
     def hf_config(self) -> dict[str, Any]:
         """The source model's Hugging Face ``config.json`` (copied into the artifact with the tokenizer)."""
@@ -59,7 +59,8 @@ class ExportSource:
 
 def example_feed(module: Any, tokenizer: Any = None, *, batch: int = 1, seq_len: int = 32) -> dict[str, torch.Tensor]:
     """One batch of the module's inputs: real text through the tokenizer when there is one, else
-    deterministic random token ids (any input the module takes that text cannot give is an error)."""
+    deterministic random token ids; a module taking inputs that text cannot give gets seeded synthetic inputs
+    of its shapes (N(0, 1) floats)."""
     names = [v.name for v in module.inputs]
     if tokenizer is not None:
         from ctc.eval.data import lee_test
@@ -72,8 +73,16 @@ def example_feed(module: Any, tokenizer: Any = None, *, batch: int = 1, seq_len:
     feed = {"input_ids": window, "attention_mask": torch.ones_like(window), "token_type_ids": torch.zeros_like(window),
             "position_ids": torch.arange(window.shape[1]).expand_as(window).contiguous()}
     missing = [n for n in names if n not in feed]
-    if missing:
-        raise ExportError(f"cannot make example inputs {missing} for the load-back check from text")
+    if missing:  # not a text model (an MLP's or CNN's float inputs): seeded synthetic inputs, as ctc compile uses
+        from ctc.analysis.roofline import input_symbols
+        from ctc.eval.data import synthetic_inputs
+
+        b_sym, s_sym, _ = input_symbols(module)
+        dims = {k: v for k, v in ((b_sym, batch), (s_sym, seq_len)) if k is not None}
+        try:
+            return synthetic_inputs(module, dims)
+        except ValueError as e:
+            raise ExportError(f"cannot make example inputs {missing} for the load-back check: {e}") from e
     return {n: feed[n] for n in names}
 
 

@@ -196,13 +196,18 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _fit(example: Mapping[str, torch.Tensor], batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+def _fit(module: Any, example: Mapping[str, torch.Tensor], batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """``example`` with its [batch, seq] inputs repeated or cut to ``batch`` rows and ``seq_len`` tokens, on the
+    axes the module leaves symbolic: a fixed axis (an MLP's [4, 32] input) keeps the size it was captured with."""
+    types = {v.name: v.type for v in module.inputs}
     out = {}
     for k, v in example.items():
-        if v.dim() == 2:
-            if seq_len:
+        shape = types[k].shape if k in types else ()
+        if v.dim() == 2 and len(shape) == 2:
+            if seq_len and not isinstance(shape[1], int):
                 v = v.repeat(1, -(-seq_len // v.shape[1]))[:, :seq_len]
-            v = v.repeat(-(-batch // v.shape[0]), 1)[:batch]
+            if not isinstance(shape[0], int):
+                v = v.repeat(-(-batch // v.shape[0]), 1)[:batch]
         out[k] = v.contiguous()
     return out
 
@@ -211,7 +216,7 @@ def write(source: Any, out_dir: Path, options: Any) -> dict[str, Any]:
     """Write ``model.torch.mlir`` / ``model.linalg.mlir`` and ``signature.json`` into ``out_dir``; verify with IREE."""
     module = source.module
     dialects = ["torch", "linalg"] if options.dialect == "both" else [options.dialect]
-    example = _fit(source.example, options.batch, options.seq_len)
+    example = _fit(module, source.example, options.batch, options.seq_len)
     gm = exportable_graph(module)
     feed = _feed(module, gm, example)
     t0 = time.perf_counter()
@@ -286,7 +291,7 @@ def verify_export(out_dir: Path, source: Any, example: Mapping[str, torch.Tensor
     fn = IreeFunction(out_dir, dialect=dialect)
     compile_s = time.perf_counter() - t0
     got = fn(example)
-    ref = source.reference_outputs()
+    ref = source.reference_outputs(example)  # the batch the export was fitted to, not the source's own
     names = list(source.module.output_names)
     quant_acts = _has_quantized_activations(source.module)
     res = compare_outputs(f"the IREE-compiled {FILES[dialect]}", got, ref, float("inf") if quant_acts
