@@ -1028,9 +1028,10 @@ def refuse_simulated(art: Any, target: str | None) -> None:
 
     if target not in art.targets or target not in TARGETS or not TARGETS[target].simulated:
         return
-    try:  # the design's own model, from its report
-        est = float(json.loads((Path(art.path) / "targets" / target / "report.json").read_text())["totals"]
-                    ["latency_ms"])
+    name = f"targets/{target}/report.json"
+    try:  # the design's own model, from its report (as checked against the manifest: a hand-edited one is refused)
+        text = art.manifest.read_text(name) if art.manifest is not None else (Path(art.path) / name).read_text()
+        est = float(json.loads(text)["totals"]["latency_ms"])
     except (OSError, ValueError, KeyError, TypeError):
         est = None
     modelled = f"its modelled latency: {est} ms; " if est is not None else ""

@@ -394,6 +394,19 @@ def test_bench_refuses_to_time_a_simulated_design(tmp_path: Path) -> None:
                        threads=None)
 
 
+def test_bench_refusal_reads_the_design_report_only_as_written(tmp_path: Path) -> None:
+    """The refusal quoted targets/fpga/report.json's latency without checking it against the manifest: a
+    hand-edited 21 -> 99 ms was printed as the modelled latency (ctc run already refused that file)."""
+    from ctc.driver import bench_artifact
+    from ctc.errors import ArtifactError
+
+    art = _fpga_design_artifact(tmp_path, 21.0)
+    report = art.path / "targets" / "fpga" / "report.json"
+    report.write_text(report.read_text().replace("21.0", "99.0"))
+    with pytest.raises(ArtifactError, match=r"report\.json: does not match its SHA-256"):
+        bench_artifact(art, target="fpga", batch=1, seq_len=4, repeat=20, threads=None)
+
+
 # --------------------------------------------------------------------------- files ctc writes on request
 def test_output_files_never_replace_what_ctc_did_not_write(art_dir: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
