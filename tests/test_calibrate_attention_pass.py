@@ -165,6 +165,12 @@ def test_encoders_find_sinks_by_acts_column_statistic_and_decoders_by_row(monkey
     row = (a - calibrate_rows(a, allowed, 0.4, 1.0, True, "row")).clamp_min(0).sum(-1)
     assert not torch.allclose(col, row)
 
+    # the same non-causal attention in a model that generates (a seq2seq decoder's cross-attention): row
+    gen = bert.clone()
+    gen.meta["task"] = "seq2seq_lm"
+    p = get_pass("calibrate-attention")({})
+    assert p._detect(gen, next(n for n in gen.nodes if n.op == "scaled_dot_product_attention")) == "row"
+
     monkeypatch.undo()
     _, llama = captured("llama")
     out2, rec2 = _run(llama, {"task": "lm", "threshold": 1.0, "budget": 2}, _calibration())

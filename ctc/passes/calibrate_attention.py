@@ -35,9 +35,9 @@ its sinks are elsewhere (layer 4 head 3: tokens 54 and 82, 0.63 of the attention
 all-MiniLM-L6-v2 the row rule's top heads are local heads too (layer 0 head 2: 0.975 of 0.979 on
 the neighbouring keys, column statistic at most 1.5x uniform); the column rule's sinks at 10x are
 in the last two layers (up to 24x in layer 5, 4 Lee documents).  ``detect="auto"`` (the default)
-takes the column rule wherever
-attention is not causal and the row rule elsewhere; ``detect="column"`` on causal attention is
-an error.
+takes the column rule on non-causal attention of models that do not generate (encoders) and the
+row rule elsewhere (a seq2seq decoder's cross-attention rows are positions too); ``detect="column"``
+where the row rule is required is an error.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ from ctc.ir.ops import get_op
 from ctc.ir.ops.compress_attention import calibrate_rows, masked_logits
 from ctc.passes.attention_masks import split_causal_mask
 from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
-from ctc.tasks import TASK_CAUSAL_LM, TASK_DECODE_STEP
+from ctc.tasks import TASK_CAUSAL_LM, TASK_DECODE_STEP, TASK_SEQ2SEQ
 
 ATTENTION = "scaled_dot_product_attention"
+GENERATING = (TASK_CAUSAL_LM, TASK_DECODE_STEP, TASK_SEQ2SEQ)  # models whose attention rows are positions in order
 DETECT_NOTE = {"column": "ACT's statistic: a key's relative attention averaged over the queries that see it",
                "row": "each query's own attention, causal; it also fires on keys one query attends sharply"}
 
@@ -87,7 +88,7 @@ class CalibrateAttentionPass(Pass):
     """ACT attention calibration: find heads whose attention sinks hurt the task, damp their sinks on the fly.
 
     Sinks are keys whose attention, averaged over the queries that see them, is far above a uniform
-    share (ACT's statistic; causal attention uses each query's own row instead, ``detect``).
+    share (ACT's statistic; causal attention and generating models use each query's own row, ``detect``).
     Each candidate head (most sink attention first, ``budget`` of them) is calibrated alone and
     the task loss measured on calibration data; heads that lower it are chosen (with
     ``confirm``, kept only while the combined loss keeps dropping) and their attention becomes
@@ -110,7 +111,7 @@ class CalibrateAttentionPass(Pass):
         detect: str = option("auto", "how sinks are found: column (ACT's statistic: a key's attention over the "
                                      "uniform share averaged over every query that sees it), row (each query's own "
                                      "attention; also fires on a previous-token head's peaks), or auto (column on "
-                                     "attention every query sees whole, row on causal attention)",
+                                     "non-causal attention of models that do not generate, row elsewhere)",
                              choices=("auto", "column", "row"))
         task: str = option("auto", "task loss the search minimises: lm (calibration windows), polarity "
                                    "(pang_lee, zero-shot), similarity (Lee, human judgements); auto = lm for "
@@ -171,16 +172,18 @@ class CalibrateAttentionPass(Pass):
         return module
 
     def _detect(self, module: Module, node: Node) -> str:
-        """The sink rule for ``node``: as set, else ACT's column statistic unless the attention is causal."""
+        """The sink rule for ``node``: as set, else ACT's column statistic unless the attention is causal (or
+        in a model that generates: a decoder's cross-attention queries are positions too)."""
         causal = (bool(node.attrs.get("is_causal")) or split_causal_mask(node) is not None
-                  or module.meta.get("task") in (TASK_CAUSAL_LM, TASK_DECODE_STEP))
+                  or module.meta.get("task") in GENERATING)
         mode = self.options.detect
         if mode == "auto":
             return "row" if causal else "column"
         if mode == "column" and causal:
             where = node.scope or "<root>"
-            raise PassError(f"calibrate-attention: detect=\"column\" on the causal attention at {where}: "
-                            "ACT's per-key statistic averages over every query, later ones included, so a token's "
+            raise PassError(f"calibrate-attention: detect=\"column\" on the causal attention at {where} (causal, "
+                            f"or in a {module.meta.get('task')} model whose rows are positions): ACT's per-key "
+                            "statistic averages over every query, later ones included, so a token's "
                             "output would depend on the tokens after it (and a one-query decode step has no "
                             "column); use detect=\"row\" or \"auto\" here")
         return mode
