@@ -532,8 +532,8 @@ class RptqOptions(PassOptions):
                                           "32 for w_bits <= 4 (llama.cpp's block), -1 above", min=-1)
     gptq: bool | None = option(None, "GPTQ error compensation instead of round-to-nearest (needs X^T X); unset: on "
                                      "for w_bits <= 4 (where round-to-nearest loses most), off above")
-    sym: bool | None = option(None, "symmetric weights (zero point 0); unset: asymmetric (an integer zero point per "
-                                    "group) for w_bits <= 4, symmetric above")
+    sym: bool | None = option(None, "symmetric weights (zero point 0); unset: asymmetric (a zero point per group, "
+                                    "integer or f32 as w_zero says) for w_bits <= 4, symmetric above")
     w_zero: str = option("auto", "zero points of asymmetric weights: int (each group's range stretched to hold 0), "
                                  "float (each group's own min..max, GGUF Q4_1's grid; needs dynamic or float "
                                  "activations: the integer kernel applies the float minimum in its epilogue) or auto "
