@@ -895,13 +895,9 @@ def _unbuildable(recipe: Recipe, kind: str, e: Exception) -> Exception:
 
 
 def _target_error(recipe: Recipe, kind: str, message: str) -> Exception:
-    # a backend's message may list items on lines of their own ("  - conv (at ...)"), which a diagnostic would
-    # print escaped: one line, the items separated by "; "
-    text, item = "", False
-    for line in filter(None, (ln.strip() for ln in message.splitlines())):
-        after_item, item = item, line.startswith("- ")
-        text += ("; " if item and after_item else " " if text else "") + (line[2:] if item else line)
-    message = text
+    from ctc.dsl.diagnostics import one_line
+
+    message = one_line(message)  # a backend's message may list items on lines of their own ("  - conv (at ...)")
     span = next((t.span for t in recipe.targets if t.kind == kind), None)
     if span is None:
         return UsageError(f"--target {kind}: {message}")

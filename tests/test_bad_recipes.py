@@ -120,3 +120,20 @@ def test_a_target_size_for_a_dim_the_model_lacks_is_an_error(workdir: Path, caps
     err = capsys.readouterr().err
     assert f"{path}:2:13: error: target fpga: seq_len=64, but the model's inputs have no sequence dim" in err, err
     assert f"{path}:3:12: error: target cpu: batch=2, but the model's inputs have no batch dim" in err, err
+
+
+def test_a_capture_error_listing_ops_prints_as_one_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`model pt2` of a program with an FFT: the located error printed the capture's op list with its line break
+    escaped ('nothing was captured:\\x0a  - aten._fft_r2c.default ...'), as target errors once did; every
+    diagnostic now joins a multi-line message into one line."""
+
+    class Fft(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.fft.rfft(x).abs()
+
+    torch.export.save(torch.export.export(Fft(), (torch.randn(2, 8),)), str(workdir / "fft.pt2"))
+    path = workdir / "fft_model.ctc"
+    path.write_text('model pt2 "fft.pt2"\n')
+    assert main(["compile", str(path), "--out", str(workdir.parent / "out" / path.stem), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "nothing was captured: aten._fft_r2c.default (1x)" in err and "\\x0a" not in err, err

@@ -6,7 +6,8 @@ line, and a caret under the offending text, plus an optional hint line.
 What is printed is safe and short whatever the recipe holds: lines are counted as the parser
 counts them (``\n`` only, :func:`source_lines`; form feeds, U+0085 and U+2028 are characters, not
 line breaks), control characters and terminal escapes are shown escaped (``\x1b``), a long source
-line is shown as a window around the error, and long words in messages are elided (:func:`elide`).
+line is shown as a window around the error, a message with line breaks is joined into one line
+(:func:`one_line`), and long words in messages are elided (:func:`elide`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def _visible(ch: str) -> str:
 def escape(text: str) -> str:
     """``text`` with control characters and terminal escapes shown as ``\\xNN``/``\\uNNNN``."""
     return "".join(_visible(c) for c in text)
+
+
+def one_line(text: str) -> str:
+    """A message that came with line breaks (an exception listing items as ``  - conv (at ...)`` lines) as one
+    line: lines joined by spaces, list items separated by ``; ``."""
+    out, item = "", False
+    for line in filter(None, (ln.strip() for ln in text.splitlines())):
+        after_item, item = item, line.startswith("- ")
+        out += ("; " if item and after_item else " " if out else "") + (line[2:] if item else line)
+    return out
 
 
 def elide(text: str, limit: int = WORD_LIMIT) -> str:
@@ -109,7 +120,7 @@ class Diagnostic:
     def format(self) -> str:
         """``file:line:col: error: msg`` + the source line + a caret (and the hint), all printable."""
         where = f"{self.span.line}:{self.span.col}:" if self.span.line > 0 else ""
-        head = f"{escape(self.span.file)}:{where} {self.severity}: {elide(self.message)}"
+        head = f"{escape(self.span.file)}:{where} {self.severity}: {elide(one_line(self.message))}"
         out = [head]
         if self.source_line is not None and self.span.line > 0:
             start = max(self.span.col, 1)
@@ -124,7 +135,7 @@ class Diagnostic:
             out.append(gutter + text)
             out.append(" " * (len(gutter) - 2) + "| " + " " * caret + "^" * width)
         if self.hint:
-            out.append(f"  hint: {elide(self.hint)}")
+            out.append(f"  hint: {elide(one_line(self.hint))}")
         return "\n".join(out)
 
     def __str__(self) -> str:
