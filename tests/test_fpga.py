@@ -244,6 +244,17 @@ def test_a_recipe_with_ops_the_fpga_lacks_names_them_on_its_target_line(tmp_path
     assert "no integer-model kernel for 2 op(s) of module main: cos (at <root>); sin (at <root>)" in err, err
 
 
+def test_a_pt2_batch_symbol_is_built_for_batch_one(tmp_path: Path) -> None:
+    """A .pt2 program exported with a dynamic batch and sequence names them d0, d1: the design bound both to
+    seq_len (static_dims {'d0': 128, 'd1': 128}), a 128-row batch modelled at 122x the latency of batch 1,
+    where the documented static shape is batch 1."""
+    m = Module("dyn")
+    x = m.add_input("x", TensorType(("d0", "d1", 8), "f32"))
+    m.set_outputs([m.create_node("softmax", [x], {"axis": 2}).output])
+    out = build_target(m, TargetConfig("fpga", FpgaOptions.from_dict({"csim": False, "tune": False})), tmp_path / "d")
+    assert out["static_dims"] == {"d0": 1, "d1": 128}
+
+
 def test_a_csim_false_build_compiles_and_is_reported_unmeasured(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`target fpga csim=false` in a recipe built the design, then ctc compile tried to C-simulate it to measure it:

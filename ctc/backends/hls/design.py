@@ -47,9 +47,13 @@ class Design:
 
 
 def static_dims_for(module: Module, seq_len: int, batch: int = 1) -> dict[str, int]:
-    """Bind every symbolic input dim: ``batch`` -> 1, ``seq`` (and any other) -> ``seq_len``."""
-    syms = sorted(set().union(*(v.type.symbols for v in module.inputs))) if module.inputs else []
-    return {s: (batch if s == "batch" else seq_len) for s in syms}
+    """Bind every symbolic input dim: the batch symbol -> ``batch``, the sequence symbol (and any other) ->
+    ``seq_len``. The batch symbol is ``batch``, or a .pt2 program's first symbol at dim 0 (``d0``): bound to
+    ``seq_len`` it made a design for 128 rows (:func:`ctc.analysis.roofline.input_symbols`, the one reading)."""
+    from ctc.analysis.roofline import input_symbols
+
+    b_sym, _, every = input_symbols(module)
+    return {s: (batch if s == b_sym else seq_len) for s in sorted(every)}
 
 
 def lower_design(module: Module, static_dims: Mapping[str, int], plan: Mapping[str, Tiling], *,
