@@ -454,3 +454,64 @@ def test_more_hf_architectures(arch: str) -> None:
     assert m.meta["task"] == ("encoder" if arch == "distilbert" else "causal_lm")
     assert m.meta["num_blocks"] == 2
     assert _err(model, m, hf_inputs(2, 9, pad=3)) <= TOL
+
+
+def _tiny_falcon(bias: bool) -> nn.Module:
+    """Falcon: FalconLinear computes ``x @ weight.T (+ bias)`` by hand; multi-query attention broadcasts a kv head."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.FalconConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, vocab_size=97, bias=bias,
+                         multi_query=True, parallel_attn=True, alibi=False, new_decoder_architecture=False)
+    return T.FalconForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_hand_written_x_at_weight_t_is_captured_as_linear(bias: bool) -> None:
+    """``x @ w.T (+ b)`` (Falcon's FalconLinear) becomes a ``linear`` (with its bias): compression passes select
+    ``op linear``, so left as permute + matmul every quantize/rptq/asvd/share-blocks step silently did nothing."""
+    model = _tiny_falcon(bias)
+    m = capture_hf_model(model, seq_len=7)
+    counts = m.op_counts()
+    assert counts["linear"] == 2 * 4 + 1 and "matmul" not in counts
+    dense = [n for n in m.find("linear") if n.scope == "transformer.h.0.self_attention.query_key_value"]
+    assert len(dense) == 1 and (dense[0].operand("bias") is not None) == bias
+    assert _err(model, m, hf_inputs(2, 9, pad=3)) <= TOL
+
+
+def test_broadcast_single_kv_head_attention_is_captured_as_gqa() -> None:
+    """Multi-query attention written as a broadcast (k/v with one head, no repeat) gets ``enable_gqa``, as HF's
+    ``repeat_kv`` does, so the attention passes (sparse-attention, calibrate-attention) accept it."""
+    model = _tiny_falcon(False)
+    m = capture_hf_model(model, seq_len=7)
+    for att in m.find("scaled_dot_product_attention"):
+        assert att.attrs["enable_gqa"]
+        assert att.operand("q").type.shape[1] == 4 and att.operand("k").type.shape[1] == 1
+    assert _err(model, m, hf_inputs(2, 9, pad=3)) <= TOL
+
+
+class _XWt(nn.Module):
+    """``x @ w.t()`` with w also read elsewhere, ``b + x @ w2.T`` (bias on the left), and an x @ W that stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.w2 = nn.Parameter(torch.randn(4, 6))
+        self.b = nn.Parameter(torch.randn(4))
+        self.u = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x @ self.w.t()) + self.w.sum()
+        return (self.b + h @ self.w2.T) @ self.u
+
+
+def test_plain_module_x_at_weight_t_fuses_to_linear_and_x_at_w_stays() -> None:
+    torch.manual_seed(0)
+    net = _XWt()
+    m = capture(net, {"x": torch.randn(2, 3, 5)})
+    lin = m.find("linear")
+    assert len(lin) == 2 and [n.operand("bias") is not None for n in lin] == [False, True]
+    assert len(m.find("matmul")) == 1  # x @ u: u is [in, out], no transpose to fold
+    x = torch.randn(2, 7, 5)
+    with torch.no_grad():
+        assert (interpret(m, {"x": x})[0] - net(x)).abs().max().item() <= 1e-4

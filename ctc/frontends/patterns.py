@@ -4,11 +4,15 @@
   in half precision the same between ``cast(x16, f32)`` and a cast back to x16's dtype);
 * ``rotary_embedding``: ``x * cos + cat(-x[..., h:], x[..., :h]) * sin`` (HF ``apply_rotary_pos_emb``);
 * grouped-query attention: ``sdpa(q, repeat_kv(k), repeat_kv(v))`` becomes ``sdpa(q, k, v, enable_gqa)``
-  (torch repeats each kv head for consecutive query heads, exactly as HF ``repeat_kv`` does).
+  (torch repeats each kv head for consecutive query heads, exactly as HF ``repeat_kv`` does); multi-query
+  attention written as a broadcast (k/v with one head, Falcon) gets ``enable_gqa`` too;
+* ``linear``: ``x @ w.T`` and ``x @ w.T + b`` on a 2-D weight parameter and a 1-D bias parameter (a
+  hand-written linear, e.g. Falcon's ``FalconLinear``): compression passes select ``op linear``.
 
 Each fusion is a pattern of :mod:`ctc.ir.patterns` and a rule applied by the rewrite driver.
 Each computes the same torch operations in the same order as the op's reference, so outputs
-stay bitwise equal; compression passes then see one norm / one rotary op per site.  Unmatched
+stay bitwise equal (except a fused bias: ``F.linear`` adds it inside the GEMM, a last-bit
+difference); compression passes then see one norm / one rotary op / one linear per site.  Unmatched
 code is left decomposed (it is still correct, just less recognisable).
 """
 
@@ -145,9 +149,79 @@ def fuse_gqa(rw: Rewriter, m: Match) -> Value | None:
                      {**att.attrs, "enable_gqa": True}).output
 
 
+def _single_kv_head(n) -> bool:  # noqa: ANN001 - a Node predicate
+    q, k, v = (n.operand(x).type for x in ("q", "k", "v"))
+    return (q.rank == 4 and k.rank == 4 and v.rank == 4 and k.shape[1] == 1 and v.shape[1] == 1
+            and isinstance(q.shape[1], int) and q.shape[1] > 1)
+
+
+MQA = op("scaled_dot_product_attention", attrs={"enable_gqa": False}, where=_single_kv_head)
+
+
+@rule(MQA)
+def fuse_mqa(rw: Rewriter, m: Match) -> Value | None:
+    """sdpa(q, k, v) with one k/v head broadcast over q's heads -> enable_gqa (the same attention, one kv group)."""
+    att = m.root
+    try:
+        (t,) = get_op("scaled_dot_product_attention").infer_types(
+            [x.type for x in att.inputs], {**att.attrs, "enable_gqa": True})
+    except OpError:
+        return None
+    if not types_equal(t, att.output.type):
+        return None
+    return rw.create("scaled_dot_product_attention",
+                     {x: att.operand(x) for x in ("q", "k", "v", "mask")}, {**att.attrs, "enable_gqa": True}).output
+
+
+def _swaps_2d(n) -> bool:  # noqa: ANN001 - a Node predicate
+    """A transpose of a 2-D tensor (``permute [1, 0]`` or ``transpose 0, 1``)."""
+    if n.operand("x").type.rank != 2:
+        return False
+    if n.op == "permute":
+        return tuple(n.attrs["perm"]) == (1, 0)
+    return {n.attrs["dim0"] % 2, n.attrs["dim1"] % 2} == {0, 1}
+
+
+def _weight(v: Value) -> bool:
+    return v.producer is not None and v.producer.op == "param" and v.type.rank == 2
+
+
+# x @ w.T with w a [out, in] parameter
+X_WT = op("matmul", var("x").where(has_type(dtype=("f32", "f16", "bf16"))),
+          op(("permute", "transpose"), var("w").where(_weight), where=_swaps_2d))
+
+
+def _bias_of(n, y: Value) -> Value | None:  # noqa: ANN001 - a Node
+    """The 1-D parameter ``n`` (an add) adds to ``y`` when it is a linear's bias, else None."""
+    if n.op != "add" or len(n.inputs) != 2:
+        return None
+    b = n.inputs[1] if n.inputs[0] is y else n.inputs[0]
+    if b is y or b.producer is None or b.producer.op != "param" or b.type.rank != 1 or b.type.dtype != y.type.dtype:
+        return None
+    return b if b.type.shape[0] == y.type.shape[-1] and types_equal(n.output.type, y.type) else None
+
+
+@rule(X_WT)
+def fuse_linear(rw: Rewriter, m: Match) -> Value | bool | None:
+    """x @ w.T -> linear(x, w); a 1-D parameter added to the result (its only reader) becomes the bias."""
+    x, w, mm = m["x"], m["w"], m.root
+    y = mm.output
+    if x.type.rank < 2 or x.type.dtype != w.type.dtype:
+        return None
+    readers = y.users
+    bias = _bias_of(readers[0], y) if len(readers) == 1 and not rw.module.is_output(y) else None
+    if bias is None:
+        return rw.create("linear", {"x": x, "weight": w}).output
+    add = readers[0]  # after the bias's param read: the linear goes there, at the matmul's scope
+    rw.replace(add, rw.create("linear", {"x": x, "weight": w, "bias": bias}, before=add, scope=mm.scope,
+                              block=mm.block).output)
+    rw.erase(mm)
+    return True
+
+
 # fusion name -> its rules
 FUSIONS = {"rms_norm": (fuse_rms_norm, fuse_rms_norm_half), "rotary_embedding": (fuse_rotary,),
-           "gqa_attention": (fuse_gqa,)}
+           "gqa_attention": (fuse_gqa, fuse_mqa), "linear": (fuse_linear,)}
 
 
 def fuse_patterns(m: Module) -> dict[str, int]:
