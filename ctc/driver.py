@@ -804,15 +804,20 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
 
     probe = evalb[0] if evalb else (calib[0] if calib else None)
     inputs = "the first evaluation batch" if evalb else "the first calibration batch"
+    unmeasured = None  # why the targets are not measured, when no batch can be made for them
     if probe is None and targets:  # no text data (a CNN): the libraries are checked and timed on synthetic inputs
+        from ctc.analysis.roofline import input_symbols
         from ctc.eval.data import synthetic_inputs
 
+        b_sym = input_symbols(module)[0]  # `batch`, or a .pt2 program's d0
         try:
-            probe = synthetic_inputs(module, {"batch": 1})
+            probe = synthetic_inputs(module, {b_sym: 1} if b_sym else {})
             inputs = "synthetic inputs (floats N(0, 1), seed 0: the recipe has no calibrate or evaluate data)"
             progress.note(f"the targets are checked against the IR and timed on {inputs}")
-        except ValueError:  # a dim other than batch (seq) is not sized without data: nothing is measured
+        except ValueError as e:  # a dim other than batch (seq) is not sized without data: nothing is measured
             probe = None
+            unmeasured = f"no calibrate or evaluate data to size the inputs with ({e})"
+            progress.note(f"the targets are not checked against the IR nor timed: {unmeasured}")
 
     for t in targets:
         for line in t.notes:
@@ -826,8 +831,8 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
         not_here = built.pop("not_runnable", None) or t.spec.cannot_run_here()  # a build with nothing to run
         summary = {**t.to_json(), **built}
         batch = fit_batch(probe, t.options) if probe is not None else None
-        if not_here is not None:  # e.g. a CUDA library built on a machine without a GPU
-            summary["measured"] = {"skipped": not_here}
+        if not_here is not None or (batch is None and unmeasured):  # e.g. a CUDA library built without a GPU here
+            summary["measured"] = {"skipped": not_here or unmeasured}
         elif batch is not None:
             with progress.stage(f"measure target {t.kind}"):
                 summary["measured"] = measure_target(module, t.kind, d, batch, inputs.removeprefix("the "))

@@ -255,6 +255,28 @@ def test_a_pt2_batch_symbol_is_built_for_batch_one(tmp_path: Path) -> None:
     assert out["static_dims"] == {"d0": 1, "d1": 128}
 
 
+def test_a_pt2_without_data_is_measured_on_synthetic_inputs_or_says_why_not(tmp_path: Path) -> None:
+    """Without calibrate/evaluate data the targets are checked on synthetic inputs sized by batch 1 only; a .pt2
+    program's batch symbol is d0, not 'batch', so a program exported with a dynamic batch was not checked at all,
+    and neither ctc compile nor ctc show said so (`target fpga: targets/fpga`, nothing else)."""
+    from ctc.cli import EXIT_OK, main
+
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x * 2.0, dim=-1)
+
+    b, s = torch.export.Dim("b"), torch.export.Dim("s")
+    for name, shapes in (("batch", {"x": {0: b}}), ("batch_seq", {"x": {0: b, 1: s}})):
+        ep = torch.export.export(Net(), (torch.randn(2, 5, 8),), dynamic_shapes=shapes)
+        torch.export.save(ep, str(tmp_path / f"{name}.pt2"))
+        (tmp_path / f"{name}.ctc").write_text(f'model pt2 "{name}.pt2"\ntarget fpga tune=false\n')
+        assert main(["compile", str(tmp_path / f"{name}.ctc"), "--out", str(tmp_path / name), "-q"]) == EXIT_OK
+    measured = [json.loads((tmp_path / n / "report.json").read_text())["targets"][0]["measured"]
+                for n in ("batch", "batch_seq")]
+    assert measured[0]["bit_exact_vs_integer_model"] is True and "synthetic" in measured[0]["protocol"]
+    assert measured[1]["skipped"].startswith("no calibrate or evaluate data to size the inputs with")
+
+
 def test_a_csim_false_build_compiles_and_is_reported_unmeasured(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`target fpga csim=false` in a recipe built the design, then ctc compile tried to C-simulate it to measure it:
