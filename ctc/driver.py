@@ -1050,10 +1050,11 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
 
     import torch
 
-    from ctc.analysis.roofline import input_symbols
+    from ctc.analysis.roofline import input_symbols, refuse_absent_dims
     from ctc.eval.latency import MIN_RUNS, machine_info, measure_latency
 
     refuse_simulated(art, target)
+    given = {"seq_len": seq_len, "batch": batch}  # as the user gave them (None: left out)
     fixed = art.fixed_seq_len(target) if target is not None else None
     if fixed is not None and seq_len is not None and seq_len != fixed:
         raise UsageError(f"--seq-len {seq_len}: this {target} library was built for {fixed} tokens (`seq_len=` on its "
@@ -1098,14 +1099,14 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
     else:  # no text to make inputs of (a CNN, a .pt2): seeded synthetic inputs of the model's shapes
         from ctc.eval.data import synthetic_inputs
 
+        b_sym, s_sym = refuse_absent_dims(art.module, **given)  # `batch`/`seq`, or a .pt2 program's d0/d1
         try:
-            feed = synthetic_inputs(art.module, {"batch": batch, "seq": seq_len})
+            feed = synthetic_inputs(art.module, {k: n for k, n in ((b_sym, batch), (s_sym, seq_len)) if k})
         except ValueError as e:
             raise UsageError(f"{e}: ctc bench sizes only batch (--batch) and seq (--seq-len); time this model from "
                              "Python with inputs of your own (ctc.load(ART).runner(KIND))") from None
-        used = input_symbols(art.module)[2]
         kinds = sorted({"floats N(0, 1)" if t.is_floating_point() else "integers" for t in feed.values()})
-        sizes = {k: n for k, n in sizes.items() if k.removesuffix("_len") in used}
+        sizes = {k: n for k, n, sym in (("batch", batch, b_sym), ("seq_len", seq_len, s_sym)) if sym}
         sizes["inputs"] = (", ".join(f"{v.name} {v.type.dtype}{list(feed[v.name].shape)}" for v in art.module.inputs)
                            + f" (synthetic: {', '.join(kinds)}, seed 0)")
     library = _library_with_threads(art, target, threads) if target is not None else None

@@ -361,13 +361,32 @@ def test_bench_makes_inputs_for_a_model_without_a_tokenizer(tmp_path: Path) -> N
     x = m.add_input("x", TensorType(("batch", 3, 5), "f32"))
     m.set_outputs([m.create_node("relu", [x]).output], ["y"])
     art = ctc.load(write_artifact(tmp_path / "a", module=m, report={"name": "cnn"}, log=lambda _: None))
-    res = bench_artifact(art, target=None, batch=2, seq_len=128, repeat=20, threads=None)
+    res = bench_artifact(art, target=None, batch=2, seq_len=None, repeat=20, threads=None)
     assert res["inputs"] == "x f32[2, 3, 5] (synthetic: floats N(0, 1), seed 0)" and "seq_len" not in res, res
     m2 = Module("img")
-    m2.set_outputs([m2.create_node("relu", [m2.add_input("x", TensorType((1, 3, "h"), "f32"))]).output], ["y"])
+    m2.set_outputs([m2.create_node("relu", [m2.add_input("x", TensorType((1, "h", "w"), "f32"))]).output], ["y"])
     art2 = ctc.load(write_artifact(tmp_path / "b", module=m2, report={"name": "img"}, log=lambda _: None))
-    with pytest.raises(UsageError, match="input 'x' has a dim 'h' that cannot be sized here.*ctc bench sizes only"):
-        bench_artifact(art2, target=None, batch=1, seq_len=128, repeat=20, threads=None)
+    with pytest.raises(UsageError, match="input 'x' has a dim 'w' that cannot be sized here.*ctc bench sizes only"):
+        bench_artifact(art2, target=None, batch=None, seq_len=128, repeat=20, threads=None)
+
+
+def test_bench_sizes_the_dims_the_model_has_and_refuses_flags_for_the_others(tmp_path: Path) -> None:
+    """`ctc bench --seq-len 64 --batch 2` on an MLP captured as x [4, 32] timed x [4, 32] and printed nothing
+    about the ignored flags (ctc analyze refuses them); on a .pt2 exported with a dynamic batch and sequence
+    (symbols d0, d1) it failed: 'input 'x' has a dim 'd0' that cannot be sized here (sized: batch, seq)'."""
+    from ctc.driver import bench_artifact
+
+    def artifact(name: str, shape: tuple) -> Any:
+        m = Module(name)
+        m.set_outputs([m.create_node("relu", [m.add_input("x", TensorType(shape, "f32"))]).output], ["y"])
+        return ctc.load(write_artifact(tmp_path / name, module=m, report={"name": name}, log=lambda _: None))
+
+    mlp = artifact("mlp", (4, 32))
+    for flags, flag in (({"seq_len": 64, "batch": None}, "--seq-len 64"), ({"seq_len": None, "batch": 2}, "--batch 2")):
+        with pytest.raises(UsageError, match=f"{flag}: the model's inputs have no .* dim"):
+            bench_artifact(mlp, target=None, repeat=20, threads=None, **flags)
+    res = bench_artifact(artifact("pt2", ("d0", "d1", 8)), target=None, batch=2, seq_len=7, repeat=20, threads=None)
+    assert res["inputs"].startswith("x f32[2, 7, 8]") and (res["batch"], res["seq_len"]) == (2, 7), res
 
 
 def _fpga_design_artifact(tmp_path: Path, latency_ms: float) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ctc.analysis.peaks import KINDS, target_peaks
-from ctc.analysis.roofline import Analysis, analyze_module, input_symbols, measured_points, roofline_svg
+from ctc.analysis.roofline import Analysis, analyze_module, measured_points, refuse_absent_dims, roofline_svg
 from ctc.errors import UsageError
 from ctc.tasks import TASK_DECODE_STEP
 
@@ -66,11 +66,7 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
         from ctc.driver import refuse_simulated
 
         refuse_simulated(art, kind)
-    b_sym, s_sym, _ = input_symbols(art.module)
-    for flag, given, sym, what in (("--seq-len", seq_len, s_sym, "sequence"), ("--batch", batch, b_sym, "batch")):
-        if given is not None and sym is None:
-            raise UsageError(f"{flag} {given}: the model's inputs have no {what} dim (that size is fixed as "
-                             "captured); leave it out")
+    refuse_absent_dims(art.module, seq_len=seq_len, batch=batch)
     batch = 1 if batch is None else batch
     built = art.fixed_seq_len(kind) if seq_len is None and profile else None  # the length its library was built for
     n = seq_len if seq_len is not None else built or default_seq_len(art)

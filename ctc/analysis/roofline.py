@@ -136,6 +136,17 @@ def input_symbols(module: Module) -> tuple[str | None, str | None, set[str]]:
     return batch, (seq if seq != batch else None), every
 
 
+def refuse_absent_dims(module: Module, *, seq_len: int | None, batch: int | None) -> tuple[str | None, str | None]:
+    """The (batch, sequence) symbols of ``module``'s inputs; a ``--seq-len`` / ``--batch`` given (not None) for a
+    dim the inputs do not have (an MLP's or CNN's fixed shapes) is a UsageError, not a flag silently ignored."""
+    b_sym, s_sym, _ = input_symbols(module)
+    for flag, given, sym, what in (("--seq-len", seq_len, s_sym, "sequence"), ("--batch", batch, b_sym, "batch")):
+        if given is not None and sym is None:
+            raise UsageError(f"{flag} {given}: the model's inputs have no {what} dim (that size is fixed as "
+                             "captured); leave it out")
+    return b_sym, s_sym
+
+
 def analyze_module(module: Module, peaks: Peaks, *, seq_len: int = 128, batch: int = 1,
                    dims: Mapping[str, int] | None = None, name: str = "") -> Analysis:
     """Costs and roofline bounds of ``module`` on ``peaks``' target, by phase (see the module docstring)."""
