@@ -148,7 +148,7 @@ class _Net(nn.Module):
 
 def test_plain_module_capture() -> None:
     torch.manual_seed(0)
-    net = _Net()
+    net = _Net().eval()  # compared with eager below: capture gives the model back in the mode it came in
     m = capture(net, {"x": torch.randn(2, 5, 8)}, name="net")
     assert m.meta["block_prefix"] == "blocks" and m.meta["num_blocks"] == 3
     assert m.inputs[0].type.shape == (2, "seq", 8)
@@ -268,6 +268,19 @@ def test_fx_fallback_lists_only_the_unsupported_op_and_says_why_it_ran() -> None
     msg = str(e.value)
     assert "aten.lstm.input" in msg and "getitem" not in msg
     assert "torch.fx fallback, taken because torch.export failed" in msg
+
+
+def test_capture_gives_the_model_back_in_the_mode_it_came_in() -> None:
+    """capture() switched the caller's model to eval mode for good: a model captured mid-training went on
+    training without dropout and with frozen batch-norm statistics, without a word."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.BatchNorm1d(4)).train()
+    net[0].eval()  # a mixed state is given back as it was, too
+    m = capture(net, {"input": torch.randn(3, 4)}, dynamic=False)
+    assert [net.training] + [c.training for c in net] == [True, False, True, True]
+    assert "dropout" not in str(m.op_counts()) and m.op_counts()["batch_norm"] == 1  # captured in eval mode
+    with pytest.raises(CaptureError):
+        capture(net, {"nope": torch.randn(3, 4)})  # refused before anything changes
+    assert net.training
 
 
 class _Sampler(nn.Module):

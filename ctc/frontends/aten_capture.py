@@ -681,40 +681,45 @@ def capture(
         raise CaptureError(f"example_inputs must map forward's parameter names to tensors ({{'x': x}}), got "
                            f"{type(example_inputs).__name__}")
     _check_input_names(model, example_inputs)
-    model = model.eval()
-    dyn = normalize_dynamic(dynamic, example_inputs)
-    path = "export"
-    from ctc.frontends.adapters import capture_forms
+    modes = {mod: mod.training for mod in model.modules()}  # the caller's model is given back as it came
+    model.eval()
+    try:
+        dyn = normalize_dynamic(dynamic, example_inputs)
+        path = "export"
+        from ctc.frontends.adapters import capture_forms
 
-    with torch.no_grad(), capture_forms(model):  # MoE layers dispatch densely, SSM scans are one op
-        try:
-            ep = _export(model, dict(example_inputs), dyn, guessed=dynamic is True)
-        except Exception as e:  # noqa: BLE001 - any export failure selects the fallback
-            export_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            shapes = {k: tuple(v.shape) for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
-            small = [f"{sym!r} (input {k!r} axis {ax}) is {shapes[k][ax]}" for k, axes in dyn.items()
-                     for ax, sym in axes.items() if k in shapes and 0 <= ax < len(shapes[k]) and shapes[k][ax] < 2]
-            if small:  # the usual cause: export specializes sizes 0 and 1, so such an axis cannot stay dynamic
-                export_error += (f"; in the example, dynamic axis {', '.join(small)}: give examples of size >= 2 on "
-                                 "dynamic axes")
-            ep = None
-            path = "fx"
-        if ep is None:
-            from ctc.frontends.fx_trace import capture_fx
+        with torch.no_grad(), capture_forms(model):  # MoE layers dispatch densely, SSM scans are one op
+            try:
+                ep = _export(model, dict(example_inputs), dyn, guessed=dynamic is True)
+            except Exception as e:  # noqa: BLE001 - any export failure selects the fallback
+                export_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                shapes = {k: tuple(v.shape) for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
+                small = [f"{sym!r} (input {k!r} axis {ax}) is {shapes[k][ax]}" for k, axes in dyn.items()
+                         for ax, sym in axes.items() if k in shapes and 0 <= ax < len(shapes[k]) and shapes[k][ax] < 2]
+                if small:  # the usual cause: export specializes sizes 0 and 1, so such an axis cannot stay dynamic
+                    export_error += (f"; in the example, dynamic axis {', '.join(small)}: give examples of size >= 2 "
+                                     "on dynamic axes")
+                ep = None
+                path = "fx"
+            if ep is None:
+                from ctc.frontends.fx_trace import capture_fx
 
-            m = capture_fx(model, example_inputs, output=output, name=name, why=export_error)
-            warnings.warn(m.meta["capture_warning"], UserWarning, stacklevel=2)  # said only in meta before
-    if ep is not None:
-        m = _from_exported(ep, model, dyn, output=output, name=name)
-        if dynamic is True:
-            _warn_static_guesses(m, dyn)
-    m.meta["capture_path"] = path
-    if meta:
-        m.meta.update(meta)
-    from ctc.frontends.patterns import fuse_patterns
+                m = capture_fx(model, example_inputs, output=output, name=name, why=export_error)
+                warnings.warn(m.meta["capture_warning"], UserWarning, stacklevel=2)  # said only in meta before
+        if ep is not None:
+            m = _from_exported(ep, model, dyn, output=output, name=name)
+            if dynamic is True:
+                _warn_static_guesses(m, dyn)
+        m.meta["capture_path"] = path
+        if meta:
+            m.meta.update(meta)
+        from ctc.frontends.patterns import fuse_patterns
 
-    fuse_patterns(m)
-    return m
+        fuse_patterns(m)
+        return m
+    finally:
+        for mod, training in modes.items():
+            mod.training = training
 
 
 def _warn_static_guesses(m: Module, dyn: Mapping[str, Mapping[int, str]]) -> None:
