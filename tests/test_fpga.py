@@ -335,3 +335,27 @@ def test_tuning_database_reuses_current_records_and_searches_stale_ones(tmp_path
     db[layers["y"].key]["version"] = SEARCH_VERSION - 1
     path.write_text(json.dumps(db))
     assert tune_plan(layers, board, 0.8, cache_dir=tmp_path)[1]["searched"] == 1
+
+
+def test_a_damaged_tuning_database_is_searched_again_not_a_traceback(tmp_path: Path) -> None:
+    """A truncated or hand-edited hls_tilings.json failed the build with json.decoder.JSONDecodeError (a
+    traceback), and a record edited to a tiling that does not divide the layer was used as it was; the file or the
+    record is searched again, the log says why, and the database is rewritten."""
+    from ctc.backends.hls.tune import tune_plan, tuning_db_path
+
+    layers = {"y": QLinearShape(16, 64, 32, 8, 8, -1, True, (20, 64))}
+    board = BOARDS["zc706"]
+    plan, _ = tune_plan(layers, board, 0.8, cache_dir=tmp_path)
+    path = tuning_db_path(board, 0.8, tmp_path)
+    good = json.loads(path.read_text())
+    key = layers["y"].key
+    for damage, said in (('{"broken', "cannot be read"), ("[1, 2]", "cannot be read"),
+                         (json.dumps({key: {**good[key], "tiling": [3, 64, 32, 8, 8]}}), "is unusable (tiles 3x64"),
+                         (json.dumps({key: {**good[key], "tiling": [0, 64, 32, 8, 8]}}), "is unusable (tiling"),
+                         (json.dumps({key: {**good[key], "tiling": "16x16"}}), "is unusable (malformed")):
+        path.write_text(damage)
+        lines: list[str] = []
+        again, info = tune_plan(layers, board, 0.8, cache_dir=tmp_path, log=lines.append)
+        assert info["searched"] == 1 and again == plan, damage
+        assert any(said in ln for ln in lines), (damage, lines)
+        assert json.loads(path.read_text())[key]["tiling"] == good[key]["tiling"]

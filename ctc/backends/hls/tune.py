@@ -84,19 +84,52 @@ def search_layer(shape: QLinearShape, board: Board, utilization: float) -> dict[
             "version": SEARCH_VERSION, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _read_db(path: Path, log: Any) -> dict[str, Any]:
+    """The tuning database at ``path`` ({} when absent); one that is not a JSON object of records (a damaged or
+    hand-edited file) is read as empty, and the log says so: its layers are searched again and it is rewritten."""
+    if not path.exists():
+        return {}
+    try:
+        db = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        db, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "not a JSON object of records"
+    if isinstance(db, dict) and all(isinstance(v, dict) for v in db.values()):
+        return db
+    if log is not None:
+        log(f"tuning database {path} cannot be read ({why}): its layers are searched again and it is rewritten")
+    return {}
+
+
+def _unusable(record: Mapping[str, Any], shape: QLinearShape, board: Board, utilization: float) -> str | None:
+    """Why a stored record's tiling cannot serve ``shape`` on ``board`` (malformed, invalid, or too big), else None."""
+    try:
+        t = Tiling(*(int(v) for v in record["tiling"]))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"malformed tiling: {type(e).__name__}: {e}"
+    if min(t.as_tuple()) < 1:
+        return f"tiling {list(t.as_tuple())} has a size below 1"
+    return t.valid_for(shape) or qlinear_cost(shape, t, board).fits(board, utilization)
+
+
 def tune_plan(layers: Mapping[str, QLinearShape], board: Board, utilization: float, *,
               cache_dir: str | Path | None = None, log: Any = None) -> tuple[dict[str, Tiling], dict[str, Any]]:
     """A tiling per layer (``value name -> Tiling``) from the database, searching the layers it lacks."""
     path = tuning_db_path(board, utilization, cache_dir)
-    db: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    db = _read_db(path, log)
     plan: dict[str, Tiling] = {}
     searched = reused = 0
     t0 = time.perf_counter()
     shapes = {s.key: s for s in layers.values()}
     for i, (key, shape) in enumerate(sorted(shapes.items())):
         if key in db and db[key].get("version") == SEARCH_VERSION:
-            reused += 1
-            continue
+            why = _unusable(db[key], shape, board, utilization)
+            if why is None:
+                reused += 1
+                continue
+            if log is not None:
+                log(f"tuning record {key} in {path} is unusable ({why}): searched again")
         try:
             db[key] = search_layer(shape, board, utilization)
         except TuneError as e:  # name the layers of this shape (the key alone says little)
