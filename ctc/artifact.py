@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -411,7 +412,9 @@ def torch_runner(module: Module) -> Callable[[Any], Any]:
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """The first line of a library's exception, without its terminal styling (torch.load bolds a warning)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    text = plain.splitlines()[0] if plain else type(e).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 

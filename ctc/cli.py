@@ -678,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
-    from ctc.dsl.diagnostics import RecipeError
+    from ctc.dsl.diagnostics import RecipeError, printable
     from ctc.errors import ArtifactError, ModelError, Terminated, UsageError
 
     with _sigterm_as_interrupt():
@@ -689,11 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n = sum(1 for d in e.diagnostics if d.severity == "error")
             print(f"{n} error{'s' if n != 1 else ''}; nothing was written", file=sys.stderr)
             return EXIT_USAGE
-        except UsageError as e:
-            print(f"ctc {args.command}: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        except ArtifactError as e:
-            print(f"ctc {args.command}: error: {e}", file=sys.stderr)
+        except (UsageError, ArtifactError) as e:  # messages may quote file names and libraries' text: escaped
+            print(f"ctc {args.command}: error: {printable(str(e))}", file=sys.stderr)
             return EXIT_USAGE
         except Terminated:
             return _interrupted(signal.SIGTERM)

@@ -576,3 +576,22 @@ def test_analyze_profile_refuses_a_simulated_design_before_loading_it(tmp_path: 
 
     with pytest.raises(UsageError, match=r"a C simulation.*modelled latency: 3\.5 ms"):
         analyze_artifact(_fpga_design_artifact(tmp_path, 3.5), "fpga", profile=True)
+
+
+def test_errors_print_no_terminal_escapes(art_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A pickled object given to `ctc run --input` printed torch's bold escape codes ('\\x1b[1mdo those steps
+    ...\\x1b[0m') raw, and a path holding an escape sequence reached the terminal as one (recipe diagnostics
+    already escaped them): library styling is dropped and every other control character is shown escaped."""
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (print, ("ran",))
+
+    torch.save({"input_ids": Evil()}, tmp_path / "evil.pt")
+    assert main(["run", str(art_dir), "--input", str(tmp_path / "evil.pt")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "weights_only=True" in err and "\x1b" not in err and "\\x1b" not in err, err
+    odd = tmp_path / "a\x1b[31mred"
+    assert main(["run", str(odd), "--input", str(tmp_path / "evil.pt")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "a\\x1b[31mred" in err and "\x1b" not in err, err

@@ -49,6 +49,12 @@ def escape(text: str) -> str:
     return "".join(_visible(c) for c in text)
 
 
+def printable(text: str) -> str:
+    """``text`` with its line breaks kept and every other control character or terminal escape shown escaped
+    (an error quoting a file's name or a library's message, which may carry ``\x1b[1m``)."""
+    return "\n".join(escape(line) for line in text.split("\n"))
+
+
 def one_line(text: str) -> str:
     """A message that came with line breaks (an exception listing items as ``  - conv (at ...)`` lines) as one
     line: lines joined by spaces, list items separated by ``; ``."""
