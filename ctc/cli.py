@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top", type=int, metavar="N",
                    help="causal LMs with --text: how many next-token candidates to print (default 5)")
     r.add_argument("--generate", type=int, metavar="N", help="decoder artifacts (`model ... decode=LEN`): greedy "
-                                                             "generation of N tokens after --text")
+                                                             "generation of up to N tokens after --text, stopping "
+                                                             "at the tokenizer's end-of-sequence token")
+    r.add_argument("--ignore-eos", action="store_true",
+                   help="with --generate: generate all N tokens, past the end-of-sequence token (timing runs)")
     _common(r)
 
     e = sub.add_parser("eval", help="measure an artifact's accuracy", formatter_class=_formatter,
@@ -255,6 +258,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  or args.generate is not None):
         raise UsageError("--top lists a causal LM's next-token candidates after --text (without --generate); "
                          "here it would do nothing: leave it out")
+    if args.ignore_eos and args.generate is None:
+        raise UsageError("--ignore-eos applies to --generate (it keeps generating past the end-of-sequence token); "
+                         "here it would do nothing: leave it out")
     if args.generate is not None:
         if save is not None:  # the generated text goes to stdout; the step's output tensors are not kept
             raise UsageError("--save writes the model's output tensors of one run; --generate prints generated text "
@@ -368,6 +374,10 @@ def _generate(art: Any, args: argparse.Namespace) -> int:
         raise UsageError("--generate N needs N >= 1 and a prompt (--text)")
     tok = art.tokenizer()
     prompt = tok(args.text, return_tensors="pt")["input_ids"]
+    if prompt.shape[-1] == 0:
+        raise UsageError(f"--text {args.text!r} gives no tokens, and generation continues a prompt of at least one "
+                         "token: give some text")
+    eos = None if args.ignore_eos else _eos_ids(tok)
     specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
     if args.target is not None:
         step = art.runner(args.target)
@@ -375,14 +385,25 @@ def _generate(art: Any, args: argparse.Namespace) -> int:
     else:
         step, cuda_graph = (lambda feed: art.run(feed)), False
     try:
-        gen = greedy_generate(step, prompt, args.generate, cuda_graph=cuda_graph, input_specs=specs)
+        gen = greedy_generate(step, prompt, args.generate, cuda_graph=cuda_graph, input_specs=specs,
+                              eos_token_id=eos)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(args.text + tok.decode(gen.tokens[0].tolist()))
-    print(f"{gen.tokens.shape[1]} tokens, {gen.tokens_per_s:.1f} tokens/s after the prompt "
+    ids = gen.tokens[0].tolist()
+    stopped = eos is not None and bool(ids) and ids[-1] in eos
+    print(args.text + tok.decode(ids[:-1] if stopped else ids))
+    end = f", stopped at the end-of-sequence token {tok.decode(ids[-1:])!r}" if stopped else ""
+    print(f"{gen.tokens.shape[1]} tokens{end}, {gen.tokens_per_s:.1f} tokens/s after the prompt "
           f"({gen.step_ms:.3f} ms per step; prompt {len(prompt[0])} tokens in {gen.prompt_s:.3f} s; "
           f"backend {args.target or 'torch (reference)'})", file=sys.stderr)
     return EXIT_OK
+
+
+def _eos_ids(tok: Any) -> list[int] | None:
+    """The tokenizer's end-of-sequence token ids (generation stops at one), or None when it names none."""
+    eos = getattr(tok, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return [int(i) for i in ids] or None
 
 
 def _read_tensors(path: Path) -> Any:

@@ -96,17 +96,21 @@ def _token_ids(ids: Any, batch: int, least: int, what: str, length: str) -> torc
 
 
 def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool = False,
-                    input_specs: Sequence[Mapping[str, Any]] | None = None) -> Generation:
+                    input_specs: Sequence[Mapping[str, Any]] | None = None,
+                    eos_token_id: int | Sequence[int] | None = None) -> Generation:
     """Greedy decoding of ``max_new_tokens`` after ``prompt_ids [B, P]`` through a static decode ``step``.
 
     ``step`` is a compiled library (``CompiledModel``: buffers kept on its device, updated in place)
     or a functional ``inputs -> outputs`` callable, then with ``input_specs`` (the module's inputs).
+    ``eos_token_id`` (one id or several): stop once every sequence has produced one (the end-of-sequence
+    token is kept; a sequence that ended earlier is filled with it); None generates all ``max_new_tokens``.
     """
     batch, max_len, caches = _signature(step, input_specs, "greedy_generate")
     prompt_ids = _token_ids(prompt_ids, batch, 1, "greedy_generate: prompt", "P")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)  # a numpy integer too
+    eos = _eos_ids(eos_token_id)
     total = prompt_ids.shape[1] + max_new_tokens - 1
     if total > max_len:
         raise ValueError(f"greedy_generate: prompt ({prompt_ids.shape[1]}) + {max_new_tokens} new tokens need "
@@ -114,7 +118,17 @@ def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     if cuda_graph and not hasattr(step, "call_device"):
         raise ValueError("greedy_generate: cuda_graph needs a compiled CUDA library")
     write, run, sync = _stepper(step, prompt_ids, caches, cuda_graph)
-    return _run_loop(prompt_ids, max_new_tokens, write, run, sync)
+    return _run_loop(prompt_ids, max_new_tokens, write, run, sync, eos)
+
+
+def _eos_ids(eos: int | Sequence[int] | None) -> torch.Tensor | None:
+    """``eos_token_id`` as a 1-D int64 tensor (None: no stopping); anything but integer ids is a ValueError."""
+    if eos is None:
+        return None
+    ids = [eos] if isinstance(eos, numbers.Integral) else list(eos) if isinstance(eos, Sequence) else None
+    if not ids or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in ids):
+        raise ValueError(f"greedy_generate: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return torch.tensor([int(i) for i in ids], dtype=torch.long)
 
 
 def teacher_forced_nll(step: Any, ids: torch.Tensor, first: int, *,
@@ -176,9 +190,12 @@ def _stepper(step: Any, prompt: torch.Tensor, caches: list[tuple[str, list[int],
 
 
 def _run_loop(prompt: torch.Tensor, new: int, write: Callable[[torch.Tensor, int], None],
-              run: Callable[[], torch.Tensor], sync: Callable[[], None]) -> Generation:
+              run: Callable[[], torch.Tensor], sync: Callable[[], None], eos: torch.Tensor | None = None
+              ) -> Generation:
     p = prompt.shape[1]
     out = []
+    done = torch.zeros(prompt.shape[0], 1, dtype=torch.bool)
+    ended = torch.zeros(prompt.shape[0], 1, dtype=torch.long)
     t0 = time.perf_counter()
     tok = prompt[:, :1]
     t_prompt = 0.0
@@ -192,7 +209,13 @@ def _run_loop(prompt: torch.Tensor, new: int, write: Callable[[torch.Tensor, int
             sync()
             t_prompt = time.perf_counter()
         tok = logits[:, -1].argmax(-1, keepdim=True)
+        if eos is not None:  # a finished sequence keeps repeating its own end token; all finished: stop
+            tok = torch.where(done.to(tok.device), ended.to(tok.device), tok)
+            ended = torch.where(done, ended, tok.cpu())
+            done |= torch.isin(ended, eos)
         out.append(tok)
+        if eos is not None and bool(done.all()):
+            break
     sync()
     t_end = time.perf_counter()
     if bool(torch.isnan(logits[:, -1]).all()):  # a step that could not run (the persistent CUDA step's sign)

@@ -1,0 +1,84 @@
+"""A user's own text and prompts: generation through a decode-step artifact (end-of-sequence stop, empty prompt),
+and user text files and `ctc eval` data that a user really has.
+
+The decoder is a tiny random Llama with SmolLM2's tokenizer (seconds to compile, no target): the mechanics, not
+the model's quality, are under test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctc.cli import EXIT_OK, EXIT_USAGE, main
+from ctc.generate import greedy_generate
+
+SPECS = [{"name": "input_ids", "shape": [2, 1], "dtype": "i64"}, {"name": "position", "shape": [1], "dtype": "i64"},
+         {"name": "cache_k_0", "shape": [2, 1, 16, 2], "dtype": "f32"},
+         {"name": "cache_v_0", "shape": [2, 1, 16, 2], "dtype": "f32"}]
+
+
+def _counting_step(feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Next token = this one + 1 (mod 11), per sequence."""
+    ids = feed["input_ids"][:, 0]
+    logits = torch.zeros(ids.shape[0], 1, 11)
+    logits[torch.arange(ids.shape[0]), 0, (ids + 1) % 11] = 1
+    return [logits, feed["cache_k_0"], feed["cache_v_0"]]
+
+
+def test_generation_stops_at_end_of_sequence() -> None:
+    """greedy_generate ran past the end-of-sequence token to max_new_tokens (the CLI printed what the model said
+    after it had finished); with eos_token_id it stops once every sequence has ended, and a sequence that ended
+    first repeats its end token."""
+    prompt = torch.tensor([[1], [5]])
+    full = greedy_generate(_counting_step, prompt, 8, input_specs=SPECS).tokens
+    assert full.tolist() == [[2, 3, 4, 5, 6, 7, 8, 9], [6, 7, 8, 9, 10, 0, 1, 2]]
+    got = greedy_generate(_counting_step, prompt, 8, input_specs=SPECS, eos_token_id=[7, 3]).tokens
+    assert got.tolist() == [[2, 3], [6, 7]]
+    got = greedy_generate(_counting_step, prompt, 8, input_specs=SPECS, eos_token_id=[9, 4]).tokens
+    assert got.tolist() == [[2, 3, 4, 4], [6, 7, 8, 9]]
+    assert greedy_generate(_counting_step, prompt, 8, input_specs=SPECS, eos_token_id=9).tokens.tolist() == \
+        [[2, 3, 4, 5, 6, 7, 8, 9], [6, 7, 8, 9, 9, 9, 9, 9]]
+    for bad in ("7", [True], [], [-1]):
+        with pytest.raises(ValueError, match="eos_token_id must be a token id"):
+            greedy_generate(_counting_step, prompt, 2, input_specs=SPECS, eos_token_id=bad)
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A decode-step artifact (cache of 24 positions) of a tiny Llama with SmolLM2's tokenizer."""
+    from hf_configs import tiny_llama_with_smollm2_tokenizer
+
+    root = tmp_path_factory.mktemp("userdec")
+    tiny_llama_with_smollm2_tokenizer(root / "model")
+    (root / "dec.ctc").write_text('model hf "model" decode=24\npipeline {\n    dce\n}\n')
+    assert main(["compile", str(root / "dec.ctc"), "--out", str(root / "art"), "-q"]) == EXIT_OK
+    return root / "art"
+
+
+def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc run --generate` printed past <|im_end|>; an empty --text failed with greedy_generate's
+    'prompt must be [1, P>=1] token ids, got (1, 0)'; --ignore-eos without --generate would be ignored."""
+    import ctc.cli
+
+    assert main(["run", str(decoder), "--text", "Hello there", "--generate", "6", "--ignore-eos", "-q"]) == EXIT_OK
+    full = capsys.readouterr()
+    assert "stopped" not in full.err and full.err.startswith("6 tokens")
+    from ctc.artifact import load
+
+    art = load(decoder)
+    prompt = art.tokenizer()("Hello there", return_tensors="pt")["input_ids"]
+    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
+    first = int(greedy_generate(lambda feed: art.run(feed), prompt, 1, input_specs=specs).tokens[0, 0])
+    monkeypatch.setattr(ctc.cli, "_eos_ids", lambda _tok: [first])  # the model's first token plays the end token
+    assert main(["run", str(decoder), "--text", "Hello there", "--generate", "6", "-q"]) == EXIT_OK
+    stop = capsys.readouterr()
+    assert stop.err.startswith("1 tokens, stopped at the end-of-sequence token"), stop.err
+    assert stop.out == "Hello there\n" and len(full.out) > len(stop.out)  # the end token is not printed
+    monkeypatch.undo()
+    assert main(["run", str(decoder), "--text", "", "--generate", "3", "-q"]) == EXIT_USAGE
+    assert "gives no tokens" in capsys.readouterr().err
+    assert main(["run", str(decoder), "--text", "Hi", "--ignore-eos", "-q"]) == EXIT_USAGE
+    assert "--ignore-eos applies to --generate" in capsys.readouterr().err
