@@ -123,6 +123,18 @@ def test_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == EXIT_USAGE and "not UTF-8 text" in err and "byte 18" in err
 
 
+def test_a_binary_file_given_as_the_recipe_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ctc show model.pt2` / `ctc compile model.pt2` said 'recipe is not UTF-8 text' with the hint 'convert it with
+    iconv -t utf-8', which no model file survives; a UTF-16 recipe keeps that hint."""
+    f = tmp_path / "model.pt2"
+    f.write_bytes(b"PK\x03\x04\x00\x00\x08\x00\xff\xfe archive")
+    rc, err = _compile([str(f), "--check-only"], capsys)
+    assert rc == EXIT_USAGE and "model.pt2 is a binary file, not a recipe" in err and "iconv" not in err, err
+    f.write_bytes('model bundled "minilm"\n'.encode("utf-16"))
+    rc, err = _compile([str(f), "--check-only"], capsys)
+    assert rc == EXIT_USAGE and "not UTF-8 text" in err and "iconv -t utf-8" in err, err
+
+
 def test_source_lines_and_elide() -> None:
     assert source_lines("a\r\nb\fc\nd") == ["a", "b\fc", "d"]
     assert elide("x " + "y" * 300 + " z", limit=20) == "x " + "y" * 10 + "...(280 more characters)..." + "y" * 10 + " z"

@@ -465,6 +465,10 @@ def read_recipe(path: str | Path) -> tuple[str, str]:
         raise RecipeError([Diagnostic(f"recipe file not found: {p}", where)]) from None
     except OSError as e:
         raise RecipeError([Diagnostic(f"cannot read recipe {p}: {e.strerror}", where)]) from None
+    if b"\0" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):  # not UTF-16 text, but a model,
+        # archive or tensor file given where the recipe goes: iconv would not help
+        raise RecipeError([Diagnostic(f"{p.name} is a binary file, not a recipe (a .ctc text file)", where,
+                                      hint="a model file is named inside the recipe: `model pt2 \"FILE.pt2\"`")])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
