@@ -151,6 +151,7 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
     limit = int(opts.get("limit", 0)) if limit is None else limit
     if min(n, length) < 1 or skip < 0 or limit < 0:
         raise UsageError("--samples and --seq-len must be >= 1, --skip and --limit >= 0")
+    same = _calibration_text(recipe, source, path, fld, n, length, skip, limit)
     try:
         batches, proto = model_batches(source=source, path=path, field=fld, split="evaluation",
                                        tokenizer=art.tokenizer(), input_names=["input_ids"] if decode_len else
@@ -158,7 +159,34 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
                                        samples=n, seq_len=length, seed=0, skip=skip, limit=limit or None)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read evaluation data: {e}") from e
+    if same is not None:
+        proto["warning"] = same
     return batches, proto, recipe
+
+
+def _calibration_text(recipe: Any, source: str, path: str | None, field: str | None, samples: int, seq_len: int,
+                      skip: int, limit: int) -> str | None:
+    """A warning when the evaluation windows read tokens the artifact was calibrated on (its recipe's ``calibrate``
+    line: same file, overlapping token range), else None."""
+    from types import SimpleNamespace
+
+    from ctc.dsl.check import DatasetOptions, resolve_path, same_text_tokens
+
+    cal = recipe.calibrate if recipe is not None else None
+    if cal is None or cal.path is None or path is None:
+        return None
+    try:
+        co = DatasetOptions.from_dict(cal.options)
+    except ValueError:  # the compile checked these options: an edited recipe is not ours to judge here
+        return None
+    eo = SimpleNamespace(samples=samples, seq_len=seq_len, skip=skip, limit=limit, field=field)
+    what = same_text_tokens((cal.source, resolve_path(recipe, cal.path), co), (source, Path(path), eo))
+    if what is None:
+        return None
+    fix = (f"skip them with --skip {co.skip + co.limit}, or evaluate on another file" if co.limit else
+           "the recipe calibrated on the whole file: evaluate on another file")
+    return (f"the evaluation windows read text the artifact was calibrated on ({Path(path).name}, {what}): accuracy "
+            f"measured on calibration text is optimistic; {fix} (--data text:FILE or jsonl:FILE:FIELD)")
 
 
 def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
@@ -197,6 +225,8 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     res: dict[str, Any] = {"task": task, "data": proto["text"], "windows": proto["windows"], "seq_len": length}
     if proto.get("token_range"):
         res["token_range"] = proto["token_range"]
+    if proto.get("warning"):
+        res["warning"] = proto["warning"]
     original, why = _original(recipe, bar) if baseline else (None, "not requested (--no-baseline)")
     res["baseline"] = why
     if task == TASK_DECODE_STEP:  # each window's prefix goes into the caches through the original's eager model
@@ -265,4 +295,6 @@ def format_result(res: dict[str, Any]) -> str:
         lines.append(f"{'human sim.':>16}: Pearson {h['pearson']} / Spearman {h['spearman']}{extra}")
     if res.get("protocol"):
         lines.append(f"{'protocol':>16}: {res['protocol']}")
+    if res.get("warning"):
+        lines.append(f"{'warning':>16}: {res['warning']}")
     return "\n".join(lines)

@@ -46,12 +46,21 @@ def test_generation_stops_at_end_of_sequence() -> None:
 
 
 @pytest.fixture(scope="module")
-def decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A decode-step artifact (cache of 24 positions) of a tiny Llama with SmolLM2's tokenizer."""
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's folder: a tiny Llama with SmolLM2's tokenizer (``model/``) and a text file (``notes.txt``)."""
     from hf_configs import tiny_llama_with_smollm2_tokenizer
 
-    root = tmp_path_factory.mktemp("userdec")
+    root = tmp_path_factory.mktemp("user")
     tiny_llama_with_smollm2_tokenizer(root / "model")
+    (root / "notes.txt").write_text(" ".join(f"Note {i}: the {w} crossed the river." for i, w in
+                                             enumerate(["fox", "dog", "heron", "otter"] * 60)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def decoder(project: Path) -> Path:
+    """A decode-step artifact (cache of 24 positions) of the tiny Llama."""
+    root = project
     (root / "dec.ctc").write_text('model hf "model" decode=24\npipeline {\n    dce\n}\n')
     assert main(["compile", str(root / "dec.ctc"), "--out", str(root / "art"), "-q"]) == EXIT_OK
     return root / "art"
@@ -82,3 +91,29 @@ def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, 
     assert "gives no tokens" in capsys.readouterr().err
     assert main(["run", str(decoder), "--text", "Hi", "--ignore-eos", "-q"]) == EXIT_USAGE
     assert "--ignore-eos applies to --generate" in capsys.readouterr().err
+
+
+def test_eval_warns_when_it_reads_calibration_text(project: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile warned when evaluation read calibration text, but `ctc eval ART --skip 0` or `--data
+    text:FILE` on the calibration file measured on it without a word; now the result carries a warning naming
+    the tokens and the --skip that avoids them (and none when the windows lie past the calibrated range)."""
+    import json
+
+    (project / "lm.ctc").write_text('model hf "model"\ncalibrate text "notes.txt" samples=2 seq_len=16 limit=300\n'
+                                    'evaluate text "notes.txt" samples=2 seq_len=16 skip=300\n'
+                                    "pipeline {\n    cse\n}\n")
+    art = str(project / "lm_art")
+    assert main(["compile", str(project / "lm.ctc"), "--out", art, "-q"]) == EXIT_OK
+    capsys.readouterr()
+    monkeypatch.chdir(project)  # --data paths are the user's, relative to the working directory
+    for flags, warned in (([], False), (["--data", "text:notes.txt", "--skip", "300"], False),
+                          (["--skip", "0"], True), (["--data", "text:notes.txt"], True),
+                          (["--skip", "280"], True), (["--data", "text:model/config.json", "--seq-len", "8"], False)):
+        assert main(["eval", art, "--json", "-q", "--no-baseline", *flags]) == EXIT_OK, flags
+        res = json.loads(capsys.readouterr().out)
+        assert ("warning" in res) == warned, (flags, res.get("warning"))
+        if warned:
+            assert "calibrated on (notes.txt, tokens" in res["warning"] and "--skip 300" in res["warning"]
+    assert main(["eval", art, "--skip", "0", "-q", "--no-baseline"]) == EXIT_OK
+    assert "warning: the evaluation windows read text the artifact was calibrated on" in capsys.readouterr().out

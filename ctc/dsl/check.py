@@ -493,33 +493,49 @@ def _check_positions(recipe: Recipe) -> list[Diagnostic]:
                        hint=f"use seq_len <= {n}") for what, v, span in uses if v > n]
 
 
-def _data_overlap(recipe: Recipe) -> list[Diagnostic]:
-    """A warning when calibration and evaluation read the same tokens of the same file: accuracy measured
-    on calibration text is optimistic.  Bundled sources are split into disjoint parts already."""
-    c, e = recipe.calibrate, recipe.evaluate
-    if c is None or e is None or c.source != e.source or c.source not in _FILE_SOURCES or not (c.path and e.path):
-        return []
-    pc, pe = resolve_path(recipe, c.path), resolve_path(recipe, e.path)
+def same_text_tokens(calibrate: tuple[str, Path, Any], evaluate: tuple[str, Path, Any]) -> str | None:
+    """``"tokens A..B"`` when evaluation reads tokens of the same file that calibration draws from, else None.
+
+    Each side is ``(source, resolved path, DatasetOptions)``; calibration draws from ``[skip, skip + limit)``,
+    evaluation reads ``samples * seq_len`` tokens from its ``skip`` (at most ``limit``).  Shared by the
+    recipe check (a compile warning) and `ctc eval` (whose --data/--skip/--limit can point at calibration text)."""
+    (cs, pc, co), (es, pe, eo) = calibrate, evaluate
+    if cs != es or cs not in _FILE_SOURCES:
+        return None
     try:
         same = pc.samefile(pe)
     except OSError:
         same = pc.resolve() == pe.resolve()
-    if not same or (c.source == "jsonl" and c.options.get("field") != e.options.get("field")):
+    if not same or (cs == "jsonl" and co.field != eo.field):
+        return None
+    c_end = co.skip + co.limit if co.limit else math.inf
+    e_end = min(eo.skip + eo.limit if eo.limit else math.inf, eo.skip + eo.samples * eo.seq_len)
+    lo, hi = max(co.skip, eo.skip), min(c_end, e_end)
+    if lo >= hi:
+        return None
+    return f"tokens {lo}..{'end' if math.isinf(hi) else int(hi)}"
+
+
+SAME_TEXT_HINT = ("calibrate on the first N tokens and evaluate after them (`limit=N` on the calibrate line, "
+                  "`skip=N` on the evaluate line), or use another file")
+
+
+def _data_overlap(recipe: Recipe) -> list[Diagnostic]:
+    """A warning when calibration and evaluation read the same tokens of the same file: accuracy measured
+    on calibration text is optimistic.  Bundled sources are split into disjoint parts already."""
+    c, e = recipe.calibrate, recipe.evaluate
+    if c is None or e is None or not (c.path and e.path):
         return []
     try:
         co, eo = DatasetOptions.from_dict(c.options), DatasetOptions.from_dict(e.options)
     except _OPTION_ERRORS:
         return []
-    c_end = co.skip + co.limit if co.limit else math.inf
-    e_end = min(eo.skip + eo.limit if eo.limit else math.inf, eo.skip + eo.samples * eo.seq_len)
-    lo, hi = max(co.skip, eo.skip), min(c_end, e_end)
-    if lo >= hi:
+    pe = resolve_path(recipe, e.path)
+    what = same_text_tokens((c.source, resolve_path(recipe, c.path), co), (e.source, pe, eo))
+    if what is None:
         return []
-    what = f"tokens {lo}..{'end' if math.isinf(hi) else int(hi)}"
     return [Diagnostic(f"evaluation reads the same text as calibration ({pe}, {what}): accuracy measured on "
-                       "calibration text is optimistic", e.path_span, severity="warning",
-                       hint="calibrate on the first N tokens and evaluate after them (`limit=N` on the calibrate "
-                            "line, `skip=N` on the evaluate line), or use another file")]
+                       "calibration text is optimistic", e.path_span, severity="warning", hint=SAME_TEXT_HINT)]
 
 
 def check_recipe(recipe: Recipe) -> list[Diagnostic]:
