@@ -239,7 +239,9 @@ class Artifact:
     def tokenizer(self) -> Any:
         """The source model's tokenizer (transformers, loaded offline from the verified artifact files)."""
         if self.tokenizer_dir is None:
-            raise ArtifactError(self.path, "has no tokenizer (the model was not captured from a tokenized model)")
+            raise ArtifactError(self.path, "has no tokenizer (its model came without one), so text cannot be turned "
+                                           "into its inputs: give input tensors (`ctc run --input FILE.safetensors`), "
+                                           "or put the model's tokenizer files beside it and compile again")
         tdir = self.manifest.verify_dir(TOKENIZER_DIR) if self.manifest is not None else self.tokenizer_dir
         from transformers import AutoTokenizer
 

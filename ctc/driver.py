@@ -365,6 +365,15 @@ def text_inputs(module: Any, tokenizer: Any, texts: Sequence[str], seq_len: int 
 
 
 # --------------------------------------------------------------------------- data
+def _no_tokenizer_hint(recipe: Recipe) -> str | None:
+    """What a Hugging Face directory without a loadable tokenizer needs (None for other model kinds)."""
+    m = recipe.model
+    if m is None or m.kind != "hf":
+        return None
+    return (f"{resolve_path(recipe, m.ref)} holds no tokenizer that transformers can load offline: copy the model's "
+            "tokenizer files (tokenizer.json and tokenizer_config.json, or its vocabulary files) into it")
+
+
 def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel, max_samples: int | None = None
                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Model-input batches for a calibrate/evaluate statement (at most ``max_samples`` windows), and the
@@ -391,7 +400,8 @@ def dataset_batches(recipe: Recipe, ds: Dataset, loaded: LoadedModel, max_sample
         span = ds.path_span if ds.path is not None else ds.source_span
         from ctc.dsl.check import NO_TEXT_HINT
 
-        hint = None if loaded.tokenizer is not None else NO_TEXT_HINT if ds.role == "calibrate" else (
+        hint = None if loaded.tokenizer is not None else _no_tokenizer_hint(recipe) or (
+            NO_TEXT_HINT if ds.role == "calibrate" else
             "remove this line: without data, the targets are checked on synthetic inputs of the model's shapes")
         raise RecipeError(attach_source([Diagnostic(f"cannot read {ds.role} data: {e}", span, hint=hint)],
                                         recipe.source)) from e

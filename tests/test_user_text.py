@@ -117,3 +117,55 @@ def test_eval_warns_when_it_reads_calibration_text(project: Path, capsys: pytest
             assert "calibrated on (notes.txt, tokens" in res["warning"] and "--skip 300" in res["warning"]
     assert main(["eval", art, "--skip", "0", "-q", "--no-baseline"]) == EXIT_OK
     assert "warning: the evaluation windows read text the artifact was calibrated on" in capsys.readouterr().out
+
+
+def test_model_folder_without_tokenizer_says_what_to_add(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Hugging Face folder without tokenizer files and a `calibrate text` line got the hint 'a .pt2 model has no
+    tokenizer ... calibrate it from Python instead', and `ctc run --text` on its artifact said only 'has no
+    tokenizer'; both now say what to add or give instead."""
+    import shutil
+
+    bare = project / "bare"
+    bare.mkdir(exist_ok=True)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(project / "model" / f, bare / f)
+    (project / "bare.ctc").write_text('model hf "bare"\ncalibrate text "notes.txt" samples=2 seq_len=16\n'
+                                      "pipeline {\n    cse\n}\n")
+    assert main(["compile", str(project / "bare.ctc"), "--out", str(project / "bare_a"), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "bare holds no tokenizer" in err and "copy the model's tokenizer files" in err and ".pt2" not in err
+    (project / "bare.ctc").write_text('model hf "bare"\npipeline {\n    cse\n}\n')
+    assert main(["compile", str(project / "bare.ctc"), "--out", str(project / "bare_a"), "-q"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["run", str(project / "bare_a"), "--text", "hi", "-q"]) != EXIT_OK
+    assert "ctc run --input FILE.safetensors" in capsys.readouterr().err
+
+
+def test_text_files_users_have(tmp_path: Path) -> None:
+    """A UTF-8 file saved with a byte-order mark (Windows editors) was read with U+FEFF as its first character,
+    tokenized into the first window, and a .jsonl file with one failed as invalid JSON on line 1; a UTF-16 file
+    got 'not UTF-8 at byte 0; convert it with iconv -t utf-8' (which converts nothing without -f)."""
+    from ctc.eval.data import read_jsonl, read_text_file
+
+    p = tmp_path / "notes.txt"
+    p.write_bytes(b"\xef\xbb\xbfcaf\xc3\xa9 notes\r\nline two\n")
+    assert read_text_file(p) == "café notes\r\nline two\n"
+    j = tmp_path / "d.jsonl"
+    j.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    assert read_jsonl(j) == ["one", "two"]
+    for enc, name in (("utf-16", "UTF-16"), ("utf-32", "UTF-32")):
+        p.write_bytes("café notes".encode(enc))
+        with pytest.raises(ValueError, match=f"{name} text .*`iconv -f {enc} -t utf-8`"):
+            read_text_file(p)
+    p.write_bytes(b"\xef\xbb\xbfcaf\xe9")  # the byte offset counts the mark
+    with pytest.raises(ValueError, match="not UTF-8 text at byte 6; convert it with `iconv -f ENCODING -t utf-8`"):
+        read_text_file(p)
+
+
+def test_a_folder_given_as_data_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`calibrate text "corpus"` on a folder said 'data file not found', though the folder is right there."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "r.ctc").write_text('model bundled "minilm"\ncalibrate text "corpus" samples=2 seq_len=16\n')
+    assert main(["compile", str(tmp_path / "r.ctc"), "--check-only"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "corpus is a folder; text data is one file" in err and "not found" not in err, err
