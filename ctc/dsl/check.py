@@ -277,7 +277,10 @@ def _check_dataset(recipe: Recipe, d: Dataset) -> list[Diagnostic]:
             diags.append(Diagnostic(f"dataset {d.source} needs a file: `{d.role} {d.source} \"path\"`", d.source_span))
         else:
             p = resolve_path(recipe, d.path)
-            if not p.is_file():
+            if p.is_dir():
+                diags.append(Diagnostic(f"data path {p} is a folder; {d.source} data is one file", d.path_span,
+                                        hint="name a file in it (join several into one file, or into one .jsonl)"))
+            elif not p.is_file():
                 diags.append(Diagnostic(f"data file not found: {p}", d.path_span,
                                         hint="paths are relative to the recipe file's directory"))
         if d.source == "jsonl" and "field" not in d.options:

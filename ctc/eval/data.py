@@ -245,10 +245,20 @@ def read_text_file(path: str | Path) -> str:
 
 
 def _read_utf8(p: Path) -> str:
+    """A UTF-8 file's text, without a leading byte-order mark (it would be tokenized as text); a UTF-16/32 file
+    (its byte-order mark says so) or other bytes are a ValueError saying how to convert it."""
+    raw = p.read_bytes()
+    for bom, enc in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+                     (b"\xfe\xff", "utf-16")):
+        if raw.startswith(bom):
+            raise ValueError(f"{p}: {enc.upper()} text (it starts with a {enc.upper()} byte-order mark), not UTF-8; "
+                             f"convert it with `iconv -f {enc} -t utf-8`")
     try:
-        return p.read_text(encoding="utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text at byte {e.start}; convert it with `iconv -t utf-8`") from None
+        at = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        raise ValueError(f"{p}: not UTF-8 text at byte {at}; convert it with `iconv -f ENCODING -t utf-8` (e.g. "
+                         "ENCODING latin1 or cp1252)") from None
 
 
 def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
