@@ -507,3 +507,19 @@ def test_python_api_slips_are_pass_errors() -> None:
         Step(get_pass("cse")(), selector="*.mlp.*")
     with pytest.raises(PassError, match=r"takes a ctc IR Module, got Linear: capture the model first"):
         PassManager([Step(get_pass("cse")())]).run(torch.nn.Linear(2, 2))
+
+
+def test_calibration_of_the_wrong_shape_says_what_to_give() -> None:
+    """PassManager(calibration={'x': x}) (one batch) or [x] (bare tensors) failed in dict() with 'dictionary
+    update sequence element #0 has length 4; 2 is required'; a batch of the wrong size said 'dim 2 should be 2,
+    got 3' (the declared size, not the axis); a pass needing calibration told a Python caller to add a recipe
+    line."""
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(PassError, match=r"calibration: expected a list of batches.*got dict \(one batch: wrap it"):
+        PassManager([get_pass("cse")()], calibration={"x": x})
+    with pytest.raises(PassError, match=r"calibration\[0\]: expected a dict of input name -> tensor.*got Tensor"):
+        PassManager([get_pass("cse")()], calibration=[x])
+    with pytest.raises(PipelineError, match=r"axis 0 should be 2, got 3 \(shape \[3, 3, 8\], declared"):
+        PassManager([get_pass("cse")()], calibration=[{"x": torch.randn(3, 3, 8)}], progress=False).run(_model())
+    with pytest.raises(PipelineError, match=r"from Python, PassManager\(steps, calibration="):
+        PassManager([get_pass("quantize")({"a_bits": 8})], progress=False).run(_model())

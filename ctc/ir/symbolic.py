@@ -349,11 +349,13 @@ def bind_symbols(dims: tuple[Dim, ...], shape: tuple[int, ...], env: dict[str, i
             if d in env and env[d] != n:
                 raise SymbolicError(f"{where}symbol {d} bound to {env[d]} and {n}")
             env[d] = n
-    for d, n in zip(dims, shape, strict=True):
+    for axis, (d, n) in enumerate(zip(dims, shape, strict=True)):
         if isinstance(d, int) or not _NAME.match(d):
             try:
                 want = eval_dim(d, env)
             except SymbolicError:
                 continue
-            if want != n:
-                raise SymbolicError(f"{where}dim {d} should be {want}, got {n} (shape {list(shape)})")
+            if want != n:  # the axis by position ('dim 2 should be 2, got 3' named the size, not the axis)
+                what = f"axis {axis}" if isinstance(d, int) else f"axis {axis} ({d})"
+                raise SymbolicError(f"{where}{what} should be {want}, got {n} (shape {list(shape)}, declared "
+                                    f"{list(dims)})")

@@ -471,6 +471,23 @@ def _normalise_batches(batch: Any, what: str) -> list[Batch]:
                     f"or a list of batches, got {type(batch).__name__}")
 
 
+def _calibration_batches(calibration: Any) -> list[Batch]:
+    """``calibration`` as a list of ``{input name: tensor}`` batches; anything else is a PassError saying what to
+    give (one dict, or a list of bare tensors, failed in ``dict()`` with 'dictionary update sequence element #0
+    has length 4; 2 is required')."""
+    if calibration is None:
+        return []
+    shape = "a list of batches, each a dict of input name -> tensor: calibration=[{'x': x0}, {'x': x1}]"
+    if isinstance(calibration, Mapping) or not isinstance(calibration, (list, tuple)):
+        raise PassError(f"calibration: expected {shape}; got {type(calibration).__name__}"
+                        + (" (one batch: wrap it in a list)" if isinstance(calibration, Mapping) else ""))
+    for i, b in enumerate(calibration):
+        if not isinstance(b, Mapping) or not all(isinstance(k, str) for k in b):
+            raise PassError(f"calibration[{i}]: expected a dict of input name -> tensor ({shape}); got "
+                            f"{type(b).__name__}")
+    return [dict(b) for b in calibration]
+
+
 class PassManager:
     """Runs a pipeline of steps over a module, verifying, measuring and reporting each.
 
@@ -493,7 +510,7 @@ class PassManager:
                  progress: bool = True, instruments: Sequence[PassInstrument] = (), seed: int = 0,
                  strict_selectors: bool = True):
         self.steps = [_as_step(s, i) for i, s in enumerate(steps)]
-        self.calibration = [dict(b) for b in (calibration or [])]
+        self.calibration = _calibration_batches(calibration)
         fb = _normalise_batches(fidelity_batch, "fidelity_batch")
         if not fb and self.calibration:
             fb = [self.calibration[0]]
@@ -638,7 +655,8 @@ class PassManager:
             raise self._fail(f"has selector {step.selector.describe()} which matches no node of the module "
                              f"(blocks present: {module.blocks()})", step, i, names, report, None)
         if p.calibration_needed() and not ctx.calibration:
-            raise self._fail("needs calibration data, but the pipeline has none (add a `calibrate` line)",
+            raise self._fail("needs calibration data, but the pipeline has none (add a `calibrate` line; from "
+                             "Python, PassManager(steps, calibration=[{input_name: tensor}, ...]))",
                              step, i, names, report, None)
         ctx.selector = step.selector
         ctx.calibration = _step_batches(module, self.calibration)
