@@ -41,11 +41,32 @@ class CGenError(Exception):
     """A TIR construct or Relax binding the HLS C printer does not handle (names it)."""
 
 
+def _unique_param_names(mod: Any) -> Any:
+    """``mod`` with each PrimFunc's buffer parameters named apart.
+
+    Relax's ``emit_te`` names a placeholder after its operand, so ``x * x`` (GPT-2's ``pow(x, 3)``) gives a
+    kernel ``multiply(lv57, lv57, out)``, which the block builder reuses for ``y * x``.  The printer matches
+    parameters by name after flattening (see :func:`root_name`), so it would read one operand twice; TVMScript
+    prints the names apart (``lv57``, ``lv57_1``) and parses back the same function under them."""
+    import tvm
+
+    out, renamed = {}, False
+    for gv, f in mod.functions.items():
+        names = [str(p.name) for p in getattr(f, "params", ())]
+        if type(f).__name__ == "PrimFunc" and len(set(names)) != len(names):
+            f, renamed = tvm.script.from_source(f.script()), True
+            if len({str(p.name) for p in f.params}) != len(names):
+                raise CGenError(f"kernel {gv.name_hint}: parameters {names} share names that TVMScript keeps")
+        out[gv] = f
+    return tvm.IRModule(out, attrs=mod.attrs) if renamed else mod
+
+
 def lower_tir(mod: Any) -> Any:
     """TVM's TIR lowering up to flat buffers (no vectorization, unrolling or packed API)."""
     import tvm
     from tvm import s_tir, tirx
 
+    mod = _unique_param_names(mod)
     passes = tvm.transform.Sequential([
         s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
         s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
@@ -319,6 +340,8 @@ def c_kernel(name: str, func: Any) -> tuple[str, str]:
         cname = "".join(c if c.isalnum() else "_" for c in str(p.name))
         while cname in names.values():
             cname += "_"
+        if root_name(p) in names:  # the body names parameters by name: two of one name would read one of them
+            raise CGenError(f"kernel {name}: two parameters are named {root_name(p)!r} (lower it with lower_tir)")
         names[root_name(p)] = cname
         params.append((ctype(ty.dtype), cname))
     pr = _Printer(names)

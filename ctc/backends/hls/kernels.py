@@ -22,6 +22,7 @@ import numpy as np
 from ctc.backends.hls import exact as E
 from ctc.backends.hls.qlinear import QLinearShape, Tiling, default_tiling, prepack, qlinear_primfunc
 from ctc.ir.graph import Module, Node
+from ctc.ir.symbolic import eval_dim
 
 __all__ = ["hls_kernels", "qlinear_layers"]
 
@@ -274,11 +275,8 @@ def _sdpa(ctx: Any, node: Node, a: Any) -> Any:
 
 # --------------------------------------------------------------------------- quant_linear
 def _static(d: Any, static_dims: Mapping[str, int]) -> int:
-    if isinstance(d, int):
-        return d
-    if d in static_dims:
-        return int(static_dims[d])
-    raise ValueError(f"dim {d!r} is not static")
+    """A dim's value with the design's symbols bound; expressions too (GPT-2's Conv1D rows are ``batch*seq``)."""
+    return eval_dim(d, dict(static_dims))  # a SymbolicError (a ValueError) names an unbound symbol
 
 
 def qlinear_layers(module: Module, static_dims: Mapping[str, int]) -> dict[str, QLinearShape]:
