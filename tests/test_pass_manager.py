@@ -17,6 +17,7 @@ from strategies import module_and_inputs
 
 from ctc.dsl.ast import Span
 from ctc.ir import Module, TensorType, interpret
+from ctc.ir.graph import IRError
 from ctc.ir.text import parse, print_module, structural_diff
 from ctc.options import option
 from ctc.passes.analyses import CalibrationStats
@@ -523,3 +524,12 @@ def test_calibration_of_the_wrong_shape_says_what_to_give() -> None:
         PassManager([get_pass("cse")()], calibration=[{"x": torch.randn(3, 3, 8)}], progress=False).run(_model())
     with pytest.raises(PipelineError, match=r"from Python, PassManager\(steps, calibration="):
         PassManager([get_pass("quantize")({"a_bits": 8})], progress=False).run(_model())
+
+
+def test_interpret_names_an_input_of_the_wrong_kind() -> None:
+    """interpret(m, {'x': token ids}) on a float input failed inside the first linear ('expected m1 and m2 to have
+    the same dtype, but got: long int != float'), and a list failed with AttributeError: 'list' has no 'shape'."""
+    with pytest.raises(IRError, match=r"input %x is f32, got a torch.int64 tensor: convert it \(x.float\(\)\)"):
+        interpret(_model(), {"x": torch.ones(2, 3, 8, dtype=torch.long)})
+    with pytest.raises(IRError, match=r"input %x: expected a torch.Tensor, got list"):
+        interpret(_model(), {"x": [[[0.0] * 8] * 3] * 2})

@@ -20,6 +20,7 @@ import torch
 from ctc.ir.graph import IRError, Module, Node, Value
 from ctc.ir.ops import get_op
 from ctc.ir.symbolic import bind_symbols, eval_dim
+from ctc.ir.types import FLOAT_DTYPES
 
 Observer = Callable[[Node, list[torch.Tensor], list[torch.Tensor]], None]
 
@@ -73,6 +74,11 @@ def bind_inputs(module: Module, inputs: Sequence[torch.Tensor] | Mapping[str, to
             raise IRError(f"module takes {len(module.inputs)} inputs, got {len(ordered)}")
     env: dict[str, int] = {}
     for v, t in zip(module.inputs, ordered, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise IRError(f"input %{v.name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.is_floating_point() != (v.type.dtype in FLOAT_DTYPES):  # e.g. token ids as floats: ops fail deep inside
+            raise IRError(f"input %{v.name} is {v.type.dtype}, got a {t.dtype} tensor: convert it "
+                          f"({'x.float()' if v.type.dtype in FLOAT_DTYPES else 'x.long()'}) if that is meant")
         bind_symbols(v.type.shape, tuple(t.shape), env, where=f"input %{v.name}: ")
     return ordered, env
 
