@@ -479,24 +479,41 @@ def _perplexity(batches: list[dict[str, Any]], outs: list[list[Any]], descriptio
     return batches_perplexity(lambda ids, mask: served[id(ids)], batches, description=description)
 
 
+def _module_perplexity(module: Any, batches: list[dict[str, Any]], progress: Progress, description: str) -> Any:
+    """Perplexity of ``module``'s logits (first output, reference interpreter) over the evaluation windows, one
+    batch's logits alive at a time."""
+    from ctc.eval.perplexity import PerplexityTotals
+    from ctc.frontends.decode import step_inputs
+    from ctc.ir.interpreter import interpret
+
+    totals = PerplexityTotals()
+    for k, b in enumerate(batches):
+        totals.add(interpret(module, step_inputs(module, b))[0], b)
+        progress.update("evaluate", k + 1, len(batches))
+    return totals.result(description)
+
+
 def _compare(batches: list[dict[str, Any]], ref: list[list[Any]], got: list[list[Any]], logits: bool) -> Any:
     """ctc.eval.fidelity metrics of the first output over all windows (real tokens only)."""
+    from ctc.eval.fidelity import FidelityTotals
+
+    totals = FidelityTotals(logits=logits)
+    for b, r, c in zip(batches, ref, got, strict=True):
+        _compare_batch(totals, b, r[0], c[0])
+    return totals.result()
+
+
+def _compare_batch(totals: Any, batch: Mapping[str, Any], r0: Any, c0: Any) -> None:
+    """Add one window batch's first outputs to ``totals`` (a FidelityTotals; real tokens only)."""
     import torch
 
-    from ctc.eval.fidelity import compare_outputs
-
-    rs, cs, ms = [], [], []
-    for b, r, c in zip(batches, ref, got, strict=True):
-        r0, c0 = r[0], c[0]
-        if tuple(r0.shape) != tuple(c0.shape):
-            raise RuntimeError(f"the compressed model's output has shape {tuple(c0.shape)}, the original's "
-                               f"{tuple(r0.shape)}")
-        m = b.get("attention_mask")
-        rs.append(r0.reshape(-1, r0.shape[-1]))
-        cs.append(c0.reshape(-1, c0.shape[-1]))
-        use = m is not None and r0.dim() >= 3 and tuple(m.shape) == tuple(r0.shape[:-1])
-        ms.append(m.reshape(-1) if use else torch.ones(rs[-1].shape[0], dtype=torch.long))
-    return compare_outputs(torch.cat(rs), torch.cat(cs), logits=logits, mask=torch.cat(ms))
+    if tuple(r0.shape) != tuple(c0.shape):
+        raise RuntimeError(f"the compressed model's output has shape {tuple(c0.shape)}, the original's "
+                           f"{tuple(r0.shape)}")
+    m = batch.get("attention_mask")
+    r, c = r0.reshape(-1, r0.shape[-1]), c0.reshape(-1, c0.shape[-1])
+    use = m is not None and r0.dim() >= 3 and tuple(m.shape) == tuple(r0.shape[:-1])
+    totals.add(r, c, m.reshape(-1) if use else torch.ones(r.shape[0], dtype=torch.long))
 
 
 def measure(original: Any, compressed: Any, loaded: LoadedModel, eval_batches: list[dict[str, Any]],
@@ -512,14 +529,27 @@ def measure(original: Any, compressed: Any, loaded: LoadedModel, eval_batches: l
     out["param_bytes"] = {"original": a["bytes"], "compressed": b["bytes"], "ratio": b["bytes"] / max(1, a["bytes"])}
     lm = loaded.task == TASK_CAUSAL_LM
     if eval_batches and metrics & {"fidelity", "max_error", "ppl", "ppl_increase", "kl"}:
-        ref = _outputs(original, eval_batches, "run original", progress)
-        got = _outputs(compressed, eval_batches, "run compressed", progress)
-        fid = _compare(eval_batches, ref, got, logits=lm)
+        from ctc.eval.fidelity import FidelityTotals
+        from ctc.eval.perplexity import PerplexityTotals
+        from ctc.frontends.decode import step_inputs
+        from ctc.ir.interpreter import interpret
+
+        # window by window, keeping sums only: every window's logits at once outgrew memory (samples x seq_len x
+        # vocabulary floats per model)
+        totals, ppl0, ppl1 = FidelityTotals(logits=lm), PerplexityTotals(), PerplexityTotals()
+        for k, b in enumerate(eval_batches):
+            r0 = interpret(original, step_inputs(original, b))[0]
+            c0 = interpret(compressed, step_inputs(compressed, b))[0]
+            _compare_batch(totals, b, r0, c0)
+            if lm:
+                ppl0.add(r0, b)
+                ppl1.add(c0, b)
+            progress.update("run original and compressed", k + 1, len(eval_batches))
+        fid = totals.result()
         out["fidelity"] = {"original": 1.0, "compressed": fid.cosine, "rel_error": fid.rel_error, "rows": fid.rows}
         out["max_error"] = {"original": 0.0, "compressed": fid.max_abs_error}
         if lm:
-            p0 = _perplexity(eval_batches, ref, description)
-            p1 = _perplexity(eval_batches, got, description)
+            p0, p1 = ppl0.result(description), ppl1.result(description)
             out["ppl"] = {"original": p0.ppl, "compressed": p1.ppl, "ratio": p1.ppl / p0.ppl,
                           "protocol": p0.protocol}
             out["ppl_increase"] = {"original": 0.0, "compressed": p1.ppl - p0.ppl,

@@ -193,7 +193,7 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
                       skip: int | None = None, limit: int | None = None, progress: bool = True, human: bool = False,
                       docs: int | None = None, target: str | None = None, baseline: bool = True) -> dict[str, Any]:
     """Measure ``art`` (a loaded artifact) on evaluation text, next to its original model (``baseline``)."""
-    from ctc.driver import Progress, _outputs, _perplexity, measure
+    from ctc.driver import Progress, _module_perplexity, measure
     from ctc.eval.data import protocol_line
 
     bar = Progress(progress)
@@ -250,8 +250,7 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
                        protocol=m["ppl"]["protocol"])
     elif task == TASK_CAUSAL_LM:
         with bar.stage("measure (artifact)"):
-            outs = _outputs(art.module, batches, "evaluate", bar)
-        p = _perplexity(batches, outs, protocol_line(proto))
+            p = _module_perplexity(art.module, batches, bar, protocol_line(proto))
         res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
     elif not human:
         raise UsageError(f"nothing to measure: the original model is {why.removeprefix('unavailable: ')}, so "

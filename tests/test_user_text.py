@@ -169,3 +169,50 @@ def test_a_folder_given_as_data_is_named_as_such(tmp_path: Path, capsys: pytest.
     assert main(["compile", str(tmp_path / "r.ctc"), "--check-only"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "corpus is a folder; text data is one file" in err and "not found" not in err, err
+
+
+def test_measure_holds_one_window_of_logits_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate text "my.txt" samples=100000` on a tiny Llama (201 windows of 32 tokens, vocabulary 49152) was
+    killed for memory in 'measure': every window's logits of both models were kept and compared as one float64
+    tensor (23 GB). The metrics now add up window by window, equal to comparing the concatenation."""
+    import weakref
+    from types import SimpleNamespace
+
+    import ctc.ir.interpreter
+    from ctc.driver import Progress, measure
+    from ctc.eval.fidelity import compare_outputs
+    from ctc.eval.perplexity import batches_perplexity
+
+    g = torch.Generator().manual_seed(0)
+    live: list[weakref.ref[torch.Tensor]] = []
+    kept: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    peak = 0
+
+    def interpret(module: SimpleNamespace, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        nonlocal peak
+        out = torch.randn(2, 6, 40, generator=g) * module.scale
+        kept[module.name].append(out.clone())
+        live.append(weakref.ref(out))
+        peak = max(peak, sum(r() is not None for r in live))
+        return [out]
+
+    monkeypatch.setattr(ctc.ir.interpreter, "interpret", interpret)
+
+    def module(name: str, scale: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, scale=scale, nodes=[], param_count=lambda: 10, param_bytes=lambda: 40)
+
+    batches = [{"input_ids": torch.randint(0, 40, (2, 6), generator=g),
+                "attention_mask": torch.tensor([[1] * 6, [1] * (6 - k % 3) + [0] * (k % 3)])} for k in range(15)]
+    m = measure(module("a", 1.0), module("b", 1.3), SimpleNamespace(task="causal_lm"), batches,
+                {"fidelity", "max_error", "ppl", "kl"}, Progress(False))
+    assert peak <= 3  # one window of each model and the next being made; the old code kept all 30
+    ref, cand = torch.cat(kept["a"]), torch.cat(kept["b"])
+    whole = compare_outputs(ref, cand, logits=True, mask=torch.cat([b["attention_mask"] for b in batches]))
+    assert m["fidelity"]["compressed"] == pytest.approx(whole.cosine, rel=1e-12)
+    assert m["fidelity"]["rows"] == whole.rows == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert m["fidelity"]["rel_error"] == pytest.approx(whole.rel_error, rel=1e-12)
+    assert m["max_error"]["compressed"] == whole.max_abs_error
+    assert m["kl"]["compressed"] == pytest.approx(whole.kl, rel=1e-12)
+    served = iter(kept["b"])
+    ppl = batches_perplexity(lambda ids, mask: next(served), batches)
+    assert m["ppl"]["compressed"] == pytest.approx(ppl.ppl, rel=1e-12) and ppl.windows == 30

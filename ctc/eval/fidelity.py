@@ -26,6 +26,7 @@ __all__ = [
     "max_abs_error",
     "relative_error",
     "compare_outputs",
+    "FidelityTotals",
     "mean_pool",
     "sentence_embeddings",
     "torch_hidden_fn",
@@ -118,6 +119,46 @@ def compare_outputs(ref: torch.Tensor, cand: torch.Tensor, *, logits: bool = Fal
     rows = int(_rows(a, mask).shape[0])
     return FidelityResult(cosine=cosine_rows(a, b, mask), max_abs_error=max_abs_error(a, b),
                           rel_error=relative_error(a, b), kl=kl_logits(a, b, mask) if logits else None, rows=rows)
+
+
+class FidelityTotals:
+    """:func:`compare_outputs` over many output pairs, added one pair at a time.
+
+    Why: comparing the concatenation of every evaluation window's logits held them all at once, in float64
+    (windows x seq_len x vocabulary x 8 bytes per copy, several copies): a few hundred windows of a 49k-token
+    vocabulary took 20+ GB.  The metrics are sums and maxima over rows, so they add up window by window and
+    give exactly what comparing the concatenation gives."""
+
+    def __init__(self, *, logits: bool = False) -> None:
+        self.logits = logits
+        self.rows = 0
+        self._cos = 0.0
+        self._kl = 0.0
+        self._max = 0.0
+        self._diff_sq = 0.0
+        self._ref_sq = 0.0
+
+    def add(self, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """One output pair (``mask``: its leading dims, nonzero on the rows cosine/KL count)."""
+        a, b = _pair(ref, cand, "compare_outputs")
+        ra, rb = _rows(a, mask), _rows(b, mask)
+        if ra.shape[0]:
+            self._cos += cosine_rows(ra, rb) * ra.shape[0]
+            if self.logits:
+                self._kl += kl_logits(ra, rb) * ra.shape[0]
+        self.rows += int(ra.shape[0])
+        self._max = max(self._max, max_abs_error(a, b))
+        self._diff_sq += float((a - b).square().sum())
+        self._ref_sq += float(a.square().sum())
+
+    def result(self) -> FidelityResult:
+        """The metrics over every pair added (a ValueError when the masks selected no rows)."""
+        if self.rows == 0:
+            raise ValueError("compare_outputs: the masks select no rows")
+        num, den = math.sqrt(self._diff_sq), math.sqrt(self._ref_sq)
+        rel = (0.0 if num == 0.0 else math.inf) if den == 0.0 else num / den
+        return FidelityResult(cosine=self._cos / self.rows, max_abs_error=self._max, rel_error=rel,
+                              kl=self._kl / self.rows if self.logits else None, rows=self.rows)
 
 
 # --------------------------------------------------------------------------- sentence embeddings

@@ -28,6 +28,7 @@ __all__ = [
     "sliding_window_perplexity",
     "text_perplexity",
     "batches_perplexity",
+    "PerplexityTotals",
     "scored_nll",
     "torch_logits_fn",
     "module_logits_fn",
@@ -177,32 +178,50 @@ def batches_perplexity(logits_fn: LogitsFn, batches: Sequence[Mapping[str, torch
     """
     if not batches:
         raise ValueError("perplexity: no batches to evaluate")
-    t0 = time.perf_counter()
-    nll_sum, count, rows, width = 0.0, 0, 0, 0
+    totals = PerplexityTotals()
     with torch.no_grad():
         for k, b in enumerate(batches):
-            ids = b["input_ids"]
             mask = b.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask
-            logits = _as_logits(logits_fn(ids, mask), "perplexity")
-            if tuple(logits.shape[:2]) != tuple(ids.shape):
-                raise ValueError(f"perplexity: logits shape {tuple(logits.shape)} does not match inputs "
-                                 f"{tuple(ids.shape)}")
-            total, n = scored_nll(logits, ids, mask)
-            nll_sum += total
-            count += n
-            rows += ids.shape[0]
-            width = max(width, ids.shape[1])
+            totals.add(logits_fn(b["input_ids"], torch.ones_like(b["input_ids"]) if mask is None else mask), b)
             if progress is not None:
                 progress(k + 1, len(batches))
-    if count == 0:
-        raise ValueError("perplexity: the batches hold no scorable tokens")
-    nll_mean = nll_sum / count
-    proto = (f"{description + '; ' if description else ''}{rows} independent windows of up to {width} tokens, "
-             f"{count} tokens scored (all but each window's first)")
-    return PerplexityResult(ppl=math.exp(nll_mean), nll=nll_mean, n_tokens=count, windows=rows, max_length=width,
-                            stride=width, text_tokens=int(sum(int(b["input_ids"].numel()) for b in batches)),
-                            seconds=time.perf_counter() - t0, protocol=proto)
+    return totals.result(description)
+
+
+class PerplexityTotals:
+    """:func:`batches_perplexity` fed one window batch's logits at a time (a caller that computes each batch's
+    logits for other metrics too scores them and lets them go, instead of keeping every batch's)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.nll_sum, self.count, self.rows, self.width, self.text_tokens = 0.0, 0, 0, 0, 0
+
+    def add(self, logits: Any, batch: Mapping[str, torch.Tensor]) -> None:
+        """Score one batch (``input_ids`` ``[B, L]``, optional ``attention_mask``) from its logits ``[B, L, V]``."""
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        logits = _as_logits(logits, "perplexity")
+        if tuple(logits.shape[:2]) != tuple(ids.shape):
+            raise ValueError(f"perplexity: logits shape {tuple(logits.shape)} does not match inputs "
+                             f"{tuple(ids.shape)}")
+        total, n = scored_nll(logits, ids, mask)
+        self.nll_sum += total
+        self.count += n
+        self.rows += ids.shape[0]
+        self.width = max(self.width, ids.shape[1])
+        self.text_tokens += int(ids.numel())
+
+    def result(self, description: str = "") -> PerplexityResult:
+        """Perplexity over every batch added."""
+        if self.count == 0:
+            raise ValueError("perplexity: the batches hold no scorable tokens")
+        nll_mean = self.nll_sum / self.count
+        proto = (f"{description + '; ' if description else ''}{self.rows} independent windows of up to {self.width} "
+                 f"tokens, {self.count} tokens scored (all but each window's first)")
+        return PerplexityResult(ppl=math.exp(nll_mean), nll=nll_mean, n_tokens=self.count, windows=self.rows,
+                                max_length=self.width, stride=self.width, text_tokens=self.text_tokens,
+                                seconds=time.perf_counter() - self.t0, protocol=proto)
 
 
 def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:
