@@ -43,3 +43,19 @@ def test_gpt2_w8a8_builds_for_the_fpga_bit_exactly(tmp_path: Path) -> None:
                                                     "tune": False}))
     s = build_target(q, t, tmp_path / "fpga", example_inputs=cal[0])
     assert s["csim"]["bit_exact"] is True
+
+
+def test_fpga_refusal_of_a_length_dependent_rotary_table_does_not_advise_constant_fold(tmp_path: Path) -> None:
+    """A Llama/Qwen captured for any length computes its rotary table from ``arange(seq)``: the refusal said
+    `constant-fold` makes such ops disappear, which a user then tried in vain (the shapes are symbolic)."""
+    from ctc.backends.tvm.lower import LoweringError
+
+    m = capture_hf_model(tiny_hf("llama", layers=1), seq_len=8)
+    cal = [hf_inputs(1, 8)]
+    q = get_pass("quantize")({"w_bits": 8, "a_bits": 8}).run(m, PassContext(calibration=cal))
+    q = get_pass("constant-fold")({}).run(q, PassContext())
+    t = TargetConfig("fpga", FpgaOptions.from_dict({"tuning_dir": str(tmp_path / "db"), "seq_len": 8,
+                                                    "tune": False, "csim": False}))
+    with pytest.raises(LoweringError, match=r"(?s)cos .*sin .*depend on seq, so `constant-fold` cannot") as e:
+        build_target(q, t, tmp_path / "fpga", example_inputs=cal[0])
+    assert "disappear with the `constant-fold` pass" not in str(e.value)

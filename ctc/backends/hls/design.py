@@ -73,9 +73,14 @@ def lower_design(module: Module, static_dims: Mapping[str, int], plan: Mapping[s
     missing = unsupported_ops(module)
     if missing:
         lines = "\n".join(f"  - {op} (at {', '.join(sorted(set(w))[:3])})" for op, w in sorted(missing.items()))
+        symbolic = sorted({str(d) for n in module.nodes if n.op in missing for v in n.outputs
+                           for d in v.type.shape if not isinstance(d, int)})
+        hint = ("ops computed only from constants, such as rotary tables, disappear with the `constant-fold` pass"
+                if not symbolic else
+                f"their shapes depend on {', '.join(symbolic)}, so `constant-fold` cannot compute them ahead of "
+                "time: a rotary table of a model captured for any length is not buildable for this target")
         raise LoweringError(f"the fpga target has no integer-model kernel for {len(missing)} op(s) of module "
-                            f"{module.name}:\n{lines}\n(ops computed only from constants, such as rotary tables, "
-                            "disappear with the `constant-fold` pass; docs/fpga-backend.md lists what compiles)")
+                            f"{module.name}:\n{lines}\n({hint}; docs/fpga-backend.md lists what compiles)")
     record: dict[str, tuple[str, QLinearShape, Tiling]] = {}
     low = lower(module, params="const", static_dims=static_dims, kernels=hls_kernels(plan, static_dims, record),
                 fast_math=False, use_int_kernels=False)
