@@ -774,6 +774,7 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
         with progress.stage("evaluation data"):
             evalb, protocol["evaluate"] = dataset_batches(recipe, recipe.evaluate, loaded, opts.max_samples)
 
+    warnings = [*warnings, *_data_warnings(recipe, protocol, progress)]
     seed = int(recipe.calibrate.options.get("seed", 0)) if recipe.calibrate else 0
     with progress.stage(f"pipeline ({len(recipe.pipeline)} steps)"):
         results = run_pipeline_all(original, recipe, calib, seed, progress)
@@ -788,6 +789,23 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
     main = out[0]
     main.variants = out[1:]
     return main
+
+
+def _data_warnings(recipe: Recipe, protocol: Mapping[str, Any], progress: Progress) -> list[Diagnostic]:
+    """The data's warnings (windows the text could not fill, text the tokenizer cannot read) at their recipe lines,
+    shown as the recipe's warnings are (even with --quiet) and kept in the report with them."""
+    out = []
+    for ds in (recipe.calibrate, recipe.evaluate):
+        if ds is None:
+            continue
+        span = ds.path_span if ds.path is not None else ds.source_span
+        found = [Diagnostic(f"{ds.role}: {w}", span, severity="warning")
+                 for w in protocol.get(ds.role, {}).get("warnings", [])]
+        for d in attach_source(found, recipe.source):
+            progress.close_bar()
+            print(d.format(), file=sys.stderr, flush=True)
+            out.append(d)
+    return out
 
 
 def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, original: Any, module: Any,

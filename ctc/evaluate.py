@@ -160,7 +160,7 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read evaluation data: {e}") from e
     if same is not None:
-        proto["warning"] = same
+        proto["warnings"] = [*proto.get("warnings", []), same]
     return batches, proto, recipe
 
 
@@ -225,8 +225,8 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     res: dict[str, Any] = {"task": task, "data": proto["text"], "windows": proto["windows"], "seq_len": length}
     if proto.get("token_range"):
         res["token_range"] = proto["token_range"]
-    if proto.get("warning"):
-        res["warning"] = proto["warning"]
+    if proto.get("warnings"):
+        res["warnings"] = proto["warnings"]
     original, why = _original(recipe, bar) if baseline else (None, "not requested (--no-baseline)")
     res["baseline"] = why
     if task == TASK_DECODE_STEP:  # each window's prefix goes into the caches through the original's eager model
@@ -294,6 +294,5 @@ def format_result(res: dict[str, Any]) -> str:
         lines.append(f"{'human sim.':>16}: Pearson {h['pearson']} / Spearman {h['spearman']}{extra}")
     if res.get("protocol"):
         lines.append(f"{'protocol':>16}: {res['protocol']}")
-    if res.get("warning"):
-        lines.append(f"{'warning':>16}: {res['warning']}")
+    lines.extend(f"{'warning':>16}: {w}" for w in res.get("warnings", []))
     return "\n".join(lines)

@@ -112,9 +112,10 @@ def test_eval_warns_when_it_reads_calibration_text(project: Path, capsys: pytest
                           (["--skip", "280"], True), (["--data", "text:model/config.json", "--seq-len", "8"], False)):
         assert main(["eval", art, "--json", "-q", "--no-baseline", *flags]) == EXIT_OK, flags
         res = json.loads(capsys.readouterr().out)
-        assert ("warning" in res) == warned, (flags, res.get("warning"))
+        assert ("warnings" in res) == warned, (flags, res.get("warnings"))
         if warned:
-            assert "calibrated on (notes.txt, tokens" in res["warning"] and "--skip 300" in res["warning"]
+            assert len(res["warnings"]) == 1 and "calibrated on (notes.txt, tokens" in res["warnings"][0]
+            assert "--skip 300" in res["warnings"][0]
     assert main(["eval", art, "--skip", "0", "-q", "--no-baseline"]) == EXIT_OK
     assert "warning: the evaluation windows read text the artifact was calibrated on" in capsys.readouterr().out
 
@@ -216,3 +217,43 @@ def test_measure_holds_one_window_of_logits_at_a_time(monkeypatch: pytest.Monkey
     served = iter(kept["b"])
     ppl = batches_perplexity(lambda ids, mask: next(served), batches)
     assert m["ppl"]["compressed"] == pytest.approx(ppl.ppl, rel=1e-12) and ppl.windows == 30
+
+
+def test_windows_the_text_cannot_fill_or_the_tokenizer_cannot_read_are_warned(
+        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluate text "notes.txt" samples=500` on a text of a few windows measured on those few without a word
+    (only the protocol's window count told), and emoji text under MiniLM's WordPiece tokenizer calibrated on
+    94% '[UNK]' tokens silently; both are now warnings at the recipe line, kept in the report (and in ctc eval's
+    result)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from ctc.bundled import bundled_model_dir
+    from ctc.eval.data import model_batches
+
+    tok = AutoTokenizer.from_pretrained(str(bundled_model_dir("minilm")), local_files_only=True)
+    emoji = tmp_path / "emoji.txt"
+    emoji.write_text("\U0001f600\U0001f389 " * 300 + "the end")
+    common = {"field": None, "tokenizer": tok, "input_names": ["input_ids"], "seed": 0}
+    _, proto = model_batches(source="text", path=emoji, split="calibration", samples=2, seq_len=16, **common)
+    assert len(proto["warnings"]) == 1 and "unknown token '[UNK]'" in proto["warnings"][0]
+    _, proto = model_batches(source="text", path=project / "notes.txt", split="evaluation", samples=1000,
+                             seq_len=16, **common)
+    assert proto["warnings"] == [f"samples=1000 asked for more windows than the text holds: measured on the "
+                                 f"{proto['windows']} consecutive windows of 16 tokens it has"]
+    _, proto = model_batches(source="text", path=project / "notes.txt", split="evaluation", samples=3,
+                             seq_len=16, **common)
+    assert "warnings" not in proto
+
+    (project / "many.ctc").write_text('model hf "model"\ncalibrate text "notes.txt" samples=2 seq_len=16 limit=300\n'
+                                      'evaluate text "notes.txt" samples=1000 seq_len=64 skip=300\n'
+                                      "pipeline {\n    cse\n}\n")
+    art = project / "many_art"
+    assert main(["compile", str(project / "many.ctc"), "--out", str(art), "-q"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "many.ctc:3:15: warning: evaluate: samples=1000 asked for more windows than the text holds" in err, err
+    report = json.loads((art / "report.json").read_text())
+    assert any("samples=1000 asked" in w for w in report["warnings"])
+    assert main(["eval", str(art), "--json", "-q", "--no-baseline"]) == EXIT_OK
+    assert any("samples=1000 asked" in w for w in json.loads(capsys.readouterr().out)["warnings"])

@@ -515,6 +515,7 @@ def model_batches(*, source: str, path: str | Path | None, field: str | None, sp
     else:
         wins = evaluation_windows(tokenizer, source, samples, seq_len, split=split, path=path, field=field,
                                   cache_dir=cache_dir, skip=skip, limit=limit)
+    warnings = _data_warnings(tokenizer, wins, split, samples, seq_len)
     batches = []
     for k in range(0, len(wins), batch_size):
         group = [model_inputs(w, input_names) for w in wins[k:k + batch_size]]
@@ -530,4 +531,28 @@ def model_batches(*, source: str, path: str | Path | None, field: str | None, sp
     }
     if skip or limit:
         protocol["token_range"] = f"tokens {skip}..{skip + limit if limit else 'end'} of the text"
+    if warnings:
+        protocol["warnings"] = warnings
     return batches, protocol
+
+
+UNKNOWN_TOKEN_WARN = 0.05  # share of unknown-token ids above which the windows are said to be mostly unreadable
+
+
+def _data_warnings(tokenizer: Any, wins: Sequence[Mapping[str, torch.Tensor]], split: str, samples: int,
+                   seq_len: int) -> list[str]:
+    """What a user should know about windows made from their text: fewer evaluation windows than ``samples`` asked
+    for (the text ran out), and a text the tokenizer mostly cannot represent (its unknown token)."""
+    out = []
+    if split == "evaluation" and len(wins) < samples:
+        out.append(f"samples={samples} asked for more windows than the text holds: measured on the {len(wins)} "
+                   f"consecutive windows of {seq_len} tokens it has")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(unk, int) and wins:
+        ids = torch.cat([w["input_ids"].reshape(-1) for w in wins])
+        share = float((ids == unk).float().mean())
+        if share > UNKNOWN_TOKEN_WARN:
+            out.append(f"{share:.0%} of the {split} tokens are the tokenizer's unknown token "
+                       f"{getattr(tokenizer, 'unk_token', unk)!r} (words longer than its limit, characters it lacks): "
+                       "numbers measured on such text say little about real text")
+    return out
