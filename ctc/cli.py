@@ -378,6 +378,16 @@ def _generate(art: Any, args: argparse.Namespace) -> int:
         raise UsageError(f"--text {args.text!r} gives no tokens, and generation continues a prompt of at least one "
                          "token: give some text")
     eos = None if args.ignore_eos else _eos_ids(tok)
+    cache = int(art.module.meta.get("decode", {}).get("max_len", 0))
+    need = prompt.shape[-1] + args.generate - 1
+    if cache and need > cache:
+        room, fits = cache - prompt.shape[-1] + 1, cache - args.generate + 1
+        fix = [f"--generate {room} or less" if room >= 1 else "",
+               f"a prompt of at most {fits} tokens" if fits >= 1 else ""]
+        raise UsageError(f"the prompt is {prompt.shape[-1]} tokens and --generate {args.generate} needs {need} cache "
+                         f"positions in all, but this decode step holds {cache} (decode={cache} in its recipe): "
+                         f"use {', '.join(f for f in fix if f) or 'fewer tokens'}, or compile the model with a "
+                         "larger decode=LEN")
     specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
     if args.target is not None:
         step = art.runner(args.target)

@@ -114,7 +114,7 @@ def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     total = prompt_ids.shape[1] + max_new_tokens - 1
     if total > max_len:
         raise ValueError(f"greedy_generate: prompt ({prompt_ids.shape[1]}) + {max_new_tokens} new tokens need "
-                         f"{total + 1} cache positions; this step holds {max_len}")
+                         f"{total} cache positions (the last new token is not fed back); this step holds {max_len}")
     if cuda_graph and not hasattr(step, "call_device"):
         raise ValueError("greedy_generate: cuda_graph needs a compiled CUDA library")
     write, run, sync = _stepper(step, prompt_ids, caches, cuda_graph)

@@ -91,6 +91,16 @@ def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, 
     assert "gives no tokens" in capsys.readouterr().err
     assert main(["run", str(decoder), "--text", "Hi", "--ignore-eos", "-q"]) == EXIT_USAGE
     assert "--ignore-eos applies to --generate" in capsys.readouterr().err
+    # a prompt and N beyond the cache: the advice is numbers that fit (greedy_generate's message said "need 27
+    # positions" for 26, and named no fix); following it works
+    n = len(prompt[0])
+    assert main(["run", str(decoder), "--text", "Hello there", "--generate", "25", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"needs {n + 24} cache positions in all, but this decode step holds 24 (decode=24 in its recipe): use " \
+           f"--generate {25 - n} or less, or compile the model with a larger decode=LEN" in err, err
+    assert main(["run", str(decoder), "--text", "Hello there", "--generate", str(25 - n), "-q",
+                 "--ignore-eos"]) == EXIT_OK
+    assert capsys.readouterr().err.startswith(f"{25 - n} tokens")
 
 
 def test_eval_warns_when_it_reads_calibration_text(project: Path, capsys: pytest.CaptureFixture[str],
