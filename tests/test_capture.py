@@ -228,6 +228,21 @@ def test_default_dynamic_on_a_model_that_fixes_axis_1_captures_it_static_by_expo
     assert m.inputs[0].type.shape == (2, 1, 8)
 
 
+class _TwoLengths(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x.sum(1) + y.sum(1)
+
+
+def test_default_dynamic_keeps_independent_lengths_apart() -> None:
+    """dynamic=True names axis 1 of every input 'seq'; for two inputs of unrelated lengths export (letting the
+    guess stay dynamic where it can) makes two symbols, which were both named seq: interpret then failed with
+    'symbol seq bound to 3 and 4'. They are now seq and seq_1; inputs export ties together stay one symbol."""
+    m = capture(_TwoLengths(), {"x": torch.randn(2, 5, 8), "y": torch.randn(2, 7, 8)})
+    assert [v.type.shape for v in m.inputs] == [(2, "seq", 8), (2, "seq_1", 8)]
+    x, y = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    assert torch.allclose(interpret(m, {"x": x, "y": y})[0], _TwoLengths()(x, y))
+
+
 class _BnBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -528,3 +543,21 @@ def test_plain_module_x_at_weight_t_fuses_to_linear_and_x_at_w_stays() -> None:
     x = torch.randn(2, 7, 5)
     with torch.no_grad():
         assert (interpret(m, {"x": x})[0] - net(x)).abs().max().item() <= 1e-4
+
+
+def test_inputs_given_one_batch_symbol_share_it_where_the_model_never_relates_them() -> None:
+    """Falcon with alibi (no multi-query) reads only the mask's batch for its alibi table, so export keeps the two
+    batches apart; named apart ('batch', 'batch_1'), the heads axis becomes (4*batch_1)//(batch) and `target cpu`
+    fails inside TVM (emit_te: 'only supports Tensor that has ShapeExpr shape'). Seen with a working-tree change
+    to the symbol naming, which also renamed the module after its last symbol ('module seq')."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.FalconForCausalLM(T.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32,
+                                               vocab_size=97, alibi=True, multi_query=False, bias=True)).eval()
+    m = capture_hf_model(model, seq_len=7, name="my-falcon")
+    assert m.name == "my-falcon"
+    assert [v.type.shape for v in m.inputs] == [("batch", "seq"), ("batch", "seq")]
+    dims = {d for n in m.nodes for v in n.outputs for d in v.type.shape if isinstance(d, str)}
+    assert not any("//" in d or "batch_1" in d for d in dims)
+    assert _err(model, m, hf_inputs(2, 9, pad=3)) <= TOL
