@@ -267,3 +267,25 @@ def test_windows_the_text_cannot_fill_or_the_tokenizer_cannot_read_are_warned(
     assert any("samples=1000 asked" in w for w in report["warnings"])
     assert main(["eval", str(art), "--json", "-q", "--no-baseline"]) == EXIT_OK
     assert any("samples=1000 asked" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+
+
+def test_skip_and_limit_that_leave_too_little_say_so(project: Path) -> None:
+    """`calibrate text "notes.txt" limit=10 seq_len=32` said 'the text has 10 tokens' of a text of thousands; the
+    error now says skip/limit leave those and the text holds more."""
+    from ctc.eval.data import calibration_batches, evaluation_windows
+
+    tok = _smollm2_tokenizer(project)
+    path = project / "notes.txt"
+    with pytest.raises(ValueError, match=r"limit=10 leaves 10 of the text's \d+ tokens, fewer than one window of "
+                                         r"32; lower skip, raise limit"):
+        calibration_batches(tok, "text", 2, 32, path=path, limit=10)
+    with pytest.raises(ValueError, match=r"skip=5 and limit=10 leave 10 of the text's \d+ tokens"):
+        evaluation_windows(tok, "text", 2, 32, path=path, skip=5, limit=10)
+    with pytest.raises(ValueError, match=r"the text has \d+ tokens, fewer than one window of 32000"):
+        evaluation_windows(tok, "text", 2, 32000, path=path)
+
+
+def _smollm2_tokenizer(project: Path) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(project / "model"), local_files_only=True)

@@ -372,6 +372,16 @@ def _token_range(stream: torch.Tensor, skip: int, limit: int | None, what: str) 
     return stream[skip: skip + limit] if limit else stream[skip:]
 
 
+def _too_short(whole: torch.Tensor, used: torch.Tensor, skip: int, limit: int | None, body: int) -> str:
+    """Why no window of ``body`` text tokens fits: the text is short, or skip/limit leave too little of it."""
+    if used.numel() == whole.numel():
+        return (f"the text has {whole.numel()} tokens, fewer than one window of {body}; use more text or a smaller "
+                "seq_len")
+    given = " and ".join(f"{k}={v}" for k, v in (("skip", skip), ("limit", limit)) if v)
+    return (f"{given} leave{'s' if ' and ' not in given else ''} {used.numel()} of the text's {whole.numel()} tokens, "
+            f"fewer than one window of {body}; lower skip, raise limit, or use a smaller seq_len")
+
+
 def calibration_batches(tokenizer: Any, source: str | Sequence[str], n_samples: int, seq_len: int, seed: int = 0,
                         *, split: str = "calibration", path: str | Path | None = None, field: str | None = None,
                         cache_dir: str | Path | None = None, skip: int = 0, limit: int | None = None
@@ -393,10 +403,10 @@ def calibration_batches(tokenizer: Any, source: str | Sequence[str], n_samples: 
     body = seq_len - len(pre) - len(post)
     if body < 1:
         raise ValueError(f"calibration_batches: seq_len {seq_len} leaves no room beside the special tokens")
-    stream = _token_range(token_stream(tokenizer, texts), skip, limit, "calibration_batches")
+    whole = token_stream(tokenizer, texts)
+    stream = _token_range(whole, skip, limit, "calibration_batches")
     if stream.numel() < body:
-        raise ValueError(f"calibration_batches: the text has {stream.numel()} tokens, fewer than one window "
-                         f"of {body}; use more text or a smaller seq_len")
+        raise ValueError(f"calibration_batches: {_too_short(whole, stream, skip, limit, body)}")
     rng = random.Random(seed)
     starts = [rng.randrange(stream.numel() - body + 1) for _ in range(n_samples)]
     return [_wrap(tokenizer, stream[s:s + body]) for s in starts]
@@ -414,10 +424,11 @@ def evaluation_windows(tokenizer: Any, source: str | Sequence[str], n_windows: i
     body = seq_len - len(pre) - len(post)
     if body < 1:
         raise ValueError(f"evaluation_windows: seq_len {seq_len} leaves no room beside the special tokens")
-    stream = _token_range(token_stream(tokenizer, texts), skip, limit, "evaluation_windows")
+    whole = token_stream(tokenizer, texts)
+    stream = _token_range(whole, skip, limit, "evaluation_windows")
     total = stream.numel() // body
     if total == 0:
-        raise ValueError(f"evaluation_windows: the text has {stream.numel()} tokens, fewer than one window of {body}")
+        raise ValueError(f"evaluation_windows: {_too_short(whole, stream, skip, limit, body)}")
     n = total if n_windows is None else min(n_windows, total)
     return [_wrap(tokenizer, stream[k * body:(k + 1) * body]) for k in range(n)]
 
