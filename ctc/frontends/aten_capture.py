@@ -707,7 +707,7 @@ def capture(
                 m = capture_fx(model, example_inputs, output=output, name=name, why=export_error)
                 warnings.warn(m.meta["capture_warning"], UserWarning, stacklevel=2)  # said only in meta before
         if ep is not None:
-            m = _from_exported(ep, model, dyn, output=output, name=name)
+            m = _from_exported(ep, model, dyn, output=output, name=name, guessed=dynamic is True)
             if dynamic is True:
                 _warn_static_guesses(m, dyn)
         m.meta["capture_path"] = path
@@ -790,7 +790,7 @@ def _select_outputs(out_nodes: list[Any], spec: Any, output: str | int | None) -
 
 
 def _from_exported(ep: Any, model: nn.Module | None, dyn: Mapping[str, Mapping[int, str]], *, output: str | int | None,
-                   name: str | None, strip: str = "") -> Module:
+                   name: str | None, strip: str = "", guessed: bool = False) -> Module:
     gm = ep.graph_module
     sig = ep.graph_signature
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -817,13 +817,13 @@ def _from_exported(ep: Any, model: nn.Module | None, dyn: Mapping[str, Mapping[i
     return _translate(gm, model, params={canon[k]: v for k, v in state.items() if canon[k] == k},
                       param_nodes=param_nodes, input_nodes=input_nodes,
                       out_spec=ep.module_call_graph[0].signature.out_spec if ep.module_call_graph else None,
-                      output=output, name=name, strip=strip, dyn=dyn)
+                      output=output, name=name, strip=strip, dyn=dyn, guessed=guessed)
 
 
 def _translate(gm: fx.GraphModule, model: nn.Module | None, *, params: dict[str, torch.Tensor],
                param_nodes: dict[fx.Node, str], input_nodes: dict[fx.Node, str], out_spec: Any,
                output: str | int | None, name: str | None, strip: str = "",
-               dyn: Mapping[str, Mapping[int, str]] | None = None) -> Module:
+               dyn: Mapping[str, Mapping[int, str]] | None = None, guessed: bool = False) -> Module:
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outs = out_node.args[0]
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
@@ -840,8 +840,14 @@ def _translate(gm: fx.GraphModule, model: nn.Module | None, *, params: dict[str,
         for axis, d in enumerate(ph.meta["val"].shape):
             if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol) and d.node.expr not in sym_names:
                 want = (dyn or {}).get(in_name, {}).get(axis)
-                # Dims given the same name (input_ids and attention_mask "seq") are one symbol.
-                sym_names[d.node.expr] = want if want else f"d{len(sym_names)}"
+                # Dims given the same name (input_ids and attention_mask "batch") are one symbol, even where the
+                # model never relates them (Falcon's alibi reads only the mask's batch). A guessed name
+                # (dynamic=True: axis 1 of every input) is not the caller's word: sizes export found independent
+                # (inputs of unrelated lengths) keep apart names, or the IR would bind them ('seq bound to 3 and 4').
+                sym = base = want or f"d{len(sym_names)}"  # not `name`: that is the module's
+                while guessed and sym in sym_names.values():
+                    sym = f"{base}_{sum(1 for v in sym_names.values() if v.startswith(base))}"
+                sym_names[d.node.expr] = sym
     blocks = find_block_list(model) if model is not None else blocks_from_scopes(live)
     prefix = blocks[0] if blocks else None
     if prefix and strip and prefix.startswith(strip):
