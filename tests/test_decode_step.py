@@ -93,3 +93,31 @@ def test_prefilled_inputs_are_a_real_step() -> None:
     torch.testing.assert_close(decode_step(model)(**ins)[0], full, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="past >= 1"):
         prefilled_inputs(model, ids, 9)
+
+
+def _falcon_mqa():  # noqa: ANN202
+    """Falcon's original architecture with multi_query: one kv head, which its config gives as no num_key_value_heads
+    (num_kv_heads reads num_attention_heads there)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, vocab_size=50, multi_query=True,
+                       new_decoder_architecture=False, parallel_attn=True, alibi=False, bias=False)
+    return FalconForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_multi_query_falcon_caches_one_kv_head_and_its_static_step_captures() -> None:
+    """`model hf FALCON decode=N` failed to capture ('cache_write: update vs cache dim 1: 1 != 4'): the caches were
+    sized for 4 kv heads, Falcon's multi-query attention writes 1."""
+    from ctc.frontends.decode import static_decode_inputs, static_decode_step, static_prefilled_inputs
+
+    model = _falcon_mqa()
+    assert kv_cache_shape(model.config, 9) == (1, 1, 9, 8)
+    step = static_decode_step(model)
+    m = capture(step, static_decode_inputs(model, 16), dynamic=False)
+    ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(1))
+    ins = static_prefilled_inputs(model, ids, 16)
+    got = interpret(m, ins)[0]
+    torch.testing.assert_close(torch.as_tensor(got), model(ids, use_cache=False).logits[:, -1:], rtol=1e-4,
+                               atol=1e-5)

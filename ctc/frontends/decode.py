@@ -34,10 +34,21 @@ def _layers(config: Any) -> int:
     return int(config.num_hidden_layers)
 
 
+def _kv_heads(config: Any) -> int:
+    """Key/value heads: ``num_key_value_heads``; else Falcon's spelling (``multi_query`` on its original
+    architecture is one kv head, ``num_kv_heads`` on the new one); else one per attention head."""
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv:
+        return int(kv)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1
+    return int(getattr(config, "num_kv_heads", None) or config.num_attention_heads)
+
+
 def kv_cache_shape(config: Any, past: int, batch: int = 1) -> tuple[int, int, int, int]:
     """``[batch, kv_heads, past, head_dim]`` of one layer's cached keys (and values)."""
     heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads = _kv_heads(config)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return (batch, kv_heads, past, head_dim)
 
