@@ -143,10 +143,17 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
     n = samples if samples is not None else int(opts.get("samples", 8))
     decode_len = int(art.module.meta["decode"]["max_len"]) if task == TASK_DECODE_STEP else 0
     default_len = min(256, decode_len) if decode_len else 256 if task == TASK_CAUSAL_LM else 128
+    positions = art.input_checker.limits.get("seq") if not decode_len else None
+    if positions is not None:  # the default window fits the model (a 128-position model got 256-token windows)
+        default_len = min(default_len, positions[0])
     length = seq_len if seq_len is not None else int(opts.get("seq_len", default_len))
     if decode_len and length > decode_len:
         raise UsageError(f"--seq-len {length} does not fit this decode step's cache of {decode_len} positions "
                          f"(decode={decode_len} in its recipe): give --seq-len {decode_len} or less")
+    if positions is not None and length > positions[0]:  # past them the model computes nothing it was trained for
+        given = f"--seq-len {length}" if seq_len is not None else f"seq_len={length} on the recipe's evaluate line"
+        raise UsageError(f"{given} is longer than the model's {positions[0]} positions ({positions[1]}): give "
+                         f"--seq-len {positions[0]} or less")
     skip = int(opts.get("skip", 0)) if skip is None else skip
     limit = int(opts.get("limit", 0)) if limit is None else limit
     if min(n, length) < 1 or skip < 0 or limit < 0:

@@ -103,19 +103,24 @@ def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, 
     assert capsys.readouterr().err.startswith(f"{25 - n} tokens")
 
 
-def test_eval_warns_when_it_reads_calibration_text(project: Path, capsys: pytest.CaptureFixture[str],
+@pytest.fixture(scope="module")
+def lm_art(project: Path) -> Path:
+    """A causal-LM artifact of the tiny Llama, calibrated on the first 300 tokens of notes.txt (its positions: 128)."""
+    (project / "lm.ctc").write_text('model hf "model"\ncalibrate text "notes.txt" samples=2 seq_len=16 limit=300\n'
+                                    'evaluate text "notes.txt" samples=2 seq_len=16 skip=300\n'
+                                    "pipeline {\n    cse\n}\n")
+    assert main(["compile", str(project / "lm.ctc"), "--out", str(project / "lm_art"), "-q"]) == EXIT_OK
+    return project / "lm_art"
+
+
+def test_eval_warns_when_it_reads_calibration_text(project: Path, lm_art: Path, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The compile warned when evaluation read calibration text, but `ctc eval ART --skip 0` or `--data
     text:FILE` on the calibration file measured on it without a word; now the result carries a warning naming
     the tokens and the --skip that avoids them (and none when the windows lie past the calibrated range)."""
     import json
 
-    (project / "lm.ctc").write_text('model hf "model"\ncalibrate text "notes.txt" samples=2 seq_len=16 limit=300\n'
-                                    'evaluate text "notes.txt" samples=2 seq_len=16 skip=300\n'
-                                    "pipeline {\n    cse\n}\n")
-    art = str(project / "lm_art")
-    assert main(["compile", str(project / "lm.ctc"), "--out", art, "-q"]) == EXIT_OK
-    capsys.readouterr()
+    art = str(lm_art)
     monkeypatch.chdir(project)  # --data paths are the user's, relative to the working directory
     for flags, warned in (([], False), (["--data", "text:notes.txt", "--skip", "300"], False),
                           (["--skip", "0"], True), (["--data", "text:notes.txt"], True),
@@ -289,3 +294,27 @@ def _smollm2_tokenizer(project: Path) -> object:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(project / "model"), local_files_only=True)
+
+
+def test_eval_refuses_windows_past_the_models_positions(lm_art: Path, project: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`ctc eval ART --seq-len 200` on a model of 128 positions measured perplexity past them without a word (a
+    recipe's seq_len=200 is refused), as did `--data` without --seq-len (256 by default), and on MiniLM (512)
+    --seq-len 1000 ended in an InterpretError traceback."""
+    assert main(["eval", str(lm_art), "--seq-len", "200", "--samples", "1", "--no-baseline", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--seq-len 200 is longer than the model's 128 positions" in err and "--seq-len 128 or less" in err, err
+    assert main(["eval", str(lm_art), "--seq-len", "128", "--samples", "1", "--no-baseline", "-q",
+                 "--data", f"text:{project / 'notes.txt'}", "--skip", "300"]) == EXIT_OK
+    capsys.readouterr()
+    import json  # --data without --seq-len defaulted to 256-token windows, past this model's 128 positions
+
+    assert main(["eval", str(lm_art), "--data", f"text:{project / 'notes.txt'}", "--skip", "300", "--samples", "1",
+                 "--no-baseline", "--json", "-q"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["seq_len"] == 128
+    from ctc.eval.data import read_jsonl
+
+    (project / "body.jsonl").write_text('{"body": "words"}\n')
+    with pytest.raises(ValueError, match=r"no field 'text' \(fields: body\); name the text field \(field=\"...\" in a "
+                                         r"recipe, --data jsonl:FILE:FIELD for ctc eval\)"):
+        read_jsonl(project / "body.jsonl")

@@ -282,7 +282,8 @@ def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
             raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         if field not in obj:
             have = ", ".join(sorted(map(str, obj))) or "none"
-            raise ValueError(f"{p}:{lineno}: no field {field!r} (fields: {have}); choose it with field=\"...\"")
+            raise ValueError(f"{p}:{lineno}: no field {field!r} (fields: {have}); name the text field "
+                             "(field=\"...\" in a recipe, --data jsonl:FILE:FIELD for ctc eval)")
         v = obj[field]
         if not isinstance(v, str):
             raise ValueError(f"{p}:{lineno}: field {field!r} holds {type(v).__name__}, expected a string")
