@@ -369,7 +369,7 @@ def _generate(art: Any, args: argparse.Namespace) -> int:
 
     if art.module.meta.get("task") != TASK_DECODE_STEP:
         raise UsageError("--generate needs a decoder artifact: compile the model with `model ... decode=LEN` "
-                         "(one generation step over preallocated KV caches)")
+                         "(one generation step over preallocated KV caches)" + _decode_advice(art))
     if args.text is None or args.generate < 1:
         raise UsageError("--generate N needs N >= 1 and a prompt (--text)")
     tok = art.tokenizer()
@@ -407,6 +407,27 @@ def _generate(art: Any, args: argparse.Namespace) -> int:
           f"({gen.step_ms:.3f} ms per step; prompt {len(prompt[0])} tokens in {gen.prompt_s:.3f} s; "
           f"backend {args.target or 'torch (reference)'})", file=sys.stderr)
     return EXIT_OK
+
+
+def _decode_advice(art: Any) -> str:
+    """For a causal LM's artifact: its recipe's model line with decode=, and the checks such a recipe cannot keep
+    (perplexity and KL are measured on full-sequence models; a decode step is measured by fidelity)."""
+    from dataclasses import replace
+
+    from ctc.dsl.printer import format_model
+    from ctc.evaluate import _artifact_recipe
+    from ctc.tasks import TASK_CAUSAL_LM
+
+    recipe = _artifact_recipe(art) if art.module.meta.get("task") == TASK_CAUSAL_LM else None
+    if recipe is None or recipe.model is None:
+        return ""
+    positions = art.input_checker.limits.get("seq")
+    cache = min(256, positions[0]) if positions else 256
+    line = format_model(replace(recipe.model, options={**recipe.model.options, "decode": cache}))
+    drop = sorted({c.metric for c in recipe.checks} & {"ppl", "ppl_increase", "kl"})
+    return (f"; here: `{line}` (LEN = prompt + generated tokens)"
+            + (f", without its `check {'`/`check '.join(drop)}` lines (a decode step is measured by fidelity)"
+               if drop else ""))
 
 
 def _eos_ids(tok: Any) -> list[int] | None:

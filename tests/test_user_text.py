@@ -108,7 +108,7 @@ def lm_art(project: Path) -> Path:
     """A causal-LM artifact of the tiny Llama, calibrated on the first 300 tokens of notes.txt (its positions: 128)."""
     (project / "lm.ctc").write_text('model hf "model"\ncalibrate text "notes.txt" samples=2 seq_len=16 limit=300\n'
                                     'evaluate text "notes.txt" samples=2 seq_len=16 skip=300\n'
-                                    "pipeline {\n    cse\n}\n")
+                                    "pipeline {\n    cse\n}\ncheck ppl_increase <= 1\n")
     assert main(["compile", str(project / "lm.ctc"), "--out", str(project / "lm_art"), "-q"]) == EXIT_OK
     return project / "lm_art"
 
@@ -318,3 +318,20 @@ def test_eval_refuses_windows_past_the_models_positions(lm_art: Path, project: P
     with pytest.raises(ValueError, match=r"no field 'text' \(fields: body\); name the text field \(field=\"...\" in a "
                                          r"recipe, --data jsonl:FILE:FIELD for ctc eval\)"):
         read_jsonl(project / "body.jsonl")
+
+
+def test_generate_advice_on_a_full_sequence_artifact_works_when_followed(
+        lm_art: Path, project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ctc run ART --generate` on a causal LM said to compile with `model ... decode=LEN`; doing that to a recipe
+    with `check ppl_increase` failed again ('metric ppl_increase needs a causal_lm model'). The message now gives
+    the recipe's own model line with a decode length that fits the model, and the check lines to drop."""
+    assert main(["run", str(lm_art), "--text", "Hello", "--generate", "3", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    line = 'model hf "model" decode=128'
+    assert f"here: `{line}`" in err and "without its `check ppl_increase` lines" in err, err
+    text = (project / "lm.ctc").read_text().replace('model hf "model"', line).replace("check ppl_increase <= 1\n", "")
+    (project / "lm_dec.ctc").write_text(text)
+    assert main(["compile", str(project / "lm_dec.ctc"), "--out", str(project / "lm_dec"), "-q"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["run", str(project / "lm_dec"), "--text", "Hello", "--generate", "3", "--ignore-eos", "-q"]) == EXIT_OK
+    assert capsys.readouterr().err.startswith("3 tokens")
