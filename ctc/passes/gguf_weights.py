@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from ctc.frontends.gguf import GgufError, read_llama_linears
 from ctc.ir import quant as Q
 from ctc.ir.graph import Module, Node
-from ctc.passes.base import Pass, PassContext, PassError, PassOptions, option, register_pass
+from ctc.passes.base import Pass, PassContext, PassError, PassOptions, Selector, option, register_pass
 from ctc.passes.quantize import param_tensor
 
 __all__ = ["GgufWeightsPass"]
+
+_NO_FILE = ("gguf-weights: give file=\"model.gguf\" (this model was not loaded from a GGUF file: `model bundled "
+            "\"smollm2\"` or `model hf DIR gguf=FILE` is)")
 
 
 def _hf_name(module: Module, lin: Node, names: set[str]) -> str | None:
@@ -59,11 +62,18 @@ class GgufWeightsPass(Pass):
                                  "per block of 32 input channels (llama.cpp's Q8_1 idea), so the integer kernels "
                                  "multiply the file's codes on VNNI; changes the result slightly", choices=(8, 16))
 
+    @classmethod
+    def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
+        """No file to read: said at the recipe's step before any work (it was an exit-4 pass failure)."""
+        if not options.file and not module.meta.get("gguf"):  # type: ignore[attr-defined]
+            return [(None, _NO_FILE)]
+        return []
+
     def run(self, module: Module, ctx: PassContext) -> Module:
         o = self.options
         path = o.file or module.meta.get("gguf", "")
         if not path:
-            raise PassError("gguf-weights: give file=\"model.gguf\" (this module was not loaded from a GGUF file)")
+            raise PassError(_NO_FILE)
         try:
             tensors = read_llama_linears(path)
         except GgufError as e:
