@@ -595,3 +595,24 @@ def test_errors_print_no_terminal_escapes(art_dir: Path, tmp_path: Path, capsys:
     assert main(["run", str(odd), "--input", str(tmp_path / "evil.pt")]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "a\\x1b[31mred" in err and "\x1b" not in err, err
+
+
+def test_a_long_text_gets_ctc_s_error_only(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc run --text` past the model's positions printed transformers' 'Token indices sequence length is longer
+    than the specified maximum ... will result in indexing errors' before ctc's own error; in the test suite that
+    warning went to a stream an earlier test had closed ('--- Logging error ---'), failing the test above when it
+    ran after tests/test_bad_recipes.py. The tokenizer is called quietly: ctc's error is the one said."""
+    import logging
+
+    _, dest = _fixed_length_artifact(tmp_path, monkeypatch, 16)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert main(["run", str(dest), "--text", "word " * 600, "-q"]) == EXIT_USAGE
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert "the text is 602 tokens" in capsys.readouterr().err
+    assert not [m for m in seen if "Token indices sequence length" in m], seen
