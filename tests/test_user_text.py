@@ -335,3 +335,16 @@ def test_generate_advice_on_a_full_sequence_artifact_works_when_followed(
     capsys.readouterr()
     assert main(["run", str(project / "lm_dec"), "--text", "Hello", "--generate", "3", "--ignore-eos", "-q"]) == EXIT_OK
     assert capsys.readouterr().err.startswith("3 tokens")
+
+
+def test_jsonl_whose_text_fields_are_empty_is_refused(tmp_path: Path) -> None:
+    """A .jsonl file whose "text" values were all empty calibrated on nothing but the blank-line separators
+    between documents, without a word; it is now an error, and blank values among real ones are dropped."""
+    from ctc.eval.data import read_jsonl
+
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"text": "", "body": "real words"}\n' * 50)
+    with pytest.raises(ValueError, match=r"every line's 'text' is empty or blank \(50 lines\)"):
+        read_jsonl(j)
+    j.write_text('{"text": "one"}\n{"text": "  "}\n{"text": "two"}\n')
+    assert read_jsonl(j) == ["one", "two"]

@@ -262,7 +262,7 @@ def _read_utf8(p: Path) -> str:
 
 
 def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
-    """The ``field`` strings of a JSON-lines file (one object per line; blank lines are skipped).
+    """The ``field`` strings of a JSON-lines file (one object per line; blank lines and blank values are skipped).
 
     Errors name the file and line: a line that is not JSON, not an object, lacks ``field``, or
     holds a non-string there.
@@ -290,7 +290,11 @@ def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
         out.append(v)
     if not out:
         raise ValueError(f"{p}: no JSON lines in the file")
-    return out
+    texts = [v for v in out if v.strip()]  # a blank value adds only the separator between documents
+    if not texts:
+        raise ValueError(f"{p}: every line's {field!r} is empty or blank ({len(out)} lines): no text to use; "
+                         "is the text in another field?")
+    return texts
 
 
 # --------------------------------------------------------------------------- sources -> texts
