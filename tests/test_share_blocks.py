@@ -156,3 +156,18 @@ def test_quantized_blocks_are_refused_with_the_order_to_use() -> None:
     q = get_pass("quantize")({"w_bits": 8, "a_bits": 16}).run(m.clone(), PassContext(calibration=calib))
     with pytest.raises(PassError, match="tie before quantizing"):
         run(q, {"ratio": 0.5}, calib)
+
+
+def test_blocks_quantized_apart_are_named_with_what_differs_and_the_selector_that_works() -> None:
+    """rptq on blocks[0:2], then share-blocks groups=[[2, 3]]: the refusal read 'blocks 0 and 1 differ in structure
+    (node 9: quant_linear vs quant_linear)', the same op twice; it now names what differs and the order to use."""
+    m = tiny()
+    calib = outlier_inputs(m, 2)
+    q = get_pass("rptq")({"w_bits": 8, "a_bits": 8}).run(
+        m.clone(), PassContext(calibration=calib, selector=Selector(blocks=((0, 2),))))
+    with pytest.raises(PassError, match=r"quant_linear at layers\.0\.\S+ vs layers\.1\.\S+: attribute \w+ "
+                                        r"differs.*tie before quantizing") as e:
+        run(q, {"groups": [[2, 3]]}, calib)
+    assert "quant_linear vs quant_linear" not in str(e.value)
+    out, _ = run(q, {"groups": [[2, 3]]}, calib, Selector(blocks=((2, 4),)))  # the selector the message points at
+    assert out.op_counts()["quant_linear"] == q.op_counts()["quant_linear"]

@@ -114,6 +114,19 @@ def _signature(n: Node) -> tuple[Any, ...]:
     return (n.op, attrs, tuple(str(v.type) for v in n.outputs))
 
 
+def _difference(x: list[Node], y: list[Node], k: int) -> str:
+    """What differs at position ``k`` of two blocks' nodes: the ops, else the first differing attribute or type."""
+    if k >= len(x) or k >= len(y):
+        return f"{x[k].op if k < len(x) else 'end of block'} vs {y[k].op if k < len(y) else 'end of block'}"
+    a, c = x[k], y[k]
+    where = f"at {a.scope or '<root>'} vs {c.scope or '<root>'}"
+    if a.op != c.op:
+        return f"{a.op} {where} vs {c.op}"
+    keys = [key for key in sorted(set(a.attrs) | set(c.attrs))
+            if not (a.op == "param" and key == "name") and repr(a.attrs.get(key)) != repr(c.attrs.get(key))]
+    return f"{a.op} {where}: " + (f"attribute {keys[0]} differs" if keys else "result types differ")
+
+
 def _block_key(pn: Node, prefix: str | None, index: int) -> str:
     """A block-relative name for a slot: ``self_attn.q_proj.weight`` from ``model.layers.3.self_attn.q_proj.weight``
     (or from the reader's scope and the name's last part when an earlier pass renamed the parameter)."""
@@ -149,11 +162,13 @@ def tie_stack(module: Module, ctx: PassContext, *, share_vectors: bool, what: st
         sig = [_signature(n) for n in layout.by_index(b).nodes]
         if sig != sig0:
             k = next((i for i, (a, c) in enumerate(zip(sig0, sig, strict=False)) if a != c), min(len(sig), len(sig0)))
-            a = sig0[k][0] if k < len(sig0) else "end of block"
-            c = sig[k][0] if k < len(sig) else "end of block"
-            raise PassError(f"{what}: blocks {first} and {b} differ in structure (node {k}: {a} vs {c}); "
-                            "only identical blocks can share weights (run tying before passes that change "
-                            "blocks differently, or select identical blocks)")
+            quantized = any(n.op in QUANTIZED_OPS for i in (first, b) for n in layout.by_index(i).nodes)
+            raise PassError(f"{what}: blocks {first} and {b} differ in structure (node {k}: "
+                            f"{_difference(layout.by_index(first).nodes, layout.by_index(b).nodes, k)}); only "
+                            "identical blocks can share weights (" + ("tie before quantizing, or " if quantized else
+                                                                     "run tying before passes that change blocks "
+                                                                     "differently, or ")
+                            + "select identical blocks with blocks[a:b])")
     selective = bool(ctx.selector.scopes or ctx.selector.ops)
     slots: list[Slot] = []
     for i, pn in enumerate(param_nodes[first]):
