@@ -173,6 +173,13 @@ def test_text_files_users_have(tmp_path: Path) -> None:
         p.write_bytes("café notes".encode(enc))
         with pytest.raises(ValueError, match=f"{name} text .*`iconv -f {enc} -t utf-8`"):
             read_text_file(p)
+    for enc in ("utf-16le", "utf-16be"):  # no mark: NUL bytes every other byte
+        p.write_bytes("plain notes, in UTF-16".encode(enc))
+        with pytest.raises(ValueError, match=f"looks like {enc.upper()} text without a byte-order mark.*-f {enc}"):
+            read_text_file(p)
+    p.write_bytes(b"\x00" * 4096)  # valid UTF-8, so it was tokenized: a zero-filled file calibrated on NUL tokens
+    with pytest.raises(ValueError, match="a NUL byte at byte 0: this is binary data, not a text file"):
+        read_text_file(p)
     p.write_bytes(b"\xef\xbb\xbfcaf\xe9")  # the byte offset counts the mark
     with pytest.raises(ValueError, match="not UTF-8 text at byte 6; convert it with `iconv -f ENCODING -t utf-8`"):
         read_text_file(p)

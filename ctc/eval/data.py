@@ -253,6 +253,14 @@ def _read_utf8(p: Path) -> str:
         if raw.startswith(bom):
             raise ValueError(f"{p}: {enc.upper()} text (it starts with a {enc.upper()} byte-order mark), not UTF-8; "
                              f"convert it with `iconv -f {enc} -t utf-8`")
+    nul = raw.find(b"\x00")
+    if nul >= 0:  # valid UTF-8 as far as the codec goes, but no text file holds NUL (zero-filled or binary data)
+        head = raw[:4096]
+        for enc, zeros in (("utf-16le", head[1::2]), ("utf-16be", head[0::2])):
+            if head.strip(b"\x00") and zeros.count(0) > 0.9 * len(zeros):  # ASCII in UTF-16 without a mark
+                raise ValueError(f"{p}: looks like {enc.upper()} text without a byte-order mark, not UTF-8; convert "
+                                 f"it with `iconv -f {enc} -t utf-8`")
+        raise ValueError(f"{p}: a NUL byte at byte {nul}: this is binary data, not a text file")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
