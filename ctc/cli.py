@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", "-o", metavar="DIR", help="output directory (default: ARTIFACT-FORMAT next to it)")
     x.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="a format option, as in the recipe (repeatable), e.g. -s dialect=linalg")
-    x.add_argument("--seq-len", type=int, default=32, help="tokens of the example batch the check runs (default 32)")
+    x.add_argument("--seq-len", type=int, help="tokens of the example batch the check runs (default: a fixed-length "
+                                                "text model's length, else 32; not for fixed-shape float inputs)")
     x.add_argument("--force", action="store_true", help="replace DIR even when ctc did not write it")
     _common(x)
 
@@ -564,7 +565,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to not in EXPORTS:
         raise UsageError(f"--to {args.to}: unknown format{did_you_mean(args.to, EXPORTS)} "
                          f"(formats: {', '.join(EXPORTS)})")
-    if args.seq_len < 1:
+    if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len must be >= 1 (tokens of the example batch the check runs), got {args.seq_len}")
     out = Path(args.out) if args.out else Path(str(Path(args.artifact)).rstrip("/") + f"-{args.to}")
     from ctc.output_dir import check_not_inside_artifact
@@ -580,9 +581,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("; ".join(d.message for d in diags))
     options = export_config(args.to, emit.options)
     art = _load_artifact(args.artifact)
+    from ctc.analysis.roofline import refuse_absent_dims
     from ctc.exports.source import from_artifact, write_export
 
-    source = from_artifact(art, seq_len=args.seq_len)
+    ids = next((v for v in art.module.inputs if v.name == "input_ids"), None)
+    if ids is None:  # float inputs (an MLP's, a CNN's): --seq-len sizes only a sequence symbol, if there is one
+        refuse_absent_dims(art.module, seq_len=args.seq_len, batch=None)
+    seq_len = args.seq_len
+    if seq_len is None:  # a text model captured at a fixed length is fed that length
+        fixed = ids.type.shape[-1] if ids is not None else None
+        seq_len = fixed if isinstance(fixed, int) else 32
+    source = from_artifact(art, seq_len=seq_len)
     dest, summary = write_export(args.to, source, out, options, force=args.force,
                                  protected=[("the artifact", Path(args.artifact))])
     from ctc.driver import export_line

@@ -175,7 +175,7 @@ def test_cli_export_checks_options_and_writes_next_to_the_artifact(tmp_path: Pat
     assert main(["export", str(art), "--to", "mlir", "-s", "dialekt=torch"]) == EXIT_USAGE
     assert "dialect" in capsys.readouterr().err
     assert not (tmp_path / "art-mlir").exists()
-    assert main(["export", str(art), "--to", "mlir", "-s", "dialect=linalg", "--seq-len", "8"]) == EXIT_OK
+    assert main(["export", str(art), "--to", "mlir", "-s", "dialect=linalg"]) == EXIT_OK  # its fixed length, 8
     out = capsys.readouterr().out
     assert "wrote mlir export" in out and "relative" in out
     dest = tmp_path / "art-mlir"
@@ -204,6 +204,10 @@ def test_export_of_a_float_input_model_and_of_a_resized_batch(tmp_path: Path,
     art = write_artifact(tmp_path / "mlp", module=mlp, report={"name": "mlp"})
     assert main(["export", str(art), "--to", "mlir", "-s", "dialect=linalg", "-q"]) == EXIT_OK, capsys.readouterr().err
     assert json.loads((tmp_path / "mlp-mlir" / "signature.json").read_text())["inputs"][0]["shape"] == [4, 8]
+    # --seq-len on that fixed-shape model would size nothing: a usage error, not a flag silently ignored
+    assert main(["export", str(art), "--to", "mlir", "--seq-len", "64", "--out", str(tmp_path / "s"), "-q"]) != EXIT_OK
+    assert "--seq-len 64: the model's inputs have no sequence dim" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
     tok = Module("tok")
     ids = tok.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
