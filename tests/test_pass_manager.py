@@ -486,6 +486,8 @@ def test_selectors_built_in_python_are_checked() -> None:
     'l', 'i', ...; Selector(blocks=(0, 6)) failed later with 'cannot unpack non-iterable int'.  A lone string is one
     pattern, a lone (lo, hi) one range; anything else is a PassError naming the field."""
     assert Selector(scopes="*.mlp.*").scopes == ("*.mlp.*",) and Selector(ops="linear").ops == ("linear",)
+    with pytest.raises(PassError, match="'lienar' is not an op; did you mean 'linear'"):
+        Selector(ops=("lienar",))  # a typo was 'matches no node' at run time, with nothing pointing at it
     assert Selector(blocks=(0, 6)).blocks == ((0, 6),) and Selector(blocks=[[0, 2], (4, 6)]).blocks == ((0, 2), (4, 6))
     assert Selector(blocks=((0, 6),)) == Selector(blocks=[(0, 6)])  # hashable and equal whatever the container
     for bad, msg in (({"blocks": (6, 0)}, "blocks"), ({"blocks": ((0, 1.5),)}, "blocks"), ({"blocks": 3}, "blocks"),

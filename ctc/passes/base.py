@@ -75,6 +75,14 @@ class Selector:
             if not isinstance(items, (tuple, list)) or not all(isinstance(x, str) and x for x in items):
                 raise PassError(f"Selector {name}={value!r}: give a string or a tuple of strings")
             object.__setattr__(self, name, tuple(items))
+        from ctc.ir.ops.registry import all_ops
+
+        known = all_ops()
+        for op in self.ops:
+            if op not in known:  # a typo would otherwise be "matches no node" with nothing pointing at it
+                near = difflib.get_close_matches(op, list(known), n=1, cutoff=0.6)
+                raise PassError(f"Selector ops: {op!r} is not an op" + (f"; did you mean {near[0]!r}?" if near else
+                                                                        " (ctc.ir.ops.registry.all_ops() lists them)"))
 
     @property
     def is_all(self) -> bool:
