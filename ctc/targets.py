@@ -104,8 +104,10 @@ class FpgaOptions(TargetOptions):
     """Options of the `fpga` target (HLS C, a resource/latency model, C simulation); see docs/fpga-backend.md."""
 
     board: str = option("zc706", "board preset: zc706 (Zynq XC7Z045) or u280 (Alveo XCU280)", choices=("zc706", "u280"))
-    clock_mhz: float | None = option(None, "kernel clock in MHz (default: the board's)")
-    bandwidth_gbps: float | None = option(None, "off-chip bandwidth in GB/s (default: the board's peak)")
+    clock_mhz: float | None = option(None, "kernel clock in MHz (default: the board's; FPGA fabric clocks stay under "
+                                           "1 GHz)", max=1000.0)
+    bandwidth_gbps: float | None = option(None, "off-chip bandwidth in GB/s (default: the board's peak; HBM parts "
+                                                "reach ~0.8 TB/s)", max=4000.0)
     dsps: int | None = option(None, "DSP slices available (default: the board's)", min=1)
     widths: list[int] = option([], "integer widths the design may use (default: every width the board supports)")
     utilization: float = option(0.8, "fraction of the board's DSPs and on-chip memory one layer may use",
