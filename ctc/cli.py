@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoders: correlate embedding cosine with human similarity judgements (Lee corpus)")
     e.add_argument("--docs", type=int, help="with --human-similarity: use the first N of the 50 documents")
     e.add_argument("--target", metavar="KIND", help="with --human-similarity: run a compiled target's library")
+    e.add_argument("--perplexity", action="store_true",
+                   help="decode-step artifacts: perplexity too, each window fed through the step one token at a time "
+                        "(seq-len steps per window and model: minutes on a real model)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--write-lm-eval-task", metavar="DIR",
                    help="instead of measuring, write an lm-eval task over the same windows into DIR (run it with "
@@ -477,7 +480,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         ignored = [flag for flag, given in (("--target", args.target), ("--docs", args.docs),
                                             ("--human-similarity", args.human_similarity),
-                                            ("--no-baseline", not args.baseline)) if given]
+                                            ("--no-baseline", not args.baseline),
+                                            ("--perplexity", args.perplexity)) if given]
         if ignored:  # the task only writes the windows: these measure something, which it does not
             raise UsageError(f"--write-lm-eval-task writes the task and measures nothing, so {', '.join(ignored)} "
                              "would do nothing: leave them out (run the task with lm-eval, docs/lm-eval.md)")
@@ -490,7 +494,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_OK
     res = evaluate_artifact(art, data=args.data, samples=args.samples, seq_len=args.seq_len, skip=args.skip,
                             limit=args.limit, progress=not args.quiet, human=args.human_similarity, docs=args.docs,
-                            target=args.target, baseline=args.baseline)
+                            target=args.target, baseline=args.baseline, perplexity=args.perplexity)
     print(json.dumps(res, indent=2) if args.json else format_result(res))
     return EXIT_OK
 

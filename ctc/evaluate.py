@@ -198,8 +198,12 @@ def _calibration_text(recipe: Any, source: str, path: str | None, field: str | N
 
 def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None = None, seq_len: int | None = None,
                       skip: int | None = None, limit: int | None = None, progress: bool = True, human: bool = False,
-                      docs: int | None = None, target: str | None = None, baseline: bool = True) -> dict[str, Any]:
-    """Measure ``art`` (a loaded artifact) on evaluation text, next to its original model (``baseline``)."""
+                      docs: int | None = None, target: str | None = None, baseline: bool = True,
+                      perplexity: bool = False) -> dict[str, Any]:
+    """Measure ``art`` (a loaded artifact) on evaluation text, next to its original model (``baseline``).
+
+    ``perplexity``: decode-step artifacts' perplexity too, each window fed through the step one token at a time
+    (causal LMs' is always measured)."""
     from ctc.driver import Progress, _module_perplexity, measure
     from ctc.eval.data import protocol_line
 
@@ -213,6 +217,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
                          "--target out or add --human-similarity")
     if docs is not None and not 3 <= docs <= LEE_DOCS:
         raise UsageError(f"--docs must be 3 to {LEE_DOCS} (the Lee corpus has {LEE_DOCS} documents), got {docs}")
+    if perplexity and task != TASK_DECODE_STEP:
+        raise UsageError("--perplexity applies to decode-step artifacts (`model ... decode=LEN`); "
+                         + ("a causal LM's perplexity is always measured: leave it out" if task == TASK_CAUSAL_LM
+                            else f"this model is {task}, which has none"))
     if human and task != TASK_ENCODER:
         raise UsageError(f"--human-similarity applies to sentence encoders; this model is {task}")
     fixed = art.fixed_seq_len(target) if human and target is not None else None
@@ -236,7 +244,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
         res["warnings"] = proto["warnings"]
     original, why = _original(recipe, bar) if baseline else (None, "not requested (--no-baseline)")
     res["baseline"] = why
-    if task == TASK_DECODE_STEP:  # each window's prefix goes into the caches through the original's eager model
+    windows = batches
+    if task == TASK_DECODE_STEP and original is None and perplexity:
+        res["protocol"] = "no fidelity without the original model"
+    elif task == TASK_DECODE_STEP:  # each window's prefix goes into the caches through the original's eager model
         if original is None:
             raise UsageError(f"a decode-step artifact is measured one step after each window's prefix, on caches its "
                              f"original model fills, and the original is {why.removeprefix('unavailable: ')}: "
@@ -259,10 +270,14 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
         with bar.stage("measure (artifact)"):
             p = _module_perplexity(art.module, batches, bar, protocol_line(proto))
         res.update(ppl=round(p.ppl, 4), tokens_scored=p.n_tokens, protocol=p.protocol)
-    elif not human:
+    elif not human and not perplexity:
         raise UsageError(f"nothing to measure: the original model is {why.removeprefix('unavailable: ')}, so "
                          "output fidelity cannot be computed; pass --human-similarity to measure the encoder "
                          "against human judgements")
+    if perplexity:
+        with bar.stage("perplexity, one token per step"):
+            res.update(_decode_perplexity(art.module, original.module if original is not None else None, windows))
+        res["protocol"] = f"{res.get('protocol', '')}; {res.pop('ppl_protocol')}".lstrip("; ")
     bar.close_bar()
     if human:
         names = [v.name for v in art.module.inputs]
@@ -277,6 +292,41 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
     return res
 
 
+def _decode_perplexity(step: Any, original: Any, windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Perplexity of a decode step (and of the original's, when given) on the windows, each fed one token per call
+    from position 0 with fresh caches (teacher forcing: the deployed step writes and reads its own cache), scoring
+    every token but each window's first, as a causal LM's perplexity does."""
+    import math
+
+    import torch
+
+    from ctc.generate import teacher_forced_nll
+    from ctc.ir.interpreter import interpret
+
+    ids = torch.cat([w["input_ids"] for w in windows])
+
+    def ppl(module: Any) -> tuple[float, int]:
+        specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in module.inputs]
+        rows = int(specs[0]["shape"][0])
+        if ids.shape[0] < rows:
+            raise UsageError(f"this decode step runs {rows} sequences at once; --samples {ids.shape[0]} gives fewer "
+                             f"windows: give --samples {rows} or more")
+        total, count = 0.0, 0
+        for k in range(0, ids.shape[0] - rows + 1, rows):
+            nll, n = teacher_forced_nll(lambda feed: interpret(module, feed), ids[k:k + rows], 0, input_specs=specs)
+            total, count = total + nll, count + n
+        return math.exp(total / count), count
+
+    got, scored = ppl(step)
+    out: dict[str, Any] = {"ppl": round(got, 4), "tokens_scored": scored,
+                           "ppl_protocol": f"perplexity: each window fed one token per step from position 0 "
+                                           f"(teacher forcing), {scored} tokens scored (all but each window's first)"}
+    if original is not None:
+        base, _ = ppl(original)
+        out.update(ppl_original=round(base, 4), ppl_increase=round(got - base, 4))
+    return out
+
+
 def _as_list(out: Any) -> list[Any]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -288,7 +338,7 @@ def format_result(res: dict[str, Any]) -> str:
              + (f" ({res['token_range']})" if res.get("token_range") else ""),
              f"{'baseline':>16}: {res['baseline']}"]
     if "ppl" in res:
-        orig = f"   (original {res['ppl_original']}, +{res['ppl_increase']})" if "ppl_original" in res else ""
+        orig = f"   (original {res['ppl_original']}, {res['ppl_increase']:+})" if "ppl_original" in res else ""
         lines.append(f"{'perplexity':>16}: {res['ppl']}{orig}")
     if "kl" in res:
         lines.append(f"{'KL vs original':>16}: {res['kl']:.6g}")

@@ -355,3 +355,27 @@ def test_jsonl_whose_text_fields_are_empty_is_refused(tmp_path: Path) -> None:
         read_jsonl(j)
     j.write_text('{"text": "one"}\n{"text": "  "}\n{"text": "two"}\n')
     assert read_jsonl(j) == ["one", "two"]
+
+
+def test_eval_measures_a_decode_steps_perplexity(decoder: Path, lm_art: Path, project: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`ctc eval` of a decode-step artifact gave fidelity after one step only: no perplexity for the artifact a
+    user generates with. --perplexity feeds each window through the step token by token; on the same windows it
+    equals the full-sequence model's perplexity (same weights), also without the original; elsewhere it is refused
+    rather than ignored."""
+    import json
+
+    flags = ["--data", f"text:{project / 'notes.txt'}", "--skip", "300", "--samples", "2", "--seq-len", "16",
+             "--json", "-q"]
+    assert main(["eval", str(decoder), *flags, "--perplexity"]) == EXIT_OK
+    got = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(lm_art), *flags]) == EXIT_OK
+    full = json.loads(capsys.readouterr().out)
+    assert got["ppl"] == pytest.approx(full["ppl"], rel=1e-4) and got["tokens_scored"] == 30
+    assert got["ppl_original"] == pytest.approx(full["ppl"], rel=1e-4) and "fidelity" in got
+    assert "one token per step" in got["protocol"]
+    assert main(["eval", str(decoder), *flags, "--perplexity", "--no-baseline"]) == EXIT_OK
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["ppl"] == got["ppl"] and "fidelity" not in alone and "ppl_original" not in alone
+    assert main(["eval", str(lm_art), *flags, "--perplexity"]) == EXIT_USAGE
+    assert "always measured: leave it out" in capsys.readouterr().err
