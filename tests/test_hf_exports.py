@@ -218,3 +218,38 @@ def test_real_models_round_trip_through_compressed_tensors(tmp_path: Path, recip
     else:
         assert check["outputs"][0]["relative"] <= 1e-4
     assert (tmp_path / "art" / "exports" / "compressed-tensors" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["last", "random"])
+def test_removed_blocks_leave_the_written_config(llama: Any, tmp_path: Path, method: str) -> None:
+    """remove-blocks then `emit hf`: the exporter took meta['num_blocks'] (the blocks kept) for the original count,
+    so a removed last block went unnoticed (config still 4 layers, the 4th random: 'does not reproduce the
+    module', cosine 0.86) and a removed middle one was 'blocks were removed (3 -> 3) but the config names no
+    layer count to update'."""
+    module, feed, _ = llama
+    cut = get_pass("remove-blocks")({"keep": 3, "method": method, "seed": 1}).run(
+        module.clone(copy_params=True), PassContext(calibration=[feed]))
+    summary = _export("hf", cut, llama, tmp_path / "hf")
+    assert summary["load_back"]["outputs"][0]["relative"] <= 1e-5
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 3
+    from ctc.ir.interpreter import interpret
+
+    torch.testing.assert_close(_reload(tmp_path / "hf", "AutoModelForCausalLM", feed), interpret(cut, feed)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_conv1d_layers_are_written(tmp_path: Path) -> None:
+    """GPT-2's Conv1D linears run on ``reshape [batch*seq, in]`` rows: `emit hf` ended in a TypeError traceback
+    (reshape(): ... found element of type str), the symbolic dims handed to torch unevaluated."""
+    from ctc.frontends.hf import capture_hf_model
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                                                                 vocab_size=97)).eval()
+    model.save_pretrained(tmp_path / "gpt2")
+    module = capture_hf_model(model, batch=2, seq_len=16)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    summary = _export("hf", module, (module, feed, tmp_path / "gpt2"), tmp_path / "hf")
+    assert summary["load_back"]["outputs"][0]["relative"] <= 1e-5
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_layer"] == 2

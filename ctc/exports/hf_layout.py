@@ -116,11 +116,16 @@ def constant_value(module: Any, v: Any, memo: dict[int, torch.Tensor | None] | N
 
 
 def _blocks(module: Any) -> tuple[str | None, list[int], int | None]:
-    """(block prefix, block indices still present, original block count)."""
+    """(block prefix, block indices still present, original block count).
+
+    ``remove-blocks`` leaves ``meta["num_blocks"]`` at the blocks kept and lists the others in
+    ``meta["removed_blocks"]``: the original count is their sum (read as the count alone, a removed last block
+    went unnoticed and the written config kept a layer the weights do not fill)."""
     prefix = module.meta.get("block_prefix")
     present = sorted({n.block for n in module.nodes if n.block is not None})
     total = module.meta.get("num_blocks")
-    return prefix, present, int(total) if total is not None else None
+    removed = module.meta.get("removed_blocks") or []
+    return prefix, present, int(total) + len(removed) if total is not None else None
 
 
 def _renumber(module: Any, config: dict[str, Any], notes: list[str]) -> Callable[[str], str]:
@@ -283,9 +288,14 @@ def dense_weight(module: Any, home: LinearHome) -> tuple[torch.Tensor, torch.Ten
 
 
 def run_scope(module: Any, home: LinearHome, x: torch.Tensor) -> torch.Tensor:
-    """What the scope's nodes compute from ``x`` given as its entry activation (reference semantics)."""
+    """What the scope's nodes compute from ``x`` given as its entry activation (reference semantics); symbolic
+    dims in attributes (GPT-2's Conv1D rows ``reshape [batch*seq, in]``) are bound from ``x``'s shape."""
+    from ctc.ir.interpreter import _resolve_dims
     from ctc.ir.ops import get_op
+    from ctc.ir.symbolic import bind_symbols
 
+    sizes: dict[str, int] = {}
+    bind_symbols(home.entry.type.shape, tuple(x.shape), sizes, where=f"{home.node.scope}: ")
     memo: dict[int, torch.Tensor | None] = {}
     nodes = [home.node, *home.extra]
     if home.perm is not None:
@@ -300,7 +310,7 @@ def run_scope(module: Any, home: LinearHome, x: torch.Tensor) -> torch.Tensor:
             args = [env[id(v)] if id(v) in env else constant_value(module, v, memo) for v in n.inputs]
             if any(a is None for a in args):
                 raise ExportError(f"{module.name}: a {n.op} at {n.scope} reads a value from outside the layer")
-            res = get_op(n.op).ref(*args, **n.attrs)
+            res = get_op(n.op).ref(*args, **_resolve_dims(n, sizes))
             for v, t in zip(n.outputs, res if isinstance(res, (list, tuple)) else [res], strict=True):
                 env[id(v)] = t
     return env[id(home.exit)]
