@@ -379,3 +379,25 @@ def test_eval_measures_a_decode_steps_perplexity(decoder: Path, lm_art: Path, pr
     assert alone["ppl"] == got["ppl"] and "fidelity" not in alone and "ppl_original" not in alone
     assert main(["eval", str(lm_art), *flags, "--perplexity"]) == EXIT_USAGE
     assert "always measured: leave it out" in capsys.readouterr().err
+
+
+def test_decode_cache_and_windows_are_checked_before_loading(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`model hf "model" decode=256` on a 128-position model compiled, and --generate 200 then ran past the trained
+    positions without a word; `decode=32` with a calibrate line of the default seq_len (128) failed only after the
+    model loaded. Both are recipe errors at their place now."""
+    cases = (('model hf "model" decode=256\n', "1:18: error: model: decode=256 is longer than the model's 128 "
+              "positions", "use decode <= 128"),
+             ('model hf "model" decode=32\ncalibrate text "notes.txt" samples=2\n',
+              "2:1: error: calibrate: the default seq_len=128 does not fit the decode step's cache of 32 positions",
+              "use seq_len <= 32 on this line, or a larger decode="),
+             ('model hf "model" decode=32\nevaluate text "notes.txt" samples=2 seq_len=33\n',
+              "2:37: error: evaluate: seq_len=33 does not fit the decode step's cache of 32 positions",
+              "seq_len <= 32"))
+    for text, error, hint in cases:
+        (project / "bad_dec.ctc").write_text(text + "pipeline {\n    dce\n}\n")
+        assert main(["compile", str(project / "bad_dec.ctc"), "--check-only"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"bad_dec.ctc:{error}" in err and hint in err, err
+    (project / "ok_dec.ctc").write_text('model hf "model" decode=128\n'
+                                        'calibrate text "notes.txt" samples=2 seq_len=128\npipeline {\n    dce\n}\n')
+    assert main(["compile", str(project / "ok_dec.ctc"), "--check-only"]) == EXIT_OK

@@ -478,8 +478,14 @@ def model_positions(recipe: Recipe) -> tuple[int, str] | None:
 
 
 def _check_positions(recipe: Recipe) -> list[Diagnostic]:
-    """A seq_len longer than the model's positions fails only deep inside capture or evaluation: say so now."""
+    """A seq_len longer than the model's positions fails only deep inside capture or evaluation: say so now.
+    A decode step's cache (decode=N) counts as positions too (generation would run past the trained ones), and a
+    data window must fit in it (its prefix is written into the cache)."""
+    diags = _check_decode_windows(recipe)
     uses: list[tuple[str, Any, Span]] = []
+    m = recipe.model
+    if m is not None and isinstance(m.options.get("decode"), int) and not isinstance(m.options["decode"], bool):
+        uses.append(("model", m.options["decode"], m.option_spans.get("decode", m.span)))
     for ds in (recipe.calibrate, recipe.evaluate):
         if ds is not None and isinstance(ds.options.get("seq_len"), int):
             uses.append((ds.role, ds.options["seq_len"], ds.option_spans.get("seq_len", ds.span)))
@@ -487,13 +493,36 @@ def _check_positions(recipe: Recipe) -> list[Diagnostic]:
         if isinstance(t.options.get("seq_len"), int):
             uses.append((f"target {t.kind}", t.options["seq_len"], t.option_spans.get("seq_len", t.span)))
     if not uses:
-        return []
+        return diags
     known = model_positions(recipe)
     if known is None:
-        return []
+        return diags
     n, where = known
-    return [Diagnostic(f"{what}: seq_len={v} is longer than the model's {n} positions ({where})", span,
-                       hint=f"use seq_len <= {n}") for what, v, span in uses if v > n]
+    key = {"model": "decode"}
+    return diags + [Diagnostic(f"{what}: {key.get(what, 'seq_len')}={v} is longer than the model's {n} positions "
+                               f"({where})", span, hint=f"use {key.get(what, 'seq_len')} <= {n}")
+                    for what, v, span in uses if v > n]
+
+
+def _check_decode_windows(recipe: Recipe) -> list[Diagnostic]:
+    """calibrate/evaluate windows of a decode-step recipe longer than its cache (decode=N), the default
+    seq_len included: it failed after the model had loaded ('64 tokens need 64 cache positions')."""
+    m = recipe.model
+    n = m.options.get("decode") if m is not None else None
+    if not isinstance(n, int) or isinstance(n, bool):
+        return []
+    out = []
+    for ds in (recipe.calibrate, recipe.evaluate):
+        if ds is None:
+            continue
+        v = ds.options.get("seq_len", DatasetOptions().seq_len)
+        if isinstance(v, int) and v > n:
+            given = "seq_len" in ds.options
+            out.append(Diagnostic(f"{ds.role}: {'' if given else 'the default '}seq_len={v} does not fit the decode "
+                                  f"step's cache of {n} positions (decode={n})",
+                                  ds.option_spans.get("seq_len", ds.span) if given else ds.span,
+                                  hint=f"use seq_len <= {n} on this line, or a larger decode="))
+    return out
 
 
 def same_text_tokens(calibrate: tuple[str, Path, Any], evaluate: tuple[str, Path, Any]) -> str | None:
