@@ -253,3 +253,28 @@ def test_gpt2_conv1d_layers_are_written(tmp_path: Path) -> None:
     summary = _export("hf", module, (module, feed, tmp_path / "gpt2"), tmp_path / "hf")
     assert summary["load_back"]["outputs"][0]["relative"] <= 1e-5
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_layer"] == 2
+
+
+def test_a_transformers_load_back_that_raises_is_an_export_error(tmp_path: Path) -> None:
+    """Falcon W4A16 `emit compressed-tensors`: transformers' own Falcon weight init reads FalconLinear.weight,
+    which compressed-tensors replaced, so the load-back check ended the compile in an AttributeError traceback
+    (exit 4). It is an ExportError naming the class, the failure and the formats to write instead."""
+    pytest.importorskip("compressed_tensors")
+    from ctc.frontends.hf import capture_hf_model
+
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=64, vocab_size=97,
+                                    multi_query=True, parallel_attn=True, alibi=False, bias=False)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "falcon")
+    module = capture_hf_model(model, batch=2, seq_len=16)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    q = get_pass("quantize")({"w_bits": 4, "a_bits": 16, "w_granularity": "group", "group_size": 32}).run(
+        module.clone(copy_params=True), PassContext(calibration=[feed]))
+    try:
+        _export("compressed-tensors", q, (q, feed, tmp_path / "falcon"), tmp_path / "ct")
+    except ExportError as e:
+        assert "FalconForCausalLM.from_pretrained" in str(e) and "emit hf" in str(e)
+        assert not (tmp_path / "ct").exists()
+    # (a transformers release whose Falcon loads the checkpoint passes the load-back check instead)

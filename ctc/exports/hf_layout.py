@@ -410,6 +410,11 @@ def load_back(out_dir: Path, cls: type, example: Mapping[str, torch.Tensor], out
     hf_logging.set_verbosity_error()  # the load report is checked below instead of printed
     try:
         model, info = cls.from_pretrained(str(out_dir), local_files_only=True, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - transformers' (or a quantization library's) own failure, named
+        raise ExportError(f"{cls.__name__}.from_pretrained cannot load the written directory ({type(e).__name__}: "
+                          f"{e}); nothing was written. The format needs support for this model in transformers "
+                          "(and its quantization library): write another (`emit hf` for float or weight-only "
+                          "models, `emit gguf` for Llama-family ones)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
