@@ -1145,7 +1145,8 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
         from ctc.eval.data import lee_test
 
         tok = art.tokenizer()
-        ids = tok(" ".join(lee_test()), add_special_tokens=False, verbose=False)["input_ids"][:seq_len]
+        ids = tok(" ".join(lee_test()), add_special_tokens=False, verbose=False)["input_ids"]
+        ids = (ids * -(-seq_len // len(ids)))[:seq_len]  # the text again past its end: seq_len tokens, as reported
         window = torch.tensor(ids, dtype=torch.long).unsqueeze(0).repeat(batch, 1)
         feed_all = {"input_ids": window, "attention_mask": torch.ones_like(window),
                     "token_type_ids": torch.zeros_like(window),

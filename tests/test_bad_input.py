@@ -194,6 +194,42 @@ def test_bench_states_the_library_threads_and_refuses_a_count_it_cannot_apply(be
     assert res["protocol"].endswith(", 3 thread(s)")
 
 
+def test_bench_seq_len_past_the_text_times_that_many_tokens(tmp_path: Path) -> None:
+    """`ctc bench ART --seq-len 5000` on a text model with 8192 positions failed with a traceback ('The expanded
+    size of the tensor (4623) must match the existing size (5000)'): the bench text is 4623 tokens long. The text
+    now repeats until the window has the length asked for, so the time reported is for the tokens it says."""
+    import shutil
+
+    from ctc.bundled import bundled_model_dir
+    from ctc.driver import bench_artifact
+
+    tok = tmp_path / "tok"
+    src = bundled_model_dir("minilm")
+    tok.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, tok / name)
+    (tok / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                 "max_position_embeddings": 8192}))
+    m = Module("emb")
+    m.add_param("emb", torch.zeros(30522, 2))
+    ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    m.set_outputs([m.create_node("embedding", [ids, m.param("emb")]).output], ["hidden"])
+    art = ctc.load(write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=tok,
+                                  log=lambda _: None,
+                                  build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})]))
+    fed: list[torch.Tensor] = []
+
+    class _Recording(_ThreadedLibrary):
+        def __call__(self, inputs: Any) -> list[torch.Tensor]:
+            fed.append(inputs["input_ids"] if isinstance(inputs, dict) else inputs[0])
+            return super().__call__(inputs)
+
+    art._runners["cpu"] = _Recording()
+    res = bench_artifact(art, target="cpu", batch=2, seq_len=6000, repeat=20, threads=None)
+    assert res["seq_len"] == 6000 and fed and all(t.shape == (2, 6000) for t in fed), res
+    assert bool((fed[0][:, -1000:] != 0).all()), "the window's end is text, not padding"
+
+
 def test_a_size_the_model_fixes_is_not_blamed_on_the_build() -> None:
     """A library built with seq=128 refused an input whose channel axis (3 in the IR itself) was wrong with 'this
     library was built for fixed shapes (seq=128): ... axis 1 must be 3 ... build the target without fixing it',
