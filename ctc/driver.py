@@ -447,6 +447,9 @@ def pass_rows(report: Any) -> list[dict[str, Any]]:
     for r in report.records:
         d = r.to_dict()
         changed = ", ".join(f"{k} {v:+d}" for k, v in r.ops_diff.items()) or "no op changes"
+        if not r.ops_diff and r.params_before == r.params_after and r.bytes_before == r.bytes_after and r.notes:
+            why = r.notes[-1] if len(r.notes[-1]) <= 160 else r.notes[-1][:157] + "..."
+            changed = f"nothing changed ({why})"  # the pass's own last word on why, not just a blank line
         fid = f", cosine {r.fidelity.cosine:.6f}" if r.fidelity is not None and r.fidelity.cosine is not None else ""
         d["summary"] = (f"{changed}; params {r.params_before:,} -> {r.params_after:,}; "
                         f"bytes {r.bytes_before:,} -> {r.bytes_after:,}{fid}; {r.seconds:.2f}s")
