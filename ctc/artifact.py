@@ -301,7 +301,10 @@ class Artifact:
             return shape[1]
         if target is None:
             return None
-        fixed = (getattr(self.runner(target), "static_dims", None) or {}).get("seq")
+        from ctc.analysis.roofline import input_symbols
+
+        seq = input_symbols(self.module)[1]  # `seq`, or a .pt2 program's d1
+        fixed = (getattr(self.runner(target), "static_dims", None) or {}).get(seq) if seq else None
         return int(fixed) if fixed else None
 
     def runner(self, target: str) -> Any:

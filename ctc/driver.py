@@ -211,6 +211,26 @@ def selected_targets(recipe: Recipe, opts: CompileOptions) -> list[Any]:
     return out
 
 
+_SHAPE_NOTE = "tuning needs fixed shapes: built for "  # the note of a seq_len / batch a tuned build chose itself
+
+
+def fit_target_shapes(t: Any, module: Any) -> Any:
+    """``t`` without the ``seq_len`` / ``batch`` a tuned build chose for a dim the captured ``module``'s inputs do
+    not have (an MLP's or CNN's fixed shapes), nor their notes: those shapes are fixed already, and binding them
+    refused the build ('seq_len=128 given, but the model's inputs have fixed shapes'). A recipe's own value for such
+    a dim never gets here (:func:`ctc.dsl.check.check_with_module` refuses it at the option)."""
+    from ctc.analysis.roofline import input_symbols
+
+    if not t.trials or not hasattr(t.options, "seq_len") or not hasattr(t.options, "batch"):
+        return t
+    b_sym, s_sym, _ = input_symbols(module)
+    drop = [opt for opt, sym in (("seq_len", s_sym), ("batch", b_sym)) if sym is None and getattr(t.options, opt)]
+    if not drop:
+        return t
+    notes = tuple(n for n in t.notes if not any(n.startswith(f"{_SHAPE_NOTE}{opt}=") for opt in drop))
+    return dataclasses.replace(t, options=dataclasses.replace(t.options, **dict.fromkeys(drop, 0)), notes=notes)
+
+
 def _settle_target(recipe: Recipe, t: Any) -> Any:
     """Recipe-relative paths and the fixed shapes a tuned build needs, with a note for each default.
 
@@ -229,11 +249,11 @@ def _settle_target(recipe: Recipe, t: Any) -> Any:
             seq = int(ds.options.get("seq_len", 128)) if ds is not None else 128
             where = f"the {ds.role} line's" if ds is not None and "seq_len" in ds.options else "the default"
             changes["seq_len"] = seq
-            notes.append(f"tuning needs fixed shapes: built for seq_len={seq} ({where}; set seq_len on the target "
+            notes.append(f"{_SHAPE_NOTE}seq_len={seq} ({where}; set seq_len on the target "
                          "line to choose, or trials=0 for an any-length build)")
         if not options.batch:
             changes["batch"] = 1
-            notes.append("tuning needs fixed shapes: built for batch=1 (set batch on the target line to choose)")
+            notes.append(f"{_SHAPE_NOTE}batch=1 (set batch on the target line to choose)")
     if not changes:
         return t
     return dataclasses.replace(t, options=dataclasses.replace(options, **changes), notes=t.notes + tuple(notes))
@@ -765,6 +785,7 @@ def compile_recipe(path: str | Path | Recipe, opts: CompileOptions | None = None
         raise RecipeError(post)
     if opts.capture_only:
         return CompileResult(recipe, module=loaded.module)
+    targets = [fit_target_shapes(t, loaded.module) for t in targets]
 
     original = loaded.module
     calib: list[dict[str, Any]] = []
@@ -1121,8 +1142,10 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
         raise UsageError(f"--seq-len {seq_len}: this {target} library was built for {fixed} tokens (`seq_len=` on its "
                          f"target line): give --seq-len {fixed} or leave it out")
     seq_len = seq_len if seq_len is not None else fixed or 128
-    rows = (getattr(art.runner(target), "static_dims", None) or {}).get("batch") if target is not None else None
-    if rows is not None and batch is not None and batch != rows and "batch" in input_symbols(art.module)[2]:
+    b_sym = input_symbols(art.module)[0]  # `batch`, or a .pt2 program's d0
+    static = (getattr(art.runner(target), "static_dims", None) or {}) if target is not None and b_sym else {}
+    rows = static.get(b_sym) if b_sym else None
+    if rows is not None and batch is not None and batch != rows:
         raise UsageError(f"--batch {batch}: this {target} library was built for batch {rows} (`batch=` on its target "
                          f"line, or a tuned build): give --batch {rows} or leave it out")
     batch = batch if batch is not None else rows or 1

@@ -338,6 +338,23 @@ def test_bench_takes_the_length_a_library_was_built_for(tmp_path: Path, monkeypa
         bench_artifact(art, target="cpu", batch=1, seq_len=None, repeat=20, threads=None)
 
 
+def test_bench_takes_the_batch_a_pt2_library_was_built_for(tmp_path: Path) -> None:
+    """A .pt2 with a dynamic batch (captured as `d0`) built with `target cpu batch=4`: `ctc bench --target cpu` fed
+    batch 1 and failed with the library's 'built for fixed shapes (d0=4)'; it now takes the build's batch, and
+    --batch 2 is refused naming the one to give, as for a Hugging Face model's `batch`."""
+    from ctc.driver import bench_artifact
+
+    m = Module("mlp")
+    m.set_outputs([m.create_node("relu", [m.add_input("x", TensorType(["d0", 16], "f32"))]).output], ["y"])
+    art = ctc.load(write_artifact(tmp_path / "a", module=m, report={"name": "mlp"}, log=lambda _: None,
+                                  build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})]))
+    art._runners["cpu"] = lib = _ThreadedLibrary()
+    lib.static_dims = {"d0": 4}
+    assert bench_artifact(art, target="cpu", batch=None, seq_len=None, repeat=20, threads=None)["batch"] == 4
+    with pytest.raises(UsageError, match="--batch 2: this cpu library was built for batch 4"):
+        bench_artifact(art, target="cpu", batch=2, seq_len=None, repeat=20, threads=None)
+
+
 def test_cli_text_longer_than_the_model_says_to_shorten_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctc run --text` past the model's positions advised 'tokenizer(..., truncation=True, max_length=512)', which

@@ -193,6 +193,28 @@ def test_tuned_build_gets_fixed_shapes_and_recipe_relative_tuning_dir(tmp_path: 
     assert t.trials == 64 and t.options.seq_len == 64
 
 
+def test_a_tuned_build_of_a_fixed_shape_model_binds_no_shapes(tmp_path: Path) -> None:
+    """`target cpu trials=2` on an MLP from a .pt2 (x f32[2, 16]) noted 'built for seq_len=128' and 'batch=1', then
+    failed: 'seq_len=128 given, but the model's inputs have fixed shapes already; remove seq_len' (the user gave
+    none). Once the model is captured, the shapes a tuned build chose for dims it lacks are dropped, notes too."""
+    from ctc.backends.tvm.build import _options_from_target
+    from ctc.driver import fit_target_shapes
+
+    mlp = Module("mlp")
+    mlp.set_outputs([mlp.create_node("relu", [mlp.add_input("x", TensorType([2, 16], "f32"))]).output])
+    (t,) = selected_targets(_recipe(tmp_path, "target cpu trials=2", evaluate=""), CompileOptions())
+    assert (t.options.seq_len, t.options.batch) == (128, 1)
+    fitted = fit_target_shapes(t, mlp)
+    assert (fitted.options.seq_len, fitted.options.batch, fitted.notes) == (0, 0, ()), fitted
+    assert _options_from_target(fitted, mlp).static_dims == {}
+    cnn = Module("cnn")  # a dynamic batch only: the batch stays bound (tuning needs it), the length is dropped
+    cnn.set_outputs([cnn.create_node("relu", [cnn.add_input("x", TensorType(["d0", 3, 8], "f32"))]).output])
+    fitted = fit_target_shapes(t, cnn)
+    assert (fitted.options.seq_len, fitted.options.batch) == (0, 1) and len(fitted.notes) == 1, fitted
+    assert "batch=1" in fitted.notes[0] and _options_from_target(fitted, cnn).static_dims == {"d0": 1}
+    assert fit_target_shapes(t, _linear_gelu(("batch", "seq", 32))) is t  # a text model's dims: both kept
+
+
 def test_fit_batch() -> None:
     ids = torch.arange(10).reshape(2, 5)
     out = fit_batch({"input_ids": ids, "scalar": torch.tensor(1)}, type("O", (), {"batch": 3, "seq_len": 7})())

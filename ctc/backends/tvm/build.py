@@ -920,19 +920,21 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
     (default: ~/.cache/ctc/tuning) and ``seq_len``/``batch`` (a fixed-shape build binds the
     module's ``seq``/``batch`` symbols)."""
 
+    from ctc.analysis.roofline import input_symbols
+
     opts = target.options
-    symbols = sorted(set().union(*(v.type.symbols for v in module.inputs))) if module.inputs else []
+    # `batch` / `seq` as captured from Hugging Face, else a .pt2 program's own names (d0 at dim 0, d1 after it),
+    # as the recipe checker and `ctc bench --batch/--seq-len` read them
+    b_sym, s_sym, every = input_symbols(module)
     static: dict[str, int] = {}
-    for option_name, symbol, what in (("seq_len", "seq", "sequence"), ("batch", "batch", "batch")):
+    for option_name, symbol, what in (("seq_len", s_sym, "sequence"), ("batch", b_sym, "batch")):
         value = int(getattr(opts, option_name, 0) or 0)
         if not value:
             continue
-        if not symbols:
-            raise UsageError(f"target {target.kind}: {option_name}={value} given, but the model's inputs have fixed "
-                             f"shapes already; remove {option_name}")
-        if symbol not in symbols:
-            raise UsageError(f"target {target.kind}: {option_name} binds the {what} symbol {symbol!r}, but the "
-                             f"model's input dims use {symbols}; capture with the {what} axis named {symbol!r}")
+        if symbol is None:
+            dims = f"their dims use {sorted(every)}" if every else "they have fixed shapes already"
+            raise UsageError(f"target {target.kind}: {option_name}={value} given, but the model's inputs have no "
+                             f"{what} dim ({dims}); remove {option_name}")
         static[symbol] = value
     # GPU weights are not constants inside the library: bound at load from the module's parameters
     return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
