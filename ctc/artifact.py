@@ -307,6 +307,15 @@ class Artifact:
         fixed = (getattr(self.runner(target), "static_dims", None) or {}).get(seq) if seq else None
         return int(fixed) if fixed else None
 
+    def fixed_batch(self, target: str) -> int | None:
+        """The batch size ``target``'s library was built for (``batch=`` on its target line, a tuned build), None
+        when it takes any batch or the model's inputs have no symbolic batch dim."""
+        from ctc.analysis.roofline import input_symbols
+
+        b_sym = input_symbols(self.module)[0]  # `batch`, or a .pt2 program's d0
+        fixed = (getattr(self.runner(target), "static_dims", None) or {}).get(b_sym) if b_sym else None
+        return int(fixed) if fixed else None
+
     def runner(self, target: str) -> Any:
         """The loaded compiled library of ``target`` (cached, verified against the manifest before it is
         loaded): callable on the model's inputs."""

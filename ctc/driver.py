@@ -1132,7 +1132,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
 
     import torch
 
-    from ctc.analysis.roofline import input_symbols, refuse_absent_dims
+    from ctc.analysis.roofline import refuse_absent_dims
     from ctc.eval.latency import MIN_RUNS, machine_info, measure_latency
 
     refuse_simulated(art, target)
@@ -1142,9 +1142,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
         raise UsageError(f"--seq-len {seq_len}: this {target} library was built for {fixed} tokens (`seq_len=` on its "
                          f"target line): give --seq-len {fixed} or leave it out")
     seq_len = seq_len if seq_len is not None else fixed or 128
-    b_sym = input_symbols(art.module)[0]  # `batch`, or a .pt2 program's d0
-    static = (getattr(art.runner(target), "static_dims", None) or {}) if target is not None and b_sym else {}
-    rows = static.get(b_sym) if b_sym else None
+    rows = art.fixed_batch(target) if target is not None else None
     if rows is not None and batch is not None and batch != rows:
         raise UsageError(f"--batch {batch}: this {target} library was built for batch {rows} (`batch=` on its target "
                          f"line, or a tuned build): give --batch {rows} or leave it out")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -197,27 +198,74 @@ def _emb_artifact(tmp_path: Path, kind: str) -> Path:
                           log=lambda _: None)
 
 
+class _ProfiledLibrary:
+    """Stands in for a loaded cpu library with a profiler: records the first input of each call."""
+
+    def __init__(self, static_dims: dict[str, int] | None = None) -> None:
+        self.static_dims = static_dims or {}
+        self.fed: list[torch.Tensor] = []
+
+    def __call__(self, inputs: Any) -> list[torch.Tensor]:
+        self.fed.append(next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0])
+        return [torch.zeros(1)]
+
+    def profile(self, inputs: object, runs: int) -> list[Any]:
+        from ctc.backends.tvm.build import KernelTime
+
+        return [KernelTime("fused_take", 1, 0.5, 0.5)]
+
+
 def test_profile_times_the_compiled_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctc analyze --target cpu --profile` runs the library through `ctc bench`'s protocol (it asked for 10 runs,
     fewer than the bench's floor of 20, so every cpu profile was refused with a --repeat error analyze lacks)."""
     import ctc
     from ctc.analysis import artifact as A
-    from ctc.backends.tvm.build import KernelTime
 
     dest = _emb_artifact(tmp_path, "cpu")
-
-    class Library:
-        def __call__(self, inputs: object) -> list[torch.Tensor]:
-            return [torch.zeros(1)]
-
-        def profile(self, inputs: object, runs: int) -> list[KernelTime]:
-            return [KernelTime("fused_take", 1, 0.5, 0.5)]
-
     art = ctc.load(dest)
-    art._runners["cpu"] = Library()
+    art._runners["cpu"] = _ProfiledLibrary()
     monkeypatch.setattr(A, "target_peaks", lambda *a, **k: fpga_peaks())
     _, _, measured = A.analyze_artifact(art, "cpu", seq_len=8, profile=True)
     assert "median/p90 of 20 runs" in measured, measured
+
+
+def test_profile_takes_the_batch_the_library_was_built_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc analyze ART --target cpu --profile` on a `target cpu batch=4` build (no --batch given) failed with
+    '--batch 1: this cpu library was built for batch 4 ...: give --batch 4 or leave it out'; it was left out. The
+    profile and the analysis now take the build's batch, as they take its length."""
+    import ctc
+    from ctc.analysis import artifact as A
+
+    art = ctc.load(_emb_artifact(tmp_path, "cpu"))
+    art._runners["cpu"] = lib = _ProfiledLibrary({"batch": 4})
+    monkeypatch.setattr(A, "target_peaks", lambda *a, **k: fpga_peaks())
+    a, _, measured = A.analyze_artifact(art, "cpu", seq_len=8, profile=True)
+    assert "median/p90 of 20 runs" in measured and lib.fed and all(t.shape == (4, 8) for t in lib.fed), measured
+    assert "batch 4" in a.phases[0].description, a.phases[0].description
+    a, _, _ = A.analyze_artifact(art, "cpu", seq_len=8)  # no profile: the model's analysis at the default batch 1
+    assert "batch 1" in a.phases[0].description
+
+
+@pytest.mark.parametrize("shape", [(2, 16), ("d0", 16)])
+def test_profile_of_a_model_without_a_sequence_dim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    shape: tuple[Any, ...]) -> None:
+    """`ctc analyze ART --target cpu --profile` on an MLP from a .pt2 (fixed x [2, 16], or a dynamic batch) failed
+    with '--seq-len 128: the model's inputs have no sequence dim ...; leave it out', a flag the user never gave:
+    the profile passed its own default length (and batch 1) to the bench. It now sizes only the dims the inputs
+    have."""
+    import ctc
+    from ctc.analysis import artifact as A
+    from ctc.artifact import write_artifact
+
+    m = Module("mlp")
+    m.set_outputs([m.create_node("relu", [m.add_input("x", TensorType(shape, "f32"))]).output], ["y"])
+    art = ctc.load(write_artifact(tmp_path / "art", module=m, report={"name": "mlp"}, log=lambda _: None,
+                                  build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})]))
+    art._runners["cpu"] = lib = _ProfiledLibrary()
+    monkeypatch.setattr(A, "target_peaks", lambda *a, **k: fpga_peaks())
+    _, _, measured = A.analyze_artifact(art, "cpu", profile=True)
+    assert "x f32[2, 16]" in measured if shape[0] == 2 else "x f32[1, 16]" in measured, measured
+    assert lib.fed, "the library ran"
 
 
 def test_profile_on_a_machine_that_cannot_run_the_library_says_so_before_loading_it(

@@ -66,8 +66,9 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
         from ctc.driver import refuse_simulated
 
         refuse_simulated(art, kind)
-    refuse_absent_dims(art.module, seq_len=seq_len, batch=batch)
-    batch = 1 if batch is None else batch
+    b_sym, s_sym = refuse_absent_dims(art.module, seq_len=seq_len, batch=batch)
+    if batch is None:  # the batch the profiled library was built for (`batch=`, a tuned build), else 1
+        batch = (art.fixed_batch(kind) if profile else None) or 1
     built = art.fixed_seq_len(kind) if seq_len is None and profile else None  # the length its library was built for
     n = seq_len if seq_len is not None else built or default_seq_len(art)
     a = analyze_module(art.module, peaks, seq_len=n, batch=batch, dims=dims, name=str(art.report.get("name") or
@@ -77,8 +78,9 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
     from ctc.driver import bench_artifact
     from ctc.eval.latency import MIN_RUNS
 
-    res = bench_artifact(art, target=kind, batch=batch, seq_len=n, repeat=MIN_RUNS, threads=None,
-                          profile=10_000)
+    # only the dims the inputs have: the bench refuses a size for one they lack (an MLP's or CNN's fixed shapes)
+    res = bench_artifact(art, target=kind, batch=batch if b_sym else None, seq_len=n if s_sym else None,
+                         repeat=MIN_RUNS, threads=None, profile=10_000)
     phase = a.phases[0] if art.module.meta.get("task") != TASK_DECODE_STEP else a.phase("decode")
     pts = measured_points(phase, res.get("kernels", []), res.get("median_ms"))
     shapes = res.get("inputs") or f"batch {batch}, seq {n}"  # a model without text inputs: what bench made
