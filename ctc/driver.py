@@ -1134,6 +1134,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
 
     from ctc.analysis.roofline import refuse_absent_dims
     from ctc.eval.latency import MIN_RUNS, machine_info, measure_latency
+    from ctc.targets import MAX_CPU_THREADS
 
     refuse_simulated(art, target)
     given = {"seq_len": seq_len, "batch": batch}  # as the user gave them (None: left out)
@@ -1154,6 +1155,9 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
                          f"got {repeat}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1 (leave it out for the default), got {threads}")
+    if threads is not None and threads > MAX_CPU_THREADS:  # a library's pool runs at most that many
+        raise UsageError(f"--threads must be <= {MAX_CPU_THREADS} (a CPU library's pool runs at most that many), "
+                         f"got {threads}")
     if profile and target is None:
         raise UsageError("--profile times the kernels of a compiled library: add --target KIND")
     names = [v.name for v in art.module.inputs]

@@ -30,11 +30,16 @@ class TargetOptions(Options):
     """Base of every target's options (see :mod:`ctc.options`)."""
 
 
+# The most threads a CPU library's pool runs (CTC_MAX_THREADS in ctc/backends/tvm/parallel_pool.c): more were
+# accepted, silently capped there, and reported as the count asked for.
+MAX_CPU_THREADS = 256
+
+
 @dataclass(frozen=True)
 class CpuOptions(TargetOptions):
     """Options of the `cpu` target (TVM llvm)."""
 
-    threads: int = option(0, "worker threads at run time (0 = all cores)", min=0)
+    threads: int = option(0, "worker threads at run time (0 = all cores)", min=0, max=MAX_CPU_THREADS)
     mcpu: str = option("native", "LLVM -mcpu (native = this machine)")
     opt_level: int = option(3, "TVM optimisation level", min=0, max=3)
     tuning_dir: str | None = option(None, "meta-schedule tuning database directory (default ~/.cache/ctc/tuning)")

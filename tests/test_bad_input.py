@@ -192,6 +192,8 @@ def test_bench_states_the_library_threads_and_refuses_a_count_it_cannot_apply(be
         bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=1)
     res = bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=3)
     assert res["protocol"].endswith(", 3 thread(s)")
+    with pytest.raises(UsageError, match=r"--threads must be <= 256 .*got 1000"):  # the pool's cap
+        bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=1000)
 
 
 def test_bench_seq_len_past_the_text_times_that_many_tokens(tmp_path: Path) -> None:

@@ -439,6 +439,28 @@ def test_runtime_uses_every_core_by_default(tmp_path: Any, monkeypatch: pytest.M
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_thread_counts_past_the_pool_are_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`target cpu threads=100000` was accepted, the library's pool ran 256 (parallel_pool.c caps there), and
+    `ctc bench` reported '100000 thread(s)'. The recipe option, --threads and loading refuse a count past the cap."""
+    import json
+
+    from ctc.errors import UsageError
+    from ctc.targets import MAX_CPU_THREADS, CpuOptions
+
+    src = (Path(__file__).resolve().parents[1] / "ctc/backends/tvm/parallel_pool.c").read_text()
+    assert int(re.search(r"#define CTC_MAX_THREADS (\d+)", src).group(1)) == MAX_CPU_THREADS
+    with pytest.raises(Exception, match=f"above its maximum {MAX_CPU_THREADS}"):
+        CpuOptions.from_dict({"threads": MAX_CPU_THREADS + 1}, owner="target cpu")
+    (tmp_path / "model.so").write_bytes(b"not loaded")
+    (tmp_path / "model.json").write_text(json.dumps({"threads": 300, "device": "cpu"}))
+    with pytest.raises(UsageError, match=f"its target's threads=300, but a CPU library runs at most {MAX_CPU_THREADS}"):
+        load_compiled(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps({"threads": 0, "device": "cpu"}))
+    monkeypatch.setenv("TVM_NUM_THREADS", "1000")
+    with pytest.raises(UsageError, match="TVM_NUM_THREADS=1000"):
+        load_compiled(tmp_path)
+
+
 def test_runtime_threads_stay_on_the_process_cores(tmp_path: Any) -> None:
     """Loading a library pins TVM's workers inside the process's affinity mask and leaves the calling
     thread's mask as it was (TVM's big/little modes pinned by machine core number: the loading thread

@@ -38,6 +38,7 @@ from ctc.backends.tvm.targets import host_cores, usable_cores
 from ctc.errors import UsageError
 from ctc.ir.graph import Module
 from ctc.positions import check_index_values, check_symbol_limits, index_bounds, ir_symbol_limits, with_config
+from ctc.targets import MAX_CPU_THREADS
 
 __all__ = ["BuildOptions", "CompiledModel", "build", "compile_module", "load", "load_compiled", "relax_passes"]
 
@@ -567,9 +568,14 @@ class CompiledModel:
             # 0 = every usable core (the target's documented default).  Left alone, TVM's pool runs
             # one thread on this kind of machine: MiniLM int8 took 18.9 ms instead of 8.3.
             env = os.environ.get("TVM_NUM_THREADS", "")
-            self.threads = int(env) if env.isdigit() and int(env) > 0 else host_cores()
-        os.environ["TVM_NUM_THREADS"] = str(self.threads)
+            self.threads = int(env) if env.isdigit() and int(env) > 0 else min(host_cores(), MAX_CPU_THREADS)
         self.device = str(self.meta.get("device", "cpu"))
+        if self.device == "cpu" and self.threads > MAX_CPU_THREADS:  # the pool would run fewer than it says
+            given = ("threads" if threads is not None else "its target's threads" if self.meta.get("threads")
+                     else "TVM_NUM_THREADS")
+            raise UsageError(f"load_compiled: {given}={self.threads}, but a CPU library runs at most "
+                             f"{MAX_CPU_THREADS} worker threads; give a count up to {MAX_CPU_THREADS}")
+        os.environ["TVM_NUM_THREADS"] = str(self.threads)
         if self.device == "cuda":
             import torch
 
