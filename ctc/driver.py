@@ -243,6 +243,12 @@ def _settle_target(recipe: Recipe, t: Any) -> Any:
     tdir = getattr(options, "tuning_dir", None)
     if tdir and not Path(tdir).expanduser().is_absolute():
         changes["tuning_dir"] = str(resolve_path(recipe, tdir).absolute())
+    if tdir and t.spec.trials and not t.trials:  # only a tuned build reads or writes the database
+        no_tune = any(rt.kind == t.kind and rt.trials for rt in recipe.targets)  # trials= given, --no-tune
+        why, fix = (("--no-tune was given", "leave --no-tune out to tune") if no_tune else
+                    ("the target line has no trials=", "add trials=N to the target line, or compile with --tune"))
+        notes.append(f"tuning_dir is not used: {why}, so this build uses default schedules and no tuning database "
+                     f"({fix})")
     if t.trials > 0 and hasattr(options, "seq_len") and hasattr(options, "batch"):
         if not options.seq_len:
             ds = recipe.evaluate or recipe.calibrate

@@ -193,6 +193,17 @@ def test_tuned_build_gets_fixed_shapes_and_recipe_relative_tuning_dir(tmp_path: 
     assert t.trials == 64 and t.options.seq_len == 64
 
 
+def test_a_tuning_dir_without_trials_says_it_is_unused(tmp_path: Path) -> None:
+    """`target cpu tuning_dir="tune"` without trials= built with default schedules, read no database and said
+    nothing: the option was accepted and ignored. The build now notes it and names the fix; with --tune it is used."""
+    (t,) = selected_targets(_recipe(tmp_path, 'target cpu tuning_dir="tune"'), CompileOptions())
+    assert any("tuning_dir is not used" in n and "trials=N" in n and "--tune" in n for n in t.notes), t.notes
+    (t,) = selected_targets(_recipe(tmp_path, 'target cpu tuning_dir="tune"'), CompileOptions(tune=True))
+    assert not any("tuning_dir" in n for n in t.notes), t.notes
+    (t,) = selected_targets(_recipe(tmp_path, 'target cpu tuning_dir="tune" trials=4'), CompileOptions(tune=False))
+    assert any("tuning_dir is not used: --no-tune was given" in n for n in t.notes), t.notes
+
+
 def test_a_tuned_build_of_a_fixed_shape_model_binds_no_shapes(tmp_path: Path) -> None:
     """`target cpu trials=2` on an MLP from a .pt2 (x f32[2, 16]) noted 'built for seq_len=128' and 'batch=1', then
     failed: 'seq_len=128 given, but the model's inputs have fixed shapes already; remove seq_len' (the user gave
