@@ -608,6 +608,14 @@ def fit_batch(batch: Mapping[str, Any], options: Any) -> dict[str, Any]:
     return out
 
 
+def _library_threads(res: Any, library: Any) -> Any:
+    """A latency result of a compiled CPU library whose protocol states the library's own pool (``threads=`` on its
+    target line, else every core), not torch's thread count, which the library does not use."""
+    if getattr(library, "threads", None) and getattr(library, "device", "cpu") == "cpu":
+        return dataclasses.replace(res, threads=int(library.threads))
+    return res
+
+
 def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str, Any],
                    inputs: str = "first evaluation batch") -> dict[str, Any]:
     """The compiled library's latency on one evaluation batch (median of >= 20 runs after warm-up, or of the runs
@@ -632,7 +640,8 @@ def measure_target(module: Any, kind: str, target_dir: Path, batch: Mapping[str,
         return {"estimated_latency_ms": run.estimated_latency_ms, "bit_exact_vs_integer_model": run.last_bit_exact,
                 "vs_ir": {"cosine": agree.cosine, "max_abs_error": agree.max_abs_error},
                 "protocol": f"{inputs} {({k: list(v.shape) for k, v in feed.items()})}, C simulation"}
-    lat = measure_latency(lambda: run(feed), runs=MIN_RUNS, warmup=3, max_seconds=TARGET_LATENCY_BUDGET_S, label=kind)
+    lat = _library_threads(measure_latency(lambda: run(feed), runs=MIN_RUNS, warmup=3,
+                                           max_seconds=TARGET_LATENCY_BUDGET_S, label=kind), run)
     torch_run = torch_runner(module)
     base = measure_latency(lambda: torch_run(feed), runs=MIN_RUNS, warmup=3, max_seconds=TORCH_BASELINE_BUDGET_S,
                            label="torch")
@@ -1207,9 +1216,7 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
     if library is None:
         res = measure_latency(lambda: art.run(feed), runs=repeat, warmup=3, threads=threads, label="torch")
     else:
-        res = measure_latency(lambda: library(feed), runs=repeat, warmup=3, label=target)
-        if getattr(library, "threads", None):  # the protocol states the library's pool, not torch's
-            res = dataclasses.replace(res, threads=int(library.threads))
+        res = _library_threads(measure_latency(lambda: library(feed), runs=repeat, warmup=3, label=target), library)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     out = {"backend": target or "torch (reference)", **sizes,
            "median_ms": round(res.median_ms, 3), "p90_ms": round(res.p90_ms, 3), "min_ms": round(res.min_ms, 3),

@@ -232,6 +232,34 @@ def test_bench_seq_len_past_the_text_times_that_many_tokens(tmp_path: Path) -> N
     assert bool((fed[0][:, -1000:] != 0).all()), "the window's end is text, not padding"
 
 
+def test_compile_states_the_library_threads_in_its_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `target cpu threads=1` build on a 2-core machine: the compile's report said 'median/p90 of 20 runs after 3
+    warm-up, 2 thread(s)' for the library (torch's count, as `ctc bench` once did). The protocol now states the
+    library's pool; the torch backend's part keeps torch's."""
+    import ctc.backends.tvm
+    from ctc.driver import measure_target
+    from ctc.ir.interpreter import interpret
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    m = _module()
+
+    class _OneThread(_Library):
+        threads = 1
+
+        def __call__(self, inputs: Any) -> list[torch.Tensor]:
+            super().__call__(inputs)
+            return interpret(m, inputs)
+
+    monkeypatch.setattr(ctc.backends.tvm, "load", lambda d, module: _OneThread())
+    try:
+        res = measure_target(m, "cpu", Path("unused"), _ok(), "synthetic inputs")
+    finally:
+        torch.set_num_threads(before)
+    lib_part, torch_part = res["protocol"].split("; ")[1:]
+    assert lib_part.endswith(", 1 thread(s)") and torch_part.endswith(", 2 thread(s)"), res["protocol"]
+
+
 def test_a_size_the_model_fixes_is_not_blamed_on_the_build() -> None:
     """A library built with seq=128 refused an input whose channel axis (3 in the IR itself) was wrong with 'this
     library was built for fixed shapes (seq=128): ... axis 1 must be 3 ... build the target without fixing it',
