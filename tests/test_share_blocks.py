@@ -171,3 +171,34 @@ def test_blocks_quantized_apart_are_named_with_what_differs_and_the_selector_tha
     assert "quant_linear vs quant_linear" not in str(e.value)
     out, _ = run(q, {"groups": [[2, 3]]}, calib, Selector(blocks=((2, 4),)))  # the selector the message points at
     assert out.op_counts()["quant_linear"] == q.op_counts()["quant_linear"]
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("share-blocks", {"ratio": 0.6, "max_group": 2, "score_batches": 2}),
+    ("recursive", {"loops": 2, "rank": 4, "score_batches": 2}),
+])
+def test_bf16_model_gets_bf16_adapters_and_healing_it_is_refused_up_front(name: str, opts: dict) -> None:
+    """`model hf DIR dtype=bf16` + share-blocks failed 'mul: operand dtypes differ (bf16 vs f32)', + recursive
+    'lowrank_linear ... expected m1 and m2 to have the same dtype' (exit 4): coefficients, LoRA factors and the
+    fitted values were f32. They now take the model's dtype. Healing (f32 training) on such a model is refused
+    before any work, saying what to do, instead of a dtype error inside the training graph."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_configs import hf_inputs, tiny_hf
+
+    from ctc.frontends import capture_hf_model
+
+    m = capture_hf_model(tiny_hf("qwen2", layers=4).to(torch.bfloat16), seq_len=8)
+    calib = [hf_inputs(1, 16, seed=s) for s in range(3)]
+    cls = type(get_pass(name)(opts))
+    healing = cls.Options.from_dict({**opts, "heal_steps": 2})
+    ((where, msg),) = cls.check_module(healing, m, Selector())
+    assert where is None and "healing trains in float32" in msg and "bfloat16" in msg and "dtype=f32" in msg
+    with pytest.raises(PassError, match="healing trains in float32"):
+        get_pass(name)({**opts, "heal_steps": 2}).run(m.clone(), PassContext(calibration=calib))
+    assert cls.check_module(cls.Options.from_dict(opts), m, Selector()) == []
+    out = get_pass(name)(opts).run(m, PassContext(calibration=calib))
+    assert {t.dtype for t in out.params.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert interpret(out, calib[0])[0].dtype == torch.bfloat16

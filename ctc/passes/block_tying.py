@@ -29,6 +29,7 @@ from ctc.ir.blocks import BlockInfo, BlockLayout, BlockLayoutError, block_layout
 from ctc.ir.graph import Module, Node, Value
 from ctc.ir.interpreter import bind_inputs, interpret
 from ctc.ir.rewrite import Rewriter
+from ctc.ir.types import torch_dtype
 from ctc.passes.analyses.replay import consecutive_runs
 from ctc.passes.base import Analysis, PassContext, PassError, Selector
 from ctc.passes.weight_sharing import ChannelFit, lora_from_residual
@@ -482,13 +483,15 @@ def _relax_linear(rw: Rewriter, lin: Node, block: int, coefficients: bool,
     x, w, bias = lin.operand("x"), lin.operand("weight"), lin.operand("bias")
     assert x is not None and w is not None
     scope = lin.scope or "linear"
+    wt = rw.param_tensor(w)
+    dt = wt.dtype if wt is not None else torch.float32  # adapters in the model's dtype (bf16 models: a bf16 mul)
     with rw.at(lin):
         core = rw.create("linear", {"x": x, "weight": w, "bias": None if coefficients else bias})
         y = core.output
         coef = None
         if coefficients:
             n_out = int(w.type.shape[0])
-            scale = rw.add_param(f"{scope}.coef", torch.ones(n_out, dtype=torch.float32))
+            scale = rw.add_param(f"{scope}.coef", torch.ones(n_out, dtype=dt))
             y = rw.create("mul", {"a": y, "b": rw.read_param(scale)}).output
             shift = None
             if bias is not None:
@@ -496,12 +499,12 @@ def _relax_linear(rw: Rewriter, lin: Node, block: int, coefficients: bool,
                 if bt is None:
                     raise PassError(f"{lin.scope}: the bias is computed, not a parameter; coefficients need a "
                                     "parameter bias")
-                shift = rw.add_param(f"{scope}.coef_shift", bt.detach().clone().to(torch.float32))
+                shift = rw.add_param(f"{scope}.coef_shift", bt.detach().clone().to(dt))
                 y = rw.create("add", {"a": y, "b": rw.read_param(shift)}).output
             coef = Coefficient(block, core, core.output, scale, shift, lin.output.name)
         if lora is not None:
             b, a = lora
-            u, v = rw.new_param(f"{scope}.lora_u", b), rw.new_param(f"{scope}.lora_v", a)
+            u, v = rw.new_param(f"{scope}.lora_u", b.to(dt)), rw.new_param(f"{scope}.lora_v", a.to(dt))
             delta = rw.create("lowrank_linear", {"x": x, "u": u, "v": v}, {"rank": int(b.shape[1])})
             y = rw.create("add", {"a": y, "b": delta.output}).output
     rw.replace(lin, y)
@@ -556,10 +559,11 @@ def _fit_block(sub: Module, feeds: Sequence[Mapping[str, torch.Tensor]], coefs: 
             for a, t in zip(seen[c.a.name], targets[c.target], strict=True):
                 fit.update(a, t)
             scale, shift = fit.solve(ridge)
-            fitted[c.scale] = scale
+            dt = torch_dtype(c.a.type.dtype)  # the model's dtype: an f32 fit would promote a bf16 stream
+            fitted[c.scale] = scale.to(dt)
             if c.shift is not None:
                 assert shift is not None
-                fitted[c.shift] = shift
+                fitted[c.shift] = shift.to(dt)
     return fitted
 
 
@@ -594,7 +598,7 @@ def fit_coefficients(stack: Stack, teacher: Module, acts: ActivationsResult, coe
             targets = _observe(block_module(teacher, t_info), acts.feeds(t_info, acts.inputs[b][:batches]),
                                [c.target for c in here])
             for name, t in _fit_block(sub, acts.feeds(info, student_h), here, targets, ridge).items():
-                m.params[name] = t  # a new tensor object: nothing is written in place
+                m.params[name] = t.to(m.params[name].dtype)  # a new tensor object: nothing is written in place
         plain_h = run_block(sub, acts.feeds(info, plain_h))  # ``sub`` still holds the placeholders
         student_h = run_block(block_module(m, info), acts.feeds(info, student_h))
         ctx.report_progress("fitting coefficients", done + 1, hi - lo + 1)

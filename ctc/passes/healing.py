@@ -208,11 +208,27 @@ class HealOptions(PassOptions):
         return HealBudget(self.heal_steps, self.heal_seconds, self.heal_lr)
 
 
+def heal_dtype_problem(o: HealOptions, module: Module, what: str) -> str | None:
+    """Healing trains float32 leaves inside the student graph: a bf16/f16 model cannot mix them in; say so."""
+    if not o.heal_budget.enabled:
+        return None
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in module.params.values()
+                  if t.is_floating_point() and t.dtype != torch.float32})
+    if not low:
+        return None
+    return (f"{what}: healing trains in float32 and this model's parameters are {', '.join(low)}: load it with "
+            "dtype=f32 to heal, or leave heal_steps and heal_seconds at 0")
+
+
 def heal_after_tying(module: Module, teacher: Module, adapters: Sequence[str], shared: Sequence[str],
                      o: HealOptions, ctx: PassContext, what: str) -> HealResult | None:
     """Distil ``teacher``'s last ``heal_tail`` block outputs into ``module`` (in place: trained tensors are
     registered as the parameters' new values); None when no healing was asked for."""
     from ctc.ir.blocks import block_layout
+
+    problem = heal_dtype_problem(o, module, what)
+    if problem:
+        raise PassError(problem)
 
     if not o.heal_budget.enabled:
         return None

@@ -47,7 +47,7 @@ from ctc.passes.block_tying import (
     tie_stack,
     unique_counts,
 )
-from ctc.passes.healing import HealOptions, heal_after_tying
+from ctc.passes.healing import HealOptions, heal_after_tying, heal_dtype_problem
 from ctc.passes.weight_sharing import average, stepwise_sources
 
 __all__ = ["RecursiveOptions", "RecursivePass"]
@@ -97,7 +97,8 @@ class RecursivePass(Pass):
         blocks = selected_blocks(module, selector)
         if blocks and not any(len(r) >= o.loops for r in consecutive_runs(blocks)):
             return [("loops", _no_tile(o.loops, blocks))]
-        return []
+        heal = heal_dtype_problem(o, module, "recursive")
+        return [(None, heal)] if heal else []
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: RecursiveOptions = self.options  # type: ignore[assignment]

@@ -53,7 +53,7 @@ from ctc.passes.block_tying import (
     tie_stack,
     unique_counts,
 )
-from ctc.passes.healing import HealOptions, heal_after_tying
+from ctc.passes.healing import HealOptions, heal_after_tying, heal_dtype_problem
 from ctc.passes.weight_sharing import average, contiguous_groups
 
 __all__ = ["ShareBlocksOptions", "ShareBlocksPass"]
@@ -122,7 +122,10 @@ class ShareBlocksPass(Pass):
         o: ShareBlocksOptions = options  # type: ignore[assignment]
         blocks = selected_blocks(module, selector)
         problem = _groups_problem(o.groups, blocks) if blocks else None
-        return [("groups", problem)] if problem else []
+        if problem:
+            return [("groups", problem)]
+        heal = heal_dtype_problem(o, module, "share-blocks")
+        return [(None, heal)] if heal else []
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         o: ShareBlocksOptions = self.options  # type: ignore[assignment]
