@@ -218,17 +218,27 @@ def fit_target_shapes(t: Any, module: Any) -> Any:
     """``t`` without the ``seq_len`` / ``batch`` a tuned build chose for a dim the captured ``module``'s inputs do
     not have (an MLP's or CNN's fixed shapes), nor their notes: those shapes are fixed already, and binding them
     refused the build ('seq_len=128 given, but the model's inputs have fixed shapes'). A recipe's own value for such
-    a dim never gets here (:func:`ctc.dsl.check.check_with_module` refuses it at the option)."""
+    a dim never gets here (:func:`ctc.dsl.check.check_with_module` refuses it at the option). A length it chose past
+    the model's positions (128 for a 64-position BERT) becomes that limit."""
     from ctc.analysis.roofline import input_symbols
+    from ctc.positions import ir_symbol_limits
 
     if not t.trials or not hasattr(t.options, "seq_len") or not hasattr(t.options, "batch"):
         return t
     b_sym, s_sym, _ = input_symbols(module)
     drop = [opt for opt, sym in (("seq_len", s_sym), ("batch", b_sym)) if sym is None and getattr(t.options, opt)]
-    if not drop:
-        return t
+    changes: dict[str, Any] = dict.fromkeys(drop, 0)
     notes = tuple(n for n in t.notes if not any(n.startswith(f"{_SHAPE_NOTE}{opt}=") for opt in drop))
-    return dataclasses.replace(t, options=dataclasses.replace(t.options, **dict.fromkeys(drop, 0)), notes=notes)
+    chosen = any(n.startswith(f"{_SHAPE_NOTE}seq_len=") for n in notes)  # a length the user gave is checked at build
+    limit = ir_symbol_limits(module).get(s_sym) if s_sym and chosen else None
+    if limit is not None and t.options.seq_len > limit[0]:  # a longer build reads past the model's positions
+        changes["seq_len"] = limit[0]
+        notes = tuple(f"{_SHAPE_NOTE}seq_len={limit[0]} (the model's {limit[0]} positions: {limit[1]}; set seq_len "
+                      "on the target line to choose, or trials=0 for an any-length build)"
+                      if n.startswith(f"{_SHAPE_NOTE}seq_len=") else n for n in notes)
+    if not changes:
+        return t
+    return dataclasses.replace(t, options=dataclasses.replace(t.options, **changes), notes=notes)
 
 
 def _settle_target(recipe: Recipe, t: Any) -> Any:

@@ -226,6 +226,28 @@ def test_a_tuned_build_of_a_fixed_shape_model_binds_no_shapes(tmp_path: Path) ->
     assert fit_target_shapes(t, _linear_gelu(("batch", "seq", 32))) is t  # a text model's dims: both kept
 
 
+def test_a_tuned_build_fits_its_length_to_the_models_positions(tmp_path: Path) -> None:
+    """`target cpu trials=1` on a BERT with 64 positions (no evaluation data): the build chose seq_len=128 and died
+    in TVM ('broadcast_to expects ... 128 ... 64'), a traceback. The chosen length is now the model's 64 (the note
+    says so); a seq_len the user gives past it is a UsageError naming the limit, before any TVM code runs."""
+    from ctc.backends.tvm.build import _options_from_target
+    from ctc.driver import fit_target_shapes
+    from ctc.targets import CpuOptions, TargetConfig
+
+    m = Module("pos")  # the HF encoder pattern: position_ids[:, 0:seq] of a 64-long buffer
+    ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    m.add_param("position_ids", torch.arange(64).unsqueeze(0))
+    pos = m.create_node("slice", [m.param("position_ids")], {"axis": 1, "start": [0], "end": ["seq"]}).output
+    m.set_outputs([m.create_node("add", [ids, pos]).output])
+    (t,) = selected_targets(_recipe(tmp_path, "target cpu trials=1", evaluate=""), CompileOptions())
+    fitted = fit_target_shapes(t, m)
+    assert fitted.options.seq_len == 64 and any("seq_len=64" in n and "64 positions" in n for n in fitted.notes), \
+        fitted.notes
+    assert _options_from_target(fitted, m).static_dims == {"seq": 64, "batch": 1}
+    with pytest.raises(UsageError, match=r"seq_len=128, but the model takes at most 64.*give seq_len <= 64"):
+        _options_from_target(TargetConfig("cpu", CpuOptions(seq_len=128)), m)
+
+
 def test_fit_batch() -> None:
     ids = torch.arange(10).reshape(2, 5)
     out = fit_batch({"input_ids": ids, "scalar": torch.tensor(1)}, type("O", (), {"batch": 3, "seq_len": 7})())

@@ -942,6 +942,12 @@ def _options_from_target(target: Any, module: Module) -> BuildOptions:
             raise UsageError(f"target {target.kind}: {option_name}={value} given, but the model's inputs have no "
                              f"{what} dim ({dims}); remove {option_name}")
         static[symbol] = value
+    for symbol, value in static.items():  # a longer build would index past a table (TVM fails in broadcast_to)
+        limit = ir_symbol_limits(module).get(symbol)
+        if limit is not None and value > limit[0]:
+            option_name = "seq_len" if symbol == s_sym else "batch"
+            raise UsageError(f"target {target.kind}: {option_name}={value}, but the model takes at most {limit[0]} "
+                             f"({symbol}: {limit[1]}); give {option_name} <= {limit[0]}")
     # GPU weights are not constants inside the library: bound at load from the module's parameters
     return BuildOptions(trials=int(getattr(target, "trials", 0) or 0),
                         tuning_dir=getattr(opts, "tuning_dir", None) or None, static_dims=static,
