@@ -194,3 +194,16 @@ def test_a_calibrating_pass_after_kv_cache_quant_gets_batches_the_step_takes(ste
     steps = [get_pass("kv-cache-quant")({"bits": 8}), get_pass("rptq")({"w_bits": 8, "a_bits": 16})]
     q, report = PassManager(steps, calibration=batches, progress=False).run(mod)
     assert q.op_counts().get("quant_linear") and report.records[-1].fidelity.cosine > 0.99
+
+
+def test_a_bf16_decode_step_is_refused_at_the_recipe_step() -> None:
+    """`model hf DIR decode=N dtype=bf16` + kv-cache-quant failed after loading data with exit 4 ('found no
+    attention over a preallocated KV cache ... bf16 attention'): it is a located check now, saying what to do."""
+    from ctc.passes.base import Selector
+
+    m = _llama().to(torch.bfloat16)
+    step = capture(static_decode_step(m), static_decode_inputs(m, 16, position=4, random_cache=False,
+                                                         dtype=torch.bfloat16), dynamic=False)
+    cls = type(get_pass("kv-cache-quant")())
+    ((where, msg),) = cls.check_module(cls.Options.from_dict({}), step, Selector())
+    assert where is None and "take f32 attention" in msg and "bf16" in msg and "dtype=f32" in msg

@@ -71,10 +71,15 @@ class KvCacheQuantPass(Pass):
 
     @classmethod
     def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
-        if any(n.op == "scaled_dot_product_attention" and selector.matches(n) and _over_cache(n, module)
-               for n in module.nodes):
-            return []
-        return [(None, NO_CACHE)]
+        over = [n for n in module.nodes
+                if n.op == "scaled_dot_product_attention" and selector.matches(n) and _over_cache(n, module)]
+        if not over:
+            return [(None, NO_CACHE)]
+        low = sorted({n.operand("q").type.dtype for n in over} - {"f32"})
+        if len(low) == len({n.operand("q").type.dtype for n in over}):  # no f32 attention to quantize the cache of
+            return [(None, f"kv-cache-quant: the quantized cache kernels take f32 attention, and this decode step's "
+                           f"is {', '.join(low)}: load the model with dtype=f32")]
+        return []
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         o = self.options
