@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,9 +113,10 @@ trade-off."""
 
 # --------------------------------------------------------------------------- helpers
 def option_diagnostics(opts_cls: type[Options], options: dict[str, Any], spans: dict[str, Span], whole: Span,
-                       what: str) -> list[Diagnostic]:
+                       what: str, also: Sequence[str] = ()) -> list[Diagnostic]:
     """Strictly validate ``options`` against ``opts_cls``, locating each error at its option (a
-    contradiction between options, found only by the whole set, at the statement)."""
+    contradiction between options, found only by the whole set, at the statement). ``also``: names the
+    statement takes beside the options (a target's ``trials``), offered for a misspelt one and listed."""
     try:
         opts_cls.from_dict(options, owner=what)
         return []
@@ -130,8 +131,9 @@ def option_diagnostics(opts_cls: type[Options], options: dict[str, Any], spans: 
     for k, v in options.items():
         span = spans.get(k, whole)
         if k not in known:
-            diags.append(Diagnostic(f"{what} has no option {k!r}{did_you_mean(k, known)}", span,
-                                    hint=f"options: {', '.join(known) or 'none'}"))
+            names = [*known, *also]
+            diags.append(Diagnostic(f"{what} has no option {k!r}{did_you_mean(k, names)}", span,
+                                    hint=f"options: {', '.join(names) or 'none'}"))
             continue
         others = {o: w for o, w in alone.items() if o != k}
         try:
@@ -383,7 +385,8 @@ def _check_target(t: Target, seen: dict[str, Span], recipe: Recipe) -> list[Diag
         diags.append(Diagnostic(f"target {t.kind} given twice", t.kind_span, hint=f"the first is at {f.line}:{f.col}"))
     seen[t.kind] = t.kind_span
     spec = TARGETS[t.kind]
-    diags += option_diagnostics(spec.Options, t.options, t.option_spans, t.span, f"target {t.kind}")
+    diags += option_diagnostics(spec.Options, t.options, t.option_spans, t.span, f"target {t.kind}",
+                                also=("trials",) if spec.trials else ())
     diags += _check_tuning_dir(recipe, t)
     if t.trials is not None:
         span = t.option_spans.get("trials", t.span)
