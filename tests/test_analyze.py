@@ -268,6 +268,29 @@ def test_profile_of_a_model_without_a_sequence_dim(tmp_path: Path, monkeypatch: 
     assert lib.fed, "the library ran"
 
 
+def test_analysis_length_stays_within_the_models_positions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctc analyze ART` on a 64-position BERT without evaluation data analysed 'one forward pass over 128 tokens', a
+    pass the model cannot run (`ctc bench` refuses it), and --seq-len 200 was accepted likewise. The default is now
+    the model's 64 positions and a longer --seq-len is refused naming the limit."""
+    import ctc
+    from ctc.analysis import artifact as A
+    from ctc.artifact import write_artifact
+    from ctc.errors import UsageError
+
+    m = Module("pos")  # the HF encoder pattern: position_ids[:, 0:seq] of a 64-long buffer
+    ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
+    m.add_param("position_ids", torch.arange(64).unsqueeze(0))
+    pos = m.create_node("slice", [m.param("position_ids")], {"axis": 1, "start": [0], "end": ["seq"]}).output
+    m.set_outputs([m.create_node("add", [ids, pos]).output], ["y"])
+    art = ctc.load(write_artifact(tmp_path / "art", module=m, report={"name": "pos"}, log=lambda _: None))
+    monkeypatch.setattr(A, "target_peaks", lambda *a, **k: fpga_peaks())
+    a, _, _ = A.analyze_artifact(art, "cpu")
+    assert "over 64 tokens" in a.phases[0].description, a.phases[0].description
+    assert "over 32 tokens" in A.analyze_artifact(art, "cpu", seq_len=32)[0].phases[0].description
+    with pytest.raises(UsageError, match=r"--seq-len 200: the model takes at most 64 tokens .*give --seq-len <= 64"):
+        A.analyze_artifact(art, "cpu", seq_len=200)
+
+
 def test_profile_on_a_machine_that_cannot_run_the_library_says_so_before_loading_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctc analyze --profile --target cuda` where no GPU is: the library's fixed length was read (loading it)
