@@ -121,6 +121,9 @@ class ShareBlocksPass(Pass):
     def check_module(cls, options: PassOptions, module: Module, selector: Selector) -> list[tuple[str | None, str]]:
         o: ShareBlocksOptions = options  # type: ignore[assignment]
         blocks = selected_blocks(module, selector)
+        if blocks is not None and len(blocks) < 2:  # (ALBERT: one shared layer applied N times is one block)
+            return [(None, f"share-blocks: the selection holds {len(blocks)} block(s); tying needs at least two "
+                           "(widen the blocks[...] selector)")]
         problem = _groups_problem(o.groups, blocks) if blocks else None
         if problem:
             return [("groups", problem)]
