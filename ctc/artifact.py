@@ -307,6 +307,14 @@ class Artifact:
         fixed = (getattr(self.runner(target), "static_dims", None) or {}).get(seq) if seq else None
         return int(fixed) if fixed else None
 
+    def seq_limit(self) -> tuple[int, str] | None:
+        """(the longest sequence the model takes, why): a table the IR indexes by position (HF encoders'
+        ``position_ids``), or the source model's configured positions, the smaller; None when neither bounds it."""
+        from ctc.analysis.roofline import input_symbols
+
+        seq = input_symbols(self.module)[1]
+        return self.input_checker.limits.get(seq) if seq else None
+
     def fixed_batch(self, target: str) -> int | None:
         """The batch size ``target``'s library was built for (``batch=`` on its target line, a tuned build), None
         when it takes any batch or the model's inputs have no symbolic batch dim."""

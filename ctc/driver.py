@@ -1167,7 +1167,8 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
     if fixed is not None and seq_len is not None and seq_len != fixed:
         raise UsageError(f"--seq-len {seq_len}: this {target} library was built for {fixed} tokens (`seq_len=` on its "
                          f"target line): give --seq-len {fixed} or leave it out")
-    seq_len = seq_len if seq_len is not None else fixed or 128
+    limit = art.seq_limit()  # the default length stays within the model's positions (a 64-position BERT)
+    seq_len = seq_len if seq_len is not None else fixed or min(128, limit[0] if limit else 128)
     rows = art.fixed_batch(target) if target is not None else None
     if rows is not None and batch is not None and batch != rows:
         raise UsageError(f"--batch {batch}: this {target} library was built for batch {rows} (`batch=` on its target "

@@ -196,14 +196,11 @@ def test_bench_states_the_library_threads_and_refuses_a_count_it_cannot_apply(be
         bench_artifact(bench_art, target="cpu", batch=1, seq_len=4, repeat=20, threads=1000)
 
 
-def test_bench_seq_len_past_the_text_times_that_many_tokens(tmp_path: Path) -> None:
-    """`ctc bench ART --seq-len 5000` on a text model with 8192 positions failed with a traceback ('The expanded
-    size of the tensor (4623) must match the existing size (5000)'): the bench text is 4623 tokens long. The text
-    now repeats until the window has the length asked for, so the time reported is for the tokens it says."""
+def _minilm_vocab_artifact(tmp_path: Path, positions: int) -> Any:
+    """An embedding artifact with MiniLM's tokenizer whose config says ``positions`` positions, and a cpu library."""
     import shutil
 
     from ctc.bundled import bundled_model_dir
-    from ctc.driver import bench_artifact
 
     tok = tmp_path / "tok"
     src = bundled_model_dir("minilm")
@@ -211,14 +208,37 @@ def test_bench_seq_len_past_the_text_times_that_many_tokens(tmp_path: Path) -> N
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(src / name, tok / name)
     (tok / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
-                                                 "max_position_embeddings": 8192}))
+                                                 "max_position_embeddings": positions}))
     m = Module("emb")
     m.add_param("emb", torch.zeros(30522, 2))
     ids = m.add_input("input_ids", TensorType(("batch", "seq"), "i64"))
     m.set_outputs([m.create_node("embedding", [ids, m.param("emb")]).output], ["hidden"])
-    art = ctc.load(write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=tok,
-                                  log=lambda _: None,
-                                  build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})]))
+    return ctc.load(write_artifact(tmp_path / "art", module=m, report={"name": "emb"}, tokenizer_dir=tok,
+                                   log=lambda _: None,
+                                   build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})]))
+
+
+def test_bench_default_length_fits_the_models_positions(tmp_path: Path) -> None:
+    """`ctc bench ART` (no flags) on a BERT with 64 positions failed: 'input_ids has seq = 128, but the model has 64
+    positions ... cut the input (e.g. tokenizer(..., truncation=True, max_length=64))', advice for a flag the user
+    never gave. The default length is now the model's 64; an explicit longer --seq-len keeps that error."""
+    from ctc.driver import bench_artifact
+
+    art = _minilm_vocab_artifact(tmp_path, 64)
+    art._runners["cpu"] = _ThreadedLibrary()
+    for target in (None, "cpu"):
+        assert bench_artifact(art, target=target, batch=None, seq_len=None, repeat=20, threads=None)["seq_len"] == 64
+    with pytest.raises(UsageError, match="seq = 100, but the model has 64 positions"):
+        bench_artifact(art, target=None, batch=None, seq_len=100, repeat=20, threads=None)
+
+
+def test_bench_seq_len_past_the_text_times_that_many_tokens(tmp_path: Path) -> None:
+    """`ctc bench ART --seq-len 5000` on a text model with 8192 positions failed with a traceback ('The expanded
+    size of the tensor (4623) must match the existing size (5000)'): the bench text is 4623 tokens long. The text
+    now repeats until the window has the length asked for, so the time reported is for the tokens it says."""
+    from ctc.driver import bench_artifact
+
+    art = _minilm_vocab_artifact(tmp_path, 8192)
     fed: list[torch.Tensor] = []
 
     class _Recording(_ThreadedLibrary):

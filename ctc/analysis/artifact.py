@@ -9,7 +9,6 @@ from typing import Any
 from ctc.analysis.peaks import KINDS, target_peaks
 from ctc.analysis.roofline import Analysis, analyze_module, measured_points, refuse_absent_dims, roofline_svg
 from ctc.errors import UsageError
-from ctc.positions import ir_symbol_limits
 from ctc.tasks import TASK_DECODE_STEP
 
 __all__ = ["analysis_page", "analyze_artifact", "default_seq_len", "parse_dims"]
@@ -71,8 +70,7 @@ def analyze_artifact(art: Any, kind: str, *, seq_len: int | None = None, batch: 
     if batch is None:  # the batch the profiled library was built for (`batch=`, a tuned build), else 1
         batch = (art.fixed_batch(kind) if profile else None) or 1
     built = art.fixed_seq_len(kind) if seq_len is None and profile else None  # the length its library was built for
-    # a table the IR indexes by position (HF encoders' position_ids) bounds the length any pass can have
-    limit = ir_symbol_limits(art.module).get(s_sym) if s_sym else None
+    limit = art.seq_limit()  # the model's positions bound the length any pass can have
     if seq_len is not None and limit is not None and seq_len > limit[0]:
         raise UsageError(f"--seq-len {seq_len}: the model takes at most {limit[0]} tokens ({limit[1]}); give "
                          f"--seq-len <= {limit[0]}")
