@@ -330,8 +330,12 @@ class Artifact:
         from ctc.targets import TARGETS
 
         if target not in self.targets:
+            if target not in TARGETS:
+                raise ArtifactError(self.path, f"has no compiled target {target!r}: {target!r} is not a target kind "
+                                               f"(kinds: {', '.join(TARGETS)})")
             raise ArtifactError(self.path, f"has no compiled target {target!r} "
-                                           f"(has: {', '.join(self.targets) or 'none'})")
+                                           f"(has: {', '.join(self.targets) or 'none'}): add `target {target}` to the "
+                                           "recipe and compile again, or leave --target out to use the torch backend")
         runner = self._runners.get(target)
         if runner is None:
             import importlib

@@ -218,6 +218,22 @@ def _minilm_vocab_artifact(tmp_path: Path, positions: int) -> Any:
                                    build_targets=[("cpu", lambda d: (d / "model.so").write_bytes(b"lib") and {})]))
 
 
+def test_a_target_the_artifact_lacks_names_the_fix(tmp_path: Path) -> None:
+    """`ctc bench ART --target cpu` on an artifact compiled without a target said only 'has no compiled target 'cpu'
+    (has: none)'; it now says how to get one, or to time the torch backend, and a kind ctc has no target for (gpu)
+    names the kinds."""
+    from ctc.errors import ArtifactError
+
+    m = Module("mlp")
+    m.set_outputs([m.create_node("relu", [m.add_input("x", TensorType([2, 3], "f32"))]).output], ["y"])
+    art = ctc.load(write_artifact(tmp_path / "a", module=m, report={"name": "mlp"}, log=lambda _: None))
+    with pytest.raises(ArtifactError, match=r"has no compiled target 'cpu' \(has: none\).*add `target cpu` to the "
+                                            r"recipe and compile again.*leave --target out"):
+        art.runner("cpu")
+    with pytest.raises(ArtifactError, match=r"'gpu' is not a target kind \(kinds: cpu, cuda, fpga"):
+        art.runner("gpu")
+
+
 def test_bench_default_length_fits_the_models_positions(tmp_path: Path) -> None:
     """`ctc bench ART` (no flags) on a BERT with 64 positions failed: 'input_ids has seq = 128, but the model has 64
     positions ... cut the input (e.g. tokenizer(..., truncation=True, max_length=64))', advice for a flag the user
