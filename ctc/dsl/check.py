@@ -691,6 +691,13 @@ def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
         if not any(d.span.line == step.span.line for d in diags):
             diags += _pass_module_diagnostics(step, module)
     diags += _target_shape_diagnostics(recipe, module)
+    from ctc.exports import EXPORTS
+
+    for e in recipe.exports:  # a format that cannot take this model at all: said before the passes run
+        spec = EXPORTS.get(e.format)
+        why = spec.source_problem(module) if spec is not None and spec.source_problem is not None else None
+        if why:
+            diags.append(Diagnostic(why, e.format_span))
     task = str(module.meta.get("task") or "unknown")  # the one spelling of ctc.tasks, on both sides
     for c in recipe.checks:
         m = METRICS.get(c.metric)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from ctc.errors import UsageError
 from ctc.options import OptionError, option
 from ctc.passes.base import PassError, PassOptions
 
-__all__ = ["EXPORTS", "ExportError", "ExportSpec", "export_config"]
+__all__ = ["EXPORTS", "ExportError", "ExportSpec", "export_config", "gguf_source_problem"]
 
 
 class ExportError(UsageError):
@@ -79,6 +80,16 @@ class GgufOptions(PassOptions):
                                            "module's weight, relative to the weight's largest magnitude", min=0.0)
 
 
+def gguf_source_problem(module: Any, name: str | None = None) -> str | None:
+    """Why `emit gguf` cannot write ``module``: it copies the tokenizer and metadata of the GGUF file the model
+    was loaded from, so a model from anywhere else is refused (known right after capture)."""
+    if module.meta.get("gguf"):
+        return None
+    return (f"{name or module.name}: `emit gguf` writes models loaded from a GGUF file (model bundled "
+            "\"smollm2\", model hf \"DIR\" gguf=\"FILE\"), whose tokenizer and metadata it copies; write this one "
+            "with `emit hf` and convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """An export format: summary, options class, the module with its ``write`` and the packages it needs."""
@@ -88,6 +99,8 @@ class ExportSpec:
     Options: type[PassOptions]
     writer: str
     needs: tuple[tuple[str, str], ...] = ()  # (import name, pip requirement)
+    # why the captured module cannot be written at all (None: it can), checked before any pass runs
+    source_problem: Callable[[Any], str | None] | None = None
 
     def missing(self) -> list[str]:
         """pip requirements of packages this format needs that are not installed."""
@@ -119,7 +132,7 @@ EXPORTS: dict[str, ExportSpec] = {s.name: s for s in [
                "ctc.exports.compressed_tensors", (("compressed_tensors", "compressed-tensors"),)),
     ExportSpec("gguf", "GGUF file for llama.cpp (Llama-family models loaded from a GGUF file; Q8_0 / Q4_0 / Q4_1 "
                "blocks where the quantization maps, F32 otherwise), read back with gguf's reader and transformers",
-               GgufOptions, "ctc.exports.gguf", (("gguf", "gguf"),)),
+               GgufOptions, "ctc.exports.gguf", (("gguf", "gguf"),), gguf_source_problem),
 ]}
 
 

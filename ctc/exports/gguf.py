@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctc.exports import ExportError
+from ctc.exports import ExportError, gguf_source_problem
 from ctc.exports.hf_layout import LinearHome, dense_weight, hf_layout
 from ctc.exports.source import compare_outputs
 from ctc.ir import quant as Q
@@ -93,9 +93,7 @@ def _source(module: Any, name: str) -> Any:
 
     path = module.meta.get("gguf")
     if not path:
-        raise ExportError(f"{name}: `emit gguf` writes models loaded from a GGUF file (model bundled \"smollm2\", "
-                          "model hf \"DIR\" gguf=\"FILE\"), whose tokenizer and metadata it copies; write this "
-                          "one with `emit hf` and convert it with llama.cpp's convert_hf_to_gguf.py")
+        raise ExportError(str(gguf_source_problem(module, name)))
     if not Path(path).is_file():
         raise ExportError(f"{name}: the GGUF file the model was loaded from is gone: {path}")
     reader = gguf.GGUFReader(str(path))
