@@ -149,6 +149,18 @@ def test_language_model_metrics_accepted_on_a_causal_lm() -> None:
     assert [str(d) for d in check_with_module(r, m)] == []
 
 
+def test_target_cpu_of_a_bf16_model_is_refused_at_the_target_line() -> None:
+    """`model ... dtype=bf16` with `target cpu` failed in the TVM lowering ('bf16 parameters are not supported')
+    after every pass had run; it is an error at the target line, right after capture (f32 and f16 pass)."""
+    src = 'model bundled "minilm"\ntarget cpu\ntarget fpga\n'
+    m = _tiny_module()
+    assert check_with_module(parse(src, "r.ctc"), m) == []
+    m.params["head.weight"] = m.params["head.weight"].to(torch.bfloat16)
+    got = [(d.line, d.col, d.message, d.hint) for d in check_with_module(parse(src, "r.ctc"), m)]
+    assert len(got) == 1 and got[0][:2] == (2, 1) and "bf16 parameters (1, e.g. 'head.weight')" in got[0][2]
+    assert "dtype=f32" in got[0][3]
+
+
 def test_option_types_checked_from_the_registry() -> None:
     r = parse('model bundled "minilm"\npipeline {\n    constant-fold max_elements=1.5 fold_params="yes"\n}\n', "r.ctc")
     diags = [d for d in check_recipe(r) if d.line == 3]

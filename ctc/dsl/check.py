@@ -654,6 +654,21 @@ def _target_shape_diagnostics(recipe: Recipe, module: Any) -> list[Diagnostic]:
     return diags
 
 
+def _target_dtype_diagnostics(recipe: Recipe, module: Any) -> list[Diagnostic]:
+    """`target cpu` of a model holding bf16 parameters: TVM's CPU lowering takes no bf16 tensors, and no pass turns
+    them to f32, so the build would fail after every pass had run; said at the target line instead."""
+    import torch
+
+    bf16 = sorted(n for n, t in module.params.items() if t.dtype == torch.bfloat16)
+    if not bf16:
+        return []
+    return [Diagnostic(f"target {t.kind}: the model holds bf16 parameters ({len(bf16)}, e.g. {bf16[0]!r}), which "
+                       "the TVM CPU backend does not take", t.span,
+                       hint="load the model in f32 (dtype=f32 on the model line); int8/int4 passes keep their "
+                            "scales in the model's float type")
+            for t in recipe.targets if t.kind == "cpu"]
+
+
 def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
     """Checks that need the captured module: selectors matching nothing, metrics vs task."""
     diags: list[Diagnostic] = []
@@ -690,7 +705,7 @@ def check_with_module(recipe: Recipe, module: Any) -> list[Diagnostic]:
                                         hint="different kinds of selector must all hold"))
         if not any(d.span.line == step.span.line for d in diags):
             diags += _pass_module_diagnostics(step, module)
-    diags += _target_shape_diagnostics(recipe, module)
+    diags += _target_shape_diagnostics(recipe, module) + _target_dtype_diagnostics(recipe, module)
     from ctc.exports import EXPORTS
 
     for e in recipe.exports:  # a format that cannot take this model at all: said before the passes run
