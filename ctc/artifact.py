@@ -282,6 +282,16 @@ class Artifact:
             out = runner(checked)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
+    def generate(self, prompt: str, max_new_tokens: int, *, target: str | None = None,
+                 stop_at_eos: bool = True) -> str:
+        """Greedy continuation of ``prompt`` (text) by a decoder artifact (``model ... decode=LEN``), as
+        ``ctc run ART --generate N --text PROMPT`` prints it after the prompt: ``target``'s compiled library, else the
+        torch backend; stops at the tokenizer's end-of-sequence token (not returned) unless ``stop_at_eos`` is
+        False.  Token ids and timings: :func:`ctc.generate.generate_text` / :func:`ctc.generate.greedy_generate`."""
+        from ctc.generate import generate_text
+
+        return generate_text(self, prompt, max_new_tokens, target=target, stop_at_eos=stop_at_eos).text
+
     def fixed_seq_len(self, target: str | None = None) -> int | None:
         """The sequence length every call must have: the IR's own (a number on the first input's axis 1), or,
         with ``target``, the one its library was built for (the runner's ``static_dims``: ``seq_len=`` on the

@@ -368,7 +368,7 @@ def _analysis_page(path: Path) -> bool:
 def _generate(art: Any, args: argparse.Namespace) -> int:
     """`ctc run ART --generate N --text PROMPT`: greedy generation through a static decode step."""
     from ctc.errors import UsageError
-    from ctc.generate import greedy_generate
+    from ctc.generate import generate_text
     from ctc.tasks import TASK_DECODE_STEP
 
     if art.module.meta.get("task") != TASK_DECODE_STEP:
@@ -376,39 +376,14 @@ def _generate(art: Any, args: argparse.Namespace) -> int:
                          "(one generation step over preallocated KV caches)" + _decode_advice(art))
     if args.text is None or args.generate < 1:
         raise UsageError("--generate N needs N >= 1 and a prompt (--text)")
-    tok = art.tokenizer()
-    prompt = tok(args.text, return_tensors="pt")["input_ids"]
-    if prompt.shape[-1] == 0:
-        raise UsageError(f"--text {args.text!r} gives no tokens, and generation continues a prompt of at least one "
-                         "token: give some text")
-    eos = None if args.ignore_eos else _eos_ids(tok)
-    cache = int(art.module.meta.get("decode", {}).get("max_len", 0))
-    need = prompt.shape[-1] + args.generate - 1
-    if cache and need > cache:
-        room, fits = cache - prompt.shape[-1] + 1, cache - args.generate + 1
-        fix = [f"--generate {room} or less" if room >= 1 else "",
-               f"a prompt of at most {fits} tokens" if fits >= 1 else ""]
-        raise UsageError(f"the prompt is {prompt.shape[-1]} tokens and --generate {args.generate} needs {need} cache "
-                         f"positions in all, but this decode step holds {cache} (decode={cache} in its recipe): "
-                         f"use {', '.join(f for f in fix if f) or 'fewer tokens'}, or compile the model with a "
-                         "larger decode=LEN")
-    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
-    if args.target is not None:
-        step = art.runner(args.target)
-        cuda_graph = getattr(step, "device", "cpu") == "cuda"
-    else:
-        step, cuda_graph = (lambda feed: art.run(feed)), False
-    try:
-        gen = greedy_generate(step, prompt, args.generate, cuda_graph=cuda_graph, input_specs=specs,
-                              eos_token_id=eos)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    ids = gen.tokens[0].tolist()
-    stopped = eos is not None and bool(ids) and ids[-1] in eos
-    print(args.text + tok.decode(ids[:-1] if stopped else ids))
-    end = f", stopped at the end-of-sequence token {tok.decode(ids[-1:])!r}" if stopped else ""
+    out = generate_text(art, args.text, args.generate, target=args.target, stop_at_eos=not args.ignore_eos,
+                        count_flag="--generate")
+    print(args.text + out.text)
+    gen = out.generation
+    end = (f", stopped at the end-of-sequence token {art.tokenizer().decode(gen.tokens[0, -1:].tolist())!r}"
+           if out.stopped_at_eos else "")
     print(f"{gen.tokens.shape[1]} tokens{end}, {gen.tokens_per_s:.1f} tokens/s after the prompt "
-          f"({gen.step_ms:.3f} ms per step; prompt {len(prompt[0])} tokens in {gen.prompt_s:.3f} s; "
+          f"({gen.step_ms:.3f} ms per step; prompt {out.prompt_tokens} tokens in {gen.prompt_s:.3f} s; "
           f"backend {args.target or 'torch (reference)'})", file=sys.stderr)
     return EXIT_OK
 
@@ -432,13 +407,6 @@ def _decode_advice(art: Any) -> str:
     return (f"; here: `{line}` (LEN = prompt + generated tokens)"
             + (f", without its `check {'`/`check '.join(drop)}` lines (a decode step is measured by fidelity)"
                if drop else ""))
-
-
-def _eos_ids(tok: Any) -> list[int] | None:
-    """The tokenizer's end-of-sequence token ids (generation stops at one), or None when it names none."""
-    eos = getattr(tok, "eos_token_id", None)
-    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return [int(i) for i in ids] or None
 
 
 def _read_tensors(path: Path) -> Any:

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Generation", "greedy_generate", "static_step_signature", "step_logits", "teacher_forced_nll"]
+__all__ = ["Generation", "TextGeneration", "generate_text", "greedy_generate", "static_step_signature",
+           "step_logits", "teacher_forced_nll"]
 
 
 @dataclass
@@ -119,6 +120,77 @@ def greedy_generate(step: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *,
         raise ValueError("greedy_generate: cuda_graph needs a compiled CUDA library")
     write, run, sync = _stepper(step, prompt_ids, caches, cuda_graph)
     return _run_loop(prompt_ids, max_new_tokens, write, run, sync, eos)
+
+
+@dataclass
+class TextGeneration:
+    """What :func:`generate_text` made: the new text (without the prompt and without an end-of-sequence token it
+    stopped at), the token ids generated (that token included), whether it stopped there, and the timings."""
+
+    text: str
+    generation: Generation
+    stopped_at_eos: bool
+    prompt_tokens: int
+
+
+def tokenizer_eos_ids(tok: Any) -> list[int] | None:
+    """A tokenizer's end-of-sequence token ids (generation stops at one), or None when it names none."""
+    eos = getattr(tok, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return [int(i) for i in ids] or None
+
+
+def generate_text(art: Any, prompt: str, max_new_tokens: int, *, target: str | None = None,
+                  stop_at_eos: bool = True, count_flag: str | None = None) -> TextGeneration:
+    """Greedy continuation of ``prompt`` by a decoder artifact (``model ... decode=LEN``): tokenized with the
+    artifact's tokenizer, run through its decode step (``target``'s compiled library, else the torch backend; a
+    CUDA library replays the step as a CUDA graph), stopping at the tokenizer's end-of-sequence token unless
+    ``stop_at_eos`` is False.  What cannot work (not a decode step, no text, more tokens than the cache holds) is a
+    :class:`~ctc.errors.UsageError` saying what to change (``count_flag``: how the caller's user gives the count,
+    e.g. ``--generate``; else ``max_new_tokens=``)."""
+    def count(n: int) -> str:
+        return f"{count_flag} {n}" if count_flag else f"max_new_tokens={n}"
+
+    from ctc.errors import UsageError
+    from ctc.tasks import TASK_DECODE_STEP
+
+    if art.module.meta.get("task") != TASK_DECODE_STEP:
+        raise UsageError("generation needs a decoder artifact: compile the model with `model ... decode=LEN` "
+                         "(one generation step over preallocated KV caches)")
+    if not isinstance(prompt, str):
+        raise UsageError(f"the prompt is text (a str), got {type(prompt).__name__}: for token ids call "
+                         "ctc.generate.greedy_generate")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise UsageError(f"the number of tokens to generate must be an int >= 1, got {max_new_tokens!r}")
+    tok = art.tokenizer()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[-1] == 0:
+        raise UsageError(f"the prompt {prompt!r} gives no tokens, and generation continues a prompt of at least one "
+                         "token: give some text")
+    eos = tokenizer_eos_ids(tok) if stop_at_eos else None
+    cache = int(art.module.meta.get("decode", {}).get("max_len", 0))
+    need = ids.shape[-1] + max_new_tokens - 1
+    if cache and need > cache:
+        room, fits = cache - ids.shape[-1] + 1, cache - max_new_tokens + 1
+        fix = [f"{count(room)} or less" if room >= 1 else "",
+               f"a prompt of at most {fits} tokens" if fits >= 1 else ""]
+        raise UsageError(f"the prompt is {ids.shape[-1]} tokens and {count(max_new_tokens)} needs {need} cache "
+                         f"positions in all, but this decode step holds {cache} (decode={cache} in its recipe): "
+                         f"use {', '.join(f for f in fix if f) or 'fewer tokens'}, or compile the model with a "
+                         "larger decode=LEN")
+    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
+    if target is not None:
+        step = art.runner(target)
+        cuda_graph = getattr(step, "device", "cpu") == "cuda"
+    else:
+        step, cuda_graph = (lambda feed: art.run(feed)), False
+    try:
+        gen = greedy_generate(step, ids, max_new_tokens, cuda_graph=cuda_graph, input_specs=specs, eos_token_id=eos)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    new = gen.tokens[0].tolist()
+    stopped = eos is not None and bool(new) and new[-1] in eos
+    return TextGeneration(tok.decode(new[:-1] if stopped else new), gen, stopped, int(ids.shape[-1]))
 
 
 def _eos_ids(eos: int | Sequence[int] | None) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ctc.cli import EXIT_OK, EXIT_USAGE, main
+from ctc.errors import UsageError
 from ctc.generate import greedy_generate
 
 SPECS = [{"name": "input_ids", "shape": [2, 1], "dtype": "i64"}, {"name": "position", "shape": [1], "dtype": "i64"},
@@ -70,7 +71,7 @@ def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, 
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctc run --generate` printed past <|im_end|>; an empty --text failed with greedy_generate's
     'prompt must be [1, P>=1] token ids, got (1, 0)'; --ignore-eos without --generate would be ignored."""
-    import ctc.cli
+    import ctc.generate
 
     assert main(["run", str(decoder), "--text", "Hello there", "--generate", "6", "--ignore-eos", "-q"]) == EXIT_OK
     full = capsys.readouterr()
@@ -81,7 +82,7 @@ def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, 
     prompt = art.tokenizer()("Hello there", return_tensors="pt")["input_ids"]
     specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
     first = int(greedy_generate(lambda feed: art.run(feed), prompt, 1, input_specs=specs).tokens[0, 0])
-    monkeypatch.setattr(ctc.cli, "_eos_ids", lambda _tok: [first])  # the model's first token plays the end token
+    monkeypatch.setattr(ctc.generate, "tokenizer_eos_ids", lambda _tok: [first])  # the first token plays the end
     assert main(["run", str(decoder), "--text", "Hello there", "--generate", "6", "-q"]) == EXIT_OK
     stop = capsys.readouterr()
     assert stop.err.startswith("1 tokens, stopped at the end-of-sequence token"), stop.err
@@ -101,6 +102,11 @@ def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, 
     assert main(["run", str(decoder), "--text", "Hello there", "--generate", str(25 - n), "-q",
                  "--ignore-eos"]) == EXIT_OK
     assert capsys.readouterr().err.startswith(f"{25 - n} tokens")
+    # the same from Python: Artifact.generate (greedy_generate alone needs input_specs and token ids)
+    assert main(["run", str(decoder), "--text", "Hello there", "--generate", "4", "--ignore-eos", "-q"]) == EXIT_OK
+    assert "Hello there" + art.generate("Hello there", 4, stop_at_eos=False) + "\n" == capsys.readouterr().out
+    with pytest.raises(UsageError, match=f"max_new_tokens={25 - n} or less"):
+        art.generate("Hello there", 25)
 
 
 @pytest.fixture(scope="module")
