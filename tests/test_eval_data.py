@@ -145,7 +145,8 @@ def test_read_jsonl_and_its_errors(tmp_path: Path):
     with pytest.raises(ValueError, match="no JSON lines"):
         data.read_jsonl(p)
     p.write_bytes(b'{"text": "ok"}\n\xff\xfe{"text": "x"}\n')  # the error named neither the file nor the fix
-    with pytest.raises(ValueError, match=r"d\.jsonl: not UTF-8 text at byte 15; convert it with `iconv -f ENCODING -t utf-8`"):
+    with pytest.raises(ValueError,
+                       match=r"d\.jsonl: not UTF-8 text at byte 15; convert it with `iconv -f ENCODING -t utf-8`"):
         data.read_jsonl(p)
 
 
