@@ -50,6 +50,25 @@ def test_max_and_relative_error():
     assert res.kl is not None and res.kl > 0 and res.rows == 1
 
 
+def test_fidelity_totals_keep_a_nan_max_error():
+    """FidelityTotals adds windows up as the concatenation compares them: a NaN output (a broken kernel, an
+    overflow) makes max_abs_error NaN there, so Python's max() must not drop it (it reported 0.0, and a
+    `check max_error < x` passed on NaN outputs)."""
+    r = torch.randn(2, 4)
+    bad = r.clone()
+    bad[0, 0] = float("nan")
+    for pairs in ([(r, bad)], [(r, bad), (r, r + 1)], [(r, r + 1), (r, bad), (r, r)]):
+        t = F.FidelityTotals()
+        for a, b in pairs:
+            t.add(a, b)
+        whole = F.compare_outputs(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))
+        assert math.isnan(whole.max_abs_error) and math.isnan(t.result().max_abs_error), pairs
+    t = F.FidelityTotals()
+    t.add(r, r + 1)
+    t.add(r, r + 0.5)
+    assert t.result().max_abs_error == pytest.approx(1.0)
+
+
 def test_mean_pool_by_hand():
     h = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]]])
     m = torch.tensor([[1, 1, 0]])

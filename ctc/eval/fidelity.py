@@ -147,7 +147,9 @@ class FidelityTotals:
             if self.logits:
                 self._kl += kl_logits(ra, rb) * ra.shape[0]
         self.rows += int(ra.shape[0])
-        self._max = max(self._max, max_abs_error(a, b))
+        m = max_abs_error(a, b)  # NaN stays NaN, as in the concatenation (Python's max() would drop it)
+        if math.isnan(m) or m > self._max:  # once NaN, nothing is greater: it stays
+            self._max = m
         self._diff_sq += float((a - b).square().sum())
         self._ref_sq += float(a.square().sum())
 
