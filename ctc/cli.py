@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, help="batch size (default: the one the target's library was built for, "
                                               "else 1)")
     b.add_argument("--seq-len", type=int, help="sequence length (default: the one the target's library was built "
-                                                "for, else 128)")
+                                                "for, else 128, at most the model's positions)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs (default and least 20)")
     b.add_argument("--threads", type=int, help="threads: torch's, or with --target the library's worker threads "
                                                "(default: torch's / the library's own)")
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("artifact", metavar="ARTIFACT")
     a.add_argument("--target", default="cpu", metavar="KIND", help="cpu | cuda | fpga (default cpu)")
     a.add_argument("--seq-len", type=int, help="prompt / sequence length (default: the artifact's evaluation window)")
-    a.add_argument("--batch", type=int, help="batch size (default 1)")
+    a.add_argument("--batch", type=int, help="batch size (default 1; with --profile, the batch the target's library "
+                                              "was built for)")
     a.add_argument("--dim", action="append", default=[], metavar="NAME=N",
                    help="size of another symbolic input dim (repeatable)")
     a.add_argument("--gpu", metavar="NAME", help="cuda: data-sheet GPU (h100, h200, a100, l4; default: visible, "
