@@ -512,7 +512,9 @@ def test_broadcast_single_kv_head_attention_is_captured_as_gqa() -> None:
     ``repeat_kv`` does, so the attention passes (sparse-attention, calibrate-attention) accept it."""
     model = _tiny_falcon(False)
     m = capture_hf_model(model, seq_len=7)
-    for att in m.find("scaled_dot_product_attention"):
+    atts = m.find("scaled_dot_product_attention")
+    assert len(atts) == model.config.num_hidden_layers  # the loop below checks something
+    for att in atts:
         assert att.attrs["enable_gqa"]
         assert att.operand("q").type.shape[1] == 4 and att.operand("k").type.shape[1] == 1
     assert _err(model, m, hf_inputs(2, 9, pad=3)) <= TOL
