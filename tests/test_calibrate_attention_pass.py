@@ -155,15 +155,27 @@ def test_encoders_find_sinks_by_acts_column_statistic_and_decoders_by_row(monkey
     assert cal and all(n.attrs["detect"] == "column" for n in cal)
     # the reported sink mass is the column rule's, not each row's own
     node = next(n for n in bert.nodes if n.op == "scaled_dot_product_attention" and n.scope == cal[0].scope)
-    seen = {}
-    interpret(bert, feeds[0], observer=lambda n, args, outs: seen.setdefault(id(n), args) if n is node else None)
-    args = seen[id(node)]
-    logits, allowed, _, _ = masked_logits(args[0], args[1], args[3] if len(args) > 3 else None,
-                                          node.attrs["is_causal"], node.attrs["scale"])
-    a = torch.softmax(logits, -1).nan_to_num(0.0)
-    col = (a - calibrate_rows(a, allowed, 0.4, 1.0, True, "column")).clamp_min(0).sum(-1)
-    row = (a - calibrate_rows(a, allowed, 0.4, 1.0, True, "row")).clamp_min(0).sum(-1)
-    assert not torch.allclose(col, row)
+    masses = {"column": 0.0, "row": 0.0}
+    rows = 0
+    seen: list[list[torch.Tensor]] = []
+    for feed in feeds:  # the search's statistic over its inputs, by each rule
+        interpret(bert, feed, observer=lambda n, args, outs: seen.append(args) if n is node else None)
+        args = seen[-1]
+        logits, allowed, _, _ = masked_logits(args[0], args[1], args[3] if len(args) > 3 else None,
+                                              node.attrs["is_causal"], node.attrs["scale"])
+        a = torch.softmax(logits, -1).nan_to_num(0.0)
+        col = (a - calibrate_rows(a, allowed, 0.4, 1.0, True, "column")).clamp_min(0).sum(-1)
+        row = (a - calibrate_rows(a, allowed, 0.4, 1.0, True, "row")).clamp_min(0).sum(-1)
+        assert not torch.allclose(col, row)
+        valid = allowed.any(-1)
+        h = cal[0].attrs["heads"][0]
+        masses["column"] += float(col[:, h].double().mul(valid[:, h]).sum())
+        masses["row"] += float(row[:, h].double().mul(valid[:, h]).sum())
+        rows += int(valid[:, 0].sum())
+    reported = next(c["sink_mass"] for c in rec.metrics["candidates"]
+                    if c["scope"] == cal[0].scope and c["head"] == cal[0].attrs["heads"][0])
+    assert reported == pytest.approx(masses["column"] / rows, rel=1e-5)
+    assert reported != pytest.approx(masses["row"] / rows, rel=1e-3)
 
     # the same non-causal attention in a model that generates (a seq2seq decoder's cross-attention): row
     gen = bert.clone()
