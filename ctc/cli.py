@@ -311,7 +311,7 @@ def _text_inputs(art: Any, tok: Any, text: str, target: str | None) -> tuple[dic
 
     inputs = text_inputs(art.module, tok, [text])
     n = int(next(iter(inputs.values())).shape[1])
-    positions = art.input_checker.limits.get("seq")
+    positions = art.seq_limit()
     if positions is not None and n > positions[0]:
         raise UsageError(f"the text is {n} tokens, but the model has {positions[0]} positions ({positions[1]}): "
                          "shorten the text")
@@ -401,7 +401,7 @@ def _decode_advice(art: Any) -> str:
     recipe = _artifact_recipe(art) if art.module.meta.get("task") == TASK_CAUSAL_LM else None
     if recipe is None or recipe.model is None:
         return ""
-    positions = art.input_checker.limits.get("seq")
+    positions = art.seq_limit()
     cache = min(256, positions[0]) if positions else 256
     line = format_model(replace(recipe.model, options={**recipe.model.options, "decode": cache}))
     drop = sorted({c.metric for c in recipe.checks} & {"ppl", "ppl_increase", "kl"})

@@ -143,7 +143,7 @@ def evaluation_windows_of(art: Any, *, data: str | None = None, samples: int | N
     n = samples if samples is not None else int(opts.get("samples", 8))
     decode_len = int(art.module.meta["decode"]["max_len"]) if task == TASK_DECODE_STEP else 0
     default_len = min(256, decode_len) if decode_len else 256 if task == TASK_CAUSAL_LM else 128
-    positions = art.input_checker.limits.get("seq") if not decode_len else None
+    positions = art.seq_limit() if not decode_len else None
     if positions is not None:  # the default window fits the model (a 128-position model got 256-token windows)
         default_len = min(default_len, positions[0])
     length = seq_len if seq_len is not None else int(opts.get("seq_len", default_len))
