@@ -483,7 +483,9 @@ def pass_rows(report: Any) -> list[dict[str, Any]]:
     for r in report.records:
         d = r.to_dict()
         changed = ", ".join(f"{k} {v:+d}" for k, v in r.ops_diff.items()) or "no op changes"
-        if not r.ops_diff and r.params_before == r.params_after and r.bytes_before == r.bytes_after and r.notes:
+        rewrote = any(r.rewrites.get(k) for k in ("created", "erased", "replaced", "params_added", "params_removed"))
+        if (not r.ops_diff and r.params_before == r.params_after and r.bytes_before == r.bytes_after and r.notes
+                and not rewrote):  # equal counts alone: a pass may swap nodes or weights one for one
             why = r.notes[-1] if len(r.notes[-1]) <= 160 else r.notes[-1][:157] + "..."
             changed = f"nothing changed ({why})"  # the pass's own last word on why, not just a blank line
         fid = f", cosine {r.fidelity.cosine:.6f}" if r.fidelity is not None and r.fidelity.cosine is not None else ""

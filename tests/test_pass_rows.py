@@ -23,3 +23,24 @@ def test_a_pass_that_changed_nothing_says_why() -> None:
     assert act["summary"].startswith("nothing changed (evaluated 0 of 0 heads with sinks")
     assert dce["summary"].startswith("no op changes;")
     assert quant["summary"].startswith("linear -")
+
+
+def test_a_pass_that_rewrote_without_changing_counts_is_not_nothing_changed() -> None:
+    """Equal op, parameter and byte counts do not mean nothing changed: a pass that swapped weights one for one (an
+    rptq fold_only whose permutations all fold into the weights: 'rptq: fold only; N activations reordered') must not
+    read 'nothing changed (rptq: fold only; ...)'. Its rewriters' log says it rewrote."""
+    from types import SimpleNamespace
+
+    from ctc.passes.manager import PassRecord
+
+    def row(rewrites: dict) -> str:
+        r = PassRecord(index=0, name="rptq", options={}, selector="all", span=None, status="ok", seconds=0.1,
+                       params_before=10, params_after=10, bytes_before=40, bytes_after=40, ops_before={"linear": 2},
+                       ops_after={"linear": 2}, ops_diff={}, notes=["rptq: fold only; 2 activations reordered"],
+                       rewrites=rewrites)
+        return pass_rows(SimpleNamespace(records=[r]))[0]["summary"]
+
+    swapped = {"created": {"param": 2}, "erased": {"param": 2}, "replaced": {}, "patterns": {}, "params_added": 2,
+               "params_removed": 2}
+    assert row(swapped).startswith("no op changes;")
+    assert row({}).startswith("nothing changed (rptq: fold only")
