@@ -526,6 +526,11 @@ def test_calibration_of_the_wrong_shape_says_what_to_give() -> None:
         PassManager([get_pass("cse")()], calibration=[{"x": torch.randn(3, 3, 8)}], progress=False).run(_model())
     with pytest.raises(PipelineError, match=r"from Python, PassManager\(steps, calibration="):
         PassManager([get_pass("quantize")({"a_bits": 8})], progress=False).run(_model())
+    # a generator of batches (it worked before the checks above were added) is still taken, read once
+    pm = PassManager([get_pass("cse")()], calibration=({"x": torch.randn(2, 3, 8)} for _ in range(2)), progress=False)
+    assert len(pm.calibration) == 2
+    with pytest.raises(PassError, match=r"calibration: expected a list of batches.*got Tensor"):
+        PassManager([get_pass("cse")()], calibration=x)
 
 
 def test_interpret_names_an_input_of_the_wrong_kind() -> None:

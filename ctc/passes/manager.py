@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -478,9 +478,10 @@ def _calibration_batches(calibration: Any) -> list[Batch]:
     if calibration is None:
         return []
     shape = "a list of batches, each a dict of input name -> tensor: calibration=[{'x': x0}, {'x': x1}]"
-    if isinstance(calibration, Mapping) or not isinstance(calibration, (list, tuple)):
+    if isinstance(calibration, (Mapping, torch.Tensor, str, bytes)) or not isinstance(calibration, Iterable):
         raise PassError(f"calibration: expected {shape}; got {type(calibration).__name__}"
                         + (" (one batch: wrap it in a list)" if isinstance(calibration, Mapping) else ""))
+    calibration = list(calibration)  # a generator or other iterable of batches, read once
     for i, b in enumerate(calibration):
         if not isinstance(b, Mapping) or not all(isinstance(k, str) for k in b):
             raise PassError(f"calibration[{i}]: expected a dict of input name -> tensor ({shape}); got "
@@ -505,7 +506,7 @@ class PassManager:
     """
 
     def __init__(self, steps: Sequence[Step | Pass | tuple[Any, ...]], *,
-                 calibration: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                 calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
                  fidelity_batch: Any = None, fidelity: bool = True, verify: bool = True,
                  progress: bool = True, instruments: Sequence[PassInstrument] = (), seed: int = 0,
                  strict_selectors: bool = True):
