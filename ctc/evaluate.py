@@ -276,7 +276,10 @@ def evaluate_artifact(art: Any, *, data: str | None = None, samples: int | None 
                          "against human judgements")
     if perplexity:
         with bar.stage("perplexity, one token per step"):
-            res.update(_decode_perplexity(art.module, original.module if original is not None else None, windows))
+            dec = _decode_perplexity(art.module, original.module if original is not None else None, windows)
+            if dec.get("left_out"):
+                res["warnings"] = [*res.get("warnings", []), dec.pop("left_out")]
+            res.update(dec)
         res["protocol"] = f"{res.get('protocol', '')}; {res.pop('ppl_protocol')}".lstrip("; ")
     bar.close_bar()
     if human:
@@ -321,6 +324,13 @@ def _decode_perplexity(step: Any, original: Any, windows: list[dict[str, Any]]) 
     out: dict[str, Any] = {"ppl": round(got, 4), "tokens_scored": scored,
                            "ppl_protocol": f"perplexity: each window fed one token per step from position 0 "
                                            f"(teacher forcing), {scored} tokens scored (all but each window's first)"}
+    rows = int(step.inputs[0].type.shape[0])
+    left = ids.shape[0] % rows
+    if left:  # the step runs `rows` windows a call: a last, partial group of windows is not scored
+        out["left_out"] = (f"perplexity: this decode step runs {rows} sequences at once, so the last {left} of the "
+                           f"{ids.shape[0]} windows were not scored; give --samples {ids.shape[0] - left} or "
+                           f"{ids.shape[0] - left + rows} to score every window")
+        out["ppl_protocol"] += f"; {ids.shape[0] - left} of {ids.shape[0]} windows (groups of {rows})"
     if original is not None:
         base, _ = ppl(original)
         out.update(ppl_original=round(base, 4), ppl_increase=round(got - base, 4))

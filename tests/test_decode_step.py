@@ -121,3 +121,21 @@ def test_multi_query_falcon_caches_one_kv_head_and_its_static_step_captures() ->
     got = interpret(m, ins)[0]
     torch.testing.assert_close(torch.as_tensor(got), model(ids, use_cache=False).logits[:, -1:], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_decode_perplexity_says_which_windows_a_multi_row_step_left_out() -> None:
+    """`ctc eval --perplexity` of a decode step that runs 2 sequences a call scored 2 of 3 windows and said nothing
+    (its result still counted 3); the leftover window is now named, with the --samples that scores every one."""
+    from hf_configs import tiny_hf
+
+    from ctc.evaluate import _decode_perplexity
+    from ctc.frontends.decode import static_decode_inputs, static_decode_step
+
+    model = tiny_hf("llama")
+    m = capture(static_decode_step(model), static_decode_inputs(model, 16, batch=2), dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    windows = [{"input_ids": torch.randint(0, 50, (1, 8), generator=g)} for _ in range(3)]
+    out = _decode_perplexity(m, None, windows)
+    assert out["tokens_scored"] == 2 * 7 and "2 of 3 windows (groups of 2)" in out["ppl_protocol"]
+    assert "the last 1 of the 3 windows were not scored; give --samples 2 or 4" in out["left_out"]
+    assert "left_out" not in _decode_perplexity(m, None, windows[:2])
