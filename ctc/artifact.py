@@ -390,8 +390,7 @@ class InputChecker:
         from ctc.positions import index_bounds, model_limits
 
         self.names = [v.name for v in module.inputs]
-        self.specs = input_specs({"inputs": [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
-                                             for v in module.inputs]})
+        self.specs = input_specs({"inputs": module.input_specs()})
         self.limits = model_limits(module, config)
         bounds = index_bounds(module)
         # input index -> (the size of the smallest table it indexes, what its values are)

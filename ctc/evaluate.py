@@ -309,7 +309,7 @@ def _decode_perplexity(step: Any, original: Any, windows: list[dict[str, Any]]) 
     ids = torch.cat([w["input_ids"] for w in windows])
 
     def ppl(module: Any) -> tuple[float, int]:
-        specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in module.inputs]
+        specs = module.input_specs()
         rows = int(specs[0]["shape"][0])
         if ids.shape[0] < rows:
             raise UsageError(f"this decode step runs {rows} sequences at once; --samples {ids.shape[0]} gives fewer "

@@ -178,7 +178,7 @@ def generate_text(art: Any, prompt: str, max_new_tokens: int, *, target: str | N
                          f"positions in all, but this decode step holds {cache} (decode={cache} in its recipe): "
                          f"use {', '.join(f for f in fix if f) or 'fewer tokens'}, or compile the model with a "
                          "larger decode=LEN")
-    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
+    specs = art.module.input_specs()
     if target is not None:
         step = art.runner(target)
         cuda_graph = getattr(step, "device", "cpu") == "cuda"

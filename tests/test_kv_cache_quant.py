@@ -37,7 +37,7 @@ def _run(module, options):  # noqa: ANN001, ANN202
 
 
 def _specs(m):  # noqa: ANN001, ANN202
-    return [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in m.inputs]
+    return m.input_specs()
 
 
 def test_quantize_kv_round_trip_error_is_half_a_step() -> None:

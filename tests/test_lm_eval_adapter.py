@@ -163,7 +163,7 @@ def test_step_logits_of_a_decode_step_equal_full_sequence_logits() -> None:
                                          num_key_value_heads=2, intermediate_size=48,
                                          max_position_embeddings=64)).eval()
     m = capture(static_decode_step(model), static_decode_inputs(model, 16, random_cache=False), dynamic=False)
-    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in m.inputs]
+    specs = m.input_specs()
     ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
     run = torch_runner(m)
     got = step_logits(run, ids, input_specs=specs)

@@ -198,8 +198,7 @@ def test_generation_loop_matches_hf_greedy_on_cpu(llama_step, tmp_path) -> None:
     assert gen.tokens_per_s > 0 and gen.step_ms > 0
     # the same loop over the reference semantics (functional caches)
     ref = greedy_generate(lambda feed: interpret(m, feed), prompt, 8,
-                          input_specs=[{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
-                                       for v in m.inputs])
+                          input_specs=m.input_specs())
     assert torch.equal(ref.tokens, want)
 
 
@@ -207,7 +206,7 @@ def test_generation_rejects_what_does_not_fit(llama_step, tmp_path) -> None:
     from ctc.generate import greedy_generate
 
     _, _, _, m = llama_step
-    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in m.inputs]
+    specs = m.input_specs()
     with pytest.raises(ValueError, match="cache positions"):
         greedy_generate(lambda f: None, torch.zeros(1, 10, dtype=torch.long), 10, input_specs=specs)
     with pytest.raises(ValueError, match="not a static decode step"):

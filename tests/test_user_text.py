@@ -80,7 +80,7 @@ def test_cli_generation_stops_at_eos_and_refuses_an_empty_prompt(decoder: Path, 
 
     art = load(decoder)
     prompt = art.tokenizer()("Hello there", return_tensors="pt")["input_ids"]
-    specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in art.module.inputs]
+    specs = art.module.input_specs()
     first = int(greedy_generate(lambda feed: art.run(feed), prompt, 1, input_specs=specs).tokens[0, 0])
     monkeypatch.setattr(ctc.generate, "tokenizer_eos_ids", lambda _tok: [first])  # the first token plays the end
     assert main(["run", str(decoder), "--text", "Hello there", "--generate", "6", "-q"]) == EXIT_OK

@@ -64,8 +64,7 @@ class _Logits:
         if self.task not in (TASK_CAUSAL_LM, TASK_DECODE_STEP):
             raise UsageError(f"ctc lm-eval model: {art.path} is a {self.task} model; lm-eval scores causal LMs "
                              "(compile a causal LM, or a decode step with `model ... decode=LEN`)")
-        self.specs = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
-                      for v in art.module.inputs]
+        self.specs = art.module.input_specs()
         self.runner: Any = art.runner(target) if target is not None else None
         self.fixed_len = self._fixed_len()
 

@@ -405,6 +405,11 @@ class Module:
     def param_count(self) -> int:
         return sum(int(t.numel()) for t in self.params.values())
 
+    def input_specs(self) -> list[dict[str, Any]]:
+        """The inputs as JSON-able ``{name, shape, dtype}`` dicts: a compiled library's signature, the decode loop's
+        and the input checker's description of what the module takes (shapes may hold symbolic dims)."""
+        return [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in self.inputs]
+
     def param_bytes(self) -> int:
         """Bytes of the parameters, each stored tensor once (what an artifact holds)."""
         return sum(int(t.numel()) * t.element_size() for t in self.params.values())

@@ -395,7 +395,7 @@ def compile_module(module: Module, *, target: Any = None, options: BuildOptions 
         "device": "cuda" if gpu else "cpu",
         "target": info.tvm,
         "threads": info.threads,
-        "inputs": [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype} for v in module.inputs],
+        "inputs": module.input_specs(),
         "outputs": [{"name": n, "shape": list(v.type.shape), "dtype": v.type.dtype}
                     for n, v in zip(module.output_names, module.outputs, strict=True)],
         "params": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "source": src}
