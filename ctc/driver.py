@@ -915,12 +915,10 @@ def _emit_artifact(recipe: Recipe, opts: CompileOptions, loaded: LoadedModel, or
     inputs = "the first evaluation batch" if evalb else "the first calibration batch"
     unmeasured = None  # why the targets are not measured, when no batch can be made for them
     if probe is None and targets:  # no text data (a CNN): the libraries are checked and timed on synthetic inputs
-        from ctc.analysis.roofline import input_symbols
-        from ctc.eval.data import synthetic_inputs
+        from ctc.eval.data import synthetic_batch
 
-        b_sym = input_symbols(module)[0]  # `batch`, or a .pt2 program's d0
         try:
-            probe = synthetic_inputs(module, {b_sym: 1} if b_sym else {})
+            probe = synthetic_batch(module)  # batch 1 (`batch`, or a .pt2 program's d0)
             inputs = "synthetic inputs (floats N(0, 1), seed 0: the recipe has no calibrate or evaluate data)"
             progress.note(f"the targets are checked against the IR and timed on {inputs}")
         except ValueError as e:  # a dim other than batch (seq) is not sized without data: nothing is measured
@@ -1212,11 +1210,11 @@ def bench_artifact(art: Any, *, target: str | None, batch: int | None, seq_len: 
             raise UsageError(f"cannot make inputs {missing} from text; use `ctc run --input` style tensors")
         feed = {n: feed_all[n] for n in names}
     else:  # no text to make inputs of (a CNN, a .pt2): seeded synthetic inputs of the model's shapes
-        from ctc.eval.data import synthetic_inputs
+        from ctc.eval.data import synthetic_batch
 
         b_sym, s_sym = refuse_absent_dims(art.module, **given)  # `batch`/`seq`, or a .pt2 program's d0/d1
         try:
-            feed = synthetic_inputs(art.module, {k: n for k, n in ((b_sym, batch), (s_sym, seq_len)) if k})
+            feed = synthetic_batch(art.module, batch=batch, seq_len=seq_len)
         except ValueError as e:
             raise UsageError(f"{e}: ctc bench sizes only batch (--batch) and seq (--seq-len); time this model from "
                              "Python with inputs of your own (ctc.load(ART).runner(KIND))") from None

@@ -446,6 +446,16 @@ def evaluation_windows(tokenizer: Any, source: str | Sequence[str], n_windows: i
     return [_wrap(tokenizer, stream[k * body:(k + 1) * body]) for k in range(n)]
 
 
+def synthetic_batch(module: Any, *, batch: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """:func:`synthetic_inputs` for a model with no text to feed (a CNN, a .pt2 program): its batch symbol
+    (``batch``, or a .pt2 program's ``d0``) sized ``batch``, its sequence symbol ``seq_len`` when given; another
+    dim left unsized is the same ValueError."""
+    from ctc.analysis.roofline import input_symbols
+
+    b_sym, s_sym, _ = input_symbols(module)
+    return synthetic_inputs(module, {k: n for k, n in ((b_sym, batch), (s_sym, seq_len)) if k and n is not None})
+
+
 def synthetic_inputs(module: Any, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic inputs of ``module``'s input shapes, its symbols sized by ``dims``: N(0, 1) for float inputs,
     token ids within the embedding table that reads them, ones for other integer inputs (masks).  A dim whose

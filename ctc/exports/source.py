@@ -74,13 +74,10 @@ def example_feed(module: Any, tokenizer: Any = None, *, batch: int = 1, seq_len:
             "position_ids": torch.arange(window.shape[1]).expand_as(window).contiguous()}
     missing = [n for n in names if n not in feed]
     if missing:  # not a text model (an MLP's or CNN's float inputs): seeded synthetic inputs, as ctc compile uses
-        from ctc.analysis.roofline import input_symbols
-        from ctc.eval.data import synthetic_inputs
+        from ctc.eval.data import synthetic_batch
 
-        b_sym, s_sym, _ = input_symbols(module)
-        dims = {k: v for k, v in ((b_sym, batch), (s_sym, seq_len)) if k is not None}
         try:
-            return synthetic_inputs(module, dims)
+            return synthetic_batch(module, batch=batch, seq_len=seq_len)
         except ValueError as e:
             raise ExportError(f"cannot make example inputs {missing} for the load-back check: {e}") from e
     return {n: feed[n] for n in names}
