@@ -117,7 +117,8 @@ class FpgaOptions(TargetOptions):
     widths: list[int] = option([], "integer widths the design may use (default: every width the board supports)")
     utilization: float = option(0.8, "fraction of the board's DSPs and on-chip memory one layer may use",
                                 min=0.05, max=1.0)
-    seq_len: int = option(0, "sequence length the design is built for (0 = the evaluation window, else 128)", min=0)
+    seq_len: int = option(0, "sequence length the design is built for (0 = the evaluation window, else 128 or the "
+                             "model's positions if fewer)", min=0)
     tune: bool = option(True, "search each integer GEMM's tiling against the model (seconds); false = default tiling")
     csim: bool = option(True, "compile the emitted C with gcc and check it bit-exactly against the integer model")
     tuning_dir: str | None = option(None, "tuning database directory (default ~/.cache/ctc/tuning)")

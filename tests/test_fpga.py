@@ -359,3 +359,19 @@ def test_a_damaged_tuning_database_is_searched_again_not_a_traceback(tmp_path: P
         assert info["searched"] == 1 and again == plan, damage
         assert any(said in ln for ln in lines), (damage, lines)
         assert json.loads(path.read_text())[key]["tiling"] == good[key]["tiling"]
+
+
+def test_a_design_without_data_fits_the_models_positions(tmp_path: Path) -> None:
+    """`target fpga` on a 64-position BERT with no calibrate/evaluate data was built for 128 tokens and died in TVM
+    ('broadcast_to ... 128 ... 64'); it is built for the model's 64, and a seq_len past them is a LoweringError."""
+    from hf_configs import captured
+
+    from ctc.backends.tvm.lower import LoweringError
+
+    _, m = captured("bert")  # max_position_embeddings 64
+    opts = {"board": "zc706", "csim": False, "tune": False}
+    s = build_target(m, TargetConfig("fpga", FpgaOptions.from_dict(opts)), tmp_path / "a", example_inputs=None)
+    assert s["static_dims"] == {"batch": 1, "seq": 64}
+    with pytest.raises(LoweringError, match=r"seq_len=100, but the model takes at most 64 positions .*seq_len <= 64"):
+        build_target(m, TargetConfig("fpga", FpgaOptions.from_dict({**opts, "seq_len": 100})), tmp_path / "b",
+                     example_inputs=None)

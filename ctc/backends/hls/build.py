@@ -126,6 +126,14 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
     board = board_from_options(opts)
     _check_widths(module, board)
     seq = int(opts.seq_len)
+    from ctc.analysis.roofline import input_symbols
+    from ctc.positions import ir_symbol_limits
+
+    s_sym = input_symbols(module)[1]
+    limit = ir_symbol_limits(module).get(s_sym) if s_sym else None  # (positions, why) of a position table
+    if seq and limit is not None and seq > limit[0]:
+        raise LoweringError(f"seq_len={seq}, but the model takes at most {limit[0]} positions ({limit[1]}): give "
+                            f"seq_len <= {limit[0]}")
     if seq:
         static = static_dims_for(module, seq)
     elif example_inputs:  # the evaluation batch fixes every symbolic dim
@@ -133,9 +141,9 @@ def build(module: Module, target: Any, out_dir: Path, *, example_inputs: Mapping
 
         _, static = bind_inputs(module, {k: torch.as_tensor(v) for k, v in example_inputs.items()})
         seq = int(static.get("seq", 0))
-    else:
-        static = static_dims_for(module, DEFAULT_SEQ)
-        seq = DEFAULT_SEQ
+    else:  # no data: the default length, within the model's positions (a 64-position BERT is built for 64)
+        seq = min(DEFAULT_SEQ, limit[0]) if limit is not None else DEFAULT_SEQ
+        static = static_dims_for(module, seq)
     layers = qlinear_layers(module, static)
     default_plan = {v: default_tiling(s) for v, s in layers.items()}
     tune_info: dict[str, Any] = {"tuned": False}
