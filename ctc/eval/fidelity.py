@@ -114,11 +114,11 @@ class FidelityResult:
 
 def compare_outputs(ref: torch.Tensor, cand: torch.Tensor, *, logits: bool = False,
                     mask: torch.Tensor | None = None) -> FidelityResult:
-    """All fidelity metrics for one output pair; ``mask`` (leading dims) restricts cosine/KL to real tokens."""
-    a, b = _pair(ref, cand, "compare_outputs")
-    rows = int(_rows(a, mask).shape[0])
-    return FidelityResult(cosine=cosine_rows(a, b, mask), max_abs_error=max_abs_error(a, b),
-                          rel_error=relative_error(a, b), kl=kl_logits(a, b, mask) if logits else None, rows=rows)
+    """All fidelity metrics for one output pair; ``mask`` (leading dims) restricts cosine/KL to real tokens
+    (:class:`FidelityTotals` with one pair: the metrics are composed in one place)."""
+    totals = FidelityTotals(logits=logits)
+    totals.add(ref, cand, mask)
+    return totals.result()
 
 
 class FidelityTotals:
